@@ -1,0 +1,40 @@
+# The two sacred commands: `make setup` (a fresh Debian 12 machine, as root) and `make test`.
+SHELL := /bin/bash
+export UV_PYTHON := /usr/bin/python3
+export UV_PYTHON_PREFERENCE := only-system
+export UV_LINK_MODE := copy
+VENV := .venv
+PY := $(VENV)/bin/python
+PROTO_SRC := libs/common/protos
+PROTO_OUT := libs/common/src
+PROTOS := $(shell find $(PROTO_SRC) -name '*.proto')
+PROTO_STAMP := $(PROTO_OUT)/croft/.proto-stamp
+
+.PHONY: setup test lint format proto sync bench clean-proto
+
+setup:
+	bash scripts/setup.sh
+
+test: proto
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint:
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+proto: $(PROTO_STAMP)
+
+$(PROTO_STAMP): $(PROTOS)
+	$(PY) -m grpc_tools.protoc -I$(PROTO_SRC) --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+	  --grpc_python_out=$(PROTO_OUT) $(PROTOS)
+	touch $@
+
+# After changing any pyproject.toml: relock and sync (serialized; several people may run it).
+sync:
+	flock /tmp/croft-uv.lock sh -c 'uv lock -q && uv sync -q --locked --all-packages'
+
+clean-proto:
+	rm -f $(PROTO_STAMP)
+	find $(PROTO_OUT)/croft/v1 $(PROTO_OUT)/croft/etcdpb -name '*_pb2*' -delete 2>/dev/null || true

@@ -1,0 +1,83 @@
+"""Running external tools: always with a timeout, stderr captured, failures named."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from croft.common.errors import CroftError, Internal, Timeout
+
+
+class CommandFailed(Internal):
+    """An external command exited non-zero; the message names the command and its stderr."""
+
+    def __init__(self, argv: Sequence[str], returncode: int, stderr: str) -> None:
+        detail = stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}"
+        super().__init__(f"{argv[0]} failed: {detail}")
+        self.argv = list(argv)
+        self.returncode = returncode
+        self.stderr = stderr
+
+
+def run(
+    argv: Sequence[str],
+    *,
+    timeout: float = 60.0,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+    cwd: str | None = None,
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a command to completion (blocking). Raise CommandFailed or Timeout on failure."""
+    try:
+        result = subprocess.run(
+            list(argv),
+            input=input,
+            capture_output=True,
+            timeout=timeout,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise Timeout(f"{argv[0]} did not finish within {timeout:g}s") from exc
+    except FileNotFoundError as exc:
+        raise Internal(f"{argv[0]} is not installed (run `make setup`)") from exc
+    if check and result.returncode != 0:
+        raise CommandFailed(argv, result.returncode, result.stderr.decode(errors="replace"))
+    return result
+
+
+async def run_async(
+    argv: Sequence[str],
+    *,
+    timeout: float = 60.0,
+    input: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    check: bool = True,
+) -> tuple[int, bytes, bytes]:
+    """Run a command without blocking the event loop. Returns (returncode, stdout, stderr)."""
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+        )
+    except FileNotFoundError as exc:
+        raise Internal(f"{argv[0]} is not installed (run `make setup`)") from exc
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(input), timeout)
+    except TimeoutError as exc:
+        process.kill()
+        await process.wait()
+        raise Timeout(f"{argv[0]} did not finish within {timeout:g}s") from exc
+    returncode = process.returncode if process.returncode is not None else -1
+    if check and returncode != 0:
+        raise CommandFailed(argv, returncode, stderr.decode(errors="replace"))
+    return returncode, stdout, stderr
+
+
+__all__ = ["CommandFailed", "CroftError", "run", "run_async"]

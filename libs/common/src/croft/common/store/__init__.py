@@ -1,0 +1,169 @@
+"""The cluster store: every croft record lives here.
+
+`Store` is the narrow interface every service uses; `croft.common.store.etcd.EtcdStore`
+is the etcd v3 backend. It is kept narrow on purpose, so that another backend (Consul:
+KV with CAS index, sessions for leases, blocking queries for watch) is one module.
+
+Contract, for every backend:
+- keys are `str` (UTF-8), values are `bytes`; `revision` of an entry is its last
+  modification revision, cluster-wide and monotonically increasing.
+- `create` fails with `Conflict` when the key exists; `update` and `delete` with a
+  `revision` fail with `Conflict` when the key changed since that revision, `NotFound`
+  when it is gone. A name is unique cluster-wide because `create` is atomic.
+- `transaction` applies all of its operations or none; its `Conflict` names the key.
+- `watch(prefix, start_revision)` yields every change under the prefix, in revision order,
+  starting after `start_revision` (or from now), until the caller stops iterating.
+- keys written with a lease disappear when the lease expires or is revoked.
+- a backend with several endpoints fails over to another one when one dies; callers
+  see `Unavailable` only when none answers.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    revision: int  # modification revision of this key
+    create_revision: int
+    version: int
+    lease: int = 0
+
+    def json(self) -> Any:
+        return json.loads(self.value)
+
+
+class EventType(Enum):
+    PUT = "put"
+    DELETE = "delete"
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: EventType
+    key: str
+    value: bytes  # empty for DELETE
+    revision: int
+
+
+# Operations of a multi-key transaction.
+@dataclass(frozen=True)
+class Create:
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Update:
+    key: str
+    value: bytes
+    revision: int  # the entry's revision the caller read; Conflict if it changed
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Put:
+    """Unconditional write."""
+
+    key: str
+    value: bytes
+    lease: int = 0
+
+
+@dataclass(frozen=True)
+class Delete:
+    key: str
+    revision: int | None = None  # None: delete whatever is there (absent is fine)
+
+
+Operation = Create | Update | Put | Delete
+
+
+@dataclass
+class Lease:
+    id: int
+    ttl: int
+
+
+class Store(abc.ABC):
+    @abc.abstractmethod
+    async def get(self, key: str) -> Entry | None: ...
+
+    @abc.abstractmethod
+    async def list(self, prefix: str) -> list[Entry]:
+        """Every entry whose key starts with `prefix`, sorted by key."""
+
+    @abc.abstractmethod
+    async def create(self, key: str, value: bytes, *, lease: int = 0) -> Entry: ...
+
+    @abc.abstractmethod
+    async def update(self, key: str, value: bytes, *, revision: int, lease: int = 0) -> Entry: ...
+
+    @abc.abstractmethod
+    async def put(self, key: str, value: bytes, *, lease: int = 0) -> Entry: ...
+
+    @abc.abstractmethod
+    async def delete(self, key: str, *, revision: int | None = None) -> None:
+        """Delete `key`. NotFound if absent; Conflict if `revision` is given and differs."""
+
+    @abc.abstractmethod
+    async def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under `prefix`; returns how many went."""
+
+    @abc.abstractmethod
+    async def transaction(self, operations: Sequence[Operation]) -> int:
+        """Apply all operations atomically; returns the store revision after it."""
+
+    @abc.abstractmethod
+    def watch(self, prefix: str, *, start_revision: int | None = None) -> AsyncIterator[WatchEvent]:
+        """Changes under `prefix` after `start_revision` (exclusive), or from now."""
+
+    @abc.abstractmethod
+    async def revision(self) -> int:
+        """The store's current revision."""
+
+    @abc.abstractmethod
+    async def grant_lease(self, ttl: int) -> Lease: ...
+
+    @abc.abstractmethod
+    async def keep_alive(self, lease: Lease) -> None:
+        """Refresh a lease once. NotFound if it already expired."""
+
+    @abc.abstractmethod
+    async def revoke_lease(self, lease: Lease) -> None: ...
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+    # Conveniences on top of the primitives: JSON records.
+    async def get_json(self, key: str) -> tuple[Any, int] | None:
+        entry = await self.get(key)
+        return None if entry is None else (entry.json(), entry.revision)
+
+    async def create_json(self, key: str, record: Any, *, lease: int = 0) -> Entry:
+        return await self.create(key, dump(record), lease=lease)
+
+    async def update_json(self, key: str, record: Any, *, revision: int) -> Entry:
+        return await self.update(key, dump(record), revision=revision)
+
+
+def dump(record: Any) -> bytes:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
+
+
+async def connect(endpoints: Sequence[str]) -> Store:
+    """The store for the configured endpoints (etcd: `http://host:port` URLs)."""
+    from croft.common.store.etcd import EtcdStore
+
+    store = EtcdStore(endpoints)
+    await store.start()
+    return store

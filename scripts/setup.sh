@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# make setup: everything croft needs on a fresh Debian 12 machine, as root. Idempotent:
+# each step checks first and does only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
+
+APT_PACKAGES=(
+  etcd-server etcd-client                       # the cluster store
+  lxc python3-lxc lxc-dev uidmap                # containers (python3-lxc only for Debian's python)
+  busybox-static debootstrap                    # building images locally
+  btrfs-progs                                   # btrfs storage pools on loop files
+  dnsmasq-base nftables iproute2 iputils-ping bridge-utils   # managed networks
+  python3-venv                                  # the virtual environment on /usr/bin/python3
+  lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
+  curl xz-utils squashfs-tools
+)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  say "apt: installing ${missing[*]}"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v uv >/dev/null 2>&1; then
+  say "installing uv from PyPI"
+  if command -v pip3 >/dev/null 2>&1 && ! pip3 --version | grep -q '/usr/lib/python3'; then
+    pip3 install -q uv
+  else
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends python3-pip
+    pip3 install -q --break-system-packages uv
+  fi
+fi
+
+# The venv must be built on Debian's python with its site-packages visible:
+# python3-lxc, python3-libvirt and python3-rados exist only there.
+export UV_PYTHON=/usr/bin/python3 UV_PYTHON_PREFERENCE=only-system UV_LINK_MODE=copy
+if ! grep -qs 'include-system-site-packages = true' .venv/pyvenv.cfg \
+   || ! grep -qs '^home = /usr/bin$' .venv/pyvenv.cfg; then
+  say "creating .venv on /usr/bin/python3 with system site-packages"
+  rm -rf .venv
+  uv venv -q --system-site-packages --python /usr/bin/python3 .venv
+fi
+say "uv sync (locked)"
+uv sync -q --locked --all-packages
+
+say "generating gRPC code"
+make -s proto
+
+# Kernel settings containers need (LXD's production setup): systemd containers all share
+# one host uid range, so the per-user inotify limits are hit at ~17 containers otherwise.
+cat > /etc/sysctl.d/60-croft.conf <<'SYSCTL'
+fs.inotify.max_user_instances = 1048576
+fs.inotify.max_user_watches = 1048576
+fs.inotify.max_queued_events = 1048576
+vm.max_map_count = 262144
+kernel.keys.maxkeys = 2000
+net.ipv4.neigh.default.gc_thresh3 = 8192
+net.ipv4.ip_forward = 1
+SYSCTL
+sysctl -q -p /etc/sysctl.d/60-croft.conf >/dev/null 2>&1 || sysctl -p /etc/sysctl.d/60-croft.conf || true
+
+# Unprivileged containers map container root to host ids from root's subordinate range.
+for f in /etc/subuid /etc/subgid; do
+  touch "$f"
+  grep -qs '^root:' "$f" || { echo "root:1000000:1000000000" >> "$f"; say "added root range to $f"; }
+done
+
+mkdir -p /etc/croft /var/lib/croft /var/log/croft
+say "setup done"
