@@ -1,0 +1,202 @@
+"""The `croft` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from croft.client import node
+from croft.common import discovery, rpc
+from croft.common.config import Config, ConfigError, load_config
+from croft.common.errors import CroftError
+from croft.common.service import connect_store
+from croft.v1 import node_pb2
+
+console = Console()
+
+
+def _config() -> Config:
+    try:
+        return load_config()
+    except ConfigError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+def _run(coro: Any) -> Any:
+    try:
+        return asyncio.run(coro)
+    except CroftError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
+@click.group()
+def main() -> None:
+    """croft: system containers and virtual machines, your own low-touch cloud."""
+
+
+@main.command()
+@click.option("--timeout", default=90.0, show_default=True, help="seconds to wait for health")
+def up(timeout: float) -> None:
+    """Start croft on this host (etcd and every service) and wait until all are healthy."""
+    config = _config()
+
+    async def go() -> None:
+        pid = node.agent_pid(config)
+        if pid is None:
+            pid = node.spawn_agent(config)
+        await node.wait_ready(config, pid, timeout)
+        await _print_status(config, "table")
+
+    _run(go())
+
+
+@main.command()
+def down() -> None:
+    """Stop every croft process on this host, in order."""
+    config = _config()
+    pid = node.agent_pid(config)
+    if pid is None:
+        console.print("croft is not running")
+        return
+    _run(node.stop_agent(config, pid))
+    console.print("croft stopped")
+
+
+@main.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+def status(fmt: str) -> None:
+    """Show every service instance, its address, health and uptime, from discovery."""
+    healthy = _run(_print_status(_config(), fmt))
+    if not healthy:
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("assignments", nargs=-1, required=True)
+def scale(assignments: tuple[str, ...]) -> None:
+    """Run N replicas of a control-plane service: croft scale images=2 api=2"""
+    config = _config()
+    wanted: list[tuple[str, int]] = []
+    for item in assignments:
+        service, _, count = item.partition("=")
+        if not count.isdigit():
+            raise click.BadParameter(f"{item!r}: expected SERVICE=REPLICAS, e.g. images=2")
+        wanted.append((service, int(count)))
+
+    async def go() -> None:
+        pid = node.agent_pid(config)
+        if pid is None:
+            raise CroftError("croft is not running (start it with `croft up`)")
+        for service, count in wanted:
+            await node.call(config, "Scale", node_pb2.ScaleRequest(service=service, replicas=count))
+        await node.wait_ready(config, pid, 60)
+        await _print_status(config, "table")
+
+    _run(go())
+
+
+async def _collect(config: Config) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    endpoint = config.etcd.endpoints[0]
+    etcd_ok = await asyncio.to_thread(_etcd_health, endpoint)
+    rows.append(
+        {
+            "service": "etcd",
+            "member": config.member,
+            "id": "-",
+            "address": endpoint.split("://", 1)[-1],
+            "health": "SERVING" if etcd_ok else "UNREACHABLE",
+            "uptime": None,
+            "pid": 0,
+        }
+    )
+    if not etcd_ok:
+        return rows
+    store = await connect_store(config, wait=2)
+    try:
+        instances = await discovery.resolve(store, None)
+    finally:
+        await store.close()
+
+    async def describe(instance: discovery.Instance) -> dict[str, Any]:
+        health = await rpc.health_of(instance.address)
+        uptime = None
+        if health == "SERVING":
+            try:
+                uptime = (await rpc.status_of(instance.address)).uptime
+            except Exception:
+                health = "UNREACHABLE"
+        return {
+            "service": instance.service,
+            "member": instance.member,
+            "id": instance.id,
+            "address": instance.address,
+            "health": health,
+            "uptime": uptime,
+            "pid": instance.pid,
+        }
+
+    rows += await asyncio.gather(*(describe(i) for i in instances))
+    order = {name: n for n, name in enumerate(["etcd", *node_services()])}
+    rows.sort(key=lambda r: (order.get(r["service"], 99), r["member"], r["id"]))
+    return rows
+
+
+def node_services() -> tuple[str, ...]:
+    from croft.node.agent import SERVICES
+
+    return SERVICES
+
+
+def _etcd_health(endpoint: str) -> bool:
+    from croft.node.agent import etcd_health
+
+    return etcd_health(endpoint)
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+async def _print_status(config: Config, fmt: str) -> bool:
+    """Print the instances; True when every one is healthy."""
+    rows = await _collect(config)
+    healthy = all(r["health"] == "SERVING" for r in rows)
+    if fmt == "json":
+        print(json.dumps({"time": time.time(), "instances": rows}, indent=2))
+        return healthy
+    table = Table(box=None, header_style="bold")
+    for column in ("SERVICE", "MEMBER", "ID", "ADDRESS", "HEALTH", "UPTIME"):
+        table.add_column(column)
+    for row in rows:
+        colour = "green" if row["health"] == "SERVING" else "red"
+        table.add_row(
+            row["service"],
+            row["member"],
+            row["id"],
+            row["address"],
+            f"[{colour}]{row['health']}[/{colour}]",
+            _uptime(row["uptime"]),
+        )
+    console.print(table)
+    return healthy
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,351 @@
+"""gRPC plumbing shared by every service.
+
+Server side: `Server` wraps a grpc.aio server with the standard health service, the
+common `croft.v1.Service/Status`, and interceptors that map croft errors to status codes,
+log each call and continue the caller's trace. Shutdown drains: health says NOT_SERVING,
+the registration goes, the port stops accepting, in-flight calls finish within a grace.
+
+Client side: `ServiceClient` calls one service through discovery: it picks among live
+instances round-robin, puts a deadline on every call, carries the trace, and retries an
+idempotent call on another instance when one is UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+
+from croft.common import errors
+from croft.common.discovery import Instance, Watcher
+from croft.common.store import Store
+from croft.common.telemetry import current_trace_id
+from croft.v1 import common_pb2, common_pb2_grpc
+
+log = logging.getLogger(__name__)
+tracer = trace.get_tracer("croft.rpc")
+
+VERSION = "0.1.0"
+
+
+# ---------------------------------------------------------------------------- server side
+
+
+def _wrap_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with _server_span(method, context):
+            started = time.perf_counter()
+            try:
+                return await behaviour(request, context)
+            except errors.CroftError as exc:
+                await context.abort(exc.grpc_code, exc.message)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                log.exception("%s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+            finally:
+                log.debug("%s %.2f ms", method, (time.perf_counter() - started) * 1000)
+
+    return handler
+
+
+def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        with _server_span(method, context):
+            try:
+                async for reply in behaviour(request, context):
+                    yield reply
+            except errors.CroftError as exc:
+                await context.abort(exc.grpc_code, exc.message)
+            except (asyncio.CancelledError, grpc.aio.AbortError):
+                raise
+            except Exception as exc:
+                log.exception("%s failed", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+
+    return handler
+
+
+class _server_span:
+    """Continue the caller's trace (W3C traceparent in metadata) for the call's duration."""
+
+    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        self._ctx = propagate.extract(carrier)
+        self._method = method
+
+    def __enter__(self) -> None:
+        self._token = otel_context.attach(self._ctx)
+        self._span = tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER)
+        self._span.__enter__()
+
+    def __exit__(self, *exc: object) -> None:
+        self._span.__exit__(*exc)  # type: ignore[arg-type]
+        otel_context.detach(self._token)
+
+
+class _ServerInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith("/grpc.health"):
+            return handler
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                handler.request_deserializer,
+                handler.response_serializer,
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            _wrap_stream(handler.stream_stream, method),
+            handler.request_deserializer,
+            handler.response_serializer,
+        )
+
+
+class _StatusServicer(common_pb2_grpc.ServiceServicer):
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    async def Status(
+        self, request: common_pb2.StatusRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.StatusReply:
+        return self.server.status()
+
+
+class Server:
+    """A service's gRPC server: health, Status, interceptors, graceful drain."""
+
+    def __init__(self, service: str, member: str, instance_id: str, host: str = "127.0.0.1"):
+        self.service = service
+        self.member = member
+        self.instance_id = instance_id
+        self.host = host
+        self.started = time.monotonic()
+        self.address = ""
+        self.grpc = grpc.aio.server(
+            interceptors=[_ServerInterceptor()],
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
+        )
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+        common_pb2_grpc.add_ServiceServicer_to_server(_StatusServicer(self), self.grpc)
+
+    def status(self) -> common_pb2.StatusReply:
+        return common_pb2.StatusReply(
+            service=self.service,
+            member=self.member,
+            instance_id=self.instance_id,
+            version=VERSION,
+            uptime=time.monotonic() - self.started,
+            address=self.address,
+            pid=os.getpid(),
+            trace_id=current_trace_id(),
+        )
+
+    async def start(self, port: int = 0, unix_path: str | None = None) -> str:
+        """Bind (an ephemeral port by default) and start; returns the address served."""
+        if unix_path:
+            self.grpc.add_insecure_port(f"unix:{unix_path}")
+            self.address = f"unix:{unix_path}"
+        else:
+            bound = self.grpc.add_insecure_port(f"{self.host}:{port}")
+            self.address = f"{self.host}:{bound}"
+        await self.grpc.start()
+        await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        await self.health.set(f"croft.v1.{self.service}", health_pb2.HealthCheckResponse.SERVING)
+        return self.address
+
+    async def stop(
+        self, grace: float = 10.0, before_drain: Callable[[], Awaitable[None]] | None = None
+    ):
+        """Say NOT_SERVING, run `before_drain` (deregistration), stop accepting, and let
+        in-flight calls finish within `grace` seconds."""
+        await self.health.enter_graceful_shutdown()
+        if before_drain is not None:
+            await before_drain()
+        await self.grpc.stop(grace)
+
+
+# ---------------------------------------------------------------------------- client side
+
+StubT = TypeVar("StubT")
+
+# How long an instance that answered UNAVAILABLE is skipped while others are live.
+_QUARANTINE = 5.0
+
+
+class _TraceClientInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_with_trace(details), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        return await continuation(_with_trace(details), request)
+
+
+def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    carrier: dict[str, str] = {}
+    propagate.inject(carrier)
+    if not carrier:
+        return details
+    metadata = list(details.metadata or ()) + list(carrier.items())
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+def channel(address: str) -> grpc.aio.Channel:
+    """An insecure channel to a croft service (loopback or unix socket) with tracing."""
+    return grpc.aio.insecure_channel(
+        address,
+        interceptors=[_TraceClientInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", 64 << 20),
+            ("grpc.enable_retries", 0),
+            # Fail fast when an instance is gone, so the next one can be tried.
+            ("grpc.initial_reconnect_backoff_ms", 100),
+            ("grpc.max_reconnect_backoff_ms", 1000),
+        ],
+    )
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> errors.CroftError:
+    return errors.from_grpc(exc.code(), exc.details() or exc.code().name)
+
+
+class ServiceClient(Generic[StubT]):
+    """Calls to one service through discovery, balanced over its live instances."""
+
+    def __init__(
+        self,
+        store: Store,
+        service: str,
+        stub_factory: Callable[[grpc.aio.Channel], StubT],
+        *,
+        member: str | None = None,
+        timeout: float = 10.0,
+    ) -> None:
+        self.service = service
+        self.member = member
+        self.timeout = timeout
+        self._stub_factory = stub_factory
+        self._watcher = Watcher(store, service)
+        self._channels: dict[str, tuple[grpc.aio.Channel, StubT]] = {}
+        self._next = 0
+        self._quarantined: dict[str, float] = {}
+
+    async def start(self) -> ServiceClient[StubT]:
+        await self._watcher.start()
+        return self
+
+    def instances(self) -> list[Instance]:
+        live = [
+            i for i in self._watcher.instances if self.member is None or i.member == self.member
+        ]
+        return sorted(live, key=lambda i: i.id)
+
+    def _candidates(self) -> list[Instance]:
+        now = time.monotonic()
+        live = self.instances()
+        healthy = [i for i in live if self._quarantined.get(i.id, 0) <= now]
+        pool = healthy or live
+        if not pool:
+            return []
+        self._next = (self._next + 1) % len(pool)
+        # Round-robin start, then every other instance as a fallback.
+        return pool[self._next :] + pool[: self._next]
+
+    def _stub(self, instance: Instance) -> StubT:
+        cached = self._channels.get(instance.address)
+        if cached is None:
+            ch = channel(instance.address)
+            cached = (ch, self._stub_factory(ch))
+            self._channels[instance.address] = cached
+        return cached[1]
+
+    async def call(
+        self,
+        method: str,
+        request: Any,
+        *,
+        idempotent: bool = True,
+        timeout: float | None = None,
+    ) -> Any:
+        """Call `method` on one instance. Idempotent calls move on to another instance when
+        one is UNAVAILABLE; the error raised is the croft error the callee raised."""
+        deadline = time.monotonic() + (timeout or self.timeout)
+        tried: set[str] = set()
+        last: errors.CroftError | None = None
+        while True:
+            candidates = [i for i in self._candidates() if i.id not in tried]
+            if not candidates:
+                if last is not None:
+                    raise last
+                where = f" on {self.member}" if self.member else ""
+                raise errors.Unavailable(f"no {self.service} service is running{where}")
+            instance = candidates[0]
+            tried.add(instance.id)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise errors.Timeout(f"{self.service}.{method} timed out")
+            try:
+                return await getattr(self._stub(instance), method)(request, timeout=remaining)
+            except grpc.aio.AioRpcError as exc:
+                last = from_rpc_error(exc)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not idempotent:
+                    raise last from None
+                self._quarantined[instance.id] = time.monotonic() + _QUARANTINE
+                log.info("%s at %s unavailable; trying another", self.service, instance.address)
+
+    async def close(self) -> None:
+        await self._watcher.close()
+        for ch, _ in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+
+
+async def status_of(address: str, timeout: float = 2.0) -> common_pb2.StatusReply:
+    """Ask one instance directly for its Status."""
+    async with channel(address) as ch:
+        return await common_pb2_grpc.ServiceStub(ch).Status(
+            common_pb2.StatusRequest(), timeout=timeout
+        )
+
+
+async def health_of(address: str, timeout: float = 2.0) -> str:
+    """SERVING, NOT_SERVING or UNREACHABLE."""
+    try:
+        async with channel(address) as ch:
+            reply = await health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout
+            )
+    except grpc.aio.AioRpcError:
+        return "UNREACHABLE"
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

@@ -1,0 +1,231 @@
+"""The node agent: runs etcd and the croft services of this host and keeps them running.
+
+Start order is etcd, then the per-host and control-plane services, the api last; stop is
+the reverse. The agent serves `croft.v1.Node` on `<run_dir>/node.sock` (root only) for the
+`croft` command: status, scale, shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import grpc
+
+from croft.common import discovery, telemetry
+from croft.common.config import Config
+from croft.common.errors import InvalidArgument, NotFound, Unavailable
+from croft.common.rpc import Server
+from croft.common.service import connect_store
+from croft.common.store import Store
+from croft.node.supervisor import Child
+from croft.v1 import node_pb2, node_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+# Start order. Per-host services run exactly once per host; the others scale.
+SERVICES = ("storage", "network", "images", "auth", "compute", "api")
+PER_HOST = frozenset({"compute", "storage", "network"})
+
+
+def socket_path(config: Config) -> Path:
+    return config.run_dir / "node.sock"
+
+
+def pid_path(config: Config) -> Path:
+    return config.run_dir / "node.pid"
+
+
+def etcd_health(endpoint: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/health", timeout=timeout) as reply:
+            return b'"health":"true"' in reply.read()
+    except OSError:
+        return False
+
+
+class Agent(node_pb2_grpc.NodeServicer):
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.etcd: Child | None = None
+        self.children: dict[str, list[Child]] = {name: [] for name in SERVICES}
+        self.store: Store | None = None
+        self.stopping = asyncio.Event()
+        self._scale_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ processes
+
+    def _service_child(self, service: str, index: int) -> Child:
+        label = service if index == 1 else f"{service}-{index}"
+        return Child(
+            name=service,
+            index=index,
+            argv=[sys.executable, "-m", f"croft.{service}"],
+            log_file=self.config.log_dir / f"{label}.log",
+            env={"CROFT_REPLICA": str(index)},
+        )
+
+    async def start_etcd(self) -> None:
+        endpoint = self.config.etcd.endpoints[0]
+        if not self.config.etcd.embedded:
+            return
+        if etcd_health(endpoint):
+            raise Unavailable(f"an etcd already answers on {endpoint}; is another croft running?")
+        url = urlsplit(endpoint)
+        peer = f"http://{url.hostname}:{self.config.etcd.peer_port}"
+        data_dir = self.config.state_dir / "etcd"
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.etcd = Child(
+            name="etcd",
+            index=1,
+            argv=[
+                "etcd",
+                "--name", self.config.member,
+                "--data-dir", str(data_dir),
+                "--listen-client-urls", endpoint,
+                "--advertise-client-urls", endpoint,
+                "--listen-peer-urls", peer,
+                "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", f"{self.config.member}={peer}",
+                "--initial-cluster-state", "new",
+                "--auto-compaction-mode", "revision",
+                "--auto-compaction-retention", "10000",
+                "--log-level", "warn",
+            ],
+            log_file=self.config.log_dir / "etcd.log",
+        )  # fmt: skip
+        self.etcd.start()
+        for _ in range(300):
+            if await asyncio.to_thread(etcd_health, endpoint, 0.5):
+                self.etcd.state = "running"
+                return
+            if self.etcd.state == "restarting":
+                break
+            await asyncio.sleep(0.1)
+        raise Unavailable(f"etcd did not become healthy; see {self.etcd.log_file}")
+
+    async def set_replicas(self, service: str, replicas: int) -> None:
+        if service not in self.children:
+            raise NotFound(f"unknown service {service!r} (known: {', '.join(SERVICES)})")
+        if service in PER_HOST and replicas != 1:
+            raise InvalidArgument(f"{service} runs exactly once per host; it cannot be scaled")
+        if not 1 <= replicas <= 16:
+            raise InvalidArgument("replicas must be between 1 and 16")
+        async with self._scale_lock:
+            running = self.children[service]
+            while len(running) < replicas:
+                child = self._service_child(service, len(running) + 1)
+                running.append(child)
+                child.start()
+            while len(running) > replicas:
+                await running.pop().stop()
+
+    async def refresh_states(self) -> None:
+        """A child is running once it registered itself (same pid) in discovery."""
+        if self.store is None:
+            return
+        try:
+            live = await discovery.resolve(self.store, None, self.config.member)
+        except Exception:  # the store may be briefly unreachable; keep the last states
+            return
+        pids = {i.pid for i in live}
+        for children in self.children.values():
+            for child in children:
+                if child.pid and child.pid in pids:
+                    child.state = "running"
+                elif child.pid and child.state == "running":
+                    child.state = "starting"
+
+    def _process_states(self) -> list[node_pb2.ProcessState]:
+        every = ([self.etcd] if self.etcd else []) + [
+            c for name in SERVICES for c in self.children[name]
+        ]
+        return [
+            node_pb2.ProcessState(
+                service=c.name,
+                index=c.index,
+                pid=c.pid,
+                state=c.state,
+                restarts=c.restarts,
+                started_at=c.started_at,
+                log_file=str(c.log_file),
+            )
+            for c in every
+        ]
+
+    async def run(self) -> None:
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        sock = socket_path(self.config)
+        sock.unlink(missing_ok=True)
+        server = Server(
+            "node", self.config.member, f"node-{os.getpid()}", host=self.config.rpc.host
+        )
+        node_pb2_grpc.add_NodeServicer_to_server(self, server.grpc)
+        await server.start(unix_path=str(sock))
+        os.chmod(sock, 0o600)
+        pid_path(self.config).write_text(f"{os.getpid()}\n")
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        try:
+            await self.start_etcd()
+            self.store = await connect_store(self.config)
+            replicas = self.config.services
+            for service in SERVICES:
+                await self.set_replicas(service, getattr(replicas, service).replicas or 1)
+            while not self.stopping.is_set():
+                await self.refresh_states()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), 0.5)
+        finally:
+            await self.shutdown_children()
+            if self.store is not None:
+                await self.store.close()
+            await server.stop(grace=1.0)
+            sock.unlink(missing_ok=True)
+            pid_path(self.config).unlink(missing_ok=True)
+
+    async def shutdown_children(self) -> None:
+        for service in reversed(SERVICES):
+            await asyncio.gather(*(c.stop() for c in self.children[service]))
+            self.children[service] = []
+        if self.etcd is not None:
+            await self.etcd.stop()
+
+    # ------------------------------------------------------------------ gRPC surface
+
+    def _status(self) -> node_pb2.NodeStatusReply:
+        return node_pb2.NodeStatusReply(
+            member=self.config.member,
+            pid=os.getpid(),
+            processes=self._process_states(),
+            etcd_endpoint=self.config.etcd.endpoints[0] if self.etcd else "",
+        )
+
+    async def Status(self, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await self.refresh_states()
+        return self._status()
+
+    async def Scale(self, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        await self.set_replicas(request.service, request.replicas)
+        return self._status()
+
+    async def Shutdown(self, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+        self.stopping.set()
+        return node_pb2.ShutdownReply()
+
+
+def run(config: Config) -> None:
+    telemetry.setup("node", config)
+    started = time.monotonic()
+    asyncio.run(Agent(config).run())
+    log.info("node agent stopped after %.1fs", time.monotonic() - started)
