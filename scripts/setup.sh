@@ -70,4 +70,5 @@ for f in /etc/subuid /etc/subgid; do
 done
 
 mkdir -p /etc/croft /var/lib/croft /var/log/croft
+ln -sfn "$PWD/.venv/bin/croft" /usr/local/bin/croft
 say "setup done"
