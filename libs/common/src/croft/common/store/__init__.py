@@ -12,7 +12,9 @@ Contract, for every backend:
   when it is gone. A name is unique cluster-wide because `create` is atomic.
 - `transaction` applies all of its operations or none; its `Conflict` names the key.
 - `watch(prefix, start_revision)` yields every change under the prefix, in revision order,
-  starting after `start_revision` (or from now), until the caller stops iterating.
+  starting after `start_revision` (or from now), until the caller stops iterating. When the
+  history after `start_revision` was compacted away it raises `Compacted`: re-list, then
+  watch from the listing's revision.
 - keys written with a lease disappear when the lease expires or is revoked.
 - a backend with several endpoints fails over to another one when one dies; callers
   see `Unavailable` only when none answers.
@@ -26,6 +28,21 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
+
+import grpc
+
+from croft.common.errors import CroftError
+
+
+class Compacted(CroftError):
+    """A watch asked for history the store no longer keeps (it was compacted)."""
+
+    grpc_code = grpc.StatusCode.OUT_OF_RANGE
+    http_status = 410
+
+    def __init__(self, message: str, compact_revision: int) -> None:
+        super().__init__(message)
+        self.compact_revision = compact_revision
 
 
 @dataclass(frozen=True)
@@ -139,7 +156,8 @@ class Store(abc.ABC):
         """Refresh a lease once. NotFound if it already expired."""
 
     @abc.abstractmethod
-    async def revoke_lease(self, lease: Lease) -> None: ...
+    async def revoke_lease(self, lease: Lease) -> None:
+        """Revoke a lease now; its keys go at once. NotFound if it already expired."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

@@ -1,0 +1,1 @@
+"""Helpers that start real parts (etcd, ...) for tests and benchmarks. Never fakes."""
