@@ -1,0 +1,327 @@
+"""The instance driver interface: what the compute core asks of a container or VM backend.
+
+One ABC (`InstanceDriver`), one capability declaration (`Capabilities`), one registry
+(`DRIVERS`, name -> "module:Class", imported on first use so that loading the registry
+never needs liblxc or libvirt). Drivers do the system work only; the core keeps the
+records, locks and events.
+
+Errors: drivers raise croft's errors (croft.common.errors): NotFound for an unknown
+instance or path, Conflict for an instance in the wrong state (or one that exists
+already), InvalidArgument for bad input (raised before anything is changed), Internal
+(CommandFailed) when the system refuses.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import ClassVar
+
+from croft.common.errors import InvalidArgument
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver can do; the core asks these instead of checking a driver's name."""
+
+    live_limits: bool = False  # update_limits() works on a running instance
+    freeze: bool = False
+    exec: bool = False
+    console_log: bool = False
+    files_when_stopped: bool = False  # file operations work on a stopped instance
+    privileged: bool = False  # honours security.privileged=true
+    survives_service_restart: bool = False  # running instances outlive the driver's process
+
+
+@dataclass(frozen=True)
+class IdMap:
+    """A shared id map: container ids 0..size-1 are host ids host_base..host_base+size-1."""
+
+    host_base: int
+    size: int = 65536
+
+
+@dataclass
+class InstanceSpec:
+    """Everything a driver needs to create an instance.
+
+    `config` uses LXD's keys (security.privileged, limits.cpu, limits.memory,
+    limits.processes, raw.lxc, security.nesting); `devices` is the expanded device dict
+    in LXD's shape (nic, disk, unix-char, unix-block). `rootfs` is a directory prepared by
+    the storage service, owned by host root and not shifted: unprivileged instances see it
+    through an idmapped mount. `idmap=None` takes the default (see the driver).
+    """
+
+    name: str
+    rootfs: str
+    config: dict[str, str] = field(default_factory=dict)
+    devices: dict[str, dict[str, str]] = field(default_factory=dict)
+    idmap: IdMap | None = None
+
+    @property
+    def privileged(self) -> bool:
+        return self.config.get("security.privileged", "false").lower() in ("true", "1", "yes")
+
+
+class Status(Enum):
+    """LXD's instance status names and codes."""
+
+    RUNNING = ("Running", 103)
+    STOPPED = ("Stopped", 102)
+    FROZEN = ("Frozen", 110)
+    ERROR = ("Error", 112)
+
+    @property
+    def label(self) -> str:
+        return self.value[0]
+
+    @property
+    def code(self) -> int:
+        return self.value[1]
+
+
+@dataclass
+class NetworkAddress:
+    family: str  # "inet" | "inet6"
+    address: str
+    netmask: str  # prefix length, as LXD reports it ("24")
+    scope: str  # "global" | "link" | "local"
+
+
+@dataclass
+class NetworkInterface:
+    """One interface inside the instance, in the shape of LXD's state.network entries."""
+
+    name: str
+    addresses: list[NetworkAddress]
+    hwaddr: str
+    host_name: str  # the host side of the veth ("" for loopback or non-veth)
+    mtu: int
+    state: str  # "up" | "down"
+    type: str  # "broadcast" | "loopback" | "point-to-point"
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    packets_received: int = 0
+    packets_sent: int = 0
+
+
+@dataclass
+class InstanceState:
+    status: Status
+    pid: int  # host pid of the instance's init, 0 when not running
+    processes: int = 0
+    memory_usage: int = 0  # bytes, from the instance's cgroup
+    memory_limit: int = 0  # bytes, 0 = none
+    cpu_usage_ns: int = 0
+    network: dict[str, NetworkInterface] = field(default_factory=dict)
+
+
+@dataclass
+class FileEntry:
+    """A path inside an instance. uid/gid are as seen inside the instance.
+
+    Exactly one of `content` (type "file"), `entries` (type "directory") or `target`
+    (type "symlink") is set."""
+
+    path: str
+    type: str  # "file" | "directory" | "symlink"
+    uid: int
+    gid: int
+    mode: int  # permission bits only, e.g. 0o644
+    content: bytes | None = None
+    entries: list[str] | None = None
+    target: str | None = None
+
+
+class ExecProcess(ABC):
+    """A command running inside an instance.
+
+    Interactive processes have a pty: `pty` is the master fd (read output, write input)
+    and stdin/stdout/stderr are None. Otherwise stdin/stdout/stderr are pipe fds (stdin
+    writable, the others readable; close stdin to send EOF). The fds belong to this
+    object: `close()` closes them. They are blocking; use loop.add_reader/connect_*_pipe.
+    """
+
+    pid: int
+    pty: int | None
+    stdin: int | None
+    stdout: int | None
+    stderr: int | None
+
+    @abstractmethod
+    async def wait(self) -> int:
+        """Wait for the command to end. Exit code semantics as LXD's: the command's own
+        exit status; 127 when the command does not exist, 126 when it is not executable,
+        128+N when killed by signal N."""
+
+    @abstractmethod
+    def signal(self, signum: int) -> None:
+        """Send a signal to the command (not to a wrapper around it)."""
+
+    @abstractmethod
+    def resize(self, width: int, height: int) -> None:
+        """Set the pty window size (columns, rows); no-op without a pty."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the fds this object holds."""
+
+
+class InstanceDriver(ABC):
+    """One backend (LXC, QEMU). Instances are addressed by name within the driver's state
+    directory; a new driver object on the same directory finds the instances a previous
+    one created (`list()`), running ones included."""
+
+    name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    @abstractmethod
+    async def create(self, spec: InstanceSpec) -> None:
+        """Define an instance (write its configuration); does not start it. The rootfs must
+        exist. Raises Conflict if the name exists, InvalidArgument for a bad spec (before
+        writing anything). On failure, everything written is removed."""
+
+    @abstractmethod
+    async def start(self, name: str) -> None:
+        """Start a stopped instance and return once it runs. The instance must keep
+        running if the calling process dies. Raises Conflict if it is running. On failure,
+        the instance is left stopped with nothing of the failed start behind (cgroups,
+        host network devices)."""
+
+    @abstractmethod
+    async def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> None:
+        """Stop a running or frozen instance. Clean: ask its init to shut down (SIGPWR)
+        and kill it after `timeout` seconds; force: kill at once. Returns when it is
+        stopped; leftovers of the run (cgroups, host veths) are removed. Conflict if it
+        is already stopped."""
+
+    @abstractmethod
+    async def restart(self, name: str, force: bool = False, timeout: float = 30.0) -> None:
+        """stop() then start()."""
+
+    @abstractmethod
+    async def freeze(self, name: str) -> None:
+        """Freeze every process of a running instance. Conflict unless it is running."""
+
+    @abstractmethod
+    async def unfreeze(self, name: str) -> None:
+        """Thaw a frozen instance. Conflict unless it is frozen."""
+
+    @abstractmethod
+    async def delete(self, name: str) -> None:
+        """Remove a stopped instance's definition and everything the driver created for it
+        (configuration, logs, leftover cgroups and host network devices). The rootfs is the
+        storage service's and is left alone. Conflict if it is running."""
+
+    @abstractmethod
+    async def list(self) -> list[str]:
+        """Names of the instances defined in this driver's state directory."""
+
+    @abstractmethod
+    async def exists(self, name: str) -> bool:
+        """Whether the instance is defined."""
+
+    @abstractmethod
+    async def state(self, name: str) -> InstanceState:
+        """Status, init pid, process count, memory/cpu usage and network interfaces."""
+
+    @abstractmethod
+    async def update_limits(self, name: str, config: dict[str, str]) -> None:
+        """Apply limits.cpu / limits.memory / limits.processes from `config` (missing or
+        empty = unlimited), live when running, and persist them for the next start.
+        All values are validated first: on InvalidArgument nothing changes. If the kernel
+        refuses a live value, the previous values are restored and the error raised."""
+
+    @abstractmethod
+    async def exec(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int = 0,
+        gid: int = 0,
+        interactive: bool = False,
+        width: int = 80,
+        height: int = 24,
+    ) -> ExecProcess:
+        """Start `argv` inside a running instance (Conflict otherwise). `env=None` gives
+        LXD's default environment; `cwd=None` the user's home (/root for root)."""
+
+    @abstractmethod
+    async def push_file(
+        self,
+        name: str,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        uid: int = 0,
+        gid: int = 0,
+        mode: int = 0o644,
+    ) -> None:
+        """Write a file inside the instance (running or stopped), replacing an existing
+        file (a symlink at `path` is replaced, not followed). The parent directory must
+        exist (NotFound). Symlinks on the way are resolved inside the instance's root,
+        never outside it. On failure a newly created file is removed."""
+
+    @abstractmethod
+    async def pull_file(self, name: str, path: str) -> FileEntry:
+        """Read a file, directory listing or symlink target from inside the instance."""
+
+    @abstractmethod
+    async def mkdir(
+        self, name: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755
+    ) -> None:
+        """Create a directory (its parent must exist). Conflict if `path` exists."""
+
+    @abstractmethod
+    async def delete_path(self, name: str, path: str, recursive: bool = False) -> None:
+        """Remove a file, symlink or (empty unless `recursive`) directory."""
+
+    @abstractmethod
+    async def list_dir(self, name: str, path: str) -> list[str]:
+        """Names in a directory inside the instance."""
+
+    @abstractmethod
+    async def console_log(self, name: str) -> bytes:
+        """What the instance wrote to its console so far (b"" if nothing)."""
+
+    @abstractmethod
+    def log_path(self, name: str) -> str:
+        """The driver's log file for this instance."""
+
+
+# name -> "module:Class"; a new driver is one more line here.
+DRIVERS: dict[str, str] = {
+    "lxc": "croft.compute.drivers.lxc:LXCDriver",
+}
+
+
+def driver_class(name: str) -> type[InstanceDriver]:
+    """The driver class registered under `name` (InvalidArgument if there is none)."""
+    try:
+        target = DRIVERS[name]
+    except KeyError:
+        known = ", ".join(sorted(DRIVERS))
+        raise InvalidArgument(f'Unknown instance driver "{name}" (known: {known})') from None
+    module_name, class_name = target.split(":")
+    cls: type[InstanceDriver] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+__all__ = [
+    "DRIVERS",
+    "Capabilities",
+    "ExecProcess",
+    "FileEntry",
+    "IdMap",
+    "InstanceDriver",
+    "InstanceSpec",
+    "InstanceState",
+    "NetworkAddress",
+    "NetworkInterface",
+    "Status",
+    "driver_class",
+]

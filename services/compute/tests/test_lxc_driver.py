@@ -1,0 +1,427 @@
+# ruff: noqa: ASYNC221, ASYNC240
+# (tests inspect the host directly: blocking reads there are the point)
+"""The LXC driver against real unprivileged (and privileged) LXC containers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.compute import limits
+from croft.compute.drivers import InstanceSpec, Status, driver_class
+from croft.compute.drivers.lxc import LXCDriver, default_idmap
+
+from .conftest import container_name, read_until
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="LXC tests need root")
+
+
+async def run_in(driver: LXCDriver, name: str, *argv: str) -> tuple[int, bytes, bytes]:
+    """exec a command, collect its output and exit code."""
+    process = await driver.exec(name, list(argv))
+    assert process.stdin is not None and process.stdout is not None
+    assert process.stderr is not None
+    os.close(process.stdin)
+    process.stdin = None
+    loop = asyncio.get_running_loop()
+
+    def drain(fd: int) -> bytes:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    out, err = await asyncio.gather(
+        loop.run_in_executor(None, drain, process.stdout),
+        loop.run_in_executor(None, drain, process.stderr),
+    )
+    code = await process.wait()
+    process.close()
+    return code, out, err
+
+
+async def launch(driver: LXCDriver, make_rootfs, **spec_args) -> str:  # type: ignore[no-untyped-def]
+    name = container_name()
+    await driver.create(InstanceSpec(name=name, rootfs=make_rootfs(name), **spec_args))
+    await driver.start(name)
+    return name
+
+
+def host_uid_of(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Uid:"):
+            return int(line.split()[1])
+    raise AssertionError("no Uid line")
+
+
+def cgroup_dirs(name: str) -> list[str]:
+    found = []
+    for hierarchy in os.listdir("/sys/fs/cgroup"):
+        base = os.path.join("/sys/fs/cgroup", hierarchy)
+        if os.path.isdir(base):
+            found += [
+                os.path.join(base, e)
+                for e in os.listdir(base)
+                if e in (f"lxc.payload.{name}", f"lxc.monitor.{name}")
+                or e.startswith((f"lxc.payload.{name}-", f"lxc.monitor.{name}-"))
+            ]
+    return found
+
+
+def test_registry_finds_the_lxc_driver() -> None:
+    assert driver_class("lxc") is LXCDriver
+    with pytest.raises(InvalidArgument):
+        driver_class("nope")
+
+
+def test_limits_accept_lxd_formats_and_reject_nonsense() -> None:
+    assert limits.parse_memory("64MiB") == 64 * 2**20
+    assert limits.parse_memory("1GB") == 10**9
+    assert limits.parse_memory("512") == 512
+    assert 0 < limits.parse_memory("50%") < limits.host_memory_bytes()
+    assert limits.parse_cpu("2") == limits.CpuLimit(count=2)
+    assert limits.parse_cpu("0-1") == limits.CpuLimit(cpuset="0-1")
+    assert limits.parse_processes("100") == 100
+    for bad in ("lots", "12XB", "-5", "0%", "200%"):
+        with pytest.raises(InvalidArgument, match="limits.memory"):
+            limits.parse_memory(bad)
+    with pytest.raises(InvalidArgument, match="limits.cpu"):
+        limits.parse_cpu("lots")
+    with pytest.raises(InvalidArgument, match="limits.processes"):
+        limits.parse_processes("0")
+
+
+async def test_unprivileged_container_runs_and_execs(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs)
+
+    state = await driver.state(name)
+    assert state.status is Status.RUNNING and state.status.code == 103
+    assert state.pid > 0 and state.processes >= 1 and state.memory_usage > 0
+    assert host_uid_of(state.pid) == default_idmap().host_base  # container root is not root
+    assert "lo" in state.network and state.network["lo"].type == "loopback"
+
+    assert await run_in(driver, name, "sh", "-c", "echo $((6*7))") == (0, b"42\n", b"")
+    assert (await run_in(driver, name, "sh", "-c", "exit 3"))[0] == 3
+    assert (await run_in(driver, name, "no-such-command"))[0] == 127
+    assert (await run_in(driver, name, "sh", "-c", "kill -9 $$"))[0] == 137
+    # The default cwd is root's home, a given one is honoured, env is exactly as passed.
+    assert (await run_in(driver, name, "pwd"))[1] == b"/root\n"
+    process = await driver.exec(name, ["sh", "-c", "pwd; echo $FOO; id -u"], env={"FOO": "bar"},
+                                cwd="/usr/sbin", uid=1234, gid=1234)  # fmt: skip
+    out = await read_until(process.stdout, b"1234\n")  # type: ignore[arg-type]
+    assert out == b"/usr/sbin\nbar\n1234\n"
+    assert await process.wait() == 0
+    process.close()
+
+    assert b"croft test init up" in await driver.console_log(name)
+    assert os.path.exists(driver.log_path(name))
+
+
+async def test_exec_signal_reaches_the_command(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs)
+    process = await driver.exec(name, ["sleep", "300"])
+    await asyncio.sleep(0.2)
+    import signal
+
+    process.signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), 10) == 128 + signal.SIGTERM
+    process.close()
+
+
+async def test_interactive_exec_has_a_resizable_pty(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs)
+    process = await driver.exec(
+        name, ["sh", "-c", "stty size; read line; stty size; tty"], interactive=True,
+        width=80, height=24,
+    )  # fmt: skip
+    assert process.pty is not None and process.stdin is None
+    assert b"24 80" in await read_until(process.pty, b"24 80")
+    process.resize(100, 40)
+    await asyncio.sleep(0.1)  # lxc-attach copies the size on SIGWINCH
+    os.write(process.pty, b"\n")
+    out = await read_until(process.pty, b"/dev/pts/")
+    assert b"40 100" in out
+    assert await process.wait() == 0
+    process.close()
+
+
+async def test_push_and_pull_files_running_and_stopped(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs)
+    payload = os.urandom(10 * 2**20)
+
+    await driver.push_file(name, "/root/blob", payload, uid=1000, gid=1001, mode=0o640)
+    pulled = await driver.pull_file(name, "/root/blob")
+    assert pulled.type == "file" and pulled.content == payload
+    assert (pulled.uid, pulled.gid, pulled.mode) == (1000, 1001, 0o640)
+    code, out, _ = await run_in(driver, name, "sh", "-c", "stat -c '%u %g %a %s' /root/blob")
+    assert out == f"1000 1001 640 {len(payload)}\n".encode()
+    code, out, _ = await run_in(driver, name, "md5sum", "/root/blob")
+    import hashlib
+
+    assert out.split()[0].decode() == hashlib.md5(payload).hexdigest()
+
+    # A file the container made in a tmpfs only it sees is reachable while it runs.
+    await run_in(driver, name, "sh", "-c", "mkdir -p /run/x && echo hi > /run/x/f")
+    assert (await driver.pull_file(name, "/run/x/f")).content == b"hi\n"
+
+    await driver.mkdir(name, "/root/dir", uid=5, gid=6, mode=0o750)
+    code, out, _ = await run_in(driver, name, "stat", "-c", "%u %g %a", "/root/dir")
+    assert out == b"5 6 750\n"
+    assert "blob" in await driver.list_dir(name, "/root")
+    with pytest.raises(Conflict):
+        await driver.mkdir(name, "/root/dir")
+    with pytest.raises(NotFound):
+        await driver.push_file(name, "/nope/file", b"x")
+
+    await driver.stop(name, force=True)
+    pulled = await driver.pull_file(name, "/root/blob")
+    assert pulled.content == payload and (pulled.uid, pulled.gid, pulled.mode) == (
+        1000,
+        1001,
+        0o640,
+    )
+    second = os.urandom(10 * 2**20)
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for i in range(0, len(second), 2**20):
+            yield second[i : i + 2**20]
+
+    await driver.push_file(name, "/root/stopped-blob", chunks(), uid=7, gid=8, mode=0o600)
+    await driver.delete_path(name, "/root/dir")
+    await driver.start(name)
+    code, out, _ = await run_in(
+        driver, name, "sh", "-c", "stat -c '%u %g %a' /root/stopped-blob; ls /root"
+    )
+    assert out.splitlines()[0] == b"7 8 600" and b"dir" not in out
+    assert (await driver.pull_file(name, "/root/stopped-blob")).content == second
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+async def test_files_never_follow_symlinks_out_of_the_container(
+    driver: LXCDriver, make_rootfs, workdir: Path, running: bool
+) -> None:
+    outside = workdir / "host-only"
+    outside.mkdir()
+    (outside / "secret").write_text("host secret")
+    name = container_name()
+    rootfs = make_rootfs(name)
+    # Absolute links to a host path: harmless inside the container, an escape if a host
+    # process followed them.
+    os.symlink(str(outside), os.path.join(rootfs, "root/link-dir"))
+    os.symlink(str(outside / "secret"), os.path.join(rootfs, "root/link-file"))
+    os.symlink("../../../../../../../../" + str(outside), os.path.join(rootfs, "root/dotdot"))
+    await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    if running:
+        await driver.start(name)
+
+    with pytest.raises(NotFound):
+        await driver.pull_file(name, "/root/link-dir/secret")
+    with pytest.raises(NotFound):
+        await driver.pull_file(name, "/root/dotdot/secret")
+    with pytest.raises(NotFound):
+        await driver.push_file(name, "/root/link-dir/planted", b"x")
+    link = await driver.pull_file(name, "/root/link-file")
+    assert link.type == "symlink" and link.target == str(outside / "secret")
+    # Pushing onto a symlink replaces the link; the host file it pointed to is untouched.
+    await driver.push_file(name, "/root/link-file", b"inside")
+    assert (outside / "secret").read_text() == "host secret"
+    assert sorted(os.listdir(outside)) == ["secret"]
+    assert (await driver.pull_file(name, "/root/link-file")).content == b"inside"
+    with pytest.raises(NotFound):
+        await driver.delete_path(name, "/root/link-dir/secret")
+    assert (outside / "secret").exists()
+
+
+async def test_memory_limit_applies_live(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs)
+    await driver.update_limits(name, {"limits.memory": "64MiB", "limits.processes": "50"})
+    memory_cgroup = Path(f"/sys/fs/cgroup/memory/lxc.payload.{name}")
+    assert int((memory_cgroup / "memory.limit_in_bytes").read_text()) == 64 * 2**20
+    assert (
+        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}") / "pids.max"
+    ).read_text().strip() == "50"
+    assert (await driver.state(name)).memory_limit == 64 * 2**20
+
+    code, _, _ = await run_in(
+        driver, name, "dd", "if=/dev/zero", "of=/dev/null", "bs=200M", "count=1"
+    )
+    assert code == 137  # the OOM killer took dd
+    state = await driver.state(name)
+    assert state.status is Status.RUNNING
+    assert (await run_in(driver, name, "true"))[0] == 0
+
+    config_before = Path(driver.lxcpath, name, "config").read_text()
+    with pytest.raises(InvalidArgument, match="lots"):
+        await driver.update_limits(name, {"limits.memory": "lots"})
+    assert Path(driver.lxcpath, name, "config").read_text() == config_before
+    assert int((memory_cgroup / "memory.limit_in_bytes").read_text()) == 64 * 2**20
+
+    # Persisted: the limit is there again after a restart; removing it lifts it.
+    await driver.restart(name, force=True)
+    assert int((memory_cgroup / "memory.limit_in_bytes").read_text()) == 64 * 2**20
+    await driver.update_limits(name, {})
+    assert int((memory_cgroup / "memory.limit_in_bytes").read_text()) > 2**40
+    assert "memory.limit_in_bytes" not in Path(driver.lxcpath, name, "config").read_text()
+
+
+async def test_cpu_limits_apply_live(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs, config={"limits.cpu": "1"})
+    cpu = Path(f"/sys/fs/cgroup/cpu/lxc.payload.{name}")
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "100000"
+    await driver.update_limits(name, {"limits.cpu": "0-0"})
+    assert (cpu / "cpu.cfs_quota_us").read_text().strip() == "-1"
+    assert Path(f"/sys/fs/cgroup/cpuset/lxc.payload.{name}/cpuset.cpus").read_text().strip() == "0"
+
+
+async def test_stop_freeze_and_restart(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs)
+    await driver.freeze(name)
+    state = await driver.state(name)
+    assert state.status is Status.FROZEN and state.status.code == 110
+    with pytest.raises(Conflict):
+        await driver.freeze(name)
+    await driver.unfreeze(name)
+    assert (await driver.state(name)).status is Status.RUNNING
+
+    await driver.stop(name, timeout=10)  # clean: init exits on SIGPWR
+    state = await driver.state(name)
+    assert state.status is Status.STOPPED and state.status.code == 102 and state.pid == 0
+    with pytest.raises(Conflict):
+        await driver.stop(name)
+
+    await driver.start(name)
+    with pytest.raises(Conflict):
+        await driver.start(name)
+    await driver.freeze(name)
+    await driver.stop(name, force=True)  # a frozen container can be killed
+    assert (await driver.state(name)).status is Status.STOPPED
+    assert [d for d in cgroup_dirs(name) if "monitor" in d] == []
+
+
+async def test_clean_stop_kills_after_timeout_when_init_ignores_sigpwr(
+    driver: LXCDriver, make_rootfs
+) -> None:
+    name = container_name()
+    rootfs = make_rootfs(name)
+    Path(rootfs, "sbin/init").write_text("#!/bin/sh\ntrap '' PWR\nwhile :; do sleep 1; done\n")
+    await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    await driver.start(name)
+    await driver.stop(name, timeout=1)
+    assert (await driver.state(name)).status is Status.STOPPED
+
+
+async def test_containers_outlive_the_process_that_started_them(
+    driver: LXCDriver, make_rootfs
+) -> None:
+    name = container_name()
+    await driver.create(InstanceSpec(name=name, rootfs=make_rootfs(name)))
+    starter = (
+        "import asyncio, os, signal\n"
+        "from croft.compute.drivers.lxc import LXCDriver\n"
+        f"asyncio.run(LXCDriver({driver.lxcpath!r}).start({name!r}))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", starter], capture_output=True, timeout=60)
+    assert result.returncode == -9, result.stderr
+
+    fresh = LXCDriver(driver.lxcpath)
+    assert name in await fresh.list()
+    state = await fresh.state(name)
+    assert state.status is Status.RUNNING
+    assert (await run_in(fresh, name, "echo", "still here"))[1] == b"still here\n"
+
+
+async def test_nic_on_a_bridge_and_delete_leaves_nothing(
+    driver: LXCDriver, make_rootfs, bridge: str
+) -> None:
+    hwaddr = "00:16:3e:12:34:56"
+    devices = {
+        "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0",
+                 "hwaddress": hwaddr, "mtu": "1400"},
+        "root": {"type": "disk", "path": "/", "pool": "default"},
+    }  # fmt: skip
+    name = await launch(driver, make_rootfs, devices=devices)
+    state = await driver.state(name)
+    eth0 = state.network["eth0"]
+    assert eth0.hwaddr == hwaddr and eth0.mtu == 1400 and eth0.state == "up"
+    assert eth0.host_name
+    assert os.path.basename(os.readlink(f"/sys/class/net/{eth0.host_name}/master")) == bridge
+    assert cgroup_dirs(name)
+
+    with pytest.raises(Conflict):
+        await driver.delete(name)
+    await driver.stop(name, force=True)
+    await driver.delete(name)
+    assert not os.path.exists(os.path.join(driver.lxcpath, name))
+    assert cgroup_dirs(name) == []
+    assert not os.path.exists(f"/sys/class/net/{eth0.host_name}")
+    assert name not in await driver.list()
+    with pytest.raises(NotFound):
+        await driver.state(name)
+
+
+async def test_data_disk_is_visible_unshifted(
+    driver: LXCDriver, make_rootfs, workdir: Path
+) -> None:
+    data = workdir / "data"
+    data.mkdir()
+    (data / "hello").write_text("from the host\n")
+    devices = {"data": {"type": "disk", "source": str(data), "path": "/mnt/data"}}
+    name = await launch(driver, make_rootfs, devices=devices)
+    code, out, _ = await run_in(
+        driver, name, "sh", "-c", "cat /mnt/data/hello; stat -c %u /mnt/data/hello"
+    )
+    assert (code, out) == (0, b"from the host\n0\n")
+    assert (await driver.pull_file(name, "/mnt/data/hello")).content == b"from the host\n"
+
+
+async def test_privileged_flag_is_honoured(driver: LXCDriver, make_rootfs) -> None:
+    name = await launch(driver, make_rootfs, config={"security.privileged": "true"})
+    state = await driver.state(name)
+    assert host_uid_of(state.pid) == 0
+    assert "lxc.idmap" not in Path(driver.lxcpath, name, "config").read_text()
+    await driver.push_file(name, "/root/f", b"data", uid=33, gid=33, mode=0o600)
+    assert (await run_in(driver, name, "stat", "-c", "%u %g %a", "/root/f"))[1] == b"33 33 600\n"
+
+
+async def test_bad_specs_change_nothing(driver: LXCDriver, make_rootfs) -> None:
+    name = container_name()
+    rootfs = make_rootfs(name)
+    bad_specs = [
+        InstanceSpec(name=name, rootfs=rootfs, config={"limits.memory": "lots"}),
+        InstanceSpec(
+            name=name, rootfs=rootfs, devices={"eth0": {"type": "nic", "nictype": "bridged"}}
+        ),
+        InstanceSpec(
+            name=name,
+            rootfs=rootfs,
+            devices={"x": {"type": "disk", "source": "/nope", "path": "/x"}},
+        ),
+        InstanceSpec(name=name, rootfs=rootfs, devices={"x": {"type": "gpu"}}),
+        InstanceSpec(name="../evil", rootfs=rootfs),
+        InstanceSpec(name=name, rootfs="/nonexistent"),
+    ]
+    for spec in bad_specs:
+        with pytest.raises(InvalidArgument):
+            await driver.create(spec)
+        assert await driver.list() == []
+    await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    with pytest.raises(Conflict):
+        await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    with pytest.raises(Conflict):
+        await driver.exec(name, ["true"])
+    with pytest.raises(NotFound):
+        await driver.start("crtst-lxc-missing")
+
+
+async def test_project_prefixed_names_work(driver: LXCDriver, make_rootfs) -> None:
+    name = "crtst-lxc-proj_" + container_name().removeprefix("crtst-lxc-")
+    await driver.create(InstanceSpec(name=name, rootfs=make_rootfs(name)))
+    await driver.start(name)
+    assert (await run_in(driver, name, "hostname"))[1] == name.rpartition("_")[2].encode() + b"\n"
