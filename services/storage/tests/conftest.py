@@ -1,0 +1,78 @@
+"""Fixtures for the storage driver contract tests: real pools on real filesystems.
+
+Every pool lives under /tmp/croft-storage-test-<random>/ and is removed, with anything
+mounted below it, when the test ends. To add a driver to the contract suite, add a factory
+to POOL_FACTORIES that yields a created and mounted pool inside the directory it is given.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from croft.storage.drivers import StorageDriver, load_driver
+
+TEST_PREFIX = "croft-storage-test-"
+
+
+@asynccontextmanager
+async def dir_pool(base: Path) -> AsyncIterator[StorageDriver]:
+    driver = load_driver("dir", "croft-test", {"source": str(base / "pool")})
+    await driver.create_pool()
+    await driver.mount_pool()
+    yield driver
+
+
+POOL_FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[StorageDriver]]] = {
+    "dir": dir_pool,
+}
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path`, read from /proc/self/mountinfo."""
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
+            if point == str(path) or point.startswith(f"{path}/"):
+                points.append(point)
+    return points
+
+
+def remove_test_dir(base: Path) -> None:
+    for point in sorted(_mounts_under(base), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def test_dir() -> Path:
+    base = Path(f"/tmp/{TEST_PREFIX}{secrets.token_hex(4)}")
+    base.mkdir(mode=0o711)
+    yield base
+    remove_test_dir(base)
+
+
+@pytest.fixture(params=sorted(POOL_FACTORIES))
+async def driver(request: pytest.FixtureRequest, test_dir: Path) -> AsyncIterator[StorageDriver]:
+    async with POOL_FACTORIES[request.param](test_dir) as pool:
+        yield pool
+
+
+@pytest.fixture
+def mounts_under() -> Callable[[Path], list[str]]:
+    """The mount points at or below a path, as the kernel lists them now."""
+    return _mounts_under
+
+
+@pytest.fixture
+def lxc_name() -> str:
+    """A container name carrying this suite's prefix."""
+    return f"{TEST_PREFIX}{secrets.token_hex(3)}"
