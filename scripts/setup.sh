@@ -10,7 +10,7 @@ APT_PACKAGES=(
   lxc python3-lxc lxc-dev uidmap                # containers (python3-lxc only for Debian's python)
   busybox-static debootstrap                    # building images locally
   btrfs-progs                                   # btrfs storage pools on loop files
-  dnsmasq-base nftables iproute2 iputils-ping bridge-utils   # managed networks
+  dnsmasq-base dnsmasq-utils nftables iproute2 iputils-ping bridge-utils   # managed networks (dhcp_release)
   python3-venv                                  # the virtual environment on /usr/bin/python3
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
   curl xz-utils squashfs-tools

@@ -1,0 +1,258 @@
+"""One dnsmasq per managed bridge: its command line, its files, its process.
+
+dnsmasq runs as a daemon (it outlives the network service); its pid file plus a
+/proc check of its command line lets a restarted service adopt it instead of starting a
+second copy. Host entries live in files dnsmasq re-reads on SIGHUP, so adding or
+removing an instance never restarts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from croft.common.errors import Internal
+from croft.common.proc import run
+
+DNSMASQ = "dnsmasq"
+_MAC_RE = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+def is_mac(value: str) -> bool:
+    return bool(_MAC_RE.match(value.lower()))
+
+
+@dataclass(frozen=True)
+class DhcpHost:
+    """One `--dhcp-hostsfile` line: this MAC gets this name (and this address, if set)."""
+
+    hwaddr: str
+    name: str
+    ipv4: str | None = None
+
+    def line(self) -> str:
+        return ",".join([self.hwaddr, *([self.ipv4] if self.ipv4 else []), self.name])
+
+    @classmethod
+    def parse(cls, line: str) -> DhcpHost | None:
+        parts = line.strip().split(",")
+        if len(parts) == 2:
+            return cls(parts[0], parts[1])
+        if len(parts) == 3:
+            return cls(parts[0], parts[2], parts[1])
+        return None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One line of dnsmasq's lease file."""
+
+    expiry: int
+    hwaddr: str  # "" for DHCPv6 leases (dnsmasq stores an IAID there)
+    address: str
+    hostname: str  # "" when the client sent none
+    client_id: str  # "" when none
+
+
+@dataclass(frozen=True)
+class DnsmasqOptions:
+    """What a bridge asks of its dnsmasq."""
+
+    interface: str
+    listen_addresses: Sequence[str]
+    dhcp_ranges: Sequence[str] = ()  # dnsmasq --dhcp-range values
+    dhcp_options: Sequence[str] = ()  # dnsmasq --dhcp-option values
+    domain: str | None = None  # None: no local DNS domain
+    dns: bool = True  # False: DHCP only (port=0)
+    ipv6_ra: bool = False
+    raw_config: bool = False  # a raw.dnsmasq file exists in the state dir
+
+
+class Dnsmasq:
+    """The dnsmasq of one bridge, with its files in `state_dir`."""
+
+    def __init__(self, state_dir: Path, interface: str) -> None:
+        self.state_dir = state_dir
+        self.interface = interface
+        self.pid_file = state_dir / "dnsmasq.pid"
+        self.lease_file = state_dir / "dnsmasq.leases"
+        self.hosts_file = state_dir / "dnsmasq.hosts"
+        self.addn_hosts_file = state_dir / "dnsmasq.addn-hosts"
+        self.raw_file = state_dir / "dnsmasq.raw"
+        self.log_file = state_dir / "dnsmasq.log"
+
+    def argv(self, opts: DnsmasqOptions) -> list[str]:
+        argv = [
+            DNSMASQ,
+            f"--conf-file={self.raw_file if opts.raw_config else '/dev/null'}",
+            "--strict-order",
+            "--bind-interfaces",
+            "--except-interface=lo",
+            f"--interface={opts.interface}",
+            *(f"--listen-address={a}" for a in opts.listen_addresses),
+            f"--pid-file={self.pid_file}",
+            f"--log-facility={self.log_file}",
+            "--no-ping",
+            "--no-negcache",
+            "--no-hosts",
+            "--dhcp-rapid-commit",
+            "--dhcp-no-override",
+            "--dhcp-authoritative",
+            f"--dhcp-leasefile={self.lease_file}",
+            f"--dhcp-hostsfile={self.hosts_file}",
+            f"--addn-hosts={self.addn_hosts_file}",
+            *(f"--dhcp-range={r}" for r in opts.dhcp_ranges),
+            *(f"--dhcp-option={o}" for o in opts.dhcp_options),
+        ]
+        if opts.ipv6_ra:
+            argv.append("--enable-ra")
+        if not opts.dns:
+            argv.append("--port=0")
+        elif opts.domain:
+            argv += [
+                f"--domain={opts.domain}",
+                f"--local=/{opts.domain}/",
+                "--domain-needed",
+                f"--interface-name=_gateway.{opts.domain},{opts.interface}",
+            ]
+        return argv
+
+    # -- process -------------------------------------------------------------------
+
+    def running_pid(self) -> int | None:
+        """The pid of this bridge's running dnsmasq, or None. Checks /proc so a stale pid
+        file (or a pid reused by another program) is not mistaken for it."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        argv = _proc_cmdline(pid)
+        if (
+            argv
+            and os.path.basename(argv[0]) == DNSMASQ
+            and f"--interface={self.interface}" in argv
+            and f"--pid-file={self.pid_file}" in argv
+        ):
+            return pid
+        return None
+
+    def start(self, argv: list[str]) -> int:
+        """Ensure dnsmasq runs with exactly `argv`: adopt a running one started with the
+        same command line (and make it re-read its host files), else replace it."""
+        pid = self.running_pid()
+        if pid is not None:
+            if _proc_cmdline(pid)[1:] == argv[1:]:
+                self.reload()
+                return pid
+            self.stop()
+        self.hosts_file.touch()
+        self.addn_hosts_file.touch()
+        self.pid_file.unlink(missing_ok=True)
+        # dnsmasq's parent exits once the daemon is ready (or reports why it is not), so
+        # run() returns with the pid file written.
+        run(argv, timeout=30)
+        pid = self.running_pid()
+        if pid is None:
+            raise Internal(f"dnsmasq for {self.interface} did not start (see {self.log_file})")
+        return pid
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within `timeout` seconds."""
+        pid = self.running_pid()
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self.pid_file.unlink(missing_ok=True)
+
+    def reload(self) -> None:
+        """Make dnsmasq re-read the host files (SIGHUP); nothing if it is not running."""
+        pid = self.running_pid()
+        if pid is not None:
+            os.kill(pid, signal.SIGHUP)
+
+    # -- files ---------------------------------------------------------------------
+
+    def read_hosts(self) -> list[DhcpHost]:
+        try:
+            text = self.hosts_file.read_text()
+        except FileNotFoundError:
+            return []
+        return [h for h in map(DhcpHost.parse, text.splitlines()) if h is not None]
+
+    def write_hosts(self, hosts: Iterable[DhcpHost], domain: str | None) -> None:
+        """Replace both host files atomically (rename), so dnsmasq never reads half."""
+        hosts = list(hosts)
+        _write_atomic(self.hosts_file, "".join(h.line() + "\n" for h in hosts))
+        names = []
+        for h in hosts:
+            if h.ipv4:
+                fqdn = f"{h.name}.{domain} " if domain else ""
+                names.append(f"{h.ipv4} {fqdn}{h.name}\n")
+        _write_atomic(self.addn_hosts_file, "".join(names))
+
+    def read_leases(self) -> list[Lease]:
+        try:
+            text = self.lease_file.read_text()
+        except FileNotFoundError:
+            return []
+        leases = []
+        for line in text.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[0] == "duid":
+                continue
+            hwaddr = fields[1] if is_mac(fields[1]) else ""
+            leases.append(
+                Lease(
+                    expiry=int(fields[0]),
+                    hwaddr=hwaddr,
+                    address=fields[2],
+                    hostname="" if fields[3] == "*" else fields[3],
+                    client_id="" if len(fields) < 5 or fields[4] == "*" else fields[4],
+                )
+            )
+        return leases
+
+    def release(self, lease: Lease) -> None:
+        """Make the running dnsmasq drop an IPv4 lease now (dhcp_release sends it a
+        DHCPRELEASE on the bridge as if from the client)."""
+        argv = ["dhcp_release", self.interface, lease.address, lease.hwaddr]
+        if lease.client_id:
+            argv.append(lease.client_id)
+        run(argv, timeout=10)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.chmod(0o644)  # dnsmasq re-reads these after dropping root
+    os.replace(tmp, path)
+
+
+def _proc_cmdline(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+
+
+def _alive(pid: int) -> bool:
+    """True while the process exists and is not a zombie (dnsmasq is reparented to
+    PID 1, which may reap it late)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -1,0 +1,280 @@
+"""The network driver interface: one ABC, the capabilities a driver declares, the registry.
+
+A driver does the host work for one network type (a Linux bridge with dnsmasq and
+nftables, a macvlan parent, an OVN logical switch...). The network service core owns the
+records in the store, the locking between requests and the calls to other services; it
+asks a driver's `capabilities` instead of branching on its name.
+
+Every driver method is blocking (netlink, subprocesses, files): call it from async code
+through `croft.common.blocking.in_thread`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from croft.common.errors import InvalidArgument
+
+DEFAULT_STATE_ROOT = Path("/var/lib/croft/networks")
+DEFAULT_NFT_TABLE = "croft"
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a driver can do; everything defaults to False so a new driver claims only
+    what it implements."""
+
+    # The driver makes a host interface that instance NICs are plugged into
+    # (`host_interface()`); compute then creates a veth/tap with that parent.
+    host_interface: bool = False
+    # How compute connects a NIC to this network (LXD's derived `nictype`).
+    nic_type: str = "bridged"
+    # Instances get IPv4 addresses by DHCP from the driver, and `leases()` lists them.
+    dhcp: bool = False
+    # `add_instance(..., ipv4=...)` pins an address for an instance.
+    static_ipv4: bool = False
+    # Instance names resolve under the network's `dns.domain`.
+    dns: bool = False
+    # Outbound traffic can be masqueraded (`ipv4.nat`).
+    nat: bool = False
+    # IPv6 addressing on the network (`ipv6.address` other than `none`).
+    ipv6: bool = False
+
+
+@dataclass(frozen=True)
+class DriverSettings:
+    """Where a driver keeps host state; tests pass their own so they never touch the
+    production network's files, firewall table or interfaces."""
+
+    state_root: Path = DEFAULT_STATE_ROOT
+    nft_table: str = DEFAULT_NFT_TABLE
+
+
+@dataclass(frozen=True)
+class NetworkStateAddress:
+    family: str  # "inet" | "inet6"
+    address: str
+    netmask: str  # prefix length, as LXD writes it ("24")
+    scope: str  # "global" | "link" | "local"
+
+
+@dataclass(frozen=True)
+class NetworkStateCounters:
+    bytes_received: int = 0
+    bytes_sent: int = 0
+    packets_received: int = 0
+    packets_sent: int = 0
+
+
+@dataclass(frozen=True)
+class NetworkStateBridge:
+    id: str
+    stp: bool
+    forward_delay: int
+    vlan_default: int
+    vlan_filtering: bool
+    upper_devices: list[str]
+
+
+@dataclass(frozen=True)
+class NetworkState:
+    """LXD's `GET /1.0/networks/<name>/state` metadata."""
+
+    addresses: list[NetworkStateAddress]
+    counters: NetworkStateCounters
+    hwaddr: str
+    mtu: int
+    state: str  # "up" | "down"
+    type: str  # the link type as LXD reports it: "broadcast" for a bridge
+    bridge: NetworkStateBridge | None = None
+
+    def to_api(self) -> dict[str, Any]:
+        """The JSON object LXD returns (bond, vlan: null as in LXD 5.0)."""
+        body = asdict(self)
+        body["bond"] = None
+        body["vlan"] = None
+        return body
+
+
+@dataclass(frozen=True)
+class NetworkLease:
+    """One entry of LXD's `GET /1.0/networks/<name>/leases`."""
+
+    hostname: str
+    hwaddr: str
+    address: str
+    type: str  # "static" | "dynamic"
+    location: str = field(default="")
+
+    def to_api(self) -> dict[str, str]:
+        return asdict(self)
+
+
+class NetworkDriver(ABC):
+    """One network type's host work. Instances are cheap: the core makes one per type.
+
+    `name` is the network's name and, for drivers that make a host interface, that
+    interface's name too (so it is at most 15 characters, like in LXD). `config` is the
+    network's LXD config map as stored in its record.
+    """
+
+    type_name: ClassVar[str]
+    capabilities: ClassVar[Capabilities]
+
+    def __init__(self, settings: DriverSettings | None = None) -> None:
+        self.settings = settings or DriverSettings()
+
+    def state_dir(self, name: str) -> Path:
+        """The directory this driver keeps the network's host files in."""
+        return self.settings.state_root / name
+
+    @abstractmethod
+    def validate(self, name: str, config: Mapping[str, str]) -> None:
+        """Check a name and a config without touching the host.
+
+        Raises InvalidArgument naming the offending key (or the name). Values like
+        `auto` are valid here; `create` resolves them.
+        """
+
+    @abstractmethod
+    def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
+        """Validate, resolve defaults and `auto` values, prepare host state; return the
+        config to store in the network's record (e.g. the chosen `ipv4.address`).
+
+        Does not start anything. Raises InvalidArgument for bad config, Conflict if the
+        name is taken on this host, Unavailable if no free subnet exists. On failure
+        nothing is left behind.
+        """
+
+    @abstractmethod
+    def start(self, name: str, config: Mapping[str, str]) -> None:
+        """Bring the network up on this host with the (resolved) config.
+
+        Idempotent: starting a running network converges it to `config` and adopts
+        running helpers (e.g. a dnsmasq left from before a service restart) instead of
+        starting second copies; it never recreates a host interface that exists. On
+        failure a network that was not up is left stopped (as after `stop`); one that
+        was up stays up, possibly half-converged, because instances are plugged into
+        it. The error is raised either way.
+        """
+
+    @abstractmethod
+    def stop(self, name: str) -> None:
+        """Take the network down on this host: helpers stopped, firewall rules and host
+        interface removed. Keeps persistent state (leases, host entries). Stopping a
+        stopped network does nothing."""
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Stop the network and remove all its host state. Deleting a network that is
+        not on this host does nothing."""
+
+    def update(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
+        """Apply a new config: validate it, then, if the network is running, converge it
+        with `start` (which must do so without disturbing attached instances more than
+        the change needs). Returns the config to store. Bad config changes nothing."""
+        self.validate(name, config)
+        resolved = dict(config)
+        if self.is_running(name):
+            self.start(name, resolved)
+        return resolved
+
+    def local_config(self, name: str) -> dict[str, str] | None:
+        """The config this host last created or started the network with, or None when
+        the network has no host state here. Lets the core adopt host state whose record
+        was never written (a service killed between `create` and the store write)."""
+        return None
+
+    @abstractmethod
+    def is_running(self, name: str) -> bool:
+        """Whether the network is up on this host."""
+
+    @abstractmethod
+    def state(self, name: str) -> NetworkState:
+        """The host-side state in LXD's shape. Raises NotFound if not up on this host."""
+
+    def host_interface(self, name: str) -> str:
+        """The host interface instance NICs attach to (capabilities.host_interface)."""
+        return name
+
+    def instance_mtu(self, config: Mapping[str, str]) -> int | None:
+        """The MTU instance NICs on a network with `config` must use; None when the
+        network does not set one (the NIC keeps its default)."""
+        return None
+
+    def add_instance(
+        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+    ) -> str | None:
+        """Register an instance NIC (its MAC) under the instance's name, with a pinned
+        IPv4 address if `ipv4` is given; return that address (None: dynamic).
+
+        Takes effect without restarting anything. Raises InvalidArgument for a bad MAC
+        or an address outside the network, Conflict if the address is pinned to another
+        NIC. On failure the previous entries are unchanged."""
+        return None
+
+    def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
+        """Forget an instance NIC: its host entry and its lease, so the address can be
+        given to another NIC at once. Removing an unknown NIC does nothing."""
+        return None
+
+    def leases(self, network: str) -> list[NetworkLease]:
+        """The network's leases and static allocations, LXD's `leases` shape."""
+        return []
+
+
+_REGISTRY: dict[str, str] = {
+    # Lazy "module:Class" so a driver whose dependencies are missing on a host does not
+    # stop the others from loading.
+    "bridge": "croft.network.drivers.bridge:BridgeDriver",
+}
+
+
+def driver_types() -> list[str]:
+    """The network types this build knows."""
+    return sorted(_REGISTRY)
+
+
+def driver_class(type_name: str) -> type[NetworkDriver]:
+    """The driver class for a network type; InvalidArgument for an unknown type."""
+    target = _REGISTRY.get(type_name)
+    if target is None:
+        raise InvalidArgument(
+            f"Invalid network type {type_name!r} (supported: {', '.join(driver_types())})"
+        )
+    module_name, _, class_name = target.partition(":")
+    cls: type[NetworkDriver] = getattr(importlib.import_module(module_name), class_name)
+    return cls
+
+
+def load_driver(type_name: str, settings: DriverSettings | None = None) -> NetworkDriver:
+    """An instance of the driver for `type_name`."""
+    return driver_class(type_name)(settings)
+
+
+def generate_hwaddr(rng: random.Random | None = None) -> str:
+    """A random MAC in LXD's range, 00:16:3e:xx:xx:xx."""
+    r = rng or random.SystemRandom()
+    return "00:16:3e:" + ":".join(f"{r.randrange(256):02x}" for _ in range(3))
+
+
+__all__ = [
+    "Capabilities",
+    "DriverSettings",
+    "NetworkDriver",
+    "NetworkLease",
+    "NetworkState",
+    "NetworkStateAddress",
+    "NetworkStateBridge",
+    "NetworkStateCounters",
+    "driver_class",
+    "driver_types",
+    "generate_hwaddr",
+    "load_driver",
+]
