@@ -69,6 +69,19 @@ class TelemetryConfig(_Section):
     otlp_endpoint: str = "http://127.0.0.1:4317"
 
 
+class NetworkConfig(_Section):
+    default_bridge: str = Field(
+        default="croftbr0", description="the managed bridge created at first start ('' for none)"
+    )
+    nft_table: str = Field(default="croft", description="nftables table (family inet) croft owns")
+
+
+class StorageConfig(_Section):
+    default_pool: str = Field(
+        default="default", description="the dir pool created at first start ('' for none)"
+    )
+
+
 class ServiceConfig(_Section):
     replicas: int = Field(default=1, ge=0, le=64)
 
@@ -99,6 +112,24 @@ class Config(BaseSettings):
     registry: RegistryConfig = RegistryConfig()
     telemetry: TelemetryConfig = TelemetryConfig()
     services: ServicesConfig = ServicesConfig()
+    network: NetworkConfig = NetworkConfig()
+    storage: StorageConfig = StorageConfig()
+
+    @property
+    def networks_dir(self) -> Path:
+        return self.state_dir / "networks"
+
+    @property
+    def pools_dir(self) -> Path:
+        return self.state_dir / "storage-pools"
+
+    @property
+    def lxc_dir(self) -> Path:
+        return self.state_dir / "lxc"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.state_dir / "images"
 
     @field_validator("member")
     @classmethod

@@ -324,6 +324,17 @@ class ServiceClient(Generic[StubT]):
                 self._quarantined[instance.id] = time.monotonic() + _QUARANTINE
                 log.info("%s at %s unavailable; trying another", self.service, instance.address)
 
+    def stream(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
+        """Open a streaming call (server, client or bidirectional) on one instance.
+        Streams are not retried: they are not idempotent. Iterate the returned call for
+        replies (or await it for a client stream's single reply); errors surface as
+        grpc.aio.AioRpcError, which `from_rpc_error` turns into croft errors."""
+        candidates = self._candidates()
+        if not candidates:
+            where = f" on {self.member}" if self.member else ""
+            raise errors.Unavailable(f"no {self.service} service is running{where}")
+        return getattr(self._stub(candidates[0]), method)(request, timeout=timeout)
+
     async def close(self) -> None:
         await self._watcher.close()
         for ch, _ in self._channels.values():

@@ -1,10 +1,45 @@
-"""`python -m croft.compute`: the compute service."""
+"""`python -m croft.compute`: the compute service of this host."""
 
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
+from croft.compute.core import ComputeCore
+from croft.compute.drivers import driver_class
+from croft.compute.servicer import ComputeServicer
+from croft.v1 import compute_pb2_grpc
+
+
+async def setup(context: ServiceContext) -> None:
+    driver = driver_class("lxc")(lxcpath=str(context.config.lxc_dir))  # type: ignore[call-arg]
+    core = ComputeCore(context, driver)
+    compute_pb2_grpc.add_ComputeServicer_to_server(ComputeServicer(core), context.server.grpc)
+
+    async def start_background() -> None:
+        # Storage and network may still be starting: reconcile once they answer.
+        for _ in range(60):
+            try:
+                await core.reconcile()
+                break
+            except Exception:  # noqa: BLE001 (retried; logged by the core on its own)
+                await asyncio.sleep(1)
+        await core.monitor()
+
+    task = asyncio.create_task(start_background(), name="compute-reconcile")
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    context.shutdown_hooks.append(stop)
 
 
 def main() -> None:
-    run_service("compute")
+    run_service("compute", setup)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,72 @@
+"""Where records live in the store, shared by every service.
+
+`/croft/records/<kind>/<project>/<name>` holds one JSON record in LXD's API shape (projects
+themselves are `/croft/records/projects/<name>`; pools and networks, which LXD does not
+scope by project, use the project `default`). Keys starting with `_` inside a record
+are croft's own bookkeeping and never leave the api.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+from croft.common.errors import Conflict, NotFound
+from croft.common.store import Store, dump
+
+RECORDS = "/croft/records/"
+DEFAULT_PROJECT = "default"
+
+
+def record_prefix(kind: str, project: str) -> str:
+    return f"{RECORDS}{kind}/{project}/"
+
+
+def record_key(kind: str, project: str, name: str) -> str:
+    return f"{RECORDS}{kind}/{project}/{name}"
+
+
+def project_key(name: str) -> str:
+    return f"{RECORDS}projects/{name}"
+
+
+def public(record: dict[str, Any]) -> dict[str, Any]:
+    """The record without croft's private `_` keys, as clients see it."""
+    return {k: v for k, v in record.items() if not k.startswith("_")}
+
+
+async def modify(
+    store: Store,
+    key: str,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    missing: str,
+    default: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Read-modify-write of one record under compare-and-swap, retried when another writer
+    got in between. `change` gets the current record and returns the new one (it may raise
+    to refuse, and is re-run on a retry). A missing record is NotFound(`missing`), or
+    starts from `default` when one is given."""
+    for _ in range(20):
+        found = await store.get(key)
+        if found is None:
+            if default is None:
+                raise NotFound(missing)
+            new = change(copy.deepcopy(default))
+            try:
+                await store.create(key, dump(new))
+            except Conflict:
+                continue
+            return new
+        new = change(found.json())
+        try:
+            await store.update(key, dump(new), revision=found.revision)
+        except Conflict:
+            continue
+        except NotFound:
+            if default is None:
+                raise NotFound(missing) from None
+            continue
+        return new
+    raise Conflict(f"{key} is changing too fast to be updated; try again")

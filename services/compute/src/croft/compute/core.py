@@ -1,0 +1,725 @@
+"""The compute core: instances on this host, their records, and the calls to storage and
+network that make them.
+
+The core is the only writer of instance records (`/croft/records/instances/<project>/<name>`)
+for instances on its member. Every multi-step change runs under the instance's lock and
+undoes what it did when a step fails or the caller goes away (a cancelled gRPC call is
+an asyncio cancellation here): a create that does not finish leaves no record, volume,
+DHCP entry or LXC definition. A record carries `_croft.state = "creating"` until its
+instance is complete, so that a compute service killed half-way cleans up at its next
+start (`reconcile`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from croft.common import events
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.events import rfc3339_nano
+from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
+from croft.common.service import ServiceContext
+from croft.common.store import dump
+from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
+from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+def driver_name(project: str, name: str) -> str:
+    """The instance's name on the host: LXD's `<project>_<name>` outside `default`."""
+    return name if project == DEFAULT_PROJECT else f"{project}_{name}"
+
+
+def instance_key(project: str, name: str) -> str:
+    return record_key("instances", project, name)
+
+
+def snapshot_key(project: str, instance: str, snapshot: str) -> str:
+    return record_key("instance-snapshots", project, f"{instance}/{snapshot}")
+
+
+def new_hwaddr() -> str:
+    """A MAC in LXD's range, 00:16:3e:xx:xx:xx."""
+    return "00:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def root_disk(devices: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
+    for name, device in devices.items():
+        if device.get("type") == "disk" and device.get("path") == "/":
+            return name, device
+    raise InvalidArgument("Failed detecting root disk device: No root device could be found")
+
+
+class ComputeCore:
+    def __init__(self, context: ServiceContext, driver: InstanceDriver) -> None:
+        self.context = context
+        self.store = context.store
+        self.member = context.config.member
+        self.driver = driver
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._monitor: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ plumbing
+
+    def lock(self, project: str, name: str) -> asyncio.Lock:
+        return self._locks.setdefault((project, name), asyncio.Lock())
+
+    async def storage(self) -> Any:
+        return await self.context.client("storage", storage_pb2_grpc.StorageStub, self.member)
+
+    async def network(self) -> Any:
+        return await self.context.client("network", network_pb2_grpc.NetworkStub, self.member)
+
+    async def lifecycle(self, action: str, project: str, name: str, **context: Any) -> None:
+        source = f"/1.0/instances/{name}"
+        with contextlib.suppress(CroftError):
+            await events.publish(
+                self.store,
+                "lifecycle",
+                {"action": action, "source": source, "context": context},
+                project=project,
+            )
+
+    async def record(self, project: str, name: str) -> tuple[dict[str, Any], int]:
+        found = await self.store.get_json(instance_key(project, name))
+        if found is None:
+            raise NotFound("Instance not found")
+        record, revision = found
+        if record.get("_croft", {}).get("state") == "creating":
+            raise NotFound("Instance not found")
+        return record, revision
+
+    async def _set(
+        self, project: str, name: str, change: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any]:
+        def apply(record: dict[str, Any]) -> dict[str, Any]:
+            change(record)
+            return record
+
+        return await modify(
+            self.store, instance_key(project, name), apply, missing="Instance not found"
+        )
+
+    async def _set_status(self, project: str, name: str, status: Status) -> dict[str, Any]:
+        def change(record: dict[str, Any]) -> None:
+            record["status"] = status.label
+            record["status_code"] = status.code
+            power = "RUNNING" if status is not Status.STOPPED else "STOPPED"
+            record["config"]["volatile.last_state.power"] = power
+            record["expanded_config"]["volatile.last_state.power"] = power
+            if status is Status.RUNNING:
+                record["last_used_at"] = rfc3339_nano()
+
+        return await self._set(project, name, change)
+
+    # ------------------------------------------------------------------ create / delete
+
+    async def create(self, record: dict[str, Any], fingerprint: str, start: bool) -> dict[str, Any]:
+        project = record.get("project") or DEFAULT_PROJECT
+        name = record["name"]
+        async with self.lock(project, name):
+            created = await self._create(record, fingerprint)
+        if start:
+            await self.change_state(project, name, "start")
+            created, _ = await self.record(project, name)
+        return created
+
+    async def _create(self, record: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+        project = record.get("project") or DEFAULT_PROJECT
+        name = record["name"]
+        devices = copy.deepcopy(record.get("expanded_devices") or {})
+        _, root = root_disk(devices)
+        pool = root.get("pool", "")
+        if not pool:
+            raise InvalidArgument('The root disk device has no "pool" property')
+        now = rfc3339_nano()
+        config = dict(record.get("config") or {})
+        expanded = dict(record.get("expanded_config") or {})
+        volatile: dict[str, str] = {"volatile.uuid": str(uuid.uuid4())}
+        if fingerprint:
+            volatile["volatile.base_image"] = fingerprint
+        for dev_name, device in devices.items():
+            if device.get("type") == "nic":
+                hwaddr = (
+                    device.get("hwaddr")
+                    or config.get(f"volatile.{dev_name}.hwaddr")
+                    or new_hwaddr()
+                )
+                volatile[f"volatile.{dev_name}.hwaddr"] = hwaddr
+        config.update(volatile)
+        expanded.update(volatile)
+        record = {
+            **record,
+            "project": project,
+            "type": "container",
+            "architecture": record.get("architecture") or "x86_64",
+            "config": config,
+            "expanded_config": expanded,
+            "created_at": now,
+            "last_used_at": ZERO_TIME,
+            "location": "none",
+            "status": Status.STOPPED.label,
+            "status_code": Status.STOPPED.code,
+            "_croft": {"member": self.member, "state": "creating", "pool": pool},
+        }
+        key = instance_key(project, name)
+        try:
+            await self.store.create(key, dump(record))
+        except Conflict:
+            raise Conflict(f'Instance "{name}" already exists') from None
+
+        undo: list[Callable[[], Awaitable[Any]]] = [lambda: self.store.delete(key)]
+        try:
+            storage = await self.storage()
+            volume = await storage.call(
+                "CreateInstanceVolume",
+                storage_pb2.VolumeRequest(
+                    pool=pool, project=project, type="container",
+                    name=driver_name(project, name), image_fingerprint=fingerprint,
+                ),
+                idempotent=False, timeout=600,
+            )  # fmt: skip
+            undo.append(lambda: self._delete_volume(pool, project, name))
+            spec_devices = await self._attach_nics(project, name, devices, expanded, undo)
+            spec = InstanceSpec(
+                name=driver_name(project, name),
+                rootfs=volume.path,
+                config=expanded,
+                devices=spec_devices,
+            )
+            await self.driver.create(spec)
+            undo.append(lambda: self.driver.delete(spec.name))
+            record["_croft"]["state"] = "created"
+            record["_croft"]["rootfs"] = volume.path
+            entry = await self.store.get(key)
+            assert entry is not None
+            await self.store.update(key, dump(record), revision=entry.revision)
+        except BaseException:
+            # Also on cancellation (the caller went away): undo, shielded from it.
+            await asyncio.shield(self._undo(undo))
+            raise
+        await self.lifecycle("instance-created", project, name)
+        return record
+
+    async def _undo(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
+        for step in reversed(steps):
+            try:
+                await step()
+            except Exception as exc:  # keep undoing the rest
+                log.warning("cleanup step failed: %s", exc)
+
+    async def _attach_nics(
+        self,
+        project: str,
+        name: str,
+        devices: dict[str, dict[str, str]],
+        config: dict[str, str],
+        undo: list[Callable[[], Awaitable[Any]]],
+    ) -> dict[str, dict[str, str]]:
+        """Register each managed NIC with its network; the driver gets bridged NICs."""
+        result: dict[str, dict[str, str]] = {}
+        for dev_name, device in devices.items():
+            device = dict(device)
+            if device.get("type") == "nic":
+                device["hwaddr"] = config[f"volatile.{dev_name}.hwaddr"]
+                device.setdefault("name", dev_name)
+                network_name = device.get("network")
+                if network_name:
+                    network = await self.network()
+                    request = network_pb2.NicRequest(
+                        network=network_name,
+                        project=project,
+                        instance=name,
+                        device=dev_name,
+                        hwaddr=device["hwaddr"],
+                        ipv4=device.get("ipv4.address", ""),
+                    )
+                    reply = await network.call("AttachInstance", request, idempotent=False)
+                    undo.append(lambda r=request: self._detach(r))
+                    device["nictype"] = "bridged"
+                    device["parent"] = reply.bridge
+                    if reply.mtu and "mtu" not in device:
+                        device["mtu"] = str(reply.mtu)
+            result[dev_name] = device
+        return result
+
+    async def _detach(self, request: network_pb2.NicRequest) -> None:
+        network = await self.network()
+        await network.call("DetachInstance", request)
+
+    async def _delete_volume(self, pool: str, project: str, name: str) -> None:
+        storage = await self.storage()
+        await storage.call(
+            "DeleteInstanceVolume",
+            storage_pb2.VolumeRequest(
+                pool=pool, project=project, type="container", name=driver_name(project, name)
+            ),
+            timeout=600,
+        )
+
+    async def delete(self, project: str, name: str, force: bool = False) -> None:
+        async with self.lock(project, name):
+            record, _ = await self.record(project, name)
+            host_name = driver_name(project, name)
+            if await self.driver.exists(host_name):
+                state = await self.driver.state(host_name)
+                if state.status is not Status.STOPPED:
+                    if not force:
+                        raise InvalidArgument(
+                            "The instance is currently running, stop it first or use --force"
+                        )
+                    await self.driver.stop(host_name, force=True)
+            await self._teardown(project, name, record)
+        await self.lifecycle("instance-deleted", project, name)
+
+    async def _teardown(self, project: str, name: str, record: dict[str, Any]) -> None:
+        """Remove every piece of an instance; pieces already gone are fine."""
+        host_name = driver_name(project, name)
+        if await self.driver.exists(host_name):
+            await self.driver.delete(host_name)
+        for dev_name, device in (record.get("expanded_devices") or {}).items():
+            if device.get("type") == "nic" and device.get("network"):
+                hwaddr = record["config"].get(f"volatile.{dev_name}.hwaddr", "")
+                with contextlib.suppress(NotFound):
+                    await self._detach(
+                        network_pb2.NicRequest(
+                            network=device["network"], project=project, instance=name,
+                            device=dev_name, hwaddr=hwaddr,
+                        )
+                    )  # fmt: skip
+        pool = record.get("_croft", {}).get("pool", "")
+        for snap in await self.store.list(
+            record_prefix("instance-snapshots", project) + f"{name}/"
+        ):
+            await self.store.delete(snap.key)
+        if pool:
+            with contextlib.suppress(NotFound):
+                await self._delete_volume(pool, project, name)
+        with contextlib.suppress(NotFound):
+            await self.store.delete(instance_key(project, name))
+
+    # ------------------------------------------------------------------ state
+
+    async def change_state(
+        self, project: str, name: str, action: str, force: bool = False, timeout: float = 30.0
+    ) -> dict[str, Any]:
+        host_name = driver_name(project, name)
+        timeout = 30.0 if timeout is None or timeout < 0 else float(timeout)
+        async with self.lock(project, name):
+            await self.record(project, name)
+            status = (await self.driver.state(host_name)).status
+            if action == "start":
+                if status is Status.RUNNING:
+                    raise InvalidArgument("The instance is already running")
+                if status is Status.FROZEN:
+                    raise InvalidArgument("The instance is frozen, unfreeze it instead")
+                await self.driver.start(host_name)
+                new, event = Status.RUNNING, "instance-started"
+            elif action == "stop":
+                if status is Status.STOPPED:
+                    raise InvalidArgument("The instance is already stopped")
+                await self.driver.stop(host_name, force=force, timeout=timeout)
+                new, event = Status.STOPPED, "instance-stopped"
+            elif action == "restart":
+                if status is Status.STOPPED:
+                    raise InvalidArgument("The instance isn't running")
+                await self.driver.restart(host_name, force=force, timeout=timeout)
+                new, event = Status.RUNNING, "instance-restarted"
+            elif action == "freeze":
+                if status is not Status.RUNNING:
+                    raise InvalidArgument("The instance isn't running")
+                await self.driver.freeze(host_name)
+                new, event = Status.FROZEN, "instance-paused"
+            elif action == "unfreeze":
+                if status is not Status.FROZEN:
+                    raise InvalidArgument("The instance is not frozen")
+                await self.driver.unfreeze(host_name)
+                new, event = Status.RUNNING, "instance-resumed"
+            else:
+                raise InvalidArgument(f'Unknown action "{action}"')
+            record = await self._set_status(project, name, new)
+        await self.lifecycle(event, project, name)
+        return record
+
+    async def state(self, project: str, name: str) -> dict[str, Any]:
+        record, _ = await self.record(project, name)
+        state = await self.driver.state(driver_name(project, name))
+        network = {
+            nic.name: {
+                "addresses": [
+                    {
+                        "family": a.family,
+                        "address": a.address,
+                        "netmask": a.netmask,
+                        "scope": a.scope,
+                    }
+                    for a in nic.addresses
+                ],
+                "counters": {
+                    "bytes_received": nic.bytes_received,
+                    "bytes_sent": nic.bytes_sent,
+                    "packets_received": nic.packets_received,
+                    "packets_sent": nic.packets_sent,
+                    "errors_received": 0,
+                    "errors_sent": 0,
+                    "packets_dropped_outbound": 0,
+                    "packets_dropped_inbound": 0,
+                },
+                "hwaddr": nic.hwaddr,
+                "host_name": nic.host_name,
+                "mtu": nic.mtu,
+                "state": nic.state,
+                "type": nic.type,
+            }
+            for nic in state.network.values()
+        }
+        running = state.status is not Status.STOPPED
+        return {
+            "status": state.status.label,
+            "status_code": state.status.code,
+            "disk": {},
+            "memory": {
+                "usage": state.memory_usage,
+                "usage_peak": 0,
+                "swap_usage": 0,
+                "swap_usage_peak": 0,
+            },
+            "network": network if running else None,
+            "pid": state.pid,
+            "processes": state.processes if running else 0,
+            "cpu": {"usage": state.cpu_usage_ns},
+        }
+
+    # ------------------------------------------------------------------ update / rename
+
+    async def update(self, new: dict[str, Any], revision: int = 0) -> dict[str, Any]:
+        """Apply a new config/devices/profiles/description. Limits change live."""
+        project = new.get("project") or DEFAULT_PROJECT
+        name = new["name"]
+        host_name = driver_name(project, name)
+        async with self.lock(project, name):
+            record, current_revision = await self.record(project, name)
+            if revision and revision != current_revision:
+                raise Conflict("The instance changed since it was read; try again")
+            old_devices = record.get("expanded_devices") or {}
+            new_devices = new.get("expanded_devices") or {}
+            # Hot-plugging devices is not built yet: say so rather than half-apply.
+            if (
+                _without_hwaddr(old_devices) != _without_hwaddr(new_devices)
+                and (await self.driver.state(host_name)).status is not Status.STOPPED
+            ):
+                raise InvalidArgument("Devices cannot be changed while the instance is running")
+            # volatile keys are croft's; a client never sets them.
+            volatile = {k: v for k, v in record["config"].items() if k.startswith("volatile.")}
+            config = {
+                k: v for k, v in (new.get("config") or {}).items() if not k.startswith("volatile.")
+            }
+            config.update(volatile)
+            expanded = {
+                k: v
+                for k, v in (new.get("expanded_config") or {}).items()
+                if not k.startswith("volatile.")
+            }
+            expanded.update(volatile)
+            await self.driver.update_limits(host_name, expanded)
+            updated = {
+                **record,
+                "config": config,
+                "expanded_config": expanded,
+                "devices": new.get("devices") or {},
+                "expanded_devices": new_devices,
+                "profiles": new.get("profiles") or [],
+                "description": new.get("description", ""),
+                "ephemeral": bool(new.get("ephemeral", False)),
+            }
+            await self.store.update(
+                instance_key(project, name), dump(updated), revision=current_revision
+            )
+        await self.lifecycle("instance-updated", project, name)
+        return updated
+
+    # ------------------------------------------------------------------ exec and files
+
+    async def exec(
+        self,
+        project: str,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None,
+        cwd: str | None,
+        uid: int,
+        gid: int,
+        interactive: bool,
+        width: int,
+        height: int,
+    ) -> ExecProcess:
+        await self.record(project, name)
+        if not argv:
+            raise InvalidArgument("No command given")
+        return await self.driver.exec(
+            driver_name(project, name), argv, env=env or None, cwd=cwd or None,
+            uid=uid, gid=gid, interactive=interactive, width=width or 80, height=height or 24,
+        )  # fmt: skip
+
+    async def pull_file(self, project: str, name: str, path: str) -> FileEntry:
+        await self.record(project, name)
+        return await self.driver.pull_file(driver_name(project, name), path)
+
+    async def push_file(
+        self,
+        project: str,
+        name: str,
+        path: str,
+        kind: str,
+        data: AsyncIterator[bytes],
+        uid: int,
+        gid: int,
+        mode: int,
+        target: str = "",
+        append: bool = False,
+    ) -> None:
+        await self.record(project, name)
+        host_name = driver_name(project, name)
+        if kind == "directory":
+            with contextlib.suppress(Conflict):  # LXD: pushing an existing directory is fine
+                await self.driver.mkdir(host_name, path, uid=uid, gid=gid, mode=mode)
+            return
+        if kind == "symlink":
+            raise InvalidArgument("Pushing symlinks is not supported yet")
+        if kind not in ("", "file"):
+            raise InvalidArgument(f'Invalid file type "{kind}"')
+        if append:
+            existing = await self.driver.pull_file(host_name, path)
+            head = existing.content or b""
+
+            async def joined() -> AsyncIterator[bytes]:
+                yield head
+                async for chunk in data:
+                    yield chunk
+
+            data = joined()
+        await self.driver.push_file(host_name, path, data, uid=uid, gid=gid, mode=mode)
+
+    async def delete_file(self, project: str, name: str, path: str) -> None:
+        await self.record(project, name)
+        await self.driver.delete_path(driver_name(project, name), path, recursive=True)
+
+    async def console_log(self, project: str, name: str) -> bytes:
+        await self.record(project, name)
+        return await self.driver.console_log(driver_name(project, name))
+
+    async def log_file(self, project: str, name: str) -> bytes:
+        await self.record(project, name)
+        try:
+            with open(self.driver.log_path(driver_name(project, name)), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return b""
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def create_snapshot(
+        self, project: str, name: str, snapshot: str, expires_at: str
+    ) -> dict[str, Any]:
+        _check_snapshot_name(snapshot)
+        async with self.lock(project, name):
+            record, _ = await self.record(project, name)
+            pool = record["_croft"]["pool"]
+            snap = {
+                "name": snapshot,
+                "created_at": rfc3339_nano(),
+                "expires_at": expires_at or ZERO_TIME,
+                "last_used_at": ZERO_TIME,
+                "stateful": False,
+                "size": -1,
+                "architecture": record["architecture"],
+                "config": record["config"],
+                "devices": record["devices"],
+                "expanded_config": record["expanded_config"],
+                "expanded_devices": record["expanded_devices"],
+                "ephemeral": record.get("ephemeral", False),
+                "profiles": record.get("profiles", []),
+                "description": record.get("description", ""),
+                "_croft": {"member": self.member, "pool": pool},
+            }
+            key = snapshot_key(project, name, snapshot)
+            try:
+                await self.store.create(key, dump(snap))
+            except Conflict:
+                raise Conflict(f'Snapshot "{snapshot}" already exists') from None
+            try:
+                storage = await self.storage()
+                await storage.call(
+                    "CreateSnapshot",
+                    self._volume(pool, project, name, snapshot),
+                    idempotent=False,
+                    timeout=600,
+                )
+            except BaseException:
+                await asyncio.shield(self.store.delete(key))
+                raise
+        await self.lifecycle("instance-snapshot-created", project, f"{name}/{snapshot}")
+        return snap
+
+    def _volume(
+        self, pool: str, project: str, name: str, snapshot: str = "", new_name: str = ""
+    ) -> storage_pb2.VolumeRequest:
+        return storage_pb2.VolumeRequest(
+            pool=pool, project=project, type="container", name=driver_name(project, name),
+            snapshot=snapshot, new_name=new_name,
+        )  # fmt: skip
+
+    async def snapshot_record(
+        self, project: str, name: str, snapshot: str
+    ) -> tuple[dict[str, Any], int]:
+        found = await self.store.get_json(snapshot_key(project, name, snapshot))
+        if found is None:
+            raise NotFound("Snapshot not found")
+        return found
+
+    async def delete_snapshot(self, project: str, name: str, snapshot: str) -> None:
+        async with self.lock(project, name):
+            snap, revision = await self.snapshot_record(project, name, snapshot)
+            storage = await self.storage()
+            await storage.call(
+                "DeleteSnapshot",
+                self._volume(snap["_croft"]["pool"], project, name, snapshot),
+                timeout=600,
+            )
+            await self.store.delete(snapshot_key(project, name, snapshot), revision=revision)
+        await self.lifecycle("instance-snapshot-deleted", project, f"{name}/{snapshot}")
+
+    async def rename_snapshot(
+        self, project: str, name: str, snapshot: str, new_name: str
+    ) -> dict[str, Any]:
+        _check_snapshot_name(new_name)
+        async with self.lock(project, name):
+            snap, revision = await self.snapshot_record(project, name, snapshot)
+            new_key = snapshot_key(project, name, new_name)
+            if await self.store.get(new_key) is not None:
+                raise Conflict(f'Snapshot "{new_name}" already exists')
+            storage = await self.storage()
+            await storage.call(
+                "RenameSnapshot",
+                self._volume(snap["_croft"]["pool"], project, name, snapshot, new_name),
+                idempotent=False,
+            )
+            from croft.common.store import Create, Delete
+
+            snap["name"] = new_name
+            await self.store.transaction(
+                [
+                    Create(new_key, dump(snap)),
+                    Delete(snapshot_key(project, name, snapshot), revision),
+                ]
+            )
+        await self.lifecycle(
+            "instance-snapshot-renamed", project, f"{name}/{new_name}", old_name=snapshot
+        )
+        return snap
+
+    async def restore_snapshot(self, project: str, name: str, snapshot: str) -> dict[str, Any]:
+        host_name = driver_name(project, name)
+        async with self.lock(project, name):
+            record, revision = await self.record(project, name)
+            snap, _ = await self.snapshot_record(project, name, snapshot)
+            was_running = (await self.driver.state(host_name)).status is not Status.STOPPED
+            if was_running:
+                await self.driver.stop(host_name, force=True)
+            storage = await self.storage()
+            await storage.call(
+                "RestoreSnapshot",
+                self._volume(record["_croft"]["pool"], project, name, snapshot),
+                idempotent=False,
+                timeout=600,
+            )
+            volatile = {k: v for k, v in record["config"].items() if k.startswith("volatile.")}
+            record["config"] = {
+                **{k: v for k, v in snap["config"].items() if not k.startswith("volatile.")},
+                **volatile,
+            }
+            record["expanded_config"] = {
+                **{
+                    k: v
+                    for k, v in snap["expanded_config"].items()
+                    if not k.startswith("volatile.")
+                },
+                **volatile,
+            }
+            record["devices"] = snap["devices"]
+            record["expanded_devices"] = snap["expanded_devices"]
+            record["profiles"] = snap["profiles"]
+            await self.driver.update_limits(host_name, record["expanded_config"])
+            await self.store.update(instance_key(project, name), dump(record), revision=revision)
+            if was_running:
+                await self.driver.start(host_name)
+        await self.lifecycle("instance-restored", project, name, snapshot=snapshot)
+        return record
+
+    # ------------------------------------------------------------------ rename
+
+    async def rename(self, project: str, name: str, new_name: str) -> dict[str, Any]:
+        raise InvalidArgument("Renaming instances is not supported yet")
+
+    # ------------------------------------------------------------------ recovery
+
+    async def reconcile(self) -> None:
+        """At start: finish off creates a dead compute left half-done, and bring each
+        record's status in line with what really runs."""
+        for entry in await self.store.list(record_prefix("instances", "")[:-1]):
+            record = entry.json()
+            croft = record.get("_croft", {})
+            if croft.get("member") != self.member:
+                continue
+            project, name = record.get("project", DEFAULT_PROJECT), record["name"]
+            if croft.get("state") == "creating":
+                log.warning("removing %s/%s, left half-created", project, name)
+                await self._teardown(project, name, record)
+                continue
+            await self._refresh_status(project, name, record)
+
+    async def _refresh_status(self, project: str, name: str, record: dict[str, Any]) -> None:
+        host_name = driver_name(project, name)
+        if not await self.driver.exists(host_name):
+            return
+        actual = (await self.driver.state(host_name)).status
+        if record.get("status") != actual.label:
+            async with self.lock(project, name):
+                await self._set_status(project, name, actual)
+
+    async def monitor(self, interval: float = 5.0) -> None:
+        """Notice instances that stopped (or started) on their own."""
+        while True:
+            await asyncio.sleep(interval)
+            started = time.monotonic()
+            try:
+                for entry in await self.store.list(record_prefix("instances", "")[:-1]):
+                    record = entry.json()
+                    croft = record.get("_croft", {})
+                    if croft.get("member") == self.member and croft.get("state") == "created":
+                        project = record.get("project", DEFAULT_PROJECT)
+                        if not self.lock(project, record["name"]).locked():
+                            await self._refresh_status(project, record["name"], record)
+            except Exception as exc:
+                log.warning("status monitor pass failed: %s", exc)
+            log.debug("status monitor pass took %.1f ms", (time.monotonic() - started) * 1000)
+
+
+def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    return {k: {kk: vv for kk, vv in v.items() if kk != "hwaddr"} for k, v in devices.items()}
+
+
+def _check_snapshot_name(name: str) -> None:
+    if not name or "/" in name or name in (".", "..") or len(name) > 63:
+        raise InvalidArgument(f'Invalid snapshot name "{name}"')

@@ -1,0 +1,284 @@
+"""The compute service's gRPC surface: protobuf in, core calls, protobuf out."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+from croft.common.errors import InvalidArgument
+from croft.common.records import DEFAULT_PROJECT
+from croft.compute.core import ComputeCore
+from croft.compute.drivers import ExecProcess
+from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+
+CHUNK = 1 << 20
+# After the command exits, how long output still held open by its children is relayed.
+DRAIN_SECONDS = 1.0
+
+
+def _ref(ref: common_pb2.InstanceRef) -> tuple[str, str]:
+    if not ref.name:
+        raise InvalidArgument("No instance name given")
+    return ref.project or DEFAULT_PROJECT, ref.name
+
+
+def _reply(record: dict[str, Any]) -> compute_pb2.InstanceReply:
+    return compute_pb2.InstanceReply(record=json.dumps(record))
+
+
+class ComputeServicer(compute_pb2_grpc.ComputeServicer):
+    def __init__(self, core: ComputeCore) -> None:
+        self.core = core
+
+    async def CreateInstance(self, request, context):  # type: ignore[no-untyped-def]
+        record = json.loads(request.record)
+        return _reply(await self.core.create(record, request.image_fingerprint, request.start))
+
+    async def UpdateInstance(self, request, context):  # type: ignore[no-untyped-def]
+        return _reply(await self.core.update(json.loads(request.record), request.revision))
+
+    async def DeleteInstance(self, request, context):  # type: ignore[no-untyped-def]
+        await self.core.delete(*_ref(request), force=True)
+        return common_pb2.Empty()
+
+    async def RenameInstance(self, request, context):  # type: ignore[no-untyped-def]
+        return _reply(await self.core.rename(*_ref(request.instance), request.new_name))
+
+    async def ChangeState(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        record = await self.core.change_state(
+            project, name, request.action, force=request.force, timeout=request.timeout
+        )
+        return _reply(record)
+
+    async def GetState(self, request, context):  # type: ignore[no-untyped-def]
+        state = await self.core.state(*_ref(request))
+        return compute_pb2.InstanceStateReply(state=json.dumps(state))
+
+    # ------------------------------------------------------------------ exec
+
+    async def Exec(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        inputs = request_iterator.__aiter__()
+        first = await anext(inputs)
+        if first.WhichOneof("input") != "start":
+            raise InvalidArgument("an exec stream must begin with its start message")
+        start = first.start
+        project, name = _ref(start.instance)
+        process = await self.core.exec(
+            project,
+            name,
+            list(start.command),
+            dict(start.environment) or None,
+            start.cwd,
+            start.user,
+            start.group,
+            start.interactive,
+            start.size.width,
+            start.size.height,
+        )
+        try:
+            yield compute_pb2.ExecOutput(pid=process.pid)
+            async for output in _pump(process, inputs):
+                yield output
+        finally:
+            process.close()
+
+    # ------------------------------------------------------------------ files
+
+    async def PullFile(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        entry = await self.core.pull_file(project, name, request.path)
+        yield compute_pb2.FileChunk(
+            header=compute_pb2.FileHeader(
+                path=entry.path,
+                uid=entry.uid,
+                gid=entry.gid,
+                mode=entry.mode,
+                type=entry.type,
+                entries=entry.entries or [],
+                target=entry.target or "",
+            )
+        )
+        content = entry.content or b""
+        for offset in range(0, len(content), CHUNK):
+            yield compute_pb2.FileChunk(data=content[offset : offset + CHUNK])
+
+    async def PushFile(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        chunks = request_iterator.__aiter__()
+        first = await anext(chunks)
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("a file upload must begin with its header")
+        header = first.header
+        project, name = _ref(header.instance)
+
+        async def data() -> AsyncIterator[bytes]:
+            async for chunk in chunks:
+                yield chunk.data
+
+        await self.core.push_file(
+            project,
+            name,
+            header.path,
+            header.type or "file",
+            data(),
+            uid=max(header.uid, 0),
+            gid=max(header.gid, 0),
+            mode=header.mode
+            if header.mode >= 0
+            else (0o755 if header.type == "directory" else 0o644),
+            append=header.write == "append",
+        )
+        return common_pb2.Empty()
+
+    async def DeleteFile(self, request, context):  # type: ignore[no-untyped-def]
+        await self.core.delete_file(*_ref(request.instance), request.path)
+        return common_pb2.Empty()
+
+    # ------------------------------------------------------------------ snapshots and logs
+
+    async def CreateSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        return _reply(
+            await self.core.create_snapshot(project, name, request.snapshot, request.expires_at)
+        )
+
+    async def DeleteSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+        await self.core.delete_snapshot(*_ref(request.instance), request.snapshot)
+        return common_pb2.Empty()
+
+    async def RenameSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        return _reply(
+            await self.core.rename_snapshot(project, name, request.snapshot, request.new_name)
+        )
+
+    async def RestoreSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        return _reply(await self.core.restore_snapshot(project, name, request.snapshot))
+
+    async def ConsoleLog(self, request, context):  # type: ignore[no-untyped-def]
+        return compute_pb2.LogReply(content=await self.core.console_log(*_ref(request)))
+
+    async def Logs(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        if not request.file:
+            return compute_pb2.LogReply(files=["lxc.log"])
+        if request.file != "lxc.log":
+            raise InvalidArgument(f'Log file "{request.file}" does not exist')
+        return compute_pb2.LogReply(content=await self.core.log_file(project, name))
+
+
+async def _pump(
+    process: ExecProcess, inputs: AsyncIterator[compute_pb2.ExecInput]
+) -> AsyncIterator[compute_pb2.ExecOutput]:
+    """Relay a running command's output as ExecOutputs and the caller's input to it; the
+    exit code comes last."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[compute_pb2.ExecOutput | None] = asyncio.Queue()
+    readers: list[int] = []
+
+    def watch(fd: int, field: str) -> None:
+        os.set_blocking(fd, False)
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # EIO: the pty's other side is gone
+                if exc.errno != errno.EIO:
+                    raise
+                data = b""
+            if data:
+                queue.put_nowait(compute_pb2.ExecOutput(**{field: data}))
+            else:
+                loop.remove_reader(fd)
+                readers.remove(fd)
+                queue.put_nowait(None)
+
+        readers.append(fd)
+        loop.add_reader(fd, readable)
+
+    if process.pty is not None:
+        watch(process.pty, "stdout")
+    else:
+        assert process.stdout is not None and process.stderr is not None
+        watch(process.stdout, "stdout")
+        watch(process.stderr, "stderr")
+    open_streams = len(readers)
+    stdin_fd = process.pty if process.pty is not None else process.stdin
+
+    async def feed() -> None:
+        async for message in inputs:
+            kind = message.WhichOneof("input")
+            if kind == "stdin" and stdin_fd is not None:
+                await _write_all(stdin_fd, message.stdin)
+            elif kind == "stdin_closed":
+                if process.pty is not None:
+                    await _write_all(process.pty, b"\x04")
+                elif process.stdin is not None:
+                    os.close(process.stdin)
+                    process.stdin = None
+            elif kind == "resize":
+                process.resize(message.resize.width, message.resize.height)
+            elif kind == "signal":
+                process.signal(message.signal)
+
+    feeder = asyncio.create_task(feed())
+    waiter = asyncio.create_task(process.wait())
+    try:
+        while open_streams:
+            getter = asyncio.create_task(queue.get())
+            done, _ = await asyncio.wait({getter, waiter}, return_when=asyncio.FIRST_COMPLETED)
+            if getter not in done:
+                getter.cancel()
+                break  # exited: drain below
+            item = getter.result()
+            if item is None:
+                open_streams -= 1
+            else:
+                yield item
+        # The command is gone (or closed its output): relay what is left, briefly.
+        deadline = loop.time() + DRAIN_SECONDS
+        while open_streams and loop.time() < deadline:
+            try:
+                item = await asyncio.wait_for(queue.get(), deadline - loop.time())
+            except TimeoutError:
+                break
+            if item is None:
+                open_streams -= 1
+            else:
+                yield item
+        code = await waiter
+        yield compute_pb2.ExecOutput(exit_code=code)
+    finally:
+        for fd in list(readers):
+            loop.remove_reader(fd)
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await feeder
+        if not waiter.done():
+            waiter.cancel()
+
+
+async def _write_all(fd: int, data: bytes) -> None:
+    os.set_blocking(fd, False)
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+            view = view[written:]
+        except BlockingIOError:
+            ready = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().add_writer(fd, ready.set_result, None)
+            try:
+                await ready
+            finally:
+                asyncio.get_running_loop().remove_writer(fd)
+        except OSError:
+            return  # the command closed its input
