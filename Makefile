@@ -10,7 +10,9 @@ PROTO_OUT := libs/common/src
 PROTOS := $(shell find $(PROTO_SRC) -name '*.proto')
 PROTO_STAMP := $(PROTO_OUT)/croft/.proto-stamp
 
-.PHONY: setup test lint format proto sync bench clean-proto
+.PHONY: setup test lint format proto sync bench clean-proto images
+
+IMAGES_DIR ?= /var/lib/croft/build-images
 
 setup:
 	bash scripts/setup.sh
@@ -30,6 +32,10 @@ $(PROTO_STAMP): $(PROTOS)
 	$(PY) -m grpc_tools.protoc -I$(PROTO_SRC) --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
 	  --grpc_python_out=$(PROTO_OUT) $(PROTOS)
 	touch $@
+
+# Local images (no image server is reachable): busybox and Debian 12, LXD unified tarballs.
+images: proto
+	bash scripts/build-images.sh $(IMAGES_DIR)
 
 # After changing any pyproject.toml: relock and sync (serialized; several people may run it).
 sync:

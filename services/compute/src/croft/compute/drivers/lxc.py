@@ -144,10 +144,11 @@ def _nic_lines(index: int, instance: str, device: str, nic: dict[str, str]) -> l
         raise InvalidArgument(f'Device "{device}": unsupported nic type "{nictype or "?"}"')
     lines.append(f"{prefix}.flags = up")
     lines.append(f"{prefix}.name = {nic.get('name') or device}")
-    if nic.get("hwaddress"):
-        if not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", nic["hwaddress"]):
-            raise InvalidArgument(f'Device "{device}": invalid hwaddress "{nic["hwaddress"]}"')
-        lines.append(f"{prefix}.hwaddr = {nic['hwaddress']}")
+    hwaddr = nic.get("hwaddr", "")  # LXD's key for a NIC's MAC address
+    if hwaddr:
+        if not re.match(r"^([0-9a-fA-F]{2}:){5}[0-9a-fA-F]{2}$", hwaddr):
+            raise InvalidArgument(f'Device "{device}": invalid hwaddr "{hwaddr}"')
+        lines.append(f"{prefix}.hwaddr = {hwaddr}")
     if nic.get("mtu"):
         if not nic["mtu"].isdigit():
             raise InvalidArgument(f'Device "{device}": invalid mtu "{nic["mtu"]}"')
@@ -238,6 +239,10 @@ def render_config(spec: InstanceSpec, lxcpath: str, idmap: IdMap) -> str:
     nics = [(n, d) for n, d in sorted(spec.devices.items()) if d.get("type") == "nic"]
     for index, (device, nic) in enumerate(nics):
         lines += _nic_lines(index, spec.name, device, nic)
+    if not nics:
+        # With no lxc.net entry at all LXC would share the HOST's network namespace (and an
+        # init running udhcpc on "eth0" would reconfigure the host). Always a netns of its own.
+        lines.append("lxc.net.0.type = empty")
     for device, dev in sorted(spec.devices.items()):
         if dev.get("type") != "nic":
             lines += _device_lines(spec, device, dev, cgroup_prefix)

@@ -1,0 +1,206 @@
+"""The `/1.0` REST application: `create_app(store)` builds it; serving is `serving.py`.
+
+Endpoint modules (`routes/*.py`) reach the shared parts through `context(request)`: the
+store, the operation manager, the event hub and publisher, the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import HTTPConnection, Request
+from starlette.responses import Response
+
+from croft.api import responses
+from croft.api.events import EventHub
+from croft.api.operations import OperationManager
+from croft.api.records import DEFAULT_PROJECT, project_key, record_key
+from croft.common.errors import Conflict, CroftError, Internal, NotFound, NotImplementedYet
+from croft.common.events import EventPublisher, lifecycle_metadata
+from croft.common.events import publisher as shared_publisher
+from croft.common.store import Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiSettings:
+    """What an api replica needs to know about its place in the cluster."""
+
+    server_name: str = field(default_factory=socket.gethostname)  # the member's name
+    location: str = "none"  # LXD's event/operation location ("none" when not clustered)
+    owner_id: str | None = None  # identifies this process as an operation owner
+    operation_lease_ttl: int = 10
+    keep_finished_operations: float = 5.0
+    default_pool: str = "default"
+    default_network: str = "croftbr0"
+    storage_drivers: tuple[tuple[str, str], ...] = (("dir", "1"),)
+
+
+@dataclass
+class ApiContext:
+    store: Store
+    settings: ApiSettings
+    operations: OperationManager
+    hub: EventHub
+    publisher: EventPublisher
+
+    async def lifecycle(
+        self,
+        action: str,
+        source: str,
+        *,
+        project: str = DEFAULT_PROJECT,
+        context: dict[str, Any] | None = None,
+        request: HTTPConnection | None = None,
+    ) -> None:
+        """Publish a lifecycle event (`profile-created`, ...). A change already made is not
+        undone because its event could not be written: that is logged instead."""
+        metadata = lifecycle_metadata(
+            action, source, context, requestor(request) if request is not None else None
+        )
+        try:
+            await self.publisher.publish(
+                "lifecycle", metadata, project=project, location=self.settings.location
+            )
+        except CroftError as exc:
+            log.warning("could not publish %s for %s: %s", action, source, exc)
+
+
+def requestor(connection: HTTPConnection) -> dict[str, str]:
+    """Who made a request, as LXD reports it in lifecycle events. The local unix socket
+    is root and trusted (like LXD's); TLS identities come with the auth service."""
+    if connection.url.scheme in ("https", "wss"):
+        client = connection.client
+        return {"username": "", "protocol": "tls", "address": client.host if client else ""}
+    return {"username": "root", "protocol": "unix", "address": "@"}
+
+
+def context(connection: HTTPConnection) -> ApiContext:
+    ctx: ApiContext = connection.app.state.croft
+    return ctx
+
+
+DEFAULT_PROJECT_RECORD: dict[str, Any] = {
+    "name": DEFAULT_PROJECT,
+    "description": "Default LXD project",
+    "config": {
+        "features.images": "true",
+        "features.networks": "true",
+        "features.profiles": "true",
+        "features.storage.volumes": "true",
+    },
+}
+
+
+def default_profile_record(settings: ApiSettings) -> dict[str, Any]:
+    return {
+        "name": "default",
+        "description": "Default LXD profile",
+        "config": {},
+        "devices": {
+            "root": {"type": "disk", "path": "/", "pool": settings.default_pool},
+            "eth0": {"type": "nic", "name": "eth0", "network": settings.default_network},
+        },
+    }
+
+
+async def bootstrap(store: Store, settings: ApiSettings) -> None:
+    """Records every croft starts with: the default project and its default profile.
+    Safe to run on every start of every replica (creation is atomic, first one wins)."""
+    with contextlib.suppress(Conflict):
+        await store.create_json(project_key(DEFAULT_PROJECT), DEFAULT_PROJECT_RECORD)
+    with contextlib.suppress(Conflict):
+        await store.create_json(
+            record_key("profiles", DEFAULT_PROJECT, "default"), default_profile_record(settings)
+        )
+
+
+def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
+    """The REST application of one api replica on `store`. Its lifespan creates the
+    default records, starts the operation manager and follows the event log; serve it
+    with `croft.api.serving.serve_unix` (or any ASGI server that runs lifespans)."""
+    settings = settings or ApiSettings()
+    publisher = shared_publisher(store)
+    operations = OperationManager(
+        store,
+        location=settings.location,
+        lease_ttl=settings.operation_lease_ttl,
+        keep_finished=settings.keep_finished_operations,
+        events=publisher,
+    )
+    if settings.owner_id:
+        operations.owner_id = settings.owner_id
+    hub = EventHub(store)
+    ctx = ApiContext(store, settings, operations, hub, publisher)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await bootstrap(store, settings)
+        await hub.start()
+        await operations.start()
+        try:
+            yield
+        finally:
+            await operations.close()
+            await hub.close()
+
+    app = FastAPI(
+        lifespan=lifespan,
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+        redirect_slashes=False,
+    )
+    app.state.croft = ctx
+    app.router.redirect_slashes = False
+    _install_error_handlers(app)
+
+    from croft.api.routes import (
+        events,
+        instances,
+        networks,
+        profiles,
+        projects,
+        server,
+        storage_pools,
+    )
+    from croft.api.routes import operations as operation_routes
+
+    routers = (server, projects, profiles, operation_routes, events, instances)
+    for module in (*routers, storage_pools, networks):
+        app.include_router(module.router)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def croft_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, CroftError)
+        return responses.error(exc)
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        # LXD answers an unknown path "not found", and a known path with a method it
+        # has no handler for "501 not implemented".
+        if exc.status_code == 404:
+            return responses.error(NotFound("not found"))
+        if exc.status_code == 405:
+            return responses.error(NotImplementedYet("not implemented"))
+        err = CroftError(str(exc.detail))
+        err.http_status = exc.status_code
+        return responses.error(err)
+
+    async def unexpected(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return responses.error(Internal(f"{type(exc).__name__}: {exc}"))
+
+    app.add_exception_handler(CroftError, croft_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)

@@ -1,0 +1,121 @@
+"""`/1.0/events`: one store watch per api replica on the event log, fanned out to every
+websocket listener of that replica, each filtered by event type and project."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from croft.common.errors import CroftError
+from croft.common.events import EVENTS_PREFIX
+from croft.common.store import Compacted, EventType, Store
+
+log = logging.getLogger(__name__)
+
+QUEUE_LIMIT = 1024  # events buffered for one slow listener before it is dropped
+
+
+@dataclass(eq=False)
+class Subscription:
+    types: frozenset[str]
+    project: str | None  # None: every project
+    queue: asyncio.Queue[bytes | None] = field(
+        default_factory=lambda: asyncio.Queue(maxsize=QUEUE_LIMIT)
+    )
+
+    def wants(self, event: dict[str, Any]) -> bool:
+        if event.get("type") not in self.types:
+            return False
+        if self.project is None:
+            return True
+        # LXD sends project-less events (server-wide ones) to every project's listeners.
+        return event.get("project", "") in ("", self.project)
+
+
+class EventHub:
+    """Follows `/croft/events/` from the moment it starts and hands each event (as the
+    JSON text LXD sends, newline-terminated) to the subscriptions that want it."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._subscriptions: set[Subscription] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._ready = asyncio.Event()
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._follow(), name="events-hub")
+        await self._ready.wait()
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        for subscription in self._subscriptions:
+            with contextlib.suppress(asyncio.QueueFull):
+                subscription.queue.put_nowait(None)
+
+    @property
+    def listeners(self) -> int:
+        """How many subscriptions are open (websocket clients of this replica)."""
+        return len(self._subscriptions)
+
+    def subscribe(self, types: Iterable[str], project: str | None) -> Subscription:
+        subscription = Subscription(frozenset(types), project)
+        self._subscriptions.add(subscription)
+        return subscription
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        self._subscriptions.discard(subscription)
+
+    async def _follow(self) -> None:
+        revision: int | None = None
+        while True:
+            try:
+                if revision is None:
+                    revision = await self.store.revision()
+                watch = self.store.watch(EVENTS_PREFIX, start_revision=revision)
+                self._ready.set()
+                try:
+                    async for change in watch:
+                        revision = change.revision
+                        if change.type is EventType.PUT:
+                            self._dispatch(change.value)
+                finally:
+                    aclose = getattr(watch, "aclose", None)
+                    if aclose is not None:
+                        with contextlib.suppress(Exception):
+                            await aclose()
+            except Compacted as exc:
+                log.warning("event log history compacted (%s); events in between are lost", exc)
+                revision = exc.compact_revision - 1
+            except CroftError as exc:
+                # Resume from the last revision seen: no event is lost or repeated while
+                # the store keeps its history.
+                log.warning("event log watch broke (%s); resuming", exc)
+                await asyncio.sleep(0.5)
+
+    def _dispatch(self, value: bytes) -> None:
+        try:
+            event = json.loads(value)
+        except json.JSONDecodeError:
+            log.warning("ignoring a malformed event record")
+            return
+        text = value + b"\n"
+        for subscription in list(self._subscriptions):
+            if not subscription.wants(event):
+                continue
+            try:
+                subscription.queue.put_nowait(text)
+            except asyncio.QueueFull:
+                log.warning("an events listener fell %d events behind; dropping it", QUEUE_LIMIT)
+                self._subscriptions.discard(subscription)
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    subscription.queue.get_nowait()
+                subscription.queue.put_nowait(None)

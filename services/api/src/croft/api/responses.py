@@ -1,0 +1,86 @@
+"""LXD's response envelopes: sync, async (an operation) and error.
+
+Bodies are compact JSON followed by a newline, as LXD's Go encoder writes them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from starlette.responses import Response
+
+from croft.common.errors import CroftError, lxd_error_envelope
+
+JSON_TYPE = "application/json"
+
+
+def render(body: Any) -> bytes:
+    return (json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+
+
+class LXDResponse(Response):
+    media_type = JSON_TYPE
+
+    def render(self, content: Any) -> bytes:
+        return render(content)
+
+
+def sync(
+    metadata: Any = None,
+    *,
+    status: int = 200,
+    etag: str | None = None,
+    location: str | None = None,
+) -> LXDResponse:
+    """A sync response; `location` makes it LXD's "201 Created" form."""
+    headers: dict[str, str] = {}
+    if etag is not None:
+        headers["ETag"] = f'"{etag}"'
+    if location is not None:
+        headers["Location"] = location
+        if status == 200:
+            status = 201
+    body = {
+        "type": "sync",
+        "status": "Success",
+        "status_code": 200,
+        "operation": "",
+        "error_code": 0,
+        "error": "",
+        "metadata": metadata,
+    }
+    return LXDResponse(body, status_code=status, headers=headers)
+
+
+def empty_sync() -> LXDResponse:
+    """LXD's EmptySyncResponse: metadata `{}`."""
+    return sync({})
+
+
+def created(location: str) -> LXDResponse:
+    """LXD's SyncResponseLocation(true, nil, url): 201, Location, metadata null."""
+    return sync(None, location=location)
+
+
+def async_operation(operation: dict[str, Any]) -> LXDResponse:
+    """202 with the operation in metadata and its URL in `Location` and `operation`."""
+    url = f"/1.0/operations/{operation['id']}"
+    body = {
+        "type": "async",
+        "status": "Operation created",
+        "status_code": 100,
+        "operation": url,
+        "error_code": 0,
+        "error": "",
+        "metadata": operation,
+    }
+    return LXDResponse(body, status_code=202, headers={"Location": url})
+
+
+def error(err: CroftError) -> LXDResponse:
+    return LXDResponse(
+        lxd_error_envelope(err),
+        status_code=err.http_status,
+        headers={"X-Content-Type-Options": "nosniff"},
+    )

@@ -1,0 +1,85 @@
+"""`/1.0/events`: the event stream of the whole cluster over a websocket, from any replica."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from croft.api import records
+from croft.api.app import context
+from croft.api.routes.operations import deny
+from croft.common.errors import CroftError, InvalidArgument
+from croft.common.events import EVENT_TYPES
+
+router = APIRouter()
+
+
+def event_types(raw: str) -> list[str]:
+    if not raw:
+        return list(EVENT_TYPES)
+    types = [t.strip() for t in raw.split(",") if t.strip()]
+    for kind in types:
+        if kind not in EVENT_TYPES:
+            raise InvalidArgument(f'"{kind}" isn\'t a supported event type')
+    return types
+
+
+@router.get("/1.0/events")
+async def events_plain(request: Request) -> Response:
+    event_types(request.query_params.get("type", ""))
+    raise InvalidArgument("Bad Request: /1.0/events needs a websocket upgrade")
+
+
+@router.websocket("/1.0/events")
+async def events(websocket: WebSocket) -> None:
+    ctx = context(websocket)
+    params = websocket.query_params
+    try:
+        types = event_types(params.get("type", ""))
+        project: str | None = params.get("project") or records.DEFAULT_PROJECT
+        if params.get("all-projects", "").lower() == "true":
+            project = None
+        else:
+            await records.require_project(ctx.store, project)
+    except CroftError as exc:
+        await deny(websocket, exc)
+        return
+    # Subscribe before accepting: a client that connects and then makes a request must
+    # see that request's events.
+    subscription = ctx.hub.subscribe(types, project)
+    try:
+        await websocket.accept()
+        closed = asyncio.create_task(_wait_closed(websocket))
+        try:
+            while True:
+                get = asyncio.create_task(subscription.queue.get())
+                done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if closed in done:
+                    get.cancel()
+                    return
+                text = get.result()
+                if text is None:  # dropped for falling behind, or the replica stops
+                    await websocket.close(code=1001)
+                    return
+                await websocket.send_text(text.decode())
+        finally:
+            closed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await closed
+    except (WebSocketDisconnect, RuntimeError):
+        return
+    finally:
+        ctx.hub.unsubscribe(subscription)
+
+
+async def _wait_closed(websocket: WebSocket) -> None:
+    """Read (and drop) what the client sends until it goes away."""
+    while True:
+        message = await websocket.receive()
+        if message["type"] == "websocket.disconnect":
+            return

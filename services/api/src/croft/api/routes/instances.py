@@ -1,0 +1,1017 @@
+"""`/1.0/instances`: create, list, show, update, delete, state, exec, files, logs, console.
+
+The api validates at the edge (names, config keys, devices, profiles, the image), expands
+profiles, places the instance on a member, and hands the work to that member's compute
+service; records are compute's. Long work runs as LXD operations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import secrets
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from croft.api import query, records, responses
+from croft.api.app import context
+from croft.api.config_keys import validate_devices, validate_instance_config
+from croft.api.operations import OperationContext
+from croft.api.services import services
+from croft.common.errors import (
+    Conflict,
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Timeout,
+)
+from croft.common.records import public
+from croft.common.rpc import from_rpc_error
+from croft.v1 import common_pb2, compute_pb2, images_pb2
+
+router = APIRouter()
+
+KIND = "instances"
+Devices = dict[str, dict[str, StrictStr]]
+_NAME = re.compile(r"^[a-zA-Z0-9-]+$")
+
+
+# ---------------------------------------------------------------------------- validation
+
+
+def validate_name(name: str) -> None:
+    """LXD's instance names are host names."""
+    problem = ""
+    if not 1 <= len(name) <= 63:
+        problem = "Name must be 1-63 characters long"
+    elif not _NAME.match(name):
+        problem = "Name can only contain alphanumeric and hyphen characters"
+    elif name[0] == "-" or name[0].isdigit():
+        problem = "Name must not start with a digit or hyphen"
+    elif name[-1] == "-":
+        problem = "Name must not end with a hyphen"
+    if problem:
+        raise InvalidArgument(f"Invalid instance name: {problem}")
+
+
+class InstanceSource(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr = ""
+    alias: StrictStr = ""
+    fingerprint: StrictStr = ""
+    server: StrictStr = ""
+    protocol: StrictStr = ""
+    properties: dict[str, StrictStr] | None = None
+
+
+class InstancePut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    architecture: StrictStr = ""
+    config: dict[str, StrictStr] | None = None
+    devices: Devices | None = None
+    ephemeral: StrictBool = False
+    profiles: list[StrictStr] | None = None
+    stateful: StrictBool = False
+    description: StrictStr = ""
+    restore: StrictStr = ""
+
+
+class InstancesPost(InstancePut):
+    name: StrictStr = ""
+    type: StrictStr = ""
+    source: InstanceSource = Field(default_factory=InstanceSource)
+    start: StrictBool = False
+    instance_type: StrictStr = ""
+
+
+class StatePut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    action: StrictStr
+    timeout: int = -1
+    force: StrictBool = False
+    stateful: StrictBool = False
+
+
+class ExecPost(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    command: list[StrictStr]
+    environment: dict[str, StrictStr] | None = None
+    interactive: StrictBool = False
+    wait_for_websocket: StrictBool = Field(default=False, alias="wait-for-websocket")
+    record_output: StrictBool = Field(default=False, alias="record-output")
+    width: int = 0
+    height: int = 0
+    user: int = 0
+    group: int = 0
+    cwd: StrictStr = ""
+
+
+class SnapshotsPost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    stateful: StrictBool = False
+    expires_at: StrictStr | None = None
+
+
+class NamePost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    migration: StrictBool = False
+
+
+async def expand(
+    store: Any, project: str, profiles: list[str], config: dict[str, str], devices: dict[str, Any]
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """Apply profiles in order, then the instance's own config and devices."""
+    expanded_config: dict[str, str] = {}
+    expanded_devices: dict[str, Any] = {}
+    for name in profiles:
+        found = await store.get_json(records.record_key("profiles", project, name))
+        if found is None:
+            raise NotFound(f'Requested profile "{name}" doesn\'t exist')
+        profile = found[0]
+        expanded_config.update(profile.get("config") or {})
+        expanded_devices.update(profile.get("devices") or {})
+    expanded_config.update(config)
+    expanded_devices.update(devices)
+    return expanded_config, expanded_devices
+
+
+def writable(record: dict[str, Any]) -> list[Any]:
+    """The fields an ETag covers (LXD: what a PUT can change)."""
+    return [
+        record.get("architecture", ""),
+        {k: v for k, v in (record.get("config") or {}).items() if not k.startswith("volatile.")},
+        record.get("devices", {}),
+        record.get("ephemeral", False),
+        record.get("profiles", []),
+        record.get("description", ""),
+    ]
+
+
+async def load(request: Request, name: str) -> tuple[str, dict[str, Any], int]:
+    store = context(request).store
+    project = query.project(request)
+    found = await store.get_json(records.record_key(KIND, project, name))
+    if found is None or found[0].get("_croft", {}).get("state") == "creating":
+        raise NotFound("Instance not found")
+    return project, found[0], found[1]
+
+
+async def compute_of(record: dict[str, Any]) -> Any:
+    return await services().compute(record["_croft"]["member"])
+
+
+def ref(project: str, name: str) -> common_pb2.InstanceRef:
+    return common_pb2.InstanceRef(project=project, name=name)
+
+
+async def rpc_call(client: Any, method: str, request: Any, **kwargs: Any) -> Any:
+    return await client.call(method, request, **kwargs)
+
+
+def resources(name: str, project: str) -> dict[str, list[str]]:
+    return {
+        "containers": [records.url("containers", name, project)],
+        "instances": [records.url(KIND, name, project)],
+    }
+
+
+# ---------------------------------------------------------------------------- collection
+
+
+async def _state_of(record: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        client = await compute_of(record)
+        reply = await client.call(
+            "GetState", ref(record.get("project", "default"), record["name"]), timeout=10
+        )
+        state: dict[str, Any] = json.loads(reply.state)
+        return state
+    except CroftError:
+        return None
+
+
+async def _snapshots_of(store: Any, project: str, name: str) -> list[dict[str, Any]]:
+    prefix = records.record_prefix("instance-snapshots", project) + f"{name}/"
+    return [render_snapshot(name, e.json()) for e in await store.list(prefix)]
+
+
+def render(record: dict[str, Any]) -> dict[str, Any]:
+    return public(record)
+
+
+@router.get("/1.0/instances")
+@router.get("/1.0/containers")
+async def instances_list(request: Request) -> Response:
+    ctx = context(request)
+    project = query.project(request)
+    await records.require_project(ctx.store, project)
+    found = [
+        r
+        for r in await records.list_records(ctx.store, KIND, project)
+        if r.get("_croft", {}).get("state") != "creating"
+    ]
+    if query.recursion(request) == 2:
+        states = await asyncio.gather(*(_state_of(r) for r in found))
+        full = []
+        for record, state in zip(found, states, strict=True):
+            item = render(record)
+            item["state"] = state
+            item["snapshots"] = await _snapshots_of(ctx.store, project, record["name"])
+            item["backups"] = []
+            full.append(item)
+        return responses.sync(
+            query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
+        )
+    return responses.sync(
+        query.listing(found, request, lambda r: records.url(KIND, r["name"], project), render)
+    )
+
+
+async def _place(store: Any) -> str:
+    """The member whose compute service gets a new instance: the one with fewest."""
+    members = sorted({i.member for i in services().live("compute")})
+    if not members:
+        raise CroftError("No compute service is running")
+    counts = dict.fromkeys(members, 0)
+    for entry in await store.list(records.RECORDS + f"{KIND}/"):
+        member = entry.json().get("_croft", {}).get("member")
+        if member in counts:
+            counts[member] += 1
+    return min(members, key=lambda m: (counts[m], m))
+
+
+async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]:
+    if source.server:
+        raise InvalidArgument("Instances from remote image servers are not supported yet")
+    name = source.fingerprint or source.alias
+    if not name:
+        raise InvalidArgument("No image alias or fingerprint given")
+    images = await services().images()
+    reply = await images.call(
+        "ResolveImage", images_pb2.ResolveImageRequest(project=project, name=name)
+    )
+    image: dict[str, Any] = json.loads(reply.record)
+    return image
+
+
+@router.post("/1.0/instances")
+@router.post("/1.0/containers")
+async def instances_post(request: Request) -> Response:
+    ctx = context(request)
+    project = query.project(request)
+    await records.require_project(ctx.store, project)
+    req = await query.body(request, InstancesPost)
+    if req.type not in ("", "container"):
+        raise InvalidArgument(f'Instance type "{req.type}" is not supported on this server')
+    name = req.name or _random_name()
+    validate_name(name)
+    config = {k: v for k, v in (req.config or {}).items() if v != ""}
+    devices = req.devices or {}
+    validate_instance_config(config, profile=False)
+    validate_devices(devices)
+    profiles = ["default"] if req.profiles is None else list(req.profiles)
+    expanded_config, expanded_devices = await expand(ctx.store, project, profiles, config, devices)
+    validate_instance_config(expanded_config, profile=False)
+    validate_devices(expanded_devices)
+    if not any(d.get("type") == "disk" and d.get("path") == "/" for d in expanded_devices.values()):
+        raise InvalidArgument("Failed detecting root disk device: No root device could be found")
+    if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
+        raise Conflict(f'Instance "{name}" already exists')
+    fingerprint = ""
+    if req.source.type == "image":
+        image = await _resolve_image(project, req.source)
+        fingerprint = image["fingerprint"]
+        for key, value in (image.get("properties") or {}).items():
+            config.setdefault(f"image.{key}", value)
+            expanded_config.setdefault(f"image.{key}", value)
+    elif req.source.type not in ("none", ""):
+        raise InvalidArgument(f'Unknown source type "{req.source.type}"')
+    member = await _place(ctx.store)
+    record = {
+        "name": name,
+        "project": project,
+        "description": req.description,
+        "architecture": req.architecture or "x86_64",
+        "config": config,
+        "devices": devices,
+        "profiles": profiles,
+        "ephemeral": req.ephemeral,
+        "stateful": False,
+        "expanded_config": expanded_config,
+        "expanded_devices": expanded_devices,
+    }
+    request_pb = compute_pb2.CreateInstanceRequest(
+        record=json.dumps(record), image_fingerprint=fingerprint, start=req.start
+    )
+
+    async def create(op: OperationContext) -> dict[str, Any] | None:
+        client = await services().compute(member)
+        await client.call("CreateInstance", request_pb, idempotent=False, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Creating instance", run=create, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+_ADJECTIVES = ("amber", "brisk", "calm", "daring", "eager", "fond", "gentle", "hardy", "keen")
+_NOUNS = ("badger", "cedar", "dune", "falcon", "glade", "heron", "iris", "juniper", "kestrel")
+
+
+def _random_name() -> str:
+    return f"{secrets.choice(_ADJECTIVES)}-{secrets.choice(_NOUNS)}"
+
+
+# ---------------------------------------------------------------------------- one instance
+
+
+@router.get("/1.0/instances/{name}")
+@router.get("/1.0/containers/{name}")
+async def instance_get(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    body = render(record)
+    if query.recursion(request) >= 1:
+        body["state"] = await _state_of(record)
+        body["snapshots"] = await _snapshots_of(context(request).store, project, name)
+        body["backups"] = []
+    return responses.sync(body, etag=records.etag(writable(record)))
+
+
+async def _update(request: Request, name: str, *, patch: bool) -> Response:
+    ctx = context(request)
+    project, record, revision = await load(request, name)
+    data = await query.json_body(request)
+    req = query.validate(data, InstancePut)
+    if req.restore:
+        return await _restore(request, project, record, req.restore)
+    query.check_if_match(request, records.etag(writable(record)))
+    own_config = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
+    if patch:
+        config = {**own_config, **(req.config or {})}
+        devices = {**record["devices"], **(req.devices or {})}
+        profiles = record["profiles"] if req.profiles is None else list(req.profiles)
+        description = req.description if "description" in data else record["description"]
+    else:
+        config = dict(req.config or {})
+        devices = dict(req.devices or {})
+        profiles = list(req.profiles or [])
+        description = req.description
+    config = {k: v for k, v in config.items() if v != "" and not k.startswith("volatile.")}
+    validate_instance_config(config, profile=False)
+    validate_devices(devices)
+    expanded_config, expanded_devices = await expand(ctx.store, project, profiles, config, devices)
+    validate_instance_config(expanded_config, profile=False)
+    validate_devices(expanded_devices)
+    new = {
+        **public(record),
+        "config": config,
+        "devices": devices,
+        "profiles": profiles,
+        "description": description,
+        "ephemeral": req.ephemeral if "ephemeral" in data else record.get("ephemeral", False),
+        "expanded_config": expanded_config,
+        "expanded_devices": expanded_devices,
+    }
+    client = await compute_of(record)
+    update = compute_pb2.UpdateInstanceRequest(record=json.dumps(new), revision=revision)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("UpdateInstance", update, idempotent=False)
+        return None
+
+    operation = await ctx.operations.create(
+        "Updating instance", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+@router.put("/1.0/instances/{name}")
+@router.put("/1.0/containers/{name}")
+async def instance_put(request: Request, name: str) -> Response:
+    return await _update(request, name, patch=False)
+
+
+@router.patch("/1.0/instances/{name}")
+@router.patch("/1.0/containers/{name}")
+async def instance_patch(request: Request, name: str) -> Response:
+    return await _update(request, name, patch=True)
+
+
+@router.post("/1.0/instances/{name}")
+@router.post("/1.0/containers/{name}")
+async def instance_rename(request: Request, name: str) -> Response:
+    await load(request, name)
+    req = await query.body(request, NamePost)
+    if req.migration:
+        raise InvalidArgument("Migration is not supported yet")
+    validate_name(req.name)
+    raise InvalidArgument("Renaming instances is not supported yet")
+
+
+@router.delete("/1.0/instances/{name}")
+@router.delete("/1.0/containers/{name}")
+async def instance_delete(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    state = await _state_of(record)
+    if state is not None and state.get("status") != "Stopped":
+        raise InvalidArgument("The instance is currently running, stop it first")
+    client = await compute_of(record)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("DeleteInstance", ref(project, name), idempotent=False, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Deleting instance", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+# ---------------------------------------------------------------------------- state
+
+
+@router.get("/1.0/instances/{name}/state")
+@router.get("/1.0/containers/{name}/state")
+async def instance_state_get(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    reply = await client.call("GetState", ref(project, name))
+    return responses.sync(json.loads(reply.state))
+
+
+_ACTIONS = {
+    "start": "Starting instance",
+    "stop": "Stopping instance",
+    "restart": "Restarting instance",
+    "freeze": "Freezing instance",
+    "unfreeze": "Unfreezing instance",
+}
+
+
+@router.put("/1.0/instances/{name}/state")
+@router.put("/1.0/containers/{name}/state")
+async def instance_state_put(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, StatePut)
+    if req.action not in _ACTIONS:
+        raise InvalidArgument(f'Unknown action "{req.action}"')
+    if req.stateful:
+        raise InvalidArgument("Stateful stop and start are not supported")
+    client = await compute_of(record)
+    change = compute_pb2.StateRequest(
+        instance=ref(project, name), action=req.action, force=req.force, timeout=req.timeout
+    )
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        wait = 30 if req.timeout < 0 else req.timeout
+        await client.call("ChangeState", change, idempotent=False, timeout=wait + 60)
+        return None
+
+    operation = await ctx.operations.create(
+        _ACTIONS[req.action], run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+# ---------------------------------------------------------------------------- exec
+
+
+class ExecSession:
+    """The websockets of one exec operation: fds "0" (and "1", "2" unless interactive)
+    and "control". The operation's task waits for all of them, then relays."""
+
+    def __init__(self, interactive: bool) -> None:
+        names = ["0", "control"] if interactive else ["0", "1", "2", "control"]
+        self.secrets = {secrets.token_hex(32): name for name in names}
+        self.sockets: dict[str, WebSocket] = {}
+        self.connected = asyncio.Event()
+        self.finished = asyncio.Event()
+
+    @property
+    def fds(self) -> dict[str, str]:
+        return {name: secret for secret, name in self.secrets.items()}
+
+    async def connect(self, operation: OperationContext, secret: str, websocket: WebSocket) -> None:
+        name = self.secrets.get(secret)
+        if name is None or name in self.sockets:
+            raise PermissionDenied("Invalid websocket secret")
+        await websocket.accept()
+        self.sockets[name] = websocket
+        if len(self.sockets) == len(self.secrets):
+            self.connected.set()
+        await self.finished.wait()
+
+
+async def _relay_exec(
+    session: ExecSession, client: Any, start: compute_pb2.ExecStart, interactive: bool
+) -> int:
+    inputs: asyncio.Queue[compute_pb2.ExecInput | None] = asyncio.Queue()
+    inputs.put_nowait(compute_pb2.ExecInput(start=start))
+
+    async def requests() -> AsyncIterator[compute_pb2.ExecInput]:
+        while True:
+            item = await inputs.get()
+            if item is None:
+                return
+            yield item
+
+    async def read_stdin() -> None:
+        ws = session.sockets["0"]
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    break
+                data = message.get("bytes")
+                if data:
+                    inputs.put_nowait(compute_pb2.ExecInput(stdin=data))
+                elif message.get("text") is not None and message["text"] == "":
+                    break  # an empty text frame: end of stdin
+                elif message.get("text"):
+                    inputs.put_nowait(compute_pb2.ExecInput(stdin=message["text"].encode()))
+        inputs.put_nowait(compute_pb2.ExecInput(stdin_closed=True))
+
+    async def read_control() -> None:
+        ws = session.sockets["control"]
+        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+            while True:
+                message = await ws.receive()
+                if message["type"] == "websocket.disconnect":
+                    return
+                raw = message.get("text") or (message.get("bytes") or b"").decode()
+                if not raw:
+                    continue
+                try:
+                    command = json.loads(raw)
+                except ValueError:
+                    continue
+                if command.get("command") == "window-resize":
+                    args = command.get("args") or {}
+                    size = compute_pb2.WindowSize(
+                        width=int(args.get("width", 80)), height=int(args.get("height", 24))
+                    )
+                    inputs.put_nowait(compute_pb2.ExecInput(resize=size))
+                elif command.get("command") == "signal":
+                    inputs.put_nowait(compute_pb2.ExecInput(signal=int(command.get("signal", 15))))
+
+    readers = [asyncio.create_task(read_stdin()), asyncio.create_task(read_control())]
+    out = session.sockets["0"] if interactive else session.sockets["1"]
+    err = session.sockets["0"] if interactive else session.sockets["2"]
+    code = -1
+    call = client.stream("Exec", requests(), timeout=None)
+    try:
+        async for output in call:
+            kind = output.WhichOneof("output")
+            if kind == "stdout":
+                await out.send_bytes(output.stdout)
+            elif kind == "stderr":
+                await err.send_bytes(output.stderr)
+            elif kind == "exit_code":
+                code = output.exit_code
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    finally:
+        inputs.put_nowait(None)
+        for task in readers:
+            task.cancel()
+        # End of stream, as LXD marks it: an empty text frame, then close.
+        for name, ws in session.sockets.items():
+            if name == "control" or (not interactive and name == "0"):
+                continue
+            with contextlib.suppress(Exception):
+                await ws.send_text("")
+        for ws in session.sockets.values():
+            with contextlib.suppress(Exception):
+                await ws.close()
+    return code
+
+
+@router.post("/1.0/instances/{name}/exec")
+@router.post("/1.0/containers/{name}/exec")
+async def instance_exec(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, ExecPost)
+    if not req.command:
+        raise InvalidArgument("No command given")
+    state = await _state_of(record)
+    if state is None or state.get("status") != "Running":
+        raise InvalidArgument("Instance is not running")
+    client = await compute_of(record)
+    start = compute_pb2.ExecStart(
+        instance=ref(project, name),
+        command=req.command,
+        environment=req.environment or {},
+        interactive=req.interactive,
+        size=compute_pb2.WindowSize(width=req.width, height=req.height),
+        cwd=req.cwd,
+        user=req.user,
+        group=req.group,
+    )
+    if not req.wait_for_websocket:
+        return await _exec_detached(request, project, name, client, start, req)
+    session = ExecSession(req.interactive)
+    metadata = {"command": req.command, "fds": session.fds, "interactive": req.interactive}
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        try:
+            try:
+                await asyncio.wait_for(session.connected.wait(), 60)
+            except TimeoutError:
+                raise Timeout("Timed out waiting for the exec websockets") from None
+            await ctx.lifecycle(
+                "instance-exec",
+                records.url(KIND, name, project),
+                project=project,
+                context={"command": req.command},
+            )
+            code = await _relay_exec(session, client, start, req.interactive)
+            return {"return": code}
+        finally:
+            session.finished.set()
+
+    operation = await ctx.operations.create(
+        "Executing command",
+        run=run,
+        cls="websocket",
+        websocket=session,
+        metadata=metadata,
+        resources=resources(name, project),
+        project=project,
+    )
+    return responses.async_operation(operation)
+
+
+async def _exec_detached(
+    request: Request,
+    project: str,
+    name: str,
+    client: Any,
+    start: compute_pb2.ExecStart,
+    req: ExecPost,
+) -> Response:
+    """exec without websockets: stdin is empty; output is recorded when asked."""
+    ctx = context(request)
+    start.interactive = False
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        async def requests() -> AsyncIterator[compute_pb2.ExecInput]:
+            yield compute_pb2.ExecInput(start=start)
+            yield compute_pb2.ExecInput(stdin_closed=True)
+
+        stdout, stderr, code = bytearray(), bytearray(), -1
+        try:
+            async for output in client.stream("Exec", requests()):
+                kind = output.WhichOneof("output")
+                if kind == "stdout":
+                    stdout += output.stdout
+                elif kind == "stderr":
+                    stderr += output.stderr
+                elif kind == "exit_code":
+                    code = output.exit_code
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        result: dict[str, Any] = {"return": code}
+        if req.record_output:
+            base = f"exec_{op.id}"
+            await _save_exec_output(ctx.store, project, name, base, bytes(stdout), bytes(stderr))
+            result["output"] = {
+                "1": f"/1.0/instances/{name}/logs/{base}.stdout",
+                "2": f"/1.0/instances/{name}/logs/{base}.stderr",
+            }
+        return result
+
+    operation = await ctx.operations.create(
+        "Executing command",
+        run=run,
+        metadata={"command": req.command},
+        resources=resources(name, project),
+        project=project,
+    )
+    return responses.async_operation(operation)
+
+
+def _exec_log_key(project: str, name: str, file: str) -> str:
+    return records.record_key("instance-logs", project, f"{name}/{file}")
+
+
+async def _save_exec_output(
+    store: Any, project: str, name: str, base: str, stdout: bytes, stderr: bytes
+) -> None:
+    await store.put(_exec_log_key(project, name, f"{base}.stdout"), stdout)
+    await store.put(_exec_log_key(project, name, f"{base}.stderr"), stderr)
+
+
+# ---------------------------------------------------------------------------- files
+
+
+def _file_path(request: Request) -> str:
+    path = request.query_params.get("path", "")
+    if not path:
+        raise InvalidArgument("Missing path argument")
+    return path if path.startswith("/") else "/" + path
+
+
+def _int_header(request: Request, name: str, default: int) -> int:
+    value = request.headers.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return int(value, 8) if name.lower() == "x-lxd-mode" else int(value)
+    except ValueError:
+        raise InvalidArgument(f"Invalid {name} header: {value!r}") from None
+
+
+@router.get("/1.0/instances/{name}/files")
+@router.get("/1.0/containers/{name}/files")
+async def instance_file_get(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    call = client.stream(
+        "PullFile", compute_pb2.FileRef(instance=ref(project, name), path=_file_path(request))
+    )
+    try:
+        first = await anext(call.__aiter__())
+        header = first.header
+        headers = {
+            "X-LXD-uid": str(header.uid),
+            "X-LXD-gid": str(header.gid),
+            "X-LXD-mode": f"{header.mode:04o}",
+            "X-LXD-type": header.type,
+        }
+        if header.type == "directory":
+            response = responses.sync(list(header.entries))
+            response.headers.update(headers)
+            return response
+        if header.type == "symlink":
+            return Response(
+                header.target.encode(), media_type="application/octet-stream", headers=headers
+            )
+        chunks = [chunk.data async for chunk in call]
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    body = b"".join(chunks)
+    return Response(body, media_type="application/octet-stream", headers=headers)
+
+
+@router.post("/1.0/instances/{name}/files")
+@router.post("/1.0/containers/{name}/files")
+async def instance_file_post(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    kind = request.headers.get("X-LXD-type", "file") or "file"
+    if kind not in ("file", "directory", "symlink"):
+        raise InvalidArgument(f'Invalid file type "{kind}"')
+    write = request.headers.get("X-LXD-write", "overwrite") or "overwrite"
+    if write not in ("overwrite", "append"):
+        raise InvalidArgument(f'Invalid X-LXD-write value "{write}"')
+    header = compute_pb2.FileHeader(
+        instance=ref(project, name),
+        path=_file_path(request),
+        uid=_int_header(request, "X-LXD-uid", -1),
+        gid=_int_header(request, "X-LXD-gid", -1),
+        mode=_int_header(request, "X-LXD-mode", -1),
+        type=kind,
+        write=write,
+    )
+    client = await compute_of(record)
+
+    async def chunks() -> AsyncIterator[compute_pb2.FileChunk]:
+        yield compute_pb2.FileChunk(header=header)
+        buffer = bytearray()
+        async for piece in request.stream():
+            buffer += piece
+            if len(buffer) >= 1 << 20:
+                yield compute_pb2.FileChunk(data=bytes(buffer))
+                buffer.clear()
+        if buffer:
+            yield compute_pb2.FileChunk(data=bytes(buffer))
+
+    try:
+        await client.stream("PushFile", chunks(), timeout=600)
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    return responses.sync({})
+
+
+@router.delete("/1.0/instances/{name}/files")
+@router.delete("/1.0/containers/{name}/files")
+async def instance_file_delete(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    await client.call(
+        "DeleteFile",
+        compute_pb2.FileRef(instance=ref(project, name), path=_file_path(request)),
+        idempotent=False,
+    )
+    return responses.sync({})
+
+
+# ---------------------------------------------------------------------------- logs, console
+
+
+@router.get("/1.0/instances/{name}/logs")
+@router.get("/1.0/containers/{name}/logs")
+async def instance_logs(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    store = context(request).store
+    prefix = records.record_prefix("instance-logs", project) + f"{name}/"
+    files = ["lxc.log"] + [e.key[len(prefix) :] for e in await store.list(prefix)]
+    return responses.sync([f"/1.0/instances/{name}/logs/{f}" for f in files])
+
+
+@router.get("/1.0/instances/{name}/logs/{file}")
+@router.get("/1.0/containers/{name}/logs/{file}")
+async def instance_log(request: Request, name: str, file: str) -> Response:
+    project, record, _ = await load(request, name)
+    if file == "lxc.log":
+        client = await compute_of(record)
+        reply = await client.call(
+            "Logs", compute_pb2.LogRequest(instance=ref(project, name), file=file)
+        )
+        content = reply.content
+    else:
+        entry = await context(request).store.get(_exec_log_key(project, name, file))
+        if entry is None:
+            raise NotFound(f'Log file "{file}" not found')
+        content = entry.value
+    return Response(content, media_type="application/octet-stream")
+
+
+@router.delete("/1.0/instances/{name}/logs/{file}")
+async def instance_log_delete(request: Request, name: str, file: str) -> Response:
+    project, _, _ = await load(request, name)
+    if not file.startswith("exec_"):
+        raise InvalidArgument("Only exec record-output log files can be deleted")
+    with contextlib.suppress(NotFound):
+        await context(request).store.delete(_exec_log_key(project, name, file))
+    return responses.sync({})
+
+
+@router.get("/1.0/instances/{name}/console")
+@router.get("/1.0/containers/{name}/console")
+async def instance_console(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    reply = await client.call("ConsoleLog", ref(project, name))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield reply.content
+
+    return StreamingResponse(body(), media_type="application/octet-stream")
+
+
+# ---------------------------------------------------------------------------- snapshots
+
+
+def render_snapshot(instance: str, snap: dict[str, Any]) -> dict[str, Any]:
+    body = public(snap)
+    body["name"] = snap["name"]
+    return body
+
+
+@router.get("/1.0/instances/{name}/snapshots")
+@router.get("/1.0/containers/{name}/snapshots")
+async def snapshots_list(request: Request, name: str) -> Response:
+    project, _, _ = await load(request, name)
+    snaps = await _snapshots_of(context(request).store, project, name)
+    return responses.sync(
+        query.listing(snaps, request, lambda s: f"/1.0/instances/{name}/snapshots/{s['name']}")
+    )
+
+
+@router.post("/1.0/instances/{name}/snapshots")
+@router.post("/1.0/containers/{name}/snapshots")
+async def snapshots_post(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, SnapshotsPost)
+    snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
+    if "/" in snapshot or not snapshot:
+        raise InvalidArgument(f'Invalid snapshot name "{snapshot}"')
+    if await ctx.store.get(_snapshot_key(project, name, snapshot)) is not None:
+        raise Conflict(f'Snapshot "{snapshot}" already exists')
+    client = await compute_of(record)
+    create = compute_pb2.SnapshotRequest(
+        instance=ref(project, name), snapshot=snapshot, expires_at=req.expires_at or ""
+    )
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("CreateSnapshot", create, idempotent=False, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Snapshotting instance", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+def _snapshot_key(project: str, name: str, snapshot: str) -> str:
+    return records.record_key("instance-snapshots", project, f"{name}/{snapshot}")
+
+
+async def _next_snapshot_name(store: Any, project: str, name: str) -> str:
+    existing = {s["name"] for s in await _snapshots_of(store, project, name)}
+    n = 0
+    while f"snap{n}" in existing:
+        n += 1
+    return f"snap{n}"
+
+
+async def _snapshot(
+    request: Request, name: str, snapshot: str
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    project, record, _ = await load(request, name)
+    found = await context(request).store.get_json(_snapshot_key(project, name, snapshot))
+    if found is None:
+        raise NotFound("Snapshot not found")
+    return project, record, found[0]
+
+
+@router.get("/1.0/instances/{name}/snapshots/{snapshot}")
+@router.get("/1.0/containers/{name}/snapshots/{snapshot}")
+async def snapshot_get(request: Request, name: str, snapshot: str) -> Response:
+    _, _, snap = await _snapshot(request, name, snapshot)
+    return responses.sync(render_snapshot(name, snap), etag=records.etag([snap.get("expires_at")]))
+
+
+@router.delete("/1.0/instances/{name}/snapshots/{snapshot}")
+@router.delete("/1.0/containers/{name}/snapshots/{snapshot}")
+async def snapshot_delete(request: Request, name: str, snapshot: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await _snapshot(request, name, snapshot)
+    client = await compute_of(record)
+    delete = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("DeleteSnapshot", delete, idempotent=False, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Deleting snapshot", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+@router.post("/1.0/instances/{name}/snapshots/{snapshot}")
+@router.post("/1.0/containers/{name}/snapshots/{snapshot}")
+async def snapshot_rename(request: Request, name: str, snapshot: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await _snapshot(request, name, snapshot)
+    req = await query.body(request, NamePost)
+    if req.migration:
+        raise InvalidArgument("Migration is not supported yet")
+    if not req.name or "/" in req.name:
+        raise InvalidArgument(f'Invalid snapshot name "{req.name}"')
+    if await ctx.store.get(_snapshot_key(project, name, req.name)) is not None:
+        raise Conflict(f'Name "{req.name}" already in use')
+    client = await compute_of(record)
+    rename = compute_pb2.SnapshotRequest(
+        instance=ref(project, name), snapshot=snapshot, new_name=req.name
+    )
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("RenameSnapshot", rename, idempotent=False)
+        return None
+
+    operation = await ctx.operations.create(
+        "Renaming snapshot", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+async def _restore(
+    request: Request, project: str, record: dict[str, Any], restore: str
+) -> Response:
+    ctx = context(request)
+    name = record["name"]
+    snapshot = restore.split("/", 1)[1] if "/" in restore else restore
+    if restore.count("/") > 1 or ("/" in restore and restore.split("/", 1)[0] != name):
+        raise InvalidArgument(f'Invalid snapshot name "{restore}"')
+    if await ctx.store.get(_snapshot_key(project, name, snapshot)) is None:
+        raise NotFound("Snapshot not found")
+    client = await compute_of(record)
+    request_pb = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("RestoreSnapshot", request_pb, idempotent=False, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Restoring snapshot", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)

@@ -1,0 +1,96 @@
+"""`/1.0/networks`: managed networks from their records, plus the host's other
+interfaces as unmanaged entries, as LXD lists them (read-only for now)."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.app import context
+from croft.api.services import services
+from croft.common.errors import NotFound
+from croft.common.records import DEFAULT_PROJECT, public
+from croft.v1 import network_pb2
+
+router = APIRouter()
+
+SYS_NET = "/sys/class/net"
+
+
+def _unmanaged(name: str) -> dict[str, Any]:
+    if name == "lo":
+        kind = "loopback"
+    elif os.path.isdir(f"{SYS_NET}/{name}/bridge"):
+        kind = "bridge"
+    elif os.path.exists(f"{SYS_NET}/{name}/device"):
+        kind = "physical"
+    else:
+        kind = "unknown"
+    return {
+        "name": name,
+        "description": "",
+        "type": kind,
+        "managed": False,
+        "status": "",
+        "config": {},
+        "used_by": [],
+        "locations": [],
+    }
+
+
+async def _all(store: Any) -> list[dict[str, Any]]:
+    managed = {
+        r["name"]: public(r) for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
+    }
+    host = [n for n in sorted(os.listdir(SYS_NET)) if n not in managed]
+    return [*managed.values(), *(_unmanaged(n) for n in host)]
+
+
+async def _managed(store: Any, name: str) -> dict[str, Any]:
+    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
+    if found is None:
+        raise NotFound("Network not found")
+    record: dict[str, Any] = found[0]
+    return record
+
+
+@router.get("/1.0/networks")
+async def networks_list(request: Request) -> Response:
+    networks = await _all(context(request).store)
+    return responses.sync(query.listing(networks, request, lambda n: f"/1.0/networks/{n['name']}"))
+
+
+@router.get("/1.0/networks/{name}")
+async def network_get(request: Request, name: str) -> Response:
+    store = context(request).store
+    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
+    if found is not None:
+        body = public(found[0])
+    elif os.path.exists(f"{SYS_NET}/{name}"):
+        body = _unmanaged(name)
+    else:
+        raise NotFound("Network not found")
+    return responses.sync(body, etag=records.etag([body.get("config"), body.get("description")]))
+
+
+async def _network_call(request: Request, name: str, method: str) -> Any:
+    record = await _managed(context(request).store, name)
+    client = await services().network(record.get("_croft", {}).get("member", ""))
+    reply = await client.call(method, network_pb2.NetworkRef(name=name))
+    return json.loads(reply.json)
+
+
+@router.get("/1.0/networks/{name}/state")
+async def network_state(request: Request, name: str) -> Response:
+    return responses.sync(await _network_call(request, name, "NetworkState"))
+
+
+@router.get("/1.0/networks/{name}/leases")
+async def network_leases(request: Request, name: str) -> Response:
+    return responses.sync(await _network_call(request, name, "Leases"))

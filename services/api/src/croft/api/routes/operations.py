@@ -1,0 +1,102 @@
+"""`/1.0/operations`: list, show, cancel, wait, and the websocket of a websocket operation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.websockets import WebSocket
+
+from croft.api import filters, query, records, responses
+from croft.api.app import context
+from croft.api.operations import operation_url
+from croft.common.errors import CroftError, InvalidArgument, Unavailable
+
+router = APIRouter()
+
+
+def _project_filter(request: Request) -> str | None:
+    if request.query_params.get("all-projects", "").lower() == "true":
+        return None
+    return query.project(request)
+
+
+@router.get("/1.0/operations")
+async def operations_list(request: Request) -> Response:
+    ctx = context(request)
+    project = _project_filter(request)
+    if project is not None:
+        await records.require_project(ctx.store, project)
+    deep = query.recursion(request) > 0
+    clauses = query.filter_clauses(request)
+    grouped: dict[str, list[Any]] = {}
+    for record in await ctx.operations.list(project):
+        operation = record["operation"]
+        if clauses is not None and not filters.matches(operation, clauses):
+            continue
+        group = grouped.setdefault(operation["status"].lower(), [])
+        group.append(operation if deep else operation_url(operation["id"]))
+    return responses.sync(grouped)
+
+
+@router.get("/1.0/operations/{op_id}")
+async def operation_get(request: Request, op_id: str) -> Response:
+    record = await context(request).operations.get(op_id)
+    return responses.sync(record["operation"])
+
+
+@router.delete("/1.0/operations/{op_id}")
+async def operation_delete(request: Request, op_id: str) -> Response:
+    await context(request).operations.cancel(op_id)
+    return responses.empty_sync()
+
+
+@router.get("/1.0/operations/{op_id}/wait")
+async def operation_wait(request: Request, op_id: str) -> Response:
+    raw = request.query_params.get("timeout", "-1")
+    try:
+        timeout = float(raw)
+    except ValueError:
+        raise InvalidArgument(f'Invalid timeout "{raw}" (seconds; -1 waits forever)') from None
+    operation = await context(request).operations.wait(op_id, None if timeout < 0 else timeout)
+    return responses.sync(operation)
+
+
+@router.get("/1.0/operations/{op_id}/websocket")
+async def operation_websocket_plain(request: Request, op_id: str) -> Response:
+    await context(request).operations.get(op_id)
+    raise InvalidArgument("This endpoint needs a websocket upgrade")
+
+
+@router.websocket("/1.0/operations/{op_id}/websocket")
+async def operation_websocket(websocket: WebSocket, op_id: str) -> None:
+    ctx = context(websocket)
+    try:
+        record = await ctx.operations.get(op_id)
+        if record["operation"]["class"] != "websocket":
+            raise InvalidArgument("Only websocket operations can be connected")
+        hook = ctx.operations.websocket(op_id)
+        if hook is None:
+            # The operation runs in another api process. Forwarding the connection to its
+            # owner is the cluster work still to do; say so plainly meanwhile.
+            raise Unavailable(
+                "This operation is served by another api replica; connect through that one"
+            )
+        handler, operation = hook
+        await handler.connect(operation, websocket.query_params.get("secret", ""), websocket)
+    except CroftError as exc:
+        await deny(websocket, exc)
+
+
+async def deny(websocket: WebSocket, error: CroftError) -> None:
+    """Refuse a websocket before accepting it, with LXD's error envelope when the server
+    can send an HTTP response to an upgrade request."""
+    if websocket.client_state.name != "CONNECTING":
+        await websocket.close(code=1011, reason=error.message[:120])
+        return
+    try:
+        await websocket.send_denial_response(responses.error(error))
+    except RuntimeError:
+        await websocket.close(code=1008, reason=error.message[:120])

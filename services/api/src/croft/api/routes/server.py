@@ -1,0 +1,171 @@
+"""`/` and `/1.0`: the server environment and the server configuration."""
+
+from __future__ import annotations
+
+import os
+import platform
+from functools import cache
+from importlib import metadata as package_metadata
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.app import ApiSettings, context
+from croft.api.config_keys import validate_server_config
+
+router = APIRouter()
+
+# The LXD API extensions croft really implements, and nothing more: clients use this
+# list to decide what to ask for. Extend it in the same change that implements one.
+API_EXTENSIONS: list[str] = [
+    "etag",
+    "patch",
+    "profile_usedby",
+    "entity_description",
+    "operation_description",
+    "event_lifecycle",
+    "event_location",
+    "event_project",
+    "event_lifecycle_requestor_address",
+    "projects",
+    "api_filtering",
+    "api_os",
+    # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
+    "instances",
+    "container_exec_recording",
+    "container_exec_signal_handling",
+    "exec_special_chars",
+    "container_file_write_append",
+    "file_delete",
+    "network_leases",
+    "network_state",
+    "resources",
+]
+
+# The LXD release whose API croft speaks; clients that compare versions read this.
+LXD_API_RELEASE = "5.0.2"
+
+
+class ServerPut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    config: dict[str, StrictStr] | None = None
+
+
+@cache
+def _os_release() -> tuple[str, str]:
+    try:
+        with open("/etc/os-release") as f:
+            fields = dict(
+                line.rstrip("\n").split("=", 1) for line in f if "=" in line and line.strip()
+            )
+    except OSError:
+        return "", ""
+    return fields.get("NAME", "").strip('"'), fields.get("VERSION_ID", "").strip('"')
+
+
+def _croft_version() -> str:
+    try:
+        return package_metadata.version("croft-api")
+    except package_metadata.PackageNotFoundError:
+        return "0"
+
+
+def environment(settings: ApiSettings, project: str) -> dict[str, Any]:
+    uname = os.uname()
+    os_name, os_version = _os_release()
+    drivers = [{"Name": n, "Version": v, "Remote": False} for n, v in settings.storage_drivers]
+    machine = platform.machine()
+    architectures = [machine] + (["i686"] if machine == "x86_64" else [])
+    return {
+        "addresses": [],
+        "architectures": architectures,
+        "certificate": "",
+        "certificate_fingerprint": "",
+        "driver": "lxc",
+        "driver_version": "",
+        "firewall": "nftables",
+        "kernel": uname.sysname,
+        "kernel_architecture": uname.machine,
+        "kernel_features": {},
+        "kernel_version": uname.release,
+        "lxc_features": {},
+        "os_name": os_name,
+        "os_version": os_version,
+        "project": project,
+        "server": "croft",
+        "server_clustered": False,
+        "server_event_mode": "full-mesh",
+        "server_name": settings.server_name,
+        "server_pid": os.getpid(),
+        "server_version": LXD_API_RELEASE,
+        "croft_version": _croft_version(),
+        "storage": " | ".join(n for n, _ in settings.storage_drivers),
+        "storage_version": " | ".join(v for _, v in settings.storage_drivers),
+        "storage_supported_drivers": drivers,
+    }
+
+
+async def _server_config(request: Request) -> dict[str, str]:
+    found = await context(request).store.get_json(records.SERVER_CONFIG_KEY)
+    config: dict[str, str] = found[0]["config"] if found else {}
+    return config
+
+
+@router.get("/")
+async def root() -> Response:
+    return responses.sync(["/1.0"])
+
+
+@router.get("/1.0")
+async def server_get(request: Request) -> Response:
+    ctx = context(request)
+    project = query.project(request)
+    await records.require_project(ctx.store, project)
+    config = await _server_config(request)
+    info = {
+        "config": config,
+        "api_extensions": API_EXTENSIONS,
+        "api_status": "stable",
+        "api_version": "1.0",
+        # The unix socket is the local root's, trusted as LXD's is; TLS comes with auth.
+        "auth": "trusted",
+        "public": False,
+        "auth_methods": ["tls"],
+        "environment": environment(ctx.settings, project),
+    }
+    return responses.sync(info, etag=records.etag(config))
+
+
+async def _update(request: Request, *, patch: bool) -> Response:
+    ctx = context(request)
+    req = await query.body(request, ServerPut)
+    wanted = {k: v for k, v in (req.config or {}).items()}
+
+    def change(record: dict[str, Any]) -> dict[str, Any]:
+        current: dict[str, str] = record.get("config", {})
+        query.check_if_match(request, records.etag(current))
+        merged = {**current, **wanted} if patch else dict(wanted)
+        # An empty value unsets a key, as in LXD.
+        merged = {k: v for k, v in merged.items() if v != ""}
+        validate_server_config({k: v for k, v in merged.items() if current.get(k) != v})
+        return {**record, "config": merged}
+
+    await records.modify(
+        ctx.store, records.SERVER_CONFIG_KEY, change, missing="", default={"config": {}}
+    )
+    await ctx.lifecycle("config-updated", "/1.0", request=request)
+    return responses.empty_sync()
+
+
+@router.put("/1.0")
+async def server_put(request: Request) -> Response:
+    return await _update(request, patch=False)
+
+
+@router.patch("/1.0")
+async def server_patch(request: Request) -> Response:
+    return await _update(request, patch=True)

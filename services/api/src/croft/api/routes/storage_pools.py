@@ -1,0 +1,71 @@
+"""`/1.0/storage-pools`: the pools the storage services created (read-only for now)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.app import context
+from croft.api.services import services
+from croft.common.errors import NotFound
+from croft.common.records import DEFAULT_PROJECT, public
+from croft.v1 import storage_pb2
+
+router = APIRouter()
+
+
+async def _used_by(store: Any, pool: str) -> list[str]:
+    used = []
+    for entry in await store.list(records.RECORDS + "instances/"):
+        instance = entry.json()
+        if instance.get("_croft", {}).get("pool") == pool:
+            used.append(
+                records.url("instances", instance["name"], instance.get("project", DEFAULT_PROJECT))
+            )
+    return sorted(used)
+
+
+def render(record: dict[str, Any], used_by: list[str]) -> dict[str, Any]:
+    body = public(record)
+    body["used_by"] = used_by
+    return body
+
+
+async def _load(store: Any, name: str) -> dict[str, Any]:
+    found = await store.get_json(records.record_key("storage-pools", DEFAULT_PROJECT, name))
+    if found is None:
+        raise NotFound("Storage pool not found")
+    record: dict[str, Any] = found[0]
+    return record
+
+
+@router.get("/1.0/storage-pools")
+async def pools_list(request: Request) -> Response:
+    store = context(request).store
+    pools = await records.list_records(store, "storage-pools", DEFAULT_PROJECT)
+    rendered = [render(p, await _used_by(store, p["name"])) for p in pools]
+    return responses.sync(
+        query.listing(rendered, request, lambda p: f"/1.0/storage-pools/{p['name']}")
+    )
+
+
+@router.get("/1.0/storage-pools/{name}")
+async def pool_get(request: Request, name: str) -> Response:
+    store = context(request).store
+    record = await _load(store, name)
+    body = render(record, await _used_by(store, name))
+    return responses.sync(body, etag=records.etag([body.get("config"), body.get("description")]))
+
+
+@router.get("/1.0/storage-pools/{name}/resources")
+async def pool_resources(request: Request, name: str) -> Response:
+    record = await _load(context(request).store, name)
+    member = record.get("_croft", {}).get("member", "")
+    client = await services().storage(member)
+    reply = await client.call("PoolResources", storage_pb2.PoolRef(name=name))
+    return responses.sync(json.loads(reply.json))

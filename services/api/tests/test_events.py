@@ -1,0 +1,133 @@
+"""`/1.0/events` on any replica carries the events of the whole cluster."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import ClientConnection, unix_connect
+
+from .conftest import Replica
+from .test_operations import held_operation, release, wait_for
+
+PUBLISH = """
+import asyncio, sys
+from croft.common import events
+from croft.common.store import connect
+
+async def main():
+    store = await connect([sys.argv[1]])
+    await events.publish(store, "lifecycle",
+                         events.lifecycle_metadata("instance-started", "/1.0/instances/c1"),
+                         project=sys.argv[2])
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def publish_from_another_process(endpoint: str, project: str = "default") -> None:
+    subprocess.run([sys.executable, "-c", PUBLISH, endpoint, project], check=True, timeout=60)
+
+
+def listen(replica: Replica, query: str = "") -> ClientConnection:
+    return unix_connect(str(replica.socket), f"ws://lxd/1.0/events{query}")
+
+
+def receive_until(ws: ClientConnection, predicate: Any, timeout: float = 30.0) -> list[dict]:
+    """Events received until one satisfies `predicate` (all of them, in order)."""
+    seen: list[dict] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        event = json.loads(ws.recv(timeout=deadline - time.monotonic()))
+        seen.append(event)
+        if predicate(event):
+            return seen
+    raise AssertionError(f"no matching event among {seen}")
+
+
+def test_events_from_other_replicas_and_processes(
+    replica: Replica, second_replica: Replica, clean_store: Any
+) -> None:
+    with listen(second_replica, "?type=operation,lifecycle") as ws:
+        publish_from_another_process(clean_store.endpoint)
+        (lifecycle,) = receive_until(ws, lambda e: e["type"] == "lifecycle")
+        assert lifecycle["metadata"] == {
+            "action": "instance-started",
+            "source": "/1.0/instances/c1",
+        }
+        assert lifecycle["project"] == "default"
+        assert lifecycle["location"] == "none"
+        assert lifecycle["timestamp"].endswith("Z")
+
+        op_id, event = held_operation(replica)
+        release(replica, event)
+        seen = receive_until(
+            ws, lambda e: e["type"] == "operation" and e["metadata"]["status"] == "Success"
+        )
+        statuses = [e["metadata"]["status"] for e in seen if e["metadata"]["id"] == op_id]
+        assert statuses[:2] == ["Pending", "Running"]
+        assert statuses[-1] == "Success"
+        assert seen[-1]["metadata"]["metadata"] == {"progress": "halfway", "answer": 42}
+
+
+def test_event_type_filter(replica: Replica, clean_store: Any) -> None:
+    with listen(replica, "?type=lifecycle") as ws:
+        op_id, event = held_operation(replica)
+        release(replica, event)
+        replica.request("GET", f"/1.0/operations/{op_id}/wait")
+        publish_from_another_process(clean_store.endpoint)
+        # The operation's events came first, but this listener only wants lifecycle ones.
+        first = json.loads(ws.recv(timeout=30))
+        assert first["type"] == "lifecycle"
+
+
+def test_event_project_filter(replica: Replica, clean_store: Any) -> None:
+    with listen(replica) as default_only, listen(replica, "?all-projects=true") as everything:
+        publish_from_another_process(clean_store.endpoint, project="other")
+        publish_from_another_process(clean_store.endpoint, project="default")
+        assert json.loads(everything.recv(timeout=30))["project"] == "other"
+        assert json.loads(everything.recv(timeout=30))["project"] == "default"
+        assert json.loads(default_only.recv(timeout=30))["project"] == "default"
+
+
+def test_lxc_monitor_sees_profile_lifecycle(replica: Replica, second_replica: Replica) -> None:
+    monitor = subprocess.Popen(
+        ["lxc", "monitor", "--type=lifecycle", "--format=json"],
+        env=second_replica.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert monitor.stdout is not None
+        wait_for(lambda: second_replica.ctx.hub.listeners == 1, "lxc monitor to connect")
+        replica.request("POST", "/1.0/profiles", {"name": "m1"})
+        line = monitor.stdout.readline()
+        event = json.loads(line)
+        assert event["type"] == "lifecycle"
+        assert event["metadata"]["action"] == "profile-created"
+        assert event["metadata"]["source"] == "/1.0/profiles/m1"
+        assert event["metadata"]["requestor"] == {
+            "username": "root",
+            "protocol": "unix",
+            "address": "@",
+        }
+    finally:
+        monitor.kill()
+        monitor.wait()
+
+
+def test_bad_event_type_is_refused(replica: Replica) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        listen(replica, "?type=bogus")
+    assert refused.value.response.status_code == 400
+    body = json.loads(refused.value.response.body)
+    assert body["error"] == '"bogus" isn\'t a supported event type'
+    plain = replica.request("GET", "/1.0/events")
+    assert plain.status == 400

@@ -1,0 +1,235 @@
+"""Operations as clients see them from any api replica: listed, shown, waited for,
+cancelled, failed when their replica dies, and gone a while after they end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from starlette.websockets import WebSocket
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import unix_connect
+
+from croft.api.operations import ORPHANED, OperationContext
+from croft.common.errors import InvalidArgument, PermissionDenied
+
+from .conftest import Replica
+
+OWNER_PROCESS = Path(__file__).with_name("owner_process.py")
+
+
+def held_operation(replica: Replica, **options: Any) -> tuple[str, asyncio.Event]:
+    """An operation on `replica` whose task runs until the returned event is set."""
+
+    async def create() -> tuple[str, asyncio.Event]:
+        release = asyncio.Event()
+
+        async def task(operation: OperationContext) -> dict[str, Any]:
+            await operation.update_metadata({"progress": "halfway"})
+            await release.wait()
+            return {"answer": 42}
+
+        op = await replica.ctx.operations.create("Testing", run=task, **options)
+        return op["id"], release
+
+    return replica.run(create())
+
+
+def release(replica: Replica, event: asyncio.Event) -> None:
+    replica.loop.call_soon_threadsafe(event.set)
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_operation_is_seen_from_another_replica(replica: Replica, second_replica: Replica) -> None:
+    op_id, event = held_operation(replica, resources={"instances": ["/1.0/instances/c1"]})
+
+    table = second_replica.lxc("operation", "list", "--format", "csv").stdout
+    assert f"{op_id},TASK,Testing,RUNNING" in table
+    shown = yaml.safe_load(second_replica.lxc("operation", "show", op_id).stdout)
+    assert shown["status"] == "Running"
+    assert shown["status_code"] == 103
+    assert shown["resources"] == {"instances": ["/1.0/instances/c1"]}
+
+    listed = second_replica.request("GET", "/1.0/operations")
+    assert listed.metadata == {"running": [f"/1.0/operations/{op_id}"]}
+    deep = second_replica.request("GET", "/1.0/operations?recursion=1").metadata
+    assert [op["id"] for op in deep["running"]] == [op_id]
+    assert deep["running"][0]["metadata"] == {"progress": "halfway"}
+
+    release(replica, event)
+    done = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30").metadata
+    assert done["status"] == "Success"
+    assert done["metadata"] == {"progress": "halfway", "answer": 42}
+    assert second_replica.request("GET", "/1.0/operations").metadata == {
+        "success": [f"/1.0/operations/{op_id}"]
+    }
+
+
+def test_wait_on_another_replica_returns_when_the_operation_ends(
+    replica: Replica, second_replica: Replica
+) -> None:
+    op_id, event = held_operation(replica)
+    early = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=0.2")
+    assert (early.status, early.metadata["status"]) == (200, "Running")
+
+    result: dict[str, Any] = {}
+
+    def wait_with_lxc() -> None:
+        query = second_replica.lxc("query", f"/1.0/operations/{op_id}/wait")
+        result.update(json.loads(query.stdout))
+
+    waiter = threading.Thread(target=wait_with_lxc)
+    waiter.start()
+    time.sleep(0.5)  # let the waiter get there first; the test holds either way
+    assert not result, "the wait returned before the operation ended"
+    release(replica, event)
+    waiter.join(60)
+    assert result["status"] == "Success"
+    assert result["id"] == op_id
+
+
+def test_failing_task_reports_its_error(replica: Replica) -> None:
+    async def create() -> str:
+        async def task(operation: OperationContext) -> None:
+            raise InvalidArgument("the image is not there")
+
+        return (await replica.ctx.operations.create("Creating instance", run=task))["id"]
+
+    op_id = replica.run(create())
+    done = replica.request("GET", f"/1.0/operations/{op_id}/wait").metadata
+    assert (done["status"], done["status_code"], done["err"]) == (
+        "Failure",
+        400,
+        "the image is not there",
+    )
+
+
+def test_cancel_from_another_replica(replica: Replica, second_replica: Replica) -> None:
+    op_id, _ = held_operation(replica, may_cancel=True)
+    second_replica.lxc("operation", "delete", op_id)
+    shown = replica.request("GET", f"/1.0/operations/{op_id}").metadata
+    assert (shown["status"], shown["status_code"]) == ("Cancelled", 401)
+
+    again = second_replica.request("DELETE", f"/1.0/operations/{op_id}")
+    assert (again.status, again.error) == (400, "Only running operations can be cancelled")
+
+    stubborn, event = held_operation(replica)
+    refused = second_replica.request("DELETE", f"/1.0/operations/{stubborn}")
+    assert (refused.status, refused.error) == (400, "This operation can't be cancelled")
+    assert replica.request("GET", f"/1.0/operations/{stubborn}").metadata["status"] == "Running"
+    release(replica, event)
+
+    missing = second_replica.request("DELETE", "/1.0/operations/nope")
+    assert (missing.status, missing.error) == (404, "Operation not found")
+
+
+def test_finished_operations_go_away(replica: Replica, second_replica: Replica) -> None:
+    op_id, event = held_operation(replica)
+    release(replica, event)
+    replica.request("GET", f"/1.0/operations/{op_id}/wait")
+    assert second_replica.request("GET", f"/1.0/operations/{op_id}").status == 200
+    gone = wait_for(
+        lambda: second_replica.request("GET", f"/1.0/operations/{op_id}").status == 404,
+        "the finished operation to be removed",
+    )
+    assert gone
+    reply = second_replica.request("GET", f"/1.0/operations/{op_id}")
+    assert reply.error == "Operation not found"
+
+
+def test_operation_of_a_killed_replica_is_reported_failed(
+    replica: Replica, clean_store: Any
+) -> None:
+    owner = subprocess.Popen(
+        [sys.executable, str(OWNER_PROCESS), clean_store.endpoint, "2"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        op_id = owner.stdout.readline().strip()
+        assert op_id, "the owner process printed no operation id"
+        shown = replica.request("GET", f"/1.0/operations/{op_id}").metadata
+        assert shown["status"] == "Running"
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+
+        def failed() -> dict[str, Any] | None:
+            op = replica.request("GET", f"/1.0/operations/{op_id}").metadata
+            return op if op["status"] != "Running" else None
+
+        op = wait_for(failed, "the dead owner's operation to be reported")
+        assert (op["status"], op["status_code"], op["err"]) == ("Failure", 400, ORPHANED)
+        # A waiter learns it too, and so does `lxc operation show`.
+        waited = replica.request("GET", f"/1.0/operations/{op_id}/wait").metadata
+        assert waited["status"] == "Failure"
+        shown = yaml.safe_load(replica.lxc("operation", "show", op_id).stdout)
+        assert shown["err"] == ORPHANED
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_stopping_a_replica_fails_its_running_operations(
+    replica: Replica, second_replica: Replica
+) -> None:
+    op_id, _ = held_operation(second_replica)
+    second_replica.stop()
+    op = replica.request("GET", f"/1.0/operations/{op_id}").metadata
+    assert (op["status"], op["err"]) == ("Failure", ORPHANED)
+
+
+class EchoSocket:
+    """A websocket operation hook (exec will plug in the same way)."""
+
+    async def connect(self, operation: OperationContext, secret: str, websocket: WebSocket) -> None:
+        if secret != "s3cret":
+            raise PermissionDenied("not authorized")
+        await websocket.accept()
+        await websocket.send_text(f"hello from {operation.id}")
+        await websocket.close()
+
+
+def test_websocket_operation_hook(replica: Replica, second_replica: Replica) -> None:
+    async def create() -> str:
+        op = await replica.ctx.operations.create(
+            "Executing command",
+            cls="websocket",
+            websocket=EchoSocket(),
+            metadata={"fds": {"0": "s3cret"}},
+        )
+        return str(op["id"])
+
+    op_id = replica.run(create())
+    path = f"/1.0/operations/{op_id}/websocket"
+    with unix_connect(str(replica.socket), f"ws://lxd{path}?secret=s3cret") as ws:
+        assert ws.recv(timeout=10) == f"hello from {op_id}"
+
+    with pytest.raises(InvalidStatus) as refused:
+        unix_connect(str(replica.socket), f"ws://lxd{path}?secret=wrong")
+    assert refused.value.response.status_code == 403
+
+    with pytest.raises(InvalidStatus) as elsewhere:
+        unix_connect(str(second_replica.socket), f"ws://lxd{path}?secret=s3cret")
+    assert elsewhere.value.response.status_code == 503
+
+    replica.run(replica.ctx.operations.finish(op_id))
+    assert replica.request("GET", f"/1.0/operations/{op_id}").metadata["status"] == "Success"
