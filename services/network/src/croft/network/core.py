@@ -1,0 +1,432 @@
+"""The network core: network records in the store, the driver calls that make them real on
+this host, and the instance NICs plugged into them.
+
+The core is the only writer of network records (`/croft/records/networks/default/<name>`:
+LXD's network object plus a private `_croft` key). A record belongs to the member whose
+network service runs it (`_croft.member`); `_croft.nics` lists the instance NICs attached,
+and `used_by` is derived from it. Driver work on a network runs under that network's
+lock, in a worker thread, and is shielded from the caller going away: an attach either
+completes (and the caller's cleanup detaches it) or undoes itself.
+
+Service restarts never disturb a running network: `start()` converges every network of
+this member with the driver's idempotent `start`, which adopts the running dnsmasq and
+keeps the bridge (instances are plugged into it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from croft.common import events
+from croft.common.blocking import in_thread
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
+from croft.common.service import ServiceContext
+from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+DEFAULT_NETWORK_TYPE = "bridge"
+
+
+def network_key(name: str) -> str:
+    """Where a network's record lives (networks are not scoped by project, as in LXD)."""
+    return record_key("networks", DEFAULT_PROJECT, name)
+
+
+def instance_url(project: str, instance: str) -> str:
+    """An instance as LXD names it in `used_by`."""
+    url = f"/1.0/instances/{instance}"
+    return url if project == DEFAULT_PROJECT else f"{url}?project={project}"
+
+
+def new_network_record(
+    name: str, type_name: str, config: dict[str, str], member: str, description: str = ""
+) -> dict[str, Any]:
+    """A managed network's record in LXD's `GET /1.0/networks/<name>` shape."""
+    return {
+        "name": name,
+        "description": description,
+        "type": type_name,
+        "managed": True,
+        "status": "Created",
+        "config": dict(config),
+        "used_by": [],
+        "locations": ["none"],
+        "_croft": {"member": member, "nics": {}},
+    }
+
+
+@dataclass(frozen=True)
+class InstanceNic:
+    """One NIC of an instance on a managed network."""
+
+    network: str
+    project: str
+    instance: str
+    device: str
+    hwaddr: str = ""  # "" on detach: the one recorded at attach is used
+    ipv4: str | None = None  # a pinned address; None for any
+
+    @property
+    def key(self) -> str:
+        """The NIC's key in the record's `_croft.nics`."""
+        return f"{self.project}/{self.instance}/{self.device}"
+
+
+@dataclass(frozen=True)
+class NicAttachment:
+    """What compute needs to plug a NIC in."""
+
+    host_interface: str  # the bridge the veth/tap goes into
+    mtu: int | None  # None: the NIC keeps its default
+    ipv4: str | None  # the pinned address, if one was asked for
+
+
+def _used_by(nics: dict[str, dict[str, str]]) -> list[str]:
+    urls = set()
+    for key in nics:
+        project, instance, _ = key.split("/", 2)
+        urls.add(instance_url(project, instance))
+    return sorted(urls)
+
+
+class NetworkCore:
+    def __init__(self, context: ServiceContext) -> None:
+        self.context = context
+        self.store = context.store
+        self.member = context.config.member
+        self.default_network = context.config.network.default_bridge
+        self.settings = DriverSettings(
+            state_root=context.config.networks_dir,
+            nft_table=context.config.network.nft_table,
+        )
+        self._drivers: dict[str, NetworkDriver] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    def driver(self, type_name: str) -> NetworkDriver:
+        """The (one) driver of a network type; InvalidArgument for an unknown type."""
+        if type_name not in self._drivers:
+            self._drivers[type_name] = load_driver(type_name, self.settings)
+        return self._drivers[type_name]
+
+    def lock(self, name: str) -> asyncio.Lock:
+        """Serializes driver work and record changes of one network in this process."""
+        return self._locks.setdefault(name, asyncio.Lock())
+
+    async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
+        async def run() -> T:
+            async with self.lock(name):
+                return await work()
+
+        # Shielded: a caller that goes away (a cancelled gRPC call) must not stop driver
+        # work half-way; the work finishes, or undoes itself, under the lock.
+        return await asyncio.shield(run())
+
+    async def _local_record(self, name: str) -> dict[str, Any]:
+        """The record of a network this member runs."""
+        if not name:
+            raise InvalidArgument("No network name given")
+        found = await self.store.get_json(network_key(name))
+        if found is None:
+            raise NotFound("Network not found")
+        record: dict[str, Any] = found[0]
+        owner = record.get("_croft", {}).get("member")
+        if owner != self.member:
+            raise NotFound(f"Network {name!r} is not set up on member {self.member!r}")
+        return record
+
+    async def _lifecycle(self, action: str, name: str) -> None:
+        with contextlib.suppress(CroftError):
+            await events.publish(
+                self.store,
+                "lifecycle",
+                events.lifecycle_metadata(action, f"/1.0/networks/{name}"),
+            )
+
+    # ------------------------------------------------------------------ service start
+
+    async def start(self) -> None:
+        """At service start: make the default network if it has no record yet, then bring
+        every network of this member up (adopting what already runs). A network that
+        fails is logged and left for the next start or attach; the service still comes
+        up for the others."""
+        if self.default_network:
+            try:
+                await self.ensure_default_network()
+            except Exception as exc:  # noqa: BLE001 (the other networks must still come up)
+                log.error("default network %s not created: %s", self.default_network, exc)
+        await self.start_networks()
+
+    @property
+    def _default_made_marker(self) -> Path:
+        return self.settings.state_root / ".default-network-created"
+
+    async def ensure_default_network(self) -> dict[str, Any] | None:
+        """The default bridge's record, created (with a free subnet chosen by the driver)
+        the first time. Host state left by a service killed between the driver's create
+        and the record's write is adopted, so its subnet does not change. A default
+        network the user deleted stays deleted (None), as in LXD."""
+        name = self.default_network
+        key = network_key(name)
+
+        async def ensure() -> dict[str, Any] | None:
+            found = await self.store.get_json(key)
+            if found is not None:
+                existing: dict[str, Any] = found[0]
+                return existing
+            driver = self.driver(DEFAULT_NETWORK_TYPE)
+            adopted = await in_thread(driver.local_config, name)
+            if adopted is None and await in_thread(self._default_made_marker.exists):
+                return None
+            if adopted is not None:
+                config = adopted
+            else:
+                config = await in_thread(driver.create, name, {})
+            record = new_network_record(name, DEFAULT_NETWORK_TYPE, config, self.member)
+            try:
+                await self.store.create_json(key, record)
+            except Conflict:
+                # Another process wrote it first: its record wins. Host state made just
+                # now for a record that is not this member's would be orphaned.
+                winner = await self.store.get_json(key)
+                if adopted is None and (
+                    winner is None or winner[0].get("_croft", {}).get("member") != self.member
+                ):
+                    await in_thread(driver.delete, name)
+                if winner is None:
+                    raise
+                won: dict[str, Any] = winner[0]
+                return won
+            except BaseException:
+                if adopted is None:
+                    await in_thread(driver.delete, name)
+                raise
+            await in_thread(self._default_made_marker.touch)
+            how = "adopted" if adopted is not None else "created"
+            log.info("%s the default network %s (%s)", how, name, config.get("ipv4.address"))
+            await self._lifecycle("network-created", name)
+            return record
+
+        return await self._locked(name, ensure)
+
+    async def start_networks(self) -> list[str]:
+        """Start every network recorded for this member; returns the names that failed."""
+        failed = []
+        for entry in await self.store.list(record_prefix("networks", DEFAULT_PROJECT)):
+            record = entry.json()
+            if record.get("_croft", {}).get("member") != self.member:
+                continue
+            name = record["name"]
+
+            async def start(record: dict[str, Any] = record) -> None:
+                driver = self.driver(record["type"])
+                await in_thread(driver.start, record["name"], record["config"])
+
+            try:
+                await self._locked(name, start)
+            except Exception as exc:  # noqa: BLE001 (one broken network must not stop the rest)
+                log.error("network %s did not start: %s", name, exc)
+                failed.append(name)
+        return failed
+
+    # ------------------------------------------------------------------ networks
+
+    async def create_network(
+        self, name: str, type_name: str, config: dict[str, str], description: str = ""
+    ) -> dict[str, Any]:
+        """Create a managed network on this member and start it; returns its record.
+        InvalidArgument for a bad name, type or config, Conflict if the name is taken.
+        On failure nothing is left: no record, no host state."""
+        if not name:
+            raise InvalidArgument("No network name given")
+        type_name = type_name or DEFAULT_NETWORK_TYPE
+        driver = self.driver(type_name)
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+            raise InvalidArgument("Network config values must be strings")
+        key = network_key(name)
+
+        async def create() -> dict[str, Any]:
+            if await self.store.get(key) is not None:
+                raise Conflict("The network already exists")
+            resolved = await in_thread(driver.create, name, config)
+            record = new_network_record(name, type_name, resolved, self.member, description)
+            try:
+                await self.store.create_json(key, record)
+            except Conflict:
+                await in_thread(driver.delete, name)
+                raise Conflict("The network already exists") from None
+            except BaseException:
+                await in_thread(driver.delete, name)
+                raise
+            try:
+                await in_thread(driver.start, name, resolved)
+            except BaseException:
+                await in_thread(driver.delete, name)
+                with contextlib.suppress(NotFound):
+                    await self.store.delete(key)
+                raise
+            await self._lifecycle("network-created", name)
+            return record
+
+        return await self._locked(name, create)
+
+    async def update_network(
+        self, name: str, config: dict[str, str], description: str | None = None
+    ) -> dict[str, Any]:
+        """Replace a network's config (and description, unless None) and converge the
+        running network to it; returns the record. Bad config changes nothing."""
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
+            raise InvalidArgument("Network config values must be strings")
+
+        async def update() -> dict[str, Any]:
+            record = await self._local_record(name)
+            driver = self.driver(record["type"])
+            old_config = record["config"]
+            resolved = await in_thread(driver.update, name, config)
+
+            def change(current: dict[str, Any]) -> dict[str, Any]:
+                current["config"] = resolved
+                if description is not None:
+                    current["description"] = description
+                return current
+
+            try:
+                new = await modify(
+                    self.store, network_key(name), change, missing="Network not found"
+                )
+            except BaseException:
+                await in_thread(driver.update, name, old_config)
+                raise
+            await self._lifecycle("network-updated", name)
+            return new
+
+        return await self._locked(name, update)
+
+    async def delete_network(self, name: str) -> None:
+        """Take a network down, remove its host state and its record. Refused while
+        instance NICs are attached to it."""
+
+        async def delete() -> None:
+            record = await self._local_record(name)
+            if record.get("_croft", {}).get("nics"):
+                raise InvalidArgument("The network is currently in use")
+            # Host state first: a record left by a failure here is started (recreated) at
+            # the next service start, never orphaned host state without a record.
+            await in_thread(self.driver(record["type"]).delete, name)
+            with contextlib.suppress(NotFound):
+                await self.store.delete(network_key(name))
+            await self._lifecycle("network-deleted", name)
+
+        await self._locked(name, delete)
+
+    # ------------------------------------------------------------------ instances
+
+    async def attach_instance(self, nic: InstanceNic) -> NicAttachment:
+        """Register an instance NIC with its network (DHCP host entry, DNS name, pinned
+        address) and record it in `used_by`. Starts the network first if it is down.
+        Attaching a NIC again updates it. On failure nothing is left registered."""
+        if not nic.instance:
+            raise InvalidArgument("No instance name given")
+        if not nic.hwaddr:
+            raise InvalidArgument("No MAC address given for the NIC")
+        name = nic.network
+
+        async def attach() -> NicAttachment:
+            record = await self._local_record(name)
+            driver = self.driver(record["type"])
+            config = record["config"]
+            if not await in_thread(driver.is_running, name):
+                await in_thread(driver.start, name, config)
+            previous = record.get("_croft", {}).get("nics", {}).get(nic.key)
+            hwaddr = nic.hwaddr.lower()
+            try:
+                address = await in_thread(driver.add_instance, name, nic.instance, hwaddr, nic.ipv4)
+
+                def add(current: dict[str, Any]) -> dict[str, Any]:
+                    nics = current.setdefault("_croft", {}).setdefault("nics", {})
+                    nics[nic.key] = {"hwaddr": hwaddr, "ipv4": address or ""}
+                    current["used_by"] = _used_by(nics)
+                    return current
+
+                await modify(self.store, network_key(name), add, missing="Network not found")
+            except BaseException:
+                if previous is not None and previous.get("hwaddr") == hwaddr:
+                    # add_instance replaced this NIC's entry: put the old one back.
+                    await in_thread(
+                        driver.add_instance,
+                        name,
+                        nic.instance,
+                        hwaddr,
+                        previous.get("ipv4") or None,
+                    )
+                else:
+                    await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
+                raise
+            if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
+                await in_thread(driver.remove_instance, name, nic.instance, previous["hwaddr"])
+            return NicAttachment(
+                host_interface=driver.host_interface(name),
+                mtu=driver.instance_mtu(config),
+                ipv4=address,
+            )
+
+        return await self._locked(name, attach)
+
+    async def detach_instance(self, nic: InstanceNic) -> None:
+        """Forget an instance NIC: its host entry, its lease (the address is free at
+        once) and its place in `used_by`. Detaching a NIC, instance or network that is
+        not known here does nothing."""
+        name = nic.network
+        if not name:
+            raise InvalidArgument("No network name given")
+
+        async def detach() -> None:
+            found = await self.store.get_json(network_key(name))
+            if found is None:
+                return
+            record: dict[str, Any] = found[0]
+            if record.get("_croft", {}).get("member") != self.member:
+                return
+            driver = self.driver(record["type"])
+            entry = record.get("_croft", {}).get("nics", {}).get(nic.key)
+            hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
+            for hwaddr in sorted(hwaddrs):
+                await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
+            if entry is None:
+                return
+
+            def remove(current: dict[str, Any]) -> dict[str, Any]:
+                nics = current.setdefault("_croft", {}).setdefault("nics", {})
+                nics.pop(nic.key, None)
+                current["used_by"] = _used_by(nics)
+                return current
+
+            with contextlib.suppress(NotFound):
+                await modify(self.store, network_key(name), remove, missing="Network not found")
+
+        await self._locked(name, detach)
+
+    # ------------------------------------------------------------------ state
+
+    async def network_state(self, name: str) -> dict[str, Any]:
+        """LXD's `GET /1.0/networks/<name>/state` metadata for a network of this member."""
+        record = await self._local_record(name)
+        state = await in_thread(self.driver(record["type"]).state, name)
+        return state.to_api()
+
+    async def leases(self, name: str) -> list[dict[str, str]]:
+        """LXD's `GET /1.0/networks/<name>/leases` metadata for a network of this member."""
+        record = await self._local_record(name)
+        leases = await in_thread(self.driver(record["type"]).leases, name)
+        return [lease.to_api() for lease in leases]

@@ -1,0 +1,506 @@
+# ruff: noqa: ASYNC221, ASYNC251
+# (the tests drive network namespaces and signals with blocking calls: that is the point)
+"""The network service as croft runs it: a real `python -m croft.network` process on a real
+etcd, called over gRPC through discovery, with network namespaces playing the instances."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Interface
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from croft.common import discovery
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.records import public
+from croft.common.rpc import ServiceClient
+from croft.common.store import Store
+from croft.common.testing.etcd import EtcdServer, etcd_store
+from croft.network import nft
+from croft.network.core import network_key
+from croft.network.drivers import DriverSettings, generate_hwaddr
+from croft.network.drivers.bridge import BridgeDriver
+from croft.network.testing import Guest, Guests, dnsmasq_pids, link_exists, sh
+from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
+
+MEMBER = "netnode"
+
+
+@dataclass
+class NetworkService:
+    """A network service process with its own config, state dir, bridge and nft table."""
+
+    root: Path
+    bridge: str
+    nft_table: str
+    endpoint: str
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.root / "croft.yaml"
+
+    @property
+    def log_file(self) -> Path:
+        return self.root / "network.log"
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def write_config(self) -> None:
+        self.config_file.write_text(
+            f"""
+member: {MEMBER}
+state_dir: {self.root / "state"}
+log_dir: {self.root / "log"}
+run_dir: {self.root / "run"}
+etcd:
+  endpoints: [{self.endpoint}]
+registry:
+  lease_ttl: 2
+network:
+  default_bridge: {self.bridge}
+  nft_table: {self.nft_table}
+"""
+        )
+
+    def start(self) -> None:
+        env = {**os.environ, "CROFT_CONFIG": str(self.config_file)}
+        with open(self.log_file, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "croft.network"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,
+            )
+
+    async def wait_registered(self, store: Store, timeout: float = 30.0) -> None:
+        """Until this process is in discovery (it registers after its start-up work)."""
+        assert self.process is not None
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise AssertionError(
+                    f"network service exited {self.process.returncode}:\n{self.log_tail()}"
+                )
+            found = await discovery.resolve(store, "network", MEMBER)
+            if any(i.pid == self.process.pid for i in found):
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise AssertionError(f"network service never registered:\n{self.log_tail()}")
+            await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+    def log_tail(self) -> str:
+        return "".join(self.log_file.read_text(errors="replace").splitlines(True)[-30:])
+
+
+@pytest.fixture(scope="module")
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer(prefix="croft-net-test-etcd-") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service(etcd: EtcdServer) -> Iterator[NetworkService]:
+    root = Path(tempfile.mkdtemp(prefix="croft-net-test-"))
+    root.chmod(0o755)  # dnsmasq drops root and must reach the host files below
+    tag = secrets.token_hex(3)
+    svc = NetworkService(root, f"crtn{tag}", f"croft_test_{tag}", etcd.endpoint)
+    svc.write_config()
+    yield svc
+    if svc.running:
+        svc.terminate()
+    BridgeDriver(DriverSettings(root / "state" / "networks", svc.nft_table)).delete(svc.bridge)
+    if nft.table_exists(svc.nft_table):
+        sh("nft", "delete", "table", "inet", svc.nft_table, check=False)
+    sh("ip", "link", "del", svc.bridge, check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+async def store(etcd: EtcdServer) -> AsyncIterator[Store]:
+    async with etcd_store(etcd.endpoints) as s:
+        yield s
+
+
+@pytest.fixture
+async def running(service: NetworkService, store: Store) -> NetworkService:
+    """The service, started (again) if an earlier test stopped it."""
+    if not service.running:
+        service.start()
+    await service.wait_registered(store)
+    return service
+
+
+@pytest.fixture
+async def client(running: NetworkService, store: Store) -> AsyncIterator[ServiceClient[Any]]:
+    c = await ServiceClient(store, "network", network_pb2_grpc.NetworkStub, member=MEMBER).start()
+    yield c
+    await c.close()
+
+
+@pytest.fixture
+def guests(tmp_path: Path) -> Iterator[Guests]:
+    made = Guests(tmp_path, prefix="crtn")
+    yield made
+    made.remove_all()
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+async def record_of(store: Store, name: str) -> dict[str, Any]:
+    found = await store.get_json(network_key(name))
+    assert found is not None, f"no record for network {name}"
+    record: dict[str, Any] = found[0]
+    return record
+
+
+def gateway(record: dict[str, Any]) -> str:
+    return str(IPv4Interface(record["config"]["ipv4.address"]).ip)
+
+
+def nic(network: str, instance: str, hwaddr: str = "", **fields: str) -> network_pb2.NicRequest:
+    return network_pb2.NicRequest(
+        network=network,
+        project=fields.pop("project", "default"),
+        instance=instance,
+        device=fields.pop("device", "eth0"),
+        hwaddr=hwaddr,
+        **fields,
+    )
+
+
+async def leases(client: ServiceClient[Any], network: str) -> list[dict[str, str]]:
+    reply = await client.call("Leases", network_pb2.NetworkRef(name=network))
+    result: list[dict[str, str]] = json.loads(reply.json)
+    return result
+
+
+def bridge_ports(bridge: str) -> list[str]:
+    return os.listdir(f"/sys/class/net/{bridge}/brif")
+
+
+def ifindex(name: str) -> int:
+    return int(Path(f"/sys/class/net/{name}/ifindex").read_text())
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+async def test_the_default_bridge_is_recorded_with_a_free_subnet_and_is_up(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    bridge = running.bridge
+    record = await record_of(store, bridge)
+    config = record["config"]
+    assert public(record) == {
+        "name": bridge,
+        "description": "",
+        "type": "bridge",
+        "managed": True,
+        "status": "Created",
+        "config": config,
+        "used_by": [],
+        "locations": ["none"],
+    }
+    assert record["_croft"]["member"] == MEMBER
+    subnet = IPv4Interface(config["ipv4.address"])  # chosen, not "auto"
+    assert config["ipv4.nat"] == "true"
+
+    link = json.loads(sh("ip", "-j", "addr", "show", "dev", bridge).stdout)[0]
+    assert "UP" in link["flags"]
+    inet = [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"]
+    assert inet == [(str(subnet.ip), subnet.network.prefixlen)]
+    assert len(dnsmasq_pids(bridge)) == 1
+    assert f"pstrt.{bridge}" in nft.list_chains(running.nft_table)
+
+    reply = await client.call("NetworkState", network_pb2.NetworkRef(name=bridge))
+    state = json.loads(reply.json)
+    assert state["state"] == "up" and state["type"] == "broadcast"
+    assert str(subnet.ip) in {a["address"] for a in state["addresses"]}
+    with pytest.raises(NotFound, match="Network not found"):
+        await client.call("NetworkState", network_pb2.NetworkRef(name="crtnnothere"))
+
+
+async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
+    running: NetworkService, store: Store, client: ServiceClient[Any], guests: Guests
+) -> None:
+    bridge = running.bridge
+    record = await record_of(store, bridge)
+    guest = guests.make(bridge)
+
+    reply = await client.call("AttachInstance", nic(bridge, "c1", guest.hwaddr), idempotent=False)
+    assert reply.bridge == bridge and reply.ipv4 == "" and reply.mtu == 0
+    assert (await record_of(store, bridge))["used_by"] == ["/1.0/instances/c1"]
+
+    address = guest.dhcp()
+    assert address is not None
+    assert IPv4Address(address) in IPv4Interface(record["config"]["ipv4.address"]).network
+    assert guest.nslookup("c1.croft", gateway(record)) == address
+    assert {
+        "hostname": "c1",
+        "hwaddr": guest.hwaddr,
+        "address": address,
+        "type": "dynamic",
+        "location": "",
+    } in await leases(client, bridge)
+
+    await client.call("DetachInstance", nic(bridge, "c1", guest.hwaddr))
+    assert (await record_of(store, bridge))["used_by"] == []
+    assert guest.hwaddr not in {le["hwaddr"] for le in await leases(client, bridge)}
+    assert guest.nslookup("c1.croft", gateway(record)) is None
+
+    # Detach is idempotent: compute retries it and calls it on rollback.
+    await client.call("DetachInstance", nic(bridge, "c1", guest.hwaddr))
+    await client.call("DetachInstance", nic(bridge, "c1"))
+    await client.call("DetachInstance", nic("crtnnothere", "c1", guest.hwaddr))
+
+
+async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    bridge = running.bridge
+    before = await store.get(network_key(bridge))
+    assert before is not None
+    subnet = IPv4Interface(before.json()["config"]["ipv4.address"]).network
+
+    with pytest.raises(InvalidArgument, match="MAC"):
+        await client.call("AttachInstance", nic(bridge, "c2", "nonsense"), idempotent=False)
+    with pytest.raises(InvalidArgument, match="not usable"):
+        await client.call(
+            "AttachInstance",
+            nic(bridge, "c2", generate_hwaddr(), ipv4="192.168.255.7"),
+            idempotent=False,
+        )
+    with pytest.raises(NotFound, match="Network not found"):
+        await client.call("AttachInstance", nic("crtnnothere", "c2", generate_hwaddr()))
+    after = await store.get(network_key(bridge))
+    assert after is not None and after.revision == before.revision
+
+    pinned = str(subnet.network_address + 77)
+    first, second = generate_hwaddr(), generate_hwaddr()
+    reply = await client.call(
+        "AttachInstance", nic(bridge, "c2", first, ipv4=pinned), idempotent=False
+    )
+    assert reply.ipv4 == pinned
+    assert {
+        "hostname": "c2",
+        "hwaddr": first,
+        "address": pinned,
+        "type": "static",
+        "location": "",
+    } in (await leases(client, bridge))
+    with pytest.raises(Conflict, match="already assigned"):
+        await client.call(
+            "AttachInstance", nic(bridge, "c3", second, ipv4=pinned), idempotent=False
+        )
+    assert second not in {le["hwaddr"] for le in await leases(client, bridge)}
+
+    other = nic(bridge, "c2", generate_hwaddr(), project="p1", device="eth1")
+    await client.call("AttachInstance", other, idempotent=False)
+    assert (await record_of(store, bridge))["used_by"] == [
+        "/1.0/instances/c2",
+        "/1.0/instances/c2?project=p1",
+    ]
+    await client.call("DetachInstance", other)
+    await client.call("DetachInstance", nic(bridge, "c2", first))
+    assert (await record_of(store, bridge))["used_by"] == []
+    assert first not in {le["hwaddr"] for le in await leases(client, bridge)}
+
+
+async def test_create_update_and_delete_a_network(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    name = f"crtn{secrets.token_hex(3)}"
+    bad_name = f"crtn{secrets.token_hex(3)}"
+    driver = BridgeDriver(DriverSettings(running.root / "state" / "networks", running.nft_table))
+    try:
+        body = {
+            "name": name,
+            "description": "a test network",
+            "type": "bridge",
+            "config": {"ipv4.address": "auto", "ipv6.address": "none", "bridge.mtu": "1400"},
+        }
+        reply = await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(body)))
+        created = json.loads(reply.json)
+        assert created == public(await record_of(store, name))
+        assert created["description"] == "a test network"
+        subnet = IPv4Interface(created["config"]["ipv4.address"]).network
+        default = IPv4Interface((await record_of(store, running.bridge))["config"]["ipv4.address"])
+        assert not subnet.overlaps(default.network)
+        assert link_exists(name) and len(dnsmasq_pids(name)) == 1
+        with pytest.raises(Conflict, match="already exists"):
+            await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(body)))
+
+        bad = {"name": bad_name, "config": {"ipv4.address": "nonsense"}}
+        with pytest.raises(InvalidArgument, match="ipv4.address"):
+            await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(bad)))
+        assert await store.get(network_key(bad_name)) is None
+        assert not link_exists(bad_name) and not (driver.state_dir(bad_name)).exists()
+
+        nic_request = nic(name, "c5", generate_hwaddr())
+        reply = await client.call("AttachInstance", nic_request, idempotent=False)
+        assert (reply.bridge, reply.mtu) == (name, 1400)
+        with pytest.raises(InvalidArgument, match="in use"):
+            await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
+        await client.call("DetachInstance", nic_request)
+
+        put = {"description": "changed", "config": {**created["config"], "dns.domain": "example"}}
+        reply = await client.call(
+            "UpdateNetwork", network_pb2.NetworkPut(name=name, json=json.dumps(put))
+        )
+        updated = json.loads(reply.json)
+        assert updated["description"] == "changed"
+        assert updated["config"]["dns.domain"] == "example"
+        (pid,) = dnsmasq_pids(name)
+        assert b"--domain=example" in Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        before = await store.get(network_key(name))
+        wrong = {"config": {**updated["config"], "bridge.mtu": "10"}}
+        with pytest.raises(InvalidArgument, match="bridge.mtu"):
+            await client.call(
+                "UpdateNetwork", network_pb2.NetworkPut(name=name, json=json.dumps(wrong))
+            )
+        after = await store.get(network_key(name))
+        assert before is not None and after is not None and after.revision == before.revision
+
+        await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
+        assert await store.get(network_key(name)) is None
+        assert not link_exists(name) and not dnsmasq_pids(name)
+        assert not [c for c in nft.list_chains(running.nft_table) if c.endswith(f".{name}")]
+        with pytest.raises(NotFound):
+            await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
+    finally:
+        # pyroute2's IPRoute runs its own event loop: never call the driver on this one.
+        await asyncio.to_thread(driver.delete, name)
+        await asyncio.to_thread(driver.delete, bad_name)
+
+
+async def test_a_killed_service_comes_back_without_touching_the_network(
+    running: NetworkService, store: Store, client: ServiceClient[Any], guests: Guests
+) -> None:
+    bridge = running.bridge
+    guest: Guest = guests.make(bridge)
+    await client.call("AttachInstance", nic(bridge, "c4", guest.hwaddr), idempotent=False)
+    address = guest.dhcp()
+    assert address is not None
+    before = await store.get(network_key(bridge))
+    assert before is not None
+    dnsmasq, index = dnsmasq_pids(bridge), ifindex(bridge)
+    assert len(dnsmasq) == 1
+
+    running.kill()
+    running.start()
+    await running.wait_registered(store)
+
+    assert dnsmasq_pids(bridge) == dnsmasq
+    assert ifindex(bridge) == index
+    assert guest.host_veth in bridge_ports(bridge)  # the instance stayed plugged in
+    after = await store.get(network_key(bridge))
+    assert after is not None
+    assert (after.revision, after.value) == (before.revision, before.value)
+
+    # The restarted service knows the NIC: its name still resolves, its lease is listed,
+    # and detaching it works.
+    assert guest.nslookup("c4.croft", gateway(before.json())) == address
+    assert "c4" in {le["hostname"] for le in await leases(client, bridge)}
+    await client.call("DetachInstance", nic(bridge, "c4", guest.hwaddr))
+    assert (await record_of(store, bridge))["used_by"] == []
+
+
+async def test_host_state_whose_record_was_never_written_is_adopted(
+    running: NetworkService, store: Store
+) -> None:
+    # As if the service died between the driver's create and the store write.
+    bridge = running.bridge
+    before = await record_of(store, bridge)
+    dnsmasq, index = dnsmasq_pids(bridge), ifindex(bridge)
+    running.kill()
+    await store.delete(network_key(bridge))
+
+    running.start()
+    await running.wait_registered(store)
+    after = await record_of(store, bridge)
+    assert after["config"] == before["config"]  # same subnet, not a new one
+    assert dnsmasq_pids(bridge) == dnsmasq
+    assert ifindex(bridge) == index
+
+
+async def test_networks_come_back_after_a_host_reboot_and_on_attach(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    bridge = running.bridge
+    driver = BridgeDriver(DriverSettings(running.root / "state" / "networks", running.nft_table))
+    before = await store.get(network_key(bridge))
+    assert before is not None
+    gw = gateway(before.json())
+
+    # A reboot: the service is gone and so are the bridge, its dnsmasq and its rules.
+    running.kill()
+    await asyncio.to_thread(driver.stop, bridge)
+    assert not link_exists(bridge)
+    running.start()
+    await running.wait_registered(store)
+    assert link_exists(bridge) and len(dnsmasq_pids(bridge)) == 1
+    assert gw in {
+        a["address"] for a in (await asyncio.to_thread(driver.state, bridge)).to_api()["addresses"]
+    }
+    after = await store.get(network_key(bridge))
+    assert after is not None and after.value == before.value
+
+    # Taken down behind the running service's back: the next attach brings it up.
+    await asyncio.to_thread(driver.stop, bridge)
+    request = nic(bridge, "c6", generate_hwaddr())
+    reply = await client.call("AttachInstance", request, idempotent=False)
+    assert reply.bridge == bridge and link_exists(bridge) and len(dnsmasq_pids(bridge)) == 1
+    await client.call("DetachInstance", request)
+
+
+async def test_sigterm_exits_0_and_leaves_the_network_running(
+    running: NetworkService, store: Store
+) -> None:
+    assert running.process is not None
+    pid = running.process.pid
+    dnsmasq = dnsmasq_pids(running.bridge)
+
+    assert running.terminate() == 0
+    assert pid not in {i.pid for i in await discovery.resolve(store, "network", MEMBER)}
+    assert link_exists(running.bridge)  # instances keep their network while it is away
+    assert dnsmasq_pids(running.bridge) == dnsmasq
+
+
+async def test_a_deleted_default_network_stays_deleted_after_a_restart(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    await client.call("DeleteNetwork", network_pb2.NetworkRef(name=running.bridge))
+    assert not link_exists(running.bridge)
+    running.kill()
+    running.start()
+    await running.wait_registered(store)
+    assert await store.get(network_key(running.bridge)) is None
+    assert not link_exists(running.bridge)
