@@ -68,7 +68,9 @@ class Croft:
         return mine
 
 
-def make_croft(root: Path, lease_ttl: int = 2, extra: str = "") -> Croft:
+def make_croft(root: Path, lease_ttl: int = 2, extra: str = "", bridge: str = "") -> Croft:
+    """A croft living under `root`. With no `bridge` its network service makes no
+    default network (the host's interfaces and firewall stay untouched)."""
     client, peer = free_port(), free_port()
     endpoint = f"http://127.0.0.1:{client}"
     config = root / "croft.yaml"
@@ -83,6 +85,9 @@ etcd:
   peer_port: {peer}
 registry:
   lease_ttl: {lease_ttl}
+network:
+  default_bridge: "{bridge}"
+  nft_table: croft_test_{root.name.replace("-", "_")[-20:]}
 {extra}
 """
     )
