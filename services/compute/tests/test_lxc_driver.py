@@ -343,7 +343,7 @@ async def test_nic_on_a_bridge_and_delete_leaves_nothing(
     hwaddr = "00:16:3e:12:34:56"
     devices = {
         "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0",
-                 "hwaddress": hwaddr, "mtu": "1400"},
+                 "hwaddr": hwaddr, "mtu": "1400"},
         "root": {"type": "disk", "path": "/", "pool": "default"},
     }  # fmt: skip
     name = await launch(driver, make_rootfs, devices=devices)

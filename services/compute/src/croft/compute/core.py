@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import copy
 import logging
+import os
 import secrets
 import time
 import uuid
@@ -23,12 +24,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from croft.common import events
+from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
 from croft.common.service import ServiceContext
 from croft.common.store import dump
 from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
+from croft.images.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -149,6 +152,8 @@ class ComputeCore:
         volatile: dict[str, str] = {"volatile.uuid": str(uuid.uuid4())}
         if fingerprint:
             volatile["volatile.base_image"] = fingerprint
+            # LXD applies the image's "create" templates at the first start.
+            volatile["volatile.apply_template"] = "create"
         for dev_name, device in devices.items():
             if device.get("type") == "nic":
                 hwaddr = (
@@ -324,6 +329,7 @@ class ComputeCore:
                     raise InvalidArgument("The instance is already running")
                 if status is Status.FROZEN:
                     raise InvalidArgument("The instance is frozen, unfreeze it instead")
+                await self._apply_templates(project, name)
                 await self.driver.start(host_name)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
@@ -351,6 +357,30 @@ class ComputeCore:
             record = await self._set_status(project, name, new)
         await self.lifecycle(event, project, name)
         return record
+
+    async def _apply_templates(self, project: str, name: str) -> None:
+        """Render the image's templates for a pending trigger (`volatile.apply_template`),
+        once, before the instance starts."""
+        record, _ = await self.record(project, name)
+        trigger = record["config"].get("volatile.apply_template")
+        rootfs = record.get("_croft", {}).get("rootfs")
+        if not trigger or not rootfs:
+            return
+        instance = TemplateInstance(
+            name=name,
+            architecture=record.get("architecture", "x86_64"),
+            ephemeral=bool(record.get("ephemeral")),
+            privileged=record["expanded_config"].get("security.privileged") == "true",
+            config=record["expanded_config"],
+            devices=record["expanded_devices"],
+        )
+        await in_thread(apply_templates, os.path.dirname(rootfs), trigger, instance)
+
+        def done(record: dict[str, Any]) -> None:
+            record["config"].pop("volatile.apply_template", None)
+            record["expanded_config"].pop("volatile.apply_template", None)
+
+        await self._set(project, name, done)
 
     async def state(self, project: str, name: str) -> dict[str, Any]:
         record, _ = await self.record(project, name)
@@ -687,7 +717,26 @@ class ComputeCore:
                 log.warning("removing %s/%s, left half-created", project, name)
                 await self._teardown(project, name, record)
                 continue
+            await self._autostart(project, name, record)
             await self._refresh_status(project, name, record)
+
+    async def _autostart(self, project: str, name: str, record: dict[str, Any]) -> None:
+        """After a host restart, start what LXD would: instances with boot.autostart=true,
+        and (when the key is unset) those that were running before."""
+        config = record.get("expanded_config", {})
+        autostart = config.get("boot.autostart")
+        wanted = autostart == "true" or (
+            autostart is None and config.get("volatile.last_state.power") == "RUNNING"
+        )
+        host_name = driver_name(project, name)
+        if not wanted or not await self.driver.exists(host_name):
+            return
+        if (await self.driver.state(host_name)).status is Status.STOPPED:
+            log.info("autostarting %s/%s", project, name)
+            try:
+                await self.change_state(project, name, "start")
+            except CroftError as exc:
+                log.warning("autostart of %s/%s failed: %s", project, name, exc)
 
     async def _refresh_status(self, project: str, name: str, record: dict[str, Any]) -> None:
         host_name = driver_name(project, name)
