@@ -128,6 +128,7 @@ async def test_pool_has_lxd_layout_and_reports_usage(driver: StorageDriver) -> N
         assert (driver.source / sub).is_dir()
     usage = await driver.pool_usage()
     assert 0 < usage.used_bytes <= usage.total_bytes
+    assert 0 < usage.used_inodes <= usage.total_inodes
 
 
 async def test_pool_deleted_only_when_empty(driver: StorageDriver) -> None:
@@ -264,6 +265,24 @@ async def test_instance_from_a_missing_image_or_twice_is_refused(driver: Storage
     with pytest.raises(Conflict):
         await driver.create_instance_from_image("c1", IMAGE)
     assert (driver.source / "containers/c1/rootfs/root/mine").read_text() == "keep"
+    assert leftovers(driver) == []
+
+
+async def test_empty_instance_has_an_empty_rootfs(driver: StorageDriver) -> None:
+    assert not await driver.has_instance("c1")
+    rootfs = await driver.create_empty_instance("c1")
+    assert await driver.has_instance("c1")
+    assert rootfs == await driver.mount_instance("c1")
+    assert rootfs.is_dir() and list(rootfs.iterdir()) == []
+    (rootfs / "mine").write_text("keep")
+    with pytest.raises(Conflict):
+        await driver.create_empty_instance("c1")
+    assert (rootfs / "mine").read_text() == "keep"
+    with pytest.raises(InvalidArgument):
+        await driver.create_empty_instance("../escape")
+    await driver.delete_instance("c1")
+    assert not await driver.has_instance("c1")
+    assert visible(driver.source / "containers") == []
     assert leftovers(driver) == []
 
 

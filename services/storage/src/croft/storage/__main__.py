@@ -1,10 +1,21 @@
 """`python -m croft.storage`: the storage service."""
 
+from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
+from croft.storage.core import StorageCore
+from croft.storage.servicer import StorageServicer
+from croft.v1 import storage_pb2_grpc
+
+
+async def setup(context: ServiceContext) -> None:
+    """Pools ready (the default one created at first start) before the service registers."""
+    core = StorageCore(context)
+    await core.start()
+    storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(core), context.server.grpc)
 
 
 def main() -> None:
-    run_service("storage")
+    run_service("storage", setup)
 
 
 if __name__ == "__main__":

@@ -185,6 +185,10 @@ class StorageDriver(abc.ABC):
         unpacked; Conflict if the instance exists. On failure nothing is left behind."""
 
     @abc.abstractmethod
+    async def has_instance(self, name: str) -> bool:
+        """Whether the instance volume exists (completely) in this pool."""
+
+    @abc.abstractmethod
     async def create_empty_instance(self, name: str) -> Path:
         """Create an instance volume with an empty `rootfs/` (LXD's `lxc init --empty`);
         return the rootfs path. Conflict if the instance exists. On failure nothing is left

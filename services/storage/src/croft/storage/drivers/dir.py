@@ -388,6 +388,9 @@ class DirDriver(StorageDriver):
             raise
         return final / "rootfs"
 
+    async def has_instance(self, name: str) -> bool:
+        return self.instance_path(name).is_dir()
+
     async def create_empty_instance(self, name: str) -> Path:
         final = self.instance_path(name)
         self._require_pool()

@@ -1,0 +1,626 @@
+"""The storage core: pools and volumes on this host, their records, and the order of steps
+that keeps records and disks in agreement. Drivers touch disks; this module decides.
+
+Records (LXD's API shape, JSON; `_croft` holds croft's bookkeeping):
+
+    record_key("storage-pools", "default", <pool>)                            StoragePool
+    record_key("storage-volumes", "default", "<pool>/<type>/<volume>")        StorageVolume
+    record_key("storage-volumes", "default", "<pool>/<type>/<volume>/<snap>") a snapshot
+
+`<volume>` is the volume's name on the host, as compute passes it (`<project>_<name>` outside
+the default project), so it is unique per pool. The record's `name` is LXD's name (`c1`, or
+`c1/snap0` for a snapshot, which LXD lists among the volumes too) and `project` its project.
+Image volumes are `<pool>/image/<fingerprint>`.
+
+Ordering: an instance volume or snapshot gets its record first, marked
+`_croft.state = "creating"` (which claims the name cluster-wide), then the disk work; the
+mark goes when the volume is complete, and a failure removes both. A service killed
+half-way finds the marked records of its member at its next start (`reconcile`) and removes
+what they stand for, or finishes a rename whose disk part was done. Image volumes are a
+shared cache, unpacked at most once per pool (the driver guarantees it); their record is
+written, when missing, every time one is used, so a crash between unpack and record heals.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from croft.common import events
+from croft.common.blocking import in_thread
+from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
+from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
+from croft.common.service import ServiceContext
+from croft.common.store import Create, Delete, Put, Update, dump
+from croft.images.format import unpack_image
+from croft.storage.drivers import (
+    StorageDriver,
+    check_fingerprint,
+    check_name,
+    load_driver,
+)
+from croft.v1 import images_pb2, images_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+POOLS = "storage-pools"
+VOLUMES = "storage-volumes"
+INSTANCE_TYPES = ("container",)
+CREATING = "creating"
+# Fetching an image's files may mean copying a big blob to this host first.
+IMAGE_FILES_TIMEOUT = 600.0
+
+
+def pool_key(pool: str) -> str:
+    return record_key(POOLS, DEFAULT_PROJECT, pool)
+
+
+def volume_key(pool: str, type: str, volume: str, snapshot: str = "") -> str:
+    name = f"{pool}/{type}/{volume}" + (f"/{snapshot}" if snapshot else "")
+    return record_key(VOLUMES, DEFAULT_PROJECT, name)
+
+
+@dataclass(frozen=True)
+class VolumeRef:
+    """One instance volume, as a caller names it; validated on construction."""
+
+    pool: str
+    project: str
+    type: str
+    name: str
+
+    @classmethod
+    def parse(cls, pool: str, project: str, type: str, name: str) -> VolumeRef:
+        """A checked reference: InvalidArgument for a bad pool, project, type or name."""
+        check_name(pool, "storage pool name")
+        project = project or DEFAULT_PROJECT
+        check_name(project, "project name")
+        type = type or "container"
+        if type not in INSTANCE_TYPES:
+            raise InvalidArgument(
+                f"instance volumes of type {type!r} are not supported "
+                f"(supported: {', '.join(INSTANCE_TYPES)})"
+            )
+        check_name(name, "volume name")
+        return cls(pool, project, type, name)
+
+    def renamed(self, name: str) -> VolumeRef:
+        return VolumeRef.parse(self.pool, self.project, self.type, name)
+
+    @property
+    def key(self) -> str:
+        return volume_key(self.pool, self.type, self.name)
+
+    def snapshot_key(self, snapshot: str) -> str:
+        return volume_key(self.pool, self.type, self.name, snapshot)
+
+    @property
+    def lxd_name(self) -> str:
+        """The instance's name as LXD clients see it (without compute's project prefix)."""
+        prefix = f"{self.project}_"
+        if self.project != DEFAULT_PROJECT and self.name.startswith(prefix):
+            return self.name[len(prefix) :]
+        return self.name
+
+    @property
+    def used_by(self) -> list[str]:
+        url = f"/1.0/instances/{self.lxd_name}"
+        return [url if self.project == DEFAULT_PROJECT else f"{url}?project={self.project}"]
+
+
+@dataclass(frozen=True)
+class VolumeResult:
+    """A volume after an operation: where its tree is on this host and its record."""
+
+    path: str
+    record: dict[str, Any]
+
+
+def _volume_record(
+    name: str, type: str, project: str, used_by: list[str], croft: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": type,
+        "config": {},
+        "description": "",
+        "content_type": "filesystem",
+        "location": "none",
+        "used_by": used_by,
+        "project": project,
+        "_croft": croft,
+    }
+
+
+def _completed(record: dict[str, Any]) -> dict[str, Any]:
+    done = copy.deepcopy(record)
+    done["_croft"].pop("state", None)
+    done["_croft"].pop("renamed_from", None)
+    return done
+
+
+class StorageCore:
+    """Orchestrates pools and volumes on this member; the only writer of their records."""
+
+    def __init__(self, context: ServiceContext) -> None:
+        self.context = context
+        self.store = context.store
+        self.config = context.config
+        self.member = context.config.member
+        self._drivers: dict[str, StorageDriver] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.asynccontextmanager
+    async def locked(self, pool: str, *volumes: str) -> AsyncIterator[None]:
+        """Hold the locks of the volumes, taken in sorted order so that two operations on
+        the same pair (a rename each way) cannot deadlock."""
+        async with contextlib.AsyncExitStack() as stack:
+            for volume in sorted(set(volumes)):
+                lock = self._locks.setdefault((pool, volume), asyncio.Lock())
+                await stack.enter_async_context(lock)
+            yield
+
+    async def _images(self) -> Any:
+        return await self.context.client("images", images_pb2_grpc.ImagesStub)
+
+    async def pool_record(self, pool: str) -> dict[str, Any]:
+        found = await self.store.get_json(pool_key(check_name(pool, "storage pool name")))
+        if found is None:
+            raise NotFound(f"storage pool {pool!r} not found")
+        record: dict[str, Any] = found[0]
+        return record
+
+    def _load(self, record: dict[str, Any]) -> StorageDriver:
+        name = record["name"]
+        driver = self._drivers.get(name)
+        if driver is None:
+            driver = load_driver(record["driver"], name, record.get("config", {}))
+            self._drivers[name] = driver
+        return driver
+
+    async def driver(self, pool: str) -> StorageDriver:
+        """The driver of a pool that lives on this member; NotFound otherwise."""
+        driver = self._drivers.get(pool)
+        if driver is not None:
+            return driver
+        record = await self.pool_record(pool)
+        if record.get("_croft", {}).get("member") != self.member:
+            raise NotFound(f"storage pool {pool!r} has no storage on member {self.member!r}")
+        if record.get("status") != "Created":
+            raise NotFound(f"storage pool {pool!r} is not ready (status {record.get('status')})")
+        return self._load(record)
+
+    async def _delete_key(self, key: str) -> None:
+        with contextlib.suppress(NotFound):
+            await self.store.delete(key)
+
+    # ------------------------------------------------------------------ start
+
+    async def start(self) -> None:
+        """At service start: the default pool, every pool of this member mounted, and what a
+        killed predecessor left half-done undone."""
+        await self.ensure_default_pool()
+        await self.mount_pools()
+        await self.reconcile()
+
+    async def ensure_default_pool(self) -> None:
+        """Create the configured default dir pool the first time; a later start (or a
+        process that loses the race for the record) leaves it alone."""
+        name = self.config.storage.default_pool
+        if not name:
+            return
+        check_name(name, "storage.default_pool")
+        record = {
+            "name": name,
+            "driver": "dir",
+            "description": "",
+            "config": {"source": str(self.config.pools_dir / name)},
+            "status": "Pending",
+            "locations": ["none"],
+            "used_by": [],
+            "_croft": {"member": self.member},
+        }
+        key = pool_key(name)
+        try:
+            await self.store.create(key, dump(record))
+        except Conflict:
+            return
+        try:
+            driver = load_driver("dir", name, record["config"])
+            await self._realize_pool(driver)
+            await modify(self.store, key, _pool_created, missing=f"storage pool {name!r}")
+        except BaseException:
+            await asyncio.shield(self._delete_key(key))
+            raise
+        self._drivers[name] = driver
+        log.info("created storage pool %s at %s", name, driver.source)
+        with contextlib.suppress(CroftError):
+            await events.publish(
+                self.store,
+                "lifecycle",
+                events.lifecycle_metadata("storage-pool-created", f"/1.0/storage-pools/{name}"),
+            )
+
+    @staticmethod
+    async def _realize_pool(driver: StorageDriver) -> None:
+        # Conflict: its directory is there already (a record lost with an old store, or a
+        # creator killed half-way); mount_pool() completes the layout and clears leftovers.
+        with contextlib.suppress(Conflict, FileExistsError):
+            await driver.create_pool()
+        await driver.mount_pool()
+
+    async def mount_pools(self) -> None:
+        """mount_pool() every pool of this member; a pool that fails is logged and stays
+        unusable (its calls answer NotFound) without stopping the service."""
+        for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
+            record = entry.json()
+            if record.get("_croft", {}).get("member") != self.member:
+                continue
+            try:
+                driver = self._load(record)
+                if record.get("status") == "Pending":
+                    # Its creator died between record and pool: finish the creation.
+                    await self._realize_pool(driver)
+                    await modify(self.store, entry.key, _pool_created, missing=record["name"])
+                else:
+                    await driver.mount_pool()
+            except CroftError as exc:
+                self._drivers.pop(record["name"], None)
+                log.error("storage pool %s cannot be used: %s", record["name"], exc)
+
+    async def reconcile(self) -> None:
+        """Undo (or finish) the volume operations a killed predecessor left half-done."""
+        for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
+            record = entry.json()
+            croft = record.get("_croft", {})
+            if croft.get("member") != self.member or croft.get("state") != CREATING:
+                continue
+            try:
+                await self._reconcile_one(entry.key, record)
+            except CroftError as exc:
+                log.error("cannot clean up half-made volume %s: %s", entry.key, exc)
+
+    async def _reconcile_one(self, key: str, record: dict[str, Any]) -> None:
+        croft = record["_croft"]
+        driver = await self.driver(croft["pool"])
+        ref = VolumeRef.parse(croft["pool"], record["project"], record["type"], croft["volume"])
+        snapshot = croft.get("snapshot", "")
+        old = croft.get("renamed_from")
+        if snapshot:
+            present = await driver.has_instance(ref.name)
+            snaps = await driver.list_snapshots(ref.name) if present else []
+            if old:
+                if snapshot in snaps and old not in snaps:
+                    await self.store.transaction(
+                        [Put(key, dump(_completed(record))), Delete(ref.snapshot_key(old))]
+                    )
+                else:
+                    await self._delete_key(key)
+                return
+            if snapshot in snaps:
+                await driver.delete_snapshot(ref.name, snapshot)
+            await self._delete_key(key)
+            log.warning("removed snapshot %s/%s, left half-created", ref.name, snapshot)
+            return
+        if old:
+            old_ref = ref.renamed(old)
+            if await driver.has_instance(ref.name) and not await driver.has_instance(old):
+                await self._finish_rename(old_ref, ref, record)
+            else:
+                await self._delete_key(key)
+            return
+        if await driver.has_instance(ref.name):
+            await driver.delete_instance(ref.name)
+        await self.store.delete_prefix(f"{key}/")
+        await self._delete_key(key)
+        log.warning("removed instance volume %s, left half-created", ref.name)
+
+    # ------------------------------------------------------------------ pools
+
+    async def pool_resources(self, pool: str) -> dict[str, Any]:
+        """LXD's `/1.0/storage-pools/<pool>/resources`."""
+        usage = await (await self.driver(pool)).pool_usage()
+        space: dict[str, int] = {"total": usage.total_bytes}
+        if usage.used_bytes:
+            # LXD's `used` is omitempty; `total` is always there.
+            space = {"used": usage.used_bytes, **space}
+        return {
+            "space": space,
+            "inodes": {"used": usage.used_inodes, "total": usage.total_inodes},
+        }
+
+    # ------------------------------------------------------------------ records
+
+    def _instance_record(self, ref: VolumeRef, state: str | None = CREATING) -> dict[str, Any]:
+        croft: dict[str, Any] = {"member": self.member, "pool": ref.pool, "volume": ref.name}
+        if state:
+            croft["state"] = state
+        return _volume_record(ref.lxd_name, ref.type, ref.project, ref.used_by, croft)
+
+    def _snapshot_record(self, ref: VolumeRef, snapshot: str) -> dict[str, Any]:
+        croft = {
+            "member": self.member,
+            "pool": ref.pool,
+            "volume": ref.name,
+            "snapshot": snapshot,
+            "state": CREATING,
+        }
+        return _volume_record(f"{ref.lxd_name}/{snapshot}", ref.type, ref.project, [], croft)
+
+    async def _claim(self, key: str, record: dict[str, Any], what: str) -> None:
+        try:
+            await self.store.create(key, dump(record))
+        except Conflict:
+            raise Conflict(f"{what} already exists") from None
+
+    async def _complete(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
+        done = _completed(record)
+        entry = await self.store.get(key)
+        if entry is None:
+            raise Internal(f"the record {key} vanished while its volume was being made")
+        await self.store.update(key, dump(done), revision=entry.revision)
+        return done
+
+    async def volume_record(self, ref: VolumeRef) -> dict[str, Any]:
+        found = await self.store.get_json(ref.key)
+        if found is None or found[0].get("_croft", {}).get("state") == CREATING:
+            raise NotFound(f"instance volume {ref.name!r} not found in pool {ref.pool!r}")
+        record: dict[str, Any] = found[0]
+        return record
+
+    async def _ensure_image_record(self, pool: str, fingerprint: str) -> None:
+        croft = {"member": self.member, "pool": pool}
+        record = _volume_record(
+            fingerprint, "image", DEFAULT_PROJECT, [f"/1.0/images/{fingerprint}"], croft
+        )
+        key = volume_key(pool, "image", fingerprint)
+        if await self.store.get(key) is None:
+            with contextlib.suppress(Conflict):
+                await self.store.create(key, dump(record))
+
+    async def _run_undo(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
+        for step in reversed(steps):
+            try:
+                await step()
+            except Exception as exc:  # keep undoing the rest
+                log.warning("cleanup step failed: %s", exc)
+
+    # ------------------------------------------------------------------ instance volumes
+
+    async def image_volume(self, pool: str, project: str, fingerprint: str) -> Path:
+        """The image unpacked in the pool (unpacked now if it is not yet), with its record."""
+        driver = await self.driver(pool)
+        check_fingerprint(fingerprint)
+
+        async def unpack(target: Path) -> None:
+            images = await self._images()
+            files = await images.call(
+                "ImageFiles",
+                images_pb2.ImageFilesRequest(
+                    image=images_pb2.ImageRef(project=project, fingerprint=fingerprint),
+                    member=self.member,
+                ),
+                timeout=IMAGE_FILES_TIMEOUT,
+            )
+            info = await in_thread(
+                unpack_image, files.metadata_path, files.rootfs_path or None, target
+            )
+            if info.fingerprint != fingerprint:
+                raise Internal(
+                    f"the files of image {fingerprint} on this host have fingerprint "
+                    f"{info.fingerprint}"
+                )
+            log.info("unpacked image %s into pool %s", fingerprint, pool)
+
+        path = await driver.create_image_volume(fingerprint, unpack)
+        await self._ensure_image_record(pool, fingerprint)
+        return path
+
+    async def create_instance_volume(self, ref: VolumeRef, fingerprint: str) -> VolumeResult:
+        """A new instance volume from an image (unpacked in the pool first if needed), or
+        with an empty rootfs when `fingerprint` is empty. Returns the rootfs path; the
+        image's metadata.yaml and templates/ are in its parent directory."""
+        if fingerprint:
+            check_fingerprint(fingerprint)
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            record = self._instance_record(ref)
+            await self._claim(ref.key, record, f"instance volume {ref.name!r}")
+            undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(ref.key)]
+            try:
+                if fingerprint:
+                    await self.image_volume(ref.pool, ref.project, fingerprint)
+                    rootfs = await driver.create_instance_from_image(ref.name, fingerprint)
+                else:
+                    rootfs = await driver.create_empty_instance(ref.name)
+                undo.append(lambda: driver.delete_instance(ref.name))
+                done = await self._complete(ref.key, record)
+            except BaseException:
+                await asyncio.shield(self._run_undo(undo))
+                raise
+        return VolumeResult(str(rootfs), done)
+
+    async def mount_instance_volume(self, ref: VolumeRef) -> VolumeResult:
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            record = await self.volume_record(ref)
+            rootfs = await driver.mount_instance(ref.name)
+        return VolumeResult(str(rootfs), record)
+
+    async def unmount_instance_volume(self, ref: VolumeRef) -> None:
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            await driver.unmount_instance(ref.name)
+
+    async def delete_instance_volume(self, ref: VolumeRef) -> None:
+        """Delete the volume, its snapshots and their records; an absent volume is fine.
+        When the disk refuses (something busy mounted inside), the records stay."""
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            with contextlib.suppress(NotFound):
+                await driver.delete_instance(ref.name)
+            await self.store.delete_prefix(f"{ref.key}/")
+            await self._delete_key(ref.key)
+
+    async def rename_instance_volume(self, ref: VolumeRef, new_name: str) -> VolumeResult:
+        """Rename the volume and its snapshots, records included."""
+        new = ref.renamed(new_name)
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name, new.name):
+            await self.volume_record(ref)
+            record = self._instance_record(new)
+            record["_croft"]["renamed_from"] = ref.name
+            await self._claim(new.key, record, f"instance volume {new.name!r}")
+            renamed = False
+            try:
+                await driver.rename_instance(ref.name, new.name)
+                renamed = True
+                done = await self._finish_rename(ref, new, record)
+            except BaseException:
+
+                async def undo() -> None:
+                    if renamed:
+                        await driver.rename_instance(new.name, ref.name)
+                    await self._delete_key(new.key)
+
+                await asyncio.shield(self._run_undo([undo]))
+                raise
+            rootfs = await driver.mount_instance(new.name)
+        return VolumeResult(str(rootfs), done)
+
+    async def _finish_rename(
+        self, old: VolumeRef, new: VolumeRef, record: dict[str, Any]
+    ) -> dict[str, Any]:
+        """One transaction: the new record complete, the old one gone, snapshot records
+        moved under the new name."""
+        done = _completed(record)
+        operations: list[Create | Update | Put | Delete] = [
+            Put(new.key, dump(done)),
+            Delete(old.key),
+        ]
+        for entry in await self.store.list(f"{old.key}/"):
+            snap = entry.json()
+            snapshot = snap["_croft"]["snapshot"]
+            snap["name"] = f"{new.lxd_name}/{snapshot}"
+            snap["_croft"]["volume"] = new.name
+            operations += [Delete(entry.key), Put(new.snapshot_key(snapshot), dump(snap))]
+        await self.store.transaction(operations)
+        return done
+
+    async def copy_instance_volume(
+        self, ref: VolumeRef, new_name: str, with_snapshots: bool = False
+    ) -> VolumeResult:
+        """A new, independent instance volume with the content of `ref` (stopped or frozen
+        by the caller), and its snapshots if asked."""
+        new = ref.renamed(new_name)
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name, new.name):
+            await self.volume_record(ref)
+            record = self._instance_record(new)
+            await self._claim(new.key, record, f"instance volume {new.name!r}")
+            undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(new.key)]
+            try:
+                rootfs = await driver.copy_instance(
+                    ref.name, new.name, with_snapshots=with_snapshots
+                )
+                undo.append(lambda: driver.delete_instance(new.name))
+                operations: list[Create | Update | Put | Delete] = []
+                if with_snapshots:
+                    for snapshot in await driver.list_snapshots(new.name):
+                        snap = _completed(self._snapshot_record(new, snapshot))
+                        operations.append(Create(new.snapshot_key(snapshot), dump(snap)))
+                if operations:
+                    await self.store.transaction(operations)
+                    undo.append(lambda: self.store.delete_prefix(f"{new.key}/"))
+                done = await self._complete(new.key, record)
+            except BaseException:
+                await asyncio.shield(self._run_undo(undo))
+                raise
+        return VolumeResult(str(rootfs), done)
+
+    # ------------------------------------------------------------------ snapshots
+
+    async def create_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:
+        check_name(snapshot, "snapshot name")
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            key = ref.snapshot_key(snapshot)
+            record = self._snapshot_record(ref, snapshot)
+            await self._claim(key, record, f"snapshot {ref.name}/{snapshot}")
+            undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(key)]
+            try:
+                await driver.create_snapshot(ref.name, snapshot)
+                undo.append(lambda: driver.delete_snapshot(ref.name, snapshot))
+                done = await self._complete(key, record)
+            except BaseException:
+                await asyncio.shield(self._run_undo(undo))
+                raise
+        return VolumeResult("", done)
+
+    async def delete_snapshot(self, ref: VolumeRef, snapshot: str) -> None:
+        """Delete one snapshot and its record; an absent snapshot is fine (a retried call
+        must not fail), an absent instance volume is NotFound."""
+        check_name(snapshot, "snapshot name")
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            with contextlib.suppress(NotFound):
+                await driver.delete_snapshot(ref.name, snapshot)
+            await self._delete_key(ref.snapshot_key(snapshot))
+
+    async def rename_snapshot(self, ref: VolumeRef, snapshot: str, new_name: str) -> VolumeResult:
+        check_name(snapshot, "snapshot name")
+        check_name(new_name, "new snapshot name")
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            old_key, new_key = ref.snapshot_key(snapshot), ref.snapshot_key(new_name)
+            if snapshot not in await driver.list_snapshots(ref.name):
+                raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
+            record = self._snapshot_record(ref, new_name)
+            record["_croft"]["renamed_from"] = snapshot
+            await self._claim(new_key, record, f"snapshot {ref.name}/{new_name}")
+            renamed = False
+            try:
+                await driver.rename_snapshot(ref.name, snapshot, new_name)
+                renamed = True
+                done = _completed(record)
+                await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
+            except BaseException:
+
+                async def undo() -> None:
+                    if renamed:
+                        await driver.rename_snapshot(ref.name, new_name, snapshot)
+                    await self._delete_key(new_key)
+
+                await asyncio.shield(self._run_undo([undo]))
+                raise
+        return VolumeResult("", done)
+
+    async def restore_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:
+        """Bring the volume back to the snapshot (the caller stopped the instance)."""
+        check_name(snapshot, "snapshot name")
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            record = await self.volume_record(ref)
+            await driver.restore_snapshot(ref.name, snapshot)
+            rootfs = await driver.mount_instance(ref.name)
+        return VolumeResult(str(rootfs), record)
+
+
+def _pool_created(record: dict[str, Any]) -> dict[str, Any]:
+    record["status"] = "Created"
+    return record
+
+
+__all__ = ["StorageCore", "VolumeRef", "VolumeResult", "pool_key", "volume_key"]

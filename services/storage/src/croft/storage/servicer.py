@@ -1,0 +1,90 @@
+"""The `croft.v1.Storage` gRPC surface: protobuf in, StorageCore calls, protobuf out."""
+
+from __future__ import annotations
+
+import json
+
+import grpc
+
+from croft.storage.core import StorageCore, VolumeRef, VolumeResult
+from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
+
+
+def _ref(request: storage_pb2.VolumeRequest) -> VolumeRef:
+    return VolumeRef.parse(request.pool, request.project, request.type, request.name)
+
+
+def _reply(result: VolumeResult) -> storage_pb2.VolumeReply:
+    return storage_pb2.VolumeReply(path=result.path, record=json.dumps(result.record))
+
+
+Context = grpc.aio.ServicerContext
+
+
+class StorageServicer(storage_pb2_grpc.StorageServicer):
+    def __init__(self, core: StorageCore) -> None:
+        self.core = core
+
+    async def CreateInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(
+            await self.core.create_instance_volume(_ref(request), request.image_fingerprint)
+        )
+
+    async def MountInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.mount_instance_volume(_ref(request)))
+
+    async def UnmountInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.unmount_instance_volume(_ref(request))
+        return common_pb2.Empty()
+
+    async def DeleteInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.delete_instance_volume(_ref(request))
+        return common_pb2.Empty()
+
+    async def RenameInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.rename_instance_volume(_ref(request), request.new_name))
+
+    async def CopyInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        result = await self.core.copy_instance_volume(
+            _ref(request), request.new_name, with_snapshots=request.with_snapshots
+        )
+        return _reply(result)
+
+    async def CreateSnapshot(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.create_snapshot(_ref(request), request.snapshot))
+
+    async def DeleteSnapshot(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.delete_snapshot(_ref(request), request.snapshot)
+        return common_pb2.Empty()
+
+    async def RenameSnapshot(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        result = await self.core.rename_snapshot(_ref(request), request.snapshot, request.new_name)
+        return _reply(result)
+
+    async def RestoreSnapshot(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.restore_snapshot(_ref(request), request.snapshot))
+
+    async def PoolResources(
+        self, request: storage_pb2.PoolRef, context: Context
+    ) -> common_pb2.Json:
+        return common_pb2.Json(json=json.dumps(await self.core.pool_resources(request.name)))

@@ -1,0 +1,511 @@
+"""The storage service as its callers see it: a real `python -m croft.storage` process on a
+real etcd, called over gRPC through discovery, with real pools on disk.
+
+The images service's `ImageFiles` is not written yet, so a small real gRPC server in this
+test process stands in for it: it registers as `images` in discovery and answers
+`ImageFiles` with the path of a busybox image tarball built here with croft's image builder.
+Replace it with the real images service once that implements `ImageFiles`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from croft.common import discovery
+from croft.common.errors import InvalidArgument, NotFound
+from croft.common.records import record_key, record_prefix
+from croft.common.rpc import Server, ServiceClient
+from croft.common.store.etcd import EtcdStore
+from croft.common.testing.etcd import EtcdServer
+from croft.images.builder import build_image
+from croft.storage.core import pool_key, volume_key
+from croft.v1 import images_pb2, images_pb2_grpc, storage_pb2, storage_pb2_grpc
+
+TEST_PREFIX = "croft-storage-test-"
+BUSYBOX_DEFINITION = Path(__file__).resolve().parents[2] / "images/definitions/busybox.yaml"
+UNKNOWN_IMAGE = "0" * 64
+
+
+# ---------------------------------------------------------------------------- real parts
+
+
+@pytest.fixture(scope="module")
+def busybox_image() -> Iterator[tuple[Path, str]]:
+    """A unified LXD image tarball of the busybox definition, and its fingerprint."""
+    base = Path(tempfile.mkdtemp(prefix=TEST_PREFIX, dir="/tmp"))
+    try:
+        info = build_image(BUSYBOX_DEFINITION, base / "busybox.tar.xz")
+        yield base / "busybox.tar.xz", info.fingerprint
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def etcd() -> Iterator[EtcdServer]:
+    with EtcdServer(prefix=f"{TEST_PREFIX}etcd-") as server:
+        yield server
+
+
+class ImagesStandIn(images_pb2_grpc.ImagesServicer):
+    """Stands in for the images service's ImageFiles until that exists: the files of the
+    images it was given, NotFound for any other."""
+
+    def __init__(self, files: dict[str, Path]) -> None:
+        self.files = files
+        self.calls: list[images_pb2.ImageFilesRequest] = []
+
+    async def ImageFiles(
+        self, request: images_pb2.ImageFilesRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImageFilesReply:
+        self.calls.append(request)
+        path = self.files.get(request.image.fingerprint)
+        if path is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "Image not found")
+        return images_pb2.ImageFilesReply(metadata_path=str(path))
+
+
+@dataclass
+class StorageService:
+    """One storage service process with its own member name, dirs and default pool."""
+
+    base: Path
+    etcd: EtcdServer
+    store: EtcdStore
+    member: str
+    pool: str
+    process: subprocess.Popen[bytes] | None = None
+    client: ServiceClient[Any] | None = None
+    images: ImagesStandIn = field(default_factory=lambda: ImagesStandIn({}))
+    images_registration: discovery.Registration | None = None
+
+    @property
+    def config_file(self) -> Path:
+        return self.base / "croft.yaml"
+
+    @property
+    def pool_dir(self) -> Path:
+        return self.base / "state" / "storage-pools" / self.pool
+
+    def write_config(self) -> None:
+        self.config_file.write_text(
+            f"""
+member: {self.member}
+state_dir: {self.base / "state"}
+log_dir: {self.base / "log"}
+run_dir: {self.base / "run"}
+etcd:
+  endpoints: [{self.etcd.endpoint}]
+registry:
+  lease_ttl: 2
+storage:
+  default_pool: {self.pool}
+"""
+        )
+
+    def spawn(self, service: str) -> subprocess.Popen[bytes]:
+        """`python -m croft.<service>` with this test's configuration."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CROFT_")}
+        env["CROFT_CONFIG"] = str(self.config_file)
+        with open(self.base / f"{service}.log", "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", f"croft.{service}"],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+            )
+
+    async def start(self) -> None:
+        self.process = self.spawn("storage")
+        await self.wait_registered("storage", self.process)
+
+    async def wait_registered(
+        self, service: str, process: subprocess.Popen[bytes], timeout: float = 60.0
+    ) -> None:
+        log = self.base / f"{service}.log"
+        for _ in range(int(timeout / 0.05)):
+            if process.poll() is not None:
+                raise AssertionError(f"{service} exited {process.returncode}:\n{log.read_text()}")
+            found = await discovery.resolve(self.store, service, self.member)
+            if any(i.pid == process.pid for i in found):
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"{service} did not register:\n{log.read_text()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.process is not None
+        self.process.send_signal(sig)
+        try:
+            return self.process.wait(30)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+    async def call(self, method: str, **fields: Any) -> Any:
+        assert self.client is not None
+        if method == "PoolResources":
+            return await self.client.call(method, storage_pb2.PoolRef(**fields), timeout=60)
+        fields.setdefault("pool", self.pool)
+        fields.setdefault("project", "default")
+        fields.setdefault("type", "container")
+        return await self.client.call(method, storage_pb2.VolumeRequest(**fields), timeout=120)
+
+    async def record(self, key: str) -> dict[str, Any] | None:
+        found = await self.store.get_json(key)
+        return None if found is None else found[0]
+
+    async def volume_keys(self) -> list[str]:
+        prefix = record_prefix("storage-volumes", "default") + f"{self.pool}/"
+        return [e.key.removeprefix(prefix) for e in await self.store.list(prefix)]
+
+
+@pytest.fixture
+async def storage(
+    etcd: EtcdServer, busybox_image: tuple[Path, str]
+) -> AsyncIterator[StorageService]:
+    base = Path(tempfile.mkdtemp(prefix=TEST_PREFIX, dir="/tmp"))
+    store = EtcdStore(etcd.endpoints)
+    await store.start()
+    tag = secrets.token_hex(3)
+    service = StorageService(
+        base, etcd, store, member=f"{TEST_PREFIX}{tag}", pool=f"{TEST_PREFIX}pool-{tag}"
+    )
+    image_path, fingerprint = busybox_image
+    service.images = ImagesStandIn({fingerprint: image_path})
+    images_server = Server("images", service.member, discovery.new_instance_id())
+    images_pb2_grpc.add_ImagesServicer_to_server(service.images, images_server.grpc)
+    address = await images_server.start()
+    service.images_registration = await discovery.register(
+        store, "images", service.member, address, ttl=5
+    )
+    service.write_config()
+    service.client = await ServiceClient(
+        store, "storage", storage_pb2_grpc.StorageStub, member=service.member, timeout=120
+    ).start()
+    try:
+        await service.start()
+        yield service
+    finally:
+        if service.process is not None:
+            service.stop(signal.SIGKILL)
+        await service.client.close()
+        await service.images_registration.deregister()
+        await images_server.stop(grace=0)
+        await store.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def visible(directory: Path) -> list[str]:
+    """Entries without the driver's own dot-files (locks, temporary trees)."""
+    return sorted(e for e in os.listdir(directory) if not e.startswith("."))
+
+
+def instance_dirs(service: StorageService) -> list[str]:
+    return visible(service.pool_dir / "containers")
+
+
+# ---------------------------------------------------------------------------- tests
+
+
+async def test_first_start_creates_the_default_pool_and_a_restart_keeps_it(
+    storage: StorageService,
+) -> None:
+    key = pool_key(storage.pool)
+    entry = await storage.store.get(key)
+    assert entry is not None
+    record = entry.json()
+    assert {k: v for k, v in record.items() if k != "_croft"} == {
+        "name": storage.pool,
+        "driver": "dir",
+        "description": "",
+        "config": {"source": str(storage.pool_dir)},
+        "status": "Created",
+        "locations": ["none"],
+        "used_by": [],
+    }
+    assert record["_croft"]["member"] == storage.member
+    for sub in ("containers", "containers-snapshots", "images", "custom"):
+        assert (storage.pool_dir / sub).is_dir()
+    await storage.call("CreateInstanceVolume", name="kept")
+
+    assert storage.stop() == 0
+    await storage.start()
+
+    again = await storage.store.get(key)
+    assert again is not None and again.create_revision == entry.create_revision
+    assert again.revision == entry.revision
+    assert instance_dirs(storage) == ["kept"]
+    reply = await storage.call("MountInstanceVolume", name="kept")
+    assert reply.path == str(storage.pool_dir / "containers/kept/rootfs")
+
+
+async def test_sigterm_exits_zero_and_deregisters(storage: StorageService) -> None:
+    assert storage.stop(signal.SIGTERM) == 0
+    assert await discovery.resolve(storage.store, "storage", storage.member) == []
+
+
+async def test_volumes_from_an_image_unpack_it_once(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    _, fp = busybox_image
+    first = await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=fp)
+    second = await storage.call(
+        "CreateInstanceVolume", project="p1", name="p1_c2", image_fingerprint=fp
+    )
+
+    assert [c.image.fingerprint for c in storage.images.calls] == [fp]
+    assert storage.images.calls[0].member == storage.member
+    assert visible(storage.pool_dir / "images") == [fp]
+    for reply, name in ((first, "c1"), (second, "p1_c2")):
+        rootfs = Path(reply.path)
+        assert rootfs == storage.pool_dir / "containers" / name / "rootfs"
+        assert (rootfs / "bin/busybox").is_file()
+        assert (rootfs / "sbin/init").is_file()
+        # The image's metadata and templates sit beside the rootfs, for compute's templates.
+        assert (rootfs.parent / "metadata.yaml").is_file()
+        assert (rootfs.parent / "templates/hostname.tpl").is_file()
+    (Path(first.path) / "etc/mine").write_text("c1 only")
+    assert not (Path(second.path) / "etc/mine").exists()
+    assert not (storage.pool_dir / "images" / fp / "rootfs/etc/mine").exists()
+
+    c1 = await storage.record(volume_key(storage.pool, "container", "c1"))
+    assert c1 == json.loads(first.record)
+    assert {k: v for k, v in c1.items() if k != "_croft"} == {
+        "name": "c1",
+        "type": "container",
+        "config": {},
+        "description": "",
+        "content_type": "filesystem",
+        "location": "none",
+        "used_by": ["/1.0/instances/c1"],
+        "project": "default",
+    }
+    c2 = await storage.record(volume_key(storage.pool, "container", "p1_c2"))
+    assert (c2["name"], c2["project"], c2["used_by"]) == (
+        "c2",
+        "p1",
+        ["/1.0/instances/c2?project=p1"],
+    )
+    assert "state" not in c2["_croft"]
+    image = await storage.record(volume_key(storage.pool, "image", fp))
+    assert image is not None
+    assert (image["name"], image["type"], image["used_by"]) == (
+        fp,
+        "image",
+        [f"/1.0/images/{fp}"],
+    )
+
+
+async def test_empty_fingerprint_makes_an_empty_rootfs(storage: StorageService) -> None:
+    reply = await storage.call("CreateInstanceVolume", name="empty")
+    assert Path(reply.path).is_dir() and os.listdir(reply.path) == []
+    assert storage.images.calls == []
+    assert await storage.volume_keys() == ["container/empty"]
+
+
+async def test_an_image_that_cannot_be_fetched_leaves_nothing(storage: StorageService) -> None:
+    with pytest.raises(NotFound, match="Image not found"):
+        await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=UNKNOWN_IMAGE)
+    assert await storage.volume_keys() == []
+    assert instance_dirs(storage) == []
+    assert visible(storage.pool_dir / "images") == []
+
+
+async def test_snapshots_through_grpc(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    _, fp = busybox_image
+    rootfs = Path(
+        (await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=fp)).path
+    )
+    (rootfs / "etc/state").write_text("before")
+
+    reply = await storage.call("CreateSnapshot", name="c1", snapshot="snap0")
+    assert json.loads(reply.record)["name"] == "c1/snap0"
+    assert (storage.pool_dir / "containers-snapshots/c1/snap0/rootfs/etc/state").is_file()
+    (rootfs / "etc/state").write_text("after")
+    (rootfs / "etc/new").write_text("created after the snapshot")
+
+    await storage.call("RenameSnapshot", name="c1", snapshot="snap0", new_name="snap1")
+    assert await storage.volume_keys() == [
+        "container/c1",
+        "container/c1/snap1",
+        f"image/{fp}",
+    ]
+    snap = await storage.record(volume_key(storage.pool, "container", "c1", "snap1"))
+    assert snap is not None and snap["name"] == "c1/snap1" and "state" not in snap["_croft"]
+
+    restored = await storage.call("RestoreSnapshot", name="c1", snapshot="snap1")
+    assert restored.path == str(rootfs)
+    assert (rootfs / "etc/state").read_text() == "before"
+    assert not (rootfs / "etc/new").exists()
+
+    with pytest.raises(NotFound):
+        await storage.call("RestoreSnapshot", name="c1", snapshot="snap0")
+    await storage.call("DeleteSnapshot", name="c1", snapshot="snap1")
+    await storage.call("DeleteSnapshot", name="c1", snapshot="snap1")  # a retry is fine
+    assert await storage.volume_keys() == ["container/c1", f"image/{fp}"]
+    assert os.listdir(storage.pool_dir / "containers-snapshots/c1") == []
+
+
+async def test_delete_leaves_no_directory_and_no_record(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    _, fp = busybox_image
+    await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=fp)
+    await storage.call("CreateSnapshot", name="c1", snapshot="snap0")
+
+    await storage.call("DeleteInstanceVolume", name="c1")
+
+    assert instance_dirs(storage) == []
+    assert not (storage.pool_dir / "containers-snapshots/c1").exists()
+    assert await storage.volume_keys() == [f"image/{fp}"]
+    # Absent volumes are fine: compute retries, and tears down half-made instances.
+    await storage.call("DeleteInstanceVolume", name="c1")
+    await storage.call("DeleteInstanceVolume", name="never-existed")
+
+
+async def test_rename_and_copy_move_records_along(storage: StorageService) -> None:
+    await storage.call("CreateInstanceVolume", name="c1")
+    await storage.call("CreateSnapshot", name="c1", snapshot="s")
+    renamed = await storage.call("RenameInstanceVolume", name="c1", new_name="c2")
+    assert renamed.path == str(storage.pool_dir / "containers/c2/rootfs")
+    assert await storage.volume_keys() == ["container/c2", "container/c2/s"]
+    snap = await storage.record(volume_key(storage.pool, "container", "c2", "s"))
+    assert snap is not None and snap["name"] == "c2/s"
+
+    (Path(renamed.path) / "file").write_text("c2")
+    copy = await storage.call("CopyInstanceVolume", name="c2", new_name="c3", with_snapshots=True)
+    assert (Path(copy.path) / "file").read_text() == "c2"
+    assert await storage.volume_keys() == [
+        "container/c2",
+        "container/c2/s",
+        "container/c3",
+        "container/c3/s",
+    ]
+    assert instance_dirs(storage) == ["c2", "c3"]
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"name": "../escape"},
+        {"name": "a/b"},
+        {"name": ".hidden"},
+        {"name": ""},
+        {"name": "c1", "pool": "../etc"},
+        {"name": "c1", "type": "virtual-machine"},
+        {"name": "c1", "image_fingerprint": "not-a-fingerprint"},
+    ],
+)
+async def test_bad_input_is_invalid_argument_and_creates_nothing(
+    storage: StorageService, fields: dict[str, str]
+) -> None:
+    with pytest.raises(InvalidArgument):
+        await storage.call("CreateInstanceVolume", **fields)
+    assert await storage.volume_keys() == []
+    assert instance_dirs(storage) == []
+    assert not (storage.pool_dir.parent / "etc").exists()
+
+
+async def test_bad_snapshot_name_is_invalid_argument(storage: StorageService) -> None:
+    await storage.call("CreateInstanceVolume", name="c1")
+    for bad in ("../x", "a/b", ""):
+        with pytest.raises(InvalidArgument):
+            await storage.call("CreateSnapshot", name="c1", snapshot=bad)
+    assert await storage.volume_keys() == ["container/c1"]
+    assert not (storage.pool_dir / "containers-snapshots/c1").exists()
+
+
+async def test_unknown_pool_is_not_found(storage: StorageService) -> None:
+    with pytest.raises(NotFound):
+        await storage.call("CreateInstanceVolume", pool="no-such-pool", name="c1")
+    with pytest.raises(NotFound):
+        await storage.call("PoolResources", name="no-such-pool")
+
+
+async def test_pool_resources_in_lxd_shape(storage: StorageService) -> None:
+    reply = await storage.call("PoolResources", name=storage.pool)
+    resources = json.loads(reply.json)
+    assert set(resources) == {"space", "inodes"}
+    assert 0 < resources["space"]["used"] <= resources["space"]["total"]
+    assert 0 < resources["inodes"]["used"] <= resources["inodes"]["total"]
+    st = os.statvfs(storage.pool_dir)
+    assert resources["space"]["total"] == st.f_blocks * st.f_frsize
+
+
+async def test_restart_removes_what_a_killed_create_left(storage: StorageService) -> None:
+    # What a storage process killed between claiming the record and finishing the volume
+    # leaves behind: a record marked "creating", and a half-made volume directory.
+    assert storage.stop(signal.SIGKILL) != 0
+    key = volume_key(storage.pool, "container", "half")
+    croft = {"member": storage.member, "pool": storage.pool, "volume": "half", "state": "creating"}
+    half = {"name": "half", "type": "container", "project": "default", "_croft": croft}
+    await storage.store.create_json(key, half)
+    (storage.pool_dir / "containers/half/rootfs").mkdir(parents=True)
+    # The same on another member is that member's business.
+    theirs = record_key("storage-volumes", "default", f"{storage.pool}/container/theirs")
+    await storage.store.create_json(
+        theirs, {**half, "name": "theirs", "_croft": {**croft, "member": "elsewhere"}}
+    )
+
+    await storage.start()
+
+    assert await storage.record(key) is None
+    assert instance_dirs(storage) == []
+    assert await storage.record(theirs) is not None
+
+
+async def test_volume_from_an_image_of_the_real_images_service(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    """The same path with the real images service: the image imported into it over gRPC,
+    then an instance volume made from it."""
+    assert storage.images_registration is not None
+    await storage.images_registration.deregister()
+    images = storage.spawn("images")
+    client = await ServiceClient(
+        storage.store, "images", images_pb2_grpc.ImagesStub, member=storage.member
+    ).start()
+    try:
+        await storage.wait_registered("images", images)
+        path, fp = busybox_image
+
+        async def upload() -> AsyncIterator[images_pb2.ImportChunk]:
+            header = images_pb2.ImportHeader(project="default", filename=path.name)
+            yield images_pb2.ImportChunk(header=header)
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield images_pb2.ImportChunk(data=chunk)
+
+        imported = await client.call("ImportImage", upload(), idempotent=False, timeout=120)
+        assert json.loads(imported.record)["fingerprint"] == fp
+
+        reply = await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=fp)
+
+        assert storage.images.calls == []
+        assert (Path(reply.path) / "bin/busybox").is_file()
+        assert (Path(reply.path).parent / "metadata.yaml").is_file()
+        assert visible(storage.pool_dir / "images") == [fp]
+        assert await storage.volume_keys() == ["container/c1", f"image/{fp}"]
+    finally:
+        await client.close()
+        images.send_signal(signal.SIGTERM)
+        assert images.wait(30) == 0
