@@ -165,6 +165,7 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
 
     from croft.api.routes import (
         events,
+        images,
         instances,
         networks,
         profiles,
@@ -174,7 +175,7 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
     )
     from croft.api.routes import operations as operation_routes
 
-    routers = (server, projects, profiles, operation_routes, events, instances)
+    routers = (server, projects, profiles, operation_routes, events, instances, images)
     for module in (*routers, storage_pools, networks):
         app.include_router(module.router)
     return app

@@ -1,0 +1,525 @@
+"""The images service's core: image and alias records in the store, image blobs on disk.
+
+Records, in LXD's API shapes:
+
+- `/croft/records/images/<project>/<fingerprint>`: LXD's Image without `aliases` (those are
+  worked out from the alias records whenever an image is read), plus croft's own
+  `_croft: {"member": <where the blob is>, "split": <metadata and rootfs in two files>}`.
+- `/croft/records/image-aliases/<project>/<name>`: LXD's ImageAliasesEntry
+  `{"name", "description", "target", "type"}`, `target` always a full fingerprint.
+
+The records are the truth and any number of replicas write them: every write is an atomic
+create or a compare-and-swap, so two replicas can never both create one image or alias.
+Blobs live in `<state_dir>/images` (`croft.images.blobs`) of the member that received the
+upload, shared by every project with a record of that fingerprint; the blob goes with the
+last such record. Replicas on one member serialize the import and the deletion of one
+fingerprint with a lock file, so that a deletion never removes a blob that a concurrent
+import has just recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from croft.common.blocking import in_thread
+from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from croft.common.events import rfc3339_nano
+from croft.common.records import RECORDS, modify, public, record_key, record_prefix
+from croft.common.store import Create, Delete, Store, dump
+from croft.images.blobs import BlobStore, ImageImport
+from croft.images.format import ImageInfo
+
+log = logging.getLogger(__name__)
+
+IMAGES = "images"
+ALIASES = "image-aliases"
+NEVER_USED = "0001-01-01T00:00:00Z"  # Go's zero time, as LXD shows an unused image
+NO_EXPIRY = "1970-01-01T00:00:00Z"  # LXD's time.Unix(0, 0) for an image without expiry
+
+IMAGE_NOT_FOUND = "Image not found"
+ALIAS_NOT_FOUND = "Image alias not found"
+DUPLICATE_IMAGE = "Image with same fingerprint already exists"
+
+_HEX = re.compile(r"^[0-9a-f]{1,64}$")
+_LOCK_POLL = 0.02
+
+
+def image_key(project: str, fingerprint: str) -> str:
+    return record_key(IMAGES, project, fingerprint)
+
+
+def alias_key(project: str, name: str) -> str:
+    return record_key(ALIASES, project, name)
+
+
+def _rfc3339(moment: datetime | None) -> str:
+    if moment is None:
+        return NO_EXPIRY
+    return rfc3339_nano(int(moment.timestamp()) * 1_000_000_000)
+
+
+# ---------------------------------------------------------------------------- domain objects
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    """What an upload says about itself (LXD's X-LXD-* headers)."""
+
+    project: str
+    filename: str = ""
+    expected_fingerprint: str = ""  # "" accepts whatever arrives
+    public: bool = False
+    properties: dict[str, str] = field(default_factory=dict)  # over metadata.yaml's
+    aliases: tuple[str, ...] = ()  # created with the image, all or nothing
+    split: bool = False  # metadata part, then a RootfsStart, then the rootfs part
+
+
+@dataclass(frozen=True)
+class RootfsStart:
+    """In an upload of a split image: the metadata part ended, the rootfs part follows."""
+
+    filename: str = ""
+
+
+Upload = AsyncIterator[bytes | RootfsStart]
+
+
+@dataclass(frozen=True)
+class ImagePut:
+    """LXD's ImagePut: what a PUT of an image can change."""
+
+    public: bool = False
+    auto_update: bool = False
+    properties: dict[str, str] = field(default_factory=dict)
+    expires_at: str = ""  # RFC 3339; "" or Go's zero time keeps the current expiry
+    profiles: tuple[str, ...] = ("default",)
+
+    @classmethod
+    def from_json(cls, data: Any) -> ImagePut:
+        if not isinstance(data, dict):
+            raise InvalidArgument("an image update must be a JSON object")
+        public_ = data.get("public", False)
+        auto_update = data.get("auto_update", False)
+        if not isinstance(public_, bool) or not isinstance(auto_update, bool):
+            raise InvalidArgument("public and auto_update must be true or false")
+        properties = data.get("properties") or {}
+        if not isinstance(properties, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in properties.items()
+        ):
+            raise InvalidArgument("properties must map names to strings")
+        expires_at = data.get("expires_at") or ""
+        if not isinstance(expires_at, str):
+            raise InvalidArgument("expires_at must be an RFC 3339 time")
+        if expires_at.startswith("0001-01-01T00:00:00"):
+            expires_at = ""
+        if expires_at:
+            try:
+                datetime.fromisoformat(expires_at.replace("Z", "+00:00"))
+            except ValueError:
+                raise InvalidArgument(
+                    f"expires_at {expires_at!r} is not an RFC 3339 time"
+                ) from None
+        profiles = data.get("profiles")
+        if profiles is None:
+            profiles = ["default"]
+        if not isinstance(profiles, list) or not all(isinstance(p, str) for p in profiles):
+            raise InvalidArgument("profiles must be a list of profile names")
+        return cls(public_, auto_update, dict(properties), expires_at, tuple(profiles))
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Where an image's files are on this member."""
+
+    metadata_path: Path  # the unified tarball, or the metadata tarball of a split image
+    rootfs_path: Path | None  # None for a unified image
+    record: dict[str, Any]
+
+
+def new_image_record(
+    info: ImageInfo, request: ImportRequest, member: str, filename: str
+) -> dict[str, Any]:
+    """The stored record of a freshly imported image."""
+    return {
+        "auto_update": False,
+        "properties": {**info.properties, **request.properties},
+        "public": request.public,
+        "expires_at": _rfc3339(info.expires_at),
+        "profiles": ["default"],
+        "architecture": info.architecture,
+        "cached": False,
+        "filename": filename,
+        "fingerprint": info.fingerprint,
+        "size": info.size,
+        "type": str(info.type),
+        "created_at": _rfc3339(info.created_at),
+        "last_used_at": NEVER_USED,
+        "uploaded_at": rfc3339_nano(),
+        "_croft": {"member": member, "split": info.split},
+    }
+
+
+# ---------------------------------------------------------------------------- the core
+
+
+class ImagesCore:
+    """Images and aliases of every project; blobs of the images uploaded to this member."""
+
+    def __init__(self, store: Store, blobs: BlobStore, member: str) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.member = member
+        self._locks = blobs.root / ".locks"
+        self._locks.mkdir(mode=0o700, exist_ok=True)
+
+    # -- reading ------------------------------------------------------------------------
+
+    async def find(self, project: str, fingerprint: str) -> tuple[dict[str, Any], int]:
+        """The record (and its revision) of the image whose fingerprint is `fingerprint` or
+        starts with it. NotFound, or InvalidArgument when a prefix matches several."""
+        if not _HEX.match(fingerprint):
+            raise NotFound(IMAGE_NOT_FOUND)
+        if len(fingerprint) == 64:
+            entry = await self.store.get(image_key(project, fingerprint))
+            entries = [] if entry is None else [entry]
+        else:
+            entries = await self.store.list(image_key(project, fingerprint))
+        if not entries:
+            raise NotFound(IMAGE_NOT_FOUND)
+        if len(entries) > 1:
+            raise InvalidArgument("More than one image matches")
+        return entries[0].json(), entries[0].revision
+
+    async def aliases(self, project: str) -> list[dict[str, Any]]:
+        return [e.json() for e in await self.store.list(record_prefix(ALIASES, project))]
+
+    async def render(self, project: str, record: dict[str, Any]) -> dict[str, Any]:
+        """The image as LXD shows it: without croft's keys, with its aliases."""
+        shown = public(record)
+        shown["aliases"] = [
+            {"name": a["name"], "description": a.get("description", "")}
+            for a in await self.aliases(project)
+            if a.get("target") == record["fingerprint"]
+        ]
+        return shown
+
+    async def resolve(self, project: str, name: str, *, mark_used: bool = False) -> dict[str, Any]:
+        """The image an alias, a fingerprint or a unique fingerprint prefix names, the way
+        `lxc launch NAME` looks it up: the alias first. NotFound("Image not found")."""
+        if not name:
+            raise NotFound(IMAGE_NOT_FOUND)
+        alias = await self.store.get(alias_key(project, name))
+        target = alias.json()["target"] if alias is not None else name
+        record, _ = await self.find(project, target)
+        if mark_used:
+            record = await self._mark_used(project, record)
+        return await self.render(project, record)
+
+    async def _mark_used(self, project: str, record: dict[str, Any]) -> dict[str, Any]:
+        def change(current: dict[str, Any]) -> dict[str, Any]:
+            return {**current, "last_used_at": rfc3339_nano()}
+
+        try:
+            return await modify(
+                self.store,
+                image_key(project, record["fingerprint"]),
+                change,
+                missing=IMAGE_NOT_FOUND,
+            )
+        except (Conflict, Unavailable) as exc:
+            # Bookkeeping only: the instance creation it accompanies goes on.
+            log.warning("could not mark image %s used: %s", record["fingerprint"], exc)
+            return record
+
+    async def files(self, project: str, fingerprint: str, member: str) -> ImageFiles:
+        """Local paths of an image's files for the storage service of `member`.
+
+        Only a member holding the blob can be given paths. A storage service on another
+        member would need the files streamed to it (not written yet: one node for now)."""
+        record, _ = await self.find(project, fingerprint)
+        fingerprint = record["fingerprint"]
+        holder = record.get("_croft", {}).get("member", self.member)
+        if holder != self.member or (member and member != self.member):
+            raise Unavailable(
+                f"image {fingerprint} is stored on member {holder!r}; serving it to member "
+                f"{member or self.member!r} from images on {self.member!r} needs streaming, "
+                "which croft does not do yet"
+            )
+        try:
+            metadata, rootfs = await in_thread(self.blobs.files, fingerprint)
+        except NotFound:
+            raise NotFound(
+                f"the files of image {fingerprint} are missing from {self.blobs.root}"
+            ) from None
+        return ImageFiles(metadata, rootfs, public(record))
+
+    # -- importing ----------------------------------------------------------------------
+
+    async def import_image(self, request: ImportRequest, upload: Upload) -> dict[str, Any]:
+        """Receive an image, validate it, store its blob and create its record (and the
+        requested aliases) atomically. Returns the image as LXD shows it.
+
+        On any failure, a cancelled upload included, nothing of it stays: no temporary
+        file, no blob (unless another record already used that blob), no record, no alias.
+        """
+        for name in request.aliases:
+            if not name:
+                raise InvalidArgument("An image alias needs a name")
+        digest = hashlib.sha256()
+        rootfs_filename = ""
+        with self.blobs.begin_import() as job:
+            in_rootfs = False
+            async for part in upload:
+                if isinstance(part, RootfsStart):
+                    if not request.split:
+                        raise InvalidArgument("a unified image has no separate rootfs part")
+                    if in_rootfs:
+                        raise InvalidArgument("the rootfs part of the image started twice")
+                    in_rootfs = True
+                    rootfs_filename = part.filename
+                    continue
+                if part:
+                    await in_thread(_write, job, digest, part, in_rootfs)
+            if request.split and not in_rootfs:
+                raise InvalidArgument("the split image has no rootfs part")
+            fingerprint = digest.hexdigest()
+            filename = (rootfs_filename or request.filename) if request.split else request.filename
+            async with self._blob_lock(fingerprint):
+                if await self.store.get(image_key(request.project, fingerprint)) is not None:
+                    raise Conflict(DUPLICATE_IMAGE)
+                info = await in_thread(
+                    job.commit,
+                    expected_fingerprint=request.expected_fingerprint or None,
+                    filename=filename,
+                )
+                record = new_image_record(info, request, self.member, filename)
+                try:
+                    await self._create_records(request.project, record, request.aliases)
+                except BaseException:
+                    await self._drop_blob_if_unused(fingerprint)
+                    raise
+        log.info("imported image %s into project %s", fingerprint, request.project)
+        return await self.render(request.project, record)
+
+    async def _create_records(
+        self, project: str, record: dict[str, Any], aliases: tuple[str, ...]
+    ) -> None:
+        fingerprint = record["fingerprint"]
+        operations: list[Create] = [Create(image_key(project, fingerprint), dump(record))]
+        for name in aliases:
+            alias = _alias_record(name, "", record)
+            operations.append(Create(alias_key(project, name), dump(alias)))
+        try:
+            await self.store.transaction(operations)
+        except Conflict:
+            if await self.store.get(image_key(project, fingerprint)) is not None:
+                raise Conflict(DUPLICATE_IMAGE) from None
+            for name in aliases:
+                if await self.store.get(alias_key(project, name)) is not None:
+                    raise Conflict(f'Alias "{name}" already exists') from None
+            raise
+
+    # -- changing and deleting ----------------------------------------------------------
+
+    async def update_image(
+        self, project: str, fingerprint: str, put: ImagePut, revision: int = 0
+    ) -> dict[str, Any]:
+        """Apply an ImagePut. With `revision`, only if the record is still at that revision
+        (Conflict otherwise); without, retried over concurrent writes."""
+        for name in put.profiles:
+            if await self.store.get(record_key("profiles", project, name)) is None:
+                raise InvalidArgument(f"Profile '{name}' doesn't exist")
+        record, _ = await self.find(project, fingerprint)
+        key = image_key(project, record["fingerprint"])
+        for _ in range(20):
+            entry = await self.store.get(key)
+            if entry is None:
+                raise NotFound(IMAGE_NOT_FOUND)
+            if revision and entry.revision != revision:
+                raise Conflict(f"Image {record['fingerprint']} changed since it was read")
+            current = entry.json()
+            new = {
+                **current,
+                "public": put.public,
+                "auto_update": put.auto_update,
+                "properties": dict(put.properties),
+                "profiles": list(put.profiles),
+                "expires_at": put.expires_at or current.get("expires_at", NO_EXPIRY),
+            }
+            try:
+                await self.store.update(key, dump(new), revision=entry.revision)
+            except Conflict:
+                if revision:
+                    raise
+                continue
+            except NotFound:
+                raise NotFound(IMAGE_NOT_FOUND) from None
+            return await self.render(project, new)
+        raise Conflict(f"Image {record['fingerprint']} is changing too fast; try again")
+
+    async def delete_image(self, project: str, fingerprint: str) -> str:
+        """Delete the image (fingerprint or unique prefix) and its aliases in one
+        transaction, then its blob unless another project still has it. Returns the full
+        fingerprint."""
+        record, revision = await self.find(project, fingerprint)
+        fingerprint = record["fingerprint"]
+        async with self._blob_lock(fingerprint):
+            aliases = [
+                e
+                for e in await self.store.list(record_prefix(ALIASES, project))
+                if e.json().get("target") == fingerprint
+            ]
+            operations = [Delete(image_key(project, fingerprint), revision=revision)]
+            operations += [Delete(e.key, revision=e.revision) for e in aliases]
+            try:
+                await self.store.transaction(operations)
+            except (Conflict, NotFound):
+                if await self.store.get(image_key(project, fingerprint)) is None:
+                    raise NotFound(IMAGE_NOT_FOUND) from None
+                raise Conflict(
+                    f"Image {fingerprint} changed while being deleted; try again"
+                ) from None
+            holder = record.get("_croft", {}).get("member", self.member)
+            if holder == self.member:
+                await self._drop_blob_if_unused(fingerprint)
+            else:
+                log.warning("image %s deleted; its blob stays on member %s", fingerprint, holder)
+        log.info("deleted image %s from project %s", fingerprint, project)
+        return fingerprint
+
+    async def _drop_blob_if_unused(self, fingerprint: str) -> None:
+        """Remove the blob when no project has a record of it (call with the lock held)."""
+        suffix = f"/{fingerprint}"
+        for entry in await self.store.list(f"{RECORDS}{IMAGES}/"):
+            if entry.key.endswith(suffix):
+                return
+        with contextlib.suppress(NotFound):
+            await in_thread(self.blobs.delete, fingerprint)
+
+    @contextlib.asynccontextmanager
+    async def _blob_lock(self, fingerprint: str) -> AsyncIterator[None]:
+        """Exclusive, across the processes of this member, for one fingerprint. Polled
+        with LOCK_NB so that a cancelled waiter leaves nothing blocked behind."""
+        fd = os.open(self._locks / fingerprint, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    await asyncio.sleep(_LOCK_POLL)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    # -- aliases ------------------------------------------------------------------------
+
+    async def create_alias(
+        self, project: str, name: str, target: str, description: str = ""
+    ) -> dict[str, Any]:
+        if not name or not target:
+            raise InvalidArgument("name and target are required")
+        record, _ = await self.find(project, target)
+        alias = _alias_record(name, description, record)
+        try:
+            await self.store.create(alias_key(project, name), dump(alias))
+        except Conflict:
+            raise Conflict(f'Alias "{name}" already exists') from None
+        # The image may have been deleted between the lookup and the create.
+        if await self.store.get(image_key(project, record["fingerprint"])) is None:
+            with contextlib.suppress(NotFound):
+                await self.store.delete(alias_key(project, name))
+            raise NotFound(IMAGE_NOT_FOUND)
+        return alias
+
+    async def update_alias(
+        self, project: str, name: str, target: str, description: str, revision: int = 0
+    ) -> dict[str, Any]:
+        """Point an alias at `target` with `description` (LXD's PUT; the api merges a PATCH
+        first). With `revision`, only if the alias is still at that revision."""
+        if not target:
+            raise InvalidArgument("The target field is required")
+        key = alias_key(project, name)
+        if await self.store.get(key) is None:
+            raise NotFound(ALIAS_NOT_FOUND)
+        record, _ = await self.find(project, target)
+        for _ in range(20):
+            entry = await self.store.get(key)
+            if entry is None:
+                raise NotFound(ALIAS_NOT_FOUND)
+            if revision and entry.revision != revision:
+                raise Conflict(f'Alias "{name}" changed since it was read')
+            alias = _alias_record(name, description, record)
+            try:
+                await self.store.update(key, dump(alias), revision=entry.revision)
+            except Conflict:
+                if revision:
+                    raise
+                continue
+            except NotFound:
+                raise NotFound(ALIAS_NOT_FOUND) from None
+            return alias
+        raise Conflict(f'Alias "{name}" is changing too fast; try again')
+
+    async def rename_alias(self, project: str, name: str, new_name: str) -> dict[str, Any]:
+        if not new_name:
+            raise InvalidArgument("The new name of the alias is required")
+        entry = await self.store.get(alias_key(project, name))
+        if entry is None:
+            raise NotFound(ALIAS_NOT_FOUND)
+        if new_name == name:
+            return dict(entry.json())
+        new_key = alias_key(project, new_name)
+        if await self.store.get(new_key) is not None:
+            raise Conflict(f'Alias "{new_name}" already exists')
+        alias = {**entry.json(), "name": new_name}
+        try:
+            await self.store.transaction(
+                [Create(new_key, dump(alias)), Delete(entry.key, revision=entry.revision)]
+            )
+        except (Conflict, NotFound):
+            if await self.store.get(new_key) is not None:
+                raise Conflict(f'Alias "{new_name}" already exists') from None
+            raise Conflict(f'Alias "{name}" changed while being renamed; try again') from None
+        return alias
+
+    async def delete_alias(self, project: str, name: str) -> None:
+        entry = await self.store.get(alias_key(project, name))
+        if entry is None:
+            raise NotFound(ALIAS_NOT_FOUND)
+        try:
+            await self.store.delete(entry.key, revision=entry.revision)
+        except NotFound:
+            raise NotFound(ALIAS_NOT_FOUND) from None
+        except Conflict:
+            raise Conflict(f'Alias "{name}" changed while being deleted; try again') from None
+
+
+def _alias_record(name: str, description: str, image: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": name,
+        "description": description,
+        "target": image["fingerprint"],
+        "type": image.get("type", "container"),
+    }
+
+
+def _write(job: ImageImport, digest: Any, data: bytes, rootfs: bool) -> None:
+    # Hashed here as well as in the blob store: the fingerprint is needed to take its lock
+    # before the import is committed. (An ImageImport.fingerprint would spare one hash.)
+    digest.update(data)
+    if rootfs:
+        job.write_rootfs(data)
+    else:
+        job.write_metadata(data)

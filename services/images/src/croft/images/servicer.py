@@ -1,0 +1,153 @@
+"""The images service's gRPC surface: protobuf in, `ImagesCore` calls, protobuf out."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from croft.common.errors import InvalidArgument
+from croft.images.core import ImagePut, ImagesCore, ImportRequest, RootfsStart
+from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
+
+
+def _json_object(text: str, what: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{what} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object")
+    return value
+
+
+def _import_request(header: images_pb2.ImportHeader) -> ImportRequest:
+    properties = _json_object(header.properties, "the image properties")
+    if not all(isinstance(v, str) for v in properties.values()):
+        raise InvalidArgument("image properties must be strings")
+    return ImportRequest(
+        project=header.project or "default",
+        filename=header.filename,
+        expected_fingerprint=header.expected_fingerprint,
+        public=header.public,
+        properties=properties,
+        aliases=tuple(header.aliases),
+        split=header.split,
+    )
+
+
+async def _upload(
+    chunks: AsyncIterator[images_pb2.ImportChunk],
+) -> AsyncIterator[bytes | RootfsStart]:
+    async for chunk in chunks:
+        part = chunk.WhichOneof("part")
+        if part == "data":
+            yield chunk.data
+        elif part in ("rootfs_start", "rootfs_filename"):
+            yield RootfsStart(chunk.rootfs_filename)
+        else:
+            raise InvalidArgument("an image upload has one header, and it comes first")
+
+
+def _json(value: Any) -> common_pb2.Json:
+    return common_pb2.Json(json=json.dumps(value))
+
+
+class ImagesServicer(images_pb2_grpc.ImagesServicer):
+    def __init__(self, core: ImagesCore) -> None:
+        self.core = core
+
+    async def ResolveImage(
+        self, request: images_pb2.ResolveImageRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImageReply:
+        record = await self.core.resolve(
+            request.project or "default", request.name, mark_used=request.mark_used
+        )
+        return images_pb2.ImageReply(record=json.dumps(record))
+
+    async def ImageFiles(
+        self, request: images_pb2.ImageFilesRequest, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImageFilesReply:
+        files = await self.core.files(
+            request.image.project or "default", request.image.fingerprint, request.member
+        )
+        return images_pb2.ImageFilesReply(
+            metadata_path=str(files.metadata_path),
+            rootfs_path=str(files.rootfs_path) if files.rootfs_path else "",
+            record=json.dumps(files.record),
+        )
+
+    async def ImportImage(
+        self,
+        request_iterator: AsyncIterator[images_pb2.ImportChunk],
+        context: grpc.aio.ServicerContext,
+    ) -> images_pb2.ImageReply:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("an image upload starts with its header")
+        record = await self.core.import_image(
+            _import_request(first.header), _upload(request_iterator)
+        )
+        return images_pb2.ImageReply(record=json.dumps(record))
+
+    async def UpdateImage(
+        self, request: common_pb2.Json, context: grpc.aio.ServicerContext
+    ) -> images_pb2.ImageReply:
+        body = _json_object(request.json, "UpdateImage's request")
+        revision = body.get("revision") or 0
+        if not isinstance(revision, int):
+            raise InvalidArgument("revision must be an integer")
+        record = await self.core.update_image(
+            str(body.get("project") or "default"),
+            str(body.get("fingerprint") or ""),
+            ImagePut.from_json(body.get("image")),
+            revision,
+        )
+        return images_pb2.ImageReply(record=json.dumps(record))
+
+    async def DeleteImage(
+        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Empty:
+        await self.core.delete_image(request.project or "default", request.fingerprint)
+        return common_pb2.Empty()
+
+    async def CreateAlias(
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Json:
+        return _json(
+            await self.core.create_alias(
+                request.project or "default", request.name, request.target, request.description
+            )
+        )
+
+    async def UpdateAlias(
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Json:
+        return _json(
+            await self.core.update_alias(
+                request.project or "default",
+                request.name,
+                request.target,
+                request.description,
+                request.revision,
+            )
+        )
+
+    async def RenameAlias(
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Json:
+        return _json(
+            await self.core.rename_alias(
+                request.project or "default", request.name, request.new_name
+            )
+        )
+
+    async def DeleteAlias(
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+    ) -> common_pb2.Empty:
+        await self.core.delete_alias(request.project or "default", request.name)
+        return common_pb2.Empty()
