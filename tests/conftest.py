@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 CROFT = [sys.executable, "-m", "croft.client.cli"]
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -108,3 +116,96 @@ def running_croft(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Croft]:
         yield croft
     finally:
         croft.run("down", check=False)
+
+
+# ---------------------------------------------------------------------------- end to end
+
+
+@dataclass
+class Lxc:
+    """The real `lxc` client (Debian's lxd-client 5.0.2) pointed at a croft."""
+
+    lxd_dir: Path
+    home: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {**os.environ, "LXD_DIR": str(self.lxd_dir), "HOME": str(self.home)}
+
+    def __call__(
+        self, *args: str, check: bool = True, timeout: float = 120, input: str | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            ["lxc", *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(
+                f"lxc {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+            )
+        return result
+
+    def json(self, *args: str) -> Any:
+        return json.loads(self(*args, "--format", "json").stdout)
+
+
+def _remove_network(croft: Croft, bridge: str) -> None:
+    """What `croft down` leaves for running instances' sake: the bridge, its dnsmasq and
+    nft table. Tests remove them."""
+    pid_file = croft.root / "state" / "networks" / bridge / "dnsmasq.pid"
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+    subprocess.run(["ip", "link", "del", bridge], capture_output=True)
+    table = yaml.safe_load(croft.config_file.read_text())["network"]["nft_table"]
+    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+
+
+def _remove_containers(croft: Croft) -> None:
+    lxcpath = croft.root / "state" / "lxc"
+    if not lxcpath.is_dir():
+        return
+    for entry in lxcpath.iterdir():
+        subprocess.run(
+            ["lxc-stop", "-k", "-P", str(lxcpath), "-n", entry.name], capture_output=True
+        )
+        subprocess.run(["lxc-destroy", "-P", str(lxcpath), "-n", entry.name], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """croft's busybox image, built from its definition."""
+    from croft.images.builder import build_image
+
+    out = tmp_path_factory.mktemp("images") / "busybox.tar.gz"
+    build_image(REPO / "services/images/definitions/busybox.yaml", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def croft_lxc() -> Iterator[tuple[Croft, Lxc, str]]:
+    """A running croft with its own bridge, and the `lxc` client aimed at its socket."""
+    # dnsmasq drops root, so the state directory must be searchable by others: not
+    # pytest's 0700 temp dirs.
+    root = Path(tempfile.mkdtemp(prefix="croft-e2e-", dir="/tmp"))
+    root.chmod(0o711)
+    bridge = "crtbr" + secrets.token_hex(3)
+    croft = make_croft(root, lease_ttl=3, bridge=bridge)
+    home = root / "home"
+    home.mkdir()
+    lxc = Lxc(root / "state", home)
+    croft.run("up")
+    try:
+        yield croft, lxc, bridge
+    finally:
+        with contextlib.suppress(Exception):
+            for name in lxc.json("list"):
+                lxc("delete", "--force", name["name"], check=False)
+        croft.run("down", check=False)
+        _remove_containers(croft)
+        _remove_network(croft, bridge)
+        if not os.environ.get("CROFT_TEST_KEEP"):  # keep logs for a post-mortem when asked
+            shutil.rmtree(root, ignore_errors=True)

@@ -139,8 +139,10 @@ async def resolve(store: Store, service: str | None, member: str | None = None) 
 
 async def watch(store: Store, service: str | None) -> AsyncIterator[list[Instance]]:
     """The full list of live instances, again after every change."""
-    instances = {i.key: i for i in await resolve(store, service)}
+    # The revision first: a registration landing between the two reads is then replayed by
+    # the watch (a harmless repeat) instead of falling between them and being lost.
     revision = await store.revision()
+    instances = {i.key: i for i in await resolve(store, service)}
     yield list(instances.values())
     async for event in store.watch(_prefix(service), start_revision=revision):
         if event.type is EventType.PUT:

@@ -36,6 +36,8 @@ API_EXTENSIONS: list[str] = [
     "api_os",
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
     "instances",
+    "container_full",
+    "instance_get_full",
     "container_exec_recording",
     "container_exec_signal_handling",
     "exec_special_chars",

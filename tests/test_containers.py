@@ -1,0 +1,217 @@
+"""Containers through LXD's API: the real `lxc` client against croft's services, with real
+unprivileged LXC containers on a real bridge (issue 3)."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from .conftest import Croft, Lxc
+
+
+def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def ipv4_of(lxc: Lxc, name: str) -> str:
+    (instance,) = [i for i in lxc.json("list") if i["name"] == name]
+    network = (instance.get("state") or {}).get("network") or {}
+    for address in network.get("eth0", {}).get("addresses", []):
+        if address["family"] == "inet":
+            return str(address["address"])
+    return ""
+
+
+@pytest.fixture(scope="module")
+def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
+    _, lxc, _ = croft_lxc
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    lxc("launch", "busybox", "c1")
+    return "c1"
+
+
+def test_image_import_and_list(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    _, lxc, _ = croft_lxc
+    images = lxc.json("image", "list")
+    assert [a["name"] for a in images[0]["aliases"]] == ["busybox"]
+    assert len(images[0]["fingerprint"]) == 64
+
+
+def test_launched_container_runs_with_an_address_from_the_bridge(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    croft, lxc, bridge = croft_lxc
+    (instance,) = [i for i in lxc.json("list") if i["name"] == c1]
+    assert instance["status"] == "Running"
+    network = json.loads(croft.run("status", "--format", "json").stdout)  # croft is healthy
+    assert network
+    gateway = (
+        subprocess.run(["ip", "-4", "-o", "addr", "show", bridge], capture_output=True, text=True)
+        .stdout.split()[3]
+        .split("/")[0]
+    )
+    address = wait_until(lambda: ipv4_of(lxc, c1), 30, "c1 to get an IPv4 address")
+    assert address.rsplit(".", 1)[0] == gateway.rsplit(".", 1)[0]
+    assert "RUNNING" in lxc("list", c1).stdout
+
+
+def test_exec_prints_and_exits_like_the_command(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    _, lxc, _ = croft_lxc
+    result = lxc("exec", c1, "--", "sh", "-c", "echo $((6*7))")
+    assert result.stdout == "42\n"
+    assert result.returncode == 0
+    assert lxc("exec", c1, "--", "sh", "-c", "exit 3", check=False).returncode == 3
+    both = lxc("exec", c1, "--", "sh", "-c", "echo out; echo err >&2; exit 5", check=False)
+    assert (both.stdout, both.stderr, both.returncode) == ("out\n", "err\n", 5)
+    assert lxc("exec", c1, "--", "cat", input="piped stdin\n").stdout == "piped stdin\n"
+
+
+def test_interactive_exec_through_a_pty_sees_a_window_resize(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    _, lxc, _ = croft_lxc
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: lxc on a terminal, as a person would run it
+        os.execvpe("lxc", ["lxc", "exec", c1, "--", "sh"], lxc.env)
+    output = bytearray()
+
+    def read_until(marker: bytes, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in output:
+            assert time.monotonic() < deadline, f"no {marker!r} in {bytes(output)!r}"
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                chunk = os.read(fd, 4096)
+                output.extend(chunk)
+                if b"\x1b[6n" in chunk:  # the shell asks where the cursor is, as terminals answer
+                    os.write(fd, b"\x1b[1;3R")
+
+    try:
+        read_until(b"# \x1b[6n")  # the prompt, then the line editor's cursor query (answered)
+        time.sleep(0.5)  # ash discards what arrives in the same read as the cursor reply
+        os.write(fd, b"echo ready-$((40+2))\n")
+        read_until(b"ready-42")
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+        os.kill(pid, 28)  # SIGWINCH: the client sends window-resize on the control socket
+        time.sleep(1)
+        output.clear()
+        os.write(fd, b"stty size; exit 7\n")
+        read_until(b"33 111")
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 7
+    finally:
+        os.close(fd)
+
+
+def test_file_push_pull_round_trip_keeps_bytes_mode_and_owner(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str, tmp_path: Path
+) -> None:
+    _, lxc, _ = croft_lxc
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(os.urandom(10 << 20))
+    lxc(
+        "file",
+        "push",
+        str(payload),
+        f"{c1}/root/payload.bin",
+        "--mode",
+        "0640",
+        "--uid",
+        "1000",
+        "--gid",
+        "1001",
+    )
+    inside = lxc("exec", c1, "--", "stat", "-c", "%a %u %g %s", "/root/payload.bin").stdout.split()
+    assert inside == ["640", "1000", "1001", str(10 << 20)]
+    back = tmp_path / "back.bin"
+    lxc("file", "pull", f"{c1}/root/payload.bin", str(back))
+    assert (
+        hashlib.sha256(back.read_bytes()).digest() == hashlib.sha256(payload.read_bytes()).digest()
+    )
+
+
+def test_memory_limit_applies_live(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("config", "set", c1, "limits.memory", "64MiB")
+    pid = lxc.json("list")[0]["state"]["pid"]
+    cgroup = next(
+        line.split(":", 2)[2]
+        for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        if ":memory:" in line
+    )
+    limit = Path(f"/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes").read_text()
+    assert int(limit) == 64 << 20
+    hog = lxc(
+        "exec", c1, "--", "sh", "-c", "dd if=/dev/zero of=/dev/null bs=200M count=1", check=False
+    )
+    assert hog.returncode == 137  # killed by the OOM killer
+    assert lxc.json("list")[0]["status"] == "Running"
+    lxc("config", "unset", c1, "limits.memory")
+
+
+def test_snapshot_and_restore_bring_a_file_back(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("exec", c1, "--", "sh", "-c", "echo before > /root/state")
+    lxc("snapshot", c1, "s1")
+    lxc("exec", c1, "--", "sh", "-c", "echo after > /root/state; touch /root/new")
+    lxc("restore", c1, "s1")
+    assert lxc("exec", c1, "--", "cat", "/root/state").stdout == "before\n"
+    assert lxc("exec", c1, "--", "test", "-e", "/root/new", check=False).returncode == 1
+    snapshots = json.loads(lxc("query", f"/1.0/instances/{c1}/snapshots").stdout)
+    assert snapshots == [f"/1.0/instances/{c1}/snapshots/s1"]
+
+
+def test_stop_start_restart(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    _, lxc, _ = croft_lxc
+
+    def status() -> str:
+        return str(lxc.json("list")[0]["status"])
+
+    lxc("stop", c1)
+    assert status() == "Stopped"
+    lxc("start", c1)
+    assert status() == "Running"
+    pid = lxc.json("list")[0]["state"]["pid"]
+    lxc("restart", c1)
+    assert status() == "Running"
+    assert lxc.json("list")[0]["state"]["pid"] != pid
+    lxc("stop", "--force", c1)
+    assert status() == "Stopped"
+    lxc("start", c1)
+
+
+def test_delete_force_leaves_nothing_behind(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    croft, lxc, bridge = croft_lxc
+    lxc("launch", "busybox", "gone")
+    record = json.loads(lxc("query", "/1.0/instances/gone").stdout)
+    hwaddr = record["config"]["volatile.eth0.hwaddr"]
+    wait_until(lambda: ipv4_of(lxc, "gone"), 30, "gone to get a lease")
+    host_veths = set(os.listdir(f"/sys/class/net/{bridge}/brif"))
+    lxc("delete", "--force", "gone")
+    state = croft.root / "state"
+    assert not (state / "storage-pools" / "default" / "containers" / "gone").exists()
+    assert not (state / "lxc" / "gone").exists()
+    assert set(os.listdir(f"/sys/class/net/{bridge}/brif")) < host_veths
+    leases = (state / "networks" / bridge / "dnsmasq.leases").read_text()
+    assert hwaddr not in leases
+    assert not any(
+        p.name.endswith("gone") for p in Path("/sys/fs/cgroup/memory").glob("lxc.payload*")
+    )
+    assert lxc("query", "/1.0/instances/gone", check=False).returncode != 0
