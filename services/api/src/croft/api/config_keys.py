@@ -42,28 +42,75 @@ def int_range(low: int, high: int) -> Validator:
 def one_of(*choices: str) -> Validator:
     def check(value: str) -> None:
         if value not in choices:
-            raise ValueError(f'Invalid value "{value}" (not one of {", ".join(choices)})')
+            # LXD prints the choices as a Go slice: [soft hard].
+            raise ValueError(f'Invalid value "{value}" (not one of [{" ".join(choices)}])')
 
     return check
+
+
+def priority(value: str) -> None:
+    """LXD's `limits.*.priority`: an integer 0-10."""
+    is_int(value)
+    if not 0 <= int(value) <= 10:
+        raise ValueError(f'Invalid value for a limit "{value}". Must be between 0 and 10')
 
 
 def any_string(value: str) -> None:
     return None
 
 
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|kB|MB|GB|TB|PB|EB|KiB|MiB|GiB|TiB|PiB|EiB)?$")
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    " bytes": 1,
+    "kB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "PB": 1000**5,
+    "EB": 1000**6,
+    "KiB": 1024,
+    "MiB": 1024**2,
+    "GiB": 1024**3,
+    "TiB": 1024**4,
+    "PiB": 1024**5,
+    "EiB": 1024**6,
+}
+
+
+def parse_size(value: str) -> int:
+    """Bytes in a size string, the way LXD's `units.ParseByteSizeString` reads it: an
+    integer and one of its exact suffixes (`512MiB`, `2GB`, `100`); no decimals, no
+    spaces before the unit. Empty is 0. ValueError with LXD's message otherwise."""
+    if value == "":
+        return 0
+    digits = len(value) - len(value.lstrip("0123456789"))
+    if digits == 0:
+        raise ValueError(f"Invalid value: {value}")
+    suffix = value[digits:]
+    if suffix not in _SIZE_UNITS:
+        raise ValueError(f"Invalid value: {value}")
+    return int(value[:digits]) * _SIZE_UNITS[suffix]
 
 
 def is_size(value: str) -> None:
-    if not _SIZE.match(value):
-        raise ValueError(f'Invalid size "{value}" (e.g. 512MiB, 2GB)')
+    parse_size(value)
 
 
-def size_or_percent(value: str) -> None:
+def memory_limit(value: str) -> None:
+    """`limits.memory`: a size or a percentage of the host's memory, never 0."""
     if value.endswith("%"):
-        is_int(value[:-1])
+        number = value[:-1]
+        try:
+            percent = int(number)
+        except ValueError:
+            # LXD passes Go's strconv error through unchanged.
+            raise ValueError(f'strconv.ParseInt: parsing "{number}": invalid syntax') from None
+        if percent == 0:
+            raise ValueError("Memory limit can't be 0%")
         return
-    is_size(value)
+    if parse_size(value) == 0:
+        raise ValueError("Memory limit can't be 0")
 
 
 _CPU_SET = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
@@ -77,7 +124,7 @@ def cpu_limit(value: str) -> None:
 def cpu_allowance(value: str) -> None:
     if re.match(r"^\d+%$", value) or re.match(r"^\d+ms/\d+ms$", value):
         return
-    raise ValueError(f'Invalid CPU allowance "{value}" (e.g. 50% or 25ms/100ms)')
+    raise ValueError(f"Invalid allowance: {value}")
 
 
 def listen_address(value: str) -> None:
@@ -167,13 +214,13 @@ INSTANCE_KEYS = KeySet(
         "cluster.evacuate": one_of("auto", "migrate", "stop"),
         "limits.cpu": cpu_limit,
         "limits.cpu.allowance": cpu_allowance,
-        "limits.cpu.priority": int_range(0, 10),
-        "limits.disk.priority": int_range(0, 10),
-        "limits.memory": size_or_percent,
+        "limits.cpu.priority": priority,
+        "limits.disk.priority": priority,
+        "limits.memory": memory_limit,
         "limits.memory.enforce": one_of("soft", "hard"),
         "limits.memory.swap": is_bool,
-        "limits.memory.swap.priority": int_range(0, 10),
-        "limits.network.priority": int_range(0, 10),
+        "limits.memory.swap.priority": priority,
+        "limits.network.priority": priority,
         "limits.processes": is_int,
         "linux.kernel_modules": any_string,
         "migration.incremental.memory": is_bool,
@@ -225,12 +272,53 @@ INSTANCE_KEYS = KeySet(
 )
 
 
+# LXD 5.0's volatile keys: these exact ones, and `volatile.<device>.<suffix>`.
+VOLATILE_KEYS = frozenset(
+    {
+        "volatile.apply_template",
+        "volatile.base_image",
+        "volatile.cloud-init.instance-id",
+        "volatile.evacuate.origin",
+        "volatile.idmap.base",
+        "volatile.idmap.current",
+        "volatile.idmap.next",
+        "volatile.last_state.idmap",
+        "volatile.last_state.power",
+        "volatile.uuid",
+        "volatile.vsock_id",
+    }
+)
+VOLATILE_DEVICE_SUFFIXES = (
+    ".apply_quota",
+    ".ceph_rbd",
+    ".created",
+    ".driver",
+    ".host_name",
+    ".hwaddr",
+    ".id",
+    ".mtu",
+    ".name",
+    ".spoofcheck",
+    ".uuid",
+    ".vlan",
+)
+
+
+def _known_volatile(key: str) -> bool:
+    return key in VOLATILE_KEYS or (key.count(".") >= 2 and key.endswith(VOLATILE_DEVICE_SUFFIXES))
+
+
 def validate_instance_config(config: Mapping[str, str], *, profile: bool) -> None:
-    """Instance (or, with `profile`, profile) config keys, as LXD checks them."""
+    """Instance (or, with `profile`, profile) config keys, as LXD checks them.
+
+    InvalidArgument carries LXD's bare message (`Unknown configuration key: foo.bar`,
+    `Invalid CPU limit syntax`); the endpoints add LXD's context in front of it."""
     for key, value in config.items():
         if key.startswith("volatile."):
             if profile:
                 raise InvalidArgument("Volatile keys can only be set on instances")
+            if not _known_volatile(key):
+                raise InvalidArgument(f"Unknown configuration key: {key}")
             continue
         check = INSTANCE_KEYS.validator(key)
         if check is None:
@@ -238,7 +326,7 @@ def validate_instance_config(config: Mapping[str, str], *, profile: bool) -> Non
         try:
             check(value)
         except ValueError as exc:
-            raise InvalidArgument(f'Invalid value for "{key}": {exc}') from None
+            raise InvalidArgument(str(exc)) from None
 
 
 # -- devices ------------------------------------------------------------------------------
@@ -257,37 +345,64 @@ DEVICE_TYPES = (
     "tpm",
     "pci",
 )
+NIC_TYPES = ("bridged", "macvlan", "sriov", "physical", "ipvlan", "p2p", "routed")
+
+
+class _LoadError(ValueError):
+    """A device LXD cannot even load (no driver for its type): LXD words these as
+    `Failed loading device "x": ...`, and its other checks without that part."""
 
 
 def _check_device(device: Mapping[str, str]) -> None:
     kind = device.get("type", "")
     if not kind:
-        raise ValueError("Missing device type")
+        raise _LoadError("Missing device type in config")
     if kind not in DEVICE_TYPES:
-        raise ValueError("Unsupported device type")
+        raise _LoadError("Unsupported device type")
+    if kind == "nic":
+        # LXD picks a NIC driver from `nictype`, or from the managed network's type:
+        # with neither (or an unknown nictype) there is no driver to load.
+        nictype = device.get("nictype", "")
+        if (not nictype and not device.get("network")) or (nictype and nictype not in NIC_TYPES):
+            raise _LoadError("Unsupported device type")
     if kind == "disk":
-        if not device.get("path") and device.get("pool") is None:
+        path, source, pool = device.get("path", ""), device.get("source", ""), device.get("pool")
+        if path == "/":
+            if not pool:
+                raise ValueError('Root disk entry must have a "pool" property set')
+        elif not source and not pool:
+            raise ValueError('Disk entry is missing the required "source" or "path" property')
+        elif not path:
+            # LXD 5.0 accepts a container disk without a path and fails later; refuse it.
             raise ValueError('Disk entry is missing the required "path" property')
-        if device.get("path") == "/" and not device.get("pool"):
-            raise ValueError('Root disk entry must have a "pool" property set')
-        if device.get("path") != "/" and not device.get("source") and not device.get("pool"):
-            raise ValueError('Disk entry is missing the required "source" or "pool" property')
-    if kind == "nic" and not device.get("network") and not device.get("nictype"):
-        raise ValueError('NIC entry needs a "network" or a "nictype" property')
+
+
+def device_type_problem(devices: Mapping[str, Mapping[str, str]]) -> str:
+    """LXD's first check of a new instance's own devices, before any other (its database
+    knows only these types): `Invalid device type X`, or "" when all are known."""
+    for device in devices.values():
+        kind = device.get("type", "")
+        if kind not in DEVICE_TYPES:
+            return f"Invalid device type {kind}"
+    return ""
 
 
 def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
-    roots = [
-        name for name, d in devices.items() if d.get("type") == "disk" and d.get("path") == "/"
-    ]
-    if len(roots) > 1:
-        raise InvalidArgument(f"More than one root disk device: {', '.join(sorted(roots))}")
+    """Devices (an instance's own, expanded, or a profile's), as LXD validates them.
+    InvalidArgument with LXD's message; instance endpoints prefix `Invalid devices: `."""
     for name, device in devices.items():
         if not name:
             raise InvalidArgument("Device name cannot be empty")
         try:
             _check_device(device)
-        except ValueError as exc:
+        except _LoadError as exc:
             raise InvalidArgument(
                 f'Device validation failed for "{name}": Failed loading device "{name}": {exc}'
             ) from None
+        except ValueError as exc:
+            raise InvalidArgument(f'Device validation failed for "{name}": {exc}') from None
+    roots = [
+        name for name, d in devices.items() if d.get("type") == "disk" and d.get("path") == "/"
+    ]
+    if len(roots) > 1:
+        raise InvalidArgument("Failed detecting root disk device: More than one root device found")

@@ -12,7 +12,8 @@ import contextlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime
 from typing import Any
 
 import grpc
@@ -24,7 +25,11 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from croft.api import query, records, responses
 from croft.api.app import context
-from croft.api.config_keys import validate_devices, validate_instance_config
+from croft.api.config_keys import (
+    device_type_problem,
+    validate_devices,
+    validate_instance_config,
+)
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.errors import (
@@ -50,18 +55,35 @@ _NAME = re.compile(r"^[a-zA-Z0-9-]+$")
 
 
 def validate_name(name: str) -> None:
-    """LXD's instance names are host names."""
+    """LXD's instance names are host names; its checks, in its order, with its words."""
     problem = ""
     if not 1 <= len(name) <= 63:
         problem = "Name must be 1-63 characters long"
+    elif name[0] == "-":
+        problem = 'Name must not start with "-" character'
+    elif name[-1] == "-":
+        problem = 'Name must not end with "-" character'
+    elif name[0] in "0123456789":
+        problem = "Name must not start with a number"
     elif not _NAME.match(name):
         problem = "Name can only contain alphanumeric and hyphen characters"
-    elif name[0] == "-" or name[0].isdigit():
-        problem = "Name must not start with a digit or hyphen"
-    elif name[-1] == "-":
-        problem = "Name must not end with a hyphen"
     if problem:
         raise InvalidArgument(f"Invalid instance name: {problem}")
+
+
+def validate_snapshot_name(name: str) -> None:
+    """What a snapshot's name may not be. LXD refuses "/" with this message; it accepts
+    "." and "..", which then overwrite its snapshot directories: croft refuses them."""
+    if not name:
+        raise InvalidArgument("Invalid snapshot name: Cannot be empty")
+    if "/" in name:
+        raise InvalidArgument('Invalid snapshot name: Cannot contain "/"')
+    if name in (".", ".."):
+        raise InvalidArgument(f'Invalid snapshot name: Cannot be "{name}"')
+    if " " in name:
+        raise InvalidArgument(
+            "Invalid instance snapshot name: Cannot contain space or / characters"
+        )
 
 
 class InstanceSource(BaseModel):
@@ -96,7 +118,7 @@ class InstancesPost(InstancePut):
 
 class StatePut(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    action: StrictStr
+    action: StrictStr = ""  # missing is LXD's "Unknown action: ''"
     timeout: int = -1
     force: StrictBool = False
     stateful: StrictBool = False
@@ -104,7 +126,7 @@ class StatePut(BaseModel):
 
 class ExecPost(BaseModel):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    command: list[StrictStr]
+    command: list[StrictStr] = Field(default_factory=list)
     environment: dict[str, StrictStr] | None = None
     interactive: StrictBool = False
     wait_for_websocket: StrictBool = Field(default=False, alias="wait-for-websocket")
@@ -252,16 +274,57 @@ async def _place(store: Any) -> str:
     return min(members, key=lambda m: (counts[m], m))
 
 
-async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]:
+@contextlib.contextmanager
+def _failing(prefix: str) -> Iterator[None]:
+    """Put LXD's context (`Failed creating instance record: `) before a refusal's message."""
+    try:
+        yield
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{prefix}{exc}") from None
+
+
+def _check_instance_type(kind: str) -> None:
+    if kind == "virtual-machine":
+        # LXD here: `Instance type "virtual-machine" is not supported on this server:
+        # vhost_vsock kernel module not loaded`; croft has no VM driver yet.
+        raise InvalidArgument('Instance type "virtual-machine" is not supported on this server')
+    if kind not in ("", "container"):
+        raise InvalidArgument("Invalid instance type")
+
+
+def _check_source(source: InstanceSource) -> None:
+    if source.type in ("copy", "migration"):
+        raise InvalidArgument(f'Creating instances by "{source.type}" is not supported yet')
+    if source.type not in ("image", "none"):
+        raise InvalidArgument(f"Unknown source type {source.type}")
+    if source.type != "image":
+        return
     if source.server:
         raise InvalidArgument("Instances from remote image servers are not supported yet")
+    if not (source.alias or source.fingerprint):
+        if source.properties:
+            raise InvalidArgument("Choosing an image by its properties is not supported yet")
+        # LXD answers this one with a 500.
+        raise InvalidArgument(
+            "Must specify one of alias, fingerprint or properties for init from image"
+        )
+
+
+async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]:
+    """The image a source names, from the images service. NotFound in LXD's words:
+    `Image alias not found` for an alias (as LXD, 404), `Image not found` for a
+    fingerprint (LXD fails the operation instead: "Image not provided for instance
+    creation")."""
     name = source.fingerprint or source.alias
-    if not name:
-        raise InvalidArgument("No image alias or fingerprint given")
     images = await services().images()
-    reply = await images.call(
-        "ResolveImage", images_pb2.ResolveImageRequest(project=project, name=name)
-    )
+    try:
+        reply = await images.call(
+            "ResolveImage", images_pb2.ResolveImageRequest(project=project, name=name)
+        )
+    except NotFound:
+        raise NotFound(
+            "Image not found" if source.fingerprint else "Image alias not found"
+        ) from None
     image: dict[str, Any] = json.loads(reply.record)
     return image
 
@@ -273,20 +336,34 @@ async def instances_post(request: Request) -> Response:
     project = query.project(request)
     await records.require_project(ctx.store, project)
     req = await query.body(request, InstancesPost)
-    if req.type not in ("", "container"):
-        raise InvalidArgument(f'Instance type "{req.type}" is not supported on this server')
+    # Every check that needs no other service comes first, so that a refused request
+    # costs nothing and creates nothing. Messages are LXD 5.0.2's (measured); LXD reports
+    # the config, device and duplicate-name ones as a failed operation, croft at once.
     name = req.name or _random_name()
     validate_name(name)
+    _check_instance_type(req.type)
+    _check_source(req.source)
     config = {k: v for k, v in (req.config or {}).items() if v != ""}
     devices = req.devices or {}
-    validate_instance_config(config, profile=False)
-    validate_devices(devices)
     profiles = ["default"] if req.profiles is None else list(req.profiles)
+    with _failing("Failed creating instance record: "):
+        if len(set(profiles)) != len(profiles):
+            raise InvalidArgument("Duplicate profile found in request")
+        validate_instance_config(config, profile=False)
+        problem = device_type_problem(devices)
+        if problem:
+            raise InvalidArgument(problem)
     expanded_config, expanded_devices = await expand(ctx.store, project, profiles, config, devices)
-    validate_instance_config(expanded_config, profile=False)
-    validate_devices(expanded_devices)
-    if not any(d.get("type") == "disk" and d.get("path") == "/" for d in expanded_devices.values()):
-        raise InvalidArgument("Failed detecting root disk device: No root device could be found")
+    with _failing("Failed creating instance record: "):
+        validate_instance_config(expanded_config, profile=False)
+    with _failing("Failed creating instance record: Failed initialising instance: "):
+        with _failing("Invalid devices: "):
+            validate_devices(devices)
+            validate_devices(expanded_devices)
+        if not any(
+            d.get("type") == "disk" and d.get("path") == "/" for d in expanded_devices.values()
+        ):
+            raise InvalidArgument("Failed getting root disk: No root device could be found")
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
     fingerprint = ""
@@ -296,8 +373,6 @@ async def instances_post(request: Request) -> Response:
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)
-    elif req.source.type not in ("none", ""):
-        raise InvalidArgument(f'Unknown source type "{req.source.type}"')
     member = await _place(ctx.store)
     record = {
         "name": name,
@@ -370,11 +445,23 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
         profiles = list(req.profiles or [])
         description = req.description
     config = {k: v for k, v in config.items() if v != "" and not k.startswith("volatile.")}
-    validate_instance_config(config, profile=False)
-    validate_devices(devices)
-    expanded_config, expanded_devices = await expand(ctx.store, project, profiles, config, devices)
-    validate_instance_config(expanded_config, profile=False)
-    validate_devices(expanded_devices)
+    # LXD 5.0.2's messages; it answers these with a 500 (PATCH) or a failed operation (PUT).
+    if len(set(profiles)) != len(profiles):
+        raise InvalidArgument("Duplicate profile found in request")
+    with _failing("Invalid config: "):
+        validate_instance_config(config, profile=False)
+    with _failing("Invalid devices: "):
+        validate_devices(devices)
+    try:
+        expanded_config, expanded_devices = await expand(
+            ctx.store, project, profiles, config, devices
+        )
+    except NotFound:
+        raise NotFound("Profile not found") from None
+    with _failing("Invalid config: "):
+        validate_instance_config(expanded_config, profile=False)
+    with _failing("Invalid devices: "):
+        validate_devices(expanded_devices)
     new = {
         **public(record),
         "config": config,
@@ -469,7 +556,7 @@ async def instance_state_put(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     req = await query.body(request, StatePut)
     if req.action not in _ACTIONS:
-        raise InvalidArgument(f'Unknown action "{req.action}"')
+        raise InvalidArgument(f"Unknown action: '{req.action}'")
     if req.stateful:
         raise InvalidArgument("Stateful stop and start are not supported")
     client = await compute_of(record)
@@ -741,10 +828,9 @@ def _int_header(request: Request, name: str, default: int) -> int:
 @router.get("/1.0/containers/{name}/files")
 async def instance_file_get(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
+    path = _file_path(request)
     client = await compute_of(record)
-    call = client.stream(
-        "PullFile", compute_pb2.FileRef(instance=ref(project, name), path=_file_path(request))
-    )
+    call = client.stream("PullFile", compute_pb2.FileRef(instance=ref(project, name), path=path))
     try:
         first = await anext(call.__aiter__())
         header = first.header
@@ -775,10 +861,10 @@ async def instance_file_post(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     kind = request.headers.get("X-LXD-type", "file") or "file"
     if kind not in ("file", "directory", "symlink"):
-        raise InvalidArgument(f'Invalid file type "{kind}"')
+        raise InvalidArgument(f"Bad file type: {kind}")
     write = request.headers.get("X-LXD-write", "overwrite") or "overwrite"
     if write not in ("overwrite", "append"):
-        raise InvalidArgument(f'Invalid X-LXD-write value "{write}"')
+        raise InvalidArgument(f"Bad file write mode: {write}")
     header = compute_pb2.FileHeader(
         instance=ref(project, name),
         path=_file_path(request),
@@ -812,11 +898,10 @@ async def instance_file_post(request: Request, name: str) -> Response:
 @router.delete("/1.0/containers/{name}/files")
 async def instance_file_delete(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
+    path = _file_path(request)
     client = await compute_of(record)
     await client.call(
-        "DeleteFile",
-        compute_pb2.FileRef(instance=ref(project, name), path=_file_path(request)),
-        idempotent=False,
+        "DeleteFile", compute_pb2.FileRef(instance=ref(project, name), path=path), idempotent=False
     )
     return responses.sync({})
 
@@ -901,8 +986,9 @@ async def snapshots_post(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     req = await query.body(request, SnapshotsPost)
     snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
-    if "/" in snapshot or not snapshot:
-        raise InvalidArgument(f'Invalid snapshot name "{snapshot}"')
+    validate_snapshot_name(snapshot)
+    if req.expires_at:
+        _check_time("expires_at", req.expires_at)
     if await ctx.store.get(_snapshot_key(project, name, snapshot)) is not None:
         raise Conflict(f'Snapshot "{snapshot}" already exists')
     client = await compute_of(record)
@@ -918,6 +1004,15 @@ async def snapshots_post(request: Request, name: str) -> Response:
         "Snapshotting instance", run=run, resources=resources(name, project), project=project
     )
     return responses.async_operation(operation)
+
+
+def _check_time(field: str, value: str) -> None:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(
+            f'Invalid {field} "{value}": not an RFC 3339 time (e.g. 2030-01-31T12:00:00Z)'
+        ) from None
 
 
 def _snapshot_key(project: str, name: str, snapshot: str) -> str:
@@ -938,7 +1033,10 @@ async def _snapshot(
     project, record, _ = await load(request, name)
     found = await context(request).store.get_json(_snapshot_key(project, name, snapshot))
     if found is None:
-        raise NotFound("Snapshot not found")
+        raise NotFound(
+            f'Failed to fetch snapshot "{snapshot}" of instance "{name}" in project '
+            f'"{project}": InstanceSnapshot not found'
+        )
     return project, record, found[0]
 
 
@@ -975,10 +1073,9 @@ async def snapshot_rename(request: Request, name: str, snapshot: str) -> Respons
     req = await query.body(request, NamePost)
     if req.migration:
         raise InvalidArgument("Migration is not supported yet")
-    if not req.name or "/" in req.name:
-        raise InvalidArgument(f'Invalid snapshot name "{req.name}"')
+    validate_snapshot_name(req.name)
     if await ctx.store.get(_snapshot_key(project, name, req.name)) is not None:
-        raise Conflict(f'Name "{req.name}" already in use')
+        raise Conflict(f"Name '{name}/{req.name}' already in use")
     client = await compute_of(record)
     rename = compute_pb2.SnapshotRequest(
         instance=ref(project, name), snapshot=snapshot, new_name=req.name
@@ -999,11 +1096,14 @@ async def _restore(
 ) -> Response:
     ctx = context(request)
     name = record["name"]
-    snapshot = restore.split("/", 1)[1] if "/" in restore else restore
-    if restore.count("/") > 1 or ("/" in restore and restore.split("/", 1)[0] != name):
-        raise InvalidArgument(f'Invalid snapshot name "{restore}"')
+    # LXD takes "snap" or "<instance>/snap"; anything else names no snapshot of this one.
+    full = restore if "/" in restore else f"{name}/{restore}"
+    owner, _, snapshot = full.partition("/")
+    missing = NotFound(f"Snapshot {full} does not exist")  # LXD: a failed operation
+    if owner != name or not snapshot or "/" in snapshot:
+        raise missing
     if await ctx.store.get(_snapshot_key(project, name, snapshot)) is None:
-        raise NotFound("Snapshot not found")
+        raise missing
     client = await compute_of(record)
     request_pb = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
 
