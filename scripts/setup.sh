@@ -13,7 +13,7 @@ APT_PACKAGES=(
   dnsmasq-base dnsmasq-utils nftables iproute2 iputils-ping bridge-utils   # managed networks (dhcp_release)
   python3-venv                                  # the virtual environment on /usr/bin/python3
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
-  curl xz-utils squashfs-tools
+  curl xz-utils squashfs-tools openssl
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
