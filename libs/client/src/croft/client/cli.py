@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from croft.client import node
+from croft.client import images_cli, node
 from croft.common import discovery, rpc
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError
@@ -197,6 +197,8 @@ async def _print_status(config: Config, fmt: str) -> bool:
     console.print(table)
     return healthy
 
+
+main.add_command(images_cli.image)
 
 if __name__ == "__main__":
     main()

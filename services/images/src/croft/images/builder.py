@@ -32,7 +32,7 @@ import stat
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -447,14 +447,19 @@ def _pack(work: Path, output: Path, compression: str) -> None:
 
 
 def build_image(
-    definition_path: str | os.PathLike[str], output_path: str | os.PathLike[str]
+    definition_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    *,
+    on_stage: Callable[[str], object] | None = None,
 ) -> ImageInfo:
     """Build the image a definition describes into ``output_path`` (an LXD unified tarball).
 
     The output appears atomically, complete and validated, or not at all; the work tree
     (beside the output) is removed whatever happens. InvalidArgument for a bad definition or
-    a failing definition command; Internal when a build tool fails.
+    a failing definition command; Internal when a build tool fails. ``on_stage`` is told, in
+    words, each step as it starts (for a progress display).
     """
+    stage = on_stage or (lambda _: None)
     definition = load_definition(definition_path)
     output = Path(output_path)
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -463,17 +468,24 @@ def build_image(
     try:
         rootfs = work / "rootfs"
         if definition.base == "busybox":
+            stage(f"installing busybox from {definition.busybox}")
             rootfs.mkdir(mode=0o755)
             _bootstrap_busybox(definition, rootfs)
         else:
+            stage(f"debootstrap {definition.suite} from {definition.mirror}")
             _bootstrap_debian(definition, rootfs)
+        stage(f"writing {len(definition.files)} file(s)")
         for spec in definition.files:
             write_in_root(rootfs, spec.path, spec.content, replace=True, mode=spec.mode)
+        stage(f"running {len(definition.commands)} command(s)")
         _run_commands(definition, rootfs)
         if definition.base == "debootstrap":
+            stage("cleaning up apt caches and machine identity")
             _clean_debian(rootfs)
         _write_metadata(definition, work)
+        stage(f"packing ({definition.compression})")
         _pack(work, partial, definition.compression)
+        stage("validating the image")
         info = parse_image(partial, filename=output.name)
         os.rename(partial, output)
         return info
