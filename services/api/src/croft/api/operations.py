@@ -249,12 +249,10 @@ class OperationManager:
         local = _Local(context=context, websocket=websocket)
         self._local[op_id] = local
         # LXD announces Pending, then Running; clients only look for the final state.
-        # Written together: the event keys keep their order, and clients only wait for the
-        # final state.
-        await asyncio.gather(
-            self._publish({**operation, "status": "Pending", "status_code": 105}, project),
-            self._publish(operation, project),
-        )
+        # One after the other: listeners see events in store revision order, and LXD
+        # always sends Pending before Running.
+        await self._publish({**operation, "status": "Pending", "status_code": 105}, project)
+        await self._publish(operation, project)
         if run is not None:
             local.task = asyncio.create_task(self._run(context, run), name=f"operation-{op_id}")
         return operation
