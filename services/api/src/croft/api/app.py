@@ -22,6 +22,7 @@ from croft.api import responses
 from croft.api.events import EventHub
 from croft.api.operations import OperationManager
 from croft.api.records import DEFAULT_PROJECT, project_key, record_key
+from croft.api.tracing import TracingMiddleware
 from croft.common.errors import Conflict, CroftError, Internal, NotFound, NotImplementedYet
 from croft.common.events import EventPublisher, lifecycle_metadata
 from croft.common.events import publisher as shared_publisher
@@ -160,6 +161,7 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.croft = ctx
+    app.add_middleware(TracingMiddleware)
     app.router.redirect_slashes = False
     _install_error_handlers(app)
 
