@@ -156,6 +156,7 @@ def croft(replica: Replica, etcd: EtcdServer) -> Iterator[Croft]:
     async def uninstall(context: ServiceContext) -> None:
         for client in context._clients.values():
             await client.close()
+        services._services = None  # the next module's api must not call a dead service
 
     context = None
     try:
@@ -347,6 +348,17 @@ def test_launch_lookups_alias_then_image(croft: Croft, images: ImageFiles) -> No
     for name in ("nope", "0" * 64):
         missing = croft.request("GET", f"/1.0/images/{name}")
         assert (missing.status, missing.error) == (404, "Image not found")
+
+
+def test_creating_from_a_missing_image_is_404_and_creates_nothing(croft: Croft) -> None:
+    for source, message in [
+        ({"type": "image", "alias": "nope"}, "Image alias not found"),
+        ({"type": "image", "fingerprint": "deadbeef"}, "Image not found"),
+    ]:
+        reply = croft.replica.request("POST", "/1.0/instances", {"name": "c1", "source": source})
+        assert (reply.status, reply.error) == (404, message)
+    keys = croft.replica.run(croft.replica.ctx.store.list("/croft/"))
+    assert not [e.key for e in keys if "/instances/" in e.key or "/operations/" in e.key]
 
 
 def test_image_collection_recursion_and_filter(croft: Croft, images: ImageFiles) -> None:

@@ -15,8 +15,6 @@ from typing import Any
 import pytest
 import yaml
 
-from croft.api import services as api_services
-from croft.common.errors import Unavailable
 from croft.common.store import dump
 
 from .conftest import Replica
@@ -238,19 +236,6 @@ def test_malformed_bodies(replica: Replica) -> None:
     reply = replica.request("POST", "/1.0/instances", {"name": 5, "source": IMAGE})
     assert reply.status == 400 and "'name'" in reply.error
     assert not [k for k in stored(replica) if "/instances/" in k]
-
-
-def test_image_lookup_refusals(replica: Replica) -> None:
-    try:
-        api_services.services()
-    except Unavailable:
-        pytest.skip("no images service is registered in this test setup (api alone)")
-    refused(replica, "POST", "/1.0/instances",
-            {"name": "c1", "source": {"type": "image", "alias": "nope"}},
-            404, "Image alias not found")  # fmt: skip
-    refused(replica, "POST", "/1.0/instances",
-            {"name": "c1", "source": {"type": "image", "fingerprint": "deadbeef"}},
-            404, "Image not found")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- one instance

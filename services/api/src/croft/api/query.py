@@ -89,6 +89,8 @@ def validate(data: Any, model: type[M]) -> M:
             f"The request body must be a JSON object ({model.__name__}), not {type(data).__name__}"
         )
     try:
-        return model.model_validate(data)
+        # A JSON null leaves a field at its zero value, as Go's decoder does (pylxd sends
+        # "user": null, "cwd": null on every exec).
+        return model.model_validate({k: v for k, v in data.items() if v is not None})
     except ValidationError as exc:
         raise InvalidArgument(_describe(exc, model)) from None

@@ -581,13 +581,18 @@ async def instance_state_put(request: Request, name: str) -> Response:
 
 class ExecSession:
     """The websockets of one exec operation: fds "0" (and "1", "2" unless interactive)
-    and "control". The operation's task waits for all of them, then relays."""
+    and "control". The operation's task waits for the required ones, then relays.
+
+    As in LXD, a non-interactive session does not wait for "control": older `lxc` clients
+    and pylxd never connect it. It is used if it connects later."""
 
     def __init__(self, interactive: bool) -> None:
         names = ["0", "control"] if interactive else ["0", "1", "2", "control"]
         self.secrets = {secrets.token_hex(32): name for name in names}
+        self.required = set(names) if interactive else set(names) - {"control"}
         self.sockets: dict[str, WebSocket] = {}
         self.connected = asyncio.Event()
+        self.control_connected = asyncio.Event()
         self.finished = asyncio.Event()
 
     @property
@@ -600,7 +605,9 @@ class ExecSession:
             raise PermissionDenied("Invalid websocket secret")
         await websocket.accept()
         self.sockets[name] = websocket
-        if len(self.sockets) == len(self.secrets):
+        if name == "control":
+            self.control_connected.set()
+        if self.required <= self.sockets.keys():
             self.connected.set()
         await self.finished.wait()
 
@@ -635,6 +642,7 @@ async def _relay_exec(
         inputs.put_nowait(compute_pb2.ExecInput(stdin_closed=True))
 
     async def read_control() -> None:
+        await session.control_connected.wait()
         ws = session.sockets["control"]
         with contextlib.suppress(WebSocketDisconnect, RuntimeError):
             while True:
@@ -678,12 +686,12 @@ async def _relay_exec(
         for task in readers:
             task.cancel()
         # End of stream, as LXD marks it: an empty text frame, then close.
-        for name, ws in session.sockets.items():
+        for name, ws in list(session.sockets.items()):
             if name == "control" or (not interactive and name == "0"):
                 continue
             with contextlib.suppress(Exception):
                 await ws.send_text("")
-        for ws in session.sockets.values():
+        for ws in list(session.sockets.values()):
             with contextlib.suppress(Exception):
                 await ws.close()
     return code
@@ -967,6 +975,8 @@ async def instance_console(request: Request, name: str) -> Response:
 def render_snapshot(instance: str, snap: dict[str, Any]) -> dict[str, Any]:
     body = public(snap)
     body["name"] = snap["name"]
+    # Kept in the record for restore, but LXD 5.0's InstanceSnapshot has no description.
+    body.pop("description", None)
     return body
 
 

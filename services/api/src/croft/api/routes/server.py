@@ -69,6 +69,17 @@ def _os_release() -> tuple[str, str]:
     return fields.get("NAME", "").strip('"'), fields.get("VERSION_ID", "").strip('"')
 
 
+@cache
+def _liblxc_version() -> str:
+    """liblxc's version where python3-lxc is installed (lxd-benchmark and `lxc info` show
+    it); a control-plane replica on a host without it reports none."""
+    try:
+        import lxc  # type: ignore[import-not-found]
+    except ImportError:
+        return ""
+    return str(getattr(lxc, "version", ""))
+
+
 def _croft_version() -> str:
     try:
         return package_metadata.version("croft-api")
@@ -88,7 +99,7 @@ def environment(settings: ApiSettings, project: str) -> dict[str, Any]:
         "certificate": "",
         "certificate_fingerprint": "",
         "driver": "lxc",
-        "driver_version": "",
+        "driver_version": _liblxc_version(),
         "firewall": "nftables",
         "kernel": uname.sysname,
         "kernel_architecture": uname.machine,
