@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from croft.common.store import Lease, Store
+from croft.common.store import Lease, Put, Store
 
 EVENTS_PREFIX = "/croft/events/"
 EVENT_TYPES: tuple[str, ...] = ("logging", "operation", "lifecycle")
@@ -124,12 +124,23 @@ class EventPublisher:
             location=self.location if location is None else location,
             project=project,
         )
+        put = await self._put(event, ns)
+        await self.store.put(put.key, put.value, lease=put.lease)
+        return event
+
+    async def _put(self, event: Event, ns: int) -> Put:
         key = f"{EVENTS_PREFIX}{ns:020d}-{secrets.token_hex(4)}"
         lease = await self._current_lease()
         # Field order as LXD sends it: listeners get these bytes verbatim.
         value = json.dumps(event.to_lxd(), separators=(",", ":")).encode()
-        await self.store.put(key, value, lease=lease.id)
-        return event
+        return Put(key, value, lease=lease.id)
+
+    async def operation_event(self, operation: dict[str, Any], *, project: str) -> Put:
+        """The write of an `operation` event, to put in the same store transaction as the
+        operation record's change: one write instead of two, and never out of order."""
+        ns = time.time_ns()
+        event = Event("operation", rfc3339_nano(ns), operation, self.location, project)
+        return await self._put(event, ns)
 
 
 _publishers: weakref.WeakKeyDictionary[Store, EventPublisher] = weakref.WeakKeyDictionary()

@@ -33,7 +33,7 @@ from starlette.websockets import WebSocket
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, Unavailable
 from croft.common.events import EventPublisher, rfc3339_nano
 from croft.common.events import publisher as default_publisher
-from croft.common.store import EventType, Lease, Store, dump
+from croft.common.store import Create, EventType, Lease, Store, Update, dump
 
 log = logging.getLogger(__name__)
 
@@ -244,15 +244,17 @@ class OperationManager:
             "cancel_requested": False,
             "expires_at": None,
         }
-        await self.store.create(operation_key(op_id), dump(record))
+        # The record and its Pending and Running events in one transaction: one write,
+        # and listeners see the events in order.
+        assert self.events is not None
+        pending = await self.events.operation_event(
+            {**operation, "status": "Pending", "status_code": 105}, project=project
+        )
+        running = await self.events.operation_event(operation, project=project)
+        await self.store.transaction([Create(operation_key(op_id), dump(record)), pending, running])
         context = OperationContext(self, op_id, project)
         local = _Local(context=context, websocket=websocket)
         self._local[op_id] = local
-        # LXD announces Pending, then Running; clients only look for the final state.
-        # One after the other: listeners see events in store revision order, and LXD
-        # always sends Pending before Running.
-        await self._publish({**operation, "status": "Pending", "status_code": 105}, project)
-        await self._publish(operation, project)
         if run is not None:
             local.task = asyncio.create_task(self._run(context, run), name=f"operation-{op_id}")
         return operation
@@ -342,13 +344,15 @@ class OperationManager:
             operation["updated_at"] = rfc3339_nano()
             if expires_in is not None and operation["status"] in FINAL:
                 record["expires_at"] = time.time() + expires_in
+            assert self.events is not None
+            event = await self.events.operation_event(operation, project=record["project"])
             try:
-                await self.store.update(key, dump(record), revision=entry.revision)
+                # The change and its event in one transaction.
+                await self.store.transaction([Update(key, dump(record), entry.revision), event])
             except Conflict:
                 continue
             except NotFound:
                 raise NotFound("Operation not found") from None
-            await self._publish(operation, record["project"])
             return operation
         raise Conflict(f"operation {op_id} is changing too fast to be updated")
 
