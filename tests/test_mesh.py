@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import time
 
 from croft.common import discovery, rpc
@@ -148,6 +149,11 @@ def test_per_host_services_cannot_be_scaled(running_croft: Croft) -> None:
 def test_down_leaves_no_process(croft_dir) -> None:  # type: ignore[no-untyped-def]
     croft = make_croft(croft_dir)
     croft.run("up")
+    # The moment `up` returns, LXD's API answers on the socket (no service still starting).
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(croft.root / "state" / "unix.socket"))
+        client.sendall(b"GET /1.0 HTTP/1.1\r\nHost: croft\r\nConnection: close\r\n\r\n")
+        assert client.recv(64).startswith(b"HTTP/1.1 200")
     assert len(croft.processes()) >= 8  # agent, etcd, six services
     croft.run("down")
     assert croft.processes() == []

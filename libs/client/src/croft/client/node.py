@@ -15,6 +15,7 @@ import grpc
 from croft.common.config import Config
 from croft.common.errors import Unavailable
 from croft.common.rpc import channel, from_rpc_error
+from croft.node.agent import SERVICES
 from croft.v1 import node_pb2, node_pb2_grpc
 
 
@@ -74,15 +75,21 @@ async def wait_ready(config: Config, pid: int, timeout: float) -> node_pb2.NodeS
             last = await node_status(config)
         except Exception:
             last = None
+        # Every service must be there, not only what runs so far: while the agent is still
+        # starting etcd, etcd is all it reports, and all of that is running.
         if (
             last is not None
-            and last.processes
+            and {p.service for p in last.processes} >= {"etcd", *SERVICES} - _not_run(config)
             and all(p.state == "running" for p in last.processes)
         ):
             return last
         await asyncio.sleep(0.1)
     waiting = [f"{p.service}-{p.index}: {p.state}" for p in (last.processes if last else [])]
     raise Unavailable(f"croft did not become ready within {timeout:g}s ({', '.join(waiting)})")
+
+
+def _not_run(config: Config) -> set[str]:
+    return set() if config.etcd.embedded else {"etcd"}
 
 
 def _alive(pid: int) -> bool:
