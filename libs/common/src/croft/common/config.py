@@ -82,6 +82,46 @@ class StorageConfig(_Section):
     )
 
 
+class ImagesConfig(_Section):
+    """The images service's background work. LXD's server keys `images.auto_update_interval`
+    (hours) and `images.remote_cache_expiry` (days) decide; the `*_seconds` keys here replace
+    them when set, so that tests need not wait hours."""
+
+    task_interval: float = Field(
+        default=3600.0, gt=0, description="seconds between passes of image auto-update and expiry"
+    )
+    auto_update_interval_seconds: float | None = Field(
+        default=None, ge=0, description="overrides images.auto_update_interval (0: off)"
+    )
+    remote_cache_expiry_seconds: float | None = Field(
+        default=None, ge=0, description="overrides images.remote_cache_expiry (0: never)"
+    )
+
+
+class ApiConfig(_Section):
+    https_address: str = Field(
+        default="",
+        description=(
+            "address the REST API serves HTTPS on, HOST:PORT ('127.0.0.1:8443', '[::]:8443'); "
+            "'' serves the local unix socket only"
+        ),
+    )
+
+    @field_validator("https_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not value:
+            return value
+        host, sep, port = value.rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not sep or not host or (":" in host and not value.startswith("[")):
+            raise ValueError("expected HOST:PORT, with an IPv6 host in brackets ([::]:8443)")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError("the port must be a number from 1 to 65535")
+        return value
+
+
 class ServiceConfig(_Section):
     replicas: int = Field(default=1, ge=0, le=64)
 
@@ -114,6 +154,8 @@ class Config(BaseSettings):
     services: ServicesConfig = ServicesConfig()
     network: NetworkConfig = NetworkConfig()
     storage: StorageConfig = StorageConfig()
+    images: ImagesConfig = ImagesConfig()
+    api: ApiConfig = ApiConfig()
 
     @property
     def networks_dir(self) -> Path:

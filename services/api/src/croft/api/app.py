@@ -19,6 +19,7 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 
 from croft.api import responses
+from croft.api.auth import AccessMiddleware, identity
 from croft.api.events import EventHub
 from croft.api.operations import OperationManager
 from croft.api.records import DEFAULT_PROJECT, project_key, record_key
@@ -43,6 +44,8 @@ class ApiSettings:
     default_pool: str = "default"
     default_network: str = "croftbr0"
     storage_drivers: tuple[tuple[str, str], ...] = (("dir", "1"),)
+    https_address: str = ""  # where HTTPS is served ("" = not served): LXD's core.https_address
+    certificate: str = ""  # the server certificate, PEM (croft.api.tls)
 
 
 @dataclass
@@ -77,10 +80,11 @@ class ApiContext:
 
 def requestor(connection: HTTPConnection) -> dict[str, str]:
     """Who made a request, as LXD reports it in lifecycle events. The local unix socket
-    is root and trusted (like LXD's); TLS identities come with the auth service."""
+    is root and trusted (like LXD's); a TLS client is its certificate's fingerprint."""
     if connection.url.scheme in ("https", "wss"):
         client = connection.client
-        return {"username": "", "protocol": "tls", "address": client.host if client else ""}
+        username = identity(connection).username
+        return {"username": username, "protocol": "tls", "address": client.host if client else ""}
     return {"username": "root", "protocol": "unix", "address": "@"}
 
 
@@ -161,24 +165,28 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
         redirect_slashes=False,
     )
     app.state.croft = ctx
-    app.add_middleware(TracingMiddleware)
+    app.add_middleware(AccessMiddleware)
+    app.add_middleware(TracingMiddleware)  # outermost: refused requests are traced too
     app.router.redirect_slashes = False
     _install_error_handlers(app)
 
     from croft.api.routes import (
+        certificates,
         events,
         images,
+        images_publish,
         instances,
         networks,
         profiles,
         projects,
         server,
         storage_pools,
+        streams,
     )
     from croft.api.routes import operations as operation_routes
 
     routers = (server, projects, profiles, operation_routes, events, instances, images)
-    for module in (*routers, storage_pools, networks):
+    for module in (*routers, storage_pools, networks, images_publish, certificates, streams):
         app.include_router(module.router)
     return app
 

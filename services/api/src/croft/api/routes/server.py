@@ -15,7 +15,10 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.app import ApiSettings, context
+from croft.api.auth import identity
 from croft.api.config_keys import validate_server_config
+from croft.api.serving import listen_addresses
+from croft.api.tls import certificate_fingerprint
 
 router = APIRouter()
 
@@ -37,6 +40,7 @@ API_EXTENSIONS: list[str] = [
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
     "instances",
     "container_full",
+    "image_force_refresh",
     "instance_get_full",
     "container_exec_recording",
     "container_exec_signal_handling",
@@ -46,6 +50,9 @@ API_EXTENSIONS: list[str] = [
     "network_leases",
     "network_state",
     "resources",
+    # certificates (routes/certificates.py): trust tokens, restricted certificates
+    "certificate_token",
+    "certificate_project",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
@@ -87,17 +94,21 @@ def _croft_version() -> str:
         return "0"
 
 
-def environment(settings: ApiSettings, project: str) -> dict[str, Any]:
+def environment(
+    settings: ApiSettings, project: str, addresses: list[str] | None = None
+) -> dict[str, Any]:
     uname = os.uname()
     os_name, os_version = _os_release()
     drivers = [{"Name": n, "Version": v, "Remote": False} for n, v in settings.storage_drivers]
     machine = platform.machine()
     architectures = [machine] + (["i686"] if machine == "x86_64" else [])
     return {
-        "addresses": [],
+        "addresses": addresses or [],
         "architectures": architectures,
-        "certificate": "",
-        "certificate_fingerprint": "",
+        "certificate": settings.certificate,
+        "certificate_fingerprint": (
+            certificate_fingerprint(settings.certificate) if settings.certificate else ""
+        ),
         "driver": "lxc",
         "driver_version": _liblxc_version(),
         "firewall": "nftables",
@@ -136,19 +147,34 @@ async def root() -> Response:
 @router.get("/1.0")
 async def server_get(request: Request) -> Response:
     ctx = context(request)
+    if not identity(request).trusted:
+        # LXD's ServerUntrusted, and no ETag.
+        untrusted = {
+            "api_extensions": API_EXTENSIONS,
+            "api_status": "stable",
+            "api_version": "1.0",
+            "auth": "untrusted",
+            "public": False,
+            "auth_methods": ["tls"],
+        }
+        return responses.sync(untrusted)
     project = query.project(request)
     await records.require_project(ctx.store, project)
     config = await _server_config(request)
+    addresses = (
+        await listen_addresses(ctx.settings.https_address) if ctx.settings.https_address else []
+    )
     info = {
         "config": config,
         "api_extensions": API_EXTENSIONS,
         "api_status": "stable",
         "api_version": "1.0",
-        # The unix socket is the local root's, trusted as LXD's is; TLS comes with auth.
+        # The unix socket is the local root's, trusted as LXD's is; over HTTPS the auth
+        # service said this client's certificate is trusted (croft.api.auth).
         "auth": "trusted",
         "public": False,
         "auth_methods": ["tls"],
-        "environment": environment(ctx.settings, project),
+        "environment": environment(ctx.settings, project, addresses),
     }
     return responses.sync(info, etag=records.etag(config))
 

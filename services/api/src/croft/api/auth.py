@@ -1,0 +1,246 @@
+"""Who is calling, and may they: the api's side of authentication.
+
+The local unix socket is root's and trusted, as LXD's is. Over HTTPS a client is the
+certificate it presented in the handshake (`croft.api.tls`), and the auth service says
+whether that certificate is trusted (answers cached for a couple of seconds per replica,
+and forgotten at once when this replica changes the trust store).
+
+An untrusted client reaches only what LXD lets it: `GET /` and `/1.0`, the public images
+(`/1.0/images`, `/1.0/images/<fp>`, its `/export`, `/1.0/images/aliases/<name>`), the
+simplestreams tree of the public images, and `POST /1.0/certificates` to add itself with a
+trust token. Anything else is LXD's 403 "not authorized". A restricted certificate is
+held to its projects and kept off the server-wide endpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import grpc
+from starlette.requests import HTTPConnection
+
+from croft.api import responses
+from croft.api.tls import certificate_fingerprint, peer_certificate
+from croft.common.errors import CroftError, NotFound, PermissionDenied, Unavailable
+from croft.common.rpc import ServiceClient, from_rpc_error
+from croft.v1 import auth_pb2, auth_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+NOT_AUTHORIZED = "not authorized"
+SCOPE_KEY = "croft.identity"
+CACHE_SECONDS = 2.0
+
+Scope = MutableMapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The caller of one request."""
+
+    protocol: Literal["unix", "tls"]
+    trusted: bool
+    fingerprint: str = ""  # of the client certificate (tls)
+    certificate: str = ""  # the client certificate, PEM (tls; "" when it sent none)
+    name: str = ""
+    restricted: bool = False
+    projects: tuple[str, ...] = ()
+    address: str = ""
+
+    @property
+    def username(self) -> str:
+        """LXD's requestor username: root on the socket, the fingerprint over TLS."""
+        return "root" if self.protocol == "unix" else self.fingerprint
+
+
+ROOT = Identity("unix", True, name="root", address="@")
+
+
+def identity(connection: HTTPConnection) -> Identity:
+    """The caller of this request (the unix socket's root when no check ran)."""
+    found = connection.scope.get(SCOPE_KEY)
+    return found if isinstance(found, Identity) else ROOT
+
+
+# ---------------------------------------------------------------------------- the auth service
+
+
+async def auth_client() -> ServiceClient[Any]:
+    from croft.api.services import services
+
+    return await services().context.client("auth", auth_pb2_grpc.AuthStub)
+
+
+async def auth_call(method: str, message: Any, **kwargs: Any) -> Any:
+    """A call to the auth service; its errors come back as croft errors."""
+    client = await auth_client()
+    try:
+        return await client.call(method, message, **kwargs)
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+
+
+Lookup = Callable[[str], Awaitable[tuple[bool, dict[str, Any] | None]]]
+
+
+async def _ask_auth(fingerprint: str) -> tuple[bool, dict[str, Any] | None]:
+    reply = await auth_call("IsTrusted", auth_pb2.CertificateRef(fingerprint=fingerprint))
+    return reply.trusted, json.loads(reply.certificate) if reply.certificate else None
+
+
+@dataclass
+class TrustCache:
+    """The auth service's answers, kept `ttl` seconds per fingerprint."""
+
+    lookup: Lookup = _ask_auth
+    ttl: float = CACHE_SECONDS
+    _answers: dict[str, tuple[float, bool, dict[str, Any] | None]] = field(default_factory=dict)
+
+    async def check(self, fingerprint: str) -> tuple[bool, dict[str, Any] | None]:
+        now = time.monotonic()
+        cached = self._answers.get(fingerprint)
+        if cached is not None and cached[0] > now:
+            return cached[1], cached[2]
+        trusted, record = await self.lookup(fingerprint)
+        if len(self._answers) > 10_000:
+            self._answers = {k: v for k, v in self._answers.items() if v[0] > now}
+        self._answers[fingerprint] = (now + self.ttl, trusted, record)
+        return trusted, record
+
+    def forget(self, fingerprint: str | None = None) -> None:
+        """Drop one cached answer (all with None): the trust store just changed."""
+        if fingerprint is None:
+            self._answers.clear()
+        else:
+            self._answers.pop(fingerprint, None)
+
+
+trust_cache = TrustCache()
+
+
+async def tls_identity(scope: Scope) -> Identity:
+    client = scope.get("client")
+    address = f"{client[0]}:{client[1]}" if client else ""
+    certificate = peer_certificate(scope)
+    if certificate is None:
+        return Identity("tls", False, address=address)
+    fingerprint = certificate_fingerprint(certificate)
+    trusted, record = await trust_cache.check(fingerprint)
+    record = record or {}
+    return Identity(
+        "tls",
+        trusted,
+        fingerprint=fingerprint,
+        certificate=certificate,
+        name=str(record.get("name", "")),
+        restricted=bool(record.get("restricted", False)),
+        projects=tuple(record.get("projects") or ()),
+        address=address,
+    )
+
+
+# ---------------------------------------------------------------------------- the rules
+
+_FP = r"[0-9a-fA-F]+"
+# (method, path) an untrusted client may use; the handlers show it public things only.
+_UNTRUSTED: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
+    (method, re.compile(pattern))
+    for method, pattern in (
+        ("GET", r"/"),
+        ("GET", r"/1\.0/?"),
+        ("GET", r"/1\.0/images/?"),
+        ("GET", rf"/1\.0/images/{_FP}/?"),
+        ("GET", rf"/1\.0/images/{_FP}/export/?"),
+        ("GET", r"/1\.0/images/aliases/.+"),
+        ("POST", r"/1\.0/certificates/?"),
+        ("GET", r"/streams/v1/[^/]+\.json"),
+        ("GET", r"/images/.+"),
+    )
+)
+# Server-wide endpoints a restricted certificate may not change.
+_SERVER_WIDE = re.compile(r"/1\.0/?$|/1\.0/(certificates|storage-pools|projects|cluster)(/|$)")
+
+
+def untrusted_may(method: str, path: str) -> bool:
+    method = "GET" if method == "HEAD" else method
+    return any(m == method and p.fullmatch(path) for m, p in _UNTRUSTED)
+
+
+def restricted_may(who: Identity, method: str, path: str, query: str) -> bool:
+    """LXD's restricted certificates: their projects only, nothing server-wide changed."""
+    if _SERVER_WIDE.match(path):
+        return method in ("GET", "HEAD")
+    project = (parse_qs(query).get("project") or ["default"])[0]
+    return project in who.projects
+
+
+# ---------------------------------------------------------------------------- the middleware
+
+
+class AccessMiddleware:
+    """Puts the caller's Identity in every request's scope and turns away what they may
+    not do, before any handler runs."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] not in ("http", "websocket") or scope.get("scheme") not in (
+            "https",
+            "wss",
+        ):
+            await self.app(scope, receive, send)
+            return
+        try:
+            who = await tls_identity(scope)
+        except CroftError as exc:
+            log.warning("cannot check a client's certificate: %s", exc)
+            await _refuse(scope, receive, send, Unavailable(f"Cannot check trust: {exc.message}"))
+            return
+        scope[SCOPE_KEY] = who
+        method, path = scope.get("method", "GET"), scope.get("path", "")
+        query = scope.get("query_string", b"").decode("latin-1")
+        allowed = (
+            untrusted_may(method, path)
+            if not who.trusted
+            else not who.restricted or restricted_may(who, method, path, query)
+        )
+        if not allowed:
+            await _refuse(scope, receive, send, PermissionDenied(NOT_AUTHORIZED))
+            return
+        if not who.trusted and (export := _EXPORT.fullmatch(path)):
+            try:
+                await _require_public_image(scope, export.group(1), query)
+            except CroftError as exc:
+                await _refuse(scope, receive, send, exc)
+                return
+        await self.app(scope, receive, send)
+
+
+_EXPORT = re.compile(rf"/1\.0/images/({_FP})/export/?")
+
+
+async def _require_public_image(scope: Scope, fingerprint: str, query: str) -> None:
+    """LXD's export for an untrusted client: public images only (else not found)."""
+    from croft.api.routes.images import find_image
+
+    store = scope["app"].state.croft.store
+    project = (parse_qs(query).get("project") or ["default"])[0]
+    record, _ = await find_image(store, project, fingerprint.lower())
+    if not record.get("public"):
+        raise NotFound(f'Image "{record["fingerprint"]}" not found')
+
+
+async def _refuse(scope: Scope, receive: Any, send: Any, error: CroftError) -> None:
+    if scope["type"] == "websocket":
+        # Closing before accepting answers the upgrade with a 403.
+        await send({"type": "websocket.close", "code": 1008})
+        return
+    await responses.error(error)(scope, receive, send)

@@ -1,0 +1,292 @@
+"""`/1.0/certificates`: the trust store (`lxc config trust ...`, `lxc remote add`).
+
+The auth service keeps the records and decides; this module is LXD's REST face of it:
+
+* root (the unix socket) or a trusted, unrestricted client adds a certificate
+  (`lxc config trust add CERT`) or asks for a token (`lxc config trust add --name X`): a
+  `token` operation whose metadata carries the secret, as LXD 5.0's does, so that
+  `lxc config trust list-tokens` and `revoke-token` work unchanged;
+* an untrusted HTTPS client adds the certificate it connected with by showing a token as
+  the `password` (`lxc remote add NAME TOKEN`, or `... https://HOST:8443 --password
+  TOKEN`): the token is used up and the certificate trusted in one step.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.app import context
+from croft.api.auth import Identity, auth_call, identity, trust_cache
+from croft.api.serving import listen_addresses
+from croft.api.tls import certificate_fingerprint
+from croft.common.errors import CroftError, InvalidArgument, PermissionDenied
+from croft.v1 import auth_pb2, common_pb2
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+NOT_AUTHORIZED = "not authorized"
+
+
+def certificate_url(fingerprint: str) -> str:
+    return f"/1.0/certificates/{fingerprint}"
+
+
+def render_certificate(record: dict[str, Any]) -> dict[str, Any]:
+    """LXD 5.0's Certificate, fields in its order."""
+    return {
+        "name": record.get("name", ""),
+        "type": record.get("type", "client"),
+        "restricted": record.get("restricted", False),
+        "projects": record.get("projects") or [],
+        "certificate": record.get("certificate", ""),
+        "fingerprint": record["fingerprint"],
+    }
+
+
+def _is_admin(who: Identity) -> bool:
+    """LXD's rbac.UserIsAdmin without RBAC: the socket's root and unrestricted clients."""
+    return who.trusted and not who.restricted
+
+
+class CertificatesPost(BaseModel):
+    """LXD's CertificatesPost."""
+
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    type: StrictStr = ""
+    restricted: StrictBool = False
+    projects: list[StrictStr] | None = None
+    certificate: StrictStr = ""
+    password: StrictStr = ""
+    token: StrictBool = False
+
+
+class CertificatePut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    type: StrictStr = ""
+    restricted: StrictBool = False
+    projects: list[StrictStr] | None = None
+    certificate: StrictStr = ""
+
+
+# ---------------------------------------------------------------------------- reading
+
+
+async def _list() -> list[dict[str, Any]]:
+    reply = await auth_call("ListCertificates", common_pb2.Empty())
+    found: list[dict[str, Any]] = json.loads(reply.json)
+    return found
+
+
+async def _get(fingerprint: str) -> dict[str, Any]:
+    reply = await auth_call("GetCertificate", auth_pb2.CertificateRef(fingerprint=fingerprint))
+    record: dict[str, Any] = json.loads(reply.json)
+    return record
+
+
+@router.get("/1.0/certificates")
+async def certificates_list(request: Request) -> Response:
+    listing = query.listing(
+        await _list(),
+        request,
+        lambda c: certificate_url(c["fingerprint"]),
+        render=render_certificate,
+    )
+    return responses.sync(listing)
+
+
+@router.get("/1.0/certificates/{fingerprint}")
+async def certificate_get(request: Request, fingerprint: str) -> Response:
+    shown = render_certificate(await _get(fingerprint))
+    return responses.sync(shown, etag=records.etag(shown))
+
+
+# ---------------------------------------------------------------------------- adding
+
+
+@router.post("/1.0/certificates")
+async def certificates_post(request: Request) -> Response:
+    req = await query.body(request, CertificatesPost)
+    who = identity(request)
+    settings = context(request).settings
+    if req.token and req.certificate:
+        raise InvalidArgument("Can't use certificate if token is requested")
+    if req.token:
+        if (req.type or "client") != "client":
+            raise InvalidArgument("Tokens can only be issued for client certificates")
+        if not settings.https_address:
+            raise InvalidArgument("Can't issue token when server isn't listening on network")
+    if who.trusted and not req.certificate and not req.token:
+        raise InvalidArgument("Client is already trusted")
+    if not _is_admin(who):
+        if req.token or not req.password:
+            raise PermissionDenied(NOT_AUTHORIZED)
+        return await _trust_with_token(request, who, req.password)
+    if req.token:
+        return await _create_token(request, req)
+    if not req.certificate:
+        if who.protocol != "tls":
+            raise InvalidArgument("Can't use TLS data on non-TLS link")
+        if not who.certificate:
+            raise InvalidArgument("No client certificate provided")
+    reply = await auth_call(
+        "AddCertificate",
+        auth_pb2.AddCertificateRequest(
+            certificate=req.certificate or who.certificate,
+            name=req.name,
+            type=req.type or "client",
+            restricted=req.restricted,
+            projects=req.projects or [],
+            address=_host(request),
+        ),
+        idempotent=False,
+    )
+    return await _added(request, json.loads(reply.json))
+
+
+async def _added(request: Request, record: dict[str, Any]) -> Response:
+    fingerprint = record["fingerprint"]
+    trust_cache.forget(fingerprint)
+    url = certificate_url(fingerprint)
+    await context(request).lifecycle("certificate-created", url, request=request)
+    return responses.created(url)
+
+
+def _host(request: Request) -> str:
+    return request.client.host if request.client else ""
+
+
+def _token_secret(password: str) -> str | None:
+    """The secret of a certificate add token (base64 of LXD's CertificateAddToken JSON)."""
+    try:
+        token = json.loads(base64.b64decode(password, validate=True))
+    except (binascii.Error, ValueError):
+        return None
+    if not isinstance(token, dict):
+        return None
+    secret = token.get("secret")
+    return secret if isinstance(secret, str) and secret else None
+
+
+async def _trust_with_token(request: Request, who: Identity, password: str) -> Response:
+    secret = _token_secret(password)
+    if secret is None:
+        # Not a token: LXD would compare a trust password (core.trust_password), which
+        # croft does not keep.
+        log.warning("refused a trust request with a bad token from %s", _host(request))
+        raise PermissionDenied(NOT_AUTHORIZED)
+    if who.protocol != "tls":
+        raise InvalidArgument("Can't use TLS data on non-TLS link")
+    if not who.certificate:
+        raise InvalidArgument("No client certificate provided")
+    reply = await auth_call(
+        "TrustWithToken",
+        auth_pb2.TrustWithTokenRequest(
+            secret=secret, certificate=who.certificate, address=_host(request)
+        ),
+        idempotent=False,
+    )
+    # The token is used: its operation ends as LXD's does, cancelled.
+    ctx = context(request)
+    with contextlib.suppress(CroftError):
+        await ctx.operations.cancel(reply.operation_id, wait=0)
+    return await _added(request, json.loads(reply.certificate))
+
+
+async def _create_token(request: Request, req: CertificatesPost) -> Response:
+    ctx = context(request)
+    settings = ctx.settings
+    if not req.name:
+        raise InvalidArgument("A token needs the name of the client it is for (--name)")
+    reply = await auth_call(
+        "CreateToken",
+        auth_pb2.CreateTokenRequest(
+            name=req.name, type="client", restricted=req.restricted, projects=req.projects or []
+        ),
+        idempotent=False,
+    )
+    metadata = {
+        "secret": reply.secret,
+        "fingerprint": certificate_fingerprint(settings.certificate),
+        "addresses": await listen_addresses(settings.https_address),
+        "request": {
+            "name": req.name,
+            "type": "client",
+            "restricted": req.restricted,
+            "projects": req.projects or [],
+            "certificate": "",
+            "password": "",
+            "token": True,
+        },
+    }
+    try:
+        operation = await ctx.operations.create(
+            "Executing operation", cls="token", metadata=metadata, project="default"
+        )
+    except BaseException:
+        with contextlib.suppress(CroftError):
+            await auth_call("RevokeToken", auth_pb2.TokenSecret(secret=reply.secret))
+        raise
+    return responses.async_operation(operation)
+
+
+# ---------------------------------------------------------------------------- changing
+
+
+async def _update(request: Request, fingerprint: str, *, patch: bool) -> Response:
+    data = await query.json_body(request)
+    req = query.validate(data, CertificatePut)
+    current = render_certificate(await _get(fingerprint))
+    query.check_if_match(request, records.etag(current))
+    if req.certificate and req.certificate.strip() != current["certificate"].strip():
+        raise InvalidArgument("Changing a trusted certificate's certificate is not supported")
+    wanted = {
+        "name": req.name,
+        "type": req.type or "client",
+        "restricted": req.restricted,
+        "projects": req.projects or [],
+    }
+    if patch:
+        wanted = {k: (wanted[k] if k in data else current[k]) for k in wanted}
+    reply = await auth_call(
+        "UpdateCertificate",
+        common_pb2.Json(json=json.dumps({"fingerprint": current["fingerprint"], **wanted})),
+    )
+    updated = json.loads(reply.json)
+    trust_cache.forget(updated["fingerprint"])
+    await context(request).lifecycle(
+        "certificate-updated", certificate_url(updated["fingerprint"]), request=request
+    )
+    return responses.empty_sync()
+
+
+@router.put("/1.0/certificates/{fingerprint}")
+async def certificate_put(request: Request, fingerprint: str) -> Response:
+    return await _update(request, fingerprint, patch=False)
+
+
+@router.patch("/1.0/certificates/{fingerprint}")
+async def certificate_patch(request: Request, fingerprint: str) -> Response:
+    return await _update(request, fingerprint, patch=True)
+
+
+@router.delete("/1.0/certificates/{fingerprint}")
+async def certificate_delete(request: Request, fingerprint: str) -> Response:
+    full = (await _get(fingerprint))["fingerprint"]
+    await auth_call("DeleteCertificate", auth_pb2.CertificateRef(fingerprint=full))
+    trust_cache.forget(full)
+    await context(request).lifecycle("certificate-deleted", certificate_url(full), request=request)
+    return responses.empty_sync()

@@ -1,0 +1,368 @@
+"""HTTPS with LXD's trust model, driven by the real `lxc` client and a plain TLS client:
+an api replica serving HTTPS beside its unix socket, a real `python -m croft.auth` on the
+same real etcd deciding who is trusted."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from croft.api import services
+from croft.api.serving import HttpsServer
+from croft.api.tls import certificate_fingerprint, ensure_server_certificate
+from croft.common import discovery
+from croft.common.config import Config
+from croft.common.service import ServiceContext
+from croft.common.testing.etcd import EtcdServer, free_port
+
+from .conftest import TEST_SETTINGS, Replica, Reply
+
+PREFIX = "croft-https-test-"
+
+
+@dataclass
+class Client:
+    """A TLS client with (or without) a certificate of its own."""
+
+    port: int
+    server_cert: Path
+    cert: Path | None = None
+    key: Path | None = None
+
+    def request(self, method: str, path: str, body: Any = None) -> Reply:
+        context = ssl.create_default_context(cafile=str(self.server_cert))
+        if self.cert is not None:
+            context.load_cert_chain(str(self.cert), str(self.key))
+        connection = http.client.HTTPSConnection("127.0.0.1", self.port, context=context)
+        try:
+            payload = None if body is None else json.dumps(body)
+            connection.request(method, path, body=payload)
+            response = connection.getresponse()
+            return Reply(response.status, response.headers, response.read())
+        finally:
+            connection.close()
+
+
+@dataclass
+class Croft:
+    replica: Replica
+    port: int
+    state: Path
+    base: Path
+
+    @property
+    def url(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def client(self, name: str | None = None) -> Client:
+        """A client; with a name, one holding a fresh certificate (CN=name)."""
+        if name is None:
+            return Client(self.port, self.state / "server.crt")
+        key, cert = self.base / f"{name}.key", self.base / f"{name}.crt"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-nodes", "-newkey", "ec"]
+            + ["-pkeyopt", "ec_paramgen_curve:P-384", "-days", "30"]
+            + ["-keyout", str(key), "-out", str(cert), "-subj", f"/CN={name}"],
+            check=True,
+            capture_output=True,
+        )
+        return Client(self.port, self.state / "server.crt", cert, key)
+
+    def lxc(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """`lxc` as root on the unix socket."""
+        return self.replica.lxc(*args, check=check)
+
+    def remote_lxc(self, home: Path) -> Any:
+        """`lxc` as a remote user whose config lives in `home`."""
+        home.mkdir(exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if k != "LXD_DIR"}
+        env["HOME"] = str(home)
+
+        def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+            result = subprocess.run(
+                ["lxc", *args], env=env, capture_output=True, text=True, timeout=60
+            )
+            if check and result.returncode != 0:
+                raise AssertionError(f"lxc {' '.join(args)}: {result.stdout}{result.stderr}")
+            return result
+
+        return run
+
+
+def start_service(name: str, etcd: EtcdServer, base: Path) -> subprocess.Popen[bytes]:
+    member = f"{PREFIX}{uuid.uuid4().hex[:6]}"
+    config_file = base / f"{name}.yaml"
+    config_file.write_text(
+        f"member: {member}\nstate_dir: {base / name}\nlog_dir: {base / 'log'}\n"
+        f"run_dir: {base / 'run'}\netcd:\n  endpoints: [{etcd.endpoint}]\n"
+        "registry:\n  lease_ttl: 2\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CROFT_")}
+    env["CROFT_CONFIG"] = str(config_file)
+    with open(base / f"{name}.log", "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", f"croft.{name}"],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+        )
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def croft(clean_store: EtcdServer) -> Iterator[Croft]:
+    base = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp"))
+    state = base / "state"
+    certificate = ensure_server_certificate(state)
+    port = free_port()
+    settings = replace(
+        TEST_SETTINGS, https_address=f"127.0.0.1:{port}", certificate=certificate.pem
+    )
+    replica = Replica(clean_store.endpoints, settings).start()
+    auth = start_service("auth", clean_store, base)
+    https: HttpsServer | None = None
+    context: ServiceContext | None = None
+    try:
+
+        async def registered() -> bool:
+            assert replica.store is not None
+            found = await discovery.resolve(replica.store, "auth")
+            return any(i.pid == auth.pid for i in found)
+
+        deadline = time.monotonic() + 60
+        while not replica.run(registered()):
+            if auth.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError((base / "auth.log").read_text())
+            time.sleep(0.05)
+
+        async def up() -> tuple[ServiceContext, HttpsServer]:
+            assert replica.store is not None and replica.app is not None
+            config = Config(member="croft-test", etcd={"endpoints": clean_store.endpoints})
+            ctx = ServiceContext("api", config, replica.store, None, "api-test")  # type: ignore[arg-type]
+            services.install(ctx)
+            server = HttpsServer(replica.app, settings.https_address, certificate)
+            await server.start()
+            return ctx, server
+
+        context, https = replica.run(up())
+        yield Croft(replica, port, state, base)
+    finally:
+
+        async def down() -> None:
+            if https is not None:
+                await https.stop()
+            if context is not None:
+                for client in context._clients.values():
+                    await client.close()
+            services._services = None
+
+        replica.run(down())
+        replica.stop()
+        stop_process(auth)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- untrusted
+
+
+def test_an_untrusted_client_sees_only_what_lxd_shows_strangers(croft: Croft) -> None:
+    for client in (croft.client(), croft.client("stranger")):
+        server = client.request("GET", "/1.0")
+        assert server.status == 200
+        assert server.metadata["auth"] == "untrusted"
+        assert "environment" not in server.metadata and "config" not in server.metadata
+        assert "certificate_token" in server.metadata["api_extensions"]
+        for method, path in [
+            ("GET", "/1.0/instances"),
+            ("GET", "/1.0/certificates"),
+            ("PUT", "/1.0"),
+            ("GET", "/1.0/operations"),
+            ("GET", "/1.0/images/aliases"),
+            ("DELETE", "/1.0/images/abc"),
+        ]:
+            refused = client.request(method, path, {})
+            assert (refused.status, refused.error) == (403, "not authorized"), (method, path)
+        assert client.request("GET", "/1.0/images").metadata == []
+        # Adding oneself takes a token.
+        refused = client.request("POST", "/1.0/certificates", {"type": "client"})
+        assert (refused.status, refused.error) == (403, "not authorized")
+        refused = client.request("POST", "/1.0/certificates", {"password": "guess"})
+        assert (refused.status, refused.error) == (403, "not authorized")
+    assert croft.lxc("config", "trust", "list", "--format", "json").stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------------------- tokens
+
+
+def test_lxc_remote_add_with_a_token_then_trust_remove(croft: Croft) -> None:
+    token = croft.lxc("config", "trust", "add", "--name", "laptop", "-q").stdout.strip()
+    tokens = json.loads(croft.lxc("config", "trust", "list-tokens", "--format", "json").stdout)
+    assert [t["ClientName"] for t in tokens] == ["laptop"]
+
+    remote = croft.remote_lxc(croft.base / "laptop-home")
+    remote("remote", "add", "croft", token)
+    info = remote("info", "croft:").stdout
+    assert "auth: trusted" in info
+    server_fp = certificate_fingerprint((croft.state / "server.crt").read_text())
+    assert f"certificate_fingerprint: {server_fp}" in info
+    assert remote("list", "croft:", "--format", "json").stdout.strip() == "[]"
+
+    trusted = json.loads(croft.lxc("config", "trust", "list", "--format", "json").stdout)
+    assert [(c["name"], c["type"]) for c in trusted] == [("laptop", "client")]
+    client_cert = (croft.base / "laptop-home/.config/lxc/client.crt").read_text()
+    assert trusted[0]["fingerprint"] == certificate_fingerprint(client_cert)
+    # The token is used up: its operation is gone from the list, and it trusts nobody else.
+    tokens = json.loads(croft.lxc("config", "trust", "list-tokens", "--format", "json").stdout)
+    assert tokens == []
+    other = croft.remote_lxc(croft.base / "other-home")
+    refused = other("remote", "add", "croft", token, check=False)
+    assert refused.returncode != 0
+    assert "No matching certificate add operation found" in refused.stderr
+
+    croft.lxc("config", "trust", "remove", trusted[0]["fingerprint"][:12])
+    refused = remote("list", "croft:", check=False)
+    assert refused.returncode != 0 and "not authorized" in refused.stderr
+
+
+def test_a_revoked_token_trusts_nobody(croft: Croft) -> None:
+    token = croft.lxc("config", "trust", "add", "--name", "gone", "-q").stdout.strip()
+    croft.lxc("config", "trust", "revoke-token", "gone")
+    remote = croft.remote_lxc(croft.base / "gone-home")
+    refused = remote("remote", "add", "croft", token, check=False)
+    assert refused.returncode != 0
+    assert "No matching certificate add operation found" in refused.stderr
+    assert croft.lxc("config", "trust", "list", "--format", "json").stdout.strip() == "[]"
+
+
+def test_remote_add_with_the_token_as_password(croft: Croft) -> None:
+    token = croft.lxc("config", "trust", "add", "--name", "ci", "-q").stdout.strip()
+    remote = croft.remote_lxc(croft.base / "ci-home")
+    remote("remote", "add", "croft", croft.url, "--accept-certificate", "--password", token)
+    assert "auth: trusted" in remote("info", "croft:").stdout
+
+
+def test_no_token_without_https(replica: Replica) -> None:
+    """The plain replica serves no HTTPS: LXD's answer, and nothing is created."""
+    reply = replica.request(
+        "POST", "/1.0/certificates", {"name": "x", "type": "client", "token": True}
+    )
+    assert (reply.status, reply.error) == (
+        400,
+        "Can't issue token when server isn't listening on network",
+    )
+    assert replica.request("GET", "/1.0/operations").metadata == {}
+
+
+# ---------------------------------------------------------------------------- certificates
+
+
+def test_lxc_config_trust_add_a_certificate_file(croft: Croft) -> None:
+    client = croft.client("alice")
+    assert client.request("GET", "/1.0").metadata["auth"] == "untrusted"
+
+    croft.lxc("config", "trust", "add", str(client.cert))
+    server = client.request("GET", "/1.0")
+    assert server.metadata["auth"] == "trusted"
+    environment = server.metadata["environment"]
+    assert environment["certificate"] == (croft.state / "server.crt").read_text()
+    assert environment["certificate_fingerprint"] == certificate_fingerprint(
+        environment["certificate"]
+    )
+    assert environment["addresses"] == [f"127.0.0.1:{croft.port}"]
+    assert client.request("GET", "/1.0/instances").status == 200
+
+    assert client.cert is not None
+    fingerprint = certificate_fingerprint(client.cert.read_text())
+    record = client.request("GET", f"/1.0/certificates/{fingerprint}").metadata
+    assert (record["name"], record["type"], record["restricted"]) == ("alice.crt", "client", False)
+
+    # Already trusted: adding oneself again is refused as LXD refuses it.
+    again = client.request("POST", "/1.0/certificates", {"type": "client"})
+    assert (again.status, again.error) == (400, "Client is already trusted")
+    duplicate = croft.lxc("config", "trust", "add", str(client.cert), check=False)
+    assert duplicate.returncode != 0 and "already in trust store" in duplicate.stderr
+
+    # A trusted client can itself remove trust (here its own).
+    assert client.request("DELETE", f"/1.0/certificates/{fingerprint}").status == 200
+    refused = client.request("GET", "/1.0/instances")
+    assert (refused.status, refused.error) == (403, "not authorized")
+
+
+def test_a_bad_certificate_is_refused(croft: Croft) -> None:
+    bad = croft.base / "bad.crt"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    reply = croft.replica.request(
+        "POST", "/1.0/certificates", {"type": "client", "certificate": "bm90IGEgY2VydA=="}
+    )
+    assert reply.status == 400 and "Invalid certificate material" in reply.error
+    assert croft.lxc("config", "trust", "list", "--format", "json").stdout.strip() == "[]"
+
+
+def test_a_restricted_certificate_keeps_to_its_projects(croft: Croft) -> None:
+    client = croft.client("contractor")
+    croft.lxc("config", "trust", "add", str(client.cert), "--restricted", "--projects", "default")
+    listed = json.loads(croft.lxc("config", "trust", "list", "--format", "json").stdout)
+    assert [(c["restricted"], c["projects"]) for c in listed] == [(True, ["default"])]
+    assert client.request("GET", "/1.0").metadata["auth"] == "trusted"
+    assert client.request("GET", "/1.0/instances").status == 200
+    assert client.request("GET", "/1.0/instances?project=default").status == 200
+    for method, path in [
+        ("GET", "/1.0/instances?project=other"),
+        ("PUT", "/1.0"),
+        ("POST", "/1.0/certificates"),
+        ("DELETE", f"/1.0/certificates/{listed[0]['fingerprint']}"),
+    ]:
+        refused = client.request(method, path, {})
+        assert (refused.status, refused.error) == (403, "not authorized"), (method, path)
+
+
+# ---------------------------------------------------------------------------- the certificate
+
+
+def test_the_server_certificate_is_made_once_as_lxd_makes_it(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    first = ensure_server_certificate(tmp_path / "state")
+    assert (tmp_path / "state/server.key").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "state/server.key").read_text().startswith("-----BEGIN EC PRIVATE KEY")
+    cert = x509.load_pem_x509_certificate(first.pem.encode())
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp384r1"
+    assert "O=linuxcontainers.org" in cert.subject.rfc4514_string()
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName)[0] == socket.gethostname()
+    again = ensure_server_certificate(tmp_path / "state")
+    assert again.fingerprint == first.fingerprint == certificate_fingerprint(first.pem)
+
+
+@pytest.mark.parametrize("address", ["8443", "::1:8443", "host:0", "host:http"])
+def test_a_bad_https_address_is_refused_at_start(address: str) -> None:
+    with pytest.raises(ValueError, match="api.https_address|https_address"):
+        Config(api={"https_address": address})
