@@ -339,6 +339,7 @@ httpd.serve_forever()
 """
 
 
+@pytest.mark.lxd_interop
 @pytest.mark.parametrize("split", [False, True], ids=["unified", "split"])
 def test_real_lxd_pulls_from_the_generated_tree(busybox_image, workdir, split):
     """LXD 5.0's own simplestreams client (HTTPS only) accepts the tree and computes the

@@ -10,6 +10,8 @@ import grpc
 
 from croft.common.errors import InvalidArgument
 from croft.images.core import ImagePut, ImagesCore, ImportRequest, RootfsStart
+from croft.images.export import export_image
+from croft.images.remote import PullRequest, RemoteImages, RemoteSource, with_progress
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 
@@ -53,13 +55,68 @@ async def _upload(
             raise InvalidArgument("an image upload has one header, and it comes first")
 
 
+def _pull_request(request: images_pb2.PullImageRequest) -> PullRequest:
+    properties = _json_object(request.properties, "the image properties")
+    if not all(isinstance(v, str) for v in properties.values()):
+        raise InvalidArgument("image properties must be strings")
+    if request.source.secret:
+        raise InvalidArgument(
+            "Private images of another server (a source secret) are not supported yet"
+        )
+    source = request.source
+    return PullRequest(
+        project=request.project or "default",
+        source=RemoteSource(
+            server=source.server,
+            protocol=source.protocol or "simplestreams",
+            alias=source.alias,
+            certificate=source.certificate,
+            image_type=source.image_type,
+        ),
+        auto_update=request.auto_update,
+        public=request.public,
+        cached=request.cached,
+        aliases=tuple(request.aliases),
+        properties=properties,
+        filename=request.filename,
+        # An instance asking for an alias takes the cached image, as LXD's PreferCached.
+        prefer_cached=request.cached,
+    )
+
+
 def _json(value: Any) -> common_pb2.Json:
     return common_pb2.Json(json=json.dumps(value))
 
 
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
-    def __init__(self, core: ImagesCore) -> None:
+    def __init__(self, core: ImagesCore, remote: RemoteImages | None = None) -> None:
         self.core = core
+        self.remote = remote or RemoteImages(core)
+
+    async def PullImage(
+        self, request: images_pb2.PullImageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[images_pb2.PullImageReply]:
+        pull = _pull_request(request)
+        async for part in with_progress(lambda report: self.remote.pull(pull, report)):
+            if isinstance(part, str):
+                yield images_pb2.PullImageReply(progress=part)
+            else:
+                yield images_pb2.PullImageReply(record=json.dumps(part[0]))
+
+    async def RefreshImage(
+        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[images_pb2.PullImageReply]:
+        project = request.project or "default"
+        async for part in with_progress(
+            lambda report: self.remote.refresh(project, request.fingerprint, report)
+        ):
+            if isinstance(part, str):
+                yield images_pb2.PullImageReply(progress=part)
+            else:
+                refreshed, image = part[0]
+                yield images_pb2.PullImageReply(
+                    record=json.dumps({"refreshed": refreshed, "image": image})
+                )
 
     async def ResolveImage(
         self, request: images_pb2.ResolveImageRequest, context: grpc.aio.ServicerContext
@@ -151,3 +208,22 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
     ) -> common_pb2.Empty:
         await self.core.delete_alias(request.project or "default", request.name)
         return common_pb2.Empty()
+
+    async def ExportImage(
+        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[images_pb2.ExportChunk]:
+        export = await export_image(self.core, request.project or "default", request.fingerprint)
+        try:
+            yield images_pb2.ExportChunk(
+                header=images_pb2.ExportHeader(
+                    record=json.dumps(export.record),
+                    metadata_filename=export.metadata_filename,
+                    metadata_size=export.metadata_size,
+                    rootfs_filename=export.rootfs_filename,
+                    rootfs_size=export.rootfs_size,
+                )
+            )
+            async for data in export.chunks():
+                yield images_pb2.ExportChunk(data=data)
+        finally:
+            export.close()

@@ -26,6 +26,7 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.app import context
+from croft.api.auth import identity
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, NotImplementedYet
@@ -71,7 +72,7 @@ def alias_etag(alias: dict[str, Any]) -> str:
 def render_image(record: dict[str, Any], aliases: list[dict[str, Any]]) -> dict[str, Any]:
     """LXD's Image, fields in LXD's order."""
     fingerprint = record["fingerprint"]
-    return {
+    image = {
         "auto_update": record.get("auto_update", False),
         "properties": record.get("properties") or {},
         "public": record.get("public", False),
@@ -92,6 +93,14 @@ def render_image(record: dict[str, Any], aliases: list[dict[str, Any]]) -> dict[
         "last_used_at": record.get("last_used_at", "0001-01-01T00:00:00Z"),
         "uploaded_at": record.get("uploaded_at", ""),
     }
+    source = record.get("update_source")
+    if isinstance(source, dict):
+        # LXD shows where a pulled image comes from (omitted otherwise), after `size`.
+        ordered = list(image.items())
+        at = [k for k, _ in ordered].index("size") + 1
+        ordered.insert(at, ("update_source", source))
+        image = dict(ordered)
+    return image
 
 
 def render_alias(alias: dict[str, Any]) -> dict[str, Any]:
@@ -213,6 +222,14 @@ async def aliases_post(request: Request) -> Response:
 async def alias_get(request: Request, name: str) -> Response:
     project = await _project(request)
     alias, _ = await find_alias(context(request).store, project, name)
+    if not identity(request).trusted:
+        # LXD: an untrusted client sees the aliases of public images only.
+        try:
+            target, _ = await find_image(context(request).store, project, alias["target"])
+        except NotFound:
+            raise NotFound(ALIAS_NOT_FOUND) from None
+        if not target.get("public"):
+            raise NotFound(ALIAS_NOT_FOUND)
     return responses.sync(render_alias(alias), etag=alias_etag(alias))
 
 
@@ -308,6 +325,8 @@ async def images_list(request: Request) -> Response:
     project = await _project(request)
     aliases = await records.list_records(store, ALIASES, project)
     images = await records.list_records(store, IMAGES, project)
+    if not identity(request).trusted:
+        images = [i for i in images if i.get("public")]  # LXD: untrusted see public ones
     listing = query.listing(
         images,
         request,
@@ -322,6 +341,8 @@ async def image_get(request: Request, fingerprint: str) -> Response:
     store = context(request).store
     project = await _project(request)
     record, _ = await find_image(store, project, fingerprint)
+    if not record.get("public") and not identity(request).trusted:
+        raise NotFound(f'Image "{record["fingerprint"]}" not found')
     aliases = await records.list_records(store, ALIASES, project)
     return responses.sync(render_image(record, aliases), etag=image_etag(record))
 
@@ -414,6 +435,12 @@ async def images_post(request: Request) -> Response:
         body = await query.json_body(request)
         source = body.get("source") if isinstance(body, dict) else None
         kind = source.get("type") if isinstance(source, dict) else None
+        if kind in ("instance", "container", "virtual-machine", "snapshot"):
+            from croft.api.routes.images_publish import publish_image
+
+            return await publish_image(request, project, body)
+        if kind in ("image", "url"):
+            return await _images_post_remote(request, project, body)
         raise NotImplementedYet(
             f"Creating images from a {kind or 'JSON'} source is not supported yet; "
             "upload the image file instead"
@@ -656,3 +683,165 @@ class MultipartParser:
         return MultipartPart(
             name if isinstance(name, str) else "", filename if isinstance(filename, str) else ""
         )
+
+
+# ---------------------------------------------------------------------------- remote sources
+
+PULL_TIMEOUT = 6 * 3600.0  # seconds for a download from a remote server
+PROGRESS_EVERY = 0.5  # seconds between download_progress updates of an operation
+
+
+class _RemoteAlias(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    description: StrictStr = ""
+
+
+class _RemoteSource(BaseModel):
+    """LXD's ImagesPostSource for `type: image` (pull from an image server) and `url`."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr = ""
+    mode: StrictStr = ""
+    server: StrictStr = ""
+    protocol: StrictStr = ""
+    alias: StrictStr = ""
+    fingerprint: StrictStr = ""
+    certificate: StrictStr = ""
+    secret: StrictStr = ""
+    url: StrictStr = ""
+    image_type: StrictStr = ""
+
+
+class _RemotePost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    source: _RemoteSource
+    aliases: list[_RemoteAlias] | None = None
+    auto_update: bool = False
+    public: bool = False
+    properties: dict[str, StrictStr] | None = None
+    filename: StrictStr = ""
+
+
+async def pull_image(
+    request: images_pb2.PullImageRequest,
+    op: OperationContext | None = None,
+) -> dict[str, Any]:
+    """Run a PullImage on the images service; with `op`, its progress becomes the
+    operation's `download_progress`, as in LXD. Returns the image (LXD's Image)."""
+    client = await services().images()
+    call = client.stream("PullImage", request, timeout=PULL_TIMEOUT)
+    image: dict[str, Any] | None = None
+    shown = 0.0
+    try:
+        async for reply in call:
+            if reply.WhichOneof("part") == "record":
+                image = json.loads(reply.record)
+            elif op is not None:
+                now = asyncio.get_running_loop().time()
+                if now - shown >= PROGRESS_EVERY:
+                    shown = now
+                    await op.update_metadata({"download_progress": reply.progress})
+    except grpc.aio.AioRpcError as exc:
+        raise from_rpc_error(exc) from None
+    except BaseException:
+        call.cancel()
+        raise
+    if image is None:
+        raise CroftError("the images service ended the download without an image")
+    return image
+
+
+async def _images_post_remote(request: Request, project: str, body: Any) -> Response:
+    """POST /1.0/images from an image server (`lxc image copy REMOTE:x local:` sends
+    `{"source": {"type": "image", "mode": "pull", "server", "protocol", "certificate",
+    "fingerprint" (an alias or a fingerprint)}, "auto_update", "public", "aliases"}`) or
+    from a URL (`{"source": {"type": "url", "url"}}`)."""
+    ctx = context(request)
+    req = query.validate(body, _RemotePost)
+    src = req.source
+    if src.type == "image":
+        if src.mode not in ("", "pull"):
+            raise NotImplementedYet(f"Image copies in {src.mode!r} mode are not supported yet")
+        name = src.fingerprint or src.alias
+        if not name:
+            raise InvalidArgument("must specify one of alias or fingerprint for init from image")
+        if not src.server:
+            raise InvalidArgument("The image source has no server")
+        remote = images_pb2.RemoteSource(
+            server=src.server,
+            protocol=src.protocol or "lxd",
+            alias=name,
+            certificate=src.certificate,
+            image_type=src.image_type,
+            secret=src.secret,
+        )
+    else:
+        if not src.url:
+            raise InvalidArgument("Missing URL")
+        remote = images_pb2.RemoteSource(server=src.url, protocol="url")
+    aliases = [a.name for a in req.aliases or []]
+    if any(not name for name in aliases):
+        raise InvalidArgument("An image alias needs a name")
+    pull = images_pb2.PullImageRequest(
+        project=project,
+        source=remote,
+        auto_update=req.auto_update,
+        public=req.public,
+        aliases=aliases,
+        properties=json.dumps(req.properties or {}),
+        filename=req.filename,
+    )
+
+    async def download(op: OperationContext) -> dict[str, Any] | None:
+        image = await pull_image(pull, op)
+        await ctx.lifecycle(
+            "image-created",
+            image_url(image["fingerprint"]),
+            project=project,
+            context={"type": image.get("type", "container")},
+            request=request,
+        )
+        return {"fingerprint": image["fingerprint"], "size": str(image["size"])}
+
+    operation = await ctx.operations.create(
+        "Downloading image", run=download, project=project, may_cancel=True
+    )
+    return responses.async_operation(operation)
+
+
+@router.post("/1.0/images/{fingerprint}/refresh")
+async def image_refresh(request: Request, fingerprint: str) -> Response:
+    """LXD's image refresh: an operation whose metadata says `refreshed` true or false."""
+    ctx = context(request)
+    project = await _project(request)
+    record, _ = await find_image(ctx.store, project, fingerprint)
+    full = record["fingerprint"]
+
+    async def refresh(op: OperationContext) -> dict[str, Any] | None:
+        client = await services().images()
+        call = client.stream(
+            "RefreshImage",
+            images_pb2.ImageRef(project=project, fingerprint=full),
+            timeout=PULL_TIMEOUT,
+        )
+        result: dict[str, Any] = {}
+        try:
+            async for reply in call:
+                if reply.WhichOneof("part") == "record":
+                    result = json.loads(reply.record)
+                else:
+                    await op.update_metadata({"download_progress": reply.progress})
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        refreshed = bool(result.get("refreshed"))
+        if refreshed:
+            await ctx.lifecycle(
+                "image-refreshed", image_url(full), project=project, request=request
+            )
+        return {"refreshed": refreshed}
+
+    operation = await ctx.operations.create(
+        "Refreshing image", run=refresh, resources={"images": [image_url(full)]}, project=project
+    )
+    return responses.async_operation(operation)

@@ -93,6 +93,7 @@ class InstanceSource(BaseModel):
     fingerprint: StrictStr = ""
     server: StrictStr = ""
     protocol: StrictStr = ""
+    certificate: StrictStr = ""
     properties: dict[str, StrictStr] | None = None
 
 
@@ -299,8 +300,6 @@ def _check_source(source: InstanceSource) -> None:
         raise InvalidArgument(f"Unknown source type {source.type}")
     if source.type != "image":
         return
-    if source.server:
-        raise InvalidArgument("Instances from remote image servers are not supported yet")
     if not (source.alias or source.fingerprint):
         if source.properties:
             raise InvalidArgument("Choosing an image by its properties is not supported yet")
@@ -315,11 +314,14 @@ async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]
     `Image alias not found` for an alias (as LXD, 404), `Image not found` for a
     fingerprint (LXD fails the operation instead: "Image not provided for instance
     creation")."""
+    if source.server:
+        return await _pull_image_for_instance(project, source)
     name = source.fingerprint or source.alias
     images = await services().images()
     try:
         reply = await images.call(
-            "ResolveImage", images_pb2.ResolveImageRequest(project=project, name=name)
+            "ResolveImage",
+            images_pb2.ResolveImageRequest(project=project, name=name, mark_used=True),
         )
     except NotFound:
         raise NotFound(
@@ -327,6 +329,41 @@ async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]
         ) from None
     image: dict[str, Any] = json.loads(reply.record)
     return image
+
+
+async def _pull_image_for_instance(project: str, source: InstanceSource) -> dict[str, Any]:
+    """An image from a remote server, through the images service's cache (LXD's
+    ImageDownload with SetCached and PreferCached): the first use downloads it and records it
+    `cached`, later ones take the cached copy; it auto-updates when the server config
+    `images.auto_update_cached` (default true) says so."""
+    from croft.api.routes.images import pull_image
+
+    store = services().context.store
+    settings: dict[str, str] = {}
+    found = await store.get_json(records.SERVER_CONFIG_KEY)
+    if found is not None:
+        settings.update(found[0].get("config") or {})
+    owner = await store.get_json(records.project_key(project))
+    if owner is not None:
+        settings.update({k: v for k, v in (owner[0].get("config") or {}).items() if v != ""})
+    auto_update = settings.get("images.auto_update_cached", "true").lower() in (
+        "1",
+        "true",
+        "yes",
+        "on",
+    )
+    pull = images_pb2.PullImageRequest(
+        project=project,
+        source=images_pb2.RemoteSource(
+            server=source.server,
+            protocol=source.protocol or "lxd",
+            alias=source.alias or source.fingerprint,
+            certificate=source.certificate,
+        ),
+        auto_update=auto_update,
+        cached=True,
+    )
+    return await pull_image(pull)
 
 
 @router.post("/1.0/instances")
@@ -397,8 +434,9 @@ async def instances_post(request: Request) -> Response:
         return None
 
     operation = await ctx.operations.create(
-        "Creating instance", run=create, resources=resources(name, project), project=project
-    )
+        "Creating instance", run=create, resources=resources(name, project), project=project,
+        done_if_created=records.record_key(KIND, project, name),
+    )  # fmt: skip
     return responses.async_operation(operation)
 
 
