@@ -10,7 +10,7 @@ PROTO_OUT := libs/common/src
 PROTOS := $(shell find $(PROTO_SRC) -name '*.proto')
 PROTO_STAMP := $(PROTO_OUT)/croft/.proto-stamp
 
-.PHONY: setup test lint format proto sync bench clean-proto images
+.PHONY: setup test lint format proto sync bench clean-proto images interop
 
 IMAGES_DIR ?= /var/lib/croft/build-images
 
@@ -20,7 +20,12 @@ setup:
 test: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -m "not lxd_interop" $(PYTEST_ARGS)
+
+# croft against the real LXD 5.0.2 (the anchor): LXD as the client of croft's image server,
+# pulling croft's streams. Needs ../shared/tools/lxd-anchor/setup-lxd.sh first.
+interop: proto
+	$(VENV)/bin/pytest -m lxd_interop $(PYTEST_ARGS)
 
 lint:
 	$(VENV)/bin/ruff check --fix .
