@@ -728,6 +728,7 @@ def lxd_image(fingerprint: str) -> dict[str, Any]:
     return json.loads(real_lxc("query", f"/1.0/images/{fingerprint}").stdout)
 
 
+@pytest.mark.lxd_interop
 async def test_a_public_image_of_an_lxd_server_pulled_by_alias(
     start_service: ServiceFactory, lxd_server: LxdServer
 ) -> None:
@@ -766,6 +767,7 @@ async def test_a_public_image_of_an_lxd_server_pulled_by_alias(
     assert service.progress[-1].startswith("100% (")
 
 
+@pytest.mark.lxd_interop
 async def test_a_split_image_of_an_lxd_server_pulled_by_fingerprint_prefix(
     start_service: ServiceFactory, lxd_server: LxdServer
 ) -> None:
@@ -786,6 +788,35 @@ async def test_a_split_image_of_an_lxd_server_pulled_by_fingerprint_prefix(
     assert on_disk.hexdigest() == s.split
 
 
+@pytest.mark.lxd_interop
+async def test_refresh_follows_an_alias_of_an_lxd_server_to_its_new_image(
+    start_service: ServiceFactory, lxd_server: LxdServer
+) -> None:
+    service = await start_service()
+    s = lxd_server
+    alias = f"{s.prefix}-moving"
+    real_lxc("image", "alias", "create", alias, s.unified)
+    try:
+        old = await service.pull(
+            s.url, alias, protocol="lxd", certificate=s.certificate, auto_update=True
+        )
+        assert old["fingerprint"] == s.unified
+        assert (await service.refresh(s.unified))["refreshed"] is False
+
+        real_lxc("image", "alias", "delete", alias)
+        real_lxc("image", "alias", "create", alias, s.split)
+        result = await service.refresh(s.unified)
+    finally:
+        real_lxc("image", "alias", "delete", alias, check=False)
+
+    assert result["refreshed"] is True
+    assert result["image"]["fingerprint"] == s.split
+    assert result["image"]["update_source"]["alias"] == alias
+    assert list(await service.images()) == [s.split]
+    assert service.blobs() == [s.split, f"{s.split}.rootfs"]
+
+
+@pytest.mark.lxd_interop
 async def test_a_private_image_of_an_lxd_server_is_not_found(
     start_service: ServiceFactory, lxd_server: LxdServer
 ) -> None:
@@ -800,6 +831,7 @@ async def test_a_private_image_of_an_lxd_server_is_not_found(
     await nothing_stored(service)
 
 
+@pytest.mark.lxd_interop
 async def test_an_lxd_server_must_present_the_pinned_certificate(
     start_service: ServiceFactory, lxd_server: LxdServer, tree: Path
 ) -> None:

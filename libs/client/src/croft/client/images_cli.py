@@ -1,5 +1,5 @@
-"""`croft image ...`: build images locally, and list, import, export and delete them through
-croft's REST API (LXD's ``/1.0/images``, over the local unix socket).
+"""`croft image ...`: build images locally, and list, import, export, copy and delete them
+through croft's REST API (LXD's ``/1.0/images``, over the local unix socket).
 
 The REST calls follow LXD's API shape exactly (the same as the ``lxc`` client sends), so
 these commands work against a real LXD's socket too (``--socket /var/lib/lxd/unix.socket``).
@@ -11,16 +11,20 @@ import contextlib
 import hashlib
 import json
 import os
+import re
+import ssl
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import click
 import httpx
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -45,6 +49,7 @@ from croft.common.errors import (
 
 CHUNK = 1 << 20
 API_TIMEOUT = 30.0
+PROGRESS_POLL = 0.25  # seconds between looks at a download's progress
 
 _STATUS_ERRORS: dict[int, type[CroftError]] = {
     400: InvalidArgument,
@@ -86,6 +91,86 @@ def human_date(value: str | None) -> str:
         ).replace("PM", "pm")
         + f" ({when.tzname()})"
     )
+
+
+# --------------------------------------------------------------------------- image servers
+
+
+@dataclass(frozen=True)
+class RemoteImage:
+    """An image on an image server, as `POST /1.0/images` names it (LXD's ImageSource)."""
+
+    server: str  # https://host:port
+    name: str  # an alias, a fingerprint or a unique fingerprint prefix
+    protocol: str = "lxd"  # or "simplestreams"
+    certificate: str = ""  # PEM: the server must present exactly this certificate
+
+
+def lxc_config_dir() -> Path:
+    """Where the `lxc` client keeps its remotes: $LXD_CONF, else ~/.config/lxc."""
+    configured = os.environ.get("LXD_CONF")
+    return Path(configured) if configured else Path.home() / ".config" / "lxc"
+
+
+def remote_image(
+    server: str,
+    name: str,
+    *,
+    protocol: str | None = None,
+    certificate: str = "",
+    accept_certificate: bool = False,
+    config_dir: Path | None = None,
+) -> RemoteImage:
+    """The image `name` on `server`: an http(s) URL, or the name of a remote of the `lxc`
+    client (its address, protocol and pinned certificate, `servercerts/NAME.crt`).
+    `accept_certificate` pins whatever certificate the server presents now."""
+    if not name:
+        raise InvalidArgument("The image to copy needs a name (an alias or a fingerprint)")
+    if "://" in server:
+        address, remote_protocol = server.rstrip("/"), "lxd"
+    else:
+        directory = config_dir or lxc_config_dir()
+        remotes = _lxc_remotes(directory)
+        if server not in remotes:
+            known = ", ".join(sorted(remotes)) or "none"
+            raise NotFound(
+                f"{server!r} is neither an https:// URL nor a remote of the lxc client in "
+                f"{directory} (remotes: {known})"
+            )
+        entry = remotes[server]
+        address = str(entry.get("addr") or "").rstrip("/")
+        remote_protocol = str(entry.get("protocol") or "lxd")
+        pinned = directory / "servercerts" / f"{server}.crt"
+        if not certificate and pinned.is_file():
+            certificate = pinned.read_text()
+    parts = urlsplit(address)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidArgument(f"{address!r} is not an http(s) address of an image server")
+    if accept_certificate and not certificate:
+        certificate = _server_certificate(parts.hostname, parts.port or 8443)
+    chosen = protocol or remote_protocol
+    if chosen not in ("lxd", "simplestreams"):
+        raise InvalidArgument(f"Unsupported protocol {chosen!r} (lxd or simplestreams)")
+    return RemoteImage(address, name, chosen, certificate)
+
+
+def _lxc_remotes(directory: Path) -> dict[str, dict[str, Any]]:
+    path = directory / "config.yml"
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        return {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument(f"cannot read the lxc client's remotes from {path}: {exc}") from None
+    remotes = loaded.get("remotes") if isinstance(loaded, dict) else None
+    return {str(k): v for k, v in (remotes or {}).items() if isinstance(v, dict)}
+
+
+def _server_certificate(host: str, port: int) -> str:
+    try:
+        return ssl.get_server_certificate((host, port), timeout=API_TIMEOUT)
+    except (OSError, ssl.SSLError) as exc:
+        raise Unavailable(f"cannot fetch the certificate of {host}:{port}: {exc}") from None
 
 
 # --------------------------------------------------------------------------- the REST client
@@ -205,6 +290,52 @@ class ImagesApi:
         )
         result = self.wait(self._envelope(self._send(request)))
         return str(result["fingerprint"])
+
+    def copy_from(
+        self,
+        source: RemoteImage,
+        *,
+        aliases: tuple[str, ...] = (),
+        public: bool = False,
+        auto_update: bool = False,
+        progress: Callable[[str], object] | None = None,
+    ) -> dict[str, Any]:
+        """LXD's `POST /1.0/images` from an image server (what `lxc image copy` asks of the
+        target); `progress` is given each new `download_progress` of the operation. Returns
+        the operation's metadata (`fingerprint`, `size`)."""
+        body = {
+            "source": {
+                "type": "image",
+                "mode": "pull",
+                "server": source.server,
+                "protocol": source.protocol,
+                "certificate": source.certificate,
+                "alias": source.name,
+            },
+            "aliases": [{"name": name, "description": ""} for name in aliases],
+            "public": public,
+            "auto_update": auto_update,
+        }
+        envelope = self.call("POST", "/1.0/images", json=body)
+        if progress is not None and envelope.get("type") == "async":
+            self._follow(envelope["operation"], progress)
+        return self.wait(envelope)
+
+    def _follow(self, operation: str, progress: Callable[[str], object]) -> None:
+        """Report an operation's `download_progress` as it changes, until it ends."""
+        shown = ""
+        while True:
+            response = self._send(self._http.build_request("GET", operation))
+            if response.status_code != 200:
+                return  # the final wait reports what went wrong
+            op = response.json().get("metadata") or {}
+            text = str((op.get("metadata") or {}).get("download_progress") or "")
+            if text and text != shown:
+                shown = text
+                progress(text)
+            if op.get("status") not in ("Pending", "Running"):
+                return
+            time.sleep(PROGRESS_POLL)
 
     def add_alias(self, name: str, fingerprint: str, description: str = "") -> None:
         self.call(
@@ -406,7 +537,7 @@ def _transfer_progress() -> Progress:
 
 @click.group()
 def image() -> None:
-    """Build images, and list, import, export and delete them."""
+    """Build images, and list, import, export, copy and delete them."""
 
 
 @image.command()
@@ -599,6 +730,105 @@ class _Hashing:
     def write(self, data: bytes, /) -> int:
         self._digest.update(data)
         return self._f.write(data)
+
+
+@image.command()
+@click.argument("server")
+@click.argument("name")
+@click.option(
+    "--protocol",
+    type=click.Choice(["lxd", "simplestreams"]),
+    help="how to talk to SERVER (default: the lxc remote's protocol, else lxd)",
+)
+@click.option(
+    "--certificate",
+    "certificate_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="the server's certificate (PEM) to pin (default: the lxc remote's pinned one)",
+)
+@click.option(
+    "--accept-certificate", is_flag=True, help="pin the certificate the server presents now"
+)
+@click.option("--alias", "aliases", multiple=True, help="an alias for the copy (repeatable)")
+@click.option("--public", is_flag=True, help="make the copy public")
+@click.option("--auto-update", is_flag=True, help="keep the copy current (NAME must be an alias)")
+@socket_option
+def copy(
+    server: str,
+    name: str,
+    protocol: str | None,
+    certificate_file: Path | None,
+    accept_certificate: bool,
+    aliases: tuple[str, ...],
+    public: bool,
+    auto_update: bool,
+    socket: str | None,
+) -> None:
+    """Copy image NAME (an alias or a fingerprint) from an image server into this croft.
+
+    SERVER is an address, e.g. https://10.0.0.5:8443, or the name of a remote of the lxc
+    client ($LXD_CONF or ~/.config/lxc/config.yml). Another croft serves its public images
+    both ways: LXD's REST API (--protocol lxd, the default; what an LXD serves too) and
+    simplestreams (--protocol simplestreams). The local croft downloads the image itself (LXD's
+    `POST /1.0/images` with `source.type: image`) and checks its fingerprint; a failed copy
+    keeps nothing.
+
+    \b
+    Examples:
+      croft image copy https://10.0.0.5:8443 busybox --accept-certificate
+      croft image copy https://10.0.0.5:8443 debian/12 --protocol simplestreams \\
+          --certificate depot.crt --alias debian
+      croft image copy depot busybox      # `lxc remote add depot ...` made it known
+    """
+    with _errors():
+        source = remote_image(
+            server,
+            name,
+            protocol=protocol,
+            certificate=certificate_file.read_text() if certificate_file else "",
+            accept_certificate=accept_certificate,
+        )
+        with _api(socket) as api, _download_progress() as progress:
+            task = progress.add_task(f"Copying {name}", total=100, speed="")
+
+            def show(text: str) -> None:
+                label, percent, speed = parse_download_progress(text)
+                progress.update(
+                    task,
+                    completed=percent,
+                    description=f"Copying {name}" + (f" ({label})" if label else ""),
+                    speed=speed,
+                )
+
+            result = api.copy_from(
+                source, aliases=aliases, public=public, auto_update=auto_update, progress=show
+            )
+    click.echo(f"Image copied with fingerprint: {result['fingerprint']}")
+
+
+_PROGRESS = re.compile(r"(?:(?P<label>[\w.-]+): )?(?P<percent>\d+)% \((?P<speed>[^)]*)\)")
+
+
+def parse_download_progress(text: str) -> tuple[str, int, str]:
+    """LXD's `download_progress` (`rootfs: 42% (10.50MB/s)`, `42% (1.00kB/s)`) as
+    (label, percent, speed); an unknown text gives ("", 0, "")."""
+    found = _PROGRESS.fullmatch(text.strip())
+    if found is None:
+        return "", 0, ""
+    return found["label"] or "", min(100, int(found["percent"])), found["speed"]
+
+
+def _download_progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.percentage:>3.0f}%"),
+        TextColumn("{task.fields[speed]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+        disable=not _interactive(),
+    )
 
 
 @image.command()

@@ -148,6 +148,7 @@ class _Remote:
     fetch: Callable[[BlobStore, Callable[[int, int], None]], ImageInfo]
     stream: StreamImage | None = None  # simplestreams: the record comes from the stream
     image: dict[str, Any] | None = None  # lxd: the record comes from the server's image
+    close: Callable[[], None] = lambda: None  # the connection, when `fetch` is not called
 
     @property
     def meta_size(self) -> int:
@@ -583,7 +584,7 @@ def _find_lxd(source: RemoteSource) -> _Remote:
             server.close()
 
     by_alias = not fingerprint.startswith(name.lower())
-    return _Remote(fingerprint, by_alias, fetch, image=image)
+    return _Remote(fingerprint, by_alias, fetch, image=image, close=server.close)
 
 
 def _find_remote(source: RemoteSource) -> _Remote:
@@ -629,7 +630,7 @@ def _find_remote(source: RemoteSource) -> _Remote:
             client.close()
 
     by_alias = not image.fingerprint.startswith(source.alias.lower())
-    return _Remote(image.fingerprint, by_alias, fetch, image)
+    return _Remote(image.fingerprint, by_alias, fetch, image, close=client.close)
 
 
 # ---------------------------------------------------------------------------- the service part
@@ -671,23 +672,26 @@ class RemoteImages:
                 return cached
         remote = await in_thread(_find_remote, source)
         fingerprint = remote.fingerprint
-        async with self.core._blob_lock(fingerprint):
-            existing = await self.store.get(image_key(request.project, fingerprint))
-            if existing is not None:
-                return await self._reuse(request, existing.json())
-            blobs = self.core.blobs
-            if blobs.exists(fingerprint):
-                # Another project has it: its blob serves this record too.
-                info = await in_thread(_stored_info, blobs, fingerprint)
-            else:
-                log.info("downloading image %s from %s", fingerprint, source.server)
-                info = await self._fetch(remote, progress)
-            record = self._new_record(request, remote, info)
-            try:
-                await self.core._create_records(request.project, record, request.aliases)
-            except BaseException:
-                await self.core._drop_blob_if_unused(fingerprint)
-                raise
+        try:
+            async with self.core._blob_lock(fingerprint):
+                existing = await self.store.get(image_key(request.project, fingerprint))
+                if existing is not None:
+                    return await self._reuse(request, existing.json())
+                blobs = self.core.blobs
+                if blobs.exists(fingerprint):
+                    # Another project has it: its blob serves this record too.
+                    info = await in_thread(_stored_info, blobs, fingerprint)
+                else:
+                    log.info("downloading image %s from %s", fingerprint, source.server)
+                    info = await self._fetch(remote, progress)
+                record = self._new_record(request, remote, info)
+                try:
+                    await self.core._create_records(request.project, record, request.aliases)
+                except BaseException:
+                    await self.core._drop_blob_if_unused(fingerprint)
+                    raise
+        finally:
+            remote.close()  # when nothing was downloaded
         log.info("pulled image %s into project %s", fingerprint, request.project)
         await self._lifecycle("image-created", request.project, fingerprint, info.type.value)
         return await self.core.render(request.project, record)
@@ -820,6 +824,7 @@ class RemoteImages:
         if not source.image_type:
             source = RemoteSource(**{**source.__dict__, "image_type": record.get("type", "")})
         remote = await in_thread(_find_remote, source)
+        remote.close()  # the pull below asks the server again
         if remote.fingerprint == fingerprint:
             return False, await self.core.render(project, record)
         new = await self.pull(
