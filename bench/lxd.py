@@ -159,6 +159,9 @@ class Daemon:
     socket: str
     home: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="bench-lxc-home-"))
     owns_lxd_benchmark: bool = False  # set while lxd-benchmark instances may be ours
+    # more of what a benchmark created (images, remotes...): run by cleanup() after the
+    # instances are gone, so after every phase, at start and on Ctrl-C
+    cleanups: list[Callable[[Daemon], None]] = field(default_factory=list)
 
     @property
     def env(self) -> dict[str, str]:
@@ -251,7 +254,16 @@ class Daemon:
         run_parallel(one, list(names), parallel)
 
     def cleanup(self) -> None:
-        """Delete every instance this harness may have created, until none is left."""
+        """Delete every instance this harness may have created, until none is left, then
+        run the benchmark's own `cleanups`."""
+        self._delete_bench_instances()
+        for hook in self.cleanups:
+            try:
+                hook(self)
+            except (OSError, BenchError, subprocess.TimeoutExpired) as e:
+                say(f"  warning: {self.label}: cleanup: {e}")
+
+    def _delete_bench_instances(self) -> None:
         for _ in range(3):
             try:
                 names = self.bench_names()
@@ -436,7 +448,13 @@ def main(
     description: str,
     phases: list[Phase],
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    *,
+    needs_image: bool = True,
+    cleanup: Callable[[Daemon], None] | None = None,
 ) -> int:
+    """Run `phases` on the daemon(s) of the command line and print the table. Unless
+    `needs_image` is False, every daemon gets the busybox image first (`ensure_images`).
+    `cleanup` joins each daemon's `cleanups` (run after each phase, at start and at exit)."""
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -468,6 +486,9 @@ def main(
         sock = args.socket or "/var/lib/lxd/unix.socket"
         # /var/lib/lxd/unix.socket -> "lxd", /var/lib/croft/unix.socket -> "croft"
         daemons = [Daemon(os.path.basename(os.path.dirname(sock)) or sock, sock)]
+    if cleanup is not None:
+        for d in daemons:
+            d.cleanups.append(cleanup)
     for tool in ("lxc", "curl"):
         if not shutil.which(tool):
             parser.error(f"`{tool}` is not on PATH (apt-get install lxd-client curl)")
@@ -488,7 +509,8 @@ def main(
             )
             d.lxc("list", "--format", "csv")  # first run of the client writes its config
             d.cleanup()  # leftovers of an interrupted earlier run
-        ensure_images(daemons, args.image)
+        if needs_image:
+            ensure_images(daemons, args.image)
         for phase in phases:
             for d in daemons:
                 say(f"\n## {phase.title} on {d.label}")
