@@ -188,6 +188,45 @@ def test_operation_of_a_killed_replica_is_reported_failed(
         owner.wait()
 
 
+@pytest.mark.parametrize(
+    ("made", "status"),
+    [("whole", "Success"), ("half", "Failure"), ("before", "Failure"), ("never", "Failure")],
+)
+def test_killed_replica_whose_operation_had_made_its_record_reports_it_done(
+    replica: Replica, clean_store: Any, made: str, status: str
+) -> None:
+    """An owner killed after its task created the record (`done_if_created`) but before
+    it recorded the end: done if the record is whole and younger than the operation."""
+    key = "/croft/records/instances/default/c1"
+    state = {"whole": "created", "half": "creating", "before": "created"}.get(made)
+
+    def make() -> None:
+        record = {"name": "c1", "_croft": {"state": state}}
+        replica.run(replica.ctx.store.create(key, json.dumps(record).encode()))
+
+    if made == "before":
+        make()
+    owner = subprocess.Popen(
+        [sys.executable, str(OWNER_PROCESS), clean_store.endpoint, "2", key],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert owner.stdout is not None
+        op_id = owner.stdout.readline().strip()
+        assert op_id, "the owner process printed no operation id"
+        if made in ("whole", "half"):
+            make()
+        owner.send_signal(signal.SIGKILL)
+        owner.wait(10)
+        op = replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30").metadata
+        assert op["status"] == status
+        assert op["err"] == ("" if status == "Success" else ORPHANED)
+    finally:
+        owner.kill()
+        owner.wait()
+
+
 def test_stopping_a_replica_fails_its_running_operations(
     replica: Replica, second_replica: Replica
 ) -> None:

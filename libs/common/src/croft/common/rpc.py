@@ -319,7 +319,10 @@ class ServiceClient(Generic[StubT]):
                 return await getattr(self._stub(instance), method)(request, timeout=remaining)
             except grpc.aio.AioRpcError as exc:
                 last = from_rpc_error(exc)
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or not idempotent:
+                # No connection (a dead instance still registered): the callee never saw
+                # the request, so even a non-idempotent call may go to another instance.
+                never_sent = "failed to connect to all addresses" in (exc.details() or "")
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not (idempotent or never_sent):
                     raise last from None
                 self._quarantined[instance.id] = time.monotonic() + _QUARANTINE
                 log.info("%s at %s unavailable; trying another", self.service, instance.address)

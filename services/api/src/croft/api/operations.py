@@ -3,7 +3,8 @@
 An operation is a record in the store, `/croft/operations/<uuid>`:
 
     {"operation": <LXD operation object>, "project": "default", "owner": "<owner id>",
-     "runs_task": true, "cancel_requested": false, "expires_at": null}
+     "runs_task": true, "cancel_requested": false, "expires_at": null,
+     "done_if_created": null}
 
 The replica that created it ("owner") runs its task in-process and is the only writer of
 its progress; every change is also published as an LXD `operation` event, which is what
@@ -13,6 +14,9 @@ the `lxc` client waits on. Readers anywhere follow the record with a store watch
 Each owner keeps `/croft/operation-owners/<owner id>` alive under a lease. When an owner
 dies its key vanishes, and whichever replica's reaper notices first marks the owner's
 unfinished operations `Failure` with "the api replica running this operation stopped".
+An operation whose task creates one record (`done_if_created`) may have finished its
+work just before its owner died: the reaper reports it `Success` when that record exists,
+complete, and is younger than the operation.
 Finished operations are deleted `keep_finished` seconds after they end (LXD: 5 s).
 """
 
@@ -208,6 +212,7 @@ class OperationManager:
         may_cancel: bool = False,
         project: str = "default",
         websocket: WebsocketHandler | None = None,
+        done_if_created: str | None = None,
     ) -> dict[str, Any]:
         """Record a new Running operation, start `run` in this process and return the
         LXD operation object (for the 202 response).
@@ -215,6 +220,12 @@ class OperationManager:
         `run` returns extra metadata (merged into the operation's) or None; raising a
         CroftError makes the operation `Failure` with its message as `err`. A `token`
         operation has no `run`: it stays Running until cancelled.
+
+        `done_if_created` is the store key of the record that `run` creates, when creating
+        it is the whole of its work (an instance, say). Should this process die before it
+        records the end, the replica that reaps the operation reports `Success` if that
+        record exists, complete (its `_croft.state` is not "creating") and created after
+        the operation, and `Failure` otherwise.
         """
         if not self._started:
             raise Unavailable("the operation manager is not started")
@@ -243,6 +254,7 @@ class OperationManager:
             "runs_task": run is not None,
             "cancel_requested": False,
             "expires_at": None,
+            "done_if_created": done_if_created,
         }
         # The record and its Pending and Running events in one transaction: one write,
         # and listeners see the events in order.
@@ -507,8 +519,12 @@ class OperationManager:
                 continue
             if not record.get("runs_task", True):
                 continue  # a token: nothing was running, nothing was lost
-            operation["status"], operation["status_code"] = "Failure", STATUS_CODES["Failure"]
-            operation["err"] = ORPHANED
+            if await self._work_was_done(record, entry.create_revision):
+                operation["status"], operation["status_code"] = "Success", STATUS_CODES["Success"]
+                operation["err"] = ""
+            else:
+                operation["status"], operation["status_code"] = "Failure", STATUS_CODES["Failure"]
+                operation["err"] = ORPHANED
             operation["updated_at"] = rfc3339_nano()
             record["expires_at"] = now + self.keep_orphaned
             try:
@@ -516,14 +532,26 @@ class OperationManager:
             except (Conflict, NotFound):
                 continue  # another replica got there first, or it moved on
             log.warning(
-                "operation %s (%s) of dead owner %s marked failed",
+                "operation %s (%s) of dead owner %s marked %s",
                 operation["id"],
                 operation["description"],
                 record["owner"],
+                "done" if operation["status"] == "Success" else "failed",
             )
             await self._publish(operation, record["project"])
             changed += 1
         return changed
+
+    async def _work_was_done(self, record: dict[str, Any], created_at_revision: int) -> bool:
+        """Whether an orphaned operation's `done_if_created` record says its work was done."""
+        key = record.get("done_if_created")
+        if not key:
+            return False
+        made = await self.store.get(key)
+        if made is None or made.create_revision <= created_at_revision:
+            return False  # never made, undone, or there before this operation
+        croft = made.json().get("_croft") or {}
+        return bool(croft.get("state") != "creating")
 
     async def _reap_loop(self) -> None:
         interval = self.reap_interval or max(self.lease_ttl / 2, 0.5)

@@ -21,7 +21,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from croft.common import events
 from croft.common.blocking import in_thread
@@ -37,6 +37,8 @@ from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grp
 log = logging.getLogger(__name__)
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
+
+T = TypeVar("T")
 
 
 def driver_name(project: str, name: str) -> str:
@@ -179,23 +181,32 @@ class ComputeCore:
             "_croft": {"member": self.member, "state": "creating", "pool": pool},
         }
         key = instance_key(project, name)
+        # Each step's undo is registered before the step is awaited: a cancelled call (the
+        # caller went away) may still have happened on the other side, and the undo of a
+        # step that never happened is harmless. The first undo removes the record only
+        # while it is this create's, so that losing a race for the name removes nothing.
+        undo: list[Callable[[], Awaitable[Any]]] = [
+            lambda: self._delete_own_record(key, volatile["volatile.uuid"])
+        ]
         try:
-            await self.store.create(key, dump(record))
-        except Conflict:
-            raise Conflict(f'Instance "{name}" already exists') from None
-
-        undo: list[Callable[[], Awaitable[Any]]] = [lambda: self.store.delete(key)]
-        try:
+            try:
+                await self.store.create(key, dump(record))
+            except Conflict:
+                raise Conflict(f'Instance "{name}" already exists') from None
             storage = await self.storage()
-            volume = await storage.call(
-                "CreateInstanceVolume",
-                storage_pb2.VolumeRequest(
-                    pool=pool, project=project, type="container",
-                    name=driver_name(project, name), image_fingerprint=fingerprint,
-                ),
-                idempotent=False, timeout=600,
-            )  # fmt: skip
             undo.append(lambda: self._delete_volume(pool, project, name))
+            try:
+                volume = await storage.call(
+                    "CreateInstanceVolume",
+                    storage_pb2.VolumeRequest(
+                        pool=pool, project=project, type="container",
+                        name=driver_name(project, name), image_fingerprint=fingerprint,
+                    ),
+                    idempotent=False, timeout=600,
+                )  # fmt: skip
+            except Conflict:
+                undo.pop()  # storage refused: the volume of that name is not this create's
+                raise
             spec_devices = await self._attach_nics(project, name, devices, expanded, undo)
             spec = InstanceSpec(
                 name=driver_name(project, name),
@@ -203,16 +214,24 @@ class ComputeCore:
                 config=expanded,
                 devices=spec_devices,
             )
-            await self.driver.create(spec)
-            undo.append(lambda: self.driver.delete(spec.name))
+            # The driver writes the definition in a thread that a cancellation cannot
+            # stop: wait for it, so that the undo below sees what it left.
+            undo.append(lambda: self._delete_definition(spec.name))
+            try:
+                await _uninterrupted(self.driver.create(spec))
+            except Conflict:
+                undo.pop()  # a definition of that name was there before: not this create's
+                raise
             record["_croft"]["state"] = "created"
             record["_croft"]["rootfs"] = volume.path
             entry = await self.store.get(key)
-            assert entry is not None
+            if entry is None:
+                raise NotFound(f'Instance "{name}" vanished while it was being created')
             await self.store.update(key, dump(record), revision=entry.revision)
-        except BaseException:
+        except BaseException as exc:
             # Also on cancellation (the caller went away): undo, shielded from it.
-            await asyncio.shield(self._undo(undo))
+            log.info("undoing the create of %s/%s: %s", project, name, _why(exc))
+            await _uninterrupted(self._undo(undo))
             raise
         await self.lifecycle("instance-created", project, name)
         return record
@@ -223,6 +242,18 @@ class ComputeCore:
                 await step()
             except Exception as exc:  # keep undoing the rest
                 log.warning("cleanup step failed: %s", exc)
+
+    async def _delete_own_record(self, key: str, instance_uuid: str) -> None:
+        """Delete the instance record at `key` if it is the one with `instance_uuid`."""
+        entry = await self.store.get(key)
+        if entry is None or entry.json()["config"].get("volatile.uuid") != instance_uuid:
+            return
+        with contextlib.suppress(NotFound, Conflict):  # gone, or no longer ours
+            await self.store.delete(key, revision=entry.revision)
+
+    async def _delete_definition(self, host_name: str) -> None:
+        if await self.driver.exists(host_name):
+            await self.driver.delete(host_name)
 
     async def _attach_nics(
         self,
@@ -250,8 +281,8 @@ class ComputeCore:
                         hwaddr=device["hwaddr"],
                         ipv4=device.get("ipv4.address", ""),
                     )
-                    reply = await network.call("AttachInstance", request, idempotent=False)
                     undo.append(lambda r=request: self._detach(r))
+                    reply = await network.call("AttachInstance", request, idempotent=False)
                     device["nictype"] = "bridged"
                     device["parent"] = reply.bridge
                     if reply.mtu and "mtu" not in device:
@@ -763,6 +794,70 @@ class ComputeCore:
             except Exception as exc:
                 log.warning("status monitor pass failed: %s", exc)
             log.debug("status monitor pass took %.1f ms", (time.monotonic() - started) * 1000)
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(
+        self,
+        project: str,
+        name: str,
+        snapshot: str = "",
+        properties: dict[str, str] | None = None,
+        expires_at: str = "",
+        compression: str = "",
+    ) -> AsyncIterator[bytes]:
+        """The stopped instance, or one of its snapshots, as LXD's unified image tarball,
+        streamed as tar makes it (`croft.compute.publish`). A running instance is
+        InvalidArgument, as in LXD. The instance stays locked until the stream ends, so
+        that it cannot start, nor the snapshot go, while tar reads it."""
+        from pathlib import Path
+
+        from croft.compute.publish import image_metadata, image_tarball
+
+        async with self.lock(project, name):
+            record, _ = await self.record(project, name)
+            rootfs = record.get("_croft", {}).get("rootfs")
+            if not rootfs:
+                raise InvalidArgument(f'Instance "{name}" has no root filesystem to publish')
+            volume = Path(rootfs).parent
+            if snapshot:
+                await self.snapshot_record(project, name, snapshot)
+                # LXD's pool layout, which croft's storage drivers keep:
+                # <pool>/containers/<name> and <pool>/containers-snapshots/<name>/<snapshot>.
+                volume = volume.parent.parent / "containers-snapshots" / volume.name / snapshot
+            else:
+                state = await self.driver.state(driver_name(project, name))
+                if state.status is not Status.STOPPED:
+                    raise InvalidArgument("Cannot export a running instance as an image")
+            architecture = record.get("architecture") or "x86_64"
+            metadata = await in_thread(image_metadata, volume, architecture, properties, expires_at)
+            async for data in image_tarball(volume, metadata, compression):
+                yield data
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError):
+        return "the caller went away"
+    return str(exc) or type(exc).__name__
+
+
+async def _uninterrupted(step: Awaitable[T]) -> T:
+    """Await `step` to its end even if the caller is cancelled meanwhile (the cancellation
+    is raised once it is over): for steps that must not be left half-done, such as work
+    in a thread that cannot be stopped, or the undo of a create."""
+    task = asyncio.ensure_future(step)
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done():
+                raise
+            cancelled = True
+            continue
+        if cancelled:
+            raise asyncio.CancelledError
+        return result
 
 
 def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:

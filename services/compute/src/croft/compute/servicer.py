@@ -14,6 +14,7 @@ from croft.common.errors import InvalidArgument
 from croft.common.records import DEFAULT_PROJECT
 from croft.compute.core import ComputeCore
 from croft.compute.drivers import ExecProcess
+from croft.compute.publish import properties_of
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 CHUNK = 1 << 20
@@ -171,6 +172,21 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         if request.file != "lxc.log":
             raise InvalidArgument(f'Log file "{request.file}" does not exist')
         return compute_pb2.LogReply(content=await self.core.log_file(project, name))
+
+    # ------------------------------------------------------------------ publish
+
+    async def PublishInstance(self, request, context):  # type: ignore[no-untyped-def]
+        project, name = _ref(request.instance)
+        stream = self.core.publish(
+            project,
+            name,
+            request.snapshot,
+            properties_of(request.properties),
+            request.expires_at,
+            request.compression,
+        )
+        async for data in stream:
+            yield compute_pb2.PublishChunk(data=data)
 
 
 async def _pump(
