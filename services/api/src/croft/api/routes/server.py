@@ -40,6 +40,7 @@ API_EXTENSIONS: list[str] = [
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
     "instances",
     "container_full",
+    "storage",
     "image_force_refresh",
     "instance_get_full",
     "container_exec_recording",
@@ -65,6 +66,11 @@ class ServerPut(BaseModel):
 
 
 @cache
+def _fingerprint(certificate: str | bytes | None) -> str:
+    return certificate_fingerprint(certificate) if certificate else ""
+
+
+@cache
 def _os_release() -> tuple[str, str]:
     try:
         with open("/etc/os-release") as f:
@@ -87,6 +93,7 @@ def _liblxc_version() -> str:
     return str(getattr(lxc, "version", ""))
 
 
+@cache
 def _croft_version() -> str:
     try:
         return package_metadata.version("croft-api")
@@ -106,9 +113,7 @@ def environment(
         "addresses": addresses or [],
         "architectures": architectures,
         "certificate": settings.certificate,
-        "certificate_fingerprint": (
-            certificate_fingerprint(settings.certificate) if settings.certificate else ""
-        ),
+        "certificate_fingerprint": _fingerprint(settings.certificate),
         "driver": "lxc",
         "driver_version": _liblxc_version(),
         "firewall": "nftables",
