@@ -6,31 +6,35 @@ record in LXD's API shape; projects themselves are `/croft/records/projects/<nam
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
-from croft.common.errors import Conflict, NotFound
-from croft.common.store import Store, dump
+from croft.common.errors import NotFound
+from croft.common.records import (  # the layout is shared by every service
+    DEFAULT_PROJECT,
+    RECORDS,
+    modify,
+    project_key,
+    record_key,
+    record_prefix,
+)
+from croft.common.store import Store
 
-RECORDS = "/croft/records/"
-DEFAULT_PROJECT = "default"
-
-
-def record_prefix(kind: str, project: str) -> str:
-    return f"{RECORDS}{kind}/{project}/"
-
-
-def record_key(kind: str, project: str, name: str) -> str:
-    return f"{RECORDS}{kind}/{project}/{name}"
-
-
-def project_key(name: str) -> str:
-    return f"{RECORDS}projects/{name}"
-
+__all__ = [
+    "DEFAULT_PROJECT",
+    "RECORDS",
+    "SERVER_CONFIG_KEY",
+    "etag",
+    "list_records",
+    "modify",
+    "project_key",
+    "record_key",
+    "record_prefix",
+    "require_project",
+    "url",
+]
 
 SERVER_CONFIG_KEY = f"{RECORDS}server/config"
 
@@ -64,39 +68,3 @@ async def require_project(store: Store, project: str) -> dict[str, Any] | None:
 async def list_records(store: Store, kind: str, project: str) -> list[dict[str, Any]]:
     entries = await store.list(record_prefix(kind, project))
     return [entry.json() for entry in entries]
-
-
-async def modify(
-    store: Store,
-    key: str,
-    change: Callable[[dict[str, Any]], dict[str, Any]],
-    *,
-    missing: str,
-    default: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Read-modify-write of one record under compare-and-swap, retried when another writer
-    got in between. `change` gets the current record and returns the new one (it may raise
-    to refuse, e.g. an ETag mismatch, and is re-run on a retry). A missing record is
-    NotFound(`missing`), or starts from `default` when one is given."""
-    for _ in range(20):
-        found = await store.get(key)
-        if found is None:
-            if default is None:
-                raise NotFound(missing)
-            new = change(copy.deepcopy(default))
-            try:
-                await store.create(key, dump(new))
-            except Conflict:
-                continue
-            return new
-        new = change(found.json())
-        try:
-            await store.update(key, dump(new), revision=found.revision)
-        except Conflict:
-            continue
-        except NotFound:
-            if default is None:
-                raise NotFound(missing) from None
-            continue
-        return new
-    raise Conflict(f"{key} is changing too fast to be updated; try again")
