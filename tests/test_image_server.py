@@ -230,3 +230,18 @@ def test_lxd_launches_from_croft_simplestreams(image_server: ImageServer, lxd: L
         assert pulled and pulled[0]["cached"] is True
     finally:
         lxd("delete", "--force", name, check=False)
+
+
+def test_a_secret_opens_a_private_image_to_a_stranger_once(image_server: ImageServer) -> None:
+    s = image_server
+    assert s.get(f"/1.0/images/{s.private_fp}?secret=guessed")[0] == 404
+    reply = json.loads(s.root("query", "-X", "POST", f"/1.0/images/{s.private_fp}/secret").stdout)
+    secret = reply["metadata"]["secret"]
+    assert reply["class"] == "token" and reply["status"] == "Running"
+    status, body = s.get(f"/1.0/images/{s.private_fp}?secret={secret}")
+    assert status == 200 and json.loads(body)["metadata"]["fingerprint"] == s.private_fp
+    status, tarball = s.get(f"/1.0/images/{s.private_fp}/export?secret={secret}")
+    assert status == 200 and hashlib.sha256(tarball).hexdigest() == s.private_fp
+    # Used up by the export, as LXD does: the next stranger with it gets nothing.
+    assert s.get(f"/1.0/images/{s.private_fp}/export?secret={secret}")[0] == 404
+    assert s.get(f"/1.0/images/{s.public_fp}?secret={secret}")[0] == 200  # public anyway

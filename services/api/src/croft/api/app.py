@@ -173,6 +173,7 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
     from croft.api.routes import (
         certificates,
         events,
+        image_secrets,
         images,
         images_publish,
         instances,
@@ -186,7 +187,15 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
     from croft.api.routes import operations as operation_routes
 
     routers = (server, projects, profiles, operation_routes, events, instances, images)
-    for module in (*routers, storage_pools, networks, images_publish, certificates, streams):
+    for module in (
+        image_secrets,
+        *routers,
+        storage_pools,
+        networks,
+        images_publish,
+        certificates,
+        streams,
+    ):
         app.include_router(module.router)
     return app
 

@@ -224,18 +224,28 @@ class AccessMiddleware:
         await self.app(scope, receive, send)
 
 
+# The scope key under which the middleware marks an export it allowed by an image secret.
+SECRET_GRANTED = "croft.image_secret"
+
 _EXPORT = re.compile(rf"/1\.0/images/({_FP})/export/?")
 
 
 async def _require_public_image(scope: Scope, fingerprint: str, query: str) -> None:
-    """LXD's export for an untrusted client: public images only (else not found)."""
+    """LXD's export for an untrusted client: public images, or a private one whose secret
+    (`?secret=`, from POST /1.0/images/<fp>/secret) it presents, once; else not found."""
+    from croft.api.routes.image_secrets import secret_grants
     from croft.api.routes.images import find_image
 
-    store = scope["app"].state.croft.store
-    project = (parse_qs(query).get("project") or ["default"])[0]
-    record, _ = await find_image(store, project, fingerprint.lower())
-    if not record.get("public"):
+    ctx = scope["app"].state.croft
+    params = parse_qs(query)
+    project = (params.get("project") or ["default"])[0]
+    record, _ = await find_image(ctx.store, project, fingerprint.lower())
+    secret = (params.get("secret") or [""])[0]
+    if record.get("public"):
+        return
+    if not await secret_grants(ctx, project, record["fingerprint"], secret, use_up=True):
         raise NotFound(f'Image "{record["fingerprint"]}" not found')
+    scope[SECRET_GRANTED] = record["fingerprint"]  # the export handler lets this one through
 
 
 async def _refuse(scope: Scope, receive: Any, send: Any, error: CroftError) -> None:

@@ -28,6 +28,7 @@ from croft.api import query, records, responses
 from croft.api.app import context
 from croft.api.auth import identity
 from croft.api.operations import OperationContext
+from croft.api.routes.image_secrets import secret_grants
 from croft.api.services import services
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, NotImplementedYet
 from croft.common.rpc import from_rpc_error
@@ -341,7 +342,13 @@ async def image_get(request: Request, fingerprint: str) -> Response:
     store = context(request).store
     project = await _project(request)
     record, _ = await find_image(store, project, fingerprint)
-    if not record.get("public") and not identity(request).trusted:
+    if (
+        not record.get("public")
+        and not identity(request).trusted
+        and not await secret_grants(
+            context(request), project, record["fingerprint"], request.query_params.get("secret", "")
+        )
+    ):
         raise NotFound(f'Image "{record["fingerprint"]}" not found')
     aliases = await records.list_records(store, ALIASES, project)
     return responses.sync(render_image(record, aliases), etag=image_etag(record))

@@ -29,7 +29,7 @@ from starlette.responses import Response, StreamingResponse
 
 from croft.api import query, records, responses
 from croft.api.app import context
-from croft.api.auth import identity
+from croft.api.auth import SECRET_GRANTED, identity
 from croft.api.operations import OperationContext
 from croft.api.routes.images import find_image, image_url
 from croft.api.services import services
@@ -53,7 +53,11 @@ async def image_export(request: Request, fingerprint: str) -> Response:
     await records.require_project(ctx.store, project)
     record, _ = await find_image(ctx.store, project, fingerprint)
     full = record["fingerprint"]
-    if not record.get("public") and not identity(request).trusted:
+    if (
+        not record.get("public")
+        and not identity(request).trusted
+        and request.scope.get(SECRET_GRANTED) != record["fingerprint"]
+    ):
         raise NotFound(f'Image "{full}" not found')  # as GET /1.0/images/<fp> answers
     client = await services().images()
     call = client.stream(
