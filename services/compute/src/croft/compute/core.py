@@ -125,6 +125,9 @@ class ComputeCore:
             record["expanded_config"]["volatile.last_state.power"] = power
             if status is Status.RUNNING:
                 record["last_used_at"] = rfc3339_nano()
+                # Templates were rendered before this start; the trigger goes with this write.
+                record["config"].pop("volatile.apply_template", None)
+                record["expanded_config"].pop("volatile.apply_template", None)
 
         return await self._set(project, name, change)
 
@@ -308,14 +311,16 @@ class ComputeCore:
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
             host_name = driver_name(project, name)
-            if await self.driver.exists(host_name):
-                state = await self.driver.state(host_name)
-                if state.status is not Status.STOPPED:
-                    if not force:
-                        raise InvalidArgument(
-                            "The instance is currently running, stop it first or use --force"
-                        )
-                    await self.driver.stop(host_name, force=True)
+            running = (
+                await self.driver.exists(host_name)
+                and await self.driver.status(host_name) is not Status.STOPPED
+            )
+            if running:
+                if not force:
+                    raise InvalidArgument(
+                        "The instance is currently running, stop it first or use --force"
+                    )
+                await self.driver.stop(host_name, force=True)
             await self._teardown(project, name, record)
         await self.lifecycle("instance-deleted", project, name)
 
@@ -353,14 +358,14 @@ class ComputeCore:
         host_name = driver_name(project, name)
         timeout = 30.0 if timeout is None or timeout < 0 else float(timeout)
         async with self.lock(project, name):
-            await self.record(project, name)
-            status = (await self.driver.state(host_name)).status
+            current, _ = await self.record(project, name)
+            status = await self.driver.status(host_name)
             if action == "start":
                 if status is Status.RUNNING:
                     raise InvalidArgument("The instance is already running")
                 if status is Status.FROZEN:
                     raise InvalidArgument("The instance is frozen, unfreeze it instead")
-                await self._apply_templates(project, name)
+                await self._apply_templates(name, current)
                 await self.driver.start(host_name)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
@@ -389,10 +394,9 @@ class ComputeCore:
         await self.lifecycle(event, project, name)
         return record
 
-    async def _apply_templates(self, project: str, name: str) -> None:
-        """Render the image's templates for a pending trigger (`volatile.apply_template`),
-        once, before the instance starts."""
-        record, _ = await self.record(project, name)
+    async def _apply_templates(self, name: str, record: dict[str, Any]) -> None:
+        """Render the image's templates for a pending trigger (`volatile.apply_template`)
+        before the instance starts; the caller clears the trigger with the status update."""
         trigger = record["config"].get("volatile.apply_template")
         rootfs = record.get("_croft", {}).get("rootfs")
         if not trigger or not rootfs:
@@ -406,12 +410,6 @@ class ComputeCore:
             devices=record["expanded_devices"],
         )
         await in_thread(apply_templates, os.path.dirname(rootfs), trigger, instance)
-
-        def done(record: dict[str, Any]) -> None:
-            record["config"].pop("volatile.apply_template", None)
-            record["expanded_config"].pop("volatile.apply_template", None)
-
-        await self._set(project, name, done)
 
     async def state(self, project: str, name: str) -> dict[str, Any]:
         record, _ = await self.record(project, name)
@@ -478,7 +476,7 @@ class ComputeCore:
             # Hot-plugging devices is not built yet: say so rather than half-apply.
             if (
                 _without_hwaddr(old_devices) != _without_hwaddr(new_devices)
-                and (await self.driver.state(host_name)).status is not Status.STOPPED
+                and await self.driver.status(host_name) is not Status.STOPPED
             ):
                 raise InvalidArgument("Devices cannot be changed while the instance is running")
             # volatile keys are croft's; a client never sets them.
@@ -695,7 +693,7 @@ class ComputeCore:
         async with self.lock(project, name):
             record, revision = await self.record(project, name)
             snap, _ = await self.snapshot_record(project, name, snapshot)
-            was_running = (await self.driver.state(host_name)).status is not Status.STOPPED
+            was_running = await self.driver.status(host_name) is not Status.STOPPED
             if was_running:
                 await self.driver.stop(host_name, force=True)
             storage = await self.storage()
@@ -762,7 +760,7 @@ class ComputeCore:
         host_name = driver_name(project, name)
         if not wanted or not await self.driver.exists(host_name):
             return
-        if (await self.driver.state(host_name)).status is Status.STOPPED:
+        if await self.driver.status(host_name) is Status.STOPPED:
             log.info("autostarting %s/%s", project, name)
             try:
                 await self.change_state(project, name, "start")
@@ -773,7 +771,7 @@ class ComputeCore:
         host_name = driver_name(project, name)
         if not await self.driver.exists(host_name):
             return
-        actual = (await self.driver.state(host_name)).status
+        actual = await self.driver.status(host_name)
         if record.get("status") != actual.label:
             async with self.lock(project, name):
                 await self._set_status(project, name, actual)
@@ -826,8 +824,7 @@ class ComputeCore:
                 # <pool>/containers/<name> and <pool>/containers-snapshots/<name>/<snapshot>.
                 volume = volume.parent.parent / "containers-snapshots" / volume.name / snapshot
             else:
-                state = await self.driver.state(driver_name(project, name))
-                if state.status is not Status.STOPPED:
+                if await self.driver.status(driver_name(project, name)) is not Status.STOPPED:
                     raise InvalidArgument("Cannot export a running instance as an image")
             architecture = record.get("architecture") or "x86_64"
             metadata = await in_thread(image_metadata, volume, architecture, properties, expires_at)

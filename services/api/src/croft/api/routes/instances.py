@@ -768,13 +768,17 @@ async def instance_exec(request: Request, name: str) -> Response:
                 await asyncio.wait_for(session.connected.wait(), 60)
             except TimeoutError:
                 raise Timeout("Timed out waiting for the exec websockets") from None
-            await ctx.lifecycle(
-                "instance-exec",
-                records.url(KIND, name, project),
-                project=project,
-                context={"command": req.command},
+            # The event is written while the command starts, not before it.
+            announced = asyncio.create_task(
+                ctx.lifecycle(
+                    "instance-exec",
+                    records.url(KIND, name, project),
+                    project=project,
+                    context={"command": req.command},
+                )
             )
             code = await _relay_exec(session, client, start, req.interactive)
+            await announced
             return {"return": code}
         finally:
             session.finished.set()

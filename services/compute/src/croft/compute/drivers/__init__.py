@@ -229,6 +229,10 @@ class InstanceDriver(ABC):
         """Status, init pid, process count, memory/cpu usage and network interfaces."""
 
     @abstractmethod
+    async def status(self, name: str) -> Status:
+        """Only the status: what start/stop/delete decide on, far cheaper than state()."""
+
+    @abstractmethod
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
         """Apply limits.cpu / limits.memory / limits.processes from `config` (missing or
         empty = unlimited), live when running, and persist them for the next start.

@@ -642,6 +642,10 @@ class LXCDriver(InstanceDriver):
 
     # -- state
 
+    async def status(self, name: str) -> Status:
+        container = await in_thread(self._container, name)
+        return self._status(container)
+
     async def state(self, name: str) -> InstanceState:
         container = await in_thread(self._container, name)
 
@@ -807,15 +811,16 @@ class LXCDriver(InstanceDriver):
         command = list(argv)
         host_cwd = "/"
         if workdir != "/":
-            if cwd is None and not await self._is_dir_inside(container, workdir):
-                workdir = "/"  # a default home that does not exist: LXD falls back to /
-            elif not await self._is_dir_inside(container, workdir):
+            # An explicit cwd must exist. The default home need not be checked (two liblxc
+            # round trips per exec): lxc-attach falls back to / when it cannot chdir inside
+            # the container, which is LXD's behaviour for a missing home.
+            if cwd is not None and not await self._is_dir_inside(container, workdir):
                 raise InvalidArgument(f'Directory "{workdir}" not found in the instance')
             # lxc-attach chdirs to its own cwd's path inside the container; when the host
             # has no directory by that name, a shell does the chdir instead.
-            if await in_thread(os.path.isdir, workdir):
+            if os.path.isdir(workdir):
                 host_cwd = workdir
-            elif workdir != "/":
+            elif cwd is not None:
                 command = ["/bin/sh", "-c", 'cd -- "$0" && exec "$@"', workdir, *command]
 
         args = ["lxc-attach", "-n", name, "-P", self.lxcpath, "--clear-env"]
