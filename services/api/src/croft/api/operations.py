@@ -110,6 +110,9 @@ class _Local:
     context: OperationContext
     task: asyncio.Task[None] | None = None
     websocket: WebsocketHandler | None = None
+    # The record as this process last wrote it, and its revision: the next change of our
+    # own operation needs no read (a compare-and-swap still catches anyone else's write).
+    last: tuple[bytes, int] | None = None
 
 
 @dataclass
@@ -263,9 +266,12 @@ class OperationManager:
             {**operation, "status": "Pending", "status_code": 105}, project=project
         )
         running = await self.events.operation_event(operation, project=project)
-        await self.store.transaction([Create(operation_key(op_id), dump(record)), pending, running])
+        written = dump(record)
+        revision = await self.store.transaction(
+            [Create(operation_key(op_id), written), pending, running]
+        )
         context = OperationContext(self, op_id, project)
-        local = _Local(context=context, websocket=websocket)
+        local = _Local(context=context, websocket=websocket, last=(written, revision))
         self._local[op_id] = local
         if run is not None:
             local.task = asyncio.create_task(self._run(context, run), name=f"operation-{op_id}")
@@ -339,11 +345,17 @@ class OperationManager:
         update never overwrites a final status set by someone else (a reaper that
         thought us dead). Publishes the new state; returns it, or None if nothing changed."""
         key = operation_key(op_id)
+        local = self._local.get(op_id)
         for _ in range(50):
-            entry = await self.store.get(key)
-            if entry is None:
-                raise NotFound("Operation not found")
-            record = entry.json()
+            if local is not None and local.last is not None:
+                value, revision = local.last
+                local.last = None  # used once; a conflict below makes us read the store
+            else:
+                entry = await self.store.get(key)
+                if entry is None:
+                    raise NotFound("Operation not found")
+                value, revision = entry.value, entry.revision
+            record = json.loads(value)
             operation = record["operation"]
             if operation["status"] in FINAL:
                 return None
@@ -358,13 +370,16 @@ class OperationManager:
                 record["expires_at"] = time.time() + expires_in
             assert self.events is not None
             event = await self.events.operation_event(operation, project=record["project"])
+            written = dump(record)
             try:
                 # The change and its event in one transaction.
-                await self.store.transaction([Update(key, dump(record), entry.revision), event])
+                new_revision = await self.store.transaction([Update(key, written, revision), event])
             except Conflict:
                 continue
             except NotFound:
                 raise NotFound("Operation not found") from None
+            if local is not None:
+                local.last = (written, new_revision)
             return operation
         raise Conflict(f"operation {op_id} is changing too fast to be updated")
 

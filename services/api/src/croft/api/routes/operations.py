@@ -74,11 +74,13 @@ async def operation_websocket_plain(request: Request, op_id: str) -> Response:
 async def operation_websocket(websocket: WebSocket, op_id: str) -> None:
     ctx = context(websocket)
     try:
-        record = await ctx.operations.get(op_id)
-        if record["operation"]["class"] != "websocket":
-            raise InvalidArgument("Only websocket operations can be connected")
+        # An operation of this process answers from memory (exec connects four sockets in
+        # a row); only one run elsewhere, or none, needs the store.
         hook = ctx.operations.websocket(op_id)
         if hook is None:
+            record = await ctx.operations.get(op_id)
+            if record["operation"]["class"] != "websocket":
+                raise InvalidArgument("Only websocket operations can be connected")
             # The operation runs in another api process. Forwarding the connection to its
             # owner is the cluster work still to do; say so plainly meanwhile.
             raise Unavailable(
