@@ -16,8 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from .conftest import Croft, Lxc
+from .conftest import REPO, Croft, Lxc
 
 
 def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
@@ -215,3 +216,30 @@ def test_delete_force_leaves_nothing_behind(croft_lxc: tuple[Croft, Lxc, str], c
         p.name.endswith("gone") for p in Path("/sys/fs/cgroup/memory").glob("lxc.payload*")
     )
     assert lxc("query", "/1.0/instances/gone", check=False).returncode != 0
+
+
+def test_start_templates_render_at_every_start_from_the_config(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str, tmp_path: Path
+) -> None:
+    from croft.images.builder import build_image
+
+    _, lxc, _ = croft_lxc
+    definition = yaml.safe_load((REPO / "services/images/definitions/busybox.yaml").read_text())
+    definition["properties"]["variant"] = "templated"
+    definition["templates"]["/etc/greeting"] = {
+        "when": ["start"],
+        "template": "greeting.tpl",
+        "content": '{{ config_get("user.greeting", "none") }}\n',
+    }
+    (tmp_path / "templated.yaml").write_text(yaml.safe_dump(definition))
+    build_image(tmp_path / "templated.yaml", tmp_path / "templated.tar.gz")
+    lxc("image", "import", str(tmp_path / "templated.tar.gz"), "--alias", "templated")
+    lxc("launch", "templated", "tpl")
+    try:
+        assert lxc("exec", "tpl", "--", "cat", "/etc/greeting").stdout == "none\n"
+        assert lxc("exec", "tpl", "--", "cat", "/etc/hostname").stdout == "tpl\n"  # create
+        lxc("config", "set", "tpl", "user.greeting", "hello")
+        lxc("restart", "tpl")
+        assert lxc("exec", "tpl", "--", "cat", "/etc/greeting").stdout == "hello\n"
+    finally:
+        lxc("delete", "--force", "tpl", check=False)

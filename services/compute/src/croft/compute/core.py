@@ -376,7 +376,10 @@ class ComputeCore:
             elif action == "restart":
                 if status is Status.STOPPED:
                     raise InvalidArgument("The instance isn't running")
-                await self.driver.restart(host_name, force=force, timeout=timeout)
+                # A stop and a start, as LXD's: the start templates render in between.
+                await self.driver.stop(host_name, force=force, timeout=timeout)
+                await self._apply_templates(name, current)
+                await self.driver.start(host_name)
                 new, event = Status.RUNNING, "instance-restarted"
             elif action == "freeze":
                 if status is not Status.RUNNING:
@@ -395,11 +398,12 @@ class ComputeCore:
         return record
 
     async def _apply_templates(self, name: str, record: dict[str, Any]) -> None:
-        """Render the image's templates for a pending trigger (`volatile.apply_template`)
-        before the instance starts; the caller clears the trigger with the status update."""
-        trigger = record["config"].get("volatile.apply_template")
+        """Before a start, as LXD: the templates of a pending trigger
+        (`volatile.apply_template`: create or copy, once), then the `start` ones (every
+        start, so that they follow the instance's config). The caller clears the pending
+        trigger with the status update."""
         rootfs = record.get("_croft", {}).get("rootfs")
-        if not trigger or not rootfs:
+        if not rootfs:
             return
         instance = TemplateInstance(
             name=name,
@@ -409,7 +413,9 @@ class ComputeCore:
             config=record["expanded_config"],
             devices=record["expanded_devices"],
         )
-        await in_thread(apply_templates, os.path.dirname(rootfs), trigger, instance)
+        pending = record["config"].get("volatile.apply_template")
+        for trigger in ([pending] if pending else []) + ["start"]:
+            await in_thread(apply_templates, os.path.dirname(rootfs), trigger, instance)
 
     async def state(self, project: str, name: str) -> dict[str, Any]:
         record, _ = await self.record(project, name)
