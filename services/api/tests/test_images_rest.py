@@ -3,7 +3,6 @@ replica wired to a real `python -m croft.images` process on the same real etcd."
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -33,58 +32,20 @@ from croft.common.errors import InvalidArgument
 from croft.common.records import record_prefix
 from croft.common.service import ServiceContext
 from croft.common.testing.etcd import EtcdServer
-from croft.images.builder import build_image
+from croft.images.testing import ImageFiles, busybox_image_files
 
 from .conftest import Replica
 
 TEST_PREFIX = "croft-images-svc-test-"
-BUSYBOX_DEFINITION = Path(__file__).resolve().parents[2] / "images/definitions/busybox.yaml"
 
 
 # ---------------------------------------------------------------------------- real parts
 
 
-@dataclass(frozen=True)
-class ImageFiles:
-    unified: Path
-    metadata: Path
-    rootfs: Path
-    corrupt: Path
-
-    @property
-    def fingerprint(self) -> str:
-        return hashlib.sha256(self.unified.read_bytes()).hexdigest()
-
-    @property
-    def split_fingerprint(self) -> str:
-        return hashlib.sha256(self.metadata.read_bytes() + self.rootfs.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def images() -> Iterator[ImageFiles]:
-    base = Path(tempfile.mkdtemp(prefix=TEST_PREFIX, dir="/tmp"))
-    try:
-        unified = base / "busybox.tar.gz"
-        build_image(BUSYBOX_DEFINITION, unified)
-        tree = base / "tree"
-        tree.mkdir()
-        subprocess.run(["tar", "-C", str(tree), "-xzf", str(unified)], check=True)
-        metadata = base / "meta.tar.xz"
-        subprocess.run(
-            ["tar", "-C", str(tree), "-cJf", str(metadata), "metadata.yaml", "templates"],
-            check=True,
-        )
-        rootfs = base / "rootfs.squashfs"
-        subprocess.run(
-            ["mksquashfs", str(tree / "rootfs"), str(rootfs), "-noappend", "-quiet"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        corrupt = base / "corrupt.tar.gz"
-        corrupt.write_bytes(unified.read_bytes()[: unified.stat().st_size // 2])
-        yield ImageFiles(unified, metadata, rootfs, corrupt)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with busybox_image_files(TEST_PREFIX) as files:
+        yield files
 
 
 @dataclass
@@ -189,21 +150,21 @@ def imported_fingerprint(output: str) -> str:
 
 def test_lxc_image_import_list_show_delete(croft: Croft, images: ImageFiles) -> None:
     result = croft.lxc("image", "import", str(images.unified), "--alias", "busybox")
-    assert imported_fingerprint(result.stdout) == images.fingerprint
-    assert croft.blobs() == [images.fingerprint]
+    assert imported_fingerprint(result.stdout) == images.unified_fingerprint
+    assert croft.blobs() == [images.unified_fingerprint]
 
     listed = json.loads(croft.lxc("image", "list", "--format", "json").stdout)
-    assert [i["fingerprint"] for i in listed] == [images.fingerprint]
+    assert [i["fingerprint"] for i in listed] == [images.unified_fingerprint]
     assert listed[0]["aliases"] == [{"name": "busybox", "description": ""}]
     assert listed[0]["size"] == images.unified.stat().st_size
     table = croft.lxc("image", "list", "--format", "csv").stdout
-    assert table.startswith(f"busybox,{images.fingerprint[:12]},no,")
+    assert table.startswith(f"busybox,{images.unified_fingerprint[:12]},no,")
 
     shown = yaml.safe_load(croft.lxc("image", "show", "busybox").stdout)
     assert shown["properties"]["os"] == "busybox"
     assert shown["public"] is False
-    info = croft.lxc("image", "info", images.fingerprint[:12]).stdout
-    assert f"Fingerprint: {images.fingerprint}" in info
+    info = croft.lxc("image", "info", images.unified_fingerprint[:12]).stdout
+    assert f"Fingerprint: {images.unified_fingerprint}" in info
     assert "Architecture: x86_64" in info
 
     croft.lxc("image", "delete", "busybox")
@@ -236,7 +197,7 @@ def test_importing_twice_fails_and_changes_nothing(croft: Croft, images: ImageFi
 
     assert again.returncode != 0
     assert "Image with same fingerprint already exists" in again.stderr
-    assert croft.keys("images") == [images.fingerprint]
+    assert croft.keys("images") == [images.unified_fingerprint]
     assert croft.keys("image-aliases") == ["one"]
     assert croft.temp_files() == []
 
@@ -268,7 +229,7 @@ def test_a_bad_tarball_is_refused_and_leaves_nothing(
 def test_lxc_image_alias_commands(croft: Croft, images: ImageFiles) -> None:
     croft.lxc("image", "import", str(images.unified))
     croft.lxc("image", "import", str(images.metadata), str(images.rootfs))
-    fp, split = images.fingerprint, images.split_fingerprint
+    fp, split = images.unified_fingerprint, images.split_fingerprint
 
     croft.lxc("image", "alias", "create", "bb", fp[:12])
     croft.lxc("image", "alias", "create", "other", split)
@@ -319,7 +280,7 @@ def test_launch_lookups_alias_then_image(croft: Croft, images: ImageFiles) -> No
     assert alias.status == 200 and alias.headers["ETag"]
     assert alias.metadata == {
         "description": "",
-        "target": images.fingerprint,
+        "target": images.unified_fingerprint,
         "name": "busybox",
         "type": "container",
     }
@@ -367,7 +328,7 @@ def test_image_collection_recursion_and_filter(croft: Croft, images: ImageFiles)
 
     urls = croft.request("GET", "/1.0/images").metadata
     assert sorted(urls) == sorted(
-        f"/1.0/images/{fp}" for fp in (images.fingerprint, images.split_fingerprint)
+        f"/1.0/images/{fp}" for fp in (images.unified_fingerprint, images.split_fingerprint)
     )
     public = croft.request("GET", "/1.0/images?recursion=1&filter=public+eq+true").metadata
     assert [i["fingerprint"] for i in public] == [images.split_fingerprint]
@@ -377,7 +338,7 @@ def test_image_collection_recursion_and_filter(croft: Croft, images: ImageFiles)
 
 def test_image_put_patch_etag(croft: Croft, images: ImageFiles) -> None:
     croft.lxc("image", "import", str(images.unified))
-    url = f"/1.0/images/{images.fingerprint[:16]}"
+    url = f"/1.0/images/{images.unified_fingerprint[:16]}"
     etag = croft.request("GET", url).headers["ETag"]
 
     patched = croft.request(
@@ -410,7 +371,7 @@ def test_alias_put_patch(croft: Croft, images: ImageFiles) -> None:
     assert patched.status == 200
     alias = croft.request("GET", "/1.0/images/aliases/bb")
     assert alias.metadata["description"] == "small"
-    assert alias.metadata["target"] == images.fingerprint
+    assert alias.metadata["target"] == images.unified_fingerprint
 
     no_target = croft.request("PUT", "/1.0/images/aliases/bb", {"description": "x"})
     assert (no_target.status, no_target.error) == (400, "The target field is required")
@@ -440,14 +401,14 @@ def test_alias_put_patch(croft: Croft, images: ImageFiles) -> None:
 def test_delete_is_an_operation(croft: Croft, images: ImageFiles) -> None:
     croft.lxc("image", "import", str(images.unified), "--alias", "bb")
 
-    reply = croft.request("DELETE", f"/1.0/images/{images.fingerprint[:12]}")
+    reply = croft.request("DELETE", f"/1.0/images/{images.unified_fingerprint[:12]}")
 
     assert reply.metadata["description"] == "Deleting image"
-    assert reply.metadata["resources"] == {"images": [f"/1.0/images/{images.fingerprint}"]}
+    assert reply.metadata["resources"] == {"images": [f"/1.0/images/{images.unified_fingerprint}"]}
     assert croft.wait_operation(reply)["status"] == "Success"
     assert croft.keys("images") == [] and croft.keys("image-aliases") == []
     assert croft.blobs() == []
-    missing = croft.request("DELETE", f"/1.0/images/{images.fingerprint}")
+    missing = croft.request("DELETE", f"/1.0/images/{images.unified_fingerprint}")
     assert (missing.status, missing.error) == (404, "Image not found")
 
 
@@ -461,7 +422,7 @@ def test_raw_upload_headers(croft: Croft, images: ImageFiles) -> None:
             "X-LXD-filename": "bb.tar.gz",
             "X-LXD-public": "1",
             "X-LXD-properties": "os=renamed&extra=a%20b",
-            "X-LXD-fingerprint": images.fingerprint,
+            "X-LXD-fingerprint": images.unified_fingerprint,
         },
     )
 
@@ -469,10 +430,10 @@ def test_raw_upload_headers(croft: Croft, images: ImageFiles) -> None:
     operation = croft.wait_operation(reply)
     assert operation["status"] == "Success", operation
     assert operation["metadata"] == {
-        "fingerprint": images.fingerprint,
+        "fingerprint": images.unified_fingerprint,
         "size": str(images.unified.stat().st_size),
     }
-    shown = croft.request("GET", f"/1.0/images/{images.fingerprint}").metadata
+    shown = croft.request("GET", f"/1.0/images/{images.unified_fingerprint}").metadata
     assert shown["filename"] == "bb.tar.gz" and shown["public"] is True
     assert shown["properties"]["os"] == "renamed"
     assert shown["properties"]["extra"] == "a b"
@@ -486,7 +447,7 @@ def test_raw_upload_headers(croft: Croft, images: ImageFiles) -> None:
     failed = croft.wait_operation(mismatch)
     assert failed["status"] == "Failure"
     assert failed["err"].startswith("fingerprints don't match")
-    assert croft.keys("images") == [images.fingerprint]
+    assert croft.keys("images") == [images.unified_fingerprint]
 
 
 def test_multipart_upload_with_wrong_parts_fails(croft: Croft, images: ImageFiles) -> None:
@@ -517,11 +478,11 @@ def test_pylxd_sees_the_images(croft: Croft, images: ImageFiles) -> None:
     image = client.images.create(images.unified.read_bytes(), wait=True)
     image.add_alias("pylxd", "from pylxd")
 
-    assert image.fingerprint == images.fingerprint
+    assert image.fingerprint == images.unified_fingerprint
     found = client.images.get_by_alias("pylxd")
-    assert found.fingerprint == images.fingerprint
+    assert found.fingerprint == images.unified_fingerprint
     assert found.aliases == [{"name": "pylxd", "description": "from pylxd"}]
-    assert [i.fingerprint for i in client.images.all()] == [images.fingerprint]
+    assert [i.fingerprint for i in client.images.all()] == [images.unified_fingerprint]
     found.delete(wait=True)
     assert client.images.all() == []
 

@@ -5,7 +5,6 @@ etcd, called over gRPC through discovery, storing real image blobs built by crof
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import os
 import secrets
@@ -28,58 +27,20 @@ from croft.common.records import record_key, record_prefix
 from croft.common.rpc import ServiceClient, from_rpc_error
 from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
-from croft.images.builder import build_image
+from croft.images.testing import ImageFiles, busybox_image_files
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 TEST_PREFIX = "croft-images-svc-test-"
-BUSYBOX_DEFINITION = Path(__file__).resolve().parents[1] / "definitions" / "busybox.yaml"
 CHUNK = 256 << 10
 
 
 # ---------------------------------------------------------------------------- real parts
 
 
-@dataclass(frozen=True)
-class ImageFiles:
-    unified: Path
-    metadata: Path  # the split form of the same image: metadata tarball...
-    rootfs: Path  # ...and a squashfs rootfs
-    corrupt: Path  # the unified tarball cut short
-
-    @property
-    def unified_fingerprint(self) -> str:
-        return hashlib.sha256(self.unified.read_bytes()).hexdigest()
-
-    @property
-    def split_fingerprint(self) -> str:
-        return hashlib.sha256(self.metadata.read_bytes() + self.rootfs.read_bytes()).hexdigest()
-
-
 @pytest.fixture(scope="module")
 def images() -> Iterator[ImageFiles]:
-    base = Path(tempfile.mkdtemp(prefix=TEST_PREFIX, dir="/tmp"))
-    try:
-        unified = base / "busybox.tar.gz"
-        build_image(BUSYBOX_DEFINITION, unified)
-        tree = base / "tree"
-        tree.mkdir()
-        subprocess.run(["tar", "-C", str(tree), "-xzf", str(unified)], check=True)
-        metadata = base / "meta.tar.xz"
-        subprocess.run(
-            ["tar", "-C", str(tree), "-cJf", str(metadata), "metadata.yaml", "templates"],
-            check=True,
-        )
-        rootfs = base / "rootfs.squashfs"
-        subprocess.run(
-            ["mksquashfs", str(tree / "rootfs"), str(rootfs), "-noappend", "-quiet"],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
-        corrupt = base / "corrupt.tar.gz"
-        corrupt.write_bytes(unified.read_bytes()[: unified.stat().st_size // 2])
-        yield ImageFiles(unified, metadata, rootfs, corrupt)
-    finally:
-        shutil.rmtree(base, ignore_errors=True)
+    with busybox_image_files(TEST_PREFIX) as files:
+        yield files
 
 
 @pytest.fixture(scope="module")
