@@ -135,6 +135,21 @@ class EventPublisher:
         value = json.dumps(event.to_lxd(), separators=(",", ":")).encode()
         return Put(key, value, lease=lease.id)
 
+    async def event(
+        self,
+        type: EventKind,
+        metadata: Any,
+        *,
+        project: str = "default",
+        location: str | None = None,
+    ) -> Put:
+        """The write of an event, to put in the same store transaction as the change it
+        reports: one write instead of two, and listeners never see the event before the
+        change is stored."""
+        ns = time.time_ns()
+        where = self.location if location is None else location
+        return await self._put(Event(type, rfc3339_nano(ns), metadata, where, project), ns)
+
     async def operation_event(self, operation: dict[str, Any], *, project: str) -> Put:
         """The write of an `operation` event, to put in the same store transaction as the
         operation record's change: one write instead of two, and never out of order."""

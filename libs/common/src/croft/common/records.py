@@ -9,11 +9,11 @@ are croft's own bookkeeping and never leave the api.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from croft.common.errors import Conflict, NotFound
-from croft.common.store import Store, dump
+from croft.common.store import Create, Operation, Store, Update, dump
 
 RECORDS = "/croft/records/"
 DEFAULT_PROJECT = "default"
@@ -31,6 +31,10 @@ def project_key(name: str) -> str:
     return f"{RECORDS}projects/{name}"
 
 
+def _create(key: str, record: dict[str, Any]) -> Operation:
+    return Create(key, dump(record))
+
+
 def public(record: dict[str, Any]) -> dict[str, Any]:
     """The record without croft's private `_` keys, as clients see it."""
     return {k: v for k, v in record.items() if not k.startswith("_")}
@@ -43,25 +47,36 @@ async def modify(
     *,
     missing: str,
     default: dict[str, Any] | None = None,
+    current: tuple[dict[str, Any], int] | None = None,
+    also: Sequence[Operation] = (),
 ) -> dict[str, Any]:
     """Read-modify-write of one record under compare-and-swap, retried when another writer
     got in between. `change` gets the current record and returns the new one (it may raise
     to refuse, and is re-run on a retry). A missing record is NotFound(`missing`), or
-    starts from `default` when one is given."""
+    starts from `default` when one is given.
+
+    `current` is the record and revision the caller just read, when it has them: the
+    first attempt then writes without reading again. `also` are writes that go in the
+    same transaction as the record's (an event about the change, say)."""
     for _ in range(20):
-        found = await store.get(key)
-        if found is None:
-            if default is None:
-                raise NotFound(missing)
-            new = change(copy.deepcopy(default))
-            try:
-                await store.create(key, dump(new))
-            except Conflict:
-                continue
-            return new
-        new = change(found.json())
+        if current is not None:
+            record, revision = copy.deepcopy(current[0]), current[1]
+            current = None
+        else:
+            found = await store.get(key)
+            if found is None:
+                if default is None:
+                    raise NotFound(missing)
+                new = change(copy.deepcopy(default))
+                try:
+                    await store.transaction([_create(key, new), *also])
+                except Conflict:
+                    continue
+                return new
+            record, revision = found.json(), found.revision
+        new = change(record)
         try:
-            await store.update(key, dump(new), revision=found.revision)
+            await store.transaction([Update(key, dump(new), revision), *also])
         except Conflict:
             continue
         except NotFound:
