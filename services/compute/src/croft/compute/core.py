@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 from croft.common import events
@@ -29,7 +29,7 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
 from croft.common.service import ServiceContext
-from croft.common.store import dump
+from croft.common.store import Delete, Operation, dump
 from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
 from croft.images.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
@@ -87,14 +87,24 @@ class ComputeCore:
         return await self.context.client("network", network_pb2_grpc.NetworkStub, self.member)
 
     async def lifecycle(self, action: str, project: str, name: str, **context: Any) -> None:
-        source = f"/1.0/instances/{name}"
         with contextlib.suppress(CroftError):
-            await events.publish(
-                self.store,
-                "lifecycle",
-                {"action": action, "source": source, "context": context},
-                project=project,
+            await self.store.transaction(
+                await self._lifecycle_event(action, project, name, **context)
             )
+
+    async def _lifecycle_event(
+        self, action: str, project: str, name: str, **context: Any
+    ) -> list[Operation]:
+        """The write of a lifecycle event, to go in the transaction of the change it
+        reports (none when the event log cannot take it: the change matters more)."""
+        metadata = {"action": action, "source": f"/1.0/instances/{name}", "context": context}
+        try:
+            return [
+                await events.publisher(self.store).event("lifecycle", metadata, project=project)
+            ]
+        except CroftError as exc:
+            log.warning("no %s event for %s/%s: %s", action, project, name, exc)
+            return []
 
     async def record(self, project: str, name: str) -> tuple[dict[str, Any], int]:
         found = await self.store.get_json(instance_key(project, name))
@@ -106,17 +116,36 @@ class ComputeCore:
         return record, revision
 
     async def _set(
-        self, project: str, name: str, change: Callable[[dict[str, Any]], None]
+        self,
+        project: str,
+        name: str,
+        change: Callable[[dict[str, Any]], None],
+        *,
+        current: tuple[dict[str, Any], int] | None = None,
+        also: Sequence[Operation] = (),
     ) -> dict[str, Any]:
         def apply(record: dict[str, Any]) -> dict[str, Any]:
             change(record)
             return record
 
         return await modify(
-            self.store, instance_key(project, name), apply, missing="Instance not found"
+            self.store,
+            instance_key(project, name),
+            apply,
+            missing="Instance not found",
+            current=current,
+            also=also,
         )
 
-    async def _set_status(self, project: str, name: str, status: Status) -> dict[str, Any]:
+    async def _set_status(
+        self,
+        project: str,
+        name: str,
+        status: Status,
+        *,
+        current: tuple[dict[str, Any], int] | None = None,
+        also: Sequence[Operation] = (),
+    ) -> dict[str, Any]:
         def change(record: dict[str, Any]) -> None:
             record["status"] = status.label
             record["status_code"] = status.code
@@ -129,7 +158,7 @@ class ComputeCore:
                 record["config"].pop("volatile.apply_template", None)
                 record["expanded_config"].pop("volatile.apply_template", None)
 
-        return await self._set(project, name, change)
+        return await self._set(project, name, change, current=current, also=also)
 
     # ------------------------------------------------------------------ create / delete
 
@@ -139,8 +168,7 @@ class ComputeCore:
         async with self.lock(project, name):
             created = await self._create(record, fingerprint)
         if start:
-            await self.change_state(project, name, "start")
-            created, _ = await self.record(project, name)
+            created = await self.change_state(project, name, "start")
         return created
 
     async def _create(self, record: dict[str, Any], fingerprint: str) -> dict[str, Any]:
@@ -193,7 +221,7 @@ class ComputeCore:
         ]
         try:
             try:
-                await self.store.create(key, dump(record))
+                first = await self.store.create(key, dump(record))
             except Conflict:
                 raise Conflict(f'Instance "{name}" already exists') from None
             storage = await self.storage()
@@ -225,18 +253,23 @@ class ComputeCore:
             except Conflict:
                 undo.pop()  # a definition of that name was there before: not this create's
                 raise
+            written = copy.deepcopy(record)
             record["_croft"]["state"] = "created"
             record["_croft"]["rootfs"] = volume.path
-            entry = await self.store.get(key)
-            if entry is None:
-                raise NotFound(f'Instance "{name}" vanished while it was being created')
-            await self.store.update(key, dump(record), revision=entry.revision)
+            # The complete record and its event, in one write.
+            await modify(
+                self.store,
+                key,
+                lambda _: record,
+                missing=f'Instance "{name}" vanished while it was being created',
+                current=(written, first.revision),
+                also=await self._lifecycle_event("instance-created", project, name),
+            )
         except BaseException as exc:
             # Also on cancellation (the caller went away): undo, shielded from it.
             log.info("undoing the create of %s/%s: %s", project, name, _why(exc))
             await _uninterrupted(self._undo(undo))
             raise
-        await self.lifecycle("instance-created", project, name)
         return record
 
     async def _undo(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
@@ -321,11 +354,18 @@ class ComputeCore:
                         "The instance is currently running, stop it first or use --force"
                     )
                 await self.driver.stop(host_name, force=True)
-            await self._teardown(project, name, record)
-        await self.lifecycle("instance-deleted", project, name)
+            await self._teardown(
+                project,
+                name,
+                record,
+                also=await self._lifecycle_event("instance-deleted", project, name),
+            )
 
-    async def _teardown(self, project: str, name: str, record: dict[str, Any]) -> None:
-        """Remove every piece of an instance; pieces already gone are fine."""
+    async def _teardown(
+        self, project: str, name: str, record: dict[str, Any], also: Sequence[Operation] = ()
+    ) -> None:
+        """Remove every piece of an instance; pieces already gone are fine. `also` goes
+        in the transaction that deletes the record."""
         host_name = driver_name(project, name)
         if await self.driver.exists(host_name):
             await self.driver.delete(host_name)
@@ -347,8 +387,7 @@ class ComputeCore:
         if pool:
             with contextlib.suppress(NotFound):
                 await self._delete_volume(pool, project, name)
-        with contextlib.suppress(NotFound):
-            await self.store.delete(instance_key(project, name))
+        await self.store.transaction([Delete(instance_key(project, name)), *also])
 
     # ------------------------------------------------------------------ state
 
@@ -358,7 +397,7 @@ class ComputeCore:
         host_name = driver_name(project, name)
         timeout = 30.0 if timeout is None or timeout < 0 else float(timeout)
         async with self.lock(project, name):
-            current, _ = await self.record(project, name)
+            current, revision = await self.record(project, name)
             status = await self.driver.status(host_name)
             if action == "start":
                 if status is Status.RUNNING:
@@ -393,8 +432,15 @@ class ComputeCore:
                 new, event = Status.RUNNING, "instance-resumed"
             else:
                 raise InvalidArgument(f'Unknown action "{action}"')
-            record = await self._set_status(project, name, new)
-        await self.lifecycle(event, project, name)
+            # The status and its event in one write, from the record read above (a
+            # conflict, say with the monitor, reads it again).
+            record = await self._set_status(
+                project,
+                name,
+                new,
+                current=(current, revision),
+                also=await self._lifecycle_event(event, project, name),
+            )
         return record
 
     async def _apply_templates(self, name: str, record: dict[str, Any]) -> None:
@@ -529,13 +575,17 @@ class ComputeCore:
         width: int,
         height: int,
     ) -> ExecProcess:
-        await self.record(project, name)
+        # No record read: the api found the instance running, and the driver refuses
+        # one that is not there or not running.
         if not argv:
             raise InvalidArgument("No command given")
-        return await self.driver.exec(
-            driver_name(project, name), argv, env=env or None, cwd=cwd or None,
-            uid=uid, gid=gid, interactive=interactive, width=width or 80, height=height or 24,
-        )  # fmt: skip
+        try:
+            return await self.driver.exec(
+                driver_name(project, name), argv, env=env or None, cwd=cwd or None,
+                uid=uid, gid=gid, interactive=interactive, width=width or 80, height=height or 24,
+            )  # fmt: skip
+        except NotFound:
+            raise NotFound("Instance not found") from None
 
     async def pull_file(self, project: str, name: str, path: str) -> FileEntry:
         await self.record(project, name)

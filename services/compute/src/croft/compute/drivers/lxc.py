@@ -57,6 +57,8 @@ COMMON_CONF = "/usr/share/lxc/config/common.conf"
 USERNS_CONF = "/usr/share/lxc/config/userns.conf"
 NESTING_CONF = "/usr/share/lxc/config/nesting.conf"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Spawned per exec: resolved once, not searched along PATH every time.
+_LXC_ATTACH = shutil.which("lxc-attach") or "lxc-attach"
 # LXD's fallback when root has no /etc/subuid entry.
 FALLBACK_IDMAP = IdMap(host_base=1_000_000, size=65536)
 # Instance names plus LXD's "<project>_" prefix; nothing that could be a path.
@@ -795,12 +797,18 @@ class LXCDriver(InstanceDriver):
         container = await in_thread(self._container, name)
         if self._status(container) != Status.RUNNING:
             raise Conflict(f'Instance "{name}" is not running')
-        if env is None:
-            env = {"PATH": DEFAULT_PATH, "HOME": "/root" if uid == 0 else "/", "LANG": "C.UTF-8"}
-            if uid == 0:
-                env["USER"] = "root"
-            if interactive:
-                env["TERM"] = "xterm"
+        # LXD's defaults under what the caller gives (the `lxc` client sends only TERM).
+        given = env
+        env = dict(env or {})
+        env.setdefault("PATH", DEFAULT_PATH)
+        if uid == 0:
+            env.setdefault("HOME", "/root")
+            env.setdefault("USER", "root")
+        elif given is None:
+            env["HOME"] = "/"
+        env.setdefault("LANG", "C.UTF-8")
+        if given is None and interactive:
+            env["TERM"] = "xterm"
         for key in env:
             if not key or "=" in key:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')
@@ -823,7 +831,7 @@ class LXCDriver(InstanceDriver):
             elif cwd is not None:
                 command = ["/bin/sh", "-c", 'cd -- "$0" && exec "$@"', workdir, *command]
 
-        args = ["lxc-attach", "-n", name, "-P", self.lxcpath, "--clear-env"]
+        args = [_LXC_ATTACH, "-n", name, "-P", self.lxcpath, "--clear-env"]
         for key, value in env.items():
             args += ["-v", f"{key}={value}"]
         if uid:
