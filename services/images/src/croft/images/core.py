@@ -216,17 +216,35 @@ class ImagesCore:
 
     async def resolve(self, project: str, name: str, *, mark_used: bool = False) -> dict[str, Any]:
         """The image an alias, a fingerprint or a unique fingerprint prefix names, the way
-        `lxc launch NAME` looks it up: the alias first. NotFound("Image not found")."""
+        `lxc launch NAME` looks it up: the alias first (a full fingerprint is looked up as
+        one first: that is what a launch sends). NotFound("Image not found").
+
+        `mark_used` (an instance is being made from it) sets its last_used_at and leaves
+        the aliases out of the answer."""
         if not name:
             raise NotFound(IMAGE_NOT_FOUND)
-        alias = await self.store.get(alias_key(project, name))
-        target = alias.json()["target"] if alias is not None else name
-        record, _ = await self.find(project, target)
+        found: tuple[dict[str, Any], int] | None = None
+        if len(name) == 64 and _HEX.match(name):
+            entry = await self.store.get(image_key(project, name))
+            if entry is not None:
+                found = entry.json(), entry.revision
+        if found is None:
+            alias = await self.store.get(alias_key(project, name))
+            target = alias.json()["target"] if alias is not None else name
+            found = await self.find(project, target)
         if mark_used:
-            record = await self._mark_used(project, record)
-        return await self.render(project, record)
+            return public(await self._mark_used(project, found))
+        return await self.render(project, found[0])
 
-    async def _mark_used(self, project: str, record: dict[str, Any]) -> dict[str, Any]:
+    async def _mark_used(self, project: str, found: tuple[dict[str, Any], int]) -> dict[str, Any]:
+        """Set last_used_at, from the record and revision just read. A use within the
+        same second as the recorded one changes nothing (10 launches at once would
+        otherwise fight over the record for no visible difference)."""
+        record = found[0]
+        now = rfc3339_nano()
+        if record.get("last_used_at", "")[:19] == now[:19]:
+            return record
+
         def change(current: dict[str, Any]) -> dict[str, Any]:
             return {**current, "last_used_at": rfc3339_nano()}
 
@@ -236,6 +254,7 @@ class ImagesCore:
                 image_key(project, record["fingerprint"]),
                 change,
                 missing=IMAGE_NOT_FOUND,
+                current=found,
             )
         except (Conflict, Unavailable) as exc:
             # Bookkeeping only: the instance creation it accompanies goes on.

@@ -135,6 +135,10 @@ class NetworkCore:
 
     async def _local_record(self, name: str) -> dict[str, Any]:
         """The record of a network this member runs."""
+        return (await self._local_entry(name))[0]
+
+    async def _local_entry(self, name: str) -> tuple[dict[str, Any], int]:
+        """The record of a network this member runs, and its revision."""
         if not name:
             raise InvalidArgument("No network name given")
         found = await self.store.get_json(network_key(name))
@@ -144,7 +148,7 @@ class NetworkCore:
         owner = record.get("_croft", {}).get("member")
         if owner != self.member:
             raise NotFound(f"Network {name!r} is not set up on member {self.member!r}")
-        return record
+        return record, found[1]
 
     async def _lifecycle(self, action: str, name: str) -> None:
         with contextlib.suppress(CroftError):
@@ -343,7 +347,7 @@ class NetworkCore:
         name = nic.network
 
         async def attach() -> NicAttachment:
-            record = await self._local_record(name)
+            record, revision = await self._local_entry(name)
             driver = self.driver(record["type"])
             config = record["config"]
             if not await in_thread(driver.is_running, name):
@@ -359,7 +363,13 @@ class NetworkCore:
                     current["used_by"] = _used_by(nics)
                     return current
 
-                await modify(self.store, network_key(name), add, missing="Network not found")
+                await modify(
+                    self.store,
+                    network_key(name),
+                    add,
+                    missing="Network not found",
+                    current=(record, revision),
+                )
             except BaseException:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
                     # add_instance replaced this NIC's entry: put the old one back.

@@ -155,6 +155,7 @@ class StorageCore:
         self.member = context.config.member
         self._drivers: dict[str, StorageDriver] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._image_records: set[str] = set()  # image volume records known to exist
 
     # ------------------------------------------------------------------ plumbing
 
@@ -355,19 +356,36 @@ class StorageCore:
         }
         return _volume_record(f"{ref.lxd_name}/{snapshot}", ref.type, ref.project, [], croft)
 
-    async def _claim(self, key: str, record: dict[str, Any], what: str) -> None:
+    async def _claim(self, key: str, record: dict[str, Any], what: str) -> int:
+        """Create the record (state "creating"); its revision."""
         try:
-            await self.store.create(key, dump(record))
+            return (await self.store.create(key, dump(record))).revision
         except Conflict:
             raise Conflict(f"{what} already exists") from None
 
-    async def _complete(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
+    async def _complete(
+        self, key: str, record: dict[str, Any], revision: int | None = None
+    ) -> dict[str, Any]:
+        """Mark the claimed record done; `revision` is the claim's, when known (this
+        service is the record's only writer while it is being made)."""
         done = _completed(record)
-        entry = await self.store.get(key)
-        if entry is None:
-            raise Internal(f"the record {key} vanished while its volume was being made")
-        await self.store.update(key, dump(done), revision=entry.revision)
-        return done
+        for _ in range(3):
+            if revision is None:
+                entry = await self.store.get(key)
+                if entry is None:
+                    break
+                revision = entry.revision
+            try:
+                await self.store.update(key, dump(done), revision=revision)
+            except NotFound:
+                break
+            except Conflict:
+                revision = None
+                continue
+            return done
+        raise Internal(
+            f"the record {key} vanished or kept changing while its volume was being made"
+        )
 
     async def volume_record(self, ref: VolumeRef) -> dict[str, Any]:
         found = await self.store.get_json(ref.key)
@@ -382,9 +400,12 @@ class StorageCore:
             fingerprint, "image", DEFAULT_PROJECT, [f"/1.0/images/{fingerprint}"], croft
         )
         key = volume_key(pool, "image", fingerprint)
+        if key in self._image_records:  # image volumes are only removed with their pool
+            return
         if await self.store.get(key) is None:
             with contextlib.suppress(Conflict):
                 await self.store.create(key, dump(record))
+        self._image_records.add(key)
 
     async def _run_undo(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
         for step in reversed(steps):
@@ -433,16 +454,22 @@ class StorageCore:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):
             record = self._instance_record(ref)
-            await self._claim(ref.key, record, f"instance volume {ref.name!r}")
+            # The record's undo is registered before the claim is awaited: a cancelled
+            # call may still have written it. A refused claim is another's: not undone.
             undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(ref.key)]
             try:
+                try:
+                    claimed = await self._claim(ref.key, record, f"instance volume {ref.name!r}")
+                except Conflict:
+                    undo.clear()
+                    raise
                 if fingerprint:
                     await self.image_volume(ref.pool, ref.project, fingerprint)
                     rootfs = await driver.create_instance_from_image(ref.name, fingerprint)
                 else:
                     rootfs = await driver.create_empty_instance(ref.name)
                 undo.append(lambda: driver.delete_instance(ref.name))
-                done = await self._complete(ref.key, record)
+                done = await self._complete(ref.key, record, claimed)
             except BaseException:
                 await asyncio.shield(self._run_undo(undo))
                 raise
