@@ -27,7 +27,7 @@ from croft.api.tracing import TracingMiddleware
 from croft.common.errors import Conflict, CroftError, Internal, NotFound, NotImplementedYet
 from croft.common.events import EventPublisher, lifecycle_metadata
 from croft.common.events import publisher as shared_publisher
-from croft.common.store import Store
+from croft.common.store import Operation, Store
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,29 @@ class ApiContext:
             )
         except CroftError as exc:
             log.warning("could not publish %s for %s: %s", action, source, exc)
+
+    async def lifecycle_write(
+        self,
+        action: str,
+        source: str,
+        *,
+        project: str = DEFAULT_PROJECT,
+        context: dict[str, Any] | None = None,
+    ) -> list[Operation]:
+        """The write of a lifecycle event, to go in the transaction of the change it
+        reports (an operation's `final_writes`); none when the event log cannot take it."""
+        try:
+            return [
+                await self.publisher.event(
+                    "lifecycle",
+                    lifecycle_metadata(action, source, context),
+                    project=project,
+                    location=self.settings.location,
+                )
+            ]
+        except CroftError as exc:
+            log.warning("could not publish %s for %s: %s", action, source, exc)
+            return []
 
 
 def requestor(connection: HTTPConnection) -> dict[str, str]:
@@ -163,6 +186,9 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         redirect_slashes=False,
+        # TracingMiddleware makes the one server span per request; FastAPI's own would
+        # be a second one, and its metrics cost as much again on every request.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.croft = ctx
     app.add_middleware(AccessMiddleware)

@@ -26,9 +26,10 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -37,7 +38,7 @@ from starlette.websockets import WebSocket
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, Unavailable
 from croft.common.events import EventPublisher, rfc3339_nano
 from croft.common.events import publisher as default_publisher
-from croft.common.store import Create, EventType, Lease, Store, Update, dump
+from croft.common.store import Create, EventType, Lease, Operation, Store, Update, dump
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ class OperationContext:
         self.id = op_id
         self.project = project
         self.cancelling = False
+        # Writes that go in the transaction recording the operation's end (an event
+        # about what it did, say): listeners see them just before its final state.
+        self.final_writes: list[Operation] = []
 
     @property
     def url(self) -> str:
@@ -136,6 +140,7 @@ class OperationManager:
     _background: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _expiries: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _lease: Lease | None = field(default=None, init=False)
+    _expiry_lease: tuple[Lease, float] | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -290,7 +295,7 @@ class OperationManager:
         except Exception as exc:
             log.exception("operation %s failed", context.id)
             status, err = "Failure", f"{type(exc).__name__}: {exc}"
-        await self._finish_quietly(context.id, status, err, extra)
+        await self._finish_quietly(context.id, status, err, extra, also=context.final_writes)
 
     async def finish(
         self,
@@ -303,9 +308,13 @@ class OperationManager:
         await self._finish_quietly(op_id, status, err, extra)
 
     async def _finish_quietly(
-        self, op_id: str, status: str, err: str, extra: dict[str, Any] | None = None
+        self,
+        op_id: str,
+        status: str,
+        err: str,
+        extra: dict[str, Any] | None = None,
+        also: Sequence[Operation] = (),
     ) -> None:
-        keep = self.keep_finished
 
         def change(op: dict[str, Any]) -> None:
             op["status"] = status
@@ -315,14 +324,42 @@ class OperationManager:
                 op["metadata"] = {**(op.get("metadata") or {}), **extra}
 
         try:
-            await self._change(op_id, change, expires_in=keep)
+            await self._end(op_id, change, also)
         except CroftError as exc:
             log.warning("could not record the end of operation %s: %s", op_id, exc)
         finally:
             self._local.pop(op_id, None)
-        expiry = asyncio.create_task(self._expire(op_id, keep))
-        self._expiries.add(expiry)
-        expiry.add_done_callback(self._expiries.discard)
+
+    async def _end(
+        self,
+        op_id: str,
+        change: Callable[[dict[str, Any]], None],
+        also: Sequence[Operation] = (),
+    ) -> None:
+        """Write an operation's final state, under a lease that makes the store delete it
+        `keep_finished` seconds later (to a second more); without one (the store would
+        not grant it), a task here deletes it."""
+        keep = self.keep_finished
+        try:
+            lease = await self._finished_lease()
+        except CroftError:
+            lease = None
+        await self._change(
+            op_id, change, expires_in=keep, lease=lease.id if lease else 0, also=also
+        )
+        if lease is None:
+            expiry = asyncio.create_task(self._expire(op_id, keep))
+            self._expiries.add(expiry)
+            expiry.add_done_callback(self._expiries.discard)
+
+    async def _finished_lease(self) -> Lease:
+        """The lease finished operations are written under: replaced every second, so one
+        grant serves every operation ending in that second."""
+        now = time.monotonic()
+        if self._expiry_lease is None or now - self._expiry_lease[1] >= 1.0:
+            ttl = max(2, math.ceil(self.keep_finished) + 1)
+            self._expiry_lease = (await self.store.grant_lease(ttl), now)
+        return self._expiry_lease[0]
 
     async def _expire(self, op_id: str, after: float) -> None:
         await asyncio.sleep(after)
@@ -340,6 +377,8 @@ class OperationManager:
         *,
         expires_in: float | None = None,
         record_change: Callable[[dict[str, Any]], None] | None = None,
+        lease: int = 0,
+        also: Sequence[Operation] = (),
     ) -> dict[str, Any] | None:
         """Read-modify-write of an operation record (compare-and-swap, retried). An owner's
         update never overwrites a final status set by someone else (a reaper that
@@ -373,7 +412,9 @@ class OperationManager:
             written = dump(record)
             try:
                 # The change and its event in one transaction.
-                new_revision = await self.store.transaction([Update(key, written, revision), event])
+                new_revision = await self.store.transaction(
+                    [*also, Update(key, written, revision, lease=lease), event]
+                )
             except Conflict:
                 continue
             except NotFound:
@@ -393,7 +434,13 @@ class OperationManager:
     # -- reading ------------------------------------------------------------------------
 
     async def get(self, op_id: str) -> dict[str, Any]:
-        """The stored record (operation, project, owner...); NotFound as LXD says it."""
+        """The stored record (operation, project, owner...); NotFound as LXD says it. An
+        unfinished operation of this process is answered from its last write (this
+        process is its only writer but for cancel requests, which `cancel` reads anew)."""
+        local = self._local.get(op_id)
+        if local is not None and local.last is not None:
+            mine: dict[str, Any] = json.loads(local.last[0])
+            return mine
         found = await self.store.get_json(operation_key(op_id))
         if found is None:
             raise NotFound("Operation not found")
@@ -451,11 +498,10 @@ class OperationManager:
             def cancelled(op: dict[str, Any]) -> None:
                 op["status"], op["status_code"] = "Cancelled", STATUS_CODES["Cancelled"]
 
-            await self._change(op_id, cancelled, expires_in=self.keep_finished)
-            self._local.pop(op_id, None)
-            expiry = asyncio.create_task(self._expire(op_id, self.keep_finished))
-            self._expiries.add(expiry)
-            expiry.add_done_callback(self._expiries.discard)
+            try:
+                await self._end(op_id, cancelled)
+            finally:
+                self._local.pop(op_id, None)
         else:
 
             def request(record: dict[str, Any]) -> None:

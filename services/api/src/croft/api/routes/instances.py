@@ -267,6 +267,8 @@ async def _place(store: Any) -> str:
     members = sorted({i.member for i in services().live("compute")})
     if not members:
         raise CroftError("No compute service is running")
+    if len(members) == 1:
+        return members[0]  # no need to count every instance
     counts = dict.fromkeys(members, 0)
     for entry in await store.list(records.RECORDS + f"{KIND}/"):
         member = entry.json().get("_croft", {}).get("member")
@@ -768,17 +770,15 @@ async def instance_exec(request: Request, name: str) -> Response:
                 await asyncio.wait_for(session.connected.wait(), 60)
             except TimeoutError:
                 raise Timeout("Timed out waiting for the exec websockets") from None
-            # The event is written while the command starts, not before it.
-            announced = asyncio.create_task(
-                ctx.lifecycle(
-                    "instance-exec",
-                    records.url(KIND, name, project),
-                    project=project,
-                    context={"command": req.command},
-                )
+            # The event goes with the operation's end: one write, and it still comes
+            # before the operation's Success, as LXD's does.
+            op.final_writes += await ctx.lifecycle_write(
+                "instance-exec",
+                records.url(KIND, name, project),
+                project=project,
+                context={"command": req.command},
             )
             code = await _relay_exec(session, client, start, req.interactive)
-            await announced
             return {"return": code}
         finally:
             session.finished.set()
