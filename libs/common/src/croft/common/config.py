@@ -76,6 +76,17 @@ class NetworkConfig(_Section):
     nft_table: str = Field(default="croft", description="nftables table (family inet) croft owns")
 
 
+class ComputeConfig(_Section):
+    favor_cgroup_migrations: bool = Field(
+        default=True,
+        description=(
+            "mount the cgroup2 hierarchy with `favordynmods` at start: every exec and start "
+            "moves a process into a container's cgroups, and without it each move waits "
+            "for an RCU grace period (~10 ms on a busy host)"
+        ),
+    )
+
+
 class StorageConfig(_Section):
     default_pool: str = Field(
         default="default", description="the dir pool created at first start ('' for none)"
@@ -153,6 +164,7 @@ class Config(BaseSettings):
     telemetry: TelemetryConfig = TelemetryConfig()
     services: ServicesConfig = ServicesConfig()
     network: NetworkConfig = NetworkConfig()
+    compute: ComputeConfig = ComputeConfig()
     storage: StorageConfig = StorageConfig()
     images: ImagesConfig = ImagesConfig()
     api: ApiConfig = ApiConfig()

@@ -9,11 +9,14 @@ from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
 from croft.compute.core import ComputeCore
 from croft.compute.drivers import driver_class
+from croft.compute.host import favor_cgroup_migrations
 from croft.compute.servicer import ComputeServicer
 from croft.v1 import compute_pb2_grpc
 
 
 async def setup(context: ServiceContext) -> None:
+    if context.config.compute.favor_cgroup_migrations:
+        favor_cgroup_migrations()
     driver = driver_class("lxc")(lxcpath=str(context.config.lxc_dir))  # type: ignore[call-arg]
     core = ComputeCore(context, driver)
     compute_pb2_grpc.add_ComputeServicer_to_server(ComputeServicer(core), context.server.grpc)
