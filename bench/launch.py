@@ -19,6 +19,7 @@ With --compare each phase runs on croft and then on LXD before the next phase st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import statistics
@@ -107,6 +108,45 @@ def parent_pid(pid: int) -> int:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 
 
+def host_cpu_ms() -> float:
+    """Busy CPU time of the whole host so far (every CPU, idle and iowait excluded)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pids(server_pid: int) -> list[int]:
+    """The daemon's processes: croft's node agent and every service and etcd under it
+    (the api's parent), or LXD's one process."""
+    parent = parent_pid(server_pid)
+    try:
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            supervised = b"croft.node" in f.read()
+    except OSError:
+        supervised = False
+    if not supervised:
+        return [server_pid]
+    pids = [parent]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if parent_pid(int(entry)) == parent:
+                    pids.append(int(entry))
+    return pids
+
+
+def process_cpu_ms(pids: list[int]) -> float:
+    """CPU time of `pids`, with that of the children they reaped (lxc-start, lxc-attach)."""
+    total = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+    return total * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def memory_cgroup(pid: int) -> str | None:
     """The memory cgroup directory of a process (cgroup v1 memory controller, else v2)."""
     unified = None
@@ -189,8 +229,18 @@ def density(daemon: Daemon, args: argparse.Namespace, out: Figures) -> None:
     daemon_rss0 = rss_mib(server_pid) if server_pid else None
     avail0 = mem_available_mib()
     names = [f"{lxd.PREFIX}d{i:03d}" for i in range(args.count)]
+    pids = daemon_pids(server_pid) if server_pid else []
+    host0, daemon0 = host_cpu_ms(), process_cpu_ms(pids)
     wall, samples, failures = lxd.launch_many(daemon, names, args.pool, args.parallel)
     launched = len(samples)
+    # Where the CPU goes: on 2 cores the rate cannot beat 2 s / (CPU per launch).
+    per = max(1, launched)
+    out["batch_cpu_host"] = (host_cpu_ms() - host0) / per
+    out["batch_cpu_daemon"] = (process_cpu_ms(pids) - daemon0) / per if pids else None
+    say(
+        f"  CPU per launch: host {out['batch_cpu_host']:.0f} ms, daemon "
+        f"{lxd.fmt(out['batch_cpu_daemon'])} ms ({len(pids)} processes)"
+    )
     say(f"  {launched}/{args.count} launched in {wall:.1f} s ({launched / wall:.2f}/s)")
     say(f"  one launch under load {describe(samples)} ms")
     for failure in failures[:3]:

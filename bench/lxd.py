@@ -98,6 +98,8 @@ SPECS: dict[str, Spec] = {
     "batch_wall": Spec("100 launches, 10 in parallel: wall", "s", anchor=28.3),
     "batch_launch_p50": Spec("one launch under 10-way load, p50", "ms", anchor=2759),
     "batch_launch_p95": Spec("one launch under 10-way load, p95", "ms"),
+    "batch_cpu_host": Spec("  host CPU per launch in the batch (all processes)", "ms"),
+    "batch_cpu_daemon": Spec("  of which the daemon's processes (with reaped children)", "ms"),
     "batch_delete_wall": Spec("100 delete --force, 10 in parallel: wall", "s", anchor=17.7),
     "mem_host": Spec("host memory per idle container (MemAvailable)", "MiB", anchor=13.3, limit=3),
     "mem_pss": Spec("PSS per container (cgroup procs + monitor)", "MiB", limit=3),
