@@ -167,6 +167,30 @@ def test_memory_limit_applies_live(croft_lxc: tuple[Croft, Lxc, str], c1: str) -
     lxc("config", "unset", c1, "limits.memory")
 
 
+def test_a_listing_shows_each_instance_its_own_state_and_snapshots(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """`lxc list` (recursion=2): states come in one call per member, snapshots in one
+    read; each must still land on its own instance."""
+    _, lxc, _ = croft_lxc
+    lxc("init", "busybox", "l2")
+    try:
+        lxc("snapshot", "l2", "only")
+        listed = {i["name"]: i for i in lxc.json("list")}
+        assert listed["l2"]["state"]["status"] == "Stopped"
+        assert [s["name"] for s in listed["l2"]["snapshots"]] == ["only"]
+        running = listed[c1]["state"]
+        assert running["status"] == "Running" and running["pid"] > 0
+        assert running["network"]["lo"]["addresses"][0]["address"] == "127.0.0.1"
+        assert running["network"]["eth0"]["host_name"]
+        own = json.loads(lxc("query", f"/1.0/instances/{c1}/snapshots").stdout)
+        assert [
+            f"/1.0/instances/{c1}/snapshots/{s['name']}" for s in listed[c1]["snapshots"]
+        ] == own
+    finally:
+        lxc("delete", "l2")
+
+
 def test_snapshot_and_restore_bring_a_file_back(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
     _, lxc, _ = croft_lxc
     lxc("exec", c1, "--", "sh", "-c", "echo before > /root/state")

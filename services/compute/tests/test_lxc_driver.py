@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.compute import limits
-from croft.compute.drivers import InstanceSpec, Status, driver_class
+from croft.compute.drivers import InstanceSpec, Status, driver_class, netns
 from croft.compute.drivers.lxc import LXCDriver, default_idmap
 
 from .conftest import container_name, read_until
@@ -425,3 +426,49 @@ async def test_project_prefixed_names_work(driver: LXCDriver, make_rootfs) -> No
     await driver.create(InstanceSpec(name=name, rootfs=make_rootfs(name)))
     await driver.start(name)
     assert (await run_in(driver, name, "hostname"))[1] == name.rpartition("_")[2].encode() + b"\n"
+
+
+async def test_interfaces_read_over_netlink_match_ip(
+    driver: LXCDriver, make_rootfs, bridge: str
+) -> None:
+    """The in-process netlink read says what `ip` run inside the namespace says, and the
+    thread that entered the namespace is back in the host's afterwards."""
+    hwaddr = "00:16:3e:65:43:21"
+    devices = {
+        "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0",
+                 "hwaddr": hwaddr, "mtu": "1400"},
+        "root": {"type": "disk", "path": "/", "pool": "default"},
+    }  # fmt: skip
+    name = await launch(driver, make_rootfs, devices=devices)
+    pid = (await driver.state(name)).pid
+    # An address of our own on eth0, so that there is one to compare without DHCP.
+    assert (await run_in(driver, name, "ip", "addr", "add", "192.0.2.77/24", "dev", "eth0"))[0] == 0
+
+    seen = await netns.interfaces(pid)
+    shown = json.loads(
+        subprocess.run(
+            ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "addr", "show"],
+            check=True, capture_output=True,
+        ).stdout
+    )  # fmt: skip
+    assert set(seen) == {link["ifname"] for link in shown} == {"lo", "eth0"}
+    for link in shown:
+        mine = seen[link["ifname"]]
+        assert mine.hwaddr == link["address"] and mine.mtu == link["mtu"]
+        assert mine.state == ("up" if "UP" in link["flags"] else "down")
+        assert sorted((a.family, a.address, a.netmask, a.scope) for a in mine.addresses) == sorted(
+            (a["family"], a["local"], str(a["prefixlen"]), a["scope"]) for a in link["addr_info"]
+        )
+    assert seen["eth0"].hwaddr == hwaddr and seen["lo"].type == "loopback"
+    assert (
+        os.path.basename(os.readlink(f"/sys/class/net/{seen['eth0'].host_name}/master")) == bridge
+    )
+
+    home = os.readlink("/proc/self/ns/net")
+    reader = netns._reader.executor()
+    assert reader.submit(os.readlink, "/proc/thread-self/ns/net").result() == home
+
+    await driver.stop(name, force=True)
+    with pytest.raises(OSError):
+        await netns.interfaces(pid)  # gone: the caller turns this into "no interfaces"
+    await driver.delete(name)

@@ -463,8 +463,23 @@ class ComputeCore:
         for trigger in ([pending] if pending else []) + ["start"]:
             await in_thread(apply_templates, os.path.dirname(rootfs), trigger, instance)
 
+    async def states(self, refs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
+        """The states of many instances, None for one that is not here (anymore). The
+        records are not read: the caller listed them; the driver knows what runs."""
+
+        async def one(project: str, name: str) -> dict[str, Any] | None:
+            try:
+                return await self._state(project, name)
+            except NotFound:
+                return None
+
+        return list(await asyncio.gather(*(one(project, name) for project, name in refs)))
+
     async def state(self, project: str, name: str) -> dict[str, Any]:
-        record, _ = await self.record(project, name)
+        await self.record(project, name)
+        return await self._state(project, name)
+
+    async def _state(self, project: str, name: str) -> dict[str, Any]:
         state = await self.driver.state(driver_name(project, name))
         network = {
             nic.name: {

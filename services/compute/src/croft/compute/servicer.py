@@ -61,6 +61,12 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         state = await self.core.state(*_ref(request))
         return compute_pb2.InstanceStateReply(state=json.dumps(state))
 
+    async def GetStates(self, request, context):  # type: ignore[no-untyped-def]
+        states = await self.core.states([_ref(ref) for ref in request.instances])
+        return compute_pb2.InstanceStatesReply(
+            states=[json.dumps(state) if state is not None else "" for state in states]
+        )
+
     # ------------------------------------------------------------------ exec
 
     async def Exec(self, request_iterator, context):  # type: ignore[no-untyped-def]

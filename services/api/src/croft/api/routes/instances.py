@@ -225,9 +225,48 @@ async def _state_of(record: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
+async def _states_of(found: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
+    """The states of listed instances: one call per compute member, not one per instance.
+    None for an instance whose member does not answer (LXD shows it without state)."""
+    by_member: dict[str, list[int]] = {}
+    for index, record in enumerate(found):
+        by_member.setdefault(record["_croft"]["member"], []).append(index)
+    states: list[dict[str, Any] | None] = [None] * len(found)
+
+    async def ask(member: str, indexes: list[int]) -> None:
+        try:
+            client = await services().compute(member)
+            reply = await client.call(
+                "GetStates",
+                compute_pb2.InstanceStatesRequest(
+                    instances=[
+                        ref(found[i].get("project", "default"), found[i]["name"]) for i in indexes
+                    ]
+                ),
+                timeout=30,
+            )
+        except CroftError:
+            return
+        for index, state in zip(indexes, reply.states, strict=True):
+            states[index] = json.loads(state) if state else None
+
+    await asyncio.gather(*(ask(member, indexes) for member, indexes in by_member.items()))
+    return states
+
+
 async def _snapshots_of(store: Any, project: str, name: str) -> list[dict[str, Any]]:
     prefix = records.record_prefix("instance-snapshots", project) + f"{name}/"
     return [render_snapshot(name, e.json()) for e in await store.list(prefix)]
+
+
+async def _all_snapshots(store: Any, project: str) -> dict[str, list[dict[str, Any]]]:
+    """Every snapshot of the project's instances, by instance: one read for a listing."""
+    prefix = records.record_prefix("instance-snapshots", project)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for entry in await store.list(prefix):
+        instance = entry.key[len(prefix) :].partition("/")[0]
+        found.setdefault(instance, []).append(render_snapshot(instance, entry.json()))
+    return found
 
 
 def render(record: dict[str, Any]) -> dict[str, Any]:
@@ -246,12 +285,15 @@ async def instances_list(request: Request) -> Response:
         if r.get("_croft", {}).get("state") != "creating"
     ]
     if query.recursion(request) == 2:
-        states = await asyncio.gather(*(_state_of(r) for r in found))
+        states, snapshots = await asyncio.gather(
+            _states_of(found),
+            _all_snapshots(ctx.store, project),
+        )
         full = []
         for record, state in zip(found, states, strict=True):
             item = render(record)
             item["state"] = state
-            item["snapshots"] = await _snapshots_of(ctx.store, project, record["name"])
+            item["snapshots"] = snapshots.get(record["name"], [])
             item["backups"] = []
             full.append(item)
         return responses.sync(

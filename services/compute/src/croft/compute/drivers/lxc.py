@@ -19,13 +19,11 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
-import json
 import math
 import os
 import posixpath
 import re
 import shutil
-import socket
 import stat
 import struct
 import termios
@@ -38,7 +36,7 @@ import lxc  # type: ignore[import-not-found]
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
-from croft.common.proc import CommandFailed, run, run_async
+from croft.common.proc import run, run_async
 from croft.compute import limits as limits_mod
 from croft.compute.drivers import (
     Capabilities,
@@ -48,9 +46,9 @@ from croft.compute.drivers import (
     InstanceDriver,
     InstanceSpec,
     InstanceState,
-    NetworkAddress,
     NetworkInterface,
     Status,
+    netns,
 )
 
 COMMON_CONF = "/usr/share/lxc/config/common.conf"
@@ -687,49 +685,9 @@ class LXCDriver(InstanceDriver):
 
     async def _network(self, pid: int) -> dict[str, NetworkInterface]:
         try:
-            _, out, _ = await run_async(
-                ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "-j", "-s", "addr", "show"],
-                timeout=10,
-            )
-        except CommandFailed:
+            return await netns.interfaces(pid)
+        except OSError:
             return {}  # the instance stopped meanwhile
-        interfaces = {}
-        for link in json.loads(out or b"[]"):
-            host_name = ""
-            if "link_index" in link and "link_netnsid" in link:
-                with contextlib.suppress(OSError):
-                    host_name = socket.if_indextoname(link["link_index"])
-            flags = link.get("flags", [])
-            kind = (
-                "loopback"
-                if "LOOPBACK" in flags
-                else "point-to-point"
-                if "POINTOPOINT" in flags
-                else "broadcast"
-            )
-            stats = link.get("stats64", {})
-            interfaces[link["ifname"]] = NetworkInterface(
-                name=link["ifname"],
-                addresses=[
-                    NetworkAddress(
-                        family=a.get("family", ""),
-                        address=a.get("local", ""),
-                        netmask=str(a.get("prefixlen", "")),
-                        scope=a.get("scope", ""),
-                    )
-                    for a in link.get("addr_info", [])
-                ],
-                hwaddr=link.get("address", ""),
-                host_name=host_name,
-                mtu=int(link.get("mtu", 0)),
-                state="up" if "UP" in flags else "down",
-                type=kind,
-                bytes_received=stats.get("rx", {}).get("bytes", 0),
-                bytes_sent=stats.get("tx", {}).get("bytes", 0),
-                packets_received=stats.get("rx", {}).get("packets", 0),
-                packets_sent=stats.get("tx", {}).get("packets", 0),
-            )
-        return interfaces
 
     # -- limits
 
