@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,8 +14,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from email.parser import BytesParser
-from email.policy import HTTP
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +22,8 @@ import pytest
 import yaml
 
 from croft.api import services
-from croft.api.routes.images import MultipartParser, MultipartPart
 from croft.common import discovery
 from croft.common.config import Config
-from croft.common.errors import InvalidArgument
 from croft.common.records import record_prefix
 from croft.common.service import ServiceContext
 from croft.common.testing.etcd import EtcdServer
@@ -488,52 +483,3 @@ def test_pylxd_sees_the_images(croft: Croft, images: ImageFiles) -> None:
 
 
 # ---------------------------------------------------------------------------- multipart
-
-
-def test_multipart_parser_is_chunking_agnostic() -> None:
-    """The streaming parser finds the same parts and bytes as Python's email parser, however
-    the body is cut into chunks (boundaries and CRLFs split across chunks included)."""
-    rng = random.Random(7)
-    boundary = "61cd126fc17a37216b83efc57c7b517e96229c1a395b32d677ad957ca442"
-    metadata = bytes(rng.getrandbits(8) for _ in range(3000)) + b"\r\n--61cd"
-    rootfs = bytes(rng.getrandbits(8) for _ in range(5000)) + b"\r\n"
-    body = (
-        f'--{boundary}\r\nContent-Disposition: form-data; name="metadata"; '
-        'filename="meta.tar.xz"\r\nContent-Type: application/octet-stream\r\n\r\n'
-    ).encode()
-    body += metadata
-    body += (
-        f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="rootfs"; '
-        'filename="root \\"fs\\".squashfs"\r\nContent-Type: application/octet-stream\r\n\r\n'
-    ).encode()
-    body += rootfs + f"\r\n--{boundary}--\r\n".encode()
-
-    reference = BytesParser(policy=HTTP).parsebytes(
-        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + body
-    )
-    expected = [
-        (p.get_param("name", header="content-disposition"), p.get_payload(decode=True))
-        for p in reference.iter_parts()
-    ]
-    assert [e[1] for e in expected] == [metadata, rootfs]
-
-    for sizes in ([len(body)], [1], [7], [64], [len(boundary) + 3]):
-        parser = MultipartParser(boundary.encode())
-        parts: list[tuple[str, str, bytearray]] = []
-        offset = 0
-        while offset < len(body):
-            size = sizes[0] if len(sizes) == 1 else rng.choice(sizes)
-            for event in parser.feed(body[offset : offset + size]):
-                if isinstance(event, MultipartPart):
-                    parts.append((event.name, event.filename, bytearray()))
-                else:
-                    parts[-1][2].extend(event)
-            offset += size
-        parser.finish()
-        assert [(n, bytes(d)) for n, _, d in parts] == expected
-        assert [f for _, f, _ in parts] == ["meta.tar.xz", 'root "fs".squashfs']
-
-    truncated = MultipartParser(boundary.encode())
-    truncated.feed(body[:-10])
-    with pytest.raises(InvalidArgument):
-        truncated.finish()

@@ -39,7 +39,6 @@ from croft.common.rpc import ServiceClient, from_rpc_error
 from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
 from croft.images.format import ImageInfo, parse_image
-from croft.images.remote import _MultipartReader
 from croft.images.simplestreams import PublishedImage, build_stream_tree, split_container_image
 from croft.v1 import images_pb2, images_pb2_grpc
 
@@ -867,40 +866,3 @@ async def test_a_server_that_is_no_lxd_or_is_down_keeps_nothing(
     assert f"The image server {down} is unavailable" in gone.value.message
 
     await nothing_stored(service)
-
-
-def test_lxds_multipart_export_is_read_whatever_the_chunks() -> None:
-    """LXD 5.0.2's split export, byte for byte in form (it closes the body twice)."""
-    boundary = "98dc9aae50b66719d6cd49799a66ece81fc594fab91f68fd95ef1958ec5f"
-    meta, rootfs = b"M" * 300 + b"\r\n--", b"R\r\n" * 200
-
-    def head(name: str, filename: str) -> bytes:
-        return (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-        ).encode()
-
-    body = (
-        head("metadata", "meta-x.tar.xz")
-        + meta
-        + b"\r\n"
-        + head("rootfs", "x.squashfs")
-        + rootfs
-        + f"\r\n--{boundary}--\r\n\r\n--{boundary}--\r\n".encode()
-    )
-    for size in (1, 7, 64, 1000, len(body)):
-        reader = _MultipartReader(boundary)
-        parts: list[Any] = []
-        for at in range(0, len(body), size):
-            parts.extend(reader.feed(body[at : at + size]))
-        reader.finish()
-        names = [p for p in parts if isinstance(p, tuple)]
-        assert names == [("metadata", "meta-x.tar.xz"), ("rootfs", "x.squashfs")]
-        second = parts.index(names[1])
-        assert b"".join(parts[1:second]) == meta
-        assert b"".join(parts[second + 1 :]) == rootfs
-
-    cut = _MultipartReader(boundary)
-    cut.feed(body[: len(body) // 2])
-    with pytest.raises(InvalidArgument, match="ended before its last part"):
-        cut.finish()

@@ -50,6 +50,7 @@ from croft.common.errors import (
     Unavailable,
 )
 from croft.common.events import lifecycle_metadata, publish, rfc3339_nano
+from croft.common.multipart import MultipartParser, MultipartPart
 from croft.common.records import RECORDS, modify, project_key
 from croft.common.store import Delete, Update, dump
 from croft.images.blobs import BlobStore
@@ -313,86 +314,6 @@ def _url_target(url: str) -> tuple[str, str]:
 # ---------------------------------------------------------------------------- lxd protocol
 
 
-class _MultipartReader:
-    """A streaming reader of the `multipart/form-data` body LXD's export sends for a split
-    image (Go's mime/multipart form): `feed(chunk)` returns, in order, `(name, filename)` at
-    the start of each part and the part's bytes as they come; `finish()` checks that the
-    closing boundary came."""
-
-    def __init__(self, boundary: str) -> None:
-        self._delimiter = b"--" + boundary.encode()
-        self._body_end = b"\r\n" + self._delimiter
-        self._buffer = b""
-        self._state = "preamble"
-
-    def feed(self, chunk: bytes) -> list[tuple[str, str] | bytes]:
-        out: list[tuple[str, str] | bytes] = []
-        self._buffer += chunk
-        while True:
-            if self._state == "preamble":
-                at = self._buffer.find(self._delimiter)
-                if at < 0:
-                    if len(self._buffer) > 64 << 10:
-                        raise InvalidArgument("Invalid multipart image: no boundary")
-                    return out
-                self._buffer = self._buffer[at + len(self._delimiter) :]
-                self._state = "delimiter"
-            if self._state == "delimiter":
-                if len(self._buffer) < 2:
-                    return out
-                if self._buffer[:2] == b"--":
-                    self._state = "done"
-                    self._buffer = b""
-                    return out
-                if self._buffer[:2] != b"\r\n":
-                    raise InvalidArgument("Invalid multipart image: garbage after a boundary")
-                self._buffer = self._buffer[2:]
-                self._state = "headers"
-            if self._state == "headers":
-                end = self._buffer.find(b"\r\n\r\n")
-                if end < 0:
-                    if len(self._buffer) > 64 << 10:
-                        raise InvalidArgument("Invalid multipart image: part headers too long")
-                    return out
-                out.append(_part_names(self._buffer[:end]))
-                self._buffer = self._buffer[end + 4 :]
-                self._state = "body"
-            if self._state == "body":
-                at = self._buffer.find(self._body_end)
-                if at < 0:
-                    keep = len(self._body_end) - 1
-                    if len(self._buffer) > keep:
-                        out.append(self._buffer[:-keep])
-                        self._buffer = self._buffer[-keep:]
-                    return out
-                if at:
-                    out.append(self._buffer[:at])
-                self._buffer = self._buffer[at + len(self._body_end) :]
-                self._state = "delimiter"
-            if self._state == "done":
-                return out
-
-    def finish(self) -> None:
-        if self._state != "done":
-            raise InvalidArgument("Invalid multipart image: the body ended before its last part")
-
-
-def _part_names(head: bytes) -> tuple[str, str]:
-    """(form field name, filename) of a part's headers."""
-    name = filename = ""
-    for line in head.decode("utf-8", "replace").split("\r\n"):
-        key, _, value = line.partition(":")
-        if key.strip().lower() != "content-disposition":
-            continue
-        for item in value.split(";"):
-            param, _, text = item.strip().partition("=")
-            if param.lower() == "name":
-                name = text.strip('"')
-            elif param.lower() == "filename":
-                filename = posixpath.basename(text.strip('"'))
-    return name, filename
-
-
 def _header_filename(disposition: str) -> str:
     for item in disposition.split(";"):
         param, _, text = item.strip().partition("=")
@@ -497,7 +418,7 @@ class _LxdServer:
                     boundary = params.partition("boundary=")[2].split(";")[0].strip().strip('"')
                     if not boundary:
                         raise InvalidArgument("Invalid multipart image: no boundary")
-                    reader = _MultipartReader(boundary)
+                    reader = MultipartParser(boundary.encode())
                 received = 0
                 for chunk in response.iter_raw(CHUNK):
                     received += len(chunk)
@@ -506,7 +427,7 @@ class _LxdServer:
                             f"The image server {self.server} sent more than the {size} bytes "
                             f"of image {fingerprint}; nothing was kept"
                         )
-                    pieces: list[tuple[str, str] | bytes] = [chunk]
+                    pieces: list[MultipartPart | bytes] = [chunk]
                     if reader is not None:
                         pieces = reader.feed(chunk)
                     for piece in pieces:
@@ -515,7 +436,7 @@ class _LxdServer:
                                 raise InvalidArgument("Invalid multipart image: data before a part")
                             write(piece)
                             continue
-                        name, part_filename = piece
+                        name, part_filename = piece.name, posixpath.basename(piece.filename)
                         expected = ("metadata",) if not parts else ("rootfs", "rootfs.img")
                         if len(parts) > 1 or name not in expected:
                             raise InvalidArgument(
