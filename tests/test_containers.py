@@ -191,6 +191,50 @@ def test_a_listing_shows_each_instance_its_own_state_and_snapshots(
         lxc("delete", "l2")
 
 
+def test_rename_moves_the_instance_and_refuses_what_lxd_refuses(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    croft, lxc, _ = croft_lxc
+    state = croft.root / "state"
+    lxc("init", "busybox", "rn1")
+    current = "rn1"
+    try:
+        lxc("snapshot", "rn1", "s1")
+        # LXD 5.0.2's answers; none of them changes anything.
+        refused = {
+            (c1, "rn9"): "Renaming of running container not allowed",
+            ("rn1", c1): f'Name "{c1}" already in use',
+            ("rn1", "rn1"): 'Name "rn1" already in use',
+            ("rn1", "bad_name"): "Invalid instance name",
+        }
+        for (old, new), message in refused.items():
+            result = lxc("rename", old, new, check=False)
+            assert result.returncode != 0 and message in result.stderr, (old, new, result.stderr)
+        assert {"rn1", c1} <= {i["name"] for i in lxc.json("list")}
+
+        lxc("rename", "rn1", "rn2")
+        current = "rn2"
+        names = {i["name"] for i in lxc.json("list")}
+        assert "rn2" in names and "rn1" not in names
+        assert lxc("info", "rn1", check=False).returncode != 0
+        snapshots = json.loads(lxc("query", "/1.0/instances/rn2/snapshots").stdout)
+        assert snapshots == ["/1.0/instances/rn2/snapshots/s1"]
+        assert (state / "lxc" / "rn2").is_dir() and not (state / "lxc" / "rn1").exists()
+        volumes = state / "storage-pools" / "default" / "containers"
+        assert (volumes / "rn2").is_dir() and not (volumes / "rn1").exists()
+
+        lxc("start", "rn2")
+        assert lxc("exec", "rn2", "--", "hostname").stdout == "rn2\n"
+        address = wait_until(lambda: ipv4_of(lxc, "rn2"), 30, "rn2 to get an IPv4 address")
+        # the DHCP and DNS entries follow the name
+        found = lxc("exec", c1, "--", "nslookup", "rn2.croft", check=False).stdout
+        assert address in found, found
+        lxc("stop", "--force", "rn2")
+        lxc("restore", "rn2", "s1")
+    finally:
+        lxc("delete", "--force", current)
+
+
 def test_snapshot_and_restore_bring_a_file_back(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
     _, lxc, _ = croft_lxc
     lxc("exec", c1, "--", "sh", "-c", "echo before > /root/state")

@@ -209,6 +209,51 @@ def test_sigkill_compute_leaves_containers_running_and_exec_comes_back(
     assert lxc("exec", "c1", "--", "sh", "-c", "echo $((6*7))").stdout == "42\n"
 
 
+def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
+    croft_busybox: tuple[Croft, Lxc, str],
+) -> None:
+    """compute dies once the volume moved to the new name: at its restart it moves every
+    piece back under the old name."""
+    croft, lxc, bridge = croft_busybox
+    lxc("init", "busybox", "rnk1")
+    lxc("snapshot", "rnk1", "s1")
+    before = traces(croft, bridge, "rnk1")
+    compute = serving_pid(croft, "compute")
+    assert compute
+
+    async def rename_and_kill() -> subprocess.CompletedProcess[str]:
+        killer = asyncio.create_task(
+            kill_when(croft, VOLUMES, lambda key, _: key.endswith("/container/rnk2"), compute)
+        )
+        await asyncio.sleep(0.3)
+        rename = await asyncio.create_subprocess_exec(
+            "lxc", "rename", "rnk1", "rnk2", env=lxc.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(killer, 60)
+        out, err = await asyncio.wait_for(rename.communicate(), 120)
+        assert rename.returncode is not None
+        return subprocess.CompletedProcess([], rename.returncode, out.decode(), err.decode())
+
+    result = asyncio.run(rename_and_kill())
+    assert result.returncode != 0, result.stdout  # the rename's operation failed
+    wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+
+    def put_back() -> bool:
+        found = [r for k, r in store_list(croft, INSTANCES) if k == INSTANCES + "rnk1"]
+        return bool(found) and "renaming" not in found[0]["_croft"]
+
+    wait_until(put_back, 60, "the half-made rename to be undone")
+    assert traces(croft, bridge, "rnk2") == nothing_of(croft, bridge, "rnk2")
+    assert traces(croft, bridge, "rnk1") == before
+    snapshots = json.loads(lxc("query", "/1.0/instances/rnk1/snapshots").stdout)
+    assert snapshots == ["/1.0/instances/rnk1/snapshots/s1"]
+    lxc("start", "rnk1")
+    assert lxc("exec", "rnk1", "--", "true", check=False).returncode == 0
+    lxc("delete", "--force", "rnk1")
+    assert traces(croft, bridge, "rnk1") == nothing_of(croft, bridge, "rnk1")
+
+
 def _final_operation(lxc: Lxc, op_id: str) -> dict[str, Any]:
     def final() -> dict[str, Any] | None:
         result = lxc("query", f"/1.0/operations/{op_id}", check=False)

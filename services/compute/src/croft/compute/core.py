@@ -29,7 +29,7 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
 from croft.common.service import ServiceContext
-from croft.common.store import Delete, Operation, dump
+from croft.common.store import Create, Delete, Operation, dump
 from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
 from croft.images.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
@@ -369,16 +369,7 @@ class ComputeCore:
         host_name = driver_name(project, name)
         if await self.driver.exists(host_name):
             await self.driver.delete(host_name)
-        for dev_name, device in (record.get("expanded_devices") or {}).items():
-            if device.get("type") == "nic" and device.get("network"):
-                hwaddr = record["config"].get(f"volatile.{dev_name}.hwaddr", "")
-                with contextlib.suppress(NotFound):
-                    await self._detach(
-                        network_pb2.NicRequest(
-                            network=device["network"], project=project, instance=name,
-                            device=dev_name, hwaddr=hwaddr,
-                        )
-                    )  # fmt: skip
+        await self._detach_nics(project, name, record)
         pool = record.get("_croft", {}).get("pool", "")
         for snap in await self.store.list(
             record_prefix("instance-snapshots", project) + f"{name}/"
@@ -800,7 +791,155 @@ class ComputeCore:
     # ------------------------------------------------------------------ rename
 
     async def rename(self, project: str, name: str, new_name: str) -> dict[str, Any]:
-        raise InvalidArgument("Renaming instances is not supported yet")
+        """Rename a stopped instance: its volume and snapshots, its LXC definition, its
+        NICs' DHCP and DNS entries, its records, in that order. The record carries
+        `_croft.renaming` meanwhile, so that a compute killed half-way puts everything
+        back under the old name at its next start (`reconcile`); a failure here does the
+        same at once."""
+        if not new_name or new_name == name:
+            raise Conflict(f'Name "{new_name or name}" already in use')
+        first, second = sorted((name, new_name))
+        async with self.lock(project, first), self.lock(project, second):
+            record, revision = await self.record(project, name)
+            if await self.driver.status(driver_name(project, name)) is not Status.STOPPED:
+                raise InvalidArgument("Renaming of running container not allowed")
+            if await self.store.get(instance_key(project, new_name)) is not None:
+                raise Conflict(f'Name "{new_name}" already in use')
+            marked = copy.deepcopy(record)
+            marked["_croft"]["renaming"] = new_name
+            entry = await self.store.update(
+                instance_key(project, name), dump(marked), revision=revision
+            )
+            try:
+                renamed = await self._rename(project, name, new_name, record, entry.revision)
+            except BaseException as exc:
+                log.info("undoing the rename of %s/%s: %s", project, name, _why(exc))
+                await _uninterrupted(self._undo_rename(project, name, new_name, record))
+                raise
+        return renamed
+
+    async def _rename(
+        self, project: str, name: str, new_name: str, record: dict[str, Any], revision: int
+    ) -> dict[str, Any]:
+        pool = record["_croft"]["pool"]
+        storage = await self.storage()
+        volume = await storage.call(
+            "RenameInstanceVolume",
+            self._volume(pool, project, name, new_name=driver_name(project, new_name)),
+            idempotent=False,
+            timeout=600,
+        )
+        # The old NICs go first: the network keys a DHCP host entry by its MAC, which
+        # the renamed instance keeps.
+        await self._detach_nics(project, name, record)
+        config = dict(record["expanded_config"])
+        devices = await self._attach_nics(
+            project, new_name, copy.deepcopy(record.get("expanded_devices") or {}), config, []
+        )
+        await _uninterrupted(self._delete_definition(driver_name(project, name)))
+        spec = InstanceSpec(
+            name=driver_name(project, new_name), rootfs=volume.path, config=config, devices=devices
+        )
+        await _uninterrupted(self.driver.create(spec))
+        renamed = copy.deepcopy(record)
+        renamed["name"] = new_name
+        renamed["_croft"]["rootfs"] = volume.path
+        renamed["_croft"].pop("renaming", None)
+        # LXD renders the image's "rename" templates at the next start, unless the
+        # "create" ones have not run yet.
+        for section in ("config", "expanded_config"):
+            renamed[section].setdefault("volatile.apply_template", "rename")
+        old_prefix = record_prefix("instance-snapshots", project) + f"{name}/"
+        new_prefix = record_prefix("instance-snapshots", project) + f"{new_name}/"
+        writes: list[Operation] = [
+            Delete(instance_key(project, name), revision),
+            Create(instance_key(project, new_name), dump(renamed)),
+        ]
+        for snap in await self.store.list(old_prefix):
+            writes += [
+                Delete(snap.key, snap.revision),
+                Create(new_prefix + snap.key[len(old_prefix) :], snap.value),
+            ]
+        writes += await self._lifecycle_event("instance-renamed", project, new_name, old_name=name)
+        try:
+            await self.store.transaction(writes)
+        except Conflict:
+            raise Conflict(f'Name "{new_name}" already in use') from None
+        return renamed
+
+    async def _undo_rename(
+        self, project: str, name: str, new_name: str, record: dict[str, Any]
+    ) -> None:
+        """Put a half-renamed instance back under its old name; each step is harmless when
+        the rename never got that far."""
+        pool = record["_croft"]["pool"]
+        old_host, new_host = driver_name(project, name), driver_name(project, new_name)
+
+        async def volume_back() -> None:
+            storage = await self.storage()
+            with contextlib.suppress(NotFound):
+                await storage.call(
+                    "RenameInstanceVolume",
+                    self._volume(pool, project, new_name, new_name=old_host),
+                    idempotent=False,
+                    timeout=600,
+                )
+
+        async def definition_back() -> None:
+            await self._delete_definition(new_host)
+            if not await self.driver.exists(old_host):
+                config = dict(record["expanded_config"])
+                devices = await self._attach_nics(
+                    project, name, copy.deepcopy(record.get("expanded_devices") or {}), config, []
+                )
+                await self.driver.create(
+                    InstanceSpec(
+                        name=old_host,
+                        rootfs=record["_croft"]["rootfs"],
+                        config=config,
+                        devices=devices,
+                    )
+                )
+            else:
+                await self._attach_nics(
+                    project,
+                    name,
+                    copy.deepcopy(record.get("expanded_devices") or {}),
+                    dict(record["expanded_config"]),
+                    [],
+                )
+
+        async def unmark() -> None:
+            def clear(current: dict[str, Any]) -> dict[str, Any]:
+                current.get("_croft", {}).pop("renaming", None)
+                return current
+
+            with contextlib.suppress(NotFound):
+                await modify(
+                    self.store, instance_key(project, name), clear, missing="Instance not found"
+                )
+
+        await self._undo(
+            [
+                unmark,
+                definition_back,
+                lambda: self._detach_nics(project, new_name, record),
+                volume_back,
+            ]
+        )
+
+    async def _detach_nics(self, project: str, name: str, record: dict[str, Any]) -> None:
+        """Forget the managed NICs of instance `name` (as recorded in `record`)."""
+        for dev_name, device in (record.get("expanded_devices") or {}).items():
+            if device.get("type") == "nic" and device.get("network"):
+                hwaddr = record["config"].get(f"volatile.{dev_name}.hwaddr", "")
+                with contextlib.suppress(NotFound):
+                    await self._detach(
+                        network_pb2.NicRequest(
+                            network=device["network"], project=project, instance=name,
+                            device=dev_name, hwaddr=hwaddr,
+                        )
+                    )  # fmt: skip
 
     # ------------------------------------------------------------------ recovery
 
@@ -817,6 +956,9 @@ class ComputeCore:
                 log.warning("removing %s/%s, left half-created", project, name)
                 await self._teardown(project, name, record)
                 continue
+            if croft.get("renaming"):
+                log.warning("putting %s/%s back, left half-renamed", project, name)
+                await self._undo_rename(project, name, croft["renaming"], record)
             await self._autostart(project, name, record)
             await self._refresh_status(project, name, record)
 

@@ -582,12 +582,31 @@ async def instance_patch(request: Request, name: str) -> Response:
 @router.post("/1.0/instances/{name}")
 @router.post("/1.0/containers/{name}")
 async def instance_rename(request: Request, name: str) -> Response:
-    await load(request, name)
+    ctx = context(request)
+    project, record, _ = await load(request, name)
     req = await query.body(request, NamePost)
     if req.migration:
         raise InvalidArgument("Migration is not supported yet")
-    validate_name(req.name)
-    raise InvalidArgument("Renaming instances is not supported yet")
+    # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
+    new_name = req.name or name
+    if new_name != name:
+        validate_name(new_name)
+    if new_name == name or await ctx.store.get(records.record_key(KIND, project, new_name)):
+        raise Conflict(f'Name "{new_name}" already in use')
+    # LXD fails the operation with this; croft refuses at once (compute checks again).
+    if record.get("status") != "Stopped":
+        raise InvalidArgument("Renaming of running container not allowed")
+    client = await compute_of(record)
+    rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call("RenameInstance", rename, idempotent=False, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Renaming instance", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
 
 
 @router.delete("/1.0/instances/{name}")
