@@ -8,6 +8,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 APT_PACKAGES=(
   etcd-server etcd-client                       # the cluster store
   lxc python3-lxc lxc-dev uidmap                # containers (python3-lxc only for Debian's python)
+  lxcfs                                         # containers see their own /proc/meminfo, uptime...
   busybox-static debootstrap                    # building images locally
   btrfs-progs                                   # btrfs storage pools on loop files
   dnsmasq-base dnsmasq-utils nftables iproute2 iputils-ping bridge-utils   # managed networks (dhcp_release)

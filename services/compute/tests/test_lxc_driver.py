@@ -5,10 +5,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -472,3 +475,70 @@ async def test_interfaces_read_over_netlink_match_ip(
     with pytest.raises(OSError):
         await netns.interfaces(pid)  # gone: the caller turns this into "no interfaces"
     await driver.delete(name)
+
+
+@pytest.fixture
+def lxcfs(workdir: Path) -> Iterator[Path]:
+    """A real lxcfs of the test's own, on a directory of its own (the host's, if any, is
+    left alone: LXD uses it)."""
+    mount = workdir / "lxcfs"
+    mount.mkdir()
+    daemon = subprocess.Popen(
+        ["lxcfs", "-f", "-p", str(workdir / "lxcfs.pid"), str(mount)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not (mount / "proc" / "meminfo").exists():
+            assert daemon.poll() is None, daemon.stderr.read() if daemon.stderr else ""
+            assert time.monotonic() < deadline, "lxcfs did not come up"
+            time.sleep(0.05)
+        yield mount
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+async def test_lxcfs_files_are_mounted_without_its_hook(
+    workdir: Path, make_rootfs, lxcfs: Path
+) -> None:
+    """The container's /proc/meminfo is lxcfs's view of its own memory limit, mounted by
+    the config itself: Debian's lxcfs hook (a shell per start) is switched off."""
+    driver = LXCDriver(str(workdir / "lxc-fs"), lxcfs_dir=str(lxcfs))
+    plain = LXCDriver(str(workdir / "lxc-plain"), lxcfs_dir=str(workdir / "no-lxcfs"))
+    names: list[tuple[LXCDriver, str]] = []
+    try:
+        for drv in (driver, plain):
+            name = container_name()
+            names.append((drv, name))
+            spec = InstanceSpec(
+                name=name, rootfs=make_rootfs(name), config={"limits.memory": "64MiB"}
+            )
+            await drv.create(spec)
+            await drv.start(name)
+        (_, limited), (_, unlimited) = names
+        config = (workdir / "lxc-fs" / limited / "config").read_text().splitlines()
+        assert "lxc.hook.mount =" in config and "lxc.hook.post-stop =" in config
+        assert (
+            f"lxc.mount.entry = {lxcfs}/proc/meminfo proc/meminfo none bind,optional 0 0" in config
+        )
+
+        async def mem_total(drv: LXCDriver, name: str) -> int:
+            code, out, _ = await run_in(drv, name, "grep", "MemTotal", "/proc/meminfo")
+            assert code == 0
+            return int(out.split()[1])
+
+        assert await mem_total(driver, limited) == 64 * 1024
+        with open("/proc/meminfo") as f:
+            host_total = int(f.readline().split()[1])
+        assert await mem_total(plain, unlimited) == host_total
+        plain_config = (workdir / "lxc-plain" / unlimited / "config").read_text()
+        assert "lxcfs" not in plain_config.replace("lxc.hook", "")
+    finally:
+        for drv, name in names:
+            with contextlib.suppress(Exception):
+                await drv.stop(name, force=True)
+            with contextlib.suppress(Exception):
+                await drv.delete(name)
