@@ -13,6 +13,7 @@ idempotent call on another instance when one is UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -260,6 +261,7 @@ class ServiceClient(Generic[StubT]):
         self._channels: dict[str, tuple[grpc.aio.Channel, StubT]] = {}
         self._next = 0
         self._quarantined: dict[str, float] = {}
+        self._checks: set[asyncio.Future[None]] = set()
 
     async def start(self) -> ServiceClient[StubT]:
         await self._watcher.start()
@@ -336,7 +338,36 @@ class ServiceClient(Generic[StubT]):
         if not candidates:
             where = f" on {self.member}" if self.member else ""
             raise errors.Unavailable(f"no {self.service} service is running{where}")
-        return getattr(self._stub(candidates[0]), method)(request, timeout=timeout)
+        # A stream cannot be moved to another instance once opened, so prefer one whose
+        # connection is up: a dead instance still registered (its lease not yet expired)
+        # has lost its connection, a live one in use keeps it.
+        ready = [i for i in candidates if self._is_connected(i)]
+        instance = (ready or candidates)[0]
+        call = getattr(self._stub(instance), method)(request, timeout=timeout)
+        call.add_done_callback(lambda done: self._note_stream_end(instance, done))
+        return call
+
+    def _is_connected(self, instance: Instance) -> bool:
+        cached = self._channels.get(instance.address)
+        return cached is not None and (
+            cached[0].get_state(try_to_connect=False) == grpc.ChannelConnectivity.READY
+        )
+
+    def _note_stream_end(self, instance: Instance, call: Any) -> None:
+        """A stream that could not connect puts its instance in quarantine, as a unary
+        call's failure does, so that the next call goes elsewhere."""
+        if call.cancelled():
+            return
+
+        async def check() -> None:
+            with contextlib.suppress(Exception):
+                code, details = await call.code(), await call.details()
+                if code == grpc.StatusCode.UNAVAILABLE and "failed to connect" in (details or ""):
+                    self._quarantined[instance.id] = time.monotonic() + _QUARANTINE
+
+        task = asyncio.ensure_future(check())
+        self._checks.add(task)
+        task.add_done_callback(self._checks.discard)
 
     async def close(self) -> None:
         await self._watcher.close()

@@ -503,21 +503,31 @@ class StorageCore:
         new = ref.renamed(new_name)
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name, new.name):
-            await self.volume_record(ref)
+            current = await self.volume_record(ref)
             record = self._instance_record(new)
             record["_croft"]["renamed_from"] = ref.name
-            await self._claim(new.key, record, f"instance volume {new.name!r}")
-            renamed = False
+            claimed = renamed = False
             try:
+                await self._claim(new.key, record, f"instance volume {new.name!r}")
+                claimed = True
                 await driver.rename_instance(ref.name, new.name)
                 renamed = True
                 done = await self._finish_rename(ref, new, record)
-            except BaseException:
+            except BaseException as exc:
+                # A cancelled call (the caller died) may have been cancelled after a write
+                # reached the store: the claim, or even the finishing transaction.
+                refused = isinstance(exc, Conflict) and not claimed
 
                 async def undo() -> None:
                     if renamed:
                         await driver.rename_instance(new.name, ref.name)
-                    await self._delete_key(new.key)
+                    if refused:
+                        return  # the new name's record is someone else's
+                    if await self.store.get(ref.key) is None:
+                        # The finishing transaction went through: move the records back.
+                        await self._finish_rename(new, ref, current)
+                    else:
+                        await self._delete_key(new.key)
 
                 await asyncio.shield(self._run_undo([undo]))
                 raise
