@@ -212,10 +212,17 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
     )
     from croft.api.routes import operations as operation_routes
 
-    routers = (server, projects, profiles, operation_routes, events, instances, images)
+    # Routes are matched in this order, one by one: the busiest first (no two modules
+    # serve overlapping paths, except image_secrets, which stays before images).
     for module in (
+        instances,
+        operation_routes,
+        events,
+        server,
         image_secrets,
-        *routers,
+        projects,
+        profiles,
+        images,
         storage_pools,
         networks,
         images_publish,

@@ -985,9 +985,16 @@ class ComputeCore:
         if not await self.driver.exists(host_name):
             return
         actual = await self.driver.status(host_name)
-        if record.get("status") != actual.label:
-            async with self.lock(project, name):
-                await self._set_status(project, name, actual)
+        if record.get("status") == actual.label:
+            return
+        async with self.lock(project, name):
+            # A start or stop may have run while we waited for the lock: look again.
+            found = await self.store.get_json(instance_key(project, name))
+            if found is None or not await self.driver.exists(host_name):
+                return
+            actual = await self.driver.status(host_name)
+            if found[0].get("status") != actual.label:
+                await self._set_status(project, name, actual, current=found)
 
     async def monitor(self, interval: float = 5.0) -> None:
         """Notice instances that stopped (or started) on their own."""

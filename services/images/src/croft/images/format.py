@@ -246,10 +246,14 @@ def _epoch(value: Any, what: str) -> int:
         raise InvalidArgument(f"metadata.yaml: {what} must be a Unix timestamp") from None
 
 
+# libyaml's safe loader when PyYAML has it: 8x faster, and every start reads metadata.yaml.
+_SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def parse_metadata(data: bytes) -> ImageMetadata:
     """Parse and validate metadata.yaml content. InvalidArgument names what is wrong."""
     try:
-        doc = yaml.safe_load(data)
+        doc = yaml.load(data, Loader=_SAFE_LOADER)  # noqa: S506 (a safe loader)
     except yaml.YAMLError as exc:
         raise InvalidArgument(f"metadata.yaml is not valid YAML: {exc}") from None
     if not isinstance(doc, dict):
