@@ -832,14 +832,8 @@ class ComputeCore:
         # The old NICs go first: the network keys a DHCP host entry by its MAC, which
         # the renamed instance keeps.
         await self._detach_nics(project, name, record)
-        config = dict(record["expanded_config"])
-        devices = await self._attach_nics(
-            project, new_name, copy.deepcopy(record.get("expanded_devices") or {}), config, []
-        )
+        spec = await self._spec_with_nics(project, new_name, record, volume.path)
         await _uninterrupted(self._delete_definition(driver_name(project, name)))
-        spec = InstanceSpec(
-            name=driver_name(project, new_name), rootfs=volume.path, config=config, devices=devices
-        )
         await _uninterrupted(self.driver.create(spec))
         renamed = copy.deepcopy(record)
         renamed["name"] = new_name
@@ -887,27 +881,9 @@ class ComputeCore:
 
         async def definition_back() -> None:
             await self._delete_definition(new_host)
+            spec = await self._spec_with_nics(project, name, record, record["_croft"]["rootfs"])
             if not await self.driver.exists(old_host):
-                config = dict(record["expanded_config"])
-                devices = await self._attach_nics(
-                    project, name, copy.deepcopy(record.get("expanded_devices") or {}), config, []
-                )
-                await self.driver.create(
-                    InstanceSpec(
-                        name=old_host,
-                        rootfs=record["_croft"]["rootfs"],
-                        config=config,
-                        devices=devices,
-                    )
-                )
-            else:
-                await self._attach_nics(
-                    project,
-                    name,
-                    copy.deepcopy(record.get("expanded_devices") or {}),
-                    dict(record["expanded_config"]),
-                    [],
-                )
+                await self.driver.create(spec)
 
         async def unmark() -> None:
             def clear(current: dict[str, Any]) -> dict[str, Any]:
@@ -926,6 +902,19 @@ class ComputeCore:
                 lambda: self._detach_nics(project, new_name, record),
                 volume_back,
             ]
+        )
+
+    async def _spec_with_nics(
+        self, project: str, name: str, record: dict[str, Any], rootfs: str
+    ) -> InstanceSpec:
+        """The LXC definition of `record` as instance `name` on `rootfs`, its managed NICs
+        (re)attached under that name."""
+        config = dict(record["expanded_config"])
+        devices = await self._attach_nics(
+            project, name, copy.deepcopy(record.get("expanded_devices") or {}), config, []
+        )
+        return InstanceSpec(
+            name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices
         )
 
     async def _detach_nics(self, project: str, name: str, record: dict[str, Any]) -> None:
