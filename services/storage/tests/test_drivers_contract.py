@@ -255,6 +255,64 @@ async def test_instance_sees_the_image_and_writes_stay_its_own(driver: StorageDr
     assert (rootfs1 / "etc/motd").read_text() == "from the image\nchanged in c1\n"
 
 
+def metadata(path: Path) -> dict[str, tuple[int, int, int, int, dict[str, bytes]]]:
+    """Every entry's owner, group, mode, mtime and xattrs (symlinks not followed)."""
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in [".", *dirs, *files] if root == str(path) else [*dirs, *files]:
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            xattrs = {
+                k: os.getxattr(full, k, follow_symlinks=False)
+                for k in os.listxattr(full, follow_symlinks=False)
+            }
+            out[os.path.relpath(full, path)] = (
+                st.st_uid,
+                st.st_gid,
+                st.st_mode,
+                st.st_mtime_ns,
+                xattrs,
+            )
+    return out
+
+
+def make_image_with_xattrs(target: Path) -> None:
+    """The busybox image plus what a real image carries in xattrs: a file capability, an
+    ACL-like user attribute, and an owner other than root."""
+    make_busybox_image(target)
+    rootfs = target / "rootfs"
+    ping = rootfs / "bin/ping-caps"
+    ping.write_bytes(b"not really ping")
+    os.chown(ping, 1000, 1000)
+    # security.capability for cap_net_raw+ep, as `setcap` writes it (VFS_CAP_REVISION_2).
+    os.setxattr(
+        ping, "security.capability", bytes.fromhex("0100000200200000000000000000000000000000")
+    )
+    os.setxattr(rootfs / "etc", "user.croft-test", b"kept")
+
+
+@pytest.mark.parametrize("with_xattrs", [False, True], ids=["plain", "xattrs"])
+async def test_instance_copy_keeps_owners_modes_times_and_xattrs(
+    driver: StorageDriver, with_xattrs: bool
+) -> None:
+    label = "xattrs" if with_xattrs else "plain"
+    image = await driver.create_image_volume(
+        fingerprint(label), make_image_with_xattrs if with_xattrs else make_busybox_image
+    )
+    os.chown(image / "rootfs/etc/motd", 1000, 1001)
+    os.chmod(image / "rootfs/etc/motd", 0o640)
+    os.utime(image / "rootfs/etc/motd", ns=(1_000_000_000, 1_000_000_000))
+
+    rootfs = await driver.create_instance_from_image("c1", fingerprint(label))
+
+    assert metadata(rootfs) == metadata(image / "rootfs")
+    if with_xattrs:
+        assert os.getxattr(rootfs / "bin/ping-caps", "security.capability")[:4] == bytes.fromhex(
+            "01000002"
+        )
+        assert os.getxattr(rootfs / "etc", "user.croft-test") == b"kept"
+
+
 async def test_instance_from_a_missing_image_or_twice_is_refused(driver: StorageDriver) -> None:
     with pytest.raises(NotFound):
         await driver.create_instance_from_image("c1", fingerprint("never unpacked"))
