@@ -127,6 +127,45 @@ async def test_unprivileged_container_runs_and_execs(driver: LXCDriver, make_roo
     assert os.path.exists(driver.log_path(name))
 
 
+async def test_id_maps_are_written_without_newuidmap(driver: LXCDriver, make_rootfs) -> None:
+    """liblxc writes the container's maps itself (no newuidmap/newgidmap processes per
+    start), and they are the map croft asked for."""
+    name = await launch(driver, make_rootfs)
+    pid = (await driver.state(name)).pid
+    idmap = default_idmap()
+    for kind in ("uid_map", "gid_map"):
+        fields = Path(f"/proc/{pid}/{kind}").read_text().split()
+        assert fields[:2] == ["0", str(idmap.host_base)]
+    log = Path(driver.log_path(name)).read_text()
+    assert "newuidmap binary is missing" in log  # liblxc took the direct path
+
+
+async def test_start_clears_cgroup_leftovers_of_a_crashed_start(
+    driver: LXCDriver, make_rootfs
+) -> None:
+    """Empty cgroups a crashed liblxc left (NAME, NAME-1, and one past a gap) go at the
+    next start; the container then gets the plain name."""
+    name = await launch(driver, make_rootfs)
+    await driver.stop(name, force=True)
+    planted = [
+        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}"),
+        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}-1"),
+        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}-3"),
+        Path(f"/sys/fs/cgroup/memory/lxc.monitor.{name}"),
+    ]
+    for path in planted:
+        path.mkdir()
+    await driver.start(name)
+    pid = (await driver.state(name)).pid
+    lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    assert [line.split(":", 2)[2] for line in lines if ":pids:" in line] == [f"/lxc.payload.{name}"]
+    left = [str(p) for p in planted[1:3] if p.exists()]
+    assert left == []
+    await driver.stop(name, force=True)
+    await driver.delete(name)
+    assert cgroup_dirs(name) == []
+
+
 async def test_exec_signal_reaches_the_command(driver: LXCDriver, make_rootfs) -> None:
     name = await launch(driver, make_rootfs)
     process = await driver.exec(name, ["sleep", "300"])

@@ -18,6 +18,7 @@ never follows a link.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import stat
@@ -31,7 +32,7 @@ import jinja2
 import jinja2.sandbox
 
 from croft.common.errors import InvalidArgument
-from croft.images.format import ImageTemplate, host_architecture, parse_metadata
+from croft.images.format import ImageMetadata, ImageTemplate, host_architecture, parse_metadata
 
 MAX_SYMLINKS = 40
 _BANNED_TAGS = ("extends", "import", "include", "ssi", "from")
@@ -171,6 +172,19 @@ def _environment() -> jinja2.sandbox.ImmutableSandboxedEnvironment:
 _ENV = _environment()
 
 
+# Every start renders the image's `start` templates, and compiling one costs about a
+# millisecond: a compiled template depends only on its text, so keep the recent ones.
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str) -> jinja2.Template:
+    return _ENV.from_string(translate_pongo2(source))
+
+
+# The same goes for the metadata.yaml every start reads (the result is not mutated).
+@functools.lru_cache(maxsize=64)
+def _metadata(data: bytes) -> ImageMetadata:
+    return parse_metadata(data)
+
+
 def template_context(
     instance: TemplateInstance,
     trigger: str,
@@ -208,7 +222,7 @@ def template_context(
 def render_template(source: str, context: Mapping[str, Any], *, name: str = "template") -> str:
     """Render pongo2-style template text; InvalidArgument with the reason if it cannot."""
     try:
-        return _ENV.from_string(translate_pongo2(source)).render(dict(context))
+        return _compiled(source).render(dict(context))
     except InvalidArgument as exc:
         raise InvalidArgument(f"{name}: {exc.message}") from None
     except jinja2.TemplateSyntaxError as exc:
@@ -417,7 +431,7 @@ def apply_templates(
         return []
     if meta_file.is_symlink() or not meta_file.is_file():
         raise InvalidArgument("the instance's metadata.yaml is not a regular file")
-    metadata = parse_metadata(meta_file.read_bytes())
+    metadata = _metadata(meta_file.read_bytes())
     written: list[str] = []
     for template in metadata.templates.values():
         if apply_template(

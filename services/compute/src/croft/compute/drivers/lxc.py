@@ -59,6 +59,28 @@ NESTING_CONF = "/usr/share/lxc/config/nesting.conf"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Spawned per exec: resolved once, not searched along PATH every time.
 _LXC_ATTACH = shutil.which("lxc-attach") or "lxc-attach"
+_LXC_START = shutil.which("lxc-start") or "lxc-start"
+
+# lxc-start's environment. With newuidmap and newgidmap on its PATH, liblxc runs them
+# (each through `sh -c`) to write the container's id maps, four processes per start;
+# without them, as root, it writes the maps itself. The container's init gets a cleared
+# environment either way, and croft's definitions run no hooks by name.
+_LXC_START_ENV = {"PATH": "/usr/sbin:/sbin", "LANG": "C.UTF-8"}
+
+
+def _cgroup_hierarchies() -> list[str]:
+    """The mounted cgroup hierarchies (v1 controllers and the v2 one)."""
+    try:
+        entries = os.listdir("/sys/fs/cgroup")
+    except OSError:
+        return []
+    return [
+        path
+        for path in (os.path.join("/sys/fs/cgroup", e) for e in entries)
+        if os.path.isdir(path) and not os.path.islink(path)
+    ]
+
+
 # LXD's fallback when root has no /etc/subuid entry.
 FALLBACK_IDMAP = IdMap(host_base=1_000_000, size=65536)
 # Instance names plus LXD's "<project>_" prefix; nothing that could be a path.
@@ -535,18 +557,25 @@ class LXCDriver(InstanceDriver):
     def _remove_leftovers(self, name: str) -> None:
         """Empty cgroups liblxc leaves on cgroup v1 (lxc.monitor.NAME[-N], and
         lxc.payload.NAME after a failed start) and veths of a crashed start. rmdir only
-        removes empty cgroups, so a running container's are safe."""
-        pattern = re.compile(rf"^lxc\.(monitor|payload)\.{re.escape(name)}(-\d+)?$")
-        with contextlib.suppress(OSError):
-            for hierarchy in os.listdir("/sys/fs/cgroup"):
-                base = os.path.join("/sys/fs/cgroup", hierarchy)
-                if not os.path.isdir(base):
-                    continue
-                with contextlib.suppress(OSError):
-                    for entry in os.listdir(base):
-                        if pattern.match(entry):
-                            with contextlib.suppress(OSError):
-                                os.rmdir(os.path.join(base, entry))
+        removes empty cgroups, so a running container's are safe.
+
+        liblxc names a cgroup NAME, or NAME-1, NAME-2... when the previous ones exist, so
+        the candidates are probed by name: listing each hierarchy instead costs time in
+        proportion to the number of containers, on every start."""
+        for base in _cgroup_hierarchies():
+            for kind in ("monitor", "payload"):
+                stem = os.path.join(base, f"lxc.{kind}.{name}")
+                misses = 0
+                for index in range(1000):
+                    try:
+                        os.rmdir(stem if index == 0 else f"{stem}-{index}")
+                        misses = 0
+                    except FileNotFoundError:
+                        misses += 1
+                        if misses > 3:  # a gap of a few tolerated, in case
+                            break
+                    except OSError:  # busy (in use) or not empty: not a leftover
+                        misses = 0
         with contextlib.suppress(OSError):
             for veth in self._veths(name):
                 if os.path.exists(f"/sys/class/net/{veth}"):
@@ -604,7 +633,10 @@ class LXCDriver(InstanceDriver):
         # lxc-start daemonizes (closing every inherited fd) and returns once the container
         # runs; its monitor is a small C process that is no child of ours.
         code, _, stderr = await run_async(
-            ["lxc-start", "-n", name, "-P", self.lxcpath], check=False, timeout=60
+            [_LXC_START, "-n", name, "-P", self.lxcpath],
+            check=False,
+            timeout=60,
+            env=_LXC_START_ENV,
         )
         if code != 0:
             await in_thread(self._remove_leftovers, name)
