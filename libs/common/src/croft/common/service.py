@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from croft.common import discovery, telemetry
+from croft.common import discovery, proc, telemetry
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError, Unavailable
 from croft.common.rpc import VERSION, Server, ServiceClient
@@ -72,6 +72,7 @@ async def connect_store(config: Config, wait: float = 30.0) -> Store:
 
 async def run(name: str, setup: Setup | None = None, config: Config | None = None) -> None:
     config = config or load_config()
+    proc.watch_children_with_pidfds()
     telemetry.setup(name, config)
     instance_id = os.environ.get("CROFT_INSTANCE_ID") or discovery.new_instance_id()
     store = await connect_store(config)

