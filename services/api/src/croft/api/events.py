@@ -36,6 +36,13 @@ class Subscription:
         # LXD sends project-less events (server-wide ones) to every project's listeners.
         return event.get("project", "") in ("", self.project)
 
+    def wake(self) -> None:
+        """Queue the None that ends the listener's sending loop, even when it is full."""
+        with contextlib.suppress(asyncio.QueueEmpty):
+            if self.queue.full():
+                self.queue.get_nowait()
+        self.queue.put_nowait(None)
+
 
 class EventHub:
     """Follows `/croft/events/` from the moment it starts and hands each event (as the
@@ -58,8 +65,7 @@ class EventHub:
                 await self._task
             self._task = None
         for subscription in self._subscriptions:
-            with contextlib.suppress(asyncio.QueueFull):
-                subscription.queue.put_nowait(None)
+            subscription.wake()
 
     @property
     def listeners(self) -> int:
@@ -116,6 +122,4 @@ class EventHub:
             except asyncio.QueueFull:
                 log.warning("an events listener fell %d events behind; dropping it", QUEUE_LIMIT)
                 self._subscriptions.discard(subscription)
-                with contextlib.suppress(asyncio.QueueEmpty):
-                    subscription.queue.get_nowait()
-                subscription.queue.put_nowait(None)
+                subscription.wake()

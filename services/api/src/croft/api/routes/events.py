@@ -12,6 +12,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from croft.api import records
 from croft.api.app import context
+from croft.api.events import Subscription
 from croft.api.routes.operations import deny
 from croft.common.errors import CroftError, InvalidArgument
 from croft.common.events import EVENT_TYPES
@@ -54,17 +55,16 @@ async def events(websocket: WebSocket) -> None:
     subscription = ctx.hub.subscribe(types, project)
     try:
         await websocket.accept()
-        closed = asyncio.create_task(_wait_closed(websocket))
+        # One task reads (and drops) what the client sends and, when it goes away, wakes
+        # the sender with a None; the sender awaits its queue and nothing else, so that an
+        # event costs no task of its own.
+        closed = asyncio.create_task(_wait_closed(websocket, subscription))
         try:
             while True:
-                get = asyncio.create_task(subscription.queue.get())
-                done, _ = await asyncio.wait({get, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if closed in done:
-                    get.cancel()
-                    return
-                text = get.result()
-                if text is None:  # dropped for falling behind, or the replica stops
-                    await websocket.close(code=1001)
+                text = await subscription.queue.get()
+                if text is None:
+                    if not closed.done():  # dropped for falling behind, or the replica stops
+                        await websocket.close(code=1001)
                     return
                 await websocket.send_text(text.decode())
         finally:
@@ -77,9 +77,12 @@ async def events(websocket: WebSocket) -> None:
         ctx.hub.unsubscribe(subscription)
 
 
-async def _wait_closed(websocket: WebSocket) -> None:
-    """Read (and drop) what the client sends until it goes away."""
-    while True:
-        message = await websocket.receive()
-        if message["type"] == "websocket.disconnect":
-            return
+async def _wait_closed(websocket: WebSocket, subscription: Subscription) -> None:
+    """Read (and drop) what the client sends until it goes away, then wake the sender."""
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+    finally:
+        subscription.wake()
