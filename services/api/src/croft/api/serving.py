@@ -101,6 +101,7 @@ class UnixServer:
                 lifespan="off",
                 http="httptools",  # uvicorn's C parser: ~0.4 ms less per request than h11
                 ws="websockets-sansio",
+                proxy_headers=False,  # a unix socket has no proxy in front of it
                 log_config=None,
                 access_log=False,
                 timeout_graceful_shutdown=int(self.graceful_timeout),
