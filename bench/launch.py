@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -114,6 +115,12 @@ def host_cpu_ms() -> float:
         fields = [int(x) for x in f.readline().split()[1:]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
     return (user + nice + system + irq + softirq + steal) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_ms() -> float:
+    """CPU time of this process's children so far (the `lxc` and lxd-benchmark runs)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (usage.ru_utime + usage.ru_stime) * 1000
 
 
 def daemon_pids(server_pid: int) -> list[int]:
@@ -230,16 +237,18 @@ def density(daemon: Daemon, args: argparse.Namespace, out: Figures) -> None:
     avail0 = mem_available_mib()
     names = [f"{lxd.PREFIX}d{i:03d}" for i in range(args.count)]
     pids = daemon_pids(server_pid) if server_pid else []
-    host0, daemon0 = host_cpu_ms(), process_cpu_ms(pids)
+    host0, daemon0, client0 = host_cpu_ms(), process_cpu_ms(pids), children_cpu_ms()
     wall, samples, failures = lxd.launch_many(daemon, names, args.pool, args.parallel)
     launched = len(samples)
     # Where the CPU goes: on 2 cores the rate cannot beat 2 s / (CPU per launch).
     per = max(1, launched)
     out["batch_cpu_host"] = (host_cpu_ms() - host0) / per
     out["batch_cpu_daemon"] = (process_cpu_ms(pids) - daemon0) / per if pids else None
+    out["batch_cpu_client"] = (children_cpu_ms() - client0) / per
     say(
         f"  CPU per launch: host {out['batch_cpu_host']:.0f} ms, daemon "
-        f"{lxd.fmt(out['batch_cpu_daemon'])} ms ({len(pids)} processes)"
+        f"{lxd.fmt(out['batch_cpu_daemon'])} ms ({len(pids)} processes), "
+        f"lxc client {out['batch_cpu_client']:.0f} ms"
     )
     say(f"  {launched}/{args.count} launched in {wall:.1f} s ({launched / wall:.2f}/s)")
     say(f"  one launch under load {describe(samples)} ms")
@@ -305,11 +314,21 @@ def lxd_benchmark(daemon: Daemon, args: argparse.Namespace, out: Figures) -> Non
     daemon.owns_lxd_benchmark = True
     try:
         count, parallel = str(args.lxd_benchmark_count), str(args.parallel)
+        server_pid = daemon.server_pid()
+        pids = daemon_pids(server_pid) if server_pid else []
+        host0, daemon0 = host_cpu_ms(), process_cpu_ms(pids)
         started = time.perf_counter()
         daemon.run(
             ["lxd-benchmark", "launch", "--count", count, "--parallel", parallel, fingerprint]
         )
         launch = time.perf_counter() - started
+        per = max(1, args.lxd_benchmark_count)
+        out["lxdbench_cpu_host"] = (host_cpu_ms() - host0) / per
+        out["lxdbench_cpu_daemon"] = (process_cpu_ms(pids) - daemon0) / per if pids else None
+        say(
+            f"  CPU per launch: host {out['lxdbench_cpu_host']:.0f} ms, daemon "
+            f"{lxd.fmt(out['lxdbench_cpu_daemon'])} ms"
+        )
         made = [
             i
             for i in daemon.request("GET", "/1.0/instances?recursion=1")

@@ -100,6 +100,7 @@ SPECS: dict[str, Spec] = {
     "batch_launch_p95": Spec("one launch under 10-way load, p95", "ms"),
     "batch_cpu_host": Spec("  host CPU per launch in the batch (all processes)", "ms"),
     "batch_cpu_daemon": Spec("  of which the daemon's processes (with reaped children)", "ms"),
+    "batch_cpu_client": Spec("  of which the `lxc` client processes", "ms"),
     "batch_delete_wall": Spec("100 delete --force, 10 in parallel: wall", "s", anchor=17.7),
     "mem_host": Spec("host memory per idle container (MemAvailable)", "MiB", anchor=13.3, limit=3),
     "mem_pss": Spec("PSS per container (cgroup procs + monitor)", "MiB", limit=3),
@@ -111,6 +112,8 @@ SPECS: dict[str, Spec] = {
         "lxd-benchmark launch --count 100 --parallel 10", "s", anchor=16.7, min_ratio=4
     ),
     "lxdbench_delete": Spec("lxd-benchmark delete (100)", "s", anchor=40.9, min_ratio=4),
+    "lxdbench_cpu_host": Spec("  host CPU per lxd-benchmark launch (all processes)", "ms"),
+    "lxdbench_cpu_daemon": Spec("  of which the daemon's processes (with reaped children)", "ms"),
 }
 
 

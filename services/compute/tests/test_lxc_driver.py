@@ -140,6 +140,27 @@ async def test_id_maps_are_written_without_newuidmap(driver: LXCDriver, make_roo
     assert "newuidmap binary is missing" in log  # liblxc took the direct path
 
 
+async def test_raw_lxc_hooks_keep_the_usual_path(
+    driver: LXCDriver, make_rootfs, workdir: Path
+) -> None:
+    """A hook from raw.lxc runs with the usual PATH (the lean one is for hook-less
+    definitions): `touch` lives in /usr/bin."""
+    marker = workdir / "hook-ran"
+    name = container_name()
+    spec = InstanceSpec(
+        name=name,
+        rootfs=make_rootfs(name),
+        config={"raw.lxc": f"lxc.hook.pre-start = touch {marker}; true"},
+    )
+    await driver.create(spec)
+    try:
+        await driver.start(name)
+        assert marker.exists()
+        await driver.stop(name, force=True)
+    finally:
+        await driver.delete(name)
+
+
 async def test_start_clears_cgroup_leftovers_of_a_crashed_start(
     driver: LXCDriver, make_rootfs
 ) -> None:

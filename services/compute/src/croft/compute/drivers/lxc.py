@@ -64,7 +64,8 @@ _LXC_START = shutil.which("lxc-start") or "lxc-start"
 # lxc-start's environment. With newuidmap and newgidmap on its PATH, liblxc runs them
 # (each through `sh -c`) to write the container's id maps, four processes per start;
 # without them, as root, it writes the maps itself. The container's init gets a cleared
-# environment either way, and croft's definitions run no hooks by name.
+# environment either way. A definition with hooks (raw.lxc) keeps the usual PATH: its
+# hook scripts may call anything.
 _LXC_START_ENV = {"PATH": "/usr/sbin:/sbin", "LANG": "C.UTF-8"}
 
 
@@ -554,6 +555,14 @@ class LXCDriver(InstanceDriver):
             for v in [m.group(1)]
         ]
 
+    def _prepare_start(self, name: str) -> bool:
+        """Clear what a crashed start left; True if the definition runs hooks."""
+        self._remove_leftovers(name)
+        return any(
+            line.startswith("lxc.hook.") and line.partition("=")[2].strip()
+            for line in self._config_lines(name)
+        )
+
     def _remove_leftovers(self, name: str) -> None:
         """Empty cgroups liblxc leaves on cgroup v1 (lxc.monitor.NAME[-N], and
         lxc.payload.NAME after a failed start) and veths of a crashed start. rmdir only
@@ -628,7 +637,7 @@ class LXCDriver(InstanceDriver):
         container = await in_thread(self._container, name)
         if container.running:
             raise Conflict(f'Instance "{name}" is already running')
-        await in_thread(self._remove_leftovers, name)
+        hooks = await in_thread(self._prepare_start, name)
         offset = self._log_size(name)
         # lxc-start daemonizes (closing every inherited fd) and returns once the container
         # runs; its monitor is a small C process that is no child of ours.
@@ -636,7 +645,7 @@ class LXCDriver(InstanceDriver):
             [_LXC_START, "-n", name, "-P", self.lxcpath],
             check=False,
             timeout=60,
-            env=_LXC_START_ENV,
+            env=None if hooks else _LXC_START_ENV,
         )
         if code != 0:
             await in_thread(self._remove_leftovers, name)
