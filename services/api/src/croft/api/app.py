@@ -240,11 +240,14 @@ def route_modules() -> tuple[Any, ...]:
     )
 
 
-# What the `lxc` client and lxd-benchmark ask for in a launch, an exec, a list.
+# What the `lxc` client and lxd-benchmark (which uses the /1.0/containers names) ask for
+# in a launch, an exec, a list.
 HOT_PATHS = (
     "/1.0/instances/{name}/state",
     "/1.0/instances/{name}",
     "/1.0/instances",
+    "/1.0/containers/{name}/state",
+    "/1.0/containers",
     "/1.0/operations/{op_id}",
     "/1.0/instances/{name}/exec",
     "/1.0/operations/{op_id}/websocket",
