@@ -3,6 +3,7 @@ unprivileged LXC containers on a real bridge (issue 3)."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import hashlib
 import json
@@ -17,6 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from croft.common import rpc
+from croft.common.store import connect
+from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 from .conftest import REPO, Croft, Lxc
 
@@ -263,6 +268,47 @@ def test_stop_start_restart(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
     assert lxc.json("list")[0]["state"]["pid"] != pid
     lxc("stop", "--force", c1)
     assert status() == "Stopped"
+    lxc("start", c1)
+
+
+def test_a_stale_record_handed_to_compute_loses_no_change(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """The api hands compute the record it read for a state change. If the record changed
+    in between, compute's write fails its revision check and is redone on the newer one:
+    the state changes and nothing newer is lost."""
+    croft, lxc, _ = croft_lxc
+
+    async def scenario() -> dict:
+        store = await connect([croft.endpoint])
+        client = await rpc.ServiceClient(store, "compute", compute_pb2_grpc.ComputeStub).start()
+        try:
+            key = "/croft/records/instances/default/c1"
+            stale, revision = await store.get_json(key)
+            lxc("config", "set", c1, "user.after", "kept")  # a newer revision
+            await client.call(
+                "ChangeState",
+                compute_pb2.StateRequest(
+                    instance=common_pb2.InstanceRef(project="default", name=c1),
+                    action="stop",
+                    force=True,
+                    timeout=-1,
+                    record=json.dumps(stale).encode(),
+                    revision=revision,
+                ),
+                idempotent=False,
+                timeout=60,
+            )
+            record, _ = await store.get_json(key)
+            return record
+        finally:
+            await client.close()
+            await store.close()
+
+    record = asyncio.run(scenario())
+    assert record["status"] == "Stopped"
+    assert record["config"]["user.after"] == "kept"
+    assert lxc.json("list")[0]["status"] == "Stopped"
     lxc("start", c1)
 
 

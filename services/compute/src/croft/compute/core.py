@@ -383,12 +383,25 @@ class ComputeCore:
     # ------------------------------------------------------------------ state
 
     async def change_state(
-        self, project: str, name: str, action: str, force: bool = False, timeout: float = 30.0
+        self,
+        project: str,
+        name: str,
+        action: str,
+        force: bool = False,
+        timeout: float = 30.0,
+        known: tuple[dict[str, Any], int] | None = None,
     ) -> dict[str, Any]:
+        """`known` is the record and revision the caller (the api) just read: used
+        instead of reading again when it is this instance's and complete. Should it be
+        stale, the write at the end fails its revision check and is redone on a fresh
+        read."""
         host_name = driver_name(project, name)
         timeout = 30.0 if timeout is None or timeout < 0 else float(timeout)
         async with self.lock(project, name):
-            current, revision = await self.record(project, name)
+            if known is not None and _is_record_of(known[0], project, name):
+                current, revision = known
+            else:
+                current, revision = await self.record(project, name)
             status = await self.driver.status(host_name)
             if action == "start":
                 if status is Status.RUNNING:
@@ -1039,6 +1052,15 @@ class ComputeCore:
             metadata = await in_thread(image_metadata, volume, architecture, properties, expires_at)
             async for data in image_tarball(volume, metadata, compression):
                 yield data
+
+
+def _is_record_of(record: dict[str, Any], project: str, name: str) -> bool:
+    """A complete (not being created) record of instance `project`/`name`."""
+    return (
+        record.get("name") == name
+        and (record.get("project") or DEFAULT_PROJECT) == project
+        and record.get("_croft", {}).get("state") != "creating"
+    )
 
 
 def _why(exc: BaseException) -> str:

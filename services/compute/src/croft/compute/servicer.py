@@ -52,8 +52,14 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
     async def ChangeState(self, request, context):  # type: ignore[no-untyped-def]
         project, name = _ref(request.instance)
+        known = (json.loads(request.record), request.revision) if request.record else None
         record = await self.core.change_state(
-            project, name, request.action, force=request.force, timeout=request.timeout
+            project,
+            name,
+            request.action,
+            force=request.force,
+            timeout=request.timeout,
+            known=known,
         )
         return _reply(record)
 

@@ -655,7 +655,7 @@ _ACTIONS = {
 @router.put("/1.0/containers/{name}/state")
 async def instance_state_put(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
+    project, record, revision = await load(request, name)
     req = await query.body(request, StatePut)
     if req.action not in _ACTIONS:
         raise InvalidArgument(f"Unknown action: '{req.action}'")
@@ -663,7 +663,13 @@ async def instance_state_put(request: Request, name: str) -> Response:
         raise InvalidArgument("Stateful stop and start are not supported")
     client = await compute_of(record)
     change = compute_pb2.StateRequest(
-        instance=ref(project, name), action=req.action, force=req.force, timeout=req.timeout
+        instance=ref(project, name),
+        action=req.action,
+        force=req.force,
+        timeout=req.timeout,
+        # What was just read: compute need not read it again.
+        record=json.dumps(record).encode(),
+        revision=revision,
     )
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
