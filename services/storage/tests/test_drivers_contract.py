@@ -291,25 +291,27 @@ def make_image_with_xattrs(target: Path) -> None:
     os.setxattr(rootfs / "etc", "user.croft-test", b"kept")
 
 
-@pytest.mark.parametrize("with_xattrs", [False, True], ids=["plain", "xattrs"])
+@pytest.mark.parametrize("kind", ["root-owned", "owners", "xattrs"])
 async def test_instance_copy_keeps_owners_modes_times_and_xattrs(
-    driver: StorageDriver, with_xattrs: bool
+    driver: StorageDriver, kind: str
 ) -> None:
-    label = "xattrs" if with_xattrs else "plain"
+    """However the copy is made (it leaves out what the image does not need), the
+    instance's tree has the image's owners, modes, times and xattrs."""
     image = await driver.create_image_volume(
-        fingerprint(label), make_image_with_xattrs if with_xattrs else make_busybox_image
+        fingerprint(kind), make_image_with_xattrs if kind == "xattrs" else make_busybox_image
     )
-    os.chown(image / "rootfs/etc/motd", 1000, 1001)
-    os.chmod(image / "rootfs/etc/motd", 0o640)
-    os.utime(image / "rootfs/etc/motd", ns=(1_000_000_000, 1_000_000_000))
+    motd = image / "rootfs/etc/motd"
+    if kind != "root-owned":
+        os.chown(motd, 1000, 1001)
+    os.chmod(motd, 0o640)
+    os.utime(motd, ns=(1_000_000_000, 1_000_000_000))
 
-    rootfs = await driver.create_instance_from_image("c1", fingerprint(label))
+    rootfs = await driver.create_instance_from_image("c1", fingerprint(kind))
 
     assert metadata(rootfs) == metadata(image / "rootfs")
-    if with_xattrs:
-        assert os.getxattr(rootfs / "bin/ping-caps", "security.capability")[:4] == bytes.fromhex(
-            "01000002"
-        )
+    if kind == "xattrs":
+        caps = os.getxattr(rootfs / "bin/ping-caps", "security.capability")
+        assert caps[:4] == bytes.fromhex("01000002")
         assert os.getxattr(rootfs / "etc", "user.croft-test") == b"kept"
 
 

@@ -66,6 +66,7 @@ import secrets
 import shutil
 import struct
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from croft.common.blocking import in_thread
@@ -155,19 +156,40 @@ def _unmount_all_under(path: Path, what: str) -> None:
             )
 
 
-def _tree_has_xattrs(root: Path) -> bool:
-    """True if `root` or anything under it (symlinks not followed) has an xattr, or if
-    that cannot be known (then the copy keeps xattrs: the safe side)."""
+@dataclass(frozen=True)
+class _TreeTraits:
+    """What copying a tree must take care to keep (the safe answer is True for both)."""
+
+    xattrs: bool = True  # some entry has an xattr (ACLs and file capabilities are xattrs)
+    owners: bool = True  # some entry is not owned by root:root
+
+
+def _tree_traits(root: Path) -> _TreeTraits:
+    """Scan `root` and everything under it, symlinks not followed. When something cannot
+    be read, the answer is the safe one."""
+    xattrs = owners = False
     try:
-        if os.listxattr(root, follow_symlinks=False):
-            return True
-        for directory, dirs, files in os.walk(root, onerror=_raise):
-            for entry in (*dirs, *files):
-                if os.listxattr(os.path.join(directory, entry), follow_symlinks=False):
-                    return True
-    except OSError as exc:
-        return exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP)
-    return False
+        for path in _walk_all(root):
+            st = os.lstat(path)
+            owners = owners or st.st_uid != 0 or st.st_gid != 0
+            if not xattrs:
+                try:
+                    xattrs = bool(os.listxattr(path, follow_symlinks=False))
+                except OSError as exc:
+                    if exc.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+            if xattrs and owners:
+                break
+    except OSError:
+        return _TreeTraits()
+    return _TreeTraits(xattrs=xattrs, owners=owners)
+
+
+def _walk_all(root: Path) -> Iterator[str]:
+    yield str(root)
+    for directory, dirs, files in os.walk(root, onerror=_raise):
+        for entry in (*dirs, *files):
+            yield os.path.join(directory, entry)
 
 
 def _raise(exc: OSError) -> None:
@@ -211,7 +233,7 @@ class DirDriver(StorageDriver):
     def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
         super().__init__(pool, config)
         self._image_locks: dict[str, asyncio.Lock] = {}
-        self._image_xattrs: dict[str, bool] = {}
+        self._image_traits_cache: dict[str, _TreeTraits] = {}
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -382,26 +404,34 @@ class DirDriver(StorageDriver):
         async with lock:
             if not path.is_dir():
                 raise NotFound(f"image {fingerprint} is not unpacked in pool {self.pool!r}")
-            self._image_xattrs.pop(fingerprint, None)
+            self._image_traits_cache.pop(fingerprint, None)
             await in_thread(_delete_tree, path, f"image {fingerprint}")
 
     # -- instances -------------------------------------------------------------------------
 
-    async def _copy_tree(self, src: Path, dst: Path, *, xattrs: bool = True) -> None:
-        # Without xattrs, `cp` skips two listxattr calls per entry: a fifth of a busybox
-        # copy's CPU. Only for trees known to have none (see _image_has_xattrs).
-        keep = ["-a"] if xattrs else ["-dR", "--preserve=mode,ownership,timestamps,links"]
+    async def _copy_tree(
+        self, src: Path, dst: Path, *, traits: _TreeTraits = _TreeTraits()
+    ) -> None:
+        # Each thing left out saves `cp` a call or two per entry. Without xattrs: two
+        # listxattr calls per entry, a fifth of a busybox copy's CPU. All owned by root:
+        # what `cp`, as root, creates is root's anyway. Only for trees known to allow it
+        # (_image_traits).
+        if traits.xattrs:
+            keep = ["-a"]
+        else:
+            kept = "mode,ownership,timestamps,links" if traits.owners else "mode,timestamps,links"
+            keep = ["-dR", f"--preserve={kept}"]
         await run_async(
             ["cp", *keep, "--reflink=auto", "--no-target-directory", str(src), str(dst)],
             timeout=COPY_TIMEOUT,
         )
 
-    async def _image_has_xattrs(self, fingerprint: str, image: Path) -> bool:
-        """Whether any entry of an unpacked image carries an xattr (ACLs and file
-        capabilities are xattrs). An unpacked image never changes: one scan per image."""
-        known = self._image_xattrs.get(fingerprint)
+    async def _image_traits(self, fingerprint: str, image: Path) -> _TreeTraits:
+        """What copying an unpacked image must keep. An unpacked image never changes:
+        one scan per image and process."""
+        known = self._image_traits_cache.get(fingerprint)
         if known is None:
-            known = self._image_xattrs[fingerprint] = await in_thread(_tree_has_xattrs, image)
+            known = self._image_traits_cache[fingerprint] = await in_thread(_tree_traits, image)
         return known
 
     async def create_instance_from_image(self, name: str, fingerprint: str) -> Path:
@@ -414,8 +444,8 @@ class DirDriver(StorageDriver):
             raise Conflict(f"instance volume {name!r} already exists in pool {self.pool!r}")
         tmp = _unique(final.parent, "tmp", name)
         try:
-            xattrs = await self._image_has_xattrs(fingerprint, image)
-            await self._copy_tree(image, tmp, xattrs=xattrs)
+            traits = await self._image_traits(fingerprint, image)
+            await self._copy_tree(image, tmp, traits=traits)
             await in_thread(os.chmod, tmp, INSTANCE_MODE)
             await in_thread(_move_into_place, tmp, final, f"instance volume {name!r}")
         except BaseException:
