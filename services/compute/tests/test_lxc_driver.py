@@ -78,6 +78,15 @@ def cgroup_dirs(name: str) -> list[str]:
     return found
 
 
+def bridged_nic(bridge: str, hwaddr: str) -> dict[str, dict[str, str]]:
+    """Devices with eth0 on `bridge` (MTU 1400) and the root disk."""
+    return {
+        "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0",
+                 "hwaddr": hwaddr, "mtu": "1400"},
+        "root": {"type": "disk", "path": "/", "pool": "default"},
+    }  # fmt: skip
+
+
 def test_registry_finds_the_lxc_driver() -> None:
     assert driver_class("lxc") is LXCDriver
     with pytest.raises(InvalidArgument):
@@ -405,12 +414,7 @@ async def test_nic_on_a_bridge_and_delete_leaves_nothing(
     driver: LXCDriver, make_rootfs, bridge: str
 ) -> None:
     hwaddr = "00:16:3e:12:34:56"
-    devices = {
-        "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0",
-                 "hwaddr": hwaddr, "mtu": "1400"},
-        "root": {"type": "disk", "path": "/", "pool": "default"},
-    }  # fmt: skip
-    name = await launch(driver, make_rootfs, devices=devices)
+    name = await launch(driver, make_rootfs, devices=bridged_nic(bridge, hwaddr))
     state = await driver.state(name)
     eth0 = state.network["eth0"]
     assert eth0.hwaddr == hwaddr and eth0.mtu == 1400 and eth0.state == "up"
@@ -497,12 +501,7 @@ async def test_interfaces_read_over_netlink_match_ip(
     """The in-process netlink read says what `ip` run inside the namespace says, and the
     thread that entered the namespace is back in the host's afterwards."""
     hwaddr = "00:16:3e:65:43:21"
-    devices = {
-        "eth0": {"type": "nic", "nictype": "bridged", "parent": bridge, "name": "eth0",
-                 "hwaddr": hwaddr, "mtu": "1400"},
-        "root": {"type": "disk", "path": "/", "pool": "default"},
-    }  # fmt: skip
-    name = await launch(driver, make_rootfs, devices=devices)
+    name = await launch(driver, make_rootfs, devices=bridged_nic(bridge, hwaddr))
     pid = (await driver.state(name)).pid
     # An address of our own on eth0, so that there is one to compare without DHCP.
     assert (await run_in(driver, name, "ip", "addr", "add", "192.0.2.77/24", "dev", "eth0"))[0] == 0

@@ -114,26 +114,9 @@ class EventPublisher:
         project: str = "default",
         location: str | None = None,
     ) -> Event:
-        if type not in EVENT_TYPES:
-            raise ValueError(f"{type!r} is not an LXD event type ({', '.join(EVENT_TYPES)})")
-        ns = time.time_ns()
-        event = Event(
-            type=type,
-            timestamp=rfc3339_nano(ns),
-            metadata=metadata,
-            location=self.location if location is None else location,
-            project=project,
-        )
-        put = await self._put(event, ns)
+        event, put = await self._write(type, metadata, project, location)
         await self.store.put(put.key, put.value, lease=put.lease)
         return event
-
-    async def _put(self, event: Event, ns: int) -> Put:
-        key = f"{EVENTS_PREFIX}{ns:020d}-{secrets.token_hex(4)}"
-        lease = await self._current_lease()
-        # Field order as LXD sends it: listeners get these bytes verbatim.
-        value = json.dumps(event.to_lxd(), separators=(",", ":")).encode()
-        return Put(key, value, lease=lease.id)
 
     async def event(
         self,
@@ -146,16 +129,26 @@ class EventPublisher:
         """The write of an event, to put in the same store transaction as the change it
         reports: one write instead of two, and listeners never see the event before the
         change is stored."""
+        return (await self._write(type, metadata, project, location))[1]
+
+    async def _write(
+        self, type: EventKind, metadata: Any, project: str, location: str | None
+    ) -> tuple[Event, Put]:
+        if type not in EVENT_TYPES:
+            raise ValueError(f"{type!r} is not an LXD event type ({', '.join(EVENT_TYPES)})")
         ns = time.time_ns()
         where = self.location if location is None else location
-        return await self._put(Event(type, rfc3339_nano(ns), metadata, where, project), ns)
+        event = Event(type, rfc3339_nano(ns), metadata, where, project)
+        key = f"{EVENTS_PREFIX}{ns:020d}-{secrets.token_hex(4)}"
+        lease = await self._current_lease()
+        # Field order as LXD sends it: listeners get these bytes verbatim.
+        value = json.dumps(event.to_lxd(), separators=(",", ":")).encode()
+        return event, Put(key, value, lease=lease.id)
 
     async def operation_event(self, operation: dict[str, Any], *, project: str) -> Put:
-        """The write of an `operation` event, to put in the same store transaction as the
-        operation record's change: one write instead of two, and never out of order."""
-        ns = time.time_ns()
-        event = Event("operation", rfc3339_nano(ns), operation, self.location, project)
-        return await self._put(event, ns)
+        """The write of an `operation` event, to go in the transaction of the operation
+        record's change: never out of order with it."""
+        return await self.event("operation", operation, project=project)
 
 
 _publishers: weakref.WeakKeyDictionary[Store, EventPublisher] = weakref.WeakKeyDictionary()

@@ -203,6 +203,30 @@ async def rpc_call(client: Any, method: str, request: Any, **kwargs: Any) -> Any
     return await client.call(method, request, **kwargs)
 
 
+async def _compute_operation(
+    ctx: Any,
+    client: Any,
+    method: str,
+    message: Any,
+    description: str,
+    project: str,
+    name: str,
+    *,
+    timeout: float | None = None,
+) -> Response:
+    """The 202 of an operation on instance `name` whose work is one call to its compute
+    service (not retried: the call changes things)."""
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await client.call(method, message, idempotent=False, timeout=timeout)
+        return None
+
+    operation = await ctx.operations.create(
+        description, run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
 def resources(name: str, project: str) -> dict[str, list[str]]:
     return {
         "containers": [records.url("containers", name, project)],
@@ -557,14 +581,9 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     client = await compute_of(record)
     update = compute_pb2.UpdateInstanceRequest(record=json.dumps(new), revision=revision)
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("UpdateInstance", update, idempotent=False)
-        return None
-
-    operation = await ctx.operations.create(
-        "Updating instance", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx, client, "UpdateInstance", update, "Updating instance", project, name
     )
-    return responses.async_operation(operation)
 
 
 @router.put("/1.0/instances/{name}")
@@ -599,14 +618,9 @@ async def instance_rename(request: Request, name: str) -> Response:
     client = await compute_of(record)
     rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("RenameInstance", rename, idempotent=False, timeout=600)
-        return None
-
-    operation = await ctx.operations.create(
-        "Renaming instance", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx, client, "RenameInstance", rename, "Renaming instance", project, name, timeout=600
     )
-    return responses.async_operation(operation)
 
 
 @router.delete("/1.0/instances/{name}")
@@ -620,14 +634,16 @@ async def instance_delete(request: Request, name: str) -> Response:
         raise InvalidArgument("The instance is currently running, stop it first")
     client = await compute_of(record)
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("DeleteInstance", ref(project, name), idempotent=False, timeout=600)
-        return None
-
-    operation = await ctx.operations.create(
-        "Deleting instance", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx,
+        client,
+        "DeleteInstance",
+        ref(project, name),
+        "Deleting instance",
+        project,
+        name,
+        timeout=600,
     )
-    return responses.async_operation(operation)
 
 
 # ---------------------------------------------------------------------------- state
@@ -672,15 +688,16 @@ async def instance_state_put(request: Request, name: str) -> Response:
         revision=revision,
     )
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        wait = 30 if req.timeout < 0 else req.timeout
-        await client.call("ChangeState", change, idempotent=False, timeout=wait + 60)
-        return None
-
-    operation = await ctx.operations.create(
-        _ACTIONS[req.action], run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx,
+        client,
+        "ChangeState",
+        change,
+        _ACTIONS[req.action],
+        project,
+        name,
+        timeout=(30 if req.timeout < 0 else req.timeout) + 60,
     )
-    return responses.async_operation(operation)
 
 
 # ---------------------------------------------------------------------------- exec
@@ -1116,14 +1133,9 @@ async def snapshots_post(request: Request, name: str) -> Response:
         instance=ref(project, name), snapshot=snapshot, expires_at=req.expires_at or ""
     )
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("CreateSnapshot", create, idempotent=False, timeout=600)
-        return None
-
-    operation = await ctx.operations.create(
-        "Snapshotting instance", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx, client, "CreateSnapshot", create, "Snapshotting instance", project, name, timeout=600
     )
-    return responses.async_operation(operation)
 
 
 def _check_time(field: str, value: str) -> None:
@@ -1175,14 +1187,9 @@ async def snapshot_delete(request: Request, name: str, snapshot: str) -> Respons
     client = await compute_of(record)
     delete = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("DeleteSnapshot", delete, idempotent=False, timeout=600)
-        return None
-
-    operation = await ctx.operations.create(
-        "Deleting snapshot", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx, client, "DeleteSnapshot", delete, "Deleting snapshot", project, name, timeout=600
     )
-    return responses.async_operation(operation)
 
 
 @router.post("/1.0/instances/{name}/snapshots/{snapshot}")
@@ -1201,14 +1208,9 @@ async def snapshot_rename(request: Request, name: str, snapshot: str) -> Respons
         instance=ref(project, name), snapshot=snapshot, new_name=req.name
     )
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("RenameSnapshot", rename, idempotent=False)
-        return None
-
-    operation = await ctx.operations.create(
-        "Renaming snapshot", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx, client, "RenameSnapshot", rename, "Renaming snapshot", project, name
     )
-    return responses.async_operation(operation)
 
 
 async def _restore(
@@ -1227,11 +1229,6 @@ async def _restore(
     client = await compute_of(record)
     request_pb = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call("RestoreSnapshot", request_pb, idempotent=False, timeout=600)
-        return None
-
-    operation = await ctx.operations.create(
-        "Restoring snapshot", run=run, resources=resources(name, project), project=project
+    return await _compute_operation(
+        ctx, client, "RestoreSnapshot", request_pb, "Restoring snapshot", project, name, timeout=600
     )
-    return responses.async_operation(operation)
