@@ -27,7 +27,7 @@ from opentelemetry import propagate, trace
 
 from croft.common import errors
 from croft.common.discovery import Instance, Watcher
-from croft.common.store import Store
+from croft.common.store import Store, observe, observed_all
 from croft.common.telemetry import current_trace_id
 from croft.v1 import common_pb2, common_pb2_grpc
 
@@ -45,7 +45,9 @@ def _wrap_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callab
         with _server_span(method, context):
             started = time.perf_counter()
             try:
-                return await behaviour(request, context)
+                reply = await behaviour(request, context)
+                context.set_trailing_metadata(_revisions_seen())
+                return reply
             except errors.CroftError as exc:
                 await context.abort(exc.grpc_code, exc.message)
             except (asyncio.CancelledError, grpc.aio.AbortError):
@@ -74,6 +76,25 @@ def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., An
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
 
     return handler
+
+
+_REVISIONS = "croft-revisions"
+
+
+def _revisions_seen() -> tuple[tuple[str, str], ...]:
+    """What this process has seen of the store, for the caller: whatever it did before
+    replying is then no news to a copy of the store the caller reads (store.mirror)."""
+    seen = observed_all()
+    return ((_REVISIONS, ",".join(f"{c:x}:{r:x}" for c, r in seen.items())),) if seen else ()
+
+
+def _observe_revisions(metadata: Any) -> None:
+    for key, value in metadata or ():
+        if key == _REVISIONS:
+            for pair in value.split(","):
+                cluster, _, revision = pair.partition(":")
+                with contextlib.suppress(ValueError):
+                    observe(int(cluster, 16), int(revision, 16))
 
 
 class _server_span:
@@ -318,7 +339,10 @@ class ServiceClient(Generic[StubT]):
             if remaining <= 0:
                 raise errors.Timeout(f"{self.service}.{method} timed out")
             try:
-                return await getattr(self._stub(instance), method)(request, timeout=remaining)
+                call = getattr(self._stub(instance), method)(request, timeout=remaining)
+                reply = await call
+                _observe_revisions(await call.trailing_metadata())
+                return reply
             except grpc.aio.AioRpcError as exc:
                 last = from_rpc_error(exc)
                 # No connection (a dead instance still registered): the callee never saw

@@ -22,12 +22,13 @@ from croft.api import responses
 from croft.api.auth import AccessMiddleware, identity
 from croft.api.events import EventHub
 from croft.api.operations import OperationManager
-from croft.api.records import DEFAULT_PROJECT, project_key, record_key
+from croft.api.records import DEFAULT_PROJECT, RECORDS, project_key, record_key
 from croft.api.tracing import TracingMiddleware
 from croft.common.errors import Conflict, CroftError, Internal, NotFound, NotImplementedYet
 from croft.common.events import EventPublisher, lifecycle_metadata
 from croft.common.events import publisher as shared_publisher
 from croft.common.store import Operation, Store
+from croft.common.store.mirror import MirroredStore
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +157,10 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
     default records, starts the operation manager and follows the event log; serve it
     with `croft.api.serving.serve_unix` (or any ASGI server that runs lifespans)."""
     settings = settings or ApiSettings()
+    # Records are read from a watched copy: see croft.common.store.mirror.
     publisher = shared_publisher(store)
+    mirror = MirroredStore(store, (RECORDS,))
+    store = mirror
     operations = OperationManager(
         store,
         location=settings.location,
@@ -172,6 +176,7 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await bootstrap(store, settings)
+        await mirror.start()
         await hub.start()
         await operations.start()
         try:
@@ -179,6 +184,7 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
         finally:
             await operations.close()
             await hub.close()
+            await mirror.close()
 
     app = FastAPI(
         lifespan=lifespan,

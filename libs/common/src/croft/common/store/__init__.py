@@ -25,7 +25,7 @@ from __future__ import annotations
 import abc
 import json
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -69,6 +69,16 @@ class WatchEvent:
     key: str
     value: bytes  # empty for DELETE
     revision: int
+    # For a PUT, what `get` would now also say of the entry (0 where a backend cannot
+    # say). Not part of an event's identity: that is the change, above.
+    create_revision: int = field(default=0, compare=False)
+    version: int = field(default=0, compare=False)
+    lease: int = field(default=0, compare=False)
+
+    def entry(self) -> Entry:
+        return Entry(
+            self.key, self.value, self.revision, self.create_revision, self.version, self.lease
+        )
 
 
 # Operations of a multi-key transaction.
@@ -111,13 +121,40 @@ class Lease:
     ttl: int
 
 
+# The highest store revision this process has seen, per cluster (etcd's cluster id): in
+# any answer of the store, and in the replies of other croft services (`croft.common.rpc`
+# carries it). A read served from a copy (`croft.common.store.mirror`) waits for the copy
+# to reach it, so that it never shows less than this process already knew.
+_observed: dict[int, int] = {}
+
+
+def observe(cluster: int, revision: int) -> None:
+    if revision > _observed.get(cluster, 0):
+        _observed[cluster] = revision
+
+
+def observed(cluster: int) -> int:
+    return _observed.get(cluster, 0)
+
+
+def observed_all() -> dict[int, int]:
+    return _observed
+
+
 class Store(abc.ABC):
+    # Which cluster the store is (etcd's cluster id), once it has answered; 0 before.
+    cluster: int = 0
+
     @abc.abstractmethod
     async def get(self, key: str) -> Entry | None: ...
 
     @abc.abstractmethod
     async def list(self, prefix: str) -> list[Entry]:
         """Every entry whose key starts with `prefix`, sorted by key."""
+
+    @abc.abstractmethod
+    async def list_at(self, prefix: str, revision: int) -> list[Entry]:
+        """`list` as the store was at `revision` (Compacted when that is forgotten)."""
 
     @abc.abstractmethod
     async def create(self, key: str, value: bytes, *, lease: int = 0) -> Entry: ...

@@ -56,6 +56,7 @@ from croft.common.store import (
     Store,
     Update,
     WatchEvent,
+    observe,
 )
 from croft.etcdpb import kv_pb2, rpc_pb2, rpc_pb2_grpc
 
@@ -153,27 +154,34 @@ class EtcdStore(Store):
         return _entry(kvs[0]) if kvs else None
 
     async def list(self, prefix: str) -> list[Entry]:
+        return await self.list_at(prefix, 0)
+
+    async def list_at(self, prefix: str, revision: int) -> list[Entry]:
+        """Every entry under `prefix` at `revision` (0: now). The pages of a long listing
+        are read at the revision of the first, so that they all show one moment."""
+        pinned = revision
         start, end = _prefix_range(prefix)
         entries: list[Entry] = []
-        revision = 0  # pinned by the first page so that all pages show one moment
         while True:
             request = rpc_pb2.RangeRequest(
                 key=start,
                 range_end=end,
                 limit=_LIST_PAGE,
-                revision=revision,
+                revision=pinned,
                 sort_order=rpc_pb2.RangeRequest.ASCEND,
                 sort_target=rpc_pb2.RangeRequest.KEY,
             )
             try:
                 answer = await self._unary(lambda c: c.kv.Range, request, f"list {prefix!r}")
             except Compacted:
+                if revision:
+                    raise
                 # Compacted between two pages: start again at the newest revision.
                 start, end = _prefix_range(prefix)
-                entries, revision = [], 0
+                entries, pinned = [], 0
                 continue
             response = answer.response
-            revision = response.header.revision
+            pinned = revision or response.header.revision
             entries.extend(_entry(kv) for kv in response.kvs)
             if not response.more or not response.kvs:
                 return entries
@@ -328,6 +336,7 @@ class EtcdStore(Store):
                         break
                     if response.canceled or response.compact_revision:
                         raise _watch_cancelled(prefix, next_revision, response)
+                    self._observe(response.header)
                     # etcd sends all events of a revision (a transaction's) in one response,
                     # so a stream can only break between revisions: resuming at the one after
                     # the last event delivered neither repeats nor skips anything.
@@ -447,7 +456,13 @@ class EtcdStore(Store):
                 raise
 
         response = await self._attempts(attempt, what)
+        self._observe(response.header)
         return _Answer(response, maybe_applied)
+
+    def _observe(self, header: Any) -> None:
+        if not self.cluster:
+            self.cluster = int(header.cluster_id)
+        observe(self.cluster, int(header.revision))
 
     async def _attempts(self, attempt: Callable[[_Connection, float], Any], what: str) -> Any:
         """Run `attempt` on the current endpoint, then on the next ones while they fail
@@ -613,8 +628,15 @@ def _entry(kv: kv_pb2.KeyValue) -> Entry:
 def _watch_event(event: kv_pb2.Event) -> WatchEvent:
     if event.type == kv_pb2.Event.DELETE:
         return WatchEvent(EventType.DELETE, event.kv.key.decode(), b"", int(event.kv.mod_revision))
+    kv = event.kv
     return WatchEvent(
-        EventType.PUT, event.kv.key.decode(), bytes(event.kv.value), int(event.kv.mod_revision)
+        EventType.PUT,
+        kv.key.decode(),
+        bytes(kv.value),
+        int(kv.mod_revision),
+        create_revision=int(kv.create_revision),
+        version=int(kv.version),
+        lease=int(kv.lease),
     )
 
 

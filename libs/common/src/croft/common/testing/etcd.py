@@ -232,6 +232,14 @@ class EtcdCluster:
         member.signal(signal.SIGKILL)
         member.wait()
 
+    def restart(self, index: int) -> None:
+        """Start member `index` again on its data dir (after `kill`), and wait until the
+        cluster is healthy."""
+        member = self.members[index]
+        initial = ",".join(f"{m.name}={m.peer_url}" for m in self.members)
+        member.start(initial, os.path.basename(self.dir), self.extra_args)
+        self._wait_healthy()
+
     def stop(self) -> None:
         # A member that lost its peers can linger in a graceful stop (leadership transfer);
         # the data is thrown away anyway, so it gets 1 s before SIGKILL.
@@ -291,6 +299,10 @@ class EtcdServer:
     def kill(self) -> None:
         """SIGKILL the member, as a crash would (the data dir stays until `stop()`)."""
         self.cluster.kill(0)
+
+    def restart(self) -> None:
+        """Start the member again on its data dir, after `kill`."""
+        self.cluster.restart(0)
 
     def __enter__(self) -> EtcdServer:
         return self.start()
