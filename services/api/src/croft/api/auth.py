@@ -27,6 +27,7 @@ import grpc
 from starlette.requests import HTTPConnection
 
 from croft.api import responses
+from croft.api.direct import FRONTED
 from croft.api.tls import certificate_fingerprint, peer_certificate
 from croft.common.errors import CroftError, NotFound, PermissionDenied, Unavailable
 from croft.common.rpc import ServiceClient, from_rpc_error
@@ -192,9 +193,14 @@ class AccessMiddleware:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket") or scope.get("scheme") not in (
-            "https",
-            "wss",
+        if (
+            FRONTED in scope
+            or scope["type"] not in ("http", "websocket")
+            or scope.get("scheme")
+            not in (
+                "https",
+                "wss",
+            )
         ):
             await self.app(scope, receive, send)
             return

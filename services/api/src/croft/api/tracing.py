@@ -9,6 +9,8 @@ from typing import Any
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
+from croft.api.direct import FRONTED
+
 tracer = trace.get_tracer("croft.api")
 
 
@@ -17,7 +19,7 @@ class TracingMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] not in ("http", "websocket"):
+        if FRONTED in scope or scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope.get("headers", [])}

@@ -1,0 +1,70 @@
+"""Plain HTTP requests skip FastAPI's layers (croft.api.direct), and are answered exactly
+as FastAPI would answer them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi.routing import APIRoute
+
+from croft.api import app as app_module
+from croft.api.direct import _takes_request
+
+from .conftest import Replica
+
+# Reads, refused writes (which change nothing), unknown paths and methods.
+REQUESTS: list[tuple[str, str, Any]] = [
+    ("GET", "/1.0", None),
+    ("GET", "/1.0/instances", None),
+    ("GET", "/1.0/instances?recursion=1", None),
+    ("GET", "/1.0/instances/missing", None),
+    ("GET", "/1.0/instances/missing/state", None),
+    ("POST", "/1.0/instances", {"name": "-bad", "source": {"type": "none"}}),
+    ("POST", "/1.0/instances", "not an object"),
+    ("PUT", "/1.0/instances/missing/state", {"action": "start"}),
+    ("GET", "/1.0/profiles", None),
+    ("GET", "/1.0/profiles/default", None),
+    ("POST", "/1.0/profiles", {"name": "default"}),
+    ("PATCH", "/1.0", {"config": {"no.such.key": "1"}}),
+    ("GET", "/1.0/images/aliases/missing", None),
+    ("GET", "/1.0/images/0123", None),
+    ("GET", "/1.0/operations", None),
+    ("GET", "/1.0/operations/00000000-0000-0000-0000-000000000000", None),
+    ("GET", "/1.0/events", None),  # not a websocket upgrade
+    ("GET", "/1.0/projects/nope/state", None),
+    ("GET", "/2.0/nothing", None),  # no such path
+    ("DELETE", "/1.0", None),  # no such method for the path
+    ("GET", "/", None),
+]
+
+
+def answers(replica: Replica) -> list[tuple[int, Any]]:
+    out = []
+    for method, path, body in REQUESTS:
+        reply = replica.request(method, path, body)
+        out.append((reply.status, reply.json))
+    return out
+
+
+def test_every_endpoint_is_called_directly() -> None:
+    for module in app_module.route_modules():
+        for route in module.router.routes:
+            if isinstance(route, APIRoute):  # every HTTP endpoint; websockets are not
+                assert _takes_request(route) is not None, route.path
+
+
+def test_direct_and_fastapi_answer_alike(replica: Replica) -> None:
+    app = replica.app
+    assert isinstance(app, app_module.CroftApp) and app.direct is not None
+    direct = answers(replica)
+    used = [how for how in app.direct._how.values() if how[1] is not None]
+    assert len(used) >= 10  # these requests really took the direct way
+    front, app.front = app.front, None  # everything through FastAPI
+    try:
+        through_fastapi = answers(replica)
+    finally:
+        app.front = front
+    for request, a, b in zip(REQUESTS, direct, through_fastapi, strict=True):
+        assert a == b, request
+    statuses = {status for status, _ in direct}
+    assert {200, 400, 404, 409, 501} <= statuses
