@@ -6,11 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.routing import APIRoute
+from starlette.routing import Match
 
 from croft.api import app as app_module
-from croft.api.direct import _takes_request
+from croft.api.direct import DirectRoutes, _takes_request
 
 from .conftest import Replica
+from .test_routing import concrete_paths, first_match
 
 # Reads, refused writes (which change nothing), unknown paths and methods.
 REQUESTS: list[tuple[str, str, Any]] = [
@@ -44,6 +46,26 @@ def answers(replica: Replica) -> list[tuple[int, Any]]:
         reply = replica.request(method, path, body)
         out.append((reply.status, reply.json))
     return out
+
+
+def test_the_route_found_is_the_one_starlette_finds() -> None:
+    routes = app_module.busiest_first(
+        [r for m in app_module.route_modules() for r in m.router.routes], app_module.HOT_PATHS
+    )
+    direct = DirectRoutes(None, routes, fallback=None)  # type: ignore[arg-type]
+    checked = 0
+    for route in routes:
+        for path in concrete_paths(route.path):
+            for method in ("GET", "PUT", "PATCH", "POST", "DELETE"):
+                scope = {"type": "http", "method": method, "path": path, "root_path": ""}
+                expected = first_match(routes, "http", method, path)
+                found = direct.match(scope)
+                if found is None:  # then FastAPI answers: nothing, or a partial match
+                    assert expected is None or expected.matches(scope)[0] is not Match.FULL
+                else:
+                    assert found[0] is expected, (method, path)
+                    checked += 1
+    assert checked > 500
 
 
 def test_every_endpoint_is_called_directly() -> None:

@@ -71,17 +71,34 @@ class DirectRoutes:
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         scope[FRONTED] = True
         if scope["type"] == "http":
-            for route in self.routes:
-                match, child = route.matches(scope)
-                if match is Match.FULL:
-                    how = self._how.get(id(route))
-                    if how is None or how[0] is not route:
-                        how = self._how[id(route)] = (route, _takes_request(route))
-                    if how[1] is not None:
-                        await self._call(route, how[1], {**scope, **child}, receive, send)
-                        return
-                    break
+            found = self.match(scope)
+            if found is not None:
+                route, child = found
+                how = self._how.get(id(route))
+                if how is None or how[0] is not route:
+                    how = self._how[id(route)] = (route, _takes_request(route))
+                if how[1] is not None:
+                    await self._call(route, how[1], {**scope, **child}, receive, send)
+                    return
         await self.fallback(scope, receive, send)
+
+    def match(self, scope: dict[str, Any]) -> tuple[Any, dict[str, Any]] | None:
+        """The first route that fully matches the request, as Starlette's router finds it,
+        and its child scope."""
+        path = scope["path"] if not scope.get("root_path") else ""
+        for route in self.routes:
+            # A route's path up to its first parameter is a prefix of every path it
+            # matches: most routes are ruled out by that, without their regex.
+            try:
+                literal = route._croft_literal
+            except AttributeError:
+                literal = route._croft_literal = _literal_prefix(route)
+            if not path.startswith(literal):
+                continue
+            match, child = route.matches(scope)
+            if match is Match.FULL:
+                return route, child
+        return None
 
     async def _call(
         self, route: Any, takes_request: bool, scope: dict[str, Any], receive: Any, send: Any
@@ -99,6 +116,11 @@ class DirectRoutes:
         except Exception as exc:
             response = error_response(request, exc)
         await response(scope, receive, send)
+
+
+def _literal_prefix(route: Any) -> str:
+    path = getattr(route, "path", None)
+    return path.split("{", 1)[0] if isinstance(path, str) else ""
 
 
 def _takes_request(route: Any) -> bool | None:
