@@ -5,11 +5,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi.routing import APIRoute
 from starlette.routing import Match
 
 from croft.api import app as app_module
-from croft.api.direct import DirectRoutes, _takes_request
+from croft.api.direct import DirectRoutes, call_of
 
 from .conftest import Replica
 from .test_routing import concrete_paths, first_match
@@ -71,8 +70,7 @@ def test_the_route_found_is_the_one_starlette_finds() -> None:
 def test_every_endpoint_is_called_directly() -> None:
     for module in app_module.route_modules():
         for route in module.router.routes:
-            if isinstance(route, APIRoute):  # every HTTP endpoint; websockets are not
-                assert _takes_request(route) is not None, route.path
+            assert call_of(route) is not None, route.path
 
 
 def test_direct_and_fastapi_answer_alike(replica: Replica) -> None:

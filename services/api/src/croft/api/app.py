@@ -213,14 +213,14 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
 
 
 class CroftApp(FastAPI):
-    """FastAPI, in front of which plain HTTP requests take a shorter way (`front`,
-    croft.api.direct); websockets and lifespan events go through FastAPI as usual."""
+    """FastAPI, in front of which requests take a shorter way (`front`, croft.api.direct);
+    lifespan events go through FastAPI as usual."""
 
     direct: DirectRoutes | None = None
     front: Any = None  # croft's middlewares around `direct`; None: all through FastAPI
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and self.front is not None and FRONTED not in scope:
+        if self.front is not None and scope["type"] != "lifespan" and FRONTED not in scope:
             await self.front(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)

@@ -1,4 +1,4 @@
-"""Plain HTTP requests answered without FastAPI's per-request machinery.
+"""Requests answered without FastAPI's per-request machinery.
 
 Every croft endpoint is `async def handler(request, <path parameters>) -> Response`: it
 reads its own query and body, and raises croft errors. FastAPI adds nothing such a
@@ -8,9 +8,11 @@ dependency solving): ~0.2 ms of CPU per request, a dozen times per `lxc launch`.
 
 `DirectRoutes` matches a request against the app's routes, in the app's order and with
 the routes' own matchers, so the route that answers is the one FastAPI would pick, and
-calls the handler itself, with croft's error handling. What it does not take (websockets,
-unknown paths, a method a path has no handler for) goes to FastAPI, which answers exactly
-as before. croft's own middlewares (tracing, access) run on both ways, once.
+calls the handler itself, with croft's error handling. Websockets go the same way: an
+event sent to a `/1.0/events` listener then crosses no FastAPI layer either. What it does
+not take (unknown paths, a method a path has no handler for) goes to FastAPI, which
+answers exactly as before. croft's own middlewares (tracing, access) run on both ways,
+once.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, APIWebSocketRoute
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Match
+from starlette.websockets import WebSocket
 
 from croft.api import responses
 from croft.common.errors import CroftError, Internal, NotFound, NotImplementedYet
@@ -58,27 +61,28 @@ def error_response(request: Request, exc: Exception) -> Response:
 
 
 class DirectRoutes:
-    """The ASGI app that answers plain HTTP routes directly, else hands on to `fallback`."""
+    """The ASGI app that calls croft's handlers directly, else hands on to `fallback`."""
 
     def __init__(self, app: Any, routes: list[Any], fallback: ASGIApp) -> None:
         self.app = app
         self.routes = routes  # the app's own list: routes added later count too
         self.fallback = fallback
-        # By id of route (routes are not hashable): how to call it, (route, whether the
-        # handler takes the request), or (route, None) for one this class does not call.
-        self._how: dict[int, tuple[Any, bool | None]] = {}
+        # By id of route (routes are not hashable): (route, how its handler is called),
+        # how being None for a route this class leaves to FastAPI.
+        self._how: dict[int, tuple[Any, Call | None]] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         scope[FRONTED] = True
-        if scope["type"] == "http":
+        if scope["type"] in ("http", "websocket"):
             found = self.match(scope)
             if found is not None:
                 route, child = found
                 how = self._how.get(id(route))
                 if how is None or how[0] is not route:
-                    how = self._how[id(route)] = (route, _takes_request(route))
+                    how = self._how[id(route)] = (route, call_of(route))
                 if how[1] is not None:
-                    await self._call(route, how[1], {**scope, **child}, receive, send)
+                    scope = {**scope, **child, "app": self.app, "route": route}
+                    await how[1](route, scope, receive, send)
                     return
         await self.fallback(scope, receive, send)
 
@@ -100,36 +104,58 @@ class DirectRoutes:
                 return route, child
         return None
 
-    async def _call(
-        self, route: Any, takes_request: bool, scope: dict[str, Any], receive: Any, send: Any
-    ) -> None:
-        scope["app"] = self.app
-        scope["route"] = route
-        request = Request(scope, receive, send)
-        try:
-            if takes_request:
-                response = await route.endpoint(request, **scope["path_params"])
-            else:
-                response = await route.endpoint(**scope["path_params"])
-            if not isinstance(response, Response):
-                raise TypeError(f"{route.path} returned {type(response).__name__}, not a Response")
-        except Exception as exc:
-            response = error_response(request, exc)
-        await response(scope, receive, send)
+
+Call = Callable[[Any, dict[str, Any], Any, Any], Awaitable[None]]
+
+
+async def _http(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    request = Request(scope, receive, send)
+    try:
+        response = await route.endpoint(request, **scope["path_params"])
+        if not isinstance(response, Response):
+            raise TypeError(f"{route.path} returned {type(response).__name__}, not a Response")
+    except Exception as exc:
+        response = error_response(request, exc)
+    await response(scope, receive, send)
+
+
+async def _http_without_request(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    async def endpoint(request: Request, **params: Any) -> Any:
+        return await route.endpoint(**params)
+
+    await _http(_Endpoint(route.path, endpoint), scope, receive, send)
+
+
+async def _websocket(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+    # croft's websocket handlers turn their own errors into a close or a refusal; what
+    # else escapes is a bug, which uvicorn logs and answers (500, or close 1011), as it
+    # does when FastAPI lets it through.
+    await route.endpoint(WebSocket(scope, receive, send), **scope["path_params"])
+
+
+class _Endpoint:
+    def __init__(self, path: str, endpoint: Callable[..., Awaitable[Any]]) -> None:
+        self.path = path
+        self.endpoint = endpoint
+
+
+def call_of(route: Any) -> Call | None:
+    """How to call a route's handler that is a coroutine taking nothing but the request
+    (or websocket) and the path parameters, as every croft endpoint does; None for any
+    other route, which goes through FastAPI."""
+    if not isinstance(route, APIRoute | APIWebSocketRoute) or not inspect.iscoroutinefunction(
+        route.endpoint
+    ):
+        return None
+    names = set(inspect.signature(route.endpoint).parameters)
+    first = "websocket" if isinstance(route, APIWebSocketRoute) else "request"
+    if names - {first} != set(route.param_convertors):
+        return None
+    if first == "websocket":
+        return _websocket if first in names else None
+    return _http if first in names else _http_without_request
 
 
 def _literal_prefix(route: Any) -> str:
     path = getattr(route, "path", None)
     return path.split("{", 1)[0] if isinstance(path, str) else ""
-
-
-def _takes_request(route: Any) -> bool | None:
-    """For a FastAPI route whose handler is a coroutine taking nothing but the request
-    and path parameters (every croft endpoint): whether it takes the request. None for
-    any other route, which goes through FastAPI."""
-    if not isinstance(route, APIRoute) or not inspect.iscoroutinefunction(route.endpoint):
-        return None
-    names = set(inspect.signature(route.endpoint).parameters)
-    if names - {"request"} != set(route.param_convertors):
-        return None
-    return "request" in names
