@@ -8,7 +8,7 @@ are croft's own bookkeeping and never leave the api.
 
 from __future__ import annotations
 
-import copy
+import marshal
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,6 +33,12 @@ def project_key(name: str) -> str:
 
 def _create(key: str, record: dict[str, Any]) -> Operation:
     return Create(key, dump(record))
+
+
+def copy_record(record: Any) -> Any:
+    """A deep copy of JSON-shaped data (dicts, lists, strings, numbers, booleans, None):
+    marshal's round trip, ~4x cheaper than copy.deepcopy for a record."""
+    return marshal.loads(marshal.dumps(record))
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:
@@ -60,14 +66,14 @@ async def modify(
     same transaction as the record's (an event about the change, say)."""
     for _ in range(20):
         if current is not None:
-            record, revision = copy.deepcopy(current[0]), current[1]
+            record, revision = copy_record(current[0]), current[1]
             current = None
         else:
             found = await store.get(key)
             if found is None:
                 if default is None:
                     raise NotFound(missing)
-                new = change(copy.deepcopy(default))
+                new = change(copy_record(default))
                 try:
                     await store.transaction([_create(key, new), *also])
                 except Conflict:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 import os
 import secrets
@@ -27,7 +26,13 @@ from croft.common import events
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
-from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    copy_record,
+    modify,
+    record_key,
+    record_prefix,
+)
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Operation, dump
 from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
@@ -174,7 +179,7 @@ class ComputeCore:
     async def _create(self, record: dict[str, Any], fingerprint: str) -> dict[str, Any]:
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
-        devices = copy.deepcopy(record.get("expanded_devices") or {})
+        devices = copy_record(record.get("expanded_devices") or {})
         _, root = root_disk(devices)
         pool = root.get("pool", "")
         if not pool:
@@ -253,7 +258,7 @@ class ComputeCore:
             except Conflict:
                 undo.pop()  # a definition of that name was there before: not this create's
                 raise
-            written = copy.deepcopy(record)
+            written = copy_record(record)
             record["_croft"]["state"] = "created"
             record["_croft"]["rootfs"] = volume.path
             # The complete record and its event, in one write.
@@ -818,7 +823,7 @@ class ComputeCore:
                 raise InvalidArgument("Renaming of running container not allowed")
             if await self.store.get(instance_key(project, new_name)) is not None:
                 raise Conflict(f'Name "{new_name}" already in use')
-            marked = copy.deepcopy(record)
+            marked = copy_record(record)
             marked["_croft"]["renaming"] = new_name
             entry = await self.store.update(
                 instance_key(project, name), dump(marked), revision=revision
@@ -848,7 +853,7 @@ class ComputeCore:
         spec = await self._spec_with_nics(project, new_name, record, volume.path)
         await _uninterrupted(self._delete_definition(driver_name(project, name)))
         await _uninterrupted(self.driver.create(spec))
-        renamed = copy.deepcopy(record)
+        renamed = copy_record(record)
         renamed["name"] = new_name
         renamed["_croft"]["rootfs"] = volume.path
         renamed["_croft"].pop("renaming", None)
@@ -924,7 +929,7 @@ class ComputeCore:
         (re)attached under that name."""
         config = dict(record["expanded_config"])
         devices = await self._attach_nics(
-            project, name, copy.deepcopy(record.get("expanded_devices") or {}), config, []
+            project, name, copy_record(record.get("expanded_devices") or {}), config, []
         )
         return InstanceSpec(
             name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -35,7 +34,13 @@ from typing import Any
 from croft.common import events
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
-from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    copy_record,
+    modify,
+    record_key,
+    record_prefix,
+)
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Put, Update, dump
 from croft.images.format import unpack_image
@@ -139,7 +144,7 @@ def _volume_record(
 
 
 def _completed(record: dict[str, Any]) -> dict[str, Any]:
-    done = copy.deepcopy(record)
+    done = copy_record(record)
     done["_croft"].pop("state", None)
     done["_croft"].pop("renamed_from", None)
     return done
