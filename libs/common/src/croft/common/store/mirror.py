@@ -85,14 +85,18 @@ class MirroredStore(Store):
         return self._following
 
     async def _follow(self) -> None:
+        loaded = False
         while True:
             try:
-                revision = await self._load()
-                watch = self.inner.watch("", start_revision=revision)
+                if not loaded:
+                    await self._load()
+                    loaded = True
+                # After a lost watch, the copy is good up to its revision: go on from there.
+                watch = self.inner.watch("", start_revision=self._revision)
                 try:
                     self._following = True
                     self._ready.set()
-                    self._advance(revision)
+                    self._advance(self._revision)
                     async for change in watch:
                         self._apply(change)
                 finally:
@@ -103,15 +107,17 @@ class MirroredStore(Store):
                 raise
             except Compacted:
                 log.info("store mirror fell behind compaction; loading it again")
+                loaded = False
             except CroftError as exc:
-                log.warning("store mirror lost its watch (%s); loading it again", exc)
+                log.warning("store mirror lost its watch (%s); resuming", exc)
                 await asyncio.sleep(0.5)
             except Exception:
-                log.exception("store mirror failed; reads go to the store while it restarts")
+                log.exception("store mirror failed; reads go to the store until it reloads")
+                loaded = False
                 await asyncio.sleep(0.5)
 
-    async def _load(self) -> int:
-        """Every entry under the prefixes at one revision, which is returned."""
+    async def _load(self) -> None:
+        """Every entry under the prefixes, at one revision."""
         revision = await self.inner.revision()
         entries: dict[str, Entry] = {}
         for prefix in self.prefixes:
@@ -120,7 +126,6 @@ class MirroredStore(Store):
         self._entries = entries
         self._keys_stale = True
         self._revision = revision
-        return revision
 
     def _apply(self, change: WatchEvent) -> None:
         if change.key.startswith(self.prefixes):
