@@ -60,6 +60,18 @@ def test_image_import_and_list(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> No
     assert len(images[0]["fingerprint"]) == 64
 
 
+def test_a_launch_records_the_use_of_its_image(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
+    _, lxc, _ = croft_lxc
+    first = lxc.json("image", "list")[0]["last_used_at"]
+    assert not first.startswith("0001-")  # c1's launch used it
+    time.sleep(1.1)  # uses within one second are recorded once
+    lxc("init", "busybox", "c-uses")
+    try:
+        assert lxc.json("image", "list")[0]["last_used_at"] > first
+    finally:
+        lxc("delete", "c-uses")
+
+
 def test_launched_container_runs_with_an_address_from_the_bridge(
     croft_lxc: tuple[Croft, Lxc, str], c1: str
 ) -> None:

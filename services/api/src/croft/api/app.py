@@ -221,6 +221,7 @@ class CroftApp(FastAPI):
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if self.front is not None and scope["type"] != "lifespan" and FRONTED not in scope:
+            scope["app"] = self  # as Starlette does: the middlewares may look at it
             await self.front(scope, receive, send)
         else:
             await super().__call__(scope, receive, send)

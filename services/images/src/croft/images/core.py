@@ -173,6 +173,45 @@ def new_image_record(
 # ---------------------------------------------------------------------------- the core
 
 
+async def find(store: Store, project: str, fingerprint: str) -> tuple[dict[str, Any], int]:
+    """The record (and its revision) of the image whose fingerprint is `fingerprint` or
+    starts with it. NotFound, or InvalidArgument when a prefix matches several."""
+    if not _HEX.match(fingerprint):
+        raise NotFound(IMAGE_NOT_FOUND)
+    if len(fingerprint) == 64:
+        entry = await store.get(image_key(project, fingerprint))
+        entries = [] if entry is None else [entry]
+    else:
+        entries = await store.list(image_key(project, fingerprint))
+    if not entries:
+        raise NotFound(IMAGE_NOT_FOUND)
+    if len(entries) > 1:
+        raise InvalidArgument("More than one image matches")
+    return entries[0].json(), entries[0].revision
+
+
+async def lookup(store: Store, project: str, name: str) -> tuple[dict[str, Any], int]:
+    """The record (and its revision) of the image an alias, a fingerprint or a unique
+    fingerprint prefix names, the way `lxc launch NAME` looks it up: the alias first (a
+    full fingerprint is looked up as one first: that is what a launch sends). Only reads,
+    so any service may look an image up in the store. NotFound("Image not found")."""
+    if not name:
+        raise NotFound(IMAGE_NOT_FOUND)
+    if len(name) == 64 and _HEX.match(name):
+        entry = await store.get(image_key(project, name))
+        if entry is not None:
+            return entry.json(), entry.revision
+    alias = await store.get(alias_key(project, name))
+    target = alias.json()["target"] if alias is not None else name
+    return await find(store, project, target)
+
+
+def used_lately(record: dict[str, Any]) -> bool:
+    """Whether the image's last use is recorded within the current second: marking it used
+    again would change nothing (see ImagesCore.resolve)."""
+    return bool(record.get("last_used_at", "")[:19] == rfc3339_nano()[:19])
+
+
 class ImagesCore:
     """Images and aliases of every project; blobs of the images uploaded to this member."""
 
@@ -186,20 +225,7 @@ class ImagesCore:
     # -- reading ------------------------------------------------------------------------
 
     async def find(self, project: str, fingerprint: str) -> tuple[dict[str, Any], int]:
-        """The record (and its revision) of the image whose fingerprint is `fingerprint` or
-        starts with it. NotFound, or InvalidArgument when a prefix matches several."""
-        if not _HEX.match(fingerprint):
-            raise NotFound(IMAGE_NOT_FOUND)
-        if len(fingerprint) == 64:
-            entry = await self.store.get(image_key(project, fingerprint))
-            entries = [] if entry is None else [entry]
-        else:
-            entries = await self.store.list(image_key(project, fingerprint))
-        if not entries:
-            raise NotFound(IMAGE_NOT_FOUND)
-        if len(entries) > 1:
-            raise InvalidArgument("More than one image matches")
-        return entries[0].json(), entries[0].revision
+        return await find(self.store, project, fingerprint)
 
     async def aliases(self, project: str) -> list[dict[str, Any]]:
         return [e.json() for e in await self.store.list(record_prefix(ALIASES, project))]
@@ -221,17 +247,7 @@ class ImagesCore:
 
         `mark_used` (an instance is being made from it) sets its last_used_at and leaves
         the aliases out of the answer."""
-        if not name:
-            raise NotFound(IMAGE_NOT_FOUND)
-        found: tuple[dict[str, Any], int] | None = None
-        if len(name) == 64 and _HEX.match(name):
-            entry = await self.store.get(image_key(project, name))
-            if entry is not None:
-                found = entry.json(), entry.revision
-        if found is None:
-            alias = await self.store.get(alias_key(project, name))
-            target = alias.json()["target"] if alias is not None else name
-            found = await self.find(project, target)
+        found = await lookup(self.store, project, name)
         if mark_used:
             return public(await self._mark_used(project, found))
         return await self.render(project, found[0])
@@ -241,8 +257,7 @@ class ImagesCore:
         same second as the recorded one changes nothing (10 launches at once would
         otherwise fight over the record for no visible difference)."""
         record = found[0]
-        now = rfc3339_nano()
-        if record.get("last_used_at", "")[:19] == now[:19]:
+        if used_lately(record):
             return record
 
         def change(current: dict[str, Any]) -> dict[str, Any]:

@@ -42,6 +42,8 @@ from croft.common.errors import (
 )
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
+from croft.images.core import lookup as image_lookup
+from croft.images.core import used_lately
 from croft.v1 import common_pb2, compute_pb2, images_pb2
 
 router = APIRouter()
@@ -377,14 +379,23 @@ def _check_source(source: InstanceSource) -> None:
         )
 
 
-async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]:
-    """The image a source names, from the images service. NotFound in LXD's words:
-    `Image alias not found` for an alias (as LXD, 404), `Image not found` for a
-    fingerprint (LXD fails the operation instead: "Image not provided for instance
-    creation")."""
+async def _resolve_image(store: Any, project: str, source: InstanceSource) -> dict[str, Any]:
+    """The image a source names. NotFound in LXD's words: `Image alias not found` for an
+    alias (as LXD, 404), `Image not found` for a fingerprint (LXD fails the operation
+    instead: "Image not provided for instance creation").
+
+    It is looked up in the store (the api's copy of it); the images service, the image's
+    owner, is asked only to record the use, when that changes its last_used_at."""
     if source.server:
         return await _pull_image_for_instance(project, source)
     name = source.fingerprint or source.alias
+    not_found = "Image not found" if source.fingerprint else "Image alias not found"
+    try:
+        record, _ = await image_lookup(store, project, name)
+    except NotFound:
+        raise NotFound(not_found) from None
+    if used_lately(record):
+        return public(record)
     images = await services().images()
     try:
         reply = await images.call(
@@ -392,9 +403,7 @@ async def _resolve_image(project: str, source: InstanceSource) -> dict[str, Any]
             images_pb2.ResolveImageRequest(project=project, name=name, mark_used=True),
         )
     except NotFound:
-        raise NotFound(
-            "Image not found" if source.fingerprint else "Image alias not found"
-        ) from None
+        raise NotFound(not_found) from None
     image: dict[str, Any] = json.loads(reply.record)
     return image
 
@@ -473,7 +482,7 @@ async def instances_post(request: Request) -> Response:
         raise Conflict(f'Instance "{name}" already exists')
     fingerprint = ""
     if req.source.type == "image":
-        image = await _resolve_image(project, req.source)
+        image = await _resolve_image(ctx.store, project, req.source)
         fingerprint = image["fingerprint"]
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
