@@ -63,8 +63,8 @@ def traces(croft: Croft, bridge: str, name: str) -> dict[str, int]:
         for key in network.get("_croft", {}).get("nics", {})
         if key.split("/")[1] == name
     ]
-    hosts_file = state / "networks" / bridge / "dnsmasq.hosts"
-    hosts = hosts_file.read_text().splitlines() if hosts_file.exists() else []
+    hosts_dir = state / "networks" / bridge / "dnsmasq.hosts.d"
+    hosts = [p.read_text() for p in hosts_dir.iterdir()] if hosts_dir.is_dir() else []
     return {
         "instance records": len(records),
         "complete instance records": sum(

@@ -2,8 +2,11 @@
 
 dnsmasq runs as a daemon (it outlives the network service); its pid file plus a
 /proc check of its command line lets a restarted service adopt it instead of starting a
-second copy. Host entries live in files dnsmasq re-reads on SIGHUP, so adding or
-removing an instance never restarts it.
+second copy. Host entries live in directories dnsmasq watches (`--dhcp-hostsdir`,
+`--hostsdir`), one file per host: adding an instance writes its two small files, which
+dnsmasq reads through inotify, instead of rewriting files of every host and making
+dnsmasq re-read them all (SIGHUP) on every launch. Removing one deletes its files and
+sends a SIGHUP (dnsmasq forgets DHCP hosts only then). Nothing restarts dnsmasq.
 """
 
 from __future__ import annotations
@@ -82,8 +85,10 @@ class Dnsmasq:
         self.interface = interface
         self.pid_file = state_dir / "dnsmasq.pid"
         self.lease_file = state_dir / "dnsmasq.leases"
-        self.hosts_file = state_dir / "dnsmasq.hosts"
-        self.addn_hosts_file = state_dir / "dnsmasq.addn-hosts"
+        self.hosts_dir = state_dir / "dnsmasq.hosts.d"  # DHCP hosts: MAC, [address,] name
+        self.names_dir = state_dir / "dnsmasq.names.d"  # DNS names of fixed addresses
+        # Where host entries lived before: read once, then replaced by the directories.
+        self.legacy_files = (state_dir / "dnsmasq.hosts", state_dir / "dnsmasq.addn-hosts")
         self.raw_file = state_dir / "dnsmasq.raw"
         self.log_file = state_dir / "dnsmasq.log"
 
@@ -110,8 +115,8 @@ class Dnsmasq:
             "--dhcp-no-override",
             "--dhcp-authoritative",
             f"--dhcp-leasefile={self.lease_file}",
-            f"--dhcp-hostsfile={self.hosts_file}",
-            f"--addn-hosts={self.addn_hosts_file}",
+            f"--dhcp-hostsdir={self.hosts_dir}",
+            f"--hostsdir={self.names_dir}",
             *(f"--dhcp-range={r}" for r in opts.dhcp_ranges),
             *(f"--dhcp-option={o}" for o in opts.dhcp_options),
         ]
@@ -156,8 +161,8 @@ class Dnsmasq:
                 self.reload()
                 return pid
             self.stop()
-        self.hosts_file.touch()
-        self.addn_hosts_file.touch()
+        self.hosts_dir.mkdir(exist_ok=True)
+        self.names_dir.mkdir(exist_ok=True)
         self.pid_file.unlink(missing_ok=True)
         # dnsmasq's parent exits once the daemon is ready (or reports why it is not), so
         # run() returns with the pid file written.
@@ -190,22 +195,60 @@ class Dnsmasq:
     # -- files ---------------------------------------------------------------------
 
     def read_hosts(self) -> list[DhcpHost]:
-        try:
-            text = self.hosts_file.read_text()
-        except FileNotFoundError:
-            return []
-        return [h for h in map(DhcpHost.parse, text.splitlines()) if h is not None]
+        hosts: dict[str, DhcpHost] = {}
+        with contextlib.suppress(FileNotFoundError):
+            for line in self.legacy_files[0].read_text().splitlines():
+                if (host := DhcpHost.parse(line)) is not None:
+                    hosts[host.hwaddr] = host
+        with contextlib.suppress(FileNotFoundError):
+            for entry in os.scandir(self.hosts_dir):
+                if entry.name.startswith("."):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    host = DhcpHost.parse(Path(entry.path).read_text())
+                    if host is not None:
+                        hosts[host.hwaddr] = host
+        return sorted(hosts.values(), key=lambda h: h.hwaddr)
 
     def write_hosts(self, hosts: Iterable[DhcpHost], domain: str | None) -> None:
-        """Replace both host files atomically (rename), so dnsmasq never reads half."""
+        """Make the host entries exactly `hosts` (and drop the old single files)."""
         hosts = list(hosts)
-        _write_atomic(self.hosts_file, "".join(h.line() + "\n" for h in hosts))
-        names = []
-        for h in hosts:
-            if h.ipv4:
-                fqdn = f"{h.name}.{domain} " if domain else ""
-                names.append(f"{h.ipv4} {fqdn}{h.name}\n")
-        _write_atomic(self.addn_hosts_file, "".join(names))
+        for directory in (self.hosts_dir, self.names_dir):
+            directory.mkdir(exist_ok=True)
+        wanted = {_file_name(h.hwaddr) for h in hosts}
+        for directory in (self.hosts_dir, self.names_dir):
+            for entry in os.scandir(directory):
+                if entry.name not in wanted:
+                    Path(entry.path).unlink(missing_ok=True)
+        for host in hosts:
+            self.add_host(host, domain)
+        for legacy in self.legacy_files:
+            legacy.unlink(missing_ok=True)
+
+    def host(self, hwaddr: str) -> DhcpHost | None:
+        """The entry of one MAC address, if there is one."""
+        try:
+            return DhcpHost.parse((self.hosts_dir / _file_name(hwaddr)).read_text())
+        except FileNotFoundError:
+            return None
+
+    def add_host(self, host: DhcpHost, domain: str | None) -> None:
+        """Add (or replace) one host's entries; a running dnsmasq reads them by itself."""
+        name = _file_name(host.hwaddr)
+        _write_atomic(self.hosts_dir / name, host.line() + "\n")
+        if host.ipv4:
+            fqdn = f"{host.name}.{domain} " if domain else ""
+            _write_atomic(self.names_dir / name, f"{host.ipv4} {fqdn}{host.name}\n")
+        else:
+            (self.names_dir / name).unlink(missing_ok=True)
+
+    def remove_host(self, hwaddr: str) -> bool:
+        """Remove one host's entries; whether there were any. The caller reloads."""
+        name = _file_name(hwaddr)
+        found = (self.hosts_dir / name).exists()
+        (self.hosts_dir / name).unlink(missing_ok=True)
+        (self.names_dir / name).unlink(missing_ok=True)
+        return found
 
     def read_leases(self) -> list[Lease]:
         try:
@@ -238,8 +281,13 @@ class Dnsmasq:
         run(argv, timeout=10)
 
 
+def _file_name(hwaddr: str) -> str:
+    return hwaddr.lower().replace(":", "-")
+
+
 def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    # A dot name: dnsmasq's inotify skips it, and reads the file once renamed into place.
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text)
     tmp.chmod(0o644)  # dnsmasq re-reads these after dropping root
     os.replace(tmp, path)

@@ -506,7 +506,8 @@ class BridgeDriver(NetworkDriver):
             ipv6_ra=cfg.ipv6 is not None,
             raw_config=bool(cfg.raw_dnsmasq),
         )
-        # Host files are rewritten on start so a changed dns.domain reaches addn-hosts.
+        # Host entries are rewritten on start: a changed dns.domain reaches the names, and
+        # entries of an older croft (single files) move into the directories.
         dnsmasq.write_hosts(dnsmasq.read_hosts(), cfg.dns_domain)
         dnsmasq.start(dnsmasq.argv(opts))
 
@@ -623,31 +624,32 @@ class BridgeDriver(NetworkDriver):
                     raise Conflict(f"IPv4 address {ip} is the gateway of {network!r}")
                 address = str(ip)
             dnsmasq = self._dnsmasq(network)
-            hosts = [h for h in dnsmasq.read_hosts() if h.hwaddr != hwaddr]
             if address is not None:
-                for h in hosts:
-                    if h.ipv4 == address:
+                for h in dnsmasq.read_hosts():
+                    if h.ipv4 == address and h.hwaddr != hwaddr:
                         raise Conflict(
                             f"IPv4 address {address} is already assigned to {h.name!r} "
                             f"on network {network!r}"
                         )
-            hosts.append(DhcpHost(hwaddr, instance, address))
-            dnsmasq.write_hosts(hosts, cfg.dns_domain)
-            dnsmasq.reload()
+            entry = DhcpHost(hwaddr, instance, address)
+            previous = dnsmasq.host(hwaddr)
+            if previous != entry:
+                # dnsmasq reads the new entry from its directory by itself; the one it
+                # replaces is forgotten by DHCP only at a reload.
+                dnsmasq.add_host(entry, cfg.dns_domain)
+                if previous is not None:
+                    dnsmasq.reload()
             return address
 
     def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         hwaddr = hwaddr.lower()
         with self._locked(network):
             try:
-                cfg = BridgeConfig.parse(self._stored_config(network))
+                self._stored_config(network)
             except NotFound:
                 return
             dnsmasq = self._dnsmasq(network)
-            hosts = dnsmasq.read_hosts()
-            kept = [h for h in hosts if h.hwaddr != hwaddr]
-            if len(kept) != len(hosts):
-                dnsmasq.write_hosts(kept, cfg.dns_domain)
+            if dnsmasq.remove_host(hwaddr):
                 dnsmasq.reload()
             self._release_leases(dnsmasq, hwaddr)
 
