@@ -282,6 +282,27 @@ async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
     await client.call("DetachInstance", nic("crtnnothere", "c1", guest.hwaddr))
 
 
+async def test_a_nic_change_keeps_a_change_of_the_record_made_meanwhile(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    """The service starts a NIC change from the record as it last wrote it; a write made
+    elsewhere in between must survive the next attach and detach."""
+    bridge = running.bridge
+    await client.call("AttachInstance", nic(bridge, "k1", "00:16:3e:00:00:a1"), idempotent=False)
+    found = await store.get_json(network_key(bridge))
+    assert found is not None
+    changed = {**found[0], "description": "changed meanwhile"}
+    await store.update_json(network_key(bridge), changed, revision=found[1])
+    await client.call("AttachInstance", nic(bridge, "k2", "00:16:3e:00:00:a2"), idempotent=False)
+    record = await record_of(store, bridge)
+    assert record["description"] == "changed meanwhile"
+    assert record["used_by"] == ["/1.0/instances/k1", "/1.0/instances/k2"]
+    await client.call("DetachInstance", nic(bridge, "k1", "00:16:3e:00:00:a1"))
+    await client.call("DetachInstance", nic(bridge, "k2", "00:16:3e:00:00:a2"))
+    record = await record_of(store, bridge)
+    assert record["description"] == "changed meanwhile" and record["used_by"] == []
+
+
 async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
     running: NetworkService, store: Store, client: ServiceClient[Any]
 ) -> None:

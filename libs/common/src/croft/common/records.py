@@ -56,6 +56,23 @@ async def modify(
     current: tuple[dict[str, Any], int] | None = None,
     also: Sequence[Operation] = (),
 ) -> dict[str, Any]:
+    """`modify_entry`, for the record alone."""
+    new, _ = await modify_entry(
+        store, key, change, missing=missing, default=default, current=current, also=also
+    )
+    return new
+
+
+async def modify_entry(
+    store: Store,
+    key: str,
+    change: Callable[[dict[str, Any]], dict[str, Any]],
+    *,
+    missing: str,
+    default: dict[str, Any] | None = None,
+    current: tuple[dict[str, Any], int] | None = None,
+    also: Sequence[Operation] = (),
+) -> tuple[dict[str, Any], int]:
     """Read-modify-write of one record under compare-and-swap, retried when another writer
     got in between. `change` gets the current record and returns the new one (it may raise
     to refuse, and is re-run on a retry). A missing record is NotFound(`missing`), or
@@ -63,7 +80,8 @@ async def modify(
 
     `current` is the record and revision the caller just read, when it has them: the
     first attempt then writes without reading again. `also` are writes that go in the
-    same transaction as the record's (an event about the change, say)."""
+    same transaction as the record's (an event about the change, say). Returns the record
+    written and its revision."""
     for _ in range(20):
         if current is not None:
             record, revision = copy_record(current[0]), current[1]
@@ -75,19 +93,19 @@ async def modify(
                     raise NotFound(missing)
                 new = change(copy_record(default))
                 try:
-                    await store.transaction([_create(key, new), *also])
+                    written = await store.transaction([_create(key, new), *also])
                 except Conflict:
                     continue
-                return new
+                return new, written
             record, revision = found.json(), found.revision
         new = change(record)
         try:
-            await store.transaction([Update(key, dump(new), revision), *also])
+            written = await store.transaction([Update(key, dump(new), revision), *also])
         except Conflict:
             continue
         except NotFound:
             if default is None:
                 raise NotFound(missing) from None
             continue
-        return new
+        return new, written
     raise Conflict(f"{key} is changing too fast to be updated; try again")

@@ -26,7 +26,14 @@ from typing import Any, TypeVar
 from croft.common import events
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
-from croft.common.records import DEFAULT_PROJECT, modify, record_key, record_prefix
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    copy_record,
+    modify,
+    modify_entry,
+    record_key,
+    record_prefix,
+)
 from croft.common.service import ServiceContext
 from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
 
@@ -111,6 +118,11 @@ class NetworkCore:
         )
         self._drivers: dict[str, NetworkDriver] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # A network record as this process last wrote it, and its revision: a NIC's attach
+        # or detach starts from it instead of reading the store (this service is the
+        # record's writer; a compare-and-swap still catches any other write). Dropped by
+        # every other change of the network.
+        self._written: dict[str, tuple[dict[str, Any], int]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -185,6 +197,7 @@ class NetworkCore:
         key = network_key(name)
 
         async def ensure() -> dict[str, Any] | None:
+            self._written.pop(name, None)
             found = await self.store.get_json(key)
             if found is not None:
                 existing: dict[str, Any] = found[0]
@@ -261,6 +274,7 @@ class NetworkCore:
         key = network_key(name)
 
         async def create() -> dict[str, Any]:
+            self._written.pop(name, None)
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
             resolved = await in_thread(driver.create, name, config)
@@ -294,6 +308,7 @@ class NetworkCore:
             raise InvalidArgument("Network config values must be strings")
 
         async def update() -> dict[str, Any]:
+            self._written.pop(name, None)
             record = await self._local_record(name)
             driver = self.driver(record["type"])
             old_config = record["config"]
@@ -322,6 +337,7 @@ class NetworkCore:
         instance NICs are attached to it."""
 
         async def delete() -> None:
+            self._written.pop(name, None)
             record = await self._local_record(name)
             if record.get("_croft", {}).get("nics"):
                 raise InvalidArgument("The network is currently in use")
@@ -347,7 +363,7 @@ class NetworkCore:
         name = nic.network
 
         async def attach() -> NicAttachment:
-            record, revision = await self._local_entry(name)
+            record, revision = await self._nic_base(name)
             driver = self.driver(record["type"])
             config = record["config"]
             if not await in_thread(driver.is_running, name):
@@ -363,13 +379,7 @@ class NetworkCore:
                     current["used_by"] = _used_by(nics)
                     return current
 
-                await modify(
-                    self.store,
-                    network_key(name),
-                    add,
-                    missing="Network not found",
-                    current=(record, revision),
-                )
+                await self._write_nics(name, add, current=(record, revision))
             except BaseException:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
                     # add_instance replaced this NIC's entry: put the old one back.
@@ -402,11 +412,9 @@ class NetworkCore:
             raise InvalidArgument("No network name given")
 
         async def detach() -> None:
-            found = await self.store.get_json(network_key(name))
-            if found is None:
-                return
-            record: dict[str, Any] = found[0]
-            if record.get("_croft", {}).get("member") != self.member:
+            try:
+                record, revision = await self._nic_base(name)
+            except NotFound:
                 return
             driver = self.driver(record["type"])
             entry = record.get("_croft", {}).get("nics", {}).get(nic.key)
@@ -423,9 +431,30 @@ class NetworkCore:
                 return current
 
             with contextlib.suppress(NotFound):
-                await modify(self.store, network_key(name), remove, missing="Network not found")
+                await self._write_nics(name, remove, current=(record, revision))
 
         await self._locked(name, detach)
+
+    async def _nic_base(self, name: str) -> tuple[dict[str, Any], int]:
+        """The record a NIC change starts from: the one this process last wrote, or the
+        store's."""
+        known = self._written.get(name)
+        if known is not None:
+            return copy_record(known[0]), known[1]
+        return await self._local_entry(name)
+
+    async def _write_nics(
+        self,
+        name: str,
+        change: Callable[[dict[str, Any]], dict[str, Any]],
+        *,
+        current: tuple[dict[str, Any], int],
+    ) -> None:
+        self._written.pop(name, None)
+        record, revision = await modify_entry(
+            self.store, network_key(name), change, missing="Network not found", current=current
+        )
+        self._written[name] = (record, revision)
 
     # ------------------------------------------------------------------ state
 
