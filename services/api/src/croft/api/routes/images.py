@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import email.message
 import json
-import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs
@@ -34,18 +33,17 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound,
 from croft.common.multipart import MultipartParser, MultipartPart
 from croft.common.rpc import from_rpc_error
 from croft.common.store import Store
+from croft.images.core import find as find_image  # any unique prefix will do, as in LXD
 from croft.v1 import common_pb2, images_pb2
 
 router = APIRouter()
 
 IMAGES = "images"
 ALIASES = "image-aliases"
-IMAGE_NOT_FOUND = "Image not found"
 ALIAS_NOT_FOUND = "Image alias not found"
 UPLOAD_TIMEOUT = 3600.0  # seconds for the images service to receive and validate an upload
 CHUNK = 1 << 20  # bytes per message to the images service
 IN_FLIGHT = 4  # messages queued ahead of the images service
-_HEX = re.compile(r"^[0-9a-f]{1,64}$")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
@@ -112,23 +110,6 @@ def render_alias(alias: dict[str, Any]) -> dict[str, Any]:
         "name": alias["name"],
         "type": alias.get("type", "container"),
     }
-
-
-async def find_image(store: Store, project: str, fingerprint: str) -> tuple[dict[str, Any], int]:
-    """The image record whose fingerprint is, or starts with, `fingerprint` (as LXD, any
-    unique prefix will do), and its revision."""
-    if not _HEX.match(fingerprint):
-        raise NotFound(IMAGE_NOT_FOUND)
-    if len(fingerprint) == 64:
-        entry = await store.get(records.record_key(IMAGES, project, fingerprint))
-        entries = [] if entry is None else [entry]
-    else:
-        entries = await store.list(records.record_key(IMAGES, project, fingerprint))
-    if not entries:
-        raise NotFound(IMAGE_NOT_FOUND)
-    if len(entries) > 1:
-        raise InvalidArgument("More than one image matches")
-    return entries[0].json(), entries[0].revision
 
 
 async def find_alias(store: Store, project: str, name: str) -> tuple[dict[str, Any], int]:
