@@ -17,6 +17,7 @@ once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Awaitable, Callable
@@ -67,9 +68,6 @@ class DirectRoutes:
         self.app = app
         self.routes = routes  # the app's own list: routes added later count too
         self.fallback = fallback
-        # By id of route (routes are not hashable): (route, how its handler is called),
-        # how being None for a route this class leaves to FastAPI.
-        self._how: dict[int, tuple[Any, Call | None]] = {}
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         scope[FRONTED] = True
@@ -77,12 +75,10 @@ class DirectRoutes:
             found = self.match(scope)
             if found is not None:
                 route, child = found
-                how = self._how.get(id(route))
-                if how is None or how[0] is not route:
-                    how = self._how[id(route)] = (route, call_of(route))
-                if how[1] is not None:
+                call = _cached(route, "_croft_call", call_of)
+                if call is not None:
                     scope = {**scope, **child, "app": self.app, "route": route}
-                    await how[1](route, scope, receive, send)
+                    await call(route, scope, receive, send)
                     return
         await self.fallback(scope, receive, send)
 
@@ -93,11 +89,7 @@ class DirectRoutes:
         for route in self.routes:
             # A route's path up to its first parameter is a prefix of every path it
             # matches: most routes are ruled out by that, without their regex.
-            try:
-                literal = route._croft_literal
-            except AttributeError:
-                literal = route._croft_literal = _literal_prefix(route)
-            if not path.startswith(literal):
+            if not path.startswith(_cached(route, "_croft_literal", _literal_prefix)):
                 continue
             match, child = route.matches(scope)
             if match is Match.FULL:
@@ -108,10 +100,13 @@ class DirectRoutes:
 Call = Callable[[Any, dict[str, Any], Any, Any], Awaitable[None]]
 
 
-async def _http(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
+async def _http(
+    route: Any, scope: dict[str, Any], receive: Any, send: Any, *, with_request: bool = True
+) -> None:
     request = Request(scope, receive, send)
     try:
-        response = await route.endpoint(request, **scope["path_params"])
+        args = (request,) if with_request else ()
+        response = await route.endpoint(*args, **scope["path_params"])
         if not isinstance(response, Response):
             raise TypeError(f"{route.path} returned {type(response).__name__}, not a Response")
     except Exception as exc:
@@ -119,24 +114,11 @@ async def _http(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> N
     await response(scope, receive, send)
 
 
-async def _http_without_request(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
-    async def endpoint(request: Request, **params: Any) -> Any:
-        return await route.endpoint(**params)
-
-    await _http(_Endpoint(route.path, endpoint), scope, receive, send)
-
-
 async def _websocket(route: Any, scope: dict[str, Any], receive: Any, send: Any) -> None:
     # croft's websocket handlers turn their own errors into a close or a refusal; what
     # else escapes is a bug, which uvicorn logs and answers (500, or close 1011), as it
     # does when FastAPI lets it through.
     await route.endpoint(WebSocket(scope, receive, send), **scope["path_params"])
-
-
-class _Endpoint:
-    def __init__(self, path: str, endpoint: Callable[..., Awaitable[Any]]) -> None:
-        self.path = path
-        self.endpoint = endpoint
 
 
 def call_of(route: Any) -> Call | None:
@@ -153,7 +135,17 @@ def call_of(route: Any) -> Call | None:
         return None
     if first == "websocket":
         return _websocket if first in names else None
-    return _http if first in names else _http_without_request
+    return _http if first in names else functools.partial(_http, with_request=False)
+
+
+def _cached(route: Any, attribute: str, compute: Callable[[Any], Any]) -> Any:
+    """What `compute` says of a route, worked out once and kept on the route itself."""
+    try:
+        return getattr(route, attribute)
+    except AttributeError:
+        value = compute(route)
+        setattr(route, attribute, value)
+        return value
 
 
 def _literal_prefix(route: Any) -> str:

@@ -128,7 +128,7 @@ class MirroredStore(Store):
         self._revision = revision
 
     def _apply(self, change: WatchEvent) -> None:
-        if change.key.startswith(self.prefixes):
+        if self._mirrors(change.key):
             if change.type is EventType.DELETE:
                 if self._entries.pop(change.key, None) is not None:
                     self._keys_stale = True
