@@ -7,9 +7,11 @@ instance rootfs. Each test is a user's action, then what must be true afterwards
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -313,6 +315,72 @@ async def test_instance_copy_keeps_owners_modes_times_and_xattrs(
         caps = os.getxattr(rootfs / "bin/ping-caps", "security.capability")
         assert caps[:4] == bytes.fromhex("01000002")
         assert os.getxattr(rootfs / "etc", "user.croft-test") == b"kept"
+
+
+def make_image_with_special_entries(target: Path, *, sparse: bool = False) -> None:
+    """The busybox image plus entries a Debian tree has: a set-uid binary, hard links, a
+    device node, a FIFO, a read-only directory; and, for the `sparse` variant, a sparse
+    file (a fresh /var/log/lastlog is one)."""
+    make_busybox_image(target)
+    rootfs = target / "rootfs"
+    su = rootfs / "bin/su-real"
+    su.write_bytes(b"set-uid root")
+    os.chown(su, 0, 42)
+    os.chmod(su, 0o4750)
+    os.link(su, rootfs / "bin/su-again")
+    os.link(su, rootfs / "sbin/su-third")
+    os.mknod(rootfs / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mkfifo(rootfs / "tmp/fifo", 0o620)
+    locked = rootfs / "locked"
+    locked.mkdir()
+    (locked / "inside").write_text("behind a read-only directory")
+    os.chmod(locked, 0o555)
+    os.utime(locked, ns=(2_000_000_000, 2_000_000_000))
+    if sparse:
+        with open(rootfs / "lastlog", "wb") as f:
+            f.truncate(64 * 1024 * 1024)
+            f.seek(32 * 1024 * 1024)
+            f.write(b"one record")
+
+
+def full_metadata(path: Path) -> dict[str, tuple[int, ...]]:
+    """Owner, group, mode, mtime, link count, device number and size of every entry."""
+    out = {}
+    for root, dirs, files in os.walk(path):
+        for name in [".", *dirs, *files] if root == str(path) else [*dirs, *files]:
+            full = os.path.join(root, name)
+            st = os.lstat(full)
+            out[os.path.relpath(full, path)] = (
+                st.st_uid,
+                st.st_gid,
+                st.st_mode,
+                st.st_mtime_ns,
+                st.st_nlink,
+                st.st_rdev,
+                st.st_size if not stat.S_ISDIR(st.st_mode) else 0,
+            )
+    return out
+
+
+@pytest.mark.parametrize("kind", ["special", "sparse"])
+async def test_instance_copy_keeps_links_nodes_set_id_bits_and_holes(
+    driver: StorageDriver, kind: str
+) -> None:
+    image = await driver.create_image_volume(
+        fingerprint(kind),
+        functools.partial(make_image_with_special_entries, sparse=kind == "sparse"),
+    )
+
+    rootfs = await driver.create_instance_from_image("c1", fingerprint(kind))
+
+    assert full_metadata(rootfs) == full_metadata(image / "rootfs")
+    for name in ("bin/su-again", "locked/inside", "bin/busybox", "sbin/init"):
+        assert (rootfs / name).read_bytes() == (image / "rootfs" / name).read_bytes()
+    assert os.stat(rootfs / "bin/su-again").st_ino == os.stat(rootfs / "sbin/su-third").st_ino
+    assert os.stat(rootfs / "bin/su-again").st_ino != os.stat(image / "rootfs/bin/su-real").st_ino
+    if kind == "sparse":
+        assert os.stat(rootfs / "lastlog").st_blocks * 512 < 1024 * 1024  # still sparse
+        assert (rootfs / "lastlog").read_bytes() == (image / "rootfs/lastlog").read_bytes()
 
 
 async def test_instance_from_a_missing_image_or_twice_is_refused(driver: StorageDriver) -> None:
