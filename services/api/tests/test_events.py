@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, unix_connect
 
 from .conftest import Replica
@@ -31,12 +31,33 @@ asyncio.run(main())
 """
 
 
+PUBLISH_BIG = """
+import asyncio, sys
+from croft.common import events
+from croft.common.store import connect
+
+async def main():
+    store = await connect([sys.argv[1]])
+    for i in range(int(sys.argv[2])):
+        await events.publish(store, "logging", {"message": str(i) + " " + "x" * 65536})
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
 def publish_from_another_process(endpoint: str, project: str = "default") -> None:
     subprocess.run([sys.executable, "-c", PUBLISH, endpoint, project], check=True, timeout=60)
 
 
-def listen(replica: Replica, query: str = "") -> ClientConnection:
-    return unix_connect(str(replica.socket), f"ws://lxd/1.0/events{query}")
+# The `lxc` client does not offer permessage-deflate: the hub writes each event's frame to
+# its connection itself. Python's websockets offers it: those events go through the
+# listener's queue and the protocol. Both must deliver the same stream.
+PATHS = {"direct": None, "deflate": "deflate"}
+
+
+def listen(replica: Replica, query: str = "", path: str = "deflate") -> ClientConnection:
+    return unix_connect(str(replica.socket), f"ws://lxd/1.0/events{query}", compression=PATHS[path])
 
 
 def receive_until(ws: ClientConnection, predicate: Any, timeout: float = 30.0) -> list[dict]:
@@ -51,10 +72,11 @@ def receive_until(ws: ClientConnection, predicate: Any, timeout: float = 30.0) -
     raise AssertionError(f"no matching event among {seen}")
 
 
+@pytest.mark.parametrize("path", PATHS)
 def test_events_from_other_replicas_and_processes(
-    replica: Replica, second_replica: Replica, clean_store: Any
+    replica: Replica, second_replica: Replica, clean_store: Any, path: str
 ) -> None:
-    with listen(second_replica, "?type=operation,lifecycle") as ws:
+    with listen(second_replica, "?type=operation,lifecycle", path) as ws:
         publish_from_another_process(clean_store.endpoint)
         (lifecycle,) = receive_until(ws, lambda e: e["type"] == "lifecycle")
         assert lifecycle["metadata"] == {
@@ -87,13 +109,45 @@ def test_event_type_filter(replica: Replica, clean_store: Any) -> None:
         assert first["type"] == "lifecycle"
 
 
-def test_event_project_filter(replica: Replica, clean_store: Any) -> None:
-    with listen(replica) as default_only, listen(replica, "?all-projects=true") as everything:
+@pytest.mark.parametrize("path", PATHS)
+def test_event_project_filter(replica: Replica, clean_store: Any, path: str) -> None:
+    with (
+        listen(replica, "", path) as default_only,
+        listen(replica, "?all-projects=true", path) as everything,
+    ):
         publish_from_another_process(clean_store.endpoint, project="other")
         publish_from_another_process(clean_store.endpoint, project="default")
         assert json.loads(everything.recv(timeout=30))["project"] == "other"
         assert json.loads(everything.recv(timeout=30))["project"] == "default"
         assert json.loads(default_only.recv(timeout=30))["project"] == "default"
+
+
+def test_a_listener_that_stops_reading_is_dropped(replica: Replica, clean_store: Any) -> None:
+    """A client that does not read its events is closed (1001) once 1 MiB waits for it,
+    instead of the replica buffering without end; other listeners are not held up."""
+    count = 100  # 6.5 MB: more than the client's, the kernel's and the replica's buffers
+    with (
+        listen(replica, "?type=logging", "direct") as stalled,
+        listen(replica, "?type=logging", "direct") as reader,
+    ):
+        publisher = subprocess.Popen(
+            [sys.executable, "-c", PUBLISH_BIG, clean_store.endpoint, str(count)]
+        )
+        try:
+            for i in range(count):
+                assert json.loads(reader.recv(timeout=60))["metadata"]["message"].startswith(
+                    f"{i} "
+                )
+        finally:
+            assert publisher.wait(timeout=120) == 0
+        received = 0
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                stalled.recv(timeout=30)
+                received += 1
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        assert received < count
+    wait_for(lambda: replica.ctx.hub.listeners == 0, "both listeners to be gone")
 
 
 def test_lxc_monitor_sees_profile_lifecycle(replica: Replica, second_replica: Replica) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from croft.api.wsframes import FrameWriter, text_frame
 from croft.common.errors import CroftError
 from croft.common.events import EVENTS_PREFIX
 from croft.common.store import Compacted, EventType, Store
@@ -18,6 +19,7 @@ from croft.common.store import Compacted, EventType, Store
 log = logging.getLogger(__name__)
 
 QUEUE_LIMIT = 1024  # events buffered for one slow listener before it is dropped
+WRITE_LIMIT = 1024 * 1024  # the same, in bytes, for a listener written to directly
 
 
 @dataclass(eq=False)
@@ -27,6 +29,9 @@ class Subscription:
     queue: asyncio.Queue[bytes | None] = field(
         default_factory=lambda: asyncio.Queue(maxsize=QUEUE_LIMIT)
     )
+    # Set once the listener's connection takes frames directly (`EventHub.write_directly`):
+    # events then skip the queue, which only carries the None that ends the listener.
+    writer: FrameWriter | None = None
 
     def wants(self, event: dict[str, Any]) -> bool:
         if event.get("type") not in self.types:
@@ -80,6 +85,24 @@ class EventHub:
     def unsubscribe(self, subscription: Subscription) -> None:
         self._subscriptions.discard(subscription)
 
+    def write_directly(self, subscription: Subscription, writer: FrameWriter) -> None:
+        """From now on, write the subscription's events as frames through `writer`. What
+        is queued goes first, in the same turn of the event loop, so the order holds."""
+        while not subscription.queue.empty():
+            text = subscription.queue.get_nowait()
+            if text is None:  # already ended
+                subscription.queue.put_nowait(None)
+                return
+            if not writer(text_frame(text), WRITE_LIMIT):
+                self._drop(subscription)
+                return
+        subscription.writer = writer
+
+    def _drop(self, subscription: Subscription) -> None:
+        log.warning("an events listener fell %d events behind; dropping it", QUEUE_LIMIT)
+        self._subscriptions.discard(subscription)
+        subscription.wake()
+
     async def _follow(self) -> None:
         revision: int | None = None
         while True:
@@ -114,12 +137,17 @@ class EventHub:
             log.warning("ignoring a malformed event record")
             return
         text = value + b"\n"
+        frame: bytes | None = None
         for subscription in list(self._subscriptions):
             if not subscription.wants(event):
+                continue
+            if subscription.writer is not None:
+                if frame is None:
+                    frame = text_frame(text)
+                if not subscription.writer(frame, WRITE_LIMIT):
+                    self._drop(subscription)
                 continue
             try:
                 subscription.queue.put_nowait(text)
             except asyncio.QueueFull:
-                log.warning("an events listener fell %d events behind; dropping it", QUEUE_LIMIT)
-                self._subscriptions.discard(subscription)
-                subscription.wake()
+                self._drop(subscription)

@@ -31,6 +31,7 @@ from croft.api.tls import (
     TLSWebSocketProtocol,
     server_ssl_context,
 )
+from croft.api.wsframes import FramedWebSocketProtocol
 from croft.common.proc import run_async
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class UnixServer:
                 self.app,
                 lifespan="off",
                 http="httptools",  # uvicorn's C parser: ~0.4 ms less per request than h11
-                ws="websockets-sansio",
+                ws=FramedWebSocketProtocol,
                 proxy_headers=False,  # a unix socket has no proxy in front of it
                 log_config=None,
                 access_log=False,

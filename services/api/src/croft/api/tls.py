@@ -35,8 +35,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from uvicorn.protocols.http.h11_impl import H11Protocol
-from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
+from croft.api.wsframes import FramedWebSocketProtocol
 from croft.common.errors import Internal
 
 CERT_NAME = "server.crt"
@@ -256,7 +256,7 @@ class TLSH11Protocol(H11Protocol):
         self.app = _with_tls(self.app, tls_extension(transport))
 
 
-class TLSWebSocketProtocol(WebSocketsSansIOProtocol):
+class TLSWebSocketProtocol(FramedWebSocketProtocol):
     """uvicorn's websocket protocol, adding the ASGI TLS extension to the connection."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

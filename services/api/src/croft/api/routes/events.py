@@ -14,6 +14,7 @@ from croft.api import records
 from croft.api.app import context
 from croft.api.events import Subscription
 from croft.api.routes.operations import deny
+from croft.api.wsframes import FRAME_WRITER
 from croft.common.errors import CroftError, InvalidArgument
 from croft.common.events import EVENT_TYPES
 
@@ -55,9 +56,13 @@ async def events(websocket: WebSocket) -> None:
     subscription = ctx.hub.subscribe(types, project)
     try:
         await websocket.accept()
+        writer = websocket.scope.get("extensions", {}).get(FRAME_WRITER)
+        if writer is not None:
+            ctx.hub.write_directly(subscription, writer)
         # One task reads (and drops) what the client sends and, when it goes away, wakes
         # the sender with a None; the sender awaits its queue and nothing else, so that an
-        # event costs no task of its own.
+        # event costs no task of its own. Over croft's own servers the hub writes events
+        # straight to the connection and the queue only ever brings that None.
         closed = asyncio.create_task(_wait_closed(websocket, subscription))
         try:
             while True:

@@ -1,0 +1,57 @@
+"""One encoded websocket frame, written to many connections: the `/1.0/events` fan-out.
+
+Through ASGI, every message to every listener is framed again and goes through the
+listener's own task: an event that ten `lxc` clients listen to cost ten task switches and
+ten framings. `FramedWebSocketProtocol` (uvicorn's protocol, used for every croft
+websocket) offers the app a writer for whole text frames, in the connection's scope under
+`FRAME_WRITER`, so the events hub encodes an event once and writes it to each listener's
+transport directly.
+
+Only offered when no extension was negotiated (a permessage-deflate connection gets its
+frames from the protocol, as before).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Protocol
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.http11 import Request
+
+FRAME_WRITER = "croft.frame-writer"
+
+
+class FrameWriter(Protocol):
+    def __call__(self, frame: bytes, limit: int) -> bool: ...
+
+
+def text_frame(payload: bytes) -> bytes:
+    """A final, unmasked (server-to-client) text frame holding `payload` (UTF-8)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((0x81, size)) + payload
+    if size < 65536:
+        return struct.pack("!BBH", 0x81, 126, size) + payload
+    return struct.pack("!BBQ", 0x81, 127, size) + payload
+
+
+class FramedWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's websocket protocol, offering `write_text_frame` to the app."""
+
+    def handle_connect(self, event: Request) -> None:
+        super().handle_connect(event)
+        if not self.close_sent and not self.conn.extensions:
+            self.scope["extensions"][FRAME_WRITER] = self.write_text_frame  # type: ignore[index]
+
+    def write_text_frame(self, frame: bytes, limit: int) -> bool:
+        """Write a frame from `text_frame`. False when the client has more than `limit`
+        bytes still to read: it is not keeping up. A closing connection takes nothing and
+        the app hears of the close through `receive`, as usual."""
+        transport = self.transport
+        if not self.handshake_complete or self.close_sent or transport.is_closing():
+            return True
+        if transport.get_write_buffer_size() > limit:
+            return False
+        transport.write(frame)
+        return True
