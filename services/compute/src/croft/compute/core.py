@@ -469,8 +469,13 @@ class ComputeCore:
             devices=record["expanded_devices"],
         )
         pending = record["config"].get("volatile.apply_template")
-        for trigger in ([pending] if pending else []) + ["start"]:
-            await in_thread(apply_templates, os.path.dirname(rootfs), trigger, instance)
+        triggers = ([pending] if pending else []) + ["start"]
+
+        def apply() -> None:
+            for trigger in triggers:
+                apply_templates(os.path.dirname(rootfs), trigger, instance)
+
+        await in_thread(apply)
 
     async def states(self, refs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
         """The states of many instances, None for one that is not here (anymore). The

@@ -556,7 +556,10 @@ class LXCDriver(InstanceDriver):
         ]
 
     def _prepare_start(self, name: str) -> bool:
-        """Clear what a crashed start left; True if the definition runs hooks."""
+        """Refuse a running container, clear what a crashed start left; True if the
+        definition runs hooks. One trip to the thread pool for all of it."""
+        if self._container(name).running:
+            raise Conflict(f'Instance "{name}" is already running')
         self._remove_leftovers(name)
         return any(
             line.startswith("lxc.hook.") and line.partition("=")[2].strip()
@@ -609,11 +612,10 @@ class LXCDriver(InstanceDriver):
     # -- lifecycle
 
     async def create(self, spec: InstanceSpec) -> None:
-        idmap = spec.idmap or self.idmap
-        config = await in_thread(render_config, spec, self.lxcpath, idmap, self.lxcfs_dir)
-        await in_thread(self._write_new, spec, config)
+        await in_thread(self._write_new, spec)
 
-    def _write_new(self, spec: InstanceSpec, config: str) -> None:
+    def _write_new(self, spec: InstanceSpec) -> None:
+        config = render_config(spec, self.lxcpath, spec.idmap or self.idmap, self.lxcfs_dir)
         if not os.path.isdir(spec.rootfs):
             raise InvalidArgument(f'Root filesystem "{spec.rootfs}" is not a directory')
         directory = self._dir(spec.name)
@@ -634,9 +636,6 @@ class LXCDriver(InstanceDriver):
             raise
 
     async def start(self, name: str) -> None:
-        container = await in_thread(self._container, name)
-        if container.running:
-            raise Conflict(f'Instance "{name}" is already running')
         hooks = await in_thread(self._prepare_start, name)
         offset = self._log_size(name)
         # lxc-start daemonizes (closing every inherited fd) and returns once the container
