@@ -68,7 +68,7 @@ import struct
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from croft.common.blocking import in_thread
+from croft.common.blocking import SerialThread, in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.proc import run, run_async
 from croft.storage.drivers import (
@@ -93,6 +93,11 @@ INSTANCE_MODE = 0o711
 
 # A copy of a big tree on a slow disk can take minutes; the timeout only catches hangs.
 COPY_TIMEOUT = 3600.0
+
+# In-process copies of image trees run one at a time, on a thread of their own: see
+# SerialThread. Each is a few ms for a small image; on two cores, parallel copies of big
+# ones would gain little over one after another.
+_TREE_COPIES = SerialThread("croft-treecopy")
 
 _RENAME_NOREPLACE = 1
 _RENAME_EXCHANGE = 2
@@ -203,8 +208,8 @@ class DirDriver(StorageDriver):
     def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
         super().__init__(pool, config)
         self._image_locks: dict[str, asyncio.Lock] = {}
-        # Image fingerprint -> its manifest, or None when `cp -a` must copy it.
-        self._image_trees: dict[str, ImageTree | None] = {}
+        # Image fingerprint -> the scan of its manifest (None: `cp -a` must copy it).
+        self._image_trees: dict[str, asyncio.Future[ImageTree | None]] = {}
 
     # -- paths -----------------------------------------------------------------------------
 
@@ -388,10 +393,18 @@ class DirDriver(StorageDriver):
 
     async def _image_tree(self, fingerprint: str, image: Path) -> ImageTree | None:
         """The manifest of an unpacked image; it never changes: one scan per image and
-        process."""
-        if fingerprint not in self._image_trees:
-            self._image_trees[fingerprint] = await in_thread(ImageTree.scan, image)
-        return self._image_trees[fingerprint]
+        process, which the launches that come while it runs wait for too."""
+        scan = self._image_trees.get(fingerprint)
+        if scan is None:
+            scan = self._image_trees[fingerprint] = asyncio.ensure_future(
+                _TREE_COPIES.run(ImageTree.scan, image)
+            )
+        try:
+            return await asyncio.shield(scan)
+        except Exception:
+            if self._image_trees.get(fingerprint) is scan:
+                del self._image_trees[fingerprint]  # the next launch scans again
+            raise
 
     async def create_instance_from_image(self, name: str, fingerprint: str) -> Path:
         final = self.instance_path(name)
@@ -408,7 +421,7 @@ class DirDriver(StorageDriver):
                 await self._copy_tree(image, tmp)
                 await in_thread(_finish_instance, tmp, final, name)
             else:
-                await in_thread(_instance_from_tree, tree, image, tmp, final, name)
+                await _TREE_COPIES.run(_instance_from_tree, tree, image, tmp, final, name)
         except BaseException:
             await asyncio.shield(in_thread(_remove_tree, tmp))
             raise
