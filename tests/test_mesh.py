@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import time
+from pathlib import Path
 
 from croft.common import discovery, rpc
 from croft.common.store import connect
@@ -41,6 +42,14 @@ def test_up_shows_six_healthy_services_and_etcd(running_croft: Croft) -> None:
     table = running_croft.run("status").stdout
     for name in SERVICES:
         assert name in table
+    # etcd runs on one Go P by default (etcd.max_procs): see start_etcd.
+    data_dir = str(running_croft.root / "state" / "etcd").encode()
+    (etcd,) = [
+        pid
+        for pid in running_croft.processes()
+        if data_dir in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    assert b"GOMAXPROCS=1" in Path(f"/proc/{etcd}/environ").read_bytes().split(b"\0")
 
 
 def test_up_twice_is_harmless(running_croft: Croft) -> None:

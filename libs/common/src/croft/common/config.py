@@ -39,6 +39,11 @@ class EtcdConfig(_Section):
         default=True, description="`croft up` runs a one-member etcd on this host"
     )
     peer_port: int = Field(default=2380, ge=1, le=65535)
+    max_procs: int = Field(
+        default=1,
+        ge=0,
+        description="GOMAXPROCS of the embedded etcd (0: Go's default, one per CPU)",
+    )
 
     @field_validator("endpoints")
     @classmethod

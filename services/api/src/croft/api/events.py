@@ -99,7 +99,11 @@ class EventHub:
         subscription.writer = writer
 
     def _drop(self, subscription: Subscription) -> None:
-        log.warning("an events listener fell %d events behind; dropping it", QUEUE_LIMIT)
+        log.warning(
+            "an events listener fell %d events (or %d bytes) behind; dropping it",
+            QUEUE_LIMIT,
+            WRITE_LIMIT,
+        )
         self._subscriptions.discard(subscription)
         subscription.wake()
 
