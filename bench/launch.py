@@ -117,11 +117,37 @@ def host_cpu_ms() -> float:
     return (user + nice + system + irq + softirq + steal) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def settle(busy_limit: float = 0.05, window: float = 2.0, timeout: float = 120.0) -> None:
+def deletion_window() -> float:
+    """Seconds for which ext4 without a journal treats a freed inode as recently deleted:
+    vm.dirty_expire_centisecs (30 s by default), or six times that while the inode table
+    block is still dirty (`recently_deleted()` in fs/ext4/ialloc.c)."""
+    try:
+        with open("/proc/sys/vm/dirty_expire_centisecs") as f:
+            return int(f.read()) / 100
+    except (OSError, ValueError):
+        return 30.0
+
+
+def settle(
+    busy_limit: float = 0.05,
+    window: float = 2.0,
+    timeout: float = 120.0,
+    after_deletions: float = 0.0,
+) -> None:
     """Wait until the host's CPUs are idle but for `busy_limit` of their time over a
     `window`: work a previous phase left running (the other daemon's cleanup of its
     containers, the kernel freeing their cgroups) would otherwise be billed to the next
-    timed phase, whichever daemon it runs on."""
+    timed phase, whichever daemon it runs on.
+
+    `after_deletions` > 0: first write back dirty data (`sync`) and rest that many seconds.
+    On ext4 without a journal (this host's root), every inode allocated in a group where
+    inodes were freed within `deletion_window()` costs a scan past them: a batch of
+    launches right after the previous phase deleted 100 containers, on either daemon,
+    paid up to 50 ms of kernel time per rootfs for those deletions."""
+    if after_deletions > 0:
+        os.sync()
+        say(f"  (sync, then {after_deletions:.0f} s for the last phase's deletions to age)")
+        time.sleep(after_deletions)
     cpus = os.cpu_count() or 1
     deadline = time.monotonic() + timeout
     while True:
@@ -255,7 +281,7 @@ def density(daemon: Daemon, args: argparse.Namespace, out: Figures) -> None:
     avail0 = mem_available_mib()
     names = [f"{lxd.PREFIX}d{i:03d}" for i in range(args.count)]
     pids = daemon_pids(server_pid) if server_pid else []
-    settle()
+    settle(after_deletions=args.deletion_rest)
     host0, daemon0, client0 = host_cpu_ms(), process_cpu_ms(pids), children_cpu_ms()
     wall, samples, failures = lxd.launch_many(daemon, names, args.pool, args.parallel)
     launched = len(samples)
@@ -335,7 +361,7 @@ def lxd_benchmark(daemon: Daemon, args: argparse.Namespace, out: Figures) -> Non
         count, parallel = str(args.lxd_benchmark_count), str(args.parallel)
         server_pid = daemon.server_pid()
         pids = daemon_pids(server_pid) if server_pid else []
-        settle()
+        settle(after_deletions=args.deletion_rest)
         host0, daemon0 = host_cpu_ms(), process_cpu_ms(pids)
         started = time.perf_counter()
         daemon.run(
@@ -382,6 +408,13 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count", type=int, default=100, help="instances in the density run")
     parser.add_argument("--parallel", type=int, default=10, help="launches at a time")
     parser.add_argument("--settle", type=float, default=10, help="idle seconds before memory")
+    parser.add_argument(
+        "--deletion-rest",
+        type=float,
+        default=deletion_window() + 1,
+        help="seconds to rest (after a sync) before each batch of launches, so that the "
+        "previous phase's deletions no longer slow inode allocation (0: no rest)",
+    )
     parser.add_argument("--lxd-benchmark-count", type=int, default=100)
 
 

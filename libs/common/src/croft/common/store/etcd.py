@@ -233,7 +233,11 @@ class EtcdStore(Store):
         return int(response.header.revision)
 
     async def _write_one(self, op: Create | Update | Put) -> Entry:
-        response = await self._transaction([op], f"write {op.key!r}")
+        # Only an overwrite needs the previous version (for the entry's create_revision
+        # and version); etcd reads it for every put that asks.
+        response = await self._transaction(
+            [op], f"write {op.key!r}", previous=not isinstance(op, Create)
+        )
         revision = int(response.header.revision)
         previous = response.responses[0].response_put.prev_kv
         existed = isinstance(op, Update) or (isinstance(op, Put) and previous.key != b"")
@@ -246,9 +250,12 @@ class EtcdStore(Store):
             lease=op.lease,
         )
 
-    async def _transaction(self, operations: list[Operation], what: str) -> Any:
+    async def _transaction(
+        self, operations: list[Operation], what: str, *, previous: bool = False
+    ) -> Any:
         """One etcd Txn: a compare per conditional operation, every operation on success, and
-        on failure a read of each compared key, so that the error can name what changed."""
+        on failure a read of each compared key, so that the error can name what changed.
+        `previous`: each put's response carries the value it replaced."""
         _check_operations(operations)
         request = rpc_pb2.TxnRequest()
         conditional: list[Create | Update | Delete] = []
@@ -280,7 +287,7 @@ class EtcdStore(Store):
                 )
             else:
                 put = rpc_pb2.PutRequest(
-                    key=key, value=bytes(op.value), lease=op.lease, prev_kv=True
+                    key=key, value=bytes(op.value), lease=op.lease, prev_kv=previous
                 )
                 request.success.append(rpc_pb2.RequestOp(request_put=put))
         for op in conditional:
