@@ -281,6 +281,21 @@ def test_stop_start_restart(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
     lxc("stop", "--force", c1)
     assert status() == "Stopped"
     lxc("start", c1)
+    # Refused starts, as LXD words them, change nothing.
+    pid = lxc.json("list")[0]["state"]["pid"]
+    again = lxc("start", c1, check=False)
+    assert again.returncode != 0
+    assert "The instance is already running" in again.stderr
+    lxc("pause", c1)
+    # (`lxc start` would unfreeze it: ask for a start through the API itself.)
+    path, start = f"/1.0/instances/{c1}/state", '{"action": "start"}'
+    frozen = lxc("query", "--wait", "-X", "PUT", path, "-d", start, check=False)
+    assert frozen.returncode != 0
+    assert "The instance is frozen, unfreeze it instead" in frozen.stderr
+    assert status() == "Frozen"
+    lxc("start", c1)
+    assert status() == "Running"
+    assert lxc.json("list")[0]["state"]["pid"] == pid
 
 
 def test_a_stale_record_handed_to_compute_loses_no_change(

@@ -407,14 +407,20 @@ class ComputeCore:
                 current, revision = known
             else:
                 current, revision = await self.record(project, name)
-            status = await self.driver.status(host_name)
+            # A start checks the status in the driver's thread (one trip there for the
+            # check, the templates and the start's own preparation); the others here.
+            status = None if action == "start" else await self.driver.status(host_name)
             if action == "start":
-                if status is Status.RUNNING:
-                    raise InvalidArgument("The instance is already running")
-                if status is Status.FROZEN:
-                    raise InvalidArgument("The instance is frozen, unfreeze it instead")
-                await self._apply_templates(name, current)
-                await self.driver.start(host_name)
+                templates = self._templates(name, current)
+
+                def check_then_render(status: Status) -> None:
+                    if status is Status.RUNNING:
+                        raise InvalidArgument("The instance is already running")
+                    if status is Status.FROZEN:
+                        raise InvalidArgument("The instance is frozen, unfreeze it instead")
+                    templates()
+
+                await self.driver.start(host_name, before=check_then_render)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
                 if status is Status.STOPPED:
@@ -426,8 +432,8 @@ class ComputeCore:
                     raise InvalidArgument("The instance isn't running")
                 # A stop and a start, as LXD's: the start templates render in between.
                 await self.driver.stop(host_name, force=force, timeout=timeout)
-                await self._apply_templates(name, current)
-                await self.driver.start(host_name)
+                templates = self._templates(name, current)
+                await self.driver.start(host_name, before=lambda _status: templates())
                 new, event = Status.RUNNING, "instance-restarted"
             elif action == "freeze":
                 if status is not Status.RUNNING:
@@ -452,14 +458,15 @@ class ComputeCore:
             )
         return record
 
-    async def _apply_templates(self, name: str, record: dict[str, Any]) -> None:
+    def _templates(self, name: str, record: dict[str, Any]) -> Callable[[], None]:
         """Before a start, as LXD: the templates of a pending trigger
         (`volatile.apply_template`: create or copy, once), then the `start` ones (every
-        start, so that they follow the instance's config). The caller clears the pending
-        trigger with the status update."""
+        start, so that they follow the instance's config). Returns the blocking step that
+        renders them (the driver runs it in its thread, just before the start). The
+        caller clears the pending trigger with the status update."""
         rootfs = record.get("_croft", {}).get("rootfs")
         if not rootfs:
-            return
+            return lambda: None
         instance = TemplateInstance(
             name=name,
             architecture=record.get("architecture", "x86_64"),
@@ -475,7 +482,7 @@ class ComputeCore:
             for trigger in triggers:
                 apply_templates(os.path.dirname(rootfs), trigger, instance)
 
-        await in_thread(apply)
+        return apply
 
     async def states(self, refs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
         """The states of many instances, None for one that is not here (anymore). The

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
@@ -185,11 +185,15 @@ class InstanceDriver(ABC):
         writing anything). On failure, everything written is removed."""
 
     @abstractmethod
-    async def start(self, name: str) -> None:
+    async def start(self, name: str, before: Callable[[Status], None] | None = None) -> None:
         """Start a stopped instance and return once it runs. The instance must keep
         running if the calling process dies. Raises Conflict if it is running. On failure,
         the instance is left stopped with nothing of the failed start behind (cgroups,
-        host network devices)."""
+        host network devices).
+
+        `before`, if given, is called first, from a worker thread, with the instance's
+        status: it may raise to refuse the start (nothing else is done then), or prepare
+        the instance's files."""
 
     @abstractmethod
     async def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> None:

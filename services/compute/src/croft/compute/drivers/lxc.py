@@ -30,7 +30,7 @@ import stat
 import struct
 import termios
 import tty
-from collections.abc import AsyncIterable, Iterator
+from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -555,10 +555,14 @@ class LXCDriver(InstanceDriver):
             for v in [m.group(1)]
         ]
 
-    def _prepare_start(self, name: str) -> bool:
-        """Refuse a running container, clear what a crashed start left; True if the
-        definition runs hooks. One trip to the thread pool for all of it."""
-        if self._container(name).running:
+    def _prepare_start(self, name: str, before: Callable[[Status], None] | None) -> bool:
+        """Run the caller's `before`, refuse a running container, clear what a crashed
+        start left; True if the definition runs hooks. One trip to the thread pool for
+        all of it."""
+        status = self._status(self._container(name))
+        if before is not None:
+            before(status)
+        if status is not Status.STOPPED:
             raise Conflict(f'Instance "{name}" is already running')
         self._remove_leftovers(name)
         return any(
@@ -635,8 +639,8 @@ class LXCDriver(InstanceDriver):
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
-    async def start(self, name: str) -> None:
-        hooks = await in_thread(self._prepare_start, name)
+    async def start(self, name: str, before: Callable[[Status], None] | None = None) -> None:
+        hooks = await in_thread(self._prepare_start, name, before)
         offset = self._log_size(name)
         # lxc-start daemonizes (closing every inherited fd) and returns once the container
         # runs; its monitor is a small C process that is no child of ours.
