@@ -10,6 +10,7 @@ Replace it with the real images service once that implements `ImageFiles`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -509,3 +510,54 @@ async def test_volume_from_an_image_of_the_real_images_service(
         await client.close()
         images.send_signal(signal.SIGTERM)
         assert images.wait(30) == 0
+
+
+def _big_image(storage: StorageService, files: int) -> str:
+    """An image already unpacked in the pool whose rootfs holds `files` small files, so
+    that copying it takes a while; its fingerprint."""
+    fingerprint = secrets.token_hex(32)
+    image = storage.pool_dir / "images" / fingerprint
+    (image / "rootfs").mkdir(parents=True)
+    (image / "metadata.yaml").write_text("architecture: x86_64\ncreation_date: 0\n")
+    for d in range(files // 1000):
+        directory = image / "rootfs" / f"d{d}"
+        directory.mkdir()
+        for f in range(1000):
+            (directory / f"f{f}").write_bytes(b"x")
+    return fingerprint
+
+
+async def test_a_create_whose_caller_goes_away_leaves_nothing_once_its_copy_ends(
+    storage: StorageService,
+) -> None:
+    """The caller (compute) cancels its CreateInstanceVolume while the rootfs is being
+    copied, then deletes the volume, as its undo does. The copy, in a thread that cannot
+    be stopped, must not put the volume in place after that delete."""
+    fp = _big_image(storage, 5_000)
+    # Once made, so that the image's tree is scanned (once per process) and the copy is
+    # what runs when the call goes away.
+    await storage.call("CreateInstanceVolume", name="first", image_fingerprint=fp)
+    await storage.call("DeleteInstanceVolume", name="first")
+    key = volume_key(storage.pool, "container", "gone")
+    create = asyncio.ensure_future(
+        storage.call("CreateInstanceVolume", name="gone", image_fingerprint=fp)
+    )
+    while await storage.record(key) is None:  # claimed: the copy starts now
+        assert not create.done(), create.result()
+        await asyncio.sleep(0.002)
+    await asyncio.sleep(0.05)
+    create.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await create
+    await storage.call("DeleteInstanceVolume", name="gone")
+    containers = storage.pool_dir / "containers"
+    for _ in range(600):  # until the copy, and whatever follows it, has ended
+        if not any(e.startswith(".tmp-") for e in os.listdir(containers)):
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert sorted(os.listdir(containers)) == []
+    assert await storage.volume_keys() == [f"image/{fp}"]
+    # and the name is free again
+    reply = await storage.call("CreateInstanceVolume", name="gone", image_fingerprint=fp)
+    assert (Path(reply.path) / "d3/f7").read_bytes() == b"x"

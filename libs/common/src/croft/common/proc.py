@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 
+from croft.common.blocking import uninterrupted
 from croft.common.errors import CroftError, Internal, Timeout
 
 
@@ -93,6 +95,15 @@ async def run_async(
         process.kill()
         await process.wait()
         raise Timeout(f"{argv[0]} did not finish within {timeout:g}s") from exc
+    except asyncio.CancelledError:
+        # The caller went away: the command goes too, and is gone before the caller's
+        # cleanup runs (a copy still writing would refill what the cleanup removes).
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            with contextlib.suppress(asyncio.CancelledError):
+                await uninterrupted(process.wait())
+        raise
     returncode = process.returncode if process.returncode is not None else -1
     if check and returncode != 0:
         raise CommandFailed(argv, returncode, stderr.decode(errors="replace"))

@@ -20,10 +20,10 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 from croft.common import events
-from croft.common.blocking import in_thread
+from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.records import (
@@ -42,8 +42,6 @@ from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grp
 log = logging.getLogger(__name__)
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
-
-T = TypeVar("T")
 
 
 def driver_name(project: str, name: str) -> str:
@@ -254,7 +252,7 @@ class ComputeCore:
             # stop: wait for it, so that the undo below sees what it left.
             undo.append(lambda: self._delete_definition(spec.name))
             try:
-                await _uninterrupted(self.driver.create(spec))
+                await uninterrupted(self.driver.create(spec))
             except Conflict:
                 undo.pop()  # a definition of that name was there before: not this create's
                 raise
@@ -273,7 +271,7 @@ class ComputeCore:
         except BaseException as exc:
             # Also on cancellation (the caller went away): undo, shielded from it.
             log.info("undoing the create of %s/%s: %s", project, name, _why(exc))
-            await _uninterrupted(self._undo(undo))
+            await uninterrupted(self._undo(undo))
             raise
         return record
 
@@ -844,7 +842,7 @@ class ComputeCore:
                 renamed = await self._rename(project, name, new_name, record, entry.revision)
             except BaseException as exc:
                 log.info("undoing the rename of %s/%s: %s", project, name, _why(exc))
-                await _uninterrupted(self._undo_rename(project, name, new_name, record))
+                await uninterrupted(self._undo_rename(project, name, new_name, record))
                 raise
         return renamed
 
@@ -863,8 +861,8 @@ class ComputeCore:
         # the renamed instance keeps.
         await self._detach_nics(project, name, record)
         spec = await self._spec_with_nics(project, new_name, record, volume.path)
-        await _uninterrupted(self._delete_definition(driver_name(project, name)))
-        await _uninterrupted(self.driver.create(spec))
+        await uninterrupted(self._delete_definition(driver_name(project, name)))
+        await uninterrupted(self.driver.create(spec))
         renamed = copy_record(record)
         renamed["name"] = new_name
         renamed["_croft"]["rootfs"] = volume.path
@@ -1084,25 +1082,6 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "the caller went away"
     return str(exc) or type(exc).__name__
-
-
-async def _uninterrupted(step: Awaitable[T]) -> T:
-    """Await `step` to its end even if the caller is cancelled meanwhile (the cancellation
-    is raised once it is over): for steps that must not be left half-done, such as work
-    in a thread that cannot be stopped, or the undo of a create."""
-    task = asyncio.ensure_future(step)
-    cancelled = False
-    while True:
-        try:
-            result = await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if task.done():
-                raise
-            cancelled = True
-            continue
-        if cancelled:
-            raise asyncio.CancelledError
-        return result
 
 
 def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from croft.common import events
-from croft.common.blocking import in_thread
+from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -416,6 +416,8 @@ class StorageCore:
         for step in reversed(steps):
             try:
                 await step()
+            except NotFound:
+                pass  # the step it undoes never happened
             except Exception as exc:  # keep undoing the rest
                 log.warning("cleanup step failed: %s", exc)
 
@@ -459,8 +461,9 @@ class StorageCore:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):
             record = self._instance_record(ref)
-            # The record's undo is registered before the claim is awaited: a cancelled
-            # call may still have written it. A refused claim is another's: not undone.
+            # Each undo is registered before its step is awaited: a cancelled call (the
+            # caller went away) may still have written the claim, and the disk step runs
+            # to its end once begun. A refused claim is another's: not undone.
             undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(ref.key)]
             try:
                 try:
@@ -470,15 +473,25 @@ class StorageCore:
                     raise
                 if fingerprint:
                     await self.image_volume(ref.pool, ref.project, fingerprint)
-                    rootfs = await driver.create_instance_from_image(ref.name, fingerprint)
-                else:
-                    rootfs = await driver.create_empty_instance(ref.name)
+                await self._require_no_instance(driver, ref)
                 undo.append(lambda: driver.delete_instance(ref.name))
+                rootfs = await uninterrupted(
+                    driver.create_instance_from_image(ref.name, fingerprint)
+                    if fingerprint
+                    else driver.create_empty_instance(ref.name)
+                )
                 done = await self._complete(ref.key, record, claimed)
             except BaseException:
-                await asyncio.shield(self._run_undo(undo))
+                await uninterrupted(self._run_undo(undo))
                 raise
         return VolumeResult(str(rootfs), done)
+
+    @staticmethod
+    async def _require_no_instance(driver: StorageDriver, ref: VolumeRef) -> None:
+        """Refuse a volume whose directory is already there (left by a crash, say): it is
+        not the caller's to fill, nor its undo's to remove."""
+        if await driver.has_instance(ref.name):
+            raise Conflict(f"instance volume {ref.name!r} already exists in pool {ref.pool!r}")
 
     async def mount_instance_volume(self, ref: VolumeRef) -> VolumeResult:
         driver = await self.driver(ref.pool)
@@ -497,11 +510,16 @@ class StorageCore:
         """Delete the volume, its snapshots and their records; an absent volume is fine.
         When the disk refuses (something busy mounted inside), the records stay."""
         driver = await self.driver(ref.pool)
-        async with self.locked(ref.pool, ref.name):
+
+        async def delete() -> None:
             with contextlib.suppress(NotFound):
                 await driver.delete_instance(ref.name)
             await self.store.delete_prefix(f"{ref.key}/")
             await self._delete_key(ref.key)
+
+        async with self.locked(ref.pool, ref.name):
+            # Once the disk goes, the records go too, even if the caller goes away.
+            await uninterrupted(delete())
 
     async def rename_instance_volume(self, ref: VolumeRef, new_name: str) -> VolumeResult:
         """Rename the volume and its snapshots, records included."""
@@ -511,20 +529,22 @@ class StorageCore:
             current = await self.volume_record(ref)
             record = self._instance_record(new)
             record["_croft"]["renamed_from"] = ref.name
-            claimed = renamed = False
+            claimed = False
             try:
                 await self._claim(new.key, record, f"instance volume {new.name!r}")
                 claimed = True
-                await driver.rename_instance(ref.name, new.name)
-                renamed = True
+                await uninterrupted(driver.rename_instance(ref.name, new.name))
                 done = await self._finish_rename(ref, new, record)
             except BaseException as exc:
                 # A cancelled call (the caller died) may have been cancelled after a write
-                # reached the store: the claim, or even the finishing transaction.
+                # reached the store: the claim, or even the finishing transaction; or once
+                # the disk step, which runs to its end, was done.
                 refused = isinstance(exc, Conflict) and not claimed
 
                 async def undo() -> None:
-                    if renamed:
+                    if await driver.has_instance(new.name) and not await driver.has_instance(
+                        ref.name
+                    ):
                         await driver.rename_instance(new.name, ref.name)
                     if refused:
                         return  # the new name's record is someone else's
@@ -534,7 +554,7 @@ class StorageCore:
                     else:
                         await self._delete_key(new.key)
 
-                await asyncio.shield(self._run_undo([undo]))
+                await uninterrupted(self._run_undo([undo]))
                 raise
             rootfs = await driver.mount_instance(new.name)
         return VolumeResult(str(rootfs), done)
@@ -571,10 +591,11 @@ class StorageCore:
             await self._claim(new.key, record, f"instance volume {new.name!r}")
             undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(new.key)]
             try:
-                rootfs = await driver.copy_instance(
-                    ref.name, new.name, with_snapshots=with_snapshots
-                )
+                await self._require_no_instance(driver, new)
                 undo.append(lambda: driver.delete_instance(new.name))
+                rootfs = await uninterrupted(
+                    driver.copy_instance(ref.name, new.name, with_snapshots=with_snapshots)
+                )
                 operations: list[Create | Update | Put | Delete] = []
                 if with_snapshots:
                     for snapshot in await driver.list_snapshots(new.name):
@@ -585,7 +606,7 @@ class StorageCore:
                     undo.append(lambda: self.store.delete_prefix(f"{new.key}/"))
                 done = await self._complete(new.key, record)
             except BaseException:
-                await asyncio.shield(self._run_undo(undo))
+                await uninterrupted(self._run_undo(undo))
                 raise
         return VolumeResult(str(rootfs), done)
 
@@ -601,11 +622,13 @@ class StorageCore:
             await self._claim(key, record, f"snapshot {ref.name}/{snapshot}")
             undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(key)]
             try:
-                await driver.create_snapshot(ref.name, snapshot)
+                if snapshot in await driver.list_snapshots(ref.name):
+                    raise Conflict(f"snapshot {ref.name}/{snapshot} already exists")
                 undo.append(lambda: driver.delete_snapshot(ref.name, snapshot))
+                await uninterrupted(driver.create_snapshot(ref.name, snapshot))
                 done = await self._complete(key, record)
             except BaseException:
-                await asyncio.shield(self._run_undo(undo))
+                await uninterrupted(self._run_undo(undo))
                 raise
         return VolumeResult("", done)
 
@@ -614,11 +637,15 @@ class StorageCore:
         must not fail), an absent instance volume is NotFound."""
         check_name(snapshot, "snapshot name")
         driver = await self.driver(ref.pool)
-        async with self.locked(ref.pool, ref.name):
-            await self.volume_record(ref)
+
+        async def delete() -> None:
             with contextlib.suppress(NotFound):
                 await driver.delete_snapshot(ref.name, snapshot)
             await self._delete_key(ref.snapshot_key(snapshot))
+
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            await uninterrupted(delete())
 
     async def rename_snapshot(self, ref: VolumeRef, snapshot: str, new_name: str) -> VolumeResult:
         check_name(snapshot, "snapshot name")
@@ -632,20 +659,20 @@ class StorageCore:
             record = self._snapshot_record(ref, new_name)
             record["_croft"]["renamed_from"] = snapshot
             await self._claim(new_key, record, f"snapshot {ref.name}/{new_name}")
-            renamed = False
             try:
-                await driver.rename_snapshot(ref.name, snapshot, new_name)
-                renamed = True
+                await uninterrupted(driver.rename_snapshot(ref.name, snapshot, new_name))
                 done = _completed(record)
                 await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
             except BaseException:
 
                 async def undo() -> None:
-                    if renamed:
+                    # Read off the disk: a cancellation may come once the rename is done.
+                    snapshots = await driver.list_snapshots(ref.name)
+                    if new_name in snapshots and snapshot not in snapshots:
                         await driver.rename_snapshot(ref.name, new_name, snapshot)
                     await self._delete_key(new_key)
 
-                await asyncio.shield(self._run_undo([undo]))
+                await uninterrupted(self._run_undo([undo]))
                 raise
         return VolumeResult("", done)
 
@@ -655,7 +682,7 @@ class StorageCore:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):
             record = await self.volume_record(ref)
-            await driver.restore_snapshot(ref.name, snapshot)
+            await uninterrupted(driver.restore_snapshot(ref.name, snapshot))
             rootfs = await driver.mount_instance(ref.name)
         return VolumeResult(str(rootfs), record)
 
