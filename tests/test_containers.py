@@ -384,3 +384,26 @@ def test_start_templates_render_at_every_start_from_the_config(
         assert lxc("exec", "tpl", "--", "cat", "/etc/greeting").stdout == "hello\n"
     finally:
         lxc("delete", "--force", "tpl", check=False)
+
+
+def test_a_container_that_stops_or_starts_on_its_own_is_listed_as_it_is(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """compute's status monitor: a container powered off from inside is listed Stopped,
+    and one started behind croft's back Running, after a pass or two (every 5 s); the
+    others keep their status."""
+    croft, lxc, _ = croft_lxc
+    lxc("launch", "busybox", "own1")
+
+    def status(name: str) -> str:
+        (instance,) = [i for i in lxc.json("list") if i["name"] == name]
+        return str(instance["status"])
+
+    lxc("exec", "own1", "--", "kill", "-PWR", "1", check=False)  # init exits: a power-off
+    wait_until(lambda: status("own1") == "Stopped", 30, "own1 to be listed Stopped")
+    assert status(c1) == "Running"
+    lxcpath = croft.root / "state" / "lxc"
+    subprocess.run(["lxc-start", "-n", "own1", "-P", str(lxcpath)], check=True, timeout=60)
+    wait_until(lambda: status("own1") == "Running", 30, "own1 to be listed Running")
+    assert status(c1) == "Running"
+    lxc("delete", "--force", "own1")

@@ -19,7 +19,7 @@ import pytest
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.compute import limits
 from croft.compute.drivers import InstanceSpec, Status, driver_class, netns
-from croft.compute.drivers.lxc import LXCDriver, default_idmap
+from croft.compute.drivers.lxc import LXCDriver, _cgroup_hierarchies, default_idmap
 
 from .conftest import container_name, read_until
 
@@ -173,15 +173,20 @@ async def test_raw_lxc_hooks_keep_the_usual_path(
 async def test_start_clears_cgroup_leftovers_of_a_crashed_start(
     driver: LXCDriver, make_rootfs
 ) -> None:
-    """Empty cgroups a crashed liblxc left (NAME, NAME-1, and one past a gap) go at the
-    next start; the container then gets the plain name."""
+    """Empty cgroups a crashed liblxc left (NAME, NAME-1, and one past a gap), in every
+    hierarchy as a killed monitor leaves them, go at the next start; the container then
+    gets the plain name."""
     name = await launch(driver, make_rootfs)
     await driver.stop(name, force=True)
     planted = [
-        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}"),
-        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}-1"),
-        Path(f"/sys/fs/cgroup/pids/lxc.payload.{name}-3"),
-        Path(f"/sys/fs/cgroup/memory/lxc.monitor.{name}"),
+        Path(hierarchy) / f"lxc.{cgroup}"
+        for hierarchy in _cgroup_hierarchies()
+        for cgroup in (
+            f"payload.{name}",
+            f"payload.{name}-1",
+            f"payload.{name}-3",
+            f"monitor.{name}",
+        )
     ]
     for path in planted:
         path.mkdir()
@@ -189,7 +194,7 @@ async def test_start_clears_cgroup_leftovers_of_a_crashed_start(
     pid = (await driver.state(name)).pid
     lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     assert [line.split(":", 2)[2] for line in lines if ":pids:" in line] == [f"/lxc.payload.{name}"]
-    left = [str(p) for p in planted[1:3] if p.exists()]
+    left = [str(p) for p in planted if p.exists() and not p.name.endswith(name)]
     assert left == []
     await driver.stop(name, force=True)
     await driver.delete(name)

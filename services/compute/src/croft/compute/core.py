@@ -1019,13 +1019,21 @@ class ComputeCore:
             await asyncio.sleep(interval)
             started = time.monotonic()
             try:
+                # One look at all instances first: only those whose record disagrees
+                # with it are asked about one by one.
+                active = await self.driver.active()
                 for entry in await self.store.list(record_prefix("instances", "")[:-1]):
                     record = entry.json()
                     croft = record.get("_croft", {})
-                    if croft.get("member") == self.member and croft.get("state") == "created":
-                        project = record.get("project", DEFAULT_PROJECT)
-                        if not self.lock(project, record["name"]).locked():
-                            await self._refresh_status(project, record["name"], record)
+                    if croft.get("member") != self.member or croft.get("state") != "created":
+                        continue
+                    project = record.get("project", DEFAULT_PROJECT)
+                    if active is not None and (driver_name(project, record["name"]) in active) == (
+                        record.get("status") != Status.STOPPED.label
+                    ):
+                        continue
+                    if not self.lock(project, record["name"]).locked():
+                        await self._refresh_status(project, record["name"], record)
             except Exception as exc:
                 log.warning("status monitor pass failed: %s", exc)
             log.debug("status monitor pass took %.1f ms", (time.monotonic() - started) * 1000)

@@ -236,6 +236,12 @@ class InstanceDriver(ABC):
     async def status(self, name: str) -> Status:
         """Only the status: what start/stop/delete decide on, far cheaper than state()."""
 
+    async def active(self) -> frozenset[str] | None:
+        """A quick look at every instance at once: the names of those with a running
+        monitor (running or frozen), from one read; None when the driver cannot tell
+        without asking each (then callers use status())."""
+        return None
+
     @abstractmethod
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
         """Apply limits.cpu / limits.memory / limits.processes from `config` (missing or

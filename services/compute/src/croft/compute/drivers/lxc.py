@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import ctypes
 import fcntl
+import functools
 import math
 import os
 import posixpath
@@ -69,17 +70,19 @@ _LXC_START = shutil.which("lxc-start") or "lxc-start"
 _LXC_START_ENV = {"PATH": "/usr/sbin:/sbin", "LANG": "C.UTF-8"}
 
 
-def _cgroup_hierarchies() -> list[str]:
-    """The mounted cgroup hierarchies (v1 controllers and the v2 one)."""
+@functools.cache
+def _cgroup_hierarchies() -> tuple[str, ...]:
+    """The mounted cgroup hierarchies (v1 controllers and the v2 one); the host mounts
+    them at boot, so they are listed once per process."""
     try:
         entries = os.listdir("/sys/fs/cgroup")
     except OSError:
-        return []
-    return [
+        return ()
+    return tuple(
         path
         for path in (os.path.join("/sys/fs/cgroup", e) for e in entries)
         if os.path.isdir(path) and not os.path.islink(path)
-    ]
+    )
 
 
 # LXD's fallback when root has no /etc/subuid entry.
@@ -288,6 +291,8 @@ def render_config(
         "lxc.console.buffer.size = auto",
         "lxc.signal.halt = SIGPWR",
         "lxc.autodev = 1",
+        # No /dev/ttyN, as with LXD (common.conf asks for 4): the console and ptys remain.
+        "lxc.tty.max = 0",
     ]
     lines += lxcfs_lines(lxcfs_dir)
     if not spec.privileged:
@@ -564,21 +569,35 @@ class LXCDriver(InstanceDriver):
             before(status)
         if status is not Status.STOPPED:
             raise Conflict(f'Instance "{name}" is already running')
-        self._remove_leftovers(name)
+        self._remove_leftovers(name, unless_clean=True)
         return any(
             line.startswith("lxc.hook.") and line.partition("=")[2].strip()
             for line in self._config_lines(name)
         )
 
-    def _remove_leftovers(self, name: str) -> None:
+    def _remove_leftovers(self, name: str, unless_clean: bool = False) -> None:
         """Empty cgroups liblxc leaves on cgroup v1 (lxc.monitor.NAME[-N], and
         lxc.payload.NAME after a failed start) and veths of a crashed start. rmdir only
         removes empty cgroups, so a running container's are safe.
 
         liblxc names a cgroup NAME, or NAME-1, NAME-2... when the previous ones exist, so
         the candidates are probed by name: listing each hierarchy instead costs time in
-        proportion to the number of containers, on every start."""
-        for base in _cgroup_hierarchies():
+        proportion to the number of containers, on every start.
+
+        `unless_clean` (before a start): look in one hierarchy first, and sweep them all
+        only if a leftover is there. A stop or delete sweeps after every container, so
+        leftovers before a start come from a crash (a killed monitor), which leaves them
+        in every hierarchy. One missed elsewhere only makes liblxc pick the next index."""
+        hierarchies = _cgroup_hierarchies()
+        if unless_clean and hierarchies:
+            probe = hierarchies[0]
+            if not any(
+                os.path.lexists(os.path.join(probe, f"lxc.{kind}.{name}{suffix}"))
+                for kind in ("monitor", "payload")
+                for suffix in ("", "-1")
+            ):
+                hierarchies = ()
+        for base in hierarchies:
             for kind in ("monitor", "payload"):
                 stem = os.path.join(base, f"lxc.{kind}.{name}")
                 misses = 0
@@ -732,6 +751,27 @@ class LXCDriver(InstanceDriver):
     async def status(self, name: str) -> Status:
         container = await in_thread(self._container, name)
         return self._status(container)
+
+    async def active(self) -> frozenset[str] | None:
+        """liblxc's monitor of a running container listens on the abstract unix socket
+        `@<lxcpath>/<name>/command`: all of them, from one read of /proc/net/unix. (A path
+        too long for a socket address gets a hashed name: not found here, such an
+        instance looks stopped, and the caller asks status() about it.)"""
+        prefix = f"@{self.lxcpath.rstrip('/')}/"
+
+        def read() -> frozenset[str]:
+            names = set()
+            with open("/proc/net/unix", "rb") as f:
+                for line in f:
+                    path = line.rpartition(b" ")[2].rstrip(b"\n").decode(errors="replace")
+                    if path.startswith(prefix) and path.endswith("/command"):
+                        names.add(path[len(prefix) : -len("/command")])
+            return frozenset(names)
+
+        try:
+            return await in_thread(read)
+        except OSError:
+            return None
 
     async def state(self, name: str) -> InstanceState:
         container = await in_thread(self._container, name)
