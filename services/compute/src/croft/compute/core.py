@@ -76,6 +76,9 @@ class ComputeCore:
         self.member = context.config.member
         self.driver = driver
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        # Set by every status this service writes: the status monitor then reads the
+        # records again at its next pass (see monitor()).
+        self._status_written = False
         self._monitor: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------ plumbing
@@ -161,7 +164,10 @@ class ComputeCore:
                 record["config"].pop("volatile.apply_template", None)
                 record["expanded_config"].pop("volatile.apply_template", None)
 
-        return await self._set(project, name, change, current=current, also=also)
+        try:
+            return await self._set(project, name, change, current=current, also=also)
+        finally:
+            self._status_written = True
 
     # ------------------------------------------------------------------ create / delete
 
@@ -421,9 +427,12 @@ class ComputeCore:
                 await self.driver.start(host_name, before=check_then_render)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
-                if status is Status.STOPPED:
+                if status is Status.STOPPED and current.get("status") == Status.STOPPED.label:
                     raise InvalidArgument("The instance is already stopped")
-                await self.driver.stop(host_name, force=force, timeout=timeout)
+                # Stopped on its own since the status monitor's last pass: the record,
+                # which the client read, catches up, and the stop it asked for is done.
+                if status is not Status.STOPPED:
+                    await self.driver.stop(host_name, force=force, timeout=timeout)
                 new, event = Status.STOPPED, "instance-stopped"
             elif action == "restart":
                 if status is Status.STOPPED:
@@ -1013,27 +1022,44 @@ class ComputeCore:
             if found[0].get("status") != actual.label:
                 await self._set_status(project, name, actual, current=found)
 
-    async def monitor(self, interval: float = 5.0) -> None:
-        """Notice instances that stopped (or started) on their own."""
+    async def monitor(self, interval: float = 5.0, full_every: float = 60.0) -> None:
+        """Notice instances that stopped (or started) on their own.
+
+        Each pass takes one look at all instances (`driver.active()`), and reads the
+        records (all members', from the store) only when that look differs from the last
+        pass's, when this service wrote a status since (a start here, then a power-off
+        from inside before the next pass, leaves the look as it was and the record
+        stale), or every `full_every` seconds: an idle host costs one read of
+        /proc/net/unix per pass, whatever its number of instances."""
+        seen: frozenset[str] | None = None
+        last_full = 0.0
         while True:
             await asyncio.sleep(interval)
             started = time.monotonic()
             try:
-                # One look at all instances first: only those whose record disagrees
-                # with it are asked about one by one.
                 active = await self.driver.active()
+                if (
+                    active is not None
+                    and active == seen
+                    and not self._status_written
+                    and started - last_full < full_every
+                ):
+                    continue
+                seen, self._status_written = None, False  # until this pass is through
                 for entry in await self.store.list(record_prefix("instances", "")[:-1]):
                     record = entry.json()
                     croft = record.get("_croft", {})
                     if croft.get("member") != self.member or croft.get("state") != "created":
                         continue
                     project = record.get("project", DEFAULT_PROJECT)
+                    # Only those whose record disagrees with the look are asked about.
                     if active is not None and (driver_name(project, record["name"]) in active) == (
                         record.get("status") != Status.STOPPED.label
                     ):
                         continue
                     if not self.lock(project, record["name"]).locked():
                         await self._refresh_status(project, record["name"], record)
+                seen, last_full = active, started
             except Exception as exc:
                 log.warning("status monitor pass failed: %s", exc)
             log.debug("status monitor pass took %.1f ms", (time.monotonic() - started) * 1000)
