@@ -3,7 +3,8 @@
 
   lifecycle      launch busybox (p50, p95), delete --force, stop --force, start, exec true
                  (whole-command wall time, one at a time)
-  density        100 launches 10 at a time (rate, per-launch p50/p95 under load), host
+  density        100 launches 10 at a time, in --batches batches (rate and CPU per launch:
+                 medians of the batches; per-launch p50/p95 under load), host
                  memory per idle container (MemAvailable drop, PSS of each container's
                  processes and its monitor), the REST figures of bench/api.py with those
                  100 running, then deleting them 10 at a time
@@ -275,32 +276,65 @@ def container_memory(daemon: Daemon, names: list[str], server_pid: int | None) -
 MEMORY_KEYS = ("mem_host", "mem_pss", "mem_pss_payload", "mem_pss_monitor", "mem_cgroup")
 
 
+def batch(
+    daemon: Daemon, args: argparse.Namespace, names: list[str], pids: list[int]
+) -> tuple[float, list[float], list[str], dict[str, float | None]]:
+    """One batch of launches after a settle: (wall seconds, each launch's seconds,
+    failures, CPU per launch: host, daemon, `lxc` clients)."""
+    settle(after_deletions=args.deletion_rest)
+    host0, daemon0, client0 = host_cpu_ms(), process_cpu_ms(pids), children_cpu_ms()
+    wall, samples, failures = lxd.launch_many(daemon, names, args.pool, args.parallel)
+    per = max(1, len(samples))
+    cpu = {
+        "host": (host_cpu_ms() - host0) / per,
+        "daemon": (process_cpu_ms(pids) - daemon0) / per if pids else None,
+        "client": (children_cpu_ms() - client0) / per,
+    }
+    return wall, samples, failures, cpu
+
+
 def density(daemon: Daemon, args: argparse.Namespace, out: Figures) -> None:
     server_pid = daemon.server_pid()
     daemon_rss0 = rss_mib(server_pid) if server_pid else None
     avail0 = mem_available_mib()
     names = [f"{lxd.PREFIX}d{i:03d}" for i in range(args.count)]
     pids = daemon_pids(server_pid) if server_pid else []
-    settle(after_deletions=args.deletion_rest)
-    host0, daemon0, client0 = host_cpu_ms(), process_cpu_ms(pids), children_cpu_ms()
-    wall, samples, failures = lxd.launch_many(daemon, names, args.pool, args.parallel)
-    launched = len(samples)
-    # Where the CPU goes: on 2 cores the rate cannot beat 2 s / (CPU per launch).
-    per = max(1, launched)
-    out["batch_cpu_host"] = (host_cpu_ms() - host0) / per
-    out["batch_cpu_daemon"] = (process_cpu_ms(pids) - daemon0) / per if pids else None
-    out["batch_cpu_client"] = (children_cpu_ms() - client0) / per
+    # The host's speed drifts from minute to minute (bench/README.md): the rate and the
+    # CPU figures are the medians of `--batches` batches; the last one's containers stay
+    # for the memory and REST figures.
+    rates, walls, under_load = [], [], []
+    cpus: dict[str, list[float]] = {"host": [], "daemon": [], "client": []}
+    for number in range(1, args.batches + 1):
+        wall, samples, failures, cpu = batch(daemon, args, names, pids)
+        launched = len(samples)
+        rates.append(launched / wall)
+        walls.append(wall)
+        under_load += samples
+        for key, value in cpu.items():
+            if value is not None:
+                cpus[key].append(value)
+        say(
+            f"  batch {number}/{args.batches}: {launched}/{args.count} launched in {wall:.1f} s "
+            f"({launched / wall:.2f}/s); CPU per launch: host {cpu['host']:.0f} ms, daemon "
+            f"{lxd.fmt(cpu['daemon'])} ms ({len(pids)} processes), lxc client "
+            f"{cpu['client']:.0f} ms"
+        )
+        for failure in failures[:3]:
+            say(f"  launch failed: {failure}")
+        if number < args.batches:
+            daemon.delete(names, args.parallel)
+    # On 2 cores the rate cannot beat 2 s / (CPU per launch).
+    out["batch_cpu_host"] = p50(cpus["host"])
+    out["batch_cpu_daemon"] = p50(cpus["daemon"]) if cpus["daemon"] else None
+    out["batch_cpu_client"] = p50(cpus["client"])
+    out["batch_rate"], out["batch_wall"] = p50(rates), p50(walls)
+    out["batch_rate_min"], out["batch_rate_max"] = min(rates), max(rates)
     say(
-        f"  CPU per launch: host {out['batch_cpu_host']:.0f} ms, daemon "
-        f"{lxd.fmt(out['batch_cpu_daemon'])} ms ({len(pids)} processes), "
-        f"lxc client {out['batch_cpu_client']:.0f} ms"
+        f"  rate: median {out['batch_rate']:.2f}/s of {len(rates)} batches "
+        f"({', '.join(f'{r:.2f}' for r in rates)})"
     )
-    say(f"  {launched}/{args.count} launched in {wall:.1f} s ({launched / wall:.2f}/s)")
-    say(f"  one launch under load {describe(samples)} ms")
-    for failure in failures[:3]:
-        say(f"  launch failed: {failure}")
-    out["batch_wall"], out["batch_rate"] = wall, launched / wall
-    out["batch_launch_p50"], out["batch_launch_p95"] = p50(samples) * 1e3, p95(samples) * 1e3
+    say(f"  one launch under load {describe(under_load)} ms")
+    out["batch_launch_p50"], out["batch_launch_p95"] = p50(under_load) * 1e3, p95(under_load) * 1e3
 
     time.sleep(args.settle)
     running = [
@@ -407,6 +441,12 @@ def arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stop-runs", type=int, default=10, help="stop --force + start cycles")
     parser.add_argument("--count", type=int, default=100, help="instances in the density run")
     parser.add_argument("--parallel", type=int, default=10, help="launches at a time")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        default=3,
+        help="density batches (each after a sync and rest); rate and CPU are their medians",
+    )
     parser.add_argument("--settle", type=float, default=10, help="idle seconds before memory")
     parser.add_argument(
         "--deletion-rest",
@@ -428,6 +468,8 @@ PHASES = [
         "density",
         (
             "batch_rate",
+            "batch_rate_min",
+            "batch_rate_max",
             "batch_cpu_host",
             "batch_cpu_daemon",
             "batch_cpu_client",
