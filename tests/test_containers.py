@@ -394,26 +394,32 @@ def test_a_container_that_stops_or_starts_on_its_own_is_listed_as_it_is(
     others keep their status."""
     croft, lxc, _ = croft_lxc
     lxc("launch", "busybox", "own1")
+    lxcpath = croft.root / "state" / "lxc"
 
     def status(name: str) -> str:
         (instance,) = [i for i in lxc.json("list") if i["name"] == name]
         return str(instance["status"])
 
-    lxc("exec", "own1", "--", "kill", "-PWR", "1", check=False)  # init exits: a power-off
+    def power_off() -> None:
+        """SIGPWR to init, which exits on it (again if it came before init's trap)."""
+
+        def stopped() -> bool:
+            info = ["lxc-info", "-n", "own1", "-P", str(lxcpath), "-s"]
+            if "STOPPED" in subprocess.run(info, capture_output=True, text=True).stdout:
+                return True
+            lxc("exec", "own1", "--", "kill", "-PWR", "1", check=False)
+            return False
+
+        wait_until(stopped, 30, "own1 to power off")
+
+    power_off()
     wait_until(lambda: status("own1") == "Stopped", 30, "own1 to be listed Stopped")
     assert status(c1) == "Running"
-    lxcpath = croft.root / "state" / "lxc"
     subprocess.run(["lxc-start", "-n", "own1", "-P", str(lxcpath)], check=True, timeout=60)
     wait_until(lambda: status("own1") == "Running", 30, "own1 to be listed Running")
     assert status(c1) == "Running"
     # Powered off again, and deleted at once, before a monitor pass is likely: the record
     # still says Running, the client asks for a stop first, and that stop is done already.
-    lxc("exec", "own1", "--", "kill", "-PWR", "1", check=False)
-
-    def stopped() -> bool:
-        info = ["lxc-info", "-n", "own1", "-P", str(lxcpath), "-s"]
-        return "STOPPED" in subprocess.run(info, capture_output=True, text=True).stdout
-
-    wait_until(stopped, 30, "own1 to stop")
+    power_off()
     lxc("delete", "--force", "own1")
     assert "own1" not in [i["name"] for i in lxc.json("list")]
