@@ -15,6 +15,7 @@ import subprocess
 import termios
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -346,7 +347,15 @@ def test_delete_force_leaves_nothing_behind(croft_lxc: tuple[Croft, Lxc, str], c
     hwaddr = record["config"]["volatile.eth0.hwaddr"]
     wait_until(lambda: ipv4_of(lxc, "gone"), 30, "gone to get a lease")
     host_veths = set(os.listdir(f"/sys/class/net/{bridge}/brif"))
+
+    def network_users() -> list[str]:
+        network: dict[str, Any] = json.loads(lxc("query", f"/1.0/networks/{bridge}").stdout)
+        users: list[str] = network["used_by"]
+        return users
+
+    assert "/1.0/instances/gone" in network_users()
     lxc("delete", "--force", "gone")
+    assert "/1.0/instances/gone" not in network_users()
     state = croft.root / "state"
     assert not (state / "storage-pools" / "default" / "containers" / "gone").exists()
     assert not (state / "lxc" / "gone").exists()

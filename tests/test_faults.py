@@ -26,7 +26,7 @@ from .conftest import Croft, Lxc
 
 INSTANCES = "/croft/records/instances/default/"
 VOLUMES = "/croft/records/storage-volumes/default/"
-NETWORKS = "/croft/records/networks/default/"
+NICS = "/croft/records/network-nics/"
 OPERATIONS = "/croft/operations/"
 
 
@@ -57,12 +57,7 @@ def traces(croft: Croft, bridge: str, name: str) -> dict[str, int]:
     pool = state / "storage-pools" / "default" / "containers"
     records = [r for k, r in store_list(croft, INSTANCES) if k == INSTANCES + name]
     volumes = [k for k, _ in store_list(croft, VOLUMES) if k.endswith(f"/container/{name}")]
-    nics = [
-        key
-        for _, network in store_list(croft, NETWORKS)
-        for key in network.get("_croft", {}).get("nics", {})
-        if key.split("/")[1] == name
-    ]
+    nics = [key for key, _ in store_list(croft, NICS) if key.split("/")[-2] == name]
     hosts_dir = state / "networks" / bridge / "dnsmasq.hosts.d"
     hosts = [p.read_text() for p in hosts_dir.iterdir()] if hosts_dir.is_dir() else []
     return {
@@ -296,10 +291,8 @@ MOMENTS: dict[str, Moment] = {
     ),
     # the volume is made, and the network has the NIC's DHCP host entry
     "DHCP entry written": (
-        lambda name: NETWORKS,
-        lambda name, key, record: any(
-            nic.split("/")[1] == name for nic in record.get("_croft", {}).get("nics", {})
-        ),
+        lambda name: NICS,
+        lambda name, key, record: key.split("/")[-2] == name,
     ),
 }
 

@@ -24,9 +24,9 @@ import pytest
 
 from croft.common import discovery
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.common.records import public
+from croft.common.records import network_nic_key, network_nic_prefix, network_used_by, public
 from croft.common.rpc import ServiceClient
-from croft.common.store import Store
+from croft.common.store import Store, dump
 from croft.common.testing.etcd import EtcdServer, etcd_store
 from croft.network import nft
 from croft.network.core import network_key
@@ -181,6 +181,11 @@ async def record_of(store: Store, name: str) -> dict[str, Any]:
     return record
 
 
+async def used_by(store: Store, name: str) -> list[str]:
+    """The network's `used_by`, as the api shows it: from the keys of its NICs."""
+    return network_used_by(name, [e.key for e in await store.list(network_nic_prefix(name))])
+
+
 def gateway(record: dict[str, Any]) -> str:
     return str(IPv4Interface(record["config"]["ipv4.address"]).ip)
 
@@ -257,7 +262,7 @@ async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
 
     reply = await client.call("AttachInstance", nic(bridge, "c1", guest.hwaddr), idempotent=False)
     assert reply.bridge == bridge and reply.ipv4 == "" and reply.mtu == 0
-    assert (await record_of(store, bridge))["used_by"] == ["/1.0/instances/c1"]
+    assert (await used_by(store, bridge)) == ["/1.0/instances/c1"]
 
     address = guest.dhcp()
     assert address is not None
@@ -272,7 +277,7 @@ async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
     } in await leases(client, bridge)
 
     await client.call("DetachInstance", nic(bridge, "c1", guest.hwaddr))
-    assert (await record_of(store, bridge))["used_by"] == []
+    assert (await used_by(store, bridge)) == []
     assert guest.hwaddr not in {le["hwaddr"] for le in await leases(client, bridge)}
     assert guest.nslookup("c1.croft", gateway(record)) is None
 
@@ -282,25 +287,63 @@ async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
     await client.call("DetachInstance", nic("crtnnothere", "c1", guest.hwaddr))
 
 
-async def test_a_nic_change_keeps_a_change_of_the_record_made_meanwhile(
+async def test_a_nic_is_a_key_of_its_own_and_never_rewrites_the_network_record(
     running: NetworkService, store: Store, client: ServiceClient[Any]
 ) -> None:
-    """The service starts a NIC change from the record as it last wrote it; a write made
-    elsewhere in between must survive the next attach and detach."""
+    """Attaching the hundredth NIC writes as little as the first: its own key, and not
+    the network's record (which would grow with every instance on the network)."""
     bridge = running.bridge
-    await client.call("AttachInstance", nic(bridge, "k1", "00:16:3e:00:00:a1"), idempotent=False)
+    before = await store.get(network_key(bridge))
+    assert before is not None
+    names = [f"k{i}" for i in range(20)]
+    for i, name in enumerate(names):
+        request = nic(bridge, name, f"00:16:3e:00:01:{i:02x}")
+        await client.call("AttachInstance", request, idempotent=False)
+    assert await used_by(store, bridge) == sorted(f"/1.0/instances/{n}" for n in names)
+    entry = await store.get_json(network_nic_key(bridge, "default", "k3", "eth0"))
+    assert entry is not None and entry[0] == {"hwaddr": "00:16:3e:00:01:03", "ipv4": ""}
+    after = await store.get(network_key(bridge))
+    assert after is not None and after.revision == before.revision
+    # Attaching a NIC again updates its key in place.
+    await client.call("AttachInstance", nic(bridge, "k3", "00:16:3e:00:02:03"), idempotent=False)
+    entry = await store.get_json(network_nic_key(bridge, "default", "k3", "eth0"))
+    assert entry is not None and entry[0]["hwaddr"] == "00:16:3e:00:02:03"
+    for name in names:
+        await client.call("DetachInstance", nic(bridge, name))
+    assert await used_by(store, bridge) == []
+    after = await store.get(network_key(bridge))
+    assert after is not None and after.revision == before.revision
+
+
+async def test_nics_listed_in_a_network_record_get_keys_of_their_own_at_start(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    """A record written before NICs had keys (the NICs inside it, under `_croft.nics`):
+    the service gives each NIC its key when it starts, and the NICs detach as any other."""
+    bridge = running.bridge
+    running.kill()
     found = await store.get_json(network_key(bridge))
     assert found is not None
-    changed = {**found[0], "description": "changed meanwhile"}
-    await store.update_json(network_key(bridge), changed, revision=found[1])
-    await client.call("AttachInstance", nic(bridge, "k2", "00:16:3e:00:00:a2"), idempotent=False)
+    old = {
+        f"default/m{i}/eth0": {"hwaddr": f"00:16:3e:00:03:{i:02x}", "ipv4": ""} for i in range(150)
+    }
+    old["p1/m0/eth1"] = {"hwaddr": "00:16:3e:00:04:00", "ipv4": ""}
+    legacy = {**found[0], "_croft": {**found[0]["_croft"], "nics": old}}
+    legacy["used_by"] = ["(stale)"]
+    await store.update(network_key(bridge), dump(legacy), revision=found[1])
+
+    running.start()
+    await running.wait_registered(store)
     record = await record_of(store, bridge)
-    assert record["description"] == "changed meanwhile"
-    assert record["used_by"] == ["/1.0/instances/k1", "/1.0/instances/k2"]
-    await client.call("DetachInstance", nic(bridge, "k1", "00:16:3e:00:00:a1"))
-    await client.call("DetachInstance", nic(bridge, "k2", "00:16:3e:00:00:a2"))
-    record = await record_of(store, bridge)
-    assert record["description"] == "changed meanwhile" and record["used_by"] == []
+    assert "nics" not in record["_croft"] and record["used_by"] == []
+    assert len(await store.list(network_nic_prefix(bridge))) == 151
+    shown = await used_by(store, bridge)
+    assert len(shown) == 151 and "/1.0/instances/m0?project=p1" in shown
+    for key in old:
+        project, instance, device = key.split("/")
+        request = nic(bridge, instance, project=project, device=device)
+        await client.call("DetachInstance", request)
+    assert await store.list(network_nic_prefix(bridge)) == []
 
 
 async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
@@ -345,13 +388,13 @@ async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
 
     other = nic(bridge, "c2", generate_hwaddr(), project="p1", device="eth1")
     await client.call("AttachInstance", other, idempotent=False)
-    assert (await record_of(store, bridge))["used_by"] == [
+    assert (await used_by(store, bridge)) == [
         "/1.0/instances/c2",
         "/1.0/instances/c2?project=p1",
     ]
     await client.call("DetachInstance", other)
     await client.call("DetachInstance", nic(bridge, "c2", first))
-    assert (await record_of(store, bridge))["used_by"] == []
+    assert (await used_by(store, bridge)) == []
     assert first not in {le["hwaddr"] for le in await leases(client, bridge)}
 
 
@@ -451,7 +494,7 @@ async def test_a_killed_service_comes_back_without_touching_the_network(
     assert guest.nslookup("c4.croft", gateway(before.json())) == address
     assert "c4" in {le["hostname"] for le in await leases(client, bridge)}
     await client.call("DetachInstance", nic(bridge, "c4", guest.hwaddr))
-    assert (await record_of(store, bridge))["used_by"] == []
+    assert (await used_by(store, bridge)) == []
 
 
 async def test_host_state_whose_record_was_never_written_is_adopted(

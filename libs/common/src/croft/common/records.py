@@ -4,12 +4,17 @@
 themselves are `/croft/records/projects/<name>`; pools and networks, which LXD does not
 scope by project, use the project `default`). Keys starting with `_` inside a record
 are croft's own bookkeeping and never leave the api.
+
+The instance NICs plugged into a managed network are one key each,
+`/croft/records/network-nics/<network>/<project>/<instance>/<device>`, not a list inside
+the network's record: attaching the thousandth NIC writes as little as the first, and no
+network record grows with the instances on it. A network's `used_by` is read from them.
 """
 
 from __future__ import annotations
 
 import marshal
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from croft.common.errors import Conflict, NotFound
@@ -29,6 +34,31 @@ def record_key(kind: str, project: str, name: str) -> str:
 
 def project_key(name: str) -> str:
     return f"{RECORDS}projects/{name}"
+
+
+def network_nic_prefix(network: str) -> str:
+    """Where the NICs attached to a managed network are recorded."""
+    return f"{RECORDS}network-nics/{network}/"
+
+
+def network_nic_key(network: str, project: str, instance: str, device: str) -> str:
+    return f"{network_nic_prefix(network)}{project}/{instance}/{device}"
+
+
+def instance_url(project: str, instance: str) -> str:
+    """An instance as LXD names it in `used_by`."""
+    url = f"/1.0/instances/{instance}"
+    return url if project == DEFAULT_PROJECT else f"{url}?project={project}"
+
+
+def network_used_by(network: str, nic_keys: Iterable[str]) -> list[str]:
+    """A network's `used_by`, from the keys of the NICs attached to it."""
+    prefix = network_nic_prefix(network)
+    urls = set()
+    for key in nic_keys:
+        project, instance, _ = key.removeprefix(prefix).split("/", 2)
+        urls.add(instance_url(project, instance))
+    return sorted(urls)
 
 
 def _create(key: str, record: dict[str, Any]) -> Operation:

@@ -3,10 +3,13 @@ this host, and the instance NICs plugged into them.
 
 The core is the only writer of network records (`/croft/records/networks/default/<name>`:
 LXD's network object plus a private `_croft` key). A record belongs to the member whose
-network service runs it (`_croft.member`); `_croft.nics` lists the instance NICs attached,
-and `used_by` is derived from it. Driver work on a network runs under that network's
-lock, in a worker thread, and is shielded from the caller going away: an attach either
-completes (and the caller's cleanup detaches it) or undoes itself.
+network service runs it (`_croft.member`). Each instance NIC attached to a network is a
+key of its own (`croft.common.records.network_nic_key`), written by the same service: an
+attach or detach writes that key alone, whatever the number of instances on the network,
+and never the network's record. `used_by` is read from those keys. Driver work on a
+network runs under that network's lock, in a worker thread, and is shielded from the
+caller going away: an attach either completes (and the caller's cleanup detaches it) or
+undoes itself.
 
 Service restarts never disturb a running network: `start()` converges every network of
 this member with the driver's idempotent `start`, which adopts the running dnsmasq and
@@ -28,13 +31,14 @@ from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.records import (
     DEFAULT_PROJECT,
-    copy_record,
     modify,
-    modify_entry,
+    network_nic_key,
+    network_nic_prefix,
     record_key,
     record_prefix,
 )
 from croft.common.service import ServiceContext
+from croft.common.store import Create, Delete, Entry, Put, Update, dump
 from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
 
 log = logging.getLogger(__name__)
@@ -47,12 +51,6 @@ DEFAULT_NETWORK_TYPE = "bridge"
 def network_key(name: str) -> str:
     """Where a network's record lives (networks are not scoped by project, as in LXD)."""
     return record_key("networks", DEFAULT_PROJECT, name)
-
-
-def instance_url(project: str, instance: str) -> str:
-    """An instance as LXD names it in `used_by`."""
-    url = f"/1.0/instances/{instance}"
-    return url if project == DEFAULT_PROJECT else f"{url}?project={project}"
 
 
 def new_network_record(
@@ -68,7 +66,7 @@ def new_network_record(
         "config": dict(config),
         "used_by": [],
         "locations": ["none"],
-        "_croft": {"member": member, "nics": {}},
+        "_croft": {"member": member},
     }
 
 
@@ -85,8 +83,12 @@ class InstanceNic:
 
     @property
     def key(self) -> str:
-        """The NIC's key in the record's `_croft.nics`."""
+        """The NIC's name among its network's NICs."""
         return f"{self.project}/{self.instance}/{self.device}"
+
+    @property
+    def store_key(self) -> str:
+        return network_nic_key(self.network, self.project, self.instance, self.device)
 
 
 @dataclass(frozen=True)
@@ -96,14 +98,6 @@ class NicAttachment:
     host_interface: str  # the bridge the veth/tap goes into
     mtu: int | None  # None: the NIC keeps its default
     ipv4: str | None  # the pinned address, if one was asked for
-
-
-def _used_by(nics: dict[str, dict[str, str]]) -> list[str]:
-    urls = set()
-    for key in nics:
-        project, instance, _ = key.split("/", 2)
-        urls.add(instance_url(project, instance))
-    return sorted(urls)
 
 
 class NetworkCore:
@@ -118,11 +112,12 @@ class NetworkCore:
         )
         self._drivers: dict[str, NetworkDriver] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        # A network record as this process last wrote it, and its revision: a NIC's attach
-        # or detach starts from it instead of reading the store (this service is the
-        # record's writer; a compare-and-swap still catches any other write). Dropped by
-        # every other change of the network.
-        self._written: dict[str, tuple[dict[str, Any], int]] = {}
+        # What a NIC's attach or detach reads, kept instead of read from the store each
+        # time (this service is the only writer of both): the records of this member's
+        # networks, dropped by every change of a network, and each network's NICs with
+        # their revisions (a compare-and-swap still catches any other writer's change).
+        self._records: dict[str, dict[str, Any]] = {}
+        self._nics: dict[str, dict[str, tuple[dict[str, str], int]]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -162,6 +157,23 @@ class NetworkCore:
             raise NotFound(f"Network {name!r} is not set up on member {self.member!r}")
         return record, found[1]
 
+    def _forget(self, name: str) -> None:
+        """Drop what is kept of a network: read it from the store next time."""
+        self._records.pop(name, None)
+        self._nics.pop(name, None)
+
+    async def _nic_entries(self, name: str) -> dict[str, tuple[dict[str, str], int]]:
+        """The NICs attached to a network, by `InstanceNic.key`, with their revisions."""
+        known = self._nics.get(name)
+        if known is None:
+            prefix = network_nic_prefix(name)
+            known = {
+                entry.key.removeprefix(prefix): (entry.json(), entry.revision)
+                for entry in await self.store.list(prefix)
+            }
+            self._nics[name] = known
+        return known
+
     async def _lifecycle(self, action: str, name: str) -> None:
         with contextlib.suppress(CroftError):
             await events.publish(
@@ -197,7 +209,7 @@ class NetworkCore:
         key = network_key(name)
 
         async def ensure() -> dict[str, Any] | None:
-            self._written.pop(name, None)
+            self._forget(name)
             found = await self.store.get_json(key)
             if found is not None:
                 existing: dict[str, Any] = found[0]
@@ -245,6 +257,11 @@ class NetworkCore:
             if record.get("_croft", {}).get("member") != self.member:
                 continue
             name = record["name"]
+            if record["_croft"].get("nics"):
+                try:
+                    await self._locked(name, lambda entry=entry: self._move_nics_out(entry))
+                except CroftError as exc:
+                    log.error("network %s: its NICs were not moved to keys: %s", name, exc)
 
             async def start(record: dict[str, Any] = record) -> None:
                 driver = self.driver(record["type"])
@@ -256,6 +273,24 @@ class NetworkCore:
                 log.error("network %s did not start: %s", name, exc)
                 failed.append(name)
         return failed
+
+    async def _move_nics_out(self, entry: Entry) -> None:
+        """Give each NIC listed in a network record (as records were written before NICs
+        had keys of their own) its key, then drop the list. Safe to run again after an
+        interruption: the keys are written first, and the list goes last."""
+        record = entry.json()
+        name = record["name"]
+        writes: list[Put] = []
+        for nic_key, value in record["_croft"]["nics"].items():
+            project, instance, device = nic_key.split("/", 2)
+            writes.append(Put(network_nic_key(name, project, instance, device), dump(value)))
+        for start in range(0, len(writes), 100):  # etcd takes 128 operations at most
+            await self.store.transaction(writes[start : start + 100])
+        del record["_croft"]["nics"]
+        record["used_by"] = []
+        await self.store.update(entry.key, dump(record), revision=entry.revision)
+        self._forget(name)
+        log.info("network %s: moved %d NICs from its record to keys", name, len(writes))
 
     # ------------------------------------------------------------------ networks
 
@@ -274,7 +309,7 @@ class NetworkCore:
         key = network_key(name)
 
         async def create() -> dict[str, Any]:
-            self._written.pop(name, None)
+            self._forget(name)
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
             resolved = await in_thread(driver.create, name, config)
@@ -308,7 +343,7 @@ class NetworkCore:
             raise InvalidArgument("Network config values must be strings")
 
         async def update() -> dict[str, Any]:
-            self._written.pop(name, None)
+            self._forget(name)
             record = await self._local_record(name)
             driver = self.driver(record["type"])
             old_config = record["config"]
@@ -337,15 +372,16 @@ class NetworkCore:
         instance NICs are attached to it."""
 
         async def delete() -> None:
-            self._written.pop(name, None)
+            self._forget(name)
             record = await self._local_record(name)
-            if record.get("_croft", {}).get("nics"):
+            if record.get("_croft", {}).get("nics") or await self._nic_entries(name):
                 raise InvalidArgument("The network is currently in use")
             # Host state first: a record left by a failure here is started (recreated) at
             # the next service start, never orphaned host state without a record.
             await in_thread(self.driver(record["type"]).delete, name)
             with contextlib.suppress(NotFound):
                 await self.store.delete(network_key(name))
+            self._forget(name)
             await self._lifecycle("network-deleted", name)
 
         await self._locked(name, delete)
@@ -363,23 +399,17 @@ class NetworkCore:
         name = nic.network
 
         async def attach() -> NicAttachment:
-            record, revision = await self._nic_base(name)
+            record = await self._nic_base(name)
             driver = self.driver(record["type"])
             config = record["config"]
             if not await in_thread(driver.is_running, name):
                 await in_thread(driver.start, name, config)
-            previous = record.get("_croft", {}).get("nics", {}).get(nic.key)
+            known = (await self._nic_entries(name)).get(nic.key)
+            previous = known[0] if known is not None else None
             hwaddr = nic.hwaddr.lower()
             try:
                 address = await in_thread(driver.add_instance, name, nic.instance, hwaddr, nic.ipv4)
-
-                def add(current: dict[str, Any]) -> dict[str, Any]:
-                    nics = current.setdefault("_croft", {}).setdefault("nics", {})
-                    nics[nic.key] = {"hwaddr": hwaddr, "ipv4": address or ""}
-                    current["used_by"] = _used_by(nics)
-                    return current
-
-                await self._write_nics(name, add, current=(record, revision))
+                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
             except BaseException:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
                     # add_instance replaced this NIC's entry: put the old one back.
@@ -413,48 +443,58 @@ class NetworkCore:
 
         async def detach() -> None:
             try:
-                record, revision = await self._nic_base(name)
+                record = await self._nic_base(name)
             except NotFound:
                 return
             driver = self.driver(record["type"])
-            entry = record.get("_croft", {}).get("nics", {}).get(nic.key)
+            nics = await self._nic_entries(name)
+            known = nics.get(nic.key)
+            entry = known[0] if known is not None else None
             hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
             for hwaddr in sorted(hwaddrs):
                 await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
-            if entry is None:
+            if known is None:
                 return
-
-            def remove(current: dict[str, Any]) -> dict[str, Any]:
-                nics = current.setdefault("_croft", {}).setdefault("nics", {})
-                nics.pop(nic.key, None)
-                current["used_by"] = _used_by(nics)
-                return current
-
-            with contextlib.suppress(NotFound):
-                await self._write_nics(name, remove, current=(record, revision))
+            try:
+                await self.store.transaction([Delete(nic.store_key)])
+            except BaseException:
+                self._nics.pop(name, None)
+                raise
+            nics.pop(nic.key, None)
 
         await self._locked(name, detach)
 
-    async def _nic_base(self, name: str) -> tuple[dict[str, Any], int]:
-        """The record a NIC change starts from: the one this process last wrote, or the
-        store's."""
-        known = self._written.get(name)
-        if known is not None:
-            return copy_record(known[0]), known[1]
-        return await self._local_entry(name)
+    async def _nic_base(self, name: str) -> dict[str, Any]:
+        """The record of a network of this member, as a NIC change needs it."""
+        record = self._records.get(name)
+        if record is None:
+            record = await self._local_record(name)
+            self._records[name] = record
+        return record
 
-    async def _write_nics(
-        self,
-        name: str,
-        change: Callable[[dict[str, Any]], dict[str, Any]],
-        *,
-        current: tuple[dict[str, Any], int],
-    ) -> None:
-        self._written.pop(name, None)
-        record, revision = await modify_entry(
-            self.store, network_key(name), change, missing="Network not found", current=current
-        )
-        self._written[name] = (record, revision)
+    async def _write_nic(self, nic: InstanceNic, entry: dict[str, str]) -> None:
+        """Record an attached NIC (compare-and-swap on its key, retried from the store's
+        copy should another writer have changed it)."""
+        name = nic.network
+        value = dump(entry)
+        for _ in range(3):
+            known = (await self._nic_entries(name)).get(nic.key)
+            write = (
+                Update(nic.store_key, value, known[1])
+                if known is not None
+                else Create(nic.store_key, value)
+            )
+            try:
+                revision = await self.store.transaction([write])
+            except Conflict:
+                self._nics.pop(name, None)
+                continue
+            except BaseException:
+                self._nics.pop(name, None)
+                raise
+            self._nics.setdefault(name, {})[nic.key] = (entry, revision)
+            return
+        raise Conflict(f"the NIC {nic.key} of network {name} kept changing while it was attached")
 
     # ------------------------------------------------------------------ state
 

@@ -15,7 +15,7 @@ from croft.api import query, records, responses
 from croft.api.app import context
 from croft.api.services import services
 from croft.common.errors import NotFound
-from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.records import DEFAULT_PROJECT, network_nic_prefix, network_used_by, public
 from croft.v1 import network_pb2
 
 router = APIRouter()
@@ -44,9 +44,17 @@ def _unmanaged(name: str) -> dict[str, Any]:
     }
 
 
+async def _render(store: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """A managed network as LXD shows it: `used_by` from the NICs attached to it."""
+    name = record["name"]
+    nics = [entry.key for entry in await store.list(network_nic_prefix(name))]
+    return {**public(record), "used_by": network_used_by(name, nics)}
+
+
 async def _all(store: Any) -> list[dict[str, Any]]:
     managed = {
-        r["name"]: public(r) for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
+        r["name"]: await _render(store, r)
+        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
     }
     host = [n for n in sorted(os.listdir(SYS_NET)) if n not in managed]
     return [*managed.values(), *(_unmanaged(n) for n in host)]
@@ -71,7 +79,7 @@ async def network_get(request: Request, name: str) -> Response:
     store = context(request).store
     found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
     if found is not None:
-        body = public(found[0])
+        body = await _render(store, found[0])
     elif os.path.exists(f"{SYS_NET}/{name}"):
         body = _unmanaged(name)
     else:
