@@ -286,9 +286,19 @@ class NetworkCore:
             writes.append(Put(network_nic_key(name, project, instance, device), dump(value)))
         for start in range(0, len(writes), 100):  # etcd takes 128 operations at most
             await self.store.transaction(writes[start : start + 100])
-        del record["_croft"]["nics"]
-        record["used_by"] = []
-        await self.store.update(entry.key, dump(record), revision=entry.revision)
+
+        def drop_list(current: dict[str, Any]) -> dict[str, Any]:
+            current.get("_croft", {}).pop("nics", None)
+            current["used_by"] = []
+            return current
+
+        await modify(
+            self.store,
+            entry.key,
+            drop_list,
+            missing="Network not found",
+            current=(record, entry.revision),
+        )
         self._forget(name)
         log.info("network %s: moved %d NICs from its record to keys", name, len(writes))
 
