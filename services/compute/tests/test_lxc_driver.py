@@ -493,6 +493,52 @@ async def test_bad_specs_change_nothing(driver: LXCDriver, make_rootfs) -> None:
         await driver.start("crtst-lxc-missing")
 
 
+async def test_a_create_killed_half_way_leaves_no_definition_and_keeps_the_name_free(
+    driver: LXCDriver, make_rootfs
+) -> None:
+    """A definition is written aside and moved into place whole: what a process killed
+    while writing it leaves is hidden, does not hold the name, and is swept."""
+    name = container_name()
+    rootfs = make_rootfs(name)
+    lxcpath = Path(driver.lxcpath)
+    # What a create killed between making its directory and renaming it leaves.
+    killed = lxcpath / f".partial-{name}.abc123"
+    killed.mkdir()
+    (killed / "config").write_text("lxc.uts.name = half\n")
+    other = lxcpath / ".partial-crtst-lxc-gone.def456"
+    other.mkdir()
+    assert not await driver.exists(name) and await driver.list() == []
+
+    await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    assert await driver.exists(name) and await driver.list() == [name]
+    assert not killed.exists()  # the same name's leftover goes at its next create
+    assert sorted(p.name for p in lxcpath.iterdir()) == [other.name, name]
+
+    # Another name's is left to a later start of the service, once it is surely dead.
+    LXCDriver(str(lxcpath))
+    assert other.exists()
+    old = time.time() - 3600
+    os.utime(other, (old, old))
+    LXCDriver(str(lxcpath))
+    assert not other.exists()
+
+
+async def test_the_host_side_of_a_bridged_nic_has_no_ipv6_of_its_own(
+    driver: LXCDriver, make_rootfs, bridge: str
+) -> None:
+    name = await launch(driver, make_rootfs, devices=bridged_nic(bridge, "00:16:3e:12:34:57"))
+    eth0 = (await driver.state(name)).network["eth0"]
+    conf = Path("/proc/sys/net/ipv6/conf", eth0.host_name)
+    assert (conf / "disable_ipv6").read_text() == "1\n"
+    assert (conf / "accept_ra").read_text() == "0\n"
+    shown = subprocess.run(
+        ["ip", "-6", "-o", "addr", "show", "dev", eth0.host_name], capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and shown.stdout == ""
+    inside = [a for a in eth0.addresses if a.family == "inet6"]
+    assert inside and all(a.scope == "link" for a in inside)
+
+
 async def test_project_prefixed_names_work(driver: LXCDriver, make_rootfs) -> None:
     name = "crtst-lxc-proj_" + container_name().removeprefix("crtst-lxc-")
     await driver.create(InstanceSpec(name=name, rootfs=make_rootfs(name)))

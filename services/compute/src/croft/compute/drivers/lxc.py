@@ -20,8 +20,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
+import glob
+import logging
 import math
 import os
 import posixpath
@@ -29,7 +32,9 @@ import re
 import shutil
 import stat
 import struct
+import tempfile
 import termios
+import time
 import tty
 from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
@@ -53,6 +58,13 @@ from croft.compute.drivers import (
     Status,
     netns,
 )
+
+log = logging.getLogger(__name__)
+
+# A definition being written (`LXCDriver.create`), hidden until it is whole; one older than
+# _PARTIAL_AGE seconds is a dead process's.
+_PARTIAL = ".partial-"
+_PARTIAL_AGE = 60.0
 
 COMMON_CONF = "/usr/share/lxc/config/common.conf"
 USERNS_CONF = "/usr/share/lxc/config/userns.conf"
@@ -182,6 +194,37 @@ def _nic_lines(index: int, instance: str, device: str, nic: dict[str, str]) -> l
             raise InvalidArgument(f'Device "{device}": invalid mtu "{nic["mtu"]}"')
         lines.append(f"{prefix}.mtu = {nic['mtu']}")
     return lines
+
+
+def _bridge_ports(lines: list[str]) -> list[str]:
+    """The host-side veths of a definition's bridged NICs (a veth pair with a link)."""
+    pairs: dict[str, str] = {}
+    linked: set[str] = set()
+    for line in lines:
+        key, sep, value = line.partition("=")
+        found = re.match(r"^lxc\.net\.(\d+)\.(veth\.pair|link)$", key.strip()) if sep else None
+        if found is None:
+            continue
+        if found.group(2) == "link":
+            linked.add(found.group(1))
+        else:
+            pairs[found.group(1)] = value.strip()
+    return [veth for index, veth in sorted(pairs.items()) if index in linked]
+
+
+def _no_ipv6_of_its_own(veth: str) -> None:
+    """Turn IPv6 off on the host side of a bridged NIC, as LXD does. The port only carries
+    the container's traffic into the bridge (the container's own IPv6 is untouched). An
+    address of its own would add duplicate address detection and multicast listener
+    reports, which the bridge floods to every container."""
+    for key, value in (("disable_ipv6", "1"), ("accept_ra", "0")):
+        try:
+            with open(f"/proc/sys/net/ipv6/conf/{veth}/{key}", "w") as knob:
+                knob.write(value)
+        except FileNotFoundError:
+            return  # no IPv6 on this host, or the container stopped already
+        except OSError as exc:
+            log.warning("could not set %s on %s: %s", key, veth, exc)
 
 
 def _mount_target(device: str, path: str) -> str:
@@ -524,6 +567,7 @@ class LXCDriver(InstanceDriver):
         self.idmap = idmap or default_idmap()
         self.lxcfs_dir = lxcfs_dir
         os.makedirs(lxcpath, mode=0o711, exist_ok=True)
+        self._sweep_partial_definitions()
 
     # -- helpers
 
@@ -560,20 +604,23 @@ class LXCDriver(InstanceDriver):
             for v in [m.group(1)]
         ]
 
-    def _prepare_start(self, name: str, before: Callable[[Status], None] | None) -> bool:
+    def _prepare_start(
+        self, name: str, before: Callable[[Status], None] | None
+    ) -> tuple[bool, list[str]]:
         """Run the caller's `before`, refuse a running container, clear what a crashed
-        start left; True if the definition runs hooks. One trip to the thread pool for
-        all of it."""
+        start left. Returns whether the definition runs hooks, and the host-side names of
+        its bridged NICs. One trip to the thread pool for all of it."""
         status = self._status(self._container(name))
         if before is not None:
             before(status)
         if status is not Status.STOPPED:
             raise Conflict(f'Instance "{name}" is already running')
         self._remove_leftovers(name, unless_clean=True)
-        return any(
-            line.startswith("lxc.hook.") and line.partition("=")[2].strip()
-            for line in self._config_lines(name)
+        lines = self._config_lines(name)
+        hooks = any(
+            line.startswith("lxc.hook.") and line.partition("=")[2].strip() for line in lines
         )
+        return hooks, _bridge_ports(lines)
 
     def _remove_leftovers(self, name: str, unless_clean: bool = False) -> None:
         """Empty cgroups liblxc leaves on cgroup v1 (lxc.monitor.NAME[-N], and
@@ -642,15 +689,27 @@ class LXCDriver(InstanceDriver):
         if not os.path.isdir(spec.rootfs):
             raise InvalidArgument(f'Root filesystem "{spec.rootfs}" is not a directory')
         directory = self._dir(spec.name)
+        if os.path.lexists(directory):
+            raise Conflict(f'Instance "{spec.name}" already exists')
+        # Written aside, then moved into place by one rename: a process killed half-way
+        # leaves a hidden directory (swept later), never a half-written definition that
+        # `exists()` does not see and that holds the name.
+        for stale in glob.glob(os.path.join(self.lxcpath, f"{_PARTIAL}{glob.escape(spec.name)}.*")):
+            shutil.rmtree(stale, ignore_errors=True)  # a dead create's: no other runs now
+        partial = tempfile.mkdtemp(prefix=f"{_PARTIAL}{spec.name}.", dir=self.lxcpath)
         try:
-            os.mkdir(directory, 0o700)
-        except FileExistsError:
-            raise Conflict(f'Instance "{spec.name}" already exists') from None
-        try:
-            tmp = os.path.join(directory, "config.tmp")
-            with open(tmp, "w") as f:
+            with open(os.path.join(partial, "config"), "w") as f:
                 f.write(config)
-            os.rename(tmp, os.path.join(directory, "config"))
+            try:
+                os.rename(partial, directory)
+            except OSError as exc:
+                if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                    raise Conflict(f'Instance "{spec.name}" already exists') from None
+                raise
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        try:
             container = lxc.Container(spec.name, self.lxcpath)
             if not container.defined:
                 raise Internal(f'liblxc does not accept the configuration of "{spec.name}"')
@@ -658,8 +717,15 @@ class LXCDriver(InstanceDriver):
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
+    def _sweep_partial_definitions(self) -> None:
+        """Remove what creates killed half-way left, once surely no create runs on it."""
+        for partial in glob.glob(os.path.join(self.lxcpath, f"{_PARTIAL}*")):
+            with contextlib.suppress(OSError):
+                if time.time() - os.lstat(partial).st_mtime > _PARTIAL_AGE:
+                    shutil.rmtree(partial, ignore_errors=True)
+
     async def start(self, name: str, before: Callable[[Status], None] | None = None) -> None:
-        hooks = await in_thread(self._prepare_start, name, before)
+        hooks, bridge_ports = await in_thread(self._prepare_start, name, before)
         offset = self._log_size(name)
         # lxc-start daemonizes (closing every inherited fd) and returns once the container
         # runs; its monitor is a small C process that is no child of ours.
@@ -673,6 +739,8 @@ class LXCDriver(InstanceDriver):
             await in_thread(self._remove_leftovers, name)
             detail = self._log_errors_since(name, offset) or stderr.decode(errors="replace")
             raise Internal(f'Failed to start instance "{name}": {detail.strip()}')
+        for veth in bridge_ports:
+            _no_ipv6_of_its_own(veth)  # a few /proc/sys writes: no trip to a thread
 
     async def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> None:
         container = await in_thread(self._container, name)
