@@ -90,6 +90,20 @@ def test_launched_container_runs_with_an_address_from_the_bridge(
     assert address.rsplit(".", 1)[0] == gateway.rsplit(".", 1)[0]
     assert "RUNNING" in lxc("list", c1).stdout
 
+    # As with LXD, the host side of a bridged NIC has no IPv6 of its own; the container's
+    # side keeps its IPv6 link-local address.
+    state = json.loads(lxc("query", f"/1.0/instances/{c1}/state").stdout)
+    eth0 = state["network"]["eth0"]
+    veth = eth0["host_name"]
+    assert veth in os.listdir(f"/sys/class/net/{bridge}/brif")
+    assert Path(f"/proc/sys/net/ipv6/conf/{veth}/disable_ipv6").read_text() == "1\n"
+    assert Path(f"/proc/sys/net/ipv6/conf/{veth}/accept_ra").read_text() == "0\n"
+    host_side = subprocess.run(
+        ["ip", "-6", "-o", "addr", "show", "dev", veth], capture_output=True, text=True
+    )
+    assert host_side.returncode == 0 and host_side.stdout == ""
+    assert any(a["family"] == "inet6" and a["scope"] == "link" for a in eth0["addresses"])
+
 
 def test_exec_prints_and_exits_like_the_command(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:
     _, lxc, _ = croft_lxc
@@ -353,7 +367,9 @@ def test_delete_force_leaves_nothing_behind(croft_lxc: tuple[Croft, Lxc, str], c
         users: list[str] = network["used_by"]
         return users
 
-    assert "/1.0/instances/gone" in network_users()
+    # As LXD lists it: the profiles with a NIC on the network, then the instances.
+    users = network_users()
+    assert users.index("/1.0/profiles/default") < users.index("/1.0/instances/gone")
     lxc("delete", "--force", "gone")
     assert "/1.0/instances/gone" not in network_users()
     state = croft.root / "state"

@@ -44,11 +44,32 @@ def _unmanaged(name: str) -> dict[str, Any]:
     }
 
 
-async def _render(store: Any, record: dict[str, Any]) -> dict[str, Any]:
-    """A managed network as LXD shows it: `used_by` from the NICs attached to it."""
-    name = record["name"]
+def _on(device: dict[str, str], network: str) -> bool:
+    """Whether a device is a NIC on `network` (LXD's isInUseByDevice)."""
+    return device.get("type") == "nic" and network in (device.get("network"), device.get("parent"))
+
+
+async def _used_by(store: Any, name: str) -> list[str]:
+    """What uses a managed network, in LXD's order: networks built on it, profiles with a
+    NIC on it, then the instances whose NICs are attached to it."""
+    networks = sorted(
+        records.url("networks", r["name"])
+        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
+        if r["name"] != name and name in (r["config"].get("network"), r["config"].get("parent"))
+    )
+    profiles = []
+    prefix = records.RECORDS + "profiles/"
+    for entry in await store.list(prefix):
+        project, _, profile = entry.key.removeprefix(prefix).partition("/")
+        if any(_on(device, name) for device in (entry.json().get("devices") or {}).values()):
+            profiles.append(records.url("profiles", profile, project))
     nics = [entry.key for entry in await store.list(network_nic_prefix(name))]
-    return {**public(record), "used_by": network_used_by(name, nics)}
+    return networks + sorted(profiles) + network_used_by(name, nics)
+
+
+async def _render(store: Any, record: dict[str, Any]) -> dict[str, Any]:
+    """A managed network as LXD shows it."""
+    return {**public(record), "used_by": await _used_by(store, record["name"])}
 
 
 async def _all(store: Any) -> list[dict[str, Any]]:
