@@ -55,7 +55,8 @@ async def _used_by(store: Any, name: str) -> list[str]:
     networks = sorted(
         records.url("networks", r["name"])
         for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
-        if r["name"] != name and name in (r["config"].get("network"), r["config"].get("parent"))
+        if r["name"] != name
+        and name in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
     )
     profiles = []
     prefix = records.RECORDS + "profiles/"
