@@ -48,6 +48,9 @@ API_EXTENSIONS: list[str] = [
     "exec_special_chars",
     "container_file_write_append",
     "file_delete",
+    # networks (routes/networks.py): read-only for now, as storage pools are (list, get,
+    # state, leases); creating or changing one answers LXD's 501 "not implemented"
+    "network",
     "network_leases",
     "network_state",
     "resources",
