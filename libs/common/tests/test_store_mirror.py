@@ -8,10 +8,12 @@ import contextlib
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 
 from croft.common import rpc
+from croft.common.errors import Unavailable
 from croft.common.store import Create, Delete, Update, observe, observed, observed_all
 from croft.common.store.etcd import EtcdStore
 from croft.common.store.mirror import MirroredStore
@@ -144,6 +146,65 @@ async def test_a_mirror_resumes_after_losing_its_watch(
             # It went on from where it was: no listing again (etcd's counters restarted
             # with it), and the reads above came from memory.
             assert ranges_served(own_etcd_server) == 0
+
+
+def watchers(server: EtcdServer) -> float:
+    """How many watchers etcd is serving."""
+    with urllib.request.urlopen(f"{server.endpoint}/metrics", timeout=5) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith("etcd_debugging_mvcc_watcher_total "):
+                return float(line.split()[-1])
+    raise AssertionError("etcd reports no watcher count")
+
+
+async def next_changes(watch: Any, count: int) -> list[tuple[str, bytes]]:
+    async with asyncio.timeout(HANG_GUARD):
+        return [(change.key, change.value) for change in [await anext(watch) for _ in range(count)]]
+
+
+async def test_watches_from_now_are_served_by_the_mirror(
+    own_etcd_server: EtcdServer, key_prefix: str
+) -> None:
+    """The api follows events and operations besides the records: from the mirror's one
+    etcd watch, not three."""
+    async with (
+        etcd_store(own_etcd_server.endpoints) as store,
+        mirrored(store, f"{key_prefix}records/") as mirror,
+    ):
+        await until(lambda: watchers(own_etcd_server) == 1)  # the mirror's own
+        etcd_watches = 1.0
+        events = mirror.watch(f"{key_prefix}events/")
+        operations = mirror.watch(f"{key_prefix}operations/", start_revision=await store.revision())
+        assert watchers(own_etcd_server) == etcd_watches
+        await store.transaction(
+            [
+                Create(f"{key_prefix}operations/1", b"created"),
+                Create(f"{key_prefix}events/1", b"pending"),
+                Create(f"{key_prefix}events/2", b"running"),
+            ]
+        )
+        await store.put(f"{key_prefix}records/x", b"record")
+        await store.put(f"{key_prefix}operations/1", b"done")
+        assert await next_changes(events, 2) == [
+            (f"{key_prefix}events/1", b"pending"),
+            (f"{key_prefix}events/2", b"running"),
+        ]
+        assert await next_changes(operations, 2) == [
+            (f"{key_prefix}operations/1", b"created"),
+            (f"{key_prefix}operations/1", b"done"),
+        ]
+        await events.aclose()
+        assert watchers(own_etcd_server) == etcd_watches
+        # A watch that needs history the mirror has already passed goes to etcd.
+        first = (await store.get(f"{key_prefix}operations/1")).revision - 1
+        history = mirror.watch(f"{key_prefix}operations/", start_revision=first)
+        assert await next_changes(history, 1) == [(f"{key_prefix}operations/1", b"done")]
+        assert watchers(own_etcd_server) == etcd_watches + 1
+        await history.aclose()
+        # Closing the mirror ends what it serves with an error its readers resume from.
+    with pytest.raises(Unavailable):
+        async with asyncio.timeout(HANG_GUARD):
+            await anext(operations)
 
 
 SERVICE_PROCESS = """

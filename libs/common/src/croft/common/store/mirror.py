@@ -16,7 +16,15 @@ watch delivery behind, never older than a read from another member would be.
 
 While the mirror is not following the store (before it starts, while the watch is
 re-established), and when the watch lags more than `max_wait`, reads go to the store.
-Writes, watches and leases always go to the store.
+Writes and leases always go to the store.
+
+Watches are served from the mirror's own watch when they start at or after what it has
+applied (`watch` without a start revision, or from a revision just read): the api follows
+the event log and the operations besides the records, and three etcd watches would each
+be sent, and each decode, every change to the keys they share. A watch that needs older
+history goes to the store. A tap keeps going while the mirror re-establishes its watch;
+when the mirror has to reload (it fell behind compaction) or closes, its taps end with a
+`Unavailable` error, from which their readers resume as they would from a lost store watch.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
 
-from croft.common.errors import CroftError
+from croft.common.errors import CroftError, Unavailable
 from croft.common.store import (
     Compacted,
     Entry,
@@ -40,6 +48,37 @@ from croft.common.store import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class _Tap:
+    """One watch served from the mirror's: changes under `prefix` after `after`, queued
+    by the mirror as it applies them. Iterating it ends (`aclose`, or being dropped)
+    stops the queueing."""
+
+    def __init__(self, taps: set[_Tap], prefix: str, after: int) -> None:
+        self.prefix = prefix
+        self.after = after
+        self.queue: asyncio.Queue[WatchEvent | CroftError] = asyncio.Queue()
+        self._taps = taps
+        taps.add(self)
+
+    def __aiter__(self) -> _Tap:
+        return self
+
+    async def __anext__(self) -> WatchEvent:
+        if self not in self._taps and self.queue.empty():
+            raise StopAsyncIteration
+        change = await self.queue.get()
+        if isinstance(change, CroftError):
+            self._taps.discard(self)
+            raise change
+        return change
+
+    async def aclose(self) -> None:
+        self._taps.discard(self)
+
+    def __del__(self) -> None:
+        self._taps.discard(self)
 
 
 class MirroredStore(Store):
@@ -59,6 +98,7 @@ class MirroredStore(Store):
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        self._taps: set[_Tap] = set()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -79,6 +119,7 @@ class MirroredStore(Store):
                 await self._task
             self._task = None
         self._stop_following()
+        self._break_taps("the store mirror closed")
 
     @property
     def following(self) -> bool:
@@ -108,12 +149,14 @@ class MirroredStore(Store):
             except Compacted:
                 log.info("store mirror fell behind compaction; loading it again")
                 loaded = False
+                self._break_taps("the store mirror fell behind compaction")
             except CroftError as exc:
                 log.warning("store mirror lost its watch (%s); resuming", exc)
                 await asyncio.sleep(0.5)
             except Exception:
                 log.exception("store mirror failed; reads go to the store until it reloads")
                 loaded = False
+                self._break_taps("the store mirror failed")
                 await asyncio.sleep(0.5)
 
     async def _load(self) -> None:
@@ -128,6 +171,9 @@ class MirroredStore(Store):
         self._revision = revision
 
     def _apply(self, change: WatchEvent) -> None:
+        for tap in self._taps:
+            if change.revision > tap.after and change.key.startswith(tap.prefix):
+                tap.queue.put_nowait(change)
         if self._mirrors(change.key):
             if change.type is EventType.DELETE:
                 if self._entries.pop(change.key, None) is not None:
@@ -228,7 +274,19 @@ class MirroredStore(Store):
         return await self.inner.transaction(operations)
 
     def watch(self, prefix: str, *, start_revision: int | None = None) -> AsyncIterator[WatchEvent]:
+        """Changes under `prefix` after `start_revision`, from the mirror's watch when it
+        has not applied any of them yet (see the module's doc), else from the store."""
+        if self._following and (start_revision is None or start_revision >= self._revision):
+            return _Tap(
+                self._taps, prefix, self._revision if start_revision is None else start_revision
+            )
         return self.inner.watch(prefix, start_revision=start_revision)
+
+    def _break_taps(self, why: str) -> None:
+        taps = list(self._taps)
+        self._taps.clear()
+        for tap in taps:
+            tap.queue.put_nowait(Unavailable(why))
 
     async def grant_lease(self, ttl: int) -> Lease:
         return await self.inner.grant_lease(ttl)
