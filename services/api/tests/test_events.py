@@ -185,3 +185,52 @@ def test_bad_event_type_is_refused(replica: Replica) -> None:
     assert body["error"] == '"bogus" isn\'t a supported event type'
     plain = replica.request("GET", "/1.0/events")
     assert plain.status == 400
+
+
+PUBLISH_TOGETHER = """
+import asyncio, sys
+from croft.common import events
+from croft.common.store import connect
+
+async def main():
+    store = await connect([sys.argv[1]])
+    publisher = events.publisher(store)
+    writes = [
+        await publisher.event("logging", {"message": str(i), "level": "info", "context": {}})
+        for i in range(3)
+    ]
+    await store.transaction(writes)
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_events_of_one_transaction_reach_a_listener_in_one_write(
+    replica: Replica, clean_store: Any
+) -> None:
+    """An operation's Pending and Running events are written together: each write to a
+    listener wakes its process, and every `lxc` client hears every operation's events."""
+    with listen(replica, "?type=logging", "direct") as ws:
+        hub = replica.ctx.hub
+        wait_for(
+            lambda: [s.writer is not None for s in hub._subscriptions] == [True],
+            "the listener to be written to directly",
+        )
+        (subscription,) = list(hub._subscriptions)
+        writes: list[bytes] = []
+        real = subscription.writer
+        assert real is not None
+
+        def recording(frame: bytes, limit: int) -> bool:
+            writes.append(frame)
+            return real(frame, limit)
+
+        subscription.writer = recording
+        subprocess.run(
+            [sys.executable, "-c", PUBLISH_TOGETHER, clean_store.endpoint], check=True, timeout=60
+        )
+        received = [json.loads(ws.recv(timeout=30))["metadata"]["message"] for _ in range(3)]
+    assert received == ["0", "1", "2"]
+    assert len(writes) == 1
+    assert writes[0].count(b'"type":"logging"') == 3

@@ -58,6 +58,12 @@ class EventHub:
         self._subscriptions: set[Subscription] = set()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
+        # Frames for listeners written to directly, sent once the events at hand are all
+        # dispatched: the events of one transaction (an operation's Pending and Running),
+        # and those that arrived together under load, reach a listener in one write. Each
+        # write wakes the listener's process, and ten `lxc` clients each hear every event.
+        self._unsent: dict[Subscription, list[bytes]] = {}
+        self._flush_scheduled = False
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="events-hub")
@@ -69,6 +75,7 @@ class EventHub:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._flush()
         for subscription in self._subscriptions:
             subscription.wake()
 
@@ -134,6 +141,16 @@ class EventHub:
                 log.warning("event log watch broke (%s); resuming", exc)
                 await asyncio.sleep(0.5)
 
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        unsent, self._unsent = self._unsent, {}
+        for subscription, frames in unsent.items():
+            if subscription.writer is None or subscription not in self._subscriptions:
+                continue
+            data = frames[0] if len(frames) == 1 else b"".join(frames)
+            if not subscription.writer(data, WRITE_LIMIT):
+                self._drop(subscription)
+
     def _dispatch(self, value: bytes) -> None:
         try:
             event = json.loads(value)
@@ -148,8 +165,14 @@ class EventHub:
             if subscription.writer is not None:
                 if frame is None:
                     frame = text_frame(text)
-                if not subscription.writer(frame, WRITE_LIMIT):
-                    self._drop(subscription)
+                unsent = self._unsent.get(subscription)
+                if unsent is None:
+                    self._unsent[subscription] = [frame]
+                    if not self._flush_scheduled:
+                        self._flush_scheduled = True
+                        asyncio.get_running_loop().call_soon(self._flush)
+                else:
+                    unsent.append(frame)
                 continue
             try:
                 subscription.queue.put_nowait(text)
