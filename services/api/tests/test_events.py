@@ -206,27 +206,69 @@ asyncio.run(main())
 """
 
 
+def record_writes(replica: Replica) -> list[bytes]:
+    """The writes of events to the one listener written to directly (an `lxc` client's
+    kind), as they happen."""
+    hub = replica.ctx.hub
+    wait_for(
+        lambda: [s.writer is not None for s in hub._subscriptions] == [True],
+        "the listener to be written to directly",
+    )
+    (subscription,) = list(hub._subscriptions)
+    writes: list[bytes] = []
+    real = subscription.writer
+    assert real is not None
+
+    def recording(frame: bytes, limit: int) -> bool:
+        writes.append(frame)
+        return real(frame, limit)
+
+    subscription.writer = recording
+    return writes
+
+
+PUBLISH_THEN_END = """
+import asyncio, sys
+from croft.common import events
+from croft.common.store import connect
+
+async def main():
+    store = await connect([sys.argv[1]])
+    publisher = events.publisher(store)
+    await events.publish(store, "lifecycle",
+                         events.lifecycle_metadata("instance-started", "/1.0/instances/c1"))
+    await store.transaction([await publisher.operation_event(
+        {"id": "op1", "status": "Success", "status_code": 200}, project="default")])
+    await store.close()
+
+asyncio.run(main())
+"""
+
+
+def test_the_end_of_an_operation_is_sent_at_once_with_what_came_before(
+    replica: Replica, clean_store: Any
+) -> None:
+    """Events that nobody waits for (lifecycle here) wait a little for the next one, so
+    that ten `lxc` clients are woken once, not once per event; an operation's end, which
+    clients wait for, is written as soon as it comes, with them."""
+    with listen(replica, "", "direct") as ws:
+        writes = record_writes(replica)
+        subprocess.run(
+            [sys.executable, "-c", PUBLISH_THEN_END, clean_store.endpoint], check=True, timeout=60
+        )
+        received = [json.loads(ws.recv(timeout=30))["type"] for _ in range(2)]
+    assert received == ["lifecycle", "operation"]
+    assert len(writes) == 1
+    assert writes[0].index(b'"lifecycle"') < writes[0].index(b'"Success"')
+
+
 def test_the_events_of_one_transaction_reach_a_listener_in_one_write(
     replica: Replica, clean_store: Any
 ) -> None:
     """An operation's Pending and Running events are written together: each write to a
     listener wakes its process, and every `lxc` client hears every operation's events."""
     with listen(replica, "?type=logging", "direct") as ws:
-        hub = replica.ctx.hub
-        wait_for(
-            lambda: [s.writer is not None for s in hub._subscriptions] == [True],
-            "the listener to be written to directly",
-        )
-        (subscription,) = list(hub._subscriptions)
-        writes: list[bytes] = []
-        real = subscription.writer
-        assert real is not None
-
-        def recording(frame: bytes, limit: int) -> bool:
-            writes.append(frame)
-            return real(frame, limit)
-
-        subscription.writer = recording
+        writes = record_writes(replica)
         subprocess.run(
             [sys.executable, "-c", PUBLISH_TOGETHER, clean_store.endpoint], check=True, timeout=60
         )

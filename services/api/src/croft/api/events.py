@@ -18,8 +18,18 @@ from croft.common.store import Compacted, EventType, Store
 
 log = logging.getLogger(__name__)
 
+FLUSH_DELAY = 0.02  # seconds an event may wait for others to share its write (_dispatch)
 QUEUE_LIMIT = 1024  # events buffered for one slow listener before it is dropped
 WRITE_LIMIT = 1024 * 1024  # the same, in bytes, for a listener written to directly
+
+
+def _urgent(event: dict[str, Any]) -> bool:
+    """Whether an event is the end of an operation (Success, Failure, Cancelled)."""
+    if event.get("type") != "operation":
+        return False
+    metadata = event.get("metadata")
+    code = metadata.get("status_code", 0) if isinstance(metadata, dict) else 0
+    return isinstance(code, int) and code >= 200
 
 
 @dataclass(eq=False)
@@ -58,12 +68,10 @@ class EventHub:
         self._subscriptions: set[Subscription] = set()
         self._task: asyncio.Task[None] | None = None
         self._ready = asyncio.Event()
-        # Frames for listeners written to directly, sent once the events at hand are all
-        # dispatched: the events of one transaction (an operation's Pending and Running),
-        # and those that arrived together under load, reach a listener in one write. Each
-        # write wakes the listener's process, and ten `lxc` clients each hear every event.
+        # Frames for the listeners written to directly, waiting to be sent (see _dispatch).
         self._unsent: dict[Subscription, list[bytes]] = {}
-        self._flush_scheduled = False
+        self._flush_at: asyncio.Handle | None = None
+        self._flush_soon = False  # _flush_at is a call_soon, not a timer
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._follow(), name="events-hub")
@@ -141,8 +149,21 @@ class EventHub:
                 log.warning("event log watch broke (%s); resuming", exc)
                 await asyncio.sleep(0.5)
 
+    def _schedule_flush(self, urgent: bool) -> None:
+        if self._flush_at is not None and (self._flush_soon or not urgent):
+            return
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+        loop = asyncio.get_running_loop()
+        if urgent:
+            self._flush_at, self._flush_soon = loop.call_soon(self._flush), True
+        else:
+            self._flush_at, self._flush_soon = loop.call_later(FLUSH_DELAY, self._flush), False
+
     def _flush(self) -> None:
-        self._flush_scheduled = False
+        if self._flush_at is not None:
+            self._flush_at.cancel()
+            self._flush_at = None
         unsent, self._unsent = self._unsent, {}
         for subscription, frames in unsent.items():
             if subscription.writer is None or subscription not in self._subscriptions:
@@ -152,6 +173,15 @@ class EventHub:
                 self._drop(subscription)
 
     def _dispatch(self, value: bytes) -> None:
+        """Hand an event to the listeners that want it.
+
+        Listeners written to directly (every `lxc` client) get it in a write shared with
+        the events around it: each write wakes the listener's process (~0.1 ms of its CPU
+        here, more than reading the event), and each of ten `lxc` clients launching at
+        once hears every event of all ten launches. The end of an operation, which clients
+        wait for, is sent at once, with whatever came before it; other events (an
+        operation's Pending and Running, lifecycle, logging) wait for it, or for
+        `FLUSH_DELAY` at most. A launch's six writes to each listener become two."""
         try:
             event = json.loads(value)
         except json.JSONDecodeError:
@@ -159,6 +189,7 @@ class EventHub:
             return
         text = value + b"\n"
         frame: bytes | None = None
+        scheduled = False
         for subscription in list(self._subscriptions):
             if not subscription.wants(event):
                 continue
@@ -168,11 +199,11 @@ class EventHub:
                 unsent = self._unsent.get(subscription)
                 if unsent is None:
                     self._unsent[subscription] = [frame]
-                    if not self._flush_scheduled:
-                        self._flush_scheduled = True
-                        asyncio.get_running_loop().call_soon(self._flush)
                 else:
                     unsent.append(frame)
+                if not scheduled:
+                    self._schedule_flush(_urgent(event))
+                    scheduled = True
                 continue
             try:
                 subscription.queue.put_nowait(text)
