@@ -284,8 +284,8 @@ MOMENTS: dict[str, Moment] = {
         lambda name: INSTANCES + name,
         lambda name, key, record: record.get("_croft", {}).get("state") == "creating",
     ),
-    # storage has claimed the volume and is making it
-    "volume claimed": (
+    # storage has made the volume and written its record (compute has yet to hear of it)
+    "volume recorded": (
         lambda name: VOLUMES,
         lambda name, key, record: key.endswith(f"/container/{name}"),
     ),

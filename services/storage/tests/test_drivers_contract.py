@@ -396,6 +396,24 @@ async def test_instance_from_a_missing_image_or_twice_is_refused(driver: Storage
     assert leftovers(driver) == []
 
 
+async def test_new_instance_volumes_are_unrecorded_until_marked(driver: StorageDriver) -> None:
+    """The service writes a volume's record once the volume is made; until it says so, a
+    new volume is listed as unrecorded, for the next start to remove if no record came."""
+    await busybox_image(driver)
+    assert await driver.unrecorded_instances() == []
+    rootfs = await driver.create_instance_from_image("c2", IMAGE)
+    await driver.create_empty_instance("c1")
+    assert await driver.unrecorded_instances() == ["c1", "c2"]
+    assert not any(p.name.startswith(".unrecorded") for p in rootfs.iterdir())
+    await driver.mark_recorded("c2")
+    await driver.mark_recorded("c2")  # idempotent
+    assert await driver.unrecorded_instances() == ["c1"]
+    await driver.delete_instance("c1")
+    assert await driver.unrecorded_instances() == []
+    with pytest.raises(NotFound):
+        await driver.mark_recorded("c1")
+
+
 async def test_empty_instance_has_an_empty_rootfs(driver: StorageDriver) -> None:
     assert not await driver.has_instance("c1")
     rootfs = await driver.create_empty_instance("c1")

@@ -35,6 +35,7 @@ from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
 from croft.images.builder import build_image
 from croft.storage.core import pool_key, volume_key
+from croft.storage.drivers import load_driver
 from croft.v1 import images_pb2, images_pb2_grpc, storage_pb2, storage_pb2_grpc
 
 TEST_PREFIX = "croft-storage-test-"
@@ -472,6 +473,43 @@ async def test_restart_removes_what_a_killed_create_left(storage: StorageService
     assert await storage.record(key) is None
     assert instance_dirs(storage) == []
     assert await storage.record(theirs) is not None
+
+
+async def test_a_volume_is_recorded_once_and_a_restart_removes_one_never_recorded(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    """A create writes the volume's record once, after the volume is made (one store write
+    per launch). A storage process killed in between leaves a volume the driver still has
+    marked unrecorded: the next start removes it, and keeps one whose record was written."""
+    _, fingerprint = busybox_image
+    key = volume_key(storage.pool, "container", "once")
+    since = await storage.store.revision()
+    await storage.call("CreateInstanceVolume", name="once", image_fingerprint=fingerprint)
+    writes = []
+    async with asyncio.timeout(30):
+        async for change in storage.store.watch(key, start_revision=since):
+            writes.append(change)
+            if await storage.store.revision() == change.revision:
+                break
+    assert [(w.key, w.type.name) for w in writes] == [(key, "PUT")]
+    record = await storage.record(key)
+    assert record is not None and "state" not in record["_croft"]
+
+    assert storage.stop(signal.SIGKILL) != 0
+    # Made as a killed create would have left them: one before its record was written,
+    # one after (the record written, the volume not yet marked).
+    driver = load_driver("dir", storage.pool, {"source": str(storage.pool_dir)})
+    for name in ("lost", "kept"):
+        await driver.create_instance_from_image(name, fingerprint)
+    kept = volume_key(storage.pool, "container", "kept")
+    await storage.store.create_json(kept, {**record, "name": "kept"})
+
+    await storage.start()
+
+    assert instance_dirs(storage) == ["kept", "once"]
+    assert await driver.unrecorded_instances() == []
+    assert await storage.record(volume_key(storage.pool, "container", "lost")) is None
+    assert await storage.record(kept) is not None
 
 
 async def test_volume_from_an_image_of_the_real_images_service(

@@ -12,11 +12,14 @@ the default project), so it is unique per pool. The record's `name` is LXD's nam
 `c1/snap0` for a snapshot, which LXD lists among the volumes too) and `project` its project.
 Image volumes are `<pool>/image/<fingerprint>`.
 
-Ordering: an instance volume or snapshot gets its record first, marked
-`_croft.state = "creating"` (which claims the name cluster-wide), then the disk work; the
-mark goes when the volume is complete, and a failure removes both. A service killed
-half-way finds the marked records of its member at its next start (`reconcile`) and removes
-what they stand for, or finishes a rename whose disk part was done. Image volumes are a
+Ordering: a new instance volume (the one store write of every launch that is storage's) is
+made on disk first, kept marked unrecorded by the driver, then its record is written once,
+complete, and the mark dropped; a failure removes both. A snapshot, a rename or a copy gets
+its record first, marked `_croft.state = "creating"` (which claims the name), then the disk
+work; the mark goes when the volume is complete, and a failure removes both. A service
+killed half-way finds at its next start (`reconcile`) the unrecorded volumes of its pools
+and the marked records of its member: it removes what has no record, and what the marked
+records stand for, or finishes a rename whose disk part was done. Image volumes are a
 shared cache, unpacked at most once per pool (the driver guarantees it); their record is
 written, when missing, every time one is used, so a crash between unpack and record heals.
 """
@@ -284,6 +287,11 @@ class StorageCore:
 
     async def reconcile(self) -> None:
         """Undo (or finish) the volume operations a killed predecessor left half-done."""
+        for pool, driver in list(self._drivers.items()):
+            try:
+                await self._reconcile_unrecorded(pool, driver)
+            except CroftError as exc:
+                log.error("cannot check pool %s for unrecorded volumes: %s", pool, exc)
         for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
             record = entry.json()
             croft = record.get("_croft", {})
@@ -293,6 +301,19 @@ class StorageCore:
                 await self._reconcile_one(entry.key, record)
             except CroftError as exc:
                 log.error("cannot clean up half-made volume %s: %s", entry.key, exc)
+
+    async def _reconcile_unrecorded(self, pool: str, driver: StorageDriver) -> None:
+        """Instance volumes made by a create that was killed before it wrote the record,
+        or before it marked the volume recorded: the first kind goes, the second stays."""
+        for name in await driver.unrecorded_instances():
+            found = await self.store.get_json(volume_key(pool, "container", name))
+            if found is not None and found[0].get("_croft", {}).get("member") == self.member:
+                await driver.mark_recorded(name)
+                continue
+            await driver.delete_instance(name)
+            log.warning(
+                "removed instance volume %s of pool %s, made but never recorded", name, pool
+            )
 
     async def _reconcile_one(self, key: str, record: dict[str, Any]) -> None:
         croft = record["_croft"]
@@ -455,22 +476,21 @@ class StorageCore:
     async def create_instance_volume(self, ref: VolumeRef, fingerprint: str) -> VolumeResult:
         """A new instance volume from an image (unpacked in the pool first if needed), or
         with an empty rootfs when `fingerprint` is empty. Returns the rootfs path; the
-        image's metadata.yaml and templates/ are in its parent directory."""
+        image's metadata.yaml and templates/ are in its parent directory.
+
+        The volume is made first, then its record written once (one store write per
+        launch, not a claim and its completion): until the record is written the driver
+        keeps the volume marked unrecorded, and `reconcile` removes an unrecorded volume
+        that has no record."""
         if fingerprint:
             check_fingerprint(fingerprint)
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):
-            record = self._instance_record(ref)
+            record = _completed(self._instance_record(ref))
             # Each undo is registered before its step is awaited: a cancelled call (the
-            # caller went away) may still have written the claim, and the disk step runs
-            # to its end once begun. A refused claim is another's: not undone.
-            undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(ref.key)]
+            # caller went away) may still have made the volume or written the record.
+            undo: list[Callable[[], Awaitable[Any]]] = []
             try:
-                try:
-                    claimed = await self._claim(ref.key, record, f"instance volume {ref.name!r}")
-                except Conflict:
-                    undo.clear()
-                    raise
                 if fingerprint:
                     await self.image_volume(ref.pool, ref.project, fingerprint)
                 await self._require_no_instance(driver, ref)
@@ -480,11 +500,21 @@ class StorageCore:
                     if fingerprint
                     else driver.create_empty_instance(ref.name)
                 )
-                done = await self._complete(ref.key, record, claimed)
+                undo.append(lambda: self._delete_key(ref.key))
+                try:
+                    await self.store.create(ref.key, dump(record))
+                except Conflict:
+                    undo.pop()  # the record is another's: not this create's to remove
+                    raise Conflict(f"instance volume {ref.name!r} already exists") from None
+                undo.clear()
             except BaseException:
                 await uninterrupted(self._run_undo(undo))
                 raise
-        return VolumeResult(str(rootfs), done)
+            try:
+                await driver.mark_recorded(ref.name)
+            except CroftError as exc:  # the next start's reconcile marks it
+                log.warning("instance volume %s left marked unrecorded: %s", ref.name, exc)
+        return VolumeResult(str(rootfs), record)
 
     @staticmethod
     async def _require_no_instance(driver: StorageDriver, ref: VolumeRef) -> None:

@@ -188,6 +188,19 @@ class StorageDriver(abc.ABC):
     async def has_instance(self, name: str) -> bool:
         """Whether the instance volume exists (completely) in this pool."""
 
+    # A new instance volume (create_instance_from_image, create_empty_instance) is left
+    # "unrecorded" until mark_recorded(): the service writes its record once, after the
+    # volume is made, and a volume found unrecorded at the next start was made by a
+    # service that died before its record was written (or before it marked it).
+
+    @abc.abstractmethod
+    async def mark_recorded(self, name: str) -> None:
+        """Note that the instance volume's record is written. Idempotent."""
+
+    @abc.abstractmethod
+    async def unrecorded_instances(self) -> list[str]:
+        """The instance volumes not yet marked recorded, sorted by name."""
+
     @abc.abstractmethod
     async def create_empty_instance(self, name: str) -> Path:
         """Create an instance volume with an empty `rootfs/` (LXD's `lxc init --empty`);

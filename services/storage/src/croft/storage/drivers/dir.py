@@ -177,8 +177,13 @@ def _delete_tree(path: Path, what: str) -> None:
     _remove_tree(trash)
 
 
+# In a new instance volume's directory until its record is written (mark_recorded).
+_UNRECORDED = ".unrecorded"
+
+
 def _finish_instance(tmp: Path, final: Path, name: str) -> None:
     os.chmod(tmp, INSTANCE_MODE)
+    os.close(os.open(tmp / _UNRECORDED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     _move_into_place(tmp, final, f"instance volume {name!r}")
 
 
@@ -443,10 +448,29 @@ class DirDriver(StorageDriver):
                 os.chmod(tmp, INSTANCE_MODE)
                 (tmp / "rootfs").mkdir(0o755)
                 os.chmod(tmp / "rootfs", 0o755)
-                _move_into_place(tmp, final, f"instance volume {name!r}")
+                _finish_instance(tmp, final, name)
 
         await in_thread(create)
         return final / "rootfs"
+
+    async def mark_recorded(self, name: str) -> None:
+        # One unlink: cheaper here than a trip to a thread.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._require_instance(name) / _UNRECORDED)
+
+    async def unrecorded_instances(self) -> list[str]:
+        self._require_pool()
+
+        def find() -> list[str]:
+            parent = self.source / CONTAINERS
+            return sorted(
+                entry.name
+                for entry in os.scandir(parent)
+                if not entry.name.startswith(".")
+                and os.path.lexists(os.path.join(entry.path, _UNRECORDED))
+            )
+
+        return await in_thread(find)
 
     async def mount_instance(self, name: str) -> Path:
         # A plain directory: nothing to mount, so nothing to redo after a restart.
