@@ -412,13 +412,18 @@ class NetworkCore:
             record = await self._nic_base(name)
             driver = self.driver(record["type"])
             config = record["config"]
-            if not await in_thread(driver.is_running, name):
-                await in_thread(driver.start, name, config)
             known = (await self._nic_entries(name)).get(nic.key)
             previous = known[0] if known is not None else None
             hwaddr = nic.hwaddr.lower()
+
+            def add() -> str | None:
+                # One trip to a thread: the network is started first if it is down.
+                if not driver.is_running(name):
+                    driver.start(name, config)
+                return driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
+
             try:
-                address = await in_thread(driver.add_instance, name, nic.instance, hwaddr, nic.ipv4)
+                address = await in_thread(add)
                 await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
             except BaseException:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
