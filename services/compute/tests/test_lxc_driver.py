@@ -348,6 +348,30 @@ async def test_memory_limit_applies_live(driver: LXCDriver, make_rootfs) -> None
     assert "memory.limit_in_bytes" not in Path(driver.lxcpath, name, "config").read_text()
 
 
+async def test_state_reads_counters_that_change_while_being_read(
+    driver: LXCDriver, make_rootfs
+) -> None:
+    """liblxc reads a cgroup value in two calls (its size, then the value): a counter whose
+    number of digits changes in between made the binding raise. Memory use here swings
+    across 10 MB all the time, so such a change lands between the two calls again and again."""
+    name = await launch(driver, make_rootfs)
+    churn = (
+        "while :; do dd if=/dev/zero of=/tmp/churn bs=1M count=12 2>/dev/null; rm /tmp/churn; done"
+    )
+    process = await driver.exec(name, ["sh", "-c", churn])
+    try:
+        usages = set()
+        for _ in range(600):
+            state = await driver.state(name)
+            assert state.status is Status.RUNNING and state.pid > 0
+            usages.add(len(str(state.memory_usage)))
+        assert len(usages) > 1  # the usage did cross a power of ten
+    finally:
+        await driver.stop(name, force=True)
+        await process.wait()
+        process.close()
+
+
 async def test_cpu_limits_apply_live(driver: LXCDriver, make_rootfs) -> None:
     name = await launch(driver, make_rootfs, config={"limits.cpu": "1"})
     cpu = Path(f"/sys/fs/cgroup/cpu/lxc.payload.{name}")

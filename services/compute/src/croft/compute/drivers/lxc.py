@@ -124,6 +124,18 @@ _STATUS = {
 }
 
 
+def cgroup_value(container: lxc.Container, key: str) -> str:
+    """A cgroup file of a running container, "" when it has none. liblxc reads a value in
+    two calls, its size and then the value, and the binding raises ValueError when the size
+    changed in between: a counter that gained a digit. Read it again then."""
+    for _ in range(8):
+        try:
+            return str(container.get_cgroup_item(key) or "").strip()
+        except ValueError:
+            continue
+    return ""
+
+
 def default_idmap(subuid: str = "/etc/subuid", subgid: str = "/etc/subgid") -> IdMap:
     """65536 ids at the start of root's subordinate range (LXD's default shared map)."""
 
@@ -851,9 +863,8 @@ class LXCDriver(InstanceDriver):
 
             def item(*keys: str) -> str:
                 for key in keys:
-                    value = container.get_cgroup_item(key)
-                    if value:
-                        return str(value).strip()
+                    if value := cgroup_value(container, key):
+                        return value
                 return ""
 
             def number(text: str) -> int:
@@ -898,7 +909,7 @@ class LXCDriver(InstanceDriver):
                 return
             applied: list[tuple[str, str]] = []
             for key, value in items_for(parsed):
-                previous = str(container.get_cgroup_item(key) or "").strip()
+                previous = cgroup_value(container, key)
                 if container.set_cgroup_item(key, value):
                     applied.append((key, previous))
                     continue
