@@ -354,6 +354,50 @@ def test_a_stale_record_handed_to_compute_loses_no_change(
     lxc("start", c1)
 
 
+def test_a_launch_ends_its_operations_in_the_writes_of_the_instance(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """`lxc launch` is two operations (create, start). compute writes each one's end in
+    the transaction of the instance's change, so the client hears Success exactly when
+    the instance is recorded: the two Success writes share revisions with the record's."""
+    croft, lxc, _ = croft_lxc
+
+    async def history(since: int) -> list[tuple[int, str, bytes]]:
+        """Every change under /croft/ after `since`, to a marker written after them."""
+        store = await connect([croft.endpoint])
+        seen: list[tuple[int, str, bytes]] = []
+        try:
+            marker = await store.put("/croft/test-marker", b"")
+            async for event in store.watch("/croft/", start_revision=since):
+                if event.revision >= marker.revision:
+                    return seen
+                seen.append((event.revision, event.key, event.value))
+        finally:
+            await store.close()
+        return seen
+
+    async def revision() -> int:
+        store = await connect([croft.endpoint])
+        try:
+            return await store.revision()
+        finally:
+            await store.close()
+
+    before = asyncio.run(revision())
+    lxc("launch", "busybox", "rides")
+    seen = asyncio.run(history(before))
+    instance = {rev for rev, key, _ in seen if key == "/croft/records/instances/default/rides"}
+    ends = {}
+    for rev, key, value in seen:
+        if key.startswith("/croft/operations/") and value:
+            op = json.loads(value)["operation"]
+            if op["status"] == "Success":
+                ends[op["description"]] = rev
+    assert set(ends) == {"Creating instance", "Starting instance"}
+    assert set(ends.values()) <= instance, (ends, sorted(instance))
+    lxc("delete", "--force", "rides")
+
+
 def test_lxc_network_lists_and_shows_and_refuses_what_croft_cannot_do_yet(
     croft_lxc: tuple[Croft, Lxc, str], c1: str
 ) -> None:

@@ -19,8 +19,11 @@ from starlette.websockets import WebSocket
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import unix_connect
 
-from croft.api.operations import ORPHANED, OperationContext
+from croft.api.operations import ORPHANED, OperationContext, operation_key
 from croft.common.errors import InvalidArgument, PermissionDenied
+from croft.common.records import modify
+from croft.common.riders import Rider
+from croft.common.store import dump
 
 from .conftest import Replica
 
@@ -120,6 +123,78 @@ def test_failing_task_reports_its_error(replica: Replica) -> None:
         400,
         "the image is not there",
     )
+
+
+def closing_operation(replica: Replica, key: str, *, interfere: bool) -> tuple[str, dict[str, Any]]:
+    """An operation whose task plays a service that commits the operation's end with its
+    own change of `key` (a rider); with `interfere`, the operation record moves on after
+    the end was prepared, as with a progress update. Returns its id and what the task saw."""
+    seen: dict[str, Any] = {}
+
+    async def create() -> str:
+        async def task(operation: OperationContext) -> None:
+            store = replica.ctx.store
+            rider = Rider(await operation.closing_writes())
+            seen["writes"] = len(rider.writes)
+            if interfere:
+                await operation.update_metadata({"progress": "moved on"})
+            await modify(store, key, lambda r: {**r, "done": True}, missing="?", rider=rider)
+            seen["written"] = rider.written
+            operation.closed = rider.written
+
+        op = await replica.ctx.operations.create("Testing", run=task)
+        return str(op["id"])
+
+    return replica.run(create()), seen
+
+
+def revisions(replica: Replica, *keys: str) -> list[int]:
+    async def read() -> list[int]:
+        entries = [await replica.ctx.store.get(key) for key in keys]
+        return [entry.revision for entry in entries if entry is not None]
+
+    return replica.run(read())
+
+
+def test_a_service_can_end_the_operation_in_the_transaction_of_its_change(
+    replica: Replica, second_replica: Replica
+) -> None:
+    """The end rides with the change: one transaction, the operation Success on every
+    replica, and one Success event."""
+    key = "/croft/records/test-closing/one"
+    replica.run(replica.ctx.store.put(key, dump({"done": False})))
+    with unix_connect(str(second_replica.socket), "ws://lxd/1.0/events?type=operation") as ws:
+        op_id, seen = closing_operation(replica, key, interfere=False)
+        done = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30")
+        assert (done.metadata["status"], done.metadata["err"]) == ("Success", "")
+        assert seen == {"writes": 2, "written": True}  # the record and its event
+        change, end = revisions(replica, key, operation_key(op_id))
+        assert change == end  # one transaction
+        statuses = []
+        while "Success" not in statuses:
+            event = json.loads(ws.recv(timeout=30))
+            if event["metadata"]["id"] == op_id:
+                statuses.append(event["metadata"]["status"])
+        assert statuses == ["Pending", "Running", "Success"]
+        with pytest.raises(TimeoutError):  # and no second end
+            while True:
+                event = json.loads(ws.recv(timeout=1))
+                assert event["metadata"]["id"] != op_id, event
+
+
+def test_an_operation_that_moved_on_is_ended_by_its_replica(replica: Replica) -> None:
+    """The record changed after its end was prepared: the rider is dropped, the change is
+    written alone, and the replica ends the operation (with the newer metadata)."""
+    key = "/croft/records/test-closing/two"
+    replica.run(replica.ctx.store.put(key, dump({"done": False})))
+    op_id, seen = closing_operation(replica, key, interfere=True)
+    done = replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30").metadata
+    assert (done["status"], done["metadata"]) == ("Success", {"progress": "moved on"})
+    assert seen == {"writes": 2, "written": False}
+    change, end = revisions(replica, key, operation_key(op_id))
+    assert end > change
+    record = replica.run(replica.ctx.store.get_json(key))
+    assert record is not None and record[0] == {"done": True}
 
 
 def test_cancel_from_another_replica(replica: Replica, second_replica: Replica) -> None:

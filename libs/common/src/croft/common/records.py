@@ -17,7 +17,8 @@ import marshal
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from croft.common.errors import Conflict, NotFound
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.riders import Rider
 from croft.common.store import Create, Operation, Store, Update, dump
 
 RECORDS = "/croft/records/"
@@ -85,10 +86,18 @@ async def modify(
     default: dict[str, Any] | None = None,
     current: tuple[dict[str, Any], int] | None = None,
     also: Sequence[Operation] = (),
+    rider: Rider | None = None,
 ) -> dict[str, Any]:
     """`modify_entry`, for the record alone."""
     new, _ = await modify_entry(
-        store, key, change, missing=missing, default=default, current=current, also=also
+        store,
+        key,
+        change,
+        missing=missing,
+        default=default,
+        current=current,
+        also=also,
+        rider=rider,
     )
     return new
 
@@ -102,6 +111,7 @@ async def modify_entry(
     default: dict[str, Any] | None = None,
     current: tuple[dict[str, Any], int] | None = None,
     also: Sequence[Operation] = (),
+    rider: Rider | None = None,
 ) -> tuple[dict[str, Any], int]:
     """Read-modify-write of one record under compare-and-swap, retried when another writer
     got in between. `change` gets the current record and returns the new one (it may raise
@@ -110,8 +120,11 @@ async def modify_entry(
 
     `current` is the record and revision the caller just read, when it has them: the
     first attempt then writes without reading again. `also` are writes that go in the
-    same transaction as the record's (an event about the change, say). Returns the record
+    same transaction as the record's (an event about the change, say). `rider`'s writes
+    go in too, unless the transaction fails with them (`croft.common.riders`): the change
+    is then retried without them, and `rider.written` stays False. Returns the record
     written and its revision."""
+    riding: Sequence[Operation] = rider.writes if rider is not None else ()
     for _ in range(20):
         if current is not None:
             record, revision = copy_record(current[0]), current[1]
@@ -121,21 +134,27 @@ async def modify_entry(
             if found is None:
                 if default is None:
                     raise NotFound(missing)
-                new = change(copy_record(default))
-                try:
-                    written = await store.transaction([_create(key, new), *also])
-                except Conflict:
-                    continue
-                return new, written
-            record, revision = found.json(), found.revision
+                record, revision = copy_record(default), 0
+            else:
+                record, revision = found.json(), found.revision
         new = change(record)
+        write = Update(key, dump(new), revision) if revision else _create(key, new)
         try:
-            written = await store.transaction([Update(key, dump(new), revision), *also])
-        except Conflict:
-            continue
-        except NotFound:
-            if default is None:
-                raise NotFound(missing) from None
-            continue
+            written = await store.transaction([write, *also, *riding])
+        except (Conflict, NotFound, InvalidArgument) as exc:
+            if riding:
+                # The rider's own conditions may be what failed (its record moved on, its
+                # lease expired): the change goes alone, on a fresh read.
+                riding = ()
+                continue
+            if isinstance(exc, Conflict):
+                continue  # another writer got in between
+            if isinstance(exc, NotFound) and revision:
+                if default is None:
+                    raise NotFound(missing) from None
+                continue
+            raise
+        if rider is not None and riding:
+            rider.written = True
         return new, written
     raise Conflict(f"{key} is changing too fast to be updated; try again")

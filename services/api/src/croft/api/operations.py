@@ -78,6 +78,8 @@ class OperationContext:
         # Writes that go in the transaction recording the operation's end (an event
         # about what it did, say): listeners see them just before its final state.
         self.final_writes: list[Operation] = []
+        # The end went in with another service's change (`closing_writes`).
+        self.closed = False
 
     @property
     def url(self) -> str:
@@ -91,6 +93,14 @@ class OperationContext:
             op["metadata"] = metadata
 
         await self.manager._change(self.id, change)
+
+    async def closing_writes(self) -> list[Operation]:
+        """The writes that end this operation with Success (its final record, then its
+        event, after `final_writes`), for the one service call that does its work to
+        commit with its change (`croft.common.riders`): then set `closed` when that
+        service says they went in, and return no metadata. Empty when they cannot be
+        made ahead (the record's revision is not known here, no lease for it)."""
+        return await self.manager._closing(self)
 
 
 Task = Callable[[OperationContext], Awaitable[dict[str, Any] | None]]
@@ -286,6 +296,9 @@ class OperationManager:
         status, err, extra = "Success", "", None
         try:
             extra = await run(context)
+            if context.closed:  # the service that did the work wrote the end too
+                self._ended_elsewhere(context.id)
+                return
         except asyncio.CancelledError:
             if not context.cancelling:
                 raise  # shutting down: close() reports it
@@ -315,16 +328,8 @@ class OperationManager:
         extra: dict[str, Any] | None = None,
         also: Sequence[Operation] = (),
     ) -> None:
-
-        def change(op: dict[str, Any]) -> None:
-            op["status"] = status
-            op["status_code"] = STATUS_CODES[status]
-            op["err"] = err
-            if extra:
-                op["metadata"] = {**(op.get("metadata") or {}), **extra}
-
         try:
-            await self._end(op_id, change, also)
+            await self._end(op_id, _ending(status, err, extra), also)
         except CroftError as exc:
             log.warning("could not record the end of operation %s: %s", op_id, exc)
         finally:
@@ -351,6 +356,35 @@ class OperationManager:
             expiry = asyncio.create_task(self._expire(op_id, keep))
             self._expiries.add(expiry)
             expiry.add_done_callback(self._expiries.discard)
+
+    async def _closing(self, context: OperationContext) -> list[Operation]:
+        """`OperationContext.closing_writes`: what `_end` would write for Success, from
+        the record as this process last wrote it (the update fails its revision check if
+        anyone wrote it since)."""
+        local = self._local.get(context.id)
+        if local is None or local.last is None:
+            return []
+        try:
+            lease = await self._finished_lease()
+        except CroftError:
+            return []
+        value, revision = local.last
+        record = json.loads(value)
+        operation = record["operation"]
+        if operation["status"] in FINAL:
+            return []
+        _ending("Success", "", None)(operation)
+        operation["updated_at"] = rfc3339_nano()
+        record["expires_at"] = time.time() + self.keep_finished
+        assert self.events is not None
+        event = await self.events.operation_event(operation, project=record["project"])
+        update = Update(operation_key(context.id), dump(record), revision, lease=lease.id)
+        return [*context.final_writes, update, event]
+
+    def _ended_elsewhere(self, op_id: str) -> None:
+        """The end of an operation of ours was written with another service's change:
+        under the finished lease, which deletes it in time."""
+        self._local.pop(op_id, None)
 
     async def _finished_lease(self) -> Lease:
         """The lease finished operations are written under: replaced every second, so one
@@ -622,6 +656,21 @@ class OperationManager:
             except CroftError as exc:
                 log.warning("operation reaper pass failed: %s", exc)
             await asyncio.sleep(interval)
+
+
+def _ending(
+    status: str, err: str, extra: dict[str, Any] | None
+) -> Callable[[dict[str, Any]], None]:
+    """The change of an operation object that ends it."""
+
+    def change(op: dict[str, Any]) -> None:
+        op["status"] = status
+        op["status_code"] = STATUS_CODES[status]
+        op["err"] = err
+        if extra:
+            op["metadata"] = {**(op.get("metadata") or {}), **extra}
+
+    return change
 
 
 def _loads(value: bytes) -> dict[str, Any]:

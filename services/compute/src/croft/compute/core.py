@@ -33,6 +33,7 @@ from croft.common.records import (
     record_key,
     record_prefix,
 )
+from croft.common.riders import Rider
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Operation, dump
 from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
@@ -129,6 +130,7 @@ class ComputeCore:
         *,
         current: tuple[dict[str, Any], int] | None = None,
         also: Sequence[Operation] = (),
+        rider: Rider | None = None,
     ) -> dict[str, Any]:
         def apply(record: dict[str, Any]) -> dict[str, Any]:
             change(record)
@@ -141,6 +143,7 @@ class ComputeCore:
             missing="Instance not found",
             current=current,
             also=also,
+            rider=rider,
         )
 
     async def _set_status(
@@ -151,6 +154,7 @@ class ComputeCore:
         *,
         current: tuple[dict[str, Any], int] | None = None,
         also: Sequence[Operation] = (),
+        rider: Rider | None = None,
     ) -> dict[str, Any]:
         def change(record: dict[str, Any]) -> None:
             record["status"] = status.label
@@ -165,22 +169,28 @@ class ComputeCore:
                 record["expanded_config"].pop("volatile.apply_template", None)
 
         try:
-            return await self._set(project, name, change, current=current, also=also)
+            return await self._set(project, name, change, current=current, also=also, rider=rider)
         finally:
             self._status_written = True
 
     # ------------------------------------------------------------------ create / delete
 
-    async def create(self, record: dict[str, Any], fingerprint: str, start: bool) -> dict[str, Any]:
+    async def create(
+        self, record: dict[str, Any], fingerprint: str, start: bool, rider: Rider | None = None
+    ) -> dict[str, Any]:
+        """`rider` (the end of the caller's operation) goes with the last write: the
+        create's, or the start's with `start`."""
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
         async with self.lock(project, name):
-            created = await self._create(record, fingerprint)
+            created = await self._create(record, fingerprint, None if start else rider)
         if start:
-            created = await self.change_state(project, name, "start")
+            created = await self.change_state(project, name, "start", rider=rider)
         return created
 
-    async def _create(self, record: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    async def _create(
+        self, record: dict[str, Any], fingerprint: str, rider: Rider | None = None
+    ) -> dict[str, Any]:
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
         devices = copy_record(record.get("expanded_devices") or {})
@@ -228,6 +238,7 @@ class ComputeCore:
         undo: list[Callable[[], Awaitable[Any]]] = [
             lambda: self._delete_own_record(key, volatile["volatile.uuid"])
         ]
+        completed = False
         try:
             try:
                 first = await self.store.create(key, dump(record))
@@ -265,16 +276,28 @@ class ComputeCore:
             written = copy_record(record)
             record["_croft"]["state"] = "created"
             record["_croft"]["rootfs"] = volume.path
-            # The complete record and its event, in one write.
-            await modify(
-                self.store,
-                key,
-                lambda _: record,
-                missing=f'Instance "{name}" vanished while it was being created',
-                current=(written, first.revision),
-                also=await self._lifecycle_event("instance-created", project, name),
-            )
+            event = await self._lifecycle_event("instance-created", project, name)
+
+            async def complete() -> None:
+                nonlocal completed
+                await modify(
+                    self.store,
+                    key,
+                    lambda _: record,
+                    missing=f'Instance "{name}" vanished while it was being created',
+                    current=(written, first.revision),
+                    also=event,
+                    rider=rider,
+                )
+                completed = True
+
+            # The complete record and its event (and the end of the caller's operation),
+            # in one write that a cancellation does not cut short: once it is in, the
+            # instance exists and nothing is undone.
+            await uninterrupted(complete())
         except BaseException as exc:
+            if completed:
+                raise  # the caller went away after the create was recorded whole
             # Also on cancellation (the caller went away): undo, shielded from it.
             log.info("undoing the create of %s/%s: %s", project, name, _why(exc))
             await uninterrupted(self._undo(undo))
@@ -399,11 +422,12 @@ class ComputeCore:
         force: bool = False,
         timeout: float = 30.0,
         known: tuple[dict[str, Any], int] | None = None,
+        rider: Rider | None = None,
     ) -> dict[str, Any]:
         """`known` is the record and revision the caller (the api) just read: used
         instead of reading again when it is this instance's and complete. Should it be
         stale, the write at the end fails its revision check and is redone on a fresh
-        read."""
+        read. `rider` goes with the write of the new status."""
         host_name = driver_name(project, name)
         timeout = 30.0 if timeout is None or timeout < 0 else float(timeout)
         async with self.lock(project, name):
@@ -462,6 +486,7 @@ class ComputeCore:
                 new,
                 current=(current, revision),
                 also=await self._lifecycle_event(event, project, name),
+                rider=rider,
             )
         return record
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from croft.common.errors import InvalidArgument
 from croft.common.records import DEFAULT_PROJECT
+from croft.common.riders import Rider, from_wire
 from croft.compute.core import ComputeCore
 from croft.compute.drivers import ExecProcess
 from croft.compute.publish import properties_of
@@ -28,8 +29,10 @@ def _ref(ref: common_pb2.InstanceRef) -> tuple[str, str]:
     return ref.project or DEFAULT_PROJECT, ref.name
 
 
-def _reply(record: dict[str, Any]) -> compute_pb2.InstanceReply:
-    return compute_pb2.InstanceReply(record=json.dumps(record))
+def _reply(record: dict[str, Any], rider: Rider | None = None) -> compute_pb2.InstanceReply:
+    return compute_pb2.InstanceReply(
+        record=json.dumps(record), closed=rider is not None and rider.written
+    )
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServicer):
@@ -38,7 +41,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
     async def CreateInstance(self, request, context):  # type: ignore[no-untyped-def]
         record = json.loads(request.record)
-        return _reply(await self.core.create(record, request.image_fingerprint, request.start))
+        rider = from_wire(request.closing)
+        created = await self.core.create(record, request.image_fingerprint, request.start, rider)
+        return _reply(created, rider)
 
     async def UpdateInstance(self, request, context):  # type: ignore[no-untyped-def]
         return _reply(await self.core.update(json.loads(request.record), request.revision))
@@ -53,6 +58,7 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
     async def ChangeState(self, request, context):  # type: ignore[no-untyped-def]
         project, name = _ref(request.instance)
         known = (json.loads(request.record), request.revision) if request.record else None
+        rider = from_wire(request.closing)
         record = await self.core.change_state(
             project,
             name,
@@ -60,8 +66,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
             force=request.force,
             timeout=request.timeout,
             known=known,
+            rider=rider,
         )
-        return _reply(record)
+        return _reply(record, rider)
 
     async def GetState(self, request, context):  # type: ignore[no-untyped-def]
         state = await self.core.state(*_ref(request))

@@ -41,6 +41,7 @@ from croft.common.errors import (
     Timeout,
 )
 from croft.common.records import public
+from croft.common.riders import to_wire
 from croft.common.rpc import from_rpc_error
 from croft.images.core import lookup as image_lookup
 from croft.images.core import used_lately
@@ -220,13 +221,25 @@ async def _compute_operation(
     service (not retried: the call changes things)."""
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
-        await client.call(method, message, idempotent=False, timeout=timeout)
+        await _call_closing(op, client, method, message, timeout=timeout)
         return None
 
     operation = await ctx.operations.create(
         description, run=run, resources=resources(name, project), project=project
     )
     return responses.async_operation(operation)
+
+
+async def _call_closing(
+    op: OperationContext, client: Any, method: str, message: Any, *, timeout: float | None
+) -> None:
+    """Call compute with the writes that end `op` for it to commit with its change, when
+    the method takes them: one transaction fewer, and the operation is done exactly when
+    the change is recorded."""
+    if "closing" in message.DESCRIPTOR.fields_by_name:
+        message.closing.extend(to_wire(await op.closing_writes()))
+    reply = await client.call(method, message, idempotent=False, timeout=timeout)
+    op.closed = bool(getattr(reply, "closed", False))
 
 
 def resources(name: str, project: str) -> dict[str, list[str]]:
@@ -507,7 +520,7 @@ async def instances_post(request: Request) -> Response:
 
     async def create(op: OperationContext) -> dict[str, Any] | None:
         client = await services().compute(member)
-        await client.call("CreateInstance", request_pb, idempotent=False, timeout=600)
+        await _call_closing(op, client, "CreateInstance", request_pb, timeout=600)
         return None
 
     operation = await ctx.operations.create(
