@@ -125,7 +125,9 @@ def test_failing_task_reports_its_error(replica: Replica) -> None:
     )
 
 
-def closing_operation(replica: Replica, key: str, *, interfere: bool) -> tuple[str, dict[str, Any]]:
+def closing_operation(
+    replica: Replica, key: str, *, interfere: bool, takes: float = 0.0
+) -> tuple[str, dict[str, Any]]:
     """An operation whose task plays a service that commits the operation's end with its
     own change of `key` (a rider); with `interfere`, the operation record moves on after
     the end was prepared, as with a progress update. Returns its id and what the task saw."""
@@ -138,6 +140,7 @@ def closing_operation(replica: Replica, key: str, *, interfere: bool) -> tuple[s
             seen["writes"] = len(rider.writes)
             if interfere:
                 await operation.update_metadata({"progress": "moved on"})
+            await asyncio.sleep(takes)
             await modify(store, key, lambda r: {**r, "done": True}, missing="?", rider=rider)
             seen["written"] = rider.written
             operation.closed = rider.written
@@ -167,6 +170,8 @@ def test_a_service_can_end_the_operation_in_the_transaction_of_its_change(
         op_id, seen = closing_operation(replica, key, interfere=False)
         done = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30")
         assert (done.metadata["status"], done.metadata["err"]) == ("Success", "")
+        # Success is out once the change is committed, a moment before the task hears so
+        wait_for(lambda: "written" in seen, "the task to finish")
         assert seen == {"writes": 2, "written": True}  # the record and its event
         change, end = revisions(replica, key, operation_key(op_id))
         assert change == end  # one transaction
@@ -180,6 +185,19 @@ def test_a_service_can_end_the_operation_in_the_transaction_of_its_change(
             while True:
                 event = json.loads(ws.recv(timeout=1))
                 assert event["metadata"]["id"] != op_id, event
+
+
+def test_an_end_committed_late_still_stays_readable_for_keep_finished(replica: Replica) -> None:
+    """The service takes 2 s to commit the end it was handed: the operation is still
+    there `keep_finished` (5 s) after it ended, as any other finished operation."""
+    key = "/croft/records/test-closing/late"
+    replica.run(replica.ctx.store.put(key, dump({"done": False})))
+    op_id, seen = closing_operation(replica, key, interfere=False, takes=2.0)
+    done = replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30").metadata
+    assert done["status"] == "Success"
+    assert wait_for(lambda: seen.get("written"), "the task to finish")
+    time.sleep(4.5)
+    assert replica.request("GET", f"/1.0/operations/{op_id}").status == 200
 
 
 def test_an_operation_that_moved_on_is_ended_by_its_replica(replica: Replica) -> None:

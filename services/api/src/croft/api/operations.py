@@ -142,6 +142,9 @@ class OperationManager:
     location: str = "none"
     lease_ttl: int = 10
     keep_finished: float = 5.0
+    # How long a service may take to commit an operation's end handed to it: that end's
+    # lease and expiry outlive `keep_finished` by this much. Later, the end goes alone.
+    ride_span: float = 3.0
     keep_orphaned: float = 300.0
     reap_interval: float | None = None  # default: lease_ttl / 2
     events: EventPublisher | None = None
@@ -151,6 +154,7 @@ class OperationManager:
     _expiries: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _lease: Lease | None = field(default=None, init=False)
     _expiry_lease: tuple[Lease, float] | None = field(default=None, init=False)
+    _rider_lease: tuple[Lease, float] | None = field(default=None, init=False)
     _started: bool = field(default=False, init=False)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -360,14 +364,20 @@ class OperationManager:
     async def _closing(self, context: OperationContext) -> list[Operation]:
         """`OperationContext.closing_writes`: what `_end` would write for Success, from
         the record as this process last wrote it (the update fails its revision check if
-        anyone wrote it since)."""
+        anyone wrote it since). Its lease and expiry are `keep_finished` + `ride_span` from
+        now: a finished operation stays readable for `keep_finished` at least if the
+        service commits its end within `ride_span`, and `ride_span` longer at most."""
         local = self._local.get(context.id)
         if local is None or local.last is None:
             return []
+        now = time.monotonic()
         try:
-            lease = await self._finished_lease()
+            if self._rider_lease is None or now - self._rider_lease[1] >= 1.0:
+                ttl = math.ceil(self.keep_finished + self.ride_span) + 1
+                self._rider_lease = (await self.store.grant_lease(ttl), now)
         except CroftError:
             return []
+        lease = self._rider_lease[0]
         value, revision = local.last
         record = json.loads(value)
         operation = record["operation"]
@@ -375,7 +385,7 @@ class OperationManager:
             return []
         _ending("Success", "", None)(operation)
         operation["updated_at"] = rfc3339_nano()
-        record["expires_at"] = time.time() + self.keep_finished
+        record["expires_at"] = time.time() + self.keep_finished + self.ride_span
         assert self.events is not None
         event = await self.events.operation_event(operation, project=record["project"])
         update = Update(operation_key(context.id), dump(record), revision, lease=lease.id)
