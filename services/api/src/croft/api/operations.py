@@ -153,8 +153,8 @@ class OperationManager:
     _background: list[asyncio.Task[None]] = field(default_factory=list, init=False)
     _expiries: set[asyncio.Task[None]] = field(default_factory=set, init=False)
     _lease: Lease | None = field(default=None, init=False)
-    _expiry_lease: tuple[Lease, float] | None = field(default=None, init=False)
-    _rider_lease: tuple[Lease, float] | None = field(default=None, init=False)
+    # Leases of finished operations by TTL, each with when it was granted.
+    _end_leases: dict[int, tuple[Lease, float]] = field(default_factory=dict, init=False)
     _started: bool = field(default=False, init=False)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -370,14 +370,10 @@ class OperationManager:
         local = self._local.get(context.id)
         if local is None or local.last is None:
             return []
-        now = time.monotonic()
         try:
-            if self._rider_lease is None or now - self._rider_lease[1] >= 1.0:
-                ttl = math.ceil(self.keep_finished + self.ride_span) + 1
-                self._rider_lease = (await self.store.grant_lease(ttl), now)
+            lease = await self._end_lease(math.ceil(self.keep_finished + self.ride_span) + 1)
         except CroftError:
             return []
-        lease = self._rider_lease[0]
         value, revision = local.last
         record = json.loads(value)
         operation = record["operation"]
@@ -392,18 +388,22 @@ class OperationManager:
         return [*context.final_writes, update, event]
 
     def _ended_elsewhere(self, op_id: str) -> None:
-        """The end of an operation of ours was written with another service's change:
-        under the finished lease, which deletes it in time."""
+        """The end of an operation of ours was written with another service's change,
+        under a lease that deletes it in time (`_closing`)."""
         self._local.pop(op_id, None)
 
     async def _finished_lease(self) -> Lease:
-        """The lease finished operations are written under: replaced every second, so one
-        grant serves every operation ending in that second."""
+        """The lease finished operations are written under."""
+        return await self._end_lease(max(2, math.ceil(self.keep_finished) + 1))
+
+    async def _end_lease(self, ttl: int) -> Lease:
+        """A lease of `ttl` seconds, replaced every second, so that one grant serves every
+        operation ending in that second."""
         now = time.monotonic()
-        if self._expiry_lease is None or now - self._expiry_lease[1] >= 1.0:
-            ttl = max(2, math.ceil(self.keep_finished) + 1)
-            self._expiry_lease = (await self.store.grant_lease(ttl), now)
-        return self._expiry_lease[0]
+        held = self._end_leases.get(ttl)
+        if held is None or now - held[1] >= 1.0:
+            held = self._end_leases[ttl] = (await self.store.grant_lease(ttl), now)
+        return held[0]
 
     async def _expire(self, op_id: str, after: float) -> None:
         await asyncio.sleep(after)
