@@ -204,6 +204,59 @@ def test_sigkill_compute_leaves_containers_running_and_exec_comes_back(
     assert lxc("exec", "c1", "--", "sh", "-c", "echo $((6*7))").stdout == "42\n"
 
 
+def test_after_a_host_restart_compute_starts_what_boot_autostart_asks_for(
+    croft_busybox: tuple[Croft, Lxc, str],
+) -> None:
+    """A host restart, as compute sees it: its containers stopped while it was not
+    looking, then compute starting afresh. Like LXD, it starts boot.autostart=true ones
+    and, with the key unset, the ones that were running; boot.autostart=false stays off."""
+    croft, lxc, _ = croft_busybox
+    lxcpath = croft.root / "state" / "lxc"
+    launch_options = {
+        "auto-on": ["-c", "boot.autostart=true"],
+        "auto-off": ["-c", "boot.autostart=false"],
+        "auto-unset": [],
+    }
+    names = list(launch_options)
+
+    def status(name: str) -> str | None:
+        result = lxc("query", f"/1.0/instances/{name}/state", check=False)
+        return json.loads(result.stdout)["status"] if result.returncode == 0 else None
+
+    try:
+        for name in names:
+            lxc("launch", "busybox", name, *launch_options[name])
+        before = {name: init_pid(lxc, name) for name in names}
+        assert {p.name for p in lxcpath.iterdir()} >= set(names)  # project default: no prefix
+        compute = serving_pid(croft, "compute")
+        assert compute
+        os.kill(compute, signal.SIGSTOP)  # it must not see the containers stop
+        try:
+            for name in names:
+                subprocess.run(
+                    ["lxc-stop", "-n", name, "-P", str(lxcpath), "-k"], check=True, timeout=60
+                )
+                info = subprocess.run(
+                    ["lxc-info", "-n", name, "-P", str(lxcpath), "-s"],
+                    capture_output=True, text=True, check=True, timeout=60,
+                )  # fmt: skip
+                assert "STOPPED" in info.stdout, info.stdout
+        finally:
+            os.kill(compute, signal.SIGKILL)  # kills a stopped process too
+        wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+
+        for name in ["auto-on", "auto-unset"]:
+            wait_until(lambda name=name: status(name) == "Running", 60, f"{name} to be started")
+            assert init_pid(lxc, name) not in (0, before[name])
+        assert status("auto-off") == "Stopped"
+        listed = {i["name"]: i["status"] for i in lxc.json("list") if i["name"] in names}
+        assert listed == {"auto-on": "Running", "auto-off": "Stopped", "auto-unset": "Running"}
+        assert lxc("exec", "auto-on", "--", "true", check=False).returncode == 0
+    finally:
+        for name in names:
+            lxc("delete", "--force", name, check=False)
+
+
 def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
     croft_busybox: tuple[Croft, Lxc, str],
 ) -> None:
