@@ -4,6 +4,7 @@ unprivileged LXC containers on a real bridge (issue 3)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -151,6 +152,89 @@ def test_interactive_exec_through_a_pty_sees_a_window_resize(
         assert os.waitstatus_to_exitcode(status) == 7
     finally:
         os.close(fd)
+
+
+def test_console_attaches_both_ways_detaches_and_keeps_a_log(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("query", "-X", "DELETE", f"/1.0/instances/{c1}/console")
+    terminals: list[tuple[int, int]] = []
+
+    def attach() -> tuple[int, int, bytearray]:
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: `lxc console` on a terminal, as a person would run it
+            os.execvpe("lxc", ["lxc", "console", c1], lxc.env)
+        terminals.append((pid, fd))
+        return pid, fd, bytearray()
+
+    def read_until(fd: int, output: bytearray, marker: bytes, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in output:
+            assert time.monotonic() < deadline, f"no {marker!r} in {bytes(output)!r}"
+            if select.select([fd], [], [], 0.2)[0]:
+                with contextlib.suppress(OSError):  # EIO: the client exited
+                    output.extend(os.read(fd, 4096))
+
+    def exit_code(pid: int, timeout: float = 20) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                return os.waitstatus_to_exitcode(status)
+            time.sleep(0.1)
+        raise AssertionError(f"lxc console (pid {pid}) did not exit")
+
+    try:
+        pid, fd, output = attach()
+        read_until(fd, output, b"ctrl>+a q")
+        time.sleep(1)  # the client reads the operation, then connects its websockets
+        # What the instance writes to its console reaches the client...
+        lxc("exec", c1, "--", "sh", "-c", "echo console-says-$((6*7)) > /dev/console")
+        read_until(fd, output, b"console-says-42")
+        # ...and what the client types reaches what reads the console.
+        reader = subprocess.Popen(
+            ["lxc", "exec", c1, "--", "sh", "-c", "head -n1 /dev/console"],
+            env=lxc.env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.5)
+        os.write(fd, b"typed-in-the-console\r")
+        assert reader.communicate(timeout=20)[0] == "typed-in-the-console\n"
+
+        # One client at a time, as liblxc allows: the second is told so.
+        second, second_fd, second_output = attach()
+        assert exit_code(second) == 1
+        read_until(second_fd, second_output, b"Error: Could not attach to the console")
+
+        # <ctrl>+a q detaches (two reads: the client looks at the first byte of each).
+        os.write(fd, b"\x01")
+        time.sleep(0.3)
+        os.write(fd, b"q")
+        assert exit_code(pid) == 0
+        assert lxc("exec", c1, "--", "true").returncode == 0  # the instance did not notice
+    finally:
+        for child, terminal in terminals:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, 9)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(child, 0)
+            os.close(terminal)
+
+    log = lxc("console", "--show-log", c1).stdout
+    assert "console-says-42" in log and "typed-in-the-console" in log
+    lxc("query", "-X", "DELETE", f"/1.0/instances/{c1}/console")
+    assert "console-says-42" not in lxc("console", "--show-log", c1).stdout
+
+    vga = lxc("query", "-X", "POST", "-d", '{"type": "vga"}', f"/1.0/instances/{c1}/console",
+              check=False)  # fmt: skip
+    assert "VGA console is only supported by virtual machines" in vga.stderr
+    lxc("init", "busybox", "quiet")
+    try:
+        stopped = lxc("query", "-X", "POST", "-d", "{}", "/1.0/instances/quiet/console",
+                      check=False)  # fmt: skip
+        assert "Instance is not running" in stopped.stderr
+    finally:
+        lxc("delete", "quiet")
 
 
 def test_file_push_pull_round_trip_keeps_bytes_mode_and_owner(
@@ -443,6 +527,73 @@ def test_delete_force_leaves_nothing_behind(croft_lxc: tuple[Croft, Lxc, str], c
         p.name.endswith("gone") for p in Path("/sys/fs/cgroup/memory").glob("lxc.payload*")
     )
     assert lxc("query", "/1.0/instances/gone", check=False).returncode != 0
+
+
+def test_devices_and_config_changed_later_apply_at_the_next_start(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    croft, lxc, bridge = croft_lxc
+    lxc("launch", "busybox", "dev1")
+    hosts = croft.root / "state" / "networks" / bridge / "dnsmasq.hosts.d"
+    shared = croft.root / "shared"  # not pytest's 0700 tmp_path: the container is unprivileged
+    shared.mkdir(mode=0o755)
+    (shared / "hello").write_text("from the host\n")
+    try:
+        refused = lxc("config", "device", "add", "dev1", "z", "unix-char", "path=/dev/zero",
+                      check=False)  # fmt: skip
+        assert "cannot be changed while the instance is running" in refused.stderr
+
+        lxc("stop", "--force", "dev1")
+        lxc("config", "device", "add", "dev1", "zero", "unix-char",
+            "source=/dev/zero", "path=/dev/myzero")  # fmt: skip
+        lxc("config", "device", "add", "dev1", "data", "disk",
+            f"source={shared}", "path=/mnt/shared")  # fmt: skip
+        lxc("config", "device", "add", "dev1", "eth1", "nic", f"network={bridge}")
+        missing = lxc("config", "device", "add", "dev1", "bad", "unix-char",
+                      "source=/dev/no-such-device", "path=/dev/bad", check=False)  # fmt: skip
+        assert missing.returncode != 0
+        assert '"/dev/no-such-device" does not exist' in missing.stderr
+        record = json.loads(lxc("query", "/1.0/instances/dev1").stdout)
+        assert sorted(record["devices"]) == ["data", "eth1", "zero"]  # the bad one: no trace
+        eth1_mac = record["config"]["volatile.eth1.hwaddr"]
+        assert (hosts / eth1_mac.replace(":", "-")).exists()  # DHCP knows the new NIC
+
+        lxc("start", "dev1")
+        seen = lxc("exec", "dev1", "--", "sh", "-c",
+                   "stat -c '%F %t:%T' /dev/myzero; head -c 3 /dev/myzero | od -An -tx1;"
+                   " cat /mnt/shared/hello; cat /sys/class/net/eth1/address")  # fmt: skip
+        assert seen.stdout.split("\n")[:4] == [
+            "character special file 1:5",
+            " 00 00 00",
+            "from the host",
+            eth1_mac,
+        ]
+
+        # A config change on a running instance applies at its next start.
+        assert "100000" in lxc("exec", "dev1", "--", "cat", "/proc/self/uid_map").stdout
+        lxc("config", "set", "dev1", "security.privileged", "true")
+        assert "100000" in lxc("exec", "dev1", "--", "cat", "/proc/self/uid_map").stdout
+        lxc("restart", "--force", "dev1")
+        uid_map = lxc("exec", "dev1", "--", "cat", "/proc/self/uid_map").stdout
+        assert uid_map.split() == ["0", "0", "4294967295"]
+
+        lxc("stop", "--force", "dev1")
+        lxc("snapshot", "dev1", "with-eth1")
+        lxc("config", "device", "remove", "dev1", "eth1")
+        record = json.loads(lxc("query", "/1.0/instances/dev1").stdout)
+        assert "volatile.eth1.hwaddr" not in record["config"]
+        assert not (hosts / eth1_mac.replace(":", "-")).exists()
+        lxc("start", "dev1")
+        links = lxc("exec", "dev1", "--", "ls", "/sys/class/net").stdout.split()
+        assert sorted(links) == ["eth0", "lo"]
+
+        # A restore brings the snapshot's devices back, NIC and MAC included.
+        lxc("restore", "dev1", "with-eth1")
+        assert (hosts / eth1_mac.replace(":", "-")).exists()
+        mac = lxc("exec", "dev1", "--", "cat", "/sys/class/net/eth1/address").stdout.strip()
+        assert mac == eth1_mac
+    finally:
+        lxc("delete", "--force", "dev1", check=False)
 
 
 def test_start_templates_render_at_every_start_from_the_config(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import secrets
@@ -61,6 +63,20 @@ def snapshot_key(project: str, instance: str, snapshot: str) -> str:
 def new_hwaddr() -> str:
     """A MAC in LXD's range, 00:16:3e:xx:xx:xx."""
     return "00:16:3e:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def definition_digest(record: dict[str, Any]) -> str:
+    """A digest of what an instance's driver definition is written from: its expanded
+    config (of the volatile keys, only the NICs' MACs) and devices. A record whose digest
+    is not the one in `_croft.definition` gets its definition written again before its
+    next start (a change made while it ran)."""
+    config = {
+        k: v
+        for k, v in (record.get("expanded_config") or {}).items()
+        if not k.startswith("volatile.") or k.endswith(".hwaddr")
+    }
+    source = json.dumps([config, record.get("expanded_devices") or {}], sort_keys=True)
+    return hashlib.sha256(source.encode()).hexdigest()[:16]
 
 
 def root_disk(devices: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
@@ -276,6 +292,7 @@ class ComputeCore:
             written = copy_record(record)
             record["_croft"]["state"] = "created"
             record["_croft"]["rootfs"] = volume.path
+            record["_croft"]["definition"] = definition_digest(record)
             event = await self._lifecycle_event("instance-created", project, name)
 
             async def complete() -> None:
@@ -439,6 +456,11 @@ class ComputeCore:
             # check, the templates and the start's own preparation); the others here.
             status = None if action == "start" else await self.driver.status(host_name)
             if action == "start":
+                if (
+                    _definition_is_stale(current)
+                    and await self.driver.status(host_name) is Status.STOPPED
+                ):
+                    await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
 
                 def check_then_render(status: Status) -> None:
@@ -463,6 +485,8 @@ class ComputeCore:
                     raise InvalidArgument("The instance isn't running")
                 # A stop and a start, as LXD's: the start templates render in between.
                 await self.driver.stop(host_name, force=force, timeout=timeout)
+                if _definition_is_stale(current):
+                    await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
                 await self.driver.start(host_name, before=lambda _status: templates())
                 new, event = Status.RUNNING, "instance-restarted"
@@ -583,7 +607,9 @@ class ComputeCore:
     # ------------------------------------------------------------------ update / rename
 
     async def update(self, new: dict[str, Any], revision: int = 0) -> dict[str, Any]:
-        """Apply a new config/devices/profiles/description. Limits change live."""
+        """Apply a new config/devices/profiles/description. Limits change live. The rest
+        of a stopped instance's definition is written again at once, so that a bad device
+        is refused now and changes nothing; a running one's before its next start."""
         project = new.get("project") or DEFAULT_PROJECT
         name = new["name"]
         host_name = driver_name(project, name)
@@ -593,14 +619,22 @@ class ComputeCore:
                 raise Conflict("The instance changed since it was read; try again")
             old_devices = record.get("expanded_devices") or {}
             new_devices = new.get("expanded_devices") or {}
+            stopped = await self.driver.status(host_name) is Status.STOPPED
             # Hot-plugging devices is not built yet: say so rather than half-apply.
-            if (
-                _without_hwaddr(old_devices) != _without_hwaddr(new_devices)
-                and await self.driver.status(host_name) is not Status.STOPPED
-            ):
+            if _without_hwaddr(old_devices) != _without_hwaddr(new_devices) and not stopped:
                 raise InvalidArgument("Devices cannot be changed while the instance is running")
-            # volatile keys are croft's; a client never sets them.
-            volatile = {k: v for k, v in record["config"].items() if k.startswith("volatile.")}
+            # volatile keys are croft's; a client never sets them. A removed device's go
+            # with it; a new NIC gets its MAC now, as at create.
+            gone = {f"volatile.{d}." for d in old_devices if d not in new_devices}
+            volatile = {
+                k: v
+                for k, v in record["config"].items()
+                if k.startswith("volatile.") and not k.startswith(tuple(gone))
+            }
+            for dev_name, device in new_devices.items():
+                if device.get("type") == "nic":
+                    key = f"volatile.{dev_name}.hwaddr"
+                    volatile[key] = device.get("hwaddr") or volatile.get(key) or new_hwaddr()
             config = {
                 k: v for k, v in (new.get("config") or {}).items() if not k.startswith("volatile.")
             }
@@ -611,7 +645,6 @@ class ComputeCore:
                 if not k.startswith("volatile.")
             }
             expanded.update(volatile)
-            await self.driver.update_limits(host_name, expanded)
             updated = {
                 **record,
                 "config": config,
@@ -621,10 +654,28 @@ class ComputeCore:
                 "profiles": new.get("profiles") or [],
                 "description": new.get("description", ""),
                 "ephemeral": bool(new.get("ephemeral", False)),
+                "_croft": {
+                    **record["_croft"],
+                    "definition": record["_croft"].get("definition") or definition_digest(record),
+                },
             }
-            await self.store.update(
-                instance_key(project, name), dump(updated), revision=current_revision
-            )
+            undo: list[Callable[[], Awaitable[Any]]] = []
+            try:
+                if stopped and _definition_is_stale(updated):
+                    undo.append(lambda: self._detach_nics(project, name, updated, keep=record))
+                    undo.append(lambda: self._write_definition(project, name, record))
+                    await self._write_definition(project, name, updated)
+                else:
+                    await self.driver.update_limits(host_name, expanded)
+                await self.store.update(
+                    instance_key(project, name), dump(updated), revision=current_revision
+                )
+            except BaseException as exc:
+                if undo:
+                    log.info("undoing the update of %s/%s: %s", project, name, _why(exc))
+                    await uninterrupted(self._undo(undo))
+                raise
+            await self._detach_nics(project, name, record, keep=updated)
         await self.lifecycle("instance-updated", project, name)
         return updated
 
@@ -698,9 +749,23 @@ class ComputeCore:
         await self.record(project, name)
         await self.driver.delete_path(driver_name(project, name), path, recursive=True)
 
+    async def console(self, project: str, name: str, width: int, height: int) -> ExecProcess:
+        # As exec: the api found it running; the driver refuses one that is not.
+        try:
+            return await self.driver.console(
+                driver_name(project, name), width=width or 80, height=height or 24
+            )
+        except NotFound:
+            raise NotFound("Instance not found") from None
+
     async def console_log(self, project: str, name: str) -> bytes:
         await self.record(project, name)
         return await self.driver.console_log(driver_name(project, name))
+
+    async def clear_console_log(self, project: str, name: str) -> None:
+        await self.record(project, name)
+        await self.driver.clear_console_log(driver_name(project, name))
+        await self.lifecycle("instance-console-reset", project, name)
 
     async def log_file(self, project: str, name: str) -> bytes:
         await self.record(project, name)
@@ -827,7 +892,12 @@ class ComputeCore:
                 idempotent=False,
                 timeout=600,
             )
+            before = copy_record(record)
             volatile = {k: v for k, v in record["config"].items() if k.startswith("volatile.")}
+            for dev_name, device in snap["expanded_devices"].items():
+                key = f"volatile.{dev_name}.hwaddr"
+                if device.get("type") == "nic" and key not in volatile:
+                    volatile[key] = snap["config"].get(key) or new_hwaddr()
             record["config"] = {
                 **{k: v for k, v in snap["config"].items() if not k.startswith("volatile.")},
                 **volatile,
@@ -843,8 +913,12 @@ class ComputeCore:
             record["devices"] = snap["devices"]
             record["expanded_devices"] = snap["expanded_devices"]
             record["profiles"] = snap["profiles"]
-            await self.driver.update_limits(host_name, record["expanded_config"])
+            if _definition_is_stale(record):
+                await self._write_definition(project, name, record)
+            else:
+                await self.driver.update_limits(host_name, record["expanded_config"])
             await self.store.update(instance_key(project, name), dump(record), revision=revision)
+            await self._detach_nics(project, name, before, keep=record)
             if was_running:
                 await self.driver.start(host_name)
         await self.lifecycle("instance-restored", project, name, snapshot=snapshot)
@@ -979,15 +1053,30 @@ class ComputeCore:
             name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices
         )
 
-    async def _detach_nics(self, project: str, name: str, record: dict[str, Any]) -> None:
-        """Forget the managed NICs of instance `name` (as recorded in `record`)."""
-        for dev_name, device in (record.get("expanded_devices") or {}).items():
-            if device.get("type") == "nic" and device.get("network"):
-                hwaddr = record["config"].get(f"volatile.{dev_name}.hwaddr", "")
+    async def _write_definition(self, project: str, name: str, record: dict[str, Any]) -> None:
+        """Write the driver definition of stopped instance `name` again from `record` (its
+        managed NICs attached again, which only updates them), and note in the record what
+        it was written from."""
+        spec = await self._spec_with_nics(project, name, record, record["_croft"]["rootfs"])
+        await self.driver.redefine(spec)
+        record["_croft"]["definition"] = definition_digest(record)
+
+    async def _detach_nics(
+        self,
+        project: str,
+        name: str,
+        record: dict[str, Any],
+        keep: dict[str, Any] | None = None,
+    ) -> None:
+        """Forget the managed NICs of instance `name` (as recorded in `record`), but those
+        that `keep`, a newer record, still has as they were."""
+        kept = _managed_nics(keep) if keep is not None else {}
+        for dev_name, (network, hwaddr) in _managed_nics(record).items():
+            if kept.get(dev_name) != (network, hwaddr):
                 with contextlib.suppress(NotFound):
                     await self._detach(
                         network_pb2.NicRequest(
-                            network=device["network"], project=project, instance=name,
+                            network=network, project=project, instance=name,
                             device=dev_name, hwaddr=hwaddr,
                         )
                     )  # fmt: skip
@@ -1141,6 +1230,22 @@ def _why(exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError):
         return "the caller went away"
     return str(exc) or type(exc).__name__
+
+
+def _managed_nics(record: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The record's NICs on managed networks: device -> (network, MAC)."""
+    return {
+        dev_name: (device["network"], record["config"].get(f"volatile.{dev_name}.hwaddr", ""))
+        for dev_name, device in (record.get("expanded_devices") or {}).items()
+        if device.get("type") == "nic" and device.get("network")
+    }
+
+
+def _definition_is_stale(record: dict[str, Any]) -> bool:
+    """Whether the record changed since its definition was written (records from before
+    digests were kept count as current)."""
+    written = record.get("_croft", {}).get("definition")
+    return written is not None and written != definition_digest(record)
 
 
 def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:

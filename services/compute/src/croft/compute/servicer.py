@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -89,21 +90,24 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
             raise InvalidArgument("an exec stream must begin with its start message")
         start = first.start
         project, name = _ref(start.instance)
-        process = await self.core.exec(
-            project,
-            name,
-            list(start.command),
-            dict(start.environment) or None,
-            start.cwd,
-            start.user,
-            start.group,
-            start.interactive,
-            start.size.width,
-            start.size.height,
-        )
+        if start.console:
+            process = await self.core.console(project, name, start.size.width, start.size.height)
+        else:
+            process = await self.core.exec(
+                project,
+                name,
+                list(start.command),
+                dict(start.environment) or None,
+                start.cwd,
+                start.user,
+                start.group,
+                start.interactive,
+                start.size.width,
+                start.size.height,
+            )
         try:
             yield compute_pb2.ExecOutput(pid=process.pid)
-            async for output in _pump(process, inputs):
+            async for output in _pump(process, inputs, detach_at_eof=start.console):
                 yield output
         finally:
             process.close()
@@ -181,6 +185,10 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         project, name = _ref(request.instance)
         return _reply(await self.core.restore_snapshot(project, name, request.snapshot))
 
+    async def ClearConsoleLog(self, request, context):  # type: ignore[no-untyped-def]
+        await self.core.clear_console_log(*_ref(request))
+        return common_pb2.Empty()
+
     async def ConsoleLog(self, request, context):  # type: ignore[no-untyped-def]
         return compute_pb2.LogReply(content=await self.core.console_log(*_ref(request)))
 
@@ -209,10 +217,11 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
 
 async def _pump(
-    process: ExecProcess, inputs: AsyncIterator[compute_pb2.ExecInput]
+    process: ExecProcess, inputs: AsyncIterator[compute_pb2.ExecInput], detach_at_eof: bool
 ) -> AsyncIterator[compute_pb2.ExecOutput]:
     """Relay a running command's output as ExecOutputs and the caller's input to it; the
-    exit code comes last."""
+    exit code comes last. At the end of the caller's input, the command gets EOF, or with
+    `detach_at_eof` (a console) is ended."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[compute_pb2.ExecOutput | None] = asyncio.Queue()
     readers: list[int] = []
@@ -254,7 +263,9 @@ async def _pump(
             if kind == "stdin" and stdin_fd is not None:
                 await _write_all(stdin_fd, message.stdin)
             elif kind == "stdin_closed":
-                if process.pty is not None:
+                if detach_at_eof:
+                    process.signal(signal.SIGKILL)
+                elif process.pty is not None:
                     await _write_all(process.pty, b"\x04")
                 elif process.stdin is not None:
                     os.close(process.stdin)

@@ -142,6 +142,13 @@ class ExecPost(BaseModel):
     cwd: StrictStr = ""
 
 
+class ConsolePost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    width: int = 0
+    height: int = 0
+    type: StrictStr = ""
+
+
 class SnapshotsPost(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: StrictStr = ""
@@ -761,6 +768,9 @@ class ExecSession:
 async def _relay_exec(
     session: ExecSession, client: Any, start: compute_pb2.ExecStart, interactive: bool
 ) -> int:
+    """Relay an exec (or a console: `start.console`) between its websockets and compute's
+    Exec stream; returns the exit code. A console also ends when "control" closes: that is
+    how the `lxc` client detaches."""
     inputs: asyncio.Queue[compute_pb2.ExecInput | None] = asyncio.Queue()
     inputs.put_nowait(compute_pb2.ExecInput(start=start))
 
@@ -794,7 +804,7 @@ async def _relay_exec(
             while True:
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
-                    return
+                    break
                 raw = message.get("text") or (message.get("bytes") or b"").decode()
                 if not raw:
                     continue
@@ -808,8 +818,10 @@ async def _relay_exec(
                         width=int(args.get("width", 80)), height=int(args.get("height", 24))
                     )
                     inputs.put_nowait(compute_pb2.ExecInput(resize=size))
-                elif command.get("command") == "signal":
+                elif command.get("command") == "signal" and not start.console:
                     inputs.put_nowait(compute_pb2.ExecInput(signal=int(command.get("signal", 15))))
+        if start.console:
+            inputs.put_nowait(compute_pb2.ExecInput(stdin_closed=True))
 
     readers = [asyncio.create_task(read_stdin()), asyncio.create_task(read_control())]
     out = session.sockets["0"] if interactive else session.sockets["1"]
@@ -1101,6 +1113,70 @@ async def instance_log_delete(request: Request, name: str, file: str) -> Respons
         raise InvalidArgument("Only exec record-output log files can be deleted")
     with contextlib.suppress(NotFound):
         await context(request).store.delete(_exec_log_key(project, name, file))
+    return responses.sync({})
+
+
+@router.post("/1.0/instances/{name}/console")
+@router.post("/1.0/containers/{name}/console")
+async def instance_console_attach(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, ConsolePost)
+    kind = req.type or "console"
+    if kind not in ("console", "vga"):
+        raise InvalidArgument(f'Unknown console type "{kind}"')
+    if kind == "vga":
+        raise InvalidArgument("VGA console is only supported by virtual machines")
+    if record.get("status") == "Frozen":
+        raise InvalidArgument("Instance is frozen")
+    if record.get("status") != "Running":
+        raise InvalidArgument("Instance is not running")
+    client = await compute_of(record)
+    start = compute_pb2.ExecStart(
+        instance=ref(project, name),
+        console=True,
+        size=compute_pb2.WindowSize(width=req.width, height=req.height),
+    )
+    session = ExecSession(interactive=True)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        try:
+            try:
+                await asyncio.wait_for(session.connected.wait(), 60)
+            except TimeoutError:
+                raise Timeout("Timed out waiting for the console websockets") from None
+            await ctx.lifecycle(
+                "instance-console",
+                records.url(KIND, name, project),
+                project=project,
+                context={"type": kind},
+            )
+            # The attach ends with the helper killed when the client detaches; it exits
+            # by itself when liblxc refused the attach (the console has a client).
+            if await _relay_exec(session, client, start, interactive=True) == 1:
+                raise Conflict("Could not attach to the console: is another client on it?")
+            return None
+        finally:
+            session.finished.set()
+
+    operation = await ctx.operations.create(
+        "Showing console",
+        run=run,
+        cls="websocket",
+        websocket=session,
+        metadata={"fds": session.fds},
+        resources=resources(name, project),
+        project=project,
+    )
+    return responses.async_operation(operation)
+
+
+@router.delete("/1.0/instances/{name}/console")
+@router.delete("/1.0/containers/{name}/console")
+async def instance_console_clear(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    await client.call("ClearConsoleLog", ref(project, name))
     return responses.sync({})
 
 

@@ -54,6 +54,7 @@ API_EXTENSIONS: list[str] = [
     "network_leases",
     "network_state",
     "resources",
+    "console",  # the console log, and attaching to the console (routes/instances.py)
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",

@@ -185,6 +185,12 @@ class InstanceDriver(ABC):
         writing anything). On failure, everything written is removed."""
 
     @abstractmethod
+    async def redefine(self, spec: InstanceSpec) -> None:
+        """Rewrite the configuration of a stopped instance from `spec`, in one step: the
+        old one stays whole until the new one replaces it. InvalidArgument for a bad spec
+        and Conflict unless the instance is stopped, both before anything changes."""
+
+    @abstractmethod
     async def start(self, name: str, before: Callable[[Status], None] | None = None) -> None:
         """Start a stopped instance and return once it runs. The instance must keep
         running if the calling process dies. Raises Conflict if it is running. On failure,
@@ -301,6 +307,16 @@ class InstanceDriver(ABC):
     @abstractmethod
     async def console_log(self, name: str) -> bytes:
         """What the instance wrote to its console so far (b"" if nothing)."""
+
+    @abstractmethod
+    async def console(self, name: str, width: int = 80, height: int = 24) -> ExecProcess:
+        """Attach to a running instance's console (Conflict otherwise): the process's pty
+        carries the console's bytes both ways; `signal()` (any signal) detaches, which
+        ends the process. Its exit code means nothing."""
+
+    @abstractmethod
+    async def clear_console_log(self, name: str) -> None:
+        """Empty what console_log() returns."""
 
     @abstractmethod
     def log_path(self, name: str) -> str:

@@ -30,8 +30,10 @@ import os
 import posixpath
 import re
 import shutil
+import signal
 import stat
 import struct
+import sys
 import tempfile
 import termios
 import time
@@ -73,6 +75,15 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Spawned per exec: resolved once, not searched along PATH every time.
 _LXC_ATTACH = shutil.which("lxc-attach") or "lxc-attach"
 _LXC_START = shutil.which("lxc-start") or "lxc-start"
+# Attaches its pty to the console of container argv[1] (lxcpath argv[2]), as LXD's
+# `forkconsole` does: liblxc's lxc_console() on tty 0, with no escape key (the client
+# detaches; then this process is killed).
+_CONSOLE_HELPER = (
+    "import sys, lxc; "
+    "ok = lxc.Container(sys.argv[1], sys.argv[2]).console("
+    "ttynum=0, stdinfd=0, stdoutfd=1, stderrfd=2, escape=0); "
+    "sys.exit(0 if ok else 1)"
+)
 
 # lxc-start's environment. With newuidmap and newgidmap on its PATH, liblxc runs them
 # (each through `sh -c`) to write the container's id maps, four processes per start;
@@ -325,7 +336,7 @@ def render_config(
     parsed = limits_mod.parse_limits(spec.config)
     directory = os.path.join(lxcpath, spec.name)
     lines = [
-        "# Written by croft; changed by croft (limits). Edits elsewhere are kept.",
+        "# Written by croft from the instance's record, again whenever its config changes.",
         f"lxc.include = {COMMON_CONF}",
     ]
     if not spec.privileged:
@@ -552,6 +563,39 @@ class LXCExecProcess(ExecProcess):
                 setattr(self, attr, None)
 
 
+class LXCConsoleProcess(LXCExecProcess):
+    """A process attached to a container's console. Any signal detaches it: it is the
+    helper that gets it, not what runs on the console."""
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+
+async def _on_a_pty(
+    args: list[str], width: int, height: int, cwd: str = "/"
+) -> tuple[asyncio.subprocess.Process, int]:
+    """Run `args` with a new pty of `width`x`height` as its controlling terminal; the
+    master fd is returned with the process."""
+    master, slave = os.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+    # The container's pty does the line discipline; ours only carries bytes (else
+    # every "\n" arrives as "\r\r\n").
+    tty.setraw(slave)
+    try:
+        # lxc-attach and lxc_console() proxy the container's pty through /dev/tty, so
+        # the slave must be their controlling terminal: `setsid --ctty` does that.
+        process = await asyncio.create_subprocess_exec(
+            "setsid", "--ctty", *args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd
+        )
+    except BaseException:
+        os.close(master)
+        raise
+    finally:
+        os.close(slave)
+    return process, master
+
+
 # --- the driver -----------------------------------------------------------------------
 
 
@@ -727,6 +771,26 @@ class LXCDriver(InstanceDriver):
                 raise Internal(f'liblxc does not accept the configuration of "{spec.name}"')
         except BaseException:
             shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    async def redefine(self, spec: InstanceSpec) -> None:
+        await in_thread(self._rewrite, spec)
+
+    def _rewrite(self, spec: InstanceSpec) -> None:
+        config = render_config(spec, self.lxcpath, spec.idmap or self.idmap, self.lxcfs_dir)
+        if not os.path.isdir(spec.rootfs):
+            raise InvalidArgument(f'Root filesystem "{spec.rootfs}" is not a directory')
+        if self._status(self._container(spec.name)) is not Status.STOPPED:
+            raise Conflict(f'Instance "{spec.name}" must be stopped to change its definition')
+        directory = self._dir(spec.name)
+        tmp = os.path.join(directory, "config.tmp")
+        try:
+            with open(tmp, "w") as f:
+                f.write(config)
+            os.rename(tmp, os.path.join(directory, "config"))
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
             raise
 
     def _sweep_partial_definitions(self) -> None:
@@ -1005,23 +1069,7 @@ class LXCDriver(InstanceDriver):
         args += ["--", *command]
 
         if interactive:
-            master, slave = os.openpty()
-            fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
-            # The container's pty does the line discipline; ours only carries bytes (else
-            # every "\n" arrives as "\r\r\n").
-            tty.setraw(slave)
-            try:
-                # lxc-attach proxies the container's pty through /dev/tty, so the slave
-                # must be its controlling terminal: `setsid --ctty` does that (and execs).
-                process = await asyncio.create_subprocess_exec(
-                    "setsid", "--ctty", *args, stdin=slave, stdout=slave, stderr=slave,
-                    cwd=host_cwd,
-                )  # fmt: skip
-            except BaseException:
-                os.close(master)
-                raise
-            finally:
-                os.close(slave)
+            process, master = await _on_a_pty(args, width, height, cwd=host_cwd)
             return LXCExecProcess(process, master, None, None, None)
 
         stdin_r, stdin_w = os.pipe()
@@ -1282,6 +1330,21 @@ class LXCDriver(InstanceDriver):
                 return b""
 
         return await in_thread(read)
+
+    async def clear_console_log(self, name: str) -> None:
+        await in_thread(self._container, name)
+        path = os.path.join(self._dir(name), "console.log")
+        # liblxc appends to it (O_APPEND): emptied, it goes on from the start.
+        with contextlib.suppress(FileNotFoundError):
+            await in_thread(os.truncate, path, 0)
+
+    async def console(self, name: str, width: int = 80, height: int = 24) -> ExecProcess:
+        container = await in_thread(self._container, name)
+        if self._status(container) != Status.RUNNING:
+            raise Conflict(f'Instance "{name}" is not running')
+        args = [sys.executable, "-c", _CONSOLE_HELPER, name, self.lxcpath]
+        process, master = await _on_a_pty(args, width, height)
+        return LXCConsoleProcess(process, master, None, None, None)
 
     def log_path(self, name: str) -> str:
         return os.path.join(self._dir(name), "lxc.log")
