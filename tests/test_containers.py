@@ -596,6 +596,44 @@ def test_devices_and_config_changed_later_apply_at_the_next_start(
         lxc("delete", "--force", "dev1", check=False)
 
 
+def test_a_profile_change_reaches_the_instances_that_use_it(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("profile", "create", "small")
+    lxc("profile", "set", "small", "limits.memory", "128MiB")
+    try:
+        lxc("launch", "busybox", "prof-on", "-p", "default", "-p", "small")
+        lxc("init", "busybox", "prof-off", "-p", "default", "-p", "small")
+
+        def memory_limit(name: str) -> str:
+            expanded = json.loads(lxc("query", f"/1.0/instances/{name}").stdout)
+            return str(expanded["expanded_config"]["limits.memory"])
+
+        # Live on the running instance, recorded on the stopped one.
+        lxc("profile", "set", "small", "limits.memory", "100MiB")
+        assert memory_limit("prof-on") == memory_limit("prof-off") == "100MiB"
+        cgroup = Path("/sys/fs/cgroup/memory/lxc.payload.prof-on/memory.limit_in_bytes")
+        assert cgroup.read_text().strip() == str(100 * 1024 * 1024)
+
+        # New devices cannot reach a running user: refused, and the profile is unchanged.
+        refused = lxc("profile", "device", "add", "small", "zero", "unix-char",
+                      "source=/dev/zero", "path=/dev/pzero", check=False)  # fmt: skip
+        assert 'Instance "prof-on" uses the profile and is running' in refused.stderr
+        assert json.loads(lxc("query", "/1.0/profiles/small").stdout)["devices"] == {}
+
+        lxc("stop", "--force", "prof-on")
+        lxc("profile", "device", "add", "small", "zero", "unix-char",
+            "source=/dev/zero", "path=/dev/pzero")  # fmt: skip
+        lxc("start", "prof-on", "prof-off")
+        for name in ("prof-on", "prof-off"):
+            kind = lxc("exec", name, "--", "stat", "-c", "%F %t:%T", "/dev/pzero").stdout
+            assert kind == "character special file 1:5\n"
+    finally:
+        lxc("delete", "--force", "prof-on", "prof-off", check=False)
+        lxc("profile", "delete", "small", check=False)
+
+
 def test_start_templates_render_at_every_start_from_the_config(
     croft_lxc: tuple[Croft, Lxc, str], c1: str, tmp_path: Path
 ) -> None:

@@ -163,12 +163,23 @@ class NamePost(BaseModel):
 
 
 async def expand(
-    store: Any, project: str, profiles: list[str], config: dict[str, str], devices: dict[str, Any]
+    store: Any,
+    project: str,
+    profiles: list[str],
+    config: dict[str, str],
+    devices: dict[str, Any],
+    known: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
-    """Apply profiles in order, then the instance's own config and devices."""
+    """Apply profiles in order, then the instance's own config and devices. `known`:
+    profiles by name to use instead of the stored ones (one about to be written)."""
     expanded_config: dict[str, str] = {}
     expanded_devices: dict[str, Any] = {}
     for name in profiles:
+        if known and name in known:
+            profile = known[name]
+            expanded_config.update(profile.get("config") or {})
+            expanded_devices.update(profile.get("devices") or {})
+            continue
         found = await store.get_json(records.record_key("profiles", project, name))
         if found is None:
             raise NotFound(f'Requested profile "{name}" doesn\'t exist')

@@ -7,6 +7,7 @@ instance records that name the profile.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import APIRouter
@@ -17,8 +18,11 @@ from starlette.responses import Response
 from croft.api import query, records, responses
 from croft.api.app import context
 from croft.api.config_keys import validate_devices, validate_instance_config
-from croft.common.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from croft.api.routes.instances import compute_of, expand
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, PermissionDenied
+from croft.common.records import public
 from croft.common.store import Create, Delete, Store, dump
+from croft.v1 import compute_pb2
 
 router = APIRouter()
 
@@ -171,10 +175,83 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
         return new
 
     key = records.record_key(KIND, project, name)
-    await records.modify(ctx.store, key, change, missing="Profile not found")
+    found = await ctx.store.get_json(key)
+    if found is None:
+        raise NotFound("Profile not found")
+    # Refused before anything is written if an instance using the profile cannot take it.
+    await _instance_updates(ctx.store, project, name, change(found[0]))
+    written = await records.modify(
+        ctx.store, key, change, missing="Profile not found", current=found
+    )
     url = records.url(KIND, name, project)
     await ctx.lifecycle("profile-updated", url, project=project, request=request)
+    # As LXD: the instances that use the profile get the change at once.
+    failed = []
+    for instance in await _instance_updates(ctx.store, project, name, written):
+        try:
+            await _update_instance(ctx.store, instance)
+        except CroftError as exc:
+            failed.append(f'"{instance["name"]}": {exc.message}')
+    if failed:
+        raise InvalidArgument("Failed to update instances using the profile: " + "; ".join(failed))
     return responses.empty_sync()
+
+
+async def _instance_updates(
+    store: Store, project: str, name: str, profile: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """The instances using profile `name` whose expansion `profile` changes, each as the
+    record to hand compute. InvalidArgument, naming the instance, when one of them would
+    not take it: an invalid expansion, or new devices while it runs (hot-plugging is not
+    built)."""
+    updates = []
+    for entry in await store.list(records.record_prefix("instances", project)):
+        record = entry.json()
+        if name not in (record.get("profiles") or []):
+            continue
+        if record.get("_croft", {}).get("state") != "created":
+            continue  # being created: it expands the profile as it was
+        own = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
+        expanded_config, expanded_devices = await expand(
+            store, project, record["profiles"], own, record["devices"], known={name: profile}
+        )
+        current_config = {
+            k: v for k, v in record["expanded_config"].items() if not k.startswith("volatile.")
+        }
+        if (expanded_config, expanded_devices) == (current_config, record["expanded_devices"]):
+            continue
+        instance = record["name"]
+        try:
+            validate_instance_config(expanded_config, profile=False)
+            validate_devices(expanded_devices)
+        except CroftError as exc:
+            raise InvalidArgument(
+                f'Invalid profile for instance "{instance}": {exc.message}'
+            ) from None
+        if expanded_devices != record["expanded_devices"] and record.get("status") != "Stopped":
+            raise InvalidArgument(
+                f'Instance "{instance}" uses the profile and is running: devices cannot be '
+                "changed while the instance is running"
+            )
+        updates.append(
+            {
+                **public(record),
+                "config": own,
+                "expanded_config": expanded_config,
+                "expanded_devices": expanded_devices,
+                "_revision": entry.revision,
+                "_croft": record["_croft"],
+            }
+        )
+    return updates
+
+
+async def _update_instance(store: Store, instance: dict[str, Any]) -> None:
+    client = await compute_of(instance)
+    revision = instance.pop("_revision")
+    del instance["_croft"]
+    update = compute_pb2.UpdateInstanceRequest(record=json.dumps(instance), revision=revision)
+    await client.call("UpdateInstance", update, idempotent=False, timeout=120)
 
 
 @router.put("/1.0/profiles/{name}")
