@@ -12,7 +12,7 @@ import contextlib
 import json
 import re
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -893,27 +893,46 @@ async def instance_exec(request: Request, name: str) -> Response:
     session = ExecSession(req.interactive)
     metadata = {"command": req.command, "fds": session.fds, "interactive": req.interactive}
 
+    async def relay(op: OperationContext) -> dict[str, Any] | None:
+        # The event goes with the operation's end: one write, and it still comes
+        # before the operation's Success, as LXD's does.
+        op.final_writes += await ctx.lifecycle_write(
+            "instance-exec",
+            records.url(KIND, name, project),
+            project=project,
+            context={"command": req.command},
+        )
+        return {"return": await _relay_exec(session, client, start, req.interactive)}
+
+    return await _websocket_operation(
+        request, session, "Executing command", metadata, project, name, relay
+    )
+
+
+async def _websocket_operation(
+    request: Request,
+    session: ExecSession,
+    description: str,
+    metadata: dict[str, Any],
+    project: str,
+    name: str,
+    relay: Callable[[OperationContext], Awaitable[dict[str, Any] | None]],
+) -> Response:
+    """An operation of instance `name` whose task waits for the session's websockets,
+    then `relay`s (exec, console)."""
+
     async def run(op: OperationContext) -> dict[str, Any] | None:
         try:
             try:
                 await asyncio.wait_for(session.connected.wait(), 60)
             except TimeoutError:
-                raise Timeout("Timed out waiting for the exec websockets") from None
-            # The event goes with the operation's end: one write, and it still comes
-            # before the operation's Success, as LXD's does.
-            op.final_writes += await ctx.lifecycle_write(
-                "instance-exec",
-                records.url(KIND, name, project),
-                project=project,
-                context={"command": req.command},
-            )
-            code = await _relay_exec(session, client, start, req.interactive)
-            return {"return": code}
+                raise Timeout("Timed out waiting for the operation's websockets") from None
+            return await relay(op)
         finally:
             session.finished.set()
 
-    operation = await ctx.operations.create(
-        "Executing command",
+    operation = await context(request).operations.create(
+        description,
         run=run,
         cls="websocket",
         websocket=session,
@@ -1150,36 +1169,22 @@ async def instance_console_attach(request: Request, name: str) -> Response:
     )
     session = ExecSession(interactive=True)
 
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        try:
-            try:
-                await asyncio.wait_for(session.connected.wait(), 60)
-            except TimeoutError:
-                raise Timeout("Timed out waiting for the console websockets") from None
-            await ctx.lifecycle(
-                "instance-console",
-                records.url(KIND, name, project),
-                project=project,
-                context={"type": kind},
-            )
-            # The attach ends with the helper killed when the client detaches; it exits
-            # by itself when liblxc refused the attach (the console has a client).
-            if await _relay_exec(session, client, start, interactive=True) == 1:
-                raise Conflict("Could not attach to the console: is another client on it?")
-            return None
-        finally:
-            session.finished.set()
+    async def relay(op: OperationContext) -> dict[str, Any] | None:
+        await ctx.lifecycle(
+            "instance-console",
+            records.url(KIND, name, project),
+            project=project,
+            context={"type": kind},
+        )
+        # The attach ends with the helper killed when the client detaches; it exits by
+        # itself when liblxc refused the attach (the console has a client).
+        if await _relay_exec(session, client, start, interactive=True) == 1:
+            raise Conflict("Could not attach to the console: is another client on it?")
+        return None
 
-    operation = await ctx.operations.create(
-        "Showing console",
-        run=run,
-        cls="websocket",
-        websocket=session,
-        metadata={"fds": session.fds},
-        resources=resources(name, project),
-        project=project,
+    return await _websocket_operation(
+        request, session, "Showing console", {"fds": session.fds}, project, name, relay
     )
-    return responses.async_operation(operation)
 
 
 @router.delete("/1.0/instances/{name}/console")

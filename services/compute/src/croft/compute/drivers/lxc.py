@@ -740,10 +740,15 @@ class LXCDriver(InstanceDriver):
     async def create(self, spec: InstanceSpec) -> None:
         await in_thread(self._write_new, spec)
 
-    def _write_new(self, spec: InstanceSpec) -> None:
+    def _render(self, spec: InstanceSpec) -> str:
+        """The LXC configuration of `spec`; InvalidArgument for a bad spec."""
         config = render_config(spec, self.lxcpath, spec.idmap or self.idmap, self.lxcfs_dir)
         if not os.path.isdir(spec.rootfs):
             raise InvalidArgument(f'Root filesystem "{spec.rootfs}" is not a directory')
+        return config
+
+    def _write_new(self, spec: InstanceSpec) -> None:
+        config = self._render(spec)
         directory = self._dir(spec.name)
         if os.path.lexists(directory):
             raise Conflict(f'Instance "{spec.name}" already exists')
@@ -777,9 +782,7 @@ class LXCDriver(InstanceDriver):
         await in_thread(self._rewrite, spec)
 
     def _rewrite(self, spec: InstanceSpec) -> None:
-        config = render_config(spec, self.lxcpath, spec.idmap or self.idmap, self.lxcfs_dir)
-        if not os.path.isdir(spec.rootfs):
-            raise InvalidArgument(f'Root filesystem "{spec.rootfs}" is not a directory')
+        config = self._render(spec)
         if self._status(self._container(spec.name)) is not Status.STOPPED:
             raise Conflict(f'Instance "{spec.name}" must be stopped to change its definition')
         directory = self._dir(spec.name)
