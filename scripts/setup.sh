@@ -15,6 +15,7 @@ APT_PACKAGES=(
   python3-venv                                  # the virtual environment on /usr/bin/python3
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
   curl xz-utils squashfs-tools openssl
+  attr                                          # setfattr, getfattr: tests check that xattrs survive
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
