@@ -20,6 +20,7 @@ setup:
 test: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 	$(VENV)/bin/pytest -m "not lxd_interop" $(PYTEST_ARGS)
 
 # croft against the real LXD 5.0.2 (the anchor): LXD as the client of croft's image server,

@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 import pytest
 from fastapi import FastAPI
 
-from croft.api import ApiSettings, UnixServer, create_app, serve_unix
-from croft.api.app import ApiContext
+from croft.api.app import create_app
+from croft.api.context import ApiContext, ApiSettings
+from croft.api.serving import UnixServer, serve_unix
 from croft.common.store import Store, connect
 from croft.common.testing.etcd import EtcdServer
 

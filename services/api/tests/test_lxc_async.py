@@ -13,8 +13,9 @@ from fastapi import FastAPI
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import OperationContext, responses
-from croft.api.app import context
+from croft.api import responses
+from croft.api.context import context
+from croft.api.operations import OperationContext
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.testing.etcd import EtcdServer
 

@@ -1,16 +1,5 @@
-"""croft's api service: LXD's REST API (`/1.0`) over the cluster store."""
+"""croft's api service: LXD's REST API (`/1.0`) over the cluster store.
 
-from croft.api.app import ApiContext, ApiSettings, create_app
-from croft.api.operations import OperationContext, OperationManager, WebsocketHandler
-from croft.api.serving import UnixServer, serve_unix
-
-__all__ = [
-    "ApiContext",
-    "ApiSettings",
-    "OperationContext",
-    "OperationManager",
-    "UnixServer",
-    "WebsocketHandler",
-    "create_app",
-    "serve_unix",
-]
+A leaf: import what you need from its modules (`croft.api.app.create_app`,
+`croft.api.context.ApiSettings`, `croft.api.serving.serve_unix`, ...).
+"""

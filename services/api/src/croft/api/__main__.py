@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 
 from croft.api import services
-from croft.api.app import ApiSettings, create_app
+from croft.api.app import create_app
+from croft.api.context import ApiSettings
 from croft.api.serving import HttpsServer, UnixServer
 from croft.api.tls import ensure_server_certificate
 from croft.common.service import ServiceContext

@@ -1,120 +1,56 @@
 """The `/1.0` REST application: `create_app(store)` builds it; serving is `serving.py`.
 
-Endpoint modules (`routes/*.py`) reach the shared parts through `context(request)`: the
-store, the operation manager, the event hub and publisher, the settings.
+Endpoint modules (`routes/*.py`) reach the shared parts through `croft.api.context`;
+this module only puts them together and orders the routes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import HTTPConnection, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api.auth import AccessMiddleware, identity
+from croft.api.auth import AccessMiddleware
+from croft.api.context import ApiContext, ApiSettings
 from croft.api.direct import FRONTED, DirectRoutes, error_response
 from croft.api.events import EventHub
 from croft.api.operations import OperationManager
 from croft.api.records import DEFAULT_PROJECT, RECORDS, project_key, record_key
+from croft.api.routes import (
+    certificates,
+    events,
+    image_export,
+    image_secrets,
+    images,
+    instance,
+    instance_console,
+    instance_exec,
+    instance_files,
+    instance_logs,
+    instance_snapshots,
+    instance_state,
+    instances,
+    networks,
+    profiles,
+    projects,
+    server,
+    storage_pools,
+    streams,
+)
+from croft.api.routes import operations as operation_routes
 from croft.api.tracing import TracingMiddleware
 from croft.common.errors import Conflict, CroftError
-from croft.common.events import EventPublisher, lifecycle_metadata
 from croft.common.events import publisher as shared_publisher
-from croft.common.store import Operation, Store
+from croft.common.store import Store
 from croft.common.store.mirror import MirroredStore
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ApiSettings:
-    """What an api replica needs to know about its place in the cluster."""
-
-    server_name: str = field(default_factory=socket.gethostname)  # the member's name
-    location: str = "none"  # LXD's event/operation location ("none" when not clustered)
-    owner_id: str | None = None  # identifies this process as an operation owner
-    operation_lease_ttl: int = 10
-    keep_finished_operations: float = 5.0
-    default_pool: str = "default"
-    default_network: str = "croftbr0"
-    storage_drivers: tuple[tuple[str, str], ...] = (("dir", "1"),)
-    https_address: str = ""  # where HTTPS is served ("" = not served): LXD's core.https_address
-    certificate: str = ""  # the server certificate, PEM (croft.api.tls)
-
-
-@dataclass
-class ApiContext:
-    store: Store
-    settings: ApiSettings
-    operations: OperationManager
-    hub: EventHub
-    publisher: EventPublisher
-
-    async def lifecycle(
-        self,
-        action: str,
-        source: str,
-        *,
-        project: str = DEFAULT_PROJECT,
-        context: dict[str, Any] | None = None,
-        request: HTTPConnection | None = None,
-    ) -> None:
-        """Publish a lifecycle event (`profile-created`, ...). A change already made is not
-        undone because its event could not be written: that is logged instead."""
-        metadata = lifecycle_metadata(
-            action, source, context, requestor(request) if request is not None else None
-        )
-        try:
-            await self.publisher.publish(
-                "lifecycle", metadata, project=project, location=self.settings.location
-            )
-        except CroftError as exc:
-            log.warning("could not publish %s for %s: %s", action, source, exc)
-
-    async def lifecycle_write(
-        self,
-        action: str,
-        source: str,
-        *,
-        project: str = DEFAULT_PROJECT,
-        context: dict[str, Any] | None = None,
-    ) -> list[Operation]:
-        """The write of a lifecycle event, to go in the transaction of the change it
-        reports (an operation's `final_writes`); none when the event log cannot take it."""
-        try:
-            return [
-                await self.publisher.event(
-                    "lifecycle",
-                    lifecycle_metadata(action, source, context),
-                    project=project,
-                    location=self.settings.location,
-                )
-            ]
-        except CroftError as exc:
-            log.warning("could not publish %s for %s: %s", action, source, exc)
-            return []
-
-
-def requestor(connection: HTTPConnection) -> dict[str, str]:
-    """Who made a request, as LXD reports it in lifecycle events. The local unix socket
-    is root and trusted (like LXD's); a TLS client is its certificate's fingerprint."""
-    if connection.url.scheme in ("https", "wss"):
-        client = connection.client
-        username = identity(connection).username
-        return {"username": username, "protocol": "tls", "address": client.host if client else ""}
-    return {"username": "root", "protocol": "unix", "address": "@"}
-
-
-def context(connection: HTTPConnection) -> ApiContext:
-    ctx: ApiContext = connection.app.state.croft
-    return ctx
 
 
 DEFAULT_PROJECT_RECORD: dict[str, Any] = {
@@ -232,25 +168,17 @@ class CroftApp(FastAPI):
 
 def route_modules() -> tuple[Any, ...]:
     """The route modules, in the order their routes are matched (before busiest_first):
-    no two serve overlapping paths, except image_secrets, which stays before images."""
-    from croft.api.routes import (
-        certificates,
-        events,
-        image_secrets,
-        images,
-        images_publish,
-        instances,
-        networks,
-        profiles,
-        projects,
-        server,
-        storage_pools,
-        streams,
-    )
-    from croft.api.routes import operations as operation_routes
-
+    no two serve overlapping paths, except image_secrets, which stays before images. The
+    instance modules keep the order their routes had when they were one module."""
     return (
         instances,
+        instance,
+        instance_state,
+        instance_exec,
+        instance_files,
+        instance_logs,
+        instance_console,
+        instance_snapshots,
         operation_routes,
         events,
         server,
@@ -260,7 +188,7 @@ def route_modules() -> tuple[Any, ...]:
         images,
         storage_pools,
         networks,
-        images_publish,
+        image_export,
         certificates,
         streams,
     )

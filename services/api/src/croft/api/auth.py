@@ -20,14 +20,16 @@ import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import parse_qs
 
 import grpc
-from starlette.requests import HTTPConnection
 
 from croft.api import responses
 from croft.api.direct import FRONTED
+from croft.api.domain.images import find_image, secret_grants
+from croft.api.identity import SCOPE_KEY, Identity
+from croft.api.services import services
 from croft.api.tls import certificate_fingerprint, peer_certificate
 from croft.common.errors import CroftError, NotFound, PermissionDenied, Unavailable
 from croft.common.rpc import ServiceClient, from_rpc_error
@@ -36,46 +38,15 @@ from croft.v1 import auth_pb2, auth_pb2_grpc
 log = logging.getLogger(__name__)
 
 NOT_AUTHORIZED = "not authorized"
-SCOPE_KEY = "croft.identity"
 CACHE_SECONDS = 2.0
 
 Scope = MutableMapping[str, Any]
-
-
-@dataclass(frozen=True)
-class Identity:
-    """The caller of one request."""
-
-    protocol: Literal["unix", "tls"]
-    trusted: bool
-    fingerprint: str = ""  # of the client certificate (tls)
-    certificate: str = ""  # the client certificate, PEM (tls; "" when it sent none)
-    name: str = ""
-    restricted: bool = False
-    projects: tuple[str, ...] = ()
-    address: str = ""
-
-    @property
-    def username(self) -> str:
-        """LXD's requestor username: root on the socket, the fingerprint over TLS."""
-        return "root" if self.protocol == "unix" else self.fingerprint
-
-
-ROOT = Identity("unix", True, name="root", address="@")
-
-
-def identity(connection: HTTPConnection) -> Identity:
-    """The caller of this request (the unix socket's root when no check ran)."""
-    found = connection.scope.get(SCOPE_KEY)
-    return found if isinstance(found, Identity) else ROOT
 
 
 # ---------------------------------------------------------------------------- the auth service
 
 
 async def auth_client() -> ServiceClient[Any]:
-    from croft.api.services import services
-
     return await services().context.client("auth", auth_pb2_grpc.AuthStub)
 
 
@@ -239,9 +210,6 @@ _EXPORT = re.compile(rf"/1\.0/images/({_FP})/export/?")
 async def _require_public_image(scope: Scope, fingerprint: str, query: str) -> None:
     """LXD's export for an untrusted client: public images, or a private one whose secret
     (`?secret=`, from POST /1.0/images/<fp>/secret) it presents, once; else not found."""
-    from croft.api.routes.image_secrets import secret_grants
-    from croft.api.routes.images import find_image
-
     ctx = scope["app"].state.croft
     params = parse_qs(query)
     project = (params.get("project") or ["default"])[0]

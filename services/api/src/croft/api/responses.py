@@ -9,6 +9,7 @@ import json
 from typing import Any
 
 from starlette.responses import Response
+from starlette.websockets import WebSocket
 
 from croft.common.errors import CroftError, lxd_error_envelope
 
@@ -84,3 +85,15 @@ def error(err: CroftError) -> LXDResponse:
         status_code=err.http_status,
         headers={"X-Content-Type-Options": "nosniff"},
     )
+
+
+async def deny(websocket: WebSocket, err: CroftError) -> None:
+    """Refuse a websocket before accepting it, with LXD's error envelope when the server
+    can send an HTTP response to an upgrade request."""
+    if websocket.client_state.name != "CONNECTING":
+        await websocket.close(code=1011, reason=err.message[:120])
+        return
+    try:
+        await websocket.send_denial_response(error(err))
+    except RuntimeError:
+        await websocket.close(code=1008, reason=err.message[:120])

@@ -26,8 +26,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import context
-from croft.api.auth import Identity, auth_call, identity, trust_cache
+from croft.api.auth import auth_call, trust_cache
+from croft.api.context import context
+from croft.api.identity import Identity, identity
 from croft.api.serving import listen_addresses
 from croft.api.tls import certificate_fingerprint
 from croft.common.errors import CroftError, InvalidArgument, PermissionDenied

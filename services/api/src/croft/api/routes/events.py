@@ -10,10 +10,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from croft.api import records
-from croft.api.app import context
+from croft.api import records, responses
+from croft.api.context import context
 from croft.api.events import Subscription
-from croft.api.routes.operations import deny
 from croft.api.wsframes import FRAME_WRITER
 from croft.common.errors import CroftError, InvalidArgument
 from croft.common.events import EVENT_TYPES
@@ -49,7 +48,7 @@ async def events(websocket: WebSocket) -> None:
         else:
             await records.require_project(ctx.store, project)
     except CroftError as exc:
-        await deny(websocket, exc)
+        await responses.deny(websocket, exc)
         return
     # Subscribe before accepting: a client that connects and then makes a request must
     # see that request's events.

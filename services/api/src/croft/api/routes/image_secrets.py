@@ -9,27 +9,20 @@ export uses the secret up.
 from __future__ import annotations
 
 import secrets as token_source
-from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
-from croft.api.app import ApiContext, context
-from croft.common.errors import CroftError, NotFound
+from croft.api import query, responses
+from croft.api.context import context
+from croft.api.domain.images import find_image, image_project_url
 
 router = APIRouter()
 
 
-def _image_url(fingerprint: str, project: str) -> str:
-    return records.url("images", fingerprint, project)
-
-
 @router.post("/1.0/images/{fingerprint}/secret")
 async def image_secret(request: Request, fingerprint: str) -> Response:
-    from croft.api.routes.images import find_image
-
     ctx = context(request)
     project = query.project(request)
     record, _ = await find_image(ctx.store, project, fingerprint.lower())
@@ -38,40 +31,7 @@ async def image_secret(request: Request, fingerprint: str) -> Response:
         "Generating image secret",
         cls="token",
         metadata={"secret": token_source.token_hex(32)},
-        resources={"images": [_image_url(full, project)]},
+        resources={"images": [image_project_url(full, project)]},
         project=project,
     )
     return responses.async_operation(operation)
-
-
-async def _token(ctx: ApiContext, project: str, fingerprint: str, secret: str) -> dict[str, Any]:
-    url = _image_url(fingerprint, project)
-    for record in await ctx.operations.list(project):
-        operation = record["operation"]
-        if (
-            operation["class"] == "token"
-            and operation["status"] == "Running"
-            and (operation.get("metadata") or {}).get("secret") == secret
-            and url in ((operation.get("resources") or {}).get("images") or [])
-        ):
-            return operation
-    raise NotFound(f'Image "{fingerprint}" not found')
-
-
-async def secret_grants(
-    ctx: ApiContext, project: str, fingerprint: str, secret: str, *, use_up: bool = False
-) -> bool:
-    """Whether `secret` opens image `fingerprint` (full) to an untrusted client; with
-    `use_up`, the secret cannot be used again."""
-    if not secret:
-        return False
-    try:
-        operation = await _token(ctx, project, fingerprint, secret)
-    except NotFound:
-        return False
-    if use_up:
-        try:
-            await ctx.operations.cancel(operation["id"])
-        except CroftError:
-            return False  # used by someone else in between
-    return True

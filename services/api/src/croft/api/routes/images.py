@@ -1,8 +1,7 @@
 """`/1.0/images` and `/1.0/images/aliases`: upload (unified or split), list, show, update,
 delete images; create, show, update, rename, delete aliases.
 
-Records are the images service's (`croft.images.core` describes them): the api reads them
-straight from the store and asks the images service for every change. An upload is
+Records are the images service's (`domain/images.py`). An upload is
 streamed from the request body to the images service as it arrives (a few MiB in flight
 at most), then, as in LXD, validated and recorded inside the "Downloading image" operation.
 """
@@ -24,23 +23,31 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import context
-from croft.api.auth import identity
+from croft.api.context import context
+from croft.api.domain.image_publish import publish_image
+from croft.api.domain.images import (
+    ALIAS_NOT_FOUND,
+    ALIASES,
+    IMAGES,
+    PULL_TIMEOUT,
+    alias_url,
+    find_alias,
+    find_image,
+    image_url,
+    images_call,
+    pull_image,
+    secret_grants,
+)
+from croft.api.identity import identity
 from croft.api.operations import OperationContext
-from croft.api.routes.image_secrets import secret_grants
 from croft.api.services import services
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, NotImplementedYet
 from croft.common.multipart import MultipartParser, MultipartPart
 from croft.common.rpc import from_rpc_error
-from croft.common.store import Store
-from croft.images.core import find as find_image  # any unique prefix will do, as in LXD
 from croft.v1 import common_pb2, images_pb2
 
 router = APIRouter()
 
-IMAGES = "images"
-ALIASES = "image-aliases"
-ALIAS_NOT_FOUND = "Image alias not found"
 UPLOAD_TIMEOUT = 3600.0  # seconds for the images service to receive and validate an upload
 CHUNK = 1 << 20  # bytes per message to the images service
 IN_FLIGHT = 4  # messages queued ahead of the images service
@@ -48,14 +55,6 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 
 
 # ---------------------------------------------------------------------------- reading
-
-
-def image_url(fingerprint: str) -> str:
-    return f"/1.0/images/{fingerprint}"
-
-
-def alias_url(name: str, project: str) -> str:
-    return records.url("images/aliases", name, project)
 
 
 def image_etag(record: dict[str, Any]) -> str:
@@ -112,22 +111,10 @@ def render_alias(alias: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-async def find_alias(store: Store, project: str, name: str) -> tuple[dict[str, Any], int]:
-    entry = await store.get(records.record_key(ALIASES, project, name))
-    if entry is None:
-        raise NotFound(ALIAS_NOT_FOUND)
-    return entry.json(), entry.revision
-
-
 async def _project(request: Request) -> str:
     project = query.project(request)
     await records.require_project(context(request).store, project)
     return project
-
-
-async def images_call(method: str, message: Any, **kwargs: Any) -> Any:
-    client = await services().images()
-    return await client.call(method, message, **kwargs)
 
 
 async def _retrying(attempt: Callable[[], Awaitable[Response]]) -> Response:
@@ -425,8 +412,6 @@ async def images_post(request: Request) -> Response:
         source = body.get("source") if isinstance(body, dict) else None
         kind = source.get("type") if isinstance(source, dict) else None
         if kind in ("instance", "container", "virtual-machine", "snapshot"):
-            from croft.api.routes.images_publish import publish_image
-
             return await publish_image(request, project, body)
         if kind in ("image", "url"):
             return await _images_post_remote(request, project, body)
@@ -589,9 +574,6 @@ async def _send_multipart(request: Request, boundary: str, uplink: _Uplink) -> N
 
 # ---------------------------------------------------------------------------- remote sources
 
-PULL_TIMEOUT = 6 * 3600.0  # seconds for a download from a remote server
-PROGRESS_EVERY = 0.5  # seconds between download_progress updates of an operation
-
 
 class _RemoteAlias(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -623,35 +605,6 @@ class _RemotePost(BaseModel):
     public: bool = False
     properties: dict[str, StrictStr] | None = None
     filename: StrictStr = ""
-
-
-async def pull_image(
-    request: images_pb2.PullImageRequest,
-    op: OperationContext | None = None,
-) -> dict[str, Any]:
-    """Run a PullImage on the images service; with `op`, its progress becomes the
-    operation's `download_progress`, as in LXD. Returns the image (LXD's Image)."""
-    client = await services().images()
-    call = client.stream("PullImage", request, timeout=PULL_TIMEOUT)
-    image: dict[str, Any] | None = None
-    shown = 0.0
-    try:
-        async for reply in call:
-            if reply.WhichOneof("part") == "record":
-                image = json.loads(reply.record)
-            elif op is not None:
-                now = asyncio.get_running_loop().time()
-                if now - shown >= PROGRESS_EVERY:
-                    shown = now
-                    await op.update_metadata({"download_progress": reply.progress})
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-    except BaseException:
-        call.cancel()
-        raise
-    if image is None:
-        raise CroftError("the images service ended the download without an image")
-    return image
 
 
 async def _images_post_remote(request: Request, project: str, body: Any) -> Response:

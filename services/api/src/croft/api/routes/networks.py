@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import context
+from croft.api.context import context
 from croft.api.services import services
 from croft.common.errors import NotFound
 from croft.common.records import DEFAULT_PROJECT, network_nic_prefix, network_used_by, public

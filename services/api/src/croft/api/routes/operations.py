@@ -10,7 +10,7 @@ from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from croft.api import filters, query, records, responses
-from croft.api.app import context
+from croft.api.context import context
 from croft.api.operations import operation_url
 from croft.common.errors import CroftError, InvalidArgument, Unavailable
 
@@ -89,16 +89,4 @@ async def operation_websocket(websocket: WebSocket, op_id: str) -> None:
         handler, operation = hook
         await handler.connect(operation, websocket.query_params.get("secret", ""), websocket)
     except CroftError as exc:
-        await deny(websocket, exc)
-
-
-async def deny(websocket: WebSocket, error: CroftError) -> None:
-    """Refuse a websocket before accepting it, with LXD's error envelope when the server
-    can send an HTTP response to an upgrade request."""
-    if websocket.client_state.name != "CONNECTING":
-        await websocket.close(code=1011, reason=error.message[:120])
-        return
-    try:
-        await websocket.send_denial_response(responses.error(error))
-    except RuntimeError:
-        await websocket.close(code=1008, reason=error.message[:120])
+        await responses.deny(websocket, exc)

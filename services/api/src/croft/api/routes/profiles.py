@@ -16,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import context
 from croft.api.config_keys import validate_devices, validate_instance_config
-from croft.api.routes.instances import compute_of, expand
+from croft.api.context import context
+from croft.api.domain.compute import compute_of
+from croft.api.domain.instances import expand
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, PermissionDenied
 from croft.common.records import public
 from croft.common.store import Create, Delete, Store, dump

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import context
+from croft.api.context import context
 from croft.common.errors import NotFound, NotImplementedYet
 from croft.common.store import Store
 

@@ -14,9 +14,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import ApiSettings, context
-from croft.api.auth import identity
 from croft.api.config_keys import validate_server_config
+from croft.api.context import ApiSettings, context
+from croft.api.identity import identity
 from croft.api.serving import listen_addresses
 from croft.api.tls import certificate_fingerprint
 

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
-from croft.api.app import context
+from croft.api.context import context
 from croft.api.services import services
 from croft.common.errors import NotFound
 from croft.common.records import DEFAULT_PROJECT, public

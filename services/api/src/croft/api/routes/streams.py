@@ -28,8 +28,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 
 from croft.api import records
-from croft.api.app import context
-from croft.api.routes.images import ALIASES, IMAGES, images_call
+from croft.api.context import context
+from croft.api.domain.images import ALIASES, IMAGES, images_call
 from croft.common.blocking import in_thread
 from croft.common.errors import CroftError, NotFound
 from croft.images.format import ImageInfo, ImageType, detect_file_format

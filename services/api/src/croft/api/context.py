@@ -1,0 +1,112 @@
+"""What every handler reaches through `context(request)`: the store, the operation
+manager, the event hub and publisher, and the replica's settings (`ApiSettings`).
+
+`app.create_app` builds one `ApiContext` per replica and keeps it in the app's state;
+this module imports no handler, so every handler may import it.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from starlette.requests import HTTPConnection
+
+from croft.api.events import EventHub
+from croft.api.identity import identity
+from croft.api.operations import OperationManager
+from croft.api.records import DEFAULT_PROJECT
+from croft.common.errors import CroftError
+from croft.common.events import EventPublisher, lifecycle_metadata
+from croft.common.store import Operation, Store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ApiSettings:
+    """What an api replica needs to know about its place in the cluster."""
+
+    server_name: str = field(default_factory=socket.gethostname)  # the member's name
+    location: str = "none"  # LXD's event/operation location ("none" when not clustered)
+    owner_id: str | None = None  # identifies this process as an operation owner
+    operation_lease_ttl: int = 10
+    keep_finished_operations: float = 5.0
+    default_pool: str = "default"
+    default_network: str = "croftbr0"
+    storage_drivers: tuple[tuple[str, str], ...] = (("dir", "1"),)
+    https_address: str = ""  # where HTTPS is served ("" = not served): LXD's core.https_address
+    certificate: str = ""  # the server certificate, PEM (croft.api.tls)
+
+
+@dataclass
+class ApiContext:
+    """The shared parts of one api replica."""
+
+    store: Store
+    settings: ApiSettings
+    operations: OperationManager
+    hub: EventHub
+    publisher: EventPublisher
+
+    async def lifecycle(
+        self,
+        action: str,
+        source: str,
+        *,
+        project: str = DEFAULT_PROJECT,
+        context: dict[str, Any] | None = None,
+        request: HTTPConnection | None = None,
+    ) -> None:
+        """Publish a lifecycle event (`profile-created`, ...). A change already made is not
+        undone because its event could not be written: that is logged instead."""
+        metadata = lifecycle_metadata(
+            action, source, context, requestor(request) if request is not None else None
+        )
+        try:
+            await self.publisher.publish(
+                "lifecycle", metadata, project=project, location=self.settings.location
+            )
+        except CroftError as exc:
+            log.warning("could not publish %s for %s: %s", action, source, exc)
+
+    async def lifecycle_write(
+        self,
+        action: str,
+        source: str,
+        *,
+        project: str = DEFAULT_PROJECT,
+        context: dict[str, Any] | None = None,
+    ) -> list[Operation]:
+        """The write of a lifecycle event, to go in the transaction of the change it
+        reports (an operation's `final_writes`); none when the event log cannot take it."""
+        try:
+            return [
+                await self.publisher.event(
+                    "lifecycle",
+                    lifecycle_metadata(action, source, context),
+                    project=project,
+                    location=self.settings.location,
+                )
+            ]
+        except CroftError as exc:
+            log.warning("could not publish %s for %s: %s", action, source, exc)
+            return []
+
+
+def requestor(connection: HTTPConnection) -> dict[str, str]:
+    """Who made a request, as LXD reports it in lifecycle events. The local unix socket
+    is root and trusted (like LXD's); a TLS client is its certificate's fingerprint."""
+    if connection.url.scheme in ("https", "wss"):
+        client = connection.client
+        username = identity(connection).username
+        return {"username": username, "protocol": "tls", "address": client.host if client else ""}
+    return {"username": "root", "protocol": "unix", "address": "@"}
+
+
+def context(connection: HTTPConnection) -> ApiContext:
+    """The ApiContext of the replica serving this request."""
+    ctx: ApiContext = connection.app.state.croft
+    return ctx

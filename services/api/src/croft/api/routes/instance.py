@@ -1,0 +1,160 @@
+"""`/1.0/instances/<name>`: show, update (PUT, PATCH; a PUT with `restore` restores a
+snapshot), rename and delete one instance.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.config_keys import validate_devices, validate_instance_config
+from croft.api.context import context
+from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
+from croft.api.domain.instances import (
+    KIND,
+    InstancePut,
+    NamePost,
+    expand,
+    failing,
+    load,
+    render,
+    validate_name,
+    writable,
+)
+from croft.api.domain.snapshots import restore_snapshot, snapshots_of
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.records import public
+from croft.v1 import compute_pb2
+
+router = APIRouter()
+
+
+@router.get("/1.0/instances/{name}")
+@router.get("/1.0/containers/{name}")
+async def instance_get(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    body = render(record)
+    if query.recursion(request) >= 1:
+        body["state"] = await state_of(record)
+        body["snapshots"] = await snapshots_of(context(request).store, project, name)
+        body["backups"] = []
+    return responses.sync(body, etag=records.etag(writable(record)))
+
+
+async def _update(request: Request, name: str, *, patch: bool) -> Response:
+    ctx = context(request)
+    project, record, revision = await load(request, name)
+    data = await query.json_body(request)
+    req = query.validate(data, InstancePut)
+    if req.restore:
+        return await restore_snapshot(request, project, record, req.restore)
+    query.check_if_match(request, records.etag(writable(record)))
+    own_config = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
+    if patch:
+        config = {**own_config, **(req.config or {})}
+        devices = {**record["devices"], **(req.devices or {})}
+        profiles = record["profiles"] if req.profiles is None else list(req.profiles)
+        description = req.description if "description" in data else record["description"]
+    else:
+        config = dict(req.config or {})
+        devices = dict(req.devices or {})
+        profiles = list(req.profiles or [])
+        description = req.description
+    config = {k: v for k, v in config.items() if v != "" and not k.startswith("volatile.")}
+    # LXD 5.0.2's messages; it answers these with a 500 (PATCH) or a failed operation (PUT).
+    if len(set(profiles)) != len(profiles):
+        raise InvalidArgument("Duplicate profile found in request")
+    with failing("Invalid config: "):
+        validate_instance_config(config, profile=False)
+    with failing("Invalid devices: "):
+        validate_devices(devices)
+    try:
+        expanded_config, expanded_devices = await expand(
+            ctx.store, project, profiles, config, devices
+        )
+    except NotFound:
+        raise NotFound("Profile not found") from None
+    with failing("Invalid config: "):
+        validate_instance_config(expanded_config, profile=False)
+    with failing("Invalid devices: "):
+        validate_devices(expanded_devices)
+    new = {
+        **public(record),
+        "config": config,
+        "devices": devices,
+        "profiles": profiles,
+        "description": description,
+        "ephemeral": req.ephemeral if "ephemeral" in data else record.get("ephemeral", False),
+        "expanded_config": expanded_config,
+        "expanded_devices": expanded_devices,
+    }
+    client = await compute_of(record)
+    update = compute_pb2.UpdateInstanceRequest(record=json.dumps(new), revision=revision)
+
+    return await compute_operation(
+        ctx, client, "UpdateInstance", update, "Updating instance", project, name
+    )
+
+
+@router.put("/1.0/instances/{name}")
+@router.put("/1.0/containers/{name}")
+async def instance_put(request: Request, name: str) -> Response:
+    return await _update(request, name, patch=False)
+
+
+@router.patch("/1.0/instances/{name}")
+@router.patch("/1.0/containers/{name}")
+async def instance_patch(request: Request, name: str) -> Response:
+    return await _update(request, name, patch=True)
+
+
+@router.post("/1.0/instances/{name}")
+@router.post("/1.0/containers/{name}")
+async def instance_rename(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, NamePost)
+    if req.migration:
+        raise InvalidArgument("Migration is not supported yet")
+    # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
+    new_name = req.name or name
+    if new_name != name:
+        validate_name(new_name)
+    if new_name == name or await ctx.store.get(records.record_key(KIND, project, new_name)):
+        raise Conflict(f'Name "{new_name}" already in use')
+    # LXD fails the operation with this; croft refuses at once (compute checks again).
+    if record.get("status") != "Stopped":
+        raise InvalidArgument("Renaming of running container not allowed")
+    client = await compute_of(record)
+    rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
+
+    return await compute_operation(
+        ctx, client, "RenameInstance", rename, "Renaming instance", project, name, timeout=600
+    )
+
+
+@router.delete("/1.0/instances/{name}")
+@router.delete("/1.0/containers/{name}")
+async def instance_delete(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    # The record's status is compute's last word (kept current on every change and by its
+    # monitor); compute checks again, so a stale record cannot delete a running instance.
+    if record.get("status") != "Stopped":
+        raise InvalidArgument("The instance is currently running, stop it first")
+    client = await compute_of(record)
+
+    return await compute_operation(
+        ctx,
+        client,
+        "DeleteInstance",
+        ref(project, name),
+        "Deleting instance",
+        project,
+        name,
+        timeout=600,
+    )

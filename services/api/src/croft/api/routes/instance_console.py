@@ -1,0 +1,94 @@
+"""`/1.0/instances/<name>/console`: attach to the console over websockets, read its log,
+clear it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from croft.api import query, records, responses
+from croft.api.context import context
+from croft.api.domain.compute import compute_of, ref
+from croft.api.domain.exec import ExecSession, relay_exec, websocket_operation
+from croft.api.domain.instances import KIND, load
+from croft.api.operations import OperationContext
+from croft.common.errors import Conflict, InvalidArgument
+from croft.v1 import compute_pb2
+
+router = APIRouter()
+
+
+class ConsolePost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    width: int = 0
+    height: int = 0
+    type: StrictStr = ""
+
+
+@router.post("/1.0/instances/{name}/console")
+@router.post("/1.0/containers/{name}/console")
+async def instance_console_attach(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, ConsolePost)
+    kind = req.type or "console"
+    if kind not in ("console", "vga"):
+        raise InvalidArgument(f'Unknown console type "{kind}"')
+    if kind == "vga":
+        raise InvalidArgument("VGA console is only supported by virtual machines")
+    if record.get("status") == "Frozen":
+        raise InvalidArgument("Instance is frozen")
+    if record.get("status") != "Running":
+        raise InvalidArgument("Instance is not running")
+    client = await compute_of(record)
+    start = compute_pb2.ExecStart(
+        instance=ref(project, name),
+        console=True,
+        size=compute_pb2.WindowSize(width=req.width, height=req.height),
+    )
+    session = ExecSession(interactive=True)
+
+    async def relay(op: OperationContext) -> dict[str, Any] | None:
+        await ctx.lifecycle(
+            "instance-console",
+            records.url(KIND, name, project),
+            project=project,
+            context={"type": kind},
+        )
+        # The attach ends with the helper killed when the client detaches; it exits by
+        # itself when liblxc refused the attach (the console has a client).
+        if await relay_exec(session, client, start, interactive=True) == 1:
+            raise Conflict("Could not attach to the console: is another client on it?")
+        return None
+
+    return await websocket_operation(
+        request, session, "Showing console", {"fds": session.fds}, project, name, relay
+    )
+
+
+@router.delete("/1.0/instances/{name}/console")
+@router.delete("/1.0/containers/{name}/console")
+async def instance_console_clear(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    await client.call("ClearConsoleLog", ref(project, name))
+    return responses.sync({})
+
+
+@router.get("/1.0/instances/{name}/console")
+@router.get("/1.0/containers/{name}/console")
+async def instance_console(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    reply = await client.call("ConsoleLog", ref(project, name))
+
+    async def body() -> AsyncIterator[bytes]:
+        yield reply.content
+
+    return StreamingResponse(body(), media_type="application/octet-stream")

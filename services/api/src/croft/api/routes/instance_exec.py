@@ -1,0 +1,139 @@
+"""`POST /1.0/instances/<name>/exec`: a command in an instance, relayed over the
+operation's websockets (`domain/exec.py`), or detached with its output recorded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.context import context
+from croft.api.domain.compute import compute_of, ref
+from croft.api.domain.exec import ExecSession, exec_log_key, relay_exec, websocket_operation
+from croft.api.domain.instances import KIND, load, resources
+from croft.api.operations import OperationContext
+from croft.common.errors import InvalidArgument
+from croft.common.rpc import from_rpc_error
+from croft.v1 import compute_pb2
+
+router = APIRouter()
+
+
+class ExecPost(BaseModel):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    command: list[StrictStr] = Field(default_factory=list)
+    environment: dict[str, StrictStr] | None = None
+    interactive: StrictBool = False
+    wait_for_websocket: StrictBool = Field(default=False, alias="wait-for-websocket")
+    record_output: StrictBool = Field(default=False, alias="record-output")
+    width: int = 0
+    height: int = 0
+    user: int = 0
+    group: int = 0
+    cwd: StrictStr = ""
+
+
+@router.post("/1.0/instances/{name}/exec")
+@router.post("/1.0/containers/{name}/exec")
+async def instance_exec(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, ExecPost)
+    if not req.command:
+        raise InvalidArgument("No command given")
+    # The record's status, not a live state call (~10 ms); compute refuses a stopped one.
+    if record.get("status") != "Running":
+        raise InvalidArgument("Instance is not running")
+    client = await compute_of(record)
+    start = compute_pb2.ExecStart(
+        instance=ref(project, name),
+        command=req.command,
+        environment=req.environment or {},
+        interactive=req.interactive,
+        size=compute_pb2.WindowSize(width=req.width, height=req.height),
+        cwd=req.cwd,
+        user=req.user,
+        group=req.group,
+    )
+    if not req.wait_for_websocket:
+        return await _exec_detached(request, project, name, client, start, req)
+    session = ExecSession(req.interactive)
+    metadata = {"command": req.command, "fds": session.fds, "interactive": req.interactive}
+
+    async def relay(op: OperationContext) -> dict[str, Any] | None:
+        # The event goes with the operation's end: one write, and it still comes
+        # before the operation's Success, as LXD's does.
+        op.final_writes += await ctx.lifecycle_write(
+            "instance-exec",
+            records.url(KIND, name, project),
+            project=project,
+            context={"command": req.command},
+        )
+        return {"return": await relay_exec(session, client, start, req.interactive)}
+
+    return await websocket_operation(
+        request, session, "Executing command", metadata, project, name, relay
+    )
+
+
+async def _exec_detached(
+    request: Request,
+    project: str,
+    name: str,
+    client: Any,
+    start: compute_pb2.ExecStart,
+    req: ExecPost,
+) -> Response:
+    """exec without websockets: stdin is empty; output is recorded when asked."""
+    ctx = context(request)
+    start.interactive = False
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        async def requests() -> AsyncIterator[compute_pb2.ExecInput]:
+            yield compute_pb2.ExecInput(start=start)
+            yield compute_pb2.ExecInput(stdin_closed=True)
+
+        stdout, stderr, code = bytearray(), bytearray(), -1
+        try:
+            async for output in client.stream("Exec", requests()):
+                kind = output.WhichOneof("output")
+                if kind == "stdout":
+                    stdout += output.stdout
+                elif kind == "stderr":
+                    stderr += output.stderr
+                elif kind == "exit_code":
+                    code = output.exit_code
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        result: dict[str, Any] = {"return": code}
+        if req.record_output:
+            base = f"exec_{op.id}"
+            await _save_exec_output(ctx.store, project, name, base, bytes(stdout), bytes(stderr))
+            result["output"] = {
+                "1": f"/1.0/instances/{name}/logs/{base}.stdout",
+                "2": f"/1.0/instances/{name}/logs/{base}.stderr",
+            }
+        return result
+
+    operation = await ctx.operations.create(
+        "Executing command",
+        run=run,
+        metadata={"command": req.command},
+        resources=resources(name, project),
+        project=project,
+    )
+    return responses.async_operation(operation)
+
+
+async def _save_exec_output(
+    store: Any, project: str, name: str, base: str, stdout: bytes, stderr: bytes
+) -> None:
+    await store.put(exec_log_key(project, name, f"{base}.stdout"), stdout)
+    await store.put(exec_log_key(project, name, f"{base}.stderr"), stderr)

@@ -1,0 +1,148 @@
+"""`/1.0/instances/<name>/snapshots`: list, create, show, rename and delete snapshots
+(restoring one is a PUT of the instance: `domain/snapshots.py`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, records, responses
+from croft.api.context import context
+from croft.api.domain.compute import compute_of, compute_operation, ref
+from croft.api.domain.instances import NamePost, load
+from croft.api.domain.snapshots import render_snapshot, snapshot_key, snapshots_of
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.v1 import compute_pb2
+
+router = APIRouter()
+
+
+def validate_snapshot_name(name: str) -> None:
+    """What a snapshot's name may not be. LXD refuses "/" with this message; it accepts
+    "." and "..", which then overwrite its snapshot directories: croft refuses them."""
+    if not name:
+        raise InvalidArgument("Invalid snapshot name: Cannot be empty")
+    if "/" in name:
+        raise InvalidArgument('Invalid snapshot name: Cannot contain "/"')
+    if name in (".", ".."):
+        raise InvalidArgument(f'Invalid snapshot name: Cannot be "{name}"')
+    if " " in name:
+        raise InvalidArgument(
+            "Invalid instance snapshot name: Cannot contain space or / characters"
+        )
+
+
+class SnapshotsPost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    stateful: StrictBool = False
+    expires_at: StrictStr | None = None
+
+
+@router.get("/1.0/instances/{name}/snapshots")
+@router.get("/1.0/containers/{name}/snapshots")
+async def snapshots_list(request: Request, name: str) -> Response:
+    project, _, _ = await load(request, name)
+    snaps = await snapshots_of(context(request).store, project, name)
+    return responses.sync(
+        query.listing(snaps, request, lambda s: f"/1.0/instances/{name}/snapshots/{s['name']}")
+    )
+
+
+@router.post("/1.0/instances/{name}/snapshots")
+@router.post("/1.0/containers/{name}/snapshots")
+async def snapshots_post(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await load(request, name)
+    req = await query.body(request, SnapshotsPost)
+    snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
+    validate_snapshot_name(snapshot)
+    if req.expires_at:
+        _check_time("expires_at", req.expires_at)
+    if await ctx.store.get(snapshot_key(project, name, snapshot)) is not None:
+        raise Conflict(f'Snapshot "{snapshot}" already exists')
+    client = await compute_of(record)
+    create = compute_pb2.SnapshotRequest(
+        instance=ref(project, name), snapshot=snapshot, expires_at=req.expires_at or ""
+    )
+
+    return await compute_operation(
+        ctx, client, "CreateSnapshot", create, "Snapshotting instance", project, name, timeout=600
+    )
+
+
+def _check_time(field: str, value: str) -> None:
+    try:
+        datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidArgument(
+            f'Invalid {field} "{value}": not an RFC 3339 time (e.g. 2030-01-31T12:00:00Z)'
+        ) from None
+
+
+async def _next_snapshot_name(store: Any, project: str, name: str) -> str:
+    existing = {s["name"] for s in await snapshots_of(store, project, name)}
+    n = 0
+    while f"snap{n}" in existing:
+        n += 1
+    return f"snap{n}"
+
+
+async def _snapshot(
+    request: Request, name: str, snapshot: str
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    project, record, _ = await load(request, name)
+    found = await context(request).store.get_json(snapshot_key(project, name, snapshot))
+    if found is None:
+        raise NotFound(
+            f'Failed to fetch snapshot "{snapshot}" of instance "{name}" in project '
+            f'"{project}": InstanceSnapshot not found'
+        )
+    return project, record, found[0]
+
+
+@router.get("/1.0/instances/{name}/snapshots/{snapshot}")
+@router.get("/1.0/containers/{name}/snapshots/{snapshot}")
+async def snapshot_get(request: Request, name: str, snapshot: str) -> Response:
+    _, _, snap = await _snapshot(request, name, snapshot)
+    return responses.sync(render_snapshot(name, snap), etag=records.etag([snap.get("expires_at")]))
+
+
+@router.delete("/1.0/instances/{name}/snapshots/{snapshot}")
+@router.delete("/1.0/containers/{name}/snapshots/{snapshot}")
+async def snapshot_delete(request: Request, name: str, snapshot: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await _snapshot(request, name, snapshot)
+    client = await compute_of(record)
+    delete = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
+
+    return await compute_operation(
+        ctx, client, "DeleteSnapshot", delete, "Deleting snapshot", project, name, timeout=600
+    )
+
+
+@router.post("/1.0/instances/{name}/snapshots/{snapshot}")
+@router.post("/1.0/containers/{name}/snapshots/{snapshot}")
+async def snapshot_rename(request: Request, name: str, snapshot: str) -> Response:
+    ctx = context(request)
+    project, record, _ = await _snapshot(request, name, snapshot)
+    req = await query.body(request, NamePost)
+    if req.migration:
+        raise InvalidArgument("Migration is not supported yet")
+    validate_snapshot_name(req.name)
+    if await ctx.store.get(snapshot_key(project, name, req.name)) is not None:
+        raise Conflict(f"Name '{name}/{req.name}' already in use")
+    client = await compute_of(record)
+    rename = compute_pb2.SnapshotRequest(
+        instance=ref(project, name), snapshot=snapshot, new_name=req.name
+    )
+
+    return await compute_operation(
+        ctx, client, "RenameSnapshot", rename, "Renaming snapshot", project, name
+    )

@@ -1,0 +1,80 @@
+"""`/1.0/instances/<name>/state`: an instance's live state, and start, stop, restart,
+freeze, unfreeze.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
+from starlette.requests import Request
+from starlette.responses import Response
+
+from croft.api import query, responses
+from croft.api.context import context
+from croft.api.domain.compute import compute_of, compute_operation, ref
+from croft.api.domain.instances import load
+from croft.common.errors import InvalidArgument
+from croft.v1 import compute_pb2
+
+router = APIRouter()
+
+
+@router.get("/1.0/instances/{name}/state")
+@router.get("/1.0/containers/{name}/state")
+async def instance_state_get(request: Request, name: str) -> Response:
+    project, record, _ = await load(request, name)
+    client = await compute_of(record)
+    reply = await client.call("GetState", ref(project, name))
+    return responses.sync(json.loads(reply.state))
+
+
+class StatePut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    action: StrictStr = ""  # missing is LXD's "Unknown action: ''"
+    timeout: int = -1
+    force: StrictBool = False
+    stateful: StrictBool = False
+
+
+_ACTIONS = {
+    "start": "Starting instance",
+    "stop": "Stopping instance",
+    "restart": "Restarting instance",
+    "freeze": "Freezing instance",
+    "unfreeze": "Unfreezing instance",
+}
+
+
+@router.put("/1.0/instances/{name}/state")
+@router.put("/1.0/containers/{name}/state")
+async def instance_state_put(request: Request, name: str) -> Response:
+    ctx = context(request)
+    project, record, revision = await load(request, name)
+    req = await query.body(request, StatePut)
+    if req.action not in _ACTIONS:
+        raise InvalidArgument(f"Unknown action: '{req.action}'")
+    if req.stateful:
+        raise InvalidArgument("Stateful stop and start are not supported")
+    client = await compute_of(record)
+    change = compute_pb2.StateRequest(
+        instance=ref(project, name),
+        action=req.action,
+        force=req.force,
+        timeout=req.timeout,
+        # What was just read: compute need not read it again.
+        record=json.dumps(record).encode(),
+        revision=revision,
+    )
+
+    return await compute_operation(
+        ctx,
+        client,
+        "ChangeState",
+        change,
+        _ACTIONS[req.action],
+        project,
+        name,
+        timeout=(30 if req.timeout < 0 else req.timeout) + 60,
+    )
