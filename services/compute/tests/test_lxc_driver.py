@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.instance_config import CpuLimit
 from croft.compute import limits
 from croft.compute.drivers import InstanceSpec, Status, driver_class, netns
 from croft.compute.drivers.lxc import LXCDriver, _cgroup_hierarchies, default_idmap
@@ -94,20 +95,25 @@ def test_registry_finds_the_lxc_driver() -> None:
 
 
 def test_limits_accept_lxd_formats_and_reject_nonsense() -> None:
-    assert limits.parse_memory("64MiB") == 64 * 2**20
-    assert limits.parse_memory("1GB") == 10**9
-    assert limits.parse_memory("512") == 512
-    assert 0 < limits.parse_memory("50%") < limits.host_memory_bytes()
-    assert limits.parse_cpu("2") == limits.CpuLimit(count=2)
-    assert limits.parse_cpu("0-1") == limits.CpuLimit(cpuset="0-1")
-    assert limits.parse_processes("100") == 100
-    for bad in ("lots", "12XB", "-5", "0%", "200%"):
+    def parsed(**config: str) -> limits.Limits:
+        return limits.parse_limits({k.replace("_", "."): v for k, v in config.items()})
+
+    assert parsed(limits_memory="64MiB").memory_bytes == 64 * 2**20
+    assert parsed(limits_memory="1GB").memory_bytes == 10**9
+    assert parsed(limits_memory="512").memory_bytes == 512
+    assert 0 < (parsed(limits_memory="50%").memory_bytes or 0) < limits.host_memory_bytes()
+    assert parsed(limits_cpu="2").cpu == CpuLimit(count=2)
+    assert parsed(limits_cpu="0-1").cpu == CpuLimit(cpus=(0, 1), cpuset="0-1")
+    assert parsed(limits_processes="100").processes == 100
+    assert parsed() == limits.Limits()
+    for bad in ("lots", "12XB", "-5", "0%", "1.5GB", "64 MiB"):
         with pytest.raises(InvalidArgument, match="limits.memory"):
-            limits.parse_memory(bad)
-    with pytest.raises(InvalidArgument, match="limits.cpu"):
-        limits.parse_cpu("lots")
+            parsed(limits_memory=bad)
+    for bad in ("lots", "0", "1-0", "0,0", f"0-{os.cpu_count()}"):
+        with pytest.raises(InvalidArgument, match="limits.cpu"):
+            parsed(limits_cpu=bad)
     with pytest.raises(InvalidArgument, match="limits.processes"):
-        limits.parse_processes("0")
+        parsed(limits_processes="0")
 
 
 async def test_unprivileged_container_runs_and_execs(driver: LXCDriver, make_rootfs) -> None:
@@ -478,8 +484,10 @@ async def test_data_disk_is_visible_unshifted(
     assert (await driver.pull_file(name, "/mnt/data/hello")).content == b"from the host\n"
 
 
-async def test_privileged_flag_is_honoured(driver: LXCDriver, make_rootfs) -> None:
-    name = await launch(driver, make_rootfs, config={"security.privileged": "true"})
+@pytest.mark.parametrize("value", ["true", "on", "YES"])
+async def test_privileged_flag_is_honoured(driver: LXCDriver, make_rootfs, value: str) -> None:
+    # Every spelling of true LXD accepts (its IsTrue), as the api accepts them.
+    name = await launch(driver, make_rootfs, config={"security.privileged": value})
     state = await driver.state(name)
     assert host_uid_of(state.pid) == 0
     assert "lxc.idmap" not in Path(driver.lxcpath, name, "config").read_text()

@@ -21,6 +21,7 @@ from enum import Enum
 from typing import ClassVar
 
 from croft.common.errors import InvalidArgument
+from croft.common.instance_config import InstanceConfig
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class InstanceSpec:
 
     @property
     def privileged(self) -> bool:
-        return self.config.get("security.privileged", "false").lower() in ("true", "1", "yes")
+        return InstanceConfig(self.config).bool("security.privileged")
 
 
 class Status(Enum):

@@ -46,6 +46,7 @@ import lxc  # type: ignore[import-not-found]
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
+from croft.common.instance_config import InstanceConfig, parse_bool
 from croft.common.proc import run, run_async
 from croft.compute import limits as limits_mod
 from croft.compute.drivers import (
@@ -257,6 +258,14 @@ def _mount_target(device: str, path: str) -> str:
     return normalized.lstrip("/")
 
 
+def _device_flag(device: str, dev: dict[str, str], option: str) -> bool:
+    """A boolean device option (unset is false), read as LXD reads booleans."""
+    try:
+        return parse_bool(dev.get(option) or "false")
+    except ValueError as exc:
+        raise InvalidArgument(f'Device "{device}": {option}: {exc}') from None
+
+
 def _device_lines(
     spec: InstanceSpec, device: str, dev: dict[str, str], cgroup_prefix: str
 ) -> list[str]:
@@ -270,7 +279,7 @@ def _device_lines(
         if not os.path.exists(source):
             raise InvalidArgument(f'Device "{device}": source "{source}" does not exist')
         options = ["bind", "create=dir" if os.path.isdir(source) else "create=file"]
-        if dev.get("readonly", "false").lower() in ("true", "1", "yes"):
+        if _device_flag(device, dev, "readonly"):
             options.append("ro")
         if not spec.privileged:
             options.append("idmap=container")  # host-owned source, seen unshifted inside
@@ -341,7 +350,7 @@ def render_config(
     ]
     if not spec.privileged:
         lines.append(f"lxc.include = {USERNS_CONF}")
-    if spec.config.get("security.nesting", "false").lower() in ("true", "1", "yes"):
+    if InstanceConfig(spec.config).bool("security.nesting"):
         lines.append(f"lxc.include = {NESTING_CONF}")
     lines += [
         # lxcfs's hooks (from common.conf.d): the post-stop one only sleeps 0.5 s, the mount
