@@ -20,7 +20,12 @@ from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.instance_config import CpuLimit
 from croft.compute import limits
 from croft.compute.drivers import InstanceSpec, Status, driver_class, netns
-from croft.compute.drivers.lxc import LXCDriver, _cgroup_hierarchies, default_idmap
+from croft.compute.drivers.lxc import (
+    LXCDriver,
+    _cgroup_hierarchies,
+    default_idmap,
+    render_config,
+)
 
 from .conftest import container_name, read_until
 
@@ -523,6 +528,56 @@ async def test_bad_specs_change_nothing(driver: LXCDriver, make_rootfs) -> None:
         await driver.exec(name, ["true"])
     with pytest.raises(NotFound):
         await driver.start("crtst-lxc-missing")
+
+
+INJECTED = "lxc.environment = INJECTED=1"
+
+
+def injecting_devices(workdir: Path) -> list[dict[str, dict[str, str]]]:
+    """Devices whose names or values carry a line of LXC configuration after a line break
+    (or a CR or NUL), in every place the render writes one; each would pass the render's
+    other checks (a disk's source exists, a bridged NIC names its parent)."""
+    source = workdir / f"src\n{INJECTED}"
+    source.mkdir(exist_ok=True)
+    nic = {"type": "nic", "nictype": "bridged", "parent": "crtbr0", "name": "eth0"}
+    return [
+        {"eth0": {**nic, "name": f"eth0\n{INJECTED}"}},
+        {"eth0": {**nic, "name": f"eth0\r\n{INJECTED}"}},
+        {"eth0": {**nic, "parent": f"crtbr0\n{INJECTED}"}},
+        {"eth0": {**nic, "hwaddr": "00:16:3e:00:00:01\n"}},
+        {"eth0": {**nic, "host_name": f"vethx\n{INJECTED}"}},
+        {"eth0": {**nic, "nictype": "p2p", "host_name": f"vethx\0{INJECTED}"}},
+        {f"e0\n{INJECTED}": {k: v for k, v in nic.items() if k != "name"}},
+        {"d": {"type": "disk", "source": str(workdir), "path": f"/mnt\n{INJECTED}"}},
+        {"d": {"type": "disk", "source": str(source), "path": "/mnt"}},
+        {"z": {"type": "unix-char", "source": "/dev/null", "path": f"/dev/z\n{INJECTED}"}},
+    ]
+
+
+async def test_no_device_value_can_write_a_line_of_its_own(
+    driver: LXCDriver, make_rootfs, workdir: Path
+) -> None:
+    """Whatever a record holds, the definition is one key per line: a value with a line
+    break is refused by the render itself, on create and on redefine, and nothing of it
+    is written."""
+    name = container_name()
+    rootfs = make_rootfs(name)
+    for devices in injecting_devices(workdir):
+        spec = InstanceSpec(name=name, rootfs=rootfs, devices=devices)
+        with pytest.raises(InvalidArgument, match="line break or NUL"):
+            render_config(spec, driver.lxcpath, default_idmap())
+        with pytest.raises(InvalidArgument):
+            await driver.create(spec)
+        assert await driver.list() == []
+    await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    definition = Path(driver.lxcpath, name, "config").read_text()
+    for devices in injecting_devices(workdir):
+        with pytest.raises(InvalidArgument):
+            await driver.redefine(InstanceSpec(name=name, rootfs=rootfs, devices=devices))
+        assert Path(driver.lxcpath, name, "config").read_text() == definition
+    for path in Path(driver.lxcpath).rglob("*"):
+        if path.is_file():
+            assert "INJECTED" not in path.read_text(errors="replace"), path
 
 
 async def test_a_create_killed_half_way_leaves_no_definition_and_keeps_the_name_free(

@@ -436,3 +436,42 @@ class InstanceConfig:
     def string(self, key: str) -> str:
         value = self._parsed(key, "string")
         return value if isinstance(value, str) else ""
+
+
+# -- device values (validated by the api, relied on by compute) --------------------------
+
+_INTERFACE_NAME = re.compile(r"^[-_a-zA-Z0-9.]+$")
+_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_DEVICE_NAME = re.compile(r"^[/.\-:_a-zA-Z0-9]+$")
+
+
+def parse_interface_name(value: str) -> str:
+    """A network interface name, as LXD's `validate.IsInterfaceName` checks it."""
+    if len(value) < 2:
+        raise ValueError("Network interface is too short (minimum 2 characters)")
+    if len(value) > 15:
+        raise ValueError("Network interface is too long (maximum 15 characters)")
+    if not _INTERFACE_NAME.match(value):
+        raise ValueError("Network interface contains invalid characters")
+    return value
+
+
+def parse_mac(value: str) -> str:
+    """An Ethernet MAC (`00:16:3e:01:02:03`), as LXD's `validate.IsNetworkMAC` checks it."""
+    if not _MAC.match(value):
+        raise ValueError("Invalid MAC address, must be 6 bytes of hex separated by colons")
+    return value
+
+
+def parse_device_name(value: str) -> str:
+    """A device name, as LXD 5.0's `validate.IsDeviceName` checks it."""
+    if not 1 <= len(value) <= 63:
+        raise ValueError("Name must be 1-63 characters long")
+    if value.startswith("."):
+        raise ValueError('Name must not start with "." character')
+    if not _DEVICE_NAME.match(value):
+        raise ValueError(
+            "Name can only contain alphanumeric, forward slash, hyphen, colon, underscore "
+            "and full stop characters"
+        )
+    return value

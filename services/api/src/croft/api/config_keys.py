@@ -12,7 +12,14 @@ from dataclasses import dataclass
 
 from croft.common import instance_config
 from croft.common.errors import InvalidArgument
-from croft.common.instance_config import any_string, int_range, parse_bool, parse_int
+from croft.common.instance_config import (
+    any_string,
+    go_quote,
+    has_control,
+    int_range,
+    parse_bool,
+    parse_int,
+)
 
 # Parses a value (the result is dropped) or raises ValueError with a message for a person.
 Validator = Callable[[str], object]
@@ -126,6 +133,67 @@ class _LoadError(ValueError):
     `Failed loading device "x": ...`, and its other checks without that part."""
 
 
+def _absolute_path(value: str) -> str:
+    if not value.startswith("/"):
+        raise ValueError("Must be absolute file path")
+    return value
+
+
+def _network_name(value: str) -> str:
+    # LXD's network names are URL path segments (its bridges' are interface names, which
+    # the network service checks when one is made).
+    if "/" in value:
+        raise ValueError('Network name cannot contain "/"')
+    return value
+
+
+# Device options whose values croft checks, per device type (LXD's rules for these keys).
+# Other options are not checked here beyond the rule for every value: no control
+# characters, since compute writes some of them into LXC's line-based configuration.
+_NIC_OPTIONS: Mapping[str, Validator] = {
+    "name": instance_config.parse_interface_name,
+    "host_name": instance_config.parse_interface_name,
+    "parent": instance_config.parse_interface_name,
+    "hwaddr": instance_config.parse_mac,
+    "network": _network_name,
+    "mtu": parse_int,
+}
+_UNIX_OPTIONS: Mapping[str, Validator] = {"path": _absolute_path, "source": _absolute_path}
+_DEVICE_OPTIONS: Mapping[str, Mapping[str, Validator]] = {
+    "nic": _NIC_OPTIONS,
+    "disk": {"path": _absolute_path, "readonly": parse_bool},
+    "unix-char": _UNIX_OPTIONS,
+    "unix-block": _UNIX_OPTIONS,
+}
+
+
+def _check_options(kind: str, device: Mapping[str, str]) -> None:
+    rules = _DEVICE_OPTIONS.get(kind, {})
+    for key, value in device.items():
+        if has_control(key):
+            raise ValueError(f"Invalid device option {go_quote(key)}")
+        if has_control(value):
+            raise ValueError(
+                f"Invalid value for device option {go_quote(key)}: control characters "
+                "(line breaks, NUL...) are not allowed"
+            )
+        check = rules.get(key)
+        if check is None or value == "":
+            continue
+        try:
+            check(value)
+        except ValueError as exc:
+            raise ValueError(f"Invalid value for device option {go_quote(key)}: {exc}") from None
+    if kind == "disk" and not device.get("pool") and device.get("path") != "/":
+        # Without a pool, the source is a host path (a pool's is a volume's name).
+        source = device.get("source", "")
+        if source:
+            try:
+                _absolute_path(source)
+            except ValueError as exc:
+                raise ValueError(f'Invalid value for device option "source": {exc}') from None
+
+
 def _check_device(device: Mapping[str, str]) -> None:
     kind = device.get("type", "")
     if not kind:
@@ -138,6 +206,7 @@ def _check_device(device: Mapping[str, str]) -> None:
         nictype = device.get("nictype", "")
         if (not nictype and not device.get("network")) or (nictype and nictype not in NIC_TYPES):
             raise _LoadError("Unsupported device type")
+    _check_options(kind, device)
     if kind == "disk":
         path, source, pool = device.get("path", ""), device.get("source", ""), device.get("pool")
         if path == "/":
@@ -161,19 +230,24 @@ def device_type_problem(devices: Mapping[str, Mapping[str, str]]) -> str:
 
 
 def validate_devices(devices: Mapping[str, Mapping[str, str]]) -> None:
-    """Devices (an instance's own, expanded, or a profile's), as LXD validates them.
-    InvalidArgument with LXD's message; instance endpoints prefix `Invalid devices: `."""
+    """Devices (an instance's own, expanded, or a profile's), as LXD validates them, and
+    no control character in any option or value. InvalidArgument with LXD's message;
+    instance endpoints prefix `Invalid devices: `."""
     for name, device in devices.items():
         if not name:
             raise InvalidArgument("Device name cannot be empty")
+        quoted = go_quote(name)  # Go's %q, as LXD: a name's line break stays escaped
+        if len(name) > 64:
+            raise InvalidArgument("The maximum device name length is 64 characters")
         try:
+            instance_config.parse_device_name(name)
             _check_device(device)
         except _LoadError as exc:
             raise InvalidArgument(
-                f'Device validation failed for "{name}": Failed loading device "{name}": {exc}'
+                f"Device validation failed for {quoted}: Failed loading device {quoted}: {exc}"
             ) from None
         except ValueError as exc:
-            raise InvalidArgument(f'Device validation failed for "{name}": {exc}') from None
+            raise InvalidArgument(f"Device validation failed for {quoted}: {exc}") from None
     roots = [
         name for name, d in devices.items() if d.get("type") == "disk" and d.get("path") == "/"
     ]

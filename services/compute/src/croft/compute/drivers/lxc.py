@@ -46,7 +46,7 @@ import lxc  # type: ignore[import-not-found]
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
-from croft.common.instance_config import InstanceConfig, parse_bool
+from croft.common.instance_config import InstanceConfig, go_quote, parse_bool
 from croft.common.proc import run, run_async
 from croft.compute import limits as limits_mod
 from croft.compute.drivers import (
@@ -392,6 +392,17 @@ def render_config(
         else limits_mod.cgroup_v2_items(parsed, include_resets=False)
     )
     lines += [f"{cgroup_prefix}.{key} = {value}" for key, value in items]
+    # Every entry above is one `key = value` line, whatever a record holds: a value with
+    # a line break (or a NUL, which ends liblxc's read of the line) would otherwise write
+    # keys of its own, such as lxc.hook.* (run as root on the host). One scan of a few
+    # dozen short strings: nothing next to the rest of a start.
+    for line in lines:
+        if "\n" in line or "\r" in line or "\0" in line:
+            key = line.partition("=")[0].strip()
+            raise InvalidArgument(
+                f"Invalid LXC configuration value for {key}: {go_quote(line)} holds a line "
+                "break or NUL"
+            )
     raw = spec.config.get("raw.lxc", "")
     if raw:
         lines.append("# raw.lxc")
