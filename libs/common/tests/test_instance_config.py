@@ -119,3 +119,21 @@ def test_only_limits_and_boot_keys_apply_live() -> None:
     live = {key for key, declared in KEYS.items() if declared.live}
     assert {"limits.cpu", "limits.memory", "limits.processes", "boot.autostart"} <= live
     assert "security.privileged" not in live and "raw.lxc" not in live
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ("lxc.environment", "Invalid raw.lxc line: lxc.environment"),
+        ("lxc.log.file = /tmp/x", "Setting lxc.logfile is not allowed"),
+        ("LXC.Ephemeral = 1", "Setting lxc.ephemeral is not allowed"),
+        ("lxc.prlimit.nofile = 10", "Process limits should be set via"),
+        ("lxc.net.0.link = br1", "Only interface-specific ipv4/ipv6"),
+        ("lxc.environment = A=1\r\nlxc.environment = B=2", "carriage return or NUL"),
+        ("lxc.environment = A=1\x00", "carriage return or NUL"),
+    ],
+)
+def test_raw_lxc_is_checked_as_lxd_checks_it(raw: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        validate({"raw.lxc": raw}, profile=False)
+    validate({"raw.lxc": "# mine\n\n  lxc.net.0.ipv4.address = 10.0.0.2/24\n"}, profile=False)

@@ -212,6 +212,40 @@ def parse_cpu_allowance(value: str) -> str:
     return value
 
 
+_RAW_LXC_NET = re.compile(r"^lxc\.net\.[^.]+\.ipv[46]\.(address|gateway)$")
+
+
+def parse_raw_lxc(value: str) -> str:
+    """`raw.lxc`: LXC configuration lines, checked as LXD's `lxcValidConfig` does (each a
+    `key = value`, a comment or blank; no key that would take a log, the lifetime, the
+    process limits or the NICs from croft). No CR or NUL, which liblxc reads otherwise
+    than a line's end."""
+    if "\r" in value or "\x00" in value:
+        raise ValueError("raw.lxc cannot contain a carriage return or NUL")
+    for raw_line in value.split("\n"):
+        line = raw_line.lstrip("\t ")
+        if not line or line.startswith("#"):
+            continue
+        key, sep, _ = line.partition("=")
+        if not sep:
+            raise ValueError(f"Invalid raw.lxc line: {line}")
+        key = key.strip(" \t").lower()
+        if key in ("lxc.logfile", "lxc.log.file"):
+            raise ValueError("Setting lxc.logfile is not allowed")
+        if key in ("lxc.syslog", "lxc.log.syslog"):
+            raise ValueError("Setting lxc.log.syslog is not allowed")
+        if key == "lxc.ephemeral":
+            raise ValueError("Setting lxc.ephemeral is not allowed")
+        if key.startswith("lxc.prlimit."):
+            raise ValueError(
+                'Process limits should be set via "limits.kernel.[limit name]" and not '
+                'directly via "lxc.prlimit.[limit name]"'
+            )
+        if key.startswith("lxc.net.") and not _RAW_LXC_NET.match(key):
+            raise ValueError("Only interface-specific ipv4/ipv6 lxc.net. keys are allowed")
+    return value
+
+
 # -- the keys ---------------------------------------------------------------------------
 
 
@@ -276,7 +310,7 @@ KEYS: Mapping[str, Key] = {
     "raw.apparmor": _TEXT,
     "raw.idmap": _TEXT,
     # LXC configuration lines, appended to the definition: the one key meant to hold it.
-    "raw.lxc": _TEXT,
+    "raw.lxc": Key("string", parse_raw_lxc, text=True),
     "raw.qemu": _TEXT,
     "raw.seccomp": _TEXT,
     "security.devlxd": _bool("true"),
