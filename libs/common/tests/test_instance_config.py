@@ -69,6 +69,14 @@ def test_cpu_limits_are_a_count_or_a_set() -> None:
             parse_cpuset(bad)
 
 
+def test_prefixed_keys_read_through_their_prefix() -> None:
+    assert (
+        InstanceConfig({"limits.hugepages.2MB": "4MiB"}).size("limits.hugepages.2MB") == 4 * 2**20
+    )
+    with pytest.raises(KeyError):
+        InstanceConfig({}).bool("limits.memory")  # declared, but not a boolean
+
+
 def test_memory_is_bytes_or_a_percentage() -> None:
     assert InstanceConfig({"limits.memory": "1GiB"}).memory() == MemoryLimit(bytes=2**30)
     assert InstanceConfig({"limits.memory": "50%"}).memory() == MemoryLimit(percent=50)

@@ -434,7 +434,7 @@ class InstanceConfig:
         self.values = values
 
     def _parsed(self, key: str, want: str) -> object:
-        declared = KEYS.get(key)
+        declared = lookup(key)
         if declared is None or declared.type != want:
             raise KeyError(f"{key} is not a declared {want} key")  # a bug in the caller
         value = self.values.get(key) or declared.default
