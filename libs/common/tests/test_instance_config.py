@@ -14,7 +14,12 @@ from croft.common.instance_config import (
     lookup,
     parse_bool,
     parse_byte_size,
+    parse_cpu_allowance,
     parse_cpuset,
+    parse_device_name,
+    parse_int,
+    parse_interface_name,
+    parse_mac,
     validate,
 )
 
@@ -145,3 +150,16 @@ def test_raw_lxc_is_checked_as_lxd_checks_it(raw: str, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         validate({"raw.lxc": raw}, profile=False)
     validate({"raw.lxc": "# mine\n\n  lxc.net.0.ipv4.address = 10.0.0.2/24\n"}, profile=False)
+
+
+def test_no_parser_lets_a_trailing_newline_through() -> None:
+    """Regular expressions' `$` matches before a final newline: each parser must not."""
+    cases = [
+        (parse_int, "5"), (parse_cpuset, "0-1"), (parse_interface_name, "eth0"),
+        (parse_mac, "00:16:3e:00:00:01"), (parse_device_name, "eth0"),
+        (parse_byte_size, "5"), (parse_cpu_allowance, "5%"),
+    ]  # fmt: skip
+    for parse, good in cases:
+        parse(good)
+        with pytest.raises(ValueError):
+            parse(good + "\n")

@@ -28,6 +28,7 @@ TRUE_WORDS = ("true", "1", "yes", "on")
 FALSE_WORDS = ("false", "0", "no", "off")
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# Patterns below are used with fullmatch(): `$` alone would let a trailing newline through.
 _GO_INT = re.compile(r"^[+-]?[0-9]+$")
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -56,7 +57,7 @@ def parse_bool(value: str) -> bool:
 def parse_int(value: str) -> int:
     """A signed 64-bit integer, as Go's strconv.ParseInt(value, 10, 64) reads it (no
     spaces, no underscores, which Python's int() would take)."""
-    if not _GO_INT.match(value) or not _INT64[0] <= int(value) <= _INT64[1]:
+    if not _GO_INT.fullmatch(value) or not _INT64[0] <= int(value) <= _INT64[1]:
         raise ValueError(f"Invalid value for an integer {go_quote(value)}")
     return int(value)
 
@@ -136,7 +137,7 @@ _CPUSET_SYNTAX = re.compile(r"^([0-9]+([,-][0-9]+)?)(,[0-9]+([,-][0-9]+)*)?$")
 def parse_cpuset(value: str) -> tuple[int, ...]:
     """The CPU ids of a set such as `0-3,6`, as LXD's `IsValidCPUSet` checks it: no id
     twice, ranges low to high."""
-    if not _CPUSET_SYNTAX.match(value):
+    if not _CPUSET_SYNTAX.fullmatch(value):
         raise ValueError("Invalid CPU limit syntax")
     cpus: list[int] = []
     for chunk in value.split(","):
@@ -180,7 +181,7 @@ class MemoryLimit:
 def parse_memory_limit(value: str) -> MemoryLimit:
     if value.endswith("%"):
         number = value[:-1]
-        if not _GO_INT.match(number):
+        if not _GO_INT.fullmatch(number):
             # LXD passes Go's strconv error through unchanged.
             raise ValueError(f"strconv.ParseInt: parsing {go_quote(number)}: invalid syntax")
         percent = int(number)
@@ -203,11 +204,11 @@ def parse_processes(value: str) -> int:
     return number
 
 
-_ALLOWANCE = re.compile(r"^\d+%$|^\d+ms/\d+ms$")
+_ALLOWANCE = re.compile(r"[0-9]+%|[0-9]+ms/[0-9]+ms")
 
 
 def parse_cpu_allowance(value: str) -> str:
-    if not _ALLOWANCE.match(value):
+    if not _ALLOWANCE.fullmatch(value):
         raise ValueError(f"Invalid allowance: {value}")
     return value
 
@@ -241,7 +242,7 @@ def parse_raw_lxc(value: str) -> str:
                 'Process limits should be set via "limits.kernel.[limit name]" and not '
                 'directly via "lxc.prlimit.[limit name]"'
             )
-        if key.startswith("lxc.net.") and not _RAW_LXC_NET.match(key):
+        if key.startswith("lxc.net.") and not _RAW_LXC_NET.fullmatch(key):
             raise ValueError("Only interface-specific ipv4/ipv6 lxc.net. keys are allowed")
     return value
 
@@ -485,14 +486,14 @@ def parse_interface_name(value: str) -> str:
         raise ValueError("Network interface is too short (minimum 2 characters)")
     if len(value) > 15:
         raise ValueError("Network interface is too long (maximum 15 characters)")
-    if not _INTERFACE_NAME.match(value):
+    if not _INTERFACE_NAME.fullmatch(value):
         raise ValueError("Network interface contains invalid characters")
     return value
 
 
 def parse_mac(value: str) -> str:
     """An Ethernet MAC (`00:16:3e:01:02:03`), as LXD's `validate.IsNetworkMAC` checks it."""
-    if not _MAC.match(value):
+    if not _MAC.fullmatch(value):
         raise ValueError("Invalid MAC address, must be 6 bytes of hex separated by colons")
     return value
 
@@ -503,7 +504,7 @@ def parse_device_name(value: str) -> str:
         raise ValueError("Name must be 1-63 characters long")
     if value.startswith("."):
         raise ValueError('Name must not start with "." character')
-    if not _DEVICE_NAME.match(value):
+    if not _DEVICE_NAME.fullmatch(value):
         raise ValueError(
             "Name can only contain alphanumeric, forward slash, hyphen, colon, underscore "
             "and full stop characters"
