@@ -575,6 +575,12 @@ async def test_no_device_value_can_write_a_line_of_its_own(
         with pytest.raises(InvalidArgument):
             await driver.redefine(InstanceSpec(name=name, rootfs=rootfs, devices=devices))
         assert Path(driver.lxcpath, name, "config").read_text() == definition
+    # raw.lxc holds LXC configuration by design, but not a NUL or a key LXD refuses.
+    for raw in ("lxc.environment = A=1\x00", "lxc.log.file = /tmp/elsewhere"):
+        spec = InstanceSpec(name=name, rootfs=rootfs, config={"raw.lxc": raw})
+        with pytest.raises(InvalidArgument, match="raw.lxc"):
+            await driver.redefine(spec)
+        assert Path(driver.lxcpath, name, "config").read_text() == definition
     for path in Path(driver.lxcpath).rglob("*"):
         if path.is_file():
             assert "INJECTED" not in path.read_text(errors="replace"), path

@@ -403,7 +403,8 @@ def render_config(
                 f"Invalid LXC configuration value for {key}: {go_quote(line)} holds a line "
                 "break or NUL"
             )
-    raw = spec.config.get("raw.lxc", "")
+    # raw.lxc is LXC configuration by design, checked here too as LXD checks it.
+    raw = InstanceConfig(spec.config).string("raw.lxc")
     if raw:
         lines.append("# raw.lxc")
         lines += raw.splitlines()
