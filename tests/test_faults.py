@@ -209,12 +209,15 @@ def test_after_a_host_restart_compute_starts_what_boot_autostart_asks_for(
 ) -> None:
     """A host restart, as compute sees it: its containers stopped while it was not
     looking, then compute starting afresh. Like LXD, it starts boot.autostart=true ones
-    and, with the key unset, the ones that were running; boot.autostart=false stays off."""
+    (in any of LXD's spellings of true) and, with the key unset, the ones that were
+    running; boot.autostart=false (or off) stays off."""
     croft, lxc, _ = croft_busybox
     lxcpath = croft.root / "state" / "lxc"
     launch_options = {
         "auto-on": ["-c", "boot.autostart=true"],
+        "auto-one": ["-c", "boot.autostart=1"],
         "auto-off": ["-c", "boot.autostart=false"],
+        "auto-no": ["-c", "boot.autostart=off"],
         "auto-unset": [],
     }
     names = list(launch_options)
@@ -245,12 +248,18 @@ def test_after_a_host_restart_compute_starts_what_boot_autostart_asks_for(
             os.kill(compute, signal.SIGKILL)  # kills a stopped process too
         wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
 
-        for name in ["auto-on", "auto-unset"]:
+        for name in ["auto-on", "auto-one", "auto-unset"]:
             wait_until(lambda name=name: status(name) == "Running", 60, f"{name} to be started")
             assert init_pid(lxc, name) not in (0, before[name])
         assert status("auto-off") == "Stopped"
         listed = {i["name"]: i["status"] for i in lxc.json("list") if i["name"] in names}
-        assert listed == {"auto-on": "Running", "auto-off": "Stopped", "auto-unset": "Running"}
+        assert listed == {
+            "auto-on": "Running",
+            "auto-one": "Running",
+            "auto-off": "Stopped",
+            "auto-no": "Stopped",
+            "auto-unset": "Running",
+        }
         assert lxc("exec", "auto-on", "--", "true", check=False).returncode == 0
     finally:
         for name in names:

@@ -442,3 +442,79 @@ def test_lxc_shows_the_refusals_as_lxd_does(replica: Replica) -> None:
     assert stored(replica) == before
     shown = yaml.safe_load(replica.lxc("config", "show", "c1").stdout)
     assert shown["profiles"] == ["default"] and shown["devices"] == {}
+
+
+# ---------------------------------------------------------------------------- control chars
+
+INJECTED = "lxc.environment = INJECTED=1"
+_NIC = {"type": "nic", "network": "croftbr0", "name": "eth1"}
+_BRIDGED = {"type": "nic", "nictype": "bridged", "parent": "croftbr0", "name": "eth1"}
+_DISK = {"type": "disk", "source": "/srv", "path": "/mnt"}
+_CHAR = {"type": "unix-char", "source": "/dev/null", "path": "/dev/null2"}
+_CONTROL = "control characters (line breaks, NUL...) are not allowed"
+# A device whose option carries LXC configuration after a line break (or CR, NUL): each
+# in a place compute would write into the instance's LXC definition.
+INJECTING_DEVICES = [
+    ("eth1", {**_NIC, "name": f"eth1\n{INJECTED}"}, f'option "name": {_CONTROL}'),
+    ("eth1", {**_NIC, "name": f"eth1\r{INJECTED}"}, f'option "name": {_CONTROL}'),
+    ("eth1", {**_NIC, "hwaddr": "00:16:3e:00:00:01\n"}, f'option "hwaddr": {_CONTROL}'),
+    ("eth1", {**_BRIDGED, "parent": f"croftbr0\n{INJECTED}"}, f'option "parent": {_CONTROL}'),
+    ("eth1", {**_NIC, "network": f"croftbr0\n{INJECTED}"}, f'option "network": {_CONTROL}'),
+    ("eth1", {**_NIC, "host_name": f"veth1\x00{INJECTED}"}, f'option "host_name": {_CONTROL}'),
+    ("eth1", {**_NIC, f"user.x\n{INJECTED}": "1"}, f'Invalid device option "user.x\\n{INJECTED}"'),
+    ("d1", {**_DISK, "path": f"/mnt\n{INJECTED}"}, f'option "path": {_CONTROL}'),
+    ("d1", {**_DISK, "source": f"/srv\n{INJECTED}"}, f'option "source": {_CONTROL}'),
+    ("z1", {**_CHAR, "path": f"/dev/z\n{INJECTED}"}, f'option "path": {_CONTROL}'),
+    ("z1", {**_CHAR, "source": f"/dev/null\x00{INJECTED}"}, f'option "source": {_CONTROL}'),
+    (f"eth1\n{INJECTED}", {"type": "nic", "network": "croftbr0"}, "Name can only contain"),
+    ("eth1", {**_NIC, "name": "eth1/x"}, "Network interface contains invalid characters"),
+    ("eth1", {**_NIC, "hwaddr": "00:16:3e:00:00"}, "Invalid MAC address"),
+    ("d1", {**_DISK, "path": "mnt"}, 'option "path": Must be absolute file path'),
+    ("d1", {**_DISK, "source": "srv"}, 'option "source": Must be absolute file path'),
+    ("z1", {**_CHAR, "path": "dev/z"}, 'option "path": Must be absolute file path'),
+]
+INJECTING_CONFIG = [
+    ({"environment.X": f"1\n{INJECTED}"}, _CONTROL),
+    ({"limits.memory": f"1GiB\n{INJECTED}"}, "control characters"),
+    ({"security.nesting": "true\x00"}, "control characters"),
+    ({f"user.a\n{INJECTED}": "1"}, "control characters are not allowed"),
+]
+
+
+def refused_400(replica: Replica, method: str, path: str, body: Any, fragment: str) -> None:
+    """A 400 in LXD's error envelope whose message holds `fragment` (escaped: no raw
+    line break in a message), and nothing changed in the store."""
+    before = stored(replica)
+    reply = replica.request(method, path, body)
+    assert reply.status == 400, reply
+    assert reply.json["type"] == "error" and reply.json["error_code"] == 400
+    assert fragment in reply.error, reply.error
+    assert "\n" not in reply.error and "\x00" not in reply.error
+    assert stored(replica) == before
+
+
+@pytest.mark.parametrize(("device", "config", "fragment"), INJECTING_DEVICES)
+def test_device_names_and_values_that_could_write_lxc_config_are_refused(
+    replica: Replica, device: str, config: dict[str, str], fragment: str
+) -> None:
+    seed_instance(replica, "c1")
+    replica.request("POST", "/1.0/profiles", {"name": "p1"})
+    devices = {device: config}
+    create = {"name": "c2", "source": EMPTY, "devices": devices}
+    refused_400(replica, "POST", "/1.0/instances", create, fragment)
+    refused_400(replica, "PATCH", "/1.0/instances/c1", {"devices": devices}, fragment)
+    put = {"profiles": ["default"], "devices": devices}
+    refused_400(replica, "PUT", "/1.0/instances/c1", put, fragment)
+    refused_400(replica, "PUT", "/1.0/profiles/p1", {"devices": devices}, fragment)
+    refused_400(replica, "POST", "/1.0/profiles", {"name": "p2", "devices": devices}, fragment)
+
+
+@pytest.mark.parametrize(("config", "fragment"), INJECTING_CONFIG)
+def test_config_keys_and_values_with_control_characters_are_refused(
+    replica: Replica, config: dict[str, str], fragment: str
+) -> None:
+    seed_instance(replica, "c1")
+    refused_400(replica, "POST", "/1.0/instances", {"name": "c2", "source": EMPTY,
+                                                    "config": config}, fragment)  # fmt: skip
+    refused_400(replica, "PATCH", "/1.0/instances/c1", {"config": config}, fragment)
+    refused_400(replica, "POST", "/1.0/profiles", {"name": "p2", "config": config}, fragment)

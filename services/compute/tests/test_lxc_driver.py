@@ -17,9 +17,15 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.instance_config import CpuLimit
 from croft.compute import limits
 from croft.compute.drivers import InstanceSpec, Status, driver_class, netns
-from croft.compute.drivers.lxc import LXCDriver, _cgroup_hierarchies, default_idmap
+from croft.compute.drivers.lxc import (
+    LXCDriver,
+    _cgroup_hierarchies,
+    default_idmap,
+    render_config,
+)
 
 from .conftest import container_name, read_until
 
@@ -94,20 +100,25 @@ def test_registry_finds_the_lxc_driver() -> None:
 
 
 def test_limits_accept_lxd_formats_and_reject_nonsense() -> None:
-    assert limits.parse_memory("64MiB") == 64 * 2**20
-    assert limits.parse_memory("1GB") == 10**9
-    assert limits.parse_memory("512") == 512
-    assert 0 < limits.parse_memory("50%") < limits.host_memory_bytes()
-    assert limits.parse_cpu("2") == limits.CpuLimit(count=2)
-    assert limits.parse_cpu("0-1") == limits.CpuLimit(cpuset="0-1")
-    assert limits.parse_processes("100") == 100
-    for bad in ("lots", "12XB", "-5", "0%", "200%"):
+    def parsed(**config: str) -> limits.Limits:
+        return limits.parse_limits({k.replace("_", "."): v for k, v in config.items()})
+
+    assert parsed(limits_memory="64MiB").memory_bytes == 64 * 2**20
+    assert parsed(limits_memory="1GB").memory_bytes == 10**9
+    assert parsed(limits_memory="512").memory_bytes == 512
+    assert 0 < (parsed(limits_memory="50%").memory_bytes or 0) < limits.host_memory_bytes()
+    assert parsed(limits_cpu="2").cpu == CpuLimit(count=2)
+    assert parsed(limits_cpu="0-1").cpu == CpuLimit(cpus=(0, 1), cpuset="0-1")
+    assert parsed(limits_processes="100").processes == 100
+    assert parsed() == limits.Limits()
+    for bad in ("lots", "12XB", "-5", "0%", "1.5GB", "64 MiB"):
         with pytest.raises(InvalidArgument, match="limits.memory"):
-            limits.parse_memory(bad)
-    with pytest.raises(InvalidArgument, match="limits.cpu"):
-        limits.parse_cpu("lots")
+            parsed(limits_memory=bad)
+    for bad in ("lots", "0", "1-0", "0,0", f"0-{os.cpu_count()}"):
+        with pytest.raises(InvalidArgument, match="limits.cpu"):
+            parsed(limits_cpu=bad)
     with pytest.raises(InvalidArgument, match="limits.processes"):
-        limits.parse_processes("0")
+        parsed(limits_processes="0")
 
 
 async def test_unprivileged_container_runs_and_execs(driver: LXCDriver, make_rootfs) -> None:
@@ -478,8 +489,10 @@ async def test_data_disk_is_visible_unshifted(
     assert (await driver.pull_file(name, "/mnt/data/hello")).content == b"from the host\n"
 
 
-async def test_privileged_flag_is_honoured(driver: LXCDriver, make_rootfs) -> None:
-    name = await launch(driver, make_rootfs, config={"security.privileged": "true"})
+@pytest.mark.parametrize("value", ["true", "on", "YES"])
+async def test_privileged_flag_is_honoured(driver: LXCDriver, make_rootfs, value: str) -> None:
+    # Every spelling of true LXD accepts (its IsTrue), as the api accepts them.
+    name = await launch(driver, make_rootfs, config={"security.privileged": value})
     state = await driver.state(name)
     assert host_uid_of(state.pid) == 0
     assert "lxc.idmap" not in Path(driver.lxcpath, name, "config").read_text()
@@ -515,6 +528,62 @@ async def test_bad_specs_change_nothing(driver: LXCDriver, make_rootfs) -> None:
         await driver.exec(name, ["true"])
     with pytest.raises(NotFound):
         await driver.start("crtst-lxc-missing")
+
+
+INJECTED = "lxc.environment = INJECTED=1"
+
+
+def injecting_devices(workdir: Path) -> list[dict[str, dict[str, str]]]:
+    """Devices whose names or values carry a line of LXC configuration after a line break
+    (or a CR or NUL), in every place the render writes one; each would pass the render's
+    other checks (a disk's source exists, a bridged NIC names its parent)."""
+    source = workdir / f"src\n{INJECTED}"
+    source.mkdir(exist_ok=True)
+    nic = {"type": "nic", "nictype": "bridged", "parent": "crtbr0", "name": "eth0"}
+    return [
+        {"eth0": {**nic, "name": f"eth0\n{INJECTED}"}},
+        {"eth0": {**nic, "name": f"eth0\r\n{INJECTED}"}},
+        {"eth0": {**nic, "parent": f"crtbr0\n{INJECTED}"}},
+        {"eth0": {**nic, "hwaddr": "00:16:3e:00:00:01\n"}},
+        {"eth0": {**nic, "host_name": f"vethx\n{INJECTED}"}},
+        {"eth0": {**nic, "nictype": "p2p", "host_name": f"vethx\0{INJECTED}"}},
+        {f"e0\n{INJECTED}": {k: v for k, v in nic.items() if k != "name"}},
+        {"d": {"type": "disk", "source": str(workdir), "path": f"/mnt\n{INJECTED}"}},
+        {"d": {"type": "disk", "source": str(source), "path": "/mnt"}},
+        {"z": {"type": "unix-char", "source": "/dev/null", "path": f"/dev/z\n{INJECTED}"}},
+    ]
+
+
+async def test_no_device_value_can_write_a_line_of_its_own(
+    driver: LXCDriver, make_rootfs, workdir: Path
+) -> None:
+    """Whatever a record holds, the definition is one key per line: a value with a line
+    break is refused by the render itself, on create and on redefine, and nothing of it
+    is written."""
+    name = container_name()
+    rootfs = make_rootfs(name)
+    for devices in injecting_devices(workdir):
+        spec = InstanceSpec(name=name, rootfs=rootfs, devices=devices)
+        with pytest.raises(InvalidArgument, match="line break or NUL"):
+            render_config(spec, driver.lxcpath, default_idmap())
+        with pytest.raises(InvalidArgument):
+            await driver.create(spec)
+        assert await driver.list() == []
+    await driver.create(InstanceSpec(name=name, rootfs=rootfs))
+    definition = Path(driver.lxcpath, name, "config").read_text()
+    for devices in injecting_devices(workdir):
+        with pytest.raises(InvalidArgument):
+            await driver.redefine(InstanceSpec(name=name, rootfs=rootfs, devices=devices))
+        assert Path(driver.lxcpath, name, "config").read_text() == definition
+    # raw.lxc holds LXC configuration by design, but not a NUL or a key LXD refuses.
+    for raw in ("lxc.environment = A=1\x00", "lxc.log.file = /tmp/elsewhere"):
+        spec = InstanceSpec(name=name, rootfs=rootfs, config={"raw.lxc": raw})
+        with pytest.raises(InvalidArgument, match="raw.lxc"):
+            await driver.redefine(spec)
+        assert Path(driver.lxcpath, name, "config").read_text() == definition
+    for path in Path(driver.lxcpath).rglob("*"):
+        if path.is_file():
+            assert "INJECTED" not in path.read_text(errors="replace"), path
 
 
 async def test_a_create_killed_half_way_leaves_no_definition_and_keeps_the_name_free(

@@ -28,6 +28,7 @@ from croft.common import events
 from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
+from croft.common.instance_config import InstanceConfig
 from croft.common.records import (
     DEFAULT_PROJECT,
     copy_record,
@@ -527,7 +528,7 @@ class ComputeCore:
             name=name,
             architecture=record.get("architecture", "x86_64"),
             ephemeral=bool(record.get("ephemeral")),
-            privileged=record["expanded_config"].get("security.privileged") == "true",
+            privileged=InstanceConfig(record["expanded_config"]).bool("security.privileged"),
             config=record["expanded_config"],
             devices=record["expanded_devices"],
         )
@@ -1106,10 +1107,15 @@ class ComputeCore:
         """After a host restart, start what LXD would: instances with boot.autostart=true,
         and (when the key is unset) those that were running before."""
         config = record.get("expanded_config", {})
-        autostart = config.get("boot.autostart")
-        wanted = autostart == "true" or (
-            autostart is None and config.get("volatile.last_state.power") == "RUNNING"
-        )
+        cfg = InstanceConfig(config)
+        try:
+            wanted = cfg.bool("boot.autostart") or (
+                not cfg.is_set("boot.autostart")
+                and config.get("volatile.last_state.power") == "RUNNING"
+            )
+        except InvalidArgument as exc:  # a record from before the key was checked
+            log.warning("not autostarting %s/%s: %s", project, name, exc)
+            return
         host_name = driver_name(project, name)
         if not wanted or not await self.driver.exists(host_name):
             return

@@ -1,39 +1,20 @@
-"""LXD's resource-limit keys (`limits.cpu`, `limits.memory`, `limits.processes`): parsing
-their value formats and turning them into cgroup settings.
+"""LXD's resource-limit keys (`limits.cpu`, `limits.memory`, `limits.processes`) turned
+into cgroup settings. Their values are parsed by their declaration in
+croft.common.instance_config, the one the api validates with.
 
-Parsing is strict and happens before anything is changed, so a bad value is an
-InvalidArgument that leaves the instance as it was.
+Parsing happens before anything is changed, so a bad value is an InvalidArgument that
+leaves the instance as it was.
 """
 
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 
 from croft.common.errors import InvalidArgument
+from croft.common.instance_config import CpuLimit, InstanceConfig
 
 LIMIT_KEYS = ("limits.cpu", "limits.memory", "limits.processes")
-
-# LXD's ParseByteSizeString units: decimal (kB, MB...) and binary (KiB, MiB...).
-_BYTE_UNITS: dict[str, int] = {
-    "": 1,
-    "B": 1,
-    "kB": 10**3,
-    "MB": 10**6,
-    "GB": 10**9,
-    "TB": 10**12,
-    "PB": 10**15,
-    "EB": 10**18,
-    "KiB": 2**10,
-    "MiB": 2**20,
-    "GiB": 2**30,
-    "TiB": 2**40,
-    "PiB": 2**50,
-    "EiB": 2**60,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*$")
-_CPUSET_RE = re.compile(r"^\d+(-\d+)?(,\d+(-\d+)?)*$")
 
 CFS_PERIOD_US = 100_000
 _V1_RESETS = {
@@ -44,84 +25,12 @@ _V1_RESETS = {
 }
 
 
-def parse_byte_size(value: str, key: str = "size") -> int:
-    """`64MiB`, `1GB`, `512` (bytes) -> bytes, as LXD parses sizes."""
-    match = _SIZE_RE.match(value)
-    if not match or match.group(2) not in _BYTE_UNITS:
-        raise InvalidArgument(
-            f'Invalid value for {key}: "{value}" (expected a size such as 64MiB or 1GB)'
-        )
-    number = float(match.group(1)) if "." in match.group(1) else int(match.group(1))
-    return int(number * _BYTE_UNITS[match.group(2)])
-
-
 def host_memory_bytes() -> int:
     with open("/proc/meminfo") as meminfo:
         for line in meminfo:
             if line.startswith("MemTotal:"):
                 return int(line.split()[1]) * 1024
     raise InvalidArgument("cannot read the host's memory size from /proc/meminfo")
-
-
-def parse_memory(value: str) -> int:
-    """limits.memory: a size (`64MiB`, `1GB`) or a share of host memory (`50%`) -> bytes."""
-    stripped = value.strip()
-    if stripped.endswith("%"):
-        try:
-            percent = float(stripped[:-1])
-        except ValueError:
-            percent = -1.0
-        if not 0 < percent <= 100:
-            raise InvalidArgument(
-                f'Invalid value for limits.memory: "{value}" (a percentage must be in (0, 100])'
-            )
-        return int(host_memory_bytes() * percent / 100)
-    size = parse_byte_size(stripped, "limits.memory")
-    if size <= 0:
-        raise InvalidArgument(f'Invalid value for limits.memory: "{value}" (must be positive)')
-    return size
-
-
-@dataclass(frozen=True)
-class CpuLimit:
-    """limits.cpu: either a number of CPUs (`2`, enforced as a CFS quota) or a set of CPU
-    ids (`0-1`, `0,2`, pinned with cpuset). LXD pins a count to N CPUs through its load
-    balancer; without one a quota gives the same capacity without stacking every instance
-    on CPU 0."""
-
-    count: int | None = None
-    cpuset: str | None = None
-
-
-def parse_cpu(value: str) -> CpuLimit:
-    stripped = value.strip()
-    if stripped.isdigit():
-        count = int(stripped)
-        if count < 1:
-            raise InvalidArgument(f'Invalid value for limits.cpu: "{value}" (must be at least 1)')
-        return CpuLimit(count=count)
-    if _CPUSET_RE.match(stripped):
-        # "0-0" style singletons are what LXD writes to pin a single CPU.
-        host_cpus = os.cpu_count() or 1
-        for part in stripped.split(","):
-            bounds = [int(b) for b in part.split("-")]
-            if bounds[-1] < bounds[0] or bounds[-1] >= host_cpus:
-                raise InvalidArgument(
-                    f'Invalid value for limits.cpu: "{value}" (this host has CPUs 0-{host_cpus - 1})'
-                )
-        return CpuLimit(cpuset=stripped)
-    raise InvalidArgument(
-        f'Invalid value for limits.cpu: "{value}" (expected a CPU count such as 2 or a set such as 0-1)'
-    )
-
-
-def parse_processes(value: str) -> int:
-    stripped = value.strip()
-    if not stripped.isdigit() or int(stripped) < 1:
-        raise InvalidArgument(
-            f'Invalid value for limits.processes: "{value}" (expected a positive integer)'
-        )
-    return int(stripped)
 
 
 @dataclass(frozen=True)
@@ -134,15 +43,25 @@ class Limits:
 
 
 def parse_limits(config: dict[str, str]) -> Limits:
-    """Parse the limits.* keys present in an LXD-style config (an empty value = unset)."""
-    memory = config.get("limits.memory", "")
-    cpu = config.get("limits.cpu", "")
-    processes = config.get("limits.processes", "")
-    return Limits(
-        memory_bytes=parse_memory(memory) if memory else None,
-        cpu=parse_cpu(cpu) if cpu else None,
-        processes=parse_processes(processes) if processes else None,
-    )
+    """The limits.* keys of an LXD-style config (an empty value = unset), read through the
+    keys' one declaration; what only this host can tell (its memory, its CPUs) is
+    checked here."""
+    cfg = InstanceConfig(config)
+    memory = cfg.memory("limits.memory")
+    memory_bytes = None
+    if memory is not None:
+        memory_bytes = memory.bytes
+        if memory.percent is not None:
+            memory_bytes = host_memory_bytes() * min(memory.percent, 100) // 100
+    cpu = cfg.cpu("limits.cpu")
+    if cpu is not None and cpu.cpus is not None:
+        host_cpus = os.cpu_count() or 1
+        if max(cpu.cpus) >= host_cpus:
+            raise InvalidArgument(
+                f'Invalid value for limits.cpu "{config["limits.cpu"]}": this host has '
+                f"CPUs 0-{host_cpus - 1}"
+            )
+    return Limits(memory_bytes=memory_bytes, cpu=cpu, processes=cfg.int("limits.processes"))
 
 
 def cgroup_v1_items(limits: Limits, include_resets: bool = True) -> list[tuple[str, str]]:

@@ -21,6 +21,7 @@ from enum import Enum
 from typing import ClassVar
 
 from croft.common.errors import InvalidArgument
+from croft.common.instance_config import InstanceConfig
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ class InstanceSpec:
 
     @property
     def privileged(self) -> bool:
-        return self.config.get("security.privileged", "false").lower() in ("true", "1", "yes")
+        return InstanceConfig(self.config).bool("security.privileged")
 
 
 class Status(Enum):
@@ -182,13 +183,16 @@ class InstanceDriver(ABC):
     async def create(self, spec: InstanceSpec) -> None:
         """Define an instance (write its configuration); does not start it. The rootfs must
         exist. Raises Conflict if the name exists, InvalidArgument for a bad spec (before
-        writing anything). On failure, everything written is removed."""
+        writing anything), including any config or device value that would not stay one
+        value of the backend's configuration (a line break in a line-based file): no value
+        may ever add a setting of its own. On failure, everything written is removed."""
 
     @abstractmethod
     async def redefine(self, spec: InstanceSpec) -> None:
         """Rewrite the configuration of a stopped instance from `spec`, in one step: the
         old one stays whole until the new one replaces it. InvalidArgument for a bad spec
-        and Conflict unless the instance is stopped, both before anything changes."""
+        (as for create) and Conflict unless the instance is stopped, both before anything
+        changes."""
 
     @abstractmethod
     async def start(self, name: str, before: Callable[[Status], None] | None = None) -> None:

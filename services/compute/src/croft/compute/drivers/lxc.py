@@ -46,6 +46,7 @@ import lxc  # type: ignore[import-not-found]
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
+from croft.common.instance_config import InstanceConfig, go_quote, parse_bool
 from croft.common.proc import run, run_async
 from croft.compute import limits as limits_mod
 from croft.compute.drivers import (
@@ -257,6 +258,14 @@ def _mount_target(device: str, path: str) -> str:
     return normalized.lstrip("/")
 
 
+def _device_flag(device: str, dev: dict[str, str], option: str) -> bool:
+    """A boolean device option (unset is false), read as LXD reads booleans."""
+    try:
+        return parse_bool(dev.get(option) or "false")
+    except ValueError as exc:
+        raise InvalidArgument(f'Device "{device}": {option}: {exc}') from None
+
+
 def _device_lines(
     spec: InstanceSpec, device: str, dev: dict[str, str], cgroup_prefix: str
 ) -> list[str]:
@@ -270,7 +279,7 @@ def _device_lines(
         if not os.path.exists(source):
             raise InvalidArgument(f'Device "{device}": source "{source}" does not exist')
         options = ["bind", "create=dir" if os.path.isdir(source) else "create=file"]
-        if dev.get("readonly", "false").lower() in ("true", "1", "yes"):
+        if _device_flag(device, dev, "readonly"):
             options.append("ro")
         if not spec.privileged:
             options.append("idmap=container")  # host-owned source, seen unshifted inside
@@ -341,7 +350,7 @@ def render_config(
     ]
     if not spec.privileged:
         lines.append(f"lxc.include = {USERNS_CONF}")
-    if spec.config.get("security.nesting", "false").lower() in ("true", "1", "yes"):
+    if InstanceConfig(spec.config).bool("security.nesting"):
         lines.append(f"lxc.include = {NESTING_CONF}")
     lines += [
         # lxcfs's hooks (from common.conf.d): the post-stop one only sleeps 0.5 s, the mount
@@ -383,7 +392,19 @@ def render_config(
         else limits_mod.cgroup_v2_items(parsed, include_resets=False)
     )
     lines += [f"{cgroup_prefix}.{key} = {value}" for key, value in items]
-    raw = spec.config.get("raw.lxc", "")
+    # Every entry above is one `key = value` line, whatever a record holds: a value with
+    # a line break (or a NUL, which ends liblxc's read of the line) would otherwise write
+    # keys of its own, such as lxc.hook.* (run as root on the host). One scan of a few
+    # dozen short strings: nothing next to the rest of a start.
+    for line in lines:
+        if "\n" in line or "\r" in line or "\0" in line:
+            key = line.partition("=")[0].strip()
+            raise InvalidArgument(
+                f"Invalid LXC configuration value for {key}: {go_quote(line)} holds a line "
+                "break or NUL"
+            )
+    # raw.lxc is LXC configuration by design, checked here too as LXD checks it.
+    raw = InstanceConfig(spec.config).string("raw.lxc")
     if raw:
         lines.append("# raw.lxc")
         lines += raw.splitlines()
