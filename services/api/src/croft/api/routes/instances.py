@@ -326,8 +326,13 @@ async def _all_snapshots(store: Any, project: str) -> dict[str, list[dict[str, A
     return found
 
 
-def render(record: dict[str, Any]) -> dict[str, Any]:
-    return public(record)
+def render(record: dict[str, Any], standalone: bool) -> dict[str, Any]:
+    """The instance as clients see it. A record's `location` is its member; a standalone
+    server shows LXD's member name for itself, "none"."""
+    body = public(record)
+    if standalone:
+        body["location"] = "none"
+    return body
 
 
 @router.get("/1.0/instances")
@@ -341,6 +346,7 @@ async def instances_list(request: Request) -> Response:
         for r in await records.list_records(ctx.store, KIND, project)
         if r.get("_croft", {}).get("state") != "creating"
     ]
+    standalone = ctx.settings.location == "none"
     if query.recursion(request) == 2:
         states, snapshots = await asyncio.gather(
             _states_of(found),
@@ -348,7 +354,7 @@ async def instances_list(request: Request) -> Response:
         )
         full = []
         for record, state in zip(found, states, strict=True):
-            item = render(record)
+            item = render(record, standalone)
             item["state"] = state
             item["snapshots"] = snapshots.get(record["name"], [])
             item["backups"] = []
@@ -357,7 +363,12 @@ async def instances_list(request: Request) -> Response:
             query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
         )
     return responses.sync(
-        query.listing(found, request, lambda r: records.url(KIND, r["name"], project), render)
+        query.listing(
+            found,
+            request,
+            lambda r: records.url(KIND, r["name"], project),
+            lambda r: render(r, standalone),
+        )
     )
 
 
@@ -563,7 +574,7 @@ def _random_name() -> str:
 @router.get("/1.0/containers/{name}")
 async def instance_get(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
-    body = render(record)
+    body = render(record, context(request).settings.location == "none")
     if query.recursion(request) >= 1:
         body["state"] = await _state_of(record)
         body["snapshots"] = await _snapshots_of(context(request).store, project, name)
