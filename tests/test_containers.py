@@ -775,3 +775,40 @@ def test_a_record_from_before_storage_said_where_the_volume_is_still_gets_its_te
         assert Path(asyncio.run(volume()), "templates").is_dir()
     finally:
         lxc("delete", "--force", "legacy", check=False)
+
+
+def test_deleting_an_image_deletes_its_unpacked_volume(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str, tmp_path: Path
+) -> None:
+    """`lxc image delete` leaves nothing of the image in the pools: storage follows the
+    deletion and removes the image's unpacked volume and its record."""
+    from croft.images.builder import build_image
+
+    croft, lxc, _ = croft_lxc
+    definition = yaml.safe_load((REPO / "services/images/definitions/busybox.yaml").read_text())
+    definition["properties"]["variant"] = "to-delete"
+    (tmp_path / "gone.yaml").write_text(yaml.safe_dump(definition))
+    fingerprint = build_image(tmp_path / "gone.yaml", tmp_path / "gone.tar.gz").fingerprint
+    lxc("image", "import", str(tmp_path / "gone.tar.gz"), "--alias", "to-delete")
+    images = croft.root / "state" / "storage-pools" / "default" / "images"
+    key = f"/croft/records/storage-volumes/default/default/image/{fingerprint}"
+
+    async def volume_record() -> Any:
+        store = await connect([croft.endpoint])
+        try:
+            return await store.get_json(key)
+        finally:
+            await store.close()
+
+    lxc("init", "to-delete", "from-gone")
+    try:
+        assert (images / fingerprint / "rootfs").is_dir()
+        assert asyncio.run(volume_record()) is not None
+        lxc("image", "delete", "to-delete")
+        wait_until(lambda: not (images / fingerprint).exists(), 30, "the image volume to go")
+        wait_until(lambda: asyncio.run(volume_record()) is None, 30, "its record to go")
+        # The instance made from it does not depend on it.
+        lxc("start", "from-gone")
+        assert lxc("exec", "from-gone", "--", "cat", "/etc/hostname").stdout == "from-gone\n"
+    finally:
+        lxc("delete", "--force", "from-gone", check=False)

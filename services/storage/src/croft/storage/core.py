@@ -34,6 +34,7 @@ written, when missing, every time one is used, so a crash between unpack and rec
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -46,6 +47,7 @@ from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument,
 from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
+    RECORDS,
     copy_record,
     modify,
     modify_entry,
@@ -54,7 +56,7 @@ from croft.common.records import (
 )
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
-from croft.common.store import Create, Delete, Put, Update, dump
+from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.images.format import unpack_image
 from croft.storage.drivers import (
     DRIVERS,
@@ -89,6 +91,10 @@ POOL_MEMBER_KEYS = frozenset(
         "lvm.vg_name",
     }
 )
+# The images service's records (`croft.images.core`), whose deletions storage follows.
+IMAGE_RECORDS = f"{RECORDS}images/"
+# The lock of an image volume, beside the instance volumes' (names never hold '/').
+IMAGE_LOCK = "image/"
 # Fetching an image's files may mean copying a big blob to this host first.
 IMAGE_FILES_TIMEOUT = 600.0
 # LXD's content type of an instance's root volume.
@@ -642,11 +648,56 @@ class StorageCore:
         The driver makes it at most once: a creator that loses the race gets Conflict."""
         driver = await self.driver(pool)
         vol = driver.volume(VolumeType.IMAGE, check_fingerprint(fingerprint))
-        if not await driver.has_volume(vol):
-            with contextlib.suppress(Conflict):
-                await driver.create_volume(vol, self._image_filler(pool, project, fingerprint))
-        await self._ensure_image_record(pool, fingerprint)
+        # Not while the image's deletion removes it (delete_image_volumes).
+        async with self.locked(pool, IMAGE_LOCK + fingerprint):
+            if not await driver.has_volume(vol):
+                with contextlib.suppress(Conflict):
+                    filler = self._image_filler(pool, project, fingerprint)
+                    await driver.create_volume(vol, filler)
+            await self._ensure_image_record(pool, fingerprint)
         return vol
+
+    async def follow_image_deletions(self) -> None:
+        """Runs for the life of the service: when the last image record with a fingerprint
+        goes (`lxc image delete`), its unpacked volumes go from this member's pools. What
+        was deleted while this service was down is caught up first."""
+        revision = await self.store.revision()
+        await self.prune_image_volumes()
+        while True:
+            try:
+                async for event in self.store.watch(IMAGE_RECORDS, start_revision=revision):
+                    revision = event.revision
+                    if event.type is EventType.DELETE:
+                        fingerprint = event.key.rsplit("/", 1)[-1]
+                        if not await self._image_recorded(fingerprint):
+                            await self.delete_image_volumes(fingerprint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (the store went away: follow again)
+                log.warning("following image deletions failed, again in 1 s: %s", exc)
+                await asyncio.sleep(1)
+
+    async def _image_recorded(self, fingerprint: str) -> bool:
+        """Whether an image with this fingerprint is recorded in any project."""
+        return any(
+            entry.key.rsplit("/", 1)[-1] == fingerprint
+            for entry in await self.store.list(IMAGE_RECORDS)
+        )
+
+    async def prune_image_volumes(self) -> None:
+        """Delete the image volumes of this member whose image is recorded nowhere."""
+        images = {entry.key.rsplit("/", 1)[-1] for entry in await self.store.list(IMAGE_RECORDS)}
+        stale = set()
+        for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
+            record = entry.json()
+            mine = record.get("_croft", {}).get("member") == self.member
+            if record.get("type") == "image" and mine and record["name"] not in images:
+                stale.add(record["name"])
+        for fingerprint in sorted(stale):
+            try:
+                await self.delete_image_volumes(fingerprint)
+            except CroftError as exc:
+                log.error("cannot delete the volumes of deleted image %s: %s", fingerprint, exc)
 
     async def delete_image_volumes(self, fingerprint: str) -> None:
         """The image was deleted: its unpacked volume goes from every pool of this member,
@@ -662,7 +713,7 @@ class StorageCore:
                 continue
             vol = driver.volume(VolumeType.IMAGE, fingerprint)
             key = volume_key(pool, "image", fingerprint)
-            async with self.locked(pool, f"image/{fingerprint}"):
+            async with self.locked(pool, IMAGE_LOCK + fingerprint):
                 with contextlib.suppress(NotFound):
                     await uninterrupted(driver.delete_volume(vol))
                 self._image_records.discard(key)
