@@ -1171,6 +1171,9 @@ class ComputeCore:
                 return
             actual = await self.driver.status(host_name)
             if found[0].get("status") != actual.label:
+                if actual is Status.STOPPED:  # stopped on its own: as after a stop
+                    with contextlib.suppress(CroftError):
+                        await self._unmount_root(project, name, found[0])
                 await self._set_status(project, name, actual, current=found)
 
     async def monitor(self, interval: float = 5.0, full_every: float = 60.0) -> None:
