@@ -698,3 +698,117 @@ def test_a_container_that_stops_or_starts_on_its_own_is_listed_as_it_is(
     power_off()
     lxc("delete", "--force", "own1")
     assert "own1" not in [i["name"] for i in lxc.json("list")]
+
+
+def test_server_pools_and_instances_show_what_the_services_report(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """`/1.0` lists the storage drivers the live storage service reports; a standalone
+    server shows LXD's "none" as the location of its pool and instances, while the records
+    name their member."""
+    croft, lxc, _ = croft_lxc
+    environment = json.loads(lxc("query", "/1.0").stdout)["environment"]
+    assert environment["storage"] == "dir"
+    assert environment["storage_version"] == "1"
+    assert environment["storage_supported_drivers"] == [
+        {"Name": "dir", "Version": "1", "Remote": False}
+    ]
+
+    pool = json.loads(lxc("query", "/1.0/storage-pools/default").stdout)
+    assert pool["config"] == {"source": str(croft.root / "state" / "storage-pools" / "default")}
+    assert (pool["status"], pool["locations"]) == ("Created", ["none"])
+    assert pool["driver"] == "dir" and "/1.0/instances/c1" in pool["used_by"]
+    resources = json.loads(lxc("query", "/1.0/storage-pools/default/resources").stdout)
+    assert resources["space"]["total"] > 0
+
+    assert json.loads(lxc("query", f"/1.0/instances/{c1}").stdout)["location"] == "none"
+    assert lxc.json("list")[0]["location"] == "none"
+
+    async def records() -> tuple[dict[str, Any], dict[str, Any]]:
+        store = await connect([croft.endpoint])
+        try:
+            instance = await store.get_json(f"/croft/records/instances/default/{c1}")
+            pool = await store.get_json("/croft/records/storage-pools/default/default")
+            assert instance is not None and pool is not None
+            return instance[0], pool[0]
+        finally:
+            await store.close()
+
+    instance, pool_record = asyncio.run(records())
+    member = instance["_croft"]["member"]
+    assert instance["location"] == member != "none"
+    assert list(pool_record["_croft"]["members"]) == [member]
+
+
+def test_a_record_from_before_storage_said_where_the_volume_is_still_gets_its_templates(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """Compute no longer derives the volume's directory from the rootfs path: storage
+    says where it is. A record written before storage said so learns it at its start
+    (MountInstanceVolume), and the image's create templates still render."""
+    croft, lxc, _ = croft_lxc
+    lxc("init", "busybox", "legacy")
+    key = "/croft/records/instances/default/legacy"
+
+    async def forget() -> None:
+        store = await connect([croft.endpoint])
+        try:
+            record, revision = await store.get_json(key)
+            assert record["_croft"].pop("volume")
+            record["_croft"].pop("instance_mounts")
+            await store.update(key, json.dumps(record).encode(), revision=revision)
+        finally:
+            await store.close()
+
+    async def volume() -> str:
+        store = await connect([croft.endpoint])
+        try:
+            record, _ = await store.get_json(key)
+            return str(record["_croft"].get("volume", ""))
+        finally:
+            await store.close()
+
+    try:
+        asyncio.run(forget())
+        lxc("start", "legacy")
+        assert lxc("exec", "legacy", "--", "cat", "/etc/hostname").stdout == "legacy\n"
+        assert Path(asyncio.run(volume()), "templates").is_dir()
+    finally:
+        lxc("delete", "--force", "legacy", check=False)
+
+
+def test_deleting_an_image_deletes_its_unpacked_volume(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str, tmp_path: Path
+) -> None:
+    """`lxc image delete` leaves nothing of the image in the pools: storage follows the
+    deletion and removes the image's unpacked volume and its record."""
+    from croft.images.builder import build_image
+
+    croft, lxc, _ = croft_lxc
+    definition = yaml.safe_load((REPO / "services/images/definitions/busybox.yaml").read_text())
+    definition["properties"]["variant"] = "to-delete"
+    (tmp_path / "gone.yaml").write_text(yaml.safe_dump(definition))
+    fingerprint = build_image(tmp_path / "gone.yaml", tmp_path / "gone.tar.gz").fingerprint
+    lxc("image", "import", str(tmp_path / "gone.tar.gz"), "--alias", "to-delete")
+    images = croft.root / "state" / "storage-pools" / "default" / "images"
+    key = f"/croft/records/storage-volumes/default/default/image/{fingerprint}"
+
+    async def volume_record() -> Any:
+        store = await connect([croft.endpoint])
+        try:
+            return await store.get_json(key)
+        finally:
+            await store.close()
+
+    lxc("init", "to-delete", "from-gone")
+    try:
+        assert (images / fingerprint / "rootfs").is_dir()
+        assert asyncio.run(volume_record()) is not None
+        lxc("image", "delete", "to-delete")
+        wait_until(lambda: not (images / fingerprint).exists(), 30, "the image volume to go")
+        wait_until(lambda: asyncio.run(volume_record()) is None, 30, "its record to go")
+        # The instance made from it does not depend on it.
+        lxc("start", "from-gone")
+        assert lxc("exec", "from-gone", "--", "cat", "/etc/hostname").stdout == "from-gone\n"
+    finally:
+        lxc("delete", "--force", "from-gone", check=False)

@@ -48,7 +48,8 @@ def test_server_info_as_lxc_info_shows_it(replica: Replica) -> None:
     assert env["kernel"] == "Linux"
     assert env["kernel_version"] == os.uname().release
     assert env["project"] == "default"
-    assert env["storage"] == "dir"
+    # The drivers are what live storage services report; none runs beside this replica.
+    assert (env["storage"], env["storage_supported_drivers"]) == ("", [])
 
 
 def test_unknown_path_is_lxds_404(replica: Replica) -> None:

@@ -9,22 +9,28 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import inspect
 import os
 import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.storage.drivers import (
+    DRIVERS,
     Capabilities,
+    ContentType,
+    Filler,
+    Mounted,
     StorageDriver,
-    driver_class,
-    driver_names,
+    Volume,
+    VolumeType,
     load_driver,
 )
 
@@ -74,8 +80,77 @@ def make_busybox_image(target: Path) -> None:
 IMAGE = fingerprint("busybox")
 
 
+# -- the volumes the tests use, through the generic interface ------------------------------
+#
+# Volumes are built without checks: the driver must check every name it is given.
+
+
+def ct(driver: StorageDriver, name: str) -> Volume:
+    return Volume(driver.pool, VolumeType.CONTAINER, ContentType.FILESYSTEM, name)
+
+
+def img(driver: StorageDriver, fp: str) -> Volume:
+    return Volume(driver.pool, VolumeType.IMAGE, ContentType.FILESYSTEM, fp)
+
+
+def cv(driver: StorageDriver, name: str) -> Volume:
+    return Volume(driver.pool, VolumeType.CUSTOM, ContentType.FILESYSTEM, name)
+
+
+def filler(unpack: Callable[[Path], Any]) -> Filler:
+    """A volume filler from a function of the directory to fill (plain or async)."""
+    if inspect.iscoroutinefunction(unpack):
+
+        async def fill_async(mounted: Mounted) -> None:
+            await unpack(mounted.path)
+
+        return fill_async
+
+    def fill(mounted: Mounted) -> None:
+        unpack(mounted.path)
+
+    return fill
+
+
+async def unpack_image(driver: StorageDriver, fp: str, unpack: Callable[[Path], Any]) -> Path:
+    """A new image volume filled by `unpack`; its directory."""
+    await driver.create_volume(img(driver, fp), filler(unpack))
+    return (await driver.mount_volume(img(driver, fp))).path
+
+
 async def busybox_image(driver: StorageDriver) -> Path:
-    return await driver.create_image_volume(IMAGE, make_busybox_image)
+    if not await driver.has_volume(img(driver, IMAGE)):
+        await driver.create_volume(img(driver, IMAGE), filler(make_busybox_image))
+    return (await driver.mount_volume(img(driver, IMAGE))).path
+
+
+async def rootfs_of(driver: StorageDriver, name: str) -> Path:
+    return (await driver.mount_volume(ct(driver, name))).path / "rootfs"
+
+
+async def launch(driver: StorageDriver, name: str, fp: str = IMAGE) -> Path:
+    """An instance volume copied from an image volume (a launch); its rootfs."""
+    await driver.create_volume_from_copy(ct(driver, name), img(driver, fp))
+    return await rootfs_of(driver, name)
+
+
+async def empty_instance(driver: StorageDriver, name: str) -> Path:
+    await driver.create_volume(ct(driver, name))
+    return await rootfs_of(driver, name)
+
+
+async def copy_instance(
+    driver: StorageDriver, src: str, dst: str, *, with_snapshots: bool = False
+) -> Path:
+    await driver.create_volume_from_copy(
+        ct(driver, dst), ct(driver, src), with_snapshots=with_snapshots
+    )
+    return await rootfs_of(driver, dst)
+
+
+async def custom_volume(driver: StorageDriver, name: str) -> Path:
+    await driver.create_volume(cv(driver, name))
+    return (await driver.mount_volume(cv(driver, name))).path
 
 
 def visible(directory: Path) -> list[str]:
@@ -83,12 +158,12 @@ def visible(directory: Path) -> list[str]:
 
 
 def leftovers(driver: StorageDriver) -> list[str]:
-    """Hidden temporary entries anywhere in the pool's layout (the images lock excepted)."""
+    """Temporary entries (`.tmp-*`, `.deleted-*`) anywhere in the pool."""
     found = []
-    for sub in ("containers", "containers-snapshots", "images", "custom"):
-        for entry in (driver.source / sub).iterdir():
-            if entry.name.startswith(".") and entry.name != ".lock":
-                found.append(f"{sub}/{entry.name}")
+    for root, dirs, files in os.walk(driver.source):
+        for name in dirs + files:
+            if name.startswith((".tmp-", ".deleted-")):
+                found.append(os.path.relpath(os.path.join(root, name), driver.source))
     return found
 
 
@@ -112,10 +187,12 @@ def tree(path: Path) -> dict[str, bytes | str]:
 
 
 def test_registry_knows_dir_and_refuses_unknown_drivers() -> None:
-    assert "dir" in driver_names()
-    assert driver_class("dir").name == "dir"
-    with pytest.raises(NotFound):
-        driver_class("no-such-driver")
+    assert "dir" in DRIVERS.names()
+    assert DRIVERS.get("dir").name == "dir"
+    with pytest.raises(InvalidArgument):
+        DRIVERS.get("no-such-driver")
+    with pytest.raises(InvalidArgument):
+        load_driver("no-such-driver", "p")
     with pytest.raises(InvalidArgument):
         load_driver("dir", "p", {"source": "/tmp/x", "bogus.key": "1"})
     with pytest.raises(InvalidArgument):
@@ -125,9 +202,7 @@ def test_registry_knows_dir_and_refuses_unknown_drivers() -> None:
     )
 
 
-async def test_pool_has_lxd_layout_and_reports_usage(driver: StorageDriver) -> None:
-    for sub in ("containers", "containers-snapshots", "images", "custom"):
-        assert (driver.source / sub).is_dir()
+async def test_pool_reports_usage(driver: StorageDriver) -> None:
     usage = await driver.pool_usage()
     assert 0 < usage.used_bytes <= usage.total_bytes
     assert 0 < usage.used_inodes <= usage.total_inodes
@@ -135,13 +210,13 @@ async def test_pool_has_lxd_layout_and_reports_usage(driver: StorageDriver) -> N
 
 async def test_pool_deleted_only_when_empty(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
+    await launch(driver, "c1", IMAGE)
     with pytest.raises(Conflict):
         await driver.delete_pool()
-    assert (driver.source / "containers/c1/rootfs/bin/busybox").exists()
+    assert (await rootfs_of(driver, "c1")).joinpath("bin/busybox").exists()
 
-    await driver.delete_instance("c1")
-    await driver.delete_image_volume(IMAGE)
+    await driver.delete_volume(ct(driver, "c1"))
+    await driver.delete_volume(img(driver, IMAGE))
     await driver.delete_pool()
     assert not driver.source.exists()
     with pytest.raises(NotFound):
@@ -162,8 +237,9 @@ async def test_create_pool_refuses_a_non_empty_source(test_dir: Path) -> None:
 
 
 async def test_ten_concurrent_first_launches_unpack_the_image_once(driver: StorageDriver) -> None:
+    """Ten creators of one image volume: one fills it, the nine others wait for it and get
+    Conflict (the image is there); nobody sees a half-filled volume."""
     calls = 0
-    final = driver.source / "images" / IMAGE
 
     async def slow_unpack(target: Path) -> None:
         nonlocal calls
@@ -171,15 +247,16 @@ async def test_ten_concurrent_first_launches_unpack_the_image_once(driver: Stora
         await asyncio.to_thread(make_busybox_image, target)
         # Give the other callers every chance to see a half tree while this one works.
         await asyncio.sleep(0.2)
-        assert not final.exists(), "the image became visible before its unpack finished"
+        assert not await driver.has_volume(img(driver, IMAGE)), "visible before it was filled"
 
-    paths = await asyncio.gather(
-        *(driver.create_image_volume(IMAGE, slow_unpack) for _ in range(10))
+    results = await asyncio.gather(
+        *(unpack_image(driver, IMAGE, slow_unpack) for _ in range(10)), return_exceptions=True
     )
     assert calls == 1
-    assert set(paths) == {final}
+    assert sorted(type(r).__name__ for r in results) == ["Conflict"] * 9 + ["PosixPath"]
+    final = (await driver.mount_volume(img(driver, IMAGE))).path
     assert (final / "rootfs/etc/motd").read_text() == "from the image\n"
-    assert await driver.has_image_volume(IMAGE)
+    assert await driver.has_volume(img(driver, IMAGE))
     assert leftovers(driver) == []
 
 
@@ -194,41 +271,43 @@ async def test_second_pool_process_waits_for_the_first_unpack(driver: StorageDri
         time.sleep(0.2)
         make_busybox_image(target)
 
-    await asyncio.gather(
-        driver.create_image_volume(IMAGE, counting_unpack),
-        other.create_image_volume(IMAGE, counting_unpack),
+    results = await asyncio.gather(
+        unpack_image(driver, IMAGE, counting_unpack),
+        unpack_image(other, IMAGE, counting_unpack),
+        return_exceptions=True,
     )
     assert calls == 1
+    assert sorted(type(r).__name__ for r in results) == ["Conflict", "PosixPath"]
 
 
 async def test_a_failing_unpack_leaves_nothing(driver: StorageDriver) -> None:
-    before = visible(driver.source / "images")
 
     def broken_unpack(target: Path) -> None:
         make_busybox_image(target)
         raise RuntimeError("tarball truncated")
 
     with pytest.raises(RuntimeError, match="truncated"):
-        await driver.create_image_volume(IMAGE, broken_unpack)
-    assert visible(driver.source / "images") == before
+        await unpack_image(driver, IMAGE, broken_unpack)
     assert leftovers(driver) == []
-    assert not await driver.has_image_volume(IMAGE)
+    assert not await driver.has_volume(img(driver, IMAGE))
 
     with pytest.raises(InvalidArgument, match="rootfs"):
-        await driver.create_image_volume(IMAGE, lambda target: None)
+        await unpack_image(driver, IMAGE, lambda target: None)
     assert leftovers(driver) == []
 
     # The next launch unpacks again and succeeds.
     await busybox_image(driver)
-    assert await driver.has_image_volume(IMAGE)
+    assert await driver.has_volume(img(driver, IMAGE))
 
 
 async def test_delete_image_volume(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    await driver.delete_image_volume(IMAGE)
-    assert visible(driver.source / "images") == []
+    await driver.delete_volume(img(driver, IMAGE))
+    assert not await driver.has_volume(img(driver, IMAGE))
     with pytest.raises(NotFound):
-        await driver.delete_image_volume(IMAGE)
+        await driver.mount_volume(img(driver, IMAGE))
+    with pytest.raises(NotFound):
+        await driver.delete_volume(img(driver, IMAGE))
 
 
 # -- instances -----------------------------------------------------------------------------
@@ -237,12 +316,13 @@ async def test_delete_image_volume(driver: StorageDriver) -> None:
 async def test_instance_sees_the_image_and_writes_stay_its_own(driver: StorageDriver) -> None:
     image = await busybox_image(driver)
     image_before = tree(image)
-    rootfs1 = await driver.create_instance_from_image("c1", IMAGE)
-    rootfs2 = await driver.create_instance_from_image("c2", IMAGE)
-    assert rootfs1 == driver.source / "containers/c1/rootfs"
+    rootfs1 = await launch(driver, "c1", IMAGE)
+    rootfs2 = await launch(driver, "c2", IMAGE)
     assert (rootfs1 / "etc/motd").read_text() == "from the image\n"
     assert os.readlink(rootfs1 / "bin/sh") == "/bin/busybox"
-    assert (driver.source / "containers/c1/metadata.yaml").is_file()
+    # The image's metadata and templates come along, beside the rootfs, for compute.
+    volume = (await driver.mount_volume(ct(driver, "c1"))).path
+    assert (volume / "metadata.yaml").is_file() and (volume / "templates").is_dir()
 
     # In-place writes are what a hardlinked tree would leak into the image.
     with open(rootfs1 / "etc/motd", "a") as f:
@@ -299,8 +379,10 @@ async def test_instance_copy_keeps_owners_modes_times_and_xattrs(
 ) -> None:
     """However the copy is made (it leaves out what the image does not need), the
     instance's tree has the image's owners, modes, times and xattrs."""
-    image = await driver.create_image_volume(
-        fingerprint(kind), make_image_with_xattrs if kind == "xattrs" else make_busybox_image
+    image = await unpack_image(
+        driver,
+        fingerprint(kind),
+        make_image_with_xattrs if kind == "xattrs" else make_busybox_image,
     )
     motd = image / "rootfs/etc/motd"
     if kind != "root-owned":
@@ -308,7 +390,7 @@ async def test_instance_copy_keeps_owners_modes_times_and_xattrs(
     os.chmod(motd, 0o640)
     os.utime(motd, ns=(1_000_000_000, 1_000_000_000))
 
-    rootfs = await driver.create_instance_from_image("c1", fingerprint(kind))
+    rootfs = await launch(driver, "c1", fingerprint(kind))
 
     assert metadata(rootfs) == metadata(image / "rootfs")
     if kind == "xattrs":
@@ -366,12 +448,13 @@ def full_metadata(path: Path) -> dict[str, tuple[int, ...]]:
 async def test_instance_copy_keeps_links_nodes_set_id_bits_and_holes(
     driver: StorageDriver, kind: str
 ) -> None:
-    image = await driver.create_image_volume(
+    image = await unpack_image(
+        driver,
         fingerprint(kind),
         functools.partial(make_image_with_special_entries, sparse=kind == "sparse"),
     )
 
-    rootfs = await driver.create_instance_from_image("c1", fingerprint(kind))
+    rootfs = await launch(driver, "c1", fingerprint(kind))
 
     assert full_metadata(rootfs) == full_metadata(image / "rootfs")
     for name in ("bin/su-again", "locked/inside", "bin/busybox", "sbin/init"):
@@ -385,14 +468,14 @@ async def test_instance_copy_keeps_links_nodes_set_id_bits_and_holes(
 
 async def test_instance_from_a_missing_image_or_twice_is_refused(driver: StorageDriver) -> None:
     with pytest.raises(NotFound):
-        await driver.create_instance_from_image("c1", fingerprint("never unpacked"))
-    assert visible(driver.source / "containers") == []
+        await launch(driver, "c1", fingerprint("never unpacked"))
+    assert not await driver.has_volume(ct(driver, "c1"))
     await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
-    (driver.source / "containers/c1/rootfs/root/mine").write_text("keep")
+    rootfs = await launch(driver, "c1", IMAGE)
+    (rootfs / "root/mine").write_text("keep")
     with pytest.raises(Conflict):
-        await driver.create_instance_from_image("c1", IMAGE)
-    assert (driver.source / "containers/c1/rootfs/root/mine").read_text() == "keep"
+        await launch(driver, "c1", IMAGE)
+    assert (rootfs / "root/mine").read_text() == "keep"
     assert leftovers(driver) == []
 
 
@@ -400,58 +483,57 @@ async def test_new_instance_volumes_are_unrecorded_until_marked(driver: StorageD
     """The service writes a volume's record once the volume is made; until it says so, a
     new volume is listed as unrecorded, for the next start to remove if no record came."""
     await busybox_image(driver)
-    assert await driver.unrecorded_instances() == []
-    rootfs = await driver.create_instance_from_image("c2", IMAGE)
-    await driver.create_empty_instance("c1")
-    assert await driver.unrecorded_instances() == ["c1", "c2"]
+    assert await driver.unrecorded_volumes(VolumeType.CONTAINER) == []
+    rootfs = await launch(driver, "c2", IMAGE)
+    await empty_instance(driver, "c1")
+    assert await driver.unrecorded_volumes(VolumeType.CONTAINER) == ["c1", "c2"]
     assert not any(p.name.startswith(".unrecorded") for p in rootfs.iterdir())
-    await driver.mark_recorded("c2")
-    await driver.mark_recorded("c2")  # idempotent
-    assert await driver.unrecorded_instances() == ["c1"]
-    await driver.delete_instance("c1")
-    assert await driver.unrecorded_instances() == []
+    await driver.mark_recorded(ct(driver, "c2"))
+    await driver.mark_recorded(ct(driver, "c2"))  # idempotent
+    assert await driver.unrecorded_volumes(VolumeType.CONTAINER) == ["c1"]
+    await driver.delete_volume(ct(driver, "c1"))
+    assert await driver.unrecorded_volumes(VolumeType.CONTAINER) == []
     with pytest.raises(NotFound):
-        await driver.mark_recorded("c1")
+        await driver.mark_recorded(ct(driver, "c1"))
 
 
 async def test_empty_instance_has_an_empty_rootfs(driver: StorageDriver) -> None:
-    assert not await driver.has_instance("c1")
-    rootfs = await driver.create_empty_instance("c1")
-    assert await driver.has_instance("c1")
-    assert rootfs == await driver.mount_instance("c1")
+    assert not await driver.has_volume(ct(driver, "c1"))
+    rootfs = await empty_instance(driver, "c1")
+    assert await driver.has_volume(ct(driver, "c1"))
+    assert rootfs == await rootfs_of(driver, "c1")
     assert rootfs.is_dir() and list(rootfs.iterdir()) == []
     (rootfs / "mine").write_text("keep")
     with pytest.raises(Conflict):
-        await driver.create_empty_instance("c1")
+        await empty_instance(driver, "c1")
     assert (rootfs / "mine").read_text() == "keep"
     with pytest.raises(InvalidArgument):
-        await driver.create_empty_instance("../escape")
-    await driver.delete_instance("c1")
-    assert not await driver.has_instance("c1")
-    assert visible(driver.source / "containers") == []
+        await empty_instance(driver, "../escape")
+    await driver.delete_volume(ct(driver, "c1"))
+    assert not await driver.has_volume(ct(driver, "c1"))
     assert leftovers(driver) == []
 
 
 async def test_mount_instance_is_idempotent(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    created = await driver.create_instance_from_image("c1", IMAGE)
-    first = await driver.mount_instance("c1")
-    second = await driver.mount_instance("c1")
+    created = await launch(driver, "c1", IMAGE)
+    first = await rootfs_of(driver, "c1")
+    second = await rootfs_of(driver, "c1")
     assert first == second == created
     assert (first / "etc/motd").is_file()
-    await driver.unmount_instance("c1")
-    await driver.unmount_instance("c1")
+    await driver.unmount_volume(ct(driver, "c1"))
+    await driver.unmount_volume(ct(driver, "c1"))
     with pytest.raises(NotFound):
-        await driver.mount_instance("missing")
+        await rootfs_of(driver, "missing")
 
 
 async def test_delete_instance_leaves_no_dir_and_no_mount(
     driver: StorageDriver, test_dir: Path, mounts_under: Callable[[Path], list[str]]
 ) -> None:
     await busybox_image(driver)
-    rootfs = await driver.create_instance_from_image("c1", IMAGE)
-    await driver.mount_instance("c1")
-    await driver.create_snapshot("c1", "snap0")
+    rootfs = await launch(driver, "c1", IMAGE)
+    await rootfs_of(driver, "c1")
+    await driver.create_snapshot(ct(driver, "c1").snapshot("snap0"))
     # Something left mounted inside the rootfs (a bind from a crashed start): deleting the
     # instance must unmount it, and must not delete the mounted filesystem's content.
     outside = test_dir / "outside"
@@ -462,10 +544,10 @@ async def test_delete_instance_leaves_no_dir_and_no_mount(
         subprocess.run, ["mount", "--bind", str(outside), str(rootfs / "mnt")], check=True
     )
 
-    await driver.delete_instance("c1")
+    await driver.delete_volume(ct(driver, "c1"))
 
-    assert not (driver.source / "containers/c1").exists()
-    assert not (driver.source / "containers-snapshots/c1").exists()
+    assert not await driver.has_volume(ct(driver, "c1"))
+    assert not await driver.has_volume(ct(driver, "c1").snapshot("snap0"))
     assert mounts_under(driver.source) == [] or all(
         # a driver whose pool itself is a mount (btrfs) keeps that one
         Path(p) == driver.source
@@ -474,34 +556,34 @@ async def test_delete_instance_leaves_no_dir_and_no_mount(
     assert (outside / "precious").read_text() == "not the instance's"
     assert leftovers(driver) == []
     with pytest.raises(NotFound):
-        await driver.delete_instance("c1")
+        await driver.delete_volume(ct(driver, "c1"))
 
 
 async def test_rename_instance_takes_its_snapshots_along(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
-    await driver.create_instance_from_image("taken", IMAGE)
-    await driver.create_snapshot("c1", "s1")
+    await launch(driver, "c1", IMAGE)
+    await launch(driver, "taken", IMAGE)
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
 
     with pytest.raises(Conflict):
-        await driver.rename_instance("c1", "taken")
-    assert await driver.list_snapshots("c1") == ["s1"]
+        await driver.rename_volume(ct(driver, "c1"), "taken")
+    assert await driver.list_snapshots(ct(driver, "c1")) == ["s1"]
 
-    await driver.rename_instance("c1", "c2")
-    assert not (driver.source / "containers/c1").exists()
-    assert (await driver.mount_instance("c2")).joinpath("etc/motd").is_file()
-    assert await driver.list_snapshots("c2") == ["s1"]
+    await driver.rename_volume(ct(driver, "c1"), "c2")
+    assert not await driver.has_volume(ct(driver, "c1"))
+    assert (await rootfs_of(driver, "c2")).joinpath("etc/motd").is_file()
+    assert await driver.list_snapshots(ct(driver, "c2")) == ["s1"]
     with pytest.raises(NotFound):
-        await driver.list_snapshots("c1")
+        await driver.list_snapshots(ct(driver, "c1"))
 
 
 async def test_instance_usage_counts_its_files(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    rootfs = await driver.create_instance_from_image("c1", IMAGE)
-    before = await driver.instance_usage("c1")
+    rootfs = await launch(driver, "c1", IMAGE)
+    before = await driver.volume_usage(ct(driver, "c1"))
     (rootfs / "root/blob").write_bytes(os.urandom(4 * 1024 * 1024))
     os.sync()
-    after = await driver.instance_usage("c1")
+    after = await driver.volume_usage(ct(driver, "c1"))
     assert after - before >= 4 * 1024 * 1024
 
 
@@ -509,24 +591,24 @@ async def test_copy_instance_is_independent_and_can_bring_snapshots(
     driver: StorageDriver,
 ) -> None:
     await busybox_image(driver)
-    src = await driver.create_instance_from_image("c1", IMAGE)
+    src = await launch(driver, "c1", IMAGE)
     (src / "root/state").write_text("v1")
-    await driver.create_snapshot("c1", "s1")
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
 
-    plain = await driver.copy_instance("c1", "c2")
-    full = await driver.copy_instance("c1", "c3", with_snapshots=True)
+    plain = await copy_instance(driver, "c1", "c2")
+    full = await copy_instance(driver, "c1", "c3", with_snapshots=True)
     assert (plain / "root/state").read_text() == "v1"
-    assert await driver.list_snapshots("c2") == []
-    assert await driver.list_snapshots("c3") == ["s1"]
+    assert await driver.list_snapshots(ct(driver, "c2")) == []
+    assert await driver.list_snapshots(ct(driver, "c3")) == ["s1"]
 
     (plain / "root/state").write_text("changed in c2")
     assert (src / "root/state").read_text() == "v1"
     assert (full / "root/state").read_text() == "v1"
 
     with pytest.raises(Conflict):
-        await driver.copy_instance("c1", "c2")
+        await copy_instance(driver, "c1", "c2")
     with pytest.raises(NotFound):
-        await driver.copy_instance("missing", "c9")
+        await copy_instance(driver, "missing", "c9")
     assert leftovers(driver) == []
 
 
@@ -535,49 +617,49 @@ async def test_copy_instance_is_independent_and_can_bring_snapshots(
 
 async def test_restore_brings_back_the_snapshot_state(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    rootfs = await driver.create_instance_from_image("c1", IMAGE)
+    rootfs = await launch(driver, "c1", IMAGE)
     (rootfs / "root/state").write_text("before")
-    await driver.create_snapshot("c1", "s1")
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
 
     (rootfs / "root/state").write_text("after")
     (rootfs / "root/created-later").write_text("should vanish")
     (rootfs / "etc/motd").unlink()
 
-    await driver.restore_snapshot("c1", "s1")
-    rootfs = await driver.mount_instance("c1")
+    await driver.restore_volume(ct(driver, "c1"), "s1")
+    rootfs = await rootfs_of(driver, "c1")
     assert (rootfs / "root/state").read_text() == "before"
     assert not (rootfs / "root/created-later").exists()
     assert (rootfs / "etc/motd").read_text() == "from the image\n"
     # The snapshot itself is untouched by the restore and can be restored again.
     (rootfs / "root/state").write_text("again")
-    await driver.restore_snapshot("c1", "s1")
+    await driver.restore_volume(ct(driver, "c1"), "s1")
     assert (rootfs / "root/state").read_text() == "before"
     assert leftovers(driver) == []
 
 
 async def test_snapshot_lifecycle(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
-    assert await driver.list_snapshots("c1") == []
-    await driver.create_snapshot("c1", "s1")
-    await driver.create_snapshot("c1", "s2")
+    await launch(driver, "c1", IMAGE)
+    assert await driver.list_snapshots(ct(driver, "c1")) == []
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s2"))
     with pytest.raises(Conflict):
-        await driver.create_snapshot("c1", "s1")
-    assert await driver.list_snapshots("c1") == ["s1", "s2"]
+        await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
+    assert await driver.list_snapshots(ct(driver, "c1")) == ["s1", "s2"]
 
-    await driver.rename_snapshot("c1", "s1", "first")
-    assert await driver.list_snapshots("c1") == ["first", "s2"]
+    await driver.rename_volume(ct(driver, "c1").snapshot("s1"), "first")
+    assert await driver.list_snapshots(ct(driver, "c1")) == ["first", "s2"]
     with pytest.raises(Conflict):
-        await driver.rename_snapshot("c1", "first", "s2")
+        await driver.rename_volume(ct(driver, "c1").snapshot("first"), "s2")
 
-    await driver.delete_snapshot("c1", "first")
-    assert await driver.list_snapshots("c1") == ["s2"]
+    await driver.delete_volume(ct(driver, "c1").snapshot("first"))
+    assert await driver.list_snapshots(ct(driver, "c1")) == ["s2"]
     with pytest.raises(NotFound):
-        await driver.delete_snapshot("c1", "first")
+        await driver.delete_volume(ct(driver, "c1").snapshot("first"))
     with pytest.raises(NotFound):
-        await driver.restore_snapshot("c1", "first")
+        await driver.restore_volume(ct(driver, "c1"), "first")
     with pytest.raises(NotFound):
-        await driver.create_snapshot("missing", "s1")
+        await driver.create_snapshot(ct(driver, "missing").snapshot("s1"))
     assert leftovers(driver) == []
 
 
@@ -585,16 +667,23 @@ async def test_snapshot_lifecycle(driver: StorageDriver) -> None:
 
 
 async def test_custom_volumes(driver: StorageDriver) -> None:
-    path = await driver.create_volume("data")
-    assert path == driver.source / "custom/data"
+    path = await custom_volume(driver, "data")
     (path / "file").write_text("x")
     with pytest.raises(Conflict):
-        await driver.create_volume("data")
+        await custom_volume(driver, "data")
     assert (path / "file").read_text() == "x"
-    await driver.delete_volume("data")
-    assert visible(driver.source / "custom") == []
+    # Snapshots of custom volumes are volumes of their parent too.
+    if driver.capabilities.snapshots:
+        await driver.create_snapshot(cv(driver, "data").snapshot("s0"))
+        (path / "file").write_text("y")
+        await driver.restore_volume(cv(driver, "data"), "s0")
+        assert (path / "file").read_text() == "x"
+        assert await driver.list_snapshots(cv(driver, "data")) == ["s0"]
+    await driver.delete_volume(cv(driver, "data"))
+    assert not await driver.has_volume(cv(driver, "data"))
+    assert not await driver.has_volume(cv(driver, "data").snapshot("s0"))
     with pytest.raises(NotFound):
-        await driver.delete_volume("data")
+        await driver.delete_volume(cv(driver, "data"))
 
 
 # -- bad input -----------------------------------------------------------------------------
@@ -602,60 +691,151 @@ async def test_custom_volumes(driver: StorageDriver) -> None:
 BAD_NAMES = ["", ".", "..", "../x", "../../etc", "a/b", "/", "/etc", ".hidden", "x\x00y", "a" * 300]
 
 
+def pool_tree(driver: StorageDriver) -> list[str]:
+    """Every visible entry of the pool, however the driver lays it out."""
+    found = []
+    for root, dirs, files in os.walk(driver.source):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [os.path.join(root, n) for n in dirs + files if not n.startswith(".")]
+    return sorted(found)
+
+
 @pytest.mark.parametrize("bad", BAD_NAMES)
 async def test_unsafe_names_are_rejected_and_change_nothing(
     driver: StorageDriver, bad: str
 ) -> None:
     await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
-    await driver.create_snapshot("c1", "s1")
-    await driver.create_volume("v1")
-    before = {
-        sub: visible(driver.source / sub)
-        for sub in ("containers", "containers-snapshots", "images", "custom")
-    }
+    await launch(driver, "c1", IMAGE)
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
+    await custom_volume(driver, "v1")
+    before = pool_tree(driver)
     before_parent = visible(driver.source.parent)
 
     calls = [
-        driver.create_instance_from_image(bad, IMAGE),
-        driver.mount_instance(bad),
-        driver.delete_instance(bad),
-        driver.rename_instance("c1", bad),
-        driver.rename_instance(bad, "c9"),
-        driver.copy_instance("c1", bad),
-        driver.create_snapshot("c1", bad),
-        driver.create_snapshot(bad, "s9"),
-        driver.delete_snapshot("c1", bad),
-        driver.rename_snapshot("c1", "s1", bad),
-        driver.restore_snapshot("c1", bad),
-        driver.create_volume(bad),
-        driver.delete_volume(bad),
-        driver.create_image_volume(bad, make_busybox_image),
-        driver.delete_image_volume(bad),
+        launch(driver, bad, IMAGE),
+        driver.rename_volume(ct(driver, "c1"), bad),
+        copy_instance(driver, "c1", bad),
+        driver.create_snapshot(ct(driver, "c1").snapshot(bad)),
+        driver.create_snapshot(ct(driver, bad).snapshot("s9")),
+        driver.delete_volume(ct(driver, "c1").snapshot(bad)),
+        driver.rename_volume(ct(driver, "c1").snapshot("s1"), bad),
+        driver.restore_volume(ct(driver, "c1"), bad),
+        custom_volume(driver, bad),
+        unpack_image(driver, bad, make_busybox_image),
+        driver.delete_volume(img(driver, bad)),
+    ]
+    # A volume name `<a>/<b>` names snapshot b of volume a: for these it is just missing.
+    snapshot_or_bad = NotFound if bad == "a/b" else InvalidArgument
+    lookups = [
+        rootfs_of(driver, bad),
+        driver.delete_volume(ct(driver, bad)),
+        driver.rename_volume(ct(driver, bad), "c9"),
+        driver.delete_volume(cv(driver, bad)),
     ]
     for call in calls:
         with pytest.raises(InvalidArgument):
             await call
+    for call in lookups:
+        with pytest.raises(snapshot_or_bad):
+            await call
 
-    after = {
-        sub: visible(driver.source / sub)
-        for sub in ("containers", "containers-snapshots", "images", "custom")
-    }
-    assert after == before
+    assert pool_tree(driver) == before
     assert visible(driver.source.parent) == before_parent
-    assert await driver.list_snapshots("c1") == ["s1"]
+    assert await driver.list_snapshots(ct(driver, "c1")) == ["s1"]
 
 
-async def test_mount_pool_removes_crash_leftovers(driver: StorageDriver) -> None:
+async def test_block_volumes_hold_a_disk(driver: StorageDriver) -> None:
+    """A VM's root volume has block content: mounting it gives its disk."""
+    if ContentType.BLOCK not in driver.capabilities.content_types:
+        pytest.skip(f"{driver.name} holds no block volumes")
+    vm = Volume(driver.pool, VolumeType.VM, ContentType.BLOCK, "v1", {"size": "64MiB"})
+    await driver.create_volume(vm)
+    mounted = await driver.mount_volume(vm)
+    assert mounted.block_device is not None
+    with open(mounted.block_device, "r+b") as disk:
+        disk.seek(1024 * 1024)
+        disk.write(b"boot sector, more or less")
+    assert os.path.getsize(mounted.block_device) == 64 * 1024 * 1024
+    await driver.create_snapshot(vm.snapshot("s0"))
+    copy = Volume(driver.pool, VolumeType.VM, ContentType.BLOCK, "v2")
+    await driver.create_volume_from_copy(copy, vm.snapshot("s0"))
+    copied = (await driver.mount_volume(copy)).block_device
+    assert copied is not None and copied != mounted.block_device
+    with open(copied, "rb") as disk:
+        disk.seek(1024 * 1024)
+        assert disk.read(25) == b"boot sector, more or less"
+    assert await driver.unrecorded_volumes(VolumeType.VM) == ["v1", "v2"]
+    for vol in (vm, copy):
+        await driver.delete_volume(vol)
+    assert not await driver.has_volume(vm.snapshot("s0"))
+    assert leftovers(driver) == []
+
+
+async def test_a_volume_made_from_a_snapshot_has_its_content(driver: StorageDriver) -> None:
     await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
+    rootfs = await launch(driver, "c1", IMAGE)
+    (rootfs / "root/state").write_text("at the snapshot")
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
+    (rootfs / "root/state").write_text("later")
+
+    await driver.create_volume_from_copy(ct(driver, "c2"), ct(driver, "c1").snapshot("s1"))
+
+    assert (await rootfs_of(driver, "c2")).joinpath("root/state").read_text() == "at the snapshot"
+    snapshot = (await driver.mount_volume(ct(driver, "c1").snapshot("s1"))).path
+    assert (snapshot / "rootfs/root/state").read_text() == "at the snapshot"
+    assert await driver.list_snapshots(ct(driver, "c2")) == []
+
+
+# -- dir only: LXD's on-disk layout, which other tools (and people) read ---------------------
+
+
+@pytest.fixture
+async def dir_driver(test_dir: Path) -> AsyncIterator[StorageDriver]:
+    driver = load_driver("dir", "croft-test", {"source": str(test_dir / "pool")})
+    await driver.create_pool()
+    await driver.mount_pool()
+    yield driver
+
+
+async def test_dir_pool_has_lxd_layout(dir_driver: StorageDriver) -> None:
+    driver = dir_driver
+    for sub in (
+        "containers",
+        "containers-snapshots",
+        "virtual-machines",
+        "virtual-machines-snapshots",
+        "images",
+        "custom",
+        "custom-snapshots",
+    ):
+        assert (driver.source / sub).is_dir()
+    await busybox_image(driver)
+    rootfs = await launch(driver, "c1", IMAGE)
+    await driver.create_snapshot(ct(driver, "c1").snapshot("s1"))
+    assert rootfs == driver.source / "containers/c1/rootfs"
+    assert (driver.source / "containers/c1/metadata.yaml").is_file()
+    assert (driver.source / "containers-snapshots/c1/s1/rootfs/etc/motd").is_file()
+    assert visible(driver.source / "images") == [IMAGE]
+    snapshot = await driver.mount_volume(ct(driver, "c1").snapshot("s1"))
+    assert snapshot.path == driver.source / "containers-snapshots/c1/s1"
+    vm = Volume(driver.pool, VolumeType.VM, ContentType.BLOCK, "v1", {"size": "1MiB"})
+    await driver.create_volume(vm)
+    assert (await driver.mount_volume(vm)).block_device == (
+        driver.source / "virtual-machines/v1/root.img"
+    )
+
+
+async def test_dir_mount_pool_removes_crash_leftovers(dir_driver: StorageDriver) -> None:
+    driver = dir_driver
+    await busybox_image(driver)
+    await launch(driver, "c1", IMAGE)
     for leftover in ("containers/.tmp-c2-dead", "images/.tmp-abc-dead", "custom/.deleted-v"):
         (driver.source / leftover).mkdir()
         (driver.source / leftover / "half").write_text("x")
     await driver.mount_pool()
     assert leftovers(driver) == []
     assert visible(driver.source / "containers") == ["c1"]
-    assert await driver.has_image_volume(IMAGE)
+    assert await driver.has_volume(img(driver, IMAGE))
 
 
 # -- a real unprivileged container on the rootfs -----------------------------------------
@@ -733,8 +913,8 @@ async def test_unprivileged_lxc_container_runs_on_an_idmapped_rootfs(
     if not driver.capabilities.idmapped_mounts:
         pytest.skip(f"{driver.name} does not declare idmapped_mounts")
     image = await busybox_image(driver)
-    await driver.create_instance_from_image("c1", IMAGE)
-    rootfs = await driver.mount_instance("c1")
+    await launch(driver, "c1", IMAGE)
+    rootfs = await rootfs_of(driver, "c1")
 
     output, init_host_uid = await asyncio.to_thread(
         run_in_unprivileged_container,

@@ -1,10 +1,10 @@
 """The storage service as its callers see it: a real `python -m croft.storage` process on a
 real etcd, called over gRPC through discovery, with real pools on disk.
 
-The images service's `ImageFiles` is not written yet, so a small real gRPC server in this
-test process stands in for it: it registers as `images` in discovery and answers
-`ImageFiles` with the path of a busybox image tarball built here with croft's image builder.
-Replace it with the real images service once that implements `ImageFiles`.
+Most tests use a small real gRPC server in this test process for the images service's
+`ImageFiles`: it registers as `images` in discovery and answers with the path of a busybox
+image tarball built here with croft's image builder, and counts the calls.
+`test_volume_from_an_image_of_the_real_images_service` runs the real images service.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from croft.common.testing.etcd import EtcdServer
 from croft.images.builder import build_image
 from croft.storage.core import pool_key, volume_key
 from croft.storage.drivers import load_driver
-from croft.v1 import images_pb2, images_pb2_grpc, storage_pb2, storage_pb2_grpc
+from croft.v1 import common_pb2, images_pb2, images_pb2_grpc, storage_pb2, storage_pb2_grpc
 
 TEST_PREFIX = "croft-storage-test-"
 BUSYBOX_DEFINITION = Path(__file__).resolve().parents[2] / "images/definitions/busybox.yaml"
@@ -233,17 +233,21 @@ async def test_first_start_creates_the_default_pool_and_a_restart_keeps_it(
     entry = await storage.store.get(key)
     assert entry is not None
     record = entry.json()
+    # One record for the cluster; the member's state and its own config (LXD's source is
+    # member-specific) in its entry.
     assert {k: v for k, v in record.items() if k != "_croft"} == {
         "name": storage.pool,
         "driver": "dir",
         "description": "",
-        "config": {"source": str(storage.pool_dir)},
+        "config": {},
         "status": "Created",
-        "locations": ["none"],
+        "locations": [storage.member],
         "used_by": [],
     }
-    assert record["_croft"]["member"] == storage.member
-    for sub in ("containers", "containers-snapshots", "images", "custom"):
+    assert record["_croft"]["members"] == {
+        storage.member: {"state": "created", "config": {"source": str(storage.pool_dir)}}
+    }
+    for sub in ("containers", "containers-snapshots", "images", "custom", "virtual-machines"):
         assert (storage.pool_dir / sub).is_dir()
     await storage.call("CreateInstanceVolume", name="kept")
 
@@ -295,7 +299,7 @@ async def test_volumes_from_an_image_unpack_it_once(
         "config": {},
         "description": "",
         "content_type": "filesystem",
-        "location": "none",
+        "location": storage.member,
         "used_by": ["/1.0/instances/c1"],
         "project": "default",
     }
@@ -413,7 +417,8 @@ async def test_rename_and_copy_move_records_along(storage: StorageService) -> No
         {"name": ".hidden"},
         {"name": ""},
         {"name": "c1", "pool": "../etc"},
-        {"name": "c1", "type": "virtual-machine"},
+        {"name": "c1", "type": "image"},
+        {"name": "c1", "type": "custom"},
         {"name": "c1", "image_fingerprint": "not-a-fingerprint"},
     ],
 )
@@ -493,15 +498,16 @@ async def test_a_volume_is_recorded_once_and_a_restart_removes_one_never_recorde
     # Made as a killed create would have left them: one before its record was written,
     # one after (the record written, the volume not yet marked).
     driver = load_driver("dir", storage.pool, {"source": str(storage.pool_dir)})
+    image = driver.volume("image", fingerprint)
     for name in ("lost", "kept"):
-        await driver.create_instance_from_image(name, fingerprint)
+        await driver.create_volume_from_copy(driver.volume("container", name), image)
     kept = volume_key(storage.pool, "container", "kept")
     await storage.store.create_json(kept, {**record, "name": "kept"})
 
     await storage.start()
 
     assert instance_dirs(storage) == ["kept", "once"]
-    assert await driver.unrecorded_instances() == []
+    assert await driver.unrecorded_volumes("container") == []
     assert await storage.record(volume_key(storage.pool, "container", "lost")) is None
     assert await storage.record(kept) is not None
 
@@ -593,3 +599,140 @@ async def test_a_create_whose_caller_goes_away_leaves_nothing_once_its_copy_ends
     # and the name is free again
     reply = await storage.call("CreateInstanceVolume", name="gone", image_fingerprint=fp)
     assert (Path(reply.path) / "d3/f7").read_bytes() == b"x"
+
+
+@contextlib.asynccontextmanager
+async def another_member(storage: StorageService, member: str) -> AsyncIterator[StorageService]:
+    """A second storage service on the same etcd, as another cluster member: its own name,
+    its own directories, the same default pool name."""
+    base = Path(tempfile.mkdtemp(prefix=TEST_PREFIX, dir="/tmp"))
+    other = StorageService(base, storage.etcd, storage.store, member=member, pool=storage.pool)
+    other.write_config()
+    other.client = await ServiceClient(
+        storage.store, "storage", storage_pb2_grpc.StorageStub, member=member, timeout=120
+    ).start()
+    try:
+        await other.start()
+        yield other
+    finally:
+        if other.process is not None:
+            other.stop(signal.SIGKILL)
+        await other.client.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+async def test_a_second_member_adds_itself_to_the_default_pool(storage: StorageService) -> None:
+    """Two storage services with different member names on one etcd: each ends with the
+    default pool created for its member, on its own disk, in one cluster-wide record."""
+    member = f"{storage.member}-b"
+    async with another_member(storage, member) as other:
+        record = await storage.record(pool_key(storage.pool))
+        assert record is not None
+        assert record["_croft"]["members"] == {
+            storage.member: {"state": "created", "config": {"source": str(storage.pool_dir)}},
+            member: {"state": "created", "config": {"source": str(other.pool_dir)}},
+        }
+        assert record["status"] == "Created"
+        assert record["locations"] == sorted([storage.member, member])
+        assert record["config"] == {}
+
+        # Each member's pool works, on its own disk.
+        reply = await other.call("CreateInstanceVolume", name="on-b")
+        assert reply.path == str(other.pool_dir / "containers/on-b/rootfs")
+        assert instance_dirs(storage) == []
+        volume = await other.record(volume_key(storage.pool, "container", "on-b"))
+        assert volume is not None and volume["location"] == member
+
+        # A restart of the second member keeps its entry and adds nothing.
+        revision = (await storage.store.get(pool_key(storage.pool))).revision
+        assert other.stop() == 0
+        await other.start()
+        assert (await storage.store.get(pool_key(storage.pool))).revision == revision
+        assert (await other.call("MountInstanceVolume", name="on-b")).path == reply.path
+
+
+async def test_a_pool_record_of_the_old_shape_is_migrated_at_start(
+    storage: StorageService,
+) -> None:
+    await storage.call("CreateInstanceVolume", name="c1")
+    assert storage.stop() == 0
+    key = pool_key(storage.pool)
+    old = {
+        "name": storage.pool,
+        "driver": "dir",
+        "description": "",
+        "config": {"source": str(storage.pool_dir)},
+        "status": "Created",
+        "locations": ["none"],
+        "used_by": [],
+        "_croft": {"member": storage.member},
+    }
+    await storage.store.put(key, json.dumps(old).encode())
+
+    await storage.start()
+
+    record = await storage.record(key)
+    assert record is not None
+    assert record["config"] == {}
+    assert record["_croft"] == {
+        "members": {
+            storage.member: {"state": "created", "config": {"source": str(storage.pool_dir)}}
+        }
+    }
+    assert (record["status"], record["locations"]) == ("Created", [storage.member])
+    reply = await storage.call("MountInstanceVolume", name="c1")
+    assert reply.path == str(storage.pool_dir / "containers/c1/rootfs")
+
+
+async def test_replies_say_where_volumes_are(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    """Only storage knows the layout: the rootfs, the volume's directory (templates), a
+    snapshot's tree and a block volume's disk all come in its replies."""
+    _, fp = busybox_image
+    created = await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=fp)
+    assert created.mount_path == str(Path(created.path).parent)
+    assert (Path(created.mount_path) / "templates/hostname.tpl").is_file()
+    assert created.block_path == "" and created.instance_mounts is False
+    (Path(created.path) / "etc/mark").write_text("in the snapshot")
+    await storage.call("CreateSnapshot", name="c1", snapshot="s0")
+    (Path(created.path) / "etc/mark").write_text("after")
+
+    snap = await storage.call("MountSnapshot", name="c1", snapshot="s0")
+    assert (Path(snap.mount_path) / "rootfs/etc/mark").read_text() == "in the snapshot"
+    assert (Path(snap.mount_path) / "metadata.yaml").is_file()
+    await storage.call("UnmountSnapshot", name="c1", snapshot="s0")
+    with pytest.raises(NotFound):
+        await storage.call("MountSnapshot", name="c1", snapshot="nope")
+
+    vm = await storage.call("CreateInstanceVolume", name="v1", type="virtual-machine")
+    assert vm.path == ""
+    assert Path(vm.block_path).is_file() and Path(vm.block_path).stat().st_size > 0
+    assert json.loads(vm.record)["content_type"] == "block"
+    await storage.call("DeleteInstanceVolume", name="v1", type="virtual-machine")
+    assert not Path(vm.block_path).exists()
+
+
+async def test_storage_reports_its_drivers(storage: StorageService) -> None:
+    assert storage.client is not None
+    reply = await storage.client.call("StorageDrivers", common_pb2.Empty())
+    assert [(d.name, d.version, d.remote) for d in reply.drivers] == [("dir", "1", False)]
+
+
+async def test_deleting_an_image_deletes_its_volumes(
+    storage: StorageService, busybox_image: tuple[Path, str]
+) -> None:
+    _, fp = busybox_image
+    created = await storage.call("CreateInstanceVolume", name="c1", image_fingerprint=fp)
+    assert visible(storage.pool_dir / "images") == [fp]
+    assert storage.client is not None
+
+    await storage.client.call("DeleteImageVolumes", storage_pb2.ImageVolumesRequest(fingerprint=fp))
+
+    assert visible(storage.pool_dir / "images") == []
+    assert await storage.volume_keys() == ["container/c1"]
+    assert (Path(created.path) / "bin/busybox").is_file()  # instances are independent of it
+    # and a later launch unpacks it again
+    await storage.call("CreateInstanceVolume", name="c2", image_fingerprint=fp)
+    assert visible(storage.pool_dir / "images") == [fp]
+    assert len(storage.images.calls) == 2

@@ -10,7 +10,7 @@ import pytest
 from croft.storage.drivers import StorageDriver
 from croft.storage.drivers.treecopy import ImageTree
 
-from .test_drivers_contract import IMAGE, busybox_image, tree
+from .test_drivers_contract import IMAGE, busybox_image, launch, tree
 
 
 async def test_ten_first_launches_of_an_image_scan_it_once(
@@ -29,10 +29,8 @@ async def test_ten_first_launches_of_an_image_scan_it_once(
         return real_scan(root)
 
     monkeypatch.setattr(ImageTree, "scan", staticmethod(counted_scan))
-    roots = await asyncio.gather(
-        *(driver.create_instance_from_image(f"c{i}", IMAGE) for i in range(10))
-    )
-    await driver.create_instance_from_image("c10", IMAGE)
+    roots = await asyncio.gather(*(launch(driver, f"c{i}", IMAGE) for i in range(10)))
+    await launch(driver, "c10", IMAGE)
 
     assert scans == [image]
     expected = tree(image / "rootfs")

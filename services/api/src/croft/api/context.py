@@ -36,7 +36,6 @@ class ApiSettings:
     keep_finished_operations: float = 5.0
     default_pool: str = "default"
     default_network: str = "croftbr0"
-    storage_drivers: tuple[tuple[str, str], ...] = (("dir", "1"),)
     https_address: str = ""  # where HTTPS is served ("" = not served): LXD's core.https_address
     certificate: str = ""  # the server certificate, PEM (croft.api.tls)
 

@@ -17,7 +17,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -242,7 +241,7 @@ class ComputeCore:
             "expanded_config": expanded,
             "created_at": now,
             "last_used_at": ZERO_TIME,
-            "location": "none",
+            "location": self.member,
             "status": Status.STOPPED.label,
             "status_code": Status.STOPPED.code,
             "_croft": {"member": self.member, "state": "creating", "pool": pool},
@@ -293,6 +292,10 @@ class ComputeCore:
             written = copy_record(record)
             record["_croft"]["state"] = "created"
             record["_croft"]["rootfs"] = volume.path
+            # Where the volume's directory is (the image's templates), and whether its pool
+            # wants it mounted before every start: storage says, compute does not guess.
+            record["_croft"]["volume"] = volume.mount_path
+            record["_croft"]["instance_mounts"] = volume.instance_mounts
             record["_croft"]["definition"] = definition_digest(record)
             event = await self._lifecycle_event("instance-created", project, name)
 
@@ -457,6 +460,7 @@ class ComputeCore:
             # check, the templates and the start's own preparation); the others here.
             status = None if action == "start" else await self.driver.status(host_name)
             if action == "start":
+                await self._mount_root(project, name, current)
                 if (
                     _definition_is_stale(current)
                     and await self.driver.status(host_name) is Status.STOPPED
@@ -480,12 +484,14 @@ class ComputeCore:
                 # which the client read, catches up, and the stop it asked for is done.
                 if status is not Status.STOPPED:
                     await self.driver.stop(host_name, force=force, timeout=timeout)
+                await self._unmount_root(project, name, current)
                 new, event = Status.STOPPED, "instance-stopped"
             elif action == "restart":
                 if status is Status.STOPPED:
                     raise InvalidArgument("The instance isn't running")
                 # A stop and a start, as LXD's: the start templates render in between.
                 await self.driver.stop(host_name, force=force, timeout=timeout)
+                await self._mount_root(project, name, current)
                 if _definition_is_stale(current):
                     await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
@@ -521,8 +527,9 @@ class ComputeCore:
         start, so that they follow the instance's config). Returns the blocking step that
         renders them (the driver runs it in its thread, just before the start). The
         caller clears the pending trigger with the status update."""
-        rootfs = record.get("_croft", {}).get("rootfs")
-        if not rootfs:
+        # The volume's directory, as storage reported it (_mount_root).
+        volume = record.get("_croft", {}).get("volume")
+        if not volume:
             return lambda: None
         instance = TemplateInstance(
             name=name,
@@ -537,9 +544,36 @@ class ComputeCore:
 
         def apply() -> None:
             for trigger in triggers:
-                apply_templates(os.path.dirname(rootfs), trigger, instance)
+                apply_templates(volume, trigger, instance)
 
         return apply
+
+    async def _mount_root(self, project: str, name: str, record: dict[str, Any]) -> None:
+        """Before a start: the root volume mounted when its pool's driver wants that
+        (`instance_mounts`, as storage said at create), and where the volume's directory
+        is, for a record from before storage said it. Changes `record["_croft"]`, which
+        the status write after the start keeps."""
+        croft = record.get("_croft", {})
+        if not croft.get("pool") or (croft.get("volume") and not croft.get("instance_mounts")):
+            return
+        storage = await self.storage()
+        volume = await storage.call(
+            "MountInstanceVolume", self._volume(croft["pool"], project, name), timeout=600
+        )
+        croft["rootfs"] = volume.path or croft.get("rootfs", "")
+        croft["volume"] = volume.mount_path
+        croft["instance_mounts"] = volume.instance_mounts
+
+    async def _unmount_root(self, project: str, name: str, record: dict[str, Any]) -> None:
+        """After a stop: the root volume unmounted when its pool's driver mounts it."""
+        croft = record.get("_croft", {})
+        if not croft.get("instance_mounts") or not croft.get("pool"):
+            return
+        storage = await self.storage()
+        with contextlib.suppress(NotFound):
+            await storage.call(
+                "UnmountInstanceVolume", self._volume(croft["pool"], project, name), timeout=600
+            )
 
     async def states(self, refs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
         """The states of many instances, None for one that is not here (anymore). The
@@ -886,6 +920,7 @@ class ComputeCore:
             was_running = await self.driver.status(host_name) is not Status.STOPPED
             if was_running:
                 await self.driver.stop(host_name, force=True)
+                await self._unmount_root(project, name, record)
             storage = await self.storage()
             await storage.call(
                 "RestoreSnapshot",
@@ -921,6 +956,7 @@ class ComputeCore:
             await self.store.update(instance_key(project, name), dump(record), revision=revision)
             await self._detach_nics(project, name, before, keep=record)
             if was_running:
+                await self._mount_root(project, name, record)
                 await self.driver.start(host_name)
         await self.lifecycle("instance-restored", project, name, snapshot=snapshot)
         return record
@@ -975,6 +1011,7 @@ class ComputeCore:
         renamed = copy_record(record)
         renamed["name"] = new_name
         renamed["_croft"]["rootfs"] = volume.path
+        renamed["_croft"]["volume"] = volume.mount_path
         renamed["_croft"].pop("renaming", None)
         # LXD renders the image's "rename" templates at the next start, unless the
         # "create" ones have not run yet.
@@ -1140,6 +1177,9 @@ class ComputeCore:
                 return
             actual = await self.driver.status(host_name)
             if found[0].get("status") != actual.label:
+                if actual is Status.STOPPED:  # stopped on its own: as after a stop
+                    with contextlib.suppress(CroftError):
+                        await self._unmount_root(project, name, found[0])
                 await self._set_status(project, name, actual, current=found)
 
     async def monitor(self, interval: float = 5.0, full_every: float = 60.0) -> None:
@@ -1205,22 +1245,35 @@ class ComputeCore:
 
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
-            rootfs = record.get("_croft", {}).get("rootfs")
-            if not rootfs:
+            pool = record.get("_croft", {}).get("pool")
+            if not pool:
                 raise InvalidArgument(f'Instance "{name}" has no root filesystem to publish')
-            volume = Path(rootfs).parent
+            # Where the volume or the snapshot is, storage says (and mounts it if it must).
+            storage = await self.storage()
+            request = self._volume(pool, project, name, snapshot)
             if snapshot:
                 await self.snapshot_record(project, name, snapshot)
-                # LXD's pool layout, which croft's storage drivers keep:
-                # <pool>/containers/<name> and <pool>/containers-snapshots/<name>/<snapshot>.
-                volume = volume.parent.parent / "containers-snapshots" / volume.name / snapshot
+                mounted = await storage.call("MountSnapshot", request, timeout=600)
             else:
                 if await self.driver.status(driver_name(project, name)) is not Status.STOPPED:
                     raise InvalidArgument("Cannot export a running instance as an image")
-            architecture = record.get("architecture") or "x86_64"
-            metadata = await in_thread(image_metadata, volume, architecture, properties, expires_at)
-            async for data in image_tarball(volume, metadata, compression):
-                yield data
+                mounted = await storage.call("MountInstanceVolume", request, timeout=600)
+            try:
+                volume = Path(mounted.mount_path)
+                architecture = record.get("architecture") or "x86_64"
+                metadata = await in_thread(
+                    image_metadata, volume, architecture, properties, expires_at
+                )
+                async for data in image_tarball(volume, metadata, compression):
+                    yield data
+            finally:
+                if snapshot or mounted.instance_mounts:
+                    with contextlib.suppress(CroftError):
+                        await storage.call(
+                            "UnmountSnapshot" if snapshot else "UnmountInstanceVolume",
+                            request,
+                            timeout=600,
+                        )
 
 
 def _is_record_of(record: dict[str, Any], project: str, name: str) -> bool:

@@ -1,5 +1,8 @@
 """`python -m croft.storage`: the storage service."""
 
+import asyncio
+import contextlib
+
 from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
 from croft.storage.core import StorageCore
@@ -12,6 +15,14 @@ async def setup(context: ServiceContext) -> None:
     core = StorageCore(context)
     await core.start()
     storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(core), context.server.grpc)
+    task = asyncio.create_task(core.follow_image_deletions(), name="storage-image-deletions")
+
+    async def stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    context.shutdown_hooks.append(stop)
 
 
 def main() -> None:

@@ -7,6 +7,14 @@ Records (LXD's API shape, JSON; `_croft` holds croft's bookkeeping):
     record_key("storage-volumes", "default", "<pool>/<type>/<volume>")        StorageVolume
     record_key("storage-volumes", "default", "<pool>/<type>/<volume>/<snap>") a snapshot
 
+A pool is one record for the cluster, shaped as LXD's `storage_pools` and
+`storage_pools_nodes` tables: `config` holds the keys common to every member, and
+`_croft.members[<member>]` each member's state (`pending`, `created`, `errored`) and its
+member-specific config (`source`, `size`, ...: POOL_MEMBER_KEYS). `status` ("Created" once
+every member has it) and `locations` (the members that have it) are kept from those. A
+member's storage service adds its own entry, then creates the pool on its disk; records
+of the older one-owner shape (`_croft.member`) are rewritten at start.
+
 `<volume>` is the volume's name on the host, as compute passes it (`<project>_<name>` outside
 the default project), so it is unique per pool. The record's `name` is LXD's name (`c1`, or
 `c1/snap0` for a snapshot, which LXD lists among the volumes too) and `project` its project.
@@ -31,24 +39,33 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from croft.common import events
 from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
+from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
+    RECORDS,
     copy_record,
     modify,
+    modify_entry,
     record_key,
     record_prefix,
 )
+from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
-from croft.common.store import Create, Delete, Put, Update, dump
+from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.images.format import unpack_image
 from croft.storage.drivers import (
+    DRIVERS,
+    INSTANCE_TYPES,
+    ContentType,
+    Mounted,
     StorageDriver,
+    Volume,
+    VolumeType,
     check_fingerprint,
     check_name,
     load_driver,
@@ -59,10 +76,29 @@ log = logging.getLogger(__name__)
 
 POOLS = "storage-pools"
 VOLUMES = "storage-volumes"
-INSTANCE_TYPES = ("container",)
 CREATING = "creating"
+# A pool's state on one member, as LXD's storage_pools_nodes.state.
+PENDING, CREATED, ERRORED = "pending", "created", "errored"
+# LXD's member-specific pool config keys (StoragePoolNodeConfigKeys).
+POOL_MEMBER_KEYS = frozenset(
+    {
+        "source",
+        "size",
+        "source.wipe",
+        "volatile.initial_source",
+        "zfs.pool_name",
+        "lvm.thinpool_name",
+        "lvm.vg_name",
+    }
+)
+# The images service's records (`croft.images.core`), whose deletions storage follows.
+IMAGE_RECORDS = f"{RECORDS}images/"
+# The lock of an image volume, beside the instance volumes' (names never hold '/').
+IMAGE_LOCK = "image/"
 # Fetching an image's files may mean copying a big blob to this host first.
 IMAGE_FILES_TIMEOUT = 600.0
+# LXD's content type of an instance's root volume.
+INSTANCE_CONTENT = {VolumeType.CONTAINER: ContentType.FILESYSTEM, VolumeType.VM: ContentType.BLOCK}
 
 
 def pool_key(pool: str) -> str:
@@ -89,17 +125,22 @@ class VolumeRef:
         check_name(pool, "storage pool name")
         project = project or DEFAULT_PROJECT
         check_name(project, "project name")
-        type = type or "container"
+        type = type or VolumeType.CONTAINER
         if type not in INSTANCE_TYPES:
             raise InvalidArgument(
                 f"instance volumes of type {type!r} are not supported "
                 f"(supported: {', '.join(INSTANCE_TYPES)})"
             )
         check_name(name, "volume name")
-        return cls(pool, project, type, name)
+        return cls(pool, project, str(type), name)
 
     def renamed(self, name: str) -> VolumeRef:
         return VolumeRef.parse(self.pool, self.project, self.type, name)
+
+    def volume(self, driver: StorageDriver) -> Volume:
+        """The driver's volume behind this reference."""
+        vol_type = VolumeType(self.type)
+        return driver.volume(vol_type, self.name, INSTANCE_CONTENT[vol_type])
 
     @property
     def key(self) -> str:
@@ -124,10 +165,24 @@ class VolumeRef:
 
 @dataclass(frozen=True)
 class VolumeResult:
-    """A volume after an operation: where its tree is on this host and its record."""
+    """A volume after an operation: where it is on this host, and its record. `path` is an
+    instance's rootfs (filesystem content), `block_path` its disk (block content),
+    `mount_path` the volume's directory (rootfs/, metadata.yaml, templates/)."""
 
     path: str
     record: dict[str, Any]
+    mount_path: str = ""
+    block_path: str = ""
+    instance_mounts: bool = False
+
+
+@dataclass(frozen=True)
+class DriverInfo:
+    """A driver this service can run, as `/1.0` reports it."""
+
+    name: str
+    version: str
+    remote: bool
 
 
 def _volume_record(
@@ -138,8 +193,8 @@ def _volume_record(
         "type": type,
         "config": {},
         "description": "",
-        "content_type": "filesystem",
-        "location": "none",
+        "content_type": INSTANCE_CONTENT.get(VolumeType(type), ContentType.FILESYSTEM).value,
+        "location": croft["member"],
         "used_by": used_by,
         "project": project,
         "_croft": croft,
@@ -153,6 +208,43 @@ def _completed(record: dict[str, Any]) -> dict[str, Any]:
     return done
 
 
+def _members(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    members: dict[str, dict[str, Any]] = record.get("_croft", {}).get("members", {})
+    return members
+
+
+def _summarize(record: dict[str, Any]) -> dict[str, Any]:
+    """`status` and `locations` from the members' states, as LXD derives them."""
+    members = _members(record)
+    states = [entry["state"] for entry in members.values()]
+    if states and all(state == CREATED for state in states):
+        record["status"] = "Created"
+    elif ERRORED in states:
+        record["status"] = "Errored"
+    else:
+        record["status"] = "Pending"
+    record["locations"] = sorted(m for m, e in members.items() if e["state"] == CREATED)
+    return record
+
+
+def migrate_pool_record(record: dict[str, Any]) -> dict[str, Any] | None:
+    """A pool record of the one-owner shape (`_croft.member`, member config in `config`)
+    in the cluster shape; None if it has that shape already."""
+    croft = record.get("_croft", {})
+    if "members" in croft:
+        return None
+    config = dict(record.get("config", {}))
+    member_config = {k: config.pop(k) for k in sorted(POOL_MEMBER_KEYS) if k in config}
+    owner = croft.pop("member", "")
+    migrated = {**record, "config": config, "_croft": croft}
+    members: dict[str, Any] = {}
+    if owner:
+        state = CREATED if record.get("status") == "Created" else PENDING
+        members[owner] = {"state": state, "config": member_config}
+    croft["members"] = members
+    return _summarize(migrated)
+
+
 class StorageCore:
     """Orchestrates pools and volumes on this member; the only writer of their records."""
 
@@ -162,7 +254,7 @@ class StorageCore:
         self.config = context.config
         self.member = context.config.member
         self._drivers: dict[str, StorageDriver] = {}
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: KeyedLock[tuple[str, str]] = KeyedLock()
         self._image_records: set[str] = set()  # image volume records known to exist
 
     # ------------------------------------------------------------------ plumbing
@@ -173,8 +265,7 @@ class StorageCore:
         the same pair (a rename each way) cannot deadlock."""
         async with contextlib.AsyncExitStack() as stack:
             for volume in sorted(set(volumes)):
-                lock = self._locks.setdefault((pool, volume), asyncio.Lock())
-                await stack.enter_async_context(lock)
+                await stack.enter_async_context(self._locks.hold((pool, volume)))
             yield
 
     async def _images(self) -> Any:
@@ -187,76 +278,146 @@ class StorageCore:
         record: dict[str, Any] = found[0]
         return record
 
+    def _driver_of(self, record: dict[str, Any]) -> StorageDriver:
+        """A driver for this member's part of the pool: the cluster config and its own."""
+        entry = _members(record).get(self.member, {})
+        config = {**record.get("config", {}), **entry.get("config", {})}
+        return load_driver(record["driver"], record["name"], config)
+
     def _load(self, record: dict[str, Any]) -> StorageDriver:
         name = record["name"]
         driver = self._drivers.get(name)
         if driver is None:
-            driver = load_driver(record["driver"], name, record.get("config", {}))
-            self._drivers[name] = driver
+            driver = self._drivers[name] = self._driver_of(record)
         return driver
 
     async def driver(self, pool: str) -> StorageDriver:
-        """The driver of a pool that lives on this member; NotFound otherwise."""
+        """The driver of a pool that is created on this member; NotFound otherwise."""
         driver = self._drivers.get(pool)
         if driver is not None:
             return driver
         record = await self.pool_record(pool)
-        if record.get("_croft", {}).get("member") != self.member:
+        entry = _members(record).get(self.member)
+        if entry is None:
             raise NotFound(f"storage pool {pool!r} has no storage on member {self.member!r}")
-        if record.get("status") != "Created":
-            raise NotFound(f"storage pool {pool!r} is not ready (status {record.get('status')})")
+        if entry["state"] != CREATED:
+            raise NotFound(
+                f"storage pool {pool!r} is not ready on member {self.member!r} "
+                f"(state {entry['state']})"
+            )
         return self._load(record)
 
     async def _delete_key(self, key: str) -> None:
         with contextlib.suppress(NotFound):
             await self.store.delete(key)
 
+    def drivers(self) -> list[DriverInfo]:
+        """The drivers that load on this host (a driver whose libraries are missing is
+        left out), for `/1.0`'s `storage_supported_drivers`."""
+        found = []
+        for name in DRIVERS.names():
+            try:
+                cls = DRIVERS.get(name)
+            except (ImportError, OSError) as exc:
+                log.info("storage driver %s cannot run here: %s", name, exc)
+                continue
+            found.append(DriverInfo(name, cls.version, cls.capabilities.remote))
+        return found
+
     # ------------------------------------------------------------------ start
 
     async def start(self) -> None:
-        """At service start: the default pool, every pool of this member mounted, and what a
-        killed predecessor left half-done undone."""
+        """At service start: records of the old shape rewritten, the default pool, every
+        pool of this member mounted, and what a killed predecessor left half-done undone."""
+        await self.migrate_pools()
         await self.ensure_default_pool()
         await self.mount_pools()
         await self.reconcile()
 
+    async def migrate_pools(self) -> None:
+        """Rewrite pool records of the one-owner shape into the cluster shape. Any member
+        may do it, and more than one at once: the write compares the revision."""
+        for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
+            if migrate_pool_record(entry.json()) is None:
+                continue
+
+            def change(record: dict[str, Any]) -> dict[str, Any]:
+                return migrate_pool_record(record) or record
+
+            with contextlib.suppress(NotFound):
+                await modify(self.store, entry.key, change, missing=entry.key)
+            log.info("storage pool record %s rewritten with per-member state", entry.key)
+
     async def ensure_default_pool(self) -> None:
-        """Create the configured default dir pool the first time; a later start (or a
-        process that loses the race for the record) leaves it alone."""
+        """The configured default dir pool, on this member: the first member to start
+        writes the pool's record; each member adds its own entry (state pending) and
+        creates the pool on its disk (state created). A later start leaves it alone."""
         name = self.config.storage.default_pool
         if not name:
             return
         check_name(name, "storage.default_pool")
-        record = {
+        key = pool_key(name)
+        found = await self.store.get_json(key)
+        if found is not None and self.member in _members(found[0]):
+            return  # known here: mount_pools() mounts it, or finishes its creation
+        member_config = {"source": str(self.config.pools_dir / name)}
+        new_record = {
             "name": name,
             "driver": "dir",
             "description": "",
-            "config": {"source": str(self.config.pools_dir / name)},
+            "config": {},
             "status": "Pending",
-            "locations": ["none"],
+            "locations": [],
             "used_by": [],
-            "_croft": {"member": self.member},
+            "_croft": {"members": {}},
         }
-        key = pool_key(name)
-        try:
-            await self.store.create(key, dump(record))
-        except Conflict:
-            return
-        try:
-            driver = load_driver("dir", name, record["config"])
+        created_record = False
+
+        def join(record: dict[str, Any]) -> dict[str, Any]:
+            nonlocal created_record
+            created_record = not _members(record)
+            members = record.setdefault("_croft", {}).setdefault("members", {})
+            members.setdefault(self.member, {"state": PENDING, "config": member_config})
+            return _summarize(record)
+
+        record = await modify(self.store, key, join, missing=name, default=new_record)
+        if _members(record)[self.member]["state"] == CREATED:
+            return  # mount_pools() mounts it
+        async with Reverter() as revert:
+            revert.add(lambda: self._leave_pool(key))
+            driver = self._driver_of(record)
             await self._realize_pool(driver)
-            await modify(self.store, key, _pool_created, missing=f"storage pool {name!r}")
-        except BaseException:
-            await asyncio.shield(self._delete_key(key))
-            raise
+            await self._set_member_state(key, CREATED)
+            revert.success()
         self._drivers[name] = driver
         log.info("created storage pool %s at %s", name, driver.source)
-        with contextlib.suppress(CroftError):
-            await events.publish(
-                self.store,
-                "lifecycle",
-                events.lifecycle_metadata("storage-pool-created", f"/1.0/storage-pools/{name}"),
-            )
+        if created_record:
+            with contextlib.suppress(CroftError):
+                await events.publish(
+                    self.store,
+                    "lifecycle",
+                    events.lifecycle_metadata("storage-pool-created", f"/1.0/storage-pools/{name}"),
+                )
+
+    async def _set_member_state(self, key: str, state: str) -> dict[str, Any]:
+        def change(record: dict[str, Any]) -> dict[str, Any]:
+            _members(record)[self.member]["state"] = state
+            return _summarize(record)
+
+        return await modify(self.store, key, change, missing=key)
+
+    async def _leave_pool(self, key: str) -> None:
+        """Take this member's entry out of a pool record (a creation that failed); the
+        record goes with it if no member is left."""
+
+        def leave(record: dict[str, Any]) -> dict[str, Any]:
+            _members(record).pop(self.member, None)
+            return _summarize(record)
+
+        record, revision = await modify_entry(self.store, key, leave, missing=key)
+        if not _members(record):
+            with contextlib.suppress(NotFound, Conflict):  # gone, or another member joined
+                await self.store.delete(key, revision=revision)
 
     @staticmethod
     async def _realize_pool(driver: StorageDriver) -> None:
@@ -271,14 +432,15 @@ class StorageCore:
         unusable (its calls answer NotFound) without stopping the service."""
         for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
             record = entry.json()
-            if record.get("_croft", {}).get("member") != self.member:
+            member = _members(record).get(self.member)
+            if member is None:
                 continue
             try:
                 driver = self._load(record)
-                if record.get("status") == "Pending":
+                if member["state"] != CREATED:
                     # Its creator died between record and pool: finish the creation.
                     await self._realize_pool(driver)
-                    await modify(self.store, entry.key, _pool_created, missing=record["name"])
+                    await self._set_member_state(entry.key, CREATED)
                 else:
                     await driver.mount_pool()
             except CroftError as exc:
@@ -305,25 +467,30 @@ class StorageCore:
     async def _reconcile_unrecorded(self, pool: str, driver: StorageDriver) -> None:
         """Instance volumes made by a create that was killed before it wrote the record,
         or before it marked the volume recorded: the first kind goes, the second stays."""
-        for name in await driver.unrecorded_instances():
-            found = await self.store.get_json(volume_key(pool, "container", name))
-            if found is not None and found[0].get("_croft", {}).get("member") == self.member:
-                await driver.mark_recorded(name)
+        for vol_type in INSTANCE_TYPES:
+            if INSTANCE_CONTENT[vol_type] not in driver.capabilities.content_types:
                 continue
-            await driver.delete_instance(name)
-            log.warning(
-                "removed instance volume %s of pool %s, made but never recorded", name, pool
-            )
+            for name in await driver.unrecorded_volumes(vol_type):
+                vol = driver.volume(vol_type, name, INSTANCE_CONTENT[vol_type])
+                found = await self.store.get_json(volume_key(pool, vol_type, name))
+                if found is not None and found[0].get("_croft", {}).get("member") == self.member:
+                    await driver.mark_recorded(vol)
+                    continue
+                await driver.delete_volume(vol)
+                log.warning(
+                    "removed instance volume %s of pool %s, made but never recorded", name, pool
+                )
 
     async def _reconcile_one(self, key: str, record: dict[str, Any]) -> None:
         croft = record["_croft"]
         driver = await self.driver(croft["pool"])
         ref = VolumeRef.parse(croft["pool"], record["project"], record["type"], croft["volume"])
+        vol = ref.volume(driver)
         snapshot = croft.get("snapshot", "")
         old = croft.get("renamed_from")
         if snapshot:
-            present = await driver.has_instance(ref.name)
-            snaps = await driver.list_snapshots(ref.name) if present else []
+            present = await driver.has_volume(vol)
+            snaps = await driver.list_snapshots(vol) if present else []
             if old:
                 if snapshot in snaps and old not in snaps:
                     await self.store.transaction(
@@ -333,19 +500,19 @@ class StorageCore:
                     await self._delete_key(key)
                 return
             if snapshot in snaps:
-                await driver.delete_snapshot(ref.name, snapshot)
+                await driver.delete_volume(vol.snapshot(snapshot))
             await self._delete_key(key)
             log.warning("removed snapshot %s/%s, left half-created", ref.name, snapshot)
             return
         if old:
             old_ref = ref.renamed(old)
-            if await driver.has_instance(ref.name) and not await driver.has_instance(old):
+            if await driver.has_volume(vol) and not await driver.has_volume(vol.renamed(old)):
                 await self._finish_rename(old_ref, ref, record)
             else:
                 await self._delete_key(key)
             return
-        if await driver.has_instance(ref.name):
-            await driver.delete_instance(ref.name)
+        if await driver.has_volume(vol):
+            await driver.delete_volume(vol)
         await self.store.delete_prefix(f"{key}/")
         await self._delete_key(key)
         log.warning("removed instance volume %s, left half-created", ref.name)
@@ -426,30 +593,35 @@ class StorageCore:
             fingerprint, "image", DEFAULT_PROJECT, [f"/1.0/images/{fingerprint}"], croft
         )
         key = volume_key(pool, "image", fingerprint)
-        if key in self._image_records:  # image volumes are only removed with their pool
+        if key in self._image_records:  # removed only with the image (delete_image_volumes)
             return
         if await self.store.get(key) is None:
             with contextlib.suppress(Conflict):
                 await self.store.create(key, dump(record))
         self._image_records.add(key)
 
-    async def _run_undo(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
-        for step in reversed(steps):
-            try:
-                await step()
-            except NotFound:
-                pass  # the step it undoes never happened
-            except Exception as exc:  # keep undoing the rest
-                log.warning("cleanup step failed: %s", exc)
+    @staticmethod
+    def _result(driver: StorageDriver, mounted: Mounted, record: dict[str, Any]) -> VolumeResult:
+        """What a caller learns of an instance volume: only storage knows the layout."""
+        block = mounted.block_device
+        return VolumeResult(
+            path="" if block else str(mounted.path / "rootfs"),
+            record=record,
+            mount_path=str(mounted.path),
+            block_path=str(block) if block else "",
+            instance_mounts=driver.capabilities.instance_mounts,
+        )
 
-    # ------------------------------------------------------------------ instance volumes
+    # ------------------------------------------------------------------ images
 
-    async def image_volume(self, pool: str, project: str, fingerprint: str) -> Path:
-        """The image unpacked in the pool (unpacked now if it is not yet), with its record."""
-        driver = await self.driver(pool)
-        check_fingerprint(fingerprint)
+    def _image_filler(
+        self, pool: str, project: str, fingerprint: str
+    ) -> Callable[[Mounted], Awaitable[None]]:
+        """Fills a volume with the image's files: metadata.yaml, templates/, rootfs/."""
 
-        async def unpack(target: Path) -> None:
+        async def unpack(target: Mounted) -> None:
+            if target.block_device is not None:
+                raise InvalidArgument("images cannot be unpacked into block volumes yet")
             images = await self._images()
             files = await images.call(
                 "ImageFiles",
@@ -460,7 +632,7 @@ class StorageCore:
                 timeout=IMAGE_FILES_TIMEOUT,
             )
             info = await in_thread(
-                unpack_image, files.metadata_path, files.rootfs_path or None, target
+                unpack_image, files.metadata_path, files.rootfs_path or None, target.path
             )
             if info.fingerprint != fingerprint:
                 raise Internal(
@@ -469,14 +641,92 @@ class StorageCore:
                 )
             log.info("unpacked image %s into pool %s", fingerprint, pool)
 
-        path = await driver.create_image_volume(fingerprint, unpack)
-        await self._ensure_image_record(pool, fingerprint)
-        return path
+        return unpack
+
+    async def image_volume(self, pool: str, project: str, fingerprint: str) -> Volume:
+        """The image unpacked in the pool (unpacked now if it is not yet), with its record.
+        The driver makes it at most once: a creator that loses the race gets Conflict."""
+        driver = await self.driver(pool)
+        vol = driver.volume(VolumeType.IMAGE, check_fingerprint(fingerprint))
+        # Not while the image's deletion removes it (delete_image_volumes).
+        async with self.locked(pool, IMAGE_LOCK + fingerprint):
+            if not await driver.has_volume(vol):
+                with contextlib.suppress(Conflict):
+                    filler = self._image_filler(pool, project, fingerprint)
+                    await driver.create_volume(vol, filler)
+            await self._ensure_image_record(pool, fingerprint)
+        return vol
+
+    async def follow_image_deletions(self) -> None:
+        """Runs for the life of the service: when the last image record with a fingerprint
+        goes (`lxc image delete`), its unpacked volumes go from this member's pools. What
+        was deleted while this service was down is caught up first."""
+        revision = await self.store.revision()
+        await self.prune_image_volumes()
+        while True:
+            try:
+                async for event in self.store.watch(IMAGE_RECORDS, start_revision=revision):
+                    revision = event.revision
+                    if event.type is EventType.DELETE:
+                        fingerprint = event.key.rsplit("/", 1)[-1]
+                        if not await self._image_recorded(fingerprint):
+                            await self.delete_image_volumes(fingerprint)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (the store went away: follow again)
+                log.warning("following image deletions failed, again in 1 s: %s", exc)
+                await asyncio.sleep(1)
+
+    async def _image_recorded(self, fingerprint: str) -> bool:
+        """Whether an image with this fingerprint is recorded in any project."""
+        return any(
+            entry.key.rsplit("/", 1)[-1] == fingerprint
+            for entry in await self.store.list(IMAGE_RECORDS)
+        )
+
+    async def prune_image_volumes(self) -> None:
+        """Delete the image volumes of this member whose image is recorded nowhere."""
+        images = {entry.key.rsplit("/", 1)[-1] for entry in await self.store.list(IMAGE_RECORDS)}
+        stale = set()
+        for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
+            record = entry.json()
+            mine = record.get("_croft", {}).get("member") == self.member
+            if record.get("type") == "image" and mine and record["name"] not in images:
+                stale.add(record["name"])
+        for fingerprint in sorted(stale):
+            try:
+                await self.delete_image_volumes(fingerprint)
+            except CroftError as exc:
+                log.error("cannot delete the volumes of deleted image %s: %s", fingerprint, exc)
+
+    async def delete_image_volumes(self, fingerprint: str) -> None:
+        """The image was deleted: its unpacked volume goes from every pool of this member,
+        with its record. Instances made from it are independent of it."""
+        check_fingerprint(fingerprint)
+        for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
+            pool = entry.json()["name"]
+            if self.member not in _members(entry.json()):
+                continue
+            try:
+                driver = await self.driver(pool)
+            except NotFound:
+                continue
+            vol = driver.volume(VolumeType.IMAGE, fingerprint)
+            key = volume_key(pool, "image", fingerprint)
+            async with self.locked(pool, IMAGE_LOCK + fingerprint):
+                with contextlib.suppress(NotFound):
+                    await uninterrupted(driver.delete_volume(vol))
+                self._image_records.discard(key)
+                await self._delete_key(key)
+            log.info("deleted the volume of image %s from pool %s", fingerprint, pool)
+
+    # ------------------------------------------------------------------ instance volumes
 
     async def create_instance_volume(self, ref: VolumeRef, fingerprint: str) -> VolumeResult:
-        """A new instance volume from an image (unpacked in the pool first if needed), or
-        with an empty rootfs when `fingerprint` is empty. Returns the rootfs path; the
-        image's metadata.yaml and templates/ are in its parent directory.
+        """A new instance volume from an image, or empty (an empty rootfs for a container)
+        when `fingerprint` is empty. Where the driver keeps images as volumes
+        (`optimized_images`), the image is unpacked in the pool once and copied; otherwise
+        each volume is filled from the image itself.
 
         The volume is made first, then its record written once (one store write per
         launch, not a claim and its completion): until the record is written the driver
@@ -485,65 +735,88 @@ class StorageCore:
         if fingerprint:
             check_fingerprint(fingerprint)
         driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
         async with self.locked(ref.pool, ref.name):
             record = _completed(self._instance_record(ref))
             # Each undo is registered before its step is awaited: a cancelled call (the
             # caller went away) may still have made the volume or written the record.
-            undo: list[Callable[[], Awaitable[Any]]] = []
-            try:
-                if fingerprint:
-                    await self.image_volume(ref.pool, ref.project, fingerprint)
-                await self._require_no_instance(driver, ref)
-                undo.append(lambda: driver.delete_instance(ref.name))
-                rootfs = await uninterrupted(
-                    driver.create_instance_from_image(ref.name, fingerprint)
-                    if fingerprint
-                    else driver.create_empty_instance(ref.name)
-                )
-                undo.append(lambda: self._delete_key(ref.key))
+            async with Reverter() as revert:
+                image = None
+                if fingerprint and driver.capabilities.optimized_images:
+                    image = await self.image_volume(ref.pool, ref.project, fingerprint)
+                await self._require_no_volume(driver, ref, vol)
+                revert.add(lambda: driver.delete_volume(vol))
+                if image is not None:
+                    await uninterrupted(driver.create_volume_from_copy(vol, image))
+                elif fingerprint:
+                    filler = self._image_filler(ref.pool, ref.project, fingerprint)
+                    await uninterrupted(driver.create_volume(vol, filler))
+                else:
+                    await uninterrupted(driver.create_volume(vol))
+                ours = True
+
+                async def delete_record() -> None:
+                    if ours:
+                        await self._delete_key(ref.key)
+
+                revert.add(delete_record)
                 try:
                     await self.store.create(ref.key, dump(record))
                 except Conflict:
-                    undo.pop()  # the record is another's: not this create's to remove
+                    ours = False  # the record is another's: not this create's to remove
                     raise Conflict(f"instance volume {ref.name!r} already exists") from None
-                undo.clear()
-            except BaseException:
-                await uninterrupted(self._run_undo(undo))
-                raise
+                revert.success()
             try:
-                await driver.mark_recorded(ref.name)
+                await driver.mark_recorded(vol)
             except CroftError as exc:  # the next start's reconcile marks it
                 log.warning("instance volume %s left marked unrecorded: %s", ref.name, exc)
-        return VolumeResult(str(rootfs), record)
+            mounted = await driver.mount_volume(vol)
+        return self._result(driver, mounted, record)
 
     @staticmethod
-    async def _require_no_instance(driver: StorageDriver, ref: VolumeRef) -> None:
+    async def _require_no_volume(driver: StorageDriver, ref: VolumeRef, vol: Volume) -> None:
         """Refuse a volume whose directory is already there (left by a crash, say): it is
         not the caller's to fill, nor its undo's to remove."""
-        if await driver.has_instance(ref.name):
+        if await driver.has_volume(vol):
             raise Conflict(f"instance volume {ref.name!r} already exists in pool {ref.pool!r}")
 
     async def mount_instance_volume(self, ref: VolumeRef) -> VolumeResult:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):
             record = await self.volume_record(ref)
-            rootfs = await driver.mount_instance(ref.name)
-        return VolumeResult(str(rootfs), record)
+            mounted = await driver.mount_volume(ref.volume(driver))
+        return self._result(driver, mounted, record)
 
     async def unmount_instance_volume(self, ref: VolumeRef) -> None:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):
             await self.volume_record(ref)
-            await driver.unmount_instance(ref.name)
+            await driver.unmount_volume(ref.volume(driver))
+
+    async def mount_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:
+        """Where a snapshot's tree is (mounted if the driver must): publish reads it."""
+        check_name(snapshot, "snapshot name")
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            mounted = await driver.mount_volume(ref.volume(driver).snapshot(snapshot))
+        return self._result(driver, mounted, {})
+
+    async def unmount_snapshot(self, ref: VolumeRef, snapshot: str) -> None:
+        check_name(snapshot, "snapshot name")
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await driver.unmount_volume(ref.volume(driver).snapshot(snapshot))
 
     async def delete_instance_volume(self, ref: VolumeRef) -> None:
         """Delete the volume, its snapshots and their records; an absent volume is fine.
         When the disk refuses (something busy mounted inside), the records stay."""
         driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
 
         async def delete() -> None:
             with contextlib.suppress(NotFound):
-                await driver.delete_instance(ref.name)
+                await driver.delete_volume(vol)
             await self.store.delete_prefix(f"{ref.key}/")
             await self._delete_key(ref.key)
 
@@ -555,6 +828,7 @@ class StorageCore:
         """Rename the volume and its snapshots, records included."""
         new = ref.renamed(new_name)
         driver = await self.driver(ref.pool)
+        vol, new_vol = ref.volume(driver), new.volume(driver)
         async with self.locked(ref.pool, ref.name, new.name):
             current = await self.volume_record(ref)
             record = self._instance_record(new)
@@ -563,7 +837,7 @@ class StorageCore:
             try:
                 await self._claim(new.key, record, f"instance volume {new.name!r}")
                 claimed = True
-                await uninterrupted(driver.rename_instance(ref.name, new.name))
+                await uninterrupted(driver.rename_volume(vol, new.name))
                 done = await self._finish_rename(ref, new, record)
             except BaseException as exc:
                 # A cancelled call (the caller died) may have been cancelled after a write
@@ -572,10 +846,8 @@ class StorageCore:
                 refused = isinstance(exc, Conflict) and not claimed
 
                 async def undo() -> None:
-                    if await driver.has_instance(new.name) and not await driver.has_instance(
-                        ref.name
-                    ):
-                        await driver.rename_instance(new.name, ref.name)
+                    if await driver.has_volume(new_vol) and not await driver.has_volume(vol):
+                        await driver.rename_volume(new_vol, ref.name)
                     if refused:
                         return  # the new name's record is someone else's
                     if await self.store.get(ref.key) is None:
@@ -584,10 +856,12 @@ class StorageCore:
                     else:
                         await self._delete_key(new.key)
 
-                await uninterrupted(self._run_undo([undo]))
+                revert = Reverter()
+                revert.add(undo)
+                await uninterrupted(revert.revert())
                 raise
-            rootfs = await driver.mount_instance(new.name)
-        return VolumeResult(str(rootfs), done)
+            mounted = await driver.mount_volume(new_vol)
+        return self._result(driver, mounted, done)
 
     async def _finish_rename(
         self, old: VolumeRef, new: VolumeRef, record: dict[str, Any]
@@ -615,51 +889,52 @@ class StorageCore:
         by the caller), and its snapshots if asked."""
         new = ref.renamed(new_name)
         driver = await self.driver(ref.pool)
+        vol, new_vol = ref.volume(driver), new.volume(driver)
         async with self.locked(ref.pool, ref.name, new.name):
             await self.volume_record(ref)
             record = self._instance_record(new)
             await self._claim(new.key, record, f"instance volume {new.name!r}")
-            undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(new.key)]
-            try:
-                await self._require_no_instance(driver, new)
-                undo.append(lambda: driver.delete_instance(new.name))
-                rootfs = await uninterrupted(
-                    driver.copy_instance(ref.name, new.name, with_snapshots=with_snapshots)
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_key(new.key))
+                await self._require_no_volume(driver, new, new_vol)
+                revert.add(lambda: driver.delete_volume(new_vol))
+                await uninterrupted(
+                    driver.create_volume_from_copy(new_vol, vol, with_snapshots=with_snapshots)
                 )
                 operations: list[Create | Update | Put | Delete] = []
                 if with_snapshots:
-                    for snapshot in await driver.list_snapshots(new.name):
+                    for snapshot in await driver.list_snapshots(new_vol):
                         snap = _completed(self._snapshot_record(new, snapshot))
                         operations.append(Create(new.snapshot_key(snapshot), dump(snap)))
                 if operations:
                     await self.store.transaction(operations)
-                    undo.append(lambda: self.store.delete_prefix(f"{new.key}/"))
+                    revert.add(lambda: self.store.delete_prefix(f"{new.key}/"))
                 done = await self._complete(new.key, record)
-            except BaseException:
-                await uninterrupted(self._run_undo(undo))
-                raise
-        return VolumeResult(str(rootfs), done)
+                revert.success()
+            with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
+                await driver.mark_recorded(new_vol)
+            mounted = await driver.mount_volume(new_vol)
+        return self._result(driver, mounted, done)
 
     # ------------------------------------------------------------------ snapshots
 
     async def create_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:
         check_name(snapshot, "snapshot name")
         driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
         async with self.locked(ref.pool, ref.name):
             await self.volume_record(ref)
             key = ref.snapshot_key(snapshot)
             record = self._snapshot_record(ref, snapshot)
             await self._claim(key, record, f"snapshot {ref.name}/{snapshot}")
-            undo: list[Callable[[], Awaitable[Any]]] = [lambda: self._delete_key(key)]
-            try:
-                if snapshot in await driver.list_snapshots(ref.name):
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_key(key))
+                if snapshot in await driver.list_snapshots(vol):
                     raise Conflict(f"snapshot {ref.name}/{snapshot} already exists")
-                undo.append(lambda: driver.delete_snapshot(ref.name, snapshot))
-                await uninterrupted(driver.create_snapshot(ref.name, snapshot))
+                revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
+                await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
                 done = await self._complete(key, record)
-            except BaseException:
-                await uninterrupted(self._run_undo(undo))
-                raise
+                revert.success()
         return VolumeResult("", done)
 
     async def delete_snapshot(self, ref: VolumeRef, snapshot: str) -> None:
@@ -667,10 +942,11 @@ class StorageCore:
         must not fail), an absent instance volume is NotFound."""
         check_name(snapshot, "snapshot name")
         driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
 
         async def delete() -> None:
             with contextlib.suppress(NotFound):
-                await driver.delete_snapshot(ref.name, snapshot)
+                await driver.delete_volume(vol.snapshot(snapshot))
             await self._delete_key(ref.snapshot_key(snapshot))
 
         async with self.locked(ref.pool, ref.name):
@@ -681,45 +957,50 @@ class StorageCore:
         check_name(snapshot, "snapshot name")
         check_name(new_name, "new snapshot name")
         driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
         async with self.locked(ref.pool, ref.name):
             await self.volume_record(ref)
             old_key, new_key = ref.snapshot_key(snapshot), ref.snapshot_key(new_name)
-            if snapshot not in await driver.list_snapshots(ref.name):
+            if snapshot not in await driver.list_snapshots(vol):
                 raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
             record = self._snapshot_record(ref, new_name)
             record["_croft"]["renamed_from"] = snapshot
             await self._claim(new_key, record, f"snapshot {ref.name}/{new_name}")
-            try:
-                await uninterrupted(driver.rename_snapshot(ref.name, snapshot, new_name))
+
+            async def undo() -> None:
+                # Read off the disk: a cancellation may come once the rename is done.
+                snapshots = await driver.list_snapshots(vol)
+                if new_name in snapshots and snapshot not in snapshots:
+                    await driver.rename_volume(vol.snapshot(new_name), snapshot)
+                await self._delete_key(new_key)
+
+            async with Reverter() as revert:
+                revert.add(undo)
+                await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
                 done = _completed(record)
                 await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
-            except BaseException:
-
-                async def undo() -> None:
-                    # Read off the disk: a cancellation may come once the rename is done.
-                    snapshots = await driver.list_snapshots(ref.name)
-                    if new_name in snapshots and snapshot not in snapshots:
-                        await driver.rename_snapshot(ref.name, new_name, snapshot)
-                    await self._delete_key(new_key)
-
-                await uninterrupted(self._run_undo([undo]))
-                raise
+                revert.success()
         return VolumeResult("", done)
 
     async def restore_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:
         """Bring the volume back to the snapshot (the caller stopped the instance)."""
         check_name(snapshot, "snapshot name")
         driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
         async with self.locked(ref.pool, ref.name):
             record = await self.volume_record(ref)
-            await uninterrupted(driver.restore_snapshot(ref.name, snapshot))
-            rootfs = await driver.mount_instance(ref.name)
-        return VolumeResult(str(rootfs), record)
+            await uninterrupted(driver.restore_volume(vol, snapshot))
+            mounted = await driver.mount_volume(vol)
+        return self._result(driver, mounted, record)
 
 
-def _pool_created(record: dict[str, Any]) -> dict[str, Any]:
-    record["status"] = "Created"
-    return record
-
-
-__all__ = ["StorageCore", "VolumeRef", "VolumeResult", "pool_key", "volume_key"]
+__all__ = [
+    "POOL_MEMBER_KEYS",
+    "DriverInfo",
+    "StorageCore",
+    "VolumeRef",
+    "VolumeResult",
+    "migrate_pool_record",
+    "pool_key",
+    "volume_key",
+]

@@ -15,7 +15,13 @@ def _ref(request: storage_pb2.VolumeRequest) -> VolumeRef:
 
 
 def _reply(result: VolumeResult) -> storage_pb2.VolumeReply:
-    return storage_pb2.VolumeReply(path=result.path, record=json.dumps(result.record))
+    return storage_pb2.VolumeReply(
+        path=result.path,
+        record=json.dumps(result.record),
+        block_path=result.block_path,
+        mount_path=result.mount_path,
+        instance_mounts=result.instance_mounts,
+    )
 
 
 Context = grpc.aio.ServicerContext
@@ -88,3 +94,30 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.PoolRef, context: Context
     ) -> common_pb2.Json:
         return common_pb2.Json(json=json.dumps(await self.core.pool_resources(request.name)))
+
+    async def MountSnapshot(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.mount_snapshot(_ref(request), request.snapshot))
+
+    async def UnmountSnapshot(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.unmount_snapshot(_ref(request), request.snapshot)
+        return common_pb2.Empty()
+
+    async def StorageDrivers(
+        self, request: common_pb2.Empty, context: Context
+    ) -> storage_pb2.StorageDriversReply:
+        return storage_pb2.StorageDriversReply(
+            drivers=[
+                storage_pb2.StorageDriverInfo(name=d.name, version=d.version, remote=d.remote)
+                for d in self.core.drivers()
+            ]
+        )
+
+    async def DeleteImageVolumes(
+        self, request: storage_pb2.ImageVolumesRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.delete_image_volumes(request.fingerprint)
+        return common_pb2.Empty()

@@ -119,8 +119,13 @@ async def load(request: Request, name: str) -> tuple[str, dict[str, Any], int]:
     return project, found[0], found[1]
 
 
-def render(record: dict[str, Any]) -> dict[str, Any]:
-    return public(record)
+def render(record: dict[str, Any], standalone: bool) -> dict[str, Any]:
+    """The instance as clients see it. A record's `location` is its member; a standalone
+    server shows LXD's member name for itself, "none"."""
+    body = public(record)
+    if standalone:
+        body["location"] = "none"
+    return body
 
 
 def resources(name: str, project: str) -> dict[str, list[str]]:

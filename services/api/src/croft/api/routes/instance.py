@@ -37,7 +37,7 @@ router = APIRouter()
 @router.get("/1.0/containers/{name}")
 async def instance_get(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
-    body = render(record)
+    body = render(record, context(request).settings.location == "none")
     if query.recursion(request) >= 1:
         body["state"] = await state_of(record)
         body["snapshots"] = await snapshots_of(context(request).store, project, name)

@@ -61,6 +61,7 @@ async def instances_list(request: Request) -> Response:
         for r in await records.list_records(ctx.store, KIND, project)
         if r.get("_croft", {}).get("state") != "creating"
     ]
+    standalone = ctx.settings.location == "none"
     if query.recursion(request) == 2:
         states, snapshots = await asyncio.gather(
             states_of(found),
@@ -68,7 +69,7 @@ async def instances_list(request: Request) -> Response:
         )
         full = []
         for record, state in zip(found, states, strict=True):
-            item = render(record)
+            item = render(record, standalone)
             item["state"] = state
             item["snapshots"] = snapshots.get(record["name"], [])
             item["backups"] = []
@@ -77,7 +78,12 @@ async def instances_list(request: Request) -> Response:
             query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
         )
     return responses.sync(
-        query.listing(found, request, lambda r: records.url(KIND, r["name"], project), render)
+        query.listing(
+            found,
+            request,
+            lambda r: records.url(KIND, r["name"], project),
+            lambda r: render(r, standalone),
+        )
     )
 
 

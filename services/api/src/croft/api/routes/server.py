@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from functools import cache
 from importlib import metadata as package_metadata
 from typing import Any
@@ -18,6 +19,7 @@ from croft.api.config_keys import validate_server_config
 from croft.api.context import ApiSettings, context
 from croft.api.identity import identity
 from croft.api.serving import listen_addresses
+from croft.api.storage_drivers import StorageDriverInfo, storage_drivers
 from croft.api.tls import certificate_fingerprint
 
 router = APIRouter()
@@ -106,11 +108,15 @@ def _croft_version() -> str:
 
 
 def environment(
-    settings: ApiSettings, project: str, addresses: list[str] | None = None
+    settings: ApiSettings,
+    project: str,
+    addresses: list[str] | None = None,
+    storage: Sequence[StorageDriverInfo] = (),
 ) -> dict[str, Any]:
+    """`storage` is what the live storage services report running (`storage_drivers`)."""
     uname = os.uname()
     os_name, os_version = _os_release()
-    drivers = [{"Name": n, "Version": v, "Remote": False} for n, v in settings.storage_drivers]
+    drivers = [{"Name": d.name, "Version": d.version, "Remote": d.remote} for d in storage]
     machine = platform.machine()
     architectures = [machine] + (["i686"] if machine == "x86_64" else [])
     return {
@@ -136,8 +142,8 @@ def environment(
         "server_pid": os.getpid(),
         "server_version": LXD_API_RELEASE,
         "croft_version": _croft_version(),
-        "storage": " | ".join(n for n, _ in settings.storage_drivers),
-        "storage_version": " | ".join(v for _, v in settings.storage_drivers),
+        "storage": " | ".join(d.name for d in storage),
+        "storage_version": " | ".join(d.version for d in storage),
         "storage_supported_drivers": drivers,
     }
 
@@ -183,7 +189,7 @@ async def server_get(request: Request) -> Response:
         "auth": "trusted",
         "public": False,
         "auth_methods": ["tls"],
-        "environment": environment(ctx.settings, project, addresses),
+        "environment": environment(ctx.settings, project, addresses, await storage_drivers()),
     }
     return responses.sync(info, etag=records.etag(config))
 

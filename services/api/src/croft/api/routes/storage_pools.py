@@ -30,10 +30,27 @@ async def _used_by(store: Any, pool: str) -> list[str]:
     return sorted(used)
 
 
-def render(record: dict[str, Any], used_by: list[str]) -> dict[str, Any]:
+def render(
+    record: dict[str, Any], used_by: list[str], standalone: bool, member: str = ""
+) -> dict[str, Any]:
+    """A pool as LXD shows it. Its record is the cluster's: `config` the keys common to
+    all members, `_croft.members` each member's state and own keys (`source`, ...). As
+    LXD, a standalone server shows its member's keys and `locations: ["none"]`; a cluster
+    shows the member's keys only when asked for one (`?target=`)."""
     body = public(record)
+    members: dict[str, Any] = record.get("_croft", {}).get("members", {})
+    if standalone:
+        body["locations"] = ["none"]
+        if not member and len(members) == 1:
+            member = next(iter(members))
+    if member in members:
+        body["config"] = {**body.get("config", {}), **members[member].get("config", {})}
     body["used_by"] = used_by
     return body
+
+
+def _standalone(request: Request) -> bool:
+    return context(request).settings.location == "none"
 
 
 async def _load(store: Any, name: str) -> dict[str, Any]:
@@ -48,7 +65,8 @@ async def _load(store: Any, name: str) -> dict[str, Any]:
 async def pools_list(request: Request) -> Response:
     store = context(request).store
     pools = await records.list_records(store, "storage-pools", DEFAULT_PROJECT)
-    rendered = [render(p, await _used_by(store, p["name"])) for p in pools]
+    standalone, target = _standalone(request), request.query_params.get("target", "")
+    rendered = [render(p, await _used_by(store, p["name"]), standalone, target) for p in pools]
     return responses.sync(
         query.listing(rendered, request, lambda p: f"/1.0/storage-pools/{p['name']}")
     )
@@ -58,14 +76,24 @@ async def pools_list(request: Request) -> Response:
 async def pool_get(request: Request, name: str) -> Response:
     store = context(request).store
     record = await _load(store, name)
-    body = render(record, await _used_by(store, name))
+    target = request.query_params.get("target", "")
+    body = render(record, await _used_by(store, name), _standalone(request), target)
     return responses.sync(body, etag=records.etag([body.get("config"), body.get("description")]))
 
 
 @router.get("/1.0/storage-pools/{name}/resources")
 async def pool_resources(request: Request, name: str) -> Response:
-    record = await _load(context(request).store, name)
-    member = record.get("_croft", {}).get("member", "")
+    ctx = context(request)
+    record = await _load(ctx.store, name)
+    members: dict[str, Any] = record.get("_croft", {}).get("members", {})
+    # The pool's space on one member: the one asked for, else this one, else the first.
+    member = request.query_params.get("target") or (
+        ctx.settings.server_name
+        if ctx.settings.server_name in members
+        else min(members, default="")
+    )
+    if member not in members:
+        raise NotFound("Storage pool not found")
     client = await services().storage(member)
     reply = await client.call("PoolResources", storage_pb2.PoolRef(name=name))
     return responses.sync(json.loads(reply.json))

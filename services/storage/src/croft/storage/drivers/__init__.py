@@ -1,24 +1,24 @@
-"""The storage driver interface: one ABC, one capability dataclass, one name-to-class registry.
+"""The storage driver interface: one ABC over a volume model, one capability dataclass,
+one registry (`croft.common.drivers.Registry`, as Incus's `storage/drivers/load.go`).
 
 A driver instance is bound to one storage pool on this host and only touches disks: the
-service core keeps the records (etcd), the locking across operations on the same instance
+service core keeps the records (etcd), the locking across operations on the same volume
 and the decisions; it asks `driver.capabilities` instead of branching on a driver's name.
 
-Every pool has LXD's layout under its source directory:
-
-    <source>/containers/<name>/               an instance volume; its root is .../rootfs
-    <source>/containers-snapshots/<name>/<s>/ a snapshot of that volume
-    <source>/images/<fingerprint>/            an unpacked image (metadata.yaml, templates/,
-                                              rootfs/), shared, read-only by convention
-    <source>/custom/<volume>/                 a custom volume
+Volumes are Incus's (`storage/drivers/volume.go`): a `Volume` is a (volume type x content
+type) pair with a name and a config. Its type says what it holds (an instance's root, an
+unpacked image, a custom volume), its content how it is presented: a `filesystem` volume
+mounts to a directory, a `block` volume to a block device (a VM disk, an RBD image). A
+snapshot is a volume of its parent, named `<parent>/<snapshot>`. Where a volume lives on
+the host is the driver's alone to know: callers get paths only from `mount_volume()`.
 
 Names are checked by every method that builds a path from one: an empty name, `.`, `..`,
 a name holding `/` or NUL, or starting with `.` (the driver's own temporary entries start
-with a dot) is rejected with InvalidArgument before anything is touched. A fingerprint must
-be 64 lowercase hexadecimal characters.
+with a dot) is rejected with InvalidArgument before anything is touched. An image volume's
+name is its fingerprint: 64 lowercase hexadecimal characters.
 
-Errors: NotFound (the pool, instance, snapshot, image or volume does not exist), Conflict
-(it exists already, or the pool is not empty), InvalidArgument (a bad name or config),
+Errors: NotFound (the pool, volume or snapshot does not exist), Conflict (it exists
+already, or the pool is not empty), InvalidArgument (a bad name, type or config),
 Internal / CommandFailed (the system refused; the message names the tool). A method that
 fails leaves the pool as it found it, unless its docstring says otherwise.
 """
@@ -26,19 +26,99 @@ fails leaves the pool as it found it, unless its docstring says otherwise.
 from __future__ import annotations
 
 import abc
-import importlib
+import enum
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
-from croft.common.errors import InvalidArgument, NotFound
+from croft.common.drivers import Registry
+from croft.common.errors import InvalidArgument
 
 DEFAULT_POOLS_DIR = Path("/var/lib/croft/storage-pools")
 
-#: Fills the (empty, existing) directory it is given with an unpacked image: `metadata.yaml`,
-#: `templates/` and `rootfs/`. It may be a plain function or a coroutine function.
-Unpacker = Callable[[Path], Awaitable[None] | None]
+
+class VolumeType(enum.StrEnum):
+    """What a volume holds (LXD's volume types)."""
+
+    CONTAINER = "container"
+    VM = "virtual-machine"
+    IMAGE = "image"
+    CUSTOM = "custom"
+
+
+class ContentType(enum.StrEnum):
+    """How a volume is presented: a directory tree, or a block device."""
+
+    FILESYSTEM = "filesystem"
+    BLOCK = "block"
+
+
+#: The instance volume types, as compute names them.
+INSTANCE_TYPES = (VolumeType.CONTAINER, VolumeType.VM)
+
+
+@dataclass(frozen=True)
+class Volume:
+    """One volume of one pool. A snapshot's name is `<parent>/<snapshot>`."""
+
+    pool: str
+    type: VolumeType
+    content: ContentType
+    name: str
+    config: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def is_snapshot(self) -> bool:
+        return "/" in self.name
+
+    @property
+    def parent_name(self) -> str:
+        """The volume's own name, or its parent's for a snapshot."""
+        return self.name.split("/", 1)[0]
+
+    @property
+    def snapshot_name(self) -> str:
+        """The snapshot's own name ("" for a volume that is not a snapshot)."""
+        return self.name.split("/", 1)[1] if self.is_snapshot else ""
+
+    def snapshot(self, snapshot: str) -> Volume:
+        """The snapshot `snapshot` of this volume."""
+        return Volume(self.pool, self.type, self.content, f"{self.name}/{snapshot}", self.config)
+
+    def parent(self) -> Volume:
+        """The volume a snapshot belongs to (itself for a volume)."""
+        return Volume(self.pool, self.type, self.content, self.parent_name, self.config)
+
+    def renamed(self, name: str) -> Volume:
+        return Volume(self.pool, self.type, self.content, name, self.config)
+
+    def check(self) -> Volume:
+        """This volume, if its names are safe; InvalidArgument otherwise."""
+        if self.type is VolumeType.IMAGE:
+            check_fingerprint(self.parent_name)
+        else:
+            check_name(self.parent_name, f"{self.type} volume name")
+        if self.is_snapshot:
+            check_name(self.snapshot_name, "snapshot name")
+        return self
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """Where a mounted volume is: a directory (filesystem content; for an instance, the
+    directory that holds `rootfs/`, `metadata.yaml` and `templates/`), and for block
+    content the block device (or raw file) that holds the disk."""
+
+    path: Path
+    block_device: Path | None = None
+
+
+#: Fills a new, empty volume that it gets mounted: a filesystem volume's directory (an
+#: unpacked image: `metadata.yaml`, `templates/`, `rootfs/`), or a block volume's device.
+#: It may be a plain function or a coroutine function.
+Filler = Callable[[Mounted], Awaitable[None] | None]
 
 
 @dataclass(frozen=True)
@@ -49,18 +129,23 @@ class Capabilities:
     copy_on_write: bool = False
     #: Size limits on volumes are enforced.
     quotas: bool = False
-    #: Instance snapshots are supported (possibly as full copies; see copy_on_write).
+    #: Snapshots are supported (possibly as full copies; see copy_on_write).
     snapshots: bool = False
     #: The pool is reachable from every cluster member (ceph): no migration of data needed.
     remote: bool = False
-    #: Images are kept as a volume that instances are cloned from cheaply.
+    #: An image is kept unpacked as an image volume that instance volumes are copied from
+    #: (`create_volume_from_copy`); without it, each instance volume is filled from the
+    #: image itself (`create_volume` with a filler).
     optimized_images: bool = False
-    #: The instance rootfs exists only between mount_instance() and unmount_instance().
-    #: When False, mount_instance() only returns the path.
+    #: An instance volume exists on the host only between mount_volume() and
+    #: unmount_volume(): compute mounts it before every start and unmounts it after a
+    #: stop. When False, mount_volume() only returns where the volume is.
     instance_mounts: bool = False
     #: The rootfs can be idmapped by LXC (`lxc.rootfs.options = idmap=container`), so
     #: unprivileged containers need no chown of image files.
     idmapped_mounts: bool = False
+    #: The content types the driver can hold.
+    content_types: frozenset[ContentType] = frozenset({ContentType.FILESYSTEM})
 
 
 @dataclass(frozen=True)
@@ -108,10 +193,12 @@ class StorageDriver(abc.ABC):
     """
 
     #: The registry name (`dir`, `btrfs`, ...), as LXD's `driver` field of a pool.
-    name: str = ""
-    capabilities: Capabilities = Capabilities()
+    name: ClassVar[str] = ""
+    #: The driver's version, as `/1.0`'s `storage_supported_drivers` reports it.
+    version: ClassVar[str] = "1"
+    capabilities: ClassVar[Capabilities] = Capabilities()
     #: The pool config keys this driver accepts (LXD's names), beyond the common ones.
-    config_keys: frozenset[str] = frozenset({"source"})
+    config_keys: ClassVar[frozenset[str]] = frozenset({"source"})
 
     def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
         self.pool = check_name(pool, "pool name")
@@ -127,11 +214,27 @@ class StorageDriver(abc.ABC):
         self.source = Path(source)
         self.config["source"] = str(self.source)
 
+    def volume(
+        self,
+        type: VolumeType | str,
+        name: str,
+        content: ContentType | str = ContentType.FILESYSTEM,
+        config: Mapping[str, str] | None = None,
+    ) -> Volume:
+        """A checked Volume of this pool (InvalidArgument for a bad type, content or name)."""
+        try:
+            vol_type, vol_content = VolumeType(type), ContentType(content)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc)) from None
+        if vol_content not in self.capabilities.content_types:
+            raise InvalidArgument(f"a {self.name} pool cannot hold {vol_content} volumes")
+        return Volume(self.pool, vol_type, vol_content, name, dict(config or {})).check()
+
     # -- pool ------------------------------------------------------------------------------
 
     @abc.abstractmethod
     async def create_pool(self) -> None:
-        """Create the pool at `self.source` with the layout above.
+        """Create the pool at `self.source`.
 
         Conflict if the source exists and is not empty. On failure, removes whatever it
         created (the source directory too, if it made it)."""
@@ -140,178 +243,137 @@ class StorageDriver(abc.ABC):
     async def mount_pool(self) -> None:
         """Make an existing pool usable; idempotent; called at every service start.
 
-        Also removes the temporary entries a crash may have left (half unpacked images,
+        Also removes the temporary entries a crash may have left (half filled volumes,
         half made copies, half deleted volumes). NotFound if the pool does not exist."""
 
     @abc.abstractmethod
     async def delete_pool(self) -> None:
-        """Delete the pool. Conflict, and nothing is touched, unless it holds no instance,
-        snapshot, image or custom volume. NotFound if it does not exist."""
+        """Delete the pool. Conflict, and nothing is touched, unless it holds no volume
+        of any type. NotFound if it does not exist."""
 
     @abc.abstractmethod
     async def pool_usage(self) -> PoolUsage:
         """Bytes used and total of the pool's backing storage."""
 
-    # -- images ----------------------------------------------------------------------------
+    # -- volumes ---------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_image_volume(self, fingerprint: str, unpack: Unpacker) -> Path:
-        """Make sure the image is unpacked in this pool, and return its directory.
-
-        `unpack` runs at most once per pool and fingerprint, even when many callers (or
-        service processes) ask at the same time: the others wait and reuse its result. It
-        fills a private temporary directory, which is moved into place only when `unpack`
-        returned and the tree holds `rootfs/`: nobody ever sees a half tree. If `unpack`
-        raises, the temporary directory is removed and the error re-raised (InvalidArgument
-        if the tree has no rootfs/); the next caller tries again."""
+    async def has_volume(self, vol: Volume) -> bool:
+        """Whether the volume (or snapshot) exists completely in this pool."""
 
     @abc.abstractmethod
-    async def delete_image_volume(self, fingerprint: str) -> None:
-        """Delete an unpacked image. NotFound if it is not in this pool. Drivers whose
-        instances depend on the image volume raise Conflict while any instance does."""
+    async def create_volume(self, vol: Volume, filler: Filler | None = None) -> None:
+        """Create an empty volume (not a snapshot), then run `filler` on it if given.
+
+        Nobody ever sees a half-filled volume: the filler works on a private, temporary
+        volume that takes the name only when the filler returned. Conflict if the volume
+        exists. An image volume is made at most once per pool, even by many processes at
+        the same time: a second creator waits for the first and then gets Conflict. If the
+        filler raises, the temporary volume is removed and the error re-raised (for an
+        image volume, InvalidArgument if the tree has no `rootfs/`); nothing is left.
+
+        A new instance volume is left "unrecorded" until mark_recorded()."""
 
     @abc.abstractmethod
-    async def has_image_volume(self, fingerprint: str) -> bool:
-        """Whether the image is unpacked (completely) in this pool."""
+    async def create_volume_from_copy(
+        self, vol: Volume, src: Volume, *, with_snapshots: bool = False
+    ) -> None:
+        """Create `vol` with the content of `src`: an image volume (an instance from an
+        image; a launch, so this is the hot path), another volume (stopped, or frozen by
+        the caller) or a snapshot (a volume made from it), with `src`'s snapshots too if
+        asked. The new volume is independent of `src` for writes. NotFound if `src` does
+        not exist; Conflict if `vol` does. On failure nothing of `vol` is left.
 
-    # -- instances -------------------------------------------------------------------------
+        A new instance volume is left "unrecorded" until mark_recorded()."""
 
-    @abc.abstractmethod
-    async def create_instance_from_image(self, name: str, fingerprint: str) -> Path:
-        """Create the instance volume from an unpacked image; return its rootfs path.
-
-        The instance must be independent of the image for writes: nothing written in the
-        instance may change the image or another instance. NotFound if the image is not
-        unpacked; Conflict if the instance exists. On failure nothing is left behind."""
-
-    @abc.abstractmethod
-    async def has_instance(self, name: str) -> bool:
-        """Whether the instance volume exists (completely) in this pool."""
-
-    # A new instance volume (create_instance_from_image, create_empty_instance) is left
-    # "unrecorded" until mark_recorded(): the service writes its record once, after the
-    # volume is made, and a volume found unrecorded at the next start was made by a
-    # service that died before its record was written (or before it marked it).
+    # A new instance volume is left "unrecorded" until mark_recorded(): the service writes
+    # its record once, after the volume is made, and a volume found unrecorded at the next
+    # start was made by a service that died before its record was written (or marked).
 
     @abc.abstractmethod
-    async def mark_recorded(self, name: str) -> None:
-        """Note that the instance volume's record is written. Idempotent."""
+    async def mark_recorded(self, vol: Volume) -> None:
+        """Note that the volume's record is written. Idempotent; NotFound if no volume."""
 
     @abc.abstractmethod
-    async def unrecorded_instances(self) -> list[str]:
-        """The instance volumes not yet marked recorded, sorted by name."""
+    async def unrecorded_volumes(self, type: VolumeType) -> list[str]:
+        """The names of the volumes of `type` not yet marked recorded, sorted."""
 
     @abc.abstractmethod
-    async def create_empty_instance(self, name: str) -> Path:
-        """Create an instance volume with an empty `rootfs/` (LXD's `lxc init --empty`);
-        return the rootfs path. Conflict if the instance exists. On failure nothing is left
-        behind."""
+    async def mount_volume(self, vol: Volume) -> Mounted:
+        """Make the volume (or snapshot, read-only by convention) available and say where
+        it is. Compute calls it before every start when `instance_mounts`. Idempotent, and
+        correct after a restart of the storage service (kernel mounts outlive it).
+        NotFound if there is no such volume."""
 
     @abc.abstractmethod
-    async def mount_instance(self, name: str) -> Path:
-        """Make the instance's rootfs available and return its path; the caller (compute)
-        calls this before every start. Idempotent, and correct after a restart of the
-        storage service (kernel mounts outlive it). NotFound if there is no instance."""
+    async def unmount_volume(self, vol: Volume) -> None:
+        """Undo mount_volume() (after the instance stopped); idempotent. NotFound if
+        there is no such volume."""
 
     @abc.abstractmethod
-    async def unmount_instance(self, name: str) -> None:
-        """Undo mount_instance() after the instance stopped; idempotent."""
+    async def delete_volume(self, vol: Volume) -> None:
+        """Delete a volume with all its snapshots, or one snapshot, leaving no directory
+        and no mount behind. NotFound if it does not exist. Conflict, with nothing
+        deleted, if something mounted inside cannot be unmounted."""
 
     @abc.abstractmethod
-    async def delete_instance(self, name: str) -> None:
-        """Delete the instance volume and all its snapshots, leaving no directory and no
-        mount behind. NotFound if there is no instance. Conflict, with nothing deleted, if
-        something is mounted inside the volume that cannot be unmounted."""
+    async def rename_volume(self, vol: Volume, new_name: str) -> None:
+        """Rename a volume (its snapshots go along), or a snapshot (`new_name` is then the
+        snapshot's own new name). NotFound / Conflict; on failure the old name is kept."""
 
     @abc.abstractmethod
-    async def rename_instance(self, name: str, new_name: str) -> None:
-        """Rename the instance volume and its snapshots. NotFound / Conflict; on failure
-        the old name is kept."""
-
-    @abc.abstractmethod
-    async def instance_usage(self, name: str) -> int:
-        """Bytes of storage used by the instance volume (without its snapshots)."""
-
-    @abc.abstractmethod
-    async def copy_instance(self, src: str, dst: str, *, with_snapshots: bool = False) -> Path:
-        """Copy an instance volume (stopped, or frozen by the caller) to a new instance, with
-        its snapshots if asked; return the new rootfs path. NotFound / Conflict; on
-        failure nothing of `dst` is left behind."""
+    async def volume_usage(self, vol: Volume) -> int:
+        """Bytes of storage used by the volume (without its snapshots)."""
 
     # -- snapshots -------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_snapshot(self, name: str, snapshot: str) -> None:
-        """Snapshot the instance volume. The caller stops or freezes a running instance
-        first if it wants a consistent snapshot. NotFound / Conflict; on failure no
-        snapshot is left."""
+    async def create_snapshot(self, snap: Volume) -> None:
+        """Snapshot `snap.parent()` as `snap`. The caller stops or freezes a running
+        instance first if it wants a consistent snapshot. NotFound if the parent does not
+        exist, Conflict if the snapshot does; on failure no snapshot is left."""
 
     @abc.abstractmethod
-    async def delete_snapshot(self, name: str, snapshot: str) -> None:
-        """Delete one snapshot. NotFound if it does not exist."""
+    async def restore_volume(self, vol: Volume, snapshot: str) -> None:
+        """Bring the volume back to its snapshot's state: files changed since come back,
+        files created since disappear. The caller stops the instance first. The switch is
+        atomic: on failure the volume is unchanged. NotFound for a missing snapshot."""
 
     @abc.abstractmethod
-    async def rename_snapshot(self, name: str, snapshot: str, new_snapshot: str) -> None:
-        """Rename one snapshot. NotFound / Conflict."""
-
-    @abc.abstractmethod
-    async def restore_snapshot(self, name: str, snapshot: str) -> None:
-        """Bring the instance volume back to the snapshot's state: files changed since come
-        back, files created since disappear. The caller stops the instance first. The
-        switch is atomic: on failure the instance is unchanged."""
-
-    @abc.abstractmethod
-    async def list_snapshots(self, name: str) -> list[str]:
-        """The instance's snapshot names, sorted. NotFound if there is no instance."""
-
-    # -- custom volumes --------------------------------------------------------------------
-
-    @abc.abstractmethod
-    async def create_volume(self, name: str) -> Path:
-        """Create an empty custom volume and return its path. Conflict if it exists."""
-
-    @abc.abstractmethod
-    async def delete_volume(self, name: str) -> None:
-        """Delete a custom volume and its content. NotFound if it does not exist."""
+    async def list_snapshots(self, vol: Volume) -> list[str]:
+        """The volume's snapshot names, sorted. NotFound if there is no volume."""
 
 
 # The registry: driver name -> "module:Class". Imported on first use, so that a driver
 # whose system libraries are missing (ceph) does not stop the others from loading.
-_REGISTRY: dict[str, str] = {
-    "dir": "croft.storage.drivers.dir:DirDriver",
-}
-
-
-def driver_names() -> list[str]:
-    """The names of all drivers croft knows (not all may run on this host)."""
-    return sorted(_REGISTRY)
-
-
-def driver_class(name: str) -> type[StorageDriver]:
-    """The driver class registered under `name`; NotFound for an unknown driver."""
-    try:
-        target = _REGISTRY[name]
-    except KeyError:
-        raise NotFound(f"unknown storage driver {name!r}") from None
-    module_name, class_name = target.split(":")
-    cls: type[StorageDriver] = getattr(importlib.import_module(module_name), class_name)
-    return cls
+DRIVERS: Registry[StorageDriver] = Registry(
+    "storage",
+    StorageDriver,
+    {
+        "dir": "croft.storage.drivers.dir:DirDriver",
+    },
+)
 
 
 def load_driver(name: str, pool: str, config: Mapping[str, str] | None = None) -> StorageDriver:
-    """A driver instance bound to `pool` (no disk access yet)."""
-    return driver_class(name)(pool, config)
+    """A driver instance bound to `pool` (no disk access yet); InvalidArgument for an
+    unknown driver name."""
+    return DRIVERS.load(name, pool, config)
 
 
 __all__ = [
     "DEFAULT_POOLS_DIR",
+    "DRIVERS",
+    "INSTANCE_TYPES",
     "Capabilities",
+    "ContentType",
+    "Filler",
+    "Mounted",
     "PoolUsage",
     "StorageDriver",
-    "Unpacker",
+    "Volume",
+    "VolumeType",
     "check_fingerprint",
     "check_name",
-    "driver_class",
-    "driver_names",
     "load_driver",
 ]

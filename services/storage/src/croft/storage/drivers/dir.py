@@ -51,6 +51,16 @@ renameat2(RENAME_NOREPLACE), so a name either exists completely or not at all an
 racing creators get a Conflict, not a merged tree. Deletions first move the entry to a
 hidden name (`.deleted-*`), then remove it. `mount_pool()` removes both kinds of leftovers
 a crash may leave. A restore swaps the new tree in with renameat2(RENAME_EXCHANGE).
+
+Layout (LXD's), under the pool's source directory:
+
+    containers/<name>/                          an instance volume: rootfs/, and the image's
+                                                metadata.yaml and templates/
+    containers-snapshots/<name>/<snapshot>/     its snapshots
+    virtual-machines/<name>/root.img            a VM's disk (block content: a raw file)
+    virtual-machines-snapshots/<name>/<snap>/
+    images/<fingerprint>/                       an unpacked image, copied into instances
+    custom/<name>/, custom-snapshots/<name>/    custom volumes and their snapshots
 """
 
 from __future__ import annotations
@@ -70,26 +80,48 @@ from pathlib import Path
 
 from croft.common.blocking import SerialThread, in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.locks import KeyedLock
 from croft.common.proc import run, run_async
 from croft.storage.drivers import (
+    INSTANCE_TYPES,
     Capabilities,
+    ContentType,
+    Filler,
+    Mounted,
     PoolUsage,
     StorageDriver,
-    Unpacker,
-    check_fingerprint,
+    Volume,
+    VolumeType,
     check_name,
 )
 from croft.storage.drivers.treecopy import ImageTree
 
-CONTAINERS = "containers"
-SNAPSHOTS = "containers-snapshots"
-IMAGES = "images"
-CUSTOM = "custom"
-LAYOUT = (CONTAINERS, SNAPSHOTS, IMAGES, CUSTOM)
+# LXD's on-disk layout of a dir pool: one directory per volume type, and one beside it
+# for the snapshots of the types that have them (`<type dir>-snapshots/<volume>/<snap>`).
+TYPE_DIRS = {
+    VolumeType.CONTAINER: "containers",
+    VolumeType.VM: "virtual-machines",
+    VolumeType.IMAGE: "images",
+    VolumeType.CUSTOM: "custom",
+}
+SNAPSHOT_DIRS = {
+    VolumeType.CONTAINER: "containers-snapshots",
+    VolumeType.VM: "virtual-machines-snapshots",
+    VolumeType.CUSTOM: "custom-snapshots",
+}
+CONTAINERS = TYPE_DIRS[VolumeType.CONTAINER]
+SNAPSHOTS = SNAPSHOT_DIRS[VolumeType.CONTAINER]
+IMAGES = TYPE_DIRS[VolumeType.IMAGE]
+CUSTOM = TYPE_DIRS[VolumeType.CUSTOM]
+LAYOUT = (*TYPE_DIRS.values(), *SNAPSHOT_DIRS.values())
 # World-traversable like LXD's, so host paths into a rootfs resolve for LXC's helpers;
 # images and snapshots are for root alone.
-MODES = {CONTAINERS: 0o711, SNAPSHOTS: 0o700, IMAGES: 0o700, CUSTOM: 0o711}
+MODES = {sub: 0o711 for sub in TYPE_DIRS.values()} | {sub: 0o700 for sub in SNAPSHOT_DIRS.values()}
+MODES[IMAGES] = 0o700
 INSTANCE_MODE = 0o711
+# A block volume is a raw file in its directory, as in LXD's dir driver.
+BLOCK_FILE = "root.img"
+DEFAULT_BLOCK_SIZE = 10 * 1024**3
 
 # A copy of a big tree on a slow disk can take minutes; the timeout only catches hangs.
 COPY_TIMEOUT = 3600.0
@@ -181,15 +213,19 @@ def _delete_tree(path: Path, what: str) -> None:
 _UNRECORDED = ".unrecorded"
 
 
-def _finish_instance(tmp: Path, final: Path, name: str) -> None:
-    os.chmod(tmp, INSTANCE_MODE)
-    os.close(os.open(tmp / _UNRECORDED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    _move_into_place(tmp, final, f"instance volume {name!r}")
+def _finish_volume(
+    tmp: Path, final: Path, what: str, unrecorded: bool, mode: int = INSTANCE_MODE
+) -> None:
+    os.chmod(tmp, mode)
+    if unrecorded:
+        with contextlib.suppress(FileExistsError):
+            os.close(os.open(tmp / _UNRECORDED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    _move_into_place(tmp, final, what)
 
 
-def _instance_from_tree(tree: ImageTree, image: Path, tmp: Path, final: Path, name: str) -> None:
+def _instance_from_tree(tree: ImageTree, image: Path, tmp: Path, final: Path, what: str) -> None:
     tree.copy_to(tmp, image)
-    _finish_instance(tmp, final, name)
+    _finish_volume(tmp, final, what, unrecorded=True)
 
 
 @contextlib.contextmanager
@@ -203,49 +239,82 @@ def _cleanup_on_error(*paths: Path) -> Iterator[None]:
         raise
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGTPE]i?)?B?\s*$")
+
+
+def parse_size(text: str) -> int:
+    """LXD's byte sizes (`10GiB`, `500MB`, `1024`); InvalidArgument for anything else."""
+    match = _SIZE.match(text)
+    if not match:
+        raise InvalidArgument(f"invalid size {text!r}")
+    number, unit = int(match.group(1)), match.group(2) or ""
+    if not unit:
+        return number
+    base = 1024 if unit.endswith("i") else 1000
+    return number * base ** ("KMGTPE".index(unit[0]) + 1)
+
+
+def _what(vol: Volume) -> str:
+    if vol.is_snapshot:
+        return f"snapshot {vol.name}"
+    return f"{vol.type} volume {vol.name!r}"
+
+
 class DirDriver(StorageDriver):
     """A storage pool that is a directory; see the module docstring for the design."""
 
     name = "dir"
-    capabilities = Capabilities(snapshots=True, idmapped_mounts=True)
+    # optimized_images: the unpacked image stays in `images/` and instance volumes are
+    # copied from it in-process (`treecopy.py`), which is much cheaper than unpacking the
+    # image again for every launch; the copy is a full one (no copy_on_write).
+    capabilities = Capabilities(
+        snapshots=True,
+        optimized_images=True,
+        idmapped_mounts=True,
+        content_types=frozenset({ContentType.FILESYSTEM, ContentType.BLOCK}),
+    )
     config_keys = frozenset({"source"})
 
     def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
         super().__init__(pool, config)
-        self._image_locks: dict[str, asyncio.Lock] = {}
+        self._image_locks: KeyedLock[str] = KeyedLock()
         # Image fingerprint -> the scan of its manifest (None: `cp -a` must copy it).
         self._image_trees: dict[str, asyncio.Future[ImageTree | None]] = {}
 
-    # -- paths -----------------------------------------------------------------------------
+    # -- paths: only this driver knows them --------------------------------------------------
 
-    def image_path(self, fingerprint: str) -> Path:
-        return self.source / IMAGES / check_fingerprint(fingerprint)
+    def volume_path(self, vol: Volume) -> Path:
+        """Where the volume (or snapshot) is: LXD's layout."""
+        vol.check()
+        if vol.is_snapshot:
+            snapshots = SNAPSHOT_DIRS.get(vol.type)
+            if snapshots is None:
+                raise InvalidArgument(f"{vol.type} volumes have no snapshots")
+            return self.source / snapshots / vol.parent_name / vol.snapshot_name
+        return self.source / TYPE_DIRS[vol.type] / vol.name
 
-    def instance_path(self, name: str) -> Path:
-        return self.source / CONTAINERS / check_name(name, "instance name")
-
-    def instance_rootfs(self, name: str) -> Path:
-        return self.instance_path(name) / "rootfs"
-
-    def snapshots_path(self, name: str) -> Path:
-        return self.source / SNAPSHOTS / check_name(name, "instance name")
-
-    def snapshot_path(self, name: str, snapshot: str) -> Path:
-        return self.snapshots_path(name) / check_name(snapshot, "snapshot name")
-
-    def volume_path(self, name: str) -> Path:
-        return self.source / CUSTOM / check_name(name, "volume name")
+    def snapshots_path(self, vol: Volume) -> Path | None:
+        """The directory of a volume's snapshots (None for a type without snapshots)."""
+        snapshots = SNAPSHOT_DIRS.get(vol.type)
+        return self.source / snapshots / vol.parent_name if snapshots else None
 
     def _require_pool(self) -> None:
         if not self.source.is_dir():
             raise NotFound(f"storage pool {self.pool!r} does not exist at {self.source}")
 
-    def _require_instance(self, name: str) -> Path:
-        path = self.instance_path(name)
+    def _require(self, vol: Volume) -> Path:
+        path = self.volume_path(vol)
         self._require_pool()
+        if vol.is_snapshot and not self.volume_path(vol.parent()).is_dir():
+            raise NotFound(f"{_what(vol.parent())} not found in pool {self.pool!r}")
         if not path.is_dir():
-            raise NotFound(f"instance volume {name!r} not found in pool {self.pool!r}")
+            raise NotFound(f"{_what(vol)} not found in pool {self.pool!r}")
         return path
+
+    def _mounted(self, vol: Volume, path: Path) -> Mounted:
+        if vol.content is ContentType.BLOCK:
+            return Mounted(path, path / BLOCK_FILE)
+        return Mounted(path)
 
     # -- pool ------------------------------------------------------------------------------
 
@@ -288,11 +357,12 @@ class DirDriver(StorageDriver):
                     _unmount_all_under(entry, f"leftover {entry}")
                     _remove_tree(entry)
         # Snapshot directories hold temporary entries of their own.
-        for snapshots in (self.source / SNAPSHOTS).iterdir():
-            if snapshots.is_dir():
-                for entry in snapshots.iterdir():
-                    if entry.name.startswith((".tmp-", ".deleted-")):
-                        _remove_tree(entry)
+        for sub in SNAPSHOT_DIRS.values():
+            for snapshots in (self.source / sub).iterdir():
+                if snapshots.is_dir():
+                    for entry in snapshots.iterdir():
+                        if entry.name.startswith((".tmp-", ".deleted-")):
+                            _remove_tree(entry)
 
     async def delete_pool(self) -> None:
         await in_thread(self._delete_pool)
@@ -327,18 +397,24 @@ class DirDriver(StorageDriver):
             total_inodes=st.f_files,
         )
 
-    # -- images ----------------------------------------------------------------------------
+    # -- volumes ---------------------------------------------------------------------------
 
-    async def has_image_volume(self, fingerprint: str) -> bool:
-        return self.image_path(fingerprint).is_dir()
+    async def has_volume(self, vol: Volume) -> bool:
+        return self.volume_path(vol).is_dir()
 
-    async def create_image_volume(self, fingerprint: str, unpack: Unpacker) -> Path:
-        final = self.image_path(fingerprint)
+    async def create_volume(self, vol: Volume, filler: Filler | None = None) -> None:
+        if vol.is_snapshot:
+            raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
+        final = self.volume_path(vol)
         self._require_pool()
-        lock = self._image_locks.setdefault(fingerprint, asyncio.Lock())
-        async with lock:
+        if vol.type is not VolumeType.IMAGE:
+            if final.exists():
+                raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
+            await self._fill(vol, final, filler)
+            return
+        async with self._image_locks.hold(vol.name):
             if final.is_dir():
-                return final
+                raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
             # A second service process (or a restart racing an old one) must wait too: an
             # OFD byte-range lock on the pool's one lock file, one byte per fingerprint, so
             # a failed unpack leaves no per-image file behind.
@@ -349,46 +425,56 @@ class DirDriver(StorageDriver):
                 0o600,
             )
             try:
-                await in_thread(_lock_byte, fd, int(fingerprint[:15], 16))
+                await in_thread(_lock_byte, fd, int(vol.name[:15], 16))
                 if final.is_dir():
-                    return final
-                tmp = _unique(final.parent, "tmp", fingerprint)
-                await in_thread(tmp.mkdir, 0o700)
-                try:
-                    await self._run_unpack(unpack, tmp)
-                    if not (tmp / "rootfs").is_dir():
-                        raise InvalidArgument(
-                            f"image {fingerprint} has no rootfs/ directory after unpacking"
-                        )
-                    await in_thread(_move_into_place, tmp, final, f"image {fingerprint}")
-                except BaseException:
-                    await asyncio.shield(in_thread(_remove_tree, tmp))
-                    raise
-                return final
+                    raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
+                await self._fill(vol, final, filler)
             finally:
                 # Closing the descriptor releases the lock.
                 os.close(fd)
 
+    async def _fill(self, vol: Volume, final: Path, filler: Filler | None) -> None:
+        """Make the volume under a temporary name, fill it, move it into place."""
+        tmp = _unique(final.parent, "tmp", vol.name)
+        try:
+            await in_thread(tmp.mkdir, INSTANCE_MODE)
+            if vol.content is ContentType.BLOCK:
+                size = parse_size(vol.config["size"]) if "size" in vol.config else None
+                await in_thread(self._make_block_file, tmp / BLOCK_FILE, size)
+            elif vol.type in INSTANCE_TYPES and filler is None:
+                await in_thread(self._make_rootfs, tmp)
+            if filler is not None:
+                await self._run_filler(filler, self._mounted(vol, tmp))
+            if vol.type is VolumeType.IMAGE and not (tmp / "rootfs").is_dir():
+                raise InvalidArgument(f"image {vol.name} has no rootfs/ directory after unpacking")
+            # Images are root's alone, like LXD's; instance volumes are traversable.
+            mode = 0o700 if vol.type is VolumeType.IMAGE else INSTANCE_MODE
+            unrecorded = vol.type in INSTANCE_TYPES
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded, mode)
+        except BaseException:
+            await asyncio.shield(in_thread(_remove_tree, tmp))
+            raise
+
     @staticmethod
-    async def _run_unpack(unpack: Unpacker, target: Path) -> None:
-        if inspect.iscoroutinefunction(unpack):
-            await unpack(target)
+    def _make_rootfs(directory: Path) -> None:
+        # An empty instance volume (`lxc init --empty`): an empty rootfs/.
+        (directory / "rootfs").mkdir(0o755)
+        os.chmod(directory / "rootfs", 0o755)
+
+    @staticmethod
+    def _make_block_file(path: Path, size: int | None) -> None:
+        with open(path, "xb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.truncate(DEFAULT_BLOCK_SIZE if size is None else size)
+
+    @staticmethod
+    async def _run_filler(filler: Filler, mounted: Mounted) -> None:
+        if inspect.iscoroutinefunction(filler):
+            await filler(mounted)
             return
-        result = await in_thread(unpack, target)
+        result = await in_thread(filler, mounted)
         if inspect.isawaitable(result):
             await result
-
-    async def delete_image_volume(self, fingerprint: str) -> None:
-        path = self.image_path(fingerprint)
-        self._require_pool()
-        lock = self._image_locks.setdefault(fingerprint, asyncio.Lock())
-        async with lock:
-            if not path.is_dir():
-                raise NotFound(f"image {fingerprint} is not unpacked in pool {self.pool!r}")
-            self._image_trees.pop(fingerprint, None)
-            await in_thread(_delete_tree, path, f"image {fingerprint}")
-
-    # -- instances -------------------------------------------------------------------------
 
     async def _copy_tree(self, src: Path, dst: Path) -> None:
         await run_async(
@@ -411,58 +497,83 @@ class DirDriver(StorageDriver):
                 del self._image_trees[fingerprint]  # the next launch scans again
             raise
 
-    async def create_instance_from_image(self, name: str, fingerprint: str) -> Path:
-        final = self.instance_path(name)
-        image = self.image_path(fingerprint)
-        self._require_pool()
-        if not image.is_dir():
-            raise NotFound(f"image {fingerprint} is not unpacked in pool {self.pool!r}")
+    async def create_volume_from_copy(
+        self, vol: Volume, src: Volume, *, with_snapshots: bool = False
+    ) -> None:
+        if vol.is_snapshot:
+            raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
+        final = self.volume_path(vol)
+        source = self._require(src)
         if final.exists():
-            raise Conflict(f"instance volume {name!r} already exists in pool {self.pool!r}")
-        tmp = _unique(final.parent, "tmp", name)
+            raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
+        unrecorded = vol.type in INSTANCE_TYPES
+        tmp = _unique(final.parent, "tmp", vol.name)
+        if src.type is VolumeType.IMAGE:
+            # A launch: the hot path. One in-process copy from the image's manifest.
+            try:
+                tree = await self._image_tree(src.name, source)
+                if tree is None:
+                    await self._copy_tree(source, tmp)
+                    await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+                else:
+                    await _TREE_COPIES.run(
+                        _instance_from_tree, tree, source, tmp, final, _what(vol)
+                    )
+            except BaseException:
+                await asyncio.shield(in_thread(_remove_tree, tmp))
+                raise
+            return
+        source_snaps = None if src.is_snapshot else self.snapshots_path(src)
+        final_snaps = self.snapshots_path(vol)
+        copy_snaps = bool(with_snapshots and source_snaps and final_snaps and source_snaps.is_dir())
+        if final_snaps is not None and final_snaps.exists():
+            raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
+        tmp_snaps = _unique(final_snaps.parent, "tmp", vol.name) if final_snaps else None
+        moved = False
         try:
-            tree = await self._image_tree(fingerprint, image)
-            if tree is None:
-                await self._copy_tree(image, tmp)
-                await in_thread(_finish_instance, tmp, final, name)
-            else:
-                await _TREE_COPIES.run(_instance_from_tree, tree, image, tmp, final, name)
+            await self._copy_tree(source, tmp)
+            await in_thread(self._drop_hidden_entries, tmp)
+            if copy_snaps:
+                assert source_snaps and tmp_snaps
+                await self._copy_tree(source_snaps, tmp_snaps)
+                await in_thread(self._drop_hidden_entries, tmp_snaps)
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+            moved = True
+            if copy_snaps:
+                assert tmp_snaps and final_snaps
+                await in_thread(
+                    _move_into_place, tmp_snaps, final_snaps, f"snapshots of {vol.name!r}"
+                )
         except BaseException:
-            await asyncio.shield(in_thread(_remove_tree, tmp))
+
+            def undo() -> None:
+                if moved:
+                    _delete_tree(final, _what(vol))
+                for path in (tmp, tmp_snaps):
+                    if path is not None:
+                        with contextlib.suppress(OSError):
+                            _remove_tree(path)
+
+            await asyncio.shield(in_thread(undo))
             raise
-        return final / "rootfs"
 
-    async def has_instance(self, name: str) -> bool:
-        return self.instance_path(name).is_dir()
+    @staticmethod
+    def _drop_hidden_entries(directory: Path) -> None:
+        # The source's own marks and half-made entries are not part of a copy.
+        for entry in directory.iterdir():
+            if entry.name.startswith("."):
+                _remove_tree(entry)
 
-    async def create_empty_instance(self, name: str) -> Path:
-        final = self.instance_path(name)
-        self._require_pool()
-        if final.exists():
-            raise Conflict(f"instance volume {name!r} already exists in pool {self.pool!r}")
-        tmp = _unique(final.parent, "tmp", name)
-
-        def create() -> None:
-            with _cleanup_on_error(tmp):
-                tmp.mkdir(INSTANCE_MODE)
-                os.chmod(tmp, INSTANCE_MODE)
-                (tmp / "rootfs").mkdir(0o755)
-                os.chmod(tmp / "rootfs", 0o755)
-                _finish_instance(tmp, final, name)
-
-        await in_thread(create)
-        return final / "rootfs"
-
-    async def mark_recorded(self, name: str) -> None:
+    async def mark_recorded(self, vol: Volume) -> None:
         # One unlink: cheaper here than a trip to a thread.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._require_instance(name) / _UNRECORDED)
+            os.unlink(self._require(vol) / _UNRECORDED)
 
-    async def unrecorded_instances(self) -> list[str]:
+    async def unrecorded_volumes(self, type: VolumeType) -> list[str]:
         self._require_pool()
 
         def find() -> list[str]:
-            parent = self.source / CONTAINERS
+            parent = self.source / TYPE_DIRS[VolumeType(type)]
             return sorted(
                 entry.name
                 for entry in os.scandir(parent)
@@ -472,42 +583,59 @@ class DirDriver(StorageDriver):
 
         return await in_thread(find)
 
-    async def mount_instance(self, name: str) -> Path:
+    async def mount_volume(self, vol: Volume) -> Mounted:
         # A plain directory: nothing to mount, so nothing to redo after a restart.
-        return self._require_instance(name) / "rootfs"
+        return self._mounted(vol, self._require(vol))
 
-    async def unmount_instance(self, name: str) -> None:
-        self._require_instance(name)
+    async def unmount_volume(self, vol: Volume) -> None:
+        self._require(vol)
 
-    async def delete_instance(self, name: str) -> None:
-        path = self.instance_path(name)
-        snapshots = self.snapshots_path(name)
+    async def delete_volume(self, vol: Volume) -> None:
+        path = self.volume_path(vol)
         self._require_pool()
-        if not path.is_dir() and not snapshots.is_dir():
-            raise NotFound(f"instance volume {name!r} not found in pool {self.pool!r}")
+        what = _what(vol)
+        if vol.is_snapshot:
+            path = self._require(vol)
+            await in_thread(_delete_tree, path, what)
+            return
+        snapshots = self.snapshots_path(vol)
+        trees = [t for t in (snapshots, path) if t is not None and t.is_dir()]
+        if not path.is_dir() and not trees:
+            raise NotFound(f"{what} not found in pool {self.pool!r}")
+        lock = self._image_locks.hold(vol.name) if vol.type is VolumeType.IMAGE else None
 
         def delete() -> None:
-            # Check both trees for mounts before deleting either, so a refusal deletes nothing.
-            for tree in (path, snapshots):
-                if tree.is_dir():
-                    _unmount_all_under(tree, f"instance volume {name!r}")
-            for tree in (snapshots, path):
-                if tree.is_dir():
-                    _delete_tree(tree, f"instance volume {name!r}")
+            # Check every tree for mounts before deleting any, so a refusal deletes nothing.
+            for tree in trees:
+                _unmount_all_under(tree, what)
+            for tree in trees:
+                _delete_tree(tree, what)
 
-        await in_thread(delete)
+        if lock is None:
+            await in_thread(delete)
+            return
+        async with lock:
+            self._image_trees.pop(vol.name, None)
+            await in_thread(delete)
 
-    async def rename_instance(self, name: str, new_name: str) -> None:
-        old = self._require_instance(name)
-        new = self.instance_path(new_name)
-        old_snaps, new_snaps = self.snapshots_path(name), self.snapshots_path(new_name)
+    async def rename_volume(self, vol: Volume, new_name: str) -> None:
+        check_name(new_name, "new name")
+        old = self._require(vol)
+        if vol.is_snapshot:
+            new = self.volume_path(vol.parent().snapshot(new_name))
+            await in_thread(_move_into_place, old, new, f"snapshot {vol.parent_name}/{new_name}")
+            return
+        if vol.type is VolumeType.IMAGE:
+            raise InvalidArgument("image volumes cannot be renamed")
+        new_vol = vol.renamed(new_name)
+        new = self.volume_path(new_vol)
+        old_snaps, new_snaps = self.snapshots_path(vol), self.snapshots_path(new_vol)
 
         def rename() -> None:
-            what = f"instance volume {new_name!r}"
-            if new_snaps.exists():
+            if new_snaps is not None and new_snaps.exists():
                 raise Conflict(f"snapshots of {new_name!r} already exist in pool {self.pool!r}")
-            _move_into_place(old, new, what)
-            if old_snaps.is_dir():
+            _move_into_place(old, new, _what(new_vol))
+            if old_snaps is not None and new_snaps is not None and old_snaps.is_dir():
                 try:
                     _move_into_place(old_snaps, new_snaps, f"snapshots of {new_name!r}")
                 except BaseException:
@@ -516,63 +644,26 @@ class DirDriver(StorageDriver):
 
         await in_thread(rename)
 
-    async def instance_usage(self, name: str) -> int:
-        path = self._require_instance(name)
+    async def volume_usage(self, vol: Volume) -> int:
+        path = self._require(vol)
         _, out, _ = await run_async(["du", "-s", "-x", "-B1", str(path)], timeout=COPY_TIMEOUT)
         return int(out.split()[0])
 
-    async def copy_instance(self, src: str, dst: str, *, with_snapshots: bool = False) -> Path:
-        source = self._require_instance(src)
-        final = self.instance_path(dst)
-        final_snaps = self.snapshots_path(dst)
-        source_snaps = self.snapshots_path(src)
-        if final.exists() or final_snaps.exists():
-            raise Conflict(f"instance volume {dst!r} already exists in pool {self.pool!r}")
-        tmp = _unique(final.parent, "tmp", dst)
-        tmp_snaps = _unique(final_snaps.parent, "tmp", dst)
-        moved = False
-        try:
-            await self._copy_tree(source, tmp)
-            copy_snaps = with_snapshots and source_snaps.is_dir()
-            if copy_snaps:
-                await self._copy_tree(source_snaps, tmp_snaps)
-                await in_thread(self._drop_hidden_entries, tmp_snaps)
-            await in_thread(_move_into_place, tmp, final, f"instance volume {dst!r}")
-            moved = True
-            if copy_snaps:
-                await in_thread(_move_into_place, tmp_snaps, final_snaps, f"snapshots of {dst!r}")
-        except BaseException:
-
-            def undo() -> None:
-                if moved:
-                    _delete_tree(final, f"instance volume {dst!r}")
-                for path in (tmp, tmp_snaps):
-                    with contextlib.suppress(OSError):
-                        _remove_tree(path)
-
-            await asyncio.shield(in_thread(undo))
-            raise
-        return final / "rootfs"
-
-    @staticmethod
-    def _drop_hidden_entries(directory: Path) -> None:
-        for entry in directory.iterdir():
-            if entry.name.startswith("."):
-                _remove_tree(entry)
-
     # -- snapshots -------------------------------------------------------------------------
 
-    async def create_snapshot(self, name: str, snapshot: str) -> None:
-        source = self._require_instance(name)
-        final = self.snapshot_path(name, snapshot)
+    async def create_snapshot(self, snap: Volume) -> None:
+        if not snap.is_snapshot:
+            raise InvalidArgument(f"{snap.name!r} is not a snapshot name (<volume>/<snapshot>)")
+        final = self.volume_path(snap)
+        source = self._require(snap.parent())
         if final.exists():
-            raise Conflict(f"snapshot {name}/{snapshot} already exists")
+            raise Conflict(f"{_what(snap)} already exists")
         made_parent = not final.parent.exists()
         await in_thread(final.parent.mkdir, 0o700, False, True)
-        tmp = _unique(final.parent, "tmp", snapshot)
+        tmp = _unique(final.parent, "tmp", snap.snapshot_name)
         try:
             await self._copy_tree(source, tmp)
-            await in_thread(_move_into_place, tmp, final, f"snapshot {name}/{snapshot}")
+            await in_thread(_move_into_place, tmp, final, _what(snap))
         except BaseException:
 
             def undo() -> None:
@@ -584,30 +675,14 @@ class DirDriver(StorageDriver):
             await asyncio.shield(in_thread(undo))
             raise
 
-    def _require_snapshot(self, name: str, snapshot: str) -> Path:
-        path = self.snapshot_path(name, snapshot)
-        self._require_instance(name)
-        if not path.is_dir():
-            raise NotFound(f"snapshot {name}/{snapshot} not found in pool {self.pool!r}")
-        return path
-
-    async def delete_snapshot(self, name: str, snapshot: str) -> None:
-        path = self._require_snapshot(name, snapshot)
-        await in_thread(_delete_tree, path, f"snapshot {name}/{snapshot}")
-
-    async def rename_snapshot(self, name: str, snapshot: str, new_snapshot: str) -> None:
-        path = self._require_snapshot(name, snapshot)
-        new = self.snapshot_path(name, new_snapshot)
-        await in_thread(_move_into_place, path, new, f"snapshot {name}/{new_snapshot}")
-
-    async def restore_snapshot(self, name: str, snapshot: str) -> None:
-        snap = self._require_snapshot(name, snapshot)
-        current = self.instance_path(name)
-        tmp = _unique(current.parent, "tmp", name)
+    async def restore_volume(self, vol: Volume, snapshot: str) -> None:
+        snap = self._require(vol.snapshot(snapshot))
+        current = self.volume_path(vol)
+        tmp = _unique(current.parent, "tmp", vol.name)
         try:
-            await in_thread(_unmount_all_under, current, f"instance volume {name!r}")
+            await in_thread(_unmount_all_under, current, _what(vol))
             await self._copy_tree(snap, tmp)
-            # One atomic swap: the instance is either wholly old or wholly restored.
+            # One atomic swap: the volume is either wholly old or wholly restored.
             await in_thread(_renameat2, tmp, current, _RENAME_EXCHANGE)
         except BaseException:
             await asyncio.shield(in_thread(_remove_tree, tmp))
@@ -615,31 +690,12 @@ class DirDriver(StorageDriver):
         # `tmp` now holds the state from before the restore.
         await in_thread(_remove_tree, tmp)
 
-    async def list_snapshots(self, name: str) -> list[str]:
-        self._require_instance(name)
-        directory = self.snapshots_path(name)
-        if not directory.is_dir():
+    async def list_snapshots(self, vol: Volume) -> list[str]:
+        self._require(vol)
+        directory = self.snapshots_path(vol)
+        if directory is None or not directory.is_dir():
             return []
         return sorted(e.name for e in directory.iterdir() if not e.name.startswith("."))
 
-    # -- custom volumes --------------------------------------------------------------------
 
-    async def create_volume(self, name: str) -> Path:
-        path = self.volume_path(name)
-        self._require_pool()
-        try:
-            await in_thread(path.mkdir, INSTANCE_MODE)
-        except FileExistsError:
-            raise Conflict(f"custom volume {name!r} already exists in pool {self.pool!r}") from None
-        await in_thread(os.chmod, path, INSTANCE_MODE)
-        return path
-
-    async def delete_volume(self, name: str) -> None:
-        path = self.volume_path(name)
-        self._require_pool()
-        if not path.is_dir():
-            raise NotFound(f"custom volume {name!r} not found in pool {self.pool!r}")
-        await in_thread(_delete_tree, path, f"custom volume {name!r}")
-
-
-__all__ = ["DirDriver"]
+__all__ = ["DirDriver", "parse_size"]
