@@ -28,9 +28,9 @@ from croft.common.records import network_nic_key, network_nic_prefix, network_us
 from croft.common.rpc import ServiceClient
 from croft.common.store import Store, dump
 from croft.common.testing.etcd import EtcdServer, etcd_store
-from croft.network import nft
 from croft.network.core import network_key
 from croft.network.drivers import DriverSettings, generate_hwaddr
+from croft.network.drivers import _bridge_nft as nft
 from croft.network.drivers.bridge import BridgeDriver
 from croft.network.testing import Guest, Guests, dnsmasq_pids, link_exists, sh
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
@@ -135,7 +135,9 @@ def service(etcd: EtcdServer) -> Iterator[NetworkService]:
     yield svc
     if svc.running:
         svc.terminate()
-    BridgeDriver(DriverSettings(root / "state" / "networks", svc.nft_table)).delete(svc.bridge)
+    asyncio.run(
+        BridgeDriver(DriverSettings(root / "state" / "networks", svc.nft_table)).delete(svc.bridge)
+    )
     if nft.table_exists(svc.nft_table):
         sh("nft", "delete", "table", "inet", svc.nft_table, check=False)
     sh("ip", "link", "del", svc.bridge, check=False)
@@ -261,7 +263,11 @@ async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
     guest = guests.make(bridge)
 
     reply = await client.call("AttachInstance", nic(bridge, "c1", guest.hwaddr), idempotent=False)
-    assert reply.bridge == bridge and reply.ipv4 == "" and reply.mtu == 0
+    assert (
+        (reply.nic_type, reply.parent) == ("bridged", bridge)
+        and reply.ipv4 == ""
+        and reply.mtu == 0
+    )
     assert (await used_by(store, bridge)) == ["/1.0/instances/c1"]
 
     address = guest.dhcp()
@@ -430,7 +436,7 @@ async def test_create_update_and_delete_a_network(
 
         nic_request = nic(name, "c5", generate_hwaddr())
         reply = await client.call("AttachInstance", nic_request, idempotent=False)
-        assert (reply.bridge, reply.mtu) == (name, 1400)
+        assert (reply.nic_type, reply.parent, reply.mtu) == ("bridged", name, 1400)
         with pytest.raises(InvalidArgument, match="in use"):
             await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
         await client.call("DetachInstance", nic_request)
@@ -461,8 +467,8 @@ async def test_create_update_and_delete_a_network(
             await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
     finally:
         # pyroute2's IPRoute runs its own event loop: never call the driver on this one.
-        await asyncio.to_thread(driver.delete, name)
-        await asyncio.to_thread(driver.delete, bad_name)
+        await driver.delete(name)
+        await driver.delete(bad_name)
 
 
 async def test_a_killed_service_comes_back_without_touching_the_network(
@@ -526,22 +532,24 @@ async def test_networks_come_back_after_a_host_reboot_and_on_attach(
 
     # A reboot: the service is gone and so are the bridge, its dnsmasq and its rules.
     running.kill()
-    await asyncio.to_thread(driver.stop, bridge)
+    await driver.stop(bridge)
     assert not link_exists(bridge)
     running.start()
     await running.wait_registered(store)
     assert link_exists(bridge) and len(dnsmasq_pids(bridge)) == 1
-    assert gw in {
-        a["address"] for a in (await asyncio.to_thread(driver.state, bridge)).to_api()["addresses"]
-    }
+    assert gw in {a["address"] for a in (await driver.state(bridge)).to_api()["addresses"]}
     after = await store.get(network_key(bridge))
     assert after is not None and after.value == before.value
 
     # Taken down behind the running service's back: the next attach brings it up.
-    await asyncio.to_thread(driver.stop, bridge)
+    await driver.stop(bridge)
     request = nic(bridge, "c6", generate_hwaddr())
     reply = await client.call("AttachInstance", request, idempotent=False)
-    assert reply.bridge == bridge and link_exists(bridge) and len(dnsmasq_pids(bridge)) == 1
+    assert (
+        (reply.nic_type, reply.parent) == ("bridged", bridge)
+        and link_exists(bridge)
+        and len(dnsmasq_pids(bridge)) == 1
+    )
     await client.call("DetachInstance", request)
 
 

@@ -7,7 +7,8 @@ network service runs it (`_croft.member`). Each instance NIC attached to a netwo
 key of its own (`croft.common.records.network_nic_key`), written by the same service: an
 attach or detach writes that key alone, whatever the number of instances on the network,
 and never the network's record. `used_by` is read from those keys. Driver work on a
-network runs under that network's lock, in a worker thread, and is shielded from the
+network runs under that network's lock (the driver runs its blocking work in a worker
+thread itself), and is shielded from the
 caller going away: an attach either completes (and the caller's cleanup detaches it) or
 undoes itself.
 
@@ -29,6 +30,7 @@ from typing import Any, TypeVar
 from croft.common import events
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
     modify,
@@ -37,6 +39,7 @@ from croft.common.records import (
     record_key,
     record_prefix,
 )
+from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Entry, Put, Update, dump
 from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
@@ -95,7 +98,8 @@ class InstanceNic:
 class NicAttachment:
     """What compute needs to plug a NIC in."""
 
-    host_interface: str  # the bridge the veth/tap goes into
+    nic_type: str  # LXD's nictype, as the network's driver plugs NICs: "bridged"...
+    parent: str  # the host interface the NIC hangs off (the bridge for "bridged")
     mtu: int | None  # None: the NIC keeps its default
     ipv4: str | None  # the pinned address, if one was asked for
 
@@ -111,7 +115,7 @@ class NetworkCore:
             nft_table=context.config.network.nft_table,
         )
         self._drivers: dict[str, NetworkDriver] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: KeyedLock[str] = KeyedLock()
         # What a NIC's attach or detach reads, kept instead of read from the store each
         # time (this service is the only writer of both): the records of this member's
         # networks, dropped by every change of a network, and each network's NICs with
@@ -124,16 +128,18 @@ class NetworkCore:
     def driver(self, type_name: str) -> NetworkDriver:
         """The (one) driver of a network type; InvalidArgument for an unknown type."""
         if type_name not in self._drivers:
-            self._drivers[type_name] = load_driver(type_name, self.settings)
+            try:
+                self._drivers[type_name] = load_driver(type_name, self.settings)
+            except InvalidArgument:
+                raise InvalidArgument(f'Invalid network type "{type_name}"') from None
         return self._drivers[type_name]
 
-    def lock(self, name: str) -> asyncio.Lock:
-        """Serializes driver work and record changes of one network in this process."""
-        return self._locks.setdefault(name, asyncio.Lock())
-
     async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work` under the network's lock: driver work and record changes of one
+        network go one at a time in this process."""
+
         async def run() -> T:
-            async with self.lock(name):
+            async with self._locks.hold(name):
                 return await work()
 
         # Shielded: a caller that goes away (a cancelled gRPC call) must not stop driver
@@ -215,13 +221,13 @@ class NetworkCore:
                 existing: dict[str, Any] = found[0]
                 return existing
             driver = self.driver(DEFAULT_NETWORK_TYPE)
-            adopted = await in_thread(driver.local_config, name)
+            adopted = await driver.local_config(name)
             if adopted is None and await in_thread(self._default_made_marker.exists):
                 return None
             if adopted is not None:
                 config = adopted
             else:
-                config = await in_thread(driver.create, name, {})
+                config = await driver.create(name, {})
             record = new_network_record(name, DEFAULT_NETWORK_TYPE, config, self.member)
             try:
                 await self.store.create_json(key, record)
@@ -232,14 +238,14 @@ class NetworkCore:
                 if adopted is None and (
                     winner is None or winner[0].get("_croft", {}).get("member") != self.member
                 ):
-                    await in_thread(driver.delete, name)
+                    await driver.delete(name)
                 if winner is None:
                     raise
                 won: dict[str, Any] = winner[0]
                 return won
             except BaseException:
                 if adopted is None:
-                    await in_thread(driver.delete, name)
+                    await driver.delete(name)
                 raise
             await in_thread(self._default_made_marker.touch)
             how = "adopted" if adopted is not None else "created"
@@ -265,7 +271,7 @@ class NetworkCore:
 
             async def start(record: dict[str, Any] = record) -> None:
                 driver = self.driver(record["type"])
-                await in_thread(driver.start, record["name"], record["config"])
+                await driver.start(record["name"], record["config"])
 
             try:
                 await self._locked(name, start)
@@ -322,23 +328,17 @@ class NetworkCore:
             self._forget(name)
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
-            resolved = await in_thread(driver.create, name, config)
-            record = new_network_record(name, type_name, resolved, self.member, description)
-            try:
-                await self.store.create_json(key, record)
-            except Conflict:
-                await in_thread(driver.delete, name)
-                raise Conflict("The network already exists") from None
-            except BaseException:
-                await in_thread(driver.delete, name)
-                raise
-            try:
-                await in_thread(driver.start, name, resolved)
-            except BaseException:
-                await in_thread(driver.delete, name)
-                with contextlib.suppress(NotFound):
-                    await self.store.delete(key)
-                raise
+            async with Reverter() as revert:
+                resolved = await driver.create(name, config)
+                revert.add(lambda: driver.delete(name))
+                record = new_network_record(name, type_name, resolved, self.member, description)
+                try:
+                    await self.store.create_json(key, record)
+                except Conflict:
+                    raise Conflict("The network already exists") from None
+                revert.add(lambda: self.store.delete(key))
+                await driver.start(name, resolved)
+                revert.success()
             await self._lifecycle("network-created", name)
             return record
 
@@ -357,7 +357,7 @@ class NetworkCore:
             record = await self._local_record(name)
             driver = self.driver(record["type"])
             old_config = record["config"]
-            resolved = await in_thread(driver.update, name, config)
+            resolved = await driver.update(name, config)
 
             def change(current: dict[str, Any]) -> dict[str, Any]:
                 current["config"] = resolved
@@ -370,7 +370,7 @@ class NetworkCore:
                     self.store, network_key(name), change, missing="Network not found"
                 )
             except BaseException:
-                await in_thread(driver.update, name, old_config)
+                await driver.update(name, old_config)
                 raise
             await self._lifecycle("network-updated", name)
             return new
@@ -388,7 +388,7 @@ class NetworkCore:
                 raise InvalidArgument("The network is currently in use")
             # Host state first: a record left by a failure here is started (recreated) at
             # the next service start, never orphaned host state without a record.
-            await in_thread(self.driver(record["type"]).delete, name)
+            await self.driver(record["type"]).delete(name)
             with contextlib.suppress(NotFound):
                 await self.store.delete(network_key(name))
             self._forget(name)
@@ -416,32 +416,23 @@ class NetworkCore:
             previous = known[0] if known is not None else None
             hwaddr = nic.hwaddr.lower()
 
-            def add() -> str | None:
-                # One trip to a thread: the network is started first if it is down.
-                if not driver.is_running(name):
-                    driver.start(name, config)
-                return driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
-
-            try:
-                address = await in_thread(add)
-                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
-            except BaseException:
+            if not await driver.is_running(name):
+                await driver.start(name, config)
+            async with Reverter() as revert:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
-                    # add_instance replaced this NIC's entry: put the old one back.
-                    await in_thread(
-                        driver.add_instance,
-                        name,
-                        nic.instance,
-                        hwaddr,
-                        previous.get("ipv4") or None,
-                    )
+                    # add_instance replaces this NIC's entry: put the old one back.
+                    old_ipv4 = previous.get("ipv4") or None
+                    revert.add(lambda: driver.add_instance(name, nic.instance, hwaddr, old_ipv4))
                 else:
-                    await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
-                raise
+                    revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
+                address = await driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
+                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
+                revert.success()
             if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
-                await in_thread(driver.remove_instance, name, nic.instance, previous["hwaddr"])
+                await driver.remove_instance(name, nic.instance, previous["hwaddr"])
             return NicAttachment(
-                host_interface=driver.host_interface(name),
+                nic_type=driver.capabilities.nic_type,
+                parent=driver.nic_parent(name),
                 mtu=driver.instance_mtu(config),
                 ipv4=address,
             )
@@ -467,7 +458,7 @@ class NetworkCore:
             entry = known[0] if known is not None else None
             hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
             for hwaddr in sorted(hwaddrs):
-                await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
+                await driver.remove_instance(name, nic.instance, hwaddr)
             if known is None:
                 return
             try:
@@ -516,11 +507,11 @@ class NetworkCore:
     async def network_state(self, name: str) -> dict[str, Any]:
         """LXD's `GET /1.0/networks/<name>/state` metadata for a network of this member."""
         record = await self._local_record(name)
-        state = await in_thread(self.driver(record["type"]).state, name)
+        state = await self.driver(record["type"]).state(name)
         return state.to_api()
 
     async def leases(self, name: str) -> list[dict[str, str]]:
         """LXD's `GET /1.0/networks/<name>/leases` metadata for a network of this member."""
         record = await self._local_record(name)
-        leases = await in_thread(self.driver(record["type"]).leases, name)
+        leases = await self.driver(record["type"]).leases(name)
         return [lease.to_api() for lease in leases]
