@@ -11,6 +11,7 @@ no live compute service registered."""
 from __future__ import annotations
 
 import asyncio
+import json
 import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -216,3 +217,21 @@ def test_the_api_refuses_a_type_no_compute_runs_and_makes_nothing(
     lxc("init", "busybox", "ct1")
     assert lxc.json("list", "ct1")[0]["type"] == "container"
     lxc("delete", "ct1")
+
+
+def test_a_network_shows_and_answers_as_before_from_its_member_records(
+    croft_busybox: tuple[Croft, Lxc, str],
+) -> None:
+    """One record for the cluster plus a key per member: on one member, `lxc network
+    show` is LXD's (status Created, locations none), and state and leases come from
+    the member whose key says the network is created there."""
+    croft, lxc, bridge = croft_busybox
+    shown = json.loads(lxc("query", f"/1.0/networks/{bridge}").stdout)
+    assert (shown["status"], shown["locations"], shown["managed"]) == ("Created", ["none"], True)
+    assert "_croft" not in shown
+    state = json.loads(lxc("query", f"/1.0/networks/{bridge}/state").stdout)
+    assert state["state"] == "up" and state["type"] == "broadcast"
+    leases = json.loads(lxc("query", f"/1.0/networks/{bridge}/leases").stdout)
+    assert any(lease["type"] == "gateway" for lease in leases)
+    refused = lxc("query", f"/1.0/networks/{bridge}/state?target=nowhere", check=False)
+    assert refused.returncode == 1 and 'not set up on member "nowhere"' in refused.stderr
