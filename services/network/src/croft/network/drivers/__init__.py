@@ -33,7 +33,7 @@ class Capabilities:
     what it implements."""
 
     # The driver makes a host interface that instance NICs are plugged into
-    # (`host_interface()`); compute then creates a veth/tap with that parent.
+    # (`nic_parent()`); compute then creates a veth/tap with that parent.
     host_interface: bool = False
     # How compute connects a NIC to this network (LXD's derived `nictype`): sent to compute
     # with the NIC's `parent` (`nic_parent()`) at every attach.
