@@ -325,12 +325,12 @@ class ComputeCore:
                 await undo()
 
         completed = False
-        self._types[(project, name)] = instance_type
         try:
             try:
                 first = await self.store.create(key, dump(record))
             except Conflict:
                 raise Conflict(f'Instance "{name}" already exists') from None
+            self._types[(project, name)] = instance_type
             storage = await self.storage()
             revert.add(
                 lambda: unless_refused(
@@ -398,7 +398,7 @@ class ComputeCore:
             # Also on cancellation (the caller went away): undo, shielded from it.
             log.info("undoing the create of %s/%s: %s", project, name, _why(exc))
             await uninterrupted(revert.revert())
-            self._types.pop((project, name), None)
+            self._types.pop((project, name), None)  # read again from the store if asked
             raise
         return record
 
