@@ -3,6 +3,7 @@ namespaces on veth pairs play the instances, busybox udhcpc and nslookup their c
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import secrets
@@ -16,14 +17,12 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import Conflict, InvalidArgument
-from croft.network import nft, subnets
 from croft.network.drivers import (
     DriverSettings,
-    NetworkDriver,
-    driver_class,
     generate_hwaddr,
-    load_driver,
 )
+from croft.network.drivers import _bridge_nft as nft
+from croft.network.drivers import _subnets as subnets
 from croft.network.drivers.bridge import BridgeDriver
 from croft.network.testing import Guest, Guests, dnsmasq_pids, link_exists, sh
 
@@ -35,7 +34,7 @@ def settings() -> Iterator[DriverSettings]:
     yield s
     driver = BridgeDriver(s)
     for child in root.iterdir() if root.exists() else []:
-        driver.delete(child.name)
+        asyncio.run(driver.delete(child.name))
     if nft.table_exists(s.nft_table):
         sh("nft", "delete", "table", "inet", s.nft_table, check=False)
     shutil.rmtree(root, ignore_errors=True)
@@ -64,9 +63,9 @@ def guest_factory(tmp_path: Path) -> Iterator[Callable[..., Guest]]:
 # -- helpers -------------------------------------------------------------------------
 
 
-def started(driver: BridgeDriver, name: str, config: dict[str, str] | None = None) -> dict:
-    resolved = driver.create(name, config or {"ipv6.address": "none"})
-    driver.start(name, resolved)
+async def started(driver: BridgeDriver, name: str, config: dict[str, str] | None = None) -> dict:
+    resolved = await driver.create(name, config or {"ipv6.address": "none"})
+    await driver.start(name, resolved)
     return resolved
 
 
@@ -83,16 +82,8 @@ def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) 
         time.sleep(0.05)
 
 
-# -- registry ----------------------------------------------------------------------
-
-
-def test_registry_gives_the_bridge_driver(settings: DriverSettings) -> None:
-    assert driver_class("bridge") is BridgeDriver
-    driver = load_driver("bridge", settings)
-    assert isinstance(driver, NetworkDriver)
-    assert driver.capabilities.host_interface and driver.capabilities.dhcp
-    with pytest.raises(InvalidArgument, match="Invalid network type"):
-        driver_class("nonsense")
+# -- helpers of the driver -----------------------------------------------------------
+# (The interface contract every driver keeps is in test_drivers_contract.py.)
 
 
 def test_generate_hwaddr_is_in_lxds_range() -> None:
@@ -105,11 +96,11 @@ def test_generate_hwaddr_is_in_lxds_range() -> None:
 # -- create ------------------------------------------------------------------------
 
 
-def test_create_auto_picks_a_subnet_that_overlaps_nothing(
+async def test_create_auto_picks_a_subnet_that_overlaps_nothing(
     driver: BridgeDriver, net_name: str
 ) -> None:
-    host_v4, _ = subnets.host_networks()
-    config = driver.create(net_name, {})
+    host_v4, _ = await asyncio.to_thread(subnets.host_networks)
+    config = await driver.create(net_name, {})
     iface = IPv4Interface(config["ipv4.address"])
     assert iface.network.prefixlen == 24 and iface.network.subnet_of(IPv4Network("10.0.0.0/8"))
     assert iface.ip == iface.network.network_address + 1
@@ -120,15 +111,15 @@ def test_create_auto_picks_a_subnet_that_overlaps_nothing(
     assert not dnsmasq_pids(net_name)
 
     # a second network avoids the first one's subnet although the first is not started
-    other = driver.create(net_name + "b", {"ipv6.address": "none"})
+    other = await driver.create(net_name + "b", {"ipv6.address": "none"})
     assert not IPv4Interface(other["ipv4.address"]).network.overlaps(iface.network)
 
 
-def test_create_rejects_a_subnet_in_use(driver: BridgeDriver, net_name: str) -> None:
-    first = driver.create(net_name, {"ipv6.address": "none"})
+async def test_create_rejects_a_subnet_in_use(driver: BridgeDriver, net_name: str) -> None:
+    first = await driver.create(net_name, {"ipv6.address": "none"})
     taken = IPv4Interface(first["ipv4.address"]).network
     with pytest.raises(Conflict, match="overlaps"):
-        driver.create(net_name + "b", {"ipv4.address": f"{taken.network_address + 9}/25"})
+        await driver.create(net_name + "b", {"ipv4.address": f"{taken.network_address + 9}/25"})
     assert not driver.state_dir(net_name + "b").exists()
 
 
@@ -148,32 +139,32 @@ def test_create_rejects_a_subnet_in_use(driver: BridgeDriver, net_name: str) -> 
         ({"fan.type": "vxlan"}, "fan.type"),
     ],
 )
-def test_bad_config_is_rejected_and_nothing_is_created(
+async def test_bad_config_is_rejected_and_nothing_is_created(
     driver: BridgeDriver, settings: DriverSettings, net_name: str, config: dict, key: str
 ) -> None:
     with pytest.raises(InvalidArgument, match=re.escape(key)):
-        driver.create(net_name, config)
+        await driver.create(net_name, config)
     assert not driver.state_dir(net_name).exists()
     assert not link_exists(net_name)
     assert not nft.table_exists(settings.nft_table)
 
 
-def test_bad_name_is_rejected(driver: BridgeDriver) -> None:
+async def test_bad_name_is_rejected(driver: BridgeDriver) -> None:
     with pytest.raises(InvalidArgument, match="network name"):
-        driver.create("crtn-much-too-long-for-linux", {})
+        await driver.create("crtn-much-too-long-for-linux", {})
 
 
 # -- start / stop / delete -----------------------------------------------------------
 
 
-def test_start_brings_up_bridge_dnsmasq_and_nat(
+async def test_start_brings_up_bridge_dnsmasq_and_nat(
     driver: BridgeDriver, settings: DriverSettings, net_name: str
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     subnet = IPv4Interface(config["ipv4.address"]).network
 
-    assert driver.is_running(net_name)
-    state = driver.state(net_name).to_api()
+    assert await driver.is_running(net_name)
+    state = (await driver.state(net_name)).to_api()
     assert state["state"] == "up" and state["type"] == "broadcast" and state["mtu"] == 1500
     assert {"family": "inet", "address": gateway(config), "netmask": "24", "scope": "global"} in (
         state["addresses"]
@@ -193,90 +184,92 @@ def test_start_brings_up_bridge_dnsmasq_and_nat(
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
 
 
-def test_start_twice_and_after_a_service_restart_keeps_one_dnsmasq(
+async def test_start_twice_and_after_a_service_restart_keeps_one_dnsmasq(
     driver: BridgeDriver, settings: DriverSettings, net_name: str
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     (pid,) = dnsmasq_pids(net_name)
-    driver.start(net_name, config)
+    await driver.start(net_name, config)
     assert dnsmasq_pids(net_name) == [pid]
     # a fresh driver object (the network service restarted) adopts the running dnsmasq
-    BridgeDriver(settings).start(net_name, config)
+    await BridgeDriver(settings).start(net_name, config)
     assert dnsmasq_pids(net_name) == [pid]
 
 
-def test_changed_config_restarts_dnsmasq_with_it(driver: BridgeDriver, net_name: str) -> None:
-    config = started(driver, net_name)
+async def test_changed_config_restarts_dnsmasq_with_it(driver: BridgeDriver, net_name: str) -> None:
+    config = await started(driver, net_name)
     (pid,) = dnsmasq_pids(net_name)
-    driver.start(net_name, {**config, "dns.domain": "example"})
+    await driver.start(net_name, {**config, "dns.domain": "example"})
     (new_pid,) = dnsmasq_pids(net_name)
     assert new_pid != pid
     assert "--domain=example" in Path(f"/proc/{new_pid}/cmdline").read_text().split("\0")
 
 
-def test_update_converges_a_running_bridge_without_recreating_it(
+async def test_update_converges_a_running_bridge_without_recreating_it(
     driver: BridgeDriver, net_name: str, guest_factory: Callable[..., Guest]
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     guest = guest_factory(net_name)
-    stored = driver.update(net_name, {**config, "bridge.mtu": "1400"})
+    stored = await driver.update(net_name, {**config, "bridge.mtu": "1400"})
     assert stored["bridge.mtu"] == "1400"
-    state = driver.state(net_name)
+    state = await driver.state(net_name)
     assert state.mtu == 1400
     assert state.bridge is not None and guest.host_veth in state.bridge.upper_devices
 
     with pytest.raises(InvalidArgument, match="bridge.mtu"):
-        driver.update(net_name, {**config, "bridge.mtu": "10"})
-    assert driver.state(net_name).mtu == 1400
+        await driver.update(net_name, {**config, "bridge.mtu": "10"})
+    assert (await driver.state(net_name)).mtu == 1400
 
 
-def test_failed_start_leaves_nothing_running(
+async def test_failed_start_leaves_nothing_running(
     driver: BridgeDriver, settings: DriverSettings, net_name: str
 ) -> None:
-    config = driver.create(net_name, {"ipv6.address": "none", "raw.dnsmasq": "no-such-option"})
+    config = await driver.create(
+        net_name, {"ipv6.address": "none", "raw.dnsmasq": "no-such-option"}
+    )
     with pytest.raises(Exception, match="dnsmasq"):
-        driver.start(net_name, config)
+        await driver.start(net_name, config)
     assert not link_exists(net_name)
     assert not dnsmasq_pids(net_name)
     assert not nft.table_exists(settings.nft_table)
 
 
-def test_failed_converge_of_a_running_bridge_keeps_it_up(
+async def test_failed_converge_of_a_running_bridge_keeps_it_up(
     driver: BridgeDriver, net_name: str, guest_factory: Callable[..., Guest]
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     guest = guest_factory(net_name)  # an instance plugged in
     with pytest.raises(Exception, match="dnsmasq"):
-        driver.start(net_name, {**config, "raw.dnsmasq": "no-such-option"})
+        await driver.start(net_name, {**config, "raw.dnsmasq": "no-such-option"})
     assert link_exists(net_name)
     assert guest.host_veth in os.listdir(f"/sys/class/net/{net_name}/brif")
-    driver.start(net_name, config)  # and the next good start converges it again
+    await driver.start(net_name, config)  # and the next good start converges it again
     assert len(dnsmasq_pids(net_name)) == 1
 
 
-def test_stop_then_delete_leave_nothing_behind(
+async def test_stop_then_delete_leave_nothing_behind(
     driver: BridgeDriver, settings: DriverSettings, net_name: str
 ) -> None:
-    started(driver, net_name)
-    driver.stop(net_name)
+    await started(driver, net_name)
+    await driver.stop(net_name)
     assert not link_exists(net_name)
     assert not dnsmasq_pids(net_name)
     assert not nft.table_exists(settings.nft_table)
-    assert not driver.is_running(net_name)
+    assert not await driver.is_running(net_name)
     assert driver.state_dir(net_name).exists()  # leases and host entries survive a stop
-    driver.stop(net_name)  # stopping a stopped network is harmless
+    await driver.stop(net_name)  # stopping a stopped network is harmless
 
-    driver.delete(net_name)
+    await driver.delete(net_name)
     assert not driver.state_dir(net_name).exists()
-    driver.delete(net_name)
+    await driver.delete(net_name)
 
 
-def test_deleting_one_network_keeps_the_others_rules(
+async def test_deleting_one_network_keeps_the_others_rules(
     driver: BridgeDriver, settings: DriverSettings, net_name: str
 ) -> None:
-    started(driver, net_name)
-    other = started(driver, net_name + "b")
-    driver.delete(net_name)
+    await started(driver, net_name)
+    other = await started(driver, net_name + "b")
+    await driver.delete(net_name)
     chains = nft.list_chains(settings.nft_table)
     assert f"pstrt.{net_name}b" in chains and f"pstrt.{net_name}" not in chains
     assert (
@@ -285,31 +278,31 @@ def test_deleting_one_network_keeps_the_others_rules(
     )
 
 
-def test_ipv6_auto_gets_a_ula_subnet(driver: BridgeDriver, net_name: str) -> None:
-    config = driver.create(net_name, {})
+async def test_ipv6_auto_gets_a_ula_subnet(driver: BridgeDriver, net_name: str) -> None:
+    config = await driver.create(net_name, {})
     assert config["ipv6.address"].startswith("fd42:") and config["ipv6.address"].endswith("/64")
-    driver.start(net_name, config)
-    addresses = {a["address"] for a in driver.state(net_name).to_api()["addresses"]}
+    await driver.start(net_name, config)
+    addresses = {a["address"] for a in (await driver.state(net_name)).to_api()["addresses"]}
     assert config["ipv6.address"].split("/")[0] in addresses
 
 
 # -- instances: DHCP, DNS, leases --------------------------------------------------------
 
 
-def test_guest_gets_a_lease_and_its_name_resolves(
+async def test_guest_gets_a_lease_and_its_name_resolves(
     driver: BridgeDriver, net_name: str, guest_factory: Callable[..., Guest]
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     subnet = IPv4Interface(config["ipv4.address"]).network
     guest = guest_factory(net_name)
-    assert driver.add_instance(net_name, "c1", guest.hwaddr) is None
+    assert await driver.add_instance(net_name, "c1", guest.hwaddr) is None
 
     address = guest.dhcp()
     assert address is not None and IPv4Address(address) in subnet
     assert address != gateway(config)
     assert guest.nslookup("c1.croft", gateway(config)) == address
 
-    leases = [le.to_api() for le in driver.leases(net_name)]
+    leases = [le.to_api() for le in await driver.leases(net_name)]
     assert {
         "hostname": "c1",
         "hwaddr": guest.hwaddr,
@@ -320,58 +313,58 @@ def test_guest_gets_a_lease_and_its_name_resolves(
     assert any(le["type"] == "gateway" and le["address"] == gateway(config) for le in leases)
 
 
-def test_static_address_is_handed_out_and_resolves_before_any_lease(
+async def test_static_address_is_handed_out_and_resolves_before_any_lease(
     driver: BridgeDriver, net_name: str, guest_factory: Callable[..., Guest]
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     pinned = str(IPv4Interface(config["ipv4.address"]).network.network_address + 77)
     observer = guest_factory(net_name)
     assert observer.dhcp() is not None
     guest = guest_factory(net_name)
-    assert driver.add_instance(net_name, "c2", guest.hwaddr, ipv4=pinned) == pinned
+    assert await driver.add_instance(net_name, "c2", guest.hwaddr, ipv4=pinned) == pinned
     assert observer.nslookup("c2.croft", gateway(config)) == pinned  # c2 has not asked yet
     assert guest.dhcp() == pinned
-    assert [le.type for le in driver.leases(net_name) if le.hostname == "c2"] == ["static"]
+    assert [le.type for le in await driver.leases(net_name) if le.hostname == "c2"] == ["static"]
 
     with pytest.raises(Conflict, match="already assigned"):
-        driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4=pinned)
+        await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4=pinned)
     with pytest.raises(InvalidArgument, match="not usable"):
-        driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4="192.168.255.7")
+        await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4="192.168.255.7")
 
 
-def test_remove_instance_releases_the_lease_for_another_guest(
+async def test_remove_instance_releases_the_lease_for_another_guest(
     driver: BridgeDriver, net_name: str, guest_factory: Callable[..., Guest]
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     first = guest_factory(net_name)
-    driver.add_instance(net_name, "c1", first.hwaddr)
+    await driver.add_instance(net_name, "c1", first.hwaddr)
     address = first.dhcp()
     assert address is not None
     lease_file = driver.state_dir(net_name) / "dnsmasq.leases"
     wait_for(lambda: first.hwaddr in lease_file.read_text(), "the lease in the lease file")
 
     first.remove()  # the instance is gone; its lease would otherwise live for an hour
-    driver.remove_instance(net_name, "c1", first.hwaddr)
+    await driver.remove_instance(net_name, "c1", first.hwaddr)
     assert first.hwaddr not in lease_file.read_text()
-    assert not [le for le in driver.leases(net_name) if le.hwaddr == first.hwaddr]
+    assert not [le for le in await driver.leases(net_name) if le.hwaddr == first.hwaddr]
 
     second = guest_factory(net_name)
-    driver.add_instance(net_name, "c9", second.hwaddr)
+    await driver.add_instance(net_name, "c9", second.hwaddr)
     assert second.dhcp(requested=address) == address
     assert second.nslookup("c9.croft", gateway(config)) == address
     assert second.nslookup("c1.croft", gateway(config)) is None
 
 
-def test_masquerade_reaches_an_uplink_that_has_no_route_back(
+async def test_masquerade_reaches_an_uplink_that_has_no_route_back(
     driver: BridgeDriver, settings: DriverSettings, net_name: str, guest_factory
 ) -> None:
-    config = started(driver, net_name)
+    config = await started(driver, net_name)
     guest = guest_factory(net_name)
     guest.dhcp()
     # The "uplink": a namespace on a veth whose only route is its own /24, so replies
     # reach the guest only if its traffic was masqueraded to the host's uplink address.
     uplink = guest_factory(None)
-    used4, _ = subnets.host_networks()
+    used4, _ = await asyncio.to_thread(subnets.host_networks)
     uplink_net = subnets.pick_ipv4_subnet([*used4, IPv4Interface(config["ipv4.address"]).network])
     host_ip, far_ip = uplink_net.network_address + 1, uplink_net.network_address + 2
     sh("ip", "addr", "add", f"{host_ip}/24", "dev", uplink.host_veth)

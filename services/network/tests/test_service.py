@@ -6,14 +6,18 @@ etcd, called over gRPC through discovery, with network namespaces playing the in
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import json
 import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface
@@ -24,13 +28,20 @@ import pytest
 
 from croft.common import discovery
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.common.records import network_nic_key, network_nic_prefix, network_used_by, public
+from croft.common.records import (
+    network_member_key,
+    network_member_prefix,
+    network_nic_key,
+    network_nic_prefix,
+    network_used_by,
+    public,
+)
 from croft.common.rpc import ServiceClient
-from croft.common.store import Store, dump
+from croft.common.store import Delete, Store, Update, dump
 from croft.common.testing.etcd import EtcdServer, etcd_store
-from croft.network import nft
 from croft.network.core import network_key
 from croft.network.drivers import DriverSettings, generate_hwaddr
+from croft.network.drivers import _bridge_nft as nft
 from croft.network.drivers.bridge import BridgeDriver
 from croft.network.testing import Guest, Guests, dnsmasq_pids, link_exists, sh
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
@@ -47,6 +58,9 @@ class NetworkService:
     nft_table: str
     endpoint: str
     process: subprocess.Popen[bytes] | None = None
+    member: str = MEMBER
+    # Runs the service elsewhere, e.g. ["ip", "netns", "exec", NAME]: another "host".
+    command_prefix: tuple[str, ...] = ()
 
     @property
     def config_file(self) -> Path:
@@ -63,7 +77,7 @@ class NetworkService:
     def write_config(self) -> None:
         self.config_file.write_text(
             f"""
-member: {MEMBER}
+member: {self.member}
 state_dir: {self.root / "state"}
 log_dir: {self.root / "log"}
 run_dir: {self.root / "run"}
@@ -81,7 +95,7 @@ network:
         env = {**os.environ, "CROFT_CONFIG": str(self.config_file)}
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "croft.network"],
+                [*self.command_prefix, sys.executable, "-m", "croft.network"],
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
@@ -98,7 +112,7 @@ network:
                 raise AssertionError(
                     f"network service exited {self.process.returncode}:\n{self.log_tail()}"
                 )
-            found = await discovery.resolve(store, "network", MEMBER)
+            found = await discovery.resolve(store, "network", self.member)
             if any(i.pid == self.process.pid for i in found):
                 return
             if asyncio.get_running_loop().time() > deadline:
@@ -135,7 +149,9 @@ def service(etcd: EtcdServer) -> Iterator[NetworkService]:
     yield svc
     if svc.running:
         svc.terminate()
-    BridgeDriver(DriverSettings(root / "state" / "networks", svc.nft_table)).delete(svc.bridge)
+    asyncio.run(
+        BridgeDriver(DriverSettings(root / "state" / "networks", svc.nft_table)).delete(svc.bridge)
+    )
     if nft.table_exists(svc.nft_table):
         sh("nft", "delete", "table", "inet", svc.nft_table, check=False)
     sh("ip", "link", "del", svc.bridge, check=False)
@@ -234,7 +250,9 @@ async def test_the_default_bridge_is_recorded_with_a_free_subnet_and_is_up(
         "used_by": [],
         "locations": ["none"],
     }
-    assert record["_croft"]["member"] == MEMBER
+    # This member's state and member-specific config: a key of its own.
+    mine = await store.get_json(network_member_key(bridge, MEMBER))
+    assert mine is not None and mine[0] == {"state": "created", "config": {}, "error": ""}
     subnet = IPv4Interface(config["ipv4.address"])  # chosen, not "auto"
     assert config["ipv4.nat"] == "true"
 
@@ -261,7 +279,11 @@ async def test_an_attached_nic_gets_a_lease_and_a_name_and_detach_frees_both(
     guest = guests.make(bridge)
 
     reply = await client.call("AttachInstance", nic(bridge, "c1", guest.hwaddr), idempotent=False)
-    assert reply.bridge == bridge and reply.ipv4 == "" and reply.mtu == 0
+    assert (
+        (reply.nic_type, reply.parent) == ("bridged", bridge)
+        and reply.ipv4 == ""
+        and reply.mtu == 0
+    )
     assert (await used_by(store, bridge)) == ["/1.0/instances/c1"]
 
     address = guest.dhcp()
@@ -344,6 +366,37 @@ async def test_nics_listed_in_a_network_record_get_keys_of_their_own_at_start(
         request = nic(bridge, instance, project=project, device=device)
         await client.call("DetachInstance", request)
     assert await store.list(network_nic_prefix(bridge)) == []
+
+
+async def test_a_record_of_one_owner_moves_to_the_cluster_shape_at_start(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    """A record written before the cluster shape (its member in `_croft.member`, no
+    member key): the service moves it when it starts; clients see the same network."""
+    bridge = running.bridge
+    running.kill()
+    found = await store.get_json(network_key(bridge))
+    assert found is not None
+    shown_before = public(found[0])
+    legacy = {**found[0], "_croft": {"member": MEMBER}}
+    await store.transaction(
+        [
+            Update(network_key(bridge), dump(legacy), found[1]),
+            Delete(network_member_key(bridge, MEMBER)),
+        ]
+    )
+
+    running.start()
+    await running.wait_registered(store)
+    record = await record_of(store, bridge)
+    assert "member" not in record["_croft"]
+    assert public(record) == shown_before
+    mine = await store.get_json(network_member_key(bridge, MEMBER))
+    assert mine is not None and mine[0]["state"] == "created"
+    # and the network answers for this member as before
+    reply = await client.call("AttachInstance", nic(bridge, "mig1", generate_hwaddr()))
+    assert (reply.nic_type, reply.parent) == ("bridged", bridge)
+    await client.call("DetachInstance", nic(bridge, "mig1"))
 
 
 async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
@@ -430,7 +483,7 @@ async def test_create_update_and_delete_a_network(
 
         nic_request = nic(name, "c5", generate_hwaddr())
         reply = await client.call("AttachInstance", nic_request, idempotent=False)
-        assert (reply.bridge, reply.mtu) == (name, 1400)
+        assert (reply.nic_type, reply.parent, reply.mtu) == ("bridged", name, 1400)
         with pytest.raises(InvalidArgument, match="in use"):
             await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
         await client.call("DetachInstance", nic_request)
@@ -461,8 +514,8 @@ async def test_create_update_and_delete_a_network(
             await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
     finally:
         # pyroute2's IPRoute runs its own event loop: never call the driver on this one.
-        await asyncio.to_thread(driver.delete, name)
-        await asyncio.to_thread(driver.delete, bad_name)
+        await driver.delete(name)
+        await driver.delete(bad_name)
 
 
 async def test_a_killed_service_comes_back_without_touching_the_network(
@@ -526,22 +579,24 @@ async def test_networks_come_back_after_a_host_reboot_and_on_attach(
 
     # A reboot: the service is gone and so are the bridge, its dnsmasq and its rules.
     running.kill()
-    await asyncio.to_thread(driver.stop, bridge)
+    await driver.stop(bridge)
     assert not link_exists(bridge)
     running.start()
     await running.wait_registered(store)
     assert link_exists(bridge) and len(dnsmasq_pids(bridge)) == 1
-    assert gw in {
-        a["address"] for a in (await asyncio.to_thread(driver.state, bridge)).to_api()["addresses"]
-    }
+    assert gw in {a["address"] for a in (await driver.state(bridge)).to_api()["addresses"]}
     after = await store.get(network_key(bridge))
     assert after is not None and after.value == before.value
 
     # Taken down behind the running service's back: the next attach brings it up.
-    await asyncio.to_thread(driver.stop, bridge)
+    await driver.stop(bridge)
     request = nic(bridge, "c6", generate_hwaddr())
     reply = await client.call("AttachInstance", request, idempotent=False)
-    assert reply.bridge == bridge and link_exists(bridge) and len(dnsmasq_pids(bridge)) == 1
+    assert (
+        (reply.nic_type, reply.parent) == ("bridged", bridge)
+        and link_exists(bridge)
+        and len(dnsmasq_pids(bridge)) == 1
+    )
     await client.call("DetachInstance", request)
 
 
@@ -568,3 +623,123 @@ async def test_a_deleted_default_network_stays_deleted_after_a_restart(
     await running.wait_registered(store)
     assert await store.get(network_key(running.bridge)) is None
     assert not link_exists(running.bridge)
+
+
+# -- two members ----------------------------------------------------------------------
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _listen_in_netns(netns: str) -> socket.socket:
+    """A TCP listening socket on 127.0.0.1 inside network namespace `netns`, made from a
+    thread that enters it (a socket stays in the namespace it was made in)."""
+    made: list[socket.socket] = []
+
+    def make() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open(f"/var/run/netns/{netns}") as ns:
+            if libc.setns(ns.fileno(), _CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), f"setns into {netns}")
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(16)
+        made.append(sock)
+
+    thread = threading.Thread(target=make)
+    thread.start()
+    thread.join()
+    return made[0]
+
+
+def _relay(listener: socket.socket, port: int) -> None:
+    """Carry every connection made to `listener` (in another namespace) to 127.0.0.1:port
+    of this one: how a member in its own network namespace reaches the test's etcd."""
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while True:
+            try:
+                inside, _ = listener.accept()
+            except OSError:
+                return  # the listener was closed
+            outside = socket.create_connection(("127.0.0.1", port))
+            for a, b in ((inside, outside), (outside, inside)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+
+
+@pytest.fixture
+def other_host() -> Iterator[str]:
+    """A network namespace playing a second host."""
+    name = f"crtm{secrets.token_hex(3)}"
+    sh("ip", "netns", "add", name)
+    sh("ip", "-n", name, "link", "set", "lo", "up")
+    yield name
+    sh("ip", "netns", "del", name, check=False)
+
+
+async def test_two_members_each_set_up_the_one_default_network(other_host: str) -> None:
+    """Two network services of two members (the second on a host of its own: a network
+    namespace) against one etcd, with the same default network: the first records it,
+    the second finds the record and adds its own member state instead of giving up;
+    both end with the network created on their member, from the one config."""
+    tag = secrets.token_hex(3)
+    bridge = f"crtm{tag}"
+    services: list[NetworkService] = []
+    with EtcdServer(prefix="croft-net-members-etcd-") as etcd:
+        listener = _listen_in_netns(other_host)
+        _relay(listener, int(etcd.endpoint.rsplit(":", 1)[1]))
+        roots = [Path(tempfile.mkdtemp(prefix=f"croft-net-{m}-")) for m in ("a", "b")]
+        for root in roots:
+            root.chmod(0o755)
+        first = NetworkService(roots[0], bridge, f"croft_test_{tag}", etcd.endpoint, member="mema")
+        second = NetworkService(
+            roots[1],
+            bridge,
+            f"croft_test_{tag}",
+            f"http://127.0.0.1:{listener.getsockname()[1]}",
+            member="memb",
+            command_prefix=("ip", "netns", "exec", other_host),
+        )
+        try:
+            async with etcd_store(etcd.endpoints) as store:
+                for svc in (first, second):
+                    services.append(svc)
+                    svc.write_config()
+                    svc.start()
+                    await svc.wait_registered(store)
+                record = await record_of(store, bridge)
+                states = {
+                    e.key.rsplit("/", 1)[1]: e.json()
+                    for e in await store.list(network_member_prefix(bridge))
+                }
+            assert {m: st["state"] for m, st in states.items()} == {
+                "mema": "created",
+                "memb": "created",
+            }, second.log_tail()
+            assert record["status"] == "Created" and record["locations"] == ["mema", "memb"]
+            # One config for both: the second member's bridge has the first one's gateway.
+            gateway_address = gateway(record)
+            assert gateway_address in sh("ip", "-4", "addr", "show", bridge).stdout
+            inside = sh("ip", "netns", "exec", other_host, "ip", "-4", "addr", "show", bridge)
+            assert gateway_address in inside.stdout
+        finally:
+            for svc in services:
+                if svc.running:
+                    svc.terminate()
+            for root in roots:
+                pid_file = root / "state" / "networks" / bridge / "dnsmasq.pid"
+                with contextlib.suppress(OSError, ValueError):
+                    os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
+            listener.close()
+            sh("ip", "link", "del", bridge, check=False)
+            sh("nft", "delete", "table", "inet", f"croft_test_{tag}", check=False)
+            for root in roots:
+                shutil.rmtree(root, ignore_errors=True)

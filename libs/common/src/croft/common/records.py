@@ -46,6 +46,16 @@ def network_nic_key(network: str, project: str, instance: str, device: str) -> s
     return f"{network_nic_prefix(network)}{project}/{instance}/{device}"
 
 
+def network_member_prefix(network: str) -> str:
+    """Where each member's state and member-specific config of a managed network are
+    recorded (LXD's `networks_nodes` rows and their `networks_config` with a node_id)."""
+    return f"{RECORDS}network-members/{network}/"
+
+
+def network_member_key(network: str, member: str) -> str:
+    return f"{network_member_prefix(network)}{member}"
+
+
 def instance_url(project: str, instance: str) -> str:
     """An instance as LXD names it in `used_by`."""
     url = f"/1.0/instances/{instance}"

@@ -2,12 +2,14 @@
 
 Server side: `Server` wraps a grpc.aio server with the standard health service, the
 common `croft.v1.Service/Status`, and interceptors that map croft errors to status codes,
-log each call and continue the caller's trace. Shutdown drains: health says NOT_SERVING,
+log each call and continue the caller's trace. A per-host service (compute, storage,
+network) refuses a call that names another member than its own (`croft-member`). Shutdown drains: health says NOT_SERVING,
 the registration goes, the port stops accepting, in-flight calls finish within a grace.
 
 Client side: `ServiceClient` calls one service through discovery: it picks among live
 instances round-robin, puts a deadline on every call, carries the trace, and retries an
-idempotent call on another instance when one is UNAVAILABLE.
+idempotent call on another instance when one is UNAVAILABLE. A client for one member's
+service names that member in every call's metadata.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., An
 
 
 _REVISIONS = "croft-revisions"
+# The member a call to a per-host service is meant for (ServiceClient(member=...)).
+MEMBER_KEY = "croft-member"
+# The services that run one per host and serve only their own member's things.
+PER_HOST_SERVICES = frozenset({"compute", "storage", "network"})
 
 
 def _revisions_seen() -> tuple[tuple[str, str], ...]:
@@ -115,7 +121,41 @@ class _server_span:
         otel_context.detach(self._token)
 
 
+def _wrong_member(details: grpc.HandlerCallDetails, member: str) -> str | None:
+    """The member a call names when it is not `member` (None when it names none or this
+    one): one pass over a few metadata pairs, nothing more, per call."""
+    for key, value in details.invocation_metadata or ():
+        if key == MEMBER_KEY:
+            return None if value == member else str(value)
+    return None
+
+
+def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as `handler` that refuses the call with `message`."""
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
+        yield  # pragma: no cover (a generator, as a streaming handler must be)
+
+    ser, de = handler.response_serializer, handler.request_deserializer
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(refuse, de, ser)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(refuse_stream, de, ser)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(refuse, de, ser)
+    return grpc.stream_stream_rpc_method_handler(refuse_stream, de, ser)
+
+
 class _ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, service: str = "", member: str = "") -> None:
+        # Only a per-host service checks whom a call is for.
+        self._member = member if service in PER_HOST_SERVICES else ""
+        self._service = service
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -124,6 +164,14 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc.health"):
             return handler
+        if self._member:
+            other = _wrong_member(details, self._member)
+            if other is not None:
+                return _refusal(
+                    handler,
+                    f"this {self._service} service serves member {self._member!r}, "
+                    f"not {other!r} (the call reached the wrong member)",
+                )
         method = details.method
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -171,7 +219,7 @@ class Server:
         self.started = time.monotonic()
         self.address = ""
         self.grpc = grpc.aio.server(
-            interceptors=[_ServerInterceptor()],
+            interceptors=[_ServerInterceptor(service, member)],
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 64 << 20)],
         )
         self.health = health.aio.HealthServicer()
@@ -283,6 +331,10 @@ class ServiceClient(Generic[StubT]):
         self._next = 0
         self._quarantined: dict[str, float] = {}
         self._checks: set[asyncio.Future[None]] = set()
+        # Every call to one member's service says which member it is for.
+        self._metadata: tuple[tuple[str, str], ...] | None = (
+            ((MEMBER_KEY, member),) if member is not None else None
+        )
 
     async def start(self) -> ServiceClient[StubT]:
         await self._watcher.start()
@@ -339,7 +391,9 @@ class ServiceClient(Generic[StubT]):
             if remaining <= 0:
                 raise errors.Timeout(f"{self.service}.{method} timed out")
             try:
-                call = getattr(self._stub(instance), method)(request, timeout=remaining)
+                call = getattr(self._stub(instance), method)(
+                    request, timeout=remaining, metadata=self._metadata
+                )
                 reply = await call
                 _observe_revisions(await call.trailing_metadata())
                 return reply
@@ -367,7 +421,9 @@ class ServiceClient(Generic[StubT]):
         # has lost its connection, a live one in use keeps it.
         ready = [i for i in candidates if self._is_connected(i)]
         instance = (ready or candidates)[0]
-        call = getattr(self._stub(instance), method)(request, timeout=timeout)
+        call = getattr(self._stub(instance), method)(
+            request, timeout=timeout, metadata=self._metadata
+        )
         call.add_done_callback(lambda done: self._note_stream_end(instance, done))
         return call
 

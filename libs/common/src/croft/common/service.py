@@ -37,6 +37,9 @@ class ServiceContext:
     server: Server
     instance_id: str
     shutdown_hooks: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    # What the service tells callers in its registration besides its version (e.g. the
+    # instance types a compute service runs); set by its setup.
+    registration_metadata: dict[str, str] = field(default_factory=dict)
     _clients: dict[tuple[str, str | None], ServiceClient[Any]] = field(default_factory=dict)
 
     async def client(
@@ -92,7 +95,7 @@ async def run(name: str, setup: Setup | None = None, config: Config | None = Non
             name,
             config.member,
             address,
-            {"version": VERSION},
+            {**context.registration_metadata, "version": VERSION},
             ttl=config.registry.lease_ttl,
             instance_id=instance_id,
         )

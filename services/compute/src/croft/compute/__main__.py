@@ -8,7 +8,7 @@ import contextlib
 from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
 from croft.compute.core import ComputeCore
-from croft.compute.drivers import driver_class
+from croft.compute.drivers import load_available
 from croft.compute.host import favor_cgroup_migrations
 from croft.compute.servicer import ComputeServicer
 from croft.v1 import compute_pb2_grpc
@@ -17,8 +17,13 @@ from croft.v1 import compute_pb2_grpc
 async def setup(context: ServiceContext) -> None:
     if context.config.compute.favor_cgroup_migrations:
         favor_cgroup_migrations()
-    driver = driver_class("lxc")(lxcpath=str(context.config.lxc_dir))  # type: ignore[call-arg]
-    core = ComputeCore(context, driver)
+    # Every driver that can run here, by the instance type it runs: each record's type
+    # picks its driver (Incus's instance/drivers/load.go).
+    drivers = load_available(lxcpath=str(context.config.lxc_dir))
+    core = ComputeCore(context, drivers)
+    # The api reads this from the registration to refuse, before placing anything, an
+    # instance type no compute service runs.
+    context.registration_metadata["instance_types"] = ",".join(core.instance_types())
     compute_pb2_grpc.add_ComputeServicer_to_server(ComputeServicer(core), context.server.grpc)
 
     async def start_background() -> None:

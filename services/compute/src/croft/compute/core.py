@@ -20,7 +20,7 @@ import logging
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any
 
 from croft.common import events
@@ -28,6 +28,7 @@ from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.instance_config import InstanceConfig
+from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
     copy_record,
@@ -35,10 +36,19 @@ from croft.common.records import (
     record_key,
     record_prefix,
 )
+from croft.common.revert import Reverter
 from croft.common.riders import Rider
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Operation, dump
-from croft.compute.drivers import ExecProcess, FileEntry, InstanceDriver, InstanceSpec, Status
+from croft.compute.drivers import (
+    DEFAULT_INSTANCE_TYPE,
+    ExecProcess,
+    FileEntry,
+    InstanceDriver,
+    InstanceSpec,
+    Status,
+    unsupported_type,
+)
 from croft.images.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
 
@@ -87,12 +97,16 @@ def root_disk(devices: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:
 
 
 class ComputeCore:
-    def __init__(self, context: ServiceContext, driver: InstanceDriver) -> None:
+    def __init__(self, context: ServiceContext, drivers: Mapping[str, InstanceDriver]) -> None:
+        """`drivers`: the drivers that run on this host, by the instance type each runs."""
         self.context = context
         self.store = context.store
         self.member = context.config.member
-        self.driver = driver
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self.drivers = dict(drivers)
+        self._locks: KeyedLock[tuple[str, str]] = KeyedLock()
+        # Each instance's type, as its record says (it never changes): the calls that
+        # read no record (exec, console, the monitor) find their driver without a read.
+        self._types: dict[tuple[str, str], str] = {}
         # Set by every status this service writes: the status monitor then reads the
         # records again at its next pass (see monitor()).
         self._status_written = False
@@ -100,8 +114,53 @@ class ComputeCore:
 
     # ------------------------------------------------------------------ plumbing
 
-    def lock(self, project: str, name: str) -> asyncio.Lock:
-        return self._locks.setdefault((project, name), asyncio.Lock())
+    def lock(self, project: str, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Serializes the changes of one instance in this process."""
+        return self._locks.hold((project, name))
+
+    def instance_types(self) -> list[str]:
+        """The instance types this member runs (those with a driver here)."""
+        return sorted(self.drivers)
+
+    def driver_of_type(self, instance_type: str) -> InstanceDriver:
+        """The driver of an instance type; InvalidArgument if none runs on this member."""
+        driver = self.drivers.get(instance_type or DEFAULT_INSTANCE_TYPE)
+        if driver is None:
+            raise unsupported_type(instance_type)
+        return driver
+
+    def driver_for(self, record: dict[str, Any]) -> InstanceDriver:
+        """The driver of the instance `record` describes, chosen by its `type`."""
+        instance_type = record.get("type") or DEFAULT_INSTANCE_TYPE
+        project = record.get("project") or DEFAULT_PROJECT
+        self._types[(project, record["name"])] = instance_type
+        return self.driver_of_type(instance_type)
+
+    async def driver_of(self, project: str, name: str) -> InstanceDriver:
+        """The driver of instance `name`, from its type (read from the store once)."""
+        instance_type = self._types.get((project, name))
+        if instance_type is None:
+            found = await self.store.get_json(instance_key(project, name))
+            if found is None:
+                raise NotFound("Instance not found")
+            return self.driver_for(found[0])
+        return self.driver_of_type(instance_type)
+
+    def _type_of(self, project: str, name: str) -> str:
+        """The instance's type as last read from its record (its volumes are of that
+        type); the default type for one not read since this service started."""
+        return self._types.get((project, name), DEFAULT_INSTANCE_TYPE)
+
+    async def _active(self) -> frozenset[str] | None:
+        """Every driver's quick look at once (see InstanceDriver.active); None when one
+        of them cannot tell."""
+        seen: set[str] = set()
+        for driver in self.drivers.values():
+            active = await driver.active()
+            if active is None:
+                return None
+            seen |= active
+        return frozenset(seen)
 
     async def storage(self) -> Any:
         return await self.context.client("storage", storage_pb2_grpc.StorageStub, self.member)
@@ -136,6 +195,7 @@ class ComputeCore:
         record, revision = found
         if record.get("_croft", {}).get("state") == "creating":
             raise NotFound("Instance not found")
+        self._types[(project, name)] = record.get("type") or DEFAULT_INSTANCE_TYPE
         return record, revision
 
     async def _set(
@@ -209,6 +269,9 @@ class ComputeCore:
     ) -> dict[str, Any]:
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
+        # Refused before anything is made: a type no driver on this member runs.
+        instance_type = record.get("type") or DEFAULT_INSTANCE_TYPE
+        driver = self.driver_of_type(instance_type)
         devices = copy_record(record.get("expanded_devices") or {})
         _, root = root_disk(devices)
         pool = root.get("pool", "")
@@ -235,7 +298,7 @@ class ComputeCore:
         record = {
             **record,
             "project": project,
-            "type": "container",
+            "type": instance_type,
             "architecture": record.get("architecture") or "x86_64",
             "config": config,
             "expanded_config": expanded,
@@ -251,30 +314,42 @@ class ComputeCore:
         # caller went away) may still have happened on the other side, and the undo of a
         # step that never happened is harmless. The first undo removes the record only
         # while it is this create's, so that losing a race for the name removes nothing.
-        undo: list[Callable[[], Awaitable[Any]]] = [
-            lambda: self._delete_own_record(key, volatile["volatile.uuid"])
-        ]
+        revert = Reverter()
+        revert.add(lambda: self._delete_own_record(key, volatile["volatile.uuid"]))
+        # Steps another owner refused (a Conflict): their undo must not remove what is
+        # that owner's.
+        refused: set[str] = set()
+
+        async def unless_refused(step: str, undo: Callable[[], Any]) -> None:
+            if step not in refused:
+                await undo()
+
         completed = False
         try:
             try:
                 first = await self.store.create(key, dump(record))
             except Conflict:
                 raise Conflict(f'Instance "{name}" already exists') from None
+            self._types[(project, name)] = instance_type
             storage = await self.storage()
-            undo.append(lambda: self._delete_volume(pool, project, name))
+            revert.add(
+                lambda: unless_refused(
+                    "volume", lambda: self._delete_volume(pool, project, name, instance_type)
+                )
+            )
             try:
                 volume = await storage.call(
                     "CreateInstanceVolume",
                     storage_pb2.VolumeRequest(
-                        pool=pool, project=project, type="container",
+                        pool=pool, project=project, type=instance_type,
                         name=driver_name(project, name), image_fingerprint=fingerprint,
                     ),
                     idempotent=False, timeout=600,
                 )  # fmt: skip
             except Conflict:
-                undo.pop()  # storage refused: the volume of that name is not this create's
+                refused.add("volume")  # the volume of that name is not this create's
                 raise
-            spec_devices = await self._attach_nics(project, name, devices, expanded, undo)
+            spec_devices = await self._attach_nics(project, name, devices, expanded, revert)
             spec = InstanceSpec(
                 name=driver_name(project, name),
                 rootfs=volume.path,
@@ -283,11 +358,15 @@ class ComputeCore:
             )
             # The driver writes the definition in a thread that a cancellation cannot
             # stop: wait for it, so that the undo below sees what it left.
-            undo.append(lambda: self._delete_definition(spec.name))
+            revert.add(
+                lambda: unless_refused(
+                    "definition", lambda: self._delete_definition(driver, spec.name)
+                )
+            )
             try:
-                await uninterrupted(self.driver.create(spec))
+                await uninterrupted(driver.create(spec))
             except Conflict:
-                undo.pop()  # a definition of that name was there before: not this create's
+                refused.add("definition")  # a definition of that name was there before
                 raise
             written = copy_record(record)
             record["_croft"]["state"] = "created"
@@ -316,21 +395,16 @@ class ComputeCore:
             # in one write that a cancellation does not cut short: once it is in, the
             # instance exists and nothing is undone.
             await uninterrupted(complete())
+            revert.success()
         except BaseException as exc:
             if completed:
                 raise  # the caller went away after the create was recorded whole
             # Also on cancellation (the caller went away): undo, shielded from it.
             log.info("undoing the create of %s/%s: %s", project, name, _why(exc))
-            await uninterrupted(self._undo(undo))
+            await uninterrupted(revert.revert())
+            self._types.pop((project, name), None)  # read again from the store if asked
             raise
         return record
-
-    async def _undo(self, steps: list[Callable[[], Awaitable[Any]]]) -> None:
-        for step in reversed(steps):
-            try:
-                await step()
-            except Exception as exc:  # keep undoing the rest
-                log.warning("cleanup step failed: %s", exc)
 
     async def _delete_own_record(self, key: str, instance_uuid: str) -> None:
         """Delete the instance record at `key` if it is the one with `instance_uuid`."""
@@ -340,9 +414,9 @@ class ComputeCore:
         with contextlib.suppress(NotFound, Conflict):  # gone, or no longer ours
             await self.store.delete(key, revision=entry.revision)
 
-    async def _delete_definition(self, host_name: str) -> None:
-        if await self.driver.exists(host_name):
-            await self.driver.delete(host_name)
+    async def _delete_definition(self, driver: InstanceDriver, host_name: str) -> None:
+        if await driver.exists(host_name):
+            await driver.delete(host_name)
 
     async def _attach_nics(
         self,
@@ -350,9 +424,11 @@ class ComputeCore:
         name: str,
         devices: dict[str, dict[str, str]],
         config: dict[str, str],
-        undo: list[Callable[[], Awaitable[Any]]],
+        revert: Reverter | None,
     ) -> dict[str, dict[str, str]]:
-        """Register each managed NIC with its network; the driver gets bridged NICs."""
+        """Register each managed NIC with its network; the network's driver says how the
+        instance driver plugs it in (`nictype`, `parent`). Each attach's undo goes on
+        `revert` before the attach is sent."""
         result: dict[str, dict[str, str]] = {}
         for dev_name, device in devices.items():
             device = dict(device)
@@ -370,10 +446,11 @@ class ComputeCore:
                         hwaddr=device["hwaddr"],
                         ipv4=device.get("ipv4.address", ""),
                     )
-                    undo.append(lambda r=request: self._detach(r))
+                    if revert is not None:
+                        revert.add(lambda r=request: self._detach(r))
                     reply = await network.call("AttachInstance", request, idempotent=False)
-                    device["nictype"] = "bridged"
-                    device["parent"] = reply.bridge
+                    device["nictype"] = reply.nic_type
+                    device["parent"] = reply.parent
                     if reply.mtu and "mtu" not in device:
                         device["mtu"] = str(reply.mtu)
             result[dev_name] = device
@@ -383,30 +460,36 @@ class ComputeCore:
         network = await self.network()
         await network.call("DetachInstance", request)
 
-    async def _delete_volume(self, pool: str, project: str, name: str) -> None:
+    async def _delete_volume(
+        self, pool: str, project: str, name: str, instance_type: str = ""
+    ) -> None:
         storage = await self.storage()
         await storage.call(
             "DeleteInstanceVolume",
             storage_pb2.VolumeRequest(
-                pool=pool, project=project, type="container", name=driver_name(project, name)
-            ),
+                pool=pool,
+                project=project,
+                type=instance_type or self._type_of(project, name),
+                name=driver_name(project, name),
+            ),  # fmt: skip
             timeout=600,
         )
 
     async def delete(self, project: str, name: str, force: bool = False) -> None:
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
+            driver = self.driver_for(record)
             host_name = driver_name(project, name)
             running = (
-                await self.driver.exists(host_name)
-                and await self.driver.status(host_name) is not Status.STOPPED
+                await driver.exists(host_name)
+                and await driver.status(host_name) is not Status.STOPPED
             )
             if running:
                 if not force:
                     raise InvalidArgument(
                         "The instance is currently running, stop it first or use --force"
                     )
-                await self.driver.stop(host_name, force=True)
+                await driver.stop(host_name, force=True)
             await self._teardown(
                 project,
                 name,
@@ -420,8 +503,7 @@ class ComputeCore:
         """Remove every piece of an instance; pieces already gone are fine. `also` goes
         in the transaction that deletes the record."""
         host_name = driver_name(project, name)
-        if await self.driver.exists(host_name):
-            await self.driver.delete(host_name)
+        await self._delete_definition(self.driver_for(record), host_name)
         await self._detach_nics(project, name, record)
         pool = record.get("_croft", {}).get("pool", "")
         for snap in await self.store.list(
@@ -430,8 +512,9 @@ class ComputeCore:
             await self.store.delete(snap.key)
         if pool:
             with contextlib.suppress(NotFound):
-                await self._delete_volume(pool, project, name)
+                await self._delete_volume(pool, project, name, record.get("type") or "")
         await self.store.transaction([Delete(instance_key(project, name)), *also])
+        self._types.pop((project, name), None)
 
     # ------------------------------------------------------------------ state
 
@@ -456,14 +539,15 @@ class ComputeCore:
                 current, revision = known
             else:
                 current, revision = await self.record(project, name)
+            driver = self.driver_for(current)
             # A start checks the status in the driver's thread (one trip there for the
             # check, the templates and the start's own preparation); the others here.
-            status = None if action == "start" else await self.driver.status(host_name)
+            status = None if action == "start" else await driver.status(host_name)
             if action == "start":
                 await self._mount_root(project, name, current)
                 if (
                     _definition_is_stale(current)
-                    and await self.driver.status(host_name) is Status.STOPPED
+                    and await driver.status(host_name) is Status.STOPPED
                 ):
                     await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
@@ -475,7 +559,7 @@ class ComputeCore:
                         raise InvalidArgument("The instance is frozen, unfreeze it instead")
                     templates()
 
-                await self.driver.start(host_name, before=check_then_render)
+                await driver.start(host_name, before=check_then_render)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
                 if status is Status.STOPPED and current.get("status") == Status.STOPPED.label:
@@ -483,29 +567,29 @@ class ComputeCore:
                 # Stopped on its own since the status monitor's last pass: the record,
                 # which the client read, catches up, and the stop it asked for is done.
                 if status is not Status.STOPPED:
-                    await self.driver.stop(host_name, force=force, timeout=timeout)
+                    await driver.stop(host_name, force=force, timeout=timeout)
                 await self._unmount_root(project, name, current)
                 new, event = Status.STOPPED, "instance-stopped"
             elif action == "restart":
                 if status is Status.STOPPED:
                     raise InvalidArgument("The instance isn't running")
                 # A stop and a start, as LXD's: the start templates render in between.
-                await self.driver.stop(host_name, force=force, timeout=timeout)
+                await driver.stop(host_name, force=force, timeout=timeout)
                 await self._mount_root(project, name, current)
                 if _definition_is_stale(current):
                     await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
-                await self.driver.start(host_name, before=lambda _status: templates())
+                await driver.start(host_name, before=lambda _status: templates())
                 new, event = Status.RUNNING, "instance-restarted"
             elif action == "freeze":
                 if status is not Status.RUNNING:
                     raise InvalidArgument("The instance isn't running")
-                await self.driver.freeze(host_name)
+                await driver.freeze(host_name)
                 new, event = Status.FROZEN, "instance-paused"
             elif action == "unfreeze":
                 if status is not Status.FROZEN:
                     raise InvalidArgument("The instance is not frozen")
-                await self.driver.unfreeze(host_name)
+                await driver.unfreeze(host_name)
                 new, event = Status.RUNNING, "instance-resumed"
             else:
                 raise InvalidArgument(f'Unknown action "{action}"')
@@ -592,7 +676,8 @@ class ComputeCore:
         return await self._state(project, name)
 
     async def _state(self, project: str, name: str) -> dict[str, Any]:
-        state = await self.driver.state(driver_name(project, name))
+        driver = await self.driver_of(project, name)
+        state = await driver.state(driver_name(project, name))
         network = {
             nic.name: {
                 "addresses": [
@@ -654,7 +739,8 @@ class ComputeCore:
                 raise Conflict("The instance changed since it was read; try again")
             old_devices = record.get("expanded_devices") or {}
             new_devices = new.get("expanded_devices") or {}
-            stopped = await self.driver.status(host_name) is Status.STOPPED
+            driver = self.driver_for(record)
+            stopped = await driver.status(host_name) is Status.STOPPED
             # Hot-plugging devices is not built yet: say so rather than half-apply.
             if _without_hwaddr(old_devices) != _without_hwaddr(new_devices) and not stopped:
                 raise InvalidArgument("Devices cannot be changed while the instance is running")
@@ -694,21 +780,21 @@ class ComputeCore:
                     "definition": record["_croft"].get("definition") or definition_digest(record),
                 },
             }
-            undo: list[Callable[[], Awaitable[Any]]] = []
+            revert = Reverter()
             try:
                 if stopped and _definition_is_stale(updated):
-                    undo.append(lambda: self._detach_nics(project, name, updated, keep=record))
-                    undo.append(lambda: self._write_definition(project, name, record))
+                    revert.add(lambda: self._detach_nics(project, name, updated, keep=record))
+                    revert.add(lambda: self._write_definition(project, name, record))
                     await self._write_definition(project, name, updated)
                 else:
-                    await self.driver.update_limits(host_name, expanded)
+                    await driver.update_limits(host_name, expanded)
                 await self.store.update(
                     instance_key(project, name), dump(updated), revision=current_revision
                 )
+                revert.success()
             except BaseException as exc:
-                if undo:
-                    log.info("undoing the update of %s/%s: %s", project, name, _why(exc))
-                    await uninterrupted(self._undo(undo))
+                log.info("undoing the update of %s/%s: %s", project, name, _why(exc))
+                await uninterrupted(revert.revert())
                 raise
             await self._detach_nics(project, name, record, keep=updated)
         await self.lifecycle("instance-updated", project, name)
@@ -734,7 +820,8 @@ class ComputeCore:
         if not argv:
             raise InvalidArgument("No command given")
         try:
-            return await self.driver.exec(
+            driver = await self.driver_of(project, name)
+            return await driver.exec(
                 driver_name(project, name), argv, env=env or None, cwd=cwd or None,
                 uid=uid, gid=gid, interactive=interactive, width=width or 80, height=height or 24,
             )  # fmt: skip
@@ -742,8 +829,8 @@ class ComputeCore:
             raise NotFound("Instance not found") from None
 
     async def pull_file(self, project: str, name: str, path: str) -> FileEntry:
-        await self.record(project, name)
-        return await self.driver.pull_file(driver_name(project, name), path)
+        record, _ = await self.record(project, name)
+        return await self.driver_for(record).pull_file(driver_name(project, name), path)
 
     async def push_file(
         self,
@@ -758,18 +845,19 @@ class ComputeCore:
         target: str = "",
         append: bool = False,
     ) -> None:
-        await self.record(project, name)
+        record, _ = await self.record(project, name)
+        driver = self.driver_for(record)
         host_name = driver_name(project, name)
         if kind == "directory":
             with contextlib.suppress(Conflict):  # LXD: pushing an existing directory is fine
-                await self.driver.mkdir(host_name, path, uid=uid, gid=gid, mode=mode)
+                await driver.mkdir(host_name, path, uid=uid, gid=gid, mode=mode)
             return
         if kind == "symlink":
             raise InvalidArgument("Pushing symlinks is not supported yet")
         if kind not in ("", "file"):
             raise InvalidArgument(f'Invalid file type "{kind}"')
         if append:
-            existing = await self.driver.pull_file(host_name, path)
+            existing = await driver.pull_file(host_name, path)
             head = existing.content or b""
 
             async def joined() -> AsyncIterator[bytes]:
@@ -778,34 +866,35 @@ class ComputeCore:
                     yield chunk
 
             data = joined()
-        await self.driver.push_file(host_name, path, data, uid=uid, gid=gid, mode=mode)
+        await driver.push_file(host_name, path, data, uid=uid, gid=gid, mode=mode)
 
     async def delete_file(self, project: str, name: str, path: str) -> None:
-        await self.record(project, name)
-        await self.driver.delete_path(driver_name(project, name), path, recursive=True)
+        record, _ = await self.record(project, name)
+        await self.driver_for(record).delete_path(driver_name(project, name), path, recursive=True)
 
     async def console(self, project: str, name: str, width: int, height: int) -> ExecProcess:
         # As exec: the api found it running; the driver refuses one that is not.
         try:
-            return await self.driver.console(
+            driver = await self.driver_of(project, name)
+            return await driver.console(
                 driver_name(project, name), width=width or 80, height=height or 24
             )
         except NotFound:
             raise NotFound("Instance not found") from None
 
     async def console_log(self, project: str, name: str) -> bytes:
-        await self.record(project, name)
-        return await self.driver.console_log(driver_name(project, name))
+        record, _ = await self.record(project, name)
+        return await self.driver_for(record).console_log(driver_name(project, name))
 
     async def clear_console_log(self, project: str, name: str) -> None:
-        await self.record(project, name)
-        await self.driver.clear_console_log(driver_name(project, name))
+        record, _ = await self.record(project, name)
+        await self.driver_for(record).clear_console_log(driver_name(project, name))
         await self.lifecycle("instance-console-reset", project, name)
 
     async def log_file(self, project: str, name: str) -> bytes:
-        await self.record(project, name)
+        record, _ = await self.record(project, name)
         try:
-            with open(self.driver.log_path(driver_name(project, name)), "rb") as f:
+            with open(self.driver_for(record).log_path(driver_name(project, name)), "rb") as f:
                 return f.read()
         except FileNotFoundError:
             return b""
@@ -859,7 +948,8 @@ class ComputeCore:
         self, pool: str, project: str, name: str, snapshot: str = "", new_name: str = ""
     ) -> storage_pb2.VolumeRequest:
         return storage_pb2.VolumeRequest(
-            pool=pool, project=project, type="container", name=driver_name(project, name),
+            pool=pool, project=project, type=self._type_of(project, name),
+            name=driver_name(project, name),
             snapshot=snapshot, new_name=new_name,
         )  # fmt: skip
 
@@ -917,9 +1007,10 @@ class ComputeCore:
         async with self.lock(project, name):
             record, revision = await self.record(project, name)
             snap, _ = await self.snapshot_record(project, name, snapshot)
-            was_running = await self.driver.status(host_name) is not Status.STOPPED
+            driver = self.driver_for(record)
+            was_running = await driver.status(host_name) is not Status.STOPPED
             if was_running:
-                await self.driver.stop(host_name, force=True)
+                await driver.stop(host_name, force=True)
                 await self._unmount_root(project, name, record)
             storage = await self.storage()
             await storage.call(
@@ -952,12 +1043,12 @@ class ComputeCore:
             if _definition_is_stale(record):
                 await self._write_definition(project, name, record)
             else:
-                await self.driver.update_limits(host_name, record["expanded_config"])
+                await driver.update_limits(host_name, record["expanded_config"])
             await self.store.update(instance_key(project, name), dump(record), revision=revision)
             await self._detach_nics(project, name, before, keep=record)
             if was_running:
                 await self._mount_root(project, name, record)
-                await self.driver.start(host_name)
+                await driver.start(host_name)
         await self.lifecycle("instance-restored", project, name, snapshot=snapshot)
         return record
 
@@ -974,7 +1065,8 @@ class ComputeCore:
         first, second = sorted((name, new_name))
         async with self.lock(project, first), self.lock(project, second):
             record, revision = await self.record(project, name)
-            if await self.driver.status(driver_name(project, name)) is not Status.STOPPED:
+            driver = self.driver_for(record)
+            if await driver.status(driver_name(project, name)) is not Status.STOPPED:
                 raise InvalidArgument("Renaming of running container not allowed")
             if await self.store.get(instance_key(project, new_name)) is not None:
                 raise Conflict(f'Name "{new_name}" already in use')
@@ -1006,8 +1098,9 @@ class ComputeCore:
         # the renamed instance keeps.
         await self._detach_nics(project, name, record)
         spec = await self._spec_with_nics(project, new_name, record, volume.path)
-        await uninterrupted(self._delete_definition(driver_name(project, name)))
-        await uninterrupted(self.driver.create(spec))
+        driver = self.driver_for(record)
+        await uninterrupted(self._delete_definition(driver, driver_name(project, name)))
+        await uninterrupted(driver.create(spec))
         renamed = copy_record(record)
         renamed["name"] = new_name
         renamed["_croft"]["rootfs"] = volume.path
@@ -1054,10 +1147,11 @@ class ComputeCore:
                 )
 
         async def definition_back() -> None:
-            await self._delete_definition(new_host)
+            driver = self.driver_for(record)
+            await self._delete_definition(driver, new_host)
             spec = await self._spec_with_nics(project, name, record, record["_croft"]["rootfs"])
-            if not await self.driver.exists(old_host):
-                await self.driver.create(spec)
+            if not await driver.exists(old_host):
+                await driver.create(spec)
 
         async def unmark() -> None:
             def clear(current: dict[str, Any]) -> dict[str, Any]:
@@ -1069,14 +1163,16 @@ class ComputeCore:
                     self.store, instance_key(project, name), clear, missing="Instance not found"
                 )
 
-        await self._undo(
-            [
-                unmark,
-                definition_back,
-                lambda: self._detach_nics(project, new_name, record),
-                volume_back,
-            ]
-        )
+        # Newest first: the volume, the NICs, the definition, the mark.
+        revert = Reverter()
+        for step in (
+            unmark,
+            definition_back,
+            lambda: self._detach_nics(project, new_name, record),
+            volume_back,
+        ):
+            revert.add(step)
+        await revert.revert()
 
     async def _spec_with_nics(
         self, project: str, name: str, record: dict[str, Any], rootfs: str
@@ -1085,7 +1181,7 @@ class ComputeCore:
         (re)attached under that name."""
         config = dict(record["expanded_config"])
         devices = await self._attach_nics(
-            project, name, copy_record(record.get("expanded_devices") or {}), config, []
+            project, name, copy_record(record.get("expanded_devices") or {}), config, None
         )
         return InstanceSpec(
             name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices
@@ -1096,7 +1192,7 @@ class ComputeCore:
         managed NICs attached again, which only updates them), and note in the record what
         it was written from."""
         spec = await self._spec_with_nics(project, name, record, record["_croft"]["rootfs"])
-        await self.driver.redefine(spec)
+        await self.driver_for(record).redefine(spec)
         record["_croft"]["definition"] = definition_digest(record)
 
     async def _detach_nics(
@@ -1154,9 +1250,10 @@ class ComputeCore:
             log.warning("not autostarting %s/%s: %s", project, name, exc)
             return
         host_name = driver_name(project, name)
-        if not wanted or not await self.driver.exists(host_name):
+        driver = self.driver_for(record)
+        if not wanted or not await driver.exists(host_name):
             return
-        if await self.driver.status(host_name) is Status.STOPPED:
+        if await driver.status(host_name) is Status.STOPPED:
             log.info("autostarting %s/%s", project, name)
             try:
                 await self.change_state(project, name, "start")
@@ -1165,17 +1262,18 @@ class ComputeCore:
 
     async def _refresh_status(self, project: str, name: str, record: dict[str, Any]) -> None:
         host_name = driver_name(project, name)
-        if not await self.driver.exists(host_name):
+        driver = self.driver_for(record)
+        if not await driver.exists(host_name):
             return
-        actual = await self.driver.status(host_name)
+        actual = await driver.status(host_name)
         if record.get("status") == actual.label:
             return
         async with self.lock(project, name):
             # A start or stop may have run while we waited for the lock: look again.
             found = await self.store.get_json(instance_key(project, name))
-            if found is None or not await self.driver.exists(host_name):
+            if found is None or not await driver.exists(host_name):
                 return
-            actual = await self.driver.status(host_name)
+            actual = await driver.status(host_name)
             if found[0].get("status") != actual.label:
                 if actual is Status.STOPPED:  # stopped on its own: as after a stop
                     with contextlib.suppress(CroftError):
@@ -1197,7 +1295,7 @@ class ComputeCore:
             await asyncio.sleep(interval)
             started = time.monotonic()
             try:
-                active = await self.driver.active()
+                active = await self._active()
                 if (
                     active is not None
                     and active == seen
@@ -1217,7 +1315,7 @@ class ComputeCore:
                         record.get("status") != Status.STOPPED.label
                     ):
                         continue
-                    if not self.lock(project, record["name"]).locked():
+                    if not self._locks.locked((project, record["name"])):
                         await self._refresh_status(project, record["name"], record)
                 seen, last_full = active, started
             except Exception as exc:
@@ -1255,7 +1353,8 @@ class ComputeCore:
                 await self.snapshot_record(project, name, snapshot)
                 mounted = await storage.call("MountSnapshot", request, timeout=600)
             else:
-                if await self.driver.status(driver_name(project, name)) is not Status.STOPPED:
+                driver = self.driver_for(record)
+                if await driver.status(driver_name(project, name)) is not Status.STOPPED:
                     raise InvalidArgument("Cannot export a running instance as an image")
                 mounted = await storage.call("MountInstanceVolume", request, timeout=600)
             try:

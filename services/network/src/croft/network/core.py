@@ -1,15 +1,24 @@
 """The network core: network records in the store, the driver calls that make them real on
 this host, and the instance NICs plugged into them.
 
-The core is the only writer of network records (`/croft/records/networks/default/<name>`:
-LXD's network object plus a private `_croft` key). A record belongs to the member whose
-network service runs it (`_croft.member`). Each instance NIC attached to a network is a
-key of its own (`croft.common.records.network_nic_key`), written by the same service: an
-attach or detach writes that key alone, whatever the number of instances on the network,
-and never the network's record. `used_by` is read from those keys. Driver work on a
-network runs under that network's lock, in a worker thread, and is shielded from the
-caller going away: an attach either completes (and the caller's cleanup detaches it) or
-undoes itself.
+The core is the only writer of network records, shaped for a cluster as LXD keeps them
+(its `networks`, `networks_nodes` and `networks_config` tables): one cluster-wide record
+per network (`/croft/records/networks/default/<name>`: LXD's network object, its
+cluster-wide config, `status` and `locations`), and one key per member that has the
+network (`croft.common.records.network_member_key`) with that member's state (`pending`,
+`created`, `errored`) and its member-specific config (LXD's member-specific keys such as
+`bridge.external_interfaces` and `parent`). A member's network service writes only its
+own member key, and the record's `status`/`locations` with it. A driver sees the merged
+config. Records written before this shape (owned by one `_croft.member`, member keys in
+the config) are moved to it when their member's service starts.
+
+Each instance NIC attached to a network is a key of its own
+(`croft.common.records.network_nic_key`), written by the same service: an attach or
+detach writes that key alone, whatever the number of instances on the network, and never
+the network's record. `used_by` is read from those keys. Driver work on a network runs
+under that network's lock (the driver runs its blocking work in a worker thread itself),
+and is shielded from the caller going away: an attach either completes (and the caller's
+cleanup detaches it) or undoes itself.
 
 Service restarts never disturb a running network: `start()` converges every network of
 this member with the driver's idempotent `start`, which adopts the running dnsmasq and
@@ -21,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,16 +38,21 @@ from typing import Any, TypeVar
 from croft.common import events
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
+    RECORDS,
     modify,
+    network_member_key,
+    network_member_prefix,
     network_nic_key,
     network_nic_prefix,
     record_key,
     record_prefix,
 )
+from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
-from croft.common.store import Create, Delete, Entry, Put, Update, dump
+from croft.common.store import Create, Delete, Entry, Operation, Put, Update, dump
 from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
 
 log = logging.getLogger(__name__)
@@ -53,21 +67,53 @@ def network_key(name: str) -> str:
     return record_key("networks", DEFAULT_PROJECT, name)
 
 
+# LXD's member-specific network keys (db.NodeSpecificNetworkConfig): each member keeps
+# its own value, in its member key, never in the cluster-wide record.
+MEMBER_SPECIFIC_KEYS = frozenset({"bridge.external_interfaces", "parent"})
+
+# A member's state of a network, as LXD's networks_nodes.state.
+PENDING, CREATED, ERRORED = "pending", "created", "errored"
+
+
+def split_config(config: Mapping[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A network's config as (cluster-wide keys, member-specific keys)."""
+    cluster = {k: v for k, v in config.items() if k not in MEMBER_SPECIFIC_KEYS}
+    member = {k: v for k, v in config.items() if k in MEMBER_SPECIFIC_KEYS}
+    return cluster, member
+
+
 def new_network_record(
-    name: str, type_name: str, config: dict[str, str], member: str, description: str = ""
+    name: str, type_name: str, config: dict[str, str], description: str = ""
 ) -> dict[str, Any]:
-    """A managed network's record in LXD's `GET /1.0/networks/<name>` shape."""
+    """A managed network's cluster-wide record in LXD's `GET /1.0/networks/<name>`
+    shape (its member-specific keys are left out: they go in member keys)."""
     return {
         "name": name,
         "description": description,
         "type": type_name,
         "managed": True,
         "status": "Created",
-        "config": dict(config),
+        "config": split_config(config)[0],
         "used_by": [],
         "locations": ["none"],
-        "_croft": {"member": member},
+        "_croft": {},
     }
+
+
+def member_entry(state: str, config: Mapping[str, str], error: str = "") -> dict[str, Any]:
+    """One member's state of a network and its member-specific config."""
+    return {"state": state, "config": split_config(config)[1], "error": error}
+
+
+def with_members(record: dict[str, Any], states: Mapping[str, str]) -> dict[str, Any]:
+    """The record with `status` and `locations` as LXD derives them from the members'
+    states (`states`: member -> state): Errored if one errored, Pending if one is
+    pending, else Created; `locations` lists the members, or is LXD's ["none"] while
+    only one member has the network (as on a server that is not clustered)."""
+    values = set(states.values())
+    status = "Errored" if ERRORED in values else "Pending" if PENDING in values else "Created"
+    locations = sorted(states) if len(states) > 1 else ["none"]
+    return {**record, "status": status, "locations": locations}
 
 
 @dataclass(frozen=True)
@@ -95,7 +141,8 @@ class InstanceNic:
 class NicAttachment:
     """What compute needs to plug a NIC in."""
 
-    host_interface: str  # the bridge the veth/tap goes into
+    nic_type: str  # LXD's nictype, as the network's driver plugs NICs: "bridged"...
+    parent: str  # the host interface the NIC hangs off (the bridge for "bridged")
     mtu: int | None  # None: the NIC keeps its default
     ipv4: str | None  # the pinned address, if one was asked for
 
@@ -111,7 +158,7 @@ class NetworkCore:
             nft_table=context.config.network.nft_table,
         )
         self._drivers: dict[str, NetworkDriver] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: KeyedLock[str] = KeyedLock()
         # What a NIC's attach or detach reads, kept instead of read from the store each
         # time (this service is the only writer of both): the records of this member's
         # networks, dropped by every change of a network, and each network's NICs with
@@ -124,16 +171,18 @@ class NetworkCore:
     def driver(self, type_name: str) -> NetworkDriver:
         """The (one) driver of a network type; InvalidArgument for an unknown type."""
         if type_name not in self._drivers:
-            self._drivers[type_name] = load_driver(type_name, self.settings)
+            try:
+                self._drivers[type_name] = load_driver(type_name, self.settings)
+            except InvalidArgument:
+                raise InvalidArgument(f'Invalid network type "{type_name}"') from None
         return self._drivers[type_name]
 
-    def lock(self, name: str) -> asyncio.Lock:
-        """Serializes driver work and record changes of one network in this process."""
-        return self._locks.setdefault(name, asyncio.Lock())
-
     async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
+        """Run `work` under the network's lock: driver work and record changes of one
+        network go one at a time in this process."""
+
         async def run() -> T:
-            async with self.lock(name):
+            async with self._locks.hold(name):
                 return await work()
 
         # Shielded: a caller that goes away (a cancelled gRPC call) must not stop driver
@@ -141,21 +190,31 @@ class NetworkCore:
         return await asyncio.shield(run())
 
     async def _local_record(self, name: str) -> dict[str, Any]:
-        """The record of a network this member runs."""
-        return (await self._local_entry(name))[0]
+        """The record of a network this member has, its config merged with this member's
+        member-specific config (what its driver works with)."""
+        record, _, mine, _ = await self._local_entry(name)
+        return {**record, "config": {**record["config"], **mine["config"]}}
 
-    async def _local_entry(self, name: str) -> tuple[dict[str, Any], int]:
-        """The record of a network this member runs, and its revision."""
+    async def _local_entry(self, name: str) -> tuple[dict[str, Any], int, dict[str, Any], int]:
+        """The cluster-wide record of a network this member has and its revision, then
+        this member's key of it and its revision."""
         if not name:
             raise InvalidArgument("No network name given")
         found = await self.store.get_json(network_key(name))
         if found is None:
             raise NotFound("Network not found")
-        record: dict[str, Any] = found[0]
-        owner = record.get("_croft", {}).get("member")
-        if owner != self.member:
+        mine = await self.store.get_json(network_member_key(name, self.member))
+        if mine is None:
             raise NotFound(f"Network {name!r} is not set up on member {self.member!r}")
-        return record, found[1]
+        return found[0], found[1], mine[0], mine[1]
+
+    async def _member_states(self, name: str) -> dict[str, str]:
+        """Every member's state of a network."""
+        prefix = network_member_prefix(name)
+        return {
+            entry.key.removeprefix(prefix): str(entry.json().get("state", ""))
+            for entry in await self.store.list(prefix)
+        }
 
     def _forget(self, name: str) -> None:
         """Drop what is kept of a network: read it from the store next time."""
@@ -185,10 +244,12 @@ class NetworkCore:
     # ------------------------------------------------------------------ service start
 
     async def start(self) -> None:
-        """At service start: make the default network if it has no record yet, then bring
-        every network of this member up (adopting what already runs). A network that
-        fails is logged and left for the next start or attach; the service still comes
-        up for the others."""
+        """At service start: move this member's records written before the cluster shape
+        to it, make the default network (or join it, when another member made it), then
+        bring every network of this member up (adopting what already runs). A network
+        that fails is logged and left for the next start or attach; the service still
+        comes up for the others."""
+        await self.migrate_records()
         if self.default_network:
             try:
                 await self.ensure_default_network()
@@ -203,8 +264,10 @@ class NetworkCore:
     async def ensure_default_network(self) -> dict[str, Any] | None:
         """The default bridge's record, created (with a free subnet chosen by the driver)
         the first time. Host state left by a service killed between the driver's create
-        and the record's write is adopted, so its subnet does not change. A default
-        network the user deleted stays deleted (None), as in LXD."""
+        and the record's write is adopted, so its subnet does not change. When another
+        member recorded it first, this member joins it (its own member state, the
+        record's config). A default network the user deleted stays deleted (None), as
+        in LXD."""
         name = self.default_network
         key = network_key(name)
 
@@ -212,34 +275,37 @@ class NetworkCore:
             self._forget(name)
             found = await self.store.get_json(key)
             if found is not None:
-                existing: dict[str, Any] = found[0]
-                return existing
+                if await self.store.get(network_member_key(name, self.member)) is not None:
+                    return await self._local_record(name)
+                return await self._join(name, found[0]["type"])
             driver = self.driver(DEFAULT_NETWORK_TYPE)
-            adopted = await in_thread(driver.local_config, name)
+            adopted = await driver.local_config(name)
             if adopted is None and await in_thread(self._default_made_marker.exists):
                 return None
             if adopted is not None:
                 config = adopted
             else:
-                config = await in_thread(driver.create, name, {})
-            record = new_network_record(name, DEFAULT_NETWORK_TYPE, config, self.member)
+                config = await driver.create(name, {})
+            record = new_network_record(name, DEFAULT_NETWORK_TYPE, config)
             try:
-                await self.store.create_json(key, record)
+                await self.store.transaction(
+                    [
+                        Create(key, dump(record)),
+                        Put(
+                            network_member_key(name, self.member),
+                            dump(member_entry(CREATED, config)),
+                        ),
+                    ]
+                )
             except Conflict:
-                # Another process wrote it first: its record wins. Host state made just
-                # now for a record that is not this member's would be orphaned.
-                winner = await self.store.get_json(key)
-                if adopted is None and (
-                    winner is None or winner[0].get("_croft", {}).get("member") != self.member
-                ):
-                    await in_thread(driver.delete, name)
-                if winner is None:
-                    raise
-                won: dict[str, Any] = winner[0]
-                return won
+                # Another member recorded it first: its config wins, and this member
+                # joins it. Host state made just now with a subnet of its own goes.
+                if adopted is None:
+                    await driver.delete(name)
+                return await self._join(name, DEFAULT_NETWORK_TYPE)
             except BaseException:
                 if adopted is None:
-                    await in_thread(driver.delete, name)
+                    await driver.delete(name)
                 raise
             await in_thread(self._default_made_marker.touch)
             how = "adopted" if adopted is not None else "created"
@@ -249,23 +315,131 @@ class NetworkCore:
 
         return await self._locked(name, ensure)
 
-    async def start_networks(self) -> list[str]:
-        """Start every network recorded for this member; returns the names that failed."""
-        failed = []
+    async def _join(self, name: str, type_name: str) -> dict[str, Any]:
+        """Set up on this member a network another member recorded: pending while its
+        host state is made from the record's config, then created (errored, with the
+        error, if the driver fails). The caller holds the network's lock."""
+        driver = self.driver(type_name)
+        await self._set_member_state(name, PENDING, {})
+        try:
+            record = (await self._require(name))[0]
+            if await driver.local_config(name) is None:
+                await driver.create(name, record["config"])
+        except Exception as exc:
+            with contextlib.suppress(CroftError):
+                await self._set_member_state(name, ERRORED, {}, error=str(exc))
+            raise
+        await self._set_member_state(name, CREATED, {})
+        log.info("joined network %s, recorded by another member", name)
+        return await self._local_record(name)
+
+    async def _require(self, name: str) -> tuple[dict[str, Any], int]:
+        found = await self.store.get_json(network_key(name))
+        if found is None:
+            raise NotFound("Network not found")
+        return found
+
+    async def _set_member_state(
+        self, name: str, state: str, config: Mapping[str, str], error: str = ""
+    ) -> dict[str, Any]:
+        """Write this member's state (and member-specific config) of a network, and the
+        record's status and locations that follow from every member's, in one
+        transaction (read again and retried should another member write meanwhile)."""
+        for _ in range(5):
+            record, revision = await self._require(name)
+            states = {**await self._member_states(name), self.member: state}
+            new = with_members(record, states)
+            try:
+                await self.store.transaction(
+                    [
+                        Update(network_key(name), dump(new), revision),
+                        Put(
+                            network_member_key(name, self.member),
+                            dump(member_entry(state, config, error)),
+                        ),
+                    ]
+                )
+            except Conflict:
+                continue
+            self._forget(name)
+            return new
+        raise Conflict(f"network {name} kept changing while this member's state was written")
+
+    async def migrate_records(self) -> None:
+        """Move this member's network records written before the cluster shape (one
+        owner in `_croft.member`, member-specific keys in the config) to it: the record
+        keeps the cluster-wide part, this member's key gets its state (created) and its
+        member-specific keys. Each record moves in one transaction; other members'
+        records are left to them."""
         for entry in await self.store.list(record_prefix("networks", DEFAULT_PROJECT)):
             record = entry.json()
             if record.get("_croft", {}).get("member") != self.member:
                 continue
             name = record["name"]
-            if record["_croft"].get("nics"):
+
+            async def migrate(
+                entry: Entry = entry, record: dict[str, Any] = record, name: str = name
+            ) -> None:
+                cluster, _ = split_config(record["config"])
+                croft = {k: v for k, v in record["_croft"].items() if k != "member"}
+                states = {**await self._member_states(name), self.member: CREATED}
+                new = with_members({**record, "config": cluster, "_croft": croft}, states)
+                await self.store.transaction(
+                    [
+                        Update(entry.key, dump(new), entry.revision),
+                        Put(
+                            network_member_key(name, self.member),
+                            dump(member_entry(CREATED, record["config"])),
+                        ),
+                    ]
+                )
+                self._forget(name)
+                log.info("network %s: record moved to the cluster shape", name)
+
+            try:
+                await self._locked(name, migrate)
+            except CroftError as exc:
+                log.error("network %s: record not moved to the cluster shape: %s", name, exc)
+
+    async def start_networks(self) -> list[str]:
+        """Start every network this member has; returns the names that failed. A
+        network that fails is marked errored for this member, one that starts again
+        created."""
+        failed = []
+        mine = {
+            entry.key.removeprefix(RECORDS + "network-members/").split("/")[0]: entry.json()
+            for entry in await self.store.list(RECORDS + "network-members/")
+            if entry.key.endswith(f"/{self.member}")
+        }
+        for entry in await self.store.list(record_prefix("networks", DEFAULT_PROJECT)):
+            record = entry.json()
+            name = record["name"]
+            member = mine.get(name)
+            if member is None:
+                continue
+            if record.get("_croft", {}).get("nics"):
                 try:
                     await self._locked(name, lambda entry=entry: self._move_nics_out(entry))
                 except CroftError as exc:
                     log.error("network %s: its NICs were not moved to keys: %s", name, exc)
+            config = {**record["config"], **member.get("config", {})}
 
-            async def start(record: dict[str, Any] = record) -> None:
+            async def start(
+                record: dict[str, Any] = record,
+                config: dict[str, str] = config,
+                member: dict[str, Any] = member,
+            ) -> None:
                 driver = self.driver(record["type"])
-                await in_thread(driver.start, record["name"], record["config"])
+                try:
+                    await driver.start(record["name"], config)
+                except Exception as exc:
+                    with contextlib.suppress(CroftError):
+                        await self._set_member_state(
+                            record["name"], ERRORED, config, error=str(exc)
+                        )
+                    raise
+                if member.get("state") != CREATED:
+                    await self._set_member_state(record["name"], CREATED, config)
 
             try:
                 await self._locked(name, start)
@@ -322,25 +496,26 @@ class NetworkCore:
             self._forget(name)
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
-            resolved = await in_thread(driver.create, name, config)
-            record = new_network_record(name, type_name, resolved, self.member, description)
-            try:
-                await self.store.create_json(key, record)
-            except Conflict:
-                await in_thread(driver.delete, name)
-                raise Conflict("The network already exists") from None
-            except BaseException:
-                await in_thread(driver.delete, name)
-                raise
-            try:
-                await in_thread(driver.start, name, resolved)
-            except BaseException:
-                await in_thread(driver.delete, name)
-                with contextlib.suppress(NotFound):
-                    await self.store.delete(key)
-                raise
+            async with Reverter() as revert:
+                resolved = await driver.create(name, config)
+                revert.add(lambda: driver.delete(name))
+                record = new_network_record(name, type_name, resolved, description)
+                mine = network_member_key(name, self.member)
+                try:
+                    # The record and this member's state of it, in one write.
+                    await self.store.transaction(
+                        [
+                            Create(key, dump(record)),
+                            Put(mine, dump(member_entry(CREATED, resolved))),
+                        ]
+                    )
+                except Conflict:
+                    raise Conflict("The network already exists") from None
+                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
+                await driver.start(name, resolved)
+                revert.success()
             await self._lifecycle("network-created", name)
-            return record
+            return {**record, "config": resolved}
 
         return await self._locked(name, create)
 
@@ -354,26 +529,31 @@ class NetworkCore:
 
         async def update() -> dict[str, Any]:
             self._forget(name)
-            record = await self._local_record(name)
+            record, revision, mine, mine_revision = await self._local_entry(name)
             driver = self.driver(record["type"])
-            old_config = record["config"]
-            resolved = await in_thread(driver.update, name, config)
-
-            def change(current: dict[str, Any]) -> dict[str, Any]:
-                current["config"] = resolved
-                if description is not None:
-                    current["description"] = description
-                return current
-
+            old_config = {**record["config"], **mine["config"]}
+            resolved = await driver.update(name, config)
+            # The cluster-wide keys go in the record, this member's own in its key: one
+            # write, whose revisions catch any other writer meanwhile.
+            new = {**record, "config": split_config(resolved)[0]}
+            if description is not None:
+                new["description"] = description
             try:
-                new = await modify(
-                    self.store, network_key(name), change, missing="Network not found"
+                await self.store.transaction(
+                    [
+                        Update(network_key(name), dump(new), revision),
+                        Update(
+                            network_member_key(name, self.member),
+                            dump({**mine, "config": split_config(resolved)[1]}),
+                            mine_revision,
+                        ),
+                    ]
                 )
             except BaseException:
-                await in_thread(driver.update, name, old_config)
+                await driver.update(name, old_config)
                 raise
             await self._lifecycle("network-updated", name)
-            return new
+            return {**new, "config": resolved}
 
         return await self._locked(name, update)
 
@@ -388,9 +568,28 @@ class NetworkCore:
                 raise InvalidArgument("The network is currently in use")
             # Host state first: a record left by a failure here is started (recreated) at
             # the next service start, never orphaned host state without a record.
-            await in_thread(self.driver(record["type"]).delete, name)
-            with contextlib.suppress(NotFound):
-                await self.store.delete(network_key(name))
+            await self.driver(record["type"]).delete(name)
+            # This member's key goes; the record with it when no other member has the
+            # network, else its status and locations follow the members left.
+            for _ in range(5):
+                found = await self.store.get_json(network_key(name))
+                if found is None:
+                    break
+                states = await self._member_states(name)
+                states.pop(self.member, None)
+                writes: list[Operation] = [Delete(network_member_key(name, self.member))]
+                if states:
+                    new = with_members(found[0], states)
+                    writes.append(Update(network_key(name), dump(new), found[1]))
+                else:
+                    writes.append(Delete(network_key(name), found[1]))
+                try:
+                    await self.store.transaction(writes)
+                    break
+                except Conflict:
+                    continue
+                except NotFound:
+                    break
             self._forget(name)
             await self._lifecycle("network-deleted", name)
 
@@ -416,32 +615,23 @@ class NetworkCore:
             previous = known[0] if known is not None else None
             hwaddr = nic.hwaddr.lower()
 
-            def add() -> str | None:
-                # One trip to a thread: the network is started first if it is down.
-                if not driver.is_running(name):
-                    driver.start(name, config)
-                return driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
-
-            try:
-                address = await in_thread(add)
-                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
-            except BaseException:
+            if not await driver.is_running(name):
+                await driver.start(name, config)
+            async with Reverter() as revert:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
-                    # add_instance replaced this NIC's entry: put the old one back.
-                    await in_thread(
-                        driver.add_instance,
-                        name,
-                        nic.instance,
-                        hwaddr,
-                        previous.get("ipv4") or None,
-                    )
+                    # add_instance replaces this NIC's entry: put the old one back.
+                    old_ipv4 = previous.get("ipv4") or None
+                    revert.add(lambda: driver.add_instance(name, nic.instance, hwaddr, old_ipv4))
                 else:
-                    await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
-                raise
+                    revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
+                address = await driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
+                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
+                revert.success()
             if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
-                await in_thread(driver.remove_instance, name, nic.instance, previous["hwaddr"])
+                await driver.remove_instance(name, nic.instance, previous["hwaddr"])
             return NicAttachment(
-                host_interface=driver.host_interface(name),
+                nic_type=driver.capabilities.nic_type,
+                parent=driver.nic_parent(name),
                 mtu=driver.instance_mtu(config),
                 ipv4=address,
             )
@@ -467,7 +657,7 @@ class NetworkCore:
             entry = known[0] if known is not None else None
             hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
             for hwaddr in sorted(hwaddrs):
-                await in_thread(driver.remove_instance, name, nic.instance, hwaddr)
+                await driver.remove_instance(name, nic.instance, hwaddr)
             if known is None:
                 return
             try:
@@ -516,11 +706,11 @@ class NetworkCore:
     async def network_state(self, name: str) -> dict[str, Any]:
         """LXD's `GET /1.0/networks/<name>/state` metadata for a network of this member."""
         record = await self._local_record(name)
-        state = await in_thread(self.driver(record["type"]).state, name)
+        state = await self.driver(record["type"]).state(name)
         return state.to_api()
 
     async def leases(self, name: str) -> list[dict[str, str]]:
         """LXD's `GET /1.0/networks/<name>/leases` metadata for a network of this member."""
         record = await self._local_record(name)
-        leases = await in_thread(self.driver(record["type"]).leases, name)
+        leases = await self.driver(record["type"]).leases(name)
         return [lease.to_api() for lease in leases]

@@ -47,7 +47,10 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
     ) -> network_pb2.NicReply:
         attached = await self.core.attach_instance(_nic(request))
         return network_pb2.NicReply(
-            ipv4=attached.ipv4 or "", bridge=attached.host_interface, mtu=attached.mtu or 0
+            ipv4=attached.ipv4 or "",
+            nic_type=attached.nic_type,
+            parent=attached.parent,
+            mtu=attached.mtu or 0,
         )
 
     async def DetachInstance(

@@ -36,7 +36,7 @@ from croft.api.domain.placement import place
 from croft.api.domain.snapshots import all_snapshots
 from croft.api.operations import OperationContext
 from croft.api.services import services
-from croft.common.errors import Conflict, InvalidArgument
+from croft.common.errors import Conflict, CroftError, InvalidArgument
 from croft.v1 import compute_pb2
 
 router = APIRouter()
@@ -87,13 +87,23 @@ async def instances_list(request: Request) -> Response:
     )
 
 
-def _check_instance_type(kind: str) -> None:
-    if kind == "virtual-machine":
-        # LXD here: `Instance type "virtual-machine" is not supported on this server:
-        # vhost_vsock kernel module not loaded`; croft has no VM driver yet.
-        raise InvalidArgument('Instance type "virtual-machine" is not supported on this server')
-    if kind not in ("", "container"):
-        raise InvalidArgument("Invalid instance type")
+async def _check_instance_type(kind: str) -> None:
+    """Refuse, before anything is made, an instance type that is not LXD's or that no
+    live compute service runs: each compute registers the types its drivers run
+    (`instance_types`), read here from the registry watch at no cost per request. With
+    no compute service live, placement refuses the request instead."""
+    if kind not in ("", "container", "virtual-machine"):
+        raise InvalidArgument("Invalid instance type")  # LXD's instancetype.New
+    try:
+        live = services().live("compute")
+    except CroftError:  # not connected to the other services: placement refuses it
+        live = []
+    runnable = {t for i in live for t in i.metadata.get("instance_types", "").split(",") if t}
+    if live and (kind or "container") not in runnable:
+        # LXD's wording (it adds the reason, e.g. "vhost_vsock kernel module not loaded").
+        raise InvalidArgument(
+            f'Instance type "{kind or "container"}" is not supported on this server'
+        )
 
 
 def _check_source(source: InstanceSource) -> None:
@@ -124,7 +134,7 @@ async def instances_post(request: Request) -> Response:
     # the config, device and duplicate-name ones as a failed operation, croft at once.
     name = req.name or _random_name()
     validate_name(name)
-    _check_instance_type(req.type)
+    await _check_instance_type(req.type)
     _check_source(req.source)
     config = {k: v for k, v in (req.config or {}).items() if v != ""}
     devices = req.devices or {}
@@ -160,6 +170,7 @@ async def instances_post(request: Request) -> Response:
     record = {
         "name": name,
         "project": project,
+        "type": req.type,  # compute picks the driver by it ("": its default type)
         "description": req.description,
         "architecture": req.architecture or "x86_64",
         "config": config,

@@ -15,7 +15,13 @@ from croft.api import query, records, responses
 from croft.api.context import context
 from croft.api.services import services
 from croft.common.errors import NotFound
-from croft.common.records import DEFAULT_PROJECT, network_nic_prefix, network_used_by, public
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    network_member_prefix,
+    network_nic_prefix,
+    network_used_by,
+    public,
+)
 from croft.v1 import network_pb2
 
 router = APIRouter()
@@ -109,9 +115,30 @@ async def network_get(request: Request, name: str) -> Response:
     return responses.sync(body, etag=records.etag([body.get("config"), body.get("description")]))
 
 
+async def _member_of(request: Request, store: Any, name: str, record: dict[str, Any]) -> str:
+    """The member whose network service answers for a network: LXD's `?target=`, else
+    the first member it is created on (records from before the cluster shape name their
+    one member)."""
+    prefix = network_member_prefix(name)
+    created = sorted(
+        entry.key.removeprefix(prefix)
+        for entry in await store.list(prefix)
+        if entry.json().get("state") == "created"
+    )
+    target = request.query_params.get("target")
+    if target:
+        if target not in created:
+            raise NotFound(f'Network "{name}" is not set up on member "{target}"')
+        return target
+    if created:
+        return created[0]
+    return str(record.get("_croft", {}).get("member", ""))
+
+
 async def _network_call(request: Request, name: str, method: str) -> Any:
-    record = await _managed(context(request).store, name)
-    client = await services().network(record.get("_croft", {}).get("member", ""))
+    store = context(request).store
+    record = await _managed(store, name)
+    client = await services().network(await _member_of(request, store, name, record))
     reply = await client.call(method, network_pb2.NetworkRef(name=name))
     return json.loads(reply.json)
 

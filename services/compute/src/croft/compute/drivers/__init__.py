@@ -1,9 +1,12 @@
 """The instance driver interface: what the compute core asks of a container or VM backend.
 
 One ABC (`InstanceDriver`), one capability declaration (`Capabilities`), one registry
-(`DRIVERS`, name -> "module:Class", imported on first use so that loading the registry
-never needs liblxc or libvirt). Drivers do the system work only; the core keeps the
-records, locks and events.
+(`DRIVERS`, a `croft.common.drivers.Registry`: name -> "module:Class", imported on first
+use so that loading the registry never needs liblxc or libvirt). Each driver runs one
+instance type (`instance_type`: LXD's record `type`); the service loads every driver that
+can run on its host (`load_available`) and the core picks one per instance from its
+record's type, as Incus's `instance/drivers/load.go` does. Drivers do the system work
+only; the core keeps the records, locks and events.
 
 Errors: drivers raise croft's errors (croft.common.errors): NotFound for an unknown
 instance or path, Conflict for an instance in the wrong state (or one that exists
@@ -13,15 +16,22 @@ already), InvalidArgument for bad input (raised before anything is changed), Int
 
 from __future__ import annotations
 
-import importlib
+import inspect
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
 
+from croft.common.drivers import Registry
 from croft.common.errors import InvalidArgument
 from croft.common.instance_config import InstanceConfig
+
+log = logging.getLogger(__name__)
+
+# LXD's instance type when a request names none.
+DEFAULT_INSTANCE_TYPE = "container"
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,15 @@ class InstanceDriver(ABC):
 
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # The record `type` this driver runs ("container", "virtual-machine").
+    instance_type: ClassVar[str]
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        """Why this driver cannot run on this host (e.g. a missing kernel module or
+        binary), or None when it can. Must be cheap and change nothing: the service asks
+        it once at start, before constructing the driver."""
+        return None
 
     @abstractmethod
     async def create(self, spec: InstanceSpec) -> None:
@@ -328,25 +347,53 @@ class InstanceDriver(ABC):
 
 
 # name -> "module:Class"; a new driver is one more line here.
-DRIVERS: dict[str, str] = {
-    "lxc": "croft.compute.drivers.lxc:LXCDriver",
-}
+DRIVERS: Registry[InstanceDriver] = Registry(
+    "instance",
+    InstanceDriver,
+    {
+        "lxc": "croft.compute.drivers.lxc:LXCDriver",
+    },
+)
 
 
 def driver_class(name: str) -> type[InstanceDriver]:
     """The driver class registered under `name` (InvalidArgument if there is none)."""
-    try:
-        target = DRIVERS[name]
-    except KeyError:
-        known = ", ".join(sorted(DRIVERS))
-        raise InvalidArgument(f'Unknown instance driver "{name}" (known: {known})') from None
-    module_name, class_name = target.split(":")
-    cls: type[InstanceDriver] = getattr(importlib.import_module(module_name), class_name)
-    return cls
+    return DRIVERS.get(name)
+
+
+def load_available(**settings: object) -> dict[str, InstanceDriver]:
+    """One driver per instance type, for every registered driver that can run on this
+    host, keyed by the instance type it runs. `settings` are passed to each driver's
+    constructor for the keyword arguments it takes (e.g. `lxcpath`)."""
+    drivers: dict[str, InstanceDriver] = {}
+    for name in DRIVERS.names():
+        try:
+            cls = DRIVERS.get(name)
+        except ImportError as exc:  # its library is not installed here
+            log.warning("instance driver %s not loaded: %s", name, exc)
+            continue
+        reason = cls.unavailable_reason()
+        if reason is not None:
+            log.warning("instance driver %s cannot run here: %s", name, reason)
+            continue
+        if cls.instance_type in drivers:
+            raise InvalidArgument(
+                f"Two instance drivers for type {cls.instance_type!r}: "
+                f"{drivers[cls.instance_type].name} and {name}"
+            )
+        accepted = inspect.signature(cls).parameters
+        drivers[cls.instance_type] = cls(**{k: v for k, v in settings.items() if k in accepted})
+    return drivers
+
+
+def unsupported_type(instance_type: str) -> InvalidArgument:
+    """The refusal of an instance type no driver on this member runs (LXD's wording)."""
+    return InvalidArgument(f'Instance type "{instance_type}" is not supported on this server')
 
 
 __all__ = [
     "DRIVERS",
+    "DEFAULT_INSTANCE_TYPE",
     "Capabilities",
     "ExecProcess",
     "FileEntry",
@@ -358,4 +405,6 @@ __all__ = [
     "NetworkInterface",
     "Status",
     "driver_class",
+    "load_available",
+    "unsupported_type",
 ]

@@ -190,7 +190,9 @@ def _nic_lines(index: int, instance: str, device: str, nic: dict[str, str]) -> l
     nictype = nic.get("nictype", "")
     parent = nic.get("parent", "")
     if not nictype and nic.get("network"):
-        nictype = "bridged"  # a managed network is a bridge; the caller fills in parent
+        # The network's driver decides how its NICs are plugged (compute asks it at
+        # attach and fills in nictype and parent): never guess it here.
+        raise InvalidArgument(f'Device "{device}": network "{nic["network"]}" gave no nictype')
     if nictype in ("bridged", "macvlan", "physical") and not parent:
         raise InvalidArgument(f'Device "{device}": a {nictype} nic needs "parent"')
     if nictype == "bridged":
@@ -624,6 +626,7 @@ class LXCDriver(InstanceDriver):
     """LXC system containers under one lxcpath (`<lxcpath>/<name>/config`)."""
 
     name: ClassVar[str] = "lxc"
+    instance_type: ClassVar[str] = "container"
     capabilities: ClassVar[Capabilities] = Capabilities(
         live_limits=True,
         freeze=True,
@@ -633,6 +636,14 @@ class LXCDriver(InstanceDriver):
         privileged=True,
         survives_service_restart=True,
     )
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        # liblxc imported (this module would not have); the tools it runs must be there.
+        for tool in ("lxc-start", "lxc-attach"):
+            if shutil.which(tool) is None:
+                return f"{tool} not found"
+        return None
 
     def __init__(
         self,

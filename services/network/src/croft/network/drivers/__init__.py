@@ -5,13 +5,15 @@ nftables, a macvlan parent, an OVN logical switch...). The network service core 
 records in the store, the locking between requests and the calls to other services; it
 asks a driver's `capabilities` instead of branching on its name.
 
-Every driver method is blocking (netlink, subprocesses, files): call it from async code
-through `croft.common.blocking.in_thread`.
+Driver methods are async, as in the compute and storage families: a driver runs its
+blocking work (netlink, subprocesses, files) in a worker thread itself
+(`croft.common.blocking.in_thread`), so the core never does. The registry is a
+`croft.common.drivers.Registry` keyed by network type (LXD's `type`); a driver's helper
+modules live beside it as `_<driver>_*.py`.
 """
 
 from __future__ import annotations
 
-import importlib
 import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
@@ -19,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from croft.common.errors import InvalidArgument
+from croft.common.drivers import Registry
 
 DEFAULT_STATE_ROOT = Path("/var/lib/croft/networks")
 DEFAULT_NFT_TABLE = "croft"
@@ -31,10 +33,11 @@ class Capabilities:
     what it implements."""
 
     # The driver makes a host interface that instance NICs are plugged into
-    # (`host_interface()`); compute then creates a veth/tap with that parent.
+    # (`nic_parent()`); compute then creates a veth/tap with that parent.
     host_interface: bool = False
-    # How compute connects a NIC to this network (LXD's derived `nictype`).
-    nic_type: str = "bridged"
+    # How compute connects a NIC to this network (LXD's derived `nictype`): sent to compute
+    # with the NIC's `parent` (`nic_parent()`) at every attach.
+    nic_type: str = ""
     # Instances get IPv4 addresses by DHCP from the driver, and `leases()` lists them.
     dhcp: bool = False
     # `add_instance(..., ipv4=...)` pins an address for an instance.
@@ -121,10 +124,11 @@ class NetworkDriver(ABC):
 
     `name` is the network's name and, for drivers that make a host interface, that
     interface's name too (so it is at most 15 characters, like in LXD). `config` is the
-    network's LXD config map as stored in its record.
+    network's LXD config map as stored in its record (its member-specific keys included).
     """
 
-    type_name: ClassVar[str]
+    # The network type this driver makes (LXD's `type`: "bridge", "macvlan"...).
+    name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
 
     def __init__(self, settings: DriverSettings | None = None) -> None:
@@ -135,7 +139,7 @@ class NetworkDriver(ABC):
         return self.settings.state_root / name
 
     @abstractmethod
-    def validate(self, name: str, config: Mapping[str, str]) -> None:
+    async def validate(self, name: str, config: Mapping[str, str]) -> None:
         """Check a name and a config without touching the host.
 
         Raises InvalidArgument naming the offending key (or the name). Values like
@@ -143,7 +147,7 @@ class NetworkDriver(ABC):
         """
 
     @abstractmethod
-    def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
+    async def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
         """Validate, resolve defaults and `auto` values, prepare host state; return the
         config to store in the network's record (e.g. the chosen `ipv4.address`).
 
@@ -153,7 +157,7 @@ class NetworkDriver(ABC):
         """
 
     @abstractmethod
-    def start(self, name: str, config: Mapping[str, str]) -> None:
+    async def start(self, name: str, config: Mapping[str, str]) -> None:
         """Bring the network up on this host with the (resolved) config.
 
         Idempotent: starting a running network converges it to `config` and adopts
@@ -165,50 +169,52 @@ class NetworkDriver(ABC):
         """
 
     @abstractmethod
-    def stop(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         """Take the network down on this host: helpers stopped, firewall rules and host
         interface removed. Keeps persistent state (leases, host entries). Stopping a
         stopped network does nothing."""
 
     @abstractmethod
-    def delete(self, name: str) -> None:
+    async def delete(self, name: str) -> None:
         """Stop the network and remove all its host state. Deleting a network that is
         not on this host does nothing."""
 
-    def update(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
+    async def update(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
         """Apply a new config: validate it, then, if the network is running, converge it
         with `start` (which must do so without disturbing attached instances more than
         the change needs). Returns the config to store. Bad config changes nothing."""
-        self.validate(name, config)
+        await self.validate(name, config)
         resolved = dict(config)
-        if self.is_running(name):
-            self.start(name, resolved)
+        if await self.is_running(name):
+            await self.start(name, resolved)
         return resolved
 
-    def local_config(self, name: str) -> dict[str, str] | None:
+    async def local_config(self, name: str) -> dict[str, str] | None:
         """The config this host last created or started the network with, or None when
         the network has no host state here. Lets the core adopt host state whose record
         was never written (a service killed between `create` and the store write)."""
         return None
 
     @abstractmethod
-    def is_running(self, name: str) -> bool:
+    async def is_running(self, name: str) -> bool:
         """Whether the network is up on this host."""
 
     @abstractmethod
-    def state(self, name: str) -> NetworkState:
+    async def state(self, name: str) -> NetworkState:
         """The host-side state in LXD's shape. Raises NotFound if not up on this host."""
 
-    def host_interface(self, name: str) -> str:
-        """The host interface instance NICs attach to (capabilities.host_interface)."""
+    def nic_parent(self, name: str) -> str:
+        """The host interface instance NICs hang off (the bridge for `bridged`), sent to
+        compute with `capabilities.nic_type`; "" when the NIC type needs none. Pure: no
+        host work."""
         return name
 
     def instance_mtu(self, config: Mapping[str, str]) -> int | None:
         """The MTU instance NICs on a network with `config` must use; None when the
-        network does not set one (the NIC keeps its default)."""
+        network does not set one (the NIC keeps its default). Pure: no host work."""
         return None
 
-    def add_instance(
+    async def add_instance(
         self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
     ) -> str | None:
         """Register an instance NIC (its MAC) under the instance's name, with a pinned
@@ -219,43 +225,40 @@ class NetworkDriver(ABC):
         NIC. On failure the previous entries are unchanged."""
         return None
 
-    def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
+    async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         """Forget an instance NIC: its host entry and its lease, so the address can be
         given to another NIC at once. Removing an unknown NIC does nothing."""
         return None
 
-    def leases(self, network: str) -> list[NetworkLease]:
+    async def leases(self, network: str) -> list[NetworkLease]:
         """The network's leases and static allocations, LXD's `leases` shape."""
         return []
 
 
-_REGISTRY: dict[str, str] = {
-    # Lazy "module:Class" so a driver whose dependencies are missing on a host does not
-    # stop the others from loading.
-    "bridge": "croft.network.drivers.bridge:BridgeDriver",
-}
+# Lazy "module:Class" so a driver whose dependencies are missing on a host does not stop
+# the others from loading; an unknown type is InvalidArgument.
+DRIVERS: Registry[NetworkDriver] = Registry(
+    "network",
+    NetworkDriver,
+    {
+        "bridge": "croft.network.drivers.bridge:BridgeDriver",
+    },
+)
 
 
 def driver_types() -> list[str]:
     """The network types this build knows."""
-    return sorted(_REGISTRY)
+    return DRIVERS.names()
 
 
 def driver_class(type_name: str) -> type[NetworkDriver]:
     """The driver class for a network type; InvalidArgument for an unknown type."""
-    target = _REGISTRY.get(type_name)
-    if target is None:
-        raise InvalidArgument(
-            f"Invalid network type {type_name!r} (supported: {', '.join(driver_types())})"
-        )
-    module_name, _, class_name = target.partition(":")
-    cls: type[NetworkDriver] = getattr(importlib.import_module(module_name), class_name)
-    return cls
+    return DRIVERS.get(type_name)
 
 
 def load_driver(type_name: str, settings: DriverSettings | None = None) -> NetworkDriver:
     """An instance of the driver for `type_name`."""
-    return driver_class(type_name)(settings)
+    return DRIVERS.load(type_name, settings)
 
 
 def generate_hwaddr(rng: random.Random | None = None) -> str:
@@ -265,6 +268,7 @@ def generate_hwaddr(rng: random.Random | None = None) -> str:
 
 
 __all__ = [
+    "DRIVERS",
     "Capabilities",
     "DriverSettings",
     "NetworkDriver",

@@ -24,11 +24,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.rtnl.ifaddrmsg import IFA_F_NODAD
 
+from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
-from croft.network import nft, subnets
-from croft.network.dnsmasq import DhcpHost, Dnsmasq, DnsmasqOptions, is_mac
 from croft.network.drivers import (
     Capabilities,
+    DriverSettings,
     NetworkDriver,
     NetworkLease,
     NetworkState,
@@ -36,6 +36,9 @@ from croft.network.drivers import (
     NetworkStateBridge,
     NetworkStateCounters,
 )
+from croft.network.drivers import _bridge_nft as nft
+from croft.network.drivers import _subnets as subnets
+from croft.network.drivers._bridge_dnsmasq import DhcpHost, Dnsmasq, DnsmasqOptions, is_mac
 
 DEFAULT_DOMAIN = "croft"
 DEFAULT_MTU = 1500
@@ -252,17 +255,15 @@ def bridge_hwaddr(name: str) -> str:
     return "00:16:3e:" + ":".join(f"{b:02x}" for b in digest[:3])
 
 
-class BridgeDriver(NetworkDriver):
-    type_name: ClassVar[str] = "bridge"
-    capabilities: ClassVar[Capabilities] = Capabilities(
-        host_interface=True,
-        nic_type="bridged",
-        dhcp=True,
-        static_ipv4=True,
-        dns=True,
-        nat=True,
-        ipv6=True,
-    )
+class _BridgeHost:
+    """The blocking host work of the bridge driver (netlink, nftables, dnsmasq, files);
+    `BridgeDriver` runs each call in a worker thread."""
+
+    def __init__(self, settings: DriverSettings) -> None:
+        self.settings = settings
+
+    def state_dir(self, name: str) -> Path:
+        return self.settings.state_root / name
 
     _locks_guard = threading.Lock()
     _locks: ClassVar[dict[str, threading.RLock]] = {}
@@ -536,10 +537,11 @@ class BridgeDriver(NetworkDriver):
         cfg = BridgeConfig.parse(config)
         if cfg.ipv4_auto or cfg.ipv6_auto:
             raise InvalidArgument("ipv4.address/ipv6.address 'auto' is only valid at creation")
-        return super().update(name, config)
-
-    def instance_mtu(self, config: Mapping[str, str]) -> int | None:
-        return BridgeConfig.parse(config).mtu if config.get("bridge.mtu") else None
+        self.validate(name, config)
+        resolved = dict(config)
+        if self.is_running(name):
+            self.start(name, resolved)
+        return resolved
 
     def is_running(self, name: str) -> bool:
         # sysfs, not netlink: asked at every attach, and a netlink socket costs ~0.6 ms.
@@ -749,3 +751,69 @@ def _enable_forwarding(*, ipv4: bool, ipv6: bool) -> None:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     if ipv6:
         Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
+
+
+class BridgeDriver(NetworkDriver):
+    """A Linux bridge with dnsmasq (DHCP, DNS, RA) and nftables (NAT, firewall), as LXD's
+    `bridge` networks. Every call runs its host work in a worker thread."""
+
+    name: ClassVar[str] = "bridge"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        host_interface=True,
+        nic_type="bridged",
+        dhcp=True,
+        static_ipv4=True,
+        dns=True,
+        nat=True,
+        ipv6=True,
+    )
+
+    def __init__(self, settings: DriverSettings | None = None) -> None:
+        super().__init__(settings)
+        self._host = _BridgeHost(self.settings)
+
+    async def validate(self, name: str, config: Mapping[str, str]) -> None:
+        # Pure parsing: no thread needed.
+        self._host.validate(name, config)
+
+    async def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
+        return await in_thread(self._host.create, name, config)
+
+    async def start(self, name: str, config: Mapping[str, str]) -> None:
+        await in_thread(self._host.start, name, config)
+
+    async def stop(self, name: str) -> None:
+        await in_thread(self._host.stop, name)
+
+    async def delete(self, name: str) -> None:
+        await in_thread(self._host.delete, name)
+
+    async def update(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
+        return await in_thread(self._host.update, name, config)
+
+    async def local_config(self, name: str) -> dict[str, str] | None:
+        return await in_thread(self._host.local_config, name)
+
+    async def is_running(self, name: str) -> bool:
+        # One small sysfs read, asked at every attach: cheaper than a trip to a thread.
+        return self._host.is_running(name)
+
+    async def state(self, name: str) -> NetworkState:
+        return await in_thread(self._host.state, name)
+
+    def nic_parent(self, name: str) -> str:
+        return name
+
+    def instance_mtu(self, config: Mapping[str, str]) -> int | None:
+        return BridgeConfig.parse(config).mtu if config.get("bridge.mtu") else None
+
+    async def add_instance(
+        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+    ) -> str | None:
+        return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4)
+
+    async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
+        await in_thread(self._host.remove_instance, network, instance, hwaddr)
+
+    async def leases(self, network: str) -> list[NetworkLease]:
+        return await in_thread(self._host.leases, network)
