@@ -4,7 +4,7 @@
   import   `lxc image import` of the Debian 12 image (~68 MB, unified tar.gz), deleted
            between runs: p50 of --import-runs
   remote   launch from a simplestreams server this script serves over HTTPS on loopback (a
-           static tree from croft.images.simplestreams.build_stream_tree, self-signed
+           static tree from croft.images.streams.build_stream_tree, self-signed
            certificate): the first launch, which pulls the image, and a second launch from
            the cached image; the cached image is deleted between runs, and every run uses a
            fresh port (LXD caches a server's index per URL for an hour)
@@ -54,7 +54,7 @@ try:
     import yaml
 
     from croft.images.format import parse_image
-    from croft.images.simplestreams import PublishedImage, build_stream_tree
+    from croft.images.streams import PublishedImage, build_stream_tree
 except ImportError as e:  # pragma: no cover - a usage error, said plainly
     sys.exit(f"bench/images.py needs croft's venv ({e}): run it with /work/main/.venv/bin/python")
 

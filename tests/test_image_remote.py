@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from croft.images.format import ImageInfo, parse_image
-from croft.images.simplestreams import PublishedImage, build_stream_tree
+from croft.images.streams import PublishedImage, build_stream_tree
 
 from .conftest import Croft, Lxc
 

@@ -24,7 +24,7 @@ import pytest
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.images.blobs import BlobStore
 from croft.images.format import ImageType, parse_image, unpack_image
-from croft.images.simplestreams import (
+from croft.images.streams import (
     INDEX_PATH,
     PRODUCTS_PATH,
     PublishedImage,

@@ -10,7 +10,7 @@ A pulled image is an ordinary image record (`croft.images.core`) with, as in LXD
 - `cached`: pulled to create an instance; removed once unused for
   `images.remote_cache_expiry` days.
 
-Protocols: `simplestreams` (any static tree, `croft.images.simplestreams`), `lxd` (another
+Protocols: `simplestreams` (any static tree, `croft.images.streams`), `lxd` (another
 LXD's or croft's REST API, as an untrusted client: `GET /1.0/images/aliases/<alias>`,
 `GET /1.0/images/<fp>`, then `GET /1.0/images/<fp>/export`, one body for a unified image or
 multipart `metadata` + `rootfs` for a split one; the record is made of the server's image, as
@@ -62,7 +62,7 @@ from croft.images.core import (
     image_key,
 )
 from croft.images.format import ImageInfo, ImageType, host_architecture, parse_image
-from croft.images.simplestreams import SimplestreamsClient, StreamImage
+from croft.images.streams import SimplestreamsClient, StreamImage
 
 log = logging.getLogger(__name__)
 
