@@ -4,7 +4,7 @@
   import   `lxc image import` of the Debian 12 image (~68 MB, unified tar.gz), deleted
            between runs: p50 of --import-runs
   remote   launch from a simplestreams server this script serves over HTTPS on loopback (a
-           static tree from croft.images.streams.build_stream_tree, self-signed
+           static tree from croft.imageformat.streams.build_stream_tree, self-signed
            certificate): the first launch, which pulls the image, and a second launch from
            the cached image; the cached image is deleted between runs, and every run uses a
            fresh port (LXD caches a server's index per URL for an hour)
@@ -18,7 +18,7 @@
     .venv/bin/python bench/images.py --socket /var/lib/lxd/unix.socket
     .venv/bin/python bench/images.py --compare CROFT_SOCKET /var/lib/lxd/unix.socket
 
-It needs croft's venv (it builds the stream tree with croft.images), `lxc`, `openssl`.
+It needs croft's venv (it builds the stream tree with croft.imageformat), `lxc`, `openssl`.
 Both daemons get byte-identical image files. Each file is made unique to this benchmark
 (an empty gzip member appended, or for the 100 variants a rewritten metadata.yaml), so its
 fingerprint is one nobody else's image has, and cleanup deletes exactly those fingerprints.
@@ -53,8 +53,8 @@ from lxd import SPECS, BenchError, Daemon, Figures, Phase, Spec, describe, p50, 
 try:
     import yaml
 
-    from croft.images.format import parse_image
-    from croft.images.streams import PublishedImage, build_stream_tree
+    from croft.imageformat.format import parse_image
+    from croft.imageformat.streams import PublishedImage, build_stream_tree
 except ImportError as e:  # pragma: no cover - a usage error, said plainly
     sys.exit(f"bench/images.py needs croft's venv ({e}): run it with /work/main/.venv/bin/python")
 

@@ -15,5 +15,5 @@ for name in busybox debian12; do
         echo "$out is up to date"
         continue
     fi
-    "$PY" -m croft.images.builder "$def" "$out"
+    "$PY" -m croft.imageformat.builder "$def" "$out"
 done

@@ -178,7 +178,7 @@ def _remove_containers(croft: Croft) -> None:
 @pytest.fixture(scope="session")
 def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """croft's busybox image, built from its definition."""
-    from croft.images.builder import build_image
+    from croft.imageformat.builder import build_image
 
     out = tmp_path_factory.mktemp("images") / "busybox.tar.gz"
     build_image(REPO / "services/images/definitions/busybox.yaml", out)

@@ -637,7 +637,7 @@ def test_a_profile_change_reaches_the_instances_that_use_it(
 def test_start_templates_render_at_every_start_from_the_config(
     croft_lxc: tuple[Croft, Lxc, str], c1: str, tmp_path: Path
 ) -> None:
-    from croft.images.builder import build_image
+    from croft.imageformat.builder import build_image
 
     _, lxc, _ = croft_lxc
     definition = yaml.safe_load((REPO / "services/images/definitions/busybox.yaml").read_text())
@@ -782,7 +782,7 @@ def test_deleting_an_image_deletes_its_unpacked_volume(
 ) -> None:
     """`lxc image delete` leaves nothing of the image in the pools: storage follows the
     deletion and removes the image's unpacked volume and its record."""
-    from croft.images.builder import build_image
+    from croft.imageformat.builder import build_image
 
     croft, lxc, _ = croft_lxc
     definition = yaml.safe_load((REPO / "services/images/definitions/busybox.yaml").read_text())

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from croft.images.streams import split_container_image
+from croft.imageformat.streams import split_container_image
 
 from .conftest import CROFT, REPO, Croft, Lxc, _remove_containers, free_port, make_croft
 

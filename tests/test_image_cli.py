@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from croft.client.cli import main
 from croft.client.images_cli import ImagesApi, human_size
 from croft.common.errors import NotFound
-from croft.images.streams import split_container_image
+from croft.imageformat.streams import split_container_image
 
 from .conftest import Croft, Lxc
 

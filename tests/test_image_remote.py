@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from croft.images.format import ImageInfo, parse_image
-from croft.images.streams import PublishedImage, build_stream_tree
+from croft.imageformat.format import ImageInfo, parse_image
+from croft.imageformat.streams import PublishedImage, build_stream_tree
 
 from .conftest import Croft, Lxc
 

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from croft.client.cli import main
 from croft.client.images_cli import human_date, human_size, split_multipart
 from croft.common.errors import InvalidArgument
-from croft.images.format import parse_image
+from croft.imageformat.format import parse_image
 
 DEFINITIONS = Path(__file__).resolve().parents[3] / "services/images/definitions"
 

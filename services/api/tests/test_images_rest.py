@@ -27,7 +27,7 @@ from croft.common.config import Config
 from croft.common.records import record_prefix
 from croft.common.service import ServiceContext
 from croft.common.testing.etcd import EtcdServer
-from croft.images.testing import ImageFiles, busybox_image_files
+from croft.imageformat.testing import ImageFiles, busybox_image_files
 
 from .conftest import Replica
 

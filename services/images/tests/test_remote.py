@@ -38,8 +38,8 @@ from croft.common.records import record_key, record_prefix
 from croft.common.rpc import ServiceClient, from_rpc_error
 from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
-from croft.images.format import ImageInfo, parse_image
-from croft.images.streams import PublishedImage, build_stream_tree, split_container_image
+from croft.imageformat.format import ImageInfo, parse_image
+from croft.imageformat.streams import PublishedImage, build_stream_tree, split_container_image
 from croft.v1 import images_pb2, images_pb2_grpc
 
 PREFIX = "croft-images-remote-test-"

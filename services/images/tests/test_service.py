@@ -27,7 +27,7 @@ from croft.common.records import record_key, record_prefix
 from croft.common.rpc import ServiceClient, from_rpc_error
 from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
-from croft.images.testing import ImageFiles, busybox_image_files
+from croft.imageformat.testing import ImageFiles, busybox_image_files
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 TEST_PREFIX = "croft-images-svc-test-"

@@ -21,16 +21,11 @@ from pathlib import Path
 
 import pytest
 
-from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from croft.common.errors import InvalidArgument, NotFound, Unavailable
+from croft.imageformat.format import ImageType, parse_image, unpack_image
+from croft.imageformat.streams import INDEX_PATH, PRODUCTS_PATH, PublishedImage, build_stream_tree
 from croft.images.blobs import BlobStore
-from croft.images.format import ImageType, parse_image, unpack_image
-from croft.images.streams import (
-    INDEX_PATH,
-    PRODUCTS_PATH,
-    PublishedImage,
-    SimplestreamsClient,
-    build_stream_tree,
-)
+from croft.images.simplestreams import SimplestreamsClient
 
 DEFINITIONS = Path(__file__).resolve().parents[1] / "definitions"
 
@@ -304,29 +299,6 @@ def test_a_listed_file_missing_from_the_server_is_unavailable(busybox_image, tre
     assert _store_is_empty(store)
 
 
-def test_publishing_needs_os_and_release_and_distinct_serials(busybox_image, workdir, kit):
-    bare = kit.write_tar(
-        workdir / "bare.tar.gz",
-        kit.unified_spec(b"architecture: x86_64\ncreation_date: 1700000000\n"),
-    )
-    with pytest.raises(InvalidArgument, match="needs the properties os and release"):
-        build_stream_tree([(parse_image(bare), [bare])], workdir / "t1")
-    assert not (workdir / "t1" / INDEX_PATH).exists()
-
-    info = parse_image(busybox_image)
-    other = _recompressed(busybox_image, workdir / "other.tar.gz")
-    with pytest.raises(Conflict, match="different serials"):
-        build_stream_tree(
-            [
-                PublishedImage(info, (busybox_image,), serial="20240101_00:00"),
-                PublishedImage(parse_image(other), (other,), serial="20240101_00:00"),
-            ],
-            workdir / "t2",
-        )
-    with pytest.raises(InvalidArgument, match="YYYYMMDD"):
-        build_stream_tree([PublishedImage(info, (busybox_image,), serial="v1")], workdir / "t3")
-
-
 _TLS_SERVER = """
 import functools, http.server, ssl, sys
 root, port, cert, key = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
@@ -404,7 +376,7 @@ def test_real_lxd_pulls_from_the_generated_tree(busybox_image, workdir, split):
 def test_debian12_from_a_mirror_tree_imports_with_the_streams_fingerprint(
     tree, serve, store, workdir
 ):
-    from croft.images.builder import build_image
+    from croft.imageformat.builder import build_image
 
     image = workdir / "debian12.tar.gz"
     info = build_image(DEFINITIONS / "debian12.yaml", image)

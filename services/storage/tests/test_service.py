@@ -33,7 +33,7 @@ from croft.common.records import record_key, record_prefix
 from croft.common.rpc import Server, ServiceClient
 from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
-from croft.images.builder import build_image
+from croft.imageformat.builder import build_image
 from croft.storage.core import pool_key, volume_key
 from croft.storage.drivers import load_driver
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc, storage_pb2, storage_pb2_grpc

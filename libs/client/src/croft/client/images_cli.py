@@ -376,7 +376,7 @@ def _multipart_upload(
 ) -> tuple[Iterator[bytes], int, str]:
     """LXD's split upload: multipart/form-data, ``metadata`` then ``rootfs`` (``rootfs.img``
     for a VM disk), streamed from the files with an exact Content-Length."""
-    from croft.images.format import FileFormat, detect_file_format
+    from croft.imageformat.format import FileFormat, detect_file_format
 
     boundary = uuid.uuid4().hex
     rootfs_field = "rootfs.img" if detect_file_format(rootfs) is FileFormat.QCOW2 else "rootfs"
@@ -550,7 +550,7 @@ def image() -> None:
 )
 def build(definition: Path, output: Path | None) -> None:
     """Build an image from a definition (YAML) into an LXD unified tarball."""
-    from croft.images.builder import build_image, load_definition
+    from croft.imageformat.builder import build_image, load_definition
 
     with _errors():
         name = load_definition(definition).name

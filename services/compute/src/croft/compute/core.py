@@ -49,7 +49,7 @@ from croft.compute.drivers import (
     Status,
     unsupported_type,
 )
-from croft.images.templates import TemplateInstance, apply_templates
+from croft.imageformat.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from croft.common.errors import InvalidArgument, NotFound
-from croft.images.format import ImageInfo, parse_image
+from croft.imageformat.format import ImageInfo, parse_image
 
 DEFAULT_ROOT = Path("/var/lib/croft/images")
 TEMP_PREFIX = ".import-"

@@ -25,7 +25,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -37,30 +36,28 @@ from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.common.events import rfc3339_nano
 from croft.common.records import RECORDS, modify, public, record_key, record_prefix
 from croft.common.store import Create, Delete, Store, dump
+from croft.imageformat.format import ImageInfo
+from croft.imageformat.records import (
+    ALIAS_NOT_FOUND,
+    ALIASES,
+    IMAGE_NOT_FOUND,
+    IMAGES,
+    NEVER_USED,
+    alias_key,
+    find,
+    image_key,
+    lookup,
+    used_lately,
+)
 from croft.images.blobs import BlobStore, ImageImport
-from croft.images.format import ImageInfo
 
 log = logging.getLogger(__name__)
 
-IMAGES = "images"
-ALIASES = "image-aliases"
-NEVER_USED = "0001-01-01T00:00:00Z"  # Go's zero time, as LXD shows an unused image
 NO_EXPIRY = "1970-01-01T00:00:00Z"  # LXD's time.Unix(0, 0) for an image without expiry
 
-IMAGE_NOT_FOUND = "Image not found"
-ALIAS_NOT_FOUND = "Image alias not found"
 DUPLICATE_IMAGE = "Image with same fingerprint already exists"
 
-_HEX = re.compile(r"^[0-9a-f]{1,64}$")
 _LOCK_POLL = 0.02
-
-
-def image_key(project: str, fingerprint: str) -> str:
-    return record_key(IMAGES, project, fingerprint)
-
-
-def alias_key(project: str, name: str) -> str:
-    return record_key(ALIASES, project, name)
 
 
 def _rfc3339(moment: datetime | None) -> str:
@@ -171,45 +168,6 @@ def new_image_record(
 
 
 # ---------------------------------------------------------------------------- the core
-
-
-async def find(store: Store, project: str, fingerprint: str) -> tuple[dict[str, Any], int]:
-    """The record (and its revision) of the image whose fingerprint is `fingerprint` or
-    starts with it. NotFound, or InvalidArgument when a prefix matches several."""
-    if not _HEX.match(fingerprint):
-        raise NotFound(IMAGE_NOT_FOUND)
-    if len(fingerprint) == 64:
-        entry = await store.get(image_key(project, fingerprint))
-        entries = [] if entry is None else [entry]
-    else:
-        entries = await store.list(image_key(project, fingerprint))
-    if not entries:
-        raise NotFound(IMAGE_NOT_FOUND)
-    if len(entries) > 1:
-        raise InvalidArgument("More than one image matches")
-    return entries[0].json(), entries[0].revision
-
-
-async def lookup(store: Store, project: str, name: str) -> tuple[dict[str, Any], int]:
-    """The record (and its revision) of the image an alias, a fingerprint or a unique
-    fingerprint prefix names, the way `lxc launch NAME` looks it up: the alias first (a
-    full fingerprint is looked up as one first: that is what a launch sends). Only reads,
-    so any service may look an image up in the store. NotFound("Image not found")."""
-    if not name:
-        raise NotFound(IMAGE_NOT_FOUND)
-    if len(name) == 64 and _HEX.match(name):
-        entry = await store.get(image_key(project, name))
-        if entry is not None:
-            return entry.json(), entry.revision
-    alias = await store.get(alias_key(project, name))
-    target = alias.json()["target"] if alias is not None else name
-    return await find(store, project, target)
-
-
-def used_lately(record: dict[str, Any]) -> bool:
-    """Whether the image's last use is recorded within the current second: marking it used
-    again would change nothing (see ImagesCore.resolve)."""
-    return bool(record.get("last_used_at", "")[:19] == rfc3339_nano()[:19])
 
 
 class ImagesCore:

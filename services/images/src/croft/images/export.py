@@ -16,8 +16,8 @@ from typing import Any, BinaryIO
 
 from croft.common.blocking import in_thread
 from croft.common.errors import InvalidArgument
+from croft.imageformat.format import CHUNK, FileFormat, detect_file_format
 from croft.images.core import ImagesCore
-from croft.images.format import CHUNK, FileFormat, detect_file_format
 
 # LXD's shared.DetectCompression extensions.
 EXTENSIONS: dict[FileFormat, str] = {

@@ -10,7 +10,7 @@ A pulled image is an ordinary image record (`croft.images.core`) with, as in LXD
 - `cached`: pulled to create an instance; removed once unused for
   `images.remote_cache_expiry` days.
 
-Protocols: `simplestreams` (any static tree, `croft.images.streams`), `lxd` (another
+Protocols: `simplestreams` (any static tree, `croft.images.simplestreams`), `lxd` (another
 LXD's or croft's REST API, as an untrusted client: `GET /1.0/images/aliases/<alias>`,
 `GET /1.0/images/<fp>`, then `GET /1.0/images/<fp>/export`, one body for a unified image or
 multipart `metadata` + `rootfs` for a split one; the record is made of the server's image, as
@@ -53,16 +53,12 @@ from croft.common.events import lifecycle_metadata, publish, rfc3339_nano
 from croft.common.multipart import MultipartParser, MultipartPart
 from croft.common.records import RECORDS, modify, project_key
 from croft.common.store import Delete, Update, dump
+from croft.imageformat.format import ImageInfo, ImageType, host_architecture, parse_image
+from croft.imageformat.records import ALIASES, IMAGES, NEVER_USED, image_key
+from croft.imageformat.streams import StreamImage
 from croft.images.blobs import BlobStore
-from croft.images.core import (
-    ALIASES,
-    IMAGES,
-    NEVER_USED,
-    ImagesCore,
-    image_key,
-)
-from croft.images.format import ImageInfo, ImageType, host_architecture, parse_image
-from croft.images.streams import SimplestreamsClient, StreamImage
+from croft.images.core import ImagesCore
+from croft.images.simplestreams import SimplestreamsClient
 
 log = logging.getLogger(__name__)
 

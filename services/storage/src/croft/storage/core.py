@@ -57,7 +57,7 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
-from croft.images.format import unpack_image
+from croft.imageformat.format import unpack_image
 from croft.storage.drivers import (
     DRIVERS,
     INSTANCE_TYPES,

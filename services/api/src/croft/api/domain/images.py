@@ -23,9 +23,9 @@ from croft.common.errors import CroftError, NotFound
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
 from croft.common.store import Store
-from croft.images.core import find as find_image  # noqa: F401  (any unique prefix, as in LXD)
-from croft.images.core import lookup as image_lookup
-from croft.images.core import used_lately
+from croft.imageformat.records import find as find_image  # noqa: F401  (any unique prefix, as in LXD)
+from croft.imageformat.records import lookup as image_lookup
+from croft.imageformat.records import used_lately
 from croft.v1 import images_pb2
 
 IMAGES = "images"

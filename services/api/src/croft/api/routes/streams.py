@@ -5,7 +5,7 @@ and the files under `/images/...`, for the public images of the default project.
 (with croft's certificate in `servercerts/NAME.crt`, as for any self-signed server), and
 a daemon downloads the files from here when it launches `NAME:ALIAS`.
 
-The documents are `croft.images.streams.render_stream`'s. A product's aliases are
+The documents are `croft.imageformat.streams.render_stream`'s. A product's aliases are
 the image's croft aliases plus the ones the public servers give (`os/release`, ...). An
 image is published only if it has the properties `os` and `release` (a product needs
 them). Rendering hashes each file, so a stream is kept until the set of public images
@@ -32,8 +32,8 @@ from croft.api.context import context
 from croft.api.domain.images import ALIASES, IMAGES, images_call
 from croft.common.blocking import in_thread
 from croft.common.errors import CroftError, NotFound
-from croft.images.format import ImageInfo, ImageType, detect_file_format
-from croft.images.streams import (
+from croft.imageformat.format import ImageInfo, ImageType, detect_file_format
+from croft.imageformat.streams import (
     PublishedImage,
     StreamDocuments,
     default_aliases,

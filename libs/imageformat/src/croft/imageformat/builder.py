@@ -41,14 +41,14 @@ import yaml
 
 from croft.common.errors import CroftError, Internal, InvalidArgument
 from croft.common.proc import CommandFailed, run
-from croft.images.format import (
+from croft.imageformat.format import (
     TEMPLATE_TRIGGERS,
     ImageInfo,
     host_architecture,
     normalize_architecture,
     parse_image,
 )
-from croft.images.templates import write_in_root
+from croft.imageformat.templates import write_in_root
 
 DEBIAN_SOURCES = Path("/etc/apt/sources.list.d/debian.sources")
 DEFAULT_MIRROR = "http://deb.debian.org/debian"

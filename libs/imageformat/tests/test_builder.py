@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import InvalidArgument
-from croft.images.builder import build_image, default_mirror, load_definition
-from croft.images.format import ImageType, parse_image, unpack_image
-from croft.images.templates import TemplateInstance, apply_templates
-
-DEFINITIONS = Path(__file__).resolve().parents[1] / "definitions"
+from croft.imageformat.builder import build_image, default_mirror, load_definition
+from croft.imageformat.format import ImageType, parse_image, unpack_image
+from croft.imageformat.templates import TemplateInstance, apply_templates
+from croft.imageformat.testing import DEFINITIONS
 
 
 def chroot(rootfs: Path, *argv: str) -> subprocess.CompletedProcess[str]:

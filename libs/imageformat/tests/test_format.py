@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import InvalidArgument
-from croft.images.format import (
+from croft.imageformat.format import (
     FileFormat,
     ImageType,
     parse_image,

@@ -32,7 +32,7 @@ import jinja2
 import jinja2.sandbox
 
 from croft.common.errors import InvalidArgument
-from croft.images.format import ImageMetadata, ImageTemplate, host_architecture, parse_metadata
+from croft.imageformat.format import ImageMetadata, ImageTemplate, host_architecture, parse_metadata
 
 MAX_SYMLINKS = 40
 _BANNED_TAGS = ("extends", "import", "include", "ssi", "from")

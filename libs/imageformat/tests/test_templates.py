@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import InvalidArgument
-from croft.images.format import ImageTemplate, unpack_image
-from croft.images.templates import (
+from croft.imageformat.format import ImageTemplate, unpack_image
+from croft.imageformat.templates import (
     TemplateInstance,
     apply_template,
     apply_templates,
