@@ -1163,7 +1163,9 @@ class ComputeCore:
 
         async def unmark() -> None:
             def clear(current: dict[str, Any]) -> dict[str, Any]:
-                current.get("_croft", {}).pop("renaming", None)
+                if "_croft" in current:
+                    meta = InstanceRecord.meta_of(current)
+                    current["_croft"] = meta.dump(exclude={"renaming"})
                 return current
 
             with contextlib.suppress(NotFound):
