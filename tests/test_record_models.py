@@ -22,6 +22,7 @@ from croft.common.models import (
     ImageRecord,
     InstanceRecord,
     NetworkMember,
+    NetworkNic,
     NetworkRecord,
     OperationRecord,
     ProfileRecord,
@@ -44,6 +45,7 @@ MODELS: dict[str, type[Record] | type[NetworkMember]] = {
     "storage-volumes": StorageVolumeRecord,
     "networks": NetworkRecord,
     "network-members": NetworkMember,
+    "network-nics": NetworkNic,
     "images": ImageRecord,
     "image-aliases": ImageAliasRecord,
     "profiles": ProfileRecord,
@@ -58,6 +60,9 @@ def expected_key(kind: str, key: str, model: Any) -> str:
     if kind == "instance-snapshots":
         project, instance, snapshot = rest.split("/")
         return SnapshotRecord.store_key(project, instance, snapshot)
+    if kind == "network-nics":
+        network, project, instance, device = rest.split("/")
+        return NetworkNic.store_key(network, project, instance, device)
     if kind == "network-members":
         network, member = rest.split("/")
         return NetworkMember.store_key(network, member)
@@ -94,7 +99,7 @@ def test_every_record_a_real_croft_writes_round_trips(launched: list[tuple[str, 
             continue
         kind = key.removeprefix(records.RECORDS).split("/")[0]
         if kind not in MODELS:
-            continue  # NIC attachments, instance logs: not records with a model
+            continue  # instance logs: not records
         model = MODELS[kind].model_validate(raw)
         seen.add(kind)
         assert expected_key(kind, key, model) == key

@@ -20,6 +20,7 @@ from croft.common.models import (
     InstanceRecord,
     Model,
     NetworkMember,
+    NetworkNic,
     NetworkRecord,
     OperationRecord,
     ProfileRecord,
@@ -42,6 +43,7 @@ MODELS: dict[str, type[Model]] = {
     "storage-volumes": StorageVolumeRecord,
     "networks": NetworkRecord,
     "network-members": NetworkMember,
+    "network-nics": NetworkNic,
     "images": ImageRecord,
     "image-aliases": ImageAliasRecord,
     "profiles": ProfileRecord,
@@ -63,7 +65,7 @@ def one(kind: str) -> dict[str, Any]:
 def test_a_captured_record_round_trips(key: str, raw: dict[str, Any]) -> None:
     model = model_of(key)
     if model is None:
-        pytest.skip("not a record with a model (a NIC attachment)")
+        pytest.fail(f"no model for {key}")
     parsed = model.model_validate(raw)
     assert parsed.dump() == raw
     # The stored JSON is the same document again.
@@ -85,6 +87,14 @@ def test_public_drops_croft_as_records_public_does() -> None:
 
 
 def test_keys_are_where_the_records_are() -> None:
+    nics = [
+        (key, raw) for key, raw in CAPTURED if key.startswith(f"{records.RECORDS}network-nics/")
+    ]
+    assert nics
+    for key, raw in nics:
+        network, project, instance, device = key.split("/")[-4:]
+        assert NetworkNic.store_key(network, project, instance, device) == key
+        assert NetworkNic.model_validate(raw).hwaddr
     keys = dict((raw_key, raw) for raw_key, raw in CAPTURED)
     instance = InstanceRecord.model_validate(one("instances"))
     assert keys[instance.key()] is not None

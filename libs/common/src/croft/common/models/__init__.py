@@ -14,7 +14,7 @@ from croft.common.models.instance import (
     SnapshotMeta,
     SnapshotRecord,
 )
-from croft.common.models.network import NetworkMember, NetworkMeta, NetworkRecord
+from croft.common.models.network import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
 from croft.common.models.operation import Operation, OperationRecord
 from croft.common.models.project import ProfileRecord, ProjectRecord
 from croft.common.models.storage import (
@@ -35,6 +35,7 @@ __all__ = [
     "Model",
     "NetworkMember",
     "NetworkMeta",
+    "NetworkNic",
     "NetworkRecord",
     "Operation",
     "OperationRecord",

@@ -11,7 +11,13 @@ from typing import Any
 from pydantic import Field
 
 from croft.common.models._base import CroftMeta, Model, Record
-from croft.common.records import DEFAULT_PROJECT, NETWORKS, network_member_key, record_key
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    NETWORKS,
+    network_member_key,
+    network_nic_key,
+    record_key,
+)
 
 
 class NetworkMeta(CroftMeta):
@@ -54,3 +60,15 @@ class NetworkMember(Model):
     @staticmethod
     def store_key(network: str, member: str) -> str:
         return network_member_key(network, member)
+
+
+class NetworkNic(Model):
+    """An instance NIC plugged into a managed network: its MAC, and its DHCP address
+    ("" until the network gives it one)."""
+
+    hwaddr: str
+    ipv4: str = ""
+
+    @staticmethod
+    def store_key(network: str, project: str, instance: str, device: str) -> str:
+        return network_nic_key(network, project, instance, device)
