@@ -45,7 +45,7 @@ from croft.common import events
 from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
-from croft.common.models import StorageVolumeRecord, VolumeMeta
+from croft.common.models import StoragePoolRecord, StorageVolumeRecord, VolumeMeta
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
@@ -281,8 +281,8 @@ class StorageCore:
 
     def _driver_of(self, record: dict[str, Any]) -> StorageDriver:
         """A driver for this member's part of the pool: the cluster config and its own."""
-        entry = _members(record).get(self.member, {})
-        config = {**record.get("config", {}), **entry.get("config", {})}
+        entry = StoragePoolRecord.members_of(record).get(self.member)
+        config = {**record.get("config", {}), **(entry.config if entry else {})}
         return load_driver(record["driver"], record["name"], config)
 
     def _load(self, record: dict[str, Any]) -> StorageDriver:
@@ -298,13 +298,13 @@ class StorageCore:
         if driver is not None:
             return driver
         record = await self.pool_record(pool)
-        entry = _members(record).get(self.member)
+        entry = StoragePoolRecord.members_of(record).get(self.member)
         if entry is None:
             raise NotFound(f"storage pool {pool!r} has no storage on member {self.member!r}")
-        if entry["state"] != CREATED:
+        if entry.state != CREATED:
             raise NotFound(
                 f"storage pool {pool!r} is not ready on member {self.member!r} "
-                f"(state {entry['state']})"
+                f"(state {entry.state})"
             )
         return self._load(record)
 
