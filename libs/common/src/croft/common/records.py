@@ -24,6 +24,16 @@ from croft.common.store import Create, Operation, Store, Update, dump
 RECORDS = "/croft/records/"
 DEFAULT_PROJECT = "default"
 
+# The kinds of record under RECORDS (`croft.common.models` has a model for each).
+INSTANCES = "instances"
+INSTANCE_SNAPSHOTS = "instance-snapshots"
+STORAGE_POOLS = "storage-pools"
+STORAGE_VOLUMES = "storage-volumes"
+NETWORKS = "networks"
+IMAGES = "images"
+IMAGE_ALIASES = "image-aliases"
+PROFILES = "profiles"
+
 
 def record_prefix(kind: str, project: str) -> str:
     return f"{RECORDS}{kind}/{project}/"

@@ -29,6 +29,8 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.instance_config import InstanceConfig
 from croft.common.locks import KeyedLock
+from croft.common.models import InstanceMeta, InstanceRecord, SnapshotMeta, SnapshotRecord
+from croft.common.models.instance import CREATED, CREATING
 from croft.common.records import (
     DEFAULT_PROJECT,
     copy_record,
@@ -193,7 +195,7 @@ class ComputeCore:
         if found is None:
             raise NotFound("Instance not found")
         record, revision = found
-        if record.get("_croft", {}).get("state") == "creating":
+        if InstanceRecord.meta_of(record).creating:
             raise NotFound("Instance not found")
         self._types[(project, name)] = record.get("type") or DEFAULT_INSTANCE_TYPE
         return record, revision
@@ -307,7 +309,7 @@ class ComputeCore:
             "location": self.member,
             "status": Status.STOPPED.label,
             "status_code": Status.STOPPED.code,
-            "_croft": {"member": self.member, "state": "creating", "pool": pool},
+            "_croft": InstanceMeta(member=self.member, state=CREATING, pool=pool).dump(),
         }
         key = instance_key(project, name)
         # Each step's undo is registered before the step is awaited: a cancelled call (the
@@ -369,13 +371,15 @@ class ComputeCore:
                 refused.add("definition")  # a definition of that name was there before
                 raise
             written = copy_record(record)
-            record["_croft"]["state"] = "created"
-            record["_croft"]["rootfs"] = volume.path
+            meta = InstanceRecord.meta_of(record)
+            meta.state = CREATED
+            meta.rootfs = volume.path
             # Where the volume's directory is (the image's templates), and whether its pool
             # wants it mounted before every start: storage says, compute does not guess.
-            record["_croft"]["volume"] = volume.mount_path
-            record["_croft"]["instance_mounts"] = volume.instance_mounts
-            record["_croft"]["definition"] = definition_digest(record)
+            meta.volume = volume.mount_path
+            meta.instance_mounts = volume.instance_mounts
+            meta.definition = definition_digest(record)
+            record["_croft"] = meta.dump()
             event = await self._lifecycle_event("instance-created", project, name)
 
             async def complete() -> None:
@@ -505,7 +509,7 @@ class ComputeCore:
         host_name = driver_name(project, name)
         await self._delete_definition(self.driver_for(record), host_name)
         await self._detach_nics(project, name, record)
-        pool = record.get("_croft", {}).get("pool", "")
+        pool = InstanceRecord.meta_of(record).pool
         for snap in await self.store.list(
             record_prefix("instance-snapshots", project) + f"{name}/"
         ):
@@ -612,7 +616,7 @@ class ComputeCore:
         renders them (the driver runs it in its thread, just before the start). The
         caller clears the pending trigger with the status update."""
         # The volume's directory, as storage reported it (_mount_root).
-        volume = record.get("_croft", {}).get("volume")
+        volume = InstanceRecord.meta_of(record).volume
         if not volume:
             return lambda: None
         instance = TemplateInstance(
@@ -637,26 +641,27 @@ class ComputeCore:
         (`instance_mounts`, as storage said at create), and where the volume's directory
         is, for a record from before storage said it. Changes `record["_croft"]`, which
         the status write after the start keeps."""
-        croft = record.get("_croft", {})
-        if not croft.get("pool") or (croft.get("volume") and not croft.get("instance_mounts")):
+        meta = InstanceRecord.meta_of(record)
+        if not meta.pool or (meta.volume and not meta.instance_mounts):
             return
         storage = await self.storage()
         volume = await storage.call(
-            "MountInstanceVolume", self._volume(croft["pool"], project, name), timeout=600
+            "MountInstanceVolume", self._volume(meta.pool, project, name), timeout=600
         )
-        croft["rootfs"] = volume.path or croft.get("rootfs", "")
-        croft["volume"] = volume.mount_path
-        croft["instance_mounts"] = volume.instance_mounts
+        meta.rootfs = volume.path or meta.rootfs
+        meta.volume = volume.mount_path
+        meta.instance_mounts = volume.instance_mounts
+        record["_croft"] = meta.dump()
 
     async def _unmount_root(self, project: str, name: str, record: dict[str, Any]) -> None:
         """After a stop: the root volume unmounted when its pool's driver mounts it."""
-        croft = record.get("_croft", {})
-        if not croft.get("instance_mounts") or not croft.get("pool"):
+        meta = InstanceRecord.meta_of(record)
+        if not meta.instance_mounts or not meta.pool:
             return
         storage = await self.storage()
         with contextlib.suppress(NotFound):
             await storage.call(
-                "UnmountInstanceVolume", self._volume(croft["pool"], project, name), timeout=600
+                "UnmountInstanceVolume", self._volume(meta.pool, project, name), timeout=600
             )
 
     async def states(self, refs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
@@ -766,6 +771,8 @@ class ComputeCore:
                 if not k.startswith("volatile.")
             }
             expanded.update(volatile)
+            meta = InstanceRecord.meta_of(record)
+            meta.definition = meta.definition or definition_digest(record)
             updated = {
                 **record,
                 "config": config,
@@ -775,10 +782,7 @@ class ComputeCore:
                 "profiles": new.get("profiles") or [],
                 "description": new.get("description", ""),
                 "ephemeral": bool(new.get("ephemeral", False)),
-                "_croft": {
-                    **record["_croft"],
-                    "definition": record["_croft"].get("definition") or definition_digest(record),
-                },
+                "_croft": meta.dump(),
             }
             revert = Reverter()
             try:
@@ -907,7 +911,7 @@ class ComputeCore:
         _check_snapshot_name(snapshot)
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
-            pool = record["_croft"]["pool"]
+            pool = InstanceRecord.meta_of(record).pool
             snap = {
                 "name": snapshot,
                 "created_at": rfc3339_nano(),
@@ -923,7 +927,7 @@ class ComputeCore:
                 "ephemeral": record.get("ephemeral", False),
                 "profiles": record.get("profiles", []),
                 "description": record.get("description", ""),
-                "_croft": {"member": self.member, "pool": pool},
+                "_croft": SnapshotMeta(member=self.member, pool=pool).dump(),
             }
             key = snapshot_key(project, name, snapshot)
             try:
@@ -967,7 +971,7 @@ class ComputeCore:
             storage = await self.storage()
             await storage.call(
                 "DeleteSnapshot",
-                self._volume(snap["_croft"]["pool"], project, name, snapshot),
+                self._volume(SnapshotRecord.meta_of(snap).pool, project, name, snapshot),
                 timeout=600,
             )
             await self.store.delete(snapshot_key(project, name, snapshot), revision=revision)
@@ -985,7 +989,7 @@ class ComputeCore:
             storage = await self.storage()
             await storage.call(
                 "RenameSnapshot",
-                self._volume(snap["_croft"]["pool"], project, name, snapshot, new_name),
+                self._volume(SnapshotRecord.meta_of(snap).pool, project, name, snapshot, new_name),
                 idempotent=False,
             )
             from croft.common.store import Create, Delete
@@ -1015,7 +1019,7 @@ class ComputeCore:
             storage = await self.storage()
             await storage.call(
                 "RestoreSnapshot",
-                self._volume(record["_croft"]["pool"], project, name, snapshot),
+                self._volume(InstanceRecord.meta_of(record).pool, project, name, snapshot),
                 idempotent=False,
                 timeout=600,
             )
@@ -1071,7 +1075,9 @@ class ComputeCore:
             if await self.store.get(instance_key(project, new_name)) is not None:
                 raise Conflict(f'Name "{new_name}" already in use')
             marked = copy_record(record)
-            marked["_croft"]["renaming"] = new_name
+            meta = InstanceRecord.meta_of(record)
+            meta.renaming = new_name
+            marked["_croft"] = meta.dump()
             entry = await self.store.update(
                 instance_key(project, name), dump(marked), revision=revision
             )
@@ -1086,7 +1092,7 @@ class ComputeCore:
     async def _rename(
         self, project: str, name: str, new_name: str, record: dict[str, Any], revision: int
     ) -> dict[str, Any]:
-        pool = record["_croft"]["pool"]
+        pool = InstanceRecord.meta_of(record).pool
         storage = await self.storage()
         volume = await storage.call(
             "RenameInstanceVolume",
@@ -1103,9 +1109,10 @@ class ComputeCore:
         await uninterrupted(driver.create(spec))
         renamed = copy_record(record)
         renamed["name"] = new_name
-        renamed["_croft"]["rootfs"] = volume.path
-        renamed["_croft"]["volume"] = volume.mount_path
-        renamed["_croft"].pop("renaming", None)
+        meta = InstanceRecord.meta_of(record)
+        meta.rootfs = volume.path
+        meta.volume = volume.mount_path
+        renamed["_croft"] = meta.dump(exclude={"renaming"})
         # LXD renders the image's "rename" templates at the next start, unless the
         # "create" ones have not run yet.
         for section in ("config", "expanded_config"):
@@ -1133,7 +1140,8 @@ class ComputeCore:
     ) -> None:
         """Put a half-renamed instance back under its old name; each step is harmless when
         the rename never got that far."""
-        pool = record["_croft"]["pool"]
+        meta = InstanceRecord.meta_of(record)
+        pool = meta.pool
         old_host, new_host = driver_name(project, name), driver_name(project, new_name)
 
         async def volume_back() -> None:
@@ -1149,13 +1157,15 @@ class ComputeCore:
         async def definition_back() -> None:
             driver = self.driver_for(record)
             await self._delete_definition(driver, new_host)
-            spec = await self._spec_with_nics(project, name, record, record["_croft"]["rootfs"])
+            spec = await self._spec_with_nics(project, name, record, meta.rootfs)
             if not await driver.exists(old_host):
                 await driver.create(spec)
 
         async def unmark() -> None:
             def clear(current: dict[str, Any]) -> dict[str, Any]:
-                current.get("_croft", {}).pop("renaming", None)
+                if "_croft" in current:
+                    meta = InstanceRecord.meta_of(current)
+                    current["_croft"] = meta.dump(exclude={"renaming"})
                 return current
 
             with contextlib.suppress(NotFound):
@@ -1191,9 +1201,11 @@ class ComputeCore:
         """Write the driver definition of stopped instance `name` again from `record` (its
         managed NICs attached again, which only updates them), and note in the record what
         it was written from."""
-        spec = await self._spec_with_nics(project, name, record, record["_croft"]["rootfs"])
+        meta = InstanceRecord.meta_of(record)
+        spec = await self._spec_with_nics(project, name, record, meta.rootfs)
         await self.driver_for(record).redefine(spec)
-        record["_croft"]["definition"] = definition_digest(record)
+        meta.definition = definition_digest(record)
+        record["_croft"] = meta.dump()
 
     async def _detach_nics(
         self,
@@ -1222,17 +1234,17 @@ class ComputeCore:
         record's status in line with what really runs."""
         for entry in await self.store.list(record_prefix("instances", "")[:-1]):
             record = entry.json()
-            croft = record.get("_croft", {})
-            if croft.get("member") != self.member:
+            meta = InstanceRecord.meta_of(record)
+            if meta.member != self.member:
                 continue
             project, name = record.get("project", DEFAULT_PROJECT), record["name"]
-            if croft.get("state") == "creating":
+            if meta.creating:
                 log.warning("removing %s/%s, left half-created", project, name)
                 await self._teardown(project, name, record)
                 continue
-            if croft.get("renaming"):
+            if meta.renaming:
                 log.warning("putting %s/%s back, left half-renamed", project, name)
-                await self._undo_rename(project, name, croft["renaming"], record)
+                await self._undo_rename(project, name, meta.renaming, record)
             await self._autostart(project, name, record)
             await self._refresh_status(project, name, record)
 
@@ -1306,8 +1318,8 @@ class ComputeCore:
                 seen, self._status_written = None, False  # until this pass is through
                 for entry in await self.store.list(record_prefix("instances", "")[:-1]):
                     record = entry.json()
-                    croft = record.get("_croft", {})
-                    if croft.get("member") != self.member or croft.get("state") != "created":
+                    meta = InstanceRecord.meta_of(record)
+                    if meta.member != self.member or meta.state != CREATED:
                         continue
                     project = record.get("project", DEFAULT_PROJECT)
                     # Only those whose record disagrees with the look are asked about.
@@ -1343,7 +1355,7 @@ class ComputeCore:
 
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
-            pool = record.get("_croft", {}).get("pool")
+            pool = InstanceRecord.meta_of(record).pool
             if not pool:
                 raise InvalidArgument(f'Instance "{name}" has no root filesystem to publish')
             # Where the volume or the snapshot is, storage says (and mounts it if it must).
@@ -1380,7 +1392,7 @@ def _is_record_of(record: dict[str, Any], project: str, name: str) -> bool:
     return (
         record.get("name") == name
         and (record.get("project") or DEFAULT_PROJECT) == project
-        and record.get("_croft", {}).get("state") != "creating"
+        and not InstanceRecord.meta_of(record).creating
     )
 
 
@@ -1402,7 +1414,7 @@ def _managed_nics(record: dict[str, Any]) -> dict[str, tuple[str, str]]:
 def _definition_is_stale(record: dict[str, Any]) -> bool:
     """Whether the record changed since its definition was written (records from before
     digests were kept count as current)."""
-    written = record.get("_croft", {}).get("definition")
+    written = InstanceRecord.meta_of(record).definition
     return written is not None and written != definition_digest(record)
 
 

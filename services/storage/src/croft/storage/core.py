@@ -45,6 +45,7 @@ from croft.common import events
 from croft.common.blocking import in_thread, uninterrupted
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
+from croft.common.models import StoragePoolRecord, StorageVolumeRecord, VolumeMeta
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
@@ -186,7 +187,7 @@ class DriverInfo:
 
 
 def _volume_record(
-    name: str, type: str, project: str, used_by: list[str], croft: dict[str, Any]
+    name: str, type: str, project: str, used_by: list[str], croft: VolumeMeta
 ) -> dict[str, Any]:
     return {
         "name": name,
@@ -194,17 +195,17 @@ def _volume_record(
         "config": {},
         "description": "",
         "content_type": INSTANCE_CONTENT.get(VolumeType(type), ContentType.FILESYSTEM).value,
-        "location": croft["member"],
+        "location": croft.member,
         "used_by": used_by,
         "project": project,
-        "_croft": croft,
+        "_croft": croft.dump(),
     }
 
 
 def _completed(record: dict[str, Any]) -> dict[str, Any]:
     done = copy_record(record)
-    done["_croft"].pop("state", None)
-    done["_croft"].pop("renamed_from", None)
+    meta = StorageVolumeRecord.meta_of(record)
+    done["_croft"] = meta.dump(exclude={"state", "renamed_from"})
     return done
 
 
@@ -280,8 +281,8 @@ class StorageCore:
 
     def _driver_of(self, record: dict[str, Any]) -> StorageDriver:
         """A driver for this member's part of the pool: the cluster config and its own."""
-        entry = _members(record).get(self.member, {})
-        config = {**record.get("config", {}), **entry.get("config", {})}
+        entry = StoragePoolRecord.members_of(record).get(self.member)
+        config = {**record.get("config", {}), **(entry.config if entry else {})}
         return load_driver(record["driver"], record["name"], config)
 
     def _load(self, record: dict[str, Any]) -> StorageDriver:
@@ -297,13 +298,13 @@ class StorageCore:
         if driver is not None:
             return driver
         record = await self.pool_record(pool)
-        entry = _members(record).get(self.member)
+        entry = StoragePoolRecord.members_of(record).get(self.member)
         if entry is None:
             raise NotFound(f"storage pool {pool!r} has no storage on member {self.member!r}")
-        if entry["state"] != CREATED:
+        if entry.state != CREATED:
             raise NotFound(
                 f"storage pool {pool!r} is not ready on member {self.member!r} "
-                f"(state {entry['state']})"
+                f"(state {entry.state})"
             )
         return self._load(record)
 
@@ -456,8 +457,8 @@ class StorageCore:
                 log.error("cannot check pool %s for unrecorded volumes: %s", pool, exc)
         for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
             record = entry.json()
-            croft = record.get("_croft", {})
-            if croft.get("member") != self.member or croft.get("state") != CREATING:
+            meta = StorageVolumeRecord.meta_of(record)
+            if meta.member != self.member or meta.state != CREATING:
                 continue
             try:
                 await self._reconcile_one(entry.key, record)
@@ -473,7 +474,10 @@ class StorageCore:
             for name in await driver.unrecorded_volumes(vol_type):
                 vol = driver.volume(vol_type, name, INSTANCE_CONTENT[vol_type])
                 found = await self.store.get_json(volume_key(pool, vol_type, name))
-                if found is not None and found[0].get("_croft", {}).get("member") == self.member:
+                if (
+                    found is not None
+                    and StorageVolumeRecord.meta_of(found[0]).member == self.member
+                ):
                     await driver.mark_recorded(vol)
                     continue
                 await driver.delete_volume(vol)
@@ -482,12 +486,12 @@ class StorageCore:
                 )
 
     async def _reconcile_one(self, key: str, record: dict[str, Any]) -> None:
-        croft = record["_croft"]
-        driver = await self.driver(croft["pool"])
-        ref = VolumeRef.parse(croft["pool"], record["project"], record["type"], croft["volume"])
+        meta = StorageVolumeRecord.meta_of(record)
+        driver = await self.driver(meta.pool)
+        ref = VolumeRef.parse(meta.pool, record["project"], record["type"], meta.volume)
         vol = ref.volume(driver)
-        snapshot = croft.get("snapshot", "")
-        old = croft.get("renamed_from")
+        snapshot = meta.snapshot
+        old = meta.renamed_from
         if snapshot:
             present = await driver.has_volume(vol)
             snaps = await driver.list_snapshots(vol) if present else []
@@ -533,20 +537,24 @@ class StorageCore:
 
     # ------------------------------------------------------------------ records
 
-    def _instance_record(self, ref: VolumeRef, state: str | None = CREATING) -> dict[str, Any]:
-        croft: dict[str, Any] = {"member": self.member, "pool": ref.pool, "volume": ref.name}
+    def _instance_record(
+        self, ref: VolumeRef, state: str | None = CREATING, renamed_from: str | None = None
+    ) -> dict[str, Any]:
+        croft = VolumeMeta(member=self.member, pool=ref.pool, volume=ref.name)
         if state:
-            croft["state"] = state
+            croft.state = state
+        if renamed_from:
+            croft.renamed_from = renamed_from
         return _volume_record(ref.lxd_name, ref.type, ref.project, ref.used_by, croft)
 
-    def _snapshot_record(self, ref: VolumeRef, snapshot: str) -> dict[str, Any]:
-        croft = {
-            "member": self.member,
-            "pool": ref.pool,
-            "volume": ref.name,
-            "snapshot": snapshot,
-            "state": CREATING,
-        }
+    def _snapshot_record(
+        self, ref: VolumeRef, snapshot: str, renamed_from: str | None = None
+    ) -> dict[str, Any]:
+        croft = VolumeMeta(
+            member=self.member, pool=ref.pool, volume=ref.name, snapshot=snapshot, state=CREATING
+        )
+        if renamed_from:
+            croft.renamed_from = renamed_from
         return _volume_record(f"{ref.lxd_name}/{snapshot}", ref.type, ref.project, [], croft)
 
     async def _claim(self, key: str, record: dict[str, Any], what: str) -> int:
@@ -582,13 +590,13 @@ class StorageCore:
 
     async def volume_record(self, ref: VolumeRef) -> dict[str, Any]:
         found = await self.store.get_json(ref.key)
-        if found is None or found[0].get("_croft", {}).get("state") == CREATING:
+        if found is None or StorageVolumeRecord.meta_of(found[0]).state == CREATING:
             raise NotFound(f"instance volume {ref.name!r} not found in pool {ref.pool!r}")
         record: dict[str, Any] = found[0]
         return record
 
     async def _ensure_image_record(self, pool: str, fingerprint: str) -> None:
-        croft = {"member": self.member, "pool": pool}
+        croft = VolumeMeta(member=self.member, pool=pool)
         record = _volume_record(
             fingerprint, "image", DEFAULT_PROJECT, [f"/1.0/images/{fingerprint}"], croft
         )
@@ -690,7 +698,7 @@ class StorageCore:
         stale = set()
         for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
             record = entry.json()
-            mine = record.get("_croft", {}).get("member") == self.member
+            mine = StorageVolumeRecord.meta_of(record).member == self.member
             if record.get("type") == "image" and mine and record["name"] not in images:
                 stale.add(record["name"])
         for fingerprint in sorted(stale):
@@ -831,8 +839,7 @@ class StorageCore:
         vol, new_vol = ref.volume(driver), new.volume(driver)
         async with self.locked(ref.pool, ref.name, new.name):
             current = await self.volume_record(ref)
-            record = self._instance_record(new)
-            record["_croft"]["renamed_from"] = ref.name
+            record = self._instance_record(new, renamed_from=ref.name)
             claimed = False
             try:
                 await self._claim(new.key, record, f"instance volume {new.name!r}")
@@ -875,9 +882,11 @@ class StorageCore:
         ]
         for entry in await self.store.list(f"{old.key}/"):
             snap = entry.json()
-            snapshot = snap["_croft"]["snapshot"]
+            meta = StorageVolumeRecord.meta_of(snap)
+            snapshot = meta.snapshot
             snap["name"] = f"{new.lxd_name}/{snapshot}"
-            snap["_croft"]["volume"] = new.name
+            meta.volume = new.name
+            snap["_croft"] = meta.dump()
             operations += [Delete(entry.key), Put(new.snapshot_key(snapshot), dump(snap))]
         await self.store.transaction(operations)
         return done
@@ -963,8 +972,7 @@ class StorageCore:
             old_key, new_key = ref.snapshot_key(snapshot), ref.snapshot_key(new_name)
             if snapshot not in await driver.list_snapshots(vol):
                 raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
-            record = self._snapshot_record(ref, new_name)
-            record["_croft"]["renamed_from"] = snapshot
+            record = self._snapshot_record(ref, new_name, renamed_from=snapshot)
             await self._claim(new_key, record, f"snapshot {ref.name}/{new_name}")
 
             async def undo() -> None:

@@ -1,0 +1,46 @@
+"""What the typed record models cost, per call, on the instance record a real croft
+wrote (libs/common/tests/fixtures/records.json), beside what the code did before them.
+
+    .venv/bin/python bench/records.py
+"""
+
+from __future__ import annotations
+
+import json
+import timeit
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from croft.common.models import InstanceMeta, InstanceRecord
+from croft.common.records import RECORDS, copy_record
+
+FIXTURE = Path(__file__).parent.parent / "libs/common/tests/fixtures/records.json"
+
+
+def main() -> None:
+    captured = json.loads(FIXTURE.read_text())
+    record: dict[str, Any] = next(
+        raw for key, raw in captured if key.startswith(f"{RECORDS}instances/")
+    )
+    validated = InstanceRecord.model_validate(record)
+    meta = InstanceRecord.meta_of(record)
+    stored = json.dumps(record)
+    cases: list[tuple[str, Callable[[], object]]] = [
+        ("InstanceRecord.model_validate", lambda: InstanceRecord.model_validate(record)),
+        ("InstanceRecord.meta_of", lambda: InstanceRecord.meta_of(record)),
+        ("InstanceRecord.dump", validated.dump),
+        ("InstanceMeta(...)", lambda: InstanceMeta(member="m", state="creating", pool="p")),
+        ("InstanceMeta.dump", meta.dump),
+        ("record.get('_croft', {}).get", lambda: record.get("_croft", {}).get("pool", "")),
+        ("copy_record (for scale)", lambda: copy_record(record)),
+        ("json.loads (for scale)", lambda: json.loads(stored)),
+    ]
+    number = 20_000
+    for name, case in cases:
+        best = min(timeit.repeat(case, number=number, repeat=5)) / number
+        print(f"{name:32s} {best * 1e6:7.2f} us")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Typed records: one pydantic model per kind of record in the store, with its key.
+
+A model reads what the store holds (unknown fields kept, so old records and LXD fields
+croft does not model yet survive a round trip), `dump()` gives the stored shape back
+(`_croft` under its name) and `public()` what leaves the api. `meta_of(raw)` validates a
+stored record's `_croft` alone, for the hot paths that read only that.
+"""
+
+from croft.common.models._base import CroftMeta, Model, Record
+from croft.common.models.image import ImageAliasRecord, ImageMeta, ImageRecord
+from croft.common.models.instance import (
+    InstanceMeta,
+    InstanceRecord,
+    SnapshotMeta,
+    SnapshotRecord,
+)
+from croft.common.models.network import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
+from croft.common.models.operation import Operation, OperationRecord
+from croft.common.models.project import ProfileRecord, ProjectRecord
+from croft.common.models.storage import (
+    PoolMember,
+    PoolMeta,
+    StoragePoolRecord,
+    StorageVolumeRecord,
+    VolumeMeta,
+)
+
+__all__ = [
+    "CroftMeta",
+    "ImageAliasRecord",
+    "ImageMeta",
+    "ImageRecord",
+    "InstanceMeta",
+    "InstanceRecord",
+    "Model",
+    "NetworkMember",
+    "NetworkMeta",
+    "NetworkNic",
+    "NetworkRecord",
+    "Operation",
+    "OperationRecord",
+    "PoolMember",
+    "PoolMeta",
+    "ProfileRecord",
+    "ProjectRecord",
+    "Record",
+    "SnapshotMeta",
+    "SnapshotRecord",
+    "StoragePoolRecord",
+    "StorageVolumeRecord",
+    "VolumeMeta",
+]
