@@ -200,15 +200,25 @@ class StorageDriver(abc.ABC):
     #: The pool config keys this driver accepts (LXD's names), beyond the common ones.
     config_keys: ClassVar[frozenset[str]] = frozenset({"source"})
 
-    def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        pool: str,
+        config: Mapping[str, str] | None = None,
+        *,
+        pools_dir: Path = DEFAULT_POOLS_DIR,
+    ) -> None:
         self.pool = check_name(pool, "pool name")
+        # Where croft keeps its pools on this host (`<state>/storage-pools`): a pool
+        # without a `source` lives in `<pools_dir>/<pool>`, as LXD's in
+        # `/var/lib/lxd/storage-pools/<pool>`; loop files go beside it (`<state>/disks`).
+        self.pools_dir = Path(pools_dir)
         self.config: dict[str, str] = dict(config or {})
         unknown = sorted(set(self.config) - self.config_keys)
         if unknown:
             raise InvalidArgument(
                 f"invalid config for a {self.name} storage pool: unknown key(s) {', '.join(unknown)}"
             )
-        source = self.config.get("source") or str(DEFAULT_POOLS_DIR / pool)
+        source = self.config.get("source") or str(self.pools_dir / pool)
         if not source.startswith("/"):
             raise InvalidArgument(f"pool source {source!r} must be an absolute path")
         self.source = Path(source)
@@ -351,14 +361,21 @@ DRIVERS: Registry[StorageDriver] = Registry(
     StorageDriver,
     {
         "dir": "croft.storage.drivers.dir:DirDriver",
+        "btrfs": "croft.storage.drivers.btrfs:BtrfsDriver",
     },
 )
 
 
-def load_driver(name: str, pool: str, config: Mapping[str, str] | None = None) -> StorageDriver:
+def load_driver(
+    name: str,
+    pool: str,
+    config: Mapping[str, str] | None = None,
+    *,
+    pools_dir: Path = DEFAULT_POOLS_DIR,
+) -> StorageDriver:
     """A driver instance bound to `pool` (no disk access yet); InvalidArgument for an
     unknown driver name."""
-    return DRIVERS.load(name, pool, config)
+    return DRIVERS.load(name, pool, config, pools_dir=pools_dir)
 
 
 __all__ = [
