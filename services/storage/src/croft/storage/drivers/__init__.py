@@ -199,6 +199,8 @@ class StorageDriver(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: The pool config keys this driver accepts (LXD's names), beyond the common ones.
     config_keys: ClassVar[frozenset[str]] = frozenset({"source"})
+    #: The keys of a created pool that update_pool() can change (LXD: the rest are fixed).
+    updatable_keys: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(
         self,
@@ -264,6 +266,14 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def pool_usage(self) -> PoolUsage:
         """Bytes used and total of the pool's backing storage."""
+
+    async def update_pool(self, changes: Mapping[str, str]) -> None:
+        """Apply changed config keys (new values; "" for a key removed) to the created,
+        mounted pool, and keep them in `self.config`. InvalidArgument, with nothing
+        changed, for a key not in `updatable_keys` or a value the pool cannot take."""
+        fixed = sorted(set(changes) - self.updatable_keys)
+        if fixed:
+            raise InvalidArgument(f'Invalid option "{fixed[0]}"')
 
     # -- volumes ---------------------------------------------------------------------------
 

@@ -164,7 +164,6 @@ class BtrfsDriver(DirDriver):
         content_types=frozenset({ContentType.FILESYSTEM, ContentType.BLOCK}),
     )
     config_keys = frozenset({"source", "size", "btrfs.mount_options"})
-    #: The keys that `update_pool()` can change on a created pool.
     updatable_keys = frozenset({"size", "btrfs.mount_options"})
 
     def __init__(
@@ -372,9 +371,7 @@ class BtrfsDriver(DirDriver):
         """Apply changed keys of a created pool (`updatable_keys`): `size` grows the loop
         file and the filesystem (never shrinks it); `btrfs.mount_options` remounts.
         InvalidArgument, and nothing changed, for anything else."""
-        unknown = sorted(set(changes) - self.updatable_keys)
-        if unknown:
-            raise InvalidArgument(f"Invalid option {unknown[0]!r} for an existing btrfs pool")
+        await super().update_pool(changes)
         if "size" in changes:
             if not self.is_loop:
                 raise InvalidArgument("size can only be set on a btrfs pool on a loop file")
