@@ -208,3 +208,58 @@ async def test_delete_removes_nested_subvolumes(pool: StorageDriver) -> None:
     assert not await pool.has_volume(ct(pool, "c1"))
     listing = await sh("btrfs", "subvolume", "list", str(pool.source))
     assert "nested" not in listing and "containers/" not in listing
+
+
+async def test_a_pool_on_an_empty_block_device(
+    test_dir: Path, mounts_under: Callable[[Path], list[str]]
+) -> None:
+    """`source=/dev/...`: an empty device is formatted and mounted; one that holds a
+    filesystem is refused and left alone."""
+    backing = test_dir / "device.img"
+    with open(backing, "wb") as f:
+        f.truncate(256 * MiB)
+    device = (await sh("losetup", "-f", "--show", str(backing))).strip()
+    try:
+        pools_dir = test_dir / "storage-pools"
+        driver = load_driver("btrfs", "blk", {"source": device}, pools_dir=pools_dir)
+        await driver.create_pool()
+        assert mounts_under(driver.source) == [str(driver.source)]
+        await busybox_image(driver)
+        rootfs = await launch(driver, "c1", IMAGE)
+        assert (rootfs / "etc/motd").read_text() == "from the image\n"
+        await driver.delete_volume(ct(driver, "c1"))
+        await driver.delete_volume(img(driver, IMAGE))
+        await driver.delete_pool()
+        assert mounts_under(test_dir) == [] and not driver.source.exists()
+
+        again = load_driver("btrfs", "blk2", {"source": device}, pools_dir=pools_dir)
+        with pytest.raises(InvalidArgument, match="not empty"):
+            await again.create_pool()
+        assert not again.source.exists()
+    finally:
+        await sh("losetup", "-d", device)
+
+
+async def test_a_pool_on_a_directory_of_a_btrfs_filesystem(
+    pool: StorageDriver, test_dir: Path, mounts_under: Callable[[Path], list[str]]
+) -> None:
+    """`source=/some/btrfs/dir`: an empty directory on btrfs is bound as the pool; the
+    directory stays, empty, when the pool is deleted."""
+    source = pool.source / "elsewhere"
+    source.mkdir()
+    driver = load_driver(
+        "btrfs", "indir", {"source": str(source)}, pools_dir=test_dir / "storage-pools"
+    )
+    await driver.create_pool()
+    await busybox_image(driver)
+    rootfs = await launch(driver, "c1", IMAGE)
+    assert (source / "containers/c1/rootfs/etc/motd").read_text() == "from the image\n"
+    assert (
+        subvolume_show(rootfs.parent)["Parent UUID"]
+        == subvolume_show((await driver.mount_volume(img(driver, IMAGE))).path)["UUID"]
+    )
+    await driver.delete_volume(ct(driver, "c1"))
+    await driver.delete_volume(img(driver, IMAGE))
+    await driver.delete_pool()
+    assert source.is_dir() and list(source.iterdir()) == []
+    assert mounts_under(driver.source) == []
