@@ -86,6 +86,14 @@ def test_a_btrfs_pool_holds_snapshot_launches_and_goes_without_a_trace(
     assert lxc("storage", "get", "p2", "btrfs.mount_options").stdout.strip().endswith("noatime")
     mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
     assert "noatime" in next(line for line in mountinfo if f" {mount} " in line)
+    # As LXD: the pool is remounted with the default options (the kernel keeps the
+    # atime flag of a remount that names none).
+    lxc("storage", "unset", "p2", "btrfs.mount_options")
+    assert lxc("storage", "get", "p2", "btrfs.mount_options").stdout.strip() == ""
+    shown = lxc("storage", "show", "p2").stdout
+    lxc("storage", "edit", "p2", input=shown.replace('description: ""', "description: fast"))
+    assert json.loads(lxc("query", "/1.0/storage-pools/p2").stdout)["description"] == "fast"
+    assert "total space" in lxc("storage", "info", "p2").stdout
     lxc("storage", "set", "p2", "size", "2GiB")
     assert loop_file.stat().st_size == 2 * 1024**3
     refused = lxc("storage", "set", "p2", "source", "/tmp", check=False)

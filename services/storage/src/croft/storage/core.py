@@ -696,6 +696,10 @@ class StorageCore:
                     ) from None
                 except NotFound:
                     pass  # gone from the disk already (a delete killed half-way)
+            elif entry is not None:
+                # A creation that died half-way (pending) or failed: remove what it made.
+                with contextlib.suppress(CroftError):
+                    await uninterrupted(self._load(record).delete_pool())
             self._drivers.pop(name, None)
             await self._leave_pool(key)
         log.info("deleted storage pool %s from member %s", name, self.member)

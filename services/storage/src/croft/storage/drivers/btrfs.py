@@ -142,6 +142,42 @@ def _version() -> str:
     return match.group(1) if match else "1"
 
 
+# The mount options that are flags of mount(2), as LXD's resolveMountOptions knows them.
+_MS_RDONLY, _MS_REMOUNT = 1, 32
+_MOUNT_FLAGS = {
+    "ro": 1,
+    "nosuid": 2,
+    "nodev": 4,
+    "noexec": 8,
+    "sync": 16,
+    "dirsync": 128,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+    "strictatime": 1 << 24,
+    "lazytime": 1 << 25,
+}
+
+
+def _remount(target: Path, options: str) -> None:
+    """Remount with exactly these options, as LXD does (mount(2) with MS_REMOUNT): a flag
+    left out is cleared, where `mount -o remount` would keep what the mount had."""
+    flags, data = _MS_REMOUNT, []
+    for option in filter(None, options.split(",")):
+        if option in _MOUNT_FLAGS:
+            flags |= _MOUNT_FLAGS[option]
+        elif option != "rw":
+            data.append(option)
+    if (
+        _libc.mount(
+            b"none", os.fsencode(target), b"btrfs", ctypes.c_ulong(flags), ",".join(data).encode()
+        )
+        != 0
+    ):
+        err = ctypes.get_errno()
+        raise InvalidArgument(f"Failed to remount {target} with {options!r}: {os.strerror(err)}")
+
+
 def _has_signature(device: Path) -> str:
     """The filesystem or partition table on a block device ("" if none)."""
     result = run(["blkid", "-p", "-o", "value", "-s", "TYPE", str(device)], check=False)
@@ -387,10 +423,8 @@ class BtrfsDriver(DirDriver):
             self.config["size"] = changes["size"]
         if "btrfs.mount_options" in changes:
             options = changes["btrfs.mount_options"] or DEFAULT_MOUNT_OPTIONS
-            if not self.backing.is_dir():
-                await run_async(
-                    ["mount", "-o", f"remount,{options}", str(self.source)], timeout=TOOL_TIMEOUT
-                )
+            if not self.backing.is_dir():  # a bind mount takes no btrfs options
+                await in_thread(_remount, self.source, options)
             self.mount_options = options
             self.config["btrfs.mount_options"] = options
 
