@@ -263,3 +263,22 @@ async def test_a_pool_on_a_directory_of_a_btrfs_filesystem(
     await driver.delete_pool()
     assert source.is_dir() and list(source.iterdir()) == []
     assert mounts_under(driver.source) == []
+
+
+async def test_a_restored_volume_keeps_its_size(pool: StorageDriver) -> None:
+    vol = Volume(pool.pool, VolumeType.CUSTOM, ContentType.FILESYSTEM, "data", {"size": "24MiB"})
+    await pool.create_volume(vol)
+    path = (await pool.mount_volume(vol)).path
+    (path / "state").write_text("before")
+    await pool.create_snapshot(vol.snapshot("s0"))
+    (path / "state").write_text("after")
+
+    await pool.restore_volume(vol, "s0")
+
+    assert (path / "state").read_text() == "before"
+    with pytest.raises(OSError) as failure, open(path / "blob", "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(MiB))
+            f.flush()
+            os.fsync(f.fileno())
+    assert failure.value.errno == errno.EDQUOT

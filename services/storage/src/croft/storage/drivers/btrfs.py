@@ -337,9 +337,8 @@ class BtrfsDriver(DirDriver):
                 undo.append(("unlink", self.loop_file))
                 f.truncate(size)
         except FileExistsError:
-            raise InvalidArgument(
-                f"Source file location already exists: {self.loop_file}"
-            ) from None
+            # Conflict: a creation killed half-way left it; the service's start finishes it.
+            raise Conflict(f"Source file location already exists: {self.loop_file}") from None
         try:
             run(["mkfs.btrfs", "-L", self.pool, str(self.loop_file)], timeout=TOOL_TIMEOUT)
         except Exception as exc:
