@@ -179,6 +179,17 @@ async def test_a_failed_create_leaves_nothing(
     assert not (test_dir / "disks/tiny.img").exists()
     assert not driver.source.exists()
     assert mounts_under(test_dir) == []
+    # Mount options btrfs does not know: refused, and the loop file goes again.
+    bad = load_driver(
+        "btrfs",
+        "badopts",
+        {"size": "256MiB", "btrfs.mount_options": "no_such_option"},
+        pools_dir=test_dir / "storage-pools",
+    )
+    with pytest.raises(InvalidArgument, match="no_such_option"):
+        await bad.create_pool()
+    assert not (test_dir / "disks/badopts.img").exists() and not bad.source.exists()
+    assert mounts_under(test_dir) == []
     # A source that is not on btrfs is refused before anything is made.
     plain = test_dir / "plain"
     plain.mkdir()

@@ -46,7 +46,7 @@ from pathlib import Path
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.common.proc import run, run_async
+from croft.common.proc import CommandFailed, run, run_async
 from croft.storage.drivers import (
     DEFAULT_POOLS_DIR,
     INSTANCE_TYPES,
@@ -160,8 +160,9 @@ _MOUNT_FLAGS = {
 
 
 def _remount(target: Path, options: str) -> None:
-    """Remount with exactly these options, as LXD does (mount(2) with MS_REMOUNT): a flag
-    left out is cleared, where `mount -o remount` would keep what the mount had."""
+    """Remount with these options, as LXD does (mount(2) with MS_REMOUNT): the mount's
+    flags become these (the kernel keeps its atime flag when none is named), where
+    `mount -o remount` would merge in every option the mount had."""
     flags, data = _MS_REMOUNT, []
     for option in filter(None, options.split(",")):
         if option in _MOUNT_FLAGS:
@@ -307,7 +308,14 @@ class BtrfsDriver(DirDriver):
             if not self.source.exists():
                 self.source.mkdir(mode=0o711, parents=True)
                 undo.append(("rmdir", self.source))
-            self._mount()
+            try:
+                self._mount()
+            except CommandFailed as exc:
+                # Most likely a bad btrfs.mount_options: the user's to fix, in mount's words.
+                raise InvalidArgument(
+                    f"Failed to mount the pool with options {self.mount_options!r}: "
+                    f"{' '.join(exc.stderr.split())}"
+                ) from None
             undo.append(("umount", self.source))
             os.chmod(self.source, 0o711)
             for sub in LAYOUT:
