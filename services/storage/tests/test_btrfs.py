@@ -293,3 +293,36 @@ async def test_a_restored_volume_keeps_its_size(pool: StorageDriver) -> None:
             f.flush()
             os.fsync(f.fileno())
     assert failure.value.errno == errno.EDQUOT
+
+
+async def test_nested_subvolumes_go_into_snapshots_copies_and_restores(
+    pool: StorageDriver,
+) -> None:
+    """As LXD: a snapshot holds the subvolumes nested in the volume, not empty
+    directories in their place; so do a copy and a restore, and all delete cleanly."""
+    await busybox_image(pool)
+    rootfs = await launch(pool, "c1", IMAGE)
+    await sh("btrfs", "subvolume", "create", str(rootfs / "nested"))
+    await sh("btrfs", "subvolume", "create", str(rootfs / "nested/deeper"))
+    (rootfs / "nested/deeper/data").write_text("inside")
+
+    await pool.create_snapshot(ct(pool, "c1").snapshot("s0"))
+    snapshot = (await pool.mount_volume(ct(pool, "c1").snapshot("s0"))).path / "rootfs"
+    assert (snapshot / "nested/deeper/data").read_text() == "inside"
+    with pytest.raises(OSError):
+        (snapshot / "etc/new").write_text("a snapshot is read-only")
+
+    (rootfs / "nested/deeper/data").write_text("changed")
+    await pool.restore_volume(ct(pool, "c1"), "s0")
+    assert (rootfs / "nested/deeper/data").read_text() == "inside"
+
+    await pool.create_volume_from_copy(ct(pool, "c2"), ct(pool, "c1"), with_snapshots=True)
+    copy = (await pool.mount_volume(ct(pool, "c2"))).path / "rootfs"
+    assert (copy / "nested/deeper/data").read_text() == "inside"
+    (copy / "nested/deeper/data").write_text("the copy's own")
+    assert (rootfs / "nested/deeper/data").read_text() == "inside"
+
+    for name in ("c1", "c2"):
+        await pool.delete_volume(ct(pool, name))
+    listing = await sh("btrfs", "subvolume", "list", str(pool.source))
+    assert "containers" not in listing, listing

@@ -449,6 +449,14 @@ class BtrfsDriver(DirDriver):
             path.unlink(missing_ok=True)
             return
         subvolumes = subvolumes_under(path)
+        if len(subvolumes) > 1:
+            # A nested subvolume's entry is in its parent: a read-only parent (a snapshot
+            # of a volume that held one) must become writable for it to go.
+            for subvolume in reversed(subvolumes):
+                run(
+                    ["btrfs", "property", "set", "-ts", str(subvolume), "ro", "false"],
+                    timeout=TOOL_TIMEOUT,
+                )
         if subvolumes:
             run(
                 ["btrfs", "subvolume", "delete", *map(str, subvolumes)],
@@ -456,6 +464,28 @@ class BtrfsDriver(DirDriver):
             )
         if path.exists():
             shutil.rmtree(path)
+
+    async def _snapshot(self, source: Path, target: Path, *, readonly: bool) -> None:
+        """Snapshot the subvolume `source` as `target`, with the subvolumes nested in it
+        (a btrfs snapshot leaves an empty directory in their place), as LXD does; only
+        `target` itself is made read-only if asked. Nothing is left of `target` when it
+        fails (the caller removes it)."""
+        # One quick look for direct children first: most volumes have none, and a walk
+        # of a whole root filesystem is not free.
+        children = await self._btrfs("subvolume", "list", "-o", str(source))
+        if not children.strip():
+            await self._btrfs(
+                "subvolume", "snapshot", *(["-r"] if readonly else []), str(source), str(target)
+            )
+            return
+        await self._btrfs("subvolume", "snapshot", str(source), str(target))
+        nested = [p for p in await in_thread(subvolumes_under, source) if p != source]
+        for subvolume in sorted(nested, key=lambda p: len(p.parts)):
+            placeholder = target / subvolume.relative_to(source)
+            await in_thread(placeholder.rmdir)
+            await self._btrfs("subvolume", "snapshot", str(subvolume), str(placeholder))
+        if readonly:
+            await self._btrfs("property", "set", "-ts", str(target), "ro", "true")
 
     def _delete_tree(self, path: Path, what: str) -> None:
         """Move the tree out of its name at once, then remove it."""
@@ -551,7 +581,11 @@ class BtrfsDriver(DirDriver):
         moved = False
         try:
             # A launch (src is an image) is this one command: no data is copied.
-            await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+            if src.type is VolumeType.IMAGE:
+                # An image holds no nested subvolume (it was unpacked by croft).
+                await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+            else:
+                await self._snapshot(source, tmp, readonly=False)
             if src.type is not VolumeType.IMAGE:
                 # The source's own marks are not part of a copy.
                 await in_thread(self._drop_hidden_entries, tmp)
@@ -560,12 +594,8 @@ class BtrfsDriver(DirDriver):
             if tmp_snaps is not None and source_snaps is not None:
                 await in_thread(tmp_snaps.mkdir, 0o700)
                 for snapshot in snapshots:
-                    await self._btrfs(
-                        "subvolume",
-                        "snapshot",
-                        "-r",
-                        str(source_snaps / snapshot),
-                        str(tmp_snaps / snapshot),
+                    await self._snapshot(
+                        source_snaps / snapshot, tmp_snaps / snapshot, readonly=True
                     )
             await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
             moved = True
@@ -639,7 +669,7 @@ class BtrfsDriver(DirDriver):
         await in_thread(final.parent.mkdir, 0o700, False, True)
         tmp = _unique(final.parent, "tmp", snap.snapshot_name)
         try:
-            await self._btrfs("subvolume", "snapshot", "-r", str(source), str(tmp))
+            await self._snapshot(source, tmp, readonly=True)
             await in_thread(_move_into_place, tmp, final, _what(snap))
         except BaseException:
 
@@ -658,7 +688,7 @@ class BtrfsDriver(DirDriver):
         tmp = _unique(current.parent, "tmp", vol.name)
         try:
             await in_thread(_unmount_all_under, current, _what(vol))
-            await self._btrfs("subvolume", "snapshot", str(snap), str(tmp))
+            await self._snapshot(snap, tmp, readonly=False)
             limit = await self._size_limit(current)
             if limit:
                 await self._set_size(tmp, str(limit))
