@@ -326,3 +326,19 @@ async def test_nested_subvolumes_go_into_snapshots_copies_and_restores(
         await pool.delete_volume(ct(pool, name))
     listing = await sh("btrfs", "subvolume", "list", str(pool.source))
     assert "containers" not in listing, listing
+
+
+async def test_a_pool_without_a_size_gets_lxds_default(
+    test_dir: Path, mounts_under: Callable[[Path], list[str]]
+) -> None:
+    """20 % of the free space where loop files go, within 5 and 30 GiB (a sparse file)."""
+    driver = load_driver("btrfs", "auto", pools_dir=test_dir / "storage-pools")
+    await driver.create_pool()
+    try:
+        size = (test_dir / "disks/auto.img").stat().st_size
+        assert 5 * 1024**3 <= size <= 30 * 1024**3
+        assert driver.config["size"] == f"{size // 1024**3}GiB"
+        assert (await driver.pool_usage()).total_bytes <= size
+    finally:
+        await driver.delete_pool()
+    assert mounts_under(test_dir) == [] and not (test_dir / "disks/auto.img").exists()
