@@ -342,3 +342,16 @@ async def test_a_pool_without_a_size_gets_lxds_default(
     finally:
         await driver.delete_pool()
     assert mounts_under(test_dir) == [] and not (test_dir / "disks/auto.img").exists()
+
+
+async def test_a_loop_pool_grows_and_is_never_shrunk(pool: StorageDriver) -> None:
+    before = (await pool.pool_usage()).total_bytes
+    await pool.update_pool({"size": "2GiB"})
+    after = (await pool.pool_usage()).total_bytes
+    assert after > before + 512 * MiB
+    assert pool.config["size"] == "2GiB"
+    with pytest.raises(InvalidArgument, match="cannot be shrunk"):
+        await pool.update_pool({"size": "1GiB"})
+    with pytest.raises(InvalidArgument, match='Invalid option "source"'):
+        await pool.update_pool({"source": "/elsewhere"})
+    assert (await pool.pool_usage()).total_bytes == after
