@@ -708,11 +708,14 @@ def test_server_pools_and_instances_show_what_the_services_report(
     name their member."""
     croft, lxc, _ = croft_lxc
     environment = json.loads(lxc("query", "/1.0").stdout)["environment"]
-    assert environment["storage"] == "dir"
-    assert environment["storage_version"] == "1"
-    assert environment["storage_supported_drivers"] == [
-        {"Name": "dir", "Version": "1", "Remote": False}
-    ]
+    assert environment["storage"] == "btrfs | dir"
+    assert environment["storage_version"].endswith(" | 1")
+    assert environment["storage_supported_drivers"][1] == {
+        "Name": "dir",
+        "Version": "1",
+        "Remote": False,
+    }
+    assert environment["storage_supported_drivers"][0]["Name"] == "btrfs"
 
     pool = json.loads(lxc("query", "/1.0/storage-pools/default").stdout)
     assert pool["config"] == {"source": str(croft.root / "state" / "storage-pools" / "default")}

@@ -7,6 +7,7 @@ to POOL_FACTORIES that yields a created and mounted pool inside the directory it
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import shutil
@@ -30,8 +31,24 @@ async def dir_pool(base: Path) -> AsyncIterator[StorageDriver]:
     yield driver
 
 
+@asynccontextmanager
+async def btrfs_pool(base: Path) -> AsyncIterator[StorageDriver]:
+    """A btrfs pool on a 1 GiB loop file in the test's directory: `<base>/disks/` holds
+    the file, `<base>/storage-pools/` the mount; unmounting releases the loop device."""
+    driver = load_driver("btrfs", "croft-test", {"size": "1GiB"}, pools_dir=base / "storage-pools")
+    await driver.create_pool()
+    await driver.mount_pool()
+    try:
+        yield driver
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, ["umount", str(driver.source)], check=False, capture_output=True
+        )
+
+
 POOL_FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[StorageDriver]]] = {
     "dir": dir_pool,
+    "btrfs": btrfs_pool,
 }
 
 
@@ -63,6 +80,13 @@ def test_dir() -> Path:
 @pytest.fixture(params=sorted(POOL_FACTORIES))
 async def driver(request: pytest.FixtureRequest, test_dir: Path) -> AsyncIterator[StorageDriver]:
     async with POOL_FACTORIES[request.param](test_dir) as pool:
+        yield pool
+
+
+@pytest.fixture
+async def btrfs_driver(test_dir: Path) -> AsyncIterator[StorageDriver]:
+    """A btrfs pool alone, for the tests of what btrfs adds to the contract."""
+    async with btrfs_pool(test_dir) as pool:
         yield pool
 
 

@@ -39,6 +39,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from croft.common import events
@@ -283,7 +284,9 @@ class StorageCore:
         """A driver for this member's part of the pool: the cluster config and its own."""
         entry = StoragePoolRecord.members_of(record).get(self.member)
         config = {**record.get("config", {}), **(entry.config if entry else {})}
-        return load_driver(record["driver"], record["name"], config)
+        return load_driver(
+            record["driver"], record["name"], config, pools_dir=self.config.pools_dir
+        )
 
     def _load(self, record: dict[str, Any]) -> StorageDriver:
         name = record["name"]
@@ -534,6 +537,176 @@ class StorageCore:
             "space": space,
             "inodes": {"used": usage.used_inodes, "total": usage.total_inodes},
         }
+
+    async def create_pool(
+        self, name: str, driver_name: str, description: str, config: dict[str, str]
+    ) -> dict[str, Any]:
+        """A new pool, on this member (`lxc storage create`): its record is written with
+        this member pending, then the pool made on disk, then the member created, with
+        the keys the driver filled in (a loop file's `source` and `size`). On any failure
+        the disk work is undone and the record removed: nothing is left.
+
+        InvalidArgument (LXD's messages) for a bad name, an unknown driver or key, a
+        source another pool uses or the driver refuses; Conflict if the name is taken."""
+        check_name(name, "storage pool name")
+        if driver_name not in DRIVERS.names():
+            raise InvalidArgument("Unknown driver")
+        cls = DRIVERS.get(driver_name)
+        config = {k: v for k, v in config.items() if v != ""}
+        for key in sorted(config):
+            if key not in cls.config_keys:
+                raise InvalidArgument(f'Invalid option "{key}"')
+        key = pool_key(name)
+        async with self._locks.hold((POOLS, "")):  # one pool made or deleted at a time
+            driver = load_driver(driver_name, name, config, pools_dir=self.config.pools_dir)
+            await self._require_unused_source(name, driver)
+            member_config = {k: v for k, v in config.items() if k in POOL_MEMBER_KEYS}
+            record = _summarize(
+                {
+                    "name": name,
+                    "driver": driver_name,
+                    "description": description,
+                    "config": {k: v for k, v in config.items() if k not in POOL_MEMBER_KEYS},
+                    "used_by": [],
+                    "_croft": {
+                        "members": {self.member: {"state": PENDING, "config": member_config}}
+                    },
+                }
+            )
+            try:
+                await self.store.create(key, dump(record))
+            except Conflict:
+                raise Conflict("The storage pool already exists") from None
+            async with Reverter() as revert:
+                revert.add(lambda: self._leave_pool(key))
+                try:
+                    await uninterrupted(driver.create_pool())
+                except Conflict as exc:
+                    # The source holds something (another pool, someone's files).
+                    raise InvalidArgument(
+                        f"Source path '{driver.config.get('source', driver.source)}' isn't "
+                        f"empty ({exc.message})"
+                    ) from None
+                revert.add(driver.delete_pool)
+                await driver.mount_pool()
+                filled = {k: v for k, v in driver.config.items() if k in POOL_MEMBER_KEYS}
+
+                def created(current: dict[str, Any]) -> dict[str, Any]:
+                    entry = _members(current)[self.member]
+                    entry["state"] = CREATED
+                    entry["config"] = {**entry.get("config", {}), **filled}
+                    return _summarize(current)
+
+                record = await modify(self.store, key, created, missing=key)
+                revert.success()
+            self._drivers[name] = driver
+        log.info("created storage pool %s (%s) at %s", name, driver_name, driver.source)
+        return record
+
+    async def _require_unused_source(self, name: str, driver: StorageDriver) -> None:
+        """InvalidArgument if another pool of this member uses the new pool's source, or a
+        path inside or around it."""
+        wanted = {Path(driver.config.get("source", "")), driver.source}
+        for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
+            other = entry.json()
+            if other["name"] == name or self.member not in _members(other):
+                continue
+            try:
+                theirs = self._driver_of(other)
+            except CroftError:
+                continue
+            used = {Path(theirs.config.get("source", "")), theirs.source}
+            for mine in wanted:
+                for their in used:
+                    if mine == their or mine in their.parents or their in mine.parents:
+                        raise InvalidArgument(
+                            f"Source path '{driver.config.get('source')}' isn't empty "
+                            f"(storage pool {other['name']!r} uses {their})"
+                        )
+
+    async def update_pool(
+        self, name: str, description: str, config: dict[str, str]
+    ) -> dict[str, Any]:
+        """Give the pool this description and this whole config, as this member sees it
+        (`lxc storage set/unset/edit`): the changed keys go to the driver, which refuses
+        the keys it cannot change; `source` never changes once created (LXD's message).
+        The record is written only once the driver took the change."""
+        config = {k: v for k, v in config.items() if v != ""}
+        key = pool_key(name)
+        async with self._locks.hold((POOLS, "")):
+            record = await self.pool_record(name)
+            entry = _members(record).get(self.member)
+            if entry is None:
+                raise NotFound(f"storage pool {name!r} has no storage on member {self.member!r}")
+            current = {**record.get("config", {}), **entry.get("config", {})}
+            changes = {
+                k: config.get(k, "")
+                for k in sorted(set(current) | set(config))
+                if current.get(k, "") != config.get(k, "")
+            }
+            if "source" in changes:
+                raise InvalidArgument("Pool source cannot be changed when not in pending state")
+            cls = DRIVERS.get(record["driver"])
+            for changed in changes:
+                if changed not in cls.config_keys:
+                    raise InvalidArgument(f'Invalid option "{changed}"')
+            if changes:
+                driver = await self.driver(name)
+                await uninterrupted(driver.update_pool(changes))
+
+            def update(current: dict[str, Any]) -> dict[str, Any]:
+                current["description"] = description
+                current["config"] = {k: v for k, v in config.items() if k not in POOL_MEMBER_KEYS}
+                _members(current)[self.member]["config"] = {
+                    k: v for k, v in config.items() if k in POOL_MEMBER_KEYS
+                }
+                return _summarize(current)
+
+            return await modify(self.store, key, update, missing=key)
+
+    async def delete_pool(self, name: str) -> None:
+        """Delete the pool from this member (`lxc storage delete`): its image volumes go
+        (as LXD's: images never keep a pool in use), then the pool from the disk (its
+        loop file, its mount), then this member's entry, and the record once no member
+        is left. InvalidArgument ("The storage pool is currently in use"), with nothing
+        deleted, while an instance or custom volume is on it."""
+        key = pool_key(name)
+        async with self._locks.hold((POOLS, "")):
+            record = await self.pool_record(name)
+            volumes = [
+                e.json()
+                for e in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT))
+                if e.json().get("_croft", {}).get("pool") == name
+                and e.json().get("_croft", {}).get("member") == self.member
+            ]
+            if any(v.get("type") != "image" for v in volumes):
+                raise InvalidArgument("The storage pool is currently in use")
+            entry = _members(record).get(self.member)
+            if entry is not None and entry["state"] == CREATED:
+                driver = self._drivers.get(name) or self._load(record)
+                for volume in volumes:
+                    fingerprint = volume["name"]
+                    async with self.locked(name, IMAGE_LOCK + fingerprint):
+                        with contextlib.suppress(NotFound):
+                            vol = driver.volume(VolumeType.IMAGE, fingerprint)
+                            await uninterrupted(driver.delete_volume(vol))
+                        self._image_records.discard(volume_key(name, "image", fingerprint))
+                        await self._delete_key(volume_key(name, "image", fingerprint))
+                try:
+                    await uninterrupted(driver.delete_pool())
+                except Conflict as exc:
+                    raise InvalidArgument(
+                        f"The storage pool is currently in use ({exc.message})"
+                    ) from None
+                except NotFound:
+                    pass  # gone from the disk already (a delete killed half-way)
+            elif entry is not None:
+                # A creation that died half-way (pending) or failed: remove what it made.
+                with contextlib.suppress(CroftError):
+                    await uninterrupted(self._load(record).delete_pool())
+            self._drivers.pop(name, None)
+            await self._leave_pool(key)
+        log.info("deleted storage pool %s from member %s", name, self.member)
 
     # ------------------------------------------------------------------ records
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import grpc
 
+from croft.common.errors import InvalidArgument
 from croft.storage.core import StorageCore, VolumeRef, VolumeResult
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
@@ -22,6 +24,18 @@ def _reply(result: VolumeResult) -> storage_pb2.VolumeReply:
         mount_path=result.mount_path,
         instance_mounts=result.instance_mounts,
     )
+
+
+def _config(request: storage_pb2.PoolRequest) -> dict[str, str]:
+    try:
+        config: Any = json.loads(request.config or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"pool config is not JSON: {exc}") from None
+    if not isinstance(config, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in config.items()
+    ):
+        raise InvalidArgument("pool config must map names to strings")
+    return config
 
 
 Context = grpc.aio.ServicerContext
@@ -120,4 +134,22 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.ImageVolumesRequest, context: Context
     ) -> common_pb2.Empty:
         await self.core.delete_image_volumes(request.fingerprint)
+        return common_pb2.Empty()
+
+    async def CreatePool(
+        self, request: storage_pb2.PoolRequest, context: Context
+    ) -> common_pb2.Json:
+        record = await self.core.create_pool(
+            request.name, request.driver, request.description, _config(request)
+        )
+        return common_pb2.Json(json=json.dumps(record))
+
+    async def UpdatePool(
+        self, request: storage_pb2.PoolRequest, context: Context
+    ) -> common_pb2.Json:
+        record = await self.core.update_pool(request.name, request.description, _config(request))
+        return common_pb2.Json(json=json.dumps(record))
+
+    async def DeletePool(self, request: storage_pb2.PoolRef, context: Context) -> common_pb2.Empty:
+        await self.core.delete_pool(request.name)
         return common_pb2.Empty()

@@ -1,4 +1,8 @@
-"""`/1.0/storage-pools`: the pools the storage services created (read-only for now)."""
+"""`/1.0/storage-pools`: pools, made, changed and deleted by the member's storage service.
+
+The api validates the request's shape and refuses deleting a pool in use (its `used_by`);
+the storage service of the member the pool is for (`?target=`, else this api's member)
+checks the driver and keys, makes the pool and keeps its per-member state."""
 
 from __future__ import annotations
 
@@ -6,20 +10,36 @@ import json
 from typing import Any
 
 from fastapi import APIRouter
+from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
 from croft.api.services import services
-from croft.common.errors import NotFound
+from croft.common.errors import InvalidArgument, NotFound
 from croft.common.records import DEFAULT_PROJECT, public
 from croft.v1 import storage_pb2
 
 router = APIRouter()
 
 
+class StoragePoolsPost(BaseModel):
+    name: str = ""
+    driver: str = ""
+    description: str = ""
+    config: dict[str, str] = {}
+
+
+class StoragePoolPut(BaseModel):
+    description: str = ""
+    config: dict[str, str] = {}
+
+
 async def _used_by(store: Any, pool: str) -> list[str]:
+    """What uses the pool, as LXD lists it: instances (their root volume is on it),
+    profiles (a disk device names it) and images (unpacked on it; they never keep the
+    pool from being deleted)."""
     used = []
     for entry in await store.list(records.RECORDS + "instances/"):
         instance = entry.json()
@@ -27,7 +47,18 @@ async def _used_by(store: Any, pool: str) -> list[str]:
             used.append(
                 records.url("instances", instance["name"], instance.get("project", DEFAULT_PROJECT))
             )
-    return sorted(used)
+    for entry in await store.list(records.RECORDS + "profiles/"):
+        profile = entry.json()
+        devices = (profile.get("devices") or {}).values()
+        if any(d.get("type") == "disk" and d.get("pool") == pool for d in devices):
+            used.append(
+                records.url("profiles", profile["name"], profile.get("project", DEFAULT_PROJECT))
+            )
+    for entry in await store.list(records.RECORDS + "storage-volumes/"):
+        volume = entry.json()
+        if volume.get("type") == "image" and volume.get("_croft", {}).get("pool") == pool:
+            used.append(f"/1.0/images/{volume['name']}")
+    return sorted(set(used))
 
 
 def render(
@@ -97,3 +128,88 @@ async def pool_resources(request: Request, name: str) -> Response:
     client = await services().storage(member)
     reply = await client.call("PoolResources", storage_pb2.PoolRef(name=name))
     return responses.sync(json.loads(reply.json))
+
+
+def _member(request: Request, record: dict[str, Any] | None = None) -> str:
+    """The member a change is for: `?target=`, else this api's, else the pool's only one."""
+    ctx = context(request)
+    target = request.query_params.get("target", "")
+    if target:
+        return target
+    members: dict[str, Any] = (record or {}).get("_croft", {}).get("members", {})
+    if record is not None and ctx.settings.server_name not in members and len(members) == 1:
+        return next(iter(members))
+    return ctx.settings.server_name
+
+
+@router.post("/1.0/storage-pools")
+async def pools_post(request: Request) -> Response:
+    ctx = context(request)
+    req = await query.body(request, StoragePoolsPost)
+    if not req.name:
+        raise InvalidArgument("No name provided")
+    if not req.driver:
+        raise InvalidArgument("No driver provided")
+    client = await services().storage(_member(request))
+    await client.call(
+        "CreatePool",
+        storage_pb2.PoolRequest(
+            name=req.name,
+            driver=req.driver,
+            description=req.description,
+            config=json.dumps(req.config),
+        ),
+        timeout=600,
+    )
+    url = f"/1.0/storage-pools/{req.name}"
+    await ctx.lifecycle("storage-pool-created", url, request=request)
+    return responses.created(url)
+
+
+async def _update(request: Request, name: str, *, patch: bool) -> Response:
+    ctx = context(request)
+    data = await query.json_body(request)
+    req = query.validate(data, StoragePoolPut)
+    record = await _load(ctx.store, name)
+    member = _member(request, record)
+    current = render(record, [], _standalone(request), member)
+    query.check_if_match(request, records.etag([current.get("config"), current.get("description")]))
+    if patch:
+        # LXD's PATCH: config keys are merged; an absent description keeps its value.
+        config = {**current.get("config", {}), **req.config}
+        description = req.description if "description" in data else current["description"]
+    else:
+        config, description = req.config, req.description
+    client = await services().storage(member)
+    await client.call(
+        "UpdatePool",
+        storage_pb2.PoolRequest(name=name, description=description, config=json.dumps(config)),
+        timeout=600,
+    )
+    await ctx.lifecycle("storage-pool-updated", f"/1.0/storage-pools/{name}", request=request)
+    return responses.empty_sync()
+
+
+@router.put("/1.0/storage-pools/{name}")
+async def pool_put(request: Request, name: str) -> Response:
+    return await _update(request, name, patch=False)
+
+
+@router.patch("/1.0/storage-pools/{name}")
+async def pool_patch(request: Request, name: str) -> Response:
+    return await _update(request, name, patch=True)
+
+
+@router.delete("/1.0/storage-pools/{name}")
+async def pool_delete(request: Request, name: str) -> Response:
+    ctx = context(request)
+    record = await _load(ctx.store, name)
+    used_by = await _used_by(ctx.store, name)
+    if any(not user.startswith("/1.0/images/") for user in used_by):
+        raise InvalidArgument("The storage pool is currently in use")
+    members: dict[str, Any] = record.get("_croft", {}).get("members", {})
+    for member in sorted(members) or [_member(request, record)]:
+        client = await services().storage(member)
+        await client.call("DeletePool", storage_pb2.PoolRef(name=name), timeout=600)
+    await ctx.lifecycle("storage-pool-deleted", f"/1.0/storage-pools/{name}", request=request)
+    return responses.empty_sync()

@@ -199,16 +199,28 @@ class StorageDriver(abc.ABC):
     capabilities: ClassVar[Capabilities] = Capabilities()
     #: The pool config keys this driver accepts (LXD's names), beyond the common ones.
     config_keys: ClassVar[frozenset[str]] = frozenset({"source"})
+    #: The keys of a created pool that update_pool() can change (LXD: the rest are fixed).
+    updatable_keys: ClassVar[frozenset[str]] = frozenset()
 
-    def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        pool: str,
+        config: Mapping[str, str] | None = None,
+        *,
+        pools_dir: Path = DEFAULT_POOLS_DIR,
+    ) -> None:
         self.pool = check_name(pool, "pool name")
+        # Where croft keeps its pools on this host (`<state>/storage-pools`): a pool
+        # without a `source` lives in `<pools_dir>/<pool>`, as LXD's in
+        # `/var/lib/lxd/storage-pools/<pool>`; loop files go beside it (`<state>/disks`).
+        self.pools_dir = Path(pools_dir)
         self.config: dict[str, str] = dict(config or {})
         unknown = sorted(set(self.config) - self.config_keys)
         if unknown:
             raise InvalidArgument(
                 f"invalid config for a {self.name} storage pool: unknown key(s) {', '.join(unknown)}"
             )
-        source = self.config.get("source") or str(DEFAULT_POOLS_DIR / pool)
+        source = self.config.get("source") or str(self.pools_dir / pool)
         if not source.startswith("/"):
             raise InvalidArgument(f"pool source {source!r} must be an absolute path")
         self.source = Path(source)
@@ -254,6 +266,14 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def pool_usage(self) -> PoolUsage:
         """Bytes used and total of the pool's backing storage."""
+
+    async def update_pool(self, changes: Mapping[str, str]) -> None:
+        """Apply changed config keys (new values; "" for a key removed) to the created,
+        mounted pool, and keep them in `self.config`. InvalidArgument, with nothing
+        changed, for a key not in `updatable_keys` or a value the pool cannot take."""
+        fixed = sorted(set(changes) - self.updatable_keys)
+        if fixed:
+            raise InvalidArgument(f'Invalid option "{fixed[0]}"')
 
     # -- volumes ---------------------------------------------------------------------------
 
@@ -351,14 +371,21 @@ DRIVERS: Registry[StorageDriver] = Registry(
     StorageDriver,
     {
         "dir": "croft.storage.drivers.dir:DirDriver",
+        "btrfs": "croft.storage.drivers.btrfs:BtrfsDriver",
     },
 )
 
 
-def load_driver(name: str, pool: str, config: Mapping[str, str] | None = None) -> StorageDriver:
+def load_driver(
+    name: str,
+    pool: str,
+    config: Mapping[str, str] | None = None,
+    *,
+    pools_dir: Path = DEFAULT_POOLS_DIR,
+) -> StorageDriver:
     """A driver instance bound to `pool` (no disk access yet); InvalidArgument for an
     unknown driver name."""
-    return DRIVERS.load(name, pool, config)
+    return DRIVERS.load(name, pool, config, pools_dir=pools_dir)
 
 
 __all__ = [

@@ -83,6 +83,7 @@ from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
 from croft.common.proc import run, run_async
 from croft.storage.drivers import (
+    DEFAULT_POOLS_DIR,
     INSTANCE_TYPES,
     Capabilities,
     ContentType,
@@ -275,8 +276,14 @@ class DirDriver(StorageDriver):
     )
     config_keys = frozenset({"source"})
 
-    def __init__(self, pool: str, config: Mapping[str, str] | None = None) -> None:
-        super().__init__(pool, config)
+    def __init__(
+        self,
+        pool: str,
+        config: Mapping[str, str] | None = None,
+        *,
+        pools_dir: Path = DEFAULT_POOLS_DIR,
+    ) -> None:
+        super().__init__(pool, config, pools_dir=pools_dir)
         self._image_locks: KeyedLock[str] = KeyedLock()
         # Image fingerprint -> the scan of its manifest (None: `cp -a` must copy it).
         self._image_trees: dict[str, asyncio.Future[ImageTree | None]] = {}

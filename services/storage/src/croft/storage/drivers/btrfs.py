@@ -1,0 +1,716 @@
+"""The `btrfs` storage driver: a pool is a btrfs filesystem, every volume a subvolume.
+
+The pool's filesystem is one of (LXD's three kinds of `source`):
+
+- a loop file `<state>/disks/<pool>.img`, made sparse at `size` (LXD's default when no
+  size is given: 20 % of the free space there, at least 5 GiB and at most 30 GiB), when
+  no source is given; `source` then names the file, as LXD's does;
+- an existing, empty block device (`source=/dev/...`), formatted at creation;
+- an existing empty directory on a btrfs filesystem (`source=/some/btrfs/dir`), bound.
+
+It is mounted at `<state>/storage-pools/<pool>` (with `btrfs.mount_options`, LXD's default
+`user_subvol_rm_allowed`) when it is created and at every service start, and stays
+mounted: volumes are always reachable, so `instance_mounts` is False. A loop file is
+mounted with `-o loop`, whose loop device is released by the kernel at unmount.
+
+The layout and the directory conventions are the dir driver's (LXD's layout; temporary
+`.tmp-*` and `.deleted-*` names; renameat2 to put a finished volume in place), which is why
+this driver reuses its walks of the layout; what differs is how a volume is made:
+
+- an image is unpacked once per pool into a subvolume that is then made read-only;
+- an instance volume from an image is a writable snapshot of it: a launch copies no data
+  (`copy_on_write`, `optimized_images`), and the root's `btrfs subvolume show` names the
+  image as its parent;
+- a snapshot is a read-only snapshot; a restore snapshots the snapshot under a temporary
+  name and swaps it in with RENAME_EXCHANGE; a copy is a snapshot within the pool;
+- a volume's `size` is a qgroup limit on its subvolume (LXD's: referenced bytes), so a
+  write past it fails with EDQUOT; quotas are enabled on the filesystem the first time a
+  size is asked for, as LXD does, since qgroups slow every snapshot down; usage comes from
+  the qgroup when quotas are on, from `du` otherwise;
+- block content is a raw file in a subvolume whose files are nodatacow (`chattr +C`),
+  as LXD's;
+- a delete removes nested subvolumes (made inside a container) before the volume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import re
+import shutil
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+from croft.common.blocking import in_thread
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.proc import CommandFailed, run, run_async
+from croft.storage.drivers import (
+    DEFAULT_POOLS_DIR,
+    INSTANCE_TYPES,
+    Capabilities,
+    ContentType,
+    Filler,
+    PoolUsage,
+    Volume,
+    VolumeType,
+)
+from croft.storage.drivers.dir import (
+    _RENAME_EXCHANGE,
+    BLOCK_FILE,
+    INSTANCE_MODE,
+    LAYOUT,
+    MODES,
+    SNAPSHOT_DIRS,
+    DirDriver,
+    _finish_volume,
+    _mount_points,
+    _move_into_place,
+    _renameat2,
+    _unique,
+    _unmount_all_under,
+    _what,
+    parse_size,
+)
+
+BTRFS_SUPER_MAGIC = 0x9123683E
+# The inode number of every subvolume's root directory (BTRFS_FIRST_FREE_OBJECTID).
+SUBVOLUME_ROOT_INODE = 256
+DEFAULT_MOUNT_OPTIONS = "user_subvol_rm_allowed"
+GiB = 1024**3
+# LXD's default loop file size: 20 % of the free space, within [5 GiB, 30 GiB].
+DEFAULT_SIZE_MIN, DEFAULT_SIZE_MAX = 5 * GiB, 30 * GiB
+# btrfs tools are quick; a timeout only catches a hung device.
+TOOL_TIMEOUT = 120.0
+# A rescan of a full pool after quotas are enabled reads every extent.
+RESCAN_TIMEOUT = 1800.0
+
+
+class _StatFs(ctypes.Structure):
+    _fields_ = [("f_type", ctypes.c_long), ("_rest", ctypes.c_byte * 112)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def is_btrfs(path: Path) -> bool:
+    """Whether `path` is on a btrfs filesystem."""
+    buf = _StatFs()
+    if _libc.statfs(os.fsencode(path), ctypes.byref(buf)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(path))
+    return bool(buf.f_type & 0xFFFFFFFF == BTRFS_SUPER_MAGIC)
+
+
+def _is_subvolume(st: os.stat_result) -> bool:
+    return stat.S_ISDIR(st.st_mode) and st.st_ino == SUBVOLUME_ROOT_INODE
+
+
+def subvolumes_under(path: Path) -> list[Path]:
+    """The subvolumes at or below `path` (on a btrfs pool), deepest first."""
+    found: list[Path] = []
+    try:
+        if _is_subvolume(os.lstat(path)):
+            found.append(path)
+    except FileNotFoundError:
+        return []
+    stack = [path]
+    while stack:
+        directory = stack.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except (NotADirectoryError, FileNotFoundError, PermissionError):
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                child = Path(entry.path)
+                if _is_subvolume(entry.stat(follow_symlinks=False)):
+                    found.append(child)
+                stack.append(child)
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
+def _version() -> str:
+    """btrfs-progs' version, as LXD reports its btrfs driver's (`6.2`)."""
+    try:
+        out = run(["btrfs", "--version"], timeout=10).stdout.decode()
+    except Exception:  # noqa: BLE001 (not installed: the driver cannot run, reported later)
+        return "1"
+    match = re.search(r"v(\d+(?:\.\d+)*)", out)
+    return match.group(1) if match else "1"
+
+
+# The mount options that are flags of mount(2), as LXD's resolveMountOptions knows them.
+_MS_RDONLY, _MS_REMOUNT = 1, 32
+_MOUNT_FLAGS = {
+    "ro": 1,
+    "nosuid": 2,
+    "nodev": 4,
+    "noexec": 8,
+    "sync": 16,
+    "dirsync": 128,
+    "noatime": 1024,
+    "nodiratime": 2048,
+    "relatime": 1 << 21,
+    "strictatime": 1 << 24,
+    "lazytime": 1 << 25,
+}
+
+
+def _remount(target: Path, options: str) -> None:
+    """Remount with these options, as LXD does (mount(2) with MS_REMOUNT): the mount's
+    flags become these (the kernel keeps its atime flag when none is named), where
+    `mount -o remount` would merge in every option the mount had."""
+    flags, data = _MS_REMOUNT, []
+    for option in filter(None, options.split(",")):
+        if option in _MOUNT_FLAGS:
+            flags |= _MOUNT_FLAGS[option]
+        elif option != "rw":
+            data.append(option)
+    if (
+        _libc.mount(
+            b"none", os.fsencode(target), b"btrfs", ctypes.c_ulong(flags), ",".join(data).encode()
+        )
+        != 0
+    ):
+        err = ctypes.get_errno()
+        raise InvalidArgument(f"Failed to remount {target} with {options!r}: {os.strerror(err)}")
+
+
+def _has_signature(device: Path) -> str:
+    """The filesystem or partition table on a block device ("" if none)."""
+    result = run(["blkid", "-p", "-o", "value", "-s", "TYPE", str(device)], check=False)
+    if result.returncode == 2:  # blkid: nothing found
+        return ""
+    return result.stdout.decode().strip() or "data"
+
+
+class BtrfsDriver(DirDriver):
+    """A storage pool that is a btrfs filesystem; see the module docstring."""
+
+    name = "btrfs"
+    version = _version()
+    capabilities = Capabilities(
+        copy_on_write=True,
+        quotas=True,
+        snapshots=True,
+        optimized_images=True,
+        idmapped_mounts=True,
+        content_types=frozenset({ContentType.FILESYSTEM, ContentType.BLOCK}),
+    )
+    config_keys = frozenset({"source", "size", "btrfs.mount_options"})
+    updatable_keys = frozenset({"size", "btrfs.mount_options"})
+
+    def __init__(
+        self,
+        pool: str,
+        config: Mapping[str, str] | None = None,
+        *,
+        pools_dir: Path = DEFAULT_POOLS_DIR,
+    ) -> None:
+        given = dict(config or {})
+        backing = given.get("source", "")
+        # The base class's `source` is where the pool's tree is: the mount point.
+        super().__init__(
+            pool, {**given, "source": str(Path(pools_dir) / pool)}, pools_dir=pools_dir
+        )
+        self.loop_file = self.pools_dir.parent / "disks" / f"{self.pool}.img"
+        if not backing:
+            backing = str(self.loop_file)
+        if not backing.startswith("/"):
+            raise InvalidArgument(f"pool source {backing!r} must be an absolute path")
+        self.backing = Path(backing)
+        self.config["source"] = backing
+        if "size" in self.config:
+            if not self.is_loop:
+                raise InvalidArgument("size can only be set on a btrfs pool on a loop file")
+            parse_size(self.config["size"])
+        self.mount_options = self.config.get("btrfs.mount_options") or DEFAULT_MOUNT_OPTIONS
+        self._quotas_on: bool | None = None
+
+    @property
+    def is_loop(self) -> bool:
+        return self.backing == self.loop_file
+
+    # -- system commands -------------------------------------------------------------------
+
+    @staticmethod
+    async def _btrfs(*args: str, timeout: float = TOOL_TIMEOUT) -> str:
+        _, out, _ = await run_async(["btrfs", *args], timeout=timeout)
+        return out.decode(errors="replace")
+
+    def _mount_argv(self) -> list[str]:
+        target = str(self.source)
+        if self.is_loop:
+            return [
+                "mount",
+                "-t",
+                "btrfs",
+                "-o",
+                f"loop,{self.mount_options}",
+                str(self.backing),
+                target,
+            ]
+        if self.backing.is_block_device():
+            return ["mount", "-t", "btrfs", "-o", self.mount_options, str(self.backing), target]
+        return ["mount", "--bind", str(self.backing), target]
+
+    def _is_mounted(self) -> bool:
+        return self.source in _mount_points()
+
+    def _mount(self) -> None:
+        if not self._is_mounted():
+            run(self._mount_argv(), timeout=TOOL_TIMEOUT)
+
+    def _unmount(self) -> None:
+        if self._is_mounted():
+            run(["umount", str(self.source)], timeout=TOOL_TIMEOUT)
+
+    # -- pool ------------------------------------------------------------------------------
+
+    def default_size(self) -> int:
+        """LXD's default loop file size for the filesystem that holds the loop files."""
+        directory = self.loop_file.parent
+        while not directory.exists():
+            directory = directory.parent
+        st = os.statvfs(directory)
+        free = st.f_bavail * st.f_frsize
+        size = min(max(free // 5, DEFAULT_SIZE_MIN), DEFAULT_SIZE_MAX)
+        return size // GiB * GiB
+
+    def _create_pool(self) -> None:
+        if self._is_mounted():
+            raise Conflict(f"storage pool {self.pool!r} is already mounted at {self.source}")
+        if self.source.exists() and (not self.source.is_dir() or any(self.source.iterdir())):
+            raise Conflict(f"pool mount point {self.source} exists and is not empty")
+        undo: list[tuple[str, Path]] = []
+        try:
+            if self.is_loop:
+                self._make_loop_file(undo)
+            elif self.backing.is_block_device():
+                found = _has_signature(self.backing)
+                if found:
+                    raise InvalidArgument(
+                        f"Block device {self.backing} is not empty (it holds {found})"
+                    )
+                run(["mkfs.btrfs", "-L", self.pool, str(self.backing)], timeout=TOOL_TIMEOUT)
+            elif self.backing.is_dir():
+                if not is_btrfs(self.backing):
+                    raise InvalidArgument("Provided path does not reside on a btrfs filesystem")
+                if any(self.backing.iterdir()):
+                    raise InvalidArgument(f"Source path '{self.backing}' isn't empty")
+            elif self.backing.exists():
+                raise InvalidArgument("Provided path does not reside on a btrfs filesystem")
+            else:
+                raise InvalidArgument(f"Source path '{self.backing}' doesn't exist")
+            if not self.source.exists():
+                self.source.mkdir(mode=0o711, parents=True)
+                undo.append(("rmdir", self.source))
+            try:
+                self._mount()
+            except CommandFailed as exc:
+                # Most likely a bad btrfs.mount_options: the user's to fix, in mount's words.
+                raise InvalidArgument(
+                    f"Failed to mount the pool with options {self.mount_options!r}: "
+                    f"{' '.join(exc.stderr.split())}"
+                ) from None
+            undo.append(("umount", self.source))
+            os.chmod(self.source, 0o711)
+            for sub in LAYOUT:
+                (self.source / sub).mkdir(mode=MODES[sub], exist_ok=True)
+                os.chmod(self.source / sub, MODES[sub])
+        except BaseException:
+            for action, path in reversed(undo):
+                with contextlib.suppress(Exception):
+                    if action == "umount":
+                        for sub in LAYOUT:
+                            with contextlib.suppress(OSError):
+                                (path / sub).rmdir()
+                        run(["umount", str(path)], timeout=TOOL_TIMEOUT)
+                    elif action == "rmdir":
+                        path.rmdir()
+                    elif action == "unlink":
+                        path.unlink()
+            raise
+
+    def _make_loop_file(self, undo: list[tuple[str, Path]]) -> None:
+        size = parse_size(self.config["size"]) if "size" in self.config else self.default_size()
+        self.config.setdefault("size", f"{size // GiB}GiB" if size % GiB == 0 else str(size))
+        self.loop_file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            with open(self.loop_file, "xb") as f:
+                os.fchmod(f.fileno(), 0o600)
+                undo.append(("unlink", self.loop_file))
+                f.truncate(size)
+        except FileExistsError:
+            # Conflict: a creation killed half-way left it; the service's start finishes it.
+            raise Conflict(f"Source file location already exists: {self.loop_file}") from None
+        try:
+            run(["mkfs.btrfs", "-L", self.pool, str(self.loop_file)], timeout=TOOL_TIMEOUT)
+        except Exception as exc:
+            # mkfs's own words say why (a size too small names the minimum).
+            message = getattr(exc, "stderr", "") or str(exc)
+            raise InvalidArgument(
+                f"Failed to format sparse file: {' '.join(message.split())}"
+            ) from None
+
+    def _mount_pool(self) -> None:
+        if self.is_loop and not self.loop_file.is_file():
+            raise NotFound(f"storage pool {self.pool!r}: its loop file {self.loop_file} is missing")
+        if not self.source.is_dir():
+            raise NotFound(f"storage pool {self.pool!r} does not exist at {self.source}")
+        self._mount()
+        for sub in LAYOUT:
+            directory = self.source / sub
+            directory.mkdir(mode=MODES[sub], exist_ok=True)
+            for entry in directory.iterdir():
+                if entry.name.startswith((".tmp-", ".deleted-")):
+                    _unmount_all_under(entry, f"leftover {entry}")
+                    self._remove(entry)
+        for sub in SNAPSHOT_DIRS.values():
+            for snapshots in (self.source / sub).iterdir():
+                if snapshots.is_dir():
+                    for entry in snapshots.iterdir():
+                        if entry.name.startswith((".tmp-", ".deleted-")):
+                            self._remove(entry)
+
+    def _delete_pool(self) -> None:
+        self._require_pool()
+        if not self._is_mounted():
+            self._mount()
+        in_use = []
+        for sub in LAYOUT:
+            directory = self.source / sub
+            if directory.is_dir():
+                names = [e.name for e in directory.iterdir() if not e.name.startswith(".")]
+                if names:
+                    in_use.append(f"{len(names)} in {sub}/")
+        others = [e.name for e in self.source.iterdir() if e.name not in LAYOUT]
+        if in_use or others:
+            detail = ", ".join(in_use + ([f"unknown entries {sorted(others)}"] if others else []))
+            raise Conflict(f"storage pool {self.pool!r} is not empty: {detail}")
+        for sub in LAYOUT:
+            directory = self.source / sub
+            if directory.is_dir():
+                _unmount_all_under(directory, f"pool {self.pool!r}")
+                self._remove(directory)
+        self._unmount()
+        self.source.rmdir()
+        if self.is_loop:
+            self.loop_file.unlink(missing_ok=True)
+
+    async def pool_usage(self) -> PoolUsage:
+        self._require_pool()
+        st = await in_thread(os.statvfs, self.source)
+        # btrfs has no inode count (statvfs says 0): LXD reports 0 too.
+        return PoolUsage(
+            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            total_bytes=st.f_blocks * st.f_frsize,
+        )
+
+    async def update_pool(self, changes: Mapping[str, str]) -> None:
+        """Apply changed keys of a created pool (`updatable_keys`): `size` grows the loop
+        file and the filesystem (never shrinks it); `btrfs.mount_options` remounts.
+        InvalidArgument, and nothing changed, for anything else."""
+        await super().update_pool(changes)
+        if "size" in changes:
+            if not self.is_loop:
+                raise InvalidArgument("size can only be set on a btrfs pool on a loop file")
+            new = parse_size(changes["size"] or "0")
+            current = (await in_thread(os.stat, self.loop_file)).st_size
+            if new < current:
+                raise InvalidArgument("Pool cannot be shrunk")
+            if new > current:
+                await in_thread(os.truncate, self.loop_file, new)
+                loop = await self._loop_device()
+                await run_async(["losetup", "-c", loop], timeout=TOOL_TIMEOUT)
+                await self._btrfs("filesystem", "resize", "max", str(self.source))
+            self.config["size"] = changes["size"]
+        if "btrfs.mount_options" in changes:
+            options = changes["btrfs.mount_options"] or DEFAULT_MOUNT_OPTIONS
+            if not self.backing.is_dir():  # a bind mount takes no btrfs options
+                await in_thread(_remount, self.source, options)
+            self.mount_options = options
+            self.config["btrfs.mount_options"] = options
+
+    async def _loop_device(self) -> str:
+        _, out, _ = await run_async(["losetup", "-j", str(self.loop_file)], timeout=TOOL_TIMEOUT)
+        for line in out.decode().splitlines():
+            return line.split(":", 1)[0]
+        raise NotFound(f"no loop device holds {self.loop_file}")
+
+    # -- removing subvolumes ---------------------------------------------------------------
+
+    def _remove(self, path: Path) -> None:
+        """Remove a tree that may hold subvolumes (nested ones first), then the rest."""
+        if path.is_symlink() or path.is_file():
+            path.unlink(missing_ok=True)
+            return
+        subvolumes = subvolumes_under(path)
+        if len(subvolumes) > 1:
+            # A nested subvolume's entry is in its parent: a read-only parent (a snapshot
+            # of a volume that held one) must become writable for it to go.
+            for subvolume in reversed(subvolumes):
+                run(
+                    ["btrfs", "property", "set", "-ts", str(subvolume), "ro", "false"],
+                    timeout=TOOL_TIMEOUT,
+                )
+        if subvolumes:
+            run(
+                ["btrfs", "subvolume", "delete", *map(str, subvolumes)],
+                timeout=TOOL_TIMEOUT,
+            )
+        if path.exists():
+            shutil.rmtree(path)
+
+    async def _snapshot(self, source: Path, target: Path, *, readonly: bool) -> None:
+        """Snapshot the subvolume `source` as `target`, with the subvolumes nested in it
+        (a btrfs snapshot leaves an empty directory in their place), as LXD does; only
+        `target` itself is made read-only if asked. Nothing is left of `target` when it
+        fails (the caller removes it)."""
+        # One quick look for direct children first: most volumes have none, and a walk
+        # of a whole root filesystem is not free.
+        children = await self._btrfs("subvolume", "list", "-o", str(source))
+        if not children.strip():
+            await self._btrfs(
+                "subvolume", "snapshot", *(["-r"] if readonly else []), str(source), str(target)
+            )
+            return
+        await self._btrfs("subvolume", "snapshot", str(source), str(target))
+        nested = [p for p in await in_thread(subvolumes_under, source) if p != source]
+        for subvolume in sorted(nested, key=lambda p: len(p.parts)):
+            placeholder = target / subvolume.relative_to(source)
+            await in_thread(placeholder.rmdir)
+            await self._btrfs("subvolume", "snapshot", str(subvolume), str(placeholder))
+        if readonly:
+            await self._btrfs("property", "set", "-ts", str(target), "ro", "true")
+
+    def _delete_tree(self, path: Path, what: str) -> None:
+        """Move the tree out of its name at once, then remove it."""
+        _unmount_all_under(path, what)
+        trash = _unique(path.parent, "deleted", path.name)
+        os.rename(path, trash)
+        self._remove(trash)
+
+    # -- quotas ----------------------------------------------------------------------------
+
+    async def quotas_enabled(self) -> bool:
+        if self._quotas_on is None:
+            code, _, _ = await run_async(
+                ["btrfs", "qgroup", "show", str(self.source)], timeout=TOOL_TIMEOUT, check=False
+            )
+            self._quotas_on = code == 0
+        return self._quotas_on
+
+    async def _enable_quotas(self) -> None:
+        if await self.quotas_enabled():
+            return
+        await self._btrfs("quota", "enable", str(self.source))
+        # Enabling starts a rescan of what is there; wait for it, or the counts are wrong.
+        await run_async(
+            ["btrfs", "quota", "rescan", "-W", str(self.source)],
+            timeout=RESCAN_TIMEOUT,
+            check=False,
+        )
+        self._quotas_on = True
+
+    async def _set_size(self, path: Path, size: str) -> None:
+        """Limit the subvolume at `path` to `size` referenced bytes ("" or 0: no limit)."""
+        limit = parse_size(size) if size else 0
+        await self._enable_quotas()
+        await self._btrfs("qgroup", "limit", str(limit) if limit else "none", str(path))
+
+    # -- volumes ---------------------------------------------------------------------------
+
+    async def _fill(self, vol: Volume, final: Path, filler: Filler | None) -> None:
+        """Make the volume as a subvolume under a temporary name, fill it, move it in."""
+        tmp = _unique(final.parent, "tmp", vol.name)
+        try:
+            await self._btrfs("subvolume", "create", str(tmp))
+            await in_thread(os.chmod, tmp, INSTANCE_MODE)
+            if vol.content is ContentType.BLOCK:
+                # Files made in it from now on are nodatacow, as LXD's block volumes.
+                await run_async(["chattr", "+C", str(tmp)], timeout=TOOL_TIMEOUT)
+                size = parse_size(vol.config["size"]) if "size" in vol.config else None
+                await in_thread(self._make_block_file, tmp / BLOCK_FILE, size)
+            elif vol.type in INSTANCE_TYPES and filler is None:
+                await in_thread(self._make_rootfs, tmp)
+            if filler is not None:
+                await self._run_filler(filler, self._mounted(vol, tmp))
+            if vol.type is VolumeType.IMAGE and not (tmp / "rootfs").is_dir():
+                raise InvalidArgument(f"image {vol.name} has no rootfs/ directory after unpacking")
+            if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
+                await self._set_size(tmp, vol.config["size"])
+            if vol.type is VolumeType.IMAGE:
+                # Images are root's alone, like LXD's, and never change: read-only.
+                await in_thread(os.chmod, tmp, 0o700)
+                await self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
+                await in_thread(_move_into_place, tmp, final, _what(vol))
+            else:
+                unrecorded = vol.type in INSTANCE_TYPES
+                await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+        except BaseException:
+            await asyncio.shield(in_thread(self._remove, tmp))
+            raise
+
+    async def create_volume_from_copy(
+        self, vol: Volume, src: Volume, *, with_snapshots: bool = False
+    ) -> None:
+        if vol.is_snapshot:
+            raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
+        final = self.volume_path(vol)
+        source = self._require(src)
+        if final.exists():
+            raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
+        source_snaps = None if src.is_snapshot else self.snapshots_path(src)
+        final_snaps = self.snapshots_path(vol)
+        snapshots = (
+            await self.list_snapshots(src)
+            if with_snapshots and source_snaps is not None and final_snaps is not None
+            else []
+        )
+        if snapshots and final_snaps is not None and final_snaps.exists():
+            raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
+        unrecorded = vol.type in INSTANCE_TYPES
+        tmp = _unique(final.parent, "tmp", vol.name)
+        tmp_snaps = (
+            _unique(final_snaps.parent, "tmp", vol.name) if snapshots and final_snaps else None
+        )
+        moved = False
+        try:
+            # A launch (src is an image) is this one command: no data is copied.
+            if src.type is VolumeType.IMAGE:
+                # An image holds no nested subvolume (it was unpacked by croft).
+                await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+            else:
+                await self._snapshot(source, tmp, readonly=False)
+            if src.type is not VolumeType.IMAGE:
+                # The source's own marks are not part of a copy.
+                await in_thread(self._drop_hidden_entries, tmp)
+            if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
+                await self._set_size(tmp, vol.config["size"])
+            if tmp_snaps is not None and source_snaps is not None:
+                await in_thread(tmp_snaps.mkdir, 0o700)
+                for snapshot in snapshots:
+                    await self._snapshot(
+                        source_snaps / snapshot, tmp_snaps / snapshot, readonly=True
+                    )
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+            moved = True
+            if tmp_snaps is not None and final_snaps is not None:
+                await in_thread(
+                    _move_into_place, tmp_snaps, final_snaps, f"snapshots of {vol.name!r}"
+                )
+        except BaseException:
+
+            def undo() -> None:
+                if moved:
+                    self._delete_tree(final, _what(vol))
+                for path in (tmp, tmp_snaps):
+                    if path is not None:
+                        with contextlib.suppress(OSError):
+                            self._remove(path)
+
+            await asyncio.shield(in_thread(undo))
+            raise
+
+    async def delete_volume(self, vol: Volume) -> None:
+        path = self.volume_path(vol)
+        self._require_pool()
+        what = _what(vol)
+        if vol.is_snapshot:
+            path = self._require(vol)
+            await in_thread(self._delete_tree, path, what)
+            return
+        snapshots = self.snapshots_path(vol)
+        trees = [t for t in (snapshots, path) if t is not None and t.is_dir()]
+        if not path.is_dir() and not trees:
+            raise NotFound(f"{what} not found in pool {self.pool!r}")
+
+        def delete() -> None:
+            # Check every tree for mounts before deleting any, so a refusal deletes nothing.
+            for tree in trees:
+                _unmount_all_under(tree, what)
+            for tree in trees:
+                self._delete_tree(tree, what)
+
+        if vol.type is not VolumeType.IMAGE:
+            await in_thread(delete)
+            return
+        async with self._image_locks.hold(vol.name):
+            await in_thread(delete)
+
+    async def volume_usage(self, vol: Volume) -> int:
+        path = self._require(vol)
+        if not await self.quotas_enabled():
+            return await super().volume_usage(vol)
+        # Written data reaches the qgroup counts at the next commit.
+        await self._btrfs("filesystem", "sync", str(self.source))
+        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
+        for line in out.splitlines():
+            fields = line.split()
+            if fields and fields[0] == f"0/{subvolume}":
+                return int(fields[1])  # referenced, as LXD reports
+        raise NotFound(f"no qgroup for {_what(vol)} in pool {self.pool!r}")
+
+    # -- snapshots -------------------------------------------------------------------------
+
+    async def create_snapshot(self, snap: Volume) -> None:
+        if not snap.is_snapshot:
+            raise InvalidArgument(f"{snap.name!r} is not a snapshot name (<volume>/<snapshot>)")
+        final = self.volume_path(snap)
+        source = self._require(snap.parent())
+        if final.exists():
+            raise Conflict(f"{_what(snap)} already exists")
+        made_parent = not final.parent.exists()
+        await in_thread(final.parent.mkdir, 0o700, False, True)
+        tmp = _unique(final.parent, "tmp", snap.snapshot_name)
+        try:
+            await self._snapshot(source, tmp, readonly=True)
+            await in_thread(_move_into_place, tmp, final, _what(snap))
+        except BaseException:
+
+            def undo() -> None:
+                self._remove(tmp)
+                if made_parent:
+                    with contextlib.suppress(OSError):
+                        final.parent.rmdir()
+
+            await asyncio.shield(in_thread(undo))
+            raise
+
+    async def restore_volume(self, vol: Volume, snapshot: str) -> None:
+        snap = self._require(vol.snapshot(snapshot))
+        current = self.volume_path(vol)
+        tmp = _unique(current.parent, "tmp", vol.name)
+        try:
+            await in_thread(_unmount_all_under, current, _what(vol))
+            await self._snapshot(snap, tmp, readonly=False)
+            limit = await self._size_limit(current)
+            if limit:
+                await self._set_size(tmp, str(limit))
+            # One atomic swap: the volume is either wholly old or wholly restored.
+            await in_thread(_renameat2, tmp, current, _RENAME_EXCHANGE)
+        except BaseException:
+            await asyncio.shield(in_thread(self._remove, tmp))
+            raise
+        # `tmp` now holds the state from before the restore.
+        await in_thread(self._remove, tmp)
+
+    async def _size_limit(self, path: Path) -> int:
+        """The referenced-bytes limit on a subvolume (0: none, or quotas are off)."""
+        if not await self.quotas_enabled():
+            return 0
+        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        out = await self._btrfs("qgroup", "show", "--raw", "-r", "-f", str(path))
+        for line in out.splitlines():
+            fields = line.split()
+            if fields and fields[0] == f"0/{subvolume}" and len(fields) > 3:
+                return int(fields[3]) if fields[3].isdigit() else 0
+        return 0
+
+
+__all__ = ["BtrfsDriver", "is_btrfs", "subvolumes_under"]
