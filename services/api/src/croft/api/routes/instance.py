@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
@@ -92,6 +92,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
         "expanded_config": expanded_config,
         "expanded_devices": expanded_devices,
     }
+    limits.check_record(new, "instance")
     client = await compute_of(record)
     update = compute_pb2.UpdateInstanceRequest(record=json.dumps(new), revision=revision)
 

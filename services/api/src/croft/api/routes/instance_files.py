@@ -33,9 +33,13 @@ def _int_header(request: Request, name: str, default: int) -> int:
     if value in (None, ""):
         return default
     try:
-        return int(value, 8) if name.lower() == "x-lxd-mode" else int(value)
+        number = int(value, 8) if name.lower() == "x-lxd-mode" else int(value)
     except ValueError:
         raise InvalidArgument(f"Invalid {name} header: {value!r}") from None
+    # What the host takes: uid/gid_t are 32 bits, modes 12 bits (-1: the default).
+    if not -1 <= number <= (0o7777 if name.lower() == "x-lxd-mode" else 2**32 - 1):
+        raise InvalidArgument(f"Invalid {name} header: {value!r} is out of range")
+    return number
 
 
 @router.get("/1.0/instances/{name}/files")

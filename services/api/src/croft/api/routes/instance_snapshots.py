@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, compute_operation, ref
 from croft.api.domain.instances import NamePost, load
@@ -40,7 +40,7 @@ def validate_snapshot_name(name: str) -> None:
 
 class SnapshotsPost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
     stateful: StrictBool = False
     expires_at: StrictStr | None = None
 

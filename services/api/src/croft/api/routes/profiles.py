@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
 from croft.api.domain.compute import compute_of
@@ -34,17 +34,17 @@ Devices = dict[str, dict[str, StrictStr]]
 class ProfilePut(BaseModel):
     model_config = ConfigDict(extra="ignore")
     config: dict[str, StrictStr] | None = None
-    description: StrictStr | None = None
+    description: limits.Description | None = None
     devices: Devices | None = None
 
 
 class ProfilesPost(ProfilePut):
-    name: StrictStr = ""
+    name: limits.Name = ""
 
 
 class ProfilePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
 
 
 def validate_name(name: str) -> None:
@@ -61,6 +61,7 @@ def validate_name(name: str) -> None:
 def validate(record: dict[str, Any]) -> None:
     validate_instance_config(record["config"], profile=True)
     validate_devices(record["devices"])
+    limits.check_record(record, "profile")
 
 
 def writable(record: dict[str, Any]) -> list[Any]:
