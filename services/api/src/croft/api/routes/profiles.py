@@ -68,6 +68,29 @@ def writable(record: dict[str, Any]) -> list[Any]:
     return [record.get("config", {}), record.get("description", ""), record.get("devices", {})]
 
 
+async def check_networks(
+    store: Store, project: str, devices: dict[str, Any], before: dict[str, Any] | None = None
+) -> None:
+    """InvalidArgument, in LXD's words, when a NIC names a managed network that does not
+    exist. Only devices added or changed are checked: a profile keeps what it had."""
+    for device_name, device in devices.items():
+        network = device.get("network")
+        if device.get("type") != "nic" or not network:
+            continue
+        if before is not None and before.get(device_name) == device:
+            continue
+        # Networks are not scoped by project in croft (records.py).
+        if (
+            await store.get(records.record_key("networks", records.DEFAULT_PROJECT, network))
+            is None
+        ):
+            raise InvalidArgument(
+                f'Device validation failed for "{device_name}": Failed loading device '
+                f'"{device_name}": Failed to load network "{network}" for project '
+                f'"{project}": Network not found'
+            )
+
+
 async def instances_using(store: Store, project: str, name: str) -> list[str]:
     urls = []
     for entry in await store.list(records.record_prefix("instances", project)):
@@ -131,6 +154,7 @@ async def profiles_post(request: Request) -> Response:
         "devices": req.devices or {},
     }
     validate(record)
+    await check_networks(ctx.store, project, record["devices"])
     try:
         await ctx.store.create(records.record_key(KIND, project, req.name), dump(record))
     except Conflict:
@@ -181,7 +205,9 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     if found is None:
         raise NotFound("Profile not found")
     # Refused before anything is written if an instance using the profile cannot take it.
-    await _instance_updates(ctx.store, project, name, change(found[0]))
+    first = change(found[0])
+    await check_networks(ctx.store, project, first["devices"], found[0].get("devices") or {})
+    await _instance_updates(ctx.store, project, name, first)
     written = await records.modify(
         ctx.store, key, change, missing="Profile not found", current=found
     )
