@@ -37,6 +37,10 @@ MAX_NAME = 256
 MAX_DESCRIPTION = 64 * KIB
 #: A whole record as stored (its JSON), in bytes.
 MAX_RECORD = 1 * MIB
+#: A path in an instance, and each of its components, in bytes (Linux's PATH_MAX and
+#: NAME_MAX: the host refuses longer ones half-way through the request).
+MAX_PATH = 4096
+MAX_PATH_COMPONENT = 255
 #: What an error message may carry to a client, in characters.
 MAX_MESSAGE = 4 * KIB
 
@@ -76,6 +80,15 @@ def check_text(value: str, what: str, *, limit: int = MAX_STRING) -> None:
         raise InvalidArgument(f"{what} contains a NUL character")
     if _SURROGATE.search(value):
         raise InvalidArgument(f"{what} is not valid Unicode (a lone UTF-16 surrogate)")
+
+
+def check_file_path(path: str) -> None:
+    """InvalidArgument unless `path` is one the host can look up (see MAX_PATH)."""
+    check_text(path, "The path", limit=MAX_PATH)
+    if len(path.encode()) > MAX_PATH:
+        raise InvalidArgument(f"The path is longer than {MAX_PATH} bytes")
+    if any(len(part.encode()) > MAX_PATH_COMPONENT for part in path.split("/")):
+        raise InvalidArgument(f"A component of the path is longer than {MAX_PATH_COMPONENT} bytes")
 
 
 def _refuse_constant(name: str) -> Any:

@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import responses
+from croft.api import limits, responses
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import load
 from croft.common.errors import InvalidArgument
@@ -25,6 +25,7 @@ def _file_path(request: Request) -> str:
     path = request.query_params.get("path", "")
     if not path:
         raise InvalidArgument("Missing path argument")
+    limits.check_file_path(path)
     return path if path.startswith("/") else "/" + path
 
 
