@@ -50,6 +50,15 @@ def envelope(replica: Replica, method: str, path: str, raw: bytes) -> tuple[int,
         (b'{"name": "p", "x": NaN}', "NaN is not a JSON number"),
         (b'{"name": "p", "x": 1e400}', "is out of range"),
         (b"\xff\xfe{}", "not valid JSON"),
+        (
+            json.dumps(
+                {
+                    "name": "p",
+                    "devices": {"d": {"type": "disk", "path": "/m", "source": "/" + "a" * 300}},
+                }
+            ).encode(),
+            "Device 'd': source: A component of the path is longer than 255 bytes",
+        ),
     ],
 )
 def test_a_body_beyond_the_limits_is_a_400_saying_which(

@@ -91,6 +91,23 @@ def check_file_path(path: str) -> None:
         raise InvalidArgument(f"A component of the path is longer than {MAX_PATH_COMPONENT} bytes")
 
 
+# Device keys that name a path on the host or in the instance.
+_DEVICE_PATHS = ("source", "path")
+
+
+def check_device_paths(devices: dict[str, Any]) -> None:
+    """InvalidArgument when a device's `source` or `path` is longer than a path can be:
+    the host would refuse it half-way through the change, in an error too long to carry."""
+    for name, device in devices.items():
+        for key in _DEVICE_PATHS:
+            value = device.get(key) if isinstance(device, dict) else None
+            if isinstance(value, str):
+                try:
+                    check_file_path(value)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(f"Device {_short(name)}: {key}: {exc.message}") from None
+
+
 def _refuse_constant(name: str) -> Any:
     raise InvalidArgument(f"The request body is not valid JSON: {name} is not a JSON number")
 

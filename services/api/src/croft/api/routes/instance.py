@@ -137,6 +137,7 @@ async def _updated(
         "expanded_config": expanded_config,
         "expanded_devices": expanded_devices,
     }
+    limits.check_device_paths(expanded_devices)
     limits.check_record(new, "instance")
     return new
 

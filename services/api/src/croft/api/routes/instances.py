@@ -164,6 +164,7 @@ async def instances_post(request: Request) -> Response:
         "expanded_config": expanded_config,
         "expanded_devices": expanded_devices,
     }
+    limits.check_device_paths(expanded_devices)
     limits.check_record(record, "instance")
     request_pb = compute_pb2.CreateInstanceRequest(
         record=json.dumps(record), image_fingerprint=fingerprint, start=req.start

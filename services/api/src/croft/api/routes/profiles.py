@@ -61,6 +61,7 @@ def validate_name(name: str) -> None:
 def validate(record: dict[str, Any]) -> None:
     validate_instance_config(record["config"], profile=True)
     validate_devices(record["devices"])
+    limits.check_device_paths(record["devices"])
     limits.check_record(record, "profile")
 
 
