@@ -239,7 +239,8 @@ devices = st.dictionaries(
     odd_text | st.just("fzdev"),
     odd_map()
     | st.just({"type": "nic", "network": "no-such-network", "name": "eth9"})
-    | st.just({"type": "unix-char", "path": "/dev/fuzz\x00"}),
+    | st.just({"type": "unix-char", "path": "/dev/fuzz\x00"})
+    | odd_text.map(lambda text: {"type": "disk", "path": "/mnt", "source": "/" + text}),
     max_size=2,
 )
 
