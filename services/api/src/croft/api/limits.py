@@ -105,7 +105,7 @@ def check_device_paths(devices: dict[str, Any]) -> None:
                 try:
                     check_file_path(value)
                 except InvalidArgument as exc:
-                    raise InvalidArgument(f"Device {_short(name)}: {key}: {exc.message}") from None
+                    raise InvalidArgument(f"Device {quote(name)}: {key}: {exc.message}") from None
 
 
 def _refuse_constant(name: str) -> Any:
@@ -146,7 +146,7 @@ def check_json(data: Any) -> None:
                 )
             if isinstance(value, dict):
                 for key, item in value.items():
-                    check_text(key, f"The key {_short(key)}{_at(where)}", limit=MAX_KEY)
+                    check_text(key, f"The key {quote(key)}{_at(where)}", limit=MAX_KEY)
                     stack.append((item, depth + 1, f"{where}.{key}" if where else key))
             else:
                 for index, item in enumerate(value):
@@ -172,10 +172,10 @@ def check_record(record: dict[str, Any], what: str) -> None:
 
 
 def _at(where: str) -> str:
-    return f" at {_short(where)}" if where else ""
+    return f" at {quote(where)}" if where else ""
 
 
-def _short(text: str, keep: int = 64) -> str:
+def quote(text: str, keep: int = 64) -> str:
     """Part of a client's string fit to quote in a message: no more than `keep`
     characters, and nothing that cannot be encoded."""
     cut = text if len(text) <= keep else text[:keep] + "..."

@@ -57,7 +57,7 @@ def check_query(request: Request) -> None:
     for key, value in request.query_params.multi_items():
         if "\x00" in key or "\x00" in value:
             raise InvalidArgument(
-                f"The query parameter {limits._short(key)} contains a NUL character"
+                f"The query parameter {limits.quote(key)} contains a NUL character"
             )
 
 
@@ -135,7 +135,7 @@ def _describe(error: ValidationError, model: type[BaseModel]) -> str:
     first = error.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     # The location may hold a client's key: quoted safely and not at any length.
-    return f"Invalid {model.__name__} field {limits._short(where)}: {first['msg']}"
+    return f"Invalid {model.__name__} field {limits.quote(where)}: {first['msg']}"
 
 
 async def body(request: Request, model: type[M]) -> M:
@@ -145,8 +145,8 @@ async def body(request: Request, model: type[M]) -> M:
 
 
 def validate(data: Any, model: type[M]) -> M:
-    """`data` (a decoded body) as `model`; InvalidArgument naming the first field that
-    does not fit. Data not from `json_body` is held to croft.api.limits here."""
+    """`data`, a body from `json_body` (so already held to croft.api.limits), as
+    `model`; InvalidArgument naming the first field that does not fit."""
     if not isinstance(data, dict):
         raise InvalidArgument(
             f"The request body must be a JSON object ({model.__name__}), not {type(data).__name__}"
