@@ -120,3 +120,32 @@ def test_an_error_message_always_renders() -> None:
         body = json.loads(response.body.decode("utf-8"))
         assert (response.status_code, body["type"], body["error_code"]) == (400, "error", 400)
         assert len(body["error"]) < limits.MAX_MESSAGE + 100
+
+
+def test_a_profile_change_that_would_make_an_instance_too_large_is_refused(
+    replica: Replica,
+) -> None:
+    value = "v" * limits.MAX_STRING
+    assert replica.request("POST", "/1.0/profiles", {"name": "shared"}).status == 201
+    # An instance using it, as compute records one (no compute runs here: the change is
+    # refused before any is asked).
+    own = {"user.own": value}
+    instance = {
+        "name": "c1",
+        "project": "default",
+        "status": "Stopped",
+        "profiles": ["shared"],
+        "config": own,
+        "devices": {},
+        "expanded_config": own,
+        "expanded_devices": {},
+        "_croft": {"state": "created", "member": "nowhere"},
+    }
+    replica.run(replica.ctx.store.create("/croft/records/instances/default/c1", dump(instance)))
+    config = {"user.a": value, "user.b": value}
+    reply = replica.request("PATCH", "/1.0/profiles/shared", {"config": config})
+    assert reply.status == 400
+    assert reply.error.startswith(
+        'Invalid profile for instance "c1": The instance would be larger than 1 MiB'
+    )
+    assert replica.request("GET", "/1.0/profiles/shared").metadata["config"] == {}

@@ -253,6 +253,14 @@ async def _instance_updates(
         try:
             validate_instance_config(expanded_config, profile=False)
             validate_devices(expanded_devices)
+            limits.check_record(
+                {
+                    **record,
+                    "expanded_config": expanded_config,
+                    "expanded_devices": expanded_devices,
+                },
+                "instance",
+            )
         except CroftError as exc:
             raise InvalidArgument(
                 f'Invalid profile for instance "{instance}": {exc.message}'
