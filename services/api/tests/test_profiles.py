@@ -191,8 +191,15 @@ def test_profile_in_use_cannot_be_deleted(replica: Replica) -> None:
     assert replica.request("GET", "/1.0/profiles/web").status == 200
 
 
+def add_network(replica: Replica, name: str) -> None:
+    """A managed network's record, as the network service writes it (none runs here)."""
+    record = {"name": name, "type": "bridge", "managed": True, "config": {}, "description": ""}
+    replica.run(replica.ctx.store.create(f"/croft/records/networks/default/{name}", dump(record)))
+
+
 def test_pylxd_profiles(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LXD_DIR", str(replica.dir))
+    add_network(replica, "croftbr0")
     client = pylxd.Client()
     assert client.trusted
 
@@ -227,3 +234,22 @@ def test_pylxd_profiles(replica: Replica, monkeypatch: pytest.MonkeyPatch) -> No
 
     client.profiles.get("py2").delete()
     assert not client.profiles.exists("py2")
+
+
+def test_a_nic_on_a_network_that_does_not_exist_is_refused(replica: Replica) -> None:
+    nic = {"type": "nic", "network": "nosuch", "name": "eth1"}
+    reply = replica.request("POST", "/1.0/profiles", {"name": "p", "devices": {"eth1": nic}})
+    assert (reply.status, reply.error) == (
+        400,
+        'Device validation failed for "eth1": Failed loading device "eth1": Failed to load '
+        'network "nosuch" for project "default": Network not found',
+    )
+    assert replica.request("GET", "/1.0/profiles/p").status == 404
+    replica.request("POST", "/1.0/profiles", {"name": "p"})
+    reply = replica.request("PATCH", "/1.0/profiles/p", {"devices": {"eth1": nic}})
+    assert reply.status == 400, reply
+    assert replica.request("GET", "/1.0/profiles/p").metadata["devices"] == {}
+    # the default profile's NIC names a network no network service made here: a profile
+    # keeps what it had, and only what changes is checked
+    reply = replica.request("PATCH", "/1.0/profiles/default", {"description": "changed"})
+    assert reply.status == 200, reply

@@ -42,6 +42,19 @@ VERSION = "0.1.0"
 # ---------------------------------------------------------------------------- server side
 
 
+# An error's message travels in gRPC's trailing metadata, which the caller refuses over
+# 16 KiB ("Stream removed"), losing the error: a longer one is cut, saying so.
+_MAX_MESSAGE = 4096
+
+
+def _fitting(message: str) -> str:
+    # Metadata is UTF-8: a lone surrogate from a client would fail to encode.
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(message) <= _MAX_MESSAGE:
+        return message
+    return message[:_MAX_MESSAGE] + f"... ({len(message) - _MAX_MESSAGE} more characters)"
+
+
 def _wrap_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
     async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
         with _server_span(method, context):
@@ -51,12 +64,12 @@ def _wrap_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callab
                 context.set_trailing_metadata(_revisions_seen())
                 return reply
             except errors.CroftError as exc:
-                await context.abort(exc.grpc_code, exc.message)
+                await context.abort(exc.grpc_code, _fitting(exc.message))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
                 log.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+                await context.abort(grpc.StatusCode.INTERNAL, _fitting(f"internal error: {exc}"))
             finally:
                 log.debug("%s %.2f ms", method, (time.perf_counter() - started) * 1000)
 
@@ -70,12 +83,12 @@ def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., An
                 async for reply in behaviour(request, context):
                     yield reply
             except errors.CroftError as exc:
-                await context.abort(exc.grpc_code, exc.message)
+                await context.abort(exc.grpc_code, _fitting(exc.message))
             except (asyncio.CancelledError, grpc.aio.AbortError):
                 raise
             except Exception as exc:
                 log.exception("%s failed", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc}")
+                await context.abort(grpc.StatusCode.INTERNAL, _fitting(f"internal error: {exc}"))
 
     return handler
 

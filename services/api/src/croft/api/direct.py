@@ -30,7 +30,7 @@ from starlette.responses import Response
 from starlette.routing import Match
 from starlette.websockets import WebSocket
 
-from croft.api import responses
+from croft.api import query, responses
 from croft.common.errors import CroftError, Internal, NotFound, NotImplementedYet
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ def error_response(request: Request, exc: Exception) -> Response:
     """What a handler's exception becomes: LXD's error envelope (FastAPI's way uses the
     same function)."""
     if isinstance(exc, CroftError):
+        if exc.http_status < 500:
+            # The client's mistake, answered in full: not croft's error to log loudly.
+            log.debug("refused %s %s: %s", request.method, request.url.path, exc.message)
         return responses.error(exc)
     if isinstance(exc, HTTPException):
         # LXD answers an unknown path "not found", and a known path with a method it has
@@ -105,6 +108,8 @@ async def _http(
 ) -> None:
     request = Request(scope, receive, send)
     try:
+        query.check_path_names(route.path, scope["path_params"])
+        query.check_query(request)
         args = (request,) if with_request else ()
         response = await route.endpoint(*args, **scope["path_params"])
         if not isinstance(response, Response):

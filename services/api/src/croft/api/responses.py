@@ -11,13 +11,20 @@ from typing import Any
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
+from croft.api.limits import MAX_MESSAGE
 from croft.common.errors import CroftError, lxd_error_envelope
 
 JSON_TYPE = "application/json"
 
 
 def render(body: Any) -> bytes:
-    return (json.dumps(body, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return (text + "\n").encode()
+    except UnicodeEncodeError:
+        # A lone surrogate (from a record written before croft refused them) cannot be
+        # UTF-8: escaped, it is still JSON, which clients decode as U+FFFD.
+        return (json.dumps(body, separators=(",", ":")) + "\n").encode()
 
 
 class LXDResponse(Response):
@@ -80,11 +87,22 @@ def async_operation(operation: dict[str, Any]) -> LXDResponse:
 
 
 def error(err: CroftError) -> LXDResponse:
-    return LXDResponse(
-        lxd_error_envelope(err),
-        status_code=err.http_status,
-        headers={"X-Content-Type-Options": "nosniff"},
-    )
+    """LXD's error envelope for `err`. It cannot fail, whatever the message holds: a
+    client always gets an envelope, never a bare "Internal Server Error"."""
+    body = lxd_error_envelope(err)
+    body["error"] = _message(err.message)
+    status = err.http_status if isinstance(err.http_status, int) else 500
+    return LXDResponse(body, status_code=status, headers={"X-Content-Type-Options": "nosniff"})
+
+
+def _message(message: Any) -> str:
+    """An error message fit for the envelope: text that encodes (a client's lone
+    surrogate becomes `\\ud800`), cut at MAX_MESSAGE characters."""
+    text = message if isinstance(message, str) else repr(message)
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > MAX_MESSAGE:
+        text = text[:MAX_MESSAGE] + f"... ({len(text) - MAX_MESSAGE} more characters)"
+    return text
 
 
 async def deny(websocket: WebSocket, err: CroftError) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 
-from croft.api import query, records
+from croft.api import limits, query, records
 from croft.api.context import context
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.records import public
@@ -59,13 +59,13 @@ class InstancePut(BaseModel):
     ephemeral: StrictBool = False
     profiles: list[StrictStr] | None = None
     stateful: StrictBool = False
-    description: StrictStr = ""
-    restore: StrictStr = ""
+    description: limits.Description = ""
+    restore: limits.Name = ""
 
 
 class NamePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
     migration: StrictBool = False
 
 

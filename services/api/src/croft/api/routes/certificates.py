@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.auth import auth_call, trust_cache
 from croft.api.context import context
 from croft.api.identity import Identity, identity
@@ -65,7 +65,7 @@ class CertificatesPost(BaseModel):
     """LXD's CertificatesPost."""
 
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
     type: StrictStr = ""
     restricted: StrictBool = False
     projects: list[StrictStr] | None = None
@@ -76,7 +76,7 @@ class CertificatesPost(BaseModel):
 
 class CertificatePut(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
     type: StrictStr = ""
     restricted: StrictBool = False
     projects: list[StrictStr] | None = None

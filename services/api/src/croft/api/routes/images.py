@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain.image_publish import publish_image
 from croft.api.domain.images import (
@@ -135,21 +135,21 @@ async def _retrying(attempt: Callable[[], Awaitable[Response]]) -> Response:
 
 class AliasesPost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
-    description: StrictStr = ""
+    name: limits.Name = ""
+    description: limits.Description = ""
     target: StrictStr = ""
     type: StrictStr = ""
 
 
 class AliasPut(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    description: StrictStr = ""
+    description: limits.Description = ""
     target: StrictStr = ""
 
 
 class AliasPost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
 
 
 @router.get("/1.0/images/aliases")

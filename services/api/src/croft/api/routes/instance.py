@@ -5,15 +5,16 @@ snapshot), rename and delete one instance.
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
+from croft.api.domain.compute import call_closing, compute_of, compute_operation, ref, state_of
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -22,10 +23,12 @@ from croft.api.domain.instances import (
     failing,
     load,
     render,
+    resources,
     validate_name,
     writable,
 )
 from croft.api.domain.snapshots import restore_snapshot, snapshots_of
+from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.records import public
 from croft.v1 import compute_pb2
@@ -53,6 +56,50 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     if req.restore:
         return await restore_snapshot(request, project, record, req.restore)
     query.check_if_match(request, records.etag(writable(record)))
+    new = await _updated(ctx.store, project, record, data, req, patch=patch)
+    client = await compute_of(record)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        current, current_revision, wanted = record, revision, new
+        for _ in range(_UPDATE_ATTEMPTS):
+            update = compute_pb2.UpdateInstanceRequest(
+                record=json.dumps(wanted), revision=current_revision
+            )
+            try:
+                await call_closing(op, client, "UpdateInstance", update, timeout=None)
+                return None
+            except Conflict:
+                # Another change got in since the record was read (compute compares the
+                # revision). As LXD, which applies concurrent changes one after the
+                # other, this one goes again on the record as it is now; a client that
+                # said which version it changes (If-Match) is told it moved on.
+                _, current, current_revision = await load(request, name)
+                query.check_if_match(request, records.etag(writable(current)))
+                wanted = await _updated(ctx.store, project, current, data, req, patch=patch)
+        raise Conflict(f'Instance "{name}" is changing too fast to be updated; try again')
+
+    operation = await ctx.operations.create(
+        "Updating instance", run=run, resources=resources(name, project), project=project
+    )
+    return responses.async_operation(operation)
+
+
+# Each attempt waits for compute's lock behind the changes that beat it: enough for
+# dozens of clients changing one instance at once.
+_UPDATE_ATTEMPTS = 100
+
+
+async def _updated(
+    store: Any,
+    project: str,
+    record: dict[str, Any],
+    data: dict[str, Any],
+    req: InstancePut,
+    *,
+    patch: bool,
+) -> dict[str, Any]:
+    """The instance record that PUT (or PATCH) `req` makes of `record`, checked;
+    InvalidArgument or NotFound, in LXD 5.0.2's words, when it cannot be."""
     own_config = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
     if patch:
         config = {**own_config, **(req.config or {})}
@@ -73,9 +120,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     with failing("Invalid devices: "):
         validate_devices(devices)
     try:
-        expanded_config, expanded_devices = await expand(
-            ctx.store, project, profiles, config, devices
-        )
+        expanded_config, expanded_devices = await expand(store, project, profiles, config, devices)
     except NotFound:
         raise NotFound("Profile not found") from None
     with failing("Invalid config: "):
@@ -92,12 +137,9 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
         "expanded_config": expanded_config,
         "expanded_devices": expanded_devices,
     }
-    client = await compute_of(record)
-    update = compute_pb2.UpdateInstanceRequest(record=json.dumps(new), revision=revision)
-
-    return await compute_operation(
-        ctx, client, "UpdateInstance", update, "Updating instance", project, name
-    )
+    limits.check_device_paths(expanded_devices)
+    limits.check_record(new, "instance")
+    return new
 
 
 @router.put("/1.0/instances/{name}")

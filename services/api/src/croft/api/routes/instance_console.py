@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.exec import ExecSession, relay_exec, websocket_operation
@@ -26,8 +26,8 @@ router = APIRouter()
 
 class ConsolePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    width: int = 0
-    height: int = 0
+    width: limits.WindowSide = 0
+    height: limits.WindowSide = 0
     type: StrictStr = ""
 
 

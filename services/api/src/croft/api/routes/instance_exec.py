@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.exec import ExecSession, exec_log_key, relay_exec, websocket_operation
@@ -33,10 +33,10 @@ class ExecPost(BaseModel):
     interactive: StrictBool = False
     wait_for_websocket: StrictBool = Field(default=False, alias="wait-for-websocket")
     record_output: StrictBool = Field(default=False, alias="record-output")
-    width: int = 0
-    height: int = 0
-    user: int = 0
-    group: int = 0
+    width: limits.WindowSide = 0
+    height: limits.WindowSide = 0
+    user: limits.UInt32 = 0  # LXD's uint32: -1 is LXD's 400 too
+    group: limits.UInt32 = 0
     cwd: StrictStr = ""
 
 

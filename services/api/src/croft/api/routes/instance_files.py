@@ -11,7 +11,7 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import responses
+from croft.api import limits, responses
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import load
 from croft.common.errors import InvalidArgument
@@ -25,6 +25,7 @@ def _file_path(request: Request) -> str:
     path = request.query_params.get("path", "")
     if not path:
         raise InvalidArgument("Missing path argument")
+    limits.check_file_path(path)
     return path if path.startswith("/") else "/" + path
 
 
@@ -33,9 +34,13 @@ def _int_header(request: Request, name: str, default: int) -> int:
     if value in (None, ""):
         return default
     try:
-        return int(value, 8) if name.lower() == "x-lxd-mode" else int(value)
+        number = int(value, 8) if name.lower() == "x-lxd-mode" else int(value)
     except ValueError:
         raise InvalidArgument(f"Invalid {name} header: {value!r}") from None
+    # What the host takes: uid/gid_t are 32 bits, modes 12 bits (-1: the default).
+    if not -1 <= number <= (0o7777 if name.lower() == "x-lxd-mode" else 2**32 - 1):
+        raise InvalidArgument(f"Invalid {name} header: {value!r} is out of range")
+    return number
 
 
 @router.get("/1.0/instances/{name}/files")

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, compute_operation, ref
 from croft.api.domain.instances import NamePost, load
@@ -40,7 +41,7 @@ def validate_snapshot_name(name: str) -> None:
 
 class SnapshotsPost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
     stateful: StrictBool = False
     expires_at: StrictStr | None = None
 
@@ -63,6 +64,8 @@ async def snapshots_post(request: Request, name: str) -> Response:
     req = await query.body(request, SnapshotsPost)
     snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
     validate_snapshot_name(snapshot)
+    if req.stateful:
+        _refuse_stateful(record)
     if req.expires_at:
         _check_time("expires_at", req.expires_at)
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is not None:
@@ -75,6 +78,17 @@ async def snapshots_post(request: Request, name: str) -> Response:
     return await compute_operation(
         ctx, client, "CreateSnapshot", create, "Snapshotting instance", project, name, timeout=600
     )
+
+
+def _refuse_stateful(record: dict[str, Any]) -> None:
+    """croft cannot checkpoint a running instance (no CRIU support): refused at once, in
+    LXD's words (LXD says them as a failed operation), rather than a stateless snapshot
+    the client did not ask for."""
+    if record.get("status") != "Running":
+        raise InvalidArgument("Unable to create a stateful snapshot. The instance isn't running")
+    if shutil.which("criu") is None:
+        raise InvalidArgument("Unable to create a stateful snapshot. CRIU isn't installed")
+    raise InvalidArgument("Unable to create a stateful snapshot. croft cannot checkpoint instances")
 
 
 def _check_time(field: str, value: str) -> None:

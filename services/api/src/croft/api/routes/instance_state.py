@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, responses
+from croft.api import limits, query, responses
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, compute_operation, ref
 from croft.api.domain.instances import load
@@ -33,7 +33,7 @@ async def instance_state_get(request: Request, name: str) -> Response:
 class StatePut(BaseModel):
     model_config = ConfigDict(extra="ignore")
     action: StrictStr = ""  # missing is LXD's "Unknown action: ''"
-    timeout: int = -1
+    timeout: limits.Timeout = -1
     force: StrictBool = False
     stateful: StrictBool = False
 

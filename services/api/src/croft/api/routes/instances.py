@@ -17,7 +17,7 @@ from pydantic import Field, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import context
 from croft.api.domain.compute import call_closing, states_of
@@ -43,7 +43,7 @@ router = APIRouter()
 
 
 class InstancesPost(InstancePut):
-    name: StrictStr = ""
+    name: limits.Name = ""
     type: StrictStr = ""
     source: InstanceSource = Field(default_factory=InstanceSource)
     start: StrictBool = False
@@ -181,6 +181,8 @@ async def instances_post(request: Request) -> Response:
         "expanded_config": expanded_config,
         "expanded_devices": expanded_devices,
     }
+    limits.check_device_paths(expanded_devices)
+    limits.check_record(record, "instance")
     request_pb = compute_pb2.CreateInstanceRequest(
         record=json.dumps(record), image_fingerprint=fingerprint, start=req.start
     )

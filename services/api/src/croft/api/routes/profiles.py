@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
 from croft.api.domain.compute import compute_of
@@ -34,17 +34,17 @@ Devices = dict[str, dict[str, StrictStr]]
 class ProfilePut(BaseModel):
     model_config = ConfigDict(extra="ignore")
     config: dict[str, StrictStr] | None = None
-    description: StrictStr | None = None
+    description: limits.Description | None = None
     devices: Devices | None = None
 
 
 class ProfilesPost(ProfilePut):
-    name: StrictStr = ""
+    name: limits.Name = ""
 
 
 class ProfilePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    name: StrictStr = ""
+    name: limits.Name = ""
 
 
 def validate_name(name: str) -> None:
@@ -61,10 +61,35 @@ def validate_name(name: str) -> None:
 def validate(record: dict[str, Any]) -> None:
     validate_instance_config(record["config"], profile=True)
     validate_devices(record["devices"])
+    limits.check_device_paths(record["devices"])
+    limits.check_record(record, "profile")
 
 
 def writable(record: dict[str, Any]) -> list[Any]:
     return [record.get("config", {}), record.get("description", ""), record.get("devices", {})]
+
+
+async def check_networks(
+    store: Store, project: str, devices: dict[str, Any], before: dict[str, Any] | None = None
+) -> None:
+    """InvalidArgument, in LXD's words, when a NIC names a managed network that does not
+    exist. Only devices added or changed are checked: a profile keeps what it had."""
+    for device_name, device in devices.items():
+        network = device.get("network")
+        if device.get("type") != "nic" or not network:
+            continue
+        if before is not None and before.get(device_name) == device:
+            continue
+        # Networks are not scoped by project in croft (records.py).
+        if (
+            await store.get(records.record_key("networks", records.DEFAULT_PROJECT, network))
+            is None
+        ):
+            raise InvalidArgument(
+                f'Device validation failed for "{device_name}": Failed loading device '
+                f'"{device_name}": Failed to load network "{network}" for project '
+                f'"{project}": Network not found'
+            )
 
 
 async def instances_using(store: Store, project: str, name: str) -> list[str]:
@@ -130,6 +155,7 @@ async def profiles_post(request: Request) -> Response:
         "devices": req.devices or {},
     }
     validate(record)
+    await check_networks(ctx.store, project, record["devices"])
     try:
         await ctx.store.create(records.record_key(KIND, project, req.name), dump(record))
     except Conflict:
@@ -180,7 +206,9 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     if found is None:
         raise NotFound("Profile not found")
     # Refused before anything is written if an instance using the profile cannot take it.
-    await _instance_updates(ctx.store, project, name, change(found[0]))
+    first = change(found[0])
+    await check_networks(ctx.store, project, first["devices"], found[0].get("devices") or {})
+    await _instance_updates(ctx.store, project, name, first)
     written = await records.modify(
         ctx.store, key, change, missing="Profile not found", current=found
     )
@@ -225,6 +253,14 @@ async def _instance_updates(
         try:
             validate_instance_config(expanded_config, profile=False)
             validate_devices(expanded_devices)
+            limits.check_record(
+                {
+                    **record,
+                    "expanded_config": expanded_config,
+                    "expanded_devices": expanded_devices,
+                },
+                "instance",
+            )
         except CroftError as exc:
             raise InvalidArgument(
                 f'Invalid profile for instance "{instance}": {exc.message}'

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, records, responses
+from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_server_config
 from croft.api.context import ApiSettings, context
 from croft.api.identity import identity
@@ -206,7 +206,9 @@ async def _update(request: Request, *, patch: bool) -> Response:
         # An empty value unsets a key, as in LXD.
         merged = {k: v for k, v in merged.items() if v != ""}
         validate_server_config({k: v for k, v in merged.items() if current.get(k) != v})
-        return {**record, "config": merged}
+        new = {**record, "config": merged}
+        limits.check_record(new, "server configuration")
+        return new
 
     await records.modify(
         ctx.store, records.SERVER_CONFIG_KEY, change, missing="", default={"config": {}}
