@@ -96,7 +96,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     update = compute_pb2.UpdateInstanceRequest(record=json.dumps(new), revision=revision)
 
     return await compute_operation(
-        ctx, client, "UpdateInstance", update, "Updating instance", project, name
+        ctx, client.update_instance, update, "Updating instance", project, name
     )
 
 
@@ -133,7 +133,7 @@ async def instance_rename(request: Request, name: str) -> Response:
     rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
 
     return await compute_operation(
-        ctx, client, "RenameInstance", rename, "Renaming instance", project, name, timeout=600
+        ctx, client.rename_instance, rename, "Renaming instance", project, name, timeout=600
     )
 
 
@@ -150,8 +150,7 @@ async def instance_delete(request: Request, name: str) -> Response:
 
     return await compute_operation(
         ctx,
-        client,
-        "DeleteInstance",
+        client.delete_instance,
         ref(project, name),
         "Deleting instance",
         project,

@@ -95,5 +95,5 @@ async def pool_resources(request: Request, name: str) -> Response:
     if member not in members:
         raise NotFound("Storage pool not found")
     client = await services().storage(member)
-    reply = await client.call("PoolResources", storage_pb2.PoolRef(name=name))
+    reply = await client.pool_resources(storage_pb2.PoolRef(name=name))
     return responses.sync(json.loads(reply.json))
