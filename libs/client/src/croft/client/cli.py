@@ -97,7 +97,7 @@ def scale(assignments: tuple[str, ...]) -> None:
         if pid is None:
             raise CroftError("croft is not running (start it with `croft up`)")
         for service, count in wanted:
-            await node.call(config, "Scale", node_pb2.ScaleRequest(service=service, replicas=count))
+            await node.agent(config).scale(node_pb2.ScaleRequest(service=service, replicas=count))
         await node.wait_ready(config, pid, 60)
         await _print_status(config, "table")
 

@@ -10,13 +10,11 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
-
+from croft.common.clients import NodeClient
 from croft.common.config import Config
 from croft.common.errors import Unavailable
-from croft.common.rpc import channel, from_rpc_error
 from croft.node.agent import SERVICES
-from croft.v1 import node_pb2, node_pb2_grpc
+from croft.v1 import node_pb2
 
 
 def _socket(config: Config) -> Path:
@@ -33,18 +31,13 @@ def agent_pid(config: Config) -> int | None:
     return pid
 
 
-async def call(config: Config, method: str, request: object, timeout: float = 10.0) -> object:
-    async with channel(f"unix:{_socket(config)}") as ch:
-        try:
-            return await getattr(node_pb2_grpc.NodeStub(ch), method)(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise from_rpc_error(exc) from None
+def agent(config: Config) -> NodeClient:
+    """The client of this host's node agent, at its socket in the run directory."""
+    return NodeClient(f"unix:{_socket(config)}")
 
 
 async def node_status(config: Config) -> node_pb2.NodeStatusReply:
-    reply = await call(config, "Status", node_pb2.NodeStatusRequest())
-    assert isinstance(reply, node_pb2.NodeStatusReply)
-    return reply
+    return await agent(config).status(node_pb2.NodeStatusRequest())
 
 
 def spawn_agent(config: Config) -> int:
@@ -116,7 +109,7 @@ def log_tail(config: Config, lines: int = 15) -> str:
 
 async def stop_agent(config: Config, pid: int, timeout: float = 60.0) -> None:
     try:
-        await call(config, "Shutdown", node_pb2.ShutdownRequest(), timeout=5)
+        await agent(config).shutdown(node_pb2.ShutdownRequest(), timeout=5)
     except Exception:
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

@@ -9,7 +9,9 @@ the registration goes, the port stops accepting, in-flight calls finish within a
 Client side: `ServiceClient` calls one service through discovery: it picks among live
 instances round-robin, puts a deadline on every call, carries the trace, and retries an
 idempotent call on another instance when one is UNAVAILABLE. A client for one member's
-service names that member in every call's metadata.
+service names that member in every call's metadata. Code calls a service through its
+typed client (`croft.common.clients`), which wraps a `ServiceClient`; only those name an
+RPC by string.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import parse_qs
 
 import grpc
@@ -31,9 +31,10 @@ from croft.api.domain.images import find_image, secret_grants
 from croft.api.identity import SCOPE_KEY, Identity
 from croft.api.services import services
 from croft.api.tls import certificate_fingerprint, peer_certificate
+from croft.common.clients import AuthClient
 from croft.common.errors import CroftError, NotFound, PermissionDenied, Unavailable
-from croft.common.rpc import ServiceClient, from_rpc_error
-from croft.v1 import auth_pb2, auth_pb2_grpc
+from croft.common.rpc import from_rpc_error
+from croft.v1 import auth_pb2
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,25 @@ NOT_AUTHORIZED = "not authorized"
 CACHE_SECONDS = 2.0
 
 Scope = MutableMapping[str, Any]
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 # ---------------------------------------------------------------------------- the auth service
 
 
-async def auth_client() -> ServiceClient[Any]:
-    return await services().context.client("auth", auth_pb2_grpc.AuthStub)
+async def auth_client() -> AuthClient:
+    return await services().auth()
 
 
-async def auth_call(method: str, message: Any, **kwargs: Any) -> Any:
-    """A call to the auth service; its errors come back as croft errors."""
+async def auth_call(
+    method: Callable[Concatenate[AuthClient, P], Awaitable[R]], *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """`method` of the auth service (`AuthClient.is_trusted`...) called with `args` and
+    `kwargs`; its errors come back as croft errors."""
     client = await auth_client()
     try:
-        return await client.call(method, message, **kwargs)
+        return await method(client, *args, **kwargs)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
 
@@ -63,7 +69,7 @@ Lookup = Callable[[str], Awaitable[tuple[bool, dict[str, Any] | None]]]
 
 
 async def _ask_auth(fingerprint: str) -> tuple[bool, dict[str, Any] | None]:
-    reply = await auth_call("IsTrusted", auth_pb2.CertificateRef(fingerprint=fingerprint))
+    reply = await auth_call(AuthClient.is_trusted, auth_pb2.CertificateRef(fingerprint=fingerprint))
     return reply.trusted, json.loads(reply.certificate) if reply.certificate else None
 
 

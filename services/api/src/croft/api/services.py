@@ -4,30 +4,43 @@ from the api process's ServiceContext. `install()` is called once at process sta
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from croft.common.clients import (
+    AuthClient,
+    ComputeClient,
+    ImagesClient,
+    NetworkClient,
+    StorageClient,
+)
 from croft.common.discovery import Instance
 from croft.common.errors import Unavailable
-from croft.common.rpc import ServiceClient
 from croft.common.service import ServiceContext
-from croft.v1 import compute_pb2_grpc, images_pb2_grpc, network_pb2_grpc, storage_pb2_grpc
 
 
 @dataclass
 class Services:
     context: ServiceContext
 
-    async def compute(self, member: str) -> ServiceClient[Any]:
-        return await self.context.client("compute", compute_pb2_grpc.ComputeStub, member)
+    async def compute(self, member: str) -> ComputeClient:
+        return ComputeClient(
+            await self.context.client(ComputeClient.service, ComputeClient.stub, member)
+        )
 
-    async def storage(self, member: str) -> ServiceClient[Any]:
-        return await self.context.client("storage", storage_pb2_grpc.StorageStub, member)
+    async def storage(self, member: str) -> StorageClient:
+        return StorageClient(
+            await self.context.client(StorageClient.service, StorageClient.stub, member)
+        )
 
-    async def network(self, member: str) -> ServiceClient[Any]:
-        return await self.context.client("network", network_pb2_grpc.NetworkStub, member)
+    async def network(self, member: str) -> NetworkClient:
+        return NetworkClient(
+            await self.context.client(NetworkClient.service, NetworkClient.stub, member)
+        )
 
-    async def images(self) -> ServiceClient[Any]:
-        return await self.context.client("images", images_pb2_grpc.ImagesStub)
+    async def images(self) -> ImagesClient:
+        return ImagesClient(await self.context.client(ImagesClient.service, ImagesClient.stub))
+
+    async def auth(self) -> AuthClient:
+        return AuthClient(await self.context.client(AuthClient.service, AuthClient.stub))
 
     def live(self, service: str) -> list[Instance]:
         """Live instances of a service, as last seen by this process's registry watch."""
@@ -37,10 +50,7 @@ class Services:
     async def watch(self, *names: str) -> None:
         """Start following these services' registrations (for `live`)."""
         stubs = {
-            "compute": compute_pb2_grpc.ComputeStub,
-            "storage": storage_pb2_grpc.StorageStub,
-            "network": network_pb2_grpc.NetworkStub,
-            "images": images_pb2_grpc.ImagesStub,
+            c.service: c.stub for c in (ComputeClient, StorageClient, NetworkClient, ImagesClient)
         }
         for name in names:
             await self.context.client(name, stubs[name])

@@ -46,7 +46,7 @@ async def storage_drivers() -> list[StorageDriverInfo]:
     for member in sorted({i.member for i in live}):
         try:
             client = await found.storage(member)
-            reply = await client.call("StorageDrivers", common_pb2.Empty(), timeout=10)
+            reply = await client.storage_drivers(common_pb2.Empty(), timeout=10)
         except CroftError as exc:
             log.warning("storage on %s did not list its drivers: %s", member, exc)
             complete = False

@@ -25,6 +25,7 @@ from typing import Any
 
 from croft.common import events
 from croft.common.blocking import in_thread, uninterrupted
+from croft.common.clients import NetworkClient, StorageClient
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.instance_config import InstanceConfig
@@ -52,7 +53,7 @@ from croft.compute.drivers import (
     unsupported_type,
 )
 from croft.imageformat.templates import TemplateInstance, apply_templates
-from croft.v1 import network_pb2, network_pb2_grpc, storage_pb2, storage_pb2_grpc
+from croft.v1 import network_pb2, storage_pb2
 
 log = logging.getLogger(__name__)
 
@@ -164,11 +165,15 @@ class ComputeCore:
             seen |= active
         return frozenset(seen)
 
-    async def storage(self) -> Any:
-        return await self.context.client("storage", storage_pb2_grpc.StorageStub, self.member)
+    async def storage(self) -> StorageClient:
+        return StorageClient(
+            await self.context.client(StorageClient.service, StorageClient.stub, self.member)
+        )
 
-    async def network(self) -> Any:
-        return await self.context.client("network", network_pb2_grpc.NetworkStub, self.member)
+    async def network(self) -> NetworkClient:
+        return NetworkClient(
+            await self.context.client(NetworkClient.service, NetworkClient.stub, self.member)
+        )
 
     async def lifecycle(self, action: str, project: str, name: str, **context: Any) -> None:
         with contextlib.suppress(CroftError):
@@ -340,8 +345,7 @@ class ComputeCore:
                 )
             )
             try:
-                volume = await storage.call(
-                    "CreateInstanceVolume",
+                volume = await storage.create_instance_volume(
                     storage_pb2.VolumeRequest(
                         pool=pool, project=project, type=instance_type,
                         name=driver_name(project, name), image_fingerprint=fingerprint,
@@ -452,7 +456,7 @@ class ComputeCore:
                     )
                     if revert is not None:
                         revert.add(lambda r=request: self._detach(r))
-                    reply = await network.call("AttachInstance", request, idempotent=False)
+                    reply = await network.attach_instance(request, idempotent=False)
                     device["nictype"] = reply.nic_type
                     device["parent"] = reply.parent
                     if reply.mtu and "mtu" not in device:
@@ -462,14 +466,13 @@ class ComputeCore:
 
     async def _detach(self, request: network_pb2.NicRequest) -> None:
         network = await self.network()
-        await network.call("DetachInstance", request)
+        await network.detach_instance(request)
 
     async def _delete_volume(
         self, pool: str, project: str, name: str, instance_type: str = ""
     ) -> None:
         storage = await self.storage()
-        await storage.call(
-            "DeleteInstanceVolume",
+        await storage.delete_instance_volume(
             storage_pb2.VolumeRequest(
                 pool=pool,
                 project=project,
@@ -645,8 +648,8 @@ class ComputeCore:
         if not meta.pool or (meta.volume and not meta.instance_mounts):
             return
         storage = await self.storage()
-        volume = await storage.call(
-            "MountInstanceVolume", self._volume(meta.pool, project, name), timeout=600
+        volume = await storage.mount_instance_volume(
+            self._volume(meta.pool, project, name), timeout=600
         )
         meta.rootfs = volume.path or meta.rootfs
         meta.volume = volume.mount_path
@@ -660,8 +663,8 @@ class ComputeCore:
             return
         storage = await self.storage()
         with contextlib.suppress(NotFound):
-            await storage.call(
-                "UnmountInstanceVolume", self._volume(meta.pool, project, name), timeout=600
+            await storage.unmount_instance_volume(
+                self._volume(meta.pool, project, name), timeout=600
             )
 
     async def states(self, refs: list[tuple[str, str]]) -> list[dict[str, Any] | None]:
@@ -936,8 +939,7 @@ class ComputeCore:
                 raise Conflict(f'Snapshot "{snapshot}" already exists') from None
             try:
                 storage = await self.storage()
-                await storage.call(
-                    "CreateSnapshot",
+                await storage.create_snapshot(
                     self._volume(pool, project, name, snapshot),
                     idempotent=False,
                     timeout=600,
@@ -969,8 +971,7 @@ class ComputeCore:
         async with self.lock(project, name):
             snap, revision = await self.snapshot_record(project, name, snapshot)
             storage = await self.storage()
-            await storage.call(
-                "DeleteSnapshot",
+            await storage.delete_snapshot(
                 self._volume(SnapshotRecord.meta_of(snap).pool, project, name, snapshot),
                 timeout=600,
             )
@@ -987,8 +988,7 @@ class ComputeCore:
             if await self.store.get(new_key) is not None:
                 raise Conflict(f'Snapshot "{new_name}" already exists')
             storage = await self.storage()
-            await storage.call(
-                "RenameSnapshot",
+            await storage.rename_snapshot(
                 self._volume(SnapshotRecord.meta_of(snap).pool, project, name, snapshot, new_name),
                 idempotent=False,
             )
@@ -1017,8 +1017,7 @@ class ComputeCore:
                 await driver.stop(host_name, force=True)
                 await self._unmount_root(project, name, record)
             storage = await self.storage()
-            await storage.call(
-                "RestoreSnapshot",
+            await storage.restore_snapshot(
                 self._volume(InstanceRecord.meta_of(record).pool, project, name, snapshot),
                 idempotent=False,
                 timeout=600,
@@ -1094,8 +1093,7 @@ class ComputeCore:
     ) -> dict[str, Any]:
         pool = InstanceRecord.meta_of(record).pool
         storage = await self.storage()
-        volume = await storage.call(
-            "RenameInstanceVolume",
+        volume = await storage.rename_instance_volume(
             self._volume(pool, project, name, new_name=driver_name(project, new_name)),
             idempotent=False,
             timeout=600,
@@ -1147,8 +1145,7 @@ class ComputeCore:
         async def volume_back() -> None:
             storage = await self.storage()
             with contextlib.suppress(NotFound):
-                await storage.call(
-                    "RenameInstanceVolume",
+                await storage.rename_instance_volume(
                     self._volume(pool, project, new_name, new_name=old_host),
                     idempotent=False,
                     timeout=600,
@@ -1363,12 +1360,12 @@ class ComputeCore:
             request = self._volume(pool, project, name, snapshot)
             if snapshot:
                 await self.snapshot_record(project, name, snapshot)
-                mounted = await storage.call("MountSnapshot", request, timeout=600)
+                mounted = await storage.mount_snapshot(request, timeout=600)
             else:
                 driver = self.driver_for(record)
                 if await driver.status(driver_name(project, name)) is not Status.STOPPED:
                     raise InvalidArgument("Cannot export a running instance as an image")
-                mounted = await storage.call("MountInstanceVolume", request, timeout=600)
+                mounted = await storage.mount_instance_volume(request, timeout=600)
             try:
                 volume = Path(mounted.mount_path)
                 architecture = record.get("architecture") or "x86_64"
@@ -1380,11 +1377,12 @@ class ComputeCore:
             finally:
                 if snapshot or mounted.instance_mounts:
                     with contextlib.suppress(CroftError):
-                        await storage.call(
-                            "UnmountSnapshot" if snapshot else "UnmountInstanceVolume",
-                            request,
-                            timeout=600,
+                        unmount = (
+                            storage.unmount_snapshot
+                            if snapshot
+                            else storage.unmount_instance_volume
                         )
+                        await unmount(request, timeout=600)
 
 
 def _is_record_of(record: dict[str, Any], project: str, name: str) -> bool:

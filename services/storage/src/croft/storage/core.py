@@ -44,6 +44,7 @@ from typing import Any
 
 from croft.common import events
 from croft.common.blocking import in_thread, uninterrupted
+from croft.common.clients import ImagesClient
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
 from croft.common.models import StoragePoolRecord, StorageVolumeRecord, VolumeMeta
@@ -72,7 +73,7 @@ from croft.storage.drivers import (
     check_name,
     load_driver,
 )
-from croft.v1 import images_pb2, images_pb2_grpc
+from croft.v1 import images_pb2
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +271,8 @@ class StorageCore:
                 await stack.enter_async_context(self._locks.hold((pool, volume)))
             yield
 
-    async def _images(self) -> Any:
-        return await self.context.client("images", images_pb2_grpc.ImagesStub)
+    async def _images(self) -> ImagesClient:
+        return ImagesClient(await self.context.client(ImagesClient.service, ImagesClient.stub))
 
     async def pool_record(self, pool: str) -> dict[str, Any]:
         found = await self.store.get_json(pool_key(check_name(pool, "storage pool name")))
@@ -804,8 +805,7 @@ class StorageCore:
             if target.block_device is not None:
                 raise InvalidArgument("images cannot be unpacked into block volumes yet")
             images = await self._images()
-            files = await images.call(
-                "ImageFiles",
+            files = await images.image_files(
                 images_pb2.ImageFilesRequest(
                     image=images_pb2.ImageRef(project=project, fingerprint=fingerprint),
                     member=self.member,

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from starlette.responses import Response
 
@@ -15,12 +16,21 @@ from croft.api.context import ApiContext
 from croft.api.domain.instances import resources
 from croft.api.operations import OperationContext
 from croft.api.services import services
+from croft.common.clients import ComputeClient
 from croft.common.errors import CroftError
 from croft.common.riders import to_wire
 from croft.v1 import common_pb2, compute_pb2
 
 
-async def compute_of(record: dict[str, Any]) -> Any:
+class ComputeCall(Protocol):
+    """A bound unary method of a `ComputeClient` (`client.change_state`...)."""
+
+    def __call__(
+        self, request: Any, *, idempotent: bool = ..., timeout: float | None = ...
+    ) -> Awaitable[Any]: ...
+
+
+async def compute_of(record: dict[str, Any]) -> ComputeClient:
     return await services().compute(record["_croft"]["member"])
 
 
@@ -30,8 +40,7 @@ def ref(project: str, name: str) -> common_pb2.InstanceRef:
 
 async def compute_operation(
     ctx: ApiContext,
-    client: Any,
-    method: str,
+    method: ComputeCall,
     message: Any,
     description: str,
     project: str,
@@ -43,7 +52,7 @@ async def compute_operation(
     service (not retried: the call changes things)."""
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
-        await call_closing(op, client, method, message, timeout=timeout)
+        await call_closing(op, method, message, timeout=timeout)
         return None
 
     operation = await ctx.operations.create(
@@ -53,22 +62,22 @@ async def compute_operation(
 
 
 async def call_closing(
-    op: OperationContext, client: Any, method: str, message: Any, *, timeout: float | None
+    op: OperationContext, method: ComputeCall, message: Any, *, timeout: float | None
 ) -> None:
     """Call compute with the writes that end `op` for it to commit with its change, when
     the method takes them: one transaction fewer, and the operation is done exactly when
     the change is recorded."""
     if "closing" in message.DESCRIPTOR.fields_by_name:
         message.closing.extend(to_wire(await op.closing_writes()))
-    reply = await client.call(method, message, idempotent=False, timeout=timeout)
+    reply = await method(message, idempotent=False, timeout=timeout)
     op.closed = bool(getattr(reply, "closed", False))
 
 
 async def state_of(record: dict[str, Any]) -> dict[str, Any] | None:
     try:
         client = await compute_of(record)
-        reply = await client.call(
-            "GetState", ref(record.get("project", "default"), record["name"]), timeout=10
+        reply = await client.get_state(
+            ref(record.get("project", "default"), record["name"]), timeout=10
         )
         state: dict[str, Any] = json.loads(reply.state)
         return state
@@ -87,8 +96,7 @@ async def states_of(found: list[dict[str, Any]]) -> list[dict[str, Any] | None]:
     async def ask(member: str, indexes: list[int]) -> None:
         try:
             client = await services().compute(member)
-            reply = await client.call(
-                "GetStates",
+            reply = await client.get_states(
                 compute_pb2.InstanceStatesRequest(
                     instances=[
                         ref(found[i].get("project", "default"), found[i]["name"]) for i in indexes

@@ -120,7 +120,7 @@ async def relay_exec(
     out = session.sockets["0"] if interactive else session.sockets["1"]
     err = session.sockets["0"] if interactive else session.sockets["2"]
     code = -1
-    call = client.stream("Exec", requests(), timeout=None)
+    call = client.exec(requests(), timeout=None)
     try:
         async for output in call:
             kind = output.WhichOneof("output")

@@ -90,8 +90,7 @@ async def publish_image(request: Request, project: str, body: dict[str, Any]) ->
         if found is None or found[0].get("_croft", {}).get("state") == "creating":
             raise NotFound("Instance not found")
         compute = await services().compute(found[0]["_croft"]["member"])
-        tarball = compute.stream(
-            "PublishInstance",
+        tarball = compute.publish_instance(
             compute_pb2.PublishRequest(
                 instance=common_pb2.InstanceRef(project=project, name=instance),
                 snapshot=snapshot,
@@ -134,7 +133,7 @@ async def _import_tarball(
             importing.cancel()
 
     client = await services().images()
-    importing = client.stream("ImportImage", chunks(), timeout=PUBLISH_TIMEOUT)
+    importing = client.import_image(chunks(), timeout=PUBLISH_TIMEOUT)
     try:
         reply = await importing
     except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
@@ -19,6 +20,7 @@ from croft.api.context import ApiContext
 from croft.api.domain.instances import InstanceSource
 from croft.api.operations import OperationContext
 from croft.api.services import services
+from croft.common.clients import ImagesClient
 from croft.common.errors import CroftError, NotFound
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
@@ -31,6 +33,9 @@ from croft.v1 import images_pb2
 IMAGES = "images"
 ALIASES = "image-aliases"
 ALIAS_NOT_FOUND = "Image alias not found"
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 
 def image_url(fingerprint: str) -> str:
@@ -48,9 +53,12 @@ async def find_alias(store: Store, project: str, name: str) -> tuple[dict[str, A
     return entry.json(), entry.revision
 
 
-async def images_call(method: str, message: Any, **kwargs: Any) -> Any:
-    client = await services().images()
-    return await client.call(method, message, **kwargs)
+async def images_call(
+    method: Callable[Concatenate[ImagesClient, P], Awaitable[R]], *args: P.args, **kwargs: P.kwargs
+) -> R:
+    """`method` of the images service (`ImagesClient.create_alias`...), called on a client
+    from this process's pool with `args` and `kwargs`."""
+    return await method(await services().images(), *args, **kwargs)
 
 
 # ---------------------------------------------------------------------------- pulls
@@ -66,7 +74,7 @@ async def pull_image(
     """Run a PullImage on the images service; with `op`, its progress becomes the
     operation's `download_progress`, as in LXD. Returns the image (LXD's Image)."""
     client = await services().images()
-    call = client.stream("PullImage", request, timeout=PULL_TIMEOUT)
+    call = client.pull_image(request, timeout=PULL_TIMEOUT)
     image: dict[str, Any] | None = None
     shown = 0.0
     try:
@@ -107,8 +115,7 @@ async def resolve_image(store: Any, project: str, source: InstanceSource) -> dic
         return public(record)
     images = await services().images()
     try:
-        reply = await images.call(
-            "ResolveImage",
+        reply = await images.resolve_image(
             images_pb2.ResolveImageRequest(project=project, name=name, mark_used=True),
         )
     except NotFound:

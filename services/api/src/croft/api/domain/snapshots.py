@@ -62,5 +62,5 @@ async def restore_snapshot(
     request_pb = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
 
     return await compute_operation(
-        ctx, client, "RestoreSnapshot", request_pb, "Restoring snapshot", project, name, timeout=600
+        ctx, client.restore_snapshot, request_pb, "Restoring snapshot", project, name, timeout=600
     )

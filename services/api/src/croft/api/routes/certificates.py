@@ -31,6 +31,7 @@ from croft.api.context import context
 from croft.api.identity import Identity, identity
 from croft.api.serving import listen_addresses
 from croft.api.tls import certificate_fingerprint
+from croft.common.clients import AuthClient
 from croft.common.errors import CroftError, InvalidArgument, PermissionDenied
 from croft.v1 import auth_pb2, common_pb2
 
@@ -87,13 +88,15 @@ class CertificatePut(BaseModel):
 
 
 async def _list() -> list[dict[str, Any]]:
-    reply = await auth_call("ListCertificates", common_pb2.Empty())
+    reply = await auth_call(AuthClient.list_certificates, common_pb2.Empty())
     found: list[dict[str, Any]] = json.loads(reply.json)
     return found
 
 
 async def _get(fingerprint: str) -> dict[str, Any]:
-    reply = await auth_call("GetCertificate", auth_pb2.CertificateRef(fingerprint=fingerprint))
+    reply = await auth_call(
+        AuthClient.get_certificate, auth_pb2.CertificateRef(fingerprint=fingerprint)
+    )
     record: dict[str, Any] = json.loads(reply.json)
     return record
 
@@ -144,7 +147,7 @@ async def certificates_post(request: Request) -> Response:
         if not who.certificate:
             raise InvalidArgument("No client certificate provided")
     reply = await auth_call(
-        "AddCertificate",
+        AuthClient.add_certificate,
         auth_pb2.AddCertificateRequest(
             certificate=req.certificate or who.certificate,
             name=req.name,
@@ -194,7 +197,7 @@ async def _trust_with_token(request: Request, who: Identity, password: str) -> R
     if not who.certificate:
         raise InvalidArgument("No client certificate provided")
     reply = await auth_call(
-        "TrustWithToken",
+        AuthClient.trust_with_token,
         auth_pb2.TrustWithTokenRequest(
             secret=secret, certificate=who.certificate, address=_host(request)
         ),
@@ -213,7 +216,7 @@ async def _create_token(request: Request, req: CertificatesPost) -> Response:
     if not req.name:
         raise InvalidArgument("A token needs the name of the client it is for (--name)")
     reply = await auth_call(
-        "CreateToken",
+        AuthClient.create_token,
         auth_pb2.CreateTokenRequest(
             name=req.name, type="client", restricted=req.restricted, projects=req.projects or []
         ),
@@ -239,7 +242,7 @@ async def _create_token(request: Request, req: CertificatesPost) -> Response:
         )
     except BaseException:
         with contextlib.suppress(CroftError):
-            await auth_call("RevokeToken", auth_pb2.TokenSecret(secret=reply.secret))
+            await auth_call(AuthClient.revoke_token, auth_pb2.TokenSecret(secret=reply.secret))
         raise
     return responses.async_operation(operation)
 
@@ -263,7 +266,7 @@ async def _update(request: Request, fingerprint: str, *, patch: bool) -> Respons
     if patch:
         wanted = {k: (wanted[k] if k in data else current[k]) for k in wanted}
     reply = await auth_call(
-        "UpdateCertificate",
+        AuthClient.update_certificate,
         common_pb2.Json(json=json.dumps({"fingerprint": current["fingerprint"], **wanted})),
     )
     updated = json.loads(reply.json)
@@ -287,7 +290,7 @@ async def certificate_patch(request: Request, fingerprint: str) -> Response:
 @router.delete("/1.0/certificates/{fingerprint}")
 async def certificate_delete(request: Request, fingerprint: str) -> Response:
     full = (await _get(fingerprint))["fingerprint"]
-    await auth_call("DeleteCertificate", auth_pb2.CertificateRef(fingerprint=full))
+    await auth_call(AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=full))
     trust_cache.forget(full)
     await context(request).lifecycle("certificate-deleted", certificate_url(full), request=request)
     return responses.empty_sync()

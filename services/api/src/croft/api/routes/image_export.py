@@ -48,9 +48,7 @@ async def image_export(request: Request, fingerprint: str) -> Response:
     ):
         raise NotFound(f'Image "{full}" not found')  # as GET /1.0/images/<fp> answers
     client = await services().images()
-    call = client.stream(
-        "ExportImage", images_pb2.ImageRef(project=project, fingerprint=full), timeout=None
-    )
+    call = client.export_image(images_pb2.ImageRef(project=project, fingerprint=full), timeout=None)
     replies = call.__aiter__()
     try:
         first = await anext(replies)

@@ -41,6 +41,7 @@ from croft.api.domain.images import (
 from croft.api.identity import identity
 from croft.api.operations import OperationContext
 from croft.api.services import services
+from croft.common.clients import ImagesClient
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, NotImplementedYet
 from croft.common.multipart import MultipartParser, MultipartPart
 from croft.common.rpc import from_rpc_error
@@ -170,7 +171,7 @@ async def aliases_post(request: Request) -> Response:
     if not req.name or not req.target:
         raise InvalidArgument("name and target are required")
     reply = await images_call(
-        "CreateAlias",
+        ImagesClient.create_alias,
         images_pb2.ImageAliasRequest(
             project=project, name=req.name, target=req.target, description=req.description
         ),
@@ -217,7 +218,7 @@ async def _alias_update(request: Request, name: str, *, patch: bool) -> Response
             target = req.target if "target" in data else current["target"]
             description = req.description if "description" in data else current["description"]
         await images_call(
-            "UpdateAlias",
+            ImagesClient.update_alias,
             images_pb2.ImageAliasRequest(
                 project=project,
                 name=name,
@@ -251,7 +252,7 @@ async def alias_rename(request: Request, name: str) -> Response:
     project = await _project(request)
     req = await query.body(request, AliasPost)
     await images_call(
-        "RenameAlias",
+        ImagesClient.rename_alias,
         images_pb2.ImageAliasRequest(project=project, name=name, new_name=req.name),
         idempotent=False,
     )
@@ -267,7 +268,9 @@ async def alias_delete(request: Request, name: str) -> Response:
     ctx = context(request)
     project = await _project(request)
     await images_call(
-        "DeleteAlias", images_pb2.ImageAliasRequest(project=project, name=name), idempotent=False
+        ImagesClient.delete_alias,
+        images_pb2.ImageAliasRequest(project=project, name=name),
+        idempotent=False,
     )
     await ctx.lifecycle(
         "image-alias-deleted", alias_url(name, project), project=project, request=request
@@ -351,7 +354,7 @@ async def _image_update(request: Request, fingerprint: str, *, patch: bool) -> R
             "revision": revision,
             "image": put,
         }
-        await images_call("UpdateImage", common_pb2.Json(json=json.dumps(body)))
+        await images_call(ImagesClient.update_image, common_pb2.Json(json=json.dumps(body)))
         return responses.empty_sync()
 
     response = await _retrying(attempt)
@@ -382,7 +385,7 @@ async def image_delete(request: Request, fingerprint: str) -> Response:
 
     async def delete(op: OperationContext) -> dict[str, Any] | None:
         await images_call(
-            "DeleteImage",
+            ImagesClient.delete_image,
             images_pb2.ImageRef(project=project, fingerprint=full),
             idempotent=False,
             timeout=120,
@@ -433,7 +436,7 @@ async def images_post(request: Request) -> Response:
     )
     client = await services().images()
     uplink = _Uplink(header)
-    call = client.stream("ImportImage", uplink.messages(), timeout=UPLOAD_TIMEOUT)
+    call = client.import_image(uplink.messages(), timeout=UPLOAD_TIMEOUT)
     result: asyncio.Future[Any] = asyncio.ensure_future(call)
     uplink.result = result
     try:
@@ -675,8 +678,7 @@ async def image_refresh(request: Request, fingerprint: str) -> Response:
 
     async def refresh(op: OperationContext) -> dict[str, Any] | None:
         client = await services().images()
-        call = client.stream(
-            "RefreshImage",
+        call = client.refresh_image(
             images_pb2.ImageRef(project=project, fingerprint=full),
             timeout=PULL_TIMEOUT,
         )

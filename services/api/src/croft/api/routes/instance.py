@@ -66,7 +66,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
                 record=json.dumps(wanted), revision=current_revision
             )
             try:
-                await call_closing(op, client, "UpdateInstance", update, timeout=None)
+                await call_closing(op, client.update_instance, update, timeout=None)
                 return None
             except Conflict:
                 # Another change got in since the record was read (compute compares the
@@ -175,7 +175,7 @@ async def instance_rename(request: Request, name: str) -> Response:
     rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
 
     return await compute_operation(
-        ctx, client, "RenameInstance", rename, "Renaming instance", project, name, timeout=600
+        ctx, client.rename_instance, rename, "Renaming instance", project, name, timeout=600
     )
 
 
@@ -192,8 +192,7 @@ async def instance_delete(request: Request, name: str) -> Response:
 
     return await compute_operation(
         ctx,
-        client,
-        "DeleteInstance",
+        client.delete_instance,
         ref(project, name),
         "Deleting instance",
         project,

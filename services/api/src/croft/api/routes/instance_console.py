@@ -77,7 +77,7 @@ async def instance_console_attach(request: Request, name: str) -> Response:
 async def instance_console_clear(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     client = await compute_of(record)
-    await client.call("ClearConsoleLog", ref(project, name))
+    await client.clear_console_log(ref(project, name))
     return responses.sync({})
 
 
@@ -86,7 +86,7 @@ async def instance_console_clear(request: Request, name: str) -> Response:
 async def instance_console(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     client = await compute_of(record)
-    reply = await client.call("ConsoleLog", ref(project, name))
+    reply = await client.console_log(ref(project, name))
 
     async def body() -> AsyncIterator[bytes]:
         yield reply.content

@@ -102,7 +102,7 @@ async def _exec_detached(
 
         stdout, stderr, code = bytearray(), bytearray(), -1
         try:
-            async for output in client.stream("Exec", requests()):
+            async for output in client.exec(requests()):
                 kind = output.WhichOneof("output")
                 if kind == "stdout":
                     stdout += output.stdout

@@ -49,7 +49,7 @@ async def instance_file_get(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     path = _file_path(request)
     client = await compute_of(record)
-    call = client.stream("PullFile", compute_pb2.FileRef(instance=ref(project, name), path=path))
+    call = client.pull_file(compute_pb2.FileRef(instance=ref(project, name), path=path))
     try:
         first = await anext(call.__aiter__())
         header = first.header
@@ -107,7 +107,7 @@ async def instance_file_post(request: Request, name: str) -> Response:
             yield compute_pb2.FileChunk(data=bytes(buffer))
 
     try:
-        await client.stream("PushFile", chunks(), timeout=600)
+        await client.push_file(chunks(), timeout=600)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
     return responses.sync({})
@@ -119,7 +119,7 @@ async def instance_file_delete(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     path = _file_path(request)
     client = await compute_of(record)
-    await client.call(
-        "DeleteFile", compute_pb2.FileRef(instance=ref(project, name), path=path), idempotent=False
+    await client.delete_file(
+        compute_pb2.FileRef(instance=ref(project, name), path=path), idempotent=False
     )
     return responses.sync({})

@@ -37,9 +37,7 @@ async def instance_log(request: Request, name: str, file: str) -> Response:
     project, record, _ = await load(request, name)
     if file == "lxc.log":
         client = await compute_of(record)
-        reply = await client.call(
-            "Logs", compute_pb2.LogRequest(instance=ref(project, name), file=file)
-        )
+        reply = await client.logs(compute_pb2.LogRequest(instance=ref(project, name), file=file))
         content = reply.content
     else:
         entry = await context(request).store.get(exec_log_key(project, name, file))

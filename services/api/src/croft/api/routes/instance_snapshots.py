@@ -76,7 +76,7 @@ async def snapshots_post(request: Request, name: str) -> Response:
     )
 
     return await compute_operation(
-        ctx, client, "CreateSnapshot", create, "Snapshotting instance", project, name, timeout=600
+        ctx, client.create_snapshot, create, "Snapshotting instance", project, name, timeout=600
     )
 
 
@@ -137,7 +137,7 @@ async def snapshot_delete(request: Request, name: str, snapshot: str) -> Respons
     delete = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
 
     return await compute_operation(
-        ctx, client, "DeleteSnapshot", delete, "Deleting snapshot", project, name, timeout=600
+        ctx, client.delete_snapshot, delete, "Deleting snapshot", project, name, timeout=600
     )
 
 
@@ -158,5 +158,5 @@ async def snapshot_rename(request: Request, name: str, snapshot: str) -> Respons
     )
 
     return await compute_operation(
-        ctx, client, "RenameSnapshot", rename, "Renaming snapshot", project, name
+        ctx, client.rename_snapshot, rename, "Renaming snapshot", project, name
     )

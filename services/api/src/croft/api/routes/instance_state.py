@@ -26,7 +26,7 @@ router = APIRouter()
 async def instance_state_get(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     client = await compute_of(record)
-    reply = await client.call("GetState", ref(project, name))
+    reply = await client.get_state(ref(project, name))
     return responses.sync(json.loads(reply.state))
 
 
@@ -70,8 +70,7 @@ async def instance_state_put(request: Request, name: str) -> Response:
 
     return await compute_operation(
         ctx,
-        client,
-        "ChangeState",
+        client.change_state,
         change,
         _ACTIONS[req.action],
         project,

@@ -189,7 +189,7 @@ async def instances_post(request: Request) -> Response:
 
     async def create(op: OperationContext) -> dict[str, Any] | None:
         client = await services().compute(member)
-        await call_closing(op, client, "CreateInstance", request_pb, timeout=600)
+        await call_closing(op, client.create_instance, request_pb, timeout=600)
         return None
 
     operation = await ctx.operations.create(

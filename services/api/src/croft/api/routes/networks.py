@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter
@@ -14,6 +15,7 @@ from starlette.responses import Response
 from croft.api import query, records, responses
 from croft.api.context import context
 from croft.api.services import services
+from croft.common.clients import NetworkClient
 from croft.common.errors import NotFound
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -22,7 +24,7 @@ from croft.common.records import (
     network_used_by,
     public,
 )
-from croft.v1 import network_pb2
+from croft.v1 import common_pb2, network_pb2
 
 router = APIRouter()
 
@@ -135,19 +137,23 @@ async def _member_of(request: Request, store: Any, name: str, record: dict[str, 
     return str(record.get("_croft", {}).get("member", ""))
 
 
-async def _network_call(request: Request, name: str, method: str) -> Any:
+async def _network_call(
+    request: Request,
+    name: str,
+    method: Callable[[NetworkClient, network_pb2.NetworkRef], Awaitable[common_pb2.Json]],
+) -> Any:
     store = context(request).store
     record = await _managed(store, name)
     client = await services().network(await _member_of(request, store, name, record))
-    reply = await client.call(method, network_pb2.NetworkRef(name=name))
+    reply = await method(client, network_pb2.NetworkRef(name=name))
     return json.loads(reply.json)
 
 
 @router.get("/1.0/networks/{name}/state")
 async def network_state(request: Request, name: str) -> Response:
-    return responses.sync(await _network_call(request, name, "NetworkState"))
+    return responses.sync(await _network_call(request, name, NetworkClient.network_state))
 
 
 @router.get("/1.0/networks/{name}/leases")
 async def network_leases(request: Request, name: str) -> Response:
-    return responses.sync(await _network_call(request, name, "Leases"))
+    return responses.sync(await _network_call(request, name, NetworkClient.leases))

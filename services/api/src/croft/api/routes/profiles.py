@@ -288,7 +288,7 @@ async def _update_instance(store: Store, instance: dict[str, Any]) -> None:
     revision = instance.pop("_revision")
     del instance["_croft"]
     update = compute_pb2.UpdateInstanceRequest(record=json.dumps(instance), revision=revision)
-    await client.call("UpdateInstance", update, idempotent=False, timeout=120)
+    await client.update_instance(update, idempotent=False, timeout=120)
 
 
 @router.put("/1.0/profiles/{name}")

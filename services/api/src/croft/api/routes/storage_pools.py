@@ -126,7 +126,7 @@ async def pool_resources(request: Request, name: str) -> Response:
     if member not in members:
         raise NotFound("Storage pool not found")
     client = await services().storage(member)
-    reply = await client.call("PoolResources", storage_pb2.PoolRef(name=name))
+    reply = await client.pool_resources(storage_pb2.PoolRef(name=name))
     return responses.sync(json.loads(reply.json))
 
 
@@ -151,8 +151,7 @@ async def pools_post(request: Request) -> Response:
     if not req.driver:
         raise InvalidArgument("No driver provided")
     client = await services().storage(_member(request))
-    await client.call(
-        "CreatePool",
+    await client.create_pool(
         storage_pb2.PoolRequest(
             name=req.name,
             driver=req.driver,
@@ -181,8 +180,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     else:
         config, description = req.config, req.description
     client = await services().storage(member)
-    await client.call(
-        "UpdatePool",
+    await client.update_pool(
         storage_pb2.PoolRequest(name=name, description=description, config=json.dumps(config)),
         timeout=600,
     )
@@ -210,6 +208,6 @@ async def pool_delete(request: Request, name: str) -> Response:
     members: dict[str, Any] = record.get("_croft", {}).get("members", {})
     for member in sorted(members) or [_member(request, record)]:
         client = await services().storage(member)
-        await client.call("DeletePool", storage_pb2.PoolRef(name=name), timeout=600)
+        await client.delete_pool(storage_pb2.PoolRef(name=name), timeout=600)
     await ctx.lifecycle("storage-pool-deleted", f"/1.0/storage-pools/{name}", request=request)
     return responses.empty_sync()

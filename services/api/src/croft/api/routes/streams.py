@@ -31,6 +31,7 @@ from croft.api import records
 from croft.api.context import context
 from croft.api.domain.images import ALIASES, IMAGES, images_call
 from croft.common.blocking import in_thread
+from croft.common.clients import ImagesClient
 from croft.common.errors import CroftError, NotFound
 from croft.imageformat.format import ImageInfo, ImageType, detect_file_format
 from croft.imageformat.streams import (
@@ -75,7 +76,7 @@ async def _published_image(
     record: dict[str, Any], aliases: list[str], serial: str
 ) -> PublishedImage:
     reply = await images_call(
-        "ImageFiles",
+        ImagesClient.image_files,
         images_pb2.ImageFilesRequest(
             image=images_pb2.ImageRef(project=PROJECT, fingerprint=record["fingerprint"])
         ),

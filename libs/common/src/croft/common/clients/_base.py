@@ -1,0 +1,47 @@
+"""What every typed client shares: the `ServiceClient` it wraps.
+
+A typed client is a thin layer over `croft.common.rpc.ServiceClient`, which stays the
+transport (discovery, balancing, deadlines, retries, the member metadata). Each of its
+methods names one RPC, takes that RPC's request message and is typed with its reply, so
+go-to-definition crosses the gRPC hop. A unary method returns the transport's awaitable
+itself rather than awaiting it: a call costs one plain function call more than before, no
+extra coroutine. To add an RPC: one method in its service's module, named after the RPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Callable, Iterable
+from typing import Any, ClassVar, TypeAlias, TypeVar
+
+import grpc
+
+from croft.common.discovery import Instance
+from croft.common.rpc import ServiceClient
+
+T = TypeVar("T")
+
+# What a client-streaming RPC sends: the messages, produced as they come or all at once.
+RequestStream: TypeAlias = AsyncIterable[T] | Iterable[T]
+
+
+class TypedClient:
+    """The calls to one service (one member's, for a per-host service)."""
+
+    #: The service's name in discovery.
+    service: ClassVar[str]
+    #: The generated stub class that `ServiceClient` makes per channel.
+    stub: ClassVar[Callable[[grpc.aio.Channel], Any]]
+
+    __slots__ = ("rpc",)
+
+    def __init__(self, rpc: ServiceClient[Any]) -> None:
+        self.rpc = rpc
+
+    @property
+    def member(self) -> str | None:
+        """The member whose service this client calls (None: any instance)."""
+        return self.rpc.member
+
+    def instances(self) -> list[Instance]:
+        """The live instances of the service this client can call."""
+        return self.rpc.instances()
