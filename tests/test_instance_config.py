@@ -139,3 +139,27 @@ def test_no_device_or_config_value_can_write_lxc_config(
         assert not any("INJECTED" in text for text in lxc_files(croft).values())
     finally:
         lxc("delete", "--force", "inj", check=False)
+
+
+def test_raw_lxc_that_liblxc_refuses_is_refused_and_the_instance_stays_usable(
+    croft_busybox: tuple[Croft, Lxc, str],
+) -> None:
+    """LXD loads raw.lxc into liblxc on every change: a key liblxc does not know is
+    refused, rather than stored in a definition that no later change could load."""
+    croft, lxc, _ = croft_busybox
+    lxc("init", "busybox", "raw-bad")
+    try:
+        before = definition(croft, "raw-bad")
+        refused = lxc("config", "set", "raw-bad", "raw.lxc", "lxc.bogus = x", check=False)
+        assert refused.returncode != 0
+        assert "Failed to load raw.lxc" in refused.stderr, refused.stderr
+        assert definition(croft, "raw-bad") == before
+        assert lxc("config", "get", "raw-bad", "raw.lxc").stdout.strip() == ""
+        # the instance takes other changes and starts, as before
+        lxc("config", "set", "raw-bad", "user.after", "yes")
+        lxc("config", "set", "raw-bad", "raw.lxc", "lxc.environment = FROM_RAW=1")
+        lxc("start", "raw-bad")
+        env = lxc("exec", "raw-bad", "--", "cat", "/proc/1/environ").stdout
+        assert "FROM_RAW=1" in env
+    finally:
+        lxc("delete", "--force", "raw-bad", check=False)
