@@ -167,8 +167,9 @@ async def server_get(request: Request) -> Response:
             "auth_methods": ["tls"],
         }
         return responses.sync(untrusted)
+    # LXD 5.0 answers the server info whatever project is named, even one that does
+    # not exist (lxc and pylxd send their remote's project with every request).
     project = query.project(request)
-    await records.require_project(ctx.store, project)
     config = await _server_config(request)
     addresses = (
         await listen_addresses(ctx.settings.https_address) if ctx.settings.https_address else []
