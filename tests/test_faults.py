@@ -284,8 +284,16 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
         return subprocess.CompletedProcess([], rename.returncode, out.decode(), err.decode())
 
     result = asyncio.run(rename_and_kill())
-    assert result.returncode != 0, result.stdout  # the rename's operation failed
     wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+    if result.returncode == 0:
+        # On a busy machine the kill can land after the rename was recorded whole: then
+        # the client was told it is done, and everything is under the new name.
+        assert traces(croft, bridge, "rnk2") == before
+        assert traces(croft, bridge, "rnk1") == nothing_of(croft, bridge, "rnk1")
+        snapshots = json.loads(lxc("query", "/1.0/instances/rnk2/snapshots").stdout)
+        assert snapshots == ["/1.0/instances/rnk2/snapshots/s1"]
+        lxc("delete", "--force", "rnk2")
+        return
 
     def put_back() -> bool:
         found = [r for k, r in store_list(croft, INSTANCES) if k == INSTANCES + "rnk1"]
@@ -398,9 +406,10 @@ def test_sigkill_compute_in_the_middle_of_a_create_leaves_all_or_nothing(
     croft_busybox: tuple[Croft, Lxc, str], moment: str
 ) -> None:
     """`lxc launch`, and compute SIGKILLed at `moment` of its create. What the client was
-    told is what remains: a failed launch leaves nothing once the restarted compute's
-    reconcile has removed the half-made instance; a create recorded whole (before or
-    after the kill) is started by the restarted compute, and the launch succeeds."""
+    told is what remains: a failed create leaves nothing once the restarted compute's
+    reconcile has removed the half-made instance; a create recorded whole (before the
+    kill landed, as it does late on a busy machine) is a whole instance, and the start
+    that follows waits for the restarted compute, so the launch succeeds."""
     croft, lxc, bridge = croft_busybox
     name = f"cmpkill{list(COMPUTE_MOMENTS).index(moment) + 1}"
     compute = serving_pid(croft, "compute")
@@ -411,13 +420,27 @@ def test_sigkill_compute_in_the_middle_of_a_create_leaves_all_or_nothing(
         launch_and_kill(croft, lxc, name, prefix(name), partial(wanted, name), compute)
     )
     wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute to restart")
-    print(f"compute killed at {moment}: lxc launch exited {launch.returncode} {launch.stderr}")
+    print(f"compute killed at {moment}: lxc launch exited {launch.returncode}: {launch.stdout}")
+    print(launch.stderr)
+    # `lxc launch` is two operations: "Starting" is printed once the create succeeded.
+    created = launch.returncode == 0 or f"Starting {name}" in launch.stdout
     if moment == "instance recorded whole":
-        assert launch.returncode == 0, launch.stderr
-    if launch.returncode == 0:
+        assert created, launch.stderr
+    if created:
         assert traces(croft, bridge, name) == one_of(croft, bridge, name)
-        (listed,) = [i for i in lxc.json("list") if i["name"] == name]
-        assert listed["status"] == "Running"
+
+        def status() -> str:
+            (listed,) = [i for i in lxc.json("list") if i["name"] == name]
+            return str(listed["status"])
+
+        if launch.returncode != 0:
+            # Only when compute died in the middle of the start itself (the start's call
+            # was under way, so it is not made again): the instance is whole, and what
+            # it shows is what runs.
+            wait_until(lambda: status() in ("Running", "Stopped"), 60, "a settled status")
+            if status() == "Stopped":
+                lxc("start", name)
+        assert status() == "Running"
         assert lxc("exec", name, "--", "true", check=False).returncode == 0
         lxc("delete", "--force", name)
         assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
