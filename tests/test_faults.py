@@ -385,7 +385,9 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
     op = _final_operation(lxc, op_key[len(OPERATIONS) :])
     print(f"api killed at {moment}: operation {op['status']} ({op['err']})")
     _whole_or_nothing(croft, lxc, bridge, name, op)
-    assert bridge_ports(bridge) == ports  # no veth: nothing was started
+    # No new veth: nothing was started. (One of an instance deleted just before may go
+    # meanwhile: the kernel removes a dead network namespace's veths lazily.)
+    assert bridge_ports(bridge) <= ports
     if op["status"] == "Success":
         lxc("delete", "--force", name)
 
@@ -444,7 +446,7 @@ def test_sigkill_compute_in_the_middle_of_a_create_leaves_all_or_nothing(
         assert lxc("exec", name, "--", "true", check=False).returncode == 0
         lxc("delete", "--force", name)
         assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
-        assert bridge_ports(bridge) == ports
+        assert bridge_ports(bridge) <= ports
         return
     with contextlib.suppress(AssertionError):  # the assertion below shows what is left
         wait_until(
@@ -452,7 +454,7 @@ def test_sigkill_compute_in_the_middle_of_a_create_leaves_all_or_nothing(
         )
     assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
     assert name not in [i["name"] for i in lxc.json("list")]
-    assert bridge_ports(bridge) == ports
+    assert bridge_ports(bridge) <= ports
     # and the name is free again, at once
     lxc("launch", "busybox", name)
     assert lxc("exec", name, "--", "true", check=False).returncode == 0
