@@ -310,10 +310,50 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
     assert traces(croft, bridge, "rnk1") == nothing_of(croft, bridge, "rnk1")
 
 
-def _final_operation(lxc: Lxc, op_id: str) -> dict[str, Any]:
+def store_revision(croft: Croft) -> int:
+    async def go() -> int:
+        store = await connect([croft.endpoint])
+        try:
+            return await store.revision()
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _ended_in_store(croft: Croft, op_id: str, since: int) -> dict[str, Any] | None:
+    """The final state operation `op_id` was written with, from the store's history since
+    revision `since` (it is deleted a few seconds after it ends)."""
+
+    async def go() -> dict[str, Any] | None:
+        store = await connect([croft.endpoint])
+        try:
+            async for event in store.watch(OPERATIONS + op_id, start_revision=since):
+                if event.type is EventType.PUT:
+                    op = json.loads(event.value)["operation"]
+                    if op["status"] in ("Success", "Failure"):
+                        return dict(op)
+        finally:
+            await store.close()
+        return None
+
+    async def bounded() -> dict[str, Any] | None:
+        try:
+            return await asyncio.wait_for(go(), 10)
+        except TimeoutError:
+            return None
+
+    return asyncio.run(bounded())
+
+
+def _final_operation(lxc: Lxc, op_id: str, croft: Croft, since: int) -> dict[str, Any]:
     def final() -> dict[str, Any] | None:
         result = lxc("query", f"/1.0/operations/{op_id}", check=False)
         if result.returncode != 0:
+            if "not found" in result.stderr.lower():
+                # It ended and was deleted (a few seconds after its end) before the
+                # restarted api answered, which on a busy machine can take that long.
+                return _ended_in_store(croft, op_id, since)
             return None  # the api is not back yet
         op = json.loads(result.stdout)
         return op if op["status"] in ("Success", "Failure") else None
@@ -372,6 +412,7 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
     ports = bridge_ports(bridge)
     prefix, wanted = MOMENTS[moment]
     ops_before = {k for k, _ in store_list(croft, OPERATIONS)}
+    since = store_revision(croft)
     _, launch = asyncio.run(
         launch_and_kill(croft, lxc, name, prefix(name), partial(wanted, name), api)
     )
@@ -382,7 +423,7 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
         if k not in ops_before and r["operation"]["description"] == "Creating instance"
     ]
     wait_until(lambda: serving_pid(croft, "api", other_than=api), 60, "the api to restart")
-    op = _final_operation(lxc, op_key[len(OPERATIONS) :])
+    op = _final_operation(lxc, op_key[len(OPERATIONS) :], croft, since)
     print(f"api killed at {moment}: operation {op['status']} ({op['err']})")
     _whole_or_nothing(croft, lxc, bridge, name, op)
     # No new veth: nothing was started. (One of an instance deleted just before may go
