@@ -293,8 +293,16 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
         return subprocess.CompletedProcess([], rename.returncode, out.decode(), err.decode())
 
     result = asyncio.run(rename_and_kill())
-    assert result.returncode != 0, result.stdout  # the rename's operation failed
     wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+    if result.returncode == 0:
+        # On a busy machine the kill can land after the rename was recorded whole: then
+        # the client was told it is done, and everything is under the new name.
+        assert traces(croft, bridge, "rnk2") == before
+        assert traces(croft, bridge, "rnk1") == nothing_of(croft, bridge, "rnk1")
+        snapshots = json.loads(lxc("query", "/1.0/instances/rnk2/snapshots").stdout)
+        assert snapshots == ["/1.0/instances/rnk2/snapshots/s1"]
+        lxc("delete", "--force", "rnk2")
+        return
 
     def put_back() -> bool:
         found = [r for k, r in store_list(croft, INSTANCES) if k == INSTANCES + "rnk1"]
@@ -311,10 +319,50 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
     assert traces(croft, bridge, "rnk1") == nothing_of(croft, bridge, "rnk1")
 
 
-def _final_operation(lxc: Lxc, op_id: str) -> dict[str, Any]:
+def store_revision(croft: Croft) -> int:
+    async def go() -> int:
+        store = await connect([croft.endpoint])
+        try:
+            return await store.revision()
+        finally:
+            await store.close()
+
+    return asyncio.run(go())
+
+
+def _ended_in_store(croft: Croft, op_id: str, since: int) -> dict[str, Any] | None:
+    """The final state operation `op_id` was written with, from the store's history since
+    revision `since` (it is deleted a few seconds after it ends)."""
+
+    async def go() -> dict[str, Any] | None:
+        store = await connect([croft.endpoint])
+        try:
+            async for event in store.watch(OPERATIONS + op_id, start_revision=since):
+                if event.type is EventType.PUT:
+                    op = json.loads(event.value)["operation"]
+                    if op["status"] in ("Success", "Failure"):
+                        return dict(op)
+        finally:
+            await store.close()
+        return None
+
+    async def bounded() -> dict[str, Any] | None:
+        try:
+            return await asyncio.wait_for(go(), 10)
+        except TimeoutError:
+            return None
+
+    return asyncio.run(bounded())
+
+
+def _final_operation(lxc: Lxc, op_id: str, croft: Croft, since: int) -> dict[str, Any]:
     def final() -> dict[str, Any] | None:
         result = lxc("query", f"/1.0/operations/{op_id}", check=False)
         if result.returncode != 0:
+            if "not found" in result.stderr.lower():
+                # It ended and was deleted (a few seconds after its end) before the
+                # restarted api answered, which on a busy machine can take that long.
+                return _ended_in_store(croft, op_id, since)
             return None  # the api is not back yet
         op = json.loads(result.stdout)
         return op if op["status"] in ("Success", "Failure") else None
@@ -373,6 +421,7 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
     ports = bridge_ports(bridge)
     prefix, wanted = MOMENTS[moment]
     ops_before = {k for k, _ in store_list(croft, OPERATIONS)}
+    since = store_revision(croft)
     _, launch = asyncio.run(
         launch_and_kill(croft, lxc, name, prefix(name), partial(wanted, name), api)
     )
@@ -383,38 +432,79 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
         if k not in ops_before and r["operation"]["description"] == "Creating instance"
     ]
     wait_until(lambda: serving_pid(croft, "api", other_than=api), 60, "the api to restart")
-    op = _final_operation(lxc, op_key[len(OPERATIONS) :])
+    op = _final_operation(lxc, op_key[len(OPERATIONS) :], croft, since)
     print(f"api killed at {moment}: operation {op['status']} ({op['err']})")
     _whole_or_nothing(croft, lxc, bridge, name, op)
-    assert bridge_ports(bridge) == ports  # no veth: nothing was started
+    # No new veth: nothing was started. (One of an instance deleted just before may go
+    # meanwhile: the kernel removes a dead network namespace's veths lazily.)
+    assert bridge_ports(bridge) <= ports
     if op["status"] == "Success":
         lxc("delete", "--force", name)
 
 
-@pytest.mark.parametrize("moment", [m for m in MOMENTS if m != "operation recorded"])
-def test_sigkill_compute_in_the_middle_of_a_create_leaves_nothing(
+# compute's moments: the create's, and just after it was recorded whole (which is where a
+# kill meant for the moment before lands when the machine is busy).
+COMPUTE_MOMENTS: dict[str, Moment] = {
+    **{m: MOMENTS[m] for m in MOMENTS if m != "operation recorded"},
+    "instance recorded whole": (
+        lambda name: INSTANCES + name,
+        lambda name, key, record: record.get("_croft", {}).get("state") == "created",
+    ),
+}
+
+
+@pytest.mark.parametrize("moment", list(COMPUTE_MOMENTS))
+def test_sigkill_compute_in_the_middle_of_a_create_leaves_all_or_nothing(
     croft_busybox: tuple[Croft, Lxc, str], moment: str
 ) -> None:
-    """`lxc launch`, and compute SIGKILLed at `moment` of its create: the launch fails, and
-    the restarted compute's reconcile removes every piece of the half-made instance."""
+    """`lxc launch`, and compute SIGKILLed at `moment` of its create. What the client was
+    told is what remains: a failed create leaves nothing once the restarted compute's
+    reconcile has removed the half-made instance; a create recorded whole (before the
+    kill landed, as it does late on a busy machine) is a whole instance, and the start
+    that follows waits for the restarted compute, so the launch succeeds."""
     croft, lxc, bridge = croft_busybox
-    name = f"cmpkill{list(MOMENTS).index(moment)}"
+    name = f"cmpkill{list(COMPUTE_MOMENTS).index(moment) + 1}"
     compute = serving_pid(croft, "compute")
     assert compute
     ports = bridge_ports(bridge)
-    prefix, wanted = MOMENTS[moment]
+    prefix, wanted = COMPUTE_MOMENTS[moment]
     _, launch = asyncio.run(
         launch_and_kill(croft, lxc, name, prefix(name), partial(wanted, name), compute)
     )
-    assert launch.returncode != 0
     wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute to restart")
+    print(f"compute killed at {moment}: lxc launch exited {launch.returncode}: {launch.stdout}")
+    print(launch.stderr)
+    # `lxc launch` is two operations: "Starting" is printed once the create succeeded.
+    created = launch.returncode == 0 or f"Starting {name}" in launch.stdout
+    if moment == "instance recorded whole":
+        assert created, launch.stderr
+    if created:
+        assert traces(croft, bridge, name) == one_of(croft, bridge, name)
+
+        def status() -> str:
+            (listed,) = [i for i in lxc.json("list") if i["name"] == name]
+            return str(listed["status"])
+
+        if launch.returncode != 0:
+            # Only when compute died in the middle of the start itself (the start's call
+            # was under way, so it is not made again): the instance is whole, and what
+            # it shows is what runs.
+            wait_until(lambda: status() in ("Running", "Stopped"), 60, "a settled status")
+            if status() == "Stopped":
+                lxc("start", name)
+        assert status() == "Running"
+        assert lxc("exec", name, "--", "true", check=False).returncode == 0
+        lxc("delete", "--force", name)
+        assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
+        assert bridge_ports(bridge) <= ports
+        return
     with contextlib.suppress(AssertionError):  # the assertion below shows what is left
         wait_until(
             lambda: traces(croft, bridge, name) == nothing_of(croft, bridge, name), 60, "cleanup"
         )
     assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
     assert name not in [i["name"] for i in lxc.json("list")]
-    assert bridge_ports(bridge) == ports
+    assert bridge_ports(bridge) <= ports
     # and the name is free again, at once
     lxc("launch", "busybox", name)
     assert lxc("exec", name, "--", "true", check=False).returncode == 0

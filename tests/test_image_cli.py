@@ -7,6 +7,7 @@ import hashlib
 import json
 import random
 import shutil
+import tarfile
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -136,3 +137,37 @@ def test_bad_requests_are_clear_errors_and_change_nothing(croft_lxc, lxd, unique
     assert code == 1 and stderr.startswith("Error: ")
 
     assert lxd.list_images() == before
+
+
+def _with_absolute_names(source: Path, out: Path) -> Path:
+    """`source` again with every member named from "/" ("/rootfs/etc/passwd"), hard link
+    targets too, as some image builders write them."""
+    with tarfile.open(source, "r:gz") as src, tarfile.open(out, "w:gz") as dst:
+        for member in src:
+            data = src.extractfile(member) if member.isreg() else None
+            member.name = "/" + member.name.removeprefix("./").lstrip("/")
+            if member.islnk():
+                member.linkname = "/" + member.linkname.removeprefix("./").lstrip("/")
+            dst.addfile(member, data)
+    return out
+
+
+def test_an_image_with_absolute_member_names_imports_and_launches(
+    croft_lxc, busybox_image, workdir
+):
+    """LXD unpacks such a tarball as GNU tar does, dropping the leading "/"; so does croft,
+    through the real `lxc image import` and `lxc launch`."""
+    _, lxc, _ = croft_lxc
+    image = _with_absolute_names(busybox_image, workdir / "absolute.tar.gz")
+    with tarfile.open(image) as tf:
+        assert "/rootfs/etc/passwd" in tf.getnames()
+    alias = _alias()
+    name = f"abs-{uuid.uuid4().hex[:6]}"
+
+    lxc("image", "import", str(image), "--alias", alias)
+    try:
+        lxc("launch", alias, name)
+        assert "root:" in lxc("exec", name, "--", "cat", "/etc/passwd").stdout
+    finally:
+        lxc("delete", "--force", name, check=False)
+        lxc("image", "delete", alias, check=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import stat
@@ -60,6 +61,51 @@ def test_unified_image_is_parsed_and_fingerprinted_like_lxd(make_unified, compre
 def test_unified_image_with_dot_slash_names_is_accepted(make_unified, kit):
     image = make_unified(spec=kit.unified_spec(prefix="./"))
     assert parse_image(image).type is ImageType.CONTAINER
+
+
+def test_image_with_absolute_member_names_unpacks_as_gnu_tar_does(make_unified, kit, workdir):
+    """Some builders write "/rootfs/etc/inittab": LXD unpacks it as GNU tar does, without
+    the leading "/", and so does croft (hard link targets included)."""
+    image = make_unified(spec=kit.unified_spec(prefix="/"))
+    assert parse_image(image).type is ImageType.CONTAINER
+
+    volume = workdir / "volume"
+    unpack_image(image, None, volume)
+    rootfs = volume / "rootfs"
+    assert (volume / "templates/hostname.tpl").is_file()
+    assert (rootfs / "etc/hostname").read_text() == "template\n"
+    assert os.readlink(rootfs / "bin/sh") == "/bin/busybox"
+    assert (
+        os.stat(rootfs / "etc/hostname").st_ino == os.stat(rootfs / "etc/hostname.hardlink").st_ino
+    )
+    assert not (rootfs / "dev/null").exists()  # device nodes skipped, "/" or not
+
+
+def test_split_image_with_absolute_member_names(workdir, kit):
+    meta_spec = kit.TarSpec()
+    for member in kit.metadata_spec().members:
+        meta_spec.members.append(dataclasses.replace(member, name="/" + member.name))
+    meta = kit.write_tar(workdir / "meta.tar.xz", meta_spec, "xz")
+    rootfs_spec = (
+        kit.TarSpec()
+        .add("/", "dir")
+        .add("/etc", "dir")
+        .add("/etc/inittab", data=b"::sysinit:/etc/init.d/rcS\n")
+        .add("/bin", "dir")
+        .add("/bin/busybox", data=b"\x7fELF not really", mode=0o755)
+        .add("/bin/sh", "symlink", target="/bin/busybox")
+        .add("/dev", "dir")
+        .add("/dev/null", "chr", mode=0o666)
+    )
+    rootfs = kit.write_tar(workdir / "rootfs.tar.gz", rootfs_spec, "gzip")
+
+    assert parse_image(meta, rootfs).split
+    volume = workdir / "volume"
+    unpack_image(meta, rootfs, volume)
+    assert (volume / "metadata.yaml").is_file()
+    assert (volume / "rootfs/etc/inittab").read_text() == "::sysinit:/etc/init.d/rcS\n"
+    assert os.readlink(volume / "rootfs/bin/sh") == "/bin/busybox"
+    assert not (volume / "rootfs/dev/null").exists()
 
 
 def test_architecture_alias_is_normalised(make_unified, kit):
@@ -181,9 +227,21 @@ BAD_IMAGES = {
         lambda kit: kit.unified_spec().add("rootfs/../../etc/cron.d/x", data=b"x"),
         "'..' path component",
     ),
-    "absolute member": (
-        lambda kit: kit.unified_spec().add("/etc/cron.d/x", data=b"x"),
-        "absolute path",
+    "absolute member climbing out": (
+        lambda kit: kit.unified_spec().add("/rootfs/../../etc/cron.d/x", data=b"x"),
+        "'..' path component",
+    ),
+    "absolute member through a symlink": (
+        lambda kit: (
+            kit.unified_spec()
+            .add("rootfs/etc2", "symlink", target="/etc")
+            .add("/rootfs//etc2/./shadow", data=b"x")
+        ),
+        "written through the symlink",
+    ),
+    "absolute device node outside /dev": (
+        lambda kit: kit.unified_spec().add("/rootfs/etc/mem", "chr"),
+        "device node outside /dev",
     ),
     "relative symlink escaping the rootfs": (
         lambda kit: kit.unified_spec().add("rootfs/etc/evil", "symlink", target="../../../../etc"),
@@ -199,7 +257,7 @@ BAD_IMAGES = {
     ),
     "hardlink outside the image": (
         lambda kit: kit.unified_spec().add("rootfs/shadow", "hardlink", target="/etc/shadow"),
-        "absolute path",
+        "not an earlier file",
     ),
     "hardlink to a file not in the archive": (
         lambda kit: kit.unified_spec().add("rootfs/shadow", "hardlink", target="rootfs/etc/shadow"),

@@ -21,9 +21,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pylxd
+import pylxd.exceptions
 import pytest
 
-from croft.api import services
+from croft.api import services, trust_password
+from croft.api.records import SERVER_CONFIG_KEY
 from croft.api.serving import HttpsServer
 from croft.api.tls import certificate_fingerprint, ensure_server_certificate
 from croft.common import discovery
@@ -265,6 +268,101 @@ def test_remote_add_with_the_token_as_password(croft: Croft) -> None:
     remote = croft.remote_lxc(croft.base / "ci-home")
     remote("remote", "add", "croft", croft.url, "--accept-certificate", "--password", token)
     assert "auth: trusted" in remote("info", "croft:").stdout
+
+
+# ---------------------------------------------------------------------------- trust password
+
+
+@pytest.fixture
+def attempts(monkeypatch: pytest.MonkeyPatch) -> trust_password.PasswordAttempts:
+    """A fresh failed-attempts count (this api replica runs in the test's process)."""
+    fresh = trust_password.PasswordAttempts()
+    monkeypatch.setattr(trust_password, "attempts", fresh)
+    return fresh
+
+
+def stored_server_config(croft: Croft) -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        assert croft.replica.store is not None
+        found = await croft.replica.store.get_json(SERVER_CONFIG_KEY)
+        assert found is not None
+        config: dict[str, Any] = found[0]["config"]
+        return config
+
+    return croft.replica.run(read())
+
+
+def test_the_trust_password_is_kept_hashed_and_shown_as_true(croft: Croft) -> None:
+    croft.lxc("config", "set", "core.trust_password", "s3cret")
+    stored = stored_server_config(croft)["core.trust_password"]
+    # LXD's form: hex of a 32-byte salt and a 64-byte scrypt hash.
+    raw = bytes.fromhex(stored)
+    assert len(raw) == 96 and b"s3cret" not in raw
+    assert trust_password.password_matches(stored, "s3cret")
+    assert not trust_password.password_matches(stored, "s3cret!")
+    shown = croft.replica.request("GET", "/1.0").metadata["config"]
+    assert shown["core.trust_password"] is True
+    assert croft.lxc("config", "get", "core.trust_password").stdout.strip() == "true"
+    # `lxc config set/unset` of another key sends the shown `true` back: it keeps the hash.
+    croft.lxc("config", "set", "user.a", "b")
+    croft.lxc("config", "unset", "user.a")
+    assert stored_server_config(croft)["core.trust_password"] == stored
+    croft.lxc("config", "unset", "core.trust_password")
+    assert "core.trust_password" not in stored_server_config(croft)
+
+
+def test_lxc_remote_add_with_the_trust_password(croft: Croft, attempts: Any) -> None:
+    remote = croft.remote_lxc(croft.base / "pw-home")
+    refused = remote(
+        "remote", "add", "croft", croft.url, "--accept-certificate", "--password", "s3cret",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0  # no password is set yet
+    croft.lxc("config", "set", "core.trust_password", "s3cret")
+    refused = remote(
+        "remote", "add", "croft", croft.url, "--accept-certificate", "--password", "wrong",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "not authorized" in refused.stderr
+    remote("remote", "add", "croft", croft.url, "--accept-certificate", "--password", "s3cret")
+    assert "auth: trusted" in remote("info", "croft:").stdout
+    trusted = json.loads(croft.lxc("config", "trust", "list", "--format", "json").stdout)
+    client_cert = (croft.base / "pw-home/.config/lxc/client.crt").read_text()
+    assert [(c["fingerprint"], c["restricted"]) for c in trusted] == [
+        (certificate_fingerprint(client_cert), False)
+    ]
+
+
+def test_pylxd_authenticates_with_the_trust_password(
+    croft: Croft, attempts: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # requests would verify against these bundles despite verify=False.
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.delenv(name, raising=False)
+    croft.lxc("config", "set", "core.trust_password", "s3cret")
+    croft.client("pylxd")  # makes pylxd.crt and pylxd.key
+    cert = (str(croft.base / "pylxd.crt"), str(croft.base / "pylxd.key"))
+    client = pylxd.Client(endpoint=croft.url, cert=cert, verify=False)
+    assert not client.trusted
+    with pytest.raises(pylxd.exceptions.LXDAPIException, match="not authorized"):
+        client.authenticate("guess")
+    client.authenticate("s3cret")
+    assert client.trusted
+    assert client.instances.all() == []
+
+
+def test_failed_trust_passwords_are_rate_limited(croft: Croft, attempts: Any) -> None:
+    croft.lxc("config", "set", "core.trust_password", "s3cret")
+    guesser = croft.client("guesser")
+    for _ in range(trust_password.MAX_FAILURES):
+        refused = guesser.request("POST", "/1.0/certificates", {"password": "guess"})
+        assert (refused.status, refused.error) == (403, "not authorized")
+    # Now even the right password is refused from that address, and nothing is added.
+    refused = guesser.request("POST", "/1.0/certificates", {"password": "s3cret"})
+    assert refused.status == 403
+    assert "Too many failed trust password attempts" in refused.error
+    assert croft.lxc("config", "trust", "list", "--format", "json").stdout.strip() == "[]"
+    assert guesser.request("GET", "/1.0").metadata["auth"] == "untrusted"
 
 
 def test_no_token_without_https(replica: Replica) -> None:

@@ -140,6 +140,12 @@ def test_projects_default_only(replica: Replica) -> None:
         'Failed loading project "nope": Project not found',
     )
 
+    # The server itself answers whatever project is named, as LXD 5.0 does: a remote
+    # whose project was deleted can still reach the server to pick another.
+    server = replica.request("GET", "/1.0?project=nope")
+    assert server.status == 200
+    assert server.metadata["environment"]["project"] == "nope"
+
     table = replica.lxc("project", "list", "--format", "csv").stdout
     assert table.startswith("default (current),")
 

@@ -284,6 +284,10 @@ StubT = TypeVar("StubT")
 # How long an instance that answered UNAVAILABLE is skipped while others are live.
 _QUARANTINE = 5.0
 
+# How long a change for one member's service waits for that service to come back when it
+# is down (the node agent restarts a dead service within seconds).
+_RESTART_WAIT = 30.0
+
 
 class _TraceClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
@@ -389,12 +393,19 @@ class ServiceClient(Generic[StubT]):
         timeout: float | None = None,
     ) -> Any:
         """Call `method` on one instance. Idempotent calls move on to another instance when
-        one is UNAVAILABLE; the error raised is the croft error the callee raised."""
+        one is UNAVAILABLE; the error raised is the croft error the callee raised.
+
+        A non-idempotent call to one member's service (compute, storage, network of a
+        host) that reached no instance waits, within its timeout, for that service to be
+        back: the change was never seen, so it is made once the service restarts rather
+        than reported failed (a start asked for just after compute died and came back)."""
         deadline = time.monotonic() + (timeout or self.timeout)
         tried: set[str] = set()
         last: errors.CroftError | None = None
         while True:
             candidates = [i for i in self._candidates() if i.id not in tried]
+            if not candidates and self.member and not idempotent:
+                candidates = await self._restarted(tried, deadline)
             if not candidates:
                 if last is not None:
                     raise last
@@ -421,6 +432,26 @@ class ServiceClient(Generic[StubT]):
                     raise last from None
                 self._quarantined[instance.id] = time.monotonic() + _QUARANTINE
                 log.info("%s at %s unavailable; trying another", self.service, instance.address)
+
+    async def _restarted(self, tried: set[str], deadline: float) -> list[Instance]:
+        """Instances not in `tried` once one registers (within `_RESTART_WAIT` and the
+        call's deadline), or none."""
+        wait = min(deadline - time.monotonic(), _RESTART_WAIT)
+        if wait <= 0:
+            return []
+
+        def fresh(instances: list[Instance]) -> bool:
+            return any(
+                i.id not in tried and (self.member is None or i.member == self.member)
+                for i in instances
+            )
+
+        try:
+            await self._watcher.wait_for(fresh, wait)
+        except TimeoutError:
+            return []
+        log.info("%s on %s is back", self.service, self.member)
+        return [i for i in self._candidates() if i.id not in tried]
 
     def stream(self, method: str, request: Any, *, timeout: float | None = None) -> Any:
         """Open a streaming call (server, client or bidirectional) on one instance.

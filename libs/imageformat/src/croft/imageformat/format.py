@@ -13,7 +13,8 @@ the file sizes.
 Safety policy for archive members (checked before anything is unpacked, so a bad image is
 rejected whole):
 
-* names must be relative and must not contain ``..`` components;
+* names must not contain ``..`` components; a leading ``/`` is dropped, as GNU tar (and so
+  LXD) drops it when unpacking;
 * no member may be written through a symlink that an earlier member created;
 * symlinks are allowed inside the rootfs only. Absolute targets (``/bin/sh -> /bin/busybox``)
   are normal: they resolve inside the container. A relative target that climbs above the
@@ -340,15 +341,13 @@ class _Checker:
         return InvalidArgument(f"unsafe image: {self.label} member {name!r} {why}")
 
     def _clean(self, raw: str) -> str:
-        name = raw
-        while name.startswith("./"):
-            name = name[2:]
-        name = name.rstrip("/")
-        if raw.startswith("/"):
-            raise self.bad(raw, "has an absolute path")
-        if ".." in name.split("/"):
+        # As GNU tar (and so LXD) reads names: a leading "/" is dropped (some builders
+        # write "/rootfs/etc/inittab"), as are "." and empty components, so that one
+        # path has one name here whatever its spelling ("rootfs//etc", "./rootfs/./etc").
+        parts = [part for part in raw.split("/") if part not in ("", ".")]
+        if ".." in parts:
             raise self.bad(raw, "has a '..' path component")
-        return name
+        return "/".join(parts)
 
     def _area(self, name: str) -> tuple[str, str]:
         """Which part of the image a name belongs to, and its path inside that part."""

@@ -1,10 +1,11 @@
 """`python -m croft.api`: the api service: LXD's REST API on the local unix socket, and
-over HTTPS on `api.https_address` when it is set.
+over HTTPS on `core.https_address` when it is set (croft.api.https_listener).
 
 The first replica on a member serves `<state_dir>/unix.socket` (a unix socket has one
 listener); every replica serves gRPC and runs operations, so `croft scale api=N` adds
-operation and event capacity now. HTTPS is served by the first replica too (more
-replicas on one port with SO_REUSEPORT: not yet).
+operation and event capacity now. Every replica follows core.https_address and serves
+HTTPS on it, sharing the port with SO_REUSEPORT. `api.https_address` in croft.yaml is
+only core.https_address's initial value, written to the server config once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import os
 from croft.api import services
 from croft.api.app import create_app
 from croft.api.context import ApiSettings
-from croft.api.serving import HttpsServer, UnixServer
+from croft.api.https_listener import HttpsListener, seed_https_address
+from croft.api.serving import UnixServer
 from croft.api.tls import ensure_server_certificate
 from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
@@ -36,16 +38,18 @@ async def setup(context: ServiceContext) -> None:
         certificate=certificate.pem,
     )
     app = create_app(context.store, settings)
-    if os.environ.get("CROFT_REPLICA", "1") != "1":
-        return
-    server = UnixServer(app, config.state_dir / "unix.socket")
-    await server.start()
-    context.shutdown_hooks.append(server.stop)
-    if config.api.https_address:
-        https = HttpsServer(app, config.api.https_address, certificate)
-        await https.start()
-        # Hooks run in reverse: HTTPS stops before the unix server ends the lifespan.
-        context.shutdown_hooks.append(https.stop)
+    await seed_https_address(context.store, config.api.https_address)
+    first = os.environ.get("CROFT_REPLICA", "1") == "1"
+    # Another replica has no unix server to run the app's lifespan: its listener does.
+    https = HttpsListener(app, certificate, run_lifespan=not first)
+    https.install()
+    if first:
+        server = UnixServer(app, config.state_dir / "unix.socket")
+        await server.start()
+        context.shutdown_hooks.append(server.stop)
+    await https.follow(context.store)
+    # Hooks run in reverse: HTTPS stops before the unix server ends the lifespan.
+    context.shutdown_hooks.append(https.stop)
 
 
 def main() -> None:

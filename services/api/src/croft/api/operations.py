@@ -35,7 +35,14 @@ from typing import Any, Literal, Protocol
 
 from starlette.websockets import WebSocket
 
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, Unavailable
+from croft.common.errors import (
+    Conflict,
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    Timeout,
+    Unavailable,
+)
 from croft.common.events import EventPublisher, rfc3339_nano
 from croft.common.events import publisher as default_publisher
 from croft.common.store import Create, EventType, Lease, Operation, Store, Update, dump
@@ -80,6 +87,10 @@ class OperationContext:
         self.final_writes: list[Operation] = []
         # The end went in with another service's change (`closing_writes`).
         self.closed = False
+        # The store key of the record the task creates (`done_if_created`), and the
+        # revision the operation was recorded at: what tells a lost reply from a failure.
+        self.done_if_created: str | None = None
+        self.created_revision = 0
 
     @property
     def url(self) -> str:
@@ -290,6 +301,7 @@ class OperationManager:
             [Create(operation_key(op_id), written), pending, running]
         )
         context = OperationContext(self, op_id, project)
+        context.done_if_created, context.created_revision = done_if_created, revision
         local = _Local(context=context, websocket=websocket, last=(written, revision))
         self._local[op_id] = local
         if run is not None:
@@ -309,6 +321,13 @@ class OperationManager:
             status = "Cancelled"
         except CroftError as exc:
             status, err = "Failure", exc.message
+            # The service died or timed out after its change may have gone in (its reply
+            # was lost): report what the store holds, as the reaper does for a dead owner.
+            if isinstance(exc, Unavailable | Timeout) and await self._work_was_done(
+                {"done_if_created": context.done_if_created}, context.created_revision
+            ):
+                log.info("operation %s: the reply was lost, the work was done", context.id)
+                status, err = "Success", ""
         except Exception as exc:
             log.exception("operation %s failed", context.id)
             status, err = "Failure", f"{type(exc).__name__}: {exc}"

@@ -113,7 +113,9 @@ def parse_certificate(text: str) -> ParsedCertificate:
         if text.startswith("-----BEGIN"):
             cert = x509.load_pem_x509_certificate(text.encode())
         else:
-            cert = x509.load_der_x509_certificate(base64.b64decode(text, validate=True))
+            # Go's base64 decoder, LXD's, skips line breaks: pylxd sends a PEM body.
+            der = base64.b64decode(text.replace("\r", "").replace("\n", ""), validate=True)
+            cert = x509.load_der_x509_certificate(der)
     except (ValueError, binascii.Error) as exc:
         raise InvalidArgument(f"Invalid certificate material: {exc}") from None
     now = _now()

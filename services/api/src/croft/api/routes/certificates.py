@@ -8,11 +8,15 @@ The auth service keeps the records and decides; this module is LXD's REST face o
   `lxc config trust list-tokens` and `revoke-token` work unchanged;
 * an untrusted HTTPS client adds the certificate it connected with by showing a token as
   the `password` (`lxc remote add NAME TOKEN`, or `... https://HOST:8443 --password
-  TOKEN`): the token is used up and the certificate trusted in one step.
+  TOKEN`): the token is used up and the certificate trusted in one step;
+* or by showing `core.trust_password` as the `password` (LXD 5.0's older way, which
+  `lxc remote add --password` and pylxd's `Client.authenticate` use): the certificate
+  given, or the one it connected with, is trusted (croft.api.trust_password).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -25,9 +29,10 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, records, responses
+from croft.api import limits, query, records, responses, trust_password
 from croft.api.auth import auth_call, trust_cache
 from croft.api.context import context
+from croft.api.https_listener import serving_address
 from croft.api.identity import Identity, identity
 from croft.api.serving import listen_addresses
 from croft.api.tls import certificate_fingerprint
@@ -125,19 +130,20 @@ async def certificate_get(request: Request, fingerprint: str) -> Response:
 async def certificates_post(request: Request) -> Response:
     req = await query.body(request, CertificatesPost)
     who = identity(request)
-    settings = context(request).settings
     if req.token and req.certificate:
         raise InvalidArgument("Can't use certificate if token is requested")
     if req.token:
         if (req.type or "client") != "client":
             raise InvalidArgument("Tokens can only be issued for client certificates")
-        if not settings.https_address:
+        if not serving_address(request):
             raise InvalidArgument("Can't issue token when server isn't listening on network")
     if who.trusted and not req.certificate and not req.token:
         raise InvalidArgument("Client is already trusted")
     if not _is_admin(who):
         if req.token or not req.password:
             raise PermissionDenied(NOT_AUTHORIZED)
+        if _token_secret(req.password) is None:
+            return await _trust_with_password(request, who, req)
         return await _trust_with_token(request, who, req.password)
     if req.token:
         return await _create_token(request, req)
@@ -185,13 +191,46 @@ def _token_secret(password: str) -> str | None:
     return secret if isinstance(secret, str) and secret else None
 
 
+async def _trust_with_password(request: Request, who: Identity, req: CertificatesPost) -> Response:
+    """LXD's core.trust_password: the certificate given (pylxd sends it) or the one the
+    client connected with is trusted, unrestricted, when the password matches."""
+    address = _host(request)
+    if trust_password.attempts.blocked(address):
+        log.warning("refused a trust password from %s: too many failed attempts", address)
+        raise PermissionDenied("Too many failed trust password attempts, try again later")
+    found = await context(request).store.get_json(records.SERVER_CONFIG_KEY)
+    stored = (found[0].get("config") or {}).get(trust_password.TRUST_PASSWORD, "") if found else ""
+    matches = bool(stored) and await asyncio.to_thread(
+        trust_password.password_matches, stored, req.password
+    )
+    if not matches:
+        trust_password.attempts.failed(address)
+        log.warning("refused a trust request with a wrong password from %s", address)
+        raise PermissionDenied(NOT_AUTHORIZED)
+    trust_password.attempts.succeeded(address)
+    if not req.certificate:
+        if who.protocol != "tls":
+            raise InvalidArgument("Can't use TLS data on non-TLS link")
+        if not who.certificate:
+            raise InvalidArgument("No client certificate provided")
+    reply = await auth_call(
+        AuthClient.add_certificate,
+        auth_pb2.AddCertificateRequest(
+            certificate=req.certificate or who.certificate,
+            name=req.name,
+            type="client",
+            restricted=False,
+            projects=[],
+            address=address,
+        ),
+        idempotent=False,
+    )
+    return await _added(request, json.loads(reply.json))
+
+
 async def _trust_with_token(request: Request, who: Identity, password: str) -> Response:
     secret = _token_secret(password)
-    if secret is None:
-        # Not a token: LXD would compare a trust password (core.trust_password), which
-        # croft does not keep.
-        log.warning("refused a trust request with a bad token from %s", _host(request))
-        raise PermissionDenied(NOT_AUTHORIZED)
+    assert secret is not None
     if who.protocol != "tls":
         raise InvalidArgument("Can't use TLS data on non-TLS link")
     if not who.certificate:
@@ -225,7 +264,7 @@ async def _create_token(request: Request, req: CertificatesPost) -> Response:
     metadata = {
         "secret": reply.secret,
         "fingerprint": certificate_fingerprint(settings.certificate),
-        "addresses": await listen_addresses(settings.https_address),
+        "addresses": await listen_addresses(serving_address(request)),
         "request": {
             "name": req.name,
             "type": "client",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import platform
 from collections.abc import Sequence
@@ -10,17 +11,20 @@ from importlib import metadata as package_metadata
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_server_config
 from croft.api.context import ApiSettings, context
+from croft.api.https_listener import https_address_change, serving_address
 from croft.api.identity import identity
 from croft.api.serving import listen_addresses
 from croft.api.storage_drivers import StorageDriverInfo, storage_drivers
 from croft.api.tls import certificate_fingerprint
+from croft.api.trust_password import HIDDEN_KEYS, TRUST_PASSWORD, hash_password
+from croft.common.errors import InvalidArgument
 
 router = APIRouter()
 
@@ -68,7 +72,8 @@ LXD_API_RELEASE = "5.0.2"
 
 class ServerPut(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    config: dict[str, StrictStr] | None = None
+    # `true` is how GET shows a hidden key (core.trust_password): sent back, it keeps it.
+    config: dict[str, StrictStr | StrictBool] | None = None
 
 
 @cache
@@ -154,6 +159,11 @@ async def _server_config(request: Request) -> dict[str, str]:
     return config
 
 
+def shown_config(config: dict[str, str]) -> dict[str, Any]:
+    """The server config as LXD shows it: a hidden key's value is `true`, never the hash."""
+    return {k: True if k in HIDDEN_KEYS else v for k, v in config.items()}
+
+
 @router.get("/")
 async def root() -> Response:
     return responses.sync(["/1.0"])
@@ -173,12 +183,12 @@ async def server_get(request: Request) -> Response:
             "auth_methods": ["tls"],
         }
         return responses.sync(untrusted)
+    # LXD 5.0 answers the server info whatever project is named, even one that does
+    # not exist (lxc and pylxd send their remote's project with every request).
     project = query.project(request)
-    await records.require_project(ctx.store, project)
-    config = await _server_config(request)
-    addresses = (
-        await listen_addresses(ctx.settings.https_address) if ctx.settings.https_address else []
-    )
+    config = shown_config(await _server_config(request))
+    https_address = serving_address(request)
+    addresses = await listen_addresses(https_address) if https_address else []
     info = {
         "config": config,
         "api_extensions": API_EXTENSIONS,
@@ -197,22 +207,33 @@ async def server_get(request: Request) -> Response:
 async def _update(request: Request, *, patch: bool) -> Response:
     ctx = context(request)
     req = await query.body(request, ServerPut)
-    wanted = {k: v for k, v in (req.config or {}).items()}
+    wanted: dict[str, str | bool] = dict(req.config or {})
+    for key, value in wanted.items():
+        if isinstance(value, bool) and not (value and key in HIDDEN_KEYS):
+            raise InvalidArgument(f'Invalid value for key "{key}": not a string')
+    # A new trust password is stored hashed, as LXD stores it (scrypt is slow on purpose:
+    # off the event loop).
+    password = wanted.get(TRUST_PASSWORD)
+    if isinstance(password, str) and password:
+        wanted[TRUST_PASSWORD] = await asyncio.to_thread(hash_password, password)
 
     def change(record: dict[str, Any]) -> dict[str, Any]:
         current: dict[str, str] = record.get("config", {})
-        query.check_if_match(request, records.etag(current))
-        merged = {**current, **wanted} if patch else dict(wanted)
+        query.check_if_match(request, records.etag(shown_config(current)))
+        given = {k: current.get(k, "") if v is True else v for k, v in wanted.items()}
+        merged = {**current, **given} if patch else dict(given)
         # An empty value unsets a key, as in LXD.
-        merged = {k: v for k, v in merged.items() if v != ""}
-        validate_server_config({k: v for k, v in merged.items() if current.get(k) != v})
+        merged = {k: str(v) for k, v in merged.items() if v != ""}
+        changed = {k: v for k, v in merged.items() if current.get(k) != v}
+        validate_server_config({k: v for k, v in changed.items() if k not in HIDDEN_KEYS})
         new = {**record, "config": merged}
         limits.check_record(new, "server configuration")
         return new
 
-    await records.modify(
-        ctx.store, records.SERVER_CONFIG_KEY, change, missing="", default={"config": {}}
-    )
+    async with https_address_change(request, wanted, patch=patch):
+        await records.modify(
+            ctx.store, records.SERVER_CONFIG_KEY, change, missing="", default={"config": {}}
+        )
     await ctx.lifecycle("config-updated", "/1.0", request=request)
     return responses.empty_sync()
 
