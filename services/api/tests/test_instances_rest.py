@@ -454,12 +454,13 @@ INJECTING_DEVICES = [
     ("eth1", {**_NIC, "hwaddr": "00:16:3e:00:00:01\n"}, f'option "hwaddr": {_CONTROL}'),
     ("eth1", {**_BRIDGED, "parent": f"croftbr0\n{INJECTED}"}, f'option "parent": {_CONTROL}'),
     ("eth1", {**_NIC, "network": f"croftbr0\n{INJECTED}"}, f'option "network": {_CONTROL}'),
-    ("eth1", {**_NIC, "host_name": f"veth1\x00{INJECTED}"}, f'option "host_name": {_CONTROL}'),
+    # A NUL anywhere in a body is refused where the body is read, before any device check.
+    ("eth1", {**_NIC, "host_name": f"veth1\x00{INJECTED}"}, "contains a NUL character"),
     ("eth1", {**_NIC, f"user.x\n{INJECTED}": "1"}, f'Invalid device option "user.x\\n{INJECTED}"'),
     ("d1", {**_DISK, "path": f"/mnt\n{INJECTED}"}, f'option "path": {_CONTROL}'),
     ("d1", {**_DISK, "source": f"/srv\n{INJECTED}"}, f'option "source": {_CONTROL}'),
     ("z1", {**_CHAR, "path": f"/dev/z\n{INJECTED}"}, f'option "path": {_CONTROL}'),
-    ("z1", {**_CHAR, "source": f"/dev/null\x00{INJECTED}"}, f'option "source": {_CONTROL}'),
+    ("z1", {**_CHAR, "source": f"/dev/null\x00{INJECTED}"}, "contains a NUL character"),
     (f"eth1\n{INJECTED}", {"type": "nic", "network": "croftbr0"}, "Name can only contain"),
     ("eth1", {**_NIC, "name": "eth1/x"}, "Network interface contains invalid characters"),
     ("eth1", {**_NIC, "hwaddr": "00:16:3e:00:00"}, "Invalid MAC address"),
@@ -470,7 +471,7 @@ INJECTING_DEVICES = [
 INJECTING_CONFIG = [
     ({"environment.X": f"1\n{INJECTED}"}, _CONTROL),
     ({"limits.memory": f"1GiB\n{INJECTED}"}, "control characters"),
-    ({"security.nesting": "true\x00"}, "control characters"),
+    ({"security.nesting": "true\x00"}, "contains a NUL character"),
     ({f"user.a\n{INJECTED}": "1"}, "control characters are not allowed"),
 ]
 
