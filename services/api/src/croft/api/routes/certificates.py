@@ -147,6 +147,26 @@ async def certificates_post(request: Request) -> Response:
         return await _trust_with_token(request, who, req.password)
     if req.token:
         return await _create_token(request, req)
+    return await _add(
+        request,
+        who,
+        req,
+        type=req.type or "client",
+        restricted=req.restricted,
+        projects=req.projects or [],
+    )
+
+
+async def _add(
+    request: Request,
+    who: Identity,
+    req: CertificatesPost,
+    *,
+    type: str,
+    restricted: bool,
+    projects: list[str],
+) -> Response:
+    """Trust the certificate given, or the one the client connected with."""
     if not req.certificate:
         if who.protocol != "tls":
             raise InvalidArgument("Can't use TLS data on non-TLS link")
@@ -157,9 +177,9 @@ async def certificates_post(request: Request) -> Response:
         auth_pb2.AddCertificateRequest(
             certificate=req.certificate or who.certificate,
             name=req.name,
-            type=req.type or "client",
-            restricted=req.restricted,
-            projects=req.projects or [],
+            type=type,
+            restricted=restricted,
+            projects=projects,
             address=_host(request),
         ),
         idempotent=False,
@@ -208,24 +228,7 @@ async def _trust_with_password(request: Request, who: Identity, req: Certificate
         log.warning("refused a trust request with a wrong password from %s", address)
         raise PermissionDenied(NOT_AUTHORIZED)
     trust_password.attempts.succeeded(address)
-    if not req.certificate:
-        if who.protocol != "tls":
-            raise InvalidArgument("Can't use TLS data on non-TLS link")
-        if not who.certificate:
-            raise InvalidArgument("No client certificate provided")
-    reply = await auth_call(
-        AuthClient.add_certificate,
-        auth_pb2.AddCertificateRequest(
-            certificate=req.certificate or who.certificate,
-            name=req.name,
-            type="client",
-            restricted=False,
-            projects=[],
-            address=address,
-        ),
-        idempotent=False,
-    )
-    return await _added(request, json.loads(reply.json))
+    return await _add(request, who, req, type="client", restricted=False, projects=[])
 
 
 async def _trust_with_token(request: Request, who: Identity, password: str) -> Response:
