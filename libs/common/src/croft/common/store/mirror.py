@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -247,7 +248,7 @@ class MirroredStore(Store):
             return found
         return await self.inner.list(prefix)
 
-    async def list_at(self, prefix: str, revision: int) -> list[Entry]:
+    async def list_at(self, prefix: str, revision: int) -> builtins.list[Entry]:
         return await self.inner.list_at(prefix, revision)
 
     async def revision(self) -> int:

@@ -167,7 +167,7 @@ def image_project_url(fingerprint: str, project: str) -> str:
 async def _token(ctx: ApiContext, project: str, fingerprint: str, secret: str) -> dict[str, Any]:
     url = image_project_url(fingerprint, project)
     for record in await ctx.operations.list(project):
-        operation = record["operation"]
+        operation: dict[str, Any] = record["operation"]
         if (
             operation["class"] == "token"
             and operation["status"] == "Running"

@@ -88,7 +88,7 @@ def overlapping(
 ) -> IPv4Network | IPv6Network | None:
     """The first of `used` that overlaps `subnet`, or None."""
     for other in used:
-        if other.version == subnet.version and subnet.overlaps(other):  # type: ignore[arg-type]
+        if other.version == subnet.version and subnet.overlaps(other):
             return other
     return None
 
