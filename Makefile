@@ -10,6 +10,16 @@ PROTO_OUT := libs/common/src
 PROTOS := $(shell find $(PROTO_SRC) -name '*.proto')
 PROTO_STAMP := $(PROTO_OUT)/croft/.proto-stamp
 
+# What `make test` type-checks with mypy --strict (configured in pyproject.toml): the shared
+# libraries, every service's core, drivers and gRPC surface, and the api's domain layer.
+MYPY_PACKAGES := croft.common croft.imageformat \
+  croft.compute.core croft.compute.drivers croft.compute.servicer \
+  croft.storage.core croft.storage.drivers croft.storage.servicer \
+  croft.network.core croft.network.drivers croft.network.servicer \
+  croft.images.core croft.images.servicer \
+  croft.auth.core croft.auth.servicer \
+  croft.api.domain croft.api.operations
+
 .PHONY: setup test lint format proto sync bench clean-proto images interop
 
 IMAGES_DIR ?= /var/lib/croft/build-images
@@ -21,6 +31,7 @@ test: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy $(MYPY_PACKAGES:%=-p %)
 	$(VENV)/bin/pytest -m "not lxd_interop" $(PYTEST_ARGS)
 
 # croft against the real LXD 5.0.2 (the anchor): LXD as the client of croft's image server,

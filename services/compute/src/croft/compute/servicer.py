@@ -239,7 +239,8 @@ async def _pump(
                     raise
                 data = b""
             if data:
-                queue.put_nowait(compute_pb2.ExecOutput(**{field: data}))
+                # `field` is "stdout" or "stderr", both bytes fields of ExecOutput.
+                queue.put_nowait(compute_pb2.ExecOutput(**{field: data}))  # type: ignore[arg-type]
             else:
                 loop.remove_reader(fd)
                 readers.remove(fd)
