@@ -294,6 +294,8 @@ class Server:
 # ---------------------------------------------------------------------------- client side
 
 StubT = TypeVar("StubT")
+_RequestT = TypeVar("_RequestT")
+_ReplyT = TypeVar("_ReplyT")
 
 # How long an instance that answered UNAVAILABLE is skipped while others are live.
 _QUARANTINE = 5.0
@@ -302,10 +304,26 @@ _QUARANTINE = 5.0
 class _TraceClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
 ):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _RequestT],
+            Awaitable[grpc.aio.UnaryUnaryCall[_RequestT, _ReplyT]],
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _RequestT,
+    ) -> grpc.aio.UnaryUnaryCall[_RequestT, _ReplyT]:
         return await continuation(_with_trace(details), request)
 
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _RequestT],
+            Awaitable[grpc.aio.UnaryStreamCall[_RequestT, _ReplyT]],
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _RequestT,
+    ) -> grpc.aio.UnaryStreamCall[_RequestT, _ReplyT]:
         return await continuation(_with_trace(details), request)
 
 

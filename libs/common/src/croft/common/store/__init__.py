@@ -198,6 +198,10 @@ class Store(abc.ABC):
         """Revoke a lease now; its keys go at once. NotFound if it already expired."""
 
     @abc.abstractmethod
+    async def lease_ttl(self, lease: Lease) -> int:
+        """Seconds `lease` has left. NotFound if it expired or was revoked."""
+
+    @abc.abstractmethod
     async def close(self) -> None: ...
 
     # Conveniences on top of the primitives: JSON records.

@@ -143,8 +143,11 @@ class MirroredStore(Store):
                         self._apply(change)
                 finally:
                     self._stop_following()
-                    with contextlib.suppress(Exception):
-                        await watch.aclose()  # type: ignore[attr-defined]
+                    # A Store's watch is an AsyncIterator: etcd's is a generator, to close.
+                    aclose = getattr(watch, "aclose", None)
+                    if aclose is not None:
+                        with contextlib.suppress(Exception):
+                            await aclose()
             except asyncio.CancelledError:
                 raise
             except Compacted:
@@ -299,4 +302,4 @@ class MirroredStore(Store):
         await self.inner.revoke_lease(lease)
 
     async def lease_ttl(self, lease: Lease) -> int:
-        return await self.inner.lease_ttl(lease)  # type: ignore[attr-defined,no-any-return]
+        return await self.inner.lease_ttl(lease)
