@@ -10,15 +10,10 @@ PROTO_OUT := libs/common/src
 PROTOS := $(shell find $(PROTO_SRC) -name '*.proto')
 PROTO_STAMP := $(PROTO_OUT)/croft/.proto-stamp
 
-# What `make test` type-checks with mypy --strict (configured in pyproject.toml): the shared
-# libraries, every service's core, drivers and gRPC surface, and the api's domain layer.
-MYPY_PACKAGES := croft.common croft.imageformat \
-  croft.compute.core croft.compute.drivers croft.compute.servicer \
-  croft.storage.core croft.storage.drivers croft.storage.servicer \
-  croft.network.core croft.network.drivers croft.network.servicer \
-  croft.images.core croft.images.servicer \
-  croft.auth.core croft.auth.servicer \
-  croft.api.domain croft.api.operations
+# What `make test` type-checks with mypy --strict (configured in pyproject.toml): every
+# package of the tree, the shared libraries, the services and the client.
+MYPY_PACKAGES := croft.common croft.imageformat croft.client \
+  croft.api croft.auth croft.compute croft.images croft.network croft.node croft.storage
 
 .PHONY: setup test lint format proto sync bench clean-proto images interop
 

@@ -25,10 +25,13 @@ from croft.common.errors import CroftError, NotFound
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
 from croft.common.store import Store
-from croft.imageformat.records import find as find_image  # noqa: F401  (any unique prefix, as in LXD)
+from croft.imageformat.records import find as _find
 from croft.imageformat.records import lookup as image_lookup
 from croft.imageformat.records import used_lately
 from croft.v1 import images_pb2
+
+# For the routes: an image by any unique prefix of its fingerprint, as in LXD.
+find_image = _find
 
 IMAGES = "images"
 ALIASES = "image-aliases"
