@@ -254,6 +254,7 @@ def _with_tls(app: ASGIApp, tls: dict[str, Any] | None) -> ASGIApp:
 class TLSH11Protocol(H11Protocol):
     """uvicorn's HTTP/1.1 protocol, adding the ASGI TLS extension to each request."""
 
+    # uvicorn declares a BaseTransport; a TCP server's connections are always Transports.
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.app = _with_tls(self.app, tls_extension(transport))
