@@ -10,6 +10,11 @@ PROTO_OUT := libs/common/src
 PROTOS := $(shell find $(PROTO_SRC) -name '*.proto')
 PROTO_STAMP := $(PROTO_OUT)/croft/.proto-stamp
 
+# What `make test` type-checks with mypy --strict (configured in pyproject.toml): every
+# package of the tree, the shared libraries, the services and the client.
+MYPY_PACKAGES := croft.common croft.imageformat croft.client \
+  croft.api croft.auth croft.compute croft.images croft.network croft.node croft.storage
+
 .PHONY: setup test lint format proto sync bench clean-proto images interop
 
 IMAGES_DIR ?= /var/lib/croft/build-images
@@ -21,6 +26,7 @@ test: proto
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy $(MYPY_PACKAGES:%=-p %)
 	$(VENV)/bin/pytest -m "not lxd_interop" $(PYTEST_ARGS)
 
 # croft against the real LXD 5.0.2 (the anchor): LXD as the client of croft's image server,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import marshal
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.riders import Rider
@@ -86,10 +86,17 @@ def _create(key: str, record: dict[str, Any]) -> Operation:
     return Create(key, dump(record))
 
 
-def copy_record(record: Any) -> Any:
+_JsonT = TypeVar("_JsonT")
+
+
+def copy_record(record: _JsonT) -> _JsonT:
     """A deep copy of JSON-shaped data (dicts, lists, strings, numbers, booleans, None):
     marshal's round trip, ~4x cheaper than copy.deepcopy for a record."""
-    return marshal.loads(marshal.dumps(record))
+    # marshal's types stop at its own union; a record is within it (JSON-shaped), and its
+    # copy has the record's own type.
+    value: Any = record
+    copied: _JsonT = marshal.loads(marshal.dumps(value))
+    return copied
 
 
 def public(record: dict[str, Any]) -> dict[str, Any]:

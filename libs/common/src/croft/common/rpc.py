@@ -22,6 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
+from types import TracebackType
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -58,7 +59,7 @@ def _fitting(message: str) -> str:
 
 
 def _wrap_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Any]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         with _server_span(method, context):
             started = time.perf_counter()
             try:
@@ -79,7 +80,7 @@ def _wrap_unary(behaviour: Callable[..., Awaitable[Any]], method: str) -> Callab
 
 
 def _wrap_stream(behaviour: Callable[..., Any], method: str) -> Callable[..., Any]:
-    async def handler(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         with _server_span(method, context):
             try:
                 async for reply in behaviour(request, context):
@@ -121,7 +122,7 @@ def _observe_revisions(metadata: Any) -> None:
 class _server_span:
     """Continue the caller's trace (W3C traceparent in metadata) for the call's duration."""
 
-    def __init__(self, method: str, context: grpc.aio.ServicerContext) -> None:
+    def __init__(self, method: str, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         carrier = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         self._ctx = propagate.extract(carrier)
         self._method = method
@@ -131,8 +132,13 @@ class _server_span:
         self._span = tracer.start_as_current_span(self._method, kind=trace.SpanKind.SERVER)
         self._span.__enter__()
 
-    def __exit__(self, *exc: object) -> None:
-        self._span.__exit__(*exc)  # type: ignore[arg-type]
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._span.__exit__(exc_type, exc, tb)
         otel_context.detach(self._token)
 
 
@@ -145,13 +151,15 @@ def _wrong_member(details: grpc.HandlerCallDetails, member: str) -> str | None:
     return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(
+    handler: grpc.RpcMethodHandler[Any, Any], message: str
+) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind as `handler` that refuses the call with `message`."""
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def refuse(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
 
-    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def refuse_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(grpc.StatusCode.FAILED_PRECONDITION, message)
         yield  # pragma: no cover (a generator, as a streaming handler must be)
 
@@ -173,9 +181,11 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[
+            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
+        ],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None or details.method.startswith("/grpc.health"):
             return handler
@@ -206,6 +216,8 @@ class _ServerInterceptor(grpc.aio.ServerInterceptor):
                 handler.request_deserializer,
                 handler.response_serializer,
             )
+        # A handler is exactly one of the four kinds: this one is stream-stream.
+        assert handler.stream_stream is not None
         return grpc.stream_stream_rpc_method_handler(
             _wrap_stream(handler.stream_stream, method),
             handler.request_deserializer,
@@ -218,7 +230,7 @@ class _StatusServicer(common_pb2_grpc.ServiceServicer):
         self.server = server
 
     async def Status(
-        self, request: common_pb2.StatusRequest, context: grpc.aio.ServicerContext
+        self, request: common_pb2.StatusRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.StatusReply:
         return self.server.status()
 
@@ -268,7 +280,7 @@ class Server:
 
     async def stop(
         self, grace: float = 10.0, before_drain: Callable[[], Awaitable[None]] | None = None
-    ):
+    ) -> None:
         """Say NOT_SERVING, run `before_drain` (deregistration), stop accepting, and let
         in-flight calls finish within `grace` seconds."""
         await self.health.enter_graceful_shutdown()
@@ -280,6 +292,8 @@ class Server:
 # ---------------------------------------------------------------------------- client side
 
 StubT = TypeVar("StubT")
+_RequestT = TypeVar("_RequestT")
+_ReplyT = TypeVar("_ReplyT")
 
 # How long an instance that answered UNAVAILABLE is skipped while others are live.
 _QUARANTINE = 5.0
@@ -292,10 +306,26 @@ _RESTART_WAIT = 30.0
 class _TraceClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
 ):
-    async def intercept_unary_unary(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _RequestT],
+            Awaitable[grpc.aio.UnaryUnaryCall[_RequestT, _ReplyT]],
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _RequestT,
+    ) -> grpc.aio.UnaryUnaryCall[_RequestT, _ReplyT]:
         return await continuation(_with_trace(details), request)
 
-    async def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+    async def intercept_unary_stream(
+        self,
+        continuation: Callable[
+            [grpc.aio.ClientCallDetails, _RequestT],
+            Awaitable[grpc.aio.UnaryStreamCall[_RequestT, _ReplyT]],
+        ],
+        details: grpc.aio.ClientCallDetails,
+        request: _RequestT,
+    ) -> grpc.aio.UnaryStreamCall[_RequestT, _ReplyT]:
         return await continuation(_with_trace(details), request)
 
 
@@ -306,7 +336,11 @@ def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetai
         return details
     metadata = list(details.metadata or ()) + list(carrier.items())
     return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+        details.method,
+        details.timeout,
+        grpc.aio.Metadata(*metadata),
+        details.credentials,
+        details.wait_for_ready,
     )
 
 
@@ -505,18 +539,19 @@ class ServiceClient(Generic[StubT]):
 async def status_of(address: str, timeout: float = 2.0) -> common_pb2.StatusReply:
     """Ask one instance directly for its Status."""
     async with channel(address) as ch:
-        return await common_pb2_grpc.ServiceStub(ch).Status(
+        reply: common_pb2.StatusReply = await common_pb2_grpc.ServiceStub(ch).Status(
             common_pb2.StatusRequest(), timeout=timeout
         )
+    return reply
 
 
 async def health_of(address: str, timeout: float = 2.0) -> str:
     """SERVING, NOT_SERVING or UNREACHABLE."""
     try:
         async with channel(address) as ch:
-            reply = await health_pb2_grpc.HealthStub(ch).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=timeout
-            )
+            # types-grpcio-health-checking declares HealthStub without its methods.
+            stub: Any = health_pb2_grpc.HealthStub(ch)
+            reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)
     except grpc.aio.AioRpcError:
         return "UNREACHABLE"
     return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

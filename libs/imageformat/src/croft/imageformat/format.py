@@ -445,14 +445,15 @@ def _decompressed(path: Path, fmt: FileFormat) -> Iterator[IO[bytes]]:
             yield f
     elif fmt is FileFormat.GZIP:
         with gzip.open(path, "rb") as f:
+            # typeshed's GzipFile is a BufferedIOBase, not a typing.IO; it reads as one.
             yield f  # type: ignore[misc]
     elif fmt is FileFormat.BZIP2:
         with bz2.open(path, "rb") as f:
-            yield f  # type: ignore[misc]
+            yield f
     elif fmt in (FileFormat.XZ, FileFormat.LZMA):
         lz_format = lzma.FORMAT_XZ if fmt is FileFormat.XZ else lzma.FORMAT_ALONE
         with lzma.open(path, "rb", format=lz_format) as f:
-            yield f  # type: ignore[misc]
+            yield f
     elif fmt is FileFormat.ZSTD:
         proc = subprocess.Popen(
             ["zstd", "-dc", "--no-progress", "--", str(path)],

@@ -560,6 +560,7 @@ def _items(entry: PublishedImage, base: str) -> Iterator[tuple[str, dict[str, An
     meta_name = "lxd" + _EXTENSION.get(info.metadata_format, ".tar")
     meta = _file_item(meta_src, FTYPE_META, f"{base}/{meta_name}")
     rootfs_format = info.rootfs_format
+    fields: tuple[str, ...]
     if rootfs_format is FileFormat.SQUASHFS:
         root_name, root_ftype, fields = "root.squashfs", "squashfs", ("combined_squashfs_sha256",)
     elif rootfs_format is FileFormat.QCOW2:

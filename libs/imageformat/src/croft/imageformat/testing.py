@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import pytest
 
@@ -113,7 +114,12 @@ class TarSpec:
         return self
 
 
-_TAR_MODES = {"plain": "w", "gzip": "w:gz", "xz": "w:xz", "bzip2": "w:bz2"}
+_TAR_MODES: dict[str, Literal["w", "w:gz", "w:xz", "w:bz2"]] = {
+    "plain": "w",
+    "gzip": "w:gz",
+    "xz": "w:xz",
+    "bzip2": "w:bz2",
+}
 
 
 def write_tar(path: Path, spec: TarSpec, compression: str = "gzip") -> Path:

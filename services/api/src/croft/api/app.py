@@ -260,8 +260,8 @@ def busiest_first(routes: list[Any], hot: tuple[str, ...]) -> list[Any]:
         for other in reordered[i + 1 :]:
             if position[id(other)] > position[id(route)]:
                 continue  # the original order
-            methods = getattr(route, "methods", None), getattr(other, "methods", None)
-            same_methods = None in methods or bool(methods[0] & methods[1])  # type: ignore[operator]
+            mine, theirs = getattr(route, "methods", None), getattr(other, "methods", None)
+            same_methods = mine is None or theirs is None or bool(mine & theirs)
             if same_methods and _may_overlap(route.path, other.path):
                 raise RuntimeError(f"route {route.path} cannot go before {other.path}")
     return reordered

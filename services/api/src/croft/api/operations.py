@@ -458,7 +458,7 @@ class OperationManager:
                     raise NotFound("Operation not found")
                 value, revision = entry.value, entry.revision
             record = json.loads(value)
-            operation = record["operation"]
+            operation: dict[str, Any] = record["operation"]
             if operation["status"] in FINAL:
                 return None
             before = dump(record)

@@ -178,9 +178,9 @@ async def listen_addresses(https_address: str) -> list[str]:
     wildcard = host in ("", "::", "0.0.0.0")
     if not wildcard:
         return [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
-    result = await run_async(["ip", "-j", "address", "show"], timeout=10)
+    _, stdout, _ = await run_async(["ip", "-j", "address", "show"], timeout=10)
     found: list[str] = []
-    for link in json.loads(result.stdout or "[]"):
+    for link in json.loads(stdout or b"[]"):
         for info in link.get("addr_info", []):
             try:
                 address = ipaddress.ip_address(info.get("local", ""))

@@ -42,7 +42,8 @@ class FramedWebSocketProtocol(WebSocketsSansIOProtocol):
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)
         if not self.close_sent and not self.conn.extensions:
-            self.scope["extensions"][FRAME_WRITER] = self.write_text_frame  # type: ignore[index]
+            # ASGI types an extension as a dict of its options; croft's own is the writer.
+            self.scope["extensions"][FRAME_WRITER] = self.write_text_frame  # type: ignore[assignment]
 
     def write_text_frame(self, frame: bytes, limit: int) -> bool:
         """Write a frame from `text_frame`. False when the client has more than `limit`

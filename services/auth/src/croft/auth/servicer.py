@@ -21,7 +21,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         self.trust = trust
 
     async def IsTrusted(
-        self, request: auth_pb2.CertificateRef, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.CertificateRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.TrustReply:
         trust = await self.trust.is_trusted(request.fingerprint)
         return auth_pb2.TrustReply(
@@ -30,18 +30,18 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         )
 
     async def ListCertificates(
-        self, request: common_pb2.Empty, context: grpc.aio.ServicerContext
+        self, request: common_pb2.Empty, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return _json(await self.trust.list())
 
     async def GetCertificate(
-        self, request: auth_pb2.CertificateRef, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.CertificateRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         record, _ = await self.trust.find(request.fingerprint)
         return _json(record)
 
     async def AddCertificate(
-        self, request: auth_pb2.AddCertificateRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.AddCertificateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         put = CertificatePut(
             request.name, request.type or "client", request.restricted, tuple(request.projects)
@@ -49,7 +49,7 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         return _json(await self.trust.add(request.certificate, put, request.address))
 
     async def UpdateCertificate(
-        self, request: common_pb2.Json, context: grpc.aio.ServicerContext
+        self, request: common_pb2.Json, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         try:
             body = json.loads(request.json)
@@ -61,13 +61,13 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         return _json(await self.trust.update(body["fingerprint"], put))
 
     async def DeleteCertificate(
-        self, request: auth_pb2.CertificateRef, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.CertificateRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Empty:
         await self.trust.delete(request.fingerprint)
         return common_pb2.Empty()
 
     async def CreateToken(
-        self, request: auth_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.TokenReply:
         put = CertificatePut(
             request.name, request.type or "client", request.restricted, tuple(request.projects)
@@ -75,13 +75,13 @@ class AuthServicer(auth_pb2_grpc.AuthServicer):
         return auth_pb2.TokenReply(secret=await self.trust.create_token(put, request.expires_at))
 
     async def RevokeToken(
-        self, request: auth_pb2.TokenSecret, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.TokenSecret, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Empty:
         await self.trust.revoke_token(request.secret)
         return common_pb2.Empty()
 
     async def TrustWithToken(
-        self, request: auth_pb2.TrustWithTokenRequest, context: grpc.aio.ServicerContext
+        self, request: auth_pb2.TrustWithTokenRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> auth_pb2.TrustWithTokenReply:
         record, operation_id = await self.trust.trust_with_token(
             request.secret, request.certificate, request.address

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -455,7 +456,7 @@ class ComputeCore:
                         ipv4=device.get("ipv4.address", ""),
                     )
                     if revert is not None:
-                        revert.add(lambda r=request: self._detach(r))
+                        revert.add(functools.partial(self._detach, request))
                     reply = await network.attach_instance(request, idempotent=False)
                     device["nictype"] = reply.nic_type
                     device["parent"] = reply.parent

@@ -11,6 +11,8 @@ import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
+import grpc
+
 from croft.common.errors import InvalidArgument
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.riders import Rider, from_wire
@@ -22,6 +24,8 @@ from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 CHUNK = 1 << 20
 # After the command exits, how long output still held open by its children is relayed.
 DRAIN_SECONDS = 1.0
+
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _ref(ref: common_pb2.InstanceRef) -> tuple[str, str]:
@@ -40,23 +44,33 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
     def __init__(self, core: ComputeCore) -> None:
         self.core = core
 
-    async def CreateInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateInstance(
+        self, request: compute_pb2.CreateInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         record = json.loads(request.record)
         rider = from_wire(request.closing)
         created = await self.core.create(record, request.image_fingerprint, request.start, rider)
         return _reply(created, rider)
 
-    async def UpdateInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def UpdateInstance(
+        self, request: compute_pb2.UpdateInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         return _reply(await self.core.update(json.loads(request.record), request.revision))
 
-    async def DeleteInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteInstance(
+        self, request: common_pb2.InstanceRef, context: Context
+    ) -> common_pb2.Empty:
         await self.core.delete(*_ref(request), force=True)
         return common_pb2.Empty()
 
-    async def RenameInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def RenameInstance(
+        self, request: compute_pb2.RenameInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         return _reply(await self.core.rename(*_ref(request.instance), request.new_name))
 
-    async def ChangeState(self, request, context):  # type: ignore[no-untyped-def]
+    async def ChangeState(
+        self, request: compute_pb2.StateRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
         known = (json.loads(request.record), request.revision) if request.record else None
         rider = from_wire(request.closing)
@@ -71,11 +85,15 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         )
         return _reply(record, rider)
 
-    async def GetState(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetState(
+        self, request: common_pb2.InstanceRef, context: Context
+    ) -> compute_pb2.InstanceStateReply:
         state = await self.core.state(*_ref(request))
         return compute_pb2.InstanceStateReply(state=json.dumps(state))
 
-    async def GetStates(self, request, context):  # type: ignore[no-untyped-def]
+    async def GetStates(
+        self, request: compute_pb2.InstanceStatesRequest, context: Context
+    ) -> compute_pb2.InstanceStatesReply:
         states = await self.core.states([_ref(ref) for ref in request.instances])
         return compute_pb2.InstanceStatesReply(
             states=[json.dumps(state) if state is not None else "" for state in states]
@@ -114,7 +132,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
     # ------------------------------------------------------------------ files
 
-    async def PullFile(self, request, context):  # type: ignore[no-untyped-def]
+    async def PullFile(
+        self, request: compute_pb2.FileRef, context: Context
+    ) -> AsyncIterator[compute_pb2.FileChunk]:
         project, name = _ref(request.instance)
         entry = await self.core.pull_file(project, name, request.path)
         yield compute_pb2.FileChunk(
@@ -159,40 +179,52 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         )
         return common_pb2.Empty()
 
-    async def DeleteFile(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteFile(self, request: compute_pb2.FileRef, context: Context) -> common_pb2.Empty:
         await self.core.delete_file(*_ref(request.instance), request.path)
         return common_pb2.Empty()
 
     # ------------------------------------------------------------------ snapshots and logs
 
-    async def CreateSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+    async def CreateSnapshot(
+        self, request: compute_pb2.SnapshotRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
         return _reply(
             await self.core.create_snapshot(project, name, request.snapshot, request.expires_at)
         )
 
-    async def DeleteSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+    async def DeleteSnapshot(
+        self, request: compute_pb2.SnapshotRequest, context: Context
+    ) -> common_pb2.Empty:
         await self.core.delete_snapshot(*_ref(request.instance), request.snapshot)
         return common_pb2.Empty()
 
-    async def RenameSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+    async def RenameSnapshot(
+        self, request: compute_pb2.SnapshotRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
         return _reply(
             await self.core.rename_snapshot(project, name, request.snapshot, request.new_name)
         )
 
-    async def RestoreSnapshot(self, request, context):  # type: ignore[no-untyped-def]
+    async def RestoreSnapshot(
+        self, request: compute_pb2.SnapshotRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
         return _reply(await self.core.restore_snapshot(project, name, request.snapshot))
 
-    async def ClearConsoleLog(self, request, context):  # type: ignore[no-untyped-def]
+    async def ClearConsoleLog(
+        self, request: common_pb2.InstanceRef, context: Context
+    ) -> common_pb2.Empty:
         await self.core.clear_console_log(*_ref(request))
         return common_pb2.Empty()
 
-    async def ConsoleLog(self, request, context):  # type: ignore[no-untyped-def]
+    async def ConsoleLog(
+        self, request: common_pb2.InstanceRef, context: Context
+    ) -> compute_pb2.LogReply:
         return compute_pb2.LogReply(content=await self.core.console_log(*_ref(request)))
 
-    async def Logs(self, request, context):  # type: ignore[no-untyped-def]
+    async def Logs(self, request: compute_pb2.LogRequest, context: Context) -> compute_pb2.LogReply:
         project, name = _ref(request.instance)
         if not request.file:
             return compute_pb2.LogReply(files=["lxc.log"])
@@ -202,7 +234,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
     # ------------------------------------------------------------------ publish
 
-    async def PublishInstance(self, request, context):  # type: ignore[no-untyped-def]
+    async def PublishInstance(
+        self, request: compute_pb2.PublishRequest, context: Context
+    ) -> AsyncIterator[compute_pb2.PublishChunk]:
         project, name = _ref(request.instance)
         stream = self.core.publish(
             project,
@@ -239,7 +273,8 @@ async def _pump(
                     raise
                 data = b""
             if data:
-                queue.put_nowait(compute_pb2.ExecOutput(**{field: data}))
+                # `field` is "stdout" or "stderr", both bytes fields of ExecOutput.
+                queue.put_nowait(compute_pb2.ExecOutput(**{field: data}))  # type: ignore[arg-type]
             else:
                 loop.remove_reader(fd)
                 readers.remove(fd)

@@ -9,6 +9,7 @@ Temporary files carry the writer's pid; those of dead writers are removed when a
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import os
@@ -148,11 +149,13 @@ def _fsync_dir(path: Path) -> None:
 
 def _chunks(source: Chunks) -> Iterable[bytes]:
     if hasattr(source, "read"):
+        # A file is an Iterable[bytes] too (of lines): only hasattr tells them apart, and
+        # mypy does not narrow the union on it.
         reader: BinaryIO = source  # type: ignore[assignment]
         while chunk := reader.read(1 << 20):
             yield chunk
     else:
-        yield from source  # type: ignore[misc]
+        yield from source
 
 
 class BlobStore:
@@ -260,7 +263,7 @@ class BlobStore:
                 job.commit, expected_fingerprint=expected_fingerprint, filename=filename
             )
 
-    def remove_stale_temp_files(self) -> list[Path]:
+    def remove_stale_temp_files(self) -> builtins.list[Path]:
         """Remove temp files of imports whose process is gone (or of this process but not
         under way). Returns what was removed."""
         removed: list[Path] = []

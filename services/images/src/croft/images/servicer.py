@@ -94,7 +94,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         self.remote = remote or RemoteImages(core)
 
     async def PullImage(
-        self, request: images_pb2.PullImageRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.PullImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[images_pb2.PullImageReply]:
         pull = _pull_request(request)
         async for part in with_progress(lambda report: self.remote.pull(pull, report)):
@@ -104,7 +104,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                 yield images_pb2.PullImageReply(record=json.dumps(part[0]))
 
     async def RefreshImage(
-        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[images_pb2.PullImageReply]:
         project = request.project or "default"
         async for part in with_progress(
@@ -119,7 +119,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
                 )
 
     async def ResolveImage(
-        self, request: images_pb2.ResolveImageRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ResolveImageRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> images_pb2.ImageReply:
         record = await self.core.resolve(
             request.project or "default", request.name, mark_used=request.mark_used
@@ -127,7 +127,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return images_pb2.ImageReply(record=json.dumps(record))
 
     async def ImageFiles(
-        self, request: images_pb2.ImageFilesRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageFilesRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> images_pb2.ImageFilesReply:
         files = await self.core.files(
             request.image.project or "default", request.image.fingerprint, request.member
@@ -141,7 +141,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
     async def ImportImage(
         self,
         request_iterator: AsyncIterator[images_pb2.ImportChunk],
-        context: grpc.aio.ServicerContext,
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> images_pb2.ImageReply:
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
@@ -152,7 +152,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return images_pb2.ImageReply(record=json.dumps(record))
 
     async def UpdateImage(
-        self, request: common_pb2.Json, context: grpc.aio.ServicerContext
+        self, request: common_pb2.Json, context: grpc.aio.ServicerContext[Any, Any]
     ) -> images_pb2.ImageReply:
         body = _json_object(request.json, "UpdateImage's request")
         revision = body.get("revision") or 0
@@ -167,13 +167,13 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return images_pb2.ImageReply(record=json.dumps(record))
 
     async def DeleteImage(
-        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Empty:
         await self.core.delete_image(request.project or "default", request.fingerprint)
         return common_pb2.Empty()
 
     async def CreateAlias(
-        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return _json(
             await self.core.create_alias(
@@ -182,7 +182,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         )
 
     async def UpdateAlias(
-        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return _json(
             await self.core.update_alias(
@@ -195,7 +195,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         )
 
     async def RenameAlias(
-        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return _json(
             await self.core.rename_alias(
@@ -204,13 +204,13 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         )
 
     async def DeleteAlias(
-        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Empty:
         await self.core.delete_alias(request.project or "default", request.name)
         return common_pb2.Empty()
 
     async def ExportImage(
-        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext
+        self, request: images_pb2.ImageRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[images_pb2.ExportChunk]:
         export = await export_image(self.core, request.project or "default", request.fingerprint)
         try:

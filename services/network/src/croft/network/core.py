@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -419,7 +420,7 @@ class NetworkCore:
                 continue
             if record.get("_croft", {}).get("nics"):
                 try:
-                    await self._locked(name, lambda entry=entry: self._move_nics_out(entry))
+                    await self._locked(name, functools.partial(self._move_nics_out, entry))
                 except CroftError as exc:
                     log.error("network %s: its NICs were not moved to keys: %s", name, exc)
             config = {**record["config"], **member.get("config", {})}

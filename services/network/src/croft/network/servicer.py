@@ -43,7 +43,7 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
         self.core = core
 
     async def AttachInstance(
-        self, request: network_pb2.NicRequest, context: grpc.aio.ServicerContext
+        self, request: network_pb2.NicRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> network_pb2.NicReply:
         attached = await self.core.attach_instance(_nic(request))
         return network_pb2.NicReply(
@@ -54,23 +54,23 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
         )
 
     async def DetachInstance(
-        self, request: network_pb2.NicRequest, context: grpc.aio.ServicerContext
+        self, request: network_pb2.NicRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Empty:
         await self.core.detach_instance(_nic(request))
         return common_pb2.Empty()
 
     async def NetworkState(
-        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext
+        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return common_pb2.Json(json=json.dumps(await self.core.network_state(request.name)))
 
     async def Leases(
-        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext
+        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return common_pb2.Json(json=json.dumps(await self.core.leases(request.name)))
 
     async def CreateNetwork(
-        self, request: common_pb2.Json, context: grpc.aio.ServicerContext
+        self, request: common_pb2.Json, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         body = _object(request.json)
         record = await self.core.create_network(
@@ -82,7 +82,7 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
         return _record(record)
 
     async def UpdateNetwork(
-        self, request: network_pb2.NetworkPut, context: grpc.aio.ServicerContext
+        self, request: network_pb2.NetworkPut, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         body = _object(request.json)
         description = body.get("description")
@@ -94,7 +94,7 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
         return _record(record)
 
     async def DeleteNetwork(
-        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext
+        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Empty:
         await self.core.delete_network(request.name)
         return common_pb2.Empty()

@@ -16,6 +16,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -228,15 +229,21 @@ class Agent(node_pb2_grpc.NodeServicer):
             etcd_endpoint=self.config.etcd.endpoints[0] if self.etcd else "",
         )
 
-    async def Status(self, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def Status(
+        self, request: node_pb2.NodeStatusRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> node_pb2.NodeStatusReply:
         await self.refresh_states()
         return self._status()
 
-    async def Scale(self, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def Scale(
+        self, request: node_pb2.ScaleRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> node_pb2.NodeStatusReply:
         await self.set_replicas(request.service, request.replicas)
         return self._status()
 
-    async def Shutdown(self, request, context: grpc.aio.ServicerContext):  # type: ignore[no-untyped-def]
+    async def Shutdown(
+        self, request: node_pb2.ShutdownRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> node_pb2.ShutdownReply:
         self.stopping.set()
         return node_pb2.ShutdownReply()
 

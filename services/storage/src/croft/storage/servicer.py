@@ -38,7 +38,7 @@ def _config(request: storage_pb2.PoolRequest) -> dict[str, str]:
     return config
 
 
-Context = grpc.aio.ServicerContext
+Context = grpc.aio.ServicerContext[Any, Any]
 
 
 class StorageServicer(storage_pb2_grpc.StorageServicer):

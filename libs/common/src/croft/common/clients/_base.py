@@ -10,10 +10,8 @@ extra coroutine. To add an RPC: one method in its service's module, named after 
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, Iterable
 from typing import Any, ClassVar, TypeAlias, TypeVar
-
-import grpc
 
 from croft.common.discovery import Instance
 from croft.common.rpc import ServiceClient
@@ -30,7 +28,8 @@ class TypedClient:
     #: The service's name in discovery.
     service: ClassVar[str]
     #: The generated stub class that `ServiceClient` makes per channel.
-    stub: ClassVar[Callable[[grpc.aio.Channel], Any]]
+    # (A class, not a Callable: mypy would take a Callable class attribute for a method.)
+    stub: ClassVar[type[Any]]
 
     __slots__ = ("rpc",)
 

@@ -6,7 +6,7 @@ record_key("instance-snapshots", <project>, "<instance>/<snap>")  SnapshotRecord
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import Field
 
@@ -14,8 +14,8 @@ from croft.common.models._base import CroftMeta, Record
 from croft.common.records import INSTANCE_SNAPSHOTS, INSTANCES, record_key
 
 #: An instance record claimed by a create that has not finished (the api hides it).
-CREATING = "creating"
-CREATED = "created"
+CREATING: Final = "creating"
+CREATED: Final = "created"
 
 
 class InstanceMeta(CroftMeta):

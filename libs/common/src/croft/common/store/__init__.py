@@ -23,6 +23,7 @@ Contract, for every backend:
 from __future__ import annotations
 
 import abc
+import builtins
 import json
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
@@ -153,7 +154,7 @@ class Store(abc.ABC):
         """Every entry whose key starts with `prefix`, sorted by key."""
 
     @abc.abstractmethod
-    async def list_at(self, prefix: str, revision: int) -> list[Entry]:
+    async def list_at(self, prefix: str, revision: int) -> builtins.list[Entry]:
         """`list` as the store was at `revision` (Compacted when that is forgotten)."""
 
     @abc.abstractmethod
@@ -195,6 +196,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def revoke_lease(self, lease: Lease) -> None:
         """Revoke a lease now; its keys go at once. NotFound if it already expired."""
+
+    @abc.abstractmethod
+    async def lease_ttl(self, lease: Lease) -> int:
+        """Seconds `lease` has left. NotFound if it expired or was revoked."""
 
     @abc.abstractmethod
     async def close(self) -> None: ...

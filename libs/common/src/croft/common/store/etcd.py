@@ -27,6 +27,7 @@ etcd's own Go client makes the same trade for reads; it refuses to replay writes
 from __future__ import annotations
 
 import asyncio
+import builtins
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ class EtcdStore(Store):
     async def list(self, prefix: str) -> list[Entry]:
         return await self.list_at(prefix, 0)
 
-    async def list_at(self, prefix: str, revision: int) -> list[Entry]:
+    async def list_at(self, prefix: str, revision: int) -> builtins.list[Entry]:
         """Every entry under `prefix` at `revision` (0: now). The pages of a long listing
         are read at the revision of the first, so that they all show one moment."""
         pinned = revision
@@ -251,7 +252,7 @@ class EtcdStore(Store):
         )
 
     async def _transaction(
-        self, operations: list[Operation], what: str, *, previous: bool = False
+        self, operations: builtins.list[Operation], what: str, *, previous: bool = False
     ) -> Any:
         """One etcd Txn: a compare per conditional operation, every operation on success, and
         on failure a read of each compared key, so that the error can name what changed.

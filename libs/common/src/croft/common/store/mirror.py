@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
@@ -142,8 +143,11 @@ class MirroredStore(Store):
                         self._apply(change)
                 finally:
                     self._stop_following()
-                    with contextlib.suppress(Exception):
-                        await watch.aclose()  # type: ignore[attr-defined]
+                    # A Store's watch is an AsyncIterator: etcd's is a generator, to close.
+                    aclose = getattr(watch, "aclose", None)
+                    if aclose is not None:
+                        with contextlib.suppress(Exception):
+                            await aclose()
             except asyncio.CancelledError:
                 raise
             except Compacted:
@@ -247,7 +251,7 @@ class MirroredStore(Store):
             return found
         return await self.inner.list(prefix)
 
-    async def list_at(self, prefix: str, revision: int) -> list[Entry]:
+    async def list_at(self, prefix: str, revision: int) -> builtins.list[Entry]:
         return await self.inner.list_at(prefix, revision)
 
     async def revision(self) -> int:
@@ -298,4 +302,4 @@ class MirroredStore(Store):
         await self.inner.revoke_lease(lease)
 
     async def lease_ttl(self, lease: Lease) -> int:
-        return await self.inner.lease_ttl(lease)  # type: ignore[attr-defined,no-any-return]
+        return await self.inner.lease_ttl(lease)

@@ -25,10 +25,13 @@ from croft.common.errors import CroftError, NotFound
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
 from croft.common.store import Store
-from croft.imageformat.records import find as find_image  # noqa: F401  (any unique prefix, as in LXD)
+from croft.imageformat.records import find as _find
 from croft.imageformat.records import lookup as image_lookup
 from croft.imageformat.records import used_lately
 from croft.v1 import images_pb2
+
+# For the routes: an image by any unique prefix of its fingerprint, as in LXD.
+find_image = _find
 
 IMAGES = "images"
 ALIASES = "image-aliases"
@@ -167,7 +170,7 @@ def image_project_url(fingerprint: str, project: str) -> str:
 async def _token(ctx: ApiContext, project: str, fingerprint: str, secret: str) -> dict[str, Any]:
     url = image_project_url(fingerprint, project)
     for record in await ctx.operations.list(project):
-        operation = record["operation"]
+        operation: dict[str, Any] = record["operation"]
         if (
             operation["class"] == "token"
             and operation["status"] == "Running"

@@ -42,11 +42,12 @@ async def events(websocket: WebSocket) -> None:
     params = websocket.query_params
     try:
         types = event_types(params.get("type", ""))
-        project: str | None = params.get("project") or records.DEFAULT_PROJECT
+        named = params.get("project") or records.DEFAULT_PROJECT
+        project: str | None = named
         if params.get("all-projects", "").lower() == "true":
             project = None
         else:
-            await records.require_project(ctx.store, project)
+            await records.require_project(ctx.store, named)
     except CroftError as exc:
         await responses.deny(websocket, exc)
         return

@@ -122,7 +122,7 @@ async def _member_of(request: Request, store: Any, name: str, record: dict[str, 
     the first member it is created on (records from before the cluster shape name their
     one member)."""
     prefix = network_member_prefix(name)
-    created = sorted(
+    created: list[str] = sorted(
         entry.key.removeprefix(prefix)
         for entry in await store.list(prefix)
         if entry.json().get("state") == "created"

@@ -148,7 +148,7 @@ async def profiles_post(request: Request) -> Response:
     await records.require_project(ctx.store, project)
     req = await query.body(request, ProfilesPost)
     validate_name(req.name)
-    record = {
+    record: dict[str, Any] = {
         "name": req.name,
         "description": req.description or "",
         "config": {k: v for k, v in (req.config or {}).items() if v != ""},

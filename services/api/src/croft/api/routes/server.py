@@ -98,7 +98,7 @@ def _liblxc_version() -> str:
     """liblxc's version where python3-lxc is installed (lxd-benchmark and `lxc info` show
     it); a control-plane replica on a host without it reports none."""
     try:
-        import lxc  # type: ignore[import-not-found]
+        import lxc
     except ImportError:
         return ""
     return str(getattr(lxc, "version", ""))

@@ -16,6 +16,7 @@ already), InvalidArgument for bad input (raised before anything is changed), Int
 
 from __future__ import annotations
 
+import builtins
 import inspect
 import logging
 from abc import ABC, abstractmethod
@@ -282,7 +283,7 @@ class InstanceDriver(ABC):
     async def exec(
         self,
         name: str,
-        argv: list[str],
+        argv: builtins.list[str],
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         uid: int = 0,
@@ -324,7 +325,7 @@ class InstanceDriver(ABC):
         """Remove a file, symlink or (empty unless `recursive`) directory."""
 
     @abstractmethod
-    async def list_dir(self, name: str, path: str) -> list[str]:
+    async def list_dir(self, name: str, path: str) -> builtins.list[str]:
         """Names in a directory inside the instance."""
 
     @abstractmethod
@@ -349,7 +350,9 @@ class InstanceDriver(ABC):
 # name -> "module:Class"; a new driver is one more line here.
 DRIVERS: Registry[InstanceDriver] = Registry(
     "instance",
-    InstanceDriver,
+    # mypy refuses an abstract class for type[T] (python/mypy#4717); the registry only
+    # checks subclasses against it and instantiates the concrete classes it maps to.
+    InstanceDriver,  # type: ignore[type-abstract]
     {
         "lxc": "croft.compute.drivers.lxc:LXCDriver",
     },

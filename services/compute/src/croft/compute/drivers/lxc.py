@@ -18,6 +18,7 @@ Choices, each measured on the dev machine (busybox, 2 cores, cgroup v1):
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ctypes
 import errno
@@ -42,7 +43,7 @@ from collections.abc import AsyncIterable, Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
-import lxc  # type: ignore[import-not-found]
+import lxc
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
@@ -1054,7 +1055,7 @@ class LXCDriver(InstanceDriver):
     async def exec(
         self,
         name: str,
-        argv: list[str],
+        argv: builtins.list[str],
         env: dict[str, str] | None = None,
         cwd: str | None = None,
         uid: int = 0,
@@ -1297,7 +1298,7 @@ class LXCDriver(InstanceDriver):
         finally:
             os.close(fd)
 
-    async def list_dir(self, name: str, path: str) -> list[str]:
+    async def list_dir(self, name: str, path: str) -> builtins.list[str]:
         entry = await self.pull_file(name, path)
         if entry.entries is None:
             raise InvalidArgument(f'"{path}" is not a directory in the instance')

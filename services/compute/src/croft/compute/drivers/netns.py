@@ -18,6 +18,7 @@ import os
 import socket
 import struct
 import threading
+from typing import Any
 
 from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
@@ -157,10 +158,11 @@ def _socket_in(namespace: str) -> socket.socket:
         os.close(home)
 
 
-def _request(sock: socket.socket, kind: int, body: bytes, parser: type) -> list:  # type: ignore[type-arg]
+# pyroute2's message classes are untyped: what they parse is Any to us.
+def _request(sock: socket.socket, kind: int, body: bytes, parser: type) -> list[Any]:
     header = struct.pack("IHHII", 16 + len(body), kind, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
     sock.send(header + body)
-    messages = []
+    messages: list[Any] = []
     while True:
         data = sock.recv(1 << 16)
         offset = 0

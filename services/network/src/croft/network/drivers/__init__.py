@@ -239,7 +239,9 @@ class NetworkDriver(ABC):
 # the others from loading; an unknown type is InvalidArgument.
 DRIVERS: Registry[NetworkDriver] = Registry(
     "network",
-    NetworkDriver,
+    # mypy refuses an abstract class for type[T] (python/mypy#4717); the registry only
+    # checks subclasses against it and instantiates the concrete classes it maps to.
+    NetworkDriver,  # type: ignore[type-abstract]
     {
         "bridge": "croft.network.drivers.bridge:BridgeDriver",
     },

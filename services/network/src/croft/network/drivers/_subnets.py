@@ -65,6 +65,13 @@ def host_networks() -> tuple[list[IPv4Network], list[IPv6Network]]:
     default routes."""
     v4: list[IPv4Network] = []
     v6: list[IPv6Network] = []
+
+    def add(net: IPv4Network | IPv6Network) -> None:
+        if isinstance(net, IPv4Network):
+            v4.append(net)
+        else:
+            v6.append(net)
+
     with IPRoute() as ipr:
         for family in (2, 10):  # AF_INET, AF_INET6
             for route in ipr.get_routes(family=family):
@@ -72,14 +79,12 @@ def host_networks() -> tuple[list[IPv4Network], list[IPv6Network]]:
                 length = route["dst_len"]
                 if dst is None or length == 0:
                     continue
-                net = ipaddress.ip_network(f"{dst}/{length}", strict=False)
-                (v4 if family == 2 else v6).append(net)  # type: ignore[arg-type]
+                add(ipaddress.ip_network(f"{dst}/{length}", strict=False))
             for addr in ipr.get_addr(family=family):
                 ip = addr.get("IFA_ADDRESS")
                 if ip is None:
                     continue
-                net = ipaddress.ip_network(f"{ip}/{addr['prefixlen']}", strict=False)
-                (v4 if family == 2 else v6).append(net)  # type: ignore[arg-type]
+                add(ipaddress.ip_network(f"{ip}/{addr['prefixlen']}", strict=False))
     return v4, v6
 
 
@@ -88,7 +93,7 @@ def overlapping(
 ) -> IPv4Network | IPv6Network | None:
     """The first of `used` that overlaps `subnet`, or None."""
     for other in used:
-        if other.version == subnet.version and subnet.overlaps(other):  # type: ignore[arg-type]
+        if other.version == subnet.version and subnet.overlaps(other):
             return other
     return None
 

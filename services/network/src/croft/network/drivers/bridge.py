@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
@@ -179,17 +179,17 @@ class BridgeConfig:
             ipv4=ipv4,
             ipv4_auto=v4_text == "auto",
             ipv4_nat=_bool(get("ipv4.nat", "false")),
-            ipv4_nat_address=nat_address,  # type: ignore[arg-type]
+            ipv4_nat_address=nat_address,
             ipv4_dhcp=_bool(get("ipv4.dhcp", "true")),
             ipv4_dhcp_ranges=ranges,
             ipv4_dhcp_expiry=get("ipv4.dhcp.expiry", DEFAULT_EXPIRY),
-            ipv4_dhcp_gateway=dhcp_gateway,  # type: ignore[arg-type]
+            ipv4_dhcp_gateway=dhcp_gateway,
             ipv4_routing=_bool(get("ipv4.routing", "true")),
             ipv4_firewall=_bool(get("ipv4.firewall", "true")),
             ipv6=ipv6,
             ipv6_auto=v6_text == "auto",
             ipv6_nat=_bool(get("ipv6.nat", "false")),
-            ipv6_nat_address=nat6_address,  # type: ignore[arg-type]
+            ipv6_nat_address=nat6_address,
             ipv6_dhcp=_bool(get("ipv6.dhcp", "true")),
             ipv6_dhcp_expiry=get("ipv6.dhcp.expiry", DEFAULT_EXPIRY),
             ipv6_routing=_bool(get("ipv6.routing", "true")),
@@ -238,7 +238,10 @@ _KNOWN_KEYS = {
 }
 
 
-def _optional_ip(config: Mapping[str, str], key: str, kind: type) -> object | None:
+_AddressT = TypeVar("_AddressT", IPv4Address, IPv6Address)
+
+
+def _optional_ip(config: Mapping[str, str], key: str, kind: type[_AddressT]) -> _AddressT | None:
     value = config.get(key)
     if not value:
         return None

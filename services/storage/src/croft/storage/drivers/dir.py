@@ -252,7 +252,9 @@ def parse_size(text: str) -> int:
     if not unit:
         return number
     base = 1024 if unit.endswith("i") else 1000
-    return number * base ** ("KMGTPE".index(unit[0]) + 1)
+    # int ** int is typed Any (a negative exponent makes a float); this one is positive.
+    multiplier: int = base ** ("KMGTPE".index(unit[0]) + 1)
+    return number * multiplier
 
 
 def _what(vol: Volume) -> str:

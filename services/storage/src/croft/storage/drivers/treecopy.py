@@ -92,7 +92,7 @@ class ImageTree:
                     os.mkdir(rel, 0o700, dir_fd=dst)
                     directories.append(entry)
                 elif kind == _LINK:
-                    os.symlink(entry.extra, rel, dir_fd=dst)
+                    os.symlink(str(entry.extra), rel, dir_fd=dst)
                     if chown:
                         os.chown(rel, entry.uid, entry.gid, dir_fd=dst, follow_symlinks=False)
                     os.utime(
@@ -104,7 +104,9 @@ class ImageTree:
                 elif kind == _FILE:
                     _copy_file(src, dst, entry, chown)
                 elif kind == _HARDLINK:
-                    os.link(entry.extra, rel, src_dir_fd=dst, dst_dir_fd=dst, follow_symlinks=False)
+                    os.link(
+                        str(entry.extra), rel, src_dir_fd=dst, dst_dir_fd=dst, follow_symlinks=False
+                    )
                 else:
                     os.mknod(rel, entry.mode, int(entry.extra), dir_fd=dst)
                     if chown:
