@@ -220,10 +220,11 @@ async def _update(request: Request, *, patch: bool) -> Response:
     def change(record: dict[str, Any]) -> dict[str, Any]:
         current: dict[str, str] = record.get("config", {})
         query.check_if_match(request, records.etag(shown_config(current)))
-        given = {k: current.get(k, "") if v is True else v for k, v in wanted.items()}
+        # `true` (a hidden key shown back) keeps what is stored; False was refused above.
+        given = {k: current.get(k, "") if v is True else str(v) for k, v in wanted.items()}
         merged = {**current, **given} if patch else dict(given)
         # An empty value unsets a key, as in LXD.
-        merged = {k: str(v) for k, v in merged.items() if v != ""}
+        merged = {k: v for k, v in merged.items() if v != ""}
         changed = {k: v for k, v in merged.items() if current.get(k) != v}
         validate_server_config({k: v for k, v in changed.items() if k not in HIDDEN_KEYS})
         new = {**record, "config": merged}
