@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from starlette.responses import Response
@@ -17,7 +17,7 @@ from croft.api.domain.instances import resources
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import ComputeClient
-from croft.common.errors import CroftError
+from croft.common.errors import CroftError, Timeout, Unavailable
 from croft.common.riders import to_wire
 from croft.v1 import common_pb2, compute_pb2
 
@@ -55,6 +55,75 @@ async def compute_operation(
         await call_closing(op, method, message, timeout=timeout)
         return None
 
+    return await _operation(ctx, run, description, project, name)
+
+
+# What a state change leaves the instance as, for the changes that can be told done by
+# looking (a restart cannot: the instance ran before it too).
+_WANTED_STATUS = {"start": "Running", "stop": "Stopped", "freeze": "Frozen", "unfreeze": "Running"}
+# How long a state change whose compute died waits for the restarted one.
+_COMPUTE_RETURN_WAIT = 60.0
+
+
+async def state_operation(
+    ctx: ApiContext,
+    record: dict[str, Any],
+    change: compute_pb2.StateRequest,
+    description: str,
+    *,
+    timeout: float,
+) -> Response:
+    """The 202 of a state change (`PUT .../state`). When compute dies with the change
+    sent, its reply is lost, not necessarily its work: once the restarted compute
+    answers, the instance's state says whether the change went in, and a change that did
+    not is made then. What the client is told is what the instance is: `lxc launch`'s
+    start, for one, does not fail because compute restarted under it."""
+    project, name = change.instance.project, change.instance.name
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        client = await compute_of(record)
+        try:
+            await call_closing(op, client.change_state, change, timeout=timeout)
+            return None
+        except (Unavailable, Timeout):
+            wanted = _WANTED_STATUS.get(change.action)
+            if wanted is None:
+                raise
+            if await _status_once_back(record, _COMPUTE_RETURN_WAIT) == wanted:
+                return None  # the change went in; only its reply was lost
+        # Again, on the restarted compute: it reads the record itself.
+        again = compute_pb2.StateRequest(
+            instance=change.instance,
+            action=change.action,
+            force=change.force,
+            timeout=change.timeout,
+        )
+        await call_closing(op, client.change_state, again, timeout=timeout)
+        return None
+
+    return await _operation(ctx, run, description, project, name)
+
+
+async def _status_once_back(record: dict[str, Any], wait: float) -> str | None:
+    """The instance's status as its compute service sees it, once that service answers
+    (None if it does not within `wait` seconds)."""
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        state = await state_of(record)
+        if state is not None:
+            return str(state.get("status"))
+        if asyncio.get_running_loop().time() >= deadline:
+            return None
+        await asyncio.sleep(0.5)
+
+
+async def _operation(
+    ctx: ApiContext,
+    run: Callable[[OperationContext], Awaitable[dict[str, Any] | None]],
+    description: str,
+    project: str,
+    name: str,
+) -> Response:
     operation = await ctx.operations.create(
         description, run=run, resources=resources(name, project), project=project
     )

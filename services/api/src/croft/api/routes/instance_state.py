@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref
+from croft.api.domain.compute import compute_of, ref, state_operation
 from croft.api.domain.instances import load
 from croft.common.errors import InvalidArgument
 from croft.v1 import compute_pb2
@@ -57,7 +57,6 @@ async def instance_state_put(request: Request, name: str) -> Response:
         raise InvalidArgument(f"Unknown action: '{req.action}'")
     if req.stateful:
         raise InvalidArgument("Stateful stop and start are not supported")
-    client = await compute_of(record)
     change = compute_pb2.StateRequest(
         instance=ref(project, name),
         action=req.action,
@@ -68,12 +67,10 @@ async def instance_state_put(request: Request, name: str) -> Response:
         revision=revision,
     )
 
-    return await compute_operation(
+    return await state_operation(
         ctx,
-        client.change_state,
+        record,
         change,
         _ACTIONS[req.action],
-        project,
-        name,
         timeout=(30 if req.timeout < 0 else req.timeout) + 60,
     )
