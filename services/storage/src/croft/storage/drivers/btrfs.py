@@ -34,7 +34,6 @@ this driver reuses its walks of the layout; what differs is how a volume is made
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import os
@@ -63,8 +62,6 @@ from croft.storage.drivers.dir import (
     DirDriver,
     _finish_volume,
     _mount_points,
-    _move_into_place,
-    _unique,
     _what,
     parse_size,
 )
@@ -494,66 +491,14 @@ class BtrfsDriver(DirDriver):
             # Images never change: read-only.
             await self._btrfs("property", "set", "-ts", str(path), "ro", "true")
 
-    async def create_volume_from_copy(
-        self, vol: Volume, src: Volume, *, with_snapshots: bool = False
+    async def _instance_from_image(
+        self, vol: Volume, image: Volume, source: Path, tmp: Path, final: Path
     ) -> None:
-        if vol.is_snapshot:
-            raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
-        final = self.volume_path(vol)
-        source = self._require(src)
-        if final.exists():
-            raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
-        source_snaps = None if src.is_snapshot else self.snapshots_path(src)
-        final_snaps = self.snapshots_path(vol)
-        snapshots = (
-            await self.list_snapshots(src)
-            if with_snapshots and source_snaps is not None and final_snaps is not None
-            else []
-        )
-        if snapshots and final_snaps is not None and final_snaps.exists():
-            raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
-        unrecorded = vol.type in INSTANCE_TYPES
-        tmp = _unique(final.parent, "tmp", vol.name)
-        tmp_snaps = (
-            _unique(final_snaps.parent, "tmp", vol.name) if snapshots and final_snaps else None
-        )
-        moved = False
-        try:
-            # A launch (src is an image) is this one command: no data is copied.
-            if src.type is VolumeType.IMAGE:
-                # An image holds no nested subvolume (it was unpacked by croft).
-                await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
-            else:
-                await self._snapshot(source, tmp, readonly=False)
-            if src.type is not VolumeType.IMAGE:
-                # The source's own marks are not part of a copy.
-                await in_thread(self._drop_hidden_entries, tmp)
-            if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
-                await self._set_size(tmp, vol.config["size"])
-            if tmp_snaps is not None and source_snaps is not None:
-                await in_thread(tmp_snaps.mkdir, 0o700)
-                for snapshot in snapshots:
-                    await self._snapshot(
-                        source_snaps / snapshot, tmp_snaps / snapshot, readonly=True
-                    )
-            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
-            moved = True
-            if tmp_snaps is not None and final_snaps is not None:
-                await in_thread(
-                    _move_into_place, tmp_snaps, final_snaps, f"snapshots of {vol.name!r}"
-                )
-        except BaseException:
-
-            def undo() -> None:
-                if moved:
-                    self._delete_tree(final, _what(vol))
-                for path in (tmp, tmp_snaps):
-                    if path is not None:
-                        with contextlib.suppress(OSError):
-                            self._remove(path)
-
-            await asyncio.shield(in_thread(undo))
-            raise
+        # A launch is this one command: no data is copied. An image holds no nested
+        # subvolume (it was unpacked by croft).
+        await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+        await self._seal(tmp, vol)
+        await in_thread(_finish_volume, tmp, final, _what(vol), vol.type in INSTANCE_TYPES)
 
     async def volume_usage(self, vol: Volume) -> int:
         path = self._require(vol)

@@ -555,38 +555,39 @@ class DirDriver(StorageDriver):
         unrecorded = vol.type in INSTANCE_TYPES
         tmp = _unique(final.parent, "tmp", vol.name)
         if src.type is VolumeType.IMAGE:
-            # A launch: the hot path. One in-process copy from the image's manifest.
+            # A launch: the hot path.
             try:
-                tree = await self._image_tree(src.name, source)
-                if tree is None:
-                    await self._copy_tree(source, tmp)
-                    await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
-                else:
-                    await _TREE_COPIES.run(
-                        _instance_from_tree, tree, source, tmp, final, _what(vol)
-                    )
+                await self._instance_from_image(vol, src, source, tmp, final)
             except BaseException:
-                await asyncio.shield(in_thread(_remove_tree, tmp))
+                await asyncio.shield(in_thread(self._remove, tmp))
                 raise
             return
         source_snaps = None if src.is_snapshot else self.snapshots_path(src)
         final_snaps = self.snapshots_path(vol)
-        copy_snaps = bool(with_snapshots and source_snaps and final_snaps and source_snaps.is_dir())
+        snapshots = (
+            await self.list_snapshots(src)
+            if with_snapshots and source_snaps is not None and final_snaps is not None
+            else []
+        )
         if final_snaps is not None and final_snaps.exists():
             raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
-        tmp_snaps = _unique(final_snaps.parent, "tmp", vol.name) if final_snaps else None
+        tmp_snaps = (
+            _unique(final_snaps.parent, "tmp", vol.name) if snapshots and final_snaps else None
+        )
         moved = False
         try:
-            await self._copy_tree(source, tmp)
+            await self._clone(source, tmp, readonly=False)
+            # The source's own marks are not part of a copy.
             await in_thread(self._drop_hidden_entries, tmp)
-            if copy_snaps:
-                assert source_snaps and tmp_snaps
-                await self._copy_tree(source_snaps, tmp_snaps)
-                await in_thread(self._drop_hidden_entries, tmp_snaps)
-            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+            await in_thread(os.chmod, tmp, INSTANCE_MODE)
+            await self._seal(tmp, vol)
+            if tmp_snaps is not None and source_snaps is not None:
+                await in_thread(tmp_snaps.mkdir, 0o700)
+                for snapshot in snapshots:
+                    await self._clone(source_snaps / snapshot, tmp_snaps / snapshot, readonly=True)
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded, None)
             moved = True
-            if copy_snaps:
-                assert tmp_snaps and final_snaps
+            if tmp_snaps is not None and final_snaps is not None:
                 await in_thread(
                     _move_into_place, tmp_snaps, final_snaps, f"snapshots of {vol.name!r}"
                 )
@@ -602,6 +603,20 @@ class DirDriver(StorageDriver):
 
             await asyncio.shield(in_thread(undo))
             raise
+
+    async def _instance_from_image(
+        self, vol: Volume, image: Volume, source: Path, tmp: Path, final: Path
+    ) -> None:
+        """Make `vol` at `tmp` from the unpacked image at `source` and move it to `final`.
+        The caller removes `tmp` when this fails. Here: one in-process copy from the
+        image's manifest."""
+        unrecorded = vol.type in INSTANCE_TYPES
+        tree = await self._image_tree(image.name, source)
+        if tree is None:
+            await self._copy_tree(source, tmp)
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+        else:
+            await _TREE_COPIES.run(_instance_from_tree, tree, source, tmp, final, _what(vol))
 
     @staticmethod
     def _drop_hidden_entries(directory: Path) -> None:
