@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from croft.common.errors import Conflict, InvalidArgument
 from croft.common.proc import run
@@ -200,15 +200,22 @@ def _require(cond: bool, where: str, what: str) -> None:
         raise InvalidArgument(f"{where} is not a valid simplestreams file: {what}")
 
 
-def parse_index(data: bytes, where: str) -> list[str]:
-    """The paths of the ``image-downloads`` product files an index.json lists."""
+def _section(data: bytes, where: str, key: str) -> dict[str, Any]:
+    """The object under `key` of a simplestreams JSON document; InvalidArgument naming
+    `where` for anything else."""
     try:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{where} is not valid JSON: {exc}") from None
     _require(isinstance(doc, dict), where, "not a JSON object")
-    index = doc.get("index")
-    _require(isinstance(index, dict), where, 'no "index" object')
+    section = doc.get(key)
+    _require(isinstance(section, dict), where, f'no "{key}" object')
+    return cast(dict[str, Any], section)
+
+
+def parse_index(data: bytes, where: str) -> list[str]:
+    """The paths of the ``image-downloads`` product files an index.json lists."""
+    index = _section(data, where, "index")
     paths: list[str] = []
     for name, entry in index.items():
         _require(isinstance(entry, dict), where, f"index entry {name!r} is not an object")
@@ -252,13 +259,7 @@ def parse_products(data: bytes, where: str) -> list[StreamImage]:
     without a usable fingerprint are skipped, as LXD skips them. A file that is not a products
     document at all raises InvalidArgument naming ``where``.
     """
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{where} is not valid JSON: {exc}") from None
-    _require(isinstance(doc, dict), where, "not a JSON object")
-    products = doc.get("products")
-    _require(isinstance(products, dict), where, 'no "products" object')
+    products = _section(data, where, "products")
     images: list[StreamImage] = []
     for product_id, product in products.items():
         _require(isinstance(product, dict), where, f"product {product_id!r} is not an object")
