@@ -276,29 +276,32 @@ def parse_products(data: bytes, where: str) -> list[StreamImage]:
                 continue
             items = version.get("items")
             if isinstance(items, dict):
-                images.extend(
-                    _version_images(product_id, product, arch, serial, created, version, where)
-                )
+                found = _Version(product_id, product, arch, serial, created, version)
+                images.extend(_version_images(found, where))
     images.sort(key=lxd_order)
     return images
 
 
-def _version_images(
-    product_id: str,
-    product: dict[str, Any],
-    arch: str,
-    serial: str,
-    created: datetime,
-    version: dict[str, Any],
-    where: str,
-) -> Iterator[StreamImage]:
-    items = [i for i in version["items"].values() if isinstance(i, dict)]
+@dataclass(frozen=True)
+class _Version:
+    """One dated version of a product, which its images are made from."""
+
+    product_id: str
+    product: dict[str, Any]
+    arch: str
+    serial: str
+    created: datetime
+    version: dict[str, Any]
+
+
+def _version_images(found: _Version, where: str) -> Iterator[StreamImage]:
+    items = [i for i in found.version["items"].values() if isinstance(i, dict)]
     for item in items:
         ftype = item.get("ftype")
         if ftype == FTYPE_UNIFIED:
             meta = _item_file(item, where)
             if meta is not None:
-                yield _stream_image(product_id, product, arch, serial, created, version, meta)
+                yield _stream_image(found, meta)
         elif ftype == FTYPE_META:
             meta = _item_file(item, where)
             if meta is None:
@@ -309,28 +312,22 @@ def _version_images(
                 fp = next((item[f] for f in fields or () if item.get(f)), None)
                 if root is None or not isinstance(fp, str) or len(fp) != 64:
                     continue
-                yield _stream_image(
-                    product_id, product, arch, serial, created, version, meta, root, fp.lower()
-                )
+                yield _stream_image(found, meta, root, fp.lower())
 
 
 def _stream_image(
-    product_id: str,
-    product: dict[str, Any],
-    arch: str,
-    serial: str,
-    created: datetime,
-    version: dict[str, Any],
+    found: _Version,
     meta: StreamFile,
     root: StreamFile | None = None,
     fingerprint: str | None = None,
 ) -> StreamImage:
+    product, serial = found.product, found.serial
     os_name = str(product.get("os", ""))
     release = str(product.get("release", ""))
     release_title = str(product.get("release_title", "") or release)
     stream_arch = str(product.get("arch", ""))
     variant = str(product.get("variant", "") or "")
-    label = str(version.get("label", "") or "")
+    label = str(found.version.get("label", "") or "")
     description = f"{os_name} {release_title} {stream_arch}"
     if label:
         description += f" ({label})"
@@ -357,19 +354,19 @@ def _stream_image(
     aliases = str(product.get("aliases", "") or "")
     return StreamImage(
         fingerprint=fingerprint or meta.sha256,
-        product=product_id,
+        product=found.product_id,
         os=os_name,
         release=release,
         release_title=release_title,
         variant=variant,
         serial=serial,
-        architecture=arch,
+        architecture=found.arch,
         stream_architecture=stream_arch,
         type=(
             ImageType.VIRTUAL_MACHINE if root and root.ftype in _VM_FTYPES else ImageType.CONTAINER
         ),
         size=meta.size + (root.size if root else 0),
-        created_at=created,
+        created_at=found.created,
         expires_at=expires_at,
         aliases=tuple(a.strip() for a in aliases.split(",") if a.strip()),
         properties={k: v for k, v in properties.items() if v},
