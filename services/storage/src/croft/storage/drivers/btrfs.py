@@ -47,7 +47,6 @@ from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.proc import CommandFailed, run, run_async
 from croft.storage.drivers import (
-    DEFAULT_POOLS_DIR,
     INSTANCE_TYPES,
     Capabilities,
     ContentType,
@@ -194,26 +193,19 @@ class BtrfsDriver(DirDriver):
     config_keys = frozenset({"source", "size", "btrfs.mount_options"})
     updatable_keys = frozenset({"size", "btrfs.mount_options"})
 
-    def __init__(
-        self,
-        pool: str,
-        config: Mapping[str, str] | None = None,
-        *,
-        pools_dir: Path = DEFAULT_POOLS_DIR,
-    ) -> None:
-        given = dict(config or {})
-        backing = given.get("source", "")
-        # The base class's `source` is where the pool's tree is: the mount point.
-        super().__init__(
-            pool, {**given, "source": str(Path(pools_dir) / pool)}, pools_dir=pools_dir
-        )
-        self.loop_file = self.pools_dir.parent / "disks" / f"{self.pool}.img"
-        if not backing:
-            backing = str(self.loop_file)
-        if not backing.startswith("/"):
-            raise InvalidArgument(f"pool source {backing!r} must be an absolute path")
-        self.backing = Path(backing)
-        self.config["source"] = backing
+    @property
+    def loop_file(self) -> Path:
+        return self.pools_dir.parent / "disks" / f"{self.pool}.img"
+
+    def _default_source(self) -> Path:
+        return self.loop_file
+
+    def _configure(self) -> None:
+        super()._configure()
+        # The config's `source` is what holds the filesystem; the base class's `source`
+        # is where the pool's tree is: the mount point.
+        self.backing = self.source
+        self.source = self.pools_dir / self.pool
         if "size" in self.config:
             if not self.is_loop:
                 raise InvalidArgument("size can only be set on a btrfs pool on a loop file")

@@ -75,7 +75,7 @@ import re
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from croft.common.blocking import SerialThread, in_thread
@@ -83,7 +83,6 @@ from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
 from croft.common.proc import run, run_async
 from croft.storage.drivers import (
-    DEFAULT_POOLS_DIR,
     INSTANCE_TYPES,
     Capabilities,
     ContentType,
@@ -270,14 +269,7 @@ class DirDriver(StorageDriver):
     )
     config_keys = frozenset({"source"})
 
-    def __init__(
-        self,
-        pool: str,
-        config: Mapping[str, str] | None = None,
-        *,
-        pools_dir: Path = DEFAULT_POOLS_DIR,
-    ) -> None:
-        super().__init__(pool, config, pools_dir=pools_dir)
+    def _configure(self) -> None:
         self._image_locks: KeyedLock[str] = KeyedLock()
         # Image fingerprint -> the scan of its manifest (None: `cp -a` must copy it).
         self._image_trees: dict[str, asyncio.Future[ImageTree | None]] = {}
