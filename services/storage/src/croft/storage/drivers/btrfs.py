@@ -50,7 +50,6 @@ from croft.storage.drivers import (
     INSTANCE_TYPES,
     Capabilities,
     ContentType,
-    PoolUsage,
     Volume,
     VolumeType,
 )
@@ -348,15 +347,6 @@ class BtrfsDriver(DirDriver):
         super()._delete_pool()
         if self.is_loop:
             self.loop_file.unlink(missing_ok=True)
-
-    async def pool_usage(self) -> PoolUsage:
-        self._require_pool()
-        st = await in_thread(os.statvfs, self.source)
-        # btrfs has no inode count (statvfs says 0): LXD reports 0 too.
-        return PoolUsage(
-            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
-            total_bytes=st.f_blocks * st.f_frsize,
-        )
 
     async def update_pool(self, changes: Mapping[str, str]) -> None:
         """Apply changed keys of a created pool (`updatable_keys`): `size` grows the loop

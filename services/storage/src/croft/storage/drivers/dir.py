@@ -426,6 +426,7 @@ class DirDriver(StorageDriver):
     async def pool_usage(self) -> PoolUsage:
         self._require_pool()
         st = await in_thread(os.statvfs, self.source)
+        # A filesystem without an inode count (btrfs) says 0 for both: LXD reports 0 too.
         return PoolUsage(
             used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
             total_bytes=st.f_blocks * st.f_frsize,
