@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from croft.common.errors import InvalidArgument
-from croft.common.multipart import MultipartParser, MultipartPart
+from croft.common.multipart import MultipartParser, MultipartPart, part_head
 
 
 def test_multipart_parser_is_chunking_agnostic() -> None:
@@ -98,3 +98,32 @@ def test_lxds_multipart_export_is_read_whatever_the_chunks() -> None:
     cut.feed(body[: len(body) // 2])
     with pytest.raises(InvalidArgument, match="ended before its closing boundary"):
         cut.finish()
+
+
+def test_a_body_written_with_part_head_is_read_back_as_written() -> None:
+    """What an export and the client's split upload send: the parts come back by name,
+    file name and data, as Python's email parser reads them too."""
+    boundary = "0f3c9a"
+    body = (
+        part_head(boundary, "metadata", "meta.tar.xz", first=True)
+        + b"META\r\n"
+        + part_head(boundary, "rootfs.img", "disk.qcow2", first=False)
+        + b"DISK"
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    parser = MultipartParser(boundary.encode())
+    parts: list[tuple[str, str, bytearray]] = []
+    for event in parser.feed(body):
+        if isinstance(event, MultipartPart):
+            parts.append((event.name, event.filename, bytearray()))
+        else:
+            parts[-1][2].extend(event)
+    parser.finish()
+    assert [(n, f, bytes(d)) for n, f, d in parts] == [
+        ("metadata", "meta.tar.xz", b"META\r\n"),
+        ("rootfs.img", "disk.qcow2", b"DISK"),
+    ]
+    reference = BytesParser(policy=HTTP).parsebytes(
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n".encode() + body
+    )
+    assert [p.get_payload(decode=True) for p in reference.iter_parts()] == [b"META\r\n", b"DISK"]

@@ -46,6 +46,7 @@ from croft.common.errors import (
     PermissionDenied,
     Unavailable,
 )
+from croft.common.multipart import part_head
 
 CHUNK = 1 << 20
 API_TIMEOUT = 30.0
@@ -381,17 +382,9 @@ def _multipart_upload(
     boundary = uuid.uuid4().hex
     rootfs_field = "rootfs.img" if detect_file_format(rootfs) is FileFormat.QCOW2 else "rootfs"
 
-    def head(name: str, filename: str, first: bool) -> bytes:
-        return (
-            ("" if first else "\r\n")
-            + f"--{boundary}\r\n"
-            + f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-            + "Content-Type: application/octet-stream\r\n\r\n"
-        ).encode()
-
     parts = [
-        head("metadata", metadata.name, True),
-        head(rootfs_field, rootfs.name, False),
+        part_head(boundary, "metadata", metadata.name, first=True),
+        part_head(boundary, rootfs_field, rootfs.name, first=False),
         f"\r\n--{boundary}--\r\n".encode(),
     ]
     length = sum(map(len, parts)) + metadata.stat().st_size + rootfs.stat().st_size

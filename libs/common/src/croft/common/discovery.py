@@ -22,6 +22,7 @@ from typing import Any
 
 from croft.common.errors import CroftError, NotFound
 from croft.common.store import EventType, Lease, Store, dump
+from croft.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +91,8 @@ class Registration:
 
     async def deregister(self) -> None:
         """Stop refreshing and remove the entry now (not at lease expiry)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         if self._lease is not None:
             with contextlib.suppress(CroftError):
                 await self.store.revoke_lease(self._lease)

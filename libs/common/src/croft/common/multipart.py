@@ -1,12 +1,24 @@
 """A streaming reader of `multipart/form-data` bodies: LXD's split image upload (`lxc
 image import META ROOTFS`) and the body another LXD's `/export` sends for a split image.
-The parts' data is never held whole, only a delimiter's length of it between chunks."""
+The parts' data is never held whole, only a delimiter's length of it between chunks.
+`part_head` writes such a body's part headers (an export, the client's upload)."""
 
 from __future__ import annotations
 
 import email.message
 
 from croft.common.errors import InvalidArgument
+
+
+def part_head(boundary: str, name: str, filename: str, *, first: bool) -> bytes:
+    """The delimiter and headers that open a file part of a multipart/form-data body (the
+    data follows; the body ends with `\r\n--<boundary>--\r\n`)."""
+    return (
+        ("" if first else "\r\n")
+        + f"--{boundary}\r\n"
+        + f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+        + "Content-Type: application/octet-stream\r\n\r\n"
+    ).encode()
 
 
 class MultipartPart:

@@ -50,7 +50,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from croft.common.errors import Conflict, InvalidArgument
 from croft.common.proc import run
@@ -200,15 +200,22 @@ def _require(cond: bool, where: str, what: str) -> None:
         raise InvalidArgument(f"{where} is not a valid simplestreams file: {what}")
 
 
-def parse_index(data: bytes, where: str) -> list[str]:
-    """The paths of the ``image-downloads`` product files an index.json lists."""
+def _section(data: bytes, where: str, key: str) -> dict[str, Any]:
+    """The object under `key` of a simplestreams JSON document; InvalidArgument naming
+    `where` for anything else."""
     try:
         doc = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidArgument(f"{where} is not valid JSON: {exc}") from None
     _require(isinstance(doc, dict), where, "not a JSON object")
-    index = doc.get("index")
-    _require(isinstance(index, dict), where, 'no "index" object')
+    section = doc.get(key)
+    _require(isinstance(section, dict), where, f'no "{key}" object')
+    return cast(dict[str, Any], section)
+
+
+def parse_index(data: bytes, where: str) -> list[str]:
+    """The paths of the ``image-downloads`` product files an index.json lists."""
+    index = _section(data, where, "index")
     paths: list[str] = []
     for name, entry in index.items():
         _require(isinstance(entry, dict), where, f"index entry {name!r} is not an object")
@@ -252,13 +259,7 @@ def parse_products(data: bytes, where: str) -> list[StreamImage]:
     without a usable fingerprint are skipped, as LXD skips them. A file that is not a products
     document at all raises InvalidArgument naming ``where``.
     """
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"{where} is not valid JSON: {exc}") from None
-    _require(isinstance(doc, dict), where, "not a JSON object")
-    products = doc.get("products")
-    _require(isinstance(products, dict), where, 'no "products" object')
+    products = _section(data, where, "products")
     images: list[StreamImage] = []
     for product_id, product in products.items():
         _require(isinstance(product, dict), where, f"product {product_id!r} is not an object")
@@ -275,29 +276,32 @@ def parse_products(data: bytes, where: str) -> list[StreamImage]:
                 continue
             items = version.get("items")
             if isinstance(items, dict):
-                images.extend(
-                    _version_images(product_id, product, arch, serial, created, version, where)
-                )
+                found = _Version(product_id, product, arch, serial, created, version)
+                images.extend(_version_images(found, where))
     images.sort(key=lxd_order)
     return images
 
 
-def _version_images(
-    product_id: str,
-    product: dict[str, Any],
-    arch: str,
-    serial: str,
-    created: datetime,
-    version: dict[str, Any],
-    where: str,
-) -> Iterator[StreamImage]:
-    items = [i for i in version["items"].values() if isinstance(i, dict)]
+@dataclass(frozen=True)
+class _Version:
+    """One dated version of a product, which its images are made from."""
+
+    product_id: str
+    product: dict[str, Any]
+    arch: str
+    serial: str
+    created: datetime
+    version: dict[str, Any]
+
+
+def _version_images(found: _Version, where: str) -> Iterator[StreamImage]:
+    items = [i for i in found.version["items"].values() if isinstance(i, dict)]
     for item in items:
         ftype = item.get("ftype")
         if ftype == FTYPE_UNIFIED:
             meta = _item_file(item, where)
             if meta is not None:
-                yield _stream_image(product_id, product, arch, serial, created, version, meta)
+                yield _stream_image(found, meta)
         elif ftype == FTYPE_META:
             meta = _item_file(item, where)
             if meta is None:
@@ -308,28 +312,22 @@ def _version_images(
                 fp = next((item[f] for f in fields or () if item.get(f)), None)
                 if root is None or not isinstance(fp, str) or len(fp) != 64:
                     continue
-                yield _stream_image(
-                    product_id, product, arch, serial, created, version, meta, root, fp.lower()
-                )
+                yield _stream_image(found, meta, root, fp.lower())
 
 
 def _stream_image(
-    product_id: str,
-    product: dict[str, Any],
-    arch: str,
-    serial: str,
-    created: datetime,
-    version: dict[str, Any],
+    found: _Version,
     meta: StreamFile,
     root: StreamFile | None = None,
     fingerprint: str | None = None,
 ) -> StreamImage:
+    product, serial = found.product, found.serial
     os_name = str(product.get("os", ""))
     release = str(product.get("release", ""))
     release_title = str(product.get("release_title", "") or release)
     stream_arch = str(product.get("arch", ""))
     variant = str(product.get("variant", "") or "")
-    label = str(version.get("label", "") or "")
+    label = str(found.version.get("label", "") or "")
     description = f"{os_name} {release_title} {stream_arch}"
     if label:
         description += f" ({label})"
@@ -356,19 +354,19 @@ def _stream_image(
     aliases = str(product.get("aliases", "") or "")
     return StreamImage(
         fingerprint=fingerprint or meta.sha256,
-        product=product_id,
+        product=found.product_id,
         os=os_name,
         release=release,
         release_title=release_title,
         variant=variant,
         serial=serial,
-        architecture=arch,
+        architecture=found.arch,
         stream_architecture=stream_arch,
         type=(
             ImageType.VIRTUAL_MACHINE if root and root.ftype in _VM_FTYPES else ImageType.CONTAINER
         ),
         size=meta.size + (root.size if root else 0),
-        created_at=created,
+        created_at=found.created,
         expires_at=expires_at,
         aliases=tuple(a.strip() for a in aliases.split(",") if a.strip()),
         properties={k: v for k, v in properties.items() if v},

@@ -15,6 +15,7 @@ from croft.api.wsframes import FrameWriter, text_frame
 from croft.common.errors import CroftError
 from croft.common.events import EVENTS_PREFIX
 from croft.common.store import Compacted, EventType, Store
+from croft.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,8 @@ class EventHub:
         await self._ready.wait()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._flush()
         for subscription in self._subscriptions:
             subscription.wake()

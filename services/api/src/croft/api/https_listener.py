@@ -30,6 +30,7 @@ from croft.api.serving import HttpsServer
 from croft.api.tls import ServerCertificate
 from croft.common.errors import CroftError, InvalidArgument
 from croft.common.store import EventType, Store
+from croft.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -125,11 +126,8 @@ class HttpsListener:
                 await self._apply_stored(store)
 
     async def stop(self) -> None:
-        if self._follower is not None:
-            self._follower.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._follower
-            self._follower = None
+        await cancel_and_wait(self._follower)
+        self._follower = None
         async with self._lock:
             if self._server is not None:
                 await self._server.stop()

@@ -5,13 +5,14 @@ transport (discovery, balancing, deadlines, retries, the member metadata). Each 
 methods names one RPC, takes that RPC's request message and is typed with its reply, so
 go-to-definition crosses the gRPC hop. A unary method returns the transport's awaitable
 itself rather than awaiting it: a call costs one plain function call more than before, no
-extra coroutine. To add an RPC: one method in its service's module, named after the RPC.
+extra coroutine. To add an RPC: one method in its service's module, named after the RPC;
+a unary one is `return self._unary("Rpc", request, options)`, typed with its messages.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Iterable
-from typing import Any, ClassVar, TypeAlias, TypeVar
+from collections.abc import AsyncIterable, Awaitable, Iterable
+from typing import Any, ClassVar, TypeAlias, TypedDict, TypeVar
 
 from croft.common.discovery import Instance
 from croft.common.rpc import ServiceClient
@@ -20,6 +21,15 @@ T = TypeVar("T")
 
 # What a client-streaming RPC sends: the messages, produced as they come or all at once.
 RequestStream: TypeAlias = AsyncIterable[T] | Iterable[T]
+
+
+class CallOptions(TypedDict, total=False):
+    """The options of a unary call, as `ServiceClient.call` takes them."""
+
+    #: Whether the call may be sent again to another instance (default True).
+    idempotent: bool
+    #: The call's deadline in seconds (default: the transport's).
+    timeout: float | None
 
 
 class TypedClient:
@@ -44,3 +54,7 @@ class TypedClient:
     def instances(self) -> list[Instance]:
         """The live instances of the service this client can call."""
         return self.rpc.instances()
+
+    def _unary(self, method: str, request: Any, options: CallOptions) -> Awaitable[Any]:
+        """Call the unary RPC `method`; each typed method gives it its precise types."""
+        return self.rpc.call(method, request, **options)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import ClassVar
 
-from croft.common.clients._base import TypedClient
+from typing_extensions import Unpack
+
+from croft.common.clients._base import CallOptions, TypedClient
 from croft.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 
 
@@ -16,74 +18,46 @@ class AuthClient(TypedClient):
     stub = auth_pb2_grpc.AuthStub
 
     def is_trusted(
-        self,
-        request: auth_pb2.CertificateRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.CertificateRef, **options: Unpack[CallOptions]
     ) -> Awaitable[auth_pb2.TrustReply]:
-        return self.rpc.call("IsTrusted", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("IsTrusted", request, options)
 
     def list_certificates(
-        self, request: common_pb2.Empty, *, idempotent: bool = True, timeout: float | None = None
+        self, request: common_pb2.Empty, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("ListCertificates", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("ListCertificates", request, options)
 
     def get_certificate(
-        self,
-        request: auth_pb2.CertificateRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.CertificateRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("GetCertificate", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("GetCertificate", request, options)
 
     def add_certificate(
-        self,
-        request: auth_pb2.AddCertificateRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.AddCertificateRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("AddCertificate", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("AddCertificate", request, options)
 
     def update_certificate(
-        self, request: common_pb2.Json, *, idempotent: bool = True, timeout: float | None = None
+        self, request: common_pb2.Json, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("UpdateCertificate", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UpdateCertificate", request, options)
 
     def delete_certificate(
-        self,
-        request: auth_pb2.CertificateRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.CertificateRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteCertificate", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteCertificate", request, options)
 
     def create_token(
-        self,
-        request: auth_pb2.CreateTokenRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.CreateTokenRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[auth_pb2.TokenReply]:
-        return self.rpc.call("CreateToken", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreateToken", request, options)
 
     def revoke_token(
-        self,
-        request: auth_pb2.TokenSecret,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.TokenSecret, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("RevokeToken", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RevokeToken", request, options)
 
     def trust_with_token(
-        self,
-        request: auth_pb2.TrustWithTokenRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: auth_pb2.TrustWithTokenRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[auth_pb2.TrustWithTokenReply]:
-        return self.rpc.call("TrustWithToken", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("TrustWithToken", request, options)

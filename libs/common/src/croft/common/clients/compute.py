@@ -6,8 +6,9 @@ from collections.abc import Awaitable
 from typing import ClassVar
 
 import grpc
+from typing_extensions import Unpack
 
-from croft.common.clients._base import RequestStream, TypedClient
+from croft.common.clients._base import CallOptions, RequestStream, TypedClient
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 
@@ -18,67 +19,39 @@ class ComputeClient(TypedClient):
     stub = compute_pb2_grpc.ComputeStub
 
     def create_instance(
-        self,
-        request: compute_pb2.CreateInstanceRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.CreateInstanceRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("CreateInstance", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreateInstance", request, options)
 
     def update_instance(
-        self,
-        request: compute_pb2.UpdateInstanceRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.UpdateInstanceRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("UpdateInstance", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UpdateInstance", request, options)
 
     def delete_instance(
-        self,
-        request: common_pb2.InstanceRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteInstance", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteInstance", request, options)
 
     def rename_instance(
-        self,
-        request: compute_pb2.RenameInstanceRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.RenameInstanceRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("RenameInstance", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RenameInstance", request, options)
 
     def change_state(
-        self,
-        request: compute_pb2.StateRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.StateRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("ChangeState", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("ChangeState", request, options)
 
     def get_state(
-        self,
-        request: common_pb2.InstanceRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceStateReply]:
-        return self.rpc.call("GetState", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("GetState", request, options)
 
     def get_states(
-        self,
-        request: compute_pb2.InstanceStatesRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.InstanceStatesRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceStatesReply]:
-        return self.rpc.call("GetStates", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("GetStates", request, options)
 
     def exec(
         self, requests: RequestStream[compute_pb2.ExecInput], *, timeout: float | None = None
@@ -96,72 +69,44 @@ class ComputeClient(TypedClient):
         return self.rpc.stream("PushFile", requests, timeout=timeout)
 
     def delete_file(
-        self, request: compute_pb2.FileRef, *, idempotent: bool = True, timeout: float | None = None
+        self, request: compute_pb2.FileRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteFile", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteFile", request, options)
 
     def create_snapshot(
-        self,
-        request: compute_pb2.SnapshotRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("CreateSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreateSnapshot", request, options)
 
     def delete_snapshot(
-        self,
-        request: compute_pb2.SnapshotRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteSnapshot", request, options)
 
     def rename_snapshot(
-        self,
-        request: compute_pb2.SnapshotRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("RenameSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RenameSnapshot", request, options)
 
     def restore_snapshot(
-        self,
-        request: compute_pb2.SnapshotRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self.rpc.call("RestoreSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RestoreSnapshot", request, options)
 
     def console_log(
-        self,
-        request: common_pb2.InstanceRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.LogReply]:
-        return self.rpc.call("ConsoleLog", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("ConsoleLog", request, options)
 
     def clear_console_log(
-        self,
-        request: common_pb2.InstanceRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("ClearConsoleLog", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("ClearConsoleLog", request, options)
 
     def logs(
-        self,
-        request: compute_pb2.LogRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: compute_pb2.LogRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.LogReply]:
-        return self.rpc.call("Logs", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("Logs", request, options)
 
     def publish_instance(
         self, request: compute_pb2.PublishRequest, *, timeout: float | None = None

@@ -6,8 +6,9 @@ from collections.abc import Awaitable
 from typing import ClassVar
 
 import grpc
+from typing_extensions import Unpack
 
-from croft.common.clients._base import RequestStream, TypedClient
+from croft.common.clients._base import CallOptions, RequestStream, TypedClient
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 
@@ -18,22 +19,14 @@ class ImagesClient(TypedClient):
     stub = images_pb2_grpc.ImagesStub
 
     def resolve_image(
-        self,
-        request: images_pb2.ResolveImageRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: images_pb2.ResolveImageRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[images_pb2.ImageReply]:
-        return self.rpc.call("ResolveImage", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("ResolveImage", request, options)
 
     def image_files(
-        self,
-        request: images_pb2.ImageFilesRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: images_pb2.ImageFilesRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[images_pb2.ImageFilesReply]:
-        return self.rpc.call("ImageFiles", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("ImageFiles", request, options)
 
     def import_image(
         self, requests: RequestStream[images_pb2.ImportChunk], *, timeout: float | None = None
@@ -41,50 +34,34 @@ class ImagesClient(TypedClient):
         return self.rpc.stream("ImportImage", requests, timeout=timeout)
 
     def update_image(
-        self, request: common_pb2.Json, *, idempotent: bool = True, timeout: float | None = None
+        self, request: common_pb2.Json, **options: Unpack[CallOptions]
     ) -> Awaitable[images_pb2.ImageReply]:
-        return self.rpc.call("UpdateImage", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UpdateImage", request, options)
 
     def delete_image(
-        self, request: images_pb2.ImageRef, *, idempotent: bool = True, timeout: float | None = None
+        self, request: images_pb2.ImageRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteImage", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteImage", request, options)
 
     def create_alias(
-        self,
-        request: images_pb2.ImageAliasRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("CreateAlias", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreateAlias", request, options)
 
     def update_alias(
-        self,
-        request: images_pb2.ImageAliasRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("UpdateAlias", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UpdateAlias", request, options)
 
     def rename_alias(
-        self,
-        request: images_pb2.ImageAliasRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("RenameAlias", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RenameAlias", request, options)
 
     def delete_alias(
-        self,
-        request: images_pb2.ImageAliasRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteAlias", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteAlias", request, options)
 
     def pull_image(
         self, request: images_pb2.PullImageRequest, *, timeout: float | None = None

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import ClassVar
 
-from croft.common.clients._base import TypedClient
+from typing_extensions import Unpack
+
+from croft.common.clients._base import CallOptions, TypedClient
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
 
@@ -16,60 +18,36 @@ class NetworkClient(TypedClient):
     stub = network_pb2_grpc.NetworkStub
 
     def attach_instance(
-        self,
-        request: network_pb2.NicRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: network_pb2.NicRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[network_pb2.NicReply]:
-        return self.rpc.call("AttachInstance", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("AttachInstance", request, options)
 
     def detach_instance(
-        self,
-        request: network_pb2.NicRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: network_pb2.NicRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DetachInstance", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DetachInstance", request, options)
 
     def network_state(
-        self,
-        request: network_pb2.NetworkRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("NetworkState", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("NetworkState", request, options)
 
     def leases(
-        self,
-        request: network_pb2.NetworkRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("Leases", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("Leases", request, options)
 
     def create_network(
-        self, request: common_pb2.Json, *, idempotent: bool = True, timeout: float | None = None
+        self, request: common_pb2.Json, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("CreateNetwork", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreateNetwork", request, options)
 
     def update_network(
-        self,
-        request: network_pb2.NetworkPut,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: network_pb2.NetworkPut, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("UpdateNetwork", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UpdateNetwork", request, options)
 
     def delete_network(
-        self,
-        request: network_pb2.NetworkRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteNetwork", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteNetwork", request, options)

@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Awaitable
 from typing import ClassVar
 
-from croft.common.clients._base import TypedClient
+from typing_extensions import Unpack
+
+from croft.common.clients._base import CallOptions, TypedClient
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
@@ -16,163 +18,91 @@ class StorageClient(TypedClient):
     stub = storage_pb2_grpc.StorageStub
 
     def create_instance_volume(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call(
-            "CreateInstanceVolume", request, idempotent=idempotent, timeout=timeout
-        )
+        return self._unary("CreateInstanceVolume", request, options)
 
     def mount_instance_volume(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call("MountInstanceVolume", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("MountInstanceVolume", request, options)
 
     def unmount_instance_volume(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call(
-            "UnmountInstanceVolume", request, idempotent=idempotent, timeout=timeout
-        )
+        return self._unary("UnmountInstanceVolume", request, options)
 
     def delete_instance_volume(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call(
-            "DeleteInstanceVolume", request, idempotent=idempotent, timeout=timeout
-        )
+        return self._unary("DeleteInstanceVolume", request, options)
 
     def rename_instance_volume(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call(
-            "RenameInstanceVolume", request, idempotent=idempotent, timeout=timeout
-        )
+        return self._unary("RenameInstanceVolume", request, options)
 
     def copy_instance_volume(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call("CopyInstanceVolume", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CopyInstanceVolume", request, options)
 
     def create_snapshot(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call("CreateSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreateSnapshot", request, options)
 
     def delete_snapshot(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteSnapshot", request, options)
 
     def rename_snapshot(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call("RenameSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RenameSnapshot", request, options)
 
     def restore_snapshot(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call("RestoreSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("RestoreSnapshot", request, options)
 
     def pool_resources(
-        self, request: storage_pb2.PoolRef, *, idempotent: bool = True, timeout: float | None = None
+        self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("PoolResources", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("PoolResources", request, options)
 
     def mount_snapshot(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self.rpc.call("MountSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("MountSnapshot", request, options)
 
     def unmount_snapshot(
-        self,
-        request: storage_pb2.VolumeRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("UnmountSnapshot", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UnmountSnapshot", request, options)
 
     def storage_drivers(
-        self, request: common_pb2.Empty, *, idempotent: bool = True, timeout: float | None = None
+        self, request: common_pb2.Empty, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.StorageDriversReply]:
-        return self.rpc.call("StorageDrivers", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("StorageDrivers", request, options)
 
     def delete_image_volumes(
-        self,
-        request: storage_pb2.ImageVolumesRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.ImageVolumesRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeleteImageVolumes", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeleteImageVolumes", request, options)
 
     def create_pool(
-        self,
-        request: storage_pb2.PoolRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("CreatePool", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("CreatePool", request, options)
 
     def update_pool(
-        self,
-        request: storage_pb2.PoolRequest,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
-        return self.rpc.call("UpdatePool", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("UpdatePool", request, options)
 
     def delete_pool(
-        self,
-        request: storage_pb2.PoolRef,
-        *,
-        idempotent: bool = True,
-        timeout: float | None = None,
+        self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
-        return self.rpc.call("DeletePool", request, idempotent=idempotent, timeout=timeout)
+        return self._unary("DeletePool", request, options)

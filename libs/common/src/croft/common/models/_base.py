@@ -3,9 +3,11 @@ two ways out (the stored shape and the public one)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
+
+from croft.common.records import DEFAULT_PROJECT, record_key
 
 
 class Model(BaseModel):
@@ -35,3 +37,25 @@ class Record(Model):
         """The record without croft's private `_` keys, as clients see it (what
         `croft.common.records.public` does to a dict)."""
         return {k: v for k, v in self.dump().items() if not k.startswith("_")}
+
+
+class ClusterRecord(Record):
+    """A cluster-wide record named by `name` alone, in the default project (LXD's
+    networks and storage pools): what those share."""
+
+    #: The store collection its records are kept in.
+    collection: ClassVar[str]
+
+    name: str
+    description: str = ""
+    config: dict[str, str] = Field(default_factory=dict)
+    status: str = ""
+    used_by: list[str] = Field(default_factory=list)
+    locations: list[str] = Field(default_factory=list)
+
+    @classmethod
+    def store_key(cls, name: str) -> str:
+        return record_key(cls.collection, DEFAULT_PROJECT, name)
+
+    def key(self) -> str:
+        return self.store_key(self.name)

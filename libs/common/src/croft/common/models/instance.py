@@ -43,12 +43,11 @@ class InstanceMeta(CroftMeta):
         return self.state == CREATING
 
 
-class InstanceRecord(Record):
-    """An instance as the store holds it: LXD's shape plus `_croft`."""
+class _InstanceBody(Record):
+    """What an instance and its snapshots' records share (LXD's `api.InstancePut` and
+    the fields an `api.InstanceSnapshot` copies from it)."""
 
     name: str
-    project: str = "default"
-    type: str = "container"
     description: str = ""
     architecture: str = ""
     config: dict[str, str] = Field(default_factory=dict)
@@ -60,6 +59,13 @@ class InstanceRecord(Record):
     stateful: bool = False
     created_at: str = ""
     last_used_at: str = ""
+
+
+class InstanceRecord(_InstanceBody):
+    """An instance as the store holds it: LXD's shape plus `_croft`."""
+
+    project: str = "default"
+    type: str = "container"
     location: str = ""
     status: str = ""
     status_code: int = 0
@@ -86,22 +92,10 @@ class SnapshotMeta(CroftMeta):
     pool: str = ""
 
 
-class SnapshotRecord(Record):
+class SnapshotRecord(_InstanceBody):
     """An instance snapshot as the store holds it (`name` is the snapshot's own)."""
 
-    name: str
-    description: str = ""
-    architecture: str = ""
-    config: dict[str, str] = Field(default_factory=dict)
-    devices: dict[str, dict[str, str]] = Field(default_factory=dict)
-    expanded_config: dict[str, str] = Field(default_factory=dict)
-    expanded_devices: dict[str, dict[str, str]] = Field(default_factory=dict)
-    profiles: list[str] = Field(default_factory=list)
-    ephemeral: bool = False
-    stateful: bool = False
-    created_at: str = ""
     expires_at: str = ""
-    last_used_at: str = ""
     size: int = -1
     croft: SnapshotMeta = Field(default_factory=SnapshotMeta, alias="_croft")
 

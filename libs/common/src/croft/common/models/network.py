@@ -10,14 +10,8 @@ from typing import Any
 
 from pydantic import Field
 
-from croft.common.models._base import CroftMeta, Model, Record
-from croft.common.records import (
-    DEFAULT_PROJECT,
-    NETWORKS,
-    network_member_key,
-    network_nic_key,
-    record_key,
-)
+from croft.common.models._base import ClusterRecord, CroftMeta, Model
+from croft.common.records import NETWORKS, network_member_key, network_nic_key
 
 
 class NetworkMeta(CroftMeta):
@@ -28,25 +22,14 @@ class NetworkMeta(CroftMeta):
     nics: dict[str, Any] | None = None
 
 
-class NetworkRecord(Record):
+class NetworkRecord(ClusterRecord):
     """A managed network, cluster-wide (member-specific keys live in NetworkMember)."""
 
-    name: str
-    description: str = ""
+    collection = NETWORKS
+
     type: str = ""
     managed: bool = True
-    status: str = ""
-    config: dict[str, str] = Field(default_factory=dict)
-    used_by: list[str] = Field(default_factory=list)
-    locations: list[str] = Field(default_factory=list)
     croft: NetworkMeta = Field(default_factory=NetworkMeta, alias="_croft")
-
-    @staticmethod
-    def store_key(name: str) -> str:
-        return record_key(NETWORKS, DEFAULT_PROJECT, name)
-
-    def key(self) -> str:
-        return self.store_key(self.name)
 
 
 class NetworkMember(Model):

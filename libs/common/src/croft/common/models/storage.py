@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import Field
 
-from croft.common.models._base import CroftMeta, Model, Record
+from croft.common.models._base import ClusterRecord, CroftMeta, Model, Record
 from croft.common.records import DEFAULT_PROJECT, STORAGE_POOLS, STORAGE_VOLUMES, record_key
 
 
@@ -34,24 +34,13 @@ class PoolMeta(CroftMeta):
     member: str | None = None
 
 
-class StoragePoolRecord(Record):
+class StoragePoolRecord(ClusterRecord):
     """A storage pool, cluster-wide, as the store holds it."""
 
-    name: str
+    collection = STORAGE_POOLS
+
     driver: str = ""
-    description: str = ""
-    config: dict[str, str] = Field(default_factory=dict)
-    status: str = ""
-    locations: list[str] = Field(default_factory=list)
-    used_by: list[str] = Field(default_factory=list)
     croft: PoolMeta = Field(default_factory=PoolMeta, alias="_croft")
-
-    @staticmethod
-    def store_key(pool: str) -> str:
-        return record_key(STORAGE_POOLS, DEFAULT_PROJECT, pool)
-
-    def key(self) -> str:
-        return self.store_key(self.name)
 
     @staticmethod
     def members_of(raw: dict[str, Any]) -> dict[str, PoolMember]:

@@ -47,6 +47,7 @@ from croft.common.store import (
     WatchEvent,
     observed,
 )
+from croft.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,8 @@ class MirroredStore(Store):
 
     async def close(self) -> None:
         """Stop following; the inner store is the caller's to close."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await cancel_and_wait(self._task)
+        self._task = None
         self._stop_following()
         self._break_taps("the store mirror closed")
 

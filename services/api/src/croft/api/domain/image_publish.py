@@ -22,7 +22,7 @@ from starlette.responses import Response
 
 from croft.api import records, responses
 from croft.api.context import context
-from croft.api.domain.images import image_url
+from croft.api.domain.images import image_created
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.errors import CroftError, InvalidArgument, NotFound
@@ -101,14 +101,7 @@ async def publish_image(request: Request, project: str, body: dict[str, Any]) ->
             timeout=PUBLISH_TIMEOUT,
         )
         image = await _import_tarball(tarball, project, public, aliases)
-        await ctx.lifecycle(
-            "image-created",
-            image_url(image["fingerprint"]),
-            project=project,
-            context={"type": image.get("type", "container")},
-            request=request,
-        )
-        return {"fingerprint": image["fingerprint"], "size": str(image["size"])}
+        return await image_created(ctx, image, project, request)
 
     operation = await ctx.operations.create("Downloading image", run=run, project=project)
     return responses.async_operation(operation)

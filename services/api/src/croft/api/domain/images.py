@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
+from starlette.requests import HTTPConnection
 
 from croft.api import records
 from croft.api.context import ApiContext
@@ -43,6 +44,21 @@ R = TypeVar("R")
 
 def image_url(fingerprint: str) -> str:
     return f"/1.0/images/{fingerprint}"
+
+
+async def image_created(
+    ctx: ApiContext, image: dict[str, Any], project: str, request: HTTPConnection
+) -> dict[str, Any]:
+    """Announce a new image (`image-created`); what the operation that made it returns,
+    as LXD's: its fingerprint and size."""
+    await ctx.lifecycle(
+        "image-created",
+        image_url(image["fingerprint"]),
+        project=project,
+        context={"type": image.get("type", "container")},
+        request=request,
+    )
+    return {"fingerprint": image["fingerprint"], "size": str(image["size"])}
 
 
 def alias_url(name: str, project: str) -> str:

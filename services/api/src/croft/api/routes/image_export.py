@@ -25,6 +25,7 @@ from croft.api.domain.images import find_image, image_url
 from croft.api.identity import identity
 from croft.api.services import services
 from croft.common.errors import Internal, NotFound
+from croft.common.multipart import part_head
 from croft.common.rpc import from_rpc_error
 from croft.v1 import images_pb2
 
@@ -87,15 +88,6 @@ async def _body(call: Any, replies: AsyncIterator[images_pb2.ExportChunk]) -> As
         call.cancel()
 
 
-def _part_head(boundary: str, name: str, filename: str, *, first: bool) -> bytes:
-    return (
-        ("" if first else "\r\n")
-        + f"--{boundary}\r\n"
-        + f'Content-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
-        + "Content-Type: application/octet-stream\r\n\r\n"
-    ).encode()
-
-
 async def _multipart(
     call: Any,
     replies: AsyncIterator[images_pb2.ExportChunk],
@@ -104,7 +96,7 @@ async def _multipart(
     rootfs_part: str,
 ) -> AsyncIterator[bytes]:
     """Go's mime/multipart form, as LXD writes it: the metadata file, then the rootfs."""
-    yield _part_head(boundary, "metadata", header.metadata_filename, first=True)
+    yield part_head(boundary, "metadata", header.metadata_filename, first=True)
     left = header.metadata_size  # bytes of the metadata file still to come
     in_rootfs = False
     sent = 0
@@ -118,7 +110,7 @@ async def _multipart(
             if left:
                 yield data[:left]
             data = data[left:]
-            yield _part_head(boundary, rootfs_part, header.rootfs_filename, first=False)
+            yield part_head(boundary, rootfs_part, header.rootfs_filename, first=False)
             in_rootfs = True
         if data:
             yield data

@@ -33,6 +33,7 @@ from croft.api.domain.images import (
     alias_url,
     find_alias,
     find_image,
+    image_created,
     image_url,
     images_call,
     pull_image,
@@ -460,14 +461,7 @@ async def images_post(request: Request) -> Response:
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         image = json.loads(reply.record)
-        await ctx.lifecycle(
-            "image-created",
-            image_url(image["fingerprint"]),
-            project=project,
-            context={"type": image.get("type", "container")},
-            request=request,
-        )
-        return {"fingerprint": image["fingerprint"], "size": str(image["size"])}
+        return await image_created(ctx, image, project, request)
 
     operation = await ctx.operations.create("Downloading image", run=store_image, project=project)
     return responses.async_operation(operation)
@@ -653,14 +647,7 @@ async def _images_post_remote(request: Request, project: str, body: Any) -> Resp
 
     async def download(op: OperationContext) -> dict[str, Any] | None:
         image = await pull_image(pull, op)
-        await ctx.lifecycle(
-            "image-created",
-            image_url(image["fingerprint"]),
-            project=project,
-            context={"type": image.get("type", "container")},
-            request=request,
-        )
-        return {"fingerprint": image["fingerprint"], "size": str(image["size"])}
+        return await image_created(ctx, image, project, request)
 
     operation = await ctx.operations.create(
         "Downloading image", run=download, project=project, may_cancel=True

@@ -14,6 +14,7 @@ from starlette.responses import Response
 from croft.api import limits, responses
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import load
+from croft.common.clients import ComputeClient
 from croft.common.errors import InvalidArgument
 from croft.common.rpc import from_rpc_error
 from croft.v1 import compute_pb2
@@ -43,13 +44,18 @@ def _int_header(request: Request, name: str, default: int) -> int:
     return number
 
 
+async def _file_of(request: Request, name: str) -> tuple[compute_pb2.FileRef, ComputeClient]:
+    """The file a GET or DELETE names, and the compute service of its instance's member."""
+    project, record, _ = await load(request, name)
+    path = _file_path(request)
+    return compute_pb2.FileRef(instance=ref(project, name), path=path), await compute_of(record)
+
+
 @router.get("/1.0/instances/{name}/files")
 @router.get("/1.0/containers/{name}/files")
 async def instance_file_get(request: Request, name: str) -> Response:
-    project, record, _ = await load(request, name)
-    path = _file_path(request)
-    client = await compute_of(record)
-    call = client.pull_file(compute_pb2.FileRef(instance=ref(project, name), path=path))
+    file, client = await _file_of(request, name)
+    call = client.pull_file(file)
     try:
         first = await anext(call.__aiter__())
         header = first.header
@@ -116,10 +122,6 @@ async def instance_file_post(request: Request, name: str) -> Response:
 @router.delete("/1.0/instances/{name}/files")
 @router.delete("/1.0/containers/{name}/files")
 async def instance_file_delete(request: Request, name: str) -> Response:
-    project, record, _ = await load(request, name)
-    path = _file_path(request)
-    client = await compute_of(record)
-    await client.delete_file(
-        compute_pb2.FileRef(instance=ref(project, name), path=path), idempotent=False
-    )
+    file, client = await _file_of(request, name)
+    await client.delete_file(file, idempotent=False)
     return responses.sync({})

@@ -220,11 +220,21 @@ class StorageDriver(abc.ABC):
             raise InvalidArgument(
                 f"invalid config for a {self.name} storage pool: unknown key(s) {', '.join(unknown)}"
             )
-        source = self.config.get("source") or str(self.pools_dir / pool)
+        source = self.config.get("source") or str(self._default_source())
         if not source.startswith("/"):
             raise InvalidArgument(f"pool source {source!r} must be an absolute path")
         self.source = Path(source)
         self.config["source"] = str(self.source)
+        self._configure()
+
+    def _default_source(self) -> Path:
+        """The pool's `source` when its config names none."""
+        return self.pools_dir / self.pool
+
+    def _configure(self) -> None:  # noqa: B027 (an optional hook, not abstract)
+        """The driver's own reading of the config, after the common checks (a subclass
+        that needs one overrides this rather than the constructor); InvalidArgument for a
+        bad value, touching nothing on disk."""
 
     def volume(
         self,

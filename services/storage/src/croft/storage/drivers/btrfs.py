@@ -34,7 +34,6 @@ this driver reuses its walks of the layout; what differs is how a volume is made
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import ctypes
 import os
@@ -48,29 +47,19 @@ from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.proc import CommandFailed, run, run_async
 from croft.storage.drivers import (
-    DEFAULT_POOLS_DIR,
     INSTANCE_TYPES,
     Capabilities,
     ContentType,
-    Filler,
-    PoolUsage,
     Volume,
     VolumeType,
 )
 from croft.storage.drivers.dir import (
-    _RENAME_EXCHANGE,
-    BLOCK_FILE,
     INSTANCE_MODE,
     LAYOUT,
     MODES,
-    SNAPSHOT_DIRS,
     DirDriver,
     _finish_volume,
     _mount_points,
-    _move_into_place,
-    _renameat2,
-    _unique,
-    _unmount_all_under,
     _what,
     parse_size,
 )
@@ -203,26 +192,19 @@ class BtrfsDriver(DirDriver):
     config_keys = frozenset({"source", "size", "btrfs.mount_options"})
     updatable_keys = frozenset({"size", "btrfs.mount_options"})
 
-    def __init__(
-        self,
-        pool: str,
-        config: Mapping[str, str] | None = None,
-        *,
-        pools_dir: Path = DEFAULT_POOLS_DIR,
-    ) -> None:
-        given = dict(config or {})
-        backing = given.get("source", "")
-        # The base class's `source` is where the pool's tree is: the mount point.
-        super().__init__(
-            pool, {**given, "source": str(Path(pools_dir) / pool)}, pools_dir=pools_dir
-        )
-        self.loop_file = self.pools_dir.parent / "disks" / f"{self.pool}.img"
-        if not backing:
-            backing = str(self.loop_file)
-        if not backing.startswith("/"):
-            raise InvalidArgument(f"pool source {backing!r} must be an absolute path")
-        self.backing = Path(backing)
-        self.config["source"] = backing
+    @property
+    def loop_file(self) -> Path:
+        return self.pools_dir.parent / "disks" / f"{self.pool}.img"
+
+    def _default_source(self) -> Path:
+        return self.loop_file
+
+    def _configure(self) -> None:
+        super()._configure()
+        # The config's `source` is what holds the filesystem; the base class's `source`
+        # is where the pool's tree is: the mount point.
+        self.backing = self.source
+        self.source = self.pools_dir / self.pool
         if "size" in self.config:
             if not self.is_loop:
                 raise InvalidArgument("size can only be set on a btrfs pool on a loop file")
@@ -359,56 +341,12 @@ class BtrfsDriver(DirDriver):
     def _mount_pool(self) -> None:
         if self.is_loop and not self.loop_file.is_file():
             raise NotFound(f"storage pool {self.pool!r}: its loop file {self.loop_file} is missing")
-        if not self.source.is_dir():
-            raise NotFound(f"storage pool {self.pool!r} does not exist at {self.source}")
-        self._mount()
-        for sub in LAYOUT:
-            directory = self.source / sub
-            directory.mkdir(mode=MODES[sub], exist_ok=True)
-            for entry in directory.iterdir():
-                if entry.name.startswith((".tmp-", ".deleted-")):
-                    _unmount_all_under(entry, f"leftover {entry}")
-                    self._remove(entry)
-        for sub in SNAPSHOT_DIRS.values():
-            for snapshots in (self.source / sub).iterdir():
-                if snapshots.is_dir():
-                    for entry in snapshots.iterdir():
-                        if entry.name.startswith((".tmp-", ".deleted-")):
-                            self._remove(entry)
+        super()._mount_pool()
 
     def _delete_pool(self) -> None:
-        self._require_pool()
-        if not self._is_mounted():
-            self._mount()
-        in_use = []
-        for sub in LAYOUT:
-            directory = self.source / sub
-            if directory.is_dir():
-                names = [e.name for e in directory.iterdir() if not e.name.startswith(".")]
-                if names:
-                    in_use.append(f"{len(names)} in {sub}/")
-        others = [e.name for e in self.source.iterdir() if e.name not in LAYOUT]
-        if in_use or others:
-            detail = ", ".join(in_use + ([f"unknown entries {sorted(others)}"] if others else []))
-            raise Conflict(f"storage pool {self.pool!r} is not empty: {detail}")
-        for sub in LAYOUT:
-            directory = self.source / sub
-            if directory.is_dir():
-                _unmount_all_under(directory, f"pool {self.pool!r}")
-                self._remove(directory)
-        self._unmount()
-        self.source.rmdir()
+        super()._delete_pool()
         if self.is_loop:
             self.loop_file.unlink(missing_ok=True)
-
-    async def pool_usage(self) -> PoolUsage:
-        self._require_pool()
-        st = await in_thread(os.statvfs, self.source)
-        # btrfs has no inode count (statvfs says 0): LXD reports 0 too.
-        return PoolUsage(
-            used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
-            total_bytes=st.f_blocks * st.f_frsize,
-        )
 
     async def update_pool(self, changes: Mapping[str, str]) -> None:
         """Apply changed keys of a created pool (`updatable_keys`): `size` grows the loop
@@ -487,12 +425,8 @@ class BtrfsDriver(DirDriver):
         if readonly:
             await self._btrfs("property", "set", "-ts", str(target), "ro", "true")
 
-    def _delete_tree(self, path: Path, what: str) -> None:
-        """Move the tree out of its name at once, then remove it."""
-        _unmount_all_under(path, what)
-        trash = _unique(path.parent, "deleted", path.name)
-        os.rename(path, trash)
-        self._remove(trash)
+    async def _clone(self, source: Path, target: Path, *, readonly: bool) -> None:
+        await self._snapshot(source, target, readonly=readonly)
 
     # -- quotas ----------------------------------------------------------------------------
 
@@ -524,123 +458,29 @@ class BtrfsDriver(DirDriver):
 
     # -- volumes ---------------------------------------------------------------------------
 
-    async def _fill(self, vol: Volume, final: Path, filler: Filler | None) -> None:
-        """Make the volume as a subvolume under a temporary name, fill it, move it in."""
-        tmp = _unique(final.parent, "tmp", vol.name)
-        try:
-            await self._btrfs("subvolume", "create", str(tmp))
-            await in_thread(os.chmod, tmp, INSTANCE_MODE)
-            if vol.content is ContentType.BLOCK:
-                # Files made in it from now on are nodatacow, as LXD's block volumes.
-                await run_async(["chattr", "+C", str(tmp)], timeout=TOOL_TIMEOUT)
-                size = parse_size(vol.config["size"]) if "size" in vol.config else None
-                await in_thread(self._make_block_file, tmp / BLOCK_FILE, size)
-            elif vol.type in INSTANCE_TYPES and filler is None:
-                await in_thread(self._make_rootfs, tmp)
-            if filler is not None:
-                await self._run_filler(filler, self._mounted(vol, tmp))
-            if vol.type is VolumeType.IMAGE and not (tmp / "rootfs").is_dir():
-                raise InvalidArgument(f"image {vol.name} has no rootfs/ directory after unpacking")
-            if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
-                await self._set_size(tmp, vol.config["size"])
-            if vol.type is VolumeType.IMAGE:
-                # Images are root's alone, like LXD's, and never change: read-only.
-                await in_thread(os.chmod, tmp, 0o700)
-                await self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
-                await in_thread(_move_into_place, tmp, final, _what(vol))
-            else:
-                unrecorded = vol.type in INSTANCE_TYPES
-                await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
-        except BaseException:
-            await asyncio.shield(in_thread(self._remove, tmp))
-            raise
+    async def _make_volume_dir(self, path: Path, vol: Volume) -> None:
+        """A volume is a subvolume of its own."""
+        await self._btrfs("subvolume", "create", str(path))
+        await in_thread(os.chmod, path, INSTANCE_MODE)
+        if vol.content is ContentType.BLOCK:
+            # Files made in it from now on are nodatacow, as LXD's block volumes.
+            await run_async(["chattr", "+C", str(path)], timeout=TOOL_TIMEOUT)
 
-    async def create_volume_from_copy(
-        self, vol: Volume, src: Volume, *, with_snapshots: bool = False
+    async def _seal(self, path: Path, vol: Volume) -> None:
+        if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
+            await self._set_size(path, vol.config["size"])
+        if vol.type is VolumeType.IMAGE:
+            # Images never change: read-only.
+            await self._btrfs("property", "set", "-ts", str(path), "ro", "true")
+
+    async def _instance_from_image(
+        self, vol: Volume, image: Volume, source: Path, tmp: Path, final: Path
     ) -> None:
-        if vol.is_snapshot:
-            raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
-        final = self.volume_path(vol)
-        source = self._require(src)
-        if final.exists():
-            raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
-        source_snaps = None if src.is_snapshot else self.snapshots_path(src)
-        final_snaps = self.snapshots_path(vol)
-        snapshots = (
-            await self.list_snapshots(src)
-            if with_snapshots and source_snaps is not None and final_snaps is not None
-            else []
-        )
-        if snapshots and final_snaps is not None and final_snaps.exists():
-            raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
-        unrecorded = vol.type in INSTANCE_TYPES
-        tmp = _unique(final.parent, "tmp", vol.name)
-        tmp_snaps = (
-            _unique(final_snaps.parent, "tmp", vol.name) if snapshots and final_snaps else None
-        )
-        moved = False
-        try:
-            # A launch (src is an image) is this one command: no data is copied.
-            if src.type is VolumeType.IMAGE:
-                # An image holds no nested subvolume (it was unpacked by croft).
-                await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
-            else:
-                await self._snapshot(source, tmp, readonly=False)
-            if src.type is not VolumeType.IMAGE:
-                # The source's own marks are not part of a copy.
-                await in_thread(self._drop_hidden_entries, tmp)
-            if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
-                await self._set_size(tmp, vol.config["size"])
-            if tmp_snaps is not None and source_snaps is not None:
-                await in_thread(tmp_snaps.mkdir, 0o700)
-                for snapshot in snapshots:
-                    await self._snapshot(
-                        source_snaps / snapshot, tmp_snaps / snapshot, readonly=True
-                    )
-            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
-            moved = True
-            if tmp_snaps is not None and final_snaps is not None:
-                await in_thread(
-                    _move_into_place, tmp_snaps, final_snaps, f"snapshots of {vol.name!r}"
-                )
-        except BaseException:
-
-            def undo() -> None:
-                if moved:
-                    self._delete_tree(final, _what(vol))
-                for path in (tmp, tmp_snaps):
-                    if path is not None:
-                        with contextlib.suppress(OSError):
-                            self._remove(path)
-
-            await asyncio.shield(in_thread(undo))
-            raise
-
-    async def delete_volume(self, vol: Volume) -> None:
-        path = self.volume_path(vol)
-        self._require_pool()
-        what = _what(vol)
-        if vol.is_snapshot:
-            path = self._require(vol)
-            await in_thread(self._delete_tree, path, what)
-            return
-        snapshots = self.snapshots_path(vol)
-        trees = [t for t in (snapshots, path) if t is not None and t.is_dir()]
-        if not path.is_dir() and not trees:
-            raise NotFound(f"{what} not found in pool {self.pool!r}")
-
-        def delete() -> None:
-            # Check every tree for mounts before deleting any, so a refusal deletes nothing.
-            for tree in trees:
-                _unmount_all_under(tree, what)
-            for tree in trees:
-                self._delete_tree(tree, what)
-
-        if vol.type is not VolumeType.IMAGE:
-            await in_thread(delete)
-            return
-        async with self._image_locks.hold(vol.name):
-            await in_thread(delete)
+        # A launch is this one command: no data is copied. An image holds no nested
+        # subvolume (it was unpacked by croft).
+        await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+        await self._seal(tmp, vol)
+        await in_thread(_finish_volume, tmp, final, _what(vol), vol.type in INSTANCE_TYPES)
 
     async def volume_usage(self, vol: Volume) -> int:
         path = self._require(vol)
@@ -658,47 +498,10 @@ class BtrfsDriver(DirDriver):
 
     # -- snapshots -------------------------------------------------------------------------
 
-    async def create_snapshot(self, snap: Volume) -> None:
-        if not snap.is_snapshot:
-            raise InvalidArgument(f"{snap.name!r} is not a snapshot name (<volume>/<snapshot>)")
-        final = self.volume_path(snap)
-        source = self._require(snap.parent())
-        if final.exists():
-            raise Conflict(f"{_what(snap)} already exists")
-        made_parent = not final.parent.exists()
-        await in_thread(final.parent.mkdir, 0o700, False, True)
-        tmp = _unique(final.parent, "tmp", snap.snapshot_name)
-        try:
-            await self._snapshot(source, tmp, readonly=True)
-            await in_thread(_move_into_place, tmp, final, _what(snap))
-        except BaseException:
-
-            def undo() -> None:
-                self._remove(tmp)
-                if made_parent:
-                    with contextlib.suppress(OSError):
-                        final.parent.rmdir()
-
-            await asyncio.shield(in_thread(undo))
-            raise
-
-    async def restore_volume(self, vol: Volume, snapshot: str) -> None:
-        snap = self._require(vol.snapshot(snapshot))
-        current = self.volume_path(vol)
-        tmp = _unique(current.parent, "tmp", vol.name)
-        try:
-            await in_thread(_unmount_all_under, current, _what(vol))
-            await self._snapshot(snap, tmp, readonly=False)
-            limit = await self._size_limit(current)
-            if limit:
-                await self._set_size(tmp, str(limit))
-            # One atomic swap: the volume is either wholly old or wholly restored.
-            await in_thread(_renameat2, tmp, current, _RENAME_EXCHANGE)
-        except BaseException:
-            await asyncio.shield(in_thread(self._remove, tmp))
-            raise
-        # `tmp` now holds the state from before the restore.
-        await in_thread(self._remove, tmp)
+    async def _carry_limits(self, current: Path, replacement: Path) -> None:
+        limit = await self._size_limit(current)
+        if limit:
+            await self._set_size(replacement, str(limit))
 
     async def _size_limit(self, path: Path) -> int:
         """The referenced-bytes limit on a subvolume (0: none, or quotas are off)."""

@@ -75,7 +75,7 @@ import re
 import secrets
 import shutil
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 from croft.common.blocking import SerialThread, in_thread
@@ -83,7 +83,6 @@ from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
 from croft.common.proc import run, run_async
 from croft.storage.drivers import (
-    DEFAULT_POOLS_DIR,
     INSTANCE_TYPES,
     Capabilities,
     ContentType,
@@ -202,22 +201,16 @@ def _remove_tree(path: Path) -> None:
         shutil.rmtree(path)
 
 
-def _delete_tree(path: Path, what: str) -> None:
-    """Move the tree out of its name at once, then remove it."""
-    _unmount_all_under(path, what)
-    trash = _unique(path.parent, "deleted", path.name)
-    os.rename(path, trash)
-    _remove_tree(trash)
-
-
 # In a new instance volume's directory until its record is written (mark_recorded).
 _UNRECORDED = ".unrecorded"
 
 
 def _finish_volume(
-    tmp: Path, final: Path, what: str, unrecorded: bool, mode: int = INSTANCE_MODE
+    tmp: Path, final: Path, what: str, unrecorded: bool, mode: int | None = INSTANCE_MODE
 ) -> None:
-    os.chmod(tmp, mode)
+    # mode None: the caller has set it (a read-only btrfs subvolume refuses a chmod).
+    if mode is not None:
+        os.chmod(tmp, mode)
     if unrecorded:
         with contextlib.suppress(FileExistsError):
             os.close(os.open(tmp / _UNRECORDED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -278,14 +271,7 @@ class DirDriver(StorageDriver):
     )
     config_keys = frozenset({"source"})
 
-    def __init__(
-        self,
-        pool: str,
-        config: Mapping[str, str] | None = None,
-        *,
-        pools_dir: Path = DEFAULT_POOLS_DIR,
-    ) -> None:
-        super().__init__(pool, config, pools_dir=pools_dir)
+    def _configure(self) -> None:
         self._image_locks: KeyedLock[str] = KeyedLock()
         # Image fingerprint -> the scan of its manifest (None: `cp -a` must copy it).
         self._image_trees: dict[str, asyncio.Future[ImageTree | None]] = {}
@@ -358,26 +344,29 @@ class DirDriver(StorageDriver):
 
     def _mount_pool(self) -> None:
         self._require_pool()
+        self._mount()
         for sub in LAYOUT:
             directory = self.source / sub
             directory.mkdir(mode=MODES[sub], exist_ok=True)
             for entry in directory.iterdir():
                 if entry.name.startswith((".tmp-", ".deleted-")):
                     _unmount_all_under(entry, f"leftover {entry}")
-                    _remove_tree(entry)
+                    self._remove(entry)
         # Snapshot directories hold temporary entries of their own.
         for sub in SNAPSHOT_DIRS.values():
             for snapshots in (self.source / sub).iterdir():
                 if snapshots.is_dir():
                     for entry in snapshots.iterdir():
                         if entry.name.startswith((".tmp-", ".deleted-")):
-                            _remove_tree(entry)
+                            self._remove(entry)
 
     async def delete_pool(self) -> None:
         await in_thread(self._delete_pool)
 
     def _delete_pool(self) -> None:
         self._require_pool()
+        # The emptiness check reads the pool's tree: it must be reachable.
+        self._mount()
         in_use = []
         for sub in LAYOUT:
             directory = self.source / sub
@@ -393,12 +382,53 @@ class DirDriver(StorageDriver):
             directory = self.source / sub
             if directory.is_dir():
                 _unmount_all_under(directory, f"pool {self.pool!r}")
-                shutil.rmtree(directory)
+                self._remove(directory)
+        self._unmount()
         self.source.rmdir()
+
+    # -- hooks a driver on another filesystem overrides ------------------------------------
+
+    def _mount(self) -> None:
+        """Make the pool's tree reachable at `source` (idempotent). A dir pool always is."""
+
+    def _unmount(self) -> None:
+        """Undo `_mount()` (idempotent), before the pool's mount point is removed."""
+
+    def _remove(self, path: Path) -> None:
+        """Remove an entry that is already out of sight (a .tmp or .deleted one), whatever
+        it holds; missing is fine."""
+        _remove_tree(path)
+
+    def _delete_tree(self, path: Path, what: str) -> None:
+        """Move the tree out of its name at once, then remove it. Conflict, and nothing
+        deleted, when something mounted inside it is busy."""
+        _unmount_all_under(path, what)
+        trash = _unique(path.parent, "deleted", path.name)
+        os.rename(path, trash)
+        self._remove(trash)
+
+    async def _make_volume_dir(self, path: Path, vol: Volume) -> None:
+        """Make the empty directory a new volume is built in, mode INSTANCE_MODE. The
+        caller removes it (`_remove`) when anything after fails."""
+        await in_thread(path.mkdir, INSTANCE_MODE)
+
+    async def _seal(self, path: Path, vol: Volume) -> None:
+        """Last touches to a filled volume under its temporary name, after its mode is
+        set and before it is moved into place (btrfs: its size limit, read-only images)."""
+
+    async def _clone(self, source: Path, target: Path, *, readonly: bool) -> None:
+        """Make `target` (which does not exist) a copy of the volume tree `source`; a
+        driver that can makes it read-only if asked. The caller removes `target` when
+        this fails."""
+        await self._copy_tree(source, target)
+
+    async def _carry_limits(self, current: Path, replacement: Path) -> None:
+        """Give a volume's replacement (a restore) the limits `current` has."""
 
     async def pool_usage(self) -> PoolUsage:
         self._require_pool()
         st = await in_thread(os.statvfs, self.source)
+        # A filesystem without an inode count (btrfs) says 0 for both: LXD reports 0 too.
         return PoolUsage(
             used_bytes=(st.f_blocks - st.f_bfree) * st.f_frsize,
             total_bytes=st.f_blocks * st.f_frsize,
@@ -446,7 +476,7 @@ class DirDriver(StorageDriver):
         """Make the volume under a temporary name, fill it, move it into place."""
         tmp = _unique(final.parent, "tmp", vol.name)
         try:
-            await in_thread(tmp.mkdir, INSTANCE_MODE)
+            await self._make_volume_dir(tmp, vol)
             if vol.content is ContentType.BLOCK:
                 size = parse_size(vol.config["size"]) if "size" in vol.config else None
                 await in_thread(self._make_block_file, tmp / BLOCK_FILE, size)
@@ -458,10 +488,12 @@ class DirDriver(StorageDriver):
                 raise InvalidArgument(f"image {vol.name} has no rootfs/ directory after unpacking")
             # Images are root's alone, like LXD's; instance volumes are traversable.
             mode = 0o700 if vol.type is VolumeType.IMAGE else INSTANCE_MODE
+            await in_thread(os.chmod, tmp, mode)
+            await self._seal(tmp, vol)
             unrecorded = vol.type in INSTANCE_TYPES
-            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded, mode)
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded, None)
         except BaseException:
-            await asyncio.shield(in_thread(_remove_tree, tmp))
+            await asyncio.shield(in_thread(self._remove, tmp))
             raise
 
     @staticmethod
@@ -518,38 +550,39 @@ class DirDriver(StorageDriver):
         unrecorded = vol.type in INSTANCE_TYPES
         tmp = _unique(final.parent, "tmp", vol.name)
         if src.type is VolumeType.IMAGE:
-            # A launch: the hot path. One in-process copy from the image's manifest.
+            # A launch: the hot path.
             try:
-                tree = await self._image_tree(src.name, source)
-                if tree is None:
-                    await self._copy_tree(source, tmp)
-                    await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
-                else:
-                    await _TREE_COPIES.run(
-                        _instance_from_tree, tree, source, tmp, final, _what(vol)
-                    )
+                await self._instance_from_image(vol, src, source, tmp, final)
             except BaseException:
-                await asyncio.shield(in_thread(_remove_tree, tmp))
+                await asyncio.shield(in_thread(self._remove, tmp))
                 raise
             return
         source_snaps = None if src.is_snapshot else self.snapshots_path(src)
         final_snaps = self.snapshots_path(vol)
-        copy_snaps = bool(with_snapshots and source_snaps and final_snaps and source_snaps.is_dir())
+        snapshots = (
+            await self.list_snapshots(src)
+            if with_snapshots and source_snaps is not None and final_snaps is not None
+            else []
+        )
         if final_snaps is not None and final_snaps.exists():
             raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
-        tmp_snaps = _unique(final_snaps.parent, "tmp", vol.name) if final_snaps else None
+        tmp_snaps = (
+            _unique(final_snaps.parent, "tmp", vol.name) if snapshots and final_snaps else None
+        )
         moved = False
         try:
-            await self._copy_tree(source, tmp)
+            await self._clone(source, tmp, readonly=False)
+            # The source's own marks are not part of a copy.
             await in_thread(self._drop_hidden_entries, tmp)
-            if copy_snaps:
-                assert source_snaps and tmp_snaps
-                await self._copy_tree(source_snaps, tmp_snaps)
-                await in_thread(self._drop_hidden_entries, tmp_snaps)
-            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+            await in_thread(os.chmod, tmp, INSTANCE_MODE)
+            await self._seal(tmp, vol)
+            if tmp_snaps is not None and source_snaps is not None:
+                await in_thread(tmp_snaps.mkdir, 0o700)
+                for snapshot in snapshots:
+                    await self._clone(source_snaps / snapshot, tmp_snaps / snapshot, readonly=True)
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded, None)
             moved = True
-            if copy_snaps:
-                assert tmp_snaps and final_snaps
+            if tmp_snaps is not None and final_snaps is not None:
                 await in_thread(
                     _move_into_place, tmp_snaps, final_snaps, f"snapshots of {vol.name!r}"
                 )
@@ -557,14 +590,28 @@ class DirDriver(StorageDriver):
 
             def undo() -> None:
                 if moved:
-                    _delete_tree(final, _what(vol))
+                    self._delete_tree(final, _what(vol))
                 for path in (tmp, tmp_snaps):
                     if path is not None:
                         with contextlib.suppress(OSError):
-                            _remove_tree(path)
+                            self._remove(path)
 
             await asyncio.shield(in_thread(undo))
             raise
+
+    async def _instance_from_image(
+        self, vol: Volume, image: Volume, source: Path, tmp: Path, final: Path
+    ) -> None:
+        """Make `vol` at `tmp` from the unpacked image at `source` and move it to `final`.
+        The caller removes `tmp` when this fails. Here: one in-process copy from the
+        image's manifest."""
+        unrecorded = vol.type in INSTANCE_TYPES
+        tree = await self._image_tree(image.name, source)
+        if tree is None:
+            await self._copy_tree(source, tmp)
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded)
+        else:
+            await _TREE_COPIES.run(_instance_from_tree, tree, source, tmp, final, _what(vol))
 
     @staticmethod
     def _drop_hidden_entries(directory: Path) -> None:
@@ -605,7 +652,7 @@ class DirDriver(StorageDriver):
         what = _what(vol)
         if vol.is_snapshot:
             path = self._require(vol)
-            await in_thread(_delete_tree, path, what)
+            await in_thread(self._delete_tree, path, what)
             return
         snapshots = self.snapshots_path(vol)
         trees = [t for t in (snapshots, path) if t is not None and t.is_dir()]
@@ -618,7 +665,7 @@ class DirDriver(StorageDriver):
             for tree in trees:
                 _unmount_all_under(tree, what)
             for tree in trees:
-                _delete_tree(tree, what)
+                self._delete_tree(tree, what)
 
         if lock is None:
             await in_thread(delete)
@@ -671,12 +718,12 @@ class DirDriver(StorageDriver):
         await in_thread(final.parent.mkdir, 0o700, False, True)
         tmp = _unique(final.parent, "tmp", snap.snapshot_name)
         try:
-            await self._copy_tree(source, tmp)
+            await self._clone(source, tmp, readonly=True)
             await in_thread(_move_into_place, tmp, final, _what(snap))
         except BaseException:
 
             def undo() -> None:
-                _remove_tree(tmp)
+                self._remove(tmp)
                 if made_parent:
                     with contextlib.suppress(OSError):
                         final.parent.rmdir()
@@ -690,14 +737,15 @@ class DirDriver(StorageDriver):
         tmp = _unique(current.parent, "tmp", vol.name)
         try:
             await in_thread(_unmount_all_under, current, _what(vol))
-            await self._copy_tree(snap, tmp)
+            await self._clone(snap, tmp, readonly=False)
+            await self._carry_limits(current, tmp)
             # One atomic swap: the volume is either wholly old or wholly restored.
             await in_thread(_renameat2, tmp, current, _RENAME_EXCHANGE)
         except BaseException:
-            await asyncio.shield(in_thread(_remove_tree, tmp))
+            await asyncio.shield(in_thread(self._remove, tmp))
             raise
         # `tmp` now holds the state from before the restore.
-        await in_thread(_remove_tree, tmp)
+        await in_thread(self._remove, tmp)
 
     async def list_snapshots(self, vol: Volume) -> list[str]:
         self._require(vol)
