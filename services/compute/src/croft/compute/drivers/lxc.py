@@ -535,12 +535,20 @@ class LXCExecProcess(ExecProcess):
         return 128 - code if code < 0 else code
 
     def _command_pid(self) -> int | None:
+        """The command: lxc-attach's child in the container's pid namespace. Its other
+        child, the one that entered the namespaces and started the command, may still be
+        listed (a zombie not yet reaped) and must not take the command's signals."""
         try:
             with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
                 children = f.read().split()
+            own_namespace = os.readlink(f"/proc/{self.pid}/ns/pid")
         except OSError:
             return None
-        return int(children[0]) if children else None
+        for child in children:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{child}/ns/pid") != own_namespace:
+                    return int(child)
+        return None
 
     def signal(self, signum: int) -> None:
         target = self._command_pid() or self.pid
