@@ -12,7 +12,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from croft.common.errors import InvalidArgument
+from croft.common.errors import Cancelled, InvalidArgument
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.riders import Rider, from_wire
 from croft.compute.core import ComputeCore
@@ -149,7 +149,12 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
         async def data() -> AsyncIterator[bytes]:
             async for chunk in chunks:
+                if chunk.WhichOneof("part") == "end":
+                    return
                 yield chunk.data
+            # No end: the caller's stream was cancelled (its client went away), which a
+            # server reads as a plain end of stream. The driver then keeps the old file.
+            raise Cancelled("The upload was cut short")
 
         await self.core.push_file(
             project,

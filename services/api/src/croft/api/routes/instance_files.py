@@ -4,7 +4,8 @@ through its member's compute service.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from typing import Any
 
 import grpc
 from fastapi import APIRouter
@@ -89,23 +90,39 @@ async def instance_file_post(request: Request, name: str) -> Response:
         write=write,
     )
     client = await compute_of(record)
-
-    async def chunks() -> AsyncIterator[compute_pb2.FileChunk]:
-        yield compute_pb2.FileChunk(header=header)
+    # Written piece by piece, each once compute took the last (gRPC flow control): a
+    # large upload is not held here. Only a whole body is marked as ended; a client that
+    # goes away half-way cancels the stream, and compute then leaves the file as it was.
+    call = client.stream("PushFile", None, timeout=600)
+    try:
+        await call.write(compute_pb2.FileChunk(header=header))
         buffer = bytearray()
         async for piece in request.stream():
             buffer += piece
             if len(buffer) >= 1 << 20:
-                yield compute_pb2.FileChunk(data=bytes(buffer))
+                await call.write(compute_pb2.FileChunk(data=bytes(buffer)))
                 buffer.clear()
         if buffer:
-            yield compute_pb2.FileChunk(data=bytes(buffer))
-
-    try:
-        await client.stream("PushFile", chunks(), timeout=600)
+            await call.write(compute_pb2.FileChunk(data=bytes(buffer)))
+        await call.write(compute_pb2.FileChunk(end=True))
+        await call.done_writing()
+        await call
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
+    except asyncio.InvalidStateError:
+        # compute ended the call before the body did (it refused the file): its answer.
+        raise from_rpc_error(await _ended(call)) from None
+    finally:
+        call.cancel()  # a no-op once it ended; else compute drops the unfinished file
     return responses.sync({})
+
+
+async def _ended(call: Any) -> grpc.aio.AioRpcError:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc
+    raise InvalidArgument("The upload ended before its body did")
 
 
 @router.delete("/1.0/instances/{name}/files")
