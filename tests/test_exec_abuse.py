@@ -122,13 +122,20 @@ def test_an_exec_longer_than_the_event_lease_ends_with_its_exit_code(
 
     thread = threading.Thread(target=run_with_lxc)
     thread.start()
-    op_id, fds = api.exec(c1, ["sh", "-c", "sleep 45; echo slept; exit 4"])
+    command = ["sh", "-c", "sleep 45; echo slept; exit 4"]
+    events = unix_connect(api.socket, "ws://lxd/1.0/events?type=lifecycle", ping_interval=None)
+    op_id, fds = api.exec(c1, command)
     sockets = {fd: api.websocket(op_id, fds[fd]) for fd in ("0", "1", "2")}
     try:
         assert read_until_end(sockets["1"]) == b"slept\n"
         done = api.wait(op_id)
+        # Its lifecycle event is not lost on the way either.
+        while True:
+            event = json.loads(events.recv(timeout=30))["metadata"]
+            if event["action"] == "instance-exec" and event["context"]["command"] == command:
+                break
     finally:
-        for ws in sockets.values():
+        for ws in [*sockets.values(), events]:
             ws.close()
     thread.join(150)
     assert (done["status"], done["metadata"]["return"]) == ("Success", 4)
