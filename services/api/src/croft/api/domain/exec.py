@@ -121,13 +121,17 @@ async def relay_exec(
     out = session.sockets["0"] if interactive else session.sockets["1"]
     err = session.sockets["0"] if interactive else session.sockets["2"]
     code = -1
-    readers: list[asyncio.Task[None]] = []
-    try:
+
+    async def send_start() -> None:
         await write(compute_pb2.ExecInput(start=start))
-        readers = [
-            asyncio.create_task(guarded(read_stdin)),
-            asyncio.create_task(guarded(read_control)),
-        ]
+
+    # The start goes first (it takes the write lock first), while this reads at once.
+    readers = [
+        asyncio.create_task(guarded(send_start)),
+        asyncio.create_task(guarded(read_stdin)),
+        asyncio.create_task(guarded(read_control)),
+    ]
+    try:
         async for output in call:
             kind = output.WhichOneof("output")
             if kind == "stdout":
