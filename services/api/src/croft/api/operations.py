@@ -67,6 +67,9 @@ FINAL = frozenset({"Success", "Failure", "Cancelled"})
 
 OperationClass = Literal["task", "websocket", "token"]
 
+# How many times the end of an operation is tried before it is left to the reaper.
+_END_ATTEMPTS = 6
+
 
 def operation_key(op_id: str) -> str:
     return f"{OPERATIONS_PREFIX}{op_id}"
@@ -193,7 +196,9 @@ class OperationManager:
                 local.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await local.task
-            await self._finish_quietly(op_id, "Failure", ORPHANED)
+            # Once: stopping does not wait on a store that does not answer (the reaper
+            # of another replica fails what this could not).
+            await self._finish_quietly(op_id, "Failure", ORPHANED, attempts=1)
         for task in [*self._background, *self._expiries]:
             task.cancel()
         for task in [*self._background, *self._expiries]:
@@ -340,12 +345,13 @@ class OperationManager:
         err: str,
         extra: dict[str, Any] | None = None,
         also: Sequence[Operation] = (),
+        attempts: int = _END_ATTEMPTS,
     ) -> None:
         """Record an operation's end, whatever else fails: writes that go with it and fail
         are dropped (`_change`), a store that does not answer is asked again for a while
         (an owner whose lease lapses meanwhile has its operations failed by a reaper)."""
         try:
-            for attempt in range(_END_ATTEMPTS):
+            for attempt in range(attempts):
                 try:
                     await self._end(op_id, _ending(status, err, extra), also)
                     return
@@ -353,7 +359,7 @@ class OperationManager:
                     return  # deleted (reaped and expired): nothing left to end
                 except CroftError as exc:
                     log.warning("could not record the end of operation %s: %s", op_id, exc)
-                    if attempt + 1 < _END_ATTEMPTS:
+                    if attempt + 1 < attempts:
                         await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
             log.error("gave up recording the end of operation %s", op_id)
         finally:
@@ -572,6 +578,7 @@ class OperationManager:
                             async for event in events:
                                 if event.key != key:
                                     continue
+                                since = event.revision
                                 if event.type is EventType.DELETE:
                                     return latest
                                 latest = _loads(event.value)["operation"]
@@ -737,10 +744,6 @@ class OperationManager:
 
 class _Gone(NotFound):
     """The operation record is not in the store (any more)."""
-
-
-# How many times the end of an operation is tried before it is left to the reaper.
-_END_ATTEMPTS = 6
 
 
 def _ending(
