@@ -314,6 +314,19 @@ def test_a_push_cut_short_leaves_the_file_as_it_was(
     assert in_c1(lxc, c1, "stat -c '%a %u' /root/kept") == "640 7\n"
     assert "fresh" not in in_c1(lxc, c1, "ls /root").split()
 
+    # One compute refuses while its body still comes is answered with why.
+    connection = UnixHTTPConnection(api.socket)
+    try:
+        connection.request(
+            "POST", f"/1.0/instances/{c1}/files?path=/root", body=b"y" * (8 * MiB),
+            headers={"X-LXD-type": "file", "Content-Type": "application/octet-stream"},
+        )  # fmt: skip
+        response = connection.getresponse()
+        refused = (response.status, json.loads(response.read())["error"])
+    finally:
+        connection.close()
+    assert refused == (400, '"/root" is a directory in the instance')
+
     # A whole upload over it replaces it, with the mode and owner it was sent with.
     new = tmp_path / "new"
     new.write_bytes(b"new\n")

@@ -4,8 +4,7 @@ through its member's compute service.
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from collections.abc import AsyncIterator
 
 import grpc
 from fastapi import APIRouter
@@ -90,39 +89,28 @@ async def instance_file_post(request: Request, name: str) -> Response:
         write=write,
     )
     client = await compute_of(record)
-    # Written piece by piece, each once compute took the last (gRPC flow control): a
-    # large upload is not held here. Only a whole body is marked as ended; a client that
-    # goes away half-way cancels the stream, and compute then leaves the file as it was.
-    call = client.stream("PushFile", None, timeout=600)
-    try:
-        await call.write(compute_pb2.FileChunk(header=header))
+
+    async def chunks() -> AsyncIterator[compute_pb2.FileChunk]:
+        # gRPC takes the next piece once compute took the last (flow control): a large
+        # upload is not held here. Only a whole body is marked as ended: a client that
+        # goes away half-way raises here, gRPC cancels the stream, and compute leaves
+        # the file as it was.
+        yield compute_pb2.FileChunk(header=header)
         buffer = bytearray()
         async for piece in request.stream():
             buffer += piece
             if len(buffer) >= 1 << 20:
-                await call.write(compute_pb2.FileChunk(data=bytes(buffer)))
+                yield compute_pb2.FileChunk(data=bytes(buffer))
                 buffer.clear()
         if buffer:
-            await call.write(compute_pb2.FileChunk(data=bytes(buffer)))
-        await call.write(compute_pb2.FileChunk(end=True))
-        await call.done_writing()
-        await call
+            yield compute_pb2.FileChunk(data=bytes(buffer))
+        yield compute_pb2.FileChunk(end=True)
+
+    try:
+        await client.stream("PushFile", chunks(), timeout=600)
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
-    except asyncio.InvalidStateError:
-        # compute ended the call before the body did (it refused the file): its answer.
-        raise from_rpc_error(await _ended(call)) from None
-    finally:
-        call.cancel()  # a no-op once it ended; else compute drops the unfinished file
     return responses.sync({})
-
-
-async def _ended(call: Any) -> grpc.aio.AioRpcError:
-    try:
-        await call
-    except grpc.aio.AioRpcError as exc:
-        return exc
-    raise InvalidArgument("The upload ended before its body did")
 
 
 @router.delete("/1.0/instances/{name}/files")
