@@ -332,3 +332,17 @@ def test_a_push_cut_short_leaves_the_file_as_it_was(
     new.write_bytes(b"new\n")
     lxc("file", "push", str(new), f"{c1}/root/kept", "--mode", "0600", "--uid", "5")
     assert in_c1(lxc, c1, "cat /root/kept; stat -c '%a %u' /root/kept") == "new\n600 5\n"
+
+
+def test_a_command_that_exits_while_its_stdin_still_comes_ends_with_its_code(
+    croft_lxc: tuple[Croft, Lxc, str], c1: str
+) -> None:
+    """The client is still writing stdin when the command exits: the write fails, and
+    that is no reason to report the exec failed."""
+    _, lxc, _ = croft_lxc
+    flood = "x" * (20 * MiB)
+    for _ in range(15):  # a race: it does not lose every time
+        taken = lxc("exec", c1, "--", "head", "-c", "1", input=flood, check=False)
+        assert (taken.returncode, taken.stdout, taken.stderr) == (0, "x", "")
+    refused = lxc("exec", c1, "--", "sh", "-c", "exit 5", input=flood, check=False)
+    assert (refused.returncode, refused.stderr) == (5, "")

@@ -139,7 +139,11 @@ async def relay_exec(
             elif kind == "stderr":
                 await err.send_bytes(output.stderr)
             elif kind == "exit_code":
+                # The last message: the command's end is known. The call's own end is not
+                # waited for: stdin still being written when the command exited fails
+                # that write, which gRPC may report as the call's error.
                 code = output.exit_code
+                break
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
     finally:

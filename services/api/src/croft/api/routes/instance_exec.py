@@ -114,6 +114,7 @@ async def _exec_detached(
                     stderr += output.stderr
                 elif kind == "exit_code":
                     code = output.exit_code
+                    break  # the last message (see relay_exec)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         result: dict[str, Any] = {"return": code}
