@@ -4,8 +4,11 @@ short. Real `lxc`, raw websockets and raw HTTP over croft's unix socket, a real 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import os
+import signal
 import socket
 import threading
 import time
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, unix_connect
 
 from .conftest import Croft, Lxc
@@ -235,6 +239,59 @@ def test_output_nobody_reads_holds_the_command_not_compute_memory(
     assert received == size
     assert errors == [b""]
     assert (done["status"], done["metadata"]["return"]) == ("Success", 0)
+
+
+def test_stdin_a_command_does_not_read_holds_the_client_not_croft_memory(
+    croft_lxc: tuple[Croft, Lxc, str], api: Api, c1: str
+) -> None:
+    """The other way: a client pours 400 MiB into the stdin of a command that never
+    reads it. The pipes fill (lxc-attach's take about 100 MiB, in the kernel), then
+    compute stops taking input, then the api, then the client's sends block; neither
+    service holds what it could not pass on."""
+    croft, _, _ = croft_lxc
+    compute, api_pid = service_pid(croft, "compute"), service_pid(croft, "api")
+    before = {compute: rss_kib(compute), api_pid: rss_kib(api_pid)}
+    script = 'trap "exit 7" USR1; echo ready; while :; do sleep 0.1; done # stdin-hog'
+    op_id, fds = api.exec(c1, ["sh", "-c", script])
+    sockets = {fd: api.websocket(op_id, fds[fd], ping_interval=None) for fd in ("0", "1", "2")}
+    sent = [0]
+    total = 400 * MiB
+
+    def pour() -> None:
+        piece = b"z" * MiB
+        with contextlib.suppress(ConnectionClosed):  # when the command ends
+            while sent[0] < total:
+                sockets["0"].send(piece)
+                sent[0] += len(piece)
+
+    try:
+        assert sockets["1"].recv(timeout=60) == b"ready\n"
+        threading.Thread(target=pour, daemon=True).start()
+        progress = -1
+        while progress != sent[0]:  # until the client's sends stop going through
+            progress = sent[0]
+            time.sleep(2)
+        peaks = dict(before)
+        for _ in range(10):
+            time.sleep(0.5)
+            for pid in peaks:
+                peaks[pid] = max(peaks[pid], rss_kib(pid))
+        grown = {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
+        assert grown[compute] < 32, f"compute grew {grown[compute]} MiB"
+        assert grown[api_pid] < 32, f"the api grew {grown[api_pid]} MiB"
+        assert sent[0] < total, "all of it went somewhere"
+    finally:
+        # From the host: a signal through the exec's control would queue behind the
+        # stdin nobody takes (one gRPC stream carries both).
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if argv[0] == b"sh" and b"stdin-hog" in argv[-2]:  # not lxc-attach
+                    os.kill(int(entry.name), signal.SIGUSR1)
+        done = api.wait(op_id)
+        for ws in sockets.values():
+            ws.close()
+    assert (done["status"], done["metadata"]["return"]) == ("Success", 7)
 
 
 def test_a_bad_control_message_does_not_stop_the_signals_after_it(api: Api, c1: str) -> None:
