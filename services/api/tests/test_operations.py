@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +24,7 @@ from croft.api.operations import ORPHANED, OperationContext, operation_key
 from croft.common.errors import InvalidArgument, PermissionDenied
 from croft.common.records import modify
 from croft.common.riders import Rider
-from croft.common.store import dump
+from croft.common.store import Put, Update, dump
 
 from .conftest import Replica
 
@@ -365,3 +366,114 @@ def test_websocket_operation_hook(replica: Replica, second_replica: Replica) -> 
 
     replica.run(replica.ctx.operations.finish(op_id))
     assert replica.request("GET", f"/1.0/operations/{op_id}").metadata["status"] == "Success"
+
+
+def test_an_operation_whose_closing_writes_fail_still_ends(replica: Replica) -> None:
+    """Writes that go with an operation's end and cannot be written (an event under a
+    lease gone meanwhile, an update of a record that moved on) are dropped: the end is
+    recorded alone, with its result, and the operation can be waited for."""
+    key = "/croft/records/test-closing/stale"
+    replica.run(replica.ctx.store.put(key, dump({"n": 1})))
+
+    async def create(kind: str) -> str:
+        store = replica.ctx.store
+
+        async def task(operation: OperationContext) -> dict[str, Any]:
+            if kind == "lease":
+                lease = await store.grant_lease(30)
+                operation.final_writes.append(Put("/croft/events/test-gone", b"{}", lease=lease.id))
+                await store.revoke_lease(lease)
+            else:
+                entry = await store.get(key)
+                assert entry is not None
+                operation.final_writes.append(Update(key, b'{"n": 2}', entry.revision))
+                await store.put(key, dump({"n": 3}))  # it moves on before the end
+            return {"return": 7}
+
+        return str((await replica.ctx.operations.create("Testing", run=task))["id"])
+
+    for kind in ("lease", "revision"):
+        op_id = replica.run(create(kind))
+        done = replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30").metadata
+        assert (done["status"], done["metadata"]) == ("Success", {"return": 7}), kind
+    assert replica.run(replica.ctx.store.get_json(key))[0] == {"n": 3}  # type: ignore[index]
+
+
+def compact_store(replica: Replica) -> int:
+    """Compact the store's history up to now (as etcd's auto-compaction does)."""
+
+    async def now() -> int:
+        for _ in range(2):  # history up to the revision compacted at is gone, not that one
+            await replica.ctx.store.put("/croft/records/test-compact/tick", b"{}")
+        return await replica.ctx.store.revision()
+
+    revision = replica.run(now())
+    endpoints = ",".join(replica.endpoints)
+    subprocess.run(
+        ["etcdctl", f"--endpoints={endpoints}", "compact", str(revision)],
+        check=True,
+        capture_output=True,
+        env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
+        timeout=30,
+    )
+    return revision
+
+
+def test_wait_on_an_operation_older_than_the_store_history_still_waits(
+    replica: Replica, second_replica: Replica
+) -> None:
+    """Its record was last written before the history etcd still keeps: `/wait` reads
+    it anew and follows it from now (pylxd's `operation.wait()` uses it)."""
+    op_id, event = held_operation(replica)
+    compact_store(replica)
+    for where in (replica, second_replica):
+        early = where.request("GET", f"/1.0/operations/{op_id}/wait?timeout=0.5")
+        assert early.status == 200, early
+        assert early.metadata["status"] == "Running"
+
+    result: dict[str, Any] = {}
+
+    def wait_with_lxc() -> None:
+        query = second_replica.lxc("query", f"/1.0/operations/{op_id}/wait")
+        result.update(json.loads(query.stdout))
+
+    waiter = threading.Thread(target=wait_with_lxc)
+    waiter.start()
+    time.sleep(0.5)  # let the waiter get there first; the test holds either way
+    compact_store(replica)  # and again while it waits
+    assert not result, "the wait returned before the operation ended"
+    release(replica, event)
+    waiter.join(60)
+    assert (result["status"], result["metadata"]["answer"]) == ("Success", 42)
+
+
+def test_a_websocket_upgrade_with_a_long_request_line_is_answered(replica: Replica) -> None:
+    """As LXD: a request line of 9 KiB is a request line; the upgrade gets the answer the
+    same request gets without one (an operation that does not exist: 404, in LXD's
+    envelope). A head beyond any limit gets an HTTP error, not silence."""
+    secret = "a" * 9000
+    path = f"/1.0/operations/{'0' * 8}-0000-0000-0000-{'0' * 12}/websocket?secret={secret}"
+    upgrade = (
+        "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    )
+
+    def ask(head: str) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(30)
+            sock.connect(str(replica.socket))
+            sock.sendall(head.encode())
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+            return answer
+
+    plain = replica.request("GET", path)
+    assert (plain.status, plain.error) == (404, "Operation not found")
+    answer = ask(f"GET {path} HTTP/1.1\r\nHost: lxd\r\n{upgrade}\r\n")
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 404 "), answer[:300]
+    assert json.loads(body)["error"] == "Operation not found"
+
+    huge = ask(f"GET /1.0 HTTP/1.1\r\nHost: lxd\r\nX-Big: {'b' * 20000}\r\n{upgrade}\r\n")
+    assert huge.startswith(b"HTTP/1.1 4"), huge[:300]

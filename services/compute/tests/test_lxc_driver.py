@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.errors import Cancelled, Conflict, InvalidArgument, NotFound
 from croft.common.instance_config import CpuLimit
 from croft.compute import limits
 from croft.compute.drivers import InstanceSpec, Status, netns
@@ -284,6 +284,32 @@ async def test_push_and_pull_files_running_and_stopped(driver: LXCDriver, make_r
     )
     assert out.splitlines()[0] == b"7 8 600" and b"dir" not in out
     assert (await driver.pull_file(name, "/root/stopped-blob")).content == second
+
+
+async def test_a_push_whose_data_breaks_off_leaves_the_file_as_it_was(
+    driver: LXCDriver, make_rootfs
+) -> None:
+    """The file appears whole or not at all: data that raises half-way (its sender went
+    away) replaces nothing, creates nothing and leaves no temporary file behind."""
+    name = await launch(driver, make_rootfs)
+    await driver.push_file(name, "/root/kept", b"old\n", uid=3, gid=4, mode=0o640)
+
+    async def broken():  # type: ignore[no-untyped-def]
+        yield b"x" * 2**20
+        raise Cancelled("the sender went away")
+
+    for path in ("/root/kept", "/root/fresh"):
+        with pytest.raises(Cancelled):
+            await driver.push_file(name, path, broken(), mode=0o600)
+    kept = await driver.pull_file(name, "/root/kept")
+    assert (kept.content, kept.uid, kept.gid, kept.mode) == (b"old\n", 3, 4, 0o640)
+    assert sorted(await driver.list_dir(name, "/root")) == ["kept"]
+
+    # A whole one replaces it, with what it was sent with.
+    await driver.push_file(name, "/root/kept", b"new\n", uid=5, gid=6, mode=0o600)
+    kept = await driver.pull_file(name, "/root/kept")
+    assert (kept.content, kept.uid, kept.gid, kept.mode) == (b"new\n", 5, 6, 0o600)
+    assert sorted(await driver.list_dir(name, "/root")) == ["kept"]
 
 
 @pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])

@@ -45,7 +45,16 @@ from croft.common.errors import (
 )
 from croft.common.events import EventPublisher, rfc3339_nano
 from croft.common.events import publisher as default_publisher
-from croft.common.store import Create, EventType, Lease, Operation, Store, Update, dump
+from croft.common.store import (
+    Compacted,
+    Create,
+    EventType,
+    Lease,
+    Operation,
+    Store,
+    Update,
+    dump,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +73,9 @@ STATUS_CODES: dict[str, int] = {
 FINAL = frozenset({"Success", "Failure", "Cancelled"})
 
 OperationClass = Literal["task", "websocket", "token"]
+
+# How many times the end of an operation is tried before it is left to the reaper.
+_END_ATTEMPTS = 6
 
 
 def operation_key(op_id: str) -> str:
@@ -195,7 +207,9 @@ class OperationManager:
                 local.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await local.task
-            await self._finish_quietly(op_id, "Failure", ORPHANED)
+            # Once: stopping does not wait on a store that does not answer (the reaper
+            # of another replica fails what this could not).
+            await self._finish_quietly(op_id, "Failure", ORPHANED, attempts=1)
         for task in [*self._background, *self._expiries]:
             task.cancel()
         for task in [*self._background, *self._expiries]:
@@ -350,11 +364,23 @@ class OperationManager:
         err: str,
         extra: dict[str, Any] | None = None,
         also: Sequence[Operation] = (),
+        attempts: int = _END_ATTEMPTS,
     ) -> None:
+        """Record an operation's end, whatever else fails: writes that go with it and fail
+        are dropped (`_change`), a store that does not answer is asked again for a while
+        (an owner whose lease lapses meanwhile has its operations failed by a reaper)."""
         try:
-            await self._end(op_id, _ending(status, err, extra), also)
-        except CroftError as exc:
-            log.warning("could not record the end of operation %s: %s", op_id, exc)
+            for attempt in range(attempts):
+                try:
+                    await self._end(op_id, _ending(status, err, extra), also)
+                    return
+                except _Gone:
+                    return  # deleted (reaped and expired): nothing left to end
+                except CroftError as exc:
+                    log.warning("could not record the end of operation %s: %s", op_id, exc)
+                    if attempt + 1 < attempts:
+                        await asyncio.sleep(min(0.25 * 2**attempt, 4.0))
+            log.error("gave up recording the end of operation %s", op_id)
         finally:
             self._local.pop(op_id, None)
 
@@ -372,9 +398,20 @@ class OperationManager:
             lease = await self._finished_lease()
         except CroftError:
             lease = None
-        await self._change(
-            op_id, change, expires_in=keep, lease=lease.id if lease else 0, also=also
-        )
+        try:
+            await self._change(
+                op_id, change, expires_in=keep, lease=lease.id if lease else 0, also=also
+            )
+        except _Gone:
+            raise
+        except CroftError as exc:
+            if lease is None:
+                raise
+            # The record is as we left it and the writes riding along were dropped: what
+            # failed is the lease (revoked meanwhile). The end goes without one.
+            log.warning("operation %s ends without its lease: %s", op_id, exc)
+            lease = None
+            await self._change(op_id, change, expires_in=keep)
         if lease is None:
             expiry = asyncio.create_task(self._expire(op_id, keep))
             self._expiries.add(expiry)
@@ -448,6 +485,8 @@ class OperationManager:
         thought us dead). Publishes the new state; returns it, or None if nothing changed."""
         key = operation_key(op_id)
         local = self._local.get(op_id)
+        failed: tuple[int, CroftError] | None = None  # the revision a write failed on, why
+        with_event = True
         for _ in range(50):
             if local is not None and local.last is not None:
                 value, revision = local.last
@@ -455,8 +494,22 @@ class OperationManager:
             else:
                 entry = await self.store.get(key)
                 if entry is None:
-                    raise NotFound("Operation not found")
+                    raise _Gone("Operation not found")
                 value, revision = entry.value, entry.revision
+            if failed is not None and failed[0] == revision:
+                # Nobody wrote the record since the transaction failed: what failed is a
+                # write riding along (an event under a lease that expired, a rider whose
+                # record moved on). The change goes alone: an operation must not stay
+                # Running because something written with its end could not be.
+                if also:
+                    log.warning("operation %s: dropping %d writes that failed with its change: %s",
+                                op_id, len(also), failed[1])  # fmt: skip
+                    also = ()
+                elif with_event:
+                    with_event = False  # the event log refuses it: published after, if it can
+                else:
+                    raise failed[1]
+            failed = None
             record = json.loads(value)
             operation: dict[str, Any] = record["operation"]
             if operation["status"] in FINAL:
@@ -471,19 +524,26 @@ class OperationManager:
             if expires_in is not None and operation["status"] in FINAL:
                 record["expires_at"] = time.time() + expires_in
             assert self.events is not None
-            event = await self.events.operation_event(operation, project=record["project"])
+            events = (
+                [await self.events.operation_event(operation, project=record["project"])]
+                if with_event
+                else []
+            )
             written = dump(record)
             try:
                 # The change and its event in one transaction.
                 new_revision = await self.store.transaction(
-                    [*also, Update(key, written, revision, lease=lease), event]
+                    [*also, Update(key, written, revision, lease=lease), *events]
                 )
-            except Conflict:
+            except (Conflict, NotFound, InvalidArgument) as exc:
+                # Ours may have moved on (read it again), or be gone, or a write riding
+                # along failed: the read at the top tells which.
+                failed = (revision, exc)
                 continue
-            except NotFound:
-                raise NotFound("Operation not found") from None
             if local is not None:
                 local.last = (written, new_revision)
+            if not with_event:
+                await self._publish(operation, record["project"])
             return operation
         raise Conflict(f"operation {op_id} is changing too fast to be updated")
 
@@ -528,15 +588,29 @@ class OperationManager:
         latest: dict[str, Any] = entry.json()["operation"]
         if latest["status"] in FINAL or timeout == 0:
             return latest
+        since = entry.revision
         try:
             async with asyncio.timeout(timeout):
-                async with _closing(self.store.watch(key, start_revision=entry.revision)) as events:
-                    async for event in events:
-                        if event.key != key:
-                            continue
-                        if event.type is EventType.DELETE:
-                            return latest
-                        latest = _loads(event.value)["operation"]
+                while True:
+                    try:
+                        async with _closing(self.store.watch(key, start_revision=since)) as events:
+                            async for event in events:
+                                if event.key != key:
+                                    continue
+                                since = event.revision
+                                if event.type is EventType.DELETE:
+                                    return latest
+                                latest = _loads(event.value)["operation"]
+                                if latest["status"] in FINAL:
+                                    return latest
+                    except Compacted:
+                        # The record was last written before the oldest change the store
+                        # still keeps: its state now, then what changes from now on.
+                        since = await self.store.revision()
+                        entry = await self.store.get(key)
+                        if entry is None:
+                            return latest  # ended and gone meanwhile
+                        latest = entry.json()["operation"]
                         if latest["status"] in FINAL:
                             return latest
         except TimeoutError:
@@ -685,6 +759,10 @@ class OperationManager:
             except CroftError as exc:
                 log.warning("operation reaper pass failed: %s", exc)
             await asyncio.sleep(interval)
+
+
+class _Gone(NotFound):
+    """The operation record is not in the store (any more)."""
 
 
 def _ending(

@@ -14,7 +14,8 @@ frames from the protocol, as before).
 from __future__ import annotations
 
 import struct
-from typing import Protocol
+from collections.abc import Generator
+from typing import Any, Protocol
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.http11 import Request
@@ -36,8 +37,45 @@ def text_frame(payload: bytes) -> bytes:
     return struct.pack("!BBQ", 0x81, 127, size) + payload
 
 
+# The longest request line a websocket upgrade may have: what the HTTP parser in front
+# accepts for any request (Go's net/http, LXD's, reads 1 MiB of head). websockets alone
+# stops at 8 KiB, and uvicorn never sends the answer it prepares for a longer one.
+REQUEST_LINE_LIMIT = 1 << 20
+
+
 class FramedWebSocketProtocol(WebSocketsSansIOProtocol):
-    """uvicorn's websocket protocol, offering `write_text_frame` to the app."""
+    """uvicorn's websocket protocol, offering `write_text_frame` to the app, taking the
+    request lines plain HTTP takes, and answering a handshake it cannot parse."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        reader = self.conn.reader
+        read_line = reader.read_line
+        lines = 0
+
+        def read_longer_first_line(
+            limit: int, too_long: type[Exception]
+        ) -> Generator[None, None, bytearray]:
+            nonlocal lines
+            lines += 1
+            return read_line(max(limit, REQUEST_LINE_LIMIT) if lines == 1 else limit, too_long)
+
+        # A bound method replaced by a plain function of the same call: mypy sees a method.
+        reader.read_line = read_longer_first_line  # type: ignore[method-assign,assignment]
+        # The handshake parser took the reader's method when the connection was made;
+        # it has read nothing yet: start it again with the new one.
+        self.conn.parser = self.conn.parse()
+        next(self.conn.parser)
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.handshake_initiated or self.conn.handshake_exc is None:
+            return
+        # A request websockets refused (a header line over its limit, say): it prepared
+        # an HTTP answer (or only an end of stream) that uvicorn leaves unsent.
+        if not self.transport.is_closing():
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
 
     def handle_connect(self, event: Request) -> None:
         super().handle_connect(event)

@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import errno
 import json
+import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
-from croft.common.errors import InvalidArgument
+from croft.common.errors import Cancelled, InvalidArgument
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.riders import Rider, from_wire
 from croft.compute.core import ComputeCore
@@ -21,7 +22,13 @@ from croft.compute.drivers import ExecProcess
 from croft.compute.publish import properties_of
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
+log = logging.getLogger(__name__)
+
 CHUNK = 1 << 20
+# A command's output is read this much at a time, and at most OUTPUT_BACKLOG reads wait
+# for the caller to take them: what an exec can hold here whatever the caller's pace.
+READ_SIZE = 65536
+OUTPUT_BACKLOG = 8
 # After the command exits, how long output still held open by its children is relayed.
 DRAIN_SECONDS = 1.0
 
@@ -162,7 +169,12 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
         async def data() -> AsyncIterator[bytes]:
             async for chunk in chunks:
+                if chunk.WhichOneof("part") == "end":
+                    return
                 yield chunk.data
+            # No end: the caller's stream was cancelled (its client went away), which a
+            # server reads as a plain end of stream. The driver then keeps the old file.
+            raise Cancelled("The upload was cut short")
 
         await self.core.push_file(
             project,
@@ -255,17 +267,35 @@ async def _pump(
 ) -> AsyncIterator[compute_pb2.ExecOutput]:
     """Relay a running command's output as ExecOutputs and the caller's input to it; the
     exit code comes last. At the end of the caller's input, the command gets EOF, or with
-    `detach_at_eof` (a console) is ended."""
+    `detach_at_eof` (a console) is ended.
+
+    Output is read only as fast as the caller takes it: at most `OUTPUT_BACKLOG` reads
+    wait here, then the command's pipes are left unread (the command blocks writing, as
+    under LXD) until the caller catches up. The gRPC stream's own flow control holds a
+    yield here while the caller is behind."""
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[compute_pb2.ExecOutput | None] = asyncio.Queue()
-    readers: list[int] = []
+    watched: dict[int, Callable[[], None]] = {}  # open output fds and their callbacks
+    paused = False
+
+    def pause() -> None:
+        nonlocal paused
+        paused = True
+        for fd in watched:
+            loop.remove_reader(fd)
+
+    def resume() -> None:
+        nonlocal paused
+        paused = False
+        for fd, readable in watched.items():
+            loop.add_reader(fd, readable)
 
     def watch(fd: int, field: str) -> None:
         os.set_blocking(fd, False)
 
         def readable() -> None:
             try:
-                data = os.read(fd, 65536)
+                data = os.read(fd, READ_SIZE)
             except BlockingIOError:
                 return
             except OSError as exc:  # EIO: the pty's other side is gone
@@ -275,12 +305,14 @@ async def _pump(
             if data:
                 # `field` is "stdout" or "stderr", both bytes fields of ExecOutput.
                 queue.put_nowait(compute_pb2.ExecOutput(**{field: data}))  # type: ignore[arg-type]
+                if queue.qsize() >= OUTPUT_BACKLOG and not paused:
+                    pause()
             else:
                 loop.remove_reader(fd)
-                readers.remove(fd)
+                del watched[fd]
                 queue.put_nowait(None)
 
-        readers.append(fd)
+        watched[fd] = readable
         loop.add_reader(fd, readable)
 
     if process.pty is not None:
@@ -289,26 +321,39 @@ async def _pump(
         assert process.stdout is not None and process.stderr is not None
         watch(process.stdout, "stdout")
         watch(process.stderr, "stderr")
-    open_streams = len(readers)
+    open_streams = len(watched)
     stdin_fd = process.pty if process.pty is not None else process.stdin
+
+    def taken() -> None:
+        if paused and queue.qsize() < OUTPUT_BACKLOG:
+            resume()
 
     async def feed() -> None:
         async for message in inputs:
-            kind = message.WhichOneof("input")
-            if kind == "stdin" and stdin_fd is not None:
-                await _write_all(stdin_fd, message.stdin)
-            elif kind == "stdin_closed":
-                if detach_at_eof:
-                    process.signal(signal.SIGKILL)
-                elif process.pty is not None:
-                    await _write_all(process.pty, b"\x04")
-                elif process.stdin is not None:
-                    os.close(process.stdin)
-                    process.stdin = None
-            elif kind == "resize":
-                process.resize(message.resize.width, message.resize.height)
-            elif kind == "signal":
-                process.signal(message.signal)
+            try:
+                await apply(message)
+            except Exception as exc:
+                # One bad input (a signal the kernel refuses, an impossible window size)
+                # must not end the handling of the ones after it.
+                log.info("exec of pid %d: ignoring %s: %s", process.pid,
+                         message.WhichOneof("input"), exc)  # fmt: skip
+
+    async def apply(message: compute_pb2.ExecInput) -> None:
+        kind = message.WhichOneof("input")
+        if kind == "stdin" and stdin_fd is not None:
+            await _write_all(stdin_fd, message.stdin)
+        elif kind == "stdin_closed":
+            if detach_at_eof:
+                process.signal(signal.SIGKILL)
+            elif process.pty is not None:
+                await _write_all(process.pty, b"\x04")
+            elif process.stdin is not None:
+                os.close(process.stdin)
+                process.stdin = None
+        elif kind == "resize":
+            process.resize(message.resize.width, message.resize.height)
+        elif kind == "signal":
+            process.signal(message.signal)
 
     feeder = asyncio.create_task(feed())
     waiter = asyncio.create_task(process.wait())
@@ -320,17 +365,23 @@ async def _pump(
                 getter.cancel()
                 break  # exited: drain below
             item = getter.result()
+            taken()
             if item is None:
                 open_streams -= 1
             else:
                 yield item
-        # The command is gone (or closed its output): relay what is left, briefly.
-        deadline = loop.time() + DRAIN_SECONDS
-        while open_streams and loop.time() < deadline:
+        # The command is gone (or closed its output): relay what is left. Output still
+        # held open by its children is waited for `DRAIN_SECONDS` at most; the time the
+        # caller takes to read what is relayed does not count.
+        waited = 0.0
+        while open_streams and waited < DRAIN_SECONDS:
+            began = loop.time()
             try:
-                item = await asyncio.wait_for(queue.get(), deadline - loop.time())
+                item = await asyncio.wait_for(queue.get(), DRAIN_SECONDS - waited)
             except TimeoutError:
                 break
+            waited += loop.time() - began
+            taken()
             if item is None:
                 open_streams -= 1
             else:
@@ -338,7 +389,7 @@ async def _pump(
         code = await waiter
         yield compute_pb2.ExecOutput(exit_code=code)
     finally:
-        for fd in list(readers):
+        for fd in list(watched):
             loop.remove_reader(fd)
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

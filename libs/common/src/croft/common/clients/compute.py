@@ -54,8 +54,12 @@ class ComputeClient(TypedClient):
         return self._unary("GetStates", request, options)
 
     def exec(
-        self, requests: RequestStream[compute_pb2.ExecInput], *, timeout: float | None = None
+        self,
+        requests: RequestStream[compute_pb2.ExecInput] | None,
+        *,
+        timeout: float | None = None,
     ) -> grpc.aio.StreamStreamCall[compute_pb2.ExecInput, compute_pb2.ExecOutput]:
+        """With `requests` None, the caller writes them: `call.write()`, `done_writing()`."""
         return self.rpc.stream("Exec", requests, timeout=timeout)
 
     def pull_file(

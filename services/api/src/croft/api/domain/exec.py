@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import secrets
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -23,6 +24,8 @@ from croft.api.operations import OperationContext
 from croft.common.errors import PermissionDenied, Timeout
 from croft.common.rpc import from_rpc_error
 from croft.v1 import compute_pb2
+
+log = logging.getLogger(__name__)
 
 
 class ExecSession:
@@ -63,16 +66,20 @@ async def relay_exec(
 ) -> int:
     """Relay an exec (or a console: `start.console`) between its websockets and compute's
     Exec stream; returns the exit code. A console also ends when "control" closes: that is
-    how the `lxc` client detaches."""
-    inputs: asyncio.Queue[compute_pb2.ExecInput | None] = asyncio.Queue()
-    inputs.put_nowait(compute_pb2.ExecInput(start=start))
+    how the `lxc` client detaches.
 
-    async def requests() -> AsyncIterator[compute_pb2.ExecInput]:
-        while True:
-            item = await inputs.get()
-            if item is None:
-                return
-            yield item
+    Nothing is queued here, either way: output is read from compute only once the last
+    piece was taken by the client's websocket (which waits while the client is behind),
+    and stdin is read from the client only once compute took the last piece (gRPC flow
+    control), so a client that does not read, or a command that does not, holds back the
+    other side instead of filling this process's or compute's memory."""
+    call = client.exec(None, timeout=None)  # written with call.write() below
+    # One message in flight at a time on a gRPC stream: stdin and control take turns.
+    writing = asyncio.Lock()
+
+    async def write(message: compute_pb2.ExecInput) -> None:
+        async with writing:
+            await call.write(message)
 
     async def read_stdin() -> None:
         ws = session.sockets["0"]
@@ -83,12 +90,12 @@ async def relay_exec(
                     break
                 data = message.get("bytes")
                 if data:
-                    inputs.put_nowait(compute_pb2.ExecInput(stdin=data))
+                    await write(compute_pb2.ExecInput(stdin=data))
                 elif message.get("text") is not None and message["text"] == "":
                     break  # an empty text frame: end of stdin
                 elif message.get("text"):
-                    inputs.put_nowait(compute_pb2.ExecInput(stdin=message["text"].encode()))
-        inputs.put_nowait(compute_pb2.ExecInput(stdin_closed=True))
+                    await write(compute_pb2.ExecInput(stdin=message["text"].encode()))
+        await write(compute_pb2.ExecInput(stdin_closed=True))
 
     async def read_control() -> None:
         await session.control_connected.wait()
@@ -98,29 +105,32 @@ async def relay_exec(
                 message = await ws.receive()
                 if message["type"] == "websocket.disconnect":
                     break
-                raw = message.get("text") or (message.get("bytes") or b"").decode()
-                if not raw:
-                    continue
-                try:
-                    command = json.loads(raw)
-                except ValueError:
-                    continue
-                if command.get("command") == "window-resize":
-                    args = command.get("args") or {}
-                    size = compute_pb2.WindowSize(
-                        width=int(args.get("width", 80)), height=int(args.get("height", 24))
-                    )
-                    inputs.put_nowait(compute_pb2.ExecInput(resize=size))
-                elif command.get("command") == "signal" and not start.console:
-                    inputs.put_nowait(compute_pb2.ExecInput(signal=int(command.get("signal", 15))))
+                raw = message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
+                control = _control_input(raw, console=start.console)
+                if control is not None:
+                    await write(control)
         if start.console:
-            inputs.put_nowait(compute_pb2.ExecInput(stdin_closed=True))
+            await write(compute_pb2.ExecInput(stdin_closed=True))
 
-    readers = [asyncio.create_task(read_stdin()), asyncio.create_task(read_control())]
+    async def guarded(reader: Callable[[], Awaitable[None]]) -> None:
+        # A write after the call ended (the command exited first) is not an error here:
+        # the output loop below reports how the call ended.
+        with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            await reader()
+
     out = session.sockets["0"] if interactive else session.sockets["1"]
     err = session.sockets["0"] if interactive else session.sockets["2"]
     code = -1
-    call = client.exec(requests(), timeout=None)
+
+    async def send_start() -> None:
+        await write(compute_pb2.ExecInput(start=start))
+
+    # The start goes first (it takes the write lock first), while this reads at once.
+    readers = [
+        asyncio.create_task(guarded(send_start)),
+        asyncio.create_task(guarded(read_stdin)),
+        asyncio.create_task(guarded(read_control)),
+    ]
     try:
         async for output in call:
             kind = output.WhichOneof("output")
@@ -129,13 +139,17 @@ async def relay_exec(
             elif kind == "stderr":
                 await err.send_bytes(output.stderr)
             elif kind == "exit_code":
+                # The last message: the command's end is known. The call's own end is not
+                # waited for: stdin still being written when the command exited fails
+                # that write, which gRPC may report as the call's error.
                 code = output.exit_code
+                break
     except grpc.aio.AioRpcError as exc:
         raise from_rpc_error(exc) from None
     finally:
-        inputs.put_nowait(None)
         for task in readers:
             task.cancel()
+        call.cancel()  # a no-op once the call ended; else compute stops the command
         # End of stream, as LXD marks it: an empty text frame, then close.
         for name, ws in list(session.sockets.items()):
             if name == "control" or (not interactive and name == "0"):
@@ -146,6 +160,41 @@ async def relay_exec(
             with contextlib.suppress(Exception):
                 await ws.close()
     return code
+
+
+# Signals as Linux numbers them (1-64); anything else is refused before compute sees it.
+_MAX_SIGNAL = 64
+
+
+def _control_input(raw: str, *, console: bool) -> compute_pb2.ExecInput | None:
+    """The ExecInput for one message of a control websocket, or None for one to ignore.
+    As LXD: a message that is not a command it knows, or whose arguments are bad, is
+    logged and skipped; the session carries on."""
+    if not raw:
+        return None
+    try:
+        command = json.loads(raw)
+        if not isinstance(command, dict):
+            raise ValueError("not a JSON object")
+        if command.get("command") == "window-resize":
+            args = command.get("args") or {}
+            if not isinstance(args, dict):
+                raise ValueError("args is not an object")
+            width, height = int(args.get("width", 80)), int(args.get("height", 24))
+            if not (0 < width < 1 << 16 and 0 < height < 1 << 16):
+                raise ValueError(f"window size {width}x{height} is out of range")
+            return compute_pb2.ExecInput(resize=compute_pb2.WindowSize(width=width, height=height))
+        if command.get("command") == "signal" and not console:
+            number = command.get("signal", 15)
+            if isinstance(number, bool) or not isinstance(number, int | str):
+                raise ValueError(f"signal {number!r} is not a number")
+            signum = int(number)
+            if not 0 < signum <= _MAX_SIGNAL:
+                raise ValueError(f"signal {signum} is out of range")
+            return compute_pb2.ExecInput(signal=signum)
+    except (ValueError, TypeError) as exc:
+        log.info("ignoring a bad exec control message %.200r: %s", raw, exc)
+    return None
 
 
 async def websocket_operation(

@@ -68,15 +68,18 @@ async def instance_exec(request: Request, name: str) -> Response:
     metadata = {"command": req.command, "fds": session.fds, "interactive": req.interactive}
 
     async def relay(op: OperationContext) -> dict[str, Any] | None:
-        # The event goes with the operation's end: one write, and it still comes
-        # before the operation's Success, as LXD's does.
+        code = await relay_exec(session, client, start, req.interactive)
+        # The event goes with the operation's end: one write, and it still comes before
+        # the operation's Success, as LXD's does. Made now, not when the command started:
+        # an event is written under the event log's current lease, which a command that
+        # runs longer than that lease's life would outlive.
         op.final_writes += await ctx.lifecycle_write(
             "instance-exec",
             records.url(KIND, name, project),
             project=project,
             context={"command": req.command},
         )
-        return {"return": await relay_exec(session, client, start, req.interactive)}
+        return {"return": code}
 
     return await websocket_operation(
         request, session, "Executing command", metadata, project, name, relay
@@ -104,12 +107,14 @@ async def _exec_detached(
         try:
             async for output in client.exec(requests()):
                 kind = output.WhichOneof("output")
-                if kind == "stdout":
+                # Output nobody asked to record is not kept.
+                if kind == "stdout" and req.record_output:
                     stdout += output.stdout
-                elif kind == "stderr":
+                elif kind == "stderr" and req.record_output:
                     stderr += output.stderr
                 elif kind == "exit_code":
                     code = output.exit_code
+                    break  # the last message (see relay_exec)
         except grpc.aio.AioRpcError as exc:
             raise from_rpc_error(exc) from None
         result: dict[str, Any] = {"return": code}

@@ -102,6 +102,10 @@ async def instance_file_post(request: Request, name: str) -> Response:
     client = await compute_of(record)
 
     async def chunks() -> AsyncIterator[compute_pb2.FileChunk]:
+        # gRPC takes the next piece once compute took the last (flow control): a large
+        # upload is not held here. Only a whole body is marked as ended: a client that
+        # goes away half-way raises here, gRPC cancels the stream, and compute leaves
+        # the file as it was.
         yield compute_pb2.FileChunk(header=header)
         buffer = bytearray()
         async for piece in request.stream():
@@ -111,6 +115,7 @@ async def instance_file_post(request: Request, name: str) -> Response:
                 buffer.clear()
         if buffer:
             yield compute_pb2.FileChunk(data=bytes(buffer))
+        yield compute_pb2.FileChunk(end=True)
 
     try:
         await client.push_file(chunks(), timeout=600)

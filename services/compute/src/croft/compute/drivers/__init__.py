@@ -308,7 +308,10 @@ class InstanceDriver(ABC):
         """Write a file inside the instance (running or stopped), replacing an existing
         file (a symlink at `path` is replaced, not followed). The parent directory must
         exist (NotFound). Symlinks on the way are resolved inside the instance's root,
-        never outside it. On failure a newly created file is removed."""
+        never outside it. The file appears whole or not at all: `data` goes to a temporary
+        file beside it, renamed over `path` once `data` ended; when writing fails or `data`
+        raises (the sender went away half-way), the temporary file is removed and what was
+        at `path` stays as it was."""
 
     @abstractmethod
     async def pull_file(self, name: str, path: str) -> FileEntry:

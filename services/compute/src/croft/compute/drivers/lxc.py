@@ -30,6 +30,7 @@ import math
 import os
 import posixpath
 import re
+import secrets
 import shutil
 import signal
 import stat
@@ -526,6 +527,19 @@ def _open_parent(root: _Root, path: str) -> tuple[int, str]:
     return fd, base
 
 
+async def _to_the_end(function: Callable[..., None], *args: object) -> None:
+    """`function(*args)` in a thread, run and awaited to its end even if the caller is
+    cancelled before it started (`in_thread` would then drop it): cleanup that must
+    happen. The cancel is raised after."""
+    work = asyncio.ensure_future(in_thread(function, *args))
+    try:
+        await asyncio.shield(work)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await work
+        raise
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -559,12 +573,20 @@ class LXCExecProcess(ExecProcess):
         return 128 - code if code < 0 else code
 
     def _command_pid(self) -> int | None:
+        """The command: lxc-attach's child in the container's pid namespace. Its other
+        child, the one that entered the namespaces and started the command, may still be
+        listed (a zombie not yet reaped) and must not take the command's signals."""
         try:
             with open(f"/proc/{self.pid}/task/{self.pid}/children") as f:
                 children = f.read().split()
+            own_namespace = os.readlink(f"/proc/{self.pid}/ns/pid")
         except OSError:
             return None
-        return int(children[0]) if children else None
+        for child in children:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/{child}/ns/pid") != own_namespace:
+                    return int(child)
+        return None
 
     def signal(self, signum: int) -> None:
         target = self._command_pid() or self.pid
@@ -1190,54 +1212,60 @@ class LXCDriver(InstanceDriver):
         root = await self._root(name)
         try:
             host_uid, host_gid = root.to_host(uid, gid)
+            # A name of its own in the target's directory (a rename never crosses
+            # filesystems), hidden, and unlikely to be anyone else's.
+            base = _split(path)[1]
+            temporary = f".{base[:200]}.croft-{secrets.token_hex(6)}"
 
-            def create() -> tuple[int, bool]:
+            def create() -> tuple[int, int]:
                 parent, base = _open_parent(root, path)
                 try:
-                    created = True
                     with contextlib.suppress(FileNotFoundError):
                         st = os.stat(base, dir_fd=parent, follow_symlinks=False)
                         if stat.S_ISDIR(st.st_mode):
                             raise InvalidArgument(f'"{path}" is a directory in the instance')
-                        if stat.S_ISLNK(st.st_mode):
-                            with root.writer():
-                                os.unlink(base, dir_fd=parent)
-                        else:
-                            created = False
-                    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                     with root.writer():
-                        fd = os.open(base, flags, mode & 0o777, dir_fd=parent)
+                        fd = os.open(temporary, flags, mode & 0o777, dir_fd=parent)
                         try:
                             os.fchown(fd, host_uid, host_gid)
                             os.fchmod(fd, mode)
                         except BaseException:
                             os.close(fd)
+                            with contextlib.suppress(OSError):
+                                os.unlink(temporary, dir_fd=parent)
                             raise
-                    return fd, created
-                finally:
+                    return fd, parent
+                except BaseException:
                     os.close(parent)
+                    raise
 
-            def remove() -> None:
-                parent, base = _open_parent(root, path)
+            def finish(complete: bool) -> None:
                 try:
-                    with root.writer(), contextlib.suppress(OSError):
-                        os.unlink(base, dir_fd=parent)
+                    os.close(fd)
+                    with root.writer():
+                        if complete:
+                            # Over a file or a symlink (replaced, not followed), as LXD does.
+                            os.rename(temporary, base, src_dir_fd=parent, dst_dir_fd=parent)
+                        else:
+                            with contextlib.suppress(OSError):
+                                os.unlink(temporary, dir_fd=parent)
                 finally:
                     os.close(parent)
 
-            fd, created = await in_thread(create)
+            fd, parent = await in_thread(create)
+            complete = False
             try:
                 if isinstance(data, bytes | bytearray | memoryview):
                     await in_thread(_write_all, fd, bytes(data))
                 else:
                     async for chunk in data:
                         await in_thread(_write_all, fd, chunk)
-            except BaseException:
-                if created:
-                    await in_thread(remove)
-                raise
+                complete = True
             finally:
-                os.close(fd)
+                # Even when cancelled (the sender went away): the file is renamed into
+                # place or removed, and the fds closed, before this returns.
+                await _to_the_end(finish, complete)
         finally:
             root.close()
 
