@@ -167,3 +167,22 @@ def test_down_leaves_no_process(croft_dir) -> None:  # type: ignore[no-untyped-d
     croft.run("down")
     assert croft.processes() == []
     assert croft.run("down").stdout.strip() == "croft is not running"
+
+
+def test_a_sigkilled_node_agent_takes_its_services_and_etcd_with_it(croft_dir) -> None:  # type: ignore[no-untyped-def]
+    """A new agent would start second copies of whatever outlived the old one: every
+    child of the agent has the parent-death signal set before it runs."""
+    croft = make_croft(croft_dir)
+    croft.run("up")
+    try:
+        (agent,) = [
+            pid
+            for pid in croft.processes()
+            if b"croft.node" in Path(f"/proc/{pid}/cmdline").read_bytes()
+            and b"croft.client" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ]
+        assert len(croft.processes()) >= 8  # agent, etcd, six services
+        os.kill(agent, signal.SIGKILL)
+        wait_until(lambda: croft.processes() == [], 30, "the agent's children to go")
+    finally:
+        croft.run("down", check=False)

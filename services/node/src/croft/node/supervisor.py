@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import signal
@@ -15,14 +14,13 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # A service must not outlive a node agent that was SIGKILLed: a new agent would start a
-    # second copy. (Containers are not children of services; they are unaffected.)
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+# A service must not outlive a node agent that was SIGKILLed: a new agent would start a
+# second copy. (Containers are not children of services; they are unaffected.) The
+# parent-death signal is set by util-linux's setpriv, which then execs the service: no
+# Python runs between fork and exec. A `preexec_fn` did that, and once in a while the
+# forked child of this multi-threaded process (gRPC's threads) hung in it for good,
+# holding `croft up` until its deadline.
+_DIE_WITH_PARENT = ("setpriv", "--pdeathsig", "TERM", "--")
 
 
 @dataclass
@@ -53,12 +51,12 @@ class Child:
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab", buffering=0) as out:
             self.process = await asyncio.create_subprocess_exec(
+                *_DIE_WITH_PARENT,
                 *self.argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
                 env={**os.environ, **self.env},
-                preexec_fn=_die_with_parent,
             )
         self.started_at = time.time()
         self.state = "starting"
