@@ -16,6 +16,7 @@ APT_PACKAGES=(
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
   curl xz-utils squashfs-tools openssl
   attr                                          # setfattr, getfattr: tests check that xattrs survive
+  util-linux                                    # setpriv: the node agent's children die with it
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
