@@ -87,7 +87,9 @@ async def state_operation(
             return None
         except (Unavailable, Timeout):
             wanted = _WANTED_STATUS.get(change.action)
-            if wanted is None:
+            # No compute registered at all (the call waited for one, and none came): the
+            # change was never sent, so there is no lost reply to look for.
+            if wanted is None or not client.instances():
                 raise
             if await _status_once_back(record, _COMPUTE_RETURN_WAIT) == wanted:
                 return None  # the change went in; only its reply was lost
