@@ -196,9 +196,7 @@ def _initramfs(kernel: Path, busybox: Path, dest: Path) -> None:
             (root / path).write_text(text)
             (root / path).chmod(0o755)
         (root / "etc/hostname").write_text("tiny-vm\n")
-        names = subprocess.run(
-            ["find", "."], cwd=root, capture_output=True, check=True
-        ).stdout
+        names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
         with open(dest, "wb") as out:
             subprocess.run(
                 ["cpio", "--quiet", "-o", "-H", "newc", "-R", "0:0"],

@@ -72,6 +72,11 @@ class InstanceSpec:
     config: dict[str, str] = field(default_factory=dict)
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
     idmap: IdMap | None = None
+    # The root volume's directory (the image's metadata.yaml, templates/, and for a VM
+    # image its boot files), and for a block volume (a VM's) its disk; "" when unknown
+    # (a redefinition keeps the previous ones).
+    volume: str = ""
+    disk: str = ""
 
     @property
     def privileged(self) -> bool:
@@ -349,6 +354,12 @@ class InstanceDriver(ABC):
     def log_path(self, name: str) -> str:
         """The driver's log file for this instance."""
 
+    async def host_services(self) -> None:
+        """Runs for the life of the service: starts and watches the host daemons the
+        driver needs (libvirt's, for the qemu driver). Returns at once when there are
+        none."""
+        return
+
 
 # name -> "module:Class"; a new driver is one more line here.
 DRIVERS: Registry[InstanceDriver] = Registry(
@@ -358,6 +369,7 @@ DRIVERS: Registry[InstanceDriver] = Registry(
     InstanceDriver,  # type: ignore[type-abstract]
     {
         "lxc": "croft.compute.drivers.lxc:LXCDriver",
+        "qemu": "croft.compute.drivers.qemu:QemuDriver",
     },
 )
 
