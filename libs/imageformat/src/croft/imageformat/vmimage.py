@@ -45,6 +45,8 @@ AGENT_PORT = "org.croft.agent.0"
 DISK_MARKER = b"CROFT-TINY-VM-DISK\n"
 DISK_SIZE = 64 * 1024**2
 KERNEL_META_PACKAGE = "linux-image-amd64"
+# Debian's kernel package, downloaded once per host and version.
+KERNEL_CACHE = Path("/var/cache/croft/vm-kernel")
 # Load order (each after what it depends on).
 MODULES = (
     "kernel/drivers/virtio/virtio_ring.ko",
@@ -98,7 +100,10 @@ done
 exec 3<>"$port"
 echo READY >&3
 echo "croft-agent: ready" >/dev/console
-while read -r verb id arg <&3; do
+# A read returns EOF while no host end is connected (between two host connections):
+# wait and read again.
+while true; do
+    if ! read -r verb id arg <&3; then sleep 0.2; continue; fi
     case "$verb" in
     HELLO) echo READY >&3 ;;
     EXEC)
@@ -219,7 +224,7 @@ def build_vm_image(
     their paths and the image's info (type virtual-machine)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cache = Path(kernel_cache) if kernel_cache else out / ".kernel"
+    cache = Path(kernel_cache) if kernel_cache else KERNEL_CACHE
     kernel = fetch_kernel(cache)
     vmlinuz = next((kernel / "boot").glob("vmlinuz-*"))
     meta_out, rootfs_out = out / f"{NAME}.meta.tar.gz", out / f"{NAME}.rootfs.img"

@@ -1,0 +1,180 @@
+"""The qemu driver against real libvirt and real QEMU (TCG here: this host's KVM cannot run
+guests), booting croft's tiny VM image. One VM, booted as few times as the tests need
+(each boot costs seconds of CPU): the tests run in order on one module-wide instance."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from croft.common.errors import Conflict, InvalidArgument
+from croft.compute import virtd
+from croft.compute.drivers import InstanceSpec, Status
+
+libvirt = pytest.importorskip("libvirt")
+qemu = pytest.importorskip("croft.compute.drivers.qemu")
+
+ROOT = Path("/tmp/croft-qemu-test")
+
+
+@dataclass
+class VM:
+    vmpath: str
+    spec: InstanceSpec
+
+    def driver(self) -> qemu.QemuDriver:  # a new one each time: all state is libvirt's
+        return qemu.QemuDriver(vmpath=self.vmpath, log_dir=str(Path(self.vmpath) / "log"))
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@pytest.fixture(scope="module")
+def vm() -> Iterator[VM]:
+    if qemu.QemuDriver.unavailable_reason():
+        pytest.skip(qemu.QemuDriver.unavailable_reason())
+    from croft.imageformat.format import unpack_vm_image
+    from croft.imageformat.vmimage import build_vm_image
+
+    work = ROOT / f"run-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    meta, rootfs, info = build_vm_image(work / "image")
+    assert info.type.value == "virtual-machine"
+    # The volume as storage's dir driver makes it: a sparse raw disk, the image's files.
+    volume = work / "volume"
+    volume.mkdir()
+    disk = volume / "root.img"
+    with open(disk, "wb") as f:
+        f.truncate(1024**3)
+    unpack_vm_image(meta, rootfs, volume, disk)
+    virtd.ensure_running(work / "state", work / "log")
+    spec = InstanceSpec(
+        name="v1",
+        rootfs="",
+        config={"limits.memory": "256MiB", "volatile.uuid": str(uuid.uuid4())},
+        devices={"root": {"type": "disk", "path": "/", "pool": "default"}},
+        volume=str(volume),
+        disk=str(disk),
+    )
+    machine = VM(vmpath=str(work / "vms"), spec=spec)
+    yield machine
+    conn = libvirt.open(qemu.URI)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(machine.driver().prefix):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    finally:
+        conn.close()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+async def agent_answer(vm: VM, command: str) -> tuple[int, bytes, bytes]:
+    """Poll until the guest's agent is up (the start returns before the guest boots)."""
+    driver = vm.driver()
+    for _ in range(240):
+        try:
+            return await driver.agent_exec(vm.name, command, timeout=5)
+        except Conflict:
+            await asyncio.sleep(0.5)
+    raise AssertionError("the VM's agent never answered")
+
+
+async def test_create_defines_a_stopped_domain(vm: VM) -> None:
+    driver = vm.driver()
+    await driver.create(vm.spec)
+    assert await driver.list() == [vm.name]
+    assert await driver.status(vm.name) is Status.STOPPED
+    conn = libvirt.open(qemu.URI)
+    try:
+        dom = conn.lookupByName(driver.domain_name(vm.name))
+        xml = ET.fromstring(dom.XMLDesc(0))
+    finally:
+        conn.close()
+    # KVM only where it can run a guest; TCG here.
+    assert xml.get("type") == ("kvm" if qemu.kvm_usable() else "qemu")
+    assert xml.findtext("memory") == str(256 * 1024)  # KiB
+    assert xml.find("devices/disk/source").get("file") == vm.spec.disk
+    assert xml.findtext("os/kernel", "").endswith("boot/vmlinux")
+    with pytest.raises(Conflict):
+        await driver.create(vm.spec)
+
+
+async def test_a_definition_without_a_kernel_is_refused_and_leaves_nothing(vm: VM) -> None:
+    driver = vm.driver()
+    bad = InstanceSpec(name="nokernel", rootfs="", volume=str(ROOT), disk=vm.spec.disk)
+    with pytest.raises(InvalidArgument, match="no kernel"):
+        await driver.create(bad)
+    assert not await driver.exists("nokernel")
+
+
+async def test_start_boots_the_image_and_its_agent_runs_commands(vm: VM) -> None:
+    driver = vm.driver()
+    await driver.start(vm.name)
+    assert await driver.status(vm.name) is Status.RUNNING
+    assert await agent_answer(vm, "echo $((6*7)); exit 3") == (3, b"42\n", b"")
+    log = (await driver.console_log(vm.name)).decode()
+    assert "croft-tiny-vm: root disk attached" in log  # the block volume is its vda
+    state = await driver.state(vm.name)
+    assert state.status is Status.RUNNING
+    assert Path(f"/proc/{state.pid}/exe").resolve().name.startswith("qemu-system")
+    assert state.cpu_usage_ns > 0
+    assert state.memory_limit == 256 * 1024**2
+    with pytest.raises(Conflict):
+        await driver.start(vm.name)
+
+
+async def test_freeze_pauses_the_guest_and_unfreeze_resumes_it(vm: VM) -> None:
+    driver = vm.driver()
+    await driver.freeze(vm.name)
+    assert await driver.status(vm.name) is Status.FROZEN
+    with pytest.raises(Conflict):
+        await driver.agent_exec(vm.name, "true")
+    await driver.unfreeze(vm.name)
+    assert await driver.status(vm.name) is Status.RUNNING
+    assert (await driver.agent_exec(vm.name, "echo back"))[1] == b"back\n"
+
+
+async def test_a_new_driver_finds_the_running_vm(vm: VM) -> None:
+    # What a restarted compute service sees: libvirt kept the VM running.
+    driver = vm.driver()
+    assert await driver.active() == frozenset({vm.name})
+    assert (await driver.agent_exec(vm.name, "cat /proc/uptime"))[0] == 0
+
+
+async def test_stop_powers_the_guest_off_through_acpi(vm: VM) -> None:
+    driver = vm.driver()
+    await driver.clear_console_log(vm.name)
+    await driver.stop(vm.name, timeout=60)
+    assert await driver.status(vm.name) is Status.STOPPED
+    # The guest's own power-down (its ACPI handler ran), not a kill.
+    assert "reboot: Power down" in (await driver.console_log(vm.name)).decode()
+    with pytest.raises(Conflict):
+        await driver.stop(vm.name)
+
+
+async def test_force_stop_destroys_at_once(vm: VM) -> None:
+    driver = vm.driver()
+    await driver.start(vm.name)
+    await driver.clear_console_log(vm.name)
+    await driver.stop(vm.name, force=True)
+    assert await driver.status(vm.name) is Status.STOPPED
+    assert "Power down" not in (await driver.console_log(vm.name)).decode()
+
+
+async def test_delete_leaves_no_domain_and_no_files(vm: VM) -> None:
+    driver = vm.driver()
+    await driver.delete(vm.name)
+    assert not await driver.exists(vm.name)
+    assert await driver.list() == []
+    assert not driver.instance_dir(vm.name).exists()
+    assert Path(vm.spec.disk).exists()  # the disk is storage's
