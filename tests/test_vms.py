@@ -1,0 +1,138 @@
+"""Virtual machines end to end, through the real `lxc` client: croft's tiny VM image
+imported in LXD's split VM format, launched with `--vm` on croft's bridge, stopped and
+deleted. One VM, booted once (each boot costs seconds of CPU under TCG)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import Croft, Lxc
+
+libvirt = pytest.importorskip("libvirt")
+qemu = pytest.importorskip("croft.compute.drivers.qemu")
+
+
+@pytest.fixture(scope="module")
+def vm_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    from croft.imageformat.vmimage import build_vm_image
+
+    meta, rootfs, _ = build_vm_image(tmp_path_factory.mktemp("vm-image"))
+    return meta, rootfs
+
+
+@pytest.fixture(scope="module")
+def vms(
+    croft_lxc: tuple[Croft, Lxc, str], vm_image: tuple[Path, Path]
+) -> Iterator[tuple[Croft, Lxc, str]]:
+    croft, lxc, bridge = croft_lxc
+    lxc("image", "import", str(vm_image[0]), str(vm_image[1]), "--alias", "tiny-vm")
+    yield croft, lxc, bridge
+    # Whatever a failed test left: this croft's domains (their names carry its state dir).
+    prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
+    conn = libvirt.open(qemu.URI)
+    try:
+        for dom in conn.listAllDomains():
+            if dom.name().startswith(prefix):
+                if dom.isActive():
+                    dom.destroy()
+                dom.undefine()
+    finally:
+        conn.close()
+
+
+def domains(croft: Croft) -> list[str]:
+    prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
+    conn = libvirt.open(qemu.URI)
+    try:
+        return [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]
+    finally:
+        conn.close()
+
+
+def wait_for_agent(lxc: Lxc, name: str, timeout: float = 120) -> str:
+    """`lxc exec` answers once the guest's agent is up (`lxc launch` returns before the
+    guest has booted, as with LXD)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = lxc("exec", name, "--", "sh", "-c", "echo $((6*7))", check=False)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            assert result.returncode == 0, result.stderr
+            return result.stdout
+        time.sleep(0.5)
+
+
+def lease_of(croft: Croft, bridge: str, hwaddr: str, timeout: float = 120) -> str:
+    """The IPv4 address croft's dnsmasq leased to `hwaddr` (the guest asked by DHCP)."""
+    leases = croft.root / "state" / "networks" / bridge / "dnsmasq.leases"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if leases.exists():
+            for line in leases.read_text().splitlines():
+                fields = line.split()
+                if len(fields) >= 3 and fields[1].lower() == hwaddr.lower():
+                    return fields[2]
+        time.sleep(0.5)
+    raise AssertionError(f"no DHCP lease for {hwaddr} in {leases}")
+
+
+def test_a_vm_image_imports_as_a_virtual_machine_image(vms: tuple[Croft, Lxc, str]) -> None:
+    _, lxc, _ = vms
+    [image] = [i for i in lxc.json("image", "list") if i["aliases"]]
+    assert image["type"] == "virtual-machine"
+    assert "VIRTUAL-MACHINE" in lxc("image", "list", "tiny-vm").stdout
+
+
+def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
+    vms: tuple[Croft, Lxc, str],
+) -> None:
+    croft, lxc, bridge = vms
+    lxc("launch", "tiny-vm", "v1", "--vm", "-c", "limits.memory=256MiB", timeout=300)
+    [v1] = lxc.json("list", "v1")
+    assert v1["type"] == "virtual-machine"
+    assert v1["status"] == "Running"
+    assert "VIRTUAL-MACHINE" in lxc("list", "v1", "-c", "nt", "--format", "csv").stdout.upper()
+    assert len(domains(croft)) == 1
+    # The guest booted its kernel, brought its virtio NIC up on the tap in croft's bridge,
+    # and asked croft's dnsmasq for an address.
+    hwaddr = v1["config"]["volatile.eth0.hwaddr"]
+    address = lease_of(croft, bridge, hwaddr)
+    assert address.count(".") == 3
+    tap = v1["state"]["network"]["eth0"]["host_name"]
+    assert (Path("/sys/class/net") / tap / "master").resolve().name == bridge
+    info = lxc("info", "v1").stdout
+    assert "Type: virtual-machine" in info
+    # lxc exec goes through the guest agent on its virtio-serial port.
+    assert wait_for_agent(lxc, "v1") == "42\n"
+    failed = lxc("exec", "v1", "--", "sh", "-c", "echo oops >&2; exit 5", check=False)
+    assert (failed.returncode, failed.stderr) == (5, "oops\n")
+    assert lxc("exec", "v1", "--env", "X=a b", "--", "sh", "-c", 'echo "$X"').stdout == "a b\n"
+    pool = croft.root / "state" / "storage-pools"
+    [volume] = [p for p in pool.glob("*/virtual-machines/*") if not p.name.startswith(".")]
+    assert (volume / "root.img").is_file()
+
+    lxc("stop", "v1", timeout=180)  # ACPI: the guest powers itself off
+    assert lxc.json("list", "v1")[0]["status"] == "Stopped"
+    lxc("start", "v1", timeout=180)
+    lxc("stop", "v1", "--force", timeout=180)
+    assert lxc.json("list", "v1")[0]["status"] == "Stopped"
+
+    lxc("delete", "v1", timeout=180)
+    assert lxc.json("list") == []
+    assert domains(croft) == []
+    assert not (Path("/sys/class/net") / tap).exists()
+    assert not volume.exists()
+
+
+def test_a_container_image_is_refused_as_a_vm(
+    vms: tuple[Croft, Lxc, str], busybox_image: Path
+) -> None:
+    _, lxc, _ = vms
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    result = lxc("launch", "busybox", "c1", "--vm", check=False)
+    assert result.returncode != 0
+    assert "Asked for a VM but image is of type container" in result.stderr
+    assert lxc.json("list") == []
