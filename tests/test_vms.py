@@ -4,6 +4,8 @@ deleted. One VM, booted once (each boot costs seconds of CPU under TCG)."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -110,21 +112,62 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     failed = lxc("exec", "v1", "--", "sh", "-c", "echo oops >&2; exit 5", check=False)
     assert (failed.returncode, failed.stderr) == (5, "oops\n")
     assert lxc("exec", "v1", "--env", "X=a b", "--", "sh", "-c", 'echo "$X"').stdout == "a b\n"
+    # lxc list's address is the one the guest holds (asked of the agent).
+    assert address in lxc("list", "v1", "-c", "4", "--format", "csv").stdout
     pool = croft.root / "state" / "storage-pools"
     [volume] = [p for p in pool.glob("*/virtual-machines/*") if not p.name.startswith(".")]
     assert (volume / "root.img").is_file()
 
+    lxc("pause", "v1")
+    assert lxc.json("list", "v1")[0]["status"] == "Frozen"
+    lxc("start", "v1")
+    assert lxc("exec", "v1", "--", "echo", "back").stdout == "back\n"
+
     lxc("stop", "v1", timeout=180)  # ACPI: the guest powers itself off
     assert lxc.json("list", "v1")[0]["status"] == "Stopped"
-    lxc("start", "v1", timeout=180)
-    lxc("stop", "v1", "--force", timeout=180)
-    assert lxc.json("list", "v1")[0]["status"] == "Stopped"
+    # Limits and a rename while stopped; both hold at the next start.
+    lxc("config", "set", "v1", "limits.memory", "192MiB")
+    lxc("rename", "v1", "v2")
+    lxc("start", "v2", timeout=180)
+    assert wait_for_agent(lxc, "v2") == "42\n"
+    kib = int(lxc("exec", "v2", "--", "sh", "-c", "grep MemTotal /proc/meminfo").stdout.split()[1])
+    assert 128 * 1024 < kib <= 192 * 1024
+    lxc("restart", "v2", timeout=180)
+    assert wait_for_agent(lxc, "v2") == "42\n"
 
-    lxc("delete", "v1", timeout=180)
+    # compute killed: the VM runs on (libvirt owns it), and exec works once it is back.
+    qemu_pid = lxc.json("list", "v2")[0]["state"]["pid"]
+    compute = serving_pid(croft, "compute")
+    os.kill(compute, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while not serving_pid(croft, "compute", other_than=compute):
+        assert time.monotonic() < deadline, "compute was not restarted"
+        time.sleep(0.5)
+    assert Path(f"/proc/{qemu_pid}").exists()
+    assert wait_for_agent(lxc, "v2") == "42\n"
+
+    lxc("stop", "v2", "--force", timeout=180)
+    assert lxc.json("list", "v2")[0]["status"] == "Stopped"
+    assert not Path(f"/proc/{qemu_pid}").exists()
+
+    lxc("delete", "v2", timeout=180)
     assert lxc.json("list") == []
     assert domains(croft) == []
     assert not (Path("/sys/class/net") / tap).exists()
-    assert not volume.exists()
+    assert not [p for p in pool.glob("*/virtual-machines/*") if not p.name.startswith(".")]
+
+
+def serving_pid(croft: Croft, service: str, other_than: int = 0) -> int:
+    for row in croft.status():
+        pid = int(row.get("pid") or 0)
+        if (
+            row["service"] == service
+            and row["health"] == "SERVING"
+            and pid not in (0, other_than)
+            and Path(f"/proc/{pid}").exists()
+        ):
+            return pid
+    return 0
 
 
 def test_a_container_image_is_refused_as_a_vm(

@@ -58,6 +58,7 @@ from croft.compute.drivers import (
     InstanceDriver,
     InstanceSpec,
     InstanceState,
+    NetworkAddress,
     NetworkInterface,
     Status,
 )
@@ -77,6 +78,7 @@ KVM_PROBE_TIMEOUT = 5.0
 STOP_POLL = 0.2
 AGENT_TIMEOUT = 30.0
 EXEC_TIMEOUT = 3600.0
+STATE_TIMEOUT = 2.0
 
 # libvirt domain states -> LXD's statuses.
 _STATUS = {
@@ -546,7 +548,37 @@ class QemuDriver(InstanceDriver):
         return await in_thread(running)
 
     async def state(self, name: str) -> InstanceState:
-        return await in_thread(self._state, name)
+        state = await in_thread(self._state, name)
+        if state.status is Status.RUNNING:
+            await self._guest_addresses(name, state)
+        return state
+
+    async def _guest_addresses(self, name: str, state: InstanceState) -> None:
+        """The NICs' addresses, as the guest sees them, from its agent (none while the
+        agent is busy or not up: LXD shows none without its agent either)."""
+        lock = self._agent_locks.get(name)
+        if lock is not None and lock.locked():
+            return
+        try:
+            rc, out, _ = await self.agent_exec(name, "ip -o addr show", timeout=STATE_TIMEOUT)
+        except Conflict:
+            return
+        if rc != 0:
+            return
+        for line in out.decode(errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[2] not in ("inet", "inet6"):
+                continue
+            nic = state.network.get(fields[1])
+            if nic is None:
+                continue
+            address, _, prefix = fields[3].partition("/")
+            scope = fields[fields.index("scope") + 1] if "scope" in fields[:-1] else "global"
+            nic.addresses.append(
+                NetworkAddress(
+                    family=fields[2], address=address, netmask=prefix or "32", scope=scope
+                )
+            )
 
     def _state(self, name: str) -> InstanceState:
         dom = self._lookup(name)
