@@ -5,6 +5,7 @@ guests), booting croft's tiny VM image. One VM, booted as few times as the tests
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
 import uuid
 import xml.etree.ElementTree as ET
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from croft.common.errors import Conflict, InvalidArgument
+from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.compute import virtd
 from croft.compute.drivers import InstanceSpec, Status
 
@@ -131,6 +132,33 @@ async def test_start_boots_the_image_and_its_agent_runs_commands(vm: VM) -> None
     assert state.memory_limit == 256 * 1024**2
     with pytest.raises(Conflict):
         await driver.start(vm.name)
+
+
+async def test_files_go_in_and_out_through_the_agent(vm: VM) -> None:
+    driver = vm.driver()
+    data = os.urandom(1024**2) + b"\n\0end"
+    await driver.push_file(vm.name, "/tmp/blob", data, uid=12, gid=34, mode=0o640)
+    entry = await driver.pull_file(vm.name, "/tmp/blob")
+    assert (entry.type, entry.uid, entry.gid, entry.mode) == ("file", 12, 34, 0o640)
+    assert entry.content == data
+    assert (await driver.agent_exec(vm.name, "stat -c '%u %g %a' /tmp/blob"))[1] == b"12 34 640\n"
+
+    await driver.mkdir(vm.name, "/tmp/d", uid=5, gid=6, mode=0o700)
+    with pytest.raises(Conflict):
+        await driver.mkdir(vm.name, "/tmp/d")
+    await driver.push_file(vm.name, "/tmp/d/a b", b"x")
+    assert await driver.list_dir(vm.name, "/tmp/d") == ["a b"]
+    listing = await driver.pull_file(vm.name, "/tmp/d")
+    assert (listing.type, listing.uid, listing.mode) == ("directory", 5, 0o700)
+    with pytest.raises(Conflict):
+        await driver.delete_path(vm.name, "/tmp/d")  # not empty
+    await driver.delete_path(vm.name, "/tmp/d", recursive=True)
+    with pytest.raises(NotFound):
+        await driver.pull_file(vm.name, "/tmp/d")
+    with pytest.raises(NotFound):
+        await driver.push_file(vm.name, "/nowhere/f", b"x")
+    # A failed push leaves the agent in step: the next call is answered.
+    assert (await driver.agent_exec(vm.name, "echo ok"))[1] == b"ok\n"
 
 
 async def test_freeze_pauses_the_guest_and_unfreeze_resumes_it(vm: VM) -> None:

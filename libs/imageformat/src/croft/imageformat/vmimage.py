@@ -18,7 +18,10 @@ client and LXD ignore the extra files. The qemu driver boots them when present.
 
 The agent speaks lines: it sends `READY` when it starts and in answer to `HELLO`; `EXEC ID
 B64` runs `sh -c` on the decoded command and answers `OUT ID B64`, `ERR ID B64` and `EXIT
-ID RC`; `POWEROFF` powers the guest off.
+ID RC`; `PUT ID B64PATH MODE UID GID SIZE` + SIZE raw bytes writes a file (`DONE ID` or
+`FAIL ID B64MSG`); `GET ID B64PATH` answers `STAT ID HEXMODE UID GID SIZE` + SIZE raw
+bytes (the file, a directory's names, a symlink's target) or `FAIL`; `POWEROFF` powers
+the guest off.
 """
 
 from __future__ import annotations
@@ -113,6 +116,34 @@ while true; do
         echo "OUT $id $(base64 -w 0 /tmp/out.$id)" >&3
         echo "ERR $id $(base64 -w 0 /tmp/err.$id)" >&3
         echo "EXIT $id $rc" >&3
+        rm -f /tmp/out.$id /tmp/err.$id ;;
+    PUT)
+        # PUT ID B64PATH MODE UID GID SIZE, then SIZE raw bytes: written beside the path
+        # and renamed over it (whole or not at all).
+        set -- $arg
+        p=$(echo "$1" | base64 -d); tmp="$p.croft-agent-$id"
+        head -c "$5" <&3 >/tmp/put.$id  # always read the bytes off the port
+        if { cp /tmp/put.$id "$tmp" && chown "$3:$4" "$tmp" && chmod "$2" "$tmp" \
+            && mv -f "$tmp" "$p"; } 2>/tmp/err.$id; then
+            echo "DONE $id" >&3
+        else
+            rm -f "$tmp"
+            echo "FAIL $id $(base64 -w 0 /tmp/err.$id)" >&3
+        fi
+        rm -f /tmp/put.$id /tmp/err.$id ;;
+    GET)
+        # GET ID B64PATH: STAT ID HEXMODE UID GID SIZE, then SIZE raw bytes (a file's
+        # content, a directory's names one a line, a symlink's target); or FAIL ID.
+        p=$(echo "$arg" | base64 -d)
+        if ! st=$(stat -c '%f %u %g' "$p" 2>/tmp/err.$id); then
+            echo "FAIL $id $(base64 -w 0 /tmp/err.$id)" >&3
+        else
+            if [ -L "$p" ]; then readlink "$p" | tr -d '\n' >/tmp/out.$id
+            elif [ -d "$p" ]; then ls -1A "$p" >/tmp/out.$id
+            else cat "$p" >/tmp/out.$id; fi
+            echo "STAT $id $st $(wc -c </tmp/out.$id)" >&3
+            cat /tmp/out.$id >&3
+        fi
         rm -f /tmp/out.$id /tmp/err.$id ;;
     POWEROFF) sync; poweroff -f ;;
     esac

@@ -37,12 +37,13 @@ import logging
 import os
 import shlex
 import shutil
+import stat
 import subprocess
 import tempfile
 import time
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -79,6 +80,10 @@ STOP_POLL = 0.2
 AGENT_TIMEOUT = 30.0
 EXEC_TIMEOUT = 3600.0
 STATE_TIMEOUT = 2.0
+FILE_TIMEOUT = 600.0
+# What every agent call answers while the guest's agent is not up (LXD: "LXD VM agent
+# isn't currently running").
+AGENT_DOWN = "VM agent isn't currently running"
 
 # libvirt domain states -> LXD's statuses.
 _STATUS = {
@@ -658,51 +663,93 @@ class QemuDriver(InstanceDriver):
 
     # -- the agent
 
-    async def agent_exec(
-        self, name: str, command: str, timeout: float = AGENT_TIMEOUT
-    ) -> tuple[int, bytes, bytes]:
-        """Run `sh -c command` in the guest through its agent: (exit code, stdout,
-        stderr). Conflict when the VM does not run or its agent does not answer."""
+    @contextlib.asynccontextmanager
+    async def _agent(
+        self, name: str, timeout: float
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """A connection to the guest's agent, greeted (one at a time per VM: the port has
+        one host end). Conflict when the VM does not run or its agent does not answer."""
         if await self.status(name) is not Status.RUNNING:
             raise Conflict("Instance is not running")
         lock = self._agent_locks.setdefault(name, asyncio.Lock())
         async with lock:
             path = self.instance_dir(name) / "agent.sock"
             try:
-                reader, writer = await asyncio.open_unix_connection(str(path))
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
             except OSError:
-                raise Conflict("VM agent isn't currently running") from None
+                raise Conflict(AGENT_DOWN) from None
             try:
                 async with asyncio.timeout(timeout):
                     writer.write(b"HELLO\n")
                     await writer.drain()
-                    while (await reader.readline()).strip() != b"READY":
-                        pass
-                    request_id = uuid.uuid4().hex[:8]
-                    encoded = base64.b64encode(command.encode()).decode()
-                    writer.write(f"EXEC {request_id} {encoded}\n".encode())
-                    await writer.drain()
-                    out = err = b""
                     while True:
                         line = await reader.readline()
                         if not line:
-                            raise Conflict("VM agent isn't currently running")
-                        parts = line.decode().split()
-                        if len(parts) < 2 or parts[1] != request_id:
-                            continue
-                        payload = parts[2] if len(parts) > 2 else ""
-                        if parts[0] == "OUT":
-                            out = base64.b64decode(payload)
-                        elif parts[0] == "ERR":
-                            err = base64.b64decode(payload)
-                        elif parts[0] == "EXIT":
-                            return int(payload), out, err
+                            raise Conflict(AGENT_DOWN)
+                        if line.strip() == b"READY":
+                            break
+                    yield reader, writer
             except TimeoutError:
-                raise Conflict("VM agent isn't currently running") from None
+                raise Conflict(AGENT_DOWN) from None
+            except (asyncio.IncompleteReadError, ConnectionError):
+                raise Conflict(AGENT_DOWN) from None
             finally:
                 writer.close()
                 with contextlib.suppress(OSError):
                     await writer.wait_closed()
+
+    @staticmethod
+    async def _reply(reader: asyncio.StreamReader, request_id: str) -> builtins.list[str]:
+        """The next line that answers `request_id`, split (verb, id, fields...)."""
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise Conflict(AGENT_DOWN)
+            parts = line.decode(errors="replace").split()
+            if len(parts) >= 2 and parts[1] == request_id:
+                return parts
+
+    async def agent_exec(
+        self, name: str, command: str, timeout: float = AGENT_TIMEOUT
+    ) -> tuple[int, bytes, bytes]:
+        """Run `sh -c command` in the guest through its agent: (exit code, stdout,
+        stderr). Conflict when the VM does not run or its agent does not answer."""
+        async with self._agent(name, timeout) as (reader, writer):
+            request_id = uuid.uuid4().hex[:8]
+            encoded = base64.b64encode(command.encode()).decode()
+            writer.write(f"EXEC {request_id} {encoded}\n".encode())
+            await writer.drain()
+            out = err = b""
+            while True:
+                parts = await self._reply(reader, request_id)
+                payload = parts[2] if len(parts) > 2 else ""
+                if parts[0] == "OUT":
+                    out = base64.b64decode(payload)
+                elif parts[0] == "ERR":
+                    err = base64.b64decode(payload)
+                elif parts[0] == "EXIT":
+                    return int(payload), out, err
+
+    @staticmethod
+    def _failure(path: str, parts: builtins.list[str]) -> Exception:
+        message = base64.b64decode(parts[2]).decode(errors="replace") if len(parts) > 2 else ""
+        if "No such file" in message or "can't stat" in message:
+            return NotFound(f'"{path}" not found in the instance')
+        return InvalidArgument(message.strip() or f"cannot access {path!r} in the instance")
+
+    async def _get(self, name: str, path: str) -> tuple[int, int, int, bytes]:
+        """(st_mode, uid, gid, bytes) of `path` in the guest."""
+        async with self._agent(name, FILE_TIMEOUT) as (reader, writer):
+            request_id = uuid.uuid4().hex[:8]
+            encoded = base64.b64encode(path.encode()).decode()
+            writer.write(f"GET {request_id} {encoded}\n".encode())
+            await writer.drain()
+            parts = await self._reply(reader, request_id)
+            if parts[0] != "STAT" or len(parts) < 6:
+                raise self._failure(path, parts)
+            size = int(parts[5])
+            data = await reader.readexactly(size)
+            return int(parts[2], 16), int(parts[3]), int(parts[4]), data
 
     async def exec(
         self,
@@ -732,7 +779,7 @@ class QemuDriver(InstanceDriver):
         rc, out, err = await self.agent_exec(name, script, timeout=EXEC_TIMEOUT)
         return AgentProcess(rc, out, err)
 
-    # -- files and console: not yet
+    # -- files, through the agent
 
     async def push_file(
         self,
@@ -743,21 +790,72 @@ class QemuDriver(InstanceDriver):
         gid: int = 0,
         mode: int = 0o644,
     ) -> None:
-        raise InvalidArgument("file transfer is not supported on virtual machines yet")
+        if isinstance(data, bytes):
+            content = data
+        else:
+            chunks = [chunk async for chunk in data]
+            content = b"".join(chunks)
+        async with self._agent(name, FILE_TIMEOUT) as (reader, writer):
+            request_id = uuid.uuid4().hex[:8]
+            encoded = base64.b64encode(path.encode()).decode()
+            header = f"PUT {request_id} {encoded} {mode & 0o7777:o} {uid} {gid} {len(content)}"
+            writer.write(header.encode() + b"\n" + content)
+            await writer.drain()
+            parts = await self._reply(reader, request_id)
+            if parts[0] != "DONE":
+                raise self._failure(path, parts)
 
     async def pull_file(self, name: str, path: str) -> FileEntry:
-        raise InvalidArgument("file transfer is not supported on virtual machines yet")
+        st_mode, uid, gid, data = await self._get(name, path)
+        entry = FileEntry(path=path, type="file", uid=uid, gid=gid, mode=stat.S_IMODE(st_mode))
+        if stat.S_ISDIR(st_mode):
+            entry.type = "directory"
+            entry.entries = [n for n in data.decode(errors="replace").splitlines() if n]
+        elif stat.S_ISLNK(st_mode):
+            entry.type = "symlink"
+            entry.target = data.decode(errors="replace")
+        else:
+            entry.content = data
+        return entry
+
+    async def _sh(self, name: str, script: str, path: str) -> None:
+        rc, _out, err = await self.agent_exec(name, script, timeout=FILE_TIMEOUT)
+        if rc == 2:
+            raise NotFound(f'"{path}" not found in the instance')
+        if rc == 17:
+            raise Conflict(f'"{path}" already exists in the instance')
+        if rc == 39:
+            raise Conflict(f'Directory "{path}" is not empty')
+        if rc != 0:
+            raise InvalidArgument(err.decode(errors="replace").strip() or f"exit {rc}")
 
     async def mkdir(
         self, name: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755
     ) -> None:
-        raise InvalidArgument("file transfer is not supported on virtual machines yet")
+        p = shlex.quote(path)
+        await self._sh(
+            name,
+            f'[ -e {p} -o -L {p} ] && exit 17; [ -d "$(dirname {p})" ] || exit 2; '
+            f"mkdir {p} && chown {uid}:{gid} {p} && chmod {mode & 0o7777:o} {p}",
+            path,
+        )
 
     async def delete_path(self, name: str, path: str, recursive: bool = False) -> None:
-        raise InvalidArgument("file transfer is not supported on virtual machines yet")
+        p = shlex.quote(path)
+        remove = (
+            f"rm -rf {p}"
+            if recursive
+            else f"if [ -d {p} ]; then rmdir {p} || exit 39; else rm -f {p}; fi"
+        )
+        await self._sh(name, f"[ -e {p} -o -L {p} ] || exit 2; {remove}", path)
 
     async def list_dir(self, name: str, path: str) -> builtins.list[str]:
-        raise InvalidArgument("file transfer is not supported on virtual machines yet")
+        entry = await self.pull_file(name, path)
+        if entry.type != "directory":
+            raise InvalidArgument(f'"{path}" is not a directory')
+        return entry.entries or []
+
+    # -- console
 
     async def console_log(self, name: str) -> bytes:
         path = self.instance_dir(name) / "console.log"
