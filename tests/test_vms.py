@@ -112,6 +112,16 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     failed = lxc("exec", "v1", "--", "sh", "-c", "echo oops >&2; exit 5", check=False)
     assert (failed.returncode, failed.stderr) == (5, "oops\n")
     assert lxc("exec", "v1", "--env", "X=a b", "--", "sh", "-c", 'echo "$X"').stdout == "a b\n"
+    # lxc file through the agent: 10 MiB there and back, byte for byte, owner and mode.
+    blob = croft.root / "blob"
+    blob.write_bytes(os.urandom(10 * 1024**2))
+    lxc("file", "push", str(blob), "v1/tmp/blob", "--uid", "7", "--gid", "8", "--mode", "0600")
+    assert lxc("exec", "v1", "--", "stat", "-c", "%u %g %a %s", "/tmp/blob").stdout == (
+        f"7 8 600 {10 * 1024**2}\n"
+    )
+    back = croft.root / "back"
+    lxc("file", "pull", "v1/tmp/blob", str(back))
+    assert back.read_bytes() == blob.read_bytes()
     # lxc list's address is the one the guest holds (asked of the agent).
     assert address in lxc("list", "v1", "-c", "4", "--format", "csv").stdout
     pool = croft.root / "state" / "storage-pools"
