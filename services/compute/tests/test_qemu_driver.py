@@ -161,6 +161,25 @@ async def test_files_go_in_and_out_through_the_agent(vm: VM) -> None:
     assert (await driver.agent_exec(vm.name, "echo ok"))[1] == b"ok\n"
 
 
+async def test_the_console_is_the_guests_serial_port_both_ways(vm: VM) -> None:
+    driver = vm.driver()
+    console = await driver.console(vm.name)
+    assert console.pty is not None
+    loop = asyncio.get_running_loop()
+    seen = b""
+    try:
+        async with asyncio.timeout(60):
+            # The tiny image runs a shell on ttyS0: what is typed runs, its output returns.
+            await loop.run_in_executor(None, os.write, console.pty, b"echo console-$((6*7))\r")
+            while b"console-42" not in seen:
+                seen += await loop.run_in_executor(None, os.read, console.pty, 4096)
+    finally:
+        console.signal(9)  # detach
+        await console.wait()
+        console.close()
+    assert b"console-42" in await driver.console_log(vm.name)
+
+
 async def test_freeze_pauses_the_guest_and_unfreeze_resumes_it(vm: VM) -> None:
     driver = vm.driver()
     await driver.freeze(vm.name)

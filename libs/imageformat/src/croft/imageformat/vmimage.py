@@ -11,8 +11,8 @@ client and LXD ignore the extra files. The qemu driver boots them when present.
   on), decompressed to its ELF `vmlinux`: QEMU then enters it through PVH and skips the
   7 s the XZ decompressor takes under emulation;
 - the initramfs is the whole system: static busybox, the virtio, ACPI-button and evdev
-  modules, an init that answers the ACPI power button (`lxc stop`), DHCP on eth0, and the
-  agent (`croft-agent`, a shell loop on the virtio-serial port `org.croft.agent.0`);
+  modules, an init that answers the ACPI power button (`lxc stop`), DHCP on eth0, a shell
+  on the serial console (`lxc console`), and the agent (`croft-agent`, a shell loop on the virtio-serial port `org.croft.agent.0`);
 - `rootfs.img` is a small disk whose first bytes are a marker the init checks, so a boot
   proves the root disk is attached.
 
@@ -86,6 +86,8 @@ if [ -b /dev/vda ] && [ "$(head -c 18 /dev/vda)" = "CROFT-TINY-VM-DISK" ]; then
 fi
 [ -e /sys/class/net/eth0 ] && ip link set eth0 up && udhcpc -b -q -S -i eth0 -s /etc/udhcpc.script >/dev/null 2>&1 &
 /bin/croft-agent &
+# A root shell on the serial console (lxc console), again after each exit.
+(while true; do setsid -c sh -i </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done) &
 while true; do sleep 3600; done
 """
 

@@ -31,6 +31,7 @@ import asyncio
 import base64
 import builtins
 import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
@@ -38,9 +39,13 @@ import os
 import shlex
 import shutil
 import stat
+import struct
 import subprocess
+import sys
 import tempfile
+import termios
 import time
+import tty
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import AsyncIterable, AsyncIterator, Callable
@@ -199,6 +204,61 @@ class AgentProcess(ExecProcess):
             with contextlib.suppress(OSError):
                 os.close(fd)
         self._own = []
+
+
+# The console helper: relays its stdin/stdout (a pty) to and from the serial console's
+# unix socket until either end closes.
+_CONSOLE_RELAY = r"""
+import os, selectors, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError:
+    sys.exit(1)
+sel = selectors.DefaultSelector()
+sel.register(0, selectors.EVENT_READ)
+sel.register(s, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj == 0:
+            data = os.read(0, 65536)
+            if not data:
+                sys.exit(0)
+            s.sendall(data)
+        else:
+            data = s.recv(65536)
+            if not data:
+                sys.exit(0)
+            os.write(1, data)
+"""
+
+
+class ConsoleProcess(ExecProcess):
+    """The console helper on its pty; any signal detaches (kills the helper)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, master: int) -> None:
+        self._process = process
+        self.pid = process.pid
+        self.pty = master
+        self.stdin = self.stdout = self.stderr = None
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pty is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def close(self) -> None:
+        if self.pty is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pty)
+            self.pty = None
 
 
 def _domain_prefix(vmpath: str) -> str:
@@ -865,7 +925,23 @@ class QemuDriver(InstanceDriver):
             return b""
 
     async def console(self, name: str, width: int = 80, height: int = 24) -> ExecProcess:
-        raise InvalidArgument("the console of virtual machines is not supported yet")
+        if await self.status(name) is not Status.RUNNING:
+            raise Conflict(f'Instance "{name}" is not running')
+        sock = self.instance_dir(name) / "console.sock"
+        master, slave = os.openpty()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        tty.setraw(slave)  # the guest's own tty does the line discipline
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-c", _CONSOLE_RELAY, str(sock),
+                stdin=slave, stdout=slave, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        return ConsoleProcess(process, master)
 
     async def clear_console_log(self, name: str) -> None:
         path = self.instance_dir(name) / "console.log"
