@@ -133,8 +133,10 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     lxc("start", "v1")
     assert lxc("exec", "v1", "--", "echo", "back").stdout == "back\n"
 
+    write_disk(lxc, "v1", "before")
     lxc("stop", "v1", timeout=180)  # ACPI: the guest powers itself off
     assert lxc.json("list", "v1")[0]["status"] == "Stopped"
+    lxc("snapshot", "v1", "s1")
     # Limits and a rename while stopped; both hold at the next start.
     lxc("config", "set", "v1", "limits.memory", "192MiB")
     lxc("rename", "v1", "v2")
@@ -142,6 +144,8 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     assert wait_for_agent(lxc, "v2") == "42\n"
     kib = int(lxc("exec", "v2", "--", "sh", "-c", "grep MemTotal /proc/meminfo").stdout.split()[1])
     assert 128 * 1024 < kib <= 192 * 1024
+    assert read_disk(lxc, "v2") == "before"
+    write_disk(lxc, "v2", "after!")
     lxc("restart", "v2", timeout=180)
     assert wait_for_agent(lxc, "v2") == "42\n"
 
@@ -159,12 +163,36 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     lxc("stop", "v2", "--force", timeout=180)
     assert lxc.json("list", "v2")[0]["status"] == "Stopped"
     assert not Path(f"/proc/{qemu_pid}").exists()
+    # The snapshot (taken stopped, before the rename) brings the disk back.
+    lxc("restore", "v2", "s1", timeout=180)
+    lxc("start", "v2", timeout=180)
+    wait_for_agent(lxc, "v2")
+    assert read_disk(lxc, "v2") == "before"
+    lxc("stop", "v2", "--force", timeout=180)
 
     lxc("delete", "v2", timeout=180)
     assert lxc.json("list") == []
     assert domains(croft) == []
     assert not (Path("/sys/class/net") / tap).exists()
-    assert not [p for p in pool.glob("*/virtual-machines/*") if not p.name.startswith(".")]
+    for kind in ("virtual-machines", "virtual-machines-snapshots"):
+        assert not [p for p in pool.glob(f"*/{kind}/*") if not p.name.startswith(".")]
+
+
+def write_disk(lxc: Lxc, name: str, text: str) -> None:
+    """Six bytes at 1 MiB into the guest's root disk (the tiny image runs from RAM)."""
+    lxc("exec", name, "--", "sh", "-c",
+        f"printf {text} | dd of=/dev/vda bs=512 seek=2048 conv=notrunc,fsync 2>/dev/null")  # fmt: skip
+
+
+def read_disk(lxc: Lxc, name: str) -> str:
+    return lxc(
+        "exec",
+        name,
+        "--",
+        "sh",
+        "-c",
+        "dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c 6",
+    ).stdout
 
 
 def serving_pid(croft: Croft, service: str, other_than: int = 0) -> int:
