@@ -20,6 +20,7 @@ async def setup(context: ServiceContext) -> None:
     # Every driver that can run here, by the instance type it runs: each record's type
     # picks its driver (Incus's instance/drivers/load.go).
     drivers = load_available(
+        context.config.compute.drivers,
         lxcpath=str(context.config.lxc_dir),
         vmpath=str(context.config.state_dir / "virtual-machines"),
         log_dir=str(context.config.log_dir),

@@ -15,7 +15,6 @@ capabilities on every lookup, which makes each domain definition take 30-50 s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import grp
 import logging
 import os
@@ -95,8 +94,11 @@ def ensure_running(state_dir: Path, log_dir: Path) -> list[str]:
         pidfile = state_dir / f"{daemon.name}.pid"
         with open(log_dir / f"{daemon.name}.log", "ab") as out:
             # `-d` daemonizes: the daemon leaves this process's session and outlives it.
+            # It is the host's, not this croft's: none of croft's environment goes with it.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CROFT_")}
             result = subprocess.run(
                 [binary, "-d", "-p", str(pidfile)],
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=out,
@@ -126,11 +128,3 @@ async def supervise(state_dir: Path, log_dir: Path, interval: float = CHECK_INTE
         except Exception as exc:  # noqa: BLE001 (tried again at the next check)
             log.error("libvirt daemons: %s", exc)
         await asyncio.sleep(interval)
-
-
-def stop_started(state_dir: Path) -> None:
-    """Stop the daemons whose pidfiles are under `state_dir` (tests' cleanup)."""
-    for daemon in reversed(DAEMONS):
-        pidfile = state_dir / f"{daemon.name}.pid"
-        with contextlib.suppress(OSError, ValueError):
-            os.kill(int(pidfile.read_text().strip()), 15)

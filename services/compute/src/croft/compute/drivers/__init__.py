@@ -20,7 +20,7 @@ import builtins
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
@@ -379,12 +379,15 @@ def driver_class(name: str) -> type[InstanceDriver]:
     return DRIVERS.get(name)
 
 
-def load_available(**settings: object) -> dict[str, InstanceDriver]:
-    """One driver per instance type, for every registered driver that can run on this
-    host, keyed by the instance type it runs. `settings` are passed to each driver's
-    constructor for the keyword arguments it takes (e.g. `lxcpath`)."""
+def load_available(
+    names: Iterable[str] | None = None, **settings: object
+) -> dict[str, InstanceDriver]:
+    """One driver per instance type, for every registered driver (or each of `names`)
+    that can run on this host, keyed by the instance type it runs. `settings` are passed
+    to each driver's constructor for the keyword arguments it takes (e.g. `lxcpath`)."""
     drivers: dict[str, InstanceDriver] = {}
-    for name in DRIVERS.names():
+    wanted = list(names) if names else DRIVERS.names()
+    for name in wanted:
         try:
             cls = DRIVERS.get(name)
         except ImportError as exc:  # its library is not installed here
