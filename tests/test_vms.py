@@ -4,6 +4,7 @@ deleted. One VM, booted once (each boot costs seconds of CPU under TCG)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
@@ -107,6 +108,8 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     assert (Path("/sys/class/net") / tap / "master").resolve().name == bridge
     info = lxc("info", "v1").stdout
     assert "Type: virtual-machine" in info
+    # The serial console's log (LXD refuses --show-log for VMs; croft keeps one).
+    assert "croft-tiny-vm: root disk attached" in lxc("console", "--show-log", "v1").stdout
     # lxc exec goes through the guest agent on its virtio-serial port.
     assert wait_for_agent(lxc, "v1") == "42\n"
     failed = lxc("exec", "v1", "--", "sh", "-c", "echo oops >&2; exit 5", check=False)
@@ -216,4 +219,14 @@ def test_a_container_image_is_refused_as_a_vm(
     result = lxc("launch", "busybox", "c1", "--vm", check=False)
     assert result.returncode != 0
     assert "Asked for a VM but image is of type container" in result.stderr
+    # The client refused that one; the server refuses it too, and a VM image as a
+    # container (LXD's message), making nothing.
+    for image, kind in (("busybox", "virtual-machine"), ("tiny-vm", "container")):
+        body = json.dumps({"name": "x1", "type": kind, "source": {"type": "image", "alias": image}})
+        result = lxc("query", "-X", "POST", "-d", body, "/1.0/instances", check=False)
+        assert result.returncode != 0
+        other = "container" if kind == "virtual-machine" else "virtual-machine"
+        assert f"Requested image's type '{other}' doesn't match instance type '{kind}'" in (
+            result.stderr
+        )
     assert lxc.json("list") == []
