@@ -1368,6 +1368,8 @@ class ComputeCore:
 
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
+            if record.get("type") == "virtual-machine":
+                raise InvalidArgument("Publishing virtual machines is not supported yet")
             pool = InstanceRecord.meta_of(record).pool
             if not pool:
                 raise InvalidArgument(f'Instance "{name}" has no root filesystem to publish')
