@@ -39,7 +39,9 @@ def main() -> int:
     parser.add_argument("--memory", default="256MiB")
     args = parser.parse_args()
     env = {**os.environ, "LXD_DIR": str(Path(args.socket).parent)}
-    aliases = [a["name"] for a in json.loads(lxc(env, "image", "alias", "list", "--format", "json").stdout)]
+    aliases = [
+        a["name"] for a in json.loads(lxc(env, "image", "alias", "list", "--format", "json").stdout)
+    ]
     if args.image not in aliases:
         lxc(env, "image", "import", args.meta, args.rootfs, "--alias", args.image)
     figures: dict[str, object] = {}
@@ -47,7 +49,16 @@ def main() -> int:
     for run in range(args.runs):
         name = f"benchvm{run}"
         started = time.monotonic()
-        result = lxc(env, "launch", args.image, name, "--vm", "-c", f"limits.memory={args.memory}", check=False)
+        result = lxc(
+            env,
+            "launch",
+            args.image,
+            name,
+            "--vm",
+            "-c",
+            f"limits.memory={args.memory}",
+            check=False,
+        )
         if result.returncode != 0:
             print(f"launch refused: {result.stderr.strip()}")
             return 1
@@ -60,14 +71,18 @@ def main() -> int:
                 t = time.monotonic()
                 lxc(env, "exec", name, "--", "true")
                 rtts.append(time.monotonic() - t)
-            figures["exec round trip (lxc exec true), median ms"] = round(statistics.median(rtts) * 1000, 1)
+            figures["exec round trip (lxc exec true), median ms"] = round(
+                statistics.median(rtts) * 1000, 1
+            )
             time.sleep(5)
             pid = json.loads(lxc(env, "query", f"/1.0/instances/{name}/state").stdout)["pid"]
             rss = 0
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
                     rss = int(line.split()[1]) * 1024
-            figures[f"QEMU RSS of an idle VM (limits.memory={args.memory}), MiB"] = round(rss / 2**20, 1)
+            figures[f"QEMU RSS of an idle VM (limits.memory={args.memory}), MiB"] = round(
+                rss / 2**20, 1
+            )
         t = time.monotonic()
         lxc(env, "stop", name)
         stops_clean.append(time.monotonic() - t)

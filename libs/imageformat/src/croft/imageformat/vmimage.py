@@ -17,8 +17,8 @@ client and LXD ignore the extra files. The qemu driver boots them when present.
   proves the root disk is attached.
 
 The agent speaks lines: it sends `READY` when it starts and in answer to `HELLO`; `EXEC ID
-B64` runs `sh -c` on the decoded command and answers `OUT ID B64`, `ERR ID B64` and `EXIT
-ID RC`; `PUT ID B64PATH MODE UID GID SIZE` + SIZE raw bytes writes a file (`DONE ID` or
+COMMAND` (or `EXECB ID B64` for a command with a line break) runs the command in a
+subshell and answers `RESULT ID RC B64STDOUT B64STDERR` (`-` for no output); `PUT ID B64PATH MODE UID GID SIZE` + SIZE raw bytes writes a file (`DONE ID` or
 `FAIL ID B64MSG`); `GET ID B64PATH` answers `STAT ID HEXMODE UID GID SIZE` + SIZE raw
 bytes (the file, a directory's names, a symlink's target) or `FAIL`; `POWEROFF` powers
 the guest off.
@@ -108,17 +108,22 @@ echo "croft-agent: ready" >/dev/console
 # A read returns EOF while no host end is connected (between two host connections):
 # wait and read again.
 while true; do
-    if ! read -r verb id arg <&3; then sleep 0.2; continue; fi
+    # IFS= keeps the line whole: a command is passed as it was sent.
+    if ! IFS= read -r line <&3; then sleep 0.2; continue; fi
+    verb=${line%% *}; rest=${line#* }; id=${rest%% *}; arg=${rest#"$id"}; arg=${arg# }
     case "$verb" in
     HELLO) echo READY >&3 ;;
-    EXEC)
-        cmd=$(echo "$arg" | base64 -d)
-        sh -c "$cmd" </dev/null >/tmp/out.$id 2>/tmp/err.$id
+    EXEC|EXECB)
+        # EXEC ID COMMAND (one line) or EXECB ID B64; a subshell runs it (a fork, no
+        # exec of a new shell: each exec costs under emulation). One answer line:
+        # RESULT ID RC B64STDOUT B64STDERR ("-" for nothing).
+        if [ "$verb" = EXECB ]; then arg=$(echo "$arg" | base64 -d); fi
+        ( exec 3>&-; eval "$arg" ) </dev/null >/tmp/o 2>/tmp/e
         rc=$?
-        echo "OUT $id $(base64 -w 0 /tmp/out.$id)" >&3
-        echo "ERR $id $(base64 -w 0 /tmp/err.$id)" >&3
-        echo "EXIT $id $rc" >&3
-        rm -f /tmp/out.$id /tmp/err.$id ;;
+        o=-; e=-
+        [ -s /tmp/o ] && o=$(base64 -w 0 /tmp/o)
+        [ -s /tmp/e ] && e=$(base64 -w 0 /tmp/e)
+        echo "RESULT $id $rc $o $e" >&3 ;;
     PUT)
         # PUT ID B64PATH MODE UID GID SIZE, then SIZE raw bytes: written beside the path
         # and renamed over it (whole or not at all).

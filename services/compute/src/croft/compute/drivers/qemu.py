@@ -319,7 +319,12 @@ class QemuDriver(InstanceDriver):
         return None
 
     async def host_services(self) -> None:
-        await virtd.supervise(Path(self.vmpath), Path(self.log_dir))
+        # The KVM probe (up to 5 s) now, not in the first launch.
+        probe = asyncio.ensure_future(in_thread(kvm_usable))
+        try:
+            await virtd.supervise(Path(self.vmpath), Path(self.log_dir))
+        finally:
+            probe.cancel()
 
     # -- helpers (blocking ones run in a thread)
 
@@ -772,23 +777,24 @@ class QemuDriver(InstanceDriver):
     async def agent_exec(
         self, name: str, command: str, timeout: float = AGENT_TIMEOUT
     ) -> tuple[int, bytes, bytes]:
-        """Run `sh -c command` in the guest through its agent: (exit code, stdout,
+        """Run a shell command in the guest through its agent: (exit code, stdout,
         stderr). Conflict when the VM does not run or its agent does not answer."""
         async with self._agent(name, timeout) as (reader, writer):
             request_id = uuid.uuid4().hex[:8]
-            encoded = base64.b64encode(command.encode()).decode()
-            writer.write(f"EXEC {request_id} {encoded}\n".encode())
+            if any(c in command for c in "\n\r\0"):
+                encoded = base64.b64encode(command.encode()).decode()
+                writer.write(f"EXECB {request_id} {encoded}\n".encode())
+            else:
+                writer.write(f"EXEC {request_id} {command}\n".encode())
             await writer.drain()
-            out = err = b""
-            while True:
-                parts = await self._reply(reader, request_id)
-                payload = parts[2] if len(parts) > 2 else ""
-                if parts[0] == "OUT":
-                    out = base64.b64decode(payload)
-                elif parts[0] == "ERR":
-                    err = base64.b64decode(payload)
-                elif parts[0] == "EXIT":
-                    return int(payload), out, err
+            parts = await self._reply(reader, request_id)
+            if parts[0] != "RESULT" or len(parts) != 5:
+                raise Internal(f"the VM agent answered {' '.join(parts[:3])!r}")
+
+            def decoded(field: str) -> bytes:
+                return b"" if field == "-" else base64.b64decode(field)
+
+            return int(parts[2]), decoded(parts[3]), decoded(parts[4])
 
     @staticmethod
     def _failure(path: str, parts: builtins.list[str]) -> Exception:
