@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
 from croft.compute import virtd
 from croft.compute.drivers import InstanceSpec, Status
 
@@ -209,9 +209,14 @@ async def test_stop_powers_the_guest_off_through_acpi(vm: VM) -> None:
         await driver.stop(vm.name)
 
 
-async def test_force_stop_destroys_at_once(vm: VM) -> None:
+async def test_a_guest_deaf_to_acpi_stays_up_until_a_forced_stop(vm: VM) -> None:
     driver = vm.driver()
     await driver.start(vm.name)
+    # No more ACPI handler in the guest: the power button does nothing.
+    assert (await agent_answer(vm, "killall acpid"))[0] == 0
+    with pytest.raises(Internal, match="Instance was not shutdown after timeout"):
+        await driver.stop(vm.name, timeout=3)
+    assert await driver.status(vm.name) is Status.RUNNING  # as LXD: left running
     await driver.clear_console_log(vm.name)
     await driver.stop(vm.name, force=True)
     assert await driver.status(vm.name) is Status.STOPPED

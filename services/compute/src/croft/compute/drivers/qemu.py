@@ -20,8 +20,9 @@ process), and a new driver on the same state directory finds its domains again.
 - **Agent and console.** A virtio-serial port `org.croft.agent.0` on a unix socket in the
   instance's directory (see croft.imageformat.vmimage for the line protocol), and the
   serial console on another, logged to `console.log`.
-- **Stop.** ACPI power-down (`virDomainShutdown`), then a hard stop (`destroy`) once
-  `timeout` has passed; `force` destroys at once. Freeze/unfreeze pause and resume the
+- **Stop.** ACPI power-down (`virDomainShutdown`) with LXD's timeout semantics: a guest
+  still running after `timeout` is left running and the stop fails with LXD's "Instance
+  was not shutdown after timeout"; `force` (or a zero timeout) destroys at once. Freeze/unfreeze pause and resume the
   vCPUs.
 """
 
@@ -531,15 +532,18 @@ class QemuDriver(InstanceDriver):
         dom = await in_thread(self._lookup, name)
         if await self.status(name) is Status.STOPPED:
             raise Conflict(f'Instance "{name}" is already stopped')
-        if not force:
+        if not force and timeout != 0:
             with contextlib.suppress(libvirt.libvirtError):  # stopped meanwhile
                 await in_thread(dom.shutdown)  # ACPI power button
-            deadline = time.monotonic() + max(timeout, 0.0)
-            while time.monotonic() < deadline:
+            # LXD's Shutdown(): wait for the guest to power off; a guest that has not
+            # after `timeout` is left running and the stop fails (a negative timeout
+            # waits for ever). Only `force` (or a zero timeout) pulls the plug.
+            deadline = time.monotonic() + timeout if timeout > 0 else None
+            while deadline is None or time.monotonic() < deadline:
                 if await self.status(name) is Status.STOPPED:
                     return
                 await asyncio.sleep(STOP_POLL)
-            log.warning("%s did not power off within %.0f s: stopping it hard", name, timeout)
+            raise Internal("Instance was not shutdown after timeout")
         await in_thread(self._destroy, dom)
 
     @staticmethod
