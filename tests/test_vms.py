@@ -230,3 +230,37 @@ def test_a_container_image_is_refused_as_a_vm(
             result.stderr
         )
     assert lxc.json("list") == []
+
+
+def test_pylxd_creates_starts_execs_into_and_deletes_a_vm(vms: tuple[Croft, Lxc, str]) -> None:
+    pylxd = pytest.importorskip("pylxd")
+    croft, lxc, _ = vms
+    saved = os.environ.get("LXD_DIR")
+    os.environ["LXD_DIR"] = str(lxc.lxd_dir)
+    try:
+        client = pylxd.Client()
+        instance = client.instances.create(
+            {
+                "name": "pv1",
+                "type": "virtual-machine",
+                "config": {"limits.memory": "256MiB"},
+                "source": {"type": "image", "alias": "tiny-vm"},
+            },
+            wait=True,
+        )
+        assert instance.type == "virtual-machine"
+        instance.start(wait=True)
+        wait_for_agent(lxc, "pv1")
+        result = instance.execute(["sh", "-c", "echo $((6*7))"])
+        assert (result.exit_code, result.stdout) == (0, "42\n")
+        instance.files.put("/tmp/f", b"through pylxd", mode="0600")
+        assert instance.files.get("/tmp/f") == b"through pylxd"
+        instance.stop(force=True, wait=True)
+        instance.delete(wait=True)
+        assert not client.instances.exists("pv1")
+        assert domains(croft) == []
+    finally:
+        if saved is None:
+            del os.environ["LXD_DIR"]
+        else:
+            os.environ["LXD_DIR"] = saved

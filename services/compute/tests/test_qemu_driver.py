@@ -110,12 +110,19 @@ async def test_create_defines_a_stopped_domain(vm: VM) -> None:
         await driver.create(vm.spec)
 
 
-async def test_a_definition_without_a_kernel_is_refused_and_leaves_nothing(vm: VM) -> None:
+async def test_a_bad_definition_is_refused_and_leaves_nothing(vm: VM) -> None:
     driver = vm.driver()
-    bad = InstanceSpec(name="nokernel", rootfs="", volume=str(ROOT), disk=vm.spec.disk)
+    bad = InstanceSpec(name="bad", rootfs="", volume=str(ROOT), disk=vm.spec.disk)
     with pytest.raises(InvalidArgument, match="no kernel"):
         await driver.create(bad)
-    assert not await driver.exists("nokernel")
+    huge = InstanceSpec(
+        name="bad", rootfs="", config={"limits.memory": "64TiB"}, volume=vm.spec.volume,
+        disk=vm.spec.disk,
+    )  # fmt: skip
+    with pytest.raises(InvalidArgument, match="more than this host's memory"):
+        await driver.create(huge)
+    assert not await driver.exists("bad")
+    assert not driver.instance_dir("bad").exists()
 
 
 async def test_start_boots_the_image_and_its_agent_runs_commands(vm: VM) -> None:
@@ -229,4 +236,5 @@ async def test_delete_leaves_no_domain_and_no_files(vm: VM) -> None:
     assert not await driver.exists(vm.name)
     assert await driver.list() == []
     assert not driver.instance_dir(vm.name).exists()
+    assert not Path(driver.log_path(vm.name)).exists()
     assert Path(vm.spec.disk).exists()  # the disk is storage's

@@ -69,7 +69,7 @@ from croft.compute.drivers import (
     NetworkInterface,
     Status,
 )
-from croft.compute.limits import parse_limits
+from croft.compute.limits import host_memory_bytes, parse_limits
 
 log = logging.getLogger(__name__)
 
@@ -271,8 +271,13 @@ def _tap_name(domain: str, device: str) -> str:
 
 
 def _memory_bytes(config: dict[str, str]) -> int:
-    limits = parse_limits(config)
-    return limits.memory_bytes or DEFAULT_MEMORY
+    memory = parse_limits(config).memory_bytes or DEFAULT_MEMORY
+    if memory > host_memory_bytes():
+        raise InvalidArgument(
+            f'Invalid value for limits.memory "{config.get("limits.memory", "")}": more '
+            "than this host's memory"
+        )
+    return memory
 
 
 def _vcpus(config: dict[str, str]) -> int:
@@ -589,6 +594,10 @@ class QemuDriver(InstanceDriver):
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
                 raise Internal(f"libvirt: {exc}") from None
         shutil.rmtree(self.instance_dir(name), ignore_errors=True)
+        # libvirt's own log of the domain (QEMU's command line and stderr), rotations too.
+        log_file = Path(self.log_path(name))
+        for old in log_file.parent.glob(log_file.name + "*"):
+            old.unlink(missing_ok=True)
 
     async def list(self) -> builtins.list[str]:
         def names() -> builtins.list[str]:
