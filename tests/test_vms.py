@@ -29,10 +29,11 @@ def vm_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def vms(
-    croft_lxc: tuple[Croft, Lxc, str], vm_image: tuple[Path, Path]
+    croft_lxc: tuple[Croft, Lxc, str], vm_image: tuple[Path, Path], busybox_image: Path
 ) -> Iterator[tuple[Croft, Lxc, str]]:
     croft, lxc, bridge = croft_lxc
     lxc("image", "import", str(vm_image[0]), str(vm_image[1]), "--alias", "tiny-vm")
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
     yield croft, lxc, bridge
     # Whatever a failed test left: this croft's domains (their names carry its state dir).
     prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
@@ -84,8 +85,8 @@ def lease_of(croft: Croft, bridge: str, hwaddr: str, timeout: float = 120) -> st
 
 def test_a_vm_image_imports_as_a_virtual_machine_image(vms: tuple[Croft, Lxc, str]) -> None:
     _, lxc, _ = vms
-    [image] = [i for i in lxc.json("image", "list") if i["aliases"]]
-    assert image["type"] == "virtual-machine"
+    types = {i["aliases"][0]["name"]: i["type"] for i in lxc.json("image", "list")}
+    assert types == {"tiny-vm": "virtual-machine", "busybox": "container"}
     assert "VIRTUAL-MACHINE" in lxc("image", "list", "tiny-vm").stdout
 
 
@@ -93,7 +94,22 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     vms: tuple[Croft, Lxc, str],
 ) -> None:
     croft, lxc, bridge = vms
-    lxc("launch", "tiny-vm", "v1", "--vm", "-c", "limits.memory=256MiB", timeout=300)
+    # One profile for a container and a VM: a memory limit and the NIC; both obey it.
+    lxc("profile", "create", "shared")
+    lxc("profile", "set", "shared", "limits.memory", "200MiB")
+    lxc("profile", "device", "add", "shared", "eth0", "nic", f"network={bridge}", "name=eth0")
+    lxc("launch", "tiny-vm", "v1", "--vm", "-p", "default", "-p", "shared", timeout=300)
+    lxc("launch", "busybox", "c2", "-p", "default", "-p", "shared")
+    c2 = lxc.json("list", "c2")[0]
+    cgroup = next(
+        line.split(":", 2)[2]
+        for line in Path(f"/proc/{c2['state']['pid']}/cgroup").read_text().splitlines()
+        if ":memory:" in line
+    )
+    limit = Path(f"/sys/fs/cgroup/memory{cgroup}/memory.limit_in_bytes").read_text()
+    assert int(limit) == 200 << 20
+    assert c2["state"]["network"]["eth0"]["host_name"]
+    lxc("delete", "--force", "c2")
     [v1] = lxc.json("list", "v1")
     assert v1["type"] == "virtual-machine"
     assert v1["status"] == "Running"
@@ -112,6 +128,8 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     assert "croft-tiny-vm: root disk attached" in lxc("console", "--show-log", "v1").stdout
     # lxc exec goes through the guest agent on its virtio-serial port.
     assert wait_for_agent(lxc, "v1") == "42\n"
+    kib = int(lxc("exec", "v1", "--", "sh", "-c", "grep MemTotal /proc/meminfo").stdout.split()[1])
+    assert 128 * 1024 < kib <= 200 * 1024  # the profile's limit is the guest's RAM
     failed = lxc("exec", "v1", "--", "sh", "-c", "echo oops >&2; exit 5", check=False)
     assert (failed.returncode, failed.stderr) == (5, "oops\n")
     assert lxc("exec", "v1", "--env", "X=a b", "--", "sh", "-c", 'echo "$X"').stdout == "a b\n"
@@ -141,12 +159,12 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     assert lxc.json("list", "v1")[0]["status"] == "Stopped"
     lxc("snapshot", "v1", "s1")
     # Limits and a rename while stopped; both hold at the next start.
-    lxc("config", "set", "v1", "limits.memory", "192MiB")
+    lxc("config", "set", "v1", "limits.memory", "160MiB")
     lxc("rename", "v1", "v2")
     lxc("start", "v2", timeout=180)
     assert wait_for_agent(lxc, "v2") == "42\n"
     kib = int(lxc("exec", "v2", "--", "sh", "-c", "grep MemTotal /proc/meminfo").stdout.split()[1])
-    assert 128 * 1024 < kib <= 192 * 1024
+    assert 100 * 1024 < kib <= 160 * 1024
     assert read_disk(lxc, "v2") == "before"
     write_disk(lxc, "v2", "after!")
     lxc("restart", "v2", timeout=180)
@@ -211,11 +229,8 @@ def serving_pid(croft: Croft, service: str, other_than: int = 0) -> int:
     return 0
 
 
-def test_a_container_image_is_refused_as_a_vm(
-    vms: tuple[Croft, Lxc, str], busybox_image: Path
-) -> None:
+def test_a_container_image_is_refused_as_a_vm(vms: tuple[Croft, Lxc, str]) -> None:
     _, lxc, _ = vms
-    lxc("image", "import", str(busybox_image), "--alias", "busybox")
     result = lxc("launch", "busybox", "c1", "--vm", check=False)
     assert result.returncode != 0
     assert "Asked for a VM but image is of type container" in result.stderr
