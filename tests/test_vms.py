@@ -133,6 +133,8 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
     failed = lxc("exec", "v1", "--", "sh", "-c", "echo oops >&2; exit 5", check=False)
     assert (failed.returncode, failed.stderr) == (5, "oops\n")
     assert lxc("exec", "v1", "--env", "X=a b", "--", "sh", "-c", 'echo "$X"').stdout == "a b\n"
+    fed = lxc("exec", "v1", "--", "sh", "-c", "tr a-z A-Z", input="piped through stdin\n")
+    assert fed.stdout == "PIPED THROUGH STDIN\n"
     # lxc file through the agent: 10 MiB there and back, byte for byte, owner and mode.
     blob = croft.root / "blob"
     blob.write_bytes(os.urandom(10 * 1024**2))
@@ -268,6 +270,8 @@ def test_pylxd_creates_starts_execs_into_and_deletes_a_vm(vms: tuple[Croft, Lxc,
         wait_for_agent(lxc, "pv1")
         result = instance.execute(["sh", "-c", "echo $((6*7))"])
         assert (result.exit_code, result.stdout) == (0, "42\n")
+        piped = instance.execute(["cat"], stdin_payload="fed through stdin\n")
+        assert piped.stdout == "fed through stdin\n"
         instance.files.put("/tmp/f", b"through pylxd", mode="0600")
         assert instance.files.get("/tmp/f") == b"through pylxd"
         instance.stop(force=True, wait=True)

@@ -141,6 +141,35 @@ async def test_start_boots_the_image_and_its_agent_runs_commands(vm: VM) -> None
         await driver.start(vm.name)
 
 
+async def test_exec_feeds_stdin_and_returns_output_and_exit_code(vm: VM) -> None:
+    driver = vm.driver()
+    loop = asyncio.get_running_loop()
+    process = await driver.exec(vm.name, ["sh", "-c", "cat; echo err >&2; exit 4"], cwd="/tmp")
+    try:
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stderr is not None
+        await loop.run_in_executor(None, os.write, process.stdin, b"fed\nthrough stdin\n")
+        os.close(process.stdin)  # EOF
+        process.stdin = None
+        assert await process.wait() == 4
+        out = await loop.run_in_executor(None, os.read, process.stdout, 65536)
+        err = await loop.run_in_executor(None, os.read, process.stderr, 65536)
+        assert (out, err) == (b"fed\nthrough stdin\n", b"err\n")
+    finally:
+        process.close()
+    # A command that never reads its stdin ends without its EOF.
+    process = await driver.exec(vm.name, ["pwd"], cwd="/tmp")
+    try:
+        assert await process.wait() == 0
+        assert await loop.run_in_executor(None, os.read, process.stdout, 100) == b"/tmp\n"
+    finally:
+        process.close()
+    # Given up half-way (the client went away): the agent answers the next call.
+    process = await driver.exec(vm.name, ["sleep", "600"])
+    process.close()
+    assert (await driver.agent_exec(vm.name, "echo ok"))[1] == b"ok\n"
+
+
 async def test_files_go_in_and_out_through_the_agent(vm: VM) -> None:
     driver = vm.driver()
     data = os.urandom(1024**2) + b"\n\0end"

@@ -18,7 +18,9 @@ client and LXD ignore the extra files. The qemu driver boots them when present.
 
 The agent speaks lines: it sends `READY` when it starts and in answer to `HELLO`; `EXEC ID
 COMMAND` (or `EXECB ID B64` for a command with a line break) runs the command in a
-subshell and answers `RESULT ID RC B64STDOUT B64STDERR` (`-` for no output); `PUT ID B64PATH MODE UID GID SIZE` + SIZE raw bytes writes a file (`DONE ID` or
+subshell and answers `RESULT ID RC B64STDOUT B64STDERR` (`-` for no output); `RUN ID
+COMMAND` (`RUNB`) runs one in the background with its stdin fed by `STDIN ID B64` lines
+until `EOF ID`, and answers the same `RESULT`; `PUT ID B64PATH MODE UID GID SIZE` + SIZE raw bytes writes a file (`DONE ID` or
 `FAIL ID B64MSG`); `GET ID B64PATH` answers `STAT ID HEXMODE UID GID SIZE` + SIZE raw
 bytes (the file, a directory's names, a symlink's target) or `FAIL`; `POWEROFF` powers
 the guest off.
@@ -103,6 +105,7 @@ for i in $(seq 1 100); do
 done
 [ -n "$port" ] || { echo "croft-agent: no port" >/dev/console; exit 1; }
 exec 3<>"$port"
+trap '' PIPE  # a command that ended before its stdin did must not end the agent
 echo READY >&3
 echo "croft-agent: ready" >/dev/console
 # A read returns EOF while no host end is connected (between two host connections):
@@ -124,6 +127,23 @@ while true; do
         [ -s /tmp/o ] && o=$(base64 -w 0 /tmp/o)
         [ -s /tmp/e ] && e=$(base64 -w 0 /tmp/e)
         echo "RESULT $id $rc $o $e" >&3 ;;
+    RUN|RUNB)
+        # RUN ID COMMAND (RUNB: base64): the command runs in the background, its stdin a
+        # FIFO that STDIN ID B64 lines feed and EOF ID closes; it answers RESULT as EXEC.
+        if [ "$verb" = RUNB ]; then arg=$(echo "$arg" | base64 -d); fi
+        exec 4>&-
+        rm -f /tmp/i.$id; mkfifo /tmp/i.$id
+        (
+            ( exec 3>&-; eval "$arg" ) </tmp/i.$id >/tmp/o.$id 2>/tmp/e.$id
+            rc=$?; o=-; e=-
+            [ -s /tmp/o.$id ] && o=$(base64 -w 0 /tmp/o.$id)
+            [ -s /tmp/e.$id ] && e=$(base64 -w 0 /tmp/e.$id)
+            echo "RESULT $id $rc $o $e" >&3
+            rm -f /tmp/i.$id /tmp/o.$id /tmp/e.$id
+        ) &
+        exec 4>/tmp/i.$id ;;
+    STDIN) echo "$arg" | base64 -d >&4 ;;
+    EOF) exec 4>&- ;;
     PUT)
         # PUT ID B64PATH MODE UID GID SIZE, then SIZE raw bytes: written beside the path
         # and renamed over it (whole or not at all).

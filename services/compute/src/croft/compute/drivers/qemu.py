@@ -49,7 +49,7 @@ import time
 import tty
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -147,35 +147,54 @@ def kvm_usable() -> bool:
 
 
 class AgentProcess(ExecProcess):
-    """A command the guest agent ran: the tiny agent answers with the whole output once
-    the command ended, which is written to pipes as a local command's would be. What is
-    written to stdin is read and dropped: the command's stdin was /dev/null."""
+    """A command the guest agent runs in the background (`RUN`): what is written to
+    stdin goes to it in `STDIN` lines, its end to stdin in `EOF`; its output arrives
+    whole with its exit code (`RESULT`; the tiny agent does not stream output), and is
+    then written to pipes as a local command's would be. No signals (the agent cannot
+    send them yet)."""
 
-    def __init__(self, rc: int, out: bytes, err: bytes) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request_id: str,
+        release: Callable[[], Awaitable[None]],
+    ) -> None:
         self.pid = 0
         self.pty = None
-        self._rc = rc
+        self._reader, self._writer, self._id = reader, writer, request_id
+        self._release = release
         stdin_r, self.stdin = os.pipe()
-        self.stdout, out_w = os.pipe()
-        self.stderr, err_w = os.pipe()
-        self._own = [stdin_r, self.stdin, self.stdout, self.stderr]
-        os.set_blocking(stdin_r, False)
-        loop = asyncio.get_running_loop()
-        loop.add_reader(stdin_r, self._drain, stdin_r)
+        self.stdout, self._out_w = os.pipe()
+        self.stderr, self._err_w = os.pipe()
         self._stdin_r = stdin_r
-        self._writes = asyncio.gather(
-            in_thread(self._write, out_w, out), in_thread(self._write, err_w, err)
-        )
+        self._eof_sent = False
+        self._finished = False
+        self._cleanup: list[asyncio.Future[None]] = []  # keeps the last step referenced
+        os.set_blocking(stdin_r, False)
+        asyncio.get_running_loop().add_reader(stdin_r, self._forward_stdin)
+        self._task = asyncio.ensure_future(self._run())
 
-    def _drain(self, fd: int) -> None:
+    def _forward_stdin(self) -> None:
         try:
-            data = os.read(fd, 65536)
+            data = os.read(self._stdin_r, 48 * 1024)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data:
-            asyncio.get_running_loop().remove_reader(fd)
+        if data:
+            encoded = base64.b64encode(data)
+            self._writer.write(b"STDIN " + self._id.encode() + b" " + encoded + b"\n")
+            return
+        self._stop_stdin()
+
+    def _stop_stdin(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            asyncio.get_running_loop().remove_reader(self._stdin_r)
+        if not self._eof_sent:
+            self._eof_sent = True
+            with contextlib.suppress(RuntimeError, OSError):
+                self._writer.write(f"EOF {self._id}\n".encode())
 
     @staticmethod
     def _write(fd: int, data: bytes) -> None:
@@ -188,23 +207,62 @@ class AgentProcess(ExecProcess):
         finally:
             os.close(fd)
 
+    async def _run(self) -> int:
+        out = err = b""
+        try:
+            while True:
+                line = await self._reader.readline()
+                if not line:
+                    raise Conflict(AGENT_DOWN)
+                parts = line.decode(errors="replace").split()
+                if len(parts) == 5 and parts[0] == "RESULT" and parts[1] == self._id:
+                    break
+            rc = int(parts[2])
+            out = b"" if parts[3] == "-" else base64.b64decode(parts[3])
+            err = b"" if parts[4] == "-" else base64.b64decode(parts[4])
+            return rc
+        finally:
+            await self._finish(out, err)
+
+    async def _finish(self, out: bytes, err: bytes) -> None:
+        """Once: the output to the pipes (closing them), the agent connection back."""
+        if self._finished:
+            return
+        self._finished = True
+        self._stop_stdin()
+        try:
+            await asyncio.gather(
+                in_thread(self._write, self._out_w, out), in_thread(self._write, self._err_w, err)
+            )
+        finally:
+            await self._release()
+
     async def wait(self) -> int:
-        await asyncio.shield(self._writes)
-        return self._rc
+        return await asyncio.shield(self._task)
 
     def signal(self, signum: int) -> None:
-        return  # the command has ended already
+        return  # the tiny agent cannot signal a command
 
     def resize(self, width: int, height: int) -> None:
         return
 
     def close(self) -> None:
-        with contextlib.suppress(ValueError, RuntimeError):
-            asyncio.get_running_loop().remove_reader(self._stdin_r)
-        for fd in self._own:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._own = []
+        # The caller went away before the command ended: stop waiting for it (it runs
+        # on in the guest), which gives the agent connection back.
+        if not self._task.done():
+            self._task.cancel()
+            # A task cancelled before it ran never reaches its `finally`.
+            self._task.add_done_callback(
+                lambda _: self._cleanup.append(asyncio.ensure_future(self._finish(b"", b"")))
+            )
+        self._stop_stdin()
+        # The caller may have closed stdin itself (its EOF) and set it to None.
+        for fd in (self._stdin_r, self.stdin, self.stdout, self.stderr):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.stdin = self.stdout = self.stderr = None
+        self._stdin_r = -1
 
 
 # The console helper: relays its stdin/stdout (a pty) to and from the serial console's
@@ -741,40 +799,65 @@ class QemuDriver(InstanceDriver):
 
     # -- the agent
 
-    @contextlib.asynccontextmanager
-    async def _agent(
+    async def _connect(
         self, name: str, timeout: float
-    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-        """A connection to the guest's agent, greeted (one at a time per VM: the port has
-        one host end). Conflict when the VM does not run or its agent does not answer."""
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Lock]:
+        """A greeted connection to the guest's agent, with the VM's agent lock held (the
+        port has one host end): the caller gives both back with `_release`. Conflict
+        when the VM does not run or its agent does not answer."""
         if await self.status(name) is not Status.RUNNING:
             raise Conflict("Instance is not running")
         lock = self._agent_locks.setdefault(name, asyncio.Lock())
-        async with lock:
+        await lock.acquire()
+        writer: asyncio.StreamWriter | None = None
+        try:
             path = self.instance_dir(name) / "agent.sock"
             try:
                 reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
             except OSError:
                 raise Conflict(AGENT_DOWN) from None
-            try:
-                async with asyncio.timeout(timeout):
-                    writer.write(b"HELLO\n")
-                    await writer.drain()
-                    while True:
-                        line = await reader.readline()
-                        if not line:
-                            raise Conflict(AGENT_DOWN)
-                        if line.strip() == b"READY":
-                            break
-                    yield reader, writer
-            except TimeoutError:
+            async with asyncio.timeout(min(timeout, AGENT_TIMEOUT)):
+                writer.write(b"HELLO\n")
+                await writer.drain()
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        raise Conflict(AGENT_DOWN)
+                    if line.strip() == b"READY":
+                        return reader, writer, lock
+        except BaseException as exc:
+            if writer is not None:
+                await self._release(writer, lock)
+            else:
+                lock.release()
+            if isinstance(exc, (TimeoutError, ConnectionError)):
                 raise Conflict(AGENT_DOWN) from None
-            except (asyncio.IncompleteReadError, ConnectionError):
-                raise Conflict(AGENT_DOWN) from None
-            finally:
-                writer.close()
-                with contextlib.suppress(OSError):
-                    await writer.wait_closed()
+            raise
+
+    @staticmethod
+    async def _release(writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+        try:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        finally:
+            lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _agent(
+        self, name: str, timeout: float
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """`_connect` for one request, which must be answered within `timeout`."""
+        reader, writer, lock = await self._connect(name, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                yield reader, writer
+        except TimeoutError:
+            raise Conflict(AGENT_DOWN) from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise Conflict(AGENT_DOWN) from None
+        finally:
+            await self._release(writer, lock)
 
     @staticmethod
     async def _reply(reader: asyncio.StreamReader, request_id: str) -> builtins.list[str]:
@@ -855,8 +938,21 @@ class QemuDriver(InstanceDriver):
             script += f"export {key}={shlex.quote(value)}; "
         script += f"cd {shlex.quote(cwd or '/root')} 2>/dev/null || cd /; "
         script += "exec " + shlex.join(argv)
-        rc, out, err = await self.agent_exec(name, script, timeout=EXEC_TIMEOUT)
-        return AgentProcess(rc, out, err)
+        reader, writer, lock = await self._connect(name, AGENT_TIMEOUT)
+        try:
+            request_id = uuid.uuid4().hex[:8]
+            if any(c in script for c in "\n\r\0"):
+                encoded = base64.b64encode(script.encode()).decode()
+                writer.write(f"RUNB {request_id} {encoded}\n".encode())
+            else:
+                writer.write(f"RUN {request_id} {script}\n".encode())
+            await writer.drain()
+        except BaseException:
+            await self._release(writer, lock)
+            raise
+        return AgentProcess(
+            reader, writer, request_id, functools.partial(self._release, writer, lock)
+        )
 
     # -- files, through the agent
 
