@@ -108,11 +108,18 @@ exec 3<>"$port"
 trap '' PIPE  # a command that ended before its stdin did must not end the agent
 echo READY >&3
 echo "croft-agent: ready" >/dev/console
-# A read returns EOF while no host end is connected (between two host connections):
-# wait and read again.
+# A read returns EOF while no host end is connected (between two host connections), and
+# the port offers no way to wait for the next one: poll, quickly for a few seconds after
+# the last request (requests come in bursts), then slowly (each sleep is a fork).
+idle=0
 while true; do
     # IFS= keeps the line whole: a command is passed as it was sent.
-    if ! IFS= read -r line <&3; then sleep 0.2; continue; fi
+    if ! IFS= read -r line <&3; then
+        idle=$((idle + 1))
+        if [ "$idle" -lt 150 ]; then sleep 0.02; else sleep 0.25; fi
+        continue
+    fi
+    idle=0
     verb=${line%% *}; rest=${line#* }; id=${rest%% *}; arg=${rest#"$id"}; arg=${arg# }
     case "$verb" in
     HELLO) echo READY >&3 ;;
