@@ -220,7 +220,8 @@ async def test_instances_outlive_the_process_that_started_them(
     starter = (
         "import asyncio, os, signal\n"
         "from croft.compute.drivers import load_available\n"
-        f"drivers = load_available(lxcpath={str(workdir / 'state')!r})\n"
+        f"drivers = load_available(lxcpath={str(workdir / 'state')!r}, "
+        f"vmpath={str(workdir / 'state' / 'virtual-machines')!r})\n"
         f"asyncio.run(drivers[{driver.instance_type!r}].start({name!r}))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )
