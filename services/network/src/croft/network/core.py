@@ -175,7 +175,7 @@ class NetworkCore:
             try:
                 self._drivers[type_name] = load_driver(type_name, self.settings)
             except InvalidArgument:
-                raise InvalidArgument(f'Invalid network type "{type_name}"') from None
+                raise InvalidArgument("Unknown driver") from None
         return self._drivers[type_name]
 
     async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
@@ -483,42 +483,105 @@ class NetworkCore:
         self, name: str, type_name: str, config: dict[str, str], description: str = ""
     ) -> dict[str, Any]:
         """Create a managed network on this member and start it; returns its record.
-        InvalidArgument for a bad name, type or config, Conflict if the name is taken.
-        On failure nothing is left: no record, no host state."""
+
+        As LXD: the record is written first with this member `pending` (the network's
+        status Pending), then the driver makes and starts it, then this member is
+        `created` with the config the driver filled in (`auto` subnets). On any failure
+        the driver's work is undone and the record and member key are removed: no
+        bridge, no dnsmasq, no firewall table, no record. InvalidArgument for a bad
+        name, type or config, Conflict if the name is taken."""
         if not name:
-            raise InvalidArgument("No network name given")
+            raise InvalidArgument("No name provided")
         type_name = type_name or DEFAULT_NETWORK_TYPE
         driver = self.driver(type_name)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
             raise InvalidArgument("Network config values must be strings")
         key = network_key(name)
+        mine = network_member_key(name, self.member)
 
         async def create() -> dict[str, Any]:
             self._forget(name)
+            # Name and keys first: a bad request writes nothing at all.
+            await driver.validate(name, {k: v for k, v in config.items() if v != ""})
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
+            pending = {
+                **new_network_record(name, type_name, config, description),
+                "status": "Pending",
+            }
+            try:
+                revision = await self.store.transaction(
+                    [
+                        Create(key, dump(pending)),
+                        Put(mine, dump(member_entry(PENDING, config))),
+                    ]
+                )
+            except Conflict:
+                raise Conflict("The network already exists") from None
             async with Reverter() as revert:
+                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
+                # Registered once create succeeded: a create refused because the name is
+                # some other interface's must not delete that interface.
                 resolved = await driver.create(name, config)
                 revert.add(lambda: driver.delete(name))
-                record = new_network_record(name, type_name, resolved, description)
-                mine = network_member_key(name, self.member)
-                try:
-                    # The record and this member's state of it, in one write.
-                    await self.store.transaction(
-                        [
-                            Create(key, dump(record)),
-                            Put(mine, dump(member_entry(CREATED, resolved))),
-                        ]
-                    )
-                except Conflict:
-                    raise Conflict("The network already exists") from None
-                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
                 await driver.start(name, resolved)
+                record = new_network_record(name, type_name, resolved, description)
+                await self.store.transaction(
+                    [
+                        Update(key, dump(record), revision),
+                        Put(mine, dump(member_entry(CREATED, resolved))),
+                    ]
+                )
                 revert.success()
             await self._lifecycle("network-created", name)
             return {**record, "config": resolved}
 
         return await self._locked(name, create)
+
+    async def rename_network(self, name: str, new_name: str) -> dict[str, Any]:
+        """Rename a network that nothing is attached to (LXD's `POST /1.0/networks/NAME`):
+        its host state, then its record and member keys, moved in one write. On failure
+        it keeps its old name. InvalidArgument while NICs are attached, Conflict when
+        the new name is taken."""
+        if not new_name:
+            raise InvalidArgument("New network name not provided")
+        if new_name == name:
+            raise Conflict(f'Network "{new_name}" already exists')
+
+        async def rename() -> dict[str, Any]:
+            self._forget(name)
+            self._forget(new_name)
+            record, revision, mine, mine_revision = await self._local_entry(name)
+            if await self._nic_entries(name):
+                raise InvalidArgument("Network is currently in use")
+            if await self.store.get(network_key(new_name)) is not None:
+                raise Conflict(f'Network "{new_name}" already exists')
+            states = await self._member_states(name)
+            if set(states) != {self.member}:
+                raise InvalidArgument("Renaming clustered network not supported")
+            driver = self.driver(record["type"])
+            config = {**record["config"], **mine["config"]}
+            async with Reverter() as revert:
+                await driver.rename(name, new_name, config)
+                revert.add(lambda: driver.rename(new_name, name, config))
+                new = {**record, "name": new_name}
+                await self.store.transaction(
+                    [
+                        Create(network_key(new_name), dump(new)),
+                        Put(network_member_key(new_name, self.member), dump(mine)),
+                        Delete(network_key(name), revision),
+                        Delete(network_member_key(name, self.member), mine_revision),
+                    ]
+                )
+                revert.success()
+            self._forget(name)
+            await self._lifecycle("network-renamed", new_name)
+            return {**new, "config": config}
+
+        async def both() -> dict[str, Any]:
+            return await self._locked(new_name, rename)
+
+        return await self._locked(name, both)
 
     async def update_network(
         self, name: str, config: dict[str, str], description: str | None = None
@@ -533,7 +596,15 @@ class NetworkCore:
             record, revision, mine, mine_revision = await self._local_entry(name)
             driver = self.driver(record["type"])
             old_config = {**record["config"], **mine["config"]}
-            resolved = await driver.update(name, config)
+            try:
+                resolved = await driver.update(name, config)
+            except BaseException:
+                # A change that failed half-way (dnsmasq refusing raw.dnsmasq, say)
+                # puts the running network back as it was.
+                if await driver.is_running(name):
+                    with contextlib.suppress(Exception):
+                        await driver.update(name, old_config)
+                raise
             # The cluster-wide keys go in the record, this member's own in its key: one
             # write, whose revisions catch any other writer meanwhile.
             new = {**record, "config": split_config(resolved)[0]}

@@ -98,3 +98,8 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
     ) -> common_pb2.Empty:
         await self.core.delete_network(request.name)
         return common_pb2.Empty()
+
+    async def RenameNetwork(
+        self, request: network_pb2.NetworkRename, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.Json:
+        return _record(await self.core.rename_network(request.name, request.new_name))

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from croft.common.drivers import Registry
+from croft.common.errors import InvalidArgument
 
 DEFAULT_STATE_ROOT = Path("/var/lib/croft/networks")
 DEFAULT_NFT_TABLE = "croft"
@@ -188,6 +189,13 @@ class NetworkDriver(ABC):
         if await self.is_running(name):
             await self.start(name, resolved)
         return resolved
+
+    async def rename(self, name: str, new_name: str, config: Mapping[str, str]) -> None:
+        """Give the network's host state a new name (its interface, helpers and files),
+        running again under it if it ran. Only asked of a network no instance uses.
+        Raises InvalidArgument for a bad name, Conflict if the new name is taken on
+        this host; on failure the network keeps its old name."""
+        raise InvalidArgument(f"Networks of type {self.name!r} cannot be renamed")
 
     async def local_config(self, name: str) -> dict[str, str] | None:
         """The config this host last created or started the network with, or None when
