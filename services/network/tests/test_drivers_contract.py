@@ -191,7 +191,7 @@ async def test_instance_nics_register_and_go(driver: NetworkDriver, net_name: st
         pinned = str(net.network_address + 77)
         other = generate_hwaddr()
         assert await driver.add_instance(net_name, "c2", other, ipv4=pinned) == pinned
-        with pytest.raises(Conflict):
+        with pytest.raises(InvalidArgument, match="already defined on another NIC"):
             await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4=pinned)
         with pytest.raises(InvalidArgument):
             await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4="192.0.2.300")

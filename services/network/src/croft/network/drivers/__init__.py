@@ -228,9 +228,10 @@ class NetworkDriver(ABC):
         """Register an instance NIC (its MAC) under the instance's name, with a pinned
         IPv4 address if `ipv4` is given; return that address (None: dynamic).
 
-        Takes effect without restarting anything. Raises InvalidArgument for a bad MAC
-        or an address outside the network, Conflict if the address is pinned to another
-        NIC. On failure the previous entries are unchanged."""
+        Takes effect without restarting anything. Raises InvalidArgument (LXD's words)
+        for a bad MAC, an address outside the network or one pinned to another NIC (a
+        400: a Conflict would read as a compare-and-swap race to callers that retry
+        those). On failure the previous entries are unchanged."""
         return None
 
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:

@@ -60,3 +60,27 @@ def exists(prefix: str, bridge: str) -> bool:
     """Whether the bridge's table exists."""
     table = table_name(prefix, bridge)
     return run(["nft", "list", "table", "inet", table], check=False).returncode == 0
+
+
+def tables(prefix: str) -> list[str]:
+    """The tables of this prefix's networks (and the shared one of older crofts)."""
+    listed = run(["nft", "list", "tables", "inet"], check=False).stdout.decode().split()
+    return sorted(name for name in listed if name == prefix or name.startswith(f"{prefix}."))
+
+
+def list_chains(prefix: str, bridge: str) -> dict[str, str]:
+    """Chain name -> its text (`nft list chain`), for the bridge's table."""
+    table = table_name(prefix, bridge)
+    result = run(["nft", "list", "table", "inet", table], check=False)
+    if result.returncode != 0:
+        return {}
+    chains: dict[str, str] = {}
+    current = ""
+    for line in result.stdout.decode().splitlines():
+        words = line.split()
+        if words[:1] == ["chain"] and len(words) >= 2:
+            current = words[1]
+            chains[current] = ""
+        elif current:
+            chains[current] += line + "\n"
+    return chains

@@ -684,25 +684,30 @@ class _BridgeHost:
             cfg = BridgeConfig.parse(self._stored_config(network))
             address: str | None = None
             if ipv4 is not None:
+                outside = f'Device IP address "{ipv4}" not within network "{network}" subnet'
                 if cfg.ipv4 is None:
-                    raise InvalidArgument(f"Network {network!r} has no IPv4 subnet")
+                    raise InvalidArgument(outside)
                 try:
                     ip = IPv4Address(ipv4)
                 except ValueError:
-                    raise InvalidArgument(f"Invalid IPv4 address {ipv4!r}") from None
+                    raise InvalidArgument(f'Invalid IP address "{ipv4}"') from None
                 net = cfg.ipv4.network
                 if ip not in net or ip in (net.network_address, net.broadcast_address):
-                    raise InvalidArgument(f"IPv4 address {ip} is not usable in {net}")
+                    raise InvalidArgument(outside)
                 if ip == cfg.ipv4.ip:
-                    raise Conflict(f"IPv4 address {ip} is the gateway of {network!r}")
+                    raise InvalidArgument(
+                        f'IP address "{ip}" is assigned to parent managed network device '
+                        f'"{network}"'
+                    )
                 address = str(ip)
             dnsmasq = self._dnsmasq(network)
             if address is not None:
                 for h in dnsmasq.read_hosts():
                     if h.ipv4 == address and h.hwaddr != hwaddr:
-                        raise Conflict(
-                            f"IPv4 address {address} is already assigned to {h.name!r} "
-                            f"on network {network!r}"
+                        # LXD's words; a 400, not a Conflict: callers retry those as
+                        # compare-and-swap races.
+                        raise InvalidArgument(
+                            f'IP address "{address}" already defined on another NIC'
                         )
             entry = DhcpHost(hwaddr, instance, address)
             previous = dnsmasq.host(hwaddr)
