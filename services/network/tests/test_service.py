@@ -409,7 +409,7 @@ async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
 
     with pytest.raises(InvalidArgument, match="MAC"):
         await client.call("AttachInstance", nic(bridge, "c2", "nonsense"), idempotent=False)
-    with pytest.raises(InvalidArgument, match="not usable"):
+    with pytest.raises(InvalidArgument, match="not within network"):
         await client.call(
             "AttachInstance",
             nic(bridge, "c2", generate_hwaddr(), ipv4="192.168.255.7"),
