@@ -37,6 +37,16 @@ def table_of(croft: Croft, name: str) -> str:
     return f"{prefix}.{name}"
 
 
+def commands() -> str:
+    """Every process's command line, one a line (not `ps`, which cuts them)."""
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                lines.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+    return "\n".join(lines)
+
+
 def leftovers(croft: Croft, lxc: Lxc, name: str) -> list[str]:
     """What a network leaves on the host and in the api: nothing, once it is gone."""
     found = []
@@ -48,8 +58,7 @@ def leftovers(croft: Croft, lxc: Lxc, name: str) -> list[str]:
     tables = subprocess.run(["nft", "list", "tables", "inet"], capture_output=True, text=True)
     if table_of(croft, name) in tables.stdout.split():
         found.append("nft table")
-    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-    if f"--interface={name} " in ps:
+    if f"--interface={name} " in commands():
         found.append("dnsmasq")
     if lxc("query", f"/1.0/networks/{name}", check=False).returncode == 0:
         found.append("record")
@@ -77,7 +86,7 @@ def test_create_show_set_unset_and_delete_a_bridge(
     env: tuple[Croft, Lxc, str], network: str
 ) -> None:
     croft, lxc, default = env
-    lxc("network", "create", network, "--description", "second")
+    lxc("network", "create", network)
     shown = yaml.safe_load(lxc("network", "show", network).stdout)
     config = shown["config"]
     # LXD's auto: a free /24 with NAT, and a ULA /64 when the host has IPv6.
@@ -89,7 +98,7 @@ def test_create_show_set_unset_and_delete_a_bridge(
         if n["managed"] and n["name"] != network and n["config"].get("ipv4.address")
     ]
     assert not any(subnet.overlaps(o) for o in others)
-    assert shown["description"] == "second" and shown["status"] == "Created"
+    assert shown["description"] == "" and shown["status"] == "Created"
     assert shown["used_by"] == [] and shown["locations"] == ["none"]
     assert lxc("network", "get", network, "ipv4.address").stdout.strip() == config["ipv4.address"]
     listed = {n["name"]: n for n in lxc.json("network", "list")}
@@ -237,8 +246,7 @@ def test_rename_moves_the_bridge_and_keeps_its_config(
             f"{subnet.network_address + 1}/24"
         )
         assert os.path.exists(f"/sys/class/net/{new}")
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-        assert f"--interface={new} " in ps
+        assert f"--interface={new} " in commands()
     finally:
         lxc("network", "delete", new, check=False)
     assert leftovers(croft, lxc, new) == []
@@ -292,13 +300,12 @@ def test_two_containers_on_a_second_bridge_get_its_addresses_and_reach_each_othe
 
         # A new subnet applies live, as in LXD: the bridge and its dnsmasq move to it.
         moved = free_subnet()
-        lxc("network", "set", network, "ipv4.address", f"{moved.network_address + 1}/24",
+        lxc("network", "set", network, f"ipv4.address={moved.network_address + 1}/24",
             "ipv4.dhcp.ranges=")  # fmt: skip
         addr = subprocess.run(["ip", "-4", "addr", "show", network], capture_output=True,
                               text=True).stdout  # fmt: skip
         assert f"inet {moved.network_address + 1}/24" in addr and f"{gateway}/" not in addr
-        ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
-        assert f"--listen-address={moved.network_address + 1}" in ps
+        assert f"--listen-address={moved.network_address + 1} " in commands()
     finally:
         for name in names:
             lxc("delete", "--force", name, check=False)
@@ -320,14 +327,15 @@ def test_attach_and_detach_edit_the_devices_of_instances_and_profiles(
         devices: dict[str, Any] = json.loads(lxc("query", f"/1.0/instances/{instance}").stdout)[
             "devices"
         ]
-        assert devices["eth1"] == {"type": "nic", "network": network, "name": "eth1"}
+        assert devices["eth1"] == {"type": "nic", "network": network}
         used = yaml.safe_load(lxc("network", "show", network).stdout)["used_by"]
         assert f"/1.0/instances/{instance}" in used
         lxc("network", "attach-profile", network, profile, "eth9")
+        # lxc 5.0.2 writes a profile's NIC as a bridged one with the network as parent.
         assert yaml.safe_load(lxc("profile", "show", profile).stdout)["devices"]["eth9"] == {
             "type": "nic",
-            "network": network,
-            "name": "eth9",
+            "nictype": "bridged",
+            "parent": network,
         }
         used = yaml.safe_load(lxc("network", "show", network).stdout)["used_by"]
         assert f"/1.0/profiles/{profile}" in used
