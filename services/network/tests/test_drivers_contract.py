@@ -35,12 +35,17 @@ class Case:
 
     config: dict[str, str]
     failing_start: dict[str, str] = field(default_factory=dict)
+    # Keys a running network takes live (`update`), and whether the driver renames.
+    live_change: dict[str, str] = field(default_factory=dict)
+    renames: bool = False
 
 
 CASES: dict[str, Case] = {
     "bridge": Case(
         config={"ipv6.address": "none"},
         failing_start={"raw.dnsmasq": "no-such-option"},
+        live_change={"bridge.mtu": "1400", "dns.domain": "example"},
+        renames=True,
     ),
 }
 
@@ -73,7 +78,10 @@ async def driver(kind: str, settings: DriverSettings) -> AsyncIterator[NetworkDr
     yield driver
     for child in settings.state_root.iterdir() if settings.state_root.exists() else []:
         await driver.delete(child.name)
-    sh("nft", "delete", "table", "inet", settings.nft_table, check=False)
+    listed = sh("nft", "list", "tables", "inet", check=False).stdout.split()
+    for table in listed:
+        if table == settings.nft_table or table.startswith(settings.nft_table + "."):
+            sh("nft", "delete", "table", "inet", table, check=False)
 
 
 @pytest.fixture
@@ -227,3 +235,38 @@ async def test_calls_run_their_host_work_off_the_event_loop(
     finally:
         task.cancel()
     assert ticks > 1
+
+
+async def test_update_applies_to_the_running_network_and_bad_config_changes_nothing(
+    driver: NetworkDriver, net_name: str
+) -> None:
+    config = await started(driver, net_name)
+    changed = {**config, **CASES[driver.name].live_change}
+    assert await driver.update(net_name, changed) == changed
+    assert await driver.is_running(net_name)
+    assert await driver.local_config(net_name) in (None, changed)
+    if "bridge.mtu" in changed and driver.capabilities.host_interface:
+        assert (await driver.state(net_name)).mtu == int(changed["bridge.mtu"])
+    with pytest.raises(InvalidArgument):
+        await driver.update(net_name, {**changed, "no.such.key": "x"})
+    assert await driver.local_config(net_name) in (None, changed)
+
+
+async def test_rename_moves_the_network_or_is_refused(driver: NetworkDriver, net_name: str) -> None:
+    config = await started(driver, net_name)
+    new = f"crtc{secrets.token_hex(3)}"
+    try:
+        if not CASES[driver.name].renames:
+            with pytest.raises(InvalidArgument):
+                await driver.rename(net_name, new, config)
+            assert await driver.is_running(net_name)
+            return
+        await driver.rename(net_name, new, config)
+        assert await driver.is_running(new) and not await driver.is_running(net_name)
+        assert await driver.local_config(net_name) is None
+        assert await driver.local_config(new) in (None, config)
+        if driver.capabilities.host_interface:
+            assert link_exists(new) and not link_exists(net_name)
+    finally:
+        await driver.delete(new)
+        sh("ip", "link", "del", new, check=False)

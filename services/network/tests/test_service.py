@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from croft.common import discovery
-from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.records import (
     network_member_key,
     network_member_prefix,
@@ -37,7 +37,7 @@ from croft.common.records import (
     public,
 )
 from croft.common.rpc import ServiceClient
-from croft.common.store import Delete, Store, Update, dump
+from croft.common.store import Delete, EventType, Store, Update, dump
 from croft.common.testing.etcd import EtcdServer, etcd_store
 from croft.network.core import network_key
 from croft.network.drivers import DriverSettings, generate_hwaddr
@@ -516,6 +516,73 @@ async def test_create_update_and_delete_a_network(
         # pyroute2's IPRoute runs its own event loop: never call the driver on this one.
         await driver.delete(name)
         await driver.delete(bad_name)
+
+
+async def member_history(store: Store, name: str, since: int) -> list[str]:
+    """The states this member's key of a network went through after `since`, in order,
+    "deleted" for a removal (read back from the store's history)."""
+    states: list[str] = []
+
+    async def collect() -> None:
+        async for event in store.watch(network_member_key(name, MEMBER), start_revision=since):
+            if event.type is EventType.DELETE:
+                states.append("deleted")
+            else:
+                states.append(json.loads(event.value)["state"])
+            if states[-1] in ("created", "deleted"):
+                return
+
+    await asyncio.wait_for(collect(), 30)
+    return states
+
+
+async def test_a_create_goes_pending_then_created_and_a_failed_one_leaves_nothing(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    name, failed = f"crtn{secrets.token_hex(3)}", f"crtn{secrets.token_hex(3)}"
+    driver = BridgeDriver(DriverSettings(running.root / "state" / "networks", running.nft_table))
+    try:
+        since = await store.revision()
+        body = {"name": name, "config": {"ipv4.address": "auto", "ipv6.address": "none"}}
+        await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(body)))
+        assert await member_history(store, name, since) == ["pending", "created"]
+        assert (await record_of(store, name))["status"] == "Created"
+
+        # dnsmasq refuses the option once bridge, firewall and record exist: all of it goes.
+        since = await store.revision()
+        bad = {"name": failed, "config": {"ipv6.address": "none", "raw.dnsmasq": "no-such"}}
+        with pytest.raises(CroftError, match="dnsmasq"):
+            await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(bad)))
+        assert await member_history(store, failed, since) == ["pending", "deleted"]
+        assert await store.get(network_key(failed)) is None
+        assert not link_exists(failed) and not dnsmasq_pids(failed)
+        assert not firewall.exists(running.nft_table, failed)
+        assert not driver.state_dir(failed).exists()
+
+        # A rename moves the bridge, its dnsmasq, its table and its records.
+        renamed = f"crtn{secrets.token_hex(3)}"
+        reply = await client.call(
+            "RenameNetwork", network_pb2.NetworkRename(name=name, new_name=renamed)
+        )
+        assert json.loads(reply.json)["name"] == renamed
+        assert await store.get(network_key(name)) is None
+        assert await store.get(network_member_key(name, MEMBER)) is None
+        assert (await record_of(store, renamed))["config"]["ipv4.address"]
+        assert not link_exists(name) and link_exists(renamed) and len(dnsmasq_pids(renamed)) == 1
+        assert firewall.exists(running.nft_table, renamed)
+        assert not firewall.exists(running.nft_table, name)
+        name = renamed
+        with pytest.raises(Conflict, match="already exists"):
+            await client.call(
+                "RenameNetwork", network_pb2.NetworkRename(name=name, new_name=running.bridge)
+            )
+    finally:
+        await driver.delete(name)
+        await driver.delete(failed)
+        for key in (name, failed):
+            await store.transaction(
+                [Delete(network_key(key)), Delete(network_member_key(key, MEMBER))]
+            )
 
 
 async def test_a_killed_service_comes_back_without_touching_the_network(
