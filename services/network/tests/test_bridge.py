@@ -11,7 +11,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from pathlib import Path
 
 import pytest
@@ -378,3 +378,46 @@ async def test_masquerade_reaches_an_uplink_that_has_no_route_back(
     chain = firewall.list_chains(settings.nft_table, net_name)[f"pstrt.{net_name}"]
     packets = re.search(r"counter packets (\d+)", chain)
     assert packets and int(packets.group(1)) > 0
+
+
+async def test_ipv6_routes_stateful_dhcpv6_and_pinned_ipv6_addresses(
+    driver: BridgeDriver, net_name: str
+) -> None:
+    config = await driver.create(
+        net_name,
+        {
+            "ipv4.address": "auto",
+            "ipv6.address": "auto",
+            "ipv6.dhcp.stateful": "true",
+            "ipv6.routes": "fd99:1:2:3::/64",
+        },
+    )
+    await driver.start(net_name, config)
+    net6 = IPv6Interface(config["ipv6.address"]).network
+    routes = sh("ip", "-6", "route", "show", "fd99:1:2:3::/64").stdout
+    assert f"dev {net_name} proto static" in routes
+    (pid,) = dnsmasq_pids(net_name)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert f"--dhcp-range={net6.network_address + 2},{net6.broadcast_address - 1},64,1h" in argv
+
+    pinned = str(net6.network_address + 0x77)
+    first = generate_hwaddr()
+    await driver.add_instance(net_name, "c1", first, ipv6=pinned)
+    hosts = driver.state_dir(net_name) / "dnsmasq.hosts.d" / first.replace(":", "-")
+    assert hosts.read_text().strip() == f"{first},[{pinned}],c1"
+    assert {(le.hostname, le.address, le.type) for le in await driver.leases(net_name)} >= {
+        ("c1", pinned, "static")
+    }
+    with pytest.raises(InvalidArgument, match="already defined on another NIC"):
+        await driver.add_instance(net_name, "c2", generate_hwaddr(), ipv6=pinned)
+    with pytest.raises(InvalidArgument, match="not within network"):
+        await driver.add_instance(net_name, "c2", generate_hwaddr(), ipv6="fd00:9::9")
+
+    # Stateless (the default): a pinned IPv6 address has no DHCPv6 server to give it.
+    stateless = {k: v for k, v in config.items() if k != "ipv6.dhcp.stateful"}
+    await driver.update(net_name, stateless)
+    assert sh("ip", "-6", "route", "show", "fd99:1:2:3::/64").stdout.strip()
+    with pytest.raises(InvalidArgument, match='"ipv6.dhcp.stateful" are disabled'):
+        await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv6=pinned)
+    await driver.update(net_name, {k: v for k, v in stateless.items() if k != "ipv6.routes"})
+    assert not sh("ip", "-6", "route", "show", "fd99:1:2:3::/64").stdout.strip()

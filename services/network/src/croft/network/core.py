@@ -127,6 +127,7 @@ class InstanceNic:
     device: str
     hwaddr: str = ""  # "" on detach: the one recorded at attach is used
     ipv4: str | None = None  # a pinned address; None for any
+    ipv6: str | None = None  # a pinned DHCPv6 address; None for any
 
     @property
     def key(self) -> str:
@@ -693,11 +694,21 @@ class NetworkCore:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
                     # add_instance replaces this NIC's entry: put the old one back.
                     old_ipv4 = previous.get("ipv4") or None
-                    revert.add(lambda: driver.add_instance(name, nic.instance, hwaddr, old_ipv4))
+                    old_ipv6 = previous.get("ipv6") or None
+                    revert.add(
+                        lambda: driver.add_instance(
+                            name, nic.instance, hwaddr, old_ipv4, ipv6=old_ipv6
+                        )
+                    )
                 else:
                     revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
-                address = await driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
-                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
+                address = await driver.add_instance(
+                    name, nic.instance, hwaddr, nic.ipv4, ipv6=nic.ipv6
+                )
+                entry = {"hwaddr": hwaddr, "ipv4": address or ""}
+                if nic.ipv6:
+                    entry["ipv6"] = nic.ipv6
+                await self._write_nic(nic, entry)
                 revert.success()
             if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
                 await driver.remove_instance(name, nic.instance, previous["hwaddr"])

@@ -21,6 +21,7 @@ def _nic(request: network_pb2.NicRequest) -> InstanceNic:
         device=request.device,
         hwaddr=request.hwaddr,
         ipv4=request.ipv4 or None,
+        ipv6=request.ipv6 or None,
     )
 
 

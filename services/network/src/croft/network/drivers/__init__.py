@@ -223,10 +223,17 @@ class NetworkDriver(ABC):
         return None
 
     async def add_instance(
-        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+        self,
+        network: str,
+        instance: str,
+        hwaddr: str,
+        ipv4: str | None = None,
+        *,
+        ipv6: str | None = None,
     ) -> str | None:
         """Register an instance NIC (its MAC) under the instance's name, with a pinned
-        IPv4 address if `ipv4` is given; return that address (None: dynamic).
+        IPv4 address if `ipv4` is given (and a pinned DHCPv6 one if `ipv6` is); return
+        the IPv4 address (None: dynamic).
 
         Takes effect without restarting anything. Raises InvalidArgument (LXD's words)
         for a bad MAC, an address outside the network or one pinned to another NIC (a

@@ -673,7 +673,12 @@ class _BridgeHost:
     # -- instances -----------------------------------------------------------------
 
     def add_instance(
-        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+        self,
+        network: str,
+        instance: str,
+        hwaddr: str,
+        ipv4: str | None = None,
+        ipv6: str | None = None,
     ) -> str | None:
         if not is_mac(hwaddr):
             raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
@@ -700,16 +705,17 @@ class _BridgeHost:
                         f'"{network}"'
                     )
                 address = str(ip)
+            address6 = self._static_ipv6(network, cfg, ipv6) if ipv6 else None
             dnsmasq = self._dnsmasq(network)
-            if address is not None:
-                for h in dnsmasq.read_hosts():
-                    if h.ipv4 == address and h.hwaddr != hwaddr:
+            for h in dnsmasq.read_hosts():
+                if h.hwaddr == hwaddr:
+                    continue
+                for mine, theirs in ((address, h.ipv4), (address6, h.ipv6)):
+                    if mine is not None and mine == theirs:
                         # LXD's words; a 400, not a Conflict: callers retry those as
                         # compare-and-swap races.
-                        raise InvalidArgument(
-                            f'IP address "{address}" already defined on another NIC'
-                        )
-            entry = DhcpHost(hwaddr, instance, address)
+                        raise InvalidArgument(f'IP address "{mine}" already defined on another NIC')
+            entry = DhcpHost(hwaddr, instance, address, address6)
             previous = dnsmasq.host(hwaddr)
             if previous != entry:
                 # dnsmasq reads the new entry from its directory by itself; the one it
@@ -718,6 +724,28 @@ class _BridgeHost:
                 if previous is not None:
                     dnsmasq.reload()
             return address
+
+    @staticmethod
+    def _static_ipv6(network: str, cfg: BridgeConfig, ipv6: str) -> str:
+        """A NIC's pinned IPv6 address, checked as LXD's bridged NIC checks it."""
+        if cfg.ipv6 is None or not (cfg.ipv6_dhcp and cfg.ipv6_dhcp_stateful):
+            raise InvalidArgument(
+                'Cannot specify "ipv6.address" when DHCP or "ipv6.dhcp.stateful" are disabled '
+                f'(unless using security.ipv6_filtering) on network "{network}"'
+            )
+        try:
+            ip6 = IPv6Address(ipv6)
+        except ValueError:
+            raise InvalidArgument(f'Invalid IP address "{ipv6}"') from None
+        if ip6 not in cfg.ipv6.network or ip6 == cfg.ipv6.network.network_address:
+            raise InvalidArgument(
+                f'Device IP address "{ipv6}" not within network "{network}" subnet'
+            )
+        if ip6 == cfg.ipv6.ip:
+            raise InvalidArgument(
+                f'IP address "{ip6}" is assigned to parent managed network device "{network}"'
+            )
+        return str(ip6)
 
     def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         hwaddr = hwaddr.lower()
@@ -771,9 +799,10 @@ class _BridgeHost:
         static = set()
         names = {h.hwaddr: h.name for h in hosts}
         for h in hosts:
-            if h.ipv4:
-                static.add(h.ipv4)
-                result.append(NetworkLease(h.name, h.hwaddr, h.ipv4, "static"))
+            for pinned in (h.ipv4, h.ipv6):
+                if pinned:
+                    static.add(pinned)
+                    result.append(NetworkLease(h.name, h.hwaddr, pinned, "static"))
         for lease in leases:
             if lease.address in static:
                 continue
@@ -887,9 +916,15 @@ class BridgeDriver(NetworkDriver):
         return BridgeConfig.parse(config).mtu if config.get("bridge.mtu") else None
 
     async def add_instance(
-        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+        self,
+        network: str,
+        instance: str,
+        hwaddr: str,
+        ipv4: str | None = None,
+        *,
+        ipv6: str | None = None,
     ) -> str | None:
-        return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4)
+        return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4, ipv6)
 
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         await in_thread(self._host.remove_instance, network, instance, hwaddr)
