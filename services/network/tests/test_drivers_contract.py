@@ -40,6 +40,10 @@ class Case:
     renames: bool = False
 
 
+# The host interface the macvlan and physical cases hang off: one end of a veth pair of
+# this module's (this kernel has no dummy interfaces).
+PARENT = f"crtd{secrets.token_hex(3)}a"
+
 CASES: dict[str, Case] = {
     "bridge": Case(
         config={"ipv6.address": "none"},
@@ -47,7 +51,26 @@ CASES: dict[str, Case] = {
         live_change={"bridge.mtu": "1400", "dns.domain": "example"},
         renames=True,
     ),
+    "macvlan": Case(
+        config={"parent": PARENT},
+        failing_start={"parent": "crtnosuchparent"},
+        live_change={"mtu": "1400"},
+        renames=True,
+    ),
+    "physical": Case(
+        config={"parent": PARENT},
+        failing_start={"parent": "crtnosuchparent"},
+        live_change={"mtu": "1400"},
+        renames=True,
+    ),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parent_interface() -> Iterator[str]:
+    sh("ip", "link", "add", PARENT, "type", "veth", "peer", "name", PARENT[:-1] + "b")
+    yield PARENT
+    sh("ip", "link", "del", PARENT, check=False)
 
 
 def test_every_registered_driver_has_a_case_here() -> None:
@@ -138,7 +161,7 @@ async def test_start_is_idempotent_and_state_reports_it(
     assert isinstance(state, NetworkState)
     assert state.state == "up"
     if driver.capabilities.host_interface:
-        parent = driver.nic_parent(net_name)
+        parent = driver.nic_parent(net_name, config)
         assert link_exists(parent)
         if "ipv4.address" in config:
             gateway = str(IPv4Interface(config["ipv4.address"]).ip)
@@ -161,17 +184,17 @@ async def test_a_failed_start_leaves_the_network_stopped(
         await driver.start(net_name, config)
     assert not await driver.is_running(net_name)
     if driver.capabilities.host_interface:
-        assert not link_exists(driver.nic_parent(net_name))
+        assert not link_exists(driver.nic_parent(net_name, config))
 
 
 async def test_stop_keeps_state_and_delete_removes_it_both_twice(
     driver: NetworkDriver, net_name: str
 ) -> None:
-    await started(driver, net_name)
+    config = await started(driver, net_name)
     await driver.stop(net_name)
     assert not await driver.is_running(net_name)
     if driver.capabilities.host_interface:
-        assert not link_exists(driver.nic_parent(net_name))
+        assert not link_exists(driver.nic_parent(net_name, config))
     assert driver.state_dir(net_name).exists()  # leases and host entries survive a stop
     await driver.stop(net_name)  # stopping a stopped network does nothing
     await driver.delete(net_name)

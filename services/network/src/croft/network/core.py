@@ -714,7 +714,7 @@ class NetworkCore:
                 await driver.remove_instance(name, nic.instance, previous["hwaddr"])
             return NicAttachment(
                 nic_type=driver.capabilities.nic_type,
-                parent=driver.nic_parent(name),
+                parent=driver.nic_parent(name, config),
                 mtu=driver.instance_mtu(config),
                 ipv4=address,
             )

@@ -211,10 +211,10 @@ class NetworkDriver(ABC):
     async def state(self, name: str) -> NetworkState:
         """The host-side state in LXD's shape. Raises NotFound if not up on this host."""
 
-    def nic_parent(self, name: str) -> str:
-        """The host interface instance NICs hang off (the bridge for `bridged`), sent to
-        compute with `capabilities.nic_type`; "" when the NIC type needs none. Pure: no
-        host work."""
+    def nic_parent(self, name: str, config: Mapping[str, str]) -> str:
+        """The host interface instance NICs hang off (the bridge for `bridged`, the
+        network's `parent` for `macvlan` and `physical`), sent to compute with
+        `capabilities.nic_type`; "" when the NIC type needs none. Pure: no host work."""
         return name
 
     def instance_mtu(self, config: Mapping[str, str]) -> int | None:
@@ -260,6 +260,8 @@ DRIVERS: Registry[NetworkDriver] = Registry(
     NetworkDriver,  # type: ignore[type-abstract]
     {
         "bridge": "croft.network.drivers.bridge:BridgeDriver",
+        "macvlan": "croft.network.drivers.macvlan:MacvlanDriver",
+        "physical": "croft.network.drivers.physical:PhysicalDriver",
     },
 )
 

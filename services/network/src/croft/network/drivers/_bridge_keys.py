@@ -202,23 +202,47 @@ _UNSUPPORTED = re.compile(
 def check_bridge_config(name: str, config: Mapping[str, str]) -> None:
     """InvalidArgument, with LXD's message, for the first bad key of a bridge's config
     (in a stable order: LXD's own order is a Go map's)."""
-    for key in sorted(config):
-        value = config[key]
-        if key.startswith("user."):
-            continue
-        rule = RULES.get(key)
-        if rule is None:
-            if _UNSUPPORTED.match(key):
-                raise InvalidArgument(
-                    f"Invalid option for network {go_quote(name)} option {go_quote(key)}: "
-                    f"not supported by croft's bridge driver"
-                )
-            raise InvalidArgument(
-                f"Invalid option for network {go_quote(name)} option {go_quote(key)}"
-            )
+    check_config(name, config, RULES, _UNSUPPORTED)
+
+
+def required_interface(value: str) -> object:
+    """LXD's `validate.Required(validate.IsNotEmpty, validate.IsInterfaceName)`."""
+    if value == "":
+        raise ValueError("Required value")
+    try:
+        check_interface_name(value)
+    except InvalidArgument as exc:
+        raise ValueError(exc.message) from None
+    return None
+
+
+def mtu(value: str) -> object:
+    """LXD's `validate.IsNetworkMTU`."""
+    return _mtu(value)
+
+
+def check_config(
+    name: str,
+    config: Mapping[str, str],
+    rules: Mapping[str, Rule],
+    unsupported: re.Pattern[str] | None = None,
+) -> None:
+    """LXD's `common.validate`: every rule runs (a required key that is missing fails),
+    then any key without a rule is refused; `user.*` is free. Keys `unsupported`
+    matches are LXD's but not croft's, and say so."""
+    for key in sorted(rules):
         try:
-            rule(value)
+            rules[key](config.get(key, ""))
         except ValueError as exc:
             raise InvalidArgument(
                 f"Invalid value for network {go_quote(name)} option {go_quote(key)}: {exc}"
             ) from None
+    for key in sorted(config):
+        if key in rules or key.startswith("user."):
+            continue
+        suffix = ""
+        if unsupported is not None and unsupported.match(key):
+            suffix = ": not supported by croft"
+        raise InvalidArgument(
+            f"Invalid option for network {go_quote(name)} option {go_quote(key)}{suffix}"
+        )

@@ -625,50 +625,7 @@ class _BridgeHost:
     # -- state ---------------------------------------------------------------------
 
     def state(self, name: str) -> NetworkState:
-        with IPRoute() as ipr:
-            index = _link_index(name, ipr)
-            if index is None:
-                raise NotFound(f"Network {name!r} is not up on this host")
-            link = ipr.get_links(index)[0]
-            addresses = []
-            for addr in ipr.get_addr(index=index):
-                family = "inet" if addr["family"] == 2 else "inet6"
-                addresses.append(
-                    NetworkStateAddress(
-                        family=family,
-                        address=addr.get("IFA_ADDRESS"),
-                        netmask=str(addr["prefixlen"]),
-                        scope={0: "global", 253: "link", 254: "local"}.get(addr["scope"], "global"),
-                    )
-                )
-        stats = link.get("IFA_STATS64") or link.get("IFLA_STATS64") or {}
-        flags = link["flags"]
-        sysfs = Path("/sys/class/net") / name / "bridge"
-        bridge = None
-        if sysfs.is_dir():
-            bridge = NetworkStateBridge(
-                id=_read(sysfs / "bridge_id"),
-                stp=_read(sysfs / "stp_state") != "0",
-                forward_delay=int(_read(sysfs / "forward_delay") or 0),
-                vlan_default=int(_read(sysfs / "default_pvid") or 0),
-                vlan_filtering=_read(sysfs / "vlan_filtering") == "1",
-                upper_devices=sorted(p.name for p in (sysfs.parent / "brif").iterdir()),
-            )
-        return NetworkState(
-            addresses=addresses,
-            counters=NetworkStateCounters(
-                bytes_received=stats.get("rx_bytes", 0),
-                bytes_sent=stats.get("tx_bytes", 0),
-                packets_received=stats.get("rx_packets", 0),
-                packets_sent=stats.get("tx_packets", 0),
-            ),
-            hwaddr=link.get("IFLA_ADDRESS"),
-            mtu=link.get("IFLA_MTU"),
-            state="up" if flags & 1 else "down",
-            # LXD reports the link type from the interface flags, not the kind.
-            type="loopback" if flags & 0x8 else "point-to-point" if flags & 0x10 else "broadcast",
-            bridge=bridge,
-        )
+        return link_state(name)
 
     # -- instances -----------------------------------------------------------------
 
@@ -811,6 +768,54 @@ class _BridgeHost:
         return result
 
 
+def link_state(name: str) -> NetworkState:
+    """A host interface's state in LXD's `/state` shape; NotFound if it does not exist."""
+    with IPRoute() as ipr:
+        index = _link_index(name, ipr)
+        if index is None:
+            raise NotFound(f"Network {name!r} is not up on this host")
+        link = ipr.get_links(index)[0]
+        addresses = []
+        for addr in ipr.get_addr(index=index):
+            family = "inet" if addr["family"] == 2 else "inet6"
+            addresses.append(
+                NetworkStateAddress(
+                    family=family,
+                    address=addr.get("IFA_ADDRESS"),
+                    netmask=str(addr["prefixlen"]),
+                    scope={0: "global", 253: "link", 254: "local"}.get(addr["scope"], "global"),
+                )
+            )
+    stats = link.get("IFA_STATS64") or link.get("IFLA_STATS64") or {}
+    flags = link["flags"]
+    sysfs = Path("/sys/class/net") / name / "bridge"
+    bridge = None
+    if sysfs.is_dir():
+        bridge = NetworkStateBridge(
+            id=_read(sysfs / "bridge_id"),
+            stp=_read(sysfs / "stp_state") != "0",
+            forward_delay=int(_read(sysfs / "forward_delay") or 0),
+            vlan_default=int(_read(sysfs / "default_pvid") or 0),
+            vlan_filtering=_read(sysfs / "vlan_filtering") == "1",
+            upper_devices=sorted(p.name for p in (sysfs.parent / "brif").iterdir()),
+        )
+    return NetworkState(
+        addresses=addresses,
+        counters=NetworkStateCounters(
+            bytes_received=stats.get("rx_bytes", 0),
+            bytes_sent=stats.get("tx_bytes", 0),
+            packets_received=stats.get("rx_packets", 0),
+            packets_sent=stats.get("tx_packets", 0),
+        ),
+        hwaddr=link.get("IFLA_ADDRESS"),
+        mtu=link.get("IFLA_MTU"),
+        state="up" if flags & 1 else "down",
+        # LXD reports the link type from the interface flags, not the kind.
+        type="loopback" if flags & 0x8 else "point-to-point" if flags & 0x10 else "broadcast",
+        bridge=bridge,
+    )
+
+
 def _drop_leases(dnsmasq: Dnsmasq, hwaddr: str) -> None:
     """Remove a MAC's lines from the lease file of a stopped dnsmasq."""
     path = dnsmasq.lease_file
@@ -909,7 +914,7 @@ class BridgeDriver(NetworkDriver):
     async def state(self, name: str) -> NetworkState:
         return await in_thread(self._host.state, name)
 
-    def nic_parent(self, name: str) -> str:
+    def nic_parent(self, name: str, config: Mapping[str, str]) -> str:
         return name
 
     def instance_mtu(self, config: Mapping[str, str]) -> int | None:
