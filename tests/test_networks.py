@@ -346,3 +346,93 @@ def test_attach_and_detach_edit_the_devices_of_instances_and_profiles(
         lxc("delete", "--force", instance, check=False)
         with contextlib.suppress(AssertionError):
             lxc("profile", "delete", profile, check=False)
+
+
+@pytest.fixture
+def veth() -> Iterator[tuple[str, str]]:
+    """A veth pair whose far end is in a namespace of its own with an address: a
+    neighbour on the near end's link."""
+    tag = secrets.token_hex(3)
+    near, far, netns = f"crtv{tag}a", f"crtv{tag}b", f"crtns{tag}"
+    subprocess.run(["ip", "link", "add", near, "type", "veth", "peer", "name", far], check=True)
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    subprocess.run(["ip", "link", "set", far, "netns", netns], check=True)
+    subnet = free_subnet()
+    neighbour = str(subnet.network_address + 1)
+    for argv in (
+        ["ip", "addr", "add", f"{neighbour}/24", "dev", far],
+        ["ip", "link", "set", far, "up"],
+    ):
+        subprocess.run(["ip", "netns", "exec", netns, *argv], check=True)
+    try:
+        yield near, neighbour
+    finally:
+        subprocess.run(["ip", "link", "del", near], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
+def test_a_macvlan_nic_on_a_veth_parent_reaches_a_sibling_namespace(
+    env: tuple[Croft, Lxc, str], network: str, veth: tuple[str, str]
+) -> None:
+    croft, lxc, _ = env
+    parent, neighbour = veth
+    missing = lxc("network", "create", network, "--type=macvlan", check=False)
+    assert f'Invalid value for network "{network}" option "parent": Required value' in (
+        missing.stderr
+    )
+    absent = lxc("network", "create", network, "--type=macvlan", "parent=crtnosuch0", check=False)
+    assert 'Parent interface "crtnosuch0" not found' in absent.stderr
+    assert leftovers(croft, lxc, network) == []
+
+    lxc("network", "create", network, "--type=macvlan", f"parent={parent}")
+    shown = yaml.safe_load(lxc("network", "show", network).stdout)
+    assert shown["type"] == "macvlan" and shown["config"] == {"parent": parent}
+    leases = lxc("network", "list-leases", network, check=False)
+    assert "Error: Not implemented" in leases.stderr
+    instance = unique("mv-")
+    try:
+        lxc("launch", "busybox", instance, "-n", network)
+        inside = str(IPv4Address(neighbour) + 1)
+        lxc("exec", instance, "--", "ip", "addr", "add", f"{inside}/24", "dev", "eth0")
+        lxc("exec", instance, "--", "ip", "link", "set", "eth0", "up")
+        ping = lxc("exec", instance, "--", "ping", "-c", "1", "-W", "5", neighbour, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        assert (
+            f"/1.0/instances/{instance}"
+            in yaml.safe_load(lxc("network", "show", network).stdout)["used_by"]
+        )
+        refused = lxc("network", "delete", network, check=False)
+        assert "The network is currently in use" in refused.stderr
+    finally:
+        lxc("delete", "--force", instance, check=False)
+    lxc("network", "delete", network)
+    assert os.path.exists(f"/sys/class/net/{parent}")  # the parent is not croft's to remove
+
+
+def test_a_physical_network_hands_its_parent_to_a_container(
+    env: tuple[Croft, Lxc, str], network: str, veth: tuple[str, str]
+) -> None:
+    _, lxc, _ = env
+    parent, neighbour = veth
+    lxc("network", "create", network, "--type=physical", f"parent={parent}", "mtu=1400")
+    assert Path(f"/sys/class/net/{parent}/mtu").read_text().strip() == "1400"
+    instance = unique("ph-")
+    try:
+        lxc("launch", "busybox", instance, "-n", network)
+        # The parent itself is the container's eth0 now.
+        assert not os.path.exists(f"/sys/class/net/{parent}")
+        mtu = lxc("exec", instance, "--", "cat", "/sys/class/net/eth0/mtu").stdout.strip()
+        assert mtu == "1400"
+        inside = str(IPv4Address(neighbour) + 1)
+        lxc("exec", instance, "--", "ip", "addr", "add", f"{inside}/24", "dev", "eth0")
+        lxc("exec", instance, "--", "ip", "link", "set", "eth0", "up")
+        ping = lxc("exec", instance, "--", "ping", "-c", "1", "-W", "5", neighbour, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        refused = lxc("network", "set", network, "parent", "crtother0", check=False)
+        assert "Cannot update network parent interface when in use" in refused.stderr
+        lxc("stop", "--force", instance)
+        assert os.path.exists(f"/sys/class/net/{parent}")  # back on the host
+    finally:
+        lxc("delete", "--force", instance, check=False)
+    lxc("network", "delete", network)
+    assert Path(f"/sys/class/net/{parent}/mtu").read_text().strip() == "1500"  # put back

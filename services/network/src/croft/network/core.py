@@ -38,7 +38,13 @@ from typing import Any, TypeVar
 
 from croft.common import events
 from croft.common.blocking import in_thread
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import (
+    Conflict,
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    NotImplementedYet,
+)
 from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -597,6 +603,9 @@ class NetworkCore:
             record, revision, mine, mine_revision = await self._local_entry(name)
             driver = self.driver(record["type"])
             old_config = {**record["config"], **mine["config"]}
+            changed = {k for k in {*old_config, *config} if old_config.get(k) != config.get(k)}
+            if changed & driver.fixed_in_use and await self._nic_entries(name):
+                raise InvalidArgument(driver.fixed_in_use_message)
             try:
                 resolved = await driver.update(name, config)
             except BaseException:
@@ -795,5 +804,8 @@ class NetworkCore:
     async def leases(self, name: str) -> list[dict[str, str]]:
         """LXD's `GET /1.0/networks/<name>/leases` metadata for a network of this member."""
         record = await self._local_record(name)
-        leases = await self.driver(record["type"]).leases(name)
+        driver = self.driver(record["type"])
+        if not driver.capabilities.dhcp:
+            raise NotImplementedYet("Not implemented")  # LXD's answer for such networks
+        leases = await driver.leases(name)
         return [lease.to_api() for lease in leases]

@@ -60,6 +60,21 @@ async def member_states(store: Any, name: str) -> dict[str, str]:
     }
 
 
+async def with_member_config(
+    request: Request, store: Any, record: dict[str, Any], member: str = ""
+) -> dict[str, Any]:
+    """The record's config with a member's own keys (`parent`...), as LXD shows it: the
+    member asked for (`?target=`), else, on a server that is not clustered, its only
+    member; a cluster without a target shows the cluster-wide keys alone."""
+    member = member or request.query_params.get("target", "")
+    prefix = network_member_prefix(record["name"])
+    entries = {e.key.removeprefix(prefix): e.json() for e in await store.list(prefix)}
+    if not member and context(request).settings.location == "none" and len(entries) == 1:
+        member = next(iter(entries))
+    own = (entries.get(member) or {}).get("config") or {}
+    return {**(record.get("config") or {}), **own}
+
+
 async def member_of(request: Request, store: Any, name: str, record: dict[str, Any]) -> str:
     """The member whose network service answers for a network: LXD's `?target=`, else
     the first member it is created on (records from before the cluster shape name their

@@ -17,7 +17,13 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
-from croft.api.domain.networks import managed, member_of, member_states, used_by
+from croft.api.domain.networks import (
+    managed,
+    member_of,
+    member_states,
+    used_by,
+    with_member_config,
+)
 from croft.api.services import services
 from croft.common.errors import Conflict, InvalidArgument
 from croft.v1 import common_pb2, network_pb2
@@ -76,7 +82,8 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     record = await managed(ctx.store, name, _MISSING)
     if record.get("status") not in (None, "Created"):
         raise InvalidArgument("Cannot update network global config when not in created state")
-    current_config = dict(record.get("config") or {})
+    member = await member_of(request, ctx.store, name, record)
+    current_config = await with_member_config(request, ctx.store, record, member)
     query.check_if_match(request, records.etag([current_config, record.get("description", "")]))
     if patch:
         # LXD's PATCH: the keys sent replace theirs, the others stay; an absent
@@ -85,7 +92,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
         description = req.description if "description" in data else record.get("description", "")
     else:
         config, description = req.config, req.description
-    client = await services().network(await member_of(request, ctx.store, name, record))
+    client = await services().network(member)
     put = {"description": description, "config": config}
     await client.update_network(
         network_pb2.NetworkPut(name=name, json=json.dumps(put)), timeout=120

@@ -14,7 +14,7 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
-from croft.api.domain.networks import managed, member_of, used_by
+from croft.api.domain.networks import managed, member_of, used_by, with_member_config
 from croft.api.services import services
 from croft.common.clients import NetworkClient
 from croft.common.errors import NotFound
@@ -47,14 +47,18 @@ def _unmanaged(name: str) -> dict[str, Any]:
     }
 
 
-async def _render(store: Any, record: dict[str, Any]) -> dict[str, Any]:
+async def _render(request: Request, store: Any, record: dict[str, Any]) -> dict[str, Any]:
     """A managed network as LXD shows it."""
-    return {**public(record), "used_by": await used_by(store, record["name"])}
+    return {
+        **public(record),
+        "config": await with_member_config(request, store, record),
+        "used_by": await used_by(store, record["name"]),
+    }
 
 
-async def _all(store: Any) -> list[dict[str, Any]]:
+async def _all(request: Request, store: Any) -> list[dict[str, Any]]:
     managed = {
-        r["name"]: await _render(store, r)
+        r["name"]: await _render(request, store, r)
         for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
     }
     host = [n for n in sorted(os.listdir(SYS_NET)) if n not in managed]
@@ -63,7 +67,7 @@ async def _all(store: Any) -> list[dict[str, Any]]:
 
 @router.get("/1.0/networks")
 async def networks_list(request: Request) -> Response:
-    networks = await _all(context(request).store)
+    networks = await _all(request, context(request).store)
     return responses.sync(query.listing(networks, request, lambda n: f"/1.0/networks/{n['name']}"))
 
 
@@ -72,7 +76,7 @@ async def network_get(request: Request, name: str) -> Response:
     store = context(request).store
     found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
     if found is not None:
-        body = await _render(store, found[0])
+        body = await _render(request, store, found[0])
     elif os.path.exists(f"{SYS_NET}/{name}"):
         body = _unmanaged(name)
     else:

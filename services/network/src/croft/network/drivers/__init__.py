@@ -131,6 +131,9 @@ class NetworkDriver(ABC):
     # The network type this driver makes (LXD's `type`: "bridge", "macvlan"...).
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # Keys that cannot change while instance NICs use the network, and LXD's refusal.
+    fixed_in_use: ClassVar[frozenset[str]] = frozenset()
+    fixed_in_use_message: ClassVar[str] = ""
 
     def __init__(self, settings: DriverSettings | None = None) -> None:
         self.settings = settings or DriverSettings()

@@ -24,6 +24,9 @@ class PhysicalDriver(ParentedDriver):
 
     name: ClassVar[str] = "physical"
     capabilities: ClassVar[Capabilities] = Capabilities(nic_type="physical")
+    # The parent is inside the instances that use it: LXD refuses to change it then.
+    fixed_in_use: ClassVar[frozenset[str]] = frozenset({"parent", "vlan"})
+    fixed_in_use_message: ClassVar[str] = "Cannot update network parent interface when in use"
     # LXD 5.0's physical keys that croft implements; the OVN uplink keys, routes,
     # gateways, nameservers, VLANs and BGP are LXD's but not croft's yet.
     rules: ClassVar[Mapping[str, Rule]] = {
