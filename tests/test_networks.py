@@ -408,6 +408,12 @@ def test_a_macvlan_nic_on_a_veth_parent_reaches_a_sibling_namespace(
     lxc("network", "delete", network)
     assert os.path.exists(f"/sys/class/net/{parent}")  # the parent is not croft's to remove
 
+    # A network built on a managed bridge is one of the bridge's users, as in LXD.
+    _, _, default = env
+    lxc("network", "create", network, "--type=macvlan", f"parent={default}")
+    used = yaml.safe_load(lxc("network", "show", default).stdout)["used_by"]
+    assert used[0] == f"/1.0/networks/{network}"
+
 
 def test_a_physical_network_hands_its_parent_to_a_container(
     env: tuple[Croft, Lxc, str], network: str, veth: tuple[str, str]

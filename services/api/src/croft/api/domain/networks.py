@@ -12,6 +12,7 @@ from croft.api.context import context
 from croft.common.errors import NotFound
 from croft.common.records import (
     DEFAULT_PROJECT,
+    RECORDS,
     network_member_prefix,
     network_nic_prefix,
     network_used_by,
@@ -26,11 +27,21 @@ def on_network(device: dict[str, str], network: str) -> bool:
 async def used_by(store: Any, name: str) -> list[str]:
     """What uses a managed network, in LXD's order: networks built on it, profiles with a
     NIC on it, then the instances whose NICs are attached to it."""
+    # A network's `parent` is a member's own key: read from the member keys too.
+    members = RECORDS + "network-members/"
+    built_on = {
+        entry.key.removeprefix(members).split("/")[0]
+        for entry in await store.list(members)
+        if (entry.json().get("config") or {}).get("parent") == name
+    }
     networks = sorted(
         records.url("networks", r["name"])
         for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
         if r["name"] != name
-        and name in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
+        and (
+            r["name"] in built_on
+            or name in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
+        )
     )
     profiles = []
     prefix = records.RECORDS + "profiles/"
