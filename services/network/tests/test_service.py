@@ -37,7 +37,7 @@ from croft.common.records import (
     public,
 )
 from croft.common.rpc import ServiceClient
-from croft.common.store import Delete, EventType, Store, Update, dump
+from croft.common.store import Delete, EventType, Put, Store, Update, dump
 from croft.common.testing.etcd import EtcdServer, etcd_store
 from croft.network.core import network_key
 from croft.network.drivers import DriverSettings, generate_hwaddr
@@ -583,6 +583,40 @@ async def test_a_create_goes_pending_then_created_and_a_failed_one_leaves_nothin
             await store.transaction(
                 [Delete(network_key(key)), Delete(network_member_key(key, MEMBER))]
             )
+
+
+async def test_a_create_killed_half_way_is_undone_when_the_service_starts_again(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    # What a service killed between its driver's create/start and the created state
+    # leaves: the pending record and member key, and the bridge running.
+    name = f"crtn{secrets.token_hex(3)}"
+    driver = BridgeDriver(DriverSettings(running.root / "state" / "networks", running.nft_table))
+    config = await driver.create(name, {"ipv4.address": "auto", "ipv6.address": "none"})
+    try:
+        await driver.start(name, config)
+        pending = {"name": name, "type": "bridge", "config": config, "status": "Pending"}
+        member = {"state": "pending", "config": {}, "error": ""}
+        await store.transaction(
+            [
+                Put(network_key(name), dump(pending)),
+                Put(network_member_key(name, MEMBER), dump(member)),
+            ]
+        )
+        running.kill()
+        running.start()
+        await running.wait_registered(store)
+        assert await store.get(network_key(name)) is None
+        assert await store.get(network_member_key(name, MEMBER)) is None
+        assert not link_exists(name) and not dnsmasq_pids(name)
+        assert not firewall.exists(running.nft_table, name)
+        assert not driver.state_dir(name).exists()
+        assert link_exists(running.bridge)  # the others are untouched
+    finally:
+        await driver.delete(name)
+        await store.transaction(
+            [Delete(network_key(name)), Delete(network_member_key(name, MEMBER))]
+        )
 
 
 async def test_a_killed_service_comes_back_without_touching_the_network(

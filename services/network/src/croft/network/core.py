@@ -425,6 +425,14 @@ class NetworkCore:
             member = mine.get(name)
             if member is None:
                 continue
+            if member.get("state") == PENDING and record.get("status") == "Pending":
+                # A create this service was killed in: it never finished, so none of it
+                # stays (LXD's failed create leaves no network either).
+                try:
+                    await self._locked(name, functools.partial(self._abandon_create, record))
+                except CroftError as exc:
+                    log.error("network %s: unfinished create not undone: %s", name, exc)
+                continue
             if record.get("_croft", {}).get("nics"):
                 try:
                     await self._locked(name, functools.partial(self._move_nics_out, entry))
@@ -455,6 +463,20 @@ class NetworkCore:
                 log.error("network %s did not start: %s", name, exc)
                 failed.append(name)
         return failed
+
+    async def _abandon_create(self, record: dict[str, Any]) -> None:
+        """Undo a create that never finished: the driver's host state (only if the
+        driver made some: an interface of that name it did not make stays), then the
+        record and this member's key."""
+        name = record["name"]
+        driver = self.driver(record["type"])
+        if await driver.local_config(name) is not None:
+            await driver.delete(name)
+        await self.store.transaction(
+            [Delete(network_key(name)), Delete(network_member_key(name, self.member))]
+        )
+        self._forget(name)
+        log.warning("network %s: removed what a create killed half-way had made", name)
 
     async def _move_nics_out(self, entry: Entry) -> None:
         """Give each NIC listed in a network record (as records were written before NICs

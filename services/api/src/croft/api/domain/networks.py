@@ -40,7 +40,8 @@ async def used_by(store: Any, name: str) -> list[str]:
         if r["name"] != name
         and (
             r["name"] in built_on
-            or name in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
+            or name
+            in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
         )
     )
     profiles = []
