@@ -143,6 +143,14 @@ def test_create_show_set_unset_and_delete_a_bridge(
     assert lxc("network", "get", network, "user.note").stdout.strip() == "hello"
     assert json.loads(lxc("query", f"/1.0/networks/{network}").stdout)["description"] == "edited"
 
+    # A change that fails as it applies (dnsmasq refuses the option) changes nothing:
+    # the record keeps its config, the bridge keeps running with the dnsmasq it had.
+    before = yaml.safe_load(lxc("network", "show", network).stdout)["config"]
+    failed = lxc("network", "set", network, "raw.dnsmasq", "no-such-option", check=False)
+    assert failed.returncode == 1 and "dnsmasq" in failed.stderr
+    assert yaml.safe_load(lxc("network", "show", network).stdout)["config"] == before
+    assert f"--interface={network} " in commands()
+
     info = lxc("network", "info", network).stdout
     assert "State: up" in info and "MTU: 1400" in info
     lxc("network", "delete", network)
