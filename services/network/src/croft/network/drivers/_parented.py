@@ -20,7 +20,7 @@ from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.network.drivers import NetworkDriver, NetworkState
 from croft.network.drivers._bridge_dnsmasq import is_mac
-from croft.network.drivers._bridge_keys import Rule, check_config, check_interface_name
+from croft.network.drivers._keys import Rule, check_config, check_interface_name
 from croft.network.drivers.bridge import link_state
 
 _STARTED = "started"

@@ -46,7 +46,7 @@ from croft.network.drivers import (
 from croft.network.drivers import _bridge_table as firewall
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import DhcpHost, Dnsmasq, DnsmasqOptions, is_mac
-from croft.network.drivers._bridge_keys import check_bridge_config, check_interface_name
+from croft.network.drivers._keys import check_bridge_config, check_interface_name
 
 DEFAULT_DOMAIN = "croft"
 DEFAULT_MTU = 1500
@@ -109,7 +109,7 @@ class BridgeConfig:
     @classmethod
     def parse(cls, config: Mapping[str, str]) -> BridgeConfig:
         """The typed config. Key names and their values' forms are LXD's rules
-        (`_bridge_keys`, checked by `validate`); this checks what those leave open (a
+        (`_keys`, checked by `validate`); this checks what those leave open (a
         DHCP range outside the subnet, a subnet with no room for instances)."""
         for key, value in config.items():
             if not isinstance(value, str):

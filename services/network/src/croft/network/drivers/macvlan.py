@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import ClassVar
 
 from croft.network.drivers import Capabilities
-from croft.network.drivers._bridge_keys import Rule, mtu, required_interface
+from croft.network.drivers._keys import Rule, mtu, required_interface
 from croft.network.drivers._parented import ParentedDriver
 
 

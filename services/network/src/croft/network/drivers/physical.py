@@ -12,7 +12,7 @@ from pyroute2 import IPRoute
 
 from croft.common.blocking import in_thread
 from croft.network.drivers import Capabilities
-from croft.network.drivers._bridge_keys import Rule, mtu, required_interface
+from croft.network.drivers._keys import Rule, mtu, required_interface
 from croft.network.drivers._parented import ParentedDriver
 from croft.network.drivers.macvlan import _unsupported
 

@@ -1,6 +1,8 @@
-"""The bridge network's config keys, checked as LXD 5.0's `bridge.Validate` checks them:
-one rule per key, LXD's words in every message (`Invalid value for network "n" option
-"k": ...`, `Invalid option for network "n" option "k"`), `user.*` free.
+"""Network config keys checked as LXD 5.0's drivers check them (`common.validate` and
+`shared/validate`): one rule per key, LXD's words in every message (`Invalid value for
+network "n" option "k": ...`, `Invalid option for network "n" option "k"`), `user.*`
+free. The bridge's rules are here (`RULES`); macvlan and physical declare theirs with
+the same validators.
 
 LXD keys that croft's bridge does not implement (fan mode, tunnels, BGP, MAAS, ACLs,
 zones, OVN ranges) are refused with a message that says so, rather than accepted and
