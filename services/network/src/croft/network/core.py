@@ -38,7 +38,13 @@ from typing import Any, TypeVar
 
 from croft.common import events
 from croft.common.blocking import in_thread
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import (
+    Conflict,
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    NotImplementedYet,
+)
 from croft.common.locks import KeyedLock
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -127,6 +133,7 @@ class InstanceNic:
     device: str
     hwaddr: str = ""  # "" on detach: the one recorded at attach is used
     ipv4: str | None = None  # a pinned address; None for any
+    ipv6: str | None = None  # a pinned DHCPv6 address; None for any
 
     @property
     def key(self) -> str:
@@ -175,7 +182,7 @@ class NetworkCore:
             try:
                 self._drivers[type_name] = load_driver(type_name, self.settings)
             except InvalidArgument:
-                raise InvalidArgument(f'Invalid network type "{type_name}"') from None
+                raise InvalidArgument("Unknown driver") from None
         return self._drivers[type_name]
 
     async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
@@ -418,6 +425,14 @@ class NetworkCore:
             member = mine.get(name)
             if member is None:
                 continue
+            if member.get("state") == PENDING and record.get("status") == "Pending":
+                # A create this service was killed in: it never finished, so none of it
+                # stays (LXD's failed create leaves no network either).
+                try:
+                    await self._locked(name, functools.partial(self._abandon_create, record))
+                except CroftError as exc:
+                    log.error("network %s: unfinished create not undone: %s", name, exc)
+                continue
             if record.get("_croft", {}).get("nics"):
                 try:
                     await self._locked(name, functools.partial(self._move_nics_out, entry))
@@ -448,6 +463,20 @@ class NetworkCore:
                 log.error("network %s did not start: %s", name, exc)
                 failed.append(name)
         return failed
+
+    async def _abandon_create(self, record: dict[str, Any]) -> None:
+        """Undo a create that never finished: the driver's host state (only if the
+        driver made some: an interface of that name it did not make stays), then the
+        record and this member's key."""
+        name = record["name"]
+        driver = self.driver(record["type"])
+        if await driver.local_config(name) is not None:
+            await driver.delete(name)
+        await self.store.transaction(
+            [Delete(network_key(name)), Delete(network_member_key(name, self.member))]
+        )
+        self._forget(name)
+        log.warning("network %s: removed what a create killed half-way had made", name)
 
     async def _move_nics_out(self, entry: Entry) -> None:
         """Give each NIC listed in a network record (as records were written before NICs
@@ -483,42 +512,105 @@ class NetworkCore:
         self, name: str, type_name: str, config: dict[str, str], description: str = ""
     ) -> dict[str, Any]:
         """Create a managed network on this member and start it; returns its record.
-        InvalidArgument for a bad name, type or config, Conflict if the name is taken.
-        On failure nothing is left: no record, no host state."""
+
+        As LXD: the record is written first with this member `pending` (the network's
+        status Pending), then the driver makes and starts it, then this member is
+        `created` with the config the driver filled in (`auto` subnets). On any failure
+        the driver's work is undone and the record and member key are removed: no
+        bridge, no dnsmasq, no firewall table, no record. InvalidArgument for a bad
+        name, type or config, Conflict if the name is taken."""
         if not name:
-            raise InvalidArgument("No network name given")
+            raise InvalidArgument("No name provided")
         type_name = type_name or DEFAULT_NETWORK_TYPE
         driver = self.driver(type_name)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
             raise InvalidArgument("Network config values must be strings")
         key = network_key(name)
+        mine = network_member_key(name, self.member)
 
         async def create() -> dict[str, Any]:
             self._forget(name)
+            # Name and keys first: a bad request writes nothing at all.
+            await driver.validate(name, {k: v for k, v in config.items() if v != ""})
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
+            pending = {
+                **new_network_record(name, type_name, config, description),
+                "status": "Pending",
+            }
+            try:
+                revision = await self.store.transaction(
+                    [
+                        Create(key, dump(pending)),
+                        Put(mine, dump(member_entry(PENDING, config))),
+                    ]
+                )
+            except Conflict:
+                raise Conflict("The network already exists") from None
             async with Reverter() as revert:
+                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
+                # Registered once create succeeded: a create refused because the name is
+                # some other interface's must not delete that interface.
                 resolved = await driver.create(name, config)
                 revert.add(lambda: driver.delete(name))
-                record = new_network_record(name, type_name, resolved, description)
-                mine = network_member_key(name, self.member)
-                try:
-                    # The record and this member's state of it, in one write.
-                    await self.store.transaction(
-                        [
-                            Create(key, dump(record)),
-                            Put(mine, dump(member_entry(CREATED, resolved))),
-                        ]
-                    )
-                except Conflict:
-                    raise Conflict("The network already exists") from None
-                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
                 await driver.start(name, resolved)
+                record = new_network_record(name, type_name, resolved, description)
+                await self.store.transaction(
+                    [
+                        Update(key, dump(record), revision),
+                        Put(mine, dump(member_entry(CREATED, resolved))),
+                    ]
+                )
                 revert.success()
             await self._lifecycle("network-created", name)
             return {**record, "config": resolved}
 
         return await self._locked(name, create)
+
+    async def rename_network(self, name: str, new_name: str) -> dict[str, Any]:
+        """Rename a network that nothing is attached to (LXD's `POST /1.0/networks/NAME`):
+        its host state, then its record and member keys, moved in one write. On failure
+        it keeps its old name. InvalidArgument while NICs are attached, Conflict when
+        the new name is taken."""
+        if not new_name:
+            raise InvalidArgument("New network name not provided")
+        if new_name == name:
+            raise Conflict(f'Network "{new_name}" already exists')
+
+        async def rename() -> dict[str, Any]:
+            self._forget(name)
+            self._forget(new_name)
+            record, revision, mine, mine_revision = await self._local_entry(name)
+            if await self._nic_entries(name):
+                raise InvalidArgument("Network is currently in use")
+            if await self.store.get(network_key(new_name)) is not None:
+                raise Conflict(f'Network "{new_name}" already exists')
+            states = await self._member_states(name)
+            if set(states) != {self.member}:
+                raise InvalidArgument("Renaming clustered network not supported")
+            driver = self.driver(record["type"])
+            config = {**record["config"], **mine["config"]}
+            async with Reverter() as revert:
+                await driver.rename(name, new_name, config)
+                revert.add(lambda: driver.rename(new_name, name, config))
+                new = {**record, "name": new_name}
+                await self.store.transaction(
+                    [
+                        Create(network_key(new_name), dump(new)),
+                        Put(network_member_key(new_name, self.member), dump(mine)),
+                        Delete(network_key(name), revision),
+                        Delete(network_member_key(name, self.member), mine_revision),
+                    ]
+                )
+                revert.success()
+            self._forget(name)
+            await self._lifecycle("network-renamed", new_name)
+            return {**new, "config": config}
+
+        async def both() -> dict[str, Any]:
+            return await self._locked(new_name, rename)
+
+        return await self._locked(name, both)
 
     async def update_network(
         self, name: str, config: dict[str, str], description: str | None = None
@@ -533,7 +625,18 @@ class NetworkCore:
             record, revision, mine, mine_revision = await self._local_entry(name)
             driver = self.driver(record["type"])
             old_config = {**record["config"], **mine["config"]}
-            resolved = await driver.update(name, config)
+            changed = {k for k in {*old_config, *config} if old_config.get(k) != config.get(k)}
+            if changed & driver.fixed_in_use and await self._nic_entries(name):
+                raise InvalidArgument(driver.fixed_in_use_message)
+            try:
+                resolved = await driver.update(name, config)
+            except BaseException:
+                # A change that failed half-way (dnsmasq refusing raw.dnsmasq, say)
+                # puts the running network back as it was.
+                if await driver.is_running(name):
+                    with contextlib.suppress(Exception):
+                        await driver.update(name, old_config)
+                raise
             # The cluster-wide keys go in the record, this member's own in its key: one
             # write, whose revisions catch any other writer meanwhile.
             new = {**record, "config": split_config(resolved)[0]}
@@ -622,17 +725,27 @@ class NetworkCore:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
                     # add_instance replaces this NIC's entry: put the old one back.
                     old_ipv4 = previous.get("ipv4") or None
-                    revert.add(lambda: driver.add_instance(name, nic.instance, hwaddr, old_ipv4))
+                    old_ipv6 = previous.get("ipv6") or None
+                    revert.add(
+                        lambda: driver.add_instance(
+                            name, nic.instance, hwaddr, old_ipv4, ipv6=old_ipv6
+                        )
+                    )
                 else:
                     revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
-                address = await driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
-                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
+                address = await driver.add_instance(
+                    name, nic.instance, hwaddr, nic.ipv4, ipv6=nic.ipv6
+                )
+                entry = {"hwaddr": hwaddr, "ipv4": address or ""}
+                if nic.ipv6:
+                    entry["ipv6"] = nic.ipv6
+                await self._write_nic(nic, entry)
                 revert.success()
             if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
                 await driver.remove_instance(name, nic.instance, previous["hwaddr"])
             return NicAttachment(
                 nic_type=driver.capabilities.nic_type,
-                parent=driver.nic_parent(name),
+                parent=driver.nic_parent(name, config),
                 mtu=driver.instance_mtu(config),
                 ipv4=address,
             )
@@ -713,5 +826,8 @@ class NetworkCore:
     async def leases(self, name: str) -> list[dict[str, str]]:
         """LXD's `GET /1.0/networks/<name>/leases` metadata for a network of this member."""
         record = await self._local_record(name)
-        leases = await self.driver(record["type"]).leases(name)
+        driver = self.driver(record["type"])
+        if not driver.capabilities.dhcp:
+            raise NotImplementedYet("Not implemented")  # LXD's answer for such networks
+        leases = await driver.leases(name)
         return [lease.to_api() for lease in leases]

@@ -21,6 +21,7 @@ def _nic(request: network_pb2.NicRequest) -> InstanceNic:
         device=request.device,
         hwaddr=request.hwaddr,
         ipv4=request.ipv4 or None,
+        ipv6=request.ipv6 or None,
     )
 
 
@@ -98,3 +99,8 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
     ) -> common_pb2.Empty:
         await self.core.delete_network(request.name)
         return common_pb2.Empty()
+
+    async def RenameNetwork(
+        self, request: network_pb2.NetworkRename, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.Json:
+        return _record(await self.core.rename_network(request.name, request.new_name))

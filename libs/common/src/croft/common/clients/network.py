@@ -51,3 +51,8 @@ class NetworkClient(TypedClient):
         self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteNetwork", request, options)
+
+    def rename_network(
+        self, request: network_pb2.NetworkRename, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RenameNetwork", request, options)

@@ -54,11 +54,18 @@ API_EXTENSIONS: list[str] = [
     "exec_special_chars",
     "container_file_write_append",
     "file_delete",
-    # networks (routes/networks.py): read-only for now, as storage pools are (list, get,
-    # state, leases); creating or changing one answers LXD's 501 "not implemented"
+    # networks (routes/networks.py, routes/network_changes.py): bridges made, changed,
+    # renamed and deleted; NICs naming their network (`network=`), which `lxc init -n`
+    # and `lxc network attach` send only when this is listed
     "network",
     "network_leases",
     "network_state",
+    "network_routes",
+    "network_dhcp_expiry",
+    "network_dhcp_gateway",
+    "network_nat_address",
+    "network_dns_search",
+    "instance_nic_network",
     "resources",
     "console",  # the console log, and attaching to the console (routes/instances.py)
     # certificates (routes/certificates.py): trust tokens, restricted certificates
