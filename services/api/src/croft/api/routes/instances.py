@@ -20,6 +20,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import call_closing, states_of
 from croft.api.domain.images import resolve_image
 from croft.api.domain.instances import (
@@ -183,6 +184,7 @@ async def instances_post(request: Request) -> Response:
     }
     limits.check_device_paths(expanded_devices)
     limits.check_record(record, "instance")
+    await projects.check_instance(ctx.store, project, record, action="create")
     request_pb = compute_pb2.CreateInstanceRequest(
         record=json.dumps(record), image_fingerprint=fingerprint, start=req.start
     )

@@ -41,6 +41,15 @@ API_EXTENSIONS: list[str] = [
     "event_project",
     "event_lifecycle_requestor_address",
     "projects",
+    # projects (routes/projects.py, domain/projects.py): features, limits, restrictions
+    "projects_limits",
+    "projects_restrictions",
+    "projects_limits_disk",
+    "projects_networks",
+    "projects_limits_instances",
+    "projects_restricted_cluster_target",
+    "projects_restricted_backups_and_snapshots",
+    "project_usage",
     "api_filtering",
     "api_os",
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
