@@ -167,7 +167,6 @@ async def instances_post(request: Request) -> Response:
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)
-    member = await place(ctx.store)
     record = {
         "name": name,
         "project": project,
@@ -185,6 +184,7 @@ async def instances_post(request: Request) -> Response:
     limits.check_device_paths(expanded_devices)
     limits.check_record(record, "instance")
     await projects.check_instance(ctx.store, project, record, action="create")
+    member = await place(ctx.store)
     request_pb = compute_pb2.CreateInstanceRequest(
         record=json.dumps(record), image_fingerprint=fingerprint, start=req.start
     )
