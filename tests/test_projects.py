@@ -166,6 +166,10 @@ def test_a_project_without_features_shares_defaults(croft_lxc: LXC, busybox_imag
         assert "eth0" in state["expanded_devices"]  # from default's default profile
         assert names(lxc, "list", "--project", "shared") == ["s1"]
         assert "s1" not in names(lxc, "list")
+        # default's profile knows who uses it, in every project that shares it.
+        used = yaml.safe_load(lxc("profile", "show", "default").stdout)["used_by"]
+        assert "/1.0/instances/s1?project=shared" in used
+        assert refused(lxc, "profile", "delete", "default") != ""
     finally:
         lxc("delete", "--force", "s1", "--project", "shared")
     lxc("project", "delete", "shared")

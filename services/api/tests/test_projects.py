@@ -167,3 +167,27 @@ def test_limits_refuse_a_create_before_anything_is_made(replica: Replica, clean_
         'Can\'t change limits.instances in project "pl": "limits.instances" is too low: '
         'there currently are 1 total instances in project "pl"'
     )
+
+
+def test_a_start_is_held_to_the_projects_restrictions(replica: Replica, clean_store: Any) -> None:
+    """An instance that breaks its project's restrictions (written before they were
+    set, say) is refused a start, before any compute is asked."""
+    replica.request("POST", "/1.0/projects", {"name": "pr", "config": {"restricted": "true"}})
+    put_records(
+        clean_store.endpoints,
+        {
+            record_key("instances", "pr", "old"): {
+                "name": "old", "project": "pr", "type": "container", "status": "Stopped",
+                "config": {}, "devices": {}, "profiles": [],
+                "expanded_config": {"security.privileged": "true"}, "expanded_devices": {},
+                "_croft": {"member": "none", "state": "created"},
+            },
+        },
+    )  # fmt: skip
+    refused = replica.request("PUT", "/1.0/instances/old/state?project=pr", {"action": "start"})
+    assert (refused.status, refused.error) == (
+        400,
+        'Failed checking if instance start allowed: Invalid value "true" for config '
+        '"security.privileged" on container "old" of project "pr": Privileged containers are '
+        "forbidden",
+    )

@@ -20,7 +20,7 @@ from croft.common.errors import InvalidArgument, NotFound
 from croft.common.instance_config import go_quote, parse_bool, parse_byte_size, parse_int
 from croft.common.projects import FEATURE_OF_KIND, is_true, owner
 from croft.common.records import DEFAULT_PROJECT, project_key, record_key, record_prefix
-from croft.common.store import Store
+from croft.common.store import Entry, Store
 
 __all__ = [
     "FEATURE_OF_KIND",
@@ -32,6 +32,7 @@ __all__ = [
     "default_profile_key",
     "is_empty",
     "is_true",
+    "instance_entries",
     "load",
     "new_project_config",
     "owner",
@@ -227,6 +228,29 @@ async def scope(request: Request, kind: str) -> str:
     if record is None:
         return project
     return owner(project, record.get("config"), kind)
+
+
+async def sharing(store: Store, project: str, kind: str) -> list[str]:
+    """`project` and every project that uses its records of `kind` (the projects whose
+    feature for `kind` is off share `default`'s)."""
+    if project != DEFAULT_PROJECT:
+        return [project]
+    shared = [project]
+    for entry in await store.list(f"{records.RECORDS}projects/"):
+        record = entry.json()
+        name = str(record.get("name", ""))
+        if name != DEFAULT_PROJECT and owner(name, record.get("config"), kind) == project:
+            shared.append(name)
+    return shared
+
+
+async def instance_entries(store: Store, project: str, kind: str) -> list[tuple[str, Entry]]:
+    """The instances (project, store entry) that use `project`'s records of `kind`:
+    its own and those of the projects that share them."""
+    found = []
+    for name in await sharing(store, project, kind):
+        found += [(name, e) for e in await store.list(record_prefix("instances", name))]
+    return found
 
 
 # The kinds of record a project can hold, in the order LXD lists them in `used_by`.

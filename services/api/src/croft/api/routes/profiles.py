@@ -95,10 +95,10 @@ async def check_networks(
 
 async def instances_using(store: Store, project: str, name: str) -> list[str]:
     urls = []
-    for entry in await store.list(records.record_prefix("instances", project)):
+    for owner, entry in await projects.instance_entries(store, project, KIND):
         instance = entry.json()
         if name in (instance.get("profiles") or []):
-            urls.append(records.url("instances", instance.get("name", ""), project))
+            urls.append(records.url("instances", instance.get("name", ""), owner))
     return urls
 
 
@@ -124,12 +124,12 @@ async def _load(store: Store, project: str, name: str) -> dict[str, Any]:
 async def profiles_list(request: Request) -> Response:
     store = context(request).store
     project = await projects.scope(request, KIND)
-    instances = [e.json() for e in await store.list(records.record_prefix("instances", project))]
+    instances = [(p, e.json()) for p, e in await projects.instance_entries(store, project, KIND)]
 
     def used_by(name: str) -> list[str]:
         return [
-            records.url("instances", i.get("name", ""), project)
-            for i in instances
+            records.url("instances", i.get("name", ""), owner)
+            for owner, i in instances
             if name in (i.get("profiles") or [])
         ]
 
@@ -232,7 +232,7 @@ async def _instance_updates(
     not take it: an invalid expansion, or new devices while it runs (hot-plugging is not
     built)."""
     updates = []
-    for entry in await store.list(records.record_prefix("instances", project)):
+    for _, entry in await projects.instance_entries(store, project, KIND):
         record = entry.json()
         if name not in (record.get("profiles") or []):
             continue

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain import projects
+from croft.api.identity import identity
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from croft.common.records import DEFAULT_PROJECT, project_key
@@ -53,10 +54,25 @@ def writable(record: dict[str, Any]) -> list[Any]:
     return [record.get("config") or {}, record.get("description", "")]
 
 
+def _may_see(request: Request, name: str) -> bool:
+    """A restricted certificate sees only its projects (LXD: "view" on the project)."""
+    who = identity(request)
+    return not who.restricted or name in who.projects
+
+
+def _visible(request: Request, name: str) -> None:
+    if not _may_see(request, name):
+        raise PermissionDenied("not authorized")
+
+
 @router.get("/1.0/projects")
 async def projects_list(request: Request) -> Response:
     store = context(request).store
-    entries = await store.list(f"{records.RECORDS}projects/")
+    entries = [
+        e
+        for e in await store.list(f"{records.RECORDS}projects/")
+        if _may_see(request, e.key.rsplit("/", 1)[1])
+    ]
     if query.recursion(request) == 0 and query.filter_clauses(request) is None:
         return responses.sync([records.url(KIND, e.key.rsplit("/", 1)[1]) for e in entries])
     rendered = [await render(store, entry.json()) for entry in entries]
@@ -91,6 +107,7 @@ async def projects_post(request: Request) -> Response:
 
 @router.get("/1.0/projects/{name}")
 async def project_get(request: Request, name: str) -> Response:
+    _visible(request, name)
     store = context(request).store
     record, _ = await projects.load(store, name)
     return responses.sync(await render(store, record), etag=records.etag(writable(record)))
@@ -98,6 +115,7 @@ async def project_get(request: Request, name: str) -> Response:
 
 @router.get("/1.0/projects/{name}/state")
 async def project_state_get(request: Request, name: str) -> Response:
+    _visible(request, name)
     store = context(request).store
     try:
         await projects.load(store, name)
