@@ -140,7 +140,7 @@ def test_limits_refuse_a_create_before_anything_is_made(replica: Replica, clean_
         {
             record_key("instances", "pl", "one"): {
                 "name": "one", "project": "pl", "type": "container",
-                "expanded_config": {}, "expanded_devices": {},
+                "expanded_config": {"limits.memory": "256MiB"}, "expanded_devices": {},
             },
         },
     )  # fmt: skip
@@ -167,6 +167,14 @@ def test_limits_refuse_a_create_before_anything_is_made(replica: Replica, clean_
         'Can\'t change limits.instances in project "pl": "limits.instances" is too low: '
         'there currently are 1 total instances in project "pl"'
     )
+    memory = replica.request("PATCH", "/1.0/projects/pl", {"config": {"limits.memory": "100MiB"}})
+    assert memory.error == '"limits.memory" is too low: current total is "256.0MiB"'
+    cpu = replica.request("PATCH", "/1.0/projects/pl", {"config": {"limits.cpu": "4"}})
+    assert cpu.error == (
+        'Instance "one" in project "pl" has no "limits.cpu" config, either directly or via a '
+        "profile"
+    )
+    assert "limits.cpu" not in replica.request("GET", "/1.0/projects/pl").metadata["config"]
 
 
 def test_a_start_is_held_to_the_projects_restrictions(replica: Replica, clean_store: Any) -> None:

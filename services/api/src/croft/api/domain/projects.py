@@ -660,11 +660,11 @@ def _printed(key: str, total: int) -> str:
     if total < 1024:
         return f"{total}B"
     value = float(total)
-    for unit in ("kB", "MB", "GB", "TB", "PB", "EB"):
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB"):
         value /= 1024
         if value < 1024:
             return f"{value:.1f}{unit}"
-    return f"{value:.1f}EB"
+    return f"{value:.1f}EiB"
 
 
 async def check_project_change(
@@ -730,7 +730,8 @@ async def check_project_change(
         for key in aggregates:
             if _parse_aggregate(key, wanted[key]) < totals[key]:
                 raise InvalidArgument(
-                    f"{go_quote(key)} is too low: current total is {_printed(key, totals[key])}"
+                    f"{go_quote(key)} is too low: current total is "
+                    f"{go_quote(_printed(key, totals[key]))}"
                 )
 
 
