@@ -73,6 +73,7 @@ API_EXTENSIONS: list[str] = [
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",
+    "auth_user",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
@@ -195,7 +196,9 @@ async def server_get(request: Request) -> Response:
     # LXD 5.0 answers the server info whatever project is named, even one that does
     # not exist (lxc and pylxd send their remote's project with every request).
     project = query.project(request)
-    config = shown_config(await _server_config(request))
+    who = identity(request)
+    # As LXD: only an administrator (not a restricted certificate) sees the server config.
+    config = {} if who.restricted else shown_config(await _server_config(request))
     https_address = serving_address(request)
     addresses = await listen_addresses(https_address) if https_address else []
     info = {
@@ -208,6 +211,9 @@ async def server_get(request: Request) -> Response:
         "auth": "trusted",
         "public": False,
         "auth_methods": ["tls"],
+        # LXD's auth_user extension: who this client is, as the requestor of its changes.
+        "auth_user_name": who.username,
+        "auth_user_method": who.protocol,
         "environment": environment(ctx.settings, project, addresses, await storage_drivers()),
     }
     return responses.sync(info, etag=records.etag(config))
