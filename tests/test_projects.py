@@ -6,6 +6,7 @@ each refusal in LXD 5.0.2's words (measured against it)."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -282,3 +283,58 @@ def test_operations_and_events_of_a_project(croft_lxc: LXC, two_projects: tuple[
     assert json.loads(raw.stdout) is not None
     state = json.loads(lxc("query", "/1.0/projects/pa/state").stdout)
     assert state["resources"]["instances"] == {"Limit": -1, "Usage": 1}
+
+
+def test_a_restricted_client_keeps_to_its_project(
+    croft_lxc: LXC, two_projects: tuple[str, str], busybox_image: Path
+) -> None:
+    """`lxc config trust add --restricted --projects pa`: the remote user sees and changes
+    pa only, by every path the client has, and nothing server-wide."""
+    croft, lxc, _ = croft_lxc
+    from .conftest import free_port
+
+    lxc("config", "set", "core.https_address", f"127.0.0.1:{free_port()}")
+    token = lxc("config", "trust", "add", "--name", "tenant", "--restricted", "--projects", "pa",
+                "-q").stdout.strip()  # fmt: skip
+    tenant = Lxc(croft.root / "no-socket", croft.root / "tenant-home")
+    tenant.home.mkdir(exist_ok=True)
+    tenant("remote", "add", "croft", token)
+    tenant("remote", "switch", "croft")
+    tenant("project", "switch", "pa")
+    try:
+        assert names(tenant, "list") == ["c"]
+        assert names(tenant, "project", "list") == ["pa"]
+        tenant("init", "busybox", "mine")
+        assert names(tenant, "list") == ["c", "mine"]
+        tenant("delete", "mine")
+        for args in (
+            ("list", "--project", "pb"),
+            ("query", "/1.0/instances?all-projects=true&project=pa"),
+            ("project", "show", "pb"),
+            ("init", "busybox", "x", "--project", "pb"),
+            ("delete", "c", "--project", "pb"),
+            ("profile", "create", "p", "--project", "pb"),
+            ("project", "create", "mine"),
+            ("project", "set", "pa", "limits.instances", "50"),
+            ("config", "set", "user.x", "1"),
+            ("storage", "create", "p2", "dir"),
+        ):
+            result = tenant(*args, check=False)
+            assert result.returncode != 0, args
+            assert "not authorized" in result.stderr, (args, result.stderr)
+        # Of the trust store, it sees its own certificate only.
+        assert [c["name"] for c in tenant.json("config", "trust", "list")] == ["tenant"]
+        other = croft.root / "other.crt"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-nodes", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:P-384", "-days", "30", "-keyout", str(croft.root / "other.key"),
+             "-out", str(other), "-subj", "/CN=other"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        lxc("config", "trust", "add", str(other), "--restricted", "--projects", "pb")
+        assert len(lxc.json("config", "trust", "list")) == 2
+        assert [c["name"] for c in tenant.json("config", "trust", "list")] == ["tenant"]
+        assert names(lxc, "list", "--project", "pb") == ["c"]
+        assert "limits.instances" not in project(lxc, "pa")["config"]
+    finally:
+        lxc("config", "unset", "core.https_address")
