@@ -277,12 +277,11 @@ def test_restrictions_refuse_with_lxds_messages(
         lxc("project", "unset", "pa", "restricted")
 
 
-def test_operations_and_events_of_a_project(croft_lxc: LXC, two_projects: tuple[str, str]) -> None:
-    croft, lxc, _ = croft_lxc
-    raw = lxc("query", "/1.0/operations?project=pa&recursion=1")
-    assert json.loads(raw.stdout) is not None
+def test_project_state_counts_what_it_holds(croft_lxc: LXC, two_projects: tuple[str, str]) -> None:
+    _, lxc, _ = croft_lxc
     state = json.loads(lxc("query", "/1.0/projects/pa/state").stdout)
     assert state["resources"]["instances"] == {"Limit": -1, "Usage": 1}
+    assert state["resources"]["containers"] == {"Limit": -1, "Usage": 1}
 
 
 def test_a_restricted_client_keeps_to_its_project(
@@ -324,6 +323,13 @@ def test_a_restricted_client_keeps_to_its_project(
             assert "not authorized" in result.stderr, (args, result.stderr)
         # Of the trust store, it sees its own certificate only.
         assert [c["name"] for c in tenant.json("config", "trust", "list")] == ["tenant"]
+
+        # `lxc config trust edit` widens it to pb, at once.
+        (mine,) = [c for c in lxc.json("config", "trust", "list") if c["name"] == "tenant"]
+        edited = yaml.safe_dump({**mine, "projects": ["pa", "pb"]})
+        lxc("config", "trust", "edit", mine["fingerprint"], input=edited)
+        assert names(tenant, "list", "--project", "pb") == ["c"]
+        assert names(tenant, "project", "list") == ["pa", "pb"]
         other = croft.root / "other.crt"
         subprocess.run(
             ["openssl", "req", "-x509", "-nodes", "-newkey", "ec", "-pkeyopt",
@@ -334,6 +340,13 @@ def test_a_restricted_client_keeps_to_its_project(
         lxc("config", "trust", "add", str(other), "--restricted", "--projects", "pb")
         assert len(lxc.json("config", "trust", "list")) == 2
         assert [c["name"] for c in tenant.json("config", "trust", "list")] == ["tenant"]
+
+        # `lxc config trust edit` widens it to pb, at once.
+        (mine,) = [c for c in lxc.json("config", "trust", "list") if c["name"] == "tenant"]
+        edited = yaml.safe_dump({**mine, "projects": ["pa", "pb"]})
+        lxc("config", "trust", "edit", mine["fingerprint"], input=edited)
+        assert names(tenant, "list", "--project", "pb") == ["c"]
+        assert names(tenant, "project", "list") == ["pa", "pb"]
         assert names(lxc, "list", "--project", "pb") == ["c"]
         assert "limits.instances" not in project(lxc, "pa")["config"]
     finally:

@@ -73,6 +73,7 @@ API_EXTENSIONS: list[str] = [
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",
+    "certificate_update",
     "auth_user",
 ]
 
