@@ -151,7 +151,7 @@ def test_a_project_in_use_cannot_go(croft_lxc: LXC, two_projects: tuple[str, str
 def test_a_project_without_features_shares_defaults(croft_lxc: LXC, busybox_image: Path) -> None:
     """`features.images=false` and `features.profiles=false`: default's images and
     profiles are the project's, and an instance launches from them."""
-    _, lxc, _ = croft_lxc
+    croft, lxc, bridge = croft_lxc
     if "busybox" not in [a["name"] for a in lxc.json("image", "alias", "list")]:
         lxc("image", "import", str(busybox_image), "--alias", "busybox")
     lxc("project", "create", "shared", "-c", "features.images=false",
@@ -165,6 +165,9 @@ def test_a_project_without_features_shares_defaults(croft_lxc: LXC, busybox_imag
         state = lxc.json("list", "--project", "shared")[0]
         assert state["status"] == "Running"
         assert "eth0" in state["expanded_devices"]  # from default's default profile
+        # Its DHCP host entry is named as LXD names it outside default: <name>.<project>.
+        hosts = croft.root / "state" / "networks" / bridge / "dnsmasq.hosts.d"
+        assert any(h.read_text().strip().endswith(",s1.shared") for h in hosts.iterdir())
         assert names(lxc, "list", "--project", "shared") == ["s1"]
         assert "s1" not in names(lxc, "list")
         # default's profile knows who uses it, in every project that shares it.

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,10 @@ def with_members(record: dict[str, Any], states: Mapping[str, str]) -> dict[str,
     return {**record, "status": status, "locations": locations}
 
 
+# A project name that can be a DNS label (LXD's project names are freer).
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
 @dataclass(frozen=True)
 class InstanceNic:
     """One NIC of an instance on a managed network."""
@@ -136,6 +141,16 @@ class InstanceNic:
     @property
     def store_key(self) -> str:
         return network_nic_key(self.network, self.project, self.instance, self.device)
+
+    @property
+    def dns_name(self) -> str:
+        """The instance's name in the network's DHCP and DNS, as LXD's project.DNS makes
+        it: `<instance>.<project>` outside the default project, so that two projects'
+        instances of one name do not share it (the instance's own name when the project's
+        name cannot be a DNS label)."""
+        if self.project in ("", DEFAULT_PROJECT) or not _DNS_LABEL.match(self.project):
+            return self.instance
+        return f"{self.instance}.{self.project}"
 
 
 @dataclass(frozen=True)
@@ -622,14 +637,14 @@ class NetworkCore:
                 if previous is not None and previous.get("hwaddr") == hwaddr:
                     # add_instance replaces this NIC's entry: put the old one back.
                     old_ipv4 = previous.get("ipv4") or None
-                    revert.add(lambda: driver.add_instance(name, nic.instance, hwaddr, old_ipv4))
+                    revert.add(lambda: driver.add_instance(name, nic.dns_name, hwaddr, old_ipv4))
                 else:
-                    revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
-                address = await driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
+                    revert.add(lambda: driver.remove_instance(name, nic.dns_name, hwaddr))
+                address = await driver.add_instance(name, nic.dns_name, hwaddr, nic.ipv4)
                 await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
                 revert.success()
             if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
-                await driver.remove_instance(name, nic.instance, previous["hwaddr"])
+                await driver.remove_instance(name, nic.dns_name, previous["hwaddr"])
             return NicAttachment(
                 nic_type=driver.capabilities.nic_type,
                 parent=driver.nic_parent(name),
@@ -658,7 +673,7 @@ class NetworkCore:
             entry = known[0] if known is not None else None
             hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
             for hwaddr in sorted(hwaddrs):
-                await driver.remove_instance(name, nic.instance, hwaddr)
+                await driver.remove_instance(name, nic.dns_name, hwaddr)
             if known is None:
                 return
             try:
