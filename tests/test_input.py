@@ -566,7 +566,8 @@ def test_fuzz_server_config(client: Client, method: str, body: bytes) -> None:
     body=body_of({"name": names, "type": odd_text, "driver": odd_text, "config": odd_map()}),
 )
 def test_fuzz_networks_pools_projects(client: Client, path: str, body: bytes) -> None:
-    # croft cannot create these yet: 501, as long as it stays an envelope.
+    # Networks and pools cannot be made here yet (501, as long as it stays an envelope);
+    # projects are made or refused.
     exercise(client, "POST", path, body, allow_501=True)
 
 

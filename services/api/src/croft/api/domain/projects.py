@@ -17,7 +17,13 @@ from starlette.requests import Request
 from croft.api import query, records
 from croft.api.context import context
 from croft.common.errors import InvalidArgument, NotFound
-from croft.common.instance_config import go_quote, parse_bool, parse_byte_size, parse_int
+from croft.common.instance_config import (
+    go_quote,
+    has_control,
+    parse_bool,
+    parse_byte_size,
+    parse_int,
+)
 from croft.common.projects import FEATURE_OF_KIND, is_true, owner
 from croft.common.records import DEFAULT_PROJECT, project_key, record_key, record_prefix
 from croft.common.store import Entry, Store
@@ -73,6 +79,9 @@ def validate_name(name: str) -> None:
         raise InvalidArgument("Reserved project name")
     if name in (".", ".."):
         raise InvalidArgument(f"Invalid project name {go_quote(name)}")
+    if has_control(name):
+        # LXD takes them; croft keeps them out of store keys, host names and URLs.
+        raise InvalidArgument("Project names may not contain control characters")
 
 
 def _optional(check: Callable[[str], object]) -> Callable[[str], None]:
