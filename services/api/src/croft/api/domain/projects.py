@@ -266,16 +266,21 @@ async def instance_entries(store: Store, project: str, kind: str) -> list[tuple[
 _USED_BY_KINDS = ("instances", "profiles", "images", "networks")
 
 
-async def used_by(store: Store, project: str) -> list[str]:
+async def used_by(store: Store, project: str, *, creating: bool = False) -> list[str]:
     """What a project holds, as LXD's `used_by` lists it: its instances, profiles,
-    images, custom volumes and networks (only those it owns)."""
+    images, custom volumes and networks (only those it owns). With `creating`, the
+    instances still being created too (they keep a project from going)."""
     urls: list[str] = []
     for kind in _USED_BY_KINDS:
         for entry in await store.list(record_prefix(kind, project)):
             name = entry.key.removeprefix(record_prefix(kind, project))
             if "/" in name:
                 continue
-            if kind == "instances" and entry.json().get("_croft", {}).get("state") == "creating":
+            if (
+                kind == "instances"
+                and not creating
+                and entry.json().get("_croft", {}).get("state") == "creating"
+            ):
                 continue
             urls.append(records.url(kind, name, project))
         if kind == "images":
@@ -690,7 +695,7 @@ async def check_project_change(
     if features:
         if name == DEFAULT_PROJECT:
             raise InvalidArgument("You can't change the features of the default project")
-        if not is_empty(await used_by(store, name)):
+        if not is_empty(await used_by(store, name, creating=True)):
             for feature in features:
                 if is_true(current.get(feature)):
                     raise InvalidArgument(

@@ -183,7 +183,7 @@ async def project_rename(request: Request, name: str) -> Response:
             record, revision = await projects.load(ctx.store, name)
         except NotFound:
             raise NotFound(f'Failed loading project "{name}": Project not found') from None
-        if not projects.is_empty(await projects.used_by(ctx.store, name)):
+        if not projects.is_empty(await projects.used_by(ctx.store, name, creating=True)):
             raise InvalidArgument("Only empty projects can be renamed")
         projects.validate_name(req.name)
         writes: list[Operation] = [
@@ -222,7 +222,7 @@ async def project_delete(request: Request, name: str) -> Response:
         _, revision = await projects.load(ctx.store, name)
     except NotFound:
         raise NotFound(f'Fetch project "{name}": Project not found') from None
-    if not projects.is_empty(await projects.used_by(ctx.store, name)):
+    if not projects.is_empty(await projects.used_by(ctx.store, name, creating=True)):
         raise InvalidArgument("Only empty projects can be removed")
     writes: list[Operation] = [
         Delete(project_key(name), revision=revision),
