@@ -199,3 +199,51 @@ def test_a_start_is_held_to_the_projects_restrictions(replica: Replica, clean_st
         '"security.privileged" on container "old" of project "pr": Privileged containers are '
         "forbidden",
     )
+
+
+def test_the_checks_for_networks_and_volumes(replica: Replica, clean_store: Any) -> None:
+    """The checks the network and volume routes call before they make one."""
+    from croft.api.domain import projects
+    from croft.common.errors import InvalidArgument
+
+    replica.request(
+        "POST", "/1.0/projects",
+        {"name": "pn", "config": {"features.networks": "true", "limits.networks": "1",
+                                  "limits.disk": "1GiB"}},
+    )  # fmt: skip
+    put_records(
+        clean_store.endpoints,
+        {
+            record_key("networks", "pn", "n1"): {"name": "n1"},
+            record_key("storage-volumes", "pn", "default/custom/v1"): {
+                "name": "v1", "config": {"size": "600MiB"},
+            },
+        },
+    )  # fmt: skip
+    store = replica.ctx.store
+
+    async def refusal(check: Any) -> str:
+        try:
+            await check
+        except InvalidArgument as exc:
+            return exc.message
+        return ""
+
+    assert replica.run(refusal(projects.check_network_creation(store, "pn", "n2"))) == (
+        "Networks limit has been reached for project"
+    )
+    assert replica.run(refusal(projects.check_network_creation(store, "pn", "n1"))) == ""
+    # default's networks are not counted against a project that shares them.
+    assert replica.run(refusal(projects.check_network_creation(store, "default", "x"))) == ""
+    assert replica.run(refusal(projects.check_volume(store, "pn", "v2", {"size": "600MiB"}))) == (
+        'Failed checking if volume creation allowed: Reached maximum aggregate value "1GiB" '
+        'for "limits.disk" in project "pn"'
+    )
+    assert replica.run(refusal(projects.check_volume(store, "pn", "v2", {}))) == (
+        "Failed checking if volume creation allowed: Failed getting usage of project entities: "
+        'Custom volume "v2" in project "pn" has no "size" config set'
+    )
+    assert replica.run(refusal(projects.check_volume(store, "pn", "v2", {"size": "100MiB"}))) == ""
+    state = replica.request("GET", "/1.0/projects/pn/state").metadata["resources"]
+    assert state["networks"] == {"Limit": 1, "Usage": 1}
+    assert state["disk"] == {"Limit": 1024**3, "Usage": 600 * 1024**2}

@@ -31,6 +31,8 @@ from croft.common.store import Entry, Store
 __all__ = [
     "FEATURE_OF_KIND",
     "check_instance",
+    "check_network_creation",
+    "check_volume",
     "check_profile",
     "check_project_change",
     "check_snapshot",
@@ -666,6 +668,37 @@ async def check_snapshot(store: Store, project: str) -> None:
         _restriction(pconfig, "restricted.snapshots") == "block"
     ):
         raise InvalidArgument(f"Project {go_quote(project)} doesn't allow for snapshot creation")
+
+
+async def check_network_creation(store: Store, project: str, name: str) -> None:
+    """LXD's check before a network is made in `project` (one with `features.networks`):
+    `limits.networks` counts the project's networks. For the network routes to call."""
+    pconfig = await _config(store, project)
+    if owner(project, pconfig, "networks") == DEFAULT_PROJECT or not pconfig.get("limits.networks"):
+        return
+    existing = {
+        e.key.rsplit("/", 1)[1] for e in await store.list(record_prefix("networks", project))
+    }
+    if name not in existing and len(existing) >= int(pconfig["limits.networks"]):
+        raise InvalidArgument("Networks limit has been reached for project")
+
+
+async def check_volume(store: Store, project: str, name: str, config: Mapping[str, str]) -> None:
+    """LXD's AllowVolumeCreation/AllowVolumeUpdate: a custom volume `name` of `project`
+    with `config` keeps the project within `limits.disk` (every volume must then give
+    its `size`). For the storage volume routes to call."""
+    pconfig = await _config(store, project)
+    if not pconfig.get("limits.disk"):
+        return
+    volumes = [v for v in await _custom_volumes(store, project) if v.get("name") != name]
+    volumes.append({"name": name, "config": dict(config)})
+    with _prefixed("Failed checking if volume creation allowed: "):
+        _check_aggregates(
+            project,
+            {"limits.disk": pconfig["limits.disk"]},
+            await _instances(store, project),
+            volumes,
+        )
 
 
 def _printed(key: str, total: int) -> str:
