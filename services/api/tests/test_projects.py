@@ -88,7 +88,12 @@ def test_create_show_change_and_delete(replica: Replica) -> None:
     assert (missing.status, missing.error) == (404, 'Fetch project "nope": Project not found')
     assert replica.request("DELETE", "/1.0/projects/pa").status == 200
     assert replica.request("GET", "/1.0/projects/pa").status == 404
-    assert replica.request("GET", "/1.0/profiles?project=pa").status == 404
+    assert replica.request("GET", "/1.0/profiles?project=pa").error == (
+        'Failed loading project "pa": Project not found'
+    )
+    assert replica.request("GET", "/1.0/images/aliases?project=pa").error == (
+        "Check if project has images: fetch project: Project not found"
+    )
     assert replica.request("GET", "/1.0/projects").metadata == ["/1.0/projects/default"]
 
 

@@ -117,7 +117,10 @@ def render_alias(alias: dict[str, Any]) -> dict[str, Any]:
 async def _project(request: Request) -> str:
     """The project whose images the request's `?project=` uses (`default`'s without
     `features.images`)."""
-    return await projects.scope(request, IMAGES)
+    try:
+        return await projects.scope(request, IMAGES)
+    except NotFound:
+        raise NotFound("Check if project has images: fetch project: Project not found") from None
 
 
 async def _retrying(attempt: Callable[[], Awaitable[Response]]) -> Response:
