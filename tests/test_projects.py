@@ -216,6 +216,12 @@ def test_limits_refuse_with_lxds_messages(croft_lxc: LXC, two_projects: tuple[st
             'for "limits.cpu" in project "pb"'
         )
         assert lxc("config", "get", "c", "limits.cpu", *p).stdout.strip() == ""
+        # A profile change counts in every instance that uses the profile.
+        assert refused(lxc, "profile", "set", "default", "limits.cpu", "2", *p) == (
+            'Failed checking if profile update allowed: Reached maximum aggregate value "2" '
+            'for "limits.cpu" in project "pb"'
+        )
+        assert lxc("profile", "get", "default", "limits.cpu", *p).stdout.strip() == "1"
         info = lxc("project", "info", "pb").stdout
         assert "| CPU              | 2         | 2     |" in info
         assert "| INSTANCES        | UNLIMITED | 2     |" in info

@@ -654,11 +654,29 @@ async def check_profile(
         return
     profiles = [p for p in await _profiles(store, project, pconfig) if p.get("name") != name]
     profiles.append({"name": name, "config": dict(config), "devices": dict(devices)})
+    by_name = {p["name"]: p for p in profiles}
+    instances = [
+        _expanded_with(i, by_name) if name in (i.get("profiles") or []) else i
+        for i in await _instances(store, project)
+    ]
     with _prefixed("Failed checking if profile update allowed: "):
-        instances = await _instances(store, project)
         _check_aggregates(project, pconfig, instances, await _custom_volumes(store, project))
         if is_true(pconfig.get("restricted")):
             _check_restrictions(project, pconfig, [], profiles)
+
+
+def _expanded_with(instance: dict[str, Any], profiles: Mapping[str, Any]) -> dict[str, Any]:
+    """`instance` expanded again over `profiles` (by name), as LXD's
+    expandInstancesConfigAndDevices does before it sums a profile change's effect."""
+    config: dict[str, str] = {}
+    devices: dict[str, Any] = {}
+    for profile_name in instance.get("profiles") or []:
+        profile = profiles.get(profile_name) or {}
+        config.update(profile.get("config") or {})
+        devices.update(profile.get("devices") or {})
+    config.update(instance.get("config") or {})
+    devices.update(instance.get("devices") or {})
+    return {**instance, "expanded_config": config, "expanded_devices": devices}
 
 
 async def check_snapshot(store: Store, project: str) -> None:
