@@ -268,6 +268,12 @@ def test_restrictions_refuse_with_lxds_messages(
             '"security.privileged" on  "web" of project "pa": Privileged containers are '
             "forbidden"
         )
+        # A profile in use is checked as the instances that use it would be.
+        assert refused(lxc, "profile", "set", "default", "security.privileged", "true", *p) == (
+            'Failed checking if profile update allowed: Invalid value "true" for config '
+            '"security.privileged" on container "c" of project "pa": Privileged containers are '
+            "forbidden"
+        )
         # Allowed explicitly, a privileged container is fine; taking it back is a conflict.
         lxc("project", "set", "pa", "restricted.containers.privilege", "allow")
         lxc("config", "set", "c", "security.privileged", "true", *p)

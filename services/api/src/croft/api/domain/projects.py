@@ -662,7 +662,7 @@ async def check_profile(
     with _prefixed("Failed checking if profile update allowed: "):
         _check_aggregates(project, pconfig, instances, await _custom_volumes(store, project))
         if is_true(pconfig.get("restricted")):
-            _check_restrictions(project, pconfig, [], profiles)
+            _check_restrictions(project, pconfig, instances, profiles)
 
 
 def _expanded_with(instance: dict[str, Any], profiles: Mapping[str, Any]) -> dict[str, Any]:
