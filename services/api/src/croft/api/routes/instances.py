@@ -160,6 +160,11 @@ async def instances_post(request: Request) -> Response:
             raise InvalidArgument("Failed getting root disk: No root device could be found")
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
+    # Before any image is fetched: the project's limits and restrictions (image.* keys
+    # from the image take no part in them).
+    candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,
+                 "expanded_devices": expanded_devices}  # fmt: skip
+    await projects.check_instance(ctx.store, project, candidate, action="create")
     fingerprint = ""
     if req.source.type == "image":
         image = await resolve_image(ctx.store, project, req.source)
@@ -167,6 +172,7 @@ async def instances_post(request: Request) -> Response:
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)
+    member = await place(ctx.store)
     record = {
         "name": name,
         "project": project,
@@ -183,8 +189,6 @@ async def instances_post(request: Request) -> Response:
     }
     limits.check_device_paths(expanded_devices)
     limits.check_record(record, "instance")
-    await projects.check_instance(ctx.store, project, record, action="create")
-    member = await place(ctx.store)
     request_pb = compute_pb2.CreateInstanceRequest(
         record=json.dumps(record), image_fingerprint=fingerprint, start=req.start
     )
