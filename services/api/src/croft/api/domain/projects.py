@@ -24,6 +24,7 @@ from croft.common.instance_config import (
     parse_byte_size,
     parse_int,
 )
+from croft.common.models import InstanceRecord, ProfileRecord
 from croft.common.projects import FEATURE_OF_KIND, is_true, owner
 from croft.common.records import DEFAULT_PROJECT, project_key, record_key, record_prefix
 from croft.common.store import Entry, Store
@@ -603,7 +604,7 @@ async def _profiles(store: Store, project: str, pconfig: Mapping[str, str]) -> l
 async def check_instance(
     store: Store,
     project: str,
-    instance: dict[str, Any],
+    instance: Mapping[str, Any] | InstanceRecord,
     *,
     action: Literal["create", "update", "start"],
 ) -> None:
@@ -617,6 +618,7 @@ async def check_instance(
     pconfig = await _config(store, project)
     if not _has_limits_or_restrictions(pconfig):
         return
+    instance = instance.public() if isinstance(instance, InstanceRecord) else dict(instance)
     others = [i for i in await _instances(store, project) if i.get("name") != instance["name"]]
     instance_type = _type_of(instance)
     if action == "create":
@@ -839,14 +841,14 @@ async def state(store: Store, name: str) -> dict[str, Any]:
     }
 
 
-def default_profile(project: str) -> dict[str, Any]:
+def default_profile(project: str) -> ProfileRecord:
     """The `default` profile LXD gives a project with its own profiles: no devices."""
-    return {
-        "name": "default",
-        "description": f"Default LXD profile for project {project}",
-        "config": {},
-        "devices": {},
-    }
+    return ProfileRecord(
+        name="default",
+        description=f"Default LXD profile for project {project}",
+        config={},
+        devices={},
+    )
 
 
 def default_profile_key(project: str) -> str:

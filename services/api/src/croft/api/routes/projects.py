@@ -18,6 +18,7 @@ from croft.api.domain import projects
 from croft.api.identity import identity
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
+from croft.common.models import ProjectRecord
 from croft.common.records import DEFAULT_PROJECT, project_key
 from croft.common.store import Create, Delete, Operation, Store, Update, dump
 
@@ -87,12 +88,11 @@ async def projects_post(request: Request) -> Response:
     config = projects.new_project_config(req.config)
     config = {k: v for k, v in config.items() if v != ""}
     projects.validate_config(config)
-    record = {"name": req.name, "description": req.description, "config": config}
-    writes: list[Operation] = [Create(project_key(req.name), dump(record))]
+    record = ProjectRecord(name=req.name, description=req.description, config=config)
+    writes: list[Operation] = [Create(record.key(), dump(record.dump()))]
     if projects.is_true(config.get("features.profiles")):
-        writes.append(
-            Create(projects.default_profile_key(req.name), dump(projects.default_profile(req.name)))
-        )
+        profile = projects.default_profile(req.name)
+        writes.append(Create(profile.key(req.name), dump(profile.dump())))
     try:
         await ctx.store.transaction(writes)
     except Conflict:
@@ -138,16 +138,16 @@ async def _change(request: Request, name: str, *, patch: bool) -> Response:
         config, description = dict(req.config or {}), req.description
     config = {k: v for k, v in config.items() if v != ""}  # LXD stores no empty value
     await projects.check_project_change(ctx.store, name, current, config)
-    new = {**record, "config": config, "description": description}
-    writes: list[Operation] = [Update(project_key(name), dump(new), revision)]
+    new = ProjectRecord.model_validate(record)
+    new.config, new.description = config, description
+    writes: list[Operation] = [Update(new.key(), dump(new.dump()), revision)]
     # As LXD: turning features.profiles on gives the project its default profile;
     # turning it off removes it (the project is empty then).
     had = projects.is_true(current.get("features.profiles"))
     has = projects.is_true(config.get("features.profiles"))
     if has and not had:
-        writes.append(
-            Create(projects.default_profile_key(name), dump(projects.default_profile(name)))
-        )
+        profile = projects.default_profile(name)
+        writes.append(Create(profile.key(name), dump(profile.dump())))
     elif had and not has:
         writes.append(Delete(projects.default_profile_key(name)))
     try:
@@ -188,7 +188,7 @@ async def project_rename(request: Request, name: str) -> Response:
         projects.validate_name(req.name)
         writes: list[Operation] = [
             Delete(project_key(name), revision=revision),
-            Create(project_key(req.name), dump({**record, "name": req.name})),
+            Create(ProjectRecord.store_key(req.name), dump({**record, "name": req.name})),
         ]
         profile = await ctx.store.get(projects.default_profile_key(name))
         if profile is not None:
