@@ -24,6 +24,8 @@ from typing import Any
 import pylxd
 import pylxd.exceptions
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from croft.api import services, trust_password
 from croft.api.records import SERVER_CONFIG_KEY
@@ -503,6 +505,16 @@ def test_a_restricted_certificate_sees_nothing_of_other_projects(croft: Croft) -
         refused = client.request(method, path, {"name": "x"})
         assert (refused.status, refused.error) == (403, "not authorized"), (method, path)
     assert croft.replica.request("GET", "/1.0/projects/pb").status == 200
+
+    # pb's events, or everyone's, are not its to follow.
+    context = ssl.create_default_context(cafile=str(client.server_cert))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    for query in ("?project=pb", "?project=pa&all-projects=true"):
+        with pytest.raises(InvalidStatus) as refusal:
+            ws_connect(f"wss://127.0.0.1:{croft.port}/1.0/events{query}", ssl=context)
+        assert refusal.value.response.status_code == 403
+    with ws_connect(f"wss://127.0.0.1:{croft.port}/1.0/events?project=pa", ssl=context):
+        pass
 
     # An operation of pb, asked for through pa's name.
     async def hold() -> str:
