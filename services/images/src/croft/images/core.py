@@ -34,6 +34,7 @@ from typing import Any
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.common.events import rfc3339_nano
+from croft.common.projects import owning_project
 from croft.common.records import RECORDS, modify, public, record_key, record_prefix
 from croft.common.store import Create, Delete, Store, dump
 from croft.imageformat.format import ImageInfo
@@ -238,7 +239,9 @@ class ImagesCore:
         """Local paths of an image's files for the storage service of `member`.
 
         Only a member holding the blob can be given paths. A storage service on another
-        member would need the files streamed to it (not written yet: one node for now)."""
+        member would need the files streamed to it (not written yet: one node for now).
+        A project without `features.images` has `default`'s images."""
+        project = await owning_project(self.store, project, "images")
         record, _ = await self.find(project, fingerprint)
         fingerprint = record["fingerprint"]
         holder = record.get("_croft", {}).get("member", self.member)

@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +124,10 @@ def with_members(record: dict[str, Any], states: Mapping[str, str]) -> dict[str,
     return {**record, "status": status, "locations": locations}
 
 
+# A project name that can be a DNS label (LXD's project names are freer).
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
 @dataclass(frozen=True)
 class InstanceNic:
     """One NIC of an instance on a managed network."""
@@ -143,6 +148,16 @@ class InstanceNic:
     @property
     def store_key(self) -> str:
         return network_nic_key(self.network, self.project, self.instance, self.device)
+
+    @property
+    def dns_name(self) -> str:
+        """The instance's name in the network's DHCP and DNS, as LXD's project.DNS makes
+        it: `<instance>.<project>` outside the default project, so that two projects'
+        instances of one name do not share it (the instance's own name when the project's
+        name cannot be a DNS label)."""
+        if self.project in ("", DEFAULT_PROJECT) or not _DNS_LABEL.match(self.project):
+            return self.instance
+        return f"{self.instance}.{self.project}"
 
 
 @dataclass(frozen=True)
@@ -728,13 +743,13 @@ class NetworkCore:
                     old_ipv6 = previous.get("ipv6") or None
                     revert.add(
                         lambda: driver.add_instance(
-                            name, nic.instance, hwaddr, old_ipv4, ipv6=old_ipv6
+                            name, nic.dns_name, hwaddr, old_ipv4, ipv6=old_ipv6
                         )
                     )
                 else:
-                    revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
+                    revert.add(lambda: driver.remove_instance(name, nic.dns_name, hwaddr))
                 address = await driver.add_instance(
-                    name, nic.instance, hwaddr, nic.ipv4, ipv6=nic.ipv6
+                    name, nic.dns_name, hwaddr, nic.ipv4, ipv6=nic.ipv6
                 )
                 entry = {"hwaddr": hwaddr, "ipv4": address or ""}
                 if nic.ipv6:
@@ -742,7 +757,7 @@ class NetworkCore:
                 await self._write_nic(nic, entry)
                 revert.success()
             if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
-                await driver.remove_instance(name, nic.instance, previous["hwaddr"])
+                await driver.remove_instance(name, nic.dns_name, previous["hwaddr"])
             return NicAttachment(
                 nic_type=driver.capabilities.nic_type,
                 parent=driver.nic_parent(name, config),
@@ -771,7 +786,7 @@ class NetworkCore:
             entry = known[0] if known is not None else None
             hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
             for hwaddr in sorted(hwaddrs):
-                await driver.remove_instance(name, nic.instance, hwaddr)
+                await driver.remove_instance(name, nic.dns_name, hwaddr)
             if known is None:
                 return
             try:

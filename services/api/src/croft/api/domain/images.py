@@ -23,6 +23,7 @@ from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import ImagesClient
 from croft.common.errors import CroftError, NotFound
+from croft.common.projects import owning_project
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
 from croft.common.store import Store
@@ -121,7 +122,9 @@ async def resolve_image(store: Any, project: str, source: InstanceSource) -> dic
     instead: "Image not provided for instance creation").
 
     It is looked up in the store (the api's copy of it); the images service, the image's
-    owner, is asked only to record the use, when that changes its last_used_at."""
+    owner, is asked only to record the use, when that changes its last_used_at. A
+    project without `features.images` uses `default`'s images."""
+    project = await owning_project(store, project, IMAGES)
     if source.server:
         return await pull_image_for_instance(project, source)
     name = source.fingerprint or source.alias

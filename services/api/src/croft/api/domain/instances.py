@@ -16,6 +16,7 @@ from starlette.requests import Request
 from croft.api import limits, query, records
 from croft.api.context import context
 from croft.common.errors import InvalidArgument, NotFound
+from croft.common.projects import owning_project
 from croft.common.records import public
 
 KIND = "instances"
@@ -78,7 +79,9 @@ async def expand(
     known: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Apply profiles in order, then the instance's own config and devices. `known`:
-    profiles by name to use instead of the stored ones (one about to be written)."""
+    profiles by name to use instead of the stored ones (one about to be written). A
+    project without `features.profiles` uses `default`'s profiles."""
+    project = await owning_project(store, project, "profiles")
     expanded_config: dict[str, str] = {}
     expanded_devices: dict[str, Any] = {}
     for name in profiles:

@@ -24,6 +24,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.image_publish import publish_image
 from croft.api.domain.images import (
     ALIAS_NOT_FOUND,
@@ -114,9 +115,12 @@ def render_alias(alias: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _project(request: Request) -> str:
-    project = query.project(request)
-    await records.require_project(context(request).store, project)
-    return project
+    """The project whose images the request's `?project=` uses (`default`'s without
+    `features.images`)."""
+    try:
+        return await projects.scope(request, IMAGES)
+    except NotFound:
+        raise NotFound("Check if project has images: fetch project: Project not found") from None
 
 
 async def _retrying(attempt: Callable[[], Awaitable[Response]]) -> Response:

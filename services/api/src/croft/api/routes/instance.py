@@ -14,6 +14,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import call_closing, compute_of, compute_operation, ref, state_of
 from croft.api.domain.instances import (
     KIND,
@@ -139,6 +140,7 @@ async def _updated(
     }
     limits.check_device_paths(expanded_devices)
     limits.check_record(new, "instance")
+    await projects.check_instance(store, project, new, action="update")
     return new
 
 

@@ -15,6 +15,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import compute_of, compute_operation, ref
 from croft.api.domain.instances import NamePost, load
 from croft.api.domain.snapshots import render_snapshot, snapshot_key, snapshots_of
@@ -61,6 +62,7 @@ async def snapshots_list(request: Request, name: str) -> Response:
 async def snapshots_post(request: Request, name: str) -> Response:
     ctx = context(request)
     project, record, _ = await load(request, name)
+    await projects.check_snapshot(ctx.store, project)
     req = await query.body(request, SnapshotsPost)
     snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
     validate_snapshot_name(snapshot)

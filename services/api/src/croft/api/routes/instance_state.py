@@ -13,6 +13,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import compute_of, ref, state_operation
 from croft.api.domain.instances import load
 from croft.common.errors import InvalidArgument
@@ -57,6 +58,8 @@ async def instance_state_put(request: Request, name: str) -> Response:
         raise InvalidArgument(f"Unknown action: '{req.action}'")
     if req.stateful:
         raise InvalidArgument("Stateful stop and start are not supported")
+    if req.action == "start":
+        await projects.check_instance(ctx.store, project, record, action="start")
     change = compute_pb2.StateRequest(
         instance=ref(project, name),
         action=req.action,

@@ -20,6 +20,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import call_closing, states_of
 from croft.api.domain.images import resolve_image
 from croft.api.domain.instances import (
@@ -159,6 +160,11 @@ async def instances_post(request: Request) -> Response:
             raise InvalidArgument("Failed getting root disk: No root device could be found")
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
+    # Before any image is fetched: the project's limits and restrictions (image.* keys
+    # from the image take no part in them).
+    candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,
+                 "expanded_devices": expanded_devices}  # fmt: skip
+    await projects.check_instance(ctx.store, project, candidate, action="create")
     fingerprint = ""
     if req.source.type == "image":
         image = await resolve_image(ctx.store, project, req.source)

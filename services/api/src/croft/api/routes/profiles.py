@@ -18,6 +18,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import compute_of
 from croft.api.domain.instances import expand
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, PermissionDenied
@@ -94,10 +95,10 @@ async def check_networks(
 
 async def instances_using(store: Store, project: str, name: str) -> list[str]:
     urls = []
-    for entry in await store.list(records.record_prefix("instances", project)):
+    for owner, entry in await projects.instance_entries(store, project, KIND):
         instance = entry.json()
         if name in (instance.get("profiles") or []):
-            urls.append(records.url("instances", instance.get("name", ""), project))
+            urls.append(records.url("instances", instance.get("name", ""), owner))
     return urls
 
 
@@ -122,14 +123,13 @@ async def _load(store: Store, project: str, name: str) -> dict[str, Any]:
 @router.get("/1.0/profiles")
 async def profiles_list(request: Request) -> Response:
     store = context(request).store
-    project = query.project(request)
-    await records.require_project(store, project)
-    instances = [e.json() for e in await store.list(records.record_prefix("instances", project))]
+    project = await projects.scope(request, KIND)
+    instances = [(p, e.json()) for p, e in await projects.instance_entries(store, project, KIND)]
 
     def used_by(name: str) -> list[str]:
         return [
-            records.url("instances", i.get("name", ""), project)
-            for i in instances
+            records.url("instances", i.get("name", ""), owner)
+            for owner, i in instances
             if name in (i.get("profiles") or [])
         ]
 
@@ -144,8 +144,7 @@ async def profiles_list(request: Request) -> Response:
 @router.post("/1.0/profiles")
 async def profiles_post(request: Request) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     req = await query.body(request, ProfilesPost)
     validate_name(req.name)
     record: dict[str, Any] = {
@@ -168,8 +167,7 @@ async def profiles_post(request: Request) -> Response:
 @router.get("/1.0/profiles/{name}")
 async def profile_get(request: Request, name: str) -> Response:
     store = context(request).store
-    project = query.project(request)
-    await records.require_project(store, project)
+    project = await projects.scope(request, KIND)
     record = await _load(store, project, name)
     used_by = await instances_using(store, project, name)
     return responses.sync(render(record, used_by), etag=records.etag(writable(record)))
@@ -177,8 +175,7 @@ async def profile_get(request: Request, name: str) -> Response:
 
 async def _update(request: Request, name: str, *, patch: bool) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     data = await query.json_body(request)
     req = query.validate(data, ProfilePut)
 
@@ -208,6 +205,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     # Refused before anything is written if an instance using the profile cannot take it.
     first = change(found[0])
     await check_networks(ctx.store, project, first["devices"], found[0].get("devices") or {})
+    await projects.check_profile(ctx.store, project, name, first["config"], first["devices"])
     await _instance_updates(ctx.store, project, name, first)
     written = await records.modify(
         ctx.store, key, change, missing="Profile not found", current=found
@@ -234,7 +232,7 @@ async def _instance_updates(
     not take it: an invalid expansion, or new devices while it runs (hot-plugging is not
     built)."""
     updates = []
-    for entry in await store.list(records.record_prefix("instances", project)):
+    for _, entry in await projects.instance_entries(store, project, KIND):
         record = entry.json()
         if name not in (record.get("profiles") or []):
             continue
@@ -304,8 +302,7 @@ async def profile_patch(request: Request, name: str) -> Response:
 @router.post("/1.0/profiles/{name}")
 async def profile_rename(request: Request, name: str) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     req = await query.body(request, ProfilePost)
     if name == "default":
         raise PermissionDenied('The "default" profile cannot be renamed')
@@ -339,8 +336,7 @@ async def profile_rename(request: Request, name: str) -> Response:
 @router.delete("/1.0/profiles/{name}")
 async def profile_delete(request: Request, name: str) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     if name == "default":
         raise PermissionDenied('The "default" profile cannot be deleted')
     key = records.record_key(KIND, project, name)

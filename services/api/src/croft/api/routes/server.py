@@ -41,6 +41,15 @@ API_EXTENSIONS: list[str] = [
     "event_project",
     "event_lifecycle_requestor_address",
     "projects",
+    # projects (routes/projects.py, domain/projects.py): features, limits, restrictions
+    "projects_limits",
+    "projects_restrictions",
+    "projects_limits_disk",
+    "projects_networks",
+    "projects_limits_instances",
+    "projects_restricted_cluster_target",
+    "projects_restricted_backups_and_snapshots",
+    "project_usage",
     "api_filtering",
     "api_os",
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
@@ -71,6 +80,8 @@ API_EXTENSIONS: list[str] = [
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",
+    "certificate_update",
+    "auth_user",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
@@ -193,7 +204,9 @@ async def server_get(request: Request) -> Response:
     # LXD 5.0 answers the server info whatever project is named, even one that does
     # not exist (lxc and pylxd send their remote's project with every request).
     project = query.project(request)
-    config = shown_config(await _server_config(request))
+    who = identity(request)
+    # As LXD: only an administrator (not a restricted certificate) sees the server config.
+    config = {} if who.restricted else shown_config(await _server_config(request))
     https_address = serving_address(request)
     addresses = await listen_addresses(https_address) if https_address else []
     info = {
@@ -206,6 +219,9 @@ async def server_get(request: Request) -> Response:
         "auth": "trusted",
         "public": False,
         "auth_methods": ["tls"],
+        # LXD's auth_user extension: who this client is, as the requestor of its changes.
+        "auth_user_name": who.username,
+        "auth_user_method": who.protocol,
         "environment": environment(ctx.settings, project, addresses, await storage_drivers()),
     }
     return responses.sync(info, etag=records.etag(config))

@@ -639,7 +639,8 @@ class _BridgeHost:
     ) -> str | None:
         if not is_mac(hwaddr):
             raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
-        if not _HOSTNAME_RE.match(instance):
+        # `<instance>.<project>` outside the default project, as LXD names it.
+        if not all(_HOSTNAME_RE.match(label) for label in instance.split(".", 1)):
             raise InvalidArgument(f"Invalid instance name {instance!r} for DNS")
         hwaddr = hwaddr.lower()
         with self._locked(network):
