@@ -33,7 +33,11 @@ class CallOptions(TypedDict, total=False):
 
 
 class TypedClient:
-    """The calls to one service (one member's, for a per-host service)."""
+    """The calls to one service (one member's, for a per-host service): one method per
+    RPC of the service, named after it in snake_case.
+
+    A client names its service and the service's stub as class arguments:
+    `class StorageClient(TypedClient, service="storage", stub=StorageStub)`."""
 
     #: The service's name in discovery.
     service: ClassVar[str]
@@ -42,6 +46,15 @@ class TypedClient:
     stub: ClassVar[type[Any]]
 
     __slots__ = ("rpc",)
+
+    def __init_subclass__(
+        cls, *, service: str | None = None, stub: type[Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if service is not None:
+            cls.service = service
+        if stub is not None:
+            cls.stub = stub
 
     def __init__(self, rpc: ServiceClient[Any]) -> None:
         self.rpc = rpc

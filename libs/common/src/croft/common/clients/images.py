@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 import grpc
 from typing_extensions import Unpack
@@ -12,12 +11,7 @@ from croft.common.clients._base import CallOptions, RequestStream, TypedClient
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 
-class ImagesClient(TypedClient):
-    """One method per RPC of `croft.v1.Images`, named after it in snake_case."""
-
-    service: ClassVar[str] = "images"
-    stub = images_pb2_grpc.ImagesStub
-
+class ImagesClient(TypedClient, service="images", stub=images_pb2_grpc.ImagesStub):
     def resolve_image(
         self, request: images_pb2.ResolveImageRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[images_pb2.ImageReply]:

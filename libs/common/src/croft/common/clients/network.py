@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 from typing_extensions import Unpack
 
@@ -11,12 +10,7 @@ from croft.common.clients._base import CallOptions, TypedClient
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
 
-class NetworkClient(TypedClient):
-    """One method per RPC of `croft.v1.Network`, named after it in snake_case."""
-
-    service: ClassVar[str] = "network"
-    stub = network_pb2_grpc.NetworkStub
-
+class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.NetworkStub):
     def attach_instance(
         self, request: network_pb2.NicRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[network_pb2.NicReply]:

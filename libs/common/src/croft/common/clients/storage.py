@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 from typing_extensions import Unpack
 
@@ -11,12 +10,7 @@ from croft.common.clients._base import CallOptions, TypedClient
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
-class StorageClient(TypedClient):
-    """One method per RPC of `croft.v1.Storage`, named after it in snake_case."""
-
-    service: ClassVar[str] = "storage"
-    stub = storage_pb2_grpc.StorageStub
-
+class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.StorageStub):
     def create_instance_volume(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
