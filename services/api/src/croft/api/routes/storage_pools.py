@@ -165,7 +165,11 @@ async def pools_post(request: Request) -> Response:
     return responses.created(url)
 
 
-async def _update(request: Request, name: str, *, patch: bool) -> Response:
+@router.put("/1.0/storage-pools/{name}")
+@router.patch("/1.0/storage-pools/{name}")
+async def pool_update(request: Request, name: str) -> Response:
+    # PUT replaces; PATCH (LXD's) changes only what the body names.
+    patch = request.method == "PATCH"
     ctx = context(request)
     data = await query.json_body(request)
     req = query.validate(data, StoragePoolPut)
@@ -186,16 +190,6 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     )
     await ctx.lifecycle("storage-pool-updated", f"/1.0/storage-pools/{name}", request=request)
     return responses.empty_sync()
-
-
-@router.put("/1.0/storage-pools/{name}")
-async def pool_put(request: Request, name: str) -> Response:
-    return await _update(request, name, patch=False)
-
-
-@router.patch("/1.0/storage-pools/{name}")
-async def pool_patch(request: Request, name: str) -> Response:
-    return await _update(request, name, patch=True)
 
 
 @router.delete("/1.0/storage-pools/{name}")
