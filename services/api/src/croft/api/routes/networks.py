@@ -17,12 +17,13 @@ from croft.api.context import context
 from croft.api.services import services
 from croft.common.clients import NetworkClient
 from croft.common.errors import NotFound
+from croft.common.models import NetworkMember, NetworkRecord, ProfileRecord
 from croft.common.records import (
     DEFAULT_PROJECT,
     network_member_prefix,
     network_nic_prefix,
     network_used_by,
-    public,
+    record_prefix,
 )
 from croft.v1 import common_pb2, network_pb2
 
@@ -57,45 +58,52 @@ def _on(device: dict[str, str], network: str) -> bool:
     return device.get("type") == "nic" and network in (device.get("network"), device.get("parent"))
 
 
-async def _used_by(store: Any, name: str) -> list[str]:
-    """What uses a managed network, in LXD's order: networks built on it, profiles with a
-    NIC on it, then the instances whose NICs are attached to it."""
-    networks = sorted(
-        records.url("networks", r["name"])
-        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
-        if r["name"] != name
-        and name in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
+async def _networks(store: Any) -> list[NetworkRecord]:
+    """Every managed network's record."""
+    entries = await store.list(record_prefix(NetworkRecord.collection, DEFAULT_PROJECT))
+    return [NetworkRecord.model_validate(entry.json()) for entry in entries]
+
+
+async def _used_by(store: Any, name: str, networks: list[NetworkRecord]) -> list[str]:
+    """What uses a managed network, in LXD's order: networks built on it (of
+    `networks`), profiles with a NIC on it, then the instances whose NICs are attached
+    to it."""
+    built_on = sorted(
+        records.url("networks", other.name)
+        for other in networks
+        if other.name != name and name in (other.config.get("network"), other.config.get("parent"))
     )
     profiles = []
     prefix = records.RECORDS + "profiles/"
     for entry in await store.list(prefix):
         project, _, profile = entry.key.removeprefix(prefix).partition("/")
-        if any(_on(device, name) for device in (entry.json().get("devices") or {}).values()):
+        devices = ProfileRecord.model_validate(entry.json()).devices
+        if any(_on(device, name) for device in devices.values()):
             profiles.append(records.url("profiles", profile, project))
     nics = [entry.key for entry in await store.list(network_nic_prefix(name))]
-    return networks + sorted(profiles) + network_used_by(name, nics)
+    return built_on + sorted(profiles) + network_used_by(name, nics)
 
 
-async def _render(store: Any, record: dict[str, Any]) -> dict[str, Any]:
-    """A managed network as LXD shows it."""
-    return {**public(record), "used_by": await _used_by(store, record["name"])}
+async def _render(
+    store: Any, record: NetworkRecord, networks: list[NetworkRecord] | None = None
+) -> dict[str, Any]:
+    """A managed network as LXD shows it (`networks`: every managed network, when the
+    caller has read them)."""
+    if networks is None:
+        networks = await _networks(store)
+    return {**record.public(), "used_by": await _used_by(store, record.name, networks)}
 
 
 async def _all(store: Any) -> list[dict[str, Any]]:
-    managed = {
-        r["name"]: await _render(store, r)
-        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
-    }
+    networks = await _networks(store)
+    managed = {r.name: await _render(store, r, networks) for r in networks}
     host = [n for n in sorted(os.listdir(SYS_NET)) if n not in managed]
     return [*managed.values(), *(_unmanaged(n) for n in host)]
 
 
-async def _managed(store: Any, name: str) -> dict[str, Any]:
-    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
-    if found is None:
-        raise NotFound("Network not found")
-    record: dict[str, Any] = found[0]
-    return record
+async def _managed(store: Any, name: str) -> NetworkRecord | None:
+    found = await store.get_json(NetworkRecord.store_key(name))
+    return None if found is None else NetworkRecord.model_validate(found[0])
 
 
 @router.get("/1.0/networks")
@@ -107,9 +115,9 @@ async def networks_list(request: Request) -> Response:
 @router.get("/1.0/networks/{name}")
 async def network_get(request: Request, name: str) -> Response:
     store = context(request).store
-    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
-    if found is not None:
-        body = await _render(store, found[0])
+    record = await _managed(store, name)
+    if record is not None:
+        body = await _render(store, record)
     elif os.path.exists(f"{SYS_NET}/{name}"):
         body = _unmanaged(name)
     else:
@@ -117,7 +125,7 @@ async def network_get(request: Request, name: str) -> Response:
     return responses.sync(body, etag=records.etag([body.get("config"), body.get("description")]))
 
 
-async def _member_of(request: Request, store: Any, name: str, record: dict[str, Any]) -> str:
+async def _member_of(request: Request, store: Any, name: str, record: NetworkRecord) -> str:
     """The member whose network service answers for a network: LXD's `?target=`, else
     the first member it is created on (records from before the cluster shape name their
     one member)."""
@@ -125,7 +133,7 @@ async def _member_of(request: Request, store: Any, name: str, record: dict[str, 
     created: list[str] = sorted(
         entry.key.removeprefix(prefix)
         for entry in await store.list(prefix)
-        if entry.json().get("state") == "created"
+        if NetworkMember.model_validate(entry.json()).state == "created"
     )
     target = request.query_params.get("target")
     if target:
@@ -134,7 +142,7 @@ async def _member_of(request: Request, store: Any, name: str, record: dict[str, 
         return target
     if created:
         return created[0]
-    return str(record.get("_croft", {}).get("member", ""))
+    return record.croft.member or ""
 
 
 async def _network_call(
@@ -144,6 +152,8 @@ async def _network_call(
 ) -> Any:
     store = context(request).store
     record = await _managed(store, name)
+    if record is None:
+        raise NotFound("Network not found")
     client = await services().network(await _member_of(request, store, name, record))
     reply = await method(client, network_pb2.NetworkRef(name=name))
     return json.loads(reply.json)
