@@ -6,7 +6,9 @@ methods names one RPC, takes that RPC's request message and is typed with its re
 go-to-definition crosses the gRPC hop. A unary method returns the transport's awaitable
 itself rather than awaiting it: a call costs one plain function call more than before, no
 extra coroutine. To add an RPC: one method in its service's module, named after the RPC;
-a unary one is `return self._unary("Rpc", request, options)`, typed with its messages.
+a unary one is `return self._unary("Rpc", request, options)`, typed with its messages. One
+whose reply is a record (as JSON) awaits it and returns the record's model
+(`croft.common.models`).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ import grpc
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, RequestStream, TypedClient
+from croft.common.models import ImageAliasRecord, ImageRecord
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 
@@ -27,30 +28,34 @@ class ImagesClient(TypedClient, service="images", stub=images_pb2_grpc.ImagesStu
     ) -> grpc.aio.StreamUnaryCall[images_pb2.ImportChunk, images_pb2.ImageReply]:
         return self.rpc.stream("ImportImage", requests, timeout=timeout)
 
-    def update_image(
+    async def update_image(
         self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> Awaitable[images_pb2.ImageReply]:
-        return self._unary("UpdateImage", request, options)
+    ) -> ImageRecord:
+        reply: images_pb2.ImageReply = await self._unary("UpdateImage", request, options)
+        return ImageRecord.model_validate_json(reply.record)
 
     def delete_image(
         self, request: images_pb2.ImageRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteImage", request, options)
 
-    def create_alias(
+    async def create_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreateAlias", request, options)
+    ) -> ImageAliasRecord:
+        reply: common_pb2.Json = await self._unary("CreateAlias", request, options)
+        return ImageAliasRecord.model_validate_json(reply.json)
 
-    def update_alias(
+    async def update_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdateAlias", request, options)
+    ) -> ImageAliasRecord:
+        reply: common_pb2.Json = await self._unary("UpdateAlias", request, options)
+        return ImageAliasRecord.model_validate_json(reply.json)
 
-    def rename_alias(
+    async def rename_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("RenameAlias", request, options)
+    ) -> ImageAliasRecord:
+        reply: common_pb2.Json = await self._unary("RenameAlias", request, options)
+        return ImageAliasRecord.model_validate_json(reply.json)
 
     def delete_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]

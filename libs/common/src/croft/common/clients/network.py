@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.models import NetworkRecord
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
 
@@ -31,15 +32,17 @@ class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.Networ
     ) -> Awaitable[common_pb2.Json]:
         return self._unary("Leases", request, options)
 
-    def create_network(
+    async def create_network(
         self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreateNetwork", request, options)
+    ) -> NetworkRecord:
+        reply: common_pb2.Json = await self._unary("CreateNetwork", request, options)
+        return NetworkRecord.model_validate_json(reply.json)
 
-    def update_network(
+    async def update_network(
         self, request: network_pb2.NetworkPut, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdateNetwork", request, options)
+    ) -> NetworkRecord:
+        reply: common_pb2.Json = await self._unary("UpdateNetwork", request, options)
+        return NetworkRecord.model_validate_json(reply.json)
 
     def delete_network(
         self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]

@@ -7,6 +7,7 @@ from collections.abc import Awaitable
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.models import StoragePoolRecord
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
@@ -86,15 +87,17 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteImageVolumes", request, options)
 
-    def create_pool(
+    async def create_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreatePool", request, options)
+    ) -> StoragePoolRecord:
+        reply: common_pb2.Json = await self._unary("CreatePool", request, options)
+        return StoragePoolRecord.model_validate_json(reply.json)
 
-    def update_pool(
+    async def update_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdatePool", request, options)
+    ) -> StoragePoolRecord:
+        reply: common_pb2.Json = await self._unary("UpdatePool", request, options)
+        return StoragePoolRecord.model_validate_json(reply.json)
 
     def delete_pool(
         self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]

@@ -171,20 +171,19 @@ async def aliases_post(request: Request) -> Response:
     req = await query.body(request, AliasesPost)
     if not req.name or not req.target:
         raise InvalidArgument("name and target are required")
-    reply = await images_call(
+    alias = await images_call(
         ImagesClient.create_alias,
         images_pb2.ImageAliasRequest(
             project=project, name=req.name, target=req.target, description=req.description
         ),
         idempotent=False,
     )
-    alias = json.loads(reply.json)
     url = alias_url(req.name, project)
     await ctx.lifecycle(
         "image-alias-created",
         url,
         project=project,
-        context={"target": alias["target"]},
+        context={"target": alias.target},
         request=request,
     )
     return responses.created(url)
