@@ -28,34 +28,30 @@ class ImagesClient(TypedClient, service="images", stub=images_pb2_grpc.ImagesStu
     ) -> grpc.aio.StreamUnaryCall[images_pb2.ImportChunk, images_pb2.ImageReply]:
         return self.rpc.stream("ImportImage", requests, timeout=timeout)
 
-    async def update_image(
+    def update_image(
         self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> ImageRecord:
-        reply: images_pb2.ImageReply = await self._unary("UpdateImage", request, options)
-        return ImageRecord.model_validate_json(reply.record)
+    ) -> Awaitable[ImageRecord]:
+        return self._record("UpdateImage", request, options, ImageRecord)
 
     def delete_image(
         self, request: images_pb2.ImageRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteImage", request, options)
 
-    async def create_alias(
+    def create_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> ImageAliasRecord:
-        reply: common_pb2.Json = await self._unary("CreateAlias", request, options)
-        return ImageAliasRecord.model_validate_json(reply.json)
+    ) -> Awaitable[ImageAliasRecord]:
+        return self._record("CreateAlias", request, options, ImageAliasRecord)
 
-    async def update_alias(
+    def update_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> ImageAliasRecord:
-        reply: common_pb2.Json = await self._unary("UpdateAlias", request, options)
-        return ImageAliasRecord.model_validate_json(reply.json)
+    ) -> Awaitable[ImageAliasRecord]:
+        return self._record("UpdateAlias", request, options, ImageAliasRecord)
 
-    async def rename_alias(
+    def rename_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> ImageAliasRecord:
-        reply: common_pb2.Json = await self._unary("RenameAlias", request, options)
-        return ImageAliasRecord.model_validate_json(reply.json)
+    ) -> Awaitable[ImageAliasRecord]:
+        return self._record("RenameAlias", request, options, ImageAliasRecord)
 
     def delete_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]

@@ -32,17 +32,15 @@ class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.Networ
     ) -> Awaitable[common_pb2.Json]:
         return self._unary("Leases", request, options)
 
-    async def create_network(
+    def create_network(
         self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> NetworkRecord:
-        reply: common_pb2.Json = await self._unary("CreateNetwork", request, options)
-        return NetworkRecord.model_validate_json(reply.json)
+    ) -> Awaitable[NetworkRecord]:
+        return self._record("CreateNetwork", request, options, NetworkRecord)
 
-    async def update_network(
+    def update_network(
         self, request: network_pb2.NetworkPut, **options: Unpack[CallOptions]
-    ) -> NetworkRecord:
-        reply: common_pb2.Json = await self._unary("UpdateNetwork", request, options)
-        return NetworkRecord.model_validate_json(reply.json)
+    ) -> Awaitable[NetworkRecord]:
+        return self._record("UpdateNetwork", request, options, NetworkRecord)
 
     def delete_network(
         self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]

@@ -87,17 +87,15 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteImageVolumes", request, options)
 
-    async def create_pool(
+    def create_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> StoragePoolRecord:
-        reply: common_pb2.Json = await self._unary("CreatePool", request, options)
-        return StoragePoolRecord.model_validate_json(reply.json)
+    ) -> Awaitable[StoragePoolRecord]:
+        return self._record("CreatePool", request, options, StoragePoolRecord)
 
-    async def update_pool(
+    def update_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> StoragePoolRecord:
-        reply: common_pb2.Json = await self._unary("UpdatePool", request, options)
-        return StoragePoolRecord.model_validate_json(reply.json)
+    ) -> Awaitable[StoragePoolRecord]:
+        return self._record("UpdatePool", request, options, StoragePoolRecord)
 
     def delete_pool(
         self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
