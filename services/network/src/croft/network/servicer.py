@@ -8,7 +8,8 @@ from typing import Any
 import grpc
 
 from croft.common.errors import InvalidArgument
-from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.models import NetworkRecord
+from croft.common.records import DEFAULT_PROJECT
 from croft.network.core import InstanceNic, NetworkCore
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
@@ -35,8 +36,8 @@ def _object(text: str) -> dict[str, Any]:
     return value
 
 
-def _record(record: dict[str, Any]) -> common_pb2.Json:
-    return common_pb2.Json(json=json.dumps(public(record)))
+def _record(record: NetworkRecord) -> common_pb2.Json:
+    return common_pb2.Json(json=json.dumps(record.public()))
 
 
 class NetworkServicer(network_pb2_grpc.NetworkServicer):

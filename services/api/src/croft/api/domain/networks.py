@@ -10,12 +10,14 @@ from starlette.requests import Request
 from croft.api import records
 from croft.api.context import context
 from croft.common.errors import NotFound
+from croft.common.models import NetworkMember, NetworkRecord, ProfileRecord
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
     network_member_prefix,
     network_nic_prefix,
     network_used_by,
+    record_prefix,
 )
 
 
@@ -24,70 +26,89 @@ def on_network(device: dict[str, str], network: str) -> bool:
     return device.get("type") == "nic" and network in (device.get("network"), device.get("parent"))
 
 
-async def used_by(store: Any, name: str) -> list[str]:
+async def networks(store: Any) -> list[NetworkRecord]:
+    """Every managed network's record."""
+    entries = await store.list(record_prefix(NetworkRecord.collection, DEFAULT_PROJECT))
+    return [NetworkRecord.model_validate(entry.json()) for entry in entries]
+
+
+async def used_by(store: Any, name: str, known: list[NetworkRecord] | None = None) -> list[str]:
     """What uses a managed network, in LXD's order: networks built on it, profiles with a
-    NIC on it, then the instances whose NICs are attached to it."""
+    NIC on it, then the instances whose NICs are attached to it (`known`: every managed
+    network's record, when the caller has read them)."""
+    if known is None:
+        known = await networks(store)
     # A network's `parent` is a member's own key: read from the member keys too.
     members = RECORDS + "network-members/"
     built_on = {
         entry.key.removeprefix(members).split("/")[0]
         for entry in await store.list(members)
-        if (entry.json().get("config") or {}).get("parent") == name
+        if NetworkMember.model_validate(entry.json()).config.get("parent") == name
     }
-    networks = sorted(
-        records.url("networks", r["name"])
-        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
-        if r["name"] != name
+    others = sorted(
+        records.url("networks", other.name)
+        for other in known
+        if other.name != name
         and (
-            r["name"] in built_on
-            or name
-            in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
+            other.name in built_on
+            or name in (other.config.get("network"), other.config.get("parent"))
         )
     )
     profiles = []
     prefix = records.RECORDS + "profiles/"
     for entry in await store.list(prefix):
+        # The project is in the profile's key, not its record.
         project, _, profile = entry.key.removeprefix(prefix).partition("/")
-        if any(on_network(device, name) for device in (entry.json().get("devices") or {}).values()):
+        devices = ProfileRecord.model_validate(entry.json()).devices
+        if any(on_network(device, name) for device in devices.values()):
             profiles.append(records.url("profiles", profile, project))
     nics = [entry.key for entry in await store.list(network_nic_prefix(name))]
-    return networks + sorted(profiles) + network_used_by(name, nics)
+    return others + sorted(profiles) + network_used_by(name, nics)
 
 
-async def managed(store: Any, name: str, missing: str = "Network not found") -> dict[str, Any]:
+async def find(store: Any, name: str) -> NetworkRecord | None:
+    """A managed network's cluster-wide record, None when there is none."""
+    found = await store.get_json(NetworkRecord.store_key(name))
+    return None if found is None else NetworkRecord.model_validate(found[0])
+
+
+async def managed(store: Any, name: str, missing: str = "Network not found") -> NetworkRecord:
     """A managed network's cluster-wide record; NotFound(`missing`) when there is none."""
-    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
-    if found is None:
+    record = await find(store, name)
+    if record is None:
         raise NotFound(missing)
-    record: dict[str, Any] = found[0]
     return record
 
 
-async def member_states(store: Any, name: str) -> dict[str, str]:
-    """Each member's state of a network (`pending`, `created`, `errored`)."""
+async def member_entries(store: Any, name: str) -> dict[str, NetworkMember]:
+    """Each member's key of a network: its state and its member-specific config."""
     prefix = network_member_prefix(name)
     return {
-        entry.key.removeprefix(prefix): str(entry.json().get("state", ""))
+        entry.key.removeprefix(prefix): NetworkMember.model_validate(entry.json())
         for entry in await store.list(prefix)
     }
 
 
+async def member_states(store: Any, name: str) -> dict[str, str]:
+    """Each member's state of a network (`pending`, `created`, `errored`)."""
+    return {member: entry.state for member, entry in (await member_entries(store, name)).items()}
+
+
 async def with_member_config(
-    request: Request, store: Any, record: dict[str, Any], member: str = ""
-) -> dict[str, Any]:
+    request: Request, store: Any, record: NetworkRecord, member: str = ""
+) -> dict[str, str]:
     """The record's config with a member's own keys (`parent`...), as LXD shows it: the
     member asked for (`?target=`), else, on a server that is not clustered, its only
     member; a cluster without a target shows the cluster-wide keys alone."""
     member = member or request.query_params.get("target", "")
-    prefix = network_member_prefix(record["name"])
-    entries = {e.key.removeprefix(prefix): e.json() for e in await store.list(prefix)}
+    entries = await member_entries(store, record.name)
     if not member and context(request).settings.location == "none" and len(entries) == 1:
         member = next(iter(entries))
-    own = (entries.get(member) or {}).get("config") or {}
-    return {**(record.get("config") or {}), **own}
+    own = entries[member].config if member in entries else {}
+    return {**record.config, **own}
 
 
-async def member_of(request: Request, store: Any, name: str, record: dict[str, Any]) -> str:
+async def member_of(request: Request, store: Any, name: str, record: NetworkRecord) -> str:
     """The member whose network service answers for a network: LXD's `?target=`, else
     the first member it is created on (records from before the cluster shape name their
     one member)."""
@@ -101,4 +122,4 @@ async def member_of(request: Request, store: Any, name: str, record: dict[str, A
         return target
     if created:
         return created[0]
-    return str(record.get("_croft", {}).get("member", "")) or context(request).settings.server_name
+    return record.croft.member or context(request).settings.server_name

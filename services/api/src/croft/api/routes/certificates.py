@@ -301,7 +301,11 @@ async def _create_token(request: Request, req: CertificatesPost) -> Response:
 # ---------------------------------------------------------------------------- changing
 
 
-async def _update(request: Request, fingerprint: str, *, patch: bool) -> Response:
+@router.put("/1.0/certificates/{fingerprint}")
+@router.patch("/1.0/certificates/{fingerprint}")
+async def certificate_update(request: Request, fingerprint: str) -> Response:
+    # PUT replaces; PATCH (LXD's) changes only what the body names.
+    patch = request.method == "PATCH"
     data = await query.json_body(request)
     req = query.validate(data, CertificatePut)
     current = render_certificate(await _get(fingerprint))
@@ -326,16 +330,6 @@ async def _update(request: Request, fingerprint: str, *, patch: bool) -> Respons
         "certificate-updated", certificate_url(updated["fingerprint"]), request=request
     )
     return responses.empty_sync()
-
-
-@router.put("/1.0/certificates/{fingerprint}")
-async def certificate_put(request: Request, fingerprint: str) -> Response:
-    return await _update(request, fingerprint, patch=False)
-
-
-@router.patch("/1.0/certificates/{fingerprint}")
-async def certificate_patch(request: Request, fingerprint: str) -> Response:
-    return await _update(request, fingerprint, patch=True)
 
 
 @router.delete("/1.0/certificates/{fingerprint}")

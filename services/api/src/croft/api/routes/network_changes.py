@@ -18,6 +18,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain.networks import (
+    find,
     managed,
     member_of,
     member_states,
@@ -55,7 +56,7 @@ async def networks_post(request: Request) -> Response:
     req = await query.body(request, NetworksPost)
     if not req.name:
         raise InvalidArgument("No name provided")
-    if await ctx.store.get(records.record_key("networks", records.DEFAULT_PROJECT, req.name)):
+    if await find(ctx.store, req.name) is not None:
         raise InvalidArgument("The network already exists")
     client = await services().network(
         request.query_params.get("target") or ctx.settings.server_name
@@ -67,12 +68,12 @@ async def networks_post(request: Request) -> Response:
         "config": req.config,
     }
     try:
-        await client.create_network(common_pb2.Json(json=json.dumps(body)), timeout=120)
+        created = await client.create_network(common_pb2.Json(json=json.dumps(body)), timeout=120)
     except Conflict as exc:
         if exc.message == "The network already exists":
             raise InvalidArgument(exc.message) from None
         raise
-    return responses.created(f"/1.0/networks/{req.name}")
+    return responses.created(f"/1.0/networks/{created.name}")
 
 
 async def _update(request: Request, name: str, *, patch: bool) -> Response:
@@ -80,16 +81,16 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     data = await query.json_body(request)
     req = query.validate(data, NetworkPut)
     record = await managed(ctx.store, name, _MISSING)
-    if record.get("status") not in (None, "Created"):
+    if record.status not in ("", "Created"):
         raise InvalidArgument("Cannot update network global config when not in created state")
     member = await member_of(request, ctx.store, name, record)
     current_config = await with_member_config(request, ctx.store, record, member)
-    query.check_if_match(request, records.etag([current_config, record.get("description", "")]))
+    query.check_if_match(request, records.etag([current_config, record.description]))
     if patch:
         # LXD's PATCH: the keys sent replace theirs, the others stay; an absent
         # description keeps its value.
         config = {**current_config, **req.config}
-        description = req.description if "description" in data else record.get("description", "")
+        description = req.description if "description" in data else record.description
     else:
         config, description = req.config, req.description
     client = await services().network(member)
@@ -115,19 +116,19 @@ async def network_rename(request: Request, name: str) -> Response:
     ctx = context(request)
     req = await query.body(request, NetworkPost)
     record = await managed(ctx.store, name, _MISSING)
-    if record.get("status") not in (None, "Created"):
+    if record.status not in ("", "Created"):
         raise InvalidArgument("Cannot rename network when not in created state")
     if not req.name:
         raise InvalidArgument("New network name not provided")
     if await used_by(ctx.store, name):
         raise InvalidArgument("Network is currently in use")
-    if await ctx.store.get(records.record_key("networks", records.DEFAULT_PROJECT, req.name)):
+    if await find(ctx.store, req.name) is not None:
         raise Conflict(f'Network "{req.name}" already exists')
     client = await services().network(await member_of(request, ctx.store, name, record))
-    await client.rename_network(
+    renamed = await client.rename_network(
         network_pb2.NetworkRename(name=name, new_name=req.name), timeout=120
     )
-    return responses.created(f"/1.0/networks/{req.name}")
+    return responses.created(f"/1.0/networks/{renamed.name}")
 
 
 @router.delete("/1.0/networks/{name}")

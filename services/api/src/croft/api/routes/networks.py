@@ -14,11 +14,18 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
-from croft.api.domain.networks import managed, member_of, used_by, with_member_config
+from croft.api.domain.networks import (
+    find,
+    managed,
+    member_of,
+    networks,
+    used_by,
+    with_member_config,
+)
 from croft.api.services import services
 from croft.common.clients import NetworkClient
 from croft.common.errors import NotFound
-from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.models import NetworkRecord
 from croft.v1 import common_pb2, network_pb2
 
 router = APIRouter()
@@ -47,36 +54,37 @@ def _unmanaged(name: str) -> dict[str, Any]:
     }
 
 
-async def _render(request: Request, store: Any, record: dict[str, Any]) -> dict[str, Any]:
-    """A managed network as LXD shows it."""
+async def _render(
+    request: Request, store: Any, record: NetworkRecord, known: list[NetworkRecord] | None = None
+) -> dict[str, Any]:
+    """A managed network as LXD shows it (`known`: every managed network's record, when
+    the caller has read them)."""
     return {
-        **public(record),
+        **record.public(),
         "config": await with_member_config(request, store, record),
-        "used_by": await used_by(store, record["name"]),
+        "used_by": await used_by(store, record.name, known),
     }
 
 
 async def _all(request: Request, store: Any) -> list[dict[str, Any]]:
-    managed = {
-        r["name"]: await _render(request, store, r)
-        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
-    }
-    host = [n for n in sorted(os.listdir(SYS_NET)) if n not in managed]
-    return [*managed.values(), *(_unmanaged(n) for n in host)]
+    known = await networks(store)
+    shown = {r.name: await _render(request, store, r, known) for r in known}
+    host = [n for n in sorted(os.listdir(SYS_NET)) if n not in shown]
+    return [*shown.values(), *(_unmanaged(n) for n in host)]
 
 
 @router.get("/1.0/networks")
 async def networks_list(request: Request) -> Response:
-    networks = await _all(request, context(request).store)
-    return responses.sync(query.listing(networks, request, lambda n: f"/1.0/networks/{n['name']}"))
+    listed = await _all(request, context(request).store)
+    return responses.sync(query.listing(listed, request, lambda n: f"/1.0/networks/{n['name']}"))
 
 
 @router.get("/1.0/networks/{name}")
 async def network_get(request: Request, name: str) -> Response:
     store = context(request).store
-    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
-    if found is not None:
-        body = await _render(request, store, found[0])
+    record = await find(store, name)
+    if record is not None:
+        body = await _render(request, store, record)
     elif os.path.exists(f"{SYS_NET}/{name}"):
         body = _unmanaged(name)
     else:
