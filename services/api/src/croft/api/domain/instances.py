@@ -16,7 +16,8 @@ from starlette.requests import Request
 from croft.api import limits, query, records
 from croft.api.context import context
 from croft.common.errors import InvalidArgument, NotFound
-from croft.common.records import public
+from croft.common.models import InstanceRecord
+from croft.common.store import Store
 
 KIND = "instances"
 Devices = dict[str, dict[str, StrictStr]]
@@ -98,31 +99,46 @@ async def expand(
     return expanded_config, expanded_devices
 
 
-def writable(record: dict[str, Any]) -> list[Any]:
+def writable(record: InstanceRecord) -> list[Any]:
     """The fields an ETag covers (LXD: what a PUT can change)."""
     return [
-        record.get("architecture", ""),
-        {k: v for k, v in (record.get("config") or {}).items() if not k.startswith("volatile.")},
-        record.get("devices", {}),
-        record.get("ephemeral", False),
-        record.get("profiles", []),
-        record.get("description", ""),
+        record.architecture,
+        {k: v for k, v in record.config.items() if not k.startswith("volatile.")},
+        record.devices,
+        record.ephemeral,
+        record.profiles,
+        record.description,
     ]
 
 
-async def load(request: Request, name: str) -> tuple[str, dict[str, Any], int]:
+async def load(request: Request, name: str) -> tuple[str, InstanceRecord, int]:
+    """The instance `name` of the request's project, and the revision it was read at;
+    NotFound for one that is not there or not created yet."""
     store = context(request).store
     project = query.project(request)
-    found = await store.get_json(records.record_key(KIND, project, name))
-    if found is None or found[0].get("_croft", {}).get("state") == "creating":
+    found = await store.get_json(InstanceRecord.store_key(project, name))
+    if found is None:
         raise NotFound("Instance not found")
-    return project, found[0], found[1]
+    record = InstanceRecord.model_validate(found[0])
+    if record.croft.creating:
+        raise NotFound("Instance not found")
+    return project, record, found[1]
 
 
-def render(record: dict[str, Any], standalone: bool) -> dict[str, Any]:
-    """The instance as clients see it. A record's `location` is its member; a standalone
-    server shows LXD's member name for itself, "none"."""
-    body = public(record)
+async def listed(store: Store, project: str) -> list[InstanceRecord]:
+    """The project's instances, less those not created yet."""
+    found = (
+        InstanceRecord.model_validate(raw)
+        for raw in await records.list_records(store, KIND, project)
+    )
+    return [record for record in found if not record.croft.creating]
+
+
+def render(record: InstanceRecord, standalone: bool) -> dict[str, Any]:
+    """The instance as clients see it (`_croft` never leaves the api). A record's
+    `location` is its member; a standalone server shows LXD's member name for itself,
+    "none"."""
+    body = record.public()
     if standalone:
         body["location"] = "none"
     return body

@@ -42,9 +42,9 @@ async def instance_console_attach(request: Request, name: str) -> Response:
         raise InvalidArgument(f'Unknown console type "{kind}"')
     if kind == "vga":
         raise InvalidArgument("VGA console is only supported by virtual machines")
-    if record.get("status") == "Frozen":
+    if record.status == "Frozen":
         raise InvalidArgument("Instance is frozen")
-    if record.get("status") != "Running":
+    if record.status != "Running":
         raise InvalidArgument("Instance is not running")
     client = await compute_of(record)
     start = compute_pb2.ExecStart(

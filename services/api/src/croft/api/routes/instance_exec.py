@@ -49,7 +49,7 @@ async def instance_exec(request: Request, name: str) -> Response:
     if not req.command:
         raise InvalidArgument("No command given")
     # The record's status, not a live state call (~10 ms); compute refuses a stopped one.
-    if record.get("status") != "Running":
+    if record.status != "Running":
         raise InvalidArgument("Instance is not running")
     client = await compute_of(record)
     start = compute_pb2.ExecStart(

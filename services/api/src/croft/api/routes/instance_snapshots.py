@@ -19,7 +19,7 @@ from croft.api.domain.compute import compute_of, compute_operation, ref
 from croft.api.domain.instances import NamePost, load
 from croft.api.domain.snapshots import render_snapshot, snapshot_key, snapshots_of
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.v1 import compute_pb2
+from croft.common.models import InstanceRecord
 
 router = APIRouter()
 
@@ -71,20 +71,24 @@ async def snapshots_post(request: Request, name: str) -> Response:
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is not None:
         raise Conflict(f'Snapshot "{snapshot}" already exists')
     client = await compute_of(record)
-    create = compute_pb2.SnapshotRequest(
-        instance=ref(project, name), snapshot=snapshot, expires_at=req.expires_at or ""
-    )
+    expires_at = req.expires_at or ""
 
     return await compute_operation(
-        ctx, client.create_snapshot, create, "Snapshotting instance", project, name, timeout=600
+        ctx,
+        lambda: client.create_snapshot(
+            ref(project, name), snapshot, expires_at=expires_at, timeout=600
+        ),
+        "Snapshotting instance",
+        project,
+        name,
     )
 
 
-def _refuse_stateful(record: dict[str, Any]) -> None:
+def _refuse_stateful(record: InstanceRecord) -> None:
     """croft cannot checkpoint a running instance (no CRIU support): refused at once, in
     LXD's words (LXD says them as a failed operation), rather than a stateless snapshot
     the client did not ask for."""
-    if record.get("status") != "Running":
+    if record.status != "Running":
         raise InvalidArgument("Unable to create a stateful snapshot. The instance isn't running")
     if shutil.which("criu") is None:
         raise InvalidArgument("Unable to create a stateful snapshot. CRIU isn't installed")
@@ -110,7 +114,7 @@ async def _next_snapshot_name(store: Any, project: str, name: str) -> str:
 
 async def _snapshot(
     request: Request, name: str, snapshot: str
-) -> tuple[str, dict[str, Any], dict[str, Any]]:
+) -> tuple[str, InstanceRecord, dict[str, Any]]:
     project, record, _ = await load(request, name)
     found = await context(request).store.get_json(snapshot_key(project, name, snapshot))
     if found is None:
@@ -134,10 +138,13 @@ async def snapshot_delete(request: Request, name: str, snapshot: str) -> Respons
     ctx = context(request)
     project, record, _ = await _snapshot(request, name, snapshot)
     client = await compute_of(record)
-    delete = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
 
     return await compute_operation(
-        ctx, client.delete_snapshot, delete, "Deleting snapshot", project, name, timeout=600
+        ctx,
+        lambda: client.delete_snapshot(ref(project, name), snapshot, timeout=600),
+        "Deleting snapshot",
+        project,
+        name,
     )
 
 
@@ -153,10 +160,11 @@ async def snapshot_rename(request: Request, name: str, snapshot: str) -> Respons
     if await ctx.store.get(snapshot_key(project, name, req.name)) is not None:
         raise Conflict(f"Name '{name}/{req.name}' already in use")
     client = await compute_of(record)
-    rename = compute_pb2.SnapshotRequest(
-        instance=ref(project, name), snapshot=snapshot, new_name=req.name
-    )
 
     return await compute_operation(
-        ctx, client.rename_snapshot, rename, "Renaming snapshot", project, name
+        ctx,
+        lambda: client.rename_snapshot(ref(project, name), snapshot, req.name),
+        "Renaming snapshot",
+        project,
+        name,
     )

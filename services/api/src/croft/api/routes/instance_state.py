@@ -16,7 +16,6 @@ from croft.api.context import context
 from croft.api.domain.compute import compute_of, ref, state_operation
 from croft.api.domain.instances import load
 from croft.common.errors import InvalidArgument
-from croft.v1 import compute_pb2
 
 router = APIRouter()
 
@@ -57,20 +56,12 @@ async def instance_state_put(request: Request, name: str) -> Response:
         raise InvalidArgument(f"Unknown action: '{req.action}'")
     if req.stateful:
         raise InvalidArgument("Stateful stop and start are not supported")
-    change = compute_pb2.StateRequest(
-        instance=ref(project, name),
-        action=req.action,
-        force=req.force,
-        timeout=req.timeout,
-        # What was just read: compute need not read it again.
-        record=json.dumps(record).encode(),
-        revision=revision,
-    )
-
     return await state_operation(
         ctx,
         record,
-        change,
+        revision,
+        req.action,
         _ACTIONS[req.action],
-        timeout=(30 if req.timeout < 0 else req.timeout) + 60,
+        force=req.force,
+        timeout=req.timeout,
     )
