@@ -20,7 +20,7 @@ from croft.api.operations import OperationManager
 from croft.api.records import DEFAULT_PROJECT
 from croft.common.errors import CroftError
 from croft.common.events import EventPublisher, lifecycle_metadata
-from croft.common.store import Operation, Store
+from croft.common.store import Put, Store
 
 log = logging.getLogger(__name__)
 
@@ -61,15 +61,13 @@ class ApiContext:
     ) -> None:
         """Publish a lifecycle event (`profile-created`, ...). A change already made is not
         undone because its event could not be written: that is logged instead."""
-        metadata = lifecycle_metadata(
-            action, source, context, requestor(request) if request is not None else None
-        )
-        try:
-            await self.publisher.publish(
-                "lifecycle", metadata, project=project, location=self.settings.location
-            )
-        except CroftError as exc:
-            log.warning("could not publish %s for %s: %s", action, source, exc)
+        for write in await self.lifecycle_write(
+            action, source, project=project, context=context, request=request
+        ):
+            try:
+                await self.publisher.store.put(write.key, write.value, lease=write.lease)
+            except CroftError as exc:
+                log.warning("could not publish %s for %s: %s", action, source, exc)
 
     async def lifecycle_write(
         self,
@@ -78,16 +76,18 @@ class ApiContext:
         *,
         project: str = DEFAULT_PROJECT,
         context: dict[str, Any] | None = None,
-    ) -> list[Operation]:
+        request: HTTPConnection | None = None,
+    ) -> list[Put]:
         """The write of a lifecycle event, to go in the transaction of the change it
-        reports (an operation's `final_writes`); none when the event log cannot take it."""
+        reports (an operation's `final_writes`); none when the event log cannot take it.
+        `request`: the request that made the change, whose requestor the event names."""
+        metadata = lifecycle_metadata(
+            action, source, context, requestor(request) if request is not None else None
+        )
         try:
             return [
                 await self.publisher.event(
-                    "lifecycle",
-                    lifecycle_metadata(action, source, context),
-                    project=project,
-                    location=self.settings.location,
+                    "lifecycle", metadata, project=project, location=self.settings.location
                 )
             ]
         except CroftError as exc:

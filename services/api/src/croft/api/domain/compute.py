@@ -10,11 +10,12 @@ import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import responses
 from croft.api.context import ApiContext
-from croft.api.domain.instances import resources
+from croft.api.domain.instances import load, resources
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import ComputeClient
@@ -33,21 +34,30 @@ def ref(project: str, name: str) -> common_pb2.InstanceRef:
     return common_pb2.InstanceRef(project=project, name=name)
 
 
+async def compute_for(request: Request, name: str) -> tuple[ComputeClient, common_pb2.InstanceRef]:
+    """Instance `name` of the request's project, found as `load` finds it: the client of
+    its member's compute service and its reference, for a handler whose work is one call."""
+    project, record, _ = await load(request, name)
+    return await compute_of(record), ref(project, name)
+
+
 async def compute_operation(
     ctx: ApiContext,
-    call: Callable[[], Awaitable[object]],
+    record: InstanceRecord,
     description: str,
-    project: str,
-    name: str,
+    work: Callable[[ComputeClient, common_pb2.InstanceRef], Awaitable[object]],
 ) -> Response:
-    """The 202 of an operation on instance `name` whose work is one call to its compute
-    service (`call`, made by the operation's task: a typed client's method)."""
+    """The 202 of an operation on the instance of `record` whose work is one call to its
+    compute service: `work(client, instance)`, made by the operation's task, calls a
+    method of that service's client for the instance."""
+    client = await compute_of(record)
+    instance = ref(record.project, record.name)
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
-        await call()
+        await work(client, instance)
         return None
 
-    return await _operation(ctx, run, description, project, name)
+    return await _operation(ctx, run, description, record.project, record.name)
 
 
 @contextlib.asynccontextmanager

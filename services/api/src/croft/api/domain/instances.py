@@ -8,18 +8,20 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 
 from croft.api import limits, query, records
 from croft.api.context import context
+from croft.api.domain.images import ImageSource
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.models import InstanceRecord
 from croft.common.store import Store
 
 KIND = "instances"
+Body = TypeVar("Body", bound=BaseModel)
 Devices = dict[str, dict[str, StrictStr]]
 _NAME = re.compile(r"^[a-zA-Z0-9-]+$")
 
@@ -41,14 +43,7 @@ def validate_name(name: str) -> None:
         raise InvalidArgument(f"Invalid instance name: {problem}")
 
 
-class InstanceSource(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: StrictStr = ""
-    alias: StrictStr = ""
-    fingerprint: StrictStr = ""
-    server: StrictStr = ""
-    protocol: StrictStr = ""
-    certificate: StrictStr = ""
+class InstanceSource(ImageSource):
     properties: dict[str, StrictStr] | None = None
 
 
@@ -123,6 +118,15 @@ async def load(request: Request, name: str) -> tuple[str, InstanceRecord, int]:
     if record.croft.creating:
         raise NotFound("Instance not found")
     return project, record, found[1]
+
+
+async def load_with(
+    request: Request, name: str, body: type[Body]
+) -> tuple[str, InstanceRecord, int, Body]:
+    """`load`, then the request's body as `body`: what a handler that acts on one instance
+    reads first. An instance that is not there is a 404 whatever the body says."""
+    project, record, revision = await load(request, name)
+    return project, record, revision, await query.body(request, body)
 
 
 async def listed(store: Store, project: str) -> list[InstanceRecord]:

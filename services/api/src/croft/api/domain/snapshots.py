@@ -11,7 +11,7 @@ from starlette.responses import Response
 
 from croft.api import records
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref
+from croft.api.domain.compute import compute_operation
 from croft.common.errors import NotFound
 from croft.common.models import InstanceRecord
 from croft.common.records import public
@@ -58,12 +58,9 @@ async def restore_snapshot(
         raise missing
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is None:
         raise missing
-    client = await compute_of(record)
-
     return await compute_operation(
         ctx,
-        lambda: client.restore_snapshot(ref(project, name), snapshot, timeout=600),
+        record,
         "Restoring snapshot",
-        project,
-        name,
+        lambda compute, instance: compute.restore_snapshot(instance, snapshot, timeout=600),
     )

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
+from croft.api.domain.compute import compute_of, compute_operation, state_of
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -21,6 +21,7 @@ from croft.api.domain.instances import (
     expand,
     failing,
     load,
+    load_with,
     render,
     resources,
     validate_name,
@@ -154,8 +155,7 @@ async def instance_patch(request: Request, name: str) -> Response:
 @router.post("/1.0/containers/{name}")
 async def instance_rename(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
-    req = await query.body(request, NamePost)
+    project, record, _, req = await load_with(request, name, NamePost)
     if req.migration:
         raise InvalidArgument("Migration is not supported yet")
     # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
@@ -167,14 +167,11 @@ async def instance_rename(request: Request, name: str) -> Response:
     # LXD fails the operation with this; croft refuses at once (compute checks again).
     if record.status != "Stopped":
         raise InvalidArgument("Renaming of running container not allowed")
-    client = await compute_of(record)
-
     return await compute_operation(
         ctx,
-        lambda: client.rename_instance(ref(project, name), new_name, timeout=600),
+        record,
         "Renaming instance",
-        project,
-        name,
+        lambda compute, instance: compute.rename_instance(instance, new_name, timeout=600),
     )
 
 
@@ -187,12 +184,9 @@ async def instance_delete(request: Request, name: str) -> Response:
     # monitor); compute checks again, so a stale record cannot delete a running instance.
     if record.status != "Stopped":
         raise InvalidArgument("The instance is currently running, stop it first")
-    client = await compute_of(record)
-
     return await compute_operation(
         ctx,
-        lambda: client.delete_instance(ref(project, name), idempotent=False, timeout=600),
+        record,
         "Deleting instance",
-        project,
-        name,
+        lambda compute, instance: compute.delete_instance(instance, idempotent=False, timeout=600),
     )

@@ -15,8 +15,8 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref
-from croft.api.domain.instances import NamePost, load
+from croft.api.domain.compute import compute_operation
+from croft.api.domain.instances import NamePost, load, load_with
 from croft.api.domain.snapshots import render_snapshot, snapshot_key, snapshots_of
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.models import InstanceRecord
@@ -60,8 +60,7 @@ async def snapshots_list(request: Request, name: str) -> Response:
 @router.post("/1.0/containers/{name}/snapshots")
 async def snapshots_post(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
-    req = await query.body(request, SnapshotsPost)
+    project, record, _, req = await load_with(request, name, SnapshotsPost)
     snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
     validate_snapshot_name(snapshot)
     if req.stateful:
@@ -70,17 +69,14 @@ async def snapshots_post(request: Request, name: str) -> Response:
         _check_time("expires_at", req.expires_at)
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is not None:
         raise Conflict(f'Snapshot "{snapshot}" already exists')
-    client = await compute_of(record)
     expires_at = req.expires_at or ""
-
     return await compute_operation(
         ctx,
-        lambda: client.create_snapshot(
-            ref(project, name), snapshot, expires_at=expires_at, timeout=600
-        ),
+        record,
         "Snapshotting instance",
-        project,
-        name,
+        lambda compute, instance: compute.create_snapshot(
+            instance, snapshot, expires_at=expires_at, timeout=600
+        ),
     )
 
 
@@ -137,14 +133,11 @@ async def snapshot_get(request: Request, name: str, snapshot: str) -> Response:
 async def snapshot_delete(request: Request, name: str, snapshot: str) -> Response:
     ctx = context(request)
     project, record, _ = await _snapshot(request, name, snapshot)
-    client = await compute_of(record)
-
     return await compute_operation(
         ctx,
-        lambda: client.delete_snapshot(ref(project, name), snapshot, timeout=600),
+        record,
         "Deleting snapshot",
-        project,
-        name,
+        lambda compute, instance: compute.delete_snapshot(instance, snapshot, timeout=600),
     )
 
 
@@ -159,12 +152,9 @@ async def snapshot_rename(request: Request, name: str, snapshot: str) -> Respons
     validate_snapshot_name(req.name)
     if await ctx.store.get(snapshot_key(project, name, req.name)) is not None:
         raise Conflict(f"Name '{name}/{req.name}' already in use")
-    client = await compute_of(record)
-
     return await compute_operation(
         ctx,
-        lambda: client.rename_snapshot(ref(project, name), snapshot, req.name),
+        record,
         "Renaming snapshot",
-        project,
-        name,
+        lambda compute, instance: compute.rename_snapshot(instance, snapshot, req.name),
     )
