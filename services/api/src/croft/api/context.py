@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from starlette.requests import HTTPConnection
+from typing_extensions import Unpack
 
 from croft.api.events import EventHub
 from croft.api.identity import identity
@@ -40,6 +41,17 @@ class ApiSettings:
     certificate: str = ""  # the server certificate, PEM (croft.api.tls)
 
 
+class LifecycleEvent(TypedDict, total=False):
+    """What a lifecycle event says besides its action and source."""
+
+    #: The project of the source (default: the default project).
+    project: str
+    #: LXD's event `context` (what changed, say).
+    context: dict[str, Any] | None
+    #: The request that made the change: the event names its requestor.
+    request: HTTPConnection | None
+
+
 @dataclass
 class ApiContext:
     """The shared parts of one api replica."""
@@ -50,20 +62,10 @@ class ApiContext:
     hub: EventHub
     publisher: EventPublisher
 
-    async def lifecycle(
-        self,
-        action: str,
-        source: str,
-        *,
-        project: str = DEFAULT_PROJECT,
-        context: dict[str, Any] | None = None,
-        request: HTTPConnection | None = None,
-    ) -> None:
+    async def lifecycle(self, action: str, source: str, **event: Unpack[LifecycleEvent]) -> None:
         """Publish a lifecycle event (`profile-created`, ...). A change already made is not
         undone because its event could not be written: that is logged instead."""
-        for write in await self.lifecycle_write(
-            action, source, project=project, context=context, request=request
-        ):
+        for write in await self.lifecycle_write(action, source, **event):
             try:
                 await self.publisher.store.put(write.key, write.value, lease=write.lease)
             except CroftError as exc:
@@ -79,8 +81,7 @@ class ApiContext:
         request: HTTPConnection | None = None,
     ) -> list[Put]:
         """The write of a lifecycle event, to go in the transaction of the change it
-        reports (an operation's `final_writes`); none when the event log cannot take it.
-        `request`: the request that made the change, whose requestor the event names."""
+        reports (an operation's `final_writes`); none when the event log cannot take it."""
         metadata = lifecycle_metadata(
             action, source, context, requestor(request) if request is not None else None
         )

@@ -21,9 +21,12 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from croft.api import limits, records, responses
 from croft.api.context import context
+from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import resources
 from croft.api.operations import OperationContext
-from croft.common.errors import PermissionDenied, Timeout
+from croft.common.clients import ComputeClient
+from croft.common.errors import InvalidArgument, PermissionDenied, Timeout
+from croft.common.models import InstanceRecord
 from croft.common.rpc import from_rpc_error
 from croft.v1 import compute_pb2
 
@@ -39,6 +42,21 @@ class Terminal(BaseModel):
 
     def size(self) -> compute_pb2.WindowSize:
         return compute_pb2.WindowSize(width=self.width, height=self.height)
+
+
+async def exec_on(
+    record: InstanceRecord, terminal: Terminal, **start: Any
+) -> tuple[ComputeClient, compute_pb2.ExecStart]:
+    """Where an exec or a console of instance `record` goes: its member's compute service,
+    and the stream's start for the instance and the terminal's size, with `start`'s
+    fields (the command, or `console`). InvalidArgument when the instance does not run."""
+    # The record's status, not a live state call (~10 ms); compute refuses a stopped one.
+    if record.status != "Running":
+        raise InvalidArgument("Instance is not running")
+    instance = ref(record.project, record.name)
+    return await compute_of(record), compute_pb2.ExecStart(
+        instance=instance, size=terminal.size(), **start
+    )
 
 
 class ExecSession:

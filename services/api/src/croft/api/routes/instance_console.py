@@ -14,12 +14,11 @@ from starlette.responses import Response, StreamingResponse
 
 from croft.api import records, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_for, compute_of, ref
-from croft.api.domain.exec import ExecSession, Terminal, relay_exec, websocket_operation
+from croft.api.domain.compute import compute_for
+from croft.api.domain.exec import ExecSession, Terminal, exec_on, relay_exec, websocket_operation
 from croft.api.domain.instances import KIND, load_with
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument
-from croft.v1 import compute_pb2
 
 router = APIRouter()
 
@@ -40,14 +39,7 @@ async def instance_console_attach(request: Request, name: str) -> Response:
         raise InvalidArgument("VGA console is only supported by virtual machines")
     if record.status == "Frozen":
         raise InvalidArgument("Instance is frozen")
-    if record.status != "Running":
-        raise InvalidArgument("Instance is not running")
-    client = await compute_of(record)
-    start = compute_pb2.ExecStart(
-        instance=ref(project, name),
-        console=True,
-        size=req.size(),
-    )
+    client, start = await exec_on(record, req, console=True)
     session = ExecSession(interactive=True)
 
     async def relay(op: OperationContext) -> dict[str, Any] | None:

@@ -15,11 +15,11 @@ from starlette.responses import Response
 
 from croft.api import limits, records, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.exec import (
     ExecSession,
     Terminal,
     exec_log_key,
+    exec_on,
     relay_exec,
     websocket_operation,
 )
@@ -51,16 +51,12 @@ async def instance_exec(request: Request, name: str) -> Response:
     project, record, _, req = await load_with(request, name, ExecPost)
     if not req.command:
         raise InvalidArgument("No command given")
-    # The record's status, not a live state call (~10 ms); compute refuses a stopped one.
-    if record.status != "Running":
-        raise InvalidArgument("Instance is not running")
-    client = await compute_of(record)
-    start = compute_pb2.ExecStart(
-        instance=ref(project, name),
+    client, start = await exec_on(
+        record,
+        req,
         command=req.command,
         environment=req.environment or {},
         interactive=req.interactive,
-        size=req.size(),
         cwd=req.cwd,
         user=req.user,
         group=req.group,

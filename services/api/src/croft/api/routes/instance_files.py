@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import limits, responses
-from croft.api.domain.compute import compute_for, compute_of, ref
+from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import load
 from croft.common.clients import ComputeClient
 from croft.common.errors import InvalidArgument
@@ -46,8 +46,9 @@ def _int_header(request: Request, name: str, default: int) -> int:
 
 async def _file_of(request: Request, name: str) -> tuple[compute_pb2.FileRef, ComputeClient]:
     """The file a GET or DELETE names, and the compute service of its instance's member."""
-    client, instance = await compute_for(request, name)
-    return compute_pb2.FileRef(instance=instance, path=_file_path(request)), client
+    project, record, _ = await load(request, name)
+    path = _file_path(request)  # a bad request is refused whether compute runs or not
+    return compute_pb2.FileRef(instance=ref(project, name), path=path), await compute_of(record)
 
 
 @router.get("/1.0/instances/{name}/files")
