@@ -5,8 +5,6 @@ have and the ones croft does not model, for records a real croft wrote
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,10 +19,7 @@ from croft.common.models.instance_wire import (
 )
 from croft.v1 import compute_pb2
 
-CAPTURED: list[tuple[str, dict[str, Any]]] = [
-    (key, value)
-    for key, value in json.loads((Path(__file__).parent / "fixtures/records.json").read_text())
-]
+Captured = list[tuple[str, dict[str, Any]]]
 
 
 def sent(record: InstanceRecord) -> InstanceRecord:
@@ -33,30 +28,32 @@ def sent(record: InstanceRecord) -> InstanceRecord:
     return instance_from_wire(compute_pb2.Instance.FromString(wire))
 
 
-def captured(kind: str) -> list[dict[str, Any]]:
-    found = [raw for key, raw in CAPTURED if f"/records/{kind}/" in key]
+def of_kind(captured: Captured, kind: str) -> list[dict[str, Any]]:
+    found = [raw for key, raw in captured if f"/records/{kind}/" in key]
     assert found, f"no captured {kind} record"
     return found
 
 
-def test_a_stored_instance_crosses_the_wire_as_it_is() -> None:
-    for raw in captured("instances"):
+def test_a_stored_instance_crosses_the_wire_as_it_is(captured_records: Captured) -> None:
+    for raw in of_kind(captured_records, "instances"):
         received = sent(InstanceRecord.model_validate(raw))
         assert received.dump() == raw
         assert received.croft.member and received.croft.pool == "default"
         assert received.expanded_devices["root"]["path"] == "/"
 
 
-def test_a_snapshot_crosses_the_wire_as_it_is() -> None:
-    for raw in captured("instance-snapshots"):
+def test_a_snapshot_crosses_the_wire_as_it_is(captured_records: Captured) -> None:
+    for raw in of_kind(captured_records, "instance-snapshots"):
         wire = snapshot_to_wire(SnapshotRecord.model_validate(raw)).SerializeToString()
         received = snapshot_from_wire(compute_pb2.InstanceSnapshot.FromString(wire))
         assert received.dump() == raw
         assert received.croft.pool == "default"
 
 
-def test_what_croft_does_not_model_and_what_a_record_lacks_survive() -> None:
-    raw = captured("instances")[0]
+def test_what_croft_does_not_model_and_what_a_record_lacks_survive(
+    captured_records: Captured,
+) -> None:
+    raw = of_kind(captured_records, "instances")[0]
     odd = {
         **{k: v for k, v in raw.items() if k not in ("stateful", "location")},
         "backups": [],
