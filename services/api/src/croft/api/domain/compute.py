@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from croft.api import responses
 from croft.api.context import ApiContext
-from croft.api.domain.instances import load, resources
+from croft.api.domain.instances import Listed, load, resources
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import ComputeClient
@@ -168,12 +168,12 @@ async def state_of(record: InstanceRecord) -> dict[str, Any] | None:
         return None
 
 
-async def states_of(found: list[InstanceRecord]) -> list[dict[str, Any] | None]:
+async def states_of(found: list[Listed]) -> list[dict[str, Any] | None]:
     """The states of listed instances: one call per compute member, not one per instance.
     None for an instance whose member does not answer (LXD shows it without state)."""
     by_member: dict[str, list[int]] = {}
     for index, record in enumerate(found):
-        by_member.setdefault(record.croft.member, []).append(index)
+        by_member.setdefault(record.meta.member, []).append(index)
     states: list[dict[str, Any] | None] = [None] * len(found)
 
     async def ask(member: str, indexes: list[int]) -> None:
