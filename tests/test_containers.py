@@ -22,8 +22,10 @@ import pytest
 import yaml
 
 from croft.common import rpc
+from croft.common.clients import ComputeClient
+from croft.common.models import InstanceRecord
 from croft.common.store import connect
-from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
+from croft.v1 import common_pb2, compute_pb2_grpc
 
 from .conftest import REPO, Croft, Lxc
 
@@ -407,28 +409,24 @@ def test_a_stale_record_handed_to_compute_loses_no_change(
 
     async def scenario() -> dict:
         store = await connect([croft.endpoint])
-        client = await rpc.ServiceClient(store, "compute", compute_pb2_grpc.ComputeStub).start()
+        transport = await rpc.ServiceClient(store, "compute", compute_pb2_grpc.ComputeStub).start()
+        client = ComputeClient(transport)
         try:
             key = "/croft/records/instances/default/c1"
             stale, revision = await store.get_json(key)
             lxc("config", "set", c1, "user.after", "kept")  # a newer revision
-            await client.call(
-                "ChangeState",
-                compute_pb2.StateRequest(
-                    instance=common_pb2.InstanceRef(project="default", name=c1),
-                    action="stop",
-                    force=True,
-                    timeout=-1,
-                    record=json.dumps(stale).encode(),
-                    revision=revision,
-                ),
-                idempotent=False,
-                timeout=60,
+            stopped = await client.change_state(
+                common_pb2.InstanceRef(project="default", name=c1),
+                "stop",
+                force=True,
+                known=(InstanceRecord.model_validate(stale), revision),
+                deadline=60,
             )
+            assert stopped.status == "Stopped"
             record, _ = await store.get_json(key)
             return record
         finally:
-            await client.close()
+            await transport.close()
             await store.close()
 
     record = asyncio.run(scenario())

@@ -31,6 +31,7 @@ from croft.api.domain.images import (
     ALIASES,
     IMAGES,
     PULL_TIMEOUT,
+    ImageSource,
     alias_url,
     find_alias,
     find_image,
@@ -569,17 +570,10 @@ class _RemoteAlias(BaseModel):
     description: StrictStr = ""
 
 
-class _RemoteSource(BaseModel):
+class _RemoteSource(ImageSource):
     """LXD's ImagesPostSource for `type: image` (pull from an image server) and `url`."""
 
-    model_config = ConfigDict(extra="ignore")
-    type: StrictStr = ""
     mode: StrictStr = ""
-    server: StrictStr = ""
-    protocol: StrictStr = ""
-    alias: StrictStr = ""
-    fingerprint: StrictStr = ""
-    certificate: StrictStr = ""
     secret: StrictStr = ""
     url: StrictStr = ""
     image_type: StrictStr = ""

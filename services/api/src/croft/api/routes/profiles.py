@@ -7,7 +7,6 @@ instance records that name the profile.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter
@@ -22,9 +21,9 @@ from croft.api.domain import projects
 from croft.api.domain.compute import compute_of
 from croft.api.domain.instances import expand
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, PermissionDenied
-from croft.common.records import public
+from croft.common.models import InstanceRecord
+from croft.common.models.instance import CREATED
 from croft.common.store import Create, Delete, Store, dump
-from croft.v1 import compute_pb2
 
 router = APIRouter()
 
@@ -214,11 +213,12 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     await ctx.lifecycle("profile-updated", url, project=project, request=request)
     # As LXD: the instances that use the profile get the change at once.
     failed = []
-    for instance in await _instance_updates(ctx.store, project, name, written):
+    for instance, revision in await _instance_updates(ctx.store, project, name, written):
         try:
-            await _update_instance(ctx.store, instance)
+            client = await compute_of(instance)
+            await client.update_instance(instance, revision=revision, timeout=120)
         except CroftError as exc:
-            failed.append(f'"{instance["name"]}": {exc.message}')
+            failed.append(f'"{instance.name}": {exc.message}')
     if failed:
         raise InvalidArgument("Failed to update instances using the profile: " + "; ".join(failed))
     return responses.empty_sync()
@@ -226,67 +226,43 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
 
 async def _instance_updates(
     store: Store, project: str, name: str, profile: dict[str, Any]
-) -> list[dict[str, Any]]:
+) -> list[tuple[InstanceRecord, int]]:
     """The instances using profile `name` whose expansion `profile` changes, each as the
-    record to hand compute. InvalidArgument, naming the instance, when one of them would
-    not take it: an invalid expansion, or new devices while it runs (hot-plugging is not
-    built)."""
+    record to hand compute and the revision it was read at. InvalidArgument, naming the
+    instance, when one of them would not take it: an invalid expansion, or new devices
+    while it runs (hot-plugging is not built)."""
     updates = []
     for _, entry in await projects.instance_entries(store, project, KIND):
-        record = entry.json()
-        if name not in (record.get("profiles") or []):
+        record = InstanceRecord.model_validate(entry.json())
+        if name not in record.profiles:
             continue
-        if record.get("_croft", {}).get("state") != "created":
+        if record.croft.state != CREATED:
             continue  # being created: it expands the profile as it was
-        own = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
+        own = {k: v for k, v in record.config.items() if not k.startswith("volatile.")}
         expanded_config, expanded_devices = await expand(
-            store, project, record["profiles"], own, record["devices"], known={name: profile}
+            store, project, record.profiles, own, record.devices, known={name: profile}
         )
         current_config = {
-            k: v for k, v in record["expanded_config"].items() if not k.startswith("volatile.")
+            k: v for k, v in record.expanded_config.items() if not k.startswith("volatile.")
         }
-        if (expanded_config, expanded_devices) == (current_config, record["expanded_devices"]):
+        if (expanded_config, expanded_devices) == (current_config, record.expanded_devices):
             continue
-        instance = record["name"]
+        expanded = {"expanded_config": expanded_config, "expanded_devices": expanded_devices}
         try:
             validate_instance_config(expanded_config, profile=False)
             validate_devices(expanded_devices)
-            limits.check_record(
-                {
-                    **record,
-                    "expanded_config": expanded_config,
-                    "expanded_devices": expanded_devices,
-                },
-                "instance",
-            )
+            limits.check_record(record.model_copy(update=expanded).dump(), "instance")
         except CroftError as exc:
             raise InvalidArgument(
-                f'Invalid profile for instance "{instance}": {exc.message}'
+                f'Invalid profile for instance "{record.name}": {exc.message}'
             ) from None
-        if expanded_devices != record["expanded_devices"] and record.get("status") != "Stopped":
+        if expanded_devices != record.expanded_devices and record.status != "Stopped":
             raise InvalidArgument(
-                f'Instance "{instance}" uses the profile and is running: devices cannot be '
-                "changed while the instance is running"
+                f'Instance "{record.name}" uses the profile and is running: devices cannot '
+                "be changed while the instance is running"
             )
-        updates.append(
-            {
-                **public(record),
-                "config": own,
-                "expanded_config": expanded_config,
-                "expanded_devices": expanded_devices,
-                "_revision": entry.revision,
-                "_croft": record["_croft"],
-            }
-        )
+        updates.append((record.model_copy(update={"config": own, **expanded}), entry.revision))
     return updates
-
-
-async def _update_instance(store: Store, instance: dict[str, Any]) -> None:
-    client = await compute_of(instance)
-    revision = instance.pop("_revision")
-    del instance["_croft"]
-    update = compute_pb2.UpdateInstanceRequest(record=json.dumps(instance), revision=revision)
-    await client.update_instance(update, idempotent=False, timeout=120)
 
 
 @router.put("/1.0/profiles/{name}")
