@@ -7,6 +7,7 @@ from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
 from croft.storage.core import StorageCore
 from croft.storage.servicer import StorageServicer
+from croft.storage.volumes import CustomVolumes
 from croft.v1 import storage_pb2_grpc
 
 
@@ -14,7 +15,11 @@ async def setup(context: ServiceContext) -> None:
     """Pools ready (the default one created at first start) before the service registers."""
     core = StorageCore(context)
     await core.start()
-    storage_pb2_grpc.add_StorageServicer_to_server(StorageServicer(core), context.server.grpc)
+    custom = CustomVolumes(core)
+    await custom.reconcile()
+    storage_pb2_grpc.add_StorageServicer_to_server(
+        StorageServicer(core, custom), context.server.grpc
+    )
     task = asyncio.create_task(core.follow_image_deletions(), name="storage-image-deletions")
 
     async def stop() -> None:
