@@ -41,6 +41,7 @@ from croft.api.routes import (
     projects,
     server,
     storage_pools,
+    storage_volumes,
     streams,
 )
 from croft.api.routes import operations as operation_routes
@@ -187,6 +188,7 @@ def route_modules() -> tuple[Any, ...]:
         profiles,
         images,
         storage_pools,
+        storage_volumes,
         networks,
         image_export,
         certificates,

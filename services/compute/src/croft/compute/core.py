@@ -53,6 +53,7 @@ from croft.compute.drivers import (
     Status,
     unsupported_type,
 )
+from croft.compute.volumes import resolve_volume_disks
 from croft.imageformat.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, storage_pb2
 
@@ -357,6 +358,7 @@ class ComputeCore:
                 refused.add("volume")  # the volume of that name is not this create's
                 raise
             spec_devices = await self._attach_nics(project, name, devices, expanded, revert)
+            spec_devices = await resolve_volume_disks(await self.storage(), project, spec_devices)
             spec = InstanceSpec(
                 name=driver_name(project, name),
                 rootfs=volume.path,
@@ -1191,6 +1193,7 @@ class ComputeCore:
         devices = await self._attach_nics(
             project, name, copy_record(record.get("expanded_devices") or {}), config, None
         )
+        devices = await resolve_volume_disks(await self.storage(), project, devices)
         return InstanceSpec(
             name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices
         )

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
+from croft.api.domain.storage_volumes import volume_url
 from croft.api.services import services
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.records import DEFAULT_PROJECT, public
@@ -58,6 +59,8 @@ async def _used_by(store: Any, pool: str) -> list[str]:
         volume = entry.json()
         if volume.get("type") == "image" and volume.get("_croft", {}).get("pool") == pool:
             used.append(f"/1.0/images/{volume['name']}")
+        elif volume.get("type") == "custom" and volume.get("_croft", {}).get("pool") == pool:
+            used.append(volume_url(pool, volume))  # LXD lists custom volumes and snapshots
     return sorted(set(used))
 
 
