@@ -413,12 +413,14 @@ class CustomVolumes:
                     str(target.block_device),
                 ]
             else:
-                # -HAX: hard links, ACLs, xattrs; --numeric-ids: the ids as they are on disk.
+                # -HAX: hard links, ACLs, xattrs; --numeric-ids: the ids as they are on disk;
+                # --checksum: two states a second apart may have equal sizes and mtimes.
                 argv = [
                     "rsync",
                     "-aHAX",
                     "--numeric-ids",
                     "--delete",
+                    "--checksum",
                     f"{mounted.path}/",
                     f"{target.path}/",
                 ]

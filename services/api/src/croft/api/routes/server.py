@@ -64,6 +64,14 @@ API_EXTENSIONS: list[str] = [
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",
+    # custom storage volumes (routes/storage_volumes.py)
+    "storage_api_volume_rename",
+    "storage_api_local_volume_handling",
+    "storage_api_volume_snapshots",
+    "storage_volume_state",
+    "storage_volume_state_total",
+    "storage_shifted",
+    "custom_block_volumes",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
