@@ -1,0 +1,260 @@
+"""Custom storage volumes through the real `lxc` client, as LXD 5.0 has them: made,
+listed beside the instance and image volumes, changed, snapshotted, restored, renamed,
+copied and moved, attached to two unprivileged containers that both see the files as
+their own, held to their `size` on btrfs, refused deletion while in use, and bad input
+refused with LXD's messages, changing nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import Croft, Lxc
+
+
+def mounts_under(path: Path) -> list[str]:
+    points = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].replace("\\040", " ")
+            if point == str(path) or point.startswith(f"{path}/"):
+                points.append(point)
+    return points
+
+
+@pytest.fixture(scope="module")
+def state(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[Path]:
+    """croft's state directory, with the busybox image imported; whatever a failed test
+    left mounted in its pools is unmounted after."""
+    croft, lxc, _ = croft_lxc
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    state = croft.root / "state"
+    yield state
+    for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
+        if point != str(state / "storage-pools/default"):
+            subprocess.run(["umount", "-l", point], capture_output=True)
+
+
+def query(lxc: Lxc, method: str, url: str, body: object = None) -> dict[str, object]:
+    """The whole reply of a request to croft's unix socket."""
+    argv = ["curl", "-s", "--unix-socket", str(lxc.lxd_dir / "unix.socket"), "-X", method]
+    if body is not None:
+        argv += ["-d", json.dumps(body)]
+    out = subprocess.run([*argv, f"http://croft{url}"], capture_output=True, text=True, check=True)
+    reply: dict[str, object] = json.loads(out.stdout)
+    return reply
+
+
+def show(lxc: Lxc, pool: str, name: str) -> dict[str, Any]:
+    shown: dict[str, Any] = yaml.safe_load(lxc("storage", "volume", "show", pool, name).stdout)
+    return shown
+
+
+def volumes(lxc: Lxc, pool: str) -> list[tuple[str, str]]:
+    return sorted((v["type"], v["name"]) for v in lxc.json("storage", "volume", "list", pool))
+
+
+def test_a_custom_volume_on_a_dir_pool_from_creation_to_deletion(
+    croft_lxc: tuple[Croft, Lxc, str], state: Path
+) -> None:
+    _, lxc, _ = croft_lxc
+    custom = state / "storage-pools/default/custom"
+    lxc("init", "busybox", "lister")
+    lxc("storage", "volume", "create", "default", "v1", "size=1GiB")
+
+    listed = volumes(lxc, "default")
+    assert ("container", "lister") in listed and ("custom", "v1") in listed
+    assert any(kind == "image" for kind, _ in listed)
+    shown = show(lxc, "default", "v1")
+    assert shown["config"] == {"size": "1GiB"} and shown["location"] == "none"
+    assert shown["content_type"] == "filesystem" and shown["used_by"] == []
+    assert (custom / "v1").is_dir()
+
+    lxc("storage", "volume", "set", "default", "v1", "security.shifted", "true")
+    assert lxc("storage", "volume", "get", "default", "v1", "security.shifted").stdout == "true\n"
+    lxc("storage", "volume", "unset", "default", "v1", "security.shifted")
+    assert lxc("storage", "volume", "get", "default", "v1", "security.shifted").stdout.strip() == ""
+    edited = lxc("storage", "volume", "show", "default", "v1").stdout.replace(
+        'description: ""', "description: shared data"
+    )
+    lxc("storage", "volume", "edit", "default", "v1", input=edited)
+    assert show(lxc, "default", "v1")["description"] == "shared data"
+    assert "Content type: filesystem" in lxc("storage", "volume", "info", "default", "v1").stdout
+
+    (custom / "v1/f").write_text("before")
+    lxc("storage", "volume", "snapshot", "default", "v1", "s0")
+    (custom / "v1/f").write_text("after")
+    (custom / "v1/g").write_text("new")
+    info = lxc("storage", "volume", "info", "default", "v1").stdout
+    assert "Snapshots:" in info and "s0" in info
+    lxc("storage", "volume", "restore", "default", "v1", "s0")
+    assert (custom / "v1/f").read_text() == "before" and not (custom / "v1/g").exists()
+    snapshots = query(lxc, "GET", "/1.0/storage-pools/default/volumes/custom/v1/snapshots")
+    assert snapshots["metadata"] == ["/1.0/storage-pools/default/volumes/custom/v1/snapshots/s0"]
+
+    lxc("storage", "volume", "rename", "default", "v1", "v2")
+    assert ("custom", "v2") in volumes(lxc, "default")
+    assert ("custom", "v2/s0") in volumes(lxc, "default")
+    lxc("storage", "volume", "rename", "default", "v2/s0", "v2/first")
+    lxc("storage", "volume", "copy", "default/v2", "default/v3")
+    assert ("custom", "v3/first") in volumes(lxc, "default")
+    lxc("storage", "volume", "delete", "default", "v2/first")
+    assert not (state / "storage-pools/default/custom-snapshots/v2/first").exists()
+
+    lxc("storage", "volume", "delete", "default", "v2")
+    lxc("storage", "volume", "delete", "default", "v3")
+    lxc("delete", "lister")
+    assert [n for _, n in volumes(lxc, "default") if n.startswith("v")] == []
+    assert sorted(p.name for p in custom.iterdir()) == []
+
+
+def test_a_volume_attached_to_two_running_containers_is_shared_and_their_own(
+    croft_lxc: tuple[Croft, Lxc, str], state: Path
+) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("storage", "volume", "create", "default", "shared")
+    for name, path in (("w1", "/mnt/data"), ("w2", "/srv/data")):
+        lxc("init", "busybox", name)
+        lxc("storage", "volume", "attach", "default", "shared", name, path)
+    devices = json.loads(lxc("query", "/1.0/instances/w1").stdout)["devices"]
+    assert devices["shared"] == {
+        "type": "disk", "pool": "default", "source": "shared", "path": "/mnt/data",
+    }  # fmt: skip
+    lxc("start", "w1", "w2")
+
+    # Written by root of one unprivileged container, read by the other: each sees root's
+    # files as its own, and the disk holds the ids unshifted (an idmapped mount, no chown).
+    lxc("exec", "w1", "--", "sh", "-c", "echo hello > /mnt/data/note && mkdir /mnt/data/d")
+    assert lxc("exec", "w2", "--", "cat", "/srv/data/note").stdout == "hello\n"
+    listing = lxc("exec", "w2", "--", "ls", "-ln", "/srv/data").stdout
+    assert all(line.split()[2:4] == ["0", "0"] for line in listing.splitlines()[1:])
+    lxc("exec", "w2", "--", "touch", "/srv/data/d/from-w2")
+    on_disk = state / "storage-pools/default/custom/shared"
+    assert (on_disk / "note").stat().st_uid == 0 and (on_disk / "d/from-w2").stat().st_uid == 0
+
+    shown = show(lxc, "default", "shared")
+    assert shown["used_by"] == ["/1.0/instances/w1", "/1.0/instances/w2"]
+    refused = lxc("storage", "volume", "delete", "default", "shared", check=False)
+    assert refused.returncode != 0 and "The storage volume is still in use" in refused.stderr
+    assert query(lxc, "DELETE", "/1.0/storage-pools/default/volumes/custom/shared") == {
+        "type": "error", "status": "", "status_code": 0, "operation": "", "error_code": 400,
+        "error": "The storage volume is still in use", "metadata": None,
+    }  # fmt: skip
+    assert (on_disk / "note").exists()
+
+    lxc("stop", "--force", "w1", "w2")
+    lxc("storage", "volume", "detach", "default", "shared", "w1")
+    lxc("storage", "volume", "detach", "default", "shared", "w2")
+    assert show(lxc, "default", "shared")["used_by"] == []
+    lxc("start", "w1")
+    assert "note" not in lxc("exec", "w1", "--", "ls", "/mnt/data", check=False).stdout
+    lxc("delete", "--force", "w1", "w2")
+    lxc("storage", "volume", "delete", "default", "shared")
+    assert not on_disk.exists()
+
+
+def test_a_btrfs_volume_is_held_to_its_size_and_moves_between_pools(
+    croft_lxc: tuple[Croft, Lxc, str], state: Path
+) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("storage", "create", "vb", "btrfs", "size=1GiB")
+    try:
+        lxc("storage", "volume", "create", "vb", "quota", "size=32MiB")
+        lxc("init", "busybox", "q1")
+        lxc("storage", "volume", "attach", "vb", "quota", "q1", "/data")
+        lxc("start", "q1")
+        dd = lxc(
+            "exec", "q1", "--", "dd", "if=/dev/zero", "of=/data/big", "bs=1M", "count=64",
+            check=False,
+        )  # fmt: skip
+        assert dd.returncode != 0 and "Disk quota exceeded" in dd.stderr
+        assert lxc.json("list", "q1")[0]["status"] == "Running"
+        info = lxc("storage", "volume", "info", "vb", "quota").stdout
+        assert "Total: 32.00MiB" in info
+        refused = lxc("storage", "volume", "set", "vb", "quota", "size=1MiB", check=False)
+        assert refused.returncode != 0 and "smaller than what the volume uses" in refused.stderr
+        assert lxc("storage", "volume", "get", "vb", "quota", "size").stdout == "32MiB\n"
+        lxc("storage", "volume", "set", "vb", "quota", "size=128MiB")
+        lxc("exec", "q1", "--", "dd", "if=/dev/zero", "of=/data/big", "bs=1M", "count=64")
+        lxc("delete", "--force", "q1")
+
+        lxc("storage", "volume", "create", "vb", "blk", "--type=block", "size=16MiB")
+        assert show(lxc, "vb", "blk")["content_type"] == "block"
+        assert (state / "storage-pools/vb/custom/blk/root.img").stat().st_size == 16 * 1024**2
+        lxc("storage", "volume", "delete", "vb", "blk")
+
+        # Across pools, btrfs -> dir -> btrfs, with the snapshots.
+        (state / "storage-pools/vb/custom/quota/marker").write_text("moved")
+        lxc("storage", "volume", "snapshot", "vb", "quota", "snap0")
+        lxc("storage", "volume", "move", "vb/quota", "default/travel")
+        assert ("custom", "quota") not in volumes(lxc, "vb")
+        assert (state / "storage-pools/default/custom/travel/marker").read_text() == "moved"
+        assert ("custom", "travel/snap0") in volumes(lxc, "default")
+        lxc("storage", "volume", "copy", "default/travel", "vb/back")
+        assert (state / "storage-pools/vb/custom/back/marker").read_text() == "moved"
+        lxc("storage", "volume", "delete", "default", "travel")
+        lxc("storage", "volume", "delete", "vb", "back")
+    finally:
+        lxc("delete", "--force", "q1", check=False)
+        for name in ("quota", "blk", "back"):
+            lxc("storage", "volume", "delete", "vb", name, check=False)
+        lxc("storage", "volume", "delete", "default", "travel", check=False)
+        lxc("storage", "delete", "vb")
+    assert mounts_under(state / "storage-pools/vb") == []
+    assert not (state / "disks/vb.img").exists()
+
+
+def test_bad_volume_requests_are_refused_with_lxds_words_and_change_nothing(
+    croft_lxc: tuple[Croft, Lxc, str], state: Path
+) -> None:
+    _, lxc, _ = croft_lxc
+    lxc("storage", "volume", "create", "default", "good")
+    base = "/1.0/storage-pools/default/volumes"
+    cases: list[tuple[str, str, object, int, str]] = [
+        ("POST", f"{base}/custom", {"name": "good"}, 409, "Volume by that name already exists"),
+        ("POST", f"{base}/custom", {"name": ""}, 400, "No name provided"),
+        ("POST", f"{base}/custom", {"name": "a/b"}, 400,
+         "Storage volume names may not contain slashes"),
+        ("POST", f"{base}/custom", {"name": "x", "config": {"bogus": "1"}}, 400,
+         'Invalid option for volume "default_x" option "bogus"'),
+        ("POST", f"{base}/custom", {"name": "x", "config": {"size": "abc"}}, 400,
+         'Invalid value for volume "default_x" option "size": Invalid value: abc'),
+        ("POST", f"{base}/custom", {"name": "x", "content_type": "tape"}, 400,
+         "Invalid volume content type name"),
+        ("POST", f"{base}/container", {"name": "x"}, 400,
+         'Currently not allowed to create storage volumes of type "container"'),
+        ("POST", base, {"name": "x"}, 400,
+         "You must provide a storage volume type of the storage volume"),
+        ("GET", f"{base}/bogus", None, 400, "Invalid storage volume type name"),
+        ("GET", f"{base}/custom/nope", None, 404, "Storage pool volume not found"),
+        ("GET", "/1.0/storage-pools/nope/volumes", None, 404, "Storage pool not found"),
+        ("DELETE", f"{base}/custom/nope", None, 404, "Storage pool volume not found"),
+        ("POST", f"{base}/custom/good", {"name": "good2", "pool": "nope"}, 404,
+         "Storage pool not found"),
+        ("POST", f"{base}/custom/good/snapshots", {"name": "a/b"}, 400,
+         'Storage name cannot contain "/"'),
+        ("PUT", f"{base}/custom/good", {"restore": "nope"}, 404, "Snapshot not found"),
+        ("PUT", f"{base}/custom/good", {"config": {"bogus": "1"}}, 400,
+         'Invalid option for volume "default_good" option "bogus"'),
+    ]  # fmt: skip
+    for method, url, body, code, message in cases:
+        reply = query(lxc, method, url, body)
+        assert (reply.get("error_code"), reply.get("error")) == (code, message), (method, url)
+
+    lxc("init", "busybox", "holder")
+    refused = lxc("storage", "volume", "attach", "default", "nope", "holder", "/x", check=False)
+    assert refused.returncode != 0
+    assert "Failed loading custom volume: Storage volume not found" in refused.stderr
+    assert "nope" not in json.loads(lxc("query", "/1.0/instances/holder").stdout)["devices"]
+    lxc("delete", "holder")
+
+    assert [n for t, n in volumes(lxc, "default") if t == "custom"] == ["good"]
+    assert sorted(p.name for p in (state / "storage-pools/default/custom").iterdir()) == ["good"]
+    assert show(lxc, "default", "good")["config"] == {}
+    lxc("storage", "volume", "delete", "default", "good")
