@@ -119,14 +119,16 @@ def test_a_volume_attached_to_two_running_containers_is_shared_and_their_own(
 ) -> None:
     _, lxc, _ = croft_lxc
     lxc("storage", "volume", "create", "default", "shared")
-    for name, path in (("w1", "/mnt/data"), ("w2", "/srv/data")):
-        lxc("init", "busybox", name)
-        lxc("storage", "volume", "attach", "default", "shared", name, path)
+    # One attached while stopped (mounted at its start), one while running (hot-plugged).
+    lxc("init", "busybox", "w1")
+    lxc("storage", "volume", "attach", "default", "shared", "w1", "/mnt/data")
+    lxc("start", "w1")
+    lxc("launch", "busybox", "w2")
+    lxc("storage", "volume", "attach", "default", "shared", "w2", "/srv/data")
     devices = json.loads(lxc("query", "/1.0/instances/w1").stdout)["devices"]
     assert devices["shared"] == {
         "type": "disk", "pool": "default", "source": "shared", "path": "/mnt/data",
     }  # fmt: skip
-    lxc("start", "w1", "w2")
 
     # Written by root of one unprivileged container, read by the other: each sees root's
     # files as its own, and the disk holds the ids unshifted (an idmapped mount, no chown).
@@ -148,12 +150,14 @@ def test_a_volume_attached_to_two_running_containers_is_shared_and_their_own(
     }  # fmt: skip
     assert (on_disk / "note").exists()
 
-    lxc("stop", "--force", "w1", "w2")
-    lxc("storage", "volume", "detach", "default", "shared", "w1")
+    # Detached from a running container: gone from it at once; the other keeps it.
     lxc("storage", "volume", "detach", "default", "shared", "w2")
+    assert "/srv/data" not in lxc("exec", "w2", "--", "cat", "/proc/mounts").stdout
+    assert lxc("exec", "w1", "--", "cat", "/mnt/data/note").stdout == "hello\n"
+    lxc("storage", "volume", "detach", "default", "shared", "w1")
     assert show(lxc, "default", "shared")["used_by"] == []
-    lxc("start", "w1")
-    assert "note" not in lxc("exec", "w1", "--", "ls", "/mnt/data", check=False).stdout
+    lxc("restart", "--force", "w1")
+    assert "/mnt/data" not in lxc("exec", "w1", "--", "cat", "/proc/mounts").stdout
     lxc("delete", "--force", "w1", "w2")
     lxc("storage", "volume", "delete", "default", "shared")
     assert not on_disk.exists()

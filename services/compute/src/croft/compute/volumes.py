@@ -5,9 +5,18 @@ container's own whatever its id map)."""
 
 from __future__ import annotations
 
+import functools
+import os
+from typing import Any
+
 from croft.common.clients import StorageClient
 from croft.common.errors import InvalidArgument, NotFound
+from croft.common.instance_config import parse_bool
+from croft.common.revert import Reverter
+from croft.compute.drivers import InstanceDriver
 from croft.v1 import storage_pb2
+
+Devices = dict[str, dict[str, str]]
 
 
 def is_volume_disk(device: dict[str, str]) -> bool:
@@ -46,4 +55,49 @@ async def resolve_volume_disks(
     return resolved
 
 
-__all__ = ["is_volume_disk", "resolve_volume_disks"]
+def disk_changes(old: Devices, new: Devices) -> tuple[Devices, Devices] | None:
+    """The disk devices (not the root disk) removed and added from `old` to `new`, when
+    they are the only change (a changed disk is removed, then added); None otherwise."""
+
+    def plain(devices: Devices) -> Devices:
+        return {k: {o: v for o, v in d.items() if o != "hwaddr"} for k, d in devices.items()}
+
+    old, new = plain(old), plain(new)
+    removed = {k: d for k, d in old.items() if new.get(k) != d}
+    added = {k: d for k, d in new.items() if old.get(k) != d}
+    for device in (*removed.values(), *added.values()):
+        if device.get("type") != "disk" or device.get("path") in ("/", None, ""):
+            return None
+    return removed, added
+
+
+async def hotplug_disks(
+    driver: InstanceDriver,
+    storage: StorageClient,
+    host_name: str,
+    project: str,
+    removed: Devices,
+    added: Devices,
+    revert: Reverter,
+) -> None:
+    """Unmount the removed disks from the running instance, then mount the added ones
+    (custom volumes where storage says they are); each step's undo goes on `revert`."""
+    gone = await resolve_volume_disks(storage, project, removed)
+    new = await resolve_volume_disks(storage, project, added)
+    for name, device in new.items():
+        if not os.path.exists(device["source"]):
+            raise InvalidArgument(f'Device "{name}": source "{device["source"]}" does not exist')
+
+    async def plug(device: dict[str, Any]) -> None:
+        readonly = parse_bool(device.get("readonly") or "false")
+        await driver.hotplug_disk(host_name, device["source"], device["path"], readonly=readonly)
+
+    for device in gone.values():
+        await driver.unplug_disk(host_name, device["path"])
+        revert.add(functools.partial(plug, device))
+    for device in new.values():
+        await plug(device)
+        revert.add(functools.partial(driver.unplug_disk, host_name, device["path"]))
+
+
+__all__ = ["disk_changes", "hotplug_disks", "is_volume_disk", "resolve_volume_disks"]
