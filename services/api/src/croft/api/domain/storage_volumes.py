@@ -5,6 +5,7 @@ and the member a volume's calls go to.
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -40,6 +41,19 @@ def check_volume_name(name: str) -> str:
     if name in (".", "..") or name.startswith("."):
         raise InvalidArgument(f'Invalid storage volume name "{name}"')
     return name
+
+
+def check_expiry(value: str | None) -> str:
+    """A snapshot's `expires_at`: an RFC 3339 time (LXD's zero time: none), or ""."""
+    if not value or value == ZERO_TIME:
+        return ""
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidArgument(
+            f'Invalid expires_at "{value}": not an RFC 3339 time (e.g. 2030-01-31T12:00:00Z)'
+        ) from None
+    return value
 
 
 def host_name(project: str, name: str) -> str:
@@ -200,6 +214,7 @@ __all__ = [
     "CUSTOM",
     "NOT_FOUND",
     "VOLUME_TYPES",
+    "check_expiry",
     "check_type",
     "check_volume_name",
     "custom_used_by",

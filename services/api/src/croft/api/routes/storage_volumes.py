@@ -371,7 +371,8 @@ async def snapshots_post(request: Request, pool: str, volume_type: str, name: st
     else:
         raise Conflict(f'Snapshot "{snapshot}" already in use')
     client = await volumes.storage_for(request, record)
-    create = _request(request, pool, name, snapshot=snapshot, expires_at=req.expires_at or "")
+    expires_at = volumes.check_expiry(req.expires_at)
+    create = _request(request, pool, name, snapshot=snapshot, expires_at=expires_at)
 
     async def work() -> None:
         await client.create_custom_volume_snapshot(create, timeout=600)
@@ -409,7 +410,9 @@ async def _snapshot_update(
     data = await query.json_body(request)
     req = query.validate(data, SnapshotPut)
     description = req.description if "description" in data else record.get("description", "")
-    expires_at = req.expires_at if "expires_at" in data else record.get("expires_at")
+    expires_at = volumes.check_expiry(
+        req.expires_at if "expires_at" in data else record.get("expires_at")
+    )
     client = await volumes.storage_for(request, record)
     await client.update_custom_volume_snapshot(
         _request(
