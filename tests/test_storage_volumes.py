@@ -118,15 +118,17 @@ def test_a_volume_attached_to_two_running_containers_is_shared_and_their_own(
     croft_lxc: tuple[Croft, Lxc, str], state: Path
 ) -> None:
     _, lxc, _ = croft_lxc
-    lxc("storage", "volume", "create", "default", "shared")
+    lxc("storage", "volume", "create", "default", "first-name")
     # One attached while stopped (mounted at its start), one while running (hot-plugged).
     lxc("init", "busybox", "w1")
-    lxc("storage", "volume", "attach", "default", "shared", "w1", "/mnt/data")
+    lxc("storage", "volume", "attach", "default", "first-name", "w1", "/mnt/data")
+    # As LXD: renaming a volume renames it in the devices of the (stopped) instances too.
+    lxc("storage", "volume", "rename", "default", "first-name", "shared")
     lxc("start", "w1")
     lxc("launch", "busybox", "w2")
     lxc("storage", "volume", "attach", "default", "shared", "w2", "/srv/data")
     devices = json.loads(lxc("query", "/1.0/instances/w1").stdout)["devices"]
-    assert devices["shared"] == {
+    assert devices["first-name"] == {
         "type": "disk", "pool": "default", "source": "shared", "path": "/mnt/data",
     }  # fmt: skip
 
@@ -142,6 +144,8 @@ def test_a_volume_attached_to_two_running_containers_is_shared_and_their_own(
 
     shown = show(lxc, "default", "shared")
     assert shown["used_by"] == ["/1.0/instances/w1", "/1.0/instances/w2"]
+    refused = lxc("storage", "volume", "rename", "default", "shared", "other", check=False)
+    assert "Volume is still in use by running instances" in refused.stderr
     refused = lxc("storage", "volume", "delete", "default", "shared", check=False)
     assert refused.returncode != 0 and "The storage volume is still in use" in refused.stderr
     assert query(lxc, "DELETE", "/1.0/storage-pools/default/volumes/custom/shared") == {

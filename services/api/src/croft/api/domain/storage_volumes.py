@@ -5,6 +5,7 @@ and the member a volume's calls go to.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 from urllib.parse import quote
@@ -17,6 +18,8 @@ from croft.api.services import services
 from croft.common.clients import StorageClient
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.revert import Reverter
+from croft.v1 import compute_pb2
 
 VOLUMES = "storage-volumes"
 CUSTOM = "custom"
@@ -145,6 +148,58 @@ async def running_users(request: Request, pool: str, project: str, name: str) ->
     return running
 
 
+def _renamed_devices(devices: dict[str, Any], pool: str, old: str, new: str) -> dict[str, Any]:
+    return {
+        name: {**d, "source": new}
+        if d.get("type") == "disk" and d.get("pool") == pool and d.get("source") == old
+        else d
+        for name, d in (devices or {}).items()
+    }
+
+
+async def rename_in_instances(
+    request: Request, pool: str, project: str, old: str, new: str, rename: Any
+) -> None:
+    """Rename a custom volume (`rename()`, the storage call) and the disk devices of the
+    instances that name it, as LXD does: refused while one of them runs, or while a
+    profile names it; a failed instance update puts the volume's name and the updated
+    instances back."""
+    store = context(request).store
+    users: list[tuple[dict[str, Any], int]] = []
+    for entry in await store.list(records.RECORDS + "instances/"):
+        instance = entry.json()
+        if (instance.get("project") or DEFAULT_PROJECT) != project:
+            continue
+        if _disk_uses(instance.get("expanded_devices") or {}, pool, old):
+            if instance.get("status") != "Stopped":
+                raise InvalidArgument("Volume is still in use by running instances")
+            if not _disk_uses(instance.get("devices") or {}, pool, old):
+                raise InvalidArgument("Volume is still in use by profiles")
+            users.append((instance, entry.revision))
+    async with Reverter() as revert:
+        await rename(old, new)
+        revert.add(lambda: rename(new, old))
+        for instance, revision in users:
+            changed = {
+                **public(instance),
+                "devices": _renamed_devices(instance["devices"], pool, old, new),
+                "expanded_devices": _renamed_devices(instance["expanded_devices"], pool, old, new),
+            }
+            compute = await services().compute(instance["_croft"]["member"])
+            await compute.update_instance(
+                compute_pb2.UpdateInstanceRequest(record=json.dumps(changed), revision=revision)
+            )
+            back = public(instance)
+
+            async def undo(compute: Any = compute, back: dict[str, Any] = back) -> None:
+                await compute.update_instance(
+                    compute_pb2.UpdateInstanceRequest(record=json.dumps(back))
+                )
+
+            revert.add(undo)
+        revert.success()
+
+
 def render(
     record: dict[str, Any], request: Request, used_by: list[str] | None = None
 ) -> dict[str, Any]:
@@ -224,6 +279,7 @@ __all__ = [
     "pool_exists",
     "pool_volumes",
     "records_project",
+    "rename_in_instances",
     "render",
     "render_snapshot",
     "running_users",

@@ -290,8 +290,6 @@ async def volume_post(request: Request, pool: str, volume_type: str, name: str) 
     req = await query.body(request, VolumePost)
     new_name = req.name or name
     volumes.check_volume_name(new_name)
-    if await volumes.custom_used_by(request, pool, record["project"], name):
-        raise InvalidArgument("Volume is still in use by instances")
     client = await volumes.storage_for(request, record)
     target_pool = req.pool or pool
     if target_pool == pool:
@@ -299,8 +297,14 @@ async def volume_post(request: Request, pool: str, volume_type: str, name: str) 
             return _null()
         if await _exists(request, pool, new_name):
             raise Conflict("Volume by that name already exists")
-        await client.rename_custom_volume(_request(request, pool, name, new_name=new_name))
+
+        async def rename(old: str, new: str) -> None:
+            await client.rename_custom_volume(_request(request, pool, old, new_name=new))
+
+        await volumes.rename_in_instances(request, pool, record["project"], name, new_name, rename)
         return _null()
+    if await volumes.custom_used_by(request, pool, record["project"], name):
+        raise InvalidArgument("Volume is still in use by instances")
     await volumes.pool_exists(request, target_pool)
     if await _exists(request, target_pool, new_name):
         raise Conflict("Volume by that name already exists")
