@@ -260,6 +260,11 @@ def test_bad_volume_requests_are_refused_with_lxds_words_and_change_nothing(
     assert refused.returncode != 0
     assert "Failed loading custom volume: Storage volume not found" in refused.stderr
     assert "nope" not in json.loads(lxc("query", "/1.0/instances/holder").stdout)["devices"]
+    lxc("storage", "volume", "create", "default", "blk", "--type=block", "size=1MiB")
+    refused = lxc("storage", "volume", "attach", "default", "blk", "holder", "/b", check=False)
+    assert 'device "blk": Custom block volumes cannot be used on containers' in refused.stderr
+    assert json.loads(lxc("query", "/1.0/instances/holder").stdout)["devices"] == {}
+    lxc("storage", "volume", "delete", "default", "blk")
     lxc("delete", "holder")
 
     assert [n for t, n in volumes(lxc, "default") if t == "custom"] == ["good"]

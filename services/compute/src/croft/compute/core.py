@@ -358,7 +358,9 @@ class ComputeCore:
                 refused.add("volume")  # the volume of that name is not this create's
                 raise
             spec_devices = await self._attach_nics(project, name, devices, expanded, revert)
-            spec_devices = await resolve_volume_disks(await self.storage(), project, spec_devices)
+            spec_devices = await resolve_volume_disks(
+                await self.storage(), project, spec_devices, instance_type
+            )
             spec = InstanceSpec(
                 name=driver_name(project, name),
                 rootfs=volume.path,
@@ -1199,7 +1201,9 @@ class ComputeCore:
         devices = await self._attach_nics(
             project, name, copy_record(record.get("expanded_devices") or {}), config, None
         )
-        devices = await resolve_volume_disks(await self.storage(), project, devices)
+        devices = await resolve_volume_disks(
+            await self.storage(), project, devices, record.get("type") or DEFAULT_INSTANCE_TYPE
+        )
         return InstanceSpec(
             name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices
         )

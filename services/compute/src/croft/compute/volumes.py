@@ -30,11 +30,14 @@ def is_volume_disk(device: dict[str, str]) -> bool:
 
 
 async def resolve_volume_disks(
-    storage: StorageClient, project: str, devices: dict[str, dict[str, str]]
+    storage: StorageClient,
+    project: str,
+    devices: dict[str, dict[str, str]],
+    instance_type: str = "container",
 ) -> dict[str, dict[str, str]]:
     """`devices` with each custom volume disk's `source` made the volume's host path (its
     block device for block content); InvalidArgument, in LXD's words, for a volume that
-    does not exist."""
+    does not exist, or a block volume for a container."""
     resolved = {}
     for name, device in devices.items():
         if is_volume_disk(device):
@@ -49,6 +52,11 @@ async def resolve_volume_disks(
                     f'Failed add validation for device "{name}": Failed loading custom '
                     "volume: Storage volume not found"
                 ) from None
+            if reply.block_path and instance_type == "container":
+                raise InvalidArgument(
+                    f'Failed add validation for device "{name}": Custom block volumes '
+                    "cannot be used on containers"
+                )
             device = {k: v for k, v in device.items() if k != "pool"}
             device["source"] = reply.block_path or reply.mount_path
         resolved[name] = device
@@ -82,8 +90,8 @@ async def hotplug_disks(
 ) -> None:
     """Unmount the removed disks from the running instance, then mount the added ones
     (custom volumes where storage says they are); each step's undo goes on `revert`."""
-    gone = await resolve_volume_disks(storage, project, removed)
-    new = await resolve_volume_disks(storage, project, added)
+    gone = await resolve_volume_disks(storage, project, removed, driver.instance_type)
+    new = await resolve_volume_disks(storage, project, added, driver.instance_type)
     for name, device in new.items():
         if not os.path.exists(device["source"]):
             raise InvalidArgument(f'Device "{name}": source "{device["source"]}" does not exist')
