@@ -209,6 +209,12 @@ def render(
     body.setdefault("created_at", ZERO_TIME)
     if context(request).settings.location == "none":
         body["location"] = "none"
+    parent, _, snapshot = str(record.get("name", "")).partition("/")
+    if used_by is None and snapshot and record.get("type") in ("container", "virtual-machine"):
+        # As LXD: an instance snapshot's volume is used by that snapshot.
+        url = records.url("instances", parent, record.get("project") or DEFAULT_PROJECT)
+        path, _, query = url.partition("?")
+        used_by = [f"{path}/snapshots/{quote(snapshot, safe='')}" + (f"?{query}" if query else "")]
     if used_by is not None:
         body["used_by"] = used_by
     return body

@@ -254,7 +254,7 @@ async def _update(
     client = await volumes.storage_for(request, record)
     if req.restore:
         if await volumes.running_users(request, pool, record["project"], name):
-            raise InvalidArgument("Cannot restore a volume attached to a running instance")
+            raise InvalidArgument("Cannot restore custom volume used by running instances")
         await client.restore_custom_volume(
             _request(request, pool, name, snapshot=req.restore), timeout=3600
         )
