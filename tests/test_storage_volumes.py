@@ -242,6 +242,7 @@ def test_bad_volume_requests_are_refused_with_lxds_words_and_change_nothing(
         ("GET", f"{base}/bogus", None, 400, "Invalid storage volume type name"),
         ("GET", f"{base}/custom/nope", None, 404, "Storage pool volume not found"),
         ("GET", "/1.0/storage-pools/nope/volumes", None, 404, "Storage pool not found"),
+        ("GET", f"{base}?project=nope", None, 404, "Project not found"),
         ("DELETE", f"{base}/custom/nope", None, 404, "Storage pool volume not found"),
         ("POST", f"{base}/custom/good", {"name": "good2", "pool": "nope"}, 404,
          "Storage pool not found"),

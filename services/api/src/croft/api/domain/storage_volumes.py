@@ -244,7 +244,7 @@ async def load(
     """The complete record of a volume (or snapshot) of the request's project."""
     await pool_exists(request, pool)
     check_type(volume_type)
-    project = records_project(request)
+    project = await require_project(request)
     found = await context(request).store.get_json(
         volume_key(pool, volume_type, project, name, snapshot)
     )
@@ -256,6 +256,18 @@ async def load(
 
 def records_project(request: Request) -> str:
     return request.query_params.get("project") or DEFAULT_PROJECT
+
+
+async def require_project(request: Request, *, listing: bool = False) -> str:
+    """The request's project, which must exist (LXD's words: a listing's differ)."""
+    project = records_project(request)
+    try:
+        await records.require_project(context(request).store, project)
+    except NotFound:
+        if listing:
+            raise NotFound("Project not found") from None
+        raise
+    return project
 
 
 def member_for(request: Request, record: dict[str, Any] | None = None) -> str:
@@ -285,6 +297,7 @@ __all__ = [
     "pool_exists",
     "pool_volumes",
     "records_project",
+    "require_project",
     "rename_in_instances",
     "render",
     "render_snapshot",

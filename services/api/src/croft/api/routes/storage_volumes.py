@@ -118,7 +118,7 @@ def _require_custom(volume_type: str, action: str) -> None:
 
 async def _listing(request: Request, pool: str, volume_type: str = "") -> Response:
     await volumes.pool_exists(request, pool)
-    project = volumes.records_project(request)
+    project = await volumes.require_project(request, listing=True)
     all_projects = request.query_params.get("all-projects", "").lower() == "true"
     found = []
     for record in await volumes.pool_volumes(request, pool):
@@ -154,6 +154,7 @@ async def volumes_type_list(request: Request, pool: str, volume_type: str) -> Re
 
 async def _create(request: Request, pool: str, volume_type: str) -> Response:
     await volumes.pool_exists(request, pool)
+    await volumes.require_project(request)
     req = await query.body(request, VolumesPost)
     volume_type = volume_type or req.type
     if not volume_type:
