@@ -227,3 +227,28 @@ async def test_a_restart_removes_what_a_killed_create_left(
     await storage.start()
     assert await custom_keys(storage, pool) == ["kept"]
     assert visible(pool_dir(storage, pool) / "custom") == ["kept"]
+
+
+async def test_a_restart_finishes_a_rename_whose_disk_part_was_done(
+    storage: StorageService, pool: str
+) -> None:
+    """A rename killed after the disk was renamed and before the records moved: the next
+    start moves them (the new record complete, the old one and its snapshots' moved)."""
+    await call(storage, "CreateCustomVolume", pool=pool, name="old")
+    await call(storage, "CreateCustomVolumeSnapshot", pool=pool, name="old", snapshot="s0")
+    record = await storage.record(volume_key(pool, "custom", "old"))
+    assert record is not None
+    record["name"] = "new"
+    record["_croft"].update(volume="new", state="creating", renamed_from="old")
+    await storage.store.put(volume_key(pool, "custom", "new"), json.dumps(record).encode())
+    storage.stop(9)
+    custom = pool_dir(storage, pool) / "custom"
+    snaps = pool_dir(storage, pool) / "custom-snapshots"
+    (custom / "old").rename(custom / "new")
+    (snaps / "old").rename(snaps / "new")
+    await storage.start()
+    assert await custom_keys(storage, pool) == ["new", "new/s0"]
+    done = await storage.record(volume_key(pool, "custom", "new"))
+    assert done is not None and "state" not in done["_croft"] and done["name"] == "new"
+    snap = await storage.record(volume_key(pool, "custom", "new", "s0"))
+    assert snap is not None and snap["name"] == "new/s0"
