@@ -441,7 +441,7 @@ class CustomVolumes:
         driver, vol, record = await self._volume(ref)
         size = (record.get("config") or {}).get("size", "")
         used = await driver.volume_usage(vol)
-        return {"usage": {"used": used, "total": parse_size(size) if size else -1}}
+        return {"usage": {"used": used, "total": parse_size(size) if size else 0}}
 
     async def mount(self, ref: CustomRef) -> VolumeResult:
         """Where the volume is on this host, for compute to bind it into an instance."""
