@@ -20,12 +20,17 @@ async def setup(context: ServiceContext) -> None:
     storage_pb2_grpc.add_StorageServicer_to_server(
         StorageServicer(core, custom), context.server.grpc
     )
-    task = asyncio.create_task(core.follow_image_deletions(), name="storage-image-deletions")
+    tasks = [
+        asyncio.create_task(core.follow_image_deletions(), name="storage-image-deletions"),
+        asyncio.create_task(custom.follow_schedules(), name="storage-volume-schedules"),
+    ]
 
     async def stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     context.shutdown_hooks.append(stop)
 

@@ -19,9 +19,11 @@ whose disk part was done. The api checks that a volume is unused before it delet
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from croft.common.blocking import uninterrupted
@@ -31,6 +33,7 @@ from croft.common.models import StorageVolumeRecord, VolumeMeta
 from croft.common.proc import run_async
 from croft.common.records import DEFAULT_PROJECT, copy_record, modify, record_prefix
 from croft.common.revert import Reverter
+from croft.common.schedule import CronSchedule, expires_at, parse_expiry
 from croft.common.store import Create, Delete, Put, Update, dump
 from croft.storage.core import (
     CREATING,
@@ -71,6 +74,8 @@ _TRUE_FALSE = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off", ""
 # LXD's created_at of a volume or volume snapshot record (it keeps none in 5.0).
 ZERO_TIME = "0001-01-01T00:00:00Z"
 NOT_FOUND = "Storage pool volume not found"
+# How often schedules and expiries are looked at (a schedule's unit is the minute).
+TICK = 10.0
 
 
 @dataclass(frozen=True)
@@ -131,6 +136,18 @@ def check_config(ref: CustomRef, config: dict[str, str]) -> dict[str, str]:
                 bad = True
         elif key in _BOOLEAN_KEYS:
             bad = value.lower() not in _TRUE_FALSE
+        elif key == "snapshots.schedule":
+            try:
+                CronSchedule.parse(value)
+            except ValueError:
+                bad = True
+        elif key == "snapshots.expiry":
+            try:
+                parse_expiry(value)
+            except ValueError:
+                bad = True
+        elif key == "snapshots.pattern":
+            bad = "/" in value or value.count("%d") > 1
         if bad:
             raise InvalidArgument(
                 f'Invalid value for volume "{ref.label}" option "{key}": Invalid value: {value}'
@@ -543,6 +560,100 @@ class CustomVolumes:
                 raise NotFound("Snapshot not found") from None
             await uninterrupted(driver.restore_volume(vol, snapshot))
         return record
+
+    # ------------------------------------------------------------------ schedules
+
+    async def follow_schedules(self) -> None:
+        """Runs for the life of the service: at each minute that a volume's
+        `snapshots.schedule` names, a snapshot of it (named by `snapshots.pattern`,
+        expiring after `snapshots.expiry`); and every snapshot of this member whose
+        `expires_at` has passed is deleted. A minute passed while the service was down
+        is not made up for, as in LXD."""
+        last: datetime | None = None
+        while True:
+            now = datetime.now(UTC)
+            minute = now.replace(second=0, microsecond=0)
+            try:
+                if minute != last:
+                    last = minute
+                    await self.take_scheduled_snapshots(minute)
+                await self.expire_snapshots(now)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (the store went away: again next tick)
+                log.warning("volume snapshot schedules failed, again in %s s: %s", TICK, exc)
+            await asyncio.sleep(TICK)
+
+    async def _custom_records(self) -> list[dict[str, Any]]:
+        found = []
+        for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
+            record = entry.json()
+            meta = StorageVolumeRecord.meta_of(record)
+            if record.get("type") == CUSTOM and meta.member == self.member and not meta.state:
+                found.append(record)
+        return found
+
+    async def take_scheduled_snapshots(self, minute: datetime) -> list[str]:
+        """Snapshot the volumes whose schedule names `minute`; the snapshots made."""
+        made = []
+        records = await self._custom_records()
+        for record in records:
+            config = record.get("config") or {}
+            schedule = config.get("snapshots.schedule", "")
+            if "/" in record["name"] or not schedule:
+                continue
+            try:
+                if not CronSchedule.parse(schedule).matches(minute):
+                    continue
+                meta = StorageVolumeRecord.meta_of(record)
+                ref = CustomRef.parse(meta.pool, record.get("project", ""), record["name"])
+                pattern = config.get("snapshots.pattern") or "snap%d"
+                taken = {
+                    str(r["name"]).partition("/")[2]
+                    for r in records
+                    if str(r["name"]).startswith(f"{ref.name}/")
+                    and StorageVolumeRecord.meta_of(r).pool == ref.pool
+                }
+                name = pattern
+                if "%d" in pattern:
+                    n = 0
+                    while pattern.replace("%d", str(n)) in taken:
+                        n += 1
+                    name = pattern.replace("%d", str(n))
+                expiry = expires_at(minute, config.get("snapshots.expiry", ""))
+                when = expiry.strftime("%Y-%m-%dT%H:%M:%SZ") if expiry else ""
+                await self.create_snapshot(ref, name, "", when)
+                made.append(f"{ref.name}/{name}")
+                log.info("took scheduled snapshot %s/%s of pool %s", ref.name, name, ref.pool)
+            except (CroftError, ValueError) as exc:
+                log.warning("scheduled snapshot of %s failed: %s", record["name"], exc)
+        return made
+
+    async def expire_snapshots(self, now: datetime) -> list[str]:
+        """Delete this member's custom volume snapshots whose `expires_at` has passed."""
+        gone = []
+        for record in await self._custom_records():
+            when = record.get("expires_at") or ""
+            if "/" not in record["name"] or not when or when.startswith("0001-"):
+                continue
+            try:
+                due = datetime.fromisoformat(when.replace("Z", "+00:00"))
+            except ValueError:
+                continue
+            if due.tzinfo is None:
+                due = due.replace(tzinfo=UTC)
+            if due > now:
+                continue
+            meta = StorageVolumeRecord.meta_of(record)
+            parent, _, snapshot = str(record["name"]).partition("/")
+            try:
+                ref = CustomRef.parse(meta.pool, record.get("project", ""), parent)
+                await self.delete_snapshot(ref, snapshot)
+                gone.append(record["name"])
+                log.info("deleted expired snapshot %s of pool %s", record["name"], meta.pool)
+            except CroftError as exc:
+                log.warning("expired snapshot %s not deleted: %s", record["name"], exc)
+        return gone
 
     # ------------------------------------------------------------------ start
 

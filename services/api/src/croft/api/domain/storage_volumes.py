@@ -6,7 +6,7 @@ and the member a volume's calls go to.
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -19,6 +19,7 @@ from croft.common.clients import StorageClient
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.records import DEFAULT_PROJECT, public
 from croft.common.revert import Reverter
+from croft.common.schedule import expires_at
 from croft.v1 import compute_pb2
 
 VOLUMES = "storage-volumes"
@@ -57,6 +58,16 @@ def check_expiry(value: str | None) -> str:
             f'Invalid expires_at "{value}": not an RFC 3339 time (e.g. 2030-01-31T12:00:00Z)'
         ) from None
     return value
+
+
+def default_expiry(record: dict[str, Any]) -> str:
+    """When a snapshot of the volume taken now expires, by its `snapshots.expiry`."""
+    expiry = (record.get("config") or {}).get("snapshots.expiry", "")
+    try:
+        when = expires_at(datetime.now(UTC), expiry)
+    except ValueError:
+        return ""
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
 
 
 def host_name(project: str, name: str) -> str:
@@ -291,6 +302,7 @@ __all__ = [
     "check_type",
     "check_volume_name",
     "custom_used_by",
+    "default_expiry",
     "etag",
     "load",
     "member_for",

@@ -376,7 +376,10 @@ async def snapshots_post(request: Request, pool: str, volume_type: str, name: st
     else:
         raise Conflict(f'Snapshot "{snapshot}" already in use')
     client = await volumes.storage_for(request, record)
-    expires_at = volumes.check_expiry(req.expires_at)
+    if req.expires_at is None:  # as LXD: the volume's snapshots.expiry, if it has one
+        expires_at = volumes.default_expiry(record)
+    else:
+        expires_at = volumes.check_expiry(req.expires_at)
     create = _request(request, pool, name, snapshot=snapshot, expires_at=expires_at)
 
     async def work() -> None:
