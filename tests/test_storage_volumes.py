@@ -88,7 +88,11 @@ def test_a_custom_volume_on_a_dir_pool_from_creation_to_deletion(
     assert "Content type: filesystem" in lxc("storage", "volume", "info", "default", "v1").stdout
 
     (custom / "v1/f").write_text("before")
+    lxc("storage", "volume", "set", "default", "v1", "snapshots.expiry", "1d")
     lxc("storage", "volume", "snapshot", "default", "v1", "s0")
+    snap = query(lxc, "GET", "/1.0/storage-pools/default/volumes/custom/v1/snapshots/s0")
+    assert str(snap["metadata"]["expires_at"]).startswith("20")  # type: ignore[index]
+    lxc("storage", "volume", "unset", "default", "v1", "snapshots.expiry")
     (custom / "v1/f").write_text("after")
     (custom / "v1/g").write_text("new")
     info = lxc("storage", "volume", "info", "default", "v1").stdout
