@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,47 @@ def test_bad_volume_requests_are_refused_with_lxds_words_and_change_nothing(
     assert sorted(p.name for p in (state / "storage-pools/default/custom").iterdir()) == ["good"]
     assert show(lxc, "default", "good")["config"] == {}
     lxc("storage", "volume", "delete", "default", "good")
+
+
+@pytest.mark.slow
+def test_scheduled_snapshots_of_a_volume_and_an_instance_are_taken_and_expire(
+    croft_lxc: tuple[Croft, Lxc, str], state: Path
+) -> None:
+    """A schedule of every minute and an expiry of one minute, on a custom volume and on a
+    running container: each gets a snapshot at the next minute, which is deleted once
+    expired."""
+    _, lxc, _ = croft_lxc
+    lxc("storage", "volume", "create", "default", "timed",
+        "snapshots.schedule=* * * * *", "snapshots.expiry=1M")  # fmt: skip
+    lxc("launch", "busybox", "timed-c", "-c", "snapshots.schedule=* * * * *",
+        "-c", "snapshots.expiry=1M", "-c", "snapshots.pattern=auto%d")  # fmt: skip
+    refused = lxc("config", "set", "timed-c", "snapshots.schedule", "@sometimes", check=False)
+    assert refused.returncode != 0
+    assert "Invalid config: Schedule must be of the form: <minute> <hour>" in refused.stderr
+    volume_snaps = "/1.0/storage-pools/default/volumes/custom/timed/snapshots"
+    instance_snaps = "/1.0/instances/timed-c/snapshots"
+
+    def taken() -> tuple[list[str], list[str]]:
+        volume = query(lxc, "GET", volume_snaps)["metadata"]
+        instance = query(lxc, "GET", instance_snaps)["metadata"]
+        return list(volume), list(instance)  # type: ignore[call-overload]
+
+    for _ in range(100):  # the next minute, and a tick of each scheduler
+        if all(taken()):
+            break
+        time.sleep(1)
+    assert taken() == ([f"{volume_snaps}/snap0"], [f"{instance_snaps}/auto0"])
+    snap = query(lxc, "GET", f"{instance_snaps}/auto0")["metadata"]
+    assert str(snap["expires_at"]).startswith("20")  # type: ignore[index]
+
+    # No more new ones; the ones taken expire.
+    lxc("storage", "volume", "unset", "default", "timed", "snapshots.schedule")
+    lxc("config", "unset", "timed-c", "snapshots.schedule")
+    for _ in range(100):
+        if taken() == ([], []):
+            break
+        time.sleep(1)
+    assert taken() == ([], [])
+    assert not (state / "storage-pools/default/custom-snapshots/timed/snap0").exists()
+    lxc("delete", "--force", "timed-c")
+    lxc("storage", "volume", "delete", "default", "timed")
