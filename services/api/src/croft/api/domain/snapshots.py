@@ -4,6 +4,7 @@ the snapshot routes), and restoring one, which is a PUT of the instance with `re
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -14,6 +15,7 @@ from croft.api.context import context
 from croft.api.domain.compute import compute_of, compute_operation, ref
 from croft.common.errors import NotFound
 from croft.common.records import public
+from croft.common.schedule import expires_at
 from croft.v1 import compute_pb2
 
 
@@ -64,3 +66,12 @@ async def restore_snapshot(
     return await compute_operation(
         ctx, client.restore_snapshot, request_pb, "Restoring snapshot", project, name, timeout=600
     )
+
+
+def default_expiry(config: dict[str, str]) -> str:
+    """When a snapshot taken now expires by the instance's `snapshots.expiry` ("": never)."""
+    try:
+        when = expires_at(datetime.now(UTC), config.get("snapshots.expiry", ""))
+    except ValueError:
+        return ""
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
