@@ -179,6 +179,10 @@ def test_a_btrfs_volume_is_held_to_its_size_and_moves_between_pools(
     lxc("storage", "create", "vb", "btrfs", "size=1GiB")
     try:
         lxc("storage", "volume", "create", "vb", "quota", "size=32MiB")
+        refused = lxc("storage", "delete", "vb", check=False)
+        assert "The storage pool is currently in use" in refused.stderr
+        pool = json.loads(lxc("query", "/1.0/storage-pools/vb").stdout)
+        assert pool["used_by"] == ["/1.0/storage-pools/vb/volumes/custom/quota"]
         lxc("init", "busybox", "q1")
         lxc("storage", "volume", "attach", "vb", "quota", "q1", "/data")
         lxc("start", "q1")
