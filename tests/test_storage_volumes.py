@@ -87,6 +87,7 @@ def test_a_custom_volume_on_a_dir_pool_from_creation_to_deletion(
     lxc("storage", "volume", "edit", "default", "v1", input=edited)
     assert show(lxc, "default", "v1")["description"] == "shared data"
     assert "Content type: filesystem" in lxc("storage", "volume", "info", "default", "v1").stdout
+    assert "Usage: " in lxc("storage", "volume", "info", "default", "container/lister").stdout
 
     (custom / "v1/f").write_text("before")
     lxc("storage", "volume", "set", "default", "v1", "snapshots.expiry", "1d")

@@ -9,7 +9,7 @@ import grpc
 
 from croft.common.errors import InvalidArgument
 from croft.storage.core import StorageCore, VolumeRef, VolumeResult
-from croft.storage.volumes import CustomRef, CustomVolumes
+from croft.storage.volumes import CustomRef, CustomVolumes, instance_volume_state
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
@@ -263,3 +263,8 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.CustomVolumeRequest, context: Context
     ) -> common_pb2.Json:
         return _json(await self.custom.restore(_custom(request), request.snapshot))
+
+    async def InstanceVolumeState(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        return _json(await instance_volume_state(self.core, _ref(request)))

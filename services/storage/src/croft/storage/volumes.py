@@ -39,6 +39,7 @@ from croft.storage.core import (
     CREATING,
     VOLUMES,
     StorageCore,
+    VolumeRef,
     VolumeResult,
     _completed,
     volume_key,
@@ -721,4 +722,12 @@ class CustomVolumes:
         log.warning("removed custom volume %s, left half-created", meta.volume)
 
 
-__all__ = ["CUSTOM_KEYS", "CustomRef", "CustomVolumes", "check_config"]
+async def instance_volume_state(core: StorageCore, ref: VolumeRef) -> dict[str, Any]:
+    """LXD's `/state` of an instance's volume: the bytes it uses (its root disk's size
+    limit, where the pool enforces one, is the instance's business: total 0)."""
+    driver = await core.driver(ref.pool)
+    await core.volume_record(ref)
+    return {"usage": {"used": await driver.volume_usage(ref.volume(driver)), "total": 0}}
+
+
+__all__ = ["CUSTOM_KEYS", "CustomRef", "CustomVolumes", "check_config", "instance_volume_state"]

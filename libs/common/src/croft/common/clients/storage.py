@@ -166,3 +166,8 @@ class StorageClient(TypedClient):
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
         return self._unary("RestoreCustomVolume", request, options)
+
+    def instance_volume_state(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("InstanceVolumeState", request, options)

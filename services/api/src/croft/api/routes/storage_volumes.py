@@ -239,8 +239,15 @@ async def volume_get(request: Request, pool: str, volume_type: str, name: str) -
 @router.get(VOLUME + "/state")
 async def volume_state(request: Request, pool: str, volume_type: str, name: str) -> Response:
     record = await volumes.load(request, pool, volume_type, name)
-    _require_custom(volume_type, "measured")
     client = await volumes.storage_for(request, record)
+    if volume_type in ("container", "virtual-machine"):
+        instance = storage_pb2.VolumeRequest(
+            pool=pool, project=record["project"], type=volume_type,
+            name=(record.get("_croft") or {}).get("volume") or name,
+        )  # fmt: skip
+        reply = await client.instance_volume_state(instance)
+        return responses.sync(json.loads(reply.json))
+    _require_custom(volume_type, "measured")
     reply = await client.custom_volume_state(_request(request, pool, name))
     return responses.sync(json.loads(reply.json))
 
