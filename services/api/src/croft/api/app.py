@@ -42,6 +42,7 @@ from croft.api.routes import (
     projects,
     server,
     storage_pools,
+    storage_volumes,
     streams,
 )
 from croft.api.routes import operations as operation_routes
@@ -188,6 +189,7 @@ def route_modules() -> tuple[Any, ...]:
         profiles,
         images,
         storage_pools,
+        storage_volumes,
         networks,
         network_changes,
         image_export,

@@ -10,6 +10,7 @@ from croft.common.service import main as run_service
 from croft.compute.core import ComputeCore
 from croft.compute.drivers import load_available
 from croft.compute.host import favor_cgroup_migrations
+from croft.compute.schedules import follow_snapshot_schedules
 from croft.compute.servicer import ComputeServicer
 from croft.v1 import compute_pb2_grpc
 
@@ -36,12 +37,17 @@ async def setup(context: ServiceContext) -> None:
                 await asyncio.sleep(1)
         await core.monitor()
 
-    task = asyncio.create_task(start_background(), name="compute-reconcile")
+    tasks = [
+        asyncio.create_task(start_background(), name="compute-reconcile"),
+        asyncio.create_task(follow_snapshot_schedules(core), name="compute-snapshot-schedules"),
+    ]
 
     async def stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     context.shutdown_hooks.append(stop)
 

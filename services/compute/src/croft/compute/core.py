@@ -53,6 +53,7 @@ from croft.compute.drivers import (
     Status,
     unsupported_type,
 )
+from croft.compute.volumes import disk_changes, hotplug_disks, resolve_volume_disks
 from croft.imageformat.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, storage_pb2
 
@@ -357,6 +358,9 @@ class ComputeCore:
                 refused.add("volume")  # the volume of that name is not this create's
                 raise
             spec_devices = await self._attach_nics(project, name, devices, expanded, revert)
+            spec_devices = await resolve_volume_disks(
+                await self.storage(), project, spec_devices, instance_type
+            )
             spec = InstanceSpec(
                 name=driver_name(project, name),
                 rootfs=volume.path,
@@ -751,9 +755,12 @@ class ComputeCore:
             new_devices = new.get("expanded_devices") or {}
             driver = self.driver_for(record)
             stopped = await driver.status(host_name) is Status.STOPPED
-            # Hot-plugging devices is not built yet: say so rather than half-apply.
+            # Of the devices, only disks are hot-plugged yet: say so rather than half-apply.
+            hotplug = None
             if _without_hwaddr(old_devices) != _without_hwaddr(new_devices) and not stopped:
-                raise InvalidArgument("Devices cannot be changed while the instance is running")
+                hotplug = disk_changes(old_devices, new_devices)
+                if hotplug is None:
+                    raise InvalidArgument("Devices cannot be changed while the instance is running")
             # volatile keys are croft's; a client never sets them. A removed device's go
             # with it; a new NIC gets its MAC now, as at create.
             gone = {f"volatile.{d}." for d in old_devices if d not in new_devices}
@@ -797,6 +804,9 @@ class ComputeCore:
                     await self._write_definition(project, name, updated)
                 else:
                     await driver.update_limits(host_name, expanded)
+                if hotplug is not None:
+                    storage = await self.storage()
+                    await hotplug_disks(driver, storage, host_name, project, *hotplug, revert)
                 await self.store.update(
                     instance_key(project, name), dump(updated), revision=current_revision
                 )
@@ -1191,6 +1201,9 @@ class ComputeCore:
         config = dict(record["expanded_config"])
         devices = await self._attach_nics(
             project, name, copy_record(record.get("expanded_devices") or {}), config, None
+        )
+        devices = await resolve_volume_disks(
+            await self.storage(), project, devices, record.get("type") or DEFAULT_INSTANCE_TYPE
         )
         return InstanceSpec(
             name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices

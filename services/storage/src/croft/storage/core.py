@@ -464,6 +464,8 @@ class StorageCore:
             meta = StorageVolumeRecord.meta_of(record)
             if meta.member != self.member or meta.state != CREATING:
                 continue
+            if record.get("type") == VolumeType.CUSTOM:
+                continue  # croft.storage.volumes reconciles its own
             try:
                 await self._reconcile_one(entry.key, record)
             except CroftError as exc:

@@ -101,3 +101,68 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
         self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeletePool", request, options)
+
+    def create_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CreateCustomVolume", request, options)
+
+    def update_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("UpdateCustomVolume", request, options)
+
+    def rename_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RenameCustomVolume", request, options)
+
+    def delete_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DeleteCustomVolume", request, options)
+
+    def copy_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CopyCustomVolume", request, options)
+
+    def custom_volume_state(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CustomVolumeState", request, options)
+
+    def mount_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.VolumeReply]:
+        return self._unary("MountCustomVolume", request, options)
+
+    def create_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CreateCustomVolumeSnapshot", request, options)
+
+    def update_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("UpdateCustomVolumeSnapshot", request, options)
+
+    def rename_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RenameCustomVolumeSnapshot", request, options)
+
+    def delete_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DeleteCustomVolumeSnapshot", request, options)
+
+    def restore_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RestoreCustomVolume", request, options)
+
+    def instance_volume_state(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("InstanceVolumeState", request, options)

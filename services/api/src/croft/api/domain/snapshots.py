@@ -4,6 +4,7 @@ the snapshot routes), and restoring one, which is a PUT of the instance with `re
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -15,6 +16,7 @@ from croft.api.domain.compute import compute_operation
 from croft.common.errors import NotFound
 from croft.common.models import InstanceRecord
 from croft.common.records import public
+from croft.common.schedule import expires_at
 
 
 def render_snapshot(instance: str, snap: dict[str, Any]) -> dict[str, Any]:
@@ -64,3 +66,12 @@ async def restore_snapshot(
         "Restoring snapshot",
         lambda compute, instance: compute.restore_snapshot(instance, snapshot, timeout=600),
     )
+
+
+def default_expiry(config: dict[str, str]) -> str:
+    """When a snapshot taken now expires by the instance's `snapshots.expiry` ("": never)."""
+    try:
+        when = expires_at(datetime.now(UTC), config.get("snapshots.expiry", ""))
+    except ValueError:
+        return ""
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""

@@ -18,7 +18,12 @@ from croft.api.context import context
 from croft.api.domain import projects
 from croft.api.domain.compute import compute_operation
 from croft.api.domain.instances import NamePost, load, load_with
-from croft.api.domain.snapshots import render_snapshot, snapshot_key, snapshots_of
+from croft.api.domain.snapshots import (
+    default_expiry,
+    render_snapshot,
+    snapshot_key,
+    snapshots_of,
+)
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.models import InstanceRecord
 
@@ -69,6 +74,8 @@ async def snapshots_post(request: Request, name: str) -> Response:
         _refuse_stateful(record)
     if req.expires_at:
         _check_time("expires_at", req.expires_at)
+    elif req.expires_at is None:  # as LXD: the instance's snapshots.expiry, if it has one
+        req.expires_at = default_expiry(record.expanded_config)
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is not None:
         raise Conflict(f'Snapshot "{snapshot}" already exists')
     expires_at = req.expires_at or ""

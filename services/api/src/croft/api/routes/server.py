@@ -82,6 +82,14 @@ API_EXTENSIONS: list[str] = [
     "certificate_project",
     "certificate_update",
     "auth_user",
+    # custom storage volumes (routes/storage_volumes.py)
+    "storage_api_volume_rename",
+    "storage_api_local_volume_handling",
+    "storage_api_volume_snapshots",
+    "storage_volume_state",
+    "storage_volume_state_total",
+    "storage_shifted",
+    "custom_block_volumes",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.

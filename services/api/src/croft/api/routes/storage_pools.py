@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
+from croft.api.domain.storage_volumes import volume_url
 from croft.api.services import services
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.models import (
@@ -65,6 +66,8 @@ async def _used_by(store: Any, pool: str) -> list[str]:
         volume = StorageVolumeRecord.model_validate(entry.json())
         if volume.type == "image" and volume.croft.pool == pool:
             used.append(f"/1.0/images/{volume.name}")
+        elif volume.type == "custom" and volume.croft.pool == pool:
+            used.append(volume_url(pool, volume.dump()))  # LXD lists custom volumes and snapshots
     return sorted(set(used))
 
 

@@ -496,6 +496,22 @@ class BtrfsDriver(DirDriver):
                 return int(fields[1])  # referenced, as LXD reports
         raise NotFound(f"no qgroup for {_what(vol)} in pool {self.pool!r}")
 
+    async def set_volume_size(self, vol: Volume, size: str) -> None:
+        if vol.content is ContentType.BLOCK:
+            await super().set_volume_size(vol, size)
+            return
+        path = self._require(vol)
+        limit = parse_size(size) if size else 0
+        if limit:
+            used = await self.volume_usage(vol)
+            if limit < used:
+                raise InvalidArgument(
+                    f"The new size {size} is smaller than what the volume uses ({used} bytes)"
+                )
+        elif not await self.quotas_enabled():
+            return  # no limit asked, none there
+        await self._set_size(path, size)
+
     # -- snapshots -------------------------------------------------------------------------
 
     async def _carry_limits(self, current: Path, replacement: Path) -> None:
