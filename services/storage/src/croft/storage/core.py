@@ -61,6 +61,7 @@ from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.imageformat.format import unpack_image
+from croft.storage import transfer
 from croft.storage.drivers import (
     DRIVERS,
     INSTANCE_TYPES,
@@ -1065,38 +1066,76 @@ class StorageCore:
         return done
 
     async def copy_instance_volume(
-        self, ref: VolumeRef, new_name: str, with_snapshots: bool = False
+        self,
+        ref: VolumeRef,
+        new_name: str,
+        with_snapshots: bool = False,
+        *,
+        snapshot: str = "",
+        target_pool: str = "",
     ) -> VolumeResult:
-        """A new, independent instance volume with the content of `ref` (stopped or frozen
-        by the caller), and its snapshots if asked."""
-        new = ref.renamed(new_name)
-        driver = await self.driver(ref.pool)
-        vol, new_vol = ref.volume(driver), new.volume(driver)
-        async with self.locked(ref.pool, ref.name, new.name):
+        """A new, independent instance volume `new_name` in `target_pool` (default: the
+        same pool) with the content of `ref` (stopped or frozen by the caller, or, as LXD
+        copies a running container, live) or of its snapshot `snapshot`, and with its
+        snapshots if asked (never for a snapshot). Within a pool the driver copies (a
+        btrfs snapshot: instant, sharing blocks); between pools `croft.storage.transfer`
+        streams or copies the trees. The new volume's record claims the name first; on
+        any failure neither record nor volume is left."""
+        new = VolumeRef.parse(target_pool or ref.pool, ref.project, ref.type, new_name)
+        if snapshot:
+            check_name(snapshot, "snapshot name")
+        source = await self.driver(ref.pool)
+        driver = await self.driver(new.pool)
+        vol, new_vol = ref.volume(source), new.volume(driver)
+        if new.key == ref.key:
+            raise Conflict(f"instance volume {new.name!r} already exists in pool {new.pool!r}")
+        async with self.locked_across((ref.pool, ref.name), (new.pool, new.name)):
             await self.volume_record(ref)
+            origin = vol
+            snapshots: list[str] = []
+            if snapshot:
+                if snapshot not in await source.list_snapshots(vol):
+                    raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
+                origin = vol.snapshot(snapshot)
+            elif with_snapshots:
+                snapshots = await source.list_snapshots(vol)
             record = self._instance_record(new)
             await self._claim(new.key, record, f"instance volume {new.name!r}")
             async with Reverter() as revert:
                 revert.add(lambda: self._delete_key(new.key))
                 await self._require_no_volume(driver, new, new_vol)
                 revert.add(lambda: driver.delete_volume(new_vol))
-                await uninterrupted(
-                    driver.create_volume_from_copy(new_vol, vol, with_snapshots=with_snapshots)
-                )
+                if driver is source:
+                    await uninterrupted(
+                        driver.create_volume_from_copy(
+                            new_vol, origin, with_snapshots=bool(snapshots)
+                        )
+                    )
+                else:
+                    await uninterrupted(
+                        transfer.copy_between_pools(source, origin, snapshots, driver, new_vol)
+                    )
                 operations: list[Create | Update | Put | Delete] = []
-                if with_snapshots:
-                    for snapshot in await driver.list_snapshots(new_vol):
-                        snap = _completed(self._snapshot_record(new, snapshot))
-                        operations.append(Create(new.snapshot_key(snapshot), dump(snap)))
+                for name in await driver.list_snapshots(new_vol):
+                    snap = _completed(self._snapshot_record(new, name))
+                    operations.append(Create(new.snapshot_key(name), dump(snap)))
                 if operations:
-                    await self.store.transaction(operations)
                     revert.add(lambda: self.store.delete_prefix(f"{new.key}/"))
+                    await self.store.transaction(operations)
                 done = await self._complete(new.key, record)
                 revert.success()
             with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
                 await driver.mark_recorded(new_vol)
             mounted = await driver.mount_volume(new_vol)
         return self._result(driver, mounted, done)
+
+    @contextlib.asynccontextmanager
+    async def locked_across(self, *volumes: tuple[str, str]) -> AsyncIterator[None]:
+        """Hold the locks of volumes of one or several pools, in one global order."""
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted(set(volumes)):
+                await stack.enter_async_context(self._locks.hold(key))
+            yield
 
     # ------------------------------------------------------------------ snapshots
 

@@ -78,7 +78,11 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:
         result = await self.core.copy_instance_volume(
-            _ref(request), request.new_name, with_snapshots=request.with_snapshots
+            _ref(request),
+            request.new_name,
+            with_snapshots=request.with_snapshots,
+            snapshot=request.snapshot,
+            target_pool=request.target_pool,
         )
         return _reply(result)
 
