@@ -22,6 +22,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from croft.common import events
@@ -43,7 +44,7 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.riders import Rider
 from croft.common.service import ServiceContext
-from croft.common.store import Create, Delete, Operation, dump
+from croft.common.store import Create, Delete, Operation, Update, dump
 from croft.compute.drivers import (
     DEFAULT_INSTANCE_TYPE,
     ExecProcess,
@@ -59,6 +60,8 @@ from croft.v1 import network_pb2, storage_pb2
 log = logging.getLogger(__name__)
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
+# A copy of a big root volume, or one between pools, may take long.
+COPY_TIMEOUT = 3600.0
 
 
 def driver_name(project: str, name: str) -> str:
@@ -273,8 +276,14 @@ class ComputeCore:
         return created
 
     async def _create(
-        self, record: dict[str, Any], fingerprint: str, rider: Rider | None = None
+        self,
+        record: dict[str, Any],
+        fingerprint: str,
+        rider: Rider | None = None,
+        copy: CopyOf | None = None,
     ) -> dict[str, Any]:
+        """`copy`: the instance is a copy of another of this member (`copy()`), its
+        volume copied from that one's instead of made from an image."""
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
         # Refused before anything is made: a type no driver on this member runs.
@@ -293,6 +302,9 @@ class ComputeCore:
             volatile["volatile.base_image"] = fingerprint
             # LXD applies the image's "create" templates at the first start.
             volatile["volatile.apply_template"] = "create"
+        if copy is not None:
+            # ... and a copy's "copy" ones.
+            volatile["volatile.apply_template"] = "copy"
         for dev_name, device in devices.items():
             if device.get("type") == "nic":
                 hwaddr = (
@@ -346,13 +358,16 @@ class ComputeCore:
                 )
             )
             try:
-                volume = await storage.create_instance_volume(
-                    storage_pb2.VolumeRequest(
-                        pool=pool, project=project, type=instance_type,
-                        name=driver_name(project, name), image_fingerprint=fingerprint,
-                    ),
-                    idempotent=False, timeout=600,
-                )  # fmt: skip
+                if copy is not None:
+                    volume = await self._copy_volume(copy, pool, project, name, instance_type)
+                else:
+                    volume = await storage.create_instance_volume(
+                        storage_pb2.VolumeRequest(
+                            pool=pool, project=project, type=instance_type,
+                            name=driver_name(project, name), image_fingerprint=fingerprint,
+                        ),
+                        idempotent=False, timeout=600,
+                    )  # fmt: skip
             except Conflict:
                 refused.add("volume")  # the volume of that name is not this create's
                 raise
@@ -386,6 +401,9 @@ class ComputeCore:
             meta.definition = definition_digest(record)
             record["_croft"] = meta.dump()
             event = await self._lifecycle_event("instance-created", project, name)
+            if copy is not None:
+                # The copied snapshots' records go in with the instance's.
+                event = [*self._copied_snapshots(copy, project, name, pool), *event]
 
             async def complete() -> None:
                 nonlocal completed
@@ -1225,6 +1243,165 @@ class ComputeCore:
                         )
                     )  # fmt: skip
 
+    # ------------------------------------------------------------------ copy / move
+
+    async def copy(
+        self, record: dict[str, Any], source: CopyOf, rider: Rider | None = None
+    ) -> dict[str, Any]:
+        """A new instance `record` (expanded by the caller, config merged with the
+        source's as LXD does) that is a copy of `source`: its root volume copied (with
+        its snapshots and their records unless `instance_only`, or from one of its
+        snapshots), on the pool of the new record's root disk. The copy gets what a
+        create gives: a new `volatile.uuid` and MACs, its own DHCP entries, and the
+        image's "copy" templates at its first start. A running source is frozen while
+        its volume is copied, unless `allow_inconsistent`. On failure nothing of the
+        copy is left (record, volume, snapshots, NICs, definition)."""
+        project = record.get("project") or DEFAULT_PROJECT
+        name = record["name"]
+        if (source.project or DEFAULT_PROJECT) != project:
+            raise InvalidArgument("Copying instances between projects is not supported yet")
+        if source.name == name:
+            raise Conflict(f'Instance "{name}" already exists')
+        first, second = sorted((name, source.name))
+        async with self.lock(project, first), self.lock(project, second):
+            source.record, _ = await self.record(project, source.name)
+            source_type = source.record.get("type") or DEFAULT_INSTANCE_TYPE
+            if (record.get("type") or source_type) != source_type:
+                raise InvalidArgument("The copy's type must be its source's")
+            record = {**record, "type": source_type}
+            prefix = record_prefix("instance-snapshots", project) + f"{source.name}/"
+            if source.snapshot:
+                await self.snapshot_record(project, source.name, source.snapshot)
+                source.snapshots = []
+            elif source.instance_only:
+                source.snapshots = []
+            else:
+                source.snapshots = [entry.json() for entry in await self.store.list(prefix)]
+            created = await self._create(record, "", rider, copy=source)
+        return created
+
+    async def _copy_volume(
+        self, copy: CopyOf, pool: str, project: str, name: str, instance_type: str
+    ) -> storage_pb2.VolumeReply:
+        """The copy's root volume, from its source's (frozen meanwhile if it runs)."""
+        request = storage_pb2.VolumeRequest(
+            pool=InstanceRecord.meta_of(copy.record).pool, project=project, type=instance_type,
+            name=driver_name(project, copy.name), snapshot=copy.snapshot,
+            new_name=driver_name(project, name), target_pool=pool,
+            with_snapshots=bool(copy.snapshots),
+        )  # fmt: skip
+        storage = await self.storage()
+        driver = self.driver_for(copy.record)
+        host_name = driver_name(project, copy.name)
+        frozen = (
+            not copy.snapshot
+            and not copy.allow_inconsistent
+            and await driver.exists(host_name)
+            and await driver.status(host_name) is Status.RUNNING
+        )
+        if frozen:
+            # As LXD: the files are copied as they are at one moment.
+            await driver.freeze(host_name)
+        try:
+            return await storage.copy_instance_volume(
+                request, idempotent=False, timeout=COPY_TIMEOUT
+            )
+        finally:
+            if frozen:
+                await uninterrupted(driver.unfreeze(host_name))
+
+    def _copied_snapshots(
+        self, copy: CopyOf, project: str, name: str, pool: str
+    ) -> list[Operation]:
+        """The records of a copy's snapshots: its source's, as LXD copies them (config,
+        creation and expiry dates), on the copy's pool."""
+        writes: list[Operation] = []
+        for snap in copy.snapshots:
+            copied = copy_record(snap)
+            meta = SnapshotRecord.meta_of(snap)
+            meta.member, meta.pool = self.member, pool
+            copied["_croft"] = meta.dump()
+            writes.append(Create(snapshot_key(project, name, snap["name"]), dump(copied)))
+        return writes
+
+    async def move(
+        self,
+        project: str,
+        name: str,
+        pool: str,
+        instance_only: bool = False,
+        rider: Rider | None = None,
+    ) -> dict[str, Any]:
+        """Move the stopped instance's root volume, with its snapshots (deleted instead
+        with `instance_only`, as LXD), to another pool of this member (`lxc move
+        --storage`): the volume is copied there, the record and the definition point at
+        the copy, then the old volume goes. The instance keeps its uuid, MACs and
+        addresses. A failure before the record is written leaves nothing in the new pool
+        and the instance as it was."""
+        async with self.lock(project, name):
+            record, revision = await self.record(project, name)
+            driver = self.driver_for(record)
+            host_name = driver_name(project, name)
+            if (
+                await driver.exists(host_name)
+                and await driver.status(host_name) is not Status.STOPPED
+            ):
+                raise InvalidArgument("Instance must be stopped to move between pools statelessly")
+            old_pool = InstanceRecord.meta_of(record).pool
+            if pool == old_pool:
+                return record  # LXD: a move to the pool it is on succeeds
+            instance_type = record.get("type") or DEFAULT_INSTANCE_TYPE
+            snapshots = await self.store.list(
+                record_prefix("instance-snapshots", project) + f"{name}/"
+            )
+            storage = await self.storage()
+            key = instance_key(project, name)
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_volume(pool, project, name, instance_type))
+                try:
+                    volume = await storage.copy_instance_volume(
+                        storage_pb2.VolumeRequest(
+                            pool=old_pool, project=project, type=instance_type,
+                            name=host_name, new_name=host_name, target_pool=pool,
+                            with_snapshots=not instance_only,
+                        ),
+                        idempotent=False, timeout=COPY_TIMEOUT,
+                    )  # fmt: skip
+                except Conflict:
+                    revert.success()  # a volume of that name there is not this move's
+                    raise
+                moved = _on_pool(record, pool, volume)
+                before = copy_record(record)
+                revert.add(lambda: self._write_definition(project, name, before))
+                await self._write_definition(project, name, moved)
+                writes: list[Operation] = []
+                for snap in snapshots:
+                    if instance_only:
+                        writes.append(Delete(snap.key, snap.revision))
+                        continue
+                    value = snap.json()
+                    meta = SnapshotRecord.meta_of(value)
+                    meta.pool = pool
+                    value["_croft"] = meta.dump()
+                    writes.append(Update(snap.key, dump(value), snap.revision))
+                writes += await self._lifecycle_event("instance-updated", project, name)
+                written = await modify(
+                    self.store,
+                    key,
+                    lambda current: _on_pool(current, pool, volume),
+                    missing="Instance not found",
+                    current=(moved, revision),
+                    also=writes,
+                    rider=rider,
+                )
+                revert.success()
+            # The instance lives on `pool` now: what is left on the old one is garbage.
+            try:
+                await self._delete_volume(old_pool, project, name, instance_type)
+            except CroftError as exc:
+                log.warning("the old volume of %s/%s stays in %s: %s", project, name, old_pool, exc)
+        return written
+
     # ------------------------------------------------------------------ recovery
 
     async def reconcile(self) -> None:
@@ -1384,6 +1561,40 @@ class ComputeCore:
                             else storage.unmount_instance_volume
                         )
                         await unmount(request, timeout=600)
+
+
+@dataclass
+class CopyOf:
+    """What a copy is made of (`ComputeCore.copy`): an instance of this member, or one of
+    its snapshots; `record` and `snapshots` (the snapshot records to copy) are read under
+    the source's lock."""
+
+    project: str
+    name: str
+    snapshot: str = ""
+    instance_only: bool = False
+    allow_inconsistent: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _on_pool(record: dict[str, Any], pool: str, volume: storage_pb2.VolumeReply) -> dict[str, Any]:
+    """The record of an instance whose root volume is now `volume` on `pool`: its root
+    disk device names the pool (an instance whose root disk came from a profile gets one
+    of its own, as LXD gives it), and its bookkeeping the volume's paths."""
+    moved = copy_record(record)
+    root_name, root = root_disk(moved["expanded_devices"])
+    own = moved["devices"].get(root_name) or root
+    moved["devices"][root_name] = {**own, "pool": pool}
+    moved["expanded_devices"][root_name] = {**root, "pool": pool}
+    meta = InstanceRecord.meta_of(moved)
+    meta.pool = pool
+    meta.rootfs = volume.path
+    meta.volume = volume.mount_path
+    meta.instance_mounts = volume.instance_mounts
+    meta.definition = definition_digest(moved)
+    moved["_croft"] = meta.dump()
+    return moved
 
 
 def _is_record_of(record: dict[str, Any], project: str, name: str) -> bool:

@@ -38,6 +38,16 @@ class ComputeClient(TypedClient):
     ) -> Awaitable[compute_pb2.InstanceReply]:
         return self._unary("RenameInstance", request, options)
 
+    def copy_instance(
+        self, request: compute_pb2.CopyInstanceRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[compute_pb2.InstanceReply]:
+        return self._unary("CopyInstance", request, options)
+
+    def move_instance(
+        self, request: compute_pb2.MoveInstanceRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[compute_pb2.InstanceReply]:
+        return self._unary("MoveInstance", request, options)
+
     def change_state(
         self, request: compute_pb2.StateRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[compute_pb2.InstanceReply]:

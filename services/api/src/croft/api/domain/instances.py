@@ -49,6 +49,13 @@ class InstanceSource(BaseModel):
     protocol: StrictStr = ""
     certificate: StrictStr = ""
     properties: dict[str, StrictStr] | None = None
+    # source.type "copy": the instance or snapshot ("c1/snap0") copied, and how.
+    source: StrictStr = ""
+    instance_only: StrictBool = False
+    container_only: StrictBool = False
+    refresh: StrictBool = False
+    live: StrictBool = False
+    allow_inconsistent: StrictBool = False
 
 
 class InstancePut(BaseModel):
@@ -67,6 +74,15 @@ class NamePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: limits.Name = ""
     migration: StrictBool = False
+    # With migration: a move to another storage pool (`lxc move --storage`), project or
+    # cluster member.
+    live: StrictBool = False
+    instance_only: StrictBool = False
+    container_only: StrictBool = False
+    pool: StrictStr = ""
+    project: StrictStr = ""
+    target: StrictStr | None = None
+    allow_inconsistent: StrictBool = False
 
 
 async def expand(

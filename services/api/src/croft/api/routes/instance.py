@@ -13,8 +13,9 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
-from croft.api.context import context
+from croft.api.context import ApiContext, context
 from croft.api.domain.compute import call_closing, compute_of, compute_operation, ref, state_of
+from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool, running_move_refusal
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -161,7 +162,7 @@ async def instance_rename(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     req = await query.body(request, NamePost)
     if req.migration:
-        raise InvalidArgument("Migration is not supported yet")
+        return await _migrate(ctx, project, name, record, req)
     # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
     new_name = req.name or name
     if new_name != name:
@@ -177,6 +178,52 @@ async def instance_rename(request: Request, name: str) -> Response:
     return await compute_operation(
         ctx, client.rename_instance, rename, "Renaming instance", project, name, timeout=600
     )
+
+
+async def _migrate(
+    ctx: ApiContext, project: str, name: str, record: dict[str, Any], req: NamePost
+) -> Response:
+    """`lxc move c1 [c2] --storage p2` on one member: the root volume (with its snapshots,
+    unless `instance_only`) moves to the pool, then the instance is renamed if asked. As
+    LXD, a running instance fails the operation."""
+    if req.project and req.project != project:
+        raise InvalidArgument("Moving instances between projects is not supported yet")
+    if req.target:
+        raise InvalidArgument("Moving instances between cluster members is not supported yet")
+    if not req.pool:
+        raise InvalidArgument("Migrating instances to another server is not supported yet")
+    new_name = req.name or name
+    if new_name != name:
+        validate_name(new_name)
+        if await ctx.store.get(records.record_key(KIND, project, new_name)):
+            raise Conflict(f'Name "{new_name}" already in use')
+    await require_pool(ctx.store, req.pool)
+    running = record.get("status") != "Stopped"
+    client = await compute_of(record)
+    move = compute_pb2.MoveInstanceRequest(
+        instance=ref(project, name),
+        pool=req.pool,
+        instance_only=req.instance_only or req.container_only,
+    )
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        if running:  # compute checks again
+            raise InvalidArgument(running_move_refusal(req.live))
+        if new_name == name:
+            await call_closing(op, client.move_instance, move, timeout=COPY_TIMEOUT)
+            return None
+        await client.move_instance(move, idempotent=False, timeout=COPY_TIMEOUT)
+        rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
+        await call_closing(op, client.rename_instance, rename, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Migrating instance",
+        run=run,
+        resources={"instances": [records.url(KIND, name, project)]},
+        project=project,
+    )
+    return responses.async_operation(operation)
 
 
 @router.delete("/1.0/instances/{name}")
