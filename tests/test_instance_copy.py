@@ -313,3 +313,31 @@ def test_pylxd_creates_a_copy(env: dict[str, Any]) -> None:
     assert [s.name for s in copy.snapshots.all()] == ["snap0"]
     assert copy.config["volatile.apply_template"] == "copy"
     copy.delete(wait=True)
+
+
+def test_a_root_size_on_btrfs_stops_writes_past_it_and_goes_with_a_copy(
+    env: dict[str, Any],
+) -> None:
+    """`size` on the root disk is a qgroup limit on btrfs: a `dd` past it fails with
+    "Disk quota exceeded" and the container keeps running; its copy is held to it too."""
+    lxc = env["lxc"]
+    lxc("init", "busybox", "q1", "-s", "p2", "-d", "root,size=64MiB")
+    assert config_of(lxc, "q1")["devices"]["root"]["size"] == "64MiB"
+    lxc("copy", "q1", "q2")
+    lxc("start", "q1", "q2")
+    try:
+        for name in ("q1", "q2"):
+            filled = lxc(
+                "exec", name, "--", "dd", "if=/dev/zero", "of=/fill", "bs=1M", "count=100",
+                check=False,
+            )  # fmt: skip
+            assert filled.returncode != 0
+            assert "Disk quota exceeded" in filled.stderr
+            assert query(lxc, f"/1.0/instances/{name}")["status"] == "Running"
+            size = int(lxc("exec", name, "--", "stat", "-c", "%s", "/fill").stdout)
+            assert 32 * 1024**2 < size <= 64 * 1024**2
+    finally:
+        lxc("stop", "--force", "q1", "q2")
+    refused = lxc("init", "busybox", "q3", "-s", "p2", "-d", "root,size=lots", check=False)
+    assert 'Invalid value for device option "size": Invalid value: lots' in refused.stderr
+    lxc("delete", "q1", "q2")

@@ -359,12 +359,15 @@ class ComputeCore:
             )
             try:
                 if copy is not None:
-                    volume = await self._copy_volume(copy, pool, project, name, instance_type)
+                    volume = await self._copy_volume(
+                        copy, pool, project, name, instance_type, root.get("size", "")
+                    )
                 else:
                     volume = await storage.create_instance_volume(
                         storage_pb2.VolumeRequest(
                             pool=pool, project=project, type=instance_type,
                             name=driver_name(project, name), image_fingerprint=fingerprint,
+                            size=root.get("size", ""),
                         ),
                         idempotent=False, timeout=600,
                     )  # fmt: skip
@@ -1281,14 +1284,14 @@ class ComputeCore:
         return created
 
     async def _copy_volume(
-        self, copy: CopyOf, pool: str, project: str, name: str, instance_type: str
+        self, copy: CopyOf, pool: str, project: str, name: str, instance_type: str, size: str
     ) -> storage_pb2.VolumeReply:
         """The copy's root volume, from its source's (frozen meanwhile if it runs)."""
         request = storage_pb2.VolumeRequest(
             pool=InstanceRecord.meta_of(copy.record).pool, project=project, type=instance_type,
             name=driver_name(project, copy.name), snapshot=copy.snapshot,
             new_name=driver_name(project, name), target_pool=pool,
-            with_snapshots=bool(copy.snapshots),
+            with_snapshots=bool(copy.snapshots), size=size,
         )  # fmt: skip
         storage = await self.storage()
         driver = self.driver_for(copy.record)
@@ -1364,6 +1367,7 @@ class ComputeCore:
                             pool=old_pool, project=project, type=instance_type,
                             name=host_name, new_name=host_name, target_pool=pool,
                             with_snapshots=not instance_only,
+                            size=root_disk(record["expanded_devices"])[1].get("size", ""),
                         ),
                         idempotent=False, timeout=COPY_TIMEOUT,
                     )  # fmt: skip

@@ -74,6 +74,7 @@ from croft.storage.drivers import (
     check_name,
     load_driver,
 )
+from croft.storage.drivers.dir import parse_size
 from croft.v1 import images_pb2
 
 log = logging.getLogger(__name__)
@@ -141,10 +142,11 @@ class VolumeRef:
     def renamed(self, name: str) -> VolumeRef:
         return VolumeRef.parse(self.pool, self.project, self.type, name)
 
-    def volume(self, driver: StorageDriver) -> Volume:
-        """The driver's volume behind this reference."""
+    def volume(self, driver: StorageDriver, size: str = "") -> Volume:
+        """The driver's volume behind this reference (to be made `size` big, if given)."""
         vol_type = VolumeType(self.type)
-        return driver.volume(vol_type, self.name, INSTANCE_CONTENT[vol_type])
+        config = {"size": size} if size else None
+        return driver.volume(vol_type, self.name, INSTANCE_CONTENT[vol_type], config)
 
     @property
     def key(self) -> str:
@@ -203,6 +205,13 @@ def _volume_record(
         "project": project,
         "_croft": croft.dump(),
     }
+
+
+def _checked_size(size: str) -> str:
+    """A root disk's `size`, checked before anything is made ("" for none)."""
+    if size:
+        parse_size(size)
+    return size
 
 
 def _completed(record: dict[str, Any]) -> dict[str, Any]:
@@ -904,7 +913,9 @@ class StorageCore:
 
     # ------------------------------------------------------------------ instance volumes
 
-    async def create_instance_volume(self, ref: VolumeRef, fingerprint: str) -> VolumeResult:
+    async def create_instance_volume(
+        self, ref: VolumeRef, fingerprint: str, size: str = ""
+    ) -> VolumeResult:
         """A new instance volume from an image, or empty (an empty rootfs for a container)
         when `fingerprint` is empty. Where the driver keeps images as volumes
         (`optimized_images`), the image is unpacked in the pool once and copied; otherwise
@@ -917,7 +928,7 @@ class StorageCore:
         if fingerprint:
             check_fingerprint(fingerprint)
         driver = await self.driver(ref.pool)
-        vol = ref.volume(driver)
+        vol = ref.volume(driver, _checked_size(size))
         async with self.locked(ref.pool, ref.name):
             record = _completed(self._instance_record(ref))
             # Each undo is registered before its step is awaited: a cancelled call (the
@@ -1073,6 +1084,7 @@ class StorageCore:
         *,
         snapshot: str = "",
         target_pool: str = "",
+        size: str = "",
     ) -> VolumeResult:
         """A new, independent instance volume `new_name` in `target_pool` (default: the
         same pool) with the content of `ref` (stopped or frozen by the caller, or, as LXD
@@ -1086,7 +1098,7 @@ class StorageCore:
             check_name(snapshot, "snapshot name")
         source = await self.driver(ref.pool)
         driver = await self.driver(new.pool)
-        vol, new_vol = ref.volume(source), new.volume(driver)
+        vol, new_vol = ref.volume(source), new.volume(driver, _checked_size(size))
         if new.key == ref.key:
             raise Conflict(f"instance volume {new.name!r} already exists in pool {new.pool!r}")
         async with self.locked_across((ref.pool, ref.name), (new.pool, new.name)):

@@ -49,7 +49,9 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:
         return _reply(
-            await self.core.create_instance_volume(_ref(request), request.image_fingerprint)
+            await self.core.create_instance_volume(
+                _ref(request), request.image_fingerprint, request.size
+            )
         )
 
     async def MountInstanceVolume(
@@ -83,6 +85,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             with_snapshots=request.with_snapshots,
             snapshot=request.snapshot,
             target_pool=request.target_pool,
+            size=request.size,
         )
         return _reply(result)
 
