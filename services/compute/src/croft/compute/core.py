@@ -702,8 +702,30 @@ class ComputeCore:
         return list(await asyncio.gather(*(one(project, name) for project, name in refs)))
 
     async def state(self, project: str, name: str) -> dict[str, Any]:
-        await self.record(project, name)
-        return await self._state(project, name)
+        """The instance's state, with its root disk's usage where its pool can tell
+        (`lxc info`'s "Disk usage"). Listings (`states()`) leave the disk out: one call
+        to storage per instance would cost every `lxc list`."""
+        record, _ = await self.record(project, name)
+        state = await self._state(project, name)
+        state["disk"] = await self._disk_usage(project, name, record)
+        return state
+
+    async def _disk_usage(
+        self, project: str, name: str, record: dict[str, Any]
+    ) -> dict[str, dict[str, int]]:
+        """LXD's `disk` of an instance state: the root disk's bytes used, as storage
+        counts them (btrfs with quotas: the exclusive bytes); nothing when the pool's
+        driver cannot tell cheaply (a dir pool), as LXD reports nothing then."""
+        try:
+            root_name, _ = root_disk(record.get("expanded_devices") or {})
+            storage = await self.storage()
+            usage = await storage.instance_volume_usage(
+                self._volume(InstanceRecord.meta_of(record).pool, project, name), timeout=30
+            )
+        except CroftError as exc:
+            log.info("no disk usage for %s/%s: %s", project, name, exc)
+            return {}
+        return {root_name: {"usage": usage.used_bytes}} if usage.known else {}
 
     async def _state(self, project: str, name: str) -> dict[str, Any]:
         driver = await self.driver_of(project, name)

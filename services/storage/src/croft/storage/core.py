@@ -973,6 +973,12 @@ class StorageCore:
         if await driver.has_volume(vol):
             raise Conflict(f"instance volume {ref.name!r} already exists in pool {ref.pool!r}")
 
+    async def instance_volume_usage(self, ref: VolumeRef) -> int | None:
+        """The bytes the instance volume holds on its own, where its driver can tell
+        cheaply (`exclusive_usage`); None otherwise."""
+        driver = await self.driver(ref.pool)
+        return await driver.exclusive_usage(ref.volume(driver))
+
     async def mount_instance_volume(self, ref: VolumeRef) -> VolumeResult:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):

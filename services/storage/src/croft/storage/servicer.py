@@ -89,6 +89,12 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         )
         return _reply(result)
 
+    async def InstanceVolumeUsage(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeUsageReply:
+        used = await self.core.instance_volume_usage(_ref(request))
+        return storage_pb2.VolumeUsageReply(known=used is not None, used_bytes=used or 0)
+
     async def CreateSnapshot(
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:

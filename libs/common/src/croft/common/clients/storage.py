@@ -47,6 +47,11 @@ class StorageClient(TypedClient):
     ) -> Awaitable[storage_pb2.VolumeReply]:
         return self._unary("CopyInstanceVolume", request, options)
 
+    def instance_volume_usage(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.VolumeUsageReply]:
+        return self._unary("InstanceVolumeUsage", request, options)
+
     def create_snapshot(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:

@@ -360,6 +360,13 @@ class StorageDriver(abc.ABC):
     async def volume_usage(self, vol: Volume) -> int:
         """Bytes of storage used by the volume (without its snapshots)."""
 
+    async def exclusive_usage(self, vol: Volume) -> int | None:
+        """Bytes the volume holds on its own (not shared with its origin or snapshots),
+        when the driver knows it without walking the volume's tree; None when it cannot
+        (the default). LXD reports an instance's disk usage from this, and none for a
+        pool that cannot tell. NotFound if there is no such volume."""
+        return None
+
     # -- snapshots -------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -509,6 +509,21 @@ class BtrfsDriver(DirDriver):
                 return int(fields[1])  # referenced, as LXD reports
         raise NotFound(f"no qgroup for {_what(vol)} in pool {self.pool!r}")
 
+    async def exclusive_usage(self, vol: Volume) -> int | None:
+        """The qgroup's exclusive bytes, as LXD's btrfs driver reports an instance's disk
+        usage; None while quotas are off (LXD then reports none either). What was written
+        since the last commit counts from the next one (at most 30 s later)."""
+        path = self._require(vol)
+        if not await self.quotas_enabled():
+            return None
+        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
+        for line in out.splitlines():
+            fields = line.split()
+            if fields and fields[0] == f"0/{subvolume}" and len(fields) > 2:
+                return int(fields[2])
+        return None
+
     # -- streams between btrfs pools -------------------------------------------------------
 
     # The name of the volume's own state in a stream: never a snapshot's (check_name
