@@ -342,6 +342,14 @@ def test_a_root_size_on_btrfs_stops_writes_past_it_and_goes_with_a_copy(
             usage = query(lxc, f"/1.0/instances/{name}/state")["disk"]["root"]["usage"]
             assert size <= usage <= 64 * 1024**2 + 1024**2
             assert "Disk usage:" in lxc("info", name).stdout
+        # The limit changes live, as on LXD: a bigger one lets the writes go on; one
+        # below what the root uses is refused and changes nothing.
+        lxc("config", "device", "set", "q1", "root", "size=128MiB")
+        lxc("exec", "q1", "--", "dd", "if=/dev/zero", "of=/more", "bs=1M", "count=32")
+        refused = lxc("config", "device", "set", "q1", "root", "size=1MiB", check=False)
+        assert refused.returncode != 0 and "smaller than what the volume uses" in refused.stderr
+        assert config_of(lxc, "q1")["devices"]["root"]["size"] == "128MiB"
+        assert query(lxc, "/1.0/instances/q1")["status"] == "Running"
     finally:
         lxc("stop", "--force", "q1", "q2")
     refused = lxc("init", "busybox", "q3", "-s", "p2", "-d", "root,size=lots", check=False)

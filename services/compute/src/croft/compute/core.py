@@ -793,8 +793,9 @@ class ComputeCore:
             new_devices = new.get("expanded_devices") or {}
             driver = self.driver_for(record)
             stopped = await driver.status(host_name) is Status.STOPPED
-            # Hot-plugging devices is not built yet: say so rather than half-apply.
-            if _without_hwaddr(old_devices) != _without_hwaddr(new_devices) and not stopped:
+            # Hot-plugging devices is not built yet: say so rather than half-apply. The
+            # root disk's size is the volume's limit, which changes live, as on LXD.
+            if _fixed_devices(old_devices) != _fixed_devices(new_devices) and not stopped:
                 raise InvalidArgument("Devices cannot be changed while the instance is running")
             # volatile keys are croft's; a client never sets them. A removed device's go
             # with it; a new NIC gets its MAC now, as at create.
@@ -833,6 +834,7 @@ class ComputeCore:
             }
             revert = Reverter()
             try:
+                await self._resize_root(project, name, record, updated, revert)
                 if stopped and _definition_is_stale(updated):
                     revert.add(lambda: self._detach_nics(project, name, updated, keep=record))
                     revert.add(lambda: self._write_definition(project, name, record))
@@ -850,6 +852,31 @@ class ComputeCore:
             await self._detach_nics(project, name, record, keep=updated)
         await self.lifecycle("instance-updated", project, name)
         return updated
+
+    async def _resize_root(
+        self,
+        project: str,
+        name: str,
+        record: dict[str, Any],
+        updated: dict[str, Any],
+        revert: Reverter,
+    ) -> None:
+        """A changed root disk `size` becomes the root volume's limit now (its undo on
+        `revert`); storage refuses a bad one, and the update with it."""
+        old = root_disk(record.get("expanded_devices") or {})[1].get("size", "")
+        new = root_disk(updated.get("expanded_devices") or {})[1].get("size", "")
+        if old == new:
+            return
+        pool = InstanceRecord.meta_of(record).pool
+        storage = await self.storage()
+
+        def sized(size: str) -> storage_pb2.VolumeRequest:
+            request = self._volume(pool, project, name)
+            request.size = size
+            return request
+
+        revert.add(lambda: storage.resize_instance_volume(sized(old), timeout=600))
+        await storage.resize_instance_volume(sized(new), timeout=600)
 
     # ------------------------------------------------------------------ exec and files
 
@@ -1656,6 +1683,16 @@ def _definition_is_stale(record: dict[str, Any]) -> bool:
 
 def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return {k: {kk: vv for kk, vv in v.items() if kk != "hwaddr"} for k, v in devices.items()}
+
+
+def _fixed_devices(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The devices as a running instance cannot change them: without NICs' MACs, and
+    without the root disk's size (a volume limit, which changes live)."""
+    fixed = _without_hwaddr(devices)
+    for device in fixed.values():
+        if device.get("type") == "disk" and device.get("path") == "/":
+            device.pop("size", None)
+    return fixed
 
 
 def _check_snapshot_name(name: str) -> None:

@@ -979,6 +979,15 @@ class StorageCore:
         driver = await self.driver(ref.pool)
         return await driver.exclusive_usage(ref.volume(driver))
 
+    async def resize_instance_volume(self, ref: VolumeRef, size: str) -> None:
+        """Give the instance volume the root disk's new `size` ("" for none), live: a
+        limit where the driver has quotas; InvalidArgument, nothing changed, for a bad
+        size or one below what the volume uses."""
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            await driver.set_volume_size(ref.volume(driver), _checked_size(size))
+
     async def mount_instance_volume(self, ref: VolumeRef) -> VolumeResult:
         driver = await self.driver(ref.pool)
         async with self.locked(ref.pool, ref.name):

@@ -95,6 +95,12 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         used = await self.core.instance_volume_usage(_ref(request))
         return storage_pb2.VolumeUsageReply(known=used is not None, used_bytes=used or 0)
 
+    async def ResizeInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.resize_instance_volume(_ref(request), request.size)
+        return common_pb2.Empty()
+
     async def CreateSnapshot(
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:

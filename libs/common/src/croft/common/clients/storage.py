@@ -52,6 +52,11 @@ class StorageClient(TypedClient):
     ) -> Awaitable[storage_pb2.VolumeUsageReply]:
         return self._unary("InstanceVolumeUsage", request, options)
 
+    def resize_instance_volume(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("ResizeInstanceVolume", request, options)
+
     def create_snapshot(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:

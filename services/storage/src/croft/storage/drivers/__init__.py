@@ -367,6 +367,13 @@ class StorageDriver(abc.ABC):
         pool that cannot tell. NotFound if there is no such volume."""
         return None
 
+    async def set_volume_size(self, vol: Volume, size: str) -> None:  # noqa: B027 (optional)
+        """Give an existing volume (not a snapshot) the `size` (LXD's byte sizes; "" for
+        no limit): a driver with `quotas` enforces it on filesystem content, and block
+        content grows to it. InvalidArgument, with nothing changed, for a bad size, a
+        size below what the volume uses, or a block volume that would shrink. The
+        default: nothing to enforce."""
+
     # -- snapshots -------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -604,6 +604,22 @@ class BtrfsDriver(DirDriver):
             if received.exists():  # not moved into place: nothing of it is kept
                 await asyncio.shield(in_thread(self._remove, received))
 
+    async def set_volume_size(self, vol: Volume, size: str) -> None:
+        if vol.content is ContentType.BLOCK:
+            await super().set_volume_size(vol, size)
+            return
+        path = self._require(vol)
+        limit = parse_size(size) if size else 0
+        if limit:
+            used = await self.volume_usage(vol)
+            if limit < used:
+                raise InvalidArgument(
+                    f"The new size {size} is smaller than what the volume uses ({used} bytes)"
+                )
+        elif not await self.quotas_enabled():
+            return  # no limit asked, none there
+        await self._set_size(path, size)
+
     # -- snapshots -------------------------------------------------------------------------
 
     async def _carry_limits(self, current: Path, replacement: Path) -> None:
