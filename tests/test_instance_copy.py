@@ -7,6 +7,7 @@ A copy that fails leaves no record, no volume and no DHCP entry."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
@@ -18,6 +19,7 @@ import pytest
 import yaml
 
 from .conftest import Croft, Lxc
+from .test_faults import VOLUMES, kill_when, serving_pid, wait_until
 from .test_storage_pools import mounts_under, subvolume_show
 
 
@@ -81,7 +83,7 @@ def env(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[dict
     lxc("snapshot", "c1", "snap0")
     lxc("file", "push", "-", "c1/state", input="two")
     try:
-        yield {"lxc": lxc, "state": state, "bridge": bridge}
+        yield {"lxc": lxc, "state": state, "bridge": bridge, "croft": croft}
     finally:
         for instance in lxc.json("list"):
             lxc("delete", "--force", instance["name"], check=False)
@@ -359,3 +361,51 @@ def test_a_root_size_on_btrfs_stops_writes_past_it_and_goes_with_a_copy(
     lxc("init", "busybox", "d1", "-s", "default", "-d", "root,size=64MiB")
     assert query(lxc, "/1.0/instances/d1/state")["disk"] == {}
     lxc("delete", "d1")
+
+
+@pytest.mark.parametrize("when", ["copied", "recorded"])
+def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
+    env: dict[str, Any], when: str
+) -> None:
+    """compute dies once the volume is copied to the new pool (before or after the
+    instance's record names it): at its restart, the volume its record does not name
+    goes, and the instance starts from the one it does."""
+    lxc, state, croft = env["lxc"], env["state"], env["croft"]
+    name = f"mk-{when}"
+    lxc("copy", "c1", name)
+    compute = serving_pid(croft, "compute")
+    assert compute
+
+    def copied(key: str, value: dict[str, Any]) -> bool:
+        done = key.endswith(f"/default/container/{name}") and "state" not in value["_croft"]
+        return done if when == "copied" else key.endswith(f"/instances/default/{name}")
+
+    async def move_and_kill() -> None:
+        prefix = VOLUMES if when == "copied" else "/croft/records/instances/"
+        killer = asyncio.create_task(kill_when(croft, prefix, copied, compute))
+        await asyncio.sleep(0.3)
+        move = await asyncio.create_subprocess_exec(
+            "lxc", "move", name, "--storage", "default", env=lxc.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(killer, 120)
+        await asyncio.wait_for(move.communicate(), 180)
+
+    asyncio.run(move_and_kill())
+    wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+    pool = config_of(lxc, name)["devices"]["root"]["pool"]
+    other = "p2" if pool == "default" else "default"
+
+    def one_volume() -> bool:
+        here = (state / "storage-pools" / pool / "containers" / name).is_dir()
+        there = (state / "storage-pools" / other / "containers" / name).exists()
+        return here and not there
+
+    wait_until(one_volume, 60, f"the volume of {name} in {pool} alone")
+    assert f"/1.0/instances/{name}" not in query(lxc, f"/1.0/storage-pools/{other}")["used_by"]
+    lxc("start", name)
+    try:
+        assert read(lxc, name, "/state") == "two"
+    finally:
+        lxc("stop", "--force", name)
+    lxc("delete", name)

@@ -32,7 +32,13 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.instance_config import InstanceConfig
 from croft.common.locks import KeyedLock
-from croft.common.models import InstanceMeta, InstanceRecord, SnapshotMeta, SnapshotRecord
+from croft.common.models import (
+    InstanceMeta,
+    InstanceRecord,
+    SnapshotMeta,
+    SnapshotRecord,
+    StorageVolumeRecord,
+)
 from croft.common.models.instance import CREATED, CREATING
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -1458,8 +1464,10 @@ class ComputeCore:
     # ------------------------------------------------------------------ recovery
 
     async def reconcile(self) -> None:
-        """At start: finish off creates a dead compute left half-done, and bring each
-        record's status in line with what really runs."""
+        """At start: finish off creates a dead compute left half-done, remove what a
+        move between pools left behind, and bring each record's status in line with
+        what really runs."""
+        pools: dict[tuple[str, str], str] = {}  # (type, host name) -> its record's pool
         for entry in await self.store.list(record_prefix("instances", "")[:-1]):
             record = entry.json()
             meta = InstanceRecord.meta_of(record)
@@ -1473,8 +1481,38 @@ class ComputeCore:
             if meta.renaming:
                 log.warning("putting %s/%s back, left half-renamed", project, name)
                 await self._undo_rename(project, name, meta.renaming, record)
+            else:
+                kind = record.get("type") or DEFAULT_INSTANCE_TYPE
+                pools[(kind, driver_name(project, name))] = meta.pool
             await self._autostart(project, name, record)
             await self._refresh_status(project, name, record)
+        await self._remove_moved_volumes(pools)
+
+    async def _remove_moved_volumes(self, pools: dict[tuple[str, str], str]) -> None:
+        """A move between pools (`move()`) killed between the copy and the record's
+        write leaves the copy in the new pool; killed after it, the volume in the old
+        one. Either is an instance volume of this member in a pool its instance's record
+        does not name: it goes."""
+        for entry in await self.store.list(record_prefix("storage-volumes", DEFAULT_PROJECT)):
+            volume = entry.json()
+            meta = StorageVolumeRecord.meta_of(volume)
+            kind = volume.get("type", "")
+            if meta.member != self.member or meta.snapshot or meta.state is not None:
+                continue
+            pool = pools.get((kind, meta.volume))
+            if not pool or pool == meta.pool:
+                continue
+            log.warning("removing volume %s of pool %s, left by a move to %s", meta.volume,
+                        meta.pool, pool)  # fmt: skip
+            storage = await self.storage()
+            request = storage_pb2.VolumeRequest(
+                pool=meta.pool, project=volume.get("project") or DEFAULT_PROJECT,
+                type=kind, name=meta.volume,
+            )  # fmt: skip
+            try:
+                await storage.delete_instance_volume(request, timeout=600)
+            except CroftError as exc:
+                log.error("cannot remove volume %s of pool %s: %s", meta.volume, meta.pool, exc)
 
     async def _autostart(self, project: str, name: str, record: dict[str, Any]) -> None:
         """After a host restart, start what LXD would: instances with boot.autostart=true,
