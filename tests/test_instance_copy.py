@@ -199,7 +199,7 @@ def test_a_copy_to_another_pool_takes_the_requests_config_and_profiles(
     # btrfs to btrfs (a send/receive stream), then btrfs to dir (a copy of the trees).
     lxc("copy", "c1", "c6", "--storage", "p3", "-c", "user.note=copied", "-p", "default",
         "-p", "extra")  # fmt: skip
-    lxc("copy", "c1", "c7", "--storage", "default")
+    lxc("copy", "c1", "c7", "--storage", "default", "-d", "root,size=1GiB")
 
     six = config_of(lxc, "c6")
     assert six["config"]["user.note"] == "copied"
@@ -208,7 +208,12 @@ def test_a_copy_to_another_pool_takes_the_requests_config_and_profiles(
     assert query(lxc, "/1.0/instances/c6")["expanded_config"]["user.from"] == "extra"
     received = state / "storage-pools/p3/containers-snapshots/c6/snap0"
     assert subvolume_show(received)["Received UUID"] != "-"
-    assert config_of(lxc, "c7")["devices"]["root"]["pool"] == "default"
+    assert config_of(lxc, "c7")["devices"]["root"] == {
+        "path": "/",
+        "pool": "default",
+        "size": "1GiB",
+        "type": "disk",
+    }
     assert (state / "storage-pools/default/containers-snapshots/c7/snap0").is_dir()
     for name in ("c6", "c7"):
         assert snapshots_of(lxc, name) == ["snap0"]
