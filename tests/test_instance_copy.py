@@ -274,7 +274,12 @@ def test_move_to_another_pool_and_back_and_rename(env: dict[str, Any]) -> None:
     assert (state / "storage-pools/p2/containers/m2").is_dir()
     refused = lxc("move", "m2", "--storage", "nope", check=False)
     assert "Storage pool not found" in refused.stderr
-    lxc("delete", "m2")
+    # Both at once: the pool, then the name.
+    lxc("move", "m2", "m3", "--storage", "default")
+    assert config_of(lxc, "m3")["devices"]["root"]["pool"] == "default"
+    assert read(lxc, "m3", "/state") == "two"
+    assert "m2" not in [i["name"] for i in lxc.json("list")]
+    lxc("delete", "m3")
 
 
 def test_a_copy_that_fails_leaves_nothing_behind(env: dict[str, Any]) -> None:

@@ -1388,14 +1388,14 @@ class ComputeCore:
         name: str,
         pool: str,
         instance_only: bool = False,
-        rider: Rider | None = None,
     ) -> dict[str, Any]:
         """Move the stopped instance's root volume, with its snapshots (deleted instead
         with `instance_only`, as LXD), to another pool of this member (`lxc move
         --storage`): the volume is copied there, the record and the definition point at
         the copy, then the old volume goes. The instance keeps its uuid, MACs and
         addresses. A failure before the record is written leaves nothing in the new pool
-        and the instance as it was."""
+        and the instance as it was. (No writes ride along: the caller's operation ends
+        once the old volume is gone too, not when the record is written.)"""
         async with self.lock(project, name):
             record, revision = await self.record(project, name)
             driver = self.driver_for(record)
@@ -1451,7 +1451,6 @@ class ComputeCore:
                     missing="Instance not found",
                     current=(moved, revision),
                     also=writes,
-                    rider=rider,
                 )
                 revert.success()
             # The instance lives on `pool` now: what is left on the old one is garbage.

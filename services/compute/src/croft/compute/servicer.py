@@ -93,9 +93,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         self, request: compute_pb2.MoveInstanceRequest, context: Context
     ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
-        rider = from_wire(request.closing)
-        moved = await self.core.move(project, name, request.pool, request.instance_only, rider)
-        return _reply(moved, rider)
+        moved = await self.core.move(project, name, request.pool, request.instance_only)
+        return _reply(moved)
 
     async def ChangeState(
         self, request: compute_pb2.StateRequest, context: Context
