@@ -481,6 +481,7 @@ class ComputeCore:
                         device=dev_name,
                         hwaddr=device["hwaddr"],
                         ipv4=device.get("ipv4.address", ""),
+                        ipv6=device.get("ipv6.address", ""),
                     )
                     if revert is not None:
                         revert.add(functools.partial(self._detach, request))

@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.models import StoragePoolRecord
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
-class StorageClient(TypedClient):
-    """One method per RPC of `croft.v1.Storage`, named after it in snake_case."""
-
-    service: ClassVar[str] = "storage"
-    stub = storage_pb2_grpc.StorageStub
-
+class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.StorageStub):
     def create_instance_volume(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
@@ -104,13 +99,13 @@ class StorageClient(TypedClient):
 
     def create_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreatePool", request, options)
+    ) -> Awaitable[StoragePoolRecord]:
+        return self._record("CreatePool", request, options, StoragePoolRecord)
 
     def update_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdatePool", request, options)
+    ) -> Awaitable[StoragePoolRecord]:
+        return self._record("UpdatePool", request, options, StoragePoolRecord)
 
     def delete_pool(
         self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]

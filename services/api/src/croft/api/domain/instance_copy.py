@@ -13,6 +13,7 @@ from croft.api import limits, records
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.domain.instances import KIND, expand, failing
 from croft.common.errors import InvalidArgument, NotFound
+from croft.common.models import InstanceRecord
 from croft.common.records import DEFAULT_PROJECT
 
 # The volatile keys a local copy keeps (LXD's shared.InstanceIncludeWhenCopying): the
@@ -95,7 +96,7 @@ async def copy_record(
     profiles: list[str] | None,
     description: str,
     ephemeral: bool,
-) -> dict[str, Any]:
+) -> InstanceRecord:
     """The new instance's record, as LXD 5.0 makes a copy's: the request's config and
     devices over the source's own, the source's profiles unless the request names some,
     the source's type and architecture; expanded and checked as a create's."""
@@ -126,22 +127,22 @@ async def copy_record(
             "Failed getting root disk: No root device could be found"
         )
     await require_pool(store, roots[0].get("pool", ""))
-    record = {
-        "name": name,
-        "project": project,
-        "type": source.record.get("type") or "container",
-        "description": description,
-        "architecture": state.get("architecture") or source.record.get("architecture") or "",
-        "config": config,
-        "devices": devices,
-        "profiles": profiles,
-        "ephemeral": ephemeral,
-        "stateful": False,
-        "expanded_config": expanded_config,
-        "expanded_devices": expanded_devices,
-    }
+    record = InstanceRecord(
+        name=name,
+        project=project,
+        type=source.record.get("type") or "container",
+        description=description,
+        architecture=state.get("architecture") or source.record.get("architecture") or "",
+        config=config,
+        devices=devices,
+        profiles=profiles,
+        ephemeral=ephemeral,
+        stateful=False,
+        expanded_config=expanded_config,
+        expanded_devices=expanded_devices,
+    )
     limits.check_device_paths(expanded_devices)
-    limits.check_record(record, "instance")
+    limits.check_record(record.dump(), "instance")
     return record
 
 
