@@ -306,6 +306,13 @@ def test_a_copy_that_fails_leaves_nothing_behind(env: dict[str, Any]) -> None:
     assert read(lxc, "big", "/state") == "two"
     refused = lxc("copy", "c1", "c9", "--storage", "nope", check=False)
     assert "Storage pool not found" in refused.stderr
+    # A copy is a new instance of its project: held to the project's limits.
+    lxc("project", "set", "default", "limits.instances", "2")
+    try:
+        refused = lxc("copy", "c1", "c9", check=False)
+        assert 'Reached maximum number of instances in project "default"' in refused.stderr
+    finally:
+        lxc("project", "unset", "default", "limits.instances")
     lxc("delete", "big")
     lxc("storage", "delete", "tiny")
     assert [i["name"] for i in lxc.json("list")] == ["c1"]
