@@ -360,19 +360,19 @@ class StorageDriver(abc.ABC):
     async def volume_usage(self, vol: Volume) -> int:
         """Bytes of storage used by the volume (without its snapshots)."""
 
-    async def exclusive_usage(self, vol: Volume) -> int | None:
-        """Bytes the volume holds on its own (not shared with its origin or snapshots),
-        when the driver knows it without walking the volume's tree; None when it cannot
-        (the default). LXD reports an instance's disk usage from this, and none for a
-        pool that cannot tell. NotFound if there is no such volume."""
-        return None
-
     async def set_volume_size(self, vol: Volume, size: str) -> None:  # noqa: B027 (optional)
         """Give an existing volume (not a snapshot) the `size` (LXD's byte sizes; "" for
         no limit): a driver with `quotas` enforces it on filesystem content, and block
         content grows to it. InvalidArgument, with nothing changed, for a bad size, a
         size below what the volume uses, or a block volume that would shrink. The
         default: nothing to enforce."""
+
+    async def exclusive_usage(self, vol: Volume) -> int | None:
+        """Bytes the volume holds on its own (not shared with its origin or snapshots),
+        when the driver knows it without walking the volume's tree; None when it cannot
+        (the default). LXD reports an instance's disk usage from this, and none for a
+        pool that cannot tell. NotFound if there is no such volume."""
+        return None
 
     # -- snapshots -------------------------------------------------------------------------
 

@@ -509,6 +509,22 @@ class BtrfsDriver(DirDriver):
                 return int(fields[1])  # referenced, as LXD reports
         raise NotFound(f"no qgroup for {_what(vol)} in pool {self.pool!r}")
 
+    async def set_volume_size(self, vol: Volume, size: str) -> None:
+        if vol.content is ContentType.BLOCK:
+            await super().set_volume_size(vol, size)
+            return
+        path = self._require(vol)
+        limit = parse_size(size) if size else 0
+        if limit:
+            used = await self.volume_usage(vol)
+            if limit < used:
+                raise InvalidArgument(
+                    f"The new size {size} is smaller than what the volume uses ({used} bytes)"
+                )
+        elif not await self.quotas_enabled():
+            return  # no limit asked, none there
+        await self._set_size(path, size)
+
     async def exclusive_usage(self, vol: Volume) -> int | None:
         """The qgroup's exclusive bytes, as LXD's btrfs driver reports an instance's disk
         usage; None while quotas are off (LXD then reports none either). What was written
@@ -603,22 +619,6 @@ class BtrfsDriver(DirDriver):
         finally:
             if received.exists():  # not moved into place: nothing of it is kept
                 await asyncio.shield(in_thread(self._remove, received))
-
-    async def set_volume_size(self, vol: Volume, size: str) -> None:
-        if vol.content is ContentType.BLOCK:
-            await super().set_volume_size(vol, size)
-            return
-        path = self._require(vol)
-        limit = parse_size(size) if size else 0
-        if limit:
-            used = await self.volume_usage(vol)
-            if limit < used:
-                raise InvalidArgument(
-                    f"The new size {size} is smaller than what the volume uses ({used} bytes)"
-                )
-        elif not await self.quotas_enabled():
-            return  # no limit asked, none there
-        await self._set_size(path, size)
 
     # -- snapshots -------------------------------------------------------------------------
 
