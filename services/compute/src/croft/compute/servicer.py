@@ -23,7 +23,7 @@ from croft.common.models.instance_wire import (
 )
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.riders import Rider, from_wire
-from croft.compute.core import ComputeCore
+from croft.compute.core import ComputeCore, CopyOf
 from croft.compute.drivers import ExecProcess
 from croft.compute.publish import properties_of
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
@@ -93,6 +93,27 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         self, request: compute_pb2.RenameInstanceRequest, context: Context
     ) -> compute_pb2.InstanceReply:
         return _reply(await self.core.rename(*_ref(request.instance), request.new_name))
+
+    async def CopyInstance(
+        self, request: compute_pb2.CopyInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
+        project, name = _ref(request.source)
+        source = CopyOf(
+            project,
+            name,
+            snapshot=request.source_snapshot,
+            instance_only=request.instance_only,
+            allow_inconsistent=request.allow_inconsistent,
+        )
+        rider = from_wire(request.closing)
+        return _reply(await self.core.copy(_record(request.instance), source, rider), rider)
+
+    async def MoveInstance(
+        self, request: compute_pb2.MoveInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
+        project, name = _ref(request.instance)
+        moved = await self.core.move(project, name, request.pool, request.instance_only)
+        return _reply(moved)
 
     async def ChangeState(
         self, request: compute_pb2.StateRequest, context: Context

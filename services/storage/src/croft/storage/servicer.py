@@ -71,7 +71,9 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:
         return _reply(
-            await self.core.create_instance_volume(_ref(request), request.image_fingerprint)
+            await self.core.create_instance_volume(
+                _ref(request), request.image_fingerprint, request.size
+            )
         )
 
     async def MountInstanceVolume(
@@ -100,9 +102,26 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:
         result = await self.core.copy_instance_volume(
-            _ref(request), request.new_name, with_snapshots=request.with_snapshots
+            _ref(request),
+            request.new_name,
+            with_snapshots=request.with_snapshots,
+            snapshot=request.snapshot,
+            target_pool=request.target_pool,
+            size=request.size,
         )
         return _reply(result)
+
+    async def InstanceVolumeUsage(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeUsageReply:
+        used = await self.core.instance_volume_usage(_ref(request))
+        return storage_pb2.VolumeUsageReply(known=used is not None, used_bytes=used or 0)
+
+    async def ResizeInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.resize_instance_volume(_ref(request), request.size)
+        return common_pb2.Empty()
 
     async def CreateSnapshot(
         self, request: storage_pb2.VolumeRequest, context: Context

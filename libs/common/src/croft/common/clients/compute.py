@@ -72,6 +72,48 @@ class ComputeClient(TypedClient):
         request = compute_pb2.RenameInstanceRequest(instance=ref, new_name=new_name)
         return _written(await self._unary("RenameInstance", request, _changing(timeout)))
 
+    async def copy_instance(
+        self,
+        record: InstanceRecord,
+        source: common_pb2.InstanceRef,
+        *,
+        source_snapshot: str = "",
+        instance_only: bool = False,
+        allow_inconsistent: bool = False,
+        rider: Rider | None = None,
+        timeout: float | None = None,
+    ) -> InstanceRecord:
+        """Create `record` (expanded by the caller, its config merged with the source's)
+        as a copy of instance `source` of the same member, or of its snapshot
+        `source_snapshot`, with the source's snapshots unless `instance_only`; the record
+        compute wrote. Never sent twice. `rider.written` as in `create_instance`."""
+        request = compute_pb2.CopyInstanceRequest(
+            instance=instance_to_wire(record),
+            source=source,
+            source_snapshot=source_snapshot,
+            instance_only=instance_only,
+            allow_inconsistent=allow_inconsistent,
+            closing=to_wire(rider.writes) if rider else (),
+        )
+        reply = await self._unary("CopyInstance", request, _changing(timeout))
+        return _written(reply, rider)
+
+    async def move_instance(
+        self,
+        ref: common_pb2.InstanceRef,
+        pool: str,
+        *,
+        instance_only: bool = False,
+        timeout: float | None = None,
+    ) -> InstanceRecord:
+        """Move the stopped instance `ref`'s root volume (and its snapshots, deleted
+        instead with `instance_only`) to storage pool `pool` of its member; the record
+        after the move. Never sent twice."""
+        request = compute_pb2.MoveInstanceRequest(
+            instance=ref, pool=pool, instance_only=instance_only
+        )
+        return _written(await self._unary("MoveInstance", request, _changing(timeout)))
+
     async def change_state(
         self,
         ref: common_pb2.InstanceRef,

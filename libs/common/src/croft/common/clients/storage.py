@@ -42,6 +42,16 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
     ) -> Awaitable[storage_pb2.VolumeReply]:
         return self._unary("CopyInstanceVolume", request, options)
 
+    def instance_volume_usage(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.VolumeUsageReply]:
+        return self._unary("InstanceVolumeUsage", request, options)
+
+    def resize_instance_volume(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("ResizeInstanceVolume", request, options)
+
     def create_snapshot(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:

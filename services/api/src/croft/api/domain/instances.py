@@ -48,6 +48,13 @@ def validate_name(name: str) -> None:
 
 class InstanceSource(ImageSource):
     properties: dict[str, StrictStr] | None = None
+    # source.type "copy": the instance or snapshot ("c1/snap0") copied, and how.
+    source: StrictStr = ""
+    instance_only: StrictBool = False
+    container_only: StrictBool = False
+    refresh: StrictBool = False
+    live: StrictBool = False
+    allow_inconsistent: StrictBool = False
 
 
 class InstancePut(BaseModel):
@@ -66,6 +73,15 @@ class NamePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: limits.Name = ""
     migration: StrictBool = False
+    # With migration: a move to another storage pool (`lxc move --storage`), project or
+    # cluster member.
+    live: StrictBool = False
+    instance_only: StrictBool = False
+    container_only: StrictBool = False
+    pool: StrictStr = ""
+    project: StrictStr = ""
+    target: StrictStr | None = None
+    allow_inconsistent: StrictBool = False
 
 
 async def expand(

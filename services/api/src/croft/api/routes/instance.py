@@ -12,9 +12,10 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
-from croft.api.context import context
+from croft.api.context import ApiContext, context
 from croft.api.domain import projects
-from croft.api.domain.compute import compute_of, compute_operation, state_of
+from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
+from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool, running_move_refusal
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -159,7 +160,7 @@ async def instance_rename(request: Request, name: str) -> Response:
     ctx = context(request)
     project, record, _, req = await load_with(request, name, NamePost)
     if req.migration:
-        raise InvalidArgument("Migration is not supported yet")
+        return await _migrate(ctx, project, name, record, req)
     # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
     new_name = req.name or name
     if new_name != name:
@@ -175,6 +176,48 @@ async def instance_rename(request: Request, name: str) -> Response:
         "Renaming instance",
         lambda compute, instance: compute.rename_instance(instance, new_name, timeout=600),
     )
+
+
+async def _migrate(
+    ctx: ApiContext, project: str, name: str, record: InstanceRecord, req: NamePost
+) -> Response:
+    """`lxc move c1 [c2] --storage p2` on one member: the root volume (with its snapshots,
+    unless `instance_only`) moves to the pool, then the instance is renamed if asked. As
+    LXD, a running instance fails the operation."""
+    if req.project and req.project != project:
+        raise InvalidArgument("Moving instances between projects is not supported yet")
+    if req.target:
+        raise InvalidArgument("Moving instances between cluster members is not supported yet")
+    if not req.pool:
+        raise InvalidArgument("Migrating instances to another server is not supported yet")
+    new_name = req.name or name
+    if new_name != name:
+        validate_name(new_name)
+        if await ctx.store.get(records.record_key(KIND, project, new_name)):
+            raise Conflict(f'Name "{new_name}" already in use')
+    await require_pool(ctx.store, req.pool)
+    running = record.status != "Stopped"
+    client = await compute_of(record)
+    instance = ref(project, name)
+    instance_only = req.instance_only or req.container_only
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        if running:  # compute checks again
+            raise InvalidArgument(running_move_refusal(req.live))
+        await client.move_instance(
+            instance, req.pool, instance_only=instance_only, timeout=COPY_TIMEOUT
+        )
+        if new_name != name:
+            await client.rename_instance(instance, new_name, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Migrating instance",
+        run=run,
+        resources={"instances": [records.url(KIND, name, project)]},
+        project=project,
+    )
+    return responses.async_operation(operation)
 
 
 @router.delete("/1.0/instances/{name}")

@@ -18,10 +18,16 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
-from croft.api.context import context
+from croft.api.context import ApiContext, context
 from croft.api.domain import projects
-from croft.api.domain.compute import closing, states_of
+from croft.api.domain.compute import closing, ref, states_of
 from croft.api.domain.images import resolve_image
+from croft.api.domain.instance_copy import (
+    COPY_TIMEOUT,
+    copy_record,
+    copy_resources,
+    find_source,
+)
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -100,9 +106,9 @@ async def _check_instance_type(kind: str) -> None:
 
 
 def _check_source(source: InstanceSource) -> None:
-    if source.type in ("copy", "migration"):
+    if source.type == "migration":
         raise InvalidArgument(f'Creating instances by "{source.type}" is not supported yet')
-    if source.type not in ("image", "none"):
+    if source.type not in ("image", "none", "copy"):
         raise InvalidArgument(f"Unknown source type {source.type}")
     if source.type != "image":
         return
@@ -129,6 +135,8 @@ async def instances_post(request: Request) -> Response:
     validate_name(name)
     await _check_instance_type(req.type)
     _check_source(req.source)
+    if req.source.type == "copy":
+        return await _copy(ctx, project, name, req)
     config = {k: v for k, v in (req.config or {}).items() if v != ""}
     devices = req.devices or {}
     profiles = ["default"] if req.profiles is None else list(req.profiles)
@@ -193,6 +201,42 @@ async def instances_post(request: Request) -> Response:
     operation = await ctx.operations.create(
         "Creating instance", run=create, resources=resources(name, project), project=project,
         done_if_created=records.record_key(KIND, project, name),
+    )  # fmt: skip
+    return responses.async_operation(operation)
+
+
+async def _copy(ctx: ApiContext, project: str, name: str, req: InstancesPost) -> Response:
+    """`lxc copy`: a new instance on its source's member, made by that member's compute
+    from the source's volume (`domain/instance_copy.py` merges the request with it)."""
+    source = await find_source(ctx.store, project, req.source.source)
+    exists = await ctx.store.get(records.record_key(KIND, project, name)) is not None
+    if exists and req.source.refresh:
+        raise InvalidArgument("Refreshing an existing instance is not supported yet")
+    if exists:
+        raise Conflict(f'Instance "{name}" already exists')
+    record = await copy_record(
+        ctx.store, project, name, source,
+        config=req.config, devices=req.devices, profiles=req.profiles,
+        description=req.description, ephemeral=req.ephemeral,
+    )  # fmt: skip
+    # The project's limits and restrictions, as for any new instance.
+    await projects.check_instance(ctx.store, project, record, action="create")
+    member = source.record["_croft"]["member"]
+    instance_only = req.source.instance_only or req.source.container_only
+
+    async def copy(op: OperationContext) -> dict[str, Any] | None:
+        client = await services().compute(member)
+        async with closing(op) as rider:
+            await client.copy_instance(
+                record, ref(project, source.name), source_snapshot=source.snapshot,
+                instance_only=instance_only, allow_inconsistent=req.source.allow_inconsistent,
+                rider=rider, timeout=COPY_TIMEOUT,
+            )  # fmt: skip
+        return None
+
+    operation = await ctx.operations.create(
+        "Creating instance", run=copy, resources=copy_resources(name, source, project),
+        project=project, done_if_created=records.record_key(KIND, project, name),
     )  # fmt: skip
     return responses.async_operation(operation)
 

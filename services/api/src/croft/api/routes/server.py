@@ -55,6 +55,12 @@ API_EXTENSIONS: list[str] = [
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
     "instances",
     "container_full",
+    # copy and move on one member (domain/instance_copy.py): lxc copy --instance-only,
+    # --storage, --allow-inconsistent; lxc move --storage
+    "container_only_migration",
+    "container_local_cross_pool_handling",
+    "instance_allow_inconsistent_copy",
+    "instance_pool_move",
     "storage",
     "image_force_refresh",
     "instance_get_full",
