@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from croft.common.models import InstanceMeta, InstanceRecord
+from croft.common.models.instance_wire import instance_from_wire, instance_to_wire
 from croft.common.records import RECORDS, copy_record
+from croft.v1 import compute_pb2
 
 FIXTURE = Path(__file__).parent.parent / "libs/common/tests/fixtures/records.json"
 
@@ -26,6 +28,7 @@ def main() -> None:
     validated = InstanceRecord.model_validate(record)
     meta = InstanceRecord.meta_of(record)
     stored = json.dumps(record)
+    sent = instance_to_wire(validated).SerializeToString()
     cases: list[tuple[str, Callable[[], object]]] = [
         ("InstanceRecord.model_validate", lambda: InstanceRecord.model_validate(record)),
         ("InstanceRecord.meta_of", lambda: InstanceRecord.meta_of(record)),
@@ -35,6 +38,13 @@ def main() -> None:
         ("record.get('_croft', {}).get", lambda: record.get("_croft", {}).get("pool", "")),
         ("copy_record (for scale)", lambda: copy_record(record)),
         ("json.loads (for scale)", lambda: json.loads(stored)),
+        # A record across a compute call, each way (what a JSON string in protobuf was).
+        ("instance_to_wire + serialize", lambda: instance_to_wire(validated).SerializeToString()),
+        (
+            "parse + instance_from_wire",
+            lambda: instance_from_wire(compute_pb2.Instance.FromString(sent)),
+        ),
+        ("json.dumps (for scale)", lambda: json.dumps(record)),
     ]
     number = 20_000
     for name, case in cases:

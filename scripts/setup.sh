@@ -11,6 +11,7 @@ APT_PACKAGES=(
   lxcfs                                         # containers see their own /proc/meminfo, uptime...
   busybox-static debootstrap                    # building images locally
   btrfs-progs                                   # btrfs storage pools on loop files
+  rsync                                         # custom volume copies across storage pools
   dnsmasq-base dnsmasq-utils nftables iproute2 iputils-ping bridge-utils   # managed networks (dhcp_release)
   python3-venv                                  # the virtual environment on /usr/bin/python3
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests

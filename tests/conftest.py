@@ -161,7 +161,8 @@ def _remove_network(croft: Croft, bridge: str) -> None:
         os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
     subprocess.run(["ip", "link", "del", bridge], capture_output=True)
     table = yaml.safe_load(croft.config_file.read_text())["network"]["nft_table"]
-    subprocess.run(["nft", "delete", "table", "inet", table], capture_output=True)
+    for name in (table, f"{table}.{bridge}"):  # each network has its own table
+        subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
 
 
 def _remove_containers(croft: Croft) -> None:

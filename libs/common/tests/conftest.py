@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -46,3 +49,11 @@ async def store(etcd_server: EtcdServer) -> AsyncIterator[EtcdStore]:
 @pytest.fixture
 def key_prefix() -> str:
     return f"/croft-store-test/{uuid.uuid4().hex[:12]}/"
+
+
+@pytest.fixture(scope="session")
+def captured_records() -> list[tuple[str, dict[str, Any]]]:
+    """The records a real croft wrote, by store key (`fixtures/records.json`, captured by
+    `tests/test_record_models.py`)."""
+    captured = json.loads((Path(__file__).parent / "fixtures/records.json").read_text())
+    return [(key, value) for key, value in captured]

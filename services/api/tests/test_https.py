@@ -24,6 +24,8 @@ from typing import Any
 import pylxd
 import pylxd.exceptions
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from croft.api import services, trust_password
 from croft.api.records import SERVER_CONFIG_KEY
@@ -464,3 +466,84 @@ def test_the_server_certificate_is_made_once_as_lxd_makes_it(tmp_path: Path) -> 
 def test_a_bad_https_address_is_refused_at_start(address: str) -> None:
     with pytest.raises(ValueError, match="api.https_address|https_address"):
         Config(api={"https_address": address})
+
+
+def test_a_restricted_certificate_sees_nothing_of_other_projects(croft: Croft) -> None:
+    """A certificate restricted to project `pa` is refused (403, LXD's "not authorized")
+    or shown nothing of `pb` whichever way it asks: by name, by `?project=`, across all
+    projects, through an operation's URL, or through a `used_by` link."""
+    for name, config in (("pa", {}), ("pb", {}), ("ps", {"features.profiles": "false"})):
+        assert (
+            croft.replica.request("POST", "/1.0/projects", {"name": name, "config": config}).status
+            == 201
+        )
+    client = croft.client("tenant")
+    croft.lxc("config", "trust", "add", str(client.cert), "--restricted", "--projects", "pa")
+
+    assert client.request("GET", "/1.0/projects").metadata == ["/1.0/projects/pa"]
+    server = client.request("GET", "/1.0?project=pa").metadata
+    assert server["auth_user_method"] == "tls"
+    assert server["auth_user_name"] == certificate_fingerprint(client.cert.read_text())
+    assert server["config"] == {}
+    assert croft.replica.request("GET", "/1.0").metadata["auth_user_name"] == "root"
+    listed = client.request("GET", "/1.0/projects?recursion=1").metadata
+    assert [p["name"] for p in listed] == ["pa"]
+    assert client.request("GET", "/1.0/projects/pa").status == 200
+    assert client.request("GET", "/1.0/profiles?project=pa").status == 200
+    for method, path in [
+        ("GET", "/1.0/projects/pb"),
+        ("GET", "/1.0/projects/pb/state"),
+        ("GET", "/1.0/instances?project=pb"),
+        ("GET", "/1.0/instances?project=pa&all-projects=true"),
+        ("GET", "/1.0/operations?project=pa&all-projects=true"),
+        ("GET", "/1.0/profiles/default"),
+        ("POST", "/1.0/projects"),
+        ("PUT", "/1.0/projects/pa"),
+        ("DELETE", "/1.0/projects/pb"),
+        ("POST", "/1.0/profiles?project=pb"),
+    ]:
+        refused = client.request(method, path, {"name": "x"})
+        assert (refused.status, refused.error) == (403, "not authorized"), (method, path)
+    assert croft.replica.request("GET", "/1.0/projects/pb").status == 200
+
+    # pb's events, or everyone's, are not its to follow.
+    context = ssl.create_default_context(cafile=str(client.server_cert))
+    context.load_cert_chain(str(client.cert), str(client.key))
+    for query in ("?project=pb", "?project=pa&all-projects=true"):
+        with pytest.raises(InvalidStatus) as refusal:
+            ws_connect(f"wss://127.0.0.1:{croft.port}/1.0/events{query}", ssl=context)
+        assert refusal.value.response.status_code == 403
+    with ws_connect(f"wss://127.0.0.1:{croft.port}/1.0/events?project=pa", ssl=context):
+        pass
+
+    # An operation of pb, asked for through pa's name.
+    async def hold() -> str:
+        operation = await croft.replica.ctx.operations.create("Held", cls="token", project="pb")
+        return str(operation["id"])
+
+    op_id = croft.replica.run(hold())
+    for method, path in [
+        ("GET", f"/1.0/operations/{op_id}?project=pa"),
+        ("GET", f"/1.0/operations/{op_id}/wait?project=pa&timeout=0"),
+        ("DELETE", f"/1.0/operations/{op_id}?project=pa"),
+    ]:
+        refused = client.request(method, path)
+        assert (refused.status, refused.error) == (403, "not authorized"), (method, path)
+    assert croft.replica.request("GET", f"/1.0/operations/{op_id}").metadata["status"] == "Running"
+
+    # default's profiles are used by ps's instances; a client of default does not see them.
+    croft.replica.run(
+        croft.replica.ctx.store.put(
+            "/croft/records/instances/ps/hidden",
+            json.dumps({"name": "hidden", "project": "ps", "profiles": ["default"]}).encode(),
+        )
+    )
+    assert (
+        "/1.0/instances/hidden?project=ps"
+        in croft.replica.request("GET", "/1.0/profiles/default").metadata["used_by"]
+    )
+    other = croft.client("neighbour")
+    croft.lxc("config", "trust", "add", str(other.cert), "--restricted", "--projects", "default")
+    shown = other.request("GET", "/1.0/profiles/default")
+    assert shown.status == 200 and shown.metadata["used_by"] == []
+    assert other.request("GET", "/1.0/profiles?recursion=1").metadata[0]["used_by"] == []

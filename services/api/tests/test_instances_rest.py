@@ -198,9 +198,10 @@ def test_bad_profiles_and_devices_are_refused(
             {"source": {"type": "image"}},
             "Must specify one of alias, fingerprint or properties for init from image",
         ),
+        ({"source": {"type": "copy"}}, "Must specify a source instance"),
         (
-            {"source": {"type": "copy", "source": "c0"}},
-            'Creating instances by "copy" is not supported yet',
+            {"source": {"type": "migration"}},
+            'Creating instances by "migration" is not supported yet',
         ),
     ],
 )
@@ -211,6 +212,18 @@ def test_bad_type_or_source_is_refused(
     if body["source"] is None:
         del body["source"]
     refused(replica, "POST", "/1.0/instances", body, 400, message)
+
+
+def test_a_copy_of_what_does_not_exist_is_404(replica: Replica) -> None:
+    body = {"name": "c1", "source": {"type": "copy", "source": "c0"}}
+    refused(replica, "POST", "/1.0/instances", body, 404,
+            'Failed to fetch instance "c0" in project "default": Instance not found')  # fmt: skip
+    seed_instance(replica, "c0")
+    body = {"name": "c1", "source": {"type": "copy", "source": "c0/snap9"}}
+    refused(replica, "POST", "/1.0/instances", body, 404,
+            'Failed to fetch snapshot "snap9" of instance "c0" in project "default": '
+            "InstanceSnapshot not found")  # fmt: skip
+    assert not [k for k in stored(replica) if "/instances/c1" in k]
 
 
 def test_duplicate_name_is_409_at_once(replica: Replica) -> None:

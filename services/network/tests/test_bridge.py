@@ -11,17 +11,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from pathlib import Path
 
 import pytest
 
-from croft.common.errors import Conflict, InvalidArgument
+from croft.common.errors import InvalidArgument
 from croft.network.drivers import (
     DriverSettings,
     generate_hwaddr,
 )
-from croft.network.drivers import _bridge_nft as nft
+from croft.network.drivers import _bridge_table as firewall
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers.bridge import BridgeDriver
 from croft.network.testing import Guest, Guests, dnsmasq_pids, link_exists, sh
@@ -35,8 +35,8 @@ def settings() -> Iterator[DriverSettings]:
     driver = BridgeDriver(s)
     for child in root.iterdir() if root.exists() else []:
         asyncio.run(driver.delete(child.name))
-    if nft.table_exists(s.nft_table):
-        sh("nft", "delete", "table", "inet", s.nft_table, check=False)
+    for table in firewall.tables(s.nft_table):
+        sh("nft", "delete", "table", "inet", table, check=False)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -118,7 +118,7 @@ async def test_create_auto_picks_a_subnet_that_overlaps_nothing(
 async def test_create_rejects_a_subnet_in_use(driver: BridgeDriver, net_name: str) -> None:
     first = await driver.create(net_name, {"ipv6.address": "none"})
     taken = IPv4Interface(first["ipv4.address"]).network
-    with pytest.raises(Conflict, match="overlaps"):
+    with pytest.raises(InvalidArgument, match="overlaps"):
         await driver.create(net_name + "b", {"ipv4.address": f"{taken.network_address + 9}/25"})
     assert not driver.state_dir(net_name + "b").exists()
 
@@ -146,11 +146,11 @@ async def test_bad_config_is_rejected_and_nothing_is_created(
         await driver.create(net_name, config)
     assert not driver.state_dir(net_name).exists()
     assert not link_exists(net_name)
-    assert not nft.table_exists(settings.nft_table)
+    assert not firewall.tables(settings.nft_table)
 
 
 async def test_bad_name_is_rejected(driver: BridgeDriver) -> None:
-    with pytest.raises(InvalidArgument, match="network name"):
+    with pytest.raises(InvalidArgument, match=r"Network interface is too long \(maximum 15"):
         await driver.create("crtn-much-too-long-for-linux", {})
 
 
@@ -179,7 +179,9 @@ async def test_start_brings_up_bridge_dnsmasq_and_nat(
     }
 
     assert len(dnsmasq_pids(net_name)) == 1
-    ruleset = sh("nft", "list", "table", "inet", settings.nft_table).stdout
+    ruleset = sh(
+        "nft", "list", "table", "inet", firewall.table_name(settings.nft_table, net_name)
+    ).stdout
     assert re.search(rf"ip saddr {subnet} .*oifname != \"{net_name}\" .*masquerade", ruleset)
     assert Path("/proc/sys/net/ipv4/ip_forward").read_text().strip() == "1"
 
@@ -231,7 +233,7 @@ async def test_failed_start_leaves_nothing_running(
         await driver.start(net_name, config)
     assert not link_exists(net_name)
     assert not dnsmasq_pids(net_name)
-    assert not nft.table_exists(settings.nft_table)
+    assert not firewall.tables(settings.nft_table)
 
 
 async def test_failed_converge_of_a_running_bridge_keeps_it_up(
@@ -254,7 +256,7 @@ async def test_stop_then_delete_leave_nothing_behind(
     await driver.stop(net_name)
     assert not link_exists(net_name)
     assert not dnsmasq_pids(net_name)
-    assert not nft.table_exists(settings.nft_table)
+    assert not firewall.tables(settings.nft_table)
     assert not await driver.is_running(net_name)
     assert driver.state_dir(net_name).exists()  # leases and host entries survive a stop
     await driver.stop(net_name)  # stopping a stopped network is harmless
@@ -270,8 +272,9 @@ async def test_deleting_one_network_keeps_the_others_rules(
     await started(driver, net_name)
     other = await started(driver, net_name + "b")
     await driver.delete(net_name)
-    chains = nft.list_chains(settings.nft_table)
-    assert f"pstrt.{net_name}b" in chains and f"pstrt.{net_name}" not in chains
+    assert not firewall.list_chains(settings.nft_table, net_name)
+    chains = firewall.list_chains(settings.nft_table, net_name + "b")
+    assert f"pstrt.{net_name}b" in chains
     assert (
         IPv4Interface(other["ipv4.address"]).network.with_prefixlen
         in (chains[f"pstrt.{net_name}b"])
@@ -326,9 +329,9 @@ async def test_static_address_is_handed_out_and_resolves_before_any_lease(
     assert guest.dhcp() == pinned
     assert [le.type for le in await driver.leases(net_name) if le.hostname == "c2"] == ["static"]
 
-    with pytest.raises(Conflict, match="already assigned"):
+    with pytest.raises(InvalidArgument, match="already defined on another NIC"):
         await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4=pinned)
-    with pytest.raises(InvalidArgument, match="not usable"):
+    with pytest.raises(InvalidArgument, match="not within network"):
         await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4="192.168.255.7")
 
 
@@ -372,6 +375,49 @@ async def test_masquerade_reaches_an_uplink_that_has_no_route_back(
 
     ping = guest.run("busybox", "ping", "-c", "2", "-W", "2", str(far_ip), check=False)
     assert ping.returncode == 0, ping.stdout + ping.stderr
-    chain = nft.list_chains(settings.nft_table)[f"pstrt.{net_name}"]
+    chain = firewall.list_chains(settings.nft_table, net_name)[f"pstrt.{net_name}"]
     packets = re.search(r"counter packets (\d+)", chain)
     assert packets and int(packets.group(1)) > 0
+
+
+async def test_ipv6_routes_stateful_dhcpv6_and_pinned_ipv6_addresses(
+    driver: BridgeDriver, net_name: str
+) -> None:
+    config = await driver.create(
+        net_name,
+        {
+            "ipv4.address": "auto",
+            "ipv6.address": "auto",
+            "ipv6.dhcp.stateful": "true",
+            "ipv6.routes": "fd99:1:2:3::/64",
+        },
+    )
+    await driver.start(net_name, config)
+    net6 = IPv6Interface(config["ipv6.address"]).network
+    routes = sh("ip", "-6", "route", "show", "fd99:1:2:3::/64").stdout
+    assert f"dev {net_name} proto static" in routes
+    (pid,) = dnsmasq_pids(net_name)
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    assert f"--dhcp-range={net6.network_address + 2},{net6.broadcast_address - 1},64,1h" in argv
+
+    pinned = str(net6.network_address + 0x77)
+    first = generate_hwaddr()
+    await driver.add_instance(net_name, "c1", first, ipv6=pinned)
+    hosts = driver.state_dir(net_name) / "dnsmasq.hosts.d" / first.replace(":", "-")
+    assert hosts.read_text().strip() == f"{first},[{pinned}],c1"
+    assert {(le.hostname, le.address, le.type) for le in await driver.leases(net_name)} >= {
+        ("c1", pinned, "static")
+    }
+    with pytest.raises(InvalidArgument, match="already defined on another NIC"):
+        await driver.add_instance(net_name, "c2", generate_hwaddr(), ipv6=pinned)
+    with pytest.raises(InvalidArgument, match="not within network"):
+        await driver.add_instance(net_name, "c2", generate_hwaddr(), ipv6="fd00:9::9")
+
+    # Stateless (the default): a pinned IPv6 address has no DHCPv6 server to give it.
+    stateless = {k: v for k, v in config.items() if k != "ipv6.dhcp.stateful"}
+    await driver.update(net_name, stateless)
+    assert sh("ip", "-6", "route", "show", "fd99:1:2:3::/64").stdout.strip()
+    with pytest.raises(InvalidArgument, match='"ipv6.dhcp.stateful" are disabled'):
+        await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv6=pinned)
+    await driver.update(net_name, {k: v for k, v in stateless.items() if k != "ipv6.routes"})
+    assert not sh("ip", "-6", "route", "show", "fd99:1:2:3::/64").stdout.strip()

@@ -35,14 +35,42 @@ class Case:
 
     config: dict[str, str]
     failing_start: dict[str, str] = field(default_factory=dict)
+    # Keys a running network takes live (`update`), and whether the driver renames.
+    live_change: dict[str, str] = field(default_factory=dict)
+    renames: bool = False
 
+
+# The host interface the macvlan and physical cases hang off: one end of a veth pair of
+# this module's (this kernel has no dummy interfaces).
+PARENT = f"crtd{secrets.token_hex(3)}a"
 
 CASES: dict[str, Case] = {
     "bridge": Case(
         config={"ipv6.address": "none"},
         failing_start={"raw.dnsmasq": "no-such-option"},
+        live_change={"bridge.mtu": "1400", "dns.domain": "example"},
+        renames=True,
+    ),
+    "macvlan": Case(
+        config={"parent": PARENT},
+        failing_start={"parent": "crtnosuchparent"},
+        live_change={"mtu": "1400"},
+        renames=True,
+    ),
+    "physical": Case(
+        config={"parent": PARENT},
+        failing_start={"parent": "crtnosuchparent"},
+        live_change={"mtu": "1400"},
+        renames=True,
     ),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def parent_interface() -> Iterator[str]:
+    sh("ip", "link", "add", PARENT, "type", "veth", "peer", "name", PARENT[:-1] + "b")
+    yield PARENT
+    sh("ip", "link", "del", PARENT, check=False)
 
 
 def test_every_registered_driver_has_a_case_here() -> None:
@@ -73,7 +101,10 @@ async def driver(kind: str, settings: DriverSettings) -> AsyncIterator[NetworkDr
     yield driver
     for child in settings.state_root.iterdir() if settings.state_root.exists() else []:
         await driver.delete(child.name)
-    sh("nft", "delete", "table", "inet", settings.nft_table, check=False)
+    listed = sh("nft", "list", "tables", "inet", check=False).stdout.split()
+    for table in listed:
+        if table == settings.nft_table or table.startswith(settings.nft_table + "."):
+            sh("nft", "delete", "table", "inet", table, check=False)
 
 
 @pytest.fixture
@@ -130,7 +161,7 @@ async def test_start_is_idempotent_and_state_reports_it(
     assert isinstance(state, NetworkState)
     assert state.state == "up"
     if driver.capabilities.host_interface:
-        parent = driver.nic_parent(net_name)
+        parent = driver.nic_parent(net_name, config)
         assert link_exists(parent)
         if "ipv4.address" in config:
             gateway = str(IPv4Interface(config["ipv4.address"]).ip)
@@ -153,17 +184,17 @@ async def test_a_failed_start_leaves_the_network_stopped(
         await driver.start(net_name, config)
     assert not await driver.is_running(net_name)
     if driver.capabilities.host_interface:
-        assert not link_exists(driver.nic_parent(net_name))
+        assert not link_exists(driver.nic_parent(net_name, config))
 
 
 async def test_stop_keeps_state_and_delete_removes_it_both_twice(
     driver: NetworkDriver, net_name: str
 ) -> None:
-    await started(driver, net_name)
+    config = await started(driver, net_name)
     await driver.stop(net_name)
     assert not await driver.is_running(net_name)
     if driver.capabilities.host_interface:
-        assert not link_exists(driver.nic_parent(net_name))
+        assert not link_exists(driver.nic_parent(net_name, config))
     assert driver.state_dir(net_name).exists()  # leases and host entries survive a stop
     await driver.stop(net_name)  # stopping a stopped network does nothing
     await driver.delete(net_name)
@@ -191,7 +222,7 @@ async def test_instance_nics_register_and_go(driver: NetworkDriver, net_name: st
         pinned = str(net.network_address + 77)
         other = generate_hwaddr()
         assert await driver.add_instance(net_name, "c2", other, ipv4=pinned) == pinned
-        with pytest.raises(Conflict):
+        with pytest.raises(InvalidArgument, match="already defined on another NIC"):
             await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4=pinned)
         with pytest.raises(InvalidArgument):
             await driver.add_instance(net_name, "c3", generate_hwaddr(), ipv4="192.0.2.300")
@@ -227,3 +258,38 @@ async def test_calls_run_their_host_work_off_the_event_loop(
     finally:
         task.cancel()
     assert ticks > 1
+
+
+async def test_update_applies_to_the_running_network_and_bad_config_changes_nothing(
+    driver: NetworkDriver, net_name: str
+) -> None:
+    config = await started(driver, net_name)
+    changed = {**config, **CASES[driver.name].live_change}
+    assert await driver.update(net_name, changed) == changed
+    assert await driver.is_running(net_name)
+    assert await driver.local_config(net_name) in (None, changed)
+    if "bridge.mtu" in changed and driver.capabilities.host_interface:
+        assert (await driver.state(net_name)).mtu == int(changed["bridge.mtu"])
+    with pytest.raises(InvalidArgument):
+        await driver.update(net_name, {**changed, "no.such.key": "x"})
+    assert await driver.local_config(net_name) in (None, changed)
+
+
+async def test_rename_moves_the_network_or_is_refused(driver: NetworkDriver, net_name: str) -> None:
+    config = await started(driver, net_name)
+    new = f"crtc{secrets.token_hex(3)}"
+    try:
+        if not CASES[driver.name].renames:
+            with pytest.raises(InvalidArgument):
+                await driver.rename(net_name, new, config)
+            assert await driver.is_running(net_name)
+            return
+        await driver.rename(net_name, new, config)
+        assert await driver.is_running(new) and not await driver.is_running(net_name)
+        assert await driver.local_config(net_name) is None
+        assert await driver.local_config(new) in (None, config)
+        if driver.capabilities.host_interface:
+            assert link_exists(new) and not link_exists(net_name)
+    finally:
+        await driver.delete(new)
+        sh("ip", "link", "del", new, check=False)

@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from croft.common import discovery
-from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.records import (
     network_member_key,
     network_member_prefix,
@@ -37,11 +37,11 @@ from croft.common.records import (
     public,
 )
 from croft.common.rpc import ServiceClient
-from croft.common.store import Delete, Store, Update, dump
+from croft.common.store import Delete, EventType, Put, Store, Update, dump
 from croft.common.testing.etcd import EtcdServer, etcd_store
 from croft.network.core import network_key
 from croft.network.drivers import DriverSettings, generate_hwaddr
-from croft.network.drivers import _bridge_nft as nft
+from croft.network.drivers import _bridge_table as firewall
 from croft.network.drivers.bridge import BridgeDriver
 from croft.network.testing import Guest, Guests, dnsmasq_pids, link_exists, sh
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
@@ -152,8 +152,8 @@ def service(etcd: EtcdServer) -> Iterator[NetworkService]:
     asyncio.run(
         BridgeDriver(DriverSettings(root / "state" / "networks", svc.nft_table)).delete(svc.bridge)
     )
-    if nft.table_exists(svc.nft_table):
-        sh("nft", "delete", "table", "inet", svc.nft_table, check=False)
+    for table in firewall.tables(svc.nft_table):
+        sh("nft", "delete", "table", "inet", table, check=False)
     sh("ip", "link", "del", svc.bridge, check=False)
     shutil.rmtree(root, ignore_errors=True)
 
@@ -261,7 +261,7 @@ async def test_the_default_bridge_is_recorded_with_a_free_subnet_and_is_up(
     inet = [(a["local"], a["prefixlen"]) for a in link["addr_info"] if a["family"] == "inet"]
     assert inet == [(str(subnet.ip), subnet.network.prefixlen)]
     assert len(dnsmasq_pids(bridge)) == 1
-    assert f"pstrt.{bridge}" in nft.list_chains(running.nft_table)
+    assert f"pstrt.{bridge}" in firewall.list_chains(running.nft_table, bridge)
 
     reply = await client.call("NetworkState", network_pb2.NetworkRef(name=bridge))
     state = json.loads(reply.json)
@@ -409,7 +409,7 @@ async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
 
     with pytest.raises(InvalidArgument, match="MAC"):
         await client.call("AttachInstance", nic(bridge, "c2", "nonsense"), idempotent=False)
-    with pytest.raises(InvalidArgument, match="not usable"):
+    with pytest.raises(InvalidArgument, match="not within network"):
         await client.call(
             "AttachInstance",
             nic(bridge, "c2", generate_hwaddr(), ipv4="192.168.255.7"),
@@ -433,7 +433,7 @@ async def test_a_pinned_address_is_reserved_and_bad_requests_change_nothing(
         "type": "static",
         "location": "",
     } in (await leases(client, bridge))
-    with pytest.raises(Conflict, match="already assigned"):
+    with pytest.raises(InvalidArgument, match="already defined on another NIC"):
         await client.call(
             "AttachInstance", nic(bridge, "c3", second, ipv4=pinned), idempotent=False
         )
@@ -509,13 +509,114 @@ async def test_create_update_and_delete_a_network(
         await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
         assert await store.get(network_key(name)) is None
         assert not link_exists(name) and not dnsmasq_pids(name)
-        assert not [c for c in nft.list_chains(running.nft_table) if c.endswith(f".{name}")]
+        assert not firewall.list_chains(running.nft_table, name)
         with pytest.raises(NotFound):
             await client.call("DeleteNetwork", network_pb2.NetworkRef(name=name))
     finally:
         # pyroute2's IPRoute runs its own event loop: never call the driver on this one.
         await driver.delete(name)
         await driver.delete(bad_name)
+
+
+async def member_history(store: Store, name: str, since: int) -> list[str]:
+    """The states this member's key of a network went through after `since`, in order,
+    "deleted" for a removal (read back from the store's history)."""
+    states: list[str] = []
+
+    async def collect() -> None:
+        async for event in store.watch(network_member_key(name, MEMBER), start_revision=since):
+            if event.type is EventType.DELETE:
+                states.append("deleted")
+            else:
+                states.append(json.loads(event.value)["state"])
+            if states[-1] in ("created", "deleted"):
+                return
+
+    await asyncio.wait_for(collect(), 30)
+    return states
+
+
+async def test_a_create_goes_pending_then_created_and_a_failed_one_leaves_nothing(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    name, failed = f"crtn{secrets.token_hex(3)}", f"crtn{secrets.token_hex(3)}"
+    driver = BridgeDriver(DriverSettings(running.root / "state" / "networks", running.nft_table))
+    try:
+        since = await store.revision()
+        body = {"name": name, "config": {"ipv4.address": "auto", "ipv6.address": "none"}}
+        await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(body)))
+        assert await member_history(store, name, since) == ["pending", "created"]
+        assert (await record_of(store, name))["status"] == "Created"
+
+        # dnsmasq refuses the option once bridge, firewall and record exist: all of it goes.
+        since = await store.revision()
+        bad = {"name": failed, "config": {"ipv6.address": "none", "raw.dnsmasq": "no-such"}}
+        with pytest.raises(CroftError, match="dnsmasq"):
+            await client.call("CreateNetwork", common_pb2.Json(json=json.dumps(bad)))
+        assert await member_history(store, failed, since) == ["pending", "deleted"]
+        assert await store.get(network_key(failed)) is None
+        assert not link_exists(failed) and not dnsmasq_pids(failed)
+        assert not firewall.exists(running.nft_table, failed)
+        assert not driver.state_dir(failed).exists()
+
+        # A rename moves the bridge, its dnsmasq, its table and its records.
+        renamed = f"crtn{secrets.token_hex(3)}"
+        reply = await client.call(
+            "RenameNetwork", network_pb2.NetworkRename(name=name, new_name=renamed)
+        )
+        assert json.loads(reply.json)["name"] == renamed
+        assert await store.get(network_key(name)) is None
+        assert await store.get(network_member_key(name, MEMBER)) is None
+        assert (await record_of(store, renamed))["config"]["ipv4.address"]
+        assert not link_exists(name) and link_exists(renamed) and len(dnsmasq_pids(renamed)) == 1
+        assert firewall.exists(running.nft_table, renamed)
+        assert not firewall.exists(running.nft_table, name)
+        name = renamed
+        with pytest.raises(Conflict, match="already exists"):
+            await client.call(
+                "RenameNetwork", network_pb2.NetworkRename(name=name, new_name=running.bridge)
+            )
+    finally:
+        await driver.delete(name)
+        await driver.delete(failed)
+        for key in (name, failed):
+            await store.transaction(
+                [Delete(network_key(key)), Delete(network_member_key(key, MEMBER))]
+            )
+
+
+async def test_a_create_killed_half_way_is_undone_when_the_service_starts_again(
+    running: NetworkService, store: Store, client: ServiceClient[Any]
+) -> None:
+    # What a service killed between its driver's create/start and the created state
+    # leaves: the pending record and member key, and the bridge running.
+    name = f"crtn{secrets.token_hex(3)}"
+    driver = BridgeDriver(DriverSettings(running.root / "state" / "networks", running.nft_table))
+    config = await driver.create(name, {"ipv4.address": "auto", "ipv6.address": "none"})
+    try:
+        await driver.start(name, config)
+        pending = {"name": name, "type": "bridge", "config": config, "status": "Pending"}
+        member = {"state": "pending", "config": {}, "error": ""}
+        await store.transaction(
+            [
+                Put(network_key(name), dump(pending)),
+                Put(network_member_key(name, MEMBER), dump(member)),
+            ]
+        )
+        running.kill()
+        running.start()
+        await running.wait_registered(store)
+        assert await store.get(network_key(name)) is None
+        assert await store.get(network_member_key(name, MEMBER)) is None
+        assert not link_exists(name) and not dnsmasq_pids(name)
+        assert not firewall.exists(running.nft_table, name)
+        assert not driver.state_dir(name).exists()
+        assert link_exists(running.bridge)  # the others are untouched
+    finally:
+        await driver.delete(name)
+        await store.transaction(
+            [Delete(network_key(name)), Delete(network_member_key(name, MEMBER))]
+        )
 
 
 async def test_a_killed_service_comes_back_without_touching_the_network(
@@ -740,6 +841,7 @@ async def test_two_members_each_set_up_the_one_default_network(other_host: str) 
                     os.kill(int(pid_file.read_text().strip()), signal.SIGTERM)
             listener.close()
             sh("ip", "link", "del", bridge, check=False)
-            sh("nft", "delete", "table", "inet", f"croft_test_{tag}", check=False)
+            for table in firewall.tables(f"croft_test_{tag}"):
+                sh("nft", "delete", "table", "inet", table, check=False)
             for root in roots:
                 shutil.rmtree(root, ignore_errors=True)

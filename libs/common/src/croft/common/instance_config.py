@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from croft.common.errors import InvalidArgument
+from croft.common.schedule import CronSchedule, parse_expiry
 
 # -- parsers: each returns the typed value or raises ValueError with LXD's message ---------
 
@@ -91,6 +92,26 @@ def one_of(*choices: str) -> Callable[[str], str]:
 
 
 def any_string(value: str) -> str:
+    return value
+
+
+def parse_snapshot_schedule(value: str) -> str:
+    """A cron expression or LXD's aliases (`croft.common.schedule`), in LXD's words."""
+    if value:
+        try:
+            CronSchedule.parse(value)
+        except ValueError:
+            raise ValueError(
+                "Schedule must be of the form: <minute> <hour> <day-of-month> <month> <day-of-week>"
+            ) from None
+    return value
+
+
+def parse_snapshot_expiry(value: str) -> str:
+    try:
+        parse_expiry(value)
+    except ValueError:
+        raise ValueError("Invalid expiry expression") from None
     return value
 
 
@@ -336,9 +357,9 @@ KEYS: Mapping[str, Key] = {
     "security.syscalls.intercept.mount.fuse": _STRING,
     "security.syscalls.intercept.mount.shift": _bool(),
     "security.syscalls.intercept.setxattr": _bool(),
-    "snapshots.expiry": _STRING,
+    "snapshots.expiry": Key("string", parse_snapshot_expiry),
     "snapshots.pattern": Key("string", any_string, default="snap%d"),
-    "snapshots.schedule": _STRING,
+    "snapshots.schedule": Key("string", parse_snapshot_schedule),
     "snapshots.schedule.stopped": _bool(),
 }
 

@@ -293,7 +293,7 @@ class Server:
 
 StubT = TypeVar("StubT")
 _RequestT = TypeVar("_RequestT")
-_ReplyT = TypeVar("_ReplyT")
+_CallT = TypeVar("_CallT")
 
 # How long an instance that answered UNAVAILABLE is skipped while others are live.
 _QUARANTINE = 5.0
@@ -306,27 +306,17 @@ _RESTART_WAIT = 30.0
 class _TraceClientInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
 ):
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[
-            [grpc.aio.ClientCallDetails, _RequestT],
-            Awaitable[grpc.aio.UnaryUnaryCall[_RequestT, _ReplyT]],
-        ],
-        details: grpc.aio.ClientCallDetails,
-        request: _RequestT,
-    ) -> grpc.aio.UnaryUnaryCall[_RequestT, _ReplyT]:
-        return await continuation(_with_trace(details), request)
+    """Send the caller's trace context with every call, unary or server-streaming."""
 
-    async def intercept_unary_stream(
+    async def _intercept(
         self,
-        continuation: Callable[
-            [grpc.aio.ClientCallDetails, _RequestT],
-            Awaitable[grpc.aio.UnaryStreamCall[_RequestT, _ReplyT]],
-        ],
-        details: grpc.aio.ClientCallDetails,
+        continuation: Callable[[grpc.aio.ClientCallDetails, _RequestT], Awaitable[_CallT]],
+        client_call_details: grpc.aio.ClientCallDetails,
         request: _RequestT,
-    ) -> grpc.aio.UnaryStreamCall[_RequestT, _ReplyT]:
-        return await continuation(_with_trace(details), request)
+    ) -> _CallT:
+        return await continuation(_with_trace(client_call_details), request)
+
+    intercept_unary_unary = intercept_unary_stream = _intercept
 
 
 def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:

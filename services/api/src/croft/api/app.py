@@ -36,11 +36,13 @@ from croft.api.routes import (
     instance_snapshots,
     instance_state,
     instances,
+    network_changes,
     networks,
     profiles,
     projects,
     server,
     storage_pools,
+    storage_volumes,
     streams,
 )
 from croft.api.routes import operations as operation_routes
@@ -187,7 +189,9 @@ def route_modules() -> tuple[Any, ...]:
         profiles,
         images,
         storage_pools,
+        storage_volumes,
         networks,
+        network_changes,
         image_export,
         certificates,
         streams,

@@ -152,11 +152,76 @@ def untrusted_may(method: str, path: str) -> bool:
 
 
 def restricted_may(who: Identity, method: str, path: str, query: str) -> bool:
-    """LXD's restricted certificates: their projects only, nothing server-wide changed."""
+    """LXD's restricted certificates: their projects only, nothing server-wide changed,
+    and no view across every project (`all-projects`)."""
+    params = parse_qs(query)
+    if (params.get("all-projects") or [""])[0].lower() == "true":
+        return False
     if _SERVER_WIDE.match(path):
         return method in ("GET", "HEAD")
-    project = (parse_qs(query).get("project") or ["default"])[0]
+    project = (params.get("project") or ["default"])[0]
     return project in who.projects
+
+
+def _visible(who: Identity, url: Any) -> bool:
+    if not isinstance(url, str):
+        return True
+    project = (parse_qs(url.partition("?")[2]).get("project") or ["default"])[0]
+    return project in who.projects
+
+
+def _filter_used_by(who: Identity, metadata: Any) -> Any:
+    """LXD's FilterUsedBy over a response's objects: no `used_by` entry of a project the
+    restricted client may not see."""
+    if isinstance(metadata, list):
+        return [_filter_used_by(who, item) for item in metadata]
+    if isinstance(metadata, dict) and isinstance(metadata.get("used_by"), list):
+        return {**metadata, "used_by": [u for u in metadata["used_by"] if _visible(who, u)]}
+    return metadata
+
+
+def _used_by_filter(who: Identity, send: Any) -> Any:
+    """`send`, holding back a JSON response to a restricted client until it is whole, to
+    take out of it what the client may not see, whichever handler made it (profiles,
+    networks, pools, volumes... all name instances of every project)."""
+    start: dict[str, Any] = {}
+    body = bytearray()
+
+    async def filtering(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            content_type = dict(message.get("headers") or []).get(b"content-type", b"")
+            if b"json" not in content_type:
+                start["pass"] = True
+                await send(message)
+                return
+            start.update(message)
+            return
+        if start.get("pass") or message["type"] != "http.response.body":
+            await send(message)
+            return
+        body.extend(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        payload = bytes(body)
+        try:
+            document = json.loads(payload)
+            if isinstance(document, dict) and "metadata" in document:
+                document["metadata"] = _filter_used_by(who, document["metadata"])
+                payload = responses.render(document)
+        except ValueError:
+            pass
+        await send(
+            {
+                **start,
+                "headers": [
+                    (k, str(len(payload)).encode() if k.lower() == b"content-length" else v)
+                    for k, v in start.get("headers") or []
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": payload})
+
+    return filtering
 
 
 # ---------------------------------------------------------------------------- the middleware
@@ -204,6 +269,8 @@ class AccessMiddleware:
             except CroftError as exc:
                 await _refuse(scope, receive, send, exc)
                 return
+        if who.restricted and scope["type"] == "http" and method == "GET":
+            send = _used_by_filter(who, send)
         await self.app(scope, receive, send)
 
 

@@ -161,7 +161,11 @@ _NIC_OPTIONS: Mapping[str, Validator] = {
 _UNIX_OPTIONS: Mapping[str, Validator] = {"path": _absolute_path, "source": _absolute_path}
 _DEVICE_OPTIONS: Mapping[str, Mapping[str, Validator]] = {
     "nic": _NIC_OPTIONS,
-    "disk": {"path": _absolute_path, "readonly": parse_bool},
+    "disk": {
+        "path": _absolute_path,
+        "readonly": parse_bool,
+        "size": instance_config.parse_byte_size,
+    },
     "unix-char": _UNIX_OPTIONS,
     "unix-block": _UNIX_OPTIONS,
 }

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 from starlette.requests import HTTPConnection
+from typing_extensions import Unpack
 
 from croft.api.events import EventHub
 from croft.api.identity import identity
@@ -20,7 +21,7 @@ from croft.api.operations import OperationManager
 from croft.api.records import DEFAULT_PROJECT
 from croft.common.errors import CroftError
 from croft.common.events import EventPublisher, lifecycle_metadata
-from croft.common.store import Operation, Store
+from croft.common.store import Put, Store
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,17 @@ class ApiSettings:
     certificate: str = ""  # the server certificate, PEM (croft.api.tls)
 
 
+class LifecycleEvent(TypedDict, total=False):
+    """What a lifecycle event says besides its action and source."""
+
+    #: The project of the source (default: the default project).
+    project: str
+    #: LXD's event `context` (what changed, say).
+    context: dict[str, Any] | None
+    #: The request that made the change: the event names its requestor.
+    request: HTTPConnection | None
+
+
 @dataclass
 class ApiContext:
     """The shared parts of one api replica."""
@@ -50,26 +62,14 @@ class ApiContext:
     hub: EventHub
     publisher: EventPublisher
 
-    async def lifecycle(
-        self,
-        action: str,
-        source: str,
-        *,
-        project: str = DEFAULT_PROJECT,
-        context: dict[str, Any] | None = None,
-        request: HTTPConnection | None = None,
-    ) -> None:
+    async def lifecycle(self, action: str, source: str, **event: Unpack[LifecycleEvent]) -> None:
         """Publish a lifecycle event (`profile-created`, ...). A change already made is not
         undone because its event could not be written: that is logged instead."""
-        metadata = lifecycle_metadata(
-            action, source, context, requestor(request) if request is not None else None
-        )
-        try:
-            await self.publisher.publish(
-                "lifecycle", metadata, project=project, location=self.settings.location
-            )
-        except CroftError as exc:
-            log.warning("could not publish %s for %s: %s", action, source, exc)
+        for write in await self.lifecycle_write(action, source, **event):
+            try:
+                await self.publisher.store.put(write.key, write.value, lease=write.lease)
+            except CroftError as exc:
+                log.warning("could not publish %s for %s: %s", action, source, exc)
 
     async def lifecycle_write(
         self,
@@ -78,16 +78,17 @@ class ApiContext:
         *,
         project: str = DEFAULT_PROJECT,
         context: dict[str, Any] | None = None,
-    ) -> list[Operation]:
+        request: HTTPConnection | None = None,
+    ) -> list[Put]:
         """The write of a lifecycle event, to go in the transaction of the change it
         reports (an operation's `final_writes`); none when the event log cannot take it."""
+        metadata = lifecycle_metadata(
+            action, source, context, requestor(request) if request is not None else None
+        )
         try:
             return [
                 await self.publisher.event(
-                    "lifecycle",
-                    lifecycle_metadata(action, source, context),
-                    project=project,
-                    location=self.settings.location,
+                    "lifecycle", metadata, project=project, location=self.settings.location
                 )
             ]
         except CroftError as exc:

@@ -40,3 +40,10 @@ def identity(connection: HTTPConnection) -> Identity:
     """The caller of this request (the unix socket's root when no check ran)."""
     found = connection.scope.get(SCOPE_KEY)
     return found if isinstance(found, Identity) else ROOT
+
+
+def may_use_project(connection: HTTPConnection, project: str) -> bool:
+    """Whether the caller may see and change what project `project` holds: everyone but
+    a restricted certificate, which keeps to its own projects."""
+    who = identity(connection)
+    return not who.restricted or project in who.projects

@@ -45,6 +45,7 @@ from croft.common.errors import (
 )
 from croft.common.events import EventPublisher, rfc3339_nano
 from croft.common.events import publisher as default_publisher
+from croft.common.models import InstanceRecord
 from croft.common.store import (
     Compacted,
     Create,
@@ -748,8 +749,8 @@ class OperationManager:
         made = await self.store.get(key)
         if made is None or made.create_revision <= created_at_revision:
             return False  # never made, undone, or there before this operation
-        croft = made.json().get("_croft") or {}
-        return bool(croft.get("state") != "creating")
+        # Only instance creates name a record to look for (`done_if_created`).
+        return not InstanceRecord.meta_of(made.json()).creating
 
     async def _reap_loop(self) -> None:
         interval = self.reap_interval or max(self.lease_ttl / 2, 0.5)

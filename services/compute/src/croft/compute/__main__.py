@@ -10,6 +10,7 @@ from croft.common.service import main as run_service
 from croft.compute.core import ComputeCore
 from croft.compute.drivers import load_available
 from croft.compute.host import favor_cgroup_migrations
+from croft.compute.schedules import follow_snapshot_schedules
 from croft.compute.servicer import ComputeServicer
 from croft.v1 import compute_pb2_grpc
 
@@ -46,7 +47,10 @@ async def setup(context: ServiceContext) -> None:
         asyncio.create_task(driver.host_services(), name=f"compute-{driver.name}-host")
         for driver in drivers.values()
     ]
-    tasks.append(asyncio.create_task(start_background(), name="compute-reconcile"))
+    tasks += [
+        asyncio.create_task(start_background(), name="compute-reconcile"),
+        asyncio.create_task(follow_snapshot_schedules(core), name="compute-snapshot-schedules"),
+    ]
 
     async def stop() -> None:
         for task in tasks:

@@ -22,6 +22,7 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from croft.common import events
@@ -31,7 +32,13 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.instance_config import InstanceConfig
 from croft.common.locks import KeyedLock
-from croft.common.models import InstanceMeta, InstanceRecord, SnapshotMeta, SnapshotRecord
+from croft.common.models import (
+    InstanceMeta,
+    InstanceRecord,
+    SnapshotMeta,
+    SnapshotRecord,
+    StorageVolumeRecord,
+)
 from croft.common.models.instance import CREATED, CREATING
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -43,7 +50,7 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.riders import Rider
 from croft.common.service import ServiceContext
-from croft.common.store import Create, Delete, Operation, dump
+from croft.common.store import Create, Delete, Operation, Update, dump
 from croft.compute.drivers import (
     DEFAULT_INSTANCE_TYPE,
     ExecProcess,
@@ -53,12 +60,15 @@ from croft.compute.drivers import (
     Status,
     unsupported_type,
 )
+from croft.compute.volumes import disk_changes, hotplug_disks, resolve_volume_disks
 from croft.imageformat.templates import TemplateInstance, apply_templates
 from croft.v1 import network_pb2, storage_pb2
 
 log = logging.getLogger(__name__)
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
+# A copy of a big root volume, or one between pools, may take long.
+COPY_TIMEOUT = 3600.0
 
 
 def driver_name(project: str, name: str) -> str:
@@ -273,8 +283,14 @@ class ComputeCore:
         return created
 
     async def _create(
-        self, record: dict[str, Any], fingerprint: str, rider: Rider | None = None
+        self,
+        record: dict[str, Any],
+        fingerprint: str,
+        rider: Rider | None = None,
+        copy: CopyOf | None = None,
     ) -> dict[str, Any]:
+        """`copy`: the instance is a copy of another of this member (`copy()`), its
+        volume copied from that one's instead of made from an image."""
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
         # Refused before anything is made: a type no driver on this member runs.
@@ -293,6 +309,9 @@ class ComputeCore:
             volatile["volatile.base_image"] = fingerprint
             # LXD applies the image's "create" templates at the first start.
             volatile["volatile.apply_template"] = "create"
+        if copy is not None:
+            # ... and a copy's "copy" ones.
+            volatile["volatile.apply_template"] = "copy"
         for dev_name, device in devices.items():
             if device.get("type") == "nic":
                 hwaddr = (
@@ -346,17 +365,26 @@ class ComputeCore:
                 )
             )
             try:
-                volume = await storage.create_instance_volume(
-                    storage_pb2.VolumeRequest(
-                        pool=pool, project=project, type=instance_type,
-                        name=driver_name(project, name), image_fingerprint=fingerprint,
-                    ),
-                    idempotent=False, timeout=600,
-                )  # fmt: skip
+                if copy is not None:
+                    volume = await self._copy_volume(
+                        copy, pool, project, name, instance_type, root.get("size", "")
+                    )
+                else:
+                    volume = await storage.create_instance_volume(
+                        storage_pb2.VolumeRequest(
+                            pool=pool, project=project, type=instance_type,
+                            name=driver_name(project, name), image_fingerprint=fingerprint,
+                            size=root.get("size", ""),
+                        ),
+                        idempotent=False, timeout=600,
+                    )  # fmt: skip
             except Conflict:
                 refused.add("volume")  # the volume of that name is not this create's
                 raise
             spec_devices = await self._attach_nics(project, name, devices, expanded, revert)
+            spec_devices = await resolve_volume_disks(
+                await self.storage(), project, spec_devices, instance_type
+            )
             spec = InstanceSpec(
                 name=driver_name(project, name),
                 rootfs=volume.path,
@@ -388,6 +416,9 @@ class ComputeCore:
             meta.definition = definition_digest(record)
             record["_croft"] = meta.dump()
             event = await self._lifecycle_event("instance-created", project, name)
+            if copy is not None:
+                # The copied snapshots' records go in with the instance's.
+                event = [*self._copied_snapshots(copy, project, name, pool), *event]
 
             async def complete() -> None:
                 nonlocal completed
@@ -456,6 +487,7 @@ class ComputeCore:
                         device=dev_name,
                         hwaddr=device["hwaddr"],
                         ipv4=device.get("ipv4.address", ""),
+                        ipv6=device.get("ipv6.address", ""),
                     )
                     if revert is not None:
                         revert.add(functools.partial(self._detach, request))
@@ -683,8 +715,30 @@ class ComputeCore:
         return list(await asyncio.gather(*(one(project, name) for project, name in refs)))
 
     async def state(self, project: str, name: str) -> dict[str, Any]:
-        await self.record(project, name)
-        return await self._state(project, name)
+        """The instance's state, with its root disk's usage where its pool can tell
+        (`lxc info`'s "Disk usage"). Listings (`states()`) leave the disk out: one call
+        to storage per instance would cost every `lxc list`."""
+        record, _ = await self.record(project, name)
+        state = await self._state(project, name)
+        state["disk"] = await self._disk_usage(project, name, record)
+        return state
+
+    async def _disk_usage(
+        self, project: str, name: str, record: dict[str, Any]
+    ) -> dict[str, dict[str, int]]:
+        """LXD's `disk` of an instance state: the root disk's bytes used, as storage
+        counts them (btrfs with quotas: the exclusive bytes); nothing when the pool's
+        driver cannot tell cheaply (a dir pool), as LXD reports nothing then."""
+        try:
+            root_name, _ = root_disk(record.get("expanded_devices") or {})
+            storage = await self.storage()
+            usage = await storage.instance_volume_usage(
+                self._volume(InstanceRecord.meta_of(record).pool, project, name), timeout=30
+            )
+        except CroftError as exc:
+            log.info("no disk usage for %s/%s: %s", project, name, exc)
+            return {}
+        return {root_name: {"usage": usage.used_bytes}} if usage.known else {}
 
     async def _state(self, project: str, name: str) -> dict[str, Any]:
         driver = await self.driver_of(project, name)
@@ -752,9 +806,13 @@ class ComputeCore:
             new_devices = new.get("expanded_devices") or {}
             driver = self.driver_for(record)
             stopped = await driver.status(host_name) is Status.STOPPED
-            # Hot-plugging devices is not built yet: say so rather than half-apply.
-            if _without_hwaddr(old_devices) != _without_hwaddr(new_devices) and not stopped:
-                raise InvalidArgument("Devices cannot be changed while the instance is running")
+            # Of the devices, only disks are hot-plugged yet: say so rather than half-apply.
+            # The root disk's size is the volume's limit, which changes live, as on LXD.
+            hotplug = None
+            if _fixed_devices(old_devices) != _fixed_devices(new_devices) and not stopped:
+                hotplug = disk_changes(_fixed_devices(old_devices), _fixed_devices(new_devices))
+                if hotplug is None:
+                    raise InvalidArgument("Devices cannot be changed while the instance is running")
             # volatile keys are croft's; a client never sets them. A removed device's go
             # with it; a new NIC gets its MAC now, as at create.
             gone = {f"volatile.{d}." for d in old_devices if d not in new_devices}
@@ -792,12 +850,16 @@ class ComputeCore:
             }
             revert = Reverter()
             try:
+                await self._resize_root(project, name, record, updated, revert)
                 if stopped and _definition_is_stale(updated):
                     revert.add(lambda: self._detach_nics(project, name, updated, keep=record))
                     revert.add(lambda: self._write_definition(project, name, record))
                     await self._write_definition(project, name, updated)
                 else:
                     await driver.update_limits(host_name, expanded)
+                if hotplug is not None:
+                    storage = await self.storage()
+                    await hotplug_disks(driver, storage, host_name, project, *hotplug, revert)
                 await self.store.update(
                     instance_key(project, name), dump(updated), revision=current_revision
                 )
@@ -809,6 +871,31 @@ class ComputeCore:
             await self._detach_nics(project, name, record, keep=updated)
         await self.lifecycle("instance-updated", project, name)
         return updated
+
+    async def _resize_root(
+        self,
+        project: str,
+        name: str,
+        record: dict[str, Any],
+        updated: dict[str, Any],
+        revert: Reverter,
+    ) -> None:
+        """A changed root disk `size` becomes the root volume's limit now (its undo on
+        `revert`); storage refuses a bad one, and the update with it."""
+        old = root_disk(record.get("expanded_devices") or {})[1].get("size", "")
+        new = root_disk(updated.get("expanded_devices") or {})[1].get("size", "")
+        if old == new:
+            return
+        pool = InstanceRecord.meta_of(record).pool
+        storage = await self.storage()
+
+        def sized(size: str) -> storage_pb2.VolumeRequest:
+            request = self._volume(pool, project, name)
+            request.size = size
+            return request
+
+        revert.add(lambda: storage.resize_instance_volume(sized(old), timeout=600))
+        await storage.resize_instance_volume(sized(new), timeout=600)
 
     # ------------------------------------------------------------------ exec and files
 
@@ -1201,6 +1288,9 @@ class ComputeCore:
         devices = await self._attach_nics(
             project, name, copy_record(record.get("expanded_devices") or {}), config, None
         )
+        devices = await resolve_volume_disks(
+            await self.storage(), project, devices, record.get("type") or DEFAULT_INSTANCE_TYPE
+        )
         return InstanceSpec(
             name=driver_name(project, name),
             rootfs=rootfs,
@@ -1240,11 +1330,172 @@ class ComputeCore:
                         )
                     )  # fmt: skip
 
+    # ------------------------------------------------------------------ copy / move
+
+    async def copy(
+        self, record: dict[str, Any], source: CopyOf, rider: Rider | None = None
+    ) -> dict[str, Any]:
+        """A new instance `record` (expanded by the caller, config merged with the
+        source's as LXD does) that is a copy of `source`: its root volume copied (with
+        its snapshots and their records unless `instance_only`, or from one of its
+        snapshots), on the pool of the new record's root disk. The copy gets what a
+        create gives: a new `volatile.uuid` and MACs, its own DHCP entries, and the
+        image's "copy" templates at its first start. A running source is frozen while
+        its volume is copied, unless `allow_inconsistent`. On failure nothing of the
+        copy is left (record, volume, snapshots, NICs, definition)."""
+        project = record.get("project") or DEFAULT_PROJECT
+        name = record["name"]
+        if (source.project or DEFAULT_PROJECT) != project:
+            raise InvalidArgument("Copying instances between projects is not supported yet")
+        if source.name == name:
+            raise Conflict(f'Instance "{name}" already exists')
+        first, second = sorted((name, source.name))
+        async with self.lock(project, first), self.lock(project, second):
+            source.record, _ = await self.record(project, source.name)
+            source_type = source.record.get("type") or DEFAULT_INSTANCE_TYPE
+            if (record.get("type") or source_type) != source_type:
+                raise InvalidArgument("The copy's type must be its source's")
+            record = {**record, "type": source_type}
+            prefix = record_prefix("instance-snapshots", project) + f"{source.name}/"
+            if source.snapshot:
+                await self.snapshot_record(project, source.name, source.snapshot)
+                source.snapshots = []
+            elif source.instance_only:
+                source.snapshots = []
+            else:
+                source.snapshots = [entry.json() for entry in await self.store.list(prefix)]
+            created = await self._create(record, "", rider, copy=source)
+        return created
+
+    async def _copy_volume(
+        self, copy: CopyOf, pool: str, project: str, name: str, instance_type: str, size: str
+    ) -> storage_pb2.VolumeReply:
+        """The copy's root volume, from its source's (frozen meanwhile if it runs)."""
+        request = storage_pb2.VolumeRequest(
+            pool=InstanceRecord.meta_of(copy.record).pool, project=project, type=instance_type,
+            name=driver_name(project, copy.name), snapshot=copy.snapshot,
+            new_name=driver_name(project, name), target_pool=pool,
+            with_snapshots=bool(copy.snapshots), size=size,
+        )  # fmt: skip
+        storage = await self.storage()
+        driver = self.driver_for(copy.record)
+        host_name = driver_name(project, copy.name)
+        frozen = (
+            not copy.snapshot
+            and not copy.allow_inconsistent
+            and await driver.exists(host_name)
+            and await driver.status(host_name) is Status.RUNNING
+        )
+        if frozen:
+            # As LXD: the files are copied as they are at one moment.
+            await driver.freeze(host_name)
+        try:
+            return await storage.copy_instance_volume(
+                request, idempotent=False, timeout=COPY_TIMEOUT
+            )
+        finally:
+            if frozen:
+                await uninterrupted(driver.unfreeze(host_name))
+
+    def _copied_snapshots(
+        self, copy: CopyOf, project: str, name: str, pool: str
+    ) -> list[Operation]:
+        """The records of a copy's snapshots: its source's, as LXD copies them (config,
+        creation and expiry dates), on the copy's pool."""
+        writes: list[Operation] = []
+        for snap in copy.snapshots:
+            copied = copy_record(snap)
+            meta = SnapshotRecord.meta_of(snap)
+            meta.member, meta.pool = self.member, pool
+            copied["_croft"] = meta.dump()
+            writes.append(Create(snapshot_key(project, name, snap["name"]), dump(copied)))
+        return writes
+
+    async def move(
+        self,
+        project: str,
+        name: str,
+        pool: str,
+        instance_only: bool = False,
+    ) -> dict[str, Any]:
+        """Move the stopped instance's root volume, with its snapshots (deleted instead
+        with `instance_only`, as LXD), to another pool of this member (`lxc move
+        --storage`): the volume is copied there, the record and the definition point at
+        the copy, then the old volume goes. The instance keeps its uuid, MACs and
+        addresses. A failure before the record is written leaves nothing in the new pool
+        and the instance as it was. (No writes ride along: the caller's operation ends
+        once the old volume is gone too, not when the record is written.)"""
+        async with self.lock(project, name):
+            record, revision = await self.record(project, name)
+            driver = self.driver_for(record)
+            host_name = driver_name(project, name)
+            if (
+                await driver.exists(host_name)
+                and await driver.status(host_name) is not Status.STOPPED
+            ):
+                raise InvalidArgument("Instance must be stopped to move between pools statelessly")
+            old_pool = InstanceRecord.meta_of(record).pool
+            if pool == old_pool:
+                return record  # LXD: a move to the pool it is on succeeds
+            instance_type = record.get("type") or DEFAULT_INSTANCE_TYPE
+            snapshots = await self.store.list(
+                record_prefix("instance-snapshots", project) + f"{name}/"
+            )
+            storage = await self.storage()
+            key = instance_key(project, name)
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_volume(pool, project, name, instance_type))
+                try:
+                    volume = await storage.copy_instance_volume(
+                        storage_pb2.VolumeRequest(
+                            pool=old_pool, project=project, type=instance_type,
+                            name=host_name, new_name=host_name, target_pool=pool,
+                            with_snapshots=not instance_only,
+                            size=root_disk(record["expanded_devices"])[1].get("size", ""),
+                        ),
+                        idempotent=False, timeout=COPY_TIMEOUT,
+                    )  # fmt: skip
+                except Conflict:
+                    revert.success()  # a volume of that name there is not this move's
+                    raise
+                moved = _on_pool(record, pool, volume)
+                before = copy_record(record)
+                revert.add(lambda: self._write_definition(project, name, before))
+                await self._write_definition(project, name, moved)
+                writes: list[Operation] = []
+                for snap in snapshots:
+                    if instance_only:
+                        writes.append(Delete(snap.key, snap.revision))
+                        continue
+                    value = snap.json()
+                    meta = SnapshotRecord.meta_of(value)
+                    meta.pool = pool
+                    value["_croft"] = meta.dump()
+                    writes.append(Update(snap.key, dump(value), snap.revision))
+                writes += await self._lifecycle_event("instance-updated", project, name)
+                written = await modify(
+                    self.store,
+                    key,
+                    lambda current: _on_pool(current, pool, volume),
+                    missing="Instance not found",
+                    current=(moved, revision),
+                    also=writes,
+                )
+                revert.success()
+            # The instance lives on `pool` now: what is left on the old one is garbage.
+            try:
+                await self._delete_volume(old_pool, project, name, instance_type)
+            except CroftError as exc:
+                log.warning("the old volume of %s/%s stays in %s: %s", project, name, old_pool, exc)
+        return written
+
     # ------------------------------------------------------------------ recovery
 
     async def reconcile(self) -> None:
-        """At start: finish off creates a dead compute left half-done, and bring each
-        record's status in line with what really runs."""
+        """At start: finish off creates a dead compute left half-done, remove what a
+        move between pools left behind, and bring each record's status in line with
+        what really runs."""
+        pools: dict[tuple[str, str], str] = {}  # (type, host name) -> its record's pool
         for entry in await self.store.list(record_prefix("instances", "")[:-1]):
             record = entry.json()
             meta = InstanceRecord.meta_of(record)
@@ -1258,8 +1509,38 @@ class ComputeCore:
             if meta.renaming:
                 log.warning("putting %s/%s back, left half-renamed", project, name)
                 await self._undo_rename(project, name, meta.renaming, record)
+            else:
+                kind = record.get("type") or DEFAULT_INSTANCE_TYPE
+                pools[(kind, driver_name(project, name))] = meta.pool
             await self._autostart(project, name, record)
             await self._refresh_status(project, name, record)
+        await self._remove_moved_volumes(pools)
+
+    async def _remove_moved_volumes(self, pools: dict[tuple[str, str], str]) -> None:
+        """A move between pools (`move()`) killed between the copy and the record's
+        write leaves the copy in the new pool; killed after it, the volume in the old
+        one. Either is an instance volume of this member in a pool its instance's record
+        does not name: it goes."""
+        for entry in await self.store.list(record_prefix("storage-volumes", DEFAULT_PROJECT)):
+            volume = entry.json()
+            meta = StorageVolumeRecord.meta_of(volume)
+            kind = volume.get("type", "")
+            if meta.member != self.member or meta.snapshot or meta.state is not None:
+                continue
+            pool = pools.get((kind, meta.volume))
+            if not pool or pool == meta.pool:
+                continue
+            log.warning("removing volume %s of pool %s, left by a move to %s", meta.volume,
+                        meta.pool, pool)  # fmt: skip
+            storage = await self.storage()
+            request = storage_pb2.VolumeRequest(
+                pool=meta.pool, project=volume.get("project") or DEFAULT_PROJECT,
+                type=kind, name=meta.volume,
+            )  # fmt: skip
+            try:
+                await storage.delete_instance_volume(request, timeout=600)
+            except CroftError as exc:
+                log.error("cannot remove volume %s of pool %s: %s", meta.volume, meta.pool, exc)
 
     async def _autostart(self, project: str, name: str, record: dict[str, Any]) -> None:
         """After a host restart, start what LXD would: instances with boot.autostart=true,
@@ -1403,6 +1684,40 @@ class ComputeCore:
                         await unmount(request, timeout=600)
 
 
+@dataclass
+class CopyOf:
+    """What a copy is made of (`ComputeCore.copy`): an instance of this member, or one of
+    its snapshots; `record` and `snapshots` (the snapshot records to copy) are read under
+    the source's lock."""
+
+    project: str
+    name: str
+    snapshot: str = ""
+    instance_only: bool = False
+    allow_inconsistent: bool = False
+    record: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _on_pool(record: dict[str, Any], pool: str, volume: storage_pb2.VolumeReply) -> dict[str, Any]:
+    """The record of an instance whose root volume is now `volume` on `pool`: its root
+    disk device names the pool (an instance whose root disk came from a profile gets one
+    of its own, as LXD gives it), and its bookkeeping the volume's paths."""
+    moved = copy_record(record)
+    root_name, root = root_disk(moved["expanded_devices"])
+    own = moved["devices"].get(root_name) or root
+    moved["devices"][root_name] = {**own, "pool": pool}
+    moved["expanded_devices"][root_name] = {**root, "pool": pool}
+    meta = InstanceRecord.meta_of(moved)
+    meta.pool = pool
+    meta.rootfs = volume.path
+    meta.volume = volume.mount_path
+    meta.instance_mounts = volume.instance_mounts
+    meta.definition = definition_digest(moved)
+    moved["_croft"] = meta.dump()
+    return moved
+
+
 def _is_record_of(record: dict[str, Any], project: str, name: str) -> bool:
     """A complete (not being created) record of instance `project`/`name`."""
     return (
@@ -1436,6 +1751,16 @@ def _definition_is_stale(record: dict[str, Any]) -> bool:
 
 def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return {k: {kk: vv for kk, vv in v.items() if kk != "hwaddr"} for k, v in devices.items()}
+
+
+def _fixed_devices(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
+    """The devices as a running instance cannot change them: without NICs' MACs, and
+    without the root disk's size (a volume limit, which changes live)."""
+    fixed = _without_hwaddr(devices)
+    for device in fixed.values():
+        if device.get("type") == "disk" and device.get("path") == "/":
+            device.pop("size", None)
+    return fixed
 
 
 def _check_snapshot_name(name: str) -> None:

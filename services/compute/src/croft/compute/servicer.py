@@ -15,9 +15,15 @@ from typing import Any
 import grpc
 
 from croft.common.errors import Cancelled, InvalidArgument
+from croft.common.models import InstanceRecord, SnapshotRecord
+from croft.common.models.instance_wire import (
+    instance_from_wire,
+    instance_to_wire,
+    snapshot_to_wire,
+)
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.riders import Rider, from_wire
-from croft.compute.core import ComputeCore
+from croft.compute.core import ComputeCore, CopyOf
 from croft.compute.drivers import ExecProcess
 from croft.compute.publish import properties_of
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
@@ -41,9 +47,21 @@ def _ref(ref: common_pb2.InstanceRef) -> tuple[str, str]:
     return ref.project or DEFAULT_PROJECT, ref.name
 
 
+def _record(message: compute_pb2.Instance) -> dict[str, Any]:
+    """The instance record of a request, as the core takes it (the stored shape)."""
+    return instance_from_wire(message).dump()
+
+
 def _reply(record: dict[str, Any], rider: Rider | None = None) -> compute_pb2.InstanceReply:
     return compute_pb2.InstanceReply(
-        record=json.dumps(record), closed=rider is not None and rider.written
+        instance=instance_to_wire(InstanceRecord.model_validate(record)),
+        closed=rider is not None and rider.written,
+    )
+
+
+def _snapshot_reply(snapshot: dict[str, Any]) -> compute_pb2.SnapshotReply:
+    return compute_pb2.SnapshotReply(
+        snapshot=snapshot_to_wire(SnapshotRecord.model_validate(snapshot))
     )
 
 
@@ -54,15 +72,16 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
     async def CreateInstance(
         self, request: compute_pb2.CreateInstanceRequest, context: Context
     ) -> compute_pb2.InstanceReply:
-        record = json.loads(request.record)
         rider = from_wire(request.closing)
-        created = await self.core.create(record, request.image_fingerprint, request.start, rider)
+        created = await self.core.create(
+            _record(request.instance), request.image_fingerprint, request.start, rider
+        )
         return _reply(created, rider)
 
     async def UpdateInstance(
         self, request: compute_pb2.UpdateInstanceRequest, context: Context
     ) -> compute_pb2.InstanceReply:
-        return _reply(await self.core.update(json.loads(request.record), request.revision))
+        return _reply(await self.core.update(_record(request.instance), request.revision))
 
     async def DeleteInstance(
         self, request: common_pb2.InstanceRef, context: Context
@@ -75,11 +94,32 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
     ) -> compute_pb2.InstanceReply:
         return _reply(await self.core.rename(*_ref(request.instance), request.new_name))
 
+    async def CopyInstance(
+        self, request: compute_pb2.CopyInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
+        project, name = _ref(request.source)
+        source = CopyOf(
+            project,
+            name,
+            snapshot=request.source_snapshot,
+            instance_only=request.instance_only,
+            allow_inconsistent=request.allow_inconsistent,
+        )
+        rider = from_wire(request.closing)
+        return _reply(await self.core.copy(_record(request.instance), source, rider), rider)
+
+    async def MoveInstance(
+        self, request: compute_pb2.MoveInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
+        project, name = _ref(request.instance)
+        moved = await self.core.move(project, name, request.pool, request.instance_only)
+        return _reply(moved)
+
     async def ChangeState(
         self, request: compute_pb2.StateRequest, context: Context
     ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
-        known = (json.loads(request.record), request.revision) if request.record else None
+        known = (_record(request.known), request.revision) if request.HasField("known") else None
         rider = from_wire(request.closing)
         record = await self.core.change_state(
             project,
@@ -199,9 +239,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
     async def CreateSnapshot(
         self, request: compute_pb2.SnapshotRequest, context: Context
-    ) -> compute_pb2.InstanceReply:
+    ) -> compute_pb2.SnapshotReply:
         project, name = _ref(request.instance)
-        return _reply(
+        return _snapshot_reply(
             await self.core.create_snapshot(project, name, request.snapshot, request.expires_at)
         )
 
@@ -213,9 +253,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
 
     async def RenameSnapshot(
         self, request: compute_pb2.SnapshotRequest, context: Context
-    ) -> compute_pb2.InstanceReply:
+    ) -> compute_pb2.SnapshotReply:
         project, name = _ref(request.instance)
-        return _reply(
+        return _snapshot_reply(
             await self.core.rename_snapshot(project, name, request.snapshot, request.new_name)
         )
 

@@ -4,9 +4,11 @@ Records, in LXD's API shapes:
 
 - `/croft/records/images/<project>/<fingerprint>`: LXD's Image without `aliases` (those are
   worked out from the alias records whenever an image is read), plus croft's own
-  `_croft: {"member": <where the blob is>, "split": <metadata and rootfs in two files>}`.
+  `_croft: {"member": <where the blob is>, "split": <metadata and rootfs in two files>}`
+  (`croft.common.models.ImageRecord`, whose `_croft` is an `ImageMeta`).
 - `/croft/records/image-aliases/<project>/<name>`: LXD's ImageAliasesEntry
-  `{"name", "description", "target", "type"}`, `target` always a full fingerprint.
+  `{"name", "description", "target", "type"}`, `target` always a full fingerprint
+  (`ImageAliasRecord`).
 
 The records are the truth and any number of replicas write them: every write is an atomic
 create or a compare-and-swap, so two replicas can never both create one image or alias.
@@ -34,7 +36,9 @@ from typing import Any
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.common.events import rfc3339_nano
-from croft.common.records import RECORDS, modify, public, record_key, record_prefix
+from croft.common.models import ImageAliasRecord, ImageMeta, ImageRecord
+from croft.common.projects import owning_project
+from croft.common.records import RECORDS, modify, record_key, record_prefix
 from croft.common.store import Create, Delete, Store, dump
 from croft.imageformat.format import ImageInfo
 from croft.imageformat.records import (
@@ -141,30 +145,31 @@ class ImageFiles:
 
     metadata_path: Path  # the unified tarball, or the metadata tarball of a split image
     rootfs_path: Path | None  # None for a unified image
-    record: dict[str, Any]
+    record: ImageRecord
 
 
 def new_image_record(
     info: ImageInfo, request: ImportRequest, member: str, filename: str
-) -> dict[str, Any]:
-    """The stored record of a freshly imported image."""
-    return {
-        "auto_update": False,
-        "properties": {**info.properties, **request.properties},
-        "public": request.public,
-        "expires_at": _rfc3339(info.expires_at),
-        "profiles": ["default"],
-        "architecture": info.architecture,
-        "cached": False,
-        "filename": filename,
-        "fingerprint": info.fingerprint,
-        "size": info.size,
-        "type": str(info.type),
-        "created_at": _rfc3339(info.created_at),
-        "last_used_at": NEVER_USED,
-        "uploaded_at": rfc3339_nano(),
-        "_croft": {"member": member, "split": info.split},
-    }
+) -> ImageRecord:
+    """The stored record of a freshly imported image (every field named: `dump()` leaves
+    out the ones that are not)."""
+    return ImageRecord(
+        auto_update=False,
+        properties={**info.properties, **request.properties},
+        public=request.public,
+        expires_at=_rfc3339(info.expires_at),
+        profiles=["default"],
+        architecture=info.architecture,
+        cached=False,
+        filename=filename,
+        fingerprint=info.fingerprint,
+        size=info.size,
+        type=str(info.type),
+        created_at=_rfc3339(info.created_at),
+        last_used_at=NEVER_USED,
+        uploaded_at=rfc3339_nano(),
+        _croft=ImageMeta(member=member, split=info.split),
+    )
 
 
 # ---------------------------------------------------------------------------- the core
@@ -182,19 +187,24 @@ class ImagesCore:
 
     # -- reading ------------------------------------------------------------------------
 
-    async def find(self, project: str, fingerprint: str) -> tuple[dict[str, Any], int]:
-        return await find(self.store, project, fingerprint)
+    async def find(self, project: str, fingerprint: str) -> tuple[ImageRecord, int]:
+        """The image a fingerprint or a unique prefix of one names, and its revision."""
+        record, revision = await find(self.store, project, fingerprint)
+        return ImageRecord.model_validate(record), revision
 
-    async def aliases(self, project: str) -> list[dict[str, Any]]:
-        return [e.json() for e in await self.store.list(record_prefix(ALIASES, project))]
+    async def aliases(self, project: str) -> list[ImageAliasRecord]:
+        return [
+            ImageAliasRecord.model_validate(e.json())
+            for e in await self.store.list(record_prefix(ALIASES, project))
+        ]
 
-    async def render(self, project: str, record: dict[str, Any]) -> dict[str, Any]:
+    async def render(self, project: str, record: ImageRecord) -> dict[str, Any]:
         """The image as LXD shows it: without croft's keys, with its aliases."""
-        shown = public(record)
+        shown = record.public()
         shown["aliases"] = [
-            {"name": a["name"], "description": a.get("description", "")}
+            {"name": a.name, "description": a.description}
             for a in await self.aliases(project)
-            if a.get("target") == record["fingerprint"]
+            if a.target == record.fingerprint
         ]
         return shown
 
@@ -207,41 +217,45 @@ class ImagesCore:
         the aliases out of the answer."""
         found = await lookup(self.store, project, name)
         if mark_used:
-            return public(await self._mark_used(project, found))
-        return await self.render(project, found[0])
+            return (await self._mark_used(project, found)).public()
+        return await self.render(project, ImageRecord.model_validate(found[0]))
 
-    async def _mark_used(self, project: str, found: tuple[dict[str, Any], int]) -> dict[str, Any]:
+    async def _mark_used(self, project: str, found: tuple[dict[str, Any], int]) -> ImageRecord:
         """Set last_used_at, from the record and revision just read. A use within the
         same second as the recorded one changes nothing (10 launches at once would
         otherwise fight over the record for no visible difference)."""
-        record = found[0]
-        if used_lately(record):
+        record = ImageRecord.model_validate(found[0])
+        if used_lately(found[0]):
             return record
 
         def change(current: dict[str, Any]) -> dict[str, Any]:
-            return {**current, "last_used_at": rfc3339_nano()}
+            used = ImageRecord.model_validate(current)
+            return used.model_copy(update={"last_used_at": rfc3339_nano()}).dump()
 
         try:
-            return await modify(
+            changed = await modify(
                 self.store,
-                image_key(project, record["fingerprint"]),
+                record.key(project),
                 change,
                 missing=IMAGE_NOT_FOUND,
                 current=found,
             )
         except (Conflict, Unavailable) as exc:
             # Bookkeeping only: the instance creation it accompanies goes on.
-            log.warning("could not mark image %s used: %s", record["fingerprint"], exc)
+            log.warning("could not mark image %s used: %s", record.fingerprint, exc)
             return record
+        return ImageRecord.model_validate(changed)
 
     async def files(self, project: str, fingerprint: str, member: str) -> ImageFiles:
         """Local paths of an image's files for the storage service of `member`.
 
         Only a member holding the blob can be given paths. A storage service on another
-        member would need the files streamed to it (not written yet: one node for now)."""
+        member would need the files streamed to it (not written yet: one node for now).
+        A project without `features.images` has `default`'s images."""
+        project = await owning_project(self.store, project, "images")
         record, _ = await self.find(project, fingerprint)
-        fingerprint = record["fingerprint"]
-        holder = record.get("_croft", {}).get("member", self.member)
+        fingerprint = record.fingerprint
+        holder = record.croft.member or self.member
         if holder != self.member or (member and member != self.member):
             raise Unavailable(
                 f"image {fingerprint} is stored on member {holder!r}; serving it to member "
@@ -254,7 +268,7 @@ class ImagesCore:
             raise NotFound(
                 f"the files of image {fingerprint} are missing from {self.blobs.root}"
             ) from None
-        return ImageFiles(metadata, rootfs, public(record))
+        return ImageFiles(metadata, rootfs, record)
 
     # -- importing ----------------------------------------------------------------------
 
@@ -305,13 +319,13 @@ class ImagesCore:
         return await self.render(request.project, record)
 
     async def _create_records(
-        self, project: str, record: dict[str, Any], aliases: tuple[str, ...]
+        self, project: str, record: ImageRecord, aliases: tuple[str, ...]
     ) -> None:
-        fingerprint = record["fingerprint"]
-        operations: list[Create] = [Create(image_key(project, fingerprint), dump(record))]
+        fingerprint = record.fingerprint
+        operations: list[Create] = [Create(record.key(project), dump(record.dump()))]
         for name in aliases:
             alias = _alias_record(name, "", record)
-            operations.append(Create(alias_key(project, name), dump(alias)))
+            operations.append(Create(alias.key(project), dump(alias.dump())))
         try:
             await self.store.transaction(operations)
         except Conflict:
@@ -333,24 +347,25 @@ class ImagesCore:
             if await self.store.get(record_key("profiles", project, name)) is None:
                 raise InvalidArgument(f"Profile '{name}' doesn't exist")
         record, _ = await self.find(project, fingerprint)
-        key = image_key(project, record["fingerprint"])
+        key = record.key(project)
         for _ in range(20):
             entry = await self.store.get(key)
             if entry is None:
                 raise NotFound(IMAGE_NOT_FOUND)
             if revision and entry.revision != revision:
-                raise Conflict(f"Image {record['fingerprint']} changed since it was read")
-            current = entry.json()
-            new = {
-                **current,
-                "public": put.public,
-                "auto_update": put.auto_update,
-                "properties": dict(put.properties),
-                "profiles": list(put.profiles),
-                "expires_at": put.expires_at or current.get("expires_at", NO_EXPIRY),
-            }
+                raise Conflict(f"Image {record.fingerprint} changed since it was read")
+            current = ImageRecord.model_validate(entry.json())
+            new = current.model_copy(
+                update={
+                    "is_public": put.public,
+                    "auto_update": put.auto_update,
+                    "properties": dict(put.properties),
+                    "profiles": list(put.profiles),
+                    "expires_at": put.expires_at or current.expires_at or NO_EXPIRY,
+                }
+            )
             try:
-                await self.store.update(key, dump(new), revision=entry.revision)
+                await self.store.update(key, dump(new.dump()), revision=entry.revision)
             except Conflict:
                 if revision:
                     raise
@@ -358,19 +373,19 @@ class ImagesCore:
             except NotFound:
                 raise NotFound(IMAGE_NOT_FOUND) from None
             return await self.render(project, new)
-        raise Conflict(f"Image {record['fingerprint']} is changing too fast; try again")
+        raise Conflict(f"Image {record.fingerprint} is changing too fast; try again")
 
     async def delete_image(self, project: str, fingerprint: str) -> str:
         """Delete the image (fingerprint or unique prefix) and its aliases in one
         transaction, then its blob unless another project still has it. Returns the full
         fingerprint."""
         record, revision = await self.find(project, fingerprint)
-        fingerprint = record["fingerprint"]
+        fingerprint = record.fingerprint
         async with self._blob_lock(fingerprint):
             aliases = [
                 e
                 for e in await self.store.list(record_prefix(ALIASES, project))
-                if e.json().get("target") == fingerprint
+                if ImageAliasRecord.model_validate(e.json()).target == fingerprint
             ]
             operations = [Delete(image_key(project, fingerprint), revision=revision)]
             operations += [Delete(e.key, revision=e.revision) for e in aliases]
@@ -382,7 +397,7 @@ class ImagesCore:
                 raise Conflict(
                     f"Image {fingerprint} changed while being deleted; try again"
                 ) from None
-            holder = record.get("_croft", {}).get("member", self.member)
+            holder = record.croft.member or self.member
             if holder == self.member:
                 await self._drop_blob_if_unused(fingerprint)
             else:
@@ -419,17 +434,17 @@ class ImagesCore:
 
     async def create_alias(
         self, project: str, name: str, target: str, description: str = ""
-    ) -> dict[str, Any]:
+    ) -> ImageAliasRecord:
         if not name or not target:
             raise InvalidArgument("name and target are required")
         record, _ = await self.find(project, target)
         alias = _alias_record(name, description, record)
         try:
-            await self.store.create(alias_key(project, name), dump(alias))
+            await self.store.create(alias.key(project), dump(alias.dump()))
         except Conflict:
             raise Conflict(f'Alias "{name}" already exists') from None
         # The image may have been deleted between the lookup and the create.
-        if await self.store.get(image_key(project, record["fingerprint"])) is None:
+        if await self.store.get(record.key(project)) is None:
             with contextlib.suppress(NotFound):
                 await self.store.delete(alias_key(project, name))
             raise NotFound(IMAGE_NOT_FOUND)
@@ -437,7 +452,7 @@ class ImagesCore:
 
     async def update_alias(
         self, project: str, name: str, target: str, description: str, revision: int = 0
-    ) -> dict[str, Any]:
+    ) -> ImageAliasRecord:
         """Point an alias at `target` with `description` (LXD's PUT; the api merges a PATCH
         first). With `revision`, only if the alias is still at that revision."""
         if not target:
@@ -454,7 +469,7 @@ class ImagesCore:
                 raise Conflict(f'Alias "{name}" changed since it was read')
             alias = _alias_record(name, description, record)
             try:
-                await self.store.update(key, dump(alias), revision=entry.revision)
+                await self.store.update(key, dump(alias.dump()), revision=entry.revision)
             except Conflict:
                 if revision:
                     raise
@@ -464,21 +479,22 @@ class ImagesCore:
             return alias
         raise Conflict(f'Alias "{name}" is changing too fast; try again')
 
-    async def rename_alias(self, project: str, name: str, new_name: str) -> dict[str, Any]:
+    async def rename_alias(self, project: str, name: str, new_name: str) -> ImageAliasRecord:
         if not new_name:
             raise InvalidArgument("The new name of the alias is required")
         entry = await self.store.get(alias_key(project, name))
         if entry is None:
             raise NotFound(ALIAS_NOT_FOUND)
+        alias = ImageAliasRecord.model_validate(entry.json())
         if new_name == name:
-            return dict(entry.json())
+            return alias
         new_key = alias_key(project, new_name)
         if await self.store.get(new_key) is not None:
             raise Conflict(f'Alias "{new_name}" already exists')
-        alias = {**entry.json(), "name": new_name}
+        alias = alias.model_copy(update={"name": new_name})
         try:
             await self.store.transaction(
-                [Create(new_key, dump(alias)), Delete(entry.key, revision=entry.revision)]
+                [Create(new_key, dump(alias.dump())), Delete(entry.key, revision=entry.revision)]
             )
         except (Conflict, NotFound):
             if await self.store.get(new_key) is not None:
@@ -498,13 +514,10 @@ class ImagesCore:
             raise Conflict(f'Alias "{name}" changed while being deleted; try again') from None
 
 
-def _alias_record(name: str, description: str, image: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "name": name,
-        "description": description,
-        "target": image["fingerprint"],
-        "type": image.get("type", "container"),
-    }
+def _alias_record(name: str, description: str, image: ImageRecord) -> ImageAliasRecord:
+    return ImageAliasRecord(
+        name=name, description=description, target=image.fingerprint, type=image.type
+    )
 
 
 def _write(job: ImageImport, digest: Any, data: bytes, rootfs: bool) -> None:

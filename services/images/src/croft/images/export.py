@@ -68,7 +68,7 @@ async def export_image(core: ImagesCore, project: str, fingerprint: str) -> Imag
     """Open the files of the image `fingerprint` (or a unique prefix) of `project`.
     NotFound when there is no such image; Unavailable when its blob is on another member."""
     files = await core.files(project, fingerprint, "")
-    full = files.record["fingerprint"]
+    full = files.record.fingerprint
 
     def open_files() -> ImageExport:
         metadata = open(files.metadata_path, "rb")  # noqa: SIM115
@@ -79,7 +79,7 @@ async def export_image(core: ImagesCore, project: str, fingerprint: str) -> Imag
             raise
         meta_name = f"{full}{_extension(files.metadata_path)}"
         return ImageExport(
-            record=files.record,
+            record=files.record.public(),
             metadata=metadata,
             metadata_filename=f"meta-{meta_name}" if rootfs else meta_name,
             metadata_size=os.fstat(metadata.fileno()).st_size,

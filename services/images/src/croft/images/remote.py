@@ -50,6 +50,7 @@ from croft.common.errors import (
     Unavailable,
 )
 from croft.common.events import lifecycle_metadata, publish, rfc3339_nano
+from croft.common.models import ImageAliasRecord, ImageMeta, ImageRecord
 from croft.common.multipart import MultipartParser, MultipartPart
 from croft.common.records import RECORDS, modify, project_key
 from croft.common.store import Delete, Update, dump
@@ -593,7 +594,7 @@ class RemoteImages:
             async with self.core._blob_lock(fingerprint):
                 existing = await self.store.get(image_key(request.project, fingerprint))
                 if existing is not None:
-                    return await self._reuse(request, existing.json())
+                    return await self._reuse(request, ImageRecord.model_validate(existing.json()))
                 blobs = self.core.blobs
                 if blobs.exists(fingerprint):
                     # Another project has it: its blob serves this record too.
@@ -638,89 +639,94 @@ class RemoteImages:
             return None
         wanted = request.source
         prefix = f"{RECORDS}{IMAGES}/{request.project}/"
-        best: dict[str, Any] | None = None
+        best: ImageRecord | None = None
         for entry in await self.store.list(prefix):
-            record = entry.json()
-            origin = record.get("update_source")
-            if not isinstance(origin, dict):
+            record = ImageRecord.model_validate(entry.json())
+            origin = record.update_source
+            if origin is None:
                 continue
             if (origin.get("server"), origin.get("protocol"), origin.get("alias")) != (
                 wanted.server,
                 wanted.protocol,
                 wanted.alias,
-            ) or (wanted.image_type or "container") != record.get("type", "container"):
+            ) or (wanted.image_type or "container") != record.type:
                 continue
-            if best is None or record.get("created_at", "") > best.get("created_at", ""):
+            if best is None or record.created_at > best.created_at:
                 best = record
-        if best is None or not self.core.blobs.exists(best["fingerprint"]):
+        if best is None or not self.core.blobs.exists(best.fingerprint):
             return None
         return await self._reuse(request, best)
 
-    async def _reuse(self, request: PullRequest, record: dict[str, Any]) -> dict[str, Any]:
+    async def _reuse(self, request: PullRequest, record: ImageRecord) -> dict[str, Any]:
         """The project already has the image: apply what the request adds to it."""
-        fingerprint = record["fingerprint"]
+        fingerprint = record.fingerprint
         changes: dict[str, Any] = {}
         if request.cached:
             changes["last_used_at"] = _now()
         if request.public:
-            changes["public"] = True
+            changes["is_public"] = True
         if request.properties:
-            changes["properties"] = {**record.get("properties", {}), **request.properties}
+            changes["properties"] = {**record.properties, **request.properties}
         if changes:
 
             def change(current: dict[str, Any]) -> dict[str, Any]:
-                return {**current, **changes}
+                return ImageRecord.model_validate(current).model_copy(update=changes).dump()
 
-            record = await modify(
-                self.store,
-                image_key(request.project, fingerprint),
-                change,
-                missing="Image not found",
+            record = ImageRecord.model_validate(
+                await modify(
+                    self.store,
+                    record.key(request.project),
+                    change,
+                    missing="Image not found",
+                )
             )
         for name in request.aliases:
             await self.core.create_alias(request.project, name, fingerprint)
         return await self.core.render(request.project, record)
 
-    def _new_record(self, request: PullRequest, remote: _Remote, info: ImageInfo) -> dict[str, Any]:
+    def _new_record(self, request: PullRequest, remote: _Remote, info: ImageInfo) -> ImageRecord:
         now = _now()
         stream = remote.stream
         properties = dict(stream.properties if stream is not None else info.properties)
         properties.update(request.properties)
-        record: dict[str, Any] = {
-            "auto_update": request.auto_update and remote.by_alias,
-            "properties": properties,
-            "public": request.public,
-            "expires_at": _rfc3339(stream.expires_at if stream is not None else info.expires_at),
-            "profiles": ["default"],
-            "architecture": info.architecture,
-            "cached": request.cached,
-            "filename": request.filename or (stream.filename if stream else info.filename),
-            "fingerprint": info.fingerprint,
-            "size": info.size,
-            "type": str(info.type),
+        times = {
             "created_at": _rfc3339(stream.created_at if stream is not None else info.created_at),
-            "last_used_at": now if request.cached else NEVER_USED,
-            "uploaded_at": now,
-            "_croft": {"member": self.core.member, "split": info.split},
+            "expires_at": _rfc3339(stream.expires_at if stream is not None else info.expires_at),
         }
+        filename = request.filename or (stream.filename if stream else info.filename)
         if remote.image is not None:
             # From an LXD server, as LXD records it: the server's description of the image.
             theirs = remote.image
             given = theirs.get("properties")
             if isinstance(given, dict):
-                record["properties"] = {
-                    **{str(k): str(v) for k, v in given.items()},
-                    **request.properties,
-                }
-            for key in ("created_at", "expires_at"):
+                properties = {**{str(k): str(v) for k, v in given.items()}, **request.properties}
+            for key in times:
                 text = str(theirs.get(key, ""))
                 with contextlib.suppress(ValueError):
                     datetime.fromisoformat(text.replace("Z", "+00:00"))  # RFC 3339: kept as is
-                    record[key] = text
+                    times[key] = text
             if not request.filename and theirs.get("filename"):
-                record["filename"] = posixpath.basename(str(theirs["filename"]))
+                filename = posixpath.basename(str(theirs["filename"]))
+        # Every field named: `dump()` leaves out the ones that are not.
+        record = ImageRecord(
+            auto_update=request.auto_update and remote.by_alias,
+            properties=properties,
+            public=request.public,
+            expires_at=times["expires_at"],
+            profiles=["default"],
+            architecture=info.architecture,
+            cached=request.cached,
+            filename=filename,
+            fingerprint=info.fingerprint,
+            size=info.size,
+            type=str(info.type),
+            created_at=times["created_at"],
+            last_used_at=now if request.cached else NEVER_USED,
+            uploaded_at=now,
+            _croft=ImageMeta(member=self.core.member, split=info.split),
+        )
         if remote.by_alias:
-            record["update_source"] = request.source.to_json()
+            record.update_source = request.source.to_json()
         return record
 
     # -- refreshing ---------------------------------------------------------------------
@@ -733,13 +739,13 @@ class RemoteImages:
         delete this one (its blob too, once no project has it). Returns (refreshed, the
         image now in use). An image without a source is left as it is."""
         record, _ = await self.core.find(project, fingerprint)
-        fingerprint = record["fingerprint"]
-        origin = record.get("update_source")
-        if not isinstance(origin, dict) or not origin.get("server"):
+        fingerprint = record.fingerprint
+        origin = record.update_source
+        if origin is None or not origin.get("server"):
             return False, await self.core.render(project, record)
         source = RemoteSource.from_json(origin)
         if not source.image_type:
-            source = RemoteSource(**{**source.__dict__, "image_type": record.get("type", "")})
+            source = RemoteSource(**{**source.__dict__, "image_type": record.type})
         remote = await in_thread(_find_remote, source)
         remote.close()  # the pull below asks the server again
         if remote.fingerprint == fingerprint:
@@ -749,7 +755,7 @@ class RemoteImages:
                 project=project,
                 source=source,
                 auto_update=True,
-                public=bool(record.get("public")),
+                public=record.is_public,
             ),
             progress,
         )
@@ -759,18 +765,18 @@ class RemoteImages:
         found, _ = await self.core.find(project, new["fingerprint"])
         return True, await self.core.render(project, found)
 
-    async def _replace(self, project: str, old: dict[str, Any], new_fingerprint: str) -> None:
+    async def _replace(self, project: str, old: ImageRecord, new_fingerprint: str) -> None:
         """Move what belongs to the old image's place to the new image, then drop the old."""
-        old_fingerprint = old["fingerprint"]
+        old_fingerprint = old.fingerprint
         keep = {
-            "cached": bool(old.get("cached")),
-            "last_used_at": old.get("last_used_at", NEVER_USED),
-            "profiles": old.get("profiles", ["default"]),
+            "cached": old.cached,
+            "last_used_at": old.last_used_at or NEVER_USED,
+            "profiles": old.profiles if "profiles" in old.model_fields_set else ["default"],
             "auto_update": True,
         }
 
         def change(current: dict[str, Any]) -> dict[str, Any]:
-            return {**current, **keep}
+            return ImageRecord.model_validate(current).model_copy(update=keep).dump()
 
         await modify(
             self.store, image_key(project, new_fingerprint), change, missing="Image not found"
@@ -781,15 +787,17 @@ class RemoteImages:
                 if entry is None:
                     return
                 aliases = [
-                    e
+                    (e, ImageAliasRecord.model_validate(e.json()))
                     for e in await self.store.list(f"{RECORDS}{ALIASES}/{project}/")
-                    if e.json().get("target") == old_fingerprint
                 ]
                 operations: list[Any] = [
                     Update(
-                        e.key, dump({**e.json(), "target": new_fingerprint}), revision=e.revision
+                        e.key,
+                        dump(alias.model_copy(update={"target": new_fingerprint}).dump()),
+                        revision=e.revision,
                     )
-                    for e in aliases
+                    for e, alias in aliases
+                    if alias.target == old_fingerprint
                 ]
                 operations.append(Delete(entry.key, revision=entry.revision))
                 try:
@@ -834,12 +842,13 @@ class RemoteImages:
         except ValueError:
             return DEFAULT_CACHE_EXPIRY_DAYS * 86400.0
 
-    async def _records(self) -> list[tuple[str, dict[str, Any]]]:
+    async def _records(self) -> list[tuple[str, ImageRecord]]:
+        """Every image of every project, with its project."""
         prefix = f"{RECORDS}{IMAGES}/"
         found = []
         for entry in await self.store.list(prefix):
             project = entry.key[len(prefix) :].split("/", 1)[0]
-            found.append((project, entry.json()))
+            found.append((project, ImageRecord.model_validate(entry.json())))
         return found
 
     async def auto_update(self) -> list[str]:
@@ -850,7 +859,7 @@ class RemoteImages:
         now = time.monotonic()
         due: dict[str, bool] = {}
         for project, record in await self._records():
-            if not record.get("auto_update") or not record.get("update_source"):
+            if not record.auto_update or not record.update_source:
                 continue
             if project not in due:
                 interval = await self._auto_update_seconds(project)
@@ -859,17 +868,17 @@ class RemoteImages:
             if not due[project]:
                 continue
             try:
-                refreshed, _ = await self.refresh(project, record["fingerprint"])
+                refreshed, _ = await self.refresh(project, record.fingerprint)
             except CroftError as exc:
                 log.warning(
                     "auto-update of image %s in project %s failed: %s",
-                    record["fingerprint"],
+                    record.fingerprint,
                     project,
                     exc.message,
                 )
                 continue
             if refreshed:
-                replaced.append(record["fingerprint"])
+                replaced.append(record.fingerprint)
         for project, was_due in due.items():
             if was_due:
                 self._last_update[project] = now
@@ -882,17 +891,17 @@ class RemoteImages:
         now = time.time()
         expiry: dict[str, float] = {}
         for project, record in await self._records():
-            if not record.get("cached"):
+            if not record.cached:
                 continue
             if project not in expiry:
                 expiry[project] = await self._cache_expiry_seconds(project)
             if expiry[project] <= 0:
                 continue
-            used = record.get("last_used_at", NEVER_USED)
-            since = _parse_time(record.get("uploaded_at", "") if used == NEVER_USED else used)
+            used = record.last_used_at or NEVER_USED
+            since = _parse_time(record.uploaded_at if used == NEVER_USED else used)
             if since is None or since + expiry[project] > now:
                 continue
-            fingerprint = record["fingerprint"]
+            fingerprint = record.fingerprint
             try:
                 await self.core.delete_image(project, fingerprint)
             except (NotFound, Conflict) as exc:

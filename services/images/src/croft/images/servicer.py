@@ -9,6 +9,7 @@ from typing import Any
 import grpc
 
 from croft.common.errors import InvalidArgument
+from croft.common.models import ImageAliasRecord
 from croft.images.core import ImagePut, ImagesCore, ImportRequest, RootfsStart
 from croft.images.export import export_image
 from croft.images.remote import PullRequest, RemoteImages, RemoteSource, with_progress
@@ -84,8 +85,8 @@ def _pull_request(request: images_pb2.PullImageRequest) -> PullRequest:
     )
 
 
-def _json(value: Any) -> common_pb2.Json:
-    return common_pb2.Json(json=json.dumps(value))
+def _alias(alias: ImageAliasRecord) -> common_pb2.Json:
+    return common_pb2.Json(json=json.dumps(alias.public()))
 
 
 class ImagesServicer(images_pb2_grpc.ImagesServicer):
@@ -135,7 +136,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
         return images_pb2.ImageFilesReply(
             metadata_path=str(files.metadata_path),
             rootfs_path=str(files.rootfs_path) if files.rootfs_path else "",
-            record=json.dumps(files.record),
+            record=json.dumps(files.record.public()),
         )
 
     async def ImportImage(
@@ -175,7 +176,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
     async def CreateAlias(
         self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
-        return _json(
+        return _alias(
             await self.core.create_alias(
                 request.project or "default", request.name, request.target, request.description
             )
@@ -184,7 +185,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
     async def UpdateAlias(
         self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
-        return _json(
+        return _alias(
             await self.core.update_alias(
                 request.project or "default",
                 request.name,
@@ -197,7 +198,7 @@ class ImagesServicer(images_pb2_grpc.ImagesServicer):
     async def RenameAlias(
         self, request: images_pb2.ImageAliasRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
-        return _json(
+        return _alias(
             await self.core.rename_alias(
                 request.project or "default", request.name, request.new_name
             )

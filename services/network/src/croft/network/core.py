@@ -31,6 +31,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,15 @@ from typing import Any, TypeVar
 
 from croft.common import events
 from croft.common.blocking import in_thread
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import (
+    Conflict,
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    NotImplementedYet,
+)
 from croft.common.locks import KeyedLock
+from croft.common.models import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
@@ -48,7 +56,6 @@ from croft.common.records import (
     network_member_prefix,
     network_nic_key,
     network_nic_prefix,
-    record_key,
     record_prefix,
 )
 from croft.common.revert import Reverter
@@ -65,7 +72,7 @@ DEFAULT_NETWORK_TYPE = "bridge"
 
 def network_key(name: str) -> str:
     """Where a network's record lives (networks are not scoped by project, as in LXD)."""
-    return record_key("networks", DEFAULT_PROJECT, name)
+    return NetworkRecord.store_key(name)
 
 
 # LXD's member-specific network keys (db.NodeSpecificNetworkConfig): each member keeps
@@ -85,28 +92,29 @@ def split_config(config: Mapping[str, str]) -> tuple[dict[str, str], dict[str, s
 
 def new_network_record(
     name: str, type_name: str, config: dict[str, str], description: str = ""
-) -> dict[str, Any]:
+) -> NetworkRecord:
     """A managed network's cluster-wide record in LXD's `GET /1.0/networks/<name>`
     shape (its member-specific keys are left out: they go in member keys)."""
-    return {
-        "name": name,
-        "description": description,
-        "type": type_name,
-        "managed": True,
-        "status": "Created",
-        "config": split_config(config)[0],
-        "used_by": [],
-        "locations": ["none"],
-        "_croft": {},
-    }
+    # Every field named: the stored record has them all (`dump()` leaves out unset ones).
+    return NetworkRecord(
+        name=name,
+        description=description,
+        type=type_name,
+        managed=True,
+        status="Created",
+        config=split_config(config)[0],
+        used_by=[],
+        locations=["none"],
+        _croft=NetworkMeta(),  # by its alias: the name mypy knows
+    )
 
 
-def member_entry(state: str, config: Mapping[str, str], error: str = "") -> dict[str, Any]:
+def member_entry(state: str, config: Mapping[str, str], error: str = "") -> NetworkMember:
     """One member's state of a network and its member-specific config."""
-    return {"state": state, "config": split_config(config)[1], "error": error}
+    return NetworkMember(state=state, config=split_config(config)[1], error=error)
 
 
-def with_members(record: dict[str, Any], states: Mapping[str, str]) -> dict[str, Any]:
+def with_members(record: NetworkRecord, states: Mapping[str, str]) -> NetworkRecord:
     """The record with `status` and `locations` as LXD derives them from the members'
     states (`states`: member -> state): Errored if one errored, Pending if one is
     pending, else Created; `locations` lists the members, or is LXD's ["none"] while
@@ -114,7 +122,15 @@ def with_members(record: dict[str, Any], states: Mapping[str, str]) -> dict[str,
     values = set(states.values())
     status = "Errored" if ERRORED in values else "Pending" if PENDING in values else "Created"
     locations = sorted(states) if len(states) > 1 else ["none"]
-    return {**record, "status": status, "locations": locations}
+    return record.model_copy(update={"status": status, "locations": locations})
+
+
+def _with_config(record: NetworkRecord, config: dict[str, str]) -> NetworkRecord:
+    return record.model_copy(update={"config": config})
+
+
+# A project name that can be a DNS label (LXD's project names are freer).
+_DNS_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,7 @@ class InstanceNic:
     device: str
     hwaddr: str = ""  # "" on detach: the one recorded at attach is used
     ipv4: str | None = None  # a pinned address; None for any
+    ipv6: str | None = None  # a pinned DHCPv6 address; None for any
 
     @property
     def key(self) -> str:
@@ -136,6 +153,16 @@ class InstanceNic:
     @property
     def store_key(self) -> str:
         return network_nic_key(self.network, self.project, self.instance, self.device)
+
+    @property
+    def dns_name(self) -> str:
+        """The instance's name in the network's DHCP and DNS, as LXD's project.DNS makes
+        it: `<instance>.<project>` outside the default project, so that two projects'
+        instances of one name do not share it (the instance's own name when the project's
+        name cannot be a DNS label)."""
+        if self.project in ("", DEFAULT_PROJECT) or not _DNS_LABEL.match(self.project):
+            return self.instance
+        return f"{self.instance}.{self.project}"
 
 
 @dataclass(frozen=True)
@@ -164,8 +191,8 @@ class NetworkCore:
         # time (this service is the only writer of both): the records of this member's
         # networks, dropped by every change of a network, and each network's NICs with
         # their revisions (a compare-and-swap still catches any other writer's change).
-        self._records: dict[str, dict[str, Any]] = {}
-        self._nics: dict[str, dict[str, tuple[dict[str, str], int]]] = {}
+        self._records: dict[str, NetworkRecord] = {}
+        self._nics: dict[str, dict[str, tuple[NetworkNic, int]]] = {}
 
     # ------------------------------------------------------------------ plumbing
 
@@ -175,7 +202,7 @@ class NetworkCore:
             try:
                 self._drivers[type_name] = load_driver(type_name, self.settings)
             except InvalidArgument:
-                raise InvalidArgument(f'Invalid network type "{type_name}"') from None
+                raise InvalidArgument("Unknown driver") from None
         return self._drivers[type_name]
 
     async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
@@ -190,30 +217,28 @@ class NetworkCore:
         # work half-way; the work finishes, or undoes itself, under the lock.
         return await asyncio.shield(run())
 
-    async def _local_record(self, name: str) -> dict[str, Any]:
+    async def _local_record(self, name: str) -> NetworkRecord:
         """The record of a network this member has, its config merged with this member's
         member-specific config (what its driver works with)."""
         record, _, mine, _ = await self._local_entry(name)
-        return {**record, "config": {**record["config"], **mine["config"]}}
+        return _with_config(record, {**record.config, **mine.config})
 
-    async def _local_entry(self, name: str) -> tuple[dict[str, Any], int, dict[str, Any], int]:
+    async def _local_entry(self, name: str) -> tuple[NetworkRecord, int, NetworkMember, int]:
         """The cluster-wide record of a network this member has and its revision, then
         this member's key of it and its revision."""
         if not name:
             raise InvalidArgument("No network name given")
-        found = await self.store.get_json(network_key(name))
-        if found is None:
-            raise NotFound("Network not found")
+        record, revision = await self._require(name)
         mine = await self.store.get_json(network_member_key(name, self.member))
         if mine is None:
             raise NotFound(f"Network {name!r} is not set up on member {self.member!r}")
-        return found[0], found[1], mine[0], mine[1]
+        return record, revision, NetworkMember.model_validate(mine[0]), mine[1]
 
     async def _member_states(self, name: str) -> dict[str, str]:
         """Every member's state of a network."""
         prefix = network_member_prefix(name)
         return {
-            entry.key.removeprefix(prefix): str(entry.json().get("state", ""))
+            entry.key.removeprefix(prefix): NetworkMember.model_validate(entry.json()).state
             for entry in await self.store.list(prefix)
         }
 
@@ -222,13 +247,16 @@ class NetworkCore:
         self._records.pop(name, None)
         self._nics.pop(name, None)
 
-    async def _nic_entries(self, name: str) -> dict[str, tuple[dict[str, str], int]]:
+    async def _nic_entries(self, name: str) -> dict[str, tuple[NetworkNic, int]]:
         """The NICs attached to a network, by `InstanceNic.key`, with their revisions."""
         known = self._nics.get(name)
         if known is None:
             prefix = network_nic_prefix(name)
             known = {
-                entry.key.removeprefix(prefix): (entry.json(), entry.revision)
+                entry.key.removeprefix(prefix): (
+                    NetworkNic.model_validate(entry.json()),
+                    entry.revision,
+                )
                 for entry in await self.store.list(prefix)
             }
             self._nics[name] = known
@@ -262,7 +290,7 @@ class NetworkCore:
     def _default_made_marker(self) -> Path:
         return self.settings.state_root / ".default-network-created"
 
-    async def ensure_default_network(self) -> dict[str, Any] | None:
+    async def ensure_default_network(self) -> NetworkRecord | None:
         """The default bridge's record, created (with a free subnet chosen by the driver)
         the first time. Host state left by a service killed between the driver's create
         and the record's write is adopted, so its subnet does not change. When another
@@ -272,13 +300,13 @@ class NetworkCore:
         name = self.default_network
         key = network_key(name)
 
-        async def ensure() -> dict[str, Any] | None:
+        async def ensure() -> NetworkRecord | None:
             self._forget(name)
             found = await self.store.get_json(key)
             if found is not None:
                 if await self.store.get(network_member_key(name, self.member)) is not None:
                     return await self._local_record(name)
-                return await self._join(name, found[0]["type"])
+                return await self._join(name, NetworkRecord.model_validate(found[0]).type)
             driver = self.driver(DEFAULT_NETWORK_TYPE)
             adopted = await driver.local_config(name)
             if adopted is None and await in_thread(self._default_made_marker.exists):
@@ -291,10 +319,10 @@ class NetworkCore:
             try:
                 await self.store.transaction(
                     [
-                        Create(key, dump(record)),
+                        Create(key, dump(record.dump())),
                         Put(
                             network_member_key(name, self.member),
-                            dump(member_entry(CREATED, config)),
+                            dump(member_entry(CREATED, config).dump()),
                         ),
                     ]
                 )
@@ -316,7 +344,7 @@ class NetworkCore:
 
         return await self._locked(name, ensure)
 
-    async def _join(self, name: str, type_name: str) -> dict[str, Any]:
+    async def _join(self, name: str, type_name: str) -> NetworkRecord:
         """Set up on this member a network another member recorded: pending while its
         host state is made from the record's config, then created (errored, with the
         error, if the driver fails). The caller holds the network's lock."""
@@ -325,7 +353,7 @@ class NetworkCore:
         try:
             record = (await self._require(name))[0]
             if await driver.local_config(name) is None:
-                await driver.create(name, record["config"])
+                await driver.create(name, record.config)
         except Exception as exc:
             with contextlib.suppress(CroftError):
                 await self._set_member_state(name, ERRORED, {}, error=str(exc))
@@ -334,15 +362,16 @@ class NetworkCore:
         log.info("joined network %s, recorded by another member", name)
         return await self._local_record(name)
 
-    async def _require(self, name: str) -> tuple[dict[str, Any], int]:
+    async def _require(self, name: str) -> tuple[NetworkRecord, int]:
+        """A network's cluster-wide record and its revision."""
         found = await self.store.get_json(network_key(name))
         if found is None:
             raise NotFound("Network not found")
-        return found
+        return NetworkRecord.model_validate(found[0]), found[1]
 
     async def _set_member_state(
         self, name: str, state: str, config: Mapping[str, str], error: str = ""
-    ) -> dict[str, Any]:
+    ) -> NetworkRecord:
         """Write this member's state (and member-specific config) of a network, and the
         record's status and locations that follow from every member's, in one
         transaction (read again and retried should another member write meanwhile)."""
@@ -353,10 +382,10 @@ class NetworkCore:
             try:
                 await self.store.transaction(
                     [
-                        Update(network_key(name), dump(new), revision),
+                        Update(network_key(name), dump(new.dump()), revision),
                         Put(
                             network_member_key(name, self.member),
-                            dump(member_entry(state, config, error)),
+                            dump(member_entry(state, config, error).dump()),
                         ),
                     ]
                 )
@@ -373,24 +402,25 @@ class NetworkCore:
         member-specific keys. Each record moves in one transaction; other members'
         records are left to them."""
         for entry in await self.store.list(record_prefix("networks", DEFAULT_PROJECT)):
-            record = entry.json()
-            if record.get("_croft", {}).get("member") != self.member:
+            record = NetworkRecord.model_validate(entry.json())
+            if record.croft.member != self.member:
                 continue
-            name = record["name"]
+            name = record.name
 
             async def migrate(
-                entry: Entry = entry, record: dict[str, Any] = record, name: str = name
+                entry: Entry = entry, record: NetworkRecord = record, name: str = name
             ) -> None:
-                cluster, _ = split_config(record["config"])
-                croft = {k: v for k, v in record["_croft"].items() if k != "member"}
+                cluster, _ = split_config(record.config)
+                croft = NetworkMeta.model_validate(record.croft.dump(exclude={"member"}))
                 states = {**await self._member_states(name), self.member: CREATED}
-                new = with_members({**record, "config": cluster, "_croft": croft}, states)
+                moved = record.model_copy(update={"config": cluster, "croft": croft})
+                new = with_members(moved, states)
                 await self.store.transaction(
                     [
-                        Update(entry.key, dump(new), entry.revision),
+                        Update(entry.key, dump(new.dump()), entry.revision),
                         Put(
                             network_member_key(name, self.member),
-                            dump(member_entry(CREATED, record["config"])),
+                            dump(member_entry(CREATED, record.config).dump()),
                         ),
                     ]
                 )
@@ -408,39 +438,47 @@ class NetworkCore:
         created."""
         failed = []
         mine = {
-            entry.key.removeprefix(RECORDS + "network-members/").split("/")[0]: entry.json()
+            entry.key.removeprefix(RECORDS + "network-members/").split("/")[0]: (
+                NetworkMember.model_validate(entry.json())
+            )
             for entry in await self.store.list(RECORDS + "network-members/")
             if entry.key.endswith(f"/{self.member}")
         }
         for entry in await self.store.list(record_prefix("networks", DEFAULT_PROJECT)):
-            record = entry.json()
-            name = record["name"]
+            record = NetworkRecord.model_validate(entry.json())
+            name = record.name
             member = mine.get(name)
             if member is None:
                 continue
-            if record.get("_croft", {}).get("nics"):
+            if member.state == PENDING and record.status == "Pending":
+                # A create this service was killed in: it never finished, so none of it
+                # stays (LXD's failed create leaves no network either).
+                try:
+                    await self._locked(name, functools.partial(self._abandon_create, record))
+                except CroftError as exc:
+                    log.error("network %s: unfinished create not undone: %s", name, exc)
+                continue
+            if record.croft.nics:
                 try:
                     await self._locked(name, functools.partial(self._move_nics_out, entry))
                 except CroftError as exc:
                     log.error("network %s: its NICs were not moved to keys: %s", name, exc)
-            config = {**record["config"], **member.get("config", {})}
+            config = {**record.config, **member.config}
 
             async def start(
-                record: dict[str, Any] = record,
+                record: NetworkRecord = record,
                 config: dict[str, str] = config,
-                member: dict[str, Any] = member,
+                member: NetworkMember = member,
             ) -> None:
-                driver = self.driver(record["type"])
+                driver = self.driver(record.type)
                 try:
-                    await driver.start(record["name"], config)
+                    await driver.start(record.name, config)
                 except Exception as exc:
                     with contextlib.suppress(CroftError):
-                        await self._set_member_state(
-                            record["name"], ERRORED, config, error=str(exc)
-                        )
+                        await self._set_member_state(record.name, ERRORED, config, error=str(exc))
                     raise
-                if member.get("state") != CREATED:
-                    await self._set_member_state(record["name"], CREATED, config)
+                if member.state != CREATED:
+                    await self._set_member_state(record.name, CREATED, config)
 
             try:
                 await self._locked(name, start)
@@ -449,30 +487,45 @@ class NetworkCore:
                 failed.append(name)
         return failed
 
+    async def _abandon_create(self, record: NetworkRecord) -> None:
+        """Undo a create that never finished: the driver's host state (only if the
+        driver made some: an interface of that name it did not make stays), then the
+        record and this member's key."""
+        name = record.name
+        driver = self.driver(record.type)
+        if await driver.local_config(name) is not None:
+            await driver.delete(name)
+        await self.store.transaction(
+            [Delete(network_key(name)), Delete(network_member_key(name, self.member))]
+        )
+        self._forget(name)
+        log.warning("network %s: removed what a create killed half-way had made", name)
+
     async def _move_nics_out(self, entry: Entry) -> None:
         """Give each NIC listed in a network record (as records were written before NICs
         had keys of their own) its key, then drop the list. Safe to run again after an
         interruption: the keys are written first, and the list goes last."""
-        record = entry.json()
-        name = record["name"]
+        raw = entry.json()
+        record = NetworkRecord.model_validate(raw)
+        name = record.name
         writes: list[Put] = []
-        for nic_key, value in record["_croft"]["nics"].items():
+        for nic_key, value in (record.croft.nics or {}).items():
             project, instance, device = nic_key.split("/", 2)
             writes.append(Put(network_nic_key(name, project, instance, device), dump(value)))
         for start in range(0, len(writes), 100):  # etcd takes 128 operations at most
             await self.store.transaction(writes[start : start + 100])
 
         def drop_list(current: dict[str, Any]) -> dict[str, Any]:
-            current.get("_croft", {}).pop("nics", None)
-            current["used_by"] = []
-            return current
+            network = NetworkRecord.model_validate(current)
+            croft = NetworkMeta.model_validate(network.croft.dump(exclude={"nics"}))
+            return network.model_copy(update={"croft": croft, "used_by": []}).dump()
 
         await modify(
             self.store,
             entry.key,
             drop_list,
             missing="Network not found",
-            current=(record, entry.revision),
+            current=(raw, entry.revision),
         )
         self._forget(name)
         log.info("network %s: moved %d NICs from its record to keys", name, len(writes))
@@ -481,71 +534,146 @@ class NetworkCore:
 
     async def create_network(
         self, name: str, type_name: str, config: dict[str, str], description: str = ""
-    ) -> dict[str, Any]:
+    ) -> NetworkRecord:
         """Create a managed network on this member and start it; returns its record.
-        InvalidArgument for a bad name, type or config, Conflict if the name is taken.
-        On failure nothing is left: no record, no host state."""
+
+        As LXD: the record is written first with this member `pending` (the network's
+        status Pending), then the driver makes and starts it, then this member is
+        `created` with the config the driver filled in (`auto` subnets). On any failure
+        the driver's work is undone and the record and member key are removed: no
+        bridge, no dnsmasq, no firewall table, no record. InvalidArgument for a bad
+        name, type or config, Conflict if the name is taken."""
         if not name:
-            raise InvalidArgument("No network name given")
+            raise InvalidArgument("No name provided")
         type_name = type_name or DEFAULT_NETWORK_TYPE
         driver = self.driver(type_name)
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
             raise InvalidArgument("Network config values must be strings")
         key = network_key(name)
+        mine = network_member_key(name, self.member)
 
-        async def create() -> dict[str, Any]:
+        async def create() -> NetworkRecord:
             self._forget(name)
+            # Name and keys first: a bad request writes nothing at all.
+            await driver.validate(name, {k: v for k, v in config.items() if v != ""})
             if await self.store.get(key) is not None:
                 raise Conflict("The network already exists")
+            pending = new_network_record(name, type_name, config, description).model_copy(
+                update={"status": "Pending"}
+            )
+            try:
+                revision = await self.store.transaction(
+                    [
+                        Create(key, dump(pending.dump())),
+                        Put(mine, dump(member_entry(PENDING, config).dump())),
+                    ]
+                )
+            except Conflict:
+                raise Conflict("The network already exists") from None
             async with Reverter() as revert:
+                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
+                # Registered once create succeeded: a create refused because the name is
+                # some other interface's must not delete that interface.
                 resolved = await driver.create(name, config)
                 revert.add(lambda: driver.delete(name))
-                record = new_network_record(name, type_name, resolved, description)
-                mine = network_member_key(name, self.member)
-                try:
-                    # The record and this member's state of it, in one write.
-                    await self.store.transaction(
-                        [
-                            Create(key, dump(record)),
-                            Put(mine, dump(member_entry(CREATED, resolved))),
-                        ]
-                    )
-                except Conflict:
-                    raise Conflict("The network already exists") from None
-                revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
                 await driver.start(name, resolved)
+                record = new_network_record(name, type_name, resolved, description)
+                await self.store.transaction(
+                    [
+                        Update(key, dump(record.dump()), revision),
+                        Put(mine, dump(member_entry(CREATED, resolved).dump())),
+                    ]
+                )
                 revert.success()
             await self._lifecycle("network-created", name)
-            return {**record, "config": resolved}
+            return _with_config(record, resolved)
 
         return await self._locked(name, create)
 
+    async def rename_network(self, name: str, new_name: str) -> NetworkRecord:
+        """Rename a network that nothing is attached to (LXD's `POST /1.0/networks/NAME`):
+        its host state, then its record and member keys, moved in one write. On failure
+        it keeps its old name. InvalidArgument while NICs are attached, Conflict when
+        the new name is taken."""
+        if not new_name:
+            raise InvalidArgument("New network name not provided")
+        if new_name == name:
+            raise Conflict(f'Network "{new_name}" already exists')
+
+        async def rename() -> NetworkRecord:
+            self._forget(name)
+            self._forget(new_name)
+            record, revision, mine, mine_revision = await self._local_entry(name)
+            if await self._nic_entries(name):
+                raise InvalidArgument("Network is currently in use")
+            if await self.store.get(network_key(new_name)) is not None:
+                raise Conflict(f'Network "{new_name}" already exists')
+            states = await self._member_states(name)
+            if set(states) != {self.member}:
+                raise InvalidArgument("Renaming clustered network not supported")
+            driver = self.driver(record.type)
+            config = {**record.config, **mine.config}
+            async with Reverter() as revert:
+                await driver.rename(name, new_name, config)
+                revert.add(lambda: driver.rename(new_name, name, config))
+                new = record.model_copy(update={"name": new_name})
+                await self.store.transaction(
+                    [
+                        Create(network_key(new_name), dump(new.dump())),
+                        Put(network_member_key(new_name, self.member), dump(mine.dump())),
+                        Delete(network_key(name), revision),
+                        Delete(network_member_key(name, self.member), mine_revision),
+                    ]
+                )
+                revert.success()
+            self._forget(name)
+            await self._lifecycle("network-renamed", new_name)
+            return _with_config(new, config)
+
+        async def both() -> NetworkRecord:
+            return await self._locked(new_name, rename)
+
+        return await self._locked(name, both)
+
     async def update_network(
         self, name: str, config: dict[str, str], description: str | None = None
-    ) -> dict[str, Any]:
+    ) -> NetworkRecord:
         """Replace a network's config (and description, unless None) and converge the
         running network to it; returns the record. Bad config changes nothing."""
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in config.items()):
             raise InvalidArgument("Network config values must be strings")
 
-        async def update() -> dict[str, Any]:
+        async def update() -> NetworkRecord:
             self._forget(name)
             record, revision, mine, mine_revision = await self._local_entry(name)
-            driver = self.driver(record["type"])
-            old_config = {**record["config"], **mine["config"]}
-            resolved = await driver.update(name, config)
+            driver = self.driver(record.type)
+            old_config = {**record.config, **mine.config}
+            changed = {k for k in {*old_config, *config} if old_config.get(k) != config.get(k)}
+            if changed & driver.fixed_in_use and await self._nic_entries(name):
+                raise InvalidArgument(driver.fixed_in_use_message)
+            try:
+                resolved = await driver.update(name, config)
+            except BaseException:
+                # A change that failed half-way (dnsmasq refusing raw.dnsmasq, say)
+                # puts the running network back as it was.
+                if await driver.is_running(name):
+                    with contextlib.suppress(Exception):
+                        await driver.update(name, old_config)
+                raise
+            cluster, member = split_config(resolved)
             # The cluster-wide keys go in the record, this member's own in its key: one
             # write, whose revisions catch any other writer meanwhile.
-            new = {**record, "config": split_config(resolved)[0]}
+            changes: dict[str, Any] = {"config": cluster}
             if description is not None:
-                new["description"] = description
+                changes["description"] = description
+            new = record.model_copy(update=changes)
             try:
                 await self.store.transaction(
                     [
-                        Update(network_key(name), dump(new), revision),
+                        Update(network_key(name), dump(new.dump()), revision),
                         Update(
                             network_member_key(name, self.member),
-                            dump({**mine, "config": split_config(resolved)[1]}),
+                            dump(mine.model_copy(update={"config": member}).dump()),
                             mine_revision,
                         ),
                     ]
@@ -554,7 +682,7 @@ class NetworkCore:
                 await driver.update(name, old_config)
                 raise
             await self._lifecycle("network-updated", name)
-            return {**new, "config": resolved}
+            return _with_config(new, resolved)
 
         return await self._locked(name, update)
 
@@ -565,11 +693,11 @@ class NetworkCore:
         async def delete() -> None:
             self._forget(name)
             record = await self._local_record(name)
-            if record.get("_croft", {}).get("nics") or await self._nic_entries(name):
+            if record.croft.nics or await self._nic_entries(name):
                 raise InvalidArgument("The network is currently in use")
             # Host state first: a record left by a failure here is started (recreated) at
             # the next service start, never orphaned host state without a record.
-            await self.driver(record["type"]).delete(name)
+            await self.driver(record.type).delete(name)
             # This member's key goes; the record with it when no other member has the
             # network, else its status and locations follow the members left.
             for _ in range(5):
@@ -580,8 +708,8 @@ class NetworkCore:
                 states.pop(self.member, None)
                 writes: list[Operation] = [Delete(network_member_key(name, self.member))]
                 if states:
-                    new = with_members(found[0], states)
-                    writes.append(Update(network_key(name), dump(new), found[1]))
+                    new = with_members(NetworkRecord.model_validate(found[0]), states)
+                    writes.append(Update(network_key(name), dump(new.dump()), found[1]))
                 else:
                     writes.append(Delete(network_key(name), found[1]))
                 try:
@@ -610,8 +738,8 @@ class NetworkCore:
 
         async def attach() -> NicAttachment:
             record = await self._nic_base(name)
-            driver = self.driver(record["type"])
-            config = record["config"]
+            driver = self.driver(record.type)
+            config = record.config
             known = (await self._nic_entries(name)).get(nic.key)
             previous = known[0] if known is not None else None
             hwaddr = nic.hwaddr.lower()
@@ -619,20 +747,31 @@ class NetworkCore:
             if not await driver.is_running(name):
                 await driver.start(name, config)
             async with Reverter() as revert:
-                if previous is not None and previous.get("hwaddr") == hwaddr:
+                if previous is not None and previous.hwaddr == hwaddr:
                     # add_instance replaces this NIC's entry: put the old one back.
-                    old_ipv4 = previous.get("ipv4") or None
-                    revert.add(lambda: driver.add_instance(name, nic.instance, hwaddr, old_ipv4))
+                    old_ipv4 = previous.ipv4 or None
+                    old_ipv6 = previous.ipv6 or None
+                    revert.add(
+                        lambda: driver.add_instance(
+                            name, nic.dns_name, hwaddr, old_ipv4, ipv6=old_ipv6
+                        )
+                    )
                 else:
-                    revert.add(lambda: driver.remove_instance(name, nic.instance, hwaddr))
-                address = await driver.add_instance(name, nic.instance, hwaddr, nic.ipv4)
-                await self._write_nic(nic, {"hwaddr": hwaddr, "ipv4": address or ""})
+                    revert.add(lambda: driver.remove_instance(name, nic.dns_name, hwaddr))
+                address = await driver.add_instance(
+                    name, nic.dns_name, hwaddr, nic.ipv4, ipv6=nic.ipv6
+                )
+                entry = NetworkNic(hwaddr=hwaddr, ipv4=address or "")
+                if nic.ipv6:
+                    # Only a pinned address is stored (the stored shape has no "" ipv6).
+                    entry = entry.model_copy(update={"ipv6": nic.ipv6})
+                await self._write_nic(nic, entry)
                 revert.success()
-            if previous is not None and previous.get("hwaddr") not in ("", hwaddr):
-                await driver.remove_instance(name, nic.instance, previous["hwaddr"])
+            if previous is not None and previous.hwaddr not in ("", hwaddr):
+                await driver.remove_instance(name, nic.dns_name, previous.hwaddr)
             return NicAttachment(
                 nic_type=driver.capabilities.nic_type,
-                parent=driver.nic_parent(name),
+                parent=driver.nic_parent(name, config),
                 mtu=driver.instance_mtu(config),
                 ipv4=address,
             )
@@ -652,13 +791,13 @@ class NetworkCore:
                 record = await self._nic_base(name)
             except NotFound:
                 return
-            driver = self.driver(record["type"])
+            driver = self.driver(record.type)
             nics = await self._nic_entries(name)
             known = nics.get(nic.key)
             entry = known[0] if known is not None else None
-            hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.get("hwaddr")) if h}
+            hwaddrs = {h.lower() for h in (nic.hwaddr, entry and entry.hwaddr) if h}
             for hwaddr in sorted(hwaddrs):
-                await driver.remove_instance(name, nic.instance, hwaddr)
+                await driver.remove_instance(name, nic.dns_name, hwaddr)
             if known is None:
                 return
             try:
@@ -670,7 +809,7 @@ class NetworkCore:
 
         await self._locked(name, detach)
 
-    async def _nic_base(self, name: str) -> dict[str, Any]:
+    async def _nic_base(self, name: str) -> NetworkRecord:
         """The record of a network of this member, as a NIC change needs it."""
         record = self._records.get(name)
         if record is None:
@@ -678,11 +817,11 @@ class NetworkCore:
             self._records[name] = record
         return record
 
-    async def _write_nic(self, nic: InstanceNic, entry: dict[str, str]) -> None:
+    async def _write_nic(self, nic: InstanceNic, entry: NetworkNic) -> None:
         """Record an attached NIC (compare-and-swap on its key, retried from the store's
         copy should another writer have changed it)."""
         name = nic.network
-        value = dump(entry)
+        value = dump(entry.dump())
         for _ in range(3):
             known = (await self._nic_entries(name)).get(nic.key)
             write = (
@@ -707,11 +846,14 @@ class NetworkCore:
     async def network_state(self, name: str) -> dict[str, Any]:
         """LXD's `GET /1.0/networks/<name>/state` metadata for a network of this member."""
         record = await self._local_record(name)
-        state = await self.driver(record["type"]).state(name)
+        state = await self.driver(record.type).state(name)
         return state.to_api()
 
     async def leases(self, name: str) -> list[dict[str, str]]:
         """LXD's `GET /1.0/networks/<name>/leases` metadata for a network of this member."""
         record = await self._local_record(name)
-        leases = await self.driver(record["type"]).leases(name)
+        driver = self.driver(record.type)
+        if not driver.capabilities.dhcp:
+            raise NotImplementedYet("Not implemented")  # LXD's answer for such networks
+        leases = await driver.leases(name)
         return [lease.to_api() for lease in leases]

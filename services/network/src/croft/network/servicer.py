@@ -8,7 +8,8 @@ from typing import Any
 import grpc
 
 from croft.common.errors import InvalidArgument
-from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.models import NetworkRecord
+from croft.common.records import DEFAULT_PROJECT
 from croft.network.core import InstanceNic, NetworkCore
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
@@ -21,6 +22,7 @@ def _nic(request: network_pb2.NicRequest) -> InstanceNic:
         device=request.device,
         hwaddr=request.hwaddr,
         ipv4=request.ipv4 or None,
+        ipv6=request.ipv6 or None,
     )
 
 
@@ -34,8 +36,8 @@ def _object(text: str) -> dict[str, Any]:
     return value
 
 
-def _record(record: dict[str, Any]) -> common_pb2.Json:
-    return common_pb2.Json(json=json.dumps(public(record)))
+def _record(record: NetworkRecord) -> common_pb2.Json:
+    return common_pb2.Json(json=json.dumps(record.public()))
 
 
 class NetworkServicer(network_pb2_grpc.NetworkServicer):
@@ -98,3 +100,8 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
     ) -> common_pb2.Empty:
         await self.core.delete_network(request.name)
         return common_pb2.Empty()
+
+    async def RenameNetwork(
+        self, request: network_pb2.NetworkRename, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.Json:
+        return _record(await self.core.rename_network(request.name, request.new_name))

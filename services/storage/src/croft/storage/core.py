@@ -61,6 +61,7 @@ from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.imageformat.format import unpack_image, unpack_vm_image
+from croft.storage import transfer
 from croft.storage.drivers import (
     DRIVERS,
     INSTANCE_TYPES,
@@ -73,6 +74,7 @@ from croft.storage.drivers import (
     check_name,
     load_driver,
 )
+from croft.storage.drivers.dir import parse_size
 from croft.v1 import images_pb2
 
 log = logging.getLogger(__name__)
@@ -140,10 +142,11 @@ class VolumeRef:
     def renamed(self, name: str) -> VolumeRef:
         return VolumeRef.parse(self.pool, self.project, self.type, name)
 
-    def volume(self, driver: StorageDriver) -> Volume:
-        """The driver's volume behind this reference."""
+    def volume(self, driver: StorageDriver, size: str = "") -> Volume:
+        """The driver's volume behind this reference (to be made `size` big, if given)."""
         vol_type = VolumeType(self.type)
-        return driver.volume(vol_type, self.name, INSTANCE_CONTENT[vol_type])
+        config = {"size": size} if size else None
+        return driver.volume(vol_type, self.name, INSTANCE_CONTENT[vol_type], config)
 
     @property
     def key(self) -> str:
@@ -202,6 +205,13 @@ def _volume_record(
         "project": project,
         "_croft": croft.dump(),
     }
+
+
+def _checked_size(size: str) -> str:
+    """A root disk's `size`, checked before anything is made ("" for none)."""
+    if size:
+        parse_size(size)
+    return size
 
 
 def _completed(record: dict[str, Any]) -> dict[str, Any]:
@@ -464,6 +474,8 @@ class StorageCore:
             meta = StorageVolumeRecord.meta_of(record)
             if meta.member != self.member or meta.state != CREATING:
                 continue
+            if record.get("type") == VolumeType.CUSTOM:
+                continue  # croft.storage.volumes reconciles its own
             try:
                 await self._reconcile_one(entry.key, record)
             except CroftError as exc:
@@ -911,7 +923,9 @@ class StorageCore:
 
     # ------------------------------------------------------------------ instance volumes
 
-    async def create_instance_volume(self, ref: VolumeRef, fingerprint: str) -> VolumeResult:
+    async def create_instance_volume(
+        self, ref: VolumeRef, fingerprint: str, size: str = ""
+    ) -> VolumeResult:
         """A new instance volume from an image, or empty (an empty rootfs for a container)
         when `fingerprint` is empty. Where the driver keeps images as volumes
         (`optimized_images`), the image is unpacked in the pool once and copied; otherwise
@@ -924,7 +938,7 @@ class StorageCore:
         if fingerprint:
             check_fingerprint(fingerprint)
         driver = await self.driver(ref.pool)
-        vol = ref.volume(driver)
+        vol = ref.volume(driver, _checked_size(size))
         async with self.locked(ref.pool, ref.name):
             record = _completed(self._instance_record(ref))
             # Each undo is registered before its step is awaited: a cancelled call (the
@@ -974,6 +988,21 @@ class StorageCore:
         not the caller's to fill, nor its undo's to remove."""
         if await driver.has_volume(vol):
             raise Conflict(f"instance volume {ref.name!r} already exists in pool {ref.pool!r}")
+
+    async def instance_volume_usage(self, ref: VolumeRef) -> int | None:
+        """The bytes the instance volume holds on its own, where its driver can tell
+        cheaply (`exclusive_usage`); None otherwise."""
+        driver = await self.driver(ref.pool)
+        return await driver.exclusive_usage(ref.volume(driver))
+
+    async def resize_instance_volume(self, ref: VolumeRef, size: str) -> None:
+        """Give the instance volume the root disk's new `size` ("" for none), live: a
+        limit where the driver has quotas; InvalidArgument, nothing changed, for a bad
+        size or one below what the volume uses."""
+        driver = await self.driver(ref.pool)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            await driver.set_volume_size(ref.volume(driver), _checked_size(size))
 
     async def mount_instance_volume(self, ref: VolumeRef) -> VolumeResult:
         driver = await self.driver(ref.pool)
@@ -1079,38 +1108,77 @@ class StorageCore:
         return done
 
     async def copy_instance_volume(
-        self, ref: VolumeRef, new_name: str, with_snapshots: bool = False
+        self,
+        ref: VolumeRef,
+        new_name: str,
+        with_snapshots: bool = False,
+        *,
+        snapshot: str = "",
+        target_pool: str = "",
+        size: str = "",
     ) -> VolumeResult:
-        """A new, independent instance volume with the content of `ref` (stopped or frozen
-        by the caller), and its snapshots if asked."""
-        new = ref.renamed(new_name)
-        driver = await self.driver(ref.pool)
-        vol, new_vol = ref.volume(driver), new.volume(driver)
-        async with self.locked(ref.pool, ref.name, new.name):
+        """A new, independent instance volume `new_name` in `target_pool` (default: the
+        same pool) with the content of `ref` (stopped or frozen by the caller, or, as LXD
+        copies a running container, live) or of its snapshot `snapshot`, and with its
+        snapshots if asked (never for a snapshot). Within a pool the driver copies (a
+        btrfs snapshot: instant, sharing blocks); between pools `croft.storage.transfer`
+        streams or copies the trees. The new volume's record claims the name first; on
+        any failure neither record nor volume is left."""
+        new = VolumeRef.parse(target_pool or ref.pool, ref.project, ref.type, new_name)
+        if snapshot:
+            check_name(snapshot, "snapshot name")
+        source = await self.driver(ref.pool)
+        driver = await self.driver(new.pool)
+        vol, new_vol = ref.volume(source), new.volume(driver, _checked_size(size))
+        if new.key == ref.key:
+            raise Conflict(f"instance volume {new.name!r} already exists in pool {new.pool!r}")
+        async with self.locked_across((ref.pool, ref.name), (new.pool, new.name)):
             await self.volume_record(ref)
+            origin = vol
+            snapshots: list[str] = []
+            if snapshot:
+                if snapshot not in await source.list_snapshots(vol):
+                    raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
+                origin = vol.snapshot(snapshot)
+            elif with_snapshots:
+                snapshots = await source.list_snapshots(vol)
             record = self._instance_record(new)
             await self._claim(new.key, record, f"instance volume {new.name!r}")
             async with Reverter() as revert:
                 revert.add(lambda: self._delete_key(new.key))
                 await self._require_no_volume(driver, new, new_vol)
                 revert.add(lambda: driver.delete_volume(new_vol))
-                await uninterrupted(
-                    driver.create_volume_from_copy(new_vol, vol, with_snapshots=with_snapshots)
-                )
+                if driver is source:
+                    await uninterrupted(
+                        driver.create_volume_from_copy(
+                            new_vol, origin, with_snapshots=bool(snapshots)
+                        )
+                    )
+                else:
+                    await uninterrupted(
+                        transfer.copy_between_pools(source, origin, snapshots, driver, new_vol)
+                    )
                 operations: list[Create | Update | Put | Delete] = []
-                if with_snapshots:
-                    for snapshot in await driver.list_snapshots(new_vol):
-                        snap = _completed(self._snapshot_record(new, snapshot))
-                        operations.append(Create(new.snapshot_key(snapshot), dump(snap)))
+                for name in await driver.list_snapshots(new_vol):
+                    snap = _completed(self._snapshot_record(new, name))
+                    operations.append(Create(new.snapshot_key(name), dump(snap)))
                 if operations:
-                    await self.store.transaction(operations)
                     revert.add(lambda: self.store.delete_prefix(f"{new.key}/"))
+                    await self.store.transaction(operations)
                 done = await self._complete(new.key, record)
                 revert.success()
             with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
                 await driver.mark_recorded(new_vol)
             mounted = await driver.mount_volume(new_vol)
         return self._result(driver, mounted, done)
+
+    @contextlib.asynccontextmanager
+    async def locked_across(self, *volumes: tuple[str, str]) -> AsyncIterator[None]:
+        """Hold the locks of volumes of one or several pools, in one global order."""
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted(set(volumes)):
+                await stack.enter_async_context(self._locks.hold(key))
+            yield
 
     # ------------------------------------------------------------------ snapshots
 

@@ -9,6 +9,7 @@ import grpc
 
 from croft.common.errors import InvalidArgument
 from croft.storage.core import StorageCore, VolumeRef, VolumeResult
+from croft.storage.volumes import CustomRef, CustomVolumes, instance_volume_state
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
@@ -41,15 +42,38 @@ def _config(request: storage_pb2.PoolRequest) -> dict[str, str]:
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+def _custom(request: storage_pb2.CustomVolumeRequest) -> CustomRef:
+    return CustomRef.parse(request.pool, request.project, request.name)
+
+
+def _json_object(text: str, what: str) -> dict[str, str]:
+    try:
+        value: Any = json.loads(text or "{}")
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"{what} is not JSON: {exc}") from None
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise InvalidArgument(f"{what} must map names to strings")
+    return value
+
+
+def _json(record: dict[str, Any]) -> common_pb2.Json:
+    return common_pb2.Json(json=json.dumps(record))
+
+
 class StorageServicer(storage_pb2_grpc.StorageServicer):
-    def __init__(self, core: StorageCore) -> None:
+    def __init__(self, core: StorageCore, custom: CustomVolumes | None = None) -> None:
         self.core = core
+        self.custom = custom or CustomVolumes(core)
 
     async def CreateInstanceVolume(
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:
         return _reply(
-            await self.core.create_instance_volume(_ref(request), request.image_fingerprint)
+            await self.core.create_instance_volume(
+                _ref(request), request.image_fingerprint, request.size
+            )
         )
 
     async def MountInstanceVolume(
@@ -78,9 +102,26 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeReply:
         result = await self.core.copy_instance_volume(
-            _ref(request), request.new_name, with_snapshots=request.with_snapshots
+            _ref(request),
+            request.new_name,
+            with_snapshots=request.with_snapshots,
+            snapshot=request.snapshot,
+            target_pool=request.target_pool,
+            size=request.size,
         )
         return _reply(result)
+
+    async def InstanceVolumeUsage(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeUsageReply:
+        used = await self.core.instance_volume_usage(_ref(request))
+        return storage_pb2.VolumeUsageReply(known=used is not None, used_bytes=used or 0)
+
+    async def ResizeInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.resize_instance_volume(_ref(request), request.size)
+        return common_pb2.Empty()
 
     async def CreateSnapshot(
         self, request: storage_pb2.VolumeRequest, context: Context
@@ -153,3 +194,96 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     async def DeletePool(self, request: storage_pb2.PoolRef, context: Context) -> common_pb2.Empty:
         await self.core.delete_pool(request.name)
         return common_pb2.Empty()
+
+    # ------------------------------------------------------------------ custom volumes
+
+    async def CreateCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        config = _json_object(request.config, "volume config")
+        record = await self.custom.create(
+            _custom(request), request.content_type, request.description, config
+        )
+        return _json(record)
+
+    async def UpdateCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        config = _json_object(request.config, "volume config")
+        return _json(await self.custom.update(_custom(request), request.description, config))
+
+    async def RenameCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        return _json(await self.custom.rename(_custom(request), request.new_name))
+
+    async def DeleteCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.custom.delete(_custom(request))
+        return common_pb2.Empty()
+
+    async def CopyCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        source = CustomRef.parse(request.source_pool, request.project, request.source_name)
+        config = _json_object(request.config, "volume config") if request.config else None
+        record = await self.custom.copy(
+            _custom(request),
+            source,
+            request.source_snapshot,
+            volume_only=request.volume_only,
+            description=request.description,
+            config=config,
+        )
+        return _json(record)
+
+    async def CustomVolumeState(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        return _json(await self.custom.state(_custom(request)))
+
+    async def MountCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.custom.mount(_custom(request)))
+
+    async def CreateCustomVolumeSnapshot(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        record = await self.custom.create_snapshot(
+            _custom(request), request.snapshot, request.description, request.expires_at
+        )
+        return _json(record)
+
+    async def UpdateCustomVolumeSnapshot(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        record = await self.custom.update_snapshot(
+            _custom(request), request.snapshot, request.description, request.expires_at
+        )
+        return _json(record)
+
+    async def RenameCustomVolumeSnapshot(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        record = await self.custom.rename_snapshot(
+            _custom(request), request.snapshot, request.new_name
+        )
+        return _json(record)
+
+    async def DeleteCustomVolumeSnapshot(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Empty:
+        await self.custom.delete_snapshot(_custom(request), request.snapshot)
+        return common_pb2.Empty()
+
+    async def RestoreCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        return _json(await self.custom.restore(_custom(request), request.snapshot))
+
+    async def InstanceVolumeState(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        return _json(await instance_volume_state(self.core, _ref(request)))

@@ -6,7 +6,9 @@ methods names one RPC, takes that RPC's request message and is typed with its re
 go-to-definition crosses the gRPC hop. A unary method returns the transport's awaitable
 itself rather than awaiting it: a call costs one plain function call more than before, no
 extra coroutine. To add an RPC: one method in its service's module, named after the RPC;
-a unary one is `return self._unary("Rpc", request, options)`, typed with its messages.
+a unary one is `return self._unary("Rpc", request, options)`, typed with its messages; one
+whose reply is a record (as JSON) returns its model (`croft.common.models`):
+`return self._record("Rpc", request, options, TheRecord)`.
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from collections.abc import AsyncIterable, Awaitable, Iterable
 from typing import Any, ClassVar, TypeAlias, TypedDict, TypeVar
 
 from croft.common.discovery import Instance
+from croft.common.models import Model
 from croft.common.rpc import ServiceClient
+from croft.v1 import common_pb2
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Model)
 
 # What a client-streaming RPC sends: the messages, produced as they come or all at once.
 RequestStream: TypeAlias = AsyncIterable[T] | Iterable[T]
@@ -33,7 +38,11 @@ class CallOptions(TypedDict, total=False):
 
 
 class TypedClient:
-    """The calls to one service (one member's, for a per-host service)."""
+    """The calls to one service (one member's, for a per-host service): one method per
+    RPC of the service, named after it in snake_case.
+
+    A client names its service and the service's stub as class arguments:
+    `class StorageClient(TypedClient, service="storage", stub=StorageStub)`."""
 
     #: The service's name in discovery.
     service: ClassVar[str]
@@ -42,6 +51,15 @@ class TypedClient:
     stub: ClassVar[type[Any]]
 
     __slots__ = ("rpc",)
+
+    def __init_subclass__(
+        cls, *, service: str | None = None, stub: type[Any] | None = None, **kwargs: Any
+    ) -> None:
+        super().__init_subclass__(**kwargs)
+        if service is not None:
+            cls.service = service
+        if stub is not None:
+            cls.stub = stub
 
     def __init__(self, rpc: ServiceClient[Any]) -> None:
         self.rpc = rpc
@@ -58,3 +76,10 @@ class TypedClient:
     def _unary(self, method: str, request: Any, options: CallOptions) -> Awaitable[Any]:
         """Call the unary RPC `method`; each typed method gives it its precise types."""
         return self.rpc.call(method, request, **options)
+
+    async def _record(self, method: str, request: Any, options: CallOptions, model: type[M]) -> M:
+        """Call the unary RPC `method`, whose reply is a record, and return it as `model`."""
+        reply = await self.rpc.call(method, request, **options)
+        # A record comes as a `Json` message, or in the `record` field of a reply.
+        text = reply.json if isinstance(reply, common_pb2.Json) else reply.record
+        return model.model_validate_json(text)

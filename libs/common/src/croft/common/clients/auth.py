@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 from typing_extensions import Unpack
 
@@ -11,12 +10,7 @@ from croft.common.clients._base import CallOptions, TypedClient
 from croft.v1 import auth_pb2, auth_pb2_grpc, common_pb2
 
 
-class AuthClient(TypedClient):
-    """One method per RPC of `croft.v1.Auth`, named after it in snake_case."""
-
-    service: ClassVar[str] = "auth"
-    stub = auth_pb2_grpc.AuthStub
-
+class AuthClient(TypedClient, service="auth", stub=auth_pb2_grpc.AuthStub):
     def is_trusted(
         self, request: auth_pb2.CertificateRef, **options: Unpack[CallOptions]
     ) -> Awaitable[auth_pb2.TrustReply]:

@@ -9,39 +9,138 @@ import grpc
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, RequestStream, TypedClient
+from croft.common.models import InstanceRecord, SnapshotRecord
+from croft.common.models.instance_wire import (
+    instance_from_wire,
+    instance_to_wire,
+    snapshot_from_wire,
+)
+from croft.common.riders import Rider, to_wire
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 
 class ComputeClient(TypedClient):
-    """One method per RPC of `croft.v1.Compute`, named after it in snake_case."""
+    """One method per RPC of `croft.v1.Compute`, named after it in snake_case. The calls
+    that carry instance or snapshot records take and return `croft.common.models`; the
+    calls that change an instance are never sent twice (their `timeout` is the call's
+    deadline, except for `change_state`, where it is LXD's)."""
 
     service: ClassVar[str] = "compute"
     stub = compute_pb2_grpc.ComputeStub
 
-    def create_instance(
-        self, request: compute_pb2.CreateInstanceRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("CreateInstance", request, options)
+    async def create_instance(
+        self,
+        record: InstanceRecord,
+        *,
+        image_fingerprint: str = "",
+        start: bool = False,
+        rider: Rider | None = None,
+        timeout: float | None = None,
+    ) -> InstanceRecord:
+        """Create `record` (expanded by the caller) from the image `image_fingerprint` (""
+        for an empty instance), started with `start`; the record compute wrote. Never sent
+        twice. `rider.written` says whether its writes went in with the create's last."""
+        request = compute_pb2.CreateInstanceRequest(
+            instance=instance_to_wire(record),
+            image_fingerprint=image_fingerprint,
+            start=start,
+            closing=to_wire(rider.writes) if rider else (),
+        )
+        reply = await self._unary("CreateInstance", request, _changing(timeout))
+        return _written(reply, rider)
 
-    def update_instance(
-        self, request: compute_pb2.UpdateInstanceRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("UpdateInstance", request, options)
+    async def update_instance(
+        self, record: InstanceRecord, *, revision: int = 0, timeout: float | None = None
+    ) -> InstanceRecord:
+        """Apply `record`'s config, devices, profiles and description (expanded again by the
+        caller), based on the stored record at `revision` (0: any; Conflict when it moved
+        on); the record compute wrote."""
+        request = compute_pb2.UpdateInstanceRequest(
+            instance=instance_to_wire(record), revision=revision
+        )
+        return _written(await self._unary("UpdateInstance", request, _changing(timeout)))
 
     def delete_instance(
         self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteInstance", request, options)
 
-    def rename_instance(
-        self, request: compute_pb2.RenameInstanceRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("RenameInstance", request, options)
+    async def rename_instance(
+        self, ref: common_pb2.InstanceRef, new_name: str, *, timeout: float | None = None
+    ) -> InstanceRecord:
+        """Rename the stopped instance `ref` to `new_name`; the record under its new name."""
+        request = compute_pb2.RenameInstanceRequest(instance=ref, new_name=new_name)
+        return _written(await self._unary("RenameInstance", request, _changing(timeout)))
 
-    def change_state(
-        self, request: compute_pb2.StateRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("ChangeState", request, options)
+    async def copy_instance(
+        self,
+        record: InstanceRecord,
+        source: common_pb2.InstanceRef,
+        *,
+        source_snapshot: str = "",
+        instance_only: bool = False,
+        allow_inconsistent: bool = False,
+        rider: Rider | None = None,
+        timeout: float | None = None,
+    ) -> InstanceRecord:
+        """Create `record` (expanded by the caller, its config merged with the source's)
+        as a copy of instance `source` of the same member, or of its snapshot
+        `source_snapshot`, with the source's snapshots unless `instance_only`; the record
+        compute wrote. Never sent twice. `rider.written` as in `create_instance`."""
+        request = compute_pb2.CopyInstanceRequest(
+            instance=instance_to_wire(record),
+            source=source,
+            source_snapshot=source_snapshot,
+            instance_only=instance_only,
+            allow_inconsistent=allow_inconsistent,
+            closing=to_wire(rider.writes) if rider else (),
+        )
+        reply = await self._unary("CopyInstance", request, _changing(timeout))
+        return _written(reply, rider)
+
+    async def move_instance(
+        self,
+        ref: common_pb2.InstanceRef,
+        pool: str,
+        *,
+        instance_only: bool = False,
+        timeout: float | None = None,
+    ) -> InstanceRecord:
+        """Move the stopped instance `ref`'s root volume (and its snapshots, deleted
+        instead with `instance_only`) to storage pool `pool` of its member; the record
+        after the move. Never sent twice."""
+        request = compute_pb2.MoveInstanceRequest(
+            instance=ref, pool=pool, instance_only=instance_only
+        )
+        return _written(await self._unary("MoveInstance", request, _changing(timeout)))
+
+    async def change_state(
+        self,
+        ref: common_pb2.InstanceRef,
+        action: str,
+        *,
+        force: bool = False,
+        timeout: int = -1,
+        known: tuple[InstanceRecord, int] | None = None,
+        rider: Rider | None = None,
+        deadline: float | None = None,
+    ) -> InstanceRecord:
+        """start, stop, restart, freeze or unfreeze instance `ref` (`force` and `timeout`, in
+        seconds, -1 for none, are LXD's); the record with its new status. `known` is the
+        record and revision the caller just read, which saves compute a read; `deadline`
+        bounds the call. Never sent twice. `rider.written` as in `create_instance`."""
+        request = compute_pb2.StateRequest(
+            instance=ref,
+            action=action,
+            force=force,
+            timeout=timeout,
+            closing=to_wire(rider.writes) if rider else (),
+        )
+        if known is not None:
+            request.known.CopyFrom(instance_to_wire(known[0]))
+            request.revision = known[1]
+        reply = await self._unary("ChangeState", request, _changing(deadline))
+        return _written(reply, rider)
 
     def get_state(
         self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
@@ -77,25 +176,44 @@ class ComputeClient(TypedClient):
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteFile", request, options)
 
-    def create_snapshot(
-        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("CreateSnapshot", request, options)
+    async def create_snapshot(
+        self,
+        ref: common_pb2.InstanceRef,
+        snapshot: str,
+        *,
+        expires_at: str = "",
+        timeout: float | None = None,
+    ) -> SnapshotRecord:
+        request = compute_pb2.SnapshotRequest(
+            instance=ref, snapshot=snapshot, expires_at=expires_at
+        )
+        reply = await self._unary("CreateSnapshot", request, _changing(timeout))
+        return snapshot_from_wire(reply.snapshot)
 
-    def delete_snapshot(
-        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteSnapshot", request, options)
+    async def delete_snapshot(
+        self, ref: common_pb2.InstanceRef, snapshot: str, *, timeout: float | None = None
+    ) -> None:
+        request = compute_pb2.SnapshotRequest(instance=ref, snapshot=snapshot)
+        await self._unary("DeleteSnapshot", request, _changing(timeout))
 
-    def rename_snapshot(
-        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("RenameSnapshot", request, options)
+    async def rename_snapshot(
+        self,
+        ref: common_pb2.InstanceRef,
+        snapshot: str,
+        new_name: str,
+        *,
+        timeout: float | None = None,
+    ) -> SnapshotRecord:
+        request = compute_pb2.SnapshotRequest(instance=ref, snapshot=snapshot, new_name=new_name)
+        reply = await self._unary("RenameSnapshot", request, _changing(timeout))
+        return snapshot_from_wire(reply.snapshot)
 
-    def restore_snapshot(
-        self, request: compute_pb2.SnapshotRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceReply]:
-        return self._unary("RestoreSnapshot", request, options)
+    async def restore_snapshot(
+        self, ref: common_pb2.InstanceRef, snapshot: str, *, timeout: float | None = None
+    ) -> InstanceRecord:
+        """Restore instance `ref` to its snapshot `snapshot`; the restored record."""
+        request = compute_pb2.SnapshotRequest(instance=ref, snapshot=snapshot)
+        return _written(await self._unary("RestoreSnapshot", request, _changing(timeout)))
 
     def console_log(
         self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
@@ -116,3 +234,15 @@ class ComputeClient(TypedClient):
         self, request: compute_pb2.PublishRequest, *, timeout: float | None = None
     ) -> grpc.aio.UnaryStreamCall[compute_pb2.PublishRequest, compute_pb2.PublishChunk]:
         return self.rpc.stream("PublishInstance", request, timeout=timeout)
+
+
+def _changing(timeout: float | None) -> CallOptions:
+    """The options of a call that changes an instance: not sent again to be safe."""
+    return {"idempotent": False, "timeout": timeout}
+
+
+def _written(reply: compute_pb2.InstanceReply, rider: Rider | None = None) -> InstanceRecord:
+    """The record of `reply`; `rider.written` set from it."""
+    if rider is not None:
+        rider.written = reply.closed
+    return instance_from_wire(reply.instance)

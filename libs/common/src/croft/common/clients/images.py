@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 import grpc
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, RequestStream, TypedClient
+from croft.common.models import ImageAliasRecord, ImageRecord
 from croft.v1 import common_pb2, images_pb2, images_pb2_grpc
 
 
-class ImagesClient(TypedClient):
-    """One method per RPC of `croft.v1.Images`, named after it in snake_case."""
-
-    service: ClassVar[str] = "images"
-    stub = images_pb2_grpc.ImagesStub
-
+class ImagesClient(TypedClient, service="images", stub=images_pb2_grpc.ImagesStub):
     def resolve_image(
         self, request: images_pb2.ResolveImageRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[images_pb2.ImageReply]:
@@ -35,8 +30,8 @@ class ImagesClient(TypedClient):
 
     def update_image(
         self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> Awaitable[images_pb2.ImageReply]:
-        return self._unary("UpdateImage", request, options)
+    ) -> Awaitable[ImageRecord]:
+        return self._record("UpdateImage", request, options, ImageRecord)
 
     def delete_image(
         self, request: images_pb2.ImageRef, **options: Unpack[CallOptions]
@@ -45,18 +40,18 @@ class ImagesClient(TypedClient):
 
     def create_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreateAlias", request, options)
+    ) -> Awaitable[ImageAliasRecord]:
+        return self._record("CreateAlias", request, options, ImageAliasRecord)
 
     def update_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdateAlias", request, options)
+    ) -> Awaitable[ImageAliasRecord]:
+        return self._record("UpdateAlias", request, options, ImageAliasRecord)
 
     def rename_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("RenameAlias", request, options)
+    ) -> Awaitable[ImageAliasRecord]:
+        return self._record("RenameAlias", request, options, ImageAliasRecord)
 
     def delete_alias(
         self, request: images_pb2.ImageAliasRequest, **options: Unpack[CallOptions]

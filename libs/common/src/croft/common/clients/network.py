@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.models import NetworkRecord
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
 
-class NetworkClient(TypedClient):
-    """One method per RPC of `croft.v1.Network`, named after it in snake_case."""
-
-    service: ClassVar[str] = "network"
-    stub = network_pb2_grpc.NetworkStub
-
+class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.NetworkStub):
     def attach_instance(
         self, request: network_pb2.NicRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[network_pb2.NicReply]:
@@ -39,15 +34,20 @@ class NetworkClient(TypedClient):
 
     def create_network(
         self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreateNetwork", request, options)
+    ) -> Awaitable[NetworkRecord]:
+        return self._record("CreateNetwork", request, options, NetworkRecord)
 
     def update_network(
         self, request: network_pb2.NetworkPut, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdateNetwork", request, options)
+    ) -> Awaitable[NetworkRecord]:
+        return self._record("UpdateNetwork", request, options, NetworkRecord)
 
     def delete_network(
         self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeleteNetwork", request, options)
+
+    def rename_network(
+        self, request: network_pb2.NetworkRename, **options: Unpack[CallOptions]
+    ) -> Awaitable[NetworkRecord]:
+        return self._record("RenameNetwork", request, options, NetworkRecord)

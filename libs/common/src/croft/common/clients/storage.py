@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import ClassVar
 
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.models import StoragePoolRecord
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
-class StorageClient(TypedClient):
-    """One method per RPC of `croft.v1.Storage`, named after it in snake_case."""
-
-    service: ClassVar[str] = "storage"
-    stub = storage_pb2_grpc.StorageStub
-
+class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.StorageStub):
     def create_instance_volume(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
@@ -46,6 +41,16 @@ class StorageClient(TypedClient):
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
         return self._unary("CopyInstanceVolume", request, options)
+
+    def instance_volume_usage(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.VolumeUsageReply]:
+        return self._unary("InstanceVolumeUsage", request, options)
+
+    def resize_instance_volume(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("ResizeInstanceVolume", request, options)
 
     def create_snapshot(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
@@ -94,15 +99,80 @@ class StorageClient(TypedClient):
 
     def create_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreatePool", request, options)
+    ) -> Awaitable[StoragePoolRecord]:
+        return self._record("CreatePool", request, options, StoragePoolRecord)
 
     def update_pool(
         self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdatePool", request, options)
+    ) -> Awaitable[StoragePoolRecord]:
+        return self._record("UpdatePool", request, options, StoragePoolRecord)
 
     def delete_pool(
         self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Empty]:
         return self._unary("DeletePool", request, options)
+
+    def create_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CreateCustomVolume", request, options)
+
+    def update_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("UpdateCustomVolume", request, options)
+
+    def rename_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RenameCustomVolume", request, options)
+
+    def delete_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DeleteCustomVolume", request, options)
+
+    def copy_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CopyCustomVolume", request, options)
+
+    def custom_volume_state(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CustomVolumeState", request, options)
+
+    def mount_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.VolumeReply]:
+        return self._unary("MountCustomVolume", request, options)
+
+    def create_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("CreateCustomVolumeSnapshot", request, options)
+
+    def update_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("UpdateCustomVolumeSnapshot", request, options)
+
+    def rename_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RenameCustomVolumeSnapshot", request, options)
+
+    def delete_custom_volume_snapshot(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DeleteCustomVolumeSnapshot", request, options)
+
+    def restore_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("RestoreCustomVolume", request, options)
+
+    def instance_volume_state(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Json]:
+        return self._unary("InstanceVolumeState", request, options)

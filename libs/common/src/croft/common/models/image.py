@@ -41,6 +41,9 @@ class ImageRecord(Record):
     expires_at: str = ""
     last_used_at: str = ""
     uploaded_at: str = ""
+    #: Where an image pulled by alias comes from (LXD's `ImageSource`: server, protocol,
+    #: alias, certificate, image_type); None for an uploaded one.
+    update_source: dict[str, str] | None = None
     croft: ImageMeta = Field(default_factory=ImageMeta, alias="_croft")
 
     @staticmethod

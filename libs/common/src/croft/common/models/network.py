@@ -46,11 +46,12 @@ class NetworkMember(Model):
 
 
 class NetworkNic(Model):
-    """An instance NIC plugged into a managed network: its MAC, and its DHCP address
+    """An instance NIC plugged into a managed network: its MAC, and its DHCP addresses
     ("" until the network gives it one)."""
 
     hwaddr: str
     ipv4: str = ""
+    ipv6: str = ""  # a pinned DHCPv6 address, if the NIC asked for one
 
     @staticmethod
     def store_key(network: str, project: str, instance: str, device: str) -> str:

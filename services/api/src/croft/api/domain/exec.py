@@ -9,23 +9,54 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from pydantic import BaseModel, ConfigDict
 from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from croft.api import records, responses
+from croft.api import limits, records, responses
 from croft.api.context import context
+from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import resources
 from croft.api.operations import OperationContext
-from croft.common.errors import PermissionDenied, Timeout
+from croft.common.clients import ComputeClient
+from croft.common.errors import InvalidArgument, PermissionDenied, Timeout
+from croft.common.models import InstanceRecord
 from croft.common.rpc import from_rpc_error
 from croft.v1 import compute_pb2
 
 log = logging.getLogger(__name__)
+
+
+class Terminal(BaseModel):
+    """The terminal size an exec or console request asks for (0: compute's default)."""
+
+    model_config = ConfigDict(extra="ignore")
+    width: limits.WindowSide = 0
+    height: limits.WindowSide = 0
+
+    def size(self) -> compute_pb2.WindowSize:
+        return compute_pb2.WindowSize(width=self.width, height=self.height)
+
+
+async def exec_on(
+    record: InstanceRecord, terminal: Terminal, **start: Any
+) -> tuple[ComputeClient, compute_pb2.ExecStart]:
+    """Where an exec or a console of instance `record` goes: its member's compute service,
+    and the stream's start for the instance and the terminal's size, with `start`'s
+    fields (the command, or `console`). InvalidArgument when the instance does not run."""
+    # The record's status, not a live state call (~10 ms); compute refuses a stopped one.
+    if record.status != "Running":
+        raise InvalidArgument("Instance is not running")
+    instance = ref(record.project, record.name)
+    return await compute_of(record), compute_pb2.ExecStart(
+        instance=instance, size=terminal.size(), **start
+    )
 
 
 class ExecSession:
@@ -82,33 +113,23 @@ async def relay_exec(
             await call.write(message)
 
     async def read_stdin() -> None:
-        ws = session.sockets["0"]
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                data = message.get("bytes")
-                if data:
-                    await write(compute_pb2.ExecInput(stdin=data))
-                elif message.get("text") is not None and message["text"] == "":
-                    break  # an empty text frame: end of stdin
-                elif message.get("text"):
-                    await write(compute_pb2.ExecInput(stdin=message["text"].encode()))
+        async for message in _received(session.sockets["0"]):
+            data = message.get("bytes")
+            if data:
+                await write(compute_pb2.ExecInput(stdin=data))
+            elif message.get("text") is not None and message["text"] == "":
+                break  # an empty text frame: end of stdin
+            elif message.get("text"):
+                await write(compute_pb2.ExecInput(stdin=message["text"].encode()))
         await write(compute_pb2.ExecInput(stdin_closed=True))
 
     async def read_control() -> None:
         await session.control_connected.wait()
-        ws = session.sockets["control"]
-        with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-            while True:
-                message = await ws.receive()
-                if message["type"] == "websocket.disconnect":
-                    break
-                raw = message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
-                control = _control_input(raw, console=start.console)
-                if control is not None:
-                    await write(control)
+        async for message in _received(session.sockets["control"]):
+            raw = message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
+            control = _control_input(raw, console=start.console)
+            if control is not None:
+                await write(control)
         if start.console:
             await write(compute_pb2.ExecInput(stdin_closed=True))
 
@@ -160,6 +181,17 @@ async def relay_exec(
             with contextlib.suppress(Exception):
                 await ws.close()
     return code
+
+
+async def _received(ws: WebSocket) -> AsyncIterator[Message]:
+    """What a client sends on one of the session's websockets, until it disconnects or
+    the relay closes the socket."""
+    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
+        while True:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            yield message
 
 
 # Signals as Linux numbers them (1-64); anything else is refused before compute sees it.

@@ -20,12 +20,13 @@ import grpc
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import records, responses
+from croft.api import responses
 from croft.api.context import context
 from croft.api.domain.images import image_created
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.errors import CroftError, InvalidArgument, NotFound
+from croft.common.models import InstanceRecord
 from croft.common.rpc import from_rpc_error
 from croft.v1 import common_pb2, compute_pb2, images_pb2
 
@@ -86,10 +87,11 @@ async def publish_image(request: Request, project: str, body: dict[str, Any]) ->
     compression = str(body.get("compression_algorithm") or "")
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
-        found = await ctx.store.get_json(records.record_key("instances", project, instance))
-        if found is None or found[0].get("_croft", {}).get("state") == "creating":
+        found = await ctx.store.get_json(InstanceRecord.store_key(project, instance))
+        meta = InstanceRecord.meta_of(found[0]) if found is not None else None
+        if meta is None or meta.creating:
             raise NotFound("Instance not found")
-        compute = await services().compute(found[0]["_croft"]["member"])
+        compute = await services().compute(meta.member)
         tarball = compute.publish_instance(
             compute_pb2.PublishRequest(
                 instance=common_pb2.InstanceRef(project=project, name=instance),

@@ -14,15 +14,16 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
+from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import HTTPConnection
 
 from croft.api import records
 from croft.api.context import ApiContext
-from croft.api.domain.instances import InstanceSource
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import ImagesClient
 from croft.common.errors import CroftError, NotFound
+from croft.common.projects import owning_project
 from croft.common.records import public
 from croft.common.rpc import from_rpc_error
 from croft.common.store import Store
@@ -37,6 +38,20 @@ find_image = _find
 IMAGES = "images"
 ALIASES = "image-aliases"
 ALIAS_NOT_FOUND = "Image alias not found"
+
+
+class ImageSource(BaseModel):
+    """An image a request names, here or on an image server: the fields LXD's
+    InstanceSource (an instance's image) and ImagesPostSource (a pull) share."""
+
+    model_config = ConfigDict(extra="ignore")
+    type: StrictStr = ""
+    alias: StrictStr = ""
+    fingerprint: StrictStr = ""
+    server: StrictStr = ""
+    protocol: StrictStr = ""
+    certificate: StrictStr = ""
+
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -115,13 +130,15 @@ async def pull_image(
     return image
 
 
-async def resolve_image(store: Any, project: str, source: InstanceSource) -> dict[str, Any]:
+async def resolve_image(store: Any, project: str, source: ImageSource) -> dict[str, Any]:
     """The image a source names. NotFound in LXD's words: `Image alias not found` for an
     alias (as LXD, 404), `Image not found` for a fingerprint (LXD fails the operation
     instead: "Image not provided for instance creation").
 
     It is looked up in the store (the api's copy of it); the images service, the image's
-    owner, is asked only to record the use, when that changes its last_used_at."""
+    owner, is asked only to record the use, when that changes its last_used_at. A
+    project without `features.images` uses `default`'s images."""
+    project = await owning_project(store, project, IMAGES)
     if source.server:
         return await pull_image_for_instance(project, source)
     name = source.fingerprint or source.alias
@@ -143,7 +160,7 @@ async def resolve_image(store: Any, project: str, source: InstanceSource) -> dic
     return image
 
 
-async def pull_image_for_instance(project: str, source: InstanceSource) -> dict[str, Any]:
+async def pull_image_for_instance(project: str, source: ImageSource) -> dict[str, Any]:
     """An image from a remote server, through the images service's cache (LXD's
     ImageDownload with SetCached and PreferCached): the first use downloads it and records it
     `cached`, later ones take the cached copy; it auto-updates when the server config

@@ -8,17 +8,23 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 
 from croft.api import limits, query, records
 from croft.api.context import context
+from croft.api.domain.images import ImageSource
 from croft.common.errors import InvalidArgument, NotFound
-from croft.common.records import public
+from croft.common.models import InstanceMeta, InstanceRecord
+from croft.common.projects import owning_project
+from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.store import Store
 
 KIND = "instances"
+Body = TypeVar("Body", bound=BaseModel)
 Devices = dict[str, dict[str, StrictStr]]
 _NAME = re.compile(r"^[a-zA-Z0-9-]+$")
 
@@ -40,15 +46,15 @@ def validate_name(name: str) -> None:
         raise InvalidArgument(f"Invalid instance name: {problem}")
 
 
-class InstanceSource(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: StrictStr = ""
-    alias: StrictStr = ""
-    fingerprint: StrictStr = ""
-    server: StrictStr = ""
-    protocol: StrictStr = ""
-    certificate: StrictStr = ""
+class InstanceSource(ImageSource):
     properties: dict[str, StrictStr] | None = None
+    # source.type "copy": the instance or snapshot ("c1/snap0") copied, and how.
+    source: StrictStr = ""
+    instance_only: StrictBool = False
+    container_only: StrictBool = False
+    refresh: StrictBool = False
+    live: StrictBool = False
+    allow_inconsistent: StrictBool = False
 
 
 class InstancePut(BaseModel):
@@ -67,6 +73,15 @@ class NamePost(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: limits.Name = ""
     migration: StrictBool = False
+    # With migration: a move to another storage pool (`lxc move --storage`), project or
+    # cluster member.
+    live: StrictBool = False
+    instance_only: StrictBool = False
+    container_only: StrictBool = False
+    pool: StrictStr = ""
+    project: StrictStr = ""
+    target: StrictStr | None = None
+    allow_inconsistent: StrictBool = False
 
 
 async def expand(
@@ -78,7 +93,9 @@ async def expand(
     known: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, str], dict[str, Any]]:
     """Apply profiles in order, then the instance's own config and devices. `known`:
-    profiles by name to use instead of the stored ones (one about to be written)."""
+    profiles by name to use instead of the stored ones (one about to be written). A
+    project without `features.profiles` uses `default`'s profiles."""
+    project = await owning_project(store, project, "profiles")
     expanded_config: dict[str, str] = {}
     expanded_devices: dict[str, Any] = {}
     for name in profiles:
@@ -98,31 +115,73 @@ async def expand(
     return expanded_config, expanded_devices
 
 
-def writable(record: dict[str, Any]) -> list[Any]:
+def writable(record: InstanceRecord) -> list[Any]:
     """The fields an ETag covers (LXD: what a PUT can change)."""
     return [
-        record.get("architecture", ""),
-        {k: v for k, v in (record.get("config") or {}).items() if not k.startswith("volatile.")},
-        record.get("devices", {}),
-        record.get("ephemeral", False),
-        record.get("profiles", []),
-        record.get("description", ""),
+        record.architecture,
+        {k: v for k, v in record.config.items() if not k.startswith("volatile.")},
+        record.devices,
+        record.ephemeral,
+        record.profiles,
+        record.description,
     ]
 
 
-async def load(request: Request, name: str) -> tuple[str, dict[str, Any], int]:
+async def load(request: Request, name: str) -> tuple[str, InstanceRecord, int]:
+    """The instance `name` of the request's project, and the revision it was read at;
+    NotFound for one that is not there or not created yet."""
     store = context(request).store
     project = query.project(request)
-    found = await store.get_json(records.record_key(KIND, project, name))
-    if found is None or found[0].get("_croft", {}).get("state") == "creating":
+    found = await store.get_json(InstanceRecord.store_key(project, name))
+    if found is None:
         raise NotFound("Instance not found")
-    return project, found[0], found[1]
+    record = InstanceRecord.model_validate(found[0])
+    if record.croft.creating:
+        raise NotFound("Instance not found")
+    return project, record, found[1]
 
 
-def render(record: dict[str, Any], standalone: bool) -> dict[str, Any]:
-    """The instance as clients see it. A record's `location` is its member; a standalone
-    server shows LXD's member name for itself, "none"."""
-    body = public(record)
+async def load_with(
+    request: Request, name: str, body: type[Body]
+) -> tuple[str, InstanceRecord, int, Body]:
+    """`load`, then the request's body as `body`: what a handler that acts on one instance
+    reads first. An instance that is not there is a 404 whatever the body says."""
+    project, record, revision = await load(request, name)
+    return project, record, revision, await query.body(request, body)
+
+
+@dataclass(frozen=True, slots=True)
+class Listed:
+    """An instance as a listing reads it: its stored record, unparsed, and its `_croft`.
+    No whole model per record: a listing of hundreds costs what the dicts did."""
+
+    stored: dict[str, Any]
+    meta: InstanceMeta
+
+    @property
+    def name(self) -> str:
+        return str(self.stored["name"])
+
+    @property
+    def project(self) -> str:
+        return str(self.stored.get("project") or DEFAULT_PROJECT)
+
+
+async def listed(store: Store, project: str) -> list[Listed]:
+    """The project's instances, less those not created yet."""
+    found = []
+    for stored in await records.list_records(store, KIND, project):
+        meta = InstanceRecord.meta_of(stored)
+        if not meta.creating:
+            found.append(Listed(stored, meta))
+    return found
+
+
+def render(record: InstanceRecord | Listed, standalone: bool) -> dict[str, Any]:
+    """The instance as clients see it (`_croft` never leaves the api). A record's
+    `location` is its member; a standalone server shows LXD's member name for itself,
+    "none"."""
+    body = record.public() if isinstance(record, InstanceRecord) else public(record.stored)
     if standalone:
         body["location"] = "none"
     return body

@@ -12,6 +12,7 @@ from croft.api import records
 from croft.api.domain.instances import KIND
 from croft.api.services import services
 from croft.common.errors import CroftError
+from croft.common.models import InstanceRecord
 
 
 async def place(store: Any) -> str:
@@ -23,7 +24,7 @@ async def place(store: Any) -> str:
         return members[0]  # no need to count every instance
     counts = dict.fromkeys(members, 0)
     for entry in await store.list(records.RECORDS + f"{KIND}/"):
-        member = entry.json().get("_croft", {}).get("member")
+        member = InstanceRecord.meta_of(entry.json()).member
         if member in counts:
             counts[member] += 1
     return min(members, key=lambda m: (counts[m], m))

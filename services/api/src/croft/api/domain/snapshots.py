@@ -4,6 +4,7 @@ the snapshot routes), and restoring one, which is a PUT of the instance with `re
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -11,10 +12,11 @@ from starlette.responses import Response
 
 from croft.api import records
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref
+from croft.api.domain.compute import compute_operation
 from croft.common.errors import NotFound
+from croft.common.models import InstanceRecord
 from croft.common.records import public
-from croft.v1 import compute_pb2
+from croft.common.schedule import expires_at
 
 
 def render_snapshot(instance: str, snap: dict[str, Any]) -> dict[str, Any]:
@@ -45,11 +47,11 @@ def snapshot_key(project: str, name: str, snapshot: str) -> str:
 
 
 async def restore_snapshot(
-    request: Request, project: str, record: dict[str, Any], restore: str
+    request: Request, project: str, record: InstanceRecord, restore: str
 ) -> Response:
     """The operation restoring instance `record` to its snapshot `restore`."""
     ctx = context(request)
-    name = record["name"]
+    name = record.name
     # LXD takes "snap" or "<instance>/snap"; anything else names no snapshot of this one.
     full = restore if "/" in restore else f"{name}/{restore}"
     owner, _, snapshot = full.partition("/")
@@ -58,9 +60,18 @@ async def restore_snapshot(
         raise missing
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is None:
         raise missing
-    client = await compute_of(record)
-    request_pb = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
-
     return await compute_operation(
-        ctx, client.restore_snapshot, request_pb, "Restoring snapshot", project, name, timeout=600
+        ctx,
+        record,
+        "Restoring snapshot",
+        lambda compute, instance: compute.restore_snapshot(instance, snapshot, timeout=600),
     )
+
+
+def default_expiry(config: dict[str, str]) -> str:
+    """When a snapshot taken now expires by the instance's `snapshots.expiry` ("": never)."""
+    try:
+        when = expires_at(datetime.now(UTC), config.get("snapshots.expiry", ""))
+    except ValueError:
+        return ""
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""

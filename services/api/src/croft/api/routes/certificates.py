@@ -37,7 +37,7 @@ from croft.api.identity import Identity, identity
 from croft.api.serving import listen_addresses
 from croft.api.tls import certificate_fingerprint
 from croft.common.clients import AuthClient
-from croft.common.errors import CroftError, InvalidArgument, PermissionDenied
+from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
 from croft.v1 import auth_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,14 @@ async def _get(fingerprint: str) -> dict[str, Any]:
 
 @router.get("/1.0/certificates")
 async def certificates_list(request: Request) -> Response:
+    who = identity(request)
+    found = await _list()
+    if who.restricted:
+        # Other clients' names and projects are not a restricted client's to see (LXD
+        # shows such a client its own certificate only).
+        found = [c for c in found if c["fingerprint"] == who.fingerprint]
     listing = query.listing(
-        await _list(),
+        found,
         request,
         lambda c: certificate_url(c["fingerprint"]),
         render=render_certificate,
@@ -119,7 +125,10 @@ async def certificates_list(request: Request) -> Response:
 
 @router.get("/1.0/certificates/{fingerprint}")
 async def certificate_get(request: Request, fingerprint: str) -> Response:
+    who = identity(request)
     shown = render_certificate(await _get(fingerprint))
+    if who.restricted and shown["fingerprint"] != who.fingerprint:
+        raise NotFound("Certificate not found")
     return responses.sync(shown, etag=records.etag(shown))
 
 
@@ -292,7 +301,11 @@ async def _create_token(request: Request, req: CertificatesPost) -> Response:
 # ---------------------------------------------------------------------------- changing
 
 
-async def _update(request: Request, fingerprint: str, *, patch: bool) -> Response:
+@router.put("/1.0/certificates/{fingerprint}")
+@router.patch("/1.0/certificates/{fingerprint}")
+async def certificate_update(request: Request, fingerprint: str) -> Response:
+    # PUT replaces; PATCH (LXD's) changes only what the body names.
+    patch = request.method == "PATCH"
     data = await query.json_body(request)
     req = query.validate(data, CertificatePut)
     current = render_certificate(await _get(fingerprint))
@@ -317,16 +330,6 @@ async def _update(request: Request, fingerprint: str, *, patch: bool) -> Respons
         "certificate-updated", certificate_url(updated["fingerprint"]), request=request
     )
     return responses.empty_sync()
-
-
-@router.put("/1.0/certificates/{fingerprint}")
-async def certificate_put(request: Request, fingerprint: str) -> Response:
-    return await _update(request, fingerprint, patch=False)
-
-
-@router.patch("/1.0/certificates/{fingerprint}")
-async def certificate_patch(request: Request, fingerprint: str) -> Response:
-    return await _update(request, fingerprint, patch=True)
 
 
 @router.delete("/1.0/certificates/{fingerprint}")

@@ -18,9 +18,9 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from croft.api import query, records
 from croft.api.auth import SECRET_GRANTED
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.images import find_image, image_url
 from croft.api.identity import identity
 from croft.api.services import services
@@ -38,8 +38,7 @@ router = APIRouter()
 @router.get("/1.0/images/{fingerprint}/export")
 async def image_export(request: Request, fingerprint: str) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, "images")
     record, _ = await find_image(ctx.store, project, fingerprint)
     full = record["fingerprint"]
     if (

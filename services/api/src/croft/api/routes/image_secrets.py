@@ -14,8 +14,9 @@ from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import query, responses
+from croft.api import responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.images import find_image, image_project_url
 
 router = APIRouter()
@@ -24,7 +25,7 @@ router = APIRouter()
 @router.post("/1.0/images/{fingerprint}/secret")
 async def image_secret(request: Request, fingerprint: str) -> Response:
     ctx = context(request)
-    project = query.project(request)
+    project = await projects.scope(request, "images")
     record, _ = await find_image(ctx.store, project, fingerprint.lower())
     full = record["fingerprint"]
     operation = await ctx.operations.create(

@@ -24,12 +24,14 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.image_publish import publish_image
 from croft.api.domain.images import (
     ALIAS_NOT_FOUND,
     ALIASES,
     IMAGES,
     PULL_TIMEOUT,
+    ImageSource,
     alias_url,
     find_alias,
     find_image,
@@ -114,9 +116,12 @@ def render_alias(alias: dict[str, Any]) -> dict[str, Any]:
 
 
 async def _project(request: Request) -> str:
-    project = query.project(request)
-    await records.require_project(context(request).store, project)
-    return project
+    """The project whose images the request's `?project=` uses (`default`'s without
+    `features.images`)."""
+    try:
+        return await projects.scope(request, IMAGES)
+    except NotFound:
+        raise NotFound("Check if project has images: fetch project: Project not found") from None
 
 
 async def _retrying(attempt: Callable[[], Awaitable[Response]]) -> Response:
@@ -171,20 +176,19 @@ async def aliases_post(request: Request) -> Response:
     req = await query.body(request, AliasesPost)
     if not req.name or not req.target:
         raise InvalidArgument("name and target are required")
-    reply = await images_call(
+    alias = await images_call(
         ImagesClient.create_alias,
         images_pb2.ImageAliasRequest(
             project=project, name=req.name, target=req.target, description=req.description
         ),
         idempotent=False,
     )
-    alias = json.loads(reply.json)
     url = alias_url(req.name, project)
     await ctx.lifecycle(
         "image-alias-created",
         url,
         project=project,
-        context={"target": alias["target"]},
+        context={"target": alias.target},
         request=request,
     )
     return responses.created(url)
@@ -205,7 +209,11 @@ async def alias_get(request: Request, name: str) -> Response:
     return responses.sync(render_alias(alias), etag=alias_etag(alias))
 
 
-async def _alias_update(request: Request, name: str, *, patch: bool) -> Response:
+@router.put("/1.0/images/aliases/{name:path}")
+@router.patch("/1.0/images/aliases/{name:path}")
+async def alias_update(request: Request, name: str) -> Response:
+    # PUT replaces; PATCH (LXD's) changes only what the body names.
+    patch = request.method == "PATCH"
     ctx = context(request)
     project = await _project(request)
     data = await query.json_body(request)
@@ -235,16 +243,6 @@ async def _alias_update(request: Request, name: str, *, patch: bool) -> Response
         "image-alias-updated", alias_url(name, project), project=project, request=request
     )
     return response
-
-
-@router.put("/1.0/images/aliases/{name:path}")
-async def alias_put(request: Request, name: str) -> Response:
-    return await _alias_update(request, name, patch=False)
-
-
-@router.patch("/1.0/images/aliases/{name:path}")
-async def alias_patch(request: Request, name: str) -> Response:
-    return await _alias_update(request, name, patch=True)
 
 
 @router.post("/1.0/images/aliases/{name:path}")
@@ -327,7 +325,11 @@ async def image_get(request: Request, fingerprint: str) -> Response:
     return responses.sync(render_image(record, aliases), etag=image_etag(record))
 
 
-async def _image_update(request: Request, fingerprint: str, *, patch: bool) -> Response:
+@router.put("/1.0/images/{fingerprint}")
+@router.patch("/1.0/images/{fingerprint}")
+async def image_update(request: Request, fingerprint: str) -> Response:
+    # PUT replaces; PATCH (LXD's) changes only what the body names.
+    patch = request.method == "PATCH"
     ctx = context(request)
     project = await _project(request)
     data = await query.json_body(request)
@@ -364,16 +366,6 @@ async def _image_update(request: Request, fingerprint: str, *, patch: bool) -> R
         "image-updated", image_url(record["fingerprint"]), project=project, request=request
     )
     return response
-
-
-@router.put("/1.0/images/{fingerprint}")
-async def image_put(request: Request, fingerprint: str) -> Response:
-    return await _image_update(request, fingerprint, patch=False)
-
-
-@router.patch("/1.0/images/{fingerprint}")
-async def image_patch(request: Request, fingerprint: str) -> Response:
-    return await _image_update(request, fingerprint, patch=True)
 
 
 @router.delete("/1.0/images/{fingerprint}")
@@ -578,17 +570,10 @@ class _RemoteAlias(BaseModel):
     description: StrictStr = ""
 
 
-class _RemoteSource(BaseModel):
+class _RemoteSource(ImageSource):
     """LXD's ImagesPostSource for `type: image` (pull from an image server) and `url`."""
 
-    model_config = ConfigDict(extra="ignore")
-    type: StrictStr = ""
     mode: StrictStr = ""
-    server: StrictStr = ""
-    protocol: StrictStr = ""
-    alias: StrictStr = ""
-    fingerprint: StrictStr = ""
-    certificate: StrictStr = ""
     secret: StrictStr = ""
     url: StrictStr = ""
     image_type: StrictStr = ""

@@ -4,7 +4,6 @@ snapshot), rename and delete one instance.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter
@@ -13,8 +12,10 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
-from croft.api.context import context
-from croft.api.domain.compute import call_closing, compute_of, compute_operation, ref, state_of
+from croft.api.context import ApiContext, context
+from croft.api.domain import projects
+from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
+from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool, running_move_refusal
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -22,6 +23,7 @@ from croft.api.domain.instances import (
     expand,
     failing,
     load,
+    load_with,
     render,
     resources,
     validate_name,
@@ -30,8 +32,7 @@ from croft.api.domain.instances import (
 from croft.api.domain.snapshots import restore_snapshot, snapshots_of
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.common.records import public
-from croft.v1 import compute_pb2
+from croft.common.models import InstanceRecord
 
 router = APIRouter()
 
@@ -62,11 +63,8 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     async def run(op: OperationContext) -> dict[str, Any] | None:
         current, current_revision, wanted = record, revision, new
         for _ in range(_UPDATE_ATTEMPTS):
-            update = compute_pb2.UpdateInstanceRequest(
-                record=json.dumps(wanted), revision=current_revision
-            )
             try:
-                await call_closing(op, client.update_instance, update, timeout=None)
+                await client.update_instance(wanted, revision=current_revision)
                 return None
             except Conflict:
                 # Another change got in since the record was read (compute compares the
@@ -92,20 +90,20 @@ _UPDATE_ATTEMPTS = 100
 async def _updated(
     store: Any,
     project: str,
-    record: dict[str, Any],
+    record: InstanceRecord,
     data: dict[str, Any],
     req: InstancePut,
     *,
     patch: bool,
-) -> dict[str, Any]:
+) -> InstanceRecord:
     """The instance record that PUT (or PATCH) `req` makes of `record`, checked;
     InvalidArgument or NotFound, in LXD 5.0.2's words, when it cannot be."""
-    own_config = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
+    own_config = {k: v for k, v in record.config.items() if not k.startswith("volatile.")}
     if patch:
         config = {**own_config, **(req.config or {})}
-        devices = {**record["devices"], **(req.devices or {})}
-        profiles = record["profiles"] if req.profiles is None else list(req.profiles)
-        description = req.description if "description" in data else record["description"]
+        devices = {**record.devices, **(req.devices or {})}
+        profiles = record.profiles if req.profiles is None else list(req.profiles)
+        description = req.description if "description" in data else record.description
     else:
         config = dict(req.config or {})
         devices = dict(req.devices or {})
@@ -127,18 +125,20 @@ async def _updated(
         validate_instance_config(expanded_config, profile=False)
     with failing("Invalid devices: "):
         validate_devices(expanded_devices)
-    new = {
-        **public(record),
-        "config": config,
-        "devices": devices,
-        "profiles": profiles,
-        "description": description,
-        "ephemeral": req.ephemeral if "ephemeral" in data else record.get("ephemeral", False),
-        "expanded_config": expanded_config,
-        "expanded_devices": expanded_devices,
-    }
+    new = record.model_copy(
+        update={
+            "config": config,
+            "devices": devices,
+            "profiles": profiles,
+            "description": description,
+            "ephemeral": req.ephemeral if "ephemeral" in data else record.ephemeral,
+            "expanded_config": expanded_config,
+            "expanded_devices": expanded_devices,
+        }
+    )
     limits.check_device_paths(expanded_devices)
-    limits.check_record(new, "instance")
+    limits.check_record(new.public(), "instance")
+    await projects.check_instance(store, project, new, action="update")
     return new
 
 
@@ -158,10 +158,9 @@ async def instance_patch(request: Request, name: str) -> Response:
 @router.post("/1.0/containers/{name}")
 async def instance_rename(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
-    req = await query.body(request, NamePost)
+    project, record, _, req = await load_with(request, name, NamePost)
     if req.migration:
-        raise InvalidArgument("Migration is not supported yet")
+        return await _migrate(ctx, project, name, record, req)
     # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
     new_name = req.name or name
     if new_name != name:
@@ -169,14 +168,56 @@ async def instance_rename(request: Request, name: str) -> Response:
     if new_name == name or await ctx.store.get(records.record_key(KIND, project, new_name)):
         raise Conflict(f'Name "{new_name}" already in use')
     # LXD fails the operation with this; croft refuses at once (compute checks again).
-    if record.get("status") != "Stopped":
+    if record.status != "Stopped":
         raise InvalidArgument("Renaming of running container not allowed")
-    client = await compute_of(record)
-    rename = compute_pb2.RenameInstanceRequest(instance=ref(project, name), new_name=new_name)
-
     return await compute_operation(
-        ctx, client.rename_instance, rename, "Renaming instance", project, name, timeout=600
+        ctx,
+        record,
+        "Renaming instance",
+        lambda compute, instance: compute.rename_instance(instance, new_name, timeout=600),
     )
+
+
+async def _migrate(
+    ctx: ApiContext, project: str, name: str, record: InstanceRecord, req: NamePost
+) -> Response:
+    """`lxc move c1 [c2] --storage p2` on one member: the root volume (with its snapshots,
+    unless `instance_only`) moves to the pool, then the instance is renamed if asked. As
+    LXD, a running instance fails the operation."""
+    if req.project and req.project != project:
+        raise InvalidArgument("Moving instances between projects is not supported yet")
+    if req.target:
+        raise InvalidArgument("Moving instances between cluster members is not supported yet")
+    if not req.pool:
+        raise InvalidArgument("Migrating instances to another server is not supported yet")
+    new_name = req.name or name
+    if new_name != name:
+        validate_name(new_name)
+        if await ctx.store.get(records.record_key(KIND, project, new_name)):
+            raise Conflict(f'Name "{new_name}" already in use')
+    await require_pool(ctx.store, req.pool)
+    running = record.status != "Stopped"
+    client = await compute_of(record)
+    instance = ref(project, name)
+    instance_only = req.instance_only or req.container_only
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        if running:  # compute checks again
+            raise InvalidArgument(running_move_refusal(req.live))
+        await client.move_instance(
+            instance, req.pool, instance_only=instance_only, timeout=COPY_TIMEOUT
+        )
+        if new_name != name:
+            await client.rename_instance(instance, new_name, timeout=600)
+        return None
+
+    operation = await ctx.operations.create(
+        "Migrating instance",
+        run=run,
+        resources={"instances": [records.url(KIND, name, project)]},
+        project=project,
+    )
+    return responses.async_operation(operation)
 
 
 @router.delete("/1.0/instances/{name}")
@@ -186,16 +227,11 @@ async def instance_delete(request: Request, name: str) -> Response:
     project, record, _ = await load(request, name)
     # The record's status is compute's last word (kept current on every change and by its
     # monitor); compute checks again, so a stale record cannot delete a running instance.
-    if record.get("status") != "Stopped":
+    if record.status != "Stopped":
         raise InvalidArgument("The instance is currently running, stop it first")
-    client = await compute_of(record)
-
     return await compute_operation(
         ctx,
-        client.delete_instance,
-        ref(project, name),
+        record,
         "Deleting instance",
-        project,
-        name,
-        timeout=600,
+        lambda compute, instance: compute.delete_instance(instance, idempotent=False, timeout=600),
     )

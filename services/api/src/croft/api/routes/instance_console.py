@@ -8,26 +8,22 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, StrictStr
+from pydantic import StrictStr
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
-from croft.api import limits, query, records, responses
+from croft.api import records, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, ref
-from croft.api.domain.exec import ExecSession, relay_exec, websocket_operation
-from croft.api.domain.instances import KIND, load
+from croft.api.domain.compute import compute_for
+from croft.api.domain.exec import ExecSession, Terminal, exec_on, relay_exec, websocket_operation
+from croft.api.domain.instances import KIND, load_with
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument
-from croft.v1 import compute_pb2
 
 router = APIRouter()
 
 
-class ConsolePost(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    width: limits.WindowSide = 0
-    height: limits.WindowSide = 0
+class ConsolePost(Terminal):
     type: StrictStr = ""
 
 
@@ -35,23 +31,15 @@ class ConsolePost(BaseModel):
 @router.post("/1.0/containers/{name}/console")
 async def instance_console_attach(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
-    req = await query.body(request, ConsolePost)
+    project, record, _, req = await load_with(request, name, ConsolePost)
     kind = req.type or "console"
     if kind not in ("console", "vga"):
         raise InvalidArgument(f'Unknown console type "{kind}"')
     if kind == "vga":
         raise InvalidArgument("VGA console is only supported by virtual machines")
-    if record.get("status") == "Frozen":
+    if record.status == "Frozen":
         raise InvalidArgument("Instance is frozen")
-    if record.get("status") != "Running":
-        raise InvalidArgument("Instance is not running")
-    client = await compute_of(record)
-    start = compute_pb2.ExecStart(
-        instance=ref(project, name),
-        console=True,
-        size=compute_pb2.WindowSize(width=req.width, height=req.height),
-    )
+    client, start = await exec_on(record, req, console=True)
     session = ExecSession(interactive=True)
 
     async def relay(op: OperationContext) -> dict[str, Any] | None:
@@ -75,18 +63,16 @@ async def instance_console_attach(request: Request, name: str) -> Response:
 @router.delete("/1.0/instances/{name}/console")
 @router.delete("/1.0/containers/{name}/console")
 async def instance_console_clear(request: Request, name: str) -> Response:
-    project, record, _ = await load(request, name)
-    client = await compute_of(record)
-    await client.clear_console_log(ref(project, name))
+    client, instance = await compute_for(request, name)
+    await client.clear_console_log(instance)
     return responses.sync({})
 
 
 @router.get("/1.0/instances/{name}/console")
 @router.get("/1.0/containers/{name}/console")
 async def instance_console(request: Request, name: str) -> Response:
-    project, record, _ = await load(request, name)
-    client = await compute_of(record)
-    reply = await client.console_log(ref(project, name))
+    client, instance = await compute_for(request, name)
+    reply = await client.console_log(instance)
 
     async def body() -> AsyncIterator[bytes]:
         yield reply.content

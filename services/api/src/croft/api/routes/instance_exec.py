@@ -9,15 +9,21 @@ from typing import Any
 
 import grpc
 from fastapi import APIRouter
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import ConfigDict, Field, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, records, responses
+from croft.api import limits, records, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, ref
-from croft.api.domain.exec import ExecSession, exec_log_key, relay_exec, websocket_operation
-from croft.api.domain.instances import KIND, load, resources
+from croft.api.domain.exec import (
+    ExecSession,
+    Terminal,
+    exec_log_key,
+    exec_on,
+    relay_exec,
+    websocket_operation,
+)
+from croft.api.domain.instances import KIND, load_with, resources
 from croft.api.operations import OperationContext
 from croft.common.errors import InvalidArgument
 from croft.common.rpc import from_rpc_error
@@ -26,15 +32,13 @@ from croft.v1 import compute_pb2
 router = APIRouter()
 
 
-class ExecPost(BaseModel):
+class ExecPost(Terminal):
     model_config = ConfigDict(extra="ignore", populate_by_name=True)
     command: list[StrictStr] = Field(default_factory=list)
     environment: dict[str, StrictStr] | None = None
     interactive: StrictBool = False
     wait_for_websocket: StrictBool = Field(default=False, alias="wait-for-websocket")
     record_output: StrictBool = Field(default=False, alias="record-output")
-    width: limits.WindowSide = 0
-    height: limits.WindowSide = 0
     user: limits.UInt32 = 0  # LXD's uint32: -1 is LXD's 400 too
     group: limits.UInt32 = 0
     cwd: StrictStr = ""
@@ -44,20 +48,15 @@ class ExecPost(BaseModel):
 @router.post("/1.0/containers/{name}/exec")
 async def instance_exec(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
-    req = await query.body(request, ExecPost)
+    project, record, _, req = await load_with(request, name, ExecPost)
     if not req.command:
         raise InvalidArgument("No command given")
-    # The record's status, not a live state call (~10 ms); compute refuses a stopped one.
-    if record.get("status") != "Running":
-        raise InvalidArgument("Instance is not running")
-    client = await compute_of(record)
-    start = compute_pb2.ExecStart(
-        instance=ref(project, name),
+    client, start = await exec_on(
+        record,
+        req,
         command=req.command,
         environment=req.environment or {},
         interactive=req.interactive,
-        size=compute_pb2.WindowSize(width=req.width, height=req.height),
         cwd=req.cwd,
         user=req.user,
         group=req.group,

@@ -47,7 +47,7 @@ def _int_header(request: Request, name: str, default: int) -> int:
 async def _file_of(request: Request, name: str) -> tuple[compute_pb2.FileRef, ComputeClient]:
     """The file a GET or DELETE names, and the compute service of its instance's member."""
     project, record, _ = await load(request, name)
-    path = _file_path(request)
+    path = _file_path(request)  # a bad request is refused whether compute runs or not
     return compute_pb2.FileRef(instance=ref(project, name), path=path), await compute_of(record)
 
 

@@ -15,11 +15,17 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, compute_operation, ref
-from croft.api.domain.instances import NamePost, load
-from croft.api.domain.snapshots import render_snapshot, snapshot_key, snapshots_of
+from croft.api.domain import projects
+from croft.api.domain.compute import compute_operation
+from croft.api.domain.instances import NamePost, load, load_with
+from croft.api.domain.snapshots import (
+    default_expiry,
+    render_snapshot,
+    snapshot_key,
+    snapshots_of,
+)
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.v1 import compute_pb2
+from croft.common.models import InstanceRecord
 
 router = APIRouter()
 
@@ -60,31 +66,34 @@ async def snapshots_list(request: Request, name: str) -> Response:
 @router.post("/1.0/containers/{name}/snapshots")
 async def snapshots_post(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, _ = await load(request, name)
-    req = await query.body(request, SnapshotsPost)
+    project, record, _, req = await load_with(request, name, SnapshotsPost)
+    await projects.check_snapshot(ctx.store, project)
     snapshot = req.name or await _next_snapshot_name(ctx.store, project, name)
     validate_snapshot_name(snapshot)
     if req.stateful:
         _refuse_stateful(record)
     if req.expires_at:
         _check_time("expires_at", req.expires_at)
+    elif req.expires_at is None:  # as LXD: the instance's snapshots.expiry, if it has one
+        req.expires_at = default_expiry(record.expanded_config)
     if await ctx.store.get(snapshot_key(project, name, snapshot)) is not None:
         raise Conflict(f'Snapshot "{snapshot}" already exists')
-    client = await compute_of(record)
-    create = compute_pb2.SnapshotRequest(
-        instance=ref(project, name), snapshot=snapshot, expires_at=req.expires_at or ""
-    )
-
+    expires_at = req.expires_at or ""
     return await compute_operation(
-        ctx, client.create_snapshot, create, "Snapshotting instance", project, name, timeout=600
+        ctx,
+        record,
+        "Snapshotting instance",
+        lambda compute, instance: compute.create_snapshot(
+            instance, snapshot, expires_at=expires_at, timeout=600
+        ),
     )
 
 
-def _refuse_stateful(record: dict[str, Any]) -> None:
+def _refuse_stateful(record: InstanceRecord) -> None:
     """croft cannot checkpoint a running instance (no CRIU support): refused at once, in
     LXD's words (LXD says them as a failed operation), rather than a stateless snapshot
     the client did not ask for."""
-    if record.get("status") != "Running":
+    if record.status != "Running":
         raise InvalidArgument("Unable to create a stateful snapshot. The instance isn't running")
     if shutil.which("criu") is None:
         raise InvalidArgument("Unable to create a stateful snapshot. CRIU isn't installed")
@@ -110,7 +119,7 @@ async def _next_snapshot_name(store: Any, project: str, name: str) -> str:
 
 async def _snapshot(
     request: Request, name: str, snapshot: str
-) -> tuple[str, dict[str, Any], dict[str, Any]]:
+) -> tuple[str, InstanceRecord, dict[str, Any]]:
     project, record, _ = await load(request, name)
     found = await context(request).store.get_json(snapshot_key(project, name, snapshot))
     if found is None:
@@ -133,11 +142,11 @@ async def snapshot_get(request: Request, name: str, snapshot: str) -> Response:
 async def snapshot_delete(request: Request, name: str, snapshot: str) -> Response:
     ctx = context(request)
     project, record, _ = await _snapshot(request, name, snapshot)
-    client = await compute_of(record)
-    delete = compute_pb2.SnapshotRequest(instance=ref(project, name), snapshot=snapshot)
-
     return await compute_operation(
-        ctx, client.delete_snapshot, delete, "Deleting snapshot", project, name, timeout=600
+        ctx,
+        record,
+        "Deleting snapshot",
+        lambda compute, instance: compute.delete_snapshot(instance, snapshot, timeout=600),
     )
 
 
@@ -152,11 +161,9 @@ async def snapshot_rename(request: Request, name: str, snapshot: str) -> Respons
     validate_snapshot_name(req.name)
     if await ctx.store.get(snapshot_key(project, name, req.name)) is not None:
         raise Conflict(f"Name '{name}/{req.name}' already in use")
-    client = await compute_of(record)
-    rename = compute_pb2.SnapshotRequest(
-        instance=ref(project, name), snapshot=snapshot, new_name=req.name
-    )
-
     return await compute_operation(
-        ctx, client.rename_snapshot, rename, "Renaming snapshot", project, name
+        ctx,
+        record,
+        "Renaming snapshot",
+        lambda compute, instance: compute.rename_snapshot(instance, snapshot, req.name),
     )

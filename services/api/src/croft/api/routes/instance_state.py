@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, responses
+from croft.api import limits, responses
 from croft.api.context import context
-from croft.api.domain.compute import compute_of, ref, state_operation
-from croft.api.domain.instances import load
+from croft.api.domain import projects
+from croft.api.domain.compute import compute_for, state_operation
+from croft.api.domain.instances import load_with
 from croft.common.errors import InvalidArgument
-from croft.v1 import compute_pb2
 
 router = APIRouter()
 
@@ -24,9 +24,8 @@ router = APIRouter()
 @router.get("/1.0/instances/{name}/state")
 @router.get("/1.0/containers/{name}/state")
 async def instance_state_get(request: Request, name: str) -> Response:
-    project, record, _ = await load(request, name)
-    client = await compute_of(record)
-    reply = await client.get_state(ref(project, name))
+    client, instance = await compute_for(request, name)
+    reply = await client.get_state(instance)
     return responses.sync(json.loads(reply.state))
 
 
@@ -51,26 +50,19 @@ _ACTIONS = {
 @router.put("/1.0/containers/{name}/state")
 async def instance_state_put(request: Request, name: str) -> Response:
     ctx = context(request)
-    project, record, revision = await load(request, name)
-    req = await query.body(request, StatePut)
+    project, record, revision, req = await load_with(request, name, StatePut)
     if req.action not in _ACTIONS:
         raise InvalidArgument(f"Unknown action: '{req.action}'")
     if req.stateful:
         raise InvalidArgument("Stateful stop and start are not supported")
-    change = compute_pb2.StateRequest(
-        instance=ref(project, name),
-        action=req.action,
-        force=req.force,
-        timeout=req.timeout,
-        # What was just read: compute need not read it again.
-        record=json.dumps(record).encode(),
-        revision=revision,
-    )
-
+    if req.action == "start":
+        await projects.check_instance(ctx.store, project, record, action="start")
     return await state_operation(
         ctx,
         record,
-        change,
+        revision,
+        req.action,
         _ACTIONS[req.action],
-        timeout=(30 if req.timeout < 0 else req.timeout) + 60,
+        force=req.force,
+        timeout=req.timeout,
     )

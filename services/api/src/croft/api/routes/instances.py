@@ -8,7 +8,6 @@ service; records are compute's. Long work runs as LXD operations.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 from typing import Any
 
@@ -19,15 +18,23 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
-from croft.api.context import context
-from croft.api.domain.compute import call_closing, states_of
+from croft.api.context import ApiContext, context
+from croft.api.domain import projects
+from croft.api.domain.compute import closing, ref, states_of
 from croft.api.domain.images import resolve_image
+from croft.api.domain.instance_copy import (
+    COPY_TIMEOUT,
+    copy_record,
+    copy_resources,
+    find_source,
+)
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
     InstanceSource,
     expand,
     failing,
+    listed,
     render,
     resources,
     validate_name,
@@ -37,7 +44,7 @@ from croft.api.domain.snapshots import all_snapshots
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.errors import Conflict, CroftError, InvalidArgument
-from croft.v1 import compute_pb2
+from croft.common.models import InstanceRecord
 
 router = APIRouter()
 
@@ -56,11 +63,7 @@ async def instances_list(request: Request) -> Response:
     ctx = context(request)
     project = query.project(request)
     await records.require_project(ctx.store, project)
-    found = [
-        r
-        for r in await records.list_records(ctx.store, KIND, project)
-        if r.get("_croft", {}).get("state") != "creating"
-    ]
+    found = await listed(ctx.store, project)
     standalone = ctx.settings.location == "none"
     if query.recursion(request) == 2:
         states, snapshots = await asyncio.gather(
@@ -71,19 +74,15 @@ async def instances_list(request: Request) -> Response:
         for record, state in zip(found, states, strict=True):
             item = render(record, standalone)
             item["state"] = state
-            item["snapshots"] = snapshots.get(record["name"], [])
+            item["snapshots"] = snapshots.get(record.name, [])
             item["backups"] = []
             full.append(item)
         return responses.sync(
             query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
         )
+    rendered = [render(record, standalone) for record in found]
     return responses.sync(
-        query.listing(
-            found,
-            request,
-            lambda r: records.url(KIND, r["name"], project),
-            lambda r: render(r, standalone),
-        )
+        query.listing(rendered, request, lambda r: records.url(KIND, r["name"], project))
     )
 
 
@@ -107,9 +106,9 @@ async def _check_instance_type(kind: str) -> None:
 
 
 def _check_source(source: InstanceSource) -> None:
-    if source.type in ("copy", "migration"):
+    if source.type == "migration":
         raise InvalidArgument(f'Creating instances by "{source.type}" is not supported yet')
-    if source.type not in ("image", "none"):
+    if source.type not in ("image", "none", "copy"):
         raise InvalidArgument(f"Unknown source type {source.type}")
     if source.type != "image":
         return
@@ -136,6 +135,8 @@ async def instances_post(request: Request) -> Response:
     validate_name(name)
     await _check_instance_type(req.type)
     _check_source(req.source)
+    if req.source.type == "copy":
+        return await _copy(ctx, project, name, req)
     config = {k: v for k, v in (req.config or {}).items() if v != ""}
     devices = req.devices or {}
     profiles = ["default"] if req.profiles is None else list(req.profiles)
@@ -159,6 +160,11 @@ async def instances_post(request: Request) -> Response:
             raise InvalidArgument("Failed getting root disk: No root device could be found")
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
+    # Before any image is fetched: the project's limits and restrictions (image.* keys
+    # from the image take no part in them).
+    candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,
+                 "expanded_devices": expanded_devices}  # fmt: skip
+    await projects.check_instance(ctx.store, project, candidate, action="create")
     fingerprint = ""
     if req.source.type == "image":
         image = await resolve_image(ctx.store, project, req.source)
@@ -173,34 +179,70 @@ async def instances_post(request: Request) -> Response:
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)
     member = await place(ctx.store)
-    record = {
-        "name": name,
-        "project": project,
-        "type": req.type,  # compute picks the driver by it ("": its default type)
-        "description": req.description,
-        "architecture": req.architecture or "x86_64",
-        "config": config,
-        "devices": devices,
-        "profiles": profiles,
-        "ephemeral": req.ephemeral,
-        "stateful": False,
-        "expanded_config": expanded_config,
-        "expanded_devices": expanded_devices,
-    }
-    limits.check_device_paths(expanded_devices)
-    limits.check_record(record, "instance")
-    request_pb = compute_pb2.CreateInstanceRequest(
-        record=json.dumps(record), image_fingerprint=fingerprint, start=req.start
+    record = InstanceRecord(
+        name=name,
+        project=project,
+        type=req.type,  # compute picks the driver by it ("": its default type)
+        description=req.description,
+        architecture=req.architecture or "x86_64",
+        config=config,
+        devices=devices,
+        profiles=profiles,
+        ephemeral=req.ephemeral,
+        stateful=False,
+        expanded_config=expanded_config,
+        expanded_devices=expanded_devices,
     )
+    limits.check_device_paths(expanded_devices)
+    limits.check_record(record.dump(), "instance")
 
     async def create(op: OperationContext) -> dict[str, Any] | None:
         client = await services().compute(member)
-        await call_closing(op, client.create_instance, request_pb, timeout=600)
+        async with closing(op) as rider:
+            await client.create_instance(
+                record, image_fingerprint=fingerprint, start=req.start, rider=rider, timeout=600
+            )
         return None
 
     operation = await ctx.operations.create(
         "Creating instance", run=create, resources=resources(name, project), project=project,
         done_if_created=records.record_key(KIND, project, name),
+    )  # fmt: skip
+    return responses.async_operation(operation)
+
+
+async def _copy(ctx: ApiContext, project: str, name: str, req: InstancesPost) -> Response:
+    """`lxc copy`: a new instance on its source's member, made by that member's compute
+    from the source's volume (`domain/instance_copy.py` merges the request with it)."""
+    source = await find_source(ctx.store, project, req.source.source)
+    exists = await ctx.store.get(records.record_key(KIND, project, name)) is not None
+    if exists and req.source.refresh:
+        raise InvalidArgument("Refreshing an existing instance is not supported yet")
+    if exists:
+        raise Conflict(f'Instance "{name}" already exists')
+    record = await copy_record(
+        ctx.store, project, name, source,
+        config=req.config, devices=req.devices, profiles=req.profiles,
+        description=req.description, ephemeral=req.ephemeral,
+    )  # fmt: skip
+    # The project's limits and restrictions, as for any new instance.
+    await projects.check_instance(ctx.store, project, record, action="create")
+    member = source.record["_croft"]["member"]
+    instance_only = req.source.instance_only or req.source.container_only
+
+    async def copy(op: OperationContext) -> dict[str, Any] | None:
+        client = await services().compute(member)
+        async with closing(op) as rider:
+            await client.copy_instance(
+                record, ref(project, source.name), source_snapshot=source.snapshot,
+                instance_only=instance_only, allow_inconsistent=req.source.allow_inconsistent,
+                rider=rider, timeout=COPY_TIMEOUT,
+            )  # fmt: skip
+        return None
+
+    operation = await ctx.operations.create(
+        "Creating instance", run=copy, resources=copy_resources(name, source, project),
+        project=project, done_if_created=records.record_key(KIND, project, name),
     )  # fmt: skip
     return responses.async_operation(operation)
 

@@ -1,5 +1,5 @@
 """`/1.0/networks`: managed networks from their records, plus the host's other
-interfaces as unmanaged entries, as LXD lists them (read-only for now)."""
+interfaces as unmanaged entries, as LXD lists them. Changes are `network_changes.py`'s."""
 
 from __future__ import annotations
 
@@ -14,16 +14,18 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
+from croft.api.domain.networks import (
+    find,
+    managed,
+    member_of,
+    networks,
+    used_by,
+    with_member_config,
+)
 from croft.api.services import services
 from croft.common.clients import NetworkClient
 from croft.common.errors import NotFound
-from croft.common.records import (
-    DEFAULT_PROJECT,
-    network_member_prefix,
-    network_nic_prefix,
-    network_used_by,
-    public,
-)
+from croft.common.models import NetworkRecord
 from croft.v1 import common_pb2, network_pb2
 
 router = APIRouter()
@@ -52,89 +54,42 @@ def _unmanaged(name: str) -> dict[str, Any]:
     }
 
 
-def _on(device: dict[str, str], network: str) -> bool:
-    """Whether a device is a NIC on `network` (LXD's isInUseByDevice)."""
-    return device.get("type") == "nic" and network in (device.get("network"), device.get("parent"))
-
-
-async def _used_by(store: Any, name: str) -> list[str]:
-    """What uses a managed network, in LXD's order: networks built on it, profiles with a
-    NIC on it, then the instances whose NICs are attached to it."""
-    networks = sorted(
-        records.url("networks", r["name"])
-        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
-        if r["name"] != name
-        and name in ((r.get("config") or {}).get("network"), (r.get("config") or {}).get("parent"))
-    )
-    profiles = []
-    prefix = records.RECORDS + "profiles/"
-    for entry in await store.list(prefix):
-        project, _, profile = entry.key.removeprefix(prefix).partition("/")
-        if any(_on(device, name) for device in (entry.json().get("devices") or {}).values()):
-            profiles.append(records.url("profiles", profile, project))
-    nics = [entry.key for entry in await store.list(network_nic_prefix(name))]
-    return networks + sorted(profiles) + network_used_by(name, nics)
-
-
-async def _render(store: Any, record: dict[str, Any]) -> dict[str, Any]:
-    """A managed network as LXD shows it."""
-    return {**public(record), "used_by": await _used_by(store, record["name"])}
-
-
-async def _all(store: Any) -> list[dict[str, Any]]:
-    managed = {
-        r["name"]: await _render(store, r)
-        for r in await records.list_records(store, "networks", DEFAULT_PROJECT)
+async def _render(
+    request: Request, store: Any, record: NetworkRecord, known: list[NetworkRecord] | None = None
+) -> dict[str, Any]:
+    """A managed network as LXD shows it (`known`: every managed network's record, when
+    the caller has read them)."""
+    return {
+        **record.public(),
+        "config": await with_member_config(request, store, record),
+        "used_by": await used_by(store, record.name, known),
     }
-    host = [n for n in sorted(os.listdir(SYS_NET)) if n not in managed]
-    return [*managed.values(), *(_unmanaged(n) for n in host)]
 
 
-async def _managed(store: Any, name: str) -> dict[str, Any]:
-    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
-    if found is None:
-        raise NotFound("Network not found")
-    record: dict[str, Any] = found[0]
-    return record
+async def _all(request: Request, store: Any) -> list[dict[str, Any]]:
+    known = await networks(store)
+    shown = {r.name: await _render(request, store, r, known) for r in known}
+    host = [n for n in sorted(os.listdir(SYS_NET)) if n not in shown]
+    return [*shown.values(), *(_unmanaged(n) for n in host)]
 
 
 @router.get("/1.0/networks")
 async def networks_list(request: Request) -> Response:
-    networks = await _all(context(request).store)
-    return responses.sync(query.listing(networks, request, lambda n: f"/1.0/networks/{n['name']}"))
+    listed = await _all(request, context(request).store)
+    return responses.sync(query.listing(listed, request, lambda n: f"/1.0/networks/{n['name']}"))
 
 
 @router.get("/1.0/networks/{name}")
 async def network_get(request: Request, name: str) -> Response:
     store = context(request).store
-    found = await store.get_json(records.record_key("networks", DEFAULT_PROJECT, name))
-    if found is not None:
-        body = await _render(store, found[0])
+    record = await find(store, name)
+    if record is not None:
+        body = await _render(request, store, record)
     elif os.path.exists(f"{SYS_NET}/{name}"):
         body = _unmanaged(name)
     else:
         raise NotFound("Network not found")
     return responses.sync(body, etag=records.etag([body.get("config"), body.get("description")]))
-
-
-async def _member_of(request: Request, store: Any, name: str, record: dict[str, Any]) -> str:
-    """The member whose network service answers for a network: LXD's `?target=`, else
-    the first member it is created on (records from before the cluster shape name their
-    one member)."""
-    prefix = network_member_prefix(name)
-    created: list[str] = sorted(
-        entry.key.removeprefix(prefix)
-        for entry in await store.list(prefix)
-        if entry.json().get("state") == "created"
-    )
-    target = request.query_params.get("target")
-    if target:
-        if target not in created:
-            raise NotFound(f'Network "{name}" is not set up on member "{target}"')
-        return target
-    if created:
-        return created[0]
-    return str(record.get("_croft", {}).get("member", ""))
 
 
 async def _network_call(
@@ -143,8 +98,8 @@ async def _network_call(
     method: Callable[[NetworkClient, network_pb2.NetworkRef], Awaitable[common_pb2.Json]],
 ) -> Any:
     store = context(request).store
-    record = await _managed(store, name)
-    client = await services().network(await _member_of(request, store, name, record))
+    record = await managed(store, name)
+    client = await services().network(await member_of(request, store, name, record))
     reply = await method(client, network_pb2.NetworkRef(name=name))
     return json.loads(reply.json)
 

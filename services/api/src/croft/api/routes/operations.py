@@ -5,14 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from starlette.requests import Request
+from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
 from croft.api import filters, query, records, responses
 from croft.api.context import context
+from croft.api.identity import identity, may_use_project
 from croft.api.operations import operation_url
-from croft.common.errors import CroftError, InvalidArgument, Unavailable
+from croft.common.errors import CroftError, InvalidArgument, PermissionDenied, Unavailable
 
 router = APIRouter()
 
@@ -41,14 +42,25 @@ async def operations_list(request: Request) -> Response:
     return responses.sync(grouped)
 
 
+async def _record(connection: HTTPConnection, op_id: str) -> dict[str, Any]:
+    """The operation's record; 403 as LXD answers it when the operation is in a project
+    the caller (a restricted certificate) may not see."""
+    record = await context(connection).operations.get(op_id)
+    if not may_use_project(connection, record.get("project") or records.DEFAULT_PROJECT):
+        raise PermissionDenied("not authorized")
+    return record
+
+
 @router.get("/1.0/operations/{op_id}")
 async def operation_get(request: Request, op_id: str) -> Response:
-    record = await context(request).operations.get(op_id)
+    record = await _record(request, op_id)
     return responses.sync(record["operation"])
 
 
 @router.delete("/1.0/operations/{op_id}")
 async def operation_delete(request: Request, op_id: str) -> Response:
+    if identity(request).restricted:
+        await _record(request, op_id)
     await context(request).operations.cancel(op_id)
     return responses.empty_sync()
 
@@ -60,13 +72,15 @@ async def operation_wait(request: Request, op_id: str) -> Response:
         timeout = float(raw)
     except ValueError:
         raise InvalidArgument(f'Invalid timeout "{raw}" (seconds; -1 waits forever)') from None
+    if identity(request).restricted:
+        await _record(request, op_id)
     operation = await context(request).operations.wait(op_id, None if timeout < 0 else timeout)
     return responses.sync(operation)
 
 
 @router.get("/1.0/operations/{op_id}/websocket")
 async def operation_websocket_plain(request: Request, op_id: str) -> Response:
-    await context(request).operations.get(op_id)
+    await _record(request, op_id)
     raise InvalidArgument("This endpoint needs a websocket upgrade")
 
 
@@ -74,6 +88,8 @@ async def operation_websocket_plain(request: Request, op_id: str) -> Response:
 async def operation_websocket(websocket: WebSocket, op_id: str) -> None:
     ctx = context(websocket)
     try:
+        if identity(websocket).restricted:
+            await _record(websocket, op_id)
         # An operation of this process answers from memory (exec connects four sockets in
         # a row); only one run elsewhere, or none, needs the store.
         hook = ctx.operations.websocket(op_id)

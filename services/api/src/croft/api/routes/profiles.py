@@ -7,7 +7,6 @@ instance records that name the profile.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 from fastapi import APIRouter
@@ -18,12 +17,13 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.compute import compute_of
 from croft.api.domain.instances import expand
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, PermissionDenied
-from croft.common.records import public
+from croft.common.models import InstanceRecord
+from croft.common.models.instance import CREATED
 from croft.common.store import Create, Delete, Store, dump
-from croft.v1 import compute_pb2
 
 router = APIRouter()
 
@@ -94,10 +94,10 @@ async def check_networks(
 
 async def instances_using(store: Store, project: str, name: str) -> list[str]:
     urls = []
-    for entry in await store.list(records.record_prefix("instances", project)):
+    for owner, entry in await projects.instance_entries(store, project, KIND):
         instance = entry.json()
         if name in (instance.get("profiles") or []):
-            urls.append(records.url("instances", instance.get("name", ""), project))
+            urls.append(records.url("instances", instance.get("name", ""), owner))
     return urls
 
 
@@ -122,14 +122,13 @@ async def _load(store: Store, project: str, name: str) -> dict[str, Any]:
 @router.get("/1.0/profiles")
 async def profiles_list(request: Request) -> Response:
     store = context(request).store
-    project = query.project(request)
-    await records.require_project(store, project)
-    instances = [e.json() for e in await store.list(records.record_prefix("instances", project))]
+    project = await projects.scope(request, KIND)
+    instances = [(p, e.json()) for p, e in await projects.instance_entries(store, project, KIND)]
 
     def used_by(name: str) -> list[str]:
         return [
-            records.url("instances", i.get("name", ""), project)
-            for i in instances
+            records.url("instances", i.get("name", ""), owner)
+            for owner, i in instances
             if name in (i.get("profiles") or [])
         ]
 
@@ -144,8 +143,7 @@ async def profiles_list(request: Request) -> Response:
 @router.post("/1.0/profiles")
 async def profiles_post(request: Request) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     req = await query.body(request, ProfilesPost)
     validate_name(req.name)
     record: dict[str, Any] = {
@@ -168,8 +166,7 @@ async def profiles_post(request: Request) -> Response:
 @router.get("/1.0/profiles/{name}")
 async def profile_get(request: Request, name: str) -> Response:
     store = context(request).store
-    project = query.project(request)
-    await records.require_project(store, project)
+    project = await projects.scope(request, KIND)
     record = await _load(store, project, name)
     used_by = await instances_using(store, project, name)
     return responses.sync(render(record, used_by), etag=records.etag(writable(record)))
@@ -177,8 +174,7 @@ async def profile_get(request: Request, name: str) -> Response:
 
 async def _update(request: Request, name: str, *, patch: bool) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     data = await query.json_body(request)
     req = query.validate(data, ProfilePut)
 
@@ -208,6 +204,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     # Refused before anything is written if an instance using the profile cannot take it.
     first = change(found[0])
     await check_networks(ctx.store, project, first["devices"], found[0].get("devices") or {})
+    await projects.check_profile(ctx.store, project, name, first["config"], first["devices"])
     await _instance_updates(ctx.store, project, name, first)
     written = await records.modify(
         ctx.store, key, change, missing="Profile not found", current=found
@@ -216,11 +213,12 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     await ctx.lifecycle("profile-updated", url, project=project, request=request)
     # As LXD: the instances that use the profile get the change at once.
     failed = []
-    for instance in await _instance_updates(ctx.store, project, name, written):
+    for instance, revision in await _instance_updates(ctx.store, project, name, written):
         try:
-            await _update_instance(ctx.store, instance)
+            client = await compute_of(instance)
+            await client.update_instance(instance, revision=revision, timeout=120)
         except CroftError as exc:
-            failed.append(f'"{instance["name"]}": {exc.message}')
+            failed.append(f'"{instance.name}": {exc.message}')
     if failed:
         raise InvalidArgument("Failed to update instances using the profile: " + "; ".join(failed))
     return responses.empty_sync()
@@ -228,67 +226,43 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
 
 async def _instance_updates(
     store: Store, project: str, name: str, profile: dict[str, Any]
-) -> list[dict[str, Any]]:
+) -> list[tuple[InstanceRecord, int]]:
     """The instances using profile `name` whose expansion `profile` changes, each as the
-    record to hand compute. InvalidArgument, naming the instance, when one of them would
-    not take it: an invalid expansion, or new devices while it runs (hot-plugging is not
-    built)."""
+    record to hand compute and the revision it was read at. InvalidArgument, naming the
+    instance, when one of them would not take it: an invalid expansion, or new devices
+    while it runs (hot-plugging is not built)."""
     updates = []
-    for entry in await store.list(records.record_prefix("instances", project)):
-        record = entry.json()
-        if name not in (record.get("profiles") or []):
+    for _, entry in await projects.instance_entries(store, project, KIND):
+        record = InstanceRecord.model_validate(entry.json())
+        if name not in record.profiles:
             continue
-        if record.get("_croft", {}).get("state") != "created":
+        if record.croft.state != CREATED:
             continue  # being created: it expands the profile as it was
-        own = {k: v for k, v in record["config"].items() if not k.startswith("volatile.")}
+        own = {k: v for k, v in record.config.items() if not k.startswith("volatile.")}
         expanded_config, expanded_devices = await expand(
-            store, project, record["profiles"], own, record["devices"], known={name: profile}
+            store, project, record.profiles, own, record.devices, known={name: profile}
         )
         current_config = {
-            k: v for k, v in record["expanded_config"].items() if not k.startswith("volatile.")
+            k: v for k, v in record.expanded_config.items() if not k.startswith("volatile.")
         }
-        if (expanded_config, expanded_devices) == (current_config, record["expanded_devices"]):
+        if (expanded_config, expanded_devices) == (current_config, record.expanded_devices):
             continue
-        instance = record["name"]
+        expanded = {"expanded_config": expanded_config, "expanded_devices": expanded_devices}
         try:
             validate_instance_config(expanded_config, profile=False)
             validate_devices(expanded_devices)
-            limits.check_record(
-                {
-                    **record,
-                    "expanded_config": expanded_config,
-                    "expanded_devices": expanded_devices,
-                },
-                "instance",
-            )
+            limits.check_record(record.model_copy(update=expanded).dump(), "instance")
         except CroftError as exc:
             raise InvalidArgument(
-                f'Invalid profile for instance "{instance}": {exc.message}'
+                f'Invalid profile for instance "{record.name}": {exc.message}'
             ) from None
-        if expanded_devices != record["expanded_devices"] and record.get("status") != "Stopped":
+        if expanded_devices != record.expanded_devices and record.status != "Stopped":
             raise InvalidArgument(
-                f'Instance "{instance}" uses the profile and is running: devices cannot be '
-                "changed while the instance is running"
+                f'Instance "{record.name}" uses the profile and is running: devices cannot '
+                "be changed while the instance is running"
             )
-        updates.append(
-            {
-                **public(record),
-                "config": own,
-                "expanded_config": expanded_config,
-                "expanded_devices": expanded_devices,
-                "_revision": entry.revision,
-                "_croft": record["_croft"],
-            }
-        )
+        updates.append((record.model_copy(update={"config": own, **expanded}), entry.revision))
     return updates
-
-
-async def _update_instance(store: Store, instance: dict[str, Any]) -> None:
-    client = await compute_of(instance)
-    revision = instance.pop("_revision")
-    del instance["_croft"]
-    update = compute_pb2.UpdateInstanceRequest(record=json.dumps(instance), revision=revision)
-    await client.update_instance(update, idempotent=False, timeout=120)
 
 
 @router.put("/1.0/profiles/{name}")
@@ -304,8 +278,7 @@ async def profile_patch(request: Request, name: str) -> Response:
 @router.post("/1.0/profiles/{name}")
 async def profile_rename(request: Request, name: str) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     req = await query.body(request, ProfilePost)
     if name == "default":
         raise PermissionDenied('The "default" profile cannot be renamed')
@@ -339,8 +312,7 @@ async def profile_rename(request: Request, name: str) -> Response:
 @router.delete("/1.0/profiles/{name}")
 async def profile_delete(request: Request, name: str) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
+    project = await projects.scope(request, KIND)
     if name == "default":
         raise PermissionDenied('The "default" profile cannot be deleted')
     key = records.record_key(KIND, project, name)

@@ -41,11 +41,26 @@ API_EXTENSIONS: list[str] = [
     "event_project",
     "event_lifecycle_requestor_address",
     "projects",
+    # projects (routes/projects.py, domain/projects.py): features, limits, restrictions
+    "projects_limits",
+    "projects_restrictions",
+    "projects_limits_disk",
+    "projects_networks",
+    "projects_limits_instances",
+    "projects_restricted_cluster_target",
+    "projects_restricted_backups_and_snapshots",
+    "project_usage",
     "api_filtering",
     "api_os",
     # instances (routes/instances.py): without "instances" the lxc client uses /1.0/containers
     "instances",
     "container_full",
+    # copy and move on one member (domain/instance_copy.py): lxc copy --instance-only,
+    # --storage, --allow-inconsistent; lxc move --storage
+    "container_only_migration",
+    "container_local_cross_pool_handling",
+    "instance_allow_inconsistent_copy",
+    "instance_pool_move",
     "storage",
     "image_force_refresh",
     "instance_get_full",
@@ -54,16 +69,33 @@ API_EXTENSIONS: list[str] = [
     "exec_special_chars",
     "container_file_write_append",
     "file_delete",
-    # networks (routes/networks.py): read-only for now, as storage pools are (list, get,
-    # state, leases); creating or changing one answers LXD's 501 "not implemented"
+    # networks (routes/networks.py, routes/network_changes.py): bridges made, changed,
+    # renamed and deleted; NICs naming their network (`network=`), which `lxc init -n`
+    # and `lxc network attach` send only when this is listed
     "network",
     "network_leases",
     "network_state",
+    "network_routes",
+    "network_dhcp_expiry",
+    "network_dhcp_gateway",
+    "network_nat_address",
+    "network_dns_search",
+    "instance_nic_network",
     "resources",
     "console",  # the console log, and attaching to the console (routes/instances.py)
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",
+    "certificate_update",
+    "auth_user",
+    # custom storage volumes (routes/storage_volumes.py)
+    "storage_api_volume_rename",
+    "storage_api_local_volume_handling",
+    "storage_api_volume_snapshots",
+    "storage_volume_state",
+    "storage_volume_state_total",
+    "storage_shifted",
+    "custom_block_volumes",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
@@ -186,7 +218,9 @@ async def server_get(request: Request) -> Response:
     # LXD 5.0 answers the server info whatever project is named, even one that does
     # not exist (lxc and pylxd send their remote's project with every request).
     project = query.project(request)
-    config = shown_config(await _server_config(request))
+    who = identity(request)
+    # As LXD: only an administrator (not a restricted certificate) sees the server config.
+    config = {} if who.restricted else shown_config(await _server_config(request))
     https_address = serving_address(request)
     addresses = await listen_addresses(https_address) if https_address else []
     info = {
@@ -199,6 +233,9 @@ async def server_get(request: Request) -> Response:
         "auth": "trusted",
         "public": False,
         "auth_methods": ["tls"],
+        # LXD's auth_user extension: who this client is, as the requestor of its changes.
+        "auth_user_name": who.username,
+        "auth_user_method": who.protocol,
         "environment": environment(ctx.settings, project, addresses, await storage_drivers()),
     }
     return responses.sync(info, etag=records.etag(config))

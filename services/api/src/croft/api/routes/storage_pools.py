@@ -16,9 +16,16 @@ from starlette.responses import Response
 
 from croft.api import query, records, responses
 from croft.api.context import context
+from croft.api.domain.storage_volumes import volume_url
 from croft.api.services import services
 from croft.common.errors import InvalidArgument, NotFound
-from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.models import (
+    InstanceRecord,
+    ProfileRecord,
+    StoragePoolRecord,
+    StorageVolumeRecord,
+)
+from croft.common.records import DEFAULT_PROJECT, record_prefix
 from croft.v1 import storage_pb2
 
 router = APIRouter()
@@ -42,40 +49,43 @@ async def _used_by(store: Any, pool: str) -> list[str]:
     pool from being deleted)."""
     used = []
     for entry in await store.list(records.RECORDS + "instances/"):
-        instance = entry.json()
-        if instance.get("_croft", {}).get("pool") == pool:
-            used.append(
-                records.url("instances", instance["name"], instance.get("project", DEFAULT_PROJECT))
-            )
-    for entry in await store.list(records.RECORDS + "profiles/"):
-        profile = entry.json()
-        devices = (profile.get("devices") or {}).values()
+        raw = entry.json()
+        # Only `_croft` is read of every instance (its whole record is many times that).
+        if InstanceRecord.meta_of(raw).pool == pool:
+            instance = InstanceRecord.model_validate(raw)
+            used.append(records.url("instances", instance.name, instance.project))
+    prefix = records.RECORDS + "profiles/"
+    for entry in await store.list(prefix):
+        profile = ProfileRecord.model_validate(entry.json())
+        devices = profile.devices.values()
         if any(d.get("type") == "disk" and d.get("pool") == pool for d in devices):
-            used.append(
-                records.url("profiles", profile["name"], profile.get("project", DEFAULT_PROJECT))
-            )
+            # A profile's project is in its key, not its body.
+            project = entry.key.removeprefix(prefix).partition("/")[0]
+            used.append(records.url("profiles", profile.name, project))
     for entry in await store.list(records.RECORDS + "storage-volumes/"):
-        volume = entry.json()
-        if volume.get("type") == "image" and volume.get("_croft", {}).get("pool") == pool:
-            used.append(f"/1.0/images/{volume['name']}")
+        volume = StorageVolumeRecord.model_validate(entry.json())
+        if volume.type == "image" and volume.croft.pool == pool:
+            used.append(f"/1.0/images/{volume.name}")
+        elif volume.type == "custom" and volume.croft.pool == pool:
+            used.append(volume_url(pool, volume.dump()))  # LXD lists custom volumes and snapshots
     return sorted(set(used))
 
 
 def render(
-    record: dict[str, Any], used_by: list[str], standalone: bool, member: str = ""
+    record: StoragePoolRecord, used_by: list[str], standalone: bool, member: str = ""
 ) -> dict[str, Any]:
     """A pool as LXD shows it. Its record is the cluster's: `config` the keys common to
     all members, `_croft.members` each member's state and own keys (`source`, ...). As
     LXD, a standalone server shows its member's keys and `locations: ["none"]`; a cluster
     shows the member's keys only when asked for one (`?target=`)."""
-    body = public(record)
-    members: dict[str, Any] = record.get("_croft", {}).get("members", {})
+    body = record.public()
+    members = record.croft.members
     if standalone:
         body["locations"] = ["none"]
         if not member and len(members) == 1:
             member = next(iter(members))
     if member in members:
-        body["config"] = {**body.get("config", {}), **members[member].get("config", {})}
+        body["config"] = {**record.config, **members[member].config}
     body["used_by"] = used_by
     return body
 
@@ -84,20 +94,22 @@ def _standalone(request: Request) -> bool:
     return context(request).settings.location == "none"
 
 
-async def _load(store: Any, name: str) -> dict[str, Any]:
-    found = await store.get_json(records.record_key("storage-pools", DEFAULT_PROJECT, name))
+async def _load(store: Any, name: str) -> StoragePoolRecord:
+    found = await store.get_json(StoragePoolRecord.store_key(name))
     if found is None:
         raise NotFound("Storage pool not found")
-    record: dict[str, Any] = found[0]
-    return record
+    return StoragePoolRecord.model_validate(found[0])
 
 
 @router.get("/1.0/storage-pools")
 async def pools_list(request: Request) -> Response:
     store = context(request).store
-    pools = await records.list_records(store, "storage-pools", DEFAULT_PROJECT)
+    pools = [
+        StoragePoolRecord.model_validate(entry.json())
+        for entry in await store.list(record_prefix(StoragePoolRecord.collection, DEFAULT_PROJECT))
+    ]
     standalone, target = _standalone(request), request.query_params.get("target", "")
-    rendered = [render(p, await _used_by(store, p["name"]), standalone, target) for p in pools]
+    rendered = [render(p, await _used_by(store, p.name), standalone, target) for p in pools]
     return responses.sync(
         query.listing(rendered, request, lambda p: f"/1.0/storage-pools/{p['name']}")
     )
@@ -115,8 +127,7 @@ async def pool_get(request: Request, name: str) -> Response:
 @router.get("/1.0/storage-pools/{name}/resources")
 async def pool_resources(request: Request, name: str) -> Response:
     ctx = context(request)
-    record = await _load(ctx.store, name)
-    members: dict[str, Any] = record.get("_croft", {}).get("members", {})
+    members = (await _load(ctx.store, name)).croft.members
     # The pool's space on one member: the one asked for, else this one, else the first.
     member = request.query_params.get("target") or (
         ctx.settings.server_name
@@ -130,13 +141,13 @@ async def pool_resources(request: Request, name: str) -> Response:
     return responses.sync(json.loads(reply.json))
 
 
-def _member(request: Request, record: dict[str, Any] | None = None) -> str:
+def _member(request: Request, record: StoragePoolRecord | None = None) -> str:
     """The member a change is for: `?target=`, else this api's, else the pool's only one."""
     ctx = context(request)
     target = request.query_params.get("target", "")
     if target:
         return target
-    members: dict[str, Any] = (record or {}).get("_croft", {}).get("members", {})
+    members = record.croft.members if record is not None else {}
     if record is not None and ctx.settings.server_name not in members and len(members) == 1:
         return next(iter(members))
     return ctx.settings.server_name
@@ -165,7 +176,11 @@ async def pools_post(request: Request) -> Response:
     return responses.created(url)
 
 
-async def _update(request: Request, name: str, *, patch: bool) -> Response:
+@router.put("/1.0/storage-pools/{name}")
+@router.patch("/1.0/storage-pools/{name}")
+async def pool_update(request: Request, name: str) -> Response:
+    # PUT replaces; PATCH (LXD's) changes only what the body names.
+    patch = request.method == "PATCH"
     ctx = context(request)
     data = await query.json_body(request)
     req = query.validate(data, StoragePoolPut)
@@ -188,16 +203,6 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     return responses.empty_sync()
 
 
-@router.put("/1.0/storage-pools/{name}")
-async def pool_put(request: Request, name: str) -> Response:
-    return await _update(request, name, patch=False)
-
-
-@router.patch("/1.0/storage-pools/{name}")
-async def pool_patch(request: Request, name: str) -> Response:
-    return await _update(request, name, patch=True)
-
-
 @router.delete("/1.0/storage-pools/{name}")
 async def pool_delete(request: Request, name: str) -> Response:
     ctx = context(request)
@@ -205,8 +210,7 @@ async def pool_delete(request: Request, name: str) -> Response:
     used_by = await _used_by(ctx.store, name)
     if any(not user.startswith("/1.0/images/") for user in used_by):
         raise InvalidArgument("The storage pool is currently in use")
-    members: dict[str, Any] = record.get("_croft", {}).get("members", {})
-    for member in sorted(members) or [_member(request, record)]:
+    for member in sorted(record.croft.members) or [_member(request, record)]:
         client = await services().storage(member)
         await client.delete_pool(storage_pb2.PoolRef(name=name), timeout=600)
     await ctx.lifecycle("storage-pool-deleted", f"/1.0/storage-pools/{name}", request=request)

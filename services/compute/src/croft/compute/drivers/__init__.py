@@ -277,6 +277,17 @@ class InstanceDriver(ABC):
         without asking each (then callers use status())."""
         return None
 
+    async def hotplug_disk(self, name: str, source: str, path: str, *, readonly: bool) -> None:
+        """Mount the host path `source` at `path` inside the running instance (a disk
+        device added while it runs); the instance sees the files' on-disk ids as its own,
+        as it does its start-time disks. InvalidArgument if the driver cannot."""
+        raise InvalidArgument("Devices cannot be changed while the instance is running")
+
+    async def unplug_disk(self, name: str, path: str) -> None:
+        """Undo hotplug_disk() (or a start-time disk's mount) at `path` in the running
+        instance. InvalidArgument if the driver cannot."""
+        raise InvalidArgument("Devices cannot be changed while the instance is running")
+
     @abstractmethod
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
         """Apply limits.cpu / limits.memory / limits.processes from `config` (missing or

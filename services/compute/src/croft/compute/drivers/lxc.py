@@ -1027,6 +1027,31 @@ class LXCDriver(InstanceDriver):
 
     # -- limits
 
+    async def hotplug_disk(self, name: str, source: str, path: str, *, readonly: bool) -> None:
+        target = "/" + _mount_target(name, path)
+        pid, privileged = await in_thread(self._running_pid, name)
+        argv = [sys.executable, "-m", "croft.compute.mountns", "plug", str(pid), source, target]
+        argv += (["--readonly"] if readonly else []) + ([] if privileged else ["--idmap"])
+        await self._mountns(argv, f'Failed to mount "{source}" at "{path}"')
+
+    async def unplug_disk(self, name: str, path: str) -> None:
+        target = "/" + _mount_target(name, path)
+        pid, _ = await in_thread(self._running_pid, name)
+        argv = [sys.executable, "-m", "croft.compute.mountns", "unplug", str(pid), target]
+        await self._mountns(argv, f'Failed to unmount "{path}"')
+
+    def _running_pid(self, name: str) -> tuple[int, bool]:
+        container = self._container(name)
+        if not container.running:
+            raise InvalidArgument("The instance isn't running")
+        return container.init_pid, not self._config_values(name, "lxc.idmap")
+
+    @staticmethod
+    async def _mountns(argv: builtins.list[str], what: str) -> None:
+        code, _, err = await run_async(argv, timeout=60, check=False)
+        if code != 0:
+            raise InvalidArgument(f"{what}: {err.decode(errors='replace').strip()}")
+
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
         parsed = limits_mod.parse_limits(config)  # InvalidArgument before any change
         container = await in_thread(self._container, name)

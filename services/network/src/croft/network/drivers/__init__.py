@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from croft.common.drivers import Registry
+from croft.common.errors import InvalidArgument
 
 DEFAULT_STATE_ROOT = Path("/var/lib/croft/networks")
 DEFAULT_NFT_TABLE = "croft"
@@ -130,6 +131,9 @@ class NetworkDriver(ABC):
     # The network type this driver makes (LXD's `type`: "bridge", "macvlan"...).
     name: ClassVar[str]
     capabilities: ClassVar[Capabilities]
+    # Keys that cannot change while instance NICs use the network, and LXD's refusal.
+    fixed_in_use: ClassVar[frozenset[str]] = frozenset()
+    fixed_in_use_message: ClassVar[str] = ""
 
     def __init__(self, settings: DriverSettings | None = None) -> None:
         self.settings = settings or DriverSettings()
@@ -189,6 +193,13 @@ class NetworkDriver(ABC):
             await self.start(name, resolved)
         return resolved
 
+    async def rename(self, name: str, new_name: str, config: Mapping[str, str]) -> None:
+        """Give the network's host state a new name (its interface, helpers and files),
+        running again under it if it ran. Only asked of a network no instance uses.
+        Raises InvalidArgument for a bad name, Conflict if the new name is taken on
+        this host; on failure the network keeps its old name."""
+        raise InvalidArgument(f"Networks of type {self.name!r} cannot be renamed")
+
     async def local_config(self, name: str) -> dict[str, str] | None:
         """The config this host last created or started the network with, or None when
         the network has no host state here. Lets the core adopt host state whose record
@@ -203,10 +214,10 @@ class NetworkDriver(ABC):
     async def state(self, name: str) -> NetworkState:
         """The host-side state in LXD's shape. Raises NotFound if not up on this host."""
 
-    def nic_parent(self, name: str) -> str:
-        """The host interface instance NICs hang off (the bridge for `bridged`), sent to
-        compute with `capabilities.nic_type`; "" when the NIC type needs none. Pure: no
-        host work."""
+    def nic_parent(self, name: str, config: Mapping[str, str]) -> str:
+        """The host interface instance NICs hang off (the bridge for `bridged`, the
+        network's `parent` for `macvlan` and `physical`), sent to compute with
+        `capabilities.nic_type`; "" when the NIC type needs none. Pure: no host work."""
         return name
 
     def instance_mtu(self, config: Mapping[str, str]) -> int | None:
@@ -215,14 +226,22 @@ class NetworkDriver(ABC):
         return None
 
     async def add_instance(
-        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+        self,
+        network: str,
+        instance: str,
+        hwaddr: str,
+        ipv4: str | None = None,
+        *,
+        ipv6: str | None = None,
     ) -> str | None:
         """Register an instance NIC (its MAC) under the instance's name, with a pinned
-        IPv4 address if `ipv4` is given; return that address (None: dynamic).
+        IPv4 address if `ipv4` is given (and a pinned DHCPv6 one if `ipv6` is); return
+        the IPv4 address (None: dynamic).
 
-        Takes effect without restarting anything. Raises InvalidArgument for a bad MAC
-        or an address outside the network, Conflict if the address is pinned to another
-        NIC. On failure the previous entries are unchanged."""
+        Takes effect without restarting anything. Raises InvalidArgument (LXD's words)
+        for a bad MAC, an address outside the network or one pinned to another NIC (a
+        400: a Conflict would read as a compare-and-swap race to callers that retry
+        those). On failure the previous entries are unchanged."""
         return None
 
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
@@ -244,6 +263,8 @@ DRIVERS: Registry[NetworkDriver] = Registry(
     NetworkDriver,  # type: ignore[type-abstract]
     {
         "bridge": "croft.network.drivers.bridge:BridgeDriver",
+        "macvlan": "croft.network.drivers.macvlan:MacvlanDriver",
+        "physical": "croft.network.drivers.physical:PhysicalDriver",
     },
 )
 

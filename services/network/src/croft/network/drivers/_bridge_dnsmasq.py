@@ -33,23 +33,33 @@ def is_mac(value: str) -> bool:
 
 @dataclass(frozen=True)
 class DhcpHost:
-    """One `--dhcp-hostsfile` line: this MAC gets this name (and this address, if set)."""
+    """One `--dhcp-hostsfile` line: this MAC gets this name (and these addresses, if
+    set: LXD's `MAC[,IPv4][,[IPv6]],NAME`)."""
 
     hwaddr: str
     name: str
     ipv4: str | None = None
+    ipv6: str | None = None
 
     def line(self) -> str:
-        return ",".join([self.hwaddr, *([self.ipv4] if self.ipv4 else []), self.name])
+        return ",".join(
+            [
+                self.hwaddr,
+                *([self.ipv4] if self.ipv4 else []),
+                *([f"[{self.ipv6}]"] if self.ipv6 else []),
+                self.name,
+            ]
+        )
 
     @classmethod
     def parse(cls, line: str) -> DhcpHost | None:
         parts = line.strip().split(",")
-        if len(parts) == 2:
-            return cls(parts[0], parts[1])
-        if len(parts) == 3:
-            return cls(parts[0], parts[2], parts[1])
-        return None
+        if len(parts) < 2 or len(parts) > 4:
+            return None
+        hwaddr, middle, name = parts[0], parts[1:-1], parts[-1]
+        ipv4 = next((p for p in middle if not p.startswith("[")), None)
+        ipv6 = next((p.strip("[]") for p in middle if p.startswith("[")), None)
+        return cls(hwaddr, name, ipv4, ipv6)
 
 
 @dataclass(frozen=True)
@@ -236,9 +246,12 @@ class Dnsmasq:
         """Add (or replace) one host's entries; a running dnsmasq reads them by itself."""
         name = _file_name(host.hwaddr)
         _write_atomic(self.hosts_dir / name, host.line() + "\n")
-        if host.ipv4:
+        if host.ipv4 or host.ipv6:
             fqdn = f"{host.name}.{domain} " if domain else ""
-            _write_atomic(self.names_dir / name, f"{host.ipv4} {fqdn}{host.name}\n")
+            lines = "".join(
+                f"{address} {fqdn}{host.name}\n" for address in (host.ipv4, host.ipv6) if address
+            )
+            _write_atomic(self.names_dir / name, lines)
         else:
             (self.names_dir / name).unlink(missing_ok=True)
 

@@ -25,6 +25,20 @@ _CHAINS = {
 }
 
 
+def _nat_rule(
+    family: str,
+    subnet: IPv4Network | IPv6Network,
+    nat_address: IPv4Address | IPv6Address | None,
+    bridge: str,
+) -> str:
+    """The rule that NATs what `subnet` sends out of the bridge (`family`: ip or ip6): to
+    `nat_address`, else masquerading as the outgoing interface's address."""
+    action = f"snat {family} to {nat_address}" if nat_address else "masquerade"
+    return (
+        f"{family} saddr {subnet} {family} daddr != {subnet} oifname != {bridge} counter {action}"
+    )
+
+
 @dataclass(frozen=True)
 class BridgeRules:
     """What a bridge needs from the firewall."""
@@ -46,21 +60,9 @@ class BridgeRules:
         wanted: dict[str, list[str]] = {}
         nat: list[str] = []
         if self.ipv4_subnet is not None and self.ipv4_nat:
-            action = (
-                f"snat ip to {self.ipv4_nat_address}" if self.ipv4_nat_address else "masquerade"
-            )
-            nat.append(
-                f"ip saddr {self.ipv4_subnet} ip daddr != {self.ipv4_subnet} "
-                f"oifname != {br} counter {action}"
-            )
+            nat.append(_nat_rule("ip", self.ipv4_subnet, self.ipv4_nat_address, br))
         if self.ipv6_subnet is not None and self.ipv6_nat:
-            action = (
-                f"snat ip6 to {self.ipv6_nat_address}" if self.ipv6_nat_address else "masquerade"
-            )
-            nat.append(
-                f"ip6 saddr {self.ipv6_subnet} ip6 daddr != {self.ipv6_subnet} "
-                f"oifname != {br} counter {action}"
-            )
+            nat.append(_nat_rule("ip6", self.ipv6_subnet, self.ipv6_nat_address, br))
         if nat:
             wanted["pstrt"] = nat
         if self.firewall and (self.ipv4_subnet is not None or self.ipv6_subnet is not None):

@@ -6,6 +6,7 @@ import ipaddress
 import random
 from collections.abc import Iterable
 from ipaddress import IPv4Interface, IPv4Network, IPv6Interface, IPv6Network
+from typing import TypeVar
 
 from pyroute2 import IPRoute
 
@@ -15,47 +16,50 @@ from croft.common.errors import InvalidArgument, Unavailable
 _AUTO_ATTEMPTS = 100
 
 
-def parse_ipv4_interface(key: str, value: str) -> IPv4Interface:
-    """`10.0.3.1/24` -> the gateway address with its subnet; InvalidArgument naming `key`."""
+def _invalid(key: str, why: str) -> InvalidArgument:
+    return InvalidArgument(f"Invalid value for network config key {key!r}: {why}")
+
+
+_Interface = TypeVar("_Interface", IPv4Interface, IPv6Interface)
+
+
+def _interface(kind: type[_Interface], key: str, value: str, example: str) -> _Interface:
+    """`value` as an address with its subnet, which it must name with a prefix length."""
+    family = "IPv4" if kind is IPv4Interface else "IPv6"
     try:
-        iface = IPv4Interface(value)
+        iface = kind(value)
     except ValueError as exc:
-        raise InvalidArgument(
-            f"Invalid value for network config key {key!r}: {value!r} is not an IPv4 "
-            f"address with a prefix length (like 10.0.3.1/24)"
+        raise _invalid(
+            key, f"{value!r} is not an {family} address with a prefix length (like {example})"
         ) from exc
     if "/" not in value:
-        raise InvalidArgument(
-            f"Invalid value for network config key {key!r}: {value!r} needs a prefix "
-            f"length (like 10.0.3.1/24)"
-        )
+        raise _invalid(key, f"{value!r} needs a prefix length (like {example})")
+    return iface
+
+
+def parse_ipv4_interface(key: str, value: str) -> IPv4Interface:
+    """`10.0.3.1/24` -> the gateway address with its subnet; InvalidArgument naming `key`."""
+    iface = _interface(IPv4Interface, key, value, "10.0.3.1/24")
     net = iface.network
     if net.prefixlen > 30:
-        raise InvalidArgument(
-            f"Invalid value for network config key {key!r}: a /{net.prefixlen} subnet "
-            f"has no room for instances (use /30 or larger)"
+        raise _invalid(
+            key, f"a /{net.prefixlen} subnet has no room for instances (use /30 or larger)"
         )
     if iface.ip in (net.network_address, net.broadcast_address):
-        raise InvalidArgument(
-            f"Invalid value for network config key {key!r}: {iface.ip} is the "
+        raise _invalid(
+            key,
+            f"{iface.ip} is the "
             f"{'network' if iface.ip == net.network_address else 'broadcast'} address "
-            f"of {net}, not a usable gateway address"
+            f"of {net}, not a usable gateway address",
         )
     return iface
 
 
 def parse_ipv6_interface(key: str, value: str) -> IPv6Interface:
-    try:
-        iface = IPv6Interface(value)
-    except ValueError as exc:
-        raise InvalidArgument(
-            f"Invalid value for network config key {key!r}: {value!r} is not an IPv6 "
-            f"address with a prefix length (like fd42:1:2:3::1/64)"
-        ) from exc
-    if "/" not in value or iface.ip == iface.network.network_address:
-        raise InvalidArgument(
-            f"Invalid value for network config key {key!r}: {value!r} must be a host "
-            f"address with a prefix length (like fd42:1:2:3::1/64)"
+    iface = _interface(IPv6Interface, key, value, "fd42:1:2:3::1/64")
+    if iface.ip == iface.network.network_address:
+        raise _invalid(
+            key, f"{value!r} must be a host address with a prefix length (like fd42:1:2:3::1/64)"
         )
     return iface
 

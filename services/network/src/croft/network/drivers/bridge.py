@@ -16,7 +16,14 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Interface, IPv6Address, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import ClassVar, TypeVar
 
@@ -36,27 +43,21 @@ from croft.network.drivers import (
     NetworkStateBridge,
     NetworkStateCounters,
 )
-from croft.network.drivers import _bridge_nft as nft
+from croft.network.drivers import _bridge_table as firewall
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import DhcpHost, Dnsmasq, DnsmasqOptions, is_mac
+from croft.network.drivers._keys import check_bridge_config, check_interface_name
 
 DEFAULT_DOMAIN = "croft"
 DEFAULT_MTU = 1500
 DEFAULT_EXPIRY = "1h"
 
-_IFNAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,14}$")
 _DOMAIN_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*$")
 _HOSTNAME_RE = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 _EXPIRY_RE = re.compile(r"^(\d+[smhdw]?|infinite)$")
+_RTPROT_STATIC = 4
 _BOOL_TRUE = {"true", "1", "yes", "on"}
 _BOOL_FALSE = {"false", "0", "no", "off", ""}
-
-# LXD keys croft knows but does not implement (rejected rather than silently ignored).
-_UNSUPPORTED = re.compile(
-    r"^(bridge\.(external_interfaces|mode)|fan\..*|tunnel\..*|maas\..*|dns\.zone\..*|"
-    r"ipv[46]\.(routes|ovn\.ranges|nat\.order|l3only)|ipv4\.dhcp\.ranges\.v6|"
-    r"ipv6\.dhcp\.(stateful|ranges)|security\.acls.*|bgp\..*|volatile\..*)$"
-)
 
 
 def _bool(value: str) -> bool:
@@ -94,6 +95,10 @@ class BridgeConfig:
     ipv6_nat_address: IPv6Address | None
     ipv6_dhcp: bool
     ipv6_dhcp_expiry: str
+    ipv6_dhcp_stateful: bool
+    ipv6_dhcp_ranges: list[tuple[IPv6Address, IPv6Address]]
+    ipv4_routes: list[IPv4Network]
+    ipv6_routes: list[IPv6Network]
     ipv6_routing: bool
     ipv6_firewall: bool
     dns_domain: str
@@ -103,18 +108,12 @@ class BridgeConfig:
 
     @classmethod
     def parse(cls, config: Mapping[str, str]) -> BridgeConfig:
-        """Validate every key; InvalidArgument names the first bad one."""
+        """The typed config. Key names and their values' forms are LXD's rules
+        (`_keys`, checked by `validate`); this checks what those leave open (a
+        DHCP range outside the subnet, a subnet with no room for instances)."""
         for key, value in config.items():
             if not isinstance(value, str):
                 raise InvalidArgument(f"Network config key {key!r} must be a string")
-            if key.startswith("user."):
-                continue
-            if _UNSUPPORTED.match(key):
-                raise InvalidArgument(
-                    f"Network config key {key!r} is not supported by croft's bridge driver"
-                )
-            if key not in _KNOWN_KEYS:
-                raise InvalidArgument(f"Invalid network configuration key {key!r}")
         get = config.get
         for key in _BOOL_KEYS:
             if key in config:
@@ -155,6 +154,20 @@ class BridgeConfig:
         if v6_text not in ("auto", "none", ""):
             ipv6 = subnets.parse_ipv6_interface("ipv6.address", v6_text)
         nat6_address = _optional_ip(config, "ipv6.nat.address", IPv6Address)
+        ranges6: list[tuple[IPv6Address, IPv6Address]] = []
+        for part in filter(None, (p.strip() for p in get("ipv6.dhcp.ranges", "").split(","))):
+            start_text, sep, end_text = part.partition("-")
+            try:
+                start6, end6 = IPv6Address(start_text.strip()), IPv6Address(end_text.strip())
+            except ValueError:
+                raise _invalid("ipv6.dhcp.ranges", part, "expected START-END IPv6 ranges") from None
+            if not sep or start6 > end6:
+                raise _invalid("ipv6.dhcp.ranges", part, "expected START-END with START <= END")
+            if ipv6 is not None and not (start6 in ipv6.network and end6 in ipv6.network):
+                raise _invalid("ipv6.dhcp.ranges", part, f"outside the subnet {ipv6.network}")
+            ranges6.append((start6, end6))
+        routes4 = [_route(IPv4Network, r) for r in get("ipv4.routes", "").split(",") if r.strip()]
+        routes6 = [_route(IPv6Network, r) for r in get("ipv6.routes", "").split(",") if r.strip()]
         mtu = int(mtu_text)
         if (ipv6 is not None or v6_text == "auto") and mtu < 1280:
             raise _invalid("bridge.mtu", mtu_text, "IPv6 needs an MTU of at least 1280")
@@ -165,9 +178,9 @@ class BridgeConfig:
         domain = get("dns.domain", DEFAULT_DOMAIN)
         if not _DOMAIN_RE.match(domain):
             raise _invalid("dns.domain", domain, "expected a DNS domain name")
-        dns_mode = get("dns.mode", "managed")
-        if dns_mode not in ("managed", "none"):
-            raise _invalid("dns.mode", dns_mode, "croft supports 'managed' and 'none'")
+        dns_mode = get("dns.mode", "managed") or "managed"
+        if dns_mode not in ("managed", "dynamic", "none"):
+            raise _invalid("dns.mode", dns_mode, "expected managed, dynamic or none")
         search = [s.strip() for s in get("dns.search", "").split(",") if s.strip()]
         for s in search:
             if not _DOMAIN_RE.match(s):
@@ -192,6 +205,10 @@ class BridgeConfig:
             ipv6_nat_address=nat6_address,
             ipv6_dhcp=_bool(get("ipv6.dhcp", "true")),
             ipv6_dhcp_expiry=get("ipv6.dhcp.expiry", DEFAULT_EXPIRY),
+            ipv6_dhcp_stateful=_bool(get("ipv6.dhcp.stateful", "false")),
+            ipv6_dhcp_ranges=ranges6,
+            ipv4_routes=routes4,
+            ipv6_routes=routes6,
             ipv6_routing=_bool(get("ipv6.routing", "true")),
             ipv6_firewall=_bool(get("ipv6.firewall", "true")),
             dns_domain=domain,
@@ -217,28 +234,20 @@ _BOOL_KEYS = (
     "ipv6.dhcp",
     "ipv6.routing",
     "ipv6.firewall",
+    "ipv6.dhcp.stateful",
 )
-_KNOWN_KEYS = {
-    *_BOOL_KEYS,
-    "bridge.driver",
-    "bridge.hwaddr",
-    "bridge.mtu",
-    "dns.domain",
-    "dns.mode",
-    "dns.search",
-    "ipv4.address",
-    "ipv4.dhcp.expiry",
-    "ipv4.dhcp.gateway",
-    "ipv4.dhcp.ranges",
-    "ipv4.nat.address",
-    "ipv6.address",
-    "ipv6.dhcp.expiry",
-    "ipv6.nat.address",
-    "raw.dnsmasq",
-}
 
 
 _AddressT = TypeVar("_AddressT", IPv4Address, IPv6Address)
+_NetworkT = TypeVar("_NetworkT", IPv4Network, IPv6Network)
+
+
+def _route(kind: type[_NetworkT], text: str) -> _NetworkT:
+    key = "ipv4.routes" if kind is IPv4Network else "ipv6.routes"
+    try:
+        return kind(text.strip())
+    except ValueError:
+        raise _invalid(key, text, "expected a subnet") from None
 
 
 def _optional_ip(config: Mapping[str, str], key: str, kind: type[_AddressT]) -> _AddressT | None:
@@ -341,55 +350,70 @@ class _BridgeHost:
     # -- lifecycle -----------------------------------------------------------------
 
     def validate(self, name: str, config: Mapping[str, str]) -> None:
-        if not _IFNAME_RE.match(name):
-            raise InvalidArgument(
-                f"Invalid network name {name!r}: a bridge name has 1 to 15 characters "
-                f"(letters, digits, '-', '_', '.') and starts with a letter or digit"
-            )
+        check_interface_name(name)
+        check_bridge_config(name, config)
         BridgeConfig.parse(config)
 
+    def _resolve_addresses(self, name: str, resolved: dict[str, str]) -> None:
+        """Replace `auto` addresses with free subnets (LXD's populateAutoConfig, which
+        also turns NAT on for them), and refuse a given subnet that overlaps one the
+        host routes or another network of this host has."""
+        used4, used6 = subnets.host_networks()
+        own = self.local_config(name) or {}
+        for other in self._other_networks(name):
+            if other.ipv4 is not None:
+                used4.append(other.ipv4.network)
+            if other.ipv6 is not None:
+                used6.append(other.ipv6.network)
+        if resolved.get("ipv4.address") == "auto":
+            net4 = subnets.pick_ipv4_subnet(used4)
+            resolved["ipv4.address"] = f"{net4.network_address + 1}/{net4.prefixlen}"
+            if not resolved.get("ipv4.nat"):
+                resolved["ipv4.nat"] = "true"
+        elif resolved.get("ipv4.address", "none") not in ("none", ""):
+            iface4 = IPv4Interface(resolved["ipv4.address"])
+            # The network's own subnet (and its address's host route) is routed
+            # through its bridge: not a clash.
+            if own.get("ipv4.address") not in (None, "", "none"):
+                mine4 = IPv4Interface(own["ipv4.address"]).network
+                used4 = [n for n in used4 if not n.subnet_of(mine4)]
+            clash = subnets.overlapping(iface4.network, used4)
+            if clash is not None:
+                raise InvalidArgument(
+                    f'Invalid value for network "{name}" option "ipv4.address": subnet '
+                    f"{iface4.network} overlaps {clash}, already in use on this host"
+                )
+        if resolved.get("ipv6.address") == "auto":
+            net6 = subnets.pick_ipv6_subnet(used6)
+            resolved["ipv6.address"] = f"{net6.network_address + 1}/{net6.prefixlen}"
+            if not resolved.get("ipv6.nat"):
+                resolved["ipv6.nat"] = "true"
+        elif resolved.get("ipv6.address", "none") not in ("none", ""):
+            iface6 = IPv6Interface(resolved["ipv6.address"])
+            if own.get("ipv6.address") not in (None, "", "none"):
+                mine6 = IPv6Interface(own["ipv6.address"]).network
+                used6 = [n for n in used6 if not n.subnet_of(mine6)]
+            clash = subnets.overlapping(iface6.network, used6)
+            if clash is not None:
+                raise InvalidArgument(
+                    f'Invalid value for network "{name}" option "ipv6.address": subnet '
+                    f"{iface6.network} overlaps {clash}, already in use on this host"
+                )
+
     def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
-        resolved = dict(config)
+        resolved = {k: v for k, v in config.items() if v != ""}
         # LXD fills both families with `auto` when a new bridge names neither.
         resolved.setdefault("ipv4.address", "auto")
-        resolved.setdefault("ipv6.address", "auto" if _ipv6_available() else "none")
+        if _ipv6_available():
+            resolved.setdefault("ipv6.address", "auto")
         self.validate(name, resolved)
         with self._locked(name):
             state_dir = self.state_dir(name)
             if state_dir.exists():
                 raise Conflict(f"Network {name!r} already exists on this host")
             if _link_index(name) is not None:
-                raise Conflict(f"An interface named {name!r} already exists on this host")
-            used4, used6 = subnets.host_networks()
-            for other in self._other_networks(name):
-                if other.ipv4 is not None:
-                    used4.append(other.ipv4.network)
-                if other.ipv6 is not None:
-                    used6.append(other.ipv6.network)
-            if resolved["ipv4.address"] == "auto":
-                net4 = subnets.pick_ipv4_subnet(used4)
-                resolved["ipv4.address"] = f"{net4.network_address + 1}/{net4.prefixlen}"
-                resolved.setdefault("ipv4.nat", "true")
-            elif resolved["ipv4.address"] not in ("none", ""):
-                iface4 = IPv4Interface(resolved["ipv4.address"])
-                clash = subnets.overlapping(iface4.network, used4)
-                if clash is not None:
-                    raise Conflict(
-                        f"ipv4.address {iface4.network} overlaps {clash}, already in use "
-                        f"on this host"
-                    )
-            if resolved["ipv6.address"] == "auto":
-                net6 = subnets.pick_ipv6_subnet(used6)
-                resolved["ipv6.address"] = f"{net6.network_address + 1}/{net6.prefixlen}"
-                resolved.setdefault("ipv6.nat", "true")
-            elif resolved["ipv6.address"] not in ("none", ""):
-                iface6 = IPv6Interface(resolved["ipv6.address"])
-                clash = subnets.overlapping(iface6.network, used6)
-                if clash is not None:
-                    raise Conflict(
-                        f"ipv6.address {iface6.network} overlaps {clash}, already in use "
-                        f"on this host"
-                    )
+                raise Conflict(f'Network interface "{name}" already exists')
+            self._resolve_addresses(name, resolved)
             try:
                 self._make_state_dir(name)
                 self._store_config(name, resolved)
@@ -417,9 +441,10 @@ class _BridgeHost:
                     cfg.ipv6 is not None and cfg.ipv6_routing
                 ):
                     _enable_forwarding(ipv4=cfg.ipv4 is not None, ipv6=cfg.ipv6 is not None)
-                nft.apply_bridge_rules(
+                self._setup_routes(name, cfg)
+                firewall.apply(
                     self.settings.nft_table,
-                    nft.BridgeRules(
+                    firewall.BridgeRules(
                         bridge=name,
                         ipv4_subnet=cfg.ipv4.network if cfg.ipv4 else None,
                         ipv4_nat=cfg.ipv4_nat,
@@ -435,6 +460,26 @@ class _BridgeHost:
                 if not was_up:
                     self._teardown(name)
                 raise
+
+    def _setup_routes(self, name: str, cfg: BridgeConfig) -> None:
+        """The host routes of `ipv4.routes`/`ipv6.routes` through the bridge (LXD's
+        `proto static` routes), and none that the config no longer names."""
+        wanted = {str(r) for r in [*cfg.ipv4_routes, *cfg.ipv6_routes]}
+        with IPRoute() as ipr:
+            index = _link_index(name, ipr)
+            if index is None:
+                return
+            for family in (2, 10):
+                for route in ipr.get_routes(family=family, oif=index, proto=_RTPROT_STATIC):
+                    if route.get("proto") != _RTPROT_STATIC or route.get_attr("RTA_OIF") != index:
+                        continue
+                    dst = f"{route.get_attr('RTA_DST')}/{route['dst_len']}"
+                    if dst in wanted:
+                        wanted.discard(dst)
+                        continue
+                    ipr.route("del", dst=dst, oif=index, proto=_RTPROT_STATIC)
+            for dst in sorted(wanted):
+                ipr.route("replace", dst=dst, oif=index, proto=_RTPROT_STATIC)
 
     def _setup_link(self, name: str, cfg: BridgeConfig) -> None:
         with IPRoute() as ipr:
@@ -491,7 +536,15 @@ class _BridgeHost:
                     options.append(f"119,{','.join(cfg.dns_search)}")
         if cfg.ipv6 is not None:
             listen.append(str(cfg.ipv6.ip))
-            if cfg.ipv6_dhcp:
+            if cfg.ipv6_dhcp and cfg.ipv6_dhcp_stateful:
+                # As LXD: the ranges given, else the subnet from its second address.
+                size = cfg.ipv6.network.prefixlen
+                net6 = cfg.ipv6.network
+                for start6, end6 in cfg.ipv6_dhcp_ranges or [
+                    (net6.network_address + 2, net6.broadcast_address - 1)
+                ]:
+                    ranges.append(f"{start6},{end6},{size},{cfg.ipv6_dhcp_expiry}")
+            elif cfg.ipv6_dhcp:
                 ranges.append(f"::,constructor:{name},ra-stateless,ra-names")
             else:
                 ranges.append(f"::,constructor:{name},ra-only")
@@ -517,7 +570,7 @@ class _BridgeHost:
 
     def _teardown(self, name: str) -> None:
         self._dnsmasq(name).stop()
-        nft.remove_bridge_rules(self.settings.nft_table, name)
+        firewall.remove(self.settings.nft_table, name)
         with IPRoute() as ipr:
             index = _link_index(name, ipr)
             if index is not None:
@@ -537,14 +590,29 @@ class _BridgeHost:
             shutil.rmtree(self.state_dir(name), ignore_errors=True)
 
     def update(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
-        cfg = BridgeConfig.parse(config)
-        if cfg.ipv4_auto or cfg.ipv6_auto:
-            raise InvalidArgument("ipv4.address/ipv6.address 'auto' is only valid at creation")
-        self.validate(name, config)
-        resolved = dict(config)
-        if self.is_running(name):
-            self.start(name, resolved)
+        resolved = {k: v for k, v in config.items() if v != ""}
+        self.validate(name, resolved)
+        with self._locked(name):
+            self._resolve_addresses(name, resolved)
+            if self.is_running(name):
+                # Everything applies live, as in LXD: addresses, routes, firewall, and a
+                # dnsmasq started again when its command line changes.
+                self.start(name, resolved)
+            else:
+                self._store_config(name, resolved)
         return resolved
+
+    def rename(self, name: str, new_name: str, config: Mapping[str, str]) -> None:
+        check_interface_name(new_name)
+        with self._locked(name), self._locked(new_name):
+            if _link_index(new_name) is not None or self.state_dir(new_name).exists():
+                raise Conflict(f'Network interface "{new_name}" already exists')
+            was_up = _link_index(name) is not None
+            self._teardown(name)
+            if self.state_dir(name).exists():
+                self.state_dir(name).rename(self.state_dir(new_name))
+            if was_up:
+                self.start(new_name, config)
 
     def is_running(self, name: str) -> bool:
         # sysfs, not netlink: asked at every attach, and a netlink socket costs ~0.6 ms.
@@ -557,86 +625,55 @@ class _BridgeHost:
     # -- state ---------------------------------------------------------------------
 
     def state(self, name: str) -> NetworkState:
-        with IPRoute() as ipr:
-            index = _link_index(name, ipr)
-            if index is None:
-                raise NotFound(f"Network {name!r} is not up on this host")
-            link = ipr.get_links(index)[0]
-            addresses = []
-            for addr in ipr.get_addr(index=index):
-                family = "inet" if addr["family"] == 2 else "inet6"
-                addresses.append(
-                    NetworkStateAddress(
-                        family=family,
-                        address=addr.get("IFA_ADDRESS"),
-                        netmask=str(addr["prefixlen"]),
-                        scope={0: "global", 253: "link", 254: "local"}.get(addr["scope"], "global"),
-                    )
-                )
-        stats = link.get("IFA_STATS64") or link.get("IFLA_STATS64") or {}
-        flags = link["flags"]
-        sysfs = Path("/sys/class/net") / name / "bridge"
-        bridge = None
-        if sysfs.is_dir():
-            bridge = NetworkStateBridge(
-                id=_read(sysfs / "bridge_id"),
-                stp=_read(sysfs / "stp_state") != "0",
-                forward_delay=int(_read(sysfs / "forward_delay") or 0),
-                vlan_default=int(_read(sysfs / "default_pvid") or 0),
-                vlan_filtering=_read(sysfs / "vlan_filtering") == "1",
-                upper_devices=sorted(p.name for p in (sysfs.parent / "brif").iterdir()),
-            )
-        return NetworkState(
-            addresses=addresses,
-            counters=NetworkStateCounters(
-                bytes_received=stats.get("rx_bytes", 0),
-                bytes_sent=stats.get("tx_bytes", 0),
-                packets_received=stats.get("rx_packets", 0),
-                packets_sent=stats.get("tx_packets", 0),
-            ),
-            hwaddr=link.get("IFLA_ADDRESS"),
-            mtu=link.get("IFLA_MTU"),
-            state="up" if flags & 1 else "down",
-            # LXD reports the link type from the interface flags, not the kind.
-            type="loopback" if flags & 0x8 else "point-to-point" if flags & 0x10 else "broadcast",
-            bridge=bridge,
-        )
+        return link_state(name)
 
     # -- instances -----------------------------------------------------------------
 
     def add_instance(
-        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+        self,
+        network: str,
+        instance: str,
+        hwaddr: str,
+        ipv4: str | None = None,
+        ipv6: str | None = None,
     ) -> str | None:
         if not is_mac(hwaddr):
             raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
-        if not _HOSTNAME_RE.match(instance):
+        # `<instance>.<project>` outside the default project, as LXD names it.
+        if not all(_HOSTNAME_RE.match(label) for label in instance.split(".", 1)):
             raise InvalidArgument(f"Invalid instance name {instance!r} for DNS")
         hwaddr = hwaddr.lower()
         with self._locked(network):
             cfg = BridgeConfig.parse(self._stored_config(network))
             address: str | None = None
             if ipv4 is not None:
+                outside = f'Device IP address "{ipv4}" not within network "{network}" subnet'
                 if cfg.ipv4 is None:
-                    raise InvalidArgument(f"Network {network!r} has no IPv4 subnet")
+                    raise InvalidArgument(outside)
                 try:
                     ip = IPv4Address(ipv4)
                 except ValueError:
-                    raise InvalidArgument(f"Invalid IPv4 address {ipv4!r}") from None
+                    raise InvalidArgument(f'Invalid IP address "{ipv4}"') from None
                 net = cfg.ipv4.network
                 if ip not in net or ip in (net.network_address, net.broadcast_address):
-                    raise InvalidArgument(f"IPv4 address {ip} is not usable in {net}")
+                    raise InvalidArgument(outside)
                 if ip == cfg.ipv4.ip:
-                    raise Conflict(f"IPv4 address {ip} is the gateway of {network!r}")
+                    raise InvalidArgument(
+                        f'IP address "{ip}" is assigned to parent managed network device '
+                        f'"{network}"'
+                    )
                 address = str(ip)
+            address6 = self._static_ipv6(network, cfg, ipv6) if ipv6 else None
             dnsmasq = self._dnsmasq(network)
-            if address is not None:
-                for h in dnsmasq.read_hosts():
-                    if h.ipv4 == address and h.hwaddr != hwaddr:
-                        raise Conflict(
-                            f"IPv4 address {address} is already assigned to {h.name!r} "
-                            f"on network {network!r}"
-                        )
-            entry = DhcpHost(hwaddr, instance, address)
+            for h in dnsmasq.read_hosts():
+                if h.hwaddr == hwaddr:
+                    continue
+                for mine, theirs in ((address, h.ipv4), (address6, h.ipv6)):
+                    if mine is not None and mine == theirs:
+                        # LXD's words; a 400, not a Conflict: callers retry those as
+                        # compare-and-swap races.
+                        raise InvalidArgument(f'IP address "{mine}" already defined on another NIC')
+            entry = DhcpHost(hwaddr, instance, address, address6)
             previous = dnsmasq.host(hwaddr)
             if previous != entry:
                 # dnsmasq reads the new entry from its directory by itself; the one it
@@ -645,6 +682,28 @@ class _BridgeHost:
                 if previous is not None:
                     dnsmasq.reload()
             return address
+
+    @staticmethod
+    def _static_ipv6(network: str, cfg: BridgeConfig, ipv6: str) -> str:
+        """A NIC's pinned IPv6 address, checked as LXD's bridged NIC checks it."""
+        if cfg.ipv6 is None or not (cfg.ipv6_dhcp and cfg.ipv6_dhcp_stateful):
+            raise InvalidArgument(
+                'Cannot specify "ipv6.address" when DHCP or "ipv6.dhcp.stateful" are disabled '
+                f'(unless using security.ipv6_filtering) on network "{network}"'
+            )
+        try:
+            ip6 = IPv6Address(ipv6)
+        except ValueError:
+            raise InvalidArgument(f'Invalid IP address "{ipv6}"') from None
+        if ip6 not in cfg.ipv6.network or ip6 == cfg.ipv6.network.network_address:
+            raise InvalidArgument(
+                f'Device IP address "{ipv6}" not within network "{network}" subnet'
+            )
+        if ip6 == cfg.ipv6.ip:
+            raise InvalidArgument(
+                f'IP address "{ip6}" is assigned to parent managed network device "{network}"'
+            )
+        return str(ip6)
 
     def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         hwaddr = hwaddr.lower()
@@ -698,15 +757,64 @@ class _BridgeHost:
         static = set()
         names = {h.hwaddr: h.name for h in hosts}
         for h in hosts:
-            if h.ipv4:
-                static.add(h.ipv4)
-                result.append(NetworkLease(h.name, h.hwaddr, h.ipv4, "static"))
+            for pinned in (h.ipv4, h.ipv6):
+                if pinned:
+                    static.add(pinned)
+                    result.append(NetworkLease(h.name, h.hwaddr, pinned, "static"))
         for lease in leases:
             if lease.address in static:
                 continue
             hostname = names.get(lease.hwaddr) or lease.hostname
             result.append(NetworkLease(hostname, lease.hwaddr, lease.address, "dynamic"))
         return result
+
+
+def link_state(name: str) -> NetworkState:
+    """A host interface's state in LXD's `/state` shape; NotFound if it does not exist."""
+    with IPRoute() as ipr:
+        index = _link_index(name, ipr)
+        if index is None:
+            raise NotFound(f"Network {name!r} is not up on this host")
+        link = ipr.get_links(index)[0]
+        addresses = []
+        for addr in ipr.get_addr(index=index):
+            family = "inet" if addr["family"] == 2 else "inet6"
+            addresses.append(
+                NetworkStateAddress(
+                    family=family,
+                    address=addr.get("IFA_ADDRESS"),
+                    netmask=str(addr["prefixlen"]),
+                    scope={0: "global", 253: "link", 254: "local"}.get(addr["scope"], "global"),
+                )
+            )
+    stats = link.get("IFA_STATS64") or link.get("IFLA_STATS64") or {}
+    flags = link["flags"]
+    sysfs = Path("/sys/class/net") / name / "bridge"
+    bridge = None
+    if sysfs.is_dir():
+        bridge = NetworkStateBridge(
+            id=_read(sysfs / "bridge_id"),
+            stp=_read(sysfs / "stp_state") != "0",
+            forward_delay=int(_read(sysfs / "forward_delay") or 0),
+            vlan_default=int(_read(sysfs / "default_pvid") or 0),
+            vlan_filtering=_read(sysfs / "vlan_filtering") == "1",
+            upper_devices=sorted(p.name for p in (sysfs.parent / "brif").iterdir()),
+        )
+    return NetworkState(
+        addresses=addresses,
+        counters=NetworkStateCounters(
+            bytes_received=stats.get("rx_bytes", 0),
+            bytes_sent=stats.get("tx_bytes", 0),
+            packets_received=stats.get("rx_packets", 0),
+            packets_sent=stats.get("tx_packets", 0),
+        ),
+        hwaddr=link.get("IFLA_ADDRESS"),
+        mtu=link.get("IFLA_MTU"),
+        state="up" if flags & 1 else "down",
+        # LXD reports the link type from the interface flags, not the kind.
+        type="loopback" if flags & 0x8 else "point-to-point" if flags & 0x10 else "broadcast",
+        bridge=bridge,
+    )
 
 
 def _drop_leases(dnsmasq: Dnsmasq, hwaddr: str) -> None:
@@ -794,6 +902,9 @@ class BridgeDriver(NetworkDriver):
     async def update(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
         return await in_thread(self._host.update, name, config)
 
+    async def rename(self, name: str, new_name: str, config: Mapping[str, str]) -> None:
+        await in_thread(self._host.rename, name, new_name, config)
+
     async def local_config(self, name: str) -> dict[str, str] | None:
         return await in_thread(self._host.local_config, name)
 
@@ -804,16 +915,22 @@ class BridgeDriver(NetworkDriver):
     async def state(self, name: str) -> NetworkState:
         return await in_thread(self._host.state, name)
 
-    def nic_parent(self, name: str) -> str:
+    def nic_parent(self, name: str, config: Mapping[str, str]) -> str:
         return name
 
     def instance_mtu(self, config: Mapping[str, str]) -> int | None:
         return BridgeConfig.parse(config).mtu if config.get("bridge.mtu") else None
 
     async def add_instance(
-        self, network: str, instance: str, hwaddr: str, ipv4: str | None = None
+        self,
+        network: str,
+        instance: str,
+        hwaddr: str,
+        ipv4: str | None = None,
+        *,
+        ipv6: str | None = None,
     ) -> str | None:
-        return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4)
+        return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4, ipv6)
 
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         await in_thread(self._host.remove_instance, network, instance, hwaddr)

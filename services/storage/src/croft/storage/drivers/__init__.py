@@ -28,7 +28,7 @@ from __future__ import annotations
 import abc
 import enum
 import re
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -146,6 +146,11 @@ class Capabilities:
     idmapped_mounts: bool = False
     #: The content types the driver can hold.
     content_types: frozenset[ContentType] = frozenset({ContentType.FILESYSTEM})
+    #: The stream format in which the driver sends and receives a volume with its
+    #: snapshots (`send_volume`, `receive_volume`; "btrfs": `btrfs send` streams), ""
+    #: for none. A copy between two pools whose drivers name the same format is a stream
+    #: (sharing blocks between the copied snapshots); any other, a copy of the trees.
+    stream_format: str = ""
 
 
 @dataclass(frozen=True)
@@ -355,6 +360,20 @@ class StorageDriver(abc.ABC):
     async def volume_usage(self, vol: Volume) -> int:
         """Bytes of storage used by the volume (without its snapshots)."""
 
+    async def set_volume_size(self, vol: Volume, size: str) -> None:  # noqa: B027 (optional)
+        """Give an existing volume (not a snapshot) the `size` (LXD's byte sizes; "" for
+        no limit): a driver with `quotas` enforces it on filesystem content, and block
+        content grows to it. InvalidArgument, with nothing changed, for a bad size, a
+        size below what the volume uses, or a block volume that would shrink. The
+        default: nothing to enforce."""
+
+    async def exclusive_usage(self, vol: Volume) -> int | None:
+        """Bytes the volume holds on its own (not shared with its origin or snapshots),
+        when the driver knows it without walking the volume's tree; None when it cannot
+        (the default). LXD reports an instance's disk usage from this, and none for a
+        pool that cannot tell. NotFound if there is no such volume."""
+        return None
+
     # -- snapshots -------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -372,6 +391,26 @@ class StorageDriver(abc.ABC):
     @abc.abstractmethod
     async def list_snapshots(self, vol: Volume) -> list[str]:
         """The volume's snapshot names, sorted. NotFound if there is no volume."""
+
+    # -- streams between pools (capabilities.stream_format) --------------------------------
+
+    async def send_volume(self, vol: Volume, snapshots: Sequence[str], out: int) -> None:
+        """Write to the file descriptor `out` (left open) a stream in
+        `capabilities.stream_format` of the snapshots `snapshots` of `vol`, in that
+        order, then of `vol` itself (stopped or frozen by the caller; a snapshot, with no
+        `snapshots`, is sent as a volume). NotFound for a missing volume or snapshot.
+        Leaves nothing behind in the pool, whether it succeeds or fails. The default: a
+        driver without a stream format refuses (InvalidArgument)."""
+        raise InvalidArgument(f"a {self.name} pool cannot send volumes as a stream")
+
+    async def receive_volume(self, vol: Volume, snapshots: Sequence[str], source: int) -> None:
+        """Create `vol` (not a snapshot) with its snapshots `snapshots` from the stream
+        that `send_volume(..., snapshots, ...)` of a driver of the same stream format
+        writes to the file descriptor `source` (read to its end, left open). As
+        create_volume_from_copy: Conflict if `vol` exists, the new volume is left
+        "unrecorded", and on failure (a stream cut short included) nothing of `vol` is
+        left. The default: InvalidArgument, as send_volume's."""
+        raise InvalidArgument(f"a {self.name} pool cannot receive volumes as a stream")
 
 
 # The registry: driver name -> "module:Class". Imported on first use, so that a driver

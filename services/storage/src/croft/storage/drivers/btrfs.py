@@ -29,18 +29,24 @@ this driver reuses its walks of the layout; what differs is how a volume is made
   the qgroup when quotas are on, from `du` otherwise;
 - block content is a raw file in a subvolume whose files are nodatacow (`chattr +C`),
   as LXD's;
-- a delete removes nested subvolumes (made inside a container) before the volume.
+- a delete removes nested subvolumes (made inside a container) before the volume;
+- a copy to another btrfs pool is a stream (`send_volume`, `receive_volume`): `btrfs
+  send` of each snapshot, each against the one before (`-p`), then of a read-only
+  snapshot of the volume, named `.volume` (no snapshot name can start with a dot), one
+  stream after the other into one `btrfs receive`; the copied snapshots share their
+  unchanged blocks as the originals did. Subvolumes nested in a volume are not sent.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import ctypes
 import os
 import re
 import shutil
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from croft.common.blocking import in_thread
@@ -54,12 +60,15 @@ from croft.storage.drivers import (
     VolumeType,
 )
 from croft.storage.drivers.dir import (
+    COPY_TIMEOUT,
     INSTANCE_MODE,
     LAYOUT,
     MODES,
     DirDriver,
     _finish_volume,
     _mount_points,
+    _move_into_place,
+    _unique,
     _what,
     parse_size,
 )
@@ -188,6 +197,7 @@ class BtrfsDriver(DirDriver):
         optimized_images=True,
         idmapped_mounts=True,
         content_types=frozenset({ContentType.FILESYSTEM, ContentType.BLOCK}),
+        stream_format="btrfs",
     )
     config_keys = frozenset({"source", "size", "btrfs.mount_options"})
     updatable_keys = frozenset({"size", "btrfs.mount_options"})
@@ -389,8 +399,11 @@ class BtrfsDriver(DirDriver):
         subvolumes = subvolumes_under(path)
         if len(subvolumes) > 1:
             # A nested subvolume's entry is in its parent: a read-only parent (a snapshot
-            # of a volume that held one) must become writable for it to go.
-            for subvolume in reversed(subvolumes):
+            # of a volume that held one) must become writable for it to go. Only parents:
+            # side by side subvolumes (received snapshots, whose flag cannot be flipped
+            # without losing what they were received as) go as they are.
+            parents = [p for p in subvolumes if any(p in q.parents for q in subvolumes)]
+            for subvolume in reversed(parents):
                 run(
                     ["btrfs", "property", "set", "-ts", str(subvolume), "ro", "false"],
                     timeout=TOOL_TIMEOUT,
@@ -495,6 +508,117 @@ class BtrfsDriver(DirDriver):
             if fields and fields[0] == f"0/{subvolume}":
                 return int(fields[1])  # referenced, as LXD reports
         raise NotFound(f"no qgroup for {_what(vol)} in pool {self.pool!r}")
+
+    async def set_volume_size(self, vol: Volume, size: str) -> None:
+        if vol.content is ContentType.BLOCK:
+            await super().set_volume_size(vol, size)
+            return
+        path = self._require(vol)
+        limit = parse_size(size) if size else 0
+        if limit:
+            used = await self.volume_usage(vol)
+            if limit < used:
+                raise InvalidArgument(
+                    f"The new size {size} is smaller than what the volume uses ({used} bytes)"
+                )
+        elif not await self.quotas_enabled():
+            return  # no limit asked, none there
+        await self._set_size(path, size)
+
+    async def exclusive_usage(self, vol: Volume) -> int | None:
+        """The qgroup's exclusive bytes, as LXD's btrfs driver reports an instance's disk
+        usage; None while quotas are off (LXD then reports none either). What was written
+        since the last commit counts from the next one (at most 30 s later)."""
+        path = self._require(vol)
+        if not await self.quotas_enabled():
+            return None
+        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
+        for line in out.splitlines():
+            fields = line.split()
+            if fields and fields[0] == f"0/{subvolume}" and len(fields) > 2:
+                return int(fields[2])
+        return None
+
+    # -- streams between btrfs pools -------------------------------------------------------
+
+    # The name of the volume's own state in a stream: never a snapshot's (check_name
+    # refuses names that start with a dot).
+    STREAM_VOLUME = ".volume"
+
+    async def send_volume(self, vol: Volume, snapshots: Sequence[str], out: int) -> None:
+        source = self._require(vol)
+        if vol.is_snapshot and snapshots:
+            raise InvalidArgument(f"{_what(vol)} has no snapshots to send")
+        sent = [self._require(vol.snapshot(name)) for name in snapshots]
+        # The volume's state is sent from a read-only snapshot of it, made now; it lives
+        # in a hidden entry that mount_pool() would sweep if this process died.
+        work = _unique(self.volume_path(vol.parent()).parent, "tmp", f"send-{vol.parent_name}")
+        await in_thread(work.mkdir, 0o700)
+        try:
+            state = work / self.STREAM_VOLUME
+            await self._btrfs("subvolume", "snapshot", "-r", str(source), str(state))
+            parent: Path | None = None
+            for subvolume in [*sent, state]:
+                argv = ["btrfs", "send", "-q", *(["-p", str(parent)] if parent else [])]
+                await run_async([*argv, str(subvolume)], timeout=COPY_TIMEOUT, stdout_fd=out)
+                parent = subvolume
+        finally:
+            await asyncio.shield(in_thread(self._remove, work))
+
+    async def receive_volume(self, vol: Volume, snapshots: Sequence[str], source: int) -> None:
+        if vol.is_snapshot:
+            raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
+        final = self.volume_path(vol)
+        self._require_pool()
+        final_snaps = self.snapshots_path(vol)
+        if final_snaps is None:
+            raise InvalidArgument(f"{vol.type} volumes cannot be received")
+        if final.exists():
+            raise Conflict(f"{_what(vol)} already exists in pool {self.pool!r}")
+        if final_snaps.exists():
+            raise Conflict(f"snapshots of {vol.name!r} already exist in pool {self.pool!r}")
+        # Received subvolumes are read-only, and btrfs cannot move a read-only subvolume
+        # to another directory: the stream is received where the snapshots will stay, a
+        # hidden directory beside the others that takes their name when all is done.
+        received = _unique(final_snaps.parent, "tmp", vol.name)
+        tmp = _unique(final.parent, "tmp", vol.name)
+        moved = False
+        try:
+            await in_thread(received.mkdir, 0o700)
+            await run_async(
+                ["btrfs", "receive", str(received)], timeout=COPY_TIMEOUT, stdin_fd=source
+            )
+            state = received / self.STREAM_VOLUME
+            missing = [n for n in [*snapshots, self.STREAM_VOLUME] if not (received / n).is_dir()]
+            if missing:
+                raise InvalidArgument(f"the stream for {_what(vol)} lacks {', '.join(missing)}")
+            # The volume is a writable snapshot of its received state.
+            await self._btrfs("subvolume", "snapshot", str(state), str(tmp))
+            await self._btrfs("subvolume", "delete", str(state))
+            await in_thread(self._drop_hidden_entries, tmp)
+            await in_thread(os.chmod, tmp, INSTANCE_MODE)
+            await self._seal(tmp, vol)
+            unrecorded = vol.type in INSTANCE_TYPES
+            await in_thread(_finish_volume, tmp, final, _what(vol), unrecorded, None)
+            moved = True
+            if snapshots:
+                await in_thread(
+                    _move_into_place, received, final_snaps, f"snapshots of {vol.name!r}"
+                )
+        except BaseException:
+
+            def undo() -> None:
+                if moved:
+                    self._delete_tree(final, _what(vol))
+                with contextlib.suppress(OSError, CommandFailed):
+                    self._remove(tmp)
+
+            await asyncio.shield(in_thread(undo))
+            raise
+        finally:
+            if received.exists():  # not moved into place: nothing of it is kept
+                await asyncio.shield(in_thread(self._remove, received))
 
     # -- snapshots -------------------------------------------------------------------------
 

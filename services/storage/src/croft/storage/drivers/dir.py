@@ -705,6 +705,18 @@ class DirDriver(StorageDriver):
         _, out, _ = await run_async(["du", "-s", "-x", "-B1", str(path)], timeout=COPY_TIMEOUT)
         return int(out.split()[0])
 
+    async def set_volume_size(self, vol: Volume, size: str) -> None:
+        path = self._require(vol)
+        new = parse_size(size) if size else 0
+        if vol.content is not ContentType.BLOCK:
+            return  # no quotas on a plain directory (LXD's dir pool takes the key too)
+        block = path / BLOCK_FILE
+        current = (await in_thread(os.stat, block)).st_size
+        if new and new < current:
+            raise InvalidArgument("Block volumes cannot be shrunk")
+        if new > current:
+            await in_thread(os.truncate, block, new)
+
     # -- snapshots -------------------------------------------------------------------------
 
     async def create_snapshot(self, snap: Volume) -> None:

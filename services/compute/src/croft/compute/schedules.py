@@ -1,0 +1,106 @@
+"""Instance snapshot schedules on this member, as LXD runs them: at each minute that an
+instance's `snapshots.schedule` names, a snapshot (named by `snapshots.pattern`, expiring
+after `snapshots.expiry`) of the instance if it runs, or also when stopped with
+`snapshots.schedule.stopped`; and the snapshots whose `expires_at` has passed are deleted.
+A minute passed while compute was down is not made up for, as in LXD."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+
+from croft.common.errors import CroftError
+from croft.common.instance_config import parse_bool
+from croft.common.models import InstanceRecord
+from croft.common.records import RECORDS
+from croft.common.schedule import CronSchedule, expires_at
+from croft.compute.core import ComputeCore
+
+log = logging.getLogger(__name__)
+
+# How often schedules and expiries are looked at (a schedule's unit is the minute).
+TICK = 10.0
+ZERO_TIME = "0001-01-01T00:00:00Z"
+
+
+async def follow_snapshot_schedules(core: ComputeCore) -> None:
+    """Runs for the life of the service."""
+    last: datetime | None = None
+    while True:
+        now = datetime.now(UTC)
+        minute = now.replace(second=0, microsecond=0)
+        try:
+            if minute != last:
+                last = minute
+                await take_scheduled_snapshots(core, minute)
+            await expire_snapshots(core, now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (the store went away: again next tick)
+            log.warning("instance snapshot schedules failed, again in %s s: %s", TICK, exc)
+        await asyncio.sleep(TICK)
+
+
+async def take_scheduled_snapshots(core: ComputeCore, minute: datetime) -> list[str]:
+    """Snapshot this member's instances whose schedule names `minute`."""
+    made = []
+    for entry in await core.store.list(f"{RECORDS}instances/"):
+        record = entry.json()
+        config = record.get("expanded_config") or {}
+        schedule = config.get("snapshots.schedule", "")
+        if not schedule or InstanceRecord.meta_of(record).member != core.member:
+            continue
+        project, name = record.get("project") or "default", record["name"]
+        try:
+            if not CronSchedule.parse(schedule).matches(minute):
+                continue
+            stopped_too = parse_bool(config.get("snapshots.schedule.stopped") or "false")
+            if record.get("status") != "Running" and not stopped_too:
+                continue
+            pattern = config.get("snapshots.pattern") or "snap%d"
+            prefix = f"{RECORDS}instance-snapshots/{project}/{name}/"
+            taken = {e.key[len(prefix) :] for e in await core.store.list(prefix)}
+            snapshot = pattern
+            if "%d" in pattern:
+                n = 0
+                while pattern.replace("%d", str(n)) in taken:
+                    n += 1
+                snapshot = pattern.replace("%d", str(n))
+            expiry = expires_at(minute, config.get("snapshots.expiry", ""))
+            when = expiry.strftime("%Y-%m-%dT%H:%M:%SZ") if expiry else ""
+            await core.create_snapshot(project, name, snapshot, when)
+            made.append(f"{name}/{snapshot}")
+            log.info("took scheduled snapshot %s/%s", name, snapshot)
+        except (CroftError, ValueError) as exc:
+            log.warning("scheduled snapshot of instance %s failed: %s", name, exc)
+    return made
+
+
+async def expire_snapshots(core: ComputeCore, now: datetime) -> list[str]:
+    """Delete this member's instance snapshots whose `expires_at` has passed."""
+    gone = []
+    prefix = f"{RECORDS}instance-snapshots/"
+    for entry in await core.store.list(prefix):
+        snap = entry.json()
+        when = snap.get("expires_at") or ZERO_TIME
+        if when.startswith("0001-") or (snap.get("_croft") or {}).get("member") != core.member:
+            continue
+        try:
+            due = datetime.fromisoformat(when.replace("Z", "+00:00"))
+        except ValueError:
+            continue
+        if (due if due.tzinfo else due.replace(tzinfo=UTC)) > now:
+            continue
+        project, _, rest = entry.key[len(prefix) :].partition("/")
+        name, _, snapshot = rest.partition("/")
+        try:
+            await core.delete_snapshot(project, name, snapshot)
+            gone.append(f"{name}/{snapshot}")
+            log.info("deleted expired snapshot %s/%s", name, snapshot)
+        except CroftError as exc:
+            log.warning("expired snapshot %s/%s not deleted: %s", name, snapshot, exc)
+    return gone
+
+
+__all__ = ["expire_snapshots", "follow_snapshot_schedules", "take_scheduled_snapshots"]
