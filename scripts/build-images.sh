@@ -1,6 +1,7 @@
 #!/bin/bash
 # Build croft's local images into OUTDIR: busybox.tar.gz and debian12.tar.gz (LXD unified
-# tarballs). An image is rebuilt only when missing or older than its definition.
+# tarballs), and the tiny VM image tiny-vm.meta.tar.gz + tiny-vm.rootfs.img (LXD's split VM
+# format: `lxc image import tiny-vm.meta.tar.gz tiny-vm.rootfs.img --alias tiny-vm`). An image is rebuilt only when missing or older than its definition.
 # Usage: scripts/build-images.sh OUTDIR   (as root: debootstrap and chroot need it)
 set -euo pipefail
 OUTDIR=${1:?usage: $0 OUTDIR}
@@ -17,3 +18,9 @@ for name in busybox debian12; do
     fi
     "$PY" -m croft.imageformat.builder "$def" "$out"
 done
+vmdef=$ROOT/libs/imageformat/src/croft/imageformat/vmimage.py
+if [ -f "$OUTDIR/tiny-vm.rootfs.img" ] && [ "$OUTDIR/tiny-vm.rootfs.img" -nt "$vmdef" ]; then
+    echo "$OUTDIR/tiny-vm.rootfs.img is up to date"
+else
+    "$PY" -m croft.imageformat.vmimage "$OUTDIR"
+fi

@@ -18,6 +18,9 @@ APT_PACKAGES=(
   curl xz-utils squashfs-tools openssl
   attr                                          # setfattr, getfattr: tests check that xattrs survive
   util-linux                                    # setpriv: the node agent's children die with it
+  qemu-system-x86 qemu-utils                    # virtual machines (TCG where KVM cannot run guests)
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients python3-libvirt
+  cpio                                          # the tiny VM image's initramfs
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -189,12 +189,19 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def croft_lxc() -> Iterator[tuple[Croft, Lxc, str]]:
     """A running croft with its own bridge, and the `lxc` client aimed at its socket."""
+    with started_croft_lxc() as started:
+        yield started
+
+
+@contextlib.contextmanager
+def started_croft_lxc(extra: str = "") -> Iterator[tuple[Croft, Lxc, str]]:
+    """croft_lxc's croft, with `extra` configuration."""
     # dnsmasq drops root, so the state directory must be searchable by others: not
     # pytest's 0700 temp dirs.
     root = Path(tempfile.mkdtemp(prefix="croft-e2e-", dir="/tmp"))
     root.chmod(0o711)
     bridge = "crtbr" + secrets.token_hex(3)
-    croft = make_croft(root, lease_ttl=3, bridge=bridge)
+    croft = make_croft(root, lease_ttl=3, bridge=bridge, extra=extra)
     home = root / "home"
     home.mkdir()
     lxc = Lxc(root / "state", home)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -27,17 +27,19 @@ from croft.common.store import connect
 from croft.compute.core import ComputeCore, instance_key
 from croft.compute.drivers import load_available
 
-from .conftest import Croft, Lxc
+from .conftest import Croft, Lxc, started_croft_lxc
 from .test_faults import NICS, nothing_of, store_list, traces
 
 T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
-def croft_busybox(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> tuple[Croft, Lxc, str]:
-    _, lxc, _ = croft_lxc
-    lxc("image", "import", str(busybox_image), "--alias", "busybox")
-    return croft_lxc
+def croft_busybox(busybox_image: Path) -> Iterator[tuple[Croft, Lxc, str]]:
+    # Containers only: the tests of a refused type ask for VMs.
+    with started_croft_lxc(extra="compute:\n  drivers: [lxc]") as started:
+        _, lxc, _ = started
+        lxc("image", "import", str(busybox_image), "--alias", "busybox")
+        yield started
 
 
 def fingerprint(lxc: Lxc) -> str:
@@ -59,7 +61,8 @@ def with_core(
         context = ServiceContext(
             "compute", config, store, Server("compute", config.member, "core-test"), "core-test"
         )
-        core = ComputeCore(context, load_available(lxcpath=str(config.lxc_dir)))
+        drivers = load_available(config.compute.drivers, lxcpath=str(config.lxc_dir))
+        core = ComputeCore(context, drivers)
         try:
             return await work(core)
         finally:

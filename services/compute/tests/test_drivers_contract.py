@@ -32,10 +32,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="instance drivers need
 # The instance types this suite knows how to give a root filesystem to. A new driver's
 # type must be added here (test_every_driver_here_is_tested says so).
 ROOTFS_TYPES = {"container"}
+# Drivers that boot a disk rather than a rootfs have tests of their own.
+OWN_TESTS = {"virtual-machine": "test_qemu_driver.py"}
 
 
 def available(lxcpath: str) -> dict[str, InstanceDriver]:
-    return load_available(lxcpath=lxcpath)
+    return load_available(lxcpath=lxcpath, vmpath=f"{lxcpath}/virtual-machines")
 
 
 def test_the_registry_gives_each_driver_its_name_and_refuses_unknown_ones() -> None:
@@ -48,7 +50,7 @@ def test_the_registry_gives_each_driver_its_name_and_refuses_unknown_ones() -> N
 
 
 def test_every_driver_here_is_tested(workdir: Path) -> None:
-    assert set(available(str(workdir / "state"))) <= ROOTFS_TYPES
+    assert set(available(str(workdir / "state"))) <= ROOTFS_TYPES | set(OWN_TESTS)
 
 
 @pytest.fixture(params=sorted(ROOTFS_TYPES))
@@ -218,7 +220,8 @@ async def test_instances_outlive_the_process_that_started_them(
     starter = (
         "import asyncio, os, signal\n"
         "from croft.compute.drivers import load_available\n"
-        f"drivers = load_available(lxcpath={str(workdir / 'state')!r})\n"
+        f"drivers = load_available(lxcpath={str(workdir / 'state')!r}, "
+        f"vmpath={str(workdir / 'state' / 'virtual-machines')!r})\n"
         f"asyncio.run(drivers[{driver.instance_type!r}].start({name!r}))\n"
         "os.kill(os.getpid(), signal.SIGKILL)\n"
     )

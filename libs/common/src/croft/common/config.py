@@ -91,6 +91,13 @@ class ComputeConfig(_Section):
             "for an RCU grace period (~10 ms on a busy host)"
         ),
     )
+    drivers: list[str] = Field(
+        default_factory=list,
+        description=(
+            "the instance drivers to load (lxc, qemu); empty: every one that can run on "
+            "this host. A type no loaded driver runs is refused by the api"
+        ),
+    )
 
 
 class StorageConfig(_Section):

@@ -38,6 +38,7 @@ import bz2
 import contextlib
 import gzip
 import hashlib
+import json
 import lzma
 import os
 import posixpath
@@ -727,6 +728,77 @@ def unpack_image(
     except BaseException:
         _empty_dir(dest, remove=created)
         raise
+    return info
+
+
+def unpack_vm_image(
+    metadata_path: str | os.PathLike[str],
+    rootfs_path: str | os.PathLike[str] | None,
+    dest_dir: str | os.PathLike[str],
+    disk: str | os.PathLike[str],
+) -> ImageInfo:
+    """Unpack a validated virtual-machine image into a block volume, as LXD does: the
+    metadata tarball's files (``metadata.yaml``, ``templates/``, and whatever else it
+    carries, such as croft's direct-boot ``boot/``) go to ``dest_dir`` (which must exist),
+    and the qcow2 ``rootfs.img`` is written raw into ``disk`` (an existing raw file or
+    block device, grown when the image's disk is bigger: LXD's ``qemu-img convert -f qcow2
+    -O raw``). On failure what was written under ``dest_dir`` is removed again."""
+    meta = Path(metadata_path)
+    rootfs = Path(rootfs_path) if rootfs_path is not None else None
+    dest, target = Path(dest_dir), Path(disk)
+    info = parse_image(meta, rootfs)
+    if info.type is not ImageType.VIRTUAL_MACHINE:
+        raise InvalidArgument("only virtual-machine images can be unpacked into a block volume")
+    before = set(dest.iterdir())
+    try:
+        argv = [
+            "tar", "--extract", "--restrict", "--force-local", "--numeric-owner",
+            "--no-same-owner", "--anchored", "--exclude=rootfs.img", "--exclude=./rootfs.img",
+            *_TAR_DECOMPRESS[info.metadata_format], "-C", str(dest), "-f", str(meta),
+        ]  # fmt: skip
+        try:
+            run(argv, timeout=UNPACK_TIMEOUT)
+        except CommandFailed as exc:
+            raise _unpack_error(dest, exc) from None
+        qcow2 = rootfs
+        if qcow2 is None:  # a unified tarball: rootfs.img is inside it
+            staging = Path(tempfile.mkdtemp(prefix=".croft-unpack-", dir=dest))
+            argv = [
+                "tar", "--extract", "--force-local", "--no-same-owner", "--wildcards",
+                *_TAR_DECOMPRESS[info.metadata_format], "-C", str(staging), "-f", str(meta),
+                "rootfs.img", "./rootfs.img",
+            ]  # fmt: skip
+            run(argv, timeout=UNPACK_TIMEOUT, check=False)
+            qcow2 = staging / "rootfs.img"
+            if not qcow2.is_file():
+                raise InvalidArgument("the image tarball's rootfs.img could not be read")
+        if detect_file_format(qcow2) is not FileFormat.QCOW2:
+            raise InvalidArgument("the image's rootfs.img is not a qcow2 disk")
+        virtual = int(
+            json.loads(
+                run(["qemu-img", "info", "-f", "qcow2", "--output=json", str(qcow2)]).stdout
+            )["virtual-size"]
+        )
+        if target.is_file() and target.stat().st_size < virtual:
+            os.truncate(target, virtual)
+        try:
+            run(
+                ["nice", "-n19", "qemu-img", "convert", "-n", "-f", "qcow2", "-O", "raw",
+                 str(qcow2), str(target)],
+                timeout=UNPACK_TIMEOUT,
+            )  # fmt: skip
+        except CommandFailed as exc:
+            raise _unpack_error(dest, exc) from None
+    except BaseException:
+        for child in set(dest.iterdir()) - before:
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+        raise
+    finally:
+        for child in dest.glob(".croft-unpack-*"):
+            shutil.rmtree(child, ignore_errors=True)
     return info
 
 

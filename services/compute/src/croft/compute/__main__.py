@@ -20,7 +20,12 @@ async def setup(context: ServiceContext) -> None:
         favor_cgroup_migrations()
     # Every driver that can run here, by the instance type it runs: each record's type
     # picks its driver (Incus's instance/drivers/load.go).
-    drivers = load_available(lxcpath=str(context.config.lxc_dir))
+    drivers = load_available(
+        context.config.compute.drivers,
+        lxcpath=str(context.config.lxc_dir),
+        vmpath=str(context.config.state_dir / "virtual-machines"),
+        log_dir=str(context.config.log_dir),
+    )
     core = ComputeCore(context, drivers)
     # The api reads this from the registration to refuse, before placing anything, an
     # instance type no compute service runs.
@@ -37,7 +42,12 @@ async def setup(context: ServiceContext) -> None:
                 await asyncio.sleep(1)
         await core.monitor()
 
+    # The host daemons a driver needs (libvirt's for VMs), kept up while the service runs.
     tasks = [
+        asyncio.create_task(driver.host_services(), name=f"compute-{driver.name}-host")
+        for driver in drivers.values()
+    ]
+    tasks += [
         asyncio.create_task(start_background(), name="compute-reconcile"),
         asyncio.create_task(follow_snapshot_schedules(core), name="compute-snapshot-schedules"),
     ]

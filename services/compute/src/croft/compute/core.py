@@ -390,6 +390,8 @@ class ComputeCore:
                 rootfs=volume.path,
                 config=expanded,
                 devices=spec_devices,
+                volume=volume.mount_path,
+                disk=volume.block_path,
             )
             # The driver writes the definition in a thread that a cancellation cannot
             # stop: wait for it, so that the undo below sees what it left.
@@ -1189,7 +1191,9 @@ class ComputeCore:
         # The old NICs go first: the network keys a DHCP host entry by its MAC, which
         # the renamed instance keeps.
         await self._detach_nics(project, name, record)
-        spec = await self._spec_with_nics(project, new_name, record, volume.path)
+        spec = await self._spec_with_nics(
+            project, new_name, record, volume.path, volume.mount_path, volume.block_path
+        )
         driver = self.driver_for(record)
         await uninterrupted(self._delete_definition(driver, driver_name(project, name)))
         await uninterrupted(driver.create(spec))
@@ -1270,7 +1274,13 @@ class ComputeCore:
         await revert.revert()
 
     async def _spec_with_nics(
-        self, project: str, name: str, record: dict[str, Any], rootfs: str
+        self,
+        project: str,
+        name: str,
+        record: dict[str, Any],
+        rootfs: str,
+        volume: str = "",
+        disk: str = "",
     ) -> InstanceSpec:
         """The LXC definition of `record` as instance `name` on `rootfs`, its managed NICs
         (re)attached under that name."""
@@ -1282,7 +1292,12 @@ class ComputeCore:
             await self.storage(), project, devices, record.get("type") or DEFAULT_INSTANCE_TYPE
         )
         return InstanceSpec(
-            name=driver_name(project, name), rootfs=rootfs, config=config, devices=devices
+            name=driver_name(project, name),
+            rootfs=rootfs,
+            config=config,
+            devices=devices,
+            volume=volume,
+            disk=disk,
         )
 
     async def _write_definition(self, project: str, name: str, record: dict[str, Any]) -> None:
@@ -1290,7 +1305,7 @@ class ComputeCore:
         managed NICs attached again, which only updates them), and note in the record what
         it was written from."""
         meta = InstanceRecord.meta_of(record)
-        spec = await self._spec_with_nics(project, name, record, meta.rootfs)
+        spec = await self._spec_with_nics(project, name, record, meta.rootfs, meta.volume or "")
         await self.driver_for(record).redefine(spec)
         meta.definition = definition_digest(record)
         record["_croft"] = meta.dump()
@@ -1634,6 +1649,8 @@ class ComputeCore:
 
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
+            if record.get("type") == "virtual-machine":
+                raise InvalidArgument("Publishing virtual machines is not supported yet")
             pool = InstanceRecord.meta_of(record).pool
             if not pool:
                 raise InvalidArgument(f'Instance "{name}" has no root filesystem to publish')

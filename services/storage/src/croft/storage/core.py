@@ -60,7 +60,7 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
-from croft.imageformat.format import unpack_image
+from croft.imageformat.format import unpack_image, unpack_vm_image
 from croft.storage import transfer
 from croft.storage.drivers import (
     DRIVERS,
@@ -814,8 +814,6 @@ class StorageCore:
         """Fills a volume with the image's files: metadata.yaml, templates/, rootfs/."""
 
         async def unpack(target: Mounted) -> None:
-            if target.block_device is not None:
-                raise InvalidArgument("images cannot be unpacked into block volumes yet")
             images = await self._images()
             files = await images.image_files(
                 images_pb2.ImageFilesRequest(
@@ -824,9 +822,19 @@ class StorageCore:
                 ),
                 timeout=IMAGE_FILES_TIMEOUT,
             )
-            info = await in_thread(
-                unpack_image, files.metadata_path, files.rootfs_path or None, target.path
-            )
+            if target.block_device is not None:
+                # A VM's disk: the image's files beside it, its qcow2 written raw into it.
+                info = await in_thread(
+                    unpack_vm_image,
+                    files.metadata_path,
+                    files.rootfs_path or None,
+                    target.path,
+                    target.block_device,
+                )
+            else:
+                info = await in_thread(
+                    unpack_image, files.metadata_path, files.rootfs_path or None, target.path
+                )
             if info.fingerprint != fingerprint:
                 raise Internal(
                     f"the files of image {fingerprint} on this host have fingerprint "
@@ -937,7 +945,13 @@ class StorageCore:
             # caller went away) may still have made the volume or written the record.
             async with Reverter() as revert:
                 image = None
-                if fingerprint and driver.capabilities.optimized_images:
+                # A block volume (a VM's disk) is filled from the image itself: the
+                # pool's unpacked images are directory trees.
+                if (
+                    fingerprint
+                    and driver.capabilities.optimized_images
+                    and vol.content is not ContentType.BLOCK
+                ):
                     image = await self.image_volume(ref.pool, ref.project, fingerprint)
                 await self._require_no_volume(driver, ref, vol)
                 revert.add(lambda: driver.delete_volume(vol))

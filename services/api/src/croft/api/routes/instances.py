@@ -169,6 +169,12 @@ async def instances_post(request: Request) -> Response:
     if req.source.type == "image":
         image = await resolve_image(ctx.store, project, req.source)
         fingerprint = image["fingerprint"]
+        # LXD's check (lxd/instance.go instanceCreateFromImage): a VM image makes a VM.
+        image_type, wanted = image.get("type") or "container", req.type or "container"
+        if image_type != wanted:
+            raise InvalidArgument(
+                f"Requested image's type '{image_type}' doesn't match instance type '{wanted}'"
+            )
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)

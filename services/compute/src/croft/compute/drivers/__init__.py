@@ -20,7 +20,7 @@ import builtins
 import inspect
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterable, Callable
+from collections.abc import AsyncIterable, Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import ClassVar
@@ -72,6 +72,11 @@ class InstanceSpec:
     config: dict[str, str] = field(default_factory=dict)
     devices: dict[str, dict[str, str]] = field(default_factory=dict)
     idmap: IdMap | None = None
+    # The root volume's directory (the image's metadata.yaml, templates/, and for a VM
+    # image its boot files), and for a block volume (a VM's) its disk; "" when unknown
+    # (a redefinition keeps the previous ones).
+    volume: str = ""
+    disk: str = ""
 
     @property
     def privileged(self) -> bool:
@@ -360,6 +365,12 @@ class InstanceDriver(ABC):
     def log_path(self, name: str) -> str:
         """The driver's log file for this instance."""
 
+    async def host_services(self) -> None:
+        """Runs for the life of the service: starts and watches the host daemons the
+        driver needs (libvirt's, for the qemu driver). Returns at once when there are
+        none."""
+        return
+
 
 # name -> "module:Class"; a new driver is one more line here.
 DRIVERS: Registry[InstanceDriver] = Registry(
@@ -369,6 +380,7 @@ DRIVERS: Registry[InstanceDriver] = Registry(
     InstanceDriver,  # type: ignore[type-abstract]
     {
         "lxc": "croft.compute.drivers.lxc:LXCDriver",
+        "qemu": "croft.compute.drivers.qemu:QemuDriver",
     },
 )
 
@@ -378,12 +390,15 @@ def driver_class(name: str) -> type[InstanceDriver]:
     return DRIVERS.get(name)
 
 
-def load_available(**settings: object) -> dict[str, InstanceDriver]:
-    """One driver per instance type, for every registered driver that can run on this
-    host, keyed by the instance type it runs. `settings` are passed to each driver's
-    constructor for the keyword arguments it takes (e.g. `lxcpath`)."""
+def load_available(
+    names: Iterable[str] | None = None, **settings: object
+) -> dict[str, InstanceDriver]:
+    """One driver per instance type, for every registered driver (or each of `names`)
+    that can run on this host, keyed by the instance type it runs. `settings` are passed
+    to each driver's constructor for the keyword arguments it takes (e.g. `lxcpath`)."""
     drivers: dict[str, InstanceDriver] = {}
-    for name in DRIVERS.names():
+    wanted = list(names) if names else DRIVERS.names()
+    for name in wanted:
         try:
             cls = DRIVERS.get(name)
         except ImportError as exc:  # its library is not installed here

@@ -1,0 +1,1067 @@
+"""The qemu driver: virtual machines (instance type `virtual-machine`) on QEMU, through
+libvirt (`qemu:///system`; `croft.compute.virtd` keeps its daemons up).
+
+Each instance is a persistent libvirt domain named `croft-<id>-<name>`, where `<id>` is a
+digest of this driver's state directory, so that two crofts on one host (tests) never
+see each other's domains. A domain outlives the compute service (libvirt owns the QEMU
+process), and a new driver on the same state directory finds its domains again.
+
+- **Accelerator.** KVM when it can run a guest: a one-off probe boots a 512-byte boot
+  sector under `-accel kvm -cpu host` and waits for the byte it writes to the serial port
+  (a nested PVM /dev/kvm, as on croft's test host, aborts or hangs there). Otherwise TCG
+  (`<domain type='qemu'>`, `-cpu max`), with a warning in the log.
+- **Boot.** Direct kernel boot from the files an image carries in its metadata tarball,
+  unpacked by storage into the volume's directory (`boot/vmlinux`, `boot/initrd.img`,
+  `boot/cmdline`); QEMU enters an uncompressed vmlinux through PVH. Images that need UEFI
+  (LXD's own) are refused at create for now.
+- **Disk.** The root block volume storage made (a raw file on a dir pool) on virtio-blk.
+- **NICs.** Bridged NICs become a tap on the network's bridge (userspace virtio-net: this
+  host has no vhost-net); the tap's name is derived from the domain and device names.
+- **Agent and console.** A virtio-serial port `org.croft.agent.0` on a unix socket in the
+  instance's directory (see croft.imageformat.vmimage for the line protocol), and the
+  serial console on another, logged to `console.log`.
+- **Stop.** ACPI power-down (`virDomainShutdown`) with LXD's timeout semantics: a guest
+  still running after `timeout` is left running and the stop fails with LXD's "Instance
+  was not shutdown after timeout"; `force` (or a zero timeout) destroys at once. Freeze/unfreeze pause and resume the
+  vCPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import builtins
+import contextlib
+import fcntl
+import functools
+import hashlib
+import logging
+import os
+import shlex
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import termios
+import time
+import tty
+import uuid
+import xml.etree.ElementTree as ET
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+import libvirt
+
+from croft.common.blocking import in_thread
+from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
+from croft.compute import virtd
+from croft.compute.drivers import (
+    Capabilities,
+    ExecProcess,
+    FileEntry,
+    InstanceDriver,
+    InstanceSpec,
+    InstanceState,
+    NetworkAddress,
+    NetworkInterface,
+    Status,
+)
+from croft.compute.limits import host_memory_bytes, parse_limits
+
+log = logging.getLogger(__name__)
+
+# libvirt prints every error to stderr unless told otherwise; croft raises its own.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+URI = "qemu:///system"
+EMULATOR = "qemu-system-x86_64"
+AGENT_PORT = "org.croft.agent.0"
+DEFAULT_MEMORY = 1024**3  # LXD's default limits.memory for VMs
+BOOT_DIR = "boot"
+KVM_PROBE_TIMEOUT = 5.0
+STOP_POLL = 0.2
+AGENT_TIMEOUT = 30.0
+EXEC_TIMEOUT = 3600.0
+STATE_TIMEOUT = 2.0
+FILE_TIMEOUT = 600.0
+# What every agent call answers while the guest's agent is not up (LXD: "LXD VM agent
+# isn't currently running").
+AGENT_DOWN = "VM agent isn't currently running"
+
+# libvirt domain states -> LXD's statuses.
+_STATUS = {
+    libvirt.VIR_DOMAIN_RUNNING: Status.RUNNING,
+    libvirt.VIR_DOMAIN_BLOCKED: Status.RUNNING,
+    libvirt.VIR_DOMAIN_SHUTDOWN: Status.RUNNING,  # shutting down
+    libvirt.VIR_DOMAIN_PAUSED: Status.FROZEN,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: Status.FROZEN,
+    libvirt.VIR_DOMAIN_SHUTOFF: Status.STOPPED,
+    libvirt.VIR_DOMAIN_CRASHED: Status.STOPPED,
+}
+
+# mov dx,0x3f8; mov al,'K'; out dx,al; hlt; jmp $-1 -- then the boot signature.
+_PROBE_SECTOR = (
+    bytes.fromhex("baf803b04bee f4ebfd".replace(" ", "")).ljust(510, b"\0") + b"\x55\xaa"
+)
+
+
+@functools.cache
+def kvm_usable() -> bool:
+    """Whether KVM can run a guest here (cached for the process). Blocking, at most
+    KVM_PROBE_TIMEOUT seconds."""
+    if not os.path.exists("/dev/kvm") or shutil.which(EMULATOR) is None:
+        return False
+    with tempfile.NamedTemporaryFile(prefix="croft-kvm-probe-", suffix=".img") as disk:
+        disk.write(_PROBE_SECTOR)
+        disk.flush()
+        argv = [
+            EMULATOR, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "16",
+            "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+            "-drive", f"file={disk.name},format=raw,if=ide",
+        ]  # fmt: skip
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError:
+            return False
+        try:
+            out, err = proc.communicate(timeout=KVM_PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        if b"K" in out:
+            if proc.poll() is None:
+                proc.kill()
+            return True
+        why = err.decode(errors="replace").strip().splitlines()
+        log.warning(
+            "KVM cannot run guests here (%s): virtual machines run under TCG (emulation, "
+            "much slower)",
+            why[0] if why else "no output from the probe guest",
+        )
+        return False
+
+
+class AgentProcess(ExecProcess):
+    """A command the guest agent runs in the background (`RUN`): what is written to
+    stdin goes to it in `STDIN` lines, its end to stdin in `EOF`; its output arrives
+    whole with its exit code (`RESULT`; the tiny agent does not stream output), and is
+    then written to pipes as a local command's would be. No signals (the agent cannot
+    send them yet)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        request_id: str,
+        release: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.pid = 0
+        self.pty = None
+        self._reader, self._writer, self._id = reader, writer, request_id
+        self._release = release
+        stdin_r, self.stdin = os.pipe()
+        self.stdout, self._out_w = os.pipe()
+        self.stderr, self._err_w = os.pipe()
+        self._stdin_r = stdin_r
+        self._eof_sent = False
+        self._finished = False
+        self._cleanup: list[asyncio.Future[None]] = []  # keeps the last step referenced
+        os.set_blocking(stdin_r, False)
+        asyncio.get_running_loop().add_reader(stdin_r, self._forward_stdin)
+        self._task = asyncio.ensure_future(self._run())
+
+    def _forward_stdin(self) -> None:
+        try:
+            data = os.read(self._stdin_r, 48 * 1024)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            encoded = base64.b64encode(data)
+            self._writer.write(b"STDIN " + self._id.encode() + b" " + encoded + b"\n")
+            return
+        self._stop_stdin()
+
+    def _stop_stdin(self) -> None:
+        with contextlib.suppress(ValueError, RuntimeError, OSError):
+            asyncio.get_running_loop().remove_reader(self._stdin_r)
+        if not self._eof_sent:
+            self._eof_sent = True
+            with contextlib.suppress(RuntimeError, OSError):
+                self._writer.write(f"EOF {self._id}\n".encode())
+
+    @staticmethod
+    def _write(fd: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+        except OSError:
+            pass  # the reader went away
+        finally:
+            os.close(fd)
+
+    async def _run(self) -> int:
+        out = err = b""
+        try:
+            while True:
+                line = await self._reader.readline()
+                if not line:
+                    raise Conflict(AGENT_DOWN)
+                parts = line.decode(errors="replace").split()
+                if len(parts) == 5 and parts[0] == "RESULT" and parts[1] == self._id:
+                    break
+            rc = int(parts[2])
+            out = b"" if parts[3] == "-" else base64.b64decode(parts[3])
+            err = b"" if parts[4] == "-" else base64.b64decode(parts[4])
+            return rc
+        finally:
+            await self._finish(out, err)
+
+    async def _finish(self, out: bytes, err: bytes) -> None:
+        """Once: the output to the pipes (closing them), the agent connection back."""
+        if self._finished:
+            return
+        self._finished = True
+        self._stop_stdin()
+        try:
+            await asyncio.gather(
+                in_thread(self._write, self._out_w, out), in_thread(self._write, self._err_w, err)
+            )
+        finally:
+            await self._release()
+
+    async def wait(self) -> int:
+        return await asyncio.shield(self._task)
+
+    def signal(self, signum: int) -> None:
+        return  # the tiny agent cannot signal a command
+
+    def resize(self, width: int, height: int) -> None:
+        return
+
+    def close(self) -> None:
+        # The caller went away before the command ended: stop waiting for it (it runs
+        # on in the guest), which gives the agent connection back.
+        if not self._task.done():
+            self._task.cancel()
+            # A task cancelled before it ran never reaches its `finally`.
+            self._task.add_done_callback(
+                lambda _: self._cleanup.append(asyncio.ensure_future(self._finish(b"", b"")))
+            )
+        self._stop_stdin()
+        # The caller may have closed stdin itself (its EOF) and set it to None.
+        for fd in (self._stdin_r, self.stdin, self.stdout, self.stderr):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.stdin = self.stdout = self.stderr = None
+        self._stdin_r = -1
+
+
+# The console helper: relays its stdin/stdout (a pty) to and from the serial console's
+# unix socket until either end closes.
+_CONSOLE_RELAY = r"""
+import os, selectors, socket, sys
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(sys.argv[1])
+except OSError:
+    sys.exit(1)
+sel = selectors.DefaultSelector()
+sel.register(0, selectors.EVENT_READ)
+sel.register(s, selectors.EVENT_READ)
+while True:
+    for key, _ in sel.select():
+        if key.fileobj == 0:
+            data = os.read(0, 65536)
+            if not data:
+                sys.exit(0)
+            s.sendall(data)
+        else:
+            data = s.recv(65536)
+            if not data:
+                sys.exit(0)
+            os.write(1, data)
+"""
+
+
+class ConsoleProcess(ExecProcess):
+    """The console helper on its pty; any signal detaches (kills the helper)."""
+
+    def __init__(self, process: asyncio.subprocess.Process, master: int) -> None:
+        self._process = process
+        self.pid = process.pid
+        self.pty = master
+        self.stdin = self.stdout = self.stderr = None
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pty is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self.pty, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+
+    def close(self) -> None:
+        if self.pty is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.pty)
+            self.pty = None
+
+
+def _domain_prefix(vmpath: str) -> str:
+    return "croft-" + hashlib.sha256(os.path.realpath(vmpath).encode()).hexdigest()[:8] + "-"
+
+
+def _tap_name(domain: str, device: str) -> str:
+    return "vm" + hashlib.sha256(f"{domain}/{device}".encode()).hexdigest()[:11]
+
+
+def _memory_bytes(config: dict[str, str]) -> int:
+    memory = parse_limits(config).memory_bytes or DEFAULT_MEMORY
+    if memory > host_memory_bytes():
+        raise InvalidArgument(
+            f'Invalid value for limits.memory "{config.get("limits.memory", "")}": more '
+            "than this host's memory"
+        )
+    return memory
+
+
+def _vcpus(config: dict[str, str]) -> int:
+    cpu = parse_limits(config).cpu
+    if cpu is None:
+        return 1
+    if cpu.count is not None:
+        return cpu.count
+    return len(cpu.cpus or ()) or 1
+
+
+class QemuDriver(InstanceDriver):
+    name: ClassVar[str] = "qemu"
+    instance_type: ClassVar[str] = "virtual-machine"
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        live_limits=False,
+        freeze=True,
+        exec=True,
+        console_log=True,
+        files_when_stopped=False,
+        privileged=False,
+        survives_service_restart=True,
+    )
+
+    def __init__(
+        self,
+        vmpath: str = "/var/lib/croft/virtual-machines",
+        log_dir: str = "/var/log/croft",
+        uri: str = URI,
+    ) -> None:
+        self.vmpath = vmpath
+        self.log_dir = log_dir
+        self.uri = uri
+        self.prefix = _domain_prefix(vmpath)
+        os.makedirs(vmpath, mode=0o711, exist_ok=True)
+        self._conn: libvirt.virConnect | None = None
+        self._agent_locks: dict[str, asyncio.Lock] = {}
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        if shutil.which(EMULATOR) is None:
+            return f"{EMULATOR} is not installed"
+        if shutil.which("libvirtd") is None:
+            return "libvirtd is not installed"
+        return None
+
+    async def host_services(self) -> None:
+        # The KVM probe (up to 5 s) now, not in the first launch.
+        probe = asyncio.ensure_future(in_thread(kvm_usable))
+        try:
+            await virtd.supervise(Path(self.vmpath), Path(self.log_dir))
+        finally:
+            probe.cancel()
+
+    # -- helpers (blocking ones run in a thread)
+
+    def _connection(self) -> libvirt.virConnect:
+        conn = self._conn
+        if conn is None or not conn.isAlive():
+            try:
+                conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise Internal(f"cannot connect to libvirt at {self.uri}: {exc}") from None
+            self._conn = conn
+        return conn
+
+    def domain_name(self, name: str) -> str:
+        return self.prefix + name
+
+    def instance_dir(self, name: str) -> Path:
+        return Path(self.vmpath) / name
+
+    def _lookup(self, name: str) -> libvirt.virDomain:
+        try:
+            return self._connection().lookupByName(self.domain_name(name))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise NotFound(f'Instance "{name}" not found') from None
+            raise Internal(f"libvirt: {exc}") from None
+
+    def _status(self, name: str) -> Status:
+        state, _reason = self._lookup(name).state()
+        return _STATUS.get(state, Status.ERROR)
+
+    def _domain_xml(self, spec: InstanceSpec, disk: str, old: ET.Element | None) -> str:
+        """The libvirt definition of `spec`; `old` (a previous definition) gives what the
+        spec may leave out: the disk and boot files."""
+        for key, value in spec.config.items():
+            if any(c in value for c in "\0\n\r") and not key.startswith("raw."):
+                raise InvalidArgument(f'Invalid value for "{key}": control characters')
+        memory = _memory_bytes(spec.config)
+        vcpus = _vcpus(spec.config)
+        volume = Path(spec.volume) if spec.volume else None
+        boot = volume / BOOT_DIR if volume else None
+        kernel = initrd = cmdline = ""
+        if boot is not None and (boot / "vmlinux").is_file():
+            kernel = str(boot / "vmlinux")
+            if (boot / "initrd.img").is_file():
+                initrd = str(boot / "initrd.img")
+            if (boot / "cmdline").is_file():
+                cmdline = (boot / "cmdline").read_text().strip()
+        elif old is not None:
+            kernel = old.findtext("os/kernel") or ""
+            initrd = old.findtext("os/initrd") or ""
+            cmdline = old.findtext("os/cmdline") or ""
+        if not kernel:
+            raise InvalidArgument(
+                "The image has no kernel for direct boot (boot/vmlinux in its metadata); "
+                "croft cannot boot virtual machines through UEFI yet"
+            )
+        if not disk and old is not None:
+            source = old.find("devices/disk/source")
+            if source is not None:
+                disk = source.get("file") or source.get("dev") or ""
+        if not disk:
+            raise InvalidArgument("The root disk has no block volume")
+        domain = self.domain_name(spec.name)
+        kvm = kvm_usable()
+        root = ET.Element("domain", type="kvm" if kvm else "qemu")
+        ET.SubElement(root, "name").text = domain
+        instance_uuid = spec.config.get("volatile.uuid")
+        with contextlib.suppress(ValueError):  # libvirt makes one up otherwise
+            parsed = uuid.UUID(instance_uuid or "")
+            ET.SubElement(root, "uuid").text = str(parsed)
+        ET.SubElement(root, "title").text = spec.name
+        ET.SubElement(root, "memory", unit="b").text = str(memory)
+        ET.SubElement(root, "currentMemory", unit="b").text = str(memory)
+        ET.SubElement(root, "vcpu").text = str(vcpus)
+        os_el = ET.SubElement(root, "os")
+        ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
+        ET.SubElement(os_el, "kernel").text = kernel
+        if initrd:
+            ET.SubElement(os_el, "initrd").text = initrd
+        if cmdline:
+            ET.SubElement(os_el, "cmdline").text = cmdline
+        features = ET.SubElement(root, "features")
+        ET.SubElement(features, "acpi")  # without it a guest's poweroff only halts
+        if kvm:
+            ET.SubElement(root, "cpu", mode="host-passthrough")
+        else:
+            ET.SubElement(root, "cpu", mode="maximum", check="none")
+        ET.SubElement(root, "clock", offset="utc")
+        ET.SubElement(root, "on_poweroff").text = "destroy"
+        ET.SubElement(root, "on_reboot").text = "restart"
+        ET.SubElement(root, "on_crash").text = "destroy"
+        devices = ET.SubElement(root, "devices")
+        ET.SubElement(devices, "emulator").text = shutil.which(EMULATOR) or EMULATOR
+        is_block = Path(disk).is_block_device()
+        disk_el = ET.SubElement(devices, "disk", type="block" if is_block else "file")
+        disk_el.set("device", "disk")
+        ET.SubElement(disk_el, "driver", name="qemu", type="raw", discard="unmap")
+        ET.SubElement(disk_el, "source", {"dev": disk} if is_block else {"file": disk})
+        ET.SubElement(disk_el, "target", dev="vda", bus="virtio")
+        for dev_name, device in sorted(spec.devices.items()):
+            kind = device.get("type")
+            if kind == "disk":
+                if device.get("path") == "/":
+                    continue
+                raise InvalidArgument(
+                    f'Device "{dev_name}": only the root disk is supported on virtual machines yet'
+                )
+            if kind != "nic":
+                raise InvalidArgument(
+                    f'Device "{dev_name}": devices of type "{kind}" are not supported on '
+                    "virtual machines yet"
+                )
+            nictype = device.get("nictype", "")
+            parent = device.get("parent", "")
+            if nictype != "bridged" or not parent:
+                raise InvalidArgument(
+                    f'Device "{dev_name}": only bridged NICs are supported on virtual machines yet'
+                )
+            nic = ET.SubElement(devices, "interface", type="bridge")
+            ET.SubElement(nic, "source", bridge=parent)
+            if device.get("hwaddr"):
+                ET.SubElement(nic, "mac", address=device["hwaddr"])
+            ET.SubElement(nic, "model", type="virtio")
+            ET.SubElement(nic, "driver", name="qemu")  # no vhost-net on every host
+            ET.SubElement(nic, "target", dev=_tap_name(domain, dev_name))
+            if device.get("mtu"):
+                ET.SubElement(nic, "mtu", size=device["mtu"])
+            ET.SubElement(nic, "alias", name=f"ua-nic-{dev_name}")
+        directory = self.instance_dir(spec.name)
+        serial = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(serial, "source", mode="bind", path=str(directory / "console.sock"))
+        ET.SubElement(serial, "log", file=str(directory / "console.log"), append="on")
+        ET.SubElement(serial, "target", port="0")
+        channel = ET.SubElement(devices, "channel", type="unix")
+        ET.SubElement(channel, "source", mode="bind", path=str(directory / "agent.sock"))
+        ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT)
+        ET.SubElement(devices, "memballoon", model="none")
+        # QEMU runs as root and libvirt leaves the files' owners alone: the disk belongs
+        # to storage, the boot files to the image.
+        seclabel = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
+        ET.SubElement(seclabel, "label").text = "+0:+0"
+        return ET.tostring(root, encoding="unicode")
+
+    def _old_definition(self, name: str) -> ET.Element | None:
+        try:
+            dom = self._lookup(name)
+        except NotFound:
+            return None
+        return ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    # -- lifecycle
+
+    async def create(self, spec: InstanceSpec) -> None:
+        await in_thread(self._create, spec)
+
+    def _create(self, spec: InstanceSpec) -> None:
+        xml = self._domain_xml(spec, spec.disk, None)
+        if self._old_definition(spec.name) is not None:
+            raise Conflict(f'Instance "{spec.name}" already exists')
+        directory = self.instance_dir(spec.name)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            self._connection().defineXML(xml)
+        except libvirt.libvirtError as exc:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise InvalidArgument(f"libvirt refused the definition: {exc}") from None
+
+    async def redefine(self, spec: InstanceSpec) -> None:
+        await in_thread(self._redefine, spec)
+
+    def _redefine(self, spec: InstanceSpec) -> None:
+        old = self._old_definition(spec.name)
+        if old is None:
+            raise NotFound(f'Instance "{spec.name}" not found')
+        xml = self._domain_xml(spec, spec.disk, old)
+        if self._status(spec.name) is not Status.STOPPED:
+            raise Conflict(f'Instance "{spec.name}" is running')
+        try:
+            self._connection().defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise InvalidArgument(f"libvirt refused the definition: {exc}") from None
+
+    async def start(self, name: str, before: Callable[[Status], None] | None = None) -> None:
+        await in_thread(self._start, name, before)
+
+    def _start(self, name: str, before: Callable[[Status], None] | None) -> None:
+        dom = self._lookup(name)
+        status = self._status(name)
+        if before is not None:
+            before(status)
+        if status is not Status.STOPPED:
+            raise Conflict(f'Instance "{name}" is already running')
+        directory = self.instance_dir(name)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for sock in ("console.sock", "agent.sock"):
+            (directory / sock).unlink(missing_ok=True)
+        try:
+            dom.create()
+        except libvirt.libvirtError as exc:
+            raise Internal(f"Failed to start the virtual machine: {exc}") from None
+
+    async def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> None:
+        dom = await in_thread(self._lookup, name)
+        if await self.status(name) is Status.STOPPED:
+            raise Conflict(f'Instance "{name}" is already stopped')
+        if not force and timeout != 0:
+            with contextlib.suppress(libvirt.libvirtError):  # stopped meanwhile
+                await in_thread(dom.shutdown)  # ACPI power button
+            # LXD's Shutdown(): wait for the guest to power off; a guest that has not
+            # after `timeout` is left running and the stop fails (a negative timeout
+            # waits for ever). Only `force` (or a zero timeout) pulls the plug.
+            deadline = time.monotonic() + timeout if timeout > 0 else None
+            while deadline is None or time.monotonic() < deadline:
+                if await self.status(name) is Status.STOPPED:
+                    return
+                await asyncio.sleep(STOP_POLL)
+            raise Internal("Instance was not shutdown after timeout")
+        await in_thread(self._destroy, dom)
+
+    @staticmethod
+    def _destroy(dom: libvirt.virDomain) -> None:
+        try:
+            dom.destroy()
+        except libvirt.libvirtError as exc:
+            if dom.isActive():
+                raise Internal(f"Failed to stop the virtual machine: {exc}") from None
+
+    async def restart(self, name: str, force: bool = False, timeout: float = 30.0) -> None:
+        await self.stop(name, force=force, timeout=timeout)
+        await self.start(name)
+
+    async def freeze(self, name: str) -> None:
+        await in_thread(self._freeze, name, True)
+
+    async def unfreeze(self, name: str) -> None:
+        await in_thread(self._freeze, name, False)
+
+    def _freeze(self, name: str, freeze: bool) -> None:
+        dom = self._lookup(name)
+        status = self._status(name)
+        if freeze and status is not Status.RUNNING:
+            raise Conflict(f'Instance "{name}" is not running')
+        if not freeze and status is not Status.FROZEN:
+            raise Conflict(f'Instance "{name}" is not frozen')
+        try:
+            dom.suspend() if freeze else dom.resume()
+        except libvirt.libvirtError as exc:
+            raise Internal(f"libvirt: {exc}") from None
+
+    async def delete(self, name: str) -> None:
+        await in_thread(self._delete, name)
+
+    def _delete(self, name: str) -> None:
+        dom = self._lookup(name)
+        if dom.isActive():
+            raise Conflict(f'Instance "{name}" is running')
+        try:
+            dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                raise Internal(f"libvirt: {exc}") from None
+        shutil.rmtree(self.instance_dir(name), ignore_errors=True)
+        # libvirt's own log of the domain (QEMU's command line and stderr), rotations too.
+        log_file = Path(self.log_path(name))
+        for old in log_file.parent.glob(log_file.name + "*"):
+            old.unlink(missing_ok=True)
+
+    async def list(self) -> builtins.list[str]:
+        def names() -> builtins.list[str]:
+            return sorted(
+                dom.name()[len(self.prefix) :]
+                for dom in self._connection().listAllDomains()
+                if dom.name().startswith(self.prefix)
+            )
+
+        return await in_thread(names)
+
+    async def exists(self, name: str) -> bool:
+        try:
+            await in_thread(self._lookup, name)
+        except NotFound:
+            return False
+        return True
+
+    async def status(self, name: str) -> Status:
+        return await in_thread(self._status, name)
+
+    async def active(self) -> frozenset[str] | None:
+        def running() -> frozenset[str]:
+            flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+            return frozenset(
+                dom.name()[len(self.prefix) :]
+                for dom in self._connection().listAllDomains(flags)
+                if dom.name().startswith(self.prefix)
+            )
+
+        return await in_thread(running)
+
+    async def state(self, name: str) -> InstanceState:
+        state = await in_thread(self._state, name)
+        if state.status is Status.RUNNING:
+            await self._guest_addresses(name, state)
+        return state
+
+    async def _guest_addresses(self, name: str, state: InstanceState) -> None:
+        """The NICs' addresses, as the guest sees them, from its agent (none while the
+        agent is busy or not up: LXD shows none without its agent either)."""
+        lock = self._agent_locks.get(name)
+        if lock is not None and lock.locked():
+            return
+        try:
+            rc, out, _ = await self.agent_exec(name, "ip -o addr show", timeout=STATE_TIMEOUT)
+        except Conflict:
+            return
+        if rc != 0:
+            return
+        for line in out.decode(errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) < 4 or fields[2] not in ("inet", "inet6"):
+                continue
+            nic = state.network.get(fields[1])
+            if nic is None:
+                continue
+            address, _, prefix = fields[3].partition("/")
+            scope = fields[fields.index("scope") + 1] if "scope" in fields[:-1] else "global"
+            nic.addresses.append(
+                NetworkAddress(
+                    family=fields[2], address=address, netmask=prefix or "32", scope=scope
+                )
+            )
+
+    def _state(self, name: str) -> InstanceState:
+        dom = self._lookup(name)
+        state, _max_kib, _mem_kib, _vcpus, cpu_ns = dom.info()
+        status = _STATUS.get(state, Status.ERROR)
+        if status is Status.STOPPED:
+            return InstanceState(status=status, pid=0)
+        pid = 0
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(Path(f"/run/libvirt/qemu/{dom.name()}.pid").read_text().strip())
+        rss = 0
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss = int(line.split()[1]) * 1024
+        live = ET.fromstring(dom.XMLDesc(0))
+        memory_limit = int(live.findtext("memory") or 0) * 1024  # KiB in the live XML
+        network: dict[str, NetworkInterface] = {}
+        for nic in live.findall("devices/interface"):
+            alias_el = nic.find("alias")
+            alias = alias_el.get("name", "") if alias_el is not None else ""
+            dev_name = alias.removeprefix("ua-nic-") or "eth0"
+            target = nic.find("target")
+            tap = target.get("dev", "") if target is not None else ""
+            mac = nic.find("mac")
+            mtu_el = nic.find("mtu")
+            counters: Any = (0, 0, 0, 0, 0, 0, 0, 0)
+            with contextlib.suppress(libvirt.libvirtError):
+                counters = dom.interfaceStats(tap)
+            network[dev_name] = NetworkInterface(
+                name=dev_name,
+                addresses=[],
+                hwaddr=mac.get("address", "") if mac is not None else "",
+                host_name=tap,
+                mtu=int(mtu_el.get("size", "1500")) if mtu_el is not None else 1500,
+                state="up",
+                type="broadcast",
+                bytes_received=counters[0],
+                packets_received=counters[1],
+                bytes_sent=counters[4],
+                packets_sent=counters[5],
+            )
+        return InstanceState(
+            status=status,
+            pid=pid,
+            processes=-1,  # only the guest agent could tell (LXD's -1 without it)
+            memory_usage=rss,
+            memory_limit=memory_limit,
+            cpu_usage_ns=cpu_ns,
+            network=network,
+        )
+
+    async def update_limits(self, name: str, config: dict[str, str]) -> None:
+        """limits.memory and limits.cpu apply at the next start (QEMU cannot change them
+        live without a balloon or hotplugged vCPUs); they are written now."""
+        memory = _memory_bytes(config)
+        vcpus = _vcpus(config)
+        await in_thread(self._set_limits, name, memory, vcpus)
+
+    def _set_limits(self, name: str, memory: int, vcpus: int) -> None:
+        dom = self._lookup(name)
+        xml = ET.fromstring(dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+        for tag in ("memory", "currentMemory"):
+            el = xml.find(tag)
+            if el is None:
+                el = ET.SubElement(xml, tag)
+            el.set("unit", "b")
+            el.text = str(memory)
+        vcpu = xml.find("vcpu")
+        if vcpu is None:
+            vcpu = ET.SubElement(xml, "vcpu")
+        vcpu.text = str(vcpus)
+        try:
+            self._connection().defineXML(ET.tostring(xml, encoding="unicode"))
+        except libvirt.libvirtError as exc:
+            raise InvalidArgument(f"libvirt refused the limits: {exc}") from None
+
+    # -- the agent
+
+    async def _connect(
+        self, name: str, timeout: float
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Lock]:
+        """A greeted connection to the guest's agent, with the VM's agent lock held (the
+        port has one host end): the caller gives both back with `_release`. Conflict
+        when the VM does not run or its agent does not answer."""
+        if await self.status(name) is not Status.RUNNING:
+            raise Conflict("Instance is not running")
+        lock = self._agent_locks.setdefault(name, asyncio.Lock())
+        await lock.acquire()
+        writer: asyncio.StreamWriter | None = None
+        try:
+            path = self.instance_dir(name) / "agent.sock"
+            try:
+                reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
+            except OSError:
+                raise Conflict(AGENT_DOWN) from None
+            async with asyncio.timeout(min(timeout, AGENT_TIMEOUT)):
+                writer.write(b"HELLO\n")
+                await writer.drain()
+                while True:
+                    line = await reader.readline()
+                    if not line:
+                        raise Conflict(AGENT_DOWN)
+                    if line.strip() == b"READY":
+                        return reader, writer, lock
+        except BaseException as exc:
+            if writer is not None:
+                await self._release(writer, lock)
+            else:
+                lock.release()
+            if isinstance(exc, (TimeoutError, ConnectionError)):
+                raise Conflict(AGENT_DOWN) from None
+            raise
+
+    @staticmethod
+    async def _release(writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
+        try:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+        finally:
+            lock.release()
+
+    @contextlib.asynccontextmanager
+    async def _agent(
+        self, name: str, timeout: float
+    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+        """`_connect` for one request, which must be answered within `timeout`."""
+        reader, writer, lock = await self._connect(name, timeout)
+        try:
+            async with asyncio.timeout(timeout):
+                yield reader, writer
+        except TimeoutError:
+            raise Conflict(AGENT_DOWN) from None
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise Conflict(AGENT_DOWN) from None
+        finally:
+            await self._release(writer, lock)
+
+    @staticmethod
+    async def _reply(reader: asyncio.StreamReader, request_id: str) -> builtins.list[str]:
+        """The next line that answers `request_id`, split (verb, id, fields...)."""
+        while True:
+            line = await reader.readline()
+            if not line:
+                raise Conflict(AGENT_DOWN)
+            parts = line.decode(errors="replace").split()
+            if len(parts) >= 2 and parts[1] == request_id:
+                return parts
+
+    async def agent_exec(
+        self, name: str, command: str, timeout: float = AGENT_TIMEOUT
+    ) -> tuple[int, bytes, bytes]:
+        """Run a shell command in the guest through its agent: (exit code, stdout,
+        stderr). Conflict when the VM does not run or its agent does not answer."""
+        async with self._agent(name, timeout) as (reader, writer):
+            request_id = uuid.uuid4().hex[:8]
+            if any(c in command for c in "\n\r\0"):
+                encoded = base64.b64encode(command.encode()).decode()
+                writer.write(f"EXECB {request_id} {encoded}\n".encode())
+            else:
+                writer.write(f"EXEC {request_id} {command}\n".encode())
+            await writer.drain()
+            parts = await self._reply(reader, request_id)
+            if parts[0] != "RESULT" or len(parts) != 5:
+                raise Internal(f"the VM agent answered {' '.join(parts[:3])!r}")
+
+            def decoded(field: str) -> bytes:
+                return b"" if field == "-" else base64.b64decode(field)
+
+            return int(parts[2]), decoded(parts[3]), decoded(parts[4])
+
+    @staticmethod
+    def _failure(path: str, parts: builtins.list[str]) -> Exception:
+        message = base64.b64decode(parts[2]).decode(errors="replace") if len(parts) > 2 else ""
+        if "No such file" in message or "can't stat" in message:
+            return NotFound(f'"{path}" not found in the instance')
+        return InvalidArgument(message.strip() or f"cannot access {path!r} in the instance")
+
+    async def _get(self, name: str, path: str) -> tuple[int, int, int, bytes]:
+        """(st_mode, uid, gid, bytes) of `path` in the guest."""
+        async with self._agent(name, FILE_TIMEOUT) as (reader, writer):
+            request_id = uuid.uuid4().hex[:8]
+            encoded = base64.b64encode(path.encode()).decode()
+            writer.write(f"GET {request_id} {encoded}\n".encode())
+            await writer.drain()
+            parts = await self._reply(reader, request_id)
+            if parts[0] != "STAT" or len(parts) < 6:
+                raise self._failure(path, parts)
+            size = int(parts[5])
+            data = await reader.readexactly(size)
+            return int(parts[2], 16), int(parts[3]), int(parts[4]), data
+
+    async def exec(
+        self,
+        name: str,
+        argv: builtins.list[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        uid: int = 0,
+        gid: int = 0,
+        interactive: bool = False,
+        width: int = 80,
+        height: int = 24,
+    ) -> ExecProcess:
+        if interactive:
+            raise InvalidArgument("interactive exec is not supported on virtual machines yet")
+        if uid or gid:
+            raise InvalidArgument("exec as another user is not supported on virtual machines yet")
+        if await self.status(name) is not Status.RUNNING:
+            raise Conflict("Instance is not running")
+        script = ""
+        for key, value in (env or {}).items():
+            if not key.replace("_", "a").isalnum():
+                raise InvalidArgument(f"Invalid environment variable name {key!r}")
+            script += f"export {key}={shlex.quote(value)}; "
+        script += f"cd {shlex.quote(cwd or '/root')} 2>/dev/null || cd /; "
+        script += "exec " + shlex.join(argv)
+        reader, writer, lock = await self._connect(name, AGENT_TIMEOUT)
+        try:
+            request_id = uuid.uuid4().hex[:8]
+            if any(c in script for c in "\n\r\0"):
+                encoded = base64.b64encode(script.encode()).decode()
+                writer.write(f"RUNB {request_id} {encoded}\n".encode())
+            else:
+                writer.write(f"RUN {request_id} {script}\n".encode())
+            await writer.drain()
+        except BaseException:
+            await self._release(writer, lock)
+            raise
+        return AgentProcess(
+            reader, writer, request_id, functools.partial(self._release, writer, lock)
+        )
+
+    # -- files, through the agent
+
+    async def push_file(
+        self,
+        name: str,
+        path: str,
+        data: bytes | AsyncIterable[bytes],
+        uid: int = 0,
+        gid: int = 0,
+        mode: int = 0o644,
+    ) -> None:
+        if isinstance(data, bytes):
+            content = data
+        else:
+            chunks = [chunk async for chunk in data]
+            content = b"".join(chunks)
+        async with self._agent(name, FILE_TIMEOUT) as (reader, writer):
+            request_id = uuid.uuid4().hex[:8]
+            encoded = base64.b64encode(path.encode()).decode()
+            header = f"PUT {request_id} {encoded} {mode & 0o7777:o} {uid} {gid} {len(content)}"
+            writer.write(header.encode() + b"\n" + content)
+            await writer.drain()
+            parts = await self._reply(reader, request_id)
+            if parts[0] != "DONE":
+                raise self._failure(path, parts)
+
+    async def pull_file(self, name: str, path: str) -> FileEntry:
+        st_mode, uid, gid, data = await self._get(name, path)
+        entry = FileEntry(path=path, type="file", uid=uid, gid=gid, mode=stat.S_IMODE(st_mode))
+        if stat.S_ISDIR(st_mode):
+            entry.type = "directory"
+            entry.entries = [n for n in data.decode(errors="replace").splitlines() if n]
+        elif stat.S_ISLNK(st_mode):
+            entry.type = "symlink"
+            entry.target = data.decode(errors="replace")
+        else:
+            entry.content = data
+        return entry
+
+    async def _sh(self, name: str, script: str, path: str) -> None:
+        rc, _out, err = await self.agent_exec(name, script, timeout=FILE_TIMEOUT)
+        if rc == 2:
+            raise NotFound(f'"{path}" not found in the instance')
+        if rc == 17:
+            raise Conflict(f'"{path}" already exists in the instance')
+        if rc == 39:
+            raise Conflict(f'Directory "{path}" is not empty')
+        if rc != 0:
+            raise InvalidArgument(err.decode(errors="replace").strip() or f"exit {rc}")
+
+    async def mkdir(
+        self, name: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755
+    ) -> None:
+        p = shlex.quote(path)
+        await self._sh(
+            name,
+            f'[ -e {p} -o -L {p} ] && exit 17; [ -d "$(dirname {p})" ] || exit 2; '
+            f"mkdir {p} && chown {uid}:{gid} {p} && chmod {mode & 0o7777:o} {p}",
+            path,
+        )
+
+    async def delete_path(self, name: str, path: str, recursive: bool = False) -> None:
+        p = shlex.quote(path)
+        remove = (
+            f"rm -rf {p}"
+            if recursive
+            else f"if [ -d {p} ]; then rmdir {p} || exit 39; else rm -f {p}; fi"
+        )
+        await self._sh(name, f"[ -e {p} -o -L {p} ] || exit 2; {remove}", path)
+
+    async def list_dir(self, name: str, path: str) -> builtins.list[str]:
+        entry = await self.pull_file(name, path)
+        if entry.type != "directory":
+            raise InvalidArgument(f'"{path}" is not a directory')
+        return entry.entries or []
+
+    # -- console
+
+    async def console_log(self, name: str) -> bytes:
+        path = self.instance_dir(name) / "console.log"
+        try:
+            return await in_thread(path.read_bytes)
+        except FileNotFoundError:
+            return b""
+
+    async def console(self, name: str, width: int = 80, height: int = 24) -> ExecProcess:
+        if await self.status(name) is not Status.RUNNING:
+            raise Conflict(f'Instance "{name}" is not running')
+        sock = self.instance_dir(name) / "console.sock"
+        master, slave = os.openpty()
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", height, width, 0, 0))
+        tty.setraw(slave)  # the guest's own tty does the line discipline
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-c", _CONSOLE_RELAY, str(sock),
+                stdin=slave, stdout=slave, stderr=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            os.close(master)
+            raise
+        finally:
+            os.close(slave)
+        return ConsoleProcess(process, master)
+
+    async def clear_console_log(self, name: str) -> None:
+        path = self.instance_dir(name) / "console.log"
+        with contextlib.suppress(FileNotFoundError):
+            await in_thread(os.truncate, path, 0)
+
+    def log_path(self, name: str) -> str:
+        return f"/var/log/libvirt/qemu/{self.domain_name(name)}.log"

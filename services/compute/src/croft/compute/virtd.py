@@ -1,0 +1,130 @@
+"""The host daemons the qemu driver needs: `virtlogd` and `libvirtd`, started and watched
+by the compute service as the node agent does etcd (there is no systemd to do it).
+
+libvirt's system daemon is one per host (its sockets are under /run/libvirt): a daemon
+already answering there is used, whoever started it. The ones croft starts keep their
+pidfiles and logs under croft's state and log directories, and are not stopped with the
+compute service: running VMs, and a libvirtd that knows them, outlive it, as LXD's VMs
+outlive LXD.
+
+Before libvirtd starts, /dev/kvm must be group `kvm`, mode 0660 (udev's rule, which this
+host lacks): otherwise libvirt sees KVM come and go between probes and re-probes QEMU's
+capabilities on every lookup, which makes each domain definition take 30-50 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import grp
+import logging
+import os
+import shutil
+import socket
+import stat
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from croft.common.errors import Internal
+
+log = logging.getLogger(__name__)
+
+RUN_DIR = Path("/run/libvirt")
+KVM_DEVICE = Path("/dev/kvm")
+START_TIMEOUT = 30.0
+CHECK_INTERVAL = 5.0
+
+
+@dataclass(frozen=True)
+class Daemon:
+    name: str  # the binary
+    socket: Path  # answers once the daemon serves
+
+
+DAEMONS = (
+    Daemon("virtlogd", RUN_DIR / "virtlogd-sock"),
+    Daemon("libvirtd", RUN_DIR / "libvirt-sock"),
+)
+
+
+def fix_kvm_permissions(device: Path = KVM_DEVICE) -> None:
+    """/dev/kvm as udev would leave it: group kvm, mode 0660."""
+    try:
+        st = device.stat()
+    except FileNotFoundError:
+        return
+    try:
+        gid = grp.getgrnam("kvm").gr_gid
+    except KeyError:
+        return
+    if st.st_gid != gid:
+        os.chown(device, -1, gid)
+    if stat.S_IMODE(st.st_mode) & 0o060 != 0o060:
+        os.chmod(device, stat.S_IMODE(st.st_mode) | 0o060)
+
+
+def answers(path: Path) -> bool:
+    """Whether a daemon accepts connections on its unix socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
+def missing_binaries() -> list[str]:
+    return [d.name for d in DAEMONS if shutil.which(d.name) is None]
+
+
+def ensure_running(state_dir: Path, log_dir: Path) -> list[str]:
+    """Start whichever daemon does not answer; returns the names started. Blocking."""
+    fix_kvm_permissions()
+    started: list[str] = []
+    state_dir.mkdir(parents=True, exist_ok=True)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for daemon in DAEMONS:
+        if answers(daemon.socket):
+            continue
+        binary = shutil.which(daemon.name)
+        if binary is None:
+            raise Internal(f"{daemon.name} is not installed (scripts/setup.sh installs it)")
+        pidfile = state_dir / f"{daemon.name}.pid"
+        with open(log_dir / f"{daemon.name}.log", "ab") as out:
+            # `-d` daemonizes: the daemon leaves this process's session and outlives it.
+            # It is the host's, not this croft's: none of croft's environment goes with it.
+            env = {k: v for k, v in os.environ.items() if not k.startswith("CROFT_")}
+            result = subprocess.run(
+                [binary, "-d", "-p", str(pidfile)],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                timeout=START_TIMEOUT,
+                check=False,
+                start_new_session=True,
+            )
+        if result.returncode != 0:
+            raise Internal(f"{daemon.name} did not start (exit {result.returncode})")
+        deadline = time.monotonic() + START_TIMEOUT
+        while not answers(daemon.socket):
+            if time.monotonic() > deadline:
+                raise Internal(f"{daemon.name} started but does not answer on {daemon.socket}")
+            time.sleep(0.05)
+        log.info("started %s (pidfile %s)", daemon.name, pidfile)
+        started.append(daemon.name)
+    return started
+
+
+async def supervise(state_dir: Path, log_dir: Path, interval: float = CHECK_INTERVAL) -> None:
+    """Runs for the life of the compute service: keeps the daemons up."""
+    while True:
+        try:
+            await asyncio.to_thread(ensure_running, state_dir, log_dir)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (tried again at the next check)
+            log.error("libvirt daemons: %s", exc)
+        await asyncio.sleep(interval)
