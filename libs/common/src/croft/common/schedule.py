@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 ALIASES = {
     "@hourly": "0 * * * *",
@@ -130,4 +131,43 @@ def expires_at(created: datetime, expiry: str) -> datetime | None:
     return created.replace(year=year, month=month, day=day) + rest
 
 
-__all__ = ["ALIASES", "CronSchedule", "expires_at", "parse_expiry"]
+def expires_text(created: datetime, expiry: str) -> str:
+    """`expires_at` as a record keeps it (RFC 3339, UTC; "": never); ValueError for an
+    expiry LXD would refuse."""
+    when = expires_at(created, expiry)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
+
+
+def expired(when: str | None, now: datetime) -> bool:
+    """Whether a record's `expires_at` (None, "" or LXD's zero time: never) has passed
+    at `now` (aware); a time that does not parse never expires."""
+    if not when or when.startswith("0001-"):
+        return False
+    try:
+        due = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return (due if due.tzinfo else due.replace(tzinfo=UTC)) <= now
+
+
+def snapshot_name(pattern: str, taken: Collection[str]) -> str:
+    """A scheduled snapshot's name by `snapshots.pattern` (default `snap%d`), as LXD
+    names it: `%d` is the lowest number that no snapshot in `taken` has."""
+    pattern = pattern or "snap%d"
+    if "%d" not in pattern:
+        return pattern
+    n = 0
+    while pattern.replace("%d", str(n)) in taken:
+        n += 1
+    return pattern.replace("%d", str(n))
+
+
+__all__ = [
+    "ALIASES",
+    "CronSchedule",
+    "expired",
+    "expires_at",
+    "expires_text",
+    "parse_expiry",
+    "snapshot_name",
+]

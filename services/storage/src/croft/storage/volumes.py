@@ -31,9 +31,9 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.models import StorageVolumeRecord, VolumeMeta
 from croft.common.proc import run_async
-from croft.common.records import DEFAULT_PROJECT, copy_record, modify, record_prefix
+from croft.common.records import DEFAULT_PROJECT, modify, record_prefix
 from croft.common.revert import Reverter
-from croft.common.schedule import CronSchedule, expires_at, parse_expiry
+from croft.common.schedule import CronSchedule, expired, expires_text, parse_expiry, snapshot_name
 from croft.common.store import Create, Delete, Put, Update, dump
 from croft.storage.core import (
     CREATING,
@@ -172,21 +172,36 @@ def _record(
     )
     if renamed_from:
         meta.renamed_from = renamed_from
-    record: dict[str, Any] = {
-        "name": f"{ref.name}/{snapshot}" if snapshot else ref.name,
-        "type": CUSTOM,
-        "config": dict(config),
-        "description": description,
-        "content_type": content_type,
-        "location": member,
-        "used_by": [],
-        "project": ref.project,
-        "created_at": rfc3339_nano() if snapshot else ZERO_TIME,
-        "_croft": meta.dump(),
-    }
+    record = StorageVolumeRecord(
+        name=f"{ref.name}/{snapshot}" if snapshot else ref.name,
+        type=CUSTOM,
+        config=dict(config),
+        description=description,
+        content_type=content_type,
+        location=member,
+        used_by=[],
+        project=ref.project,
+        created_at=rfc3339_nano() if snapshot else ZERO_TIME,
+        croft=meta,
+    )
     if snapshot:
-        record["expires_at"] = expires_at or None
-    return record
+        record.expires_at = expires_at or None
+    return record.dump()
+
+
+def _moved_snapshot(raw: dict[str, Any], volume_name: str, host_name: str) -> StorageVolumeRecord:
+    """A snapshot's record under its volume's new name (`volume_name`, `host_name`)."""
+    snap = StorageVolumeRecord.model_validate(raw)
+    meta = snap.croft.model_copy(update={"volume": host_name})
+    return snap.model_copy(update={"name": f"{volume_name}/{meta.snapshot}", "croft": meta})
+
+
+def _renaming(current: dict[str, Any], name: str, **meta: str) -> dict[str, Any]:
+    """The claim of a rename: the record as `name`, its `_croft` changed by `meta`
+    (`volume` or `snapshot`, and `renamed_from`) and marked creating."""
+    record = StorageVolumeRecord.model_validate(current)
+    croft = record.croft.model_copy(update={**meta, "state": CREATING})
+    return record.model_copy(update={"name": name, "croft": croft}).dump()
 
 
 class CustomVolumes:
@@ -305,11 +320,7 @@ class CustomVolumes:
         new = ref.renamed(new_name)
         async with self.core.locked(ref.pool, ref.lock, new.lock):
             driver, vol, current = await self._volume(ref)
-            record = copy_record(current)
-            record["name"] = new.name
-            meta = StorageVolumeRecord.meta_of(current)
-            meta.volume, meta.state, meta.renamed_from = new.host_name, CREATING, ref.host_name
-            record["_croft"] = meta.dump()
+            record = _renaming(current, new.name, volume=new.host_name, renamed_from=ref.host_name)
             await self._claim(new.key, record, "Volume by that name already exists")
             async with Reverter() as revert:
                 revert.add(lambda: self._delete_key(new.key))
@@ -334,12 +345,11 @@ class CustomVolumes:
             Delete(old.key),
         ]
         for entry in await self.store.list(f"{old.key}/"):
-            snap = entry.json()
-            meta = StorageVolumeRecord.meta_of(snap)
-            snap["name"] = f"{new.name}/{meta.snapshot}"
-            meta.volume = new.host_name
-            snap["_croft"] = meta.dump()
-            operations += [Delete(entry.key), Put(new.snapshot_key(meta.snapshot), dump(snap))]
+            snap = _moved_snapshot(entry.json(), new.name, new.host_name)
+            operations += [
+                Delete(entry.key),
+                Put(new.snapshot_key(snap.croft.snapshot), dump(snap.dump())),
+            ]
         await self.store.transaction(operations)
         return done
 
@@ -530,11 +540,9 @@ class CustomVolumes:
         async with self.core.locked(ref.pool, ref.lock):
             driver, vol, _ = await self._volume(ref)
             current = await self.record(ref, snapshot)
-            record = copy_record(current)
-            record["name"] = f"{ref.name}/{new_name}"
-            meta = StorageVolumeRecord.meta_of(current)
-            meta.snapshot, meta.state, meta.renamed_from = new_name, CREATING, snapshot
-            record["_croft"] = meta.dump()
+            record = _renaming(
+                current, f"{ref.name}/{new_name}", snapshot=new_name, renamed_from=snapshot
+            )
             await self._claim(new_key, record, f'Snapshot "{new_name}" already in use')
 
             async def undo() -> None:
@@ -585,12 +593,16 @@ class CustomVolumes:
                 log.warning("volume snapshot schedules failed, again in %s s: %s", TICK, exc)
             await asyncio.sleep(TICK)
 
-    async def _custom_records(self) -> list[dict[str, Any]]:
+    async def _custom_records(self) -> list[StorageVolumeRecord]:
+        """This member's complete custom volumes and snapshots."""
         found = []
         for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
-            record = entry.json()
-            meta = StorageVolumeRecord.meta_of(record)
-            if record.get("type") == CUSTOM and meta.member == self.member and not meta.state:
+            record = StorageVolumeRecord.model_validate(entry.json())
+            if (
+                record.type == CUSTOM
+                and record.croft.member == self.member
+                and not record.croft.state
+            ):
                 found.append(record)
         return found
 
@@ -599,61 +611,42 @@ class CustomVolumes:
         made = []
         records = await self._custom_records()
         for record in records:
-            config = record.get("config") or {}
+            config = record.config
             schedule = config.get("snapshots.schedule", "")
-            if "/" in record["name"] or not schedule:
+            if "/" in record.name or not schedule:
                 continue
             try:
                 if not CronSchedule.parse(schedule).matches(minute):
                     continue
-                meta = StorageVolumeRecord.meta_of(record)
-                ref = CustomRef.parse(meta.pool, record.get("project", ""), record["name"])
-                pattern = config.get("snapshots.pattern") or "snap%d"
+                ref = CustomRef.parse(record.croft.pool, record.project, record.name)
                 taken = {
-                    str(r["name"]).partition("/")[2]
+                    r.name.partition("/")[2]
                     for r in records
-                    if str(r["name"]).startswith(f"{ref.name}/")
-                    and StorageVolumeRecord.meta_of(r).pool == ref.pool
+                    if r.name.startswith(f"{ref.name}/") and r.croft.pool == ref.pool
                 }
-                name = pattern
-                if "%d" in pattern:
-                    n = 0
-                    while pattern.replace("%d", str(n)) in taken:
-                        n += 1
-                    name = pattern.replace("%d", str(n))
-                expiry = expires_at(minute, config.get("snapshots.expiry", ""))
-                when = expiry.strftime("%Y-%m-%dT%H:%M:%SZ") if expiry else ""
+                name = snapshot_name(config.get("snapshots.pattern", ""), taken)
+                when = expires_text(minute, config.get("snapshots.expiry", ""))
                 await self.create_snapshot(ref, name, "", when)
                 made.append(f"{ref.name}/{name}")
                 log.info("took scheduled snapshot %s/%s of pool %s", ref.name, name, ref.pool)
             except (CroftError, ValueError) as exc:
-                log.warning("scheduled snapshot of %s failed: %s", record["name"], exc)
+                log.warning("scheduled snapshot of %s failed: %s", record.name, exc)
         return made
 
     async def expire_snapshots(self, now: datetime) -> list[str]:
         """Delete this member's custom volume snapshots whose `expires_at` has passed."""
         gone = []
         for record in await self._custom_records():
-            when = record.get("expires_at") or ""
-            if "/" not in record["name"] or not when or when.startswith("0001-"):
+            if "/" not in record.name or not expired(record.expires_at, now):
                 continue
+            pool, (parent, _, snapshot) = record.croft.pool, record.name.partition("/")
             try:
-                due = datetime.fromisoformat(when.replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            if due.tzinfo is None:
-                due = due.replace(tzinfo=UTC)
-            if due > now:
-                continue
-            meta = StorageVolumeRecord.meta_of(record)
-            parent, _, snapshot = str(record["name"]).partition("/")
-            try:
-                ref = CustomRef.parse(meta.pool, record.get("project", ""), parent)
+                ref = CustomRef.parse(pool, record.project, parent)
                 await self.delete_snapshot(ref, snapshot)
-                gone.append(record["name"])
-                log.info("deleted expired snapshot %s of pool %s", record["name"], meta.pool)
+                gone.append(record.name)
+                log.info("deleted expired snapshot %s of pool %s", record.name, pool)
             except CroftError as exc:
-                log.warning("expired snapshot %s not deleted: %s", record["name"], exc)
+                log.warning("expired snapshot %s not deleted: %s", record.name, exc)
         return gone
 
     # ------------------------------------------------------------------ start
@@ -702,14 +695,10 @@ class CustomVolumes:
                     Delete(old_key),
                 ]
                 for snap_entry in await self.store.list(f"{old_key}/"):
-                    snap = snap_entry.json()
-                    snap_meta = StorageVolumeRecord.meta_of(snap)
-                    snap["name"] = f"{record['name']}/{snap_meta.snapshot}"
-                    snap_meta.volume = meta.volume
-                    snap["_croft"] = snap_meta.dump()
+                    snap = _moved_snapshot(snap_entry.json(), record["name"], meta.volume)
                     operations += [
                         Delete(snap_entry.key),
-                        Put(f"{key}/{snap_meta.snapshot}", dump(snap)),
+                        Put(f"{key}/{snap.croft.snapshot}", dump(snap.dump())),
                     ]
                 await self.store.transaction(operations)
             else:

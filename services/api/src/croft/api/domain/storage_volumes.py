@@ -5,7 +5,7 @@ and the member a volume's calls go to.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +20,6 @@ from croft.common.errors import InvalidArgument, NotFound
 from croft.common.models import InstanceRecord, ProfileRecord, StorageVolumeRecord
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.revert import Reverter
-from croft.common.schedule import expires_at
 
 VOLUMES = "storage-volumes"
 CUSTOM = "custom"
@@ -58,16 +57,6 @@ def check_expiry(value: str | None) -> str:
             f'Invalid expires_at "{value}": not an RFC 3339 time (e.g. 2030-01-31T12:00:00Z)'
         ) from None
     return value
-
-
-def default_expiry(record: StorageVolumeRecord) -> str:
-    """When a snapshot of the volume taken now expires, by its `snapshots.expiry`."""
-    expiry = record.config.get("snapshots.expiry", "")
-    try:
-        when = expires_at(datetime.now(UTC), expiry)
-    except ValueError:
-        return ""
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
 
 
 def host_name(project: str, name: str) -> str:
@@ -294,7 +283,6 @@ __all__ = [
     "check_type",
     "check_volume_name",
     "custom_used_by",
-    "default_expiry",
     "etag",
     "load",
     "member_for",

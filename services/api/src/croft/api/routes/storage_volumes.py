@@ -20,6 +20,7 @@ from croft.api import limits, query, responses
 from croft.api.context import context
 from croft.api.domain import projects
 from croft.api.domain import storage_volumes as volumes
+from croft.api.domain.snapshots import default_expiry
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.v1 import storage_pb2
@@ -386,7 +387,7 @@ async def snapshots_post(request: Request, pool: str, volume_type: str, name: st
         raise Conflict(f'Snapshot "{snapshot}" already in use')
     client = await volumes.storage_for(request, record)
     if req.expires_at is None:  # as LXD: the volume's snapshots.expiry, if it has one
-        expires_at = volumes.default_expiry(record)
+        expires_at = default_expiry(record.config)
     else:
         expires_at = volumes.check_expiry(req.expires_at)
     create = _request(request, pool, name, snapshot=snapshot, expires_at=expires_at)
