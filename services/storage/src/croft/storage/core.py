@@ -677,18 +677,18 @@ class StorageCore:
         async with self._locks.hold((POOLS, "")):
             record = await self.pool_record(name)
             volumes = [
-                e.json()
+                volume
                 for e in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT))
-                if e.json().get("_croft", {}).get("pool") == name
-                and e.json().get("_croft", {}).get("member") == self.member
+                if (volume := StorageVolumeRecord.model_validate(e.json())).croft.pool == name
+                and volume.croft.member == self.member
             ]
-            if any(v.get("type") != "image" for v in volumes):
+            if any(v.type != "image" for v in volumes):
                 raise InvalidArgument("The storage pool is currently in use")
             entry = _members(record).get(self.member)
             if entry is not None and entry["state"] == CREATED:
                 driver = self._drivers.get(name) or self._load(record)
                 for volume in volumes:
-                    fingerprint = volume["name"]
+                    fingerprint = volume.name
                     async with self.locked(name, IMAGE_LOCK + fingerprint):
                         with contextlib.suppress(NotFound):
                             vol = driver.volume(VolumeType.IMAGE, fingerprint)

@@ -182,7 +182,7 @@ def _record(
         used_by=[],
         project=ref.project,
         created_at=rfc3339_nano() if snapshot else ZERO_TIME,
-        croft=meta,
+        _croft=meta,  # by its alias: the name mypy knows
     )
     if snapshot:
         record.expires_at = expires_at or None
