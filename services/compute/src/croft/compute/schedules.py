@@ -6,39 +6,26 @@ A minute passed while compute was down is not made up for, as in LXD."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from croft.common.errors import CroftError
 from croft.common.instance_config import parse_bool
 from croft.common.models import InstanceRecord, SnapshotRecord
 from croft.common.records import RECORDS
-from croft.common.schedule import CronSchedule, expired, expires_text, snapshot_name
+from croft.common.schedule import CronSchedule, expired, expires_text, follow, snapshot_name
 from croft.compute.core import ComputeCore
 
 log = logging.getLogger(__name__)
 
-# How often schedules and expiries are looked at (a schedule's unit is the minute).
-TICK = 10.0
-
 
 async def follow_snapshot_schedules(core: ComputeCore) -> None:
     """Runs for the life of the service."""
-    last: datetime | None = None
-    while True:
-        now = datetime.now(UTC)
-        minute = now.replace(second=0, microsecond=0)
-        try:
-            if minute != last:
-                last = minute
-                await take_scheduled_snapshots(core, minute)
-            await expire_snapshots(core, now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 (the store went away: again next tick)
-            log.warning("instance snapshot schedules failed, again in %s s: %s", TICK, exc)
-        await asyncio.sleep(TICK)
+    await follow(
+        lambda minute: take_scheduled_snapshots(core, minute),
+        lambda now: expire_snapshots(core, now),
+        "instance",
+    )
 
 
 async def take_scheduled_snapshots(core: ComputeCore, minute: datetime) -> list[str]:

@@ -733,6 +733,59 @@ class StorageCore:
             croft.renamed_from = renamed_from
         return _volume_record(f"{ref.lxd_name}/{snapshot}", ref.type, ref.project, [], croft)
 
+    async def snapshot_claimed(
+        self,
+        driver: StorageDriver,
+        vol: Volume,
+        snapshot: str,
+        key: str,
+        record: dict[str, Any],
+        *,
+        in_use: str,
+        complete: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """Take the snapshot `snapshot` of `vol`, whose record is claimed at `key`, and
+        `complete` the record (an instance's or a custom volume's); the snapshot and the
+        claim are undone on failure. Conflict(`in_use`) when the disk has it already."""
+        async with Reverter() as revert:
+            revert.add(lambda: self._delete_key(key))
+            if snapshot in await driver.list_snapshots(vol):
+                raise Conflict(in_use)
+            revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
+            await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
+            done = await complete(key, record)
+            revert.success()
+        return done
+
+    async def rename_claimed_snapshot(
+        self,
+        driver: StorageDriver,
+        vol: Volume,
+        snapshot: str,
+        new_name: str,
+        record: dict[str, Any],
+        old_key: str,
+        new_key: str,
+    ) -> dict[str, Any]:
+        """Rename the snapshot on the disk, then move its record from `old_key` to the
+        claim `record` at `new_key` in one transaction; the disk's rename and the claim
+        are undone on failure."""
+
+        async def undo() -> None:
+            # Read off the disk: a cancellation may come once the rename is done.
+            snapshots = await driver.list_snapshots(vol)
+            if new_name in snapshots and snapshot not in snapshots:
+                await driver.rename_volume(vol.snapshot(new_name), snapshot)
+            await self._delete_key(new_key)
+
+        async with Reverter() as revert:
+            revert.add(undo)
+            await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
+            done = _completed(record)
+            await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
+            revert.success()
+        return done
+
     async def _claim(self, key: str, record: dict[str, Any], what: str) -> int:
         """Create the record (state "creating"); its revision."""
         try:
@@ -1111,14 +1164,10 @@ class StorageCore:
             key = ref.snapshot_key(snapshot)
             record = self._snapshot_record(ref, snapshot)
             await self._claim(key, record, f"snapshot {ref.name}/{snapshot}")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(key))
-                if snapshot in await driver.list_snapshots(vol):
-                    raise Conflict(f"snapshot {ref.name}/{snapshot} already exists")
-                revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
-                await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
-                done = await self._complete(key, record)
-                revert.success()
+            done = await self.snapshot_claimed(
+                driver, vol, snapshot, key, record,
+                in_use=f"snapshot {ref.name}/{snapshot} already exists", complete=self._complete,
+            )  # fmt: skip
         return VolumeResult("", done)
 
     async def delete_snapshot(self, ref: VolumeRef, snapshot: str) -> None:
@@ -1149,20 +1198,9 @@ class StorageCore:
                 raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
             record = self._snapshot_record(ref, new_name, renamed_from=snapshot)
             await self._claim(new_key, record, f"snapshot {ref.name}/{new_name}")
-
-            async def undo() -> None:
-                # Read off the disk: a cancellation may come once the rename is done.
-                snapshots = await driver.list_snapshots(vol)
-                if new_name in snapshots and snapshot not in snapshots:
-                    await driver.rename_volume(vol.snapshot(new_name), snapshot)
-                await self._delete_key(new_key)
-
-            async with Reverter() as revert:
-                revert.add(undo)
-                await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
-                done = _completed(record)
-                await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
-                revert.success()
+            done = await self.rename_claimed_snapshot(
+                driver, vol, snapshot, new_name, record, old_key, new_key
+            )
         return VolumeResult("", done)
 
     async def restore_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:

@@ -19,11 +19,10 @@ whose disk part was done. The api checks that a volume is unused before it delet
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from croft.common.blocking import uninterrupted
@@ -33,7 +32,14 @@ from croft.common.models import StorageVolumeRecord, VolumeMeta
 from croft.common.proc import run_async
 from croft.common.records import DEFAULT_PROJECT, modify, record_prefix
 from croft.common.revert import Reverter
-from croft.common.schedule import CronSchedule, expired, expires_text, parse_expiry, snapshot_name
+from croft.common.schedule import (
+    CronSchedule,
+    expired,
+    expires_text,
+    follow,
+    parse_expiry,
+    snapshot_name,
+)
 from croft.common.store import Create, Delete, Put, Update, dump
 from croft.storage.core import (
     CREATING,
@@ -75,8 +81,6 @@ _TRUE_FALSE = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off", ""
 # LXD's created_at of a volume or volume snapshot record (it keeps none in 5.0).
 ZERO_TIME = "0001-01-01T00:00:00Z"
 NOT_FOUND = "Storage pool volume not found"
-# How often schedules and expiries are looked at (a schedule's unit is the minute).
-TICK = 10.0
 
 
 @dataclass(frozen=True)
@@ -498,16 +502,11 @@ class CustomVolumes:
                 ref, self.member, current.get("content_type", "filesystem"), description,
                 current.get("config") or {}, snapshot=snapshot, expires_at=expires_at,
             )  # fmt: skip
-            await self._claim(key, record, f'Snapshot "{snapshot}" already in use')
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(key))
-                if snapshot in await driver.list_snapshots(vol):
-                    raise Conflict(f'Snapshot "{snapshot}" already in use')
-                revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
-                await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
-                done = await self._complete(key, record)
-                revert.success()
-        return done
+            in_use = f'Snapshot "{snapshot}" already in use'
+            await self._claim(key, record, in_use)
+            return await self.core.snapshot_claimed(
+                driver, vol, snapshot, key, record, in_use=in_use, complete=self._complete
+            )
 
     async def update_snapshot(
         self, ref: CustomRef, snapshot: str, description: str, expires_at: str
@@ -544,20 +543,9 @@ class CustomVolumes:
                 current, f"{ref.name}/{new_name}", snapshot=new_name, renamed_from=snapshot
             )
             await self._claim(new_key, record, f'Snapshot "{new_name}" already in use')
-
-            async def undo() -> None:
-                snapshots = await driver.list_snapshots(vol)
-                if new_name in snapshots and snapshot not in snapshots:
-                    await driver.rename_volume(vol.snapshot(new_name), snapshot)
-                await self._delete_key(new_key)
-
-            async with Reverter() as revert:
-                revert.add(undo)
-                await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
-                done = _completed(record)
-                await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
-                revert.success()
-        return done
+            return await self.core.rename_claimed_snapshot(
+                driver, vol, snapshot, new_name, record, old_key, new_key
+            )
 
     async def restore(self, ref: CustomRef, snapshot: str) -> dict[str, Any]:
         """Bring the volume back to its snapshot (LXD: `PUT` with `restore`)."""
@@ -576,22 +564,8 @@ class CustomVolumes:
         """Runs for the life of the service: at each minute that a volume's
         `snapshots.schedule` names, a snapshot of it (named by `snapshots.pattern`,
         expiring after `snapshots.expiry`); and every snapshot of this member whose
-        `expires_at` has passed is deleted. A minute passed while the service was down
-        is not made up for, as in LXD."""
-        last: datetime | None = None
-        while True:
-            now = datetime.now(UTC)
-            minute = now.replace(second=0, microsecond=0)
-            try:
-                if minute != last:
-                    last = minute
-                    await self.take_scheduled_snapshots(minute)
-                await self.expire_snapshots(now)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (the store went away: again next tick)
-                log.warning("volume snapshot schedules failed, again in %s s: %s", TICK, exc)
-            await asyncio.sleep(TICK)
+        `expires_at` has passed is deleted."""
+        await follow(self.take_scheduled_snapshots, self.expire_snapshots, "volume")
 
     async def _custom_records(self) -> list[StorageVolumeRecord]:
         """This member's complete custom volumes and snapshots."""
