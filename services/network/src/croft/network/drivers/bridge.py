@@ -13,7 +13,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import (
@@ -365,40 +365,8 @@ class _BridgeHost:
                 used4.append(other.ipv4.network)
             if other.ipv6 is not None:
                 used6.append(other.ipv6.network)
-        if resolved.get("ipv4.address") == "auto":
-            net4 = subnets.pick_ipv4_subnet(used4)
-            resolved["ipv4.address"] = f"{net4.network_address + 1}/{net4.prefixlen}"
-            if not resolved.get("ipv4.nat"):
-                resolved["ipv4.nat"] = "true"
-        elif resolved.get("ipv4.address", "none") not in ("none", ""):
-            iface4 = IPv4Interface(resolved["ipv4.address"])
-            # The network's own subnet (and its address's host route) is routed
-            # through its bridge: not a clash.
-            if own.get("ipv4.address") not in (None, "", "none"):
-                mine4 = IPv4Interface(own["ipv4.address"]).network
-                used4 = [n for n in used4 if not n.subnet_of(mine4)]
-            clash = subnets.overlapping(iface4.network, used4)
-            if clash is not None:
-                raise InvalidArgument(
-                    f'Invalid value for network "{name}" option "ipv4.address": subnet '
-                    f"{iface4.network} overlaps {clash}, already in use on this host"
-                )
-        if resolved.get("ipv6.address") == "auto":
-            net6 = subnets.pick_ipv6_subnet(used6)
-            resolved["ipv6.address"] = f"{net6.network_address + 1}/{net6.prefixlen}"
-            if not resolved.get("ipv6.nat"):
-                resolved["ipv6.nat"] = "true"
-        elif resolved.get("ipv6.address", "none") not in ("none", ""):
-            iface6 = IPv6Interface(resolved["ipv6.address"])
-            if own.get("ipv6.address") not in (None, "", "none"):
-                mine6 = IPv6Interface(own["ipv6.address"]).network
-                used6 = [n for n in used6 if not n.subnet_of(mine6)]
-            clash = subnets.overlapping(iface6.network, used6)
-            if clash is not None:
-                raise InvalidArgument(
-                    f'Invalid value for network "{name}" option "ipv6.address": subnet '
-                    f"{iface6.network} overlaps {clash}, already in use on this host"
-                )
+        _resolve_family(name, "ipv4", resolved, own, used4, subnets.pick_ipv4_subnet, IPv4Network)
+        _resolve_family(name, "ipv6", resolved, own, used6, subnets.pick_ipv6_subnet, IPv6Network)
 
     def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
         resolved = {k: v for k, v in config.items() if v != ""}
@@ -862,6 +830,41 @@ def _enable_forwarding(*, ipv4: bool, ipv6: bool) -> None:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     if ipv6:
         Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
+
+
+def _resolve_family(
+    name: str,
+    family: str,
+    resolved: dict[str, str],
+    own: Mapping[str, str],
+    used: list[_NetworkT],
+    pick: Callable[[list[_NetworkT]], _NetworkT],
+    kind: type[_NetworkT],
+) -> None:
+    """`<family>.address` of a network being made or changed: `auto` a free subnet (with
+    `<family>.nat` on, unless set), a given one refused when it overlaps one in `used`
+    (the host's routes and its other networks)."""
+    key = f"{family}.address"
+    if resolved.get(key) == "auto":
+        net = pick(used)
+        resolved[key] = f"{net.network_address + 1}/{net.prefixlen}"
+        if not resolved.get(f"{family}.nat"):
+            resolved[f"{family}.nat"] = "true"
+        return
+    if resolved.get(key, "none") in ("none", ""):
+        return
+    network = kind(resolved[key], strict=False)
+    # The network's own subnet (and its address's host route) is routed through its
+    # bridge: not a clash.
+    if own.get(key) not in (None, "", "none"):
+        mine = kind(own[key], strict=False)
+        used = [n for n in used if not n.subnet_of(mine)]
+    clash = subnets.overlapping(network, used)
+    if clash is not None:
+        raise InvalidArgument(
+            f'Invalid value for network "{name}" option "{key}": subnet '
+            f"{network} overlaps {clash}, already in use on this host"
+        )
 
 
 class BridgeDriver(NetworkDriver):
