@@ -521,10 +521,7 @@ class StorageCore:
             else:
                 await self._delete_key(key)
             return
-        if await driver.has_volume(vol):
-            await driver.delete_volume(vol)
-        await self.store.delete_prefix(f"{key}/")
-        await self._delete_key(key)
+        await self.remove_half_made(driver, vol, key)
         log.warning("removed instance volume %s, left half-created", ref.name)
 
     # ------------------------------------------------------------------ pools
@@ -732,6 +729,13 @@ class StorageCore:
         if renamed_from:
             croft.renamed_from = renamed_from
         return _volume_record(f"{ref.lxd_name}/{snapshot}", ref.type, ref.project, [], croft)
+
+    async def remove_half_made(self, driver: StorageDriver, vol: Volume, key: str) -> None:
+        """A volume a killed create left: its disk, its snapshots' records, its record."""
+        if await driver.has_volume(vol):
+            await driver.delete_volume(vol)
+        await self.store.delete_prefix(f"{key}/")
+        await self._delete_key(key)
 
     async def snapshot_claimed(
         self,

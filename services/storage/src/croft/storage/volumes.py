@@ -330,7 +330,7 @@ class CustomVolumes:
                 revert.add(lambda: self._delete_key(new.key))
                 revert.add(lambda: self._rename_back(driver, vol, new.host_name))
                 await uninterrupted(driver.rename_volume(vol, new.host_name))
-                done = await self._finish_rename(ref, new, record)
+                done = await self._finish_rename(ref.key, new.key, record)
                 revert.success()
         return done
 
@@ -341,18 +341,21 @@ class CustomVolumes:
             await driver.rename_volume(renamed, vol.name)
 
     async def _finish_rename(
-        self, old: CustomRef, new: CustomRef, record: dict[str, Any]
+        self, old_key: str, new_key: str, record: dict[str, Any]
     ) -> dict[str, Any]:
+        """Complete the claim `record` at `new_key`, and move the record at `old_key` and
+        its snapshots' to it, in one transaction."""
         done = _completed(record)
+        volume = StorageVolumeRecord.meta_of(record).volume
         operations: list[Create | Update | Put | Delete] = [
-            Put(new.key, dump(done)),
-            Delete(old.key),
+            Put(new_key, dump(done)),
+            Delete(old_key),
         ]
-        for entry in await self.store.list(f"{old.key}/"):
-            snap = _moved_snapshot(entry.json(), new.name, new.host_name)
+        for entry in await self.store.list(f"{old_key}/"):
+            snap = _moved_snapshot(entry.json(), record["name"], volume)
             operations += [
                 Delete(entry.key),
-                Put(new.snapshot_key(snap.croft.snapshot), dump(snap.dump())),
+                Put(f"{new_key}/{snap.croft.snapshot}", dump(snap.dump())),
             ]
         await self.store.transaction(operations)
         return done
@@ -662,26 +665,12 @@ class CustomVolumes:
             await self._delete_key(key)
             return
         if old:
-            old_key = volume_key(meta.pool, CUSTOM, old)
             if await driver.has_volume(vol) and not await driver.has_volume(vol.renamed(old)):
-                operations: list[Create | Update | Put | Delete] = [
-                    Put(key, dump(_completed(record))),
-                    Delete(old_key),
-                ]
-                for snap_entry in await self.store.list(f"{old_key}/"):
-                    snap = _moved_snapshot(snap_entry.json(), record["name"], meta.volume)
-                    operations += [
-                        Delete(snap_entry.key),
-                        Put(f"{key}/{snap.croft.snapshot}", dump(snap.dump())),
-                    ]
-                await self.store.transaction(operations)
+                await self._finish_rename(volume_key(meta.pool, CUSTOM, old), key, record)
             else:
                 await self._delete_key(key)
             return
-        if await driver.has_volume(vol):
-            await driver.delete_volume(vol)
-        await self.store.delete_prefix(f"{key}/")
-        await self._delete_key(key)
+        await self.core.remove_half_made(driver, vol, key)
         log.warning("removed custom volume %s, left half-created", meta.volume)
 
 
