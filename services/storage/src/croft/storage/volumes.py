@@ -48,6 +48,7 @@ from croft.storage.core import (
     VolumeRef,
     VolumeResult,
     _completed,
+    moved_snapshot,
     volume_key,
 )
 from croft.storage.drivers import (
@@ -191,13 +192,6 @@ def _record(
     if snapshot:
         record.expires_at = expires_at or None
     return record.dump()
-
-
-def _moved_snapshot(raw: dict[str, Any], volume_name: str, host_name: str) -> StorageVolumeRecord:
-    """A snapshot's record under its volume's new name (`volume_name`, `host_name`)."""
-    snap = StorageVolumeRecord.model_validate(raw)
-    meta = snap.croft.model_copy(update={"volume": host_name})
-    return snap.model_copy(update={"name": f"{volume_name}/{meta.snapshot}", "croft": meta})
 
 
 def _renaming(current: dict[str, Any], name: str, **meta: str) -> dict[str, Any]:
@@ -352,7 +346,7 @@ class CustomVolumes:
             Delete(old_key),
         ]
         for entry in await self.store.list(f"{old_key}/"):
-            snap = _moved_snapshot(entry.json(), record["name"], volume)
+            snap = moved_snapshot(entry.json(), record["name"], volume)
             operations += [
                 Delete(entry.key),
                 Put(f"{new_key}/{snap.croft.snapshot}", dump(snap.dump())),
