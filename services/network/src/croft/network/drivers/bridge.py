@@ -134,18 +134,7 @@ class BridgeConfig:
         ipv4 = None
         if v4_text not in ("auto", "none", ""):
             ipv4 = subnets.parse_ipv4_interface("ipv4.address", v4_text)
-        ranges: list[tuple[IPv4Address, IPv4Address]] = []
-        for part in filter(None, (p.strip() for p in get("ipv4.dhcp.ranges", "").split(","))):
-            start_text, sep, end_text = part.partition("-")
-            try:
-                start, end = IPv4Address(start_text.strip()), IPv4Address(end_text.strip())
-            except ValueError:
-                raise _invalid("ipv4.dhcp.ranges", part, "expected START-END IPv4 ranges") from None
-            if not sep or start > end:
-                raise _invalid("ipv4.dhcp.ranges", part, "expected START-END with START <= END")
-            if ipv4 is not None and not (start in ipv4.network and end in ipv4.network):
-                raise _invalid("ipv4.dhcp.ranges", part, f"outside the subnet {ipv4.network}")
-            ranges.append((start, end))
+        ranges = _dhcp_ranges(config, "ipv4.dhcp.ranges", IPv4Address, ipv4)
         nat_address = _optional_ip(config, "ipv4.nat.address", IPv4Address)
         dhcp_gateway = _optional_ip(config, "ipv4.dhcp.gateway", IPv4Address)
 
@@ -154,18 +143,7 @@ class BridgeConfig:
         if v6_text not in ("auto", "none", ""):
             ipv6 = subnets.parse_ipv6_interface("ipv6.address", v6_text)
         nat6_address = _optional_ip(config, "ipv6.nat.address", IPv6Address)
-        ranges6: list[tuple[IPv6Address, IPv6Address]] = []
-        for part in filter(None, (p.strip() for p in get("ipv6.dhcp.ranges", "").split(","))):
-            start_text, sep, end_text = part.partition("-")
-            try:
-                start6, end6 = IPv6Address(start_text.strip()), IPv6Address(end_text.strip())
-            except ValueError:
-                raise _invalid("ipv6.dhcp.ranges", part, "expected START-END IPv6 ranges") from None
-            if not sep or start6 > end6:
-                raise _invalid("ipv6.dhcp.ranges", part, "expected START-END with START <= END")
-            if ipv6 is not None and not (start6 in ipv6.network and end6 in ipv6.network):
-                raise _invalid("ipv6.dhcp.ranges", part, f"outside the subnet {ipv6.network}")
-            ranges6.append((start6, end6))
+        ranges6 = _dhcp_ranges(config, "ipv6.dhcp.ranges", IPv6Address, ipv6)
         routes4 = [_route(IPv4Network, r) for r in get("ipv4.routes", "").split(",") if r.strip()]
         routes6 = [_route(IPv6Network, r) for r in get("ipv6.routes", "").split(",") if r.strip()]
         mtu = int(mtu_text)
@@ -258,6 +236,29 @@ def _optional_ip(config: Mapping[str, str], key: str, kind: type[_AddressT]) -> 
         return kind(value)
     except ValueError:
         raise _invalid(key, value, f"expected an {kind.__name__[:4]} address") from None
+
+
+def _dhcp_ranges(
+    config: Mapping[str, str],
+    key: str,
+    kind: type[_AddressT],
+    interface: IPv4Interface | IPv6Interface | None,
+) -> list[tuple[_AddressT, _AddressT]]:
+    """`ipv4.dhcp.ranges` or `ipv6.dhcp.ranges`: START-END pairs, inside the network's
+    subnet when it has one."""
+    ranges = []
+    for part in filter(None, (p.strip() for p in config.get(key, "").split(","))):
+        start_text, sep, end_text = part.partition("-")
+        try:
+            start, end = kind(start_text.strip()), kind(end_text.strip())
+        except ValueError:
+            raise _invalid(key, part, f"expected START-END {kind.__name__[:4]} ranges") from None
+        if not sep or start > end:
+            raise _invalid(key, part, "expected START-END with START <= END")
+        if interface is not None and not (start in interface.network and end in interface.network):
+            raise _invalid(key, part, f"outside the subnet {interface.network}")
+        ranges.append((start, end))
+    return ranges
 
 
 def bridge_hwaddr(name: str) -> str:
