@@ -411,16 +411,30 @@ def test_networks_and_volumes_are_held_to_the_project(croft_lxc: LXC) -> None:
             lxc("project", "delete", name, check=False)
 
 
-def test_a_project_without_its_own_volumes_uses_defaults(croft_lxc: LXC) -> None:
-    """`features.storage.volumes=false`: the project's custom volumes are default's."""
+def test_a_project_without_its_own_volumes_uses_defaults(
+    croft_lxc: LXC, busybox_image: Path
+) -> None:
+    """`features.storage.volumes=false`: the project's custom volumes are default's, and
+    its instances attach them."""
     _, lxc, _ = croft_lxc
-    lxc("project", "create", "pshv", "-c", "features.storage.volumes=false")
+    if "busybox" not in [a["name"] for a in lxc.json("image", "alias", "list")]:
+        lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    p = ("--project", "pshv")
+    lxc("project", "create", "pshv", "-c", "features.storage.volumes=false",
+        "-c", "features.images=false", "-c", "features.profiles=false")  # fmt: skip
     try:
-        lxc("storage", "volume", "create", "default", "shv", "--project", "pshv")
+        lxc("storage", "volume", "create", "default", "shv", *p)
         assert "shv" in names(lxc, "storage", "volume", "list", "default", "type=custom")
-        lxc("storage", "volume", "show", "default", "shv")
-        lxc("storage", "volume", "delete", "default", "shv", "--project", "pshv")
+        lxc("init", "busybox", "shc", *p)
+        lxc("storage", "volume", "attach", "default", "shv", "shc", "/mnt", *p)
+        lxc("start", "shc", *p)
+        lxc("exec", "shc", *p, "--", "touch", "/mnt/seen")
+        shown = yaml.safe_load(lxc("storage", "volume", "show", "default", "shv").stdout)
+        assert shown["used_by"] == ["/1.0/instances/shc?project=pshv"]
+        lxc("delete", "--force", "shc", *p)
+        lxc("storage", "volume", "delete", "default", "shv", *p)
         assert "shv" not in names(lxc, "storage", "volume", "list", "default", "type=custom")
     finally:
+        lxc("delete", "--force", "shc", *p, check=False)
         lxc("storage", "volume", "delete", "default", "shv", check=False)
         lxc("project", "delete", "pshv", check=False)

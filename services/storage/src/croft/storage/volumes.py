@@ -30,6 +30,7 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.models import StorageVolumeRecord, VolumeMeta
 from croft.common.proc import run_async
+from croft.common.projects import owning_project
 from croft.common.records import DEFAULT_PROJECT, modify, record_prefix
 from croft.common.revert import Reverter
 from croft.common.schedule import (
@@ -473,7 +474,12 @@ class CustomVolumes:
         return {"usage": {"used": used, "total": parse_size(size) if size else 0}}
 
     async def mount(self, ref: CustomRef) -> VolumeResult:
-        """Where the volume is on this host, for compute to bind it into an instance."""
+        """Where the volume is on this host, for compute to bind it into an instance of
+        `ref.project` (whose volumes are default's when its `features.storage.volumes`
+        is off, as the api keeps them)."""
+        owner = await owning_project(self.store, ref.project, VOLUMES)
+        if owner != ref.project:
+            ref = CustomRef.parse(ref.pool, owner, ref.name)
         async with self.core.locked(ref.pool, ref.lock):
             driver, vol, record = await self._volume(ref)
             mounted = await driver.mount_volume(vol)

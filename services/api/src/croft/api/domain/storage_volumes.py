@@ -114,10 +114,12 @@ def _disk_uses(devices: dict[str, Any], pool: str, name: str) -> bool:
 async def _instance_users(
     request: Request, pool: str, project: str, name: str
 ) -> list[tuple[InstanceRecord, int]]:
-    """The project's instances (and their records' revisions) that have the custom
-    volume attached: a disk device names it, through a profile or their own devices."""
+    """The instances (and their records' revisions) that have the custom volume of
+    `project` attached (a disk device names it, through a profile or their own
+    devices): the project's own and those of the projects that share its volumes."""
     found = []
-    for entry in await context(request).store.list(records.record_prefix("instances", project)):
+    store = context(request).store
+    for _, entry in await projects.instance_entries(store, project, VOLUMES):
         instance = InstanceRecord.model_validate(entry.json())
         if _disk_uses(instance.expanded_devices, pool, name):
             found.append((instance, entry.revision))
@@ -128,7 +130,7 @@ async def custom_used_by(request: Request, pool: str, project: str, name: str) -
     """The instances and profiles that use a custom volume, as LXD's `used_by` lists
     them."""
     used = [
-        records.url("instances", instance.name, project)
+        records.url("instances", instance.name, instance.project)
         for instance, _ in await _instance_users(request, pool, project, name)
     ]
     for entry in await context(request).store.list(records.record_prefix("profiles", project)):
