@@ -366,3 +366,75 @@ def test_a_restricted_client_keeps_to_its_project(
         assert "limits.instances" not in project(lxc, "pa")["config"]
     finally:
         lxc("config", "unset", "core.https_address")
+
+
+def test_networks_and_volumes_are_held_to_the_project(croft_lxc: LXC) -> None:
+    """`restricted.networks.access`, `limits.networks` and `limits.disk` refuse a network
+    or a custom volume in LXD 5.0.2's words (measured against it), and nothing is made."""
+    _, lxc, _ = croft_lxc
+    lxc("project", "create", "pnet", "-c", "features.networks=true", "-c", "limits.networks=0")
+    lxc("project", "create", "prnet", "-c", "restricted=true",
+        "-c", "restricted.networks.access=none")  # fmt: skip
+    lxc("project", "create", "pvol", "-c", "limits.disk=10MiB")
+    p = ("--project", "pvol")
+    try:
+        assert refused(lxc, "network", "create", "pn0", "--project", "pnet") == (
+            "Networks limit has been reached for project"
+        )
+        assert refused(lxc, "network", "create", "pn1", "--project", "prnet") == (
+            "Network not allowed in project"
+        )
+        assert not {"pn0", "pn1"} & set(names(lxc, "network", "list"))
+
+        assert refused(lxc, "storage", "volume", "create", "default", "v", *p) == (
+            "Failed checking if volume creation allowed: Failed getting usage of project "
+            'entities: Custom volume "v" in project "pvol" has no "size" config set'
+        )
+        assert refused(lxc, "storage", "volume", "create", "default", "v", "size=20MiB", *p) == (
+            'Failed checking if volume creation allowed: Reached maximum aggregate value "10MiB" '
+            'for "limits.disk" in project "pvol"'
+        )
+        assert names(lxc, "storage", "volume", "list", "default", "type=custom", *p) == []
+        lxc("storage", "volume", "create", "default", "v", "size=5MiB", *p)
+        assert refused(lxc, "storage", "volume", "set", "default", "v", "size=50MiB", *p) == (
+            'Failed checking if volume update allowed: Reached maximum aggregate value "10MiB" '
+            'for "limits.disk" in project "pvol"'
+        )
+        assert lxc("storage", "volume", "get", "default", "v", "size", *p).stdout.strip() == "5MiB"
+        assert (
+            "/1.0/storage-pools/default/volumes/custom/v?project=pvol"
+            in (project(lxc, "pvol")["used_by"])
+        )
+        lxc("storage", "volume", "delete", "default", "v", *p)
+    finally:
+        for name in ("pnet", "prnet", "pvol"):
+            lxc("project", "delete", name, check=False)
+
+
+def test_a_project_without_its_own_volumes_uses_defaults(
+    croft_lxc: LXC, busybox_image: Path
+) -> None:
+    """`features.storage.volumes=false`: the project's custom volumes are default's, and
+    its instances attach them."""
+    _, lxc, _ = croft_lxc
+    if "busybox" not in [a["name"] for a in lxc.json("image", "alias", "list")]:
+        lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    p = ("--project", "pshv")
+    lxc("project", "create", "pshv", "-c", "features.storage.volumes=false",
+        "-c", "features.images=false", "-c", "features.profiles=false")  # fmt: skip
+    try:
+        lxc("storage", "volume", "create", "default", "shv", *p)
+        assert "shv" in names(lxc, "storage", "volume", "list", "default", "type=custom")
+        lxc("init", "busybox", "shc", *p)
+        lxc("storage", "volume", "attach", "default", "shv", "shc", "/mnt", *p)
+        lxc("start", "shc", *p)
+        lxc("exec", "shc", *p, "--", "touch", "/mnt/seen")
+        shown = yaml.safe_load(lxc("storage", "volume", "show", "default", "shv").stdout)
+        assert shown["used_by"] == ["/1.0/instances/shc?project=pshv"]
+        lxc("delete", "--force", "shc", *p)
+        lxc("storage", "volume", "delete", "default", "shv", *p)
+        assert "shv" not in names(lxc, "storage", "volume", "list", "default", "type=custom")
+    finally:
+        lxc("delete", "--force", "shc", *p, check=False)
+        lxc("storage", "volume", "delete", "default", "shv", check=False)
+        lxc("project", "delete", "pshv", check=False)

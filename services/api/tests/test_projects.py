@@ -220,8 +220,10 @@ def test_the_checks_for_networks_and_volumes(replica: Replica, clean_store: Any)
         clean_store.endpoints,
         {
             record_key("networks", "pn", "n1"): {"name": "n1"},
-            record_key("storage-volumes", "pn", "default/custom/v1"): {
-                "name": "v1", "config": {"size": "600MiB"},
+            # As the storage service keeps it: under default, named by the project.
+            record_key("storage-volumes", "default", "default/custom/pn_v1"): {
+                "name": "v1", "type": "custom", "project": "pn", "config": {"size": "600MiB"},
+                "_croft": {"pool": "default", "volume": "pn_v1"},
             },
         },
     )  # fmt: skip
@@ -249,6 +251,12 @@ def test_the_checks_for_networks_and_volumes(replica: Replica, clean_store: Any)
         'Custom volume "v2" in project "pn" has no "size" config set'
     )
     assert replica.run(refusal(projects.check_volume(store, "pn", "v2", {"size": "100MiB"}))) == ""
+    assert replica.run(
+        refusal(projects.check_volume(store, "pn", "v1", {"size": "2GiB"}, "update"))
+    ) == (
+        'Failed checking if volume update allowed: Reached maximum aggregate value "1GiB" '
+        'for "limits.disk" in project "pn"'
+    )
     state = replica.request("GET", "/1.0/projects/pn/state").metadata["resources"]
     assert state["networks"] == {"Limit": 1, "Usage": 1}
     assert state["disk"] == {"Limit": 1024**3, "Usage": 600 * 1024**2}

@@ -9,10 +9,15 @@ each, `M` minutes, `H` hours, `d` days, `w` weeks, `m` months, `y` years (`1w 2d
 
 from __future__ import annotations
 
+import asyncio
 import calendar
+import logging
 import re
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+log = logging.getLogger(__name__)
 
 ALIASES = {
     "@hourly": "0 * * * *",
@@ -130,4 +135,73 @@ def expires_at(created: datetime, expiry: str) -> datetime | None:
     return created.replace(year=year, month=month, day=day) + rest
 
 
-__all__ = ["ALIASES", "CronSchedule", "expires_at", "parse_expiry"]
+def expires_text(created: datetime, expiry: str) -> str:
+    """`expires_at` as a record keeps it (RFC 3339, UTC; "": never); ValueError for an
+    expiry LXD would refuse."""
+    when = expires_at(created, expiry)
+    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
+
+
+def expired(when: str | None, now: datetime) -> bool:
+    """Whether a record's `expires_at` (None, "" or LXD's zero time: never) has passed
+    at `now` (aware); a time that does not parse never expires."""
+    if not when or when.startswith("0001-"):
+        return False
+    try:
+        due = datetime.fromisoformat(when.replace("Z", "+00:00"))
+    except ValueError:
+        return False
+    return (due if due.tzinfo else due.replace(tzinfo=UTC)) <= now
+
+
+#: How often `follow` looks at schedules and expiries (a schedule's unit is the minute).
+TICK = 10.0
+
+
+async def follow(
+    take: Callable[[datetime], Awaitable[object]],
+    expire: Callable[[datetime], Awaitable[object]],
+    what: str,
+) -> None:
+    """Runs for the life of a service: `take(minute)` once in each minute (the
+    snapshots its schedules name), `expire(now)` at each tick. A minute passed while
+    the service was down is not made up for, as in LXD; a failed round (the store went
+    away) is logged and tried again at the next tick."""
+    last: datetime | None = None
+    while True:
+        now = datetime.now(UTC)
+        minute = now.replace(second=0, microsecond=0)
+        try:
+            if minute != last:
+                last = minute
+                await take(minute)
+            await expire(now)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (again next tick)
+            log.warning("%s snapshot schedules failed, again in %s s: %s", what, TICK, exc)
+        await asyncio.sleep(TICK)
+
+
+def snapshot_name(pattern: str, taken: Collection[str]) -> str:
+    """A scheduled snapshot's name by `snapshots.pattern` (default `snap%d`), as LXD
+    names it: `%d` is the lowest number that no snapshot in `taken` has."""
+    pattern = pattern or "snap%d"
+    if "%d" not in pattern:
+        return pattern
+    n = 0
+    while pattern.replace("%d", str(n)) in taken:
+        n += 1
+    return pattern.replace("%d", str(n))
+
+
+__all__ = [
+    "ALIASES",
+    "CronSchedule",
+    "expired",
+    "expires_at",
+    "expires_text",
+    "follow",
+    "parse_expiry",
+    "snapshot_name",
+]

@@ -14,7 +14,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +53,20 @@ class ServiceContext:
             )
             self._clients[key] = await client.start()
         return self._clients[key]
+
+    def background(self, *work: tuple[str, Coroutine[Any, Any, None]]) -> None:
+        """Run each (name, coroutine) as a task for the life of the service: cancelled,
+        and waited for, when it stops."""
+        tasks = [asyncio.create_task(coro, name=name) for name, coro in work]
+
+        async def stop() -> None:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+        self.shutdown_hooks.append(stop)
 
 
 Setup = Callable[[ServiceContext], Awaitable[None]]

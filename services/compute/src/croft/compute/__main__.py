@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
@@ -42,24 +41,12 @@ async def setup(context: ServiceContext) -> None:
                 await asyncio.sleep(1)
         await core.monitor()
 
-    # The host daemons a driver needs (libvirt's for VMs), kept up while the service runs.
-    tasks = [
-        asyncio.create_task(driver.host_services(), name=f"compute-{driver.name}-host")
-        for driver in drivers.values()
-    ]
-    tasks += [
-        asyncio.create_task(start_background(), name="compute-reconcile"),
-        asyncio.create_task(follow_snapshot_schedules(core), name="compute-snapshot-schedules"),
-    ]
-
-    async def stop() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    context.shutdown_hooks.append(stop)
+    # The host daemons a driver needs (libvirt's for VMs) are kept up while the service runs.
+    context.background(
+        *((f"compute-{driver.name}-host", driver.host_services()) for driver in drivers.values()),
+        ("compute-reconcile", start_background()),
+        ("compute-snapshot-schedules", follow_snapshot_schedules(core)),
+    )
 
 
 def main() -> None:

@@ -6,69 +6,49 @@ A minute passed while compute was down is not made up for, as in LXD."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from datetime import UTC, datetime
+from datetime import datetime
 
 from croft.common.errors import CroftError
 from croft.common.instance_config import parse_bool
-from croft.common.models import InstanceRecord
+from croft.common.models import InstanceRecord, SnapshotRecord
 from croft.common.records import RECORDS
-from croft.common.schedule import CronSchedule, expires_at
+from croft.common.schedule import CronSchedule, expired, expires_text, follow, snapshot_name
 from croft.compute.core import ComputeCore
 
 log = logging.getLogger(__name__)
 
-# How often schedules and expiries are looked at (a schedule's unit is the minute).
-TICK = 10.0
-ZERO_TIME = "0001-01-01T00:00:00Z"
-
 
 async def follow_snapshot_schedules(core: ComputeCore) -> None:
     """Runs for the life of the service."""
-    last: datetime | None = None
-    while True:
-        now = datetime.now(UTC)
-        minute = now.replace(second=0, microsecond=0)
-        try:
-            if minute != last:
-                last = minute
-                await take_scheduled_snapshots(core, minute)
-            await expire_snapshots(core, now)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 (the store went away: again next tick)
-            log.warning("instance snapshot schedules failed, again in %s s: %s", TICK, exc)
-        await asyncio.sleep(TICK)
+    await follow(
+        lambda minute: take_scheduled_snapshots(core, minute),
+        lambda now: expire_snapshots(core, now),
+        "instance",
+    )
 
 
 async def take_scheduled_snapshots(core: ComputeCore, minute: datetime) -> list[str]:
     """Snapshot this member's instances whose schedule names `minute`."""
     made = []
     for entry in await core.store.list(f"{RECORDS}instances/"):
-        record = entry.json()
-        config = record.get("expanded_config") or {}
-        schedule = config.get("snapshots.schedule", "")
-        if not schedule or InstanceRecord.meta_of(record).member != core.member:
+        raw = entry.json()
+        # Only `_croft` is read of every instance, the whole record of a scheduled one.
+        schedule = (raw.get("expanded_config") or {}).get("snapshots.schedule", "")
+        if not schedule or InstanceRecord.meta_of(raw).member != core.member:
             continue
-        project, name = record.get("project") or "default", record["name"]
+        record = InstanceRecord.model_validate(raw)
+        config, project, name = record.expanded_config, record.project, record.name
         try:
             if not CronSchedule.parse(schedule).matches(minute):
                 continue
             stopped_too = parse_bool(config.get("snapshots.schedule.stopped") or "false")
-            if record.get("status") != "Running" and not stopped_too:
+            if record.status != "Running" and not stopped_too:
                 continue
-            pattern = config.get("snapshots.pattern") or "snap%d"
-            prefix = f"{RECORDS}instance-snapshots/{project}/{name}/"
+            prefix = SnapshotRecord.store_key(project, name, "")
             taken = {e.key[len(prefix) :] for e in await core.store.list(prefix)}
-            snapshot = pattern
-            if "%d" in pattern:
-                n = 0
-                while pattern.replace("%d", str(n)) in taken:
-                    n += 1
-                snapshot = pattern.replace("%d", str(n))
-            expiry = expires_at(minute, config.get("snapshots.expiry", ""))
-            when = expiry.strftime("%Y-%m-%dT%H:%M:%SZ") if expiry else ""
+            snapshot = snapshot_name(config.get("snapshots.pattern", ""), taken)
+            when = expires_text(minute, config.get("snapshots.expiry", ""))
             await core.create_snapshot(project, name, snapshot, when)
             made.append(f"{name}/{snapshot}")
             log.info("took scheduled snapshot %s/%s", name, snapshot)
@@ -82,15 +62,8 @@ async def expire_snapshots(core: ComputeCore, now: datetime) -> list[str]:
     gone = []
     prefix = f"{RECORDS}instance-snapshots/"
     for entry in await core.store.list(prefix):
-        snap = entry.json()
-        when = snap.get("expires_at") or ZERO_TIME
-        if when.startswith("0001-") or (snap.get("_croft") or {}).get("member") != core.member:
-            continue
-        try:
-            due = datetime.fromisoformat(when.replace("Z", "+00:00"))
-        except ValueError:
-            continue
-        if (due if due.tzinfo else due.replace(tzinfo=UTC)) > now:
+        snap = SnapshotRecord.model_validate(entry.json())
+        if snap.croft.member != core.member or not expired(snap.expires_at, now):
             continue
         project, _, rest = entry.key[len(prefix) :].partition("/")
         name, _, snapshot = rest.partition("/")

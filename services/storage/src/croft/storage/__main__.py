@@ -1,8 +1,5 @@
 """`python -m croft.storage`: the storage service."""
 
-import asyncio
-import contextlib
-
 from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
 from croft.storage.core import StorageCore
@@ -20,19 +17,10 @@ async def setup(context: ServiceContext) -> None:
     storage_pb2_grpc.add_StorageServicer_to_server(
         StorageServicer(core, custom), context.server.grpc
     )
-    tasks = [
-        asyncio.create_task(core.follow_image_deletions(), name="storage-image-deletions"),
-        asyncio.create_task(custom.follow_schedules(), name="storage-volume-schedules"),
-    ]
-
-    async def stop() -> None:
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-
-    context.shutdown_hooks.append(stop)
+    context.background(
+        ("storage-image-deletions", core.follow_image_deletions()),
+        ("storage-volume-schedules", custom.follow_schedules()),
+    )
 
 
 def main() -> None:

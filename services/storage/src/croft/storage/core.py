@@ -47,11 +47,16 @@ from croft.common.blocking import in_thread, uninterrupted
 from croft.common.clients import ImagesClient
 from croft.common.errors import Conflict, CroftError, Internal, InvalidArgument, NotFound
 from croft.common.locks import KeyedLock
-from croft.common.models import StoragePoolRecord, StorageVolumeRecord, VolumeMeta
+from croft.common.models import (
+    PoolMember,
+    PoolMeta,
+    StoragePoolRecord,
+    StorageVolumeRecord,
+    VolumeMeta,
+)
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
-    copy_record,
     modify,
     modify_entry,
     record_key,
@@ -194,17 +199,17 @@ class DriverInfo:
 def _volume_record(
     name: str, type: str, project: str, used_by: list[str], croft: VolumeMeta
 ) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": type,
-        "config": {},
-        "description": "",
-        "content_type": INSTANCE_CONTENT.get(VolumeType(type), ContentType.FILESYSTEM).value,
-        "location": croft.member,
-        "used_by": used_by,
-        "project": project,
-        "_croft": croft.dump(),
-    }
+    return StorageVolumeRecord(
+        name=name,
+        type=type,
+        config={},
+        description="",
+        content_type=INSTANCE_CONTENT.get(VolumeType(type), ContentType.FILESYSTEM).value,
+        location=croft.member,
+        used_by=used_by,
+        project=project,
+        _croft=croft,
+    ).dump()
 
 
 def _checked_size(size: str) -> str:
@@ -215,47 +220,67 @@ def _checked_size(size: str) -> str:
 
 
 def _completed(record: dict[str, Any]) -> dict[str, Any]:
-    done = copy_record(record)
-    meta = StorageVolumeRecord.meta_of(record)
-    done["_croft"] = meta.dump(exclude={"state", "renamed_from"})
-    return done
+    """The claim `record` done: no `state` or `renamed_from` in its `_croft`."""
+    volume = StorageVolumeRecord.model_validate(record)
+    croft = VolumeMeta.model_validate(volume.croft.dump(exclude={"state", "renamed_from"}))
+    return volume.model_copy(update={"croft": croft}).dump()
 
 
-def _members(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    members: dict[str, dict[str, Any]] = record.get("_croft", {}).get("members", {})
-    return members
+def moved_snapshot(raw: dict[str, Any], volume_name: str, host_name: str) -> StorageVolumeRecord:
+    """A snapshot's record under its volume's new name (`volume_name` as clients see it,
+    `host_name` in the pool)."""
+    snap = StorageVolumeRecord.model_validate(raw)
+    meta = snap.croft.model_copy(update={"volume": host_name})
+    return snap.model_copy(update={"name": f"{volume_name}/{meta.snapshot}", "croft": meta})
 
 
-def _summarize(record: dict[str, Any]) -> dict[str, Any]:
+def _summarize(record: StoragePoolRecord) -> StoragePoolRecord:
     """`status` and `locations` from the members' states, as LXD derives them."""
-    members = _members(record)
-    states = [entry["state"] for entry in members.values()]
+    members = record.croft.members
+    states = [entry.state for entry in members.values()]
     if states and all(state == CREATED for state in states):
-        record["status"] = "Created"
+        record.status = "Created"
     elif ERRORED in states:
-        record["status"] = "Errored"
+        record.status = "Errored"
     else:
-        record["status"] = "Pending"
-    record["locations"] = sorted(m for m, e in members.items() if e["state"] == CREATED)
+        record.status = "Pending"
+    record.locations = sorted(m for m, e in members.items() if e.state == CREATED)
+    # Assigned, so that the stored shape keeps them however they were changed.
+    record.croft.members = members
+    record.croft = record.croft
     return record
 
 
-def migrate_pool_record(record: dict[str, Any]) -> dict[str, Any] | None:
+def _pool_change(
+    change: Callable[[StoragePoolRecord], object],
+) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """`change` (of the pool record, in place) as `modify` takes it, `status` and
+    `locations` derived again."""
+
+    def apply(raw: dict[str, Any]) -> dict[str, Any]:
+        record = StoragePoolRecord.model_validate(raw)
+        change(record)
+        return _summarize(record).dump()
+
+    return apply
+
+
+def migrate_pool_record(raw: dict[str, Any]) -> StoragePoolRecord | None:
     """A pool record of the one-owner shape (`_croft.member`, member config in `config`)
     in the cluster shape; None if it has that shape already."""
-    croft = record.get("_croft", {})
-    if "members" in croft:
+    record = StoragePoolRecord.model_validate(raw)
+    if "members" in record.croft.model_fields_set:
         return None
-    config = dict(record.get("config", {}))
+    config = dict(record.config)
     member_config = {k: config.pop(k) for k in sorted(POOL_MEMBER_KEYS) if k in config}
-    owner = croft.pop("member", "")
-    migrated = {**record, "config": config, "_croft": croft}
-    members: dict[str, Any] = {}
-    if owner:
-        state = CREATED if record.get("status") == "Created" else PENDING
-        members[owner] = {"state": state, "config": member_config}
-    croft["members"] = members
-    return _summarize(migrated)
+    croft = PoolMeta.model_validate(record.croft.dump(exclude={"member"}))
+    if record.croft.member:
+        state = CREATED if record.status == "Created" else PENDING
+        croft.members = {record.croft.member: PoolMember(state=state, config=member_config)}
+    else:
+        croft.members = {}
+    record.config, record.croft = config, croft
+    return _summarize(record)
 
 
 class StorageCore:
@@ -284,23 +309,20 @@ class StorageCore:
     async def _images(self) -> ImagesClient:
         return ImagesClient(await self.context.client(ImagesClient.service, ImagesClient.stub))
 
-    async def pool_record(self, pool: str) -> dict[str, Any]:
+    async def pool_record(self, pool: str) -> StoragePoolRecord:
         found = await self.store.get_json(pool_key(check_name(pool, "storage pool name")))
         if found is None:
             raise NotFound(f"storage pool {pool!r} not found")
-        record: dict[str, Any] = found[0]
-        return record
+        return StoragePoolRecord.model_validate(found[0])
 
-    def _driver_of(self, record: dict[str, Any]) -> StorageDriver:
+    def _driver_of(self, record: StoragePoolRecord) -> StorageDriver:
         """A driver for this member's part of the pool: the cluster config and its own."""
-        entry = StoragePoolRecord.members_of(record).get(self.member)
-        config = {**record.get("config", {}), **(entry.config if entry else {})}
-        return load_driver(
-            record["driver"], record["name"], config, pools_dir=self.config.pools_dir
-        )
+        entry = record.croft.members.get(self.member)
+        config = {**record.config, **(entry.config if entry else {})}
+        return load_driver(record.driver, record.name, config, pools_dir=self.config.pools_dir)
 
-    def _load(self, record: dict[str, Any]) -> StorageDriver:
-        name = record["name"]
+    def _load(self, record: StoragePoolRecord) -> StorageDriver:
+        name = record.name
         driver = self._drivers.get(name)
         if driver is None:
             driver = self._drivers[name] = self._driver_of(record)
@@ -312,7 +334,7 @@ class StorageCore:
         if driver is not None:
             return driver
         record = await self.pool_record(pool)
-        entry = StoragePoolRecord.members_of(record).get(self.member)
+        entry = record.croft.members.get(self.member)
         if entry is None:
             raise NotFound(f"storage pool {pool!r} has no storage on member {self.member!r}")
         if entry.state != CREATED:
@@ -357,7 +379,8 @@ class StorageCore:
                 continue
 
             def change(record: dict[str, Any]) -> dict[str, Any]:
-                return migrate_pool_record(record) or record
+                migrated = migrate_pool_record(record)
+                return record if migrated is None else migrated.dump()
 
             with contextlib.suppress(NotFound):
                 await modify(self.store, entry.key, change, missing=entry.key)
@@ -373,30 +396,28 @@ class StorageCore:
         check_name(name, "storage.default_pool")
         key = pool_key(name)
         found = await self.store.get_json(key)
-        if found is not None and self.member in _members(found[0]):
+        if found is not None and self.member in StoragePoolRecord.members_of(found[0]):
             return  # known here: mount_pools() mounts it, or finishes its creation
         member_config = {"source": str(self.config.pools_dir / name)}
-        new_record = {
-            "name": name,
-            "driver": "dir",
-            "description": "",
-            "config": {},
-            "status": "Pending",
-            "locations": [],
-            "used_by": [],
-            "_croft": {"members": {}},
-        }
+        new_record = StoragePoolRecord(
+            name=name, driver="dir", description="", config={}, status="Pending",
+            locations=[], used_by=[], _croft=PoolMeta(members={}),
+        )  # fmt: skip
         created_record = False
 
-        def join(record: dict[str, Any]) -> dict[str, Any]:
+        def join(record: StoragePoolRecord) -> None:
             nonlocal created_record
-            created_record = not _members(record)
-            members = record.setdefault("_croft", {}).setdefault("members", {})
-            members.setdefault(self.member, {"state": PENDING, "config": member_config})
-            return _summarize(record)
+            created_record = not record.croft.members
+            record.croft.members.setdefault(
+                self.member, PoolMember(state=PENDING, config=member_config)
+            )
 
-        record = await modify(self.store, key, join, missing=name, default=new_record)
-        if _members(record)[self.member]["state"] == CREATED:
+        record = StoragePoolRecord.model_validate(
+            await modify(
+                self.store, key, _pool_change(join), missing=name, default=new_record.dump()
+            )
+        )
+        if record.croft.members[self.member].state == CREATED:
             return  # mount_pools() mounts it
         async with Reverter() as revert:
             revert.add(lambda: self._leave_pool(key))
@@ -414,23 +435,21 @@ class StorageCore:
                     events.lifecycle_metadata("storage-pool-created", f"/1.0/storage-pools/{name}"),
                 )
 
-    async def _set_member_state(self, key: str, state: str) -> dict[str, Any]:
-        def change(record: dict[str, Any]) -> dict[str, Any]:
-            _members(record)[self.member]["state"] = state
-            return _summarize(record)
+    async def _set_member_state(self, key: str, state: str) -> None:
+        def change(record: StoragePoolRecord) -> None:
+            record.croft.members[self.member].state = state
 
-        return await modify(self.store, key, change, missing=key)
+        await modify(self.store, key, _pool_change(change), missing=key)
 
     async def _leave_pool(self, key: str) -> None:
         """Take this member's entry out of a pool record (a creation that failed); the
         record goes with it if no member is left."""
 
-        def leave(record: dict[str, Any]) -> dict[str, Any]:
-            _members(record).pop(self.member, None)
-            return _summarize(record)
+        def leave(record: StoragePoolRecord) -> None:
+            record.croft.members.pop(self.member, None)
 
-        record, revision = await modify_entry(self.store, key, leave, missing=key)
-        if not _members(record):
+        record, revision = await modify_entry(self.store, key, _pool_change(leave), missing=key)
+        if not StoragePoolRecord.members_of(record):
             with contextlib.suppress(NotFound, Conflict):  # gone, or another member joined
                 await self.store.delete(key, revision=revision)
 
@@ -446,21 +465,21 @@ class StorageCore:
         """mount_pool() every pool of this member; a pool that fails is logged and stays
         unusable (its calls answer NotFound) without stopping the service."""
         for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
-            record = entry.json()
-            member = _members(record).get(self.member)
+            record = StoragePoolRecord.model_validate(entry.json())
+            member = record.croft.members.get(self.member)
             if member is None:
                 continue
             try:
                 driver = self._load(record)
-                if member["state"] != CREATED:
+                if member.state != CREATED:
                     # Its creator died between record and pool: finish the creation.
                     await self._realize_pool(driver)
                     await self._set_member_state(entry.key, CREATED)
                 else:
                     await driver.mount_pool()
             except CroftError as exc:
-                self._drivers.pop(record["name"], None)
-                log.error("storage pool %s cannot be used: %s", record["name"], exc)
+                self._drivers.pop(record.name, None)
+                log.error("storage pool %s cannot be used: %s", record.name, exc)
 
     async def reconcile(self) -> None:
         """Undo (or finish) the volume operations a killed predecessor left half-done."""
@@ -531,10 +550,7 @@ class StorageCore:
             else:
                 await self._delete_key(key)
             return
-        if await driver.has_volume(vol):
-            await driver.delete_volume(vol)
-        await self.store.delete_prefix(f"{key}/")
-        await self._delete_key(key)
+        await self.remove_half_made(driver, vol, key)
         log.warning("removed instance volume %s, left half-created", ref.name)
 
     # ------------------------------------------------------------------ pools
@@ -553,7 +569,7 @@ class StorageCore:
 
     async def create_pool(
         self, name: str, driver_name: str, description: str, config: dict[str, str]
-    ) -> dict[str, Any]:
+    ) -> StoragePoolRecord:
         """A new pool, on this member (`lxc storage create`): its record is written with
         this member pending, then the pool made on disk, then the member created, with
         the keys the driver filled in (a loop file's `source` and `size`). On any failure
@@ -575,19 +591,19 @@ class StorageCore:
             await self._require_unused_source(name, driver)
             member_config = {k: v for k, v in config.items() if k in POOL_MEMBER_KEYS}
             record = _summarize(
-                {
-                    "name": name,
-                    "driver": driver_name,
-                    "description": description,
-                    "config": {k: v for k, v in config.items() if k not in POOL_MEMBER_KEYS},
-                    "used_by": [],
-                    "_croft": {
-                        "members": {self.member: {"state": PENDING, "config": member_config}}
-                    },
-                }
+                StoragePoolRecord(
+                    name=name,
+                    driver=driver_name,
+                    description=description,
+                    config={k: v for k, v in config.items() if k not in POOL_MEMBER_KEYS},
+                    used_by=[],
+                    _croft=PoolMeta(
+                        members={self.member: PoolMember(state=PENDING, config=member_config)}
+                    ),
+                )
             )
             try:
-                await self.store.create(key, dump(record))
+                await self.store.create(key, dump(record.dump()))
             except Conflict:
                 raise Conflict("The storage pool already exists") from None
             async with Reverter() as revert:
@@ -604,13 +620,14 @@ class StorageCore:
                 await driver.mount_pool()
                 filled = {k: v for k, v in driver.config.items() if k in POOL_MEMBER_KEYS}
 
-                def created(current: dict[str, Any]) -> dict[str, Any]:
-                    entry = _members(current)[self.member]
-                    entry["state"] = CREATED
-                    entry["config"] = {**entry.get("config", {}), **filled}
-                    return _summarize(current)
+                def created(current: StoragePoolRecord) -> None:
+                    entry = current.croft.members[self.member]
+                    entry.state = CREATED
+                    entry.config = {**entry.config, **filled}
 
-                record = await modify(self.store, key, created, missing=key)
+                record = StoragePoolRecord.model_validate(
+                    await modify(self.store, key, _pool_change(created), missing=key)
+                )
                 revert.success()
             self._drivers[name] = driver
         log.info("created storage pool %s (%s) at %s", name, driver_name, driver.source)
@@ -621,8 +638,8 @@ class StorageCore:
         path inside or around it."""
         wanted = {Path(driver.config.get("source", "")), driver.source}
         for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
-            other = entry.json()
-            if other["name"] == name or self.member not in _members(other):
+            other = StoragePoolRecord.model_validate(entry.json())
+            if other.name == name or self.member not in other.croft.members:
                 continue
             try:
                 theirs = self._driver_of(other)
@@ -634,12 +651,12 @@ class StorageCore:
                     if mine == their or mine in their.parents or their in mine.parents:
                         raise InvalidArgument(
                             f"Source path '{driver.config.get('source')}' isn't empty "
-                            f"(storage pool {other['name']!r} uses {their})"
+                            f"(storage pool {other.name!r} uses {their})"
                         )
 
     async def update_pool(
         self, name: str, description: str, config: dict[str, str]
-    ) -> dict[str, Any]:
+    ) -> StoragePoolRecord:
         """Give the pool this description and this whole config, as this member sees it
         (`lxc storage set/unset/edit`): the changed keys go to the driver, which refuses
         the keys it cannot change; `source` never changes once created (LXD's message).
@@ -648,10 +665,10 @@ class StorageCore:
         key = pool_key(name)
         async with self._locks.hold((POOLS, "")):
             record = await self.pool_record(name)
-            entry = _members(record).get(self.member)
+            entry = record.croft.members.get(self.member)
             if entry is None:
                 raise NotFound(f"storage pool {name!r} has no storage on member {self.member!r}")
-            current = {**record.get("config", {}), **entry.get("config", {})}
+            current = {**record.config, **entry.config}
             changes = {
                 k: config.get(k, "")
                 for k in sorted(set(current) | set(config))
@@ -659,7 +676,7 @@ class StorageCore:
             }
             if "source" in changes:
                 raise InvalidArgument("Pool source cannot be changed when not in pending state")
-            cls = DRIVERS.get(record["driver"])
+            cls = DRIVERS.get(record.driver)
             for changed in changes:
                 if changed not in cls.config_keys:
                     raise InvalidArgument(f'Invalid option "{changed}"')
@@ -667,15 +684,16 @@ class StorageCore:
                 driver = await self.driver(name)
                 await uninterrupted(driver.update_pool(changes))
 
-            def update(current: dict[str, Any]) -> dict[str, Any]:
-                current["description"] = description
-                current["config"] = {k: v for k, v in config.items() if k not in POOL_MEMBER_KEYS}
-                _members(current)[self.member]["config"] = {
+            def update(current: StoragePoolRecord) -> None:
+                current.description = description
+                current.config = {k: v for k, v in config.items() if k not in POOL_MEMBER_KEYS}
+                current.croft.members[self.member].config = {
                     k: v for k, v in config.items() if k in POOL_MEMBER_KEYS
                 }
-                return _summarize(current)
 
-            return await modify(self.store, key, update, missing=key)
+            return StoragePoolRecord.model_validate(
+                await modify(self.store, key, _pool_change(update), missing=key)
+            )
 
     async def delete_pool(self, name: str) -> None:
         """Delete the pool from this member (`lxc storage delete`): its image volumes go
@@ -687,18 +705,18 @@ class StorageCore:
         async with self._locks.hold((POOLS, "")):
             record = await self.pool_record(name)
             volumes = [
-                e.json()
+                volume
                 for e in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT))
-                if e.json().get("_croft", {}).get("pool") == name
-                and e.json().get("_croft", {}).get("member") == self.member
+                if (volume := StorageVolumeRecord.model_validate(e.json())).croft.pool == name
+                and volume.croft.member == self.member
             ]
-            if any(v.get("type") != "image" for v in volumes):
+            if any(v.type != "image" for v in volumes):
                 raise InvalidArgument("The storage pool is currently in use")
-            entry = _members(record).get(self.member)
-            if entry is not None and entry["state"] == CREATED:
+            entry = record.croft.members.get(self.member)
+            if entry is not None and entry.state == CREATED:
                 driver = self._drivers.get(name) or self._load(record)
                 for volume in volumes:
-                    fingerprint = volume["name"]
+                    fingerprint = volume.name
                     async with self.locked(name, IMAGE_LOCK + fingerprint):
                         with contextlib.suppress(NotFound):
                             vol = driver.volume(VolumeType.IMAGE, fingerprint)
@@ -742,6 +760,66 @@ class StorageCore:
         if renamed_from:
             croft.renamed_from = renamed_from
         return _volume_record(f"{ref.lxd_name}/{snapshot}", ref.type, ref.project, [], croft)
+
+    async def remove_half_made(self, driver: StorageDriver, vol: Volume, key: str) -> None:
+        """A volume a killed create left: its disk, its snapshots' records, its record."""
+        if await driver.has_volume(vol):
+            await driver.delete_volume(vol)
+        await self.store.delete_prefix(f"{key}/")
+        await self._delete_key(key)
+
+    async def snapshot_claimed(
+        self,
+        driver: StorageDriver,
+        vol: Volume,
+        snapshot: str,
+        key: str,
+        record: dict[str, Any],
+        *,
+        in_use: str,
+        complete: Callable[[str, dict[str, Any]], Awaitable[dict[str, Any]]],
+    ) -> dict[str, Any]:
+        """Take the snapshot `snapshot` of `vol`, whose record is claimed at `key`, and
+        `complete` the record (an instance's or a custom volume's); the snapshot and the
+        claim are undone on failure. Conflict(`in_use`) when the disk has it already."""
+        async with Reverter() as revert:
+            revert.add(lambda: self._delete_key(key))
+            if snapshot in await driver.list_snapshots(vol):
+                raise Conflict(in_use)
+            revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
+            await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
+            done = await complete(key, record)
+            revert.success()
+        return done
+
+    async def rename_claimed_snapshot(
+        self,
+        driver: StorageDriver,
+        vol: Volume,
+        snapshot: str,
+        new_name: str,
+        record: dict[str, Any],
+        old_key: str,
+        new_key: str,
+    ) -> dict[str, Any]:
+        """Rename the snapshot on the disk, then move its record from `old_key` to the
+        claim `record` at `new_key` in one transaction; the disk's rename and the claim
+        are undone on failure."""
+
+        async def undo() -> None:
+            # Read off the disk: a cancellation may come once the rename is done.
+            snapshots = await driver.list_snapshots(vol)
+            if new_name in snapshots and snapshot not in snapshots:
+                await driver.rename_volume(vol.snapshot(new_name), snapshot)
+            await self._delete_key(new_key)
+
+        async with Reverter() as revert:
+            revert.add(undo)
+            await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
+            done = _completed(record)
+            await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
+            revert.success()
+        return done
 
     async def _claim(self, key: str, record: dict[str, Any], what: str) -> int:
         """Create the record (state "creating"); its revision."""
@@ -890,10 +968,10 @@ class StorageCore:
         images = {entry.key.rsplit("/", 1)[-1] for entry in await self.store.list(IMAGE_RECORDS)}
         stale = set()
         for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
-            record = entry.json()
-            mine = StorageVolumeRecord.meta_of(record).member == self.member
-            if record.get("type") == "image" and mine and record["name"] not in images:
-                stale.add(record["name"])
+            volume = StorageVolumeRecord.model_validate(entry.json())
+            mine = volume.croft.member == self.member
+            if volume.type == "image" and mine and volume.name not in images:
+                stale.add(volume.name)
         for fingerprint in sorted(stale):
             try:
                 await self.delete_image_volumes(fingerprint)
@@ -905,8 +983,9 @@ class StorageCore:
         with its record. Instances made from it are independent of it."""
         check_fingerprint(fingerprint)
         for entry in await self.store.list(record_prefix(POOLS, DEFAULT_PROJECT)):
-            pool = entry.json()["name"]
-            if self.member not in _members(entry.json()):
+            record = StoragePoolRecord.model_validate(entry.json())
+            pool = record.name
+            if self.member not in record.croft.members:
                 continue
             try:
                 driver = await self.driver(pool)
@@ -1097,13 +1176,11 @@ class StorageCore:
             Delete(old.key),
         ]
         for entry in await self.store.list(f"{old.key}/"):
-            snap = entry.json()
-            meta = StorageVolumeRecord.meta_of(snap)
-            snapshot = meta.snapshot
-            snap["name"] = f"{new.lxd_name}/{snapshot}"
-            meta.volume = new.name
-            snap["_croft"] = meta.dump()
-            operations += [Delete(entry.key), Put(new.snapshot_key(snapshot), dump(snap))]
+            snap = moved_snapshot(entry.json(), new.lxd_name, new.name)
+            operations += [
+                Delete(entry.key),
+                Put(new.snapshot_key(snap.croft.snapshot), dump(snap.dump())),
+            ]
         await self.store.transaction(operations)
         return done
 
@@ -1191,14 +1268,10 @@ class StorageCore:
             key = ref.snapshot_key(snapshot)
             record = self._snapshot_record(ref, snapshot)
             await self._claim(key, record, f"snapshot {ref.name}/{snapshot}")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(key))
-                if snapshot in await driver.list_snapshots(vol):
-                    raise Conflict(f"snapshot {ref.name}/{snapshot} already exists")
-                revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
-                await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
-                done = await self._complete(key, record)
-                revert.success()
+            done = await self.snapshot_claimed(
+                driver, vol, snapshot, key, record,
+                in_use=f"snapshot {ref.name}/{snapshot} already exists", complete=self._complete,
+            )  # fmt: skip
         return VolumeResult("", done)
 
     async def delete_snapshot(self, ref: VolumeRef, snapshot: str) -> None:
@@ -1229,20 +1302,9 @@ class StorageCore:
                 raise NotFound(f"snapshot {ref.name}/{snapshot} not found in pool {ref.pool!r}")
             record = self._snapshot_record(ref, new_name, renamed_from=snapshot)
             await self._claim(new_key, record, f"snapshot {ref.name}/{new_name}")
-
-            async def undo() -> None:
-                # Read off the disk: a cancellation may come once the rename is done.
-                snapshots = await driver.list_snapshots(vol)
-                if new_name in snapshots and snapshot not in snapshots:
-                    await driver.rename_volume(vol.snapshot(new_name), snapshot)
-                await self._delete_key(new_key)
-
-            async with Reverter() as revert:
-                revert.add(undo)
-                await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
-                done = _completed(record)
-                await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
-                revert.success()
+            done = await self.rename_claimed_snapshot(
+                driver, vol, snapshot, new_name, record, old_key, new_key
+            )
         return VolumeResult("", done)
 
     async def restore_snapshot(self, ref: VolumeRef, snapshot: str) -> VolumeResult:

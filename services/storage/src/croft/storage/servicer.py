@@ -183,13 +183,13 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         record = await self.core.create_pool(
             request.name, request.driver, request.description, _config(request)
         )
-        return common_pb2.Json(json=json.dumps(record))
+        return common_pb2.Json(json=json.dumps(record.dump()))
 
     async def UpdatePool(
         self, request: storage_pb2.PoolRequest, context: Context
     ) -> common_pb2.Json:
         record = await self.core.update_pool(request.name, request.description, _config(request))
-        return common_pb2.Json(json=json.dumps(record))
+        return common_pb2.Json(json=json.dumps(record.dump()))
 
     async def DeletePool(self, request: storage_pb2.PoolRef, context: Context) -> common_pb2.Empty:
         await self.core.delete_pool(request.name)

@@ -19,11 +19,10 @@ whose disk part was done. The api checks that a volume is unused before it delet
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from croft.common.blocking import uninterrupted
@@ -31,9 +30,17 @@ from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.models import StorageVolumeRecord, VolumeMeta
 from croft.common.proc import run_async
-from croft.common.records import DEFAULT_PROJECT, copy_record, modify, record_prefix
+from croft.common.projects import owning_project
+from croft.common.records import DEFAULT_PROJECT, modify, record_prefix
 from croft.common.revert import Reverter
-from croft.common.schedule import CronSchedule, expires_at, parse_expiry
+from croft.common.schedule import (
+    CronSchedule,
+    expired,
+    expires_text,
+    follow,
+    parse_expiry,
+    snapshot_name,
+)
 from croft.common.store import Create, Delete, Put, Update, dump
 from croft.storage.core import (
     CREATING,
@@ -42,6 +49,7 @@ from croft.storage.core import (
     VolumeRef,
     VolumeResult,
     _completed,
+    moved_snapshot,
     volume_key,
 )
 from croft.storage.drivers import (
@@ -75,8 +83,6 @@ _TRUE_FALSE = frozenset({"true", "false", "1", "0", "yes", "no", "on", "off", ""
 # LXD's created_at of a volume or volume snapshot record (it keeps none in 5.0).
 ZERO_TIME = "0001-01-01T00:00:00Z"
 NOT_FOUND = "Storage pool volume not found"
-# How often schedules and expiries are looked at (a schedule's unit is the minute).
-TICK = 10.0
 
 
 @dataclass(frozen=True)
@@ -172,21 +178,29 @@ def _record(
     )
     if renamed_from:
         meta.renamed_from = renamed_from
-    record: dict[str, Any] = {
-        "name": f"{ref.name}/{snapshot}" if snapshot else ref.name,
-        "type": CUSTOM,
-        "config": dict(config),
-        "description": description,
-        "content_type": content_type,
-        "location": member,
-        "used_by": [],
-        "project": ref.project,
-        "created_at": rfc3339_nano() if snapshot else ZERO_TIME,
-        "_croft": meta.dump(),
-    }
+    record = StorageVolumeRecord(
+        name=f"{ref.name}/{snapshot}" if snapshot else ref.name,
+        type=CUSTOM,
+        config=dict(config),
+        description=description,
+        content_type=content_type,
+        location=member,
+        used_by=[],
+        project=ref.project,
+        created_at=rfc3339_nano() if snapshot else ZERO_TIME,
+        _croft=meta,  # by its alias: the name mypy knows
+    )
     if snapshot:
-        record["expires_at"] = expires_at or None
-    return record
+        record.expires_at = expires_at or None
+    return record.dump()
+
+
+def _renaming(current: dict[str, Any], name: str, **meta: str) -> dict[str, Any]:
+    """The claim of a rename: the record as `name`, its `_croft` changed by `meta`
+    (`volume` or `snapshot`, and `renamed_from`) and marked creating."""
+    record = StorageVolumeRecord.model_validate(current)
+    croft = record.croft.model_copy(update={**meta, "state": CREATING})
+    return record.model_copy(update={"name": name, "croft": croft}).dump()
 
 
 class CustomVolumes:
@@ -305,17 +319,13 @@ class CustomVolumes:
         new = ref.renamed(new_name)
         async with self.core.locked(ref.pool, ref.lock, new.lock):
             driver, vol, current = await self._volume(ref)
-            record = copy_record(current)
-            record["name"] = new.name
-            meta = StorageVolumeRecord.meta_of(current)
-            meta.volume, meta.state, meta.renamed_from = new.host_name, CREATING, ref.host_name
-            record["_croft"] = meta.dump()
+            record = _renaming(current, new.name, volume=new.host_name, renamed_from=ref.host_name)
             await self._claim(new.key, record, "Volume by that name already exists")
             async with Reverter() as revert:
                 revert.add(lambda: self._delete_key(new.key))
                 revert.add(lambda: self._rename_back(driver, vol, new.host_name))
                 await uninterrupted(driver.rename_volume(vol, new.host_name))
-                done = await self._finish_rename(ref, new, record)
+                done = await self._finish_rename(ref.key, new.key, record)
                 revert.success()
         return done
 
@@ -326,20 +336,22 @@ class CustomVolumes:
             await driver.rename_volume(renamed, vol.name)
 
     async def _finish_rename(
-        self, old: CustomRef, new: CustomRef, record: dict[str, Any]
+        self, old_key: str, new_key: str, record: dict[str, Any]
     ) -> dict[str, Any]:
+        """Complete the claim `record` at `new_key`, and move the record at `old_key` and
+        its snapshots' to it, in one transaction."""
         done = _completed(record)
+        volume = StorageVolumeRecord.meta_of(record).volume
         operations: list[Create | Update | Put | Delete] = [
-            Put(new.key, dump(done)),
-            Delete(old.key),
+            Put(new_key, dump(done)),
+            Delete(old_key),
         ]
-        for entry in await self.store.list(f"{old.key}/"):
-            snap = entry.json()
-            meta = StorageVolumeRecord.meta_of(snap)
-            snap["name"] = f"{new.name}/{meta.snapshot}"
-            meta.volume = new.host_name
-            snap["_croft"] = meta.dump()
-            operations += [Delete(entry.key), Put(new.snapshot_key(meta.snapshot), dump(snap))]
+        for entry in await self.store.list(f"{old_key}/"):
+            snap = moved_snapshot(entry.json(), record["name"], volume)
+            operations += [
+                Delete(entry.key),
+                Put(f"{new_key}/{snap.croft.snapshot}", dump(snap.dump())),
+            ]
         await self.store.transaction(operations)
         return done
 
@@ -462,7 +474,12 @@ class CustomVolumes:
         return {"usage": {"used": used, "total": parse_size(size) if size else 0}}
 
     async def mount(self, ref: CustomRef) -> VolumeResult:
-        """Where the volume is on this host, for compute to bind it into an instance."""
+        """Where the volume is on this host, for compute to bind it into an instance of
+        `ref.project` (whose volumes are default's when its `features.storage.volumes`
+        is off, as the api keeps them)."""
+        owner = await owning_project(self.store, ref.project, VOLUMES)
+        if owner != ref.project:
+            ref = CustomRef.parse(ref.pool, owner, ref.name)
         async with self.core.locked(ref.pool, ref.lock):
             driver, vol, record = await self._volume(ref)
             mounted = await driver.mount_volume(vol)
@@ -488,16 +505,11 @@ class CustomVolumes:
                 ref, self.member, current.get("content_type", "filesystem"), description,
                 current.get("config") or {}, snapshot=snapshot, expires_at=expires_at,
             )  # fmt: skip
-            await self._claim(key, record, f'Snapshot "{snapshot}" already in use')
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(key))
-                if snapshot in await driver.list_snapshots(vol):
-                    raise Conflict(f'Snapshot "{snapshot}" already in use')
-                revert.add(lambda: driver.delete_volume(vol.snapshot(snapshot)))
-                await uninterrupted(driver.create_snapshot(vol.snapshot(snapshot)))
-                done = await self._complete(key, record)
-                revert.success()
-        return done
+            in_use = f'Snapshot "{snapshot}" already in use'
+            await self._claim(key, record, in_use)
+            return await self.core.snapshot_claimed(
+                driver, vol, snapshot, key, record, in_use=in_use, complete=self._complete
+            )
 
     async def update_snapshot(
         self, ref: CustomRef, snapshot: str, description: str, expires_at: str
@@ -530,26 +542,13 @@ class CustomVolumes:
         async with self.core.locked(ref.pool, ref.lock):
             driver, vol, _ = await self._volume(ref)
             current = await self.record(ref, snapshot)
-            record = copy_record(current)
-            record["name"] = f"{ref.name}/{new_name}"
-            meta = StorageVolumeRecord.meta_of(current)
-            meta.snapshot, meta.state, meta.renamed_from = new_name, CREATING, snapshot
-            record["_croft"] = meta.dump()
+            record = _renaming(
+                current, f"{ref.name}/{new_name}", snapshot=new_name, renamed_from=snapshot
+            )
             await self._claim(new_key, record, f'Snapshot "{new_name}" already in use')
-
-            async def undo() -> None:
-                snapshots = await driver.list_snapshots(vol)
-                if new_name in snapshots and snapshot not in snapshots:
-                    await driver.rename_volume(vol.snapshot(new_name), snapshot)
-                await self._delete_key(new_key)
-
-            async with Reverter() as revert:
-                revert.add(undo)
-                await uninterrupted(driver.rename_volume(vol.snapshot(snapshot), new_name))
-                done = _completed(record)
-                await self.store.transaction([Put(new_key, dump(done)), Delete(old_key)])
-                revert.success()
-        return done
+            return await self.core.rename_claimed_snapshot(
+                driver, vol, snapshot, new_name, record, old_key, new_key
+            )
 
     async def restore(self, ref: CustomRef, snapshot: str) -> dict[str, Any]:
         """Bring the volume back to its snapshot (LXD: `PUT` with `restore`)."""
@@ -568,29 +567,19 @@ class CustomVolumes:
         """Runs for the life of the service: at each minute that a volume's
         `snapshots.schedule` names, a snapshot of it (named by `snapshots.pattern`,
         expiring after `snapshots.expiry`); and every snapshot of this member whose
-        `expires_at` has passed is deleted. A minute passed while the service was down
-        is not made up for, as in LXD."""
-        last: datetime | None = None
-        while True:
-            now = datetime.now(UTC)
-            minute = now.replace(second=0, microsecond=0)
-            try:
-                if minute != last:
-                    last = minute
-                    await self.take_scheduled_snapshots(minute)
-                await self.expire_snapshots(now)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (the store went away: again next tick)
-                log.warning("volume snapshot schedules failed, again in %s s: %s", TICK, exc)
-            await asyncio.sleep(TICK)
+        `expires_at` has passed is deleted."""
+        await follow(self.take_scheduled_snapshots, self.expire_snapshots, "volume")
 
-    async def _custom_records(self) -> list[dict[str, Any]]:
+    async def _custom_records(self) -> list[StorageVolumeRecord]:
+        """This member's complete custom volumes and snapshots."""
         found = []
         for entry in await self.store.list(record_prefix(VOLUMES, DEFAULT_PROJECT)):
-            record = entry.json()
-            meta = StorageVolumeRecord.meta_of(record)
-            if record.get("type") == CUSTOM and meta.member == self.member and not meta.state:
+            record = StorageVolumeRecord.model_validate(entry.json())
+            if (
+                record.type == CUSTOM
+                and record.croft.member == self.member
+                and not record.croft.state
+            ):
                 found.append(record)
         return found
 
@@ -599,61 +588,42 @@ class CustomVolumes:
         made = []
         records = await self._custom_records()
         for record in records:
-            config = record.get("config") or {}
+            config = record.config
             schedule = config.get("snapshots.schedule", "")
-            if "/" in record["name"] or not schedule:
+            if "/" in record.name or not schedule:
                 continue
             try:
                 if not CronSchedule.parse(schedule).matches(minute):
                     continue
-                meta = StorageVolumeRecord.meta_of(record)
-                ref = CustomRef.parse(meta.pool, record.get("project", ""), record["name"])
-                pattern = config.get("snapshots.pattern") or "snap%d"
+                ref = CustomRef.parse(record.croft.pool, record.project, record.name)
                 taken = {
-                    str(r["name"]).partition("/")[2]
+                    r.name.partition("/")[2]
                     for r in records
-                    if str(r["name"]).startswith(f"{ref.name}/")
-                    and StorageVolumeRecord.meta_of(r).pool == ref.pool
+                    if r.name.startswith(f"{ref.name}/") and r.croft.pool == ref.pool
                 }
-                name = pattern
-                if "%d" in pattern:
-                    n = 0
-                    while pattern.replace("%d", str(n)) in taken:
-                        n += 1
-                    name = pattern.replace("%d", str(n))
-                expiry = expires_at(minute, config.get("snapshots.expiry", ""))
-                when = expiry.strftime("%Y-%m-%dT%H:%M:%SZ") if expiry else ""
+                name = snapshot_name(config.get("snapshots.pattern", ""), taken)
+                when = expires_text(minute, config.get("snapshots.expiry", ""))
                 await self.create_snapshot(ref, name, "", when)
                 made.append(f"{ref.name}/{name}")
                 log.info("took scheduled snapshot %s/%s of pool %s", ref.name, name, ref.pool)
             except (CroftError, ValueError) as exc:
-                log.warning("scheduled snapshot of %s failed: %s", record["name"], exc)
+                log.warning("scheduled snapshot of %s failed: %s", record.name, exc)
         return made
 
     async def expire_snapshots(self, now: datetime) -> list[str]:
         """Delete this member's custom volume snapshots whose `expires_at` has passed."""
         gone = []
         for record in await self._custom_records():
-            when = record.get("expires_at") or ""
-            if "/" not in record["name"] or not when or when.startswith("0001-"):
+            if "/" not in record.name or not expired(record.expires_at, now):
                 continue
+            pool, (parent, _, snapshot) = record.croft.pool, record.name.partition("/")
             try:
-                due = datetime.fromisoformat(when.replace("Z", "+00:00"))
-            except ValueError:
-                continue
-            if due.tzinfo is None:
-                due = due.replace(tzinfo=UTC)
-            if due > now:
-                continue
-            meta = StorageVolumeRecord.meta_of(record)
-            parent, _, snapshot = str(record["name"]).partition("/")
-            try:
-                ref = CustomRef.parse(meta.pool, record.get("project", ""), parent)
+                ref = CustomRef.parse(pool, record.project, parent)
                 await self.delete_snapshot(ref, snapshot)
-                gone.append(record["name"])
-                log.info("deleted expired snapshot %s of pool %s", record["name"], meta.pool)
+                gone.append(record.name)
+                log.info("deleted expired snapshot %s of pool %s", record.name, pool)
             except CroftError as exc:
-                log.warning("expired snapshot %s not deleted: %s", record["name"], exc)
+                log.warning("expired snapshot %s not deleted: %s", record.name, exc)
         return gone
 
     # ------------------------------------------------------------------ start
@@ -695,30 +665,12 @@ class CustomVolumes:
             await self._delete_key(key)
             return
         if old:
-            old_key = volume_key(meta.pool, CUSTOM, old)
             if await driver.has_volume(vol) and not await driver.has_volume(vol.renamed(old)):
-                operations: list[Create | Update | Put | Delete] = [
-                    Put(key, dump(_completed(record))),
-                    Delete(old_key),
-                ]
-                for snap_entry in await self.store.list(f"{old_key}/"):
-                    snap = snap_entry.json()
-                    snap_meta = StorageVolumeRecord.meta_of(snap)
-                    snap["name"] = f"{record['name']}/{snap_meta.snapshot}"
-                    snap_meta.volume = meta.volume
-                    snap["_croft"] = snap_meta.dump()
-                    operations += [
-                        Delete(snap_entry.key),
-                        Put(f"{key}/{snap_meta.snapshot}", dump(snap)),
-                    ]
-                await self.store.transaction(operations)
+                await self._finish_rename(volume_key(meta.pool, CUSTOM, old), key, record)
             else:
                 await self._delete_key(key)
             return
-        if await driver.has_volume(vol):
-            await driver.delete_volume(vol)
-        await self.store.delete_prefix(f"{key}/")
-        await self._delete_key(key)
+        await self.core.remove_half_made(driver, vol, key)
         log.warning("removed custom volume %s, left half-created", meta.volume)
 
 

@@ -1,4 +1,5 @@
-"""The typed client of the storage service of one member: instance volumes, snapshots, pools' resources."""
+"""The typed client of the storage service of one member: instance volumes, snapshots,
+pools, custom volumes (their records come back as `StorageVolumeRecord`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from collections.abc import Awaitable
 from typing_extensions import Unpack
 
 from croft.common.clients._base import CallOptions, TypedClient
-from croft.common.models import StoragePoolRecord
+from croft.common.models import StoragePoolRecord, StorageVolumeRecord
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
@@ -114,18 +115,18 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
 
     def create_custom_volume(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreateCustomVolume", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("CreateCustomVolume", request, options, StorageVolumeRecord)
 
     def update_custom_volume(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdateCustomVolume", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("UpdateCustomVolume", request, options, StorageVolumeRecord)
 
     def rename_custom_volume(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("RenameCustomVolume", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("RenameCustomVolume", request, options, StorageVolumeRecord)
 
     def delete_custom_volume(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
@@ -134,8 +135,8 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
 
     def copy_custom_volume(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CopyCustomVolume", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("CopyCustomVolume", request, options, StorageVolumeRecord)
 
     def custom_volume_state(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
@@ -149,18 +150,18 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
 
     def create_custom_volume_snapshot(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CreateCustomVolumeSnapshot", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("CreateCustomVolumeSnapshot", request, options, StorageVolumeRecord)
 
     def update_custom_volume_snapshot(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("UpdateCustomVolumeSnapshot", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("UpdateCustomVolumeSnapshot", request, options, StorageVolumeRecord)
 
     def rename_custom_volume_snapshot(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("RenameCustomVolumeSnapshot", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("RenameCustomVolumeSnapshot", request, options, StorageVolumeRecord)
 
     def delete_custom_volume_snapshot(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
@@ -169,8 +170,8 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
 
     def restore_custom_volume(
         self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("RestoreCustomVolume", request, options)
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("RestoreCustomVolume", request, options, StorageVolumeRecord)
 
     def instance_volume_state(
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]

@@ -75,6 +75,9 @@ class StorageVolumeRecord(Record):
     content_type: str = "filesystem"
     location: str = ""
     used_by: list[str] = Field(default_factory=list)
+    created_at: str = ""
+    #: A snapshot's expiry (None: it does not expire); absent on a volume's record.
+    expires_at: str | None = None
     croft: VolumeMeta = Field(default_factory=VolumeMeta, alias="_croft")
 
     @staticmethod

@@ -16,7 +16,7 @@ from starlette.requests import Request
 
 from croft.api import query, records
 from croft.api.context import context
-from croft.common.errors import InvalidArgument, NotFound
+from croft.common.errors import InvalidArgument, NotFound, PermissionDenied
 from croft.common.instance_config import (
     go_quote,
     has_control,
@@ -24,9 +24,15 @@ from croft.common.instance_config import (
     parse_byte_size,
     parse_int,
 )
-from croft.common.models import InstanceRecord, ProfileRecord
+from croft.common.models import InstanceRecord, ProfileRecord, StorageVolumeRecord
 from croft.common.projects import FEATURE_OF_KIND, is_true, owner
-from croft.common.records import DEFAULT_PROJECT, project_key, record_key, record_prefix
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    STORAGE_VOLUMES,
+    project_key,
+    record_key,
+    record_prefix,
+)
 from croft.common.store import Entry, Store
 
 __all__ = [
@@ -282,14 +288,17 @@ async def used_by(store: Store, project: str, *, creating: bool = False) -> list
             if (
                 kind == "instances"
                 and not creating
-                and entry.json().get("_croft", {}).get("state") == "creating"
+                and InstanceRecord.meta_of(entry.json()).creating
             ):
                 continue
             urls.append(records.url(kind, name, project))
         if kind == "images":
             for volume in await _custom_volumes(store, project):
-                pool, name = volume["_pool"], volume["name"]
-                urls.append(records.url(f"storage-pools/{pool}/volumes/custom", name, project))
+                urls.append(
+                    records.url(
+                        f"storage-pools/{volume.croft.pool}/volumes/custom", volume.name, project
+                    )
+                )
     return urls
 
 
@@ -298,16 +307,13 @@ def is_empty(uses: list[str]) -> bool:
     return not uses or (len(uses) == 1 and "/profiles/default" in uses[0])
 
 
-async def _custom_volumes(store: Store, project: str) -> list[dict[str, Any]]:
-    """The project's custom volumes (`<pool>/custom/<name>` under its storage-volumes)."""
-    prefix = record_prefix("storage-volumes", project)
+async def _custom_volumes(store: Store, project: str) -> list[StorageVolumeRecord]:
+    """The project's custom volumes, snapshots aside (every volume record is under
+    default's storage-volumes, `<pool>/custom/<host name>`, and names its project)."""
     found = []
-    for entry in await store.list(prefix):
-        parts = entry.key.removeprefix(prefix).split("/")
-        if len(parts) == 3 and parts[1] == "custom":
-            volume = entry.json()
-            volume["_pool"] = parts[0]
-            volume.setdefault("name", parts[2])
+    for entry in await store.list(record_prefix(STORAGE_VOLUMES, DEFAULT_PROJECT)):
+        volume = StorageVolumeRecord.model_validate(entry.json())
+        if volume.type == "custom" and volume.project == project and "/" not in volume.name:
             found.append(volume)
     return found
 
@@ -513,7 +519,7 @@ def _totals(
     project: str,
     keys: list[str],
     instances: list[dict[str, Any]],
-    volumes: list[dict[str, Any]],
+    volumes: list[StorageVolumeRecord],
     *,
     skip_unset: bool,
 ) -> dict[str, int]:
@@ -525,12 +531,12 @@ def _totals(
     for key in keys:
         if key == "limits.disk":
             for volume in volumes:
-                size = (volume.get("config") or {}).get("size", "")
+                size = volume.config.get("size", "")
                 if not size:
                     if skip_unset:
                         continue
                     raise InvalidArgument(
-                        f"Custom volume {go_quote(volume['name'])} in project "
+                        f"Custom volume {go_quote(volume.name)} in project "
                         f'{go_quote(project)} has no "size" config set'
                     )
                 with contextlib.suppress(ValueError):
@@ -569,7 +575,7 @@ def _check_aggregates(
     project: str,
     pconfig: Mapping[str, str],
     instances: list[dict[str, Any]],
-    volumes: list[dict[str, Any]],
+    volumes: list[StorageVolumeRecord],
 ) -> None:
     keys = [k for k in _AGGREGATES if pconfig.get(k)]
     if not keys:
@@ -691,9 +697,17 @@ async def check_snapshot(store: Store, project: str) -> None:
 
 
 async def check_network_creation(store: Store, project: str, name: str) -> None:
-    """LXD's check before a network is made in `project` (one with `features.networks`):
-    `limits.networks` counts the project's networks. For the network routes to call."""
+    """LXD's checks before a network is made for a request in `project`: a restricted
+    project's `restricted.networks.access` names the networks it may use (403), and
+    `limits.networks` counts the networks of a project with `features.networks`."""
     pconfig = await _config(store, project)
+    access = pconfig.get("restricted.networks.access", "")
+    if (
+        is_true(pconfig.get("restricted"))
+        and access
+        and name not in {a.strip() for a in access.split(",")}
+    ):
+        raise PermissionDenied("Network not allowed in project")
     if owner(project, pconfig, "networks") == DEFAULT_PROJECT or not pconfig.get("limits.networks"):
         return
     existing = {
@@ -703,16 +717,23 @@ async def check_network_creation(store: Store, project: str, name: str) -> None:
         raise InvalidArgument("Networks limit has been reached for project")
 
 
-async def check_volume(store: Store, project: str, name: str, config: Mapping[str, str]) -> None:
+async def check_volume(
+    store: Store,
+    project: str,
+    name: str,
+    config: Mapping[str, str],
+    action: Literal["creation", "update"] = "creation",
+) -> None:
     """LXD's AllowVolumeCreation/AllowVolumeUpdate: a custom volume `name` of `project`
-    with `config` keeps the project within `limits.disk` (every volume must then give
-    its `size`). For the storage volume routes to call."""
+    (the project that holds its volumes: `scope(request, "storage-volumes")`) with
+    `config` keeps the project within `limits.disk` (every volume must then give its
+    `size`)."""
     pconfig = await _config(store, project)
     if not pconfig.get("limits.disk"):
         return
-    volumes = [v for v in await _custom_volumes(store, project) if v.get("name") != name]
-    volumes.append({"name": name, "config": dict(config)})
-    with _prefixed("Failed checking if volume creation allowed: "):
+    volumes = [v for v in await _custom_volumes(store, project) if v.name != name]
+    volumes.append(StorageVolumeRecord(name=name, type="custom", config=dict(config)))
+    with _prefixed(f"Failed checking if volume {action} allowed: "):
         _check_aggregates(
             project,
             {"limits.disk": pconfig["limits.disk"]},
@@ -805,9 +826,7 @@ async def check_project_change(
 async def state(store: Store, name: str) -> dict[str, Any]:
     """`/1.0/projects/NAME/state`: each limit LXD reports, with its usage (-1: none)."""
     pconfig = await _config(store, name)
-    instances = [
-        i for i in await _instances(store, name) if i.get("_croft", {}).get("state") != "creating"
-    ]
+    instances = [i for i in await _instances(store, name) if not InstanceRecord.meta_of(i).creating]
     totals = _totals(
         name, list(_AGGREGATES), instances, await _custom_volumes(store, name), skip_unset=True
     )

@@ -16,7 +16,7 @@ from croft.api.domain.compute import compute_operation
 from croft.common.errors import NotFound
 from croft.common.models import InstanceRecord
 from croft.common.records import public
-from croft.common.schedule import expires_at
+from croft.common.schedule import expires_text
 
 
 def render_snapshot(instance: str, snap: dict[str, Any]) -> dict[str, Any]:
@@ -69,9 +69,9 @@ async def restore_snapshot(
 
 
 def default_expiry(config: dict[str, str]) -> str:
-    """When a snapshot taken now expires by the instance's `snapshots.expiry` ("": never)."""
+    """When a snapshot taken now expires by the `snapshots.expiry` of its instance's (or
+    custom volume's) config ("": never; as LXD, an expiry it would refuse is none)."""
     try:
-        when = expires_at(datetime.now(UTC), config.get("snapshots.expiry", ""))
+        return expires_text(datetime.now(UTC), config.get("snapshots.expiry", ""))
     except ValueError:
         return ""
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""

@@ -5,21 +5,21 @@ and the member a volume's calls go to.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 from urllib.parse import quote
 
 from starlette.requests import Request
 
-from croft.api import records
+from croft.api import query, records
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.services import services
 from croft.common.clients import StorageClient
 from croft.common.errors import InvalidArgument, NotFound
-from croft.common.models import InstanceRecord
-from croft.common.records import DEFAULT_PROJECT, public
+from croft.common.models import InstanceRecord, ProfileRecord, StorageVolumeRecord
+from croft.common.records import DEFAULT_PROJECT
 from croft.common.revert import Reverter
-from croft.common.schedule import expires_at
 
 VOLUMES = "storage-volumes"
 CUSTOM = "custom"
@@ -59,16 +59,6 @@ def check_expiry(value: str | None) -> str:
     return value
 
 
-def default_expiry(record: dict[str, Any]) -> str:
-    """When a snapshot of the volume taken now expires, by its `snapshots.expiry`."""
-    expiry = (record.get("config") or {}).get("snapshots.expiry", "")
-    try:
-        when = expires_at(datetime.now(UTC), expiry)
-    except ValueError:
-        return ""
-    return when.strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
-
-
 def host_name(project: str, name: str) -> str:
     """The volume's name in its pool, as the storage service keeps it."""
     return name if project == DEFAULT_PROJECT else f"{project}_{name}"
@@ -103,17 +93,15 @@ async def pool_exists(request: Request, pool: str) -> dict[str, Any]:
     return record
 
 
-async def pool_volumes(request: Request, pool: str) -> list[dict[str, Any]]:
+async def pool_volumes(request: Request, pool: str) -> list[StorageVolumeRecord]:
     """Every volume record of the pool (instances', images', custom ones and their
     snapshots), complete ones only, sorted by type and name."""
     found = []
     for entry in await context(request).store.list(records.record_prefix(VOLUMES, DEFAULT_PROJECT)):
-        record = entry.json()
-        croft = record.get("_croft") or {}
-        if croft.get("pool") != pool or croft.get("state") == "creating":
-            continue
-        found.append(record)
-    return sorted(found, key=lambda r: (r.get("type", ""), r.get("name", "")))
+        record = StorageVolumeRecord.model_validate(entry.json())
+        if record.croft.pool == pool and record.croft.state != "creating":
+            found.append(record)
+    return sorted(found, key=lambda r: (r.type, r.name))
 
 
 def _disk_uses(devices: dict[str, Any], pool: str, name: str) -> bool:
@@ -123,39 +111,42 @@ def _disk_uses(devices: dict[str, Any], pool: str, name: str) -> bool:
     )
 
 
-async def custom_used_by(request: Request, pool: str, project: str, name: str) -> list[str]:
-    """The instances (a disk device names the volume, through a profile or their own
-    devices) and profiles that use a custom volume, as LXD's `used_by` lists them."""
+async def _instance_users(
+    request: Request, pool: str, project: str, name: str
+) -> list[tuple[InstanceRecord, int]]:
+    """The instances (and their records' revisions) that have the custom volume of
+    `project` attached (a disk device names it, through a profile or their own
+    devices): the project's own and those of the projects that share its volumes."""
+    found = []
     store = context(request).store
-    used = []
-    for entry in await store.list(records.RECORDS + "instances/"):
-        instance = entry.json()
-        if (instance.get("project") or DEFAULT_PROJECT) != project:
-            continue
-        if _disk_uses(instance.get("expanded_devices") or {}, pool, name):
-            used.append(records.url("instances", instance["name"], project))
-    for entry in await store.list(records.RECORDS + "profiles/"):
-        profile = entry.json()
-        if (profile.get("project") or DEFAULT_PROJECT) != project:
-            continue
-        if _disk_uses(profile.get("devices") or {}, pool, name):
-            used.append(records.url("profiles", profile["name"], project))
+    for _, entry in await projects.instance_entries(store, project, VOLUMES):
+        instance = InstanceRecord.model_validate(entry.json())
+        if _disk_uses(instance.expanded_devices, pool, name):
+            found.append((instance, entry.revision))
+    return found
+
+
+async def custom_used_by(request: Request, pool: str, project: str, name: str) -> list[str]:
+    """The instances and profiles that use a custom volume, as LXD's `used_by` lists
+    them."""
+    used = [
+        records.url("instances", instance.name, instance.project)
+        for instance, _ in await _instance_users(request, pool, project, name)
+    ]
+    for entry in await context(request).store.list(records.record_prefix("profiles", project)):
+        profile = ProfileRecord.model_validate(entry.json())
+        if _disk_uses(profile.devices, pool, name):
+            used.append(records.url("profiles", profile.name, project))
     return sorted(used)
 
 
 async def running_users(request: Request, pool: str, project: str, name: str) -> list[str]:
     """The running instances that have the custom volume attached."""
-    store = context(request).store
-    running = []
-    for entry in await store.list(records.RECORDS + "instances/"):
-        instance = entry.json()
-        if (instance.get("project") or DEFAULT_PROJECT) != project:
-            continue
-        if instance.get("status") == "Running" and _disk_uses(
-            instance.get("expanded_devices") or {}, pool, name
-        ):
-            running.append(str(instance["name"]))
-    return running
+    return [
+        instance.name
+        for instance, _ in await _instance_users(request, pool, project, name)
+        if instance.status == "Running"
+    ]
 
 
 def _renamed_devices(devices: dict[str, Any], pool: str, old: str, new: str) -> dict[str, Any]:
@@ -174,18 +165,12 @@ async def rename_in_instances(
     instances that name it, as LXD does: refused while one of them runs, or while a
     profile names it; a failed instance update puts the volume's name and the updated
     instances back."""
-    store = context(request).store
-    users: list[tuple[InstanceRecord, int]] = []
-    for entry in await store.list(records.RECORDS + "instances/"):
-        instance = InstanceRecord.model_validate(entry.json())
-        if (instance.project or DEFAULT_PROJECT) != project:
-            continue
-        if _disk_uses(instance.expanded_devices, pool, old):
-            if instance.status != "Stopped":
-                raise InvalidArgument("Volume is still in use by running instances")
-            if not _disk_uses(instance.devices, pool, old):
-                raise InvalidArgument("Volume is still in use by profiles")
-            users.append((instance, entry.revision))
+    users = await _instance_users(request, pool, project, old)
+    for instance, _ in users:
+        if instance.status != "Stopped":
+            raise InvalidArgument("Volume is still in use by running instances")
+        if not _disk_uses(instance.devices, pool, old):
+            raise InvalidArgument("Volume is still in use by profiles")
     async with Reverter() as revert:
         await rename(old, new)
         revert.add(lambda: rename(new, old))
@@ -207,18 +192,18 @@ async def rename_in_instances(
 
 
 def render(
-    record: dict[str, Any], request: Request, used_by: list[str] | None = None
+    record: StorageVolumeRecord, request: Request, used_by: list[str] | None = None
 ) -> dict[str, Any]:
     """A volume (or a snapshot listed among the volumes) as LXD shows it."""
-    body = public(record)
+    body = record.public()
     body.pop("expires_at", None)
     body.setdefault("created_at", ZERO_TIME)
     if context(request).settings.location == "none":
         body["location"] = "none"
-    parent, _, snapshot = str(record.get("name", "")).partition("/")
-    if used_by is None and snapshot and record.get("type") in ("container", "virtual-machine"):
+    parent, _, snapshot = record.name.partition("/")
+    if used_by is None and snapshot and record.type in ("container", "virtual-machine"):
         # As LXD: an instance snapshot's volume is used by that snapshot.
-        url = records.url("instances", parent, record.get("project") or DEFAULT_PROJECT)
+        url = records.url("instances", parent, record.project or DEFAULT_PROJECT)
         path, _, query = url.partition("?")
         used_by = [f"{path}/snapshots/{quote(snapshot, safe='')}" + (f"?{query}" if query else "")]
     if used_by is not None:
@@ -226,17 +211,16 @@ def render(
     return body
 
 
-def render_snapshot(record: dict[str, Any], *, listed: bool) -> dict[str, Any]:
+def render_snapshot(record: StorageVolumeRecord, *, listed: bool) -> dict[str, Any]:
     """A volume snapshot as LXD's `/snapshots` shows it: its own name alone (a listing
     says `<volume>/<snapshot>`, as LXD's does)."""
-    name = str(record["name"])
     return {
-        "description": record.get("description", ""),
-        "expires_at": record.get("expires_at") or (None if listed else ZERO_TIME),
-        "name": name if listed else name.partition("/")[2],
-        "config": record.get("config") or {},
-        "content_type": record.get("content_type", "filesystem"),
-        "created_at": record.get("created_at") or ZERO_TIME,
+        "description": record.description,
+        "expires_at": record.expires_at or (None if listed else ZERO_TIME),
+        "name": record.name if listed else record.name.partition("/")[2],
+        "config": record.config,
+        "content_type": record.content_type,
+        "created_at": record.created_at or ZERO_TIME,
     }
 
 
@@ -246,7 +230,7 @@ def etag(record: dict[str, Any]) -> str:
 
 async def load(
     request: Request, pool: str, volume_type: str, name: str, snapshot: str = ""
-) -> dict[str, Any]:
+) -> StorageVolumeRecord:
     """The complete record of a volume (or snapshot) of the request's project."""
     await pool_exists(request, pool)
     check_type(volume_type)
@@ -254,38 +238,42 @@ async def load(
     found = await context(request).store.get_json(
         volume_key(pool, volume_type, project, name, snapshot)
     )
-    if found is None or (found[0].get("_croft") or {}).get("state") == "creating":
+    record = None if found is None else StorageVolumeRecord.model_validate(found[0])
+    if record is None or record.croft.state == "creating":
         raise NotFound(NOT_FOUND)
-    record: dict[str, Any] = found[0]
     return record
 
 
 def records_project(request: Request) -> str:
-    return request.query_params.get("project") or DEFAULT_PROJECT
+    """The project whose volumes the request reads and writes, as `require_project`
+    found it (which every handler awaits first)."""
+    project: str = getattr(request.state, "volumes_project", "") or query.project(request)
+    return project
 
 
 async def require_project(request: Request, *, listing: bool = False) -> str:
-    """The request's project, which must exist (LXD's words: a listing's differ)."""
-    project = records_project(request)
+    """The project whose volumes the request reads and writes: the request's, or
+    `default` when it shares default's (`features.storage.volumes=false`, as LXD's
+    StorageVolumeProject). The request's project must exist (LXD's words: a listing's
+    differ)."""
     try:
-        await records.require_project(context(request).store, project)
+        project = await projects.scope(request, "storage-volumes")
     except NotFound:
         if listing:
             raise NotFound("Project not found") from None
         raise
+    request.state.volumes_project = project
     return project
 
 
-def member_for(request: Request, record: dict[str, Any] | None = None) -> str:
+def member_for(request: Request, record: StorageVolumeRecord | None = None) -> str:
     """The member a call is for: the volume's own, else `?target=`, else this api's."""
-    if record is not None:
-        member = (record.get("_croft") or {}).get("member")
-        if member:
-            return str(member)
+    if record is not None and record.croft.member:
+        return record.croft.member
     return request.query_params.get("target") or context(request).settings.server_name
 
 
-async def storage_for(request: Request, record: dict[str, Any] | None = None) -> StorageClient:
+async def storage_for(request: Request, record: StorageVolumeRecord | None = None) -> StorageClient:
     return await services().storage(member_for(request, record))
 
 
@@ -297,7 +285,6 @@ __all__ = [
     "check_type",
     "check_volume_name",
     "custom_used_by",
-    "default_expiry",
     "etag",
     "load",
     "member_for",

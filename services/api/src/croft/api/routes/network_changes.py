@@ -17,6 +17,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain.networks import (
     find,
     managed,
@@ -56,6 +57,7 @@ async def networks_post(request: Request) -> Response:
     req = await query.body(request, NetworksPost)
     if not req.name:
         raise InvalidArgument("No name provided")
+    await projects.check_network_creation(ctx.store, query.project(request), req.name)
     if await find(ctx.store, req.name) is not None:
         raise InvalidArgument("The network already exists")
     client = await services().network(

@@ -18,7 +18,9 @@ from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.api.domain import storage_volumes as volumes
+from croft.api.domain.snapshots import default_expiry
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.v1 import storage_pb2
@@ -122,18 +124,17 @@ async def _listing(request: Request, pool: str, volume_type: str = "") -> Respon
     all_projects = request.query_params.get("all-projects", "").lower() == "true"
     found = []
     for record in await volumes.pool_volumes(request, pool):
-        if volume_type and record.get("type") != volume_type:
+        if volume_type and record.type != volume_type:
             continue
-        if not all_projects and record.get("type") != "image" and record.get("project") != project:
+        if not all_projects and record.type != "image" and record.project != project:
             continue
         used_by = None
-        if record.get("type") == volumes.CUSTOM:
-            parent = str(record["name"]).partition("/")[0]
-            snapshot = "/" in str(record["name"])
+        if record.type == volumes.CUSTOM:
+            parent, _, snapshot = record.name.partition("/")
             used_by = (
                 []
                 if snapshot
-                else await volumes.custom_used_by(request, pool, record["project"], parent)
+                else await volumes.custom_used_by(request, pool, record.project, parent)
             )
         found.append(volumes.render(record, request, used_by))
     return responses.sync(query.listing(found, request, lambda v: volumes.volume_url(pool, v)))
@@ -154,7 +155,7 @@ async def volumes_type_list(request: Request, pool: str, volume_type: str) -> Re
 
 async def _create(request: Request, pool: str, volume_type: str) -> Response:
     await volumes.pool_exists(request, pool)
-    await volumes.require_project(request)
+    project = await volumes.require_project(request)
     req = await query.body(request, VolumesPost)
     volume_type = volume_type or req.type
     if not volume_type:
@@ -165,6 +166,7 @@ async def _create(request: Request, pool: str, volume_type: str) -> Response:
             f'Currently not allowed to create storage volumes of type "{volume_type}"'
         )
     volumes.check_volume_name(req.name)
+    await projects.check_volume(context(request).store, project, req.name, req.config)
     client = await volumes.storage_for(request)
     if req.source.type == "copy":
         if not req.source.name:
@@ -179,7 +181,7 @@ async def _create(request: Request, pool: str, volume_type: str) -> Response:
             raise Conflict("Volume by that name already exists")
         copy = _request(
             request, pool, req.name,
-            description=req.description or source.get("description", ""),
+            description=req.description or source.description,
             config=json.dumps(req.config) if req.config else "",
             source_pool=source_pool, source_name=parent, source_snapshot=snapshot,
             volume_only=req.source.volume_only,
@@ -231,7 +233,7 @@ async def volume_get(request: Request, pool: str, volume_type: str, name: str) -
     record = await volumes.load(request, pool, volume_type, name)
     used_by = None
     if volume_type == volumes.CUSTOM:
-        used_by = await volumes.custom_used_by(request, pool, record["project"], name)
+        used_by = await volumes.custom_used_by(request, pool, record.project, name)
     body = volumes.render(record, request, used_by)
     return responses.sync(body, etag=volumes.etag(body))
 
@@ -242,8 +244,8 @@ async def volume_state(request: Request, pool: str, volume_type: str, name: str)
     client = await volumes.storage_for(request, record)
     if volume_type in ("container", "virtual-machine"):
         instance = storage_pb2.VolumeRequest(
-            pool=pool, project=record["project"], type=volume_type,
-            name=(record.get("_croft") or {}).get("volume") or name,
+            pool=pool, project=record.project, type=volume_type,
+            name=record.croft.volume or name,
         )  # fmt: skip
         reply = await client.instance_volume_state(instance)
         return responses.sync(json.loads(reply.json))
@@ -261,7 +263,7 @@ async def _update(
     req = query.validate(data, VolumePut)
     client = await volumes.storage_for(request, record)
     if req.restore:
-        if await volumes.running_users(request, pool, record["project"], name):
+        if await volumes.running_users(request, pool, record.project, name):
             raise InvalidArgument("Cannot restore custom volume used by running instances")
         await client.restore_custom_volume(
             _request(request, pool, name, snapshot=req.restore), timeout=3600
@@ -269,7 +271,8 @@ async def _update(
         return responses.empty_sync()
     current = volumes.render(record, request)
     query.check_if_match(request, volumes.etag(current))
-    config = {**record.get("config", {}), **req.config} if patch else req.config
+    config = {**record.config, **req.config} if patch else req.config
+    await projects.check_volume(context(request).store, record.project, name, config, "update")
     await client.update_custom_volume(
         _request(request, pool, name, description=req.description, config=json.dumps(config)),
         timeout=600,
@@ -309,16 +312,16 @@ async def volume_post(request: Request, pool: str, volume_type: str, name: str) 
         async def rename(old: str, new: str) -> None:
             await client.rename_custom_volume(_request(request, pool, old, new_name=new))
 
-        await volumes.rename_in_instances(request, pool, record["project"], name, new_name, rename)
+        await volumes.rename_in_instances(request, pool, record.project, name, new_name, rename)
         return _null()
-    if await volumes.custom_used_by(request, pool, record["project"], name):
+    if await volumes.custom_used_by(request, pool, record.project, name):
         raise InvalidArgument("Volume is still in use by instances")
     await volumes.pool_exists(request, target_pool)
     if await _exists(request, target_pool, new_name):
         raise Conflict("Volume by that name already exists")
     copy = _request(
         request, target_pool, new_name,
-        description=record.get("description", ""), source_pool=pool, source_name=name,
+        description=record.description, source_pool=pool, source_name=name,
         volume_only=req.volume_only,
     )  # fmt: skip
 
@@ -338,7 +341,7 @@ def _null() -> Response:
 async def volume_delete(request: Request, pool: str, volume_type: str, name: str) -> Response:
     record = await volumes.load(request, pool, volume_type, name)
     _require_custom(volume_type, "deleted")
-    if await volumes.custom_used_by(request, pool, record["project"], name):
+    if await volumes.custom_used_by(request, pool, record.project, name):
         raise InvalidArgument("The storage volume is still in use")
     client = await volumes.storage_for(request, record)
     await client.delete_custom_volume(_request(request, pool, name), timeout=600)
@@ -357,9 +360,9 @@ async def snapshots_list(request: Request, pool: str, volume_type: str, name: st
     found = [
         volumes.render_snapshot(r, listed=True)
         for r in await volumes.pool_volumes(request, pool)
-        if r.get("type") == volume_type
-        and r.get("project") == volumes.records_project(request)
-        and str(r["name"]).startswith(prefix)
+        if r.type == volume_type
+        and r.project == volumes.records_project(request)
+        and r.name.startswith(prefix)
     ]
     base = f"/1.0/storage-pools/{pool}/volumes/{volume_type}/{name}/snapshots/"
     return responses.sync(
@@ -384,7 +387,7 @@ async def snapshots_post(request: Request, pool: str, volume_type: str, name: st
         raise Conflict(f'Snapshot "{snapshot}" already in use')
     client = await volumes.storage_for(request, record)
     if req.expires_at is None:  # as LXD: the volume's snapshots.expiry, if it has one
-        expires_at = volumes.default_expiry(record)
+        expires_at = default_expiry(record.config)
     else:
         expires_at = volumes.check_expiry(req.expires_at)
     create = _request(request, pool, name, snapshot=snapshot, expires_at=expires_at)
@@ -398,9 +401,9 @@ async def snapshots_post(request: Request, pool: str, volume_type: str, name: st
 async def _next_snapshot_name(request: Request, pool: str, name: str) -> str:
     prefix = f"{name}/"
     existing = {
-        str(r["name"])[len(prefix) :]
+        r.name[len(prefix) :]
         for r in await volumes.pool_volumes(request, pool)
-        if r.get("type") == volumes.CUSTOM and str(r["name"]).startswith(prefix)
+        if r.type == volumes.CUSTOM and r.name.startswith(prefix)
     }
     n = 0
     while f"snap{n}" in existing:
@@ -424,10 +427,8 @@ async def _snapshot_update(
     _require_custom(volume_type, "changed")
     data = await query.json_body(request)
     req = query.validate(data, SnapshotPut)
-    description = req.description if "description" in data else record.get("description", "")
-    expires_at = volumes.check_expiry(
-        req.expires_at if "expires_at" in data else record.get("expires_at")
-    )
+    description = req.description if "description" in data else record.description
+    expires_at = volumes.check_expiry(req.expires_at if "expires_at" in data else record.expires_at)
     client = await volumes.storage_for(request, record)
     await client.update_custom_volume_snapshot(
         _request(

@@ -13,7 +13,7 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import (
@@ -134,18 +134,7 @@ class BridgeConfig:
         ipv4 = None
         if v4_text not in ("auto", "none", ""):
             ipv4 = subnets.parse_ipv4_interface("ipv4.address", v4_text)
-        ranges: list[tuple[IPv4Address, IPv4Address]] = []
-        for part in filter(None, (p.strip() for p in get("ipv4.dhcp.ranges", "").split(","))):
-            start_text, sep, end_text = part.partition("-")
-            try:
-                start, end = IPv4Address(start_text.strip()), IPv4Address(end_text.strip())
-            except ValueError:
-                raise _invalid("ipv4.dhcp.ranges", part, "expected START-END IPv4 ranges") from None
-            if not sep or start > end:
-                raise _invalid("ipv4.dhcp.ranges", part, "expected START-END with START <= END")
-            if ipv4 is not None and not (start in ipv4.network and end in ipv4.network):
-                raise _invalid("ipv4.dhcp.ranges", part, f"outside the subnet {ipv4.network}")
-            ranges.append((start, end))
+        ranges = _dhcp_ranges(config, "ipv4.dhcp.ranges", IPv4Address, ipv4)
         nat_address = _optional_ip(config, "ipv4.nat.address", IPv4Address)
         dhcp_gateway = _optional_ip(config, "ipv4.dhcp.gateway", IPv4Address)
 
@@ -154,18 +143,7 @@ class BridgeConfig:
         if v6_text not in ("auto", "none", ""):
             ipv6 = subnets.parse_ipv6_interface("ipv6.address", v6_text)
         nat6_address = _optional_ip(config, "ipv6.nat.address", IPv6Address)
-        ranges6: list[tuple[IPv6Address, IPv6Address]] = []
-        for part in filter(None, (p.strip() for p in get("ipv6.dhcp.ranges", "").split(","))):
-            start_text, sep, end_text = part.partition("-")
-            try:
-                start6, end6 = IPv6Address(start_text.strip()), IPv6Address(end_text.strip())
-            except ValueError:
-                raise _invalid("ipv6.dhcp.ranges", part, "expected START-END IPv6 ranges") from None
-            if not sep or start6 > end6:
-                raise _invalid("ipv6.dhcp.ranges", part, "expected START-END with START <= END")
-            if ipv6 is not None and not (start6 in ipv6.network and end6 in ipv6.network):
-                raise _invalid("ipv6.dhcp.ranges", part, f"outside the subnet {ipv6.network}")
-            ranges6.append((start6, end6))
+        ranges6 = _dhcp_ranges(config, "ipv6.dhcp.ranges", IPv6Address, ipv6)
         routes4 = [_route(IPv4Network, r) for r in get("ipv4.routes", "").split(",") if r.strip()]
         routes6 = [_route(IPv6Network, r) for r in get("ipv6.routes", "").split(",") if r.strip()]
         mtu = int(mtu_text)
@@ -258,6 +236,29 @@ def _optional_ip(config: Mapping[str, str], key: str, kind: type[_AddressT]) -> 
         return kind(value)
     except ValueError:
         raise _invalid(key, value, f"expected an {kind.__name__[:4]} address") from None
+
+
+def _dhcp_ranges(
+    config: Mapping[str, str],
+    key: str,
+    kind: type[_AddressT],
+    interface: IPv4Interface | IPv6Interface | None,
+) -> list[tuple[_AddressT, _AddressT]]:
+    """`ipv4.dhcp.ranges` or `ipv6.dhcp.ranges`: START-END pairs, inside the network's
+    subnet when it has one."""
+    ranges = []
+    for part in filter(None, (p.strip() for p in config.get(key, "").split(","))):
+        start_text, sep, end_text = part.partition("-")
+        try:
+            start, end = kind(start_text.strip()), kind(end_text.strip())
+        except ValueError:
+            raise _invalid(key, part, f"expected START-END {kind.__name__[:4]} ranges") from None
+        if not sep or start > end:
+            raise _invalid(key, part, "expected START-END with START <= END")
+        if interface is not None and not (start in interface.network and end in interface.network):
+            raise _invalid(key, part, f"outside the subnet {interface.network}")
+        ranges.append((start, end))
+    return ranges
 
 
 def bridge_hwaddr(name: str) -> str:
@@ -365,40 +366,8 @@ class _BridgeHost:
                 used4.append(other.ipv4.network)
             if other.ipv6 is not None:
                 used6.append(other.ipv6.network)
-        if resolved.get("ipv4.address") == "auto":
-            net4 = subnets.pick_ipv4_subnet(used4)
-            resolved["ipv4.address"] = f"{net4.network_address + 1}/{net4.prefixlen}"
-            if not resolved.get("ipv4.nat"):
-                resolved["ipv4.nat"] = "true"
-        elif resolved.get("ipv4.address", "none") not in ("none", ""):
-            iface4 = IPv4Interface(resolved["ipv4.address"])
-            # The network's own subnet (and its address's host route) is routed
-            # through its bridge: not a clash.
-            if own.get("ipv4.address") not in (None, "", "none"):
-                mine4 = IPv4Interface(own["ipv4.address"]).network
-                used4 = [n for n in used4 if not n.subnet_of(mine4)]
-            clash = subnets.overlapping(iface4.network, used4)
-            if clash is not None:
-                raise InvalidArgument(
-                    f'Invalid value for network "{name}" option "ipv4.address": subnet '
-                    f"{iface4.network} overlaps {clash}, already in use on this host"
-                )
-        if resolved.get("ipv6.address") == "auto":
-            net6 = subnets.pick_ipv6_subnet(used6)
-            resolved["ipv6.address"] = f"{net6.network_address + 1}/{net6.prefixlen}"
-            if not resolved.get("ipv6.nat"):
-                resolved["ipv6.nat"] = "true"
-        elif resolved.get("ipv6.address", "none") not in ("none", ""):
-            iface6 = IPv6Interface(resolved["ipv6.address"])
-            if own.get("ipv6.address") not in (None, "", "none"):
-                mine6 = IPv6Interface(own["ipv6.address"]).network
-                used6 = [n for n in used6 if not n.subnet_of(mine6)]
-            clash = subnets.overlapping(iface6.network, used6)
-            if clash is not None:
-                raise InvalidArgument(
-                    f'Invalid value for network "{name}" option "ipv6.address": subnet '
-                    f"{iface6.network} overlaps {clash}, already in use on this host"
-                )
+        _resolve_family(name, "ipv4", resolved, own, used4, subnets.pick_ipv4_subnet, IPv4Network)
+        _resolve_family(name, "ipv6", resolved, own, used6, subnets.pick_ipv6_subnet, IPv6Network)
 
     def create(self, name: str, config: Mapping[str, str]) -> dict[str, str]:
         resolved = {k: v for k, v in config.items() if v != ""}
@@ -862,6 +831,41 @@ def _enable_forwarding(*, ipv4: bool, ipv6: bool) -> None:
         Path("/proc/sys/net/ipv4/ip_forward").write_text("1\n")
     if ipv6:
         Path("/proc/sys/net/ipv6/conf/all/forwarding").write_text("1\n")
+
+
+def _resolve_family(
+    name: str,
+    family: str,
+    resolved: dict[str, str],
+    own: Mapping[str, str],
+    used: list[_NetworkT],
+    pick: Callable[[list[_NetworkT]], _NetworkT],
+    kind: type[_NetworkT],
+) -> None:
+    """`<family>.address` of a network being made or changed: `auto` a free subnet (with
+    `<family>.nat` on, unless set), a given one refused when it overlaps one in `used`
+    (the host's routes and its other networks)."""
+    key = f"{family}.address"
+    if resolved.get(key) == "auto":
+        net = pick(used)
+        resolved[key] = f"{net.network_address + 1}/{net.prefixlen}"
+        if not resolved.get(f"{family}.nat"):
+            resolved[f"{family}.nat"] = "true"
+        return
+    if resolved.get(key, "none") in ("none", ""):
+        return
+    network = kind(resolved[key], strict=False)
+    # The network's own subnet (and its address's host route) is routed through its
+    # bridge: not a clash.
+    if own.get(key) not in (None, "", "none"):
+        mine = kind(own[key], strict=False)
+        used = [n for n in used if not n.subnet_of(mine)]
+    clash = subnets.overlapping(network, used)
+    if clash is not None:
+        raise InvalidArgument(
+            f'Invalid value for network "{name}" option "{key}": subnet '
+            f"{network} overlaps {clash}, already in use on this host"
+        )
 
 
 class BridgeDriver(NetworkDriver):
