@@ -60,7 +60,7 @@ async def find_source(store: Any, project: str, source: str) -> CopySource:
         raise InvalidArgument("Must specify a source instance")
     name, _, snapshot = source.partition("/")
     found = await store.get_json(records.record_key(KIND, project, name))
-    if found is None or found[0].get("_croft", {}).get("state") == "creating":
+    if found is None or InstanceRecord.meta_of(found[0]).creating:
         raise NotFound(
             f'Failed to fetch instance "{name}" in project "{project}": Instance not found'
         )

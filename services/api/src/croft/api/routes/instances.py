@@ -227,7 +227,7 @@ async def _copy(ctx: ApiContext, project: str, name: str, req: InstancesPost) ->
     )  # fmt: skip
     # The project's limits and restrictions, as for any new instance.
     await projects.check_instance(ctx.store, project, record, action="create")
-    member = source.record["_croft"]["member"]
+    member = InstanceRecord.meta_of(source.record).member
     instance_only = req.source.instance_only or req.source.container_only
 
     async def copy(op: OperationContext) -> dict[str, Any] | None:
