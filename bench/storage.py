@@ -70,9 +70,9 @@ SPECS.update(
         "st_disk_each": Spec("pool space used by each further Debian container", "MiB"),
         "st_disk_all": Spec("pool space used by --count Debian containers", "MiB"),
         "st_disk_ratio": Spec(
-            "  that, in first containers (the image on the pool)", "x", limit=1.1
+            "  that, in % of the first one's (the image on the pool)", "%", limit=110
         ),
-        "st_disk_rootfs": Spec("  that, in unpacked rootfs (sum of file sizes)", "x"),
+        "st_disk_rootfs": Spec("  that, in % of the unpacked rootfs (sum of file sizes)", "%"),
     }
 )
 BUSYBOX_KEYS = ("st_busybox",)
@@ -268,8 +268,8 @@ def density(setup: Setup, daemon: Daemon, args: argparse.Namespace, out: Figures
     out["st_disk_first"] = first - before
     out["st_disk_each"] = (after - first) / max(1, args.count - 1)
     out["st_disk_all"] = after - before
-    out["st_disk_ratio"] = (after - before) / max(first - before, 1e-3)
-    out["st_disk_rootfs"] = (after - before) / setup.image_mib
+    out["st_disk_ratio"] = 100 * (after - before) / max(first - before, 1e-3)
+    out["st_disk_rootfs"] = 100 * (after - before) / setup.image_mib
     say(
         f"  pool used {before:.0f} -> {first:.0f} (1) -> {after:.0f} MiB ({args.count} "
         f"containers, the last {args.count - 1} created in {wall:.1f} s); image rootfs "
