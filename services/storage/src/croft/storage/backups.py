@@ -304,9 +304,10 @@ def _check_and_unpack(tarball: Path, into: Path) -> tuple[str, str]:
 
 
 async def _sync(origin: Path, into: Path) -> None:
-    """Make the tree at `into` what it is at `origin` (backup.yaml left out)."""
+    """Make the tree at `into` what it is at `origin` (backup.yaml left out). --checksum:
+    two states a second apart may have equal sizes and times."""
     argv = [
-        "rsync", "-aHAX", "--numeric-ids", "--delete", "--exclude=/.*",
+        "rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum", "--exclude=/.*",
         "--exclude=/backup.yaml", f"{origin}/", f"{into}/",
     ]  # fmt: skip
     await run_async(argv, timeout=BACKUP_TIMEOUT)

@@ -37,6 +37,7 @@ from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.models import (
+    BackupMeta,
     InstanceBackupRecord,
     InstanceRecord,
     SnapshotRecord,
@@ -198,10 +199,13 @@ async def create_backup(
     """Make the backup: its record claims the name, the storage service of the
     instance's member writes the tarball; on failure neither is left."""
     key = backup_key(project, record.name, backup.name)
-    backup.croft.member = record.croft.member
-    backup.croft.pool = record.croft.pool
-    backup.croft.compression = compression or "gzip"
-    backup.croft.state = "creating"
+    # Assigned whole: a record's dump keeps only the fields that were set.
+    backup.croft = BackupMeta(
+        member=record.croft.member,
+        pool=record.croft.pool,
+        compression=compression or "gzip",
+        state="creating",
+    )
     try:
         await store.create(key, dump(backup.dump()))
     except Conflict:
