@@ -177,7 +177,7 @@ def test_import_under_another_name_and_pool_without_snapshots(env: dict[str, Any
 def test_the_backups_api_lists_shows_refuses_and_expires(env: dict[str, Any]) -> None:
     lxc = env["lxc"]
     lxc("init", "busybox", "api1")
-    lxc("query", "-X", "POST", "/1.0/instances/api1/backups", "-d", '{"name": "b1"}')
+    lxc("query", "--wait", "-X", "POST", "/1.0/instances/api1/backups", "-d", '{"name": "b1"}')
     assert query(lxc, "/1.0/instances/api1/backups") == ["/1.0/instances/api1/backups/b1"]
     shown = query(lxc, "/1.0/instances/api1/backups/b1")
     assert shown["name"] == "b1" and shown["expires_at"] == "0001-01-01T00:00:00Z"
@@ -185,7 +185,7 @@ def test_the_backups_api_lists_shows_refuses_and_expires(env: dict[str, Any]) ->
     listed = query(lxc, "/1.0/instances/api1/backups?recursion=1")
     assert [b["name"] for b in listed] == ["b1"]
     # Unnamed: backup0, then backup1.
-    lxc("query", "-X", "POST", "/1.0/instances/api1/backups", "-d", "{}")
+    lxc("query", "--wait", "-X", "POST", "/1.0/instances/api1/backups", "-d", "{}")
     assert "/1.0/instances/api1/backups/backup0" in query(lxc, "/1.0/instances/api1/backups")
 
     for body, message in [
@@ -193,7 +193,9 @@ def test_the_backups_api_lists_shows_refuses_and_expires(env: dict[str, Any]) ->
         ('{"compression_algorithm": "foo"}', 'Invalid compression algorithm "foo"'),
         ('{"name": "b1"}', 'Backup "b1" already exists'),
     ]:
-        refused = lxc("query", "-X", "POST", "/1.0/instances/api1/backups", "-d", body, check=False)
+        refused = lxc(
+            "query", "--wait", "-X", "POST", "/1.0/instances/api1/backups", "-d", body, check=False
+        )
         assert refused.returncode != 0 and message in refused.stderr
     missing = lxc("query", "/1.0/instances/api1/backups/nope", check=False)
     assert missing.returncode != 0 and "Instance backup not found" in missing.stderr
@@ -208,12 +210,12 @@ def test_the_backups_api_lists_shows_refuses_and_expires(env: dict[str, Any]) ->
         assert "backup/index.yaml" in tar.getnames()
 
     # An expired backup is gone.
-    lxc("query", "-X", "POST", "/1.0/instances/api1/backups", "-d",
+    lxc("query", "--wait", "-X", "POST", "/1.0/instances/api1/backups", "-d",
         '{"name": "old", "expires_at": "2000-01-01T00:00:00Z"}')  # fmt: skip
     assert "/1.0/instances/api1/backups/old" not in query(lxc, "/1.0/instances/api1/backups")
 
-    lxc("query", "-X", "DELETE", "/1.0/instances/api1/backups/b1")
-    lxc("query", "-X", "DELETE", "/1.0/instances/api1/backups/backup0")
+    lxc("query", "--wait", "-X", "DELETE", "/1.0/instances/api1/backups/b1")
+    lxc("query", "--wait", "-X", "DELETE", "/1.0/instances/api1/backups/backup0")
     assert query(lxc, "/1.0/instances/api1/backups") == []
     kept = env["state"] / "backups" / "instances"
     assert not list(kept.rglob("*")) if kept.exists() else True
