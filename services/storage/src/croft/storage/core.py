@@ -67,7 +67,7 @@ from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.imageformat.format import unpack_image, unpack_vm_image
 from croft.storage import transfer
-from croft.storage.backups import Backups, Staged
+from croft.storage.backups import Backups, Staged, mark_optimized
 from croft.storage.drivers import (
     DRIVERS,
     INSTANCE_TYPES,
@@ -1263,9 +1263,12 @@ class StorageCore:
         index_yaml: str,
         backup_yaml: str,
         compression: str,
-    ) -> int:
+        optimized: bool = False,
+    ) -> tuple[int, bool]:
         """The backup tarball `backup` of the instance volume `ref` (stopped or frozen by
-        the caller) with its snapshots `snapshots`, in LXD's format; its size."""
+        the caller) with its snapshots `snapshots`, in LXD's format: its size, and whether
+        it is `optimized` (the driver's btrfs send streams; a driver without them writes
+        the trees, as LXD's dir driver does)."""
         driver = await self.driver(ref.pool)
         vol = ref.volume(driver)
         target = self.backups.path(ref.project, instance, backup)
@@ -1275,10 +1278,13 @@ class StorageCore:
             missing = [name for name in snapshots if name not in have]
             if missing:
                 raise NotFound(f"snapshot {ref.name}/{missing[0]} not found in pool {ref.pool!r}")
-            return await self.backups.create(
+            optimized = optimized and driver.capabilities.stream_format == "btrfs"
+            size = await self.backups.create(
                 driver, vol, snapshots, target,
-                index_yaml=index_yaml, backup_yaml=backup_yaml, compression=compression,
+                index_yaml=mark_optimized(index_yaml, optimized), backup_yaml=backup_yaml,
+                compression=compression, optimized=optimized,
             )  # fmt: skip
+            return size, optimized
 
     def instance_backup_path(self, project: str, instance: str, backup: str) -> Path:
         return self.backups.path(project or "default", instance, backup)

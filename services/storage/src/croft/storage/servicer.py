@@ -294,7 +294,7 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     async def CreateInstanceBackup(
         self, request: storage_pb2.InstanceBackupRequest, context: Context
     ) -> storage_pb2.BackupReply:
-        size = await self.core.create_instance_backup(
+        size, optimized = await self.core.create_instance_backup(
             _backup_ref(request),
             request.instance,
             request.backup,
@@ -302,8 +302,9 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
             index_yaml=request.index_yaml,
             backup_yaml=request.backup_yaml,
             compression=request.compression,
+            optimized=request.optimized,
         )
-        return storage_pb2.BackupReply(size=size)
+        return storage_pb2.BackupReply(size=size, optimized=optimized)
 
     async def ReadInstanceBackup(
         self, request: storage_pb2.InstanceBackupRequest, context: Context
@@ -328,7 +329,10 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
 
         staged = await self.core.stage_backup(chunks())
         return storage_pb2.BackupReply(
-            upload=staged.upload, index_yaml=staged.index_yaml, backup_yaml=staged.backup_yaml
+            upload=staged.upload,
+            index_yaml=staged.index_yaml,
+            backup_yaml=staged.backup_yaml,
+            optimized=staged.optimized,
         )
 
     async def DiscardBackupUpload(

@@ -49,6 +49,7 @@ from croft.common.store import dump
 from croft.v1 import storage_pb2
 
 ZERO_TIME = "0001-01-01T00:00:00Z"
+_LXD_IDMAP_KEYS = ("volatile.idmap.current", "volatile.idmap.next", "volatile.last_state.idmap")
 COMPRESSIONS = ("gzip", "bzip2", "xz", "lzma", "zstd", "none")
 # A backup of a big root volume may take long.
 BACKUP_TIMEOUT = 3600.0
@@ -220,7 +221,12 @@ async def create_backup(
         request.compression = backup.croft.compression
         request.index_yaml, request.backup_yaml = index, body
         client = await services().storage(record.croft.member)
-        await client.create_instance_backup(request, idempotent=False, timeout=BACKUP_TIMEOUT)
+        request.optimized = backup.optimized_storage
+        reply = await client.create_instance_backup(
+            request, idempotent=False, timeout=BACKUP_TIMEOUT
+        )
+        # Storage says whether the tarball holds send streams (a btrfs pool) or trees.
+        backup.optimized_storage = reply.optimized
         backup.croft.state = "created"
         await store.put(key, dump(backup.dump()))
     except BaseException:
@@ -339,7 +345,12 @@ async def imported_record(
     pool = pool or str(index.get("pool") or "")
     if not pool or await store.get_json(_pool_key(pool)) is None:
         raise NotFound(f'Storage pool "{pool}" not found')
-    config = {str(k): str(v) for k, v in _mapping(container.get("config") or {}, "config").items()}
+    config = {
+        str(k): str(v)
+        for k, v in _mapping(container.get("config") or {}, "config").items()
+        # LXD's id-map bookkeeping: storage unshifted the trees, croft keeps them so.
+        if k not in _LXD_IDMAP_KEYS
+    }
     devices = {
         str(k): {str(dk): str(dv) for dk, dv in _mapping(v, "a device").items()}
         for k, v in _mapping(container.get("devices") or {}, "devices").items()

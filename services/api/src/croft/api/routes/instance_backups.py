@@ -75,8 +75,8 @@ async def backups_post(request: Request, name: str) -> Response:
         expires_at=expires_at,
         instance_only=req.instance_only or req.container_only,
         container_only=req.instance_only or req.container_only,
-        # croft writes trees; btrfs send streams in the tarball are not made yet.
-        optimized_storage=False,
+        # Kept only where the pool's driver has send streams (storage says).
+        optimized_storage=req.optimized_storage,
     )
     standalone = ctx.settings.location == "none"
 
