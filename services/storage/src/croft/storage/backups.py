@@ -34,7 +34,7 @@ from typing import IO, Any
 
 import yaml
 
-from croft.common.errors import InvalidArgument, NotFound
+from croft.common.errors import CroftError, InvalidArgument, NotFound
 from croft.common.proc import run_async
 from croft.storage.drivers import Mounted, StorageDriver, Volume, check_name
 
@@ -154,6 +154,7 @@ class Backups:
             with tarball.open("wb") as f:
                 async for data in chunks:
                     await asyncio.to_thread(f.write, data)
+            await _unzstd(tarball)
             staged = await asyncio.to_thread(_check_and_unpack, tarball, where / "tree")
             tarball.unlink()
             return Staged(upload, *staged)
@@ -512,6 +513,26 @@ async def _receive_streams(
         with contextlib.suppress(NotFound):
             await driver.delete_volume(vol)
         raise sent
+
+
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+async def _unzstd(tarball: Path) -> None:
+    """Python's tarfile reads gzip, bzip2, xz and lzma itself; zstd is decompressed here
+    first (LXD's `--compression zstd`)."""
+    with tarball.open("rb") as f:
+        if f.read(4) != _ZSTD_MAGIC:
+            return
+    plain = tarball.with_suffix(".plain")
+    try:
+        await run_async(
+            ["zstd", "-q", "-d", "-f", "-o", str(plain), str(tarball)], timeout=BACKUP_TIMEOUT
+        )
+    except CroftError as exc:
+        plain.unlink(missing_ok=True)
+        raise InvalidArgument(f"Invalid backup tarball: {exc}") from None
+    plain.rename(tarball)
 
 
 async def _sync(origin: Path, into: Path) -> None:
