@@ -69,6 +69,19 @@ class Backups:
     def __init__(self, root: Path) -> None:
         self.root = root
 
+    def sweep(self) -> None:
+        """What a killed service left: uploads never imported and tarballs never
+        finished. Only what is older than any work still under way (another replica's)
+        could be: BACKUP_TIMEOUT."""
+        now = time.time()
+        for upload in (self.root / "uploads").glob("*"):
+            if now - upload.stat().st_mtime > BACKUP_TIMEOUT:
+                shutil.rmtree(upload, ignore_errors=True)
+        for pattern in ("*/.*.partial", "*/.*.send"):
+            for left in (self.root / "instances").glob(pattern):
+                if now - left.stat().st_mtime > BACKUP_TIMEOUT:
+                    left.unlink(missing_ok=True)
+
     # ------------------------------------------------------------------ export
 
     def path(self, project: str, instance: str, backup: str) -> Path:

@@ -372,6 +372,7 @@ class StorageCore:
         await self.ensure_default_pool()
         await self.mount_pools()
         await self.reconcile()
+        await asyncio.to_thread(self.backups.sweep)
 
     async def migrate_pools(self) -> None:
         """Rewrite pool records of the one-owner shape into the cluster shape. Any member
