@@ -7,6 +7,7 @@ tampered tarball is refused with LXD's envelope and leaves nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import json
@@ -22,6 +23,7 @@ import pytest
 import yaml
 
 from .conftest import Croft, Lxc
+from .test_faults import VOLUMES, kill_when, serving_pid, wait_until
 from .test_storage_pools import mounts_under, subvolume_show
 
 
@@ -388,3 +390,51 @@ def test_a_croft_export_imports_into_lxd_and_boots(env: dict[str, Any]) -> None:
         assert [s.rsplit("/", 1)[-1] for s in snaps] == ["snap0"]
     finally:
         lxd("delete", "--force", name, check=False)
+
+
+def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(
+    env: dict[str, Any],
+) -> None:
+    """storage dies once the imported volume's record is claimed: the import fails, and
+    once storage is back neither the instance, nor its volume, nor the volume's record
+    is left."""
+    lxc, state, croft = env["lxc"], env["state"], env["croft"]
+    make_instance(lxc, "kil", "bt")
+    tarball = env["tmp"] / "kil.tar.gz"
+    lxc("export", "kil", str(tarball))
+    lxc("delete", "kil")
+    storage = serving_pid(croft, "storage")
+    assert storage
+
+    def claimed(key: str, value: dict[str, Any]) -> bool:
+        return key.endswith("/container/kil")
+
+    async def import_and_kill() -> subprocess.CompletedProcess[str]:
+        killer = asyncio.create_task(kill_when(croft, VOLUMES, claimed, storage))
+        await asyncio.sleep(0.3)
+        started = await asyncio.create_subprocess_exec(
+            "lxc", "import", str(tarball), env=lxc.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(killer, 120)
+        out, err = await asyncio.wait_for(started.communicate(), 180)
+        return subprocess.CompletedProcess([], started.returncode or 0, out.decode(), err.decode())
+
+    result = asyncio.run(import_and_kill())
+    assert result.returncode != 0, result.stdout
+    wait_until(lambda: serving_pid(croft, "storage", other_than=storage), 60, "storage back")
+
+    def nothing_left() -> bool:
+        listed = [i["name"] for i in lxc.json("list")]
+        volumes = query(lxc, "/1.0/storage-pools/bt/volumes")
+        return (
+            "kil" not in listed
+            and not volume_dir(state, "bt", "kil").exists()
+            and not any(v.endswith("/container/kil") for v in volumes)
+        )
+
+    wait_until(nothing_left, 60, "nothing of the cut import")
+    # The tarball still imports whole.
+    lxc("import", str(tarball))
+    assert lxc("file", "pull", "kil/state", "-").stdout == "two"
+    lxc("delete", "kil")
