@@ -438,3 +438,25 @@ def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(
     lxc("import", str(tarball))
     assert lxc("file", "pull", "kil/state", "-").stdout == "two"
     lxc("delete", "kil")
+
+
+def test_an_optimized_btrfs_backup_is_refused_by_a_dir_pool_and_leaves_nothing(
+    env: dict[str, Any],
+) -> None:
+    lxc, state = env["lxc"], env["state"]
+    make_instance(lxc, "opt", "bt")
+    tarball = env["tmp"] / "opt.tar.gz"
+    lxc("export", "opt", str(tarball), "--optimized-storage")
+    lxc("delete", "opt")
+
+    refused = lxc("import", str(tarball), "--storage", "default", check=False)
+
+    assert refused.returncode != 0
+    assert "can only be imported into a btrfs pool" in refused.stderr
+    assert "opt" not in [i["name"] for i in lxc.json("list")]
+    assert not volume_dir(state, "default", "opt").exists()
+    uploads = state / "backups" / "uploads"
+    assert not uploads.exists() or list(uploads.iterdir()) == []
+    lxc("import", str(tarball))
+    assert lxc("file", "pull", "opt/state", "-").stdout == "two"
+    lxc("delete", "opt")
