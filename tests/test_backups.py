@@ -434,6 +434,8 @@ def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(
         )
 
     wait_until(nothing_left, 60, "nothing of the cut import")
+    uploads = state / "backups" / "uploads"
+    wait_until(lambda: not list(uploads.iterdir()), 60, "the staged upload dropped")
     # The tarball still imports whole.
     lxc("import", str(tarball))
     assert lxc("file", "pull", "kil/state", "-").stdout == "two"

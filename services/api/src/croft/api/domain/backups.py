@@ -35,7 +35,7 @@ from croft.api.domain.placement import place
 from croft.api.domain.snapshots import render_snapshot, snapshots_of
 from croft.api.operations import OperationContext
 from croft.api.services import services
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, Unavailable
 from croft.common.models import (
     BackupMeta,
     InstanceBackupRecord,
@@ -54,6 +54,8 @@ COMPRESSIONS = ("gzip", "bzip2", "xz", "lzma", "zstd", "none")
 # A backup of a big root volume may take long.
 BACKUP_TIMEOUT = 3600.0
 CHUNK = 1 << 20
+# How many times (a second apart) a failed import tries to drop its staged upload.
+DISCARD_ATTEMPTS = 60
 
 
 def volume_name(project: str, name: str) -> str:
@@ -317,9 +319,17 @@ async def stage_upload(request: Request, member: str) -> storage_pb2.BackupReply
 
 
 async def discard_upload(member: str, upload: str) -> None:
-    client = await services().storage(member)
-    with contextlib.suppress(CroftError):
-        await client.discard_backup_upload(storage_pb2.BackupUploadRef(upload=upload))
+    """Drop a staged upload; a storage service that is restarting (the import failed
+    because it died) is given a while to come back (DISCARD_ATTEMPTS)."""
+    for _ in range(DISCARD_ATTEMPTS):
+        try:
+            client = await services().storage(member)
+            await client.discard_backup_upload(storage_pb2.BackupUploadRef(upload=upload))
+            return
+        except Unavailable:
+            await asyncio.sleep(1.0)
+        except CroftError:
+            return
 
 
 def _mapping(value: Any, what: str) -> dict[str, Any]:
