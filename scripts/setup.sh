@@ -16,6 +16,7 @@ APT_PACKAGES=(
   python3-venv                                  # the virtual environment on /usr/bin/python3
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
   curl xz-utils squashfs-tools openssl
+  gzip bzip2 zstd                               # backup tarballs: lxc export --compression
   attr                                          # setfattr, getfattr: tests check that xattrs survive
   util-linux                                    # setpriv: the node agent's children die with it
   qemu-system-x86 qemu-utils                    # virtual machines (TCG where KVM cannot run guests)

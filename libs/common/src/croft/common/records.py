@@ -27,6 +27,7 @@ DEFAULT_PROJECT = "default"
 # The kinds of record under RECORDS (`croft.common.models` has a model for each).
 INSTANCES = "instances"
 INSTANCE_SNAPSHOTS = "instance-snapshots"
+INSTANCE_BACKUPS = "instance-backups"
 STORAGE_POOLS = "storage-pools"
 STORAGE_VOLUMES = "storage-volumes"
 NETWORKS = "networks"

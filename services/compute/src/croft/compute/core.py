@@ -288,9 +288,11 @@ class ComputeCore:
         fingerprint: str,
         rider: Rider | None = None,
         copy: CopyOf | None = None,
+        restore: RestoreOf | None = None,
     ) -> dict[str, Any]:
         """`copy`: the instance is a copy of another of this member (`copy()`), its
-        volume copied from that one's instead of made from an image."""
+        volume copied from that one's instead of made from an image. `restore`: it is
+        imported from a backup (`import_()`), its volume made from the staged tarball."""
         project = record.get("project") or DEFAULT_PROJECT
         name = record["name"]
         # Refused before anything is made: a type no driver on this member runs.
@@ -305,6 +307,9 @@ class ComputeCore:
         config = dict(record.get("config") or {})
         expanded = dict(record.get("expanded_config") or {})
         volatile: dict[str, str] = {"volatile.uuid": str(uuid.uuid4())}
+        if restore is not None and config.get("volatile.uuid"):
+            # As LXD: an imported instance keeps its identity (uuid, MACs).
+            volatile["volatile.uuid"] = config["volatile.uuid"]
         if fingerprint:
             volatile["volatile.base_image"] = fingerprint
             # LXD applies the image's "create" templates at the first start.
@@ -369,6 +374,16 @@ class ComputeCore:
                     volume = await self._copy_volume(
                         copy, pool, project, name, instance_type, root.get("size", "")
                     )
+                elif restore is not None:
+                    volume = await storage.restore_instance_volume(
+                        storage_pb2.VolumeRequest(
+                            pool=pool, project=project, type=instance_type,
+                            name=driver_name(project, name), backup_upload=restore.upload,
+                            snapshots=[snap["name"] for snap in restore.snapshots],
+                            size=root.get("size", ""),
+                        ),
+                        idempotent=False, timeout=COPY_TIMEOUT,
+                    )  # fmt: skip
                 else:
                     volume = await storage.create_instance_volume(
                         storage_pb2.VolumeRequest(
@@ -419,6 +434,9 @@ class ComputeCore:
             if copy is not None:
                 # The copied snapshots' records go in with the instance's.
                 event = [*self._copied_snapshots(copy, project, name, pool), *event]
+            if restore is not None:
+                restored = CopyOf(project, name, snapshots=restore.snapshots)
+                event = [*self._copied_snapshots(restored, project, name, pool), *event]
 
             async def complete() -> None:
                 nonlocal completed
@@ -1367,6 +1385,17 @@ class ComputeCore:
             created = await self._create(record, "", rider, copy=source)
         return created
 
+    async def import_(
+        self, record: dict[str, Any], restore: RestoreOf, rider: Rider | None = None
+    ) -> dict[str, Any]:
+        """A new instance `record` (expanded by the caller, from the backup's backup.yaml)
+        whose root volume and snapshots are made from the backup that storage staged as
+        `restore.upload`; the snapshots' records are `restore.snapshots`. As LXD, it keeps
+        its `volatile.*` (uuid, MACs). On failure nothing of it is left."""
+        project = record.get("project") or DEFAULT_PROJECT
+        async with self.lock(project, record["name"]):
+            return await self._create(record, "", rider, restore=restore)
+
     async def _copy_volume(
         self, copy: CopyOf, pool: str, project: str, name: str, instance_type: str, size: str
     ) -> storage_pb2.VolumeReply:
@@ -1696,6 +1725,15 @@ class CopyOf:
     instance_only: bool = False
     allow_inconsistent: bool = False
     record: dict[str, Any] = field(default_factory=dict)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class RestoreOf:
+    """What an import is made of (`ComputeCore.import_`): a backup staged by storage, and
+    its snapshots' records (oldest first)."""
+
+    upload: str
     snapshots: list[dict[str, Any]] = field(default_factory=list)
 
 

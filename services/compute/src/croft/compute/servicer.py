@@ -19,11 +19,12 @@ from croft.common.models import InstanceRecord, SnapshotRecord
 from croft.common.models.instance_wire import (
     instance_from_wire,
     instance_to_wire,
+    snapshot_from_wire,
     snapshot_to_wire,
 )
 from croft.common.records import DEFAULT_PROJECT
 from croft.common.riders import Rider, from_wire
-from croft.compute.core import ComputeCore, CopyOf
+from croft.compute.core import ComputeCore, CopyOf, RestoreOf
 from croft.compute.drivers import ExecProcess
 from croft.compute.publish import properties_of
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
@@ -107,6 +108,14 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         )
         rider = from_wire(request.closing)
         return _reply(await self.core.copy(_record(request.instance), source, rider), rider)
+
+    async def ImportInstance(
+        self, request: compute_pb2.ImportInstanceRequest, context: Context
+    ) -> compute_pb2.InstanceReply:
+        snapshots = [snapshot_from_wire(snap).dump() for snap in request.snapshots]
+        restore = RestoreOf(request.upload, snapshots)
+        rider = from_wire(request.closing)
+        return _reply(await self.core.import_(_record(request.instance), restore, rider), rider)
 
     async def MoveInstance(
         self, request: compute_pb2.MoveInstanceRequest, context: Context

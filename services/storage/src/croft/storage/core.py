@@ -37,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,6 +67,7 @@ from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.imageformat.format import unpack_image, unpack_vm_image
 from croft.storage import transfer
+from croft.storage.backups import Backups, Staged, mark_optimized
 from croft.storage.drivers import (
     DRIVERS,
     INSTANCE_TYPES,
@@ -294,6 +295,7 @@ class StorageCore:
         self._drivers: dict[str, StorageDriver] = {}
         self._locks: KeyedLock[tuple[str, str]] = KeyedLock()
         self._image_records: set[str] = set()  # image volume records known to exist
+        self.backups = Backups(context.config.state_dir / "backups")
 
     # ------------------------------------------------------------------ plumbing
 
@@ -370,6 +372,7 @@ class StorageCore:
         await self.ensure_default_pool()
         await self.mount_pools()
         await self.reconcile()
+        await asyncio.to_thread(self.backups.sweep)
 
     async def migrate_pools(self) -> None:
         """Rewrite pool records of the one-owner shape into the cluster shape. Any member
@@ -1247,6 +1250,83 @@ class StorageCore:
             with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
                 await driver.mark_recorded(new_vol)
             mounted = await driver.mount_volume(new_vol)
+        return self._result(driver, mounted, done)
+
+    # ------------------------------------------------------------------ backups
+
+    async def create_instance_backup(
+        self,
+        ref: VolumeRef,
+        instance: str,
+        backup: str,
+        snapshots: Sequence[str],
+        *,
+        index_yaml: str,
+        backup_yaml: str,
+        compression: str,
+        optimized: bool = False,
+    ) -> tuple[int, bool]:
+        """The backup tarball `backup` of the instance volume `ref` (stopped or frozen by
+        the caller) with its snapshots `snapshots`, in LXD's format: its size, and whether
+        it is `optimized` (the driver's btrfs send streams; a driver without them writes
+        the trees, as LXD's dir driver does)."""
+        driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
+        target = self.backups.path(ref.project, instance, backup)
+        async with self.locked(ref.pool, ref.name):
+            await self.volume_record(ref)
+            have = await driver.list_snapshots(vol)
+            missing = [name for name in snapshots if name not in have]
+            if missing:
+                raise NotFound(f"snapshot {ref.name}/{missing[0]} not found in pool {ref.pool!r}")
+            optimized = optimized and driver.capabilities.stream_format == "btrfs"
+            size = await self.backups.create(
+                driver, vol, snapshots, target,
+                index_yaml=mark_optimized(index_yaml, optimized), backup_yaml=backup_yaml,
+                compression=compression, optimized=optimized,
+            )  # fmt: skip
+            return size, optimized
+
+    def instance_backup_path(self, project: str, instance: str, backup: str) -> Path:
+        return self.backups.path(project or "default", instance, backup)
+
+    async def stage_backup(self, chunks: AsyncIterable[bytes]) -> Staged:
+        return await self.backups.stage(chunks)
+
+    async def discard_backup_upload(self, upload: str) -> None:
+        await self.backups.discard(upload)
+
+    async def restore_instance_volume(
+        self, ref: VolumeRef, upload: str, snapshots: Sequence[str], size: str = ""
+    ) -> VolumeResult:
+        """A new instance volume `ref` (and its snapshots, oldest first) from the staged
+        upload `upload`, which is discarded once the volume is whole. The record claims
+        the name first; on any failure neither record nor volume is left."""
+        for name in snapshots:
+            check_name(name, "snapshot name")
+        driver = await self.driver(ref.pool)
+        vol = ref.volume(driver, _checked_size(size))
+        async with self.locked(ref.pool, ref.name):
+            record = self._instance_record(ref)
+            await self._claim(ref.key, record, f"instance volume {ref.name!r}")
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_key(ref.key))
+                await self._require_no_volume(driver, ref, vol)
+                revert.add(lambda: driver.delete_volume(vol))
+                await uninterrupted(self.backups.restore(upload, snapshots, driver, vol))
+                operations: list[Create | Update | Put | Delete] = []
+                for name in await driver.list_snapshots(vol):
+                    snap = _completed(self._snapshot_record(ref, name))
+                    operations.append(Create(ref.snapshot_key(name), dump(snap)))
+                if operations:
+                    revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
+                    await self.store.transaction(operations)
+                done = await self._complete(ref.key, record)
+                revert.success()
+            with contextlib.suppress(CroftError):
+                await driver.mark_recorded(vol)
+            mounted = await driver.mount_volume(vol)
+        await self.backups.discard(upload)
         return self._result(driver, mounted, done)
 
     @contextlib.asynccontextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -287,3 +288,67 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> common_pb2.Json:
         return _json(await instance_volume_state(self.core, _ref(request)))
+
+    # ------------------------------------------------------------------ backups
+
+    async def CreateInstanceBackup(
+        self, request: storage_pb2.InstanceBackupRequest, context: Context
+    ) -> storage_pb2.BackupReply:
+        size, optimized = await self.core.create_instance_backup(
+            _backup_ref(request),
+            request.instance,
+            request.backup,
+            list(request.snapshots),
+            index_yaml=request.index_yaml,
+            backup_yaml=request.backup_yaml,
+            compression=request.compression,
+            optimized=request.optimized,
+        )
+        return storage_pb2.BackupReply(size=size, optimized=optimized)
+
+    async def ReadInstanceBackup(
+        self, request: storage_pb2.InstanceBackupRequest, context: Context
+    ) -> AsyncIterator[storage_pb2.BackupChunk]:
+        path = self.core.instance_backup_path(request.project, request.instance, request.backup)
+        async for data in self.core.backups.read(path):
+            yield storage_pb2.BackupChunk(data=data)
+
+    async def DeleteInstanceBackup(
+        self, request: storage_pb2.InstanceBackupRequest, context: Context
+    ) -> common_pb2.Empty:
+        path = self.core.instance_backup_path(request.project, request.instance, request.backup)
+        self.core.backups.delete(path)
+        return common_pb2.Empty()
+
+    async def UploadBackup(
+        self, request_iterator: AsyncIterator[storage_pb2.BackupChunk], context: Context
+    ) -> storage_pb2.BackupReply:
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in request_iterator:
+                yield chunk.data
+
+        staged = await self.core.stage_backup(chunks())
+        return storage_pb2.BackupReply(
+            upload=staged.upload,
+            index_yaml=staged.index_yaml,
+            backup_yaml=staged.backup_yaml,
+            optimized=staged.optimized,
+        )
+
+    async def DiscardBackupUpload(
+        self, request: storage_pb2.BackupUploadRef, context: Context
+    ) -> common_pb2.Empty:
+        await self.core.discard_backup_upload(request.upload)
+        return common_pb2.Empty()
+
+    async def RestoreInstanceVolume(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        result = await self.core.restore_instance_volume(
+            _ref(request), request.backup_upload, list(request.snapshots), request.size
+        )
+        return _reply(result)
+
+
+def _backup_ref(request: storage_pb2.InstanceBackupRequest) -> VolumeRef:
+    return VolumeRef.parse(request.pool, request.project, request.type, request.name)

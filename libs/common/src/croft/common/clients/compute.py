@@ -14,6 +14,7 @@ from croft.common.models.instance_wire import (
     instance_from_wire,
     instance_to_wire,
     snapshot_from_wire,
+    snapshot_to_wire,
 )
 from croft.common.riders import Rider, to_wire
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
@@ -71,6 +72,27 @@ class ComputeClient(TypedClient):
         """Rename the stopped instance `ref` to `new_name`; the record under its new name."""
         request = compute_pb2.RenameInstanceRequest(instance=ref, new_name=new_name)
         return _written(await self._unary("RenameInstance", request, _changing(timeout)))
+
+    async def import_instance(
+        self,
+        record: InstanceRecord,
+        upload: str,
+        snapshots: list[SnapshotRecord],
+        *,
+        rider: Rider | None = None,
+        timeout: float | None = None,
+    ) -> InstanceRecord:
+        """Create `record` (expanded by the caller) from the backup tarball that storage
+        staged as `upload`, with `snapshots` (oldest first, as backup.yaml lists them); the
+        record compute wrote. Never sent twice."""
+        request = compute_pb2.ImportInstanceRequest(
+            instance=instance_to_wire(record),
+            upload=upload,
+            snapshots=[snapshot_to_wire(snap) for snap in snapshots],
+            closing=to_wire(rider.writes) if rider else (),
+        )
+        reply = await self._unary("ImportInstance", request, _changing(timeout))
+        return _written(reply, rider)
 
     async def copy_instance(
         self,

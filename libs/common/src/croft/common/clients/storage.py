@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable
 
+import grpc
 from typing_extensions import Unpack
 
-from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.clients._base import CallOptions, RequestStream, TypedClient
 from croft.common.models import StoragePoolRecord, StorageVolumeRecord
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
@@ -177,3 +178,33 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[common_pb2.Json]:
         return self._unary("InstanceVolumeState", request, options)
+
+    def create_instance_backup(
+        self, request: storage_pb2.InstanceBackupRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.BackupReply]:
+        return self._unary("CreateInstanceBackup", request, options)
+
+    def read_instance_backup(
+        self, request: storage_pb2.InstanceBackupRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[storage_pb2.InstanceBackupRequest, storage_pb2.BackupChunk]:
+        return self.rpc.stream("ReadInstanceBackup", request, timeout=timeout)
+
+    def delete_instance_backup(
+        self, request: storage_pb2.InstanceBackupRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DeleteInstanceBackup", request, options)
+
+    def upload_backup(
+        self, requests: RequestStream[storage_pb2.BackupChunk], *, timeout: float | None = None
+    ) -> grpc.aio.StreamUnaryCall[storage_pb2.BackupChunk, storage_pb2.BackupReply]:
+        return self.rpc.stream("UploadBackup", requests, timeout=timeout)
+
+    def discard_backup_upload(
+        self, request: storage_pb2.BackupUploadRef, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DiscardBackupUpload", request, options)
+
+    def restore_instance_volume(
+        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.VolumeReply]:
+        return self._unary("RestoreInstanceVolume", request, options)

@@ -9,6 +9,8 @@ stored record's `_croft` alone, for the hot paths that read only that.
 from croft.common.models._base import CroftMeta, Model, Record
 from croft.common.models.image import ImageAliasRecord, ImageMeta, ImageRecord
 from croft.common.models.instance import (
+    BackupMeta,
+    InstanceBackupRecord,
     InstanceMeta,
     InstanceRecord,
     SnapshotMeta,
@@ -26,6 +28,8 @@ from croft.common.models.storage import (
 )
 
 __all__ = [
+    "BackupMeta",
+    "InstanceBackupRecord",
     "CroftMeta",
     "ImageAliasRecord",
     "ImageMeta",

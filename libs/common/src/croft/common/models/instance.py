@@ -11,7 +11,7 @@ from typing import Any, Final, Literal
 from pydantic import Field
 
 from croft.common.models._base import CroftMeta, Record
-from croft.common.records import INSTANCE_SNAPSHOTS, INSTANCES, record_key
+from croft.common.records import INSTANCE_BACKUPS, INSTANCE_SNAPSHOTS, INSTANCES, record_key
 
 #: An instance record claimed by a create that has not finished (the api hides it).
 CREATING: Final = "creating"
@@ -106,3 +106,31 @@ class SnapshotRecord(_InstanceBody):
     @staticmethod
     def meta_of(raw: dict[str, Any]) -> SnapshotMeta:
         return SnapshotMeta.model_validate(raw.get("_croft") or {})
+
+
+class BackupMeta(CroftMeta):
+    """A backup's `_croft`: the member whose storage keeps its tarball, and what that
+    tarball was made of."""
+
+    member: str = ""
+    pool: str = ""
+    compression: str = ""
+    #: "creating" until the tarball is whole.
+    state: Literal["creating", "created"] | None = None
+
+
+class InstanceBackupRecord(Record):
+    """An instance backup as the store holds it (`name` is the backup's own), LXD's
+    InstanceBackup plus `_croft`."""
+
+    name: str
+    created_at: str = ""
+    expires_at: str = ""
+    instance_only: bool = False
+    container_only: bool = False
+    optimized_storage: bool = False
+    croft: BackupMeta = Field(default_factory=BackupMeta, alias="_croft")
+
+    @staticmethod
+    def store_key(project: str, instance: str, backup: str) -> str:
+        return record_key(INSTANCE_BACKUPS, project, f"{instance}/{backup}")

@@ -20,6 +20,7 @@ from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import ApiContext, context
 from croft.api.domain import projects
+from croft.api.domain.backups import import_operation
 from croft.api.domain.compute import closing, ref, states_of
 from croft.api.domain.images import resolve_image
 from croft.api.domain.instance_copy import (
@@ -127,6 +128,9 @@ async def instances_post(request: Request) -> Response:
     ctx = context(request)
     project = query.project(request)
     await records.require_project(ctx.store, project)
+    if request.headers.get("content-type", "").startswith("application/octet-stream"):
+        # `lxc import`: the body is a backup tarball.
+        return await import_operation(ctx, request, project)
     req = await query.body(request, InstancesPost)
     # Every check that needs no other service comes first, so that a refused request
     # costs nothing and creates nothing. Messages are LXD 5.0.2's (measured); LXD reports

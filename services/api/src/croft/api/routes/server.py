@@ -96,6 +96,13 @@ API_EXTENSIONS: list[str] = [
     "storage_volume_state_total",
     "storage_shifted",
     "custom_block_volumes",
+    # instance backups (routes/instance_backups.py, domain/backups.py): lxc export
+    # --compression, lxc import [name] --storage
+    "container_backup",
+    "backup_compression",
+    "backup_compression_algorithm",
+    "container_backup_override_pool",
+    "backup_override_name",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
