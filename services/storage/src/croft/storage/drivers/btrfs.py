@@ -467,7 +467,13 @@ class BtrfsDriver(DirDriver):
         """Limit the subvolume at `path` to `size` referenced bytes ("" or 0: no limit)."""
         limit = parse_size(size) if size else 0
         await self._enable_quotas()
-        await self._btrfs("qgroup", "limit", str(limit) if limit else "none", str(path))
+        # The limit is set through the pool's root, naming the subvolume's qgroup: asked
+        # through the subvolume itself, the change's transaction is charged to that
+        # qgroup, and a full one refuses to be raised ("Disk quota exceeded").
+        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        await self._btrfs(
+            "qgroup", "limit", str(limit) if limit else "none", f"0/{subvolume}", str(self.source)
+        )
 
     # -- volumes ---------------------------------------------------------------------------
 
