@@ -26,10 +26,33 @@ class Identity:
     restricted: bool = False
     projects: tuple[str, ...] = ()
     address: str = ""
+    # How the caller proved who it is: "unix" (the socket), "tls" (a client certificate)
+    # or "oidc" (a bearer token; then `subject` is the token's `sub`, `name` its email or
+    # subject, and `groups` the identity provider's groups from `oidc.groups.claim`).
+    # Authorization (groups, entitlements) keys an identity by (method, id).
+    method: Literal["unix", "tls", "oidc"] | None = None
+    subject: str = ""
+    groups: tuple[str, ...] = ()
+
+    @property
+    def auth_method(self) -> Literal["unix", "tls", "oidc"]:
+        """LXD's `auth_user_method`: the method, or the transport when none was named."""
+        return self.method or self.protocol
+
+    @property
+    def id(self) -> str:
+        """The identity's key for authorization: the certificate's fingerprint (tls), the
+        token's subject (oidc), root on the socket."""
+        if self.auth_method == "oidc":
+            return self.subject
+        return self.username
 
     @property
     def username(self) -> str:
-        """LXD's requestor username: root on the socket, the fingerprint over TLS."""
+        """LXD's requestor username: root on the socket, the fingerprint over TLS, the
+        name (email) of an OIDC user."""
+        if self.auth_method == "oidc":
+            return self.name or self.subject
         return "root" if self.protocol == "unix" else self.fingerprint
 
 

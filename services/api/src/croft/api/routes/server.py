@@ -242,7 +242,7 @@ async def server_get(request: Request) -> Response:
         "auth_methods": ["tls"],
         # LXD's auth_user extension: who this client is, as the requestor of its changes.
         "auth_user_name": who.username,
-        "auth_user_method": who.protocol,
+        "auth_user_method": who.auth_method,
         "environment": environment(ctx.settings, project, addresses, await storage_drivers()),
     }
     return responses.sync(info, etag=records.etag(config))
