@@ -113,7 +113,7 @@ FAILED_CREATES = {
             name, bridge, eth1={"type": "nic", "network": "nosuchnet", "name": "eth1"}
         ),
         NotFound,
-        "",
+        None,
         None,
     ),
     # The driver refuses it last: after the volume and the NIC are made.
