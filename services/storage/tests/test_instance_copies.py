@@ -18,12 +18,11 @@ import pytest
 
 from croft.common.errors import Conflict, CroftError, NotFound
 from croft.common.records import record_prefix
-from croft.common.testing.host import subvolume_show
+from croft.common.testing.host import mounts_under, subvolume_show
 from croft.v1 import storage_pb2
 
 from .test_service import (  # noqa: F401 (fixtures)
     StorageService,
-    _mounted_under,
     busybox_image,
     etcd,
     storage,
@@ -51,7 +50,7 @@ async def pools(storage: StorageService) -> AsyncIterator[dict[str, str]]:
     try:
         yield {"dir": storage.pool, "bt1": "bt1", "bt2": "bt2"}
     finally:
-        for point in sorted(_mounted_under(storage.base / "state"), key=len, reverse=True):
+        for point in sorted(mounts_under(storage.base / "state"), key=len, reverse=True):
             await asyncio.to_thread(subprocess.run, ["umount", "-l", point], check=False)
 
 
