@@ -211,6 +211,15 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
+def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
+    """A running busybox container c1 (the image imported as busybox)."""
+    _, lxc, _ = croft_lxc
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    lxc("launch", "busybox", "c1")
+    return "c1"
+
+
+@pytest.fixture(scope="module")
 def croft_lxc() -> Iterator[tuple[Croft, Lxc, str]]:
     """A running croft with its own bridge, and the `lxc` client aimed at its socket."""
     with started_croft_lxc() as started:
