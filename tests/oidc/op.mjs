@@ -11,7 +11,7 @@ import Provider from 'oidc-provider';
 
 const port = Number(process.env.OP_PORT || 39090);
 const issuer = `http://127.0.0.1:${port}`;
-const audience = process.env.OP_AUDIENCE || 'croft';
+const audience = process.env.OP_AUDIENCE || 'urn:croft:api';
 const groups = JSON.parse(process.env.OP_GROUPS || '{}');
 const ttl = Number(process.env.OP_AT_TTL || 3600);
 const jwks = JSON.parse(fs.readFileSync(process.env.OP_KEYS, 'utf8'));
@@ -50,10 +50,11 @@ const oidc = new Provider(issuer, {
         audience,
         accessTokenTTL: ttl,
         accessTokenFormat: 'jwt',
-        jwt: { sign: { alg: 'RS256' } },
       }),
     },
   },
   ttl: { DeviceCode: 600, RefreshToken: 86400, IdToken: ttl, Grant: 86400, Session: 86400, Interaction: 600 },
 });
+oidc.on('server_error', (ctx, err) => console.error('server_error', err));
+oidc.on('grant.error', (ctx, err) => console.error('grant.error', err));
 oidc.listen(port, '127.0.0.1', () => console.log(`listening ${issuer}`));
