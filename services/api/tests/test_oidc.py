@@ -10,16 +10,23 @@ import hashlib
 import hmac
 import http.client
 import json
+import os
 import ssl
+import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
+import yaml
 from cryptography.hazmat.primitives import serialization
 
 from croft.api.oidc import Verifier, replica_oidc
+from croft.client import oidc as client_oidc
 from croft.common.testing.etcd import EtcdServer
 from croft.common.testing.oidc import OpenIDProvider, SigningKey, available
 
@@ -288,3 +295,91 @@ def test_key_rotation_at_the_provider_is_followed(croft: Croft) -> None:
             forged = op.sign(op.claims(), key=SigningKey.new())
             assert bearer(croft, forged).status == 401
         assert verifier.jwks_fetches <= before + 1
+
+
+# ---------------------------------------------------------------------------- croft login
+
+
+def croft_command(conf: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "LXD_CONF": str(conf)}
+    return subprocess.run(
+        [sys.executable, "-m", "croft.client.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_croft_login_runs_the_device_flow_and_refreshes(
+    croft: Croft, provider: OpenIDProvider, tmp_path: Path
+) -> None:
+    configure(croft, provider)
+    conf = tmp_path / "lxc"
+    (conf / "servercerts").mkdir(parents=True)
+    (conf / "servercerts" / "depot.crt").write_text((croft.state / "server.crt").read_text())
+    (conf / "config.yml").write_text(
+        yaml.safe_dump(
+            {"remotes": {"depot": {"addr": croft.url, "protocol": "lxd", "auth_type": "oidc"}}}
+        )
+    )
+    # Before a login: a stranger.
+    refused = croft_command(conf, "query", "depot:/1.0/instances")
+    assert refused.returncode == 1 and "not authorized" in refused.stderr
+
+    env = {**os.environ, "LXD_CONF": str(conf)}
+    login = subprocess.Popen(
+        [sys.executable, "-m", "croft.client.cli", "login", "depot"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert login.stdout is not None
+        lines = []
+        while not (line := login.stdout.readline()).startswith("Code: "):
+            assert line, f"croft login ended: {lines} {login.stderr.read() if login.stderr else ''}"
+            lines.append(line)
+        assert lines[0].startswith(f"URL: {provider.issuer}/device")
+        provider.approve(line.removeprefix("Code: ").strip(), "alice")  # the user, in a browser
+        out, err = login.communicate(timeout=120)
+    finally:
+        if login.poll() is None:
+            login.kill()
+            login.wait()
+    assert login.returncode == 0, err
+    assert "Logged in to depot" in out
+    tokens_file = conf / "oidctokens" / "depot.json"
+    assert stat.S_IMODE(tokens_file.stat().st_mode) == 0o600
+    tokens = json.loads(tokens_file.read_text())
+    assert tokens["refresh_token"] and tokens["issuer"] == provider.issuer
+
+    # The croft command works as alice.
+    shown = croft_command(conf, "query", "depot:/1.0")
+    assert shown.returncode == 0, shown.stderr
+    info = json.loads(shown.stdout)
+    assert (info["auth_user_method"], info["auth_user_name"]) == ("oidc", "alice@example.test")
+    made = croft_command(
+        conf, "query", "-X", "POST", "-d", '{"name": "fromlogin"}', "depot:/1.0/profiles"
+    )
+    assert made.returncode == 0, made.stderr
+    assert "/1.0/profiles/fromlogin" in croft.replica.request("GET", "/1.0/profiles").metadata
+
+    # An expired access token is refreshed (and stored) before the request.
+    tokens["expiry"] = "2000-01-01T00:00:00Z"
+    tokens_file.write_text(json.dumps(tokens))
+    assert croft_command(conf, "query", "depot:/1.0").returncode == 0
+    refreshed = json.loads(tokens_file.read_text())
+    assert refreshed["access_token"] != tokens["access_token"]
+    assert refreshed["expiry"] > "2001"
+
+    # An HTTP client of the remote works as alice; a token the remote refuses (401) is
+    # refreshed once and the request made again.
+    refreshed["access_token"] = provider.sign(provider.claims("alice", exp=int(time.time()) - 60))
+    tokens_file.write_text(json.dumps(refreshed))
+    with client_oidc.remote_client(client_oidc.Remote.named("depot", conf)) as http:
+        reply = http.get("/1.0")
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["metadata"]["auth_user_method"] == "oidc"
+    assert json.loads(tokens_file.read_text())["access_token"] != refreshed["access_token"]
