@@ -29,8 +29,10 @@ log in (the device-code flow of `croft login`); nothing of the token is echoed b
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import ssl
 import time
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -255,7 +257,9 @@ class Verifier:
     async def _fetch_keys(self, *, rediscover: bool) -> None:
         self._keys_fetched = time.monotonic()  # a failed fetch counts too: rate-limited
         issuer = self.settings.issuer
-        async with httpx.AsyncClient(timeout=FETCH_TIMEOUT, follow_redirects=False) as http:
+        async with httpx.AsyncClient(
+            verify=_tls_context(), timeout=FETCH_TIMEOUT, follow_redirects=False
+        ) as http:
             try:
                 if rediscover or not self._jwks_uri:
                     found = await http.get(issuer.rstrip("/") + "/.well-known/openid-configuration")
@@ -289,6 +293,12 @@ class Verifier:
             keys[str(item.get("kid", ""))] = key
             explicit[str(item.get("kid", ""))] = "alg" in item
         self._keys, self._explicit = keys, explicit
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The system's CAs, loaded once (a new httpx client would load them each time)."""
+    return ssl.create_default_context()
 
 
 # ---------------------------------------------------------------------------- per replica
