@@ -24,10 +24,12 @@ import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect as ws_connect
 
 from croft.api.oidc import Verifier, replica_oidc
 from croft.client import oidc as client_oidc
-from croft.common.testing.etcd import EtcdServer
+from croft.common.testing.etcd import EtcdServer, free_port
 from croft.common.testing.oidc import OpenIDProvider, SigningKey, available
 
 from .conftest import Reply
@@ -383,3 +385,44 @@ def test_croft_login_runs_the_device_flow_and_refreshes(
     assert reply.status_code == 200, reply.text
     assert reply.json()["metadata"]["auth_user_method"] == "oidc"
     assert json.loads(tokens_file.read_text())["access_token"] != refreshed["access_token"]
+
+
+def test_events_over_a_websocket_name_the_oidc_user(croft: Croft, provider: OpenIDProvider) -> None:
+    configure(croft, provider)
+    token = provider.device_login("alice")["access_token"]
+    context = ssl.create_default_context(cafile=str(croft.state / "server.crt"))
+    url = f"wss://127.0.0.1:{croft.port}/1.0/events?type=lifecycle"
+    with pytest.raises(InvalidStatus) as refused:
+        ws_connect(url, ssl=context, additional_headers={"Authorization": "Bearer forged"})
+    assert refused.value.response.status_code in (401, 403)
+    with ws_connect(
+        url, ssl=context, additional_headers={"Authorization": f"Bearer {token}"}
+    ) as ws:
+        deadline = time.monotonic() + 30
+        while croft.replica.ctx.hub.listeners == 0:
+            assert time.monotonic() < deadline, "the listener never registered"
+            time.sleep(0.05)
+        made = bearer(croft, token, "POST", "/1.0/profiles", {"name": "watched", "config": {}})
+        assert made.status == 201, made
+        event = json.loads(ws.recv(timeout=30))
+    assert event["metadata"]["action"] == "profile-created"
+    assert event["metadata"]["requestor"] == {
+        "username": "alice@example.test",
+        "protocol": "oidc",
+        "address": "127.0.0.1",
+    }
+
+
+def test_an_unreachable_provider_refuses_new_tokens_with_403(
+    croft: Croft, provider: OpenIDProvider
+) -> None:
+    gone = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    configure(croft, provider, **{"oidc.issuer": gone})
+    token = provider.sign(provider.claims(iss=gone))
+    for _ in range(2):  # the second within the refetch interval: the same answer
+        reply = bearer(croft, token)
+        assert reply.status == 403, reply
+        assert reply.error.startswith(
+            "Failed OIDC Authentication: Authorization failed: Cannot get the OpenID provider's keys"
+        ), reply.error
+        assert reply.headers["X-LXD-OIDC-issuer"] == gone

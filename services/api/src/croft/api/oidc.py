@@ -147,6 +147,7 @@ class Verifier:
     _explicit: dict[str, bool] = field(default_factory=dict)  # the JWK says its "alg"
     _keys_fetched: float = 0.0  # monotonic time of the last JWKS fetch (0: never)
     _jwks_uri: str = ""
+    _fetch_error: str = ""  # why the last fetch failed ("" if it did not)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _verified: dict[str, TokenUser] = field(default_factory=dict)
     jwks_fetches: int = 0  # how many times the JWKS was fetched (tests, the bench)
@@ -250,8 +251,19 @@ class Verifier:
             if key is not None and since <= self.keys_ttl:
                 return key  # another request fetched meanwhile
             if self._keys_fetched and since < self.refetch_interval:
-                return key  # an unknown kid: fetched a moment ago already
-            await self._fetch_keys(rediscover=stale or not self._jwks_uri)
+                # An unknown kid: fetched a moment ago already (or failed to be).
+                if key is None and self._fetch_error:
+                    raise ProviderUnreachable(self._fetch_error)
+                return key
+            try:
+                await self._fetch_keys(rediscover=stale or not self._jwks_uri)
+            except ProviderUnreachable as exc:
+                self._fetch_error = str(exc)
+                if key is not None:
+                    log.warning("OIDC: %s; keeping the keys fetched before", exc)
+                    return key
+                raise
+            self._fetch_error = ""
             return self._keys.get(kid)
 
     async def _fetch_keys(self, *, rediscover: bool) -> None:
