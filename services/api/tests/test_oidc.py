@@ -30,12 +30,10 @@ from websockets.sync.client import connect as ws_connect
 from croft.api.oidc import Verifier, replica_oidc
 from croft.client import oidc as client_oidc
 from croft.common.testing.etcd import EtcdServer, free_port
-from croft.common.testing.oidc import OpenIDProvider, SigningKey, available
+from croft.common.testing.oidc import OpenIDProvider, SigningKey
 
 from .conftest import Reply
 from .test_https import Croft, https_croft
-
-pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "")
 
 
 @pytest.fixture
