@@ -42,6 +42,7 @@ from pyroute2 import IPRoute
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
+from croft.common.instance_config import go_quote
 from croft.common.proc import run
 from croft.common.revert import Reverter
 from croft.network.drivers import (
@@ -56,7 +57,7 @@ from croft.network.drivers import (
 )
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import is_mac
-from croft.network.drivers._keys import Rule, check_config, check_interface_name, go_quote
+from croft.network.drivers._keys import Rule, check_config, check_interface_name
 from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
 
 log = logging.getLogger(__name__)
@@ -266,7 +267,11 @@ class _OvnHost:
         n = _Names(name)
         nb = self.nb()
         ids = {"croft-network": name}
-        gw = IPv4Interface(config["ipv4.address"]) if config.get("ipv4.address", "none") != "none" else None
+        gw = (
+            IPv4Interface(config["ipv4.address"])
+            if config.get("ipv4.address", "none") != "none"
+            else None
+        )
         gw6 = (
             IPv6Interface(config["ipv6.address"])
             if config.get("ipv6.address", "none") != "none"
@@ -286,7 +291,11 @@ class _OvnHost:
         networks = [str(i) for i in (gw, gw6) if i is not None]
         lrp_int_cols: dict[str, Any] = {"external_ids": ids}
         if gw6 is not None:
-            mode = "dhcpv6_stateful" if _is_true(config.get("ipv6.dhcp.stateful", "false")) else "slaac"
+            mode = (
+                "dhcpv6_stateful"
+                if _is_true(config.get("ipv6.dhcp.stateful", "false"))
+                else "slaac"
+            )
             lrp_int_cols["ipv6_ra_configs"] = {
                 "address_mode": mode,
                 "send_periodic": "true",
@@ -757,9 +766,7 @@ class OvnDriver(NetworkDriver):
         await self.validate(name, resolved)
         old = await in_thread(self._host.read, name) or {}
         for key in (VOLATILE_UPLINK_IPV4, VOLATILE_UPLINK_IPV6):
-            if key in old and key not in resolved and old.get("network") == resolved.get(
-                "network"
-            ):
+            if key in old and key not in resolved and old.get("network") == resolved.get("network"):
                 resolved[key] = old[key]
         await self._uplink(name, resolved)
         if await self.is_running(name):
@@ -785,7 +792,9 @@ class OvnDriver(NetworkDriver):
             if value not in ("none", "auto", ""):
                 iface = ipaddress.ip_interface(value)
                 addresses.append(
-                    NetworkStateAddress(family, str(iface.ip), str(iface.network.prefixlen), "global")
+                    NetworkStateAddress(
+                        family, str(iface.ip), str(iface.network.prefixlen), "global"
+                    )
                 )
         return NetworkState(
             addresses=addresses,
@@ -819,9 +828,11 @@ class OvnDriver(NetworkDriver):
         if ipv6:
             raise InvalidArgument('Cannot specify "ipv6.address" on a NIC of an OVN network')
         if ipv4:
-            gw = IPv4Interface(config.get("ipv4.address", "none")) if config.get(
-                "ipv4.address", "none"
-            ) != "none" else None
+            gw = (
+                IPv4Interface(config.get("ipv4.address", "none"))
+                if config.get("ipv4.address", "none") != "none"
+                else None
+            )
             try:
                 ip = IPv4Address(ipv4)
             except ValueError:
@@ -835,9 +846,7 @@ class OvnDriver(NetworkDriver):
         nics = await in_thread(self._host.read, network, "nics.json") or {}
         async with Reverter() as revert:
             revert.add(lambda: in_thread(self._host.remove_port, network, instance, hwaddr))
-            address = await in_thread(
-                self._host.add_port, network, config, instance, hwaddr, ipv4
-            )
+            address = await in_thread(self._host.add_port, network, config, instance, hwaddr, ipv4)
             nics[hwaddr] = {"instance": instance, "ipv4": ipv4 or ""}
             await in_thread(self._host.write, network, nics, "nics.json")
             revert.success()
