@@ -6,7 +6,6 @@ switches, routers and SNAT."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import secrets
 import signal
@@ -20,13 +19,11 @@ import yaml
 
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
+from croft.network.testing import ovn_host_lock
 
 from .conftest import Croft, Lxc, started_croft_lxc
 from .test_containers import ipv4_of, wait_until
-
-# The userspace datapath's own host interface ("ovs-netdev") is one per host: two
-# crofts' OVN tests (two worktrees) take turns.
-_HOST_LOCK = "/run/lock/croft-ovn-tests.lock"
+from .test_faults import serving_pid
 
 
 def unique(prefix: str) -> str:
@@ -79,8 +76,7 @@ class Ovn:
 def env(busybox_image: Path) -> Iterator[tuple[Croft, Lxc, str, Ovn]]:
     """A croft with an uplink bridge (`ipv4.ovn.ranges`), and its OVN, stopped after the
     croft (its network service restarts OVN daemons that die)."""
-    with open(_HOST_LOCK, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with ovn_host_lock():
         with started_croft_lxc() as (croft, lxc, bridge):
             ovn = Ovn(croft)
             try:
@@ -256,3 +252,35 @@ def test_ovn_daemons_are_restarted_when_they_die(
             )
     finally:
         lxc("network", "delete", name)
+
+
+def test_a_restarted_network_service_reuses_the_running_ovn(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    croft, lxc, _, ovn = env
+    up, up_subnet = uplink
+    name, instance = unique("or-"), unique("r-")
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        lxc("launch", "busybox", instance, "-n", name)
+        address = wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
+        pids = {daemon: ovn.daemons.pid(daemon) for daemon in ovn.daemons.ORDER}
+        service = serving_pid(croft, "network")
+        os.kill(service, signal.SIGKILL)
+        wait_until(lambda: serving_pid(croft, "network", other_than=service), 120, "network back")
+        # The same daemons, the same switch: the instance keeps its address and its way out,
+        # and a new instance is plugged in by the new service.
+        assert {daemon: ovn.daemons.pid(daemon) for daemon in ovn.daemons.ORDER} == pids
+        gateway = str(up_subnet.network_address + 1)
+        ping = lxc("exec", instance, "--", "ping", "-c", "2", "-W", "5", gateway, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        second = unique("r-")
+        lxc("launch", "busybox", second, "-n", name)
+        other = wait_until(lambda: ipv4_of(lxc, second), 180, "a lease after the restart")
+        assert other != address
+        ping = lxc("exec", second, "--", "ping", "-c", "2", "-W", "5", address, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        lxc("delete", "--force", instance, second)
+    finally:
+        lxc("network", "delete", name, check=False)
+    assert ovn.leftovers() == []

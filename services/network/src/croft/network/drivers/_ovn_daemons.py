@@ -75,8 +75,10 @@ class OvnPaths:
 
     def env(self) -> dict[str, str]:
         """The OVS/OVN tools' environment: nothing of theirs goes to the system paths."""
+        # Not croft's services: they outlive them, as the instances they carry do.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CROFT_")}
         return {
-            **os.environ,
+            **inherited,
             "OVS_RUNDIR": str(self.run),
             "OVS_DBDIR": str(self.db),
             "OVS_LOGDIR": str(self.logs),
@@ -103,6 +105,7 @@ class OvnDaemons:
     """The six daemons of one croft's OVN on this member."""
 
     ORDER = ("ovnnb_db", "ovnsb_db", "ovn-northd", "ovsdb-server", "ovs-vswitchd", "ovn-controller")
+    PROGRAMS = frozenset({"ovsdb-server", "ovn-northd", "ovs-vswitchd", "ovn-controller"})
 
     def __init__(self, paths: OvnPaths) -> None:
         self.paths = paths
@@ -229,6 +232,20 @@ class OvnDaemons:
     def running(self) -> bool:
         return self.paths.root.exists() and all(self.pid(d) is not None for d in self.ORDER)
 
+    def _pids(self) -> list[int]:
+        """The daemons of this OVN, last started first: by pid file, and by a command
+        line naming this OVN's run directory (pid files can be gone with the state)."""
+        found = [pid for d in reversed(self.ORDER) if (pid := self.pid(d)) is not None]
+        marker = f"{self.paths.run}/".encode()
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) in found:
+                continue
+            with contextlib.suppress(OSError):
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+                if Path(argv[0].decode()).name in self.PROGRAMS and any(marker in a for a in argv):
+                    found.append(int(entry.name))
+        return found
+
     def stop_all(self) -> None:
         """Stop every daemon and remove the host interfaces the userspace datapath made
         (they outlive ovs-vswitchd). For tests and for taking OVN off a host."""
@@ -240,14 +257,13 @@ class OvnDaemons:
                     env=self.paths.env(),
                 )
                 bridges = out.stdout.decode().split()
-        for daemon in reversed(self.ORDER):
-            pid = self.pid(daemon)
-            if pid is None:
-                continue
+        pids = self._pids()
+        for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+        for pid in pids:
             for _ in range(50):
-                if not _alive(pid, self._program(daemon)):
+                if not Path(f"/proc/{pid}").exists() or not _alive(pid, ""):
                     break
                 time.sleep(0.1)
             else:

@@ -844,6 +844,8 @@ class OvnDriver(NetworkDriver):
         hwaddr = hwaddr.lower()
         await self._daemons()
         nics = await in_thread(self._host.read, network, "nics.json") or {}
+        if ipv4 and any(other != hwaddr and nic.get("ipv4") == ipv4 for other, nic in nics.items()):
+            raise InvalidArgument(f'IP address "{ipv4}" already defined on another NIC')
         async with Reverter() as revert:
             revert.add(lambda: in_thread(self._host.remove_port, network, instance, hwaddr))
             address = await in_thread(self._host.add_port, network, config, instance, hwaddr, ipv4)
