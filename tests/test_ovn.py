@@ -284,3 +284,53 @@ def test_a_restarted_network_service_reuses_the_running_ovn(
     finally:
         lxc("network", "delete", name, check=False)
     assert ovn.leftovers() == []
+
+
+@pytest.fixture
+def outside() -> Iterator[tuple[str, IPv4Network]]:
+    """A physical uplink's parent: one end of a veth pair whose other end is in a network
+    namespace holding the uplink's gateway address (.1 of a free /24)."""
+    tag = secrets.token_hex(3)
+    parent, far, namespace = f"crop{tag}", f"croq{tag}", f"cron{tag}"
+    subnet = free_subnet()
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    subprocess.run(["ip", "link", "add", parent, "type", "veth", "peer", "name", far,
+                    "netns", namespace], check=True)  # fmt: skip
+    subprocess.run(["ip", "-n", namespace, "addr", "add", f"{subnet.network_address + 1}/24",
+                    "dev", far], check=True)  # fmt: skip
+    subprocess.run(["ip", "-n", namespace, "link", "set", far, "up"], check=True)
+    yield parent, subnet
+    subprocess.run(["ip", "link", "del", parent], capture_output=True)
+    subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+def test_an_ovn_network_on_a_physical_uplink_reaches_its_gateway(
+    env: tuple[Croft, Lxc, str, Ovn], outside: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    parent, subnet = outside
+    gateway = subnet.network_address + 1
+    physical, name, instance = unique("crph-"), unique("op-"), unique("p-")
+    bad = lxc("network", "create", physical, "--type=physical", f"parent={parent}",
+              f"ipv4.gateway={gateway}/24", f"ipv4.ovn.ranges={gateway}-{gateway + 9}",
+              check=False)  # fmt: skip
+    assert "cannot include the network's gateway address" in bad.stderr
+    lxc("network", "create", physical, "--type=physical", f"parent={parent}",
+        f"ipv4.gateway={gateway}/24", f"ipv4.ovn.ranges={gateway + 9}-{gateway + 19}",
+        f"dns.nameservers={gateway}")  # fmt: skip
+    try:
+        lxc("network", "create", name, "--type=ovn", f"network={physical}", "ipv6.address=none")
+        config = yaml.safe_load(lxc("network", "show", name).stdout)["config"]
+        assert config["volatile.network.ipv4.address"] == str(gateway + 9)
+        lxc("launch", "busybox", instance, "-n", name)
+        wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
+        ping = lxc("exec", instance, "--", "ping", "-c", "2", "-W", "5", str(gateway), check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        lxc("delete", "--force", instance)
+        lxc("network", "delete", name)
+        assert ovn.leftovers() == []
+        assert os.path.exists(f"/sys/class/net/{parent}")  # the uplink's parent stays
+    finally:
+        lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        lxc("network", "delete", physical, check=False)

@@ -359,7 +359,10 @@ class _OvnHost:
                 if gw is not None and _is_true(config.get("ipv4.nat", "false")):
                     txn.add(nb.lr_nat_add(n.lr, "snat", ext_ip, str(gw.network)))
         if gw is not None and _is_true(config.get("ipv4.dhcp", "true")):
-            dns = [str(uplink_gw.ip)] if uplink_gw is not None else [str(gw.ip)]
+            nameservers = [ns.strip() for ns in uplink.config.get("dns.nameservers", "").split(",")]
+            dns = [ns for ns in nameservers if ns and ipaddress.ip_address(ns).version == 4]
+            if not dns:
+                dns = [str(uplink_gw.ip)] if uplink_gw is not None else [str(gw.ip)]
             domain = config.get("dns.domain") or DEFAULT_DOMAIN
             options = {
                 "server_id": str(gw.ip),
@@ -391,6 +394,26 @@ class _OvnHost:
                 txn.add(nb.dhcp_options_del(row.uuid))
             for row in self.rows("DNS", name):
                 txn.add(nb.dns_del(row.uuid))
+
+    def drop_patch_ports(self, name: str) -> None:
+        """The patch ports ovn-controller made for the network's localnet port: gone
+        once it has seen the port go (waited for, so that a delete leaves no OVS port;
+        removed here if it has not within 10 s)."""
+        provider = _Names(name).lsp_provider
+        ovs = self.ovs()
+
+        def patches() -> list[Any]:
+            return [
+                row
+                for row in ovs.db_list_rows("Port").execute(check_error=True)
+                if row.external_ids.get("ovn-localnet-port") == provider
+            ]
+
+        deadline = time.monotonic() + 10
+        while patches() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        for row in patches():
+            ovs.del_port(row.name, if_exists=True).execute(check_error=True)
 
     # ---------------------------------------------------------------- uplink
 
@@ -748,6 +771,7 @@ class OvnDriver(NetworkDriver):
         await self._daemons()
         async with self._uplink_lock:
             await in_thread(self._host.remove_rows, name)
+            await in_thread(self._host.drop_patch_ports, name)
             await in_thread(self._host.unwire_unused_uplinks)
         marker.unlink(missing_ok=True)
 
@@ -758,6 +782,7 @@ class OvnDriver(NetworkDriver):
         await in_thread(self._host.delete_ports, name)
         async with self._uplink_lock:
             await in_thread(self._host.remove_rows, name)
+            await in_thread(self._host.drop_patch_ports, name)
             await in_thread(self._host.unwire_unused_uplinks)
         await in_thread(shutil.rmtree, self.state_dir(name), True)
 
