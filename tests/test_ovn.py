@@ -17,12 +17,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from croft.common.testing.waiting import wait_until
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
 from croft.network.testing import ovn_host_lock
 
 from .conftest import Croft, Lxc, started_croft_lxc
-from .test_containers import ipv4_of, wait_until
+from .test_containers import ipv4_of
 from .test_faults import serving_pid
 
 
