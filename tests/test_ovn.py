@@ -281,6 +281,12 @@ def test_a_restarted_network_service_reuses_the_running_ovn(
         assert other != address
         ping = lxc("exec", second, "--", "ping", "-c", "2", "-W", "5", address, check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
+        # A restart hands the NIC back to the host and takes it again: same address.
+        lxc("restart", "--force", second)
+        again = wait_until(lambda: ipv4_of(lxc, second), 180, "the lease after a restart")
+        assert again == other
+        ping = lxc("exec", second, "--", "ping", "-c", "2", "-W", "5", address, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
         lxc("delete", "--force", instance, second)
     finally:
         lxc("network", "delete", name, check=False)

@@ -283,7 +283,12 @@ class _OvnHost:
         ext_mac = _mac_for(f"{self.paths.root}/{name}/ext")
         self.wire_uplink(uplink)
         if self.exists(name) and self.read(name) == dict(config):
-            return  # made with this config already (a service restart): keep it as it is
+            # Made with this config already (a service restart): keep it as it is, and
+            # give back the veths of NICs a host restart took away.
+            for hwaddr, nic in sorted((self.read(name, "nics.json") or {}).items()):
+                if not Path("/sys/class/net", veth_names(name, hwaddr)[0]).exists():
+                    self.add_port(name, config, nic["instance"], hwaddr, nic.get("ipv4") or None)
+            return
         self.remove_rows(name)
         other: dict[str, str] = {}
         if gw is not None:
