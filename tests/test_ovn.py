@@ -341,3 +341,27 @@ def test_an_ovn_network_on_a_physical_uplink_reaches_its_gateway(
         lxc("delete", "--force", instance, check=False)
         lxc("network", "delete", name, check=False)
         lxc("network", "delete", physical, check=False)
+
+
+def test_defaults_are_lxds(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    up, _ = uplink
+    name = unique("oa-")
+    # Two uplinks here (the croft's bridge and this one): LXD asks which.
+    refused = lxc("network", "create", name, "--type=ovn", check=False)
+    assert 'Option "network" is required' in refused.stderr
+    lxc("network", "create", name, "--type=ovn", f"network={up}")
+    try:
+        config = yaml.safe_load(lxc("network", "show", name).stdout)["config"]
+        assert config["ipv4.address"].endswith(".1/24") and config["ipv4.nat"] == "true"
+        ipv6_on = Path("/proc/sys/net/ipv6/conf/default/disable_ipv6").read_text().strip() == "0"
+        if ipv6_on:
+            assert config["ipv6.address"].startswith("fd42:")
+            assert config["ipv6.address"].endswith("::1/64")
+        info = lxc("network", "info", name)
+        assert config["ipv4.address"].split("/")[0] in info.stdout
+    finally:
+        lxc("network", "delete", name)
+    assert ovn.leftovers() == []
