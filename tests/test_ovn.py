@@ -170,6 +170,15 @@ def test_two_ovn_networks_give_addresses_route_to_the_uplink_and_keep_apart(
     # OVN's DNS answers the instances' names.
     resolved = lxc("exec", names[0], "--", "nslookup", names[1], check=False)
     assert str(b) in resolved.stdout, resolved.stdout + resolved.stderr
+    # A live change remakes the network's rows; the NICs keep their addresses.
+    lxc("network", "set", o1, "dns.domain", "example")
+    resolved = lxc("exec", names[0], "--", "nslookup", f"{names[1]}.example", check=False)
+    assert str(b) in resolved.stdout, resolved.stdout + resolved.stderr
+    assert ping(names[1], a).returncode == 0
+    leases = lxc.json("network", "list-leases", o1)
+    assert {lease["address"] for lease in leases} == {str(a), str(b)}
+    refused = lxc("network", "set", o1, "ipv4.address", f"{s1.network_address + 1}/25", check=False)
+    assert "while in use" in refused.stderr
 
     for name in names:
         lxc("delete", "--force", name)

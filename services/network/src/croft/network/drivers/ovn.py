@@ -287,7 +287,7 @@ class _OvnHost:
             # give back the veths of NICs a host restart took away.
             for hwaddr, nic in sorted((self.read(name, "nics.json") or {}).items()):
                 if not Path("/sys/class/net", veth_names(name, hwaddr)[0]).exists():
-                    self.add_port(name, config, nic["instance"], hwaddr, nic.get("ipv4") or None)
+                    self._readd(name, config, hwaddr, nic)
             return
         self.remove_rows(name)
         other: dict[str, str] = {}
@@ -384,7 +384,11 @@ class _OvnHost:
         dns_row = self.rows("DNS", name)[0]
         nb.ls_add_dns_record(n.ls_int, dns_row.uuid).execute(check_error=True)
         for hwaddr, nic in sorted((self.read(name, "nics.json") or {}).items()):
-            self.add_port(name, config, nic["instance"], hwaddr, nic.get("ipv4") or None)
+            self._readd(name, config, hwaddr, nic)
+
+    def _readd(self, name: str, config: Mapping[str, str], hwaddr: str, nic: Any) -> None:
+        pinned = nic.get("ipv4") or None
+        self.add_port(name, config, nic["instance"], hwaddr, pinned, nic.get("address") or None)
 
     def remove_rows(self, name: str) -> None:
         """Every NB row of the network; then the uplink's wiring if no network uses it."""
@@ -495,17 +499,26 @@ class _OvnHost:
         instance: str,
         hwaddr: str,
         ipv4: str | None,
+        known: str | None = None,
     ) -> str | None:
         """The instance NIC's logical switch port, its veth pair and its OVS port;
-        returns the pinned address (None: dynamic, from OVN's DHCP)."""
+        returns its address (pinned, or the one OVN's DHCP gives: `known`, the one it
+        had before, when it still fits the subnet), None if OVN gave none in time."""
         n = _Names(name)
         nb = self.nb()
         port = n.instance_port(hwaddr)
         address = f"{hwaddr} {ipv4}" if ipv4 else f"{hwaddr} dynamic"
         ids = {"croft-network": name, "croft-instance": instance}
+        columns: dict[str, Any] = {"addresses": [address], "external_ids": ids}
+        subnet = config.get("ipv4.address", "none")
+        fits = bool(known) and subnet != "none"
+        if not ipv4 and fits and IPv4Address(known) in IPv4Interface(subnet).network:
+            # northd keeps a dynamic address that is set and valid: the NIC keeps its
+            # address across a re-attach or a rebuild of the network's rows.
+            columns["dynamic_addresses"] = f"{hwaddr} {known}"
         with nb.transaction(check_error=True) as txn:
             txn.add(nb.lsp_del(port, if_exists=True))
-            txn.add(nb.lsp_add(n.ls_int, port, addresses=[address], external_ids=ids))
+            txn.add(nb.lsp_add(n.ls_int, port, **columns))
         dhcp = self.rows("DHCP_Options", name)
         if dhcp:
             nb.lsp_set_dhcpv4_options(port, dhcp[0].uuid).execute(check_error=True)
@@ -526,11 +539,11 @@ class _OvnHost:
                     "Interface", host, ("external_ids", {"iface-id": port, "croft-network": name})
                 )
             )
-        self._dns_record(name, instance, port, ipv4)
-        return ipv4
+        return self._dns_record(name, instance, port, ipv4)
 
-    def _dns_record(self, name: str, instance: str, port: str, ipv4: str | None) -> None:
-        """The instance's name in the network's DNS, once OVN has given it an address."""
+    def _dns_record(self, name: str, instance: str, port: str, ipv4: str | None) -> str | None:
+        """The instance's name in the network's DNS, once OVN has given it an address;
+        returns that address."""
         address = ipv4
         deadline = time.monotonic() + 10
         while address is None and time.monotonic() < deadline:
@@ -542,13 +555,14 @@ class _OvnHost:
             time.sleep(0.05)
         dns = self.rows("DNS", name)
         if not address or not dns:
-            return
+            return address
         nb = self.nb()
         records = dict(dns[0].records)
         # OVN answers exact names: the bare one and the one under the network's domain.
         for host in self._dns_names(name, instance):
             records[host] = address
         nb.db_set("DNS", dns[0].uuid, ("records", records)).execute(check_error=True)
+        return address
 
     def _dns_names(self, name: str, instance: str) -> set[str]:
         domain = (self.read(name) or {}).get("dns.domain") or DEFAULT_DOMAIN
@@ -878,11 +892,14 @@ class OvnDriver(NetworkDriver):
             raise InvalidArgument(f'IP address "{ipv4}" already defined on another NIC')
         async with Reverter() as revert:
             revert.add(lambda: in_thread(self._host.remove_port, network, instance, hwaddr))
-            address = await in_thread(self._host.add_port, network, config, instance, hwaddr, ipv4)
-            nics[hwaddr] = {"instance": instance, "ipv4": ipv4 or ""}
+            known = (nics.get(hwaddr) or {}).get("address") or None
+            address = await in_thread(
+                self._host.add_port, network, config, instance, hwaddr, ipv4, known
+            )
+            nics[hwaddr] = {"instance": instance, "ipv4": ipv4 or "", "address": address or ""}
             await in_thread(self._host.write, network, nics, "nics.json")
             revert.success()
-        return address
+        return ipv4
 
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         if not self.state_dir(network).exists():
