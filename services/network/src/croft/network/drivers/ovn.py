@@ -539,9 +539,11 @@ class _OvnHost:
                     "Interface", host, ("external_ids", {"iface-id": port, "croft-network": name})
                 )
             )
-        return self._dns_record(name, instance, port, ipv4)
+        return self._dns_record(name, config, instance, port, ipv4)
 
-    def _dns_record(self, name: str, instance: str, port: str, ipv4: str | None) -> str | None:
+    def _dns_record(
+        self, name: str, config: Mapping[str, str], instance: str, port: str, ipv4: str | None
+    ) -> str | None:
         """The instance's name in the network's DNS, once OVN has given it an address;
         returns that address."""
         address = ipv4
@@ -559,21 +561,17 @@ class _OvnHost:
         nb = self.nb()
         records = dict(dns[0].records)
         # OVN answers exact names: the bare one and the one under the network's domain.
-        for host in self._dns_names(name, instance):
+        for host in _dns_names(config, instance):
             records[host] = address
         nb.db_set("DNS", dns[0].uuid, ("records", records)).execute(check_error=True)
         return address
-
-    def _dns_names(self, name: str, instance: str) -> set[str]:
-        domain = (self.read(name) or {}).get("dns.domain") or DEFAULT_DOMAIN
-        return {instance.lower(), f"{instance}.{domain}".lower()}
 
     def remove_port(self, name: str, instance: str, hwaddr: str) -> None:
         port = _Names(name).instance_port(hwaddr)
         nb = self.nb()
         nb.lsp_del(port, if_exists=True).execute(check_error=True)
         dns = self.rows("DNS", name)
-        names = self._dns_names(name, instance)
+        names = _dns_names(self.read(name) or {}, instance)
         if dns and names & set(dns[0].records):
             records = {k: v for k, v in dns[0].records.items() if k not in names}
             nb.db_set("DNS", dns[0].uuid, ("records", records)).execute(check_error=True)
@@ -601,6 +599,12 @@ class _OvnHost:
         """Every instance veth of the network (their OVS ports go with the bridge rows)."""
         for hwaddr, nic in (self.read(name, "nics.json") or {}).items():
             self.remove_port(name, nic["instance"], hwaddr)
+
+
+def _dns_names(config: Mapping[str, str], instance: str) -> set[str]:
+    """An instance's names in OVN's DNS: bare and under the network's domain."""
+    domain = config.get("dns.domain") or DEFAULT_DOMAIN
+    return {instance.lower(), f"{instance}.{domain}".lower()}
 
 
 def _checksums_in_software(ifname: str) -> None:
