@@ -24,7 +24,6 @@ from croft.network.testing import ovn_host_lock
 
 from .conftest import Croft, Lxc, started_croft_lxc
 from .test_containers import ipv4_of
-from .test_faults import serving_pid
 
 
 def unique(prefix: str) -> str:
@@ -275,9 +274,9 @@ def test_a_restarted_network_service_reuses_the_running_ovn(
         lxc("launch", "busybox", instance, "-n", name)
         address = wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
         pids = {daemon: ovn.daemons.pid(daemon) for daemon in ovn.daemons.ORDER}
-        service = serving_pid(croft, "network")
+        service = croft.serving_pid("network")
         os.kill(service, signal.SIGKILL)
-        wait_until(lambda: serving_pid(croft, "network", other_than=service), 120, "network back")
+        wait_until(lambda: croft.serving_pid("network", other_than=service), 120, "network back")
         # The same daemons, the same switch: the instance keeps its address and its way out,
         # and a new instance is plugged in by the new service.
         assert {daemon: ovn.daemons.pid(daemon) for daemon in ovn.daemons.ORDER} == pids
@@ -373,4 +372,43 @@ def test_defaults_are_lxds(
         assert config["ipv4.address"].split("/")[0] in info.stdout
     finally:
         lxc("network", "delete", name)
+    assert ovn.leftovers() == []
+
+
+def test_a_network_service_killed_in_a_create_leaves_all_of_it_or_none(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    croft, lxc, _, ovn = env
+    up, _ = uplink
+    first, name = unique("ok-"), unique("ok-")
+    lxc("network", "create", first, "--type=ovn", f"network={up}", "ipv6.address=none")
+    service = croft.serving_pid("network")
+    create = subprocess.Popen(
+        ["lxc", "network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none"],
+        env=lxc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    router = f"croft-net-{name}-lr"
+    # SIGKILL the service as soon as the new network's router is in OVN: half-way through.
+    killed = False
+    while create.poll() is None:
+        if router in ovn.nb("--bare", "--columns=name", "list", "Logical_Router").split():
+            os.kill(service, signal.SIGKILL)
+            killed = True
+            break
+    create.communicate(timeout=120)
+    wait_until(lambda: croft.serving_pid("network", other_than=service), 120, "network back")
+
+    def settled() -> str:
+        shown = lxc("query", f"/1.0/networks/{name}", check=False)
+        if shown.returncode == 0:
+            return "whole" if '"status": "Created"' in shown.stdout else ""
+        made = [r for r in ovn.leftovers() if name in r]
+        return "none" if not made else ""
+
+    outcome = wait_until(settled, 120, "the create to be whole or gone")
+    print(f"killed half-way: {killed}; the network is {outcome}")
+    if outcome == "whole":
+        assert router in ovn.nb("--bare", "--columns=name", "list", "Logical_Router").split()
+        lxc("network", "delete", name)
+    lxc("network", "delete", first)
     assert ovn.leftovers() == []
