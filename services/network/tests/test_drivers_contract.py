@@ -69,7 +69,7 @@ CASES: dict[str, Case] = {
     # On UPLINK, a Linux bridge of this module's that the driver sees as a bridge network.
     "ovn": Case(
         config={"network": "crtupl", "ipv6.address": "none"},
-        live_change={"dns.domain": "example"},
+        live_change={"dns.domain": "example", "bridge.mtu": "1400"},
     ),
 }
 

@@ -279,7 +279,8 @@ class _OvnHost:
         )
         uplink_gw = _uplink_gateway(uplink)
         ext_ip = config.get(VOLATILE_UPLINK_IPV4, "")
-        router_mac = _mac_for(f"{self.paths.root}/{name}/int")
+        router_mac = config.get("bridge.hwaddr") or _mac_for(f"{self.paths.root}/{name}/int")
+        mtu = config.get("bridge.mtu") or "1500"  # what OVN's DHCP and RAs tell instances
         ext_mac = _mac_for(f"{self.paths.root}/{name}/ext")
         self.wire_uplink(uplink)
         if self.exists(name) and self.read(name) == dict(config):
@@ -304,7 +305,7 @@ class _OvnHost:
             lrp_int_cols["ipv6_ra_configs"] = {
                 "address_mode": mode,
                 "send_periodic": "true",
-                "mtu": "1500",
+                "mtu": mtu,
             }
         external = uplink_gw is not None and bool(ext_ip)
         # In steps: ovsdbapp's commands look up the rows an earlier step made.
@@ -376,7 +377,7 @@ class _OvnHost:
                 "router": str(gw.ip),
                 "dns_server": "{" + ",".join(dns) + "}",
                 "domain_name": f'"{domain}"',
-                "mtu": "1500",
+                "mtu": mtu,
             }
             dhcp = nb.dhcp_options_add(str(gw.network), **ids).execute(check_error=True)
             nb.dhcp_options_set_options(dhcp.uuid, **options).execute(check_error=True)
@@ -847,8 +848,8 @@ class OvnDriver(NetworkDriver):
         return NetworkState(
             addresses=addresses,
             counters=NetworkStateCounters(),
-            hwaddr=_mac_for(f"{self._host.paths.root}/{name}/int"),
-            mtu=1500,
+            hwaddr=config.get("bridge.hwaddr") or _mac_for(f"{self._host.paths.root}/{name}/int"),
+            mtu=int(config.get("bridge.mtu") or 1500),
             state="up",
             type="broadcast",
         )
