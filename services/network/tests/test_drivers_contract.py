@@ -69,6 +69,7 @@ CASES: dict[str, Case] = {
     # On UPLINK, a Linux bridge of this module's that the driver sees as a bridge network.
     "ovn": Case(
         config={"network": "crtupl", "ipv6.address": "none"},
+        failing_start={"network": "crtupldown"},  # an uplink that is not up here
         live_change={"dns.domain": "example", "bridge.mtu": "1400"},
     ),
 }
@@ -130,6 +131,7 @@ def settings(kind: str, request: pytest.FixtureRequest) -> Iterator[DriverSettin
     if kind == "ovn":
         uplink: NetworkInfo = request.getfixturevalue("uplink_network")
         networks[uplink.name] = uplink
+        networks["crtupldown"] = NetworkInfo("crtupldown", "bridge", uplink.config)
 
     async def lookup() -> dict[str, NetworkInfo]:
         return dict(networks)

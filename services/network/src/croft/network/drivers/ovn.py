@@ -454,6 +454,9 @@ class _OvnHost:
         """The uplink's OVS bridge, mapped to its name, with the uplink's host side in
         it: a veth pair into a bridge uplink, the parent of a physical one."""
         bridge = self.paths.uplink_bridge(uplink.name)
+        host_side = uplink.name if uplink.type == "bridge" else uplink.config.get("parent", "")
+        if not Path("/sys/class/net", host_side).exists():
+            raise Unavailable(f'Uplink network "{uplink.name}" is not up on this host')
         ovs = self.ovs()
         ovs.add_br(bridge, may_exist=True, datapath_type="netdev").execute(check_error=True)
         if uplink.type == "bridge":
