@@ -25,6 +25,10 @@ from croft.network.testing import ovn_host_lock
 from .conftest import Croft, Lxc, started_croft_lxc
 from .test_containers import ipv4_of
 
+# The userspace datapath on a shared 2-core host is slow, and the first test also pays for
+# the croft and OVN's start (and may wait for another run's OVN tests): generous limits.
+pytestmark = pytest.mark.timeout(900)
+
 
 def unique(prefix: str) -> str:
     return prefix + secrets.token_hex(3)
