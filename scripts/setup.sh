@@ -13,6 +13,7 @@ APT_PACKAGES=(
   btrfs-progs                                   # btrfs storage pools on loop files
   rsync                                         # custom volume copies across storage pools
   dnsmasq-base dnsmasq-utils nftables iproute2 iputils-ping bridge-utils   # managed networks (dhcp_release)
+  ovn-central ovn-host openvswitch-switch openvswitch-common ethtool   # OVN networks (userspace datapath)
   python3-venv                                  # the virtual environment on /usr/bin/python3
   lxd-client lxd-tools                          # the real lxc client and lxd-benchmark, for tests
   curl xz-utils squashfs-tools openssl

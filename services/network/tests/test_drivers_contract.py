@@ -21,11 +21,14 @@ from croft.network.drivers import (
     DRIVERS,
     DriverSettings,
     NetworkDriver,
+    NetworkInfo,
     NetworkState,
     generate_hwaddr,
     load_driver,
 )
-from croft.network.testing import link_exists, sh
+from croft.network.drivers import _subnets as subnets
+from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
+from croft.network.testing import link_exists, ovn_host_lock, sh
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,40 @@ CASES: dict[str, Case] = {
         live_change={"mtu": "1400"},
         renames=True,
     ),
+    # On UPLINK, a Linux bridge of this module's that the driver sees as a bridge network.
+    "ovn": Case(
+        config={"network": "crtupl", "ipv6.address": "none"},
+        failing_start={"network": "crtupldown"},  # an uplink that is not up here
+        live_change={"dns.domain": "example", "bridge.mtu": "1400"},
+    ),
 }
+
+# The OVN daemons of this module (started by the ovn driver's first network).
+OVN_ROOT = Path(tempfile.mkdtemp(prefix="croft-net-contract-ovn-"))
+UPLINK = "crtupl"
+
+
+@pytest.fixture(scope="module")
+def uplink_network() -> Iterator[NetworkInfo]:
+    """A Linux bridge with an address, as an uplink bridge network with OVN ranges; OVN's
+    daemons go with it (and the host's OVN test lock is held meanwhile)."""
+    used4, _ = subnets.host_networks()
+    base = subnets.pick_ipv4_subnet(used4).network_address
+    with ovn_host_lock():
+        sh("ip", "link", "add", UPLINK, "type", "bridge")
+        sh("ip", "addr", "add", f"{base + 1}/24", "dev", UPLINK)
+        sh("ip", "link", "set", UPLINK, "up")
+        config = {
+            "ipv4.address": f"{base + 1}/24",
+            "ipv4.dhcp.ranges": f"{base + 100}-{base + 200}",
+            "ipv4.ovn.ranges": f"{base + 10}-{base + 19}",
+        }
+        try:
+            yield NetworkInfo(UPLINK, "bridge", config)
+        finally:
+            OvnDaemons(OvnPaths(OVN_ROOT, "")).stop_all()
+            sh("ip", "link", "del", UPLINK, check=False)
+            shutil.rmtree(OVN_ROOT, ignore_errors=True)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -89,9 +125,24 @@ def kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def settings() -> Iterator[DriverSettings]:
+def settings(kind: str, request: pytest.FixtureRequest) -> Iterator[DriverSettings]:
     root = Path(tempfile.mkdtemp(prefix="croft-net-contract-"))
-    yield DriverSettings(state_root=root, nft_table=f"croft_test_{secrets.token_hex(3)}")
+    networks = {}
+    if kind == "ovn":
+        uplink: NetworkInfo = request.getfixturevalue("uplink_network")
+        networks[uplink.name] = uplink
+        networks["crtupldown"] = NetworkInfo("crtupldown", "bridge", uplink.config)
+
+    async def lookup() -> dict[str, NetworkInfo]:
+        return dict(networks)
+
+    yield DriverSettings(
+        state_root=root,
+        nft_table=f"croft_test_{secrets.token_hex(3)}",
+        ovn_root=OVN_ROOT,
+        member="contract",
+        networks=lookup,
+    )
     shutil.rmtree(root, ignore_errors=True)
 
 

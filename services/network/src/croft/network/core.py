@@ -61,7 +61,7 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Entry, Operation, Put, Update, dump
-from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
+from croft.network.drivers import DriverSettings, NetworkDriver, NetworkInfo, load_driver
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +184,9 @@ class NetworkCore:
         self.settings = DriverSettings(
             state_root=context.config.networks_dir,
             nft_table=context.config.network.nft_table,
+            ovn_root=context.config.state_dir / "ovn",
+            member=self.member,
+            networks=self._member_networks,
         )
         self._drivers: dict[str, NetworkDriver] = {}
         self._locks: KeyedLock[str] = KeyedLock()
@@ -204,6 +207,25 @@ class NetworkCore:
             except InvalidArgument:
                 raise InvalidArgument("Unknown driver") from None
         return self._drivers[type_name]
+
+    async def _member_networks(self) -> dict[str, NetworkInfo]:
+        """Every network this member has, with its merged config (what a driver built
+        on another network, OVN on its uplink, reads)."""
+        mine = {
+            entry.key.removeprefix(RECORDS + "network-members/").split("/")[0]: (
+                NetworkMember.model_validate(entry.json())
+            )
+            for entry in await self.store.list(RECORDS + "network-members/")
+            if entry.key.endswith(f"/{self.member}")
+        }
+        found = {}
+        for entry in await self.store.list(record_prefix("networks", DEFAULT_PROJECT)):
+            record = NetworkRecord.model_validate(entry.json())
+            member = mine.get(record.name)
+            if member is not None:
+                config = {**record.config, **member.config}
+                found[record.name] = NetworkInfo(record.name, record.type, config)
+        return found
 
     async def _locked(self, name: str, work: Callable[[], Awaitable[T]]) -> T:
         """Run `work` under the network's lock: driver work and record changes of one
@@ -771,7 +793,7 @@ class NetworkCore:
                 await driver.remove_instance(name, nic.dns_name, previous.hwaddr)
             return NicAttachment(
                 nic_type=driver.capabilities.nic_type,
-                parent=driver.nic_parent(name, config),
+                parent=driver.instance_parent(name, config, hwaddr),
                 mtu=driver.instance_mtu(config),
                 ipv4=address,
             )

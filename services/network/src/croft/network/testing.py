@@ -10,9 +10,12 @@ DHCP and DNS clients. Real kernel, real dnsmasq; only the container is left out.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -137,3 +140,16 @@ def dnsmasq_pids(interface: str) -> list[int]:
 
 def link_exists(name: str) -> bool:
     return Path("/sys/class/net", name).exists()
+
+
+# The userspace datapath's own host interface ("ovs-netdev") is one per host, whatever
+# the croft: tests that run OVN (in any worktree) take turns.
+OVN_HOST_LOCK = "/run/lock/croft-ovn-tests.lock"
+
+
+@contextlib.contextmanager
+def ovn_host_lock() -> Iterator[None]:
+    """Hold the host's OVN test lock (blocking until another test run releases it)."""
+    with open(OVN_HOST_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -52,12 +52,36 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class NetworkInfo:
+    """Another network of this member, as a driver that builds on one sees it (an OVN
+    network's uplink): its type and its config (member-specific keys merged in)."""
+
+    name: str
+    type: str
+    config: Mapping[str, str]
+
+
+# Every network of this member by name (the core reads them from the store).
+NetworkLookup = Callable[[], Awaitable[dict[str, NetworkInfo]]]
+
+
+async def _no_networks() -> dict[str, NetworkInfo]:
+    return {}
+
+
+@dataclass(frozen=True)
 class DriverSettings:
     """Where a driver keeps host state; tests pass their own so they never touch the
     production network's files, firewall table or interfaces."""
 
     state_root: Path = DEFAULT_STATE_ROOT
     nft_table: str = DEFAULT_NFT_TABLE
+    # Where OVN's databases, sockets and logs live (one OVN per croft).
+    ovn_root: Path = DEFAULT_STATE_ROOT.parent / "ovn"
+    # This member's name: its OVN chassis name.
+    member: str = "none"
+    # The other networks of this member, for drivers built on one (OVN on its uplink).
+    networks: NetworkLookup = _no_networks
 
 
 @dataclass(frozen=True)
@@ -253,6 +277,12 @@ class NetworkDriver(ABC):
         """The network's leases and static allocations, LXD's `leases` shape."""
         return []
 
+    def instance_parent(self, name: str, config: Mapping[str, str], hwaddr: str) -> str:
+        """The host interface one instance NIC (by its MAC) is plugged with: by default
+        the network's `nic_parent`; a driver that makes one interface per NIC (OVN: a
+        veth whose far end compute moves into the instance) names it. Pure."""
+        return self.nic_parent(name, config)
+
 
 # Lazy "module:Class" so a driver whose dependencies are missing on a host does not stop
 # the others from loading; an unknown type is InvalidArgument.
@@ -265,6 +295,7 @@ DRIVERS: Registry[NetworkDriver] = Registry(
         "bridge": "croft.network.drivers.bridge:BridgeDriver",
         "macvlan": "croft.network.drivers.macvlan:MacvlanDriver",
         "physical": "croft.network.drivers.physical:PhysicalDriver",
+        "ovn": "croft.network.drivers.ovn:OvnDriver",
     },
 )
 
@@ -295,7 +326,9 @@ __all__ = [
     "Capabilities",
     "DriverSettings",
     "NetworkDriver",
+    "NetworkInfo",
     "NetworkLease",
+    "NetworkLookup",
     "NetworkState",
     "NetworkStateAddress",
     "NetworkStateBridge",

@@ -176,6 +176,7 @@ RULES: dict[str, Rule] = {
     "ipv4.dhcp.gateway": _optional(_address(4)),
     "ipv4.dhcp.expiry": _any,
     "ipv4.dhcp.ranges": _optional(_list_of(_range(4))),
+    "ipv4.ovn.ranges": _optional(_list_of(_range(4))),
     "ipv4.routes": _optional(_list_of(_network(4))),
     "ipv4.routing": _optional(parse_bool),
     "ipv6.address": _optional(_address_cidr(6)),
@@ -186,6 +187,7 @@ RULES: dict[str, Rule] = {
     "ipv6.dhcp.expiry": _any,
     "ipv6.dhcp.stateful": _optional(parse_bool),
     "ipv6.dhcp.ranges": _optional(_list_of(_range(6))),
+    "ipv6.ovn.ranges": _optional(_list_of(_range(6))),
     "ipv6.routes": _optional(_list_of(_network(6))),
     "ipv6.routing": _optional(parse_bool),
     "dns.domain": _any,
@@ -197,7 +199,7 @@ RULES: dict[str, Rule] = {
 # LXD's bridge keys that croft does not implement: refused by name.
 _UNSUPPORTED = re.compile(
     r"^(bridge\.external_interfaces|fan\..*|tunnel\..*|maas\..*|dns\.zone\..*|bgp\..*|"
-    r"ipv[46]\.(ovn\.ranges|nat\.order)|security\.acls.*)$"
+    r"ipv[46]\.nat\.order|security\.acls.*)$"
 )
 
 

@@ -135,6 +135,8 @@ class BridgeConfig:
         if v4_text not in ("auto", "none", ""):
             ipv4 = subnets.parse_ipv4_interface("ipv4.address", v4_text)
         ranges = _dhcp_ranges(config, "ipv4.dhcp.ranges", IPv4Address, ipv4)
+        _check_ovn_ranges(config, ipv4, ranges)
+        _dhcp_ranges(config, "ipv6.ovn.ranges", IPv6Address, None)
         nat_address = _optional_ip(config, "ipv4.nat.address", IPv4Address)
         dhcp_gateway = _optional_ip(config, "ipv4.dhcp.gateway", IPv4Address)
 
@@ -259,6 +261,38 @@ def _dhcp_ranges(
             raise _invalid(key, part, f"outside the subnet {interface.network}")
         ranges.append((start, end))
     return ranges
+
+
+def _check_ovn_ranges(
+    config: Mapping[str, str],
+    ipv4: IPv4Interface | None,
+    dhcp_ranges: list[tuple[IPv4Address, IPv4Address]],
+) -> None:
+    """`ipv4.ovn.ranges`, the addresses OVN routers take on this bridge as their uplink:
+    LXD's rules (inside the subnet, beside explicit DHCP ranges that they do not
+    overlap), and none may be the bridge's own address, which the routers route to."""
+    key = "ipv4.ovn.ranges"
+    ovn_ranges = _dhcp_ranges(config, key, IPv4Address, ipv4)
+    if not ovn_ranges:
+        return
+    if ipv4 is not None and _bool(config.get("ipv4.dhcp", "true")) and not dhcp_ranges:
+        raise InvalidArgument(
+            '"ipv4.ovn.ranges" must be used in conjunction with non-overlapping '
+            '"ipv4.dhcp.ranges" when DHCPv4 is enabled'
+        )
+    for start, end in ovn_ranges:
+        text = f"{start}-{end}"
+        for dhcp_start, dhcp_end in dhcp_ranges:
+            if start <= dhcp_end and dhcp_start <= end:
+                raise InvalidArgument(
+                    f'The range specified in "ipv4.ovn.ranges" ("{text}") cannot overlap '
+                    'with "ipv4.dhcp.ranges"'
+                )
+        if ipv4 is not None and start <= ipv4.ip <= end:
+            raise InvalidArgument(
+                f'The range specified in "ipv4.ovn.ranges" ("{text}") cannot include the '
+                f'network\'s gateway address "{ipv4.ip}"'
+            )
 
 
 def bridge_hwaddr(name: str) -> str:

@@ -4,6 +4,7 @@ brings the parent up with the network's `mtu`; stopping it puts the MTU back."""
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Mapping
 from pathlib import Path
 from typing import ClassVar
@@ -11,12 +12,62 @@ from typing import ClassVar
 from pyroute2 import IPRoute
 
 from croft.common.blocking import in_thread
+from croft.common.errors import InvalidArgument
 from croft.network.drivers import Capabilities
-from croft.network.drivers._keys import Rule, mtu, required_interface
+from croft.network.drivers._keys import Rule, _list_of, _range, mtu, required_interface
 from croft.network.drivers._parented import ParentedDriver
 from croft.network.drivers.macvlan import _unsupported
 
 _SAVED_MTU = "parent.mtu"
+
+
+def _gateway(value: str) -> object:
+    """`ipv4.gateway`: the uplink's gateway with its subnet (`10.0.0.1/24`)."""
+    try:
+        iface = ipaddress.IPv4Interface(value)
+    except ValueError:
+        raise ValueError(f"Not an IPv4 address with a prefix length {value!r}") from None
+    if "/" not in value or iface.ip == iface.network.network_address:
+        raise ValueError(f"Not an IPv4 gateway address with a prefix length {value!r}")
+    return None
+
+
+def _subnet(value: str) -> object:
+    try:
+        ipaddress.IPv4Network(value)
+    except ValueError:
+        raise ValueError(f"Not an IPv4 network {value!r}") from None
+    return None
+
+
+def _any_ip(value: str) -> object:
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        raise ValueError(f"Not an IP address {value!r}") from None
+    return None
+
+
+def check_ovn_ranges(config: Mapping[str, str]) -> None:
+    """`ipv4.ovn.ranges` inside `ipv4.gateway`'s subnet, never its address."""
+    text = config.get("ipv4.ovn.ranges", "")
+    gateway_text = config.get("ipv4.gateway", "")
+    if not text or not gateway_text:
+        return
+    gateway = ipaddress.IPv4Interface(gateway_text)
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        start_text, _, end_text = part.partition("-")
+        start, end = ipaddress.IPv4Address(start_text), ipaddress.IPv4Address(end_text)
+        if start not in gateway.network or end not in gateway.network:
+            raise InvalidArgument(
+                f'Failed parsing ipv4.ovn.ranges: IP range "{part}" does not fall within '
+                f"any of the allowed networks [{gateway.network}]"
+            )
+        if start <= gateway.ip <= end:
+            raise InvalidArgument(
+                f'The range specified in "ipv4.ovn.ranges" ("{part}") cannot include the '
+                f'network\'s gateway address "{gateway.ip}"'
+            )
 
 
 class PhysicalDriver(ParentedDriver):
@@ -32,6 +83,11 @@ class PhysicalDriver(ParentedDriver):
     rules: ClassVar[Mapping[str, Rule]] = {
         "parent": required_interface,
         "mtu": lambda v: mtu(v) if v else None,
+        # As an OVN uplink: the gateway OVN routers route to, the addresses they take.
+        "ipv4.gateway": lambda v: _gateway(v) if v else None,
+        "ipv4.ovn.ranges": lambda v: _list_of(_range(4))(v) if v else None,
+        "ipv4.routes": lambda v: _list_of(_subnet)(v) if v else None,
+        "dns.nameservers": lambda v: _list_of(_any_ip)(v) if v else None,
         **{
             key: _unsupported
             for key in (
@@ -39,20 +95,20 @@ class PhysicalDriver(ParentedDriver):
                 "gvrp",
                 "maas.subnet.ipv4",
                 "maas.subnet.ipv6",
-                "ipv4.gateway",
                 "ipv6.gateway",
-                "ipv4.ovn.ranges",
                 "ipv6.ovn.ranges",
-                "ipv4.routes",
                 "ipv4.routes.anycast",
                 "ipv6.routes",
                 "ipv6.routes.anycast",
-                "dns.nameservers",
                 "ovn.ingress_mode",
             )
         },
         "volatile.last_state.created": lambda v: None,
     }
+
+    async def validate(self, name: str, config: Mapping[str, str]) -> None:
+        await super().validate(name, config)
+        check_ovn_ranges(config)
 
     async def start_parent(self, name: str, config: Mapping[str, str]) -> None:
         await in_thread(self._set_up, name, config)

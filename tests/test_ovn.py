@@ -1,0 +1,418 @@
+"""OVN networks through LXD's API (issue 18): the real `lxc` client makes OVN networks on
+a bridge uplink of an isolated croft, whose network service runs real OVN daemons
+(NB, SB, northd, ovsdb-server, ovs-vswitchd on the userspace datapath, ovn-controller);
+unprivileged LXC containers get their addresses from OVN's DHCP and talk through OVN's
+switches, routers and SNAT."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+
+import pytest
+import yaml
+
+from croft.common.testing.waiting import wait_until
+from croft.network.drivers import _subnets as subnets
+from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
+from croft.network.testing import ovn_host_lock
+
+from .conftest import Croft, Lxc, started_croft_lxc
+from .test_containers import ipv4_of
+
+# The userspace datapath on a shared 2-core host is slow, and the first test also pays for
+# the croft and OVN's start (and may wait for another run's OVN tests): generous limits.
+pytestmark = pytest.mark.timeout(900)
+
+
+def unique(prefix: str) -> str:
+    return prefix + secrets.token_hex(3)
+
+
+class Ovn:
+    """The croft's OVN, read with OVN's own tools."""
+
+    def __init__(self, croft: Croft) -> None:
+        self.paths = OvnPaths(croft.root / "state" / "ovn", "")
+        self.daemons = OvnDaemons(self.paths)
+
+    def _tool(self, *argv: str) -> str:
+        result = subprocess.run(
+            list(argv), capture_output=True, text=True, env=self.paths.env(), timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    def nb(self, *args: str) -> str:
+        return self._tool("ovn-nbctl", f"--db={self.paths.nb}", *args)
+
+    def vsctl(self, *args: str) -> str:
+        return self._tool("ovs-vsctl", f"--db={self.paths.ovs}", *args)
+
+    def rows(self, table: str) -> list[str]:
+        """The names of a NB table's rows that croft made."""
+        out = self.nb("--bare", "--columns=name", "find", table, "external_ids:croft-network!=x")
+        return [line for line in out.split() if line]
+
+    def leftovers(self) -> list[str]:
+        """Every logical switch, router and port, DHCP and DNS row, OVS port and
+        instance veth of croft's: none once every OVN network is gone."""
+        found = []
+        for table in ("Logical_Switch", "Logical_Router", "Logical_Switch_Port"):
+            found += [f"{table} {name}" for name in self.rows(table)]
+        for table in ("DHCP_Options", "DNS"):
+            if self.nb("--bare", "--columns=_uuid", "list", table).strip():
+                found.append(table)
+        for bridge in self.vsctl("list-br").split():
+            found += [f"OVS port {p} on {bridge}" for p in self.vsctl("list-ports", bridge).split()]
+            if bridge != self.paths.integration_bridge:
+                found.append(f"OVS bridge {bridge}")
+        found += [f"veth {i}" for i in os.listdir("/sys/class/net") if i.startswith("ovn")]
+        return found
+
+
+@pytest.fixture(scope="module")
+def env(busybox_image: Path) -> Iterator[tuple[Croft, Lxc, str, Ovn]]:
+    """A croft with an uplink bridge (`ipv4.ovn.ranges`), and its OVN, stopped after the
+    croft (its network service restarts OVN daemons that die)."""
+    with ovn_host_lock():
+        with started_croft_lxc() as (croft, lxc, bridge):
+            ovn = Ovn(croft)
+            try:
+                lxc("image", "import", str(busybox_image), "--alias", "busybox")
+                yield croft, lxc, bridge, ovn
+            finally:
+                for instance in lxc.json("list"):
+                    lxc("delete", "--force", instance["name"], check=False)
+                for network in lxc.json("network", "list"):
+                    if network["type"] == "ovn":
+                        lxc("network", "delete", network["name"], check=False)
+                for network in lxc.json("network", "list"):
+                    if network["managed"] and network["name"] != bridge:
+                        lxc("network", "delete", network["name"], check=False)
+        ovn.daemons.stop_all()
+
+
+@pytest.fixture(scope="module")
+def uplink(env: tuple[Croft, Lxc, str, Ovn]) -> Iterator[tuple[str, IPv4Network]]:
+    """A bridge network OVN routers take addresses on (.10-.19), its gateway .1."""
+    _, lxc, _, _ = env
+    name = unique("crup-")
+    used4, _ = subnets.host_networks()
+    subnet = subnets.pick_ipv4_subnet(used4)
+    base = subnet.network_address
+    lxc("network", "create", name, f"ipv4.address={base + 1}/24", "ipv4.nat=true",
+        "ipv6.address=none", f"ipv4.dhcp.ranges={base + 100}-{base + 200}",
+        f"ipv4.ovn.ranges={base + 10}-{base + 19}")  # fmt: skip
+    yield name, subnet
+    lxc("network", "delete", name, check=False)
+
+
+def free_subnet(*taken: IPv4Network) -> IPv4Network:
+    used4, _ = subnets.host_networks()
+    return subnets.pick_ipv4_subnet([*used4, *taken])
+
+
+def test_two_ovn_networks_give_addresses_route_to_the_uplink_and_keep_apart(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    up, up_subnet = uplink
+    o1, o2 = unique("o1-"), unique("o2-")
+    s1 = free_subnet(up_subnet)
+    lxc("network", "create", o1, "--type=ovn", f"network={up}",
+        f"ipv4.address={s1.network_address + 1}/24", "ipv4.nat=true", "ipv6.address=none")  # fmt: skip
+    lxc("network", "create", o2, "--type=ovn", f"network={up}", "ipv6.address=none")
+    shown = yaml.safe_load(lxc("network", "show", o1).stdout)
+    assert shown["type"] == "ovn" and shown["managed"] is True
+    assert shown["config"]["network"] == up
+    router_ip = IPv4Address(shown["config"]["volatile.network.ipv4.address"])
+    assert up_subnet.network_address + 10 <= router_ip <= up_subnet.network_address + 19
+    auto = yaml.safe_load(lxc("network", "show", o2).stdout)["config"]
+    assert auto["ipv4.nat"] == "true" and auto["ipv4.address"].endswith("/24")
+    assert auto["volatile.network.ipv4.address"] != str(router_ip)  # one address each
+    # The uplink lists the networks built on it.
+    assert f"/1.0/networks/{o1}" in yaml.safe_load(lxc("network", "show", up).stdout)["used_by"]
+    refused = lxc("network", "delete", up, check=False)
+    assert "The network is currently in use" in refused.stderr
+
+    names = [unique("a-"), unique("b-"), unique("c-")]
+    lxc("launch", "busybox", names[0], "-n", o1)
+    lxc("launch", "busybox", names[1], "-n", o1)
+    lxc("launch", "busybox", names[2], "-n", o2)
+    # Addresses from OVN's DHCP: inside each network's subnet, not the router's.
+    a = IPv4Address(wait_until(lambda: ipv4_of(lxc, names[0]), 180, "an OVN DHCP lease (a)"))
+    b = IPv4Address(wait_until(lambda: ipv4_of(lxc, names[1]), 180, "an OVN DHCP lease (b)"))
+    c = IPv4Address(wait_until(lambda: ipv4_of(lxc, names[2]), 180, "an OVN DHCP lease (c)"))
+    assert a in s1 and b in s1 and a != b and s1.network_address + 1 not in (a, b)
+    assert c in IPv4Network(auto["ipv4.address"], strict=False)
+
+    def ping(instance: str, address: object) -> subprocess.CompletedProcess[str]:
+        return lxc("exec", instance, "--", "ping", "-c", "2", "-W", "5", str(address),
+                   check=False, timeout=60)  # fmt: skip
+
+    for source, target in ((names[0], b), (names[1], a), (names[0], up_subnet.network_address + 1)):
+        result = ping(source, target)
+        assert result.returncode == 0, f"{source} -> {target}: {result.stdout}{result.stderr}"
+    # The uplink's gateway sees the router's address (SNAT), and the other network's
+    # instances cannot reach these.
+    assert ping(names[2], up_subnet.network_address + 1).returncode == 0
+    for target in (a, b):
+        assert ping(names[2], target).returncode != 0
+
+    leases = lxc.json("network", "list-leases", o1)
+    assert {(lease["hostname"], lease["address"]) for lease in leases} == {
+        (names[0], str(a)),
+        (names[1], str(b)),
+    }
+    # OVN's DNS answers the instances' names.
+    resolved = lxc("exec", names[0], "--", "nslookup", names[1], check=False)
+    assert str(b) in resolved.stdout, resolved.stdout + resolved.stderr
+    # A live change remakes the network's rows; the NICs keep their addresses.
+    lxc("network", "set", o1, "dns.domain", "example")
+    resolved = lxc("exec", names[0], "--", "nslookup", f"{names[1]}.example", check=False)
+    assert str(b) in resolved.stdout, resolved.stdout + resolved.stderr
+    assert ping(names[1], a).returncode == 0
+    leases = lxc.json("network", "list-leases", o1)
+    assert {lease["address"] for lease in leases} == {str(a), str(b)}
+    refused = lxc("network", "set", o1, "ipv4.address", f"{s1.network_address + 1}/25", check=False)
+    assert "while in use" in refused.stderr
+
+    for name in names:
+        lxc("delete", "--force", name)
+    lxc("network", "delete", o1)
+    lxc("network", "delete", o2)
+    assert ovn.leftovers() == []
+
+
+def test_bad_input_is_refused_and_leaves_no_ovn_rows(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    up, up_subnet = uplink
+    base = up_subnet.network_address
+    name = unique("ob-")
+
+    def refused(*args: str) -> str:
+        result = lxc("network", "create", *args, check=False)
+        assert result.returncode != 0, result.stdout
+        assert lxc("query", f"/1.0/networks/{args[0]}", check=False).returncode != 0
+        return result.stderr
+
+    assert 'Option "network" value "nosuch" is not one of the allowed uplink networks' in (
+        refused(name, "--type=ovn", "network=nosuch", "ipv6.address=none")
+    )
+    # A subnet that is the uplink's own.
+    assert "overlaps" in refused(
+        name, "--type=ovn", f"network={up}", f"ipv4.address={base + 1}/25", "ipv4.nat=true",
+        "ipv6.address=none",
+    )  # fmt: skip
+    # An uplink whose OVN range takes its own gateway address.
+    bad_up = unique("crbu-")
+    s = free_subnet(up_subnet)
+    g = s.network_address
+    message = refused(
+        bad_up, f"ipv4.address={g + 1}/24", "ipv6.address=none",
+        f"ipv4.dhcp.ranges={g + 100}-{g + 200}", f"ipv4.ovn.ranges={g + 1}-{g + 10}",
+    )  # fmt: skip
+    assert "cannot include the network's gateway address" in message
+    assert not os.path.exists(f"/sys/class/net/{bad_up}")
+    # An uplink without ipv4.ovn.ranges.
+    plain = unique("crpl-")
+    lxc("network", "create", plain, f"ipv4.address={g + 1}/24", "ipv6.address=none")
+    try:
+        assert 'Missing required "ipv4.ovn.ranges" config key on uplink network' in refused(
+            name, "--type=ovn", f"network={plain}", "ipv6.address=none"
+        )
+    finally:
+        lxc("network", "delete", plain)
+    # The uplink's ranges are used up: a create that fails half-way leaves nothing.
+    made = []
+    try:
+        for _ in range(10):
+            made.append(unique("of-"))
+            lxc("network", "create", made[-1], "--type=ovn", f"network={up}", "ipv6.address=none")
+        assert "No free IPv4 addresses" in refused(
+            name, "--type=ovn", f"network={up}", "ipv6.address=none"
+        )
+    finally:
+        for network in made:
+            lxc("network", "delete", network, check=False)
+    assert ovn.leftovers() == []
+
+
+def test_ovn_daemons_are_restarted_when_they_die(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    up, _ = uplink
+    name = unique("od-")
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        for daemon in ("ovn-northd", "ovn-controller"):
+            pid = ovn.daemons.pid(daemon)
+            assert pid is not None, daemon
+            os.kill(pid, signal.SIGKILL)
+            wait_until(
+                lambda daemon=daemon, pid=pid: ovn.daemons.pid(daemon) not in (None, pid),
+                60,
+                f"{daemon} started again",
+            )
+    finally:
+        lxc("network", "delete", name)
+
+
+def test_a_restarted_network_service_reuses_the_running_ovn(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    croft, lxc, _, ovn = env
+    up, up_subnet = uplink
+    name, instance = unique("or-"), unique("r-")
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        lxc("launch", "busybox", instance, "-n", name)
+        address = wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
+        pids = {daemon: ovn.daemons.pid(daemon) for daemon in ovn.daemons.ORDER}
+        service = croft.serving_pid("network")
+        os.kill(service, signal.SIGKILL)
+        wait_until(lambda: croft.serving_pid("network", other_than=service), 120, "network back")
+        # The same daemons, the same switch: the instance keeps its address and its way out,
+        # and a new instance is plugged in by the new service.
+        assert {daemon: ovn.daemons.pid(daemon) for daemon in ovn.daemons.ORDER} == pids
+        gateway = str(up_subnet.network_address + 1)
+        ping = lxc("exec", instance, "--", "ping", "-c", "2", "-W", "5", gateway, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        second = unique("r-")
+        lxc("launch", "busybox", second, "-n", name)
+        other = wait_until(lambda: ipv4_of(lxc, second), 180, "a lease after the restart")
+        assert other != address
+        ping = lxc("exec", second, "--", "ping", "-c", "2", "-W", "5", address, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        # A restart hands the NIC back to the host and takes it again: same address.
+        lxc("restart", "--force", second)
+        again = wait_until(lambda: ipv4_of(lxc, second), 180, "the lease after a restart")
+        assert again == other
+        ping = lxc("exec", second, "--", "ping", "-c", "2", "-W", "5", address, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        lxc("delete", "--force", instance, second)
+    finally:
+        lxc("network", "delete", name, check=False)
+    assert ovn.leftovers() == []
+
+
+@pytest.fixture
+def outside() -> Iterator[tuple[str, IPv4Network]]:
+    """A physical uplink's parent: one end of a veth pair whose other end is in a network
+    namespace holding the uplink's gateway address (.1 of a free /24)."""
+    tag = secrets.token_hex(3)
+    parent, far, namespace = f"crop{tag}", f"croq{tag}", f"cron{tag}"
+    subnet = free_subnet()
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    subprocess.run(["ip", "link", "add", parent, "type", "veth", "peer", "name", far,
+                    "netns", namespace], check=True)  # fmt: skip
+    subprocess.run(["ip", "-n", namespace, "addr", "add", f"{subnet.network_address + 1}/24",
+                    "dev", far], check=True)  # fmt: skip
+    subprocess.run(["ip", "-n", namespace, "link", "set", far, "up"], check=True)
+    yield parent, subnet
+    subprocess.run(["ip", "link", "del", parent], capture_output=True)
+    subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
+
+
+def test_an_ovn_network_on_a_physical_uplink_reaches_its_gateway(
+    env: tuple[Croft, Lxc, str, Ovn], outside: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    parent, subnet = outside
+    gateway = subnet.network_address + 1
+    physical, name, instance = unique("crph-"), unique("op-"), unique("p-")
+    bad = lxc("network", "create", physical, "--type=physical", f"parent={parent}",
+              f"ipv4.gateway={gateway}/24", f"ipv4.ovn.ranges={gateway}-{gateway + 9}",
+              check=False)  # fmt: skip
+    assert "cannot include the network's gateway address" in bad.stderr
+    lxc("network", "create", physical, "--type=physical", f"parent={parent}",
+        f"ipv4.gateway={gateway}/24", f"ipv4.ovn.ranges={gateway + 9}-{gateway + 19}",
+        f"dns.nameservers={gateway}")  # fmt: skip
+    try:
+        lxc("network", "create", name, "--type=ovn", f"network={physical}", "ipv6.address=none")
+        config = yaml.safe_load(lxc("network", "show", name).stdout)["config"]
+        assert config["volatile.network.ipv4.address"] == str(gateway + 9)
+        lxc("launch", "busybox", instance, "-n", name)
+        wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
+        ping = lxc("exec", instance, "--", "ping", "-c", "2", "-W", "5", str(gateway), check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        lxc("delete", "--force", instance)
+        lxc("network", "delete", name)
+        assert ovn.leftovers() == []
+        assert os.path.exists(f"/sys/class/net/{parent}")  # the uplink's parent stays
+    finally:
+        lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        lxc("network", "delete", physical, check=False)
+
+
+def test_defaults_are_lxds(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    _, lxc, _, ovn = env
+    up, _ = uplink
+    name = unique("oa-")
+    # Two uplinks here (the croft's bridge and this one): LXD asks which.
+    refused = lxc("network", "create", name, "--type=ovn", check=False)
+    assert 'Option "network" is required' in refused.stderr
+    lxc("network", "create", name, "--type=ovn", f"network={up}")
+    try:
+        config = yaml.safe_load(lxc("network", "show", name).stdout)["config"]
+        assert config["ipv4.address"].endswith(".1/24") and config["ipv4.nat"] == "true"
+        ipv6_on = Path("/proc/sys/net/ipv6/conf/default/disable_ipv6").read_text().strip() == "0"
+        if ipv6_on:
+            assert config["ipv6.address"].startswith("fd42:")
+            assert config["ipv6.address"].endswith("::1/64")
+        info = lxc("network", "info", name)
+        assert config["ipv4.address"].split("/")[0] in info.stdout
+    finally:
+        lxc("network", "delete", name)
+    assert ovn.leftovers() == []
+
+
+def test_a_network_service_killed_in_a_create_leaves_all_of_it_or_none(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    croft, lxc, _, ovn = env
+    up, _ = uplink
+    first, name = unique("ok-"), unique("ok-")
+    lxc("network", "create", first, "--type=ovn", f"network={up}", "ipv6.address=none")
+    service = croft.serving_pid("network")
+    create = subprocess.Popen(
+        ["lxc", "network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none"],
+        env=lxc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    router = f"croft-net-{name}-lr"
+    # SIGKILL the service as soon as the new network's router is in OVN: half-way through.
+    killed = False
+    while create.poll() is None:
+        if router in ovn.nb("--bare", "--columns=name", "list", "Logical_Router").split():
+            os.kill(service, signal.SIGKILL)
+            killed = True
+            break
+    create.communicate(timeout=120)
+    wait_until(lambda: croft.serving_pid("network", other_than=service), 120, "network back")
+
+    def settled() -> str:
+        shown = lxc("query", f"/1.0/networks/{name}", check=False)
+        if shown.returncode == 0:
+            return "whole" if '"status": "Created"' in shown.stdout else ""
+        made = [r for r in ovn.leftovers() if name in r]
+        return "none" if not made else ""
+
+    outcome = wait_until(settled, 120, "the create to be whole or gone")
+    print(f"killed half-way: {killed}; the network is {outcome}")
+    if outcome == "whole":
+        assert router in ovn.nb("--bare", "--columns=name", "list", "Logical_Router").split()
+        lxc("network", "delete", name)
+    lxc("network", "delete", first)
+    assert ovn.leftovers() == []
