@@ -204,10 +204,12 @@ def may(connection: HTTPConnection, entitlement: str, entity: Entity) -> bool:
 _ENTITIES: dict[str, Entity | None] = {}
 
 
-def viewable(held: Grants, url: str) -> bool:
+def viewable(held: Grants, url: str, project: str = "default") -> bool:
     """Whether `held` may see what the LXD URL `url` names (an item of a list, a `used_by`
-    entry). URLs of no entity type here, and types without `can_view` (storage pools),
-    are seen by all."""
+    entry; one without `?project=` is in `project`). URLs of no entity type here, and
+    types without `can_view` (storage pools), are seen by all."""
+    if project != "default" and "project=" not in url:
+        url = f"{url}{'&' if '?' in url else '?'}project={quote(project, safe='')}"
     try:
         entity = _ENTITIES[url]
     except KeyError:

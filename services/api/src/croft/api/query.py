@@ -90,7 +90,8 @@ def listing(
     rendered = [render(r) if render else r for r in records]
     held = authz.grants(request)
     if held is not None:  # a caller held to grants sees what it may view only
-        rendered = [r for r in rendered if authz.viewable(held, url_of(r))]
+        asked = project(request)
+        rendered = [r for r in rendered if authz.viewable(held, url_of(r), asked)]
     if clauses is not None:
         rendered = [r for r in rendered if filters.matches(r, clauses)]
     if recursion(request) == 0:

@@ -62,29 +62,41 @@ class InstancesPost(InstancePut):
 @router.get("/1.0/containers")
 async def instances_list(request: Request) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
-    found = await listed(ctx.store, project)
+    every = request.query_params.get("all-projects", "").lower() == "true"
+    if every:
+        # `lxc list --all-projects`: every project's instances, each in its own project.
+        projects_found = [e.json()["name"] for e in await ctx.store.list(records.project_key(""))]
+        projects_found = sorted(projects_found, key=lambda p: p != records.DEFAULT_PROJECT)
+    else:
+        projects_found = [query.project(request)]
+        await records.require_project(ctx.store, projects_found[0])
+    found = []
+    for project in projects_found:
+        found += await listed(ctx.store, project)
     standalone = ctx.settings.location == "none"
+
+    def url_of(r: dict[str, Any]) -> str:
+        return records.url(KIND, r["name"], r.get("project") or projects_found[0])
+
     if query.recursion(request) == 2:
-        states, snapshots = await asyncio.gather(
-            states_of(found),
-            all_snapshots(ctx.store, project),
+        states, *snapshot_maps = await asyncio.gather(
+            states_of(found), *(all_snapshots(ctx.store, p) for p in projects_found)
         )
+        snapshots = {
+            (project, name): found_snapshots
+            for project, by_name in zip(projects_found, snapshot_maps, strict=True)
+            for name, found_snapshots in by_name.items()
+        }
         full = []
         for record, state in zip(found, states, strict=True):
             item = render(record, standalone)
             item["state"] = state
-            item["snapshots"] = snapshots.get(record.name, [])
+            item["snapshots"] = snapshots.get((record.project, record.name), [])
             item["backups"] = []
             full.append(item)
-        return responses.sync(
-            query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
-        )
+        return responses.sync(query.listing(full, request, url_of))
     rendered = [render(record, standalone) for record in found]
-    return responses.sync(
-        query.listing(rendered, request, lambda r: records.url(KIND, r["name"], project))
-    )
+    return responses.sync(query.listing(rendered, request, url_of))
 
 
 async def _check_instance_type(kind: str) -> None:
