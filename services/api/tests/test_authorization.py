@@ -10,8 +10,10 @@ from typing import Any
 
 from croft.api.tls import certificate_fingerprint
 
+from . import test_https
 from .test_https import Croft
-from .test_https import croft as https_croft  # noqa: F401  (the `croft` fixture)
+
+croft = test_https.croft  # the fixture: a replica serving HTTPS, and the auth service
 
 
 def put_instance(croft: Croft, project: str, name: str) -> None:
@@ -33,8 +35,7 @@ def perm(entity_type: str, url: str, entitlement: str) -> dict[str, str]:
     return {"entity_type": entity_type, "url": url, "entitlement": entitlement}
 
 
-def test_a_certificate_in_a_group_is_held_to_its_permissions(https_croft: Croft) -> None:
-    croft = https_croft
+def test_a_certificate_in_a_group_is_held_to_its_permissions(croft: Croft) -> None:
     root = croft.replica
     for project in ("pa", "pb"):
         assert root.request("POST", "/1.0/projects", {"name": project}).status == 201
@@ -117,8 +118,8 @@ def test_a_certificate_in_a_group_is_held_to_its_permissions(https_croft: Croft)
     assert names(dev.request("GET", "/1.0/instances?project=pb")) == ["c1", "secret"]
 
 
-def test_auth_records_are_checked_as_lxd_checks_them(https_croft: Croft) -> None:
-    root = https_croft.replica
+def test_auth_records_are_checked_as_lxd_checks_them(croft: Croft) -> None:
+    root = croft.replica
     for body, status, error in (
         ({"name": ""}, 400, "Group name cannot be empty"),
         ({"name": "a/b"}, 400, "Group name cannot contain a forward slash"),
