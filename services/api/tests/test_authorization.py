@@ -5,9 +5,13 @@ root on the socket and certificates in no group keep full access."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 
+import pytest
+
+from croft.api import trust_password
 from croft.api.tls import certificate_fingerprint
 
 from . import test_https
@@ -164,3 +168,49 @@ def test_auth_records_are_checked_as_lxd_checks_them(croft: Croft) -> None:
     root.request("PUT", "/1.0/auth/groups/g", {"permissions": [perm("server", "/1.0", "viewer")]})
     held = root.request("GET", "/1.0/auth/permissions?entity-type=server&recursion=1").metadata
     assert {**perm("server", "/1.0", "viewer"), "groups": ["g"]} in held
+
+
+def test_guessed_trust_tokens_are_rate_limited(
+    croft: Croft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token with a guessed secret is refused, and after a few from one address even a
+    good token is, for a while: nothing is added."""
+    monkeypatch.setattr(trust_password, "attempts", trust_password.PasswordAttempts())
+    good = croft.lxc("config", "trust", "add", "--name", "ci", "-q").stdout.strip()
+    guess = base64.b64encode(json.dumps({**json.loads(base64.b64decode(good)),
+                                         "secret": "0" * 64}).encode()).decode()  # fmt: skip
+    guesser = croft.client("guesser")
+    for _ in range(trust_password.MAX_FAILURES):
+        refused = guesser.request("POST", "/1.0/certificates", {"password": guess})
+        assert refused.status in (403, 404), refused
+    refused = guesser.request("POST", "/1.0/certificates", {"password": good})
+    assert (refused.status, refused.error) == (
+        403, "Too many failed trust token attempts, try again later")  # fmt: skip
+    assert croft.lxc("config", "trust", "list", "--format", "json").stdout.strip() == "[]"
+
+
+def test_lifecycle_events_name_who_acted(croft: Croft) -> None:
+    """A change made by a certificate held to grants carries its fingerprint as the
+    event's requestor."""
+    root = croft.replica
+    dev = croft.client("actor")
+    croft.lxc("config", "trust", "add", str(dev.cert))
+    fingerprint = certificate_fingerprint(dev.cert.read_text())
+    root.request("POST", "/1.0/auth/groups", {"name": "pm", "permissions": [
+        perm("server", "/1.0", "project_manager")]})  # fmt: skip
+    root.request("PUT", f"/1.0/auth/identities/tls/{fingerprint}", {"groups": ["pm"]})
+    assert dev.request("POST", "/1.0/projects", {"name": "made"}).status == 201
+    assert dev.request("DELETE", "/1.0/instances/x").status == 404  # not an instance manager
+
+    async def created_event() -> dict[str, Any]:
+        store = root.ctx.store
+        for entry in await store.list("/croft/events/"):
+            event = entry.json()
+            metadata = event.get("metadata") or {}
+            if metadata.get("action") == "project-created":
+                return dict(metadata)
+        raise AssertionError("no project-created event")
+
+    event = root.run(created_event())
+    assert event["requestor"]["username"] == fingerprint
+    assert event["requestor"]["protocol"] == "tls"

@@ -181,6 +181,24 @@ async def instances_post(request: Request) -> Response:
     candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,
                  "expanded_devices": expanded_devices}  # fmt: skip
     await projects.check_instance(ctx.store, project, candidate, action="create")
+    try:
+        return await _create(ctx, project, name, req, config, expanded_config, expanded_devices)
+    except BaseException:
+        await projects.release_instance(ctx.store, project, name)
+        raise
+
+
+async def _create(
+    ctx: ApiContext,
+    project: str,
+    name: str,
+    req: InstancesPost,
+    config: dict[str, Any],
+    expanded_config: dict[str, Any],
+    expanded_devices: dict[str, Any],
+) -> Response:
+    devices = req.devices or {}
+    profiles = ["default"] if req.profiles is None else list(req.profiles)
     fingerprint = ""
     if req.source.type == "image":
         image = await resolve_image(ctx.store, project, req.source)
@@ -213,11 +231,15 @@ async def instances_post(request: Request) -> Response:
     limits.check_record(record.dump(), "instance")
 
     async def create(op: OperationContext) -> dict[str, Any] | None:
-        client = await services().compute(member)
-        async with closing(op) as rider:
-            await client.create_instance(
-                record, image_fingerprint=fingerprint, start=req.start, rider=rider, timeout=600
-            )
+        try:
+            client = await services().compute(member)
+            async with closing(op) as rider:
+                await client.create_instance(
+                    record, image_fingerprint=fingerprint, start=req.start, rider=rider,
+                    timeout=600,
+                )  # fmt: skip
+        finally:
+            await projects.release_instance(ctx.store, project, name)
         return None
 
     operation = await ctx.operations.create(
@@ -243,17 +265,35 @@ async def _copy(ctx: ApiContext, project: str, name: str, req: InstancesPost) ->
     )  # fmt: skip
     # The project's limits and restrictions, as for any new instance.
     await projects.check_instance(ctx.store, project, record, action="create")
+    try:
+        return await _copy_operation(ctx, project, name, req, source, record)
+    except BaseException:
+        await projects.release_instance(ctx.store, project, name)
+        raise
+
+
+async def _copy_operation(
+    ctx: ApiContext,
+    project: str,
+    name: str,
+    req: InstancesPost,
+    source: Any,
+    record: InstanceRecord,
+) -> Response:
     member = InstanceRecord.meta_of(source.record).member
     instance_only = req.source.instance_only or req.source.container_only
 
     async def copy(op: OperationContext) -> dict[str, Any] | None:
-        client = await services().compute(member)
-        async with closing(op) as rider:
-            await client.copy_instance(
-                record, ref(project, source.name), source_snapshot=source.snapshot,
-                instance_only=instance_only, allow_inconsistent=req.source.allow_inconsistent,
-                rider=rider, timeout=COPY_TIMEOUT,
-            )  # fmt: skip
+        try:
+            client = await services().compute(member)
+            async with closing(op) as rider:
+                await client.copy_instance(
+                    record, ref(project, source.name), source_snapshot=source.snapshot,
+                    instance_only=instance_only, allow_inconsistent=req.source.allow_inconsistent,
+                    rider=rider, timeout=COPY_TIMEOUT,
+                )  # fmt: skip
+        finally:
+            await projects.release_instance(ctx.store, project, name)
         return None
 
     operation = await ctx.operations.create(
