@@ -17,7 +17,7 @@ from croft.api.context import context
 from croft.api.entitlements import Grants
 from croft.api.events import Subscription
 from croft.api.wsframes import FRAME_WRITER
-from croft.common.errors import CroftError, InvalidArgument, PermissionDenied
+from croft.common.errors import CroftError, InvalidArgument
 from croft.common.events import EVENT_TYPES
 
 router = APIRouter()
@@ -35,13 +35,25 @@ def event_types(raw: str) -> list[str]:
 
 def _may_see(held: Grants) -> Callable[[dict[str, Any]], bool]:
     """LXD's event filter for a caller held to grants: a project's events with
-    `can_view_events` on it, the server's (logging) with `can_view_privileged_events`."""
+    `can_view_events` on it, the server's (logging) with `can_view_privileged_events`;
+    besides, the events of what it may see (an instance it may only use: its exec's
+    operation, which the `lxc` client follows through the event stream)."""
 
     def may_see(event: dict[str, Any]) -> bool:
         project = event.get("project") or ""
         if event.get("type") == "logging" or not project:
             return held.allows("can_view_privileged_events", entitlements.SERVER)
-        return held.allows("can_view_events", entitlements.project(project))
+        if held.allows("can_view_events", entitlements.project(project)):
+            return True
+        metadata = event.get("metadata") or {}
+        if event.get("type") == "lifecycle":
+            urls = [str(metadata.get("source", ""))]
+        else:
+            urls = [u for found in (metadata.get("resources") or {}).values() for u in found or ()]
+        return any(
+            entitlements.entity_of_url(u) is not None and authz.viewable(held, u, project)
+            for u in urls
+        )
 
     return may_see
 
@@ -70,14 +82,7 @@ async def events(websocket: WebSocket) -> None:
     # Subscribe before accepting: a client that connects and then makes a request must
     # see that request's events.
     held = authz.grants(websocket)
-    may_see = None
-    if held is not None:
-        if project is not None and not held.allows(
-            "can_view_events", entitlements.project(project)
-        ):
-            await responses.deny(websocket, PermissionDenied("Forbidden"))
-            return
-        may_see = _may_see(held)
+    may_see = None if held is None else _may_see(held)
     subscription = ctx.hub.subscribe(types, project, may_see)
     try:
         await websocket.accept()
