@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 import pytest
+import yaml
 
 from croft.api import trust_password
 from croft.api.tls import certificate_fingerprint
@@ -214,3 +215,49 @@ def test_lifecycle_events_name_who_acted(croft: Croft) -> None:
     event = root.run(created_event())
     assert event["requestor"]["username"] == fingerprint
     assert event["requestor"]["protocol"] == "tls"
+
+
+def test_croft_auth_manages_groups_identities_and_mappings(croft: Croft) -> None:
+    """`croft auth ...` on the local socket, as `lxc auth` does it."""
+    from click.testing import CliRunner
+
+    from croft.client.cli import main
+
+    dev = croft.client("cli-dev")
+    croft.lxc("config", "trust", "add", str(dev.cert))
+    fingerprint = certificate_fingerprint(dev.cert.read_text())
+    sock = ["--socket", str(croft.replica.socket)]
+
+    def croft_cli(*args: str, ok: bool = True) -> str:
+        result = CliRunner().invoke(main, ["auth", *args, *sock])
+        assert (result.exit_code == 0) == ok, result.output
+        return result.output
+
+    croft_cli("group", "create", "viewers", "--description", "see all")
+    croft_cli("group", "permission", "add", "viewers", "server", "viewer")
+    croft_cli("group", "permission", "add", "viewers", "instance", "c1", "operator",
+              "--project", "pa")  # fmt: skip
+    assert "Unknown entity type" in croft_cli("group", "permission", "add", "viewers",
+                                               "thing", "x", "viewer", ok=False)  # fmt: skip
+    croft_cli("identity", "group", "add", f"tls/{fingerprint}", "viewers")
+    croft_cli("identity-provider-group", "create", "corp-devs")
+    croft_cli("identity-provider-group", "group", "add", "corp-devs", "viewers")
+    shown = yaml.safe_load(croft_cli("group", "show", "viewers"))
+    assert shown["permissions"] == [
+        perm("server", "/1.0", "viewer"),
+        perm("instance", "/1.0/instances/c1?project=pa", "operator"),
+    ]
+    assert shown["identities"] == {"tls": [fingerprint]}
+    assert shown["identity_provider_groups"] == ["corp-devs"]
+    # The viewer sees the server's projects and may change nothing.
+    assert dev.request("GET", "/1.0/projects").status == 200
+    assert dev.request("PUT", "/1.0", {"config": {}}).status == 403
+    croft_cli("group", "permission", "remove", "viewers", "server", "viewer")
+    croft_cli("identity", "group", "remove", f"tls/{fingerprint}", "viewers")
+    assert yaml.safe_load(croft_cli("identity", "show", f"tls/{fingerprint}"))["groups"] == []
+    croft_cli("group", "rename", "viewers", "watchers")
+    assert yaml.safe_load(croft_cli("identity-provider-group", "list")) == [
+        {"name": "corp-devs", "groups": ["watchers"]}]  # fmt: skip
+    croft_cli("group", "delete", "watchers")
+    assert yaml.safe_load(croft_cli("group", "list")) == []
+    assert "server\t/1.0\tadmin" in croft_cli("permission", "list", "--entity-type", "server")
