@@ -85,6 +85,7 @@ def test_an_instance_operator_may_exec_but_not_edit(remote: tuple[Lxc, Lxc, str]
         assert refused(dev, "delete", "-f", "c", "--project", "tb") == "Not Found"
         assert refused(dev, "config", "set", "user.x", "1") == "Forbidden"
         assert names(dev, "project", "list") == []
+        assert json.loads(dev("query", "/1.0").stdout)["config"] == {}  # not its to see
         # An operator manages the instance's snapshots and state.
         dev("snapshot", "c", "s0", "--project", "ta")
         dev("delete", "c/s0", "--project", "ta")

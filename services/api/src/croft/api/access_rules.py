@@ -245,13 +245,13 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
             _object(_in("image_alias", "/1.0/images/aliases/{}"), _CRUD),
         ),  # fmt: skip
         (r"/1\.0/images", _project_create("can_create_images")),
-        (r"/1\.0/images/([0-9a-fA-F]+)", _object(_in("image", "/1.0/images/{}"), _CRUD)),
+        (r"/1\.0/images/([^/]+)", _object(_in("image", "/1.0/images/{}"), _CRUD)),
         (
-            r"/1\.0/images/([0-9a-fA-F]+)/export",
+            r"/1\.0/images/([^/]+)/export",
             _object(_in("image", "/1.0/images/{}"), {"GET": "can_view"}),
         ),  # fmt: skip
         (
-            r"/1\.0/images/([0-9a-fA-F]+)/(?:secret|refresh)",
+            r"/1\.0/images/([^/]+)/(?:secret|refresh)",
             _object(_in("image", "/1.0/images/{}"), {"POST": "can_edit"}),
         ),  # fmt: skip
         # The public image server
@@ -268,7 +268,7 @@ def rule_for(method: str, path: str, proj: str) -> Rule | None:
     for pattern, build in _RULES:
         m = pattern.fullmatch(path)
         if m is not None:
-            if pattern.pattern.startswith(r"/1\.0/images/([0-9a-fA-F]"):
+            if pattern.pattern.startswith(r"/1\.0/images/([^/]+)"):
                 m = _lower(m, pattern, path)
             return build(m, method, proj)
     return None
