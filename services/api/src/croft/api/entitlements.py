@@ -11,6 +11,7 @@ the store: `croft.api.authz` keeps the grants and asks `allowed`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -265,6 +266,7 @@ _URLS: dict[str, re.Pattern[str]] = {
 }
 
 
+@functools.lru_cache(maxsize=65536)
 def parse_entity(entity_type: str, url: str) -> Entity:
     """The entity a permission's `entity_type` and `url` name, its URL made canonical;
     InvalidArgument in LXD's words when they do not fit together."""
