@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 import yaml
 
-from croft.api import trust_password
+from croft.api import auth, trust_password
+from croft.api.identity import Identity
 from croft.api.tls import certificate_fingerprint
 
 from . import test_https
@@ -261,3 +262,50 @@ def test_croft_auth_manages_groups_identities_and_mappings(croft: Croft) -> None
     croft_cli("group", "delete", "watchers")
     assert yaml.safe_load(croft_cli("group", "list")) == []
     assert "server\t/1.0\tadmin" in croft_cli("permission", "list", "--entity-type", "server")
+
+
+def test_an_oidc_user_gets_what_its_provider_groups_map_to(
+    croft: Croft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OIDC identity (as the bearer-token login hands it over: method "oidc", the
+    token's subject and groups claim), stood in for by a client certificate here, is held
+    to the groups its identity provider's groups map to; unmapping holds at once."""
+    root = croft.replica
+    for project in ("pa", "pb"):
+        assert root.request("POST", "/1.0/projects", {"name": project}).status == 201
+    for project, name in (("pa", "c1"), ("pb", "c2")):
+        put_instance(croft, project, name)
+    user = croft.client("oidc-user")
+    croft.lxc("config", "trust", "add", str(user.cert))
+    fingerprint = certificate_fingerprint(user.cert.read_text())
+    as_tls = auth.tls_identity
+
+    async def as_oidc(scope: Any) -> Identity:
+        found = await as_tls(scope)
+        if found.fingerprint != fingerprint:
+            return found
+        return Identity("tls", True, method="oidc", subject="sub-ann",
+                        name="ann@example.org", groups=("devs",))  # fmt: skip
+
+    monkeypatch.setattr(auth, "tls_identity", as_oidc)
+    root.request("POST", "/1.0/auth/groups", {"name": "pa-ops", "permissions": [
+        perm("project", "/1.0/projects/pa", "operator")]})  # fmt: skip
+    root.request("POST", "/1.0/auth/identity-provider-groups", {"name": "devs",
+                                                                 "groups": ["pa-ops"]})  # fmt: skip
+    assert names(user.request("GET", "/1.0/instances?project=pa")) == ["c1"]
+    assert names(user.request("GET", "/1.0/instances?project=pb")) == []
+    assert user.request("PATCH", "/1.0/instances/c1?project=pa", {}).status != 403
+    for method, path, status in (
+        ("GET", "/1.0/instances/c2?project=pb", 404),
+        ("POST", "/1.0/instances?project=pb", 404),
+        ("PUT", "/1.0", 403),
+    ):
+        reply = user.request(method, path, {"name": "x"})
+        assert reply.status == status, (method, path, reply)
+    current = user.request("GET", "/1.0/auth/identities/current").metadata
+    assert current["authentication_method"] == "oidc" and current["id"] == "sub-ann"
+    assert current["effective_groups"] == ["pa-ops"]
+    # The mapping gone, the next request sees nothing (an OIDC user is always held).
+    assert root.request("DELETE", "/1.0/auth/identity-provider-groups/devs").status == 200
+    assert names(user.request("GET", "/1.0/instances?project=pa")) == []
+    assert user.request("GET", "/1.0/instances/c1?project=pa").status == 404
