@@ -305,6 +305,18 @@ def test_an_oidc_user_gets_what_its_provider_groups_map_to(
     current = user.request("GET", "/1.0/auth/identities/current").metadata
     assert current["authentication_method"] == "oidc" and current["id"] == "sub-ann"
     assert current["effective_groups"] == ["pa-ops"]
+    # What it changes is its in the event log.
+    assert user.request("POST", "/1.0/profiles?project=pa", {"name": "web"}).status == 201
+
+    async def requestor() -> dict[str, Any]:
+        for entry in await root.ctx.store.list("/croft/events/"):
+            metadata = entry.json().get("metadata") or {}
+            if metadata.get("action") == "profile-created":
+                return dict(metadata["requestor"])
+        raise AssertionError("no profile-created event")
+
+    found = root.run(requestor())
+    assert (found["username"], found["protocol"]) == ("ann@example.org", "oidc")
     # The mapping gone, the next request sees nothing (an OIDC user is always held).
     assert root.request("DELETE", "/1.0/auth/identity-provider-groups/devs").status == 200
     assert names(user.request("GET", "/1.0/instances?project=pa")) == []

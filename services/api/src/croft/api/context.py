@@ -106,8 +106,10 @@ def requestor(connection: HTTPConnection) -> dict[str, str]:
     is root and trusted (like LXD's); a TLS client is its certificate's fingerprint."""
     if connection.url.scheme in ("https", "wss"):
         client = connection.client
-        username = identity(connection).username
-        return {"username": username, "protocol": "tls", "address": client.host if client else ""}
+        who = identity(connection)
+        protocol = "oidc" if who.auth_method == "oidc" else "tls"
+        return {"username": who.username, "protocol": protocol,
+                "address": client.host if client else ""}  # fmt: skip
     return {"username": "root", "protocol": "unix", "address": "@"}
 
 
