@@ -23,6 +23,7 @@ from croft.api.events import EventHub
 from croft.api.operations import OperationManager
 from croft.api.records import DEFAULT_PROJECT, RECORDS, project_key, record_key
 from croft.api.routes import (
+    authorization,
     certificates,
     events,
     image_export,
@@ -118,9 +119,11 @@ def create_app(store: Store, settings: ApiSettings | None = None) -> FastAPI:
         await mirror.start()
         await hub.start()
         await operations.start()
+        await ctx.authorizer.start()
         try:
             yield
         finally:
+            await ctx.authorizer.close()
             await operations.close()
             await hub.close()
             await mirror.close()
@@ -196,6 +199,7 @@ def route_modules() -> tuple[Any, ...]:
         network_changes,
         image_export,
         certificates,
+        authorization,
         streams,
     )
 

@@ -26,8 +26,11 @@ from urllib.parse import parse_qs
 import grpc
 
 from croft.api import responses
+from croft.api.access_rules import rule_for
+from croft.api.authz import GRANTS_KEY, refusal, viewable
 from croft.api.direct import FRONTED
 from croft.api.domain.images import find_image, secret_grants
+from croft.api.entitlements import Grants
 from croft.api.identity import SCOPE_KEY, Identity
 from croft.api.oidc import OidcSettings, bearer_token, oidc_identity, replica_oidc
 from croft.api.services import services
@@ -164,24 +167,42 @@ def restricted_may(who: Identity, method: str, path: str, query: str) -> bool:
     return project in who.projects
 
 
-def _visible(who: Identity, url: Any) -> bool:
-    if not isinstance(url, str):
-        return True
-    project = (parse_qs(url.partition("?")[2]).get("project") or ["default"])[0]
-    return project in who.projects
+Visible = Callable[[str], bool]
 
 
-def _filter_used_by(who: Identity, metadata: Any) -> Any:
-    """LXD's FilterUsedBy over a response's objects: no `used_by` entry of a project the
-    restricted client may not see."""
+def _in_projects(who: Identity) -> Visible:
+    def visible(url: str) -> bool:
+        project = (parse_qs(url.partition("?")[2]).get("project") or ["default"])[0]
+        return project in who.projects
+
+    return visible
+
+
+def _viewable(held: Grants) -> Visible:
+    def visible(url: str) -> bool:
+        return viewable(held, url)
+
+    return visible
+
+
+def _filter_used_by(visible: Visible, metadata: Any) -> Any:
+    """LXD's FilterUsedBy over a response's objects: no `used_by` entry the client may not
+    see (of another project, for a restricted certificate)."""
     if isinstance(metadata, list):
-        return [_filter_used_by(who, item) for item in metadata]
+        return [_filter_used_by(visible, item) for item in metadata]
     if isinstance(metadata, dict) and isinstance(metadata.get("used_by"), list):
-        return {**metadata, "used_by": [u for u in metadata["used_by"] if _visible(who, u)]}
+        return {
+            **metadata,
+            "used_by": [u for u in metadata["used_by"] if not isinstance(u, str) or visible(u)],
+        }
     return metadata
 
 
-def _used_by_filter(who: Identity, send: Any) -> Any:
+# The endpoints whose objects have `used_by` (the rest are not held back to filter).
+_USED_BY = re.compile(r"/1\.0/(profiles|networks|storage-pools|projects)(/|$)")
+
+
+def _used_by_filter(visible: Visible, send: Any) -> Any:
     """`send`, holding back a JSON response to a restricted client until it is whole, to
     take out of it what the client may not see, whichever handler made it (profiles,
     networks, pools, volumes... all name instances of every project)."""
@@ -207,7 +228,7 @@ def _used_by_filter(who: Identity, send: Any) -> Any:
         try:
             document = json.loads(payload)
             if isinstance(document, dict) and "metadata" in document:
-                document["metadata"] = _filter_used_by(who, document["metadata"])
+                document["metadata"] = _filter_used_by(visible, document["metadata"])
                 payload = responses.render(document)
         except ValueError:
             pass
@@ -284,9 +305,44 @@ class AccessMiddleware:
             except CroftError as exc:
                 await _refuse(scope, receive, send, exc)
                 return
-        if who.restricted and scope["type"] == "http" and method == "GET":
-            send = _used_by_filter(who, send)
+        visible: Visible | None = _in_projects(who) if who.restricted else None
+        if who.trusted and not who.restricted:
+            try:
+                held = await held_to_grants(scope, who, method, path, query)
+            except CroftError as exc:
+                await _refuse(scope, receive, send, exc)
+                return
+            if held is not None:
+                visible = _viewable(held)
+        if (
+            visible is not None
+            and scope["type"] == "http"
+            and method == "GET"
+            and _USED_BY.match(path)
+        ):
+            send = _used_by_filter(visible, send)
         await self.app(scope, receive, send)
+
+
+async def held_to_grants(
+    scope: Scope, who: Identity, method: str, path: str, query: str
+) -> Grants | None:
+    """For a caller grants hold (`croft.api.authz`): the one question this endpoint asks
+    (`access_rules.rule_for`), answered or refused; the grants are left in the scope for
+    the handler's own questions (what a list shows). None for a caller grants do not hold."""
+    ctx = scope["app"].state.croft
+    state = await ctx.authorizer.state()
+    held: Grants | None = state.grants_of(who)
+    if held is None:
+        return None
+    scope[GRANTS_KEY] = held
+    project = (parse_qs(query).get("project") or ["default"])[0]
+    rule = rule_for(method, path, project)
+    if rule is None:
+        raise PermissionDenied("Forbidden")
+    if not isinstance(rule, str):
+        refusal(held, *rule)
+    return held
 
 
 # The scope key under which the middleware marks an export it allowed by an image secret.

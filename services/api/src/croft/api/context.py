@@ -15,6 +15,7 @@ from typing import Any, TypedDict
 from starlette.requests import HTTPConnection
 from typing_extensions import Unpack
 
+from croft.api.authz import Authorizer
 from croft.api.events import EventHub
 from croft.api.identity import identity
 from croft.api.operations import OperationManager
@@ -61,6 +62,10 @@ class ApiContext:
     operations: OperationManager
     hub: EventHub
     publisher: EventPublisher
+    authorizer: Authorizer = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.authorizer = Authorizer(self.store)
 
     async def lifecycle(self, action: str, source: str, **event: Unpack[LifecycleEvent]) -> None:
         """Publish a lifecycle event (`profile-created`, ...). A change already made is not

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,9 +43,13 @@ class Subscription:
     # Set once the listener's connection takes frames directly (`EventHub.write_directly`):
     # events then skip the queue, which only carries the None that ends the listener.
     writer: FrameWriter | None = None
+    # For a listener held to grants (croft.api.authz): whether it may see an event.
+    may_see: Callable[[dict[str, Any]], bool] | None = None
 
     def wants(self, event: dict[str, Any]) -> bool:
         if event.get("type") not in self.types:
+            return False
+        if self.may_see is not None and not self.may_see(event):
             return False
         if self.project is None:
             return True
@@ -90,8 +94,13 @@ class EventHub:
         """How many subscriptions are open (websocket clients of this replica)."""
         return len(self._subscriptions)
 
-    def subscribe(self, types: Iterable[str], project: str | None) -> Subscription:
-        subscription = Subscription(frozenset(types), project)
+    def subscribe(
+        self,
+        types: Iterable[str],
+        project: str | None,
+        may_see: Callable[[dict[str, Any]], bool] | None = None,
+    ) -> Subscription:
+        subscription = Subscription(frozenset(types), project, may_see=may_see)
         self._subscriptions.add(subscription)
         return subscription
 

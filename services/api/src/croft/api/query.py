@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 from starlette.requests import Request
 
-from croft.api import filters, limits
+from croft.api import authz, filters, limits
 from croft.api.records import DEFAULT_PROJECT
 from croft.common.errors import InvalidArgument, NotFound, PreconditionFailed
 
@@ -88,6 +88,10 @@ def listing(
     """A collection GET: filtered, then URLs (recursion 0) or full objects."""
     clauses = filter_clauses(request)
     rendered = [render(r) if render else r for r in records]
+    held = authz.grants(request)
+    if held is not None:  # a caller held to grants sees what it may view only
+        asked = project(request)
+        rendered = [r for r in rendered if authz.viewable(held, url_of(r), asked)]
     if clauses is not None:
         rendered = [r for r in rendered if filters.matches(r, clauses)]
     if recursion(request) == 0:

@@ -471,6 +471,7 @@ async def import_operation(ctx: ApiContext, request: Request, project: str) -> R
     except BaseException:
         await discard_upload(member, staged.upload)
         raise
+    instance_name = record.name
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
         try:
@@ -482,6 +483,8 @@ async def import_operation(ctx: ApiContext, request: Request, project: str) -> R
         except BaseException:
             await discard_upload(member, staged.upload)
             raise
+        finally:
+            await projects.release_instance(ctx.store, project, instance_name)
         return None
 
     operation = await ctx.operations.create(

@@ -9,6 +9,7 @@ from starlette.requests import Request
 
 from croft.api import records
 from croft.api.context import context
+from croft.api.domain import projects
 from croft.common.errors import NotFound
 from croft.common.models import NetworkMember, NetworkRecord, ProfileRecord
 from croft.common.records import (
@@ -123,3 +124,15 @@ async def member_of(request: Request, store: Any, name: str, record: NetworkReco
     if created:
         return created[0]
     return record.croft.member or context(request).settings.server_name
+
+
+async def in_default(request: Request) -> bool:
+    """Whether `?project=` names default's networks: default, or a project without
+    `features.networks`. croft's networks are all default's (a project of its own
+    networks has none yet); NotFound for a project that does not exist."""
+    return await projects.scope(request, "networks") == records.DEFAULT_PROJECT
+
+
+async def require_in_default(request: Request) -> None:
+    if not await in_default(request):
+        raise NotFound("Network not found")

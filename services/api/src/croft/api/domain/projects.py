@@ -9,6 +9,8 @@ its checks live in lxd/api_project.go and lxd/project/permissions.go.
 from __future__ import annotations
 
 import contextlib
+import json
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Literal
 
@@ -16,7 +18,7 @@ from starlette.requests import Request
 
 from croft.api import query, records
 from croft.api.context import context
-from croft.common.errors import InvalidArgument, NotFound, PermissionDenied
+from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
 from croft.common.instance_config import (
     go_quote,
     has_control,
@@ -627,7 +629,68 @@ async def check_instance(
     instance = instance.public() if isinstance(instance, InstanceRecord) else dict(instance)
     others = [i for i in await _instances(store, project) if i.get("name") != instance["name"]]
     instance_type = _type_of(instance)
+    if action == "create" and any(
+        pconfig.get(k, "") != "" for k in ("limits.instances", *_TYPE_LIMIT.values())
+    ):
+        # Two creates at once must not both take the last place: each reserves its
+        # place first, and counts the places reserved before its own as taken.
+        others += await _reserve(store, project, instance["name"], instance_type)
+    try:
+        _check_counts(project, pconfig, others, instance_type, action)
+    except CroftError:
+        await release_instance(store, project, instance["name"])
+        raise
+    verb = {"create": "creation", "update": "update", "start": "start"}[action]
+    all_instances = [*(i for i in others if not i.get("reserved")), instance]
+    with _prefixed(f"Failed checking if instance {verb} allowed: "):
+        _check_aggregates(project, pconfig, all_instances, await _custom_volumes(store, project))
+        if is_true(pconfig.get("restricted")):
+            profiles = await _profiles(store, project, pconfig)
+            _check_restrictions(project, pconfig, all_instances, profiles)
+
+
+RESERVATIONS = "/croft/reservations/instances/"
+RESERVATION_SECONDS = 900.0  # a create still running after this no longer holds a place
+
+
+async def _reserve(
+    store: Store, project: str, name: str, instance_type: str
+) -> list[dict[str, Any]]:
+    """Reserve a place for `name` in `project`; the places other creates reserved before
+    it (and whose instances are not recorded yet), as instances to count."""
+    key = f"{RESERVATIONS}{project}/{name}"
+    value = json.dumps({"name": name, "type": instance_type, "at": time.time()}).encode()
+    mine = await store.put(key, value)
+    taken = []
+    for entry in await store.list(f"{RESERVATIONS}{project}/"):
+        other = entry.json()
+        if (
+            entry.key != key
+            and entry.create_revision < mine.create_revision
+            and other.get("at", 0) > time.time() - RESERVATION_SECONDS
+        ):
+            taken.append({"name": other["name"], "type": other.get("type") or "container",
+                          "reserved": True})  # fmt: skip
+    return taken
+
+
+async def release_instance(store: Store, project: str, name: str) -> None:
+    """The create of `name` ended (made or failed): its reserved place goes."""
+    with contextlib.suppress(CroftError):
+        await store.delete(f"{RESERVATIONS}{project}/{name}")
+
+
+def _check_counts(
+    project: str,
+    pconfig: Mapping[str, str],
+    others: list[dict[str, Any]],
+    instance_type: str,
+    action: str,
+) -> None:
     if action == "create":
+        # An instance both recorded and reserved (its create is ending) counts once.
+        recorded = {i.get("name") for i in others if not i.get("reserved")}
+        others = [i for i in others if not i.get("reserved") or i["name"] not in recorded]
         type_key = _TYPE_LIMIT.get(instance_type, "")
         if type_key and pconfig.get(type_key, "") != "":
             count = sum(1 for i in others if _type_of(i) == instance_type)
@@ -642,13 +705,6 @@ async def check_instance(
             raise InvalidArgument(
                 f"Reached maximum number of instances in project {go_quote(project)}"
             )
-    verb = {"create": "creation", "update": "update", "start": "start"}[action]
-    all_instances = [*others, instance]
-    with _prefixed(f"Failed checking if instance {verb} allowed: "):
-        _check_aggregates(project, pconfig, all_instances, await _custom_volumes(store, project))
-        if is_true(pconfig.get("restricted")):
-            profiles = await _profiles(store, project, pconfig)
-            _check_restrictions(project, pconfig, all_instances, profiles)
 
 
 async def check_profile(

@@ -247,13 +247,23 @@ async def _trust_with_token(request: Request, who: Identity, password: str) -> R
         raise InvalidArgument("Can't use TLS data on non-TLS link")
     if not who.certificate:
         raise InvalidArgument("No client certificate provided")
-    reply = await auth_call(
-        AuthClient.trust_with_token,
-        auth_pb2.TrustWithTokenRequest(
-            secret=secret, certificate=who.certificate, address=_host(request)
-        ),
-        idempotent=False,
-    )
+    # Guessed tokens are held back as guessed passwords are: per client address.
+    address = _host(request)
+    if trust_password.attempts.blocked(address):
+        log.warning("refused a trust token from %s: too many failed attempts", address)
+        raise PermissionDenied("Too many failed trust token attempts, try again later")
+    try:
+        reply = await auth_call(
+            AuthClient.trust_with_token,
+            auth_pb2.TrustWithTokenRequest(
+                secret=secret, certificate=who.certificate, address=address
+            ),  # fmt: skip
+            idempotent=False,
+        )
+    except (PermissionDenied, NotFound):
+        trust_password.attempts.failed(address)
+        raise
+    trust_password.attempts.succeeded(address)
     # The token is used: its operation ends as LXD's does, cancelled.
     ctx = context(request)
     with contextlib.suppress(CroftError):

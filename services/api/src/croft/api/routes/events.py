@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import APIRouter
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from croft.api import records, responses
+from croft.api import authz, entitlements, records, responses
 from croft.api.context import context
+from croft.api.entitlements import Grants
 from croft.api.events import Subscription
 from croft.api.wsframes import FRAME_WRITER
 from croft.common.errors import CroftError, InvalidArgument
@@ -28,6 +31,31 @@ def event_types(raw: str) -> list[str]:
         if kind not in EVENT_TYPES:
             raise InvalidArgument(f'"{kind}" isn\'t a supported event type')
     return types
+
+
+def _may_see(held: Grants) -> Callable[[dict[str, Any]], bool]:
+    """LXD's event filter for a caller held to grants: a project's events with
+    `can_view_events` on it, the server's (logging) with `can_view_privileged_events`;
+    besides, the events of what it may see (an instance it may only use: its exec's
+    operation, which the `lxc` client follows through the event stream)."""
+
+    def may_see(event: dict[str, Any]) -> bool:
+        project = event.get("project") or ""
+        if event.get("type") == "logging" or not project:
+            return held.allows("can_view_privileged_events", entitlements.SERVER)
+        if held.allows("can_view_events", entitlements.project(project)):
+            return True
+        metadata = event.get("metadata") or {}
+        if event.get("type") == "lifecycle":
+            urls = [str(metadata.get("source", ""))]
+        else:
+            urls = [u for found in (metadata.get("resources") or {}).values() for u in found or ()]
+        return any(
+            entitlements.entity_of_url(u) is not None and authz.viewable(held, u, project)
+            for u in urls
+        )
+
+    return may_see
 
 
 @router.get("/1.0/events")
@@ -53,7 +81,9 @@ async def events(websocket: WebSocket) -> None:
         return
     # Subscribe before accepting: a client that connects and then makes a request must
     # see that request's events.
-    subscription = ctx.hub.subscribe(types, project)
+    held = authz.grants(websocket)
+    may_see = None if held is None else _may_see(held)
+    subscription = ctx.hub.subscribe(types, project, may_see)
     try:
         await websocket.accept()
         writer = websocket.scope.get("extensions", {}).get(FRAME_WRITER)

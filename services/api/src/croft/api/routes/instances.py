@@ -60,29 +60,41 @@ class InstancesPost(InstancePut):
 @router.get("/1.0/containers")
 async def instances_list(request: Request) -> Response:
     ctx = context(request)
-    project = query.project(request)
-    await records.require_project(ctx.store, project)
-    found = await listed(ctx.store, project)
+    every = request.query_params.get("all-projects", "").lower() == "true"
+    if every:
+        # `lxc list --all-projects`: every project's instances, each in its own project.
+        projects_found = [e.json()["name"] for e in await ctx.store.list(records.project_key(""))]
+        projects_found = sorted(projects_found, key=lambda p: p != records.DEFAULT_PROJECT)
+    else:
+        projects_found = [query.project(request)]
+        await records.require_project(ctx.store, projects_found[0])
+    found = []
+    for project in projects_found:
+        found += await listed(ctx.store, project)
     standalone = ctx.settings.location == "none"
+
+    def url_of(r: dict[str, Any]) -> str:
+        return records.url(KIND, r["name"], r.get("project") or projects_found[0])
+
     if query.recursion(request) == 2:
-        states, snapshots = await asyncio.gather(
-            states_of(found),
-            all_snapshots(ctx.store, project),
+        states, *snapshot_maps = await asyncio.gather(
+            states_of(found), *(all_snapshots(ctx.store, p) for p in projects_found)
         )
+        snapshots = {
+            (project, name): found_snapshots
+            for project, by_name in zip(projects_found, snapshot_maps, strict=True)
+            for name, found_snapshots in by_name.items()
+        }
         full = []
         for record, state in zip(found, states, strict=True):
             item = render(record, standalone)
             item["state"] = state
-            item["snapshots"] = snapshots.get(record.name, [])
+            item["snapshots"] = snapshots.get((record.project, record.name), [])
             item["backups"] = []
             full.append(item)
-        return responses.sync(
-            query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
-        )
+        return responses.sync(query.listing(full, request, url_of))
     rendered = [render(record, standalone) for record in found]
-    return responses.sync(
-        query.listing(rendered, request, lambda r: records.url(KIND, r["name"], project))
-    )
+    return responses.sync(query.listing(rendered, request, url_of))
 
 
 async def _check_instance_type(kind: str) -> None:
@@ -152,6 +164,24 @@ async def instances_post(request: Request) -> Response:
     candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,
                  "expanded_devices": expanded_devices}  # fmt: skip
     await projects.check_instance(ctx.store, project, candidate, action="create")
+    try:
+        return await _create(ctx, project, name, req, config, expanded_config, expanded_devices)
+    except BaseException:
+        await projects.release_instance(ctx.store, project, name)
+        raise
+
+
+async def _create(
+    ctx: ApiContext,
+    project: str,
+    name: str,
+    req: InstancesPost,
+    config: dict[str, Any],
+    expanded_config: dict[str, Any],
+    expanded_devices: dict[str, Any],
+) -> Response:
+    devices = req.devices or {}
+    profiles = ["default"] if req.profiles is None else list(req.profiles)
     fingerprint = ""
     if req.source.type == "image":
         image = await resolve_image(ctx.store, project, req.source)
@@ -184,11 +214,15 @@ async def instances_post(request: Request) -> Response:
     limits.check_record(record.dump(), "instance")
 
     async def create(op: OperationContext) -> dict[str, Any] | None:
-        client = await services().compute(member)
-        async with closing(op) as rider:
-            await client.create_instance(
-                record, image_fingerprint=fingerprint, start=req.start, rider=rider, timeout=600
-            )
+        try:
+            client = await services().compute(member)
+            async with closing(op) as rider:
+                await client.create_instance(
+                    record, image_fingerprint=fingerprint, start=req.start, rider=rider,
+                    timeout=600,
+                )  # fmt: skip
+        finally:
+            await projects.release_instance(ctx.store, project, name)
         return None
 
     operation = await ctx.operations.create(
@@ -214,17 +248,35 @@ async def _copy(ctx: ApiContext, project: str, name: str, req: InstancesPost) ->
     )  # fmt: skip
     # The project's limits and restrictions, as for any new instance.
     await projects.check_instance(ctx.store, project, record, action="create")
+    try:
+        return await _copy_operation(ctx, project, name, req, source, record)
+    except BaseException:
+        await projects.release_instance(ctx.store, project, name)
+        raise
+
+
+async def _copy_operation(
+    ctx: ApiContext,
+    project: str,
+    name: str,
+    req: InstancesPost,
+    source: Any,
+    record: InstanceRecord,
+) -> Response:
     member = InstanceRecord.meta_of(source.record).member
     instance_only = req.source.instance_only or req.source.container_only
 
     async def copy(op: OperationContext) -> dict[str, Any] | None:
-        client = await services().compute(member)
-        async with closing(op) as rider:
-            await client.copy_instance(
-                record, ref(project, source.name), source_snapshot=source.snapshot,
-                instance_only=instance_only, allow_inconsistent=req.source.allow_inconsistent,
-                rider=rider, timeout=COPY_TIMEOUT,
-            )  # fmt: skip
+        try:
+            client = await services().compute(member)
+            async with closing(op) as rider:
+                await client.copy_instance(
+                    record, ref(project, source.name), source_snapshot=source.snapshot,
+                    instance_only=instance_only, allow_inconsistent=req.source.allow_inconsistent,
+                    rider=rider, timeout=COPY_TIMEOUT,
+                )  # fmt: skip
+        finally:
+            await projects.release_instance(ctx.store, project, name)
         return None
 
     operation = await ctx.operations.create(

@@ -20,9 +20,11 @@ from croft.api.context import context
 from croft.api.domain import projects
 from croft.api.domain.networks import (
     find,
+    in_default,
     managed,
     member_of,
     member_states,
+    require_in_default,
     used_by,
     with_member_config,
 )
@@ -58,6 +60,8 @@ async def networks_post(request: Request) -> Response:
     if not req.name:
         raise InvalidArgument("No name provided")
     await projects.check_network_creation(ctx.store, query.project(request), req.name)
+    if not await in_default(request):
+        raise InvalidArgument("Networks of a project with features.networks are not supported yet")
     if await find(ctx.store, req.name) is not None:
         raise InvalidArgument("The network already exists")
     client = await services().network(
@@ -79,6 +83,7 @@ async def networks_post(request: Request) -> Response:
 
 
 async def _update(request: Request, name: str, *, patch: bool) -> Response:
+    await require_in_default(request)
     ctx = context(request)
     data = await query.json_body(request)
     req = query.validate(data, NetworkPut)
@@ -115,6 +120,7 @@ async def network_patch(request: Request, name: str) -> Response:
 
 @router.post("/1.0/networks/{name}")
 async def network_rename(request: Request, name: str) -> Response:
+    await require_in_default(request)
     ctx = context(request)
     req = await query.body(request, NetworkPost)
     record = await managed(ctx.store, name, _MISSING)
@@ -135,6 +141,7 @@ async def network_rename(request: Request, name: str) -> Response:
 
 @router.delete("/1.0/networks/{name}")
 async def network_delete(request: Request, name: str) -> Response:
+    await require_in_default(request)
     ctx = context(request)
     record = await managed(ctx.store, name, _MISSING)
     if await used_by(ctx.store, name):

@@ -16,9 +16,11 @@ from croft.api import query, records, responses
 from croft.api.context import context
 from croft.api.domain.networks import (
     find,
+    in_default,
     managed,
     member_of,
     networks,
+    require_in_default,
     used_by,
     with_member_config,
 )
@@ -75,12 +77,15 @@ async def _all(request: Request, store: Any) -> list[dict[str, Any]]:
 
 @router.get("/1.0/networks")
 async def networks_list(request: Request) -> Response:
+    if not await in_default(request):
+        return responses.sync([])  # LXD: a project's own networks, no host interfaces
     listed = await _all(request, context(request).store)
     return responses.sync(query.listing(listed, request, lambda n: f"/1.0/networks/{n['name']}"))
 
 
 @router.get("/1.0/networks/{name}")
 async def network_get(request: Request, name: str) -> Response:
+    await require_in_default(request)
     store = context(request).store
     record = await find(store, name)
     if record is not None:
@@ -97,6 +102,7 @@ async def _network_call(
     name: str,
     method: Callable[[NetworkClient, network_pb2.NetworkRef], Awaitable[common_pb2.Json]],
 ) -> Any:
+    await require_in_default(request)
     store = context(request).store
     record = await managed(store, name)
     client = await services().network(await member_of(request, store, name, record))

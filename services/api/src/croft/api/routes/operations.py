@@ -9,11 +9,12 @@ from starlette.requests import HTTPConnection, Request
 from starlette.responses import Response
 from starlette.websockets import WebSocket
 
-from croft.api import filters, query, records, responses
+from croft.api import authz, entitlements, filters, query, records, responses
 from croft.api.context import context
+from croft.api.entitlements import Grants
 from croft.api.identity import identity, may_use_project
 from croft.api.operations import operation_url
-from croft.common.errors import CroftError, InvalidArgument, PermissionDenied, Unavailable
+from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 
 router = APIRouter()
 
@@ -33,8 +34,11 @@ async def operations_list(request: Request) -> Response:
     deep = query.recursion(request) > 0
     clauses = query.filter_clauses(request)
     grouped: dict[str, list[Any]] = {}
+    held = authz.grants(request)
     for record in await ctx.operations.list(project):
         operation = record["operation"]
+        if held is not None and not _may_see(held, record):
+            continue
         if clauses is not None and not filters.matches(operation, clauses):
             continue
         group = grouped.setdefault(operation["status"].lower(), [])
@@ -48,7 +52,24 @@ async def _record(connection: HTTPConnection, op_id: str) -> dict[str, Any]:
     record = await context(connection).operations.get(op_id)
     if not may_use_project(connection, record.get("project") or records.DEFAULT_PROJECT):
         raise PermissionDenied("not authorized")
+    held = authz.grants(connection)
+    if held is not None and not _may_see(held, record):
+        raise NotFound("Not Found")
     return record
+
+
+def _may_see(held: Grants, record: dict[str, Any]) -> bool:
+    """For a caller held to grants: an operation of a project it may `can_view_operations`
+    in, or one on an object it may see (its own exec in an instance it may only use)."""
+    project = record.get("project") or records.DEFAULT_PROJECT
+    if held.allows("can_view_operations", entitlements.project(project)):
+        return True
+    resources = record["operation"].get("resources") or {}
+    return any(
+        authz.viewable(held, url) and entitlements.entity_of_url(url) is not None
+        for urls in resources.values()
+        for url in urls or ()
+    )
 
 
 @router.get("/1.0/operations/{op_id}")
@@ -59,7 +80,7 @@ async def operation_get(request: Request, op_id: str) -> Response:
 
 @router.delete("/1.0/operations/{op_id}")
 async def operation_delete(request: Request, op_id: str) -> Response:
-    if identity(request).restricted:
+    if identity(request).restricted or authz.grants(request) is not None:
         await _record(request, op_id)
     await context(request).operations.cancel(op_id)
     return responses.empty_sync()
@@ -72,7 +93,7 @@ async def operation_wait(request: Request, op_id: str) -> Response:
         timeout = float(raw)
     except ValueError:
         raise InvalidArgument(f'Invalid timeout "{raw}" (seconds; -1 waits forever)') from None
-    if identity(request).restricted:
+    if identity(request).restricted or authz.grants(request) is not None:
         await _record(request, op_id)
     operation = await context(request).operations.wait(op_id, None if timeout < 0 else timeout)
     return responses.sync(operation)

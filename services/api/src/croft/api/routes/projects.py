@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, records, responses
+from croft.api import authz, entitlements, limits, query, records, responses
 from croft.api.context import context
 from croft.api.domain import projects
 from croft.api.identity import identity
@@ -58,7 +58,9 @@ def writable(record: dict[str, Any]) -> list[Any]:
 def _may_see(request: Request, name: str) -> bool:
     """A restricted certificate sees only its projects (LXD: "view" on the project)."""
     who = identity(request)
-    return not who.restricted or name in who.projects
+    if who.restricted:
+        return name in who.projects
+    return authz.may(request, "can_view", entitlements.project(name))
 
 
 def _visible(request: Request, name: str) -> None:

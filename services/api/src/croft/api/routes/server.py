@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, records, responses
+from croft.api import authz, entitlements, limits, query, records, responses
 from croft.api.config_keys import validate_server_config
 from croft.api.context import ApiSettings, context
 from croft.api.https_listener import https_address_change, serving_address
@@ -231,7 +231,8 @@ async def server_get(request: Request) -> Response:
     project = query.project(request)
     who = identity(request)
     # As LXD: only an administrator (not a restricted certificate) sees the server config.
-    config = {} if who.restricted else shown_config(stored)
+    hidden = who.restricted or not authz.may(request, "can_edit", entitlements.SERVER)
+    config = {} if hidden else shown_config(stored)
     https_address = serving_address(request)
     addresses = await listen_addresses(https_address) if https_address else []
     info = {

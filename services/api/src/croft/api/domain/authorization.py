@@ -1,0 +1,160 @@
+"""The auth records behind `/1.0/auth/...`: groups, identities' memberships, identity
+provider groups, each checked and written here; `croft.api.authz` reads them.
+
+A group's record holds its name, description and permissions; who is in it is kept on
+the identities (`groups`) and on the identity provider groups, and shown on the group as
+LXD does (`identities`, `identity_provider_groups`). A rename or delete of a group
+rewrites them, in one transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from croft.api.authz import (
+    AUTH_PREFIX,
+    IDENTITIES,
+    IDP_GROUPS,
+    group_key,
+    identity_key,
+    idp_group_key,
+)
+from croft.api.entitlements import check_entitlement, parse_entity
+from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.store import Create, Delete, Operation, Store, Update, dump
+
+
+def check_group_name(name: str) -> None:
+    """LXD's group name rules, in its words."""
+    if not name:
+        raise InvalidArgument("Group name cannot be empty")
+    if "/" in name:
+        raise InvalidArgument("Group name cannot contain a forward slash")
+    if ":" in name:
+        raise InvalidArgument("Group name cannot contain a colon")
+
+
+def check_permissions(permissions: Any) -> list[dict[str, str]]:
+    """The permissions, each checked (entity type, URL, entitlement) and its URL made
+    canonical; InvalidArgument in LXD's words for the first that is not."""
+    if not isinstance(permissions, list):
+        raise InvalidArgument("Invalid request body: permissions must be a list")
+    out: list[dict[str, str]] = []
+    for permission in permissions:
+        if not isinstance(permission, dict):
+            raise InvalidArgument("Invalid request body: a permission must be an object")
+        entity_type = str(permission.get("entity_type", ""))
+        url = str(permission.get("url", ""))
+        entitlement = str(permission.get("entitlement", ""))
+        entity = parse_entity(entity_type, url)
+        try:
+            check_entitlement(entity_type, entitlement)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f'Failed validating group permission with entity reference "{url}" and '
+                f'entitlement "{entitlement}": {exc.message}'
+            ) from None
+        canonical = {"entity_type": entity_type, "url": entity.url, "entitlement": entitlement}
+        if canonical not in out:
+            out.append(canonical)
+    return out
+
+
+async def all_records(store: Store) -> dict[str, tuple[dict[str, Any], int]]:
+    return {e.key: (e.json(), e.revision) for e in await store.list(AUTH_PREFIX)}
+
+
+def render_group(
+    record: dict[str, Any], everything: dict[str, tuple[dict[str, Any], int]]
+) -> dict[str, Any]:
+    """LXD's AuthGroup: the record, with who is in it."""
+    name = record["name"]
+    identities: dict[str, list[str]] = {}
+    idp: list[str] = []
+    for key, (other, _) in sorted(everything.items()):
+        if key.startswith(IDENTITIES) and name in (other.get("groups") or []):
+            method, _, identifier = key.removeprefix(IDENTITIES).partition("/")
+            identities.setdefault(method, []).append(identifier)
+        elif key.startswith(IDP_GROUPS) and name in (other.get("groups") or []):
+            idp.append(other["name"])
+    return {
+        "name": name,
+        "description": record.get("description", ""),
+        "permissions": record.get("permissions") or [],
+        "identities": identities,
+        "identity_provider_groups": idp,
+    }
+
+
+async def get_group(store: Store, name: str) -> tuple[dict[str, Any], int]:
+    found = await store.get_json(group_key(name))
+    if found is None:
+        raise NotFound("Group not found")
+    return found[0], found[1]
+
+
+async def create_group(store: Store, name: str, description: str, permissions: Any) -> None:
+    check_group_name(name)
+    record = {"name": name, "description": description,
+              "permissions": check_permissions(permissions or [])}  # fmt: skip
+    try:
+        await store.create_json(group_key(name), record)
+    except Conflict:
+        raise Conflict(f'Group "{name}" already exists') from None
+
+
+async def check_groups_exist(store: Store, groups: Any) -> list[str]:
+    if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+        raise InvalidArgument("Invalid request body: groups must be a list of names")
+    for name in groups:
+        if await store.get(group_key(name)) is None:
+            raise NotFound(f'Failed to add identity to group "{name}": Group not found')
+    return list(dict.fromkeys(groups))
+
+
+def _without(record: dict[str, Any], name: str, new: str | None) -> dict[str, Any]:
+    groups = [new if g == name else g for g in record.get("groups") or [] if new or g != name]
+    return {**record, "groups": [g for g in groups if g]}
+
+
+async def rename_or_delete_group(store: Store, name: str, new: str | None) -> None:
+    """The group gone (`new` None) or renamed, and every membership and mapping of it
+    rewritten, in one transaction."""
+    everything = await all_records(store)
+    key = group_key(name)
+    if key not in everything:
+        raise NotFound("Group not found")
+    record, revision = everything[key]
+    ops: list[Operation] = [Delete(key, revision=revision)]
+    if new is not None:
+        check_group_name(new)
+        if group_key(new) in everything:
+            raise Conflict(f'Group "{new}" already exists')
+        ops.append(Create(group_key(new), dump({**record, "name": new})))
+    for other_key, (other, other_revision) in everything.items():
+        if other_key.startswith((IDENTITIES, IDP_GROUPS)) and name in (other.get("groups") or []):
+            ops.append(Update(other_key, dump(_without(other, name, new)), other_revision))
+    await store.transaction(ops)
+
+
+def identity_record(method: str, identifier: str, name: str, groups: list[str]) -> dict[str, Any]:
+    return {"authentication_method": method, "id": identifier, "name": name, "groups": groups}
+
+
+async def set_identity_groups(
+    store: Store, method: str, identifier: str, name: str, groups: list[str]
+) -> None:
+    key = identity_key(method, identifier)
+    found = await store.get_json(key)
+    record = identity_record(method, identifier, name, groups)
+    if found is None:
+        await store.create_json(key, record)
+    else:
+        await store.update_json(key, {**found[0], "groups": groups}, revision=found[1])
+
+
+async def get_idp_group(store: Store, name: str) -> tuple[dict[str, Any], int]:
+    found = await store.get_json(idp_group_key(name))
+    if found is None:
+        raise NotFound("Identity provider group not found")
+    return found[0], found[1]

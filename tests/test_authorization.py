@@ -1,0 +1,180 @@
+"""Fine-grained authorization (issue 20) with the real `lxc` 5.0.2 client over HTTPS: a
+certificate put in a croft group (`croft auth ...`'s API) that grants `operator` on one
+instance can exec in it but not change its config or make it privileged, sees only what
+it may; a restricted certificate is refused another project whichever way it asks
+(`recursion` included); and two creates racing for the last place of `limits.instances`
+leave one instance, not two."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Croft, Lxc, free_port
+
+LXC = tuple[Croft, Lxc, str]
+
+
+def refused(lxc: Lxc, *args: str) -> str:
+    result = lxc(*args, check=False)
+    assert result.returncode != 0, f"lxc {' '.join(args)} succeeded: {result.stdout}"
+    return result.stderr.strip().removeprefix("Error: ")
+
+
+def names(lxc: Lxc, *args: str) -> list[str]:
+    return sorted(item["name"] for item in lxc.json(*args))
+
+
+def query(lxc: Lxc, method: str, path: str, body: object = None) -> dict[str, object]:
+    args = ["query", "-X", method, path]
+    if body is not None:
+        args += ["-d", json.dumps(body)]
+    out = lxc(*args).stdout
+    return json.loads(out) if out.strip() else {}
+
+
+@pytest.fixture(scope="module")
+def remote(croft_lxc: LXC, busybox_image: Path) -> Iterator[tuple[Lxc, Lxc, str]]:
+    """Projects `ta` and `tb` with an instance `c` each (ta's running), HTTPS on, and a
+    remote user `dev` trusted (unrestricted) through a token: (root, dev, dev's
+    fingerprint)."""
+    croft, lxc, _ = croft_lxc
+    lxc("config", "set", "core.https_address", f"127.0.0.1:{free_port()}")
+    for name in ("ta", "tb"):
+        lxc("project", "create", name)
+        lxc("image", "import", str(busybox_image), "--alias", "busybox", "--project", name)
+        lxc("profile", "device", "add", "default", "root", "disk", "path=/", "pool=default",
+            "--project", name)  # fmt: skip
+        lxc("init", "busybox", "c", "--project", name)
+    lxc("start", "c", "--project", "ta")
+    token = lxc("config", "trust", "add", "--name", "dev", "-q").stdout.strip()
+    dev = Lxc(croft.root / "no-socket", croft.root / "dev-home")
+    dev.home.mkdir(exist_ok=True)
+    dev("remote", "add", "croft", token)
+    dev("remote", "switch", "croft")
+    (mine,) = [c for c in lxc.json("config", "trust", "list") if c["name"] == "dev"]
+    try:
+        yield lxc, dev, mine["fingerprint"]
+    finally:
+        lxc("delete", "-f", "c", "--project", "ta", check=False)
+        lxc("config", "unset", "core.https_address")
+
+
+def test_an_instance_operator_may_exec_but_not_edit(remote: tuple[Lxc, Lxc, str]) -> None:
+    root, dev, fingerprint = remote
+    # In no group, a trusted certificate keeps full access.
+    assert names(dev, "list", "--project", "tb") == ["c"]
+    query(root, "POST", "/1.0/auth/groups", {"name": "c-ops", "permissions": [
+        {"entity_type": "instance", "url": "/1.0/instances/c?project=ta",
+         "entitlement": "operator"}]})  # fmt: skip
+    query(root, "PUT", f"/1.0/auth/identities/tls/{fingerprint}", {"groups": ["c-ops"]})
+    try:
+        assert names(dev, "list", "--project", "ta") == ["c"]
+        assert names(dev, "list", "--project", "tb") == []
+        assert dev("exec", "c", "--project", "ta", "--", "echo", "hi").stdout == "hi\n"
+        assert refused(dev, "config", "set", "c", "security.privileged", "true",
+                       "--project", "ta") == "Forbidden"  # fmt: skip
+        assert refused(dev, "config", "set", "c", "user.x", "1", "--project", "ta") == "Forbidden"
+        assert "security.privileged" not in root.json("list", "--project", "ta")[0]["config"]
+        # Not an image viewer of ta: its alias is not there for it (LXD's generic 404).
+        assert refused(dev, "init", "busybox", "x", "--project", "ta") == "Not Found"
+        fingerprint_ta = root.json("image", "list", "--project", "ta")[0]["fingerprint"]
+        refusal = dev("query", "-X", "POST", "/1.0/instances?project=ta", "-d", json.dumps(
+            {"name": "x", "source": {"type": "image", "fingerprint": fingerprint_ta}}),
+            check=False)  # fmt: skip
+        # An operator of one instance is no viewer of its project (LXD's model): 404.
+        assert refusal.stderr.strip() == "Error: Not Found"
+        assert refused(dev, "init", "busybox", "x", "--project", "tb") == "Not Found"
+        assert refused(dev, "delete", "-f", "c", "--project", "tb") == (
+            'Failed checking instance exists "croft:c": Not Found'
+        )
+        assert refused(dev, "config", "set", "user.x", "1") == "Forbidden"
+        assert names(dev, "project", "list") == []
+        assert json.loads(dev("query", "/1.0").stdout)["config"] == {}  # not its to see
+        # An operator manages the instance's snapshots and state.
+        dev("snapshot", "c", "s0", "--project", "ta")
+        dev("delete", "c/s0", "--project", "ta")
+        # A change to the group holds on the next request.
+        query(root, "PUT", "/1.0/auth/groups/c-ops", {"permissions": []})
+        assert names(dev, "list", "--project", "ta") == []
+        assert refused(dev, "exec", "c", "--project", "ta", "--", "true") == "Not Found"
+    finally:
+        query(root, "DELETE", "/1.0/auth/groups/c-ops")
+    assert names(dev, "list", "--project", "tb") == ["c"]
+
+
+def test_two_creates_at_the_last_place_leave_one(remote: tuple[Lxc, Lxc, str]) -> None:
+    root, _, _ = remote
+    root("project", "set", "tb", "limits.instances", "2")
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            runs = list(pool.map(lambda n: root("init", "busybox", n, "--project", "tb",
+                                               check=False), ("r1", "r2")))  # fmt: skip
+        assert sorted(r.returncode for r in runs) == [0, 1], [r.stderr for r in runs]
+        (failed,) = [r for r in runs if r.returncode]
+        assert (
+            failed.stderr.strip()
+            == (
+                "Error: Failed checking if instance creation allowed: Reached maximum number of "
+                'instances in project "tb"'
+            )
+            or "Reached maximum number of instances in project" in failed.stderr
+        )
+        assert len(names(root, "list", "--project", "tb")) == 2
+        # The loser's place was given back: with room again, a create passes.
+        root("project", "set", "tb", "limits.instances", "3")
+        root("init", "busybox", "r3", "--project", "tb")
+    finally:
+        for name in ("r1", "r2", "r3"):
+            root("delete", name, "--project", "tb", check=False)
+        root("project", "unset", "tb", "limits.instances")
+
+
+def test_a_restricted_certificate_learns_nothing_of_other_projects(
+    croft_lxc: LXC, remote: tuple[Lxc, Lxc, str]
+) -> None:
+    croft, root, _ = croft_lxc
+    token = root("config", "trust", "add", "--name", "tenant", "--restricted", "--projects",
+                 "ta", "-q").stdout.strip()  # fmt: skip
+    tenant = Lxc(croft.root / "no-socket", croft.root / "tenant-home")
+    tenant.home.mkdir(exist_ok=True)
+    tenant("remote", "add", "croft", token)
+    tenant("remote", "switch", "croft")
+    for path in (
+        "/1.0/instances?project=tb&recursion=2",
+        "/1.0/instances?recursion=1&all-projects=true",
+        "/1.0/instances/c?project=tb",
+        "/1.0/profiles/default?project=tb",
+        "/1.0/operations?project=tb&recursion=1",
+        "/1.0/networks?project=tb",
+    ):
+        result = tenant("query", path, check=False)
+        assert result.returncode != 0, path
+        assert "not authorized" in result.stderr, (path, result.stderr)
+        assert '"tb"' not in result.stderr.replace(path, "")
+    for project in ("ta", "tb"):
+        shown = json.loads(tenant("query", f"/1.0/projects?recursion=1&project={project}").stdout)
+        assert [p["name"] for p in shown] == ["ta"]
+        assert '"tb"' not in json.dumps(shown) and "project=tb" not in json.dumps(shown)
+    # Its view of the instances' profiles shows ta's only.
+    listed = tenant.json("list", "--project", "ta")
+    assert [i["name"] for i in listed] == ["c"]
+    assert '"tb"' not in json.dumps(listed) and "project=tb" not in json.dumps(listed)
+
+
+def test_bad_trust_tokens_are_rate_limited(croft_lxc: LXC, remote: tuple[Lxc, Lxc, str]) -> None:
+    croft, root, _ = croft_lxc
+    port = root("config", "get", "core.https_address").stdout.strip().rsplit(":", 1)[1]
+    stranger = Lxc(croft.root / "no-socket", croft.root / "stranger-home")
+    stranger.home.mkdir(exist_ok=True)
+    messages = []
+    for attempt in range(7):
+        result = stranger("remote", "add", f"s{attempt}", f"https://127.0.0.1:{port}",
+                          "--accept-certificate", "--password", "not-a-token", check=False)  # fmt: skip
+        assert result.returncode != 0
+        messages.append(result.stderr)
+    assert "Too many failed" in messages[-1], messages[-1]
