@@ -79,6 +79,22 @@ def configure(croft: Croft, op: OpenIDProvider, **extra: str) -> None:
     assert reply.status == 200, reply
 
 
+def grant_admin(croft: Croft, idp_group: str = "devs") -> None:
+    """Map the provider's group `idp_group` to a croft group that administers the server
+    (an OIDC user is held to the grants of its groups: none without a mapping)."""
+    root = croft.replica
+    if root.request("GET", "/1.0/auth/groups/oidc-admins").status == 404:
+        created = root.request("POST", "/1.0/auth/groups", {
+            "name": "oidc-admins",
+            "permissions": [{"entity_type": "server", "url": "/1.0", "entitlement": "admin"}],
+        })  # fmt: skip
+        assert created.status == 201, created
+    if root.request("GET", f"/1.0/auth/identity-provider-groups/{idp_group}").status == 404:
+        mapped = root.request("POST", "/1.0/auth/identity-provider-groups",
+                              {"name": idp_group, "groups": ["oidc-admins"]})  # fmt: skip
+        assert mapped.status == 201, mapped
+
+
 def b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
@@ -140,7 +156,13 @@ def test_a_device_flow_token_is_a_trusted_oidc_user(croft: Croft, provider: Open
     assert info["auth"] == "trusted"
     assert info["auth_user_method"] == "oidc"
     assert info["auth_user_name"] == "alice@example.test"
-    assert info["config"]["oidc.issuer"] == provider.issuer  # unrestricted until authz
+    # Held to its groups' grants: none until its provider's group is mapped to one.
+    assert "oidc.issuer" not in info["config"]
+    refused = bearer(croft, token, "POST", "/1.0/profiles", {"name": "oidcprof", "config": {}})
+    assert refused.status == 404, refused  # it may not even see the project
+    grant_admin(croft)
+    info = bearer(croft, token).metadata
+    assert info["config"]["oidc.issuer"] == provider.issuer
     # The identity the handlers see: subject, name, the provider's groups.
     state = replica_oidc(croft.replica.app.state)  # type: ignore[union-attr]
     user = croft.replica.run(state.verifier(state.settings_now()).verify(token))  # type: ignore[arg-type]
@@ -322,6 +344,7 @@ def test_croft_login_runs_the_device_flow_and_refreshes(
     croft: Croft, provider: OpenIDProvider, tmp_path: Path
 ) -> None:
     configure(croft, provider)
+    grant_admin(croft)
     conf = tmp_path / "lxc"
     (conf / "servercerts").mkdir(parents=True)
     (conf / "servercerts" / "depot.crt").write_text((croft.state / "server.crt").read_text())
@@ -394,6 +417,7 @@ def test_croft_login_runs_the_device_flow_and_refreshes(
 
 def test_events_over_a_websocket_name_the_oidc_user(croft: Croft, provider: OpenIDProvider) -> None:
     configure(croft, provider)
+    grant_admin(croft)
     token = provider.device_login("alice")["access_token"]
     context = ssl.create_default_context(cafile=str(croft.state / "server.crt"))
     url = f"wss://127.0.0.1:{croft.port}/1.0/events?type=lifecycle"
