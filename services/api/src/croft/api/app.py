@@ -43,6 +43,7 @@ from croft.api.routes import (
     projects,
     server,
     storage_pools,
+    storage_volume_backups,
     storage_volumes,
     streams,
 )
@@ -191,6 +192,7 @@ def route_modules() -> tuple[Any, ...]:
         profiles,
         images,
         storage_pools,
+        storage_volume_backups,
         storage_volumes,
         networks,
         network_changes,

@@ -54,6 +54,29 @@ COMPRESSORS: dict[str, list[str]] = {
 
 
 @dataclass(frozen=True)
+class Layout:
+    """Where a tarball keeps a volume's trees: an instance's (`backup/container/`, with
+    a backup.yaml in each tree and the drivers' dot-marks left out) or a custom
+    volume's (`backup/volume/`, the tree as it is)."""
+
+    tree: str
+    snapshots: str
+    instance: bool
+
+    def snapshot(self, name: str) -> str:
+        return f"{self.snapshots}/{name}"
+
+
+INSTANCE_LAYOUT = Layout("backup/container", "backup/snapshots", instance=True)
+VOLUME_LAYOUT = Layout("backup/volume", "backup/volume-snapshots", instance=False)
+
+
+def layout_of(index_type: str) -> Layout:
+    """The layout of a tarball whose index.yaml says `type: <index_type>`."""
+    return VOLUME_LAYOUT if index_type == "custom" else INSTANCE_LAYOUT
+
+
+@dataclass(frozen=True)
 class Staged:
     """An upload, checked and unpacked: its id, its directory, its yaml."""
 
@@ -77,8 +100,12 @@ class Backups:
         for upload in (self.root / "uploads").glob("*"):
             if now - upload.stat().st_mtime > BACKUP_TIMEOUT:
                 shutil.rmtree(upload, ignore_errors=True)
-        for pattern in ("*/.*.partial", "*/.*.send"):
-            for left in (self.root / "instances").glob(pattern):
+        patterns = (
+            "instances/*/.*.partial", "instances/*/.*.send",
+            "volumes/*/*/.*.partial", "volumes/*/*/.*.send",
+        )  # fmt: skip
+        for pattern in patterns:
+            for left in self.root.glob(pattern):
                 if now - left.stat().st_mtime > BACKUP_TIMEOUT:
                     left.unlink(missing_ok=True)
 
@@ -88,6 +115,13 @@ class Backups:
         check_name(instance, "instance name")
         check_name(backup, "backup name")
         return self.root / "instances" / f"{project}_{instance}" / backup
+
+    def volume_path(self, pool: str, volume: str, backup: str = "") -> Path:
+        """A custom volume's backup (`backup` ""): the directory of its backups)."""
+        check_name(pool, "storage pool name")
+        check_name(volume, "volume name")
+        where = self.root / "volumes" / pool / volume
+        return where / check_name(backup, "backup name") if backup else where
 
     async def create(
         self,
@@ -100,6 +134,7 @@ class Backups:
         backup_yaml: str,
         compression: str,
         optimized: bool = False,
+        layout: Layout = INSTANCE_LAYOUT,
     ) -> int:
         """Write the tarball of `vol` (stopped or frozen by the caller) and of its
         snapshots `snapshots` to `target`; its size. `optimized`: the driver's btrfs send
@@ -116,15 +151,14 @@ class Backups:
         parts: list[Part] = []
         try:
             if optimized:
-                parts = await _stream_parts(driver, vol, snapshots, spool)
+                parts = await _stream_parts(driver, vol, snapshots, spool, layout)
             else:
                 for name in snapshots:
                     mounted = await driver.mount_volume(vol.snapshot(name))
-                    parts.append(Part(f"backup/snapshots/{name}", tree=mounted))
-                parts.append(Part("backup/container", tree=await driver.mount_volume(vol)))
-            await asyncio.to_thread(
-                _write_tarball, partial, argv, parts, index_yaml.encode(), backup_yaml.encode()
-            )
+                    parts.append(Part(layout.snapshot(name), tree=mounted))
+                parts.append(Part(layout.tree, tree=await driver.mount_volume(vol)))
+            own = backup_yaml.encode() if layout.instance else None
+            await asyncio.to_thread(_write_tarball, partial, argv, parts, index_yaml.encode(), own)
             partial.rename(target)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -175,12 +209,22 @@ class Backups:
             await asyncio.to_thread(shutil.rmtree, where, True)
             raise
 
+    def index_of(self, upload: str) -> dict[str, Any]:
+        """The staged upload's index.yaml (checked a mapping when it was staged)."""
+        path = self.upload_dir(upload) / "tree" / "backup" / "index.yaml"
+        if not path.is_file():
+            raise NotFound("the backup upload is gone")
+        parsed: Any = yaml.safe_load(path.read_text())
+        if not isinstance(parsed, dict):
+            raise InvalidArgument("Invalid backup tarball: index.yaml is not a mapping")
+        return parsed
+
     async def discard(self, upload: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.upload_dir(upload), True)
 
-    def tree(self, upload: str, snapshot: str = "") -> Path:
-        base = self.upload_dir(upload) / "tree" / "backup"
-        found = base / "snapshots" / snapshot if snapshot else base / "container"
+    def tree(self, upload: str, snapshot: str = "", layout: Layout = INSTANCE_LAYOUT) -> Path:
+        base = self.upload_dir(upload) / "tree"
+        found = base / layout.snapshot(snapshot) if snapshot else base / layout.tree
         if not found.is_dir():
             raise NotFound(
                 f"the backup upload has no {'snapshot ' + snapshot if snapshot else 'instance'}"
@@ -188,30 +232,37 @@ class Backups:
         return found
 
     async def restore(
-        self, upload: str, snapshots: Sequence[str], driver: StorageDriver, vol: Volume
+        self,
+        upload: str,
+        snapshots: Sequence[str],
+        driver: StorageDriver,
+        vol: Volume,
+        layout: Layout = INSTANCE_LAYOUT,
     ) -> None:
         """Make `vol` (not existing yet) from the staged upload: the oldest snapshot's
-        tree, snapshotted, each newer in turn, then the instance's. On failure nothing of
-        `vol` is left."""
-        base = self.upload_dir(upload) / "tree" / "backup"
-        if (base / "container.bin").is_file():
+        tree, snapshotted, each newer in turn, then the instance's (or volume's). On
+        failure nothing of `vol` is left."""
+        base = self.upload_dir(upload) / "tree"
+        if (base / f"{layout.tree}.bin").is_file():
             if driver.capabilities.stream_format != "btrfs":
                 raise InvalidArgument(
                     "An optimized backup of a btrfs pool can only be imported into a btrfs pool"
                 )
-            files = [base / "snapshots" / f"{name}.bin" for name in snapshots]
-            await _receive_streams(driver, vol, snapshots, [*files, base / "container.bin"])
+            files = [base / f"{layout.snapshot(name)}.bin" for name in snapshots]
+            await _receive_streams(driver, vol, snapshots, [*files, base / f"{layout.tree}.bin"])
             return
-        states = [self.tree(upload, name) for name in snapshots] + [self.tree(upload)]
+        states = [self.tree(upload, name, layout) for name in snapshots]
+        states.append(self.tree(upload, "", layout))
+        own = layout.instance
 
         async def first(into: Mounted) -> None:
-            await _sync(states[0], into.path)
+            await _sync(states[0], into.path, own)
 
         await driver.create_volume(vol, first)
         try:
             for name, newer in zip(snapshots, states[1:], strict=True):
                 await driver.create_snapshot(vol.snapshot(name))
-                await _sync(newer, (await driver.mount_volume(vol)).path)
+                await _sync(newer, (await driver.mount_volume(vol)).path, own)
         except BaseException:
             with contextlib.suppress(NotFound):
                 await driver.delete_volume(vol)
@@ -231,7 +282,7 @@ class Part:
 
 
 async def _stream_parts(
-    driver: StorageDriver, vol: Volume, snapshots: Sequence[str], spool: Path
+    driver: StorageDriver, vol: Volume, snapshots: Sequence[str], spool: Path, layout: Layout
 ) -> list[Part]:
     """One `btrfs send` stream per subvolume (each snapshot against the one before, the
     instance against the last), spooled to `spool`: LXD's .bin files."""
@@ -241,7 +292,7 @@ async def _stream_parts(
     finally:
         os.close(fd)
     bounds = await asyncio.to_thread(_stream_bounds, spool)
-    names = [f"backup/snapshots/{name}.bin" for name in snapshots] + ["backup/container.bin"]
+    names = [f"{layout.snapshot(name)}.bin" for name in snapshots] + [f"{layout.tree}.bin"]
     if len(bounds) != len(names):
         raise InvalidArgument("the btrfs send streams do not match the snapshots")
     subvolumes = [{"path": "/", "snapshot": name, "readonly": True} for name in snapshots]
@@ -254,7 +305,11 @@ async def _stream_parts(
 
 
 def _write_tarball(
-    target: Path, compressor: list[str], parts: list[Part], index_yaml: bytes, backup_yaml: bytes
+    target: Path,
+    compressor: list[str],
+    parts: list[Part],
+    index_yaml: bytes,
+    backup_yaml: bytes | None,
 ) -> None:
     with target.open("wb") as out:
         proc: subprocess.Popen[bytes] | None = None
@@ -285,13 +340,16 @@ def _write_tarball(
                     raise InvalidArgument(f"{compressor[0]} failed compressing the backup")
 
 
-def _add_tree(tar: tarfile.TarFile, arcname: str, path: Path, backup_yaml: bytes) -> None:
+def _add_tree(tar: tarfile.TarFile, arcname: str, path: Path, backup_yaml: bytes | None) -> None:
+    """A volume's tree; an instance's (`backup_yaml` given) without the drivers' own
+    dot-marks, with backup.yaml written at its top."""
     tar.addfile(tar.gettarinfo(str(path), arcname))
     for entry in sorted(os.listdir(path)):
-        if entry.startswith(".") or entry == "backup.yaml":
-            continue  # the drivers' own marks; backup.yaml is written below
+        if backup_yaml is not None and (entry.startswith(".") or entry == "backup.yaml"):
+            continue
         tar.add(str(path / entry), f"{arcname}/{entry}")
-    _add_bytes(tar, f"{arcname}/backup.yaml", backup_yaml)
+    if backup_yaml is not None:
+        _add_bytes(tar, f"{arcname}/backup.yaml", backup_yaml)
 
 
 # btrfs send streams (v1): a 17-byte header ("btrfs-stream\0", a version), then commands,
@@ -338,10 +396,10 @@ def _root_of(name: str) -> str:
     """The tree a member belongs to: `backup/container/` or `backup/snapshots/<name>/`
     ("" for `backup/index.yaml` and the directories above the trees)."""
     parts = name.split("/")
-    if len(parts) >= 2 and parts[1] == "container":
-        return "backup/container/"
-    if len(parts) >= 3 and parts[1] == "snapshots":
-        return f"backup/snapshots/{parts[2]}/"
+    if len(parts) >= 2 and parts[1] in ("container", "volume"):
+        return f"backup/{parts[1]}/"
+    if len(parts) >= 3 and parts[1] in ("snapshots", "volume-snapshots"):
+        return f"backup/{parts[1]}/{parts[2]}/"
     return ""
 
 
@@ -406,13 +464,18 @@ def _check_and_unpack(tarball: Path, into: Path) -> tuple[str, str, bool]:
         raise InvalidArgument(f"{refused}: index.yaml is not a mapping")
     optimized = bool(parsed.get("optimized"))
     snapshots = [str(name) for name in parsed.get("snapshots") or []]
+    layout = layout_of(str(parsed.get("type") or ""))
+    needed = [layout.tree] + [layout.snapshot(n) for n in snapshots]
     if optimized:
-        needed = ["backup/container.bin"] + [f"backup/snapshots/{n}.bin" for n in snapshots]
-    else:
-        needed = ["backup/container"] + [f"backup/snapshots/{n}" for n in snapshots]
+        needed = [f"{path}.bin" for path in needed]
     for path in needed:
         if path not in names:
             raise InvalidArgument(f"{refused}: {path} is missing")
+    if not layout.instance:
+        # A custom volume's backup has no backup.yaml: its index says all.
+        if not isinstance(parsed.get("config"), dict):
+            raise InvalidArgument(f"{refused}: index.yaml has no config")
+        return index, "", optimized
     own = into / "backup" / "container" / "backup.yaml"
     if own.is_file():
         backup = own.read_text()
@@ -548,14 +611,24 @@ async def _unzstd(tarball: Path) -> None:
     plain.rename(tarball)
 
 
-async def _sync(origin: Path, into: Path) -> None:
-    """Make the tree at `into` what it is at `origin` (backup.yaml left out). --checksum:
-    two states a second apart may have equal sizes and times."""
-    argv = [
-        "rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum", "--exclude=/.*",
-        "--exclude=/backup.yaml", f"{origin}/", f"{into}/",
-    ]  # fmt: skip
+async def _sync(origin: Path, into: Path, instance: bool = True) -> None:
+    """Make the tree at `into` what it is at `origin` (an instance's: backup.yaml and the
+    drivers' dot-marks left out). --checksum: two states a second apart may have equal
+    sizes and times."""
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum"]
+    if instance:
+        argv += ["--exclude=/.*", "--exclude=/backup.yaml"]
+    argv += [f"{origin}/", f"{into}/"]
     await run_async(argv, timeout=BACKUP_TIMEOUT)
 
 
-__all__ = ["COMPRESSORS", "Backups", "Staged", "mark_optimized"]
+__all__ = [
+    "COMPRESSORS",
+    "INSTANCE_LAYOUT",
+    "VOLUME_LAYOUT",
+    "Backups",
+    "Layout",
+    "Staged",
+    "layout_of",
+    "mark_optimized",
+]

@@ -208,3 +208,23 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
         self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
     ) -> Awaitable[storage_pb2.VolumeReply]:
         return self._unary("RestoreInstanceVolume", request, options)
+
+    def create_custom_volume_backup(
+        self, request: storage_pb2.VolumeBackupRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[storage_pb2.BackupReply]:
+        return self._unary("CreateCustomVolumeBackup", request, options)
+
+    def read_custom_volume_backup(
+        self, request: storage_pb2.VolumeBackupRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[storage_pb2.VolumeBackupRequest, storage_pb2.BackupChunk]:
+        return self.rpc.stream("ReadCustomVolumeBackup", request, timeout=timeout)
+
+    def delete_custom_volume_backup(
+        self, request: storage_pb2.VolumeBackupRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("DeleteCustomVolumeBackup", request, options)
+
+    def import_custom_volume(
+        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
+    ) -> Awaitable[StorageVolumeRecord]:
+        return self._record("ImportCustomVolume", request, options, StorageVolumeRecord)

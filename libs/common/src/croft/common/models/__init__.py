@@ -24,6 +24,7 @@ from croft.common.models.storage import (
     PoolMeta,
     StoragePoolRecord,
     StorageVolumeRecord,
+    VolumeBackupRecord,
     VolumeMeta,
 )
 
@@ -52,5 +53,6 @@ __all__ = [
     "SnapshotRecord",
     "StoragePoolRecord",
     "StorageVolumeRecord",
+    "VolumeBackupRecord",
     "VolumeMeta",
 ]

@@ -548,9 +548,11 @@ class BtrfsDriver(DirDriver):
 
     # -- streams between btrfs pools -------------------------------------------------------
 
-    # The name of the volume's own state in a stream: never a snapshot's (check_name
-    # refuses names that start with a dot).
-    STREAM_VOLUME = ".volume"
+    # The name of the volume's own state in a stream: LXD's (its optimized backups name
+    # it so), never a snapshot's (check_name refuses names that start with a dot). A
+    # stream from an older croft names it `.volume`.
+    STREAM_VOLUME = ".backup"
+    STREAM_VOLUME_NAMES = (".backup", ".volume")
 
     async def send_volume(self, vol: Volume, snapshots: Sequence[str], out: int) -> None:
         source = self._require(vol)
@@ -595,14 +597,20 @@ class BtrfsDriver(DirDriver):
             await run_async(
                 ["btrfs", "receive", str(received)], timeout=COPY_TIMEOUT, stdin_fd=source
             )
-            state = received / self.STREAM_VOLUME
-            missing = [n for n in [*snapshots, self.STREAM_VOLUME] if not (received / n).is_dir()]
+            state = next(
+                (received / n for n in self.STREAM_VOLUME_NAMES if (received / n).is_dir()),
+                received / self.STREAM_VOLUME,
+            )
+            missing = [n for n in snapshots if not (received / n).is_dir()]
+            if not state.is_dir():
+                missing.append(self.STREAM_VOLUME)
             if missing:
                 raise InvalidArgument(f"the stream for {_what(vol)} lacks {', '.join(missing)}")
             # The volume is a writable snapshot of its received state.
             await self._btrfs("subvolume", "snapshot", str(state), str(tmp))
             await self._btrfs("subvolume", "delete", str(state))
-            await in_thread(self._drop_hidden_entries, tmp)
+            if vol.type in INSTANCE_TYPES:  # a custom volume's dot-files are its user's
+                await in_thread(self._drop_hidden_entries, tmp)
             await in_thread(os.chmod, tmp, INSTANCE_MODE)
             await self._seal(tmp, vol)
             unrecorded = vol.type in INSTANCE_TYPES
