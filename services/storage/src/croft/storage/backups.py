@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -150,7 +151,16 @@ class Backups:
         spool = target.with_name(f".{target.name}.send")
         parts: list[Part] = []
         try:
-            if optimized:
+            if optimized and layout.instance:
+                # LXD's import rewrites backup.yaml in the received container: it must
+                # be in the stream (LXD keeps one in every container's volume).
+                own = (await driver.mount_volume(vol)).path / "backup.yaml"
+                try:
+                    await asyncio.to_thread(own.write_text, backup_yaml)
+                    parts = await _stream_parts(driver, vol, snapshots, spool, layout)
+                finally:
+                    own.unlink(missing_ok=True)
+            elif optimized:
                 parts = await _stream_parts(driver, vol, snapshots, spool, layout)
             else:
                 for name in snapshots:
@@ -249,7 +259,16 @@ class Backups:
                     "An optimized backup of a btrfs pool can only be imported into a btrfs pool"
                 )
             files = [base / f"{layout.snapshot(name)}.bin" for name in snapshots]
-            await _receive_streams(driver, vol, snapshots, [*files, base / f"{layout.tree}.bin"])
+            files.append(base / f"{layout.tree}.bin")
+            adjust = None
+            if layout.instance:
+                # LXD 5.0.2 sends an unprivileged container's subvolumes as they are on
+                # its disk (shifted): they get the container's own ids once received.
+                config = self.index_of(upload).get("config")
+                idmap = _shifted_by(config) if isinstance(config, dict) else []
+                if idmap:
+                    adjust = functools.partial(_unshift, idmap=idmap, top=True)
+            await _receive_streams(driver, vol, snapshots, files, adjust)
             return
         states = [self.tree(upload, name, layout) for name in snapshots]
         states.append(self.tree(upload, "", layout))
@@ -511,8 +530,9 @@ def _shifted_by(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def _unshift(root: Path, idmap: list[dict[str, Any]]) -> None:
-    """Give every entry under `root` the ids it has inside the container."""
+def _unshift(root: Path, idmap: list[dict[str, Any]], top: bool = False) -> None:
+    """Give every entry under `root` (and `root` itself with `top`) the ids it has
+    inside the container."""
     if not idmap:
         return
 
@@ -523,16 +543,21 @@ def _unshift(root: Path, idmap: list[dict[str, Any]]) -> None:
                 return value - host + ns
         return value
 
-    for directory, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            uid, gid = back(st.st_uid, "Isuid"), back(st.st_gid, "Isgid")
-            if (uid, gid) != (st.st_uid, st.st_gid):
-                mode = stat.S_IMODE(st.st_mode)
-                os.lchown(path, uid, gid)
-                if not stat.S_ISLNK(st.st_mode) and mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.chmod(path, mode)  # chown clears the setuid and setgid bits
+    def walk() -> Iterator[str]:
+        if top:
+            yield str(root)
+        for directory, dirs, files in os.walk(root):
+            for name in [*dirs, *files]:
+                yield os.path.join(directory, name)
+
+    for path in walk():
+        st = os.lstat(path)
+        uid, gid = back(st.st_uid, "Isuid"), back(st.st_gid, "Isgid")
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            mode = stat.S_IMODE(st.st_mode)
+            os.lchown(path, uid, gid)
+            if not stat.S_ISLNK(st.st_mode) and mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, mode)  # chown clears the setuid and setgid bits
 
 
 def mark_optimized(index_yaml: str, optimized: bool) -> str:
@@ -545,7 +570,11 @@ def mark_optimized(index_yaml: str, optimized: bool) -> str:
 
 
 async def _receive_streams(
-    driver: StorageDriver, vol: Volume, snapshots: Sequence[str], files: list[Path]
+    driver: StorageDriver,
+    vol: Volume,
+    snapshots: Sequence[str],
+    files: list[Path],
+    adjust: Callable[[Path], None] | None = None,
 ) -> None:
     """`vol` and its snapshots received from the .bin files, fed to the driver as one
     stream; on failure nothing of `vol` is left (the driver's promise)."""
@@ -573,7 +602,7 @@ async def _receive_streams(
 
     async def receive() -> None:
         try:
-            await driver.receive_volume(vol, snapshots, read_end)
+            await driver.receive_volume(vol, snapshots, read_end, adjust)
         finally:
             close("read")
 

@@ -46,7 +46,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from croft.common.blocking import in_thread
@@ -574,7 +574,13 @@ class BtrfsDriver(DirDriver):
         finally:
             await asyncio.shield(in_thread(self._remove, work))
 
-    async def receive_volume(self, vol: Volume, snapshots: Sequence[str], source: int) -> None:
+    async def receive_volume(
+        self,
+        vol: Volume,
+        snapshots: Sequence[str],
+        source: int,
+        adjust: Callable[[Path], None] | None = None,
+    ) -> None:
         if vol.is_snapshot:
             raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
         final = self.volume_path(vol)
@@ -606,9 +612,21 @@ class BtrfsDriver(DirDriver):
                 missing.append(self.STREAM_VOLUME)
             if missing:
                 raise InvalidArgument(f"the stream for {_what(vol)} lacks {', '.join(missing)}")
+            if adjust is not None:
+                # Received snapshots are read-only, and the stream's later parts find
+                # their parents by them: changed only once all is received (-f: btrfs
+                # then forgets where they were received from, which nothing needs).
+                for name in snapshots:
+                    await self._btrfs(
+                        "property", "set", "-f", "-ts", str(received / name), "ro", "false"
+                    )
+                    await in_thread(adjust, received / name)
+                    await self._btrfs("property", "set", "-ts", str(received / name), "ro", "true")
             # The volume is a writable snapshot of its received state.
             await self._btrfs("subvolume", "snapshot", str(state), str(tmp))
             await self._btrfs("subvolume", "delete", str(state))
+            if adjust is not None:
+                await in_thread(adjust, tmp)
             if vol.type in INSTANCE_TYPES:  # a custom volume's dot-files are its user's
                 await in_thread(self._drop_hidden_entries, tmp)
             await in_thread(os.chmod, tmp, INSTANCE_MODE)
