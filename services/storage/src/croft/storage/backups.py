@@ -154,12 +154,12 @@ class Backups:
             if optimized and layout.instance:
                 # LXD's import rewrites backup.yaml in the received container: it must
                 # be in the stream (LXD keeps one in every container's volume).
-                own = (await driver.mount_volume(vol)).path / "backup.yaml"
+                top = (await driver.mount_volume(vol)).path / "backup.yaml"
                 try:
-                    await asyncio.to_thread(own.write_text, backup_yaml)
+                    await asyncio.to_thread(top.write_text, backup_yaml)
                     parts = await _stream_parts(driver, vol, snapshots, spool, layout)
                 finally:
-                    own.unlink(missing_ok=True)
+                    top.unlink(missing_ok=True)
             elif optimized:
                 parts = await _stream_parts(driver, vol, snapshots, spool, layout)
             else:
