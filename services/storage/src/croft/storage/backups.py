@@ -269,6 +269,11 @@ class Backups:
                 if idmap:
                     adjust = functools.partial(_unshift, idmap=idmap, top=True)
             await _receive_streams(driver, vol, snapshots, files, adjust)
+            if layout.instance:
+                # The stream's own backup.yaml (LXD's import wants one): croft's is in
+                # the record.
+                top = (await driver.mount_volume(vol)).path / "backup.yaml"
+                await asyncio.to_thread(top.unlink, True)
             return
         states = [self.tree(upload, name, layout) for name in snapshots]
         states.append(self.tree(upload, "", layout))

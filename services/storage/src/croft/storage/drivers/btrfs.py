@@ -58,6 +58,7 @@ from croft.storage.drivers import (
     ContentType,
     Volume,
     VolumeType,
+    btrfs_ioctl,
 )
 from croft.storage.drivers.dir import (
     COPY_TIMEOUT,
@@ -422,14 +423,12 @@ class BtrfsDriver(DirDriver):
         `target` itself is made read-only if asked. Nothing is left of `target` when it
         fails (the caller removes it)."""
         # One quick look for direct children first: most volumes have none, and a walk
-        # of a whole root filesystem is not free.
-        children = await self._btrfs("subvolume", "list", "-o", str(source))
-        if not children.strip():
-            await self._btrfs(
-                "subvolume", "snapshot", *(["-r"] if readonly else []), str(source), str(target)
-            )
+        # of a whole root filesystem is not free. In-process ioctls: the hot path of a
+        # copy and of a snapshot.
+        if not await in_thread(btrfs_ioctl.has_child_subvolumes, source):
+            await in_thread(btrfs_ioctl.snapshot, source, target, readonly=readonly)
             return
-        await self._btrfs("subvolume", "snapshot", str(source), str(target))
+        await in_thread(btrfs_ioctl.snapshot, source, target)
         nested = [p for p in await in_thread(subvolumes_under, source) if p != source]
         for subvolume in sorted(nested, key=lambda p: len(p.parts)):
             placeholder = target / subvolume.relative_to(source)
@@ -470,7 +469,7 @@ class BtrfsDriver(DirDriver):
         # The limit is set through the pool's root, naming the subvolume's qgroup: asked
         # through the subvolume itself, the change's transaction is charged to that
         # qgroup, and a full one refuses to be raised ("Disk quota exceeded").
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         await self._btrfs(
             "qgroup", "limit", str(limit) if limit else "none", f"0/{subvolume}", str(self.source)
         )
@@ -495,9 +494,9 @@ class BtrfsDriver(DirDriver):
     async def _instance_from_image(
         self, vol: Volume, image: Volume, source: Path, tmp: Path, final: Path
     ) -> None:
-        # A launch is this one command: no data is copied. An image holds no nested
+        # A launch is this one ioctl: no data is copied. An image holds no nested
         # subvolume (it was unpacked by croft).
-        await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+        await in_thread(btrfs_ioctl.snapshot, source, tmp)
         await self._seal(tmp, vol)
         await in_thread(_finish_volume, tmp, final, _what(vol), vol.type in INSTANCE_TYPES)
 
@@ -507,7 +506,7 @@ class BtrfsDriver(DirDriver):
             return await super().volume_usage(vol)
         # Written data reaches the qgroup counts at the next commit.
         await self._btrfs("filesystem", "sync", str(self.source))
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
         for line in out.splitlines():
             fields = line.split()
@@ -538,7 +537,7 @@ class BtrfsDriver(DirDriver):
         path = self._require(vol)
         if not await self.quotas_enabled():
             return None
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
         for line in out.splitlines():
             fields = line.split()
@@ -663,7 +662,7 @@ class BtrfsDriver(DirDriver):
         """The referenced-bytes limit on a subvolume (0: none, or quotas are off)."""
         if not await self.quotas_enabled():
             return 0
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         out = await self._btrfs("qgroup", "show", "--raw", "-r", "-f", str(path))
         for line in out.splitlines():
             fields = line.split()
