@@ -18,9 +18,10 @@ from typing import Any
 import pytest
 import yaml
 
+from croft.common.testing.host import subvolume_show
+
 from .conftest import Croft, Lxc
-from .test_faults import VOLUMES, kill_when, serving_pid, wait_until
-from .test_storage_pools import mounts_under, subvolume_show
+from .test_faults import VOLUMES, kill_when, wait_until
 
 
 def wait_for_ipv4(lxc: Lxc, name: str, timeout: float = 60) -> str:
@@ -87,9 +88,7 @@ def env(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[dict
     finally:
         for instance in lxc.json("list"):
             lxc("delete", "--force", instance["name"], check=False)
-        for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-            if point != str(state / "storage-pools/default"):
-                subprocess.run(["umount", "-l", point], capture_output=True)
+        croft.unmount_pools()
 
 
 def test_a_copy_of_a_stopped_container_is_a_new_instance_of_its_own(env: dict[str, Any]) -> None:
@@ -390,7 +389,7 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
     lxc, state, croft = env["lxc"], env["state"], env["croft"]
     name = f"mk-{when}"
     lxc("copy", "c1", name)
-    compute = serving_pid(croft, "compute")
+    compute = croft.serving_pid("compute")
     assert compute
 
     def copied(key: str, value: dict[str, Any]) -> bool:
@@ -409,7 +408,7 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
         await asyncio.wait_for(move.communicate(), 180)
 
     asyncio.run(move_and_kill())
-    wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+    wait_until(lambda: croft.serving_pid("compute", other_than=compute), 60, "compute back")
     pool = config_of(lxc, name)["devices"]["root"]["pool"]
     other = "p2" if pool == "default" else "default"
 
@@ -456,7 +455,7 @@ def _copy_or_move_and_kill_storage(
     """Run `lxc <argv>` and SIGKILL storage once it claims the volume `name` on `pool`;
     the storage service back (its replacement has reconciled) before this returns."""
     lxc, croft = env["lxc"], env["croft"]
-    storage = serving_pid(croft, "storage")
+    storage = croft.serving_pid("storage")
     assert storage
 
     def claimed(key: str, value: dict[str, Any]) -> bool:
@@ -476,7 +475,7 @@ def _copy_or_move_and_kill_storage(
         )
 
     result = asyncio.run(run_and_kill())
-    wait_until(lambda: serving_pid(croft, "storage", other_than=storage), 60, "storage back")
+    wait_until(lambda: croft.serving_pid("storage", other_than=storage), 60, "storage back")
     return result
 
 

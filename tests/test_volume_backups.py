@@ -7,7 +7,6 @@ nothing behind."""
 from __future__ import annotations
 
 import io
-import subprocess
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,16 +15,6 @@ import pytest
 import yaml
 
 from .conftest import Croft, Lxc
-
-
-def mounts_under(path: Path) -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(path) or point.startswith(f"{path}/"):
-                points.append(point)
-    return points
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +30,7 @@ def state(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[Pa
         if "/" not in name:
             lxc("storage", "volume", "delete", pool, name, check=False)
     lxc("storage", "delete", "vbk", check=False)
-    for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-        if point != str(state / "storage-pools/default"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    croft.unmount_pools()
 
 
 def volumes(lxc: Lxc, pool: str) -> list[tuple[str, str]]:
