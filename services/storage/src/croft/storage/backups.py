@@ -283,7 +283,7 @@ class Backups:
         own = layout.instance
 
         async def first(into: Mounted) -> None:
-            await _sync(states[0], into.path, own)
+            await _sync(states[0], into.path, own, empty=True)
 
         await driver.create_volume(vol, first)
         try:
@@ -639,11 +639,14 @@ async def _decompress(tarball: Path) -> None:
     plain.rename(tarball)
 
 
-async def _sync(origin: Path, into: Path, instance: bool = True) -> None:
+async def _sync(origin: Path, into: Path, instance: bool = True, *, empty: bool = False) -> None:
     """Make the tree at `into` what it is at `origin` (an instance's: backup.yaml and the
     drivers' dot-marks left out). --checksum: two states a second apart may have equal
-    sizes and times."""
-    argv = ["rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum"]
+    sizes and times; not into an `empty` tree, where it would only read every file
+    twice."""
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--delete"]
+    if not empty:
+        argv.append("--checksum")
     if instance:
         argv += ["--exclude=/.*", "--exclude=/backup.yaml"]
     argv += [f"{origin}/", f"{into}/"]
