@@ -211,10 +211,7 @@ class Backups:
         where.mkdir(parents=True)
         try:
             tarball = where / "backup.tar"
-            with tarball.open("wb") as f:
-                async for data in chunks:
-                    await asyncio.to_thread(f.write, data)
-            await _decompress(tarball)
+            await _receive_plain(chunks, tarball)
             staged = await asyncio.to_thread(_check_and_unpack, tarball, where / "tree")
             tarball.unlink()
             return Staged(upload, *staged)
@@ -619,24 +616,48 @@ _DECOMPRESSORS: list[tuple[bytes, list[str]]] = [
 ]
 
 
-async def _decompress(tarball: Path) -> None:
-    """The upload as a plain tar, decompressed once here (LXD's gzip, bzip2, xz, lzma,
-    zstd): the check and the unpacking then read it without decompressing it twice."""
-    with tarball.open("rb") as f:
-        head = f.read(8)
+async def _receive_plain(chunks: AsyncIterable[bytes], tarball: Path) -> None:
+    """The upload written to `tarball` as a plain tar, decompressed as it arrives (LXD's
+    gzip, bzip2, xz, lzma, zstd): the decompression overlaps the upload, and the check
+    and the unpacking then read it without decompressing it again."""
+    incoming = aiter(chunks)
+    head = b""
+    while len(head) < 8:
+        data = await anext(incoming, None)
+        if data is None:
+            break
+        head += data
     argv = next((argv for magic, argv in _DECOMPRESSORS if head.startswith(magic)), None)
-    if argv is None:
-        return  # a plain tar (or not a tarball: the check says so)
-    plain = tarball.with_suffix(".plain")
-    fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    out = os.open(tarball, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        await run_async([*argv, str(tarball)], timeout=BACKUP_TIMEOUT, stdout_fd=fd)
-    except CroftError as exc:
-        plain.unlink(missing_ok=True)
-        raise InvalidArgument(f"Invalid backup tarball: {exc}") from None
+
+        async def send(fd: int) -> None:
+            pending = head
+            while True:
+                view = memoryview(pending)
+                while view:
+                    view = view[await asyncio.to_thread(os.write, fd, view) :]
+                next_data = await anext(incoming, None)
+                if next_data is None:
+                    return
+                pending = next_data
+
+        if argv is None:  # a plain tar (or not a tarball: the check says so)
+            await send(out)
+            return
+
+        async def decompress(fd: int) -> None:
+            await run_async(argv, timeout=BACKUP_TIMEOUT, stdin_fd=fd, stdout_fd=out)
+
+        sent, received = await through_pipe(send, decompress)
+        if isinstance(received, CroftError):
+            raise InvalidArgument(f"Invalid backup tarball: {received}") from None
+        if received is not None:
+            raise received
+        if sent is not None:
+            raise sent
     finally:
-        os.close(fd)
-    plain.rename(tarball)
+        os.close(out)
 
 
 async def _sync(origin: Path, into: Path, instance: bool = True, *, empty: bool = False) -> None:
