@@ -391,6 +391,69 @@ def test_a_croft_export_imports_into_lxd_and_boots(env: dict[str, Any]) -> None:
         lxd("delete", "--force", name, check=False)
 
 
+@pytest.mark.lxd_interop
+def test_an_optimized_lxd_export_imports_into_a_croft_btrfs_pool_and_boots(
+    env: dict[str, Any],
+) -> None:
+    """LXD 5.0.2's `--optimized-storage` tarball (btrfs send streams of its shifted
+    subvolumes) becomes a croft instance on btrfs with its snapshot, the files the
+    container's own again."""
+    lxc, tmp, state = env["lxc"], env["tmp"], env["state"]
+    lxd = _lxd(tmp)
+    name = f"bk-lxdopt-{os.getpid()}"
+    tarball = tmp / "from-lxd-optimized.tar.gz"
+    lxd("launch", "busybox", name, "-s", "bt")
+    try:
+        lxd("exec", name, "--", "sh", "-c", "echo one > /state")
+        lxd("snapshot", name, "snap0")
+        lxd("exec", name, "--", "sh", "-c", "echo two > /state && chown 1234:42 /state")
+        lxd("stop", "--force", name)
+        lxd("export", name, str(tarball), "--optimized-storage")
+    finally:
+        lxd("delete", "--force", name, check=False)
+    with tarfile.open(tarball) as tar:
+        assert "backup/container.bin" in tar.getnames()
+
+    lxc("import", str(tarball), "--storage", "bt")
+    try:
+        snap = volume_dir(state, "bt", name, "snap0")
+        assert (snap / "rootfs/state").read_text() == "one\n"
+        assert (snap / "rootfs/bin/busybox").stat().st_uid == 0
+        assert subvolume_show(snap)["Flags"] == "readonly"
+        lxc("start", name)
+        out = lxc("exec", name, "--", "stat", "-c", "%u:%g", "/state", "/bin/busybox").stdout
+        assert out.split() == ["1234:42", "0:0"]
+        assert lxc("exec", name, "--", "cat", "/state").stdout == "two\n"
+        assert [s.rsplit("/", 1)[-1] for s in query(lxc, f"/1.0/instances/{name}/snapshots")] == [
+            "snap0"
+        ]
+    finally:
+        lxc("delete", "--force", name, check=False)
+
+
+@pytest.mark.lxd_interop
+def test_an_optimized_croft_export_imports_into_lxd_btrfs_and_boots(env: dict[str, Any]) -> None:
+    lxc, tmp = env["lxc"], env["tmp"]
+    lxd = _lxd(tmp)
+    name = f"bk-croftopt-{os.getpid()}"
+    tarball = tmp / "from-croft-optimized.tar.gz"
+    make_instance(lxc, name, "bt")
+    lxc("export", name, str(tarball), "--optimized-storage")
+    lxc("delete", name)
+
+    lxd("import", str(tarball), "--storage", "bt")
+    try:
+        lxd("start", name)
+        assert lxd.json("list", name)[0]["status"] == "Running"
+        out = lxd("exec", name, "--", "stat", "-c", "%u:%g", "/owned", "/bin/busybox").stdout
+        assert out.split() == ["1234:42", "0:0"]
+        assert lxd("exec", name, "--", "cat", "/state").stdout == "two"
+        snaps = json.loads(lxd("query", f"/1.0/instances/{name}/snapshots").stdout)
+        assert [s.rsplit("/", 1)[-1] for s in snaps] == ["snap0"]
+    finally:
+        lxd("delete", "--force", name, check=False)
+
+
 def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(
     env: dict[str, Any],
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -418,6 +419,135 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
 
     wait_until(one_volume, 60, f"the volume of {name} in {pool} alone")
     assert f"/1.0/instances/{name}" not in query(lxc, f"/1.0/storage-pools/{other}")["used_by"]
+    lxc("start", name)
+    try:
+        assert read(lxc, name, "/state") == "two"
+    finally:
+        lxc("stop", "--force", name)
+    lxc("delete", name)
+
+
+@pytest.fixture(scope="module")
+def big(env: dict[str, Any]) -> str:
+    """`big` on p2: c1 with 128 MiB more, so that a copy of it to another pool takes a
+    while (time for a kill to land in the middle)."""
+    lxc, state = env["lxc"], env["state"]
+    lxc("copy", "c1", "big")
+    rootfs = state / "storage-pools/p2/containers/big/rootfs"
+    with (rootfs / "big").open("wb") as f:
+        for _ in range(128):
+            f.write(b"\1" * (1 << 20))
+    return "big"
+
+
+def _nothing_of(state: Path, pool: str, name: str) -> list[str]:
+    """What is left of `name` in `pool`: its volume, its snapshots, a hidden work entry."""
+    left = []
+    for kind in ("containers", "containers-snapshots"):
+        directory = state / "storage-pools" / pool / kind
+        left += [f"{kind}/{e}" for e in visible(directory) if name in e]
+    return left
+
+
+def _copy_or_move_and_kill_storage(
+    env: dict[str, Any], argv: list[str], pool: str, name: str
+) -> subprocess.CompletedProcess[str]:
+    """Run `lxc <argv>` and SIGKILL storage once it claims the volume `name` on `pool`;
+    the storage service back (its replacement has reconciled) before this returns."""
+    lxc, croft = env["lxc"], env["croft"]
+    storage = croft.serving_pid("storage")
+    assert storage
+
+    def claimed(key: str, value: dict[str, Any]) -> bool:
+        return key.endswith(f"/{pool}/container/{name}")
+
+    async def run_and_kill() -> subprocess.CompletedProcess[str]:
+        killer = asyncio.create_task(kill_when(croft, VOLUMES, claimed, storage))
+        await asyncio.sleep(0.3)
+        started = await asyncio.create_subprocess_exec(
+            "lxc", *argv, env=lxc.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        await asyncio.wait_for(killer, 120)
+        out, err = await asyncio.wait_for(started.communicate(), 180)
+        return subprocess.CompletedProcess(
+            argv, started.returncode or 0, out.decode(), err.decode()
+        )
+
+    result = asyncio.run(run_and_kill())
+    wait_until(lambda: croft.serving_pid("storage", other_than=storage), 60, "storage back")
+    return result
+
+
+def _recorded_volumes(lxc: Lxc, pool: str, name: str) -> list[str]:
+    return [
+        v for v in query(lxc, f"/1.0/storage-pools/{pool}/volumes")
+        if v.endswith(f"/container/{name}") or f"/container/{name}/" in v
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("pool", ["p2", "default"])
+def test_sigkill_storage_during_a_copy_leaves_the_whole_copy_or_nothing(
+    env: dict[str, Any], big: str, pool: str
+) -> None:
+    """storage dies once it has claimed the copy's volume (a btrfs snapshot within p2, a
+    stream of 128 MiB to the dir pool): what is left is either the whole copy, which
+    starts with its snapshot, or nothing at all: no instance, volume, record or work
+    directory."""
+    lxc, state = env["lxc"], env["state"]
+    name = f"skc-{pool}"
+    result = _copy_or_move_and_kill_storage(env, ["copy", big, name, "-s", pool], pool, name)
+    print(f"copy to {pool} with storage killed: exit {result.returncode} {result.stderr}")
+
+    if name in [i["name"] for i in lxc.json("list")]:
+        assert result.returncode == 0, result.stderr
+        assert snapshots_of(lxc, name) == ["snap0"]
+        lxc("start", name)
+        try:
+            assert read(lxc, name, "/state") == "two"
+        finally:
+            lxc("stop", "--force", name)
+        lxc("delete", name)
+    else:
+        assert result.returncode != 0
+
+    def nothing_left() -> bool:
+        return (
+            name not in [i["name"] for i in lxc.json("list")]
+            and _nothing_of(state, pool, name) == []
+            and _recorded_volumes(lxc, pool, name) == []
+        )
+
+    wait_until(nothing_left, 60, f"nothing of {name} in {pool}")
+
+
+def test_sigkill_storage_during_a_move_leaves_the_instance_whole_on_one_pool(
+    env: dict[str, Any], big: str
+) -> None:
+    """storage dies once it has claimed the moved volume on the dir pool: the instance
+    is whole on one pool (the one its record names), with its snapshot, and nothing of
+    it is left on the other."""
+    lxc, state = env["lxc"], env["state"]
+    name = "skm"
+    lxc("copy", big, name)
+    result = _copy_or_move_and_kill_storage(
+        env, ["move", name, "--storage", "default"], "default", name
+    )
+    print(f"move with storage killed: exit {result.returncode} {result.stderr}")
+    pool = config_of(lxc, name)["devices"]["root"]["pool"]
+    other = "p2" if pool == "default" else "default"
+    assert (result.returncode == 0) == (pool == "default"), result.stderr
+
+    def one_volume() -> bool:
+        here = (state / "storage-pools" / pool / "containers" / name).is_dir()
+        return (
+            here
+            and _nothing_of(state, other, name) == []
+            and _recorded_volumes(lxc, other, name) == []
+        )
+
+    wait_until(one_volume, 60, f"{name} whole in {pool} alone")
+    assert snapshots_of(lxc, name) == ["snap0"]
     lxc("start", name)
     try:
         assert read(lxc, name, "/state") == "two"

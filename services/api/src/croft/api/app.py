@@ -44,6 +44,7 @@ from croft.api.routes import (
     projects,
     server,
     storage_pools,
+    storage_volume_backups,
     storage_volumes,
     streams,
 )
@@ -194,6 +195,7 @@ def route_modules() -> tuple[Any, ...]:
         profiles,
         images,
         storage_pools,
+        storage_volume_backups,
         storage_volumes,
         networks,
         network_changes,

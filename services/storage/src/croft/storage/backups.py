@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import json
 import os
@@ -27,7 +28,7 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -35,7 +36,7 @@ from typing import IO, Any
 import yaml
 
 from croft.common.errors import CroftError, InvalidArgument, NotFound
-from croft.common.proc import run_async
+from croft.common.proc import run, run_async
 from croft.storage.drivers import Mounted, StorageDriver, Volume, check_name
 from croft.storage.transfer import through_pipe
 
@@ -45,13 +46,38 @@ CHUNK = 1 << 20
 
 # LXD's compression algorithms: the command that compresses a tar stream on stdin.
 COMPRESSORS: dict[str, list[str]] = {
-    "gzip": ["gzip", "-c", "-n"],
+    # Level 1: a sixth of level 6's time for a tarball a little bigger (a Debian root:
+    # 80 MiB instead of 68); any gzip reader reads it, LXD's included.
+    "gzip": ["gzip", "-1", "-c", "-n"],
     "bzip2": ["bzip2", "-c"],
     "xz": ["xz", "-c", "-T0"],
     "lzma": ["xz", "-c", "--format=lzma"],
     "zstd": ["zstd", "-q", "-c"],
     "none": [],
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a tarball keeps a volume's trees: an instance's (`backup/container/`, with
+    a backup.yaml in each tree and the drivers' dot-marks left out) or a custom
+    volume's (`backup/volume/`, the tree as it is)."""
+
+    tree: str
+    snapshots: str
+    instance: bool
+
+    def snapshot(self, name: str) -> str:
+        return f"{self.snapshots}/{name}"
+
+
+INSTANCE_LAYOUT = Layout("backup/container", "backup/snapshots", instance=True)
+VOLUME_LAYOUT = Layout("backup/volume", "backup/volume-snapshots", instance=False)
+
+
+def layout_of(index_type: str) -> Layout:
+    """The layout of a tarball whose index.yaml says `type: <index_type>`."""
+    return VOLUME_LAYOUT if index_type == "custom" else INSTANCE_LAYOUT
 
 
 @dataclass(frozen=True)
@@ -78,8 +104,12 @@ class Backups:
         for upload in (self.root / "uploads").glob("*"):
             if now - upload.stat().st_mtime > BACKUP_TIMEOUT:
                 shutil.rmtree(upload, ignore_errors=True)
-        for pattern in ("*/.*.partial", "*/.*.send"):
-            for left in (self.root / "instances").glob(pattern):
+        patterns = (
+            "instances/*/.*.partial", "instances/*/.*.send",
+            "volumes/*/*/.*.partial", "volumes/*/*/.*.send",
+        )  # fmt: skip
+        for pattern in patterns:
+            for left in self.root.glob(pattern):
                 if now - left.stat().st_mtime > BACKUP_TIMEOUT:
                     left.unlink(missing_ok=True)
 
@@ -89,6 +119,13 @@ class Backups:
         check_name(instance, "instance name")
         check_name(backup, "backup name")
         return self.root / "instances" / f"{project}_{instance}" / backup
+
+    def volume_path(self, pool: str, volume: str, backup: str = "") -> Path:
+        """A custom volume's backup (`backup` ""): the directory of its backups)."""
+        check_name(pool, "storage pool name")
+        check_name(volume, "volume name")
+        where = self.root / "volumes" / pool / volume
+        return where / check_name(backup, "backup name") if backup else where
 
     async def create(
         self,
@@ -101,6 +138,7 @@ class Backups:
         backup_yaml: str,
         compression: str,
         optimized: bool = False,
+        layout: Layout = INSTANCE_LAYOUT,
     ) -> int:
         """Write the tarball of `vol` (stopped or frozen by the caller) and of its
         snapshots `snapshots` to `target`; its size. `optimized`: the driver's btrfs send
@@ -116,16 +154,24 @@ class Backups:
         spool = target.with_name(f".{target.name}.send")
         parts: list[Part] = []
         try:
-            if optimized:
-                parts = await _stream_parts(driver, vol, snapshots, spool)
+            if optimized and layout.instance:
+                # LXD's import rewrites backup.yaml in the received container: it must
+                # be in the stream (LXD keeps one in every container's volume).
+                top = (await driver.mount_volume(vol)).path / "backup.yaml"
+                try:
+                    await asyncio.to_thread(top.write_text, backup_yaml)
+                    parts = await _stream_parts(driver, vol, snapshots, spool, layout)
+                finally:
+                    top.unlink(missing_ok=True)
+            elif optimized:
+                parts = await _stream_parts(driver, vol, snapshots, spool, layout)
             else:
                 for name in snapshots:
                     mounted = await driver.mount_volume(vol.snapshot(name))
-                    parts.append(Part(f"backup/snapshots/{name}", tree=mounted))
-                parts.append(Part("backup/container", tree=await driver.mount_volume(vol)))
-            await asyncio.to_thread(
-                _write_tarball, partial, argv, parts, index_yaml.encode(), backup_yaml.encode()
-            )
+                    parts.append(Part(layout.snapshot(name), tree=mounted))
+                parts.append(Part(layout.tree, tree=await driver.mount_volume(vol)))
+            own = backup_yaml.encode() if layout.instance else None
+            await asyncio.to_thread(_write_tarball, partial, argv, parts, index_yaml.encode(), own)
             partial.rename(target)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -165,10 +211,7 @@ class Backups:
         where.mkdir(parents=True)
         try:
             tarball = where / "backup.tar"
-            with tarball.open("wb") as f:
-                async for data in chunks:
-                    await asyncio.to_thread(f.write, data)
-            await _unzstd(tarball)
+            await _receive_plain(chunks, tarball)
             staged = await asyncio.to_thread(_check_and_unpack, tarball, where / "tree")
             tarball.unlink()
             return Staged(upload, *staged)
@@ -176,12 +219,22 @@ class Backups:
             await asyncio.to_thread(shutil.rmtree, where, True)
             raise
 
+    def index_of(self, upload: str) -> dict[str, Any]:
+        """The staged upload's index.yaml (checked a mapping when it was staged)."""
+        path = self.upload_dir(upload) / "tree" / "backup" / "index.yaml"
+        if not path.is_file():
+            raise NotFound("the backup upload is gone")
+        parsed: Any = yaml.safe_load(path.read_text())
+        if not isinstance(parsed, dict):
+            raise InvalidArgument("Invalid backup tarball: index.yaml is not a mapping")
+        return parsed
+
     async def discard(self, upload: str) -> None:
         await asyncio.to_thread(shutil.rmtree, self.upload_dir(upload), True)
 
-    def tree(self, upload: str, snapshot: str = "") -> Path:
-        base = self.upload_dir(upload) / "tree" / "backup"
-        found = base / "snapshots" / snapshot if snapshot else base / "container"
+    def tree(self, upload: str, snapshot: str = "", layout: Layout = INSTANCE_LAYOUT) -> Path:
+        base = self.upload_dir(upload) / "tree"
+        found = base / layout.snapshot(snapshot) if snapshot else base / layout.tree
         if not found.is_dir():
             raise NotFound(
                 f"the backup upload has no {'snapshot ' + snapshot if snapshot else 'instance'}"
@@ -189,30 +242,51 @@ class Backups:
         return found
 
     async def restore(
-        self, upload: str, snapshots: Sequence[str], driver: StorageDriver, vol: Volume
+        self,
+        upload: str,
+        snapshots: Sequence[str],
+        driver: StorageDriver,
+        vol: Volume,
+        layout: Layout = INSTANCE_LAYOUT,
     ) -> None:
         """Make `vol` (not existing yet) from the staged upload: the oldest snapshot's
-        tree, snapshotted, each newer in turn, then the instance's. On failure nothing of
-        `vol` is left."""
-        base = self.upload_dir(upload) / "tree" / "backup"
-        if (base / "container.bin").is_file():
+        tree, snapshotted, each newer in turn, then the instance's (or volume's). On
+        failure nothing of `vol` is left."""
+        base = self.upload_dir(upload) / "tree"
+        if (base / f"{layout.tree}.bin").is_file():
             if driver.capabilities.stream_format != "btrfs":
                 raise InvalidArgument(
                     "An optimized backup of a btrfs pool can only be imported into a btrfs pool"
                 )
-            files = [base / "snapshots" / f"{name}.bin" for name in snapshots]
-            await _receive_streams(driver, vol, snapshots, [*files, base / "container.bin"])
+            files = [base / f"{layout.snapshot(name)}.bin" for name in snapshots]
+            files.append(base / f"{layout.tree}.bin")
+            adjust = None
+            if layout.instance:
+                # LXD 5.0.2 sends an unprivileged container's subvolumes as they are on
+                # its disk (shifted): they get the container's own ids once received.
+                config = self.index_of(upload).get("config")
+                idmap = _shifted_by(config) if isinstance(config, dict) else []
+                if idmap:
+                    adjust = functools.partial(_unshift, idmap=idmap, top=True)
+            await _receive_streams(driver, vol, snapshots, files, adjust)
+            if layout.instance:
+                # The stream's own backup.yaml (LXD's import wants one): croft's is in
+                # the record.
+                top = (await driver.mount_volume(vol)).path / "backup.yaml"
+                await asyncio.to_thread(top.unlink, True)
             return
-        states = [self.tree(upload, name) for name in snapshots] + [self.tree(upload)]
+        states = [self.tree(upload, name, layout) for name in snapshots]
+        states.append(self.tree(upload, "", layout))
+        own = layout.instance
 
         async def first(into: Mounted) -> None:
-            await _sync(states[0], into.path)
+            await _sync(states[0], into.path, own, empty=True)
 
         await driver.create_volume(vol, first)
         try:
             for name, newer in zip(snapshots, states[1:], strict=True):
                 await driver.create_snapshot(vol.snapshot(name))
-                await _sync(newer, (await driver.mount_volume(vol)).path)
+                await _sync(newer, (await driver.mount_volume(vol)).path, own)
         except BaseException:
             with contextlib.suppress(NotFound):
                 await driver.delete_volume(vol)
@@ -232,7 +306,7 @@ class Part:
 
 
 async def _stream_parts(
-    driver: StorageDriver, vol: Volume, snapshots: Sequence[str], spool: Path
+    driver: StorageDriver, vol: Volume, snapshots: Sequence[str], spool: Path, layout: Layout
 ) -> list[Part]:
     """One `btrfs send` stream per subvolume (each snapshot against the one before, the
     instance against the last), spooled to `spool`: LXD's .bin files."""
@@ -242,7 +316,7 @@ async def _stream_parts(
     finally:
         os.close(fd)
     bounds = await asyncio.to_thread(_stream_bounds, spool)
-    names = [f"backup/snapshots/{name}.bin" for name in snapshots] + ["backup/container.bin"]
+    names = [f"{layout.snapshot(name)}.bin" for name in snapshots] + [f"{layout.tree}.bin"]
     if len(bounds) != len(names):
         raise InvalidArgument("the btrfs send streams do not match the snapshots")
     subvolumes = [{"path": "/", "snapshot": name, "readonly": True} for name in snapshots]
@@ -255,7 +329,11 @@ async def _stream_parts(
 
 
 def _write_tarball(
-    target: Path, compressor: list[str], parts: list[Part], index_yaml: bytes, backup_yaml: bytes
+    target: Path,
+    compressor: list[str],
+    parts: list[Part],
+    index_yaml: bytes,
+    backup_yaml: bytes | None,
 ) -> None:
     with target.open("wb") as out:
         proc: subprocess.Popen[bytes] | None = None
@@ -286,13 +364,16 @@ def _write_tarball(
                     raise InvalidArgument(f"{compressor[0]} failed compressing the backup")
 
 
-def _add_tree(tar: tarfile.TarFile, arcname: str, path: Path, backup_yaml: bytes) -> None:
+def _add_tree(tar: tarfile.TarFile, arcname: str, path: Path, backup_yaml: bytes | None) -> None:
+    """A volume's tree; an instance's (`backup_yaml` given) without the drivers' own
+    dot-marks, with backup.yaml written at its top."""
     tar.addfile(tar.gettarinfo(str(path), arcname))
     for entry in sorted(os.listdir(path)):
-        if entry.startswith(".") or entry == "backup.yaml":
-            continue  # the drivers' own marks; backup.yaml is written below
+        if backup_yaml is not None and (entry.startswith(".") or entry == "backup.yaml"):
+            continue
         tar.add(str(path / entry), f"{arcname}/{entry}")
-    _add_bytes(tar, f"{arcname}/backup.yaml", backup_yaml)
+    if backup_yaml is not None:
+        _add_bytes(tar, f"{arcname}/backup.yaml", backup_yaml)
 
 
 # btrfs send streams (v1): a 17-byte header ("btrfs-stream\0", a version), then commands,
@@ -339,10 +420,10 @@ def _root_of(name: str) -> str:
     """The tree a member belongs to: `backup/container/` or `backup/snapshots/<name>/`
     ("" for `backup/index.yaml` and the directories above the trees)."""
     parts = name.split("/")
-    if len(parts) >= 2 and parts[1] == "container":
-        return "backup/container/"
-    if len(parts) >= 3 and parts[1] == "snapshots":
-        return f"backup/snapshots/{parts[2]}/"
+    if len(parts) >= 2 and parts[1] in ("container", "volume"):
+        return f"backup/{parts[1]}/"
+    if len(parts) >= 3 and parts[1] in ("snapshots", "volume-snapshots"):
+        return f"backup/{parts[1]}/{parts[2]}/"
     return ""
 
 
@@ -393,10 +474,12 @@ def _check_and_unpack(tarball: Path, into: Path) -> tuple[str, str, bool]:
     if "backup/index.yaml" not in names:
         raise InvalidArgument(f"{refused}: backup/index.yaml is missing")
     into.mkdir()
+    # Checked above, member by member: GNU tar unpacks it (several times Python's speed),
+    # the ids as they are in the tarball.
+    argv = ["tar", "-x", "-p", "--numeric-owner", "-f", str(tarball), "-C", str(into)]
     try:
-        with tarfile.open(tarball, mode="r:*") as tar:
-            tar.extractall(into, members=members, numeric_owner=True)  # noqa: S202 (checked above)
-    except (tarfile.TarError, EOFError, OSError) as exc:
+        run(argv, timeout=BACKUP_TIMEOUT)
+    except CroftError as exc:
         raise InvalidArgument(f"{refused}: {exc}") from None
     index = (into / "backup" / "index.yaml").read_text()
     try:
@@ -407,13 +490,18 @@ def _check_and_unpack(tarball: Path, into: Path) -> tuple[str, str, bool]:
         raise InvalidArgument(f"{refused}: index.yaml is not a mapping")
     optimized = bool(parsed.get("optimized"))
     snapshots = [str(name) for name in parsed.get("snapshots") or []]
+    layout = layout_of(str(parsed.get("type") or ""))
+    needed = [layout.tree] + [layout.snapshot(n) for n in snapshots]
     if optimized:
-        needed = ["backup/container.bin"] + [f"backup/snapshots/{n}.bin" for n in snapshots]
-    else:
-        needed = ["backup/container"] + [f"backup/snapshots/{n}" for n in snapshots]
+        needed = [f"{path}.bin" for path in needed]
     for path in needed:
         if path not in names:
             raise InvalidArgument(f"{refused}: {path} is missing")
+    if not layout.instance:
+        # A custom volume's backup has no backup.yaml: its index says all.
+        if not isinstance(parsed.get("config"), dict):
+            raise InvalidArgument(f"{refused}: index.yaml has no config")
+        return index, "", optimized
     own = into / "backup" / "container" / "backup.yaml"
     if own.is_file():
         backup = own.read_text()
@@ -449,8 +537,9 @@ def _shifted_by(body: dict[str, Any]) -> list[dict[str, Any]]:
     return [e for e in entries if isinstance(e, dict)] if isinstance(entries, list) else []
 
 
-def _unshift(root: Path, idmap: list[dict[str, Any]]) -> None:
-    """Give every entry under `root` the ids it has inside the container."""
+def _unshift(root: Path, idmap: list[dict[str, Any]], top: bool = False) -> None:
+    """Give every entry under `root` (and `root` itself with `top`) the ids it has
+    inside the container."""
     if not idmap:
         return
 
@@ -461,16 +550,21 @@ def _unshift(root: Path, idmap: list[dict[str, Any]]) -> None:
                 return value - host + ns
         return value
 
-    for directory, dirs, files in os.walk(root):
-        for name in [*dirs, *files]:
-            path = os.path.join(directory, name)
-            st = os.lstat(path)
-            uid, gid = back(st.st_uid, "Isuid"), back(st.st_gid, "Isgid")
-            if (uid, gid) != (st.st_uid, st.st_gid):
-                mode = stat.S_IMODE(st.st_mode)
-                os.lchown(path, uid, gid)
-                if not stat.S_ISLNK(st.st_mode) and mode & (stat.S_ISUID | stat.S_ISGID):
-                    os.chmod(path, mode)  # chown clears the setuid and setgid bits
+    def walk() -> Iterator[str]:
+        if top:
+            yield str(root)
+        for directory, dirs, files in os.walk(root):
+            for name in [*dirs, *files]:
+                yield os.path.join(directory, name)
+
+    for path in walk():
+        st = os.lstat(path)
+        uid, gid = back(st.st_uid, "Isuid"), back(st.st_gid, "Isgid")
+        if (uid, gid) != (st.st_uid, st.st_gid):
+            mode = stat.S_IMODE(st.st_mode)
+            os.lchown(path, uid, gid)
+            if not stat.S_ISLNK(st.st_mode) and mode & (stat.S_ISUID | stat.S_ISGID):
+                os.chmod(path, mode)  # chown clears the setuid and setgid bits
 
 
 def mark_optimized(index_yaml: str, optimized: bool) -> str:
@@ -483,7 +577,11 @@ def mark_optimized(index_yaml: str, optimized: bool) -> str:
 
 
 async def _receive_streams(
-    driver: StorageDriver, vol: Volume, snapshots: Sequence[str], files: list[Path]
+    driver: StorageDriver,
+    vol: Volume,
+    snapshots: Sequence[str],
+    files: list[Path],
+    adjust: Callable[[Path], None] | None = None,
 ) -> None:
     """`vol` and its snapshots received from the .bin files, fed to the driver as one
     stream; on failure nothing of `vol` is left (the driver's promise)."""
@@ -498,7 +596,7 @@ async def _receive_streams(
 
     sent, received = await through_pipe(
         lambda fd: asyncio.to_thread(pump, fd),
-        lambda fd: driver.receive_volume(vol, snapshots, fd),
+        lambda fd: driver.receive_volume(vol, snapshots, fd, adjust),
     )
     if isinstance(received, BaseException):
         raise received
@@ -508,34 +606,81 @@ async def _receive_streams(
         raise sent
 
 
-_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+# What a compressed upload starts with, and the command that decompresses it to stdout.
+_DECOMPRESSORS: list[tuple[bytes, list[str]]] = [
+    (b"\x1f\x8b", ["gzip", "-d", "-c"]),
+    (b"BZh", ["bzip2", "-d", "-c"]),
+    (b"\xfd7zXZ\x00", ["xz", "-d", "-c"]),
+    (b"\x28\xb5\x2f\xfd", ["zstd", "-q", "-d", "-c"]),
+    (b"\x5d\x00\x00", ["xz", "--format=lzma", "-d", "-c"]),
+]
 
 
-async def _unzstd(tarball: Path) -> None:
-    """Python's tarfile reads gzip, bzip2, xz and lzma itself; zstd is decompressed here
-    first (LXD's `--compression zstd`)."""
-    with tarball.open("rb") as f:
-        if f.read(4) != _ZSTD_MAGIC:
-            return
-    plain = tarball.with_suffix(".plain")
+async def _receive_plain(chunks: AsyncIterable[bytes], tarball: Path) -> None:
+    """The upload written to `tarball` as a plain tar, decompressed as it arrives (LXD's
+    gzip, bzip2, xz, lzma, zstd): the decompression overlaps the upload, and the check
+    and the unpacking then read it without decompressing it again."""
+    incoming = aiter(chunks)
+    head = b""
+    while len(head) < 8:
+        data = await anext(incoming, None)
+        if data is None:
+            break
+        head += data
+    argv = next((argv for magic, argv in _DECOMPRESSORS if head.startswith(magic)), None)
+    out = os.open(tarball, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        await run_async(
-            ["zstd", "-q", "-d", "-f", "-o", str(plain), str(tarball)], timeout=BACKUP_TIMEOUT
-        )
-    except CroftError as exc:
-        plain.unlink(missing_ok=True)
-        raise InvalidArgument(f"Invalid backup tarball: {exc}") from None
-    plain.rename(tarball)
+
+        async def send(fd: int) -> None:
+            pending = head
+            while True:
+                view = memoryview(pending)
+                while view:
+                    view = view[await asyncio.to_thread(os.write, fd, view) :]
+                next_data = await anext(incoming, None)
+                if next_data is None:
+                    return
+                pending = next_data
+
+        if argv is None:  # a plain tar (or not a tarball: the check says so)
+            await send(out)
+            return
+
+        async def decompress(fd: int) -> None:
+            await run_async(argv, timeout=BACKUP_TIMEOUT, stdin_fd=fd, stdout_fd=out)
+
+        sent, received = await through_pipe(send, decompress)
+        if isinstance(received, CroftError):
+            raise InvalidArgument(f"Invalid backup tarball: {received}") from None
+        if received is not None:
+            raise received
+        if sent is not None:
+            raise sent
+    finally:
+        os.close(out)
 
 
-async def _sync(origin: Path, into: Path) -> None:
-    """Make the tree at `into` what it is at `origin` (backup.yaml left out). --checksum:
-    two states a second apart may have equal sizes and times."""
-    argv = [
-        "rsync", "-aHAX", "--numeric-ids", "--delete", "--checksum", "--exclude=/.*",
-        "--exclude=/backup.yaml", f"{origin}/", f"{into}/",
-    ]  # fmt: skip
+async def _sync(origin: Path, into: Path, instance: bool = True, *, empty: bool = False) -> None:
+    """Make the tree at `into` what it is at `origin` (an instance's: backup.yaml and the
+    drivers' dot-marks left out). --checksum: two states a second apart may have equal
+    sizes and times; not into an `empty` tree, where it would only read every file
+    twice."""
+    argv = ["rsync", "-aHAX", "--numeric-ids", "--delete"]
+    if not empty:
+        argv.append("--checksum")
+    if instance:
+        argv += ["--exclude=/.*", "--exclude=/backup.yaml"]
+    argv += [f"{origin}/", f"{into}/"]
     await run_async(argv, timeout=BACKUP_TIMEOUT)
 
 
-__all__ = ["COMPRESSORS", "Backups", "Staged", "mark_optimized"]
+__all__ = [
+    "COMPRESSORS",
+    "INSTANCE_LAYOUT",
+    "VOLUME_LAYOUT",
+    "Backups",
+    "Layout",
+    "Staged",
+    "layout_of",
+    "mark_optimized",
+]

@@ -349,6 +349,46 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         )
         return _reply(result)
 
+    # ------------------------------------------------------------------ volume backups
+
+    async def CreateCustomVolumeBackup(
+        self, request: storage_pb2.VolumeBackupRequest, context: Context
+    ) -> storage_pb2.BackupReply:
+        size, optimized = await self.custom.create_backup(
+            _volume_backup_ref(request),
+            request.backup,
+            volume_only=request.volume_only,
+            optimized=request.optimized,
+            compression=request.compression,
+        )
+        return storage_pb2.BackupReply(size=size, optimized=optimized)
+
+    async def ReadCustomVolumeBackup(
+        self, request: storage_pb2.VolumeBackupRequest, context: Context
+    ) -> AsyncIterator[storage_pb2.BackupChunk]:
+        ref = _volume_backup_ref(request)
+        path = self.core.backups.volume_path(ref.pool, ref.host_name, request.backup)
+        async for data in self.core.backups.read(path):
+            yield storage_pb2.BackupChunk(data=data)
+
+    async def DeleteCustomVolumeBackup(
+        self, request: storage_pb2.VolumeBackupRequest, context: Context
+    ) -> common_pb2.Empty:
+        ref = _volume_backup_ref(request)
+        self.core.backups.delete(
+            self.core.backups.volume_path(ref.pool, ref.host_name, request.backup)
+        )
+        return common_pb2.Empty()
+
+    async def ImportCustomVolume(
+        self, request: storage_pb2.CustomVolumeRequest, context: Context
+    ) -> common_pb2.Json:
+        return _json(await self.custom.import_backup(_custom(request), request.backup_upload))
+
+
+def _volume_backup_ref(request: storage_pb2.VolumeBackupRequest) -> CustomRef:
+    return CustomRef.parse(request.pool, request.project, request.name)
+
 
 def _backup_ref(request: storage_pb2.InstanceBackupRequest) -> VolumeRef:
     return VolumeRef.parse(request.pool, request.project, request.type, request.name)

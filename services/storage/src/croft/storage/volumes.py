@@ -19,11 +19,15 @@ whose disk part was done. The api checks that a volume is unused before it delet
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import shutil
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+import yaml
 
 from croft.common.blocking import uninterrupted
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
@@ -41,6 +45,7 @@ from croft.common.schedule import (
     snapshot_name,
 )
 from croft.common.store import Create, Delete, Put, Update, dump
+from croft.storage.backups import VOLUME_LAYOUT
 from croft.storage.core import (
     CREATING,
     VOLUMES,
@@ -297,17 +302,19 @@ class CustomVolumes:
             return await modify(self.store, ref.key, change, missing=NOT_FOUND)
 
     async def delete(self, ref: CustomRef) -> None:
-        """Delete the volume, its snapshots and their records (the api checked that no
-        instance uses it). When the disk refuses (something busy mounted inside), the
-        records stay."""
+        """Delete the volume, its snapshots and their records, and its backups' tarballs
+        (the api checked that no instance uses it). When the disk refuses (something busy
+        mounted inside), the records stay."""
         async with self.core.locked(ref.pool, ref.lock):
             driver, vol, _ = await self._volume(ref)
+            backups = self.core.backups.volume_path(ref.pool, ref.host_name)
 
             async def delete() -> None:
                 with contextlib.suppress(NotFound):
                     await driver.delete_volume(vol)
                 await self.store.delete_prefix(f"{ref.key}/")
                 await self._delete_key(ref.key)
+                await asyncio.to_thread(shutil.rmtree, backups, True)
 
             await uninterrupted(delete())
         log.info("deleted custom volume %s from pool %s", ref.host_name, ref.pool)
@@ -444,6 +451,110 @@ class CustomVolumes:
             block_path=str(block) if block else "",
             instance_mounts=driver.capabilities.instance_mounts,
         )
+
+    # ------------------------------------------------------------------ backups
+
+    async def _snapshot_records(self, ref: CustomRef) -> list[StorageVolumeRecord]:
+        """The volume's complete snapshots' records, oldest first."""
+        found = [
+            StorageVolumeRecord.model_validate(entry.json())
+            for entry in await self.store.list(f"{ref.key}/")
+        ]
+        found = [r for r in found if not r.croft.state]
+        return sorted(found, key=lambda r: (r.created_at, r.name))
+
+    async def create_backup(
+        self,
+        ref: CustomRef,
+        backup: str,
+        *,
+        volume_only: bool,
+        optimized: bool,
+        compression: str,
+    ) -> tuple[int, bool]:
+        """The backup tarball `backup` of the volume (LXD's `lxc storage volume export`):
+        `backup/index.yaml` (the volume's and its snapshots' records), the snapshots'
+        trees under `backup/volume-snapshots/`, the volume's under `backup/volume/`, or,
+        `optimized` on a btrfs pool, their send streams (`backup/volume.bin`...). Its size
+        and whether it is optimized. Nothing is left on failure."""
+        async with self.core.locked(ref.pool, ref.lock):
+            driver, vol, record = await self._volume(ref)
+            if record.get("content_type") == ContentType.BLOCK.value:
+                raise InvalidArgument("Backups of block volumes are not supported yet")
+            snapshots = [] if volume_only else await self._snapshot_records(ref)
+            optimized = optimized and driver.capabilities.stream_format == "btrfs"
+            pool = await self.core.pool_record(ref.pool)
+            index = _volume_index(ref, record, snapshots, pool.driver, optimized)
+            target = self.core.backups.volume_path(ref.pool, ref.host_name, backup)
+            size = await self.core.backups.create(
+                driver, vol, [s.croft.snapshot for s in snapshots], target,
+                index_yaml=index, backup_yaml="", compression=compression,
+                optimized=optimized, layout=VOLUME_LAYOUT,
+            )  # fmt: skip
+        return size, optimized
+
+    async def import_backup(self, ref: CustomRef, upload: str) -> dict[str, Any]:
+        """A new volume `ref` (and its snapshots) from the staged upload of a custom
+        volume backup (`lxc storage volume import`), which is discarded once the volume is
+        whole. The record claims the name first; on any failure neither the record, nor
+        the volume, nor its snapshots are left."""
+        index = await asyncio.to_thread(self.core.backups.index_of, upload)
+        if index.get("type") != CUSTOM:
+            raise InvalidArgument("The backup is not a custom volume's")
+        found = index.get("config")
+        config_doc: dict[str, Any] = found if isinstance(found, dict) else {}
+        found = config_doc.get("volume")
+        volume: dict[str, Any] = found if isinstance(found, dict) else {}
+        content_type = str(volume.get("content_type") or ContentType.FILESYSTEM.value)
+        if content_type != ContentType.FILESYSTEM.value:
+            raise InvalidArgument("Backups of block volumes are not supported yet")
+        config = check_config(
+            ref, {str(k): str(v) for k, v in (volume.get("config") or {}).items()}
+        )
+        snapshots = [check_name(str(n), "snapshot name") for n in index.get("snapshots") or []]
+        described = {
+            str(s.get("name")): s
+            for s in config_doc.get("volume_snapshots") or []
+            if isinstance(s, dict)
+        }
+        driver = await self.core.driver(ref.pool)
+        vol = driver.volume(VolumeType.CUSTOM, ref.host_name, content_type, config)
+        record = _record(
+            ref, self.member, content_type, str(volume.get("description") or ""), config
+        )
+        async with self.core.locked(ref.pool, ref.lock):
+            await self._claim(ref.key, record, "Volume by that name already exists")
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_key(ref.key))
+                if await driver.has_volume(vol):
+                    raise Conflict("Volume by that name already exists")
+                revert.add(lambda: driver.delete_volume(vol))
+                await uninterrupted(
+                    self.core.backups.restore(upload, snapshots, driver, vol, VOLUME_LAYOUT)
+                )
+                operations: list[Create | Update | Put | Delete] = []
+                for snapshot in snapshots:
+                    about = described.get(snapshot, {})
+                    expires = str(about.get("expires_at") or "")
+                    snap = _completed(
+                        _record(
+                            ref, self.member, content_type, str(about.get("description") or ""),
+                            config, snapshot=snapshot,
+                            expires_at="" if expires.startswith("0001-") else expires,
+                        )
+                    )  # fmt: skip
+                    created = about.get("created_at")
+                    if isinstance(created, str) and not created.startswith("0001-"):
+                        snap["created_at"] = created
+                    operations.append(Create(ref.snapshot_key(snapshot), dump(snap)))
+                if operations:
+                    revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
+                    await self.store.transaction(operations)
+                done = await self._complete(ref.key, record)
+                revert.success()
+        await self.core.backups.discard(upload)
+        log.info("imported custom volume %s into pool %s", ref.host_name, ref.pool)
+        return done
 
     # ------------------------------------------------------------------ snapshots
 
@@ -625,6 +736,46 @@ class CustomVolumes:
             return
         await self.core.remove_half_made(driver, vol, key)
         log.warning("removed custom volume %s, left half-created", meta.volume)
+
+
+def _volume_index(
+    ref: CustomRef,
+    record: dict[str, Any],
+    snapshots: list[StorageVolumeRecord],
+    backend: str,
+    optimized: bool,
+) -> str:
+    """A custom volume backup's `backup/index.yaml`, as LXD 5.0.2 writes it."""
+    volume: dict[str, Any] = {
+        "config": dict(record.get("config") or {}),
+        "description": record.get("description") or "",
+        "name": ref.name,
+        "type": CUSTOM,
+        "used_by": [],
+        "location": record.get("location") or "none",
+        "content_type": record.get("content_type") or ContentType.FILESYSTEM.value,
+        "project": ref.project,
+        "created_at": record.get("created_at") or ZERO_TIME,
+    }
+    index: dict[str, Any] = {"name": ref.name, "backend": backend, "pool": ref.pool}
+    if snapshots:
+        index["snapshots"] = [s.croft.snapshot for s in snapshots]
+    index.update(optimized=optimized, optimized_header=optimized, type=CUSTOM)
+    index["config"] = {
+        "volume": volume,
+        "volume_snapshots": [
+            {
+                "description": s.description,
+                "expires_at": s.expires_at or ZERO_TIME,
+                "name": s.croft.snapshot,
+                "config": dict(s.config),
+                "content_type": s.content_type,
+                "created_at": s.created_at or ZERO_TIME,
+            }
+            for s in snapshots
+        ],
+    }
+    return yaml.safe_dump(index, sort_keys=False)
 
 
 async def instance_volume_state(core: StorageCore, ref: VolumeRef) -> dict[str, Any]:

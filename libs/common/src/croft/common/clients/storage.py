@@ -110,3 +110,20 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
     restore_instance_volume = unary(
         "RestoreInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
     )
+
+    create_custom_volume_backup = unary(
+        "CreateCustomVolumeBackup", storage_pb2.VolumeBackupRequest, storage_pb2.BackupReply
+    )
+
+    def read_custom_volume_backup(
+        self, request: storage_pb2.VolumeBackupRequest, *, timeout: float | None = None
+    ) -> grpc.aio.UnaryStreamCall[storage_pb2.VolumeBackupRequest, storage_pb2.BackupChunk]:
+        return self.rpc.stream("ReadCustomVolumeBackup", request, timeout=timeout)
+
+    delete_custom_volume_backup = unary(
+        "DeleteCustomVolumeBackup", storage_pb2.VolumeBackupRequest, common_pb2.Empty
+    )
+
+    import_custom_volume = record(
+        "ImportCustomVolume", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )

@@ -24,6 +24,7 @@ from croft.common.models.storage import (
     PoolMeta,
     StoragePoolRecord,
     StorageVolumeRecord,
+    VolumeBackupRecord,
     VolumeMeta,
 )
 from croft.common.records import RECORDS
@@ -78,6 +79,7 @@ __all__ = [
     "SnapshotRecord",
     "StoragePoolRecord",
     "StorageVolumeRecord",
+    "VolumeBackupRecord",
     "VolumeMeta",
     "model_of",
 ]

@@ -2,6 +2,7 @@
 
     record_key("storage-pools", "default", <pool>)                              StoragePoolRecord
     record_key("storage-volumes", "default", "<pool>/<type>/<volume>[/<snap>]") StorageVolumeRecord
+    record_key("storage-volume-backups", <project>, "<pool>/<volume>/<backup>")  VolumeBackupRecord
 
 A pool is one record for the cluster; `_croft.members` holds each member's state and
 member-specific config (LXD's `storage_pools_nodes` and their `storage_pools_config`
@@ -15,7 +16,14 @@ from typing import Any
 from pydantic import Field
 
 from croft.common.models._base import ClusterRecord, CroftMeta, Model, Record
-from croft.common.records import DEFAULT_PROJECT, STORAGE_POOLS, STORAGE_VOLUMES, record_key
+from croft.common.models.instance import BackupMeta
+from croft.common.records import (
+    DEFAULT_PROJECT,
+    STORAGE_POOLS,
+    STORAGE_VOLUME_BACKUPS,
+    STORAGE_VOLUMES,
+    record_key,
+)
 
 
 class PoolMember(Model):
@@ -93,3 +101,19 @@ class StorageVolumeRecord(Record):
     @staticmethod
     def meta_of(raw: dict[str, Any]) -> VolumeMeta:
         return VolumeMeta.model_validate(raw.get("_croft") or {})
+
+
+class VolumeBackupRecord(Record):
+    """A custom volume's backup as the store holds it (`name` is the backup's own),
+    LXD's StoragePoolVolumeBackup plus `_croft` (`member`, `pool`: where its tarball is)."""
+
+    name: str
+    created_at: str = ""
+    expires_at: str = ""
+    volume_only: bool = False
+    optimized_storage: bool = False
+    croft: BackupMeta = Field(default_factory=BackupMeta, alias="_croft")
+
+    @staticmethod
+    def store_key(project: str, pool: str, volume: str, backup: str) -> str:
+        return record_key(STORAGE_VOLUME_BACKUPS, project, f"{pool}/{volume}/{backup}")

@@ -104,6 +104,10 @@ API_EXTENSIONS: list[str] = [
     "backup_compression_algorithm",
     "container_backup_override_pool",
     "backup_override_name",
+    # custom volume backups (routes/storage_volume_backups.py, domain/volume_backups.py):
+    # lxc storage volume export [--volume-only] [--optimized-storage], lxc storage volume
+    # import POOL FILE [NAME]
+    "custom_volume_backup",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.

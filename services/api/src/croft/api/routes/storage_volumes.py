@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
-from croft.api.domain import projects
+from croft.api.domain import projects, volume_backups
 from croft.api.domain import storage_volumes as volumes
 from croft.api.domain.snapshots import default_expiry
 from croft.api.operations import OperationContext
@@ -154,6 +154,10 @@ async def volumes_type_list(request: Request, pool: str, volume_type: str) -> Re
 
 
 async def _create(request: Request, pool: str, volume_type: str) -> Response:
+    if request.headers.get("content-type", "").startswith("application/octet-stream"):
+        if volume_type and volume_type != volumes.CUSTOM:
+            raise InvalidArgument("Invalid storage volume type")
+        return await volume_backups.import_operation(request, pool)
     await volumes.pool_exists(request, pool)
     project = await volumes.require_project(request)
     req = await query.body(request, VolumesPost)
@@ -345,6 +349,7 @@ async def volume_delete(request: Request, pool: str, volume_type: str, name: str
         raise InvalidArgument("The storage volume is still in use")
     client = await volumes.storage_for(request, record)
     await client.delete_custom_volume(_request(request, pool, name), timeout=600)
+    await volume_backups.delete_all(context(request).store, record.project, pool, name)
     url = f"/1.0/storage-pools/{pool}/volumes/custom/{name}"
     await context(request).lifecycle("storage-volume-deleted", url, request=request)
     return responses.empty_sync()

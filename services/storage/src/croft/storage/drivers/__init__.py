@@ -403,13 +403,21 @@ class StorageDriver(abc.ABC):
         driver without a stream format refuses (InvalidArgument)."""
         raise InvalidArgument(f"a {self.name} pool cannot send volumes as a stream")
 
-    async def receive_volume(self, vol: Volume, snapshots: Sequence[str], source: int) -> None:
+    async def receive_volume(
+        self,
+        vol: Volume,
+        snapshots: Sequence[str],
+        source: int,
+        adjust: Callable[[Path], None] | None = None,
+    ) -> None:
         """Create `vol` (not a snapshot) with its snapshots `snapshots` from the stream
         that `send_volume(..., snapshots, ...)` of a driver of the same stream format
-        writes to the file descriptor `source` (read to its end, left open). As
-        create_volume_from_copy: Conflict if `vol` exists, the new volume is left
-        "unrecorded", and on failure (a stream cut short included) nothing of `vol` is
-        left. The default: InvalidArgument, as send_volume's."""
+        writes to the file descriptor `source` (read to its end, left open). `adjust`,
+        when given, is called (in a thread) on the tree of each snapshot and of the
+        volume once all is received and before they are put in place (an import unshifts
+        ids with it). As create_volume_from_copy: Conflict if `vol` exists, the new
+        volume is left "unrecorded", and on failure (a stream cut short included)
+        nothing of `vol` is left. The default: InvalidArgument, as send_volume's."""
         raise InvalidArgument(f"a {self.name} pool cannot receive volumes as a stream")
 
 

@@ -46,7 +46,7 @@ import os
 import re
 import shutil
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from croft.common.blocking import in_thread
@@ -58,6 +58,7 @@ from croft.storage.drivers import (
     ContentType,
     Volume,
     VolumeType,
+    btrfs_ioctl,
 )
 from croft.storage.drivers.dir import (
     COPY_TIMEOUT,
@@ -422,14 +423,12 @@ class BtrfsDriver(DirDriver):
         `target` itself is made read-only if asked. Nothing is left of `target` when it
         fails (the caller removes it)."""
         # One quick look for direct children first: most volumes have none, and a walk
-        # of a whole root filesystem is not free.
-        children = await self._btrfs("subvolume", "list", "-o", str(source))
-        if not children.strip():
-            await self._btrfs(
-                "subvolume", "snapshot", *(["-r"] if readonly else []), str(source), str(target)
-            )
+        # of a whole root filesystem is not free. In-process ioctls: the hot path of a
+        # copy and of a snapshot.
+        if not await in_thread(btrfs_ioctl.has_child_subvolumes, source):
+            await in_thread(btrfs_ioctl.snapshot, source, target, readonly=readonly)
             return
-        await self._btrfs("subvolume", "snapshot", str(source), str(target))
+        await in_thread(btrfs_ioctl.snapshot, source, target)
         nested = [p for p in await in_thread(subvolumes_under, source) if p != source]
         for subvolume in sorted(nested, key=lambda p: len(p.parts)):
             placeholder = target / subvolume.relative_to(source)
@@ -470,7 +469,7 @@ class BtrfsDriver(DirDriver):
         # The limit is set through the pool's root, naming the subvolume's qgroup: asked
         # through the subvolume itself, the change's transaction is charged to that
         # qgroup, and a full one refuses to be raised ("Disk quota exceeded").
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         await self._btrfs(
             "qgroup", "limit", str(limit) if limit else "none", f"0/{subvolume}", str(self.source)
         )
@@ -495,9 +494,9 @@ class BtrfsDriver(DirDriver):
     async def _instance_from_image(
         self, vol: Volume, image: Volume, source: Path, tmp: Path, final: Path
     ) -> None:
-        # A launch is this one command: no data is copied. An image holds no nested
+        # A launch is this one ioctl: no data is copied. An image holds no nested
         # subvolume (it was unpacked by croft).
-        await self._btrfs("subvolume", "snapshot", str(source), str(tmp))
+        await in_thread(btrfs_ioctl.snapshot, source, tmp)
         await self._seal(tmp, vol)
         await in_thread(_finish_volume, tmp, final, _what(vol), vol.type in INSTANCE_TYPES)
 
@@ -507,7 +506,7 @@ class BtrfsDriver(DirDriver):
             return await super().volume_usage(vol)
         # Written data reaches the qgroup counts at the next commit.
         await self._btrfs("filesystem", "sync", str(self.source))
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
         for line in out.splitlines():
             fields = line.split()
@@ -538,7 +537,7 @@ class BtrfsDriver(DirDriver):
         path = self._require(vol)
         if not await self.quotas_enabled():
             return None
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         out = await self._btrfs("qgroup", "show", "--raw", "-f", str(path))
         for line in out.splitlines():
             fields = line.split()
@@ -548,9 +547,11 @@ class BtrfsDriver(DirDriver):
 
     # -- streams between btrfs pools -------------------------------------------------------
 
-    # The name of the volume's own state in a stream: never a snapshot's (check_name
-    # refuses names that start with a dot).
-    STREAM_VOLUME = ".volume"
+    # The name of the volume's own state in a stream: LXD's (its optimized backups name
+    # it so), never a snapshot's (check_name refuses names that start with a dot). A
+    # stream from an older croft names it `.volume`.
+    STREAM_VOLUME = ".backup"
+    STREAM_VOLUME_NAMES = (".backup", ".volume")
 
     async def send_volume(self, vol: Volume, snapshots: Sequence[str], out: int) -> None:
         source = self._require(vol)
@@ -572,7 +573,13 @@ class BtrfsDriver(DirDriver):
         finally:
             await asyncio.shield(in_thread(self._remove, work))
 
-    async def receive_volume(self, vol: Volume, snapshots: Sequence[str], source: int) -> None:
+    async def receive_volume(
+        self,
+        vol: Volume,
+        snapshots: Sequence[str],
+        source: int,
+        adjust: Callable[[Path], None] | None = None,
+    ) -> None:
         if vol.is_snapshot:
             raise InvalidArgument(f"{_what(vol)}: snapshots are made by create_snapshot()")
         final = self.volume_path(vol)
@@ -595,14 +602,32 @@ class BtrfsDriver(DirDriver):
             await run_async(
                 ["btrfs", "receive", str(received)], timeout=COPY_TIMEOUT, stdin_fd=source
             )
-            state = received / self.STREAM_VOLUME
-            missing = [n for n in [*snapshots, self.STREAM_VOLUME] if not (received / n).is_dir()]
+            state = next(
+                (received / n for n in self.STREAM_VOLUME_NAMES if (received / n).is_dir()),
+                received / self.STREAM_VOLUME,
+            )
+            missing = [n for n in snapshots if not (received / n).is_dir()]
+            if not state.is_dir():
+                missing.append(self.STREAM_VOLUME)
             if missing:
                 raise InvalidArgument(f"the stream for {_what(vol)} lacks {', '.join(missing)}")
+            if adjust is not None:
+                # Received snapshots are read-only, and the stream's later parts find
+                # their parents by them: changed only once all is received (-f: btrfs
+                # then forgets where they were received from, which nothing needs).
+                for name in snapshots:
+                    await self._btrfs(
+                        "property", "set", "-f", "-ts", str(received / name), "ro", "false"
+                    )
+                    await in_thread(adjust, received / name)
+                    await self._btrfs("property", "set", "-ts", str(received / name), "ro", "true")
             # The volume is a writable snapshot of its received state.
             await self._btrfs("subvolume", "snapshot", str(state), str(tmp))
             await self._btrfs("subvolume", "delete", str(state))
-            await in_thread(self._drop_hidden_entries, tmp)
+            if adjust is not None:
+                await in_thread(adjust, tmp)
+            if vol.type in INSTANCE_TYPES:  # a custom volume's dot-files are its user's
+                await in_thread(self._drop_hidden_entries, tmp)
             await in_thread(os.chmod, tmp, INSTANCE_MODE)
             await self._seal(tmp, vol)
             unrecorded = vol.type in INSTANCE_TYPES
@@ -637,7 +662,7 @@ class BtrfsDriver(DirDriver):
         """The referenced-bytes limit on a subvolume (0: none, or quotas are off)."""
         if not await self.quotas_enabled():
             return 0
-        subvolume = (await self._btrfs("inspect-internal", "rootid", str(path))).strip()
+        subvolume = str(await in_thread(btrfs_ioctl.subvolume_id, path))
         out = await self._btrfs("qgroup", "show", "--raw", "-r", "-f", str(path))
         for line in out.splitlines():
             fields = line.split()

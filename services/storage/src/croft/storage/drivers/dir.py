@@ -572,8 +572,10 @@ class DirDriver(StorageDriver):
         moved = False
         try:
             await self._clone(source, tmp, readonly=False)
-            # The source's own marks are not part of a copy.
-            await in_thread(self._drop_hidden_entries, tmp)
+            # The source's own marks are not part of a copy (a custom volume's dot-files
+            # are its user's).
+            if vol.type in INSTANCE_TYPES:
+                await in_thread(self._drop_hidden_entries, tmp)
             await in_thread(os.chmod, tmp, INSTANCE_MODE)
             await self._seal(tmp, vol)
             if tmp_snaps is not None and source_snaps is not None:
