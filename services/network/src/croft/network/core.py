@@ -48,6 +48,8 @@ from croft.common.errors import (
 )
 from croft.common.locks import KeyedLock
 from croft.common.models import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
+from croft.common.network_acl import Acl, acl_prefix, check_acls_exist, network_policy
+from croft.common.network_forward import Forward, forward_prefix
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
@@ -61,7 +63,7 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Entry, Operation, Put, Update, dump
-from croft.network.drivers import DriverSettings, NetworkDriver, load_driver
+from croft.network.drivers import DriverSettings, NetworkDriver, NetworkSecurity, load_driver
 
 log = logging.getLogger(__name__)
 
@@ -473,6 +475,10 @@ class NetworkCore:
                 driver = self.driver(record.type)
                 try:
                     await driver.start(record.name, config)
+                    # ACLs or forwards changed while this service was down apply now.
+                    await driver.apply_security(
+                        record.name, await self._security(record.name, driver, config, check=False)
+                    )
                 except Exception as exc:
                     with contextlib.suppress(CroftError):
                         await self._set_member_state(record.name, ERRORED, config, error=str(exc))
@@ -570,6 +576,7 @@ class NetworkCore:
                 )
             except Conflict:
                 raise Conflict("The network already exists") from None
+            security = await self._security(name, driver, config)
             async with Reverter() as revert:
                 revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
                 # Registered once create succeeded: a create refused because the name is
@@ -577,6 +584,8 @@ class NetworkCore:
                 resolved = await driver.create(name, config)
                 revert.add(lambda: driver.delete(name))
                 await driver.start(name, resolved)
+                if not security.empty:
+                    await driver.apply_security(name, security)
                 record = new_network_record(name, type_name, resolved, description)
                 await self.store.transaction(
                     [
@@ -651,14 +660,20 @@ class NetworkCore:
             changed = {k for k in {*old_config, *config} if old_config.get(k) != config.get(k)}
             if changed & driver.fixed_in_use and await self._nic_entries(name):
                 raise InvalidArgument(driver.fixed_in_use_message)
+            await driver.validate(name, {k: v for k, v in config.items() if v != ""})
+            security = await self._security(name, driver, config)
+            old_security = await self._security(name, driver, old_config, check=False)
             try:
                 resolved = await driver.update(name, config)
+                await driver.apply_security(name, security)
             except BaseException:
                 # A change that failed half-way (dnsmasq refusing raw.dnsmasq, say)
                 # puts the running network back as it was.
                 if await driver.is_running(name):
                     with contextlib.suppress(Exception):
                         await driver.update(name, old_config)
+                with contextlib.suppress(Exception):
+                    await driver.apply_security(name, old_security)
                 raise
             cluster, member = split_config(resolved)
             # The cluster-wide keys go in the record, this member's own in its key: one
@@ -680,6 +695,7 @@ class NetworkCore:
                 )
             except BaseException:
                 await driver.update(name, old_config)
+                await driver.apply_security(name, old_security)
                 raise
             await self._lifecycle("network-updated", name)
             return _with_config(new, resolved)
@@ -840,6 +856,55 @@ class NetworkCore:
             self._nics.setdefault(name, {})[nic.key] = (entry, revision)
             return
         raise Conflict(f"the NIC {nic.key} of network {name} kept changing while it was attached")
+
+    # ------------------------------------------------------------------ security
+
+    async def _security(
+        self, name: str, driver: NetworkDriver, config: Mapping[str, str], *, check: bool = True
+    ) -> NetworkSecurity:
+        """What a network with `config` enforces, read from the store: its ACL policy
+        (the ACLs of the default project: networks are not scoped by project), its
+        forwards, its filtered NICs. With `check`, InvalidArgument (LXD's words) for an
+        ACL that does not exist or a driver that cannot enforce ACLs."""
+        acls = {
+            acl.name: acl
+            for acl in (
+                Acl.from_record(entry.json())
+                for entry in await self.store.list(acl_prefix(DEFAULT_PROJECT))
+            )
+        }
+        if check:
+            check_acls_exist(config, acls)
+        try:
+            policy = network_policy(name, config, acls)
+        except InvalidArgument:
+            if check:
+                raise
+            policy = None
+        if policy is not None and not driver.capabilities.acls:
+            raise InvalidArgument(f"Network type {driver.name!r} does not support ACLs")
+        forwards = tuple(
+            Forward.from_record(entry.json())
+            for entry in await self.store.list(forward_prefix(name))
+        )
+        if forwards and not driver.capabilities.forwards:
+            if check:
+                raise InvalidArgument(f"Network driver {driver.name!r} does not support forwards")
+            forwards = ()
+        return NetworkSecurity(acl=policy, forwards=forwards)
+
+    async def apply_security(self, name: str) -> None:
+        """Enforce what the store says a network of this member enforces (its ACLs'
+        rules, its forwards), replacing what was: asked after an ACL or a forward
+        changes. A failure leaves the previous rules in force and is raised."""
+
+        async def apply() -> None:
+            self._forget(name)
+            record = await self._local_record(name)
+            driver = self.driver(record.type)
+            await driver.apply_security(name, await self._security(name, driver, record.config))
+
+        await self._locked(name, apply)
 
     # ------------------------------------------------------------------ state
 

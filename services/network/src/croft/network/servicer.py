@@ -105,3 +105,9 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
         self, request: network_pb2.NetworkRename, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return _record(await self.core.rename_network(request.name, request.new_name))
+
+    async def ApplySecurity(
+        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.Empty:
+        await self.core.apply_security(request.name)
+        return common_pb2.Empty()

@@ -51,3 +51,8 @@ class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.Networ
         self, request: network_pb2.NetworkRename, **options: Unpack[CallOptions]
     ) -> Awaitable[NetworkRecord]:
         return self._record("RenameNetwork", request, options, NetworkRecord)
+
+    def apply_security(
+        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
+    ) -> Awaitable[common_pb2.Empty]:
+        return self._unary("ApplySecurity", request, options)

@@ -28,6 +28,7 @@ from croft.api.domain.networks import (
 )
 from croft.api.services import services
 from croft.common.errors import Conflict, InvalidArgument
+from croft.common.network_forward import forward_prefix
 from croft.v1 import common_pb2, network_pb2
 
 router = APIRouter()
@@ -143,4 +144,6 @@ async def network_delete(request: Request, name: str) -> Response:
     for member in members or [await member_of(request, ctx.store, name, record)]:
         client = await services().network(member)
         await client.delete_network(network_pb2.NetworkRef(name=name), timeout=120)
+    # Its forwards go with it, as in LXD.
+    await ctx.store.delete_prefix(forward_prefix(name))
     return responses.empty_sync()

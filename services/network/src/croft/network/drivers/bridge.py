@@ -38,11 +38,13 @@ from croft.network.drivers import (
     DriverSettings,
     NetworkDriver,
     NetworkLease,
+    NetworkSecurity,
     NetworkState,
     NetworkStateAddress,
     NetworkStateBridge,
     NetworkStateCounters,
 )
+from croft.network.drivers import _bridge_security as security_rules
 from croft.network.drivers import _bridge_table as firewall
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import DhcpHost, Dnsmasq, DnsmasqOptions, is_mac
@@ -411,24 +413,57 @@ class _BridgeHost:
                 ):
                     _enable_forwarding(ipv4=cfg.ipv4 is not None, ipv6=cfg.ipv6 is not None)
                 self._setup_routes(name, cfg)
-                firewall.apply(
-                    self.settings.nft_table,
-                    firewall.BridgeRules(
-                        bridge=name,
-                        ipv4_subnet=cfg.ipv4.network if cfg.ipv4 else None,
-                        ipv4_nat=cfg.ipv4_nat,
-                        ipv4_nat_address=cfg.ipv4_nat_address,
-                        ipv6_subnet=cfg.ipv6.network if cfg.ipv6 else None,
-                        ipv6_nat=cfg.ipv6_nat,
-                        ipv6_nat_address=cfg.ipv6_nat_address,
-                        firewall=cfg.ipv4_firewall or cfg.ipv6_firewall,
-                    ),
-                )
+                firewall.apply(self.settings.nft_table, self._rules(name, cfg))
                 self._start_dnsmasq(name, cfg)
             except BaseException:
                 if not was_up:
                     self._teardown(name)
                 raise
+
+    def _rules(
+        self, name: str, cfg: BridgeConfig, security: NetworkSecurity | None = None
+    ) -> firewall.BridgeRules:
+        """The bridge's whole firewall: its own rules, and those of the security (ACLs,
+        forwards, NIC filters) given, else the one last applied."""
+        if security is None:
+            security = self._stored_security(name)
+        return firewall.BridgeRules(
+            bridge=name,
+            ipv4_subnet=cfg.ipv4.network if cfg.ipv4 else None,
+            ipv4_nat=cfg.ipv4_nat,
+            ipv4_nat_address=cfg.ipv4_nat_address,
+            ipv6_subnet=cfg.ipv6.network if cfg.ipv6 else None,
+            ipv6_nat=cfg.ipv6_nat,
+            ipv6_nat_address=cfg.ipv6_nat_address,
+            firewall=cfg.ipv4_firewall or cfg.ipv6_firewall,
+            extra=security_rules.inet_chains(name, security),
+            bridge_extra=security_rules.nic_chains(security.nics),
+        )
+
+    def _security_path(self, name: str) -> Path:
+        return self.state_dir(name) / "security.json"
+
+    def _stored_security(self, name: str) -> NetworkSecurity:
+        try:
+            data = json.loads(self._security_path(name).read_text())
+        except (FileNotFoundError, ValueError):
+            return NetworkSecurity()
+        return NetworkSecurity.from_json(data)
+
+    def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        """Enforce `security` (one nft transaction with the bridge's own rules, so a
+        failure leaves the previous firewall whole), then keep it for `start`."""
+        with self._locked(name):
+            cfg = BridgeConfig.parse(self._stored_config(name))
+            if self.is_running(name):
+                firewall.apply(self.settings.nft_table, self._rules(name, cfg, security))
+            path = self._security_path(name)
+            if security.empty:
+                path.unlink(missing_ok=True)
+                return
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(security.to_json(), indent=1, sort_keys=True))
+            tmp.replace(path)
 
     def _setup_routes(self, name: str, cfg: BridgeConfig) -> None:
         """The host routes of `ipv4.routes`/`ipv6.routes` through the bridge (LXD's
@@ -881,6 +916,9 @@ class BridgeDriver(NetworkDriver):
         dns=True,
         nat=True,
         ipv6=True,
+        acls=True,
+        forwards=True,
+        nic_filtering=True,
     )
 
     def __init__(self, settings: DriverSettings | None = None) -> None:
@@ -941,3 +979,6 @@ class BridgeDriver(NetworkDriver):
 
     async def leases(self, network: str) -> list[NetworkLease]:
         return await in_thread(self._host.leases, network)
+
+    async def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        await in_thread(self._host.apply_security, name, security)
