@@ -1,0 +1,263 @@
+"""Network ACLs and forwards on bridges (issue 18), through the real `lxc` client: ACLs
+made, changed and refused as LXD 5.0.2 does, enforced by the bridge's nftables table on
+real containers (a port the ACL allows connects, one it does not is dropped), changes
+applied live; a forward of the bridge's address serving a container's web server to the
+host; nothing left behind by a refused change or a deleted network."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import subprocess
+import urllib.request
+from collections.abc import Iterator
+from ipaddress import IPv4Network
+
+import pytest
+import yaml
+
+from .conftest import Croft, Lxc
+from .test_networks import free_subnet, leftovers, table_of, unique
+
+
+@pytest.fixture(scope="module")
+def env(croft_lxc: tuple[Croft, Lxc, str], busybox_image: object) -> tuple[Croft, Lxc, str]:
+    _, lxc, _ = croft_lxc
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    return croft_lxc
+
+
+@pytest.fixture(scope="module")
+def served(env: tuple[Croft, Lxc, str]) -> Iterator[tuple[str, IPv4Network, str]]:
+    """A bridge with a chosen subnet and a container on it (a pinned address) serving
+    HTTP on ports 22 and 80: (network, subnet, the container's address)."""
+    croft, lxc, _ = env
+    network = unique("crta")
+    subnet = free_subnet()
+    gateway = f"{subnet.network_address + 1}/{subnet.prefixlen}"
+    address = str(subnet.network_address + 10)
+    instance = unique("acl")
+    lxc("network", "create", network, f"ipv4.address={gateway}", "ipv6.address=none")
+    try:
+        lxc("init", "busybox", instance, "-n", network)
+        lxc("config", "device", "set", instance, "eth0", "ipv4.address", address)
+        lxc("start", instance)
+        lxc(
+            "exec",
+            instance,
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo served-by-container > /www/index.html && "
+            "httpd -p 80 -h /www && httpd -p 22 -h /www",
+        )
+        wait_for_port(address, 80)
+        yield network, subnet, address
+    finally:
+        lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", network, check=False)
+        for acl in lxc.json("network", "acl", "list"):
+            lxc("network", "acl", "delete", acl["name"], check=False)
+        assert leftovers(croft, lxc, network) == []
+
+
+def connects(address: str, port: int, timeout: float = 3.0) -> bool:
+    """Whether a TCP connection from the host is accepted (False: refused or dropped)."""
+    with contextlib.suppress(OSError), socket.create_connection((address, port), timeout):
+        return True
+    return False
+
+
+def dropped(address: str, port: int) -> bool:
+    """Whether a connection gets no answer at all (a drop, not a refusal)."""
+    try:
+        with socket.create_connection((address, port), 3.0):
+            return False
+    except TimeoutError:
+        return True
+    except OSError:
+        return False
+
+
+def wait_for_port(address: str, port: int) -> None:
+    for _ in range(30):
+        if connects(address, port, 1.0):
+            return
+    raise AssertionError(f"nothing answers on {address}:{port}")
+
+
+def ruleset(croft: Croft, network: str) -> str:
+    return subprocess.run(
+        ["nft", "list", "table", "inet", table_of(croft, network)], capture_output=True, text=True
+    ).stdout
+
+
+def test_acl_lifecycle_and_bad_input_as_lxd(env: tuple[Croft, Lxc, str]) -> None:
+    _, lxc, _ = env
+    name = unique("acl")
+    lxc("network", "acl", "create", name, "user.note=hi")
+    lxc(
+        "network", "acl", "rule", "add", name, "ingress", "action=allow", "protocol=tcp",
+        "destination_port=22",
+    )  # fmt: skip
+    shown = yaml.safe_load(lxc("network", "acl", "show", name).stdout)
+    assert shown["ingress"] == [
+        {"action": "allow", "protocol": "tcp", "destination_port": "22", "state": "enabled"}
+    ]
+    assert shown["egress"] == [] and shown["used_by"] == []
+    assert shown["config"] == {"user.note": "hi"}
+    assert lxc("network", "acl", "get", name, "user.note").stdout.strip() == "hi"
+    listed = json.loads(lxc("query", "/1.0/network-acls").stdout)
+    assert f"/1.0/network-acls/{name}" in listed
+
+    bad = [
+        (
+            ["ingress", "action=foo"],
+            "Invalid ingress rule 1: Action must be one of: allow, drop, reject",
+        ),
+        (
+            ["ingress", "action=allow", "protocol=tcp", "destination_port=abc"],
+            'Invalid ingress rule 1: Invalid Destination port: Invalid port number "abc"',
+        ),
+        (
+            ["ingress", "action=allow", "protocol=tcp", "destination_port=99999"],
+            'Invalid Destination port: Out of port number range (0-65535) "99999"',
+        ),
+        (
+            ["ingress", "action=allow", "protocol=xyz"],
+            "Invalid ingress rule 1: Protocol must be one of: icmp4, icmp6, tcp, udp",
+        ),
+        (
+            ["ingress", "action=allow", "source=1.2.3.4/99"],
+            'Invalid ingress rule 1: Invalid Source: Invalid subject "1.2.3.4/99"',
+        ),
+        (
+            ["egress", "action=allow", "destination=unknownacl"],
+            'Invalid egress rule 0: Invalid Destination: Invalid subject "unknownacl"',
+        ),
+        (
+            ["ingress", "action=allow", "destination_port=22"],
+            "Destination port cannot be used without specifying protocol",
+        ),
+        (
+            ["ingress", "action=allow", "protocol=tcp", "destination_port=22"],
+            "Duplicate of ingress rule 0",
+        ),
+        (["ingress", "actio=allow"], "Unknown key: actio"),
+    ]
+    for args, message in bad:
+        refused = lxc("network", "acl", "rule", "add", name, *args, check=False)
+        assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
+    # Nothing changed by the refusals.
+    assert yaml.safe_load(lxc("network", "acl", "show", name).stdout) == shown
+
+    refused = lxc("network", "acl", "create", name, check=False)
+    assert "The network ACL already exists" in refused.stderr
+    refused = lxc("network", "acl", "create", "bad_name", check=False)
+    assert "Name can only contain alphanumeric and hyphen characters" in refused.stderr
+    refused = lxc("network", "acl", "set", name, "foo=bar", check=False)
+    assert 'Invalid config option "foo"' in refused.stderr
+
+    lxc("network", "acl", "rule", "remove", name, "ingress", "destination_port=22")
+    assert yaml.safe_load(lxc("network", "acl", "show", name).stdout)["ingress"] == []
+    renamed = unique("acl")
+    lxc("network", "acl", "rename", name, renamed)
+    lxc("network", "acl", "delete", renamed)
+    missing = lxc("network", "acl", "show", renamed, check=False)
+    assert "Network ACL not found" in missing.stderr
+
+
+def test_an_acl_allowing_only_tcp_22_in(
+    env: tuple[Croft, Lxc, str], served: tuple[str, IPv4Network, str]
+) -> None:
+    croft, lxc, _ = env
+    network, _, address = served
+    assert connects(address, 22) and connects(address, 80)
+    acl = unique("acl")
+    lxc("network", "acl", "create", acl)
+    lxc(
+        "network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+        "destination_port=22",
+    )  # fmt: skip
+
+    # A network naming an ACL that does not exist is refused, and nothing changes.
+    refused = lxc("network", "set", network, "security.acls", "nosuch", check=False)
+    assert 'Network ACL "nosuch" does not exist' in refused.stderr
+    assert "security.acls" not in yaml.safe_load(lxc("network", "show", network).stdout)["config"]
+    assert "acl." not in ruleset(croft, network)
+
+    lxc("network", "set", network, "security.acls.default.ingress.action", "drop")
+    lxc("network", "set", network, "security.acls", acl)
+    assert connects(address, 22)
+    assert dropped(address, 80)
+    assert (
+        f"/1.0/networks/{network}"
+        in yaml.safe_load(lxc("network", "acl", "show", acl).stdout)["used_by"]
+    )
+
+    # In use: it cannot be deleted.
+    refused = lxc("network", "acl", "delete", acl, check=False)
+    assert "Cannot delete an ACL that is in use" in refused.stderr
+
+    # A change to the ACL applies at once to the network using it.
+    lxc(
+        "network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+        "destination_port=80",
+    )  # fmt: skip
+    assert connects(address, 80)
+    lxc("network", "acl", "rule", "remove", acl, "ingress", "destination_port=80")
+    assert dropped(address, 80)
+
+    # The default ingress action reject answers at once instead of dropping.
+    lxc("network", "set", network, "security.acls.default.ingress.action", "reject")
+    assert not connects(address, 80) and not dropped(address, 80)
+
+    # Unassigned: no ACL chain stays, everything connects again.
+    lxc("network", "unset", network, "security.acls")
+    lxc("network", "unset", network, "security.acls.default.ingress.action")
+    assert "acl." not in ruleset(croft, network)
+    assert connects(address, 80)
+    lxc("network", "acl", "delete", acl)
+
+
+def test_a_forward_of_the_bridge_address_serves_the_host(
+    env: tuple[Croft, Lxc, str], served: tuple[str, IPv4Network, str]
+) -> None:
+    croft, lxc, _ = env
+    network, subnet, address = served
+    listen = str(subnet.network_address + 1)
+    lxc("network", "forward", "create", network, listen)
+    lxc("network", "forward", "port", "add", network, listen, "tcp", "8080", address, "80")
+    shown = yaml.safe_load(lxc("network", "forward", "show", network, listen).stdout)
+    assert shown["ports"] == [
+        {
+            "description": "",
+            "protocol": "tcp",
+            "listen_port": "8080",
+            "target_port": "80",
+            "target_address": address,
+        }
+    ]
+    body = urllib.request.urlopen(f"http://{listen}:8080/", timeout=10).read().decode()
+    assert body.strip() == "served-by-container"
+
+    # Bad input: refused in LXD's words, nothing changed.
+    bad = [
+        (["tcp", "8081", "10.255.255.1", "80"], "Target address is not within the network subnet"),
+        (["tcp", "8080", address, "80"], 'Duplicate listen port 8080 for protocol "tcp"'),
+        (["sctp", "8082", address, "80"], "protocol must be one of: tcp, udp"),
+        (["tcp", "8083-8085", address, "80-81"], "Mismatch of listen port(s) and target port(s)"),
+    ]
+    for args, message in bad:
+        refused = lxc("network", "forward", "port", "add", network, listen, *args, check=False)
+        assert refused.returncode == 1 and message in refused.stderr, (args, refused.stderr)
+    assert yaml.safe_load(lxc("network", "forward", "show", network, listen).stdout) == shown
+    refused = lxc("network", "forward", "create", network, listen, check=False)
+    assert "A forward for that listen address already exists" in refused.stderr
+
+    lxc("network", "forward", "port", "remove", network, listen, "tcp", "8080")
+    assert not connects(listen, 8080)
+    lxc("network", "forward", "delete", network, listen)
+    assert "dnat" not in ruleset(croft, network)
+    assert lxc.json("network", "forward", "list", network) == []
