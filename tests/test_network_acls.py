@@ -261,3 +261,84 @@ def test_a_forward_of_the_bridge_address_serves_the_host(
     lxc("network", "forward", "delete", network, listen)
     assert "dnat" not in ruleset(croft, network)
     assert lxc.json("network", "forward", "list", network) == []
+
+
+def test_mac_and_ipv4_filtering_drop_a_spoofing_container(
+    env: tuple[Croft, Lxc, str], served: tuple[str, IPv4Network, str]
+) -> None:
+    croft, lxc, _ = env
+    network, subnet, _ = served
+    gateway = str(subnet.network_address + 1)
+    filtered, plain = unique("flt"), unique("pln")
+    try:
+        for name, offset in ((filtered, 30), (plain, 40)):
+            lxc("init", "busybox", name, "-n", network)
+            lxc(
+                "config",
+                "device",
+                "set",
+                name,
+                "eth0",
+                "ipv4.address",
+                str(subnet.network_address + offset),
+            )
+        lxc("config", "device", "set", filtered, "eth0", "security.mac_filtering", "true")
+        lxc("config", "device", "set", filtered, "eth0", "security.ipv4_filtering", "true")
+        for name in (filtered, plain):
+            lxc("start", name)
+        table = table_of(croft, network)
+        bridge_rules = subprocess.run(
+            ["nft", "list", "table", "bridge", table], capture_output=True, text=True
+        ).stdout
+        assert "ether saddr !=" in bridge_rules
+
+        def ping(name: str, *args: str) -> bool:
+            argv = ["exec", name, "--", "ping", "-c", "1", "-W", "3", *args, gateway]
+            return lxc(*argv, check=False).returncode == 0
+
+        def wait_address(name: str) -> None:
+            for _ in range(30):
+                if ping(name):
+                    return
+            raise AssertionError(f"{name} never reached {gateway}")
+
+        # Their own addresses work, filtered or not.
+        wait_address(filtered)
+        wait_address(plain)
+        # Another IPv4 address: dropped when filtered, answered when not.
+        for name, offset in ((filtered, 31), (plain, 41)):
+            spoofed = str(subnet.network_address + offset)
+            lxc(
+                "exec",
+                name,
+                "--",
+                "ip",
+                "addr",
+                "add",
+                f"{spoofed}/{subnet.prefixlen}",
+                "dev",
+                "eth0",
+            )
+            if name == plain:
+                assert ping(name, "-I", spoofed)
+            else:
+                assert not ping(name, "-I", spoofed)
+        # Another MAC: dropped when filtered, answered when not.
+        for name in (filtered, plain):
+            for step in (["down"], ["address", "00:16:3e:5a:5a:5a"], ["up"]):
+                lxc("exec", name, "--", "ip", "link", "set", "eth0", *step)
+            lxc("exec", name, "--", "ip", "neigh", "flush", "all", check=False)
+        assert not ping(filtered)
+        for _ in range(10):
+            if ping(plain):
+                break
+        else:
+            raise AssertionError("the unfiltered container lost its network with a new MAC")
+    finally:
+        for name in (filtered, plain):
+            lxc("delete", "--force", name, check=False)
+    # Its NICs gone, the filters go too.
+    bridge_rules = subprocess.run(
+        ["nft", "list", "table", "bridge", table_of(croft, network)], capture_output=True, text=True
+    ).stdout
+    assert "ether saddr" not in bridge_rules

@@ -498,6 +498,7 @@ class ComputeCore:
                 network_name = device.get("network")
                 if network_name:
                     network = await self.network()
+                    driver = self.driver_of_type(self._type_of(project, name))
                     request = network_pb2.NicRequest(
                         network=network_name,
                         project=project,
@@ -506,6 +507,9 @@ class ComputeCore:
                         hwaddr=device["hwaddr"],
                         ipv4=device.get("ipv4.address", ""),
                         ipv6=device.get("ipv6.address", ""),
+                        host_name=device.get("host_name")
+                        or driver.nic_host_name(driver_name(project, name), dev_name),
+                        config={k: v for k, v in device.items() if k.startswith("security.")},
                     )
                     if revert is not None:
                         revert.add(functools.partial(self._detach, request))

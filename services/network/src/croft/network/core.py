@@ -63,7 +63,13 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Entry, Operation, Put, Update, dump
-from croft.network.drivers import DriverSettings, NetworkDriver, NetworkSecurity, load_driver
+from croft.network.drivers import (
+    DriverSettings,
+    NetworkDriver,
+    NetworkSecurity,
+    NicFilter,
+    load_driver,
+)
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +152,8 @@ class InstanceNic:
     hwaddr: str = ""  # "" on detach: the one recorded at attach is used
     ipv4: str | None = None  # a pinned address; None for any
     ipv6: str | None = None  # a pinned DHCPv6 address; None for any
+    host_name: str = ""  # the NIC's host-side interface, when known
+    filters: tuple[str, ...] = ()  # "mac", "ipv4", "ipv6": LXD's security.*_filtering
 
     @property
     def key(self) -> str:
@@ -762,6 +770,16 @@ class NetworkCore:
 
             if not await driver.is_running(name):
                 await driver.start(name, config)
+            if nic.filters and not driver.capabilities.nic_filtering:
+                raise InvalidArgument(
+                    f"Network type {driver.name!r} does not support MAC or IP filtering"
+                )
+            if nic.filters and not nic.host_name:
+                raise InvalidArgument("MAC or IP filtering needs the NIC's host interface")
+            ipv4 = nic.ipv4
+            if "ipv4" in nic.filters and ipv4 is None:
+                # LXD pins an address for a NIC whose IPv4 is filtered.
+                ipv4 = await driver.allocate_ipv4(name, hwaddr)
             async with Reverter() as revert:
                 if previous is not None and previous.hwaddr == hwaddr:
                     # add_instance replaces this NIC's entry: put the old one back.
@@ -774,14 +792,21 @@ class NetworkCore:
                     )
                 else:
                     revert.add(lambda: driver.remove_instance(name, nic.dns_name, hwaddr))
-                address = await driver.add_instance(
-                    name, nic.dns_name, hwaddr, nic.ipv4, ipv6=nic.ipv6
-                )
+                address = await driver.add_instance(name, nic.dns_name, hwaddr, ipv4, ipv6=nic.ipv6)
                 entry = NetworkNic(hwaddr=hwaddr, ipv4=address or "")
                 if nic.ipv6:
                     # Only a pinned address is stored (the stored shape has no "" ipv6).
                     entry = entry.model_copy(update={"ipv6": nic.ipv6})
+                if nic.filters:
+                    entry = entry.model_copy(
+                        update={"host_name": nic.host_name, "filters": list(nic.filters)}
+                    )
                 await self._write_nic(nic, entry)
+                if nic.filters or (previous is not None and previous.filters):
+                    revert.add(lambda: self._drop_nic(nic))
+                    await driver.apply_security(
+                        name, await self._security(name, driver, config, check=False)
+                    )
                 revert.success()
             if previous is not None and previous.hwaddr not in ("", hwaddr):
                 await driver.remove_instance(name, nic.dns_name, previous.hwaddr)
@@ -816,14 +841,22 @@ class NetworkCore:
                 await driver.remove_instance(name, nic.dns_name, hwaddr)
             if known is None:
                 return
-            try:
-                await self.store.transaction([Delete(nic.store_key)])
-            except BaseException:
-                self._nics.pop(name, None)
-                raise
-            nics.pop(nic.key, None)
+            await self._drop_nic(nic)
+            if entry is not None and entry.filters:
+                await driver.apply_security(
+                    name, await self._security(name, driver, record.config, check=False)
+                )
 
         await self._locked(name, detach)
+
+    async def _drop_nic(self, nic: InstanceNic) -> None:
+        """Remove an attached NIC's key (and what is kept of it)."""
+        try:
+            await self.store.transaction([Delete(nic.store_key)])
+        except BaseException:
+            self._nics.pop(nic.network, None)
+            raise
+        self._nics.get(nic.network, {}).pop(nic.key, None)
 
     async def _nic_base(self, name: str) -> NetworkRecord:
         """The record of a network of this member, as a NIC change needs it."""
@@ -891,7 +924,22 @@ class NetworkCore:
             if check:
                 raise InvalidArgument(f"Network driver {driver.name!r} does not support forwards")
             forwards = ()
-        return NetworkSecurity(acl=policy, forwards=forwards)
+        nics = tuple(
+            NicFilter(
+                host_name=entry.host_name,
+                hwaddr=entry.hwaddr,
+                mac="mac" in entry.filters,
+                ipv4=entry.ipv4 or None,
+                ipv6=entry.ipv6 or None,
+                ipv4_filtering="ipv4" in entry.filters,
+                ipv6_filtering="ipv6" in entry.filters,
+            )
+            for entry, _ in (await self._nic_entries(name)).values()
+            if entry.filters and entry.host_name
+        )
+        if not driver.capabilities.nic_filtering:
+            nics = ()
+        return NetworkSecurity(acl=policy, forwards=forwards, nics=nics)
 
     async def apply_security(self, name: str) -> None:
         """Enforce what the store says a network of this member enforces (its ACLs'

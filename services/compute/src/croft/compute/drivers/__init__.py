@@ -277,6 +277,12 @@ class InstanceDriver(ABC):
         without asking each (then callers use status())."""
         return None
 
+    def nic_host_name(self, name: str, device: str) -> str:
+        """The host-side interface instance `name`'s NIC `device` gets (unless its
+        `host_name` names one), known before the instance starts so the network can
+        filter its traffic; "" when the driver cannot tell."""
+        return ""
+
     async def hotplug_disk(self, name: str, source: str, path: str, *, readonly: bool) -> None:
         """Mount the host path `source` at `path` inside the running instance (a disk
         device added while it runs); the instance sees the files' on-disk ids as its own,

@@ -1027,6 +1027,9 @@ class LXCDriver(InstanceDriver):
 
     # -- limits
 
+    def nic_host_name(self, name: str, device: str) -> str:
+        return _veth_name(name, device)
+
     async def hotplug_disk(self, name: str, source: str, path: str, *, readonly: bool) -> None:
         target = "/" + _mount_target(name, path)
         pid, privileged = await in_thread(self._running_pid, name)

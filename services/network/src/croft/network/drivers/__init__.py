@@ -298,6 +298,12 @@ class NetworkDriver(ABC):
         those). On failure the previous entries are unchanged."""
         return None
 
+    async def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
+        """A free IPv4 address for the NIC `hwaddr` to be pinned to (the one it holds
+        already, if any), for IPv4 filtering; None when the network gives no IPv4
+        addresses. Changes nothing: `add_instance` pins it."""
+        return None
+
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         """Forget an instance NIC: its host entry and its lease, so the address can be
         given to another NIC at once. Removing an unknown NIC does nothing."""

@@ -709,6 +709,32 @@ class _BridgeHost:
             )
         return str(ip6)
 
+    def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
+        """The NIC's pinned or leased IPv4 address, else the first address of the DHCP
+        ranges that no NIC holds (LXD allocates one the same way for IPv4 filtering)."""
+        hwaddr = hwaddr.lower()
+        with self._locked(network):
+            cfg = BridgeConfig.parse(self._stored_config(network))
+            if cfg.ipv4 is None:
+                return None
+            dnsmasq = self._dnsmasq(network)
+            hosts = dnsmasq.read_hosts()
+            leases = [le for le in dnsmasq.read_leases() if ":" not in le.address]
+            pinned = {h.ipv4: h.hwaddr for h in hosts if h.ipv4}
+            for h in hosts:
+                if h.hwaddr == hwaddr and h.ipv4:
+                    return h.ipv4
+            for lease in leases:
+                if lease.hwaddr == hwaddr and pinned.get(lease.address, hwaddr) == hwaddr:
+                    return lease.address
+            used = {*pinned, *(le.address for le in leases), str(cfg.ipv4.ip)}
+            for start, end in cfg.ipv4_dhcp_ranges or [cfg.default_dhcp_range()]:
+                for number in range(int(start), int(end) + 1):
+                    candidate = str(IPv4Address(number))
+                    if candidate not in used:
+                        return candidate
+            raise InvalidArgument(f'No available IPv4 address on network "{network}"')
+
     def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         hwaddr = hwaddr.lower()
         with self._locked(network):
@@ -973,6 +999,9 @@ class BridgeDriver(NetworkDriver):
         ipv6: str | None = None,
     ) -> str | None:
         return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4, ipv6)
+
+    async def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
+        return await in_thread(self._host.allocate_ipv4, network, hwaddr)
 
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         await in_thread(self._host.remove_instance, network, instance, hwaddr)
