@@ -13,6 +13,7 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Network
+from pathlib import Path
 
 import pytest
 import yaml
@@ -342,3 +343,58 @@ def test_mac_and_ipv4_filtering_drop_a_spoofing_container(
         ["nft", "list", "table", "bridge", table_of(croft, network)], capture_output=True, text=True
     ).stdout
     assert "ether saddr" not in bridge_rules
+
+
+def test_nic_bandwidth_limits_are_tc_on_the_host_veth(
+    env: tuple[Croft, Lxc, str], served: tuple[str, IPv4Network, str]
+) -> None:
+    _, lxc, _ = env
+    network, _, _ = served
+    name = unique("lim")
+    try:
+        lxc("init", "busybox", name, "-n", network)
+        lxc("config", "device", "set", name, "eth0", "limits.ingress", "10Mbit")
+        lxc("config", "device", "set", name, "eth0", "limits.egress", "2Mbit")
+        refused = lxc("config", "device", "set", name, "eth0", "limits.max", "fast", check=False)
+        assert refused.returncode == 1 and "Invalid value: fast" in refused.stderr
+        lxc("start", name)
+        state = json.loads(lxc("query", f"/1.0/instances/{name}/state").stdout)
+        veth = state["network"]["eth0"]["host_name"]
+        assert veth
+
+        def tc(kind: str, *where: str) -> str:
+            return subprocess.run(
+                ["tc", kind, "show", "dev", veth, *where], capture_output=True, text=True
+            ).stdout
+
+        assert "rate 10Mbit" in tc("class")
+        # What the container sends is redirected to an IFB device shaped at 2Mbit (this
+        # kernel has no police action).
+        assert "mirred" in tc("filter", "parent", "ffff:")
+        ifbs = [
+            line for line in Path("/proc/net/dev").read_text().split() if line.startswith("ifb")
+        ]
+        shaped = [
+            i.rstrip(":")
+            for i in ifbs
+            if "rate 2Mbit"
+            in subprocess.run(
+                ["tc", "class", "show", "dev", i.rstrip(":")], capture_output=True, text=True
+            ).stdout
+        ]
+        assert len(shaped) == 1
+        ifb = shaped[0]
+        # Live, as in LXD: a running container's limits change at once.
+        lxc("config", "device", "unset", name, "eth0", "limits.ingress")
+        lxc("config", "device", "unset", name, "eth0", "limits.egress")
+        lxc("config", "device", "set", name, "eth0", "limits.max", "5Mbit")
+        assert "rate 5Mbit" in tc("class")
+        assert Path(f"/sys/class/net/{ifb}").exists()
+        lxc("config", "device", "unset", name, "eth0", "limits.max")
+        assert "htb" not in tc("qdisc") and "ingress" not in tc("qdisc")
+        assert not Path(f"/sys/class/net/{ifb}").exists()
+        lxc("config", "device", "set", name, "eth0", "limits.egress", "1Mbit")
+        assert Path(f"/sys/class/net/{ifb}").exists()
+    finally:
+        lxc("delete", "--force", name, check=False)
+    assert not Path(f"/sys/class/net/{ifb}").exists()

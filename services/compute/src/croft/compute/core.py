@@ -51,6 +51,7 @@ from croft.common.revert import Reverter
 from croft.common.riders import Rider
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Operation, Update, dump
+from croft.compute import nic_limits
 from croft.compute.drivers import (
     DEFAULT_INSTANCE_TYPE,
     ExecProcess,
@@ -554,6 +555,7 @@ class ComputeCore:
                         "The instance is currently running, stop it first or use --force"
                     )
                 await driver.stop(host_name, force=True)
+            await self._release_nic_limits(driver, host_name, record)
             await self._teardown(
                 project,
                 name,
@@ -624,6 +626,7 @@ class ComputeCore:
                     templates()
 
                 await driver.start(host_name, before=check_then_render)
+                await self._apply_nic_limits(driver, host_name, current)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
                 if status is Status.STOPPED and current.get("status") == Status.STOPPED.label:
@@ -632,6 +635,7 @@ class ComputeCore:
                 # which the client read, catches up, and the stop it asked for is done.
                 if status is not Status.STOPPED:
                     await driver.stop(host_name, force=force, timeout=timeout)
+                await self._release_nic_limits(driver, host_name, current)
                 await self._unmount_root(project, name, current)
                 new, event = Status.STOPPED, "instance-stopped"
             elif action == "restart":
@@ -644,6 +648,7 @@ class ComputeCore:
                     await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
                 await driver.start(host_name, before=lambda _status: templates())
+                await self._apply_nic_limits(driver, host_name, current)
                 new, event = Status.RUNNING, "instance-restarted"
             elif action == "freeze":
                 if status is not Status.RUNNING:
@@ -879,6 +884,7 @@ class ComputeCore:
                     await self._write_definition(project, name, updated)
                 else:
                     await driver.update_limits(host_name, expanded)
+                    await self._apply_nic_limits(driver, host_name, updated, before=old_devices)
                 if hotplug is not None:
                     storage = await self.storage()
                     await hotplug_disks(driver, storage, host_name, project, *hotplug, revert)
@@ -893,6 +899,38 @@ class ComputeCore:
             await self._detach_nics(project, name, record, keep=updated)
         await self.lifecycle("instance-updated", project, name)
         return updated
+
+    async def _apply_nic_limits(
+        self,
+        driver: InstanceDriver,
+        host_name: str,
+        record: Mapping[str, Any],
+        before: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """Put the NICs' bandwidth limits on their host interfaces (tc) on a running
+        instance: every NIC that has some, or, with `before` (the devices as they
+        were), those whose limits changed."""
+        for dev_name, device in (record.get("expanded_devices") or {}).items():
+            if device.get("type") != "nic":
+                continue
+            if before is None:
+                if not nic_limits.has_limits(device):
+                    continue
+            else:
+                old = before.get(dev_name) or {}
+                if all(old.get(k) == device.get(k) for k in nic_limits.LIMIT_KEYS):
+                    continue
+            veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
+            await in_thread(nic_limits.apply, veth, device)
+
+    async def _release_nic_limits(
+        self, driver: InstanceDriver, host_name: str, record: Mapping[str, Any]
+    ) -> None:
+        """Remove what a stopped instance's NIC limits leave on the host (IFB devices)."""
+        for dev_name, device in (record.get("expanded_devices") or {}).items():
+            if device.get("type") == "nic" and nic_limits.has_limits(device):
+                veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
+                await in_thread(nic_limits.release, veth)
 
     async def _resize_root(
         self,
@@ -1802,6 +1840,10 @@ def _fixed_devices(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, st
     for device in fixed.values():
         if device.get("type") == "disk" and device.get("path") == "/":
             device.pop("size", None)
+        if device.get("type") == "nic":
+            # A NIC's bandwidth limits change live (tc), as in LXD.
+            for key in nic_limits.LIMIT_KEYS:
+                device.pop(key, None)
     return fixed
 
 
