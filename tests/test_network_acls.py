@@ -61,6 +61,9 @@ def served(env: tuple[Croft, Lxc, str]) -> Iterator[tuple[str, IPv4Network, str]
         for acl in lxc.json("network", "acl", "list"):
             lxc("network", "acl", "delete", acl["name"], check=False)
         assert leftovers(croft, lxc, network) == []
+        # Nor the bridge-family table of its NIC filters.
+        tables = subprocess.run(["nft", "list", "tables", "bridge"], capture_output=True, text=True)
+        assert table_of(croft, network) not in tables.stdout.split()
 
 
 def connects(address: str, port: int, timeout: float = 3.0) -> bool:
@@ -213,6 +216,19 @@ def test_an_acl_allowing_only_tcp_22_in(
     # The default ingress action reject answers at once instead of dropping.
     lxc("network", "set", network, "security.acls.default.ingress.action", "reject")
     assert not connects(address, 80) and not dropped(address, 80)
+
+    # A rule bridges cannot enforce (a named subject is OVN's) is refused as it applies,
+    # and nothing changes: the ACL keeps its rules, the firewall its chains.
+    before_acl = yaml.safe_load(lxc("network", "acl", "show", acl).stdout)
+    before_rules = ruleset(croft, network)
+    refused = lxc(
+        "network", "acl", "rule", "add", acl, "egress", "action=allow", "destination=@external",
+        check=False,
+    )  # fmt: skip
+    assert refused.returncode == 1 and "Unsupported nftables subject" in refused.stderr
+    assert yaml.safe_load(lxc("network", "acl", "show", acl).stdout) == before_acl
+    assert ruleset(croft, network) == before_rules
+    assert dropped(address, 80) is False and connects(address, 22)
 
     # Unassigned: no ACL chain stays, everything connects again.
     lxc("network", "unset", network, "security.acls")
@@ -398,3 +414,24 @@ def test_nic_bandwidth_limits_are_tc_on_the_host_veth(
     finally:
         lxc("delete", "--force", name, check=False)
     assert not Path(f"/sys/class/net/{ifb}").exists()
+
+
+def test_a_deleted_network_takes_its_forwards(env: tuple[Croft, Lxc, str]) -> None:
+    croft, lxc, _ = env
+    network = unique("crtf")
+    subnet = free_subnet()
+    gateway = f"{subnet.network_address + 1}/{subnet.prefixlen}"
+    lxc("network", "create", network, f"ipv4.address={gateway}", "ipv6.address=none")
+    try:
+        listen = str(subnet.network_address + 1)
+        target = str(subnet.network_address + 9)
+        lxc("network", "forward", "create", network, listen, f"target_address={target}")
+        assert f"dnat ip to {target}" in ruleset(croft, network)
+        lxc("network", "delete", network)
+        assert leftovers(croft, lxc, network) == []
+        lxc("network", "create", network, f"ipv4.address={gateway}", "ipv6.address=none")
+        assert lxc.json("network", "forward", "list", network) == []
+        assert "dnat" not in ruleset(croft, network)
+    finally:
+        lxc("network", "delete", network, check=False)
+    assert leftovers(croft, lxc, network) == []

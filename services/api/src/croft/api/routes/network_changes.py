@@ -28,7 +28,8 @@ from croft.api.domain.networks import (
 )
 from croft.api.services import services
 from croft.common.errors import Conflict, InvalidArgument
-from croft.common.network_forward import forward_prefix
+from croft.common.network_forward import forward_key, forward_prefix
+from croft.common.store import Delete, Operation, Put
 from croft.v1 import common_pb2, network_pb2
 
 router = APIRouter()
@@ -131,6 +132,13 @@ async def network_rename(request: Request, name: str) -> Response:
     renamed = await client.rename_network(
         network_pb2.NetworkRename(name=name, new_name=req.name), timeout=120
     )
+    # Its forwards follow it (the bridge kept enforcing them through the rename).
+    moves: list[Operation] = []
+    for entry in await ctx.store.list(forward_prefix(name)):
+        listen = entry.key.removeprefix(forward_prefix(name))
+        moves += [Put(forward_key(renamed.name, listen), entry.value), Delete(entry.key)]
+    if moves:
+        await ctx.store.transaction(moves)
     return responses.created(f"/1.0/networks/{renamed.name}")
 
 
