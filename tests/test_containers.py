@@ -25,19 +25,10 @@ from croft.common import rpc
 from croft.common.clients import ComputeClient
 from croft.common.models import InstanceRecord
 from croft.common.store import connect
+from croft.common.testing.waiting import wait_until
 from croft.v1 import common_pb2, compute_pb2_grpc
 
 from .conftest import REPO, Croft, Lxc
-
-
-def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def ipv4_of(lxc: Lxc, name: str) -> str:

@@ -5,7 +5,6 @@ short. Real `lxc`, raw websockets and raw HTTP over croft's unix socket, a real 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -20,31 +19,11 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, unix_connect
 
+from croft.common.testing.waiting import UnixHTTPConnection, wait_until
+
 from .conftest import Croft, Lxc
 
 MiB = 1 << 20
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 120.0) -> None:
-        super().__init__("lxd", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Api:
@@ -54,7 +33,7 @@ class Api:
         self.socket = str(lxc.lxd_dir / "unix.socket")
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        connection = UnixHTTPConnection(self.socket)
+        connection = UnixHTTPConnection(self.socket, timeout=120.0)
         try:
             payload = None if body is None else json.dumps(body)
             connection.request(method, path, body=payload)
@@ -372,7 +351,7 @@ def test_a_push_cut_short_leaves_the_file_as_it_was(
     assert "fresh" not in in_c1(lxc, c1, "ls /root").split()
 
     # One compute refuses while its body still comes is answered with why.
-    connection = UnixHTTPConnection(api.socket)
+    connection = UnixHTTPConnection(api.socket, timeout=120.0)
     try:
         connection.request(
             "POST", f"/1.0/instances/{c1}/files?path=/root", body=b"y" * (8 * MiB),

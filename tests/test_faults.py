@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from croft.common.store import EventType, connect
+from croft.common.testing.waiting import wait_until
 
 from .conftest import Croft, Lxc
 
@@ -28,16 +29,6 @@ INSTANCES = "/croft/records/instances/default/"
 VOLUMES = "/croft/records/storage-volumes/default/"
 NICS = "/croft/records/network-nics/"
 OPERATIONS = "/croft/operations/"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def store_list(croft: Croft, prefix: str) -> list[tuple[str, Any]]:
