@@ -435,3 +435,45 @@ def test_a_deleted_network_takes_its_forwards(env: tuple[Croft, Lxc, str]) -> No
     finally:
         lxc("network", "delete", network, check=False)
     assert leftovers(croft, lxc, network) == []
+
+
+def test_a_nic_is_hot_plugged_into_a_running_container_and_out(
+    env: tuple[Croft, Lxc, str], served: tuple[str, IPv4Network, str]
+) -> None:
+    croft, lxc, _ = env
+    network, _, _ = served
+    second = unique("crth")
+    subnet = free_subnet()
+    gateway = str(subnet.network_address + 1)
+    lxc(
+        "network",
+        "create",
+        second,
+        f"ipv4.address={gateway}/{subnet.prefixlen}",
+        "ipv6.address=none",
+    )
+    name = unique("hot")
+    try:
+        lxc("launch", "busybox", name, "-n", network)
+        lxc("config", "device", "add", name, "eth1", "nic", f"network={second}")
+        mac = lxc("config", "get", name, "volatile.eth1.hwaddr").stdout.strip()
+        link = lxc("exec", name, "--", "ip", "link", "show", "eth1").stdout
+        assert mac in link and "UP" in link
+        assert (
+            f"/1.0/instances/{name}"
+            in yaml.safe_load(lxc("network", "show", second).stdout)["used_by"]
+        )
+        lxc("exec", name, "--", "udhcpc", "-i", "eth1", "-n", "-q", "-t", "10")
+        ping = lxc("exec", name, "--", "ping", "-c", "1", "-W", "5", gateway, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+
+        lxc("config", "device", "remove", name, "eth1")
+        gone = lxc("exec", name, "--", "ip", "link", "show", "eth1", check=False)
+        assert gone.returncode != 0
+        assert yaml.safe_load(lxc("network", "show", second).stdout)["used_by"] == []
+        # The first NIC never noticed.
+        assert lxc("exec", name, "--", "ip", "link", "show", "eth0").returncode == 0
+    finally:
+        lxc("delete", "--force", name, check=False)
+        lxc("network", "delete", second, check=False)
+    assert leftovers(croft, lxc, second) == []

@@ -836,8 +836,18 @@ class ComputeCore:
             # Of the devices, only disks are hot-plugged yet: say so rather than half-apply.
             # The root disk's size is the volume's limit, which changes live, as on LXD.
             hotplug = None
+            nics_out: dict[str, dict[str, str]] = {}
+            nics_in: dict[str, dict[str, str]] = {}
             if _fixed_devices(old_devices) != _fixed_devices(new_devices) and not stopped:
-                hotplug = disk_changes(_fixed_devices(old_devices), _fixed_devices(new_devices))
+                # NICs are hot-plugged as LXD does (a changed one is removed, then added),
+                # disks too; anything else waits for a stop.
+                nics_out, nics_in = _nic_changes(
+                    _fixed_devices(old_devices), _fixed_devices(new_devices)
+                )
+                hotplug = disk_changes(
+                    _without(_fixed_devices(old_devices), nics_out),
+                    _without(_fixed_devices(new_devices), nics_in),
+                )
                 if hotplug is None:
                     raise InvalidArgument("Devices cannot be changed while the instance is running")
             # volatile keys are croft's; a client never sets them. A removed device's go
@@ -888,6 +898,18 @@ class ComputeCore:
                 if hotplug is not None:
                     storage = await self.storage()
                     await hotplug_disks(driver, storage, host_name, project, *hotplug, revert)
+                for dev_name in sorted(nics_out):
+                    await driver.unplug_nic(host_name, dev_name, old_devices[dev_name])
+                    revert.add(
+                        functools.partial(
+                            self._plug_nic, driver, project, name, dev_name,
+                            old_devices[dev_name], record["expanded_config"], None,
+                        )
+                    )  # fmt: skip
+                for dev_name in sorted(nics_in):
+                    await self._plug_nic(
+                        driver, project, name, dev_name, new_devices[dev_name], expanded, revert
+                    )
                 await self.store.update(
                     instance_key(project, name), dump(updated), revision=current_revision
                 )
@@ -920,6 +942,29 @@ class ComputeCore:
                 old = before.get(dev_name) or {}
                 if all(old.get(k) == device.get(k) for k in nic_limits.LIMIT_KEYS):
                     continue
+            veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
+            await in_thread(nic_limits.apply, veth, device)
+
+    async def _plug_nic(
+        self,
+        driver: InstanceDriver,
+        project: str,
+        name: str,
+        dev_name: str,
+        device: dict[str, str],
+        config: dict[str, str],
+        revert: Reverter | None,
+    ) -> None:
+        """Add a NIC to a running instance: registered with its network, then plugged
+        in by the instance driver, its limits applied; each undo on `revert`."""
+        attached = await self._attach_nics(project, name, {dev_name: dict(device)}, config, revert)
+        host_name = driver_name(project, name)
+        await driver.hotplug_nic(host_name, dev_name, attached[dev_name])
+        if revert is not None:
+            revert.add(
+                functools.partial(driver.unplug_nic, host_name, dev_name, attached[dev_name])
+            )
+        if nic_limits.has_limits(device):
             veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
             await in_thread(nic_limits.apply, veth, device)
 
@@ -1831,6 +1876,21 @@ def _definition_is_stale(record: dict[str, Any]) -> bool:
 
 def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     return {k: {kk: vv for kk, vv in v.items() if kk != "hwaddr"} for k, v in devices.items()}
+
+
+def _nic_changes(
+    old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """The NICs removed and added from `old` to `new` (a changed NIC is both)."""
+    removed = {k: d for k, d in old.items() if d.get("type") == "nic" and new.get(k) != d}
+    added = {k: d for k, d in new.items() if d.get("type") == "nic" and old.get(k) != d}
+    return removed, added
+
+
+def _without(
+    devices: dict[str, dict[str, str]], names: Mapping[str, object]
+) -> dict[str, dict[str, str]]:
+    return {k: d for k, d in devices.items() if k not in names}
 
 
 def _fixed_devices(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
