@@ -154,6 +154,7 @@ class InstanceNic:
     ipv6: str | None = None  # a pinned DHCPv6 address; None for any
     host_name: str = ""  # the NIC's host-side interface, when known
     filters: tuple[str, ...] = ()  # "mac", "ipv4", "ipv6": LXD's security.*_filtering
+    acls: str = ""  # the NIC's own `security.acls` (OVN's; a bridged NIC has none)
 
     @property
     def key(self) -> str:
@@ -770,6 +771,9 @@ class NetworkCore:
 
             if not await driver.is_running(name):
                 await driver.start(name, config)
+            if nic.acls and not driver.capabilities.nic_acls:
+                # LXD 5.0.2's bridged NIC has no such key.
+                raise InvalidArgument('Invalid device option "security.acls"')
             if nic.filters and not driver.capabilities.nic_filtering:
                 raise InvalidArgument(
                     f"Network type {driver.name!r} does not support MAC or IP filtering"

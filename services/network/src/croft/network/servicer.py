@@ -40,6 +40,7 @@ def _nic(request: network_pb2.NicRequest) -> InstanceNic:
     return InstanceNic(
         host_name=request.host_name,
         filters=_filters(request.config),
+        acls=request.config.get("security.acls", ""),
         network=request.network,
         project=request.project or DEFAULT_PROJECT,
         instance=request.instance,

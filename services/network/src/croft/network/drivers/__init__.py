@@ -57,6 +57,8 @@ class Capabilities:
     forwards: bool = False
     # `apply_security` filters NICs' MAC and IP addresses (`security.*_filtering`).
     nic_filtering: bool = False
+    # NICs take ACLs of their own (`security.acls` on the NIC: OVN's, not a bridge's).
+    nic_acls: bool = False
 
 
 @dataclass(frozen=True)
