@@ -454,10 +454,12 @@ class _BridgeHost:
         """Enforce `security` (one nft transaction with the bridge's own rules, so a
         failure leaves the previous firewall whole), then keep it for `start`."""
         with self._locked(name):
+            path = self._security_path(name)
+            if security.empty and not path.exists():
+                return  # nothing was enforced, nothing is: the table is as `start` made it
             cfg = BridgeConfig.parse(self._stored_config(name))
             if self.is_running(name):
                 firewall.apply(self.settings.nft_table, self._rules(name, cfg, security))
-            path = self._security_path(name)
             if security.empty:
                 path.unlink(missing_ok=True)
                 return
