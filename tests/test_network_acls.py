@@ -477,3 +477,27 @@ def test_a_nic_is_hot_plugged_into_a_running_container_and_out(
         lxc("delete", "--force", name, check=False)
         lxc("network", "delete", second, check=False)
     assert leftovers(croft, lxc, second) == []
+
+
+def test_acls_belong_to_a_project_with_its_own_networks(env: tuple[Croft, Lxc, str]) -> None:
+    _, lxc, _ = env
+    own, shared = unique("pown"), unique("pshr")
+    lxc("project", "create", own, "-c", "features.networks=true")
+    lxc("project", "create", shared, "-c", "features.networks=false")
+    try:
+        lxc("network", "acl", "create", "mine", "--project", own)
+        lxc("network", "acl", "create", "ours", "--project", shared)  # default's
+        names = {a["name"] for a in lxc.json("network", "acl", "list", "--project", own)}
+        assert names == {"mine"}
+        default = {a["name"] for a in lxc.json("network", "acl", "list")}
+        assert "ours" in default and "mine" not in default
+        used = yaml.safe_load(lxc("project", "show", own).stdout)["used_by"]
+        assert f"/1.0/network-acls/mine?project={own}" in used
+        # As LXD 5.0.2: listed, yet the project is deleted, and its ACLs with it.
+        lxc("project", "delete", own)
+        lxc("project", "create", own, "-c", "features.networks=true")
+        assert lxc.json("network", "acl", "list", "--project", own) == []
+    finally:
+        lxc("network", "acl", "delete", "ours", check=False)
+        for project in (own, shared):
+            lxc("project", "delete", project, check=False)
