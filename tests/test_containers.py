@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from croft.common import rpc
@@ -38,14 +37,6 @@ def ipv4_of(lxc: Lxc, name: str) -> str:
         if address["family"] == "inet":
             return str(address["address"])
     return ""
-
-
-@pytest.fixture(scope="module")
-def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
-    _, lxc, _ = croft_lxc
-    lxc("image", "import", str(busybox_image), "--alias", "busybox")
-    lxc("launch", "busybox", "c1")
-    return "c1"
 
 
 def test_image_import_and_list(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:

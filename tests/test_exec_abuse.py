@@ -80,14 +80,6 @@ def read_until_end(ws: ClientConnection, timeout: float = 120) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
-    _, lxc, _ = croft_lxc
-    lxc("image", "import", str(busybox_image), "--alias", "busybox")
-    lxc("launch", "busybox", "c1")
-    return "c1"
-
-
-@pytest.fixture(scope="module")
 def api(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> Api:
     return Api(croft_lxc[1])
 
@@ -134,6 +126,17 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def growth_mib(before: dict[int, int]) -> dict[int, int]:
+    """How many MiB each process in `before` (pid -> RSS in KiB) grew at its peak over
+    the next five seconds."""
+    peaks = dict(before)
+    for _ in range(10):
+        time.sleep(0.5)
+        for pid in peaks:
+            peaks[pid] = max(peaks[pid], rss_kib(pid))
+    return {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
 
 
 def service_pid(croft: Croft, service: str) -> int:
@@ -190,12 +193,7 @@ def test_output_nobody_reads_holds_the_command_not_compute_memory(
             120,
             "the command to block",
         )
-        peaks = dict(before)
-        for _ in range(10):  # and it stays so
-            time.sleep(0.5)
-            for pid in peaks:
-                peaks[pid] = max(peaks[pid], rss_kib(pid))
-        grown = {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
+        grown = growth_mib(before)  # and it stays so
         assert grown[compute] < 32, f"compute grew {grown[compute]} MiB"
         assert grown[api_pid] < 32, f"the api grew {grown[api_pid]} MiB"
         assert writing_state(argv) == "blocked", "the command wrote everything, unread"
@@ -250,12 +248,7 @@ def test_stdin_a_command_does_not_read_holds_the_client_not_croft_memory(
         while progress != sent[0]:  # until the client's sends stop going through
             progress = sent[0]
             time.sleep(2)
-        peaks = dict(before)
-        for _ in range(10):
-            time.sleep(0.5)
-            for pid in peaks:
-                peaks[pid] = max(peaks[pid], rss_kib(pid))
-        grown = {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
+        grown = growth_mib(before)
         assert grown[compute] < 32, f"compute grew {grown[compute]} MiB"
         assert grown[api_pid] < 32, f"the api grew {grown[api_pid]} MiB"
         assert sent[0] < total, "all of it went somewhere"

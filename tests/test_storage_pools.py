@@ -25,9 +25,7 @@ def pools(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[Pa
     lxc("image", "import", str(busybox_image), "--alias", "busybox")
     state = croft.root / "state"
     yield state
-    for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-        if point != str(state / "storage-pools/default"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    croft.unmount_pools()
 
 
 def status_of(lxc: Lxc, method: str, url: str, body: dict[str, object]) -> tuple[int, str]:

@@ -53,6 +53,21 @@ def release(replica: Replica, event: asyncio.Event) -> None:
     replica.loop.call_soon_threadsafe(event.set)
 
 
+def lxc_waits(replica: Replica, op_id: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """`lxc query .../wait` on `replica` in a thread; the thread, and the dict the reply
+    lands in. Gives the waiter half a second to get there first (tests hold either way)."""
+    result: dict[str, Any] = {}
+
+    def wait_with_lxc() -> None:
+        query = replica.lxc("query", f"/1.0/operations/{op_id}/wait")
+        result.update(json.loads(query.stdout))
+
+    waiter = threading.Thread(target=wait_with_lxc)
+    waiter.start()
+    time.sleep(0.5)
+    return waiter, result
+
+
 def test_operation_is_seen_from_another_replica(replica: Replica, second_replica: Replica) -> None:
     op_id, event = held_operation(replica, resources={"instances": ["/1.0/instances/c1"]})
 
@@ -85,15 +100,7 @@ def test_wait_on_another_replica_returns_when_the_operation_ends(
     early = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=0.2")
     assert (early.status, early.metadata["status"]) == (200, "Running")
 
-    result: dict[str, Any] = {}
-
-    def wait_with_lxc() -> None:
-        query = second_replica.lxc("query", f"/1.0/operations/{op_id}/wait")
-        result.update(json.loads(query.stdout))
-
-    waiter = threading.Thread(target=wait_with_lxc)
-    waiter.start()
-    time.sleep(0.5)  # let the waiter get there first; the test holds either way
+    waiter, result = lxc_waits(second_replica, op_id)
     assert not result, "the wait returned before the operation ended"
     release(replica, event)
     waiter.join(60)
@@ -423,15 +430,7 @@ def test_wait_on_an_operation_older_than_the_store_history_still_waits(
         assert early.status == 200, early
         assert early.metadata["status"] == "Running"
 
-    result: dict[str, Any] = {}
-
-    def wait_with_lxc() -> None:
-        query = second_replica.lxc("query", f"/1.0/operations/{op_id}/wait")
-        result.update(json.loads(query.stdout))
-
-    waiter = threading.Thread(target=wait_with_lxc)
-    waiter.start()
-    time.sleep(0.5)  # let the waiter get there first; the test holds either way
+    waiter, result = lxc_waits(second_replica, op_id)
     compact_store(replica)  # and again while it waits
     assert not result, "the wait returned before the operation ended"
     release(replica, event)
