@@ -8,7 +8,7 @@ from __future__ import annotations
 import secrets
 import subprocess
 from collections.abc import Iterator
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 
 import pytest
 
@@ -174,3 +174,12 @@ def test_bad_rules_are_refused_in_lxds_words(rule: dict[str, str], message: str)
         parse_acl({"name": "web", "ingress": [rule]}, ["web"])
     assert message in caught.value.message
     assert AclRule.from_api(rule).to_api()["action"] == "allow"
+
+
+def test_ipv6_filtering_allows_the_nics_slaac_address() -> None:
+    subnet = IPv6Network("fd42:1:2:3::/64")
+    assert str(security_rules.eui64(subnet, "00:16:3e:12:34:56")) == "fd42:1:2:3:216:3eff:fe12:3456"
+    nic = NicFilter(host_name="vethx", hwaddr="00:16:3e:12:34:56", ipv6_filtering=True)
+    rules = security_rules.nic_chains((nic,), subnet)["in"]
+    assert 'iifname "vethx" ether type ip6 ip6 saddr fd42:1:2:3:216:3eff:fe12:3456 accept' in rules
+    assert rules.index('iifname "vethx" ether type ip6 drop') > 0

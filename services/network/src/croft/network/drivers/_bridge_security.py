@@ -161,9 +161,21 @@ def _dest(target: ipaddress.IPv4Address | ipaddress.IPv6Address, ports: str) -> 
     return f"{target}:{ports}" if target.version == 4 else f"[{target}]:{ports}"
 
 
-def nic_chains(nics: tuple[NicFilter, ...]) -> dict[str, list[str]]:
+def eui64(subnet: ipaddress.IPv6Network, mac: str) -> ipaddress.IPv6Address:
+    """The SLAAC address a NIC with MAC `mac` takes in a /64 (EUI-64, as LXD derives it
+    for IPv6 filtering)."""
+    octets = [int(part, 16) for part in mac.split(":")]
+    octets[0] ^= 0x02
+    iid = bytes(octets[:3] + [0xFF, 0xFE] + octets[3:])
+    return ipaddress.IPv6Address(int(subnet.network_address) | int.from_bytes(iid, "big"))
+
+
+def nic_chains(
+    nics: tuple[NicFilter, ...], ipv6_subnet: ipaddress.IPv6Network | None = None
+) -> dict[str, list[str]]:
     """Chain kind -> rules for the bridge-family table: LXD's instance bridge filter, on
-    the input and forward hooks (frames to the host and to other ports)."""
+    the input and forward hooks (frames to the host and to other ports). A NIC with IPv6
+    filtering may use its pinned IPv6 address, else its SLAAC one in `ipv6_subnet`."""
     rules: list[str] = []
     for nic in nics:
         host = _q(nic.host_name)
@@ -191,8 +203,11 @@ def nic_chains(nics: tuple[NicFilter, ...]) -> dict[str, list[str]]:
                 "icmpv6 type 133 accept"
             )
             rules.append(f"iifname {host} ether type ip6 icmpv6 type 134 drop")
-            if nic.ipv6:
-                rules.append(f"iifname {host} ether type ip6 ip6 saddr {nic.ipv6} accept")
+            own = nic.ipv6
+            if not own and ipv6_subnet is not None and ipv6_subnet.prefixlen == 64:
+                own = str(eui64(ipv6_subnet, nic.hwaddr))
+            if own:
+                rules.append(f"iifname {host} ether type ip6 ip6 saddr {own} accept")
             rules.append(f"iifname {host} ether type ip6 ip6 saddr fe80::/10 accept")
             rules.append(f"iifname {host} ether type ip6 drop")
         if nic.mac or nic.ipv4_filtering or nic.ipv6_filtering:

@@ -437,7 +437,9 @@ class _BridgeHost:
             ipv6_nat_address=cfg.ipv6_nat_address,
             firewall=cfg.ipv4_firewall or cfg.ipv6_firewall,
             extra=security_rules.inet_chains(name, security),
-            bridge_extra=security_rules.nic_chains(security.nics),
+            bridge_extra=security_rules.nic_chains(
+                security.nics, cfg.ipv6.network if cfg.ipv6 else None
+            ),
         )
 
     def _security_path(self, name: str) -> Path:
