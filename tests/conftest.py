@@ -187,6 +187,8 @@ def _remove_network(croft: Croft, bridge: str) -> None:
     table = yaml.safe_load(croft.config_file.read_text())["network"]["nft_table"]
     for name in (table, f"{table}.{bridge}"):  # each network has its own table
         subprocess.run(["nft", "delete", "table", "inet", name], capture_output=True)
+    # NIC MAC/IP filters are in a bridge-family table of the network's name.
+    subprocess.run(["nft", "delete", "table", "bridge", f"{table}.{bridge}"], capture_output=True)
 
 
 def _remove_containers(croft: Croft) -> None:

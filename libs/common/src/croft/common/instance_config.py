@@ -155,6 +155,26 @@ def parse_byte_size(value: str) -> int:
 _CPUSET_SYNTAX = re.compile(r"^([0-9]+([,-][0-9]+)?)(,[0-9]+([,-][0-9]+)*)?$")
 
 
+_BIT_UNITS: dict[str, int] = {
+    "": 1,
+    "bit": 1,
+    **{f"{p}bit": 1000 ** (i + 1) for i, p in enumerate("kMGTPE")},
+    **{f"{p}ibit": 1024 ** (i + 1) for i, p in enumerate("KMGTPE")},
+}
+
+
+def parse_bit_rate(value: str) -> int:
+    """LXD's `units.ParseBitSizeString` (a NIC's `limits.ingress`...): bits per second
+    from `100Mbit`, `1Gibit`, `800`."""
+    digits = len(value) - len(value.lstrip("0123456789"))
+    if digits == 0:
+        raise ValueError(f"Invalid value: {value}")
+    suffix = value[digits:]
+    if suffix not in _BIT_UNITS:
+        raise ValueError(f"Invalid value: {value}")
+    return int(value[:digits]) * _BIT_UNITS[suffix]
+
+
 def parse_cpuset(value: str) -> tuple[int, ...]:
     """The CPU ids of a set such as `0-3,6`, as LXD's `IsValidCPUSet` checks it: no id
     twice, ranges low to high."""

@@ -163,6 +163,12 @@ _NIC_OPTIONS: Mapping[str, Validator] = {
     "hwaddr": instance_config.parse_mac,
     "network": _network_name,
     "mtu": parse_int,
+    "security.mac_filtering": parse_bool,
+    "security.ipv4_filtering": parse_bool,
+    "security.ipv6_filtering": parse_bool,
+    "limits.ingress": instance_config.parse_bit_rate,
+    "limits.egress": instance_config.parse_bit_rate,
+    "limits.max": instance_config.parse_bit_rate,
 }
 _UNIX_OPTIONS: Mapping[str, Validator] = {"path": _absolute_path, "source": _absolute_path}
 _DEVICE_OPTIONS: Mapping[str, Mapping[str, Validator]] = {

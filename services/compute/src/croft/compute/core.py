@@ -51,6 +51,7 @@ from croft.common.revert import Reverter
 from croft.common.riders import Rider
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Operation, Update, dump
+from croft.compute import nic_limits
 from croft.compute.drivers import (
     DEFAULT_INSTANCE_TYPE,
     ExecProcess,
@@ -498,6 +499,7 @@ class ComputeCore:
                 network_name = device.get("network")
                 if network_name:
                     network = await self.network()
+                    driver = self.driver_of_type(self._type_of(project, name))
                     request = network_pb2.NicRequest(
                         network=network_name,
                         project=project,
@@ -506,6 +508,9 @@ class ComputeCore:
                         hwaddr=device["hwaddr"],
                         ipv4=device.get("ipv4.address", ""),
                         ipv6=device.get("ipv6.address", ""),
+                        host_name=device.get("host_name")
+                        or driver.nic_host_name(driver_name(project, name), dev_name),
+                        config={k: v for k, v in device.items() if k.startswith("security.")},
                     )
                     if revert is not None:
                         revert.add(functools.partial(self._detach, request))
@@ -550,6 +555,7 @@ class ComputeCore:
                         "The instance is currently running, stop it first or use --force"
                     )
                 await driver.stop(host_name, force=True)
+            await self._release_nic_limits(driver, host_name, record)
             await self._teardown(
                 project,
                 name,
@@ -620,6 +626,7 @@ class ComputeCore:
                     templates()
 
                 await driver.start(host_name, before=check_then_render)
+                await self._apply_nic_limits(driver, host_name, current)
                 new, event = Status.RUNNING, "instance-started"
             elif action == "stop":
                 if status is Status.STOPPED and current.get("status") == Status.STOPPED.label:
@@ -628,6 +635,7 @@ class ComputeCore:
                 # which the client read, catches up, and the stop it asked for is done.
                 if status is not Status.STOPPED:
                     await driver.stop(host_name, force=force, timeout=timeout)
+                await self._release_nic_limits(driver, host_name, current)
                 await self._unmount_root(project, name, current)
                 new, event = Status.STOPPED, "instance-stopped"
             elif action == "restart":
@@ -640,6 +648,7 @@ class ComputeCore:
                     await self._write_definition(project, name, current)
                 templates = self._templates(name, current)
                 await driver.start(host_name, before=lambda _status: templates())
+                await self._apply_nic_limits(driver, host_name, current)
                 new, event = Status.RUNNING, "instance-restarted"
             elif action == "freeze":
                 if status is not Status.RUNNING:
@@ -827,8 +836,18 @@ class ComputeCore:
             # Of the devices, only disks are hot-plugged yet: say so rather than half-apply.
             # The root disk's size is the volume's limit, which changes live, as on LXD.
             hotplug = None
+            nics_out: dict[str, dict[str, str]] = {}
+            nics_in: dict[str, dict[str, str]] = {}
             if _fixed_devices(old_devices) != _fixed_devices(new_devices) and not stopped:
-                hotplug = disk_changes(_fixed_devices(old_devices), _fixed_devices(new_devices))
+                # NICs are hot-plugged as LXD does (a changed one is removed, then added),
+                # disks too; anything else waits for a stop.
+                nics_out, nics_in = _nic_changes(
+                    _fixed_devices(old_devices), _fixed_devices(new_devices)
+                )
+                hotplug = disk_changes(
+                    _without(_fixed_devices(old_devices), nics_out),
+                    _without(_fixed_devices(new_devices), nics_in),
+                )
                 if hotplug is None:
                     raise InvalidArgument("Devices cannot be changed while the instance is running")
             # volatile keys are croft's; a client never sets them. A removed device's go
@@ -875,9 +894,22 @@ class ComputeCore:
                     await self._write_definition(project, name, updated)
                 else:
                     await driver.update_limits(host_name, expanded)
+                    await self._apply_nic_limits(driver, host_name, updated, before=old_devices)
                 if hotplug is not None:
                     storage = await self.storage()
                     await hotplug_disks(driver, storage, host_name, project, *hotplug, revert)
+                for dev_name in sorted(nics_out):
+                    await driver.unplug_nic(host_name, dev_name, old_devices[dev_name])
+                    revert.add(
+                        functools.partial(
+                            self._plug_nic, driver, project, name, dev_name,
+                            old_devices[dev_name], record["expanded_config"], None,
+                        )
+                    )  # fmt: skip
+                for dev_name in sorted(nics_in):
+                    await self._plug_nic(
+                        driver, project, name, dev_name, new_devices[dev_name], expanded, revert
+                    )
                 await self.store.update(
                     instance_key(project, name), dump(updated), revision=current_revision
                 )
@@ -889,6 +921,61 @@ class ComputeCore:
             await self._detach_nics(project, name, record, keep=updated)
         await self.lifecycle("instance-updated", project, name)
         return updated
+
+    async def _apply_nic_limits(
+        self,
+        driver: InstanceDriver,
+        host_name: str,
+        record: Mapping[str, Any],
+        before: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
+        """Put the NICs' bandwidth limits on their host interfaces (tc) on a running
+        instance: every NIC that has some, or, with `before` (the devices as they
+        were), those whose limits changed."""
+        for dev_name, device in (record.get("expanded_devices") or {}).items():
+            if device.get("type") != "nic":
+                continue
+            if before is None:
+                if not nic_limits.has_limits(device):
+                    continue
+            else:
+                old = before.get(dev_name) or {}
+                if all(old.get(k) == device.get(k) for k in nic_limits.LIMIT_KEYS):
+                    continue
+            veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
+            await in_thread(nic_limits.apply, veth, device)
+
+    async def _plug_nic(
+        self,
+        driver: InstanceDriver,
+        project: str,
+        name: str,
+        dev_name: str,
+        device: dict[str, str],
+        config: dict[str, str],
+        revert: Reverter | None,
+    ) -> None:
+        """Add a NIC to a running instance: registered with its network, then plugged
+        in by the instance driver, its limits applied; each undo on `revert`."""
+        attached = await self._attach_nics(project, name, {dev_name: dict(device)}, config, revert)
+        host_name = driver_name(project, name)
+        await driver.hotplug_nic(host_name, dev_name, attached[dev_name])
+        if revert is not None:
+            revert.add(
+                functools.partial(driver.unplug_nic, host_name, dev_name, attached[dev_name])
+            )
+        if nic_limits.has_limits(device):
+            veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
+            await in_thread(nic_limits.apply, veth, device)
+
+    async def _release_nic_limits(
+        self, driver: InstanceDriver, host_name: str, record: Mapping[str, Any]
+    ) -> None:
+        """Remove what a stopped instance's NIC limits leave on the host (IFB devices)."""
+        for dev_name, device in (record.get("expanded_devices") or {}).items():
+            if device.get("type") == "nic" and nic_limits.has_limits(device):
+                veth = device.get("host_name") or driver.nic_host_name(host_name, dev_name)
+                await in_thread(nic_limits.release, veth)
 
     async def _resize_root(
         self,
@@ -1791,6 +1878,21 @@ def _without_hwaddr(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, s
     return {k: {kk: vv for kk, vv in v.items() if kk != "hwaddr"} for k, v in devices.items()}
 
 
+def _nic_changes(
+    old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """The NICs removed and added from `old` to `new` (a changed NIC is both)."""
+    removed = {k: d for k, d in old.items() if d.get("type") == "nic" and new.get(k) != d}
+    added = {k: d for k, d in new.items() if d.get("type") == "nic" and old.get(k) != d}
+    return removed, added
+
+
+def _without(
+    devices: dict[str, dict[str, str]], names: Mapping[str, object]
+) -> dict[str, dict[str, str]]:
+    return {k: d for k, d in devices.items() if k not in names}
+
+
 def _fixed_devices(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, str]]:
     """The devices as a running instance cannot change them: without NICs' MACs, and
     without the root disk's size (a volume limit, which changes live)."""
@@ -1798,6 +1900,10 @@ def _fixed_devices(devices: dict[str, dict[str, str]]) -> dict[str, dict[str, st
     for device in fixed.values():
         if device.get("type") == "disk" and device.get("path") == "/":
             device.pop("size", None)
+        if device.get("type") == "nic":
+            # A NIC's bandwidth limits change live (tc), as in LXD.
+            for key in nic_limits.LIMIT_KEYS:
+                device.pop(key, None)
     return fixed
 
 

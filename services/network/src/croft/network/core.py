@@ -48,6 +48,8 @@ from croft.common.errors import (
 )
 from croft.common.locks import KeyedLock
 from croft.common.models import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
+from croft.common.network_acl import Acl, acl_prefix, check_acls_exist, network_policy
+from croft.common.network_forward import Forward, forward_prefix
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
@@ -61,7 +63,14 @@ from croft.common.records import (
 from croft.common.revert import Reverter
 from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, Entry, Operation, Put, Update, dump
-from croft.network.drivers import DriverSettings, NetworkDriver, NetworkInfo, load_driver
+from croft.network.drivers import (
+    DriverSettings,
+    NetworkDriver,
+    NetworkInfo,
+    NetworkSecurity,
+    NicFilter,
+    load_driver,
+)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +153,9 @@ class InstanceNic:
     hwaddr: str = ""  # "" on detach: the one recorded at attach is used
     ipv4: str | None = None  # a pinned address; None for any
     ipv6: str | None = None  # a pinned DHCPv6 address; None for any
+    host_name: str = ""  # the NIC's host-side interface, when known
+    filters: tuple[str, ...] = ()  # "mac", "ipv4", "ipv6": LXD's security.*_filtering
+    acls: str = ""  # the NIC's own `security.acls` (OVN's; a bridged NIC has none)
 
     @property
     def key(self) -> str:
@@ -495,6 +507,10 @@ class NetworkCore:
                 driver = self.driver(record.type)
                 try:
                     await driver.start(record.name, config)
+                    # ACLs or forwards changed while this service was down apply now.
+                    await driver.apply_security(
+                        record.name, await self._security(record.name, driver, config, check=False)
+                    )
                 except Exception as exc:
                     with contextlib.suppress(CroftError):
                         await self._set_member_state(record.name, ERRORED, config, error=str(exc))
@@ -592,6 +608,7 @@ class NetworkCore:
                 )
             except Conflict:
                 raise Conflict("The network already exists") from None
+            security = await self._security(name, driver, config)
             async with Reverter() as revert:
                 revert.add(lambda: self.store.transaction([Delete(key), Delete(mine)]))
                 # Registered once create succeeded: a create refused because the name is
@@ -599,6 +616,8 @@ class NetworkCore:
                 resolved = await driver.create(name, config)
                 revert.add(lambda: driver.delete(name))
                 await driver.start(name, resolved)
+                if not security.empty:
+                    await driver.apply_security(name, security)
                 record = new_network_record(name, type_name, resolved, description)
                 await self.store.transaction(
                     [
@@ -673,14 +692,20 @@ class NetworkCore:
             changed = {k for k in {*old_config, *config} if old_config.get(k) != config.get(k)}
             if changed & driver.fixed_in_use and await self._nic_entries(name):
                 raise InvalidArgument(driver.fixed_in_use_message)
+            await driver.validate(name, {k: v for k, v in config.items() if v != ""})
+            security = await self._security(name, driver, config)
+            old_security = await self._security(name, driver, old_config, check=False)
             try:
                 resolved = await driver.update(name, config)
+                await driver.apply_security(name, security)
             except BaseException:
                 # A change that failed half-way (dnsmasq refusing raw.dnsmasq, say)
                 # puts the running network back as it was.
                 if await driver.is_running(name):
                     with contextlib.suppress(Exception):
                         await driver.update(name, old_config)
+                with contextlib.suppress(Exception):
+                    await driver.apply_security(name, old_security)
                 raise
             cluster, member = split_config(resolved)
             # The cluster-wide keys go in the record, this member's own in its key: one
@@ -702,6 +727,7 @@ class NetworkCore:
                 )
             except BaseException:
                 await driver.update(name, old_config)
+                await driver.apply_security(name, old_security)
                 raise
             await self._lifecycle("network-updated", name)
             return _with_config(new, resolved)
@@ -768,6 +794,19 @@ class NetworkCore:
 
             if not await driver.is_running(name):
                 await driver.start(name, config)
+            if nic.acls and not driver.capabilities.nic_acls:
+                # LXD 5.0.2's bridged NIC has no such key.
+                raise InvalidArgument('Invalid device option "security.acls"')
+            if nic.filters and not driver.capabilities.nic_filtering:
+                raise InvalidArgument(
+                    f"Network type {driver.name!r} does not support MAC or IP filtering"
+                )
+            if nic.filters and not nic.host_name:
+                raise InvalidArgument("MAC or IP filtering needs the NIC's host interface")
+            ipv4 = nic.ipv4
+            if "ipv4" in nic.filters and ipv4 is None:
+                # LXD pins an address for a NIC whose IPv4 is filtered.
+                ipv4 = await driver.allocate_ipv4(name, hwaddr)
             async with Reverter() as revert:
                 if previous is not None and previous.hwaddr == hwaddr:
                     # add_instance replaces this NIC's entry: put the old one back.
@@ -780,14 +819,21 @@ class NetworkCore:
                     )
                 else:
                     revert.add(lambda: driver.remove_instance(name, nic.dns_name, hwaddr))
-                address = await driver.add_instance(
-                    name, nic.dns_name, hwaddr, nic.ipv4, ipv6=nic.ipv6
-                )
+                address = await driver.add_instance(name, nic.dns_name, hwaddr, ipv4, ipv6=nic.ipv6)
                 entry = NetworkNic(hwaddr=hwaddr, ipv4=address or "")
                 if nic.ipv6:
                     # Only a pinned address is stored (the stored shape has no "" ipv6).
                     entry = entry.model_copy(update={"ipv6": nic.ipv6})
+                if nic.filters:
+                    entry = entry.model_copy(
+                        update={"host_name": nic.host_name, "filters": list(nic.filters)}
+                    )
                 await self._write_nic(nic, entry)
+                if nic.filters or (previous is not None and previous.filters):
+                    revert.add(lambda: self._drop_nic(nic))
+                    await driver.apply_security(
+                        name, await self._security(name, driver, config, check=False)
+                    )
                 revert.success()
             if previous is not None and previous.hwaddr not in ("", hwaddr):
                 await driver.remove_instance(name, nic.dns_name, previous.hwaddr)
@@ -822,14 +868,22 @@ class NetworkCore:
                 await driver.remove_instance(name, nic.dns_name, hwaddr)
             if known is None:
                 return
-            try:
-                await self.store.transaction([Delete(nic.store_key)])
-            except BaseException:
-                self._nics.pop(name, None)
-                raise
-            nics.pop(nic.key, None)
+            await self._drop_nic(nic)
+            if entry is not None and entry.filters:
+                await driver.apply_security(
+                    name, await self._security(name, driver, record.config, check=False)
+                )
 
         await self._locked(name, detach)
+
+    async def _drop_nic(self, nic: InstanceNic) -> None:
+        """Remove an attached NIC's key (and what is kept of it)."""
+        try:
+            await self.store.transaction([Delete(nic.store_key)])
+        except BaseException:
+            self._nics.pop(nic.network, None)
+            raise
+        self._nics.get(nic.network, {}).pop(nic.key, None)
 
     async def _nic_base(self, name: str) -> NetworkRecord:
         """The record of a network of this member, as a NIC change needs it."""
@@ -862,6 +916,70 @@ class NetworkCore:
             self._nics.setdefault(name, {})[nic.key] = (entry, revision)
             return
         raise Conflict(f"the NIC {nic.key} of network {name} kept changing while it was attached")
+
+    # ------------------------------------------------------------------ security
+
+    async def _security(
+        self, name: str, driver: NetworkDriver, config: Mapping[str, str], *, check: bool = True
+    ) -> NetworkSecurity:
+        """What a network with `config` enforces, read from the store: its ACL policy
+        (the ACLs of the default project: networks are not scoped by project), its
+        forwards, its filtered NICs. With `check`, InvalidArgument (LXD's words) for an
+        ACL that does not exist or a driver that cannot enforce ACLs."""
+        acls = {
+            acl.name: acl
+            for acl in (
+                Acl.from_record(entry.json())
+                for entry in await self.store.list(acl_prefix(DEFAULT_PROJECT))
+            )
+        }
+        if check:
+            check_acls_exist(config, acls)
+        try:
+            policy = network_policy(name, config, acls)
+        except InvalidArgument:
+            if check:
+                raise
+            policy = None
+        if policy is not None and not driver.capabilities.acls:
+            raise InvalidArgument(f"Network type {driver.name!r} does not support ACLs")
+        forwards = tuple(
+            Forward.from_record(entry.json())
+            for entry in await self.store.list(forward_prefix(name))
+        )
+        if forwards and not driver.capabilities.forwards:
+            if check:
+                raise InvalidArgument(f"Network driver {driver.name!r} does not support forwards")
+            forwards = ()
+        nics = tuple(
+            NicFilter(
+                host_name=entry.host_name,
+                hwaddr=entry.hwaddr,
+                mac="mac" in entry.filters,
+                ipv4=entry.ipv4 or None,
+                ipv6=entry.ipv6 or None,
+                ipv4_filtering="ipv4" in entry.filters,
+                ipv6_filtering="ipv6" in entry.filters,
+            )
+            for entry, _ in (await self._nic_entries(name)).values()
+            if entry.filters and entry.host_name
+        )
+        if not driver.capabilities.nic_filtering:
+            nics = ()
+        return NetworkSecurity(acl=policy, forwards=forwards, nics=nics)
+
+    async def apply_security(self, name: str) -> None:
+        """Enforce what the store says a network of this member enforces (its ACLs'
+        rules, its forwards), replacing what was: asked after an ACL or a forward
+        changes. A failure leaves the previous rules in force and is raised."""
+
+        async def apply() -> None:
+            self._forget(name)
+            record = await self._local_record(name)
+            driver = self.driver(record.type)
+            await driver.apply_security(name, await self._security(name, driver, record.config))
+
+        await self._locked(name, apply)
 
     # ------------------------------------------------------------------ state
 

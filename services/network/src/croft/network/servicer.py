@@ -3,19 +3,44 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import grpc
 
 from croft.common.errors import InvalidArgument
+from croft.common.instance_config import parse_bool
 from croft.common.models import NetworkRecord
 from croft.common.records import DEFAULT_PROJECT
 from croft.network.core import InstanceNic, NetworkCore
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
+# LXD's NIC keys for the filters a network enforces, and their short names.
+_FILTER_KEYS = {
+    "security.mac_filtering": "mac",
+    "security.ipv4_filtering": "ipv4",
+    "security.ipv6_filtering": "ipv6",
+}
+
+
+def _filters(config: Mapping[str, str]) -> tuple[str, ...]:
+    found = []
+    for key, short in _FILTER_KEYS.items():
+        value = config.get(key, "")
+        try:
+            on = parse_bool(value) if value else False
+        except ValueError as exc:
+            raise InvalidArgument(f"Invalid value for device option {key!r}: {exc}") from None
+        if on:
+            found.append(short)
+    return tuple(found)
+
 
 def _nic(request: network_pb2.NicRequest) -> InstanceNic:
     return InstanceNic(
+        host_name=request.host_name,
+        filters=_filters(request.config),
+        acls=request.config.get("security.acls", ""),
         network=request.network,
         project=request.project or DEFAULT_PROJECT,
         instance=request.instance,
@@ -105,3 +130,9 @@ class NetworkServicer(network_pb2_grpc.NetworkServicer):
         self, request: network_pb2.NetworkRename, context: grpc.aio.ServicerContext[Any, Any]
     ) -> common_pb2.Json:
         return _record(await self.core.rename_network(request.name, request.new_name))
+
+    async def ApplySecurity(
+        self, request: network_pb2.NetworkRef, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> common_pb2.Empty:
+        await self.core.apply_security(request.name)
+        return common_pb2.Empty()

@@ -16,3 +16,5 @@ class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.Networ
     update_network = record("UpdateNetwork", network_pb2.NetworkPut, NetworkRecord)
     delete_network = unary("DeleteNetwork", network_pb2.NetworkRef, common_pb2.Empty)
     rename_network = record("RenameNetwork", network_pb2.NetworkRename, NetworkRecord)
+
+    apply_security = unary("ApplySecurity", network_pb2.NetworkRef, common_pb2.Empty)

@@ -52,6 +52,10 @@ class NetworkNic(Model):
     hwaddr: str
     ipv4: str = ""
     ipv6: str = ""  # a pinned DHCPv6 address, if the NIC asked for one
+    # Set for a NIC whose traffic the network filters (LXD's security.*_filtering): its
+    # host-side interface and which filters ("mac", "ipv4", "ipv6").
+    host_name: str = ""
+    filters: list[str] = Field(default_factory=list)
 
     @staticmethod
     def store_key(network: str, project: str, instance: str, device: str) -> str:

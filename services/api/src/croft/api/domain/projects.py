@@ -27,6 +27,7 @@ from croft.common.instance_config import (
     parse_int,
 )
 from croft.common.models import InstanceRecord, ProfileRecord, StorageVolumeRecord
+from croft.common.network_acl import acl_prefix
 from croft.common.projects import FEATURE_OF_KIND, is_true, owner
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -301,12 +302,18 @@ async def used_by(store: Store, project: str, *, creating: bool = False) -> list
                         f"storage-pools/{volume.croft.pool}/volumes/custom", volume.name, project
                     )
                 )
+    for entry in await store.list(acl_prefix(project)):
+        urls.append(
+            records.url("network-acls", entry.key.removeprefix(acl_prefix(project)), project)
+        )
     return urls
 
 
 def is_empty(uses: list[str]) -> bool:
-    """LXD's projectIsEmpty: nothing but its own default profile."""
-    return not uses or (len(uses) == 1 and "/profiles/default" in uses[0])
+    """LXD's projectIsEmpty: nothing but its own default profile (and network ACLs,
+    which LXD 5.0.2 lists but deletes with the project)."""
+    kept = [u for u in uses if not u.startswith("/1.0/network-acls/")]
+    return not kept or (len(kept) == 1 and "/profiles/default" in kept[0])
 
 
 async def _custom_volumes(store: Store, project: str) -> list[StorageVolumeRecord]:

@@ -30,6 +30,8 @@ from croft.api.domain.networks import (
 )
 from croft.api.services import services
 from croft.common.errors import Conflict, InvalidArgument
+from croft.common.network_forward import forward_key, forward_prefix
+from croft.common.store import Delete, Operation, Put
 from croft.v1 import common_pb2, network_pb2
 
 router = APIRouter()
@@ -136,6 +138,13 @@ async def network_rename(request: Request, name: str) -> Response:
     renamed = await client.rename_network(
         network_pb2.NetworkRename(name=name, new_name=req.name), timeout=120
     )
+    # Its forwards follow it (the bridge kept enforcing them through the rename).
+    moves: list[Operation] = []
+    for entry in await ctx.store.list(forward_prefix(name)):
+        listen = entry.key.removeprefix(forward_prefix(name))
+        moves += [Put(forward_key(renamed.name, listen), entry.value), Delete(entry.key)]
+    if moves:
+        await ctx.store.transaction(moves)
     return responses.created(f"/1.0/networks/{renamed.name}")
 
 
@@ -150,4 +159,6 @@ async def network_delete(request: Request, name: str) -> Response:
     for member in members or [await member_of(request, ctx.store, name, record)]:
         client = await services().network(member)
         await client.delete_network(network_pb2.NetworkRef(name=name), timeout=120)
+    # Its forwards go with it, as in LXD.
+    await ctx.store.delete_prefix(forward_prefix(name))
     return responses.empty_sync()

@@ -19,6 +19,7 @@ from croft.api.identity import identity
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from croft.common.models import ProjectRecord
+from croft.common.network_acl import acl_key, acl_prefix
 from croft.common.records import DEFAULT_PROJECT, project_key
 from croft.common.store import Create, Delete, Operation, Store, Update, dump
 
@@ -198,6 +199,12 @@ async def project_rename(request: Request, name: str) -> Response:
                 Delete(profile.key, revision=profile.revision),
                 Create(projects.default_profile_key(req.name), profile.value),
             ]
+        for acl in await ctx.store.list(acl_prefix(name)):  # its network ACLs follow it
+            acl_name = acl.key.removeprefix(acl_prefix(name))
+            writes += [
+                Delete(acl.key, revision=acl.revision),
+                Create(acl_key(req.name, acl_name), acl.value),
+            ]
         try:
             await ctx.store.transaction(writes)
         except Conflict:
@@ -229,6 +236,10 @@ async def project_delete(request: Request, name: str) -> Response:
     writes: list[Operation] = [
         Delete(project_key(name), revision=revision),
         Delete(projects.default_profile_key(name)),
+    ]
+    # Its network ACLs go with it, as in LXD 5.0.2.
+    writes += [
+        Delete(acl.key, revision=acl.revision) for acl in await ctx.store.list(acl_prefix(name))
     ]
     try:
         await ctx.store.transaction(writes)

@@ -82,6 +82,11 @@ API_EXTENSIONS: list[str] = [
     "network_nat_address",
     "network_dns_search",
     "instance_nic_network",
+    # network ACLs and forwards (routes/network_acls.py, routes/network_forwards.py),
+    # enforced on bridges by nftables
+    "network_acl",
+    "network_bridge_acl",
+    "network_forward",
     "resources",
     "console",  # the console log, and attaching to the console (routes/instances.py)
     # certificates (routes/certificates.py): trust tokens, restricted certificates

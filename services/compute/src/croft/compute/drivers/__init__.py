@@ -277,6 +277,22 @@ class InstanceDriver(ABC):
         without asking each (then callers use status())."""
         return None
 
+    def nic_host_name(self, name: str, device: str) -> str:
+        """The host-side interface instance `name`'s NIC `device` gets (unless its
+        `host_name` names one), known before the instance starts so the network can
+        filter its traffic; "" when the driver cannot tell."""
+        return ""
+
+    async def hotplug_nic(self, name: str, device: str, nic: dict[str, str]) -> None:
+        """Add NIC `device` (its `nictype`, `parent`, `hwaddr`... as the network gave
+        them) to running instance `name`. InvalidArgument when the driver cannot; on
+        failure nothing of it is left."""
+        raise InvalidArgument("Devices cannot be changed while the instance is running")
+
+    async def unplug_nic(self, name: str, device: str, nic: dict[str, str]) -> None:
+        """Remove NIC `device` from running instance `name` (gone already: nothing)."""
+        raise InvalidArgument("Devices cannot be changed while the instance is running")
+
     async def hotplug_disk(self, name: str, source: str, path: str, *, readonly: bool) -> None:
         """Mount the host path `source` at `path` inside the running instance (a disk
         device added while it runs); the instance sees the files' on-disk ids as its own,

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import functools
 import glob
+import hashlib
 import logging
 import math
 import os
@@ -185,6 +186,25 @@ def _veth_name(instance: str, device: str) -> str:
     import hashlib
 
     return "veth" + hashlib.sha256(f"{instance}/{device}".encode()).hexdigest()[:8]
+
+
+def _plug_veth(pid: int, host: str, inside: str, nic: dict[str, str]) -> None:
+    """A veth pair: `host` on the NIC's bridge (up), its peer in the network namespace of
+    process `pid` as `inside`, with the NIC's MAC and MTU. Removed again on failure."""
+    peer = "tmp" + hashlib.sha256(host.encode()).hexdigest()[:8]
+    mtu = ["mtu", nic["mtu"]] if nic.get("mtu") else []
+    run(["ip", "link", "add", host, *mtu, "type", "veth", "peer", "name", peer, *mtu])
+    try:
+        if nic.get("hwaddr"):
+            run(["ip", "link", "set", peer, "address", nic["hwaddr"]])
+        run(["ip", "link", "set", host, "master", nic["parent"], "up"])
+        run(["ip", "link", "set", peer, "netns", str(pid)])
+        inside_ns = ["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "set", peer]
+        run([*inside_ns, "name", inside])
+        run(["nsenter", f"--net=/proc/{pid}/ns/net", "ip", "link", "set", inside, "up"])
+    except BaseException:
+        run(["ip", "link", "del", host], check=False)
+        raise
 
 
 def _nic_lines(index: int, instance: str, device: str, nic: dict[str, str]) -> list[str]:
@@ -1026,6 +1046,25 @@ class LXCDriver(InstanceDriver):
             return {}  # the instance stopped meanwhile
 
     # -- limits
+
+    def nic_host_name(self, name: str, device: str) -> str:
+        return _veth_name(name, device)
+
+    async def hotplug_nic(self, name: str, device: str, nic: dict[str, str]) -> None:
+        # LXD's way for a bridged NIC: a veth pair, the host side on the bridge, the
+        # other moved into the container's network namespace under the NIC's name.
+        if nic.get("nictype") != "bridged" or not nic.get("parent"):
+            raise InvalidArgument(
+                f'Device "{device}": only bridged NICs can be added to a running instance'
+            )
+        pid, _ = await in_thread(self._running_pid, name)
+        host = nic.get("host_name") or _veth_name(name, device)
+        await in_thread(_plug_veth, pid, host, nic.get("name") or device, nic)
+
+    async def unplug_nic(self, name: str, device: str, nic: dict[str, str]) -> None:
+        host = nic.get("host_name") or _veth_name(name, device)
+        if os.path.exists(f"/sys/class/net/{host}"):
+            await run_async(["ip", "link", "del", host], timeout=30, check=False)
 
     async def hotplug_disk(self, name: str, source: str, path: str, *, readonly: bool) -> None:
         target = "/" + _mount_target(name, path)

@@ -23,6 +23,8 @@ from typing import Any, ClassVar
 
 from croft.common.drivers import Registry
 from croft.common.errors import InvalidArgument
+from croft.common.network_acl import NetworkAclPolicy
+from croft.common.network_forward import Forward
 
 DEFAULT_STATE_ROOT = Path("/var/lib/croft/networks")
 DEFAULT_NFT_TABLE = "croft"
@@ -49,6 +51,14 @@ class Capabilities:
     nat: bool = False
     # IPv6 addressing on the network (`ipv6.address` other than `none`).
     ipv6: bool = False
+    # `apply_security` enforces network ACLs (`security.acls`).
+    acls: bool = False
+    # `apply_security` forwards listen addresses and ports (network forwards).
+    forwards: bool = False
+    # `apply_security` filters NICs' MAC and IP addresses (`security.*_filtering`).
+    nic_filtering: bool = False
+    # NICs take ACLs of their own (`security.acls` on the NIC: OVN's, not a bridge's).
+    nic_acls: bool = False
 
 
 @dataclass(frozen=True)
@@ -82,6 +92,52 @@ class DriverSettings:
     member: str = "none"
     # The other networks of this member, for drivers built on one (OVN on its uplink).
     networks: NetworkLookup = _no_networks
+
+
+@dataclass(frozen=True)
+class NicFilter:
+    """An instance NIC that may only send from its own MAC (`mac`) and addresses
+    (`ipv4`, `ipv6`): LXD's `security.mac_filtering` / `ipv4_filtering` /
+    `ipv6_filtering` on a NIC whose host-side interface is `host_name`."""
+
+    host_name: str
+    hwaddr: str
+    mac: bool = False
+    ipv4: str | None = None  # the only IPv4 source allowed; None: no IPv4 filtering
+    ipv6: str | None = None
+    ipv4_filtering: bool = False
+    ipv6_filtering: bool = False
+
+
+@dataclass(frozen=True)
+class NetworkSecurity:
+    """What a network enforces besides its own addressing, in driver-neutral terms: its
+    ACL policy (None: no ACL), its forwards, its filtered NICs. The core reads these
+    from the store and hands them to the driver whole, at every change."""
+
+    acl: NetworkAclPolicy | None = None
+    forwards: tuple[Forward, ...] = ()
+    nics: tuple[NicFilter, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return self.acl is None and not self.forwards and not self.nics
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "acl": None if self.acl is None else self.acl.to_json(),
+            "forwards": [f.to_api() for f in self.forwards],
+            "nics": [asdict(n) for n in self.nics],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> NetworkSecurity:
+        acl = data.get("acl")
+        return cls(
+            acl=None if acl is None else NetworkAclPolicy.from_json(acl),
+            forwards=tuple(Forward.from_record(f) for f in data.get("forwards") or []),
+            nics=tuple(NicFilter(**n) for n in data.get("nics") or []),
+        )
 
 
 @dataclass(frozen=True)
@@ -268,6 +324,12 @@ class NetworkDriver(ABC):
         those). On failure the previous entries are unchanged."""
         return None
 
+    async def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
+        """A free IPv4 address for the NIC `hwaddr` to be pinned to (the one it holds
+        already, if any), for IPv4 filtering; None when the network gives no IPv4
+        addresses. Changes nothing: `add_instance` pins it."""
+        return None
+
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         """Forget an instance NIC: its host entry and its lease, so the address can be
         given to another NIC at once. Removing an unknown NIC does nothing."""
@@ -282,6 +344,17 @@ class NetworkDriver(ABC):
         the network's `nic_parent`; a driver that makes one interface per NIC (OVN: a
         veth whose far end compute moves into the instance) names it. Pure."""
         return self.nic_parent(name, config)
+
+    async def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        """Enforce `security` on the network, replacing what was enforced before, in one
+        step (a failure leaves the previous rules in force). The driver keeps it, so a
+        restart (`start`) enforces it again; `delete` removes it. Raises
+        InvalidArgument when the driver cannot enforce some of it (it declares what it
+        can in `capabilities`)."""
+        if not security.empty:
+            raise InvalidArgument(
+                f"Network type {self.name!r} does not support ACLs, forwards or NIC filtering"
+            )
 
 
 # Lazy "module:Class" so a driver whose dependencies are missing on a host does not stop
@@ -329,6 +402,8 @@ __all__ = [
     "NetworkInfo",
     "NetworkLease",
     "NetworkLookup",
+    "NetworkSecurity",
+    "NicFilter",
     "NetworkState",
     "NetworkStateAddress",
     "NetworkStateBridge",

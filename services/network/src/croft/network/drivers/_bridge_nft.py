@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import threading
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
 from croft.common.proc import run
@@ -53,6 +54,14 @@ class BridgeRules:
     # Accept DHCP/DNS to the host and forwarding through the bridge, even where another
     # table's policy would drop it (LXD's ipv4.firewall / ipv6.firewall).
     firewall: bool = True
+    # Chains for the network's ACLs and forwards (`_bridge_security`), merged in.
+    extra: Mapping[str, list[str]] = field(default_factory=dict)
+    # The bridge-family table's chains (NIC filters).
+    bridge_extra: Mapping[str, list[str]] = field(default_factory=dict)
+
+    def bridge_chains(self) -> dict[str, list[str]]:
+        """Chain kind -> rules for the bridge-family table."""
+        return {kind: list(rules) for kind, rules in self.bridge_extra.items() if rules}
 
     def chains(self) -> dict[str, list[str]]:
         """Chain kind -> rules, for the chains this bridge needs."""
@@ -76,6 +85,9 @@ class BridgeRules:
                 f"packet-too-big, time-exceeded, parameter-problem, nd-router-solicit, "
                 f"nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report }} accept",
             ]
+        for kind, rules in self.extra.items():
+            if rules:
+                wanted.setdefault(kind, []).extend(rules)
         return wanted
 
 

@@ -1,6 +1,7 @@
 """Each managed bridge's own nftables table, `inet <prefix>.<bridge>`.
 
-A network's whole firewall is one table: it is replaced in one `nft -f` transaction (a
+A network's whole firewall is one table (and, for NIC MAC/IP filters, which work on
+frames, a `bridge`-family table of the same name): it is replaced in one `nft -f` transaction (a
 failed load leaves the previous rules in place), and deleting the network deletes the
 table, so nothing of a deleted network can stay behind in a table another network
 shares. Chains keep LXD's names (`pstrt.<bridge>`, `fwd.<bridge>`, `in.<bridge>`); their rules are
@@ -15,10 +16,22 @@ from croft.network.drivers._bridge_nft import BridgeRules, remove_bridge_rules
 
 __all__ = ["BridgeRules", "apply", "remove", "table_name"]
 
+# In the order they are added: a chain others jump to (`acl`, no hook) comes first.
 _CHAINS = {
+    "acl": "",
+    "prert": "type nat hook prerouting priority dstnat; policy accept;",
+    "out": "type nat hook output priority -100; policy accept;",
     "pstrt": "type nat hook postrouting priority srcnat; policy accept;",
     "fwd": "type filter hook forward priority filter; policy accept;",
     "in": "type filter hook input priority filter; policy accept;",
+    "aclin": "type filter hook input priority filter; policy accept;",
+    "aclout": "type filter hook output priority filter; policy accept;",
+    "aclfwd": "type filter hook forward priority filter; policy accept;",
+}
+# The bridge-family table's chains (NIC MAC/IP filters, LXD's priority -200).
+_BRIDGE_CHAINS = {
+    "in": "type filter hook input priority -200; policy accept;",
+    "fwd": "type filter hook forward priority -200; policy accept;",
 }
 
 
@@ -28,18 +41,26 @@ def table_name(prefix: str, bridge: str) -> str:
     return f"{prefix}.{bridge}"
 
 
-def _script(table: str, rules: BridgeRules) -> str:
+def _table_lines(
+    family: str, table: str, bridge: str, specs: dict[str, str], wanted: dict[str, list[str]]
+) -> list[str]:
     # `add` then `delete` empties whatever was there, in the same transaction.
-    lines = [f"add table inet {table}", f"delete table inet {table}"]
-    wanted = rules.chains()
+    lines = [f"add table {family} {table}", f"delete table {family} {table}"]
     if wanted:
-        lines.append(f"add table inet {table}")
-        for kind, spec in _CHAINS.items():
+        lines.append(f"add table {family} {table}")
+        for kind, spec in specs.items():
             if kind not in wanted:
                 continue
-            chain = f"{kind}.{rules.bridge}"
-            lines.append(f"add chain inet {table} {chain} {{ {spec} }}")
-            lines.extend(f"add rule inet {table} {chain} {rule}" for rule in wanted[kind])
+            chain = f"{kind}.{bridge}"
+            body = f" {{ {spec} }}" if spec else ""
+            lines.append(f"add chain {family} {table} {chain}{body}")
+            lines.extend(f"add rule {family} {table} {chain} {rule}" for rule in wanted[kind])
+    return lines
+
+
+def _script(table: str, rules: BridgeRules) -> str:
+    lines = _table_lines("inet", table, rules.bridge, _CHAINS, rules.chains())
+    lines += _table_lines("bridge", table, rules.bridge, _BRIDGE_CHAINS, rules.bridge_chains())
     return "\n".join(lines) + "\n"
 
 
@@ -52,7 +73,11 @@ def apply(prefix: str, rules: BridgeRules) -> None:
 def remove(prefix: str, bridge: str) -> None:
     """Delete the bridge's table, and its chains in the shared table of older crofts."""
     table = table_name(prefix, bridge)
-    run(["nft", "-f", "-"], input=f"add table inet {table}\ndelete table inet {table}\n".encode())
+    script = "".join(
+        f"add table {family} {table}\ndelete table {family} {table}\n"
+        for family in ("inet", "bridge")
+    )
+    run(["nft", "-f", "-"], input=script.encode())
     remove_bridge_rules(prefix, bridge)
 
 
@@ -62,9 +87,9 @@ def exists(prefix: str, bridge: str) -> bool:
     return run(["nft", "list", "table", "inet", table], check=False).returncode == 0
 
 
-def tables(prefix: str) -> list[str]:
+def tables(prefix: str, family: str = "inet") -> list[str]:
     """The tables of this prefix's networks (and the shared one of older crofts)."""
-    listed = run(["nft", "list", "tables", "inet"], check=False).stdout.decode().split()
+    listed = run(["nft", "list", "tables", family], check=False).stdout.decode().split()
     return sorted(name for name in listed if name == prefix or name.startswith(f"{prefix}."))
 
 

@@ -4,7 +4,7 @@ network "n" option "k": ...`, `Invalid option for network "n" option "k"`), `use
 free. The bridge's rules are here (`RULES`); macvlan and physical declare theirs with
 the same validators.
 
-LXD keys that croft's bridge does not implement (fan mode, tunnels, BGP, MAAS, ACLs,
+LXD keys that croft's bridge does not implement (fan mode, tunnels, BGP, MAAS,
 zones, OVN ranges) are refused with a message that says so, rather than accepted and
 silently ignored.
 """
@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 
 from croft.common.errors import InvalidArgument
 from croft.common.instance_config import go_quote, one_of, parse_bool, parse_mac
+from croft.common.network_acl import NETWORK_RULES as ACL_NETWORK_RULES
 
 Rule = Callable[[str], object]
 
@@ -194,12 +195,14 @@ RULES: dict[str, Rule] = {
     "dns.mode": _optional(one_of("dynamic", "managed", "none")),
     "dns.search": _any,
     "raw.dnsmasq": _any,
+    # ACL keys: which ACLs exist is the core's check (it reads the store).
+    **{key: _optional(rule) for key, rule in ACL_NETWORK_RULES.items()},
 }
 
 # LXD's bridge keys that croft does not implement: refused by name.
 _UNSUPPORTED = re.compile(
     r"^(bridge\.external_interfaces|fan\..*|tunnel\..*|maas\..*|dns\.zone\..*|bgp\..*|"
-    r"ipv[46]\.nat\.order|security\.acls.*)$"
+    r"ipv[46]\.nat\.order)$"
 )
 
 

@@ -38,11 +38,13 @@ from croft.network.drivers import (
     DriverSettings,
     NetworkDriver,
     NetworkLease,
+    NetworkSecurity,
     NetworkState,
     NetworkStateAddress,
     NetworkStateBridge,
     NetworkStateCounters,
 )
+from croft.network.drivers import _bridge_security as security_rules
 from croft.network.drivers import _bridge_table as firewall
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import DhcpHost, Dnsmasq, DnsmasqOptions, is_mac
@@ -445,24 +447,61 @@ class _BridgeHost:
                 ):
                     _enable_forwarding(ipv4=cfg.ipv4 is not None, ipv6=cfg.ipv6 is not None)
                 self._setup_routes(name, cfg)
-                firewall.apply(
-                    self.settings.nft_table,
-                    firewall.BridgeRules(
-                        bridge=name,
-                        ipv4_subnet=cfg.ipv4.network if cfg.ipv4 else None,
-                        ipv4_nat=cfg.ipv4_nat,
-                        ipv4_nat_address=cfg.ipv4_nat_address,
-                        ipv6_subnet=cfg.ipv6.network if cfg.ipv6 else None,
-                        ipv6_nat=cfg.ipv6_nat,
-                        ipv6_nat_address=cfg.ipv6_nat_address,
-                        firewall=cfg.ipv4_firewall or cfg.ipv6_firewall,
-                    ),
-                )
+                firewall.apply(self.settings.nft_table, self._rules(name, cfg))
                 self._start_dnsmasq(name, cfg)
             except BaseException:
                 if not was_up:
                     self._teardown(name)
                 raise
+
+    def _rules(
+        self, name: str, cfg: BridgeConfig, security: NetworkSecurity | None = None
+    ) -> firewall.BridgeRules:
+        """The bridge's whole firewall: its own rules, and those of the security (ACLs,
+        forwards, NIC filters) given, else the one last applied."""
+        if security is None:
+            security = self._stored_security(name)
+        return firewall.BridgeRules(
+            bridge=name,
+            ipv4_subnet=cfg.ipv4.network if cfg.ipv4 else None,
+            ipv4_nat=cfg.ipv4_nat,
+            ipv4_nat_address=cfg.ipv4_nat_address,
+            ipv6_subnet=cfg.ipv6.network if cfg.ipv6 else None,
+            ipv6_nat=cfg.ipv6_nat,
+            ipv6_nat_address=cfg.ipv6_nat_address,
+            firewall=cfg.ipv4_firewall or cfg.ipv6_firewall,
+            extra=security_rules.inet_chains(name, security),
+            bridge_extra=security_rules.nic_chains(
+                security.nics, cfg.ipv6.network if cfg.ipv6 else None
+            ),
+        )
+
+    def _security_path(self, name: str) -> Path:
+        return self.state_dir(name) / "security.json"
+
+    def _stored_security(self, name: str) -> NetworkSecurity:
+        try:
+            data = json.loads(self._security_path(name).read_text())
+        except (FileNotFoundError, ValueError):
+            return NetworkSecurity()
+        return NetworkSecurity.from_json(data)
+
+    def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        """Enforce `security` (one nft transaction with the bridge's own rules, so a
+        failure leaves the previous firewall whole), then keep it for `start`."""
+        with self._locked(name):
+            path = self._security_path(name)
+            if security.empty and not path.exists():
+                return  # nothing was enforced, nothing is: the table is as `start` made it
+            cfg = BridgeConfig.parse(self._stored_config(name))
+            if self.is_running(name):
+                firewall.apply(self.settings.nft_table, self._rules(name, cfg, security))
+            if security.empty:
+                path.unlink(missing_ok=True)
+                return
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(security.to_json(), indent=1, sort_keys=True))
+            tmp.replace(path)
 
     def _setup_routes(self, name: str, cfg: BridgeConfig) -> None:
         """The host routes of `ipv4.routes`/`ipv6.routes` through the bridge (LXD's
@@ -708,6 +747,32 @@ class _BridgeHost:
             )
         return str(ip6)
 
+    def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
+        """The NIC's pinned or leased IPv4 address, else the first address of the DHCP
+        ranges that no NIC holds (LXD allocates one the same way for IPv4 filtering)."""
+        hwaddr = hwaddr.lower()
+        with self._locked(network):
+            cfg = BridgeConfig.parse(self._stored_config(network))
+            if cfg.ipv4 is None:
+                return None
+            dnsmasq = self._dnsmasq(network)
+            hosts = dnsmasq.read_hosts()
+            leases = [le for le in dnsmasq.read_leases() if ":" not in le.address]
+            pinned = {h.ipv4: h.hwaddr for h in hosts if h.ipv4}
+            for h in hosts:
+                if h.hwaddr == hwaddr and h.ipv4:
+                    return h.ipv4
+            for lease in leases:
+                if lease.hwaddr == hwaddr and pinned.get(lease.address, hwaddr) == hwaddr:
+                    return lease.address
+            used = {*pinned, *(le.address for le in leases), str(cfg.ipv4.ip)}
+            for start, end in cfg.ipv4_dhcp_ranges or [cfg.default_dhcp_range()]:
+                for number in range(int(start), int(end) + 1):
+                    candidate = str(IPv4Address(number))
+                    if candidate not in used:
+                        return candidate
+            raise InvalidArgument(f'No available IPv4 address on network "{network}"')
+
     def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         hwaddr = hwaddr.lower()
         with self._locked(network):
@@ -915,6 +980,9 @@ class BridgeDriver(NetworkDriver):
         dns=True,
         nat=True,
         ipv6=True,
+        acls=True,
+        forwards=True,
+        nic_filtering=True,
     )
 
     def __init__(self, settings: DriverSettings | None = None) -> None:
@@ -970,8 +1038,14 @@ class BridgeDriver(NetworkDriver):
     ) -> str | None:
         return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4, ipv6)
 
+    async def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
+        return await in_thread(self._host.allocate_ipv4, network, hwaddr)
+
     async def remove_instance(self, network: str, instance: str, hwaddr: str) -> None:
         await in_thread(self._host.remove_instance, network, instance, hwaddr)
 
     async def leases(self, network: str) -> list[NetworkLease]:
         return await in_thread(self._host.leases, network)
+
+    async def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        await in_thread(self._host.apply_security, name, security)
