@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from croft.client import images_cli, node
+from croft.client import images_cli, init_cli, node
 from croft.common import discovery, rpc
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError
@@ -199,6 +199,7 @@ async def _print_status(config: Config, fmt: str) -> bool:
 
 
 main.add_command(images_cli.image)
+main.add_command(init_cli.init)
 
 if __name__ == "__main__":
     main()

@@ -46,6 +46,7 @@ from croft.api.routes import (
     storage_volumes,
     streams,
 )
+from croft.api.routes import cluster as cluster_routes
 from croft.api.routes import operations as operation_routes
 from croft.api.tracing import TracingMiddleware
 from croft.common.errors import Conflict, CroftError
@@ -196,6 +197,7 @@ def route_modules() -> tuple[Any, ...]:
         network_changes,
         image_export,
         certificates,
+        cluster_routes,
         streams,
     )
 

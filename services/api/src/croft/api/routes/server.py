@@ -103,6 +103,18 @@ API_EXTENSIONS: list[str] = [
     "backup_compression_algorithm",
     "container_backup_override_pool",
     "backup_override_name",
+    # clusters (routes/cluster.py, domain/cluster.py): enable, join tokens, members with
+    # roles, failure domains and descriptions; a member joins with `croft init --preseed`
+    "clustering",
+    "clustering_join",
+    "clustering_server_address",
+    "clustering_roles",
+    "clustering_architecture",
+    "clustering_failure_domains",
+    "clustering_join_token",
+    "clustering_description",
+    "clustering_config",
+    "cluster_join_token_expiry",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
@@ -180,7 +192,7 @@ def environment(
         "os_version": os_version,
         "project": project,
         "server": "croft",
-        "server_clustered": False,
+        "server_clustered": settings.location != "none",
         "server_event_mode": "full-mesh",
         "server_name": settings.server_name,
         "server_pid": os.getpid(),
