@@ -67,9 +67,11 @@ def peer_certificate(address: str, timeout: float = 5.0) -> str:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection((host, port), timeout=timeout) as raw:
-        with context.wrap_socket(raw, server_hostname=host) as tls:
-            der = tls.getpeercert(binary_form=True)
+    with (
+        socket.create_connection((host, port), timeout=timeout) as raw,
+        context.wrap_socket(raw, server_hostname=host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
     assert der is not None
     return ssl.DER_cert_to_PEM_cert(der)
 
@@ -92,7 +94,7 @@ def join(config: Config, section: dict[str, Any], token_text: str) -> None:
     server_name = str(section.get("server_name") or token.get("server_name") or "")
     if server_name != config.member:
         raise InvalidArgument(
-            f'This member\'s name is "{config.member}" (croft.yaml\'s `member`); the token '
+            f"This member's name is \"{config.member}\" (croft.yaml's `member`); the token "
             f'is for "{token.get("server_name")}"'
         )
     server_address = str(section.get("server_address") or "")

@@ -48,7 +48,9 @@ async def _call(endpoints: Sequence[str], what: str, call: object, timeout: floa
                     last = exc.details() or str(exc.code())
                     continue
                 raise Conflict(f"the store refused to {what}: {exc.details()}") from None
-    raise Unavailable(f"the store could not {what}: none of {', '.join(endpoints)} answered ({last})")
+    raise Unavailable(
+        f"the store could not {what}: none of {', '.join(endpoints)} answered ({last})"
+    )
 
 
 async def list_members(endpoints: Sequence[str]) -> list[StoreMember]:
@@ -107,18 +109,12 @@ async def promote_learner(endpoints: Sequence[str], name: str) -> bool:
 
 async def remove_member(endpoints: Sequence[str], name: str) -> bool:
     """Remove member `name`'s etcd from the store; False when it has none."""
-    members = await list_members(endpoints)
-    for member in members:
-        if member.name == name:
-            await _call(
-                endpoints,
-                f"remove {name}",
-                lambda stub, t: stub.MemberRemove(
-                    rpc_pb2.MemberRemoveRequest(ID=member.id), timeout=t
-                ),
-            )
-            return True
-    return False
+    found = [m.id for m in await list_members(endpoints) if m.name == name]
+    if not found:
+        return False
+    request = rpc_pb2.MemberRemoveRequest(ID=found[0])
+    await _call(endpoints, f"remove {name}", lambda stub, t: stub.MemberRemove(request, timeout=t))
+    return True
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from croft.common import discovery, telemetry
-from croft.common import cluster
+from croft.common import cluster, discovery, telemetry
 from croft.common.cluster_store import own_role, promote_learner
 from croft.common.config import Config
 from croft.common.errors import InvalidArgument, NotFound, Unavailable

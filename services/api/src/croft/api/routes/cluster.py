@@ -10,6 +10,7 @@ handlers share is in `croft.api.domain.cluster`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
@@ -139,7 +140,7 @@ async def cluster_put(request: Request) -> Response:
     name = req.server_name
     if name != ctx.settings.server_name:
         raise InvalidArgument(
-            f'This member\'s name is "{ctx.settings.server_name}" (croft.yaml\'s `member`); '
+            f"This member's name is \"{ctx.settings.server_name}\" (croft.yaml's `member`); "
             "enable clustering with that name"
         )
 
@@ -168,7 +169,7 @@ async def bootstrap(request: Request, name: str, address: str) -> None:
         etcd_client_url=settings.etcd_client_url,
         etcd_peer_url=settings.etcd_peer_url,
     )
-    writes = [
+    writes: list[Create | Put] = [
         Create(cluster.member_key(name), dump(record.dump())),
         Create(cluster.CERTIFICATE_KEY, dump({"certificate": cert_pem, "key": key_pem})),
         Create(cluster.CLUSTER_KEY, dump({"enabled": True})),
@@ -215,10 +216,8 @@ async def members_post(request: Request) -> Response:
     # One token per name: a new one cancels the old, as LXD does.
     for op in await domain.token_operations(ctx):
         if op["metadata"].get("serverName") == req.server_name:
-            try:
+            with contextlib.suppress(CroftError):
                 await ctx.operations.cancel(op["id"], wait=0)
-            except CroftError:
-                pass
     config = await domain.server_config(ctx.store)
     fingerprint = certificate_fingerprint(ctx.settings.certificate)
     metadata = domain.token_metadata(req.server_name, fingerprint, addresses, config)
@@ -296,7 +295,7 @@ async def member_put(request: Request, name: str) -> Response:
 
 @router.post("/1.0/cluster/members/{name}")
 async def member_rename(request: Request, name: str) -> Response:
-    ctx = context(request)
+    context(request)
     req = await query.body(request, MemberPost)
     await _member_view(request, name)
     new = req.server_name
@@ -329,7 +328,11 @@ async def member_delete(request: Request, name: str) -> Response:
         held = await _instances_on(request, name)
         if held:
             raise InvalidArgument(f"Node still has the following instances: {', '.join(held)}")
-        if view.online and name == ctx.settings.server_name and len(await domain.members(ctx.store)) == 1:
+        if (
+            view.online
+            and name == ctx.settings.server_name
+            and len(await domain.members(ctx.store)) == 1
+        ):
             raise InvalidArgument("The last member of a cluster cannot be removed")
     record = view.record
     if record.etcd_peer_url:
@@ -374,7 +377,5 @@ async def cluster_join(request: Request) -> Response:
             architecture=req.architecture or domain.architecture(),
         ),
     )
-    await ctx.lifecycle(
-        "cluster-member-added", _member_url(req.server_name), request=request
-    )
+    await ctx.lifecycle("cluster-member-added", _member_url(req.server_name), request=request)
     return responses.sync(reply)
