@@ -19,7 +19,7 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import ApiContext, context
-from croft.api.domain import projects
+from croft.api.domain import cluster, projects
 from croft.api.domain.backups import import_operation
 from croft.api.domain.compute import closing, ref, states_of
 from croft.api.domain.images import resolve_image
@@ -58,6 +58,11 @@ class InstancesPost(InstancePut):
     instance_type: StrictStr = ""
 
 
+def _unreachable(item: dict[str, Any]) -> None:
+    """An instance whose member is offline or does not answer, as LXD 5.0 lists it."""
+    item["status"], item["status_code"] = "Error", 400
+
+
 @router.get("/1.0/instances")
 @router.get("/1.0/containers")
 async def instances_list(request: Request) -> Response:
@@ -77,11 +82,18 @@ async def instances_list(request: Request) -> Response:
             item["state"] = state
             item["snapshots"] = snapshots.get(record.name, [])
             item["backups"] = []
+            if state is None and not standalone:
+                _unreachable(item)  # its member did not answer
             full.append(item)
         return responses.sync(
             query.listing(full, request, lambda r: records.url(KIND, r["name"], project))
         )
     rendered = [render(record, standalone) for record in found]
+    if not standalone:
+        online = set(await cluster.online_members(ctx.store))
+        for item in rendered:
+            if item.get("location") not in online:
+                _unreachable(item)
     return responses.sync(
         query.listing(rendered, request, lambda r: records.url(KIND, r["name"], project))
     )
@@ -182,7 +194,7 @@ async def instances_post(request: Request) -> Response:
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)
-    member = await place(ctx.store)
+    member = await place(ctx.store, request.query_params.get("target", ""))
     record = InstanceRecord(
         name=name,
         project=project,
