@@ -217,3 +217,22 @@ def started_croft_lxc(extra: str = "") -> Iterator[tuple[Croft, Lxc, str]]:
         _remove_network(croft, bridge)
         if not os.environ.get("CROFT_TEST_KEEP"):  # keep logs for a post-mortem when asked
             shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- clusters
+
+
+@pytest.fixture(scope="session")
+def cluster_rig() -> Iterator[Any]:
+    """Three croft members in their own network namespaces on a test bridge, formed into
+    one cluster through `lxc cluster enable` and `croft init --preseed` join tokens
+    (croft.common.testing.cluster). Started once per session: it is expensive."""
+    from croft.common.testing.cluster import ClusterRig
+
+    root = Path(tempfile.mkdtemp(prefix="croft-cluster-", dir="/tmp"))
+    rig = ClusterRig(root, size=3)
+    rig.start()
+    try:
+        yield rig
+    finally:
+        rig.stop()

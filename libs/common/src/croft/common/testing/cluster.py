@@ -163,6 +163,8 @@ class ClusterRig:
     subnet: int = 0
     startup_seconds: float = 0.0
     lxc_home: Path | None = None
+    _spare: Member | None = None
+    _extra: list[Member] = field(default_factory=list)
 
     # ------------------------------------------------------------------ network
 
@@ -175,7 +177,7 @@ class ClusterRig:
 
     def add_member(self, extra_config: str = "") -> Member:
         """A new member's netns, wiring and configuration (not started)."""
-        index = len(self.members) + 1
+        index = len(self.members) + len(self._extra) + 1
         member = Member(
             index=index,
             name=f"m{index}",
@@ -198,6 +200,15 @@ class ClusterRig:
         _sh(*ns, "route", "add", "default", "via", member.gateway)
         member.write_config()
         return member
+
+    def spare_member(self) -> Member:
+        """A member wired and configured but not started nor joined (for join tests);
+        the same one on every call."""
+        if self._spare is None:
+            self._spare = self.add_member()
+            self.members.remove(self._spare)
+            self._extra.append(self._spare)
+        return self._spare
 
     # ------------------------------------------------------------------ lxc
 
@@ -320,7 +331,7 @@ class ClusterRig:
     # ------------------------------------------------------------------ teardown
 
     def stop(self) -> None:
-        for member in reversed(self.members):
+        for member in reversed(self.members + self._extra):
             with contextlib.suppress(Exception):
                 member.croft("down", check=False, timeout=90)
             member.kill()
