@@ -229,10 +229,17 @@ def cluster_rig() -> Iterator[Any]:
     (croft.common.testing.cluster). Started once per session: it is expensive."""
     from croft.common.testing.cluster import ClusterRig
 
-    root = Path(tempfile.mkdtemp(prefix="croft-cluster-", dir="/tmp"))
+    kept = os.environ.get("CROFT_TEST_RIG", "")
+    if kept and (Path(kept) / "rig.json").exists():
+        # A rig a former run kept (CROFT_TEST_KEEP=1 CROFT_TEST_RIG=DIR): reused, and kept.
+        yield ClusterRig.attach(Path(kept))
+        return
+    root = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="croft-cluster-", dir="/tmp"))
     rig = ClusterRig(root, size=3)
     rig.start()
+    print(f"cluster rig of 3 members formed in {rig.startup_seconds:.1f}s")
     try:
         yield rig
     finally:
-        rig.stop()
+        if not (kept and os.environ.get("CROFT_TEST_KEEP")):
+            rig.stop()

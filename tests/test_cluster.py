@@ -86,6 +86,10 @@ def test_every_member_serves_the_cluster_certificate(rig: ClusterRig) -> None:
 def test_enabling_twice_is_refused(rig: ClusterRig) -> None:
     result = rig.lxc(0, "cluster", "enable", "m1", check=False)
     assert result.returncode != 0
+    assert "already clustered" in result.stderr  # the client's words
+    # The server's own refusal, as LXD 5.0.2 words it.
+    result = rig.lxc(0, "query", "-X", "PUT", "-d", '{"server_name":"m1","enabled":true}',
+                     "m1:/1.0/cluster", check=False)  # fmt: skip
     assert "This server is already clustered" in result.stderr
 
 
@@ -169,7 +173,8 @@ def test_untargeted_instances_spread_over_the_members(rig: ClusterRig) -> None:
     made = [f"spread{i}" for i in range(6)]
     try:
         for name in made:
-            rig.lxc(i := made.index(name) % 3, "init", "busybox", f"{rig.members[i].name}:{name}")
+            remote = rig.members[made.index(name) % 3].name  # asked through every member
+            rig.lxc(0, "init", f"{remote}:busybox", f"{remote}:{name}")
         counts = Counter(loc for n, loc in locations(rig, 1).items() if n in made)
         assert counts == {"m1": 2, "m2": 2, "m3": 2}
     finally:
@@ -178,7 +183,7 @@ def test_untargeted_instances_spread_over_the_members(rig: ClusterRig) -> None:
 
 
 def test_target_unknown_member_is_refused(rig: ClusterRig) -> None:
-    result = rig.lxc(0, "init", "busybox", "m1:nowhere", "--target", "m7", check=False)
+    result = rig.lxc(0, "init", "m1:busybox", "m1:nowhere", "--target", "m7", check=False)
     assert result.returncode != 0
     assert "Cluster member not found" in result.stderr
     assert "nowhere" not in locations(rig, 0)
@@ -188,7 +193,7 @@ def test_an_instance_on_m2_is_worked_from_the_other_members(
     rig: ClusterRig, tmp_path: Path
 ) -> None:
     """`--target m2` from m1; then its journey from m1 and m3, which do not hold it."""
-    rig.lxc(0, "launch", "busybox", "m1:c2", "--target", "m2")
+    rig.lxc(0, "launch", "m1:busybox", "m1:c2", "--target", "m2")
     for via in range(3):
         assert locations(rig, via)["c2"] == "m2"
     rows = {r["name"]: r for r in rig.lxc_json(2, "list")}
@@ -212,7 +217,7 @@ def test_an_instance_on_m2_is_worked_from_the_other_members(
 
 def test_removing_a_member_that_holds_instances_is_refused(rig: ClusterRig) -> None:
     if "c2" not in locations(rig, 0):
-        rig.lxc(0, "init", "busybox", "m1:c2", "--target", "m2")
+        rig.lxc(0, "init", "m1:busybox", "m1:c2", "--target", "m2")
     result = rig.lxc(0, "cluster", "remove", "m2", check=False)
     assert result.returncode != 0
     assert "Node still has the following instances: c2" in result.stderr
@@ -226,7 +231,7 @@ def test_a_killed_member_shows_error_goes_offline_and_comes_back(rig: ClusterRig
     """kill -9 of m3's croft processes: m1 keeps answering, m3's instance is ERROR, m3 is
     Offline after the threshold, and back Online with its container still running when
     restarted."""
-    rig.lxc(0, "launch", "busybox", "m1:c3", "--target", "m3")
+    rig.lxc(0, "launch", "m1:busybox", "m1:c3", "--target", "m3")
     rig.lxc(0, "config", "set", "cluster.offline_threshold", "11")
     victim = rig.members[2]
     try:
@@ -242,7 +247,7 @@ def test_a_killed_member_shows_error_goes_offline_and_comes_back(rig: ClusterRig
         message = member_rows(rig, 1)["m3"]["message"]
         assert message.startswith("No heartbeat for ")
         # Untargeted launches avoid it; targeting it is refused.
-        result = rig.lxc(0, "init", "busybox", "m1:nope", "--target", "m3", check=False)
+        result = rig.lxc(0, "init", "m1:busybox", "m1:nope", "--target", "m3", check=False)
         assert result.returncode != 0 and "offline" in result.stderr
     finally:
         victim.up()

@@ -189,6 +189,9 @@ class ClusterRig:
             extra_config=extra_config,
         )
         self.members.append(member)
+        # Left by an earlier run against an attached rig: made afresh.
+        _sh("ip", "link", "del", member.veth, check=False)
+        _sh("ip", "netns", "del", member.netns, check=False)
         _sh("ip", "netns", "add", member.netns)
         _sh("ip", "link", "add", member.veth, "type", "veth", "peer", "name", "eth0",
             "netns", member.netns)  # fmt: skip
@@ -315,7 +318,42 @@ class ClusterRig:
             self.stop()
             raise
         self.startup_seconds = time.monotonic() - started
+        self.save()
         return self
+
+    def save(self) -> None:
+        """Write what `attach` needs to `<root>/rig.json`."""
+        state = {
+            "size": self.size,
+            "run": self.run,
+            "bridge": self.bridge,
+            "subnet": self.subnet,
+            "members": [m.index for m in self.members],
+            "startup_seconds": self.startup_seconds,
+        }
+        (self.root / "rig.json").write_text(json.dumps(state))
+
+    @classmethod
+    def attach(cls, root: Path) -> ClusterRig:
+        """A rig started before (by another process, kept with CROFT_TEST_KEEP), to run
+        tests against it again without forming a new one."""
+        state = json.loads((root / "rig.json").read_text())
+        rig = cls(root, size=state["size"], run=state["run"], bridge=state["bridge"],
+                  subnet=state["subnet"], startup_seconds=state["startup_seconds"],
+                  lxc_home=root / "client-home")  # fmt: skip
+        for index in state["members"]:
+            rig.members.append(
+                Member(
+                    index=index,
+                    name=f"m{index}",
+                    netns=f"croft-{rig.run}-m{index}",
+                    veth=f"crv{rig.run}{index}"[:15],
+                    address=f"10.77.{rig.subnet}.{10 + index}",
+                    root=root / f"m{index}",
+                    gateway=f"10.77.{rig.subnet}.1",
+                )
+            )
+        return rig
 
     def wait_online(self, timeout: float = 60) -> None:
         """Until every member is Online with a heartbeat (polled, no bare sleep)."""
