@@ -10,7 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import ssl
+import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -123,6 +125,25 @@ def _preseed(member_name: str, https: str, token: str) -> str:
     )
 
 
+def _raw_join(rig: ClusterRig, token: str, name: str, address: str) -> tuple[int, dict]:
+    """croft's accepting side of a join, asked as an untrusted client."""
+    import urllib.error
+    import urllib.request
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    body = json.dumps({"token": token, "server_name": name, "server_address": address})
+    request = urllib.request.Request(
+        f"https://{rig.members[0].https}/internal/cluster/join", data=body.encode(),
+        method="POST", headers={"Content-Type": "application/json"},
+    )  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as reply:
+            return reply.status, json.load(reply)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.load(exc)
+
+
 def test_bad_tokens_are_refused_and_change_nothing(rig: ClusterRig) -> None:
     """Revoked, expired, reused-by-another-name and forged-fingerprint tokens: the joiner
     is refused and the cluster keeps its three members."""
@@ -162,6 +183,33 @@ def test_bad_tokens_are_refused_and_change_nothing(rig: ClusterRig) -> None:
     assert not (joiner.state_dir / "cluster.yaml").exists()
 
 
+def test_member_show_set_edit(rig: ClusterRig) -> None:
+    """`lxc cluster show/get/set/unset/edit` through another member; a bad key changes
+    nothing."""
+    rig.lxc(1, "cluster", "set", "m3", "scheduler.instance", "manual")
+    assert rig.lxc(0, "cluster", "get", "m3", "scheduler.instance").stdout.strip() == "manual"
+    result = rig.lxc(0, "cluster", "set", "m3", "bogus.key", "1", check=False)
+    assert result.returncode != 0
+    assert 'Invalid cluster configuration key "bogus.key"' in result.stderr
+    rig.lxc(2, "cluster", "unset", "m3", "scheduler.instance")
+    shown = rig.lxc(0, "cluster", "show", "m3").stdout
+    assert "scheduler.instance" not in shown
+    edited = shown.replace("failure_domain: default", "failure_domain: az3").replace(
+        'description: ""', "description: third"
+    )
+    subprocess.run(
+        ["lxc", "cluster", "edit", "m2:m3"], input=edited, text=True, check=True,
+        env={**os.environ, "HOME": str(rig.lxc_home), "LXD_DIR": "/nonexistent"},
+        capture_output=True,
+    )  # fmt: skip
+    row = member_rows(rig, 0)["m3"]
+    assert row["failure_domain"] == "az3" and row["description"] == "third"
+    # The member-local addresses: each member shows its own.
+    for via, member in enumerate(rig.members):
+        got = rig.lxc(via, "config", "get", "core.https_address").stdout.strip()
+        assert got == member.https
+
+
 # ---------------------------------------------------------------------------- placement
 
 
@@ -178,6 +226,24 @@ def test_untargeted_instances_spread_over_the_members(rig: ClusterRig) -> None:
         counts = Counter(loc for n, loc in locations(rig, 1).items() if n in made)
         assert counts == {"m1": 2, "m2": 2, "m3": 2}
     finally:
+        for name in made:
+            rig.lxc(0, "delete", "--force", f"m1:{name}", check=False)
+
+
+def test_a_manual_member_takes_no_untargeted_instance(rig: ClusterRig) -> None:
+    rig.lxc(0, "cluster", "set", "m1", "scheduler.instance", "manual")
+    made = ["manual0", "manual1", "manual2"]
+    try:
+        for name in made:
+            rig.lxc(0, "init", "m1:busybox", f"m1:{name}")
+        placed = locations(rig, 2)
+        assert all(placed[n] != "m1" for n in made), placed
+        # Targeted, it still takes one.
+        rig.lxc(0, "init", "m1:busybox", "m1:manual3", "--target", "m1")
+        made.append("manual3")
+        assert locations(rig, 0)["manual3"] == "m1"
+    finally:
+        rig.lxc(0, "cluster", "unset", "m1", "scheduler.instance")
         for name in made:
             rig.lxc(0, "delete", "--force", f"m1:{name}", check=False)
 
@@ -222,6 +288,38 @@ def test_removing_a_member_that_holds_instances_is_refused(rig: ClusterRig) -> N
     assert result.returncode != 0
     assert "Node still has the following instances: c2" in result.stderr
     assert sorted(member_rows(rig, 0)) == ["m1", "m2", "m3"]
+
+
+def test_a_fourth_member_joins_as_a_store_client_and_is_removed(rig: ClusterRig) -> None:
+    """Beyond cluster.max_voters (3) a joiner runs no etcd: it uses the voters'. Its
+    token is single use. `lxc cluster remove` takes it out."""
+    joiner = rig.spare_member()
+    token = rig.lxc(0, "cluster", "add", joiner.name, "-q").stdout.strip().splitlines()[-1]
+    joiner.croft("init", "--preseed", input=_preseed(joiner.name, joiner.https, token),
+                 timeout=400)  # fmt: skip
+    try:
+        rig.add_remote(joiner)
+        rows = wait_for(
+            lambda: (r := member_rows(rig, 1)) and r.get(joiner.name, {}).get("status") == "Online"
+            and r, 90)  # fmt: skip
+        assert rows[joiner.name]["roles"] == [] and rows[joiner.name]["database"] is False
+        assert sum("database" in r["roles"] for r in rows.values()) == 3
+        assert not (joiner.state_dir / "etcd").exists()
+        # The token is used up: listed no more, and refused when shown again.
+        assert json.loads(rig.lxc(0, "cluster", "list-tokens", "--format", "json").stdout) == []
+        status, body = _raw_join(rig, token, joiner.name, "10.77.0.99:8443")
+        assert status in (400, 403), body
+        assert sorted(member_rows(rig, 0)) == ["m1", "m2", "m3", joiner.name]
+        # Its services answer: an instance lands there when targeted.
+        rig.lxc(0, "init", "m1:busybox", "m1:c4", "--target", joiner.name)
+        assert locations(rig, 0)["c4"] == joiner.name
+        result = rig.lxc(0, "cluster", "remove", joiner.name, check=False)
+        assert "Node still has the following instances: c4" in result.stderr
+        rig.lxc(0, "delete", "m1:c4")
+    finally:
+        joiner.croft("down", check=False)
+    rig.lxc(0, "cluster", "remove", joiner.name)
+    assert sorted(member_rows(rig, 2)) == ["m1", "m2", "m3"]
 
 
 # ---------------------------------------------------------------------------- faults

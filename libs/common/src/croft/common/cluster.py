@@ -45,6 +45,7 @@ class MemberRecord:
     name: str
     id: int
     address: str  # cluster.https_address, HOST:PORT
+    https_address: str = ""  # core.https_address, when not the same as `address`
     architecture: str = ""
     description: str = ""
     failure_domain: str = "default"

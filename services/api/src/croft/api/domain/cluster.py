@@ -309,3 +309,32 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
         "etcd": etcd,
         "member_id": record.id,
     }
+
+
+# ---------------------------------------------------------------------------- member-local
+
+
+CORE_HTTPS_ADDRESS = "core.https_address"
+CLUSTER_HTTPS_ADDRESS = "cluster.https_address"
+MEMBER_LOCAL_KEYS = (CORE_HTTPS_ADDRESS, CLUSTER_HTTPS_ADDRESS)
+
+
+async def member_local_config(store: Store, name: str) -> dict[str, str]:
+    """A member's own server config keys (its addresses), as `GET /1.0` on it shows them."""
+    found = await store.get_json(cluster.member_key(name))
+    if found is None:
+        return {}
+    record = MemberRecord.load(found[0])
+    return {
+        CORE_HTTPS_ADDRESS: record.https_address or record.address,
+        CLUSTER_HTTPS_ADDRESS: record.address,
+    }
+
+
+async def set_member_https_address(store: Store, name: str, address: str) -> None:
+    def change(current: dict[str, Any]) -> dict[str, Any]:
+        record = MemberRecord.load(current)
+        record.https_address = "" if address == record.address else address
+        return record.dump()
+
+    await records.modify(store, cluster.member_key(name), change, missing="Cluster member not found")

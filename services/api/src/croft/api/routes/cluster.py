@@ -256,14 +256,20 @@ async def member_put(request: Request, name: str) -> Response:
     req = await query.body(request, MemberPut)
     view = await _member_view(request, name)
     query.check_if_match(request, _member_etag(view))
-    config = dict(req.config or {})
+    # An empty value unsets a key (`lxc cluster unset`).
+    config = {k: v for k, v in (req.config or {}).items() if v != ""}
     for key, value in config.items():
         if key.startswith("user."):
             continue
         if key not in MEMBER_CONFIG_KEYS:
-            raise InvalidArgument(f'Invalid cluster configuration key "{key}"')
+            raise InvalidArgument(
+                f'Failed to update cluster member config: Invalid cluster configuration key "{key}"'
+            )
         if value not in ("all", "group", "manual"):
-            raise InvalidArgument(f'Invalid cluster configuration key "{key}" value')
+            raise InvalidArgument(
+                "Failed to update cluster member config: "
+                f'Invalid cluster configuration key "{key}" value'
+            )
     if req.groups is not None and not req.groups and not patch:
         raise InvalidArgument("Cluster members need to belong to at least one group")
     wanted_roles = set(req.roles or []) - {"database-leader", "database-standby"}
@@ -288,7 +294,7 @@ async def member_put(request: Request, name: str) -> Response:
             member.groups = req.groups or member.groups
         return member.dump()
 
-    await records.modify(ctx.store, cluster.member_key(name), change, missing=name)
+    await records.modify(ctx.store, cluster.member_key(name), change, missing="Cluster member not found")
     await ctx.lifecycle("cluster-member-updated", _member_url(name), request=request)
     return responses.empty_sync()
 
