@@ -337,4 +337,6 @@ async def set_member_https_address(store: Store, name: str, address: str) -> Non
         record.https_address = "" if address == record.address else address
         return record.dump()
 
-    await records.modify(store, cluster.member_key(name), change, missing="Cluster member not found")
+    await records.modify(
+        store, cluster.member_key(name), change, missing="Cluster member not found"
+    )

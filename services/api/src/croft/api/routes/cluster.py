@@ -294,7 +294,9 @@ async def member_put(request: Request, name: str) -> Response:
             member.groups = req.groups or member.groups
         return member.dump()
 
-    await records.modify(ctx.store, cluster.member_key(name), change, missing="Cluster member not found")
+    await records.modify(
+        ctx.store, cluster.member_key(name), change, missing="Cluster member not found"
+    )
     await ctx.lifecycle("cluster-member-updated", _member_url(name), request=request)
     return responses.empty_sync()
 
