@@ -25,6 +25,11 @@ from croft.common.instance_config import (
 Validator = Callable[[str], object]
 
 
+def _odd_voters(value: str) -> None:
+    if not value.isdigit() or int(value) < 3 or int(value) % 2 == 0:
+        raise ValueError("Value must be an odd number equal to or higher than 3")
+
+
 def _expiry(value: str) -> None:
     """LXD's expiry strings (shared.GetExpiry): a number and a unit, `30M`, `3H`, `1d`."""
     import re
@@ -80,7 +85,7 @@ SERVER_KEYS = KeySet(
         "cluster.images_minimal_replica": int_range(-1, 1000),
         "cluster.join_token_expiry": _expiry,
         "cluster.max_standby": int_range(0, 5),
-        "cluster.max_voters": int_range(3, 99),
+        "cluster.max_voters": _odd_voters,
         "cluster.offline_threshold": int_range(10, 86400),
         "images.auto_update_cached": parse_bool,
         "images.auto_update_interval": parse_int,

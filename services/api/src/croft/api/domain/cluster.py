@@ -23,8 +23,9 @@ from croft.api import records
 from croft.api.context import ApiContext
 from croft.common import cluster
 from croft.common.cluster import Heartbeat, MemberRecord
-from croft.common.cluster_store import add_learner
+from croft.common.cluster_store import add_learner, remove_member
 from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
+from croft.common.revert import Reverter
 from croft.common.store import Store, dump
 
 TOKEN_EXPIRY_KEY = "cluster.join_token_expiry"
@@ -291,18 +292,24 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
         address=req.address,
         architecture=req.architecture,
     )
-    if len(voters) < max_voters(config) and req.etcd_peer_url:
-        initial = await add_learner(endpoints, req.server_name, req.etcd_peer_url)
-        record.etcd_client_url, record.etcd_peer_url = req.etcd_client_url, req.etcd_peer_url
-        etcd = {
-            "embedded": True,
-            "endpoints": [req.etcd_client_url, *endpoints],
-            "initial_cluster": initial,
-            "initial_cluster_state": "existing",
-        }
-    else:
-        etcd = {"embedded": False, "endpoints": endpoints}
-    await store.create(cluster.member_key(record.name), dump(record.dump()))
+    async with Reverter() as revert:
+        if len(voters) < max_voters(config) and req.etcd_peer_url:
+            # A learner does not count for quorum: a joiner that never starts its etcd
+            # leaves the store serving.
+            initial = await add_learner(endpoints, req.server_name, req.etcd_peer_url)
+            revert.add(lambda: remove_member(endpoints, req.server_name))
+            record.etcd_client_url = req.etcd_client_url
+            record.etcd_peer_url = req.etcd_peer_url
+            etcd = {
+                "embedded": True,
+                "endpoints": [req.etcd_client_url, *endpoints],
+                "initial_cluster": initial,
+                "initial_cluster_state": "existing",
+            }
+        else:
+            etcd = {"embedded": False, "endpoints": endpoints}
+        await store.create(cluster.member_key(record.name), dump(record.dump()))
+        revert.success()
     return {
         "cluster_certificate": found[0]["certificate"],
         "cluster_key": found[0]["key"],
