@@ -253,3 +253,29 @@ def started_croft_lxc(extra: str = "") -> Iterator[tuple[Croft, Lxc, str]]:
         _remove_network(croft, bridge)
         if not os.environ.get("CROFT_TEST_KEEP"):  # keep logs for a post-mortem when asked
             shutil.rmtree(root, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------- clusters
+
+
+@pytest.fixture(scope="session")
+def cluster_rig() -> Iterator[Any]:
+    """Three croft members in their own network namespaces on a test bridge, formed into
+    one cluster through `lxc cluster enable` and `croft init --preseed` join tokens
+    (croft.common.testing.cluster). Started once per session: it is expensive."""
+    from croft.common.testing.cluster import ClusterRig
+
+    kept = os.environ.get("CROFT_TEST_RIG", "")
+    if kept and (Path(kept) / "rig.json").exists():
+        # A rig a former run kept (CROFT_TEST_KEEP=1 CROFT_TEST_RIG=DIR): reused, and kept.
+        yield ClusterRig.attach(Path(kept))
+        return
+    root = Path(kept) if kept else Path(tempfile.mkdtemp(prefix="croft-cluster-", dir="/tmp"))
+    rig = ClusterRig(root, size=3)
+    rig.start()
+    print(f"cluster rig of 3 members formed in {rig.startup_seconds:.1f}s")
+    try:
+        yield rig
+    finally:
+        if not (kept and os.environ.get("CROFT_TEST_KEEP")):
+            rig.stop()

@@ -40,6 +40,17 @@ class EtcdConfig(_Section):
         default=True, description="`croft up` runs a one-member etcd on this host"
     )
     peer_port: int = Field(default=2380, ge=1, le=65535)
+    initial_cluster: str = Field(
+        default="",
+        description=(
+            "etcd's --initial-cluster (NAME=PEER_URL,...) when this member's etcd is one of "
+            "a cluster's voters; '' runs it alone. `croft init` writes it to the member's "
+            "cluster.yaml when the member joins a cluster"
+        ),
+    )
+    initial_cluster_state: Literal["new", "existing"] = Field(
+        default="new", description="'existing' when this member's etcd joins a running cluster"
+    )
     max_procs: int = Field(
         default=1,
         ge=0,
@@ -267,12 +278,42 @@ def _keys_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
     return sorted(model.model_fields)
 
 
+CLUSTER_FILE = "cluster.yaml"
+
+
+def cluster_file(config: Config) -> Path:
+    """Where `croft init` keeps what joining a cluster changed in this member's
+    configuration (its store): `<state_dir>/cluster.yaml`, read over croft.yaml."""
+    return config.state_dir / CLUSTER_FILE
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
 def load_config(path: Path | None = None) -> Config:
-    """Read, validate and return the configuration. Raises ConfigError naming the problem."""
+    """Read, validate and return the configuration. Raises ConfigError naming the problem.
+    A member that joined a cluster has its store's settings in `<state_dir>/cluster.yaml`,
+    which overrides the file's."""
     path = path or config_path()
     values = _read_yaml(path)
     try:
-        return Config(**values)
+        config = Config(**values)
     except ValidationError as exc:
         problems = "; ".join(_describe(e, Config) for e in exc.errors())
         raise ConfigError(f"{path}: {problems}") from None
+    overlay_path = cluster_file(config)
+    overlay = _read_yaml(overlay_path)
+    if not overlay:
+        return config
+    try:
+        return Config(**_merged(values, overlay))
+    except ValidationError as exc:
+        problems = "; ".join(_describe(e, Config) for e in exc.errors())
+        raise ConfigError(f"{overlay_path}: {problems}") from None

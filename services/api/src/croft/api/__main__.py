@@ -11,10 +11,12 @@ only core.https_address's initial value, written to the server config once.
 from __future__ import annotations
 
 import os
+from urllib.parse import urlsplit
 
 from croft.api import services
 from croft.api.app import create_app
 from croft.api.context import ApiSettings
+from croft.api.domain.cluster import enabled as cluster_enabled
 from croft.api.https_listener import HttpsListener, seed_https_address
 from croft.api.serving import UnixServer
 from croft.api.tls import ensure_server_certificate
@@ -29,6 +31,12 @@ async def setup(context: ServiceContext) -> None:
     # Made at first start even without HTTPS, as LXD's: `GET /1.0` shows it, and turning
     # HTTPS on later keeps the fingerprint clients may have pinned.
     certificate = ensure_server_certificate(config.state_dir)
+    clustered = await cluster_enabled(context.store)
+    etcd_client, etcd_peer = "", ""
+    if config.etcd.embedded:
+        etcd_client = config.etcd.endpoints[0]
+        host = urlsplit(etcd_client).hostname
+        etcd_peer = f"http://{host}:{config.etcd.peer_port}"
     settings = ApiSettings(
         server_name=config.member,
         owner_id=f"{config.member}/{context.instance_id}",
@@ -36,12 +44,18 @@ async def setup(context: ServiceContext) -> None:
         default_network=config.network.default_bridge or "croftbr0",
         https_address=config.api.https_address,
         certificate=certificate.pem,
+        certificate_key=certificate.key_path.read_text(),
+        location=config.member if clustered else "none",
+        etcd_client_url=etcd_client,
+        etcd_peer_url=etcd_peer,
     )
     app = create_app(context.store, settings)
-    await seed_https_address(context.store, config.api.https_address)
+    if not clustered:
+        # A member of a cluster has its own address, in its member record (croft init).
+        await seed_https_address(context.store, config.api.https_address)
     first = os.environ.get("CROFT_REPLICA", "1") == "1"
     # Another replica has no unix server to run the app's lifespan: its listener does.
-    https = HttpsListener(app, certificate, run_lifespan=not first)
+    https = HttpsListener(app, certificate, run_lifespan=not first, member=config.member)
     https.install()
     if first:
         server = UnixServer(app, config.state_dir / "unix.socket")

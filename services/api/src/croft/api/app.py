@@ -50,6 +50,7 @@ from croft.api.routes import (
     storage_volumes,
     streams,
 )
+from croft.api.routes import cluster as cluster_routes
 from croft.api.routes import operations as operation_routes
 from croft.api.tracing import TracingMiddleware
 from croft.common.errors import Conflict, CroftError
@@ -206,6 +207,7 @@ def route_modules() -> tuple[Any, ...]:
         image_export,
         certificates,
         authorization,
+        cluster_routes,
         streams,
     )
 

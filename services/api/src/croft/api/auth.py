@@ -142,6 +142,8 @@ _UNTRUSTED: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("GET", rf"/1\.0/images/{_FP}/export/?"),
         ("GET", r"/1\.0/images/aliases/.+"),
         ("POST", r"/1\.0/certificates/?"),
+        # A joining member holds a join token, not a trusted certificate.
+        ("POST", r"/internal/cluster/join"),
         ("GET", r"/streams/v1/[^/]+\.json"),
         ("GET", r"/images/.+"),
     )

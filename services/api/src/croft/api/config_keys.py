@@ -26,6 +26,19 @@ from croft.common.instance_config import (
 Validator = Callable[[str], object]
 
 
+def _odd_voters(value: str) -> None:
+    if not value.isdigit() or int(value) < 3 or int(value) % 2 == 0:
+        raise ValueError("Value must be an odd number equal to or higher than 3")
+
+
+def _expiry(value: str) -> None:
+    """LXD's expiry strings (shared.GetExpiry): a number and a unit, `30M`, `3H`, `1d`."""
+    import re
+
+    if not re.fullmatch(r"(\d+[SMHdwMy])+", value.strip()):
+        raise ValueError("Invalid expiry")
+
+
 def listen_address(value: str) -> None:
     if value in ("", ":", "[::]"):
         return
@@ -71,8 +84,9 @@ SERVER_KEYS = KeySet(
         "core.trust_password": any_string,
         "cluster.https_address": listen_address,
         "cluster.images_minimal_replica": int_range(-1, 1000),
+        "cluster.join_token_expiry": _expiry,
         "cluster.max_standby": int_range(0, 5),
-        "cluster.max_voters": int_range(3, 99),
+        "cluster.max_voters": _odd_voters,
         "cluster.offline_threshold": int_range(10, 86400),
         "images.auto_update_cached": parse_bool,
         "images.auto_update_interval": parse_int,

@@ -40,6 +40,10 @@ class ApiSettings:
     default_network: str = "croftbr0"
     https_address: str = ""  # where HTTPS is served ("" = not served): LXD's core.https_address
     certificate: str = ""  # the server certificate, PEM (croft.api.tls)
+    certificate_key: str = ""  # its key, PEM: it becomes the cluster's at `cluster enable`
+    # This member's etcd, when it runs one: what a cluster records of its store voters.
+    etcd_client_url: str = ""
+    etcd_peer_url: str = ""
 
 
 class LifecycleEvent(TypedDict, total=False):

@@ -28,8 +28,9 @@ from croft.api.config_keys import validate_server_config
 from croft.api.context import context
 from croft.api.serving import HttpsServer
 from croft.api.tls import ServerCertificate
+from croft.common import cluster
 from croft.common.errors import CroftError, InvalidArgument
-from croft.common.store import EventType, Store
+from croft.common.store import Store
 from croft.common.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -46,16 +47,27 @@ class HttpsListener:
     server beside it to run it)."""
 
     def __init__(
-        self, app: FastAPI, certificate: ServerCertificate, *, run_lifespan: bool = False
+        self,
+        app: FastAPI,
+        certificate: ServerCertificate,
+        *,
+        run_lifespan: bool = False,
+        member: str = "",
     ) -> None:
         self.app = app
+        self.member = member
         self.certificate = certificate
         self.run_lifespan = run_lifespan
         self.address = ""
         self._server: HttpsServer | None = None
         self._lifespan: contextlib.AbstractAsyncContextManager[Any] | None = None
         self._lock = asyncio.Lock()
-        self._follower: asyncio.Task[None] | None = None
+        self._followers: list[asyncio.Task[None]] = []
+
+    @property
+    def _followed(self) -> tuple[str, ...]:
+        member = (cluster.member_key(self.member),) if self.member else ()
+        return (records.SERVER_CONFIG_KEY, *member)
 
     def install(self) -> None:
         """Make this the listener that `PUT /1.0` moves (`https_address_change`)."""
@@ -97,27 +109,32 @@ class HttpsListener:
         """Apply the stored core.https_address now, then start following its changes."""
         revision = await store.revision()
         await self._apply_stored(store)
-        self._follower = asyncio.create_task(self._follow(store, revision + 1))
+        self._followers = [
+            asyncio.create_task(self._follow(store, key, revision + 1)) for key in self._followed
+        ]
 
     async def _apply_stored(self, store: Store) -> None:
-        found = await store.get_json(records.SERVER_CONFIG_KEY)
-        config = found[0].get("config", {}) if found else {}
+        # A cluster member's core.https_address is its own (LXD's member-local key), in
+        # its member record; a standalone server's is in the server config.
+        member = await store.get_json(cluster.member_key(self.member)) if self.member else None
+        if member is not None:
+            address = member[0].get("https_address") or member[0].get("address", "")
+        else:
+            found = await store.get_json(records.SERVER_CONFIG_KEY)
+            address = (found[0].get("config", {}) if found else {}).get(HTTPS_ADDRESS, "")
         try:
-            await self.apply(config.get(HTTPS_ADDRESS, ""))
+            await self.apply(address)
         except CroftError as exc:
             log.warning("cannot apply %s: %s", HTTPS_ADDRESS, exc.message)
 
-    async def _follow(self, store: Store, revision: int) -> None:
+    async def _follow(self, store: Store, key: str, revision: int) -> None:
         while True:
             try:
-                async for event in store.watch(records.SERVER_CONFIG_KEY, start_revision=revision):
+                async for event in store.watch(key, start_revision=revision):
                     revision = event.revision + 1
-                    if event.key != records.SERVER_CONFIG_KEY:
+                    if event.key != key:
                         continue
-                    if event.type is EventType.DELETE:
-                        await self.apply("")
-                    else:
-                        await self._apply_stored(store)
+                    await self._apply_stored(store)
             except CroftError as exc:
                 log.warning("following the server config broke (%s); resuming", exc)
                 await asyncio.sleep(0.5)
@@ -126,8 +143,9 @@ class HttpsListener:
                 await self._apply_stored(store)
 
     async def stop(self) -> None:
-        await cancel_and_wait(self._follower)
-        self._follower = None
+        for follower in self._followers:
+            await cancel_and_wait(follower)
+        self._followers = []
         async with self._lock:
             if self._server is not None:
                 await self._server.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from croft.common.clients import ImagesClient
 from croft.common.service import ServiceContext
 from croft.common.service import main as run_service
 from croft.images.blobs import BlobStore
@@ -16,7 +17,13 @@ from croft.v1 import images_pb2_grpc
 async def setup(context: ServiceContext) -> None:
     # Opening the blob store also removes temporary files of imports whose process died.
     blobs = BlobStore(context.config.images_dir)
-    core = ImagesCore(context.store, blobs, context.config.member)
+
+    async def peer(member: str) -> ImagesClient:
+        return ImagesClient(
+            await context.client(ImagesClient.service, ImagesClient.stub, member=member)
+        )
+
+    core = ImagesCore(context.store, blobs, context.config.member, peer)
     remote = RemoteImages(core, context.config.images)
     images_pb2_grpc.add_ImagesServicer_to_server(ImagesServicer(core, remote), context.server.grpc)
     # Auto-update and expiry of cached images, in the background for the process's life.

@@ -27,13 +27,14 @@ import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from croft.common.blocking import in_thread
+from croft.common.clients import ImagesClient
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.common.events import rfc3339_nano
 from croft.common.models import ImageAliasRecord, ImageMeta, ImageRecord
@@ -54,6 +55,7 @@ from croft.imageformat.records import (
     used_lately,
 )
 from croft.images.blobs import BlobStore, ImageImport
+from croft.v1 import images_pb2
 
 log = logging.getLogger(__name__)
 
@@ -178,10 +180,19 @@ def new_image_record(
 class ImagesCore:
     """Images and aliases of every project; blobs of the images uploaded to this member."""
 
-    def __init__(self, store: Store, blobs: BlobStore, member: str) -> None:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        member: str,
+        peer: Callable[[str], Awaitable[ImagesClient]] | None = None,
+    ) -> None:
         self.store = store
         self.blobs = blobs
         self.member = member
+        # The images service on another member (a cluster's): where a blob stored there
+        # is fetched from.
+        self.peer = peer
         self._locks = blobs.root / ".locks"
         self._locks.mkdir(mode=0o700, exist_ok=True)
 
@@ -256,6 +267,16 @@ class ImagesCore:
         record, _ = await self.find(project, fingerprint)
         fingerprint = record.fingerprint
         holder = record.croft.member or self.member
+        if (
+            holder != self.member
+            and (not member or member == self.member)
+            and self.peer is not None
+            and not await in_thread(self.blobs.exists, fingerprint)
+        ):
+            await self._fetch(project, fingerprint, holder)
+            holder = self.member
+        if holder != self.member and await in_thread(self.blobs.exists, fingerprint):
+            holder = self.member  # fetched before from the member that imported it
         if holder != self.member or (member and member != self.member):
             raise Unavailable(
                 f"image {fingerprint} is stored on member {holder!r}; serving it to member "
@@ -269,6 +290,33 @@ class ImagesCore:
                 f"the files of image {fingerprint} are missing from {self.blobs.root}"
             ) from None
         return ImageFiles(metadata, rootfs, record)
+
+    async def _fetch(self, project: str, fingerprint: str, holder: str) -> None:
+        """Copy an image's blob from the images service on `holder` (a cluster member)
+        into this member's blob store, checked against its fingerprint."""
+        assert self.peer is not None
+        async with self._blob_lock(fingerprint):
+            if await in_thread(self.blobs.exists, fingerprint):
+                return
+            client = await self.peer(holder)
+            stream = client.export_image(
+                images_pb2.ImageRef(project=project, fingerprint=fingerprint), timeout=600
+            )
+            with self.blobs.begin_import() as job:
+                left = 0
+                async for chunk in stream:
+                    if chunk.WhichOneof("part") == "header":
+                        left = chunk.header.metadata_size
+                        continue
+                    data = chunk.data
+                    if left > 0:
+                        head, data = data[:left], data[left:]
+                        left -= len(head)
+                        await in_thread(job.write_metadata, head)
+                    if data:
+                        await in_thread(job.write_rootfs, data)
+                await in_thread(job.commit, expected_fingerprint=fingerprint)
+            log.info("fetched image %s from member %s", fingerprint, holder)
 
     # -- importing ----------------------------------------------------------------------
 

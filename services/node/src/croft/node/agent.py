@@ -21,12 +21,13 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from croft.common import discovery, telemetry
+from croft.common import cluster, discovery, telemetry
+from croft.common.cluster_store import own_role, promote_learner
 from croft.common.config import Config
 from croft.common.errors import InvalidArgument, NotFound, Unavailable
 from croft.common.rpc import Server
 from croft.common.service import connect_store
-from croft.common.store import Store
+from croft.common.store import Store, dump
 from croft.node.supervisor import Child
 from croft.v1 import node_pb2, node_pb2_grpc
 
@@ -84,6 +85,13 @@ class Agent(node_pb2_grpc.NodeServicer):
         peer = f"http://{url.hostname}:{self.config.etcd.peer_port}"
         data_dir = self.config.state_dir / "etcd"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        etcd = self.config.etcd
+        # One of a cluster's voters (or a learner on its way to be one): the members named
+        # by croft init when this member joined. Raft's defaults (100 ms beats, 1 s
+        # elections) flap on a busy 2-core host, so a cluster ticks slower.
+        clustered = bool(etcd.initial_cluster)
+        initial = etcd.initial_cluster or f"{self.config.member}={peer}"
+        timing = ["--heartbeat-interval", "250", "--election-timeout", "2500"] if clustered else []
         self.etcd = Child(
             name="etcd",
             index=1,
@@ -95,8 +103,9 @@ class Agent(node_pb2_grpc.NodeServicer):
                 "--advertise-client-urls", endpoint,
                 "--listen-peer-urls", peer,
                 "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", f"{self.config.member}={peer}",
-                "--initial-cluster-state", "new",
+                "--initial-cluster", initial,
+                "--initial-cluster-state", etcd.initial_cluster_state,
+                *timing,
                 "--auto-compaction-mode", "revision",
                 "--auto-compaction-retention", "10000",
                 # bbolt's array freelist is scanned on every commit, and compaction
@@ -117,13 +126,19 @@ class Agent(node_pb2_grpc.NodeServicer):
             env=_max_procs(self.config.etcd.max_procs),
         )  # fmt: skip
         self.etcd.start()
-        for _ in range(300):
-            if await asyncio.to_thread(etcd_health, endpoint, 0.5):
+        # A joining member's etcd starts as a learner; it is promoted to voter by the
+        # cluster once it caught up (etcd refuses before).
+        promote = etcd.initial_cluster_state == "existing"
+        deadline = time.monotonic() + (120 if clustered else 30)
+        while time.monotonic() < deadline:
+            if promote:
+                promote = not await promote_learner(etcd.endpoints, self.config.member)
+            if not promote and await asyncio.to_thread(etcd_health, endpoint, 0.5):
                 self.etcd.state = "running"
                 return
-            if self.etcd.state == "restarting":
+            if self.etcd.state == "restarting" and not clustered:
                 break
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1 if not promote else 0.5)
         raise Unavailable(f"etcd did not become healthy; see {self.etcd.log_file}")
 
     async def set_replicas(self, service: str, replicas: int) -> None:
@@ -196,6 +211,7 @@ class Agent(node_pb2_grpc.NodeServicer):
             replicas = self.config.services
             for service in SERVICES:
                 await self.set_replicas(service, getattr(replicas, service).replicas or 1)
+            heartbeats = asyncio.create_task(self._heartbeats(), name="heartbeats")
             while not self.stopping.is_set():
                 # Only while a child has yet to register: reading the registry twice a
                 # second cost this agent ~5 ms of CPU a second, and etcd some more. Status
@@ -204,6 +220,9 @@ class Agent(node_pb2_grpc.NodeServicer):
                     await self.refresh_states()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self.stopping.wait(), 0.5)
+            heartbeats.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await heartbeats
         finally:
             await self.shutdown_children()
             if self.store is not None:
@@ -211,6 +230,28 @@ class Agent(node_pb2_grpc.NodeServicer):
             await server.stop(grace=1.0)
             sock.unlink(missing_ok=True)
             pid_path(self.config).unlink(missing_ok=True)
+
+    async def _heartbeats(self) -> None:
+        """Once this member is in a cluster, write its heartbeat every HEARTBEAT_INTERVAL
+        with the role its etcd reports: the cluster sees it Online, and its roles."""
+        assert self.store is not None
+        while True:
+            with contextlib.suppress(Exception):
+                found = await self.store.get_json(cluster.CLUSTER_KEY)
+                if found is not None and found[0].get("enabled"):
+                    role = None
+                    if self.etcd is not None:
+                        role = await own_role(self.config.etcd.endpoints[0])
+                    beat = cluster.Heartbeat(
+                        at=time.time(),
+                        voter=bool(role and role.voter),
+                        leader=bool(role and role.leader),
+                        learner=bool(role and role.learner),
+                    )
+                    await self.store.put(
+                        cluster.heartbeat_key(self.config.member), dump(beat.dump())
+                    )
+            await asyncio.sleep(cluster.HEARTBEAT_INTERVAL)
 
     async def shutdown_children(self) -> None:
         for service in reversed(SERVICES):

@@ -311,6 +311,14 @@ class StorageCore:
     async def _images(self) -> ImagesClient:
         return ImagesClient(await self.context.client(ImagesClient.service, ImagesClient.stub))
 
+    async def _local_images(self) -> ImagesClient:
+        """The images service on this member when one runs here (it fetches a blob kept on
+        another member of a cluster into this member's store), else any."""
+        here = await self.context.client(ImagesClient.service, ImagesClient.stub, self.member)
+        if here.instances():
+            return ImagesClient(here)
+        return await self._images()
+
     async def pool_record(self, pool: str) -> StoragePoolRecord:
         found = await self.store.get_json(pool_key(check_name(pool, "storage pool name")))
         if found is None:
@@ -895,7 +903,7 @@ class StorageCore:
         """Fills a volume with the image's files: metadata.yaml, templates/, rootfs/."""
 
         async def unpack(target: Mounted) -> None:
-            images = await self._images()
+            images = await self._local_images()
             files = await images.image_files(
                 images_pb2.ImageFilesRequest(
                     image=images_pb2.ImageRef(project=project, fingerprint=fingerprint),

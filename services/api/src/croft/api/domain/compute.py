@@ -179,6 +179,8 @@ async def states_of(found: list[Listed]) -> list[dict[str, Any] | None]:
     async def ask(member: str, indexes: list[int]) -> None:
         try:
             client = await services().compute(member)
+            if not client.rpc.instances():
+                return  # not running (a dead member of a cluster): no call to wait for
             reply = await client.get_states(
                 compute_pb2.InstanceStatesRequest(
                     instances=[ref(found[i].project, found[i].name) for i in indexes]

@@ -18,7 +18,7 @@ from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
 from croft.api.context import ApiContext, context
-from croft.api.domain import projects
+from croft.api.domain import cluster, projects
 from croft.api.domain.backups import import_operation
 from croft.api.domain.compute import closing, ref, states_of
 from croft.api.domain.images import resolve_image
@@ -56,6 +56,11 @@ class InstancesPost(InstancePut):
     instance_type: StrictStr = ""
 
 
+def _unreachable(item: dict[str, Any]) -> None:
+    """An instance whose member is offline or does not answer, as LXD 5.0 lists it."""
+    item["status"], item["status_code"] = "Error", 400
+
+
 @router.get("/1.0/instances")
 @router.get("/1.0/containers")
 async def instances_list(request: Request) -> Response:
@@ -91,9 +96,16 @@ async def instances_list(request: Request) -> Response:
             item["state"] = state
             item["snapshots"] = snapshots.get((record.project, record.name), [])
             item["backups"] = []
+            if state is None and not standalone:
+                _unreachable(item)  # its member did not answer
             full.append(item)
         return responses.sync(query.listing(full, request, url_of))
     rendered = [render(record, standalone) for record in found]
+    if not standalone:
+        online = set(await cluster.online_members(ctx.store))
+        for item in rendered:
+            if item.get("location") not in online:
+                _unreachable(item)
     return responses.sync(query.listing(rendered, request, url_of))
 
 
@@ -165,7 +177,10 @@ async def instances_post(request: Request) -> Response:
                  "expanded_devices": expanded_devices}  # fmt: skip
     await projects.check_instance(ctx.store, project, candidate, action="create")
     try:
-        return await _create(ctx, project, name, req, config, expanded_config, expanded_devices)
+        target = request.query_params.get("target", "")
+        return await _create(
+            ctx, project, name, req, config, expanded_config, expanded_devices, target
+        )
     except BaseException:
         await projects.release_instance(ctx.store, project, name)
         raise
@@ -179,7 +194,9 @@ async def _create(
     config: dict[str, Any],
     expanded_config: dict[str, Any],
     expanded_devices: dict[str, Any],
+    target: str,
 ) -> Response:
+    """`target`: the member asked for (`?target=`), "" to let placement choose."""
     devices = req.devices or {}
     profiles = ["default"] if req.profiles is None else list(req.profiles)
     fingerprint = ""
@@ -195,7 +212,7 @@ async def _create(
         for key, value in (image.get("properties") or {}).items():
             config.setdefault(f"image.{key}", value)
             expanded_config.setdefault(f"image.{key}", value)
-    member = await place(ctx.store)
+    member = await place(ctx.store, target)
     record = InstanceRecord(
         name=name,
         project=project,

@@ -18,7 +18,13 @@ from starlette.responses import Response
 from croft.api import authz, entitlements, limits, query, records, responses
 from croft.api.config_keys import validate_server_config
 from croft.api.context import ApiSettings, context
-from croft.api.https_listener import https_address_change, serving_address
+from croft.api.domain.cluster import (
+    CLUSTER_HTTPS_ADDRESS,
+    MEMBER_LOCAL_KEYS,
+    member_local_config,
+    set_member_https_address,
+)
+from croft.api.https_listener import HTTPS_ADDRESS, https_address_change, serving_address
 from croft.api.identity import identity
 from croft.api.oidc import OidcSettings
 from croft.api.serving import listen_addresses
@@ -113,6 +119,19 @@ API_EXTENSIONS: list[str] = [
     # lxc storage volume export [--volume-only] [--optimized-storage], lxc storage volume
     # import POOL FILE [NAME]
     "custom_volume_backup",
+    # clusters (routes/cluster.py, domain/cluster.py): enable, join tokens, members with
+    # roles, failure domains and descriptions; a member joins with `croft init --preseed`
+    "clustering",
+    "clustering_join",
+    "clustering_server_address",
+    "clustering_roles",
+    "clustering_edit_roles",
+    "clustering_architecture",
+    "clustering_failure_domains",
+    "clustering_join_token",
+    "clustering_description",
+    "clustering_config",
+    "cluster_join_token_expiry",
 ]
 
 # The LXD release whose API croft speaks; clients that compare versions read this.
@@ -190,7 +209,7 @@ def environment(
         "os_version": os_version,
         "project": project,
         "server": "croft",
-        "server_clustered": False,
+        "server_clustered": settings.location != "none",
         "server_event_mode": "full-mesh",
         "server_name": settings.server_name,
         "server_pid": os.getpid(),
@@ -242,6 +261,10 @@ async def server_get(request: Request) -> Response:
     # As LXD: only an administrator (not a restricted certificate) sees the server config.
     hidden = who.restricted or not authz.may(request, "can_edit", entitlements.SERVER)
     config = {} if hidden else shown_config(stored)
+    # The ETag covers what a PUT compares: the cluster-wide keys.
+    etag = records.etag(config)
+    if not hidden and ctx.settings.location != "none":
+        config = {**config, **await member_local_config(ctx.store, ctx.settings.server_name)}
     https_address = serving_address(request)
     addresses = await listen_addresses(https_address) if https_address else []
     info = {
@@ -259,7 +282,7 @@ async def server_get(request: Request) -> Response:
         "auth_user_method": who.auth_method,
         "environment": environment(ctx.settings, project, addresses, await storage_drivers()),
     }
-    return responses.sync(info, etag=records.etag(config))
+    return responses.sync(info, etag=etag)
 
 
 async def _update(request: Request, *, patch: bool) -> Response:
@@ -289,7 +312,24 @@ async def _update(request: Request, *, patch: bool) -> Response:
         limits.check_record(new, "server configuration")
         return new
 
-    async with https_address_change(request, wanted, patch=patch):
+    local: dict[str, str | bool] = {}
+    if ctx.settings.location != "none":
+        # A member's addresses are its own (LXD's member-local keys), in its member record.
+        current_local = await member_local_config(ctx.store, ctx.settings.server_name)
+        for key in MEMBER_LOCAL_KEYS:
+            if key in wanted:
+                local[key] = wanted.pop(key)
+            elif not patch and key in current_local:
+                local[key] = current_local[key]  # PUT without it keeps it: it is this member's
+        if local.get(CLUSTER_HTTPS_ADDRESS, current_local.get(CLUSTER_HTTPS_ADDRESS)) != (
+            current_local.get(CLUSTER_HTTPS_ADDRESS)
+        ):
+            raise InvalidArgument("Changing cluster.https_address is currently not supported")
+    async with https_address_change(request, local or wanted, patch=patch or bool(local)):
+        if local:
+            await set_member_https_address(
+                ctx.store, ctx.settings.server_name, str(local.get(HTTPS_ADDRESS, ""))
+            )
         await records.modify(
             ctx.store, records.SERVER_CONFIG_KEY, change, missing="", default={"config": {}}
         )

@@ -1,0 +1,83 @@
+"""A cluster's records in the store, shared by the api (which owns them) and the node
+agent (which writes its member's heartbeat).
+
+- `cluster/config`: `{"enabled": true}` once `lxc cluster enable` made this a cluster;
+- `cluster/members/<name>`: one member (`MemberRecord`): its id, address, failure
+  domain, description, config, groups, and its store role as joined;
+- `cluster/heartbeats/<name>`: the member's last heartbeat, written by its node agent
+  every `HEARTBEAT_INTERVAL` seconds with what its etcd says of itself (voter, leader,
+  learner). A member is Offline once its last heartbeat is older than
+  `cluster.offline_threshold` (LXD's default, 20 s);
+- `cluster/certificate`: the certificate and key every member serves (LXD's cluster.crt),
+  so that one client trust covers every member.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from croft.common.records import RECORDS
+
+CLUSTER_KEY = f"{RECORDS}cluster/config"
+MEMBERS_PREFIX = f"{RECORDS}cluster/members/"
+HEARTBEATS_PREFIX = f"{RECORDS}cluster/heartbeats/"
+CERTIFICATE_KEY = f"{RECORDS}cluster/certificate"
+
+HEARTBEAT_INTERVAL = 2.0
+DEFAULT_OFFLINE_THRESHOLD = 20
+DEFAULT_MAX_VOTERS = 3
+
+
+def member_key(name: str) -> str:
+    return f"{MEMBERS_PREFIX}{name}"
+
+
+def heartbeat_key(name: str) -> str:
+    return f"{HEARTBEATS_PREFIX}{name}"
+
+
+@dataclass
+class MemberRecord:
+    """One cluster member, as `cluster/members/<name>` holds it."""
+
+    name: str
+    id: int
+    address: str  # cluster.https_address, HOST:PORT
+    https_address: str = ""  # core.https_address, when not the same as `address`
+    architecture: str = ""
+    description: str = ""
+    failure_domain: str = "default"
+    config: dict[str, str] = field(default_factory=dict)
+    groups: list[str] = field(default_factory=lambda: ["default"])
+    # The etcd this member runs for the store ("" when it runs none: a client of the voters).
+    etcd_client_url: str = ""
+    etcd_peer_url: str = ""
+    joined_at: float = field(default_factory=time.time)
+
+    def dump(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> MemberRecord:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+@dataclass
+class Heartbeat:
+    """A member's last sign of life, with its store role as its etcd reported it."""
+
+    at: float
+    voter: bool = False
+    leader: bool = False
+    learner: bool = False
+
+    def dump(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def load(cls, data: dict[str, Any]) -> Heartbeat:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

@@ -1,0 +1,139 @@
+"""The membership of a cluster's store: etcd's Cluster service, for the node agent (a
+joining member's learner promoted to voter) and the api (a learner added for a joiner, a
+removed member's voter dropped), and each etcd's own view of its role."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from croft.common.errors import Conflict, Unavailable
+from croft.etcdpb import rpc_pb2, rpc_pb2_grpc
+
+
+@dataclass(frozen=True)
+class StoreMember:
+    """One etcd member of the cluster's store."""
+
+    id: int
+    name: str  # the croft member's name ("" for a learner that has not started yet)
+    peer_urls: tuple[str, ...]
+    client_urls: tuple[str, ...]
+    learner: bool
+
+
+def _target(endpoint: str) -> str:
+    return endpoint.split("://", 1)[-1]
+
+
+def _members(reply: rpc_pb2.MemberListResponse | rpc_pb2.MemberAddResponse) -> list[StoreMember]:
+    return [
+        StoreMember(m.ID, m.name, tuple(m.peerURLs), tuple(m.clientURLs), m.isLearner)
+        for m in reply.members
+    ]
+
+
+async def _call(endpoints: Sequence[str], what: str, call: object, timeout: float = 5.0) -> object:
+    last = ""
+    for endpoint in endpoints:
+        async with grpc.aio.insecure_channel(_target(endpoint)) as channel:
+            stub = rpc_pb2_grpc.ClusterStub(channel)
+            try:
+                return await call(stub, timeout)  # type: ignore[operator]
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    last = exc.details() or str(exc.code())
+                    continue
+                raise Conflict(f"the store refused to {what}: {exc.details()}") from None
+    raise Unavailable(
+        f"the store could not {what}: none of {', '.join(endpoints)} answered ({last})"
+    )
+
+
+async def list_members(endpoints: Sequence[str]) -> list[StoreMember]:
+    reply = await _call(
+        endpoints,
+        "list its members",
+        lambda stub, t: stub.MemberList(rpc_pb2.MemberListRequest(), timeout=t),
+    )
+    assert isinstance(reply, rpc_pb2.MemberListResponse)
+    return _members(reply)
+
+
+async def add_learner(endpoints: Sequence[str], name: str, peer_url: str) -> str:
+    """Add a learner for member `name` at `peer_url`; returns the `--initial-cluster` it
+    starts with (every member's name=peer URL, its own included)."""
+    reply = await _call(
+        endpoints,
+        f"add {name} as a learner",
+        lambda stub, t: stub.MemberAdd(
+            rpc_pb2.MemberAddRequest(peerURLs=[peer_url], isLearner=True), timeout=t
+        ),
+    )
+    assert isinstance(reply, rpc_pb2.MemberAddResponse)
+    parts = []
+    for member in _members(reply):
+        member_name = member.name or (name if peer_url in member.peer_urls else "")
+        for url in member.peer_urls:
+            if member_name:
+                parts.append(f"{member_name}={url}")
+    return ",".join(parts)
+
+
+async def promote_learner(endpoints: Sequence[str], name: str) -> bool:
+    """Promote member `name`'s learner to voter. True when it is a voter (now or already,
+    or it is no member of the store); False while etcd refuses (not caught up yet)."""
+    try:
+        members = await list_members(endpoints)
+    except Unavailable:
+        return False
+    mine = [m for m in members if m.name == name]
+    if not mine:
+        return False
+    if not mine[0].learner:
+        return True
+    with contextlib.suppress(Conflict, Unavailable):
+        await _call(
+            endpoints,
+            f"promote {name}",
+            lambda stub, t: stub.MemberPromote(
+                rpc_pb2.MemberPromoteRequest(ID=mine[0].id), timeout=t
+            ),
+        )
+        return True
+    return False
+
+
+async def remove_member(endpoints: Sequence[str], name: str) -> bool:
+    """Remove member `name`'s etcd from the store; False when it has none."""
+    found = [m.id for m in await list_members(endpoints) if m.name == name]
+    if not found:
+        return False
+    request = rpc_pb2.MemberRemoveRequest(ID=found[0])
+    await _call(endpoints, f"remove {name}", lambda stub, t: stub.MemberRemove(request, timeout=t))
+    return True
+
+
+@dataclass(frozen=True)
+class StoreRole:
+    """What one etcd says of itself."""
+
+    voter: bool
+    leader: bool
+    learner: bool
+
+
+async def own_role(endpoint: str, timeout: float = 2.0) -> StoreRole | None:
+    """The role of the etcd at `endpoint` (None when it does not answer)."""
+    async with grpc.aio.insecure_channel(_target(endpoint)) as channel:
+        try:
+            status = await rpc_pb2_grpc.MaintenanceStub(channel).Status(
+                rpc_pb2.StatusRequest(), timeout=timeout
+            )
+        except grpc.aio.AioRpcError:
+            return None
+    leader = status.leader == status.header.member_id
+    return StoreRole(voter=not status.isLearner, leader=leader, learner=status.isLearner)
