@@ -224,6 +224,8 @@ def _initramfs(kernel: Path, busybox: Path, dest: Path) -> None:
     try:
         for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc/acpi/PWRF", "lib/modules"):
             (root / d).mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)  # mkdtemp's 0700 would keep every other user out of "/"
+        (root / "tmp").chmod(0o1777)
         shutil.copy2(busybox, root / "bin/busybox")
         applets = run([str(busybox), "--list"]).stdout.decode().split()
         for applet in applets:

@@ -139,7 +139,7 @@ class Command:
         argv = [str(a) for a in req.get("argv") or []]
         env = {str(k): str(v) for k, v in (req.get("env") or {}).items()}
         uid, gid = int(req.get("uid", 0)), int(req.get("gid", 0))
-        cwd = req.get("cwd") or env.get("HOME") or "/root"
+        cwd = req.get("cwd") or env.get("HOME") or "/"
         if not os.path.isdir(cwd):
             if req.get("cwd"):
                 raise OSError(errno.ENOENT, f"chdir {cwd}: no such file or directory")
@@ -226,6 +226,10 @@ class Agent:
         signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # Started in the background by a shell, the agent may have been given SIGINT and
+        # SIGQUIT ignored; its commands must not inherit that (^C in `lxc exec -t`).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGQUIT, signal.SIG_DFL)
         self.sel.register(self.wake_r, selectors.EVENT_READ, ("wake", None))
         self.sel.register(self.port, selectors.EVENT_READ, ("port", None))
         self.send({"t": "ready", "pid": os.getpid(), "version": VERSION})
