@@ -28,6 +28,31 @@ def lxc(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+def parse_size(text: str) -> int:
+    units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(text[: -len(unit)]) * factor
+    return int(text)
+
+
+def qemu_memory(pid: int, guest_ram: int) -> tuple[int, int]:
+    """(resident bytes of the QEMU process, resident bytes of its guest-RAM mapping): the
+    mapping is the one anonymous region exactly the size of the guest's RAM."""
+    total = guest = 0
+    size = rss = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "Size":
+            size = int(value.split()[0]) * 1024
+        elif key == "Rss":
+            rss = int(value.split()[0]) * 1024
+            total += rss
+            if size == guest_ram:
+                guest += rss
+    return total, guest
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", default="/var/lib/croft/unix.socket")
@@ -76,12 +101,13 @@ def main() -> int:
             )
             time.sleep(5)
             pid = json.loads(lxc(env, "query", f"/1.0/instances/{name}/state").stdout)["pid"]
-            rss = 0
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
+            total, guest = qemu_memory(pid, parse_size(args.memory))
             figures[f"QEMU RSS of an idle VM (limits.memory={args.memory}), MiB"] = round(
-                rss / 2**20, 1
+                total / 2**20, 1
+            )
+            figures["  of which guest RAM touched, MiB"] = round(guest / 2**20, 1)
+            figures["host memory beyond guest RAM (target < 64), MiB"] = round(
+                (total - guest) / 2**20, 1
             )
         t = time.monotonic()
         lxc(env, "stop", name)

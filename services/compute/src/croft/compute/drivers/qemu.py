@@ -90,7 +90,7 @@ KVM_PROBE_TIMEOUT = 5.0
 STOP_POLL = 0.2
 AGENT_TIMEOUT = 30.0
 EXEC_TIMEOUT = 3600.0
-STATE_TIMEOUT = 2.0
+STATE_TIMEOUT = 5.0
 ACPI_GRACE = 5.0
 FILE_TIMEOUT = 600.0
 # Guest files pushed in parts of this size (each a frame on the agent's port).
