@@ -39,7 +39,6 @@ import json
 import os
 import pty
 import selectors
-import shutil
 import signal
 import socket
 import stat
@@ -498,7 +497,8 @@ class Agent:
             mode = int(h.get("mode", 0o644))
             if h.get("append") and os.path.exists(str(h["path"])):
                 with open(str(h["path"]), "ab") as dest, open(tmp, "rb") as src:
-                    shutil.copyfileobj(src, dest)
+                    while block := src.read(CHUNK):
+                        dest.write(block)
                 os.unlink(tmp)
             else:
                 os.fchown(fd, int(h.get("uid", 0)), int(h.get("gid", 0)))
@@ -547,6 +547,8 @@ class Agent:
     def delete(self, rid: str, path: str, recursive: bool) -> None:
         if os.path.isdir(path) and not os.path.islink(path):
             if recursive:
+                import shutil  # here: its compression imports cost the agent's start
+
                 shutil.rmtree(path)
             else:
                 os.rmdir(path)
