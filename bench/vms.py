@@ -28,6 +28,36 @@ def lxc(env: dict[str, str], *args: str, check: bool = True) -> subprocess.Compl
     return result
 
 
+def parse_size(text: str) -> int:
+    units = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "KB": 10**3, "MB": 10**6, "GB": 10**9}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            return int(text[: -len(unit)]) * factor
+    return int(text)
+
+
+def qemu_memory(pid: int, guest_ram: int) -> tuple[int, int, int]:
+    """(resident bytes of the QEMU process, resident bytes of its guest-RAM mapping, its
+    anonymous resident bytes outside that mapping): the guest-RAM mapping is the one
+    anonymous region exactly the size of the guest's RAM. File-backed pages (the kernel
+    and initrd QEMU keeps mapped, its own binary) are page cache, shared by every VM of the
+    same image and reclaimable; the anonymous rest is what this VM alone costs."""
+    total = guest = anonymous = 0
+    size = rss = 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key == "Size":
+            size = int(value.split()[0]) * 1024
+        elif key == "Rss":
+            rss = int(value.split()[0]) * 1024
+            total += rss
+            if size == guest_ram:
+                guest += rss
+        elif key == "Anonymous" and size != guest_ram:
+            anonymous += int(value.split()[0]) * 1024
+    return total, guest, anonymous
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--socket", default="/var/lib/croft/unix.socket")
@@ -76,12 +106,16 @@ def main() -> int:
             )
             time.sleep(5)
             pid = json.loads(lxc(env, "query", f"/1.0/instances/{name}/state").stdout)["pid"]
-            rss = 0
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    rss = int(line.split()[1]) * 1024
+            total, guest, anonymous = qemu_memory(pid, parse_size(args.memory))
             figures[f"QEMU RSS of an idle VM (limits.memory={args.memory}), MiB"] = round(
-                rss / 2**20, 1
+                total / 2**20, 1
+            )
+            figures["  of which guest RAM touched, MiB"] = round(guest / 2**20, 1)
+            figures["  beyond guest RAM, all resident (file pages shared), MiB"] = round(
+                (total - guest) / 2**20, 1
+            )
+            figures["host memory beyond guest RAM, anonymous (target < 64), MiB"] = round(
+                anonymous / 2**20, 1
             )
         t = time.monotonic()
         lxc(env, "stop", name)

@@ -18,6 +18,10 @@ from tests.conftest import Croft, Lxc
 libvirt = pytest.importorskip("libvirt")
 qemu = pytest.importorskip("croft.compute.drivers.qemu")
 
+# Booting under TCG on a shared 2-core host can take a minute per boot (the python agent
+# starts last); the end-to-end test boots four times.
+pytestmark = pytest.mark.timeout(1200)
+
 
 @pytest.fixture(scope="module")
 def vm_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
@@ -57,7 +61,7 @@ def domains(croft: Croft) -> list[str]:
         conn.close()
 
 
-def wait_for_agent(lxc: Lxc, name: str, timeout: float = 120) -> str:
+def wait_for_agent(lxc: Lxc, name: str, timeout: float = 300) -> str:
     """`lxc exec` answers once the guest's agent is up (`lxc launch` returns before the
     guest has booted, as with LXD)."""
     deadline = time.monotonic() + timeout

@@ -12,18 +12,14 @@ client and LXD ignore the extra files. The qemu driver boots them when present.
   7 s the XZ decompressor takes under emulation;
 - the initramfs is the whole system: static busybox, the virtio, ACPI-button and evdev
   modules, an init that answers the ACPI power button (`lxc stop`), DHCP on eth0, a shell
-  on the serial console (`lxc console`), and the agent (`croft-agent`, a shell loop on the virtio-serial port `org.croft.agent.0`);
+  on the serial console (`lxc console`), python3 (this host's interpreter and the part of
+  its stdlib the agent imports) and the agent loader;
 - `rootfs.img` is a small disk whose first bytes are a marker the init checks, so a boot
   proves the root disk is attached.
 
-The agent speaks lines: it sends `READY` when it starts and in answer to `HELLO`; `EXEC ID
-COMMAND` (or `EXECB ID B64` for a command with a line break) runs the command in a
-subshell and answers `RESULT ID RC B64STDOUT B64STDERR` (`-` for no output); `RUN ID
-COMMAND` (`RUNB`) runs one in the background with its stdin fed by `STDIN ID B64` lines
-until `EOF ID`, and answers the same `RESULT`; `PUT ID B64PATH MODE UID GID SIZE` + SIZE raw bytes writes a file (`DONE ID` or
-`FAIL ID B64MSG`); `GET ID B64PATH` answers `STAT ID HEXMODE UID GID SIZE` + SIZE raw
-bytes (the file, a directory's names, a symlink's target) or `FAIL`; `POWEROFF` powers
-the guest off.
+The agent is not in the image: as LXD's lxd-agent-loader does, the loader mounts the VM's
+configuration drive (9p, tag `config`), which the host fills with croft's agent at each
+start (croft.compute.guest_agent), and runs it with `python3 -S -E`.
 """
 
 from __future__ import annotations
@@ -66,9 +62,31 @@ MODULES = (
     "kernel/drivers/net/virtio_net.ko",
     "kernel/drivers/acpi/button.ko",
     "kernel/drivers/input/evdev.ko",
+    "kernel/fs/netfs/netfs.ko",
+    "kernel/fs/fscache/fscache.ko",
+    "kernel/net/9p/9pnet.ko",
+    "kernel/net/9p/9pnet_virtio.ko",
+    "kernel/fs/9p/9p.ko",
 )
 CMDLINE = "console=ttyS0 quiet panic=-1 rdinit=/init"
 XZ_MAGIC = b"\xfd7zXZ\x00"
+# The guest's python for the agent (stdlib only): this host's interpreter, with what these
+# modules import, compiled (sourceless .pyc where the .py would be).
+PYTHON = "/usr/bin/python3.11"
+GUEST_STDLIB = (
+    "__future__", "json", "pty", "selectors", "shutil", "signal", "socket", "struct", "subprocess",
+    "termios", "fcntl", "errno", "stat", "typing", "time", "contextlib", "base64", "tty",
+    "itertools", "encodings.utf_8", "encodings.latin_1", "encodings.ascii",
+)  # fmt: skip
+_LIST_MODULES = """
+import importlib, sys
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+for m in list(sys.modules.values()):
+    f = getattr(m, "__file__", None)
+    if f:
+        print(f)
+"""
 
 INIT = r"""#!/bin/sh
 # PID 1 of croft's tiny VM: the initramfs is the whole system.
@@ -87,100 +105,26 @@ if [ -b /dev/vda ] && [ "$(head -c 18 /dev/vda)" = "CROFT-TINY-VM-DISK" ]; then
     echo "croft-tiny-vm: root disk attached"
 fi
 [ -e /sys/class/net/eth0 ] && ip link set eth0 up && udhcpc -b -q -S -i eth0 -s /etc/udhcpc.script >/dev/null 2>&1 &
-/bin/croft-agent &
+/bin/croft-agent-loader &
 # A root shell on the serial console (lxc console), again after each exit.
 (while true; do setsid -c sh -i </dev/ttyS0 >/dev/ttyS0 2>&1; sleep 1; done) &
 while true; do sleep 3600; done
 """
 
-AGENT = r"""#!/bin/sh
-# croft's agent for the tiny VM: lines on the virtio-serial port org.croft.agent.0.
-port=
-for i in $(seq 1 100); do
-    for n in /sys/class/virtio-ports/*/name; do
-        [ -f "$n" ] && [ "$(cat "$n")" = "org.croft.agent.0" ] && port=/dev/$(basename "$(dirname "$n")")
-    done
-    [ -n "$port" ] && [ -c "$port" ] && break
-    sleep 0.1
-done
-[ -n "$port" ] || { echo "croft-agent: no port" >/dev/console; exit 1; }
-exec 3<>"$port"
-trap '' PIPE  # a command that ended before its stdin did must not end the agent
-echo READY >&3
-echo "croft-agent: ready" >/dev/console
-# A read returns EOF while no host end is connected (between two host connections), and
-# the port offers no way to wait for the next one: poll, quickly for a few seconds after
-# the last request (requests come in bursts), then slowly (each sleep is a fork).
-idle=0
+# The agent loader (LXD's lxd-agent-loader): the agent is not in the image but on the
+# VM's configuration drive (a 9p share tagged `config` the host fills at each start), so
+# that updating croft updates the agent without rebuilding images. Restarted if it dies.
+AGENT_LOADER = r"""#!/bin/sh
+mkdir -p /run/croft_agent/config
+if ! mount -t 9p config /run/croft_agent/config -o ro,trans=virtio,version=9p2000.L,access=0; then
+    echo "croft-agent: no configuration drive" >/dev/console
+    exit 1
+fi
+cp /run/croft_agent/config/croft-agent.py /run/croft_agent/croft-agent.py
+umount /run/croft_agent/config
 while true; do
-    # IFS= keeps the line whole: a command is passed as it was sent.
-    if ! IFS= read -r line <&3; then
-        idle=$((idle + 1))
-        if [ "$idle" -lt 150 ]; then sleep 0.02; else sleep 0.25; fi
-        continue
-    fi
-    idle=0
-    verb=${line%% *}; rest=${line#* }; id=${rest%% *}; arg=${rest#"$id"}; arg=${arg# }
-    case "$verb" in
-    HELLO) echo READY >&3 ;;
-    EXEC|EXECB)
-        # EXEC ID COMMAND (one line) or EXECB ID B64; a subshell runs it (a fork, no
-        # exec of a new shell: each exec costs under emulation). One answer line:
-        # RESULT ID RC B64STDOUT B64STDERR ("-" for nothing).
-        if [ "$verb" = EXECB ]; then arg=$(echo "$arg" | base64 -d); fi
-        ( exec 3>&-; eval "$arg" ) </dev/null >/tmp/o 2>/tmp/e
-        rc=$?
-        o=-; e=-
-        [ -s /tmp/o ] && o=$(base64 -w 0 /tmp/o)
-        [ -s /tmp/e ] && e=$(base64 -w 0 /tmp/e)
-        echo "RESULT $id $rc $o $e" >&3 ;;
-    RUN|RUNB)
-        # RUN ID COMMAND (RUNB: base64): the command runs in the background, its stdin a
-        # FIFO that STDIN ID B64 lines feed and EOF ID closes; it answers RESULT as EXEC.
-        if [ "$verb" = RUNB ]; then arg=$(echo "$arg" | base64 -d); fi
-        exec 4>&-
-        rm -f /tmp/i.$id; mkfifo /tmp/i.$id
-        (
-            ( exec 3>&-; eval "$arg" ) </tmp/i.$id >/tmp/o.$id 2>/tmp/e.$id
-            rc=$?; o=-; e=-
-            [ -s /tmp/o.$id ] && o=$(base64 -w 0 /tmp/o.$id)
-            [ -s /tmp/e.$id ] && e=$(base64 -w 0 /tmp/e.$id)
-            echo "RESULT $id $rc $o $e" >&3
-            rm -f /tmp/i.$id /tmp/o.$id /tmp/e.$id
-        ) &
-        exec 4>/tmp/i.$id ;;
-    STDIN) echo "$arg" | base64 -d >&4 ;;
-    EOF) exec 4>&- ;;
-    PUT)
-        # PUT ID B64PATH MODE UID GID SIZE, then SIZE raw bytes: written beside the path
-        # and renamed over it (whole or not at all).
-        set -- $arg
-        p=$(echo "$1" | base64 -d); tmp="$p.croft-agent-$id"
-        head -c "$5" <&3 >/tmp/put.$id  # always read the bytes off the port
-        if { cp /tmp/put.$id "$tmp" && chown "$3:$4" "$tmp" && chmod "$2" "$tmp" \
-            && mv -f "$tmp" "$p"; } 2>/tmp/err.$id; then
-            echo "DONE $id" >&3
-        else
-            rm -f "$tmp"
-            echo "FAIL $id $(base64 -w 0 /tmp/err.$id)" >&3
-        fi
-        rm -f /tmp/put.$id /tmp/err.$id ;;
-    GET)
-        # GET ID B64PATH: STAT ID HEXMODE UID GID SIZE, then SIZE raw bytes (a file's
-        # content, a directory's names one a line, a symlink's target); or FAIL ID.
-        p=$(echo "$arg" | base64 -d)
-        if ! st=$(stat -c '%f %u %g' "$p" 2>/tmp/err.$id); then
-            echo "FAIL $id $(base64 -w 0 /tmp/err.$id)" >&3
-        else
-            if [ -L "$p" ]; then readlink "$p" | tr -d '\n' >/tmp/out.$id
-            elif [ -d "$p" ]; then ls -1A "$p" >/tmp/out.$id
-            else cat "$p" >/tmp/out.$id; fi
-            echo "STAT $id $st $(wc -c </tmp/out.$id)" >&3
-            cat /tmp/out.$id >&3
-        fi
-        rm -f /tmp/out.$id /tmp/err.$id ;;
-    POWEROFF) sync; poweroff -f ;;
-    esac
+    /usr/bin/python3 -S -E /run/croft_agent/croft-agent.py
+    sleep 1
 done
 """
 
@@ -240,11 +184,48 @@ def extract_vmlinux(vmlinuz: Path) -> bytes:
     return elf
 
 
+def _copy_with_libraries(binary: Path, root: Path) -> None:
+    """`binary` and the shared libraries it loads, at the same paths under `root`."""
+    out = run(["ldd", str(binary)]).stdout.decode()
+    paths = [str(binary)]
+    for line in out.splitlines():
+        parts = line.split()
+        if "=>" in parts and len(parts) >= 3 and parts[2].startswith("/"):
+            paths.append(parts[2])
+        elif parts and parts[0].startswith("/"):
+            paths.append(parts[0])
+    for path in paths:
+        dest = root / path.lstrip("/")
+        if dest.exists():
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.realpath(path), dest)
+
+
+def _python(root: Path, python: Path) -> None:
+    """The agent's python (usr/bin/python3) and the part of its stdlib it imports."""
+    import py_compile
+
+    _copy_with_libraries(python, root)
+    (root / "usr/bin/python3").symlink_to(python.name)
+    out = run([str(python), "-S", "-E", "-c", _LIST_MODULES, *GUEST_STDLIB]).stdout.decode()
+    for line in sorted(set(out.split())):
+        source = Path(line)
+        if source.suffix == ".so":
+            _copy_with_libraries(source, root)
+        elif source.suffix == ".py" and source.is_file():
+            dest = root / str(source.with_suffix(".pyc")).lstrip("/")
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            py_compile.compile(str(source), cfile=str(dest), dfile=str(source), doraise=True)
+
+
 def _initramfs(kernel: Path, busybox: Path, dest: Path) -> None:
     root = Path(tempfile.mkdtemp(prefix=".initramfs-", dir=dest.parent))
     try:
         for d in ("bin", "sbin", "proc", "sys", "dev", "tmp", "etc/acpi/PWRF", "lib/modules"):
             (root / d).mkdir(parents=True, exist_ok=True)
+        root.chmod(0o755)  # mkdtemp's 0700 would keep every other user out of "/"
+        (root / "tmp").chmod(0o1777)
         shutil.copy2(busybox, root / "bin/busybox")
         applets = run([str(busybox), "--list"]).stdout.decode().split()
         for applet in applets:
@@ -259,13 +240,17 @@ def _initramfs(kernel: Path, busybox: Path, dest: Path) -> None:
         (root / "lib/modules/order").write_text("\n".join(order) + "\n")
         for path, text in (
             ("init", INIT),
-            ("bin/croft-agent", AGENT),
+            ("bin/croft-agent-loader", AGENT_LOADER),
             ("etc/udhcpc.script", UDHCPC),
             ("etc/acpi/PWRF/00000080", POWER_BUTTON),
         ):
             (root / path).write_text(text)
             (root / path).chmod(0o755)
         (root / "etc/hostname").write_text("tiny-vm\n")
+        (root / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+        (root / "etc/group").write_text("root:x:0:\n")
+        (root / "root").mkdir(mode=0o700, exist_ok=True)
+        _python(root, Path(PYTHON))
         names = subprocess.run(["find", "."], cwd=root, capture_output=True, check=True).stdout
         with open(dest, "wb") as out:
             subprocess.run(

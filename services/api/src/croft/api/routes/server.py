@@ -74,8 +74,10 @@ API_EXTENSIONS: list[str] = [
     "container_exec_recording",
     "container_exec_signal_handling",
     "exec_special_chars",
+    "container_exec_user_group_cwd",  # lxc exec --user --group --cwd
     "container_file_write_append",
     "file_delete",
+    "directory_manipulation",  # lxc file push/pull -r, push -p (directories exist)
     # networks (routes/networks.py, routes/network_changes.py): bridges made, changed,
     # renamed and deleted; NICs naming their network (`network=`), which `lxc init -n`
     # and `lxc network attach` send only when this is listed

@@ -29,17 +29,15 @@ process), and a new driver on the same state directory finds its domains again.
 from __future__ import annotations
 
 import asyncio
-import base64
 import builtins
 import contextlib
+import errno
 import fcntl
 import functools
 import hashlib
 import logging
 import os
-import shlex
 import shutil
-import stat
 import struct
 import subprocess
 import sys
@@ -49,7 +47,7 @@ import time
 import tty
 import uuid
 import xml.etree.ElementTree as ET
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -57,7 +55,14 @@ import libvirt
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
-from croft.compute import virtd
+from croft.compute import guest_agent, virtd
+from croft.compute.agent_client import (
+    AGENT_DOWN,
+    AgentConnection,
+    AgentExecProcess,
+    connection_for,
+    drop_connection,
+)
 from croft.compute.drivers import (
     Capabilities,
     ExecProcess,
@@ -85,11 +90,13 @@ KVM_PROBE_TIMEOUT = 5.0
 STOP_POLL = 0.2
 AGENT_TIMEOUT = 30.0
 EXEC_TIMEOUT = 3600.0
-STATE_TIMEOUT = 2.0
+STATE_TIMEOUT = 5.0
+ACPI_GRACE = 5.0
+TCG_TB_CACHE_MIB = 32
 FILE_TIMEOUT = 600.0
-# What every agent call answers while the guest's agent is not up (LXD: "LXD VM agent
-# isn't currently running").
-AGENT_DOWN = "VM agent isn't currently running"
+# Guest files pushed in parts of this size (each a frame on the agent's port).
+PUT_CHUNK = 256 * 1024
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # libvirt domain states -> LXD's statuses.
 _STATUS = {
@@ -144,125 +151,6 @@ def kvm_usable() -> bool:
             why[0] if why else "no output from the probe guest",
         )
         return False
-
-
-class AgentProcess(ExecProcess):
-    """A command the guest agent runs in the background (`RUN`): what is written to
-    stdin goes to it in `STDIN` lines, its end to stdin in `EOF`; its output arrives
-    whole with its exit code (`RESULT`; the tiny agent does not stream output), and is
-    then written to pipes as a local command's would be. No signals (the agent cannot
-    send them yet)."""
-
-    def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        request_id: str,
-        release: Callable[[], Awaitable[None]],
-    ) -> None:
-        self.pid = 0
-        self.pty = None
-        self._reader, self._writer, self._id = reader, writer, request_id
-        self._release = release
-        stdin_r, self.stdin = os.pipe()
-        self.stdout, self._out_w = os.pipe()
-        self.stderr, self._err_w = os.pipe()
-        self._stdin_r = stdin_r
-        self._eof_sent = False
-        self._finished = False
-        self._cleanup: list[asyncio.Future[None]] = []  # keeps the last step referenced
-        os.set_blocking(stdin_r, False)
-        asyncio.get_running_loop().add_reader(stdin_r, self._forward_stdin)
-        self._task = asyncio.ensure_future(self._run())
-
-    def _forward_stdin(self) -> None:
-        try:
-            data = os.read(self._stdin_r, 48 * 1024)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if data:
-            encoded = base64.b64encode(data)
-            self._writer.write(b"STDIN " + self._id.encode() + b" " + encoded + b"\n")
-            return
-        self._stop_stdin()
-
-    def _stop_stdin(self) -> None:
-        with contextlib.suppress(ValueError, RuntimeError, OSError):
-            asyncio.get_running_loop().remove_reader(self._stdin_r)
-        if not self._eof_sent:
-            self._eof_sent = True
-            with contextlib.suppress(RuntimeError, OSError):
-                self._writer.write(f"EOF {self._id}\n".encode())
-
-    @staticmethod
-    def _write(fd: int, data: bytes) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-        except OSError:
-            pass  # the reader went away
-        finally:
-            os.close(fd)
-
-    async def _run(self) -> int:
-        out = err = b""
-        try:
-            while True:
-                line = await self._reader.readline()
-                if not line:
-                    raise Conflict(AGENT_DOWN)
-                parts = line.decode(errors="replace").split()
-                if len(parts) == 5 and parts[0] == "RESULT" and parts[1] == self._id:
-                    break
-            rc = int(parts[2])
-            out = b"" if parts[3] == "-" else base64.b64decode(parts[3])
-            err = b"" if parts[4] == "-" else base64.b64decode(parts[4])
-            return rc
-        finally:
-            await self._finish(out, err)
-
-    async def _finish(self, out: bytes, err: bytes) -> None:
-        """Once: the output to the pipes (closing them), the agent connection back."""
-        if self._finished:
-            return
-        self._finished = True
-        self._stop_stdin()
-        try:
-            await asyncio.gather(
-                in_thread(self._write, self._out_w, out), in_thread(self._write, self._err_w, err)
-            )
-        finally:
-            await self._release()
-
-    async def wait(self) -> int:
-        return await asyncio.shield(self._task)
-
-    def signal(self, signum: int) -> None:
-        return  # the tiny agent cannot signal a command
-
-    def resize(self, width: int, height: int) -> None:
-        return
-
-    def close(self) -> None:
-        # The caller went away before the command ended: stop waiting for it (it runs
-        # on in the guest), which gives the agent connection back.
-        if not self._task.done():
-            self._task.cancel()
-            # A task cancelled before it ran never reaches its `finally`.
-            self._task.add_done_callback(
-                lambda _: self._cleanup.append(asyncio.ensure_future(self._finish(b"", b"")))
-            )
-        self._stop_stdin()
-        # The caller may have closed stdin itself (its EOF) and set it to None.
-        for fd in (self._stdin_r, self.stdin, self.stdout, self.stderr):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self.stdin = self.stdout = self.stderr = None
-        self._stdin_r = -1
 
 
 # The console helper: relays its stdin/stdout (a pty) to and from the serial console's
@@ -347,6 +235,88 @@ def _vcpus(config: dict[str, str]) -> int:
     return len(cpu.cpus or ()) or 1
 
 
+# The configuration drive's files for guests that boot with systemd (Debian images): the
+# unit, its setup script and install.sh, after LXD's lxd-agent-loader.
+CONFIG_DRIVE = "config"
+_AGENT_UNIT = """[Unit]
+Description=croft - agent
+Documentation=https://github.com/canonical/lxd/tree/main/lxd-agent
+ConditionPathExists=/dev/virtio-ports/org.croft.agent.0
+Before=cloud-init.target cloud-init.service cloud-init-local.service
+DefaultDependencies=no
+
+[Service]
+Type=simple
+WorkingDirectory=-/run/croft_agent
+ExecStartPre=/lib/systemd/croft-agent-setup
+ExecStart=/usr/bin/python3 -S -E /run/croft_agent/croft-agent.py
+Restart=on-failure
+RestartSec=5s
+StartLimitInterval=60
+StartLimitBurst=10
+"""
+_AGENT_SETUP = """#!/bin/sh
+set -eu
+PREFIX="/run/croft_agent"
+# Mount the config drive, copy the agent out, unmount (LXD's lxd-agent-setup).
+mkdir -p "${PREFIX}/.mnt"
+mount -t tmpfs tmpfs "${PREFIX}" -o mode=0700,size=50M
+mkdir -p "${PREFIX}/.mnt"
+mount -t 9p config "${PREFIX}/.mnt" -o ro,access=0,trans=virtio,version=9p2000.L
+cp "${PREFIX}/.mnt/croft-agent.py" "${PREFIX}/"
+umount "${PREFIX}/.mnt"
+rmdir "${PREFIX}/.mnt"
+"""
+_AGENT_RULE = (
+    'ACTION=="add", SYMLINK=="virtio-ports/org.croft.agent.0", '
+    'TAG+="systemd", ENV{SYSTEMD_WANTS}+="croft-agent.service"\n'
+)
+_INSTALL = """#!/bin/sh
+# Installs croft's agent loader into a systemd guest (mount the config drive, run this).
+set -eu
+cd "$(dirname "$0")"
+cp croft-agent.service /lib/systemd/system/
+cp croft-agent-setup /lib/systemd/
+chmod 0755 /lib/systemd/croft-agent-setup
+cp 99-croft-agent.rules /lib/udev/rules.d/
+systemctl daemon-reload
+systemctl enable croft-agent.service
+echo "croft-agent installed"
+"""
+
+
+def config_drive_files() -> dict[str, str]:
+    """The files of a VM's configuration drive, by name."""
+    return {
+        "croft-agent.py": Path(guest_agent.__file__).read_text(),
+        "croft-agent.service": _AGENT_UNIT,
+        "croft-agent-setup": _AGENT_SETUP,
+        "99-croft-agent.rules": _AGENT_RULE,
+        "install.sh": _INSTALL,
+    }
+
+
+def _agent_error(answer: dict[str, Any], path: str) -> Exception:
+    """croft's error for the agent's `error` answer."""
+    code = int(answer.get("errno") or 0)
+    message = str(answer.get("msg") or "the VM agent failed")
+    if code == errno.ENOENT:
+        return NotFound(f'"{path}" not found in the instance' if path else message)
+    if code == errno.EEXIST:
+        return Conflict(f'"{path}" already exists in the instance')
+    if code == errno.ENOTEMPTY:
+        return Conflict(f'Directory "{path}" is not empty')
+    return InvalidArgument(message)
+
+
+def _read_all(fd: int) -> bytes:
+    os.set_blocking(fd, True)
+    parts = []
+    while data := os.read(fd, 65536):
+        parts.append(data)
+    return b"".join(parts)
+
+
 class QemuDriver(InstanceDriver):
     name: ClassVar[str] = "qemu"
     instance_type: ClassVar[str] = "virtual-machine"
@@ -372,7 +342,6 @@ class QemuDriver(InstanceDriver):
         self.prefix = _domain_prefix(vmpath)
         os.makedirs(vmpath, mode=0o711, exist_ok=True)
         self._conn: libvirt.virConnect | None = None
-        self._agent_locks: dict[str, asyncio.Lock] = {}
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
@@ -473,6 +442,12 @@ class QemuDriver(InstanceDriver):
             ET.SubElement(os_el, "cmdline").text = cmdline
         features = ET.SubElement(root, "features")
         ET.SubElement(features, "acpi")  # without it a guest's poweroff only halts
+        if not kvm:
+            # TCG's translation cache defaults to 1 GiB and fills as the guest runs: the
+            # bulk of an idle VM's host memory beyond its RAM. A small one costs little
+            # retranslation for these guests.
+            tcg = ET.SubElement(features, "tcg")
+            ET.SubElement(tcg, "tb-cache", unit="MiB").text = str(TCG_TB_CACHE_MIB)
         if kvm:
             ET.SubElement(root, "cpu", mode="host-passthrough")
         else:
@@ -523,6 +498,12 @@ class QemuDriver(InstanceDriver):
         ET.SubElement(serial, "source", mode="bind", path=str(directory / "console.sock"))
         ET.SubElement(serial, "log", file=str(directory / "console.log"), append="on")
         ET.SubElement(serial, "target", port="0")
+        # The configuration drive (LXD's `config` share): the agent and its loader files.
+        share = ET.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
+        ET.SubElement(share, "driver", type="path")
+        ET.SubElement(share, "source", dir=str(directory / CONFIG_DRIVE))
+        ET.SubElement(share, "target", dir="config")
+        ET.SubElement(share, "readonly")
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "source", mode="bind", path=str(directory / "agent.sock"))
         ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT)
@@ -586,10 +567,23 @@ class QemuDriver(InstanceDriver):
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for sock in ("console.sock", "agent.sock"):
             (directory / sock).unlink(missing_ok=True)
+        self._write_config_drive(directory / CONFIG_DRIVE)
+        self._forget_agent(name)
         try:
             dom.create()
         except libvirt.libvirtError as exc:
             raise Internal(f"Failed to start the virtual machine: {exc}") from None
+
+    @staticmethod
+    def _write_config_drive(drive: Path) -> None:
+        """This croft's agent on the VM's configuration drive, at each start: a guest
+        loader runs what it finds there, so a croft update updates the agent."""
+        drive.mkdir(mode=0o700, exist_ok=True)
+        for name, text in config_drive_files().items():
+            tmp = drive / f".{name}.tmp"
+            tmp.write_text(text)
+            tmp.chmod(0o755 if name.endswith((".sh", "-setup")) else 0o644)
+            os.replace(tmp, drive / name)
 
     async def stop(self, name: str, force: bool = False, timeout: float = 30.0) -> None:
         dom = await in_thread(self._lookup, name)
@@ -601,12 +595,23 @@ class QemuDriver(InstanceDriver):
             # LXD's Shutdown(): wait for the guest to power off; a guest that has not
             # after `timeout` is left running and the stop fails (a negative timeout
             # waits for ever). Only `force` (or a zero timeout) pulls the plug.
-            deadline = time.monotonic() + timeout if timeout > 0 else None
+            # Beyond LXD: a guest that ignores the button (no ACPI handler running) is
+            # asked through its agent after ACPI_GRACE seconds, still a clean shutdown.
+            started = time.monotonic()
+            deadline = started + timeout if timeout > 0 else None
+            asked_agent = False
             while deadline is None or time.monotonic() < deadline:
                 if await self.status(name) is Status.STOPPED:
+                    self._forget_agent(name)
                     return
+                if not asked_agent and time.monotonic() - started > ACPI_GRACE:
+                    asked_agent = True
+                    with contextlib.suppress(Conflict, TimeoutError):
+                        async with asyncio.timeout(STATE_TIMEOUT):
+                            await self.shutdown_through_agent(name)
                 await asyncio.sleep(STOP_POLL)
             raise Internal("Instance was not shutdown after timeout")
+        self._forget_agent(name)
         await in_thread(self._destroy, dom)
 
     @staticmethod
@@ -644,6 +649,7 @@ class QemuDriver(InstanceDriver):
 
     def _delete(self, name: str) -> None:
         dom = self._lookup(name)
+        self._forget_agent(name)
         if dom.isActive():
             raise Conflict(f'Instance "{name}" is running')
         try:
@@ -691,35 +697,46 @@ class QemuDriver(InstanceDriver):
     async def state(self, name: str) -> InstanceState:
         state = await in_thread(self._state, name)
         if state.status is Status.RUNNING:
-            await self._guest_addresses(name, state)
+            await self._guest_state(name, state)
         return state
 
-    async def _guest_addresses(self, name: str, state: InstanceState) -> None:
-        """The NICs' addresses, as the guest sees them, from its agent (none while the
-        agent is busy or not up: LXD shows none without its agent either)."""
-        lock = self._agent_locks.get(name)
-        if lock is not None and lock.locked():
-            return
+    async def _guest_state(self, name: str, state: InstanceState) -> None:
+        """Processes, memory and the network as the guest sees them, from its agent (LXD's
+        renderState with its agent); without an answer within STATE_TIMEOUT the host's
+        view stays (processes -1, no addresses), as LXD's without its agent."""
         try:
-            rc, out, _ = await self.agent_exec(name, "ip -o addr show", timeout=STATE_TIMEOUT)
-        except Conflict:
+            async with asyncio.timeout(STATE_TIMEOUT):
+                guest = await self._ask(name, {"t": "state"})
+        except (Conflict, TimeoutError):
             return
-        if rc != 0:
-            return
-        for line in out.decode(errors="replace").splitlines():
-            fields = line.split()
-            if len(fields) < 4 or fields[2] not in ("inet", "inet6"):
-                continue
-            nic = state.network.get(fields[1])
-            if nic is None:
-                continue
-            address, _, prefix = fields[3].partition("/")
-            scope = fields[fields.index("scope") + 1] if "scope" in fields[:-1] else "global"
-            nic.addresses.append(
-                NetworkAddress(
-                    family=fields[2], address=address, netmask=prefix or "32", scope=scope
-                )
+        state.processes = int(guest.get("processes", -1))
+        state.memory_usage = int(guest.get("memory_usage", state.memory_usage))
+        by_mac = {nic.hwaddr.lower(): nic for nic in state.network.values() if nic.hwaddr}
+        network: dict[str, NetworkInterface] = {}
+        for dev, info in sorted((guest.get("network") or {}).items()):
+            host = by_mac.get(str(info.get("hwaddr", "")).lower())
+            network[dev] = NetworkInterface(
+                name=dev,
+                addresses=[
+                    NetworkAddress(
+                        family=str(a["family"]),
+                        address=str(a["address"]),
+                        netmask=str(a["netmask"]),
+                        scope=str(a["scope"]),
+                    )  # fmt: skip
+                    for a in info.get("addresses", [])
+                ],
+                hwaddr=str(info.get("hwaddr", "")),
+                host_name=host.host_name if host is not None else "",
+                mtu=int(info.get("mtu", 1500)),
+                state=str(info.get("state", "up")),
+                type=str(info.get("type", "broadcast")),
+                bytes_received=int(info.get("bytes_received", 0)),
+                bytes_sent=int(info.get("bytes_sent", 0)),
+                packets_received=int(info.get("packets_received", 0)),
+                packets_sent=int(info.get("packets_sent", 0)),
             )
+        state.network = network
 
     def _state(self, name: str) -> InstanceState:
         dom = self._lookup(name)
@@ -799,119 +816,59 @@ class QemuDriver(InstanceDriver):
 
     # -- the agent
 
-    async def _connect(
-        self, name: str, timeout: float
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, asyncio.Lock]:
-        """A greeted connection to the guest's agent, with the VM's agent lock held (the
-        port has one host end): the caller gives both back with `_release`. Conflict
+    async def _agent(self, name: str) -> AgentConnection:
+        """The VM's agent connection, made (and the agent greeted) if need be. Conflict
         when the VM does not run or its agent does not answer."""
-        if await self.status(name) is not Status.RUNNING:
+        status = await self.status(name)
+        if status is Status.FROZEN:
+            raise Conflict("Instance is frozen")  # LXD's words: its agent cannot answer
+        if status is not Status.RUNNING:
             raise Conflict("Instance is not running")
-        lock = self._agent_locks.setdefault(name, asyncio.Lock())
-        await lock.acquire()
-        writer: asyncio.StreamWriter | None = None
-        try:
-            path = self.instance_dir(name) / "agent.sock"
-            try:
-                reader, writer = await asyncio.open_unix_connection(str(path), limit=1 << 24)
-            except OSError:
-                raise Conflict(AGENT_DOWN) from None
-            async with asyncio.timeout(min(timeout, AGENT_TIMEOUT)):
-                writer.write(b"HELLO\n")
-                await writer.drain()
-                while True:
-                    line = await reader.readline()
-                    if not line:
-                        raise Conflict(AGENT_DOWN)
-                    if line.strip() == b"READY":
-                        return reader, writer, lock
-        except BaseException as exc:
-            if writer is not None:
-                await self._release(writer, lock)
-            else:
-                lock.release()
-            if isinstance(exc, (TimeoutError, ConnectionError)):
-                raise Conflict(AGENT_DOWN) from None
-            raise
+        conn = connection_for(self._agent_socket(name))
+        if conn.connected:
+            return conn
+        await conn.connect()
+        return conn
 
-    @staticmethod
-    async def _release(writer: asyncio.StreamWriter, lock: asyncio.Lock) -> None:
-        try:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        finally:
-            lock.release()
+    def _agent_socket(self, name: str) -> str:
+        return str(self.instance_dir(name) / "agent.sock")
 
-    @contextlib.asynccontextmanager
-    async def _agent(
-        self, name: str, timeout: float
-    ) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
-        """`_connect` for one request, which must be answered within `timeout`."""
-        reader, writer, lock = await self._connect(name, timeout)
-        try:
-            async with asyncio.timeout(timeout):
-                yield reader, writer
-        except TimeoutError:
-            raise Conflict(AGENT_DOWN) from None
-        except (asyncio.IncompleteReadError, ConnectionError):
-            raise Conflict(AGENT_DOWN) from None
-        finally:
-            await self._release(writer, lock)
+    def _forget_agent(self, name: str) -> None:
+        drop_connection(self._agent_socket(name))
 
-    @staticmethod
-    async def _reply(reader: asyncio.StreamReader, request_id: str) -> builtins.list[str]:
-        """The next line that answers `request_id`, split (verb, id, fields...)."""
-        while True:
-            line = await reader.readline()
-            if not line:
-                raise Conflict(AGENT_DOWN)
-            parts = line.decode(errors="replace").split()
-            if len(parts) >= 2 and parts[1] == request_id:
-                return parts
+    async def _ask(
+        self, name: str, header: dict[str, Any], payload: bytes = b"", path: str = ""
+    ) -> dict[str, Any]:
+        """One request to the agent and its answer; an `error` answer raised as croft's
+        error (NotFound for a missing path)."""
+        conn = await self._agent(name)
+        answer, _ = await conn.request(header, payload)
+        if answer.get("t") == "error":
+            raise _agent_error(answer, path)
+        return answer
 
     async def agent_exec(
         self, name: str, command: str, timeout: float = AGENT_TIMEOUT
     ) -> tuple[int, bytes, bytes]:
         """Run a shell command in the guest through its agent: (exit code, stdout,
         stderr). Conflict when the VM does not run or its agent does not answer."""
-        async with self._agent(name, timeout) as (reader, writer):
-            request_id = uuid.uuid4().hex[:8]
-            if any(c in command for c in "\n\r\0"):
-                encoded = base64.b64encode(command.encode()).decode()
-                writer.write(f"EXECB {request_id} {encoded}\n".encode())
-            else:
-                writer.write(f"EXEC {request_id} {command}\n".encode())
-            await writer.drain()
-            parts = await self._reply(reader, request_id)
-            if parts[0] != "RESULT" or len(parts) != 5:
-                raise Internal(f"the VM agent answered {' '.join(parts[:3])!r}")
-
-            def decoded(field: str) -> bytes:
-                return b"" if field == "-" else base64.b64decode(field)
-
-            return int(parts[2]), decoded(parts[3]), decoded(parts[4])
-
-    @staticmethod
-    def _failure(path: str, parts: builtins.list[str]) -> Exception:
-        message = base64.b64decode(parts[2]).decode(errors="replace") if len(parts) > 2 else ""
-        if "No such file" in message or "can't stat" in message:
-            return NotFound(f'"{path}" not found in the instance')
-        return InvalidArgument(message.strip() or f"cannot access {path!r} in the instance")
-
-    async def _get(self, name: str, path: str) -> tuple[int, int, int, bytes]:
-        """(st_mode, uid, gid, bytes) of `path` in the guest."""
-        async with self._agent(name, FILE_TIMEOUT) as (reader, writer):
-            request_id = uuid.uuid4().hex[:8]
-            encoded = base64.b64encode(path.encode()).decode()
-            writer.write(f"GET {request_id} {encoded}\n".encode())
-            await writer.drain()
-            parts = await self._reply(reader, request_id)
-            if parts[0] != "STAT" or len(parts) < 6:
-                raise self._failure(path, parts)
-            size = int(parts[5])
-            data = await reader.readexactly(size)
-            return int(parts[2], 16), int(parts[3]), int(parts[4]), data
+        process = await self.exec(name, ["/bin/sh", "-c", command])
+        assert process.stdin is not None and process.stdout is not None
+        assert process.stderr is not None
+        os.close(process.stdin)
+        process.stdin = None
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                out, err = await asyncio.gather(
+                    loop.run_in_executor(None, _read_all, process.stdout),
+                    loop.run_in_executor(None, _read_all, process.stderr),
+                )
+                return await process.wait(), out, err
+        except TimeoutError:
+            raise Conflict(AGENT_DOWN) from None
+        finally:
+            process.close()
 
     async def exec(
         self,
@@ -925,34 +882,52 @@ class QemuDriver(InstanceDriver):
         width: int = 80,
         height: int = 24,
     ) -> ExecProcess:
-        if interactive:
-            raise InvalidArgument("interactive exec is not supported on virtual machines yet")
-        if uid or gid:
-            raise InvalidArgument("exec as another user is not supported on virtual machines yet")
-        if await self.status(name) is not Status.RUNNING:
-            raise Conflict("Instance is not running")
-        script = ""
-        for key, value in (env or {}).items():
-            if not key.replace("_", "a").isalnum():
-                raise InvalidArgument(f"Invalid environment variable name {key!r}")
-            script += f"export {key}={shlex.quote(value)}; "
-        script += f"cd {shlex.quote(cwd or '/root')} 2>/dev/null || cd /; "
-        script += "exec " + shlex.join(argv)
-        reader, writer, lock = await self._connect(name, AGENT_TIMEOUT)
+        if not argv:
+            raise InvalidArgument("exec needs a command")
+        # LXD's defaults under what the caller gives (the `lxc` client sends only TERM).
+        given = env
+        env = dict(env or {})
+        env.setdefault("PATH", GUEST_PATH)
+        if uid == 0:
+            env.setdefault("HOME", "/root")
+            env.setdefault("USER", "root")
+        elif given is None:
+            env["HOME"] = "/"
+        env.setdefault("LANG", "C.UTF-8")
+        if given is None and interactive:
+            env["TERM"] = "xterm"
+        for key in env:
+            if not key or "=" in key or "\0" in key or "\0" in env[key]:
+                raise InvalidArgument(f'Invalid environment variable name "{key}"')
+        if cwd and not cwd.startswith("/"):
+            raise InvalidArgument(f'cwd "{cwd}" must be absolute')
+        conn = await self._agent(name)
+        rid, queue = conn.open()
         try:
-            request_id = uuid.uuid4().hex[:8]
-            if any(c in script for c in "\n\r\0"):
-                encoded = base64.b64encode(script.encode()).decode()
-                writer.write(f"RUNB {request_id} {encoded}\n".encode())
-            else:
-                writer.write(f"RUN {request_id} {script}\n".encode())
-            await writer.drain()
+            conn.send(
+                {
+                    "t": "exec", "id": rid, "argv": argv, "env": env, "cwd": cwd or "",
+                    "uid": uid, "gid": gid, "pty": interactive, "w": width, "h": height,
+                }
+            )  # fmt: skip
+            await conn.drain()
+            async with asyncio.timeout(AGENT_TIMEOUT):
+                answer, _ = await conn.answer(queue)
+        except TimeoutError:
+            conn.forget(rid)
+            raise Conflict(AGENT_DOWN) from None
         except BaseException:
-            await self._release(writer, lock)
+            conn.forget(rid)
             raise
-        return AgentProcess(
-            reader, writer, request_id, functools.partial(self._release, writer, lock)
-        )
+        if answer.get("t") == "error":
+            conn.forget(rid)
+            raise _agent_error(answer, cwd or "")
+        return AgentExecProcess(conn, rid, queue, interactive, int(answer.get("pid", 0)))
+
+    async def shutdown_through_agent(self, name: str) -> None:
+        """Ask the guest's agent to power the guest off (a clean shutdown for a guest
+        that does not answer the ACPI power button)."""
+        await self._ask(name, {"t": "shutdown"})
 
     # -- files, through the agent
 
@@ -965,64 +940,81 @@ class QemuDriver(InstanceDriver):
         gid: int = 0,
         mode: int = 0o644,
     ) -> None:
-        if isinstance(data, bytes):
-            content = data
-        else:
-            chunks = [chunk async for chunk in data]
-            content = b"".join(chunks)
-        async with self._agent(name, FILE_TIMEOUT) as (reader, writer):
-            request_id = uuid.uuid4().hex[:8]
-            encoded = base64.b64encode(path.encode()).decode()
-            header = f"PUT {request_id} {encoded} {mode & 0o7777:o} {uid} {gid} {len(content)}"
-            writer.write(header.encode() + b"\n" + content)
-            await writer.drain()
-            parts = await self._reply(reader, request_id)
-            if parts[0] != "DONE":
-                raise self._failure(path, parts)
+        conn = await self._agent(name)
+        rid, queue = conn.open()
+        header = {"t": "put", "id": rid, "path": path, "mode": mode & 0o7777, "uid": uid,
+                  "gid": gid}  # fmt: skip
+
+        async def chunks() -> AsyncIterator[bytes]:
+            if isinstance(data, bytes):
+                for i in range(0, len(data), PUT_CHUNK):
+                    yield data[i : i + PUT_CHUNK]
+            else:
+                buf = b""
+                async for piece in data:
+                    buf += piece
+                    while len(buf) >= PUT_CHUNK:
+                        yield buf[:PUT_CHUNK]
+                        buf = buf[PUT_CHUNK:]
+                yield buf
+
+        try:
+            pending = None
+            async for chunk in chunks():
+                if pending is not None:
+                    conn.send({**header, "more": True}, pending)
+                    await conn.drain()
+                    if not queue.empty():  # refused early (a missing directory)
+                        break
+                pending = chunk
+            if queue.empty():
+                conn.send({**header, "more": False}, pending or b"")
+                await conn.drain()
+            async with asyncio.timeout(FILE_TIMEOUT):
+                answer, _ = await conn.answer(queue)
+        except TimeoutError:
+            raise Conflict(AGENT_DOWN) from None
+        finally:
+            conn.forget(rid)
+        if answer.get("t") == "error":
+            raise _agent_error(answer, path)
 
     async def pull_file(self, name: str, path: str) -> FileEntry:
-        st_mode, uid, gid, data = await self._get(name, path)
-        entry = FileEntry(path=path, type="file", uid=uid, gid=gid, mode=stat.S_IMODE(st_mode))
-        if stat.S_ISDIR(st_mode):
-            entry.type = "directory"
-            entry.entries = [n for n in data.decode(errors="replace").splitlines() if n]
-        elif stat.S_ISLNK(st_mode):
-            entry.type = "symlink"
-            entry.target = data.decode(errors="replace")
-        else:
-            entry.content = data
+        conn = await self._agent(name)
+        async with conn.stream({"t": "get", "path": path}) as queue:
+            async with asyncio.timeout(FILE_TIMEOUT):
+                head, _ = await conn.answer(queue)
+                if head.get("t") == "error":
+                    raise _agent_error(head, path)
+                entry = FileEntry(
+                    path=path, type=str(head.get("kind", "file")), uid=int(head.get("uid", 0)),
+                    gid=int(head.get("gid", 0)), mode=int(head.get("mode", 0)),
+                )  # fmt: skip
+                if entry.type == "directory":
+                    entry.entries = [str(n) for n in head.get("entries", [])]
+                elif entry.type == "symlink":
+                    entry.target = str(head.get("target", ""))
+                else:
+                    entry.type = "file"
+                    parts = []
+                    while True:
+                        more, payload = await conn.answer(queue)
+                        if more.get("t") == "error":
+                            raise _agent_error(more, path)
+                        parts.append(payload)
+                        if not more.get("more"):
+                            break
+                    entry.content = b"".join(parts)
         return entry
-
-    async def _sh(self, name: str, script: str, path: str) -> None:
-        rc, _out, err = await self.agent_exec(name, script, timeout=FILE_TIMEOUT)
-        if rc == 2:
-            raise NotFound(f'"{path}" not found in the instance')
-        if rc == 17:
-            raise Conflict(f'"{path}" already exists in the instance')
-        if rc == 39:
-            raise Conflict(f'Directory "{path}" is not empty')
-        if rc != 0:
-            raise InvalidArgument(err.decode(errors="replace").strip() or f"exit {rc}")
 
     async def mkdir(
         self, name: str, path: str, uid: int = 0, gid: int = 0, mode: int = 0o755
     ) -> None:
-        p = shlex.quote(path)
-        await self._sh(
-            name,
-            f'[ -e {p} -o -L {p} ] && exit 17; [ -d "$(dirname {p})" ] || exit 2; '
-            f"mkdir {p} && chown {uid}:{gid} {p} && chmod {mode & 0o7777:o} {p}",
-            path,
-        )
+        request = {"t": "mkdir", "path": path, "uid": uid, "gid": gid, "mode": mode & 0o7777}
+        await self._ask(name, request, path=path)
 
     async def delete_path(self, name: str, path: str, recursive: bool = False) -> None:
-        p = shlex.quote(path)
-        remove = (
-            f"rm -rf {p}"
-            if recursive
-            else f"if [ -d {p} ]; then rmdir {p} || exit 39; else rm -f {p}; fi"
-        )
-        await self._sh(name, f"[ -e {p} -o -L {p} ] || exit 2; {remove}", path)
+        await self._ask(name, {"t": "delete", "path": path, "recursive": recursive}, path=path)
 
     async def list_dir(self, name: str, path: str) -> builtins.list[str]:
         entry = await self.pull_file(name, path)
