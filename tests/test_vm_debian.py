@@ -97,7 +97,11 @@ def test_debian_vm_boots_uefi_with_secure_boot(booted: tuple[Croft, Lxc]) -> Non
         out = lxc("exec", "v1", "--", "systemctl", "is-system-running", check=False).stdout
         return out.strip() if out.strip() in ("running", "degraded") else ""
 
-    poll(system_state, 300, "systemd in v1 to finish booting")
+    try:
+        poll(system_state, 600, "systemd in v1 to finish booting")
+    except AssertionError:
+        jobs = lxc("exec", "v1", "--", "systemctl", "list-jobs", "--no-pager", check=False)
+        raise AssertionError(f"systemd's jobs in v1: {jobs.stdout}{jobs.stderr}") from None
     # Booted through UEFI (the firmware's variables are there) with secure boot on.
     out = lxc("exec", "v1", "--", "od", "-An", "-t", "u1", SECURE_BOOT_VAR).stdout.split()
     assert out[-1] == "1", out

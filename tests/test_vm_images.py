@@ -1,8 +1,8 @@
 """A VM's disk and images, through the real `lxc` client, without booting a guest (so
 these cost seconds, not minutes): `lxc publish` of a stopped VM gives a VM image with
 its disk, `lxc image export` gives LXD's unified VM tarball (`rootfs.img` inside),
-`lxc init` of a VM image without `--vm` gives a VM, `lxc copy` and `lxc export` /
-`lxc import` of a VM carry its disk, and a root disk smaller than the image is refused.
+`lxc init` of a VM image without `--vm` gives a VM, `lxc copy` of a VM carries its
+disk, and a root disk smaller than the image is refused.
 
 Each check reads the VMs' raw disks on the host: the tiny image's disk starts with its
 marker, and v1's gets its own bytes at 1 MiB before it is published or copied."""
@@ -104,3 +104,26 @@ def test_publish_export_and_launch_a_published_vm(tiny: tuple[Croft, Lxc], tmp_p
     [image] = [i for i in lxc.json("image", "list") if "pub2" in [a["name"] for a in i["aliases"]]]
     assert image["type"] == "virtual-machine"
     lxc("delete", "v2")
+
+
+def test_copy_of_a_vm_carries_its_disk(tiny: tuple[Croft, Lxc]) -> None:
+    croft, lxc = tiny
+    lxc("copy", "v1", "v3", timeout=600)
+    [v3] = [i for i in lxc.json("list") if i["name"] == "v3"]
+    assert v3["type"] == "virtual-machine"
+    assert mark_of(disk_of(croft, "v3")) == MARK
+    assert disk_of(croft, "v3") != disk_of(croft, "v1")
+    lxc("delete", "v3")
+
+
+def test_a_root_disk_smaller_than_the_image_is_refused(tiny: tuple[Croft, Lxc]) -> None:
+    croft, lxc = tiny
+    # The tiny image's disk is 64 MiB.
+    result = lxc("init", "tiny-vm", "v5", "-d", "root,size=16MiB", check=False)
+    assert result.returncode != 0
+    assert "Source image size (67108864) exceeds specified volume size (16777216)" in (
+        result.stderr
+    ), result.stderr
+    assert "v5" not in [i["name"] for i in lxc.json("list")]
+    pools = croft.root / "state" / "storage-pools"
+    assert not list(pools.glob("*/virtual-machines/v5"))
