@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import http.client
 import json
 import math
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+
+from croft.common.testing.waiting import UnixHTTPConnection
 
 PREFIX = "bench-"
 IMAGE_ALIAS = "busybox"
@@ -147,17 +147,6 @@ def say(text: str) -> None:
 
 # ---------------------------------------------------------------------------------------
 # the daemon under test
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        super().__init__("lxd", timeout=timeout)
-        self.unix_path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.unix_path)
 
 
 class BenchError(Exception):

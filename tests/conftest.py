@@ -20,6 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
+from croft.common.testing.host import mounts_under
+
 CROFT = [sys.executable, "-m", "croft.client.cli"]
 REPO = Path(__file__).resolve().parent.parent
 
@@ -56,6 +58,28 @@ class Croft:
 
     def status(self) -> list[dict]:
         return json.loads(self.run("status", "--format", "json", check=False).stdout)["instances"]
+
+    def serving_pid(self, service: str, other_than: int = 0) -> int:
+        """The pid of the live, healthy `service` (not `other_than`), or 0."""
+        for row in self.status():
+            pid = int(row.get("pid") or 0)
+            if (
+                row["service"] == service
+                and row["health"] == "SERVING"
+                and pid not in (0, other_than)
+                and Path(f"/proc/{pid}").exists()
+            ):
+                return pid
+        return 0
+
+    def unmount_pools(self) -> None:
+        """Unmount whatever is mounted in the pools other than the default one (a btrfs
+        pool a test made, or what a failed test left): croft's teardown removes the tree,
+        which must not reach into a mounted pool."""
+        pools = self.root / "state" / "storage-pools"
+        for point in sorted(mounts_under(pools), key=len, reverse=True):
+            if point != str(pools / "default"):
+                subprocess.run(["umount", "-l", point], capture_output=True)
 
     def processes(self) -> list[int]:
         """Pids of every process that belongs to this croft: ones started with its config,
@@ -184,6 +208,15 @@ def busybox_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("images") / "busybox.tar.gz"
     build_image(REPO / "services/images/definitions/busybox.yaml", out)
     return out
+
+
+@pytest.fixture(scope="module")
+def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
+    """A running busybox container c1 (the image imported as busybox)."""
+    _, lxc, _ = croft_lxc
+    lxc("image", "import", str(busybox_image), "--alias", "busybox")
+    lxc("launch", "busybox", "c1")
+    return "c1"
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,10 @@ from typing import Any
 import pytest
 import yaml
 
+from croft.common.testing.host import subvolume_show
+
 from .conftest import Croft, Lxc
-from .test_faults import VOLUMES, kill_when, serving_pid, wait_until
-from .test_storage_pools import mounts_under, subvolume_show
+from .test_faults import VOLUMES, kill_when, wait_until
 
 
 def query(lxc: Lxc, url: str, *args: str) -> Any:
@@ -71,9 +72,7 @@ def env(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[dict
     finally:
         for instance in lxc.json("list"):
             lxc("delete", "--force", instance["name"], check=False)
-        for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-            if point != str(state / "storage-pools/default"):
-                subprocess.run(["umount", "-l", point], capture_output=True)
+        croft.unmount_pools()
 
 
 def make_instance(lxc: Lxc, name: str, pool: str) -> None:
@@ -403,7 +402,7 @@ def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(
     tarball = env["tmp"] / "kil.tar.gz"
     lxc("export", "kil", str(tarball))
     lxc("delete", "kil")
-    storage = serving_pid(croft, "storage")
+    storage = croft.serving_pid("storage")
     assert storage
 
     def claimed(key: str, value: dict[str, Any]) -> bool:
@@ -422,7 +421,7 @@ def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(
 
     result = asyncio.run(import_and_kill())
     assert result.returncode != 0, result.stdout
-    wait_until(lambda: serving_pid(croft, "storage", other_than=storage), 60, "storage back")
+    wait_until(lambda: croft.serving_pid("storage", other_than=storage), 60, "storage back")
 
     def nothing_left() -> bool:
         listed = [i["name"] for i in lxc.json("list")]

@@ -105,57 +105,52 @@ def nic_entries(croft: Croft, name: str) -> list[str]:
     return sorted(k for k, _ in store_list(croft, NICS) if k.split("/")[-2] == name)
 
 
-def test_a_create_with_a_nic_on_a_missing_network_leaves_nothing(
-    croft_busybox: tuple[Croft, Lxc, str],
-) -> None:
-    croft, lxc, bridge = croft_busybox
-    name = f"cf{secrets.token_hex(3)}"
+# A create that fails part-way, and what refuses it: each leaves nothing behind.
+FAILED_CREATES = {
     # eth0 attaches to the real bridge (and its volume is made) before eth1 fails.
-    record = new_record(name, bridge, eth1={"type": "nic", "network": "nosuchnet", "name": "eth1"})
-    with pytest.raises(NotFound):
-        with_core(croft, lambda core: core.create(record, fingerprint(lxc), start=False))
-    assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
-
-
-def test_a_create_with_a_disk_whose_source_is_missing_leaves_nothing(
-    croft_busybox: tuple[Croft, Lxc, str],
-) -> None:
-    croft, lxc, bridge = croft_busybox
-    name = f"cf{secrets.token_hex(3)}"
+    "a NIC on a missing network": (
+        lambda name, bridge: new_record(
+            name, bridge, eth1={"type": "nic", "network": "nosuchnet", "name": "eth1"}
+        ),
+        NotFound,
+        None,
+        None,
+    ),
     # The driver refuses it last: after the volume and the NIC are made.
-    record = new_record(
-        name, bridge, data={"type": "disk", "source": "/nonexistent/croft", "path": "/data"}
-    )
-    with pytest.raises(InvalidArgument, match="does not exist"):
-        with_core(croft, lambda core: core.create(record, fingerprint(lxc), start=False))
-    assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
-
-
-def test_a_create_on_a_member_without_a_storage_service_leaves_nothing(
-    croft_busybox: tuple[Croft, Lxc, str],
-) -> None:
-    croft, lxc, bridge = croft_busybox
-    name = f"cf{secrets.token_hex(3)}"
+    "a disk whose source is missing": (
+        lambda name, bridge: new_record(
+            name, bridge, data={"type": "disk", "source": "/nonexistent/croft", "path": "/data"}
+        ),
+        InvalidArgument,
+        "does not exist",
+        None,
+    ),
     # The core of a member whose storage service is not running (none registered).
-    with pytest.raises(Unavailable, match="no storage service"):
-        with_core(
-            croft,
-            lambda core: core.create(new_record(name, bridge), fingerprint(lxc), start=False),
-            member=f"gone{secrets.token_hex(2)}",
-        )
-    assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
+    "a member without a storage service": (
+        new_record,
+        Unavailable,
+        "no storage service",
+        "gone",
+    ),
+    # Refused before anything is made.
+    "an instance type no driver runs": (
+        lambda name, bridge: {**new_record(name, bridge), "type": "virtual-machine"},
+        InvalidArgument,
+        'Instance type "virtual-machine" is not supported on this server',
+        None,
+    ),
+}
 
 
-def test_an_instance_type_no_driver_runs_is_refused_before_anything_is_made(
-    croft_busybox: tuple[Croft, Lxc, str],
-) -> None:
+@pytest.mark.parametrize("case", FAILED_CREATES)
+def test_a_failed_create_leaves_nothing(croft_busybox: tuple[Croft, Lxc, str], case: str) -> None:
+    make, error, match, member = FAILED_CREATES[case]
     croft, lxc, bridge = croft_busybox
     name = f"cf{secrets.token_hex(3)}"
-    record = {**new_record(name, bridge), "type": "virtual-machine"}
-    with pytest.raises(
-        InvalidArgument, match='Instance type "virtual-machine" is not supported on this server'
-    ):
-        with_core(croft, lambda core: core.create(record, fingerprint(lxc), start=False))
+    record = make(name, bridge)
+    on = f"{member}{secrets.token_hex(2)}" if member else None
+    with pytest.raises(error, match=match):
+        with_core(croft, lambda core: core.create(record, fingerprint(lxc), start=False), on)
     assert traces(croft, bridge, name) == nothing_of(croft, bridge, name)
 
 

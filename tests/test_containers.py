@@ -18,26 +18,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 import yaml
 
 from croft.common import rpc
 from croft.common.clients import ComputeClient
 from croft.common.models import InstanceRecord
 from croft.common.store import connect
+from croft.common.testing.waiting import wait_until
 from croft.v1 import common_pb2, compute_pb2_grpc
 
 from .conftest import REPO, Croft, Lxc
-
-
-def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def ipv4_of(lxc: Lxc, name: str) -> str:
@@ -47,14 +37,6 @@ def ipv4_of(lxc: Lxc, name: str) -> str:
         if address["family"] == "inet":
             return str(address["address"])
     return ""
-
-
-@pytest.fixture(scope="module")
-def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
-    _, lxc, _ = croft_lxc
-    lxc("image", "import", str(busybox_image), "--alias", "busybox")
-    lxc("launch", "busybox", "c1")
-    return "c1"
 
 
 def test_image_import_and_list(croft_lxc: tuple[Croft, Lxc, str], c1: str) -> None:

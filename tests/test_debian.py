@@ -4,10 +4,11 @@ it boots, gets an address from croft's DHCP, and its name resolves from another 
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
+
+from croft.common.testing.waiting import wait_until
 
 from .conftest import REPO, Croft, Lxc
 
@@ -21,17 +22,6 @@ def debian_image() -> Path:
         ["bash", str(REPO / "scripts/build-images.sh"), str(IMAGES)], check=True, timeout=900
     )
     return IMAGES / "debian12.tar.gz"
-
-
-def poll(check, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 @pytest.mark.slow
@@ -49,16 +39,16 @@ def test_debian_boots_systemd_and_resolves_by_name(
         state = result.stdout.strip()
         return state if state in ("running", "degraded") else ""
 
-    poll(system_state, 90, "systemd in c2 to finish booting")
+    wait_until(system_state, 90, "systemd in c2 to finish booting")
 
     def address() -> str:
         out = lxc("exec", "c2", "--", "ip", "-4", "-o", "addr", "show", "eth0", check=False)
         return out.stdout.split()[3].split("/")[0] if "inet " in out.stdout else ""
 
-    c2_address = poll(address, 60, "c2 to get an IPv4 address by DHCP")
+    c2_address = wait_until(address, 60, "c2 to get an IPv4 address by DHCP")
 
     def resolved() -> str:
         out = lxc("exec", "c1", "--", "nslookup", "c2.croft", check=False)
         return out.stdout if c2_address in out.stdout else ""
 
-    poll(resolved, 60, "c2.croft to resolve from c1")
+    wait_until(resolved, 60, "c2.croft to resolve from c1")

@@ -5,7 +5,6 @@ short. Real `lxc`, raw websockets and raw HTTP over croft's unix socket, a real 
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -20,31 +19,11 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, unix_connect
 
+from croft.common.testing.waiting import UnixHTTPConnection, wait_until
+
 from .conftest import Croft, Lxc
 
 MiB = 1 << 20
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 120.0) -> None:
-        super().__init__("lxd", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 class Api:
@@ -54,7 +33,7 @@ class Api:
         self.socket = str(lxc.lxd_dir / "unix.socket")
 
     def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        connection = UnixHTTPConnection(self.socket)
+        connection = UnixHTTPConnection(self.socket, timeout=120.0)
         try:
             payload = None if body is None else json.dumps(body)
             connection.request(method, path, body=payload)
@@ -98,14 +77,6 @@ def read_until_end(ws: ClientConnection, timeout: float = 120) -> bytes:
         if "1000" not in str(exc) and "close" not in str(exc).lower():
             raise
     return bytes(data)
-
-
-@pytest.fixture(scope="module")
-def c1(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> str:
-    _, lxc, _ = croft_lxc
-    lxc("image", "import", str(busybox_image), "--alias", "busybox")
-    lxc("launch", "busybox", "c1")
-    return "c1"
 
 
 @pytest.fixture(scope="module")
@@ -155,6 +126,17 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError(f"no VmRSS for {pid}")
+
+
+def growth_mib(before: dict[int, int]) -> dict[int, int]:
+    """How many MiB each process in `before` (pid -> RSS in KiB) grew at its peak over
+    the next five seconds."""
+    peaks = dict(before)
+    for _ in range(10):
+        time.sleep(0.5)
+        for pid in peaks:
+            peaks[pid] = max(peaks[pid], rss_kib(pid))
+    return {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
 
 
 def service_pid(croft: Croft, service: str) -> int:
@@ -211,12 +193,7 @@ def test_output_nobody_reads_holds_the_command_not_compute_memory(
             120,
             "the command to block",
         )
-        peaks = dict(before)
-        for _ in range(10):  # and it stays so
-            time.sleep(0.5)
-            for pid in peaks:
-                peaks[pid] = max(peaks[pid], rss_kib(pid))
-        grown = {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
+        grown = growth_mib(before)  # and it stays so
         assert grown[compute] < 32, f"compute grew {grown[compute]} MiB"
         assert grown[api_pid] < 32, f"the api grew {grown[api_pid]} MiB"
         assert writing_state(argv) == "blocked", "the command wrote everything, unread"
@@ -271,12 +248,7 @@ def test_stdin_a_command_does_not_read_holds_the_client_not_croft_memory(
         while progress != sent[0]:  # until the client's sends stop going through
             progress = sent[0]
             time.sleep(2)
-        peaks = dict(before)
-        for _ in range(10):
-            time.sleep(0.5)
-            for pid in peaks:
-                peaks[pid] = max(peaks[pid], rss_kib(pid))
-        grown = {pid: (peaks[pid] - before[pid]) // 1024 for pid in peaks}
+        grown = growth_mib(before)
         assert grown[compute] < 32, f"compute grew {grown[compute]} MiB"
         assert grown[api_pid] < 32, f"the api grew {grown[api_pid]} MiB"
         assert sent[0] < total, "all of it went somewhere"
@@ -372,7 +344,7 @@ def test_a_push_cut_short_leaves_the_file_as_it_was(
     assert "fresh" not in in_c1(lxc, c1, "ls /root").split()
 
     # One compute refuses while its body still comes is answered with why.
-    connection = UnixHTTPConnection(api.socket)
+    connection = UnixHTTPConnection(api.socket, timeout=120.0)
     try:
         connection.request(
             "POST", f"/1.0/instances/{c1}/files?path=/root", body=b"y" * (8 * MiB),

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 
 from croft.common.store import EventType, connect
+from croft.common.testing.waiting import wait_until
 
 from .conftest import Croft, Lxc
 
@@ -28,16 +29,6 @@ INSTANCES = "/croft/records/instances/default/"
 VOLUMES = "/croft/records/storage-volumes/default/"
 NICS = "/croft/records/network-nics/"
 OPERATIONS = "/croft/operations/"
-
-
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def store_list(croft: Croft, prefix: str) -> list[tuple[str, Any]]:
@@ -87,20 +78,6 @@ def one_of(croft: Croft, bridge: str, name: str) -> dict[str, int]:
 
 def bridge_ports(bridge: str) -> set[str]:
     return set(os.listdir(f"/sys/class/net/{bridge}/brif"))
-
-
-def serving_pid(croft: Croft, service: str, other_than: int = 0) -> int:
-    """The pid of the live, healthy `service` (not `other_than`), or 0."""
-    for row in croft.status():
-        pid = int(row.get("pid") or 0)
-        if (
-            row["service"] == service
-            and row["health"] == "SERVING"
-            and pid not in (0, other_than)
-            and Path(f"/proc/{pid}").exists()
-        ):
-            return pid
-    return 0
 
 
 def init_pid(lxc: Lxc, name: str) -> int:
@@ -186,7 +163,7 @@ def test_sigkill_compute_leaves_containers_running_and_exec_comes_back(
     croft, lxc, _ = croft_busybox
     lxc("launch", "busybox", "c1")
     pid = init_pid(lxc, "c1")
-    compute = serving_pid(croft, "compute")
+    compute = croft.serving_pid("compute")
     assert compute
     os.kill(compute, signal.SIGKILL)
     killed = time.monotonic()
@@ -197,7 +174,7 @@ def test_sigkill_compute_leaves_containers_running_and_exec_comes_back(
 
     wait_until(exec_works, 60, "lxc exec c1 to work after compute was SIGKILLed")
     print(f"lxc exec works {time.monotonic() - killed:.2f}s after compute's SIGKILL")
-    assert serving_pid(croft, "compute", other_than=compute)  # the agent restarted it
+    assert croft.serving_pid("compute", other_than=compute)  # the agent restarted it
     assert init_pid(lxc, "c1") == pid
     (c1,) = [i for i in lxc.json("list") if i["name"] == "c1"]
     assert c1["status"] == "Running"
@@ -231,7 +208,7 @@ def test_after_a_host_restart_compute_starts_what_boot_autostart_asks_for(
             lxc("launch", "busybox", name, *launch_options[name])
         before = {name: init_pid(lxc, name) for name in names}
         assert {p.name for p in lxcpath.iterdir()} >= set(names)  # project default: no prefix
-        compute = serving_pid(croft, "compute")
+        compute = croft.serving_pid("compute")
         assert compute
         os.kill(compute, signal.SIGSTOP)  # it must not see the containers stop
         try:
@@ -246,7 +223,7 @@ def test_after_a_host_restart_compute_starts_what_boot_autostart_asks_for(
                 assert "STOPPED" in info.stdout, info.stdout
         finally:
             os.kill(compute, signal.SIGKILL)  # kills a stopped process too
-        wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+        wait_until(lambda: croft.serving_pid("compute", other_than=compute), 60, "compute back")
 
         for name in ["auto-on", "auto-one", "auto-unset"]:
             wait_until(lambda name=name: status(name) == "Running", 60, f"{name} to be started")
@@ -275,7 +252,7 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
     lxc("init", "busybox", "rnk1")
     lxc("snapshot", "rnk1", "s1")
     before = traces(croft, bridge, "rnk1")
-    compute = serving_pid(croft, "compute")
+    compute = croft.serving_pid("compute")
     assert compute
 
     async def rename_and_kill() -> subprocess.CompletedProcess[str]:
@@ -293,7 +270,7 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
         return subprocess.CompletedProcess([], rename.returncode, out.decode(), err.decode())
 
     result = asyncio.run(rename_and_kill())
-    wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+    wait_until(lambda: croft.serving_pid("compute", other_than=compute), 60, "compute back")
     if result.returncode == 0:
         # On a busy machine the kill can land after the rename was recorded whole: then
         # the client was told it is done, and everything is under the new name.
@@ -416,7 +393,7 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
     croft holds the whole instance (done) or nothing of it (failed)."""
     croft, lxc, bridge = croft_busybox
     name = f"apikill{list(MOMENTS).index(moment)}"
-    api = serving_pid(croft, "api")
+    api = croft.serving_pid("api")
     assert api
     ports = bridge_ports(bridge)
     prefix, wanted = MOMENTS[moment]
@@ -431,7 +408,7 @@ def test_sigkill_api_in_the_middle_of_a_create_leaves_all_or_nothing(
         for k, r in store_list(croft, OPERATIONS)
         if k not in ops_before and r["operation"]["description"] == "Creating instance"
     ]
-    wait_until(lambda: serving_pid(croft, "api", other_than=api), 60, "the api to restart")
+    wait_until(lambda: croft.serving_pid("api", other_than=api), 60, "the api to restart")
     op = _final_operation(lxc, op_key[len(OPERATIONS) :], croft, since)
     print(f"api killed at {moment}: operation {op['status']} ({op['err']})")
     _whole_or_nothing(croft, lxc, bridge, name, op)
@@ -478,7 +455,7 @@ def test_sigkill_compute_during_a_start_still_starts_the_instance(
     hook = "lxc.hook.pre-start = sh -c 'sleep 4.0271'"
     lxc("init", "busybox", name, "-c", f"raw.lxc={hook}")
     try:
-        compute = serving_pid(croft, "compute")
+        compute = croft.serving_pid("compute")
         assert compute
         start = subprocess.Popen(
             ["lxc", "start", name], env=lxc.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
@@ -487,7 +464,7 @@ def test_sigkill_compute_during_a_start_still_starts_the_instance(
         os.kill(compute, signal.SIGKILL)
         _, stderr = start.communicate(timeout=180)
         assert start.returncode == 0, stderr.decode()
-        wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+        wait_until(lambda: croft.serving_pid("compute", other_than=compute), 60, "compute back")
         (listed,) = [i for i in lxc.json("list") if i["name"] == name]
         assert listed["status"] == "Running"
         assert lxc("exec", name, "--", "true", check=False).returncode == 0
@@ -506,14 +483,14 @@ def test_sigkill_compute_in_the_middle_of_a_create_leaves_all_or_nothing(
     that follows succeeds on the restarted compute, so the launch succeeds."""
     croft, lxc, bridge = croft_busybox
     name = f"cmpkill{list(COMPUTE_MOMENTS).index(moment) + 1}"
-    compute = serving_pid(croft, "compute")
+    compute = croft.serving_pid("compute")
     assert compute
     ports = bridge_ports(bridge)
     prefix, wanted = COMPUTE_MOMENTS[moment]
     _, launch = asyncio.run(
         launch_and_kill(croft, lxc, name, prefix(name), partial(wanted, name), compute)
     )
-    wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute to restart")
+    wait_until(lambda: croft.serving_pid("compute", other_than=compute), 60, "compute to restart")
     print(f"compute killed at {moment}: lxc launch exited {launch.returncode}: {launch.stdout}")
     print(launch.stderr)
     # `lxc launch` is two operations: "Starting" is printed once the create succeeded.

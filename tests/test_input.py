@@ -13,9 +13,7 @@ answers LXD gets right, one test each.
 from __future__ import annotations
 
 import asyncio
-import http.client
 import json
-import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -28,6 +26,7 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from croft.common.store import Store, connect
+from croft.common.testing.waiting import UnixHTTPConnection
 
 from .conftest import Croft, Lxc
 
@@ -51,17 +50,6 @@ EXAMPLES = settings(
 
 
 # ---------------------------------------------------------------------------- a client
-
-
-class UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path) -> None:
-        super().__init__("lxd", timeout=120)
-        self.socket_path = str(path)
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.socket_path)
 
 
 @dataclass
@@ -89,7 +77,7 @@ class Client:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> Answer:
-        conn = UnixConnection(self.socket_path)
+        conn = UnixHTTPConnection(self.socket_path, timeout=120)
         try:
             conn.request(method, path, body=body, headers=headers or {})
             reply = conn.getresponse()

@@ -3,13 +3,13 @@ accepts means the same in compute, and no value can write LXC configuration."""
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from croft.common.testing.waiting import UnixHTTPConnection
 
 from .conftest import Croft, Lxc
 
@@ -46,18 +46,6 @@ def test_security_privileged_on_makes_a_privileged_container(
 
 
 INJECTED = "lxc.environment = INJECTED=1"
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP to croft's local unix socket, where the `lxc` client talks too."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__("croft")
-        self.path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(str(self.path))
 
 
 def request(croft: Croft, method: str, url: str, body: Any = None) -> tuple[int, Any]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 import pytest
 import yaml
 
+from croft.common.testing.host import subvolume_show
+
 from .conftest import Croft, Lxc
-from .test_faults import VOLUMES, kill_when, serving_pid, wait_until
-from .test_storage_pools import mounts_under, subvolume_show
+from .test_faults import VOLUMES, kill_when, wait_until
 
 
 def wait_for_ipv4(lxc: Lxc, name: str, timeout: float = 60) -> str:
@@ -87,9 +87,7 @@ def env(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[dict
     finally:
         for instance in lxc.json("list"):
             lxc("delete", "--force", instance["name"], check=False)
-        for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-            if point != str(state / "storage-pools/default"):
-                subprocess.run(["umount", "-l", point], capture_output=True)
+        croft.unmount_pools()
 
 
 def test_a_copy_of_a_stopped_container_is_a_new_instance_of_its_own(env: dict[str, Any]) -> None:
@@ -390,7 +388,7 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
     lxc, state, croft = env["lxc"], env["state"], env["croft"]
     name = f"mk-{when}"
     lxc("copy", "c1", name)
-    compute = serving_pid(croft, "compute")
+    compute = croft.serving_pid("compute")
     assert compute
 
     def copied(key: str, value: dict[str, Any]) -> bool:
@@ -409,7 +407,7 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
         await asyncio.wait_for(move.communicate(), 180)
 
     asyncio.run(move_and_kill())
-    wait_until(lambda: serving_pid(croft, "compute", other_than=compute), 60, "compute back")
+    wait_until(lambda: croft.serving_pid("compute", other_than=compute), 60, "compute back")
     pool = config_of(lxc, name)["devices"]["root"]["pool"]
     other = "p2" if pool == "default" else "default"
 

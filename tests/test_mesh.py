@@ -13,6 +13,7 @@ from pathlib import Path
 from croft.common import discovery, rpc
 from croft.common.store import connect
 from croft.common.telemetry import current_trace_id
+from croft.common.testing.waiting import wait_until
 from croft.v1 import common_pb2, common_pb2_grpc
 
 from .conftest import Croft, make_croft
@@ -22,16 +23,6 @@ SERVICES = {"api", "auth", "compute", "storage", "network", "images"}
 
 def serving(croft: Croft) -> list[dict]:
     return [r for r in croft.status() if r["health"] == "SERVING"]
-
-
-def wait_until(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_up_shows_six_healthy_services_and_etcd(running_croft: Croft) -> None:

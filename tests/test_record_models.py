@@ -18,15 +18,12 @@ import pytest
 
 from croft.common import records
 from croft.common.models import (
-    ImageAliasRecord,
+    MODELS,
     ImageRecord,
     InstanceRecord,
     NetworkMember,
     NetworkNic,
-    NetworkRecord,
     OperationRecord,
-    ProfileRecord,
-    ProjectRecord,
     Record,
     SnapshotRecord,
     StoragePoolRecord,
@@ -36,21 +33,6 @@ from croft.common.models.operation import OPERATIONS
 
 from .conftest import Croft, Lxc
 from .test_faults import store_list
-
-# kind under /croft/records/ -> its model
-MODELS: dict[str, type[Record] | type[NetworkMember]] = {
-    "instances": InstanceRecord,
-    "instance-snapshots": SnapshotRecord,
-    "storage-pools": StoragePoolRecord,
-    "storage-volumes": StorageVolumeRecord,
-    "networks": NetworkRecord,
-    "network-members": NetworkMember,
-    "network-nics": NetworkNic,
-    "images": ImageRecord,
-    "image-aliases": ImageAliasRecord,
-    "profiles": ProfileRecord,
-    "projects": ProjectRecord,
-}
 
 
 def expected_key(kind: str, key: str, model: Any) -> str:

@@ -6,35 +6,15 @@ input is refused with LXD's messages and leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from croft.common.testing.host import mounts_under, subvolume_show
+
 from .conftest import Croft, Lxc
-
-
-def mounts_under(path: Path) -> list[str]:
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if point == str(path) or point.startswith(f"{path}/"):
-                points.append(point)
-    return points
-
-
-def subvolume_show(path: Path) -> dict[str, str]:
-    out = subprocess.run(
-        ["btrfs", "subvolume", "show", str(path)], capture_output=True, text=True, check=True
-    ).stdout
-    fields = {}
-    for line in out.splitlines()[1:]:
-        key, _, value = line.strip().partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +25,7 @@ def pools(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[Pa
     lxc("image", "import", str(busybox_image), "--alias", "busybox")
     state = croft.root / "state"
     yield state
-    for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-        if point != str(state / "storage-pools/default"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    croft.unmount_pools()
 
 
 def status_of(lxc: Lxc, method: str, url: str, body: dict[str, object]) -> tuple[int, str]:

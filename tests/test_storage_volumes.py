@@ -37,9 +37,7 @@ def state(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[Pa
     lxc("image", "import", str(busybox_image), "--alias", "busybox")
     state = croft.root / "state"
     yield state
-    for point in sorted(mounts_under(state / "storage-pools"), key=len, reverse=True):
-        if point != str(state / "storage-pools/default"):
-            subprocess.run(["umount", "-l", point], capture_output=True)
+    croft.unmount_pools()
 
 
 def query(lxc: Lxc, method: str, url: str, body: object = None) -> dict[str, object]:

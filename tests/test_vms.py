@@ -174,10 +174,10 @@ def test_launch_vm_boots_on_the_bridge_then_stops_and_deletes_cleanly(
 
     # compute killed: the VM runs on (libvirt owns it), and exec works once it is back.
     qemu_pid = lxc.json("list", "v2")[0]["state"]["pid"]
-    compute = serving_pid(croft, "compute")
+    compute = croft.serving_pid("compute")
     os.kill(compute, signal.SIGKILL)
     deadline = time.monotonic() + 120
-    while not serving_pid(croft, "compute", other_than=compute):
+    while not croft.serving_pid("compute", other_than=compute):
         assert time.monotonic() < deadline, "compute was not restarted"
         time.sleep(0.5)
     assert Path(f"/proc/{qemu_pid}").exists()
@@ -216,19 +216,6 @@ def read_disk(lxc: Lxc, name: str) -> str:
         "-c",
         "dd if=/dev/vda bs=512 skip=2048 count=1 2>/dev/null | head -c 6",
     ).stdout
-
-
-def serving_pid(croft: Croft, service: str, other_than: int = 0) -> int:
-    for row in croft.status():
-        pid = int(row.get("pid") or 0)
-        if (
-            row["service"] == service
-            and row["health"] == "SERVING"
-            and pid not in (0, other_than)
-            and Path(f"/proc/{pid}").exists()
-        ):
-            return pid
-    return 0
 
 
 def test_a_container_image_is_refused_as_a_vm(vms: tuple[Croft, Lxc, str]) -> None:

@@ -14,20 +14,18 @@ from pydantic import ValidationError
 
 from croft.common import records
 from croft.common.models import (
+    MODELS,
     ImageAliasRecord,
     ImageRecord,
     InstanceMeta,
     InstanceRecord,
-    Model,
-    NetworkMember,
     NetworkNic,
     NetworkRecord,
     OperationRecord,
-    ProfileRecord,
     ProjectRecord,
-    SnapshotRecord,
     StoragePoolRecord,
     StorageVolumeRecord,
+    model_of,
 )
 from croft.common.models.operation import OPERATIONS
 
@@ -35,26 +33,6 @@ CAPTURED: list[tuple[str, dict[str, Any]]] = [
     (key, value)
     for key, value in json.loads((Path(__file__).parent / "fixtures/records.json").read_text())
 ]
-
-MODELS: dict[str, type[Model]] = {
-    "instances": InstanceRecord,
-    "instance-snapshots": SnapshotRecord,
-    "storage-pools": StoragePoolRecord,
-    "storage-volumes": StorageVolumeRecord,
-    "networks": NetworkRecord,
-    "network-members": NetworkMember,
-    "network-nics": NetworkNic,
-    "images": ImageRecord,
-    "image-aliases": ImageAliasRecord,
-    "profiles": ProfileRecord,
-    "projects": ProjectRecord,
-}
-
-
-def model_of(key: str) -> type[Model] | None:
-    if key.startswith(OPERATIONS):
-        return OperationRecord
-    return MODELS.get(key.removeprefix(records.RECORDS).split("/")[0])
 
 
 def one(kind: str) -> dict[str, Any]:

@@ -12,7 +12,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import threading
@@ -30,6 +29,7 @@ from croft.api.context import ApiContext, ApiSettings
 from croft.api.serving import UnixServer, serve_unix
 from croft.common.store import Store, connect
 from croft.common.testing.etcd import EtcdServer
+from croft.common.testing.waiting import UnixHTTPConnection
 
 TEMP_PREFIX = "croft-api-test-"
 T = TypeVar("T")
@@ -39,18 +39,6 @@ TEST_SETTINGS = ApiSettings(
     operation_lease_ttl=2,  # a dead owner's operations fail about 2 s after it dies
     keep_finished_operations=5.0,
 )
-
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float = 60.0) -> None:
-        super().__init__("lxd", timeout=timeout)
-        self.path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self.path)
-        self.sock = sock
 
 
 class Reply:

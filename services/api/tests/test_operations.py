@@ -25,6 +25,7 @@ from croft.common.errors import InvalidArgument, PermissionDenied
 from croft.common.records import modify
 from croft.common.riders import Rider
 from croft.common.store import Put, Update, dump
+from croft.common.testing.waiting import wait_until
 
 from .conftest import Replica
 
@@ -52,14 +53,19 @@ def release(replica: Replica, event: asyncio.Event) -> None:
     replica.loop.call_soon_threadsafe(event.set)
 
 
-def wait_for(predicate: Any, what: str, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+def lxc_waits(replica: Replica, op_id: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """`lxc query .../wait` on `replica` in a thread; the thread, and the dict the reply
+    lands in. Gives the waiter half a second to get there first (tests hold either way)."""
+    result: dict[str, Any] = {}
+
+    def wait_with_lxc() -> None:
+        query = replica.lxc("query", f"/1.0/operations/{op_id}/wait")
+        result.update(json.loads(query.stdout))
+
+    waiter = threading.Thread(target=wait_with_lxc)
+    waiter.start()
+    time.sleep(0.5)
+    return waiter, result
 
 
 def test_operation_is_seen_from_another_replica(replica: Replica, second_replica: Replica) -> None:
@@ -94,15 +100,7 @@ def test_wait_on_another_replica_returns_when_the_operation_ends(
     early = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=0.2")
     assert (early.status, early.metadata["status"]) == (200, "Running")
 
-    result: dict[str, Any] = {}
-
-    def wait_with_lxc() -> None:
-        query = second_replica.lxc("query", f"/1.0/operations/{op_id}/wait")
-        result.update(json.loads(query.stdout))
-
-    waiter = threading.Thread(target=wait_with_lxc)
-    waiter.start()
-    time.sleep(0.5)  # let the waiter get there first; the test holds either way
+    waiter, result = lxc_waits(second_replica, op_id)
     assert not result, "the wait returned before the operation ended"
     release(replica, event)
     waiter.join(60)
@@ -172,7 +170,7 @@ def test_a_service_can_end_the_operation_in_the_transaction_of_its_change(
         done = second_replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30")
         assert (done.metadata["status"], done.metadata["err"]) == ("Success", "")
         # Success is out once the change is committed, a moment before the task hears so
-        wait_for(lambda: "written" in seen, "the task to finish")
+        wait_until(lambda: "written" in seen, 30, "the task to finish")
         assert seen == {"writes": 2, "written": True}  # the record and its event
         change, end = revisions(replica, key, operation_key(op_id))
         assert change == end  # one transaction
@@ -196,7 +194,7 @@ def test_an_end_committed_late_still_stays_readable_for_keep_finished(replica: R
     op_id, seen = closing_operation(replica, key, interfere=False, takes=2.0)
     done = replica.request("GET", f"/1.0/operations/{op_id}/wait?timeout=30").metadata
     assert done["status"] == "Success"
-    assert wait_for(lambda: seen.get("written"), "the task to finish")
+    assert wait_until(lambda: seen.get("written"), 30, "the task to finish")
     time.sleep(4.5)
     assert replica.request("GET", f"/1.0/operations/{op_id}").status == 200
 
@@ -240,8 +238,9 @@ def test_finished_operations_go_away(replica: Replica, second_replica: Replica) 
     release(replica, event)
     replica.request("GET", f"/1.0/operations/{op_id}/wait")
     assert second_replica.request("GET", f"/1.0/operations/{op_id}").status == 200
-    gone = wait_for(
+    gone = wait_until(
         lambda: second_replica.request("GET", f"/1.0/operations/{op_id}").status == 404,
+        30,
         "the finished operation to be removed",
     )
     assert gone
@@ -270,7 +269,7 @@ def test_operation_of_a_killed_replica_is_reported_failed(
             op = replica.request("GET", f"/1.0/operations/{op_id}").metadata
             return op if op["status"] != "Running" else None
 
-        op = wait_for(failed, "the dead owner's operation to be reported")
+        op = wait_until(failed, 30, "the dead owner's operation to be reported")
         assert (op["status"], op["status_code"], op["err"]) == ("Failure", 400, ORPHANED)
         # A waiter learns it too, and so does `lxc operation show`.
         waited = replica.request("GET", f"/1.0/operations/{op_id}/wait").metadata
@@ -431,15 +430,7 @@ def test_wait_on_an_operation_older_than_the_store_history_still_waits(
         assert early.status == 200, early
         assert early.metadata["status"] == "Running"
 
-    result: dict[str, Any] = {}
-
-    def wait_with_lxc() -> None:
-        query = second_replica.lxc("query", f"/1.0/operations/{op_id}/wait")
-        result.update(json.loads(query.stdout))
-
-    waiter = threading.Thread(target=wait_with_lxc)
-    waiter.start()
-    time.sleep(0.5)  # let the waiter get there first; the test holds either way
+    waiter, result = lxc_waits(second_replica, op_id)
     compact_store(replica)  # and again while it waits
     assert not result, "the wait returned before the operation ended"
     release(replica, event)

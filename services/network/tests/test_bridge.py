@@ -9,7 +9,6 @@ import re
 import secrets
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import InvalidArgument
+from croft.common.testing.waiting import wait_until
 from croft.network.drivers import (
     DriverSettings,
     generate_hwaddr,
@@ -71,15 +71,6 @@ async def started(driver: BridgeDriver, name: str, config: dict[str, str] | None
 
 def gateway(config: dict[str, str]) -> str:
     return str(IPv4Interface(config["ipv4.address"]).ip)
-
-
-def wait_for(predicate: Callable[[], object], what: str, timeout: float = 10.0) -> None:
-    """Poll for something that happens asynchronously (dnsmasq rewriting its files)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 # -- helpers of the driver -----------------------------------------------------------
@@ -347,7 +338,7 @@ async def test_remove_instance_releases_the_lease_for_another_guest(
     address = first.dhcp()
     assert address is not None
     lease_file = driver.state_dir(net_name) / "dnsmasq.leases"
-    wait_for(lambda: first.hwaddr in lease_file.read_text(), "the lease in the lease file")
+    wait_until(lambda: first.hwaddr in lease_file.read_text(), 10, "the lease in the lease file")
 
     first.remove()  # the instance is gone; its lease would otherwise live for an hour
     await driver.remove_instance(net_name, "c1", first.hwaddr)

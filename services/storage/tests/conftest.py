@@ -8,7 +8,6 @@ to POOL_FACTORIES that yields a created and mounted pool inside the directory it
 from __future__ import annotations
 
 import asyncio
-import re
 import secrets
 import shutil
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from croft.common.testing.host import mounts_under as _mounts_under
 from croft.storage.drivers import StorageDriver, load_driver
 
 TEST_PREFIX = "croft-storage-test-"
@@ -50,17 +50,6 @@ POOL_FACTORIES: dict[str, Callable[[Path], AbstractAsyncContextManager[StorageDr
     "dir": dir_pool,
     "btrfs": btrfs_pool,
 }
-
-
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path`, read from /proc/self/mountinfo."""
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[4])
-            if point == str(path) or point.startswith(f"{path}/"):
-                points.append(point)
-    return points
 
 
 def remove_test_dir(base: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from croft.common.errors import InvalidArgument
+from croft.common.testing.host import subvolume_show
 from croft.storage.drivers import (
     ContentType,
     Mounted,
@@ -73,17 +74,6 @@ async def sh(*argv: str) -> str:
     done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     return done.stdout
-
-
-def subvolume_show(path: Path) -> dict[str, str]:
-    out = subprocess.run(
-        ["btrfs", "subvolume", "show", str(path)], capture_output=True, text=True, check=True
-    ).stdout
-    fields = {}
-    for line in out.splitlines()[1:]:
-        key, _, value = line.strip().partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
 
 
 async def test_a_launch_is_a_snapshot_of_the_image(pool: StorageDriver) -> None:

@@ -7,6 +7,7 @@ agree after every call, and after a service killed half-way is started again."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import subprocess
 from collections.abc import AsyncIterator
@@ -18,12 +19,12 @@ import pytest
 
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.records import record_prefix
+from croft.common.testing.host import mounts_under
 from croft.storage.core import volume_key
 from croft.v1 import storage_pb2
 
 from .test_service import (  # noqa: F401 (fixtures)
     StorageService,
-    _mounted_under,
     busybox_image,
     etcd,
     storage,
@@ -31,12 +32,10 @@ from .test_service import (  # noqa: F401 (fixtures)
 )
 
 
-@pytest.fixture(params=["dir", "btrfs"])
-async def pool(request: pytest.FixtureRequest, storage: StorageService) -> AsyncIterator[str]:
-    """The service's default dir pool, or a btrfs pool it makes on a loop file."""
-    if request.param == "dir":
-        yield storage.pool
-        return
+@contextlib.asynccontextmanager
+async def btrfs_pool(storage: StorageService) -> AsyncIterator[Path]:
+    """A btrfs pool "bt" on a loop file, made through the service; its mount point. What
+    a failed test left mounted in it is unmounted after."""
     assert storage.client is not None
     mount = storage.base / "state/storage-pools/bt"
     await storage.client.call(
@@ -45,10 +44,20 @@ async def pool(request: pytest.FixtureRequest, storage: StorageService) -> Async
         timeout=120,
     )
     try:
-        yield "bt"
+        yield mount
     finally:
-        for point in _mounted_under(mount):
+        for point in mounts_under(mount):
             await asyncio.to_thread(subprocess.run, ["umount", "-l", point], check=False)
+
+
+@pytest.fixture(params=["dir", "btrfs"])
+async def pool(request: pytest.FixtureRequest, storage: StorageService) -> AsyncIterator[str]:
+    """The service's default dir pool, or a btrfs pool it makes on a loop file."""
+    if request.param == "dir":
+        yield storage.pool
+        return
+    async with btrfs_pool(storage):
+        yield "bt"
 
 
 def pool_dir(storage: StorageService, pool: str) -> Path:
@@ -139,14 +148,7 @@ async def test_bad_custom_volume_calls_change_nothing(storage: StorageService, p
 
 async def test_a_copy_across_pools_brings_the_snapshots(storage: StorageService) -> None:
     """dir -> btrfs: each snapshot is the state it was, and the volume its own."""
-    assert storage.client is not None
-    mount = storage.base / "state/storage-pools/bt"
-    await storage.client.call(
-        "CreatePool",
-        storage_pb2.PoolRequest(name="bt", driver="btrfs", config='{"size": "512MiB"}'),
-        timeout=120,
-    )
-    try:
+    async with btrfs_pool(storage) as mount:
         await call(storage, "CreateCustomVolume", pool=storage.pool, name="v1")
         src = Path(
             (await call(storage, "MountCustomVolume", pool=storage.pool, name="v1")).mount_path
@@ -169,22 +171,12 @@ async def test_a_copy_across_pools_brings_the_snapshots(storage: StorageService)
         assert (mount / "custom-snapshots/w1/s-b/f").read_text() == "b"
         assert await custom_keys(storage, "bt") == ["w1", "w1/s-a", "w1/s-b"]
         await call(storage, "DeleteCustomVolume", pool="bt", name="w1")
-    finally:
-        for point in _mounted_under(mount):
-            await asyncio.to_thread(subprocess.run, ["umount", "-l", point], check=False)
 
 
 async def test_a_btrfs_size_is_a_quota_that_can_grow_but_not_below_use(
     storage: StorageService,
 ) -> None:
-    assert storage.client is not None
-    mount = storage.base / "state/storage-pools/bt"
-    await storage.client.call(
-        "CreatePool",
-        storage_pb2.PoolRequest(name="bt", driver="btrfs", config='{"size": "512MiB"}'),
-        timeout=120,
-    )
-    try:
+    async with btrfs_pool(storage) as mount:
         await call(storage, "CreateCustomVolume", pool="bt", name="q", config='{"size": "8MiB"}')
         path = mount / "custom/q"
         result = await asyncio.to_thread(
@@ -207,9 +199,6 @@ async def test_a_btrfs_size_is_a_quota_that_can_grow_but_not_below_use(
         assert state["usage"]["total"] == 64 * 1024**2
         assert 16 * 1024**2 <= state["usage"]["used"] < 64 * 1024**2
         await call(storage, "DeleteCustomVolume", pool="bt", name="q")
-    finally:
-        for point in _mounted_under(mount):
-            await asyncio.to_thread(subprocess.run, ["umount", "-l", point], check=False)
 
 
 async def test_a_restart_removes_what_a_killed_create_left(

@@ -18,11 +18,11 @@ import pytest
 
 from croft.common.errors import Conflict, CroftError, NotFound
 from croft.common.records import record_prefix
+from croft.common.testing.host import mounts_under, subvolume_show
 from croft.v1 import storage_pb2
 
 from .test_service import (  # noqa: F401 (fixtures)
     StorageService,
-    _mounted_under,
     busybox_image,
     etcd,
     storage,
@@ -50,7 +50,7 @@ async def pools(storage: StorageService) -> AsyncIterator[dict[str, str]]:
     try:
         yield {"dir": storage.pool, "bt1": "bt1", "bt2": "bt2"}
     finally:
-        for point in sorted(_mounted_under(storage.base / "state"), key=len, reverse=True):
+        for point in sorted(mounts_under(storage.base / "state"), key=len, reverse=True):
             await asyncio.to_thread(subprocess.run, ["umount", "-l", point], check=False)
 
 
@@ -63,17 +63,6 @@ def entries(storage: StorageService, pool: str, sub: str) -> list[str]:
     """Every entry of a pool's directory, the driver's hidden temporary ones included."""
     directory = pool_dir(storage, pool) / sub
     return sorted(os.listdir(directory)) if directory.is_dir() else []
-
-
-def subvolume(path: Path) -> dict[str, str]:
-    out = subprocess.run(
-        ["btrfs", "subvolume", "show", str(path)], capture_output=True, text=True, check=True
-    ).stdout
-    fields = {}
-    for line in out.splitlines()[1:]:
-        key, _, value = line.strip().partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
 
 
 async def make_instance_with_history(
@@ -137,13 +126,13 @@ async def test_a_copy_brings_every_snapshot_and_the_last_state(
 
     if target == origin:
         # Within a btrfs pool, a copy is a snapshot of the subvolume: no data copied.
-        copied, original = subvolume(rootfs.parent), subvolume(origin_root.parent)
+        copied, original = subvolume_show(rootfs.parent), subvolume_show(origin_root.parent)
         assert copied["Parent UUID"] == original["UUID"]
     elif (origin, target) == ("bt1", "bt2"):
         # Between btrfs pools, a send/receive stream; each snapshot was sent against the
         # one before, so the copies share their blocks as the originals did.
-        assert subvolume(snapshots / "s2")["Received UUID"] != "-"
-        assert subvolume(snapshots / "s2")["Flags"] == "readonly"
+        assert subvolume_show(snapshots / "s2")["Received UUID"] != "-"
+        assert subvolume_show(snapshots / "s2")["Flags"] == "readonly"
 
 
 async def test_a_copy_of_a_snapshot_is_that_state_alone(

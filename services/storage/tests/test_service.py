@@ -34,6 +34,7 @@ from croft.common.records import record_key, record_prefix
 from croft.common.rpc import Server, ServiceClient
 from croft.common.store.etcd import EtcdStore
 from croft.common.testing.etcd import EtcdServer
+from croft.common.testing.host import mounts_under
 from croft.imageformat.builder import build_image
 from croft.storage.core import pool_key, volume_key
 from croft.storage.drivers import load_driver
@@ -742,12 +743,6 @@ async def test_deleting_an_image_deletes_its_volumes(
     assert len(storage.images.calls) == 2
 
 
-def _mounted_under(path: Path) -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        points = [line.split()[4] for line in f]
-    return [p for p in points if p == str(path) or p.startswith(f"{path}/")]
-
-
 async def test_a_btrfs_pool_made_by_the_service_is_remounted_at_start_and_deleted_whole(
     storage: StorageService, busybox_image: tuple[Path, str]
 ) -> None:
@@ -771,7 +766,7 @@ async def test_a_btrfs_pool_made_by_the_service_is_remounted_at_start_and_delete
             "state": "created",
             "config": {"size": "512MiB", "source": str(loop_file)},
         }
-        assert _mounted_under(mount) == [str(mount)]
+        assert mounts_under(mount) == [str(mount)]
         created = await storage.call(
             "CreateInstanceVolume", pool="bt", name="c1", image_fingerprint=fp
         )
@@ -780,7 +775,7 @@ async def test_a_btrfs_pool_made_by_the_service_is_remounted_at_start_and_delete
         storage.stop()
         await asyncio.to_thread(subprocess.run, ["umount", str(mount)], check=True)
         await storage.start()
-        assert _mounted_under(mount) == [str(mount)]
+        assert mounts_under(mount) == [str(mount)]
         assert (Path(created.path) / "bin/busybox").is_file()
 
         with pytest.raises(InvalidArgument, match="currently in use"):
@@ -792,9 +787,9 @@ async def test_a_btrfs_pool_made_by_the_service_is_remounted_at_start_and_delete
         assert await storage.record(pool_key("bt")) is None
         assert await storage.record(volume_key("bt", "image", fp)) is None
         assert not loop_file.exists() and not mount.exists()
-        assert _mounted_under(mount) == []
+        assert mounts_under(mount) == []
     finally:
-        for point in _mounted_under(mount):
+        for point in mounts_under(mount):
             await asyncio.to_thread(subprocess.run, ["umount", "-l", point], check=False)
 
 

@@ -37,6 +37,7 @@ import yaml
 from croft.common.errors import CroftError, InvalidArgument, NotFound
 from croft.common.proc import run_async
 from croft.storage.drivers import Mounted, StorageDriver, Volume, check_name
+from croft.storage.transfer import through_pipe
 
 # A backup of a big tree on a slow disk can take long; the timeout only catches hangs.
 BACKUP_TIMEOUT = 3600.0
@@ -486,15 +487,8 @@ async def _receive_streams(
 ) -> None:
     """`vol` and its snapshots received from the .bin files, fed to the driver as one
     stream; on failure nothing of `vol` is left (the driver's promise)."""
-    read_end, write_end = os.pipe()
-    fds = {"read": read_end, "write": write_end}
 
-    def close(end: str) -> None:
-        fd = fds.pop(end, -1)
-        if fd >= 0:
-            os.close(fd)
-
-    def pump() -> None:
+    def pump(write_end: int) -> None:
         for path in files:
             with path.open("rb") as f:
                 while data := f.read(CHUNK):
@@ -502,24 +496,10 @@ async def _receive_streams(
                     while view:
                         view = view[os.write(write_end, view) :]
 
-    async def send() -> None:
-        try:
-            await asyncio.to_thread(pump)
-        finally:
-            close("write")
-
-    async def receive() -> None:
-        try:
-            await driver.receive_volume(vol, snapshots, read_end)
-        finally:
-            close("read")
-
-    try:
-        results = await asyncio.gather(send(), receive(), return_exceptions=True)
-    finally:
-        close("read")
-        close("write")
-    sent, received = results
+    sent, received = await through_pipe(
+        lambda fd: asyncio.to_thread(pump, fd),
+        lambda fd: driver.receive_volume(vol, snapshots, fd),
+    )
     if isinstance(received, BaseException):
         raise received
     if isinstance(sent, BaseException):

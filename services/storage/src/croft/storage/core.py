@@ -1189,6 +1189,19 @@ class StorageCore:
         await self.store.transaction(operations)
         return done
 
+    async def _record_snapshots(
+        self, driver: StorageDriver, ref: VolumeRef, vol: Volume, revert: Reverter
+    ) -> None:
+        """Record every snapshot the driver holds of the newly made `vol` (a copy, an
+        import), completed, in one transaction that `revert` takes back."""
+        operations: list[Create | Update | Put | Delete] = []
+        for name in await driver.list_snapshots(vol):
+            snap = _completed(self._snapshot_record(ref, name))
+            operations.append(Create(ref.snapshot_key(name), dump(snap)))
+        if operations:
+            revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
+            await self.store.transaction(operations)
+
     async def copy_instance_volume(
         self,
         ref: VolumeRef,
@@ -1240,13 +1253,7 @@ class StorageCore:
                     await uninterrupted(
                         transfer.copy_between_pools(source, origin, snapshots, driver, new_vol)
                     )
-                operations: list[Create | Update | Put | Delete] = []
-                for name in await driver.list_snapshots(new_vol):
-                    snap = _completed(self._snapshot_record(new, name))
-                    operations.append(Create(new.snapshot_key(name), dump(snap)))
-                if operations:
-                    revert.add(lambda: self.store.delete_prefix(f"{new.key}/"))
-                    await self.store.transaction(operations)
+                await self._record_snapshots(driver, new, new_vol, revert)
                 done = await self._complete(new.key, record)
                 revert.success()
             with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
@@ -1316,13 +1323,7 @@ class StorageCore:
                 await self._require_no_volume(driver, ref, vol)
                 revert.add(lambda: driver.delete_volume(vol))
                 await uninterrupted(self.backups.restore(upload, snapshots, driver, vol))
-                operations: list[Create | Update | Put | Delete] = []
-                for name in await driver.list_snapshots(vol):
-                    snap = _completed(self._snapshot_record(ref, name))
-                    operations.append(Create(ref.snapshot_key(name), dump(snap)))
-                if operations:
-                    revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
-                    await self.store.transaction(operations)
+                await self._record_snapshots(driver, ref, vol, revert)
                 done = await self._complete(ref.key, record)
                 revert.success()
             with contextlib.suppress(CroftError):

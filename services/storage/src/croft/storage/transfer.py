@@ -20,12 +20,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from croft.common.blocking import uninterrupted
 from croft.common.errors import CroftError, NotFound
 from croft.common.proc import run_async
 from croft.storage.drivers import Mounted, StorageDriver, Volume
+from croft.storage.drivers.dir import UNRECORDED
 
 # A copy of a big tree on a slow disk can take long; the timeout only catches hangs.
 COPY_TIMEOUT = 3600.0
@@ -55,13 +56,16 @@ async def copy_between_pools(
         await _trees(source, origin, snapshots, target, vol)
 
 
-async def _stream(
-    source: StorageDriver,
-    origin: Volume,
-    snapshots: Sequence[str],
-    target: StorageDriver,
-    vol: Volume,
-) -> None:
+async def through_pipe(
+    send: Callable[[int], Awaitable[None]],
+    receive: Callable[[int], Awaitable[None]],
+    shield: bool = False,
+) -> tuple[BaseException | None, BaseException | None]:
+    """Run `send(write_fd)` and `receive(read_fd)` together on the two ends of one pipe,
+    and say how each ended (None, or what it raised). Each end is closed as soon as its
+    side is done: the receiver sees the end of the stream (or a cut one), a sender still
+    writing gets EPIPE instead of waiting forever. `shield`: a cancelled caller still
+    waits for both sides to finish (they may be undoing what they made)."""
     read_end, write_end = os.pipe()
     fds = {"read": read_end, "write": write_end}
 
@@ -70,26 +74,39 @@ async def _stream(
         if fd >= 0:
             os.close(fd)
 
-    async def send() -> None:
+    async def sending() -> None:
         try:
-            await source.send_volume(origin, snapshots, write_end)
+            await send(write_end)
         finally:
-            close("write")  # the receiver sees the end of the stream (or a cut one)
+            close("write")
 
-    async def receive() -> None:
+    async def receiving() -> None:
         try:
-            await target.receive_volume(vol, snapshots, read_end)
+            await receive(read_end)
         finally:
-            close("read")  # a sender still writing gets EPIPE instead of waiting forever
+            close("read")
 
     try:
-        sending = asyncio.ensure_future(send())
-        receiving = asyncio.ensure_future(receive())
-        results = await uninterrupted(asyncio.gather(sending, receiving, return_exceptions=True))
+        both = asyncio.gather(sending(), receiving(), return_exceptions=True)
+        sent, received = await (uninterrupted(both) if shield else both)
     finally:
         close("read")
         close("write")
-    sent, received = results
+    return sent, received
+
+
+async def _stream(
+    source: StorageDriver,
+    origin: Volume,
+    snapshots: Sequence[str],
+    target: StorageDriver,
+    vol: Volume,
+) -> None:
+    sent, received = await through_pipe(
+        lambda fd: source.send_volume(origin, snapshots, fd),
+        lambda fd: target.receive_volume(vol, snapshots, fd),
+        shield=True,
+    )
     # The receiver's error says what went wrong with the copy, unless it only saw the
     # stream cut short by a failed sender.
     if isinstance(sent, BaseException) and not isinstance(received, BaseException):
@@ -141,15 +158,15 @@ async def _sync(origin: Mounted, into: Mounted) -> None:
     else:
         # -HAX: hard links, ACLs, xattrs; --numeric-ids: the ids as they are on disk (an
         # unprivileged container's, seen from the host); --checksum: two states a second
-        # apart may have equal sizes and times; the drivers' hidden marks at the top of
-        # a volume are neither copied nor deleted.
+        # apart may have equal sizes and times; the dir driver's mark at the top of a
+        # volume made but not yet recorded is neither copied nor deleted.
         argv = [
             "rsync",
             "-aHAX",
             "--numeric-ids",
             "--delete",
             "--checksum",
-            "--exclude=/.*",
+            f"--exclude=/{UNRECORDED}",
             f"{origin.path}/",
             f"{into.path}/",
         ]

@@ -29,7 +29,6 @@ from croft.common.blocking import uninterrupted
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.models import StorageVolumeRecord, VolumeMeta
-from croft.common.proc import run_async
 from croft.common.projects import owning_project
 from croft.common.records import DEFAULT_PROJECT, modify, record_prefix
 from croft.common.revert import Reverter
@@ -54,13 +53,13 @@ from croft.storage.core import (
 )
 from croft.storage.drivers import (
     ContentType,
-    Mounted,
     StorageDriver,
     Volume,
     VolumeType,
     check_name,
 )
-from croft.storage.drivers.dir import COPY_TIMEOUT, parse_size
+from croft.storage.drivers.dir import parse_size
+from croft.storage.transfer import copy_between_pools
 
 log = logging.getLogger(__name__)
 
@@ -400,7 +399,7 @@ class CustomVolumes:
                     )
                 else:
                     await uninterrupted(
-                        self._copy_across(src_driver, origin, driver, vol, src_vol, snapshots)
+                        copy_between_pools(src_driver, origin, snapshots, driver, vol)
                     )
                 operations: list[Create | Update | Put | Delete] = []
                 for snapshot in snapshots:
@@ -419,52 +418,6 @@ class CustomVolumes:
                 done = await self._complete(ref.key, record)
                 revert.success()
         return done
-
-    @staticmethod
-    async def _copy_across(
-        src_driver: StorageDriver,
-        origin: Volume,
-        driver: StorageDriver,
-        vol: Volume,
-        src_vol: Volume,
-        snapshots: list[str],
-    ) -> None:
-        """A copy between two pools: the new volume is made from the oldest snapshot and
-        snapshotted, brought to each newer one in turn (rsync) and snapshotted again,
-        then brought to `origin`'s state."""
-
-        async def sync_from(source: Volume, target: Mounted) -> None:
-            mounted = await src_driver.mount_volume(source)
-            if target.block_device is not None and mounted.block_device is not None:
-                argv = [
-                    "cp",
-                    "--sparse=always",
-                    str(mounted.block_device),
-                    str(target.block_device),
-                ]
-            else:
-                # -HAX: hard links, ACLs, xattrs; --numeric-ids: the ids as they are on disk;
-                # --checksum: two states a second apart may have equal sizes and mtimes.
-                argv = [
-                    "rsync",
-                    "-aHAX",
-                    "--numeric-ids",
-                    "--delete",
-                    "--checksum",
-                    f"{mounted.path}/",
-                    f"{target.path}/",
-                ]
-            await run_async(argv, timeout=COPY_TIMEOUT)
-
-        states = [src_vol.snapshot(s) for s in snapshots] + [origin]
-
-        async def first(target: Mounted) -> None:
-            await sync_from(states[0], target)
-
-        await driver.create_volume(vol, first)
-        for snapshot, newer in zip(snapshots, states[1:], strict=True):
-            await driver.create_snapshot(vol.snapshot(snapshot))
-            await sync_from(newer, await driver.mount_volume(vol))
 
     async def state(self, ref: CustomRef) -> dict[str, Any]:
         """LXD's `/state`: the bytes used, and the size limit as the total (0: none)."""

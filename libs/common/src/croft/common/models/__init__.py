@@ -17,7 +17,7 @@ from croft.common.models.instance import (
     SnapshotRecord,
 )
 from croft.common.models.network import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
-from croft.common.models.operation import Operation, OperationRecord
+from croft.common.models.operation import OPERATIONS, Operation, OperationRecord
 from croft.common.models.project import ProfileRecord, ProjectRecord
 from croft.common.models.storage import (
     PoolMember,
@@ -26,6 +26,31 @@ from croft.common.models.storage import (
     StorageVolumeRecord,
     VolumeMeta,
 )
+from croft.common.records import RECORDS
+
+# The model of each kind of record under `croft.common.records.RECORDS`.
+MODELS: dict[str, type[Model]] = {
+    "instances": InstanceRecord,
+    "instance-snapshots": SnapshotRecord,
+    "storage-pools": StoragePoolRecord,
+    "storage-volumes": StorageVolumeRecord,
+    "networks": NetworkRecord,
+    "network-members": NetworkMember,
+    "network-nics": NetworkNic,
+    "images": ImageRecord,
+    "image-aliases": ImageAliasRecord,
+    "profiles": ProfileRecord,
+    "projects": ProjectRecord,
+}
+
+
+def model_of(key: str) -> type[Model] | None:
+    """The model of the record stored at `key` (records and operations), None for a key
+    no model covers."""
+    if key.startswith(OPERATIONS):
+        return OperationRecord
+    return MODELS.get(key.removeprefix(RECORDS).split("/")[0])
+
 
 __all__ = [
     "BackupMeta",
@@ -36,6 +61,7 @@ __all__ = [
     "ImageRecord",
     "InstanceMeta",
     "InstanceRecord",
+    "MODELS",
     "Model",
     "NetworkMember",
     "NetworkMeta",
@@ -53,4 +79,5 @@ __all__ = [
     "StoragePoolRecord",
     "StorageVolumeRecord",
     "VolumeMeta",
+    "model_of",
 ]

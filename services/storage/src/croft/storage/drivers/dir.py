@@ -202,7 +202,7 @@ def _remove_tree(path: Path) -> None:
 
 
 # In a new instance volume's directory until its record is written (mark_recorded).
-_UNRECORDED = ".unrecorded"
+UNRECORDED = ".unrecorded"  # a volume made but not yet recorded (at its top)
 
 
 def _finish_volume(
@@ -213,7 +213,7 @@ def _finish_volume(
         os.chmod(tmp, mode)
     if unrecorded:
         with contextlib.suppress(FileExistsError):
-            os.close(os.open(tmp / _UNRECORDED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            os.close(os.open(tmp / UNRECORDED, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     _move_into_place(tmp, final, what)
 
 
@@ -623,7 +623,7 @@ class DirDriver(StorageDriver):
     async def mark_recorded(self, vol: Volume) -> None:
         # One unlink: cheaper here than a trip to a thread.
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._require(vol) / _UNRECORDED)
+            os.unlink(self._require(vol) / UNRECORDED)
 
     async def unrecorded_volumes(self, type: VolumeType) -> list[str]:
         self._require_pool()
@@ -634,7 +634,7 @@ class DirDriver(StorageDriver):
                 entry.name
                 for entry in os.scandir(parent)
                 if not entry.name.startswith(".")
-                and os.path.lexists(os.path.join(entry.path, _UNRECORDED))
+                and os.path.lexists(os.path.join(entry.path, UNRECORDED))
             )
 
         return await in_thread(find)
