@@ -2,7 +2,7 @@
 (scripts/build-images.sh, cached), imported in LXD's split VM format, launched without
 `--vm` (a VM image makes a VM), booted through UEFI with secure boot from its own disk;
 systemd finishes booting, its agent answers, and its name resolves from a container on
-the same bridge. Then what is done with a VM's image and disk: publish, export, copy.
+the same bridge; a custom block volume and a shared host directory (9p) reach the guest.
 
 One Debian VM boots in this module (about a minute or two under TCG), shared by the tests,
 which run in order."""
@@ -64,7 +64,17 @@ def booted(
     meta, rootfs = debian_vm_image
     lxc("image", "import", str(meta), str(rootfs), "--alias", "debian-vm", timeout=600)
     lxc("image", "import", str(busybox_image), "--alias", "busybox")
-    lxc("launch", "debian-vm", "v1", timeout=600)  # no --vm: the image's type decides
+    lxc("init", "debian-vm", "v1", timeout=600)  # no --vm: the image's type decides
+    # Two disks beyond the root disk: a custom block volume, and a host directory shared
+    # with the guest (9p).
+    pool = lxc.json("storage", "list")[0]["name"]
+    lxc("storage", "volume", "create", pool, "blk", "--type=block", "size=64MiB")
+    lxc("config", "device", "add", "v1", "blk", "disk", f"pool={pool}", "source=blk")
+    share = croft.root / "share"
+    share.mkdir()
+    (share / "from-host").write_text("hello from the host\n")
+    lxc("config", "device", "add", "v1", "share", "disk", f"source={share}", "path=/mnt/share")
+    lxc("start", "v1", timeout=600)
     lxc("launch", "busybox", "c1")
     poll(
         lambda: lxc("exec", "v1", "--", "true", check=False).returncode == 0,
@@ -75,6 +85,7 @@ def booted(
     prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
     for name in ("v1", "v2", "c1"):
         lxc("delete", "-f", name, check=False)
+    lxc("storage", "volume", "delete", pool, "blk", check=False)
     conn = libvirt.open(qemu.URI)
     try:
         for dom in conn.listAllDomains():
@@ -131,3 +142,18 @@ def test_debian_vm_name_resolves_from_a_container(booted: tuple[Croft, Lxc]) -> 
     state = json.loads(lxc("query", "/1.0/instances/v1/state").stdout)
     addresses = [a["address"] for n in state["network"].values() for a in n["addresses"]]
     assert v1_address in addresses
+
+
+def test_debian_vm_sees_its_extra_disks(booted: tuple[Croft, Lxc]) -> None:
+    croft, lxc = booted
+    # The custom block volume: a 64 MiB disk named by its device.
+    out = lxc("exec", "v1", "--", "blockdev", "--getsize64", "/dev/disk/by-id/virtio-croft_blk")
+    assert out.stdout.strip() == str(64 * 1024**2)
+    # The host directory, mounted by its device name as 9p tag, both ways.
+    lxc("exec", "v1", "--", "mkdir", "-p", "/mnt/share")
+    lxc("exec", "v1", "--", "mount", "-t", "9p", "-o", "trans=virtio,version=9p2000.L",
+        "share", "/mnt/share")  # fmt: skip
+    assert lxc("exec", "v1", "--", "cat", "/mnt/share/from-host").stdout == "hello from the host\n"
+    lxc("exec", "v1", "--", "sh", "-c", "echo hello from the guest > /mnt/share/from-guest")
+    assert (croft.root / "share" / "from-guest").read_text() == "hello from the guest\n"
+    lxc("exec", "v1", "--", "umount", "/mnt/share")

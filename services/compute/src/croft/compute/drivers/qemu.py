@@ -349,6 +349,39 @@ def _vcpus(config: dict[str, str]) -> int:
     return len(cpu.cpus or ()) or 1
 
 
+def _extra_disk(devices: ET.Element, dev_name: str, device: dict[str, str], index: int) -> None:
+    """A disk device beyond the root disk: a block source (a custom block volume, a host
+    block device or image file) is a virtio disk whose serial is the device's name (as
+    LXD's `lxd_<name>`: /dev/disk/by-id/virtio-croft_<name> in the guest); a directory
+    (a host path or a custom filesystem volume) is shared with the guest over 9p,
+    with the device's name as its mount tag (`mount -t 9p -o trans=virtio <name> <path>`)."""
+    source = device.get("source", "")
+    if not source or not os.path.isabs(source):
+        raise InvalidArgument(f'Device "{dev_name}": a disk needs an absolute source')
+    readonly = device.get("readonly", "").lower() in ("true", "1", "yes", "on")
+    if os.path.isdir(source):
+        if not device.get("path"):
+            raise InvalidArgument(f'Device "{dev_name}": a shared directory needs a path')
+        fs = ET.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
+        ET.SubElement(fs, "driver", type="path")
+        ET.SubElement(fs, "source", dir=source)
+        ET.SubElement(fs, "target", dir=dev_name[:31])
+        if readonly:
+            ET.SubElement(fs, "readonly")
+        return
+    if not os.path.exists(source):
+        raise InvalidArgument(f'Device "{dev_name}": missing source "{source}"')
+    is_block = Path(source).is_block_device()
+    disk_el = ET.SubElement(devices, "disk", type="block" if is_block else "file")
+    disk_el.set("device", "disk")
+    ET.SubElement(disk_el, "driver", name="qemu", type="raw", discard="unmap")
+    ET.SubElement(disk_el, "source", {"dev": source} if is_block else {"file": source})
+    ET.SubElement(disk_el, "target", dev="vd" + chr(ord("a") + index), bus="virtio")
+    ET.SubElement(disk_el, "serial").text = f"croft_{dev_name}"[:20]
+    if readonly:
+        ET.SubElement(disk_el, "readonly")
+
+
 class QemuDriver(InstanceDriver):
     name: ClassVar[str] = "qemu"
     instance_type: ClassVar[str] = "virtual-machine"
@@ -522,14 +555,15 @@ class QemuDriver(InstanceDriver):
         ET.SubElement(disk_el, "target", dev="vda", bus="virtio")
         if firmware is not None:
             ET.SubElement(disk_el, "boot", order="1")
+        extra_disks = 0
         for dev_name, device in sorted(spec.devices.items()):
             kind = device.get("type")
             if kind == "disk":
                 if device.get("path") == "/":
                     continue
-                raise InvalidArgument(
-                    f'Device "{dev_name}": only the root disk is supported on virtual machines yet'
-                )
+                extra_disks += 1
+                _extra_disk(devices, dev_name, device, extra_disks)
+                continue
             if kind != "nic":
                 raise InvalidArgument(
                     f'Device "{dev_name}": devices of type "{kind}" are not supported on '
