@@ -79,6 +79,20 @@ for f in /etc/subuid /etc/subgid; do
   grep -qs '^root:' "$f" || { echo "root:1000000:1000000000" >> "$f"; say "added root range to $f"; }
 done
 
+# The OpenID provider the OIDC tests start (npm oidc-provider, tests/oidc/op.mjs): node and
+# npm from Debian unless a node with npm is already installed (nodesource's ships both and
+# conflicts with Debian's npm package); oidc-provider 8 runs on Debian's node 18.
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  say "apt: installing nodejs npm"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends nodejs npm
+fi
+if [ ! -d tests/oidc/node_modules/oidc-provider ] \
+   || [ tests/oidc/package-lock.json -nt tests/oidc/node_modules/.package-lock.json ]; then
+  say "npm: installing the test OpenID provider (tests/oidc)"
+  (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
 mkdir -p /etc/croft /var/lib/croft /var/log/croft
 ln -sfn "$PWD/.venv/bin/croft" /usr/local/bin/croft
 

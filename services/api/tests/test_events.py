@@ -15,9 +15,10 @@ from websockets.sync.client import ClientConnection, unix_connect
 
 from croft.api.events import FLUSH_DELAY
 from croft.common.events import Event, lifecycle_metadata, rfc3339_nano
+from croft.common.testing.waiting import wait_until
 
 from .conftest import Replica
-from .test_operations import held_operation, release, wait_for
+from .test_operations import held_operation, release
 
 PUBLISH = """
 import asyncio, sys
@@ -151,7 +152,7 @@ def test_a_listener_that_stops_reading_is_dropped(replica: Replica, clean_store:
                 received += 1
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert received < count
-    wait_for(lambda: replica.ctx.hub.listeners == 0, "both listeners to be gone")
+    wait_until(lambda: replica.ctx.hub.listeners == 0, 30, "both listeners to be gone")
 
 
 def test_lxc_monitor_sees_profile_lifecycle(replica: Replica, second_replica: Replica) -> None:
@@ -164,7 +165,7 @@ def test_lxc_monitor_sees_profile_lifecycle(replica: Replica, second_replica: Re
     )
     try:
         assert monitor.stdout is not None
-        wait_for(lambda: second_replica.ctx.hub.listeners == 1, "lxc monitor to connect")
+        wait_until(lambda: second_replica.ctx.hub.listeners == 1, 30, "lxc monitor to connect")
         replica.request("POST", "/1.0/profiles", {"name": "m1"})
         line = monitor.stdout.readline()
         event = json.loads(line)
@@ -214,8 +215,9 @@ def record_writes(replica: Replica) -> list[bytes]:
     """The writes of events to the one listener written to directly (an `lxc` client's
     kind), as they happen."""
     hub = replica.ctx.hub
-    wait_for(
+    wait_until(
         lambda: [s.writer is not None for s in hub._subscriptions] == [True],
+        30,
         "the listener to be written to directly",
     )
     (subscription,) = list(hub._subscriptions)

@@ -142,6 +142,12 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
 
 @pytest.fixture
 def croft(clean_store: EtcdServer) -> Iterator[Croft]:
+    yield from https_croft(clean_store)
+
+
+def https_croft(clean_store: EtcdServer) -> Iterator[Croft]:
+    """An api replica serving HTTPS, with a real auth service (other modules' fixtures
+    yield from this)."""
     base = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/tmp"))
     state = base / "state"
     certificate = ensure_server_certificate(state)

@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from croft.client import images_cli, node
+from croft.client import images_cli, node, oidc
 from croft.common import discovery, rpc
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError
@@ -196,6 +196,42 @@ async def _print_status(config: Config, fmt: str) -> bool:
         )
     console.print(table)
     return healthy
+
+
+@main.command()
+@click.argument("remote")
+def login(remote: str) -> None:
+    """Log in to REMOTE (a remote of the lxc client) with OpenID Connect: open the URL
+    shown, enter the code, and the tokens are kept for croft and its HTTP clients."""
+
+    def show(url: str, code: str) -> None:
+        click.echo(f"URL: {url}\nCode: {code}\n", nl=True)
+        sys.stdout.flush()
+
+    try:
+        oidc.login(oidc.Remote.named(remote), show=show)
+    except CroftError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(1) from None
+    click.echo(f"Logged in to {remote}")
+
+
+@main.command()
+@click.argument("target")
+@click.option("-X", "--request", "method", default="GET", show_default=True)
+@click.option("-d", "--data", default=None, help="the request's JSON body")
+def query(target: str, method: str, data: str | None) -> None:
+    """Send a raw request to REMOTE:PATH, as `lxc query`, as the remote's OIDC login."""
+    remote, sep, path = target.partition(":")
+    if not sep or not path.startswith("/"):
+        raise click.BadParameter(f"{target!r}: expected REMOTE:/1.0/...")
+    try:
+        found = oidc.query(oidc.Remote.named(remote), method.upper(), path, data)
+    except CroftError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        raise SystemExit(1) from None
+    if found is not None:
+        click.echo(json.dumps(found, indent=4, sort_keys=True))
 
 
 main.add_command(images_cli.image)

@@ -29,6 +29,7 @@ from croft.api import responses
 from croft.api.direct import FRONTED
 from croft.api.domain.images import find_image, secret_grants
 from croft.api.identity import SCOPE_KEY, Identity
+from croft.api.oidc import OidcSettings, bearer_token, oidc_identity, replica_oidc
 from croft.api.services import services
 from croft.api.tls import certificate_fingerprint, peer_certificate
 from croft.common.clients import AuthClient
@@ -246,8 +247,19 @@ class AccessMiddleware:
         ):
             await self.app(scope, receive, send)
             return
+        oidc: OidcSettings | None = None
+        bearer: Identity | None = None
+        if (authorization := bearer_token(scope)) is not None:
+            state = replica_oidc(scope["app"].state)
+            try:
+                bearer, oidc = await oidc_identity(
+                    state, scope["app"].state.croft.store, scope, authorization
+                )
+            except CroftError as exc:
+                await _refuse(scope, receive, send, exc, state.settings_now())
+                return
         try:
-            who = await tls_identity(scope)
+            who = bearer or await tls_identity(scope)
         except CroftError as exc:
             log.warning("cannot check a client's certificate: %s", exc)
             await _refuse(scope, receive, send, Unavailable(f"Cannot check trust: {exc.message}"))
@@ -261,7 +273,10 @@ class AccessMiddleware:
             else not who.restricted or restricted_may(who, method, path, query)
         )
         if not allowed:
-            await _refuse(scope, receive, send, PermissionDenied(NOT_AUTHORIZED))
+            if not who.trusted and oidc is None:
+                state = replica_oidc(scope["app"].state)
+                oidc = await state.settings(scope["app"].state.croft.store)
+            await _refuse(scope, receive, send, PermissionDenied(NOT_AUTHORIZED), oidc)
             return
         if not who.trusted and (export := _EXPORT.fullmatch(path)):
             try:
@@ -295,9 +310,15 @@ async def _require_public_image(scope: Scope, fingerprint: str, query: str) -> N
     scope[SECRET_GRANTED] = record["fingerprint"]  # the export handler lets this one through
 
 
-async def _refuse(scope: Scope, receive: Any, send: Any, error: CroftError) -> None:
+async def _refuse(
+    scope: Scope, receive: Any, send: Any, error: CroftError, oidc: OidcSettings | None = None
+) -> None:
+    """Answer `error`; with OIDC on, LXD's `X-LXD-OIDC-*` headers say where to log in."""
     if scope["type"] == "websocket":
         # Closing before accepting answers the upgrade with a 403.
         await send({"type": "websocket.close", "code": 1008})
         return
-    await responses.error(error)(scope, receive, send)
+    response = responses.error(error)
+    if oidc is not None:
+        response.headers.update(oidc.headers())
+    await response(scope, receive, send)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from croft.api import oidc
 from croft.common import instance_config
 from croft.common.errors import InvalidArgument
 from croft.common.instance_config import (
@@ -78,6 +79,11 @@ SERVER_KEYS = KeySet(
         "images.compression_algorithm": any_string,
         "images.default_architecture": any_string,
         "images.remote_cache_expiry": parse_int,
+        # OpenID Connect (LXD 5.21's keys; croft.api.oidc applies them on the next request)
+        "oidc.issuer": oidc.check_issuer,
+        "oidc.client.id": oidc.check_token_field,
+        "oidc.audience": oidc.check_token_field,
+        "oidc.groups.claim": oidc.check_token_field,
         "storage.backups_volume": any_string,
         "storage.images_volume": any_string,
     },

@@ -101,8 +101,14 @@ def requestor(connection: HTTPConnection) -> dict[str, str]:
     is root and trusted (like LXD's); a TLS client is its certificate's fingerprint."""
     if connection.url.scheme in ("https", "wss"):
         client = connection.client
-        username = identity(connection).username
-        return {"username": username, "protocol": "tls", "address": client.host if client else ""}
+        who = identity(connection)
+        # An OIDC user is named by email and "oidc", as LXD 5.21 names its requestors.
+        protocol = "oidc" if who.auth_method == "oidc" else "tls"
+        return {
+            "username": who.username,
+            "protocol": protocol,
+            "address": client.host if client else "",
+        }
     return {"username": "root", "protocol": "unix", "address": "@"}
 
 

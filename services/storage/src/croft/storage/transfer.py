@@ -50,10 +50,28 @@ async def copy_between_pools(
     `snapshots` of `origin` (oldest first; none for a snapshot). NotFound when the origin
     or a snapshot is missing, Conflict when `vol` exists; on any failure nothing of `vol`
     is left."""
-    if by_stream(source, target):
-        await _stream(source, origin, snapshots, target, vol)
-    else:
-        await _trees(source, origin, snapshots, target, vol)
+    if not by_stream(source, target):
+        states = [origin.parent().snapshot(name) for name in snapshots] + [origin]
+        # Every state must be there before anything is made.
+        mounted = [await source.mount_volume(state) for state in states]
+        await _trees(mounted, snapshots, target, vol)
+        return
+    sent, received = await through_pipe(
+        lambda fd: source.send_volume(origin, snapshots, fd),
+        lambda fd: target.receive_volume(vol, snapshots, fd),
+        shield=True,
+    )
+    # The receiver's error says what went wrong with the copy, unless it only saw the
+    # stream cut short by a failed sender.
+    if isinstance(sent, BaseException) and not isinstance(received, BaseException):
+        # The receiver accepted what came: it cannot be whole. Take it away again.
+        with contextlib.suppress(NotFound):
+            await uninterrupted(target.delete_volume(vol))
+        raise sent
+    if isinstance(sent, BaseException) and isinstance(received, BaseException):
+        raise sent if isinstance(sent, CroftError) else received
+    if isinstance(received, BaseException):
+        raise received
 
 
 async def through_pipe(
@@ -95,41 +113,11 @@ async def through_pipe(
     return sent, received
 
 
-async def _stream(
-    source: StorageDriver,
-    origin: Volume,
-    snapshots: Sequence[str],
-    target: StorageDriver,
-    vol: Volume,
-) -> None:
-    sent, received = await through_pipe(
-        lambda fd: source.send_volume(origin, snapshots, fd),
-        lambda fd: target.receive_volume(vol, snapshots, fd),
-        shield=True,
-    )
-    # The receiver's error says what went wrong with the copy, unless it only saw the
-    # stream cut short by a failed sender.
-    if isinstance(sent, BaseException) and not isinstance(received, BaseException):
-        # The receiver accepted what came: it cannot be whole. Take it away again.
-        with contextlib.suppress(NotFound):
-            await uninterrupted(target.delete_volume(vol))
-        raise sent
-    if isinstance(sent, BaseException) and isinstance(received, BaseException):
-        raise sent if isinstance(sent, CroftError) else received
-    if isinstance(received, BaseException):
-        raise received
-
-
 async def _trees(
-    source: StorageDriver,
-    origin: Volume,
-    snapshots: Sequence[str],
-    target: StorageDriver,
-    vol: Volume,
+    mounted: Sequence[Mounted], snapshots: Sequence[str], target: StorageDriver, vol: Volume
 ) -> None:
-    states = [origin.parent().snapshot(name) for name in snapshots] + [origin]
-    # Every state must be there before anything is made.
-    mounted = [await source.mount_volume(state) for state in states]
+    """`vol` made from the oldest of the `mounted` states and snapshotted as
+    `snapshots`, brought to each newer one in turn, and snapshotted again."""
 
     async def first(into: Mounted) -> None:
         await _sync(mounted[0], into)

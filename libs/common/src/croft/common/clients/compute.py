@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
 from typing import ClassVar
 
 import grpc
-from typing_extensions import Unpack
 
-from croft.common.clients._base import CallOptions, RequestStream, TypedClient
+from croft.common.clients._base import CallOptions, RequestStream, TypedClient, unary
 from croft.common.models import InstanceRecord, SnapshotRecord
 from croft.common.models.instance_wire import (
     instance_from_wire,
@@ -61,10 +59,7 @@ class ComputeClient(TypedClient):
         )
         return _written(await self._unary("UpdateInstance", request, _changing(timeout)))
 
-    def delete_instance(
-        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteInstance", request, options)
+    delete_instance = unary("DeleteInstance", common_pb2.InstanceRef, common_pb2.Empty)
 
     async def rename_instance(
         self, ref: common_pb2.InstanceRef, new_name: str, *, timeout: float | None = None
@@ -164,15 +159,10 @@ class ComputeClient(TypedClient):
         reply = await self._unary("ChangeState", request, _changing(deadline))
         return _written(reply, rider)
 
-    def get_state(
-        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceStateReply]:
-        return self._unary("GetState", request, options)
-
-    def get_states(
-        self, request: compute_pb2.InstanceStatesRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.InstanceStatesReply]:
-        return self._unary("GetStates", request, options)
+    get_state = unary("GetState", common_pb2.InstanceRef, compute_pb2.InstanceStateReply)
+    get_states = unary(
+        "GetStates", compute_pb2.InstanceStatesRequest, compute_pb2.InstanceStatesReply
+    )
 
     def exec(
         self,
@@ -193,10 +183,7 @@ class ComputeClient(TypedClient):
     ) -> grpc.aio.StreamUnaryCall[compute_pb2.FileChunk, common_pb2.Empty]:
         return self.rpc.stream("PushFile", requests, timeout=timeout)
 
-    def delete_file(
-        self, request: compute_pb2.FileRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteFile", request, options)
+    delete_file = unary("DeleteFile", compute_pb2.FileRef, common_pb2.Empty)
 
     async def create_snapshot(
         self,
@@ -237,20 +224,9 @@ class ComputeClient(TypedClient):
         request = compute_pb2.SnapshotRequest(instance=ref, snapshot=snapshot)
         return _written(await self._unary("RestoreSnapshot", request, _changing(timeout)))
 
-    def console_log(
-        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.LogReply]:
-        return self._unary("ConsoleLog", request, options)
-
-    def clear_console_log(
-        self, request: common_pb2.InstanceRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("ClearConsoleLog", request, options)
-
-    def logs(
-        self, request: compute_pb2.LogRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[compute_pb2.LogReply]:
-        return self._unary("Logs", request, options)
+    console_log = unary("ConsoleLog", common_pb2.InstanceRef, compute_pb2.LogReply)
+    clear_console_log = unary("ClearConsoleLog", common_pb2.InstanceRef, common_pb2.Empty)
+    logs = unary("Logs", compute_pb2.LogRequest, compute_pb2.LogReply)
 
     def publish_instance(
         self, request: compute_pb2.PublishRequest, *, timeout: float | None = None

@@ -2,52 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
-from typing_extensions import Unpack
-
-from croft.common.clients._base import CallOptions, TypedClient
+from croft.common.clients._base import TypedClient, record, unary
 from croft.common.models import NetworkRecord
 from croft.v1 import common_pb2, network_pb2, network_pb2_grpc
 
 
 class NetworkClient(TypedClient, service="network", stub=network_pb2_grpc.NetworkStub):
-    def attach_instance(
-        self, request: network_pb2.NicRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[network_pb2.NicReply]:
-        return self._unary("AttachInstance", request, options)
-
-    def detach_instance(
-        self, request: network_pb2.NicRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DetachInstance", request, options)
-
-    def network_state(
-        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("NetworkState", request, options)
-
-    def leases(
-        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("Leases", request, options)
-
-    def create_network(
-        self, request: common_pb2.Json, **options: Unpack[CallOptions]
-    ) -> Awaitable[NetworkRecord]:
-        return self._record("CreateNetwork", request, options, NetworkRecord)
-
-    def update_network(
-        self, request: network_pb2.NetworkPut, **options: Unpack[CallOptions]
-    ) -> Awaitable[NetworkRecord]:
-        return self._record("UpdateNetwork", request, options, NetworkRecord)
-
-    def delete_network(
-        self, request: network_pb2.NetworkRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteNetwork", request, options)
-
-    def rename_network(
-        self, request: network_pb2.NetworkRename, **options: Unpack[CallOptions]
-    ) -> Awaitable[NetworkRecord]:
-        return self._record("RenameNetwork", request, options, NetworkRecord)
+    attach_instance = unary("AttachInstance", network_pb2.NicRequest, network_pb2.NicReply)
+    detach_instance = unary("DetachInstance", network_pb2.NicRequest, common_pb2.Empty)
+    network_state = unary("NetworkState", network_pb2.NetworkRef, common_pb2.Json)
+    leases = unary("Leases", network_pb2.NetworkRef, common_pb2.Json)
+    create_network = record("CreateNetwork", common_pb2.Json, NetworkRecord)
+    update_network = record("UpdateNetwork", network_pb2.NetworkPut, NetworkRecord)
+    delete_network = unary("DeleteNetwork", network_pb2.NetworkRef, common_pb2.Empty)
+    rename_network = record("RenameNetwork", network_pb2.NetworkRename, NetworkRecord)

@@ -3,208 +3,110 @@ pools, custom volumes (their records come back as `StorageVolumeRecord`)."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
-
 import grpc
-from typing_extensions import Unpack
 
-from croft.common.clients._base import CallOptions, RequestStream, TypedClient
+from croft.common.clients._base import RequestStream, TypedClient, record, unary
 from croft.common.models import StoragePoolRecord, StorageVolumeRecord
 from croft.v1 import common_pb2, storage_pb2, storage_pb2_grpc
 
 
 class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.StorageStub):
-    def create_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("CreateInstanceVolume", request, options)
-
-    def mount_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("MountInstanceVolume", request, options)
-
-    def unmount_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("UnmountInstanceVolume", request, options)
-
-    def delete_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteInstanceVolume", request, options)
-
-    def rename_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("RenameInstanceVolume", request, options)
-
-    def copy_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("CopyInstanceVolume", request, options)
-
-    def instance_volume_usage(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeUsageReply]:
-        return self._unary("InstanceVolumeUsage", request, options)
-
-    def resize_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("ResizeInstanceVolume", request, options)
-
-    def create_snapshot(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("CreateSnapshot", request, options)
-
-    def delete_snapshot(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteSnapshot", request, options)
-
-    def rename_snapshot(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("RenameSnapshot", request, options)
-
-    def restore_snapshot(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("RestoreSnapshot", request, options)
-
-    def pool_resources(
-        self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("PoolResources", request, options)
-
-    def mount_snapshot(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("MountSnapshot", request, options)
-
-    def unmount_snapshot(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("UnmountSnapshot", request, options)
-
-    def storage_drivers(
-        self, request: common_pb2.Empty, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.StorageDriversReply]:
-        return self._unary("StorageDrivers", request, options)
-
-    def delete_image_volumes(
-        self, request: storage_pb2.ImageVolumesRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteImageVolumes", request, options)
-
-    def create_pool(
-        self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StoragePoolRecord]:
-        return self._record("CreatePool", request, options, StoragePoolRecord)
-
-    def update_pool(
-        self, request: storage_pb2.PoolRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StoragePoolRecord]:
-        return self._record("UpdatePool", request, options, StoragePoolRecord)
-
-    def delete_pool(
-        self, request: storage_pb2.PoolRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeletePool", request, options)
-
-    def create_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("CreateCustomVolume", request, options, StorageVolumeRecord)
-
-    def update_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("UpdateCustomVolume", request, options, StorageVolumeRecord)
-
-    def rename_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("RenameCustomVolume", request, options, StorageVolumeRecord)
-
-    def delete_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteCustomVolume", request, options)
-
-    def copy_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("CopyCustomVolume", request, options, StorageVolumeRecord)
-
-    def custom_volume_state(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("CustomVolumeState", request, options)
-
-    def mount_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("MountCustomVolume", request, options)
-
-    def create_custom_volume_snapshot(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("CreateCustomVolumeSnapshot", request, options, StorageVolumeRecord)
-
-    def update_custom_volume_snapshot(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("UpdateCustomVolumeSnapshot", request, options, StorageVolumeRecord)
-
-    def rename_custom_volume_snapshot(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("RenameCustomVolumeSnapshot", request, options, StorageVolumeRecord)
-
-    def delete_custom_volume_snapshot(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteCustomVolumeSnapshot", request, options)
-
-    def restore_custom_volume(
-        self, request: storage_pb2.CustomVolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[StorageVolumeRecord]:
-        return self._record("RestoreCustomVolume", request, options, StorageVolumeRecord)
-
-    def instance_volume_state(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Json]:
-        return self._unary("InstanceVolumeState", request, options)
-
-    def create_instance_backup(
-        self, request: storage_pb2.InstanceBackupRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.BackupReply]:
-        return self._unary("CreateInstanceBackup", request, options)
+    create_instance_volume = unary(
+        "CreateInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )
+    mount_instance_volume = unary(
+        "MountInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )
+    unmount_instance_volume = unary(
+        "UnmountInstanceVolume", storage_pb2.VolumeRequest, common_pb2.Empty
+    )
+    delete_instance_volume = unary(
+        "DeleteInstanceVolume", storage_pb2.VolumeRequest, common_pb2.Empty
+    )
+    rename_instance_volume = unary(
+        "RenameInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )
+    copy_instance_volume = unary(
+        "CopyInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )
+    instance_volume_usage = unary(
+        "InstanceVolumeUsage", storage_pb2.VolumeRequest, storage_pb2.VolumeUsageReply
+    )
+    resize_instance_volume = unary(
+        "ResizeInstanceVolume", storage_pb2.VolumeRequest, common_pb2.Empty
+    )
+    create_snapshot = unary("CreateSnapshot", storage_pb2.VolumeRequest, storage_pb2.VolumeReply)
+    delete_snapshot = unary("DeleteSnapshot", storage_pb2.VolumeRequest, common_pb2.Empty)
+    rename_snapshot = unary("RenameSnapshot", storage_pb2.VolumeRequest, storage_pb2.VolumeReply)
+    restore_snapshot = unary("RestoreSnapshot", storage_pb2.VolumeRequest, storage_pb2.VolumeReply)
+    pool_resources = unary("PoolResources", storage_pb2.PoolRef, common_pb2.Json)
+    mount_snapshot = unary("MountSnapshot", storage_pb2.VolumeRequest, storage_pb2.VolumeReply)
+    unmount_snapshot = unary("UnmountSnapshot", storage_pb2.VolumeRequest, common_pb2.Empty)
+    storage_drivers = unary("StorageDrivers", common_pb2.Empty, storage_pb2.StorageDriversReply)
+    delete_image_volumes = unary(
+        "DeleteImageVolumes", storage_pb2.ImageVolumesRequest, common_pb2.Empty
+    )
+    create_pool = record("CreatePool", storage_pb2.PoolRequest, StoragePoolRecord)
+    update_pool = record("UpdatePool", storage_pb2.PoolRequest, StoragePoolRecord)
+    delete_pool = unary("DeletePool", storage_pb2.PoolRef, common_pb2.Empty)
+    create_custom_volume = record(
+        "CreateCustomVolume", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    update_custom_volume = record(
+        "UpdateCustomVolume", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    rename_custom_volume = record(
+        "RenameCustomVolume", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    delete_custom_volume = unary(
+        "DeleteCustomVolume", storage_pb2.CustomVolumeRequest, common_pb2.Empty
+    )
+    copy_custom_volume = record(
+        "CopyCustomVolume", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    custom_volume_state = unary(
+        "CustomVolumeState", storage_pb2.CustomVolumeRequest, common_pb2.Json
+    )
+    mount_custom_volume = unary(
+        "MountCustomVolume", storage_pb2.CustomVolumeRequest, storage_pb2.VolumeReply
+    )
+    create_custom_volume_snapshot = record(
+        "CreateCustomVolumeSnapshot", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    update_custom_volume_snapshot = record(
+        "UpdateCustomVolumeSnapshot", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    rename_custom_volume_snapshot = record(
+        "RenameCustomVolumeSnapshot", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    delete_custom_volume_snapshot = unary(
+        "DeleteCustomVolumeSnapshot", storage_pb2.CustomVolumeRequest, common_pb2.Empty
+    )
+    restore_custom_volume = record(
+        "RestoreCustomVolume", storage_pb2.CustomVolumeRequest, StorageVolumeRecord
+    )
+    instance_volume_state = unary("InstanceVolumeState", storage_pb2.VolumeRequest, common_pb2.Json)
+    create_instance_backup = unary(
+        "CreateInstanceBackup", storage_pb2.InstanceBackupRequest, storage_pb2.BackupReply
+    )
 
     def read_instance_backup(
         self, request: storage_pb2.InstanceBackupRequest, *, timeout: float | None = None
     ) -> grpc.aio.UnaryStreamCall[storage_pb2.InstanceBackupRequest, storage_pb2.BackupChunk]:
         return self.rpc.stream("ReadInstanceBackup", request, timeout=timeout)
 
-    def delete_instance_backup(
-        self, request: storage_pb2.InstanceBackupRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DeleteInstanceBackup", request, options)
+    delete_instance_backup = unary(
+        "DeleteInstanceBackup", storage_pb2.InstanceBackupRequest, common_pb2.Empty
+    )
 
     def upload_backup(
         self, requests: RequestStream[storage_pb2.BackupChunk], *, timeout: float | None = None
     ) -> grpc.aio.StreamUnaryCall[storage_pb2.BackupChunk, storage_pb2.BackupReply]:
         return self.rpc.stream("UploadBackup", requests, timeout=timeout)
 
-    def discard_backup_upload(
-        self, request: storage_pb2.BackupUploadRef, **options: Unpack[CallOptions]
-    ) -> Awaitable[common_pb2.Empty]:
-        return self._unary("DiscardBackupUpload", request, options)
-
-    def restore_instance_volume(
-        self, request: storage_pb2.VolumeRequest, **options: Unpack[CallOptions]
-    ) -> Awaitable[storage_pb2.VolumeReply]:
-        return self._unary("RestoreInstanceVolume", request, options)
+    discard_backup_upload = unary(
+        "DiscardBackupUpload", storage_pb2.BackupUploadRef, common_pb2.Empty
+    )
+    restore_instance_volume = unary(
+        "RestoreInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from croft.api import limits, records
-from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
-from croft.api.domain.instances import KIND, expand, failing
+from croft.api.domain.instances import KIND, checked_expansion
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.models import InstanceRecord
 from croft.common.records import DEFAULT_PROJECT
@@ -104,29 +103,10 @@ async def copy_record(
     config = copied_config(state.get("config") or {}, config)
     devices = {**(state.get("devices") or {}), **(devices or {})}
     profiles = list(state.get("profiles") or []) if profiles is None else list(profiles)
-    with failing("Failed creating instance record: "):
-        if len(set(profiles)) != len(profiles):
-            raise InvalidArgument("Duplicate profile found in request")
-        validate_instance_config(config, profile=False)
-        problem = device_type_problem(devices)
-        if problem:
-            raise InvalidArgument(problem)
-    expanded_config, expanded_devices = await expand(store, project, profiles, config, devices)
-    with failing("Failed creating instance record: "):
-        validate_instance_config(expanded_config, profile=False)
-    initialising = "Failed creating instance record: Failed initialising instance: "
-    with failing(initialising), failing("Invalid devices: "):
-        validate_devices(devices)
-        validate_devices(expanded_devices)
-    roots = [
-        d for d in expanded_devices.values() if d.get("type") == "disk" and d.get("path") == "/"
-    ]
-    if not roots:
-        raise InvalidArgument(
-            "Failed creating instance record: Failed initialising instance: "
-            "Failed getting root disk: No root device could be found"
-        )
-    await require_pool(store, roots[0].get("pool", ""))
+    expanded_config, expanded_devices, root = await checked_expansion(
+        store, project, profiles, config, devices
+    )
+    await require_pool(store, root.get("pool", ""))
     record = InstanceRecord(
         name=name,
         project=project,

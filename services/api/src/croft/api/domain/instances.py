@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 
 from croft.api import limits, query, records
+from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import context
 from croft.api.domain.images import ImageSource
 from croft.common.errors import InvalidArgument, NotFound
@@ -201,3 +202,35 @@ def failing(prefix: str) -> Iterator[None]:
         yield
     except InvalidArgument as exc:
         raise InvalidArgument(f"{prefix}{exc}") from None
+
+
+async def checked_expansion(
+    store: Store,
+    project: str,
+    profiles: list[str],
+    config: dict[str, str],
+    devices: dict[str, Any],
+) -> tuple[dict[str, str], dict[str, Any], dict[str, Any]]:
+    """A new instance's config and devices checked, expanded with `profiles` and checked
+    again, as LXD checks a create's (and a copy's): the expanded config and devices, and
+    the root disk device. InvalidArgument with LXD's message for the first problem."""
+    with failing("Failed creating instance record: "):
+        if len(set(profiles)) != len(profiles):
+            raise InvalidArgument("Duplicate profile found in request")
+        validate_instance_config(config, profile=False)
+        problem = device_type_problem(devices)
+        if problem:
+            raise InvalidArgument(problem)
+    expanded_config, expanded_devices = await expand(store, project, profiles, config, devices)
+    with failing("Failed creating instance record: "):
+        validate_instance_config(expanded_config, profile=False)
+    with failing("Failed creating instance record: Failed initialising instance: "):
+        with failing("Invalid devices: "):
+            validate_devices(devices)
+            validate_devices(expanded_devices)
+        roots = [
+            d for d in expanded_devices.values() if d.get("type") == "disk" and d.get("path") == "/"
+        ]
+        if not roots:
+            raise InvalidArgument("Failed getting root disk: No root device could be found")
+    return expanded_config, expanded_devices, roots[0]

@@ -17,7 +17,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import limits, query, records, responses
-from croft.api.config_keys import device_type_problem, validate_devices, validate_instance_config
 from croft.api.context import ApiContext, context
 from croft.api.domain import projects
 from croft.api.domain.backups import import_operation
@@ -33,8 +32,7 @@ from croft.api.domain.instances import (
     KIND,
     InstancePut,
     InstanceSource,
-    expand,
-    failing,
+    checked_expansion,
     listed,
     render,
     resources,
@@ -144,24 +142,9 @@ async def instances_post(request: Request) -> Response:
     config = {k: v for k, v in (req.config or {}).items() if v != ""}
     devices = req.devices or {}
     profiles = ["default"] if req.profiles is None else list(req.profiles)
-    with failing("Failed creating instance record: "):
-        if len(set(profiles)) != len(profiles):
-            raise InvalidArgument("Duplicate profile found in request")
-        validate_instance_config(config, profile=False)
-        problem = device_type_problem(devices)
-        if problem:
-            raise InvalidArgument(problem)
-    expanded_config, expanded_devices = await expand(ctx.store, project, profiles, config, devices)
-    with failing("Failed creating instance record: "):
-        validate_instance_config(expanded_config, profile=False)
-    with failing("Failed creating instance record: Failed initialising instance: "):
-        with failing("Invalid devices: "):
-            validate_devices(devices)
-            validate_devices(expanded_devices)
-        if not any(
-            d.get("type") == "disk" and d.get("path") == "/" for d in expanded_devices.values()
-        ):
-            raise InvalidArgument("Failed getting root disk: No root device could be found")
+    expanded_config, expanded_devices, _ = await checked_expansion(
+        ctx.store, project, profiles, config, devices
+    )
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
     # Before any image is fetched: the project's limits and restrictions (image.* keys

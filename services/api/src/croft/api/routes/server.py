@@ -20,6 +20,7 @@ from croft.api.config_keys import validate_server_config
 from croft.api.context import ApiSettings, context
 from croft.api.https_listener import https_address_change, serving_address
 from croft.api.identity import identity
+from croft.api.oidc import OidcSettings
 from croft.api.serving import listen_addresses
 from croft.api.storage_drivers import StorageDriverInfo, storage_drivers
 from croft.api.tls import certificate_fingerprint
@@ -211,6 +212,9 @@ async def root() -> Response:
 @router.get("/1.0")
 async def server_get(request: Request) -> Response:
     ctx = context(request)
+    stored = await _server_config(request)
+    # LXD lists "oidc" once an issuer and a client ID are set (croft.api.oidc).
+    auth_methods = ["tls", "oidc"] if OidcSettings.of(stored) else ["tls"]
     if not identity(request).trusted:
         # LXD's ServerUntrusted, and no ETag.
         untrusted = {
@@ -219,7 +223,7 @@ async def server_get(request: Request) -> Response:
             "api_version": "1.0",
             "auth": "untrusted",
             "public": False,
-            "auth_methods": ["tls"],
+            "auth_methods": auth_methods,
         }
         return responses.sync(untrusted)
     # LXD 5.0 answers the server info whatever project is named, even one that does
@@ -227,7 +231,7 @@ async def server_get(request: Request) -> Response:
     project = query.project(request)
     who = identity(request)
     # As LXD: only an administrator (not a restricted certificate) sees the server config.
-    config = {} if who.restricted else shown_config(await _server_config(request))
+    config = {} if who.restricted else shown_config(stored)
     https_address = serving_address(request)
     addresses = await listen_addresses(https_address) if https_address else []
     info = {
@@ -239,7 +243,7 @@ async def server_get(request: Request) -> Response:
         # service said this client's certificate is trusted (croft.api.auth).
         "auth": "trusted",
         "public": False,
-        "auth_methods": ["tls"],
+        "auth_methods": auth_methods,
         # LXD's auth_user extension: who this client is, as the requestor of its changes.
         "auth_user_name": who.username,
         "auth_user_method": who.auth_method,
