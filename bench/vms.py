@@ -5,7 +5,8 @@ the QEMU process's memory for an idle VM, clean (ACPI) and forced stop. Stdlib o
 as root with `/usr/bin/python3 bench/vms.py --socket /var/lib/croft/unix.socket`.
 
 The image: `--image ALIAS` (default tiny-vm), imported first from `--meta`/`--rootfs` when
-the alias is missing (`make images` builds them). LXD 5.0.2 cannot start VMs on a host
+the alias is missing (`make images` builds them); `--debian` picks the Debian 12 UEFI image
+(debian-12-vm: OVMF with secure boot, GRUB, systemd; 1GiB). LXD 5.0.2 cannot start VMs on a host
 without vsock (this one): pointed at LXD, the script reports its refusal as the anchor.
 """
 
@@ -67,7 +68,16 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="boots to time")
     parser.add_argument("--execs", type=int, default=20)
     parser.add_argument("--memory", default="256MiB")
+    parser.add_argument("--debian", action="store_true", help="the Debian 12 UEFI VM image")
     args = parser.parse_args()
+    if args.debian:
+        built = "/var/lib/croft/build-images/debian-12-vm"
+        args.image, args.meta, args.rootfs = (
+            "debian-12-vm",
+            f"{built}.meta.tar.xz",
+            f"{built}.rootfs.img",
+        )
+        args.memory = "1GiB"
     env = {**os.environ, "LXD_DIR": str(Path(args.socket).parent)}
     aliases = [
         a["name"] for a in json.loads(lxc(env, "image", "alias", "list", "--format", "json").stdout)

@@ -23,6 +23,8 @@ APT_PACKAGES=(
   qemu-system-x86 qemu-utils                    # virtual machines (TCG where KVM cannot run guests)
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-daemon-system libvirt-clients python3-libvirt
   cpio                                          # the tiny VM image's initramfs
+  ovmf                                          # UEFI for VMs that boot from their disk
+  dosfstools mtools fdisk                       # the Debian VM image: ESP (mkfs.vfat, mcopy), GPT (sfdisk)
 )
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
@@ -94,4 +96,9 @@ fi
 
 mkdir -p /etc/croft /var/lib/croft /var/log/croft
 ln -sfn "$PWD/.venv/bin/croft" /usr/local/bin/croft
+
+# The local images the tests use (debootstrap: minutes the first time, then cached;
+# rebuilt only when their definitions change). Tests call the same script.
+say "building local images into /var/lib/croft/build-images"
+bash scripts/build-images.sh /var/lib/croft/build-images
 say "setup done"

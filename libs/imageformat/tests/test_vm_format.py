@@ -81,3 +81,24 @@ def test_a_container_image_is_refused_for_a_block_volume_and_the_reverse(tmp_pat
     with pytest.raises(InvalidArgument, match="only virtual-machine images"):
         unpack_vm_image(ct, None, volume, volume / "root.img")
     assert list(volume.iterdir()) == []
+
+
+def test_an_explicit_size_smaller_than_the_image_is_refused_and_nothing_left(
+    tmp_path: Path,
+) -> None:
+    meta, rootfs = make_vm_image(tmp_path, unified=False)
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    disk = volume / "root.img"
+    with open(disk, "wb") as f:
+        f.truncate(8 * 1024**2)
+    with pytest.raises(
+        InvalidArgument,
+        match=r"^Source image size \(33554432\) exceeds specified volume size \(8388608\)$",
+    ):
+        unpack_vm_image(meta, rootfs, volume, disk, max_size=8 * 1024**2)
+    assert [p.name for p in volume.iterdir()] == ["root.img"]
+    assert disk.stat().st_size == 8 * 1024**2
+    # The same size given as the image's own fits.
+    unpack_vm_image(meta, rootfs, volume, disk, max_size=32 * 1024**2)
+    assert disk.read_bytes()[: len(MARKER)] == MARKER

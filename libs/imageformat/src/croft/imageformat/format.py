@@ -736,13 +736,16 @@ def unpack_vm_image(
     rootfs_path: str | os.PathLike[str] | None,
     dest_dir: str | os.PathLike[str],
     disk: str | os.PathLike[str],
+    max_size: int | None = None,
 ) -> ImageInfo:
     """Unpack a validated virtual-machine image into a block volume, as LXD does: the
     metadata tarball's files (``metadata.yaml``, ``templates/``, and whatever else it
     carries, such as croft's direct-boot ``boot/``) go to ``dest_dir`` (which must exist),
     and the qcow2 ``rootfs.img`` is written raw into ``disk`` (an existing raw file or
     block device, grown when the image's disk is bigger: LXD's ``qemu-img convert -f qcow2
-    -O raw``). On failure what was written under ``dest_dir`` is removed again."""
+    -O raw``). `max_size`: the volume's explicit `size`; an image whose disk is bigger is
+    refused in LXD's words. On failure what was written under ``dest_dir`` is removed
+    again."""
     meta = Path(metadata_path)
     rootfs = Path(rootfs_path) if rootfs_path is not None else None
     dest, target = Path(dest_dir), Path(disk)
@@ -779,6 +782,10 @@ def unpack_vm_image(
                 run(["qemu-img", "info", "-f", "qcow2", "--output=json", str(qcow2)]).stdout
             )["virtual-size"]
         )
+        if max_size is not None and virtual > max_size:
+            raise InvalidArgument(
+                f"Source image size ({virtual}) exceeds specified volume size ({max_size})"
+            )
         if target.is_file() and target.stat().st_size < virtual:
             os.truncate(target, virtual)
         try:

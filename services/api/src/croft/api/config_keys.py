@@ -244,8 +244,10 @@ def _check_device(device: Mapping[str, str]) -> None:
                 raise ValueError('Root disk entry must have a "pool" property set')
         elif not source and not pool:
             raise ValueError('Disk entry is missing the required "source" or "path" property')
-        elif not path:
+        elif not path and not pool:
             # LXD 5.0 accepts a container disk without a path and fails later; refuse it.
+            # A custom volume may go without one: a block volume on a VM is a disk, not
+            # a mount (compute refuses a filesystem volume without a path).
             raise ValueError('Disk entry is missing the required "path" property')
 
 

@@ -1765,8 +1765,7 @@ class ComputeCore:
 
         async with self.lock(project, name):
             record, _ = await self.record(project, name)
-            if record.get("type") == "virtual-machine":
-                raise InvalidArgument("Publishing virtual machines is not supported yet")
+            is_vm = record.get("type") == "virtual-machine"
             pool = InstanceRecord.meta_of(record).pool
             if not pool:
                 raise InvalidArgument(f'Instance "{name}" has no root filesystem to publish')
@@ -1787,7 +1786,10 @@ class ComputeCore:
                 metadata = await in_thread(
                     image_metadata, volume, architecture, properties, expires_at
                 )
-                async for data in image_tarball(volume, metadata, compression):
+                disk = (mounted.block_path or None) if is_vm else None
+                if is_vm and disk is None:
+                    raise InvalidArgument(f'Instance "{name}" has no disk to publish')
+                async for data in image_tarball(volume, metadata, compression, disk=disk):
                     yield data
             finally:
                 if snapshot or mounted.instance_mounts:

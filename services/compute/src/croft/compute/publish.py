@@ -1,5 +1,9 @@
 """An instance (or snapshot) volume as an image: LXD's unified tarball, made by `tar`.
 
+A virtual machine's is LXD's unified VM tarball: `metadata.yaml`, `templates/` (and
+croft's direct-boot `boot/` when the volume has it) and its disk as a qcow2 `rootfs.img`
+(`qemu-img convert -O qcow2` of the raw disk, as LXD's publish does).
+
 The tarball holds `metadata.yaml`, `rootfs/` and, when the volume has them, `templates/`,
 as LXD's `lxc publish` makes it. croft's root filesystems are not shifted (LXC idmaps the
 mount), so the owners on disk are already the container's own: `tar --numeric-owner`
@@ -25,6 +29,7 @@ from croft.common.errors import Internal, InvalidArgument
 from croft.common.proc import CommandFailed
 
 CHUNK = 1 << 20
+VM_STAGING = "/var/tmp"
 COMPRESSION = {"": ["--gzip"], "gzip": ["--gzip"], "xz": ["--xz"], "none": []}
 
 
@@ -65,11 +70,29 @@ def image_metadata(
     return yaml.safe_dump(meta, sort_keys=False).encode()
 
 
+async def _qcow2(disk: str, dest: Path) -> None:
+    """The raw disk (file or block device) `disk` as a qcow2 at `dest`."""
+    argv = ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", disk, str(dest)]
+    process = await asyncio.create_subprocess_exec(
+        *argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        _, stderr = await process.communicate()
+    finally:
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+    if process.returncode != 0:
+        raise CommandFailed(argv, process.returncode or 1, stderr.decode(errors="replace"))
+
+
 async def image_tarball(
-    volume: Path, metadata: bytes, compression: str = ""
+    volume: Path, metadata: bytes, compression: str = "", disk: str | None = None
 ) -> AsyncIterator[bytes]:
     """Stream the unified image tarball of the volume directory `volume` (holding
-    `rootfs/` and maybe `templates/`) with `metadata` as its metadata.yaml. The volume
+    `rootfs/` and maybe `templates/`) with `metadata` as its metadata.yaml; for a VM
+    (`disk`: its raw disk), the disk as `rootfs.img` instead of `rootfs/`. The volume
     must not change meanwhile (the caller holds the instance stopped). Raises
     CommandFailed when tar fails; tar is killed and the temporary metadata removed when
     the caller stops reading early."""
@@ -77,18 +100,29 @@ async def image_tarball(
         raise InvalidArgument(
             f'Unsupported compression algorithm "{compression}" (gzip, xz or none)'
         )
-    if not (volume / "rootfs").is_dir():
+    if disk is None and not (volume / "rootfs").is_dir():
         raise Internal(f"the instance volume {volume} has no rootfs directory")
-    with tempfile.TemporaryDirectory(prefix="croft-publish-") as tmp:
+    # A VM's qcow2 can be as big as its disk's data: on disk, not in a tmpfs.
+    with tempfile.TemporaryDirectory(
+        prefix="croft-publish-", dir=None if disk is None else VM_STAGING
+    ) as tmp:
         meta = Path(tmp) / "metadata.yaml"
         meta.write_bytes(metadata)
         meta.chmod(0o644)
-        parts = ["rootfs"] + (["templates"] if (volume / "templates").is_dir() else [])
+        extra = ("templates",) if disk is None else ("templates", "boot")
+        parts = [] if disk is None else ["rootfs.img"]
+        if disk is not None:
+            await _qcow2(disk, Path(tmp) / "rootfs.img")
+        volume_parts = ([] if disk is not None else ["rootfs"]) + [
+            p for p in extra if (volume / p).is_dir()
+        ]
         argv = [
             "tar", "--create", "--file=-", "--numeric-owner", "--xattrs",
             "--xattrs-include=*", "--acls", "--sparse", *COMPRESSION[compression],
-            f"--directory={tmp}", "metadata.yaml", f"--directory={volume}", *parts,
+            f"--directory={tmp}", "metadata.yaml", *parts,
         ]  # fmt: skip
+        if volume_parts:
+            argv += [f"--directory={volume}", *volume_parts]
         process = await asyncio.create_subprocess_exec(
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )

@@ -57,6 +57,11 @@ async def resolve_volume_disks(
                     f'Failed add validation for device "{name}": Custom block volumes '
                     "cannot be used on containers"
                 )
+            if not reply.block_path and not device.get("path"):
+                raise InvalidArgument(
+                    f'Failed add validation for device "{name}": Disk entry is missing the '
+                    'required "path" property'
+                )
             device = {k: v for k, v in device.items() if k != "pool"}
             device["source"] = reply.block_path or reply.mount_path
         resolved[name] = device

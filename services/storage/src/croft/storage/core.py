@@ -898,9 +898,10 @@ class StorageCore:
     # ------------------------------------------------------------------ images
 
     def _image_filler(
-        self, pool: str, project: str, fingerprint: str
+        self, pool: str, project: str, fingerprint: str, size: str = ""
     ) -> Callable[[Mounted], Awaitable[None]]:
-        """Fills a volume with the image's files: metadata.yaml, templates/, rootfs/."""
+        """Fills a volume with the image's files: metadata.yaml, templates/, rootfs/.
+        `size`: a block volume's explicit size, which the image's disk must fit."""
 
         async def unpack(target: Mounted) -> None:
             images = await self._local_images()
@@ -919,6 +920,7 @@ class StorageCore:
                     files.rootfs_path or None,
                     target.path,
                     target.block_device,
+                    parse_size(size) if size else None,
                 )
             else:
                 info = await in_thread(
@@ -1048,7 +1050,7 @@ class StorageCore:
                 if image is not None:
                     await uninterrupted(driver.create_volume_from_copy(vol, image))
                 elif fingerprint:
-                    filler = self._image_filler(ref.pool, ref.project, fingerprint)
+                    filler = self._image_filler(ref.pool, ref.project, fingerprint, size)
                     await uninterrupted(driver.create_volume(vol, filler))
                 else:
                     await uninterrupted(driver.create_volume(vol))

@@ -55,6 +55,7 @@ import libvirt
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
+from croft.common.instance_config import InstanceConfig
 from croft.compute import guest_agent, virtd
 from croft.compute.agent_client import (
     AGENT_DOWN,
@@ -86,6 +87,7 @@ EMULATOR = "qemu-system-x86_64"
 AGENT_PORT = "org.croft.agent.0"
 DEFAULT_MEMORY = 1024**3  # LXD's default limits.memory for VMs
 BOOT_DIR = "boot"
+OVMF_DIR = "/usr/share/OVMF"  # Debian's ovmf: UEFI for images that boot from their disk
 KVM_PROBE_TIMEOUT = 5.0
 STOP_POLL = 0.2
 AGENT_TIMEOUT = 30.0
@@ -317,6 +319,39 @@ def _read_all(fd: int) -> bytes:
     return b"".join(parts)
 
 
+def _extra_disk(devices: ET.Element, dev_name: str, device: dict[str, str], index: int) -> None:
+    """A disk device beyond the root disk: a block source (a custom block volume, a host
+    block device or image file) is a virtio disk whose serial is the device's name (as
+    LXD's `lxd_<name>`: /dev/disk/by-id/virtio-croft_<name> in the guest); a directory
+    (a host path or a custom filesystem volume) is shared with the guest over 9p,
+    with the device's name as its mount tag (`mount -t 9p -o trans=virtio <name> <path>`)."""
+    source = device.get("source", "")
+    if not source or not os.path.isabs(source):
+        raise InvalidArgument(f'Device "{dev_name}": a disk needs an absolute source')
+    readonly = device.get("readonly", "").lower() in ("true", "1", "yes", "on")
+    if os.path.isdir(source):
+        if not device.get("path"):
+            raise InvalidArgument(f'Device "{dev_name}": a shared directory needs a path')
+        fs = ET.SubElement(devices, "filesystem", type="mount", accessmode="passthrough")
+        ET.SubElement(fs, "driver", type="path")
+        ET.SubElement(fs, "source", dir=source)
+        ET.SubElement(fs, "target", dir=dev_name[:31])
+        if readonly:
+            ET.SubElement(fs, "readonly")
+        return
+    if not os.path.exists(source):
+        raise InvalidArgument(f'Device "{dev_name}": missing source "{source}"')
+    is_block = Path(source).is_block_device()
+    disk_el = ET.SubElement(devices, "disk", type="block" if is_block else "file")
+    disk_el.set("device", "disk")
+    ET.SubElement(disk_el, "driver", name="qemu", type="raw", discard="unmap")
+    ET.SubElement(disk_el, "source", {"dev": source} if is_block else {"file": source})
+    ET.SubElement(disk_el, "target", dev="vd" + chr(ord("a") + index), bus="virtio")
+    ET.SubElement(disk_el, "serial").text = f"croft_{dev_name}"[:20]
+    if readonly:
+        ET.SubElement(disk_el, "readonly")
+
+
 class QemuDriver(InstanceDriver):
     name: ClassVar[str] = "qemu"
     instance_type: ClassVar[str] = "virtual-machine"
@@ -335,8 +370,10 @@ class QemuDriver(InstanceDriver):
         vmpath: str = "/var/lib/croft/virtual-machines",
         log_dir: str = "/var/log/croft",
         uri: str = URI,
+        ovmf_dir: str = OVMF_DIR,
     ) -> None:
         self.vmpath = vmpath
+        self.ovmf_dir = ovmf_dir
         self.log_dir = log_dir
         self.uri = uri
         self.prefix = _domain_prefix(vmpath)
@@ -410,11 +447,26 @@ class QemuDriver(InstanceDriver):
             kernel = old.findtext("os/kernel") or ""
             initrd = old.findtext("os/initrd") or ""
             cmdline = old.findtext("os/cmdline") or ""
-        if not kernel:
+        config = InstanceConfig(spec.config)
+        if kernel and spec.config.get("security.secureboot", "").lower() in (
+            "true",
+            "1",
+            "yes",
+            "on",
+        ):
             raise InvalidArgument(
-                "The image has no kernel for direct boot (boot/vmlinux in its metadata); "
-                "croft cannot boot virtual machines through UEFI yet"
+                "security.secureboot cannot apply to this image: it boots its kernel directly, "
+                "not through UEFI (unset security.secureboot or use a UEFI image)"
             )
+        firmware = None
+        if not kernel:
+            secureboot = config.bool("security.secureboot")
+            if secureboot and spec.config.get("image.requirements.secureboot") == "false":
+                raise InvalidArgument(
+                    "The image used by this instance is incompatible with secureboot. Please "
+                    "set security.secureboot=false on the instance"
+                )
+            firmware = self._firmware(secureboot)
         if not disk and old is not None:
             source = old.find("devices/disk/source")
             if source is not None:
@@ -435,11 +487,6 @@ class QemuDriver(InstanceDriver):
         ET.SubElement(root, "vcpu").text = str(vcpus)
         os_el = ET.SubElement(root, "os")
         ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
-        ET.SubElement(os_el, "kernel").text = kernel
-        if initrd:
-            ET.SubElement(os_el, "initrd").text = initrd
-        if cmdline:
-            ET.SubElement(os_el, "cmdline").text = cmdline
         features = ET.SubElement(root, "features")
         ET.SubElement(features, "acpi")  # without it a guest's poweroff only halts
         if not kvm:
@@ -448,6 +495,23 @@ class QemuDriver(InstanceDriver):
             # retranslation for these guests.
             tcg = ET.SubElement(features, "tcg")
             ET.SubElement(tcg, "tb-cache", unit="MiB").text = str(TCG_TB_CACHE_MIB)
+        if firmware is not None:
+            # UEFI from the disk's ESP: OVMF read-only, a per-VM copy of its variables
+            # (one per secure-boot mode, so switching starts from that mode's template).
+            code, template, secure = firmware
+            loader = ET.SubElement(os_el, "loader", readonly="yes", type="pflash")
+            loader.set("secure", "yes" if secure else "no")
+            loader.text = code
+            nvram = self.instance_dir(spec.name) / ("nvram-secureboot.fd" if secure else "nvram.fd")
+            ET.SubElement(os_el, "nvram", template=template).text = str(nvram)
+            if secure:
+                ET.SubElement(features, "smm", state="on")  # OVMF's secure boot needs SMM
+        else:
+            ET.SubElement(os_el, "kernel").text = kernel
+            if initrd:
+                ET.SubElement(os_el, "initrd").text = initrd
+            if cmdline:
+                ET.SubElement(os_el, "cmdline").text = cmdline
         if kvm:
             ET.SubElement(root, "cpu", mode="host-passthrough")
         else:
@@ -464,14 +528,17 @@ class QemuDriver(InstanceDriver):
         ET.SubElement(disk_el, "driver", name="qemu", type="raw", discard="unmap")
         ET.SubElement(disk_el, "source", {"dev": disk} if is_block else {"file": disk})
         ET.SubElement(disk_el, "target", dev="vda", bus="virtio")
+        if firmware is not None:
+            ET.SubElement(disk_el, "boot", order="1")
+        extra_disks = 0
         for dev_name, device in sorted(spec.devices.items()):
             kind = device.get("type")
             if kind == "disk":
                 if device.get("path") == "/":
                     continue
-                raise InvalidArgument(
-                    f'Device "{dev_name}": only the root disk is supported on virtual machines yet'
-                )
+                extra_disks += 1
+                _extra_disk(devices, dev_name, device, extra_disks)
+                continue
             if kind != "nic":
                 raise InvalidArgument(
                     f'Device "{dev_name}": devices of type "{kind}" are not supported on '
@@ -513,6 +580,24 @@ class QemuDriver(InstanceDriver):
         seclabel = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
         ET.SubElement(seclabel, "label").text = "+0:+0"
         return ET.tostring(root, encoding="unicode")
+
+    def _firmware(self, secureboot: bool) -> tuple[str, str, bool]:
+        """OVMF's code and variables template for a UEFI boot: (code, vars, secure).
+        Refused clearly when the firmware is not installed."""
+        names = (
+            ("OVMF_CODE_4M.ms.fd", "OVMF_VARS_4M.ms.fd")
+            if secureboot
+            else ("OVMF_CODE_4M.fd", "OVMF_VARS_4M.fd")
+        )
+        paths = [Path(self.ovmf_dir) / n for n in names]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            mode = "with secure boot " if secureboot else ""
+            raise InvalidArgument(
+                f"Required EFI firmware {mode}is missing: {', '.join(missing)} (install the "
+                "ovmf package" + (", or set security.secureboot=false" if secureboot else "") + ")"
+            )
+        return str(paths[0]), str(paths[1]), secureboot
 
     def _old_definition(self, name: str) -> ET.Element | None:
         try:
