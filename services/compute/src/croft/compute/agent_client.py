@@ -191,7 +191,7 @@ class AgentConnection:
             self.forget(rid)
 
     @contextlib.asynccontextmanager
-    async def stream(self, header: dict[str, Any]) -> AsyncIterator[asyncio.Queue[Frame]]:
+    async def frames(self, header: dict[str, Any]) -> AsyncIterator[asyncio.Queue[Frame]]:
         """Send a request whose answers are many (get); yields their queue."""
         rid, queue = self.open()
         try:

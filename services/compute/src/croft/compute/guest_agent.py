@@ -568,7 +568,7 @@ class Agent:
     def poweroff() -> None:
         for argv in (["systemctl", "poweroff"], ["poweroff", "-f"], ["poweroff"]):
             try:
-                if subprocess.call(argv) == 0:
+                if subprocess.run(argv, check=False).returncode == 0:
                     return
             except OSError:
                 continue

@@ -1066,7 +1066,7 @@ class QemuDriver(InstanceDriver):
 
     async def pull_file(self, name: str, path: str) -> FileEntry:
         conn = await self._agent(name)
-        async with conn.stream({"t": "get", "path": path}) as queue:
+        async with conn.frames({"t": "get", "path": path}) as queue:
             async with asyncio.timeout(FILE_TIMEOUT):
                 head, _ = await conn.answer(queue)
                 if head.get("t") == "error":
