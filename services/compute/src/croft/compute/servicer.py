@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from croft.common.errors import Cancelled, InvalidArgument
+from croft.common.errors import Cancelled, CroftError, InvalidArgument
 from croft.common.models import InstanceRecord, SnapshotRecord
 from croft.common.models.instance_wire import (
     instance_from_wire,
@@ -64,6 +64,10 @@ def _snapshot_reply(snapshot: dict[str, Any]) -> compute_pb2.SnapshotReply:
     return compute_pb2.SnapshotReply(
         snapshot=snapshot_to_wire(SnapshotRecord.model_validate(snapshot))
     )
+
+
+# How much of a refused upload compute still reads so its caller sees the refusal.
+_DRAIN_LIMIT = 64 << 20
 
 
 class ComputeServicer(compute_pb2_grpc.ComputeServicer):
@@ -225,19 +229,30 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
             # server reads as a plain end of stream. The driver then keeps the old file.
             raise Cancelled("The upload was cut short")
 
-        await self.core.push_file(
-            project,
-            name,
-            header.path,
-            header.type or "file",
-            data(),
-            uid=max(header.uid, 0),
-            gid=max(header.gid, 0),
-            mode=header.mode
-            if header.mode >= 0
-            else (0o755 if header.type == "directory" else 0o644),
-            append=header.write == "append",
-        )
+        try:
+            await self.core.push_file(
+                project,
+                name,
+                header.path,
+                header.type or "file",
+                data(),
+                uid=max(header.uid, 0),
+                gid=max(header.gid, 0),
+                mode=header.mode
+                if header.mode >= 0
+                else (0o755 if header.type == "directory" else 0o644),
+                append=header.write == "append",
+            )
+        except CroftError:
+            # Refused while the body still comes: take the rest of it first (up to a
+            # bound), so that the caller gets this refusal and not the transport's
+            # "Internal error from Core" for a stream the server stopped reading.
+            drained = 0
+            async for chunk in chunks:
+                drained += len(chunk.data)
+                if chunk.WhichOneof("part") == "end" or drained > _DRAIN_LIMIT:
+                    break
+            raise
         return common_pb2.Empty()
 
     async def DeleteFile(self, request: compute_pb2.FileRef, context: Context) -> common_pb2.Empty:
