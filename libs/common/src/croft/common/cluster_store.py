@@ -4,7 +4,9 @@ removed member's voter dropped), and each etcd's own view of its role."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,10 +65,31 @@ async def list_members(endpoints: Sequence[str]) -> list[StoreMember]:
     return _members(reply)
 
 
+# What etcd answers while a membership change would be unsafe *for now*: a voter that has
+# not yet been connected to every other voter for five seconds (just after a promotion or
+# a restart) calls the cluster unhealthy, and it takes one learner at a time.
+_TRANSIENT = ("unhealthy cluster", "too many learner members")
+
+
+async def _settled(
+    endpoints: Sequence[str], what: str, call: object, patience: float = 60.0
+) -> object:
+    """`_call`, retried while etcd refuses the change only for now (_TRANSIENT)."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return await _call(endpoints, what, call)
+        except (Conflict, Unavailable) as exc:
+            if not any(t in str(exc) for t in _TRANSIENT) or time.monotonic() > deadline:
+                raise
+        await asyncio.sleep(1.0)
+
+
 async def add_learner(endpoints: Sequence[str], name: str, peer_url: str) -> str:
     """Add a learner for member `name` at `peer_url`; returns the `--initial-cluster` it
-    starts with (every member's name=peer URL, its own included)."""
-    reply = await _call(
+    starts with (every member's name=peer URL, its own included). Waits while etcd refuses
+    for now (the member before still a learner, a voter just promoted)."""
+    reply = await _settled(
         endpoints,
         f"add {name} as a learner",
         lambda stub, t: stub.MemberAdd(
@@ -113,7 +136,9 @@ async def remove_member(endpoints: Sequence[str], name: str) -> bool:
     if not found:
         return False
     request = rpc_pb2.MemberRemoveRequest(ID=found[0])
-    await _call(endpoints, f"remove {name}", lambda stub, t: stub.MemberRemove(request, timeout=t))
+    await _settled(
+        endpoints, f"remove {name}", lambda stub, t: stub.MemberRemove(request, timeout=t)
+    )
     return True
 
 
