@@ -15,7 +15,7 @@ from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import ApiContext, context
 from croft.api.domain import projects
 from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
-from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool, running_move_refusal
+from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -183,7 +183,7 @@ async def _migrate(
 ) -> Response:
     """`lxc move c1 [c2] --storage p2` on one member: the root volume (with its snapshots,
     unless `instance_only`) moves to the pool, then the instance is renamed if asked. As
-    LXD, a running instance fails the operation."""
+    LXD, a running container fails the operation; a running VM moves live (beyond LXD)."""
     if req.project and req.project != project:
         raise InvalidArgument("Moving instances between projects is not supported yet")
     if req.target:
@@ -196,16 +196,15 @@ async def _migrate(
         if await ctx.store.get(records.record_key(KIND, project, new_name)):
             raise Conflict(f'Name "{new_name}" already in use')
     await require_pool(ctx.store, req.pool)
-    running = record.status != "Stopped"
     client = await compute_of(record)
     instance = ref(project, name)
     instance_only = req.instance_only or req.container_only
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
-        if running:  # compute checks again
-            raise InvalidArgument(running_move_refusal(req.live))
+        # A running instance: compute refuses as LXD (a container would need CRIU), or
+        # moves it live where its driver can (a VM's disk is mirrored).
         await client.move_instance(
-            instance, req.pool, instance_only=instance_only, timeout=COPY_TIMEOUT
+            instance, req.pool, instance_only=instance_only, live=req.live, timeout=COPY_TIMEOUT
         )
         if new_name != name:
             await client.rename_instance(instance, new_name, timeout=600)
