@@ -334,7 +334,6 @@ def test_a_running_vm_moves_live_to_another_pool(v1: tuple[Croft, Lxc, str]) -> 
     default = lxc.json("storage", "volume", "list", "default")
     assert "v1" not in [v["name"] for v in default if v["type"] == "virtual-machine"]
     lxc("exec", "v1", "--", "kill", pid)
-    # The tests after this one stop and start v1 again: it boots from the new pool.
 
 
 def test_a_clean_stop_through_the_agent_when_acpi_is_ignored(v1: tuple[Croft, Lxc, str]) -> None:
@@ -347,6 +346,21 @@ def test_a_clean_stop_through_the_agent_when_acpi_is_ignored(v1: tuple[Croft, Lx
     lxc("stop", "v1", timeout=300)
     assert lxc.json("list", "v1")[0]["status"] == "Stopped"
     assert "reboot: Power down" in log.read_text(errors="replace")
+
+
+def test_a_stopped_vm_moves_back_with_its_boot_files(v1: tuple[Croft, Lxc, str]) -> None:
+    """btrfs to dir is a copy of the trees: the disk and the kernel beside it both go,
+    and the definition follows them (the next test boots v1 from the dir pool)."""
+    croft, lxc, _ = v1
+    assert lxc.json("list", "v1")[0]["status"] == "Stopped"
+    lxc("move", "v1", "--storage", "default", timeout=600)
+    volume = croft.root / "state" / "storage-pools" / "default" / "virtual-machines" / "v1"
+    assert (volume / "boot" / "vmlinux").is_file()
+    assert (volume / "root.img").read_bytes().startswith(b"CROFT-TINY-VM-DISK")
+    assert not (
+        croft.root / "state" / "storage-pools" / "vmbt" / "virtual-machines" / "v1"
+    ).exists()
+    lxc("storage", "delete", "vmbt")
 
 
 def test_limits_apply_at_the_next_start_and_too_much_memory_is_refused(
