@@ -719,6 +719,7 @@ class QemuDriver(InstanceDriver):
 
     async def freeze(self, name: str) -> None:
         await in_thread(self._freeze, name, True)
+        self._forget_agent(name)  # a paused guest's agent cannot answer: see _agent
 
     async def unfreeze(self, name: str) -> None:
         await in_thread(self._freeze, name, False)
@@ -1003,15 +1004,20 @@ class QemuDriver(InstanceDriver):
 
     async def _agent(self, name: str) -> AgentConnection:
         """The VM's agent connection, made (and the agent greeted) if need be. Conflict
-        when the VM does not run or its agent does not answer."""
+        when the VM does not run or its agent does not answer.
+
+        A live connection means a running VM (QEMU closes the port's socket when the VM
+        ends; a stop and a freeze drop the connection): libvirt is asked for the VM's
+        status only to make one, which keeps a thread hop and a libvirt call out of
+        every exec's round trip."""
+        conn = connection_for(self._agent_socket(name))
+        if conn.connected:
+            return conn
         status = await self.status(name)
         if status is Status.FROZEN:
             raise Conflict("Instance is frozen")  # LXD's words: its agent cannot answer
         if status is not Status.RUNNING:
             raise Conflict("Instance is not running")
-        conn = connection_for(self._agent_socket(name))
-        if conn.connected:
-            return conn
         await conn.connect()
         return conn
 
