@@ -981,7 +981,10 @@ class QemuDriver(InstanceDriver):
     def _try_pivot(self, name: str) -> bool:
         """Switch to the copy if the mirror is ready; False while it is still copying."""
         dom = self._lookup(name)
-        info = dom.blockJobInfo(ROOT_TARGET, 0)
+        try:
+            info = dom.blockJobInfo(ROOT_TARGET, 0)
+        except libvirt.libvirtError as exc:  # the VM ended meanwhile, say
+            raise Internal(f"The disk mirror stopped before it was complete: {exc}") from None
         if not info:
             raise Internal("The disk mirror stopped before it was complete")
         if info.get("end", 0) == 0 or info.get("cur") != info.get("end"):
