@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from croft.common import discovery, proc, telemetry
+from croft.common import discovery, internal_tls, proc, telemetry
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError, Unavailable
 from croft.common.rpc import VERSION, Server, ServiceClient
@@ -79,7 +79,7 @@ async def connect_store(config: Config, wait: float = 30.0) -> Store:
     delay = 0.1
     while True:
         try:
-            return await connect(config.etcd.endpoints)
+            return await connect(config.etcd.endpoints, internal_tls.load(config.state_dir))
         except Unavailable:
             if loop.time() >= deadline:
                 raise
@@ -93,7 +93,7 @@ async def run(name: str, setup: Setup | None = None, config: Config | None = Non
     telemetry.setup(name, config)
     instance_id = os.environ.get("CROFT_INSTANCE_ID") or discovery.new_instance_id()
     store = await connect_store(config)
-    server = Server(name, config.member, instance_id, host=config.rpc.host)
+    server = Server(name, config.member, instance_id, host=config.rpc.host, identity=store.identity)
     context = ServiceContext(name, config, store, server, instance_id)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
