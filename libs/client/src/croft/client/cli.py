@@ -16,7 +16,7 @@ from croft.client import auth_cli, images_cli, init_cli, node, oidc
 from croft.common import discovery, internal_tls, rpc
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError
-from croft.common.service import connect_store
+from croft.common.service import connect_store, internal_identity
 from croft.v1 import node_pb2
 
 console = Console()
@@ -107,7 +107,7 @@ def scale(assignments: tuple[str, ...]) -> None:
 async def _collect(config: Config) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     endpoint = config.etcd.endpoints[0]
-    identity = internal_tls.load(config.state_dir)
+    identity = internal_identity(config)
     etcd_ok = await asyncio.to_thread(_etcd_health, endpoint, identity)
     rows.append(
         {

@@ -72,6 +72,15 @@ class ServiceContext:
 Setup = Callable[[ServiceContext], Awaitable[None]]
 
 
+def internal_identity(config: Config) -> internal_tls.Identity | None:
+    """The member's internal certificate when its etcd is reached over https: one switch
+    for etcd's and the services' TLS (a plain `http://` etcd, as in-process tests run
+    one, leaves gRPC plain too)."""
+    if any(e.startswith("https://") for e in config.etcd.endpoints):
+        return internal_tls.load(config.state_dir)
+    return None
+
+
 async def connect_store(config: Config, wait: float = 30.0) -> Store:
     """Connect to the store, waiting up to `wait` seconds for etcd to come up."""
     loop = asyncio.get_running_loop()
@@ -79,7 +88,7 @@ async def connect_store(config: Config, wait: float = 30.0) -> Store:
     delay = 0.1
     while True:
         try:
-            return await connect(config.etcd.endpoints, internal_tls.load(config.state_dir))
+            return await connect(config.etcd.endpoints, internal_identity(config))
         except Unavailable:
             if loop.time() >= deadline:
                 raise
