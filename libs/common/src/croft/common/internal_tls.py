@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -38,6 +39,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 # The name every member's certificate carries and every gRPC client checks (the address
 # dialled is an ephemeral port on loopback or a member's address, never a name).
 NAME = "croft-internal"
+# What a gRPC channel checks the server's certificate against, whatever address it dials.
+GRPC_OPTIONS = [("grpc.ssl_target_name_override", NAME)]
 VALIDITY = datetime.timedelta(days=3650)
 DIRECTORY = "internal"
 
@@ -62,6 +65,20 @@ class Identity:
     @property
     def key_path(self) -> Path:
         return self.directory / "member.key"
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """gRPC client side: present the member's certificate, accept a server of the
+        same authority (dial with GRPC_OPTIONS: the name every member certificate has)."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """gRPC server side: serve the member's certificate, require one of the same
+        authority from every client."""
+        return grpc.ssl_server_credentials(
+            [(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True
+        )
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context for etcd's HTTP endpoints (health): our certificate, theirs

@@ -284,7 +284,7 @@ class Server:
         else:
             target = f"{self.host}:{port}"
             if self.identity is not None:
-                bound = self.grpc.add_secure_port(target, server_credentials(self.identity))
+                bound = self.grpc.add_secure_port(target, self.identity.server_credentials())
             else:
                 bound = self.grpc.add_insecure_port(target)
             self.address = f"{self.host}:{bound}"
@@ -349,24 +349,6 @@ def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetai
     )
 
 
-def server_credentials(identity: Identity) -> grpc.ServerCredentials:
-    """Serve with the member's certificate; require one of the same authority."""
-    return grpc.ssl_server_credentials(
-        [(identity.key, identity.cert)], root_certificates=identity.ca, require_client_auth=True
-    )
-
-
-def channel_credentials(identity: Identity) -> grpc.ChannelCredentials:
-    """Present the member's certificate; accept a server of the same authority."""
-    return grpc.ssl_channel_credentials(
-        root_certificates=identity.ca, private_key=identity.key, certificate_chain=identity.cert
-    )
-
-
-# Every member certificate names internal_tls.NAME, whatever address is dialled.
-TLS_OPTIONS = [("grpc.ssl_target_name_override", internal_tls.NAME)]
-
-
 def channel(address: str, identity: Identity | None = None) -> grpc.aio.Channel:
     """A channel to a croft service with tracing: mutual TLS with `identity` over TCP,
     plain over a unix socket (or without an identity: in-process tests)."""
@@ -382,9 +364,9 @@ def channel(address: str, identity: Identity | None = None) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(address, interceptors=interceptors, options=options)
     return grpc.aio.secure_channel(
         address,
-        channel_credentials(identity),
+        identity.channel_credentials(),
         interceptors=interceptors,
-        options=options + TLS_OPTIONS,
+        options=options + internal_tls.GRPC_OPTIONS,
     )
 
 

@@ -563,11 +563,9 @@ def etcd_channel(
         return grpc.aio.secure_channel(
             target, grpc.ssl_channel_credentials(), options=list(options)
         )
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=identity.ca, private_key=identity.key, certificate_chain=identity.cert
+    return grpc.aio.secure_channel(
+        target, identity.channel_credentials(), options=[*options, *internal_tls.GRPC_OPTIONS]
     )
-    override = [("grpc.ssl_target_name_override", internal_tls.NAME)]
-    return grpc.aio.secure_channel(target, credentials, options=[*options, *override])
 
 
 def _connect(endpoint: str, identity: Identity | None) -> _Connection:
