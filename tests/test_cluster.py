@@ -290,21 +290,77 @@ def test_removing_a_member_that_holds_instances_is_refused(rig: ClusterRig) -> N
     assert sorted(member_rows(rig, 0)) == ["m1", "m2", "m3"]
 
 
-def test_a_fourth_member_joins_as_a_store_client_and_is_removed(rig: ClusterRig) -> None:
-    """Beyond cluster.max_voters (3) a joiner runs no etcd: it uses the voters'. Its
-    token is single use. `lxc cluster remove` takes it out."""
-    joiner = rig.spare_member()
-    token = rig.lxc(0, "cluster", "add", joiner.name, "-q").stdout.strip().splitlines()[-1]
-    joiner.croft("init", "--preseed", input=_preseed(joiner.name, joiner.https, token),
-                 timeout=400)  # fmt: skip
+def _local_api(member, method: str, path: str, body: dict | None = None) -> dict:  # type: ignore[no-untyped-def]
+    """A request on a member's unix socket, as LXD's join_api test makes it with curl."""
+    argv = ["curl", "-s", "--unix-socket", str(member.state_dir / "unix.socket"), "-X", method,
+            f"lxd{path}"]  # fmt: skip
+    if body is not None:
+        argv += ["-d", json.dumps(body)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    return json.loads(out)
+
+
+def _clustered(member) -> bool:  # type: ignore[no-untyped-def]
     try:
-        rig.add_remote(joiner)
+        return bool(_local_api(member, "GET", "/1.0/cluster")["metadata"]["enabled"])
+    except (subprocess.CalledProcessError, ValueError, KeyError):
+        return False
+
+
+def test_a_fourth_member_joins_by_lxds_join_api_as_a_store_client_and_is_removed(
+    rig: ClusterRig,
+) -> None:
+    """A running standalone croft joins with a raw `PUT /1.0/cluster` (LXD's join API, as
+    `lxd init` sends it). Beyond cluster.max_voters (3) it runs no etcd: it uses the
+    voters'. Its token is single use. `lxc cluster remove` takes it out."""
+    joiner = rig.spare_member()
+    joiner.up()
+    token = rig.lxc(0, "cluster", "add", joiner.name, "-q").stdout.strip().splitlines()[-1]
+    cert = ssl.get_server_certificate((rig.members[0].address, 8443))
+    join = {
+        "server_name": joiner.name, "enabled": True, "server_address": joiner.https,
+        "cluster_address": rig.members[0].https, "cluster_certificate": cert,
+        "cluster_password": token,
+        "member_config": [{"entity": "storage-pool", "name": "default", "key": "source",
+                           "value": ""}],
+    }  # fmt: skip
+    try:
+        # Bad input, refused before any operation, as LXD words it; nothing changes.
+        for change, error in (
+            ({"cluster_certificate": ""}, "No target cluster member certificate provided"),
+            ({"server_address": ""}, "No server address provided for this member"),
+            ({"cluster_password": "sekret"}, "join token"),
+            ({"server_name": "m9"}, "This member's name is"),
+        ):
+            reply = _local_api(joiner, "PUT", "/1.0/cluster", {**join, **change})
+            assert reply["error_code"] == 400 and error in reply["error"], reply
+        # A certificate that is not the cluster's: the operation fails before asking.
+        own = (joiner.state_dir / "server.crt").read_text()
+        reply = _local_api(joiner, "PUT", "/1.0/cluster", {**join, "cluster_certificate": own})
+        failed = _local_api(joiner, "GET", f"{reply['operation']}/wait")["metadata"]
+        assert failed["status"] == "Failure" and "does not match" in failed["err"], failed
+        assert _local_api(joiner, "GET", "/1.0/cluster")["metadata"]["enabled"] is False
+        assert not (joiner.state_dir / "cluster.yaml").exists()
+
+        reply = _local_api(joiner, "PUT", "/1.0/cluster", join)
+        assert reply["type"] == "async", reply
+        assert reply["metadata"]["description"] == "Joining cluster"
+        done = _local_api(joiner, "GET", f"{reply['operation']}/wait")
+        assert done["metadata"]["status"] == "Success", done
+        # It restarts into the cluster: Online once its node agent's heartbeats come.
         rows = wait_for(
             lambda: (r := member_rows(rig, 1)) and r.get(joiner.name, {}).get("status") == "Online"
-            and r, 90)  # fmt: skip
+            and r, 240)  # fmt: skip
+        wait_for(lambda: _clustered(joiner), 240)
+        rig.add_remote(joiner)
+        assert rows[joiner.name]["message"] == "Fully operational"
         assert rows[joiner.name]["roles"] == [] and rows[joiner.name]["database"] is False
         assert sum("database" in r["roles"] for r in rows.values()) == 3
+        # Its standalone store was set aside; it runs none now.
         assert not (joiner.state_dir / "etcd").exists()
+        assert list(joiner.state_dir.glob("etcd.standalone.*"))
+        # It serves the cluster's certificate and is clustered through its own socket.
+        assert ssl.get_server_certificate((joiner.address, 8443)).strip() == cert.strip()
         # The token is used up: listed no more, and refused when shown again.
         assert json.loads(rig.lxc(0, "cluster", "list-tokens", "--format", "json").stdout) == []
         status, body = _raw_join(rig, token, joiner.name, "10.77.0.99:8443")

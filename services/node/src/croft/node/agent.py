@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from croft.common import cluster, discovery, telemetry
+from croft.common import cluster, cluster_join, discovery, telemetry
 from croft.common.cluster_store import own_role, promote_learner
 from croft.common.config import Config
 from croft.common.errors import InvalidArgument, NotFound, Unavailable
@@ -206,6 +206,10 @@ class Agent(node_pb2_grpc.NodeServicer):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         try:
+            # A running croft that joined a cluster (`PUT /1.0/cluster`) restarts into it:
+            # its standalone store goes aside before its etcd starts as the cluster's.
+            if cluster_join.finish_pending_join(self.config):
+                log.info("joined a cluster: the standalone store is set aside")
             await self.start_etcd()
             self.store = await connect_store(self.config)
             replicas = self.config.services

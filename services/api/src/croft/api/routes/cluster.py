@@ -119,12 +119,7 @@ async def cluster_put(request: Request) -> Response:
     if not req.enabled:
         raise InvalidArgument("Disabling clustering is not supported")
     if req.cluster_address:
-        if await domain.enabled(ctx.store):
-            raise InvalidArgument("This server is already clustered")
-        raise InvalidArgument(
-            "A running croft joins a cluster through `croft init` (its store moves to the "
-            "cluster's): stop it, then run `croft init --preseed` with the join token"
-        )
+        return await _join(request, req)
     if await domain.enabled(ctx.store):
         raise InvalidArgument("This server is already clustered")
     address = serving_address(request) or ctx.settings.https_address
@@ -151,6 +146,42 @@ async def cluster_put(request: Request) -> Response:
     operation = await ctx.operations.create(
         "Creating bootstrap node", run=run, resources={"cluster": []}
     )
+    return responses.async_operation(operation)
+
+
+async def _join(request: Request, req: ClusterPut) -> Response:
+    """LXD's join API (`clusterPutJoin`) on a running standalone croft: the checks LXD
+    makes before its operation, then an operation that joins through
+    `croft.common.cluster_join` (the path `croft init --preseed` takes) and restarts this
+    member into the cluster once its waiters have their answer."""
+    ctx = context(request)
+    if not req.cluster_certificate:
+        raise InvalidArgument("No target cluster member certificate provided")
+    if await domain.enabled(ctx.store):
+        raise InvalidArgument("This server is already clustered")
+    if not req.server_address:
+        raise InvalidArgument("No server address provided for this member")
+    token = req.cluster_token or req.cluster_password
+    if domain.decode_token_or_none(token) is None:
+        raise InvalidArgument(
+            "croft joins a cluster with a join token (`lxc cluster add`) as "
+            "cluster_password or cluster_token; a trust password is not one"
+        )
+    if req.server_name != ctx.settings.server_name:
+        raise InvalidArgument(
+            f"This member's name is \"{ctx.settings.server_name}\" (croft.yaml's `member`); "
+            "join with that name"
+        )
+    if await domain.local_instance_names(ctx.store):
+        raise InvalidArgument("A server with instances cannot join a cluster")
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await domain.join_running(
+            req.server_name, req.server_address, token, req.cluster_address, req.cluster_certificate
+        )
+        return None
+
+    operation = await ctx.operations.create("Joining cluster", run=run, resources={"cluster": []})
     return responses.async_operation(operation)
 
 
