@@ -10,6 +10,9 @@ agent (which writes its member's heartbeat).
   `cluster.offline_threshold` (LXD's default, 20 s);
 - `cluster/renamed/<old name>`: `{"name": <new name>}` while a renamed member has yet to
   restart under its new name (its node agent does, when it sees this);
+- `cluster/groups/<name>`: a cluster group's `{"name", "description"}`; its members are
+  those whose record lists it in `groups` (every member starts in `default`, which always
+  exists and has no record until its description is set);
 - `cluster/certificate`: the certificate and key every member serves (LXD's cluster.crt),
   so that one client trust covers every member.
 """
@@ -28,6 +31,10 @@ MEMBERS_PREFIX = f"{RECORDS}cluster/members/"
 HEARTBEATS_PREFIX = f"{RECORDS}cluster/heartbeats/"
 CERTIFICATE_KEY = f"{RECORDS}cluster/certificate"
 RENAMED_PREFIX = f"{RECORDS}cluster/renamed/"
+GROUPS_PREFIX = f"{RECORDS}cluster/groups/"
+DEFAULT_GROUP = "default"
+STATE_CREATED = "created"
+STATE_EVACUATED = "evacuated"
 
 HEARTBEAT_INTERVAL = 2.0
 DEFAULT_OFFLINE_THRESHOLD = 20
@@ -40,6 +47,10 @@ def member_key(name: str) -> str:
 
 def heartbeat_key(name: str) -> str:
     return f"{HEARTBEATS_PREFIX}{name}"
+
+
+def group_key(name: str) -> str:
+    return f"{GROUPS_PREFIX}{name}"
 
 
 def renamed_key(old: str) -> str:
@@ -87,6 +98,9 @@ class MemberRecord:
     etcd_client_url: str = ""
     etcd_peer_url: str = ""
     joined_at: float = field(default_factory=time.time)
+    # LXD's member state: "created", or "evacuated" between `lxc cluster evacuate` and
+    # `restore` (no instance is placed on it meanwhile).
+    state: str = "created"
 
     def dump(self) -> dict[str, Any]:
         return asdict(self)

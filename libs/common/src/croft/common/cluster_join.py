@@ -212,3 +212,14 @@ def finish_pending_join(config: Config) -> bool:
     set_standalone_store_aside(config)
     marker.unlink()
     return True
+
+
+def override_member_name(config: Config, name: str) -> None:
+    """`lxc cluster rename` renamed this member: its cluster.yaml overrides croft.yaml's
+    `member` from the next start on."""
+    path = cluster_file(config)
+    overlay: dict[str, Any] = {}
+    if path.exists():
+        overlay = yaml.safe_load(path.read_text()) or {}
+    overlay["member"] = name
+    path.write_text(yaml.safe_dump(overlay))

@@ -61,6 +61,7 @@ class Agent(node_pb2_grpc.NodeServicer):
         self.children: dict[str, list[Child]] = {name: [] for name in SERVICES}
         self.store: Store | None = None
         self.stopping = asyncio.Event()
+        self.restart = False  # set when the agent stops to start again (a rename)
         self._scale_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ processes
@@ -241,6 +242,13 @@ class Agent(node_pb2_grpc.NodeServicer):
         assert self.store is not None
         while True:
             with contextlib.suppress(Exception):
+                renamed = await self.store.get_json(cluster.renamed_key(self.config.member))
+                if renamed is not None:
+                    self._take_new_name(str(renamed[0]["name"]))
+                    await self.store.delete(cluster.renamed_key(self.config.member))
+                    self.restart = True
+                    self.stopping.set()
+                    return
                 found = await self.store.get_json(cluster.CLUSTER_KEY)
                 if found is not None and found[0].get("enabled"):
                     role = None
@@ -256,6 +264,12 @@ class Agent(node_pb2_grpc.NodeServicer):
                         cluster.heartbeat_key(self.config.member), dump(beat.dump())
                     )
             await asyncio.sleep(cluster.HEARTBEAT_INTERVAL)
+
+    def _take_new_name(self, name: str) -> None:
+        """`lxc cluster rename` renamed this member: its cluster.yaml overrides croft.yaml's
+        `member` from now on, and the agent restarts (`run`) for every service to take it."""
+        cluster_join.override_member_name(self.config, name)
+        log.info("renamed %s -> %s: restarting under the new name", self.config.member, name)
 
     async def shutdown_children(self) -> None:
         for service in reversed(SERVICES):
@@ -296,8 +310,12 @@ class Agent(node_pb2_grpc.NodeServicer):
 def run(config: Config) -> None:
     telemetry.setup("node", config)
     started = time.monotonic()
-    asyncio.run(Agent(config).run())
+    agent = Agent(config)
+    asyncio.run(agent.run())
     log.info("node agent stopped after %.1fs", time.monotonic() - started)
+    if agent.restart:
+        # The same pid, the same log: `croft down` and `croft status` keep finding it.
+        os.execv(sys.executable, [sys.executable, "-m", "croft.node"])
 
 
 def _max_procs(procs: int) -> dict[str, str]:

@@ -111,8 +111,14 @@ class MemberView:
     message: str
 
     @property
+    def evacuated(self) -> bool:
+        return self.record.state == cluster.STATE_EVACUATED
+
+    @property
     def status(self) -> str:
-        return "Online" if self.online else "Offline"
+        if not self.online:
+            return "Offline"
+        return "Evacuated" if self.evacuated else "Online"
 
     @property
     def roles(self) -> list[str]:
@@ -135,7 +141,9 @@ class MemberView:
             "url": f"https://{member.address}",
             "database": bool(self.heartbeat and self.heartbeat.voter),
             "status": self.status,
-            "message": self.message,
+            "message": "Unavailable due to maintenance"
+            if self.online and self.evacuated
+            else self.message,
             "architecture": member.architecture,
             "roles": self.roles,
             "failure_domain": member.failure_domain,
