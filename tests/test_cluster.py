@@ -388,6 +388,31 @@ def test_evacuate_stops_local_containers_and_restore_starts_them(rig: ClusterRig
             rig.lxc(0, "delete", "--force", f"m1:{name}", check=False)
 
 
+def test_a_stopped_container_moves_between_members(rig: ClusterRig) -> None:
+    """`lxc move c1 --target m3`: its root filesystem, snapshot and config go along;
+    bad targets are refused and change nothing."""
+    rig.lxc(0, "launch", "m1:busybox", "m1:mv1", "--target", "m2", "-c", "user.tag=kept")
+    try:
+        rig.lxc(1, "exec", "m2:mv1", "--", "sh", "-c", "echo moved > /root/x")
+        rig.lxc(0, "stop", "m1:mv1", "--force")
+        rig.lxc(0, "snapshot", "m1:mv1", "s0")
+        for target, error in (("m9", "Cluster member not found"),
+                              ("m2", 'already on cluster member "m2"')):  # fmt: skip
+            result = rig.lxc(0, "move", "m1:mv1", "--target", target, check=False)
+            assert result.returncode != 0 and error in result.stderr, result.stderr
+        assert locations(rig, 0)["mv1"] == "m2"
+
+        rig.lxc(2, "move", "m3:mv1", "--target", "m3")
+        assert locations(rig, 1)["mv1"] == "m3"
+        info = rig.lxc(0, "info", "m1:mv1").stdout
+        assert "Location: m3" in info and "s0" in info, info
+        assert rig.lxc(0, "config", "get", "m1:mv1", "user.tag").stdout.strip() == "kept"
+        rig.lxc(0, "start", "m1:mv1")
+        assert rig.lxc(0, "exec", "m1:mv1", "--", "cat", "/root/x").stdout.strip() == "moved"
+    finally:
+        rig.lxc(0, "delete", "--force", "m1:mv1", check=False)
+
+
 def test_removing_a_member_that_holds_instances_is_refused(rig: ClusterRig) -> None:
     if "c2" not in locations(rig, 0):
         rig.lxc(0, "init", "m1:busybox", "m1:c2", "--target", "m2")
