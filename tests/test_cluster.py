@@ -349,12 +349,15 @@ def statuses(rig: ClusterRig, via: int) -> dict[str, str]:
 
 def test_evacuate_stops_local_containers_and_restore_starts_them(rig: ClusterRig) -> None:
     """LXD 5.0's evacuation of containers on local storage: `auto` and `stop` ones are
-    stopped where they are, the member is Evacuated and takes no instance; restore starts
-    those that were running. Bad input is refused and changes nothing."""
+    stopped where they are, a `migrate` one moves to another member and runs there; the
+    member is Evacuated and takes no instance; restore starts those that were running and
+    brings the moved one back. Bad input is refused and changes nothing."""
     rig.lxc(0, "launch", "m1:busybox", "m1:ev1", "--target", "m2")
     rig.lxc(0, "launch", "m1:busybox", "m1:ev2", "--target", "m2", "-c", "cluster.evacuate=stop")
     rig.lxc(0, "init", "m1:busybox", "m1:ev3", "--target", "m2")
-    made = ["ev1", "ev2", "ev3"]
+    rig.lxc(0, "launch", "m1:busybox", "m1:ev5", "--target", "m2", "-c",
+            "cluster.evacuate=migrate")  # fmt: skip
+    made = ["ev1", "ev2", "ev3", "ev5"]
     try:
         result = rig.lxc(0, "cluster", "evacuate", "m9", "--force", check=False)
         assert "Cluster member not found" in result.stderr
@@ -369,8 +372,13 @@ def test_evacuate_stops_local_containers_and_restore_starts_them(rig: ClusterRig
         row = member_rows(rig, 0)["m2"]
         assert (row["status"], row["message"]) == ("Evacuated", "Unavailable due to maintenance")
         now = statuses(rig, 1)
-        assert [now[n] for n in made] == ["Stopped", "Stopped", "Stopped"], now
-        assert all(locations(rig, 0)[n] == "m2" for n in made)
+        assert [now[n] for n in made] == ["Stopped", "Stopped", "Stopped", "Running"], now
+        placed = locations(rig, 0)
+        assert [placed[n] for n in made[:3]] == ["m2", "m2", "m2"]
+        # `migrate`: moved to another member, and running there.
+        assert placed["ev5"] in ("m1", "m3"), placed
+        origin = rig.lxc(0, "config", "get", "m1:ev5", "volatile.evacuate.origin").stdout
+        assert origin.strip() == "m2"
         result = rig.lxc(0, "cluster", "evacuate", "m2", "--force", check=False)
         assert "Cluster member is already evacuated" in result.stderr
         result = rig.lxc(0, "init", "m1:busybox", "m1:ev4", "--target", "m2", check=False)
@@ -380,7 +388,10 @@ def test_evacuate_stops_local_containers_and_restore_starts_them(rig: ClusterRig
         rig.lxc(0, "cluster", "restore", "m2", "--force")
         assert member_rows(rig, 1)["m2"]["status"] == "Online"
         now = statuses(rig, 2)
-        assert [now[n] for n in made] == ["Running", "Running", "Stopped"], now
+        assert [now[n] for n in made] == ["Running", "Running", "Stopped", "Running"], now
+        assert locations(rig, 1)["ev5"] == "m2"  # moved back
+        origin = rig.lxc(0, "config", "get", "m1:ev5", "volatile.evacuate.origin").stdout
+        assert origin.strip() == ""
     finally:
         if member_rows(rig, 0)["m2"]["status"] == "Evacuated":
             rig.lxc(0, "cluster", "restore", "m2", "--force", check=False)

@@ -7,14 +7,15 @@ one by one by their `cluster.evacuate`:
 - `auto`: a container on local storage cannot move, so (as LXD's `canMigrate` says of a
   local root disk) it is stopped where it is;
 - `stop`: stopped where it is;
-- `migrate`: LXD moves it (cold) to the least loaded member. croft cannot move an instance
-  between members yet, so it is stopped where it is, as LXD does when no member can take
-  it.
+- `migrate`: moved (cold, `croft.api.domain.instance_move`) to the member placement picks
+  (fewest instances), remembering `volatile.evacuate.origin`, and started there if it
+  ran; with no member to take it, it is stopped where it is, as LXD does.
 
-A running instance is shut down cleanly within `boot.host_shutdown_timeout` (30 s), forced
-after, and keeps `volatile.last_state.power=RUNNING`. Restoring marks the member `created`
-again and starts the instances that were running. A failed evacuation puts the member
-back as it was.
+A running instance that stays is shut down cleanly within `boot.host_shutdown_timeout`
+(30 s), forced after, and keeps `volatile.last_state.power=RUNNING`. Restoring marks the
+member `created` again, starts the instances that were running, and moves back (and
+starts again) the ones whose `volatile.evacuate.origin` is this member. A failed
+evacuation puts the member back as it was.
 """
 
 from __future__ import annotations
@@ -23,16 +24,19 @@ from typing import Any
 
 from croft.api import records
 from croft.api.context import ApiContext
+from croft.api.domain import instance_move
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import KIND
+from croft.api.domain.placement import place
 from croft.api.operations import OperationContext
 from croft.common import cluster
 from croft.common.cluster import MemberRecord
-from croft.common.errors import CroftError, InvalidArgument
+from croft.common.errors import CroftError, InvalidArgument, NotFound
 from croft.common.models import InstanceRecord
 from croft.common.revert import Reverter
 
 POWER_KEY = "volatile.last_state.power"
+ORIGIN_KEY = "volatile.evacuate.origin"
 DEFAULT_SHUTDOWN_TIMEOUT = 30
 
 
@@ -64,13 +68,30 @@ async def _progress(op: OperationContext, text: str) -> None:
     await op.update_metadata({"evacuation_progress": text})
 
 
-async def _set_power(ctx: ApiContext, record: InstanceRecord, power: str) -> None:
+async def _set_config(ctx: ApiContext, record: InstanceRecord, key: str, value: str) -> None:
+    """Set (or, with "", drop) one of the instance's volatile keys in its record."""
+
     def change(current: dict[str, Any]) -> dict[str, Any]:
-        current.setdefault("config", {})[POWER_KEY] = power
-        current.setdefault("expanded_config", {})[POWER_KEY] = power
+        for section in ("config", "expanded_config"):
+            config = current.setdefault(section, {})
+            if value:
+                config[key] = value
+            else:
+                config.pop(key, None)
         return current
 
     await records.modify(ctx.store, record.key(), change, missing="Instance not found")
+
+
+async def _reload(ctx: ApiContext, record: InstanceRecord) -> InstanceRecord:
+    found = await ctx.store.get_json(record.key())
+    if found is None:
+        raise NotFound("Instance not found")
+    return InstanceRecord.model_validate(found[0])
+
+
+async def _set_power(ctx: ApiContext, record: InstanceRecord, power: str) -> None:
+    await _set_config(ctx, record, POWER_KEY, power)
 
 
 async def evacuate(ctx: ApiContext, op: OperationContext, name: str) -> None:
@@ -78,6 +99,20 @@ async def evacuate(ctx: ApiContext, op: OperationContext, name: str) -> None:
     async with Reverter() as revert:
         revert.add(lambda: _set_state(ctx, name, cluster.STATE_CREATED))
         for record in await instances_on(ctx, name):
+            if record.expanded_config.get("cluster.evacuate", "auto") == "migrate":
+                try:
+                    target = await place(ctx.store)
+                except CroftError:
+                    target = ""  # no member can take it: stopped where it is
+                if target:
+                    await _progress(
+                        op, f'Migrating "{record.name}" in project "{record.project}" '
+                        f'to "{target}"',
+                    )  # fmt: skip
+                    await _set_config(ctx, record, ORIGIN_KEY, name)
+                    record = await _reload(ctx, record)
+                    await instance_move.move(ctx, record, target)
+                    continue
             if record.status == "Stopped":
                 continue
             await _progress(op, f'Stopping "{record.name}" in project "{record.project}"')
@@ -106,4 +141,20 @@ async def restore(ctx: ApiContext, op: OperationContext, name: str) -> None:
             await _progress(op, f'Starting "{record.name}" in project "{record.project}"')
             client = await compute_of(record)
             await client.change_state(ref(record.project, record.name), "start", deadline=120)
+        for record in await _evacuated_from(ctx, name):
+            await _progress(
+                op, f'Migrating "{record.name}" in project "{record.project}" '
+                f'from "{record.croft.member}"',
+            )  # fmt: skip
+            await instance_move.move(ctx, record, name)
+            await _set_config(ctx, record, ORIGIN_KEY, "")
         revert.success()
+
+
+async def _evacuated_from(ctx: ApiContext, member: str) -> list[InstanceRecord]:
+    found = []
+    for entry in await ctx.store.list(records.RECORDS + f"{KIND}/"):
+        raw = entry.json()
+        if (raw.get("config") or {}).get(ORIGIN_KEY) == member:
+            found.append(InstanceRecord.model_validate(raw))
+    return sorted(found, key=lambda r: (r.project, r.name))
