@@ -9,7 +9,8 @@ one by one by their `cluster.evacuate`:
 - `stop`: stopped where it is;
 - `migrate`: moved (cold, `croft.api.domain.instance_move`) to the member placement picks
   (fewest instances), remembering `volatile.evacuate.origin`, and started there if it
-  ran; with no member to take it, it is stopped where it is, as LXD does.
+  ran; with no member to take it, it is stopped where it is, as LXD does (and so is one
+  with backups, which a move between members would not take along).
 
 A running instance that stays is shut down cleanly within `boot.host_shutdown_timeout`
 (30 s), forced after, and keeps `volatile.last_state.power=RUNNING`. Restoring marks the
@@ -25,6 +26,7 @@ from typing import Any
 from croft.api import records
 from croft.api.context import ApiContext
 from croft.api.domain import instance_move
+from croft.api.domain.backups import backups_of
 from croft.api.domain.compute import compute_of, ref
 from croft.api.domain.instances import KIND
 from croft.api.domain.placement import place
@@ -104,6 +106,8 @@ async def evacuate(ctx: ApiContext, op: OperationContext, name: str) -> None:
                     target = await place(ctx.store)
                 except CroftError:
                     target = ""  # no member can take it: stopped where it is
+                if await backups_of(ctx.store, record.project, record.name):
+                    target = ""  # a move would not take its backups along
                 if target:
                     await _progress(
                         op, f'Migrating "{record.name}" in project "{record.project}" '
