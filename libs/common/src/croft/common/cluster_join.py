@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from croft.common import internal_tls
 from croft.common.config import Config, cluster_file
 from croft.common.errors import InvalidArgument, PermissionDenied, Unavailable
 
@@ -126,13 +127,14 @@ def request_join(
     if cluster_address:
         addresses.insert(0, cluster_address)
     host, _ = host_port(server_address)
-    client_port = urlsplit(config.etcd.endpoints[0]).port or 2379
+    ours = urlsplit(config.etcd.endpoints[0])
+    client_port, scheme = ours.port or 2379, ours.scheme or "http"
     request = {
         "token": token_text.strip(),
         "server_name": server_name,
         "server_address": server_address,
-        "etcd_client_url": f"http://{host}:{client_port}",
-        "etcd_peer_url": f"http://{host}:{config.etcd.peer_port}",
+        "etcd_client_url": f"{scheme}://{host}:{client_port}",
+        "etcd_peer_url": f"{scheme}://{host}:{config.etcd.peer_port}",
         "architecture": platform.machine(),
     }
     last = ""
@@ -182,6 +184,10 @@ def write_joined(config: Config, joined: Joined) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    # The members' own authority: their etcd and gRPC trust this member from now on.
+    authority = reply.get("internal_authority")
+    if authority:
+        internal_tls.write_authority(state, authority["certificate"], authority["key"])
     overlay = {"etcd": reply["etcd"], "rpc": {"host": joined.host}}
     cluster_file(config).write_text(yaml.safe_dump(overlay))
 
