@@ -294,6 +294,14 @@ def test_cluster_groups_place_instances_and_refuse_bad_input(rig: ClusterRig) ->
         assert placed["g1"] == placed["g2"] == "m3" and placed["g3"] != "m3", placed
         result = rig.lxc(0, "cluster", "group", "delete", "m1:gpu", check=False)
         assert "Only empty cluster groups can be removed" in result.stderr
+        # `lxc cluster group edit`'s PUT: description and members, both ways.
+        for members in (["m2", "m3"], ["m3"]):
+            rig.lxc(1, "query", "-X", "PUT", "-d",
+                    json.dumps({"description": "GPUs", "members": members}),
+                    "m2:/1.0/cluster/groups/gpu")  # fmt: skip
+            shown = json.loads(rig.lxc(0, "query", "m1:/1.0/cluster/groups/gpu").stdout)
+            assert shown == {"name": "gpu", "description": "GPUs", "members": members}
+        assert groups_of(rig, 0)["default"] == ["m1", "m2", "m3"]
 
         rig.lxc(2, "cluster", "group", "rename", "m3:gpu", "accel")
         assert json.loads(rig.lxc(0, "query", "m1:/1.0/cluster/members/m3").stdout)["groups"] == [
