@@ -65,7 +65,7 @@ class Ovn:
         found = []
         for table in ("Logical_Switch", "Logical_Router", "Logical_Switch_Port"):
             found += [f"{table} {name}" for name in self.rows(table)]
-        for table in ("DHCP_Options", "DNS"):
+        for table in ("DHCP_Options", "DNS", "Port_Group", "ACL"):
             if self.nb("--bare", "--columns=_uuid", "list", table).strip():
                 found.append(table)
         for bridge in self.vsctl("list-br").split():
@@ -188,6 +188,82 @@ def test_two_ovn_networks_give_addresses_route_to_the_uplink_and_keep_apart(
     lxc("network", "delete", o1)
     lxc("network", "delete", o2)
     assert ovn.leftovers() == []
+
+
+def test_an_acl_allowing_only_tcp_22_in_on_ovn(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    """`security.acls` on an OVN network is OVN port groups and ACLs: a container
+    serving ports 22 and 80 is reached by its neighbour on 22 only; unassigned or
+    deleted, no port group or ACL row stays."""
+    _, lxc, _, ovn = env
+    up, _ = uplink
+    name, acl = unique("oacl-"), unique("acl")
+    server, client = unique("sv-"), unique("cl-")
+
+    def groups() -> list[str]:
+        out = ovn.nb("--bare", "--columns=name", "find", "Port_Group",
+                     f"external_ids:croft-network={name}")  # fmt: skip
+        return out.split()
+
+    def fetch(port: int) -> subprocess.CompletedProcess[str]:
+        return lxc("exec", client, "--", "wget", "-T", "3", "-q", "-O", "-",
+                   f"http://{address}:{port}/", check=False, timeout=60)  # fmt: skip
+
+    lxc("network", "acl", "create", acl)
+    lxc("network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+        "destination_port=22")  # fmt: skip
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        lxc("launch", "busybox", server, "-n", name)
+        lxc("launch", "busybox", client, "-n", name)
+        address = wait_until(lambda: ipv4_of(lxc, server), 180, "an OVN DHCP lease (server)")
+        wait_until(lambda: ipv4_of(lxc, client), 180, "an OVN DHCP lease (client)")
+        lxc("exec", server, "--", "sh", "-c",
+            "mkdir -p /www && echo served > /www/index.html && "
+            "httpd -p 80 -h /www && httpd -p 22 -h /www")  # fmt: skip
+        assert "served" in fetch(80).stdout and "served" in fetch(22).stdout
+
+        # An unknown ACL is refused; nothing is made in OVN.
+        refused = lxc("network", "set", name, "security.acls", "nosuch", check=False)
+        assert 'Network ACL "nosuch" does not exist' in refused.stderr
+        assert groups() == []
+
+        lxc("network", "set", name, "security.acls.default.egress.action=allow",
+            "security.acls.default.ingress.action=drop", f"security.acls={acl}")  # fmt: skip
+        assert len(groups()) == 2  # the ACL's and the network's
+        assert "served" in fetch(22).stdout
+        assert fetch(80).returncode != 0
+        # A change to the ACL applies at once.
+        lxc("network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+            "destination_port=80")  # fmt: skip
+        assert "served" in fetch(80).stdout
+        lxc("network", "acl", "rule", "remove", acl, "ingress", "destination_port=80")
+        assert fetch(80).returncode != 0
+        # A NIC attached after the ACL is filtered too (the server's, again at its start).
+        lxc("restart", "--force", server)
+        address = wait_until(lambda: ipv4_of(lxc, server), 180, "the server's lease again")
+        lxc("exec", server, "--", "sh", "-c", "httpd -p 80 -h /www && httpd -p 22 -h /www")
+        assert "served" in fetch(22).stdout
+        assert fetch(80).returncode != 0
+        refused = lxc("network", "acl", "delete", acl, check=False)
+        assert "Cannot delete an ACL that is in use" in refused.stderr
+
+        lxc("network", "unset", name, "security.acls")
+        assert groups() == []
+        assert "served" in fetch(80).stdout
+        lxc("network", "set", name, "security.acls", acl)
+        assert len(groups()) == 2
+        for instance in (server, client):
+            lxc("delete", "--force", instance)
+        lxc("network", "delete", name)
+        lxc("network", "acl", "delete", acl)
+        assert ovn.leftovers() == []
+    finally:
+        for instance in (server, client):
+            lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        lxc("network", "acl", "delete", acl, check=False)
 
 
 def test_bad_input_is_refused_and_leaves_no_ovn_rows(

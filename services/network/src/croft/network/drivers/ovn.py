@@ -43,6 +43,7 @@ from pyroute2 import IPRoute
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.common.instance_config import go_quote
+from croft.common.network_acl import NETWORK_RULES
 from croft.common.proc import run
 from croft.common.revert import Reverter
 from croft.network.drivers import (
@@ -51,9 +52,11 @@ from croft.network.drivers import (
     NetworkDriver,
     NetworkInfo,
     NetworkLease,
+    NetworkSecurity,
     NetworkState,
     NetworkStateAddress,
     NetworkStateCounters,
+    _ovn_acl,
 )
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import is_mac
@@ -141,11 +144,7 @@ RULES: Mapping[str, Rule] = {
     "dns.zone.forward": _unsupported,
     "dns.zone.reverse.ipv4": _unsupported,
     "dns.zone.reverse.ipv6": _unsupported,
-    "security.acls": _unsupported,
-    "security.acls.default.ingress.action": _unsupported,
-    "security.acls.default.egress.action": _unsupported,
-    "security.acls.default.ingress.logged": _unsupported,
-    "security.acls.default.egress.logged": _unsupported,
+    **NETWORK_RULES,
     VOLATILE_UPLINK_IPV4: _optional(_ip(4)),
     VOLATILE_UPLINK_IPV6: _optional(_ip(6)),
 }
@@ -400,6 +399,8 @@ class _OvnHost:
             txn.add(nb.ls_del(n.ls_int, if_exists=True))
             txn.add(nb.ls_del(n.ls_ext, if_exists=True))
         with nb.transaction(check_error=True) as txn:
+            for row in self.rows("Port_Group", name):
+                txn.add(nb.db_destroy("Port_Group", row.uuid))
             for row in self.rows("DHCP_Options", name):
                 txn.add(nb.dhcp_options_del(row.uuid))
             for row in self.rows("DNS", name):
@@ -526,6 +527,13 @@ class _OvnHost:
         dhcp = self.rows("DHCP_Options", name)
         if dhcp:
             nb.lsp_set_dhcpv4_options(port, dhcp[0].uuid).execute(check_error=True)
+        groups = self.rows("Port_Group", name)
+        if groups:
+            # The network's ACLs filter the new port as they filter the others.
+            lsp = nb.lsp_get(port).execute(check_error=True)
+            with nb.transaction(check_error=True) as txn:
+                for group in groups:
+                    txn.add(nb.pg_add_ports(group.uuid, lsp.uuid))
         host, peer = veth_names(name, hwaddr)
         with IPRoute() as ipr:
             if not ipr.link_lookup(ifname=host):
@@ -585,6 +593,31 @@ class _OvnHost:
             for index in ipr.link_lookup(ifname=host):
                 ipr.link("del", index=index)
 
+    def apply_acls(self, name: str, groups: list[_ovn_acl.PortGroup]) -> None:
+        """Replace the network's port groups and their ACLs with `groups`, each holding
+        every instance port of the network: one NB transaction, so a failure leaves
+        the previous ones in force."""
+        nb = self.nb()
+        ports = [
+            row.uuid
+            for row in self.rows("Logical_Switch_Port", name)
+            if row.external_ids.get("croft-instance")
+        ]
+        with nb.transaction(check_error=True) as txn:
+            for row in self.rows("Port_Group", name):
+                txn.add(nb.db_destroy("Port_Group", row.uuid))
+            for group in groups:
+                acls = [txn.add(nb.db_create("ACL", **a.columns(name))) for a in group.acls]
+                txn.add(
+                    nb.db_create(
+                        "Port_Group",
+                        name=group.name,
+                        external_ids=group.external_ids(name),
+                        ports=list(ports),
+                        acls=acls,
+                    )
+                )
+
     def leases(self, name: str) -> list[NetworkLease]:
         found = []
         for row in self.rows("Logical_Switch_Port", name):
@@ -635,6 +668,7 @@ class OvnDriver(NetworkDriver):
         dns=True,
         nat=True,
         ipv6=True,
+        acls=True,
     )
     fixed_in_use: ClassVar[frozenset[str]] = frozenset(
         {"network", "ipv4.address", "ipv6.address", "ipv4.dhcp", "ipv6.dhcp"}
@@ -918,6 +952,23 @@ class OvnDriver(NetworkDriver):
         nics = await in_thread(self._host.read, network, "nics.json") or {}
         if nics.pop(hwaddr, None) is not None:
             await in_thread(self._host.write, network, nics, "nics.json")
+
+    async def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        if security.forwards or security.nics:
+            raise InvalidArgument(
+                f"Network type {self.name!r} does not support forwards or NIC filtering"
+            )
+        config = await self.local_config(name) or {}
+        router_ips = [
+            config[k]
+            for k in ("ipv4.address", "ipv6.address")
+            if config.get(k, "none") not in ("", "none", "auto")
+        ]
+        groups = _ovn_acl.port_groups(name, security.acl, _Names(name).lsp_int_router, router_ips)
+        if not await self.is_running(name):
+            return  # its start makes its rows; the core applies its security after
+        await self._daemons()
+        await in_thread(self._host.apply_acls, name, groups)
 
     async def leases(self, network: str) -> list[NetworkLease]:
         if not await self.is_running(network):

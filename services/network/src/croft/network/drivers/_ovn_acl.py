@@ -1,0 +1,234 @@
+"""A network's ACL policy as OVN port groups and ACLs (LXD's `acl_ovn.go`), pure.
+
+Each ACL a network names is a port group holding the network's instance ports, its
+rules that group's ACL rows; one more group per network holds the same ports, the
+default action of each direction and the baseline every filtered port needs (ARP and
+neighbour discovery, DHCP, DNS and ping to the network's router, the packets a reject
+sends). As in LXD every ACL is `to-lport` (evaluated where the packet leaves the switch,
+after OVN's own DHCP and DNS answers): an ingress rule matches `outport == @<group>`, an
+egress one `inport == @<group>`. Priorities keep LXD's order, drops before rejects
+before allows before the default; an allow is `allow-related`, so replies pass.
+
+Group names are OVN identifiers (no hyphen), derived from the network's and the ACL's
+names; every group carries `external_ids:croft-network`, so the network's delete finds
+them, and an ACL row goes with its group (ACLs are not root rows in OVN's schema).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+from croft.common.errors import InvalidArgument
+from croft.common.network_acl import NetworkAclPolicy, PolicyRule
+
+PRIORITY_BASELINE = 32767
+PRIORITY = {"drop": 40, "reject": 30, "allow": 20}
+PRIORITY_DEFAULT = 10
+
+
+def _tag(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def network_group(network: str) -> str:
+    """The network's own port group: every instance port, the defaults."""
+    return f"croft_net_{_tag(network)}"
+
+
+def acl_group(network: str, acl: str) -> str:
+    """The port group of one ACL on one network."""
+    return f"croft_acl_{_tag(network)}_{_tag(acl)}"
+
+
+@dataclass(frozen=True)
+class OvnAcl:
+    """One ACL row."""
+
+    priority: int
+    match: str
+    action: str
+    log_name: str = ""
+
+    def columns(self, network: str) -> dict[str, Any]:
+        cols: dict[str, Any] = {
+            "direction": "to-lport",
+            "priority": self.priority,
+            "match": self.match,
+            "action": self.action,
+            "external_ids": {"croft-network": network},
+        }
+        if self.log_name:
+            cols.update(log=True, name=self.log_name, severity="info")
+        return cols
+
+
+@dataclass(frozen=True)
+class PortGroup:
+    name: str
+    acl: str  # "" for the network's own group
+    acls: tuple[OvnAcl, ...] = field(default=())
+
+    def external_ids(self, network: str) -> dict[str, str]:
+        ids = {"croft-network": network}
+        if self.acl:
+            ids["croft-acl"] = self.acl
+        return ids
+
+
+def _action(action: str) -> str:
+    return "allow-related" if action == "allow" else action
+
+
+def port_groups(
+    network: str,
+    policy: NetworkAclPolicy | None,
+    router_port: str,
+    router_ips: list[str],
+) -> list[PortGroup]:
+    """The port groups (with their ACLs) that enforce `policy` on `network`, whose
+    router's switch port is `router_port` with addresses `router_ips`. Empty for no
+    policy. InvalidArgument for a rule OVN cannot express here (LXD's words where it
+    has them)."""
+    if policy is None:
+        return []
+    net = network_group(network)
+    names = sorted({r.acl for r in policy.rules if r.acl})
+    groups = {name: acl_group(network, name) for name in names}
+    per_acl: dict[str, list[OvnAcl]] = {name: [] for name in names}
+    for item in policy.rules:
+        per_acl.setdefault(item.acl, []).append(_rule(item, net, groups, router_port))
+    out = [PortGroup(groups[n], n, tuple(per_acl[n])) for n in names]
+    if "" in per_acl:  # rules from no named ACL (not made by network_policy)
+        out.append(PortGroup(acl_group(network, ""), "-", tuple(per_acl[""])))
+    out.append(PortGroup(net, "", _baseline(net, router_port, router_ips, policy)))
+    return out
+
+
+def _baseline(
+    net: str, router_port: str, router_ips: list[str], policy: NetworkAclPolicy
+) -> tuple[OvnAcl, ...]:
+    rp = f'"{router_port}"'
+    allow = [
+        # Neighbour discovery, both ways.
+        f"(inport == @{net} || outport == @{net}) && (arp || nd)",
+        # Router advertisements from the router, solicitations to it.
+        f"outport == @{net} && inport == {rp} && nd_ra",
+        f"inport == @{net} && outport == {rp} && nd_rs",
+        # DHCP to the router (OVN answers it on the way in; kept as LXD keeps it).
+        f"inport == @{net} && outport == {rp} && ((ip4 && udp.dst == 67) || "
+        "(ip6 && udp.dst == 547))",
+        # The packets a reject sends back, which must not be rejected in turn.
+        f"outport == @{net} && icmp6 && icmp6.type == {{1, 2, 3, 4}} && ip.ttl == 255",
+        f"outport == @{net} && icmp4 && icmp4.type == {{3, 11, 12}} && ip.ttl == 255",
+        f"outport == @{net} && tcp && tcp.flags == 0x014",
+    ]
+    for text in router_ips:
+        ip = ipaddress.ip_interface(text).ip
+        v = ip.version
+        icmp = "icmp4.type == 8" if v == 4 else "icmp6.type == 128"
+        allow.append(f"inport == @{net} && outport == {rp} && ip{v}.dst == {ip} && {icmp}")
+        allow.append(
+            f"inport == @{net} && outport == {rp} && ip{v}.dst == {ip} && "
+            "(udp.dst == 53 || tcp.dst == 53)"
+        )
+    rows = [OvnAcl(PRIORITY_BASELINE, m, "allow") for m in allow]
+    for direction, action, logged, port in (
+        ("ingress", policy.default_ingress, policy.default_ingress_logged, "outport"),
+        ("egress", policy.default_egress, policy.default_egress_logged, "inport"),
+    ):
+        rows.append(
+            OvnAcl(
+                PRIORITY_DEFAULT,
+                f"{port} == @{net}",
+                _action(action),
+                f"{net}-{direction}-default"[:63] if logged else "",
+            )
+        )
+    return tuple(rows)
+
+
+def _rule(item: PolicyRule, net: str, groups: dict[str, str], router_port: str) -> OvnAcl:
+    rule = item.rule
+    own = groups.get(item.acl, net) if item.acl else net
+    port = "outport" if item.direction == "ingress" else "inport"
+    parts = [f"{port} == @{own}"]
+    # The subjects on the other side: ingress rules name where traffic comes from in
+    # `source`, egress ones where it goes in `destination`.
+    for text, side in ((rule.source, "src"), (rule.destination, "dst")):
+        if text:
+            parts.append(_subjects(text, side, net, groups, router_port))
+    icmp = {"icmp4": 4, "icmp6": 6}.get(rule.protocol)
+    if rule.protocol in ("tcp", "udp"):
+        parts.append(rule.protocol)
+        if rule.source_port:
+            parts.append(_ports(rule.protocol, "src", rule.source_port))
+        if rule.destination_port:
+            parts.append(_ports(rule.protocol, "dst", rule.destination_port))
+    elif icmp is not None:
+        name = f"icmp{icmp}"
+        parts.append(name)
+        if rule.icmp_type:
+            parts.append(f"{name}.type == {int(rule.icmp_type)}")
+        if rule.icmp_code:
+            parts.append(f"{name}.code == {int(rule.icmp_code)}")
+    return OvnAcl(PRIORITY[rule.action], " && ".join(parts), _action(rule.action), item.log_prefix)
+
+
+def _subjects(text: str, side: str, net: str, groups: dict[str, str], router_port: str) -> str:
+    """One side's subjects as an OVN expression: addresses by family, named subjects by
+    the ports traffic enters (`src`) or leaves (`dst`) the switch through."""
+    port = "inport" if side == "src" else "outport"
+    terms: list[str] = []
+    by_family: dict[int, list[str]] = {4: [], 6: []}
+    for subject in (s.strip() for s in text.split(",")):
+        if subject == "@internal":
+            terms.append(f"{port} == @{net}")
+        elif subject == "@external":
+            terms.append(f'{port} == "{router_port}"')
+        elif subject in groups:
+            terms.append(f"{port} == @{groups[subject]}")
+        elif subject.startswith("@") or _is_name(subject):
+            raise InvalidArgument(
+                f"Unsupported OVN subject {subject!r}: an ACL named as a subject must be "
+                "applied to the network too"
+            )
+        else:
+            for cidr in _cidrs(subject):
+                by_family[cidr.version].append(str(cidr))
+    for version, cidrs in by_family.items():
+        if cidrs:
+            terms.append(f"ip{version}.{side} == {{{', '.join(cidrs)}}}")
+    return terms[0] if len(terms) == 1 else "(" + " || ".join(terms) + ")"
+
+
+def _is_name(subject: str) -> bool:
+    try:
+        _cidrs(subject)
+    except ValueError:
+        return True
+    return False
+
+
+def _cidrs(subject: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    start, sep, end = subject.partition("-")
+    if sep:
+        first, last = ipaddress.ip_address(start), ipaddress.ip_address(end)
+        return list(ipaddress.summarize_address_range(first, last))  # type: ignore[arg-type,unused-ignore]
+    return [ipaddress.ip_network(subject, strict=False)]
+
+
+def _ports(protocol: str, side: str, text: str) -> str:
+    terms = []
+    for part in (p.strip() for p in text.split(",")):
+        first, sep, last = part.partition("-")
+        if sep:
+            terms.append(f"({protocol}.{side} >= {int(first)} && {protocol}.{side} <= {int(last)})")
+        else:
+            terms.append(f"{protocol}.{side} == {int(first)}")
+    return terms[0] if len(terms) == 1 else "(" + " || ".join(terms) + ")"
+
+
+__all__ = ["OvnAcl", "PortGroup", "acl_group", "network_group", "port_groups"]
