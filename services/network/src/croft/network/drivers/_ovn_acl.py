@@ -3,10 +3,12 @@
 Each ACL a network names is a port group holding the network's instance ports, its
 rules that group's ACL rows; one more group per network holds the same ports, the
 default action of each direction and the baseline every filtered port needs (ARP and
-neighbour discovery, DHCP, DNS and ping to the network's router, the packets a reject
-sends). As in LXD every ACL is `to-lport` (evaluated where the packet leaves the switch,
-after OVN's own DHCP and DNS answers): an ingress rule matches `outport == @<group>`, an
-egress one `inport == @<group>`. Priorities keep LXD's order, drops before rejects
+neighbour discovery, DHCP, DNS and ping to the network's router and DNS servers, the
+packets a reject sends). An ingress rule is a `to-lport` ACL on `outport == @<group>`,
+an egress one a `from-lport` ACL on `inport == @<group>`: OVN evaluates them in two
+stages, so traffic between two filtered instances passes the sender's egress rules and
+then the receiver's ingress rules (one stage for both, as LXD 5.0 has it, would let the
+two defaults race at one priority). Priorities keep LXD's order, drops before rejects
 before allows before the default; an allow is `allow-related`, so replies pass.
 
 Group names are OVN identifiers (no hyphen), derived from the network's and the ACL's
@@ -51,10 +53,11 @@ class OvnAcl:
     match: str
     action: str
     log_name: str = ""
+    direction: str = "to-lport"
 
     def columns(self, network: str) -> dict[str, Any]:
         cols: dict[str, Any] = {
-            "direction": "to-lport",
+            "direction": self.direction,
             "priority": self.priority,
             "match": self.match,
             "action": self.action,
@@ -86,10 +89,11 @@ def port_groups(
     network: str,
     policy: NetworkAclPolicy | None,
     router_port: str,
-    router_ips: list[str],
+    services: list[str],
 ) -> list[PortGroup]:
     """The port groups (with their ACLs) that enforce `policy` on `network`, whose
-    router's switch port is `router_port` with addresses `router_ips`. Empty for no
+    router's switch port is `router_port`; `services` are the addresses of its router
+    and DNS servers, which instances may always ping and ask. Empty for no
     policy. InvalidArgument for a rule OVN cannot express here (LXD's words where it
     has them)."""
     if policy is None:
@@ -103,50 +107,60 @@ def port_groups(
     out = [PortGroup(groups[n], n, tuple(per_acl[n])) for n in names]
     if "" in per_acl:  # rules from no named ACL (not made by network_policy)
         out.append(PortGroup(acl_group(network, ""), "-", tuple(per_acl[""])))
-    out.append(PortGroup(net, "", _baseline(net, router_port, router_ips, policy)))
+    out.append(PortGroup(net, "", _baseline(net, router_port, services, policy)))
     return out
 
 
 def _baseline(
-    net: str, router_port: str, router_ips: list[str], policy: NetworkAclPolicy
+    net: str, router_port: str, services: list[str], policy: NetworkAclPolicy
 ) -> tuple[OvnAcl, ...]:
     rp = f'"{router_port}"'
-    allow = [
-        # Neighbour discovery, both ways.
-        f"(inport == @{net} || outport == @{net}) && (arp || nd)",
-        # Router advertisements from the router, solicitations to it.
-        f"outport == @{net} && inport == {rp} && nd_ra",
-        f"inport == @{net} && outport == {rp} && nd_rs",
-        # DHCP to the router (OVN answers it on the way in; kept as LXD keeps it).
-        f"inport == @{net} && outport == {rp} && ((ip4 && udp.dst == 67) || "
-        "(ip6 && udp.dst == 547))",
+    out = f"outport == @{net}"
+    inp = f"inport == @{net}"
+    returned = [
         # The packets a reject sends back, which must not be rejected in turn.
-        f"outport == @{net} && icmp6 && icmp6.type == {{1, 2, 3, 4}} && ip.ttl == 255",
-        f"outport == @{net} && icmp4 && icmp4.type == {{3, 11, 12}} && ip.ttl == 255",
-        f"outport == @{net} && tcp && tcp.flags == 0x014",
+        "icmp6 && icmp6.type == {1, 2, 3, 4} && ip.ttl == 255",
+        "icmp4 && icmp4.type == {3, 11, 12} && ip.ttl == 255",
+        "tcp && tcp.flags == 0x014",
     ]
-    for text in router_ips:
+    ingress = [
+        f"{out} && (arp || nd)",
+        f"{out} && inport == {rp} && nd_ra",
+        *(f"{out} && {m}" for m in returned),
+    ]
+    egress = [
+        f"{inp} && (arp || nd)",
+        f"{inp} && nd_rs",
+        # DHCP, which OVN answers after this stage.
+        f"{inp} && ((ip4 && udp.dst == 67) || (ip6 && udp.dst == 547))",
+        *(f"{inp} && {m}" for m in returned),
+    ]
+    for text in services:
         ip = ipaddress.ip_interface(text).ip
         v = ip.version
         icmp = "icmp4.type == 8" if v == 4 else "icmp6.type == 128"
-        allow.append(f"inport == @{net} && outport == {rp} && ip{v}.dst == {ip} && {icmp}")
-        allow.append(
-            f"inport == @{net} && outport == {rp} && ip{v}.dst == {ip} && "
-            "(udp.dst == 53 || tcp.dst == 53)"
+        # Ping and DNS to the router and the DNS servers the network's DHCP names.
+        egress.append(f"{inp} && ip{v}.dst == {ip} && {icmp}")
+        egress.append(f"{inp} && ip{v}.dst == {ip} && (udp.dst == 53 || tcp.dst == 53)")
+    rows = [OvnAcl(PRIORITY_BASELINE, m, "allow") for m in ingress]
+    rows += [OvnAcl(PRIORITY_BASELINE, m, "allow", direction="from-lport") for m in egress]
+    rows.append(
+        OvnAcl(
+            PRIORITY_DEFAULT,
+            out,
+            _action(policy.default_ingress),
+            f"{net}-ingress-default"[:63] if policy.default_ingress_logged else "",
         )
-    rows = [OvnAcl(PRIORITY_BASELINE, m, "allow") for m in allow]
-    for direction, action, logged, port in (
-        ("ingress", policy.default_ingress, policy.default_ingress_logged, "outport"),
-        ("egress", policy.default_egress, policy.default_egress_logged, "inport"),
-    ):
-        rows.append(
-            OvnAcl(
-                PRIORITY_DEFAULT,
-                f"{port} == @{net}",
-                _action(action),
-                f"{net}-{direction}-default"[:63] if logged else "",
-            )
+    )
+    rows.append(
+        OvnAcl(
+            PRIORITY_DEFAULT,
+            inp,
+            _action(policy.default_egress),
+            f"{net}-egress-default"[:63] if policy.default_egress_logged else "",
+            direction="from-lport",
         )
+    )
     return tuple(rows)
 
 
@@ -174,7 +188,13 @@ def _rule(item: PolicyRule, net: str, groups: dict[str, str], router_port: str) 
             parts.append(f"{name}.type == {int(rule.icmp_type)}")
         if rule.icmp_code:
             parts.append(f"{name}.code == {int(rule.icmp_code)}")
-    return OvnAcl(PRIORITY[rule.action], " && ".join(parts), _action(rule.action), item.log_prefix)
+    return OvnAcl(
+        PRIORITY[rule.action],
+        " && ".join(parts),
+        _action(rule.action),
+        item.log_prefix,
+        direction="to-lport" if item.direction == "ingress" else "from-lport",
+    )
 
 
 def _subjects(text: str, side: str, net: str, groups: dict[str, str], router_port: str) -> str:

@@ -364,10 +364,7 @@ class _OvnHost:
                 if gw is not None and _is_true(config.get("ipv4.nat", "false")):
                     txn.add(nb.lr_nat_add(n.lr, "snat", ext_ip, str(gw.network)))
         if gw is not None and _is_true(config.get("ipv4.dhcp", "true")):
-            nameservers = [ns.strip() for ns in uplink.config.get("dns.nameservers", "").split(",")]
-            dns = [ns for ns in nameservers if ns and ipaddress.ip_address(ns).version == 4]
-            if not dns:
-                dns = [str(uplink_gw.ip)] if uplink_gw is not None else [str(gw.ip)]
+            dns = _dns_servers(uplink) or [str(gw.ip)]
             domain = config.get("dns.domain") or DEFAULT_DOMAIN
             options = {
                 "server_id": str(gw.ip),
@@ -642,6 +639,17 @@ def _dns_names(config: Mapping[str, str], instance: str) -> set[str]:
     """An instance's names in OVN's DNS: bare and under the network's domain."""
     domain = config.get("dns.domain") or DEFAULT_DOMAIN
     return {instance.lower(), f"{instance}.{domain}".lower()}
+
+
+def _dns_servers(uplink: NetworkInfo) -> list[str]:
+    """The IPv4 DNS servers an OVN network's DHCP names: the uplink's `dns.nameservers`,
+    else its gateway (empty if it has neither: the network's router then)."""
+    nameservers = [ns.strip() for ns in uplink.config.get("dns.nameservers", "").split(",")]
+    dns = [ns for ns in nameservers if ns and ipaddress.ip_address(ns).version == 4]
+    if not dns:
+        gateway = _uplink_gateway(uplink)
+        dns = [str(gateway.ip)] if gateway is not None else []
+    return dns
 
 
 def _checksums_in_software(ifname: str) -> None:
