@@ -200,10 +200,11 @@ def test_an_acl_allowing_only_tcp_22_in_on_ovn(
     up, _ = uplink
     name, acl = unique("oacl-"), unique("acl")
     server, client = unique("sv-"), unique("cl-")
+    renamed = ""
 
-    def groups() -> list[str]:
+    def groups(network: str = name) -> list[str]:
         out = ovn.nb("--bare", "--columns=name", "find", "Port_Group",
-                     f"external_ids:croft-network={name}")  # fmt: skip
+                     f"external_ids:croft-network={network}")  # fmt: skip
         return out.split()
 
     def fetch(port: int) -> subprocess.CompletedProcess[str]:
@@ -257,13 +258,22 @@ def test_an_acl_allowing_only_tcp_22_in_on_ovn(
         assert len(groups()) == 2
         for instance in (server, client):
             lxc("delete", "--force", instance)
-        lxc("network", "delete", name)
+        # Renamed (nothing uses it now): its rows, ACLs included, under the new name.
+        renamed = unique("oren-")
+        lxc("network", "rename", name, renamed)
+        assert groups() == [] and len(groups(renamed)) == 2
+        routers = ovn.rows("Logical_Router")
+        assert f"croft-net-{renamed}-lr" in routers and f"croft-net-{name}-lr" not in routers
+        assert lxc("network", "get", renamed, "security.acls").stdout.strip() == acl
+        lxc("network", "delete", renamed)
         lxc("network", "acl", "delete", acl)
         assert ovn.leftovers() == []
     finally:
         for instance in (server, client):
             lxc("delete", "--force", instance, check=False)
         lxc("network", "delete", name, check=False)
+        if renamed:
+            lxc("network", "delete", renamed, check=False)
         lxc("network", "acl", "delete", acl, check=False)
 
 

@@ -70,6 +70,7 @@ VOLATILE_UPLINK_IPV6 = "volatile.network.ipv6.address"
 UPLINK_TYPES = ("bridge", "physical")
 DEFAULT_DOMAIN = "croft"
 _STARTED = "started"
+_SECURITY = "security.json"
 _SUPERVISE_EVERY = 3.0
 
 
@@ -977,6 +978,33 @@ class OvnDriver(NetworkDriver):
             return  # its start makes its rows; the core applies its security after
         await self._daemons()
         await in_thread(self._host.apply_acls, name, groups)
+        # Kept for a rename, which makes the network's rows again under its new name.
+        await in_thread(self._host.write, name, security.to_json(), _SECURITY)
+
+    async def rename(self, name: str, new_name: str, config: Mapping[str, str]) -> None:
+        """LXD's OVN rename: the network's rows (named after it here) made again under the
+        new name, its state moved; back under the old name if that fails."""
+        check_interface_name(new_name)
+        if self.state_dir(new_name).exists():
+            raise Conflict(f"Network {new_name!r} already exists on this host")
+        running = await self.is_running(name)
+        stored = await in_thread(self._host.read, name, _SECURITY)
+        security = NetworkSecurity.from_json(stored) if stored else NetworkSecurity()
+
+        async def under(network: str) -> None:
+            await self.start(network, config)
+            await self.apply_security(network, security)
+
+        async with Reverter() as revert:
+            if running:
+                await self.stop(name)
+                revert.add(lambda: under(name))
+            await in_thread(self.state_dir(name).rename, self.state_dir(new_name))
+            revert.add(lambda: in_thread(self.state_dir(new_name).rename, self.state_dir(name)))
+            if running:
+                revert.add(lambda: self.stop(new_name))
+                await under(new_name)
+            revert.success()
 
     async def leases(self, network: str) -> list[NetworkLease]:
         if not await self.is_running(network):
