@@ -254,6 +254,31 @@ def test_an_acl_allowing_only_tcp_22_in_on_ovn(
         lxc("network", "unset", name, "security.acls")
         assert groups() == []
         assert "served" in fetch(80).stdout
+
+        # The NIC's own ACLs (an OVN NIC's): its port alone is filtered, and a change to
+        # the ACL reaches it.
+        lxc("stop", "--force", server)
+        refused = lxc("config", "device", "set", server, "eth0", "security.acls=nosuch",
+                      check=False)  # fmt: skip
+        assert 'Network ACL "nosuch" does not exist' in refused.stderr
+        lxc("config", "device", "set", server, "eth0", f"security.acls={acl}",
+            "security.acls.default.ingress.action=drop")  # fmt: skip
+        lxc("start", server)
+        address = wait_until(lambda: ipv4_of(lxc, server), 180, "the server's lease again")
+        lxc("exec", server, "--", "sh", "-c", "httpd -p 80 -h /www && httpd -p 22 -h /www")
+        assert len(groups()) == 3  # the ACL's, the network's baseline, the NIC's defaults
+        assert "served" in fetch(22).stdout
+        assert fetch(80).returncode != 0
+        lxc("network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+            "destination_port=80")  # fmt: skip
+        assert "served" in fetch(80).stdout
+        lxc("network", "acl", "rule", "remove", acl, "ingress", "destination_port=80")
+        assert fetch(80).returncode != 0
+        refused = lxc("network", "acl", "delete", acl, check=False)
+        assert "Cannot delete an ACL that is in use" in refused.stderr
+        lxc("stop", "--force", server)
+        lxc("config", "device", "unset", server, "eth0", "security.acls")
+        assert groups() == []
         lxc("network", "set", name, "security.acls", acl)
         assert len(groups()) == 2
         for instance in (server, client):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from croft.common.network_acl import NetworkAclPolicy, PolicyRule
 PRIORITY_BASELINE = 32767
 PRIORITY = {"drop": 40, "reject": 30, "allow": 20}
 PRIORITY_DEFAULT = 10
+PRIORITY_NIC_DEFAULT = 11
 
 
 def _tag(text: str) -> str:
@@ -68,16 +70,29 @@ class OvnAcl:
         return cols
 
 
+def nic_group(network: str, port: str) -> str:
+    """The port group of one NIC with ACLs of its own: its default actions."""
+    return f"croft_nic_{_tag(network)}_{_tag(port)}"
+
+
 @dataclass(frozen=True)
 class PortGroup:
     name: str
     acl: str  # "" for the network's own group
     acls: tuple[OvnAcl, ...] = field(default=())
+    # The logical switch ports in it; None: every instance port of the network (a port
+    # added later joins it too).
+    ports: tuple[str, ...] | None = None
+    nic: str = ""  # the port whose own defaults the group holds
 
     def external_ids(self, network: str) -> dict[str, str]:
         ids = {"croft-network": network}
         if self.acl:
             ids["croft-acl"] = self.acl
+        if self.nic:
+            ids["croft-nic"] = self.nic
+        if self.ports is None:
+            ids["croft-all"] = "true"
         return ids
 
 
@@ -90,30 +105,80 @@ def port_groups(
     policy: NetworkAclPolicy | None,
     router_port: str,
     services: list[str],
+    nics: Sequence[tuple[str, NetworkAclPolicy]] = (),
 ) -> list[PortGroup]:
-    """The port groups (with their ACLs) that enforce `policy` on `network`, whose
-    router's switch port is `router_port`; `services` are the addresses of its router
-    and DNS servers, which instances may always ping and ask. Empty for no
-    policy. InvalidArgument for a rule OVN cannot express here (LXD's words where it
-    has them)."""
-    if policy is None:
+    """The port groups (with their ACLs) that enforce `policy` on `network`, and each
+    NIC's own policy in `nics` (its logical switch port, its policy) on that NIC, in
+    addition (a NIC's default actions win over the network's). `router_port` is the
+    router's switch port; `services` are the addresses of the router and of the DNS
+    servers, which instances may always ping and ask. Empty when nothing is filtered.
+    InvalidArgument for a rule OVN cannot express here."""
+    if policy is None and not nics:
         return []
     net = network_group(network)
-    names = sorted({r.acl for r in policy.rules if r.acl})
-    groups = {name: acl_group(network, name) for name in names}
-    per_acl: dict[str, list[OvnAcl]] = {name: [] for name in names}
-    for item in policy.rules:
-        per_acl.setdefault(item.acl, []).append(_rule(item, net, groups, router_port))
-    out = [PortGroup(groups[n], n, tuple(per_acl[n])) for n in names]
-    if "" in per_acl:  # rules from no named ACL (not made by network_policy)
-        out.append(PortGroup(acl_group(network, ""), "-", tuple(per_acl[""])))
-    out.append(PortGroup(net, "", _baseline(net, router_port, services, policy)))
+    members: dict[str, set[str] | None] = {}
+    rules: dict[str, list[PolicyRule]] = {}
+    for port, nic_policy in ([("", policy)] if policy is not None else []) + list(nics):
+        for item in nic_policy.rules:
+            if item.acl not in rules:
+                rules[item.acl] = [r for r in nic_policy.rules if r.acl == item.acl]
+            if not port:
+                members[item.acl] = None
+            else:
+                found = members.setdefault(item.acl, set())
+                if found is not None:
+                    found.add(port)
+    groups = {name: acl_group(network, name) for name in rules}
+    out = [
+        PortGroup(
+            groups[name],
+            name or "-",
+            tuple(_rule(item, net, groups, router_port) for item in rules[name]),
+            None if members[name] is None else tuple(sorted(members[name] or ())),
+        )
+        for name in sorted(rules)
+    ]
+    baseline = list(_baseline(net, router_port, services))
+    if policy is not None:
+        baseline += _defaults(net, f"@{net}", policy, PRIORITY_DEFAULT)
+    filtered = None if policy is not None else tuple(sorted(p for p, _ in nics))
+    out.append(PortGroup(net, "", tuple(baseline), filtered))
+    for port, nic_policy in nics:
+        group = nic_group(network, port)
+        out.append(
+            PortGroup(
+                group,
+                "",
+                _defaults(group, f"@{group}", nic_policy, PRIORITY_NIC_DEFAULT),
+                (port,),
+                nic=port,
+            )
+        )
     return out
 
 
-def _baseline(
-    net: str, router_port: str, services: list[str], policy: NetworkAclPolicy
+def _defaults(
+    log_tag: str, ports: str, policy: NetworkAclPolicy, priority: int
 ) -> tuple[OvnAcl, ...]:
+    """The default action of each direction for the ports `ports` names."""
+    return (
+        OvnAcl(
+            priority,
+            f"outport == {ports}",
+            _action(policy.default_ingress),
+            f"{log_tag}-ingress-default"[:63] if policy.default_ingress_logged else "",
+        ),
+        OvnAcl(
+            priority,
+            f"inport == {ports}",
+            _action(policy.default_egress),
+            f"{log_tag}-egress-default"[:63] if policy.default_egress_logged else "",
+            direction="from-lport",
+        ),
+    )
+
+
+def _baseline(net: str, router_port: str, services: list[str]) -> tuple[OvnAcl, ...]:
     rp = f'"{router_port}"'
     out = f"outport == @{net}"
     inp = f"inport == @{net}"
@@ -144,23 +209,6 @@ def _baseline(
         egress.append(f"{inp} && ip{v}.dst == {ip} && (udp.dst == 53 || tcp.dst == 53)")
     rows = [OvnAcl(PRIORITY_BASELINE, m, "allow") for m in ingress]
     rows += [OvnAcl(PRIORITY_BASELINE, m, "allow", direction="from-lport") for m in egress]
-    rows.append(
-        OvnAcl(
-            PRIORITY_DEFAULT,
-            out,
-            _action(policy.default_ingress),
-            f"{net}-ingress-default"[:63] if policy.default_ingress_logged else "",
-        )
-    )
-    rows.append(
-        OvnAcl(
-            PRIORITY_DEFAULT,
-            inp,
-            _action(policy.default_egress),
-            f"{net}-egress-default"[:63] if policy.default_egress_logged else "",
-            direction="from-lport",
-        )
-    )
     return tuple(rows)
 
 
@@ -251,4 +299,4 @@ def _ports(protocol: str, side: str, text: str) -> str:
     return terms[0] if len(terms) == 1 else "(" + " || ".join(terms) + ")"
 
 
-__all__ = ["OvnAcl", "PortGroup", "acl_group", "network_group", "port_groups"]
+__all__ = ["OvnAcl", "PortGroup", "acl_group", "network_group", "nic_group", "port_groups"]

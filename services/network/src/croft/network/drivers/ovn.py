@@ -525,7 +525,7 @@ class _OvnHost:
         dhcp = self.rows("DHCP_Options", name)
         if dhcp:
             nb.lsp_set_dhcpv4_options(port, dhcp[0].uuid).execute(check_error=True)
-        groups = self.rows("Port_Group", name)
+        groups = [g for g in self.rows("Port_Group", name) if g.external_ids.get("croft-all")]
         if groups:
             # The network's ACLs filter the new port as they filter the others.
             lsp = nb.lsp_get(port).execute(check_error=True)
@@ -596,11 +596,11 @@ class _OvnHost:
         every instance port of the network: one NB transaction, so a failure leaves
         the previous ones in force."""
         nb = self.nb()
-        ports = [
-            row.uuid
+        ports = {
+            row.name: row.uuid
             for row in self.rows("Logical_Switch_Port", name)
             if row.external_ids.get("croft-instance")
-        ]
+        }
         with nb.transaction(check_error=True) as txn:
             for row in self.rows("Port_Group", name):
                 txn.add(nb.db_destroy("Port_Group", row.uuid))
@@ -611,7 +611,11 @@ class _OvnHost:
                         "Port_Group",
                         name=group.name,
                         external_ids=group.external_ids(name),
-                        ports=list(ports),
+                        ports=[
+                            ports[p]
+                            for p in (sorted(ports) if group.ports is None else group.ports)
+                            if p in ports
+                        ],
                         acls=acls,
                     )
                 )
@@ -678,6 +682,7 @@ class OvnDriver(NetworkDriver):
         nat=True,
         ipv6=True,
         acls=True,
+        nic_acls=True,
     )
     fixed_in_use: ClassVar[frozenset[str]] = frozenset(
         {"network", "ipv4.address", "ipv6.address", "ipv4.dhcp", "ipv6.dhcp"}
@@ -968,14 +973,23 @@ class OvnDriver(NetworkDriver):
                 f"Network type {self.name!r} does not support forwards or NIC filtering"
             )
         config = await self.local_config(name) or {}
-        router_ips = [
+        if not await self.is_running(name):
+            return  # its start makes its rows; the core applies its security after
+        services = [
             config[k]
             for k in ("ipv4.address", "ipv6.address")
             if config.get(k, "none") not in ("", "none", "auto")
         ]
-        groups = _ovn_acl.port_groups(name, security.acl, _Names(name).lsp_int_router, router_ips)
-        if not await self.is_running(name):
-            return  # its start makes its rows; the core applies its security after
+        if security.acl is not None or security.nic_acls:
+            services += _dns_servers(await self._uplink(name, config))
+        names = _Names(name)
+        groups = _ovn_acl.port_groups(
+            name,
+            security.acl,
+            names.lsp_int_router,
+            services,
+            [(names.instance_port(mac), policy) for mac, policy in security.nic_acls],
+        )
         await self._daemons()
         await in_thread(self._host.apply_acls, name, groups)
         # Kept for a rename, which makes the network's rows again under its new name.
