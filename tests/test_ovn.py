@@ -6,10 +6,12 @@ switches, routers and SNAT."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -65,7 +67,7 @@ class Ovn:
         found = []
         for table in ("Logical_Switch", "Logical_Router", "Logical_Switch_Port"):
             found += [f"{table} {name}" for name in self.rows(table)]
-        for table in ("DHCP_Options", "DNS", "Port_Group", "ACL"):
+        for table in ("DHCP_Options", "DNS", "Port_Group", "ACL", "Load_Balancer"):
             if self.nb("--bare", "--columns=_uuid", "list", table).strip():
                 found.append(table)
         for bridge in self.vsctl("list-br").split():
@@ -300,6 +302,60 @@ def test_an_acl_allowing_only_tcp_22_in_on_ovn(
         if renamed:
             lxc("network", "delete", renamed, check=False)
         lxc("network", "acl", "delete", acl, check=False)
+
+
+def test_a_forward_on_an_ovn_network_serves_the_host(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    """A forward's listen address (within the uplink's `ipv4.routes`, as LXD wants it)
+    port 8080 is an OVN load balancer on the network's router to a container's port 80;
+    the host reaches it through the router's uplink address."""
+    _, lxc, _, ovn = env
+    up, up_subnet = uplink
+    name, instance = unique("ofw-"), unique("fw-")
+    routed = free_subnet(up_subnet)
+    listen = str(routed.network_address + 5)
+    lxc("network", "set", up, "ipv4.routes", f"{routed.network_address}/28")
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        lxc("launch", "busybox", instance, "-n", name)
+        address = wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
+        lxc("exec", instance, "--", "sh", "-c",
+            "mkdir -p /www && echo forwarded > /www/index.html && httpd -p 80 -h /www")  # fmt: skip
+        # A listen address outside the uplink's routes is refused, and nothing is made.
+        outside = str(routed.network_address + 100)
+        refused = lxc("network", "forward", "create", name, outside, check=False)
+        assert f'Uplink network doesn\'t contain "{outside}" in its routes' in refused.stderr
+        assert lxc.json("network", "forward", "list", name) == []
+        assert ovn.rows("Load_Balancer") == []
+
+        lxc("network", "forward", "create", name, listen)
+        lxc("network", "forward", "port", "add", name, listen, "tcp", "8080", address, "80")
+        assert len(ovn.rows("Load_Balancer")) == 1
+
+        def served(port: int = 8080) -> str:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://{listen}:{port}/", timeout=5) as reply,
+            ):
+                return str(reply.read().decode())
+            return ""
+
+        assert "forwarded" in wait_until(served, 60, "the forward to serve")
+        lxc("network", "forward", "delete", name, listen)
+        assert ovn.rows("Load_Balancer") == [] and served() == ""
+        assert listen not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+        lxc("network", "forward", "create", name, listen, f"target_address={address}")
+        # A default target takes every port as it is.
+        assert "forwarded" in wait_until(lambda: served(80), 60, "the default target to serve")
+        lxc("delete", "--force", instance)
+        lxc("network", "delete", name)  # its forwards go with it
+        assert ovn.leftovers() == []
+        assert listen not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    finally:
+        lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        lxc("network", "unset", up, "ipv4.routes")
 
 
 def test_bad_input_is_refused_and_leaves_no_ovn_rows(

@@ -71,6 +71,7 @@ UPLINK_TYPES = ("bridge", "physical")
 DEFAULT_DOMAIN = "croft"
 _STARTED = "started"
 _SECURITY = "security.json"
+_ROUTES = "routes.json"
 _SUPERVISE_EVERY = 3.0
 
 
@@ -397,6 +398,8 @@ class _OvnHost:
             txn.add(nb.ls_del(n.ls_int, if_exists=True))
             txn.add(nb.ls_del(n.ls_ext, if_exists=True))
         with nb.transaction(check_error=True) as txn:
+            for row in self.rows("Load_Balancer", name):
+                txn.add(nb.db_destroy("Load_Balancer", row.uuid))
             for row in self.rows("Port_Group", name):
                 txn.add(nb.db_destroy("Port_Group", row.uuid))
             for row in self.rows("DHCP_Options", name):
@@ -602,6 +605,8 @@ class _OvnHost:
             if row.external_ids.get("croft-instance")
         }
         with nb.transaction(check_error=True) as txn:
+            for row in self.rows("Load_Balancer", name):
+                txn.add(nb.db_destroy("Load_Balancer", row.uuid))
             for row in self.rows("Port_Group", name):
                 txn.add(nb.db_destroy("Port_Group", row.uuid))
             for group in groups:
@@ -619,6 +624,38 @@ class _OvnHost:
                         acls=acls,
                     )
                 )
+
+    def apply_forwards(
+        self, name: str, balancers: Mapping[str, tuple[str, dict[str, str]]], routes: list[str]
+    ) -> None:
+        """Replace the network's load balancers (forwards) with `balancers` (name ->
+        protocol, VIPs) on its router, in one NB transaction, and the host routes of
+        their listen addresses (`routes`: `ip route` arguments) with `routes`."""
+        nb = self.nb()
+        n = _Names(name)
+        ids = {"croft-network": name}
+        with nb.transaction(check_error=True) as txn:
+            made = []
+            for lb_name, (protocol, vips) in sorted(balancers.items()):
+                columns: dict[str, Any] = {"name": lb_name, "vips": vips, "external_ids": ids}
+                if protocol:
+                    columns["protocol"] = protocol
+                made.append(txn.add(nb.db_create("Load_Balancer", **columns)))
+            txn.add(nb.db_set("Logical_Router", n.lr, ("load_balancer", made)))
+            for row in self.rows("Load_Balancer", name):
+                txn.add(nb.db_destroy("Load_Balancer", row.uuid))
+        self.set_routes(name, routes)
+
+    def set_routes(self, name: str, routes: list[str]) -> None:
+        """The host routes to the network's forward listen addresses: `routes`, each a
+        `<address> via <router> dev <uplink>`; the ones no longer wanted removed."""
+        old = (self.read(name, _ROUTES) or {}).get("routes", [])
+        for route in old:
+            if route not in routes:
+                run(["ip", "route", "del", *route.split()], check=False, timeout=10)
+        for route in routes:
+            run(["ip", "route", "replace", *route.split()], timeout=10)
+        self.write(name, {"routes": list(routes)}, _ROUTES)
 
     def leases(self, name: str) -> list[NetworkLease]:
         found = []
@@ -644,6 +681,53 @@ def _dns_names(config: Mapping[str, str], instance: str) -> set[str]:
     """An instance's names in OVN's DNS: bare and under the network's domain."""
     domain = config.get("dns.domain") or DEFAULT_DOMAIN
     return {instance.lower(), f"{instance}.{domain}".lower()}
+
+
+def _forwards(
+    name: str, config: Mapping[str, str], uplink: NetworkInfo, security: NetworkSecurity
+) -> tuple[dict[str, tuple[str, dict[str, str]]], list[str]]:
+    """A network's forwards as OVN load balancers on its router (name -> protocol and
+    VIPs: one per listen address and protocol, one more for a default target) and the
+    host routes to their listen addresses (through the router's uplink address, on a
+    bridge uplink). A listen address must be within the uplink's `ipv4.routes` /
+    `ipv6.routes`, as LXD has it; InvalidArgument otherwise."""
+    balancers: dict[str, tuple[str, dict[str, str]]] = {}
+    routes: list[str] = []
+    if not security.forwards:
+        return balancers, routes
+    external = config.get(VOLATILE_UPLINK_IPV4, "")
+    if not external:
+        raise InvalidArgument("Network has no address on its uplink to forward from")
+    prefix = _Names(name).prefix
+    for forward in security.forwards:
+        listen = forward.listen
+        allowed = [
+            ipaddress.ip_network(r.strip())
+            for r in uplink.config.get(f"ipv{listen.version}.routes", "").split(",")
+            if r.strip()
+        ]
+        if not any(listen in net for net in allowed):
+            raise InvalidArgument(f'Uplink network doesn\'t contain "{listen}" in its routes')
+        if listen.version != 4:
+            raise InvalidArgument("IPv6 forwards on OVN networks are not supported")
+
+        def vip(address: object, port: int | None = None) -> str:
+            return str(address) if port is None else f"{address}:{port}"
+
+        tag = str(listen).replace(".", "-")
+        if forward.default_target is not None:
+            balancers[f"{prefix}-fwd-{tag}"] = ("", {vip(listen): vip(forward.default_target)})
+        for m in forward.port_maps():
+            _, vips = balancers.setdefault(f"{prefix}-fwd-{tag}-{m.protocol}", (m.protocol, {}))
+            first, last = m.listen_ports
+            for port in range(first, last + 1):
+                target = m.target_ports[0]
+                if m.target_ports[1] > m.target_ports[0]:
+                    target += port - first
+                vips[vip(listen, port)] = vip(m.target, target)
+        if uplink.type == "bridge":
+            routes.append(f"{listen}/32 via {external} dev {uplink.name}")
+    return balancers, routes
 
 
 def _dns_servers(uplink: NetworkInfo) -> list[str]:
@@ -683,6 +767,7 @@ class OvnDriver(NetworkDriver):
         ipv6=True,
         acls=True,
         nic_acls=True,
+        forwards=True,
     )
     fixed_in_use: ClassVar[frozenset[str]] = frozenset(
         {"network", "ipv4.address", "ipv6.address", "ipv4.dhcp", "ipv6.dhcp"}
@@ -845,6 +930,7 @@ class OvnDriver(NetworkDriver):
             return
         await self._daemons()
         async with self._uplink_lock:
+            await in_thread(self._host.set_routes, name, [])
             await in_thread(self._host.remove_rows, name)
             await in_thread(self._host.drop_patch_ports, name)
             await in_thread(self._host.unwire_unused_uplinks)
@@ -856,6 +942,7 @@ class OvnDriver(NetworkDriver):
         await self._daemons()
         await in_thread(self._host.delete_ports, name)
         async with self._uplink_lock:
+            await in_thread(self._host.set_routes, name, [])
             await in_thread(self._host.remove_rows, name)
             await in_thread(self._host.drop_patch_ports, name)
             await in_thread(self._host.unwire_unused_uplinks)
@@ -968,20 +1055,20 @@ class OvnDriver(NetworkDriver):
             await in_thread(self._host.write, network, nics, "nics.json")
 
     async def apply_security(self, name: str, security: NetworkSecurity) -> None:
-        if security.forwards or security.nics:
-            raise InvalidArgument(
-                f"Network type {self.name!r} does not support forwards or NIC filtering"
-            )
-        config = await self.local_config(name) or {}
-        if not await self.is_running(name):
+        if security.nics:
+            raise InvalidArgument(f"Network type {self.name!r} does not support NIC filtering")
+        config = await self.local_config(name)
+        if config is None or not await self.is_running(name):
             return  # its start makes its rows; the core applies its security after
+        uplink = await self._uplink(name, config)
+        balancers, routes = _forwards(name, config, uplink, security)
         services = [
             config[k]
             for k in ("ipv4.address", "ipv6.address")
             if config.get(k, "none") not in ("", "none", "auto")
         ]
         if security.acl is not None or security.nic_acls:
-            services += _dns_servers(await self._uplink(name, config))
+            services += _dns_servers(uplink)
         names = _Names(name)
         groups = _ovn_acl.port_groups(
             name,
@@ -992,6 +1079,7 @@ class OvnDriver(NetworkDriver):
         )
         await self._daemons()
         await in_thread(self._host.apply_acls, name, groups)
+        await in_thread(self._host.apply_forwards, name, balancers, routes)
         # Kept for a rename, which makes the network's rows again under its new name.
         await in_thread(self._host.write, name, security.to_json(), _SECURITY)
 
