@@ -286,6 +286,13 @@ def test_two_containers_on_a_second_bridge_get_its_addresses_and_reach_each_othe
         outside = lxc("config", "device", "set", names[2], "eth0", "ipv4.address", "192.0.2.77",
                       check=False)  # fmt: skip
         assert f'Device IP address "192.0.2.77" not within network "{network}"' in outside.stderr
+        # So is a MAC address set on a NIC: another NIC on the network cannot take it.
+        mac = "00:16:3e:5a:11:7e"
+        lxc("config", "device", "set", names[2], "eth0", "hwaddr", mac)
+        dup = lxc("config", "device", "set", names[1], "eth0", "hwaddr", mac, check=False)
+        assert f'MAC address "{mac}" already defined on another NIC' in dup.stderr, dup.stderr
+        shown = json.loads(lxc("query", f"/1.0/instances/{names[1]}").stdout)["devices"]
+        assert "hwaddr" not in shown["eth0"]
         lxc("delete", names[2])
 
         lxc("start", names[0], names[1])
