@@ -342,6 +342,10 @@ def test_a_forward_on_an_ovn_network_serves_the_host(
             return ""
 
         assert "forwarded" in wait_until(served, 60, "the forward to serve")
+        # The network's own instance reaches it too (the balancer is on its switch).
+        request = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {listen} 8080"
+        inside = lxc("exec", instance, "--", "sh", "-c", request, check=False, timeout=60)
+        assert "forwarded" in inside.stdout, inside.stdout + inside.stderr
         lxc("network", "forward", "delete", name, listen)
         assert ovn.rows("Load_Balancer") == [] and served() == ""
         assert listen not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout

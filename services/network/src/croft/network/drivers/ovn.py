@@ -642,6 +642,8 @@ class _OvnHost:
                     columns["protocol"] = protocol
                 made.append(txn.add(nb.db_create("Load_Balancer", **columns)))
             txn.add(nb.db_set("Logical_Router", n.lr, ("load_balancer", made)))
+            # On the network's switch too: its own instances reach the listen address.
+            txn.add(nb.db_set("Logical_Switch", n.ls_int, ("load_balancer", made)))
             for row in self.rows("Load_Balancer", name):
                 txn.add(nb.db_destroy("Load_Balancer", row.uuid))
         self.set_routes(name, routes)
