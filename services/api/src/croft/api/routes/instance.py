@@ -29,6 +29,7 @@ from croft.api.domain.instances import (
     validate_name,
     writable,
 )
+from croft.api.domain.networks import check_nic_macs
 from croft.api.domain.snapshots import restore_snapshot, snapshots_of
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound
@@ -138,6 +139,7 @@ async def _updated(
     )
     limits.check_device_paths(expanded_devices)
     limits.check_record(new.public(), "instance")
+    await check_nic_macs(store, project, record.name, expanded_devices, record.expanded_devices)
     await projects.check_instance(store, project, new, action="update")
     return new
 
