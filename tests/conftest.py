@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from croft.common import internal_tls
+from croft.common.internal_tls import Identity
+from croft.common.store import Store, connect
 from croft.common.testing.host import mounts_under
 
 CROFT = [sys.executable, "-m", "croft.client.cli"]
@@ -43,6 +46,24 @@ class Croft:
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "CROFT_CONFIG": str(self.config_file)}
+
+    @property
+    def identity(self) -> Identity | None:
+        """This croft's internal certificate (its etcd and gRPC ask for it)."""
+        return internal_tls.load(self.root / "state")
+
+    async def connect(self) -> Store:
+        """This croft's store, reached as its services reach it."""
+        return await connect([self.endpoint], self.identity)
+
+    def etcdctl(self, *args: str) -> list[str]:
+        """`etcdctl` aimed at this croft's etcd, with its certificate."""
+        identity = self.identity
+        tls = []
+        if identity is not None:
+            tls = [f"--cacert={identity.ca_path}", f"--cert={identity.cert_path}",
+                   f"--key={identity.key_path}"]  # fmt: skip
+        return ["etcdctl", f"--endpoints={self.endpoint}", *tls, *args]
 
     def run(
         self, *args: str, check: bool = True, timeout: float = 120
@@ -104,7 +125,7 @@ def make_croft(root: Path, lease_ttl: int = 2, extra: str = "", bridge: str = ""
     """A croft living under `root`. With no `bridge` its network service makes no
     default network (the host's interfaces and firewall stay untouched)."""
     client, peer = free_port(), free_port()
-    endpoint = f"http://127.0.0.1:{client}"
+    endpoint = f"https://127.0.0.1:{client}"
     config = root / "croft.yaml"
     config.write_text(
         f"""
@@ -175,6 +196,16 @@ class Lxc:
 
     def json(self, *args: str) -> Any:
         return json.loads(self(*args, "--format", "json").stdout)
+
+    def refused(self, *args: str) -> str:
+        """The error `lxc ARGS` prints, asserting that it fails."""
+        result = self(*args, check=False)
+        assert result.returncode != 0, f"lxc {' '.join(args)} succeeded: {result.stdout}"
+        return result.stderr.strip().removeprefix("Error: ")
+
+    def names(self, *args: str) -> list[str]:
+        """The sorted names `lxc ARGS --format json` lists."""
+        return sorted(item["name"] for item in self.json(*args))
 
 
 def _remove_network(croft: Croft, bridge: str) -> None:
@@ -274,8 +305,35 @@ def cluster_rig() -> Iterator[Any]:
     rig = ClusterRig(root, size=3)
     rig.start()
     print(f"cluster rig of 3 members formed in {rig.startup_seconds:.1f}s")
+    keep = bool(kept and os.environ.get("CROFT_TEST_KEEP"))
+    if not keep:
+        _RIG_STOPS.append(rig.stop)
     try:
         yield rig
     finally:
-        if not (kept and os.environ.get("CROFT_TEST_KEEP")):
-            rig.stop()
+        _stop_rig()
+
+
+# The rig's stop, run once: after the last test that uses the rig (pytest_runtest_teardown)
+# rather than at the end of the session, so that three idle members do not compete with
+# every later test for this host's two cores.
+_RIG_STOPS: list[Any] = []
+_LAST_RIG_TEST: list[str] = []
+
+
+def _stop_rig() -> None:
+    while _RIG_STOPS:
+        _RIG_STOPS.pop()()
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected what will not run
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    users = [i.nodeid for i in items if "cluster_rig" in getattr(i, "fixturenames", ())]
+    _LAST_RIG_TEST[:] = users[-1:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield  # the item's own fixtures (the modules' `rig`) are torn down first
+    if _LAST_RIG_TEST and item.nodeid == _LAST_RIG_TEST[0]:
+        _stop_rig()

@@ -38,6 +38,7 @@ from croft.api.domain.instances import (
     resources,
     validate_name,
 )
+from croft.api.domain.networks import check_nic_macs
 from croft.api.domain.placement import place
 from croft.api.domain.snapshots import all_snapshots
 from croft.api.operations import OperationContext
@@ -82,8 +83,10 @@ async def instances_list(request: Request) -> Response:
         return records.url(KIND, r["name"], r.get("project") or projects_found[0])
 
     if query.recursion(request) == 2:
+        online = None if standalone else set(await cluster.online_members(ctx.store))
         states, *snapshot_maps = await asyncio.gather(
-            states_of(found), *(all_snapshots(ctx.store, p) for p in projects_found)
+            states_of(found, here=ctx.settings.server_name, online=online),
+            *(all_snapshots(ctx.store, p) for p in projects_found),
         )
         snapshots = {
             (project, name): found_snapshots
@@ -171,6 +174,7 @@ async def instances_post(request: Request) -> Response:
     )
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
+    await check_nic_macs(ctx.store, project, name, expanded_devices)
     # Before any image is fetched: the project's limits and restrictions (image.* keys
     # from the image take no part in them).
     candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,
