@@ -31,7 +31,7 @@ from croft.api.domain.instances import (
 )
 from croft.api.domain.networks import check_nic_macs
 from croft.api.domain.snapshots import restore_snapshot, snapshots_of
-from croft.api.operations import OperationContext
+from croft.api.operations import OperationContext, Task
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.models import InstanceRecord
 
@@ -199,6 +199,11 @@ async def _move_to_member(
         await instance_move.move(ctx, record, target)
         return None
 
+    return await _migrating(ctx, project, name, run)
+
+
+async def _migrating(ctx: ApiContext, project: str, name: str, run: Task) -> Response:
+    """The "Migrating instance" operation of a move, running `run`."""
     operation = await ctx.operations.create(
         "Migrating instance",
         run=run,
@@ -240,13 +245,7 @@ async def _migrate(
             await client.rename_instance(instance, new_name, timeout=600)
         return None
 
-    operation = await ctx.operations.create(
-        "Migrating instance",
-        run=run,
-        resources={"instances": [records.url(KIND, name, project)]},
-        project=project,
-    )
-    return responses.async_operation(operation)
+    return await _migrating(ctx, project, name, run)
 
 
 @router.delete("/1.0/instances/{name}")
