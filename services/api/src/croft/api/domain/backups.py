@@ -282,15 +282,18 @@ async def export_chunks(
 # ---------------------------------------------------------------------- import
 
 
-async def stage_upload(request: Request, member: str) -> storage_pb2.BackupReply:
+async def stage_upload(request: Request, member: str, pool: str = "") -> storage_pb2.BackupReply:
     """Stream the request body to `member`'s storage service, which checks the tarball
-    whole and stages it (InvalidArgument, nothing staged, for a bad one)."""
+    whole and stages it (InvalidArgument, nothing staged, for a bad one); a custom volume
+    backup for `pool` is unpacked straight into a volume of that pool."""
     client = await services().storage(member)
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(8)
 
     async def messages() -> AsyncIterator[storage_pb2.BackupChunk]:
+        first = True
         while (data := await queue.get()) is not None:
-            yield storage_pb2.BackupChunk(data=data)
+            yield storage_pb2.BackupChunk(data=data, pool=pool if first else "")
+            first = False
 
     call = client.upload_backup(messages(), timeout=BACKUP_TIMEOUT)
 
