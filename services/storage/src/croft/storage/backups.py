@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import io
 import json
@@ -481,8 +482,13 @@ class _Checked:
         self.main = -1
         self.main_root = ""
         self.main_owner: tuple[int, int] | None = None
-        self.pending = bytearray()  # read, not yet passed on: from stream offset `done`
-        self.done = 0
+        # What was read and is not yet both passed on and consumed by tarfile: from stream
+        # offset `base` (one byte before both, for tarfile's look back at the end of data).
+        self.window = bytearray()
+        self.base = 0
+        self.pos = 0  # tarfile's position
+        self.done = 0  # passed on up to here
+        self.eof = False
         self.limit = 0  # the end of the last member checked, and where it goes
         self.dest = rest
         self.names: set[str] = set()
@@ -490,25 +496,52 @@ class _Checked:
         self.links: set[str] = set()
         self.tar: tarfile.TarFile | None = None
 
-    def read(self, size: int) -> bytes:
-        data = os.read(self.fd, max(size, 65536))
-        self.pending += data
-        self._pass(self.limit, self.dest)  # the rest of a member already checked
-        return data
+    # A file for tarfile that reads forward (and one byte back): data it skips is read
+    # in big chunks, and passed on as it comes when its member was checked.
+
+    def _fill(self, upto: int) -> None:
+        while not self.eof and self.base + len(self.window) < upto:
+            data = os.read(self.fd, CHUNK)
+            if not data:
+                self.eof = True
+                break
+            self.window += data
+            self._pass(self.limit, self.dest)  # the rest of a member already checked
 
     def _pass(self, upto: int, fd: int) -> None:
         """Pass on what was read before stream offset `upto`."""
-        count = min(upto - self.done, len(self.pending))
-        if count > 0:
-            _write_all(fd, memoryview(self.pending)[:count])
-            del self.pending[:count]
-            self.done += count
+        end = min(upto, self.base + len(self.window))
+        if end > self.done:
+            start = self.done - self.base
+            _write_all(fd, memoryview(self.window)[start : end - self.base])
+            self.done = end
+        keep = min(self.done, self.pos) - 1
+        if keep > self.base:
+            del self.window[: keep - self.base]
+            self.base = keep
+
+    def read(self, size: int = -1) -> bytes:
+        self._fill(self.pos + size)
+        start = self.pos - self.base
+        data = bytes(self.window[start : start + size])
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if offset < self.base:
+            raise OSError("a backup tarball is read forward")
+        self.pos = offset
+        self._fill(offset)
+        return offset
+
+    def tell(self) -> int:
+        return self.pos
 
     def next(self) -> tarfile.TarInfo | None:
         """The next member, checked and passed on; None at the end of the tarball."""
         try:
             if self.tar is None:  # reads the first header: in the thread, as the rest
-                self.tar = tarfile.open(fileobj=self, mode="r|")  # type: ignore[call-overload]  # noqa: SIM115
+                self.tar = tarfile.TarFile(fileobj=self, mode="r")  # type: ignore[arg-type]
             member: tarfile.TarInfo | None = self.tar.next()
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
             raise InvalidArgument(f"{_REFUSED}: {exc}") from None
@@ -537,9 +570,9 @@ class _Checked:
         """Every other member; then what follows the end of the tarball. The names."""
         while self.next() is not None:
             pass
-        while data := os.read(self.fd, CHUNK):
-            self.pending += data
-        self._pass(self.done + len(self.pending), self.rest)
+        self.limit, self.dest = 1 << 62, self.rest
+        self._fill(1 << 62)
+        self._pass(self.limit, self.dest)
         if self.main >= 0:
             _write_all(self.main, memoryview(bytes(1024)))  # the end of its tarball
         return self.names
@@ -652,6 +685,8 @@ async def _stage_stream(
     def pipe() -> tuple[int, int]:
         ends = os.pipe()
         fds.extend(ends)
+        with contextlib.suppress(OSError):  # fewer, bigger hand-overs between the stages
+            fcntl.fcntl(ends[1], fcntl.F_SETPIPE_SZ, CHUNK)
         return ends
 
     def close(*ends: int) -> None:
