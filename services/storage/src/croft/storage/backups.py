@@ -122,7 +122,8 @@ class Backups:
         could be: BACKUP_TIMEOUT."""
         now = time.time()
         for upload in (self.root / "uploads").glob("*"):
-            if now - upload.stat().st_mtime > BACKUP_TIMEOUT:
+            # one unpacked into a volume goes with it: sweep_staged()
+            if now - upload.stat().st_mtime > BACKUP_TIMEOUT and _staged_volume(upload) is None:
                 shutil.rmtree(upload, ignore_errors=True)
         patterns = (
             "instances/*/.*.partial", "instances/*/.*.send",
@@ -255,8 +256,15 @@ class Backups:
         if staged is not None and self.driver_of is not None:
             with contextlib.suppress(CroftError):
                 driver = await self.driver_of(staged[0])
-                await driver.delete_volume(_staging_volume(driver, staged[1]))
+                await driver.delete_volume(_staging_volume(driver, staged[1], staged[2]))
         await asyncio.to_thread(shutil.rmtree, where, True)
+
+    async def sweep_staged(self) -> None:
+        """The uploads a killed service left unpacked into volumes (sweep())."""
+        now = time.time()
+        for upload in (self.root / "uploads").glob("*"):
+            if now - upload.stat().st_mtime > BACKUP_TIMEOUT and _staged_volume(upload):
+                await self.discard(upload.name)
 
     async def take_staged_volume(
         self, upload: str, driver: StorageDriver, vol: Volume, layout: Layout
@@ -265,9 +273,9 @@ class Backups:
         `driver`'s pool, a custom volume without snapshots): a rename."""
         where = self.upload_dir(upload)
         staged = _staged_volume(where)
-        if staged is None or layout.instance or staged[0] != driver.pool:
+        if staged is None or staged[0] != driver.pool or staged[2] != vol.type.value:
             return False
-        await driver.rename_volume(_staging_volume(driver, staged[1]), vol.name)
+        await driver.rename_volume(_staging_volume(driver, staged[1], staged[2]), vol.name)
         (where / STAGED_VOLUME).unlink()
         if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
             await driver.set_volume_size(vol, vol.config["size"])
@@ -481,6 +489,7 @@ class _Checked:
         self.rest = rest
         self.main = -1
         self.main_root = ""
+        self.main_instance = False
         self.main_owner: tuple[int, int] | None = None
         # What was read and is not yet both passed on and consumed by tarfile: from stream
         # offset `base` (one byte before both, for tarfile's look back at the end of data).
@@ -548,7 +557,7 @@ class _Checked:
         if member is None:
             return None
         root = self._check(member)
-        main = self.main >= 0 and root == self.main_root
+        main = self.main >= 0 and root == self.main_root and not self._own_mark(member.name)
         if main and member.name.rstrip("/") + "/" == self.main_root:
             self.main_owner = (member.uid, member.gid)
         # tarfile's offset is now where the next member's header starts.
@@ -556,6 +565,14 @@ class _Checked:
         self.limit, self.dest = self.tar.offset, self.main if main else self.rest
         self._pass(self.limit, self.dest)
         return member
+
+    def _own_mark(self, name: str) -> bool:
+        """An instance tree's backup.yaml or dot-entries: not the volume's (restore
+        leaves them out), so they stay with the upload."""
+        if not self.main_instance:
+            return False
+        top = name[len(self.main_root) :].split("/", 1)[0]
+        return top == "backup.yaml" or top.startswith(".")
 
     def first_index(self) -> bytes | None:
         """backup/index.yaml, when it is the tarball's first member (as LXD writes it)."""
@@ -635,16 +652,17 @@ class StageTarget:
     driver: StorageDriver
 
 
-def _staging_volume(driver: StorageDriver, name: str) -> Volume:
-    return driver.volume(VolumeType.CUSTOM, check_name(name, "volume name"))
+def _staging_volume(driver: StorageDriver, name: str, type: str) -> Volume:
+    return driver.volume(type, check_name(name, "volume name"))
 
 
-def _staged_volume(where: Path) -> tuple[str, str] | None:
+def _staged_volume(where: Path) -> tuple[str, str, str] | None:
+    """The pool, name and type of the volume the upload was unpacked into."""
     try:
-        pool, name = (where / STAGED_VOLUME).read_text().split("\n")
+        pool, name, type = (where / STAGED_VOLUME).read_text().split("\n")
     except (OSError, ValueError):
         return None
-    return pool, name
+    return pool, name, type
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -736,17 +754,24 @@ async def _stage_stream(
         checked = _Checked(plain_read, rest_write)
         index = await asyncio.to_thread(checked.first_index)
         names: set[str] = set()
-        if into is not None and index is not None and _unpacks_into_volume(index):
+        layout = _unpacks_into_volume(index) if into is not None and index is not None else None
+        if into is not None and layout is not None:
             driver = into.driver
             name = f"croft-upload-{upload}"
-            await asyncio.to_thread((where / STAGED_VOLUME).write_text, f"{driver.pool}\n{name}")
+            type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
+            marker = f"{driver.pool}\n{name}\n{type.value}"
+            await asyncio.to_thread((where / STAGED_VOLUME).write_text, marker)
+            staged_path: Path | None = None
 
             async def fill(mounted: Mounted) -> None:
                 nonlocal names
                 main_read, main_write = pipe()
                 argv = [*_TAR_X, "--strip-components=2", "-C", str(mounted.path)]
                 main = await spawn(argv, main_read)
-                checked.main, checked.main_root = main_write, VOLUME_LAYOUT.tree + "/"
+                nonlocal staged_path
+                staged_path = mounted.path
+                checked.main, checked.main_root = main_write, layout.tree + "/"
+                checked.main_instance = layout.instance
                 try:
                     try:
                         names = await asyncio.to_thread(checked.run)
@@ -761,7 +786,7 @@ async def _stage_stream(
                 if checked.main_owner is not None:
                     await asyncio.to_thread(os.chown, mounted.path, *checked.main_owner)
 
-            await driver.create_volume(_staging_volume(driver, name), fill)
+            await driver.create_volume(_staging_volume(driver, name, type.value), fill)
         else:
             names = await asyncio.to_thread(checked.run)
         close(rest_write)
@@ -770,7 +795,15 @@ async def _stage_stream(
         await sending
         if argv is not None:
             await _finished(decompress)
-        return await asyncio.to_thread(_finish_staged, tree, names)
+        staged = await asyncio.to_thread(_finish_staged, tree, names)
+        if into is not None and layout is not None and staged[1]:
+            # LXD's shifted ids, in the volume's tree too
+            idmap = _shifted_by(yaml.safe_load(staged[1]))
+            if idmap:
+                vol = _staging_volume(into.driver, f"croft-upload-{upload}", VolumeType.CONTAINER)
+                path = (await into.driver.mount_volume(vol)).path
+                await asyncio.to_thread(_unshift, path, idmap, True)
+        return staged
     except BaseException:
         for task in tasks:
             task.cancel()
@@ -790,19 +823,21 @@ async def _finished(task: asyncio.Future[Any]) -> None:
         raise InvalidArgument(f"{_REFUSED}: {exc}") from None
 
 
-def _unpacks_into_volume(index_yaml: bytes) -> bool:
-    """Whether the upload with this index can go straight into a volume: a custom
-    volume's trees, without snapshots."""
+def _unpacks_into_volume(index_yaml: bytes) -> Layout | None:
+    """The layout of the tree that can go straight into a volume, for an upload with
+    this index: a custom volume's or a container's, without snapshots, not optimized."""
     try:
         parsed: Any = yaml.safe_load(index_yaml)
     except yaml.YAMLError:
-        return False
-    return (
-        isinstance(parsed, dict)
-        and parsed.get("type") == "custom"
-        and not parsed.get("optimized")
-        and not parsed.get("snapshots")
-    )
+        return None
+    if (
+        not isinstance(parsed, dict)
+        or parsed.get("optimized")
+        or parsed.get("snapshots")
+        or parsed.get("type") not in ("custom", "container")
+    ):
+        return None
+    return layout_of(str(parsed["type"]))
 
 
 def _finish_staged(into: Path, names: set[str]) -> tuple[str, str, bool]:

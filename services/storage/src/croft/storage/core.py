@@ -381,6 +381,7 @@ class StorageCore:
         await self.mount_pools()
         await self.reconcile()
         await asyncio.to_thread(self.backups.sweep)
+        await self.backups.sweep_staged()
 
     async def migrate_pools(self) -> None:
         """Rewrite pool records of the one-owner shape into the cluster shape. Any member
@@ -1310,7 +1311,10 @@ class StorageCore:
     async def stage_backup(self, chunks: AsyncIterable[bytes], pool: str = "") -> Staged:
         """An upload checked and staged; a custom volume backup for `pool`, a pool of
         this member, is unpacked straight into a volume there."""
-        into = StageTarget(await self.driver(pool)) if pool else None
+        into = None
+        if pool:
+            with contextlib.suppress(NotFound):  # the import says so, in its words
+                into = StageTarget(await self.driver(pool))
         return await self.backups.stage(chunks, into)
 
     async def discard_backup_upload(self, upload: str) -> None:

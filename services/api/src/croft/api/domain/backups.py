@@ -465,7 +465,8 @@ async def import_operation(ctx: ApiContext, request: Request, project: str) -> R
     if name:
         validate_name(name)
     member = await place(ctx.store)
-    staged = await stage_upload(request, member)
+    # Named, the pool gets the container's tree straight into a volume of its own.
+    staged = await stage_upload(request, member, pool)
     try:
         record, snapshots = await imported_record(ctx.store, project, name, pool, staged)
         if await ctx.store.get(InstanceRecord.store_key(project, record.name)) is not None:
