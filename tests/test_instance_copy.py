@@ -61,6 +61,22 @@ def read(lxc: Lxc, name: str, path: str) -> str:
     return lxc("file", "pull", f"{name}{path}", "-").stdout
 
 
+def starts_whole_and_is_deleted(lxc: Lxc, name: str) -> None:
+    """`name` (stopped, with snapshot snap0) starts with /state reading "two", then goes."""
+    assert snapshots_of(lxc, name) == ["snap0"]
+    starts_and_is_deleted(lxc, name)
+
+
+def starts_and_is_deleted(lxc: Lxc, name: str) -> None:
+    """`name` (stopped) starts with /state reading "two", then goes."""
+    lxc("start", name)
+    try:
+        assert read(lxc, name, "/state") == "two"
+    finally:
+        lxc("stop", "--force", name)
+    lxc("delete", name)
+
+
 def dhcp_hosts(state: Path, bridge: str) -> list[str]:
     hosts = state / "networks" / bridge / "dnsmasq.hosts.d"
     return sorted(p.read_text() for p in hosts.iterdir()) if hosts.is_dir() else []
@@ -419,12 +435,7 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
 
     wait_until(one_volume, 60, f"the volume of {name} in {pool} alone")
     assert f"/1.0/instances/{name}" not in query(lxc, f"/1.0/storage-pools/{other}")["used_by"]
-    lxc("start", name)
-    try:
-        assert read(lxc, name, "/state") == "two"
-    finally:
-        lxc("stop", "--force", name)
-    lxc("delete", name)
+    starts_and_is_deleted(lxc, name)
 
 
 @pytest.fixture(scope="module")
@@ -501,13 +512,7 @@ def test_sigkill_storage_during_a_copy_leaves_the_whole_copy_or_nothing(
 
     if name in [i["name"] for i in lxc.json("list")]:
         assert result.returncode == 0, result.stderr
-        assert snapshots_of(lxc, name) == ["snap0"]
-        lxc("start", name)
-        try:
-            assert read(lxc, name, "/state") == "two"
-        finally:
-            lxc("stop", "--force", name)
-        lxc("delete", name)
+        starts_whole_and_is_deleted(lxc, name)
     else:
         assert result.returncode != 0
 
@@ -547,10 +552,4 @@ def test_sigkill_storage_during_a_move_leaves_the_instance_whole_on_one_pool(
         )
 
     wait_until(one_volume, 60, f"{name} whole in {pool} alone")
-    assert snapshots_of(lxc, name) == ["snap0"]
-    lxc("start", name)
-    try:
-        assert read(lxc, name, "/state") == "two"
-    finally:
-        lxc("stop", "--force", name)
-    lxc("delete", name)
+    starts_whole_and_is_deleted(lxc, name)
