@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from croft.common import events
+from croft.common import cluster, events
 from croft.common.blocking import in_thread, uninterrupted
 from croft.common.clients import NetworkClient, StorageClient
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
@@ -117,6 +117,8 @@ class ComputeCore:
         self.context = context
         self.store = context.store
         self.member = context.config.member
+        # Whether this member is in a cluster (LXD's event location), and when it was read.
+        self._clustered: tuple[bool, float] = (False, 0.0)
         self.drivers = dict(drivers)
         self._locks: KeyedLock[tuple[str, str]] = KeyedLock()
         # Each instance's type, as its record says (it never changes): the calls that
@@ -200,12 +202,25 @@ class ComputeCore:
         reports (none when the event log cannot take it: the change matters more)."""
         metadata = {"action": action, "source": f"/1.0/instances/{name}", "context": context}
         try:
+            location = await self._event_location()
             return [
-                await events.publisher(self.store).event("lifecycle", metadata, project=project)
+                await events.publisher(self.store).event(
+                    "lifecycle", metadata, project=project, location=location
+                )
             ]
         except CroftError as exc:
             log.warning("no %s event for %s/%s: %s", action, project, name, exc)
             return []
+
+    async def _event_location(self) -> str:
+        """LXD's event location: this member's name once it is in a cluster, else "none"
+        (read again at most every 10 s while standalone; a cluster is not left)."""
+        clustered, read_at = self._clustered
+        if not clustered and time.monotonic() - read_at > 10:
+            found = await self.store.get_json(cluster.CLUSTER_KEY)
+            clustered = bool(found and found[0].get("enabled"))
+            self._clustered = (clustered, time.monotonic())
+        return self.member if clustered else "none"
 
     async def record(self, project: str, name: str) -> tuple[dict[str, Any], int]:
         found = await self.store.get_json(instance_key(project, name))
