@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import os
 import secrets
 import shutil
@@ -65,6 +66,16 @@ SPECS.update(
         "st_export": Spec("lxc export of a stopped Debian container, p50", "ms", min_ratio=2),
         "st_import": Spec("lxc import of that backup, p50", "ms", min_ratio=2),
         "st_export_size": Spec("  size of the backup tarball", "MiB"),
+        "st_vol_import": Spec(
+            "lxc storage volume import of a Debian rootfs (gzip tarball), p50", "ms", min_ratio=2
+        ),
+        "st_vol_export": Spec("lxc storage volume export of that volume, p50", "ms", min_ratio=2),
+        "st_vol_export_opt": Spec(
+            "lxc storage volume export --optimized-storage, p50", "ms", min_ratio=2
+        ),
+        "st_vol_import_opt": Spec(
+            "lxc storage volume import of that export, p50", "ms", min_ratio=2
+        ),
         "st_image_size": Spec("Debian image: its rootfs unpacked (sum of file sizes)", "MiB"),
         "st_disk_first": Spec("pool space used by the first Debian container", "MiB"),
         "st_disk_each": Spec("pool space used by each further Debian container", "MiB"),
@@ -79,6 +90,9 @@ BUSYBOX_KEYS = ("st_busybox",)
 DEBIAN_KEYS = ("st_debian_ipv4", "st_debian_ipv4_vs_lxd")
 COPY_KEYS = ("st_copy",)
 BACKUP_KEYS = ("st_export", "st_import", "st_export_size")
+VOLUME_KEYS = ("st_vol_import", "st_vol_export")
+VOLUME_OPT_KEYS = ("st_vol_export_opt", "st_vol_import_opt")
+VOLUME = "bench-vol"
 DENSITY_KEYS = (
     "st_image_size",
     "st_disk_first",
@@ -126,6 +140,7 @@ def cleanup(setup: Setup, daemon: Daemon) -> None:
     image's volume on it)."""
     if setup.fingerprint:
         delete_images(daemon, {setup.fingerprint})
+    delete_volume(daemon)
     if POOL in pool_names(daemon):
         daemon.lxc("storage", "delete", POOL)
 
@@ -225,6 +240,89 @@ def backup(setup: Setup, daemon: Daemon, args: argparse.Namespace, out: Figures)
     say(f"  lxc export            {describe(exports)} ms")
     say(f"  lxc import            {describe(imports)} ms")
     out["st_export"], out["st_import"] = p50(exports) * 1e3, p50(imports) * 1e3
+
+
+def volume_tarball(setup: Setup) -> Path:
+    """A custom volume backup in LXD 5.0's format (`backup/index.yaml` of type custom,
+    `backup/volume/`) holding the Debian image's rootfs, gzip (level 6, as LXD writes
+    them): the same file for both daemons, made once per run."""
+    target = setup.work / "volume.tar.gz"
+    if target.is_file():
+        return target
+    if setup.debian is None:
+        raise BenchError("no Debian image (--debian-image; `make images` builds it)")
+    index = (
+        f"name: {VOLUME}\nbackend: btrfs\npool: {POOL}\noptimized: false\n"
+        "optimized_header: false\ntype: custom\nconfig:\n  volume:\n    config: {}\n"
+        f"    description: ''\n    name: {VOLUME}\n    type: custom\n    used_by: []\n"
+        "    location: none\n    content_type: filesystem\n    project: default\n"
+        "    created_at: '0001-01-01T00:00:00Z'\n  volume_snapshots: []\n"
+    ).encode()
+    with tarfile.open(setup.debian) as image, tarfile.open(target, "w:gz", compresslevel=6) as out:
+        info = tarfile.TarInfo("backup/index.yaml")
+        info.size, info.mode, info.mtime = len(index), 0o600, int(time.time())
+        out.addfile(info, io.BytesIO(index))
+        for member in image:
+            name = member.name.lstrip("./")
+            if name != "rootfs" and not name.startswith("rootfs/"):
+                continue
+            member.name = "backup/volume" + name[len("rootfs") :]
+            if member.islnk():
+                member.linkname = "backup/volume" + member.linkname.lstrip("./")[len("rootfs") :]
+            out.addfile(member, image.extractfile(member) if member.isfile() else None)
+    return target
+
+
+def volume_names(daemon: Daemon) -> list[str]:
+    found = daemon.request("GET", f"/1.0/storage-pools/{POOL}/volumes/custom")
+    return [url.rsplit("/", 1)[-1] for url in found]
+
+
+def delete_volume(daemon: Daemon) -> None:
+    if POOL in pool_names(daemon) and VOLUME in volume_names(daemon):
+        daemon.lxc("storage", "volume", "delete", POOL, VOLUME)
+
+
+def volume(setup: Setup, daemon: Daemon, args: argparse.Namespace, out: Figures) -> None:
+    """`lxc storage volume import` of the shared tarball, then `export` of the volume."""
+    ensure_pool(daemon, args)
+    tarball = volume_tarball(setup)
+    exported = setup.work / "volume-export.tar.gz"
+    imports, exports = [], []
+    for _ in range(args.runs):
+        delete_volume(daemon)
+        imports.append(daemon.timed_lxc("storage", "volume", "import", POOL, str(tarball), VOLUME))
+        with contextlib.suppress(FileNotFoundError):
+            exported.unlink()
+        exports.append(daemon.timed_lxc("storage", "volume", "export", POOL, VOLUME, str(exported)))
+    delete_volume(daemon)
+    say(f"  volume import         {describe(imports)} ms ({tarball.stat().st_size >> 20} MiB)")
+    say(f"  volume export         {describe(exports)} ms ({exported.stat().st_size >> 20} MiB)")
+    out["st_vol_import"], out["st_vol_export"] = p50(imports) * 1e3, p50(exports) * 1e3
+
+
+def volume_optimized(setup: Setup, daemon: Daemon, args: argparse.Namespace, out: Figures) -> None:
+    """`lxc storage volume export --optimized-storage` (btrfs send), then the import of
+    that daemon's own export."""
+    ensure_pool(daemon, args)
+    delete_volume(daemon)
+    daemon.lxc("storage", "volume", "import", POOL, str(volume_tarball(setup)), VOLUME)
+    exported = setup.work / "volume-opt.tar.gz"
+    imports, exports = [], []
+    for _ in range(args.runs):
+        with contextlib.suppress(FileNotFoundError):
+            exported.unlink()
+        exports.append(
+            daemon.timed_lxc(
+                "storage", "volume", "export", POOL, VOLUME, str(exported), "--optimized-storage"
+            )
+        )
+        delete_volume(daemon)
+        imports.append(daemon.timed_lxc("storage", "volume", "import", POOL, str(exported), VOLUME))
+    delete_volume(daemon)
+    say(f"  volume export (opt)   {describe(exports)} ms ({exported.stat().st_size >> 20} MiB)")
+    say(f"  volume import (opt)   {describe(imports)} ms")
+    out["st_vol_export_opt"], out["st_vol_import_opt"] = p50(exports) * 1e3, p50(imports) * 1e3
 
 
 def pool_used_mib(daemon: Daemon) -> float:
@@ -354,6 +452,8 @@ PHASES: list[tuple[str, tuple[str, ...], PhaseRun]] = [
     ("copy", COPY_KEYS, copy),
     ("backup", BACKUP_KEYS, backup),
     ("density", DENSITY_KEYS, density),
+    ("volume", VOLUME_KEYS, volume),
+    ("volume-optimized", VOLUME_OPT_KEYS, volume_optimized),
 ]
 
 

@@ -379,6 +379,34 @@ def test_an_lxd_export_imports_into_croft_and_boots(env: dict[str, Any]) -> None
 
 
 @pytest.mark.lxd_interop
+def test_an_lxd_export_without_snapshots_is_unpacked_straight_into_a_croft_btrfs_volume(
+    env: dict[str, Any],
+) -> None:
+    """No snapshots and a named pool: the upload's tree goes straight into the new
+    volume (no staged copy); LXD's shifted ids are the container's own there too."""
+    lxc, tmp = env["lxc"], env["tmp"]
+    lxd = _lxd(tmp)
+    name = f"bk-lxd-only-{os.getpid()}"
+    tarball = tmp / "from-lxd-only.tar.gz"
+    lxd("launch", "busybox", name, "-s", "default")
+    try:
+        lxd("exec", name, "--", "sh", "-c", "echo kept > /state && chown 1234:42 /state")
+        lxd("export", name, str(tarball), "--instance-only")
+    finally:
+        lxd("delete", "--force", name, check=False)
+
+    lxc("import", str(tarball), "--storage", "bt")
+    try:
+        assert query(lxc, f"/1.0/instances/{name}")["expanded_devices"]["root"]["pool"] == "bt"
+        lxc("start", name)
+        out = lxc("exec", name, "--", "stat", "-c", "%u:%g", "/state", "/bin/busybox", "/")
+        assert out.stdout.split() == ["1234:42", "0:0", "0:0"]
+        assert lxc("exec", name, "--", "cat", "/state").stdout == "kept\n"
+    finally:
+        lxc("delete", "--force", name, check=False)
+
+
+@pytest.mark.lxd_interop
 def test_a_croft_export_imports_into_lxd_and_boots(env: dict[str, Any]) -> None:
     lxc, tmp = env["lxc"], env["tmp"]
     lxd = _lxd(tmp)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import functools
 import io
 import json
@@ -28,16 +29,31 @@ import subprocess
 import tarfile
 import time
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 import yaml
 
+from croft.common.blocking import uninterrupted
 from croft.common.errors import CroftError, InvalidArgument, NotFound
-from croft.common.proc import run, run_async
-from croft.storage.drivers import Mounted, StorageDriver, Volume, check_name
+from croft.common.proc import run_async
+from croft.storage.drivers import (
+    ContentType,
+    Mounted,
+    StorageDriver,
+    Volume,
+    VolumeType,
+    check_name,
+)
 from croft.storage.transfer import through_pipe
 
 # A backup of a big tree on a slow disk can take long; the timeout only catches hangs.
@@ -93,8 +109,12 @@ class Staged:
 class Backups:
     """The backups and uploads under `root` (the storage service's state)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(
+        self, root: Path, driver_of: Callable[[str], Awaitable[StorageDriver]] | None = None
+    ) -> None:
         self.root = root
+        # A pool's driver, for uploads unpacked straight into a volume of a pool.
+        self.driver_of = driver_of
 
     def sweep(self) -> None:
         """What a killed service left: uploads never imported and tarballs never
@@ -102,7 +122,8 @@ class Backups:
         could be: BACKUP_TIMEOUT."""
         now = time.time()
         for upload in (self.root / "uploads").glob("*"):
-            if now - upload.stat().st_mtime > BACKUP_TIMEOUT:
+            # one unpacked into a volume goes with it: sweep_staged()
+            if now - upload.stat().st_mtime > BACKUP_TIMEOUT and _staged_volume(upload) is None:
                 shutil.rmtree(upload, ignore_errors=True)
         patterns = (
             "instances/*/.*.partial", "instances/*/.*.send",
@@ -147,6 +168,10 @@ class Backups:
         argv = COMPRESSORS.get(compression or "gzip")
         if argv is None:
             raise InvalidArgument(f'Unsupported compression algorithm "{compression}"')
+        if argv and argv[0] == "gzip" and shutil.which("igzip"):
+            # ISA-L's gzip at its level 1: a seventh of `gzip -1`'s CPU for a tarball 2%
+            # bigger (a Debian root), read by any gzip reader.
+            argv = ["igzip", "-1", "-c", "-n"]
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             raise InvalidArgument(f'Backup "{target.name}" already exists')
@@ -203,20 +228,20 @@ class Backups:
             raise InvalidArgument(f"no backup upload {upload!r}") from None
         return self.root / "uploads" / upload
 
-    async def stage(self, chunks: AsyncIterable[bytes]) -> Staged:
-        """Receive a tarball, check it whole and unpack it; refused (and nothing left)
-        when it is truncated, unreadable or tampered with."""
+    async def stage(self, chunks: AsyncIterable[bytes], into: StageTarget | None = None) -> Staged:
+        """Receive a tarball, check it and unpack it, in one pass as it arrives (the
+        decompressor, the check and GNU tar run together; a member reaches tar only once
+        checked); refused (and nothing left) when it is truncated, unreadable or tampered
+        with. `into`: a pool where a custom volume's tree (without snapshots) is unpacked
+        straight into a volume of its own, which the import then only renames."""
         upload = str(uuid.uuid4())
         where = self.upload_dir(upload)
         where.mkdir(parents=True)
         try:
-            tarball = where / "backup.tar"
-            await _receive_plain(chunks, tarball)
-            staged = await asyncio.to_thread(_check_and_unpack, tarball, where / "tree")
-            tarball.unlink()
+            staged = await _stage_stream(chunks, where, upload, into)
             return Staged(upload, *staged)
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, where, True)
+            await uninterrupted(self.discard(upload))
             raise
 
     def index_of(self, upload: str) -> dict[str, Any]:
@@ -230,7 +255,35 @@ class Backups:
         return parsed
 
     async def discard(self, upload: str) -> None:
-        await asyncio.to_thread(shutil.rmtree, self.upload_dir(upload), True)
+        where = self.upload_dir(upload)
+        staged = _staged_volume(where)
+        if staged is not None and self.driver_of is not None:
+            with contextlib.suppress(CroftError):
+                driver = await self.driver_of(staged[0])
+                await driver.delete_volume(_staging_volume(driver, staged[1], staged[2]))
+        await asyncio.to_thread(shutil.rmtree, where, True)
+
+    async def sweep_staged(self) -> None:
+        """The uploads a killed service left unpacked into volumes (sweep())."""
+        now = time.time()
+        for upload in (self.root / "uploads").glob("*"):
+            if now - upload.stat().st_mtime > BACKUP_TIMEOUT and _staged_volume(upload):
+                await self.discard(upload.name)
+
+    async def take_staged_volume(
+        self, upload: str, driver: StorageDriver, vol: Volume, layout: Layout
+    ) -> bool:
+        """Make `vol` the volume the upload's tree was unpacked into, if it was (on
+        `driver`'s pool, a custom volume without snapshots): a rename."""
+        where = self.upload_dir(upload)
+        staged = _staged_volume(where)
+        if staged is None or staged[0] != driver.pool or staged[2] != vol.type.value:
+            return False
+        await driver.rename_volume(_staging_volume(driver, staged[1], staged[2]), vol.name)
+        (where / STAGED_VOLUME).unlink()
+        if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
+            await driver.set_volume_size(vol, vol.config["size"])
+        return True
 
     def tree(self, upload: str, snapshot: str = "", layout: Layout = INSTANCE_LAYOUT) -> Path:
         base = self.upload_dir(upload) / "tree"
@@ -274,6 +327,8 @@ class Backups:
                 # the record.
                 top = (await driver.mount_volume(vol)).path / "backup.yaml"
                 await asyncio.to_thread(top.unlink, True)
+            return
+        if not snapshots and await self.take_staged_volume(upload, driver, vol, layout):
             return
         states = [self.tree(upload, name, layout) for name in snapshots]
         states.append(self.tree(upload, "", layout))
@@ -427,17 +482,124 @@ def _root_of(name: str) -> str:
     return ""
 
 
-def _check_and_unpack(tarball: Path, into: Path) -> tuple[str, str, bool]:
-    """Check every member of `tarball`, then unpack it into `into`; its index.yaml and
-    the instance's backup.yaml."""
-    refused = "Invalid backup tarball"
-    try:
-        with tarfile.open(tarball, mode="r:*") as tar:
-            members = tar.getmembers()
-    except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-        raise InvalidArgument(f"{refused}: {exc}") from None
-    links = {m.name.rstrip("/") for m in members if m.issym()}
-    for m in members:
+class _Checked:
+    """A plain tar stream read from `fd`, each member checked as it comes (the rules of
+    the module's docstring) and only then passed on, its header and data, to the `tar
+    -x` that unpacks it: `rest` (the whole tarball, into the upload's directory), or
+    `main` once set (the volume's tree, straight into its volume)."""
+
+    def __init__(self, fd: int, rest: int) -> None:
+        self.fd = fd
+        self.rest = rest
+        self.main = -1
+        self.main_root = ""
+        self.main_instance = False
+        self.main_owner: tuple[int, int] | None = None
+        # What was read and is not yet both passed on and consumed by tarfile: from stream
+        # offset `base` (one byte before both, for tarfile's look back at the end of data).
+        self.window = bytearray()
+        self.base = 0
+        self.pos = 0  # tarfile's position
+        self.done = 0  # passed on up to here
+        self.eof = False
+        self.limit = 0  # the end of the last member checked, and where it goes
+        self.dest = rest
+        self.names: set[str] = set()
+        self.dirs: set[str] = set()  # every path above a member
+        self.links: set[str] = set()
+        self.tar: tarfile.TarFile | None = None
+
+    # A file for tarfile that reads forward (and one byte back): data it skips is read
+    # in big chunks, and passed on as it comes when its member was checked.
+
+    def _fill(self, upto: int) -> None:
+        while not self.eof and self.base + len(self.window) < upto:
+            data = os.read(self.fd, CHUNK)
+            if not data:
+                self.eof = True
+                break
+            self.window += data
+            self._pass(self.limit, self.dest)  # the rest of a member already checked
+
+    def _pass(self, upto: int, fd: int) -> None:
+        """Pass on what was read before stream offset `upto`."""
+        end = min(upto, self.base + len(self.window))
+        if end > self.done:
+            start = self.done - self.base
+            _write_all(fd, memoryview(self.window)[start : end - self.base])
+            self.done = end
+        keep = min(self.done, self.pos) - 1
+        if keep > self.base:
+            del self.window[: keep - self.base]
+            self.base = keep
+
+    def read(self, size: int = -1) -> bytes:
+        self._fill(self.pos + size)
+        start = self.pos - self.base
+        data = bytes(self.window[start : start + size])
+        self.pos += len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        if offset < self.base:
+            raise OSError("a backup tarball is read forward")
+        self.pos = offset
+        self._fill(offset)
+        return offset
+
+    def tell(self) -> int:
+        return self.pos
+
+    def next(self) -> tarfile.TarInfo | None:
+        """The next member, checked and passed on; None at the end of the tarball."""
+        try:
+            if self.tar is None:  # reads the first header: in the thread, as the rest
+                self.tar = tarfile.TarFile(fileobj=self, mode="r")  # type: ignore[arg-type]
+            member: tarfile.TarInfo | None = self.tar.next()
+        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
+            raise InvalidArgument(f"{_REFUSED}: {exc}") from None
+        if member is None:
+            return None
+        root = self._check(member)
+        main = self.main >= 0 and root == self.main_root and not self._own_mark(member.name)
+        if main and member.name.rstrip("/") + "/" == self.main_root:
+            self.main_owner = (member.uid, member.gid)
+        # tarfile's offset is now where the next member's header starts.
+        assert self.tar is not None
+        self.limit, self.dest = self.tar.offset, self.main if main else self.rest
+        self._pass(self.limit, self.dest)
+        return member
+
+    def _own_mark(self, name: str) -> bool:
+        """An instance tree's backup.yaml or dot-entries: not the volume's (restore
+        leaves them out), so they stay with the upload."""
+        if not self.main_instance:
+            return False
+        top = name[len(self.main_root) :].split("/", 1)[0]
+        return top == "backup.yaml" or top.startswith(".")
+
+    def first_index(self) -> bytes | None:
+        """backup/index.yaml, when it is the tarball's first member (as LXD writes it)."""
+        member = self.next()
+        if member is None or member.name != "backup/index.yaml" or not member.isfile():
+            return None
+        assert self.tar is not None
+        found = self.tar.extractfile(member)
+        return found.read() if found is not None else None
+
+    def run(self) -> set[str]:
+        """Every other member; then what follows the end of the tarball. The names."""
+        while self.next() is not None:
+            pass
+        self.limit, self.dest = 1 << 62, self.rest
+        self._fill(1 << 62)
+        self._pass(self.limit, self.dest)
+        if self.main >= 0:
+            _write_all(self.main, memoryview(bytes(1024)))  # the end of its tarball
+        return self.names
+
+    def _check(self, m: tarfile.TarInfo) -> str:
+        """Refuse a member that would leave its tree; the tree it belongs to."""
         name = m.name.rstrip("/")
         if (
             not name
@@ -446,41 +608,248 @@ def _check_and_unpack(tarball: Path, into: Path) -> tuple[str, str, bool]:
             or ".." in name.split("/")
             or not (name == "backup" or name.startswith("backup/"))
         ):
-            raise InvalidArgument(f"{refused}: the path {m.name!r} leaves the backup")
+            raise InvalidArgument(f"{_REFUSED}: the path {m.name!r} leaves the backup")
         if m.ischr() or m.isblk():
-            raise InvalidArgument(f"{refused}: {m.name!r} is a device node")
+            raise InvalidArgument(f"{_REFUSED}: {m.name!r} is a device node")
         if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
-            raise InvalidArgument(f"{refused}: {m.name!r} is of an unsupported type")
+            raise InvalidArgument(f"{_REFUSED}: {m.name!r} is of an unsupported type")
         parts = name.split("/")
         for depth in range(1, len(parts)):
-            if "/".join(parts[:depth]) in links:
-                raise InvalidArgument(f"{refused}: {m.name!r} is reached through a symlink")
+            above = "/".join(parts[:depth])
+            if above in self.links:
+                raise InvalidArgument(f"{_REFUSED}: {m.name!r} is reached through a symlink")
+            self.dirs.add(above)
         root = _root_of(name)
-        if m.issym() and not m.linkname.startswith("/"):
-            # A relative link resolves within its tree; an absolute one is the
-            # container's own path, resolved inside it.
-            resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
-            if not root or not (resolved + "/").startswith(root):
-                raise InvalidArgument(
-                    f"{refused}: the symlink {m.name!r} points out of the instance"
-                )
+        if m.issym():
+            if name in self.dirs:
+                raise InvalidArgument(f"{_REFUSED}: a member is reached through {m.name!r}")
+            self.links.add(name)
+            if not m.linkname.startswith("/"):
+                # A relative link resolves within its tree; an absolute one is the
+                # container's own path, resolved inside it.
+                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
+                if not root or not (resolved + "/").startswith(root):
+                    raise InvalidArgument(
+                        f"{_REFUSED}: the symlink {m.name!r} points out of the instance"
+                    )
         if m.islnk():
             target = posixpath.normpath(m.linkname)
             if not root or not target.startswith(root) or ".." in target.split("/"):
                 raise InvalidArgument(
-                    f"{refused}: the hard link {m.name!r} points out of the instance"
+                    f"{_REFUSED}: the hard link {m.name!r} points out of the instance"
                 )
-    names = {m.name.rstrip("/") for m in members}
+        self.names.add(name)
+        return root
+
+
+_REFUSED = "Invalid backup tarball"
+# An upload unpacked straight into a volume: `<pool>\n<volume>` in this file of its
+# directory (written before the volume is made, so a discard always finds it).
+STAGED_VOLUME = "staged-volume"
+
+
+@dataclass(frozen=True)
+class StageTarget:
+    """Where an upload of a custom volume's backup may be unpacked straight into a
+    volume: a pool's driver."""
+
+    driver: StorageDriver
+
+
+def _staging_volume(driver: StorageDriver, name: str, type: str) -> Volume:
+    return driver.volume(type, check_name(name, "volume name"))
+
+
+def _staged_volume(where: Path) -> tuple[str, str, str] | None:
+    """The pool, name and type of the volume the upload was unpacked into."""
+    try:
+        pool, name, type = (where / STAGED_VOLUME).read_text().split("\n")
+    except (OSError, ValueError):
+        return None
+    return pool, name, type
+
+
+def _write_all(fd: int, view: memoryview) -> None:
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _decompressor(head: bytes) -> list[str] | None:
+    """The command that decompresses an upload starting with `head` (None: plain)."""
+    argv = next((argv for magic, argv in _DECOMPRESSORS if head.startswith(magic)), None)
+    if argv is not None and argv[0] == "gzip" and shutil.which("igzip"):
+        # ISA-L's gzip: the same format, decompressed about 4 times faster.
+        return ["igzip", "-d", "-c"]
+    return argv
+
+
+_TAR_X = ["tar", "-x", "-p", "--numeric-owner", "-f", "-"]
+
+
+async def _stage_stream(
+    chunks: AsyncIterable[bytes], where: Path, upload: str, into: StageTarget | None
+) -> tuple[str, str, bool]:
+    """The upload decompressed, checked and unpacked as it arrives (into `where/tree`,
+    or its custom volume's tree into a volume of `into`'s pool); its index.yaml, the
+    instance's backup.yaml and whether it is optimized."""
+    incoming = aiter(chunks)
+    head = b""
+    while len(head) < 8:
+        data = await anext(incoming, None)
+        if data is None:
+            break
+        head += data
+    argv = _decompressor(head)
+    tree = where / "tree"
+    tree.mkdir()
+    fds: list[int] = []
+
+    def pipe() -> tuple[int, int]:
+        ends = os.pipe()
+        fds.extend(ends)
+        with contextlib.suppress(OSError):  # fewer, bigger hand-overs between the stages
+            fcntl.fcntl(ends[1], fcntl.F_SETPIPE_SZ, CHUNK)
+        return ends
+
+    def close(*ends: int) -> None:
+        for fd in ends:
+            if fd in fds:
+                fds.remove(fd)
+                os.close(fd)
+
+    tasks: list[asyncio.Future[Any]] = []
+
+    def start(coro: Awaitable[Any]) -> asyncio.Future[Any]:
+        task = asyncio.ensure_future(coro)
+        tasks.append(task)
+        return task
+
+    async def spawn(argv: list[str], stdin: int, stdout: int | None = None) -> asyncio.Future[Any]:
+        """Start a command on these descriptors, then close them here: the command's ends
+        are its own, so that each pipe ends when its last writer does."""
+        task = start(run_async(argv, timeout=BACKUP_TIMEOUT, stdin_fd=stdin, stdout_fd=stdout))
+        await asyncio.sleep(0)  # the task's first step starts the command
+        close(stdin, *([] if stdout is None else [stdout]))
+        return task
+
+    try:
+        plain_read, plain_write = pipe()
+        if argv is None:
+            upload_write = plain_write
+        else:
+            upload_read, upload_write = pipe()
+            decompress = await spawn(argv, upload_read, plain_write)
+
+        async def send() -> None:
+            try:
+                pending = head
+                while True:
+                    await asyncio.to_thread(_write_all, upload_write, memoryview(pending))
+                    next_data = await anext(incoming, None)
+                    if next_data is None:
+                        return
+                    pending = next_data
+            finally:
+                close(upload_write)
+
+        sending = start(send())
+        rest_read, rest_write = pipe()
+        rest = await spawn([*_TAR_X, "-C", str(tree)], rest_read)
+        checked = _Checked(plain_read, rest_write)
+        index = await asyncio.to_thread(checked.first_index)
+        names: set[str] = set()
+        layout = _unpacks_into_volume(index) if into is not None and index is not None else None
+        if into is not None and layout is not None:
+            driver = into.driver
+            name = f"croft-upload-{upload}"
+            type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
+            marker = f"{driver.pool}\n{name}\n{type.value}"
+            await asyncio.to_thread((where / STAGED_VOLUME).write_text, marker)
+            staged_path: Path | None = None
+
+            async def fill(mounted: Mounted) -> None:
+                nonlocal names
+                main_read, main_write = pipe()
+                argv = [*_TAR_X, "--strip-components=2", "-C", str(mounted.path)]
+                main = await spawn(argv, main_read)
+                nonlocal staged_path
+                staged_path = mounted.path
+                checked.main, checked.main_root = main_write, layout.tree + "/"
+                checked.main_instance = layout.instance
+                try:
+                    try:
+                        names = await asyncio.to_thread(checked.run)
+                    finally:
+                        close(main_write)
+                    await _finished(main)
+                except BaseException:
+                    # tar is gone before the driver removes what it unpacked
+                    main.cancel()
+                    await asyncio.gather(main, return_exceptions=True)
+                    raise
+                if checked.main_owner is not None:
+                    await asyncio.to_thread(os.chown, mounted.path, *checked.main_owner)
+
+            await driver.create_volume(_staging_volume(driver, name, type.value), fill)
+        else:
+            names = await asyncio.to_thread(checked.run)
+        close(rest_write)
+        await _finished(rest)
+        close(plain_read)
+        await sending
+        if argv is not None:
+            await _finished(decompress)
+        staged = await asyncio.to_thread(_finish_staged, tree, names)
+        if into is not None and layout is not None and staged[1]:
+            # LXD's shifted ids, in the volume's tree too
+            idmap = _shifted_by(yaml.safe_load(staged[1]))
+            if idmap:
+                vol = _staging_volume(into.driver, f"croft-upload-{upload}", VolumeType.CONTAINER)
+                path = (await into.driver.mount_volume(vol)).path
+                await asyncio.to_thread(_unshift, path, idmap, True)
+        return staged
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        close(*list(fds))
+        with contextlib.suppress(BaseException):
+            await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    finally:
+        close(*list(fds))
+
+
+async def _finished(task: asyncio.Future[Any]) -> None:
+    """Wait for one of the stage's commands; a failure is the tarball's."""
+    try:
+        await task
+    except CroftError as exc:
+        raise InvalidArgument(f"{_REFUSED}: {exc}") from None
+
+
+def _unpacks_into_volume(index_yaml: bytes) -> Layout | None:
+    """The layout of the tree that can go straight into a volume, for an upload with
+    this index: a custom volume's or a container's, without snapshots, not optimized."""
+    try:
+        parsed: Any = yaml.safe_load(index_yaml)
+    except yaml.YAMLError:
+        return None
+    if (
+        not isinstance(parsed, dict)
+        or parsed.get("optimized")
+        or parsed.get("snapshots")
+        or parsed.get("type") not in ("custom", "container")
+    ):
+        return None
+    return layout_of(str(parsed["type"]))
+
+
+def _finish_staged(into: Path, names: set[str]) -> tuple[str, str, bool]:
+    """The unpacked upload's index.yaml and instance's backup.yaml, checked; whether it
+    is optimized."""
+    refused = _REFUSED
     if "backup/index.yaml" not in names:
         raise InvalidArgument(f"{refused}: backup/index.yaml is missing")
-    into.mkdir()
-    # Checked above, member by member: GNU tar unpacks it (several times Python's speed),
-    # the ids as they are in the tarball.
-    argv = ["tar", "-x", "-p", "--numeric-owner", "-f", str(tarball), "-C", str(into)]
-    try:
-        run(argv, timeout=BACKUP_TIMEOUT)
-    except CroftError as exc:
-        raise InvalidArgument(f"{refused}: {exc}") from None
     index = (into / "backup" / "index.yaml").read_text()
     try:
         parsed: Any = yaml.safe_load(index)
@@ -616,50 +985,6 @@ _DECOMPRESSORS: list[tuple[bytes, list[str]]] = [
 ]
 
 
-async def _receive_plain(chunks: AsyncIterable[bytes], tarball: Path) -> None:
-    """The upload written to `tarball` as a plain tar, decompressed as it arrives (LXD's
-    gzip, bzip2, xz, lzma, zstd): the decompression overlaps the upload, and the check
-    and the unpacking then read it without decompressing it again."""
-    incoming = aiter(chunks)
-    head = b""
-    while len(head) < 8:
-        data = await anext(incoming, None)
-        if data is None:
-            break
-        head += data
-    argv = next((argv for magic, argv in _DECOMPRESSORS if head.startswith(magic)), None)
-    out = os.open(tarball, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-
-        async def send(fd: int) -> None:
-            pending = head
-            while True:
-                view = memoryview(pending)
-                while view:
-                    view = view[await asyncio.to_thread(os.write, fd, view) :]
-                next_data = await anext(incoming, None)
-                if next_data is None:
-                    return
-                pending = next_data
-
-        if argv is None:  # a plain tar (or not a tarball: the check says so)
-            await send(out)
-            return
-
-        async def decompress(fd: int) -> None:
-            await run_async(argv, timeout=BACKUP_TIMEOUT, stdin_fd=fd, stdout_fd=out)
-
-        sent, received = await through_pipe(send, decompress)
-        if isinstance(received, CroftError):
-            raise InvalidArgument(f"Invalid backup tarball: {received}") from None
-        if received is not None:
-            raise received
-        if sent is not None:
-            raise sent
-    finally:
-        os.close(out)
-
-
 async def _sync(origin: Path, into: Path, instance: bool = True, *, empty: bool = False) -> None:
     """Make the tree at `into` what it is at `origin` (an instance's: backup.yaml and the
     drivers' dot-marks left out). --checksum: two states a second apart may have equal
@@ -680,6 +1005,7 @@ __all__ = [
     "VOLUME_LAYOUT",
     "Backups",
     "Layout",
+    "StageTarget",
     "Staged",
     "layout_of",
     "mark_optimized",

@@ -67,7 +67,7 @@ from croft.common.service import ServiceContext
 from croft.common.store import Create, Delete, EventType, Put, Update, dump
 from croft.imageformat.format import unpack_image, unpack_vm_image
 from croft.storage import transfer
-from croft.storage.backups import Backups, Staged, mark_optimized
+from croft.storage.backups import Backups, Staged, StageTarget, mark_optimized
 from croft.storage.drivers import (
     DRIVERS,
     INSTANCE_TYPES,
@@ -295,7 +295,7 @@ class StorageCore:
         self._drivers: dict[str, StorageDriver] = {}
         self._locks: KeyedLock[tuple[str, str]] = KeyedLock()
         self._image_records: set[str] = set()  # image volume records known to exist
-        self.backups = Backups(context.config.state_dir / "backups")
+        self.backups = Backups(context.config.state_dir / "backups", self.driver)
 
     # ------------------------------------------------------------------ plumbing
 
@@ -381,6 +381,7 @@ class StorageCore:
         await self.mount_pools()
         await self.reconcile()
         await asyncio.to_thread(self.backups.sweep)
+        await self.backups.sweep_staged()
 
     async def migrate_pools(self) -> None:
         """Rewrite pool records of the one-owner shape into the cluster shape. Any member
@@ -1359,8 +1360,14 @@ class StorageCore:
     def instance_backup_path(self, project: str, instance: str, backup: str) -> Path:
         return self.backups.path(project or "default", instance, backup)
 
-    async def stage_backup(self, chunks: AsyncIterable[bytes]) -> Staged:
-        return await self.backups.stage(chunks)
+    async def stage_backup(self, chunks: AsyncIterable[bytes], pool: str = "") -> Staged:
+        """An upload checked and staged; a custom volume backup for `pool`, a pool of
+        this member, is unpacked straight into a volume there."""
+        into = None
+        if pool:
+            with contextlib.suppress(NotFound):  # the import says so, in its words
+                into = StageTarget(await self.driver(pool))
+        return await self.backups.stage(chunks, into)
 
     async def discard_backup_upload(self, upload: str) -> None:
         await self.backups.discard(upload)

@@ -333,11 +333,16 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
     async def UploadBackup(
         self, request_iterator: AsyncIterator[storage_pb2.BackupChunk], context: Context
     ) -> storage_pb2.BackupReply:
+        incoming = aiter(request_iterator)
+        first = await anext(incoming, None)
+
         async def chunks() -> AsyncIterator[bytes]:
-            async for chunk in request_iterator:
+            if first is not None:
+                yield first.data
+            async for chunk in incoming:
                 yield chunk.data
 
-        staged = await self.core.stage_backup(chunks())
+        staged = await self.core.stage_backup(chunks(), first.pool if first is not None else "")
         return storage_pb2.BackupReply(
             upload=staged.upload,
             index_yaml=staged.index_yaml,

@@ -282,21 +282,26 @@ async def export_chunks(
 # ---------------------------------------------------------------------- import
 
 
-async def stage_upload(request: Request, member: str) -> storage_pb2.BackupReply:
+async def stage_upload(request: Request, member: str, pool: str = "") -> storage_pb2.BackupReply:
     """Stream the request body to `member`'s storage service, which checks the tarball
-    whole and stages it (InvalidArgument, nothing staged, for a bad one)."""
-    return await stage_stream(request.stream(), member)
+    whole and stages it (InvalidArgument, nothing staged, for a bad one); a custom volume
+    or container backup for `pool` is unpacked straight into a volume of that pool."""
+    return await stage_stream(request.stream(), member, pool)
 
 
-async def stage_stream(chunks: AsyncIterator[bytes], member: str) -> storage_pb2.BackupReply:
+async def stage_stream(
+    chunks: AsyncIterator[bytes], member: str, pool: str = ""
+) -> storage_pb2.BackupReply:
     """`stage_upload` of a tarball from any byte stream (another member's backup, when an
     instance moves between members)."""
     client = await services().storage(member)
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(8)
 
     async def messages() -> AsyncIterator[storage_pb2.BackupChunk]:
+        first = True
         while (data := await queue.get()) is not None:
-            yield storage_pb2.BackupChunk(data=data)
+            yield storage_pb2.BackupChunk(data=data, pool=pool if first else "")
+            first = False
 
     call = client.upload_backup(messages(), timeout=BACKUP_TIMEOUT)
 
@@ -469,7 +474,8 @@ async def import_operation(ctx: ApiContext, request: Request, project: str) -> R
     if name:
         validate_name(name)
     member = await place(ctx.store)
-    staged = await stage_upload(request, member)
+    # Named, the pool gets the container's tree straight into a volume of its own.
+    staged = await stage_upload(request, member, pool)
     try:
         record, snapshots = await imported_record(ctx.store, project, name, pool, staged)
         if await ctx.store.get(InstanceRecord.store_key(project, record.name)) is not None:

@@ -206,7 +206,7 @@ async def import_operation(request: Request, pool: str) -> Response:
     if name:
         volumes.check_volume_name(name)
     member = volumes.member_for(request)
-    staged = await stage_upload(request, member)
+    staged = await stage_upload(request, member, pool)
     try:
         index = yaml.safe_load(staged.index_yaml)
         if not isinstance(index, dict) or index.get("type") != volumes.CUSTOM:
