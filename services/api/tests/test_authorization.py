@@ -321,3 +321,37 @@ def test_an_oidc_user_gets_what_its_provider_groups_map_to(
     assert root.request("DELETE", "/1.0/auth/identity-provider-groups/devs").status == 200
     assert names(user.request("GET", "/1.0/instances?project=pa")) == []
     assert user.request("GET", "/1.0/instances/c1?project=pa").status == 404
+
+
+def test_a_restricted_certificate_cannot_touch_the_auth_records(croft: Croft) -> None:
+    """A certificate restricted to `default` (whose requests name no other project) may
+    not grant anyone anything: groups, identities and mappings are server-wide, as the
+    trust store is; it may ask who it is."""
+    root = croft.replica
+    tenant = croft.client("tenant")
+    croft.lxc("config", "trust", "add", str(tenant.cert), "--restricted", "--projects", "default")
+    other = croft.client("other")
+    croft.lxc("config", "trust", "add", str(other.cert))
+    other_fp = certificate_fingerprint(other.cert.read_text())
+    assert root.request("POST", "/1.0/auth/groups", {"name": "g"}).status == 201
+    for method, path, body in (
+        ("POST", "/1.0/auth/groups", {"name": "mine", "permissions": [
+            perm("server", "/1.0", "admin")]}),
+        ("PUT", "/1.0/auth/groups/g", {"permissions": [perm("server", "/1.0", "admin")]}),
+        ("DELETE", "/1.0/auth/groups/g", None),
+        ("PUT", f"/1.0/auth/identities/tls/{other_fp}", {"groups": ["g"]}),
+        ("PUT", "/1.0/auth/identities/oidc/someone", {"groups": ["g"]}),
+        ("POST", "/1.0/auth/identity-provider-groups", {"name": "devs", "groups": ["g"]}),
+        ("POST", "/1.0/auth/identities/tls", {"name": "x", "certificate": "x"}),
+        ("GET", "/1.0/auth/groups?recursion=1", None),
+        ("GET", "/1.0/auth/identities?recursion=1", None),
+        ("GET", "/1.0/auth/permissions", None),
+    ):  # fmt: skip
+        reply = tenant.request(method, path, body)
+        assert (reply.status, reply.error) == (403, "not authorized"), (method, path, reply)
+    current = tenant.request("GET", "/1.0/auth/identities/current")
+    assert current.status == 200 and current.metadata["name"] == "tenant.crt"
+    group = root.request("GET", "/1.0/auth/groups/g").metadata
+    assert (group["permissions"], group["identities"]) == ([], {})
+    assert root.request("GET", "/1.0/auth/groups").metadata == ["/1.0/auth/groups/g"]
+    assert root.request("GET", "/1.0/auth/identity-provider-groups").metadata == []

@@ -163,6 +163,10 @@ def restricted_may(who: Identity, method: str, path: str, query: str) -> bool:
     params = parse_qs(query)
     if (params.get("all-projects") or [""])[0].lower() == "true":
         return False
+    if path.startswith("/1.0/auth/"):
+        # Groups, identities and mappings grant what the trust store does: none of its
+        # business, not even to read; who it is, it may ask.
+        return method in ("GET", "HEAD") and path == "/1.0/auth/identities/current"
     if _SERVER_WIDE.match(path):
         return method in ("GET", "HEAD")
     project = (params.get("project") or ["default"])[0]
