@@ -355,3 +355,64 @@ def test_a_restricted_certificate_cannot_touch_the_auth_records(croft: Croft) ->
     assert (group["permissions"], group["identities"]) == ([], {})
     assert root.request("GET", "/1.0/auth/groups").metadata == ["/1.0/auth/groups/g"]
     assert root.request("GET", "/1.0/auth/identity-provider-groups").metadata == []
+
+
+def test_a_tls_identity_created_through_the_auth_api_is_fine_grained(croft: Croft) -> None:
+    """`POST /1.0/auth/identities/tls` (LXD's `lxc auth identity create tls/NAME CERT`):
+    the certificate is trusted, and held to its groups' grants even while in none."""
+    root = croft.replica
+    put_instance(croft, "default", "c1")
+    dev = croft.client("fg")
+    pem = dev.cert.read_text()
+    fingerprint = certificate_fingerprint(pem)
+    for body, status, error in (
+        ({"certificate": pem}, 400, "Identity name must be provided"),
+        ({"name": "fg", "certificate": pem, "token": True}, 400,
+         "Can't use certificate if token is requested"),
+        ({"name": "fg", "trust_token": "x"}, 409, "Client already trusted"),
+        ({"name": "fg", "certificate": pem, "groups": ["nope"]}, 404,
+         'Failed to add identity to group "nope": Group not found'),
+        ({"name": "fg", "certificate": "not a certificate"}, 400, None),
+    ):  # fmt: skip
+        reply = root.request("POST", "/1.0/auth/identities/tls", body)
+        assert reply.status == status, (body, reply)
+        assert error is None or reply.error == error, reply.error
+    assert root.request("GET", "/1.0/certificates").metadata == []  # nothing was added
+    created = root.request("POST", "/1.0/auth/identities/tls", {"name": "fg", "certificate": pem})
+    assert created.status == 201, created
+    assert created.headers["Location"] == f"/1.0/auth/identities/tls/{fingerprint}"
+    again = root.request("POST", "/1.0/auth/identities/tls", {"name": "fg2", "certificate": pem})
+    assert (again.status, again.error) == (409, "Identity already exists")
+    other = croft.client("fg-other").cert.read_text()
+    named = root.request("POST", "/1.0/auth/identities/tls", {"name": "fg", "certificate": other})
+    assert (named.status, named.error) == (409, 'An identity with name "fg" already exists')
+    shown = root.request("GET", "/1.0/auth/identities/tls/fg").metadata
+    assert (shown["type"], shown["id"], shown["groups"]) == ("Client certificate", fingerprint, [])
+
+    # Trusted, in no group: it may do nothing (a `lxc config trust add` one may all).
+    info = dev.request("GET", "/1.0").metadata
+    assert info["auth"] == "trusted" and info["config"] == {}
+    assert names(dev.request("GET", "/1.0/instances")) == []
+    assert (dev.request("PUT", "/1.0", {"config": {}}).status) == 403
+    current = dev.request("GET", "/1.0/auth/identities/current").metadata
+    assert (current["fine_grained"], current["type"]) == (True, "Client certificate")
+    made = dev.request("POST", "/1.0/auth/identities/tls", {"name": "x", "certificate": other})
+    assert (made.status, made.error) == (403, "Forbidden")
+    # Its group's grants, from the next request.
+    root.request("POST", "/1.0/auth/groups", {"name": "viewers", "permissions": [
+        perm("project", "/1.0/projects/default", "viewer")]})  # fmt: skip
+    root.request("PUT", "/1.0/auth/identities/tls/fg", {"groups": ["viewers"]})
+    assert names(dev.request("GET", "/1.0/instances")) == ["c1"]
+    # Deleted through the auth API: no longer trusted, its record gone.
+    assert root.request("DELETE", "/1.0/auth/identities/tls/fg").status == 200
+    assert dev.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    assert root.request("GET", "/1.0/certificates").metadata == []
+    assert root.request("GET", "/1.0/auth/groups/viewers").metadata["identities"] == {}
+
+    # A trust-store certificate deleted takes its memberships with it.
+    croft.lxc("config", "trust", "add", str(dev.cert))
+    root.request("PUT", f"/1.0/auth/identities/tls/{fingerprint}", {"groups": ["viewers"]})
+    croft.lxc("config", "trust", "remove", fingerprint)
+    croft.lxc("config", "trust", "add", str(dev.cert))
+    assert root.request("GET", f"/1.0/auth/identities/tls/{fingerprint}").metadata["groups"] == []
+    assert names(dev.request("GET", "/1.0/instances")) == ["c1"]  # in no group: full access

@@ -9,8 +9,10 @@ rewrites them, in one transaction.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from croft.api.auth import auth_call, trust_cache
 from croft.api.authz import (
     AUTH_PREFIX,
     IDENTITIES,
@@ -20,8 +22,11 @@ from croft.api.authz import (
     idp_group_key,
 )
 from croft.api.entitlements import check_entitlement, parse_entity
+from croft.common.clients import AuthClient
 from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.revert import Reverter
 from croft.common.store import Create, Delete, Operation, Store, Update, dump
+from croft.v1 import auth_pb2, common_pb2
 
 
 def check_group_name(name: str) -> None:
@@ -158,3 +163,46 @@ async def get_idp_group(store: Store, name: str) -> tuple[dict[str, Any], int]:
     if found is None:
         raise NotFound("Identity provider group not found")
     return found[0], found[1]
+
+
+async def create_tls_identity(
+    store: Store, name: str, certificate: str, groups: Any, address: str
+) -> str:
+    """LXD's `POST /1.0/auth/identities/tls` with a certificate: trust it (the auth
+    service's trust store) as a fine-grained identity, held to its groups' grants even
+    while in none, unlike a certificate added with `lxc config trust add`. Returns its
+    fingerprint; nothing is left behind when a step fails."""
+    if not name:
+        raise InvalidArgument("Identity name must be provided")
+    if not certificate:
+        raise InvalidArgument("No client certificate provided")
+    groups = await check_groups_exist(store, groups)
+    listed = await auth_call(AuthClient.list_certificates, common_pb2.Empty())
+    if any(c.get("name") == name for c in json.loads(listed.json)):
+        raise Conflict(f'An identity with name "{name}" already exists')
+    async with Reverter() as revert:
+        try:
+            reply = await auth_call(
+                AuthClient.add_certificate,
+                auth_pb2.AddCertificateRequest(
+                    certificate=certificate, name=name, type="client", address=address
+                ),
+                idempotent=False,
+            )
+        except Conflict:
+            raise Conflict("Identity already exists") from None
+        fingerprint = str(json.loads(reply.json)["fingerprint"])
+
+        async def untrust() -> None:
+            await auth_call(
+                AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=fingerprint)
+            )
+            trust_cache.forget(fingerprint)
+
+        revert.add(untrust)
+        record = {**identity_record("tls", fingerprint, name, groups), "fine_grained": True}
+        # Replaces what a certificate of this fingerprint may once have left.
+        await store.put(identity_key("tls", fingerprint), dump(record))
+        revert.success()
+    trust_cache.forget(fingerprint)
+    return fingerprint

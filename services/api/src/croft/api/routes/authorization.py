@@ -9,6 +9,7 @@ replica's copy of the records (`authz.forget_on_change`), so it holds on the nex
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -17,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import authz, query, records, responses
-from croft.api.auth import auth_call
+from croft.api.auth import auth_call, trust_cache
 from croft.api.authz import group_url, identity_key, identity_url, idp_group_key, idp_group_url
 from croft.api.context import context
 from croft.api.domain import authorization as auth_records
@@ -25,7 +26,7 @@ from croft.api.entitlements import MODEL, PROJECT_SCOPED, entitlements_of
 from croft.api.identity import identity
 from croft.common.clients import AuthClient
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.v1 import common_pb2
+from croft.v1 import auth_pb2, common_pb2
 
 router = APIRouter()
 
@@ -139,12 +140,16 @@ async def _identities(request: Request, method: str | None) -> list[dict[str, An
                 continue
             fingerprint = cert["fingerprint"]
             found = everything.get(identity_key("tls", fingerprint))
+            if found and found[0].get("fine_grained"):
+                kind = "Client certificate"
+            elif cert.get("restricted"):
+                kind = "Client certificate (restricted)"
+            else:
+                kind = "Client certificate (unrestricted)"
             out.append(
                 {
                     "authentication_method": "tls",
-                    "type": "Client certificate (restricted)"
-                    if cert.get("restricted")
-                    else "Client certificate (unrestricted)",
+                    "type": kind,
                     "id": fingerprint,
                     "name": cert.get("name", ""),
                     "groups": (found[0].get("groups") if found else None) or [],
@@ -205,6 +210,32 @@ async def identity_current(request: Request) -> Response:
     )
 
 
+@router.post("/1.0/auth/identities/tls")
+async def identities_tls_post(request: Request) -> Response:
+    """A fine-grained TLS identity from a certificate (LXD's `lxc auth identity create
+    tls/NAME CERT`). Pending identities redeemed by a token are not built."""
+    body = await _body(request)
+    if body.get("trust_token"):
+        raise Conflict("Client already trusted")
+    if body.get("token") and body.get("certificate"):
+        raise InvalidArgument("Can't use certificate if token is requested")
+    if body.get("token"):
+        raise InvalidArgument(
+            "Pending TLS identities are not supported: give the identity's certificate"
+        )
+    fingerprint = await auth_records.create_tls_identity(
+        context(request).store,
+        str(body.get("name") or ""),
+        str(body.get("certificate") or identity(request).certificate),
+        body.get("groups") or [],
+        request.client.host if request.client else "",
+    )
+    _changed(request)
+    url = identity_url("tls", fingerprint)
+    await context(request).lifecycle("identity-created", url, request=request)
+    return responses.created(url)
+
+
 @router.get("/1.0/auth/identities/{method}")
 async def identities_of_method(request: Request, method: str) -> Response:
     _check_method(method)
@@ -256,8 +287,14 @@ async def identity_put(request: Request, method: str, name_or_id: str) -> Respon
 async def identity_delete(request: Request, method: str, name_or_id: str) -> Response:
     found = await _identity(request, method, name_or_id)
     if method == "tls":
-        raise InvalidArgument("TLS identities are removed through /1.0/certificates")
-    await context(request).store.delete(identity_key(method, found["id"]))
+        if found["type"] != "Client certificate":
+            raise InvalidArgument("TLS identities are removed through /1.0/certificates")
+        await auth_call(
+            AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=found["id"])
+        )
+        trust_cache.forget(found["id"])
+    with contextlib.suppress(NotFound):
+        await context(request).store.delete(identity_key(method, found["id"]))
     _changed(request)
     await context(request).lifecycle(
         "identity-deleted", identity_url(method, found["id"]), request=request

@@ -29,8 +29,9 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, records, responses, trust_password
+from croft.api import authz, limits, query, records, responses, trust_password
 from croft.api.auth import auth_call, trust_cache
+from croft.api.authz import identity_key
 from croft.api.context import context
 from croft.api.https_listener import serving_address
 from croft.api.identity import Identity, identity
@@ -347,5 +348,9 @@ async def certificate_delete(request: Request, fingerprint: str) -> Response:
     full = (await _get(fingerprint))["fingerprint"]
     await auth_call(AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=full))
     trust_cache.forget(full)
+    # Its groups go with it (a certificate trusted again later starts in none).
+    with contextlib.suppress(NotFound):
+        await context(request).store.delete(identity_key("tls", full))
+    authz.forget_on_change(request)
     await context(request).lifecycle("certificate-deleted", certificate_url(full), request=request)
     return responses.empty_sync()
