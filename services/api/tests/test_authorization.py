@@ -241,6 +241,12 @@ def test_croft_auth_manages_groups_identities_and_mappings(croft: Croft) -> None
     assert "Unknown entity type" in croft_cli("group", "permission", "add", "viewers",
                                                "thing", "x", "viewer", ok=False)  # fmt: skip
     croft_cli("identity", "group", "add", f"tls/{fingerprint}", "viewers")
+    made = croft.client("cli-fg")
+    croft_cli("identity", "create", "tls/cli-fg", str(made.cert), "--group", "viewers")
+    assert yaml.safe_load(croft_cli("identity", "show", "tls/cli-fg"))["groups"] == ["viewers"]
+    assert made.request("GET", "/1.0/projects").status == 200
+    croft_cli("identity", "delete", "tls/cli-fg")
+    assert made.request("GET", "/1.0").metadata["auth"] == "untrusted"
     croft_cli("identity-provider-group", "create", "corp-devs")
     croft_cli("identity-provider-group", "group", "add", "corp-devs", "viewers")
     shown = yaml.safe_load(croft_cli("group", "show", "viewers"))

@@ -207,6 +207,34 @@ def _identity_path(name: str) -> str:
     return f"/1.0/auth/identities/{method}/{quote(identifier, safe='')}"
 
 
+@identity.command("create")
+@click.argument("name")
+@click.argument("certificate", type=click.Path(exists=True, dir_okay=False))
+@click.option("--group", "-g", "groups", multiple=True, help="A group to put it in")
+@socket_option
+def identity_create(
+    name: str, certificate: str, groups: tuple[str, ...], socket: str | None
+) -> None:
+    """A fine-grained TLS identity, tls/NAME, from a PEM certificate file (as `lxc auth
+    identity create`): held to its groups' grants, none while in no group."""
+    with _errors(), _api(socket) as api:
+        method, _, identity_name = name.partition("/")
+        if method != "tls" or not identity_name:
+            raise InvalidArgument("Only TLS identities are created: tls/NAME")
+        with open(certificate) as pem:
+            body = {"name": identity_name, "certificate": pem.read(), "groups": list(groups)}
+        api.call("POST", "/1.0/auth/identities/tls", json=body)
+
+
+@identity.command("delete")
+@click.argument("name")
+@socket_option
+def identity_delete(name: str, socket: str | None) -> None:
+    """Delete an identity (a TLS identity made by `create` is no longer trusted)."""
+    with _errors(), _api(socket) as api:
+        api.call("DELETE", _identity_path(name))
+
+
 @identity.command("show")
 @click.argument("name")
 @socket_option
