@@ -240,6 +240,9 @@ def test_an_oidc_user_operates_the_project_its_provider_group_maps_to(
         # Nothing in tb, nothing server-wide; tb's names are not told.
         listed = http.get("/1.0/instances?project=ta&recursion=1").json()["metadata"]
         assert sorted(i["name"] for i in listed) == ["c", "oc"]
+        every = http.get("/1.0/instances?all-projects=true&recursion=1").json()["metadata"]
+        assert sorted((i["project"], i["name"]) for i in every) == [("ta", "c"), ("ta", "oc")]
+        assert http.get("/1.0/projects").json()["metadata"] == ["/1.0/projects/ta"]
         for method, path, body, status, error in (
             ("GET", "/1.0/instances?project=tb", None, 200, None),
             ("POST", "/1.0/instances?project=tb",
