@@ -377,6 +377,8 @@ async def idp_group_rename(request: Request, name: str) -> Response:
         raise Conflict(f'Identity provider group "{new}" already exists') from None
     await store.delete(idp_group_key(name), revision=revision)
     _changed(request)
+    await context(request).lifecycle("identity-provider-group-renamed", idp_group_url(new),
+                                     request=request, context={"old_name": name})  # fmt: skip
     return responses.created(idp_group_url(new))
 
 
