@@ -158,6 +158,15 @@ def test_auth_records_are_checked_as_lxd_checks_them(croft: Croft) -> None:
         {"name": "devs", "groups": ["g"]}]  # fmt: skip
     assert root.request("GET", "/1.0/auth/groups/g").metadata["identity_provider_groups"] == [
         "devs"]  # fmt: skip
+    assert root.request("POST", "/1.0/auth/identity-provider-groups", {"name": "ops"}).status == 201
+    taken = root.request("POST", "/1.0/auth/identity-provider-groups/devs", {"name": "ops"})
+    assert (taken.status, taken.error) == (409, 'Identity provider group "ops" already exists')
+    renamed = root.request("POST", "/1.0/auth/identity-provider-groups/devs", {"name": "corp"})
+    assert (renamed.status, renamed.headers["Location"]) == (
+        201, "/1.0/auth/identity-provider-groups/corp")  # fmt: skip
+    assert root.request("GET", "/1.0/auth/identity-provider-groups?recursion=1").metadata == [
+        {"name": "corp", "groups": ["g"]}, {"name": "ops", "groups": []}]  # fmt: skip
+    assert root.request("DELETE", "/1.0/auth/identity-provider-groups/ops").status == 200
     # An OIDC user may be put in a group before it first logs in.
     assert root.request("PUT", "/1.0/auth/identities/oidc/sub-1", {"groups": ["g"]}).status == 200
     listed = root.request("GET", "/1.0/auth/identities/oidc?recursion=1").metadata

@@ -26,6 +26,7 @@ from croft.api.entitlements import MODEL, PROJECT_SCOPED, entitlements_of
 from croft.api.identity import identity
 from croft.common.clients import AuthClient
 from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.store import Create, Delete, dump
 from croft.v1 import auth_pb2, common_pb2
 
 router = APIRouter()
@@ -371,11 +372,13 @@ async def idp_group_rename(request: Request, name: str) -> Response:
     new = str((await _body(request)).get("name", ""))
     if not new or "/" in new:
         raise InvalidArgument("Invalid identity provider group name")
-    try:
-        await store.create_json(idp_group_key(new), {**record, "name": new})
-    except Conflict:
-        raise Conflict(f'Identity provider group "{new}" already exists') from None
-    await store.delete(idp_group_key(name), revision=revision)
+    if await store.get(idp_group_key(new)) is not None:
+        raise Conflict(f'Identity provider group "{new}" already exists')
+    # In one transaction: never both names, never neither.
+    await store.transaction([
+        Create(idp_group_key(new), dump({**record, "name": new})),
+        Delete(idp_group_key(name), revision=revision),
+    ])  # fmt: skip
     _changed(request)
     await context(request).lifecycle("identity-provider-group-renamed", idp_group_url(new),
                                      request=request, context={"old_name": name})  # fmt: skip
