@@ -176,6 +176,16 @@ class Lxc:
     def json(self, *args: str) -> Any:
         return json.loads(self(*args, "--format", "json").stdout)
 
+    def refused(self, *args: str) -> str:
+        """The error `lxc ARGS` prints, asserting that it fails."""
+        result = self(*args, check=False)
+        assert result.returncode != 0, f"lxc {' '.join(args)} succeeded: {result.stdout}"
+        return result.stderr.strip().removeprefix("Error: ")
+
+    def names(self, *args: str) -> list[str]:
+        """The sorted names `lxc ARGS --format json` lists."""
+        return sorted(item["name"] for item in self.json(*args))
+
 
 def _remove_network(croft: Croft, bridge: str) -> None:
     """What `croft down` leaves for running instances' sake: the bridge, its dnsmasq and

@@ -26,16 +26,6 @@ from .conftest import Croft, Lxc, free_port
 LXC = tuple[Croft, Lxc, str]
 
 
-def refused(lxc: Lxc, *args: str) -> str:
-    result = lxc(*args, check=False)
-    assert result.returncode != 0, f"lxc {' '.join(args)} succeeded: {result.stdout}"
-    return result.stderr.strip().removeprefix("Error: ")
-
-
-def names(lxc: Lxc, *args: str) -> list[str]:
-    return sorted(item["name"] for item in lxc.json(*args))
-
-
 def query(lxc: Lxc, method: str, path: str, body: object = None) -> dict[str, object]:
     args = ["query", "-X", method, path]
     if body is not None:
@@ -74,44 +64,44 @@ def remote(croft_lxc: LXC, busybox_image: Path) -> Iterator[tuple[Lxc, Lxc, str]
 def test_an_instance_operator_may_exec_but_not_edit(remote: tuple[Lxc, Lxc, str]) -> None:
     root, dev, fingerprint = remote
     # In no group, a trusted certificate keeps full access.
-    assert names(dev, "list", "--project", "tb") == ["c"]
+    assert dev.names("list", "--project", "tb") == ["c"]
     query(root, "POST", "/1.0/auth/groups", {"name": "c-ops", "permissions": [
         {"entity_type": "instance", "url": "/1.0/instances/c?project=ta",
          "entitlement": "operator"}]})  # fmt: skip
     query(root, "PUT", f"/1.0/auth/identities/tls/{fingerprint}", {"groups": ["c-ops"]})
     try:
-        assert names(dev, "list", "--project", "ta") == ["c"]
-        assert names(dev, "list", "--project", "tb") == []
+        assert dev.names("list", "--project", "ta") == ["c"]
+        assert dev.names("list", "--project", "tb") == []
         assert dev("exec", "c", "--project", "ta", "--", "echo", "hi").stdout == "hi\n"
-        assert refused(dev, "config", "set", "c", "security.privileged", "true",
+        assert dev.refused("config", "set", "c", "security.privileged", "true",
                        "--project", "ta") == "Forbidden"  # fmt: skip
-        assert refused(dev, "config", "set", "c", "user.x", "1", "--project", "ta") == "Forbidden"
+        assert dev.refused("config", "set", "c", "user.x", "1", "--project", "ta") == "Forbidden"
         assert "security.privileged" not in root.json("list", "--project", "ta")[0]["config"]
         # Not an image viewer of ta: its alias is not there for it (LXD's generic 404).
-        assert refused(dev, "init", "busybox", "x", "--project", "ta") == "Not Found"
+        assert dev.refused("init", "busybox", "x", "--project", "ta") == "Not Found"
         fingerprint_ta = root.json("image", "list", "--project", "ta")[0]["fingerprint"]
         refusal = dev("query", "-X", "POST", "/1.0/instances?project=ta", "-d", json.dumps(
             {"name": "x", "source": {"type": "image", "fingerprint": fingerprint_ta}}),
             check=False)  # fmt: skip
         # An operator of one instance is no viewer of its project (LXD's model): 404.
         assert refusal.stderr.strip() == "Error: Not Found"
-        assert refused(dev, "init", "busybox", "x", "--project", "tb") == "Not Found"
-        assert refused(dev, "delete", "-f", "c", "--project", "tb") == (
+        assert dev.refused("init", "busybox", "x", "--project", "tb") == "Not Found"
+        assert dev.refused("delete", "-f", "c", "--project", "tb") == (
             'Failed checking instance exists "croft:c": Not Found'
         )
-        assert refused(dev, "config", "set", "user.x", "1") == "Forbidden"
-        assert names(dev, "project", "list") == []
+        assert dev.refused("config", "set", "user.x", "1") == "Forbidden"
+        assert dev.names("project", "list") == []
         assert json.loads(dev("query", "/1.0").stdout)["config"] == {}  # not its to see
         # An operator manages the instance's snapshots and state.
         dev("snapshot", "c", "s0", "--project", "ta")
         dev("delete", "c/s0", "--project", "ta")
         # A change to the group holds on the next request.
         query(root, "PUT", "/1.0/auth/groups/c-ops", {"permissions": []})
-        assert names(dev, "list", "--project", "ta") == []
-        assert refused(dev, "exec", "c", "--project", "ta", "--", "true") == "Not Found"
+        assert dev.names("list", "--project", "ta") == []
+        assert dev.refused("exec", "c", "--project", "ta", "--", "true") == "Not Found"
     finally:
         query(root, "DELETE", "/1.0/auth/groups/c-ops")
-    assert names(dev, "list", "--project", "tb") == ["c"]
+    assert dev.names("list", "--project", "tb") == ["c"]
 
 
 def test_two_creates_at_the_last_place_leave_one(remote: tuple[Lxc, Lxc, str]) -> None:
@@ -131,7 +121,7 @@ def test_two_creates_at_the_last_place_leave_one(remote: tuple[Lxc, Lxc, str]) -
             )
             or "Reached maximum number of instances in project" in failed.stderr
         )
-        assert len(names(root, "list", "--project", "tb")) == 2
+        assert len(root.names("list", "--project", "tb")) == 2
         # The loser's place was given back: with room again, a create passes.
         root("project", "set", "tb", "limits.instances", "3")
         root("init", "busybox", "r3", "--project", "tb")
@@ -259,7 +249,7 @@ def test_an_oidc_user_operates_the_project_its_provider_group_maps_to(
             else:
                 assert reply.json()["error"] == error and reply.json()["error_code"] == status
             assert '"c"' not in reply.text and "tb/" not in reply.text
-        assert names(root, "list", "--project", "tb") == ["c"]
+        assert root.names("list", "--project", "tb") == ["c"]
         config = json.loads(root("query", "/1.0").stdout)["config"]
         assert "user.x" not in config and config["oidc.issuer"] == provider.issuer
         # Removing the mapping holds on the next request, for the same (cached) token.

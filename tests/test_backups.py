@@ -338,34 +338,44 @@ def _lxd(tmp: Path) -> Lxc:
     return Lxc(LXD_DIR, home)
 
 
-@pytest.mark.lxd_interop
-def test_an_lxd_export_imports_into_croft_and_boots(env: dict[str, Any]) -> None:
-    lxc, tmp = env["lxc"], env["tmp"]
-    lxd = _lxd(tmp)
-    name = f"bk-lxd-{os.getpid()}"
-    tarball = tmp / "from-lxd.tar.gz"
-    lxd("launch", "busybox", name, "-s", "default")
+def _lxd_export(lxd: Lxc, name: str, pool: str, tarball: Path, *flags: str) -> None:
+    """LXD's export of a stopped `name` on `pool`: /state reads "one" in its snapshot snap0,
+    then "two", owned by 1234:42; the instance is gone from LXD afterwards."""
+    lxd("launch", "busybox", name, "-s", pool)
     try:
         lxd("exec", name, "--", "sh", "-c", "echo one > /state")
         lxd("snapshot", name, "snap0")
         lxd("exec", name, "--", "sh", "-c", "echo two > /state && chown 1234:42 /state")
-        lxd("export", name, str(tarball))
+        lxd("stop", "--force", name)
+        lxd("export", name, str(tarball), *flags)
     finally:
         lxd("delete", "--force", name, check=False)
 
-    lxc("import", str(tarball))
+
+def _boots_as_exported(client: Lxc, name: str, owned: str, state: str) -> None:
+    """`name`, imported by `client`, starts; `owned` is 1234:42's again, /bin/busybox
+    root's, /state reads `state` and snap0 came along. The instance is deleted after."""
     try:
-        lxc("start", name)
-        assert query(lxc, f"/1.0/instances/{name}")["status"] == "Running"
-        # The files are the container's own again: LXD wrote them shifted (1000000 + id).
-        out = lxc("exec", name, "--", "stat", "-c", "%u:%g", "/state", "/bin/busybox").stdout
+        client("start", name)
+        assert client.json("list", name)[0]["status"] == "Running"
+        out = client("exec", name, "--", "stat", "-c", "%u:%g", owned, "/bin/busybox").stdout
         assert out.split() == ["1234:42", "0:0"]
-        assert lxc("exec", name, "--", "cat", "/state").stdout == "two\n"
-        assert [s.rsplit("/", 1)[-1] for s in query(lxc, f"/1.0/instances/{name}/snapshots")] == [
-            "snap0"
-        ]
+        assert client("exec", name, "--", "cat", "/state").stdout == state
+        snaps = json.loads(client("query", f"/1.0/instances/{name}/snapshots").stdout)
+        assert [s.rsplit("/", 1)[-1] for s in snaps] == ["snap0"]
     finally:
-        lxc("delete", "--force", name, check=False)
+        client("delete", "--force", name, check=False)
+
+
+@pytest.mark.lxd_interop
+def test_an_lxd_export_imports_into_croft_and_boots(env: dict[str, Any]) -> None:
+    lxc, tmp = env["lxc"], env["tmp"]
+    name = f"bk-lxd-{os.getpid()}"
+    tarball = tmp / "from-lxd.tar.gz"
+    _lxd_export(_lxd(tmp), name, "default", tarball)
+    lxc("import", str(tarball))
+    # The files are the container's own again: LXD wrote them shifted (1000000 + id).
+    _boots_as_exported(lxc, name, "/state", "two\n")
 
 
 @pytest.mark.lxd_interop
@@ -377,18 +387,8 @@ def test_a_croft_export_imports_into_lxd_and_boots(env: dict[str, Any]) -> None:
     make_instance(lxc, name, "default")
     lxc("export", name, str(tarball))
     lxc("delete", name)
-
     lxd("import", str(tarball), "--storage", "default")
-    try:
-        lxd("start", name)
-        assert lxd.json("list", name)[0]["status"] == "Running"
-        out = lxd("exec", name, "--", "stat", "-c", "%u:%g", "/owned", "/bin/busybox").stdout
-        assert out.split() == ["1234:42", "0:0"]
-        assert lxd("exec", name, "--", "cat", "/state").stdout == "two"
-        snaps = json.loads(lxd("query", f"/1.0/instances/{name}/snapshots").stdout)
-        assert [s.rsplit("/", 1)[-1] for s in snaps] == ["snap0"]
-    finally:
-        lxd("delete", "--force", name, check=False)
+    _boots_as_exported(lxd, name, "/owned", "two")
 
 
 @pytest.mark.lxd_interop
@@ -399,36 +399,19 @@ def test_an_optimized_lxd_export_imports_into_a_croft_btrfs_pool_and_boots(
     subvolumes) becomes a croft instance on btrfs with its snapshot, the files the
     container's own again."""
     lxc, tmp, state = env["lxc"], env["tmp"], env["state"]
-    lxd = _lxd(tmp)
     name = f"bk-lxdopt-{os.getpid()}"
     tarball = tmp / "from-lxd-optimized.tar.gz"
-    lxd("launch", "busybox", name, "-s", "bt")
-    try:
-        lxd("exec", name, "--", "sh", "-c", "echo one > /state")
-        lxd("snapshot", name, "snap0")
-        lxd("exec", name, "--", "sh", "-c", "echo two > /state && chown 1234:42 /state")
-        lxd("stop", "--force", name)
-        lxd("export", name, str(tarball), "--optimized-storage")
-    finally:
-        lxd("delete", "--force", name, check=False)
+    _lxd_export(_lxd(tmp), name, "bt", tarball, "--optimized-storage")
     with tarfile.open(tarball) as tar:
         assert "backup/container.bin" in tar.getnames()
-
     lxc("import", str(tarball), "--storage", "bt")
+    snap = volume_dir(state, "bt", name, "snap0")
     try:
-        snap = volume_dir(state, "bt", name, "snap0")
         assert (snap / "rootfs/state").read_text() == "one\n"
         assert (snap / "rootfs/bin/busybox").stat().st_uid == 0
         assert subvolume_show(snap)["Flags"] == "readonly"
-        lxc("start", name)
-        out = lxc("exec", name, "--", "stat", "-c", "%u:%g", "/state", "/bin/busybox").stdout
-        assert out.split() == ["1234:42", "0:0"]
-        assert lxc("exec", name, "--", "cat", "/state").stdout == "two\n"
-        assert [s.rsplit("/", 1)[-1] for s in query(lxc, f"/1.0/instances/{name}/snapshots")] == [
-            "snap0"
-        ]
     finally:
-        lxc("delete", "--force", name, check=False)
+        _boots_as_exported(lxc, name, "/state", "two\n")
 
 
 @pytest.mark.lxd_interop
@@ -440,18 +423,8 @@ def test_an_optimized_croft_export_imports_into_lxd_btrfs_and_boots(env: dict[st
     make_instance(lxc, name, "bt")
     lxc("export", name, str(tarball), "--optimized-storage")
     lxc("delete", name)
-
     lxd("import", str(tarball), "--storage", "bt")
-    try:
-        lxd("start", name)
-        assert lxd.json("list", name)[0]["status"] == "Running"
-        out = lxd("exec", name, "--", "stat", "-c", "%u:%g", "/owned", "/bin/busybox").stdout
-        assert out.split() == ["1234:42", "0:0"]
-        assert lxd("exec", name, "--", "cat", "/state").stdout == "two"
-        snaps = json.loads(lxd("query", f"/1.0/instances/{name}/snapshots").stdout)
-        assert [s.rsplit("/", 1)[-1] for s in snaps] == ["snap0"]
-    finally:
-        lxd("delete", "--force", name, check=False)
+    _boots_as_exported(lxd, name, "/owned", "two")
 
 
 def test_sigkill_storage_during_an_import_leaves_no_instance_and_no_volume(

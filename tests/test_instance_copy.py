@@ -61,6 +61,17 @@ def read(lxc: Lxc, name: str, path: str) -> str:
     return lxc("file", "pull", f"{name}{path}", "-").stdout
 
 
+def starts_whole_and_is_deleted(lxc: Lxc, name: str) -> None:
+    """`name` (stopped, with snapshot snap0) starts with /state reading "two", then goes."""
+    assert snapshots_of(lxc, name) == ["snap0"]
+    lxc("start", name)
+    try:
+        assert read(lxc, name, "/state") == "two"
+    finally:
+        lxc("stop", "--force", name)
+    lxc("delete", name)
+
+
 def dhcp_hosts(state: Path, bridge: str) -> list[str]:
     hosts = state / "networks" / bridge / "dnsmasq.hosts.d"
     return sorted(p.read_text() for p in hosts.iterdir()) if hosts.is_dir() else []
@@ -501,13 +512,7 @@ def test_sigkill_storage_during_a_copy_leaves_the_whole_copy_or_nothing(
 
     if name in [i["name"] for i in lxc.json("list")]:
         assert result.returncode == 0, result.stderr
-        assert snapshots_of(lxc, name) == ["snap0"]
-        lxc("start", name)
-        try:
-            assert read(lxc, name, "/state") == "two"
-        finally:
-            lxc("stop", "--force", name)
-        lxc("delete", name)
+        starts_whole_and_is_deleted(lxc, name)
     else:
         assert result.returncode != 0
 
@@ -547,10 +552,4 @@ def test_sigkill_storage_during_a_move_leaves_the_instance_whole_on_one_pool(
         )
 
     wait_until(one_volume, 60, f"{name} whole in {pool} alone")
-    assert snapshots_of(lxc, name) == ["snap0"]
-    lxc("start", name)
-    try:
-        assert read(lxc, name, "/state") == "two"
-    finally:
-        lxc("stop", "--force", name)
-    lxc("delete", name)
+    starts_whole_and_is_deleted(lxc, name)

@@ -19,17 +19,6 @@ from .conftest import Croft, Lxc
 LXC = tuple[Croft, Lxc, str]
 
 
-def refused(lxc: Lxc, *args: str) -> str:
-    """The error `lxc` prints for a command that must fail."""
-    result = lxc(*args, check=False)
-    assert result.returncode != 0, f"lxc {' '.join(args)} succeeded: {result.stdout}"
-    return result.stderr.strip().removeprefix("Error: ")
-
-
-def names(lxc: Lxc, *args: str) -> list[str]:
-    return sorted(item["name"] for item in lxc.json(*args))
-
-
 def project(lxc: Lxc, name: str) -> dict[str, Any]:
     loaded: dict[str, Any] = yaml.safe_load(lxc("project", "show", name).stdout)
     return loaded
@@ -68,22 +57,22 @@ def test_a_new_project_is_lxds(croft_lxc: LXC) -> None:
     profile = yaml.safe_load(lxc("profile", "show", "default", "--project", "fresh").stdout)
     assert profile["devices"] == {} and profile["config"] == {}
     assert profile["description"] == "Default LXD profile for project fresh"
-    assert "fresh" in names(lxc, "project", "list")
-    assert refused(lxc, "project", "create", "fresh") == (
+    assert "fresh" in lxc.names("project", "list")
+    assert lxc.refused("project", "create", "fresh") == (
         'Failed creating project "fresh": Failed adding database record: '
         'This "projects" entry already exists'
     )
-    assert refused(lxc, "project", "create", "a/b") == "Project names may not contain slashes"
-    assert refused(lxc, "project", "create", "a b") == "Project names may not contain spaces"
-    assert refused(lxc, "project", "create", "*") == "Reserved project name"
-    assert refused(lxc, "project", "create", "bad", "-c", "bogus=1") == (
+    assert lxc.refused("project", "create", "a/b") == "Project names may not contain slashes"
+    assert lxc.refused("project", "create", "a b") == "Project names may not contain spaces"
+    assert lxc.refused("project", "create", "*") == "Reserved project name"
+    assert lxc.refused("project", "create", "bad", "-c", "bogus=1") == (
         'Invalid project configuration key "bogus"'
     )
-    assert refused(lxc, "project", "set", "fresh", "limits.instances", "abc") == (
+    assert lxc.refused("project", "set", "fresh", "limits.instances", "abc") == (
         'Invalid project configuration key "limits.instances" value: Invalid value for uint32 '
         '"abc": strconv.ParseUint: parsing "abc": invalid syntax'
     )
-    assert "bad" not in names(lxc, "project", "list")
+    assert "bad" not in lxc.names("project", "list")
 
     lxc("project", "set", "fresh", "user.owner", "alice")
     assert lxc("project", "get", "fresh", "user.owner").stdout.strip() == "alice"
@@ -95,22 +84,22 @@ def test_a_new_project_is_lxds(croft_lxc: LXC) -> None:
 
     # An empty project renames and deletes, its default profile with it.
     lxc("project", "rename", "fresh", "fresher")
-    assert "fresh" not in names(lxc, "project", "list")
+    assert "fresh" not in lxc.names("project", "list")
     assert project(lxc, "fresher")["used_by"] == ["/1.0/profiles/default?project=fresher"]
     lxc("project", "delete", "fresher")
-    assert "fresher" not in names(lxc, "project", "list")
-    assert refused(lxc, "project", "show", "fresher") == "Project not found"
+    assert "fresher" not in lxc.names("project", "list")
+    assert lxc.refused("project", "show", "fresher") == "Project not found"
 
 
 def test_default_cannot_go_or_change_features(croft_lxc: LXC) -> None:
     _, lxc, _ = croft_lxc
-    assert refused(lxc, "project", "delete", "default") == (
+    assert lxc.refused("project", "delete", "default") == (
         "The 'default' project cannot be deleted"
     )
-    assert refused(lxc, "project", "rename", "default", "x") == (
+    assert lxc.refused("project", "rename", "default", "x") == (
         "The 'default' project cannot be renamed"
     )
-    assert refused(lxc, "project", "set", "default", "features.images", "false") == (
+    assert lxc.refused("project", "set", "default", "features.images", "false") == (
         "You can't change the features of the default project"
     )
 
@@ -118,21 +107,21 @@ def test_default_cannot_go_or_change_features(croft_lxc: LXC) -> None:
 def test_two_projects_hold_the_same_names(croft_lxc: LXC, two_projects: tuple[str, str]) -> None:
     _, lxc, _ = croft_lxc
     for name in two_projects:
-        assert names(lxc, "list", "--project", name) == ["c"]
-        assert "web" in names(lxc, "profile", "list", "--project", name)
+        assert lxc.names("list", "--project", name) == ["c"]
+        assert "web" in lxc.names("profile", "list", "--project", name)
         aliases = lxc.json("image", "alias", "list", "--project", name)
         assert [a["name"] for a in aliases] == ["busybox"]
         used = project(lxc, name)["used_by"]
         assert f"/1.0/instances/c?project={name}" in used
-    assert "c" not in names(lxc, "list")
-    assert "web" not in names(lxc, "profile", "list")
+    assert "c" not in lxc.names("list")
+    assert "web" not in lxc.names("profile", "list")
     # The instances are two, each in its own project, on the host too.
     first = lxc.json("list", "--project", "pa")[0]
     assert first["project"] == "pa"
     # Switching the client's project changes what plain commands see.
     lxc("project", "switch", "pb")
     try:
-        assert names(lxc, "list") == ["c"]
+        assert lxc.names("list") == ["c"]
         assert "pb (current)" in lxc("project", "list").stdout
     finally:
         lxc("project", "switch", "default")
@@ -140,12 +129,12 @@ def test_two_projects_hold_the_same_names(croft_lxc: LXC, two_projects: tuple[st
 
 def test_a_project_in_use_cannot_go(croft_lxc: LXC, two_projects: tuple[str, str]) -> None:
     _, lxc, _ = croft_lxc
-    assert refused(lxc, "project", "delete", "pa") == "Only empty projects can be removed"
-    assert refused(lxc, "project", "rename", "pa", "pz") == "Only empty projects can be renamed"
-    assert refused(lxc, "project", "set", "pa", "features.profiles", "false") == (
+    assert lxc.refused("project", "delete", "pa") == "Only empty projects can be removed"
+    assert lxc.refused("project", "rename", "pa", "pz") == "Only empty projects can be renamed"
+    assert lxc.refused("project", "set", "pa", "features.profiles", "false") == (
         'Project feature "features.profiles" cannot be disabled on non-empty projects'
     )
-    assert "pa" in names(lxc, "project", "list")
+    assert "pa" in lxc.names("project", "list")
 
 
 def test_a_project_without_features_shares_defaults(croft_lxc: LXC, busybox_image: Path) -> None:
@@ -159,7 +148,7 @@ def test_a_project_without_features_shares_defaults(croft_lxc: LXC, busybox_imag
     assert project(lxc, "shared")["used_by"] == []
     aliases = [a["name"] for a in lxc.json("image", "alias", "list", "--project", "shared")]
     assert "busybox" in aliases
-    assert names(lxc, "profile", "list", "--project", "shared") == names(lxc, "profile", "list")
+    assert lxc.names("profile", "list", "--project", "shared") == lxc.names("profile", "list")
     lxc("launch", "busybox", "s1", "--project", "shared")
     try:
         state = lxc.json("list", "--project", "shared")[0]
@@ -168,12 +157,12 @@ def test_a_project_without_features_shares_defaults(croft_lxc: LXC, busybox_imag
         # Its DHCP host entry is named as LXD names it outside default: <name>.<project>.
         hosts = croft.root / "state" / "networks" / bridge / "dnsmasq.hosts.d"
         assert any(h.read_text().strip().endswith(",s1.shared") for h in hosts.iterdir())
-        assert names(lxc, "list", "--project", "shared") == ["s1"]
-        assert "s1" not in names(lxc, "list")
+        assert lxc.names("list", "--project", "shared") == ["s1"]
+        assert "s1" not in lxc.names("list")
         # default's profile knows who uses it, in every project that shares it.
         used = yaml.safe_load(lxc("profile", "show", "default").stdout)["used_by"]
         assert "/1.0/instances/s1?project=shared" in used
-        assert refused(lxc, "profile", "delete", "default") != ""
+        assert lxc.refused("profile", "delete", "default") != ""
     finally:
         lxc("delete", "--force", "s1", "--project", "shared")
     lxc("project", "delete", "shared")
@@ -185,44 +174,44 @@ def test_limits_refuse_with_lxds_messages(croft_lxc: LXC, two_projects: tuple[st
     lxc("project", "set", "pb", "limits.instances", "2")
     lxc("init", "busybox", "c2", *p)
     try:
-        assert refused(lxc, "init", "busybox", "c3", *p) == (
+        assert lxc.refused("init", "busybox", "c3", *p) == (
             'Reached maximum number of instances in project "pb"'
         )
-        assert "c3" not in names(lxc, "list", *p)
+        assert "c3" not in lxc.names("list", *p)
         # A copy is a create: held to the same limit.
-        assert refused(lxc, "copy", "c", "c3", *p) == (
+        assert lxc.refused("copy", "c", "c3", *p) == (
             'Reached maximum number of instances in project "pb"'
         )
-        assert "c3" not in names(lxc, "list", *p)
-        assert refused(lxc, "project", "set", "pb", "limits.instances", "1") == (
+        assert "c3" not in lxc.names("list", *p)
+        assert lxc.refused("project", "set", "pb", "limits.instances", "1") == (
             'Can\'t change limits.instances in project "pb": "limits.instances" is too low: '
             'there currently are 2 total instances in project "pb"'
         )
         lxc("project", "unset", "pb", "limits.instances")
         lxc("project", "set", "pb", "limits.containers", "2")
-        assert refused(lxc, "init", "busybox", "c3", *p) == (
+        assert lxc.refused("init", "busybox", "c3", *p) == (
             'Reached maximum number of instances of type "container" in project "pb"'
         )
         lxc("project", "unset", "pb", "limits.containers")
 
         # An aggregate limit needs every instance to say its share.
-        assert refused(lxc, "project", "set", "pb", "limits.cpu", "2") == (
+        assert lxc.refused("project", "set", "pb", "limits.cpu", "2") == (
             'Instance "c" in project "pb" has no "limits.cpu" config, either directly or '
             "via a profile"
         )
         lxc("profile", "set", "default", "limits.cpu", "1", *p)
         lxc("project", "set", "pb", "limits.cpu", "2")
-        assert refused(lxc, "init", "busybox", "c3", *p) == (
+        assert lxc.refused("init", "busybox", "c3", *p) == (
             'Failed checking if instance creation allowed: Reached maximum aggregate value "2" '
             'for "limits.cpu" in project "pb"'
         )
-        assert refused(lxc, "config", "set", "c", "limits.cpu", "2", *p) == (
+        assert lxc.refused("config", "set", "c", "limits.cpu", "2", *p) == (
             'Failed checking if instance update allowed: Reached maximum aggregate value "2" '
             'for "limits.cpu" in project "pb"'
         )
         assert lxc("config", "get", "c", "limits.cpu", *p).stdout.strip() == ""
         # A profile change counts in every instance that uses the profile.
-        assert refused(lxc, "profile", "set", "default", "limits.cpu", "2", *p) == (
+        assert lxc.refused("profile", "set", "default", "limits.cpu", "2", *p) == (
             'Failed checking if profile update allowed: Reached maximum aggregate value "2" '
             'for "limits.cpu" in project "pb"'
         )
@@ -243,38 +232,38 @@ def test_restrictions_refuse_with_lxds_messages(
     p = ("--project", "pa")
     lxc("project", "set", "pa", "restricted", "true")
     try:
-        assert refused(lxc, "init", "busybox", "c3", "-c", "security.privileged=true", *p) == (
+        assert lxc.refused("init", "busybox", "c3", "-c", "security.privileged=true", *p) == (
             'Failed checking if instance creation allowed: Invalid value "true" for config '
             '"security.privileged" on container "c3" of project "pa": Privileged containers '
             "are forbidden"
         )
-        assert refused(lxc, "init", "busybox", "c3", "-c", "security.nesting=true", *p) == (
+        assert lxc.refused("init", "busybox", "c3", "-c", "security.nesting=true", *p) == (
             'Failed checking if instance creation allowed: Invalid value "true" for config '
             '"security.nesting" on container "c3" of project "pa": Container nesting is '
             "forbidden"
         )
-        assert "c3" not in names(lxc, "list", *p)
-        assert refused(
-            lxc, "config", "device", "add", "c", "d", "disk", "source=/tmp", "path=/mnt", *p
+        assert "c3" not in lxc.names("list", *p)
+        assert lxc.refused(
+            "config", "device", "add", "c", "d", "disk", "source=/tmp", "path=/mnt", *p
         ) == (
             'Failed checking if instance update allowed: Invalid device "d" on container "c" '
             'of project "pa": Attaching disks not backed by a pool is forbidden'
         )
-        assert refused(lxc, "config", "set", "c", "raw.lxc", "lxc.aa=1", *p) == (
+        assert lxc.refused("config", "set", "c", "raw.lxc", "lxc.aa=1", *p) == (
             'Failed checking if instance update allowed: Use of low-level config "raw.lxc" on '
             'container "c" of project "pa" is forbidden'
         )
         assert "d" not in lxc.json("list", *p)[0]["devices"]
-        assert refused(lxc, "snapshot", "c", *p) == (
+        assert lxc.refused("snapshot", "c", *p) == (
             'Project "pa" doesn\'t allow for snapshot creation'
         )
-        assert refused(lxc, "profile", "set", "web", "security.privileged", "true", *p) == (
+        assert lxc.refused("profile", "set", "web", "security.privileged", "true", *p) == (
             'Failed checking if profile update allowed: Invalid value "true" for config '
             '"security.privileged" on  "web" of project "pa": Privileged containers are '
             "forbidden"
         )
         # A profile in use is checked as the instances that use it would be.
-        assert refused(lxc, "profile", "set", "default", "security.privileged", "true", *p) == (
+        assert lxc.refused("profile", "set", "default", "security.privileged", "true", *p) == (
             'Failed checking if profile update allowed: Invalid value "true" for config '
             '"security.privileged" on container "c" of project "pa": Privileged containers are '
             "forbidden"
@@ -282,8 +271,8 @@ def test_restrictions_refuse_with_lxds_messages(
         # Allowed explicitly, a privileged container is fine; taking it back is a conflict.
         lxc("project", "set", "pa", "restricted.containers.privilege", "allow")
         lxc("config", "set", "c", "security.privileged", "true", *p)
-        assert refused(
-            lxc, "project", "set", "pa", "restricted.containers.privilege", "unprivileged"
+        assert lxc.refused(
+            "project", "set", "pa", "restricted.containers.privilege", "unprivileged"
         ) == (
             'Conflict detected when changing "restricted.containers.privilege" in project '
             '"pa": Invalid value "true" for config "security.privileged" on container "c" of '
@@ -321,10 +310,10 @@ def test_a_restricted_client_keeps_to_its_project(
     tenant("remote", "switch", "croft")
     tenant("project", "switch", "pa")
     try:
-        assert names(tenant, "list") == ["c"]
-        assert names(tenant, "project", "list") == ["pa"]
+        assert tenant.names("list") == ["c"]
+        assert tenant.names("project", "list") == ["pa"]
         tenant("init", "busybox", "mine")
-        assert names(tenant, "list") == ["c", "mine"]
+        assert tenant.names("list") == ["c", "mine"]
         tenant("delete", "mine")
         for args in (
             ("list", "--project", "pb"),
@@ -348,8 +337,8 @@ def test_a_restricted_client_keeps_to_its_project(
         (mine,) = [c for c in lxc.json("config", "trust", "list") if c["name"] == "tenant"]
         edited = yaml.safe_dump({**mine, "projects": ["pa", "pb"]})
         lxc("config", "trust", "edit", mine["fingerprint"], input=edited)
-        assert names(tenant, "list", "--project", "pb") == ["c"]
-        assert names(tenant, "project", "list") == ["pa", "pb"]
+        assert tenant.names("list", "--project", "pb") == ["c"]
+        assert tenant.names("project", "list") == ["pa", "pb"]
         other = croft.root / "other.crt"
         subprocess.run(
             ["openssl", "req", "-x509", "-nodes", "-newkey", "ec", "-pkeyopt",
@@ -361,7 +350,7 @@ def test_a_restricted_client_keeps_to_its_project(
         assert len(lxc.json("config", "trust", "list")) == 2
         assert [c["name"] for c in tenant.json("config", "trust", "list")] == ["tenant"]
 
-        assert names(lxc, "list", "--project", "pb") == ["c"]
+        assert lxc.names("list", "--project", "pb") == ["c"]
         assert "limits.instances" not in project(lxc, "pa")["config"]
     finally:
         lxc("config", "unset", "core.https_address")
@@ -377,25 +366,25 @@ def test_networks_and_volumes_are_held_to_the_project(croft_lxc: LXC) -> None:
     lxc("project", "create", "pvol", "-c", "limits.disk=10MiB")
     p = ("--project", "pvol")
     try:
-        assert refused(lxc, "network", "create", "pn0", "--project", "pnet") == (
+        assert lxc.refused("network", "create", "pn0", "--project", "pnet") == (
             "Networks limit has been reached for project"
         )
-        assert refused(lxc, "network", "create", "pn1", "--project", "prnet") == (
+        assert lxc.refused("network", "create", "pn1", "--project", "prnet") == (
             "Network not allowed in project"
         )
-        assert not {"pn0", "pn1"} & set(names(lxc, "network", "list"))
+        assert not {"pn0", "pn1"} & set(lxc.names("network", "list"))
 
-        assert refused(lxc, "storage", "volume", "create", "default", "v", *p) == (
+        assert lxc.refused("storage", "volume", "create", "default", "v", *p) == (
             "Failed checking if volume creation allowed: Failed getting usage of project "
             'entities: Custom volume "v" in project "pvol" has no "size" config set'
         )
-        assert refused(lxc, "storage", "volume", "create", "default", "v", "size=20MiB", *p) == (
+        assert lxc.refused("storage", "volume", "create", "default", "v", "size=20MiB", *p) == (
             'Failed checking if volume creation allowed: Reached maximum aggregate value "10MiB" '
             'for "limits.disk" in project "pvol"'
         )
-        assert names(lxc, "storage", "volume", "list", "default", "type=custom", *p) == []
+        assert lxc.names("storage", "volume", "list", "default", "type=custom", *p) == []
         lxc("storage", "volume", "create", "default", "v", "size=5MiB", *p)
-        assert refused(lxc, "storage", "volume", "set", "default", "v", "size=50MiB", *p) == (
+        assert lxc.refused("storage", "volume", "set", "default", "v", "size=50MiB", *p) == (
             'Failed checking if volume update allowed: Reached maximum aggregate value "10MiB" '
             'for "limits.disk" in project "pvol"'
         )
@@ -423,7 +412,7 @@ def test_a_project_without_its_own_volumes_uses_defaults(
         "-c", "features.images=false", "-c", "features.profiles=false")  # fmt: skip
     try:
         lxc("storage", "volume", "create", "default", "shv", *p)
-        assert "shv" in names(lxc, "storage", "volume", "list", "default", "type=custom")
+        assert "shv" in lxc.names("storage", "volume", "list", "default", "type=custom")
         lxc("init", "busybox", "shc", *p)
         lxc("storage", "volume", "attach", "default", "shv", "shc", "/mnt", *p)
         lxc("start", "shc", *p)
@@ -432,7 +421,7 @@ def test_a_project_without_its_own_volumes_uses_defaults(
         assert shown["used_by"] == ["/1.0/instances/shc?project=pshv"]
         lxc("delete", "--force", "shc", *p)
         lxc("storage", "volume", "delete", "default", "shv", *p)
-        assert "shv" not in names(lxc, "storage", "volume", "list", "default", "type=custom")
+        assert "shv" not in lxc.names("storage", "volume", "list", "default", "type=custom")
     finally:
         lxc("delete", "--force", "shc", *p, check=False)
         lxc("storage", "volume", "delete", "default", "shv", check=False)

@@ -26,18 +26,14 @@ import json
 import os
 import shutil
 import sys
-import tarfile
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
-
-from croft.common.errors import CroftError, Internal
+from croft.common.errors import Internal
 from croft.common.proc import run
 from croft.imageformat.builder import default_mirror
-from croft.imageformat.format import ImageInfo, parse_image
-from croft.imageformat.vmimage import AGENT_LOADER, AGENT_PORT
+from croft.imageformat.format import ImageInfo
+from croft.imageformat.vmimage import AGENT_LOADER, AGENT_PORT, pack_vm_image, report_build
 
 NAME = "debian-12-vm"
 SUITE = "bookworm"
@@ -300,42 +296,17 @@ def build_debian_vm_image(
         version = configure(tree)
         raw = work / "disk.raw"
         disk_image(tree, version, shim, grub, raw)
-        (work / "templates").mkdir()
-        metadata = {
-            "architecture": "x86_64",
-            "creation_date": int(time.time()),
-            "properties": {
-                "description": "Debian bookworm (UEFI, secure boot, systemd, croft agent)",
-                "os": "debian",
-                "release": SUITE,
-                "version": "12",
-                "variant": "vm",
-                "kernel": version,
-            },
-            "templates": {},
+        properties = {
+            "description": "Debian bookworm (UEFI, secure boot, systemd, croft agent)",
+            "os": "debian",
+            "release": SUITE,
+            "version": "12",
+            "variant": "vm",
+            "kernel": version,
         }
-        (work / "metadata.yaml").write_text(yaml.safe_dump(metadata, sort_keys=False))
-        meta_part = work / "meta.tar.xz"
-        with tarfile.open(meta_part, "w:xz") as tar:
-            for name in ("metadata.yaml", "templates"):
-                tar.add(work / name, arcname=name, filter=_root_owned)
-        rootfs_part = work / "rootfs.img"
-        run(
-            ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(rootfs_part)],
-            timeout=1800,
-        )
-        info = parse_image(meta_part, rootfs_part, filename=meta_out.name)
-        os.rename(meta_part, meta_out)
-        os.rename(rootfs_part, rootfs_out)
-        return meta_out, rootfs_out, info
+        return pack_vm_image(work, properties, raw, meta_out, rootfs_out, timeout=1800)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
-    info.uid = info.gid = 0
-    info.uname = info.gname = "root"
-    return info
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -344,19 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mirror", default=None)
     parser.add_argument("--rootfs", default=None, help="an already bootstrapped tree to use")
     args = parser.parse_args(argv)
-    started = time.monotonic()
-    try:
-        meta, rootfs, info = build_debian_vm_image(
-            args.output_dir, mirror=args.mirror, rootfs=args.rootfs
-        )
-    except CroftError as exc:
-        print(f"error: {exc.message}", file=sys.stderr)
-        return 1
-    print(
-        f"{meta} + {rootfs}: fingerprint {info.fingerprint}, type {info.type.value}, "
-        f"built in {time.monotonic() - started:.1f}s"
+    return report_build(
+        lambda: build_debian_vm_image(args.output_dir, mirror=args.mirror, rootfs=args.rootfs)
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -285,36 +286,62 @@ def build_vm_image(
         (boot / "vmlinux").write_bytes(extract_vmlinux(vmlinuz))
         _initramfs(kernel, Path(busybox), boot / "initrd.img")
         (boot / "cmdline").write_text(CMDLINE + "\n")
-        (work / "templates").mkdir()
-        metadata = {
-            "architecture": "x86_64",
-            "creation_date": int(time.time()),
-            "properties": {
-                "description": "croft tiny VM (busybox initramfs, direct kernel boot)",
-                "os": "busybox",
-                "release": "tiny",
-                "variant": "vm",
-                "kernel": vmlinuz.name.removeprefix("vmlinuz-"),
-            },
-            "templates": {},
-        }
-        (work / "metadata.yaml").write_text(yaml.safe_dump(metadata, sort_keys=False))
-        meta_part = work / "meta.tar.gz"
-        with tarfile.open(meta_part, "w:gz", compresslevel=6) as tar:
-            for name in ("metadata.yaml", "templates", "boot"):
-                tar.add(work / name, arcname=name, filter=_root_owned)
         raw = work / "disk.raw"
         with open(raw, "wb") as f:
             f.write(DISK_MARKER)
             f.truncate(DISK_SIZE)
-        rootfs_part = work / "rootfs.img"
-        run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(rootfs_part)])
-        info = parse_image(meta_part, rootfs_part, filename=meta_out.name)
-        os.rename(meta_part, meta_out)
-        os.rename(rootfs_part, rootfs_out)
-        return meta_out, rootfs_out, info
+        properties = {
+            "description": "croft tiny VM (busybox initramfs, direct kernel boot)",
+            "os": "busybox",
+            "release": "tiny",
+            "variant": "vm",
+            "kernel": vmlinuz.name.removeprefix("vmlinuz-"),
+        }
+        return pack_vm_image(work, properties, raw, meta_out, rootfs_out, extra=("boot",))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def pack_vm_image(
+    work: Path,
+    properties: dict[str, str],
+    raw: Path,
+    meta_out: Path,
+    rootfs_out: Path,
+    *,
+    extra: tuple[str, ...] = (),
+    timeout: float = 600,
+) -> tuple[Path, Path, ImageInfo]:
+    """Pack a VM image in LXD's split format from `work` (where it builds): the metadata
+    tarball (metadata.yaml with `properties`, an empty templates/ and the `extra` entries
+    of `work`; gzip or xz as `meta_out`'s name says) and the raw disk `raw` as a compressed
+    qcow2. Both land at their final names only once whole."""
+    metadata = {
+        "architecture": "x86_64",
+        "creation_date": int(time.time()),
+        "properties": properties,
+        "templates": {},
+    }
+    (work / "templates").mkdir()
+    (work / "metadata.yaml").write_text(yaml.safe_dump(metadata, sort_keys=False))
+    xz = meta_out.name.endswith(".xz")
+    meta_part = work / ("meta.tar.xz" if xz else "meta.tar.gz")
+    with (
+        tarfile.open(meta_part, "w:xz")
+        if xz
+        else tarfile.open(meta_part, "w:gz", compresslevel=6) as tar
+    ):
+        for name in ("metadata.yaml", "templates", *extra):
+            tar.add(work / name, arcname=name, filter=_root_owned)
+    rootfs_part = work / "rootfs.img"
+    run(
+        ["qemu-img", "convert", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(rootfs_part)],
+        timeout=timeout,
+    )
+    info = parse_image(meta_part, rootfs_part, filename=meta_out.name)
+    os.rename(meta_part, meta_out)
+    os.rename(rootfs_part, rootfs_out)
+    return meta_out, rootfs_out, info
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -323,14 +350,11 @@ def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build croft's tiny VM image")
-    parser.add_argument("output_dir")
-    parser.add_argument("--kernel-cache", default=None)
-    args = parser.parse_args(argv)
+def report_build(build: Callable[[], tuple[Path, Path, ImageInfo]]) -> int:
+    """A builder's command-line ending: what was built and how long it took, or the error."""
     started = time.monotonic()
     try:
-        meta, rootfs, info = build_vm_image(args.output_dir, kernel_cache=args.kernel_cache)
+        meta, rootfs, info = build()
     except CroftError as exc:
         print(f"error: {exc.message}", file=sys.stderr)
         return 1
@@ -339,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
         f"built in {time.monotonic() - started:.1f}s"
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Build croft's tiny VM image")
+    parser.add_argument("output_dir")
+    parser.add_argument("--kernel-cache", default=None)
+    args = parser.parse_args(argv)
+    return report_build(lambda: build_vm_image(args.output_dir, kernel_cache=args.kernel_cache))
 
 
 if __name__ == "__main__":
