@@ -256,6 +256,10 @@ def test_croft_auth_manages_groups_identities_and_mappings(croft: Croft) -> None
     assert made.request("GET", "/1.0/projects").status == 200
     croft_cli("identity", "delete", "tls/cli-fg")
     assert made.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    printed = croft_cli("identity", "create", "tls/cli-pending", "--group", "viewers")
+    token = json.loads(base64.b64decode(printed.splitlines()[-1]))
+    assert token["client_name"] == "cli-pending" and token["secret"]
+    croft_cli("identity", "delete", "tls/cli-pending")
     croft_cli("identity-provider-group", "create", "corp-devs")
     croft_cli("identity-provider-group", "group", "add", "corp-devs", "viewers")
     shown = yaml.safe_load(croft_cli("group", "show", "viewers"))
@@ -431,3 +435,53 @@ def test_a_tls_identity_created_through_the_auth_api_is_fine_grained(croft: Crof
     croft.lxc("config", "trust", "add", str(dev.cert))
     assert root.request("GET", f"/1.0/auth/identities/tls/{fingerprint}").metadata["groups"] == []
     assert names(dev.request("GET", "/1.0/instances")) == ["c1"]  # in no group: full access
+
+
+def test_a_pending_tls_identity_becomes_the_certificate_that_shows_its_token(
+    croft: Croft,
+) -> None:
+    """`POST /1.0/auth/identities/tls` with `token: true` (LXD's `lxc auth identity
+    create tls/NAME` with no certificate): a pending identity and a token; the client that
+    shows the token (`lxc remote add NAME TOKEN`) is trusted as that identity, held to its
+    groups. A pending identity deleted takes its token with it."""
+    root = croft.replica
+    put_instance(croft, "default", "c1")
+    root.request("POST", "/1.0/auth/groups", {"name": "viewers", "permissions": [
+        perm("project", "/1.0/projects/default", "viewer")]})  # fmt: skip
+    made = root.request("POST", "/1.0/auth/identities/tls",
+                        {"name": "laptop", "token": True, "groups": ["viewers"]})  # fmt: skip
+    assert made.status == 201, made
+    token = made.metadata
+    assert (token["client_name"], token["type"]) == ("laptop", "Client certificate")
+    identifier = made.headers["Location"].rsplit("/", 1)[1]
+    listed = root.request("GET", "/1.0/auth/identities/tls?recursion=1").metadata
+    assert [(i["id"], i["name"], i["type"], i["groups"]) for i in listed] == [
+        (identifier, "laptop", "Client certificate (pending)", ["viewers"])]  # fmt: skip
+    again = root.request("POST", "/1.0/auth/identities/tls", {"name": "laptop", "token": True})
+    assert (again.status, again.error) == (409, 'An identity with name "laptop" already exists')
+
+    laptop = croft.client("laptop")
+    shown = base64.b64encode(json.dumps(token).encode()).decode()
+    trusted = laptop.request("POST", "/1.0/certificates", {"password": shown})
+    assert trusted.status == 201, trusted
+    fingerprint = certificate_fingerprint(laptop.cert.read_text())
+    ident = root.request("GET", f"/1.0/auth/identities/tls/{fingerprint}").metadata
+    assert (ident["type"], ident["name"], ident["groups"]) == (
+        "Client certificate", "laptop", ["viewers"])  # fmt: skip
+    listed = root.request("GET", "/1.0/auth/identities/tls").metadata
+    assert listed == [f"/1.0/auth/identities/tls/{fingerprint}"]  # the pending one is gone
+    assert names(laptop.request("GET", "/1.0/instances")) == ["c1"]
+    assert laptop.request("PUT", "/1.0", {"config": {}}).status == 403
+
+    # Deleted while pending: its token trusts nobody.
+    other = root.request("POST", "/1.0/auth/identities/tls", {"name": "phone", "token": True})
+    assert other.status == 201, other
+    pending_url = other.headers["Location"]
+    assert root.request("DELETE", pending_url).status == 200
+    phone = croft.client("phone")
+    refused = phone.request("POST", "/1.0/certificates", {
+        "password": base64.b64encode(json.dumps(other.metadata).encode()).decode()})  # fmt: skip
+    assert refused.status == 403, refused
+    assert phone.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    assert [c["name"] for c in root.request("GET", "/1.0/certificates?recursion=1").metadata] == [
+        "laptop"]  # fmt: skip

@@ -5,6 +5,7 @@ local socket."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 from urllib.parse import quote
@@ -209,21 +210,30 @@ def _identity_path(name: str) -> str:
 
 @identity.command("create")
 @click.argument("name")
-@click.argument("certificate", type=click.Path(exists=True, dir_okay=False))
+@click.argument("certificate", required=False, type=click.Path(exists=True, dir_okay=False))
 @click.option("--group", "-g", "groups", multiple=True, help="A group to put it in")
 @socket_option
 def identity_create(
-    name: str, certificate: str, groups: tuple[str, ...], socket: str | None
+    name: str, certificate: str | None, groups: tuple[str, ...], socket: str | None
 ) -> None:
-    """A fine-grained TLS identity, tls/NAME, from a PEM certificate file (as `lxc auth
-    identity create`): held to its groups' grants, none while in no group."""
+    """A fine-grained TLS identity, tls/NAME, from a PEM certificate file, or pending with
+    a token printed for the client to add the remote with (as `lxc auth identity
+    create`): held to its groups' grants, none while in no group."""
     with _errors(), _api(socket) as api:
         method, _, identity_name = name.partition("/")
         if method != "tls" or not identity_name:
             raise InvalidArgument("Only TLS identities are created: tls/NAME")
-        with open(certificate) as pem:
-            body = {"name": identity_name, "certificate": pem.read(), "groups": list(groups)}
-        api.call("POST", "/1.0/auth/identities/tls", json=body)
+        body: dict[str, Any] = {"name": identity_name, "groups": list(groups)}
+        if certificate is None:
+            body["token"] = True
+        else:
+            with open(certificate) as pem:
+                body["certificate"] = pem.read()
+        made = api.call("POST", "/1.0/auth/identities/tls", json=body)
+        if certificate is None:
+            token = json.dumps(made["metadata"], separators=(",", ":")).encode()
+            click.echo(f"TLS identity {name!r} created with pending token:")
+            click.echo(base64.b64encode(token).decode())
 
 
 @identity.command("delete")

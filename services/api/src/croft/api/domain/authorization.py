@@ -9,7 +9,9 @@ rewrites them, in one transaction.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import uuid
 from typing import Any
 
 from croft.api.auth import auth_call, trust_cache
@@ -22,6 +24,7 @@ from croft.api.authz import (
     idp_group_key,
 )
 from croft.api.entitlements import check_entitlement, parse_entity
+from croft.api.tls import certificate_fingerprint
 from croft.common.clients import AuthClient
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.revert import Reverter
@@ -206,3 +209,59 @@ async def create_tls_identity(
         revert.success()
     trust_cache.forget(fingerprint)
     return fingerprint
+
+
+def _token_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def check_identity_name_free(store: Store, name: str) -> None:
+    """LXD's 409 when a TLS identity (trusted or pending) already has `name`."""
+    listed = await auth_call(AuthClient.list_certificates, common_pb2.Empty())
+    taken = {c.get("name") for c in json.loads(listed.json)}
+    taken |= {e.json().get("name") for e in await store.list(identity_key("tls", ""))}
+    if name in taken:
+        raise Conflict(f'An identity with name "{name}" already exists')
+
+
+async def create_pending_tls_identity(
+    store: Store, name: str, groups: list[str], secret: str, operation_id: str
+) -> str:
+    """A pending fine-grained TLS identity (LXD's "Client certificate (pending)"): its
+    name and groups, waiting for a client to show the token whose secret is `secret`.
+    Returns its identifier (a UUID, as LXD's)."""
+    identifier = str(uuid.uuid4())
+    record = {**identity_record("tls", identifier, name, groups), "fine_grained": True,
+              "pending": True, "token_sha256": _token_hash(secret),
+              "operation_id": operation_id}  # fmt: skip
+    await store.create_json(identity_key("tls", identifier), record)
+    return identifier
+
+
+async def pending_for_token(store: Store, secret: str) -> tuple[str, dict[str, Any]] | None:
+    """The pending TLS identity the token with `secret` was issued for, if any."""
+    wanted = _token_hash(secret)
+    for entry in await store.list(identity_key("tls", "")):
+        record = entry.json()
+        if record.get("pending") and record.get("token_sha256") == wanted:
+            return entry.key, record
+    return None
+
+
+async def prepare_tls_identity(store: Store, certificate: str, pending: dict[str, Any]) -> str:
+    """The record of the certificate about to be trusted on a pending identity's token:
+    fine-grained, with the pending identity's name and groups. Returns its key ("" when
+    the certificate has a record already: it is trusted already, and the trust will be
+    refused as a conflict)."""
+    try:
+        fingerprint = certificate_fingerprint(certificate)
+    except ValueError:
+        return ""  # not a certificate: the auth service refuses it
+    key = identity_key("tls", fingerprint)
+    record = {**identity_record("tls", fingerprint, pending.get("name", ""),
+                                list(pending.get("groups") or [])), "fine_grained": True}  # fmt: skip
+    try:
+        await store.create_json(key, record)
+    except Conflict:
+        return ""
+    return key
