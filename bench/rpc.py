@@ -18,7 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from croft.common import rpc
+from croft.common import internal_tls, rpc
 from croft.common.store import connect, dump
 from croft.v1 import common_pb2, common_pb2_grpc
 
@@ -36,8 +36,9 @@ def percentiles(samples: list[float]) -> str:
     return f"p50 {p50 * 1000:7.3f} ms   p99 {p99 * 1000:7.3f} ms   (n={len(ordered)})"
 
 
-async def measure(endpoint: str, calls: int, writes: int) -> None:
-    store = await connect([endpoint])
+async def measure(endpoint: str, state: Path, calls: int, writes: int) -> None:
+    # As croft's services do: mutual TLS with the member's internal certificate.
+    store = await connect([endpoint], internal_tls.load(state))
     client = await rpc.ServiceClient(store, "images", common_pb2_grpc.ServiceStub).start()
     request = common_pb2.StatusRequest()
     for _ in range(200):  # warm the channel
@@ -69,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="croft-bench-") as tmp:
         root = Path(tmp)
-        endpoint = f"http://127.0.0.1:{free_port()}"
+        endpoint = f"https://127.0.0.1:{free_port()}"
         config = root / "croft.yaml"
         config.write_text(
             f"member: bench\nstate_dir: {root}/state\nlog_dir: {root}/log\n"
@@ -80,7 +81,7 @@ def main() -> None:
         croft = [sys.executable, "-m", "croft.client.cli"]
         subprocess.run([*croft, "up"], env=env, check=True, capture_output=True)
         try:
-            asyncio.run(measure(endpoint, args.calls, args.writes))
+            asyncio.run(measure(endpoint, root / "state", args.calls, args.writes))
         finally:
             subprocess.run([*croft, "down"], env=env, check=False, capture_output=True)
 

@@ -298,7 +298,7 @@ def isolated_croft() -> Iterator[str]:
     bridge = "crbbr" + secrets.token_hex(3)
     table = "croft_bench_" + secrets.token_hex(3)
     config = root / "croft.yaml"
-    endpoint = f"http://127.0.0.1:{free_port()}"
+    endpoint = f"https://127.0.0.1:{free_port()}"
     config.write_text(
         f"member: bench\nstate_dir: {root}/state\nlog_dir: {root}/log\nrun_dir: {root}/run\n"
         f"etcd:\n  endpoints: [{endpoint}]\n  peer_port: {free_port()}\n"

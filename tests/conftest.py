@@ -20,6 +20,9 @@ from typing import Any
 import pytest
 import yaml
 
+from croft.common import internal_tls
+from croft.common.internal_tls import Identity
+from croft.common.store import Store, connect
 from croft.common.testing.host import mounts_under
 
 CROFT = [sys.executable, "-m", "croft.client.cli"]
@@ -43,6 +46,24 @@ class Croft:
     @property
     def env(self) -> dict[str, str]:
         return {**os.environ, "CROFT_CONFIG": str(self.config_file)}
+
+    @property
+    def identity(self) -> Identity | None:
+        """This croft's internal certificate (its etcd and gRPC ask for it)."""
+        return internal_tls.load(self.root / "state")
+
+    async def connect(self) -> Store:
+        """This croft's store, reached as its services reach it."""
+        return await connect([self.endpoint], self.identity)
+
+    def etcdctl(self, *args: str) -> list[str]:
+        """`etcdctl` aimed at this croft's etcd, with its certificate."""
+        identity = self.identity
+        tls = []
+        if identity is not None:
+            tls = [f"--cacert={identity.ca_path}", f"--cert={identity.cert_path}",
+                   f"--key={identity.key_path}"]  # fmt: skip
+        return ["etcdctl", f"--endpoints={self.endpoint}", *tls, *args]
 
     def run(
         self, *args: str, check: bool = True, timeout: float = 120
@@ -104,7 +125,7 @@ def make_croft(root: Path, lease_ttl: int = 2, extra: str = "", bridge: str = ""
     """A croft living under `root`. With no `bridge` its network service makes no
     default network (the host's interfaces and firewall stay untouched)."""
     client, peer = free_port(), free_port()
-    endpoint = f"http://127.0.0.1:{client}"
+    endpoint = f"https://127.0.0.1:{client}"
     config = root / "croft.yaml"
     config.write_text(
         f"""

@@ -23,7 +23,6 @@ from croft.common.config import load_config
 from croft.common.errors import InvalidArgument, NotFound, Unavailable
 from croft.common.rpc import Server
 from croft.common.service import ServiceContext
-from croft.common.store import connect
 from croft.compute.core import ComputeCore, instance_key
 from croft.compute.drivers import load_available
 
@@ -57,7 +56,7 @@ def with_core(
         config = load_config(croft.config_file)
         if member is not None:
             config = config.model_copy(update={"member": member})
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         context = ServiceContext(
             "compute", config, store, Server("compute", config.member, "core-test"), "core-test"
         )

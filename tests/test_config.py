@@ -19,7 +19,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 def test_defaults_without_a_file(tmp_path: Path) -> None:
     config = load_config(tmp_path / "absent.yaml")
-    assert config.etcd.endpoints == ["http://127.0.0.1:2379"]
+    assert config.etcd.endpoints == ["https://127.0.0.1:2379"]
     assert config.state_dir == Path("/var/lib/croft")
 
 

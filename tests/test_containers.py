@@ -23,7 +23,6 @@ import yaml
 from croft.common import rpc
 from croft.common.clients import ComputeClient
 from croft.common.models import InstanceRecord
-from croft.common.store import connect
 from croft.common.testing.waiting import wait_until
 from croft.v1 import common_pb2, compute_pb2_grpc
 
@@ -394,7 +393,7 @@ def test_a_stale_record_handed_to_compute_loses_no_change(
     croft, lxc, _ = croft_lxc
 
     async def scenario() -> dict:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         transport = await rpc.ServiceClient(store, "compute", compute_pb2_grpc.ComputeStub).start()
         client = ComputeClient(transport)
         try:
@@ -432,7 +431,7 @@ def test_a_launch_ends_its_operations_in_the_writes_of_the_instance(
 
     async def history(since: int) -> list[tuple[int, str, bytes]]:
         """Every change under /croft/ after `since`, to a marker written after them."""
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         seen: list[tuple[int, str, bytes]] = []
         try:
             marker = await store.put("/croft/test-marker", b"")
@@ -445,7 +444,7 @@ def test_a_launch_ends_its_operations_in_the_writes_of_the_instance(
         return seen
 
     async def revision() -> int:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             return await store.revision()
         finally:
@@ -707,7 +706,7 @@ def test_server_pools_and_instances_show_what_the_services_report(
     assert lxc.json("list")[0]["location"] == "none"
 
     async def records() -> tuple[dict[str, Any], dict[str, Any]]:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             instance = await store.get_json(f"/croft/records/instances/default/{c1}")
             pool = await store.get_json("/croft/records/storage-pools/default/default")
@@ -733,7 +732,7 @@ def test_a_record_from_before_storage_said_where_the_volume_is_still_gets_its_te
     key = "/croft/records/instances/default/legacy"
 
     async def forget() -> None:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             record, revision = await store.get_json(key)
             assert record["_croft"].pop("volume")
@@ -743,7 +742,7 @@ def test_a_record_from_before_storage_said_where_the_volume_is_still_gets_its_te
             await store.close()
 
     async def volume() -> str:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             record, _ = await store.get_json(key)
             return str(record["_croft"].get("volume", ""))
@@ -776,7 +775,7 @@ def test_deleting_an_image_deletes_its_unpacked_volume(
     key = f"/croft/records/storage-volumes/default/default/image/{fingerprint}"
 
     async def volume_record() -> Any:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             return await store.get_json(key)
         finally:

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from croft.common.store import EventType, connect
+from croft.common.store import EventType
 from croft.common.testing.waiting import wait_until
 
 from .conftest import Croft, Lxc
@@ -33,7 +33,7 @@ OPERATIONS = "/croft/operations/"
 
 def store_list(croft: Croft, prefix: str) -> list[tuple[str, Any]]:
     async def go() -> list[tuple[str, Any]]:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             return [(e.key, e.json()) for e in await store.list(prefix)]
         finally:
@@ -95,7 +95,7 @@ async def kill_when(
 ) -> str:
     """Follow the store from now; at the first write under `prefix` that `wanted` accepts,
     SIGKILL `pid`. Returns the key written."""
-    store = await connect([croft.endpoint])
+    store = await croft.connect()
     try:
         revision = await store.revision()
         async for event in store.watch(prefix, start_revision=revision):
@@ -298,7 +298,7 @@ def test_sigkill_compute_half_way_through_a_rename_puts_everything_back(
 
 def store_revision(croft: Croft) -> int:
     async def go() -> int:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             return await store.revision()
         finally:
@@ -312,7 +312,7 @@ def _ended_in_store(croft: Croft, op_id: str, since: int) -> dict[str, Any] | No
     revision `since` (it is deleted a few seconds after it ends)."""
 
     async def go() -> dict[str, Any] | None:
-        store = await connect([croft.endpoint])
+        store = await croft.connect()
         try:
             async for event in store.watch(OPERATIONS + op_id, start_revision=since):
                 if event.type is EventType.PUT:

@@ -25,7 +25,7 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from croft.common.store import Store, connect
+from croft.common.store import Store
 from croft.common.testing.waiting import UnixHTTPConnection
 
 from .conftest import Croft, Lxc
@@ -119,7 +119,7 @@ def client(croft_lxc: tuple[Croft, Lxc, str], busybox_image: Path) -> Iterator[C
     lxc("image", "import", str(busybox_image), "--alias", "busybox")
     lxc("launch", "busybox", INSTANCE)
     loop = asyncio.new_event_loop()
-    store = loop.run_until_complete(connect([croft.endpoint]))
+    store = loop.run_until_complete(croft.connect())
     try:
         yield Client(croft.root / "state" / "unix.socket", store, loop)
     finally:

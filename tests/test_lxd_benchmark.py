@@ -32,7 +32,7 @@ def lxd_benchmark(lxc: Lxc, *args: str) -> subprocess.CompletedProcess[str]:
 def store_keys(croft: Croft, prefix: str) -> list[str]:
     """Record keys under `prefix` in croft's etcd, read with etcdctl (not through croft)."""
     result = subprocess.run(
-        ["etcdctl", "--endpoints", croft.endpoint, "get", "--prefix", "--keys-only", prefix],
+        croft.etcdctl("get", "--prefix", "--keys-only", prefix),
         env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"},
         capture_output=True,
         text=True,

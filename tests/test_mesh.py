@@ -9,9 +9,13 @@ import signal
 import socket
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
-from croft.common import discovery, rpc
-from croft.common.store import connect
+import pytest
+
+from croft.common import discovery, internal_tls, rpc
+from croft.common.errors import Unavailable
+from croft.common.store.etcd import EtcdStore
 from croft.common.telemetry import current_trace_id
 from croft.common.testing.waiting import wait_until
 from croft.v1 import common_pb2, common_pb2_grpc
@@ -72,7 +76,7 @@ def test_killed_service_is_restarted_and_re_registers(running_croft: Croft) -> N
 
 
 async def test_a_stale_registration_disappears_within_its_ttl(running_croft: Croft) -> None:
-    store = await connect([running_croft.endpoint])
+    store = await running_croft.connect()
     try:
         ttl = 2
         registration = await discovery.register(store, "ghost", "testnode", "127.0.0.1:1", ttl=ttl)
@@ -88,6 +92,40 @@ async def test_a_stale_registration_disappears_within_its_ttl(running_croft: Cro
         await store.close()
 
 
+async def test_no_inside_port_answers_a_client_without_the_members_certificate(
+    running_croft: Croft, tmp_path: Path
+) -> None:
+    """Every service's gRPC port and etcd's client port ask for a certificate of the
+    member's internal authority: a local user without it (no certificate, or one of
+    another authority) gets nothing; plain gRPC/HTTP get nothing either."""
+    ours = running_croft.identity
+    assert ours is not None
+    stranger = internal_tls.ensure(tmp_path / "stranger")
+    store = await running_croft.connect()
+    try:
+        instances = await discovery.resolve(store, None)
+    finally:
+        await store.close()
+    assert {i.service for i in instances} >= SERVICES
+    for instance in instances:
+        assert await rpc.health_of(instance.address, identity=ours) == "SERVING", instance
+        for identity in (None, stranger):
+            assert await rpc.health_of(instance.address, identity=identity) == "UNREACHABLE", (
+                instance,
+                identity,
+            )
+    port = urlsplit(running_croft.endpoint).port
+    for endpoint, identity in (
+        (f"http://127.0.0.1:{port}", None),
+        (f"https://127.0.0.1:{port}", None),
+        (f"https://127.0.0.1:{port}", stranger),
+    ):
+        with pytest.raises(Unavailable):
+            await EtcdStore([endpoint], timeout=2, identity=identity).start()
+    assert (ours.directory.stat().st_mode & 0o777) == 0o700
+    assert (ours.key_path.stat().st_mode & 0o777) == 0o600
+
+
 async def test_trace_id_follows_a_call_into_a_service(running_croft: Croft) -> None:
     from opentelemetry import trace
 
@@ -95,7 +133,7 @@ async def test_trace_id_follows_a_call_into_a_service(running_croft: Croft) -> N
     from croft.common.config import load_config
 
     telemetry.setup("test", load_config(running_croft.config_file))
-    store = await connect([running_croft.endpoint])
+    store = await running_croft.connect()
     client = await rpc.ServiceClient(store, "auth", common_pb2_grpc.ServiceStub).start()
     try:
         with trace.get_tracer("test").start_as_current_span("caller"):
@@ -110,7 +148,7 @@ async def test_trace_id_follows_a_call_into_a_service(running_croft: Croft) -> N
 
 async def test_calls_survive_a_replica_killed_mid_flight(running_croft: Croft) -> None:
     running_croft.run("scale", "images=2")
-    store = await connect([running_croft.endpoint])
+    store = await running_croft.connect()
     client = await rpc.ServiceClient(store, "images", common_pb2_grpc.ServiceStub).start()
     try:
         replicas = await client._watcher.wait_for(lambda xs: len(xs) == 2, 30)

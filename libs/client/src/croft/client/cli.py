@@ -13,10 +13,10 @@ from rich.console import Console
 from rich.table import Table
 
 from croft.client import auth_cli, images_cli, init_cli, node, oidc
-from croft.common import discovery, rpc
+from croft.common import discovery, internal_tls, rpc
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError
-from croft.common.service import connect_store
+from croft.common.service import connect_store, internal_identity
 from croft.v1 import node_pb2
 
 console = Console()
@@ -107,7 +107,8 @@ def scale(assignments: tuple[str, ...]) -> None:
 async def _collect(config: Config) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     endpoint = config.etcd.endpoints[0]
-    etcd_ok = await asyncio.to_thread(_etcd_health, endpoint)
+    identity = internal_identity(config)
+    etcd_ok = await asyncio.to_thread(_etcd_health, endpoint, identity)
     rows.append(
         {
             "service": "etcd",
@@ -128,11 +129,11 @@ async def _collect(config: Config) -> list[dict[str, Any]]:
         await store.close()
 
     async def describe(instance: discovery.Instance) -> dict[str, Any]:
-        health = await rpc.health_of(instance.address)
+        health = await rpc.health_of(instance.address, identity=identity)
         uptime = None
         if health == "SERVING":
             try:
-                uptime = (await rpc.status_of(instance.address)).uptime
+                uptime = (await rpc.status_of(instance.address, identity=identity)).uptime
             except Exception:
                 health = "UNREACHABLE"
         return {
@@ -157,10 +158,10 @@ def node_services() -> tuple[str, ...]:
     return SERVICES
 
 
-def _etcd_health(endpoint: str) -> bool:
+def _etcd_health(endpoint: str, identity: internal_tls.Identity | None) -> bool:
     from croft.node.agent import etcd_health
 
-    return etcd_health(endpoint)
+    return etcd_health(endpoint, identity=identity)
 
 
 def _uptime(seconds: float | None) -> str:

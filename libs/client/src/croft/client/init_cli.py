@@ -39,6 +39,7 @@ import httpx
 import yaml
 
 from croft.client import node
+from croft.common import internal_tls
 from croft.common.config import Config, ConfigError, cluster_file, load_config
 from croft.common.errors import CroftError, InvalidArgument, PermissionDenied, Unavailable
 
@@ -107,13 +108,14 @@ def join(config: Config, section: dict[str, Any], token_text: str) -> None:
         addresses.insert(0, str(section["cluster_address"]))
     given = str(section.get("cluster_certificate") or "")
     host, _ = _host_port(server_address)
-    client_port = urlsplit(config.etcd.endpoints[0]).port or 2379
+    ours = urlsplit(config.etcd.endpoints[0])
+    client_port, scheme = ours.port or 2379, ours.scheme or "http"
     request = {
         "token": token_text.strip(),
         "server_name": server_name,
         "server_address": server_address,
-        "etcd_client_url": f"http://{host}:{client_port}",
-        "etcd_peer_url": f"http://{host}:{config.etcd.peer_port}",
+        "etcd_client_url": f"{scheme}://{host}:{client_port}",
+        "etcd_peer_url": f"{scheme}://{host}:{config.etcd.peer_port}",
         "architecture": platform.machine(),
     }
     last = ""
@@ -162,6 +164,10 @@ def _write_joined(config: Config, joined: dict[str, Any], host: str) -> None:
         with os.fdopen(fd, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    # The members' own authority: their etcd and gRPC trust this member from now on.
+    authority = joined.get("internal_authority")
+    if authority:
+        internal_tls.write_authority(state, authority["certificate"], authority["key"])
     # A standalone store this member ran before holds nothing of the cluster's.
     old = state / "etcd"
     if old.exists():

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import grpc
 
 from croft.common.errors import Conflict, Unavailable
+from croft.common.internal_tls import Identity
+from croft.common.store.etcd import etcd_channel
 from croft.etcdpb import rpc_pb2, rpc_pb2_grpc
 
 
@@ -27,10 +29,6 @@ class StoreMember:
     learner: bool
 
 
-def _target(endpoint: str) -> str:
-    return endpoint.split("://", 1)[-1]
-
-
 def _members(reply: rpc_pb2.MemberListResponse | rpc_pb2.MemberAddResponse) -> list[StoreMember]:
     return [
         StoreMember(m.ID, m.name, tuple(m.peerURLs), tuple(m.clientURLs), m.isLearner)
@@ -38,10 +36,16 @@ def _members(reply: rpc_pb2.MemberListResponse | rpc_pb2.MemberAddResponse) -> l
     ]
 
 
-async def _call(endpoints: Sequence[str], what: str, call: object, timeout: float = 5.0) -> object:
+async def _call(
+    endpoints: Sequence[str],
+    what: str,
+    call: object,
+    identity: Identity | None,
+    timeout: float = 5.0,
+) -> object:
     last = ""
     for endpoint in endpoints:
-        async with grpc.aio.insecure_channel(_target(endpoint)) as channel:
+        async with etcd_channel(endpoint, identity) as channel:
             stub = rpc_pb2_grpc.ClusterStub(channel)
             try:
                 return await call(stub, timeout)  # type: ignore[operator]
@@ -55,11 +59,14 @@ async def _call(endpoints: Sequence[str], what: str, call: object, timeout: floa
     )
 
 
-async def list_members(endpoints: Sequence[str]) -> list[StoreMember]:
+async def list_members(
+    endpoints: Sequence[str], identity: Identity | None = None
+) -> list[StoreMember]:
     reply = await _call(
         endpoints,
         "list its members",
         lambda stub, t: stub.MemberList(rpc_pb2.MemberListRequest(), timeout=t),
+        identity,
     )
     assert isinstance(reply, rpc_pb2.MemberListResponse)
     return _members(reply)
@@ -72,20 +79,26 @@ _TRANSIENT = ("unhealthy cluster", "too many learner members")
 
 
 async def _settled(
-    endpoints: Sequence[str], what: str, call: object, patience: float = 60.0
+    endpoints: Sequence[str],
+    what: str,
+    call: object,
+    identity: Identity | None,
+    patience: float = 60.0,
 ) -> object:
     """`_call`, retried while etcd refuses the change only for now (_TRANSIENT)."""
     deadline = time.monotonic() + patience
     while True:
         try:
-            return await _call(endpoints, what, call)
+            return await _call(endpoints, what, call, identity)
         except (Conflict, Unavailable) as exc:
             if not any(t in str(exc) for t in _TRANSIENT) or time.monotonic() > deadline:
                 raise
         await asyncio.sleep(1.0)
 
 
-async def add_learner(endpoints: Sequence[str], name: str, peer_url: str) -> str:
+async def add_learner(
+    endpoints: Sequence[str], name: str, peer_url: str, identity: Identity | None = None
+) -> str:
     """Add a learner for member `name` at `peer_url`; returns the `--initial-cluster` it
     starts with (every member's name=peer URL, its own included). Waits while etcd refuses
     for now (the member before still a learner, a voter just promoted)."""
@@ -95,6 +108,7 @@ async def add_learner(endpoints: Sequence[str], name: str, peer_url: str) -> str
         lambda stub, t: stub.MemberAdd(
             rpc_pb2.MemberAddRequest(peerURLs=[peer_url], isLearner=True), timeout=t
         ),
+        identity,
     )
     assert isinstance(reply, rpc_pb2.MemberAddResponse)
     parts = []
@@ -106,11 +120,13 @@ async def add_learner(endpoints: Sequence[str], name: str, peer_url: str) -> str
     return ",".join(parts)
 
 
-async def promote_learner(endpoints: Sequence[str], name: str) -> bool:
+async def promote_learner(
+    endpoints: Sequence[str], name: str, identity: Identity | None = None
+) -> bool:
     """Promote member `name`'s learner to voter. True when it is a voter (now or already,
     or it is no member of the store); False while etcd refuses (not caught up yet)."""
     try:
-        members = await list_members(endpoints)
+        members = await list_members(endpoints, identity)
     except Unavailable:
         return False
     mine = [m for m in members if m.name == name]
@@ -125,19 +141,25 @@ async def promote_learner(endpoints: Sequence[str], name: str) -> bool:
             lambda stub, t: stub.MemberPromote(
                 rpc_pb2.MemberPromoteRequest(ID=mine[0].id), timeout=t
             ),
+            identity,
         )
         return True
     return False
 
 
-async def remove_member(endpoints: Sequence[str], name: str) -> bool:
+async def remove_member(
+    endpoints: Sequence[str], name: str, identity: Identity | None = None
+) -> bool:
     """Remove member `name`'s etcd from the store; False when it has none."""
-    found = [m.id for m in await list_members(endpoints) if m.name == name]
+    found = [m.id for m in await list_members(endpoints, identity) if m.name == name]
     if not found:
         return False
     request = rpc_pb2.MemberRemoveRequest(ID=found[0])
     await _settled(
-        endpoints, f"remove {name}", lambda stub, t: stub.MemberRemove(request, timeout=t)
+        endpoints,
+        f"remove {name}",
+        lambda stub, t: stub.MemberRemove(request, timeout=t),
+        identity,
     )
     return True
 
@@ -151,9 +173,11 @@ class StoreRole:
     learner: bool
 
 
-async def own_role(endpoint: str, timeout: float = 2.0) -> StoreRole | None:
+async def own_role(
+    endpoint: str, timeout: float = 2.0, identity: Identity | None = None
+) -> StoreRole | None:
     """The role of the etcd at `endpoint` (None when it does not answer)."""
-    async with grpc.aio.insecure_channel(_target(endpoint)) as channel:
+    async with etcd_channel(endpoint, identity) as channel:
         try:
             status = await rpc_pb2_grpc.MaintenanceStub(channel).Status(
                 rpc_pb2.StatusRequest(), timeout=timeout

@@ -33,8 +33,11 @@ class _Section(BaseModel):
 
 class EtcdConfig(_Section):
     endpoints: list[str] = Field(
-        default=["http://127.0.0.1:2379"],
-        description="client URLs of the etcd members, http://HOST:PORT",
+        default=["https://127.0.0.1:2379"],
+        description=(
+            "client URLs of the etcd members: https://HOST:PORT (mutual TLS with the member's "
+            "internal certificate, croft.common.internal_tls) or http://HOST:PORT (plain)"
+        ),
     )
     embedded: bool = Field(
         default=True, description="`croft up` runs a one-member etcd on this host"
@@ -66,7 +69,7 @@ class EtcdConfig(_Section):
             scheme, _, rest = url.partition("://")
             host, _, port = rest.rpartition(":")
             if scheme not in ("http", "https") or not host or not port.isdigit():
-                raise ValueError(f"{url!r} is not a URL of the form http://HOST:PORT")
+                raise ValueError(f"{url!r} is not a URL of the form https://HOST:PORT")
         return value
 
 

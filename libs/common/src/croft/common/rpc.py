@@ -30,8 +30,9 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
-from croft.common import errors
+from croft.common import errors, internal_tls
 from croft.common.discovery import Instance, Watcher
+from croft.common.internal_tls import Identity
 from croft.common.store import Store, observe, observed_all
 from croft.common.telemetry import current_trace_id
 from croft.v1 import common_pb2, common_pb2_grpc
@@ -238,8 +239,18 @@ class _StatusServicer(common_pb2_grpc.ServiceServicer):
 class Server:
     """A service's gRPC server: health, Status, interceptors, graceful drain."""
 
-    def __init__(self, service: str, member: str, instance_id: str, host: str = "127.0.0.1"):
+    def __init__(
+        self,
+        service: str,
+        member: str,
+        instance_id: str,
+        host: str = "127.0.0.1",
+        identity: Identity | None = None,
+    ):
         self.service = service
+        # With an identity, TCP is served only to clients with a certificate of the
+        # member's authority (croft.common.internal_tls); a unix socket is the file's mode's.
+        self.identity = identity
         self.member = member
         self.instance_id = instance_id
         self.host = host
@@ -271,7 +282,11 @@ class Server:
             self.grpc.add_insecure_port(f"unix:{unix_path}")
             self.address = f"unix:{unix_path}"
         else:
-            bound = self.grpc.add_insecure_port(f"{self.host}:{port}")
+            target = f"{self.host}:{port}"
+            if self.identity is not None:
+                bound = self.grpc.add_secure_port(target, self.identity.server_credentials())
+            else:
+                bound = self.grpc.add_insecure_port(target)
             self.address = f"{self.host}:{bound}"
         await self.grpc.start()
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -334,18 +349,24 @@ def _with_trace(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetai
     )
 
 
-def channel(address: str) -> grpc.aio.Channel:
-    """An insecure channel to a croft service (loopback or unix socket) with tracing."""
-    return grpc.aio.insecure_channel(
+def channel(address: str, identity: Identity | None = None) -> grpc.aio.Channel:
+    """A channel to a croft service with tracing: mutual TLS with `identity` over TCP,
+    plain over a unix socket (or without an identity: in-process tests)."""
+    options = [
+        ("grpc.max_receive_message_length", 64 << 20),
+        ("grpc.enable_retries", 0),
+        # Fail fast when an instance is gone, so the next one can be tried.
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1000),
+    ]
+    interceptors = [_TraceClientInterceptor()]
+    if identity is None or address.startswith("unix:"):
+        return grpc.aio.insecure_channel(address, interceptors=interceptors, options=options)
+    return grpc.aio.secure_channel(
         address,
-        interceptors=[_TraceClientInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.enable_retries", 0),
-            # Fail fast when an instance is gone, so the next one can be tried.
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ],
+        identity.channel_credentials(),
+        interceptors=interceptors,
+        options=options + internal_tls.GRPC_OPTIONS,
     )
 
 
@@ -370,6 +391,7 @@ class ServiceClient(Generic[StubT]):
         self.timeout = timeout
         self._stub_factory = stub_factory
         self._watcher = Watcher(store, service)
+        self._identity = store.identity
         self._channels: dict[str, tuple[grpc.aio.Channel, StubT]] = {}
         self._next = 0
         self._quarantined: dict[str, float] = {}
@@ -403,7 +425,7 @@ class ServiceClient(Generic[StubT]):
     def _stub(self, instance: Instance) -> StubT:
         cached = self._channels.get(instance.address)
         if cached is None:
-            ch = channel(instance.address)
+            ch = channel(instance.address, self._identity)
             cached = (ch, self._stub_factory(ch))
             self._channels[instance.address] = cached
         return cached[1]
@@ -526,19 +548,21 @@ class ServiceClient(Generic[StubT]):
         self._channels.clear()
 
 
-async def status_of(address: str, timeout: float = 2.0) -> common_pb2.StatusReply:
+async def status_of(
+    address: str, timeout: float = 2.0, identity: Identity | None = None
+) -> common_pb2.StatusReply:
     """Ask one instance directly for its Status."""
-    async with channel(address) as ch:
+    async with channel(address, identity) as ch:
         reply: common_pb2.StatusReply = await common_pb2_grpc.ServiceStub(ch).Status(
             common_pb2.StatusRequest(), timeout=timeout
         )
     return reply
 
 
-async def health_of(address: str, timeout: float = 2.0) -> str:
+async def health_of(address: str, timeout: float = 2.0, identity: Identity | None = None) -> str:
     """SERVING, NOT_SERVING or UNREACHABLE."""
     try:
-        async with channel(address) as ch:
+        async with channel(address, identity) as ch:
             # types-grpcio-health-checking declares HealthStub without its methods.
             stub: Any = health_pb2_grpc.HealthStub(ch)
             reply = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=timeout)

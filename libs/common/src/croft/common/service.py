@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from croft.common import discovery, proc, telemetry
+from croft.common import discovery, internal_tls, proc, telemetry
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError, Unavailable
 from croft.common.rpc import VERSION, Server, ServiceClient
@@ -72,6 +72,15 @@ class ServiceContext:
 Setup = Callable[[ServiceContext], Awaitable[None]]
 
 
+def internal_identity(config: Config) -> internal_tls.Identity | None:
+    """The member's internal certificate when its etcd is reached over https: one switch
+    for etcd's and the services' TLS (a plain `http://` etcd, as in-process tests run
+    one, leaves gRPC plain too)."""
+    if any(e.startswith("https://") for e in config.etcd.endpoints):
+        return internal_tls.load(config.state_dir)
+    return None
+
+
 async def connect_store(config: Config, wait: float = 30.0) -> Store:
     """Connect to the store, waiting up to `wait` seconds for etcd to come up."""
     loop = asyncio.get_running_loop()
@@ -79,7 +88,7 @@ async def connect_store(config: Config, wait: float = 30.0) -> Store:
     delay = 0.1
     while True:
         try:
-            return await connect(config.etcd.endpoints)
+            return await connect(config.etcd.endpoints, internal_identity(config))
         except Unavailable:
             if loop.time() >= deadline:
                 raise
@@ -93,7 +102,7 @@ async def run(name: str, setup: Setup | None = None, config: Config | None = Non
     telemetry.setup(name, config)
     instance_id = os.environ.get("CROFT_INSTANCE_ID") or discovery.new_instance_id()
     store = await connect_store(config)
-    server = Server(name, config.member, instance_id, host=config.rpc.host)
+    server = Server(name, config.member, instance_id, host=config.rpc.host, identity=store.identity)
     context = ServiceContext(name, config, store, server, instance_id)
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()

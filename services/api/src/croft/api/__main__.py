@@ -35,8 +35,8 @@ async def setup(context: ServiceContext) -> None:
     etcd_client, etcd_peer = "", ""
     if config.etcd.embedded:
         etcd_client = config.etcd.endpoints[0]
-        host = urlsplit(etcd_client).hostname
-        etcd_peer = f"http://{host}:{config.etcd.peer_port}"
+        url = urlsplit(etcd_client)
+        etcd_peer = f"{url.scheme}://{url.hostname}:{config.etcd.peer_port}"
     settings = ApiSettings(
         server_name=config.member,
         owner_id=f"{config.member}/{context.instance_id}",
@@ -48,6 +48,7 @@ async def setup(context: ServiceContext) -> None:
         location=config.member if clustered else "none",
         etcd_client_url=etcd_client,
         etcd_peer_url=etcd_peer,
+        state_dir=config.state_dir,
     )
     app = create_app(context.store, settings)
     if not clustered:

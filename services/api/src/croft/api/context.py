@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypedDict
 
 from starlette.requests import HTTPConnection
@@ -44,6 +45,8 @@ class ApiSettings:
     # This member's etcd, when it runs one: what a cluster records of its store voters.
     etcd_client_url: str = ""
     etcd_peer_url: str = ""
+    # The member's state directory (its internal authority is given to joining members).
+    state_dir: Path | None = None
 
 
 class LifecycleEvent(TypedDict, total=False):

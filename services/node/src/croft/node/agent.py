@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
@@ -21,10 +22,11 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from croft.common import cluster, discovery, telemetry
+from croft.common import cluster, discovery, internal_tls, telemetry
 from croft.common.cluster_store import own_role, promote_learner
 from croft.common.config import Config
 from croft.common.errors import InvalidArgument, NotFound, Unavailable
+from croft.common.internal_tls import Identity
 from croft.common.rpc import Server
 from croft.common.service import connect_store
 from croft.common.store import Store, dump
@@ -46,17 +48,34 @@ def pid_path(config: Config) -> Path:
     return config.run_dir / "node.pid"
 
 
-def etcd_health(endpoint: str, timeout: float = 1.0) -> bool:
+def etcd_health(endpoint: str, timeout: float = 1.0, identity: Identity | None = None) -> bool:
+    context = (
+        identity.ssl_context() if identity is not None and endpoint.startswith("https:") else None
+    )
     try:
-        with urllib.request.urlopen(f"{endpoint}/health", timeout=timeout) as reply:
+        with urllib.request.urlopen(
+            f"{endpoint}/health", timeout=timeout, context=context
+        ) as reply:
             return b'"health":"true"' in reply.read()
     except OSError:
         return False
 
 
+def _ip(host: str) -> str:
+    """`host` when it is an IP address, else ''."""
+    try:
+        return str(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        return ""
+
+
 class Agent(node_pb2_grpc.NodeServicer):
     def __init__(self, config: Config) -> None:
         self.config = config
+        # This member's certificate for its etcd and its services' gRPC: made at first
+        # start, valid for the address its etcd listens on.
+        host = urlsplit(config.etcd.endpoints[0]).hostname or ""
+        self.identity = internal_tls.ensure(config.state_dir, _ip(host) or _ip(config.rpc.host))
         self.etcd: Child | None = None
         self.children: dict[str, list[Child]] = {name: [] for name in SERVICES}
         self.store: Store | None = None
@@ -79,10 +98,21 @@ class Agent(node_pb2_grpc.NodeServicer):
         endpoint = self.config.etcd.endpoints[0]
         if not self.config.etcd.embedded:
             return
-        if etcd_health(endpoint):
+        if etcd_health(endpoint, identity=self.identity):
             raise Unavailable(f"an etcd already answers on {endpoint}; is another croft running?")
         url = urlsplit(endpoint)
-        peer = f"http://{url.hostname}:{self.config.etcd.peer_port}"
+        peer = f"{url.scheme}://{url.hostname}:{self.config.etcd.peer_port}"
+        tls: list[str] = []
+        if url.scheme == "https":
+            # Clients and peers alike show a certificate of the member's authority.
+            identity = self.identity
+            files = [str(identity.cert_path), str(identity.key_path), str(identity.ca_path)]
+            tls = [
+                "--cert-file", files[0], "--key-file", files[1],
+                "--trusted-ca-file", files[2], "--client-cert-auth",
+                "--peer-cert-file", files[0], "--peer-key-file", files[1],
+                "--peer-trusted-ca-file", files[2], "--peer-client-cert-auth",
+            ]  # fmt: skip
         data_dir = self.config.state_dir / "etcd"
         data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         etcd = self.config.etcd
@@ -106,6 +136,7 @@ class Agent(node_pb2_grpc.NodeServicer):
                 "--initial-cluster", initial,
                 "--initial-cluster-state", etcd.initial_cluster_state,
                 *timing,
+                *tls,
                 "--auto-compaction-mode", "revision",
                 "--auto-compaction-retention", "10000",
                 # bbolt's array freelist is scanned on every commit, and compaction
@@ -132,8 +163,10 @@ class Agent(node_pb2_grpc.NodeServicer):
         deadline = time.monotonic() + (120 if clustered else 30)
         while time.monotonic() < deadline:
             if promote:
-                promote = not await promote_learner(etcd.endpoints, self.config.member)
-            if not promote and await asyncio.to_thread(etcd_health, endpoint, 0.5):
+                promote = not await promote_learner(
+                    etcd.endpoints, self.config.member, self.identity
+                )
+            if not promote and await asyncio.to_thread(etcd_health, endpoint, 0.5, self.identity):
                 self.etcd.state = "running"
                 return
             if self.etcd.state == "restarting" and not clustered:
@@ -241,7 +274,7 @@ class Agent(node_pb2_grpc.NodeServicer):
                 if found is not None and found[0].get("enabled"):
                     role = None
                     if self.etcd is not None:
-                        role = await own_role(self.config.etcd.endpoints[0])
+                        role = await own_role(self.config.etcd.endpoints[0], identity=self.identity)
                     beat = cluster.Heartbeat(
                         at=time.time(),
                         voter=bool(role and role.voter),

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 
 from croft.common.errors import CroftError
+from croft.common.internal_tls import Identity
 
 
 class Compacted(CroftError):
@@ -145,6 +146,9 @@ def observed_all() -> dict[int, int]:
 class Store(abc.ABC):
     # Which cluster the store is (etcd's cluster id), once it has answered; 0 before.
     cluster: int = 0
+    # The member's certificate it reaches etcd with (croft.common.internal_tls), which its
+    # users' gRPC channels present too; None without TLS (in-process tests).
+    identity: Identity | None = None
 
     @abc.abstractmethod
     async def get(self, key: str) -> Entry | None: ...
@@ -220,10 +224,11 @@ def dump(record: Any) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()
 
 
-async def connect(endpoints: Sequence[str]) -> Store:
-    """The store for the configured endpoints (etcd: `http://host:port` URLs)."""
+async def connect(endpoints: Sequence[str], identity: Identity | None = None) -> Store:
+    """The store for the configured endpoints (etcd: `https://host:port` URLs reached
+    with the member's `identity`, or `http://` plain)."""
     from croft.common.store.etcd import EtcdStore
 
-    store = EtcdStore(endpoints)
+    store = EtcdStore(endpoints, identity=identity)
     await store.start()
     return store

@@ -37,6 +37,7 @@ from urllib.parse import urlsplit
 import grpc
 import grpc.aio
 
+from croft.common import internal_tls
 from croft.common.errors import (
     Conflict,
     CroftError,
@@ -45,6 +46,7 @@ from croft.common.errors import (
     NotFound,
     Unavailable,
 )
+from croft.common.internal_tls import Identity
 from croft.common.store import (
     Compacted,
     Create,
@@ -111,16 +113,20 @@ class _Answer:
 
 class EtcdStore(Store):
     """The store on an etcd v3 cluster, reached at `endpoints` (`http://host:port` or
-    `host:port`; `https://` uses TLS with the system's roots). Every call gives up with
-    `Unavailable` after `timeout` seconds without an answer from any endpoint."""
+    `host:port`; `https://` uses mutual TLS with the member's `identity`, or the system's
+    roots without one). Every call gives up with `Unavailable` after `timeout` seconds
+    without an answer from any endpoint."""
 
-    def __init__(self, endpoints: Sequence[str], *, timeout: float = 5.0) -> None:
+    def __init__(
+        self, endpoints: Sequence[str], *, timeout: float = 5.0, identity: Identity | None = None
+    ) -> None:
         if isinstance(endpoints, str) or not endpoints:
             raise InvalidArgument("the etcd store needs a list of one or more endpoints")
         if timeout <= 0:
             raise InvalidArgument(f"etcd timeout must be positive, not {timeout}")
         self.endpoints = [str(e) for e in endpoints]
         self.timeout = timeout
+        self.identity = identity
         self._connections: list[_Connection] = []
         self._current = 0
 
@@ -132,7 +138,7 @@ class EtcdStore(Store):
         if self._connections:
             return
         for endpoint in self.endpoints:
-            self._connections.append(_connect(endpoint))
+            self._connections.append(_connect(endpoint, self.identity))
         try:
             await self._unary(lambda c: c.maintenance.Status, rpc_pb2.StatusRequest(), "reach etcd")
         except BaseException:
@@ -541,17 +547,29 @@ class _StreamEnded(_Retryable):
         return "the stream ended"
 
 
-def _connect(endpoint: str) -> _Connection:
+def etcd_channel(
+    endpoint: str, identity: Identity | None, options: Sequence[tuple[str, Any]] = ()
+) -> grpc.aio.Channel:
+    """A channel to the etcd at `endpoint` (http://host:port plain; https://host:port
+    mutual TLS with `identity`, or the system's roots without one)."""
     url = urlsplit(endpoint if "://" in endpoint else f"http://{endpoint}")
     if url.scheme not in ("http", "https") or not url.hostname or not url.port:
         raise InvalidArgument(f"bad etcd endpoint {endpoint!r}: expected http://host:port")
-    target = f"{url.hostname}:{url.port}"
-    if url.scheme == "https":
-        channel = grpc.aio.secure_channel(
-            target, grpc.ssl_channel_credentials(), options=_CHANNEL_OPTIONS
+    host = f"[{url.hostname}]" if ":" in url.hostname else url.hostname
+    target = f"{host}:{url.port}"
+    if url.scheme == "http":
+        return grpc.aio.insecure_channel(target, options=list(options))
+    if identity is None:
+        return grpc.aio.secure_channel(
+            target, grpc.ssl_channel_credentials(), options=list(options)
         )
-    else:
-        channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(
+        target, identity.channel_credentials(), options=[*options, *internal_tls.GRPC_OPTIONS]
+    )
+
+
+def _connect(endpoint: str, identity: Identity | None) -> _Connection:
+    channel = etcd_channel(endpoint, identity, _CHANNEL_OPTIONS)
     return _Connection(
         endpoint=endpoint,
         channel=channel,

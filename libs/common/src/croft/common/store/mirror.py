@@ -90,6 +90,7 @@ class MirroredStore(Store):
         if not prefixes or any(not p for p in prefixes):
             raise ValueError("a mirror needs one or more non-empty prefixes")
         self.inner = inner
+        self.identity = inner.identity
         self.prefixes = tuple(prefixes)
         self.max_wait = max_wait
         self._entries: dict[str, Entry] = {}

@@ -90,7 +90,7 @@ state_dir: {self.state_dir}
 log_dir: {self.root / "log"}
 run_dir: {self.root / "run"}
 etcd:
-  endpoints: [http://{self.address}:2379]
+  endpoints: [https://{self.address}:2379]
   peer_port: 2380
 rpc:
   host: {self.address}

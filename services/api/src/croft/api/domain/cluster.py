@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import json
 import platform
@@ -21,7 +22,7 @@ from typing import Any
 
 from croft.api import records
 from croft.api.context import ApiContext
-from croft.common import cluster
+from croft.common import cluster, internal_tls
 from croft.common.cluster import Heartbeat, MemberRecord
 from croft.common.cluster_store import add_learner, remove_member
 from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
@@ -296,8 +297,10 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
         if len(voters) < max_voters(config) and req.etcd_peer_url:
             # A learner does not count for quorum: a joiner that never starts its etcd
             # leaves the store serving.
-            initial = await add_learner(endpoints, req.server_name, req.etcd_peer_url)
-            revert.add(lambda: remove_member(endpoints, req.server_name))
+            initial = await add_learner(
+                endpoints, req.server_name, req.etcd_peer_url, store.identity
+            )
+            revert.add(lambda: remove_member(endpoints, req.server_name, store.identity))
             record.etcd_client_url = req.etcd_client_url
             record.etcd_peer_url = req.etcd_peer_url
             etcd = {
@@ -310,12 +313,18 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
             etcd = {"embedded": False, "endpoints": endpoints}
         await store.create(cluster.member_key(record.name), dump(record.dump()))
         revert.success()
-    return {
+    reply: dict[str, Any] = {
         "cluster_certificate": found[0]["certificate"],
         "cluster_key": found[0]["key"],
         "etcd": etcd,
         "member_id": record.id,
     }
+    if ctx.settings.state_dir is not None:
+        with contextlib.suppress(FileNotFoundError):
+            # The authority behind the members' etcd and gRPC certificates (internal_tls).
+            certificate, key = internal_tls.read_authority(ctx.settings.state_dir)
+            reply["internal_authority"] = {"certificate": certificate, "key": key}
+    return reply
 
 
 # ---------------------------------------------------------------------------- member-local

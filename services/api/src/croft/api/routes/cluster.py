@@ -350,7 +350,7 @@ async def member_delete(request: Request, name: str) -> Response:
             if m.etcd_client_url and m.name != name
         ]
         if others:
-            await remove_member(others, name)
+            await remove_member(others, name, ctx.store.identity)
     await ctx.store.delete(cluster.member_key(name))
     await ctx.store.delete(cluster.heartbeat_key(name))
     if force:
