@@ -438,12 +438,13 @@ def test_a_tls_identity_created_through_the_auth_api_is_fine_grained(croft: Crof
 
 
 def test_a_pending_tls_identity_becomes_the_certificate_that_shows_its_token(
-    croft: Croft,
+    croft: Croft, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """`POST /1.0/auth/identities/tls` with `token: true` (LXD's `lxc auth identity
     create tls/NAME` with no certificate): a pending identity and a token; the client that
     shows the token (`lxc remote add NAME TOKEN`) is trusted as that identity, held to its
     groups. A pending identity deleted takes its token with it."""
+    monkeypatch.setattr(trust_password, "attempts", trust_password.PasswordAttempts())
     root = croft.replica
     put_instance(croft, "default", "c1")
     root.request("POST", "/1.0/auth/groups", {"name": "viewers", "permissions": [
