@@ -1,11 +1,116 @@
 """Faults of the 3-member cluster (the session's `cluster_rig`, after tests/test_cluster.py):
-the store losing its quorum. Each test leaves every member Online again."""
+a member cut off its network, a member frozen, the store losing its quorum. Each test
+leaves every member Online again."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import signal
+import subprocess
 import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
-from croft.common.testing.cluster import ClusterRig
+import pytest
+
+from croft.common.testing.cluster import ClusterRig, Member
+
+
+def wait_for(what: str, predicate: Callable[[], object], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def rig(cluster_rig: ClusterRig, busybox_image: Path) -> Iterator[ClusterRig]:
+    """The cluster with every member Online, the busybox image in it and a short offline
+    threshold (11 s)."""
+    cluster_rig.wait_online(120)
+    aliases = [a["name"] for a in cluster_rig.lxc_json(0, "image", "alias", "list", "m1:")]
+    if "busybox" not in aliases:
+        cluster_rig.lxc(0, "image", "import", str(busybox_image), "m1:", "--alias", "busybox")
+    cluster_rig.lxc(0, "profile", "device", "remove", "m1:default", "eth0", check=False)
+    cluster_rig.lxc(0, "config", "set", "cluster.offline_threshold", "11")
+    yield cluster_rig
+    cluster_rig.lxc(0, "config", "unset", "cluster.offline_threshold", check=False)
+
+
+def status_of(rig: ClusterRig, via: int, name: str) -> str:
+    rows = {r["server_name"]: r for r in rig.lxc_json(via, "cluster", "list")}
+    return str(rows[name]["status"])
+
+
+def instance(rig: ClusterRig, via: int, name: str) -> dict:
+    """`name` as `lxc list` through member `via` shows it (the list must answer)."""
+    rows = [r for r in rig.lxc_json(via, "list") if r["name"] == name]
+    assert len(rows) == 1, rows
+    return rows[0]
+
+
+def services_of(seen_from: Member, name: str) -> list[str]:
+    """The services of member `name` the registry lists, read through `seen_from`."""
+    rows = json.loads(seen_from.croft("status", "--format", "json").stdout)["instances"]
+    return [r["service"] for r in rows if r["member"] == name and r["service"] != "etcd"]
+
+
+def containers_named(rig: ClusterRig, name: str) -> list[str]:
+    """The members whose LXC holds a container called `name` (running or not)."""
+    return [m.name for m in rig.members if any((m.state_dir / "lxc").glob(f"*{name}"))]
+
+
+def test_a_partitioned_member_goes_offline_holds_no_lease_and_heals_running_once(
+    rig: ClusterRig,
+) -> None:
+    """m3's link down: the others answer, see it Offline and its services' leases gone;
+    its container shows Error, and runs on m3 alone, once, when the link is back."""
+    m1, m3 = rig.members[0], rig.members[2]
+    rig.lxc(0, "launch", "m1:busybox", "m1:part", "--target", "m3")
+    try:
+        subprocess.run(["ip", "link", "set", m3.veth, "down"], check=True)
+        try:
+            wait_for("m3 Offline", lambda: status_of(rig, 0, "m3") == "Offline")
+            wait_for("m3's leases gone", lambda: services_of(m1, "m3") == [])
+            assert instance(rig, 1, "part")["status"] == "Error"
+        finally:
+            subprocess.run(["ip", "link", "set", m3.veth, "up"], check=True)
+        wait_for("m3 Online", lambda: status_of(rig, 0, "m3") == "Online")
+        wait_for("part Running", lambda: instance(rig, 0, "part")["status"] == "Running")
+        assert instance(rig, 0, "part")["location"] == "m3"
+        assert containers_named(rig, "part") == ["m3"]
+        wait_for("m3's services back", lambda: len(services_of(m1, "m3")) >= 3)
+    finally:
+        rig.lxc(0, "delete", "--force", "m1:part", check=False)
+
+
+def test_a_frozen_member_times_out_for_its_peers_and_thaws_back(rig: ClusterRig) -> None:
+    """Every croft process of m3 stopped (SIGSTOP, as a frozen cgroup): the others'
+    `lxc list` still answers (bounded by the client's timeout) with m3's instance in
+    Error, m3 goes Offline; thawed, it is Online with its container still running."""
+    m3 = rig.members[2]
+    rig.lxc(0, "launch", "m1:busybox", "m1:frz", "--target", "m3")
+    frozen = m3.processes()
+    assert frozen
+    try:
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        started = time.monotonic()
+        shown = instance(rig, 0, "frz")
+        print(f"lxc list with m3 frozen answered in {time.monotonic() - started:.1f}s")
+        assert shown["status"] == "Error"
+        wait_for("m3 Offline", lambda: status_of(rig, 1, "m3") == "Offline")
+    finally:
+        for pid in frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+    try:
+        wait_for("m3 Online", lambda: status_of(rig, 0, "m3") == "Online")
+        wait_for("frz Running", lambda: instance(rig, 1, "frz")["status"] == "Running")
+    finally:
+        rig.lxc(0, "delete", "--force", "m1:frz", check=False)
 
 
 def _set(rig: ClusterRig, value: str) -> tuple[int, str]:
@@ -16,13 +121,11 @@ def _set(rig: ClusterRig, value: str) -> tuple[int, str]:
 
 
 def test_two_voters_down_refuses_writes_clearly_and_one_back_serves_again(
-    cluster_rig: ClusterRig,
+    rig: ClusterRig,
 ) -> None:
     """m2 and m3 (two of the three etcd voters) killed: a write through m1 fails with
     a message saying the store is unavailable, within the client's bound, and changes
     nothing; once m2 is back the same write goes through."""
-    rig = cluster_rig
-    rig.wait_online(120)
     assert _set(rig, "before") == (0, "")
     m2, m3 = rig.members[1], rig.members[2]
     try:

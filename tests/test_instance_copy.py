@@ -64,6 +64,11 @@ def read(lxc: Lxc, name: str, path: str) -> str:
 def starts_whole_and_is_deleted(lxc: Lxc, name: str) -> None:
     """`name` (stopped, with snapshot snap0) starts with /state reading "two", then goes."""
     assert snapshots_of(lxc, name) == ["snap0"]
+    starts_and_is_deleted(lxc, name)
+
+
+def starts_and_is_deleted(lxc: Lxc, name: str) -> None:
+    """`name` (stopped) starts with /state reading "two", then goes."""
     lxc("start", name)
     try:
         assert read(lxc, name, "/state") == "two"
@@ -430,12 +435,7 @@ def test_sigkill_compute_during_a_move_leaves_one_volume_where_the_record_says(
 
     wait_until(one_volume, 60, f"the volume of {name} in {pool} alone")
     assert f"/1.0/instances/{name}" not in query(lxc, f"/1.0/storage-pools/{other}")["used_by"]
-    lxc("start", name)
-    try:
-        assert read(lxc, name, "/state") == "two"
-    finally:
-        lxc("stop", "--force", name)
-    lxc("delete", name)
+    starts_and_is_deleted(lxc, name)
 
 
 @pytest.fixture(scope="module")

@@ -168,15 +168,26 @@ async def state_of(record: InstanceRecord) -> dict[str, Any] | None:
         return None
 
 
-async def states_of(found: list[Listed]) -> list[dict[str, Any] | None]:
+# How long a listing waits for another member's states: a member that is frozen or cut
+# off (not yet Offline) must not hold every `lxc list` of the cluster for long.
+REMOTE_STATES_TIMEOUT = 5.0
+
+
+async def states_of(
+    found: list[Listed], *, here: str = "", online: set[str] | None = None
+) -> list[dict[str, Any] | None]:
     """The states of listed instances: one call per compute member, not one per instance.
-    None for an instance whose member does not answer (LXD shows it without state)."""
+    None for an instance whose member does not answer (LXD shows it without state): one
+    not in `online` is not asked, another member than `here` is waited for
+    REMOTE_STATES_TIMEOUT seconds at most."""
     by_member: dict[str, list[int]] = {}
     for index, record in enumerate(found):
         by_member.setdefault(record.meta.member, []).append(index)
     states: list[dict[str, Any] | None] = [None] * len(found)
 
     async def ask(member: str, indexes: list[int]) -> None:
+        if online is not None and member not in online:
+            return  # Offline: its heartbeat stopped
         try:
             client = await services().compute(member)
             if not client.rpc.instances():
@@ -185,7 +196,7 @@ async def states_of(found: list[Listed]) -> list[dict[str, Any] | None]:
                 compute_pb2.InstanceStatesRequest(
                     instances=[ref(found[i].project, found[i].name) for i in indexes]
                 ),
-                timeout=30,
+                timeout=30 if not here or member == here else REMOTE_STATES_TIMEOUT,
             )
         except CroftError:
             return

@@ -82,8 +82,10 @@ async def instances_list(request: Request) -> Response:
         return records.url(KIND, r["name"], r.get("project") or projects_found[0])
 
     if query.recursion(request) == 2:
+        online = None if standalone else set(await cluster.online_members(ctx.store))
         states, *snapshot_maps = await asyncio.gather(
-            states_of(found), *(all_snapshots(ctx.store, p) for p in projects_found)
+            states_of(found, here=ctx.settings.server_name, online=online),
+            *(all_snapshots(ctx.store, p) for p in projects_found),
         )
         snapshots = {
             (project, name): found_snapshots
