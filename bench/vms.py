@@ -114,6 +114,16 @@ def main() -> int:
             figures["exec round trip (lxc exec true), median ms"] = round(
                 statistics.median(rtts) * 1000, 1
             )
+            # What the client and one API request cost without an exec: the floor of any
+            # `lxc` command against this server.
+            floor = []
+            for _ in range(args.execs):
+                t = time.monotonic()
+                lxc(env, "query", "/1.0")
+                floor.append(time.monotonic() - t)
+            figures["  lxc query /1.0 (client start + one request), median ms"] = round(
+                statistics.median(floor) * 1000, 1
+            )
             time.sleep(5)
             pid = json.loads(lxc(env, "query", f"/1.0/instances/{name}/state").stdout)["pid"]
             total, guest, anonymous = qemu_memory(pid, parse_size(args.memory))

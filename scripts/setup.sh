@@ -94,6 +94,16 @@ if [ ! -d tests/oidc/node_modules/oidc-provider ] \
   (cd tests/oidc && npm ci --no-audit --no-fund --loglevel=error)
 fi
 
+# libvirt gives each QEMU a mount namespace of its own by default, a copy of the host's
+# mounts when the VM starts. Where / is not a shared mount (no systemd, as here), a pool
+# mounted later (a btrfs pool made after the VM started) never appears in it, and a live
+# disk move into that pool fails ("Could not open .../root.img"). LXD runs QEMU in the
+# host's mount namespace; croft's libvirtd does too (read when libvirtd starts).
+if [ -f /etc/libvirt/qemu.conf ] && ! grep -qs '^namespaces *=' /etc/libvirt/qemu.conf; then
+  echo 'namespaces = []' >> /etc/libvirt/qemu.conf
+  say "libvirt: QEMU in the host's mount namespace (/etc/libvirt/qemu.conf namespaces = [])"
+fi
+
 mkdir -p /etc/croft /var/lib/croft /var/log/croft
 ln -sfn "$PWD/.venv/bin/croft" /usr/local/bin/croft
 

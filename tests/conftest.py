@@ -305,8 +305,35 @@ def cluster_rig() -> Iterator[Any]:
     rig = ClusterRig(root, size=3)
     rig.start()
     print(f"cluster rig of 3 members formed in {rig.startup_seconds:.1f}s")
+    keep = bool(kept and os.environ.get("CROFT_TEST_KEEP"))
+    if not keep:
+        _RIG_STOPS.append(rig.stop)
     try:
         yield rig
     finally:
-        if not (kept and os.environ.get("CROFT_TEST_KEEP")):
-            rig.stop()
+        _stop_rig()
+
+
+# The rig's stop, run once: after the last test that uses the rig (pytest_runtest_teardown)
+# rather than at the end of the session, so that three idle members do not compete with
+# every later test for this host's two cores.
+_RIG_STOPS: list[Any] = []
+_LAST_RIG_TEST: list[str] = []
+
+
+def _stop_rig() -> None:
+    while _RIG_STOPS:
+        _RIG_STOPS.pop()()
+
+
+@pytest.hookimpl(trylast=True)  # after `-m`/`-k` deselected what will not run
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    users = [i.nodeid for i in items if "cluster_rig" in getattr(i, "fixturenames", ())]
+    _LAST_RIG_TEST[:] = users[-1:]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    yield  # the item's own fixtures (the modules' `rig`) are torn down first
+    if _LAST_RIG_TEST and item.nodeid == _LAST_RIG_TEST[0]:
+        _stop_rig()

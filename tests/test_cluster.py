@@ -248,6 +248,76 @@ def test_a_manual_member_takes_no_untargeted_instance(rig: ClusterRig) -> None:
             rig.lxc(0, "delete", "--force", f"m1:{name}", check=False)
 
 
+def groups_of(rig: ClusterRig, via: int) -> dict[str, list[str]]:
+    rows = rig.lxc_json(via, "cluster", "group", "list", f"{rig.members[via].name}:")
+    return {g["name"]: g["members"] for g in rows}
+
+
+def test_cluster_groups_place_instances_and_refuse_bad_input(rig: ClusterRig) -> None:
+    """`lxc cluster group ...`: `default` holds every member; `--target @group` places in
+    the group; `scheduler.instance=group` members take only group-targeted instances; bad
+    input is refused as LXD words it and changes nothing."""
+    default = json.loads(rig.lxc(0, "query", "m1:/1.0/cluster/groups/default").stdout)
+    assert default == {"name": "default", "description": "Default cluster group",
+                       "members": ["m1", "m2", "m3"]}  # fmt: skip
+    rig.lxc(0, "cluster", "group", "create", "m1:gpu")
+    made: list[str] = []
+    try:
+        for args, error in (
+            (("group", "create", "m1:gpu"), "This cluster group already exists"),
+            (("group", "create", "m1:bad_name"), "may not contain underscores"),
+            (("group", "rename", "m1:default", "dflt"), 'The "default" group cannot be renamed'),
+            (("group", "delete", "m1:default"), "The 'default' cluster group cannot be deleted"),
+            (("group", "assign", "m1:m2", "nosuch"), "Cluster group not found"),
+            (("group", "remove", "m1:m2", "default"), "need to belong to at least one group"),
+        ):
+            result = rig.lxc(1, "cluster", *args, check=False)
+            assert result.returncode != 0 and error in result.stderr, (args, result.stderr)
+        for target, error in (
+            ("@gpu", "No suitable cluster member could be found"),
+            ("@nosuch", 'Cluster group "nosuch" doesn\'t exist'),
+        ):
+            result = rig.lxc(0, "init", "m1:busybox", "m1:g0", "--target", target, check=False)
+            assert result.returncode != 0 and error in result.stderr, result.stderr
+        assert groups_of(rig, 2) == {"default": ["m1", "m2", "m3"], "gpu": []}
+        assert "g0" not in locations(rig, 0)
+
+        rig.lxc(0, "cluster", "group", "assign", "m1:m3", "default,gpu")
+        assert groups_of(rig, 1)["gpu"] == ["m3"]
+        rig.lxc(0, "cluster", "set", "m3", "scheduler.instance", "group")
+        for name in ("g1", "g2"):
+            rig.lxc(0, "init", "m1:busybox", f"m1:{name}", "--target", "@gpu")
+            made.append(name)
+        rig.lxc(0, "init", "m1:busybox", "m1:g3")  # untargeted: not on the group-only m3
+        made.append("g3")
+        placed = locations(rig, 1)
+        assert placed["g1"] == placed["g2"] == "m3" and placed["g3"] != "m3", placed
+        result = rig.lxc(0, "cluster", "group", "delete", "m1:gpu", check=False)
+        assert "Only empty cluster groups can be removed" in result.stderr
+        # `lxc cluster group edit`'s PUT: description and members, both ways.
+        for members in (["m2", "m3"], ["m3"]):
+            rig.lxc(1, "query", "-X", "PUT", "-d",
+                    json.dumps({"description": "GPUs", "members": members}),
+                    "m2:/1.0/cluster/groups/gpu")  # fmt: skip
+            shown = json.loads(rig.lxc(0, "query", "m1:/1.0/cluster/groups/gpu").stdout)
+            assert shown == {"name": "gpu", "description": "GPUs", "members": members}
+        assert groups_of(rig, 0)["default"] == ["m1", "m2", "m3"]
+
+        rig.lxc(2, "cluster", "group", "rename", "m3:gpu", "accel")
+        assert json.loads(rig.lxc(0, "query", "m1:/1.0/cluster/members/m3").stdout)["groups"] == [
+            "default", "accel"]  # fmt: skip
+        rig.lxc(0, "cluster", "group", "remove", "m1:m3", "accel")
+        rig.lxc(0, "cluster", "group", "delete", "m1:accel")
+        assert groups_of(rig, 0) == {"default": ["m1", "m2", "m3"]}
+    finally:
+        rig.lxc(0, "cluster", "unset", "m3", "scheduler.instance", check=False)
+        for name in made:
+            rig.lxc(0, "delete", "--force", f"m1:{name}", check=False)
+        for group in ("gpu", "accel"):
+            rig.lxc(0, "cluster", "group", "remove", "m1:m3", group, check=False)
+            rig.lxc(0, "cluster", "group", "delete", f"m1:{group}", check=False)
+
+
 def test_target_unknown_member_is_refused(rig: ClusterRig) -> None:
     result = rig.lxc(0, "init", "m1:busybox", "m1:nowhere", "--target", "m7", check=False)
     assert result.returncode != 0
@@ -281,6 +351,87 @@ def test_an_instance_on_m2_is_worked_from_the_other_members(
     assert "c2" in rig.lxc(1, "info", "m2:c2", "--show-log").stdout
 
 
+def statuses(rig: ClusterRig, via: int) -> dict[str, str]:
+    return {r["name"]: r["status"] for r in rig.lxc_json(via, "list")}
+
+
+def test_evacuate_stops_local_containers_and_restore_starts_them(rig: ClusterRig) -> None:
+    """LXD 5.0's evacuation of containers on local storage: `auto` and `stop` ones are
+    stopped where they are, a `migrate` one moves to another member and runs there; the
+    member is Evacuated and takes no instance; restore starts those that were running and
+    brings the moved one back. Bad input is refused and changes nothing."""
+    rig.lxc(0, "launch", "m1:busybox", "m1:ev1", "--target", "m2")
+    rig.lxc(0, "launch", "m1:busybox", "m1:ev2", "--target", "m2", "-c", "cluster.evacuate=stop")
+    rig.lxc(0, "init", "m1:busybox", "m1:ev3", "--target", "m2")
+    rig.lxc(0, "launch", "m1:busybox", "m1:ev5", "--target", "m2", "-c",
+            "cluster.evacuate=migrate")  # fmt: skip
+    made = ["ev1", "ev2", "ev3", "ev5"]
+    try:
+        result = rig.lxc(0, "cluster", "evacuate", "m9", "--force", check=False)
+        assert "Cluster member not found" in result.stderr
+        result = rig.lxc(0, "query", "-X", "POST", "-d", '{"action":"dance"}',
+                         "m1:/1.0/cluster/members/m2/state", check=False)  # fmt: skip
+        assert 'Unknown action "dance"' in result.stderr
+        result = rig.lxc(0, "cluster", "restore", "m2", "--force", check=False)
+        assert "Cluster member is already restored" in result.stderr
+        assert member_rows(rig, 0)["m2"]["status"] == "Online"
+
+        rig.lxc(2, "cluster", "evacuate", "m2", "--force")
+        row = member_rows(rig, 0)["m2"]
+        assert (row["status"], row["message"]) == ("Evacuated", "Unavailable due to maintenance")
+        now = statuses(rig, 1)
+        assert [now[n] for n in made] == ["Stopped", "Stopped", "Stopped", "Running"], now
+        placed = locations(rig, 0)
+        assert [placed[n] for n in made[:3]] == ["m2", "m2", "m2"]
+        # `migrate`: moved to another member, and running there.
+        assert placed["ev5"] in ("m1", "m3"), placed
+        origin = rig.lxc(0, "config", "get", "m1:ev5", "volatile.evacuate.origin").stdout
+        assert origin.strip() == "m2"
+        result = rig.lxc(0, "cluster", "evacuate", "m2", "--force", check=False)
+        assert "Cluster member is already evacuated" in result.stderr
+        result = rig.lxc(0, "init", "m1:busybox", "m1:ev4", "--target", "m2", check=False)
+        assert result.returncode != 0 and "Cluster member is evacuated" in result.stderr
+        assert "ev4" not in locations(rig, 0)
+
+        rig.lxc(0, "cluster", "restore", "m2", "--force")
+        assert member_rows(rig, 1)["m2"]["status"] == "Online"
+        now = statuses(rig, 2)
+        assert [now[n] for n in made] == ["Running", "Running", "Stopped", "Running"], now
+        assert locations(rig, 1)["ev5"] == "m2"  # moved back
+        origin = rig.lxc(0, "config", "get", "m1:ev5", "volatile.evacuate.origin").stdout
+        assert origin.strip() == ""
+    finally:
+        if member_rows(rig, 0)["m2"]["status"] == "Evacuated":
+            rig.lxc(0, "cluster", "restore", "m2", "--force", check=False)
+        for name in made:
+            rig.lxc(0, "delete", "--force", f"m1:{name}", check=False)
+
+
+def test_a_stopped_container_moves_between_members(rig: ClusterRig) -> None:
+    """`lxc move c1 --target m3`: its root filesystem, snapshot and config go along;
+    bad targets are refused and change nothing."""
+    rig.lxc(0, "launch", "m1:busybox", "m1:mv1", "--target", "m2", "-c", "user.tag=kept")
+    try:
+        rig.lxc(1, "exec", "m2:mv1", "--", "sh", "-c", "echo moved > /root/x")
+        rig.lxc(0, "stop", "m1:mv1", "--force")
+        rig.lxc(0, "snapshot", "m1:mv1", "s0")
+        for target, error in (("m9", "Cluster member not found"),
+                              ("m2", 'already on cluster member "m2"')):  # fmt: skip
+            result = rig.lxc(0, "move", "m1:mv1", "--target", target, check=False)
+            assert result.returncode != 0 and error in result.stderr, result.stderr
+        assert locations(rig, 0)["mv1"] == "m2"
+
+        rig.lxc(2, "move", "m3:mv1", "--target", "m3")
+        assert locations(rig, 1)["mv1"] == "m3"
+        info = rig.lxc(0, "info", "m1:mv1").stdout
+        assert "Location: m3" in info and "s0" in info, info
+        assert rig.lxc(0, "config", "get", "m1:mv1", "user.tag").stdout.strip() == "kept"
+        rig.lxc(0, "start", "m1:mv1")
+        assert rig.lxc(0, "exec", "m1:mv1", "--", "cat", "/root/x").stdout.strip() == "moved"
+    finally:
+        rig.lxc(0, "delete", "--force", "m1:mv1", check=False)
+
+
 def test_removing_a_member_that_holds_instances_is_refused(rig: ClusterRig) -> None:
     if "c2" not in locations(rig, 0):
         rig.lxc(0, "init", "m1:busybox", "m1:c2", "--target", "m2")
@@ -290,21 +441,85 @@ def test_removing_a_member_that_holds_instances_is_refused(rig: ClusterRig) -> N
     assert sorted(member_rows(rig, 0)) == ["m1", "m2", "m3"]
 
 
-def test_a_fourth_member_joins_as_a_store_client_and_is_removed(rig: ClusterRig) -> None:
-    """Beyond cluster.max_voters (3) a joiner runs no etcd: it uses the voters'. Its
-    token is single use. `lxc cluster remove` takes it out."""
-    joiner = rig.spare_member()
-    token = rig.lxc(0, "cluster", "add", joiner.name, "-q").stdout.strip().splitlines()[-1]
-    joiner.croft("init", "--preseed", input=_preseed(joiner.name, joiner.https, token),
-                 timeout=400)  # fmt: skip
+def _local_api(member, method: str, path: str, body: dict | None = None) -> dict:  # type: ignore[no-untyped-def]
+    """A request on a member's unix socket, as LXD's join_api test makes it with curl."""
+    argv = ["curl", "-s", "--unix-socket", str(member.state_dir / "unix.socket"), "-X", method,
+            f"lxd{path}"]  # fmt: skip
+    if body is not None:
+        argv += ["-d", json.dumps(body)]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True).stdout
+    return json.loads(out)
+
+
+def _clustered(member) -> bool:  # type: ignore[no-untyped-def]
     try:
-        rig.add_remote(joiner)
+        return bool(_local_api(member, "GET", "/1.0/cluster")["metadata"]["enabled"])
+    except (subprocess.CalledProcessError, ValueError, KeyError):
+        return False
+
+
+def _server_name(member) -> str:  # type: ignore[no-untyped-def]
+    try:
+        return str(_local_api(member, "GET", "/1.0")["metadata"]["environment"]["server_name"])
+    except (subprocess.CalledProcessError, ValueError, KeyError):
+        return ""
+
+
+def test_a_fourth_member_joins_by_lxds_join_api_is_renamed_and_removed(
+    rig: ClusterRig,
+) -> None:
+    """A running standalone croft joins with a raw `PUT /1.0/cluster` (LXD's join API, as
+    `lxd init` sends it). Beyond cluster.max_voters (3) it runs no etcd: it uses the
+    voters'. Its token is single use. `lxc cluster remove` takes it out."""
+    joiner = rig.spare_member()
+    name = joiner.name
+    joiner.up()
+    token = rig.lxc(0, "cluster", "add", joiner.name, "-q").stdout.strip().splitlines()[-1]
+    cert = ssl.get_server_certificate((rig.members[0].address, 8443))
+    join = {
+        "server_name": joiner.name, "enabled": True, "server_address": joiner.https,
+        "cluster_address": rig.members[0].https, "cluster_certificate": cert,
+        "cluster_password": token,
+        "member_config": [{"entity": "storage-pool", "name": "default", "key": "source",
+                           "value": ""}],
+    }  # fmt: skip
+    try:
+        # Bad input, refused before any operation, as LXD words it; nothing changes.
+        for change, error in (
+            ({"cluster_certificate": ""}, "No target cluster member certificate provided"),
+            ({"server_address": ""}, "No server address provided for this member"),
+            ({"cluster_password": "sekret"}, "join token"),
+            ({"server_name": "m9"}, "This member's name is"),
+        ):
+            reply = _local_api(joiner, "PUT", "/1.0/cluster", {**join, **change})
+            assert reply["error_code"] == 400 and error in reply["error"], reply
+        # A certificate that is not the cluster's: the operation fails before asking.
+        own = (joiner.state_dir / "server.crt").read_text()
+        reply = _local_api(joiner, "PUT", "/1.0/cluster", {**join, "cluster_certificate": own})
+        failed = _local_api(joiner, "GET", f"{reply['operation']}/wait")["metadata"]
+        assert failed["status"] == "Failure" and "does not match" in failed["err"], failed
+        assert _local_api(joiner, "GET", "/1.0/cluster")["metadata"]["enabled"] is False
+        assert not (joiner.state_dir / "cluster.yaml").exists()
+
+        reply = _local_api(joiner, "PUT", "/1.0/cluster", join)
+        assert reply["type"] == "async", reply
+        assert reply["metadata"]["description"] == "Joining cluster"
+        done = _local_api(joiner, "GET", f"{reply['operation']}/wait")
+        assert done["metadata"]["status"] == "Success", done
+        # It restarts into the cluster: Online once its node agent's heartbeats come.
         rows = wait_for(
             lambda: (r := member_rows(rig, 1)) and r.get(joiner.name, {}).get("status") == "Online"
-            and r, 90)  # fmt: skip
+            and r, 240)  # fmt: skip
+        wait_for(lambda: _clustered(joiner), 240)
+        rig.add_remote(joiner)
+        assert rows[joiner.name]["message"] == "Fully operational"
         assert rows[joiner.name]["roles"] == [] and rows[joiner.name]["database"] is False
         assert sum("database" in r["roles"] for r in rows.values()) == 3
+        # Its standalone store was set aside; it runs none now.
         assert not (joiner.state_dir / "etcd").exists()
+        assert list(joiner.state_dir.glob("etcd.standalone.*"))
+        # It serves the cluster's certificate and is clustered through its own socket.
+        assert ssl.get_server_certificate((joiner.address, 8443)).strip() == cert.strip()
         # The token is used up: listed no more, and refused when shown again.
         assert json.loads(rig.lxc(0, "cluster", "list-tokens", "--format", "json").stdout) == []
         status, body = _raw_join(rig, token, joiner.name, "10.77.0.99:8443")
@@ -313,12 +528,30 @@ def test_a_fourth_member_joins_as_a_store_client_and_is_removed(rig: ClusterRig)
         # Its services answer: an instance lands there when targeted.
         rig.lxc(0, "init", "m1:busybox", "m1:c4", "--target", joiner.name)
         assert locations(rig, 0)["c4"] == joiner.name
-        result = rig.lxc(0, "cluster", "remove", joiner.name, check=False)
+
+        # `lxc cluster rename`: refusals as LXD's, then its instance's location follows and
+        # it serves under the new name once restarted.
+        for old, new, error in (
+            (joiner.name, "m1", "The record already exists"),
+            (joiner.name, "@x", 'ServerName may not start with "@"'),
+            ("m9", "m10", "Cluster member not found"),
+        ):
+            result = rig.lxc(0, "cluster", "rename", old, new, check=False)
+            assert result.returncode != 0 and error in result.stderr, result.stderr
+        assert sorted(member_rows(rig, 0)) == ["m1", "m2", "m3", joiner.name]
+        rig.lxc(1, "cluster", "rename", joiner.name, "m4x")
+        name = "m4x"
+        assert locations(rig, 0)["c4"] == name
+        wait_for(lambda: _server_name(joiner) == name, 240)
+        rows = wait_for(lambda: (r := member_rows(rig, 2)) and r[name]["status"] == "Online" and r)
+        assert sorted(rows) == ["m1", "m2", "m3", name]
+
+        result = rig.lxc(0, "cluster", "remove", name, check=False)
         assert "Node still has the following instances: c4" in result.stderr
-        rig.lxc(0, "delete", "m1:c4")
+        rig.lxc(0, "delete", "m1:c4")  # forwarded to its compute, under its new name
     finally:
         joiner.croft("down", check=False)
-    rig.lxc(0, "cluster", "remove", joiner.name)
+    rig.lxc(0, "cluster", "remove", name)
     assert sorted(member_rows(rig, 2)) == ["m1", "m2", "m3"]
 
 

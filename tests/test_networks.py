@@ -263,7 +263,7 @@ def test_rename_moves_the_bridge_and_keeps_its_config(
 def test_two_containers_on_a_second_bridge_get_its_addresses_and_reach_each_other(
     env: tuple[Croft, Lxc, str], network: str
 ) -> None:
-    croft, lxc, _ = env
+    croft, lxc, default = env
     subnet = free_subnet()
     gateway = subnet.network_address + 1
     first, last = subnet.network_address + 100, subnet.network_address + 150
@@ -286,6 +286,13 @@ def test_two_containers_on_a_second_bridge_get_its_addresses_and_reach_each_othe
         outside = lxc("config", "device", "set", names[2], "eth0", "ipv4.address", "192.0.2.77",
                       check=False)  # fmt: skip
         assert f'Device IP address "192.0.2.77" not within network "{network}"' in outside.stderr
+        # So is a MAC address set on a NIC: another NIC on the network cannot take it.
+        mac = "00:16:3e:5a:11:7e"
+        lxc("config", "device", "set", names[2], "eth0", "hwaddr", mac)
+        dup = lxc("config", "device", "set", names[1], "eth0", "hwaddr", mac, check=False)
+        assert f'MAC address "{mac}" already defined on another NIC' in dup.stderr, dup.stderr
+        shown = json.loads(lxc("query", f"/1.0/instances/{names[1]}").stdout)["devices"]
+        assert "hwaddr" not in shown["eth0"]
         lxc("delete", names[2])
 
         lxc("start", names[0], names[1])
@@ -296,6 +303,20 @@ def test_two_containers_on_a_second_bridge_get_its_addresses_and_reach_each_othe
         assert ping.returncode == 0, ping.stdout + ping.stderr
         ping = lxc("exec", names[1], "--", "ping", "-c", "1", "-W", "5", dynamic, check=False)
         assert ping.returncode == 0, ping.stdout + ping.stderr
+
+        # The first bridge's container: the NAT-less second bridge reaches it only by
+        # routing, along the routes the container has (here: the one set by hand).
+        lxc("launch", "busybox", names[2])
+        there = wait_until(lambda: ipv4_of(lxc, names[2]), 60, "a lease on the first bridge")
+        lxc("exec", names[0], "--", "ip", "route", "del", "default")
+        ping = lxc("exec", names[0], "--", "ping", "-c", "1", "-W", "3", there, check=False)
+        assert ping.returncode != 0, "reached the first bridge without a route"
+        first_subnet = lxc("network", "get", default, "ipv4.address").stdout.strip()
+        lxc("exec", names[0], "--", "ip", "route", "add",
+            str(IPv4Network(first_subnet, strict=False)), "via", str(gateway))  # fmt: skip
+        ping = lxc("exec", names[0], "--", "ping", "-c", "1", "-W", "5", there, check=False)
+        assert ping.returncode == 0, ping.stdout + ping.stderr
+        lxc("delete", "--force", names[2])
 
         shown = yaml.safe_load(lxc("network", "show", network).stdout)
         assert shown["used_by"] == sorted(f"/1.0/instances/{n}" for n in names[:2])

@@ -6,10 +6,12 @@ switches, routers and SNAT."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
 import subprocess
+import urllib.request
 from collections.abc import Iterator
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
@@ -65,7 +67,7 @@ class Ovn:
         found = []
         for table in ("Logical_Switch", "Logical_Router", "Logical_Switch_Port"):
             found += [f"{table} {name}" for name in self.rows(table)]
-        for table in ("DHCP_Options", "DNS"):
+        for table in ("DHCP_Options", "DNS", "Port_Group", "ACL", "Load_Balancer"):
             if self.nb("--bare", "--columns=_uuid", "list", table).strip():
                 found.append(table)
         for bridge in self.vsctl("list-br").split():
@@ -188,6 +190,176 @@ def test_two_ovn_networks_give_addresses_route_to_the_uplink_and_keep_apart(
     lxc("network", "delete", o1)
     lxc("network", "delete", o2)
     assert ovn.leftovers() == []
+
+
+def test_an_acl_allowing_only_tcp_22_in_on_ovn(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    """`security.acls` on an OVN network is OVN port groups and ACLs: a container
+    serving ports 22 and 80 is reached by its neighbour on 22 only; unassigned or
+    deleted, no port group or ACL row stays."""
+    _, lxc, _, ovn = env
+    up, _ = uplink
+    name, acl = unique("oacl-"), unique("acl")
+    server, client = unique("sv-"), unique("cl-")
+    renamed = ""
+
+    def groups(network: str = name) -> list[str]:
+        out = ovn.nb("--bare", "--columns=name", "find", "Port_Group",
+                     f"external_ids:croft-network={network}")  # fmt: skip
+        return out.split()
+
+    def fetch(port: int) -> subprocess.CompletedProcess[str]:
+        # busybox's nc (its wget crashes with a timeout): an HTTP request, 3 s to connect.
+        request = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {address} {port}"
+        return lxc("exec", client, "--", "sh", "-c", request, check=False, timeout=60)
+
+    lxc("network", "acl", "create", acl)
+    lxc("network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+        "destination_port=22")  # fmt: skip
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        lxc("launch", "busybox", server, "-n", name)
+        lxc("launch", "busybox", client, "-n", name)
+        address = wait_until(lambda: ipv4_of(lxc, server), 180, "an OVN DHCP lease (server)")
+        wait_until(lambda: ipv4_of(lxc, client), 180, "an OVN DHCP lease (client)")
+        lxc("exec", server, "--", "sh", "-c",
+            "mkdir -p /www && echo served > /www/index.html && "
+            "httpd -p 80 -h /www && httpd -p 22 -h /www")  # fmt: skip
+        assert "served" in fetch(80).stdout and "served" in fetch(22).stdout
+
+        # An unknown ACL is refused; nothing is made in OVN.
+        refused = lxc("network", "set", name, "security.acls", "nosuch", check=False)
+        assert 'Network ACL "nosuch" does not exist' in refused.stderr
+        assert groups() == []
+
+        lxc("network", "set", name, "security.acls.default.egress.action=allow",
+            "security.acls.default.ingress.action=drop", f"security.acls={acl}")  # fmt: skip
+        assert len(groups()) == 2  # the ACL's and the network's
+        assert "served" in fetch(22).stdout
+        assert fetch(80).returncode != 0
+        # A change to the ACL applies at once.
+        lxc("network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+            "destination_port=80")  # fmt: skip
+        assert "served" in fetch(80).stdout
+        lxc("network", "acl", "rule", "remove", acl, "ingress", "destination_port=80")
+        assert fetch(80).returncode != 0
+        # A NIC attached after the ACL is filtered too (the server's, again at its start).
+        lxc("restart", "--force", server)
+        address = wait_until(lambda: ipv4_of(lxc, server), 180, "the server's lease again")
+        lxc("exec", server, "--", "sh", "-c", "httpd -p 80 -h /www && httpd -p 22 -h /www")
+        assert "served" in fetch(22).stdout
+        assert fetch(80).returncode != 0
+        refused = lxc("network", "acl", "delete", acl, check=False)
+        assert "Cannot delete an ACL that is in use" in refused.stderr
+
+        lxc("network", "unset", name, "security.acls")
+        assert groups() == []
+        assert "served" in fetch(80).stdout
+
+        # The NIC's own ACLs (an OVN NIC's): its port alone is filtered, and a change to
+        # the ACL reaches it.
+        lxc("stop", "--force", server)
+        refused = lxc("config", "device", "set", server, "eth0", "security.acls=nosuch",
+                      check=False)  # fmt: skip
+        assert 'Network ACL "nosuch" does not exist' in refused.stderr
+        lxc("config", "device", "set", server, "eth0", f"security.acls={acl}",
+            "security.acls.default.ingress.action=drop")  # fmt: skip
+        lxc("start", server)
+        address = wait_until(lambda: ipv4_of(lxc, server), 180, "the server's lease again")
+        lxc("exec", server, "--", "sh", "-c", "httpd -p 80 -h /www && httpd -p 22 -h /www")
+        assert len(groups()) == 3  # the ACL's, the network's baseline, the NIC's defaults
+        assert "served" in fetch(22).stdout
+        assert fetch(80).returncode != 0
+        lxc("network", "acl", "rule", "add", acl, "ingress", "action=allow", "protocol=tcp",
+            "destination_port=80")  # fmt: skip
+        assert "served" in fetch(80).stdout
+        lxc("network", "acl", "rule", "remove", acl, "ingress", "destination_port=80")
+        assert fetch(80).returncode != 0
+        refused = lxc("network", "acl", "delete", acl, check=False)
+        assert "Cannot delete an ACL that is in use" in refused.stderr
+        lxc("stop", "--force", server)
+        lxc("config", "device", "unset", server, "eth0", "security.acls")
+        assert groups() == []
+        lxc("network", "set", name, "security.acls", acl)
+        assert len(groups()) == 2
+        for instance in (server, client):
+            lxc("delete", "--force", instance)
+        # Renamed (nothing uses it now): its rows, ACLs included, under the new name.
+        renamed = unique("oren-")
+        lxc("network", "rename", name, renamed)
+        assert groups() == [] and len(groups(renamed)) == 2
+        routers = ovn.rows("Logical_Router")
+        assert f"croft-net-{renamed}-lr" in routers and f"croft-net-{name}-lr" not in routers
+        assert lxc("network", "get", renamed, "security.acls").stdout.strip() == acl
+        lxc("network", "delete", renamed)
+        lxc("network", "acl", "delete", acl)
+        assert ovn.leftovers() == []
+    finally:
+        for instance in (server, client):
+            lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        if renamed:
+            lxc("network", "delete", renamed, check=False)
+        lxc("network", "acl", "delete", acl, check=False)
+
+
+def test_a_forward_on_an_ovn_network_serves_the_host(
+    env: tuple[Croft, Lxc, str, Ovn], uplink: tuple[str, IPv4Network]
+) -> None:
+    """A forward's listen address (within the uplink's `ipv4.routes`, as LXD wants it)
+    port 8080 is an OVN load balancer on the network's router to a container's port 80;
+    the host reaches it through the router's uplink address."""
+    _, lxc, _, ovn = env
+    up, up_subnet = uplink
+    name, instance = unique("ofw-"), unique("fw-")
+    routed = free_subnet(up_subnet)
+    listen = str(routed.network_address + 5)
+    lxc("network", "set", up, "ipv4.routes", f"{routed.network_address}/28")
+    lxc("network", "create", name, "--type=ovn", f"network={up}", "ipv6.address=none")
+    try:
+        lxc("launch", "busybox", instance, "-n", name)
+        address = wait_until(lambda: ipv4_of(lxc, instance), 180, "an OVN DHCP lease")
+        lxc("exec", instance, "--", "sh", "-c",
+            "mkdir -p /www && echo forwarded > /www/index.html && httpd -p 80 -h /www")  # fmt: skip
+        # A listen address outside the uplink's routes is refused, and nothing is made.
+        outside = str(routed.network_address + 100)
+        refused = lxc("network", "forward", "create", name, outside, check=False)
+        assert f'Uplink network doesn\'t contain "{outside}" in its routes' in refused.stderr
+        assert lxc.json("network", "forward", "list", name) == []
+        assert ovn.rows("Load_Balancer") == []
+
+        lxc("network", "forward", "create", name, listen)
+        lxc("network", "forward", "port", "add", name, listen, "tcp", "8080", address, "80")
+        assert len(ovn.rows("Load_Balancer")) == 1
+
+        def served(port: int = 8080) -> str:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://{listen}:{port}/", timeout=5) as reply,
+            ):
+                return str(reply.read().decode())
+            return ""
+
+        assert "forwarded" in wait_until(served, 60, "the forward to serve")
+        # The network's own instance reaches it too (the balancer is on its switch).
+        request = f"printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 3 {listen} 8080"
+        inside = lxc("exec", instance, "--", "sh", "-c", request, check=False, timeout=60)
+        assert "forwarded" in inside.stdout, inside.stdout + inside.stderr
+        lxc("network", "forward", "delete", name, listen)
+        assert ovn.rows("Load_Balancer") == [] and served() == ""
+        assert listen not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+        lxc("network", "forward", "create", name, listen, f"target_address={address}")
+        # A default target takes every port as it is.
+        assert "forwarded" in wait_until(lambda: served(80), 60, "the default target to serve")
+        lxc("delete", "--force", instance)
+        lxc("network", "delete", name)  # its forwards go with it
+        assert ovn.leftovers() == []
+        assert listen not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+    finally:
+        lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        lxc("network", "unset", up, "ipv4.routes")
 
 
 def test_bad_input_is_refused_and_leaves_no_ovn_rows(

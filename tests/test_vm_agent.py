@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from tests.conftest import Croft, Lxc
 from tests.test_vms import domains, lease_of, vm_image, wait_for_agent
@@ -266,6 +267,75 @@ def test_the_agent_comes_from_the_configuration_drive(v1: tuple[Croft, Lxc, str]
     assert lxc("exec", "v1", "--", "test", "-e", "/bin/croft-agent", check=False).returncode == 1
 
 
+COUNTER = """echo $$ > /tmp/counter.pid
+i=0
+while true; do
+    i=$((i+1))
+    echo $i > /tmp/counter
+    printf 'CROFT-COUNTER-%012d' $i | dd of=/dev/vda bs=4096 seek=256 conv=notrunc,fsync 2>/dev/null
+    sleep 0.2
+done
+"""
+
+
+def counter_on_disk(disk: Path) -> int:
+    """The counter the guest's process last wrote to its disk (4096 * 256 bytes in)."""
+    with open(disk, "rb") as f:
+        f.seek(4096 * 256)
+        data = f.read(26)
+    assert data.startswith(b"CROFT-COUNTER-"), data
+    return int(data[len(b"CROFT-COUNTER-") :])
+
+
+def test_a_running_vm_moves_live_to_another_pool(v1: tuple[Croft, Lxc, str]) -> None:
+    """Beyond LXD (which refuses): `lxc move v1 --storage p` while v1 runs mirrors its
+    disk into the other pool and switches to it; a process in the guest that writes to
+    the disk runs on throughout, and its writes land on the new disk."""
+    croft, lxc, _ = v1
+    pools = croft.root / "state" / "storage-pools"
+    lxc("storage", "create", "vmbt", "btrfs", "size=1GiB")
+    expanded = yaml.safe_load(lxc("config", "show", "v1", "--expanded").stdout)
+    assert expanded["devices"]["root"]["pool"] == "default"
+    old_disk = pools / "default" / "virtual-machines" / "v1" / "root.img"
+    lxc("file", "push", "-", "v1/tmp/counter.sh", input=COUNTER)
+    lxc("exec", "v1", "--", "sh", "-c", "setsid sh /tmp/counter.sh </dev/null >/dev/null 2>&1 &")
+    deadline = time.monotonic() + 120
+    while lxc("exec", "v1", "--", "cat", "/tmp/counter", check=False).returncode != 0:
+        assert time.monotonic() < deadline, "the counter never started"
+        time.sleep(0.5)
+    pid = lxc("exec", "v1", "--", "cat", "/tmp/counter.pid").stdout.strip()
+    before = int(lxc("exec", "v1", "--", "cat", "/tmp/counter").stdout)
+    # As LXD: a stateless move of a running instance is refused, and nothing changes.
+    refused = lxc("move", "v1", "--storage", "vmbt", "--stateless", check=False)
+    assert refused.returncode != 0
+    assert "Instance must be stopped to move between pools statelessly" in refused.stderr
+    assert old_disk.is_file()
+
+    lxc("move", "v1", "--storage", "vmbt", timeout=600)
+
+    new_disk = pools / "vmbt" / "virtual-machines" / "v1" / "root.img"
+    assert new_disk.is_file()
+    assert not (pools / "default" / "virtual-machines" / "v1").exists()
+    # The same process, still counting; what it writes now goes to the new disk.
+    assert lxc.json("list", "v1")[0]["status"] == "Running"
+    assert lxc("exec", "v1", "--", "cat", "/tmp/counter.pid").stdout.strip() == pid
+    assert lxc("exec", "v1", "--", "kill", "-0", pid).returncode == 0
+    moved = counter_on_disk(new_disk)
+    assert moved >= before
+    deadline = time.monotonic() + 120
+    while counter_on_disk(new_disk) <= moved:
+        assert time.monotonic() < deadline, "the guest's writes do not reach the new disk"
+        time.sleep(0.5)
+    assert int(lxc("exec", "v1", "--", "cat", "/tmp/counter").stdout) > before
+    # Its records say so: the root disk's pool, the volumes of each pool.
+    assert yaml.safe_load(lxc("config", "show", "v1").stdout)["devices"]["root"]["pool"] == "vmbt"
+    vmbt = lxc.json("storage", "volume", "list", "vmbt")
+    assert [(v["type"], v["name"]) for v in vmbt] == [("virtual-machine", "v1")]
+    default = lxc.json("storage", "volume", "list", "default")
+    assert "v1" not in [v["name"] for v in default if v["type"] == "virtual-machine"]
+    lxc("exec", "v1", "--", "kill", pid)
+
+
 def test_a_clean_stop_through_the_agent_when_acpi_is_ignored(v1: tuple[Croft, Lxc, str]) -> None:
     croft, lxc, _ = v1
     # No ACPI handler left in the guest: croft asks its agent to power it off.
@@ -276,6 +346,21 @@ def test_a_clean_stop_through_the_agent_when_acpi_is_ignored(v1: tuple[Croft, Lx
     lxc("stop", "v1", timeout=300)
     assert lxc.json("list", "v1")[0]["status"] == "Stopped"
     assert "reboot: Power down" in log.read_text(errors="replace")
+
+
+def test_a_stopped_vm_moves_back_with_its_boot_files(v1: tuple[Croft, Lxc, str]) -> None:
+    """btrfs to dir is a copy of the trees: the disk and the kernel beside it both go,
+    and the definition follows them (the next test boots v1 from the dir pool)."""
+    croft, lxc, _ = v1
+    assert lxc.json("list", "v1")[0]["status"] == "Stopped"
+    lxc("move", "v1", "--storage", "default", timeout=600)
+    volume = croft.root / "state" / "storage-pools" / "default" / "virtual-machines" / "v1"
+    assert (volume / "boot" / "vmlinux").is_file()
+    assert (volume / "root.img").read_bytes().startswith(b"CROFT-TINY-VM-DISK")
+    assert not (
+        croft.root / "state" / "storage-pools" / "vmbt" / "virtual-machines" / "v1"
+    ).exists()
+    lxc("storage", "delete", "vmbt")
 
 
 def test_limits_apply_at_the_next_start_and_too_much_memory_is_refused(

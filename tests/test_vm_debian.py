@@ -124,12 +124,6 @@ def test_debian_vm_boots_uefi_with_secure_boot(booted: tuple[Croft, Lxc]) -> Non
     assert "Welcome to GRUB" in log and "login:" in log
 
 
-@pytest.mark.xfail(
-    reason="v1 gets its DHCP address but v1.croft did not resolve from c1 in the one run "
-    "(17:30 UTC, load 20): not investigated yet (the guest sends hostname 'debian' and a "
-    "DUID client id; containers send their instance name)",
-    strict=False,
-)
 def test_debian_vm_name_resolves_from_a_container(booted: tuple[Croft, Lxc]) -> None:
     _, lxc = booted
 

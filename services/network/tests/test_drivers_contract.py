@@ -71,6 +71,7 @@ CASES: dict[str, Case] = {
         config={"network": "crtupl", "ipv6.address": "none"},
         failing_start={"network": "crtupldown"},  # an uplink that is not up here
         live_change={"dns.domain": "example", "bridge.mtu": "1400"},
+        renames=True,
     ),
 }
 

@@ -9,6 +9,7 @@ btrfs pools on loop files; a copy that fails leaves neither record nor volume.""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 from collections.abc import AsyncIterator
@@ -216,3 +217,50 @@ async def test_a_copy_onto_a_taken_name_changes_nothing(
         await storage.call(
             "CopyInstanceVolume", pool="bt1", name="c1", new_name="c3", target_pool="nopool"
         )
+
+
+async def test_a_mirror_target_gets_the_files_beside_the_disk_and_an_empty_disk(
+    storage: StorageService, pools: dict[str, str]
+) -> None:
+    """What a running VM's live move asks of storage: a volume in the other pool with the
+    files beside the disk (a direct-boot kernel) and an empty disk of the same size, its
+    record claimed until completed; the old volume stays until compute deletes it."""
+    vm = {"type": "virtual-machine", "name": "v1"}
+    made = await storage.call("CreateInstanceVolume", **vm)
+    disk, volume = Path(made.block_path), Path(made.mount_path)
+    (volume / "boot").mkdir()
+    (volume / "boot/vmlinux").write_bytes(b"kernel")
+    with open(disk, "r+b") as f:
+        f.write(b"written by the guest")
+    refused = [
+        storage.call("CreateMirrorTarget", **vm, target_pool=storage.pool),
+        storage.call("CreateMirrorTarget", type="container", name="v1", target_pool="bt1"),
+    ]
+    for call in refused:
+        with pytest.raises(CroftError):
+            await call
+
+    target = await storage.call("CreateMirrorTarget", **vm, target_pool="bt1")
+
+    assert (Path(target.mount_path) / "boot/vmlinux").read_bytes() == b"kernel"
+    assert os.path.getsize(target.block_path) == os.path.getsize(disk)
+    with open(target.block_path, "rb") as f:
+        assert f.read(20) == b"\0" * 20  # the mirror fills it, not storage
+    claimed = await storage.record(
+        record_prefix("storage-volumes", "default") + "bt1/virtual-machine/v1"
+    )
+    assert claimed is not None and claimed["_croft"]["state"] == "creating"
+    with pytest.raises(CroftError):  # a second move into the pool while one runs
+        await storage.call("CreateMirrorTarget", **vm, target_pool="bt1")
+
+    done = await storage.call("CompleteMirrorTarget", pool="bt1", **vm)
+
+    assert done.block_path == target.block_path
+    assert "state" not in json.loads(done.record)["_croft"]
+    assert await keys_of(storage, "bt1") == ["virtual-machine/v1"]
+    with open(disk, "rb") as f:  # the old volume stays: compute deletes it
+        assert f.read(20) == b"written by the guest"
+    await storage.call("DeleteInstanceVolume", **vm)
+    await storage.call("DeleteInstanceVolume", pool="bt1", **vm)
+    assert await keys_of(storage, "bt1") == []
+    assert entries(storage, "bt1", "virtual-machines") == []

@@ -8,6 +8,11 @@ agent (which writes its member's heartbeat).
   every `HEARTBEAT_INTERVAL` seconds with what its etcd says of itself (voter, leader,
   learner). A member is Offline once its last heartbeat is older than
   `cluster.offline_threshold` (LXD's default, 20 s);
+- `cluster/renamed/<old name>`: `{"name": <new name>}` while a renamed member has yet to
+  restart under its new name (its node agent does, when it sees this);
+- `cluster/groups/<name>`: a cluster group's `{"name", "description"}`; its members are
+  those whose record lists it in `groups` (every member starts in `default`, which always
+  exists and has no record until its description is set);
 - `cluster/certificate`: the certificate and key every member serves (LXD's cluster.crt),
   so that one client trust covers every member.
 """
@@ -20,10 +25,16 @@ from typing import Any
 
 from croft.common.records import RECORDS
 
+CLUSTER_PREFIX = f"{RECORDS}cluster/"
 CLUSTER_KEY = f"{RECORDS}cluster/config"
 MEMBERS_PREFIX = f"{RECORDS}cluster/members/"
 HEARTBEATS_PREFIX = f"{RECORDS}cluster/heartbeats/"
 CERTIFICATE_KEY = f"{RECORDS}cluster/certificate"
+RENAMED_PREFIX = f"{RECORDS}cluster/renamed/"
+GROUPS_PREFIX = f"{RECORDS}cluster/groups/"
+DEFAULT_GROUP = "default"
+STATE_CREATED = "created"
+STATE_EVACUATED = "evacuated"
 
 HEARTBEAT_INTERVAL = 2.0
 DEFAULT_OFFLINE_THRESHOLD = 20
@@ -36,6 +47,38 @@ def member_key(name: str) -> str:
 
 def heartbeat_key(name: str) -> str:
     return f"{HEARTBEATS_PREFIX}{name}"
+
+
+def group_key(name: str) -> str:
+    return f"{GROUPS_PREFIX}{name}"
+
+
+def renamed_key(old: str) -> str:
+    return f"{RENAMED_PREFIX}{old}"
+
+
+def rename_member_references(record: dict[str, Any], old: str, new: str) -> bool:
+    """Point a record's member references (its `location`/`locations`, croft's
+    `_croft.member` and the keys of `_croft.members`) from `old` to `new`, in place;
+    True if it had any. A member's rename changes nothing else of a record."""
+    changed = False
+    if record.get("location") == old:
+        record["location"] = new
+        changed = True
+    locations = record.get("locations")
+    if isinstance(locations, list) and old in locations:
+        record["locations"] = [new if x == old else x for x in locations]
+        changed = True
+    meta = record.get("_croft")
+    if isinstance(meta, dict):
+        if meta.get("member") == old:
+            meta["member"] = new
+            changed = True
+        members = meta.get("members")
+        if isinstance(members, dict) and old in members:
+            meta["members"] = {(new if k == old else k): v for k, v in members.items()}
+            changed = True
+    return changed
 
 
 @dataclass
@@ -55,6 +98,9 @@ class MemberRecord:
     etcd_client_url: str = ""
     etcd_peer_url: str = ""
     joined_at: float = field(default_factory=time.time)
+    # LXD's member state: "created", or "evacuated" between `lxc cluster evacuate` and
+    # `restore` (no instance is placed on it meanwhile).
+    state: str = "created"
 
     def dump(self) -> dict[str, Any]:
         return asdict(self)

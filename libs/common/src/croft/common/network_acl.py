@@ -412,6 +412,7 @@ class PolicyRule:
     direction: str
     rule: AclRule
     log_prefix: str = ""
+    acl: str = ""  # the ACL the rule is from (OVN keeps a port group per ACL)
 
 
 @dataclass(frozen=True)
@@ -428,7 +429,12 @@ class NetworkAclPolicy:
     def to_json(self) -> dict[str, Any]:
         return {
             "rules": [
-                {"direction": r.direction, "rule": r.rule.to_api(), "log_prefix": r.log_prefix}
+                {
+                    "direction": r.direction,
+                    "rule": r.rule.to_api(),
+                    "log_prefix": r.log_prefix,
+                    "acl": r.acl,
+                }
                 for r in self.rules
             ],
             "default_ingress": self.default_ingress,
@@ -441,7 +447,9 @@ class NetworkAclPolicy:
     def from_json(cls, data: Mapping[str, Any]) -> NetworkAclPolicy:
         return cls(
             rules=tuple(
-                PolicyRule(r["direction"], AclRule(**r["rule"]), r.get("log_prefix", ""))
+                PolicyRule(
+                    r["direction"], AclRule(**r["rule"]), r.get("log_prefix", ""), r.get("acl", "")
+                )
                 for r in data.get("rules", [])
             ),
             default_ingress=data.get("default_ingress", "reject"),
@@ -469,7 +477,7 @@ def network_policy(
                 if rule.state == "disabled":
                     continue
                 prefix = f"{network}-{direction}-{index}" if rule.state == "logged" else ""
-                ordered[rule.action].append(PolicyRule(direction, rule, prefix[:29]))
+                ordered[rule.action].append(PolicyRule(direction, rule, prefix[:29], name))
 
     def default(direction: str) -> tuple[str, bool]:
         action = config.get(f"security.acls.default.{direction}.action") or "reject"

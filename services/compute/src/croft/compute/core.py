@@ -25,7 +25,7 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from croft.common import events
+from croft.common import cluster, events
 from croft.common.blocking import in_thread, uninterrupted
 from croft.common.clients import NetworkClient, StorageClient
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
@@ -117,6 +117,8 @@ class ComputeCore:
         self.context = context
         self.store = context.store
         self.member = context.config.member
+        # Whether this member is in a cluster (LXD's event location), and when it was read.
+        self._clustered: tuple[bool, float] = (False, 0.0)
         self.drivers = dict(drivers)
         self._locks: KeyedLock[tuple[str, str]] = KeyedLock()
         # Each instance's type, as its record says (it never changes): the calls that
@@ -200,12 +202,25 @@ class ComputeCore:
         reports (none when the event log cannot take it: the change matters more)."""
         metadata = {"action": action, "source": f"/1.0/instances/{name}", "context": context}
         try:
+            location = await self._event_location()
             return [
-                await events.publisher(self.store).event("lifecycle", metadata, project=project)
+                await events.publisher(self.store).event(
+                    "lifecycle", metadata, project=project, location=location
+                )
             ]
         except CroftError as exc:
             log.warning("no %s event for %s/%s: %s", action, project, name, exc)
             return []
+
+    async def _event_location(self) -> str:
+        """LXD's event location: this member's name once it is in a cluster, else "none"
+        (read again at most every 10 s while standalone; a cluster is not left)."""
+        clustered, read_at = self._clustered
+        if not clustered and time.monotonic() - read_at > 10:
+            found = await self.store.get_json(cluster.CLUSTER_KEY)
+            clustered = bool(found and found[0].get("enabled"))
+            self._clustered = (clustered, time.monotonic())
+        return self.member if clustered else "none"
 
     async def record(self, project: str, name: str) -> tuple[dict[str, Any], int]:
         found = await self.store.get_json(instance_key(project, name))
@@ -1405,12 +1420,16 @@ class ComputeCore:
             disk=disk,
         )
 
-    async def _write_definition(self, project: str, name: str, record: dict[str, Any]) -> None:
+    async def _write_definition(
+        self, project: str, name: str, record: dict[str, Any], disk: str = ""
+    ) -> None:
         """Write the driver definition of stopped instance `name` again from `record` (its
         managed NICs attached again, which only updates them), and note in the record what
-        it was written from."""
+        it was written from. `disk`: a block volume's disk when it changed (a move)."""
         meta = InstanceRecord.meta_of(record)
-        spec = await self._spec_with_nics(project, name, record, meta.rootfs, meta.volume or "")
+        spec = await self._spec_with_nics(
+            project, name, record, meta.rootfs, meta.volume or "", disk
+        )
         await self.driver_for(record).redefine(spec)
         meta.definition = definition_digest(record)
         record["_croft"] = meta.dump()
@@ -1533,22 +1552,32 @@ class ComputeCore:
         name: str,
         pool: str,
         instance_only: bool = False,
+        live: bool = False,
     ) -> dict[str, Any]:
-        """Move the stopped instance's root volume, with its snapshots (deleted instead
-        with `instance_only`, as LXD), to another pool of this member (`lxc move
-        --storage`): the volume is copied there, the record and the definition point at
-        the copy, then the old volume goes. The instance keeps its uuid, MACs and
-        addresses. A failure before the record is written leaves nothing in the new pool
-        and the instance as it was. (No writes ride along: the caller's operation ends
-        once the old volume is gone too, not when the record is written.)"""
+        """Move the instance's root volume, with its snapshots (deleted instead with
+        `instance_only`, as LXD), to another pool of this member (`lxc move --storage`):
+        the volume is copied there, the record and the definition point at the copy, then
+        the old volume goes. The instance keeps its uuid, MACs and addresses. A failure
+        before the record is written leaves nothing in the new pool and the instance as it
+        was. (No writes ride along: the caller's operation ends once the old volume is gone
+        too, not when the record is written.)
+
+        A running instance moves only `live` and where its driver can switch its disk
+        while it runs (`live_disk_move`, a VM: beyond LXD, which refuses): see
+        `_move_running`. Otherwise it must be stopped, with LXD's refusals."""
         async with self.lock(project, name):
             record, revision = await self.record(project, name)
             driver = self.driver_for(record)
             host_name = driver_name(project, name)
-            if (
+            running = (
                 await driver.exists(host_name)
                 and await driver.status(host_name) is not Status.STOPPED
-            ):
+            )
+            if running and not (live and driver.capabilities.live_disk_move):
+                if live:
+                    raise InvalidArgument(
+                        "Unable to perform container live migration. CRIU isn't installed"
+                    )
                 raise InvalidArgument("Instance must be stopped to move between pools statelessly")
             old_pool = InstanceRecord.meta_of(record).pool
             if pool == old_pool:
@@ -1557,8 +1586,16 @@ class ComputeCore:
             snapshots = await self.store.list(
                 record_prefix("instance-snapshots", project) + f"{name}/"
             )
+            if running:
+                if snapshots and not instance_only:
+                    raise InvalidArgument(
+                        "A running instance with snapshots cannot move between pools yet: "
+                        "stop it first, or move it without them (--instance-only)"
+                    )
+                return await self._move_running(
+                    project, name, pool, record, revision, snapshots, old_pool
+                )
             storage = await self.storage()
-            key = instance_key(project, name)
             async with Reverter() as revert:
                 revert.add(lambda: self._delete_volume(pool, project, name, instance_type))
                 try:
@@ -1577,33 +1614,107 @@ class ComputeCore:
                 moved = _on_pool(record, pool, volume)
                 before = copy_record(record)
                 revert.add(lambda: self._write_definition(project, name, before))
-                await self._write_definition(project, name, moved)
-                writes: list[Operation] = []
-                for snap in snapshots:
-                    if instance_only:
-                        writes.append(Delete(snap.key, snap.revision))
-                        continue
-                    value = snap.json()
-                    meta = SnapshotRecord.meta_of(value)
-                    meta.pool = pool
-                    value["_croft"] = meta.dump()
-                    writes.append(Update(snap.key, dump(value), snap.revision))
-                writes += await self._lifecycle_event("instance-updated", project, name)
-                written = await modify(
-                    self.store,
-                    key,
-                    lambda current: _on_pool(current, pool, volume),
-                    missing="Instance not found",
-                    current=(moved, revision),
-                    also=writes,
+                await self._write_definition(project, name, moved, disk=volume.block_path)
+                written = await self._record_move(
+                    project, name, pool, volume, moved, revision, snapshots, instance_only
                 )
                 revert.success()
             # The instance lives on `pool` now: what is left on the old one is garbage.
-            try:
-                await self._delete_volume(old_pool, project, name, instance_type)
-            except CroftError as exc:
-                log.warning("the old volume of %s/%s stays in %s: %s", project, name, old_pool, exc)
+            await self._drop_old_volume(old_pool, project, name, instance_type)
         return written
+
+    async def _move_running(
+        self,
+        project: str,
+        name: str,
+        pool: str,
+        record: dict[str, Any],
+        revision: int,
+        snapshots: Sequence[Any],
+        old_pool: str,
+    ) -> dict[str, Any]:
+        """The live move of a running instance (the caller holds its lock): storage makes
+        an empty volume in `pool` (the files beside the disk copied, the disk the same
+        size), the driver mirrors the disk into it while the instance runs and switches
+        the instance to it, storage completes the new volume's record, compute writes the
+        instance's, and the old volume goes. Until the switch a failure removes the new
+        volume and leaves the instance running on its old disk; after it, the disk is
+        mirrored back before the new volume goes."""
+        driver = self.driver_for(record)
+        host_name = driver_name(project, name)
+        instance_type = record.get("type") or DEFAULT_INSTANCE_TYPE
+        storage = await self.storage()
+        old = storage_pb2.VolumeRequest(
+            pool=old_pool, project=project, type=instance_type, name=host_name
+        )
+        new = storage_pb2.VolumeRequest(
+            pool=pool, project=project, type=instance_type, name=host_name
+        )
+        current = await storage.mount_instance_volume(old, timeout=600)
+        async with Reverter() as revert:
+            # Undone only once made: a Conflict means a volume there that is not ours.
+            target = await storage.create_mirror_target(
+                storage_pb2.VolumeRequest(
+                    pool=old_pool, project=project, type=instance_type, name=host_name,
+                    target_pool=pool,
+                ),
+                idempotent=False, timeout=COPY_TIMEOUT,
+            )  # fmt: skip
+            revert.add(lambda: self._delete_volume(pool, project, name, instance_type))
+            await driver.move_root_disk(host_name, target.block_path, target.mount_path)
+            revert.add(
+                lambda: driver.move_root_disk(host_name, current.block_path, current.mount_path)
+            )
+            volume = await storage.complete_mirror_target(new, timeout=600)
+            moved = _on_pool(record, pool, volume)
+            written = await self._record_move(
+                project, name, pool, volume, moved, revision, snapshots, instance_only=True
+            )
+            revert.success()
+        log.info("moved running instance %s/%s from pool %s to %s", project, name, old_pool, pool)
+        await self._drop_old_volume(old_pool, project, name, instance_type)
+        return written
+
+    async def _record_move(
+        self,
+        project: str,
+        name: str,
+        pool: str,
+        volume: storage_pb2.VolumeReply,
+        moved: dict[str, Any],
+        revision: int,
+        snapshots: Sequence[Any],
+        instance_only: bool,
+    ) -> dict[str, Any]:
+        """Write the moved instance's record (`moved`, read at `revision`), and its
+        snapshots' (deleted with `instance_only`, else on `pool`), in one transaction."""
+        writes: list[Operation] = []
+        for snap in snapshots:
+            if instance_only:
+                writes.append(Delete(snap.key, snap.revision))
+                continue
+            value = snap.json()
+            meta = SnapshotRecord.meta_of(value)
+            meta.pool = pool
+            value["_croft"] = meta.dump()
+            writes.append(Update(snap.key, dump(value), snap.revision))
+        writes += await self._lifecycle_event("instance-updated", project, name)
+        return await modify(
+            self.store,
+            instance_key(project, name),
+            lambda current: _on_pool(current, pool, volume),
+            missing="Instance not found",
+            current=(moved, revision),
+            also=writes,
+        )
+
+    async def _drop_old_volume(
+        self, old_pool: str, project: str, name: str, instance_type: str
+    ) -> None:
+        try:
+            await self._delete_volume(old_pool, project, name, instance_type)
+        except CroftError as exc:
+            log.warning("the old volume of %s/%s stays in %s: %s", project, name, old_pool, exc)
 
     # ------------------------------------------------------------------ recovery
 

@@ -239,7 +239,11 @@ class Agent:
         if not self.connected:
             return  # nobody to read it; the host re-greets on its next connection
         self.out += frame(header, payload)
-        self.flush()
+        # Frames queued while the loop handles one round of events go out together
+        # before it waits again (run): one write to the port, one wakeup of the host,
+        # for an exec's started, eofs and exit; a full chunk goes at once.
+        if len(self.out) >= CHUNK:
+            self.flush()
 
     def flush(self) -> None:
         while self.out:
@@ -577,6 +581,8 @@ class Agent:
 
     def run(self) -> None:
         while True:
+            if self.out and self.connected:
+                self.flush()
             timeout = None if self.connected else 0.05
             if self.gets and len(self.out) <= CHUNK:
                 timeout = 0

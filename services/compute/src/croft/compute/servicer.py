@@ -125,7 +125,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
         self, request: compute_pb2.MoveInstanceRequest, context: Context
     ) -> compute_pb2.InstanceReply:
         project, name = _ref(request.instance)
-        moved = await self.core.move(project, name, request.pool, request.instance_only)
+        moved = await self.core.move(
+            project, name, request.pool, request.instance_only, live=request.live
+        )
         return _reply(moved)
 
     async def ChangeState(

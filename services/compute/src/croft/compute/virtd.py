@@ -7,6 +7,11 @@ pidfiles and logs under croft's state and log directories, and are not stopped w
 compute service: running VMs, and a libvirtd that knows them, outlive it, as LXD's VMs
 outlive LXD.
 
+The daemons run in the host's network namespace (PID 1's), whichever namespace the
+compute service that starts them runs in (a test cluster's members run in their own): a
+libvirtd started in a member's namespace would serve every croft on the host, and plug
+their VMs' taps into bridges it cannot see ("Cannot get interface MTU").
+
 Before libvirtd starts, /dev/kvm must be group `kvm`, mode 0660 (udev's rule, which this
 host lacks): otherwise libvirt sees KVM come and go between probes and re-probes QEMU's
 capabilities on every lookup, which makes each domain definition take 30-50 s.
@@ -21,6 +26,7 @@ import os
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -75,6 +81,54 @@ def answers(path: Path) -> bool:
     return True
 
 
+HOST_NETNS = Path("/proc/1/ns/net")
+_warned: set[int] = set()  # daemons found elsewhere, said once each
+
+
+def _netns(pid: int | str) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/net")
+    except OSError:
+        return ""
+
+
+def in_host_netns(argv: list[str]) -> list[str]:
+    """`argv` run in the host's network namespace (through nsenter when this process is
+    in another one)."""
+    host = _netns(1)
+    if not host or host == _netns("self") or shutil.which("nsenter") is None:
+        return argv
+    return ["nsenter", f"--net={HOST_NETNS}", "--", *argv]
+
+
+def server_pid(path: Path) -> int:
+    """The pid of the process serving the unix socket (0 if unknown)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(str(path))
+            creds = s.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError:
+            return 0
+    return int(struct.unpack("3i", creds)[0])
+
+
+def warn_if_elsewhere(daemon: Daemon) -> None:
+    """Log an error when the daemon serving the host's socket runs in another network
+    namespace than the host's: VMs would not reach the host's bridges."""
+    pid = server_pid(daemon.socket)
+    where = _netns(pid) if pid else ""
+    if where and where != _netns(1) and pid not in _warned:
+        _warned.add(pid)
+        log.error(
+            "%s (pid %d) runs in network namespace %s, not the host's: VMs started through "
+            "it cannot use this host's bridges; stop it and croft starts one in the host's",
+            daemon.name,
+            pid,
+            where,
+        )
+
+
 def missing_binaries() -> list[str]:
     return [d.name for d in DAEMONS if shutil.which(d.name) is None]
 
@@ -87,6 +141,7 @@ def ensure_running(state_dir: Path, log_dir: Path) -> list[str]:
     log_dir.mkdir(parents=True, exist_ok=True)
     for daemon in DAEMONS:
         if answers(daemon.socket):
+            warn_if_elsewhere(daemon)
             continue
         binary = shutil.which(daemon.name)
         if binary is None:
@@ -97,7 +152,7 @@ def ensure_running(state_dir: Path, log_dir: Path) -> list[str]:
             # It is the host's, not this croft's: none of croft's environment goes with it.
             env = {k: v for k, v in os.environ.items() if not k.startswith("CROFT_")}
             result = subprocess.run(
-                [binary, "-d", "-p", str(pidfile)],
+                in_host_netns([binary, "-d", "-p", str(pidfile)]),
                 env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=out,

@@ -33,7 +33,7 @@ import functools
 import logging
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -48,7 +48,13 @@ from croft.common.errors import (
 )
 from croft.common.locks import KeyedLock
 from croft.common.models import NetworkMember, NetworkMeta, NetworkNic, NetworkRecord
-from croft.common.network_acl import Acl, acl_prefix, check_acls_exist, network_policy
+from croft.common.network_acl import (
+    Acl,
+    NetworkAclPolicy,
+    acl_prefix,
+    check_acls_exist,
+    network_policy,
+)
 from croft.common.network_forward import Forward, forward_prefix
 from croft.common.records import (
     DEFAULT_PROJECT,
@@ -156,6 +162,8 @@ class InstanceNic:
     host_name: str = ""  # the NIC's host-side interface, when known
     filters: tuple[str, ...] = ()  # "mac", "ipv4", "ipv6": LXD's security.*_filtering
     acls: str = ""  # the NIC's own `security.acls` (OVN's; a bridged NIC has none)
+    # All its `security.acls*` keys (the ACLs and their default actions).
+    acl_config: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -803,6 +811,8 @@ class NetworkCore:
                 )
             if nic.filters and not nic.host_name:
                 raise InvalidArgument("MAC or IP filtering needs the NIC's host interface")
+            if nic.acls:
+                check_acls_exist(nic.acl_config, await self._acls())
             ipv4 = nic.ipv4
             if "ipv4" in nic.filters and ipv4 is None:
                 # LXD pins an address for a NIC whose IPv4 is filtered.
@@ -828,8 +838,11 @@ class NetworkCore:
                     entry = entry.model_copy(
                         update={"host_name": nic.host_name, "filters": list(nic.filters)}
                     )
+                if nic.acls:
+                    entry = entry.model_copy(update={"acls": dict(nic.acl_config)})
                 await self._write_nic(nic, entry)
-                if nic.filters or (previous is not None and previous.filters):
+                secured = nic.filters or nic.acls
+                if secured or (previous is not None and (previous.filters or previous.acls)):
                     revert.add(lambda: self._drop_nic(nic))
                     await driver.apply_security(
                         name, await self._security(name, driver, config, check=False)
@@ -869,7 +882,7 @@ class NetworkCore:
             if known is None:
                 return
             await self._drop_nic(nic)
-            if entry is not None and entry.filters:
+            if entry is not None and (entry.filters or entry.acls):
                 await driver.apply_security(
                     name, await self._security(name, driver, record.config, check=False)
                 )
@@ -926,13 +939,7 @@ class NetworkCore:
         (the ACLs of the default project: networks are not scoped by project), its
         forwards, its filtered NICs. With `check`, InvalidArgument (LXD's words) for an
         ACL that does not exist or a driver that cannot enforce ACLs."""
-        acls = {
-            acl.name: acl
-            for acl in (
-                Acl.from_record(entry.json())
-                for entry in await self.store.list(acl_prefix(DEFAULT_PROJECT))
-            )
-        }
+        acls = await self._acls()
         if check:
             check_acls_exist(config, acls)
         try:
@@ -966,7 +973,33 @@ class NetworkCore:
         )
         if not driver.capabilities.nic_filtering:
             nics = ()
-        return NetworkSecurity(acl=policy, forwards=forwards, nics=nics)
+        nic_acls: list[tuple[str, NetworkAclPolicy]] = []
+        for entry, _ in (await self._nic_entries(name)).values():
+            if not entry.acls or not driver.capabilities.nic_acls:
+                continue
+            try:
+                nic_policy = network_policy(name, entry.acls, acls)
+            except InvalidArgument:
+                continue  # an ACL gone meanwhile: the rest still applies
+            if nic_policy is not None:
+                nic_acls.append((entry.hwaddr, nic_policy))
+        return NetworkSecurity(
+            acl=policy,
+            forwards=forwards,
+            nics=nics,
+            nic_acls=tuple(sorted(nic_acls, key=lambda n: n[0])),
+        )
+
+    async def _acls(self) -> dict[str, Acl]:
+        """The ACLs networks and NICs can name (the default project's: networks are not
+        scoped by project)."""
+        return {
+            acl.name: acl
+            for acl in (
+                Acl.from_record(entry.json())
+                for entry in await self.store.list(acl_prefix(DEFAULT_PROJECT))
+            )
+        }
 
     async def apply_security(self, name: str) -> None:
         """Enforce what the store says a network of this member enforces (its ACLs'

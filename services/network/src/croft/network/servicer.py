@@ -41,6 +41,7 @@ def _nic(request: network_pb2.NicRequest) -> InstanceNic:
         host_name=request.host_name,
         filters=_filters(request.config),
         acls=request.config.get("security.acls", ""),
+        acl_config={k: v for k, v in request.config.items() if k.startswith("security.acls")},
         network=request.network,
         project=request.project or DEFAULT_PROJECT,
         instance=request.instance,

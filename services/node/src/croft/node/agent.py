@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 import grpc
 
-from croft.common import cluster, discovery, internal_tls, telemetry
+from croft.common import cluster, cluster_join, discovery, internal_tls, telemetry
 from croft.common.cluster_store import own_role, promote_learner
 from croft.common.config import Config
 from croft.common.errors import InvalidArgument, NotFound, Unavailable
@@ -80,6 +80,7 @@ class Agent(node_pb2_grpc.NodeServicer):
         self.children: dict[str, list[Child]] = {name: [] for name in SERVICES}
         self.store: Store | None = None
         self.stopping = asyncio.Event()
+        self.restart = False  # set when the agent stops to start again (a rename)
         self._scale_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ processes
@@ -239,6 +240,10 @@ class Agent(node_pb2_grpc.NodeServicer):
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         try:
+            # A running croft that joined a cluster (`PUT /1.0/cluster`) restarts into it:
+            # its standalone store goes aside before its etcd starts as the cluster's.
+            if cluster_join.finish_pending_join(self.config):
+                log.info("joined a cluster: the standalone store is set aside")
             await self.start_etcd()
             self.store = await connect_store(self.config)
             replicas = self.config.services
@@ -270,6 +275,13 @@ class Agent(node_pb2_grpc.NodeServicer):
         assert self.store is not None
         while True:
             with contextlib.suppress(Exception):
+                renamed = await self.store.get_json(cluster.renamed_key(self.config.member))
+                if renamed is not None:
+                    self._take_new_name(str(renamed[0]["name"]))
+                    await self.store.delete(cluster.renamed_key(self.config.member))
+                    self.restart = True
+                    self.stopping.set()
+                    return
                 found = await self.store.get_json(cluster.CLUSTER_KEY)
                 if found is not None and found[0].get("enabled"):
                     role = None
@@ -285,6 +297,12 @@ class Agent(node_pb2_grpc.NodeServicer):
                         cluster.heartbeat_key(self.config.member), dump(beat.dump())
                     )
             await asyncio.sleep(cluster.HEARTBEAT_INTERVAL)
+
+    def _take_new_name(self, name: str) -> None:
+        """`lxc cluster rename` renamed this member: its cluster.yaml overrides croft.yaml's
+        `member` from now on, and the agent restarts (`run`) for every service to take it."""
+        cluster_join.override_member_name(self.config, name)
+        log.info("renamed %s -> %s: restarting under the new name", self.config.member, name)
 
     async def shutdown_children(self) -> None:
         for service in reversed(SERVICES):
@@ -325,8 +343,12 @@ class Agent(node_pb2_grpc.NodeServicer):
 def run(config: Config) -> None:
     telemetry.setup("node", config)
     started = time.monotonic()
-    asyncio.run(Agent(config).run())
+    agent = Agent(config)
+    asyncio.run(agent.run())
     log.info("node agent stopped after %.1fs", time.monotonic() - started)
+    if agent.restart:
+        # The same pid, the same log: `croft down` and `croft status` keep finding it.
+        os.execv(sys.executable, [sys.executable, "-m", "croft.node"])
 
 
 def _max_procs(procs: int) -> dict[str, str]:

@@ -1269,6 +1269,58 @@ class StorageCore:
             mounted = await driver.mount_volume(new_vol)
         return self._result(driver, mounted, done)
 
+    async def create_mirror_target(self, ref: VolumeRef, target_pool: str) -> VolumeResult:
+        """The volume in `target_pool` that the running VM's disk `ref` is mirrored into
+        (compute's live move): what `ref` holds beside its disk (a direct-boot kernel,
+        metadata.yaml, templates/) copied, and an empty disk of the same size. Its record
+        is claimed ("creating", so that no one else takes the name) until
+        complete_mirror_target(); on failure neither record nor volume is left.
+        InvalidArgument for a volume without a disk or a move within its pool, Conflict
+        when the pool has a volume of that name."""
+        new = VolumeRef.parse(target_pool, ref.project, ref.type, ref.name)
+        if new.pool == ref.pool:
+            raise InvalidArgument(f"instance volume {ref.name!r} is in pool {ref.pool!r} already")
+        source = await self.driver(ref.pool)
+        driver = await self.driver(new.pool)
+        vol = ref.volume(source)
+        if vol.content is not ContentType.BLOCK:
+            raise InvalidArgument(f"instance volume {ref.name!r} has no disk to mirror")
+        async with self.locked_across((ref.pool, ref.name), (new.pool, new.name)):
+            await self.volume_record(ref)
+            origin = await source.mount_volume(vol)
+            assert origin.block_device is not None
+            size = await in_thread(transfer.disk_size, origin.block_device)
+            new_vol = new.volume(driver, str(size))
+            record = self._instance_record(new)
+            await self._claim(new.key, record, f"instance volume {new.name!r}")
+            async with Reverter() as revert:
+                revert.add(lambda: self._delete_key(new.key))
+                await self._require_no_volume(driver, new, new_vol)
+                revert.add(lambda: driver.delete_volume(new_vol))
+
+                async def beside(into: Mounted) -> None:
+                    await transfer.copy_tree_beside_disk(origin, into)
+
+                await uninterrupted(driver.create_volume(new_vol, beside))
+                mounted = await driver.mount_volume(new_vol)
+                revert.success()
+        return self._result(driver, mounted, record)
+
+    async def complete_mirror_target(self, ref: VolumeRef) -> VolumeResult:
+        """The mirror target `ref` (create_mirror_target) is the VM's disk now: its
+        record completed, the volume marked recorded. NotFound without its claim."""
+        driver = await self.driver(ref.pool)
+        vol = ref.volume(driver)
+        async with self.locked(ref.pool, ref.name):
+            found = await self.store.get_json(ref.key)
+            if found is None or not await driver.has_volume(vol):
+                raise NotFound(f"no mirror target {ref.name!r} in pool {ref.pool!r}")
+            done = await self._complete(ref.key, found[0], found[1])
+            with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
+                await driver.mark_recorded(vol)
+            mounted = await driver.mount_volume(vol)
+        return self._result(driver, mounted, done)
+
     # ------------------------------------------------------------------ backups
 
     async def create_instance_backup(

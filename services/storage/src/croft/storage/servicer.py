@@ -112,6 +112,16 @@ class StorageServicer(storage_pb2_grpc.StorageServicer):
         )
         return _reply(result)
 
+    async def CreateMirrorTarget(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.create_mirror_target(_ref(request), request.target_pool))
+
+    async def CompleteMirrorTarget(
+        self, request: storage_pb2.VolumeRequest, context: Context
+    ) -> storage_pb2.VolumeReply:
+        return _reply(await self.core.complete_mirror_target(_ref(request)))
+
     async def InstanceVolumeUsage(
         self, request: storage_pb2.VolumeRequest, context: Context
     ) -> storage_pb2.VolumeUsageReply:

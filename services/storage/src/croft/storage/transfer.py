@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 from croft.common.blocking import uninterrupted
 from croft.common.errors import CroftError, NotFound
@@ -133,9 +134,35 @@ async def _trees(
         raise
 
 
+def disk_size(device: Path) -> int:
+    """The size in bytes of a block volume's disk (a raw file or a block device)."""
+    fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def _beside(mounted: Mounted) -> list[str]:
+    """rsync's exclusion of a block volume's disk where it sits inside its tree."""
+    if mounted.block_device is None or not mounted.block_device.is_relative_to(mounted.path):
+        return []
+    return [f"--exclude=/{mounted.block_device.relative_to(mounted.path)}"]
+
+
+async def copy_tree_beside_disk(origin: Mounted, into: Mounted) -> None:
+    """Copy what a block volume holds beside its disk (a VM's boot files, metadata.yaml,
+    templates/) from `origin` to `into`, leaving both disks alone."""
+    argv = ["rsync", "-aHAX", "--numeric-ids", f"--exclude=/{UNRECORDED}"]
+    argv += _beside(origin) + _beside(into) + [f"{origin.path}/", f"{into.path}/"]
+    await run_async(argv, timeout=COPY_TIMEOUT)
+
+
 async def _sync(origin: Mounted, into: Mounted) -> None:
     """Make the tree (or disk) at `into` what it is at `origin`."""
     if origin.block_device is not None and into.block_device is not None:
+        # The files beside the disk (a direct-boot VM's kernel) go along.
+        await copy_tree_beside_disk(origin, into)
         argv = [
             "cp",
             "--sparse=always",
@@ -161,4 +188,4 @@ async def _sync(origin: Mounted, into: Mounted) -> None:
     await run_async(argv, timeout=COPY_TIMEOUT)
 
 
-__all__ = ["by_stream", "copy_between_pools"]
+__all__ = ["by_stream", "copy_between_pools", "copy_tree_beside_disk", "disk_size"]

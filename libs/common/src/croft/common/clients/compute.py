@@ -121,13 +121,15 @@ class ComputeClient(TypedClient):
         pool: str,
         *,
         instance_only: bool = False,
+        live: bool = False,
         timeout: float | None = None,
     ) -> InstanceRecord:
-        """Move the stopped instance `ref`'s root volume (and its snapshots, deleted
-        instead with `instance_only`) to storage pool `pool` of its member; the record
-        after the move. Never sent twice."""
+        """Move the instance `ref`'s root volume (and its snapshots, deleted instead
+        with `instance_only`) to storage pool `pool` of its member; the record after the
+        move. A running instance moves only `live`, where its driver can (a VM's disk is
+        mirrored). Never sent twice."""
         request = compute_pb2.MoveInstanceRequest(
-            instance=ref, pool=pool, instance_only=instance_only
+            instance=ref, pool=pool, instance_only=instance_only, live=live
         )
         return _written(await self._unary("MoveInstance", request, _changing(timeout)))
 

@@ -29,6 +29,12 @@ class StorageClient(TypedClient, service="storage", stub=storage_pb2_grpc.Storag
     copy_instance_volume = unary(
         "CopyInstanceVolume", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
     )
+    create_mirror_target = unary(
+        "CreateMirrorTarget", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )
+    complete_mirror_target = unary(
+        "CompleteMirrorTarget", storage_pb2.VolumeRequest, storage_pb2.VolumeReply
+    )
     instance_volume_usage = unary(
         "InstanceVolumeUsage", storage_pb2.VolumeRequest, storage_pb2.VolumeUsageReply
     )

@@ -56,6 +56,8 @@ class NetworkNic(Model):
     # host-side interface and which filters ("mac", "ipv4", "ipv6").
     host_name: str = ""
     filters: list[str] = Field(default_factory=list)
+    # The NIC's own ACL keys (`security.acls`, `security.acls.default.*`: OVN NICs').
+    acls: dict[str, str] = Field(default_factory=dict)
 
     @staticmethod
     def store_key(network: str, project: str, instance: str, device: str) -> str:

@@ -280,6 +280,9 @@ class ClusterRig:
         every member, which serves the cluster's certificate)."""
         assert self.lxc_home is not None
         env = {**os.environ, "HOME": str(self.lxc_home), "LXD_DIR": "/nonexistent"}
+        # Left by an earlier run against an attached rig.
+        subprocess.run(["lxc", "remote", "remove", member.name], env=env, capture_output=True,
+                       timeout=60)  # fmt: skip
         _sh_env(env, "lxc", "remote", "add", member.name, f"https://{member.https}",
                 "--accept-certificate")  # fmt: skip
 

@@ -285,6 +285,12 @@ async def export_chunks(
 async def stage_upload(request: Request, member: str) -> storage_pb2.BackupReply:
     """Stream the request body to `member`'s storage service, which checks the tarball
     whole and stages it (InvalidArgument, nothing staged, for a bad one)."""
+    return await stage_stream(request.stream(), member)
+
+
+async def stage_stream(chunks: AsyncIterator[bytes], member: str) -> storage_pb2.BackupReply:
+    """`stage_upload` of a tarball from any byte stream (another member's backup, when an
+    instance moves between members)."""
     client = await services().storage(member)
     queue: asyncio.Queue[bytes | None] = asyncio.Queue(8)
 
@@ -296,7 +302,7 @@ async def stage_upload(request: Request, member: str) -> storage_pb2.BackupReply
 
     async def feed() -> None:
         buffer = bytearray()
-        async for chunk in request.stream():
+        async for chunk in chunks:
             buffer += chunk
             if len(buffer) >= CHUNK:
                 await queue.put(bytes(buffer))
@@ -447,6 +453,7 @@ __all__ = [
     "import_member",
     "render_backup",
     "render_snapshot",
+    "stage_stream",
     "stage_upload",
     "validate_backup_name",
 ]

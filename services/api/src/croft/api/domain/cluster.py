@@ -9,6 +9,7 @@ what its etcd last said of itself: `database` (a voter), `database-leader`,
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -16,18 +17,28 @@ import datetime
 import json
 import platform
 import secrets
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from croft.api import records
 from croft.api.context import ApiContext
-from croft.common import cluster, internal_tls
+from croft.api.domain.instances import KIND as INSTANCE_KIND
+from croft.common import cluster, cluster_join, internal_tls
 from croft.common.cluster import Heartbeat, MemberRecord
 from croft.common.cluster_store import add_learner, remove_member
-from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
+from croft.common.config import load_config
+from croft.common.errors import (
+    Conflict,
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from croft.common.revert import Reverter
-from croft.common.store import Store, dump
+from croft.common.store import Create, Delete, Put, Store, Update, dump
 
 TOKEN_EXPIRY_KEY = "cluster.join_token_expiry"
 OFFLINE_THRESHOLD_KEY = "cluster.offline_threshold"
@@ -101,8 +112,14 @@ class MemberView:
     message: str
 
     @property
+    def evacuated(self) -> bool:
+        return self.record.state == cluster.STATE_EVACUATED
+
+    @property
     def status(self) -> str:
-        return "Online" if self.online else "Offline"
+        if not self.online:
+            return "Offline"
+        return "Evacuated" if self.evacuated else "Online"
 
     @property
     def roles(self) -> list[str]:
@@ -125,7 +142,9 @@ class MemberView:
             "url": f"https://{member.address}",
             "database": bool(self.heartbeat and self.heartbeat.voter),
             "status": self.status,
-            "message": self.message,
+            "message": "Unavailable due to maintenance"
+            if self.online and self.evacuated
+            else self.message,
             "architecture": member.architecture,
             "roles": self.roles,
             "failure_domain": member.failure_domain,
@@ -206,6 +225,13 @@ class JoinToken:
             "expires_at": self.expires_at,
         }
         return base64.b64encode(json.dumps(body).encode()).decode()
+
+
+def decode_token_or_none(text: str) -> JoinToken | None:
+    try:
+        return decode_token(text) if text else None
+    except InvalidArgument:
+        return None
 
 
 def decode_token(text: str) -> JoinToken:
@@ -356,3 +382,98 @@ async def set_member_https_address(store: Store, name: str, address: str) -> Non
     await records.modify(
         store, cluster.member_key(name), change, missing="Cluster member not found"
     )
+
+
+# ---------------------------------------------------------------------------- joining, running
+
+
+async def local_instance_names(store: Store) -> list[str]:
+    """The instances this (standalone) server's store holds."""
+    entries = await store.list(records.RECORDS + f"{INSTANCE_KIND}/")
+    return [e.key.rsplit("/", 1)[-1] for e in entries]
+
+
+async def join_running(
+    server_name: str,
+    server_address: str,
+    token: str,
+    cluster_address: str,
+    cluster_certificate: str,
+) -> None:
+    """LXD's join API on a running standalone croft: the join `croft init --preseed`
+    makes (croft.common.cluster_join), then a detached `croft init --restart-joined`
+    restarts this member into the cluster (its api included, hence detached)."""
+    config = load_config()
+    joined = await asyncio.to_thread(
+        cluster_join.request_join,
+        config,
+        token,
+        server_name=server_name,
+        server_address=server_address,
+        cluster_address=cluster_address,
+        cluster_certificate=cluster_certificate,
+    )
+    cluster_join.write_joined(config, joined)
+    cluster_join.mark_join_pending(config)
+    # The croft command's entry point (croft.client), run as a program, not imported.
+    subprocess.Popen(
+        [sys.executable, "-m", "croft.client.cli", "init", "--restart-joined"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        cwd="/",
+    )
+
+
+# ---------------------------------------------------------------------------- renaming
+
+
+async def rename_member(store: Store, old: str, new: str) -> None:
+    """LXD's `RenameNode`: the member's record, its heartbeat, and every record that names
+    it as its location take the new name; `cluster/renamed/<old>` tells its node agent to
+    restart under it (croft.yaml's `member` is overridden in its cluster.yaml)."""
+    found = await store.get(cluster.member_key(old))
+    if found is None:
+        raise NotFound("Cluster member not found")
+    if await store.get(cluster.member_key(new)) is not None:
+        raise Conflict("The record already exists")
+    record = MemberRecord.load(found.json())
+    record.name = new
+    writes: list[Create | Put | Delete | Update] = [
+        Create(cluster.member_key(new), dump(record.dump())),
+        Delete(cluster.member_key(old), revision=found.revision),
+        Put(cluster.renamed_key(old), dump({"name": new})),
+    ]
+    beat = await store.get(cluster.heartbeat_key(old))
+    if beat is not None:
+        writes += [Put(cluster.heartbeat_key(new), beat.value), Delete(cluster.heartbeat_key(old))]
+    await store.transaction(writes)
+    # The records that name it: one compare-and-swap each (a record written meanwhile is
+    # read again), so that no batch outgrows etcd's limit on a transaction.
+    for entry in await store.list(records.RECORDS):
+        if entry.key.startswith(cluster.CLUSTER_PREFIX):
+            continue
+        if entry.key.endswith(f"/{old}") and "/network-members/" in entry.key:
+            moved = entry.key[: -len(old)] + new
+            await store.transaction([Put(moved, entry.value), Delete(entry.key)])
+            continue
+        await _rename_references(store, entry.key, old, new)
+
+
+async def _rename_references(store: Store, key: str, old: str, new: str) -> None:
+    while True:
+        entry = await store.get(key)
+        if entry is None:
+            return
+        try:
+            data = entry.json()
+        except ValueError:
+            return
+        if not isinstance(data, dict) or not cluster.rename_member_references(data, old, new):
+            return
+        try:
+            await store.update(key, dump(data), revision=entry.revision)
+            return
+        except Conflict:
+            continue

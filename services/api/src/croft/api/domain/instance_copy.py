@@ -126,14 +126,6 @@ async def copy_record(
     return record
 
 
-def running_move_refusal(live: bool) -> str:
-    """Why LXD 5.0 fails the move of a running instance to another pool: a live one needs
-    CRIU (which croft does not use), a stateless one a stopped instance."""
-    if live:
-        return "Unable to perform container live migration. CRIU isn't installed"
-    return "Instance must be stopped to move between pools statelessly"
-
-
 def copy_resources(name: str, source: CopySource, project: str) -> dict[str, list[str]]:
     """An operation's resources, as LXD lists a copy's: the new instance and its source."""
     urls = [records.url(KIND, name, project), _with_project(source.url, project)]

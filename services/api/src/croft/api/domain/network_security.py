@@ -46,6 +46,18 @@ async def networks_using(store: Store, name: str) -> list[str]:
     return sorted(r.name for r in await networks(store) if _uses(r.config, name))
 
 
+async def networks_reached(store: Store, name: str) -> list[str]:
+    """The networks a change to ACL `name` (of the default project) reaches: those
+    naming it, and those of instance NICs naming it (OVN NICs' own ACLs)."""
+    found = set(await networks_using(store, name))
+    for entry in await store.list(records.record_prefix("instances", DEFAULT_PROJECT)):
+        instance = InstanceRecord.model_validate(entry.json())
+        for device in {**instance.expanded_devices, **instance.devices}.values():
+            if device.get("type") == "nic" and device.get("network") and _uses(device, name):
+                found.add(device["network"])
+    return sorted(found)
+
+
 async def used_by(store: Store, project: str, name: str) -> list[str]:
     """LXD's `used_by` of an ACL: networks, then profiles and instances with a NIC that
     names it in `security.acls`."""

@@ -10,8 +10,8 @@ from starlette.requests import Request
 from croft.api import records
 from croft.api.context import context
 from croft.api.domain import projects
-from croft.common.errors import NotFound
-from croft.common.models import NetworkMember, NetworkRecord, ProfileRecord
+from croft.common.errors import InvalidArgument, NotFound
+from croft.common.models import InstanceRecord, NetworkMember, NetworkRecord, ProfileRecord
 from croft.common.records import (
     DEFAULT_PROJECT,
     RECORDS,
@@ -25,6 +25,40 @@ from croft.common.records import (
 def on_network(device: dict[str, str], network: str) -> bool:
     """Whether a device is a NIC on `network` (LXD's isInUseByDevice)."""
     return device.get("type") == "nic" and network in (device.get("network"), device.get("parent"))
+
+
+async def check_nic_macs(
+    store: Any,
+    project: str,
+    instance: str,
+    devices: dict[str, dict[str, str]],
+    before: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """LXD's check that no other instance's NIC on the same managed network has the MAC
+    address a NIC of `instance` sets (`hwaddr` in the expanded `devices`; `before`,
+    the instance's devices until now, say whether the device is added or updated).
+    InvalidArgument in LXD's words."""
+    wanted = {
+        (d["network"], d["hwaddr"].lower()): name
+        for name, d in devices.items()
+        if d.get("type") == "nic" and d.get("network") and d.get("hwaddr")
+    }
+    if not wanted:
+        return
+    for entry in await store.list(records.record_prefix("instances", project)):
+        other = InstanceRecord.model_validate(entry.json())
+        if other.name == instance:
+            continue
+        for device in other.expanded_devices.values():
+            if device.get("type") != "nic" or not device.get("hwaddr"):
+                continue
+            name = wanted.get((device.get("network", ""), device["hwaddr"].lower()))
+            if name is not None:
+                verb = "update" if before is not None and name in before else "add"
+                raise InvalidArgument(
+                    f'Failed {verb} validation for device "{name}": MAC address '
+                    f'"{devices[name]["hwaddr"]}" already defined on another NIC'
+                )
 
 
 async def networks(store: Any) -> list[NetworkRecord]:

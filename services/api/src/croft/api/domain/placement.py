@@ -4,7 +4,9 @@ Standalone: the one member. In a cluster (as LXD 5.0's `GetNodeWithLeastInstance
 `?target=MEMBER` names it (404 "Cluster member not found" for no such member, refused
 when it is offline or runs no compute); otherwise the member with the fewest instances
 among the online ones that run compute and whose `scheduler.instance` is not `manual`,
-ties going to the lowest member id. Cluster groups and placement scriptlets belong here.
+ties going to the lowest member id. `?target=@GROUP` picks among that group's members the
+same way (members with `scheduler.instance=group` only take instances targeted at one of
+their groups). Placement scriptlets belong here.
 """
 
 from __future__ import annotations
@@ -12,10 +14,16 @@ from __future__ import annotations
 from typing import Any
 
 from croft.api import records
-from croft.api.domain import cluster
+from croft.api.domain import cluster, cluster_groups
 from croft.api.domain.instances import KIND
 from croft.api.services import services
-from croft.common.errors import CroftError, InvalidArgument, NotFound, Unavailable
+from croft.common.errors import (
+    CroftError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from croft.common.models import InstanceRecord
 
 
@@ -33,14 +41,20 @@ async def place(store: Any, target: str = "") -> str:
             return members[0]  # no need to count every instance
         return await _fewest(store, members)
     views = await cluster.views(store)
+    group = ""
+    if target.startswith("@"):
+        group = target[1:]
+        if not await cluster_groups.exists(store, group):
+            raise InvalidArgument(f'Cluster group "{group}" doesn\'t exist')
+        target = ""
     if target:
-        if target.startswith("@"):
-            raise InvalidArgument(f'Cluster group "{target[1:]}" doesn\'t exist')
         found = [v for v in views if v.record.name == target]
         if not found:
             raise NotFound("Cluster member not found")
         if not found[0].online:
             raise Unavailable(f'Cluster member "{target}" is offline')
+        if found[0].evacuated:
+            raise PermissionDenied("Cluster member is evacuated")
         if target not in live:
             raise Unavailable(f'Cluster member "{target}" runs no compute service')
         return target
@@ -48,12 +62,24 @@ async def place(store: Any, target: str = "") -> str:
         v.record.name
         for v in views
         if v.online
+        and not v.evacuated
         and v.record.name in live
-        and v.record.config.get("scheduler.instance", "all") != "manual"
+        and _takes_untargeted(v.record.config.get("scheduler.instance", "all"), group, v)
+        and (not group or group in v.record.groups)
     ]
     if not candidates:
         raise CroftError("No suitable cluster member could be found")
     return await _fewest(store, candidates)
+
+
+def _takes_untargeted(scheduler: str, group: str, view: cluster.MemberView) -> bool:
+    """LXD's GetCandidateMembers: `manual` members take only instances targeted at them;
+    `group` ones only those targeted at one of their groups."""
+    if scheduler == "manual":
+        return False
+    if scheduler == "group":
+        return group in view.record.groups
+    return True
 
 
 async def _fewest(store: Any, members: list[str]) -> str:

@@ -22,6 +22,8 @@ from starlette.responses import Response
 from croft.api import query, records, responses
 from croft.api.context import context
 from croft.api.domain import cluster as domain
+from croft.api.domain import cluster_groups as groups_domain
+from croft.api.domain import evacuation
 from croft.api.domain.instances import KIND
 from croft.api.https_listener import serving_address
 from croft.api.operations import OperationContext
@@ -29,7 +31,7 @@ from croft.api.tls import certificate_fingerprint
 from croft.common import cluster
 from croft.common.cluster import Heartbeat, MemberRecord
 from croft.common.cluster_store import remove_member
-from croft.common.errors import CroftError, InvalidArgument, NotFound
+from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
 from croft.common.models import InstanceRecord
 from croft.common.store import Create, Put, dump
 
@@ -119,12 +121,7 @@ async def cluster_put(request: Request) -> Response:
     if not req.enabled:
         raise InvalidArgument("Disabling clustering is not supported")
     if req.cluster_address:
-        if await domain.enabled(ctx.store):
-            raise InvalidArgument("This server is already clustered")
-        raise InvalidArgument(
-            "A running croft joins a cluster through `croft init` (its store moves to the "
-            "cluster's): stop it, then run `croft init --preseed` with the join token"
-        )
+        return await _join(request, req)
     if await domain.enabled(ctx.store):
         raise InvalidArgument("This server is already clustered")
     address = serving_address(request) or ctx.settings.https_address
@@ -151,6 +148,42 @@ async def cluster_put(request: Request) -> Response:
     operation = await ctx.operations.create(
         "Creating bootstrap node", run=run, resources={"cluster": []}
     )
+    return responses.async_operation(operation)
+
+
+async def _join(request: Request, req: ClusterPut) -> Response:
+    """LXD's join API (`clusterPutJoin`) on a running standalone croft: the checks LXD
+    makes before its operation, then an operation that joins through
+    `croft.common.cluster_join` (the path `croft init --preseed` takes) and restarts this
+    member into the cluster once its waiters have their answer."""
+    ctx = context(request)
+    if not req.cluster_certificate:
+        raise InvalidArgument("No target cluster member certificate provided")
+    if await domain.enabled(ctx.store):
+        raise InvalidArgument("This server is already clustered")
+    if not req.server_address:
+        raise InvalidArgument("No server address provided for this member")
+    token = req.cluster_token or req.cluster_password
+    if domain.decode_token_or_none(token) is None:
+        raise InvalidArgument(
+            "croft joins a cluster with a join token (`lxc cluster add`) as "
+            "cluster_password or cluster_token; a trust password is not one"
+        )
+    if req.server_name != ctx.settings.server_name:
+        raise InvalidArgument(
+            f"This member's name is \"{ctx.settings.server_name}\" (croft.yaml's `member`); "
+            "join with that name"
+        )
+    if await domain.local_instance_names(ctx.store):
+        raise InvalidArgument("A server with instances cannot join a cluster")
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await domain.join_running(
+            req.server_name, req.server_address, token, req.cluster_address, req.cluster_certificate
+        )
+        return None
+
+    operation = await ctx.operations.create("Joining cluster", run=run, resources={"cluster": []})
     return responses.async_operation(operation)
 
 
@@ -272,6 +305,8 @@ async def member_put(request: Request, name: str) -> Response:
             )
     if req.groups is not None and not req.groups and not patch:
         raise InvalidArgument("Cluster members need to belong to at least one group")
+    if req.groups:
+        await groups_domain.check_groups_exist(ctx.store, req.groups)
     wanted_roles = set(req.roles or []) - {"database-leader", "database-standby"}
     has_db = "database" in view.roles
     if req.roles is not None and not patch:
@@ -303,7 +338,9 @@ async def member_put(request: Request, name: str) -> Response:
 
 @router.post("/1.0/cluster/members/{name}")
 async def member_rename(request: Request, name: str) -> Response:
-    context(request)
+    """`lxc cluster rename OLD NEW`: every record naming the member follows; the member
+    restarts under its new name (its node agent sees `cluster/renamed/OLD`)."""
+    ctx = context(request)
     req = await query.body(request, MemberPost)
     await _member_view(request, name)
     new = req.server_name
@@ -311,12 +348,46 @@ async def member_rename(request: Request, name: str) -> Response:
         raise InvalidArgument("No name provided")
     if new.startswith(TARGET_GROUP_PREFIX):
         raise InvalidArgument(f'ServerName may not start with "{TARGET_GROUP_PREFIX}"')
-    if new != name:
-        raise InvalidArgument(
-            "A croft member's name is its croft.yaml `member`; renaming a member is not "
-            "supported yet"
-        )
+    if "/" in new or new in (".", ".."):
+        raise InvalidArgument(f"Invalid cluster member name: {new}")
+    await domain.rename_member(ctx.store, name, new)
+    await ctx.lifecycle(
+        "cluster-member-renamed", _member_url(new), context={"old_name": name}, request=request
+    )
     return responses.empty_sync()
+
+
+class MemberStatePost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    action: StrictStr = ""
+    mode: StrictStr = ""
+
+
+@router.get("/1.0/cluster/members/{name}/state")
+async def member_state_get(request: Request, name: str) -> Response:
+    await _member_view(request, name)
+    return responses.sync({})
+
+
+@router.post("/1.0/cluster/members/{name}/state")
+async def member_state_post(request: Request, name: str) -> Response:
+    """`lxc cluster evacuate/restore NAME` (croft.api.domain.evacuation)."""
+    ctx = context(request)
+    await _member_view(request, name)
+    req = await query.body(request, MemberStatePost)
+    if req.action == "evacuate":
+        work, description = evacuation.evacuate, "Evacuating cluster member"
+    elif req.action == "restore":
+        work, description = evacuation.restore, "Restoring cluster member"
+    else:
+        raise InvalidArgument(f'Unknown action "{req.action}"')
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await work(ctx, op, name)  # LXD 5.0 sends no lifecycle event for these
+        return None
+
+    operation = await ctx.operations.create(description, run=run)
+    return responses.async_operation(operation)
 
 
 async def _instances_on(request: Request, member: str) -> list[str]:
@@ -359,6 +430,96 @@ async def member_delete(request: Request, name: str) -> Response:
                 if entry.key.endswith(f"/{instance}"):
                     await ctx.store.delete(entry.key)
     await ctx.lifecycle("cluster-member-removed", _member_url(name), request=request)
+    return responses.empty_sync()
+
+
+# ---------------------------------------------------------------------------- groups
+
+
+class GroupsPost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+    description: StrictStr = ""
+    members: list[StrictStr] | None = None
+
+
+class GroupPut(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    description: StrictStr | None = None
+    members: list[StrictStr] | None = None
+
+
+class GroupPost(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = ""
+
+
+def _group_url(name: str) -> str:
+    return records.url("cluster/groups", name)
+
+
+@router.get("/1.0/cluster/groups")
+async def groups_get(request: Request) -> Response:
+    await _require_clustered(request, "This server is not clustered")
+    found = await groups_domain.groups(context(request).store)
+    if query.recursion(request) > 0:
+        return responses.sync([g.render() for g in found])
+    return responses.sync([_group_url(g.name) for g in found])
+
+
+@router.post("/1.0/cluster/groups")
+async def groups_post(request: Request) -> Response:
+    ctx = context(request)
+    await _require_clustered(request, "This server is not clustered")
+    req = await query.body(request, GroupsPost)
+    await groups_domain.create(ctx.store, req.name, req.description, req.members or [])
+    await ctx.lifecycle("cluster-group-created", _group_url(req.name), request=request)
+    return responses.created(_group_url(req.name))
+
+
+@router.get("/1.0/cluster/groups/{name}")
+async def group_get(request: Request, name: str) -> Response:
+    await _require_clustered(request, "This server is not clustered")
+    found = await groups_domain.group(context(request).store, name)
+    return responses.sync(found.render(), etag=found.etag())
+
+
+@router.put("/1.0/cluster/groups/{name}")
+@router.patch("/1.0/cluster/groups/{name}")
+async def group_put(request: Request, name: str) -> Response:
+    ctx = context(request)
+    await _require_clustered(request, "This server is not clustered")
+    req = await query.body(request, GroupPut)
+    current = await groups_domain.group(ctx.store, name)
+    query.check_if_match(request, current.etag())
+    patch = request.method == "PATCH"
+    members = req.members if patch or req.members is not None else []
+    description = req.description if patch else (req.description or "")
+    await groups_domain.update(ctx.store, name, description, members, patch)
+    await ctx.lifecycle("cluster-group-updated", _group_url(name), request=request)
+    return responses.empty_sync()
+
+
+@router.post("/1.0/cluster/groups/{name}")
+async def group_rename(request: Request, name: str) -> Response:
+    ctx = context(request)
+    if name == cluster.DEFAULT_GROUP:
+        raise PermissionDenied('The "default" group cannot be renamed')
+    await _require_clustered(request, "This server is not clustered")
+    req = await query.body(request, GroupPost)
+    await groups_domain.rename(ctx.store, name, req.name)
+    await ctx.lifecycle(
+        "cluster-group-renamed", _group_url(req.name), context={"old_name": name},
+        request=request,
+    )  # fmt: skip
+    return responses.created(_group_url(req.name))
+
+
+@router.delete("/1.0/cluster/groups/{name}")
+async def group_delete(request: Request, name: str) -> Response:
+    ctx = context(request)
+    await groups_domain.delete(ctx.store, name)
+    await ctx.lifecycle("cluster-group-deleted", _group_url(name), request=request)
     return responses.empty_sync()
 
 

@@ -13,9 +13,9 @@ from starlette.responses import Response
 from croft.api import limits, query, records, responses
 from croft.api.config_keys import validate_devices, validate_instance_config
 from croft.api.context import ApiContext, context
-from croft.api.domain import projects
+from croft.api.domain import instance_move, projects
 from croft.api.domain.compute import compute_of, compute_operation, ref, state_of
-from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool, running_move_refusal
+from croft.api.domain.instance_copy import COPY_TIMEOUT, require_pool
 from croft.api.domain.instances import (
     KIND,
     InstancePut,
@@ -29,6 +29,7 @@ from croft.api.domain.instances import (
     validate_name,
     writable,
 )
+from croft.api.domain.networks import check_nic_macs
 from croft.api.domain.snapshots import restore_snapshot, snapshots_of
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument, NotFound
@@ -138,6 +139,7 @@ async def _updated(
     )
     limits.check_device_paths(expanded_devices)
     limits.check_record(new.public(), "instance")
+    await check_nic_macs(store, project, record.name, expanded_devices, record.expanded_devices)
     await projects.check_instance(store, project, new, action="update")
     return new
 
@@ -159,6 +161,9 @@ async def instance_patch(request: Request, name: str) -> Response:
 async def instance_rename(request: Request, name: str) -> Response:
     ctx = context(request)
     project, record, _, req = await load_with(request, name, NamePost)
+    target = request.query_params.get("target", "")
+    if req.migration and target:
+        return await _move_to_member(ctx, project, name, record, req, target)
     if req.migration:
         return await _migrate(ctx, project, name, record, req)
     # LXD's answers, measured: an empty or unchanged name is "already in use" (409).
@@ -178,12 +183,37 @@ async def instance_rename(request: Request, name: str) -> Response:
     )
 
 
+async def _move_to_member(
+    ctx: ApiContext, project: str, name: str, record: InstanceRecord, req: NamePost, target: str
+) -> Response:
+    """`lxc move c1 --target m3` (croft.api.domain.instance_move)."""
+    if req.name and req.name != name:
+        raise InvalidArgument("Renaming while moving between cluster members is not supported yet")
+    if req.pool or (req.project and req.project != project):
+        raise InvalidArgument("The target member is the only change a cluster move may make")
+    if target == record.croft.member:
+        raise InvalidArgument(f'Instance "{name}" is already on cluster member "{target}"')
+    await instance_move.check_target(ctx, record, target)
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await instance_move.move(ctx, record, target)
+        return None
+
+    operation = await ctx.operations.create(
+        "Migrating instance",
+        run=run,
+        resources={"instances": [records.url(KIND, name, project)]},
+        project=project,
+    )
+    return responses.async_operation(operation)
+
+
 async def _migrate(
     ctx: ApiContext, project: str, name: str, record: InstanceRecord, req: NamePost
 ) -> Response:
     """`lxc move c1 [c2] --storage p2` on one member: the root volume (with its snapshots,
     unless `instance_only`) moves to the pool, then the instance is renamed if asked. As
-    LXD, a running instance fails the operation."""
+    LXD, a running container fails the operation; a running VM moves live (beyond LXD)."""
     if req.project and req.project != project:
         raise InvalidArgument("Moving instances between projects is not supported yet")
     if req.target:
@@ -196,16 +226,15 @@ async def _migrate(
         if await ctx.store.get(records.record_key(KIND, project, new_name)):
             raise Conflict(f'Name "{new_name}" already in use')
     await require_pool(ctx.store, req.pool)
-    running = record.status != "Stopped"
     client = await compute_of(record)
     instance = ref(project, name)
     instance_only = req.instance_only or req.container_only
 
     async def run(op: OperationContext) -> dict[str, Any] | None:
-        if running:  # compute checks again
-            raise InvalidArgument(running_move_refusal(req.live))
+        # A running instance: compute refuses as LXD (a container would need CRIU), or
+        # moves it live where its driver can (a VM's disk is mirrored).
         await client.move_instance(
-            instance, req.pool, instance_only=instance_only, timeout=COPY_TIMEOUT
+            instance, req.pool, instance_only=instance_only, live=req.live, timeout=COPY_TIMEOUT
         )
         if new_name != name:
             await client.rename_instance(instance, new_name, timeout=600)

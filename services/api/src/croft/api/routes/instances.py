@@ -38,6 +38,7 @@ from croft.api.domain.instances import (
     resources,
     validate_name,
 )
+from croft.api.domain.networks import check_nic_macs
 from croft.api.domain.placement import place
 from croft.api.domain.snapshots import all_snapshots
 from croft.api.operations import OperationContext
@@ -173,6 +174,7 @@ async def instances_post(request: Request) -> Response:
     )
     if await ctx.store.get(records.record_key(KIND, project, name)) is not None:
         raise Conflict(f'Instance "{name}" already exists')
+    await check_nic_macs(ctx.store, project, name, expanded_devices)
     # Before any image is fetched: the project's limits and restrictions (image.* keys
     # from the image take no part in them).
     candidate = {"name": name, "type": req.type, "expanded_config": expanded_config,

@@ -108,7 +108,7 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     known = [a.name for a, _ in await security.acls(ctx.store, project)]
     new = parse_acl(body, known)
     key = acl_key(project, name)
-    reached = await security.networks_using(ctx.store, name) if project == "default" else []
+    reached = await security.networks_reached(ctx.store, name) if project == "default" else []
     written: dict[str, int] = {}
 
     async def write() -> None:

@@ -122,7 +122,8 @@ API_EXTENSIONS: list[str] = [
     # import POOL FILE [NAME]
     "custom_volume_backup",
     # clusters (routes/cluster.py, domain/cluster.py): enable, join tokens, members with
-    # roles, failure domains and descriptions; a member joins with `croft init --preseed`
+    # roles, failure domains and descriptions, groups, evacuation; a member joins with
+    # `croft init --preseed` or LXD's join API
     "clustering",
     "clustering_join",
     "clustering_server_address",
@@ -133,6 +134,8 @@ API_EXTENSIONS: list[str] = [
     "clustering_join_token",
     "clustering_description",
     "clustering_config",
+    "clustering_groups",
+    "clustering_evacuation",
     "cluster_join_token_expiry",
 ]
 

@@ -46,6 +46,7 @@ class Capabilities:
     files_when_stopped: bool = False  # file operations work on a stopped instance
     privileged: bool = False  # honours security.privileged=true
     survives_service_restart: bool = False  # running instances outlive the driver's process
+    live_disk_move: bool = False  # move_root_disk() switches a running instance's disk
 
 
 @dataclass(frozen=True)
@@ -303,6 +304,15 @@ class InstanceDriver(ABC):
         """Undo hotplug_disk() (or a start-time disk's mount) at `path` in the running
         instance. InvalidArgument if the driver cannot."""
         raise InvalidArgument("Devices cannot be changed while the instance is running")
+
+    async def move_root_disk(self, name: str, disk: str, volume: str) -> None:
+        """Move the running instance's root disk to `disk` (an empty block volume of the
+        same size, made by storage) while it runs, and make its definition use `disk` and
+        the boot files in `volume` (the new volume's directory) from now on. Returns once
+        the instance runs on `disk`; on any failure it still runs on its old disk, with
+        its definition as it was. Only for drivers with `capabilities.live_disk_move`;
+        the default refuses (InvalidArgument)."""
+        raise InvalidArgument(f"a {self.name} instance cannot move its disk while it runs")
 
     @abstractmethod
     async def update_limits(self, name: str, config: dict[str, str]) -> None:

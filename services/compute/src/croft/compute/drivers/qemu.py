@@ -56,6 +56,7 @@ import libvirt
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
 from croft.common.instance_config import InstanceConfig
+from croft.common.revert import Reverter
 from croft.compute import guest_agent, virtd
 from croft.compute.agent_client import (
     AGENT_DOWN,
@@ -96,6 +97,10 @@ STATE_TIMEOUT = 5.0
 ACPI_GRACE = 5.0
 TCG_TB_CACHE_MIB = 32
 FILE_TIMEOUT = 600.0
+# A live disk move: the mirror's copy may take long on a big disk; this only catches hangs.
+MIRROR_TIMEOUT = 3600.0
+MIRROR_POLL = 0.2
+ROOT_TARGET = "vda"
 # Guest files pushed in parts of this size (each a frame on the agent's port).
 PUT_CHUNK = 256 * 1024
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -363,6 +368,7 @@ class QemuDriver(InstanceDriver):
         files_when_stopped=False,
         privileged=False,
         survives_service_restart=True,
+        live_disk_move=True,
     )
 
     def __init__(
@@ -713,6 +719,7 @@ class QemuDriver(InstanceDriver):
 
     async def freeze(self, name: str) -> None:
         await in_thread(self._freeze, name, True)
+        self._forget_agent(name)  # a paused guest's agent cannot answer: see _agent
 
     async def unfreeze(self, name: str) -> None:
         await in_thread(self._freeze, name, False)
@@ -899,19 +906,121 @@ class QemuDriver(InstanceDriver):
         except libvirt.libvirtError as exc:
             raise InvalidArgument(f"libvirt refused the limits: {exc}") from None
 
+    # -- live disk move
+
+    async def move_root_disk(self, name: str, disk: str, volume: str) -> None:
+        """libvirt's block copy (QEMU's blockdev-mirror): the root disk is mirrored into
+        `disk` while the guest runs and writes, and once source and copy agree and stay in
+        step (the job is ready), the guest is switched to the copy (a pivot, QEMU's
+        block-job-complete). The persistent definition is rewritten first and taken back
+        if the pivot does not happen; the job is cancelled on any failure, leaving the
+        guest on its old disk."""
+        async with Reverter() as revert:
+            old_xml = await in_thread(self._persistent_xml, name)
+            revert.add(lambda: in_thread(self._define, old_xml))
+            await in_thread(self._define, self._moved_definition(old_xml, disk, volume))
+            await in_thread(self._begin_mirror, name, disk)
+            revert.add(lambda: in_thread(self._cancel_mirror, name))
+            deadline = time.monotonic() + MIRROR_TIMEOUT
+            while not await in_thread(self._try_pivot, name):
+                if time.monotonic() > deadline:
+                    raise Internal(f'The disk of "{name}" was not mirrored within the timeout')
+                await asyncio.sleep(MIRROR_POLL)
+            revert.success()
+
+    def _persistent_xml(self, name: str) -> str:
+        return str(self._lookup(name).XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+
+    def _define(self, xml: str) -> None:
+        try:
+            self._connection().defineXML(xml)
+        except libvirt.libvirtError as exc:
+            raise InvalidArgument(f"libvirt refused the definition: {exc}") from None
+
+    @staticmethod
+    def _moved_definition(xml: str, disk: str, volume: str) -> str:
+        """The definition `xml` with its root disk at `disk`, and its boot files (a
+        direct-boot kernel, initrd) those of the same name in `volume`'s boot directory."""
+        root = ET.fromstring(xml)
+        for disk_el in root.findall("devices/disk"):
+            target = disk_el.find("target")
+            if target is None or target.get("dev") != ROOT_TARGET:
+                continue
+            is_block = Path(disk).is_block_device()
+            disk_el.set("type", "block" if is_block else "file")
+            source = disk_el.find("source")
+            if source is None:
+                source = ET.SubElement(disk_el, "source")
+            source.attrib.clear()
+            source.set("dev" if is_block else "file", disk)
+        for tag in ("kernel", "initrd"):
+            el = root.find(f"os/{tag}")
+            if el is not None and el.text:
+                moved = Path(volume) / BOOT_DIR / Path(el.text).name
+                if not moved.is_file():
+                    raise Internal(f"the new volume has no {BOOT_DIR}/{moved.name}")
+                el.text = str(moved)
+        return ET.tostring(root, encoding="unicode")
+
+    def _begin_mirror(self, name: str, disk: str) -> None:
+        dom = self._lookup(name)
+        if not dom.isActive():
+            raise Conflict(f'Instance "{name}" is not running')
+        kind, attr = ("block", "dev") if Path(disk).is_block_device() else ("file", "file")
+        dest = f"<disk type='{kind}'><driver type='raw'/><source {attr}='{disk}'/></disk>"
+        # The target is storage's (made empty, the right size): reused, not created; the
+        # job is not carried over a restart of the domain (the definition says the rest).
+        flags = (
+            libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        )
+        try:
+            dom.blockCopy(ROOT_TARGET, dest, None, flags)
+        except libvirt.libvirtError as exc:
+            raise Internal(f"Failed to start mirroring the disk: {exc}") from None
+
+    def _try_pivot(self, name: str) -> bool:
+        """Switch to the copy if the mirror is ready; False while it is still copying."""
+        dom = self._lookup(name)
+        try:
+            info = dom.blockJobInfo(ROOT_TARGET, 0)
+        except libvirt.libvirtError as exc:  # the VM ended meanwhile, say
+            raise Internal(f"The disk mirror stopped before it was complete: {exc}") from None
+        if not info:
+            raise Internal("The disk mirror stopped before it was complete")
+        if info.get("end", 0) == 0 or info.get("cur") != info.get("end"):
+            return False
+        try:
+            dom.blockJobAbort(ROOT_TARGET, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_BLOCK_COPY_ACTIVE:
+                return False  # copied, not yet in step: "not ready for pivot yet"
+            raise Internal(f"Failed to switch to the mirrored disk: {exc}") from None
+        return True
+
+    def _cancel_mirror(self, name: str) -> None:
+        dom = self._lookup(name)
+        with contextlib.suppress(libvirt.libvirtError):
+            if dom.blockJobInfo(ROOT_TARGET, 0):
+                dom.blockJobAbort(ROOT_TARGET, 0)
+
     # -- the agent
 
     async def _agent(self, name: str) -> AgentConnection:
         """The VM's agent connection, made (and the agent greeted) if need be. Conflict
-        when the VM does not run or its agent does not answer."""
+        when the VM does not run or its agent does not answer.
+
+        A live connection means a running VM (QEMU closes the port's socket when the VM
+        ends; a stop and a freeze drop the connection): libvirt is asked for the VM's
+        status only to make one, which keeps a thread hop and a libvirt call out of
+        every exec's round trip."""
+        conn = connection_for(self._agent_socket(name))
+        if conn.connected:
+            return conn
         status = await self.status(name)
         if status is Status.FROZEN:
             raise Conflict("Instance is frozen")  # LXD's words: its agent cannot answer
         if status is not Status.RUNNING:
             raise Conflict("Instance is not running")
-        conn = connection_for(self._agent_socket(name))
-        if conn.connected:
-            return conn
         await conn.connect()
         return conn
 

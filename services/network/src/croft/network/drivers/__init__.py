@@ -118,16 +118,19 @@ class NetworkSecurity:
     acl: NetworkAclPolicy | None = None
     forwards: tuple[Forward, ...] = ()
     nics: tuple[NicFilter, ...] = ()
+    # NICs with ACLs of their own (OVN NICs' `security.acls`): MAC -> their policy.
+    nic_acls: tuple[tuple[str, NetworkAclPolicy], ...] = ()
 
     @property
     def empty(self) -> bool:
-        return self.acl is None and not self.forwards and not self.nics
+        return self.acl is None and not self.forwards and not self.nics and not self.nic_acls
 
     def to_json(self) -> dict[str, Any]:
         return {
             "acl": None if self.acl is None else self.acl.to_json(),
             "forwards": [f.to_api() for f in self.forwards],
             "nics": [asdict(n) for n in self.nics],
+            "nic_acls": [[mac, policy.to_json()] for mac, policy in self.nic_acls],
         }
 
     @classmethod
@@ -137,6 +140,10 @@ class NetworkSecurity:
             acl=None if acl is None else NetworkAclPolicy.from_json(acl),
             forwards=tuple(Forward.from_record(f) for f in data.get("forwards") or []),
             nics=tuple(NicFilter(**n) for n in data.get("nics") or []),
+            nic_acls=tuple(
+                (mac, NetworkAclPolicy.from_json(policy))
+                for mac, policy in data.get("nic_acls") or []
+            ),
         )
 
 

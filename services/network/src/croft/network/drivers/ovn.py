@@ -43,6 +43,7 @@ from pyroute2 import IPRoute
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound, Unavailable
 from croft.common.instance_config import go_quote
+from croft.common.network_acl import NETWORK_RULES
 from croft.common.proc import run
 from croft.common.revert import Reverter
 from croft.network.drivers import (
@@ -51,9 +52,11 @@ from croft.network.drivers import (
     NetworkDriver,
     NetworkInfo,
     NetworkLease,
+    NetworkSecurity,
     NetworkState,
     NetworkStateAddress,
     NetworkStateCounters,
+    _ovn_acl,
 )
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import is_mac
@@ -67,6 +70,8 @@ VOLATILE_UPLINK_IPV6 = "volatile.network.ipv6.address"
 UPLINK_TYPES = ("bridge", "physical")
 DEFAULT_DOMAIN = "croft"
 _STARTED = "started"
+_SECURITY = "security.json"
+_ROUTES = "routes.json"
 _SUPERVISE_EVERY = 3.0
 
 
@@ -141,11 +146,7 @@ RULES: Mapping[str, Rule] = {
     "dns.zone.forward": _unsupported,
     "dns.zone.reverse.ipv4": _unsupported,
     "dns.zone.reverse.ipv6": _unsupported,
-    "security.acls": _unsupported,
-    "security.acls.default.ingress.action": _unsupported,
-    "security.acls.default.egress.action": _unsupported,
-    "security.acls.default.ingress.logged": _unsupported,
-    "security.acls.default.egress.logged": _unsupported,
+    **NETWORK_RULES,
     VOLATILE_UPLINK_IPV4: _optional(_ip(4)),
     VOLATILE_UPLINK_IPV6: _optional(_ip(6)),
 }
@@ -365,10 +366,7 @@ class _OvnHost:
                 if gw is not None and _is_true(config.get("ipv4.nat", "false")):
                     txn.add(nb.lr_nat_add(n.lr, "snat", ext_ip, str(gw.network)))
         if gw is not None and _is_true(config.get("ipv4.dhcp", "true")):
-            nameservers = [ns.strip() for ns in uplink.config.get("dns.nameservers", "").split(",")]
-            dns = [ns for ns in nameservers if ns and ipaddress.ip_address(ns).version == 4]
-            if not dns:
-                dns = [str(uplink_gw.ip)] if uplink_gw is not None else [str(gw.ip)]
+            dns = _dns_servers(uplink) or [str(gw.ip)]
             domain = config.get("dns.domain") or DEFAULT_DOMAIN
             options = {
                 "server_id": str(gw.ip),
@@ -400,6 +398,10 @@ class _OvnHost:
             txn.add(nb.ls_del(n.ls_int, if_exists=True))
             txn.add(nb.ls_del(n.ls_ext, if_exists=True))
         with nb.transaction(check_error=True) as txn:
+            for row in self.rows("Load_Balancer", name):
+                txn.add(nb.db_destroy("Load_Balancer", row.uuid))
+            for row in self.rows("Port_Group", name):
+                txn.add(nb.db_destroy("Port_Group", row.uuid))
             for row in self.rows("DHCP_Options", name):
                 txn.add(nb.dhcp_options_del(row.uuid))
             for row in self.rows("DNS", name):
@@ -526,6 +528,13 @@ class _OvnHost:
         dhcp = self.rows("DHCP_Options", name)
         if dhcp:
             nb.lsp_set_dhcpv4_options(port, dhcp[0].uuid).execute(check_error=True)
+        groups = [g for g in self.rows("Port_Group", name) if g.external_ids.get("croft-all")]
+        if groups:
+            # The network's ACLs filter the new port as they filter the others.
+            lsp = nb.lsp_get(port).execute(check_error=True)
+            with nb.transaction(check_error=True) as txn:
+                for group in groups:
+                    txn.add(nb.pg_add_ports(group.uuid, lsp.uuid))
         host, peer = veth_names(name, hwaddr)
         with IPRoute() as ipr:
             if not ipr.link_lookup(ifname=host):
@@ -585,6 +594,71 @@ class _OvnHost:
             for index in ipr.link_lookup(ifname=host):
                 ipr.link("del", index=index)
 
+    def apply_acls(self, name: str, groups: list[_ovn_acl.PortGroup]) -> None:
+        """Replace the network's port groups and their ACLs with `groups`, each holding
+        every instance port of the network: one NB transaction, so a failure leaves
+        the previous ones in force."""
+        nb = self.nb()
+        ports = {
+            row.name: row.uuid
+            for row in self.rows("Logical_Switch_Port", name)
+            if row.external_ids.get("croft-instance")
+        }
+        with nb.transaction(check_error=True) as txn:
+            for row in self.rows("Load_Balancer", name):
+                txn.add(nb.db_destroy("Load_Balancer", row.uuid))
+            for row in self.rows("Port_Group", name):
+                txn.add(nb.db_destroy("Port_Group", row.uuid))
+            for group in groups:
+                acls = [txn.add(nb.db_create("ACL", **a.columns(name))) for a in group.acls]
+                txn.add(
+                    nb.db_create(
+                        "Port_Group",
+                        name=group.name,
+                        external_ids=group.external_ids(name),
+                        ports=[
+                            ports[p]
+                            for p in (sorted(ports) if group.ports is None else group.ports)
+                            if p in ports
+                        ],
+                        acls=acls,
+                    )
+                )
+
+    def apply_forwards(
+        self, name: str, balancers: Mapping[str, tuple[str, dict[str, str]]], routes: list[str]
+    ) -> None:
+        """Replace the network's load balancers (forwards) with `balancers` (name ->
+        protocol, VIPs) on its router, in one NB transaction, and the host routes of
+        their listen addresses (`routes`: `ip route` arguments) with `routes`."""
+        nb = self.nb()
+        n = _Names(name)
+        ids = {"croft-network": name}
+        with nb.transaction(check_error=True) as txn:
+            made = []
+            for lb_name, (protocol, vips) in sorted(balancers.items()):
+                columns: dict[str, Any] = {"name": lb_name, "vips": vips, "external_ids": ids}
+                if protocol:
+                    columns["protocol"] = protocol
+                made.append(txn.add(nb.db_create("Load_Balancer", **columns)))
+            txn.add(nb.db_set("Logical_Router", n.lr, ("load_balancer", made)))
+            # On the network's switch too: its own instances reach the listen address.
+            txn.add(nb.db_set("Logical_Switch", n.ls_int, ("load_balancer", made)))
+            for row in self.rows("Load_Balancer", name):
+                txn.add(nb.db_destroy("Load_Balancer", row.uuid))
+        self.set_routes(name, routes)
+
+    def set_routes(self, name: str, routes: list[str]) -> None:
+        """The host routes to the network's forward listen addresses: `routes`, each a
+        `<address> via <router> dev <uplink>`; the ones no longer wanted removed."""
+        old = (self.read(name, _ROUTES) or {}).get("routes", [])
+        for route in old:
+            if route not in routes:
+                run(["ip", "route", "del", *route.split()], check=False, timeout=10)
+        for route in routes:
+            run(["ip", "route", "replace", *route.split()], timeout=10)
+        self.write(name, {"routes": list(routes)}, _ROUTES)
+
     def leases(self, name: str) -> list[NetworkLease]:
         found = []
         for row in self.rows("Logical_Switch_Port", name):
@@ -611,6 +685,64 @@ def _dns_names(config: Mapping[str, str], instance: str) -> set[str]:
     return {instance.lower(), f"{instance}.{domain}".lower()}
 
 
+def _forwards(
+    name: str, config: Mapping[str, str], uplink: NetworkInfo, security: NetworkSecurity
+) -> tuple[dict[str, tuple[str, dict[str, str]]], list[str]]:
+    """A network's forwards as OVN load balancers on its router (name -> protocol and
+    VIPs: one per listen address and protocol, one more for a default target) and the
+    host routes to their listen addresses (through the router's uplink address, on a
+    bridge uplink). A listen address must be within the uplink's `ipv4.routes` /
+    `ipv6.routes`, as LXD has it; InvalidArgument otherwise."""
+    balancers: dict[str, tuple[str, dict[str, str]]] = {}
+    routes: list[str] = []
+    if not security.forwards:
+        return balancers, routes
+    external = config.get(VOLATILE_UPLINK_IPV4, "")
+    if not external:
+        raise InvalidArgument("Network has no address on its uplink to forward from")
+    prefix = _Names(name).prefix
+    for forward in security.forwards:
+        listen = forward.listen
+        allowed = [
+            ipaddress.ip_network(r.strip())
+            for r in uplink.config.get(f"ipv{listen.version}.routes", "").split(",")
+            if r.strip()
+        ]
+        if not any(listen in net for net in allowed):
+            raise InvalidArgument(f'Uplink network doesn\'t contain "{listen}" in its routes')
+        if listen.version != 4:
+            raise InvalidArgument("IPv6 forwards on OVN networks are not supported")
+
+        def vip(address: object, port: int | None = None) -> str:
+            return str(address) if port is None else f"{address}:{port}"
+
+        tag = str(listen).replace(".", "-")
+        if forward.default_target is not None:
+            balancers[f"{prefix}-fwd-{tag}"] = ("", {vip(listen): vip(forward.default_target)})
+        for m in forward.port_maps():
+            _, vips = balancers.setdefault(f"{prefix}-fwd-{tag}-{m.protocol}", (m.protocol, {}))
+            first, last = m.listen_ports
+            for port in range(first, last + 1):
+                target = m.target_ports[0]
+                if m.target_ports[1] > m.target_ports[0]:
+                    target += port - first
+                vips[vip(listen, port)] = vip(m.target, target)
+        if uplink.type == "bridge":
+            routes.append(f"{listen}/32 via {external} dev {uplink.name}")
+    return balancers, routes
+
+
+def _dns_servers(uplink: NetworkInfo) -> list[str]:
+    """The IPv4 DNS servers an OVN network's DHCP names: the uplink's `dns.nameservers`,
+    else its gateway (empty if it has neither: the network's router then)."""
+    nameservers = [ns.strip() for ns in uplink.config.get("dns.nameservers", "").split(",")]
+    dns = [ns for ns in nameservers if ns and ipaddress.ip_address(ns).version == 4]
+    if not dns:
+        gateway = _uplink_gateway(uplink)
+        dns = [str(gateway.ip)] if gateway is not None else []
+    return dns
+
+
 def _checksums_in_software(ifname: str) -> None:
     """The userspace datapath reads packets from a veth as they are, partial checksums
     included: a veth that feeds it computes its checksums itself."""
@@ -635,6 +767,9 @@ class OvnDriver(NetworkDriver):
         dns=True,
         nat=True,
         ipv6=True,
+        acls=True,
+        nic_acls=True,
+        forwards=True,
     )
     fixed_in_use: ClassVar[frozenset[str]] = frozenset(
         {"network", "ipv4.address", "ipv6.address", "ipv4.dhcp", "ipv6.dhcp"}
@@ -797,6 +932,7 @@ class OvnDriver(NetworkDriver):
             return
         await self._daemons()
         async with self._uplink_lock:
+            await in_thread(self._host.set_routes, name, [])
             await in_thread(self._host.remove_rows, name)
             await in_thread(self._host.drop_patch_ports, name)
             await in_thread(self._host.unwire_unused_uplinks)
@@ -808,6 +944,7 @@ class OvnDriver(NetworkDriver):
         await self._daemons()
         await in_thread(self._host.delete_ports, name)
         async with self._uplink_lock:
+            await in_thread(self._host.set_routes, name, [])
             await in_thread(self._host.remove_rows, name)
             await in_thread(self._host.drop_patch_ports, name)
             await in_thread(self._host.unwire_unused_uplinks)
@@ -918,6 +1055,60 @@ class OvnDriver(NetworkDriver):
         nics = await in_thread(self._host.read, network, "nics.json") or {}
         if nics.pop(hwaddr, None) is not None:
             await in_thread(self._host.write, network, nics, "nics.json")
+
+    async def apply_security(self, name: str, security: NetworkSecurity) -> None:
+        if security.nics:
+            raise InvalidArgument(f"Network type {self.name!r} does not support NIC filtering")
+        config = await self.local_config(name)
+        if config is None or not await self.is_running(name):
+            return  # its start makes its rows; the core applies its security after
+        uplink = await self._uplink(name, config)
+        balancers, routes = _forwards(name, config, uplink, security)
+        services = [
+            config[k]
+            for k in ("ipv4.address", "ipv6.address")
+            if config.get(k, "none") not in ("", "none", "auto")
+        ]
+        if security.acl is not None or security.nic_acls:
+            services += _dns_servers(uplink)
+        names = _Names(name)
+        groups = _ovn_acl.port_groups(
+            name,
+            security.acl,
+            names.lsp_int_router,
+            services,
+            [(names.instance_port(mac), policy) for mac, policy in security.nic_acls],
+        )
+        await self._daemons()
+        await in_thread(self._host.apply_acls, name, groups)
+        await in_thread(self._host.apply_forwards, name, balancers, routes)
+        # Kept for a rename, which makes the network's rows again under its new name.
+        await in_thread(self._host.write, name, security.to_json(), _SECURITY)
+
+    async def rename(self, name: str, new_name: str, config: Mapping[str, str]) -> None:
+        """LXD's OVN rename: the network's rows (named after it here) made again under the
+        new name, its state moved; back under the old name if that fails."""
+        check_interface_name(new_name)
+        if self.state_dir(new_name).exists():
+            raise Conflict(f"Network {new_name!r} already exists on this host")
+        running = await self.is_running(name)
+        stored = await in_thread(self._host.read, name, _SECURITY)
+        security = NetworkSecurity.from_json(stored) if stored else NetworkSecurity()
+
+        async def under(network: str) -> None:
+            await self.start(network, config)
+            await self.apply_security(network, security)
+
+        async with Reverter() as revert:
+            if running:
+                await self.stop(name)
+                revert.add(lambda: under(name))
+            await in_thread(self.state_dir(name).rename, self.state_dir(new_name))
+            revert.add(lambda: in_thread(self.state_dir(new_name).rename, self.state_dir(name)))
+            if running:
+                revert.add(lambda: self.stop(new_name))
+                await under(new_name)
+            revert.success()
 
     async def leases(self, network: str) -> list[NetworkLease]:
         if not await self.is_running(network):
