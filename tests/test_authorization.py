@@ -3,16 +3,24 @@ certificate put in a croft group (`croft auth ...`'s API) that grants `operator`
 instance can exec in it but not change its config or make it privileged, sees only what
 it may; a restricted certificate is refused another project whichever way it asks
 (`recursion` included); and two creates racing for the last place of `limits.instances`
-leave one instance, not two."""
+leave one instance, not two. An OpenID Connect user (a device-code login at the real
+provider) whose provider group maps to a croft group with `operator` on one project
+launches and execs there over HTTPS with its bearer token, and nowhere else."""
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import pytest
+
+from croft.common.testing import oidc
 
 from .conftest import Croft, Lxc, free_port
 
@@ -156,6 +164,36 @@ def test_a_restricted_certificate_learns_nothing_of_other_projects(
     assert '"tb"' not in json.dumps(listed) and "project=tb" not in json.dumps(listed)
 
 
+def test_lxc_remote_add_with_a_pending_identitys_token(
+    croft_lxc: LXC, remote: tuple[Lxc, Lxc, str]
+) -> None:
+    """`lxc auth identity create tls/NAME --group G`'s API, redeemed by the real `lxc`
+    5.0.2 (`lxc remote add NAME TOKEN`): the client is that identity, held to G. (Before
+    the rate-limit test below: its guesses hold 127.0.0.1's tokens back for a minute.)"""
+    croft, root, _ = croft_lxc
+    query(root, "POST", "/1.0/auth/groups", {"name": "tb-view", "permissions": [
+        {"entity_type": "project", "url": "/1.0/projects/tb", "entitlement": "viewer"}]})  # fmt: skip
+    made = query(root, "POST", "/1.0/auth/identities/tls",
+                 {"name": "kiosk", "token": True, "groups": ["tb-view"]})  # fmt: skip
+    token = base64.b64encode(json.dumps(made).encode()).decode()
+    kiosk = Lxc(croft.root / "no-socket", croft.root / "kiosk-home")
+    kiosk.home.mkdir(exist_ok=True)
+    try:
+        kiosk("remote", "add", "croft", token)
+        kiosk("remote", "switch", "croft")
+        assert kiosk.names("list", "--project", "tb") == ["c"]
+        assert kiosk.names("list", "--project", "ta") == []
+        assert kiosk.refused("config", "set", "c", "user.x", "1", "--project", "tb") == "Forbidden"
+        (me,) = [i for i in json.loads(root("query", "/1.0/auth/identities/tls?recursion=1").stdout)
+                 if i["name"] == "kiosk"]  # fmt: skip
+        assert (me["type"], me["groups"]) == ("Client certificate", ["tb-view"])
+    finally:
+        for found in json.loads(root("query", "/1.0/auth/identities/tls?recursion=1").stdout):
+            if found["name"] == "kiosk":
+                root("query", "-X", "DELETE", f"/1.0/auth/identities/tls/{found['id']}")
+        query(root, "DELETE", "/1.0/auth/groups/tb-view")
+
+
 def test_bad_trust_tokens_are_rate_limited(croft_lxc: LXC, remote: tuple[Lxc, Lxc, str]) -> None:
     croft, root, _ = croft_lxc
     port = root("config", "get", "core.https_address").stdout.strip().rsplit(":", 1)[1]
@@ -168,3 +206,94 @@ def test_bad_trust_tokens_are_rate_limited(croft_lxc: LXC, remote: tuple[Lxc, Lx
         assert result.returncode != 0
         messages.append(result.stderr)
     assert "Too many failed" in messages[-1], messages[-1]
+
+
+@pytest.fixture(scope="module")
+def provider() -> Iterator[oidc.OpenIDProvider]:
+    with oidc.OpenIDProvider(groups={"carol": ["tenants"]}) as op:
+        yield op
+
+
+def wait(http: httpx.Client, reply: httpx.Response, project: str) -> dict[str, Any]:
+    """An async answer's operation, waited for (its own project's URL, as lxc waits)."""
+    assert reply.status_code == 202, reply.text
+    operation = reply.json()["operation"]
+    done = http.get(f"{operation}/wait?project={project}&timeout=120")
+    assert done.status_code == 200, done.text
+    metadata: dict[str, Any] = done.json()["metadata"]
+    assert metadata["status"] == "Success", metadata
+    return metadata
+
+
+def test_an_oidc_user_operates_the_project_its_provider_group_maps_to(
+    croft_lxc: LXC, remote: tuple[Lxc, Lxc, str], provider: oidc.OpenIDProvider
+) -> None:
+    croft, root, _ = croft_lxc
+    keys = {"oidc.issuer": provider.issuer, "oidc.client.id": oidc.CLIENT_ID,
+            "oidc.audience": provider.audience, "oidc.groups.claim": "groups"}  # fmt: skip
+    query(root, "PATCH", "/1.0", {"config": keys})
+    query(root, "POST", "/1.0/auth/groups", {"name": "ta-ops", "permissions": [
+        {"entity_type": "project", "url": "/1.0/projects/ta", "entitlement": "operator"}]})  # fmt: skip
+    query(root, "POST", "/1.0/auth/identity-provider-groups",
+          {"name": "tenants", "groups": ["ta-ops"]})  # fmt: skip
+    address = root("config", "get", "core.https_address").stdout.strip()
+    token = provider.device_login("carol")["access_token"]  # as `croft login` gets it
+    http = httpx.Client(
+        base_url=f"https://{address}",
+        verify=ssl.create_default_context(cafile=str(croft.root / "state" / "server.crt")),
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=120,
+    )
+    try:
+        me = http.get("/1.0").json()["metadata"]
+        assert (me["auth_user_method"], me["auth_user_name"]) == ("oidc", "carol@example.test")
+        # Launch in ta and exec there.
+        launched = http.post("/1.0/instances?project=ta", json={
+            "name": "oc", "source": {"type": "image", "alias": "busybox"}, "start": True})  # fmt: skip
+        wait(http, launched, "ta")
+        assert http.get("/1.0/instances/oc?project=ta").json()["metadata"]["status"] == "Running"
+        ran = http.post("/1.0/instances/oc/exec?project=ta", json={
+            "command": ["sh", "-c", "echo hi from $(hostname)"], "wait-for-websocket": False,
+            "interactive": False, "record-output": True})  # fmt: skip
+        output = wait(http, ran, "ta")["metadata"]
+        assert output["return"] == 0
+        assert http.get(f"{output['output']['1']}?project=ta").text == "hi from oc\n"
+        # Nothing in tb, nothing server-wide; tb's names are not told.
+        listed = http.get("/1.0/instances?project=ta&recursion=1").json()["metadata"]
+        assert sorted(i["name"] for i in listed) == ["c", "oc"]
+        every = http.get("/1.0/instances?all-projects=true&recursion=1").json()["metadata"]
+        assert sorted((i["project"], i["name"]) for i in every) == [("ta", "c"), ("ta", "oc")]
+        assert http.get("/1.0/projects").json()["metadata"] == ["/1.0/projects/ta"]
+        for method, path, body, status, error in (
+            ("GET", "/1.0/instances?project=tb", None, 200, None),
+            ("POST", "/1.0/instances?project=tb",
+             {"name": "oc", "source": {"type": "image", "alias": "busybox"}}, 404, "Not Found"),
+            ("POST", "/1.0/instances/c/exec?project=tb",
+             {"command": ["true"], "wait-for-websocket": False}, 404, "Not Found"),
+            ("PUT", "/1.0", {"config": {"user.x": "1"}}, 403, "Forbidden"),
+            ("PATCH", "/1.0", {"config": {"oidc.issuer": ""}}, 403, "Forbidden"),
+        ):  # fmt: skip
+            reply = http.request(method, path, json=body)
+            assert reply.status_code == status, (method, path, reply.text)
+            if error is None:
+                assert reply.json()["metadata"] == [], reply.text
+            else:
+                assert reply.json()["error"] == error and reply.json()["error_code"] == status
+            assert '"c"' not in reply.text and "tb/" not in reply.text
+        assert root.names("list", "--project", "tb") == ["c"]
+        config = json.loads(root("query", "/1.0").stdout)["config"]
+        assert "user.x" not in config and config["oidc.issuer"] == provider.issuer
+        # Removing the mapping holds on the next request, for the same (cached) token.
+        query(root, "DELETE", "/1.0/auth/identity-provider-groups/tenants")
+        gone = http.get("/1.0/instances/oc?project=ta")
+        assert (gone.status_code, gone.json()["error"]) == (404, "Not Found")
+        again = http.post("/1.0/instances/oc/exec?project=ta",
+                          json={"command": ["true"], "wait-for-websocket": False})  # fmt: skip
+        assert again.status_code == 404, again.text
+        assert http.get("/1.0").json()["metadata"]["auth_user_name"] == "carol@example.test"
+    finally:
+        http.close()
+        root("delete", "--force", "oc", "--project", "ta", check=False)
+        root("query", "-X", "DELETE", "/1.0/auth/identity-provider-groups/tenants", check=False)
+        root("query", "-X", "DELETE", "/1.0/auth/groups/ta-ops", check=False)
+        query(root, "PATCH", "/1.0", {"config": dict.fromkeys(keys, "")})

@@ -178,6 +178,11 @@ def test_limits_refuse_with_lxds_messages(croft_lxc: LXC, two_projects: tuple[st
             'Reached maximum number of instances in project "pb"'
         )
         assert "c3" not in lxc.names("list", *p)
+        # A copy is a create: held to the same limit.
+        assert lxc.refused("copy", "c", "c3", *p) == (
+            'Reached maximum number of instances in project "pb"'
+        )
+        assert "c3" not in lxc.names("list", *p)
         assert lxc.refused("project", "set", "pb", "limits.instances", "1") == (
             'Can\'t change limits.instances in project "pb": "limits.instances" is too low: '
             'there currently are 2 total instances in project "pb"'

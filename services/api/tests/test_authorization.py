@@ -158,6 +158,15 @@ def test_auth_records_are_checked_as_lxd_checks_them(croft: Croft) -> None:
         {"name": "devs", "groups": ["g"]}]  # fmt: skip
     assert root.request("GET", "/1.0/auth/groups/g").metadata["identity_provider_groups"] == [
         "devs"]  # fmt: skip
+    assert root.request("POST", "/1.0/auth/identity-provider-groups", {"name": "ops"}).status == 201
+    taken = root.request("POST", "/1.0/auth/identity-provider-groups/devs", {"name": "ops"})
+    assert (taken.status, taken.error) == (409, 'Identity provider group "ops" already exists')
+    renamed = root.request("POST", "/1.0/auth/identity-provider-groups/devs", {"name": "corp"})
+    assert (renamed.status, renamed.headers["Location"]) == (
+        201, "/1.0/auth/identity-provider-groups/corp")  # fmt: skip
+    assert root.request("GET", "/1.0/auth/identity-provider-groups?recursion=1").metadata == [
+        {"name": "corp", "groups": ["g"]}, {"name": "ops", "groups": []}]  # fmt: skip
+    assert root.request("DELETE", "/1.0/auth/identity-provider-groups/ops").status == 200
     # An OIDC user may be put in a group before it first logs in.
     assert root.request("PUT", "/1.0/auth/identities/oidc/sub-1", {"groups": ["g"]}).status == 200
     listed = root.request("GET", "/1.0/auth/identities/oidc?recursion=1").metadata
@@ -241,6 +250,16 @@ def test_croft_auth_manages_groups_identities_and_mappings(croft: Croft) -> None
     assert "Unknown entity type" in croft_cli("group", "permission", "add", "viewers",
                                                "thing", "x", "viewer", ok=False)  # fmt: skip
     croft_cli("identity", "group", "add", f"tls/{fingerprint}", "viewers")
+    made = croft.client("cli-fg")
+    croft_cli("identity", "create", "tls/cli-fg", str(made.cert), "--group", "viewers")
+    assert yaml.safe_load(croft_cli("identity", "show", "tls/cli-fg"))["groups"] == ["viewers"]
+    assert made.request("GET", "/1.0/projects").status == 200
+    croft_cli("identity", "delete", "tls/cli-fg")
+    assert made.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    printed = croft_cli("identity", "create", "tls/cli-pending", "--group", "viewers")
+    token = json.loads(base64.b64decode(printed.splitlines()[-1]))
+    assert token["client_name"] == "cli-pending" and token["secret"]
+    croft_cli("identity", "delete", "tls/cli-pending")
     croft_cli("identity-provider-group", "create", "corp-devs")
     croft_cli("identity-provider-group", "group", "add", "corp-devs", "viewers")
     shown = yaml.safe_load(croft_cli("group", "show", "viewers"))
@@ -321,3 +340,149 @@ def test_an_oidc_user_gets_what_its_provider_groups_map_to(
     assert root.request("DELETE", "/1.0/auth/identity-provider-groups/devs").status == 200
     assert names(user.request("GET", "/1.0/instances?project=pa")) == []
     assert user.request("GET", "/1.0/instances/c1?project=pa").status == 404
+
+
+def test_a_restricted_certificate_cannot_touch_the_auth_records(croft: Croft) -> None:
+    """A certificate restricted to `default` (whose requests name no other project) may
+    not grant anyone anything: groups, identities and mappings are server-wide, as the
+    trust store is; it may ask who it is."""
+    root = croft.replica
+    tenant = croft.client("tenant")
+    croft.lxc("config", "trust", "add", str(tenant.cert), "--restricted", "--projects", "default")
+    other = croft.client("other")
+    croft.lxc("config", "trust", "add", str(other.cert))
+    other_fp = certificate_fingerprint(other.cert.read_text())
+    assert root.request("POST", "/1.0/auth/groups", {"name": "g"}).status == 201
+    for method, path, body in (
+        ("POST", "/1.0/auth/groups", {"name": "mine", "permissions": [
+            perm("server", "/1.0", "admin")]}),
+        ("PUT", "/1.0/auth/groups/g", {"permissions": [perm("server", "/1.0", "admin")]}),
+        ("DELETE", "/1.0/auth/groups/g", None),
+        ("PUT", f"/1.0/auth/identities/tls/{other_fp}", {"groups": ["g"]}),
+        ("PUT", "/1.0/auth/identities/oidc/someone", {"groups": ["g"]}),
+        ("POST", "/1.0/auth/identity-provider-groups", {"name": "devs", "groups": ["g"]}),
+        ("POST", "/1.0/auth/identities/tls", {"name": "x", "certificate": "x"}),
+        ("GET", "/1.0/auth/groups?recursion=1", None),
+        ("GET", "/1.0/auth/identities?recursion=1", None),
+        ("GET", "/1.0/auth/permissions", None),
+    ):  # fmt: skip
+        reply = tenant.request(method, path, body)
+        assert (reply.status, reply.error) == (403, "not authorized"), (method, path, reply)
+    current = tenant.request("GET", "/1.0/auth/identities/current")
+    assert current.status == 200 and current.metadata["name"] == "tenant.crt"
+    group = root.request("GET", "/1.0/auth/groups/g").metadata
+    assert (group["permissions"], group["identities"]) == ([], {})
+    assert root.request("GET", "/1.0/auth/groups").metadata == ["/1.0/auth/groups/g"]
+    assert root.request("GET", "/1.0/auth/identity-provider-groups").metadata == []
+
+
+def test_a_tls_identity_created_through_the_auth_api_is_fine_grained(croft: Croft) -> None:
+    """`POST /1.0/auth/identities/tls` (LXD's `lxc auth identity create tls/NAME CERT`):
+    the certificate is trusted, and held to its groups' grants even while in none."""
+    root = croft.replica
+    put_instance(croft, "default", "c1")
+    dev = croft.client("fg")
+    pem = dev.cert.read_text()
+    fingerprint = certificate_fingerprint(pem)
+    for body, status, error in (
+        ({"certificate": pem}, 400, "Identity name must be provided"),
+        ({"name": "fg", "certificate": pem, "token": True}, 400,
+         "Can't use certificate if token is requested"),
+        ({"name": "fg", "trust_token": "x"}, 409, "Client already trusted"),
+        ({"name": "fg", "certificate": pem, "groups": ["nope"]}, 404,
+         'Failed to add identity to group "nope": Group not found'),
+        ({"name": "fg", "certificate": "not a certificate"}, 400, None),
+    ):  # fmt: skip
+        reply = root.request("POST", "/1.0/auth/identities/tls", body)
+        assert reply.status == status, (body, reply)
+        assert error is None or reply.error == error, reply.error
+    assert root.request("GET", "/1.0/certificates").metadata == []  # nothing was added
+    created = root.request("POST", "/1.0/auth/identities/tls", {"name": "fg", "certificate": pem})
+    assert created.status == 201, created
+    assert created.headers["Location"] == f"/1.0/auth/identities/tls/{fingerprint}"
+    again = root.request("POST", "/1.0/auth/identities/tls", {"name": "fg2", "certificate": pem})
+    assert (again.status, again.error) == (409, "Identity already exists")
+    other = croft.client("fg-other").cert.read_text()
+    named = root.request("POST", "/1.0/auth/identities/tls", {"name": "fg", "certificate": other})
+    assert (named.status, named.error) == (409, 'An identity with name "fg" already exists')
+    shown = root.request("GET", "/1.0/auth/identities/tls/fg").metadata
+    assert (shown["type"], shown["id"], shown["groups"]) == ("Client certificate", fingerprint, [])
+
+    # Trusted, in no group: it may do nothing (a `lxc config trust add` one may all).
+    info = dev.request("GET", "/1.0").metadata
+    assert info["auth"] == "trusted" and info["config"] == {}
+    assert names(dev.request("GET", "/1.0/instances")) == []
+    assert (dev.request("PUT", "/1.0", {"config": {}}).status) == 403
+    current = dev.request("GET", "/1.0/auth/identities/current").metadata
+    assert (current["fine_grained"], current["type"]) == (True, "Client certificate")
+    made = dev.request("POST", "/1.0/auth/identities/tls", {"name": "x", "certificate": other})
+    assert (made.status, made.error) == (403, "Forbidden")
+    # Its group's grants, from the next request.
+    root.request("POST", "/1.0/auth/groups", {"name": "viewers", "permissions": [
+        perm("project", "/1.0/projects/default", "viewer")]})  # fmt: skip
+    root.request("PUT", "/1.0/auth/identities/tls/fg", {"groups": ["viewers"]})
+    assert names(dev.request("GET", "/1.0/instances")) == ["c1"]
+    # Deleted through the auth API: no longer trusted, its record gone.
+    assert root.request("DELETE", "/1.0/auth/identities/tls/fg").status == 200
+    assert dev.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    assert root.request("GET", "/1.0/certificates").metadata == []
+    assert root.request("GET", "/1.0/auth/groups/viewers").metadata["identities"] == {}
+
+    # A trust-store certificate deleted takes its memberships with it.
+    croft.lxc("config", "trust", "add", str(dev.cert))
+    root.request("PUT", f"/1.0/auth/identities/tls/{fingerprint}", {"groups": ["viewers"]})
+    croft.lxc("config", "trust", "remove", fingerprint)
+    croft.lxc("config", "trust", "add", str(dev.cert))
+    assert root.request("GET", f"/1.0/auth/identities/tls/{fingerprint}").metadata["groups"] == []
+    assert names(dev.request("GET", "/1.0/instances")) == ["c1"]  # in no group: full access
+
+
+def test_a_pending_tls_identity_becomes_the_certificate_that_shows_its_token(
+    croft: Croft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`POST /1.0/auth/identities/tls` with `token: true` (LXD's `lxc auth identity
+    create tls/NAME` with no certificate): a pending identity and a token; the client that
+    shows the token (`lxc remote add NAME TOKEN`) is trusted as that identity, held to its
+    groups. A pending identity deleted takes its token with it."""
+    monkeypatch.setattr(trust_password, "attempts", trust_password.PasswordAttempts())
+    root = croft.replica
+    put_instance(croft, "default", "c1")
+    root.request("POST", "/1.0/auth/groups", {"name": "viewers", "permissions": [
+        perm("project", "/1.0/projects/default", "viewer")]})  # fmt: skip
+    made = root.request("POST", "/1.0/auth/identities/tls",
+                        {"name": "laptop", "token": True, "groups": ["viewers"]})  # fmt: skip
+    assert made.status == 201, made
+    token = made.metadata
+    assert (token["client_name"], token["type"]) == ("laptop", "Client certificate")
+    identifier = made.headers["Location"].rsplit("/", 1)[1]
+    listed = root.request("GET", "/1.0/auth/identities/tls?recursion=1").metadata
+    assert [(i["id"], i["name"], i["type"], i["groups"]) for i in listed] == [
+        (identifier, "laptop", "Client certificate (pending)", ["viewers"])]  # fmt: skip
+    again = root.request("POST", "/1.0/auth/identities/tls", {"name": "laptop", "token": True})
+    assert (again.status, again.error) == (409, 'An identity with name "laptop" already exists')
+
+    laptop = croft.client("laptop")
+    shown = base64.b64encode(json.dumps(token).encode()).decode()
+    trusted = laptop.request("POST", "/1.0/certificates", {"password": shown})
+    assert trusted.status == 201, trusted
+    fingerprint = certificate_fingerprint(laptop.cert.read_text())
+    ident = root.request("GET", f"/1.0/auth/identities/tls/{fingerprint}").metadata
+    assert (ident["type"], ident["name"], ident["groups"]) == (
+        "Client certificate", "laptop", ["viewers"])  # fmt: skip
+    listed = root.request("GET", "/1.0/auth/identities/tls").metadata
+    assert listed == [f"/1.0/auth/identities/tls/{fingerprint}"]  # the pending one is gone
+    assert names(laptop.request("GET", "/1.0/instances")) == ["c1"]
+    assert laptop.request("PUT", "/1.0", {"config": {}}).status == 403
+
+    # Deleted while pending: its token trusts nobody.
+    other = root.request("POST", "/1.0/auth/identities/tls", {"name": "phone", "token": True})
+    assert other.status == 201, other
+    pending_url = other.headers["Location"]
+    assert root.request("DELETE", pending_url).status == 200
+    phone = croft.client("phone")
+    refused = phone.request("POST", "/1.0/certificates", {
+        "password": base64.b64encode(json.dumps(other.metadata).encode()).decode()})  # fmt: skip
+    assert refused.status == 403, refused
+    assert phone.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    assert [c["name"] for c in root.request("GET", "/1.0/certificates?recursion=1").metadata] == [
+        "laptop"]  # fmt: skip

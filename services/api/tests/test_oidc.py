@@ -156,6 +156,10 @@ def test_a_device_flow_token_is_a_trusted_oidc_user(croft: Croft, provider: Open
     assert info["auth"] == "trusted"
     assert info["auth_user_method"] == "oidc"
     assert info["auth_user_name"] == "alice@example.test"
+    # Recorded at its first request, to be put in groups by its subject.
+    users = croft.replica.request("GET", "/1.0/auth/identities/oidc?recursion=1").metadata
+    assert [(u["id"], u["name"], u["type"]) for u in users] == [
+        ("alice", "alice@example.test", "OIDC client")]  # fmt: skip
     # Held to its groups' grants: none until its provider's group is mapped to one.
     assert "oidc.issuer" not in info["config"]
     refused = bearer(croft, token, "POST", "/1.0/profiles", {"name": "oidcprof", "config": {}})

@@ -260,3 +260,38 @@ def test_the_checks_for_networks_and_volumes(replica: Replica, clean_store: Any)
     state = replica.request("GET", "/1.0/projects/pn/state").metadata["resources"]
     assert state["networks"] == {"Limit": 1, "Usage": 1}
     assert state["disk"] == {"Limit": 1024**3, "Usage": 600 * 1024**2}
+
+
+def test_vm_and_process_limits_refuse_a_create(replica: Replica, clean_store: Any) -> None:
+    """`limits.virtual-machines` counts VMs only; `limits.processes` is an aggregate of
+    the instances' own `limits.processes`, as `limits.cpu` is."""
+    replica.request("POST", "/1.0/projects", {"name": "pv", "config": {
+        "limits.virtual-machines": "0", "limits.processes": "100"}})  # fmt: skip
+    put_records(
+        clean_store.endpoints,
+        {
+            record_key("instances", "pv", "one"): {
+                "name": "one", "project": "pv", "type": "container",
+                "expanded_config": {"limits.processes": "80"}, "expanded_devices": {},
+            },
+        },
+    )  # fmt: skip
+    root = {"root": {"type": "disk", "path": "/", "pool": "default"}}
+    vm = replica.request("POST", "/1.0/instances?project=pv", {
+        "name": "vm", "type": "virtual-machine", "source": {"type": "none"}, "devices": root,
+        "config": {"limits.processes": "1"}})  # fmt: skip
+    assert (vm.status, vm.error) == (
+        400, 'Reached maximum number of instances of type "virtual-machine" in project "pv"')  # fmt: skip
+    many = replica.request("POST", "/1.0/instances?project=pv", {
+        "name": "two", "source": {"type": "none"}, "devices": root,
+        "config": {"limits.processes": "30"}})  # fmt: skip
+    assert (many.status, many.error) == (
+        400, 'Failed checking if instance creation allowed: Reached maximum aggregate value '
+        '"100" for "limits.processes" in project "pv"')  # fmt: skip
+    unset = replica.request("POST", "/1.0/instances?project=pv", {
+        "name": "two", "source": {"type": "none"}, "devices": root})  # fmt: skip
+    assert unset.status == 400 and 'no "limits.processes" config' in unset.error, unset.error
+    low = replica.request("PATCH", "/1.0/projects/pv", {"config": {"limits.processes": "50"}})
+    assert low.status == 400 and "limits.processes" in low.error, low.error
+    assert replica.request("GET", "/1.0/instances?project=pv").metadata == [
+        "/1.0/instances/one?project=pv"]  # fmt: skip

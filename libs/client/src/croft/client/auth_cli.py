@@ -5,6 +5,7 @@ local socket."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import Any
 from urllib.parse import quote
@@ -205,6 +206,43 @@ def _identity_path(name: str) -> str:
     if method not in ("tls", "oidc") or not identifier:
         raise InvalidArgument("An identity is named METHOD/ID (tls/<fingerprint>, oidc/<subject>)")
     return f"/1.0/auth/identities/{method}/{quote(identifier, safe='')}"
+
+
+@identity.command("create")
+@click.argument("name")
+@click.argument("certificate", required=False, type=click.Path(exists=True, dir_okay=False))
+@click.option("--group", "-g", "groups", multiple=True, help="A group to put it in")
+@socket_option
+def identity_create(
+    name: str, certificate: str | None, groups: tuple[str, ...], socket: str | None
+) -> None:
+    """A fine-grained TLS identity, tls/NAME, from a PEM certificate file, or pending with
+    a token printed for the client to add the remote with (as `lxc auth identity
+    create`): held to its groups' grants, none while in no group."""
+    with _errors(), _api(socket) as api:
+        method, _, identity_name = name.partition("/")
+        if method != "tls" or not identity_name:
+            raise InvalidArgument("Only TLS identities are created: tls/NAME")
+        body: dict[str, Any] = {"name": identity_name, "groups": list(groups)}
+        if certificate is None:
+            body["token"] = True
+        else:
+            with open(certificate) as pem:
+                body["certificate"] = pem.read()
+        made = api.call("POST", "/1.0/auth/identities/tls", json=body)
+        if certificate is None:
+            token = json.dumps(made["metadata"], separators=(",", ":")).encode()
+            click.echo(f"TLS identity {name!r} created with pending token:")
+            click.echo(base64.b64encode(token).decode())
+
+
+@identity.command("delete")
+@click.argument("name")
+@socket_option
+def identity_delete(name: str, socket: str | None) -> None:
+    """Delete an identity (a TLS identity made by `create` is no longer trusted)."""
+    with _errors(), _api(socket) as api:
+        api.call("DELETE", _identity_path(name))
 
 
 @identity.command("show")

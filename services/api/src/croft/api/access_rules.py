@@ -157,7 +157,17 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
                 _global("identity_provider_group", "/1.0/auth/identity-provider-groups/{}"), _CRUD
             ),
         ),  # fmt: skip
-        (r"/1\.0/auth/identities(?:/(?:tls|oidc))?", _allow("GET")),
+        (r"/1\.0/auth/identities(?:/oidc)?", _allow("GET")),
+        (
+            r"/1\.0/auth/identities/tls",
+            lambda m, method, p: (
+                ALLOW
+                if method == "GET"
+                else ("can_create_identities", SERVER)
+                if method == "POST"
+                else None
+            ),
+        ),  # fmt: skip
         (r"/1\.0/auth/identities/current", _allow("GET")),
         (
             r"/1\.0/auth/identities/(tls|oidc)/([^/]+)",

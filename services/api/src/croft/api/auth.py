@@ -27,7 +27,7 @@ import grpc
 
 from croft.api import responses
 from croft.api.access_rules import rule_for
-from croft.api.authz import GRANTS_KEY, refusal, viewable
+from croft.api.authz import GRANTS_KEY, identity_key, refusal, viewable
 from croft.api.direct import FRONTED
 from croft.api.domain.images import find_image, secret_grants
 from croft.api.entitlements import Grants
@@ -36,7 +36,7 @@ from croft.api.oidc import OidcSettings, bearer_token, oidc_identity, replica_oi
 from croft.api.services import services
 from croft.api.tls import certificate_fingerprint, peer_certificate
 from croft.common.clients import AuthClient
-from croft.common.errors import CroftError, NotFound, PermissionDenied, Unavailable
+from croft.common.errors import Conflict, CroftError, NotFound, PermissionDenied, Unavailable
 from croft.common.rpc import from_rpc_error
 from croft.v1 import auth_pb2
 
@@ -163,6 +163,10 @@ def restricted_may(who: Identity, method: str, path: str, query: str) -> bool:
     params = parse_qs(query)
     if (params.get("all-projects") or [""])[0].lower() == "true":
         return False
+    if path.startswith("/1.0/auth/"):
+        # Groups, identities and mappings grant what the trust store does: none of its
+        # business, not even to read; who it is, it may ask.
+        return method in ("GET", "HEAD") and path == "/1.0/auth/identities/current"
     if _SERVER_WIDE.match(path):
         return method in ("GET", "HEAD")
     project = (params.get("project") or ["default"])[0]
@@ -334,6 +338,8 @@ async def held_to_grants(
     the handler's own questions (what a list shows). None for a caller grants do not hold."""
     ctx = scope["app"].state.croft
     state = await ctx.authorizer.state()
+    if who.auth_method == "oidc" and ("oidc", who.id) not in state.identities:
+        await _remember_oidc_user(ctx, who)
     held: Grants | None = state.grants_of(who)
     if held is None:
         return None
@@ -345,6 +351,21 @@ async def held_to_grants(
     if not isinstance(rule, str):
         refusal(held, *rule)
     return held
+
+
+async def _remember_oidc_user(ctx: Any, who: Identity) -> None:
+    """An OIDC user is recorded at its first request, as LXD records it at its first
+    login, so that `/1.0/auth/identities/oidc` lists it to be put in groups. A store that
+    refuses the write now does not refuse the request: the next one tries again."""
+    record = {"authentication_method": "oidc", "id": who.id, "name": who.name, "groups": []}
+    try:
+        await ctx.store.create_json(identity_key("oidc", who.id), record)
+    except Conflict:
+        pass  # another replica, or a request racing this one, wrote it
+    except CroftError as exc:
+        log.warning("cannot record OIDC user %s: %s", who.id, exc.message)
+        return
+    ctx.authorizer.changed()
 
 
 # The scope key under which the middleware marks an export it allowed by an image secret.

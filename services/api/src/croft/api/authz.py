@@ -10,8 +10,10 @@ An `Authorizer` per replica keeps them in memory, rebuilt on the next request af
 change: this replica's own writes drop the copy at once (`changed`), a watch on the prefix
 drops it for writes made through another replica.
 
-Who is held to grants: every OIDC user, and a trusted, unrestricted TLS certificate that
-is a member of at least one group. The unix socket's root and unrestricted certificates
+Who is held to grants: every OIDC user, a TLS identity created through
+`POST /1.0/auth/identities/tls` (fine-grained: held even while in no group), and a
+trusted, unrestricted certificate of the trust store that is a member of at least one
+group. The unix socket's root and unrestricted certificates
 in no group keep full access; restricted certificates keep their projects
 (`croft.api.auth`). Those pass every check here (`grants_of` is None for them).
 """
@@ -126,7 +128,7 @@ class AuthState:
         if who.auth_method != "tls" or who.restricted:
             return False
         record = self.identities.get(("tls", who.id)) or {}
-        return bool(record.get("groups"))
+        return bool(record.get("fine_grained") or record.get("groups"))
 
     def grants_of(self, who: Identity) -> Grants | None:
         """`who`'s grants; None when grants do not hold `who` (full access, or a

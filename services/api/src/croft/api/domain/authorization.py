@@ -9,8 +9,12 @@ rewrites them, in one transaction.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import uuid
 from typing import Any
 
+from croft.api.auth import auth_call, trust_cache
 from croft.api.authz import (
     AUTH_PREFIX,
     IDENTITIES,
@@ -20,8 +24,12 @@ from croft.api.authz import (
     idp_group_key,
 )
 from croft.api.entitlements import check_entitlement, parse_entity
+from croft.api.tls import certificate_fingerprint
+from croft.common.clients import AuthClient
 from croft.common.errors import Conflict, InvalidArgument, NotFound
+from croft.common.revert import Reverter
 from croft.common.store import Create, Delete, Operation, Store, Update, dump
+from croft.v1 import auth_pb2, common_pb2
 
 
 def check_group_name(name: str) -> None:
@@ -158,3 +166,102 @@ async def get_idp_group(store: Store, name: str) -> tuple[dict[str, Any], int]:
     if found is None:
         raise NotFound("Identity provider group not found")
     return found[0], found[1]
+
+
+async def create_tls_identity(
+    store: Store, name: str, certificate: str, groups: Any, address: str
+) -> str:
+    """LXD's `POST /1.0/auth/identities/tls` with a certificate: trust it (the auth
+    service's trust store) as a fine-grained identity, held to its groups' grants even
+    while in none, unlike a certificate added with `lxc config trust add`. Returns its
+    fingerprint; nothing is left behind when a step fails."""
+    if not name:
+        raise InvalidArgument("Identity name must be provided")
+    if not certificate:
+        raise InvalidArgument("No client certificate provided")
+    groups = await check_groups_exist(store, groups)
+    listed = await auth_call(AuthClient.list_certificates, common_pb2.Empty())
+    if any(c.get("name") == name for c in json.loads(listed.json)):
+        raise Conflict(f'An identity with name "{name}" already exists')
+    async with Reverter() as revert:
+        try:
+            reply = await auth_call(
+                AuthClient.add_certificate,
+                auth_pb2.AddCertificateRequest(
+                    certificate=certificate, name=name, type="client", address=address
+                ),
+                idempotent=False,
+            )
+        except Conflict:
+            raise Conflict("Identity already exists") from None
+        fingerprint = str(json.loads(reply.json)["fingerprint"])
+
+        async def untrust() -> None:
+            await auth_call(
+                AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=fingerprint)
+            )
+            trust_cache.forget(fingerprint)
+
+        revert.add(untrust)
+        record = {**identity_record("tls", fingerprint, name, groups), "fine_grained": True}
+        # Replaces what a certificate of this fingerprint may once have left.
+        await store.put(identity_key("tls", fingerprint), dump(record))
+        revert.success()
+    trust_cache.forget(fingerprint)
+    return fingerprint
+
+
+def _token_hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+async def check_identity_name_free(store: Store, name: str) -> None:
+    """LXD's 409 when a TLS identity (trusted or pending) already has `name`."""
+    listed = await auth_call(AuthClient.list_certificates, common_pb2.Empty())
+    taken = {c.get("name") for c in json.loads(listed.json)}
+    taken |= {e.json().get("name") for e in await store.list(identity_key("tls", ""))}
+    if name in taken:
+        raise Conflict(f'An identity with name "{name}" already exists')
+
+
+async def create_pending_tls_identity(
+    store: Store, name: str, groups: list[str], secret: str, operation_id: str
+) -> str:
+    """A pending fine-grained TLS identity (LXD's "Client certificate (pending)"): its
+    name and groups, waiting for a client to show the token whose secret is `secret`.
+    Returns its identifier (a UUID, as LXD's)."""
+    identifier = str(uuid.uuid4())
+    record = {**identity_record("tls", identifier, name, groups), "fine_grained": True,
+              "pending": True, "token_sha256": _token_hash(secret),
+              "operation_id": operation_id}  # fmt: skip
+    await store.create_json(identity_key("tls", identifier), record)
+    return identifier
+
+
+async def pending_for_token(store: Store, secret: str) -> tuple[str, dict[str, Any]] | None:
+    """The pending TLS identity the token with `secret` was issued for, if any."""
+    wanted = _token_hash(secret)
+    for entry in await store.list(identity_key("tls", "")):
+        record = entry.json()
+        if record.get("pending") and record.get("token_sha256") == wanted:
+            return entry.key, record
+    return None
+
+
+async def prepare_tls_identity(store: Store, certificate: str, pending: dict[str, Any]) -> str:
+    """The record of the certificate about to be trusted on a pending identity's token:
+    fine-grained, with the pending identity's name and groups. Returns its key ("" when
+    the certificate has a record already: it is trusted already, and the trust will be
+    refused as a conflict)."""
+    try:
+        fingerprint = certificate_fingerprint(certificate)
+    except ValueError:
+        return ""  # not a certificate: the auth service refuses it
+    key = identity_key("tls", fingerprint)
+    record = {**identity_record("tls", fingerprint, pending.get("name", ""),
+                                list(pending.get("groups") or [])), "fine_grained": True}  # fmt: skip
+    try:
+        await store.create_json(key, record)
+    except Conflict:
+        return ""
+    return key

@@ -9,6 +9,7 @@ replica's copy of the records (`authz.forget_on_change`), so it holds on the nex
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -17,15 +18,18 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import authz, query, records, responses
-from croft.api.auth import auth_call
+from croft.api.auth import auth_call, trust_cache
 from croft.api.authz import group_url, identity_key, identity_url, idp_group_key, idp_group_url
 from croft.api.context import context
 from croft.api.domain import authorization as auth_records
+from croft.api.domain import trust_tokens
 from croft.api.entitlements import MODEL, PROJECT_SCOPED, entitlements_of
+from croft.api.https_listener import serving_address
 from croft.api.identity import identity
 from croft.common.clients import AuthClient
-from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.v1 import common_pb2
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.store import Create, Delete, dump
+from croft.v1 import auth_pb2, common_pb2
 
 router = APIRouter()
 
@@ -139,18 +143,34 @@ async def _identities(request: Request, method: str | None) -> list[dict[str, An
                 continue
             fingerprint = cert["fingerprint"]
             found = everything.get(identity_key("tls", fingerprint))
+            if found and found[0].get("fine_grained"):
+                kind = "Client certificate"
+            elif cert.get("restricted"):
+                kind = "Client certificate (restricted)"
+            else:
+                kind = "Client certificate (unrestricted)"
             out.append(
                 {
                     "authentication_method": "tls",
-                    "type": "Client certificate (restricted)"
-                    if cert.get("restricted")
-                    else "Client certificate (unrestricted)",
+                    "type": kind,
                     "id": fingerprint,
                     "name": cert.get("name", ""),
                     "groups": (found[0].get("groups") if found else None) or [],
                     "tls_certificate": cert.get("certificate", ""),
                 }
             )
+        for key, (record, _) in sorted(everything.items()):
+            if key.startswith(identity_key("tls", "")) and record.get("pending"):
+                out.append(
+                    {
+                        "authentication_method": "tls",
+                        "type": "Client certificate (pending)",
+                        "id": record["id"],
+                        "name": record.get("name", ""),
+                        "groups": record.get("groups") or [],
+                        "tls_certificate": "",
+                    }
+                )
     if method in (None, "oidc"):
         prefix = identity_key("oidc", "")
         for key, (record, _) in sorted(everything.items()):
@@ -205,6 +225,69 @@ async def identity_current(request: Request) -> Response:
     )
 
 
+@router.post("/1.0/auth/identities/tls")
+async def identities_tls_post(request: Request) -> Response:
+    """A fine-grained TLS identity from a certificate (LXD's `lxc auth identity create
+    tls/NAME CERT`). Pending identities redeemed by a token are not built."""
+    body = await _body(request)
+    if body.get("trust_token"):
+        raise Conflict("Client already trusted")
+    if body.get("token") and body.get("certificate"):
+        raise InvalidArgument("Can't use certificate if token is requested")
+    if body.get("token"):
+        return await _pending_tls_identity(request, body)
+    fingerprint = await auth_records.create_tls_identity(
+        context(request).store,
+        str(body.get("name") or ""),
+        str(body.get("certificate") or identity(request).certificate),
+        body.get("groups") or [],
+        request.client.host if request.client else "",
+    )
+    _changed(request)
+    url = identity_url("tls", fingerprint)
+    await context(request).lifecycle("identity-created", url, request=request)
+    return responses.created(url)
+
+
+async def _pending_tls_identity(request: Request, body: dict[str, Any]) -> Response:
+    """A pending identity and the token (LXD's CertificateAddToken) that a client shows
+    to become it: `lxc remote add NAME TOKEN` trusts its certificate as this identity."""
+    store = context(request).store
+    name = str(body.get("name") or "")
+    if not name:
+        raise InvalidArgument("Identity name must be provided")
+    groups = await auth_records.check_groups_exist(store, body.get("groups") or [])
+    await auth_records.check_identity_name_free(store, name)
+    if not serving_address(request):
+        raise InvalidArgument("Can't issue token when server isn't listening on network")
+    operation = await trust_tokens.issue(context(request), serving_address(request), name,
+                                         False, [])  # fmt: skip
+    metadata = operation["metadata"]
+    try:
+        identifier = await auth_records.create_pending_tls_identity(
+            store, name, groups, metadata["secret"], operation["id"]
+        )
+    except BaseException:
+        with contextlib.suppress(CroftError):
+            await context(request).operations.cancel(operation["id"], wait=0)
+            await auth_call(
+                AuthClient.revoke_token, auth_pb2.TokenSecret(secret=metadata["secret"])
+            )
+        raise
+    _changed(request)
+    url = identity_url("tls", identifier)
+    await context(request).lifecycle("identity-created", url, request=request)
+    token = {
+        "client_name": name,
+        "fingerprint": metadata["fingerprint"],
+        "addresses": metadata["addresses"],
+        "secret": metadata["secret"],
+        "expires_at": "0001-01-01T00:00:00Z",
+        "type": "Client certificate",
+    }
+    return responses.sync(token, location=url)
+
+
 @router.get("/1.0/auth/identities/{method}")
 async def identities_of_method(request: Request, method: str) -> Response:
     _check_method(method)
@@ -255,9 +338,21 @@ async def identity_put(request: Request, method: str, name_or_id: str) -> Respon
 @router.delete("/1.0/auth/identities/{method}/{name_or_id}")
 async def identity_delete(request: Request, method: str, name_or_id: str) -> Response:
     found = await _identity(request, method, name_or_id)
-    if method == "tls":
-        raise InvalidArgument("TLS identities are removed through /1.0/certificates")
-    await context(request).store.delete(identity_key(method, found["id"]))
+    if found["type"] == "Client certificate (pending)":
+        # Its token goes with it: a token whose identity is gone must trust nobody.
+        record = await context(request).store.get_json(identity_key(method, found["id"]))
+        if record is not None and record[0].get("operation_id"):
+            with contextlib.suppress(NotFound):
+                await context(request).operations.cancel(record[0]["operation_id"], wait=0)
+    elif method == "tls":
+        if found["type"] != "Client certificate":
+            raise InvalidArgument("TLS identities are removed through /1.0/certificates")
+        await auth_call(
+            AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=found["id"])
+        )
+        trust_cache.forget(found["id"])
+    with contextlib.suppress(NotFound):
+        await context(request).store.delete(identity_key(method, found["id"]))
     _changed(request)
     await context(request).lifecycle(
         "identity-deleted", identity_url(method, found["id"]), request=request
@@ -334,12 +429,16 @@ async def idp_group_rename(request: Request, name: str) -> Response:
     new = str((await _body(request)).get("name", ""))
     if not new or "/" in new:
         raise InvalidArgument("Invalid identity provider group name")
-    try:
-        await store.create_json(idp_group_key(new), {**record, "name": new})
-    except Conflict:
-        raise Conflict(f'Identity provider group "{new}" already exists') from None
-    await store.delete(idp_group_key(name), revision=revision)
+    if await store.get(idp_group_key(new)) is not None:
+        raise Conflict(f'Identity provider group "{new}" already exists')
+    # In one transaction: never both names, never neither.
+    await store.transaction([
+        Create(idp_group_key(new), dump({**record, "name": new})),
+        Delete(idp_group_key(name), revision=revision),
+    ])  # fmt: skip
     _changed(request)
+    await context(request).lifecycle("identity-provider-group-renamed", idp_group_url(new),
+                                     request=request, context={"old_name": name})  # fmt: skip
     return responses.created(idp_group_url(new))
 
 

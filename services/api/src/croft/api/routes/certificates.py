@@ -29,13 +29,14 @@ from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
 from starlette.responses import Response
 
-from croft.api import limits, query, records, responses, trust_password
+from croft.api import authz, limits, query, records, responses, trust_password
 from croft.api.auth import auth_call, trust_cache
+from croft.api.authz import identity_key
 from croft.api.context import context
+from croft.api.domain import authorization as auth_records
+from croft.api.domain import trust_tokens
 from croft.api.https_listener import serving_address
 from croft.api.identity import Identity, identity
-from croft.api.serving import listen_addresses
-from croft.api.tls import certificate_fingerprint
 from croft.common.clients import AuthClient
 from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
 from croft.v1 import auth_pb2, common_pb2
@@ -252,6 +253,14 @@ async def _trust_with_token(request: Request, who: Identity, password: str) -> R
     if trust_password.attempts.blocked(address):
         log.warning("refused a trust token from %s: too many failed attempts", address)
         raise PermissionDenied("Too many failed trust token attempts, try again later")
+    # A token issued for a pending fine-grained identity: the certificate is that identity
+    # (held to its groups) from its first trusted request, so its record comes first.
+    ctx = context(request)
+    pending = await auth_records.pending_for_token(ctx.store, secret)
+    prepared = ""
+    if pending is not None:
+        prepared = await auth_records.prepare_tls_identity(ctx.store, who.certificate, pending[1])
+        authz.forget_on_change(request)
     try:
         reply = await auth_call(
             AuthClient.trust_with_token,
@@ -260,51 +269,31 @@ async def _trust_with_token(request: Request, who: Identity, password: str) -> R
             ),  # fmt: skip
             idempotent=False,
         )
-    except (PermissionDenied, NotFound):
-        trust_password.attempts.failed(address)
+    except BaseException as exc:
+        if prepared:
+            with contextlib.suppress(CroftError):
+                await ctx.store.delete(prepared)
+            authz.forget_on_change(request)
+        if isinstance(exc, (PermissionDenied, NotFound)):
+            trust_password.attempts.failed(address)
         raise
+    if pending is not None:
+        with contextlib.suppress(CroftError):
+            await ctx.store.delete(pending[0])
+        authz.forget_on_change(request)
     trust_password.attempts.succeeded(address)
     # The token is used: its operation ends as LXD's does, cancelled.
-    ctx = context(request)
     with contextlib.suppress(CroftError):
         await ctx.operations.cancel(reply.operation_id, wait=0)
     return await _added(request, json.loads(reply.certificate))
 
 
 async def _create_token(request: Request, req: CertificatesPost) -> Response:
-    ctx = context(request)
-    settings = ctx.settings
     if not req.name:
         raise InvalidArgument("A token needs the name of the client it is for (--name)")
-    reply = await auth_call(
-        AuthClient.create_token,
-        auth_pb2.CreateTokenRequest(
-            name=req.name, type="client", restricted=req.restricted, projects=req.projects or []
-        ),
-        idempotent=False,
+    operation = await trust_tokens.issue(
+        context(request), serving_address(request), req.name, req.restricted, req.projects or []
     )
-    metadata = {
-        "secret": reply.secret,
-        "fingerprint": certificate_fingerprint(settings.certificate),
-        "addresses": await listen_addresses(serving_address(request)),
-        "request": {
-            "name": req.name,
-            "type": "client",
-            "restricted": req.restricted,
-            "projects": req.projects or [],
-            "certificate": "",
-            "password": "",
-            "token": True,
-        },
-    }
-    try:
-        operation = await ctx.operations.create(
-            "Executing operation", cls="token", metadata=metadata, project="default"
-        )
-    except BaseException:
-        with contextlib.suppress(CroftError):
-            await auth_call(AuthClient.revoke_token, auth_pb2.TokenSecret(secret=reply.secret))
-        raise
     return responses.async_operation(operation)
 
 
@@ -347,5 +336,9 @@ async def certificate_delete(request: Request, fingerprint: str) -> Response:
     full = (await _get(fingerprint))["fingerprint"]
     await auth_call(AuthClient.delete_certificate, auth_pb2.CertificateRef(fingerprint=full))
     trust_cache.forget(full)
+    # Its groups go with it (a certificate trusted again later starts in none).
+    with contextlib.suppress(NotFound):
+        await context(request).store.delete(identity_key("tls", full))
+    authz.forget_on_change(request)
     await context(request).lifecycle("certificate-deleted", certificate_url(full), request=request)
     return responses.empty_sync()
