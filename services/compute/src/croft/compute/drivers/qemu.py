@@ -131,7 +131,10 @@ def kvm_usable() -> bool:
     with tempfile.NamedTemporaryFile(prefix="croft-kvm-probe-", suffix=".img") as disk:
         disk.write(_PROBE_SECTOR)
         disk.flush()
+        # The probe guest dies with the compute that runs it: a compute killed mid-probe
+        # (its fault tests do that) left it spinning forever where KVM cannot run guests.
         argv = [
+            "setpriv", "--pdeathsig", "KILL", "--",
             EMULATOR, "-accel", "kvm", "-cpu", "host", "-machine", "q35", "-m", "16",
             "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
             "-drive", f"file={disk.name},format=raw,if=ide",
