@@ -10,19 +10,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from croft.common.testing.cluster import ClusterRig, Member
-
-
-def wait_for(what: str, predicate: Callable[[], object], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
-        time.sleep(0.5)
+from croft.common.testing.waiting import wait_until
 
 
 @pytest.fixture(scope="module")
@@ -72,16 +66,16 @@ def test_a_partitioned_member_goes_offline_holds_no_lease_and_heals_running_once
     try:
         subprocess.run(["ip", "link", "set", m3.veth, "down"], check=True)
         try:
-            wait_for("m3 Offline", lambda: status_of(rig, 0, "m3") == "Offline")
-            wait_for("m3's leases gone", lambda: services_of(m1, "m3") == [])
+            wait_until(lambda: status_of(rig, 0, "m3") == "Offline", 120, "m3 Offline")
+            wait_until(lambda: services_of(m1, "m3") == [], 120, "m3's leases gone")
             assert instance(rig, 1, "part")["status"] == "Error"
         finally:
             subprocess.run(["ip", "link", "set", m3.veth, "up"], check=True)
-        wait_for("m3 Online", lambda: status_of(rig, 0, "m3") == "Online")
-        wait_for("part Running", lambda: instance(rig, 0, "part")["status"] == "Running")
+        wait_until(lambda: status_of(rig, 0, "m3") == "Online", 120, "m3 Online")
+        wait_until(lambda: instance(rig, 0, "part")["status"] == "Running", 120, "part Running")
         assert instance(rig, 0, "part")["location"] == "m3"
         assert containers_named(rig, "part") == ["m3"]
-        wait_for("m3's services back", lambda: len(services_of(m1, "m3")) >= 3)
+        wait_until(lambda: len(services_of(m1, "m3")) >= 3, 120, "m3's services back")
     finally:
         rig.lxc(0, "delete", "--force", "m1:part", check=False)
 
@@ -101,14 +95,14 @@ def test_a_frozen_member_times_out_for_its_peers_and_thaws_back(rig: ClusterRig)
         shown = instance(rig, 0, "frz")
         print(f"lxc list with m3 frozen answered in {time.monotonic() - started:.1f}s")
         assert shown["status"] == "Error"
-        wait_for("m3 Offline", lambda: status_of(rig, 1, "m3") == "Offline")
+        wait_until(lambda: status_of(rig, 1, "m3") == "Offline", 120, "m3 Offline")
     finally:
         for pid in frozen:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
     try:
-        wait_for("m3 Online", lambda: status_of(rig, 0, "m3") == "Online")
-        wait_for("frz Running", lambda: instance(rig, 1, "frz")["status"] == "Running")
+        wait_until(lambda: status_of(rig, 0, "m3") == "Online", 120, "m3 Online")
+        wait_until(lambda: instance(rig, 1, "frz")["status"] == "Running", 120, "frz Running")
     finally:
         rig.lxc(0, "delete", "--force", "m1:frz", check=False)
 
@@ -143,10 +137,7 @@ def test_two_voters_down_refuses_writes_clearly_and_one_back_serves_again(
         def written() -> bool:
             return _set(rig, "back")[0] == 0
 
-        deadline = time.monotonic() + 120
-        while not written():
-            assert time.monotonic() < deadline, "no write within 120 s of m2's return"
-            time.sleep(1)
+        wait_until(written, 120, "a write after m2's return", interval=1)
         got = rig.lxc(0, "config", "get", "user.quorum").stdout.strip()
         assert got == "back"
     finally:
