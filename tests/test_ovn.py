@@ -7,6 +7,7 @@ switches, routers and SNAT."""
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import secrets
 import signal
@@ -360,6 +361,106 @@ def test_a_forward_on_an_ovn_network_serves_the_host(
         lxc("delete", "--force", instance, check=False)
         lxc("network", "delete", name, check=False)
         lxc("network", "unset", up, "ipv4.routes")
+
+
+def ipv6_of(lxc: Lxc, name: str) -> str:
+    """The container's global IPv6 address on eth0 (SLAAC from OVN's router adverts)."""
+    (instance,) = [i for i in lxc.json("list") if i["name"] == name]
+    network = (instance.get("state") or {}).get("network") or {}
+    for address in network.get("eth0", {}).get("addresses", []):
+        if address["family"] == "inet6" and address["scope"] == "global":
+            return str(address["address"])
+    return ""
+
+
+def test_an_ipv6_forward_on_an_ovn_network_serves_the_host(
+    env: tuple[Croft, Lxc, str, Ovn],
+) -> None:
+    """LXD's IPv6 forward on OVN: the router takes an address from the uplink's
+    `ipv6.ovn.ranges`, a listen address within the uplink's `ipv6.routes` is an OVN load
+    balancer (`[addr]:port` VIPs) to a container's SLAAC address, and the host reaches it
+    over IPv6 through the router's uplink address. Bad IPv6 input leaves nothing made."""
+    _, lxc, _, ovn = env
+    up, name, instance = unique("cr6u-"), unique("ofw6-"), unique("fw6-")
+    used4, used6 = subnets.host_networks()
+    s4 = subnets.pick_ipv4_subnet(used4)
+    g = s4.network_address
+    up6 = subnets.pick_ipv6_subnet(used6)
+    routed6 = subnets.pick_ipv6_subnet([*used6, up6])
+    inner6 = subnets.pick_ipv6_subnet([*used6, up6, routed6])
+    listen = str(routed6.network_address + 5)
+    lxc("network", "create", up, f"ipv4.address={g + 1}/24", "ipv4.nat=true",
+        f"ipv4.dhcp.ranges={g + 100}-{g + 200}", f"ipv4.ovn.ranges={g + 10}-{g + 19}",
+        f"ipv6.address={up6.network_address + 1}/64", "ipv6.nat=false",
+        f"ipv6.ovn.ranges={up6.network_address + 10}-{up6.network_address + 19}",
+        f"ipv6.routes={routed6.network_address}/64")  # fmt: skip
+    try:
+        lxc("network", "create", name, "--type=ovn", f"network={up}",
+            f"ipv6.address={inner6.network_address + 1}/64")  # fmt: skip
+        shown = yaml.safe_load(lxc("network", "show", name).stdout)["config"]
+        assert shown["volatile.network.ipv6.address"] == str(up6.network_address + 10)
+        lxc("launch", "busybox", instance, "-n", name)
+        address = wait_until(lambda: ipv6_of(lxc, instance), 180, "a SLAAC address from OVN")
+        assert ipaddress.IPv6Address(address) in inner6
+        lxc("exec", instance, "--", "sh", "-c",
+            "mkdir -p /www && echo forwarded6 > /www/index.html && httpd -p [::]:80 -h /www")  # fmt: skip
+
+        # Bad IPv6 input: LXD's envelope, and no forward, load balancer or route made.
+        def refused(*args: str) -> str:
+            result = lxc("network", "forward", *args, check=False)
+            assert result.returncode != 0, result.stdout
+            return result.stderr
+
+        elsewhere = subnets.pick_ipv6_subnet([*used6, up6, routed6, inner6])
+        outside = str(elsewhere.network_address + 5)
+        message = refused("create", name, outside)
+        assert f'Uplink network doesn\'t contain "{outside}" in its routes' in message
+        assert lxc.json("network", "forward", "list", name) == []
+        assert ovn.rows("Load_Balancer") == []
+        stray = str(routed6.network_address + 9)
+        assert "not within the network subnet" in refused(
+            "create", name, listen, f"target_address={stray}"
+        )
+        assert "Cannot mix IP versions" in refused(
+            "create", name, listen, "target_address=10.0.0.5"
+        )
+        assert lxc.json("network", "forward", "list", name) == []
+        assert ovn.rows("Load_Balancer") == []
+
+        def routes() -> str:
+            return subprocess.run(["ip", "-6", "route"], capture_output=True, text=True).stdout
+
+        assert listen not in routes()
+
+        lxc("network", "forward", "create", name, listen)
+        lxc("network", "forward", "port", "add", name, listen, "tcp", "8080", address, "80")
+        assert "Cannot mix IP versions" in refused(
+            "port", "add", name, listen, "tcp", "8081", "10.0.0.5", "80"
+        )
+        (balancer,) = ovn.rows("Load_Balancer")
+        vips = ovn.nb("--bare", "--columns=vips", "find", "Load_Balancer", f"name={balancer}")
+        assert f"[{listen}]:8080" in vips and f"[{address}]:80" in vips, vips
+        assert f"{listen} via {up6.network_address + 10}" in routes()
+
+        def served(port: int = 8080) -> str:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://[{listen}]:{port}/", timeout=5) as reply,
+            ):
+                return str(reply.read().decode())
+            return ""
+
+        assert "forwarded6" in wait_until(served, 60, "the IPv6 forward to serve")
+        lxc("network", "forward", "delete", name, listen)
+        assert ovn.rows("Load_Balancer") == [] and served() == ""
+        assert listen not in routes()
+        lxc("delete", "--force", instance)
+        lxc("network", "delete", name)
+        assert ovn.leftovers() == []
+    finally:
+        lxc("delete", "--force", instance, check=False)
+        lxc("network", "delete", name, check=False)
+        lxc("network", "delete", up, check=False)
 
 
 def test_bad_input_is_refused_and_leaves_no_ovn_rows(

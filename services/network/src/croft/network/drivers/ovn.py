@@ -34,7 +34,14 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping
-from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Interface
+from ipaddress import (
+    IPv4Address,
+    IPv4Interface,
+    IPv4Network,
+    IPv6Address,
+    IPv6Interface,
+    IPv6Network,
+)
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -64,6 +71,8 @@ from croft.network.drivers._keys import Rule, check_config, check_interface_name
 from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
 
 log = logging.getLogger(__name__)
+
+IPAddress = IPv4Address | IPv6Address
 
 VOLATILE_UPLINK_IPV4 = "volatile.network.ipv4.address"
 VOLATILE_UPLINK_IPV6 = "volatile.network.ipv6.address"
@@ -156,12 +165,21 @@ def _fail(message: str) -> object:
     raise ValueError(message)
 
 
-def _ranges(text: str) -> list[tuple[IPv4Address, IPv4Address]]:
+def _ranges(text: str) -> list[tuple[IPAddress, IPAddress]]:
     out = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         start, _, end = part.partition("-")
-        out.append((IPv4Address(start.strip()), IPv4Address(end.strip())))
+        out.append((ipaddress.ip_address(start.strip()), ipaddress.ip_address(end.strip())))
     return out
+
+
+def _eui64(network: IPv6Network, mac: str) -> IPv6Address:
+    """The EUI-64 address of `mac` in `network` (SLAAC's, and LXD's router address on an
+    IPv6 uplink without `ipv6.ovn.ranges`)."""
+    octets = bytearray(int(b, 16) for b in mac.split(":"))
+    octets[0] ^= 0x02
+    iid = bytes(octets[:3]) + b"\xff\xfe" + bytes(octets[3:])
+    return IPv6Address(int(network.network_address) | int.from_bytes(iid, "big"))
 
 
 def _mac_for(seed: str) -> str:
@@ -280,6 +298,8 @@ class _OvnHost:
         )
         uplink_gw = _uplink_gateway(uplink)
         ext_ip = config.get(VOLATILE_UPLINK_IPV4, "")
+        uplink_gw6 = _uplink_gateway6(uplink)
+        ext_ip6 = config.get(VOLATILE_UPLINK_IPV6, "") if uplink_gw6 is not None else ""
         router_mac = config.get("bridge.hwaddr") or _mac_for(f"{self.paths.root}/{name}/int")
         mtu = config.get("bridge.mtu") or "1500"  # what OVN's DHCP and RAs tell instances
         ext_mac = _mac_for(f"{self.paths.root}/{name}/ext")
@@ -344,7 +364,14 @@ class _OvnHost:
                         n.lr,
                         n.lrp_ext,
                         ext_mac,
-                        [f"{ext_ip}/{uplink_gw.network.prefixlen}"],
+                        [
+                            f"{ext_ip}/{uplink_gw.network.prefixlen}",
+                            *(
+                                [f"{ext_ip6}/{uplink_gw6.network.prefixlen}"]
+                                if uplink_gw6 and ext_ip6
+                                else []
+                            ),
+                        ],
                         external_ids=ids,
                     )
                 )
@@ -365,6 +392,10 @@ class _OvnHost:
                 txn.add(nb.lr_route_add(n.lr, "0.0.0.0/0", str(uplink_gw.ip)))
                 if gw is not None and _is_true(config.get("ipv4.nat", "false")):
                     txn.add(nb.lr_nat_add(n.lr, "snat", ext_ip, str(gw.network)))
+                if uplink_gw6 is not None and ext_ip6:
+                    txn.add(nb.lr_route_add(n.lr, "::/0", str(uplink_gw6.ip)))
+                    if gw6 is not None and _is_true(config.get("ipv6.nat", "false")):
+                        txn.add(nb.lr_nat_add(n.lr, "snat", ext_ip6, str(gw6.network)))
         if gw is not None and _is_true(config.get("ipv4.dhcp", "true")):
             dns = _dns_servers(uplink) or [str(gw.ip)]
             domain = config.get("dns.domain") or DEFAULT_DOMAIN
@@ -697,12 +728,12 @@ def _forwards(
     routes: list[str] = []
     if not security.forwards:
         return balancers, routes
-    external = config.get(VOLATILE_UPLINK_IPV4, "")
-    if not external:
-        raise InvalidArgument("Network has no address on its uplink to forward from")
     prefix = _Names(name).prefix
     for forward in security.forwards:
         listen = forward.listen
+        external = config.get(
+            VOLATILE_UPLINK_IPV4 if listen.version == 4 else VOLATILE_UPLINK_IPV6, ""
+        )
         allowed = [
             ipaddress.ip_network(r.strip())
             for r in uplink.config.get(f"ipv{listen.version}.routes", "").split(",")
@@ -710,13 +741,18 @@ def _forwards(
         ]
         if not any(listen in net for net in allowed):
             raise InvalidArgument(f'Uplink network doesn\'t contain "{listen}" in its routes')
-        if listen.version != 4:
-            raise InvalidArgument("IPv6 forwards on OVN networks are not supported")
+        if not external:
+            raise InvalidArgument(
+                f"Network has no IPv{listen.version} address on its uplink to forward from"
+            )
 
-        def vip(address: object, port: int | None = None) -> str:
-            return str(address) if port is None else f"{address}:{port}"
+        def vip(address: IPAddress, port: int | None = None) -> str:
+            """OVN's VIP and backend syntax: an IPv6 address with a port in brackets."""
+            if port is None:
+                return str(address)
+            return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
-        tag = str(listen).replace(".", "-")
+        tag = str(listen).replace(".", "-").replace(":", "-")
         if forward.default_target is not None:
             balancers[f"{prefix}-fwd-{tag}"] = ("", {vip(listen): vip(forward.default_target)})
         for m in forward.port_maps():
@@ -728,7 +764,8 @@ def _forwards(
                     target += port - first
                 vips[vip(listen, port)] = vip(m.target, target)
         if uplink.type == "bridge":
-            routes.append(f"{listen}/32 via {external} dev {uplink.name}")
+            length = 32 if listen.version == 4 else 128
+            routes.append(f"{listen}/{length} via {external} dev {uplink.name}")
     return balancers, routes
 
 
@@ -754,6 +791,13 @@ def _uplink_gateway(uplink: NetworkInfo) -> IPv4Interface | None:
     if text in ("", "none", "auto"):
         return None
     return IPv4Interface(text)
+
+
+def _uplink_gateway6(uplink: NetworkInfo) -> IPv6Interface | None:
+    text = uplink.config.get("ipv6.address") or uplink.config.get("ipv6.gateway") or ""
+    if text in ("", "none", "auto"):
+        return None
+    return IPv6Interface(text)
 
 
 class OvnDriver(NetworkDriver):
@@ -885,7 +929,7 @@ class OvnDriver(NetworkDriver):
                 raise InvalidArgument(
                     'Missing required "ipv4.ovn.ranges" config key on uplink network'
                 )
-            taken = {
+            taken: set[IPAddress] = {
                 IPv4Address(i.config[VOLATILE_UPLINK_IPV4])
                 for i in others
                 if i.type == "ovn" and i.config.get(VOLATILE_UPLINK_IPV4)
@@ -897,6 +941,26 @@ class OvnDriver(NetworkDriver):
                     "the uplink's ipv4.ovn.ranges"
                 )
             resolved[VOLATILE_UPLINK_IPV4] = str(free)
+        # And on an IPv6 uplink, LXD's: from its `ipv6.ovn.ranges`, else the EUI-64
+        # address of the router's uplink port.
+        uplink_gw6 = _uplink_gateway6(uplink)
+        if uplink_gw6 is not None and not resolved.get(VOLATILE_UPLINK_IPV6):
+            ranges6 = uplink.config.get("ipv6.ovn.ranges", "")
+            if ranges6:
+                taken6: set[IPAddress] = {
+                    IPv6Address(i.config[VOLATILE_UPLINK_IPV6])
+                    for i in others
+                    if i.type == "ovn" and i.config.get(VOLATILE_UPLINK_IPV6)
+                }
+                free6 = _first_free(_ranges(ranges6), taken6)
+                if free6 is None:
+                    raise Unavailable(
+                        "Failed to allocate uplink IPv6 address: No free IPv6 addresses in "
+                        "the uplink's ipv6.ovn.ranges"
+                    )
+            else:
+                free6 = _eui64(uplink_gw6.network, _mac_for(f"{self._host.paths.root}/{name}/ext"))
+            resolved[VOLATILE_UPLINK_IPV6] = str(free6)
         if not _is_true(resolved.get("ipv4.nat", "false")) and resolved.get("ipv4.address") not in (
             None,
             "none",
@@ -1128,12 +1192,11 @@ def _cidr(info: NetworkInfo, version: int) -> bool:
 
 
 def _first_free(
-    ranges: list[tuple[IPv4Address, IPv4Address]], taken: set[IPv4Address]
-) -> IPv4Address | None:
+    ranges: list[tuple[IPAddress, IPAddress]], taken: set[IPAddress]
+) -> IPAddress | None:
     for start, end in ranges:
-        ip = start
-        while ip <= end:
+        for number in range(int(start), int(end) + 1):
+            ip = ipaddress.ip_address(number) if start.version == 4 else IPv6Address(number)
             if ip not in taken:
                 return ip
-            ip += 1
     return None
