@@ -707,7 +707,11 @@ class _BridgeHost:
                 address = str(ip)
             address6 = self._static_ipv6(network, cfg, ipv6) if ipv6 else None
             dnsmasq = self._dnsmasq(network)
-            for h in dnsmasq.read_hosts():
+            # Reading every NIC's host file costs a file per NIC on the network: only a
+            # pinned address needs the duplicate check (a dynamic NIC's attach stays flat
+            # in the number of NICs already attached).
+            pinned = [a for a in (address, address6) if a is not None]
+            for h in dnsmasq.read_hosts() if pinned else ():
                 if h.hwaddr == hwaddr:
                     continue
                 for mine, theirs in ((address, h.ipv4), (address6, h.ipv6)):
