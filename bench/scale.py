@@ -207,6 +207,9 @@ def measure(daemon: Daemon, args: argparse.Namespace, bridge: str) -> dict[int, 
     try:
         run.setup()
         for count in args.counts:
+            if args.stop_at and time.time() > args.stop_at:
+                say(f"  {daemon.label}: --stop-at passed: no figure at {count} and above")
+                break
             run.top_up(count)
             figures[count] = run.batch(count)
     except BenchError as e:
@@ -263,11 +266,19 @@ def main() -> int:
     parser.add_argument("--rest", type=float, default=10.0, help="seconds after deletions")
     parser.add_argument("--image", help="busybox tarball where the alias is missing")
     parser.add_argument("--launch-timeout", type=float, default=300.0)
+    parser.add_argument(
+        "--stop-at", help="UTC HH:MM after which no further count is started (then cleanup)"
+    )
     parser.add_argument("--json", help="also write the figures here")
     args = parser.parse_args()
     args.counts = sorted(int(c) for c in args.counts.split(","))
     if args.compare:
         args.croft, args.lxd = args.compare
+    if args.stop_at:
+        hour, minute = (int(x) for x in args.stop_at.split(":"))
+        now = time.time()
+        stop = now - now % 86400 + hour * 3600 + minute * 60
+        args.stop_at = stop if stop > now - 3600 else stop + 86400
     signal.signal(signal.SIGTERM, lxd._interrupt)
     results: dict[str, dict[int, dict[str, float]]] = {}
     try:

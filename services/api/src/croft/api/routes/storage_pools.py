@@ -48,12 +48,14 @@ async def _used_by(store: Any, pool: str) -> list[str]:
     profiles (a disk device names it) and images (unpacked on it; they never keep the
     pool from being deleted)."""
     used = []
-    for entry in await store.list(records.RECORDS + "instances/"):
-        raw = entry.json()
-        # Only `_croft` is read of every instance (its whole record is many times that).
-        if InstanceRecord.meta_of(raw).pool == pool:
-            instance = InstanceRecord.model_validate(raw)
-            used.append(records.url("instances", instance.name, instance.project))
+    # `lxc launch -s POOL` reads the pool at every launch: per instance, only its
+    # `_croft` is validated and its URL comes from its key (validating each whole
+    # record made this 87 ms with 300 instances).
+    instances = records.RECORDS + "instances/"
+    for entry in await store.list(instances):
+        if InstanceRecord.meta_of(entry.json()).pool == pool:
+            project, _, name = entry.key.removeprefix(instances).partition("/")
+            used.append(records.url("instances", name, project))
     prefix = records.RECORDS + "profiles/"
     for entry in await store.list(prefix):
         profile = ProfileRecord.model_validate(entry.json())
@@ -62,7 +64,11 @@ async def _used_by(store: Any, pool: str) -> list[str]:
             # A profile's project is in its key, not its body.
             project = entry.key.removeprefix(prefix).partition("/")[0]
             used.append(records.url("profiles", profile.name, project))
-    for entry in await store.list(records.RECORDS + "storage-volumes/"):
+    volumes = records.RECORDS + "storage-volumes/"
+    for entry in await store.list(volumes):
+        # `<project>/<pool>/<type>/<name>`: an instance's volume is skipped unread.
+        if entry.key.removeprefix(volumes).split("/")[2] not in ("image", "custom"):
+            continue
         volume = StorageVolumeRecord.model_validate(entry.json())
         if volume.type == "image" and volume.croft.pool == pool:
             used.append(f"/1.0/images/{volume.name}")
