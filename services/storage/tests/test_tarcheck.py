@@ -19,9 +19,12 @@ from croft.storage.tarcheck import SPLICE_AT, Checked
 INDEX = b"name: v\ntype: custom\n"
 
 
-def _check(raw: bytes, into: Path) -> tuple[bytes | None, set[str]]:
+def _check(
+    raw: bytes, into: Path, stream: bytearray | None = None
+) -> tuple[bytes | None, set[str]]:
     """`raw` through the check into `tar -x -C into`: the index and the names; tar's
-    exit status must be 0 when the check passed."""
+    exit status must be 0 when the check passed. `stream`: gets backup/volume.bin's
+    data, which the check sends apart."""
     into.mkdir(exist_ok=True)
     read_end, write_end = os.pipe()
 
@@ -44,10 +47,25 @@ def _check(raw: bytes, into: Path) -> tuple[bytes | None, set[str]]:
     )
     assert tar.stdin is not None
     checked = Checked(read_end, tar.stdin.fileno())
+    drainer = None
+    if stream is not None:
+        stream_read, checked.stream = os.pipe()
+        checked.stream_name = "backup/volume.bin"
+
+        def drain() -> None:
+            while data := os.read(stream_read, 1 << 16):
+                stream.extend(data)
+            os.close(stream_read)
+
+        drainer = threading.Thread(target=drain)
+        drainer.start()
     try:
         index = checked.first_index()
         names = checked.run()
     finally:
+        if drainer is not None:
+            os.close(checked.stream)
+            drainer.join()
         tar.stdin.close()
         os.close(read_end)
         tar.wait()
@@ -104,6 +122,18 @@ def test_a_good_tarball_passes_byte_for_byte_and_unpacks(tmp_path: Path, fmt: in
     assert (root / "big").read_bytes() == BIG
     assert os.readlink(root / "abs") == "/etc/passwd"
     assert (root / "hard").stat().st_ino == (root / "small").stat().st_ino
+
+
+def test_a_send_stream_member_goes_apart_its_data_alone(tmp_path: Path) -> None:
+    raw = _tarball(
+        [_entry("backup/optimized_header.yaml", data=b"subvolumes: []\n"),
+         _entry("backup/volume.bin", data=BIG), _entry("backup/after", data=b"a")]
+    )  # fmt: skip
+    stream = bytearray()
+    _, names = _check(raw, tmp_path / "out", stream)
+    assert bytes(stream) == BIG and "backup/volume.bin" in names
+    assert not (tmp_path / "out/backup/volume.bin").exists()
+    assert (tmp_path / "out/backup/after").read_bytes() == b"a"
 
 
 def test_a_ustar_prefix_and_an_absolute_name_unpack_inside(tmp_path: Path) -> None:

@@ -6,11 +6,14 @@ A backup is one tarball: `backup/index.yaml`, then each snapshot's tree under
 temporary file beside its final place and renamed, so a backup being written is never
 seen (nor left) half made.
 
-An upload (`lxc import`) is staged in a directory of its own, checked whole before any
-of it is unpacked: every member inside `backup/`, no `..`, no absolute name, no device
-node, no symlink or hard link whose target leaves its instance's (or snapshot's) tree,
-no member reached through a symlink; a truncated or unreadable tarball is refused. Only
-then is it unpacked there, and a restore copies the trees into the new volume.
+An upload (`lxc import`) is staged in a directory of its own, each member checked
+(`croft.storage.tarcheck`) before tar unpacks it: every member inside `backup/` (an
+absolute name loses its `/`, as GNU tar and LXD unpack it), no `..`, no device node, no
+symlink or hard link whose target leaves its instance's (or snapshot's) tree, no member
+reached through a symlink; a truncated or unreadable tarball is refused. A tree without
+snapshots is unpacked straight into a volume of the target pool (an optimized one's send
+stream received into it), which the import renames; otherwise a restore copies (or
+receives) the staged trees into the new volume.
 """
 
 from __future__ import annotations
@@ -306,6 +309,8 @@ class Backups:
         tree, snapshotted, each newer in turn, then the instance's (or volume's). On
         failure nothing of `vol` is left."""
         base = self.upload_dir(upload) / "tree"
+        if not snapshots and await self.take_staged_volume(upload, driver, vol, layout):
+            return
         if (base / f"{layout.tree}.bin").is_file():
             if driver.capabilities.stream_format != "btrfs":
                 raise InvalidArgument(
@@ -327,8 +332,6 @@ class Backups:
                 # the record.
                 top = (await driver.mount_volume(vol)).path / "backup.yaml"
                 await asyncio.to_thread(top.unlink, True)
-            return
-        if not snapshots and await self.take_staged_volume(upload, driver, vol, layout):
             return
         states = [self.tree(upload, name, layout) for name in snapshots]
         states.append(self.tree(upload, "", layout))
@@ -588,7 +591,12 @@ async def _stage_stream(
         index = await asyncio.to_thread(checked.first_index)
         names: set[str] = set()
         layout = _unpacks_into_volume(index) if into is not None and index is not None else None
-        if into is not None and layout is not None:
+        streamed = _receives_into_volume(index, into) if index is not None else None
+        if into is not None and streamed is not None:
+            names = await _receive_staged(
+                checked, into.driver, where, upload, streamed, pipe, close
+            )
+        elif into is not None and layout is not None:
             driver = into.driver
             name = f"croft-upload-{upload}"
             type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
@@ -646,6 +654,75 @@ async def _stage_stream(
         raise
     finally:
         close(*list(fds))
+
+
+async def _receive_staged(
+    checked: Checked,
+    driver: StorageDriver,
+    where: Path,
+    upload: str,
+    index: dict[str, Any],
+    pipe: Callable[[], tuple[int, int]],
+    close: Callable[..., None],
+) -> set[str]:
+    """The optimized upload's send stream (a custom volume's or a container's, without
+    snapshots) received as it arrives into a volume of `driver`'s btrfs pool, that the
+    import then only renames; the tarball's other members go on to tar. The names."""
+    layout = layout_of(str(index.get("type")))
+    type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
+    vol = _staging_volume(driver, f"croft-upload-{upload}", type.value)
+    marker = f"{driver.pool}\n{vol.name}\n{type.value}"
+    await asyncio.to_thread((where / STAGED_VOLUME).write_text, marker)
+    adjust = None
+    if layout.instance:
+        config = index.get("config")
+        idmap = _shifted_by(config) if isinstance(config, dict) else []
+        if idmap:
+            adjust = functools.partial(_unshift, idmap=idmap, top=True)
+    stream_read, stream_write = pipe()
+    receiving = asyncio.ensure_future(driver.receive_volume(vol, [], stream_read, adjust))
+    # Once btrfs receive is gone (a bad stream), the check's writes fail instead of waiting.
+    receiving.add_done_callback(lambda _: close(stream_read))
+    checked.stream, checked.stream_name = stream_write, f"{layout.tree}.bin"
+    try:
+        try:
+            names = await asyncio.to_thread(checked.run)
+        finally:
+            close(stream_write)
+        await receiving
+    except BaseException as exc:
+        if not receiving.done():
+            receiving.cancel()
+        results = await asyncio.gather(receiving, return_exceptions=True)
+        failed = results[0]
+        if isinstance(exc, OSError) and isinstance(failed, CroftError):
+            raise InvalidArgument(f"{_REFUSED}: {failed}") from None
+        raise
+    if layout.instance:
+        # The stream's own backup.yaml (LXD's import wants one): croft's is in the record.
+        top = (await driver.mount_volume(vol)).path / "backup.yaml"
+        await asyncio.to_thread(top.unlink, True)
+    return names
+
+
+def _receives_into_volume(index_yaml: bytes, into: StageTarget | None) -> dict[str, Any] | None:
+    """The parsed index of an upload whose send stream can be received straight into a
+    volume of `into`'s pool: optimized, of a custom volume or a container, without
+    snapshots, for a btrfs pool."""
+    if into is None or into.driver.capabilities.stream_format != "btrfs":
+        return None
+    try:
+        parsed: Any = yaml.safe_load(index_yaml)
+    except yaml.YAMLError:
+        return None
+    if (
+        not isinstance(parsed, dict)
+        or not parsed.get("optimized")
+        or parsed.get("snapshots")
+        or parsed.get("type") not in ("custom", "container")
+    ):
+        return None
+    return parsed
 
 
 async def _finished(task: asyncio.Future[Any]) -> None:

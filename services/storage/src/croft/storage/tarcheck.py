@@ -31,6 +31,7 @@ _KINDS = {ord("5"): "dir", ord("2"): "sym", ord("1"): "lnk", ord("6"): "fifo"}
 _DEVICES = frozenset(b"34")
 _ZERO = bytes(BLOCK)
 _POSIX_MAGIC = b"ustar\x00"
+DISCARD = -2  # a destination whose bytes are dropped
 
 
 def _refuse(why: str) -> InvalidArgument:
@@ -120,6 +121,10 @@ class Checked:
         self.main_root = ""
         self.main_instance = False
         self.main_owner: tuple[int, int] | None = None
+        # Once set: the member `stream_name` (a btrfs send stream) goes, its data alone,
+        # to `stream` (a `btrfs receive`), not to tar.
+        self.stream = -1
+        self.stream_name = ""
         self.buf = b""
         self.pos = 0  # where the next header starts, in buf
         self.eof = False
@@ -135,7 +140,7 @@ class Checked:
     # ------------------------------------------------------------------ bytes
 
     def _flush(self) -> None:
-        if self.end > self.start:
+        if self.end > self.start and self.dest != DISCARD:
             _write_all(self.dest, memoryview(self.buf)[self.start : self.end])
         self.start = self.end
 
@@ -170,7 +175,7 @@ class Checked:
         self._flush()
         left = upto - len(self.buf)
         self.buf, self.pos, self.start, self.end = b"", 0, 0, 0
-        while left >= SPLICE_AT:
+        while left >= SPLICE_AT and dest != DISCARD:
             moved = os.splice(self.fd, dest, left)
             if not moved:
                 raise _refuse("unexpected end of data")
@@ -280,6 +285,12 @@ class Checked:
                 raise _refuse("unexpected end of data")
             head = self.pos + rel - ((member.size + BLOCK - 1) & ~(BLOCK - 1))
             member.data = self.buf[head : head + member.size]
+        if self.stream >= 0 and member.name == self.stream_name and member.kind == "file":
+            padded = (member.size + BLOCK - 1) & ~(BLOCK - 1)
+            self._emit(self.pos + rel - padded, DISCARD)  # its headers
+            self._emit(self.pos + member.size, self.stream)
+            self._emit(self.pos + padded - member.size, DISCARD)
+            return member
         main = self.main >= 0 and root == self.main_root and not self._own_mark(member.name)
         if main and member.name + "/" == self.main_root:
             self.main_owner = (member.uid, member.gid)
