@@ -31,6 +31,8 @@ _KINDS = {ord("5"): "dir", ord("2"): "sym", ord("1"): "lnk", ord("6"): "fifo"}
 _DEVICES = frozenset(b"34")
 _ZERO = bytes(BLOCK)
 _POSIX_MAGIC = b"ustar\x00"
+# An extended header (pax records, a GNU long name) is read whole: at most this long.
+META_LIMIT = 1 << 20
 DISCARD = -2  # a destination whose bytes are dropped
 
 
@@ -213,6 +215,8 @@ class Checked:
             size = _number(hdr[124:136])
             rel += BLOCK
             if kind in _META:
+                if size > META_LIMIT:
+                    raise _refuse("an extended header is too long")
                 padded = (size + BLOCK - 1) & ~(BLOCK - 1)
                 if not self._need(rel + padded):
                     raise _refuse("unexpected end of data")
