@@ -50,7 +50,7 @@ def _check(
     drainer = None
     if stream is not None:
         stream_read, checked.stream = os.pipe()
-        checked.stream_name = "backup/volume.bin"
+        checked.stream_names = frozenset({"backup/volume.bin"})
 
         def drain() -> None:
             while data := os.read(stream_read, 1 << 16):

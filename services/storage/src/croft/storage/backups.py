@@ -274,15 +274,23 @@ class Backups:
                 await self.discard(upload.name)
 
     async def take_staged_volume(
-        self, upload: str, driver: StorageDriver, vol: Volume, layout: Layout
+        self,
+        upload: str,
+        driver: StorageDriver,
+        vol: Volume,
+        layout: Layout,
+        snapshots: Sequence[str] = (),
     ) -> bool:
-        """Make `vol` the volume the upload's tree was unpacked into, if it was (on
-        `driver`'s pool, a custom volume without snapshots): a rename."""
+        """Make `vol` (with `snapshots`) the volume the upload was unpacked or received
+        into, if it was (on `driver`'s pool): a rename."""
         where = self.upload_dir(upload)
         staged = _staged_volume(where)
         if staged is None or staged[0] != driver.pool or staged[2] != vol.type.value:
             return False
-        await driver.rename_volume(_staging_volume(driver, staged[1], staged[2]), vol.name)
+        made = _staging_volume(driver, staged[1], staged[2])
+        if sorted(await driver.list_snapshots(made)) != sorted(snapshots):
+            raise InvalidArgument("The backup's snapshots are not those of its index")
+        await driver.rename_volume(made, vol.name)
         (where / STAGED_VOLUME).unlink()
         if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
             await driver.set_volume_size(vol, vol.config["size"])
@@ -309,7 +317,7 @@ class Backups:
         tree, snapshotted, each newer in turn, then the instance's (or volume's). On
         failure nothing of `vol` is left."""
         base = self.upload_dir(upload) / "tree"
-        if not snapshots and await self.take_staged_volume(upload, driver, vol, layout):
+        if await self.take_staged_volume(upload, driver, vol, layout, snapshots):
             return
         if (base / f"{layout.tree}.bin").is_file():
             if driver.capabilities.stream_format != "btrfs":
@@ -665,10 +673,12 @@ async def _receive_staged(
     pipe: Callable[[], tuple[int, int]],
     close: Callable[..., None],
 ) -> set[str]:
-    """The optimized upload's send stream (a custom volume's or a container's, without
-    snapshots) received as it arrives into a volume of `driver`'s btrfs pool, that the
-    import then only renames; the tarball's other members go on to tar. The names."""
+    """The optimized upload's send streams (a custom volume's or a container's, each of
+    its snapshots' first, as LXD writes them) received as they arrive into a volume of
+    `driver`'s btrfs pool, that the import then only renames; the tarball's other
+    members go on to tar. The names."""
     layout = layout_of(str(index.get("type")))
+    snapshots = [str(name) for name in index.get("snapshots") or []]
     type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
     vol = _staging_volume(driver, f"croft-upload-{upload}", type.value)
     marker = f"{driver.pool}\n{vol.name}\n{type.value}"
@@ -680,13 +690,15 @@ async def _receive_staged(
         if idmap:
             adjust = functools.partial(_unshift, idmap=idmap, top=True)
     stream_read, stream_write = pipe()
-    receiving = asyncio.ensure_future(driver.receive_volume(vol, [], stream_read, adjust))
+    receiving = asyncio.ensure_future(driver.receive_volume(vol, snapshots, stream_read, adjust))
     # Once btrfs receive is gone (a bad stream), the check's writes fail instead of waiting.
     receiving.add_done_callback(lambda _: close(stream_read))
-    checked.stream, checked.stream_name = stream_write, f"{layout.tree}.bin"
+    checked.stream = stream_write
+    names = [f"{layout.snapshot(name)}.bin" for name in snapshots] + [f"{layout.tree}.bin"]
+    checked.stream_names = frozenset(names)
     try:
         try:
-            names = await asyncio.to_thread(checked.run)
+            found = await asyncio.to_thread(checked.run)
         finally:
             close(stream_write)
         await receiving
@@ -702,13 +714,13 @@ async def _receive_staged(
         # The stream's own backup.yaml (LXD's import wants one): croft's is in the record.
         top = (await driver.mount_volume(vol)).path / "backup.yaml"
         await asyncio.to_thread(top.unlink, True)
-    return names
+    return found
 
 
 def _receives_into_volume(index_yaml: bytes, into: StageTarget | None) -> dict[str, Any] | None:
-    """The parsed index of an upload whose send stream can be received straight into a
-    volume of `into`'s pool: optimized, of a custom volume or a container, without
-    snapshots, for a btrfs pool."""
+    """The parsed index of an upload whose send streams can be received straight into a
+    volume of `into`'s pool: optimized, of a custom volume or a container, for a btrfs
+    pool."""
     if into is None or into.driver.capabilities.stream_format != "btrfs":
         return None
     try:
@@ -718,7 +730,7 @@ def _receives_into_volume(index_yaml: bytes, into: StageTarget | None) -> dict[s
     if (
         not isinstance(parsed, dict)
         or not parsed.get("optimized")
-        or parsed.get("snapshots")
+        or not isinstance(parsed.get("snapshots") or [], list)
         or parsed.get("type") not in ("custom", "container")
     ):
         return None

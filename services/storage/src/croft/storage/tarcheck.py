@@ -123,10 +123,10 @@ class Checked:
         self.main_root = ""
         self.main_instance = False
         self.main_owner: tuple[int, int] | None = None
-        # Once set: the member `stream_name` (a btrfs send stream) goes, its data alone,
+        # Once set: the members `stream_names` (btrfs send streams) go, their data alone,
         # to `stream` (a `btrfs receive`), not to tar.
         self.stream = -1
-        self.stream_name = ""
+        self.stream_names: frozenset[str] = frozenset()
         self.buf = b""
         self.pos = 0  # where the next header starts, in buf
         self.eof = False
@@ -289,7 +289,7 @@ class Checked:
                 raise _refuse("unexpected end of data")
             head = self.pos + rel - ((member.size + BLOCK - 1) & ~(BLOCK - 1))
             member.data = self.buf[head : head + member.size]
-        if self.stream >= 0 and member.name == self.stream_name and member.kind == "file":
+        if self.stream >= 0 and member.name in self.stream_names and member.kind == "file":
             padded = (member.size + BLOCK - 1) & ~(BLOCK - 1)
             self._emit(self.pos + rel - padded, DISCARD)  # its headers
             self._emit(self.pos + member.size, self.stream)
