@@ -98,16 +98,27 @@ def _root_of(name: str) -> str:
 class Member:
     """What the check knows of one member."""
 
-    __slots__ = ("name", "kind", "link", "size", "uid", "gid", "data")
+    __slots__ = ("name", "kind", "link", "size", "data", "_header", "_pax")
 
-    def __init__(self, name: str, kind: str, link: str, size: int, uid: int, gid: int) -> None:
+    def __init__(
+        self, name: str, kind: str, link: str, size: int, header: bytes, pax: dict[str, str]
+    ) -> None:
         self.name = name
         self.kind = kind  # file, dir, sym, lnk, fifo
         self.link = link
         self.size = size
-        self.uid = uid
-        self.gid = gid
         self.data = b""  # a file's content, when asked for (index.yaml)
+        self._header = header
+        self._pax = pax
+
+    def owner(self) -> tuple[int, int]:
+        """Its uid and gid (read only when asked: most members are not)."""
+        try:
+            uid = int(self._pax["uid"]) if "uid" in self._pax else _number(self._header[108:116])
+            gid = int(self._pax["gid"]) if "gid" in self._pax else _number(self._header[116:124])
+        except ValueError:
+            raise _refuse(f"{self.name!r} has an invalid pax record") from None
+        return uid, gid
 
 
 class Checked:
@@ -254,8 +265,6 @@ class Checked:
             link = _text(_nts(hdr[157:257]))
         try:
             size = int(pax["size"]) if "size" in pax else size
-            uid = int(pax["uid"]) if "uid" in pax else _number(hdr[108:116])
-            gid = int(pax["gid"]) if "gid" in pax else _number(hdr[116:124])
         except ValueError:
             raise _refuse(f"{name!r} has an invalid pax record") from None
         if size < 0:
@@ -271,7 +280,7 @@ class Checked:
             raise _refuse(f"{name!r} is of an unsupported type")
         if what != "file" and size:
             raise _refuse(f"{name!r} has data but is not a file")
-        member = Member(name, what, link, size, uid, gid)
+        member = Member(name, what, link, size, hdr, pax)
         return member, rel + ((size + BLOCK - 1) & ~(BLOCK - 1))
 
     def next(self, want_data: Callable[[Member], bool] | None = None) -> Member | None:
@@ -297,7 +306,7 @@ class Checked:
             return member
         main = self.main >= 0 and root == self.main_root and not self._own_mark(member.name)
         if main and member.name + "/" == self.main_root:
-            self.main_owner = (member.uid, member.gid)
+            self.main_owner = member.owner()
         self._emit(self.pos + rel, self.main if main else self.rest)
         return member
 
@@ -340,12 +349,16 @@ class Checked:
             or not (name == "backup" or name.startswith("backup/"))
         ):
             raise _refuse(f"the path {name!r} leaves the backup")
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            above = "/".join(parts[:depth])
-            if above in self.links:
-                raise _refuse(f"{name!r} is reached through a symlink")
-            self.dirs.add(above)
+        parent = name.rpartition("/")[0]
+        if parent not in self.dirs:
+            # (Once a path is among dirs, so are all above it, and none of them can
+            # become a symlink: that is refused below.)
+            parts = name.split("/")
+            for depth in range(1, len(parts)):
+                above = "/".join(parts[:depth])
+                if above in self.links:
+                    raise _refuse(f"{name!r} is reached through a symlink")
+                self.dirs.add(above)
         root = _root_of(name)
         if m.kind == "sym":
             if name in self.dirs:
