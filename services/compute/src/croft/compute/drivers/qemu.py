@@ -95,6 +95,10 @@ AGENT_TIMEOUT = 30.0
 EXEC_TIMEOUT = 3600.0
 STATE_TIMEOUT = 5.0
 ACPI_GRACE = 5.0
+BALLOON_WAIT = 30.0
+BALLOON_POLL = 0.5
+CPU_ONLINE_WAIT = 30.0
+CPU_ONLINE_POLL = 0.5
 TCG_TB_CACHE_MIB = 32
 FILE_TIMEOUT = 600.0
 # A live disk move: the mirror's copy may take long on a big disk; this only catches hangs.
@@ -218,6 +222,37 @@ class ConsoleProcess(ExecProcess):
             self.pty = None
 
 
+class RelayProcess(ExecProcess):
+    """The socket helper on pipes (a binary stream, no terminal): its stdin goes to the
+    socket, its stdout comes from it; any signal ends it."""
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, stdin: int, stdout: int, stderr: int
+    ) -> None:
+        self._process = process
+        self.pid = process.pid
+        self.pty = None
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+
+    def resize(self, width: int, height: int) -> None:
+        pass
+
+    def close(self) -> None:
+        for attr in ("stdin", "stdout", "stderr"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attr, None)
+
+
 def _domain_prefix(vmpath: str) -> str:
     return "croft-" + hashlib.sha256(os.path.realpath(vmpath).encode()).hexdigest()[:8] + "-"
 
@@ -243,6 +278,25 @@ def _vcpus(config: dict[str, str]) -> int:
     if cpu.count is not None:
         return cpu.count
     return len(cpu.cpus or ()) or 1
+
+
+def _vcpu_elements(root: ET.Element, vcpus: int) -> None:
+    """`<vcpu>`/`<vcpus>` for `vcpus` running vCPUs out of the host's CPU count (LXD's
+    `maxcpus`; more when asked for more): vCPU 0 fixed, the others hot-pluggable, so that
+    limits.cpu can change both ways while the VM runs."""
+    for tag in ("vcpu", "vcpus"):
+        for old in root.findall(tag):
+            root.remove(old)
+    maximum = max(os.cpu_count() or 1, vcpus)
+    ET.SubElement(root, "vcpu", placement="static", current=str(vcpus)).text = str(maximum)
+    if maximum == 1:
+        return
+    table = ET.SubElement(root, "vcpus")
+    for i in range(maximum):
+        el = ET.SubElement(table, "vcpu", id=str(i), enabled="yes" if i < vcpus else "no")
+        el.set("hotpluggable", "no" if i == 0 else "yes")
+        if i < vcpus:
+            el.set("order", str(i + 1))
 
 
 # The configuration drive's files for guests that boot with systemd (Debian images): the
@@ -364,7 +418,7 @@ class QemuDriver(InstanceDriver):
     name: ClassVar[str] = "qemu"
     instance_type: ClassVar[str] = "virtual-machine"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        live_limits=False,
+        live_limits=True,
         freeze=True,
         exec=True,
         console_log=True,
@@ -493,7 +547,7 @@ class QemuDriver(InstanceDriver):
         ET.SubElement(root, "title").text = spec.name
         ET.SubElement(root, "memory", unit="b").text = str(memory)
         ET.SubElement(root, "currentMemory", unit="b").text = str(memory)
-        ET.SubElement(root, "vcpu").text = str(vcpus)
+        _vcpu_elements(root, vcpus)
         os_el = ET.SubElement(root, "os")
         ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
         features = ET.SubElement(root, "features")
@@ -555,12 +609,23 @@ class QemuDriver(InstanceDriver):
                 )
             nictype = device.get("nictype", "")
             parent = device.get("parent", "")
-            if nictype != "bridged" or not parent:
+            if nictype not in ("bridged", "macvlan") or not parent:
                 raise InvalidArgument(
-                    f'Device "{dev_name}": only bridged NICs are supported on virtual machines yet'
+                    f'Device "{dev_name}": only bridged and macvlan NICs are supported on '
+                    "virtual machines yet"
                 )
-            nic = ET.SubElement(devices, "interface", type="bridge")
-            ET.SubElement(nic, "source", bridge=parent)
+            if nictype == "macvlan":
+                # LXD's macvlan NIC for a VM: a macvtap on the parent in bridge mode, its
+                # tap device opened by QEMU (libvirt's "direct" interface).
+                if not os.path.exists(f"/sys/class/net/{parent}"):
+                    raise InvalidArgument(
+                        f'Device "{dev_name}": parent interface "{parent}" not found'
+                    )
+                nic = ET.SubElement(devices, "interface", type="direct")
+                ET.SubElement(nic, "source", dev=parent, mode="bridge")
+            else:
+                nic = ET.SubElement(devices, "interface", type="bridge")
+                ET.SubElement(nic, "source", bridge=parent)
             if device.get("hwaddr"):
                 ET.SubElement(nic, "mac", address=device["hwaddr"])
             ET.SubElement(nic, "model", type="virtio")
@@ -583,7 +648,14 @@ class QemuDriver(InstanceDriver):
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "source", mode="bind", path=str(directory / "agent.sock"))
         ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT)
-        ET.SubElement(devices, "memballoon", model="none")
+        # LXD's VGA console: a virtio GPU shown by a SPICE server on a unix socket.
+        graphics = ET.SubElement(devices, "graphics", type="spice")
+        ET.SubElement(graphics, "listen", type="socket", socket=str(directory / "spice.sock"))
+        ET.SubElement(graphics, "image", compression="off")
+        video = ET.SubElement(devices, "video")
+        ET.SubElement(video, "model", type="virtio", heads="1", primary="yes")
+        # A balloon, as LXD's: limits.memory lowered on a running VM shrinks the guest.
+        ET.SubElement(devices, "memballoon", model="virtio")
         # QEMU runs as root and libvirt leaves the files' owners alone: the disk belongs
         # to storage, the boot files to the image.
         seclabel = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
@@ -885,11 +957,103 @@ class QemuDriver(InstanceDriver):
         )
 
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
-        """limits.memory and limits.cpu apply at the next start (QEMU cannot change them
-        live without a balloon or hotplugged vCPUs); they are written now."""
+        """limits.cpu and limits.memory as LXD 5.0 applies them (its qemu driver's
+        Update): written for the next start, and on a running VM also live. vCPUs are
+        hot-plugged or unplugged (the VM boots with vCPU 0 fixed and up to the host's CPU
+        count pluggable, as LXD's `maxcpus`), and the agent onlines new ones in the guest
+        (LXD leaves that to the guest's udev rules); memory shrinks through the balloon
+        and cannot grow beyond the size the VM booted with (LXD's error)."""
         memory = _memory_bytes(config)
         vcpus = _vcpus(config)
+        if await self.status(name) is not Status.STOPPED:
+            if await in_thread(self._live_vcpus, name, config, vcpus):
+                await self._online_guest_cpus(name, vcpus)
+            await self._live_memory(name, memory)
         await in_thread(self._set_limits, name, memory, vcpus)
+
+    def _live_vcpus(self, name: str, config: dict[str, str], vcpus: int) -> bool:
+        """Plug or unplug vCPUs until the running VM has `vcpus`; False when it has."""
+        dom = self._lookup(name)
+        try:
+            live = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            maximum = dom.vcpusFlags(
+                libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
+            )
+        except libvirt.libvirtError as exc:
+            raise Internal(f"Failed updating cpu limit: {exc}") from None
+        if live == vcpus:
+            return False
+        cpu = parse_limits(config).cpu
+        if cpu is not None and cpu.count is None:
+            raise InvalidArgument("Cannot change CPU pinning when VM is running")
+        if vcpus > maximum:
+            raise InvalidArgument(
+                "Failed updating cpu limit: Cannot allocate more CPUs than available"
+            )
+        try:
+            dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_TIMEOUT:
+                raise Internal(f"Failed updating cpu limit: {exc}") from None
+            # libvirt waits 5 s for the guest to give up a vCPU (an ACPI eject); under
+            # TCG on a busy host it can take longer. The request stands: wait for it.
+            deadline = time.monotonic() + CPU_ONLINE_WAIT
+            while dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) != vcpus:
+                if time.monotonic() > deadline:
+                    raise Internal(f"Failed updating cpu limit: {exc}") from None
+                time.sleep(CPU_ONLINE_POLL)
+        return True
+
+    async def _online_guest_cpus(self, name: str, vcpus: int) -> None:
+        """Bring the guest's hot-plugged CPUs online (what a udev rule does in Ubuntu's
+        guests) until it counts `vcpus`; a guest without a running agent is left as is."""
+        online = (
+            "for f in /sys/devices/system/cpu/cpu[0-9]*/online; do "
+            '[ "$(cat $f 2>/dev/null)" = 0 ] && echo 1 > $f 2>/dev/null; done; '
+            "grep -c ^processor /proc/cpuinfo"
+        )
+        deadline = time.monotonic() + CPU_ONLINE_WAIT
+        while time.monotonic() < deadline:
+            try:
+                rc, out, _ = await self.agent_exec(name, online, timeout=STATE_TIMEOUT)
+            except Conflict:
+                return
+            if rc == 0 and out.strip() == str(vcpus).encode():
+                return
+            await asyncio.sleep(CPU_ONLINE_POLL)
+        log.warning("%s: the guest does not count %d CPUs after the hotplug", name, vcpus)
+
+    async def _live_memory(self, name: str, memory: int) -> None:
+        """LXD's updateMemoryLimit: the balloon to `memory`, no higher than the boot-time
+        size, waited for until within 1% of the target."""
+        new_mib = memory // 1024**2
+        dom = await in_thread(self._lookup, name)
+        _, max_kib, cur_kib, _, _ = await in_thread(dom.info)
+        base_mib, cur_mib = max_kib // 1024, cur_kib // 1024
+        if cur_mib == new_mib:
+            return
+        if base_mib < new_mib:
+            raise InvalidArgument(
+                "Failed updating memory limit: Cannot increase memory size beyond boot time "
+                f"size when VM is running (Boot time size {base_mib}MiB, new size "
+                f"{new_mib}MiB)"
+            )
+        try:
+            await in_thread(dom.setMemoryFlags, memory // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise Internal(f"Failed updating memory limit: {exc}") from None
+        # LXD waits 10 x 0.5 s; under TCG a guest inflates its balloon slower.
+        deadline = time.monotonic() + BALLOON_WAIT
+        while True:
+            cur_mib = (await in_thread(dom.info))[2] // 1024
+            if abs(cur_mib - new_mib) <= new_mib // 100:
+                return
+            if time.monotonic() > deadline:
+                raise Internal(
+                    f"Failed updating memory limit: Failed setting memory to {new_mib}MiB "
+                    f"(currently {cur_mib}MiB) as it was taking too long"
+                )
+            await asyncio.sleep(BALLOON_POLL)
 
     def _set_limits(self, name: str, memory: int, vcpus: int) -> None:
         dom = self._lookup(name)
@@ -900,10 +1064,7 @@ class QemuDriver(InstanceDriver):
                 el = ET.SubElement(xml, tag)
             el.set("unit", "b")
             el.text = str(memory)
-        vcpu = xml.find("vcpu")
-        if vcpu is None:
-            vcpu = ET.SubElement(xml, "vcpu")
-        vcpu.text = str(vcpus)
+        _vcpu_elements(xml, vcpus)
         try:
             self._connection().defineXML(ET.tostring(xml, encoding="unicode"))
         except libvirt.libvirtError as exc:
@@ -1246,6 +1407,29 @@ class QemuDriver(InstanceDriver):
         finally:
             os.close(slave)
         return ConsoleProcess(process, master)
+
+    async def vga_console(self, name: str) -> ExecProcess:
+        if await self.status(name) is not Status.RUNNING:
+            raise Conflict(f'Instance "{name}" is not running')
+        sock = self.instance_dir(name) / "spice.sock"
+        if not sock.exists():  # a VM defined before croft gave VMs a SPICE server
+            raise Conflict(f'Instance "{name}" has no VGA console until its next start')
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-c", _CONSOLE_RELAY, str(sock),
+                stdin=in_r, stdout=out_w, stderr=err_w, start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        return RelayProcess(process, in_w, out_r, err_r)
 
     async def clear_console_log(self, name: str) -> None:
         path = self.instance_dir(name) / "console.log"
