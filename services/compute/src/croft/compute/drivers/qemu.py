@@ -35,6 +35,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import libvirt
+import libvirt_qemu
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
@@ -99,6 +101,8 @@ BALLOON_WAIT = 30.0
 BALLOON_POLL = 0.5
 CPU_ONLINE_WAIT = 30.0
 CPU_ONLINE_POLL = 0.5
+# The vCPU count last applied to a running VM (the instance's directory; gone at start).
+LIVE_VCPUS = "live-vcpus"
 TCG_TB_CACHE_MIB = 32
 FILE_TIMEOUT = 600.0
 # A live disk move: the mirror's copy may take long on a big disk; this only catches hangs.
@@ -278,6 +282,21 @@ def _vcpus(config: dict[str, str]) -> int:
     if cpu.count is not None:
         return cpu.count
     return len(cpu.cpus or ()) or 1
+
+
+def _qmp(dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """A QMP command to the VM's QEMU through libvirt (which marks the domain tainted
+    "custom-monitor"), and its `return`."""
+    request: dict[str, Any] = {"execute": command}
+    if arguments:
+        request["arguments"] = arguments
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+    except libvirt.libvirtError as exc:
+        raise Internal(f"QEMU: {exc}") from None
+    if "error" in reply:
+        raise Internal(f"QEMU: {reply['error'].get('desc', reply['error'])}")
+    return reply.get("return")
 
 
 def _vcpu_elements(root: ET.Element, vcpus: int) -> None:
@@ -731,7 +750,7 @@ class QemuDriver(InstanceDriver):
             raise Conflict(f'Instance "{name}" is already running')
         directory = self.instance_dir(name)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sock in ("console.sock", "agent.sock"):
+        for sock in ("console.sock", "agent.sock", LIVE_VCPUS):
             (directory / sock).unlink(missing_ok=True)
         self._write_config_drive(directory / CONFIG_DRIVE)
         self._forget_agent(name)
@@ -958,70 +977,76 @@ class QemuDriver(InstanceDriver):
 
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
         """limits.cpu and limits.memory as LXD 5.0 applies them (its qemu driver's
-        Update): written for the next start, and on a running VM also live. vCPUs are
-        hot-plugged or unplugged (the VM boots with vCPU 0 fixed and up to the host's CPU
-        count pluggable, as LXD's `maxcpus`), and the agent onlines new ones in the guest
-        (LXD leaves that to the guest's udev rules); memory shrinks through the balloon
-        and cannot grow beyond the size the VM booted with (LXD's error)."""
+        Update): written for the next start, and on a running VM also live.
+
+        - CPUs: the VM boots with vCPU 0 fixed and up to the host's CPU count pluggable
+          (LXD's `maxcpus`); more CPUs are hot-plugged (QMP device_add, as LXD's
+          setCPUs) and brought online in the guest by its agent (Ubuntu's guests do that
+          with a udev rule). Fewer are taken offline in the guest, not unplugged: on this
+          QEMU (7.2, TCG) plugging a vCPU back into a slot it was unplugged from crashed
+          the VM, and libvirt's own unplug gives the guest's ACPI eject 5 s, after which
+          its record of the vCPUs stays wrong. The next start applies the count exactly.
+        - Memory shrinks through the balloon and grows back up to the size the VM booted
+          with, not beyond (LXD's error)."""
         memory = _memory_bytes(config)
         vcpus = _vcpus(config)
         if await self.status(name) is not Status.STOPPED:
             if await in_thread(self._live_vcpus, name, config, vcpus):
-                await self._online_guest_cpus(name, vcpus)
+                await self._guest_cpus(name, vcpus)
             await self._live_memory(name, memory)
         await in_thread(self._set_limits, name, memory, vcpus)
 
     def _live_vcpus(self, name: str, config: dict[str, str], vcpus: int) -> bool:
-        """Plug or unplug vCPUs until the running VM has `vcpus`; False when it has."""
+        """Plug vCPUs until the running VM has at least `vcpus`; False when `vcpus` is
+        what it runs with already (as booted, or as last changed live)."""
         dom = self._lookup(name)
+        applied = self.instance_dir(name) / LIVE_VCPUS
         try:
-            live = dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE)
-            maximum = dom.vcpusFlags(
-                libvirt.VIR_DOMAIN_AFFECT_LIVE | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
-            )
-        except libvirt.libvirtError as exc:
-            raise Internal(f"Failed updating cpu limit: {exc}") from None
-        if live == vcpus:
+            current = int(applied.read_text())
+        except (OSError, ValueError):
+            live = ET.fromstring(dom.XMLDesc(0)).find("vcpu")
+            current = int((live.get("current") or live.text or 1) if live is not None else 1)
+        if current == vcpus:
             return False
         cpu = parse_limits(config).cpu
         if cpu is not None and cpu.count is None:
             raise InvalidArgument("Cannot change CPU pinning when VM is running")
-        if vcpus > maximum:
+        cpus = _qmp(dom, "query-hotpluggable-cpus")
+        if vcpus > len(cpus):
             raise InvalidArgument(
                 "Failed updating cpu limit: Cannot allocate more CPUs than available"
             )
-        try:
-            dom.setVcpusFlags(vcpus, libvirt.VIR_DOMAIN_AFFECT_LIVE)
-        except libvirt.libvirtError as exc:
-            if exc.get_error_code() != libvirt.VIR_ERR_OPERATION_TIMEOUT:
-                raise Internal(f"Failed updating cpu limit: {exc}") from None
-            # libvirt waits 5 s for the guest to give up a vCPU (an ACPI eject); under
-            # TCG on a busy host it can take longer. The request stands: wait for it.
-            deadline = time.monotonic() + CPU_ONLINE_WAIT
-            while dom.vcpusFlags(libvirt.VIR_DOMAIN_AFFECT_LIVE) != vcpus:
-                if time.monotonic() > deadline:
-                    raise Internal(f"Failed updating cpu limit: {exc}") from None
-                time.sleep(CPU_ONLINE_POLL)
+        plugged = sum(1 for c in cpus if c.get("qom-path"))
+        for free in [c for c in cpus if not c.get("qom-path")][: max(0, vcpus - plugged)]:
+            props = free["props"]
+            dev_id = "cpu" + "".join(
+                str(props.get(k, 0)) for k in ("socket-id", "core-id", "thread-id")
+            )
+            _qmp(dom, "device_add", {"id": dev_id, "driver": free["type"], **props})
+        applied.write_text(str(vcpus))
         return True
 
-    async def _online_guest_cpus(self, name: str, vcpus: int) -> None:
-        """Bring the guest's hot-plugged CPUs online (what a udev rule does in Ubuntu's
-        guests) until it counts `vcpus`; a guest without a running agent is left as is."""
-        online = (
-            "for f in /sys/devices/system/cpu/cpu[0-9]*/online; do "
-            '[ "$(cat $f 2>/dev/null)" = 0 ] && echo 1 > $f 2>/dev/null; done; '
-            "grep -c ^processor /proc/cpuinfo"
+    async def _guest_cpus(self, name: str, vcpus: int) -> None:
+        """CPUs 0..vcpus-1 online in the guest and the others offline, through its agent,
+        until the guest counts `vcpus` (a hot-plugged CPU shows up after an ACPI
+        notification); a guest without a running agent is left as is."""
+        script = (
+            "i=0; while [ -d /sys/devices/system/cpu/cpu$i ]; do "
+            "f=/sys/devices/system/cpu/cpu$i/online; "
+            f"if [ -f $f ]; then if [ $i -lt {vcpus} ]; then w=1; else w=0; fi; "
+            '[ "$(cat $f)" = $w ] || echo $w > $f 2>/dev/null; fi; '
+            "i=$((i+1)); done; grep -c ^processor /proc/cpuinfo"
         )
         deadline = time.monotonic() + CPU_ONLINE_WAIT
         while time.monotonic() < deadline:
             try:
-                rc, out, _ = await self.agent_exec(name, online, timeout=STATE_TIMEOUT)
+                rc, out, _ = await self.agent_exec(name, script, timeout=STATE_TIMEOUT)
             except Conflict:
                 return
             if rc == 0 and out.strip() == str(vcpus).encode():
                 return
             await asyncio.sleep(CPU_ONLINE_POLL)
-        log.warning("%s: the guest does not count %d CPUs after the hotplug", name, vcpus)
+        log.warning("%s: the guest does not count %d CPUs", name, vcpus)
 
     async def _live_memory(self, name: str, memory: int) -> None:
         """LXD's updateMemoryLimit: the balloon to `memory`, no higher than the boot-time
