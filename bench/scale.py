@@ -217,7 +217,7 @@ def measure(daemon: Daemon, args: argparse.Namespace, bridge: str) -> dict[int, 
                 break
             run.top_up(count)
             figures[count] = run.batch(count)
-    except BenchError as e:
+    except (BenchError, OSError) as e:
         say(f"  {daemon.label}: stopped: {e}")
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -300,6 +300,8 @@ def main() -> int:
             results["LXD"] = measure(daemon, args, args.lxd_bridge)
     except KeyboardInterrupt:
         say("interrupted")
+    except (BenchError, OSError) as e:  # a daemon that does not answer
+        say(f"stopped: {e}")
     table(results, args.counts)
     if args.json:
         with open(args.json, "w") as f:
