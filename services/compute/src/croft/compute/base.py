@@ -19,7 +19,7 @@ from croft.common.clients import NetworkClient, StorageClient
 from croft.common.errors import CroftError, InvalidArgument, NotFound
 from croft.common.events import rfc3339_nano
 from croft.common.locks import KeyedLock
-from croft.common.models import InstanceRecord
+from croft.common.models import InstanceMeta, InstanceRecord
 from croft.common.records import DEFAULT_PROJECT, modify, record_key
 from croft.common.riders import Rider
 from croft.common.service import ServiceContext
@@ -71,6 +71,20 @@ def definition_is_stale(record: dict[str, Any]) -> bool:
     digests were kept count as current)."""
     written = InstanceRecord.meta_of(record).definition
     return written is not None and written != definition_digest(record)
+
+
+async def not_stopped(driver: InstanceDriver, host_name: str) -> bool:
+    """Whether the instance is defined on the host and running or frozen."""
+    return await driver.exists(host_name) and await driver.status(host_name) is not Status.STOPPED
+
+
+def on_volume(meta: InstanceMeta, volume: storage_pb2.VolumeReply) -> None:
+    """Note in `meta` where the instance's root volume is, as storage reported it: its
+    root filesystem, the volume's directory (the image's templates), and whether its pool
+    wants it mounted before every start: storage says, compute does not guess."""
+    meta.rootfs = volume.path
+    meta.volume = volume.mount_path
+    meta.instance_mounts = volume.instance_mounts
 
 
 def root_disk(devices: dict[str, dict[str, str]]) -> tuple[str, dict[str, str]]:

@@ -27,6 +27,8 @@ from croft.compute.base import (
     driver_name,
     instance_key,
     new_hwaddr,
+    not_stopped,
+    on_volume,
     root_disk,
     snapshot_key,
     why,
@@ -196,11 +198,7 @@ class InstanceCreation(InstanceState):
             written = copy_record(record)
             meta = InstanceRecord.meta_of(record)
             meta.state = CREATED
-            meta.rootfs = volume.path
-            # Where the volume's directory is (the image's templates), and whether its pool
-            # wants it mounted before every start: storage says, compute does not guess.
-            meta.volume = volume.mount_path
-            meta.instance_mounts = volume.instance_mounts
+            on_volume(meta, volume)
             meta.definition = definition_digest(record)
             record["_croft"] = meta.dump()
             event = await self._lifecycle_event("instance-created", project, name)
@@ -296,10 +294,7 @@ class InstanceCreation(InstanceState):
             record, _ = await self.record(project, name)
             driver = self.driver_for(record)
             host_name = driver_name(project, name)
-            running = (
-                await driver.exists(host_name)
-                and await driver.status(host_name) is not Status.STOPPED
-            )
+            running = await not_stopped(driver, host_name)
             if running:
                 if not force:
                     raise InvalidArgument(

@@ -14,8 +14,16 @@ from croft.common.records import DEFAULT_PROJECT, copy_record, modify, record_pr
 from croft.common.revert import Reverter
 from croft.common.riders import Rider
 from croft.common.store import Delete, Operation, Update, dump
-from croft.compute.base import COPY_TIMEOUT, definition_digest, driver_name, instance_key, root_disk
-from croft.compute.drivers import DEFAULT_INSTANCE_TYPE, Status
+from croft.compute.base import (
+    COPY_TIMEOUT,
+    definition_digest,
+    driver_name,
+    instance_key,
+    not_stopped,
+    on_volume,
+    root_disk,
+)
+from croft.compute.drivers import DEFAULT_INSTANCE_TYPE
 from croft.compute.instance_create import CopyOf, InstanceCreation, RestoreOf
 from croft.v1 import storage_pb2
 
@@ -94,10 +102,7 @@ class InstanceMigration(InstanceCreation):
             record, revision = await self.record(project, name)
             driver = self.driver_for(record)
             host_name = driver_name(project, name)
-            running = (
-                await driver.exists(host_name)
-                and await driver.status(host_name) is not Status.STOPPED
-            )
+            running = await not_stopped(driver, host_name)
             if running and not (live and driver.capabilities.live_disk_move):
                 if live:
                     raise InvalidArgument(
@@ -117,33 +122,34 @@ class InstanceMigration(InstanceCreation):
                         "A running instance with snapshots cannot move between pools yet: "
                         "stop it first, or move it without them (--instance-only)"
                     )
-                return await self._move_running(
+                written = await self._move_running(
                     project, name, pool, record, revision, snapshots, old_pool
                 )
-            storage = await self.storage()
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_volume(pool, project, name, instance_type))
-                try:
-                    volume = await storage.copy_instance_volume(
-                        storage_pb2.VolumeRequest(
-                            pool=old_pool, project=project, type=instance_type,
-                            name=host_name, new_name=host_name, target_pool=pool,
-                            with_snapshots=not instance_only,
-                            size=root_disk(record["expanded_devices"])[1].get("size", ""),
-                        ),
-                        idempotent=False, timeout=COPY_TIMEOUT,
-                    )  # fmt: skip
-                except Conflict:
-                    revert.success()  # a volume of that name there is not this move's
-                    raise
-                moved = _on_pool(record, pool, volume)
-                before = copy_record(record)
-                revert.add(lambda: self._write_definition(project, name, before))
-                await self._write_definition(project, name, moved, disk=volume.block_path)
-                written = await self._record_move(
-                    project, name, pool, volume, moved, revision, snapshots, instance_only
-                )
-                revert.success()
+            else:
+                storage = await self.storage()
+                async with Reverter() as revert:
+                    revert.add(lambda: self._delete_volume(pool, project, name, instance_type))
+                    try:
+                        volume = await storage.copy_instance_volume(
+                            storage_pb2.VolumeRequest(
+                                pool=old_pool, project=project, type=instance_type,
+                                name=host_name, new_name=host_name, target_pool=pool,
+                                with_snapshots=not instance_only,
+                                size=root_disk(record["expanded_devices"])[1].get("size", ""),
+                            ),
+                            idempotent=False, timeout=COPY_TIMEOUT,
+                        )  # fmt: skip
+                    except Conflict:
+                        revert.success()  # a volume of that name there is not this move's
+                        raise
+                    moved = _on_pool(record, pool, volume)
+                    before = copy_record(record)
+                    revert.add(lambda: self._write_definition(project, name, before))
+                    await self._write_definition(project, name, moved, disk=volume.block_path)
+                    written = await self._record_move(
+                        project, name, pool, volume, moved, revision, snapshots, instance_only
+                    )
+                    revert.success()
             # The instance lives on `pool` now: what is left on the old one is garbage.
             await self._drop_old_volume(old_pool, project, name, instance_type)
         return written
@@ -164,7 +170,7 @@ class InstanceMigration(InstanceCreation):
         the instance to it, storage completes the new volume's record, compute writes the
         instance's, and the old volume goes. Until the switch a failure removes the new
         volume and leaves the instance running on its old disk; after it, the disk is
-        mirrored back before the new volume goes."""
+        mirrored back before the new volume goes. The caller removes the old volume."""
         driver = self.driver_for(record)
         host_name = driver_name(project, name)
         instance_type = record.get("type") or DEFAULT_INSTANCE_TYPE
@@ -197,7 +203,6 @@ class InstanceMigration(InstanceCreation):
             )
             revert.success()
         log.info("moved running instance %s/%s from pool %s to %s", project, name, old_pool, pool)
-        await self._drop_old_volume(old_pool, project, name, instance_type)
         return written
 
     async def _record_move(
@@ -253,9 +258,7 @@ def _on_pool(record: dict[str, Any], pool: str, volume: storage_pb2.VolumeReply)
     moved["expanded_devices"][root_name] = {**root, "pool": pool}
     meta = InstanceRecord.meta_of(moved)
     meta.pool = pool
-    meta.rootfs = volume.path
-    meta.volume = volume.mount_path
-    meta.instance_mounts = volume.instance_mounts
+    on_volume(meta, volume)
     meta.definition = definition_digest(moved)
     moved["_croft"] = meta.dump()
     return moved
