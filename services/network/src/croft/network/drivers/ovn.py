@@ -49,6 +49,7 @@ from croft.common.revert import Reverter
 from croft.network.drivers import (
     Capabilities,
     DriverSettings,
+    InstanceNic,
     NetworkDriver,
     NetworkInfo,
     NetworkLease,
@@ -1000,17 +1001,9 @@ class OvnDriver(NetworkDriver):
     def instance_parent(self, name: str, config: Mapping[str, str], hwaddr: str) -> str:
         return veth_names(name, hwaddr)[1]
 
-    async def add_instance(
-        self,
-        network: str,
-        instance: str,
-        hwaddr: str,
-        ipv4: str | None = None,
-        *,
-        ipv6: str | None = None,
-    ) -> str | None:
-        if not is_mac(hwaddr):
-            raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
+    async def register_nic(self, nic: InstanceNic) -> str | None:
+        network, instance, hwaddr = nic.network, nic.instance, nic.hwaddr
+        ipv4, ipv6 = nic.ipv4, nic.ipv6
         config = await self.local_config(network)
         if config is None:
             raise NotFound(f"Network {network!r} is not set up on this host")
@@ -1030,7 +1023,6 @@ class OvnDriver(NetworkDriver):
                 raise InvalidArgument(
                     f'Device IP address "{ipv4}" not within network "{network}" subnet'
                 )
-        hwaddr = hwaddr.lower()
         await self._daemons()
         nics = await in_thread(self._host.read, network, "nics.json") or {}
         if ipv4 and any(other != hwaddr and nic.get("ipv4") == ipv4 for other, nic in nics.items()):
