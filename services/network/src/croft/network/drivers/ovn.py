@@ -61,7 +61,7 @@ from croft.network.drivers import (
 )
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import is_mac
-from croft.network.drivers._keys import Rule, check_config, check_interface_name
+from croft.network.drivers._keys import Rule, _address, check_config, check_interface_name
 from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
 
 log = logging.getLogger(__name__)
@@ -109,19 +109,6 @@ def _address_or_auto(version: int) -> Rule:
     return check
 
 
-def _ip(version: int) -> Rule:
-    def check(value: str) -> object:
-        try:
-            ip = ipaddress.ip_address(value)
-        except ValueError:
-            ip = None
-        if ip is None or ip.version != version:
-            raise ValueError(f"Not an IPv{version} address {go_quote(value)}")
-        return None
-
-    return check
-
-
 def _unsupported(value: str) -> object:
     if value:
         raise ValueError("not supported by croft")
@@ -148,8 +135,8 @@ RULES: Mapping[str, Rule] = {
     "dns.zone.reverse.ipv4": _unsupported,
     "dns.zone.reverse.ipv6": _unsupported,
     **NETWORK_RULES,
-    VOLATILE_UPLINK_IPV4: _optional(_ip(4)),
-    VOLATILE_UPLINK_IPV6: _optional(_ip(6)),
+    VOLATILE_UPLINK_IPV4: _optional(_address(4)),
+    VOLATILE_UPLINK_IPV6: _optional(_address(6)),
 }
 
 
