@@ -253,14 +253,25 @@ async def export_chunks(
     project: str, instance: str, backup: InstanceBackupRecord
 ) -> AsyncIterator[bytes]:
     """The tarball's bytes, from the storage service that keeps it; NotFound before the
-    first byte if it is gone."""
+    first byte if it is gone, InvalidArgument while it is being written."""
+    if backup.croft.state == "creating":
+        raise InvalidArgument(f'Backup "{backup.name}" is still being written')
     client = await services().storage(backup.croft.member)
-    call = client.read_instance_backup(
-        storage_pb2.InstanceBackupRequest(
-            project=project, backup=backup.name, instance=instance, pool=backup.croft.pool
-        ),
-        timeout=None,
+    return await backup_chunks(
+        client.read_instance_backup(
+            storage_pb2.InstanceBackupRequest(
+                project=project, backup=backup.name, instance=instance, pool=backup.croft.pool
+            ),
+            timeout=None,
+        )
     )
+
+
+async def backup_chunks(
+    call: grpc.aio.UnaryStreamCall[Any, storage_pb2.BackupChunk],
+) -> AsyncIterator[bytes]:
+    """The bytes of a backup tarball that storage streams (an instance's or a custom
+    volume's), the first chunk awaited now: NotFound before the first byte if it is gone."""
     replies = call.__aiter__()
     try:
         first = await anext(replies, None)

@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
 import yaml
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,14 +26,18 @@ from croft.api import responses
 from croft.api.context import context
 from croft.api.domain import projects
 from croft.api.domain import storage_volumes as volumes
-from croft.api.domain.backups import BACKUP_TIMEOUT, discard_upload, stage_upload
+from croft.api.domain.backups import (
+    BACKUP_TIMEOUT,
+    backup_chunks,
+    discard_upload,
+    stage_upload,
+)
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import StorageClient
 from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
 from croft.common.models import BackupMeta, StorageVolumeRecord, VolumeBackupRecord
 from croft.common.records import STORAGE_VOLUME_BACKUPS, record_prefix
-from croft.common.rpc import from_rpc_error
 from croft.common.store import dump
 from croft.v1 import storage_pb2
 
@@ -153,25 +156,13 @@ async def export_chunks(
     project: str, volume: str, backup: VolumeBackupRecord
 ) -> AsyncIterator[bytes]:
     """The tarball's bytes from the storage service that keeps it; NotFound before the
-    first byte if it is gone."""
+    first byte if it is gone, InvalidArgument while it is being written."""
+    if backup.croft.state == "creating":
+        raise InvalidArgument(f'Backup "{backup.name}" is still being written')
     client = await _storage(backup)
-    call = client.read_custom_volume_backup(_request(project, volume, backup), timeout=None)
-    replies = call.__aiter__()
-    try:
-        first = await anext(replies, None)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            if first is not None:
-                yield first.data
-            async for chunk in replies:
-                yield chunk.data
-        finally:
-            call.cancel()
-
-    return body()
+    return await backup_chunks(
+        client.read_custom_volume_backup(_request(project, volume, backup), timeout=None)
+    )
 
 
 def new_backup(

@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
@@ -132,11 +132,4 @@ async def backup_export(
 ) -> Response:
     project, _ = await _volume(request, pool, volume_type, name)
     found = await domain.backup_of(context(request).store, project, pool, name, backup)
-    if found.croft.state == "creating":
-        raise InvalidArgument(f'Backup "{backup}" is still being written')
-    body = await domain.export_chunks(project, name, found)
-    return StreamingResponse(
-        body,
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f"attachment;filename={backup}"},
-    )
+    return responses.attachment(await domain.export_chunks(project, name, found), backup)
