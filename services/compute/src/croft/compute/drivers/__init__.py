@@ -411,6 +411,26 @@ DRIVERS: Registry[InstanceDriver] = Registry(
 )
 
 
+# LXD's PATH for exec, where the caller sets none.
+EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def exec_environment(env: dict[str, str] | None, uid: int, interactive: bool) -> dict[str, str]:
+    """The environment of a command run in an instance: LXD's defaults under what the
+    caller gives (the `lxc` client sends only TERM). `env=None`: the caller gave none."""
+    result = dict(env or {})
+    result.setdefault("PATH", EXEC_PATH)
+    if uid == 0:
+        result.setdefault("HOME", "/root")
+        result.setdefault("USER", "root")
+    elif env is None:
+        result["HOME"] = "/"
+    result.setdefault("LANG", "C.UTF-8")
+    if env is None and interactive:
+        result["TERM"] = "xterm"
+    return result
+
+
 def driver_class(name: str) -> type[InstanceDriver]:
     """The driver class registered under `name` (InvalidArgument if there is none)."""
     return DRIVERS.get(name)

@@ -62,6 +62,7 @@ from croft.compute.drivers import (
     InstanceState,
     NetworkInterface,
     Status,
+    exec_environment,
     netns,
 )
 
@@ -75,7 +76,6 @@ _PARTIAL_AGE = 60.0
 COMMON_CONF = "/usr/share/lxc/config/common.conf"
 USERNS_CONF = "/usr/share/lxc/config/userns.conf"
 NESTING_CONF = "/usr/share/lxc/config/nesting.conf"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Spawned per exec: resolved once, not searched along PATH every time.
 _LXC_ATTACH = shutil.which("lxc-attach") or "lxc-attach"
 _LXC_START = shutil.which("lxc-start") or "lxc-start"
@@ -1155,18 +1155,7 @@ class LXCDriver(InstanceDriver):
         container = await in_thread(self._container, name)
         if self._status(container) != Status.RUNNING:
             raise Conflict(f'Instance "{name}" is not running')
-        # LXD's defaults under what the caller gives (the `lxc` client sends only TERM).
-        given = env
-        env = dict(env or {})
-        env.setdefault("PATH", DEFAULT_PATH)
-        if uid == 0:
-            env.setdefault("HOME", "/root")
-            env.setdefault("USER", "root")
-        elif given is None:
-            env["HOME"] = "/"
-        env.setdefault("LANG", "C.UTF-8")
-        if given is None and interactive:
-            env["TERM"] = "xterm"
+        env = exec_environment(env, uid, interactive)
         for key in env:
             if not key or "=" in key:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')

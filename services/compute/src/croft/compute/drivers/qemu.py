@@ -75,6 +75,7 @@ from croft.compute.drivers import (
     NetworkAddress,
     NetworkInterface,
     Status,
+    exec_environment,
 )
 from croft.compute.limits import host_memory_bytes, parse_limits
 
@@ -103,7 +104,6 @@ MIRROR_POLL = 0.2
 ROOT_TARGET = "vda"
 # Guest files pushed in parts of this size (each a frame on the agent's port).
 PUT_CHUNK = 256 * 1024
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # libvirt domain states -> LXD's statuses.
 _STATUS = {
@@ -1081,18 +1081,7 @@ class QemuDriver(InstanceDriver):
     ) -> ExecProcess:
         if not argv:
             raise InvalidArgument("exec needs a command")
-        # LXD's defaults under what the caller gives (the `lxc` client sends only TERM).
-        given = env
-        env = dict(env or {})
-        env.setdefault("PATH", GUEST_PATH)
-        if uid == 0:
-            env.setdefault("HOME", "/root")
-            env.setdefault("USER", "root")
-        elif given is None:
-            env["HOME"] = "/"
-        env.setdefault("LANG", "C.UTF-8")
-        if given is None and interactive:
-            env["TERM"] = "xterm"
+        env = exec_environment(env, uid, interactive)
         for key in env:
             if not key or "=" in key or "\0" in key or "\0" in env[key]:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')
