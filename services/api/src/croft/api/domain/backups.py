@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -42,6 +42,7 @@ from croft.common.models import (
     InstanceRecord,
     SnapshotRecord,
     StoragePoolRecord,
+    VolumeBackupRecord,
 )
 from croft.common.records import INSTANCE_BACKUPS, STORAGE_POOLS, public, record_prefix
 from croft.common.rpc import from_rpc_error
@@ -83,7 +84,11 @@ def check_compression(algorithm: str) -> None:
         raise InvalidArgument(f'Invalid compression algorithm "{algorithm}"')
 
 
-def _expired(backup: InstanceBackupRecord, now: datetime) -> bool:
+# An instance's or a custom volume's backup record (`volume_backups` shares these helpers).
+B = TypeVar("B", InstanceBackupRecord, VolumeBackupRecord)
+
+
+def _expired(backup: InstanceBackupRecord | VolumeBackupRecord, now: datetime) -> bool:
     if not backup.expires_at or backup.expires_at.startswith("0001-"):
         return False
     try:
@@ -96,13 +101,26 @@ def _expired(backup: InstanceBackupRecord, now: datetime) -> bool:
 async def backups_of(store: Any, project: str, instance: str) -> list[InstanceBackupRecord]:
     """The instance's backups, the expired ones deleted on the way (as LXD's pruning)."""
     prefix = record_prefix(INSTANCE_BACKUPS, project) + f"{instance}/"
+    return await pruned(
+        store,
+        prefix,
+        InstanceBackupRecord,
+        lambda backup: delete_backup(store, project, instance, backup),
+    )
+
+
+async def pruned(
+    store: Any, prefix: str, model: type[B], delete: Callable[[B], Awaitable[None]]
+) -> list[B]:
+    """The backup records under `prefix`, those expired (and whole) deleted on the way by
+    `delete`, as LXD prunes them when it lists."""
     found = []
     now = datetime.now(UTC)
     for entry in await store.list(prefix):
-        backup = InstanceBackupRecord.model_validate(entry.json())
+        backup = model.model_validate(entry.json())
         if _expired(backup, now) and backup.croft.state != "creating":
             with contextlib.suppress(CroftError):
-                await delete_backup(store, project, instance, backup)
+                await delete(backup)
             continue
         found.append(backup)
     return found
@@ -115,7 +133,7 @@ async def backup_of(store: Any, project: str, instance: str, name: str) -> Insta
     raise NotFound("Load backup from database: Instance backup not found")
 
 
-def render_backup(backup: InstanceBackupRecord) -> dict[str, Any]:
+def render_backup(backup: InstanceBackupRecord | VolumeBackupRecord) -> dict[str, Any]:
     body = backup.public()
     body["expires_at"] = body.get("expires_at") or ZERO_TIME
     return body

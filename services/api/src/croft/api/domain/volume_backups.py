@@ -30,6 +30,8 @@ from croft.api.domain.backups import (
     BACKUP_TIMEOUT,
     backup_chunks,
     discard_upload,
+    pruned,
+    render_backup,
     stage_upload,
 )
 from croft.api.operations import OperationContext
@@ -41,22 +43,11 @@ from croft.common.records import STORAGE_VOLUME_BACKUPS, record_prefix
 from croft.common.store import dump
 from croft.v1 import storage_pb2
 
-ZERO_TIME = "0001-01-01T00:00:00Z"
 NOT_FOUND = "Storage volume backup not found"
 
 
 def backup_url(pool: str, volume: str, backup: str) -> str:
     return f"/1.0/storage-pools/{pool}/volumes/custom/{volume}/backups/{backup}"
-
-
-def _expired(backup: VolumeBackupRecord, now: datetime) -> bool:
-    if not backup.expires_at or backup.expires_at.startswith("0001-"):
-        return False
-    try:
-        when = datetime.fromisoformat(backup.expires_at.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return when <= now
 
 
 def _request(
@@ -70,16 +61,12 @@ def _request(
 async def backups_of(store: Any, project: str, pool: str, volume: str) -> list[VolumeBackupRecord]:
     """The volume's backups, the expired ones deleted on the way (LXD's pruning)."""
     prefix = record_prefix(STORAGE_VOLUME_BACKUPS, project) + f"{pool}/{volume}/"
-    found = []
-    now = datetime.now(UTC)
-    for entry in await store.list(prefix):
-        backup = VolumeBackupRecord.model_validate(entry.json())
-        if _expired(backup, now) and backup.croft.state != "creating":
-            with contextlib.suppress(CroftError):
-                await delete_backup(store, project, volume, backup)
-            continue
-        found.append(backup)
-    return found
+    return await pruned(
+        store,
+        prefix,
+        VolumeBackupRecord,
+        lambda backup: delete_backup(store, project, volume, backup),
+    )
 
 
 async def backup_of(
@@ -89,12 +76,6 @@ async def backup_of(
         if backup.name == name:
             return backup
     raise NotFound(NOT_FOUND)
-
-
-def render_backup(backup: VolumeBackupRecord) -> dict[str, Any]:
-    body = backup.public()
-    body["expires_at"] = body.get("expires_at") or ZERO_TIME
-    return body
 
 
 async def create_backup(
