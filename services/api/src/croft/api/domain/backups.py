@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -82,6 +82,22 @@ def validate_backup_name(name: str) -> None:
 def check_compression(algorithm: str) -> None:
     if algorithm and algorithm not in COMPRESSIONS:
         raise InvalidArgument(f'Invalid compression algorithm "{algorithm}"')
+
+
+def new_backup_name(requested: str, existing: Collection[str], compression: str) -> str:
+    """A new backup's name: the one asked for, else LXD's first free `backup<N>`; checked,
+    with the compression asked for (InvalidArgument), and Conflict when it is taken."""
+    name = requested
+    if not name:
+        n = 0
+        while f"backup{n}" in existing:
+            n += 1
+        name = f"backup{n}"
+    validate_backup_name(name)
+    check_compression(compression)
+    if name in existing:
+        raise Conflict(f'Backup "{name}" already exists')
+    return name
 
 
 # An instance's or a custom volume's backup record (`volume_backups` shares these helpers).
@@ -475,6 +491,7 @@ async def import_member(store: Any) -> str:
 
 __all__ = [
     "BACKUP_TIMEOUT",
+    "backup_chunks",
     "backup_of",
     "backups_of",
     "check_compression",
@@ -485,6 +502,8 @@ __all__ = [
     "import_operation",
     "imported_record",
     "import_member",
+    "new_backup_name",
+    "pruned",
     "render_backup",
     "render_snapshot",
     "stage_stream",
