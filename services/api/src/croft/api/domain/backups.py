@@ -243,11 +243,8 @@ async def create_backup(
         compression=compression or "gzip",
         state="creating",
     )
-    try:
-        await store.create(key, dump(backup.dump()))
-    except Conflict:
-        raise Conflict(f'Backup "{backup.name}" already exists') from None
-    try:
+
+    async def write() -> bool:
         snapshots = [] if backup.instance_only else await snapshots_of(store, project, record.name)
         index, body = await backup_documents(
             store, project, record, snapshots, optimized=False, standalone=standalone
@@ -261,8 +258,23 @@ async def create_backup(
         reply = await client.create_instance_backup(
             request, idempotent=False, timeout=BACKUP_TIMEOUT
         )
-        # Storage says whether the tarball holds send streams (a btrfs pool) or trees.
-        backup.optimized_storage = reply.optimized
+        return reply.optimized
+
+    await write_backup(store, key, backup, write)
+
+
+async def write_backup(
+    store: Any, key: str, backup: B, write: Callable[[], Awaitable[bool]]
+) -> None:
+    """Claim the name with `backup`'s record at `key` ("creating"; Conflict if taken),
+    have storage write the tarball (`write`, which says whether it holds send streams, a
+    btrfs pool's, or trees), then mark the record created; on failure it goes."""
+    try:
+        await store.create(key, dump(backup.dump()))
+    except Conflict:
+        raise Conflict(f'Backup "{backup.name}" already exists') from None
+    try:
+        backup.optimized_storage = await write()
         backup.croft.state = "created"
         await store.put(key, dump(backup.dump()))
     except BaseException:
@@ -505,6 +517,7 @@ __all__ = [
     "new_backup_name",
     "pruned",
     "render_backup",
+    "write_backup",
     "render_snapshot",
     "stage_stream",
     "stage_upload",

@@ -33,14 +33,14 @@ from croft.api.domain.backups import (
     pruned,
     render_backup,
     stage_upload,
+    write_backup,
 )
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import StorageClient
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.models import BackupMeta, StorageVolumeRecord, VolumeBackupRecord
 from croft.common.records import STORAGE_VOLUME_BACKUPS, record_prefix
-from croft.common.store import dump
 from croft.v1 import storage_pb2
 
 NOT_FOUND = "Storage volume backup not found"
@@ -92,11 +92,8 @@ async def create_backup(
     backup.croft = BackupMeta(
         member=volume.croft.member, pool=pool, compression=compression or "gzip", state="creating"
     )
-    try:
-        await store.create(key, dump(backup.dump()))
-    except Conflict:
-        raise Conflict(f'Backup "{backup.name}" already exists') from None
-    try:
+
+    async def write() -> bool:
         request = _request(project, volume.name, backup)
         request.volume_only = backup.volume_only
         request.optimized = backup.optimized_storage
@@ -105,13 +102,9 @@ async def create_backup(
         reply = await client.create_custom_volume_backup(
             request, idempotent=False, timeout=BACKUP_TIMEOUT
         )
-        backup.optimized_storage = reply.optimized
-        backup.croft.state = "created"
-        await store.put(key, dump(backup.dump()))
-    except BaseException:
-        with contextlib.suppress(CroftError):
-            await store.delete(key)
-        raise
+        return reply.optimized
+
+    await write_backup(store, key, backup, write)
 
 
 async def _storage(backup: VolumeBackupRecord) -> StorageClient:
