@@ -54,6 +54,7 @@ from croft.common.proc import run, run_async
 from croft.compute import limits as limits_mod
 from croft.compute.drivers import (
     Capabilities,
+    ExecCommand,
     ExecProcess,
     FileEntry,
     IdMap,
@@ -62,7 +63,6 @@ from croft.compute.drivers import (
     InstanceState,
     NetworkInterface,
     Status,
-    exec_environment,
     netns,
 )
 
@@ -1138,24 +1138,13 @@ class LXCDriver(InstanceDriver):
 
     # -- exec
 
-    async def exec(
-        self,
-        name: str,
-        argv: builtins.list[str],
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int = 0,
-        gid: int = 0,
-        interactive: bool = False,
-        width: int = 80,
-        height: int = 24,
-    ) -> ExecProcess:
-        if not argv:
-            raise InvalidArgument("exec needs a command")
+    async def start_exec(self, name: str, run: ExecCommand) -> ExecProcess:
+        argv, env, cwd = run.argv, run.env, run.cwd
+        uid, gid, interactive = run.uid, run.gid, run.interactive
+        width, height = run.width, run.height
         container = await in_thread(self._container, name)
         if self._status(container) != Status.RUNNING:
             raise Conflict(f'Instance "{name}" is not running')
-        env = exec_environment(env, uid, interactive)
         for key in env:
             if not key or "=" in key:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')

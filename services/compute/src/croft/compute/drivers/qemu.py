@@ -67,6 +67,7 @@ from croft.compute.agent_client import (
 )
 from croft.compute.drivers import (
     Capabilities,
+    ExecCommand,
     ExecProcess,
     FileEntry,
     InstanceDriver,
@@ -75,7 +76,6 @@ from croft.compute.drivers import (
     NetworkAddress,
     NetworkInterface,
     Status,
-    exec_environment,
 )
 from croft.compute.limits import host_memory_bytes, parse_limits
 
@@ -1067,21 +1067,10 @@ class QemuDriver(InstanceDriver):
         finally:
             process.close()
 
-    async def exec(
-        self,
-        name: str,
-        argv: builtins.list[str],
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int = 0,
-        gid: int = 0,
-        interactive: bool = False,
-        width: int = 80,
-        height: int = 24,
-    ) -> ExecProcess:
-        if not argv:
-            raise InvalidArgument("exec needs a command")
-        env = exec_environment(env, uid, interactive)
+    async def start_exec(self, name: str, run: ExecCommand) -> ExecProcess:
+        argv, env, cwd = run.argv, run.env, run.cwd
+        uid, gid, interactive = run.uid, run.gid, run.interactive
+        width, height = run.width, run.height
         for key in env:
             if not key or "=" in key or "\0" in key or "\0" in env[key]:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')
