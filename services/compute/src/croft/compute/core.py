@@ -33,7 +33,7 @@ A part inherits the parts it calls (`InstanceCreation` starts what it created th
 
 from __future__ import annotations
 
-from croft.compute.base import instance_key
+from croft.compute.base import driver_name, instance_key, root_disk, snapshot_key
 from croft.compute.instance_create import CopyOf, RestoreOf
 from croft.compute.instance_exec import InstanceExec
 from croft.compute.instance_files import InstanceFiles
@@ -43,8 +43,16 @@ from croft.compute.instance_snapshots import InstanceSnapshots
 from croft.compute.instance_update import InstanceUpdate
 from croft.compute.reconciler import Reconciler
 
-# What the servicer, the schedules and the tests import from here.
-__all__ = ["ComputeCore", "CopyOf", "RestoreOf", "instance_key"]
+# What the servicer, the schedules, vga and the tests import from here.
+__all__ = [
+    "ComputeCore",
+    "CopyOf",
+    "RestoreOf",
+    "driver_name",
+    "instance_key",
+    "root_disk",
+    "snapshot_key",
+]
 
 
 class ComputeCore(
