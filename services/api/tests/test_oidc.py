@@ -459,3 +459,47 @@ def test_an_unreachable_provider_refuses_new_tokens_with_403(
             "Failed OIDC Authentication: Authorization failed: Cannot get the OpenID provider's keys"
         ), reply.error
         assert reply.headers["X-LXD-OIDC-issuer"] == gone
+
+
+# ---------------------------------------------------------------------------- userinfo
+
+
+def test_groups_come_from_the_userinfo_endpoint_when_the_token_lacks_them(croft: Croft) -> None:
+    """A provider that keeps groups out of its access tokens: croft asks its userinfo
+    endpoint. Here the real provider issues opaque tokens (its userinfo endpoint takes no
+    JWT issued for an API), which croft cannot check offline: the userinfo endpoint says
+    who holds one, and its groups claim maps to croft groups as a token's would. With
+    `oidc.audience` set an opaque token is refused: it cannot show it is croft's."""
+    with OpenIDProvider(groups={"dana": ["devs"]}, opaque_tokens=True) as op:
+        configure(croft, op, **{"oidc.audience": ""})
+        grant_admin(croft)  # the provider group devs -> oidc-admins (server admin)
+        token = op.device_login("dana", "openid email profile groups")["access_token"]
+        assert token.count(".") != 2  # not a JWT: nothing in it to read
+        reply = bearer(croft, token)
+        assert reply.status == 200, reply
+        info = reply.metadata
+        assert (info["auth_user_method"], info["auth_user_name"]) == ("oidc", "dana@example.test")
+        # An admin through the group only the userinfo endpoint told.
+        assert info["config"]["oidc.issuer"] == op.issuer
+        created = bearer(croft, token, "POST", "/1.0/profiles", {"name": "dana", "config": {}})
+        assert created.status == 201, created
+        state = replica_oidc(croft.replica.app.state)  # type: ignore[union-attr]
+        user = croft.replica.run(state.verifier(state.settings_now()).verify(token))  # type: ignore[arg-type]
+        assert (user.subject, user.groups) == ("dana", ("devs",))
+        # Without the groups scope the provider tells no groups: no admin.
+        plain = op.device_login("dana", "openid email profile")["access_token"]
+        assert bearer(croft, plain).metadata["config"] == {}
+        # A token the provider does not know is refused, as a bad JWT is.
+        made_up = "x" * 43
+        assert_refused(bearer(croft, made_up), made_up, op, "user info endpoint")
+        # A JWT whose groups claim is missing: the userinfo endpoint is asked (this one
+        # answers no JWT): the token stays good, with no provider groups.
+        signed = op.sign({k: v for k, v in op.claims("dana").items() if k != "groups"})
+        reply = bearer(croft, signed)
+        assert (reply.status, reply.metadata["config"]) == (200, {}), reply
+        # With an audience to check, an opaque token cannot pass.
+        configure(croft, op)
+        assert_refused(bearer(croft, token), token, op, "Malformed token")
+        refused = bearer(croft, token, "POST", "/1.0/profiles", {"name": "late", "config": {}})
+        assert refused.status == 401
+    assert "/1.0/profiles/late" not in croft.replica.request("GET", "/1.0/profiles").metadata
