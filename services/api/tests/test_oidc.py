@@ -54,9 +54,11 @@ def bearer(
     path: str = "/1.0",
     body: Any = None,
 ) -> Reply:
-    """A request over HTTPS with no client certificate, and the token if any."""
+    """A request over HTTPS with no client certificate, and the token if any. Bounded:
+    a server that never answers fails here, naming the request, instead of hanging the
+    test until pytest-timeout ends it (once, at load 27, a test of this module hung)."""
     context = ssl.create_default_context(cafile=str(croft.state / "server.crt"))
-    connection = http.client.HTTPSConnection("127.0.0.1", croft.port, context=context)
+    connection = http.client.HTTPSConnection("127.0.0.1", croft.port, context=context, timeout=90)
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
         payload = None if body is None else json.dumps(body)
