@@ -5,6 +5,7 @@ forged with the provider's own signing key to try each claim check alone."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -24,8 +25,8 @@ import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
+from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect as ws_connect
 
 from croft.api.oidc import Verifier, replica_oidc
 from croft.client import oidc as client_oidc
@@ -422,24 +423,36 @@ def test_croft_login_runs_the_device_flow_and_refreshes(
 
 
 def test_events_over_a_websocket_name_the_oidc_user(croft: Croft, provider: OpenIDProvider) -> None:
+    """Over the asyncio websockets client: websockets' sync client reads the TLS socket
+    in a thread of its own while the caller's thread writes the opening request on it,
+    and under load (27, with other suites) one such connect sent no request and then
+    waited forever joining its reader, stuck in an SSL read (the server had answered the
+    TLS handshake and its session tickets, and waited for the request)."""
     configure(croft, provider)
     grant_admin(croft)
     token = provider.device_login("alice")["access_token"]
     context = ssl.create_default_context(cafile=str(croft.state / "server.crt"))
     url = f"wss://127.0.0.1:{croft.port}/1.0/events?type=lifecycle"
-    with pytest.raises(InvalidStatus) as refused:
-        ws_connect(url, ssl=context, additional_headers={"Authorization": "Bearer forged"})
-    assert refused.value.response.status_code in (401, 403)
-    with ws_connect(
-        url, ssl=context, additional_headers={"Authorization": f"Bearer {token}"}
-    ) as ws:
-        deadline = time.monotonic() + 30
-        while croft.replica.ctx.hub.listeners == 0:
-            assert time.monotonic() < deadline, "the listener never registered"
-            time.sleep(0.05)
-        made = bearer(croft, token, "POST", "/1.0/profiles", {"name": "watched", "config": {}})
-        assert made.status == 201, made
-        event = json.loads(ws.recv(timeout=30))
+
+    async def watch() -> dict[str, Any]:
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_connect(url, ssl=context, open_timeout=60,
+                             additional_headers={"Authorization": "Bearer forged"})  # fmt: skip
+        assert refused.value.response.status_code in (401, 403)
+        async with ws_connect(url, ssl=context, open_timeout=60,
+                              additional_headers={"Authorization": f"Bearer {token}"}) as ws:  # fmt: skip
+            deadline = time.monotonic() + 30
+            while croft.replica.ctx.hub.listeners == 0:
+                assert time.monotonic() < deadline, "the listener never registered"
+                await asyncio.sleep(0.05)
+            made = await asyncio.to_thread(
+                bearer, croft, token, "POST", "/1.0/profiles", {"name": "watched", "config": {}}
+            )
+            assert made.status == 201, made
+            event: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        return event
+
+    event = asyncio.run(watch())
     assert event["metadata"]["action"] == "profile-created"
     assert event["metadata"]["requestor"] == {
         "username": "alice@example.test",
