@@ -164,6 +164,32 @@ async def remove_member(
     return True
 
 
+async def remove_peer(
+    endpoints: Sequence[str],
+    peer_url: str,
+    identity: Identity | None = None,
+    *,
+    learner_only: bool = False,
+) -> bool:
+    """Remove the etcd member at `peer_url` (a learner that never started has no name
+    yet); False when there is none (or, with `learner_only`, it is a voter)."""
+    found = [
+        m
+        for m in await list_members(endpoints, identity)
+        if peer_url in m.peer_urls and (m.learner or not learner_only)
+    ]
+    if not found:
+        return False
+    request = rpc_pb2.MemberRemoveRequest(ID=found[0].id)
+    await _settled(
+        endpoints,
+        f"remove the member at {peer_url}",
+        lambda stub, t: stub.MemberRemove(request, timeout=t),
+        identity,
+    )
+    return True
+
+
 @dataclass(frozen=True)
 class StoreRole:
     """What one etcd says of itself."""
