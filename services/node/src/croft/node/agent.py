@@ -86,6 +86,7 @@ class Agent(node_pb2_grpc.NodeServicer):
         self._scale_lock = asyncio.Lock()
         self._joined = False  # this member's record is no longer a join under way
         self._promotion: asyncio.Task[None] | None = None
+        self._beats = 0
 
     # ------------------------------------------------------------------ processes
 
@@ -267,6 +268,9 @@ class Agent(node_pb2_grpc.NodeServicer):
         assert self.store is not None
         if not self._joined:
             self._joined = await voters.confirm_joined(self.store, self.config.member)
+        self._beats += 1
+        if self._beats % 15 == 1:
+            await voters.sync_endpoints(self)
         if leader:
             await voters.lead(self.store)
         elif self.etcd is None and (self._promotion is None or self._promotion.done()):

@@ -37,10 +37,10 @@ async def recover_from_quorum_loss(config: Config) -> list[str]:
     if not etcd.embedded or not (config.state_dir / "etcd" / "member").exists():
         raise InvalidArgument("This cluster member has no database: it is no voter of the store")
     endpoint = etcd.endpoints[0]
-    if await asyncio.to_thread(etcd_health, endpoint, 0.5, None):
-        raise InvalidArgument(f"an etcd already answers on {endpoint}; stop croft first")
     host = urlsplit(endpoint).hostname or ""
     identity = internal_tls.ensure(config.state_dir, _ip(host) or _ip(config.rpc.host))
+    if await asyncio.to_thread(etcd_health, endpoint, 0.5, identity):
+        raise InvalidArgument(f"an etcd already answers on {endpoint}; stop croft first")
     config.log_dir.mkdir(parents=True, exist_ok=True)
     with open(config.log_dir / "etcd.log", "ab", buffering=0) as out:
         process = await asyncio.create_subprocess_exec(

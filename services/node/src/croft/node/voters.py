@@ -200,7 +200,7 @@ async def leave_if_removed(agent: Agent) -> bool:
     away, or dropped by a recovery) becomes a client of the voters. True if it did."""
     config = agent.config
     etcd = config.etcd
-    if not (etcd.embedded and etcd.initial_cluster and len(etcd.endpoints) > 1):
+    if not (etcd.embedded and len(etcd.endpoints) > 1):
         return False
     if not (config.state_dir / "etcd" / "member").exists():
         return False  # a joiner's first start: its learner is not started yet
@@ -218,6 +218,24 @@ async def leave_if_removed(agent: Agent) -> bool:
         "initial_cluster": "",
         "initial_cluster_state": "new",
     })  # fmt: skip
+    return True
+
+
+async def sync_endpoints(agent: Agent) -> bool:
+    """This member's cluster.yaml names the store's voters of now (its own etcd first):
+    its next start reaches them, and finds out whether its own etcd is still one
+    (`leave_if_removed`). True if it changed."""
+    store = agent.store
+    assert store is not None
+    config = agent.config
+    found = _voter_endpoints([m for m in await _members(store) if not m.pending])
+    own = config.etcd.endpoints[0] if agent.etcd is not None else ""
+    wanted = [own, *(u for u in found if u != own)] if own else found
+    if not wanted or set(wanted) == set(config.etcd.endpoints):
+        return False
+    path = cluster_file(config)
+    overlay: dict[str, Any] = yaml.safe_load(path.read_text()) or {} if path.exists() else {}
+    _write_etcd_overlay(agent, {**(overlay.get("etcd") or {}), "endpoints": wanted})
     return True
 
 
