@@ -43,7 +43,7 @@ async def _call(
     identity: Identity | None,
     timeout: float = 5.0,
 ) -> object:
-    last = ""
+    seen: list[str] = []  # every endpoint's answer: etcd's "unhealthy cluster" matters
     for endpoint in endpoints:
         async with etcd_channel(endpoint, identity) as channel:
             stub = rpc_pb2_grpc.ClusterStub(channel)
@@ -51,12 +51,10 @@ async def _call(
                 return await call(stub, timeout)  # type: ignore[operator]
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    last = exc.details() or str(exc.code())
+                    seen.append(f"{endpoint}: {exc.details() or exc.code()}")
                     continue
                 raise Conflict(f"the store refused to {what}: {exc.details()}") from None
-    raise Unavailable(
-        f"the store could not {what}: none of {', '.join(endpoints)} answered ({last})"
-    )
+    raise Unavailable(f"the store could not {what}: none answered ({'; '.join(seen)})")
 
 
 async def list_members(

@@ -138,8 +138,8 @@ def _set_data_aside(agent: Agent, why: str) -> None:
 
 
 async def become_voter(agent: Agent, request: voters.VoterRequest) -> None:
-    """Carry out the leader's request: this spare's etcd joins the store as a learner, is
-    promoted once caught up (Agent.start_etcd), then the voter it replaces is removed."""
+    """Carry out the leader's request: the voter it replaces leaves the store, then this
+    spare's etcd joins it as a learner, promoted once caught up (Agent.start_etcd)."""
     store = agent.store
     assert store is not None
     config = agent.config
@@ -152,6 +152,15 @@ async def become_voter(agent: Agent, request: voters.VoterRequest) -> None:
     peer_url = f"{scheme}://{host}:{config.etcd.peer_port}"
     before = cluster_file(config).read_text() if cluster_file(config).exists() else ""
     log.info("becoming a voter of the store (replacing %r)", request.replaces)
+    # The voter replaced leaves first: etcd adds no member, not even a learner, while a
+    # voter is unreachable ("unhealthy cluster"), and removes a dead one safely.
+    if request.replaces:
+        gone = next((m for m in members if m.name == request.replaces), None)
+        await remove_member(endpoints, request.replaces, store.identity)
+        await _modify_member(store, request.replaces, _no_etcd)
+        if gone is not None and gone.etcd_client_url in endpoints:
+            endpoints.remove(gone.etcd_client_url)
+        log.info("%s left the store's voters, replaced by %s", request.replaces, config.member)
     # A learner left by an attempt of ours that died goes first: etcd refuses a peer
     # URL twice.
     await remove_peer(endpoints, peer_url, store.identity, learner_only=True)
@@ -180,10 +189,7 @@ async def become_voter(agent: Agent, request: voters.VoterRequest) -> None:
         record.etcd_client_url, record.etcd_peer_url = client_url, peer_url
 
     await _modify_member(store, config.member, voter)
-    if request.replaces:
-        await remove_member([client_url, *endpoints], request.replaces, store.identity)
-        await _modify_member(store, request.replaces, _no_etcd)
-        log.info("%s replaced %s as a voter of the store", config.member, request.replaces)
+    log.info("%s is a voter of the store", config.member)
     with contextlib.suppress(NotFound):
         await store.delete(cluster.VOTER_REQUEST_KEY)
 
