@@ -13,8 +13,8 @@ tests: the tests here run in order and leave m1-m3 as the three voters again):
 
 from __future__ import annotations
 
+import concurrent.futures
 import subprocess
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -137,11 +137,9 @@ def test_voters_are_replaced_and_missing_ones_promoted(rig: ClusterRig) -> None:
     (joiner,) = _JOINER
     # The voters dropped by the recovery come back as spares; with a voter missing the
     # first of them (lowest id) is promoted.
-    starts = [threading.Thread(target=m.up) for m in (m2, m3)]
-    for thread in starts:
-        thread.start()
-    for thread in starts:
-        thread.join()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        for started in [pool.submit(m.up) for m in (m2, m3)]:
+            started.result()
     wait_until(lambda: voters(rig) == {"m1", "m2", joiner.name}, 120, "m2 promoted")
     shown = rows(rig)
     assert shown["m3"]["roles"] == [] and shown["m3"]["status"] == "Online"
