@@ -10,6 +10,7 @@ import json
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -290,8 +291,11 @@ def test_scheduled_snapshots_of_a_volume_and_an_instance_are_taken_and_expire(
     running container: each gets a snapshot at the next minute, which is deleted once
     expired."""
     _, lxc, _ = croft_lxc
-    lxc("storage", "volume", "create", "default", "timed",
-        "snapshots.schedule=* * * * *", "snapshots.expiry=1M")  # fmt: skip
+    lxc("storage", "volume", "create", "default", "timed", "snapshots.schedule=* * * * *",
+        "snapshots.expiry=1M", "snapshots.pattern=v%d")  # fmt: skip
+    refused = lxc("storage", "volume", "set", "default", "timed", "snapshots.schedule",
+                  "@sometimes", check=False)  # fmt: skip
+    assert refused.returncode != 0 and 'option "snapshots.schedule"' in refused.stderr
     lxc("launch", "busybox", "timed-c", "-c", "snapshots.schedule=* * * * *",
         "-c", "snapshots.expiry=1M", "-c", "snapshots.pattern=auto%d")  # fmt: skip
     refused = lxc("config", "set", "timed-c", "snapshots.schedule", "@sometimes", check=False)
@@ -314,9 +318,13 @@ def test_scheduled_snapshots_of_a_volume_and_an_instance_are_taken_and_expire(
             break
         time.sleep(1)
     volume, instance = taken()
-    assert volume == [f"{volume_snaps}/snap0"] and f"{instance_snaps}/auto0" in instance
+    assert volume == [f"{volume_snaps}/v0"] and f"{instance_snaps}/auto0" in instance
     snap = query(lxc, "GET", f"{instance_snaps}/auto0")["metadata"]
     assert str(snap["expires_at"]).startswith("20")  # type: ignore[index]
+    snap = query(lxc, "GET", f"{volume_snaps}/v0")["metadata"]
+    made = datetime.fromisoformat(str(snap["created_at"]).replace("Z", "+00:00"))  # type: ignore[index]
+    expires = datetime.fromisoformat(str(snap["expires_at"]).replace("Z", "+00:00"))  # type: ignore[index]
+    assert timedelta(0) < expires - made <= timedelta(minutes=1)
 
     # No more new ones; the ones taken expire.
     lxc("storage", "volume", "unset", "default", "timed", "snapshots.schedule")
@@ -326,6 +334,6 @@ def test_scheduled_snapshots_of_a_volume_and_an_instance_are_taken_and_expire(
             break
         time.sleep(1)
     assert taken() == ([], [])
-    assert not (state / "storage-pools/default/custom-snapshots/timed/snap0").exists()
+    assert not (state / "storage-pools/default/custom-snapshots/timed/v0").exists()
     lxc("delete", "--force", "timed-c")
     lxc("storage", "volume", "delete", "default", "timed")

@@ -15,6 +15,7 @@ import os
 import pty
 import select
 import signal
+import socket
 import struct
 import subprocess
 import termios
@@ -25,8 +26,11 @@ from typing import Any
 
 import pytest
 import yaml
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
 
 from tests.conftest import Croft, Lxc
+from tests.test_exec_abuse import Api
 from tests.test_vms import domains, lease_of, vm_image, wait_for_agent
 
 libvirt = pytest.importorskip("libvirt")
@@ -253,6 +257,80 @@ def test_state_comes_from_the_agent(v1: tuple[Croft, Lxc, str]) -> None:
     assert "Processes: " in info
 
 
+def spice_handshake(ws: ClientConnection) -> bytes:
+    """A SPICE client's first words on a main channel (SpiceLinkHeader + SpiceLinkMess,
+    no capabilities) and the first 16 bytes the server answers: its own link header."""
+    mess = struct.pack("<IBBIII", 0, 1, 0, 0, 0, 18)
+    ws.send(b"REDQ" + struct.pack("<III", 2, 2, len(mess)) + mess)
+    reply = b""
+    while len(reply) < 16:
+        message = ws.recv(timeout=60)
+        assert isinstance(message, bytes), message
+        reply += message
+    return reply
+
+
+def test_the_vga_console_reaches_the_spice_server(v1: tuple[Croft, Lxc, str]) -> None:
+    """`lxc console --type vga` as LXD 5.0: `POST .../console {"type": "vga"}` gives fds
+    "0" and "control"; every websocket opened with the "0" secret is a new connection to
+    the VM's SPICE server (a viewer opens one per channel), and closing "control" ends
+    the operation and those connections."""
+    _, lxc, _ = v1
+    api = Api(lxc)
+    status, reply = api.request("POST", "/1.0/instances/v1/console", {"type": "vga"})
+    assert status == 202, reply
+    op = reply["metadata"]
+    assert op["class"] == "websocket"
+    assert op["resources"] == {"instances": ["/1.0/instances/v1"]}
+    fds = op["metadata"]["fds"]
+    assert sorted(fds) == ["0", "control"]
+    control = api.websocket(op["id"], fds["control"])
+    first = api.websocket(op["id"], fds["0"])
+    second = api.websocket(op["id"], fds["0"])
+    for ws in (first, second):
+        reply_header = spice_handshake(ws)
+        assert reply_header[:4] == b"REDQ"
+        assert struct.unpack("<II", reply_header[4:12]) == (2, 2)
+    control.close()
+    assert api.wait(op["id"])["status"] == "Success"
+    with pytest.raises(ConnectionClosed):
+        while True:  # what the server said last, then the close
+            first.recv(timeout=60)
+    second.close()
+
+    # The stock client without a viewer installed prints the socket it serves and splices
+    # each connection to it through a new "0" websocket.
+    client = lxc_popen(
+        lxc, "console", "v1", "--type", "vga", stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert client.stdout is not None
+        uri = ""
+        for raw in client.stdout:
+            line = raw.decode().strip()
+            if line.startswith("spice+unix://"):
+                uri = line
+                break
+        assert uri, client.stderr.read().decode() if client.stderr else ""
+        with socket.socket(socket.AF_UNIX) as viewer:
+            viewer.settimeout(60)
+            viewer.connect(uri.removeprefix("spice+unix://"))
+            mess = struct.pack("<IBBIII", 0, 1, 0, 0, 0, 18)
+            viewer.sendall(b"REDQ" + struct.pack("<III", 2, 2, len(mess)) + mess)
+            answer = b""
+            while len(answer) < 16:
+                data = viewer.recv(4096)
+                assert data, answer
+                answer += data
+            assert answer[:4] == b"REDQ"
+    finally:
+        client.terminate()
+        client.wait(timeout=60)
+    status, reply = api.request("POST", "/1.0/instances/v1/console", {"type": "serial"})
+    assert status == 400
+    assert reply["error"] == 'Unknown console type "serial"'
+
+
 def test_the_agent_comes_from_the_configuration_drive(v1: tuple[Croft, Lxc, str]) -> None:
     croft, lxc, _ = v1
     from croft.compute import guest_agent
@@ -363,10 +441,43 @@ def test_a_stopped_vm_moves_back_with_its_boot_files(v1: tuple[Croft, Lxc, str])
     lxc("storage", "delete", "vmbt")
 
 
+@pytest.fixture(scope="module")
+def macvlan_parent() -> Iterator[tuple[str, str]]:
+    """A veth whose peer, in a namespace of its own, holds 192.0.2.1/24: the parent of a
+    macvlan NIC, and a neighbour on its segment."""
+    parent, peer, netns = "crvmmv0", "crvmmv1", "crvmmv"
+    subprocess.run(["ip", "link", "del", parent], capture_output=True)
+    subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+    subprocess.run(["ip", "netns", "add", netns], check=True)
+    try:
+        subprocess.run(
+            ["ip", "link", "add", parent, "type", "veth", "peer", "name", peer], check=True
+        )
+        subprocess.run(["ip", "link", "set", peer, "netns", netns], check=True)
+        for argv in (["ip", "addr", "add", "192.0.2.1/24", "dev", peer],
+                     ["ip", "link", "set", peer, "up"]):  # fmt: skip
+            subprocess.run(["ip", "netns", "exec", netns, *argv], check=True)
+        subprocess.run(["ip", "link", "set", parent, "up"], check=True)
+        yield parent, "192.0.2.1"
+    finally:
+        subprocess.run(["ip", "link", "del", parent], capture_output=True)
+        subprocess.run(["ip", "netns", "del", netns], capture_output=True)
+
+
 def test_limits_apply_at_the_next_start_and_too_much_memory_is_refused(
-    v1: tuple[Croft, Lxc, str],
+    v1: tuple[Croft, Lxc, str], macvlan_parent: tuple[str, str]
 ) -> None:
+    """Also, as the VM is started here: a macvlan NIC (LXD's macvtap in bridge mode on
+    the parent) reaches a neighbour on the parent's segment."""
     _, lxc, _ = v1
+    parent, neighbour = macvlan_parent
+    absent = lxc(
+        "config", "device", "add", "v1", "eth1", "nic", "nictype=macvlan", "parent=crtnosuch0",
+        check=False,
+    )  # fmt: skip
+    assert absent.returncode != 0
+    assert "eth1" not in lxc.json("list", "v1")[0]["devices"]
+    lxc("config", "device", "add", "v1", "eth1", "nic", "nictype=macvlan", f"parent={parent}")
     lxc("config", "set", "v1", "limits.memory", "512MiB")
     lxc("config", "set", "v1", "limits.cpu", "2")
     huge = lxc("config", "set", "v1", "limits.memory", "64TiB", check=False)
@@ -378,9 +489,61 @@ def test_limits_apply_at_the_next_start_and_too_much_memory_is_refused(
     kib = int(lxc("exec", "v1", "--", "sh", "-c", "grep MemTotal /proc/meminfo").stdout.split()[1])
     assert 400 * 1024 < kib <= 512 * 1024
     assert lxc("exec", "v1", "--", "nproc").stdout == "2\n"
+    hwaddr = lxc.json("list", "v1")[0]["config"]["volatile.eth1.hwaddr"]
+    macvtaps = [
+        link.name
+        for link in Path("/sys/class/net").iterdir()
+        if (link / "macvtap").exists() and (link / f"lower_{parent}").exists()
+    ]
+    assert len(macvtaps) == 1, macvtaps
+    assert (Path("/sys/class/net") / macvtaps[0] / "address").read_text().strip() == hwaddr
+    shown = lxc("exec", "v1", "--", "cat", "/sys/class/net/eth1/address").stdout.strip()
+    assert shown == hwaddr
+    lxc("exec", "v1", "--", "ip", "addr", "add", "192.0.2.2/24", "dev", "eth1")
+    lxc("exec", "v1", "--", "ip", "link", "set", "eth1", "up")
+    ping = lxc("exec", "v1", "--", "ping", "-c", "1", "-W", "10", neighbour, check=False)
+    assert ping.returncode == 0, ping.stdout + ping.stderr
     running = lxc("config", "set", "v1", "limits.memory", "64TiB", check=False)
     assert running.returncode != 0
     assert "more than this host's memory" in running.stderr
+
+
+def guest_memory_kib(lxc: Lxc) -> int:
+    meminfo = lxc("exec", "v1", "--", "grep", "MemTotal", "/proc/meminfo").stdout
+    return int(meminfo.split()[1])
+
+
+def test_limits_change_live_as_lxd_does(v1: tuple[Croft, Lxc, str]) -> None:
+    """On the running VM (booted with 512MiB and 2 CPUs by the test before), as LXD 5.0's
+    qemu driver: limits.memory shrinks the guest through the balloon and grows it back up
+    to the boot-time size, not beyond (LXD's error, nothing changed); limits.cpu unplugs
+    and hot-plugs vCPUs, within the host's CPU count."""
+    _, lxc, _ = v1
+    booted = guest_memory_kib(lxc)
+    lxc("config", "set", "v1", "limits.memory", "384MiB", timeout=120)
+    shrunk = guest_memory_kib(lxc)
+    assert booted - shrunk >= 120 * 1024, (booted, shrunk)
+    refused = lxc("config", "set", "v1", "limits.memory", "1GiB", check=False)
+    assert refused.returncode != 0
+    assert (
+        "Failed updating memory limit: Cannot increase memory size beyond boot time size when "
+        "VM is running (Boot time size 512MiB, new size 1024MiB)"
+    ) in refused.stderr
+    assert lxc.json("list", "v1")[0]["config"]["limits.memory"] == "384MiB"
+    assert guest_memory_kib(lxc) == shrunk
+    lxc("config", "set", "v1", "limits.memory", "512MiB", timeout=120)
+    assert guest_memory_kib(lxc) > shrunk + 120 * 1024
+
+    lxc("config", "set", "v1", "limits.cpu", "1", timeout=120)
+    assert lxc("exec", "v1", "--", "nproc").stdout == "1\n"
+    lxc("config", "set", "v1", "limits.cpu", "2", timeout=120)
+    assert lxc("exec", "v1", "--", "nproc").stdout == "2\n"
+    cpus = os.cpu_count() or 1
+    refused = lxc("config", "set", "v1", "limits.cpu", str(cpus + 1), check=False)
+    assert refused.returncode != 0
+    assert "Failed updating cpu limit: Cannot allocate more CPUs than available" in refused.stderr
+    assert lxc.json("list", "v1")[0]["config"]["limits.cpu"] == "2"
+    assert lxc("exec", "v1", "--", "nproc").stdout == "2\n"
 
 
 def test_delete_force_leaves_no_domain_disk_tap_lease_or_record(

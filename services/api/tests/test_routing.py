@@ -29,6 +29,18 @@ def first_match(routes: list[Any], kind: str, method: str, path: str) -> Any:
     return partial
 
 
+def fitting(routes: list[Any], path: str) -> list[Any]:
+    """The routes whose pattern fits `path`, in their order. Every other route answers
+    Match.NONE for that path whatever the method and scope type (starlette tries the
+    pattern first), so the first match among these is the first match among all."""
+    return [r for r in routes if r.path_regex.match(path)]
+
+
+def unique_paths(routes: list[Any]) -> list[str]:
+    """Every concrete path of every route, each once."""
+    return sorted({p for route in routes for p in concrete_paths(route.path)})
+
+
 def concrete_paths(pattern: str) -> list[str]:
     params = re.findall(r"{[^}]+}", pattern)
     paths = []
@@ -47,17 +59,13 @@ def test_busiest_first_changes_no_answer() -> None:
     assert sorted(map(id, reordered)) == sorted(map(id, original))
     assert reordered[0].path == app_module.HOT_PATHS[0]
     checked = 0
-    for route in original:
-        for path in concrete_paths(route.path):
-            for method in ("GET", "PUT", "PATCH", "POST", "DELETE"):
-                for kind in ("http", "websocket"):
-                    expected = first_match(original, kind, method, path)
-                    assert first_match(reordered, kind, method, path) is expected, (
-                        kind,
-                        method,
-                        path,
-                    )
-                    checked += 1
+    for path in unique_paths(original):
+        before, after = fitting(original, path), fitting(reordered, path)
+        for method in ("GET", "PUT", "PATCH", "POST", "DELETE"):
+            for kind in ("http", "websocket"):
+                expected = first_match(before, kind, method, path)
+                assert first_match(after, kind, method, path) is expected, (kind, method, path)
+                checked += 1
     assert checked > 1000
 
 

@@ -11,7 +11,6 @@ import contextlib
 import json
 import subprocess
 from collections.abc import AsyncIterator
-from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -242,37 +241,3 @@ async def test_a_restart_finishes_a_rename_whose_disk_part_was_done(
     assert done is not None and "state" not in done["_croft"] and done["name"] == "new"
     snap = await storage.record(volume_key(pool, "custom", "new", "s0"))
     assert snap is not None and snap["name"] == "new/s0"
-
-
-@pytest.mark.slow
-async def test_scheduled_snapshots_are_taken_and_expire(storage: StorageService) -> None:
-    """A schedule of every minute takes a snapshot at the next minute, named by the
-    pattern, that expires after `snapshots.expiry` (1 minute) and is then deleted."""
-    pool = storage.pool
-    config = {"snapshots.schedule": "* * * * *", "snapshots.expiry": "1M",
-              "snapshots.pattern": "auto%d"}  # fmt: skip
-    with pytest.raises(InvalidArgument, match='option "snapshots.schedule"'):
-        await call(storage, "CreateCustomVolume", pool=pool, name="bad",
-                   config=json.dumps({"snapshots.schedule": "@sometimes"}))  # fmt: skip
-    await call(storage, "CreateCustomVolume", pool=pool, name="sched", config=json.dumps(config))
-
-    snapshot = None
-    for _ in range(90):  # the next minute, and a tick of the scheduler
-        keys = await custom_keys(storage, pool)
-        if "sched/auto0" in keys:
-            snapshot = await storage.record(volume_key(pool, "custom", "sched", "auto0"))
-            break
-        await asyncio.sleep(1)
-    assert snapshot is not None, await custom_keys(storage, pool)
-    assert (pool_dir(storage, pool) / "custom-snapshots/sched/auto0").is_dir()
-    taken = datetime.fromisoformat(snapshot["created_at"].replace("Z", "+00:00"))
-    expires = datetime.fromisoformat(snapshot["expires_at"].replace("Z", "+00:00"))
-    assert timedelta(seconds=0) < expires - taken <= timedelta(minutes=1)
-
-    await call(storage, "UpdateCustomVolume", pool=pool, name="sched", config="{}")
-    for _ in range(90):  # its expiry, and a tick
-        if "sched/auto0" not in await custom_keys(storage, pool):
-            break
-        await asyncio.sleep(1)
-    assert await custom_keys(storage, pool) == ["sched"]
-    assert visible(pool_dir(storage, pool) / "custom-snapshots/sched") == []

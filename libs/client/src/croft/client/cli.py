@@ -15,7 +15,7 @@ from rich.table import Table
 from croft.client import auth_cli, cluster_cli, images_cli, init_cli, node, oidc
 from croft.common import discovery, internal_tls, rpc
 from croft.common.config import Config, ConfigError, load_config
-from croft.common.errors import CroftError
+from croft.common.errors import CroftError, NotFound
 from croft.common.service import connect_store, internal_identity
 from croft.v1 import node_pb2
 
@@ -81,9 +81,13 @@ def status(fmt: str) -> None:
 
 
 @main.command()
+@click.option("--member", default=None, help="the cluster member to scale on (default: this one)")
 @click.argument("assignments", nargs=-1, required=True)
-def scale(assignments: tuple[str, ...]) -> None:
-    """Run N replicas of a control-plane service: croft scale images=2 api=2"""
+def scale(member: str | None, assignments: tuple[str, ...]) -> None:
+    """Run N replicas of a control-plane service: croft scale images=2 api=2
+
+    With --member, on another member of the cluster (0 stops the service there, as long as
+    another member runs it). The count is recorded and kept across restarts."""
     config = _config()
     wanted: list[tuple[str, int]] = []
     for item in assignments:
@@ -96,12 +100,40 @@ def scale(assignments: tuple[str, ...]) -> None:
         pid = node.agent_pid(config)
         if pid is None:
             raise CroftError("croft is not running (start it with `croft up`)")
-        for service, count in wanted:
-            await node.agent(config).scale(node_pb2.ScaleRequest(service=service, replicas=count))
-        await node.wait_ready(config, pid, 60)
+        if member is None or member == config.member:
+            for service, count in wanted:
+                await node.agent(config).scale(
+                    node_pb2.ScaleRequest(service=service, replicas=count)
+                )
+            await node.wait_ready(config, pid, 60)
+        else:
+            await _scale_elsewhere(config, member, wanted)
         await _print_status(config, "table")
 
     _run(go())
+
+
+async def _scale_elsewhere(config: Config, member: str, wanted: list[tuple[str, int]]) -> None:
+    """Record the replicas for another member, and wait until its node agent runs them."""
+    from croft.common import cluster
+    from croft.node.agent import record_scale
+
+    store = await connect_store(config, wait=5)
+    try:
+        if await store.get(cluster.member_key(member)) is None:
+            raise NotFound(f'Cluster member "{member}" not found')
+        for service, count in wanted:
+            await record_scale(store, member, service, count)
+        deadline = time.monotonic() + 90
+        while True:
+            live = await discovery.resolve(store, None, member)
+            if all(sum(i.service == s for i in live) == n for s, n in wanted):
+                return
+            if time.monotonic() > deadline:
+                raise CroftError(f"{member} did not reach the recorded replicas within 90 s")
+            await asyncio.sleep(0.5)
+    finally:
+        await store.close()
 
 
 async def _collect(config: Config) -> list[dict[str, Any]]:

@@ -13,6 +13,9 @@ agent (which writes its member's heartbeat).
 - `cluster/groups/<name>`: a cluster group's `{"name", "description"}`; its members are
   those whose record lists it in `groups` (every member starts in `default`, which always
   exists and has no record until its description is set);
+- `cluster/scale/<name>`: `{service: replicas}`, the control-plane replicas `croft scale`
+  asked of that member; its node agent applies them (and again after a restart), over
+  what its croft.yaml says;
 - `cluster/certificate`: the certificate and key every member serves (LXD's cluster.crt),
   so that one client trust covers every member;
 - `cluster/voter-request`: `{"member", "replaces", "at"}` while a spare member is asked to
@@ -43,6 +46,7 @@ VOTER_REQUEST_KEY = f"{RECORDS}cluster/voter-request"
 SERVER_CONFIG_KEY = f"{RECORDS}server/config"
 OFFLINE_THRESHOLD_KEY = "cluster.offline_threshold"
 MAX_VOTERS_KEY = "cluster.max_voters"
+SCALE_PREFIX = f"{RECORDS}cluster/scale/"
 DEFAULT_GROUP = "default"
 STATE_CREATED = "created"
 STATE_EVACUATED = "evacuated"
@@ -62,6 +66,10 @@ def heartbeat_key(name: str) -> str:
 
 def group_key(name: str) -> str:
     return f"{GROUPS_PREFIX}{name}"
+
+
+def scale_key(name: str) -> str:
+    return f"{SCALE_PREFIX}{name}"
 
 
 def renamed_key(old: str) -> str:

@@ -132,7 +132,11 @@ def _prefix(service: str | None, member: str | None = None) -> str:
 
 async def resolve(store: Store, service: str | None, member: str | None = None) -> list[Instance]:
     """The live instances of `service` (every service when None), optionally on one member."""
-    return [Instance.from_json(e.value) for e in await store.list(_prefix(service, member))]
+    found = [Instance.from_json(e.value) for e in await store.list(_prefix(service, member))]
+    # Keys hold the member under each service: with every service, it is filtered here.
+    return (
+        found if member is None or service is not None else [i for i in found if i.member == member]
+    )
 
 
 async def watch(store: Store, service: str | None) -> AsyncIterator[list[Instance]]:

@@ -56,6 +56,7 @@ MODULES = (
     "kernel/drivers/virtio/virtio_pci_modern_dev.ko",
     "kernel/drivers/virtio/virtio_pci_legacy_dev.ko",
     "kernel/drivers/virtio/virtio_pci.ko",
+    "kernel/drivers/virtio/virtio_balloon.ko",  # limits.memory lowered live
     "kernel/drivers/block/virtio_blk.ko",
     "kernel/drivers/char/virtio_console.ko",
     "kernel/net/core/failover.ko",

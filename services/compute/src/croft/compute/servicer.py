@@ -27,6 +27,7 @@ from croft.common.riders import Rider, from_wire
 from croft.compute.core import ComputeCore, CopyOf, RestoreOf
 from croft.compute.drivers import ExecProcess
 from croft.compute.publish import properties_of
+from croft.compute.vga import vga_console
 from croft.v1 import common_pb2, compute_pb2, compute_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,9 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
             raise InvalidArgument("an exec stream must begin with its start message")
         start = first.start
         project, name = _ref(start.instance)
-        if start.console:
+        if start.vga:
+            process = await vga_console(self.core, project, name)
+        elif start.console:
             process = await self.core.console(project, name, start.size.width, start.size.height)
         else:
             process = await self.core.exec(
@@ -187,7 +190,8 @@ class ComputeServicer(compute_pb2_grpc.ComputeServicer):
             )
         try:
             yield compute_pb2.ExecOutput(pid=process.pid)
-            async for output in _pump(process, inputs, detach_at_eof=start.console):
+            detach = start.console or start.vga
+            async for output in _pump(process, inputs, detach_at_eof=detach):
                 yield output
         finally:
             process.close()

@@ -81,7 +81,10 @@ def answers(path: Path) -> bool:
     return True
 
 
-HOST_NETNS = Path("/proc/1/ns/net")
+# The host's network namespace, as the first of these processes shows it: PID 1, or,
+# where PID 1 is not readable (a sandbox's init of another owner), kthreadd, which
+# every kernel thread shares and which lives in the initial namespace.
+HOST_NETNS_CANDIDATES = (Path("/proc/1/ns/net"), Path("/proc/2/ns/net"))
 _warned: set[int] = set()  # daemons found elsewhere, said once each
 
 
@@ -92,13 +95,24 @@ def _netns(pid: int | str) -> str:
         return ""
 
 
+def host_netns() -> tuple[Path, str] | None:
+    """The host's network namespace (its /proc link and its identity), or None when no
+    candidate can be read."""
+    for link in HOST_NETNS_CANDIDATES:
+        try:
+            return link, os.readlink(link)
+        except OSError:
+            continue
+    return None
+
+
 def in_host_netns(argv: list[str]) -> list[str]:
     """`argv` run in the host's network namespace (through nsenter when this process is
     in another one)."""
-    host = _netns(1)
-    if not host or host == _netns("self") or shutil.which("nsenter") is None:
+    host = host_netns()
+    if host is None or host[1] == _netns("self") or shutil.which("nsenter") is None:
         return argv
-    return ["nsenter", f"--net={HOST_NETNS}", "--", *argv]
+    return ["nsenter", f"--net={host[0]}", "--", *argv]
 
 
 def server_pid(path: Path) -> int:
@@ -116,9 +130,10 @@ def server_pid(path: Path) -> int:
 def warn_if_elsewhere(daemon: Daemon) -> None:
     """Log an error when the daemon serving the host's socket runs in another network
     namespace than the host's: VMs would not reach the host's bridges."""
+    host = host_netns()
     pid = server_pid(daemon.socket)
     where = _netns(pid) if pid else ""
-    if where and where != _netns(1) and pid not in _warned:
+    if host is not None and where and where != host[1] and pid not in _warned:
         _warned.add(pid)
         log.error(
             "%s (pid %d) runs in network namespace %s, not the host's: VMs started through "

@@ -41,6 +41,37 @@ SERVICES = ("storage", "network", "images", "auth", "compute", "api")
 PER_HOST = frozenset({"compute", "storage", "network"})
 
 
+MAX_REPLICAS = 16
+
+
+def check_replicas(service: str, replicas: int) -> None:
+    """Refuse a replica count the agent would not run (what `croft scale` may ask)."""
+    if service not in SERVICES:
+        raise NotFound(f"unknown service {service!r} (known: {', '.join(SERVICES)})")
+    if service in PER_HOST and replicas != 1:
+        raise InvalidArgument(f"{service} runs exactly once per host; it cannot be scaled")
+    if not 0 <= replicas <= MAX_REPLICAS:
+        raise InvalidArgument(f"replicas must be between 0 and {MAX_REPLICAS}")
+
+
+async def record_scale(store: Store, member: str, service: str, replicas: int) -> None:
+    """Record that `member` runs `replicas` of `service` (its node agent follows the
+    record). Refused when it would leave the cluster without any replica of it."""
+    check_replicas(service, replicas)
+    if replicas == 0:
+        elsewhere = [i for i in await discovery.resolve(store, service) if i.member != member]
+        if not elsewhere:
+            raise InvalidArgument(
+                f"{service} would run nowhere: no other member runs it "
+                f"(scale it up on another member first)"
+            )
+    key = cluster.scale_key(member)
+    found = await store.get_json(key)
+    recorded = dict(found[0]) if found is not None else {}
+    recorded[service] = replicas
+    await store.put(key, dump(recorded))
+
+
 def socket_path(config: Config) -> Path:
     return config.run_dir / "node.sock"
 
@@ -139,12 +170,7 @@ class Agent(node_pb2_grpc.NodeServicer):
         raise Unavailable(f"etcd did not become healthy; see {self.etcd.log_file}")
 
     async def set_replicas(self, service: str, replicas: int) -> None:
-        if service not in self.children:
-            raise NotFound(f"unknown service {service!r} (known: {', '.join(SERVICES)})")
-        if service in PER_HOST and replicas != 1:
-            raise InvalidArgument(f"{service} runs exactly once per host; it cannot be scaled")
-        if not 1 <= replicas <= 16:
-            raise InvalidArgument("replicas must be between 1 and 16")
+        check_replicas(service, replicas)
         async with self._scale_lock:
             running = self.children[service]
             while len(running) < replicas:
@@ -210,9 +236,11 @@ class Agent(node_pb2_grpc.NodeServicer):
             await voters.leave_if_removed(self)
             await self.start_etcd()
             self.store = await connect_store(self.config)
+            recorded = await self._recorded_scale()
             replicas = self.config.services
             for service in SERVICES:
-                await self.set_replicas(service, getattr(replicas, service).replicas or 1)
+                wanted = recorded.get(service, getattr(replicas, service).replicas or 1)
+                await self.set_replicas(service, wanted)
             heartbeats = asyncio.create_task(self._heartbeats(), name="heartbeats")
             while not self.stopping.is_set():
                 # Only while a child has yet to register: reading the registry twice a
@@ -238,9 +266,14 @@ class Agent(node_pb2_grpc.NodeServicer):
         with the role its etcd reports: the cluster sees it Online, and its roles."""
         assert self.store is not None
         while True:
+            try:
+                await self._apply_scale()
+            except Exception as exc:  # noqa: BLE001 (again at the next beat)
+                log.warning("cannot apply the recorded scale: %s", exc)
             with contextlib.suppress(Exception):
                 renamed = await self.store.get_json(cluster.renamed_key(self.config.member))
                 if renamed is not None:
+                    await self._move_scale_record(str(renamed[0]["name"]))
                     self._take_new_name(str(renamed[0]["name"]))
                     await self.store.delete(cluster.renamed_key(self.config.member))
                     self.restart = True
@@ -288,6 +321,30 @@ class Agent(node_pb2_grpc.NodeServicer):
         except Exception:
             log.exception("could not become a voter of the store")
 
+    async def _recorded_scale(self) -> dict[str, int]:
+        """The replicas `croft scale` recorded for this member (`cluster/scale/<name>`)."""
+        assert self.store is not None
+        found = await self.store.get_json(cluster.scale_key(self.config.member))
+        if found is None:
+            return {}
+        return {str(k): int(v) for k, v in found[0].items() if k in SERVICES}
+
+    async def _apply_scale(self) -> None:
+        """Run as many replicas as recorded for this member, when they differ: `croft
+        scale --member` on another member writes the record; this agent follows it."""
+        for service, count in (await self._recorded_scale()).items():
+            if len(self.children[service]) != count:
+                log.info("scaling %s to %d (recorded)", service, count)
+                await self.set_replicas(service, count)
+
+    async def _move_scale_record(self, name: str) -> None:
+        """The replicas recorded for this member follow it to its new name."""
+        assert self.store is not None
+        found = await self.store.get_json(cluster.scale_key(self.config.member))
+        if found is not None:
+            await self.store.put(cluster.scale_key(name), dump(found[0]))
+            await self.store.delete(cluster.scale_key(self.config.member))
+
     def _take_new_name(self, name: str) -> None:
         """`lxc cluster rename` renamed this member: its cluster.yaml overrides croft.yaml's
         `member` from now on, and the agent restarts (`run`) for every service to take it."""
@@ -320,6 +377,8 @@ class Agent(node_pb2_grpc.NodeServicer):
     async def Scale(
         self, request: node_pb2.ScaleRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> node_pb2.NodeStatusReply:
+        assert self.store is not None
+        await record_scale(self.store, self.config.member, request.service, request.replicas)
         await self.set_replicas(request.service, request.replicas)
         return self._status()
 

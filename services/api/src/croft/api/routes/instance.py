@@ -65,7 +65,9 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
         current, current_revision, wanted = record, revision, new
         for _ in range(_UPDATE_ATTEMPTS):
             try:
-                await client.update_instance(wanted, revision=current_revision)
+                # A VM's live limits wait for its guest (a vCPU unplug, the balloon):
+                # longer than a call's default deadline under emulation.
+                await client.update_instance(wanted, revision=current_revision, timeout=120)
                 return None
             except Conflict:
                 # Another change got in since the record was read (compute compares the

@@ -17,6 +17,7 @@ from croft.api.context import context
 from croft.api.domain.compute import compute_for
 from croft.api.domain.exec import ExecSession, Terminal, exec_on, relay_exec, websocket_operation
 from croft.api.domain.instances import KIND, load_with
+from croft.api.domain.vga import vga_operation
 from croft.api.operations import OperationContext
 from croft.common.errors import Conflict, InvalidArgument
 
@@ -35,10 +36,12 @@ async def instance_console_attach(request: Request, name: str) -> Response:
     kind = req.type or "console"
     if kind not in ("console", "vga"):
         raise InvalidArgument(f'Unknown console type "{kind}"')
-    if kind == "vga":
+    if kind == "vga" and record.type != "virtual-machine":
         raise InvalidArgument("VGA console is only supported by virtual machines")
     if record.status == "Frozen":
         raise InvalidArgument("Instance is frozen")
+    if kind == "vga":
+        return await vga_operation(request, record)
     client, start = await exec_on(record, req, console=True)
     session = ExecSession(interactive=True)
 

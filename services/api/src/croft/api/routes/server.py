@@ -97,6 +97,7 @@ API_EXTENSIONS: list[str] = [
     "network_forward",
     "resources",
     "console",  # the console log, and attaching to the console (routes/instances.py)
+    "console_vga_type",  # `type: vga` on a VM's console (SPICE; api/domain/vga.py)
     # certificates (routes/certificates.py): trust tokens, restricted certificates
     "certificate_token",
     "certificate_project",

@@ -383,6 +383,12 @@ class InstanceDriver(ABC):
         carries the console's bytes both ways; `signal()` (any signal) detaches, which
         ends the process. Its exit code means nothing."""
 
+    async def vga_console(self, name: str) -> ExecProcess:
+        """A connection to the instance's VGA console (a VM's SPICE server) as a process
+        whose stdin goes to it and whose stdout comes from it; it ends when its stdin is
+        closed or the server hangs up."""
+        raise InvalidArgument("VGA console is only supported by virtual machines")
+
     @abstractmethod
     async def clear_console_log(self, name: str) -> None:
         """Empty what console_log() returns."""

@@ -35,6 +35,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -52,6 +53,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import libvirt
+import libvirt_qemu
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
@@ -95,6 +97,12 @@ AGENT_TIMEOUT = 30.0
 EXEC_TIMEOUT = 3600.0
 STATE_TIMEOUT = 5.0
 ACPI_GRACE = 5.0
+BALLOON_WAIT = 30.0
+BALLOON_POLL = 0.5
+CPU_ONLINE_WAIT = 30.0
+CPU_ONLINE_POLL = 0.5
+# The vCPU count last applied to a running VM (the instance's directory; gone at start).
+LIVE_VCPUS = "live-vcpus"
 TCG_TB_CACHE_MIB = 32
 FILE_TIMEOUT = 600.0
 # A live disk move: the mirror's copy may take long on a big disk; this only catches hangs.
@@ -218,6 +226,37 @@ class ConsoleProcess(ExecProcess):
             self.pty = None
 
 
+class RelayProcess(ExecProcess):
+    """The socket helper on pipes (a binary stream, no terminal): its stdin goes to the
+    socket, its stdout comes from it; any signal ends it."""
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, stdin: int, stdout: int, stderr: int
+    ) -> None:
+        self._process = process
+        self.pid = process.pid
+        self.pty = None
+        self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
+
+    async def wait(self) -> int:
+        return await self._process.wait()
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._process.kill()
+
+    def resize(self, width: int, height: int) -> None:
+        pass
+
+    def close(self) -> None:
+        for attr in ("stdin", "stdout", "stderr"):
+            fd = getattr(self, attr)
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+                setattr(self, attr, None)
+
+
 def _domain_prefix(vmpath: str) -> str:
     return "croft-" + hashlib.sha256(os.path.realpath(vmpath).encode()).hexdigest()[:8] + "-"
 
@@ -243,6 +282,40 @@ def _vcpus(config: dict[str, str]) -> int:
     if cpu.count is not None:
         return cpu.count
     return len(cpu.cpus or ()) or 1
+
+
+def _qmp(dom: libvirt.virDomain, command: str, arguments: dict[str, Any] | None = None) -> Any:
+    """A QMP command to the VM's QEMU through libvirt (which marks the domain tainted
+    "custom-monitor"), and its `return`."""
+    request: dict[str, Any] = {"execute": command}
+    if arguments:
+        request["arguments"] = arguments
+    try:
+        reply = json.loads(libvirt_qemu.qemuMonitorCommand(dom, json.dumps(request), 0))
+    except libvirt.libvirtError as exc:
+        raise Internal(f"QEMU: {exc}") from None
+    if "error" in reply:
+        raise Internal(f"QEMU: {reply['error'].get('desc', reply['error'])}")
+    return reply.get("return")
+
+
+def _vcpu_elements(root: ET.Element, vcpus: int) -> None:
+    """`<vcpu>`/`<vcpus>` for `vcpus` running vCPUs out of the host's CPU count (LXD's
+    `maxcpus`; more when asked for more): vCPU 0 fixed, the others hot-pluggable, so that
+    limits.cpu can change both ways while the VM runs."""
+    for tag in ("vcpu", "vcpus"):
+        for old in root.findall(tag):
+            root.remove(old)
+    maximum = max(os.cpu_count() or 1, vcpus)
+    ET.SubElement(root, "vcpu", placement="static", current=str(vcpus)).text = str(maximum)
+    if maximum == 1:
+        return
+    table = ET.SubElement(root, "vcpus")
+    for i in range(maximum):
+        el = ET.SubElement(table, "vcpu", id=str(i), enabled="yes" if i < vcpus else "no")
+        el.set("hotpluggable", "no" if i == 0 else "yes")
+        if i < vcpus:
+            el.set("order", str(i + 1))
 
 
 # The configuration drive's files for guests that boot with systemd (Debian images): the
@@ -364,7 +437,7 @@ class QemuDriver(InstanceDriver):
     name: ClassVar[str] = "qemu"
     instance_type: ClassVar[str] = "virtual-machine"
     capabilities: ClassVar[Capabilities] = Capabilities(
-        live_limits=False,
+        live_limits=True,
         freeze=True,
         exec=True,
         console_log=True,
@@ -493,7 +566,7 @@ class QemuDriver(InstanceDriver):
         ET.SubElement(root, "title").text = spec.name
         ET.SubElement(root, "memory", unit="b").text = str(memory)
         ET.SubElement(root, "currentMemory", unit="b").text = str(memory)
-        ET.SubElement(root, "vcpu").text = str(vcpus)
+        _vcpu_elements(root, vcpus)
         os_el = ET.SubElement(root, "os")
         ET.SubElement(os_el, "type", arch="x86_64", machine="q35").text = "hvm"
         features = ET.SubElement(root, "features")
@@ -555,12 +628,23 @@ class QemuDriver(InstanceDriver):
                 )
             nictype = device.get("nictype", "")
             parent = device.get("parent", "")
-            if nictype != "bridged" or not parent:
+            if nictype not in ("bridged", "macvlan") or not parent:
                 raise InvalidArgument(
-                    f'Device "{dev_name}": only bridged NICs are supported on virtual machines yet'
+                    f'Device "{dev_name}": only bridged and macvlan NICs are supported on '
+                    "virtual machines yet"
                 )
-            nic = ET.SubElement(devices, "interface", type="bridge")
-            ET.SubElement(nic, "source", bridge=parent)
+            if nictype == "macvlan":
+                # LXD's macvlan NIC for a VM: a macvtap on the parent in bridge mode, its
+                # tap device opened by QEMU (libvirt's "direct" interface).
+                if not os.path.exists(f"/sys/class/net/{parent}"):
+                    raise InvalidArgument(
+                        f'Device "{dev_name}": parent interface "{parent}" not found'
+                    )
+                nic = ET.SubElement(devices, "interface", type="direct")
+                ET.SubElement(nic, "source", dev=parent, mode="bridge")
+            else:
+                nic = ET.SubElement(devices, "interface", type="bridge")
+                ET.SubElement(nic, "source", bridge=parent)
             if device.get("hwaddr"):
                 ET.SubElement(nic, "mac", address=device["hwaddr"])
             ET.SubElement(nic, "model", type="virtio")
@@ -583,7 +667,14 @@ class QemuDriver(InstanceDriver):
         channel = ET.SubElement(devices, "channel", type="unix")
         ET.SubElement(channel, "source", mode="bind", path=str(directory / "agent.sock"))
         ET.SubElement(channel, "target", type="virtio", name=AGENT_PORT)
-        ET.SubElement(devices, "memballoon", model="none")
+        # LXD's VGA console: a virtio GPU shown by a SPICE server on a unix socket.
+        graphics = ET.SubElement(devices, "graphics", type="spice")
+        ET.SubElement(graphics, "listen", type="socket", socket=str(directory / "spice.sock"))
+        ET.SubElement(graphics, "image", compression="off")
+        video = ET.SubElement(devices, "video")
+        ET.SubElement(video, "model", type="virtio", heads="1", primary="yes")
+        # A balloon, as LXD's: limits.memory lowered on a running VM shrinks the guest.
+        ET.SubElement(devices, "memballoon", model="virtio")
         # QEMU runs as root and libvirt leaves the files' owners alone: the disk belongs
         # to storage, the boot files to the image.
         seclabel = ET.SubElement(root, "seclabel", type="static", model="dac", relabel="no")
@@ -659,7 +750,7 @@ class QemuDriver(InstanceDriver):
             raise Conflict(f'Instance "{name}" is already running')
         directory = self.instance_dir(name)
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        for sock in ("console.sock", "agent.sock"):
+        for sock in ("console.sock", "agent.sock", LIVE_VCPUS):
             (directory / sock).unlink(missing_ok=True)
         self._write_config_drive(directory / CONFIG_DRIVE)
         self._forget_agent(name)
@@ -885,11 +976,109 @@ class QemuDriver(InstanceDriver):
         )
 
     async def update_limits(self, name: str, config: dict[str, str]) -> None:
-        """limits.memory and limits.cpu apply at the next start (QEMU cannot change them
-        live without a balloon or hotplugged vCPUs); they are written now."""
+        """limits.cpu and limits.memory as LXD 5.0 applies them (its qemu driver's
+        Update): written for the next start, and on a running VM also live.
+
+        - CPUs: the VM boots with vCPU 0 fixed and up to the host's CPU count pluggable
+          (LXD's `maxcpus`); more CPUs are hot-plugged (QMP device_add, as LXD's
+          setCPUs) and brought online in the guest by its agent (Ubuntu's guests do that
+          with a udev rule). Fewer are taken offline in the guest, not unplugged: on this
+          QEMU (7.2, TCG) plugging a vCPU back into a slot it was unplugged from crashed
+          the VM, and libvirt's own unplug gives the guest's ACPI eject 5 s, after which
+          its record of the vCPUs stays wrong. The next start applies the count exactly.
+        - Memory shrinks through the balloon and grows back up to the size the VM booted
+          with, not beyond (LXD's error)."""
         memory = _memory_bytes(config)
         vcpus = _vcpus(config)
+        if await self.status(name) is not Status.STOPPED:
+            if await in_thread(self._live_vcpus, name, config, vcpus):
+                await self._guest_cpus(name, vcpus)
+            await self._live_memory(name, memory)
         await in_thread(self._set_limits, name, memory, vcpus)
+
+    def _live_vcpus(self, name: str, config: dict[str, str], vcpus: int) -> bool:
+        """Plug vCPUs until the running VM has at least `vcpus`; False when `vcpus` is
+        what it runs with already (as booted, or as last changed live)."""
+        dom = self._lookup(name)
+        applied = self.instance_dir(name) / LIVE_VCPUS
+        try:
+            current = int(applied.read_text())
+        except (OSError, ValueError):
+            live = ET.fromstring(dom.XMLDesc(0)).find("vcpu")
+            current = int((live.get("current") or live.text or 1) if live is not None else 1)
+        if current == vcpus:
+            return False
+        cpu = parse_limits(config).cpu
+        if cpu is not None and cpu.count is None:
+            raise InvalidArgument("Cannot change CPU pinning when VM is running")
+        cpus = _qmp(dom, "query-hotpluggable-cpus")
+        if vcpus > len(cpus):
+            raise InvalidArgument(
+                "Failed updating cpu limit: Cannot allocate more CPUs than available"
+            )
+        plugged = sum(1 for c in cpus if c.get("qom-path"))
+        for free in [c for c in cpus if not c.get("qom-path")][: max(0, vcpus - plugged)]:
+            props = free["props"]
+            dev_id = "cpu" + "".join(
+                str(props.get(k, 0)) for k in ("socket-id", "core-id", "thread-id")
+            )
+            _qmp(dom, "device_add", {"id": dev_id, "driver": free["type"], **props})
+        applied.write_text(str(vcpus))
+        return True
+
+    async def _guest_cpus(self, name: str, vcpus: int) -> None:
+        """CPUs 0..vcpus-1 online in the guest and the others offline, through its agent,
+        until the guest counts `vcpus` (a hot-plugged CPU shows up after an ACPI
+        notification); a guest without a running agent is left as is."""
+        script = (
+            "i=0; while [ -d /sys/devices/system/cpu/cpu$i ]; do "
+            "f=/sys/devices/system/cpu/cpu$i/online; "
+            f"if [ -f $f ]; then if [ $i -lt {vcpus} ]; then w=1; else w=0; fi; "
+            '[ "$(cat $f)" = $w ] || echo $w > $f 2>/dev/null; fi; '
+            "i=$((i+1)); done; grep -c ^processor /proc/cpuinfo"
+        )
+        deadline = time.monotonic() + CPU_ONLINE_WAIT
+        while time.monotonic() < deadline:
+            try:
+                rc, out, _ = await self.agent_exec(name, script, timeout=STATE_TIMEOUT)
+            except Conflict:
+                return
+            if rc == 0 and out.strip() == str(vcpus).encode():
+                return
+            await asyncio.sleep(CPU_ONLINE_POLL)
+        log.warning("%s: the guest does not count %d CPUs", name, vcpus)
+
+    async def _live_memory(self, name: str, memory: int) -> None:
+        """LXD's updateMemoryLimit: the balloon to `memory`, no higher than the boot-time
+        size, waited for until within 1% of the target."""
+        new_mib = memory // 1024**2
+        dom = await in_thread(self._lookup, name)
+        _, max_kib, cur_kib, _, _ = await in_thread(dom.info)
+        base_mib, cur_mib = max_kib // 1024, cur_kib // 1024
+        if cur_mib == new_mib:
+            return
+        if base_mib < new_mib:
+            raise InvalidArgument(
+                "Failed updating memory limit: Cannot increase memory size beyond boot time "
+                f"size when VM is running (Boot time size {base_mib}MiB, new size "
+                f"{new_mib}MiB)"
+            )
+        try:
+            await in_thread(dom.setMemoryFlags, memory // 1024, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        except libvirt.libvirtError as exc:
+            raise Internal(f"Failed updating memory limit: {exc}") from None
+        # LXD waits 10 x 0.5 s; under TCG a guest inflates its balloon slower.
+        deadline = time.monotonic() + BALLOON_WAIT
+        while True:
+            cur_mib = (await in_thread(dom.info))[2] // 1024
+            if abs(cur_mib - new_mib) <= new_mib // 100:
+                return
+            if time.monotonic() > deadline:
+                raise Internal(
+                    f"Failed updating memory limit: Failed setting memory to {new_mib}MiB "
+                    f"(currently {cur_mib}MiB) as it was taking too long"
+                )
+            await asyncio.sleep(BALLOON_POLL)
 
     def _set_limits(self, name: str, memory: int, vcpus: int) -> None:
         dom = self._lookup(name)
@@ -900,10 +1089,7 @@ class QemuDriver(InstanceDriver):
                 el = ET.SubElement(xml, tag)
             el.set("unit", "b")
             el.text = str(memory)
-        vcpu = xml.find("vcpu")
-        if vcpu is None:
-            vcpu = ET.SubElement(xml, "vcpu")
-        vcpu.text = str(vcpus)
+        _vcpu_elements(xml, vcpus)
         try:
             self._connection().defineXML(ET.tostring(xml, encoding="unicode"))
         except libvirt.libvirtError as exc:
@@ -1246,6 +1432,29 @@ class QemuDriver(InstanceDriver):
         finally:
             os.close(slave)
         return ConsoleProcess(process, master)
+
+    async def vga_console(self, name: str) -> ExecProcess:
+        if await self.status(name) is not Status.RUNNING:
+            raise Conflict(f'Instance "{name}" is not running')
+        sock = self.instance_dir(name) / "spice.sock"
+        if not sock.exists():  # a VM defined before croft gave VMs a SPICE server
+            raise Conflict(f'Instance "{name}" has no VGA console until its next start')
+        in_r, in_w = os.pipe()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        try:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-S", "-c", _CONSOLE_RELAY, str(sock),
+                stdin=in_r, stdout=out_w, stderr=err_w, start_new_session=True,
+            )  # fmt: skip
+        except BaseException:
+            for fd in (in_w, out_r, err_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        return RelayProcess(process, in_w, out_r, err_r)
 
     async def clear_console_log(self, name: str) -> None:
         path = self.instance_dir(name) / "console.log"
