@@ -134,7 +134,12 @@ def test_two_voters_down_refuses_writes_clearly_and_one_back_serves_again(
         code, error = _set(rig, "lost")
         print(f"write without quorum refused in {time.monotonic() - started:.1f}s: {error}")
         assert code != 0
-        assert "unavailable" in error.lower() or "quorum" in error.lower(), error
+        # Refused either at the write (the store) or, when the api's cached trust answer
+        # has expired, already at the trust check, which needs the auth service and the
+        # store behind it: both are LXD's 503 with a message naming the cause.
+        assert any(
+            word in error.lower() for word in ("unavailable", "quorum", "cannot check trust")
+        ), error
         m2.up()
         # The refused write changed nothing.
         assert rig.lxc(0, "config", "get", "user.quorum").stdout.strip() == "before"
