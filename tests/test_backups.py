@@ -379,19 +379,22 @@ def test_an_lxd_export_imports_into_croft_and_boots(env: dict[str, Any]) -> None
 
 
 @pytest.mark.lxd_interop
+@pytest.mark.parametrize("optimized", [False, True], ids=["tree", "optimized"])
 def test_an_lxd_export_without_snapshots_is_unpacked_straight_into_a_croft_btrfs_volume(
-    env: dict[str, Any],
+    env: dict[str, Any], optimized: bool
 ) -> None:
-    """No snapshots and a named pool: the upload's tree goes straight into the new
-    volume (no staged copy); LXD's shifted ids are the container's own there too."""
+    """No snapshots and a named pool: the upload's tree (or, optimized, its send stream,
+    received as it arrives) goes straight into the new volume (no staged copy); LXD's
+    shifted ids are the container's own there too."""
     lxc, tmp = env["lxc"], env["tmp"]
     lxd = _lxd(tmp)
-    name = f"bk-lxd-only-{os.getpid()}"
-    tarball = tmp / "from-lxd-only.tar.gz"
-    lxd("launch", "busybox", name, "-s", "default")
+    name = f"bk-lxd-only-{os.getpid()}-{int(optimized)}"
+    tarball = tmp / f"from-lxd-only-{int(optimized)}.tar.gz"
+    lxd("launch", "busybox", name, "-s", "bt" if optimized else "default")
     try:
         lxd("exec", name, "--", "sh", "-c", "echo kept > /state && chown 1234:42 /state")
-        lxd("export", name, str(tarball), "--instance-only")
+        flags = ["--optimized-storage"] if optimized else []
+        lxd("export", name, str(tarball), "--instance-only", *flags)
     finally:
         lxd("delete", "--force", name, check=False)
 

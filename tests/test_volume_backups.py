@@ -106,6 +106,9 @@ def test_a_shared_volume_is_snapshotted_restored_exported_and_imported(
     lxc("storage", "volume", "export", "vbk", "journey", str(plain))
     lxc("storage", "volume", "export", "vbk", "journey", str(optimized), "--optimized-storage")
     lxc("storage", "volume", "export", "vbk", "journey", str(only), "--volume-only")
+    streamed = tmp_path / "ov.tar.gz"
+    lxc("storage", "volume", "export", "vbk", "journey", str(streamed), "--volume-only",
+        "--optimized-storage")  # fmt: skip
     assert "backup/volume/after-s1" in members(plain)
     assert "backup/volume-snapshots/s0/f" in members(plain)
     assert members(optimized) == [
@@ -125,6 +128,10 @@ def test_a_shared_volume_is_snapshotted_restored_exported_and_imported(
     lxc("storage", "volume", "import", "vbk", str(optimized), "from-optimized")
     lxc("storage", "volume", "import", "default", str(plain), "on-dir")
     lxc("storage", "volume", "import", "default", str(only), "only")
+    # Without snapshots, the send stream is received into the pool as it is uploaded.
+    lxc("storage", "volume", "import", "vbk", str(streamed), "streamed")
+    assert tree(pools / "vbk/custom/streamed") == original
+    assert [n for _, n in volumes(lxc, "vbk") if n.startswith("streamed/")] == []
     for pool, name in (("vbk", "from-plain"), ("vbk", "from-optimized"), ("default", "on-dir")):
         assert tree(pools / f"{pool}/custom/{name}") == original, name
         for snap, expected in snapshot_trees.items():
@@ -147,7 +154,7 @@ def test_a_shared_volume_is_snapshotted_restored_exported_and_imported(
     lxc("delete", "--force", "j1", "j2")
     for pool, name in (
         ("vbk", "journey"), ("vbk", "from-plain"), ("vbk", "from-optimized"),
-        ("default", "on-dir"), ("default", "only"),
+        ("default", "on-dir"), ("default", "only"), ("vbk", "streamed"),
     ):  # fmt: skip
         lxc("storage", "volume", "delete", pool, name)
     assert not (state / "backups/volumes/vbk/journey").exists()

@@ -6,11 +6,14 @@ A backup is one tarball: `backup/index.yaml`, then each snapshot's tree under
 temporary file beside its final place and renamed, so a backup being written is never
 seen (nor left) half made.
 
-An upload (`lxc import`) is staged in a directory of its own, checked whole before any
-of it is unpacked: every member inside `backup/`, no `..`, no absolute name, no device
-node, no symlink or hard link whose target leaves its instance's (or snapshot's) tree,
-no member reached through a symlink; a truncated or unreadable tarball is refused. Only
-then is it unpacked there, and a restore copies the trees into the new volume.
+An upload (`lxc import`) is staged in a directory of its own, each member checked
+(`croft.storage.tarcheck`) before tar unpacks it: every member inside `backup/` (an
+absolute name loses its `/`, as GNU tar and LXD unpack it), no `..`, no device node, no
+symlink or hard link whose target leaves its instance's (or snapshot's) tree, no member
+reached through a symlink; a truncated or unreadable tarball is refused. A tree without
+snapshots is unpacked straight into a volume of the target pool (an optimized one's send
+stream received into it), which the import renames; otherwise a restore copies (or
+receives) the staged trees into the new volume.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import functools
 import io
 import json
 import os
-import posixpath
 import shutil
 import stat
 import subprocess
@@ -54,6 +56,7 @@ from croft.storage.drivers import (
     VolumeType,
     check_name,
 )
+from croft.storage.tarcheck import REFUSED, Checked
 from croft.storage.transfer import through_pipe
 
 # A backup of a big tree on a slow disk can take long; the timeout only catches hangs.
@@ -271,15 +274,23 @@ class Backups:
                 await self.discard(upload.name)
 
     async def take_staged_volume(
-        self, upload: str, driver: StorageDriver, vol: Volume, layout: Layout
+        self,
+        upload: str,
+        driver: StorageDriver,
+        vol: Volume,
+        layout: Layout,
+        snapshots: Sequence[str] = (),
     ) -> bool:
-        """Make `vol` the volume the upload's tree was unpacked into, if it was (on
-        `driver`'s pool, a custom volume without snapshots): a rename."""
+        """Make `vol` (with `snapshots`) the volume the upload was unpacked or received
+        into, if it was (on `driver`'s pool): a rename."""
         where = self.upload_dir(upload)
         staged = _staged_volume(where)
         if staged is None or staged[0] != driver.pool or staged[2] != vol.type.value:
             return False
-        await driver.rename_volume(_staging_volume(driver, staged[1], staged[2]), vol.name)
+        made = _staging_volume(driver, staged[1], staged[2])
+        if sorted(await driver.list_snapshots(made)) != sorted(snapshots):
+            raise InvalidArgument("The backup's snapshots are not those of its index")
+        await driver.rename_volume(made, vol.name)
         (where / STAGED_VOLUME).unlink()
         if vol.content is ContentType.FILESYSTEM and vol.config.get("size"):
             await driver.set_volume_size(vol, vol.config["size"])
@@ -306,6 +317,8 @@ class Backups:
         tree, snapshotted, each newer in turn, then the instance's (or volume's). On
         failure nothing of `vol` is left."""
         base = self.upload_dir(upload) / "tree"
+        if await self.take_staged_volume(upload, driver, vol, layout, snapshots):
+            return
         if (base / f"{layout.tree}.bin").is_file():
             if driver.capabilities.stream_format != "btrfs":
                 raise InvalidArgument(
@@ -327,8 +340,6 @@ class Backups:
                 # the record.
                 top = (await driver.mount_volume(vol)).path / "backup.yaml"
                 await asyncio.to_thread(top.unlink, True)
-            return
-        if not snapshots and await self.take_staged_volume(upload, driver, vol, layout):
             return
         states = [self.tree(upload, name, layout) for name in snapshots]
         states.append(self.tree(upload, "", layout))
@@ -471,178 +482,7 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _root_of(name: str) -> str:
-    """The tree a member belongs to: `backup/container/` or `backup/snapshots/<name>/`
-    ("" for `backup/index.yaml` and the directories above the trees)."""
-    parts = name.split("/")
-    if len(parts) >= 2 and parts[1] in ("container", "volume"):
-        return f"backup/{parts[1]}/"
-    if len(parts) >= 3 and parts[1] in ("snapshots", "volume-snapshots"):
-        return f"backup/{parts[1]}/{parts[2]}/"
-    return ""
-
-
-class _Checked:
-    """A plain tar stream read from `fd`, each member checked as it comes (the rules of
-    the module's docstring) and only then passed on, its header and data, to the `tar
-    -x` that unpacks it: `rest` (the whole tarball, into the upload's directory), or
-    `main` once set (the volume's tree, straight into its volume)."""
-
-    def __init__(self, fd: int, rest: int) -> None:
-        self.fd = fd
-        self.rest = rest
-        self.main = -1
-        self.main_root = ""
-        self.main_instance = False
-        self.main_owner: tuple[int, int] | None = None
-        # What was read and is not yet both passed on and consumed by tarfile: from stream
-        # offset `base` (one byte before both, for tarfile's look back at the end of data).
-        self.window = bytearray()
-        self.base = 0
-        self.pos = 0  # tarfile's position
-        self.done = 0  # passed on up to here
-        self.eof = False
-        self.limit = 0  # the end of the last member checked, and where it goes
-        self.dest = rest
-        self.names: set[str] = set()
-        self.dirs: set[str] = set()  # every path above a member
-        self.links: set[str] = set()
-        self.tar: tarfile.TarFile | None = None
-
-    # A file for tarfile that reads forward (and one byte back): data it skips is read
-    # in big chunks, and passed on as it comes when its member was checked.
-
-    def _fill(self, upto: int) -> None:
-        while not self.eof and self.base + len(self.window) < upto:
-            data = os.read(self.fd, CHUNK)
-            if not data:
-                self.eof = True
-                break
-            self.window += data
-            self._pass(self.limit, self.dest)  # the rest of a member already checked
-
-    def _pass(self, upto: int, fd: int) -> None:
-        """Pass on what was read before stream offset `upto`."""
-        end = min(upto, self.base + len(self.window))
-        if end > self.done:
-            start = self.done - self.base
-            _write_all(fd, memoryview(self.window)[start : end - self.base])
-            self.done = end
-        keep = min(self.done, self.pos) - 1
-        if keep > self.base:
-            del self.window[: keep - self.base]
-            self.base = keep
-
-    def read(self, size: int = -1) -> bytes:
-        self._fill(self.pos + size)
-        start = self.pos - self.base
-        data = bytes(self.window[start : start + size])
-        self.pos += len(data)
-        return data
-
-    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        if offset < self.base:
-            raise OSError("a backup tarball is read forward")
-        self.pos = offset
-        self._fill(offset)
-        return offset
-
-    def tell(self) -> int:
-        return self.pos
-
-    def next(self) -> tarfile.TarInfo | None:
-        """The next member, checked and passed on; None at the end of the tarball."""
-        try:
-            if self.tar is None:  # reads the first header: in the thread, as the rest
-                self.tar = tarfile.TarFile(fileobj=self, mode="r")  # type: ignore[arg-type]
-            member: tarfile.TarInfo | None = self.tar.next()
-        except (tarfile.TarError, EOFError, OSError, ValueError) as exc:
-            raise InvalidArgument(f"{_REFUSED}: {exc}") from None
-        if member is None:
-            return None
-        root = self._check(member)
-        main = self.main >= 0 and root == self.main_root and not self._own_mark(member.name)
-        if main and member.name.rstrip("/") + "/" == self.main_root:
-            self.main_owner = (member.uid, member.gid)
-        # tarfile's offset is now where the next member's header starts.
-        assert self.tar is not None
-        self.limit, self.dest = self.tar.offset, self.main if main else self.rest
-        self._pass(self.limit, self.dest)
-        return member
-
-    def _own_mark(self, name: str) -> bool:
-        """An instance tree's backup.yaml or dot-entries: not the volume's (restore
-        leaves them out), so they stay with the upload."""
-        if not self.main_instance:
-            return False
-        top = name[len(self.main_root) :].split("/", 1)[0]
-        return top == "backup.yaml" or top.startswith(".")
-
-    def first_index(self) -> bytes | None:
-        """backup/index.yaml, when it is the tarball's first member (as LXD writes it)."""
-        member = self.next()
-        if member is None or member.name != "backup/index.yaml" or not member.isfile():
-            return None
-        assert self.tar is not None
-        found = self.tar.extractfile(member)
-        return found.read() if found is not None else None
-
-    def run(self) -> set[str]:
-        """Every other member; then what follows the end of the tarball. The names."""
-        while self.next() is not None:
-            pass
-        self.limit, self.dest = 1 << 62, self.rest
-        self._fill(1 << 62)
-        self._pass(self.limit, self.dest)
-        if self.main >= 0:
-            _write_all(self.main, memoryview(bytes(1024)))  # the end of its tarball
-        return self.names
-
-    def _check(self, m: tarfile.TarInfo) -> str:
-        """Refuse a member that would leave its tree; the tree it belongs to."""
-        name = m.name.rstrip("/")
-        if (
-            not name
-            or name.startswith("/")
-            or posixpath.normpath(name) != name
-            or ".." in name.split("/")
-            or not (name == "backup" or name.startswith("backup/"))
-        ):
-            raise InvalidArgument(f"{_REFUSED}: the path {m.name!r} leaves the backup")
-        if m.ischr() or m.isblk():
-            raise InvalidArgument(f"{_REFUSED}: {m.name!r} is a device node")
-        if not (m.isfile() or m.isdir() or m.issym() or m.islnk() or m.isfifo()):
-            raise InvalidArgument(f"{_REFUSED}: {m.name!r} is of an unsupported type")
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            above = "/".join(parts[:depth])
-            if above in self.links:
-                raise InvalidArgument(f"{_REFUSED}: {m.name!r} is reached through a symlink")
-            self.dirs.add(above)
-        root = _root_of(name)
-        if m.issym():
-            if name in self.dirs:
-                raise InvalidArgument(f"{_REFUSED}: a member is reached through {m.name!r}")
-            self.links.add(name)
-            if not m.linkname.startswith("/"):
-                # A relative link resolves within its tree; an absolute one is the
-                # container's own path, resolved inside it.
-                resolved = posixpath.normpath(posixpath.join(posixpath.dirname(name), m.linkname))
-                if not root or not (resolved + "/").startswith(root):
-                    raise InvalidArgument(
-                        f"{_REFUSED}: the symlink {m.name!r} points out of the instance"
-                    )
-        if m.islnk():
-            target = posixpath.normpath(m.linkname)
-            if not root or not target.startswith(root) or ".." in target.split("/"):
-                raise InvalidArgument(
-                    f"{_REFUSED}: the hard link {m.name!r} points out of the instance"
-                )
-        self.names.add(name)
-        return root
-
-
-_REFUSED = "Invalid backup tarball"
+_REFUSED = REFUSED
 # An upload unpacked straight into a volume: `<pool>\n<volume>` in this file of its
 # directory (written before the volume is made, so a discard always finds it).
 STAGED_VOLUME = "staged-volume"
@@ -755,11 +595,16 @@ async def _stage_stream(
         sending = start(send())
         rest_read, rest_write = pipe()
         rest = await spawn([*_TAR_X, "-C", str(tree)], rest_read)
-        checked = _Checked(plain_read, rest_write)
+        checked = Checked(plain_read, rest_write)
         index = await asyncio.to_thread(checked.first_index)
         names: set[str] = set()
         layout = _unpacks_into_volume(index) if into is not None and index is not None else None
-        if into is not None and layout is not None:
+        streamed = _receives_into_volume(index, into) if index is not None else None
+        if into is not None and streamed is not None:
+            names = await _receive_staged(
+                checked, into.driver, where, upload, streamed, pipe, close
+            )
+        elif into is not None and layout is not None:
             driver = into.driver
             name = f"croft-upload-{upload}"
             type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
@@ -817,6 +662,79 @@ async def _stage_stream(
         raise
     finally:
         close(*list(fds))
+
+
+async def _receive_staged(
+    checked: Checked,
+    driver: StorageDriver,
+    where: Path,
+    upload: str,
+    index: dict[str, Any],
+    pipe: Callable[[], tuple[int, int]],
+    close: Callable[..., None],
+) -> set[str]:
+    """The optimized upload's send streams (a custom volume's or a container's, each of
+    its snapshots' first, as LXD writes them) received as they arrive into a volume of
+    `driver`'s btrfs pool, that the import then only renames; the tarball's other
+    members go on to tar. The names."""
+    layout = layout_of(str(index.get("type")))
+    snapshots = [str(name) for name in index.get("snapshots") or []]
+    type = VolumeType.CONTAINER if layout.instance else VolumeType.CUSTOM
+    vol = _staging_volume(driver, f"croft-upload-{upload}", type.value)
+    marker = f"{driver.pool}\n{vol.name}\n{type.value}"
+    await asyncio.to_thread((where / STAGED_VOLUME).write_text, marker)
+    adjust = None
+    if layout.instance:
+        config = index.get("config")
+        idmap = _shifted_by(config) if isinstance(config, dict) else []
+        if idmap:
+            adjust = functools.partial(_unshift, idmap=idmap, top=True)
+    stream_read, stream_write = pipe()
+    receiving = asyncio.ensure_future(driver.receive_volume(vol, snapshots, stream_read, adjust))
+    # Once btrfs receive is gone (a bad stream), the check's writes fail instead of waiting.
+    receiving.add_done_callback(lambda _: close(stream_read))
+    checked.stream = stream_write
+    names = [f"{layout.snapshot(name)}.bin" for name in snapshots] + [f"{layout.tree}.bin"]
+    checked.stream_names = frozenset(names)
+    try:
+        try:
+            found = await asyncio.to_thread(checked.run)
+        finally:
+            close(stream_write)
+        await receiving
+    except BaseException as exc:
+        if not receiving.done():
+            receiving.cancel()
+        results = await asyncio.gather(receiving, return_exceptions=True)
+        failed = results[0]
+        if isinstance(exc, OSError) and isinstance(failed, CroftError):
+            raise InvalidArgument(f"{_REFUSED}: {failed}") from None
+        raise
+    if layout.instance:
+        # The stream's own backup.yaml (LXD's import wants one): croft's is in the record.
+        top = (await driver.mount_volume(vol)).path / "backup.yaml"
+        await asyncio.to_thread(top.unlink, True)
+    return found
+
+
+def _receives_into_volume(index_yaml: bytes, into: StageTarget | None) -> dict[str, Any] | None:
+    """The parsed index of an upload whose send streams can be received straight into a
+    volume of `into`'s pool: optimized, of a custom volume or a container, for a btrfs
+    pool."""
+    if into is None or into.driver.capabilities.stream_format != "btrfs":
+        return None
+    try:
+        parsed: Any = yaml.safe_load(index_yaml)
+    except yaml.YAMLError:
+        return None
+    if (
+        not isinstance(parsed, dict)
+        or not parsed.get("optimized")
+        or not isinstance(parsed.get("snapshots") or [], list)
+        or parsed.get("type") not in ("custom", "container")
+    ):
+        return None
+    return parsed
 
 
 async def _finished(task: asyncio.Future[Any]) -> None:

@@ -202,6 +202,14 @@ class ClusterRig:
             self._extra.append(self._spare)
         return self._spare
 
+    def extra_member(self) -> Member:
+        """A new member wired and configured but not started nor joined, outside
+        `members` (a test joins it for a while); torn down with the rig."""
+        member = self.add_member()
+        self.members.remove(member)
+        self._extra.append(member)
+        return member
+
     # ------------------------------------------------------------------ lxc
 
     def lxc(
