@@ -23,7 +23,7 @@ import yaml
 from croft.common import internal_tls
 from croft.common.internal_tls import Identity
 from croft.common.store import Store, connect
-from croft.common.testing.host import mounts_under
+from croft.common.testing.host import croft_processes, mounts_under
 
 CROFT = [sys.executable, "-m", "croft.client.cli"]
 REPO = Path(__file__).resolve().parent.parent
@@ -105,20 +105,7 @@ class Croft:
     def processes(self) -> list[int]:
         """Pids of every process that belongs to this croft: ones started with its config,
         and etcd serving its data directory."""
-        mine = []
-        marker = f"CROFT_CONFIG={self.config_file}".encode()
-        data_dir = str(self.root / "state" / "etcd").encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker in environ.split(b"\0") or data_dir in cmdline:
-                mine.append(int(entry.name))
-        return mine
+        return croft_processes(self.config_file, self.root / "state" / "etcd")
 
 
 def make_croft(root: Path, lease_ttl: int = 2, extra: str = "", bridge: str = "") -> Croft:

@@ -21,21 +21,11 @@ from pathlib import Path
 import pytest
 
 from croft.common.testing.cluster import ClusterRig
+from croft.common.testing.waiting import wait_until
 
 
 def names(rows: list[dict]) -> list[str]:
     return sorted(r["server_name"] if "server_name" in r else r["name"] for r in rows)
-
-
-def wait_for(predicate, timeout: float = 90.0, every: float = 0.5):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout:g}s: {predicate}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
@@ -507,10 +497,10 @@ def test_a_fourth_member_joins_by_lxds_join_api_is_renamed_and_removed(
         done = _local_api(joiner, "GET", f"{reply['operation']}/wait")
         assert done["metadata"]["status"] == "Success", done
         # It restarts into the cluster: Online once its node agent's heartbeats come.
-        rows = wait_for(
+        rows = wait_until(
             lambda: (r := member_rows(rig, 1)) and r.get(joiner.name, {}).get("status") == "Online"
-            and r, 240)  # fmt: skip
-        wait_for(lambda: _clustered(joiner), 240)
+            and r, 240, f"{joiner.name} online", interval=0.5)  # fmt: skip
+        wait_until(lambda: _clustered(joiner), 240, f"{joiner.name} clustered", interval=0.5)
         rig.add_remote(joiner)
         assert rows[joiner.name]["message"] == "Fully operational"
         assert rows[joiner.name]["roles"] == [] and rows[joiner.name]["database"] is False
@@ -542,8 +532,11 @@ def test_a_fourth_member_joins_by_lxds_join_api_is_renamed_and_removed(
         rig.lxc(1, "cluster", "rename", joiner.name, "m4x")
         name = "m4x"
         assert locations(rig, 0)["c4"] == name
-        wait_for(lambda: _server_name(joiner) == name, 240)
-        rows = wait_for(lambda: (r := member_rows(rig, 2)) and r[name]["status"] == "Online" and r)
+        wait_until(lambda: _server_name(joiner) == name, 240, f"server name {name}", interval=0.5)
+        rows = wait_until(
+            lambda: (r := member_rows(rig, 2)) and r[name]["status"] == "Online" and r,
+            90, f"{name} online", interval=0.5,
+        )  # fmt: skip
         assert sorted(rows) == ["m1", "m2", "m3", name]
 
         result = rig.lxc(0, "cluster", "remove", name, check=False)
@@ -573,7 +566,9 @@ def test_a_killed_member_shows_error_goes_offline_and_comes_back(rig: ClusterRig
         print(f"lxc list with m3 dead answered in {time.monotonic() - started:.2f}s")
         assert rows["c3"]["status"] == "Error"
         assert rows["c3"]["location"] == "m3"
-        offline = wait_for(lambda: member_rows(rig, 0)["m3"]["status"] == "Offline", 60)
+        offline = wait_until(
+            lambda: member_rows(rig, 0)["m3"]["status"] == "Offline", 60, "m3 offline", interval=0.5
+        )
         assert offline
         message = member_rows(rig, 1)["m3"]["message"]
         assert message.startswith("No heartbeat for ")
@@ -582,7 +577,9 @@ def test_a_killed_member_shows_error_goes_offline_and_comes_back(rig: ClusterRig
         assert result.returncode != 0 and "offline" in result.stderr
     finally:
         victim.up()
-    wait_for(lambda: member_rows(rig, 0)["m3"]["status"] == "Online", 60)
+    wait_until(
+        lambda: member_rows(rig, 0)["m3"]["status"] == "Online", 60, "m3 online", interval=0.5
+    )
     rows = {r["name"]: r for r in rig.lxc_json(1, "list")}
     assert rows["c3"]["status"] == "Running"
     rig.lxc(0, "config", "unset", "cluster.offline_threshold")

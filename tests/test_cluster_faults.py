@@ -34,7 +34,12 @@ def rig(cluster_rig: ClusterRig, busybox_image: Path) -> Iterator[ClusterRig]:
 
 
 def status_of(rig: ClusterRig, via: int, name: str) -> str:
-    rows = {r["server_name"]: r for r in rig.lxc_json(via, "cluster", "list")}
+    """`name`'s status through member `via` ("" when this one request failed: just after a
+    member is cut off, a call may still go to its services until their leases expire)."""
+    try:
+        rows = {r["server_name"]: r for r in rig.lxc_json(via, "cluster", "list")}
+    except AssertionError:
+        return ""
     return str(rows[name]["status"])
 
 
@@ -129,7 +134,12 @@ def test_two_voters_down_refuses_writes_clearly_and_one_back_serves_again(
         code, error = _set(rig, "lost")
         print(f"write without quorum refused in {time.monotonic() - started:.1f}s: {error}")
         assert code != 0
-        assert "unavailable" in error.lower() or "quorum" in error.lower(), error
+        # Refused either at the write (the store) or, when the api's cached trust answer
+        # has expired, already at the trust check, which needs the auth service and the
+        # store behind it: both are LXD's 503 with a message naming the cause.
+        assert any(
+            word in error.lower() for word in ("unavailable", "quorum", "cannot check trust")
+        ), error
         m2.up()
         # The refused write changed nothing.
         assert rig.lxc(0, "config", "get", "user.quorum").stdout.strip() == "before"

@@ -31,7 +31,7 @@ from websockets.sync.client import ClientConnection
 
 from tests.conftest import Croft, Lxc
 from tests.test_exec_abuse import Api
-from tests.test_vms import domains, lease_of, vm_image, wait_for_agent
+from tests.test_vms import domains, lease_of, remove_domains, vm_image, wait_for_agent
 
 libvirt = pytest.importorskip("libvirt")
 qemu = pytest.importorskip("croft.compute.drivers.qemu")
@@ -50,16 +50,7 @@ def v1(
     lxc("launch", "tiny-vm", "v1", "--vm", "-c", "limits.memory=256MiB", timeout=300)
     wait_for_agent(lxc, "v1", timeout=300)
     yield croft, lxc, bridge
-    prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
-    conn = libvirt.open(qemu.URI)
-    try:
-        for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix):
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefine()
-    finally:
-        conn.close()
+    remove_domains(croft)
 
 
 def lxc_popen(lxc: Lxc, *args: str, **kwargs: Any) -> subprocess.Popen[bytes]:

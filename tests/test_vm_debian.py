@@ -19,6 +19,7 @@ from typing import TypeVar
 import pytest
 
 from tests.conftest import REPO, Croft, Lxc
+from tests.test_vms import remove_domains
 
 libvirt = pytest.importorskip("libvirt")
 qemu = pytest.importorskip("croft.compute.drivers.qemu")
@@ -82,19 +83,10 @@ def booted(
         "v1's agent (UEFI boot under TCG)",
     )
     yield croft, lxc
-    prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
     for name in ("v1", "v2", "c1"):
         lxc("delete", "-f", name, check=False)
     lxc("storage", "volume", "delete", pool, "blk", check=False)
-    conn = libvirt.open(qemu.URI)
-    try:
-        for dom in conn.listAllDomains():
-            if dom.name().startswith(prefix):
-                if dom.isActive():
-                    dom.destroy()
-                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
-    finally:
-        conn.close()
+    remove_domains(croft)
 
 
 @pytest.mark.timeout(1800)  # the fixture's boot counts: 1-2 min, far more on a loaded host

@@ -39,21 +39,31 @@ def vms(
     lxc("image", "import", str(vm_image[0]), str(vm_image[1]), "--alias", "tiny-vm")
     lxc("image", "import", str(busybox_image), "--alias", "busybox")
     yield croft, lxc, bridge
-    # Whatever a failed test left: this croft's domains (their names carry its state dir).
-    prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
+    remove_domains(croft)
+
+
+def domain_prefix(croft: Croft) -> str:
+    """The start of the names of this croft's libvirt domains (they carry its state dir)."""
+    return str(qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix)
+
+
+def remove_domains(croft: Croft) -> None:
+    """Whatever a failed test left: this croft's domains destroyed and undefined (with
+    their UEFI variables)."""
+    prefix = domain_prefix(croft)
     conn = libvirt.open(qemu.URI)
     try:
         for dom in conn.listAllDomains():
             if dom.name().startswith(prefix):
                 if dom.isActive():
                     dom.destroy()
-                dom.undefine()
+                dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
     finally:
         conn.close()
 
 
 def domains(croft: Croft) -> list[str]:
-    prefix = qemu.QemuDriver(vmpath=str(croft.root / "state" / "virtual-machines")).prefix
+    prefix = domain_prefix(croft)
     conn = libvirt.open(qemu.URI)
     try:
         return [d.name() for d in conn.listAllDomains() if d.name().startswith(prefix)]

@@ -5,7 +5,9 @@
 //
 // Environment: OP_PORT, OP_KEYS (a file holding {"keys": [private JWKs]}, the first signs),
 // OP_AUDIENCE (the access tokens' aud), OP_GROUPS (JSON {"login": ["group", ...]}),
-// OP_AT_TTL (access token lifetime, seconds). devInteractions accepts any login.
+// OP_AT_TTL (access token lifetime, seconds), OP_OPAQUE=1 (opaque access tokens for the
+// userinfo endpoint instead of JWTs for croft's API: the userinfo endpoint of this provider
+// takes no token issued for a resource server). devInteractions accepts any login.
 import fs from 'node:fs';
 import Provider from 'oidc-provider';
 
@@ -14,6 +16,7 @@ const issuer = `http://127.0.0.1:${port}`;
 const audience = process.env.OP_AUDIENCE || 'urn:croft:api';
 const groups = JSON.parse(process.env.OP_GROUPS || '{}');
 const ttl = Number(process.env.OP_AT_TTL || 3600);
+const opaque = process.env.OP_OPAQUE === '1';
 const jwks = JSON.parse(fs.readFileSync(process.env.OP_KEYS, 'utf8'));
 
 const oidc = new Provider(issuer, {
@@ -24,12 +27,14 @@ const oidc = new Provider(issuer, {
     { client_id: 'croft-svc', client_secret: 'croft-svc-secret', grant_types: ['client_credentials'],
       response_types: [], redirect_uris: [] },
   ],
-  scopes: ['openid', 'offline_access', 'email', 'profile', 'croft'],
-  claims: { openid: ['sub'], email: ['email', 'email_verified'], profile: ['name'] },
+  scopes: ['openid', 'offline_access', 'email', 'profile', 'groups', 'croft'],
+  claims: { openid: ['sub'], email: ['email', 'email_verified'], profile: ['name'], groups: ['groups'] },
   async findAccount(ctx, id) {
     return {
       accountId: id,
-      async claims() { return { sub: id, email: `${id}@example.test`, email_verified: true, name: id }; },
+      async claims() {
+        return { sub: id, email: `${id}@example.test`, email_verified: true, name: id, groups: groups[id] || [] };
+      },
     };
   },
   // Every access token carries the user's email and identity-provider groups.
@@ -43,7 +48,7 @@ const oidc = new Provider(issuer, {
     devInteractions: { enabled: true },
     resourceIndicators: {
       enabled: true,
-      defaultResource: () => audience,
+      defaultResource: () => (opaque ? undefined : audience),
       useGrantedResource: () => true,
       getResourceServerInfo: () => ({
         scope: 'openid offline_access email profile croft',

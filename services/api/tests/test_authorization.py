@@ -486,3 +486,98 @@ def test_a_pending_tls_identity_becomes_the_certificate_that_shows_its_token(
     assert phone.request("GET", "/1.0").metadata["auth"] == "untrusted"
     assert [c["name"] for c in root.request("GET", "/1.0/certificates?recursion=1").metadata] == [
         "laptop"]  # fmt: skip
+
+
+def test_lxc_5_21_redeems_a_pending_identitys_token_through_the_auth_api(
+    croft: Croft, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """lxc 5.21 and later redeem a pending identity's token (it carries a `type`) with
+    `POST /1.0/auth/identities/tls {"trust_token": TOKEN}`, and a certificates token with
+    `POST /1.0/certificates {"trust_token": TOKEN}` (LXD's explicit_trust_token): raw
+    HTTPS from fresh client certificates, as only lxc 5.0.2 is installed here. Every
+    refusal is LXD's status and words and leaves the pending identity, the trust store and
+    the other tokens as they were."""
+    monkeypatch.setattr(trust_password, "attempts", trust_password.PasswordAttempts())
+    root = croft.replica
+    assert {"access_management_tls", "explicit_trust_token"} <= set(
+        root.request("GET", "/1.0").metadata["api_extensions"]
+    )
+    put_instance(croft, "default", "c1")
+    root.request("POST", "/1.0/auth/groups", {"name": "viewers", "permissions": [
+        perm("project", "/1.0/projects/default", "viewer")]})  # fmt: skip
+    made = root.request("POST", "/1.0/auth/identities/tls",
+                        {"name": "tablet", "token": True, "groups": ["viewers"]})  # fmt: skip
+    assert made.status == 201, made
+    pending_url = made.headers["Location"]
+    token = base64.b64encode(json.dumps(made.metadata).encode()).decode()
+    guess = base64.b64encode(json.dumps({**made.metadata, "secret": "0" * 64}).encode()).decode()
+    other = croft.lxc("config", "trust", "add", "--name", "other", "-q").stdout.strip()
+
+    def untouched() -> None:
+        listed = root.request("GET", "/1.0/auth/identities/tls?recursion=1").metadata
+        assert [(i["name"], i["type"]) for i in listed] == [
+            ("tablet", "Client certificate (pending)")]  # fmt: skip
+        assert root.request("GET", "/1.0/certificates").metadata == []
+        tokens = json.loads(croft.lxc("config", "trust", "list-tokens", "--format", "json").stdout)
+        assert sorted(t["ClientName"] for t in tokens) == ["other", "tablet"]
+
+    tablet = croft.client("tablet")
+    for client, body, status, error in (
+        (tablet, {}, 403, "Trust token required"),
+        (tablet, {"trust_token": token, "name": "x"}, 403, "Only trust token must be provided"),
+        (tablet, {"trust_token": token, "groups": ["viewers"]}, 403,
+         "Only trust token must be provided"),
+        (tablet, {"trust_token": "not-a-token"}, 403, "not authorized"),
+        (croft.client(), {"trust_token": token}, 400, "No client certificate provided"),
+        (tablet, {"trust_token": guess}, 403, "No pending identities found with given secret"),
+        # A certificates token is not a pending identity's (as LXD): refused, and kept.
+        (tablet, {"trust_token": other}, 403, "No pending identities found with given secret"),
+    ):  # fmt: skip
+        refused = client.request("POST", "/1.0/auth/identities/tls", body)
+        assert (refused.status, refused.error) == (status, error), (body, refused)
+        assert refused.json["type"] == "error" and refused.json["error_code"] == status
+        untouched()
+    assert tablet.request("GET", "/1.0").metadata["auth"] == "untrusted"
+
+    trusted = tablet.request("POST", "/1.0/auth/identities/tls", {"trust_token": token})
+    fingerprint = certificate_fingerprint(tablet.cert.read_text())
+    assert (trusted.status, trusted.headers["Location"]) == (
+        201, f"/1.0/auth/identities/tls/{fingerprint}")  # fmt: skip
+    assert tablet.request("GET", "/1.0").metadata["auth"] == "trusted"
+    ident = root.request("GET", f"/1.0/auth/identities/tls/{fingerprint}").metadata
+    assert (ident["type"], ident["name"], ident["groups"]) == (
+        "Client certificate", "tablet", ["viewers"])  # fmt: skip
+    assert root.request("GET", pending_url).status == 404  # the pending one became it
+    assert names(tablet.request("GET", "/1.0/instances")) == ["c1"]
+    assert tablet.request("PUT", "/1.0", {"config": {}}).status == 403  # held to its group
+
+    # Used up: another certificate showing it is refused, the trusted one told it is.
+    thief = croft.client("thief")
+    refused = thief.request("POST", "/1.0/auth/identities/tls", {"trust_token": token})
+    assert (refused.status, refused.error) == (403, "No pending identities found with given secret")
+    assert thief.request("GET", "/1.0").metadata["auth"] == "untrusted"
+    # Trusted now, and held to its group: LXD asks can_create_identities first.
+    again = tablet.request("POST", "/1.0/auth/identities/tls", {"trust_token": token})
+    assert (again.status, again.error) == (403, "Forbidden")
+    assert [c["name"] for c in root.request("GET", "/1.0/certificates?recursion=1").metadata] == [
+        "tablet"]  # fmt: skip
+
+    # The certificates API takes its own token as `trust_token` (lxc 5.21 with
+    # explicit_trust_token); once, and never as a password.
+    desk = croft.client("desk")
+    assert desk.request("POST", "/1.0/certificates", {"trust_token": "hunter2"}).status == 403
+    added = desk.request("POST", "/1.0/certificates", {"type": "client", "trust_token": other})
+    assert added.status == 201, added
+    assert desk.request("GET", "/1.0").metadata["auth"] == "trusted"
+    for path, error in (
+        ("/1.0/certificates", "Client is already trusted"),
+        ("/1.0/auth/identities/tls", "Client already trusted"),
+    ):  # LXD's words
+        again = desk.request("POST", path, {"trust_token": other})
+        assert (again.status, again.error) == (409, error), path
+    used = thief.request("POST", "/1.0/certificates", {"type": "client", "trust_token": other})
+    assert (used.status, used.error) == (403, "No matching certificate add operation found")
+    assert sorted(
+        c["name"] for c in root.request("GET", "/1.0/certificates?recursion=1").metadata
+    ) == ["other", "tablet"]
+    assert json.loads(croft.lxc("config", "trust", "list-tokens", "--format", "json").stdout) == []

@@ -101,6 +101,10 @@ def test_every_endpoint_names_its_question() -> None:
     assert rule("POST", "/1.0/instances", "pa") == ("can_create_instances", project("pa"))
     assert rule("PUT", "/1.0", "default") == ("can_edit", SERVER)
     assert rule("GET", "/1.0/instances", "pa") == access_rules.ALLOW
+    # Collections created on the server: listed by all, created with a server entitlement.
+    assert rule("POST", "/1.0/projects", "pa") == ("can_create_projects", SERVER)
+    assert rule("GET", "/1.0/storage-pools", "pa") == access_rules.ALLOW
+    assert rule("DELETE", "/1.0/auth/groups", "pa") is None
     assert rule("POST", "/1.0/nowhere", "pa") is None
 
 

@@ -5,6 +5,7 @@ forged with the provider's own signing key to try each claim check alone."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -24,8 +25,8 @@ import jwt
 import pytest
 import yaml
 from cryptography.hazmat.primitives import serialization
+from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
-from websockets.sync.client import connect as ws_connect
 
 from croft.api.oidc import Verifier, replica_oidc
 from croft.client import oidc as client_oidc
@@ -54,9 +55,11 @@ def bearer(
     path: str = "/1.0",
     body: Any = None,
 ) -> Reply:
-    """A request over HTTPS with no client certificate, and the token if any."""
+    """A request over HTTPS with no client certificate, and the token if any. Bounded:
+    a server that never answers fails here, naming the request, instead of hanging the
+    test until pytest-timeout ends it (once, at load 27, a test of this module hung)."""
     context = ssl.create_default_context(cafile=str(croft.state / "server.crt"))
-    connection = http.client.HTTPSConnection("127.0.0.1", croft.port, context=context)
+    connection = http.client.HTTPSConnection("127.0.0.1", croft.port, context=context, timeout=90)
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
     try:
         payload = None if body is None else json.dumps(body)
@@ -420,24 +423,36 @@ def test_croft_login_runs_the_device_flow_and_refreshes(
 
 
 def test_events_over_a_websocket_name_the_oidc_user(croft: Croft, provider: OpenIDProvider) -> None:
+    """Over the asyncio websockets client: websockets' sync client reads the TLS socket
+    in a thread of its own while the caller's thread writes the opening request on it,
+    and under load (27, with other suites) one such connect sent no request and then
+    waited forever joining its reader, stuck in an SSL read (the server had answered the
+    TLS handshake and its session tickets, and waited for the request)."""
     configure(croft, provider)
     grant_admin(croft)
     token = provider.device_login("alice")["access_token"]
     context = ssl.create_default_context(cafile=str(croft.state / "server.crt"))
     url = f"wss://127.0.0.1:{croft.port}/1.0/events?type=lifecycle"
-    with pytest.raises(InvalidStatus) as refused:
-        ws_connect(url, ssl=context, additional_headers={"Authorization": "Bearer forged"})
-    assert refused.value.response.status_code in (401, 403)
-    with ws_connect(
-        url, ssl=context, additional_headers={"Authorization": f"Bearer {token}"}
-    ) as ws:
-        deadline = time.monotonic() + 30
-        while croft.replica.ctx.hub.listeners == 0:
-            assert time.monotonic() < deadline, "the listener never registered"
-            time.sleep(0.05)
-        made = bearer(croft, token, "POST", "/1.0/profiles", {"name": "watched", "config": {}})
-        assert made.status == 201, made
-        event = json.loads(ws.recv(timeout=30))
+
+    async def watch() -> dict[str, Any]:
+        with pytest.raises(InvalidStatus) as refused:
+            await ws_connect(url, ssl=context, open_timeout=60,
+                             additional_headers={"Authorization": "Bearer forged"})  # fmt: skip
+        assert refused.value.response.status_code in (401, 403)
+        async with ws_connect(url, ssl=context, open_timeout=60,
+                              additional_headers={"Authorization": f"Bearer {token}"}) as ws:  # fmt: skip
+            deadline = time.monotonic() + 30
+            while croft.replica.ctx.hub.listeners == 0:
+                assert time.monotonic() < deadline, "the listener never registered"
+                await asyncio.sleep(0.05)
+            made = await asyncio.to_thread(
+                bearer, croft, token, "POST", "/1.0/profiles", {"name": "watched", "config": {}}
+            )
+            assert made.status == 201, made
+            event: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 30))
+        return event
+
+    event = asyncio.run(watch())
     assert event["metadata"]["action"] == "profile-created"
     assert event["metadata"]["requestor"] == {
         "username": "alice@example.test",
@@ -459,3 +474,47 @@ def test_an_unreachable_provider_refuses_new_tokens_with_403(
             "Failed OIDC Authentication: Authorization failed: Cannot get the OpenID provider's keys"
         ), reply.error
         assert reply.headers["X-LXD-OIDC-issuer"] == gone
+
+
+# ---------------------------------------------------------------------------- userinfo
+
+
+def test_groups_come_from_the_userinfo_endpoint_when_the_token_lacks_them(croft: Croft) -> None:
+    """A provider that keeps groups out of its access tokens: croft asks its userinfo
+    endpoint. Here the real provider issues opaque tokens (its userinfo endpoint takes no
+    JWT issued for an API), which croft cannot check offline: the userinfo endpoint says
+    who holds one, and its groups claim maps to croft groups as a token's would. With
+    `oidc.audience` set an opaque token is refused: it cannot show it is croft's."""
+    with OpenIDProvider(groups={"dana": ["devs"]}, opaque_tokens=True) as op:
+        configure(croft, op, **{"oidc.audience": ""})
+        grant_admin(croft)  # the provider group devs -> oidc-admins (server admin)
+        token = op.device_login("dana", "openid email profile groups")["access_token"]
+        assert token.count(".") != 2  # not a JWT: nothing in it to read
+        reply = bearer(croft, token)
+        assert reply.status == 200, reply
+        info = reply.metadata
+        assert (info["auth_user_method"], info["auth_user_name"]) == ("oidc", "dana@example.test")
+        # An admin through the group only the userinfo endpoint told.
+        assert info["config"]["oidc.issuer"] == op.issuer
+        created = bearer(croft, token, "POST", "/1.0/profiles", {"name": "dana", "config": {}})
+        assert created.status == 201, created
+        state = replica_oidc(croft.replica.app.state)  # type: ignore[union-attr]
+        user = croft.replica.run(state.verifier(state.settings_now()).verify(token))  # type: ignore[arg-type]
+        assert (user.subject, user.groups) == ("dana", ("devs",))
+        # Without the groups scope the provider tells no groups: no admin.
+        plain = op.device_login("dana", "openid email profile")["access_token"]
+        assert bearer(croft, plain).metadata["config"] == {}
+        # A token the provider does not know is refused, as a bad JWT is.
+        made_up = "x" * 43
+        assert_refused(bearer(croft, made_up), made_up, op, "user info endpoint")
+        # A JWT whose groups claim is missing: the userinfo endpoint is asked (this one
+        # answers no JWT): the token stays good, with no provider groups.
+        signed = op.sign({k: v for k, v in op.claims("dana").items() if k != "groups"})
+        reply = bearer(croft, signed)
+        assert (reply.status, reply.metadata["config"]) == (200, {}), reply
+        # With an audience to check, an opaque token cannot pass.
+        configure(croft, op)
+        assert_refused(bearer(croft, token), token, op, "Malformed token")
+        refused = bearer(croft, token, "POST", "/1.0/profiles", {"name": "late", "config": {}})
+        assert refused.status == 401
+    assert "/1.0/profiles/late" not in croft.replica.request("GET", "/1.0/profiles").metadata

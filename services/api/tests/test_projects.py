@@ -295,3 +295,32 @@ def test_vm_and_process_limits_refuse_a_create(replica: Replica, clean_store: An
     assert low.status == 400 and "limits.processes" in low.error, low.error
     assert replica.request("GET", "/1.0/instances?project=pv").metadata == [
         "/1.0/instances/one?project=pv"]  # fmt: skip
+
+
+def test_restricted_devices_are_refused_in_lxds_words(replica: Replica) -> None:
+    """`restricted=true` blocks every `restricted.devices.*` kind but managed NICs and
+    pool disks until the project allows it; the messages are LXD 5.0.2's (measured with
+    `lxc profile device add` against it), and nothing is changed."""
+    replica.request("POST", "/1.0/projects", {"name": "pd", "config": {"restricted": "true"}})
+    assert replica.request("POST", "/1.0/profiles?project=pd", {"name": "p"}).status == 201
+    url = "/1.0/profiles/p?project=pd"
+    prefix = 'Failed checking if profile update allowed: Invalid device "d" on profile "p" of '
+    for device, problem in (
+        ({"type": "unix-char", "path": "/dev/zero"}, "Unix character devices are forbidden"),
+        ({"type": "gpu"}, "GPU devices are forbidden"),
+        ({"type": "proxy", "listen": "tcp:127.0.0.1:1", "connect": "tcp:127.0.0.1:2"},
+         "Proxy devices are forbidden"),
+        ({"type": "nic", "nictype": "bridged", "parent": "br0"},
+         "Only managed network devices are allowed"),
+        ({"type": "disk", "source": "/tmp", "path": "/mnt"},
+         "Attaching disks not backed by a pool is forbidden"),
+    ):  # fmt: skip
+        refused = replica.request("PUT", url, {"config": {}, "devices": {"d": device}})
+        assert (refused.status, refused.error) == (400, f'{prefix}project "pd": {problem}')
+        assert replica.request("GET", url).metadata["devices"] == {}
+    replica.request(
+        "PATCH", "/1.0/projects/pd", {"config": {"restricted.devices.unix-char": "allow"}}
+    )
+    allowed = {"type": "unix-char", "path": "/dev/zero"}
+    assert replica.request("PUT", url, {"config": {}, "devices": {"d": allowed}}).status == 200
+    assert replica.request("GET", url).metadata["devices"] == {"d": allowed}

@@ -13,6 +13,7 @@ import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -98,6 +99,15 @@ def container_name() -> str:
     return f"crtst-lxc-{uuid.uuid4().hex[:8]}"
 
 
+async def remove_all(driver: Any) -> None:
+    """Stop and delete every instance of `driver` (a test's leftovers), whatever fails."""
+    for name in await driver.list():
+        with contextlib.suppress(Exception):
+            await driver.stop(name, force=True)
+        with contextlib.suppress(Exception):
+            await driver.delete(name)
+
+
 @pytest.fixture
 async def driver(workdir: Path) -> AsyncIterator[object]:
     from croft.compute.drivers.lxc import LXCDriver
@@ -105,11 +115,7 @@ async def driver(workdir: Path) -> AsyncIterator[object]:
     lxcpath = str(workdir / "lxc")
     drv = LXCDriver(lxcpath)
     yield drv
-    for name in await drv.list():
-        with contextlib.suppress(Exception):
-            await drv.stop(name, force=True)
-        with contextlib.suppress(Exception):
-            await drv.delete(name)
+    await remove_all(drv)
     # Anything liblxc could not stop: kill it by its monitor so no container leaks.
     for name in os.listdir(lxcpath) if os.path.isdir(lxcpath) else []:
         subprocess.run(["lxc-stop", "-k", "-n", name, "-P", lxcpath], capture_output=True)

@@ -7,7 +7,6 @@ capability is asserted only for drivers that declare it."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -25,7 +24,7 @@ from croft.compute.drivers import (
     load_available,
 )
 
-from .conftest import container_name
+from .conftest import container_name, remove_all
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="instance drivers need root")
 
@@ -60,11 +59,7 @@ async def driver(request: pytest.FixtureRequest, workdir: Path) -> AsyncIterator
         pytest.skip(f"no {request.param} driver can run here")
     drv = drivers[request.param]
     yield drv
-    for name in await drv.list():
-        with contextlib.suppress(Exception):
-            await drv.stop(name, force=True)
-        with contextlib.suppress(Exception):
-            await drv.delete(name)
+    await remove_all(drv)
 
 
 async def defined(driver: InstanceDriver, make_rootfs: Callable[[str], str]) -> str:

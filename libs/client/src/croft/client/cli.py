@@ -12,7 +12,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from croft.client import auth_cli, images_cli, init_cli, node, oidc
+from croft.client import auth_cli, cluster_cli, images_cli, init_cli, node, oidc
 from croft.common import discovery, internal_tls, rpc
 from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import CroftError, NotFound
@@ -270,6 +270,7 @@ def query(target: str, method: str, data: str | None) -> None:
 main.add_command(images_cli.image)
 main.add_command(auth_cli.auth)
 main.add_command(init_cli.init)
+main.add_command(cluster_cli.cluster)
 
 if __name__ == "__main__":
     main()

@@ -4,21 +4,13 @@ The preseed's `cluster:` section (LXD's `api.ClusterPut`) either makes this crof
 first member of a cluster (`enabled: true` and no token: through its own API, as
 `lxc cluster enable` does) or joins it to a cluster with `cluster_token` (the token `lxc
 cluster add` printed; LXD also takes it as `cluster_password`). A join happens before this
-member's services start, because its store becomes the cluster's:
+member's services start, because its store becomes the cluster's: the token names the
+members to ask and the certificate they must present, a member hands over the cluster
+certificate and this member's store settings, and croft starts as a member.
 
-1. the token names the members to ask and the cluster certificate's fingerprint: the
-   certificate each member presents must match it (and `cluster_certificate`, if given);
-2. `POST /internal/cluster/join` on a member, with the token, gives the cluster certificate
-   and key, and this member's store settings: an etcd voter (a learner the cluster promotes
-   once it caught up) while the cluster has fewer than `cluster.max_voters`, else a client
-   of the voters;
-3. the certificate becomes this member's server certificate, the store settings go in
-   `<state_dir>/cluster.yaml`, a standalone store left behind is moved aside, and croft
-   starts.
-
-These steps are `croft.common.cluster_join`'s, which LXD's raw join (`PUT /1.0/cluster` on
-a running standalone croft) uses too; that one ends with `croft init --restart-joined`,
-which restarts the member into the cluster.
+Those steps are `croft.common.cluster_join`'s (its docstring details them), which LXD's
+raw join (`PUT /1.0/cluster` on a running standalone croft) uses too; that one ends with
+`croft init --restart-joined`, which restarts the member into the cluster.
 
 `config:` keys (`core.https_address`...) of a bootstrap are set through the API first.
 """

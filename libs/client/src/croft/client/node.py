@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from croft.common.clients import NodeClient
-from croft.common.config import Config
+from croft.common.config import Config, ConfigError, load_config
 from croft.common.errors import Unavailable
 from croft.node.agent import SERVICES
 from croft.v1 import node_pb2
@@ -72,13 +72,22 @@ async def wait_ready(config: Config, pid: int, timeout: float) -> node_pb2.NodeS
         # starting etcd, etcd is all it reports, and all of that is running.
         if (
             last is not None
-            and {p.service for p in last.processes} >= {"etcd", *SERVICES} - _not_run(config)
+            and {p.service for p in last.processes} >= {"etcd", *SERVICES} - _not_run(_now(config))
             and all(p.state == "running" for p in last.processes)
         ):
             return last
         await asyncio.sleep(0.1)
     waiting = [f"{p.service}-{p.index}: {p.state}" for p in (last.processes if last else [])]
     raise Unavailable(f"croft did not become ready within {timeout:g}s ({', '.join(waiting)})")
+
+
+def _now(config: Config) -> Config:
+    """The configuration as the agent reads it now: a voter that found its etcd removed
+    from the store at start runs none (croft.node.voters rewrote its cluster.yaml)."""
+    try:
+        return load_config()
+    except ConfigError:
+        return config
 
 
 def _not_run(config: Config) -> set[str]:

@@ -17,7 +17,13 @@ agent (which writes its member's heartbeat).
   asked of that member; its node agent applies them (and again after a restart), over
   what its croft.yaml says;
 - `cluster/certificate`: the certificate and key every member serves (LXD's cluster.crt),
-  so that one client trust covers every member.
+  so that one client trust covers every member;
+- `cluster/voter-request`: `{"member", "replaces", "at"}` while a spare member is asked to
+  become an etcd voter (croft.common.voters), written by the node agent of the store's
+  leader and carried out by the spare's.
+
+A joining member's record is `pending` from the cluster's acceptance until its node agent
+first beats: hidden from listings, and replaced by a retry of the same join.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ HEARTBEATS_PREFIX = f"{RECORDS}cluster/heartbeats/"
 CERTIFICATE_KEY = f"{RECORDS}cluster/certificate"
 RENAMED_PREFIX = f"{RECORDS}cluster/renamed/"
 GROUPS_PREFIX = f"{RECORDS}cluster/groups/"
+VOTER_REQUEST_KEY = f"{RECORDS}cluster/voter-request"
+# The api's server config record (LXD's /1.0 config), read here for the cluster's keys.
+SERVER_CONFIG_KEY = f"{RECORDS}server/config"
+OFFLINE_THRESHOLD_KEY = "cluster.offline_threshold"
+MAX_VOTERS_KEY = "cluster.max_voters"
 SCALE_PREFIX = f"{RECORDS}cluster/scale/"
 DEFAULT_GROUP = "default"
 STATE_CREATED = "created"
@@ -109,6 +120,8 @@ class MemberRecord:
     # LXD's member state: "created", or "evacuated" between `lxc cluster evacuate` and
     # `restore` (no instance is placed on it meanwhile).
     state: str = "created"
+    # Accepted, its node agent not heard from yet (a join under way, or one that died).
+    pending: bool = False
 
     def dump(self) -> dict[str, Any]:
         return asdict(self)
@@ -135,3 +148,18 @@ class Heartbeat:
     def load(cls, data: dict[str, Any]) -> Heartbeat:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+def offline_threshold(config: dict[str, str]) -> int:
+    """`cluster.offline_threshold` of the server config, in seconds."""
+    try:
+        return int(config.get(OFFLINE_THRESHOLD_KEY, DEFAULT_OFFLINE_THRESHOLD))
+    except ValueError:
+        return DEFAULT_OFFLINE_THRESHOLD
+
+
+def max_voters(config: dict[str, str]) -> int:
+    try:
+        return int(config.get(MAX_VOTERS_KEY, DEFAULT_MAX_VOTERS))
+    except ValueError:
+        return DEFAULT_MAX_VOTERS

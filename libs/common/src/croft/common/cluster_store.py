@@ -43,7 +43,7 @@ async def _call(
     identity: Identity | None,
     timeout: float = 5.0,
 ) -> object:
-    last = ""
+    seen: list[str] = []  # every endpoint's answer: etcd's "unhealthy cluster" matters
     for endpoint in endpoints:
         async with etcd_channel(endpoint, identity) as channel:
             stub = rpc_pb2_grpc.ClusterStub(channel)
@@ -51,12 +51,10 @@ async def _call(
                 return await call(stub, timeout)  # type: ignore[operator]
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                    last = exc.details() or str(exc.code())
+                    seen.append(f"{endpoint}: {exc.details() or exc.code()}")
                     continue
                 raise Conflict(f"the store refused to {what}: {exc.details()}") from None
-    raise Unavailable(
-        f"the store could not {what}: none of {', '.join(endpoints)} answered ({last})"
-    )
+    raise Unavailable(f"the store could not {what}: none answered ({'; '.join(seen)})")
 
 
 async def list_members(
@@ -158,6 +156,32 @@ async def remove_member(
     await _settled(
         endpoints,
         f"remove {name}",
+        lambda stub, t: stub.MemberRemove(request, timeout=t),
+        identity,
+    )
+    return True
+
+
+async def remove_peer(
+    endpoints: Sequence[str],
+    peer_url: str,
+    identity: Identity | None = None,
+    *,
+    learner_only: bool = False,
+) -> bool:
+    """Remove the etcd member at `peer_url` (a learner that never started has no name
+    yet); False when there is none (or, with `learner_only`, it is a voter)."""
+    found = [
+        m
+        for m in await list_members(endpoints, identity)
+        if peer_url in m.peer_urls and (m.learner or not learner_only)
+    ]
+    if not found:
+        return False
+    request = rpc_pb2.MemberRemoveRequest(ID=found[0].id)
+    await _settled(
+        endpoints,
+        f"remove the member at {peer_url}",
         lambda stub, t: stub.MemberRemove(request, timeout=t),
         identity,
     )

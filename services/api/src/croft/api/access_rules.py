@@ -43,14 +43,15 @@ def _allow(*methods: str) -> Builder:
     return build
 
 
-def _project_create(entitlement: str) -> Builder:
-    """GET: a list (filtered by its handler); POST: `entitlement` on the project."""
+def _collection(entitlement: str, *, on_server: bool = False) -> Builder:
+    """GET: a list (filtered by its handler); POST: `entitlement` on the project, or
+    `on_server`."""
 
     def build(m: re.Match[str], method: str, proj: str) -> Rule | None:
         if method == "GET":
             return ALLOW
         if method == "POST":
-            return entitlement, project(proj)
+            return entitlement, SERVER if on_server else project(proj)
         return None
 
     return build
@@ -116,41 +117,17 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
         (r"/1\.0/operations", _allow("GET")),
         (r"/1\.0/operations/[^/]+(?:/wait|/websocket)?", _allow("GET", "DELETE")),
         # The trust store and the auth records
-        (
-            r"/1\.0/certificates",
-            lambda m, method, p: (
-                ALLOW
-                if method == "GET"
-                else ("can_create_identities", SERVER)
-                if method == "POST"
-                else None
-            ),
-        ),  # fmt: skip
+        (r"/1\.0/certificates", _collection("can_create_identities", on_server=True)),
         (
             rf"/1\.0/certificates/{_N}",
             _object(_global("certificate", "/1.0/certificates/{}"), _CRUD),
         ),
-        (
-            r"/1\.0/auth/groups",
-            lambda m, method, p: (
-                ALLOW
-                if method == "GET"
-                else ("can_create_groups", SERVER)
-                if method == "POST"
-                else None
-            ),
-        ),  # fmt: skip
+        (r"/1\.0/auth/groups", _collection("can_create_groups", on_server=True)),
         (rf"/1\.0/auth/groups/{_N}", _object(_global("group", "/1.0/auth/groups/{}"), _CRUD)),
         (
             r"/1\.0/auth/identity-provider-groups",
-            lambda m, method, p: (
-                ALLOW
-                if method == "GET"
-                else ("can_create_identity_provider_groups", SERVER)
-                if method == "POST"
-                else None
-            ),
-        ),  # fmt: skip
+            _collection("can_create_identity_provider_groups", on_server=True),
+        ),
         (
             rf"/1\.0/auth/identity-provider-groups/{_N}",
             _object(
@@ -158,16 +135,7 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
             ),
         ),  # fmt: skip
         (r"/1\.0/auth/identities(?:/oidc)?", _allow("GET")),
-        (
-            r"/1\.0/auth/identities/tls",
-            lambda m, method, p: (
-                ALLOW
-                if method == "GET"
-                else ("can_create_identities", SERVER)
-                if method == "POST"
-                else None
-            ),
-        ),  # fmt: skip
+        (r"/1\.0/auth/identities/tls", _collection("can_create_identities", on_server=True)),
         (r"/1\.0/auth/identities/current", _allow("GET")),
         (
             r"/1\.0/auth/identities/(tls|oidc)/([^/]+)",
@@ -175,29 +143,11 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
         ),  # fmt: skip
         (r"/1\.0/auth/permissions", _server({"GET": "can_view_permissions"})),
         # Projects
-        (
-            r"/1\.0/projects",
-            lambda m, method, p: (
-                ALLOW
-                if method == "GET"
-                else ("can_create_projects", SERVER)
-                if method == "POST"
-                else None
-            ),
-        ),  # fmt: skip
+        (r"/1\.0/projects", _collection("can_create_projects", on_server=True)),
         (rf"/1\.0/projects/{_N}", _object(_project_self, _CRUD)),
         (rf"/1\.0/projects/{_N}/state", _object(_project_self, {"GET": "can_view"})),
         # Storage: pools are seen by all, changed by the server's managers
-        (
-            r"/1\.0/storage-pools",
-            lambda m, method, p: (
-                ALLOW
-                if method == "GET"
-                else ("can_create_storage_pools", SERVER)
-                if method == "POST"
-                else None
-            ),
-        ),  # fmt: skip
+        (r"/1\.0/storage-pools", _collection("can_create_storage_pools", on_server=True)),
         (
             rf"/1\.0/storage-pools/{_N}",
             lambda m, method, p: (
@@ -211,7 +161,7 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
         (rf"/1\.0/storage-pools/{_N}/resources", _allow("GET")),
         (
             rf"/1\.0/storage-pools/{_N}/volumes(?:/{_N})?",
-            _project_create("can_create_storage_volumes"),
+            _collection("can_create_storage_volumes"),
         ),  # fmt: skip
         (rf"/1\.0/storage-pools/{_N}/volumes/{_N}/{_N}", _object(_volume, _CRUD)),
         (
@@ -223,7 +173,7 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
             _volume_part("can_manage_backups"),
         ),  # fmt: skip
         # Instances
-        (_INSTANCES, _project_create("can_create_instances")),
+        (_INSTANCES, _collection("can_create_instances")),
         (rf"{_INSTANCES}/{_N}", _object(_instance, _CRUD)),
         (rf"{_INSTANCES}/{_N}/state", _instance_part("can_view", "can_update_state")),
         (rf"{_INSTANCES}/{_N}/exec", _instance_part("can_exec", "can_exec")),
@@ -241,20 +191,20 @@ _RULES: tuple[tuple[re.Pattern[str], Builder], ...] = tuple(
         ),
         (rf"{_INSTANCES}/{_N}/backups(?:/.*)?", _instance_part("can_view", "can_manage_backups")),
         # Profiles, networks, images
-        (r"/1\.0/profiles", _project_create("can_create_profiles")),
+        (r"/1\.0/profiles", _collection("can_create_profiles")),
         (rf"/1\.0/profiles/{_N}", _object(_in("profile", "/1.0/profiles/{}"), _CRUD)),
-        (r"/1\.0/networks", _project_create("can_create_networks")),
+        (r"/1\.0/networks", _collection("can_create_networks")),
         (rf"/1\.0/networks/{_N}", _object(_in("network", "/1.0/networks/{}"), _CRUD)),
         (
             rf"/1\.0/networks/{_N}/(?:state|leases)",
             _object(_in("network", "/1.0/networks/{}"), {"GET": "can_view"}),
         ),  # fmt: skip
-        (r"/1\.0/images/aliases", _project_create("can_create_image_aliases")),
+        (r"/1\.0/images/aliases", _collection("can_create_image_aliases")),
         (
             r"/1\.0/images/aliases/(.+)",
             _object(_in("image_alias", "/1.0/images/aliases/{}"), _CRUD),
         ),  # fmt: skip
-        (r"/1\.0/images", _project_create("can_create_images")),
+        (r"/1\.0/images", _collection("can_create_images")),
         (r"/1\.0/images/([^/]+)", _object(_in("image", "/1.0/images/{}"), _CRUD)),
         (
             r"/1\.0/images/([^/]+)/export",

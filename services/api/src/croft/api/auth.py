@@ -7,9 +7,10 @@ and forgotten at once when this replica changes the trust store).
 
 An untrusted client reaches only what LXD lets it: `GET /` and `/1.0`, the public images
 (`/1.0/images`, `/1.0/images/<fp>`, its `/export`, `/1.0/images/aliases/<name>`), the
-simplestreams tree of the public images, and `POST /1.0/certificates` to add itself with a
-trust token. Anything else is LXD's 403 "not authorized". A restricted certificate is
-held to its projects and kept off the server-wide endpoints.
+simplestreams tree of the public images, and `POST /1.0/certificates` (or, with a pending
+identity's token, `POST /1.0/auth/identities/tls`) to add itself with a trust token.
+Anything else is LXD's 403 "not authorized". A restricted certificate is held to its
+projects and kept off the server-wide endpoints.
 """
 
 from __future__ import annotations
@@ -142,6 +143,8 @@ _UNTRUSTED: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("GET", rf"/1\.0/images/{_FP}/export/?"),
         ("GET", r"/1\.0/images/aliases/.+"),
         ("POST", r"/1\.0/certificates/?"),
+        # LXD 5.21's way to redeem a pending identity's token (`trust_token`).
+        ("POST", r"/1\.0/auth/identities/tls/?"),
         # A joining member holds a join token, not a trusted certificate.
         ("POST", r"/internal/cluster/join"),
         ("GET", r"/streams/v1/[^/]+\.json"),

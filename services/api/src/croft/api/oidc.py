@@ -17,6 +17,17 @@ again (the issuer rotated its keys), at most once per `REFETCH_INTERVAL`, so tha
 key ids cannot make croft hammer the provider. The JWKS and the discovery document are
 fetched again after `KEYS_TTL` anyway, so a key the issuer withdrew stops working.
 
+Identity-provider groups come from the token's `oidc.groups.claim`. A token without
+that claim (many providers keep groups out of access tokens) has them from the issuer's
+userinfo endpoint instead, asked once with the token itself, as LXD asks it; a provider
+that will not answer leaves the user in no provider group (fewer rights, never more).
+
+An access token that is not a JWT (an opaque token) cannot be checked offline: as LXD 6
+does with every bearer token, croft asks the issuer's userinfo endpoint who holds it
+(its `sub`, `email` and groups claim), and trusts the answer for `USERINFO_TTL` seconds.
+Only without `oidc.audience`: an opaque token cannot show that it was issued for croft,
+so with an audience configured it is refused as malformed.
+
 A verified token is remembered until it expires: the next request with it costs a dict
 lookup and a clock read (bench/oidc.py). The settings are read from the server config
 (the api's in-memory mirror of the store) on every bearer request, so a change through
@@ -64,6 +75,7 @@ LEEWAY = 5.0  # seconds of clock skew allowed on exp, nbf and iat
 REFETCH_INTERVAL = 5.0  # at most one JWKS fetch for unknown key ids per this many seconds
 KEYS_TTL = 3600.0  # the discovery document and the JWKS are fetched again after this
 FETCH_TIMEOUT = 10.0
+USERINFO_TTL = 60.0  # seconds an opaque token's userinfo answer is trusted
 CACHE_SIZE = 10_000  # verified tokens remembered
 
 
@@ -134,6 +146,9 @@ class TokenUser:
     groups: tuple[str, ...]
     expires: float
     not_before: float
+    # An opaque token's user: past `expires` the userinfo endpoint is asked again (a
+    # JWT's user past its `exp` is refused).
+    recheck: bool = False
 
 
 @dataclass
@@ -147,6 +162,7 @@ class Verifier:
     _explicit: dict[str, bool] = field(default_factory=dict)  # the JWK says its "alg"
     _keys_fetched: float = 0.0  # monotonic time of the last JWKS fetch (0: never)
     _jwks_uri: str = ""
+    _userinfo_uri: str = ""  # the discovery document's userinfo_endpoint ("" if none)
     _fetch_error: str = ""  # why the last fetch failed ("" if it did not)
     _lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _verified: dict[str, TokenUser] = field(default_factory=dict)
@@ -160,7 +176,8 @@ class Verifier:
             if known.not_before - LEEWAY <= now < known.expires + LEEWAY:
                 return known
             del self._verified[token]
-            raise TokenRefused("Token has expired")
+            if not known.recheck:
+                raise TokenRefused("Token has expired")
         user = await self._verify(token)
         if len(self._verified) >= CACHE_SIZE:
             self._verified = {t: u for t, u in self._verified.items() if u.expires + LEEWAY > now}
@@ -173,7 +190,9 @@ class Verifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise TokenRefused("Malformed token") from None
+            if token.count(".") == 2 or self.settings.audience:
+                raise TokenRefused("Malformed token") from None
+            return await self._opaque_user(token)
         algorithm = header.get("alg")
         if not isinstance(algorithm, str) or algorithm not in ALGORITHMS:
             raise TokenRefused("Token signing algorithm not allowed")
@@ -221,13 +240,79 @@ class Verifier:
             raise TokenRefused("Token has no subject")
         email = claims.get("email")
         name = email if isinstance(email, str) and email else subject
+        groups = self._groups(claims)
+        if settings.groups_claim and settings.groups_claim not in claims:
+            groups = await self._groups_from_userinfo(token, subject)
         return TokenUser(
             subject=subject,
             name=name,
-            groups=self._groups(claims),
+            groups=groups,
             expires=float(claims["exp"]),
             not_before=float(claims.get("nbf") or 0),
         )
+
+    async def _groups_from_userinfo(self, token: str, subject: str) -> tuple[str, ...]:
+        """The groups claim as the userinfo endpoint tells it for a verified token that
+        lacks it; none when the endpoint will not tell (the token stays good)."""
+        try:
+            claims = await self._userinfo(token)
+        except (TokenRefused, ProviderUnreachable) as exc:
+            log.warning("OIDC: no groups for %s from the userinfo endpoint: %s", subject, exc)
+            return ()
+        if claims.get("sub") != subject:
+            log.warning("OIDC: the userinfo endpoint named another subject than the token")
+            return ()
+        return self._groups(claims)
+
+    async def _opaque_user(self, token: str) -> TokenUser:
+        """Who holds an opaque access token, as the issuer's userinfo endpoint says."""
+        claims = await self._userinfo(token)
+        subject = claims.get("sub")
+        if not isinstance(subject, str) or not subject:
+            raise TokenRefused("The user info endpoint named no subject")
+        email = claims.get("email")
+        return TokenUser(
+            subject=subject,
+            name=email if isinstance(email, str) and email else subject,
+            groups=self._groups(claims),
+            expires=time.time() + USERINFO_TTL,
+            not_before=0.0,
+            recheck=True,
+        )
+
+    async def _userinfo(self, token: str) -> dict[str, Any]:
+        """The userinfo endpoint's claims for `token`. TokenRefused when the provider
+        refuses the token, ProviderUnreachable when it cannot be asked."""
+        uri = await self._userinfo_endpoint()
+        async with httpx.AsyncClient(
+            verify=_tls_context(), timeout=FETCH_TIMEOUT, follow_redirects=False
+        ) as http:
+            try:
+                reply = await http.get(uri, headers={"Authorization": f"Bearer {token}"})
+            except httpx.HTTPError as exc:
+                raise ProviderUnreachable(f"Cannot reach the user info endpoint: {exc}") from None
+        if reply.status_code in (400, 401, 403):
+            raise TokenRefused("Failed calling user info endpoint with given access token")
+        if not reply.is_success:
+            raise ProviderUnreachable(f"The user info endpoint answered {reply.status_code}")
+        try:
+            claims = reply.json()
+        except json.JSONDecodeError:
+            raise ProviderUnreachable("The user info endpoint answered no JSON") from None
+        if not isinstance(claims, dict):
+            raise ProviderUnreachable("The user info endpoint answered no JSON object")
+        return claims
+
+    async def _userinfo_endpoint(self) -> str:
+        if not self._userinfo_uri:
+            async with self._lock:
+                if not self._userinfo_uri:
+                    since = time.monotonic() - self._keys_fetched
+                    if not self._keys_fetched or since >= self.refetch_interval:
+                        await self._fetch_keys(rediscover=True)
+        if not self._userinfo_uri:
+            raise ProviderUnreachable("The discovery document has no userinfo_endpoint")
+        return self._userinfo_uri
 
     def _groups(self, claims: Mapping[str, Any]) -> tuple[str, ...]:
         claim = self.settings.groups_claim
@@ -285,6 +370,12 @@ class Verifier:
                     if not isinstance(uri, str) or urlsplit(uri).scheme not in ("http", "https"):
                         raise ProviderUnreachable("The discovery document has no jwks_uri")
                     self._jwks_uri = uri
+                    userinfo = document.get("userinfo_endpoint")
+                    if isinstance(userinfo, str) and urlsplit(userinfo).scheme in (
+                        "http",
+                        "https",
+                    ):
+                        self._userinfo_uri = userinfo
                 reply = await http.get(self._jwks_uri)
                 reply.raise_for_status()
                 jwks = reply.json()

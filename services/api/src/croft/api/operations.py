@@ -130,6 +130,16 @@ class OperationContext:
 Task = Callable[[OperationContext], Awaitable[dict[str, Any] | None]]
 
 
+def calling(work: Callable[[], Awaitable[Any]]) -> Task:
+    """The task of an operation that awaits `work` and has no metadata to give."""
+
+    async def run(op: OperationContext) -> dict[str, Any] | None:
+        await work()
+        return None
+
+    return run
+
+
 class WebsocketHandler(Protocol):
     """The hook of a `websocket`-class operation (exec, console, migration).
 

@@ -6,9 +6,10 @@ Bodies are compact JSON followed by a newline, as LXD's Go encoder writes them.
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.websockets import WebSocket
 
 from croft.api.limits import MAX_MESSAGE
@@ -84,6 +85,15 @@ def async_operation(operation: dict[str, Any]) -> LXDResponse:
         "metadata": operation,
     }
     return LXDResponse(body, status_code=202, headers={"Location": url})
+
+
+def attachment(body: AsyncIterator[bytes], filename: str) -> StreamingResponse:
+    """A file to download, streamed as LXD's backup exports send it."""
+    return StreamingResponse(
+        body,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f"attachment;filename={filename}"},
+    )
 
 
 def error(err: CroftError) -> LXDResponse:

@@ -30,6 +30,7 @@ from croft.common.internal_tls import Identity
 from croft.common.rpc import Server
 from croft.common.service import connect_store
 from croft.common.store import Store, dump
+from croft.node import voters
 from croft.node.supervisor import Child
 from croft.v1 import node_pb2, node_pb2_grpc
 
@@ -105,7 +106,8 @@ class Agent(node_pb2_grpc.NodeServicer):
         self.config = config
         # This member's certificate for its etcd and its services' gRPC: made at first
         # start, valid for the address its etcd listens on.
-        host = urlsplit(config.etcd.endpoints[0]).hostname or ""
+        # (A member running no etcd names its own address, not a voter's it connects to.)
+        host = (urlsplit(config.etcd.endpoints[0]).hostname or "") if config.etcd.embedded else ""
         self.identity = internal_tls.ensure(config.state_dir, _ip(host) or _ip(config.rpc.host))
         self.etcd: Child | None = None
         self.children: dict[str, list[Child]] = {name: [] for name in SERVICES}
@@ -113,6 +115,9 @@ class Agent(node_pb2_grpc.NodeServicer):
         self.stopping = asyncio.Event()
         self.restart = False  # set when the agent stops to start again (a rename)
         self._scale_lock = asyncio.Lock()
+        self._joined = False  # this member's record is no longer a join under way
+        self._promotion: asyncio.Task[None] | None = None
+        self._beats = 0
 
     # ------------------------------------------------------------------ processes
 
@@ -132,54 +137,12 @@ class Agent(node_pb2_grpc.NodeServicer):
             return
         if etcd_health(endpoint, identity=self.identity):
             raise Unavailable(f"an etcd already answers on {endpoint}; is another croft running?")
-        url = urlsplit(endpoint)
-        peer = f"{url.scheme}://{url.hostname}:{self.config.etcd.peer_port}"
-        tls: list[str] = []
-        if url.scheme == "https":
-            # Clients and peers alike show a certificate of the member's authority.
-            identity = self.identity
-            files = [str(identity.cert_path), str(identity.key_path), str(identity.ca_path)]
-            tls = [
-                "--cert-file", files[0], "--key-file", files[1],
-                "--trusted-ca-file", files[2], "--client-cert-auth",
-                "--peer-cert-file", files[0], "--peer-key-file", files[1],
-                "--peer-trusted-ca-file", files[2], "--peer-client-cert-auth",
-            ]  # fmt: skip
-        data_dir = self.config.state_dir / "etcd"
-        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         etcd = self.config.etcd
-        # One of a cluster's voters (or a learner on its way to be one): the members named
-        # by croft init when this member joined. Raft's defaults (100 ms beats, 1 s
-        # elections) flap on a busy 2-core host, so a cluster ticks slower.
         clustered = bool(etcd.initial_cluster)
-        initial = etcd.initial_cluster or f"{self.config.member}={peer}"
-        timing = ["--heartbeat-interval", "250", "--election-timeout", "2500"] if clustered else []
         self.etcd = Child(
             name="etcd",
             index=1,
-            argv=[
-                "etcd",
-                "--name", self.config.member,
-                "--data-dir", str(data_dir),
-                "--listen-client-urls", endpoint,
-                "--advertise-client-urls", endpoint,
-                "--listen-peer-urls", peer,
-                "--initial-advertise-peer-urls", peer,
-                "--initial-cluster", initial,
-                "--initial-cluster-state", etcd.initial_cluster_state,
-                *timing,
-                *tls,
-                "--auto-compaction-mode", "revision",
-                "--auto-compaction-retention", "10000",
-                # bbolt's array freelist is scanned on every commit, and compaction
-                # leaves the database mostly free pages: the map one is what etcd 3.5
-                # defaults to.
-                "--experimental-backend-bbolt-freelist-type", "map",
-                # Raft entries are kept in memory until a snapshot: 100,000 of them
-                # (etcd's default) held ~250 MB after a few hundred launches.
-                "--snapshot-count", "10000",
-                "--log-level", "warn",
-            ],
+            argv=etcd_argv(self.config, self.identity),
             log_file=self.config.log_dir / "etcd.log",
             # Go's scheduler spends much of etcd's CPU waking, spinning and switching
             # threads (perf on 2 vCPUs: a quarter in finish_task_switch, a tenth in
@@ -187,7 +150,7 @@ class Agent(node_pb2_grpc.NodeServicer):
             # launch from ~8.1 to ~7.0 ms; fsyncs still run beside it, each on its own
             # thread, and one core is far more than croft's writes need.
             env=_max_procs(self.config.etcd.max_procs),
-        )  # fmt: skip
+        )
         self.etcd.start()
         # A joining member's etcd starts as a learner; it is promoted to voter by the
         # cluster once it caught up (etcd refuses before).
@@ -270,6 +233,7 @@ class Agent(node_pb2_grpc.NodeServicer):
             # its standalone store goes aside before its etcd starts as the cluster's.
             if cluster_join.finish_pending_join(self.config):
                 log.info("joined a cluster: the standalone store is set aside")
+            await voters.leave_if_removed(self)
             await self.start_etcd()
             self.store = await connect_store(self.config)
             recorded = await self._recorded_scale()
@@ -329,7 +293,33 @@ class Agent(node_pb2_grpc.NodeServicer):
                     await self.store.put(
                         cluster.heartbeat_key(self.config.member), dump(beat.dump())
                     )
+                    await self._voters(leader=beat.leader)
             await asyncio.sleep(cluster.HEARTBEAT_INTERVAL)
+
+    async def _voters(self, *, leader: bool) -> None:
+        """This member's part in keeping the store's voters (croft.node.voters)."""
+        assert self.store is not None
+        if not self._joined:
+            self._joined = await voters.confirm_joined(self.store, self.config.member)
+        self._beats += 1
+        if self._beats % 15 == 1:
+            await voters.sync_endpoints(self)
+        if leader:
+            await voters.lead(self.store)
+        elif self.etcd is None and (self._promotion is None or self._promotion.done()):
+            request = await voters.request_for(self.store, self.config.member)
+            if request is not None:
+                # Not in the heartbeat's loop: the learner's catching up takes a while,
+                # and this member must stay Online meanwhile.
+                self._promotion = asyncio.create_task(
+                    self._become_voter(request), name="become-voter"
+                )
+
+    async def _become_voter(self, request: Any) -> None:
+        try:
+            await voters.become_voter(self, request)
+        except Exception:
+            log.exception("could not become a voter of the store")
 
     async def _recorded_scale(self) -> dict[str, int]:
         """The replicas `croft scale` recorded for this member (`cluster/scale/<name>`)."""
@@ -408,6 +398,56 @@ def run(config: Config) -> None:
     if agent.restart:
         # The same pid, the same log: `croft down` and `croft status` keep finding it.
         os.execv(sys.executable, [sys.executable, "-m", "croft.node"])
+
+
+def etcd_argv(config: Config, identity: Identity, *extra: str) -> list[str]:
+    """The command line of this member's etcd (its data in `<state_dir>/etcd`)."""
+    endpoint = config.etcd.endpoints[0]
+    url = urlsplit(endpoint)
+    peer = f"{url.scheme}://{url.hostname}:{config.etcd.peer_port}"
+    tls: list[str] = []
+    if url.scheme == "https":
+        # Clients and peers alike show a certificate of the member's authority.
+        files = [str(identity.cert_path), str(identity.key_path), str(identity.ca_path)]
+        tls = [
+            "--cert-file", files[0], "--key-file", files[1],
+            "--trusted-ca-file", files[2], "--client-cert-auth",
+            "--peer-cert-file", files[0], "--peer-key-file", files[1],
+            "--peer-trusted-ca-file", files[2], "--peer-client-cert-auth",
+        ]  # fmt: skip
+    data_dir = config.state_dir / "etcd"
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    etcd = config.etcd
+    # One of a cluster's voters (or a learner on its way to be one): the members named
+    # by croft init when this member joined. Raft's defaults (100 ms beats, 1 s
+    # elections) flap on a busy 2-core host, so a cluster ticks slower.
+    clustered = bool(etcd.initial_cluster)
+    initial = etcd.initial_cluster or f"{config.member}={peer}"
+    timing = ["--heartbeat-interval", "250", "--election-timeout", "2500"] if clustered else []
+    return [
+        "etcd",
+        "--name", config.member,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", endpoint,
+        "--advertise-client-urls", endpoint,
+        "--listen-peer-urls", peer,
+        "--initial-advertise-peer-urls", peer,
+        "--initial-cluster", initial,
+        "--initial-cluster-state", etcd.initial_cluster_state,
+        *timing,
+        *tls,
+        "--auto-compaction-mode", "revision",
+        "--auto-compaction-retention", "10000",
+        # bbolt's array freelist is scanned on every commit, and compaction
+        # leaves the database mostly free pages: the map one is what etcd 3.5
+        # defaults to.
+        "--experimental-backend-bbolt-freelist-type", "map",
+        # Raft entries are kept in memory until a snapshot: 100,000 of them
+        # (etcd's default) held ~250 MB after a few hundred launches.
+        "--snapshot-count", "10000",
+        "--log-level", "warn",
+        *extra,
+    ]  # fmt: skip
 
 
 def _max_procs(procs: int) -> dict[str, str]:

@@ -833,6 +833,21 @@ class StorageCore:
             revert.success()
         return done
 
+    @contextlib.asynccontextmanager
+    async def _new_instance_volume(
+        self, driver: StorageDriver, ref: VolumeRef, vol: Volume
+    ) -> AsyncIterator[tuple[dict[str, Any], Reverter]]:
+        """Make instance volume `ref` in the body: its record claimed ("creating") and
+        the pool checked to have no such volume first. Yields the record and the reverter
+        that removes both the volume and the claim unless the body calls its success()."""
+        record = self._instance_record(ref)
+        await self._claim(ref.key, record, f"instance volume {ref.name!r}")
+        async with Reverter() as revert:
+            revert.add(lambda: self._delete_key(ref.key))
+            await self._require_no_volume(driver, ref, vol)
+            revert.add(lambda: driver.delete_volume(vol))
+            yield record, revert
+
     async def _claim(self, key: str, record: dict[str, Any], what: str) -> int:
         """Create the record (state "creating"); its revision."""
         try:
@@ -1336,12 +1351,7 @@ class StorageCore:
             assert origin.block_device is not None
             size = await in_thread(transfer.disk_size, origin.block_device)
             new_vol = new.volume(driver, str(size))
-            record = self._instance_record(new)
-            await self._claim(new.key, record, f"instance volume {new.name!r}")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(new.key))
-                await self._require_no_volume(driver, new, new_vol)
-                revert.add(lambda: driver.delete_volume(new_vol))
+            async with self._new_instance_volume(driver, new, new_vol) as (record, revert):
 
                 async def beside(into: Mounted) -> None:
                     await transfer.copy_tree_beside_disk(origin, into)
@@ -1427,12 +1437,7 @@ class StorageCore:
         driver = await self.driver(ref.pool)
         vol = ref.volume(driver, _checked_size(size))
         async with self.locked(ref.pool, ref.name):
-            record = self._instance_record(ref)
-            await self._claim(ref.key, record, f"instance volume {ref.name!r}")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(ref.key))
-                await self._require_no_volume(driver, ref, vol)
-                revert.add(lambda: driver.delete_volume(vol))
+            async with self._new_instance_volume(driver, ref, vol) as (record, revert):
                 await uninterrupted(self.backups.restore(upload, snapshots, driver, vol))
                 await self._record_snapshots(driver, ref, vol, revert)
                 done = await self._complete(ref.key, record)

@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import logging
 import shutil
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -241,9 +242,44 @@ class CustomVolumes:
         except Conflict:
             raise Conflict(message) from None
 
+    @contextlib.asynccontextmanager
+    async def _new_volume(
+        self, driver: StorageDriver, ref: CustomRef, vol: Volume, record: dict[str, Any]
+    ) -> AsyncIterator[Reverter]:
+        """Make custom volume `ref` in the body: `record` claimed ("creating") and the pool
+        checked to have no such volume first (one left by a crash is not ours to fill).
+        Yields the reverter that removes both the volume and the claim unless the body
+        calls its success()."""
+        await self._claim(ref.key, record, "Volume by that name already exists")
+        async with Reverter() as revert:
+            revert.add(lambda: self._delete_key(ref.key))
+            if await driver.has_volume(vol):
+                raise Conflict("Volume by that name already exists")
+            revert.add(lambda: driver.delete_volume(vol))
+            yield revert
+
     async def _complete(self, key: str, record: dict[str, Any]) -> dict[str, Any]:
         done = _completed(record)
         await modify(self.store, key, lambda _: done, missing=NOT_FOUND)
+        return done
+
+    async def _complete_with_snapshots(
+        self,
+        ref: CustomRef,
+        record: dict[str, Any],
+        snapshots: dict[str, dict[str, Any]],
+        revert: Reverter,
+    ) -> dict[str, Any]:
+        """The end of making volume `ref` (`_new_volume`): its snapshots' records (by
+        name) written in one transaction, removed again if what follows fails, then its
+        own record completed; the volume is whole."""
+        if snapshots:
+            revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
+            await self.store.transaction(
+                [Create(ref.snapshot_key(name), dump(snap)) for name, snap in snapshots.items()]
+            )
+        done = await self._complete(ref.key, record)
+        revert.success()
         return done
 
     async def _delete_key(self, key: str) -> None:
@@ -269,16 +305,13 @@ class CustomVolumes:
         driver = await self.core.driver(ref.pool)
         vol = driver.volume(VolumeType.CUSTOM, ref.host_name, content_type, config)
         record = _record(ref, self.member, content_type, description, config)
-        async with self.core.locked(ref.pool, ref.lock):
-            await self._claim(ref.key, record, "Volume by that name already exists")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(ref.key))
-                if await driver.has_volume(vol):  # left by a crash: not ours to fill
-                    raise Conflict("Volume by that name already exists")
-                revert.add(lambda: driver.delete_volume(vol))
-                await uninterrupted(driver.create_volume(vol))
-                done = await self._complete(ref.key, record)
-                revert.success()
+        async with (
+            self.core.locked(ref.pool, ref.lock),
+            self._new_volume(driver, ref, vol, record) as revert,
+        ):
+            await uninterrupted(driver.create_volume(vol))
+            done = await self._complete(ref.key, record)
+            revert.success()
         log.info("created custom volume %s in pool %s", ref.host_name, ref.pool)
         return done
 
@@ -394,12 +427,7 @@ class CustomVolumes:
             else:
                 await stack.enter_async_context(self.core.locked(ref.pool, ref.lock))
                 await stack.enter_async_context(self.core.locked(source.pool, source.lock))
-            await self._claim(ref.key, record, "Volume by that name already exists")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(ref.key))
-                if await driver.has_volume(vol):
-                    raise Conflict("Volume by that name already exists")
-                revert.add(lambda: driver.delete_volume(vol))
+            async with self._new_volume(driver, ref, vol, record) as revert:
                 if driver is src_driver:
                     await uninterrupted(
                         driver.create_volume_from_copy(vol, origin, with_snapshots=bool(snapshots))
@@ -408,7 +436,7 @@ class CustomVolumes:
                     await uninterrupted(
                         copy_between_pools(src_driver, origin, snapshots, driver, vol)
                     )
-                operations: list[Create | Update | Put | Delete] = []
+                copies: dict[str, dict[str, Any]] = {}
                 for snapshot in snapshots:
                     snap = await self.record(source, snapshot)
                     copied = _completed(
@@ -418,12 +446,8 @@ class CustomVolumes:
                             expires_at=snap.get("expires_at") or "",
                         )
                     )  # fmt: skip
-                    operations.append(Create(ref.snapshot_key(snapshot), dump(copied)))
-                if operations:
-                    revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
-                    await self.store.transaction(operations)
-                done = await self._complete(ref.key, record)
-                revert.success()
+                    copies[snapshot] = copied
+                done = await self._complete_with_snapshots(ref, record, copies, revert)
         return done
 
     async def state(self, ref: CustomRef) -> dict[str, Any]:
@@ -522,36 +546,29 @@ class CustomVolumes:
         record = _record(
             ref, self.member, content_type, str(volume.get("description") or ""), config
         )
-        async with self.core.locked(ref.pool, ref.lock):
-            await self._claim(ref.key, record, "Volume by that name already exists")
-            async with Reverter() as revert:
-                revert.add(lambda: self._delete_key(ref.key))
-                if await driver.has_volume(vol):
-                    raise Conflict("Volume by that name already exists")
-                revert.add(lambda: driver.delete_volume(vol))
-                await uninterrupted(
-                    self.core.backups.restore(upload, snapshots, driver, vol, VOLUME_LAYOUT)
-                )
-                operations: list[Create | Update | Put | Delete] = []
-                for snapshot in snapshots:
-                    about = described.get(snapshot, {})
-                    expires = str(about.get("expires_at") or "")
-                    snap = _completed(
-                        _record(
-                            ref, self.member, content_type, str(about.get("description") or ""),
-                            config, snapshot=snapshot,
-                            expires_at="" if expires.startswith("0001-") else expires,
-                        )
-                    )  # fmt: skip
-                    created = about.get("created_at")
-                    if isinstance(created, str) and not created.startswith("0001-"):
-                        snap["created_at"] = created
-                    operations.append(Create(ref.snapshot_key(snapshot), dump(snap)))
-                if operations:
-                    revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
-                    await self.store.transaction(operations)
-                done = await self._complete(ref.key, record)
-                revert.success()
+        async with (
+            self.core.locked(ref.pool, ref.lock),
+            self._new_volume(driver, ref, vol, record) as revert,
+        ):
+            await uninterrupted(
+                self.core.backups.restore(upload, snapshots, driver, vol, VOLUME_LAYOUT)
+            )
+            restored: dict[str, dict[str, Any]] = {}
+            for snapshot in snapshots:
+                about = described.get(snapshot, {})
+                expires = str(about.get("expires_at") or "")
+                snap = _completed(
+                    _record(
+                        ref, self.member, content_type, str(about.get("description") or ""),
+                        config, snapshot=snapshot,
+                        expires_at="" if expires.startswith("0001-") else expires,
+                    )
+                )  # fmt: skip
+                created = about.get("created_at")
+                if isinstance(created, str) and not created.startswith("0001-"):
+                    snap["created_at"] = created
+                restored[snapshot] = snap
+            done = await self._complete_with_snapshots(ref, record, restored, revert)
         await self.core.backups.discard(upload)
         log.info("imported custom volume %s into pool %s", ref.host_name, ref.pool)
         return done

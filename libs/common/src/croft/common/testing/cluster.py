@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from croft.common.testing.host import croft_processes
+
 CROFT = [sys.executable, "-m", "croft.client.cli"]
 
 
@@ -126,20 +128,7 @@ api:
     def processes(self) -> list[int]:
         """Pids of this member's croft processes (its config in their environment, or
         its etcd data directory on their command line)."""
-        mine = []
-        marker = f"CROFT_CONFIG={self.config_file}".encode()
-        data_dir = str(self.state_dir / "etcd").encode()
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit() or int(entry.name) == os.getpid():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if marker in environ.split(b"\0") or data_dir in cmdline:
-                mine.append(int(entry.name))
-        return mine
+        return croft_processes(self.config_file, self.state_dir / "etcd")
 
     def kill(self) -> None:
         """SIGKILL every croft process of this member (its containers keep running)."""
@@ -212,6 +201,14 @@ class ClusterRig:
             self.members.remove(self._spare)
             self._extra.append(self._spare)
         return self._spare
+
+    def extra_member(self) -> Member:
+        """A new member wired and configured but not started nor joined, outside
+        `members` (a test joins it for a while); torn down with the rig."""
+        member = self.add_member()
+        self.members.remove(member)
+        self._extra.append(member)
+        return member
 
     # ------------------------------------------------------------------ lxc
 

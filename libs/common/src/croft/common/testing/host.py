@@ -1,7 +1,9 @@
-"""What tests read back from the host to check what croft did: mounts, btrfs subvolumes."""
+"""What tests read back from the host to check what croft did: mounts, btrfs subvolumes,
+the processes of one croft."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -28,3 +30,22 @@ def subvolume_show(path: Path) -> dict[str, str]:
         key, _, value = line.strip().partition(":")
         fields[key.strip()] = value.strip()
     return fields
+
+
+def croft_processes(config_file: Path, etcd_data: Path) -> list[int]:
+    """Pids of every process of one croft (or one cluster member): those started with
+    its config (`CROFT_CONFIG` in their environment), and etcd serving `etcd_data`."""
+    mine = []
+    marker = f"CROFT_CONFIG={config_file}".encode()
+    data_dir = str(etcd_data).encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if marker in environ.split(b"\0") or data_dir in cmdline:
+            mine.append(int(entry.name))
+    return mine

@@ -79,6 +79,9 @@ class OpenIDProvider:
     audience: str = "urn:croft:api"
     groups: dict[str, list[str]] = field(default_factory=dict)
     access_token_ttl: int = 3600
+    # Opaque access tokens, good at the provider's userinfo endpoint only (croft asks it
+    # who holds one), instead of JWTs issued for croft's API.
+    opaque_tokens: bool = False
     port: int = field(default_factory=free_port)
     keys: list[SigningKey] = field(default_factory=lambda: [SigningKey.new()])
     directory: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="croft-oidc-")))
@@ -102,6 +105,7 @@ class OpenIDProvider:
             "OP_AUDIENCE": self.audience,
             "OP_GROUPS": json.dumps(self.groups),
             "OP_AT_TTL": str(self.access_token_ttl),
+            "OP_OPAQUE": "1" if self.opaque_tokens else "",
         }
         with open(self.directory / "op.log", "ab") as log:
             self._process = subprocess.Popen(
@@ -214,9 +218,11 @@ class OpenIDProvider:
             if "success" not in page.text.lower():
                 raise RuntimeError(f"the device code was not approved: {page.text[-500:]}")
 
-    def device_login(self, login: str) -> dict[str, Any]:
+    def device_login(
+        self, login: str, scope: str = "openid offline_access email profile"
+    ) -> dict[str, Any]:
         """The device-code flow end to end, as `login`: the token endpoint's answer."""
-        started = self.device_authorization()
+        started = self.device_authorization(scope)
         self.approve(started["user_code"], login)
         reply = httpx.post(
             f"{self.issuer}/token",

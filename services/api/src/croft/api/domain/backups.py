@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 import yaml
@@ -42,6 +42,7 @@ from croft.common.models import (
     InstanceRecord,
     SnapshotRecord,
     StoragePoolRecord,
+    VolumeBackupRecord,
 )
 from croft.common.records import INSTANCE_BACKUPS, STORAGE_POOLS, public, record_prefix
 from croft.common.rpc import from_rpc_error
@@ -83,7 +84,27 @@ def check_compression(algorithm: str) -> None:
         raise InvalidArgument(f'Invalid compression algorithm "{algorithm}"')
 
 
-def _expired(backup: InstanceBackupRecord, now: datetime) -> bool:
+def new_backup_name(requested: str, existing: Collection[str], compression: str) -> str:
+    """A new backup's name: the one asked for, else LXD's first free `backup<N>`; checked,
+    with the compression asked for (InvalidArgument), and Conflict when it is taken."""
+    name = requested
+    if not name:
+        n = 0
+        while f"backup{n}" in existing:
+            n += 1
+        name = f"backup{n}"
+    validate_backup_name(name)
+    check_compression(compression)
+    if name in existing:
+        raise Conflict(f'Backup "{name}" already exists')
+    return name
+
+
+# An instance's or a custom volume's backup record (`volume_backups` shares these helpers).
+B = TypeVar("B", InstanceBackupRecord, VolumeBackupRecord)
+
+
+def _expired(backup: InstanceBackupRecord | VolumeBackupRecord, now: datetime) -> bool:
     if not backup.expires_at or backup.expires_at.startswith("0001-"):
         return False
     try:
@@ -96,13 +117,26 @@ def _expired(backup: InstanceBackupRecord, now: datetime) -> bool:
 async def backups_of(store: Any, project: str, instance: str) -> list[InstanceBackupRecord]:
     """The instance's backups, the expired ones deleted on the way (as LXD's pruning)."""
     prefix = record_prefix(INSTANCE_BACKUPS, project) + f"{instance}/"
+    return await pruned(
+        store,
+        prefix,
+        InstanceBackupRecord,
+        lambda backup: delete_backup(store, project, instance, backup),
+    )
+
+
+async def pruned(
+    store: Any, prefix: str, model: type[B], delete: Callable[[B], Awaitable[None]]
+) -> list[B]:
+    """The backup records under `prefix`, those expired (and whole) deleted on the way by
+    `delete`, as LXD prunes them when it lists."""
     found = []
     now = datetime.now(UTC)
     for entry in await store.list(prefix):
-        backup = InstanceBackupRecord.model_validate(entry.json())
+        backup = model.model_validate(entry.json())
         if _expired(backup, now) and backup.croft.state != "creating":
             with contextlib.suppress(CroftError):
-                await delete_backup(store, project, instance, backup)
+                await delete(backup)
             continue
         found.append(backup)
     return found
@@ -115,7 +149,7 @@ async def backup_of(store: Any, project: str, instance: str, name: str) -> Insta
     raise NotFound("Load backup from database: Instance backup not found")
 
 
-def render_backup(backup: InstanceBackupRecord) -> dict[str, Any]:
+def render_backup(backup: InstanceBackupRecord | VolumeBackupRecord) -> dict[str, Any]:
     body = backup.public()
     body["expires_at"] = body.get("expires_at") or ZERO_TIME
     return body
@@ -209,11 +243,8 @@ async def create_backup(
         compression=compression or "gzip",
         state="creating",
     )
-    try:
-        await store.create(key, dump(backup.dump()))
-    except Conflict:
-        raise Conflict(f'Backup "{backup.name}" already exists') from None
-    try:
+
+    async def write() -> bool:
         snapshots = [] if backup.instance_only else await snapshots_of(store, project, record.name)
         index, body = await backup_documents(
             store, project, record, snapshots, optimized=False, standalone=standalone
@@ -227,8 +258,23 @@ async def create_backup(
         reply = await client.create_instance_backup(
             request, idempotent=False, timeout=BACKUP_TIMEOUT
         )
-        # Storage says whether the tarball holds send streams (a btrfs pool) or trees.
-        backup.optimized_storage = reply.optimized
+        return reply.optimized
+
+    await write_backup(store, key, backup, write)
+
+
+async def write_backup(
+    store: Any, key: str, backup: B, write: Callable[[], Awaitable[bool]]
+) -> None:
+    """Claim the name with `backup`'s record at `key` ("creating"; Conflict if taken),
+    have storage write the tarball (`write`, which says whether it holds send streams, a
+    btrfs pool's, or trees), then mark the record created; on failure it goes."""
+    try:
+        await store.create(key, dump(backup.dump()))
+    except Conflict:
+        raise Conflict(f'Backup "{backup.name}" already exists') from None
+    try:
+        backup.optimized_storage = await write()
         backup.croft.state = "created"
         await store.put(key, dump(backup.dump()))
     except BaseException:
@@ -253,14 +299,25 @@ async def export_chunks(
     project: str, instance: str, backup: InstanceBackupRecord
 ) -> AsyncIterator[bytes]:
     """The tarball's bytes, from the storage service that keeps it; NotFound before the
-    first byte if it is gone."""
+    first byte if it is gone, InvalidArgument while it is being written."""
+    if backup.croft.state == "creating":
+        raise InvalidArgument(f'Backup "{backup.name}" is still being written')
     client = await services().storage(backup.croft.member)
-    call = client.read_instance_backup(
-        storage_pb2.InstanceBackupRequest(
-            project=project, backup=backup.name, instance=instance, pool=backup.croft.pool
-        ),
-        timeout=None,
+    return await backup_chunks(
+        client.read_instance_backup(
+            storage_pb2.InstanceBackupRequest(
+                project=project, backup=backup.name, instance=instance, pool=backup.croft.pool
+            ),
+            timeout=None,
+        )
     )
+
+
+async def backup_chunks(
+    call: grpc.aio.UnaryStreamCall[Any, storage_pb2.BackupChunk],
+) -> AsyncIterator[bytes]:
+    """The bytes of a backup tarball that storage streams (an instance's or a custom
+    volume's), the first chunk awaited now: NotFound before the first byte if it is gone."""
     replies = call.__aiter__()
     try:
         first = await anext(replies, None)
@@ -446,6 +503,7 @@ async def import_member(store: Any) -> str:
 
 __all__ = [
     "BACKUP_TIMEOUT",
+    "backup_chunks",
     "backup_of",
     "backups_of",
     "check_compression",
@@ -456,7 +514,10 @@ __all__ = [
     "import_operation",
     "imported_record",
     "import_member",
+    "new_backup_name",
+    "pruned",
     "render_backup",
+    "write_backup",
     "render_snapshot",
     "stage_stream",
     "stage_upload",

@@ -28,7 +28,7 @@ from croft.api.context import ApiContext
 from croft.api.domain.instances import KIND as INSTANCE_KIND
 from croft.common import cluster, cluster_join, internal_tls
 from croft.common.cluster import Heartbeat, MemberRecord
-from croft.common.cluster_store import add_learner, remove_member
+from croft.common.cluster_store import add_learner, remove_member, remove_peer
 from croft.common.config import load_config
 from croft.common.errors import (
     Conflict,
@@ -41,8 +41,8 @@ from croft.common.revert import Reverter
 from croft.common.store import Create, Delete, Put, Store, Update, dump
 
 TOKEN_EXPIRY_KEY = "cluster.join_token_expiry"
-OFFLINE_THRESHOLD_KEY = "cluster.offline_threshold"
-MAX_VOTERS_KEY = "cluster.max_voters"
+OFFLINE_THRESHOLD_KEY = cluster.OFFLINE_THRESHOLD_KEY
+MAX_VOTERS_KEY = cluster.MAX_VOTERS_KEY
 DEFAULT_TOKEN_EXPIRY = "3H"
 
 
@@ -51,9 +51,10 @@ async def enabled(store: Store) -> bool:
     return bool(found and found[0].get("enabled"))
 
 
-async def members(store: Store) -> list[MemberRecord]:
+async def members(store: Store, *, pending: bool = False) -> list[MemberRecord]:
+    """The cluster's members by id; a join still under way (`pending`) only when asked."""
     found = [MemberRecord.load(e.json()) for e in await store.list(cluster.MEMBERS_PREFIX)]
-    return sorted(found, key=lambda m: m.id)
+    return sorted((m for m in found if pending or not m.pending), key=lambda m: m.id)
 
 
 async def member(store: Store, name: str) -> MemberRecord:
@@ -76,18 +77,8 @@ async def server_config(store: Store) -> dict[str, str]:
     return config
 
 
-def offline_threshold(config: dict[str, str]) -> int:
-    try:
-        return int(config.get(OFFLINE_THRESHOLD_KEY, cluster.DEFAULT_OFFLINE_THRESHOLD))
-    except ValueError:
-        return cluster.DEFAULT_OFFLINE_THRESHOLD
-
-
-def max_voters(config: dict[str, str]) -> int:
-    try:
-        return int(config.get(MAX_VOTERS_KEY, cluster.DEFAULT_MAX_VOTERS))
-    except ValueError:
-        return cluster.DEFAULT_MAX_VOTERS
+offline_threshold = cluster.offline_threshold
+max_voters = cluster.max_voters
 
 
 def _duration(seconds: float) -> str:
@@ -122,10 +113,20 @@ class MemberView:
         return "Evacuated" if self.evacuated else "Online"
 
     @property
+    def voter(self) -> bool:
+        """A voter of the store: as its etcd last said, while it beats; as its record
+        says once Offline (a dead voter replaced or dropped by a recovery is none)."""
+        if not self.online:
+            return bool(self.record.etcd_peer_url and self.heartbeat and self.heartbeat.voter)
+        return bool(self.heartbeat and self.heartbeat.voter)
+
+    @property
     def roles(self) -> list[str]:
         beat = self.heartbeat
         if beat is None:
             return []
+        if not self.online:
+            return ["database"] if self.voter else []
         roles = []
         if beat.leader:
             roles.append("database-leader")
@@ -140,7 +141,7 @@ class MemberView:
         return {
             "server_name": member.name,
             "url": f"https://{member.address}",
-            "database": bool(self.heartbeat and self.heartbeat.voter),
+            "database": self.voter,
             "status": self.status,
             "message": "Unavailable due to maintenance"
             if self.online and self.evacuated
@@ -300,7 +301,12 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
     store = ctx.store
     if req.server_name != token.server_name:
         raise PermissionDenied("No matching cluster join operation found")
-    current = await members(store)
+    current = await members(store, pending=True)
+    # A join of this name that never finished (its joiner killed half-way): this retry
+    # takes its place, its learner and record first removed.
+    stale = next((m for m in current if m.name == req.server_name and m.pending), None)
+    if stale is not None:
+        current.remove(stale)
     if any(m.name == req.server_name for m in current):
         raise InvalidArgument(f"The cluster already has a member with name: {req.server_name}")
     if any(m.address == req.address for m in current):
@@ -312,12 +318,15 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
     config = await server_config(store)
     voters = [m for m in current if m.etcd_peer_url]
     endpoints = [m.etcd_client_url for m in voters]
+    if stale is not None:
+        await forget_join(store, stale, endpoints)
     etcd: dict[str, Any]
     record = MemberRecord(
         name=req.server_name,
         id=max((m.id for m in current), default=0) + 1,
         address=req.address,
         architecture=req.architecture,
+        pending=True,
     )
     async with Reverter() as revert:
         if len(voters) < max_voters(config) and req.etcd_peer_url:
@@ -351,6 +360,16 @@ async def accept(ctx: ApiContext, token: JoinToken, req: JoinRequest) -> dict[st
             certificate, key = internal_tls.read_authority(ctx.settings.state_dir)
             reply["internal_authority"] = {"certificate": certificate, "key": key}
     return reply
+
+
+async def forget_join(store: Store, record: MemberRecord, endpoints: list[str]) -> None:
+    """A join that never finished: its etcd member (a learner, or a voter its dead joiner
+    was promoted to) leaves the store, then its record goes."""
+    if record.etcd_peer_url and endpoints:
+        await remove_peer(endpoints, record.etcd_peer_url, store.identity)
+    for key in (cluster.member_key(record.name), cluster.heartbeat_key(record.name)):
+        with contextlib.suppress(NotFound):
+            await store.delete(key)
 
 
 # ---------------------------------------------------------------------------- member-local

@@ -15,7 +15,7 @@ from croft.common.errors import CroftError, NotFound
 from croft.common.models import InstanceRecord, ProfileRecord
 from croft.common.network_acl import Acl, acl_key, acl_names, acl_prefix
 from croft.common.records import DEFAULT_PROJECT
-from croft.common.store import Store
+from croft.common.store import Store, Update, dump
 from croft.v1 import network_pb2
 
 
@@ -90,6 +90,27 @@ async def apply_to_networks(store: Store, names: Iterable[str]) -> None:
                 first = first or exc
     if first is not None:
         raise first
+
+
+async def update_then_apply(
+    store: Store,
+    key: str,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    revision: int,
+    networks_reached: Iterable[str],
+) -> None:
+    """`change_then_apply` of the record at `key`, read as `old` at `revision`, updated to
+    `new` (and back to `old` on a refusal)."""
+    written: dict[str, int] = {}
+
+    async def write() -> None:
+        written["revision"] = await store.transaction([Update(key, dump(new), revision)])
+
+    async def undo() -> None:
+        await store.transaction([Update(key, dump(old), written["revision"])])
+
+    await change_then_apply(store, write, undo, networks_reached)
 
 
 async def change_then_apply(

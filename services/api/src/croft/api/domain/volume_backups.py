@@ -18,7 +18,6 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from typing import Any
 
-import grpc
 import yaml
 from starlette.requests import Request
 from starlette.responses import Response
@@ -27,33 +26,28 @@ from croft.api import responses
 from croft.api.context import context
 from croft.api.domain import projects
 from croft.api.domain import storage_volumes as volumes
-from croft.api.domain.backups import BACKUP_TIMEOUT, discard_upload, stage_upload
+from croft.api.domain.backups import (
+    BACKUP_TIMEOUT,
+    backup_chunks,
+    discard_upload,
+    pruned,
+    render_backup,
+    stage_upload,
+    write_backup,
+)
 from croft.api.operations import OperationContext
 from croft.api.services import services
 from croft.common.clients import StorageClient
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.models import BackupMeta, StorageVolumeRecord, VolumeBackupRecord
 from croft.common.records import STORAGE_VOLUME_BACKUPS, record_prefix
-from croft.common.rpc import from_rpc_error
-from croft.common.store import dump
 from croft.v1 import storage_pb2
 
-ZERO_TIME = "0001-01-01T00:00:00Z"
 NOT_FOUND = "Storage volume backup not found"
 
 
 def backup_url(pool: str, volume: str, backup: str) -> str:
     return f"/1.0/storage-pools/{pool}/volumes/custom/{volume}/backups/{backup}"
-
-
-def _expired(backup: VolumeBackupRecord, now: datetime) -> bool:
-    if not backup.expires_at or backup.expires_at.startswith("0001-"):
-        return False
-    try:
-        when = datetime.fromisoformat(backup.expires_at.replace("Z", "+00:00"))
-    except ValueError:
-        return False
-    return when <= now
 
 
 def _request(
@@ -67,16 +61,12 @@ def _request(
 async def backups_of(store: Any, project: str, pool: str, volume: str) -> list[VolumeBackupRecord]:
     """The volume's backups, the expired ones deleted on the way (LXD's pruning)."""
     prefix = record_prefix(STORAGE_VOLUME_BACKUPS, project) + f"{pool}/{volume}/"
-    found = []
-    now = datetime.now(UTC)
-    for entry in await store.list(prefix):
-        backup = VolumeBackupRecord.model_validate(entry.json())
-        if _expired(backup, now) and backup.croft.state != "creating":
-            with contextlib.suppress(CroftError):
-                await delete_backup(store, project, volume, backup)
-            continue
-        found.append(backup)
-    return found
+    return await pruned(
+        store,
+        prefix,
+        VolumeBackupRecord,
+        lambda backup: delete_backup(store, project, volume, backup),
+    )
 
 
 async def backup_of(
@@ -86,12 +76,6 @@ async def backup_of(
         if backup.name == name:
             return backup
     raise NotFound(NOT_FOUND)
-
-
-def render_backup(backup: VolumeBackupRecord) -> dict[str, Any]:
-    body = backup.public()
-    body["expires_at"] = body.get("expires_at") or ZERO_TIME
-    return body
 
 
 async def create_backup(
@@ -108,11 +92,8 @@ async def create_backup(
     backup.croft = BackupMeta(
         member=volume.croft.member, pool=pool, compression=compression or "gzip", state="creating"
     )
-    try:
-        await store.create(key, dump(backup.dump()))
-    except Conflict:
-        raise Conflict(f'Backup "{backup.name}" already exists') from None
-    try:
+
+    async def write() -> bool:
         request = _request(project, volume.name, backup)
         request.volume_only = backup.volume_only
         request.optimized = backup.optimized_storage
@@ -121,13 +102,9 @@ async def create_backup(
         reply = await client.create_custom_volume_backup(
             request, idempotent=False, timeout=BACKUP_TIMEOUT
         )
-        backup.optimized_storage = reply.optimized
-        backup.croft.state = "created"
-        await store.put(key, dump(backup.dump()))
-    except BaseException:
-        with contextlib.suppress(CroftError):
-            await store.delete(key)
-        raise
+        return reply.optimized
+
+    await write_backup(store, key, backup, write)
 
 
 async def _storage(backup: VolumeBackupRecord) -> StorageClient:
@@ -153,25 +130,13 @@ async def export_chunks(
     project: str, volume: str, backup: VolumeBackupRecord
 ) -> AsyncIterator[bytes]:
     """The tarball's bytes from the storage service that keeps it; NotFound before the
-    first byte if it is gone."""
+    first byte if it is gone, InvalidArgument while it is being written."""
+    if backup.croft.state == "creating":
+        raise InvalidArgument(f'Backup "{backup.name}" is still being written')
     client = await _storage(backup)
-    call = client.read_custom_volume_backup(_request(project, volume, backup), timeout=None)
-    replies = call.__aiter__()
-    try:
-        first = await anext(replies, None)
-    except grpc.aio.AioRpcError as exc:
-        raise from_rpc_error(exc) from None
-
-    async def body() -> AsyncIterator[bytes]:
-        try:
-            if first is not None:
-                yield first.data
-            async for chunk in replies:
-                yield chunk.data
-        finally:
-            call.cancel()
-
-    return body()
+    return await backup_chunks(
+        client.read_custom_volume_backup(_request(project, volume, backup), timeout=None)
+    )
 
 
 def new_backup(

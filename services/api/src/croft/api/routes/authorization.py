@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from croft.api import authz, query, records, responses
-from croft.api.auth import auth_call, trust_cache
+from croft.api.auth import NOT_AUTHORIZED, auth_call, trust_cache
 from croft.api.authz import group_url, identity_key, identity_url, idp_group_key, idp_group_url
 from croft.api.context import context
 from croft.api.domain import authorization as auth_records
@@ -27,7 +27,7 @@ from croft.api.entitlements import MODEL, PROJECT_SCOPED, entitlements_of
 from croft.api.https_listener import serving_address
 from croft.api.identity import identity
 from croft.common.clients import AuthClient
-from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound
+from croft.common.errors import Conflict, CroftError, InvalidArgument, NotFound, PermissionDenied
 from croft.common.store import Create, Delete, dump
 from croft.v1 import auth_pb2, common_pb2
 
@@ -228,8 +228,12 @@ async def identity_current(request: Request) -> Response:
 @router.post("/1.0/auth/identities/tls")
 async def identities_tls_post(request: Request) -> Response:
     """A fine-grained TLS identity from a certificate (LXD's `lxc auth identity create
-    tls/NAME CERT`). Pending identities redeemed by a token are not built."""
+    tls/NAME CERT`), or a pending one and its token (`token: true`); an untrusted client
+    shows that token as `trust_token` to become the identity (lxc 5.21's `lxc remote add
+    NAME TOKEN`)."""
     body = await _body(request)
+    if not identity(request).trusted:
+        return await _redeem_pending(request, body)
     if body.get("trust_token"):
         raise Conflict("Client already trusted")
     if body.get("token") and body.get("certificate"):
@@ -246,6 +250,26 @@ async def identities_tls_post(request: Request) -> Response:
     _changed(request)
     url = identity_url("tls", fingerprint)
     await context(request).lifecycle("identity-created", url, request=request)
+    return responses.created(url)
+
+
+async def _redeem_pending(request: Request, body: dict[str, Any]) -> Response:
+    """LXD's createIdentityTLSUntrusted: the token only, the certificate the client
+    connected with; the pending identity becomes that certificate's."""
+    token = body.get("trust_token")
+    if not token:
+        raise PermissionDenied("Trust token required")
+    if body.get("token") or body.get("certificate") or body.get("name") or body.get("groups"):
+        raise PermissionDenied("Only trust token must be provided")
+    if not identity(request).certificate:
+        raise InvalidArgument("No client certificate provided")
+    secret = trust_tokens.token_secret(token) if isinstance(token, str) else None
+    if secret is None:
+        raise PermissionDenied(NOT_AUTHORIZED)
+    record = await trust_tokens.redeem(request, secret, pending_only=True)
+    _changed(request)
+    url = identity_url("tls", record["fingerprint"])
+    await context(request).lifecycle("identity-updated", url, request=request)
     return responses.created(url)
 
 

@@ -8,7 +8,8 @@ The auth service keeps the records and decides; this module is LXD's REST face o
   `lxc config trust list-tokens` and `revoke-token` work unchanged;
 * an untrusted HTTPS client adds the certificate it connected with by showing a token as
   the `password` (`lxc remote add NAME TOKEN`, or `... https://HOST:8443 --password
-  TOKEN`): the token is used up and the certificate trusted in one step;
+  TOKEN`), or as the `trust_token` (lxc 5.21's explicit_trust_token): the token is used
+  up and the certificate trusted in one step (`domain/trust_tokens.redeem`);
 * or by showing `core.trust_password` as the `password` (LXD 5.0's older way, which
   `lxc remote add --password` and pylxd's `Client.authenticate` use): the certificate
   given, or the one it connected with, is trusted (croft.api.trust_password).
@@ -17,8 +18,6 @@ The auth service keeps the records and decides; this module is LXD's REST face o
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import json
 import logging
@@ -33,12 +32,11 @@ from croft.api import authz, limits, query, records, responses, trust_password
 from croft.api.auth import auth_call, trust_cache
 from croft.api.authz import identity_key
 from croft.api.context import context
-from croft.api.domain import authorization as auth_records
 from croft.api.domain import trust_tokens
 from croft.api.https_listener import serving_address
 from croft.api.identity import Identity, identity
 from croft.common.clients import AuthClient
-from croft.common.errors import CroftError, InvalidArgument, NotFound, PermissionDenied
+from croft.common.errors import Conflict, InvalidArgument, NotFound, PermissionDenied
 from croft.v1 import auth_pb2, common_pb2
 
 log = logging.getLogger(__name__)
@@ -79,6 +77,7 @@ class CertificatesPost(BaseModel):
     certificate: StrictStr = ""
     password: StrictStr = ""
     token: StrictBool = False
+    trust_token: StrictStr = ""  # LXD's explicit_trust_token (lxc 5.21 and later)
 
 
 class CertificatePut(BaseModel):
@@ -147,14 +146,23 @@ async def certificates_post(request: Request) -> Response:
             raise InvalidArgument("Tokens can only be issued for client certificates")
         if not serving_address(request):
             raise InvalidArgument("Can't issue token when server isn't listening on network")
+    if who.trusted and req.trust_token:
+        raise Conflict("Client is already trusted")
     if who.trusted and not req.certificate and not req.token:
         raise InvalidArgument("Client is already trusted")
     if not _is_admin(who):
-        if req.token or not req.password:
+        if req.token or not (req.password or req.trust_token):
             raise PermissionDenied(NOT_AUTHORIZED)
-        if _token_secret(req.password) is None:
+        if req.trust_token:
+            # LXD's explicit_trust_token: a token, never a password.
+            secret = trust_tokens.token_secret(req.trust_token)
+            if secret is None:
+                raise PermissionDenied(NOT_AUTHORIZED)
+            return await _trust_with_token(request, secret)
+        secret = trust_tokens.token_secret(req.password)
+        if secret is None:
             return await _trust_with_password(request, who, req)
-        return await _trust_with_token(request, who, req.password)
+        return await _trust_with_token(request, secret)
     if req.token:
         return await _create_token(request, req)
     return await _add(
@@ -209,18 +217,6 @@ def _host(request: Request) -> str:
     return request.client.host if request.client else ""
 
 
-def _token_secret(password: str) -> str | None:
-    """The secret of a certificate add token (base64 of LXD's CertificateAddToken JSON)."""
-    try:
-        token = json.loads(base64.b64decode(password, validate=True))
-    except (binascii.Error, ValueError):
-        return None
-    if not isinstance(token, dict):
-        return None
-    secret = token.get("secret")
-    return secret if isinstance(secret, str) and secret else None
-
-
 async def _trust_with_password(request: Request, who: Identity, req: CertificatesPost) -> Response:
     """LXD's core.trust_password: the certificate given (pylxd sends it) or the one the
     client connected with is trusted, unrestricted, when the password matches."""
@@ -241,51 +237,9 @@ async def _trust_with_password(request: Request, who: Identity, req: Certificate
     return await _add(request, who, req, type="client", restricted=False, projects=[])
 
 
-async def _trust_with_token(request: Request, who: Identity, password: str) -> Response:
-    secret = _token_secret(password)
-    assert secret is not None
-    if who.protocol != "tls":
-        raise InvalidArgument("Can't use TLS data on non-TLS link")
-    if not who.certificate:
-        raise InvalidArgument("No client certificate provided")
-    # Guessed tokens are held back as guessed passwords are: per client address.
-    address = _host(request)
-    if trust_password.attempts.blocked(address):
-        log.warning("refused a trust token from %s: too many failed attempts", address)
-        raise PermissionDenied("Too many failed trust token attempts, try again later")
-    # A token issued for a pending fine-grained identity: the certificate is that identity
-    # (held to its groups) from its first trusted request, so its record comes first.
-    ctx = context(request)
-    pending = await auth_records.pending_for_token(ctx.store, secret)
-    prepared = ""
-    if pending is not None:
-        prepared = await auth_records.prepare_tls_identity(ctx.store, who.certificate, pending[1])
-        authz.forget_on_change(request)
-    try:
-        reply = await auth_call(
-            AuthClient.trust_with_token,
-            auth_pb2.TrustWithTokenRequest(
-                secret=secret, certificate=who.certificate, address=address
-            ),  # fmt: skip
-            idempotent=False,
-        )
-    except BaseException as exc:
-        if prepared:
-            with contextlib.suppress(CroftError):
-                await ctx.store.delete(prepared)
-            authz.forget_on_change(request)
-        if isinstance(exc, (PermissionDenied, NotFound)):
-            trust_password.attempts.failed(address)
-        raise
-    if pending is not None:
-        with contextlib.suppress(CroftError):
-            await ctx.store.delete(pending[0])
-        authz.forget_on_change(request)
-    trust_password.attempts.succeeded(address)
-    # The token is used: its operation ends as LXD's does, cancelled.
-    with contextlib.suppress(CroftError):
-        await ctx.operations.cancel(reply.operation_id, wait=0)
-    return await _added(request, json.loads(reply.certificate))
+async def _trust_with_token(request: Request, secret: str) -> Response:
+    """An untrusted client shows a token: the certificate it connected with is trusted."""
+    return await _added(request, await trust_tokens.redeem(request, secret))
 
 
 async def _create_token(request: Request, req: CertificatesPost) -> Response:

@@ -9,14 +9,14 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
 from croft.api.domain import backups as domain
 from croft.api.domain.instances import load, load_with
-from croft.api.operations import OperationContext
-from croft.common.errors import Conflict, InvalidArgument
+from croft.api.operations import OperationContext, calling
+from croft.common.errors import InvalidArgument
 from croft.common.models import InstanceBackupRecord
 
 router = APIRouter()
@@ -53,16 +53,7 @@ async def backups_post(request: Request, name: str) -> Response:
     ctx = context(request)
     project, record, _, req = await load_with(request, name, BackupsPost)
     existing = {b.name for b in await domain.backups_of(ctx.store, project, name)}
-    backup_name = req.name
-    if not backup_name:
-        n = 0
-        while f"backup{n}" in existing:
-            n += 1
-        backup_name = f"backup{n}"
-    domain.validate_backup_name(backup_name)
-    domain.check_compression(req.compression_algorithm)
-    if backup_name in existing:
-        raise Conflict(f'Backup "{backup_name}" already exists')
+    backup_name = domain.new_backup_name(req.name, existing, req.compression_algorithm)
     expires_at = req.expires_at or ""
     if expires_at and not expires_at.startswith("0001-"):
         try:
@@ -113,14 +104,9 @@ async def backup_delete(request: Request, name: str, backup: str) -> Response:
     ctx = context(request)
     project, _, _ = await load(request, name)
     found = await domain.backup_of(ctx.store, project, name, backup)
-
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await domain.delete_backup(ctx.store, project, name, found)
-        return None
-
     operation = await ctx.operations.create(
         "Removing instance backup",
-        run=run,
+        run=calling(lambda: domain.delete_backup(ctx.store, project, name, found)),
         resources={"container": [f"/1.0/container/{name}"]},
         project=project,
     )
@@ -133,11 +119,4 @@ async def backup_export(request: Request, name: str, backup: str) -> Response:
     ctx = context(request)
     project, _, _ = await load(request, name)
     found = await domain.backup_of(ctx.store, project, name, backup)
-    if found.croft.state == "creating":
-        raise InvalidArgument(f'Backup "{backup}" is still being written')
-    body = await domain.export_chunks(project, name, found)
-    return StreamingResponse(
-        body,
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f"attachment;filename={backup}"},
-    )
+    return responses.attachment(await domain.export_chunks(project, name, found), backup)

@@ -20,7 +20,7 @@ from croft.api.domain import network_security as security
 from croft.api.domain import projects
 from croft.common.errors import Conflict, InvalidArgument, NotFound
 from croft.common.network_acl import Acl, acl_key, parse_acl, validate_name
-from croft.common.store import Create, Delete, Update, dump
+from croft.common.store import Create, Delete, dump
 
 router = APIRouter()
 
@@ -109,17 +109,9 @@ async def _update(request: Request, name: str, *, patch: bool) -> Response:
     new = parse_acl(body, known)
     key = acl_key(project, name)
     reached = await security.networks_reached(ctx.store, name) if project == "default" else []
-    written: dict[str, int] = {}
-
-    async def write() -> None:
-        written["revision"] = await ctx.store.transaction(
-            [Update(key, dump(new.to_api()), revision)]
-        )
-
-    async def undo() -> None:
-        await ctx.store.transaction([Update(key, dump(current.to_api()), written["revision"])])
-
-    await security.change_then_apply(ctx.store, write, undo, reached)
+    await security.update_then_apply(
+        ctx.store, key, current.to_api(), new.to_api(), revision, reached
+    )
     url = records.url(KIND, name, project)
     await ctx.lifecycle("network-acl-updated", url, project=project, request=request)
     return responses.empty_sync()

@@ -21,7 +21,7 @@ from croft.api.domain.networks import managed, networks
 from croft.common.errors import InvalidArgument, NotFound
 from croft.common.models import NetworkRecord
 from croft.common.network_forward import Forward, forward_key, forward_prefix, parse_forward
-from croft.common.store import Create, Delete, Store, Update, dump
+from croft.common.store import Create, Delete, Store, dump
 
 router = APIRouter()
 
@@ -141,17 +141,9 @@ async def _update(request: Request, network: str, listen: str, *, patch: bool) -
             body["ports"] = [p.to_api() for p in current.ports]
     new = parse_forward(body, _subnets(record))
     key = forward_key(network, current.listen_address)
-    written: dict[str, int] = {}
-
-    async def write() -> None:
-        written["revision"] = await ctx.store.transaction(
-            [Update(key, dump(new.to_api()), revision)]
-        )
-
-    async def undo() -> None:
-        await ctx.store.transaction([Update(key, dump(current.to_api()), written["revision"])])
-
-    await security.change_then_apply(ctx.store, write, undo, [network])
+    await security.update_then_apply(
+        ctx.store, key, current.to_api(), new.to_api(), revision, [network]
+    )
     url = _url(network, current.listen_address)
     await ctx.lifecycle("network-forward-updated", url, request=request)
     return responses.empty_sync()

@@ -103,6 +103,12 @@ API_EXTENSIONS: list[str] = [
     "certificate_project",
     "certificate_update",
     "auth_user",
+    # a token as `trust_token` (routes/certificates.py, domain/trust_tokens.py)
+    "explicit_trust_token",
+    # the fine-grained authorization API (routes/authorization.py): groups, identities,
+    # identity provider groups, permissions; TLS identities and pending ones with a token
+    "access_management",
+    "access_management_tls",
     # custom storage volumes (routes/storage_volumes.py)
     "storage_api_volume_rename",
     "storage_api_local_volume_handling",

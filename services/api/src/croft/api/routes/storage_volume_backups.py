@@ -10,15 +10,15 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictStr
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
 from croft.api import limits, query, responses
 from croft.api.context import context
 from croft.api.domain import storage_volumes as volumes
 from croft.api.domain import volume_backups as domain
-from croft.api.domain.backups import check_compression, validate_backup_name
-from croft.api.operations import OperationContext
-from croft.common.errors import Conflict, InvalidArgument
+from croft.api.domain.backups import new_backup_name
+from croft.api.operations import OperationContext, calling
+from croft.common.errors import InvalidArgument
 from croft.common.models import StorageVolumeRecord
 
 router = APIRouter()
@@ -62,16 +62,7 @@ async def backups_post(request: Request, pool: str, volume_type: str, name: str)
     project, record = await _volume(request, pool, volume_type, name)
     req = await query.body(request, VolumeBackupsPost)
     existing = {b.name for b in await domain.backups_of(ctx.store, project, pool, name)}
-    backup_name = req.name
-    if not backup_name:
-        n = 0
-        while f"backup{n}" in existing:
-            n += 1
-        backup_name = f"backup{n}"
-    validate_backup_name(backup_name)
-    check_compression(req.compression_algorithm)
-    if backup_name in existing:
-        raise Conflict(f'Backup "{backup_name}" already exists')
+    backup_name = new_backup_name(req.name, existing, req.compression_algorithm)
     backup = domain.new_backup(
         backup_name,
         req.expires_at or "",
@@ -112,14 +103,9 @@ async def backup_delete(
     ctx = context(request)
     project, _ = await _volume(request, pool, volume_type, name)
     found = await domain.backup_of(ctx.store, project, pool, name, backup)
-
-    async def run(op: OperationContext) -> dict[str, Any] | None:
-        await domain.delete_backup(ctx.store, project, name, found)
-        return None
-
     operation = await ctx.operations.create(
         "Deleting custom volume backup",
-        run=run,
+        run=calling(lambda: domain.delete_backup(ctx.store, project, name, found)),
         resources={"volume": [f"/1.0/volume/{name}"]},
         project=project,
     )
@@ -132,11 +118,4 @@ async def backup_export(
 ) -> Response:
     project, _ = await _volume(request, pool, volume_type, name)
     found = await domain.backup_of(context(request).store, project, pool, name, backup)
-    if found.croft.state == "creating":
-        raise InvalidArgument(f'Backup "{backup}" is still being written')
-    body = await domain.export_chunks(project, name, found)
-    return StreamingResponse(
-        body,
-        media_type="application/octet-stream",
-        headers={"Content-Disposition": f"attachment;filename={backup}"},
-    )
+    return responses.attachment(await domain.export_chunks(project, name, found), backup)

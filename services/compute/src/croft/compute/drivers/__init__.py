@@ -154,6 +154,21 @@ class FileEntry:
     target: str | None = None
 
 
+@dataclass(frozen=True)
+class ExecCommand:
+    """A command to run in an instance (`InstanceDriver.start_exec`): LXD's environment
+    filled in (`exec_environment`); `cwd` None for the user's home."""
+
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str | None
+    uid: int
+    gid: int
+    interactive: bool
+    width: int
+    height: int
+
+
 class ExecProcess(ABC):
     """A command running inside an instance.
 
@@ -321,7 +336,6 @@ class InstanceDriver(ABC):
         All values are validated first: on InvalidArgument nothing changes. If the kernel
         refuses a live value, the previous values are restored and the error raised."""
 
-    @abstractmethod
     async def exec(
         self,
         name: str,
@@ -335,7 +349,21 @@ class InstanceDriver(ABC):
         height: int = 24,
     ) -> ExecProcess:
         """Start `argv` inside a running instance (Conflict otherwise). `env=None` gives
-        LXD's default environment; `cwd=None` the user's home (/root for root)."""
+        LXD's default environment; `cwd=None` the user's home (/root for root).
+
+        Refuses an empty `argv` and fills in LXD's environment, then hands the command to
+        `start_exec`, the driver's part."""
+        if not argv:
+            raise InvalidArgument("exec needs a command")
+        run = ExecCommand(
+            list(argv), exec_environment(env, uid, interactive), cwd, uid, gid, interactive,
+            width, height,
+        )  # fmt: skip
+        return await self.start_exec(name, run)
+
+    @abstractmethod
+    async def start_exec(self, name: str, run: ExecCommand) -> ExecProcess:
+        """`exec`'s work, on a command whose environment is complete: the same contract."""
 
     @abstractmethod
     async def push_file(
@@ -415,6 +443,26 @@ DRIVERS: Registry[InstanceDriver] = Registry(
         "qemu": "croft.compute.drivers.qemu:QemuDriver",
     },
 )
+
+
+# LXD's PATH for exec, where the caller sets none.
+EXEC_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def exec_environment(env: dict[str, str] | None, uid: int, interactive: bool) -> dict[str, str]:
+    """The environment of a command run in an instance: LXD's defaults under what the
+    caller gives (the `lxc` client sends only TERM). `env=None`: the caller gave none."""
+    result = dict(env or {})
+    result.setdefault("PATH", EXEC_PATH)
+    if uid == 0:
+        result.setdefault("HOME", "/root")
+        result.setdefault("USER", "root")
+    elif env is None:
+        result["HOME"] = "/"
+    result.setdefault("LANG", "C.UTF-8")
+    if env is None and interactive:
+        result["TERM"] = "xterm"
+    return result
 
 
 def driver_class(name: str) -> type[InstanceDriver]:

@@ -54,6 +54,7 @@ from croft.common.proc import run, run_async
 from croft.compute import limits as limits_mod
 from croft.compute.drivers import (
     Capabilities,
+    ExecCommand,
     ExecProcess,
     FileEntry,
     IdMap,
@@ -75,7 +76,6 @@ _PARTIAL_AGE = 60.0
 COMMON_CONF = "/usr/share/lxc/config/common.conf"
 USERNS_CONF = "/usr/share/lxc/config/userns.conf"
 NESTING_CONF = "/usr/share/lxc/config/nesting.conf"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # Spawned per exec: resolved once, not searched along PATH every time.
 _LXC_ATTACH = shutil.which("lxc-attach") or "lxc-attach"
 _LXC_START = shutil.which("lxc-start") or "lxc-start"
@@ -1138,35 +1138,13 @@ class LXCDriver(InstanceDriver):
 
     # -- exec
 
-    async def exec(
-        self,
-        name: str,
-        argv: builtins.list[str],
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int = 0,
-        gid: int = 0,
-        interactive: bool = False,
-        width: int = 80,
-        height: int = 24,
-    ) -> ExecProcess:
-        if not argv:
-            raise InvalidArgument("exec needs a command")
+    async def start_exec(self, name: str, run: ExecCommand) -> ExecProcess:
+        argv, env, cwd = run.argv, run.env, run.cwd
+        uid, gid, interactive = run.uid, run.gid, run.interactive
+        width, height = run.width, run.height
         container = await in_thread(self._container, name)
         if self._status(container) != Status.RUNNING:
             raise Conflict(f'Instance "{name}" is not running')
-        # LXD's defaults under what the caller gives (the `lxc` client sends only TERM).
-        given = env
-        env = dict(env or {})
-        env.setdefault("PATH", DEFAULT_PATH)
-        if uid == 0:
-            env.setdefault("HOME", "/root")
-            env.setdefault("USER", "root")
-        elif given is None:
-            env["HOME"] = "/"
-        env.setdefault("LANG", "C.UTF-8")
-        if given is None and interactive:
-            env["TERM"] = "xterm"
         for key in env:
             if not key or "=" in key:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')

@@ -69,6 +69,7 @@ from croft.compute.agent_client import (
 )
 from croft.compute.drivers import (
     Capabilities,
+    ExecCommand,
     ExecProcess,
     FileEntry,
     InstanceDriver,
@@ -111,7 +112,6 @@ MIRROR_POLL = 0.2
 ROOT_TARGET = "vda"
 # Guest files pushed in parts of this size (each a frame on the agent's port).
 PUT_CHUNK = 256 * 1024
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 # libvirt domain states -> LXD's statuses.
 _STATUS = {
@@ -1253,32 +1253,10 @@ class QemuDriver(InstanceDriver):
         finally:
             process.close()
 
-    async def exec(
-        self,
-        name: str,
-        argv: builtins.list[str],
-        env: dict[str, str] | None = None,
-        cwd: str | None = None,
-        uid: int = 0,
-        gid: int = 0,
-        interactive: bool = False,
-        width: int = 80,
-        height: int = 24,
-    ) -> ExecProcess:
-        if not argv:
-            raise InvalidArgument("exec needs a command")
-        # LXD's defaults under what the caller gives (the `lxc` client sends only TERM).
-        given = env
-        env = dict(env or {})
-        env.setdefault("PATH", GUEST_PATH)
-        if uid == 0:
-            env.setdefault("HOME", "/root")
-            env.setdefault("USER", "root")
-        elif given is None:
-            env["HOME"] = "/"
-        env.setdefault("LANG", "C.UTF-8")
-        if given is None and interactive:
-            env["TERM"] = "xterm"
+    async def start_exec(self, name: str, run: ExecCommand) -> ExecProcess:
+        argv, env, cwd = run.argv, run.env, run.cwd
+        uid, gid, interactive = run.uid, run.gid, run.interactive
+        width, height = run.width, run.height
         for key in env:
             if not key or "=" in key or "\0" in key or "\0" in env[key]:
                 raise InvalidArgument(f'Invalid environment variable name "{key}"')

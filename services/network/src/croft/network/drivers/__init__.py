@@ -25,6 +25,7 @@ from croft.common.drivers import Registry
 from croft.common.errors import InvalidArgument
 from croft.common.network_acl import NetworkAclPolicy
 from croft.common.network_forward import Forward
+from croft.network.drivers._bridge_dnsmasq import is_mac
 
 DEFAULT_STATE_ROOT = Path("/var/lib/croft/networks")
 DEFAULT_NFT_TABLE = "croft"
@@ -207,6 +208,19 @@ class NetworkLease:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class InstanceNic:
+    """An instance NIC to register (`NetworkDriver.register_nic`): its network, the
+    instance's DNS name, its MAC (checked, in lower case) and the addresses pinned to it
+    (None: dynamic)."""
+
+    network: str
+    instance: str
+    hwaddr: str
+    ipv4: str | None = None
+    ipv6: str | None = None
+
+
 class NetworkDriver(ABC):
     """One network type's host work. Instances are cheap: the core makes one per type.
 
@@ -328,7 +342,15 @@ class NetworkDriver(ABC):
         Takes effect without restarting anything. Raises InvalidArgument (LXD's words)
         for a bad MAC, an address outside the network or one pinned to another NIC (a
         400: a Conflict would read as a compare-and-swap race to callers that retry
-        those). On failure the previous entries are unchanged."""
+        those). On failure the previous entries are unchanged.
+
+        Checks the MAC, then hands the NIC to `register_nic`, the driver's part."""
+        if not is_mac(hwaddr):
+            raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
+        return await self.register_nic(InstanceNic(network, instance, hwaddr.lower(), ipv4, ipv6))
+
+    async def register_nic(self, nic: InstanceNic) -> str | None:
+        """`add_instance`'s work on a NIC whose MAC is checked: the same contract."""
         return None
 
     async def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:

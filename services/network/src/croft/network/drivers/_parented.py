@@ -18,8 +18,7 @@ from pyroute2 import IPRoute
 
 from croft.common.blocking import in_thread
 from croft.common.errors import Conflict, InvalidArgument, NotFound
-from croft.network.drivers import NetworkDriver, NetworkState
-from croft.network.drivers._bridge_dnsmasq import is_mac
+from croft.network.drivers import InstanceNic, NetworkDriver, NetworkState
 from croft.network.drivers._keys import Rule, check_config, check_interface_name
 from croft.network.drivers.bridge import link_state
 
@@ -126,17 +125,8 @@ class ParentedDriver(NetworkDriver):
             raise NotFound(f"Network {name!r} is not up on this host")
         return await in_thread(link_state, config["parent"])
 
-    async def add_instance(
-        self,
-        network: str,
-        instance: str,
-        hwaddr: str,
-        ipv4: str | None = None,
-        *,
-        ipv6: str | None = None,
-    ) -> str | None:
-        if not is_mac(hwaddr):
-            raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
+    async def register_nic(self, nic: InstanceNic) -> str | None:
+        network, ipv4, ipv6 = nic.network, nic.ipv4, nic.ipv6
         for key, value in (("ipv4.address", ipv4), ("ipv6.address", ipv6)):
             if value:
                 # No DHCP server of croft's on this network to give the address.

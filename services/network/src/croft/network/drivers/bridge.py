@@ -36,6 +36,7 @@ from croft.common.errors import Conflict, Internal, InvalidArgument, NotFound
 from croft.network.drivers import (
     Capabilities,
     DriverSettings,
+    InstanceNic,
     NetworkDriver,
     NetworkLease,
     NetworkSecurity,
@@ -671,20 +672,12 @@ class _BridgeHost:
 
     # -- instances -----------------------------------------------------------------
 
-    def add_instance(
-        self,
-        network: str,
-        instance: str,
-        hwaddr: str,
-        ipv4: str | None = None,
-        ipv6: str | None = None,
-    ) -> str | None:
-        if not is_mac(hwaddr):
-            raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
+    def add_instance(self, nic: InstanceNic) -> str | None:
+        network, instance, hwaddr = nic.network, nic.instance, nic.hwaddr
+        ipv4, ipv6 = nic.ipv4, nic.ipv6
         # `<instance>.<project>` outside the default project, as LXD names it.
         if not all(_HOSTNAME_RE.match(label) for label in instance.split(".", 1)):
             raise InvalidArgument(f"Invalid instance name {instance!r} for DNS")
-        hwaddr = hwaddr.lower()
         with self._locked(network):
             cfg = BridgeConfig.parse(self._stored_config(network))
             address: str | None = None
@@ -1031,16 +1024,8 @@ class BridgeDriver(NetworkDriver):
     def instance_mtu(self, config: Mapping[str, str]) -> int | None:
         return BridgeConfig.parse(config).mtu if config.get("bridge.mtu") else None
 
-    async def add_instance(
-        self,
-        network: str,
-        instance: str,
-        hwaddr: str,
-        ipv4: str | None = None,
-        *,
-        ipv6: str | None = None,
-    ) -> str | None:
-        return await in_thread(self._host.add_instance, network, instance, hwaddr, ipv4, ipv6)
+    async def register_nic(self, nic: InstanceNic) -> str | None:
+        return await in_thread(self._host.add_instance, nic)
 
     async def allocate_ipv4(self, network: str, hwaddr: str) -> str | None:
         return await in_thread(self._host.allocate_ipv4, network, hwaddr)

@@ -56,6 +56,7 @@ from croft.common.revert import Reverter
 from croft.network.drivers import (
     Capabilities,
     DriverSettings,
+    InstanceNic,
     NetworkDriver,
     NetworkInfo,
     NetworkLease,
@@ -67,7 +68,7 @@ from croft.network.drivers import (
 )
 from croft.network.drivers import _subnets as subnets
 from croft.network.drivers._bridge_dnsmasq import is_mac
-from croft.network.drivers._keys import Rule, check_config, check_interface_name
+from croft.network.drivers._keys import Rule, _address, check_config, check_interface_name
 from croft.network.drivers._ovn_daemons import OvnDaemons, OvnPaths
 
 log = logging.getLogger(__name__)
@@ -117,19 +118,6 @@ def _address_or_auto(version: int) -> Rule:
     return check
 
 
-def _ip(version: int) -> Rule:
-    def check(value: str) -> object:
-        try:
-            ip = ipaddress.ip_address(value)
-        except ValueError:
-            ip = None
-        if ip is None or ip.version != version:
-            raise ValueError(f"Not an IPv{version} address {go_quote(value)}")
-        return None
-
-    return check
-
-
 def _unsupported(value: str) -> object:
     if value:
         raise ValueError("not supported by croft")
@@ -156,8 +144,8 @@ RULES: Mapping[str, Rule] = {
     "dns.zone.reverse.ipv4": _unsupported,
     "dns.zone.reverse.ipv6": _unsupported,
     **NETWORK_RULES,
-    VOLATILE_UPLINK_IPV4: _optional(_ip(4)),
-    VOLATILE_UPLINK_IPV6: _optional(_ip(6)),
+    VOLATILE_UPLINK_IPV4: _optional(_address(4)),
+    VOLATILE_UPLINK_IPV6: _optional(_address(6)),
 }
 
 
@@ -1064,17 +1052,9 @@ class OvnDriver(NetworkDriver):
     def instance_parent(self, name: str, config: Mapping[str, str], hwaddr: str) -> str:
         return veth_names(name, hwaddr)[1]
 
-    async def add_instance(
-        self,
-        network: str,
-        instance: str,
-        hwaddr: str,
-        ipv4: str | None = None,
-        *,
-        ipv6: str | None = None,
-    ) -> str | None:
-        if not is_mac(hwaddr):
-            raise InvalidArgument(f"Invalid MAC address {hwaddr!r}")
+    async def register_nic(self, nic: InstanceNic) -> str | None:
+        network, instance, hwaddr = nic.network, nic.instance, nic.hwaddr
+        ipv4, ipv6 = nic.ipv4, nic.ipv6
         config = await self.local_config(network)
         if config is None:
             raise NotFound(f"Network {network!r} is not set up on this host")
@@ -1094,7 +1074,6 @@ class OvnDriver(NetworkDriver):
                 raise InvalidArgument(
                     f'Device IP address "{ipv4}" not within network "{network}" subnet'
                 )
-        hwaddr = hwaddr.lower()
         await self._daemons()
         nics = await in_thread(self._host.read, network, "nics.json") or {}
         if ipv4 and any(other != hwaddr and nic.get("ipv4") == ipv4 for other, nic in nics.items()):
