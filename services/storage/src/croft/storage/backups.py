@@ -723,16 +723,23 @@ def _receives_into_volume(index_yaml: bytes, into: StageTarget | None) -> dict[s
     pool."""
     if into is None or into.driver.capabilities.stream_format != "btrfs":
         return None
+    parsed = _volume_index(index_yaml)
+    if (
+        parsed is None
+        or not parsed.get("optimized")
+        or not isinstance(parsed.get("snapshots") or [], list)
+    ):
+        return None
+    return parsed
+
+
+def _volume_index(index_yaml: bytes) -> dict[str, Any] | None:
+    """The parsed index of an upload of a custom volume or a container, else None."""
     try:
         parsed: Any = yaml.safe_load(index_yaml)
     except yaml.YAMLError:
         return None
-    if (
-        not isinstance(parsed, dict)
-        or not parsed.get("optimized")
-        or not isinstance(parsed.get("snapshots") or [], list)
-        or parsed.get("type") not in ("custom", "container")
-    ):
+    if not isinstance(parsed, dict) or parsed.get("type") not in ("custom", "container"):
         return None
     return parsed
 
@@ -748,16 +755,8 @@ async def _finished(task: asyncio.Future[Any]) -> None:
 def _unpacks_into_volume(index_yaml: bytes) -> Layout | None:
     """The layout of the tree that can go straight into a volume, for an upload with
     this index: a custom volume's or a container's, without snapshots, not optimized."""
-    try:
-        parsed: Any = yaml.safe_load(index_yaml)
-    except yaml.YAMLError:
-        return None
-    if (
-        not isinstance(parsed, dict)
-        or parsed.get("optimized")
-        or parsed.get("snapshots")
-        or parsed.get("type") not in ("custom", "container")
-    ):
+    parsed = _volume_index(index_yaml)
+    if parsed is None or parsed.get("optimized") or parsed.get("snapshots"):
         return None
     return layout_of(str(parsed["type"]))
 

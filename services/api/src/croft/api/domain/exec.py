@@ -113,7 +113,7 @@ async def relay_exec(
             await call.write(message)
 
     async def read_stdin() -> None:
-        async for message in _received(session.sockets["0"]):
+        async for message in received(session.sockets["0"]):
             data = message.get("bytes")
             if data:
                 await write(compute_pb2.ExecInput(stdin=data))
@@ -125,7 +125,7 @@ async def relay_exec(
 
     async def read_control() -> None:
         await session.control_connected.wait()
-        async for message in _received(session.sockets["control"]):
+        async for message in received(session.sockets["control"]):
             raw = message.get("text") or (message.get("bytes") or b"").decode(errors="replace")
             control = _control_input(raw, console=start.console)
             if control is not None:
@@ -183,9 +183,9 @@ async def relay_exec(
     return code
 
 
-async def _received(ws: WebSocket) -> AsyncIterator[Message]:
-    """What a client sends on one of the session's websockets, until it disconnects or
-    the relay closes the socket."""
+async def received(ws: WebSocket) -> AsyncIterator[Message]:
+    """What a client sends on a websocket (an exec session's, a VGA console's), until it
+    disconnects or the relay closes the socket."""
     with contextlib.suppress(WebSocketDisconnect, RuntimeError):
         while True:
             message = await ws.receive()

@@ -12,18 +12,17 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import Message
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from starlette.websockets import WebSocket
 
 from croft.api import records, responses
 from croft.api.context import context
 from croft.api.domain.compute import compute_of, ref
+from croft.api.domain.exec import received
 from croft.api.operations import OperationContext
 from croft.common.clients import ComputeClient
 from croft.common.errors import InvalidArgument, PermissionDenied, Timeout
@@ -31,16 +30,6 @@ from croft.common.models import InstanceRecord
 from croft.v1 import compute_pb2
 
 log = logging.getLogger(__name__)
-
-
-async def received(ws: WebSocket) -> AsyncIterator[Message]:
-    """What a client sends on a websocket, until it disconnects or the socket is closed."""
-    with contextlib.suppress(WebSocketDisconnect, RuntimeError):
-        while True:
-            message = await ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            yield message
 
 
 class VgaSession:

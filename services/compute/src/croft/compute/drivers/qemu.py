@@ -226,7 +226,7 @@ class ConsoleProcess(ExecProcess):
             self.pty = None
 
 
-class RelayProcess(ExecProcess):
+class RelayProcess(ConsoleProcess):
     """The socket helper on pipes (a binary stream, no terminal): its stdin goes to the
     socket, its stdout comes from it; any signal ends it."""
 
@@ -237,16 +237,6 @@ class RelayProcess(ExecProcess):
         self.pid = process.pid
         self.pty = None
         self.stdin, self.stdout, self.stderr = stdin, stdout, stderr
-
-    async def wait(self) -> int:
-        return await self._process.wait()
-
-    def signal(self, signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._process.kill()
-
-    def resize(self, width: int, height: int) -> None:
-        pass
 
     def close(self) -> None:
         for attr in ("stdin", "stdout", "stderr"):
