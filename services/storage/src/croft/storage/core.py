@@ -20,10 +20,10 @@ the default project), so it is unique per pool. The record's `name` is LXD's nam
 `c1/snap0` for a snapshot, which LXD lists among the volumes too) and `project` its project.
 Image volumes are `<pool>/image/<fingerprint>`.
 
-Ordering: a new instance volume (the one store write of every launch that is storage's, and
-of every copy within a pool) is made on disk first, kept marked unrecorded by the driver,
-then its record is written once, complete, and the mark dropped; a failure removes both. A
-snapshot, a rename or a copy between pools gets its record first, marked `_croft.state = "creating"` (which claims the name), then the disk
+Ordering: a new instance volume (the one store write of every launch that is storage's) is
+made on disk first, kept marked unrecorded by the driver, then its record is written once,
+complete, and the mark dropped; a failure removes both. A snapshot, a rename or a copy gets
+its record first, marked `_croft.state = "creating"` (which claims the name), then the disk
 work; the mark goes when the volume is complete, and a failure removes both. A service
 killed half-way finds at its next start (`reconcile`) the unrecorded volumes of its pools
 and the marked records of its member: it removes what has no record, and what the marked
@@ -1226,36 +1226,6 @@ class StorageCore:
             revert.add(lambda: self.store.delete_prefix(f"{ref.key}/"))
             await self.store.transaction(operations)
 
-    async def _record_copy(
-        self,
-        driver: StorageDriver,
-        ref: VolumeRef,
-        vol: Volume,
-        record: dict[str, Any],
-        revert: Reverter,
-    ) -> None:
-        """The records of the newly made `vol` (a copy, kept marked unrecorded by the
-        driver until then) and of every snapshot it holds, complete, in one store write
-        that `revert` takes back. Conflict (and nothing removed) when the name was
-        taken meanwhile."""
-        operations: list[Create | Update | Put | Delete] = [Create(ref.key, dump(record))]
-        for name in await driver.list_snapshots(vol):
-            snap = _completed(self._snapshot_record(ref, name))
-            operations.append(Create(ref.snapshot_key(name), dump(snap)))
-        ours = True
-
-        async def delete_records() -> None:
-            if ours:
-                await self.store.delete_prefix(f"{ref.key}/")
-                await self._delete_key(ref.key)
-
-        revert.add(delete_records)
-        try:
-            await self.store.transaction(operations)
-        except Conflict:
-            ours = False  # the records are another's: not this copy's to remove
-            raise Conflict(f"instance volume {ref.name!r} already exists") from None
-
     async def copy_instance_volume(
         self,
         ref: VolumeRef,
@@ -1271,11 +1241,8 @@ class StorageCore:
         copies a running container, live) or of its snapshot `snapshot`, and with its
         snapshots if asked (never for a snapshot). Within a pool the driver copies (a
         btrfs snapshot: instant, sharing blocks); between pools `croft.storage.transfer`
-        streams or copies the trees, the new volume's record claiming the name first.
-        Within a pool, as a launch's, the volume is made first (marked unrecorded:
-        `reconcile` removes it if the service dies before its record), then its record
-        and its snapshots' are written in one store write. On any failure neither record
-        nor volume is left."""
+        streams or copies the trees. The new volume's record claims the name first; on
+        any failure neither record nor volume is left."""
         new = VolumeRef.parse(target_pool or ref.pool, ref.project, ref.type, new_name)
         if snapshot:
             check_name(snapshot, "snapshot name")
@@ -1295,16 +1262,9 @@ class StorageCore:
             elif with_snapshots:
                 snapshots = await source.list_snapshots(vol)
             record = self._instance_record(new)
-            # A stream between pools takes long: its name is claimed first. A copy within
-            # a pool is instant: one store write, once it is made.
-            claim = driver is not source
-            if claim:
-                await self._claim(new.key, record, f"instance volume {new.name!r}")
-            elif await self.store.get(new.key) is not None:
-                raise Conflict(f"instance volume {new.name!r} already exists")
+            await self._claim(new.key, record, f"instance volume {new.name!r}")
             async with Reverter() as revert:
-                if claim:
-                    revert.add(lambda: self._delete_key(new.key))
+                revert.add(lambda: self._delete_key(new.key))
                 await self._require_no_volume(driver, new, new_vol)
                 revert.add(lambda: driver.delete_volume(new_vol))
                 if driver is source:
@@ -1317,12 +1277,8 @@ class StorageCore:
                     await uninterrupted(
                         transfer.copy_between_pools(source, origin, snapshots, driver, new_vol)
                     )
-                if claim:
-                    await self._record_snapshots(driver, new, new_vol, revert)
-                    done = await self._complete(new.key, record)
-                else:
-                    done = _completed(record)
-                    await self._record_copy(driver, new, new_vol, done, revert)
+                await self._record_snapshots(driver, new, new_vol, revert)
+                done = await self._complete(new.key, record)
                 revert.success()
             with contextlib.suppress(CroftError):  # else the next start's reconcile marks it
                 await driver.mark_recorded(new_vol)
