@@ -22,13 +22,14 @@ def _socket(config: Config) -> Path:
 
 
 def agent_pid(config: Config) -> int | None:
-    """The pid of the running node agent, or None."""
+    """The pid of the running node agent, or None. A pid file left by a killed agent may
+    name a process that reused its pid (pids wrap at 32768 here): only a node agent counts."""
     try:
         pid = int((config.run_dir / "node.pid").read_text())
-        os.kill(pid, 0)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid
+    return pid if b"croft.node" in cmdline else None
 
 
 def agent(config: Config) -> NodeClient:
